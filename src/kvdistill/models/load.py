@@ -1,0 +1,117 @@
+"""Load any Hugging Face causal LM or encoder (hub id, local directory, or offline zoo name)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from kvdistill.errors import KvdistillError
+from kvdistill.models import zoo
+
+log = logging.getLogger(__name__)
+
+# model_type values loaded with AutoModel (no LM head, no KV cache: K/V come from projection hooks)
+ENCODER_TYPES = {"bert", "roberta", "xlm-roberta", "distilbert", "electra", "deberta", "deberta-v2", "mpnet"}
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise KvdistillError(f"unknown dtype '{dtype}'", f"use one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def resolve_path(name_or_path: str | os.PathLike) -> str:
+    """A zoo name becomes its local directory; a local path must exist; anything else is a hub id."""
+    text = str(name_or_path)
+    if zoo.resolve_name(text) is not None:
+        return str(zoo.local_path(text))
+    path = Path(text).expanduser()
+    if path.exists():
+        if path.is_file():
+            raise KvdistillError(f"'{text}' is a file, not a model directory",
+                                 "pass the directory that holds config.json (GGUF: see `kvdistill zoo`)")
+        if not (path / "config.json").is_file() and not (path / "tokenizer_config.json").is_file():
+            raise KvdistillError(f"'{text}' has no config.json", "pass a Hugging Face model directory")
+        return str(path)
+    looks_like_path = text.startswith((".", "/", "~")) or os.sep in text.strip("/").split("/", 1)[-1]
+    if looks_like_path or text.count("/") > 1:
+        raise KvdistillError(f"model path '{text}' does not exist",
+                             f"check the path, or use an offline name ({', '.join(zoo.ZOO)}) or a hub id")
+    return text  # a hub id such as 'Qwen/Qwen2.5-0.5B'
+
+
+def load_config(name_or_path: str):
+    from transformers import AutoConfig
+
+    path = resolve_path(name_or_path)
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise _load_error(name_or_path, err) from err
+
+
+def load_tokenizer(name_or_path: str):
+    from transformers import AutoTokenizer
+
+    path = resolve_path(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise _load_error(name_or_path, err) from err
+    if not getattr(tokenizer, "is_fast", False):
+        raise KvdistillError(f"the tokenizer of '{name_or_path}' is a slow tokenizer without offset mappings",
+                             "use a model that ships tokenizer.json (a fast tokenizer)")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
+
+
+def is_encoder_config(config) -> bool:
+    return getattr(config, "model_type", "") in ENCODER_TYPES or bool(getattr(config, "is_encoder_decoder", False))
+
+
+def load_model(
+    name_or_path: str,
+    *,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    tokenizer: str | None = None,
+    attn_implementation: str = "eager",
+):
+    """Load (model, tokenizer). The model is in eval mode on `device`.
+
+    `name_or_path`: an offline zoo name (smollm2-135m, gemma3-270m, minilm-l6), a local directory, or a hub id.
+    `tokenizer`: load the tokenizer from elsewhere (default: same place as the model).
+    `attn_implementation`: "eager" by default so attention probabilities can be captured; "sdpa" is faster.
+    """
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    path = resolve_path(name_or_path)
+    config = load_config(name_or_path)
+    model_cls = AutoModel if is_encoder_config(config) else AutoModelForCausalLM
+    try:
+        model = model_cls.from_pretrained(path, dtype=resolve_dtype(dtype), attn_implementation=attn_implementation)
+    except (OSError, ValueError) as err:
+        raise _load_error(name_or_path, err) from err
+    model.to(device).eval()
+    model.config.name_or_path = str(name_or_path)
+    return model, load_tokenizer(tokenizer or name_or_path)
+
+
+def _load_error(name: str, err: Exception) -> KvdistillError:
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    return KvdistillError(
+        f"could not load '{name}': {str(err).splitlines()[0][:300]}",
+        f"use an offline name ({', '.join(zoo.ZOO)}), a local directory with config.json, or a hub id"
+        + (" (HF_HUB_OFFLINE=1 is set, so hub ids only work if already cached)" if offline else ""),
+    )
