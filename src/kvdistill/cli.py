@@ -55,6 +55,94 @@ def zoo_fetch(names: Optional[list[str]] = typer.Argument(None, help="Zoo names 
 
 
 # ---------------------------------------------------------------- inspect (core)
+def inspect_models(models: list[str], text: str | None = None, strategy: str = "ratio",
+                   projector: str = "auto") -> list[dict]:
+    """Geometry of each model, the tokenization of `text`, and the plan from the first (student) to the others."""
+    from kvdistill.align.plan import alignment_plan
+    from kvdistill.align.tokens import token_alignment
+    from kvdistill.models.capture import tokenize
+    from kvdistill.models.geometry import geometry_of
+    from kvdistill.models.load import load_config, load_tokenizer
+
+    entries, geometries, spans = [], [], []
+    for name in models:
+        geometry = geometry_of(load_config(name), name=name)
+        entry = geometry.to_dict()
+        entry["kv_bytes_per_token"] = geometry.kv_bytes_per_token(2)
+        if text is not None:
+            tokenizer = load_tokenizer(name)
+            enc = tokenize(tokenizer, [text])
+            ids = enc["input_ids"][0].tolist()
+            offsets = enc["offset_mapping"][0].tolist()
+            entry["tokens"] = [
+                {"id": i, "token": tokenizer.convert_ids_to_tokens(i), "span": list(s)} for i, s in zip(ids, offsets)
+            ]
+            spans.append(enc["offset_mapping"][0])
+        entries.append(entry)
+        geometries.append(geometry)
+    for i in range(1, len(entries)):
+        plan = alignment_plan(geometries[0], geometries[i], strategy=strategy, projector=projector)
+        if text is not None:
+            align = token_alignment(spans[0], spans[i]).to_dense()  # (T_s, T_t)
+            plan["token_alignment"] = {
+                "student_tokens": len(spans[0]),
+                "teacher_tokens": len(spans[i]),
+                "aligned_student_tokens": int((align.sum(dim=1) > 0).sum()),
+                "nonzeros": int((align > 0).sum()),
+            }
+        entries[i]["plan_from_student"] = plan
+    return entries
+
+
+@app.command()
+def inspect(
+    models: list[str] = typer.Argument(..., help="Offline names, local dirs or hub ids; the first is the student."),
+    text: Optional[str] = typer.Option(None, "--text", "-t", help="Show how this text tokenizes (tokens with spans)."),
+    strategy: str = typer.Option("ratio", help="Layer-map strategy for the plan: ratio, uniform, skip."),
+    projector: str = typer.Option("auto", help="Projector kind for the plan: auto, identity, per_head, linear."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON list, one object per model."),
+) -> None:
+    """Show KV geometry, tokenization and the student→teacher alignment plan."""
+    entries = inspect_models(models, text=text, strategy=strategy, projector=projector)
+    if as_json:
+        _echo_json(entries)
+        return
+    out = Console()
+    table = Table("model", "type", "layers", "heads", "kv heads", "head dim", "hidden", "vocab", "rope", "window",
+                  "KV B/tok (bf16)", title="KV geometry")
+    for e in entries:
+        rope = e.get("rope")
+        rope_text = "learned" if rope is None else f"{rope['style']} d={rope['rotary_dim']} θ={_short_theta(rope['theta'])}"
+        table.add_row(e["name"], e["model_type"], str(e["num_layers"]), str(e["num_attention_heads"]),
+                      str(e["num_kv_heads"]), str(e["head_dim"]), str(e["hidden_size"]), str(e["vocab_size"]),
+                      rope_text, str(e["sliding_window"] or "-"), f"{e['kv_bytes_per_token']:,}")
+    out.print(table)
+    for e in entries:
+        if "tokens" in e:
+            toks = " ".join(f"{t['token']!r}{tuple(t['span'])}" for t in e["tokens"][:64])
+            more = f" … (+{len(e['tokens']) - 64})" if len(e["tokens"]) > 64 else ""
+            out.print(f"[bold]{e['name']}[/bold] {len(e['tokens'])} tokens: {toks}{more}")
+    for e in entries[1:]:
+        plan = e["plan_from_student"]
+        p = plan["projector"]
+        out.print(f"\n[bold]{entries[0]['name']} (student) ← {e['name']} (teacher)[/bold]")
+        out.print("  layer map: " + ", ".join(plan["layer_map"]["pairs"]))
+        out.print(f"  projector: {p['kind']} (H_kv {p['from']['num_kv_heads']}×D {p['from']['head_dim']} → "
+                  f"H_kv {p['to']['num_kv_heads']}×D {p['to']['head_dim']}), {p['params_total']:,} parameters "
+                  f"for keys+values over {plan['layer_map']['mapped_student_layers']} layers")
+        if "token_alignment" in plan:
+            ta = plan["token_alignment"]
+            out.print(f"  tokens: {ta['student_tokens']} student vs {ta['teacher_tokens']} teacher; "
+                      f"{ta['aligned_student_tokens']} student tokens aligned, {ta['nonzeros']} non-zeros")
+
+
+def _short_theta(theta) -> str:
+    if isinstance(theta, list):
+        distinct = sorted(set(theta))
+        return "/".join(f"{t:g}" for t in distinct) + " per layer"
+    return f"{theta:g}"
+
+
 # ---------------------------------------------------------------- train / eval / report / quickstart / validate
 # ---------------------------------------------------------------- extract / cache
 

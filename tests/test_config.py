@@ -1,0 +1,54 @@
+"""Config loading: defaults, dotted overrides, and every problem reported at once with suggestions."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvdistill.config import apply_overrides, dump_config, load_config, parse_config
+from kvdistill.errors import ConfigError
+
+BASE = {"student": {"model": "smollm2-135m"}, "teachers": [{"model": "gemma3-270m"}]}
+
+
+def test_defaults_and_teacher_name():
+    cfg = parse_config(BASE)
+    assert cfg.teachers[0].name == "gemma3-270m"
+    assert cfg.train.steps == 100 and cfg.fusion.kind == "fixed"
+
+
+def test_overrides_nested_and_list_index():
+    raw = apply_overrides(dict(BASE), ["train.lr=0.01", "teachers.0.weight=0.25", "losses.kv.kind=smooth_l1"])
+    cfg = parse_config(raw)
+    assert cfg.train.lr == 0.01
+    assert cfg.teachers[0].weight == 0.25
+    assert cfg.losses.kv.kind == "smooth_l1"
+
+
+def test_all_problems_listed_with_suggestion():
+    raw = {**BASE, "train": {"stpes": 3, "lr": "fast"}, "losses": {"kv": {"kind": "l3"}}}
+    with pytest.raises(ConfigError) as info:
+        parse_config(raw)
+    text = str(info.value)
+    assert len(info.value.problems) >= 3
+    assert "train.steps" in text  # nearest valid key for the typo 'stpes'
+    assert "lr" in text and "kind" in text
+
+
+def test_round_trip_through_yaml(tmp_path):
+    cfg = parse_config(BASE)
+    path = tmp_path / "c.yaml"
+    path.write_text(dump_config(cfg))
+    assert load_config(path) == cfg
+
+
+def test_missing_file_is_clear(tmp_path):
+    with pytest.raises(Exception) as info:
+        load_config(tmp_path / "nope.yaml")
+    assert "nope.yaml" in str(info.value)
+
+
+def test_packaged_quickstart_config_parses():
+    from importlib.resources import files
+
+    cfg = load_config(files("kvdistill") / "configs" / "quickstart.yaml")
+    assert [t.name for t in cfg.teachers] == ["smollm2", "gemma3"]
