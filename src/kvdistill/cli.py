@@ -9,8 +9,6 @@ import json
 import logging
 import os
 import sys
-from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -46,7 +44,7 @@ def zoo_list(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) 
 
 
 @zoo_app.command("fetch")
-def zoo_fetch(names: Optional[list[str]] = typer.Argument(None, help="Zoo names (default: all).")) -> None:
+def zoo_fetch(names: list[str] | None = typer.Argument(None, help="Zoo names (default: all).")) -> None:
     """Convert the GGUF models once into cached safetensors and fetch the tokenizer-only assets."""
     from kvdistill.models import zoo
 
@@ -97,7 +95,7 @@ def inspect_models(models: list[str], text: str | None = None, strategy: str = "
 @app.command()
 def inspect(
     models: list[str] = typer.Argument(..., help="Offline names, local dirs or hub ids; the first is the student."),
-    text: Optional[str] = typer.Option(None, "--text", "-t", help="Show how this text tokenizes (tokens with spans)."),
+    text: str | None = typer.Option(None, "--text", "-t", help="Show how this text tokenizes (tokens with spans)."),
     strategy: str = typer.Option("ratio", help="Layer-map strategy for the plan: ratio, uniform, skip."),
     projector: str = typer.Option("auto", help="Projector kind for the plan: auto, identity, per_head, linear."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list, one object per model."),
