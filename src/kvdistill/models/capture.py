@@ -1,0 +1,246 @@
+"""Real K and V of every layer, with keys taken back to before the rotary rotation.
+
+Notation: B batch, L layers, H_kv KV heads, T time, D head dim, V vocab, E experts.
+
+Stored layout (one per layer, L entries): keys[l], values[l] are (B, H_kv, T, D), float, padding positions
+hold whatever the model produced there and must be masked with `attention_mask`. Keys are pre-rotation:
+the model's cached key with the rotation at `positions` undone, so that two models (or a student and a
+teacher) are compared on content, not on where their tokens sit.
+
+Decoders: the K/V come from the model's own cache (a plain `DynamicCache()`, which keeps every token even
+past a sliding window). Positions are `cumsum(mask) - 1`, so left and right padding give each sample the
+positions it would get alone. Encoders (bert): hooks on the key/value projections.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field, replace
+
+import torch
+from transformers import DynamicCache
+
+from kvdistill.errors import KvdistillError
+from kvdistill.models.geometry import KVGeometry, geometry_of
+from kvdistill.models.rope import invert_rope, rope_cos_sin
+
+
+@dataclass
+class KVCapture:
+    keys: list[torch.Tensor]  # L × (B, H_kv, T, D), pre-rotation
+    values: list[torch.Tensor]  # L × (B, H_kv, T, D)
+    attention_mask: torch.Tensor  # (B, T) long, 1 = real token
+    positions: torch.Tensor  # (B, T) long, the positions the model used
+    input_ids: torch.Tensor  # (B, T)
+    geometry: KVGeometry
+    spans: torch.Tensor | None = None  # (B, T, 2) char [start, end); specials and padding: start == end
+    hidden_states: list[torch.Tensor] | None = None  # (L + 1) × (B, T, H)
+    logits: torch.Tensor | None = None  # (B, T, V)
+    attentions: list[torch.Tensor] | None = None  # L × (B, H, T, T)
+    router_logits: list[torch.Tensor] | None = None  # L_moe × (B·T, E)
+    extra: dict = field(default_factory=dict)
+
+    def select(self, index: int) -> KVCapture:
+        """Sample `index` alone, with its padding removed: K/V (1, H_kv, T_i, D)."""
+        keep = self.attention_mask[index].bool()
+
+        def cut(x, time_dim):
+            if x is None:
+                return None
+            x = x[index : index + 1]
+            return x.index_select(time_dim, keep.nonzero().squeeze(1))
+
+        return replace(
+            self,
+            keys=[cut(k, 2) for k in self.keys],
+            values=[cut(v, 2) for v in self.values],
+            attention_mask=cut(self.attention_mask, 1),
+            positions=cut(self.positions, 1),
+            input_ids=cut(self.input_ids, 1),
+            spans=cut(self.spans, 1),
+            hidden_states=None if self.hidden_states is None else [cut(h, 1) for h in self.hidden_states],
+            logits=cut(self.logits, 1),
+            attentions=None,
+            router_logits=None,
+        )
+
+
+def tokenize(tokenizer, texts: list[str], *, max_length: int | None = None, padding_side: str = "right",
+             max_positions: int | None = None):
+    """Tokenize a batch with character offsets; every text must yield at least one non-special token.
+
+    Returns a BatchEncoding with input_ids, attention_mask (B, T) and offset_mapping (B, T, 2); padding
+    rows of offset_mapping are (0, 0).
+    """
+    if isinstance(texts, str):
+        texts = [texts]
+    if not texts:
+        raise KvdistillError("no texts given", "pass a non-empty list of strings")
+    if not getattr(tokenizer, "is_fast", False):
+        raise KvdistillError(f"tokenizer {type(tokenizer).__name__} is not a fast tokenizer",
+                             "character offsets need a fast (Rust) tokenizer; load it with use_fast=True")
+    old_side = tokenizer.padding_side
+    tokenizer.padding_side = padding_side
+    try:
+        enc = tokenizer(list(texts), return_offsets_mapping=True, padding=True, return_tensors="pt",
+                        truncation=max_length is not None, max_length=max_length)
+    finally:
+        tokenizer.padding_side = old_side
+    offsets = enc["offset_mapping"]  # (B, T, 2)
+    content = (offsets[..., 1] > offsets[..., 0]) & enc["attention_mask"].bool()  # (B, T)
+    empty = [i for i in range(len(texts)) if not content[i].any()]
+    if empty:
+        shown = ", ".join(f"#{i} {texts[i][:40]!r}" for i in empty[:5])
+        raise KvdistillError(f"text(s) {shown} tokenize to nothing but special tokens",
+                             "drop empty or whitespace-only samples from the data")
+    lengths = enc["attention_mask"].sum(1)
+    if max_positions is not None and int(lengths.max()) > max_positions:
+        i = int(lengths.argmax())
+        raise KvdistillError(
+            f"text #{i} is {int(lengths[i])} tokens, longer than the model's maximum of {max_positions} positions",
+            f"set data.max_length (or --max-length) to at most {max_positions} to truncate",
+        )
+    return enc
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) positions each real token has when its sample runs alone: cumsum(mask) - 1, padding at 0."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _accepts(fn, name: str) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return True
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def _cache_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    if hasattr(cache, "layers"):
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    if hasattr(cache, "key_cache"):  # older transformers
+        return list(zip(cache.key_cache, cache.value_cache, strict=True))
+    return [(k, v) for k, v in cache]  # legacy tuple of tuples
+
+
+def _check_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+    if input_ids.dim() != 2 or input_ids.shape != attention_mask.shape:
+        raise KvdistillError(
+            f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} must both be (B, T)",
+            "pass the tensors a tokenizer returns for one padded batch",
+        )
+
+
+def _encoder_kv(model, geometry, input_ids, attention_mask, positions, want_hidden, want_attn):
+    """Encoders: K/V from forward hooks on each layer's key/value projections, (B, T, H·D) -> (B, H, T, D)."""
+    targets = {"key": [], "value": []}
+    for name, module in model.named_modules():
+        tail = name.split(".")
+        if len(tail) >= 2 and tail[-2] == "self" and tail[-1] in targets:
+            targets[tail[-1]].append(module)
+    if len(targets["key"]) != geometry.num_layers:
+        raise KvdistillError(f"found {len(targets['key'])} key projections in {geometry.name}, "
+                             f"expected {geometry.num_layers}", "this encoder layout is not supported")
+    store: dict[str, list] = {"key": [None] * geometry.num_layers, "value": [None] * geometry.num_layers}
+    handles = []
+    B, T = input_ids.shape
+    for kind, modules in targets.items():
+        for i, m in enumerate(modules):
+            def hook(_m, _inp, out, kind=kind, i=i):
+                store[kind][i] = out.view(B, T, geometry.num_kv_heads, geometry.head_dim).transpose(1, 2)
+
+            handles.append(m.register_forward_hook(hook))
+    try:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                    output_hidden_states=want_hidden, output_attentions=want_attn)
+    finally:
+        for h in handles:
+            h.remove()
+    return store["key"], store["value"], out
+
+
+def forward_kv(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    geometry: KVGeometry | None = None,
+    positions: torch.Tensor | None = None,
+    hidden_states: bool = False,
+    logits: bool = False,
+    attentions: bool = False,
+    router_logits: bool = False,
+) -> KVCapture:
+    """One forward pass returning K/V of every layer (keys pre-rotation). Gradients flow if enabled.
+
+    input_ids, attention_mask: (B, T). Use under `torch.no_grad()` for teachers; the student calls it with
+    grad to get its own K/V and logits in one pass. `positions` (B, T) defaults to `cumsum(mask) - 1`.
+    """
+    _check_batch(input_ids, attention_mask)
+    geometry = geometry or geometry_of(model)
+    if positions is None:
+        positions = positions_from_mask(attention_mask)  # (B, T)
+    if geometry.is_encoder:
+        keys, values, out = _encoder_kv(model, geometry, input_ids, attention_mask, positions,
+                                        hidden_states, attentions)
+        return KVCapture(keys=keys, values=values, attention_mask=attention_mask, positions=positions,
+                         input_ids=input_ids, geometry=geometry,
+                         hidden_states=list(out.hidden_states) if hidden_states else None,
+                         attentions=list(out.attentions) if attentions else None)
+    # the LM head is only run when logits are wanted (it is the largest matmul for big vocabularies)
+    runner = model if logits else model.base_model
+    kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, past_key_values=DynamicCache(),
+                  use_cache=True, output_hidden_states=hidden_states, output_attentions=attentions)
+    if _accepts(runner.forward, "position_ids"):
+        kwargs["position_ids"] = positions
+    if router_logits:
+        kwargs["output_router_logits"] = True
+    out = runner(**kwargs)
+    layers = _cache_layers(out.past_key_values)
+    keys, values = [], []
+    for layer, (k, v) in enumerate(layers):
+        if geometry.rope is not None:
+            cos, sin = rope_cos_sin(model, geometry, positions, layer)  # (B, T, R)
+            k = invert_rope(k.float(), cos, sin, geometry.rope.style).to(k.dtype)
+        keys.append(k)  # (B, H_kv, T, D)
+        values.append(v)
+    router = getattr(out, "router_logits", None)
+    return KVCapture(
+        keys=keys,
+        values=values,
+        attention_mask=attention_mask,
+        positions=positions,
+        input_ids=input_ids,
+        geometry=geometry,
+        hidden_states=list(out.hidden_states) if hidden_states else None,
+        logits=out.logits if logits else None,
+        attentions=list(out.attentions) if attentions else None,
+        router_logits=[r for r in router if r is not None] if (router_logits and router is not None) else None,
+    )
+
+
+def capture_kv(
+    model: torch.nn.Module,
+    tokenizer,
+    texts: list[str] | str,
+    *,
+    max_length: int | None = None,
+    padding_side: str | None = None,
+    hidden_states: bool = False,
+    logits: bool = False,
+    attentions: bool = False,
+    router_logits: bool = False,
+) -> KVCapture:
+    """Tokenize `texts` and capture K/V (no grad), with character spans (B, T, 2) for token alignment."""
+    geometry = geometry_of(model)
+    enc = tokenize(tokenizer, texts, max_length=max_length, padding_side=padding_side or tokenizer.padding_side,
+                   max_positions=None if geometry.is_encoder and max_length else geometry.max_positions)
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        cap = forward_kv(model, enc["input_ids"].to(device), enc["attention_mask"].to(device), geometry=geometry,
+                         hidden_states=hidden_states, logits=logits, attentions=attentions,
+                         router_logits=router_logits)
+    spans = enc["offset_mapping"].to(device)
+    cap.spans = spans * enc["attention_mask"].to(device)[..., None]  # (B, T, 2), padding (0, 0)
+    return cap
