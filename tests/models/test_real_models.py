@@ -1,0 +1,73 @@
+"""Capture on the real offline models: SmolLM2-135M (llama, GQA 9/3), Gemma-3-270M (two rope bases, MQA),
+all-MiniLM-L6-v2 (bert encoder)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from kvdistill import capture_kv
+from kvdistill.errors import KvdistillError
+from kvdistill.models.capture import _cache_layers
+from kvdistill.models.geometry import geometry_of
+from kvdistill.models.rope import apply_rope, rope_cos_sin
+
+pytestmark = pytest.mark.slow
+TEXTS = ["Question: 3 apples and 4 pears, how many fruits?\nAnswer: 7", "Ünïcode ✓ 数学 🙂 ok"]
+
+
+def test_geometries_of_real_models(smollm2, gemma3, minilm):
+    s, g, m = geometry_of(smollm2[0]), geometry_of(gemma3[0]), geometry_of(minilm[0])
+    assert (s.num_layers, s.num_attention_heads, s.num_kv_heads, s.head_dim) == (30, 9, 3, 64)
+    assert s.kv_bytes_per_token(2) == 23040
+    assert (g.num_layers, g.num_attention_heads, g.num_kv_heads, g.head_dim) == (18, 4, 1, 256)
+    assert g.sliding_window == 512 and sorted(set(g.rope.theta)) == [10000.0, 1000000.0]
+    assert m.is_encoder and m.rope is None and (m.num_layers, m.head_dim) == (6, 32)
+
+
+@pytest.mark.parametrize("which", ["smollm2", "gemma3"])
+def test_real_round_trip_with_left_padding(which, request):
+    model, tok = request.getfixturevalue(which)
+    geom = geometry_of(model)
+    cap = capture_kv(model, tok, TEXTS, padding_side="left")
+    assert cap.spans.shape == (*cap.input_ids.shape, 2)
+    with torch.no_grad():
+        out = model.base_model(input_ids=cap.input_ids, attention_mask=cap.attention_mask,
+                               position_ids=cap.positions, past_key_values=DynamicCache(), use_cache=True)
+    for layer, (k_raw, _) in enumerate(_cache_layers(out.past_key_values)):
+        cos, sin = rope_cos_sin(model, geom, cap.positions, layer)
+        err = (apply_rope(cap.keys[layer], cos, sin, geom.rope.style) - k_raw).abs().max()
+        assert err <= 1e-4, (which, layer, float(err))
+
+
+@pytest.mark.parametrize("which", ["smollm2", "gemma3", "minilm"])
+def test_real_padding_equivalence(which, request):
+    model, tok = request.getfixturevalue(which)
+    batch = capture_kv(model, tok, TEXTS, padding_side="right")
+    for i, text in enumerate(TEXTS):
+        alone = capture_kv(model, tok, [text])
+        sample = batch.select(i)
+        assert torch.equal(alone.spans, sample.spans)
+        for a, b in zip(alone.keys, sample.keys, strict=True):
+            assert (a - b).abs().max() <= 1e-3
+
+
+def test_spans_mark_special_tokens_empty(gemma3, minilm):
+    for model, tok in (gemma3, minilm):
+        cap = capture_kv(model, tok, ["hello world"])
+        spans = cap.spans[0]
+        assert spans[0, 0] == spans[0, 1]  # <bos> / [CLS]
+        assert tok.decode(cap.input_ids[0, 1]).strip().lower().startswith("hello")
+
+
+def test_text_that_tokenizes_to_nothing(smollm2):
+    model, tok = smollm2
+    with pytest.raises(KvdistillError, match="tokenize to nothing"):
+        capture_kv(model, tok, ["fine text", ""])
+
+
+def test_too_long_text_names_the_limit(minilm):
+    model, tok = minilm
+    with pytest.raises(KvdistillError, match="longer than the model's maximum of 512"):
+        capture_kv(model, tok, ["word " * 700])
