@@ -7,7 +7,7 @@ import torch
 from transformers import DynamicCache
 
 from kvdistill.errors import KvdistillError
-from kvdistill.models.capture import _cache_layers, forward_kv, positions_from_mask
+from kvdistill.models.capture import _cache_layers, enable_checkpointing, forward_kv, positions_from_mask
 from kvdistill.models.geometry import geometry_of
 from kvdistill.models.rope import apply_rope, rope_cos_sin
 
@@ -156,3 +156,21 @@ def test_mismatched_batch_shapes_are_rejected(tiny_models):
     model = tiny_models("llama")
     with pytest.raises(KvdistillError, match=r"input_ids \(2, 5\) and attention_mask \(2, 4\)"):
         forward_kv(model, torch.zeros(2, 5, dtype=torch.long), torch.ones(2, 4, dtype=torch.long))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3_text"])
+def test_gradient_checkpointing_capture_matches_cache_capture(family):
+    from .conftest import build_tiny
+
+    model = build_tiny(family)
+    ids, mask = _batch()
+    with torch.no_grad():
+        ref = forward_kv(model, ids, mask)
+    enable_checkpointing(model)
+    model.train()
+    cap = forward_kv(model, ids, mask, logits=True)
+    for a, b in zip(ref.keys + ref.values, cap.keys + cap.values, strict=True):
+        assert (a - b).abs().max() <= 1e-4
+    loss = sum(k.square().mean() for k in cap.keys) + cap.logits.mean()
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad and p.dim() > 1)

@@ -160,6 +160,63 @@ def _encoder_kv(model, geometry, input_ids, attention_mask, positions, want_hidd
     return store["key"], store["value"], out
 
 
+def is_checkpointing(model) -> bool:
+    """Activation (gradient) checkpointing is on; the name changed in transformers 5."""
+    for attr in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(model), attr) or hasattr(model, attr):
+            return bool(getattr(model, attr))
+    return False
+
+
+def enable_checkpointing(model) -> None:
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def _projection_modules(model, geometry) -> tuple[list, list]:
+    """Per layer, the module whose output is the pre-rotation key (k_norm if present, else k_proj) and v_proj."""
+    key_mods, value_mods = [], []
+    for name, module in model.named_modules():
+        if name.endswith("self_attn"):
+            k = getattr(module, "k_norm", None) or getattr(module, "k_proj", None)
+            v = getattr(module, "v_proj", None)
+            if k is None or v is None:
+                break
+            key_mods.append(k)
+            value_mods.append(v)
+    if len(key_mods) != geometry.num_layers:
+        raise KvdistillError(
+            f"{geometry.name} ({geometry.model_type}) has no separate k_proj/v_proj per layer, so its K/V cannot "
+            "be taken from projections (needed with gradient checkpointing, which turns the cache off)",
+            "turn student.gradient_checkpointing off, or use a llama/mistral/qwen/gemma-style student",
+        )
+    return key_mods, value_mods
+
+
+def _hooked_decoder_kv(model, runner, geometry, kwargs):
+    """Decoders under gradient checkpointing: K/V from the projection outputs (already pre-rotation)."""
+    key_mods, value_mods = _projection_modules(model, geometry)
+    B, T = kwargs["input_ids"].shape
+    keys, values = [None] * len(key_mods), [None] * len(key_mods)
+    handles = []
+    for i, (km, vm) in enumerate(zip(key_mods, value_mods, strict=True)):
+        def k_hook(_m, _inp, out, i=i):  # recomputation in backward overwrites with equal values
+            keys[i] = out.reshape(B, T, geometry.num_kv_heads, geometry.head_dim).transpose(1, 2)
+
+        def v_hook(_m, _inp, out, i=i):
+            values[i] = out.reshape(B, T, geometry.num_kv_heads, geometry.head_dim).transpose(1, 2)
+
+        handles += [km.register_forward_hook(k_hook), vm.register_forward_hook(v_hook)]
+    try:
+        out = runner(**{**kwargs, "use_cache": False, "past_key_values": None})
+    finally:
+        for h in handles:
+            h.remove()
+    return list(keys), list(values), out
+
+
 def forward_kv(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
@@ -196,15 +253,17 @@ def forward_kv(
         kwargs["position_ids"] = positions
     if router_logits:
         kwargs["output_router_logits"] = True
-    out = runner(**kwargs)
-    layers = _cache_layers(out.past_key_values)
-    keys, values = [], []
-    for layer, (k, v) in enumerate(layers):
-        if geometry.rope is not None:
-            cos, sin = rope_cos_sin(model, geometry, positions, layer)  # (B, T, R)
-            k = invert_rope(k.float(), cos, sin, geometry.rope.style).to(k.dtype)
-        keys.append(k)  # (B, H_kv, T, D)
-        values.append(v)
+    if is_checkpointing(model) and model.training and torch.is_grad_enabled():
+        keys, values, out = _hooked_decoder_kv(model, runner, geometry, kwargs)
+    else:
+        out = runner(**kwargs)
+        keys, values = [], []
+        for layer, (k, v) in enumerate(_cache_layers(out.past_key_values)):
+            if geometry.rope is not None:
+                cos, sin = rope_cos_sin(model, geometry, positions, layer)  # (B, T, R)
+                k = invert_rope(k.float(), cos, sin, geometry.rope.style).to(k.dtype)
+            keys.append(k)  # (B, H_kv, T, D)
+            values.append(v)
     router = getattr(out, "router_logits", None)
     return KVCapture(
         keys=keys,

@@ -1,0 +1,64 @@
+"""The student: a pretrained causal LM, or one built from a base config with chosen overrides and tokenizer,
+optionally wrapped with LoRA adapters (peft)."""
+
+from __future__ import annotations
+
+import torch
+
+from kvdistill.config import StudentConfig
+from kvdistill.errors import KvdistillError
+from kvdistill.models.capture import enable_checkpointing
+from kvdistill.models.load import load_config, load_model, load_tokenizer, resolve_dtype
+
+
+def build_student(cfg: StudentConfig, *, seed: int = 0):
+    """(model, tokenizer), model in train mode on CPU (the trainer moves it)."""
+    if cfg.model is not None:
+        model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, tokenizer=cfg.tokenizer)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        overrides = dict(cfg.from_config)
+        base = overrides.pop("base")
+        config = load_config(base)
+        unknown = [k for k in overrides if not hasattr(config, k)]
+        if unknown:
+            raise KvdistillError(f"student.from_config: {unknown} are not fields of {type(config).__name__}",
+                                 f"use fields of the base model's config.json ({base})")
+        for key, value in overrides.items():
+            setattr(config, key, value)
+        tokenizer = load_tokenizer(cfg.tokenizer or base)
+        # the embedding must cover the chosen tokenizer, special ids must point into it
+        config.vocab_size = len(tokenizer)
+        for attr in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            setattr(config, attr, getattr(tokenizer, attr))
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=resolve_dtype(cfg.dtype), attn_implementation="eager")
+        model.config.name_or_path = f"{base}+from_config"
+    if cfg.gradient_checkpointing:
+        enable_checkpointing(model)
+    if cfg.lora is not None:
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                          target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
+        model = get_peft_model(model, lora)
+    model.train()
+    return model, tokenizer
+
+
+def unwrap_student(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain transformers model under a peft wrapper (for geometry and K/V capture)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def save_student(model: torch.nn.Module, tokenizer, out_dir: str, *, merge_lora: bool = True) -> None:
+    """Hugging Face format that loads with plain transformers; LoRA merged (adapter kept as well if asked)."""
+    if hasattr(model, "merge_and_unload"):
+        model.save_pretrained(f"{out_dir}/adapter")
+        if merge_lora:
+            import copy
+
+            model = copy.deepcopy(model).merge_and_unload()
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
