@@ -1,0 +1,165 @@
+"""Held-out figures: perplexity, exact match by greedy generation, and KV alignment error per layer.
+
+Two KV alignment errors:
+- `kv_error` uses the run's own trained projectors (what the training loss sees, on held-out data);
+- `probe_kv_error` fits a fresh ridge-regression map from the student's K/V to each teacher's (on a fit split)
+  and measures 1 - R² on held-out samples. It needs no trained maps, so a CE-only student and a distilled
+  student are compared on equal terms: how much of the teacher's K/V is linearly readable from the student's.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from kvdistill.align.layers import layer_map
+from kvdistill.models.capture import capture_kv, forward_kv, tokenize
+from kvdistill.models.geometry import geometry_of
+
+
+def _chunks(items, size):
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+@torch.no_grad()
+def perplexity(model, tokenizer, records: list[dict], *, max_length: int, batch_size: int = 8) -> dict:
+    """Token-level perplexity over all held-out tokens (exp of the mean next-token NLL)."""
+    device = next(model.parameters()).device
+    nll_sum, count = 0.0, 0
+    for batch in _chunks(records, batch_size):
+        enc = tokenize(tokenizer, [r["text"] for r in batch], max_length=max_length, padding_side="right")
+        ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+        logits = model(input_ids=ids, attention_mask=mask).logits.float()  # (B, T, V)
+        logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+        counted = (mask[:, 1:] * mask[:, :-1]).bool()
+        nll_sum += float(-logp[counted].sum())
+        count += int(counted.sum())
+    ce = nll_sum / max(count, 1)
+    return {"ce": ce, "ppl": math.exp(min(ce, 50.0)), "tokens": count}
+
+
+@torch.no_grad()
+def exact_match(model, tokenizer, records: list[dict], *, max_new_tokens: int = 16, batch_size: int = 8) -> dict:
+    """Greedy generation from each record's text before its answer; the extracted answer vs the gold one."""
+    from kvdistill.eval.answers import exact_match as same
+    from kvdistill.eval.answers import extract_answer
+
+    device = next(model.parameters()).device
+    usable = [r for r in records if r.get("answer") is not None and r.get("answer_start") is not None]
+    hits, rows = 0, []
+    old_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        for batch in _chunks(usable, batch_size):
+            prompts = [r["text"][: r["answer_start"]] for r in batch]
+            enc = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)
+            for r, seq in zip(batch, out[:, enc["input_ids"].shape[1]:], strict=True):
+                text = tokenizer.decode(seq, skip_special_tokens=True)
+                pred = extract_answer("Answer: " + text.split("\n")[0])
+                ok = same(pred, r["answer"])
+                hits += ok
+                rows.append({"id": r["id"], "pred": pred, "gold": r["answer"], "correct": bool(ok)})
+    finally:
+        tokenizer.padding_side = old_side
+    return {"exact_match": hits / max(len(usable), 1), "n": len(usable), "samples": rows[:8]}
+
+
+def _aligned_pairs(student, s_tok, teacher, t_tok, records, max_length, batch_size, layers_s, pairs):
+    """Student K/V rows and teacher K/V rows on the same tokens (teacher tokens, student resampled)."""
+    from kvdistill.train.objective import teacher_alignment
+
+    xs = {i: [] for i in layers_s}
+    ys = {i: [] for i in layers_s}
+    for batch in _chunks(records, batch_size):
+        texts = [r["text"] for r in batch]
+        s = capture_kv(student, s_tok, texts, max_length=max_length)
+        t = capture_kv(teacher, t_tok, texts, max_length=max_length)
+        A = teacher_alignment(t.spans, t.attention_mask, s.spans, s.attention_mask)  # (B, T_t, T_s)
+        covered = (A.sum(-1) > 0) & t.attention_mask.bool()  # (B, T_t)
+        for i in layers_s:
+            j = pairs[i]
+            for src, dst, store in ((s.keys[i], t.keys[j], "k"), (s.values[i], t.values[j], "v")):
+                x = torch.einsum("bmt,bhtd->bmhd", A, src.float()).flatten(2)[covered]  # (N, H_s·D_s)
+                y = dst.float().transpose(1, 2).flatten(2)[covered]  # (N, H_t·D_t)
+                xs[i].append((store, x))
+                ys[i].append((store, y))
+    return xs, ys
+
+
+@torch.no_grad()
+def probe_kv_error(student, s_tok, teacher, t_tok, fit_records, eval_records, *, max_length: int,
+                   batch_size: int = 8, ridge: float = 1e-2) -> list[float]:
+    """Per student layer: 1 - R² of a ridge map student K/V -> teacher K/V (keys and values averaged).
+
+    The teacher layer of student layer i is the nearest by depth (ratio map without interpolation).
+    """
+    gs, gt = geometry_of(student), geometry_of(teacher)
+    matrix = layer_map(gs.num_layers, gt.num_layers, strategy="ratio", interpolate=False)
+    pairs = {i: int(matrix[i].argmax()) for i in range(gs.num_layers)}
+    layers = list(range(gs.num_layers))
+    fx, fy = _aligned_pairs(student, s_tok, teacher, t_tok, fit_records, max_length, batch_size, layers, pairs)
+    ex, ey = _aligned_pairs(student, s_tok, teacher, t_tok, eval_records, max_length, batch_size, layers, pairs)
+    out = []
+    for i in layers:
+        errs = []
+        for kind in ("k", "v"):
+            X = torch.cat([x for k, x in fx[i] if k == kind])
+            Y = torch.cat([y for k, y in fy[i] if k == kind])
+            x_mu, y_mu = X.mean(0), Y.mean(0)
+            Xc, Yc = X - x_mu, Y - y_mu
+            scale = Xc.square().mean().clamp(min=1e-12)
+            gram = Xc.T @ Xc + ridge * scale * len(X) * torch.eye(X.shape[1])
+            W = torch.linalg.solve(gram, Xc.T @ Yc)  # (F_s, F_t)
+            Xe = torch.cat([x for k, x in ex[i] if k == kind])
+            Ye = torch.cat([y for k, y in ey[i] if k == kind])
+            resid = ((Xe - x_mu) @ W + y_mu - Ye).square().sum()
+            total = (Ye - Ye.mean(0)).square().sum().clamp(min=1e-12)
+            errs.append(float(resid / total))
+        out.append(sum(errs) / 2)
+    return out
+
+
+@torch.no_grad()
+def evaluate_objective(objective, records: list[dict], batch_size: int) -> dict:
+    """Held-out CE/perplexity and, per teacher, the normalised KV error per student layer (trained maps)."""
+    from kvdistill.train.objective import kv_error, teacher_alignment
+
+    cfg = objective.cfg
+    nll, tokens = 0.0, 0
+    per_layer: dict[str, dict[int, list[float]]] = {t.name: {} for t in objective.teachers}
+    for batch in _chunks(records, batch_size):
+        ids, mask, spans_s = objective._student_batch(batch)
+        s = forward_kv(objective.student, ids, mask, geometry=objective.student_geometry, logits=True)
+        logp = torch.log_softmax(s.logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+        counted = (mask[:, 1:] * mask[:, :-1]).bool()
+        nll += float(-logp[counted].sum())
+        tokens += int(counted.sum())
+        if cfg.fusion.space == "target":
+            continue
+        for teacher in objective.teachers:
+            tkv = teacher.kv(batch, max_length=cfg.data.max_length)
+            matrix = objective.layer_maps[teacher.name]
+            for i in range(matrix.shape[0]):
+                if matrix[i].sum() == 0:
+                    continue
+                j = int(matrix[i].argmax())
+                proj = objective.projectors[teacher.name][str(i)]
+                A = teacher_alignment(tkv.spans[j], tkv.mask[j], spans_s, mask).float()
+                eq = "bmt,bhtd->bhmd" if A.dim() == 3 else "bhmt,bhtd->bhmd"
+                covered = (A.sum(-1) > 0).long() * tkv.mask[j]
+                k = torch.einsum(eq, A, proj(s.keys[i], which="keys").float())
+                v = torch.einsum(eq, A, proj(s.values[i], which="values").float())
+                err = (kv_error(k, tkv.keys[j], covered) + kv_error(v, tkv.values[j], covered)) / 2
+                per_layer[teacher.name].setdefault(i, []).extend(err.tolist())
+    ce = nll / max(tokens, 1)
+    out = {"eval/ce": ce, "eval/ppl": math.exp(min(ce, 50.0))}
+    for name, layers in per_layer.items():
+        if layers:
+            vals = [sum(v) / len(v) for _, v in sorted(layers.items())]
+            out[f"eval/kv_error/{name}"] = sum(vals) / len(vals)
+            out[f"eval/kv_error_layers/{name}"] = vals
+    return out

@@ -1,0 +1,436 @@
+"""The distillation objective: student forward, every teacher's K/V, alignment, maps, fusion, losses.
+
+Notation: B batch, N teachers, L_s/L_t layers, H_s/H_t KV heads, D_s/D_t head dims, T_s student tokens,
+M kept teacher tokens of a layer (T_t when uncompressed).
+
+Loss space (default, collapse-safe): the student's K/V of layer i are mapped into teacher n's geometry by a
+learnable projector P_ni and resampled onto the teacher's (kept) tokens through the character alignment
+A (B, H_t, M, T_s) (rows: teacher tokens, normalised over the student tokens they overlap):
+
+    pred = A · P_ni(K_s[i])                      (B, H_t, M, D_t)
+    l_n(b) = Σ_i Σ_j W_n[i, j] · err(pred, K_t[j]) / #mapped layers      (W_n: layer map, rows sum to 1)
+    loss_kd = mean_b Σ_n w_n(b) · l_n(b)                                  (w: fusion weights)
+
+err is a per-sample mean over kept, covered teacher tokens, optionally divided by that sample's target
+variance, so layers and teachers of different scales weigh alike and the loss does not depend on how samples
+are grouped into batches. A constant student cannot reach a low loss whatever P learns (P maps a constant to a
+constant), which is why the maps run student → teacher. Target space (`fusion.space: target`) instead fuses
+teacher K/V into the student's geometry with frozen maps and compares there.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from kvdistill import losses as L
+from kvdistill.align.heads import KVProjector, TeacherToStudentMap
+from kvdistill.align.layers import layer_map
+from kvdistill.align.plan import alignment_plan
+from kvdistill.align.tokens import batch_token_alignment
+from kvdistill.config import RunConfig
+from kvdistill.errors import KvdistillError
+from kvdistill.fuse import Router, entropy_regularizer, fixed_weights, prototype
+from kvdistill.models.capture import forward_kv, tokenize
+from kvdistill.models.geometry import geometry_of
+from kvdistill.train.student import build_student, save_student, unwrap_student
+from kvdistill.train.teachers import TeacherKV
+
+
+# ------------------------------------------------------------------------------------------ per-sample losses
+def sample_mean(err: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of err (B, ...) over the elements where mask (broadcastable to err) is 1, per sample -> (B,).
+
+    A sample with nothing counted gets 0.
+    """
+    mask = mask.to(err.dtype).expand_as(err)
+    dims = tuple(range(1, err.dim()))
+    return (err * mask).sum(dims) / mask.sum(dims).clamp(min=1.0)
+
+
+def kv_error(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, *, kind: str = "mse",
+             normalize: bool = True, eps: float = 1e-6) -> torch.Tensor:
+    """Per-sample KV error (B,) between pred and target (B, H, M, D) over mask (B, H, M) or (B, M).
+
+    normalize: divide by the variance (smooth-L1: the std) of the sample's counted target values (detached).
+    """
+    if pred.shape != target.shape:
+        raise KvdistillError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ",
+                             "map the student K/V into the teacher's geometry first")
+    if mask.dim() == 2:
+        mask = mask[:, None]  # (B, 1, M)
+    m = mask[..., None].to(pred.dtype)  # (B, H|1, M, 1)
+    pred, target = pred.float(), target.float()
+    if normalize:
+        mean = sample_mean(target, m)[:, None, None, None]
+        var = sample_mean((target - mean).square(), m).detach()  # (B,)
+        scale = (var + eps) if kind == "mse" else (var + eps).sqrt()
+    if kind == "mse":
+        err = (pred - target).square()
+    else:
+        err = torch.nn.functional.smooth_l1_loss(pred, target, reduction="none")
+    out = sample_mean(err, m)  # (B,)
+    return out / scale if normalize else out
+
+
+def ce_per_sample(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Next-token CE per sample (B,): logits[:, t] predicts labels[:, t+1] where both tokens are real."""
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, T-1, V)
+    nll = -logp.gather(-1, labels[:, 1:, None]).squeeze(-1)  # (B, T-1)
+    counted = mask[:, 1:] * mask[:, :-1]
+    return sample_mean(nll, counted)
+
+
+# ------------------------------------------------------------------------------------------ alignment helper
+def teacher_alignment(spans_t: torch.Tensor, mask_t: torch.Tensor, spans_s: torch.Tensor,
+                      mask_s: torch.Tensor) -> torch.Tensor:
+    """Rows = teacher tokens, normalised over overlapping student tokens.
+
+    spans_t (B, M, 2) / mask_t (B, M) -> (B, M, T_s); or per head (B, H, M, 2) / (B, H, M) -> (B, H, M, T_s).
+    """
+    if spans_t.dim() == 3:
+        return batch_token_alignment(spans_t, mask_t, spans_s, mask_s)
+    B, H, M, _ = spans_t.shape
+    T_s = spans_s.shape[1]
+    flat = batch_token_alignment(spans_t.reshape(B * H, M, 2), mask_t.reshape(B * H, M),
+                                 spans_s.repeat_interleave(H, 0), mask_s.repeat_interleave(H, 0))
+    return flat.view(B, H, M, T_s)
+
+
+# ------------------------------------------------------------------------------------------ the objective
+class Objective(nn.Module):
+    def __init__(self, cfg: RunConfig, student: nn.Module, tokenizer, teachers: list, device):
+        super().__init__()
+        self.cfg = cfg
+        self.student = student
+        self.tokenizer = tokenizer
+        self.teachers = teachers  # plain list: frozen, not part of the trained / checkpointed module
+        self.student_geometry = geometry_of(unwrap_student(student), name=str(cfg.student.model or "student"))
+        sg = self.student_geometry
+        self.layer_maps: dict[str, torch.Tensor] = {}
+        self.projectors = nn.ModuleDict()
+        self.to_student = nn.ModuleDict()
+        self.hidden_proj = nn.ModuleDict()
+        target_space = cfg.fusion.space == "target"
+        for tcfg, teacher in zip(cfg.teachers, teachers, strict=True):
+            lm = tcfg.layer_map
+            matrix = layer_map(sg.num_layers, teacher.geometry.num_layers, strategy=lm.strategy,
+                               explicit=lm.explicit, interpolate=lm.interpolate)  # (L_s, L_t)
+            self.layer_maps[teacher.name] = matrix
+            missing = sorted({int(j) for j in matrix.nonzero()[:, 1]} - set(teacher.layers))
+            if missing:
+                raise KvdistillError(f"teacher '{teacher.name}' lacks layers {missing} that the layer map uses",
+                                     "re-extract the cache with those layers, or change layers.layer_map")
+            mapped = [i for i in range(sg.num_layers) if matrix[i].sum() > 0]
+            if target_space:
+                self.to_student[teacher.name] = TeacherToStudentMap(teacher.geometry, sg)
+            else:
+                self.projectors[teacher.name] = nn.ModuleDict(
+                    {str(i): KVProjector(sg, teacher.geometry, kind=tcfg.projector) for i in mapped})
+            if cfg.losses.hidden > 0:
+                self.hidden_proj[teacher.name] = nn.Linear(sg.hidden_size, teacher.geometry.hidden_size, bias=False)
+        n = len(teachers)
+        weights = cfg.fusion.weights or [t.weight for t in cfg.teachers]
+        self.register_buffer("fixed", fixed_weights(weights) if n else torch.zeros(0), persistent=False)
+        self.router = None
+        if cfg.fusion.kind == "router":
+            self.router = Router(sg.hidden_size, n, kind=cfg.fusion.router.kind, per_token=False)
+        if cfg.losses.logit_kd.weight > 0:
+            for teacher in teachers:
+                if teacher.geometry.vocab_size != sg.vocab_size or teacher.tokenizer.get_vocab() != tokenizer.get_vocab():
+                    raise KvdistillError(
+                        f"losses.logit_kd needs the student and teacher '{teacher.name}' to share a vocabulary",
+                        "set losses.logit_kd.weight: 0 for cross-tokenizer teachers (KV losses align by characters)")
+        self.to(device)
+        for teacher in teachers:
+            teacher.to(device)
+
+    # -------------------------------------------------------------------------------------- helpers
+    def _student_batch(self, records):
+        texts = [r["text"] for r in records]
+        enc = tokenize(self.tokenizer, texts, max_length=self.cfg.data.max_length, padding_side="right",
+                       max_positions=self.student_geometry.max_positions)
+        dev = self.fixed.device
+        return enc["input_ids"].to(dev), enc["attention_mask"].to(dev), enc["offset_mapping"].to(dev)
+
+    def _needs(self):
+        c = self.cfg.losses
+        return dict(hidden_states=c.hidden > 0, logits=c.logit_kd.weight > 0, attentions=c.attention_kl > 0)
+
+    def fusion_weights(self, student_hidden: torch.Tensor | None, mask: torch.Tensor,
+                       teacher_kv: list[TeacherKV], preds: dict) -> torch.Tensor:
+        """(B, N) weights over teachers for each sample."""
+        B = mask.shape[0]
+        kind = self.cfg.fusion.kind
+        if kind == "fixed":
+            return self.fixed[None].expand(B, -1)
+        if kind == "router":
+            return self.router(student_hidden.detach().float(), mask)
+        # similarity: cosine (or dot / -l2) between the student's pooled, projected keys and the teacher's
+        # pooled keys on the same (deepest mapped) layer, softmax over teachers with a temperature
+        sim = self.cfg.fusion.similarity
+        scores = []
+        for n, _teacher in enumerate(self.teachers):
+            pred, target, m = preds[n]  # (B, H, M, D) each, m (B, H, M)
+            m2 = m.amax(1) if m.dim() == 3 else m  # (B, M)
+            q = prototype(pred.detach().transpose(1, 2).flatten(2), m2, kind=sim.prototype if sim.prototype != "kmeans" else "mean")
+            p = prototype(target.transpose(1, 2).flatten(2).float(), m2,
+                          kind=sim.prototype if sim.prototype != "kmeans" else "mean")
+            if sim.metric == "cosine":
+                s = torch.nn.functional.cosine_similarity(q, p, dim=-1)
+            elif sim.metric == "dot":
+                s = (q * p).sum(-1) / math.sqrt(q.shape[-1])
+            else:
+                s = -(q - p).square().sum(-1) / q.shape[-1]
+            scores.append(s)
+        return torch.softmax(torch.stack(scores, -1) / sim.temperature, dim=-1)  # (B, N)
+
+    # -------------------------------------------------------------------------------------- forward
+    def forward(self, records: list[dict]):
+        cfg = self.cfg
+        ids, mask, spans_s = self._student_batch(records)  # (B, T_s), (B, T_s), (B, T_s, 2)
+        needs = self._needs()
+        want_hidden = needs["hidden_states"] or self.router is not None
+        s = forward_kv(self.student, ids, mask, geometry=self.student_geometry, logits=True,
+                       hidden_states=want_hidden, attentions=needs["attentions"])
+        metrics: dict[str, float] = {"tokens": float(mask.sum())}
+        ce = ce_per_sample(s.logits, ids, mask)  # (B,)
+        total = cfg.losses.ce * ce.mean()
+        metrics["loss/ce"] = float(ce.mean())
+        if not self.teachers:
+            metrics["loss"] = float(total)
+            return total, metrics
+
+        per_teacher = []  # (B,) KD loss of each teacher
+        deepest = {}
+        for n, teacher in enumerate(self.teachers):
+            tkv = teacher.kv(records, max_length=cfg.data.max_length, **needs)
+            if cfg.fusion.space == "target":
+                per_teacher.append(None)
+                deepest[n] = tkv
+                continue
+            loss_n, deepest[n], terms = self._teacher_loss(teacher, tkv, s, mask, spans_s)
+            per_teacher.append(loss_n)
+            for key, value in terms.items():
+                metrics[f"loss/{key}/{teacher.name}"] = value
+        hidden_last = s.hidden_states[-1] if want_hidden else None
+        if cfg.fusion.space == "target":
+            kd = self._target_space_loss(s, mask, spans_s, deepest, hidden_last)
+            weights = self._last_weights
+        else:
+            weights = self.fusion_weights(hidden_last, mask, [], deepest)  # (B, N)
+            kd = (weights * torch.stack(per_teacher, -1)).sum(-1)  # (B,)
+        total = total + kd.mean()
+        if self.router is not None and cfg.fusion.entropy.weight > 0:
+            ent = entropy_regularizer(weights, target=cfg.fusion.entropy.target)
+            total = total + cfg.fusion.entropy.weight * ent
+            metrics["loss/entropy"] = float(ent)
+        for n, teacher in enumerate(self.teachers):
+            metrics[f"weight/{teacher.name}"] = float(weights[:, n].mean())
+        metrics["loss/kd"] = float(kd.mean())
+        metrics["loss"] = float(total)
+        return total, metrics
+
+    def _teacher_loss(self, teacher, tkv: TeacherKV, s, mask_s, spans_s):
+        """Per-sample loss (B,) of one teacher, the deepest layer's (pred, target, mask), term metrics."""
+        cfg = self.cfg.losses
+        matrix = self.layer_maps[teacher.name]
+        projectors = self.projectors[teacher.name]
+        B = mask_s.shape[0]
+        total = torch.zeros(B, device=mask_s.device)
+        terms: dict[str, torch.Tensor] = {}
+        align_cache: dict[int, torch.Tensor] = {}
+        mapped = [i for i in range(matrix.shape[0]) if matrix[i].sum() > 0]
+        deepest = None
+        for i in mapped:
+            proj = projectors[str(i)]
+            k_s = proj(s.keys[i], which="keys")  # (B, H_t, T_s, D_t)
+            v_s = proj(s.values[i], which="values")
+            for j in matrix[i].nonzero().flatten().tolist():
+                w = float(matrix[i, j])
+                key = id(tkv.spans[j])
+                if key not in align_cache:
+                    align_cache[key] = teacher_alignment(tkv.spans[j], tkv.mask[j], spans_s, mask_s)
+                A = align_cache[key].to(k_s.dtype)  # (B, M, T_s) or (B, H_t, M, T_s)
+                eq = "bmt,bhtd->bhmd" if A.dim() == 3 else "bhmt,bhtd->bhmd"
+                k_pred, v_pred = torch.einsum(eq, A, k_s), torch.einsum(eq, A, v_s)  # (B, H_t, M, D_t)
+                covered = (A.sum(-1) > 0).long() * tkv.mask[j]  # (B, M) or (B, H_t, M)
+                k_t, v_t = tkv.keys[j].to(k_pred.device), tkv.values[j].to(v_pred.device)
+                kv = self.cfg.losses.kv
+                if kv.weight > 0:
+                    err = kv.keys * kv_error(k_pred, k_t, covered, kind=kv.kind, normalize=kv.normalize)
+                    err = err + kv.values * kv_error(v_pred, v_t, covered, kind=kv.kind, normalize=kv.normalize)
+                    terms["kv"] = terms.get("kv", 0) + w * err
+                if cfg.cosine > 0:
+                    cm = covered if covered.dim() == 3 else covered[:, None]
+                    cos = 1 - torch.nn.functional.cosine_similarity(k_pred.float(), k_t.float(), dim=-1)
+                    terms["cosine"] = terms.get("cosine", 0) + w * sample_mean(cos, cm)
+                if cfg.relation > 0 or cfg.attention_kl > 0 or cfg.hidden > 0:
+                    self._extra_terms(terms, w, i, j, s, tkv, A, covered, teacher)
+                deepest = (k_pred, k_t, covered)
+        scale = {"kv": self.cfg.losses.kv.weight, "cosine": cfg.cosine, "relation": cfg.relation,
+                 "attention_kl": cfg.attention_kl, "hidden": cfg.hidden}
+        metrics = {}
+        for name, value in terms.items():
+            total = total + scale[name] * value / len(mapped)
+            metrics[name] = float(value.mean()) / len(mapped)
+        if cfg.logit_kd.weight > 0:
+            kd = self._logit_kd(s, tkv, mask_s)
+            total = total + cfg.logit_kd.weight * kd
+            metrics["logit_kd"] = float(kd.mean())
+        return total, deepest, metrics
+
+    def _extra_terms(self, terms, w, i, j, s, tkv: TeacherKV, A, covered, teacher):
+        """Relation, attention-KL and hidden-state terms (online, uncompressed teachers: shared spans)."""
+        cfg = self.cfg.losses
+        if A.dim() != 3 or tkv.capture is None:
+            raise KvdistillError(f"relation / attention_kl / hidden losses need teacher '{teacher.name}' online and "
+                                 "uncompressed", "set those loss weights to 0 for cached or compressed teachers")
+        B = A.shape[0]
+        cap = tkv.capture
+        if cfg.relation > 0:
+            k_on_t = torch.einsum("bmt,bhtd->bhmd", A.float(), s.keys[i].float())  # student keys on teacher tokens
+            vals = [L.relation_loss(k_on_t[b : b + 1], tkv.keys[j][b : b + 1].float(), covered[b : b + 1])
+                    for b in range(B)]
+            terms["relation"] = terms.get("relation", 0) + w * torch.stack(vals)
+        if cfg.attention_kl > 0:
+            # teacher attention (M x M) moved onto the student grid: A^T P A, rows renormalised
+            vals = []
+            for b in range(B):
+                At = A[b].float()  # (M, T_s)
+                p_t = cap.attentions[j][b].float()  # (H_t, M, M)
+                p_on_s = torch.einsum("mt,hmn,nu->htu", At, p_t, At)  # (H_t, T_s, T_s)
+                p_on_s = p_on_s / p_on_s.sum(-1, keepdim=True).clamp(min=1e-9)
+                ms = (At.sum(0) > 0).long()[None]  # (1, T_s) student tokens covered by the teacher
+                vals.append(L.attention_kl(s.attentions[i][b : b + 1].float(), p_on_s[None], ms))
+            terms["attention_kl"] = terms.get("attention_kl", 0) + w * torch.stack(vals)
+        if cfg.hidden > 0:
+            h_s = self.hidden_proj[teacher.name](s.hidden_states[i + 1].float())  # (B, T_s, H_t)
+            h_pred = torch.einsum("bmt,bth->bmh", A.float(), h_s)  # (B, M, H_t)
+            h_t = cap.hidden_states[j + 1].float()
+            err = kv_error(h_pred[:, None], h_t[:, None], covered, normalize=True)
+            terms["hidden"] = terms.get("hidden", 0) + w * err
+
+    def _logit_kd(self, s, tkv: TeacherKV, mask):
+        t_logits = tkv.capture.logits
+        if t_logits.shape != s.logits.shape:
+            raise KvdistillError(f"student logits {tuple(s.logits.shape)} and teacher logits "
+                                 f"{tuple(t_logits.shape)} differ", "logit KD needs the same tokenizer")
+        T = self.cfg.losses.logit_kd.temperature
+        log_s = torch.log_softmax(s.logits.float() / T, -1)
+        log_t = torch.log_softmax(t_logits.float() / T, -1)
+        kl = (log_t.exp() * (log_t - log_s)).sum(-1) * T * T  # (B, T)
+        return sample_mean(kl, mask)
+
+    def _target_space_loss(self, s, mask_s, spans_s, tkvs: dict[int, TeacherKV], hidden_last):
+        """Fuse teacher K/V into the student's geometry with frozen maps; per-sample error to the student."""
+        kv = self.cfg.losses.kv
+        B = mask_s.shape[0]
+        L_s = self.student_geometry.num_layers
+        total = torch.zeros(B, device=mask_s.device)
+        weights = self.fusion_weights(hidden_last, mask_s, [], None) if self.cfg.fusion.kind != "similarity" else None
+        if weights is None:
+            weights = self.fixed[None].expand(B, -1)
+        self._last_weights = weights
+        count = 0
+        for i in range(L_s):
+            fused_k = fused_v = None
+            cover = torch.zeros_like(mask_s, dtype=torch.float)
+            for n, teacher in enumerate(self.teachers):
+                tkv = tkvs[n]
+                row = self.layer_maps[teacher.name][i]
+                if row.sum() == 0 or not tkv.shared_spans:
+                    continue
+                j_list = row.nonzero().flatten().tolist()
+                A = batch_token_alignment(spans_s, mask_s, tkv.spans[j_list[0]], tkv.mask[j_list[0]])  # (B,T_s,M)
+                k = sum(float(row[j]) * tkv.keys[j].float() for j in j_list)
+                v = sum(float(row[j]) * tkv.values[j].float() for j in j_list)
+                mapper = self.to_student[teacher.name]
+                k_on_s = mapper(torch.einsum("btm,bhmd->bhtd", A.float(), k), which="keys")  # (B, H_s, T_s, D_s)
+                v_on_s = mapper(torch.einsum("btm,bhmd->bhtd", A.float(), v), which="values")
+                wn = weights[:, n][:, None, None, None]
+                fused_k = wn * k_on_s if fused_k is None else fused_k + wn * k_on_s
+                fused_v = wn * v_on_s if fused_v is None else fused_v + wn * v_on_s
+                cover = torch.maximum(cover, (A.sum(-1) > 0).float())
+            if fused_k is None:
+                continue
+            m = cover * mask_s
+            total = total + kv.keys * kv_error(s.keys[i], fused_k, m, kind=kv.kind, normalize=kv.normalize)
+            total = total + kv.values * kv_error(s.values[i], fused_v, m, kind=kv.kind, normalize=kv.normalize)
+            count += 1
+        return kv.weight * total / max(count, 1)
+
+    # -------------------------------------------------------------------------------------- outside training
+    def plan(self) -> dict:
+        out = {"student": self.student_geometry.to_dict(), "teachers": []}
+        for tcfg, teacher in zip(self.cfg.teachers, self.teachers, strict=True):
+            p = alignment_plan(self.student_geometry, teacher.geometry, strategy=tcfg.layer_map.strategy,
+                               explicit=tcfg.layer_map.explicit, interpolate=tcfg.layer_map.interpolate,
+                               projector=tcfg.projector)
+            p["geometry"] = teacher.geometry.to_dict()
+            p["source"] = teacher.kind
+            out["teachers"].append(p)
+        return out
+
+    def alignment_sample(self, record: dict) -> dict:
+        """Tokens of the student and every teacher for one record, and their alignment (for the report)."""
+        from kvdistill.align.tokens import token_alignment
+
+        def toks(tokenizer):
+            enc = tokenizer(record["text"][:400], return_offsets_mapping=True, truncation=True, max_length=48)
+            return tokenizer.convert_ids_to_tokens(enc["input_ids"]), enc["offset_mapping"]
+
+        s_tok, s_spans = toks(self.tokenizer)
+        out = {"text": record["text"][:400], "student": {"tokens": s_tok}, "teachers": {}}
+        for teacher in self.teachers:
+            if getattr(teacher, "tokenizer", None) is None:
+                continue
+            t_tok, t_spans = toks(teacher.tokenizer)
+            A = token_alignment(torch.tensor(s_spans), torch.tensor(t_spans)).to_dense()
+            out["teachers"][teacher.name] = {"tokens": t_tok, "alignment": [[round(float(x), 4) for x in r] for r in A]}
+        return out
+
+    def save_student(self, out_dir) -> None:
+        save_student(self.student, self.tokenizer, str(out_dir))
+
+    @torch.no_grad()
+    def evaluate(self, records: list[dict], batch_size: int | None = None) -> dict:
+        from kvdistill.eval.metrics import evaluate_objective
+
+        was = self.training
+        self.eval()
+        try:
+            return evaluate_objective(self, records, batch_size or self.cfg.train.batch_size)
+        finally:
+            self.train(was)
+
+
+def build_teachers(cfg: RunConfig, device) -> list:
+    from kvdistill.models.load import load_model
+    from kvdistill.train.teachers import CachedTeacher, OnlineTeacher
+
+    teachers = []
+    on_gpu = torch.device(device).type == "cuda"
+    for tcfg in cfg.teachers:
+        if tcfg.source == "cache":
+            from kvdistill.cache import CacheReader
+
+            teachers.append(CachedTeacher(tcfg.name, CacheReader(tcfg.cache_dir)))
+            continue
+        dtype = tcfg.dtype if tcfg.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
+        model, tok = load_model(tcfg.model, dtype=dtype)
+        teachers.append(OnlineTeacher(tcfg.name, model, tok))
+    return teachers
+
+
+def build_objective(cfg: RunConfig, device="cpu", *, init_student: str | None = None) -> Objective:
+    student_cfg = cfg.student
+    if init_student is not None:
+        student_cfg = student_cfg.model_copy(update={"model": str(init_student), "from_config": None,
+                                                     "tokenizer": None})
+    student, tokenizer = build_student(student_cfg, seed=cfg.train.seed)
+    teachers = build_teachers(cfg, device)
+    torch.manual_seed(cfg.train.seed + 1)  # projector / router init independent of how the student was built
+    return Objective(cfg, student, tokenizer, teachers, device)

@@ -1,0 +1,255 @@
+"""The training loop: Accelerate for devices, DDP and mixed precision; checkpoints that resume exactly.
+
+Batching: optimizer step s consumes the samples stream[s·G : (s+1)·G] with G = batch_size · grad_accum ·
+world_size, where `stream` is a seeded permutation per epoch. Micro-batch m of rank r takes its own slice, so
+one process with batch 4 and two processes with batch 2 (or batch 1 × accumulation 4) see the same samples.
+Every loss is a mean over samples of per-sample means, so those runs give the same update.
+
+Checkpoints (`DIR/checkpoints/step-N/`): `student/` (Hugging Face format), `state/` (Accelerate: model with
+projectors and routers, optimizer, RNG), `scheduler.pt`, `trainer_state.json`. A checkpoint directory is written
+under a temporary name and renamed when complete, so a crash never leaves a half-written `step-N`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from kvdistill.config import RunConfig, dump_config
+from kvdistill.errors import KvdistillError
+
+
+class NonFiniteLoss(KvdistillError):
+    pass
+
+
+def sample_stream(num_records: int, seed: int, start: int, count: int) -> list[int]:
+    """Indices start..start+count of the endless stream of per-epoch seeded permutations of range(n)."""
+    out = []
+    pos = start
+    while len(out) < count:
+        epoch, offset = divmod(pos, num_records)
+        perm = torch.randperm(num_records, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        take = min(count - len(out), num_records - offset)
+        out.extend(perm[offset : offset + take].tolist())
+        pos += take
+    return out
+
+
+def micro_batch(records: list[dict], cfg: RunConfig, step: int, micro: int, rank: int, world: int) -> list[dict]:
+    b, accum = cfg.train.batch_size, cfg.train.grad_accum
+    per_step = b * accum * world
+    ids = sample_stream(len(records), cfg.data.seed, step * per_step, per_step)
+    lo = (micro * world + rank) * b
+    return [records[i] for i in ids[lo : lo + b]]
+
+
+def _param_groups(objective, cfg: RunConfig):
+    student, other = [], []
+    for name, p in objective.named_parameters():
+        if p.requires_grad:
+            (student if name.startswith("student.") else other).append(p)
+    groups = [{"params": student, "lr": cfg.train.lr, "name": "student"}]
+    if other:
+        groups.append({"params": other, "lr": cfg.train.projector_lr or cfg.train.lr, "name": "maps"})
+    return groups
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    ckpts = sorted((out_dir / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    ckpts = [c for c in ckpts if (c / "trainer_state.json").is_file() and not c.name.endswith(".tmp")]
+    return ckpts[-1] if ckpts else None
+
+
+class MetricsLog:
+    """metrics.jsonl (+ TensorBoard) on the main process."""
+
+    def __init__(self, out_dir: Path, enabled: bool, tensorboard: bool):
+        self.enabled = enabled
+        self.path = out_dir / "metrics.jsonl"
+        self.tb = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(out_dir / "tb"))
+            except ImportError:  # tensorboard not installed: JSONL only
+                self.tb = None
+
+    def write(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            prefix = "eval/" if row.get("split") == "eval" else "train/"
+            for key, value in row.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self.tb.add_scalar(prefix + key if not key.startswith("eval/") else key, value, row["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """On resume, drop lines logged after the checkpoint so the log matches an uninterrupted run."""
+    if not path.is_file():
+        return
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= step))
+
+
+def train(
+    cfg: RunConfig,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    stop_after: int | None = None,
+    init_student: str | None = None,
+    progress: bool = True,
+) -> dict:
+    """Run (or resume) training; returns the summary also written to DIR/summary.json.
+
+    `stop_after`: stop after this many optimizer steps as if interrupted (checkpoint written), for resumption.
+    `init_student`: start from this student directory instead of `cfg.student` (curriculum phases).
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+    from transformers import get_scheduler
+
+    from kvdistill.data import load_records
+    from kvdistill.train.objective import build_objective
+
+    out_dir = Path(out_dir)
+    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision,
+                              gradient_accumulation_steps=cfg.train.grad_accum)
+    main = accelerator.is_main_process
+    ckpt = latest_checkpoint(out_dir) if resume else None
+    if resume and ckpt is None:
+        raise KvdistillError(f"--resume: no complete checkpoint in {out_dir}/checkpoints",
+                             "start without --resume, or point --out at the run to continue")
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if not resume and (out_dir / "metrics.jsonl").exists():
+            raise KvdistillError(f"{out_dir} already holds a run (metrics.jsonl)",
+                                 "pass --resume to continue it, or choose another --out")
+        (out_dir / "config.yaml").write_text(dump_config(cfg))
+    set_seed(cfg.train.seed)
+    train_records = load_records(cfg.data, split="train")
+    eval_records = load_records(cfg.data, split="eval") if cfg.data.eval_size else []
+
+    objective = build_objective(cfg, device=accelerator.device, init_student=init_student)
+    if main:
+        (out_dir / "plan.json").write_text(json.dumps(objective.plan(), indent=1))
+        sample = objective.alignment_sample(train_records[0])
+        (out_dir / "alignment_sample.json").write_text(json.dumps(sample))
+    optimizer = torch.optim.AdamW(_param_groups(objective, cfg), weight_decay=cfg.train.weight_decay)
+    scheduler = get_scheduler(cfg.train.schedule, optimizer, num_warmup_steps=cfg.train.warmup_steps,
+                              num_training_steps=cfg.train.steps)
+    objective, optimizer = accelerator.prepare(objective, optimizer)
+    inner = accelerator.unwrap_model(objective)
+
+    start = 0
+    tokens_seen = 0
+    if ckpt is not None:
+        accelerator.load_state(str(ckpt / "state"))
+        scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+        start, tokens_seen = state["step"], state["tokens"]
+        if main:
+            _truncate_log(out_dir / "metrics.jsonl", start)
+    log = MetricsLog(out_dir, main, cfg.train.tensorboard)
+    last_good = ckpt
+
+    def save(step: int) -> Path:
+        nonlocal last_good
+        final = out_dir / "checkpoints" / f"step-{step}"
+        tmp = out_dir / "checkpoints" / f"step-{step}.tmp"
+        if main and tmp.exists():
+            shutil.rmtree(tmp)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp / "state"))
+        if main:
+            inner.save_student(tmp / "student")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            (tmp / "trainer_state.json").write_text(json.dumps(
+                {"step": step, "tokens": tokens_seen, "config_name": cfg.name}))
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+        accelerator.wait_for_everyone()
+        last_good = final
+        return final
+
+    world, rank = accelerator.num_processes, accelerator.process_index
+    bar = tqdm(total=cfg.train.steps, initial=start, disable=not (main and progress), desc=cfg.name,
+               dynamic_ncols=True)
+    t0 = time.time()
+    objective.train()
+    end = cfg.train.steps if stop_after is None else min(cfg.train.steps, stop_after)
+    for step in range(start, end):
+        sums: dict[str, float] = {}
+        step_t0 = time.time()
+        for micro in range(cfg.train.grad_accum):
+            records = micro_batch(train_records, cfg, step, micro, rank, world)
+            with accelerator.accumulate(objective):
+                loss, metrics = objective(records)
+                if not torch.isfinite(loss):
+                    bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
+                    where = f"{last_good}" if last_good else "none written yet"
+                    raise NonFiniteLoss(
+                        f"loss is {float(loss)} at step {step + 1}, micro-batch {micro} "
+                        f"(samples {[r['id'] for r in records]}); non-finite terms: {sorted(bad) or 'total'}",
+                        f"training stopped; last good checkpoint: {where}. Lower train.lr, enable "
+                        "train.max_grad_norm, or check those samples",
+                    )
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and cfg.train.max_grad_norm:
+                    metrics["grad_norm"] = float(accelerator.clip_grad_norm_(objective.parameters(),
+                                                                            cfg.train.max_grad_norm))
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + v
+        scheduler.step()
+        n = cfg.train.grad_accum
+        row = {k: (v if k in ("tokens", "grad_norm") else v / n) for k, v in sums.items()}
+        if world > 1:
+            stacked = accelerator.reduce(torch.tensor([row["loss"], row["tokens"]], device=accelerator.device),
+                                         reduction="sum")
+            row["loss"], row["tokens"] = float(stacked[0]) / world, float(stacked[1])
+        tokens_seen += int(row["tokens"])
+        elapsed = time.time() - t0
+        row.update(step=step + 1, lr=scheduler.get_last_lr()[0], tokens_per_s=row["tokens"] / (time.time() - step_t0),
+                   elapsed_s=elapsed)
+        if (step + 1) % cfg.train.log_every == 0 or step + 1 == end:
+            log.write(row)
+        bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
+        bar.update(1)
+        if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and eval_records:
+            log.write({"step": step + 1, "split": "eval", **inner.evaluate(eval_records)})
+        if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0 and step + 1 < end:
+            save(step + 1)
+    bar.close()
+    save(end)
+    summary = {"steps": end, "tokens": tokens_seen, "elapsed_s": time.time() - t0}
+    if end == cfg.train.steps:
+        if main:
+            inner.save_student(out_dir / "final" / "student")
+        if eval_records:
+            ev = inner.evaluate(eval_records)
+            summary.update(ev)
+            log.write({"step": end, "split": "eval", **ev})
+        if main:
+            (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    log.close()
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return summary
