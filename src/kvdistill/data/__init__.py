@@ -1,1 +1,6 @@
-"""kvdistill.data"""
+"""kvdistill.data: records from files (jsonl/csv/parquet/text) or generated GSM-Symbolic problems."""
+
+from kvdistill.data.gsm import gsm_symbolic_records
+from kvdistill.data.records import batches, collate_records, load_records, render_template
+
+__all__ = ["batches", "collate_records", "gsm_symbolic_records", "load_records", "render_template"]

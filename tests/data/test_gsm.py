@@ -1,0 +1,45 @@
+"""GSM-Symbolic generation: real reasoning_gym problems, chain of thought kept, train and eval disjoint."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvdistill.config import DataConfig
+from kvdistill.data import gsm_symbolic_records, load_records
+from kvdistill.eval.answers import exact_match, extract_answer
+
+pytest.importorskip("reasoning_gym")
+
+
+def test_records_non_empty_with_cot_and_answer_offset():
+    records = gsm_symbolic_records(8, seed=0)
+    assert len(records) == 8 and len({r["id"] for r in records}) == 8
+    for r in records:
+        assert r["question"] and r["answer"] and r["cot"]
+        assert "####" not in r["cot"]  # GSM8K's final-answer line is dropped from the reasoning
+        assert r["text"] == f"Question: {r['question']}\nReasoning: {r['cot']}\nAnswer: {r['answer']}"
+        assert r["text"][r["answer_start"]:] == r["answer"]
+        assert exact_match(extract_answer(r["text"]), r["answer"])
+        assert float(r["answer"].replace(",", "")) == float(r["answer"].replace(",", ""))  # numeric gold
+
+
+def test_prefix_stable_and_seeded():
+    assert gsm_symbolic_records(8, seed=0) == gsm_symbolic_records(12, seed=0)[:8]
+    assert [r["question"] for r in gsm_symbolic_records(4, seed=0)] != \
+        [r["question"] for r in gsm_symbolic_records(4, seed=5)]
+
+
+def test_template_without_cot():
+    records = gsm_symbolic_records(3, seed=1, template="Q: {question}\nA: {answer}")
+    for r in records:
+        assert r["text"] == f"Q: {r['question']}\nA: {r['answer']}" and r["text"][r["answer_start"]:] == r["answer"]
+
+
+def test_load_records_split_disjoint_and_eval_independent_of_size():
+    config = DataConfig(source="gsm_symbolic", size=24, eval_size=6, seed=2)
+    train, evals = load_records(config, "train"), load_records(config, "eval")
+    assert len(train) == 18 and len(evals) == 6
+    assert {r["id"] for r in train}.isdisjoint(r["id"] for r in evals)
+    assert {r["question"] for r in train}.isdisjoint(r["question"] for r in evals)
+    bigger = DataConfig(source="gsm_symbolic", size=40, eval_size=6, seed=2)
+    assert load_records(bigger, "eval") == evals

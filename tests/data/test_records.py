@@ -1,0 +1,197 @@
+"""Records from real files (jsonl/csv/parquet/text): field mapping, template offsets, split, and clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kvdistill.config import DataConfig
+from kvdistill.data import batches, collate_records, load_records, render_template
+from kvdistill.errors import KvdistillError
+
+QA = [{"question": f"What is {i} + {i}?", "cot": f"{i} + {i} = {2 * i}" if i % 3 else None, "answer": 2 * i}
+      for i in range(20)]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def cfg(path, source="jsonl", **kw):
+    return DataConfig(source=source, path=str(path), eval_size=kw.pop("eval_size", 4), **kw)
+
+
+def both(config):
+    return load_records(config, "train"), load_records(config, "eval")
+
+
+# ---------------------------------------------------------------------------------------------- template
+def test_render_template_offsets_and_skipped_cot():
+    text, start = render_template("Q: {question}\nR: {cot}\nA: {answer}", "1+1?", None, "2")
+    assert text == "Q: 1+1?\nA: 2" and start == len("Q: 1+1?\nA: ")
+    text, start = render_template("Q: {question}\nR: {cot}\nA: {answer}", "x {answer} y", "because", "2")
+    assert text == "Q: x {answer} y\nR: because\nA: 2" and text[start:] == "2"
+    # {cot} sharing a line with other placeholders: only the placeholder goes
+    text, start = render_template("{question} {cot} => {answer}", "q", None, "7")
+    assert text == "q  => 7" and start == 6
+    text, start = render_template("{question}", "q", "c", "a")
+    assert (text, start) == ("q", None)
+
+
+def test_unknown_placeholder_suggests(tmp_path):
+    path = write_jsonl(tmp_path / "qa.jsonl", QA)
+    with pytest.raises(KvdistillError, match=r"\{qestion\}.*did you mean '\{question\}'"):
+        load_records(cfg(path, template="Q: {qestion} A: {answer}"))
+
+
+# ---------------------------------------------------------------------------------------------- sources
+def test_jsonl_template_mode(tmp_path):
+    path = write_jsonl(tmp_path / "qa.jsonl", QA)
+    train, evals = both(cfg(path))
+    assert len(train) == 16 and len(evals) == 4
+    for r in train + evals:
+        assert r["text"][r["answer_start"]:] == r["answer"]
+        assert r["text"].startswith(f"Question: {r['question']}\n")
+        i = int(r["id"].split(":")[1])
+        assert r["answer"] == str(2 * i) and r["cot"] == QA[i]["cot"]
+        assert ("Reasoning:" in r["text"]) == (QA[i]["cot"] is not None)
+    assert {r["id"] for r in train}.isdisjoint(r["id"] for r in evals)
+    assert {r["id"] for r in train + evals} == {f"qa.jsonl:{i}" for i in range(20)}
+
+
+def test_csv_field_mapping_and_id_column(tmp_path):
+    path = tmp_path / "data.csv"
+    lines = ["uid,prompt,solution,final"] + [f"r{i},How many {i}?,count to {i},{i}" for i in range(10)]
+    path.write_text("\n".join(lines) + "\n")
+    config = cfg(path, "csv", question_field="prompt", cot_field="solution", answer_field="final", eval_size=2,
+                 template="{question}\n{cot}\n=> {answer}")
+    train, evals = both(config)
+    r = evals[0]
+    i = int(r["answer"])
+    assert r["text"] == f"How many {i}?\ncount to {i}\n=> {i}" and r["text"][r["answer_start"]:] == str(i)
+    assert r["id"] == f"data.csv:{i}"  # no 'id' column: file name and row
+    write_jsonl(tmp_path / "ids.jsonl", [{"id": f"doc-{i}", **q} for i, q in enumerate(QA)])
+    assert {r["id"] for r in both(cfg(tmp_path / "ids.jsonl"))[0]} <= {f"doc-{i}" for i in range(20)}
+
+
+def test_parquet_text_field(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    path = tmp_path / "docs.parquet"
+    datasets.Dataset.from_list([{"body": f"document number {i}", "n": i} for i in range(12)]).to_parquet(str(path))
+    train, evals = both(cfg(path, "parquet", text_field="body", eval_size=3))
+    assert len(train) == 9 and len(evals) == 3
+    assert sorted(r["text"] for r in train + evals) == sorted(f"document number {i}" for i in range(12))
+    assert all(r["answer_start"] is None and r["question"] is None for r in train)
+
+
+def test_text_mode_locates_answer(tmp_path):
+    rows = [{"text": f"The sum is {i * 7}. Final: {i * 7}", "answer": i * 7} for i in range(1, 9)]
+    train, _ = both(cfg(write_jsonl(tmp_path / "t.jsonl", rows), eval_size=2))
+    for r in train:
+        assert r["text"][r["answer_start"]:] == r["answer"]  # the last occurrence
+        assert r["answer_start"] == r["text"].rindex("Final: ") + len("Final: ")
+
+
+def test_text_file_one_record_per_line(tmp_path):
+    path = tmp_path / "lines.txt"
+    path.write_text("first line\n\nsecond line\nthird line\n   \nfourth line\n")
+    train, evals = both(cfg(path, "text", eval_size=1))
+    got = {r["id"]: r["text"] for r in train + evals}
+    assert got == {"lines.txt:1": "first line", "lines.txt:3": "second line", "lines.txt:4": "third line",
+                   "lines.txt:6": "fourth line"}
+
+
+def test_size_caps_and_eval_split_stable(tmp_path):
+    path = write_jsonl(tmp_path / "qa.jsonl", QA)
+    full_train, full_eval = both(cfg(path))
+    capped_train, capped_eval = both(cfg(path, size=10))
+    assert [r["id"] for r in capped_eval] == [r["id"] for r in full_eval]
+    assert len(capped_train) == 6 and {r["id"] for r in capped_train} <= {r["id"] for r in full_train}
+    assert both(cfg(path)) == (full_train, full_eval)  # deterministic
+    other_train, other_eval = both(cfg(path, seed=1))
+    assert [r["id"] for r in other_eval] != [r["id"] for r in full_eval]
+    assert {r["id"] for r in other_train}.isdisjoint(r["id"] for r in other_eval)
+    assert load_records(cfg(path, eval_size=0), "eval") == []
+
+
+# ---------------------------------------------------------------------------------------------- errors
+def test_missing_path(tmp_path):
+    with pytest.raises(KvdistillError, match="does not exist") as info:
+        load_records(cfg(tmp_path / "nope.jsonl"))
+    assert "nope.jsonl" in str(info.value) and info.value.fix
+
+
+def test_typo_field_suggests_nearest_column(tmp_path):
+    path = write_jsonl(tmp_path / "qa.jsonl", QA)
+    with pytest.raises(KvdistillError) as info:
+        load_records(cfg(path, question_field="questoin"))
+    msg = str(info.value)
+    assert "data.question_field = 'questoin'" in msg and "did you mean 'question'" in msg
+    assert "columns: question, cot, answer" in msg
+    with pytest.raises(KvdistillError, match="data.text_field = 'txt'.*columns: question, cot, answer"):
+        load_records(cfg(path, text_field="txt"))
+    with pytest.raises(KvdistillError, match="data.cot_field = 'reasoning'"):
+        load_records(cfg(path, cot_field="reasoning"))
+
+
+def test_neither_text_nor_question_column(tmp_path):
+    path = write_jsonl(tmp_path / "x.jsonl", [{"a": 1, "b": 2}] * 8)
+    with pytest.raises(KvdistillError, match=r"neither a 'text' column.*nor a 'question' column.*columns: a, b"):
+        load_records(cfg(path))
+
+
+@pytest.mark.parametrize("source,name,content", [("jsonl", "e.jsonl", ""), ("jsonl", "w.jsonl", "\n \n"),
+                                                  ("csv", "h.csv", "question,answer\n"), ("text", "b.txt", "\n\n")])
+def test_empty_file(tmp_path, source, name, content):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(KvdistillError, match="holds no records"):
+        load_records(cfg(path, source))
+
+
+def test_blank_text_names_row_and_id(tmp_path):
+    rows = [{"id": f"doc-{i}", "text": "   " if i == 5 else f"text {i}"} for i in range(8)]
+    with pytest.raises(KvdistillError, match=r"row 5 \(id 'doc-5'\): text is empty"):
+        load_records(cfg(write_jsonl(tmp_path / "t.jsonl", rows)))
+    rows = [{"question": "q", "answer": "" if i == 2 else "a"} for i in range(8)]
+    with pytest.raises(KvdistillError, match=r"row 2 \(id 'qa.jsonl:2'\): answer \(data.answer_field\) is empty"):
+        load_records(cfg(write_jsonl(tmp_path / "qa.jsonl", rows)))
+
+
+def test_too_few_records_for_eval_size(tmp_path):
+    path = write_jsonl(tmp_path / "qa.jsonl", QA[:5])
+    with pytest.raises(KvdistillError, match="eval_size = 5 but .* only 5 records: none are left for training"):
+        load_records(cfg(path, eval_size=5), "train")
+    assert len(load_records(cfg(path, eval_size=5), "eval")) == 5
+    with pytest.raises(KvdistillError, match="eval_size = 8 but .* only 5 records"):
+        load_records(cfg(path, eval_size=8), "eval")
+
+
+def test_wrong_format_and_duplicate_ids(tmp_path):
+    path = tmp_path / "really.csv"
+    path.write_text("question,answer\nq,1\n")
+    with pytest.raises(KvdistillError, match="could not read .* as jsonl") as info:
+        load_records(cfg(path, "jsonl"))
+    assert "data.source" in info.value.fix
+    dup = write_jsonl(tmp_path / "dup.jsonl", [{"id": "a", "text": "x"}, {"id": "a", "text": "y"}, {"id": "b", "text": "z"}])
+    with pytest.raises(KvdistillError, match=r"ids \['a'\] occur more than once"):
+        load_records(cfg(dup, eval_size=1))
+    with pytest.raises(KvdistillError, match="split 'test'"):
+        load_records(cfg(dup), "test")
+
+
+# ---------------------------------------------------------------------------------------------- batches
+def test_batches_deterministic_per_epoch():
+    records = [{"id": str(i)} for i in range(10)]
+    epoch0 = list(batches(records, 4, seed=3, epoch=0))
+    assert [len(b) for b in epoch0] == [4, 4, 2]
+    assert epoch0 == list(batches(records, 4, seed=3, epoch=0))
+    assert sorted(r["id"] for b in epoch0 for r in b) == sorted(r["id"] for r in records)
+    assert epoch0 != list(batches(records, 4, seed=3, epoch=1))
+    assert epoch0 != list(batches(records, 4, seed=4, epoch=0))
+    assert [len(b) for b in batches(records, 4, drop_last=True)] == [4, 4]
+    assert collate_records(tuple(epoch0[0])) == epoch0[0]
+    with pytest.raises(KvdistillError, match=r"batch_size \(0\)"):
+        next(batches(records, 0))
