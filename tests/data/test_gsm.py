@@ -6,7 +6,7 @@ import pytest
 
 from kvdistill.config import DataConfig
 from kvdistill.data import gsm_symbolic_records, load_records
-from kvdistill.eval.answers import exact_match, extract_answer
+from kvdistill.eval.answers import exact_match, extract_answer, normalize_number
 
 pytest.importorskip("reasoning_gym")
 
@@ -20,7 +20,7 @@ def test_records_non_empty_with_cot_and_answer_offset():
         assert r["text"] == f"Question: {r['question']}\nReasoning: {r['cot']}\nAnswer: {r['answer']}"
         assert r["text"][r["answer_start"]:] == r["answer"]
         assert exact_match(extract_answer(r["text"]), r["answer"])
-        assert float(r["answer"].replace(",", "")) == float(r["answer"].replace(",", ""))  # numeric gold
+        assert normalize_number(r["answer"]) == r["answer"]  # numeric gold, already in canonical form
 
 
 def test_prefix_stable_and_seeded():

@@ -6,7 +6,8 @@ solution ending in a GSM8K-style `#### <answer>` line; that line is dropped and 
 Item i of a reasoning_gym dataset is drawn from `Random(seed + i)`, so datasets built with neighbouring seeds share
 problems. Train and eval therefore come from one dataset (one seed), split by position, never from two seeds;
 repeated questions are dropped so the two splits cannot share a problem. Generation is prefix-stable: the first k
-problems are the same whatever `size` is. 256 problems take about 20 ms (plus ~2 s to import reasoning_gym once).
+problems are the same whatever `size` is. 256 problems take about 0.15 s (4096: 0.2 s), after ~1.3 s to import
+reasoning_gym once.
 """
 
 from __future__ import annotations
