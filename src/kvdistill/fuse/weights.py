@@ -115,11 +115,11 @@ def similarity_weights(query: torch.Tensor, prototypes: torch.Tensor, metric: st
     """
     if query.dim() != 2:
         raise KvdistillError(f"query {tuple(query.shape)} must have 2 dims (B, F)", "pool the sequence first")
-    if prototypes.dim() == 2:
-        prototypes = prototypes[:, None]  # (N, 1, F)
-    if prototypes.dim() != 3 or prototypes.shape[-1] != query.shape[-1]:
+    if prototypes.dim() not in (2, 3) or prototypes.shape[-1] != query.shape[-1]:
         raise KvdistillError(f"prototypes {tuple(prototypes.shape)} do not match query {tuple(query.shape)}",
                              "pass prototypes as (N, F) or (N, K, F) with the query's width F")
+    if prototypes.dim() == 2:
+        prototypes = prototypes[:, None]  # (N, 1, F)
     if not temperature > 0:
         raise KvdistillError(f"temperature ({temperature}) must be > 0", "use e.g. temperature=1.0")
     q = query.float()[:, None, None, :]  # (B, 1, 1, F)
