@@ -148,6 +148,11 @@ def test_relation_loss_mask_invariance():
     s2[0, :, 3:] = 100 * _rand(3, 2, 4)
     t2[1, :, 4] = 0.0
     assert L.relation_loss(s2, t2, mask).item() == pytest.approx(base.item(), rel=1e-6)
+    s3 = s.clone()
+    s3[1, :, 4] = 0.0  # zero vectors (padding) keep the gradient finite
+    s3.requires_grad_()
+    L.relation_loss(s3, t, mask).backward()
+    assert torch.isfinite(s3.grad).all()
 
 
 # ---------------------------------------------------------------------------------------------- CE
