@@ -18,21 +18,25 @@ def test_records_non_empty_with_cot_and_answer_offset():
         assert r["question"] and r["answer"] and r["cot"]
         assert "####" not in r["cot"]  # GSM8K's final-answer line is dropped from the reasoning
         assert r["text"] == f"Question: {r['question']}\nReasoning: {r['cot']}\nAnswer: {r['answer']}"
-        assert r["text"][r["answer_start"]:] == r["answer"]
+        assert r["text"][r["answer_start"] :] == r["answer"]
         assert exact_match(extract_answer(r["text"]), r["answer"])
         assert normalize_number(r["answer"]) == r["answer"]  # numeric gold, already in canonical form
 
 
 def test_prefix_stable_and_seeded():
     assert gsm_symbolic_records(8, seed=0) == gsm_symbolic_records(12, seed=0)[:8]
-    assert [r["question"] for r in gsm_symbolic_records(4, seed=0)] != \
-        [r["question"] for r in gsm_symbolic_records(4, seed=5)]
+    assert [r["question"] for r in gsm_symbolic_records(4, seed=0)] != [
+        r["question"] for r in gsm_symbolic_records(4, seed=5)
+    ]
 
 
 def test_template_without_cot():
     records = gsm_symbolic_records(3, seed=1, template="Q: {question}\nA: {answer}")
     for r in records:
-        assert r["text"] == f"Q: {r['question']}\nA: {r['answer']}" and r["text"][r["answer_start"]:] == r["answer"]
+        assert (
+            r["text"] == f"Q: {r['question']}\nA: {r['answer']}"
+            and r["text"][r["answer_start"] :] == r["answer"]
+        )
 
 
 def test_load_records_split_disjoint_and_eval_independent_of_size():

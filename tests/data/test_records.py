@@ -1,4 +1,4 @@
-"""Records from real files (jsonl/csv/parquet/text): field mapping, template offsets, split, and clear errors."""
+"""Records from real files (jsonl/csv/parquet/text): field mapping, template offsets, split, clear errors."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ from kvdistill.config import DataConfig
 from kvdistill.data import batches, collate_records, load_records, render_template
 from kvdistill.errors import KvdistillError
 
-QA = [{"question": f"What is {i} + {i}?", "cot": f"{i} + {i} = {2 * i}" if i % 3 else None, "answer": 2 * i}
-      for i in range(20)]
+QA = [
+    {"question": f"What is {i} + {i}?", "cot": f"{i} + {i} = {2 * i}" if i % 3 else None, "answer": 2 * i}
+    for i in range(20)
+]
 
 
 def write_jsonl(path, rows):
@@ -52,7 +54,7 @@ def test_jsonl_template_mode(tmp_path):
     train, evals = both(cfg(path))
     assert len(train) == 16 and len(evals) == 4
     for r in train + evals:
-        assert r["text"][r["answer_start"]:] == r["answer"]
+        assert r["text"][r["answer_start"] :] == r["answer"]
         assert r["text"].startswith(f"Question: {r['question']}\n")
         i = int(r["id"].split(":")[1])
         assert r["answer"] == str(2 * i) and r["cot"] == QA[i]["cot"]
@@ -65,12 +67,19 @@ def test_csv_field_mapping_and_id_column(tmp_path):
     path = tmp_path / "data.csv"
     lines = ["uid,prompt,solution,final"] + [f"r{i},How many {i}?,count to {i},{i}" for i in range(10)]
     path.write_text("\n".join(lines) + "\n")
-    config = cfg(path, "csv", question_field="prompt", cot_field="solution", answer_field="final", eval_size=2,
-                 template="{question}\n{cot}\n=> {answer}")
+    config = cfg(
+        path,
+        "csv",
+        question_field="prompt",
+        cot_field="solution",
+        answer_field="final",
+        eval_size=2,
+        template="{question}\n{cot}\n=> {answer}",
+    )
     train, evals = both(config)
     r = evals[0]
     i = int(r["answer"])
-    assert r["text"] == f"How many {i}?\ncount to {i}\n=> {i}" and r["text"][r["answer_start"]:] == str(i)
+    assert r["text"] == f"How many {i}?\ncount to {i}\n=> {i}" and r["text"][r["answer_start"] :] == str(i)
     assert r["id"] == f"data.csv:{i}"  # no 'id' column: file name and row
     write_jsonl(tmp_path / "ids.jsonl", [{"id": f"doc-{i}", **q} for i, q in enumerate(QA)])
     assert {r["id"] for r in both(cfg(tmp_path / "ids.jsonl"))[0]} <= {f"doc-{i}" for i in range(20)}
@@ -79,7 +88,9 @@ def test_csv_field_mapping_and_id_column(tmp_path):
 def test_parquet_text_field(tmp_path):
     datasets = pytest.importorskip("datasets")
     path = tmp_path / "docs.parquet"
-    datasets.Dataset.from_list([{"body": f"document number {i}", "n": i} for i in range(12)]).to_parquet(str(path))
+    datasets.Dataset.from_list([{"body": f"document number {i}", "n": i} for i in range(12)]).to_parquet(
+        str(path)
+    )
     train, evals = both(cfg(path, "parquet", text_field="body", eval_size=3))
     assert len(train) == 9 and len(evals) == 3
     assert sorted(r["text"] for r in train + evals) == sorted(f"document number {i}" for i in range(12))
@@ -90,7 +101,7 @@ def test_text_mode_locates_answer(tmp_path):
     rows = [{"text": f"The sum is {i * 7}. Final: {i * 7}", "answer": i * 7} for i in range(1, 9)]
     train, _ = both(cfg(write_jsonl(tmp_path / "t.jsonl", rows), eval_size=2))
     for r in train:
-        assert r["text"][r["answer_start"]:] == r["answer"]  # the last occurrence
+        assert r["text"][r["answer_start"] :] == r["answer"]  # the last occurrence
         assert r["answer_start"] == r["text"].rindex("Final: ") + len("Final: ")
 
 
@@ -99,8 +110,12 @@ def test_text_file_one_record_per_line(tmp_path):
     path.write_text("first line\n\nsecond line\nthird line\n   \nfourth line\n")
     train, evals = both(cfg(path, "text", eval_size=1))
     got = {r["id"]: r["text"] for r in train + evals}
-    assert got == {"lines.txt:1": "first line", "lines.txt:3": "second line", "lines.txt:4": "third line",
-                   "lines.txt:6": "fourth line"}
+    assert got == {
+        "lines.txt:1": "first line",
+        "lines.txt:3": "second line",
+        "lines.txt:4": "third line",
+        "lines.txt:6": "fourth line",
+    }
 
 
 def test_size_caps_and_eval_split_stable(tmp_path):
@@ -138,12 +153,21 @@ def test_typo_field_suggests_nearest_column(tmp_path):
 
 def test_neither_text_nor_question_column(tmp_path):
     path = write_jsonl(tmp_path / "x.jsonl", [{"a": 1, "b": 2}] * 8)
-    with pytest.raises(KvdistillError, match=r"neither a 'text' column.*nor a 'question' column.*columns: a, b"):
+    with pytest.raises(
+        KvdistillError, match=r"neither a 'text' column.*nor a 'question' column.*columns: a, b"
+    ):
         load_records(cfg(path))
 
 
-@pytest.mark.parametrize("source,name,content", [("jsonl", "e.jsonl", ""), ("jsonl", "w.jsonl", "\n \n"),
-                                                  ("csv", "h.csv", "question,answer\n"), ("text", "b.txt", "\n\n")])
+@pytest.mark.parametrize(
+    "source,name,content",
+    [
+        ("jsonl", "e.jsonl", ""),
+        ("jsonl", "w.jsonl", "\n \n"),
+        ("csv", "h.csv", "question,answer\n"),
+        ("text", "b.txt", "\n\n"),
+    ],
+)
 def test_empty_file(tmp_path, source, name, content):
     path = tmp_path / name
     path.write_text(content)
@@ -156,13 +180,17 @@ def test_blank_text_names_row_and_id(tmp_path):
     with pytest.raises(KvdistillError, match=r"row 5 \(id 'doc-5'\): text is empty"):
         load_records(cfg(write_jsonl(tmp_path / "t.jsonl", rows)))
     rows = [{"question": "q", "answer": "" if i == 2 else "a"} for i in range(8)]
-    with pytest.raises(KvdistillError, match=r"row 2 \(id 'qa.jsonl:2'\): answer \(data.answer_field\) is empty"):
+    with pytest.raises(
+        KvdistillError, match=r"row 2 \(id 'qa.jsonl:2'\): answer \(data.answer_field\) is empty"
+    ):
         load_records(cfg(write_jsonl(tmp_path / "qa.jsonl", rows)))
 
 
 def test_too_few_records_for_eval_size(tmp_path):
     path = write_jsonl(tmp_path / "qa.jsonl", QA[:5])
-    with pytest.raises(KvdistillError, match="eval_size = 5 but .* only 5 records: none are left for training"):
+    with pytest.raises(
+        KvdistillError, match="eval_size = 5 but .* only 5 records: none are left for training"
+    ):
         load_records(cfg(path, eval_size=5), "train")
     assert len(load_records(cfg(path, eval_size=5), "eval")) == 5
     with pytest.raises(KvdistillError, match="eval_size = 8 but .* only 5 records"):
@@ -175,7 +203,9 @@ def test_wrong_format_and_duplicate_ids(tmp_path):
     with pytest.raises(KvdistillError, match="could not read .* as jsonl") as info:
         load_records(cfg(path, "jsonl"))
     assert "data.source" in info.value.fix
-    dup = write_jsonl(tmp_path / "dup.jsonl", [{"id": "a", "text": "x"}, {"id": "a", "text": "y"}, {"id": "b", "text": "z"}])
+    dup = write_jsonl(
+        tmp_path / "dup.jsonl", [{"id": "a", "text": "x"}, {"id": "a", "text": "y"}, {"id": "b", "text": "z"}]
+    )
     with pytest.raises(KvdistillError, match=r"ids \['a'\] occur more than once"):
         load_records(cfg(dup, eval_size=1))
     with pytest.raises(KvdistillError, match="split 'test'"):

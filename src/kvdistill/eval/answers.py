@@ -1,7 +1,8 @@
 """Final answers out of generated text, and exact match that treats numbers as numbers.
 
-`extract_answer` looks for an explicit final-answer marker (`Answer:`, GSM8K's `####`, LaTeX `\\boxed{}`); after it,
-the first number if there is one, else the rest of that line. Without a marker it takes the last number in the text.
+`extract_answer` looks for an explicit final-answer marker (`Answer:`, GSM8K's `####`, LaTeX `\\boxed{}`);
+after it, the first number if there is one, else the rest of that line. Without a marker it takes the last
+number in the text.
 Numbers are normalised: `$1,234.50` -> `1234.5`, `42.0` -> `42`, `30%` -> `30`.
 """
 
@@ -31,7 +32,7 @@ def normalize_number(text: str) -> str | None:
 
 
 def normalize_answer(text: str) -> str:
-    """A number in canonical form, anything else with whitespace collapsed and a trailing full stop dropped."""
+    """A number in canonical form; other text with whitespace collapsed and a trailing full stop dropped."""
     number = normalize_number(text)
     if number is not None:
         return number
@@ -55,7 +56,7 @@ def extract_answer(generated: str | None) -> str | None:
         return normalize_answer(boxed[-1]) or None
     marker = _MARKER.search(generated)
     if marker:
-        tail = generated[marker.end():].strip()
+        tail = generated[marker.end() :].strip()
         line = tail.split("\n", 1)[0].strip() if tail else ""
         numbers = _numbers(line)
         if numbers:
