@@ -1,0 +1,209 @@
+"""Token alignment between two tokenizations of the same text, from their character offset mappings.
+
+Notation:
+    B    batch
+    T_s  student tokens (rows of an alignment)
+    T_t  teacher tokens (columns of an alignment)
+    H    heads, D head dim (of the teacher tensor being resampled)
+
+A span is a character interval [start, end) of the text, as a fast tokenizer's `offset_mapping` gives it.
+Entry (i, j) of an alignment is the IoU of student span i and teacher span j,
+|overlap| / |union| of the two intervals, and each row is then normalised to sum to 1. A row with no
+overlap at all (a special token with an empty span start == end such as BOS/EOS/CLS/pad, or a token cut
+away from the other side by truncation) is all zero. Empty spans never overlap anything.
+
+Spans need not be sorted or disjoint: byte-level BPE gives several tokens the same or overlapping spans on
+emoji and CJK, and truncation or post-processing can leave them out of order. The overlaps are found by a
+sweep over the teacher spans sorted by start (searchsorted on the starts and on the running max of the
+ends), so the cost is O((T_s + T_t) log T_t + nnz) for tokenizer spans, never a dense T_s x T_t pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from kvdistill.errors import KvdistillError
+
+__all__ = ["token_alignment", "batch_token_alignment", "align_to_student"]
+
+SpansLike = torch.Tensor | Sequence[Sequence[int]]
+
+
+# ------------------------------------------------------------------------------------------ validation
+def _as_spans(spans: SpansLike, name: str, batched: bool = False) -> torch.Tensor:
+    """Spans as an int64 tensor, (T, 2) or (B, T, 2) when `batched`; raises on bad shapes or values."""
+    want = "(B, T, 2)" if batched else "(T, 2)"
+    try:
+        tensor = torch.as_tensor(spans)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise KvdistillError(
+            f"{name} could not be read as a {want} tensor of character offsets: {err}",
+            "pass a tensor or a nested list of [start, end) integer pairs (a tokenizer's offset_mapping)",
+        ) from None
+    if tensor.numel() == 0 and not batched and tensor.dim() <= 1:
+        tensor = tensor.reshape(0, 2)  # an empty list means no tokens
+    if tensor.dim() != (3 if batched else 2) or tensor.shape[-1] != 2:
+        raise KvdistillError(
+            f"{name} has shape {tuple(tensor.shape)}, expected {want} [start, end) character offsets",
+            "pass one text's offset_mapping (T, 2)" if not batched
+            else "pass the batch's offset_mapping (B, T, 2) from a tokenizer called with return_offsets_mapping=True",
+        )
+    if tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
+        if tensor.is_floating_point() and bool((tensor == tensor.round()).all()):
+            tensor = tensor.long()
+        else:
+            raise KvdistillError(
+                f"{name} has dtype {tensor.dtype} with non-integer values, expected integer character offsets",
+                "pass the tokenizer's offset_mapping unchanged (integers)",
+            )
+    tensor = tensor.long()
+    if tensor.numel() == 0:
+        return tensor
+    negative = (tensor < 0).any(dim=-1)  # (..., T)
+    if bool(negative.any()):
+        at = tuple(int(i) for i in negative.nonzero()[0])
+        raise KvdistillError(
+            f"{name}[{', '.join(map(str, at))}] = {tensor[at].tolist()} is negative; offsets must be >= 0",
+            "pass character offsets into the text (a tokenizer's offset_mapping), not ids or -1 padding",
+        )
+    reversed_ = tensor[..., 0] > tensor[..., 1]  # (..., T)
+    if bool(reversed_.any()):
+        at = tuple(int(i) for i in reversed_.nonzero()[0])
+        start, end = tensor[at].tolist()
+        raise KvdistillError(
+            f"{name}[{', '.join(map(str, at))}] = [{start}, {end}] has start {start} > end {end}",
+            "spans are [start, end) with start <= end; an empty span (start == end) marks a special token",
+        )
+    return tensor
+
+
+def _as_mask(mask, name: str, shape: tuple[int, int], spans_name: str, device) -> torch.Tensor:
+    """A (B, T) mask as bool on `device`; raises if it does not match its spans' (B, T)."""
+    mask = torch.as_tensor(mask, device=device)
+    if tuple(mask.shape) != shape:
+        raise KvdistillError(
+            f"{name} has shape {tuple(mask.shape)} but {spans_name} has (B, T) = {shape}",
+            f"pass the attention mask of the same batch as {spans_name}",
+        )
+    return mask != 0
+
+
+# ------------------------------------------------------------------------------------------ the sweep
+def _overlaps(student: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every overlapping (student, teacher) pair and its IoU.
+
+    student (T_s, 2), teacher (T_t, 2) int64 -> rows (nnz,), cols (nnz,) int64, iou (nnz,) float64.
+    Rows come out ascending; empty spans take part in no pair.
+    """
+    device = student.device
+    none = torch.zeros(0, dtype=torch.long, device=device)
+    t_keep = (teacher[:, 1] > teacher[:, 0]).nonzero().flatten()  # (T_t',) non-empty teacher spans
+    if t_keep.numel() == 0 or student.shape[0] == 0:
+        return none, none, torch.zeros(0, dtype=torch.float64, device=device)
+    t_start, order = teacher[t_keep, 0].sort(stable=True)  # (T_t',) ascending starts
+    t_index = t_keep[order]  # (T_t',) original teacher index of each sorted span
+    t_end = teacher[t_index, 1]  # (T_t',)
+    t_reach = t_end.cummax(dim=0).values  # (T_t',) running max of the ends: non-decreasing
+
+    s_start, s_end = student[:, 0].contiguous(), student[:, 1].contiguous()  # (T_s,)
+    # Teacher j overlaps student i iff t_start[j] < s_end[i] and t_end[j] > s_start[i].
+    hi = torch.searchsorted(t_start, s_end, side="left")  # (T_s,) sorted spans [0, hi) start before s_end
+    lo = torch.searchsorted(t_reach, s_start, side="right")  # (T_s,) spans before lo all end <= s_start
+    count = (hi - lo).clamp(min=0) * (s_end > s_start)  # (T_s,) candidates per student span
+    rows = torch.repeat_interleave(torch.arange(student.shape[0], device=device), count)  # (n_cand,)
+    first = torch.cumsum(count, 0) - count  # (T_s,) where each row's candidates begin
+    sorted_j = lo[rows] + torch.arange(rows.numel(), device=device) - first[rows]  # (n_cand,)
+    # [lo, hi) is a superset: a span nested inside an earlier, longer one can still end before s_start.
+    a0, a1 = s_start[rows], s_end[rows]  # (n_cand,)
+    b0, b1 = t_start[sorted_j], t_end[sorted_j]  # (n_cand,)
+    inter = torch.minimum(a1, b1) - torch.maximum(a0, b0)  # (n_cand,)
+    hit = inter > 0
+    rows, sorted_j, inter = rows[hit], sorted_j[hit], inter[hit]  # (nnz,)
+    union = (a1 - a0)[hit] + (b1 - b0)[hit] - inter  # (nnz,)
+    return rows, t_index[sorted_j], inter.double() / union.double()
+
+
+def _row_normalise(rows: torch.Tensor, iou: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """iou (nnz,) divided by the sum of its row; rows (nnz,) in [0, num_rows)."""
+    row_sum = torch.zeros(num_rows, dtype=iou.dtype, device=iou.device).index_add_(0, rows, iou)  # (num_rows,)
+    return iou / row_sum[rows]
+
+
+# ------------------------------------------------------------------------------------------ public API
+def token_alignment(student_spans: SpansLike, teacher_spans: SpansLike) -> torch.Tensor:
+    """Row-normalised IoU alignment between the student's and the teacher's tokens of one text.
+
+    student_spans (T_s, 2), teacher_spans (T_t, 2): character [start, end) offsets (tensors or lists).
+    Returns a coalesced sparse COO float32 tensor (T_s, T_t) on the spans' device; each row sums to 1,
+    or is all zero when the student token overlaps no teacher token (empty span, truncated away).
+    """
+    student = _as_spans(student_spans, "student_spans")  # (T_s, 2)
+    teacher = _as_spans(teacher_spans, "teacher_spans").to(student.device)  # (T_t, 2)
+    T_s, T_t = student.shape[0], teacher.shape[0]
+    rows, cols, iou = _overlaps(student, teacher)  # (nnz,) each
+    weights = _row_normalise(rows, iou, T_s).float()  # (nnz,)
+    indices = torch.stack([rows, cols])  # (2, nnz)
+    # indices are in range by construction, so the (slow) invariant check is skipped
+    return torch.sparse_coo_tensor(indices, weights, (T_s, T_t), check_invariants=False).coalesce()
+
+
+def batch_token_alignment(student_spans, student_mask, teacher_spans, teacher_mask) -> torch.Tensor:
+    """Token alignment of a padded batch, as one dense tensor.
+
+    student_spans (B, T_s, 2), student_mask (B, T_s), teacher_spans (B, T_t, 2), teacher_mask (B, T_t);
+    masks are 1 (or True) for real tokens, 0 for padding. Returns dense float32 (B, T_s, T_t) where
+    [b] is `token_alignment` of sample b restricted to its real tokens, and padding rows/columns are zero.
+    """
+    student = _as_spans(student_spans, "student_spans", batched=True)  # (B, T_s, 2)
+    teacher = _as_spans(teacher_spans, "teacher_spans", batched=True).to(student.device)  # (B, T_t, 2)
+    B, T_s, _ = student.shape
+    T_t = teacher.shape[1]
+    if teacher.shape[0] != B:
+        raise KvdistillError(
+            f"batch size mismatch: student_spans {tuple(student.shape)} has B = {B}, "
+            f"teacher_spans {tuple(teacher.shape)} has B = {teacher.shape[0]}",
+            "align the student's and the teacher's tokenizations of the same batch of texts",
+        )
+    s_mask = _as_mask(student_mask, "student_mask", (B, T_s), "student_spans", student.device)  # (B, T_s)
+    t_mask = _as_mask(teacher_mask, "teacher_mask", (B, T_t), "teacher_spans", student.device)  # (B, T_t)
+    # Padding becomes an empty span; each sample is shifted into its own character range so that one
+    # sweep over the flattened batch cannot pair tokens of different samples.
+    student = student * s_mask[..., None]  # (B, T_s, 2)
+    teacher = teacher * t_mask[..., None]  # (B, T_t, 2)
+    stride = int(max(student.max(), teacher.max())) + 1 if student.numel() and teacher.numel() else 1
+    shift = torch.arange(B, device=student.device)[:, None, None] * stride  # (B, 1, 1)
+    flat_s = (student + shift).reshape(B * T_s, 2)  # (B*T_s, 2)
+    flat_t = (teacher + shift).reshape(B * T_t, 2)  # (B*T_t, 2)
+    rows, cols, iou = _overlaps(flat_s, flat_t)  # (nnz,) each
+    weights = _row_normalise(rows, iou, B * T_s).float()  # (nnz,)
+    out = torch.zeros(B, T_s, T_t, dtype=torch.float32, device=student.device)
+    out[rows // T_s, rows % T_s, cols % T_t] = weights
+    return out
+
+
+def align_to_student(teacher_tensor: torch.Tensor, alignment: torch.Tensor) -> torch.Tensor:
+    """Resample a teacher tensor onto the student's tokens.
+
+    teacher_tensor (B, H, T_t, D) (e.g. teacher keys or values), alignment (B, T_s, T_t) from
+    `batch_token_alignment` -> (B, H, T_s, D): each student token gets the alignment-weighted mix of the
+    teacher tokens it overlaps (zero where its row is zero). Computed in the teacher tensor's dtype.
+    """
+    if teacher_tensor.dim() != 4 or alignment.dim() != 3:
+        raise KvdistillError(
+            f"teacher_tensor has shape {tuple(teacher_tensor.shape)} and alignment {tuple(alignment.shape)}; "
+            "expected (B, H, T_t, D) and (B, T_s, T_t)",
+            "pass per-layer K or V (B, H, T_t, D) and a dense alignment from batch_token_alignment",
+        )
+    B, H, T_t, D = teacher_tensor.shape
+    if alignment.shape[0] != B or alignment.shape[2] != T_t:
+        raise KvdistillError(
+            f"alignment {tuple(alignment.shape)} does not match teacher_tensor {tuple(teacher_tensor.shape)}: "
+            f"need alignment (B={B}, T_s, T_t={T_t})",
+            "build the alignment from the same batch and teacher tokenization as the teacher tensor",
+        )
+    if alignment.is_sparse:
+        alignment = alignment.to_dense()
+    alignment = alignment.to(device=teacher_tensor.device, dtype=teacher_tensor.dtype)  # (B, T_s, T_t)
+    return torch.einsum("bst,bhtd->bhsd", alignment, teacher_tensor)  # (B, H, T_s, D)
