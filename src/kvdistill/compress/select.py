@@ -1,0 +1,290 @@
+"""Which teacher tokens to keep in a compressed KV cache: full, right-crop, or R-KV (KaVa).
+
+Notation: B batch, L layers, H KV heads (H_q query heads, g = H_q / H), T time, D head dim, M budget
+(kept tokens per head). `mask` is (B, T) with 1 on real tokens and 0 on padding (left or right).
+Leading group dims written `*G` may be (H,) for one layer or (L, H) for a stacked model.
+
+Every selector returns `(idx, kept)`:
+- `idx` (B, *G, M) long, time indices into the padded batch;
+- `kept` (B, *G, M) bool, True where the slot holds a real token.
+Slot order is fixed: the n = min(M, #real tokens) kept real tokens come first in increasing time, then the
+slots that had no real token to hold (kept False): those point at the earliest padding positions, or at 0
+when the row has no padding left (M > T). Their contents are meaningless and must be masked.
+
+R-KV score, per (b, h) row over its real tokens t (see `rkv_scores`):
+    I_t   = importance (attention that the answer tokens pay to t), min-max normalised to [0, 1]
+    r_t   = mean over the other real tokens s != t of cos(k_t, k_s)     (redundancy)
+    R_t   = 1 - minmax(r_t)                                             (non-redundancy, in [0, 1])
+    score = lam * I_t + (1 - lam) * R_t,   lam = 0.1 by default         (padding: -inf)
+The M highest scores are kept (ties go to the earlier token). A constant row normalises to 0, so a row with
+one real token, or with all-equal importances, is decided by the other term alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from kvdistill.errors import KvdistillError
+
+KINDS = ("full", "right_crop", "rkv")
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class Compression:
+    """How a teacher's K/V is compressed before it is stored or used.
+
+    kind: "full" (every real token), "right_crop" (the first `budget` real tokens), "rkv" (R-KV top-`budget`).
+    budget: M, tokens kept per head; required for right_crop / rkv, must be None for full.
+    lam: weight of importance in the R-KV score (rkv only; KaVa uses 0.1).
+    layers: teacher layers to keep (None = all).
+    dtype: storage dtype of K and V.
+    """
+
+    kind: str = "full"
+    budget: int | None = None
+    lam: float = 0.1
+    layers: list[int] | None = None
+    dtype: str = "bfloat16"
+
+    def __post_init__(self):
+        problems = []
+        if self.kind not in KINDS:
+            problems.append(f"compression.kind: {self.kind!r} is not one of {list(KINDS)}")
+        if self.kind == "full" and self.budget is not None:
+            problems.append(f"compression.budget: {self.budget!r} given with kind 'full', which keeps every token")
+        if self.kind in ("right_crop", "rkv") and (
+            not isinstance(self.budget, int) or isinstance(self.budget, bool) or self.budget < 1
+        ):
+            problems.append(f"compression.budget: {self.budget!r} must be a positive integer for kind {self.kind!r}")
+        if isinstance(self.lam, bool) or not isinstance(self.lam, (int, float)) or not 0.0 <= self.lam <= 1.0:
+            problems.append(f"compression.lam: {self.lam!r} must be a number in [0, 1]")
+        if self.layers is not None:
+            bad = [x for x in self.layers if not isinstance(x, int) or isinstance(x, bool) or x < 0]
+            if bad or not isinstance(self.layers, (list, tuple)):
+                problems.append(f"compression.layers: {self.layers!r} must be a list of non-negative layer indices")
+            elif len(set(self.layers)) != len(self.layers):
+                problems.append(f"compression.layers: {list(self.layers)} lists a layer twice")
+            elif not self.layers:
+                problems.append("compression.layers: [] keeps no layer; use null for all layers")
+        if self.dtype not in DTYPES:
+            problems.append(f"compression.dtype: {self.dtype!r} is not one of {list(DTYPES)}")
+        if problems:
+            raise KvdistillError(
+                f"invalid compression ({len(problems)} problem(s)):\n" + "\n".join(f"  - {p}" for p in problems),
+                "e.g. Compression(kind='rkv', budget=128, lam=0.1, layers=None, dtype='bfloat16')",
+            )
+        if self.layers is not None:
+            object.__setattr__(self, "layers", [int(x) for x in self.layers])
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def resolve_layers(self, num_layers: int) -> list[int]:
+        """The stored layers for a teacher with `num_layers` layers; errors name the out-of-range ones."""
+        if self.layers is None:
+            return list(range(num_layers))
+        bad = [x for x in self.layers if x >= num_layers]
+        if bad:
+            raise KvdistillError(f"compression.layers: {bad} out of range for a teacher with {num_layers} layers",
+                                 f"use layer indices in [0, {num_layers - 1}] or null for all")
+        return list(self.layers)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> Compression:
+        if data is None:
+            return cls()
+        unknown = sorted(set(data) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise KvdistillError(f"compression: unknown key(s) {unknown}",
+                                 f"use only {sorted(cls.__dataclass_fields__)}")
+        return cls(**data)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# selectors
+
+
+def _check_mask(mask: torch.Tensor) -> torch.Tensor:
+    if mask.dim() != 2:
+        raise KvdistillError(f"mask must be (B, T), got shape {tuple(mask.shape)}", "pass the attention mask")
+    return mask.bool()
+
+
+def _check_budget(budget) -> int:
+    if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
+        raise KvdistillError(f"budget {budget!r} must be a positive integer", "set compression.budget, e.g. 128")
+    return budget
+
+
+def _order_kept(top: torch.Tensor, real: torch.Tensor, budget: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Put chosen slots in canonical order and widen to `budget`.
+
+    top (..., M') chosen time indices (M' <= T), real (..., M') whether each is a real token.
+    Returns idx, kept (..., budget): real ones first in time order, then the others in time order.
+    """
+    T_big = top.new_tensor(1 << 40)
+    key = top + (~real).long() * T_big  # (..., M'), distinct
+    order = key.argsort(dim=-1)
+    idx = top.gather(-1, order)
+    kept = real.gather(-1, order)
+    short = budget - idx.shape[-1]
+    if short > 0:  # M > T: nothing left to point at, fill with index 0, never kept
+        idx = torch.cat([idx, idx.new_zeros(*idx.shape[:-1], short)], dim=-1)
+        kept = torch.cat([kept, kept.new_zeros(*kept.shape[:-1], short)], dim=-1)
+    return idx, kept
+
+
+def select_full(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every position: idx (B, T) = 0..T-1 in time order, kept (B, T) = mask (not reordered)."""
+    mask = _check_mask(mask)
+    B, T = mask.shape
+    idx = torch.arange(T, device=mask.device).expand(B, T).clone()  # (B, T)
+    return idx, mask.clone()
+
+
+def right_crop(mask: torch.Tensor, budget: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep the first M real tokens of each sample (its beginning), cropping its right end.
+
+    Works for left and right padding: the real tokens are counted from the first real one. Returns idx, kept
+    (B, M) (the same for every head and layer), in the slot order described in the module docstring.
+    """
+    mask = _check_mask(mask)
+    M = _check_budget(budget)
+    B, T = mask.shape
+    t = torch.arange(T, device=mask.device).expand(B, T)  # (B, T)
+    key = t + (~mask).long() * T  # real tokens first, each group in time order
+    top = key.argsort(dim=-1)[:, : min(M, T)]  # (B, M')
+    return _order_kept(top, mask.gather(1, top), M)
+
+
+def _minmax(x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """Min-max normalise x (..., T) over the real entries to [0, 1]; constant rows give 0; padding gives 0."""
+    lo = x.masked_fill(~real, float("inf")).amin(-1, keepdim=True)
+    hi = x.masked_fill(~real, float("-inf")).amax(-1, keepdim=True)
+    span = hi - lo
+    ok = torch.isfinite(span) & (span > 0)
+    out = torch.where(ok, (x - lo) / torch.where(ok, span, torch.ones_like(span)), torch.zeros_like(x))
+    return out.masked_fill(~real, 0.0)
+
+
+def key_redundancy(keys: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """r (B, *G, T): mean cosine similarity of each real key to the other real keys of its row; 0 on padding.
+
+    keys (B, *G, T, D). Computed in O(T·D) as (k̂_t · Σ_s k̂_s - k̂_t · k̂_t) / (n - 1), k̂ = k / max(|k|, eps),
+    n = real tokens in the sample (a lone token gets 0).
+    """
+    mask = _check_mask(mask)
+    B, T = mask.shape
+    if keys.shape[0] != B or keys.shape[-2] != T:
+        raise KvdistillError(f"keys {tuple(keys.shape)} do not match mask {tuple(mask.shape)}",
+                             "keys must be (B, *G, T, D) with the mask's B and T")
+    work = torch.float64 if keys.dtype == torch.float64 else torch.float32
+    k = keys.to(work)
+    real = mask.view(B, *([1] * (keys.dim() - 3)), T)  # (B, 1.., T)
+    k_hat = k / k.norm(dim=-1, keepdim=True).clamp_min(eps)  # (B, *G, T, D)
+    k_hat = k_hat * real.unsqueeze(-1)
+    total = k_hat.sum(-2, keepdim=True)  # (B, *G, 1, D)
+    n = mask.sum(-1).view(B, *([1] * (keys.dim() - 2)))  # (B, 1.., 1)
+    self_sim = (k_hat * k_hat).sum(-1)  # (B, *G, T)
+    r = ((k_hat * total).sum(-1) - self_sim) / (n - 1).clamp_min(1).to(work)
+    return r * real
+
+
+def rkv_scores(keys: torch.Tensor, importance: torch.Tensor, mask: torch.Tensor, lam: float = 0.1) -> torch.Tensor:
+    """score (B, *G, T) = lam·minmax(I) + (1 - lam)·(1 - minmax(r)) on real tokens, -inf on padding."""
+    mask = _check_mask(mask)
+    if importance.shape != keys.shape[:-1]:
+        raise KvdistillError(f"importance {tuple(importance.shape)} does not match keys {tuple(keys.shape)}",
+                             "importance must be keys.shape[:-1], i.e. (B, *G, T)")
+    B, T = mask.shape
+    real = mask.view(B, *([1] * (keys.dim() - 3)), T).expand(importance.shape)  # (B, *G, T)
+    work = torch.float64 if keys.dtype == torch.float64 else torch.float32
+    imp = importance.to(work)
+    if not torch.isfinite(imp[real]).all():
+        raise KvdistillError("importance has NaN or inf on real tokens",
+                             "check the attention probabilities the importance came from")
+    i_norm = _minmax(imp, real)
+    r_norm = _minmax(key_redundancy(keys, mask), real)
+    score = lam * i_norm + (1.0 - lam) * (1.0 - r_norm)
+    return score.masked_fill(~real, float("-inf"))
+
+
+def rkv_select(keys: torch.Tensor, attn_importance: torch.Tensor, mask: torch.Tensor, budget: int,
+               lam: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+    """R-KV selection of M tokens per head (score in the module docstring).
+
+    keys (B, *G, T, D) pre-rotation keys, attn_importance (B, *G, T), mask (B, T).
+    Returns idx, kept (B, *G, M): the kept real tokens in increasing time, then the padding slots.
+    """
+    M = _check_budget(budget)
+    score = rkv_scores(keys, attn_importance, mask, lam)  # (B, *G, T)
+    T = score.shape[-1]
+    order = score.sort(dim=-1, descending=True, stable=True).indices  # ties: earlier token first
+    top = order[..., : min(M, T)]  # (B, *G, M')
+    real = torch.isfinite(score.gather(-1, top))
+    return _order_kept(top, real, M)
+
+
+def importance_from_attention(attn_probs: torch.Tensor, query_mask: torch.Tensor, mask: torch.Tensor,
+                              num_kv_heads: int) -> torch.Tensor:
+    """I (B, H_kv, T): mean attention each key receives from the query rows (the answer tokens).
+
+    attn_probs (B, H_q, T_query, T_key) with T_query = T_key = T; query_mask (B, T) marks the query rows (only
+    real ones count); query heads are grouped to KV heads as in GQA (query head h reads KV head h // g,
+    g = H_q / H_kv) and averaged over the group. Padding keys and rows without any query get 0.
+    """
+    mask = _check_mask(mask)
+    B, H_q, T_q, T_k = attn_probs.shape
+    if (B, T_k) != tuple(mask.shape) or T_q != T_k:
+        raise KvdistillError(f"attention {tuple(attn_probs.shape)} does not match mask {tuple(mask.shape)}",
+                             "pass the (B, H_q, T, T) attention probabilities of the same batch")
+    if H_q % num_kv_heads:
+        raise KvdistillError(f"num_heads ({H_q}) must be divisible by num_kv_heads ({num_kv_heads})",
+                             "pass the teacher geometry's num_kv_heads")
+    work = torch.float64 if attn_probs.dtype == torch.float64 else torch.float32
+    rows = (query_mask.bool() & mask).to(work)  # (B, T)
+    weight = rows / rows.sum(-1, keepdim=True).clamp_min(1.0)  # (B, T), each row's queries sum to 1
+    received = torch.einsum("bhqt,bq->bht", attn_probs.to(work), weight)  # (B, H_q, T)
+    g = H_q // num_kv_heads
+    imp = received.view(B, num_kv_heads, g, T_k).mean(2)  # (B, H_kv, T)
+    return imp * mask.unsqueeze(1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# gathering
+
+
+def gather_kv(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x (B, *G, T, D), idx (B, *G, M) or (B, M) shared over *G -> (B, *G, M, D)."""
+    if idx.dim() == 2 and x.dim() > 3:
+        idx = idx.view(idx.shape[0], *([1] * (x.dim() - 3)), idx.shape[1]).expand(*x.shape[:-2], idx.shape[1])
+    return x.gather(-2, idx.unsqueeze(-1).expand(*idx.shape, x.shape[-1]))
+
+
+def gather_spans(spans: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """spans (B, T, 2) per token, idx (B, *G, M) -> (B, *G, M, 2)."""
+    B, T, _ = spans.shape
+    G = idx.shape[1:-1]
+    src = spans.view(B, *([1] * len(G)), T, 2).expand(B, *G, T, 2)
+    return src.gather(-2, idx.unsqueeze(-1).expand(*idx.shape, 2))
+
+
+def select(compression: Compression, mask: torch.Tensor, keys: torch.Tensor | None = None,
+           importance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dispatch on `compression.kind`; rkv needs keys (B, *G, T, D) and importance (B, *G, T)."""
+    if compression.kind == "full":
+        return select_full(mask)
+    if compression.kind == "right_crop":
+        return right_crop(mask, compression.budget)
+    if keys is None or importance is None:
+        raise KvdistillError("rkv selection needs the keys and the attention importance",
+                             "capture the teacher with attentions=True (eager attention)")
+    return rkv_select(keys, importance, mask, compression.budget, compression.lam)
