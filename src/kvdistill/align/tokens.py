@@ -47,8 +47,8 @@ def _as_spans(spans: SpansLike, name: str, batched: bool = False) -> torch.Tenso
     if tensor.dim() != (3 if batched else 2) or tensor.shape[-1] != 2:
         raise KvdistillError(
             f"{name} has shape {tuple(tensor.shape)}, expected {want} [start, end) character offsets",
-            "pass one text's offset_mapping (T, 2)" if not batched
-            else "pass the batch's offset_mapping (B, T, 2) from a tokenizer called with return_offsets_mapping=True",
+            f"pass {'the batch' if batched else 'one text'}'s offset_mapping {want} "
+            "from a fast tokenizer called with return_offsets_mapping=True",
         )
     if tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
         if tensor.is_floating_point() and bool((tensor == tensor.round()).all()):
@@ -91,7 +91,7 @@ def _as_mask(mask, name: str, shape: tuple[int, int], spans_name: str, device) -
 
 
 # ------------------------------------------------------------------------------------------ the sweep
-def _overlaps(student: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _overlaps(student: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Every overlapping (student, teacher) pair and its IoU.
 
     student (T_s, 2), teacher (T_t, 2) int64 -> rows (nnz,), cols (nnz,) int64, iou (nnz,) float64.
@@ -127,7 +127,8 @@ def _overlaps(student: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Tenso
 
 def _row_normalise(rows: torch.Tensor, iou: torch.Tensor, num_rows: int) -> torch.Tensor:
     """iou (nnz,) divided by the sum of its row; rows (nnz,) in [0, num_rows)."""
-    row_sum = torch.zeros(num_rows, dtype=iou.dtype, device=iou.device).index_add_(0, rows, iou)  # (num_rows,)
+    row_sum = torch.zeros(num_rows, dtype=iou.dtype, device=iou.device)  # (num_rows,)
+    row_sum.index_add_(0, rows, iou)
     return iou / row_sum[rows]
 
 

@@ -1,0 +1,251 @@
+"""Token alignment: equivalence to a brute-force IoU reference on four real tokenizers, golden values,
+overlapping / unsorted / truncated spans, batch == per-sample, and errors that quote the bad input."""
+
+from __future__ import annotations
+
+import functools
+import itertools
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvdistill.align.tokens import align_to_student, batch_token_alignment, token_alignment
+from kvdistill.errors import KvdistillError
+
+TOKENIZERS = ["smollm2-135m", "gemma3-270m", "minilm-l6", "gpt2-tokenizer"]
+PAIRS = list(itertools.permutations(TOKENIZERS, 2))  # (student, teacher), 12 ordered pairs
+
+
+@functools.cache
+def tokenizer(name: str):
+    from kvdistill.models.load import load_tokenizer
+
+    return load_tokenizer(name)
+
+
+def spans_of(name: str, text: str, **kwargs) -> list[tuple[int, int]]:
+    encoding = tokenizer(name)(text, return_offsets_mapping=True, add_special_tokens=True, **kwargs)
+    return encoding["offset_mapping"]
+
+
+def reference(student: list, teacher: list) -> torch.Tensor:
+    """The definition, one pair at a time: IoU of [start, end) intervals, rows normalised to sum to 1 or 0."""
+    out = torch.zeros(len(student), len(teacher), dtype=torch.float64)
+    for i, (a0, a1) in enumerate(student):
+        for j, (b0, b1) in enumerate(teacher):
+            inter = min(a1, b1) - max(a0, b0)
+            if a1 > a0 and b1 > b0 and inter > 0:
+                out[i, j] = inter / ((a1 - a0) + (b1 - b0) - inter)
+        total = out[i].sum()
+        if total > 0:
+            out[i] /= total
+    return out.float()
+
+
+def check(student: list, teacher: list) -> torch.Tensor:
+    """token_alignment agrees with the reference and has the promised form; returns it dense."""
+    align = token_alignment(student, teacher)
+    assert align.layout == torch.sparse_coo and align.is_coalesced() and align.dtype == torch.float32
+    assert tuple(align.shape) == (len(student), len(teacher))
+    assert bool((align.values() > 0).all())  # only true overlaps are stored
+    dense = align.to_dense()
+    torch.testing.assert_close(dense, reference(student, teacher), atol=1e-6, rtol=0)
+    sums = dense.sum(dim=1)
+    assert bool(((sums - 1).abs() < 1e-5).logical_or(sums == 0).all())
+    return dense
+
+
+# ------------------------------------------------------------------------------------------ property tests
+MIXED = list("abcXYZ  \n\t0123456789.,!?-éèüñçÅø中文日本語東京한국어😀👍🏽🎉❤️\u200d👩👨👧🇫🇷")
+texts = st.text(
+    alphabet=st.one_of(st.characters(codec="utf-8", exclude_categories=("Cs",)), st.sampled_from(MIXED)),
+    max_size=200,
+)
+
+
+@pytest.mark.parametrize("student_name,teacher_name", PAIRS, ids=[f"{s}->{t}" for s, t in PAIRS])
+@settings(max_examples=40, deadline=None)
+@given(text=texts)
+def test_matches_bruteforce_on_real_tokenizers(student_name, teacher_name, text):
+    check(spans_of(student_name, text), spans_of(teacher_name, text))
+
+
+intervals = st.lists(
+    st.tuples(st.integers(0, 40), st.integers(0, 12)).map(lambda p: (p[0], p[0] + p[1])), max_size=30
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(student=intervals, teacher=intervals)
+def test_matches_bruteforce_on_arbitrary_intervals(student, teacher):
+    """Unsorted, duplicated, nested and empty intervals: the sweep's candidate filter must stay exact."""
+    check(student, teacher)
+
+
+# ------------------------------------------------------------------------------------------ hand-written cases
+def test_special_tokens_with_empty_spans_get_zero_rows():
+    student = [(0, 0), (0, 5), (5, 11), (0, 0)]  # [CLS] hello world [SEP]
+    teacher = [(0, 0), (0, 5), (5, 11)]  # <bos> hello world
+    dense = check(student, teacher)
+    assert torch.equal(dense, torch.tensor([[0, 0, 0], [0, 1, 0], [0, 0, 1], [0, 0, 0]], dtype=torch.float32))
+
+
+def test_identical_tokenizations_give_identity():
+    text = "The quick brown fox jumps over 13 lazy dogs.\nNew line, same tokens."
+    spans = spans_of("smollm2-135m", text)
+    assert all(b > a for a, b in spans) and all(spans[i][1] <= spans[i + 1][0] for i in range(len(spans) - 1))
+    assert torch.equal(token_alignment(spans, spans).to_dense(), torch.eye(len(spans)))
+
+
+def test_one_student_token_covering_two_teacher_tokens():
+    # student "foobar" [0, 6); teacher "foob" [0, 4) and "ar-baz" [4, 10).
+    # IoU = 4/6 and 2/10; normalised: (2/3) / (2/3 + 1/5) = 10/13 and (1/5) / (13/15) = 3/13.
+    dense = check([(0, 6)], [(0, 4), (4, 10)])
+    torch.testing.assert_close(dense, torch.tensor([[10 / 13, 3 / 13]]), atol=1e-7, rtol=0)
+    # exact cover: IoU 4/10 and 6/10, already summing to 1
+    torch.testing.assert_close(
+        check([(0, 10)], [(0, 4), (4, 10)]), torch.tensor([[0.4, 0.6]]), atol=1e-7, rtol=0
+    )
+
+
+def test_overlapping_and_unsorted_spans():
+    # student [0, 4) vs teacher duplicates [0, 4), [0, 4) and [2, 6): IoU 1, 1, 2/6 -> 3/7, 3/7, 1/7
+    torch.testing.assert_close(
+        check([(0, 4)], [(0, 4), (0, 4), (2, 6)]), torch.tensor([[3 / 7, 3 / 7, 1 / 7]]), atol=1e-7, rtol=0
+    )
+    # nested teacher spans, out of order: [3, 4) vs [0, 10) (IoU 1/10) and [3, 4) (IoU 1) -> 1/11, 10/11;
+    # [5, 6) lies after the nested [1, 2) and [3, 4) but inside [0, 10) only
+    dense = check([(5, 6), (3, 4)], [(3, 4), (0, 10), (1, 2)])
+    expected = torch.tensor([[0, 1, 0], [10 / 11, 1 / 11, 0]])
+    torch.testing.assert_close(dense, expected, atol=1e-7, rtol=0)
+
+
+def test_emoji_and_cjk_with_byte_level_overlaps():
+    text = "I ❤️ 東京 and 서울! 😀👍🏽 family: 👨\u200d👩\u200d👧 flags 🇫🇷🇯🇵 done."
+    gpt2 = spans_of("gpt2-tokenizer", text)
+    assert len(set(gpt2)) < len(gpt2)  # byte-level BPE gives several tokens the same span
+    for student_name, teacher_name in PAIRS:
+        dense = check(spans_of(student_name, text), spans_of(teacher_name, text))
+        # a non-empty student token aligns to nothing only where the teacher drops the characters:
+        # BERT's WordPiece leaves whitespace and the emoji variation selector U+FE0F out of every token
+        for (a, b), total in zip(spans_of(student_name, text), dense.sum(dim=1).tolist(), strict=True):
+            if b > a and total == 0:
+                assert teacher_name == "minilm-l6" and text[a:b].strip(" \ufe0f\u200d") == ""
+
+
+def test_truncated_teacher_leaves_tail_rows_zero():
+    text = "Alignment survives truncation: the tail of the student has nothing to align to at all."
+    student = spans_of("smollm2-135m", text)
+    teacher = spans_of("gemma3-270m", text, truncation=True, max_length=6)
+    assert len(teacher) == 6
+    dense = check(student, teacher)
+    covered = max(end for _, end in teacher)
+    tail = torch.tensor([a >= covered for a, _ in student])
+    assert bool(tail.any()) and bool((dense[tail] == 0).all())
+    assert bool((dense[~tail].sum(dim=1) > 0.999).all())
+
+
+def test_empty_inputs_and_tensor_inputs():
+    assert tuple(token_alignment([], [(0, 3)]).shape) == (0, 1)
+    assert token_alignment([(0, 3)], []).to_dense().shape == (1, 0)
+    assert token_alignment([(0, 0)], [(0, 0)])._nnz() == 0
+    as_tensor = token_alignment(torch.tensor([[0, 6]], dtype=torch.int32), torch.tensor([[0, 4], [4, 10]]))
+    torch.testing.assert_close(as_tensor.to_dense(), torch.tensor([[10 / 13, 3 / 13]]))
+
+
+# ------------------------------------------------------------------------------------------ batch
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_batch_equals_per_sample(padding_side):
+    texts = [
+        "Short one.",
+        "A much longer second sample with 42 digits, café and 東京 😀.",
+        "",
+        "Third: multiple\nlines\n\nof text.",
+    ]
+    encoded = {}
+    for name in ("gemma3-270m", "minilm-l6"):
+        tok = tokenizer(name)
+        old_side, tok.padding_side = tok.padding_side, padding_side
+        try:
+            encoded[name] = tok(texts, return_offsets_mapping=True, padding=True, return_tensors="pt")
+        finally:
+            tok.padding_side = old_side
+    s, t = encoded["gemma3-270m"], encoded["minilm-l6"]
+    s_mask, t_mask = s["attention_mask"], t["attention_mask"]  # (B, T_s), (B, T_t)
+    assert bool((s_mask == 0).any()) and bool((t_mask == 0).any())
+    batch = batch_token_alignment(s["offset_mapping"], s_mask, t["offset_mapping"], t_mask)  # (B, T_s, T_t)
+    assert batch.shape == (len(texts), s_mask.shape[1], t_mask.shape[1]) and batch.dtype == torch.float32
+    for b in range(len(texts)):
+        keep_s, keep_t = s_mask[b].bool(), t_mask[b].bool()
+        single = token_alignment(s["offset_mapping"][b][keep_s], t["offset_mapping"][b][keep_t]).to_dense()
+        assert torch.equal(batch[b][keep_s][:, keep_t], single)
+        assert bool((batch[b][~keep_s] == 0).all()) and bool((batch[b][:, ~keep_t] == 0).all())
+
+
+def test_batch_mask_wins_over_nonempty_padding_spans():
+    # padding that carries a real-looking span must still be zeroed by the mask
+    spans = torch.tensor([[[0, 3], [3, 6], [0, 6]], [[0, 2], [2, 4], [4, 6]]])  # (B=2, T=3, 2)
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    out = batch_token_alignment(spans, mask, spans, mask)
+    torch.testing.assert_close(out[0], torch.tensor([[1.0, 0, 0], [0, 1, 0], [0, 0, 0]]))
+    torch.testing.assert_close(out[1], torch.eye(3))
+
+
+def test_align_to_student_is_the_weighted_mix():
+    spans_s = torch.tensor([[[0, 6], [6, 8]]])  # (B=1, T_s=2, 2)
+    spans_t = torch.tensor([[[0, 4], [4, 10]]])  # (B=1, T_t=2, 2)
+    ones = torch.ones(1, 2, dtype=torch.long)
+    alignment = batch_token_alignment(spans_s, ones, spans_t, ones)  # (1, 2, 2)
+    teacher = torch.randn(1, 3, 2, 5)  # (B, H, T_t, D)
+    out = align_to_student(teacher, alignment)  # (B, H, T_s, D)
+    assert out.shape == (1, 3, 2, 5)
+    torch.testing.assert_close(out[0, :, 0], 10 / 13 * teacher[0, :, 0] + 3 / 13 * teacher[0, :, 1])
+    torch.testing.assert_close(out[0, :, 1], teacher[0, :, 1])  # [6, 8) lies inside [4, 10) only
+    eye = torch.eye(2)[None]  # (1, T, T)
+    torch.testing.assert_close(align_to_student(teacher, eye), teacher)
+
+
+# ------------------------------------------------------------------------------------------ errors
+@pytest.mark.parametrize(
+    "student,teacher,message",
+    [
+        ([[0, 1, 2]], [[0, 1]], "student_spans has shape (1, 3), expected (T, 2)"),
+        ([[0, 1]], [0, 1, 2], "teacher_spans has shape (3,), expected (T, 2)"),
+        ([[0, 2], [-1, 3]], [[0, 1]], "student_spans[1] = [-1, 3] is negative"),
+        ([[0, 2]], [[0, 1], [5, 3]], "teacher_spans[1] = [5, 3] has start 5 > end 3"),
+        ([[0.5, 2]], [[0, 1]], "non-integer"),
+    ],
+)
+def test_bad_spans_raise(student, teacher, message):
+    with pytest.raises(KvdistillError) as err:
+        token_alignment(student, teacher)
+    assert message in str(err.value) and err.value.fix
+
+
+def test_batch_errors_quote_shapes():
+    spans = torch.zeros(2, 3, 2, dtype=torch.long)
+    with pytest.raises(
+        KvdistillError, match=r"student_spans \(2, 3, 2\) has B = 2, teacher_spans \(1, 3, 2\) has B = 1"
+    ):
+        batch_token_alignment(spans, torch.ones(2, 3), spans[:1], torch.ones(1, 3))
+    with pytest.raises(
+        KvdistillError, match=r"teacher_mask has shape \(2, 4\) but teacher_spans has \(B, T\) = \(2, 3\)"
+    ):
+        batch_token_alignment(spans, torch.ones(2, 3), spans, torch.ones(2, 4))
+    with pytest.raises(KvdistillError, match=r"student_spans has shape \(3, 2\), expected \(B, T, 2\)"):
+        batch_token_alignment(spans[0], torch.ones(3), spans, torch.ones(2, 3))
+    bad = spans.clone()
+    bad[1, 2] = torch.tensor([4, 1])
+    with pytest.raises(KvdistillError, match=r"teacher_spans\[1, 2\] = \[4, 1\] has start 4 > end 1"):
+        batch_token_alignment(spans, torch.ones(2, 3), bad, torch.ones(2, 3))
+
+
+def test_align_to_student_errors_quote_shapes():
+    with pytest.raises(
+        KvdistillError, match=r"alignment \(2, 3, 5\) does not match teacher_tensor \(2, 4, 6, 8\)"
+    ):
+        align_to_student(torch.zeros(2, 4, 6, 8), torch.zeros(2, 3, 5))
+    with pytest.raises(KvdistillError, match=r"teacher_tensor has shape \(4, 6, 8\)"):
+        align_to_student(torch.zeros(4, 6, 8), torch.zeros(2, 3, 6))
