@@ -68,8 +68,16 @@ def random_mask(gen: torch.Generator, B: int, T: int, left: bool) -> torch.Tenso
 
 
 @settings(max_examples=30, deadline=None)
-@given(seed=st.integers(0, 10_000), B=st.integers(1, 3), H=st.integers(1, 3), T=st.integers(1, 12),
-       D=st.integers(1, 6), M=st.integers(1, 14), left=st.booleans(), lam=st.sampled_from([0.0, 0.1, 0.5, 1.0]))
+@given(
+    seed=st.integers(0, 10_000),
+    B=st.integers(1, 3),
+    H=st.integers(1, 3),
+    T=st.integers(1, 12),
+    D=st.integers(1, 6),
+    M=st.integers(1, 14),
+    left=st.booleans(),
+    lam=st.sampled_from([0.0, 0.1, 0.5, 1.0]),
+)
 def test_rkv_select_matches_bruteforce(seed, B, H, T, D, M, left, lam):
     gen = torch.Generator().manual_seed(seed)
     keys = torch.randn(B, H, T, D, generator=gen, dtype=torch.float64)
@@ -146,8 +154,9 @@ def test_right_crop_exact(left, M):
     for b in range(B):
         real = [bool(x) for x in mask[b]]
         first = [t for t in range(T) if real[t]][:M]
-        ref_idx, ref_kept = ref_canonical(first + [t for t in range(T) if not real[t]][: M - len(first)],
-                                          real, M, T)
+        ref_idx, ref_kept = ref_canonical(
+            first + [t for t in range(T) if not real[t]][: M - len(first)], real, M, T
+        )
         assert idx[b].tolist() == ref_idx and kept[b].tolist() == ref_kept
 
 
@@ -213,8 +222,13 @@ def test_compression_roundtrip_and_validation():
     with pytest.raises(KvdistillError) as err:
         Compression(kind="rkvv", budget=-1, lam=2.0, layers=[1, 1], dtype="int8")
     msg = str(err.value)
-    for part in ("compression.kind: 'rkvv'", "compression.lam: 2.0", "compression.layers: [1, 1]",
-                 "compression.dtype: 'int8'", "4 problem(s)"):
+    for part in (
+        "compression.kind: 'rkvv'",
+        "compression.lam: 2.0",
+        "compression.layers: [1, 1]",
+        "compression.dtype: 'int8'",
+        "4 problem(s)",
+    ):
         assert part in msg
     with pytest.raises(KvdistillError, match="compression.budget: None must be a positive integer"):
         Compression(kind="right_crop")
@@ -234,7 +248,8 @@ def test_compress_capture_shapes_and_content():
         keys=[torch.randn(B, H, T, D, generator=gen) for _ in range(2)],
         values=[torch.randn(B, H, T, D, generator=gen) for _ in range(2)],
         attentions=[torch.rand(B, H_q, T, T, generator=gen).softmax(-1) for _ in range(2)],
-        attention_mask=mask, spans=torch.arange(B * T * 2).view(B, T, 2),
+        attention_mask=mask,
+        spans=torch.arange(B * T * 2).view(B, T, 2),
         geometry=SimpleNamespace(num_kv_heads=H),
     )
     query = torch.zeros(B, T, dtype=torch.long)

@@ -53,16 +53,22 @@ def layer_selection(cap, compression: Compression, layer: int, query_mask: torch
     if compression.kind == "right_crop":
         return right_crop(mask, compression.budget)
     if cap.attentions is None or cap.attentions[layer] is None:
-        raise KvdistillError(f"rkv compression needs attention probabilities of layer {layer}",
-                             "capture the teacher with attentions=True and eager attention")
+        raise KvdistillError(
+            f"rkv compression needs attention probabilities of layer {layer}",
+            "capture the teacher with attentions=True and eager attention",
+        )
     if query_mask is None:
-        raise KvdistillError("rkv compression needs a query mask marking the answer tokens",
-                             "pass kvdistill.train.teachers.answer_query_mask(records, spans, mask)")
+        raise KvdistillError(
+            "rkv compression needs a query mask marking the answer tokens",
+            "pass kvdistill.train.teachers.answer_query_mask(records, spans, mask)",
+        )
     imp = importance_from_attention(cap.attentions[layer], query_mask, mask, cap.geometry.num_kv_heads)
     return rkv_select(cap.keys[layer], imp, mask, compression.budget, compression.lam)
 
 
-def compress_capture(cap, compression: Compression, layers: list[int], query_mask: torch.Tensor | None = None):
+def compress_capture(
+    cap, compression: Compression, layers: list[int], query_mask: torch.Tensor | None = None
+):
     """A `TeacherKV` holding only the selected tokens of `layers`: keys/values (B, H, M, D), spans
     (B, H, M, 2), mask (B, H, M) long. Kind 'full' keeps the capture's shared (B, T) layout. K/V keep the
     capture's dtype (`compression.dtype` is the storage dtype of the cache)."""
@@ -84,6 +90,12 @@ def compress_capture(cap, compression: Compression, layers: list[int], query_mas
         values[layer] = gather_kv(cap.values[layer], idx)  # (B, H, M, D)
         spans[layer] = gather_spans(cap.spans, idx)  # (B, H, M, 2)
         masks[layer] = kept.long()  # (B, H, M)
-    return TeacherKV(keys=keys, values=values, spans=spans, mask=masks,
-                     shared_spans=compression.kind == "full", capture=cap if compression.kind == "full" else None,
-                     extra={"compression": compression.to_dict()})
+    return TeacherKV(
+        keys=keys,
+        values=values,
+        spans=spans,
+        mask=masks,
+        shared_spans=compression.kind == "full",
+        capture=cap if compression.kind == "full" else None,
+        extra={"compression": compression.to_dict()},
+    )

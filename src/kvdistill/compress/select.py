@@ -55,17 +55,23 @@ class Compression:
         if self.kind not in KINDS:
             problems.append(f"compression.kind: {self.kind!r} is not one of {list(KINDS)}")
         if self.kind == "full" and self.budget is not None:
-            problems.append(f"compression.budget: {self.budget!r} given with kind 'full', which keeps every token")
+            problems.append(
+                f"compression.budget: {self.budget!r} given with kind 'full', which keeps every token"
+            )
         if self.kind in ("right_crop", "rkv") and (
             not isinstance(self.budget, int) or isinstance(self.budget, bool) or self.budget < 1
         ):
-            problems.append(f"compression.budget: {self.budget!r} must be a positive integer for kind {self.kind!r}")
+            problems.append(
+                f"compression.budget: {self.budget!r} must be a positive integer for kind {self.kind!r}"
+            )
         if isinstance(self.lam, bool) or not isinstance(self.lam, (int, float)) or not 0.0 <= self.lam <= 1.0:
             problems.append(f"compression.lam: {self.lam!r} must be a number in [0, 1]")
         if self.layers is not None:
             bad = [x for x in self.layers if not isinstance(x, int) or isinstance(x, bool) or x < 0]
             if bad or not isinstance(self.layers, (list, tuple)):
-                problems.append(f"compression.layers: {self.layers!r} must be a list of non-negative layer indices")
+                problems.append(
+                    f"compression.layers: {self.layers!r} must be a list of non-negative layer indices"
+                )
             elif len(set(self.layers)) != len(self.layers):
                 problems.append(f"compression.layers: {list(self.layers)} lists a layer twice")
             elif not self.layers:
@@ -74,7 +80,8 @@ class Compression:
             problems.append(f"compression.dtype: {self.dtype!r} is not one of {list(DTYPES)}")
         if problems:
             raise KvdistillError(
-                f"invalid compression ({len(problems)} problem(s)):\n" + "\n".join(f"  - {p}" for p in problems),
+                f"invalid compression ({len(problems)} problem(s)):\n"
+                + "\n".join(f"  - {p}" for p in problems),
                 "e.g. Compression(kind='rkv', budget=128, lam=0.1, layers=None, dtype='bfloat16')",
             )
         if self.layers is not None:
@@ -90,8 +97,10 @@ class Compression:
             return list(range(num_layers))
         bad = [x for x in self.layers if x >= num_layers]
         if bad:
-            raise KvdistillError(f"compression.layers: {bad} out of range for a teacher with {num_layers} layers",
-                                 f"use layer indices in [0, {num_layers - 1}] or null for all")
+            raise KvdistillError(
+                f"compression.layers: {bad} out of range for a teacher with {num_layers} layers",
+                f"use layer indices in [0, {num_layers - 1}] or null for all",
+            )
         return list(self.layers)
 
     def to_dict(self) -> dict[str, Any]:
@@ -103,8 +112,9 @@ class Compression:
             return cls()
         unknown = sorted(set(data) - set(cls.__dataclass_fields__))
         if unknown:
-            raise KvdistillError(f"compression: unknown key(s) {unknown}",
-                                 f"use only {sorted(cls.__dataclass_fields__)}")
+            raise KvdistillError(
+                f"compression: unknown key(s) {unknown}", f"use only {sorted(cls.__dataclass_fields__)}"
+            )
         return cls(**data)
 
 
@@ -120,7 +130,9 @@ def _check_mask(mask: torch.Tensor) -> torch.Tensor:
 
 def _check_budget(budget) -> int:
     if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
-        raise KvdistillError(f"budget {budget!r} must be a positive integer", "set compression.budget, e.g. 128")
+        raise KvdistillError(
+            f"budget {budget!r} must be a positive integer", "set compression.budget, e.g. 128"
+        )
     return budget
 
 
@@ -184,8 +196,10 @@ def key_redundancy(keys: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) ->
     mask = _check_mask(mask)
     B, T = mask.shape
     if keys.shape[0] != B or keys.shape[-2] != T:
-        raise KvdistillError(f"keys {tuple(keys.shape)} do not match mask {tuple(mask.shape)}",
-                             "keys must be (B, *G, T, D) with the mask's B and T")
+        raise KvdistillError(
+            f"keys {tuple(keys.shape)} do not match mask {tuple(mask.shape)}",
+            "keys must be (B, *G, T, D) with the mask's B and T",
+        )
     work = torch.float64 if keys.dtype == torch.float64 else torch.float32
     k = keys.to(work)
     real = mask.view(B, *([1] * (keys.dim() - 3)), T)  # (B, 1.., T)
@@ -198,27 +212,34 @@ def key_redundancy(keys: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) ->
     return r * real
 
 
-def rkv_scores(keys: torch.Tensor, importance: torch.Tensor, mask: torch.Tensor, lam: float = 0.1) -> torch.Tensor:
+def rkv_scores(
+    keys: torch.Tensor, importance: torch.Tensor, mask: torch.Tensor, lam: float = 0.1
+) -> torch.Tensor:
     """score (B, *G, T) = lam·minmax(I) + (1 - lam)·(1 - minmax(r)) on real tokens, -inf on padding."""
     mask = _check_mask(mask)
     if importance.shape != keys.shape[:-1]:
-        raise KvdistillError(f"importance {tuple(importance.shape)} does not match keys {tuple(keys.shape)}",
-                             "importance must be keys.shape[:-1], i.e. (B, *G, T)")
+        raise KvdistillError(
+            f"importance {tuple(importance.shape)} does not match keys {tuple(keys.shape)}",
+            "importance must be keys.shape[:-1], i.e. (B, *G, T)",
+        )
     B, T = mask.shape
     real = mask.view(B, *([1] * (keys.dim() - 3)), T).expand(importance.shape)  # (B, *G, T)
     work = torch.float64 if keys.dtype == torch.float64 else torch.float32
     imp = importance.to(work)
     if not torch.isfinite(imp[real]).all():
-        raise KvdistillError("importance has NaN or inf on real tokens",
-                             "check the attention probabilities the importance came from")
+        raise KvdistillError(
+            "importance has NaN or inf on real tokens",
+            "check the attention probabilities the importance came from",
+        )
     i_norm = _minmax(imp, real)
     r_norm = _minmax(key_redundancy(keys, mask), real)
     score = lam * i_norm + (1.0 - lam) * (1.0 - r_norm)
     return score.masked_fill(~real, float("-inf"))
 
 
-def rkv_select(keys: torch.Tensor, attn_importance: torch.Tensor, mask: torch.Tensor, budget: int,
-               lam: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+def rkv_select(
+    keys: torch.Tensor, attn_importance: torch.Tensor, mask: torch.Tensor, budget: int, lam: float = 0.1
+) -> tuple[torch.Tensor, torch.Tensor]:
     """R-KV selection of M tokens per head (score in the module docstring).
 
     keys (B, *G, T, D) pre-rotation keys, attn_importance (B, *G, T), mask (B, T).
@@ -233,8 +254,9 @@ def rkv_select(keys: torch.Tensor, attn_importance: torch.Tensor, mask: torch.Te
     return _order_kept(top, real, M)
 
 
-def importance_from_attention(attn_probs: torch.Tensor, query_mask: torch.Tensor, mask: torch.Tensor,
-                              num_kv_heads: int) -> torch.Tensor:
+def importance_from_attention(
+    attn_probs: torch.Tensor, query_mask: torch.Tensor, mask: torch.Tensor, num_kv_heads: int
+) -> torch.Tensor:
     """I (B, H_kv, T): mean attention each key receives from the query rows (the answer tokens).
 
     attn_probs (B, H_q, T_query, T_key) with T_query = T_key = T; query_mask (B, T) marks the query rows (only
@@ -244,11 +266,15 @@ def importance_from_attention(attn_probs: torch.Tensor, query_mask: torch.Tensor
     mask = _check_mask(mask)
     B, H_q, T_q, T_k = attn_probs.shape
     if (B, T_k) != tuple(mask.shape) or T_q != T_k:
-        raise KvdistillError(f"attention {tuple(attn_probs.shape)} does not match mask {tuple(mask.shape)}",
-                             "pass the (B, H_q, T, T) attention probabilities of the same batch")
+        raise KvdistillError(
+            f"attention {tuple(attn_probs.shape)} does not match mask {tuple(mask.shape)}",
+            "pass the (B, H_q, T, T) attention probabilities of the same batch",
+        )
     if H_q % num_kv_heads:
-        raise KvdistillError(f"num_heads ({H_q}) must be divisible by num_kv_heads ({num_kv_heads})",
-                             "pass the teacher geometry's num_kv_heads")
+        raise KvdistillError(
+            f"num_heads ({H_q}) must be divisible by num_kv_heads ({num_kv_heads})",
+            "pass the teacher geometry's num_kv_heads",
+        )
     work = torch.float64 if attn_probs.dtype == torch.float64 else torch.float32
     rows = (query_mask.bool() & mask).to(work)  # (B, T)
     weight = rows / rows.sum(-1, keepdim=True).clamp_min(1.0)  # (B, T), each row's queries sum to 1
@@ -277,14 +303,20 @@ def gather_spans(spans: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return src.gather(-2, idx.unsqueeze(-1).expand(*idx.shape, 2))
 
 
-def select(compression: Compression, mask: torch.Tensor, keys: torch.Tensor | None = None,
-           importance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def select(
+    compression: Compression,
+    mask: torch.Tensor,
+    keys: torch.Tensor | None = None,
+    importance: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Dispatch on `compression.kind`; rkv needs keys (B, *G, T, D) and importance (B, *G, T)."""
     if compression.kind == "full":
         return select_full(mask)
     if compression.kind == "right_crop":
         return right_crop(mask, compression.budget)
     if keys is None or importance is None:
-        raise KvdistillError("rkv selection needs the keys and the attention importance",
-                             "capture the teacher with attentions=True (eager attention)")
+        raise KvdistillError(
+            "rkv selection needs the keys and the attention importance",
+            "capture the teacher with attentions=True (eager attention)",
+        )
     return rkv_select(keys, importance, mask, compression.budget, compression.lam)

@@ -1,0 +1,549 @@
+"""Teacher-KV cache on disk: sharded safetensors plus a manifest; resumable writer, lazy reader.
+
+Directory layout:
+    manifest.json                             see kvdistill.cache.manifest
+    shard-00000.safetensors, ...              single writer
+    part-{i}-shard-00000.safetensors, ...     writer of part i (a SLURM array task), listed in
+    manifest.part-{i}.json                    its own manifest until `merge_parts` writes manifest.json
+
+A shard holds `shard_size` samples; tensor `"{j}/{name}"` is tensor `name` of the shard's j-th sample, and
+the shard's safetensors metadata `kvdistill_samples` lists the sample ids in order.
+
+Stored sample (what `samples_from_capture` produces; the writer itself accepts any dict of tensors). T_b is the
+sample's number of real tokens (padding removed), M_b the kept tokens per head (T_b for full,
+min(budget, T_b) for right_crop / rkv), l a stored teacher layer:
+    token_ids   (T_b,)          int64   the teacher's input ids
+    positions   (T_b,)          int64   the positions the teacher used
+    spans       (T_b, 2)        int64   character [start, end) of each token (specials: start == end)
+    keys_l{l}   (H_kv, M_b, D)  dtype   pre-rotation keys of the kept tokens, in time order
+    values_l{l} (H_kv, M_b, D)  dtype
+    index_l{l}  (H_kv, M_b)     int32   rkv only: which of the T_b tokens each kept slot holds; absent means
+                                        0..M_b-1 (full and right_crop keep the first M_b tokens)
+
+Crash safety: a shard is written to `<name>.tmp`, fsynced and renamed into place; only then is the manifest,
+which lists complete shards only, rewritten the same way. A SIGKILL at any moment leaves a consistent cache.
+Reopening the writer removes the leftovers (temp files, a shard that never reached the manifest) and resumes:
+`done_ids()` says which samples to skip.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from filelock import FileLock, Timeout
+from safetensors import safe_open
+from safetensors.torch import save as st_save
+
+from kvdistill.cache.manifest import (
+    MANIFEST,
+    META_FIELDS,
+    check_meta,
+    fsync_dir,
+    meta_mismatches,
+    new_manifest,
+    part_manifest_name,
+    read_manifest,
+    shard_file_name,
+    write_json_atomic,
+)
+from kvdistill.errors import CacheError
+
+_PART_RE = re.compile(r"^[A-Za-z0-9_]+$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
+_PART_MANIFEST_RE = re.compile(r"^manifest\.part-([A-Za-z0-9_]+)\.json$")
+_FIX_META = (
+    "use a fresh --out directory, or the teacher / tokenizer / compression / data the cache was written with"
+)
+
+
+# ------------------------------------------------------------------------------------------------ capture
+
+
+def samples_from_capture(
+    cap, compression, query_mask: torch.Tensor | None = None
+) -> list[dict[str, torch.Tensor]]:
+    """Per-sample tensors (layout in the module docstring) of a `KVCapture` under a `Compression`.
+
+    rkv needs `cap.attentions` and a (B, T) `query_mask` of the answer tokens.
+    """
+    from kvdistill.compress import gather_kv, layer_selection
+
+    B, T = cap.attention_mask.shape
+    real = cap.attention_mask.bool()  # (B, T)
+    rank = real.long().cumsum(1) - 1  # (B, T) index of each real token among the sample's real tokens
+    where = [real[b].nonzero().squeeze(1) for b in range(B)]  # B × (T_b,)
+    out: list[dict[str, torch.Tensor]] = []
+    for b in range(B):
+        sample = {
+            "token_ids": cap.input_ids[b, where[b]].long(),
+            "positions": cap.positions[b, where[b]].long(),
+        }
+        if cap.spans is not None:
+            sample["spans"] = cap.spans[b, where[b]].long()
+        out.append(sample)
+    dtype = compression.torch_dtype
+    for layer in compression.resolve_layers(cap.geometry.num_layers):
+        K, V = cap.keys[layer], cap.values[layer]  # (B, H, T, D)
+        sel = layer_selection(cap, compression, layer, query_mask)
+        if sel is None:
+            for b in range(B):
+                out[b][f"keys_l{layer}"] = K[b][:, where[b]].to(dtype)  # (H, T_b, D)
+                out[b][f"values_l{layer}"] = V[b][:, where[b]].to(dtype)
+            continue
+        idx, kept = sel
+        if idx.dim() == 2:  # right_crop: (B, M) shared by heads
+            idx = idx.unsqueeze(1).expand(-1, K.shape[1], -1)  # (B, H, M)
+            kept = kept.unsqueeze(1).expand(-1, K.shape[1], -1)
+        k_sel, v_sel = gather_kv(K, idx), gather_kv(V, idx)  # (B, H, M, D)
+        n = kept.sum(-1)  # (B, H), equal over heads
+        for b in range(B):
+            n_b = int(n[b, 0])
+            out[b][f"keys_l{layer}"] = k_sel[b, :, :n_b].to(dtype)  # (H, M_b, D)
+            out[b][f"values_l{layer}"] = v_sel[b, :, :n_b].to(dtype)
+            if compression.kind == "rkv":
+                out[b][f"index_l{layer}"] = rank[b].gather(0, idx[b, :, :n_b].reshape(-1)).view(-1, n_b).int()
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- writer
+
+
+def _own_files(directory: Path, part: str | None) -> tuple[list[Path], list[Path]]:
+    """(temp files, shard files) that belong to this writer's part."""
+    prefix = "shard-" if part is None else f"part-{part}-shard-"
+    manifest_tmp = part_manifest_name(part) + ".tmp"
+    temps, shards = [], []
+    for p in directory.iterdir():
+        if p.name == manifest_tmp or (p.name.startswith(prefix) and p.name.endswith(".tmp")):
+            temps.append(p)
+        elif p.name.startswith(prefix) and p.name.endswith(".safetensors"):
+            shards.append(p)
+    return temps, shards
+
+
+class CacheWriter:
+    """Append samples to a cache directory, a shard at a time; reopen the same directory to resume.
+
+    meta: `make_meta(...)` (teacher, tokenizer, compression, dataset). shard_size: samples per shard.
+    part: name of this writer's part of a sharded extraction (e.g. the SLURM array index), or None.
+    Only one writer per (directory, part) at a time: a second one gets a CacheError.
+    """
+
+    def __init__(
+        self,
+        out_dir: str | os.PathLike,
+        meta: dict[str, Any],
+        shard_size: int = 256,
+        part: str | int | None = None,
+    ):
+        if not isinstance(shard_size, int) or isinstance(shard_size, bool) or shard_size < 1:
+            raise CacheError(f"shard_size {shard_size!r} must be a positive integer", "e.g. shard_size=256")
+        part = None if part is None else str(part)
+        if part is not None and not _PART_RE.match(part):
+            raise CacheError(
+                f"part {part!r} must be letters, digits or '_'", "use the array index, e.g. part=3"
+            )
+        self.dir = Path(out_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.part, self.shard_size = part, shard_size
+        self.meta = check_meta(meta)
+        self._manifest_path = self.dir / part_manifest_name(part)
+        self._lock = FileLock(str(self.dir / f".{part_manifest_name(part)}.lock"))
+        try:
+            self._lock.acquire(timeout=0)
+        except Timeout:
+            raise CacheError(
+                f"another writer holds {self._manifest_path}",
+                "wait for it to finish, or give this writer a different part",
+            ) from None
+        try:
+            self.manifest = self._open()
+        except BaseException:
+            self._lock.release()
+            raise
+        self._buffer: list[tuple[str, dict[str, torch.Tensor]]] = []
+        self._buffered: set[str] = set()
+        self.closed = False
+
+    def _open(self) -> dict[str, Any]:
+        others = sorted(p.name for p in self.dir.glob("manifest.part-*.json"))
+        if self.part is None and others:
+            raise CacheError(
+                f"{self.dir} holds part manifests {others[:3]}: it is a sharded extraction",
+                "write with part=<index>, or run merge_parts on it",
+            )
+        if self.part is not None and (self.dir / MANIFEST).exists():
+            merged = json.loads((self.dir / MANIFEST).read_text()).get("merged_from")
+            if merged is None:
+                raise CacheError(
+                    f"{self.dir} holds a single-writer cache", "write parts into a fresh directory"
+                )
+        if self._manifest_path.exists():
+            manifest = read_manifest(self._manifest_path)
+            bad = meta_mismatches(manifest, self.meta)
+            if bad:
+                raise CacheError(
+                    f"cannot resume into {self.dir}: its manifest differs from this run: " + "; ".join(bad),
+                    _FIX_META,
+                )
+            manifest["complete"] = False
+        else:
+            manifest = new_manifest(self.meta, self.part)
+        temps, shards = _own_files(self.dir, self.part)
+        listed = {s["file"] for s in manifest["shards"]}
+        missing = sorted(listed - {p.name for p in shards})
+        if missing:
+            raise CacheError(
+                f"cache {self.dir} lists shard files that are gone: {missing[:3]}",
+                "restore them, or delete the directory and re-extract",
+            )
+        for p in temps + [p for p in shards if p.name not in listed]:  # leftovers of a killed run
+            p.unlink()
+        write_json_atomic(self._manifest_path, manifest)
+        return manifest
+
+    # ---------------------------------------------------------------------------------------------- api
+
+    def done_ids(self) -> set[str]:
+        """Sample ids stored in complete shards or buffered by this writer: `add` refuses them."""
+        return set(self.manifest["samples"]) | self._buffered
+
+    def __len__(self) -> int:
+        return len(self.manifest["samples"]) + len(self._buffer)
+
+    def add(self, sample_id: str, tensors: dict[str, torch.Tensor]) -> None:
+        if self.closed:
+            raise CacheError("add() on a closed CacheWriter", "open a new CacheWriter on the directory")
+        if not isinstance(sample_id, str) or not sample_id:
+            raise CacheError(f"sample id {sample_id!r} must be a non-empty string", "use the record's 'id'")
+        if sample_id in self.manifest["samples"] or sample_id in self._buffered:
+            raise CacheError(
+                f"sample {sample_id!r} is already in the cache {self.dir}",
+                "skip the ids in writer.done_ids() when resuming",
+            )
+        if not isinstance(tensors, dict) or not tensors:
+            raise CacheError(
+                f"sample {sample_id!r}: tensors must be a non-empty dict of name -> Tensor",
+                "see samples_from_capture for the layout",
+            )
+        stored = {}
+        for name, t in tensors.items():
+            if not isinstance(name, str) or not _NAME_RE.match(name):
+                raise CacheError(
+                    f"sample {sample_id!r}: tensor name {name!r} must match [A-Za-z0-9_.-]+",
+                    "rename the tensor, e.g. keys_l3",
+                )
+            if not isinstance(t, torch.Tensor) or t.layout != torch.strided:
+                raise CacheError(
+                    f"sample {sample_id!r}: {name} is a {type(t).__name__}, not a dense Tensor",
+                    "pass dense torch tensors",
+                )
+            c = t.detach().to("cpu").contiguous()
+            stored[name] = c.clone() if c.data_ptr() == t.data_ptr() else c  # own storage, never a view
+        self._buffer.append((sample_id, stored))
+        self._buffered.add(sample_id)
+        if len(self._buffer) >= self.shard_size:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the buffered samples as one shard (even if fewer than shard_size), then the manifest."""
+        if not self._buffer:
+            return
+        k = len(self.manifest["shards"])
+        name = shard_file_name(self.part, k)
+        ids = [sid for sid, _ in self._buffer]
+        flat = {f"{j}/{key}": t for j, (_, d) in enumerate(self._buffer) for key, t in d.items()}
+        data = st_save(flat, metadata={"kvdistill_samples": json.dumps(ids)})
+        path, tmp = self.dir / name, self.dir / (name + ".tmp")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(self.dir)
+        self.manifest["shards"].append(
+            {
+                "file": name,
+                "sha256": hashlib.sha256(data).hexdigest(),
+                "num_samples": len(ids),
+                "bytes": len(data),
+            }
+        )
+        for j, sid in enumerate(ids):
+            self.manifest["samples"][sid] = {"shard": k, "index": j}
+        write_json_atomic(self._manifest_path, self.manifest)
+        self._buffer, self._buffered = [], set()
+
+    def close(self, complete: bool = True) -> None:
+        """Flush the last partial shard; `complete` marks the extraction finished in the manifest."""
+        if self.closed:
+            return
+        try:
+            self.flush()
+            if complete:
+                self.manifest["complete"] = True
+                write_json_atomic(self._manifest_path, self.manifest)
+        finally:
+            self.closed = True
+            self._lock.release()
+
+    def __enter__(self) -> CacheWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close(complete=exc_type is None)
+
+
+def merge_parts(
+    out_dir: str | os.PathLike, expected_parts: int | None = None, require_complete: bool = True
+) -> dict[str, Any]:
+    """Combine `manifest.part-*.json` into `manifest.json` (part manifests are kept, so it can be rerun).
+
+    Errors name the parts whose meta differs, that are incomplete or missing (`expected_parts`: 0..n-1), and
+    sample ids stored twice.
+    """
+    directory = Path(out_dir)
+    found = {}
+    for p in directory.glob("manifest.part-*.json"):
+        m = _PART_MANIFEST_RE.match(p.name)
+        if m:
+            found[m.group(1)] = read_manifest(p)
+    if not found:
+        raise CacheError(
+            f"no part manifests (manifest.part-*.json) in {directory}",
+            "run the extraction with part=<index> first",
+        )
+    if (directory / MANIFEST).exists() and "merged_from" not in json.loads(
+        (directory / MANIFEST).read_text()
+    ):
+        raise CacheError(
+            f"{directory} also holds a single-writer manifest.json", "merge parts in their own dir"
+        )
+    order = sorted(found, key=lambda s: (0, int(s), s) if s.isdigit() else (1, 0, s))
+    problems = []
+    if expected_parts is not None:
+        missing = [str(i) for i in range(expected_parts) if str(i) not in found]
+        if missing:
+            problems.append(f"missing parts {missing} of {expected_parts}")
+    first = order[0]
+    for part in order:
+        m = found[part]
+        bad = meta_mismatches(found[first], m)
+        if bad:
+            problems.append(f"part {part} differs from part {first}: " + "; ".join(bad))
+        if require_complete and not m.get("complete"):
+            problems.append(f"part {part} is incomplete (its writer was not closed)")
+    owner: dict[str, str] = {}
+    dups = []
+    for part in order:
+        for sid in found[part]["samples"]:
+            if sid in owner:
+                dups.append(f"{sid!r} (parts {owner[sid]} and {part})")
+            owner[sid] = part
+    if dups:
+        problems.append(f"{len(dups)} sample id(s) stored twice: {', '.join(dups[:5])}")
+    if problems:
+        raise CacheError(
+            f"cannot merge parts in {directory}: " + "; ".join(problems),
+            "rerun the failed / missing array tasks (they resume), or pass require_complete=False",
+        )
+    merged = {k: found[first][k] for k in ("schema_version", *META_FIELDS)}
+    merged.update(
+        shards=[],
+        samples={},
+        complete=all(found[p].get("complete") for p in order),
+        part=None,
+        merged_from=order,
+        created=min(found[p]["created"] for p in order),
+        kvdistill_version=found[first]["kvdistill_version"],
+    )
+    for part in order:
+        offset = len(merged["shards"])
+        merged["shards"].extend(found[part]["shards"])
+        for sid, entry in found[part]["samples"].items():
+            merged["samples"][sid] = {"shard": entry["shard"] + offset, "index": entry["index"]}
+    merged["merged"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    write_json_atomic(directory / MANIFEST, merged)
+    return merged
+
+
+# ------------------------------------------------------------------------------------------------- reader
+
+
+class CacheReader:
+    """Read a cache directory: `.get(sample_id)` loads one sample's tensors lazily (one open handle per shard).
+
+    A map-style dataset too: `len(reader)`, `reader[i]` is the i-th stored sample (order of `sample_ids`).
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.dir = Path(path)
+        if not self.dir.is_dir():
+            raise CacheError(
+                f"cache directory {self.dir} does not exist", "run `kvdistill extract` to write it"
+            )
+        mpath = self.dir / MANIFEST
+        if not mpath.exists() and any(self.dir.glob("manifest.part-*.json")):
+            raise CacheError(
+                f"{self.dir} holds part manifests but no manifest.json",
+                "run kvdistill.cache.merge_parts on it once every part has finished",
+            )
+        self.manifest = read_manifest(mpath)
+        self.meta: dict[str, Any] = {k: self.manifest[k] for k in META_FIELDS}
+        self.index: dict[str, tuple[int, int]] = {
+            sid: (int(e["shard"]), int(e["index"])) for sid, e in self.manifest["samples"].items()
+        }
+        self.sample_ids: list[str] = list(self.index)
+        self._handles: dict[int, Any] = {}
+        self._names: dict[int, dict[int, list[str]]] = {}
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.manifest.get("complete"))
+
+    @property
+    def compression(self):
+        from kvdistill.compress import Compression
+
+        return Compression.from_dict(self.meta["compression"])
+
+    @property
+    def layers(self) -> list[int]:
+        """Stored teacher layers."""
+        layers = self.meta["compression"].get("layers")
+        if layers is not None:
+            return list(layers)
+        geometry = self.meta["teacher"].get("geometry") or {}
+        if "num_layers" in geometry:
+            return list(range(int(geometry["num_layers"])))
+        if not self.sample_ids:
+            return []
+        names = self.get(self.sample_ids[0])
+        return sorted(int(n[len("keys_l") :]) for n in names if n.startswith("keys_l"))
+
+    def __len__(self) -> int:
+        return len(self.sample_ids)
+
+    def __contains__(self, sample_id: str) -> bool:
+        return sample_id in self.index
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return self.get(self.sample_ids[i])
+
+    def _handle(self, shard: int):
+        if shard not in self._handles:
+            entry = self.manifest["shards"][shard]
+            path = self.dir / entry["file"]
+            try:
+                handle = safe_open(str(path), framework="pt")
+            except FileNotFoundError:
+                raise CacheError(f"shard {path} is missing", "restore it, or re-extract the cache") from None
+            except Exception as e:  # safetensors raises its own error types for damaged headers
+                raise CacheError(
+                    f"shard {path} cannot be read ({e})",
+                    "run kvdistill.cache.verify_cache on the directory, then re-extract",
+                ) from None
+            names: dict[int, list[str]] = {}
+            for key in handle.keys():  # noqa: SIM118 (safe_open is not iterable)
+                j, _, name = key.partition("/")
+                names.setdefault(int(j), []).append(name)
+            self._handles[shard], self._names[shard] = handle, names
+        return self._handles[shard]
+
+    def get(self, sample_id: str) -> dict[str, torch.Tensor]:
+        if sample_id not in self.index:
+            raise CacheError(
+                f"sample {sample_id!r} is not in the cache {self.dir}",
+                "extract the cache over the same records as this run",
+            )
+        shard, j = self.index[sample_id]
+        handle = self._handle(shard)
+        names = self._names[shard].get(j)
+        if not names:
+            raise CacheError(
+                f"shard {self.manifest['shards'][shard]['file']} has no sample {j} ({sample_id!r})",
+                "the cache is damaged: run verify_cache, then re-extract",
+            )
+        return {name: handle.get_tensor(f"{j}/{name}") for name in sorted(names)}
+
+    def get_batch(self, sample_ids: list[str]) -> list[dict[str, torch.Tensor]]:
+        return [self.get(sid) for sid in sample_ids]
+
+    def check_compatible(self, expected_meta: dict[str, Any]) -> list[str]:
+        """Messages for every meta field of `expected_meta` (teacher, tokenizer, compression, dataset) that differs."""
+        return meta_mismatches(self.meta, expected_meta)
+
+    def require_compatible(self, expected_meta: dict[str, Any]) -> None:
+        bad = self.check_compatible(expected_meta)
+        if bad:
+            raise CacheError(
+                f"cache {self.dir} does not match this run: " + "; ".join(bad),
+                "re-extract the cache for this teacher, tokenizer, compression and data "
+                "(`kvdistill extract`), or point cache_dir at the matching cache",
+            )
+
+    def teacher_kv(self, sample_ids: list[str], device="cpu", dtype: torch.dtype | None = None):
+        """A right-padded `TeacherKV` batch. Kind full: keys (B, H, T, D) with shared spans (B, T, 2) and mask
+        (B, T); otherwise keys (B, H, M, D), spans (B, H, M, 2), mask (B, H, M) per layer."""
+        from kvdistill.train.teachers import TeacherKV
+
+        samples = self.get_batch(sample_ids)
+        B = len(samples)
+        layers = self.layers
+        shared = self.meta["compression"].get("kind", "full") == "full"
+        T = max(s["token_ids"].shape[0] for s in samples)
+        tok_mask = torch.zeros(B, T, dtype=torch.long)
+        tok_spans = torch.zeros(B, T, 2, dtype=torch.long)
+        for b, s in enumerate(samples):
+            n = s["token_ids"].shape[0]
+            tok_mask[b, :n] = 1
+            if "spans" in s:
+                tok_spans[b, :n] = s["spans"]
+        keys, values, spans, mask = {}, {}, {}, {}
+        for layer in layers:
+            ks = [s[f"keys_l{layer}"] for s in samples]  # B × (H, M_b, D)
+            H, _, D = ks[0].shape
+            M = max(k.shape[1] for k in ks)
+            kd = dtype or ks[0].dtype
+            K = torch.zeros(B, H, M, D, dtype=kd)
+            V = torch.zeros(B, H, M, D, dtype=kd)
+            idx = torch.zeros(B, H, M, dtype=torch.long)
+            kept = torch.zeros(B, H, M, dtype=torch.long)
+            for b, s in enumerate(samples):
+                m = ks[b].shape[1]
+                K[b, :, :m] = ks[b]
+                V[b, :, :m] = s[f"values_l{layer}"]
+                ix = s.get(f"index_l{layer}")
+                idx[b, :, :m] = ix.long() if ix is not None else torch.arange(m)
+                kept[b, :, :m] = 1
+            keys[layer], values[layer] = K.to(device), V.to(device)
+            if shared:
+                spans[layer], mask[layer] = tok_spans.to(device), tok_mask.to(device)
+            else:
+                sp = tok_spans.unsqueeze(1).expand(B, H, T, 2).gather(2, idx.unsqueeze(-1).expand(B, H, M, 2))
+                spans[layer], mask[layer] = (sp * kept.unsqueeze(-1)).to(device), kept.to(device)
+        return TeacherKV(
+            keys=keys,
+            values=values,
+            spans=spans,
+            mask=mask,
+            shared_spans=shared,
+            extra={"sample_ids": list(sample_ids), "compression": dict(self.meta["compression"])},
+        )
+
+    def close(self) -> None:
+        self._handles.clear()
+        self._names.clear()
+
+    def __enter__(self) -> CacheReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

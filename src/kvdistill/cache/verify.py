@@ -1,0 +1,250 @@
+"""Check a teacher-KV cache end to end (`verify_cache`) and summarise it (`cache_info`).
+
+Shapes are read from the safetensors headers, so only the checksums read whole files.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from safetensors import safe_open
+
+from kvdistill.cache.manifest import MANIFEST, sha256_file
+from kvdistill.errors import CacheError
+
+_DTYPE_NAMES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}
+_SIZES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def _load(directory: Path) -> dict[str, Any]:
+    from kvdistill.cache.manifest import read_manifest
+
+    if not (directory / MANIFEST).exists() and any(directory.glob("manifest.part-*.json")):
+        raise CacheError(
+            f"{directory} holds part manifests but no manifest.json",
+            "run kvdistill.cache.merge_parts on it once every part has finished",
+        )
+    return read_manifest(directory / MANIFEST)
+
+
+def _headers(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """name -> (safetensors dtype, shape) from the file header."""
+    out = {}
+    with safe_open(str(path), framework="pt") as f:
+        for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+            sl = f.get_slice(key)
+            out[key] = (sl.get_dtype(), tuple(sl.get_shape()))
+    return out
+
+
+def _expected_layers(manifest: dict[str, Any]) -> list[int] | None:
+    layers = manifest["compression"].get("layers")
+    if layers is not None:
+        return list(layers)
+    geometry = manifest["teacher"].get("geometry") or {}
+    return list(range(int(geometry["num_layers"]))) if "num_layers" in geometry else None
+
+
+def _sample_problems(
+    where: str, tensors: dict[str, tuple[str, tuple[int, ...]]], manifest: dict
+) -> list[str]:
+    """Shapes of one stored sample against the teacher geometry and the compression."""
+    geometry = manifest["teacher"].get("geometry") or {}
+    comp = manifest["compression"]
+    H, D = geometry.get("num_kv_heads"), geometry.get("head_dim")
+    kind, budget = comp.get("kind", "full"), comp.get("budget")
+    want_dtype = _DTYPE_NAMES.get(comp.get("dtype", ""))
+    T = tensors["token_ids"][1][0] if "token_ids" in tensors and len(tensors["token_ids"][1]) == 1 else None
+    out = []
+    for name in ("positions", "spans"):
+        if name in tensors and T is not None and tensors[name][1][:1] != (T,):
+            out.append(f"{where}: {name} has shape {tensors[name][1]}, expected {T} tokens like token_ids")
+    layers = _expected_layers(manifest)
+    stored = sorted(int(n[6:]) for n in tensors if n.startswith("keys_l") and n[6:].isdigit())
+    if layers is not None and stored != sorted(layers):
+        out.append(f"{where}: stores key layers {stored}, the compression says {sorted(layers)}")
+    for layer in stored:
+        kdt, kshape = tensors[f"keys_l{layer}"]
+        vname = f"values_l{layer}"
+        if vname not in tensors:
+            out.append(f"{where}: keys_l{layer} has no {vname}")
+        elif tensors[vname] != (kdt, kshape):
+            out.append(f"{where}: {vname} {tensors[vname]} differs from keys_l{layer} {(kdt, kshape)}")
+        if len(kshape) != 3:
+            out.append(f"{where}: keys_l{layer} has shape {kshape}, expected (H_kv, M, D)")
+            continue
+        h, m, d = kshape
+        if H is not None and h != H:
+            out.append(f"{where}: keys_l{layer} has {h} heads, the teacher has num_kv_heads={H}")
+        if D is not None and d != D:
+            out.append(f"{where}: keys_l{layer} has head dim {d}, the teacher has head_dim={D}")
+        if want_dtype is not None and kdt != want_dtype:
+            out.append(f"{where}: keys_l{layer} is {kdt}, the compression dtype is {comp.get('dtype')}")
+        if kind in ("right_crop", "rkv") and budget is not None and m > budget:
+            out.append(f"{where}: keys_l{layer} keeps {m} tokens, more than the budget {budget}")
+        if T is not None and (m > T or (kind == "full" and m != T)):
+            out.append(f"{where}: keys_l{layer} keeps {m} tokens of a {T}-token sample ({kind})")
+        iname = f"index_l{layer}"
+        if kind == "rkv" and iname not in tensors:
+            out.append(f"{where}: rkv sample lacks {iname}")
+        elif iname in tensors and tensors[iname][1] != (h, m):
+            out.append(f"{where}: {iname} has shape {tensors[iname][1]}, expected {(h, m)}")
+    return out
+
+
+def verify_cache(path: str) -> list[str]:
+    """Every problem found in the cache at `path` (empty list: healthy).
+
+    Checks: manifest readable; every listed shard present, of the recorded size and sha256, readable by
+    safetensors; each sample's index inside its shard and pointing at stored tensors; no two ids on the same
+    slot; shard sample counts; shapes against the teacher geometry and compression; writer closed; no
+    leftover temp files.
+    """
+    directory = Path(path)
+    try:
+        manifest = _load(directory)
+    except CacheError as e:
+        return [str(e)]
+    problems: list[str] = []
+    if not manifest.get("complete"):
+        problems.append(
+            "manifest is not marked complete: the writer was interrupted or never closed "
+            "(rerun the extraction to resume it)"
+        )
+    for p in sorted(directory.glob("*.tmp")):
+        problems.append(f"leftover temp file {p.name} from a killed writer (reopen the writer to clean it)")
+    shards = manifest["shards"]
+    contents: dict[int, dict[str, tuple[str, tuple[int, ...]]]] = {}
+    for k, entry in enumerate(shards):
+        f = directory / entry["file"]
+        if not f.exists():
+            problems.append(f"shard {entry['file']} is missing")
+            continue
+        size = f.stat().st_size
+        if size != entry["bytes"]:
+            problems.append(
+                f"shard {entry['file']} is {size} bytes, the manifest says {entry['bytes']} "
+                f"({'truncated' if size < entry['bytes'] else 'grown'})"
+            )
+        digest = sha256_file(f)
+        if digest != entry["sha256"]:
+            problems.append(
+                f"shard {entry['file']} fails its checksum: sha256 {digest[:12]}..., "
+                f"manifest {entry['sha256'][:12]}... (corrupted; re-extract it)"
+            )
+        try:
+            contents[k] = _headers(f)
+        except Exception as e:
+            problems.append(f"shard {entry['file']} cannot be read by safetensors ({e})")
+    counts: dict[int, int] = {}
+    slots: dict[tuple[int, int], str] = {}
+    for sid, e in manifest["samples"].items():
+        k, j = e.get("shard"), e.get("index")
+        if not isinstance(k, int) or not 0 <= k < len(shards):
+            problems.append(f"sample {sid!r} points at shard {k!r}, the manifest lists {len(shards)} shards")
+            continue
+        if not isinstance(j, int) or not 0 <= j < shards[k]["num_samples"]:
+            problems.append(
+                f"sample {sid!r} points at index {j!r} of shard {shards[k]['file']}, "
+                f"which holds {shards[k]['num_samples']} samples"
+            )
+            continue
+        if (k, j) in slots:
+            problems.append(
+                f"samples {slots[(k, j)]!r} and {sid!r} point at the same slot {j} of {shards[k]['file']}"
+            )
+        slots[(k, j)] = sid
+        counts[k] = counts.get(k, 0) + 1
+        if k in contents:
+            prefix = f"{j}/"
+            tensors = {n[len(prefix) :]: v for n, v in contents[k].items() if n.startswith(prefix)}
+            if not tensors:
+                problems.append(f"sample {sid!r}: shard {shards[k]['file']} holds no tensors at index {j}")
+            else:
+                problems.extend(_sample_problems(f"sample {sid!r}", tensors, manifest))
+    for k, entry in enumerate(shards):
+        if counts.get(k, 0) != entry["num_samples"]:
+            problems.append(
+                f"shard {entry['file']} records {entry['num_samples']} samples, "
+                f"the manifest maps {counts.get(k, 0)} ids to it"
+            )
+    files = [s["file"] for s in shards]
+    if len(set(files)) != len(files):
+        problems.append("the manifest lists a shard file twice")
+    return problems
+
+
+def cache_info(path: str) -> dict[str, Any]:
+    """Summary: teacher, geometry, compression, samples, tokens, bytes, bytes per token, per-layer shapes."""
+    directory = Path(path)
+    manifest = _load(directory)
+    geometry = manifest["teacher"].get("geometry") or {}
+    num_tokens = kept_slots = kv_bytes = 0
+    layer_shapes: dict[str, dict[str, Any]] = {}
+    for entry in manifest["shards"]:
+        f = directory / entry["file"]
+        if not f.exists():
+            raise CacheError(f"shard {entry['file']} is missing", "run verify_cache for the full list")
+        for name, (dt, shape) in _headers(f).items():
+            j, _, tname = name.partition("/")
+            if tname == "token_ids":
+                num_tokens += shape[0]
+            elif tname.startswith(("keys_l", "values_l")):
+                n = 1
+                for s in shape:
+                    n *= s
+                kv_bytes += n * _SIZES.get(dt, 0)
+                if tname.startswith("keys_l"):
+                    kept_slots += shape[1]
+                    layer = tname[6:]
+                    info = layer_shapes.setdefault(
+                        layer,
+                        {
+                            "heads": shape[0],
+                            "head_dim": shape[2],
+                            "dtype": dt,
+                            "min_kept": shape[1],
+                            "max_kept": shape[1],
+                        },
+                    )
+                    info["min_kept"] = min(info["min_kept"], shape[1])
+                    info["max_kept"] = max(info["max_kept"], shape[1])
+    total = sum(s["bytes"] for s in manifest["shards"])
+    per_layer = {int(k): v for k, v in sorted(layer_shapes.items(), key=lambda kv: int(kv[0]))}
+    return {
+        "path": str(directory),
+        "teacher": {"id": manifest["teacher"]["id"], "revision": manifest["teacher"].get("revision")},
+        "geometry": geometry,
+        "compression": manifest["compression"],
+        "complete": bool(manifest.get("complete")),
+        "num_samples": len(manifest["samples"]),
+        "num_shards": len(manifest["shards"]),
+        "num_tokens": num_tokens,
+        "num_kept_slots": kept_slots // max(len(per_layer), 1),
+        "total_bytes": total,
+        "kv_bytes": kv_bytes,
+        "bytes_per_token": total / num_tokens if num_tokens else None,
+        "kv_bytes_per_token": kv_bytes / num_tokens if num_tokens else None,
+        "layers": per_layer,
+        "tokenizer": manifest["tokenizer"],
+        "dataset": manifest["dataset"],
+        "created": manifest.get("created"),
+        "merged_from": manifest.get("merged_from"),
+    }
+
+
+def format_info(info: dict[str, Any]) -> str:
+    """A few lines for the CLI."""
+    comp = info["compression"]
+    bpt = info["bytes_per_token"]
+    return "\n".join(
+        [
+            f"teacher      {info['teacher']['id']} ({info['geometry'].get('num_layers', '?')} layers, "
+            f"{info['geometry'].get('num_kv_heads', '?')} kv heads, head dim {info['geometry'].get('head_dim', '?')})",
+            f"compression  {json.dumps(comp)}",
+            f"samples      {info['num_samples']} in {info['num_shards']} shards, {info['num_tokens']} tokens",
+            f"size         {info['total_bytes']} bytes" + (f", {bpt:.1f} bytes/token" if bpt else ""),
+        ]
+    )
