@@ -193,8 +193,10 @@ def test_missing_optional_files(tmp_path):
 
 
 def test_rewrite_replaces_old_figures(tmp_path):
-    a = make_run(tmp_path / "a", "a", final_loss=1.0, summary=None, optional=False)
-    b = make_run(tmp_path / "b", "b", final_loss=1.0, summary=None, optional=False)
+    a, b = tmp_path / "a", tmp_path / "b"
+    for run in (a, b):
+        run.mkdir()
+        (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 2.0}) + "\n")
     out = tmp_path / "report.md"
     write_report([a, b], out)
     (out.parent / "report_files" / "stale.png").write_bytes(PNG)

@@ -19,10 +19,12 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import numpy as np
 import yaml
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from kvdistill.errors import KvdistillError
 
@@ -252,7 +254,7 @@ def _render_md(page: _Page, link_dir: str) -> str:
             out.append("")
         elif b[0] == "img":
             _, name, caption = b
-            out += [f"![{_md_cell(caption)}]({link_dir}/{name})", "", f"*{caption}*", ""]
+            out += [f"![{_md_cell(caption)}]({quote(link_dir)}/{quote(name)})", "", f"*{caption}*", ""]
     return "\n".join(out)
 
 
@@ -318,7 +320,7 @@ def _loss_curves(page: _Page, runs: list[Run]) -> None:
         if not keys:
             continue
         fig = Figure(figsize=(8, 4.5))
-        ax = fig.add_subplot()
+        ax = _line_axes(fig, title=f"{r.name}: loss terms", xlabel="step", ylabel="loss")
         positive = True
         for k in keys:
             steps, vals = r.series(k)
@@ -327,17 +329,13 @@ def _loss_curves(page: _Page, runs: list[Run]) -> None:
             ax.plot(steps, vals, label=k, **style)
         if positive:
             ax.set_yscale("log")
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss")
-        ax.set_title(f"{r.name}: loss terms")
-        ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=2)
         page.figure(fig, f"loss_{i}_{r.name}", f"{r.name}: every loss term vs step"
                     + (" (log scale)" if positive else ""))
     with_total = [r for r in runs if r.series("loss")[0].size]
     if with_total:
         fig = Figure(figsize=(8, 4.5))
-        ax = fig.add_subplot()
+        ax = _line_axes(fig, title="total loss, all runs", xlabel="step", ylabel="total loss")
         positive = True
         for r in with_total:
             steps, vals = r.series("loss")
@@ -345,10 +343,6 @@ def _loss_curves(page: _Page, runs: list[Run]) -> None:
             ax.plot(steps, vals, label=r.name)
         if positive:
             ax.set_yscale("log")
-        ax.set_xlabel("step")
-        ax.set_ylabel("total loss")
-        ax.set_title("total loss, all runs")
-        ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         page.figure(fig, "loss_all_runs", "Total training loss of every run")
 
@@ -361,21 +355,27 @@ def _routing(page: _Page, runs: list[Run], teachers: list[str]) -> None:
     rows = []
     for i, r in have:
         fig = Figure(figsize=(8, 3.5))
-        ax = fig.add_subplot()
+        ax = _line_axes(fig, title=f"{r.name}: teacher weights", xlabel="step", ylabel="weight")
         means = {}
         for k in r.train_keys("weight/"):
             steps, vals = r.series(k)
             if steps.size:
                 ax.plot(steps, vals, label=k.removeprefix("weight/"))
                 means[k.removeprefix("weight/")] = float(vals.mean())
-        ax.set_xlabel("step")
-        ax.set_ylabel("weight")
-        ax.set_title(f"{r.name}: teacher weights")
-        ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         page.figure(fig, f"weights_{i}_{r.name}", f"{r.name}: routing weight of each teacher vs step")
         rows.append([r.name] + [means.get(t) for t in teachers])
     page.table(["run"] + [f"mean weight {t}" for t in teachers], rows, title="Mean routing weights")
+
+
+def _line_axes(fig: Figure, *, title: str, xlabel: str, ylabel: str):
+    ax = fig.add_subplot()
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    return ax
 
 
 def _heatmap(fig: Figure, matrix: np.ndarray, *, xlabel: str, ylabel: str, title: str,
@@ -388,9 +388,13 @@ def _heatmap(fig: Figure, matrix: np.ndarray, *, xlabel: str, ylabel: str, title
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     if xticks is not None:
-        ax.set_xticks(range(len(xticks)), xticks, rotation=90, fontsize=6)
+        ax.set_xticks(range(len(xticks)), xticks, rotation=90, fontsize=7)
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if yticks is not None:
-        ax.set_yticks(range(len(yticks)), yticks, fontsize=6)
+        ax.set_yticks(range(len(yticks)), yticks, fontsize=7)
+    else:
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def _as_matrix(rows: Any) -> np.ndarray | None:
@@ -453,7 +457,7 @@ def _alignments(page: _Page, runs: list[Run]) -> None:
         s_tok, t_tok = [str(x) for x in entry["s"]], [str(x) for x in entry["t"]]
         yticks = [_tick(x) for x in s_tok[:T_s]] if len(s_tok) >= T_s else None
         xticks = [_tick(x) for x in t_tok[:T_t]] if len(t_tok) >= T_t else None
-        fig = Figure(figsize=(max(5.0, 0.18 * T_t + 2.5), max(4.0, 0.18 * T_s + 1.5)))
+        fig = Figure(figsize=(max(5.0, 0.2 * T_t + 2.5), max(4.0, 0.2 * T_s + 1.5)))
         _heatmap(fig, A, xlabel=f"{entry['name']} tokens", ylabel="student tokens",
                  title=f"token alignment: student ← {entry['name']}", xticks=xticks, yticks=yticks)
         cut = " (first 40 tokens each side)" if entry["A"].shape[0] > T_s or entry["A"].shape[1] > T_t else ""
@@ -478,15 +482,9 @@ def _kv_error_layers(page: _Page, runs: list[Run], teachers: list[str]) -> None:
     page.heading("Eval KV error per student layer")
     for t, lines in per_teacher:
         fig = Figure(figsize=(7, 3.5))
-        ax = fig.add_subplot()
+        ax = _line_axes(fig, title=f"eval kv error per layer: {t}", xlabel="student layer", ylabel="kv error")
         for name, ys in lines:
-            xs = np.arange(ys.size)
-            ok = np.isfinite(ys)
-            ax.plot(xs[ok], ys[ok], marker="o", label=name)
-        ax.set_xlabel("student layer")
-        ax.set_ylabel("kv error")
-        ax.set_title(f"eval kv error per layer: {t}")
-        ax.grid(alpha=0.3)
+            ax.plot(np.arange(ys.size), ys, marker="o", label=name)  # nan layers leave a gap
         ax.legend(fontsize=8)
         page.figure(fig, f"kv_error_layers_{t}", f"{t}: held-out KV error of each student layer, per run")
 
