@@ -336,7 +336,7 @@ def test_samples_from_capture_padding_independent_and_reader_batch(tmp_path, com
     cap_l, q_l = fake_capture(left=True)
     right = samples_from_capture(cap_r, comp, q_r)
     left = samples_from_capture(cap_l, comp, q_l)
-    for a, b in zip(right, left):
+    for a, b in zip(right, left, strict=True):
         assert a.keys() == b.keys()
         for k in a:
             assert torch.equal(a[k], b[k]), k
@@ -373,9 +373,11 @@ def test_samples_from_capture_padding_independent_and_reader_batch(tmp_path, com
 
 SCRIPT = textwrap.dedent(
     """
-    import sys, time
-    sys.path.insert(0, sys.argv[3])
-    from test_store import IDS, make_sample, meta_for
+    import importlib.util, sys, time
+    spec = importlib.util.spec_from_file_location("store_helpers", sys.argv[3])
+    helpers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(helpers)
+    IDS, make_sample, meta_for = helpers.IDS, helpers.make_sample, helpers.meta_for
     from kvdistill.cache import CacheWriter
 
     out, delay = sys.argv[1], float(sys.argv[2])
@@ -393,7 +395,7 @@ SCRIPT = textwrap.dedent(
 def test_sigkill_mid_extraction_then_rerun_equals_uninterrupted(tmp_path):
     script = tmp_path / "extract.py"
     script.write_text(SCRIPT)
-    here = str(Path(__file__).parent)
+    here = str(Path(__file__))
     out, ref = tmp_path / "out", tmp_path / "ref"
     write_all(ref, IDS)
     proc = subprocess.Popen([sys.executable, str(script), str(out), "0.3", here])
