@@ -27,8 +27,14 @@ GOLDEN = {
     (4, 30, "ratio", False): [{0: 1.0}, {10: 1.0}, {19: 1.0}, {29: 1.0}],
     (4, 18, "ratio", True): [{0: 1.0}, {5: 0.333333, 6: 0.666667}, {11: 0.666667, 12: 0.333333}, {17: 1.0}],
     (4, 18, "ratio", False): [{0: 1.0}, {6: 1.0}, {11: 1.0}, {17: 1.0}],
-    (6, 2, "ratio", True): [{0: 1.0}, {0: 0.8, 1: 0.2}, {0: 0.6, 1: 0.4}, {0: 0.4, 1: 0.6}, {0: 0.2, 1: 0.8},
-                            {1: 1.0}],
+    (6, 2, "ratio", True): [
+        {0: 1.0},
+        {0: 0.8, 1: 0.2},
+        {0: 0.6, 1: 0.4},
+        {0: 0.4, 1: 0.6},
+        {0: 0.2, 1: 0.8},
+        {1: 1.0},
+    ],
     (6, 2, "ratio", False): [{0: 1.0}] * 3 + [{1: 1.0}] * 3,
     (1, 5, "ratio", True): [{4: 1.0}],
     (4, 30, "uniform", True): [
@@ -37,11 +43,19 @@ GOLDEN = {
         {**block(range(15, 22), 1 / 7.5), 22: round(0.5 / 7.5, 6)},
         {22: round(0.5 / 7.5, 6), **block(range(23, 30), 1 / 7.5)},
     ],
-    (4, 30, "uniform", False): [block(range(0, 7), 1 / 7), block(range(7, 15), 1 / 8),
-                                block(range(15, 22), 1 / 7), block(range(22, 30), 1 / 8)],
+    (4, 30, "uniform", False): [
+        block(range(0, 7), 1 / 7),
+        block(range(7, 15), 1 / 8),
+        block(range(15, 22), 1 / 7),
+        block(range(22, 30), 1 / 8),
+    ],
     (4, 12, "uniform", True): [block(range(3 * i, 3 * i + 3), 1 / 3) for i in range(4)],
-    (4, 18, "uniform", False): [block(range(0, 4), 1 / 4), block(range(4, 9), 1 / 5),
-                                block(range(9, 13), 1 / 4), block(range(13, 18), 1 / 5)],
+    (4, 18, "uniform", False): [
+        block(range(0, 4), 1 / 4),
+        block(range(4, 9), 1 / 5),
+        block(range(9, 13), 1 / 4),
+        block(range(13, 18), 1 / 5),
+    ],
     (6, 2, "uniform", True): [{0: 1.0}] * 3 + [{1: 1.0}] * 3,
     (6, 2, "uniform", False): [{0: 1.0}] * 3 + [{1: 1.0}] * 3,
     (4, 12, "skip", True): [{2: 1.0}, {5: 1.0}, {8: 1.0}, {11: 1.0}],
@@ -130,8 +144,11 @@ def test_unknown_strategy_and_bad_sizes():
 def test_describe_layer_map_is_json_friendly():
     matrix = layer_map(3, 8, strategy="explicit", explicit=[[0, 1], -1, 7])
     pairs = describe_layer_map(matrix)
-    assert pairs == [{"student": 0, "teacher": [[0, 0.5], [1, 0.5]]}, {"student": 1, "teacher": []},
-                     {"student": 2, "teacher": [[7, 1.0]]}]
+    assert pairs == [
+        {"student": 0, "teacher": [[0, 0.5], [1, 0.5]]},
+        {"student": 1, "teacher": []},
+        {"student": 2, "teacher": [[7, 1.0]]},
+    ]
     assert json.loads(json.dumps(pairs)) == pairs
 
 

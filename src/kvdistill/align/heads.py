@@ -40,7 +40,9 @@ def _heads_dims(geometry) -> tuple[int, int]:
 def resolve_kind(student, teacher, kind: str) -> str:
     """`auto` → identity when (H_kv, D) match, per_head otherwise; other kinds are checked and returned."""
     if kind not in PROJECTOR_KINDS:
-        raise KvdistillError(f"projector kind '{kind}' is unknown", f"use one of {', '.join(PROJECTOR_KINDS)}")
+        raise KvdistillError(
+            f"projector kind '{kind}' is unknown", f"use one of {', '.join(PROJECTOR_KINDS)}"
+        )
     same = _heads_dims(student) == _heads_dims(teacher)
     if kind == "auto":
         return "identity" if same else "per_head"
@@ -48,7 +50,9 @@ def resolve_kind(student, teacher, kind: str) -> str:
         (H_s, D_s), (H_t, D_t) = _heads_dims(student), _heads_dims(teacher)
         raise KvdistillError(
             f"identity projector needs equal KV geometries, but the student has {H_s} KV heads x {D_s} dims "
-            f"and the teacher {H_t} x {D_t}", "use projector 'per_head' (or 'auto', 'linear')")
+            f"and the teacher {H_t} x {D_t}",
+            "use projector 'per_head' (or 'auto', 'linear')",
+        )
     return kind
 
 
@@ -126,7 +130,9 @@ class FlatLinearMap(nn.Module):
     def __init__(self, H_s: int, D_s: int, H_t: int, D_t: int):
         super().__init__()
         self.H_t, self.D_t = H_t, D_t
-        dims = torch.stack([_dim_init(D_t, D_s) for _ in range(H_t)])  # (H_t, D_t, D_s), same draws as PerHeadMap
+        dims = torch.stack(
+            [_dim_init(D_t, D_s) for _ in range(H_t)]
+        )  # (H_t, D_t, D_s), same draws as PerHeadMap
         mix = group_average_matrix(H_t, H_s)  # (H_t, H_s)
         self.linear = nn.Linear(H_s * D_s, H_t * D_t)
         with torch.no_grad():
@@ -161,10 +167,14 @@ class KVProjector(nn.Module):
 
     def forward(self, x: torch.Tensor, which: str = "keys") -> torch.Tensor:
         if which not in _WHICH:
-            raise KvdistillError(f"KVProjector which='{which}' is unknown", "use which='keys' or which='values'")
+            raise KvdistillError(
+                f"KVProjector which='{which}' is unknown", "use which='keys' or which='values'"
+            )
         if x.dim() != 4 or x.shape[1] != self.H_s or x.shape[3] != self.D_s:
-            raise KvdistillError(f"KVProjector expects student {which} (B, {self.H_s}, T, {self.D_s}), "
-                                 f"got {tuple(x.shape)}", "pass K/V laid out (B, H_kv, T, D) from the student")
+            raise KvdistillError(
+                f"KVProjector expects student {which} (B, {self.H_s}, T, {self.D_s}), got {tuple(x.shape)}",
+                "pass K/V laid out (B, H_kv, T, D) from the student",
+            )
         if self.kind == "identity":
             return x
         proj = self.key_map if which == "keys" else self.value_map
@@ -175,8 +185,9 @@ class KVProjector(nn.Module):
 
 
 # ---------------------------------------------------------------------------- teacher → student (frozen)
-def fixed_teacher_to_student(H_t: int, D_t: int, H_s: int, D_s: int,
-                             teacher_kv: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def fixed_teacher_to_student(
+    H_t: int, D_t: int, H_s: int, D_s: int, teacher_kv: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A map from teacher to student geometry chosen without student data: (weight (H_s·D_s, H_t·D_t), bias).
 
     Heads: the pseudo-inverse of `group_average_matrix(H_t, H_s)`, so student head s ← the teacher head(s) that
@@ -197,8 +208,9 @@ def fixed_teacher_to_student(H_t: int, D_t: int, H_s: int, D_s: int,
     return weight.float(), torch.zeros(H_s * D_s)
 
 
-def fit_teacher_to_student(teacher_kv: torch.Tensor, student_kv: torch.Tensor,
-                           ridge: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
+def fit_teacher_to_student(
+    teacher_kv: torch.Tensor, student_kv: torch.Tensor, ridge: float = 1e-3
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Closed-form ridge regression of student K or V on teacher K or V at aligned tokens.
 
     teacher_kv: (N, H_t, D_t), student_kv: (N, H_s, D_s): N paired samples (the same tokens, e.g. pooled through
@@ -207,9 +219,11 @@ def fit_teacher_to_student(teacher_kv: torch.Tensor, student_kv: torch.Tensor,
         λ = ridge · mean feature variance · N (so `ridge` is scale-free). Solved in float64 with torch.linalg.
     """
     if teacher_kv.dim() != 3 or student_kv.dim() != 3 or teacher_kv.shape[0] != student_kv.shape[0]:
-        raise KvdistillError(f"fit_teacher_to_student needs paired samples teacher (N, H_t, D_t) and student "
-                             f"(N, H_s, D_s), got {tuple(teacher_kv.shape)} and {tuple(student_kv.shape)}",
-                             "pass K or V of the same N aligned tokens from both models")
+        raise KvdistillError(
+            f"fit_teacher_to_student needs paired samples teacher (N, H_t, D_t) and student "
+            f"(N, H_s, D_s), got {tuple(teacher_kv.shape)} and {tuple(student_kv.shape)}",
+            "pass K or V of the same N aligned tokens from both models",
+        )
     N = teacher_kv.shape[0]
     x = teacher_kv.double().reshape(N, -1)  # (N, H_t·D_t)
     y = student_kv.double().reshape(N, -1)  # (N, H_s·D_s)
@@ -225,8 +239,10 @@ def fit_teacher_to_student(teacher_kv: torch.Tensor, student_kv: torch.Tensor,
 
 def _check_samples(x: torch.Tensor, H: int, D: int, name: str) -> None:
     if x.dim() != 3 or tuple(x.shape[1:]) != (H, D):
-        raise KvdistillError(f"{name} must be (N, {H}, {D}) samples, got {tuple(x.shape)}",
-                             "pass K or V of N tokens laid out (N, H_kv, D)")
+        raise KvdistillError(
+            f"{name} must be (N, {H}, {D}) samples, got {tuple(x.shape)}",
+            "pass K or V of N tokens laid out (N, H_kv, D)",
+        )
 
 
 class TeacherToStudentMap(nn.Module):
@@ -247,12 +263,18 @@ class TeacherToStudentMap(nn.Module):
             self.register_buffer(f"{which}_bias", bias.clone())
 
     @torch.no_grad()
-    def fit(self, which: str, teacher_kv: torch.Tensor, student_kv: torch.Tensor | None = None,
-            ridge: float = 1e-3) -> TeacherToStudentMap:
+    def fit(
+        self,
+        which: str,
+        teacher_kv: torch.Tensor,
+        student_kv: torch.Tensor | None = None,
+        ridge: float = 1e-3,
+    ) -> TeacherToStudentMap:
         """Set the keys or values map from samples teacher (N, H_t, D_t) [and student (N, H_s, D_s)]."""
         if which not in _WHICH:
-            raise KvdistillError(f"TeacherToStudentMap which='{which}' is unknown",
-                                 "use which='keys' or which='values'")
+            raise KvdistillError(
+                f"TeacherToStudentMap which='{which}' is unknown", "use which='keys' or which='values'"
+            )
         _check_samples(teacher_kv, self.H_t, self.D_t, "teacher_kv")
         if student_kv is None:
             weight, bias = fixed_teacher_to_student(self.H_t, self.D_t, self.H_s, self.D_s, teacher_kv)
@@ -266,11 +288,15 @@ class TeacherToStudentMap(nn.Module):
 
     def forward(self, x: torch.Tensor, which: str = "keys") -> torch.Tensor:
         if which not in _WHICH:
-            raise KvdistillError(f"TeacherToStudentMap which='{which}' is unknown",
-                                 "use which='keys' or which='values'")
+            raise KvdistillError(
+                f"TeacherToStudentMap which='{which}' is unknown", "use which='keys' or which='values'"
+            )
         if x.dim() != 4 or x.shape[1] != self.H_t or x.shape[3] != self.D_t:
-            raise KvdistillError(f"TeacherToStudentMap expects teacher {which} (B, {self.H_t}, T, {self.D_t}), "
-                                 f"got {tuple(x.shape)}", "pass K/V laid out (B, H_kv, T, D) from the teacher")
+            raise KvdistillError(
+                f"TeacherToStudentMap expects teacher {which} (B, {self.H_t}, T, {self.D_t}), "
+                f"got {tuple(x.shape)}",
+                "pass K/V laid out (B, H_kv, T, D) from the teacher",
+            )
         prefix = which[:-1]
         weight, bias = getattr(self, f"{prefix}_weight"), getattr(self, f"{prefix}_bias")
         B, H_t, T, D_t = x.shape

@@ -28,8 +28,9 @@ from kvdistill.errors import KvdistillError
 STRATEGIES = ("ratio", "uniform", "skip", "explicit")
 
 
-def layer_map(L_s: int, L_t: int, strategy: str = "ratio", explicit: list | None = None,
-              interpolate: bool = True) -> torch.Tensor:
+def layer_map(
+    L_s: int, L_t: int, strategy: str = "ratio", explicit: list | None = None, interpolate: bool = True
+) -> torch.Tensor:
     """Layer map (L_s, L_t) float32 from student layer i (rows) to teacher layer j (columns).
 
     Rows sum to 1, or to 0 for a student layer that is not supervised (only `explicit` can leave one out).
@@ -56,16 +57,21 @@ def layer_map(L_s: int, L_t: int, strategy: str = "ratio", explicit: list | None
         Example L_s=3, L_t=8, explicit=[0, [3, 4], -1] → row 0 {0: 1}, row 1 {3: .5, 4: .5}, row 2 zeros.
     """
     if not isinstance(L_s, int) or not isinstance(L_t, int) or L_s < 1 or L_t < 1:
-        raise KvdistillError(f"layer_map needs positive layer counts, got L_s={L_s!r}, L_t={L_t!r}",
-                             "pass the num_layers of the student and the teacher geometries")
+        raise KvdistillError(
+            f"layer_map needs positive layer counts, got L_s={L_s!r}, L_t={L_t!r}",
+            "pass the num_layers of the student and the teacher geometries",
+        )
     if strategy not in STRATEGIES:
-        raise KvdistillError(f"layer map strategy '{strategy}' is unknown",
-                             f"use one of {', '.join(STRATEGIES)}")
+        raise KvdistillError(
+            f"layer map strategy '{strategy}' is unknown", f"use one of {', '.join(STRATEGIES)}"
+        )
     if strategy == "explicit":
         rows = _explicit_rows(L_s, L_t, explicit)
     elif explicit is not None:
-        raise KvdistillError(f"layer map strategy '{strategy}' was given an explicit list {explicit!r}",
-                             "set strategy 'explicit' to use the list, or drop layer_map.explicit")
+        raise KvdistillError(
+            f"layer map strategy '{strategy}' was given an explicit list {explicit!r}",
+            "set strategy 'explicit' to use the list, or drop layer_map.explicit",
+        )
     elif strategy == "ratio":
         rows = [_ratio_row(i, L_s, L_t, interpolate) for i in range(L_s)]
     elif strategy == "uniform":
@@ -106,17 +112,22 @@ def _uniform_row(i: int, L_s: int, L_t: int, interpolate: bool) -> dict[int, Fra
 
 def _explicit_rows(L_s: int, L_t: int, explicit: list | None) -> list[dict[int, Fraction]]:
     if explicit is None:
-        raise KvdistillError("layer map strategy 'explicit' needs a list of teacher layers",
-                             f"set layer_map.explicit to {L_s} entries (a teacher layer, a list of them, or -1)")
+        raise KvdistillError(
+            "layer map strategy 'explicit' needs a list of teacher layers",
+            f"set layer_map.explicit to {L_s} entries (a teacher layer, a list of them, or -1)",
+        )
     if not isinstance(explicit, (list, tuple)) or len(explicit) != L_s:
         got = f"{len(explicit)} entries" if isinstance(explicit, (list, tuple)) else repr(explicit)
-        raise KvdistillError(f"explicit layer map has {got} but the student has {L_s} layers",
-                             f"give one entry per student layer ({L_s}); use -1 for a layer left unsupervised")
+        raise KvdistillError(
+            f"explicit layer map has {got} but the student has {L_s} layers",
+            f"give one entry per student layer ({L_s}); use -1 for a layer left unsupervised",
+        )
     rows, bad = [], []
     for i, entry in enumerate(explicit):
         layers = [entry] if isinstance(entry, int) and not isinstance(entry, bool) else entry
         if not isinstance(layers, (list, tuple)) or not all(
-                isinstance(j, int) and not isinstance(j, bool) for j in layers):
+            isinstance(j, int) and not isinstance(j, bool) for j in layers
+        ):
             bad.append(f"entry {i} = {entry!r} is not an int or a list of ints")
             rows.append({})
             continue
@@ -131,8 +142,10 @@ def _explicit_rows(L_s: int, L_t: int, explicit: list | None) -> list[dict[int, 
             row[j] = row.get(j, Fraction(0)) + Fraction(1, len(layers))
         rows.append(row)
     if bad:
-        raise KvdistillError("explicit layer map is invalid: " + "; ".join(bad),
-                             f"teacher layers run 0..{L_t - 1}; use -1 alone to leave a student layer unsupervised")
+        raise KvdistillError(
+            "explicit layer map is invalid: " + "; ".join(bad),
+            f"teacher layers run 0..{L_t - 1}; use -1 alone to leave a student layer unsupervised",
+        )
     return rows
 
 
@@ -143,8 +156,10 @@ def describe_layer_map(matrix: torch.Tensor, digits: int = 6) -> list[dict]:
     Example: layer_map(2, 3) → [{"student": 0, "teacher": [[0, 1.0]]}, {"student": 1, "teacher": [[2, 1.0]]}].
     """
     if matrix.dim() != 2:
-        raise KvdistillError(f"a layer map is (L_s, L_t); got a tensor of shape {tuple(matrix.shape)}",
-                             "build it with layer_map(L_s, L_t, ...)")
+        raise KvdistillError(
+            f"a layer map is (L_s, L_t); got a tensor of shape {tuple(matrix.shape)}",
+            "build it with layer_map(L_s, L_t, ...)",
+        )
     out = []
     for i, row in enumerate(matrix.tolist()):
         out.append({"student": i, "teacher": [[j, round(w, digits)] for j, w in enumerate(row) if w != 0]})
@@ -159,13 +174,17 @@ def mix_layers(layers: list[torch.Tensor], weights: torch.Tensor) -> torch.Tenso
     Returns a tensor of that shape (float32 or wider), or None when every weight is zero (an unsupervised row).
     """
     if weights.dim() != 1 or weights.shape[0] != len(layers):
-        raise KvdistillError(f"mix_layers got {len(layers)} layers but weights of shape {tuple(weights.shape)}",
-                             "pass one row of the layer map: weights (L_t,) for L_t teacher layers")
+        raise KvdistillError(
+            f"mix_layers got {len(layers)} layers but weights of shape {tuple(weights.shape)}",
+            "pass one row of the layer map: weights (L_t,) for L_t teacher layers",
+        )
     mixed = None
     for j in weights.nonzero().flatten().tolist():
         if layers[j] is None:
-            raise KvdistillError(f"teacher layer {j} has weight {float(weights[j]):.4g} but was not provided",
-                                 "keep that layer in the cache, or change the layer map")
+            raise KvdistillError(
+                f"teacher layer {j} has weight {float(weights[j]):.4g} but was not provided",
+                "keep that layer in the cache, or change the layer map",
+            )
         term = float(weights[j]) * layers[j].float()  # (B, H, T, D)
         mixed = term if mixed is None else mixed + term
     return mixed
