@@ -265,3 +265,15 @@ def test_compress_capture_shapes_and_content():
     assert torch.equal(crop.keys[0][1], cap.keys[0][1, :, :5])
     with pytest.raises(KvdistillError, match="query mask"):
         compress_capture(cap, Compression(kind="rkv", budget=3), [0], None)
+
+
+def test_rkv_ignores_padding_content_even_nonfinite():
+    gen = torch.Generator().manual_seed(3)
+    keys = torch.randn(2, 2, 6, 4, generator=gen)
+    imp = torch.rand(2, 2, 6, generator=gen)
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
+    junk = keys.clone()
+    junk[0, :, 4:] = float("nan")
+    junk[0, 0, 5] = float("inf")
+    a, b = rkv_select(keys, imp, mask, 3), rkv_select(junk, imp, mask, 3)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])

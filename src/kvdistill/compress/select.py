@@ -202,13 +202,15 @@ def key_redundancy(keys: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) ->
         )
     work = torch.float64 if keys.dtype == torch.float64 else torch.float32
     k = keys.to(work)
-    real = mask.view(B, *([1] * (keys.dim() - 3)), T)  # (B, 1.., T)
-    k_hat = k / k.norm(dim=-1, keepdim=True).clamp_min(eps)  # (B, *G, T, D)
-    k_hat = k_hat * real.unsqueeze(-1)
-    total = k_hat.sum(-2, keepdim=True)  # (B, *G, 1, D)
+    real = mask.view(B, *([1] * (keys.dim() - 3)), T).to(work)  # (B, 1.., T)
+    if not mask.all():  # padding may hold anything, even non-finite values: zero it
+        k = k.masked_fill(real.unsqueeze(-1) == 0, 0.0)
+    norm = k.norm(dim=-1)  # (B, *G, T)
+    inv = real / norm.clamp_min(eps)  # (B, *G, T), 1/|k| on real tokens, 0 on padding: k̂ = k · inv
+    total = torch.einsum("...td,...t->...d", k, inv)  # (B, *G, D), Σ_s k̂_s over real s
+    self_sim = (norm * inv) ** 2  # (B, *G, T), k̂_t · k̂_t (1, or 0 for a zero key)
     n = mask.sum(-1).view(B, *([1] * (keys.dim() - 2)))  # (B, 1.., 1)
-    self_sim = (k_hat * k_hat).sum(-1)  # (B, *G, T)
-    r = ((k_hat * total).sum(-1) - self_sim) / (n - 1).clamp_min(1).to(work)
+    r = (torch.einsum("...td,...d->...t", k, total) * inv - self_sim) / (n - 1).clamp_min(1).to(work)
     return r * real
 
 
