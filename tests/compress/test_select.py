@@ -73,7 +73,7 @@ def random_mask(gen: torch.Generator, B: int, T: int, left: bool) -> torch.Tenso
     B=st.integers(1, 3),
     H=st.integers(1, 3),
     T=st.integers(1, 12),
-    D=st.integers(1, 6),
+    D=st.integers(2, 6),  # D=1 makes every cosine ±1: exact ties that rounding breaks either way
     M=st.integers(1, 14),
     left=st.booleans(),
     lam=st.sampled_from([0.0, 0.1, 0.5, 1.0]),

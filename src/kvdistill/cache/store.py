@@ -180,7 +180,7 @@ class CacheWriter:
                 "write with part=<index>, or run merge_parts on it",
             )
         if self.part is not None and (self.dir / MANIFEST).exists():
-            merged = json.loads((self.dir / MANIFEST).read_text()).get("merged_from")
+            merged = read_manifest(self.dir / MANIFEST).get("merged_from")
             if merged is None:
                 raise CacheError(
                     f"{self.dir} holds a single-writer cache", "write parts into a fresh directory"
@@ -320,9 +320,7 @@ def merge_parts(
             f"no part manifests (manifest.part-*.json) in {directory}",
             "run the extraction with part=<index> first",
         )
-    if (directory / MANIFEST).exists() and "merged_from" not in json.loads(
-        (directory / MANIFEST).read_text()
-    ):
+    if (directory / MANIFEST).exists() and "merged_from" not in read_manifest(directory / MANIFEST):
         raise CacheError(
             f"{directory} also holds a single-writer manifest.json", "merge parts in their own dir"
         )

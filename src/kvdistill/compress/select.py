@@ -17,7 +17,8 @@ R-KV score, per (b, h) row over its real tokens t (see `rkv_scores`):
     R_t   = 1 - minmax(r_t)                                             (non-redundancy, in [0, 1])
     score = lam * I_t + (1 - lam) * R_t,   lam = 0.1 by default         (padding: -inf)
 The M highest scores are kept (ties go to the earlier token). A constant row normalises to 0, so a row with
-one real token, or with all-equal importances, is decided by the other term alone.
+one real token, or with all-equal importances, is decided by the other term alone; redundancies whose spread
+is within rounding error (<= 1000 ulp, e.g. any row of two tokens, whose r are equal) count as constant.
 """
 
 from __future__ import annotations
@@ -177,12 +178,13 @@ def right_crop(mask: torch.Tensor, budget: int) -> tuple[torch.Tensor, torch.Ten
     return _order_kept(top, mask.gather(1, top), M)
 
 
-def _minmax(x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-    """Min-max normalise x (..., T) over the real entries to [0, 1]; constant rows give 0; padding gives 0."""
+def _minmax(x: torch.Tensor, real: torch.Tensor, tol: float = 0.0) -> torch.Tensor:
+    """Min-max normalise x (..., T) over the real entries to [0, 1]; padding gives 0. A row whose span is
+    <= tol counts as constant and gives 0 (so rounding noise is never stretched to [0, 1])."""
     lo = x.masked_fill(~real, float("inf")).amin(-1, keepdim=True)
     hi = x.masked_fill(~real, float("-inf")).amax(-1, keepdim=True)
     span = hi - lo
-    ok = torch.isfinite(span) & (span > 0)
+    ok = torch.isfinite(span) & (span > tol)
     out = torch.where(ok, (x - lo) / torch.where(ok, span, torch.ones_like(span)), torch.zeros_like(x))
     return out.masked_fill(~real, 0.0)
 
@@ -234,7 +236,8 @@ def rkv_scores(
             "check the attention probabilities the importance came from",
         )
     i_norm = _minmax(imp, real)
-    r_norm = _minmax(key_redundancy(keys, mask), real)
+    red = key_redundancy(keys, mask)  # cosines in [-1, 1]: spans within rounding error are ties
+    r_norm = _minmax(red, real, tol=1e3 * torch.finfo(red.dtype).eps)
     score = lam * i_norm + (1.0 - lam) * (1.0 - r_norm)
     return score.masked_fill(~real, float("-inf"))
 
