@@ -142,6 +142,132 @@ def _short_theta(theta) -> str:
 
 
 # ---------------------------------------------------------------- train / eval / report / quickstart / validate
+def _load(config: str, overrides: list[str] | None):
+    from kvdistill.config import load_config
+
+    return load_config(_config_path(config), overrides or [])
+
+
+def _config_path(config: str):
+    """A path, or the name of a packaged config (quickstart, phase1 … phase5)."""
+    from importlib.resources import files
+    from pathlib import Path
+
+    if Path(config).exists():
+        return Path(config)
+    packaged = files("kvdistill") / "configs" / f"{config.removesuffix('.yaml')}.yaml"
+    if packaged.is_file():
+        return packaged
+    names = sorted(p.name.removesuffix(".yaml") for p in (files("kvdistill") / "configs").iterdir())
+    raise KvdistillError(f"config '{config}' is neither a file nor a packaged config",
+                         f"give a YAML path or one of: {', '.join(names)}")
+
+
+def _phase_list(spec: str) -> list[int]:
+    try:
+        if "-" in spec:
+            lo, hi = (int(x) for x in spec.split("-"))
+            phases = list(range(lo, hi + 1))
+        else:
+            phases = [int(x) for x in spec.split(",")]
+    except ValueError:
+        phases = []
+    if not phases or any(p < 1 or p > 5 for p in phases):
+        raise KvdistillError(f"--phases '{spec}' is not a range or list within 1-5", "e.g. --phases 1-5 or 2,3")
+    return phases
+
+
+@app.command()
+def validate(
+    config: str = typer.Argument(..., help="YAML config (or a packaged name: quickstart, phase1 … phase5)."),
+    overrides: list[str] | None = typer.Argument(None, help="Dotted overrides, e.g. train.lr=1e-4."),
+) -> None:
+    """Check a config: every problem at once (keys, types, teachers found, layer maps possible)."""
+    from kvdistill.config import semantic_problems
+    from kvdistill.errors import ConfigError
+
+    cfg = _load(config, overrides)
+    problems = semantic_problems(cfg)
+    if problems:
+        raise ConfigError(problems, source=str(config))
+    console.print(f"[green]ok[/green] {config}: student, {len(cfg.teachers)} teacher(s), data and losses valid")
+
+
+@app.command()
+def train(
+    config: str | None = typer.Argument(None, help="YAML config or packaged name; omit with --phases."),
+    overrides: list[str] | None = typer.Argument(None, help="Dotted overrides, e.g. train.steps=10 teachers.0.weight=0.3"),
+    out: str = typer.Option(..., "--out", "-o", help="Run directory."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in --out."),
+    phases: str | None = typer.Option(None, "--phases", help="Run the curriculum phases, e.g. 1-5 (packaged configs)."),
+    init_student: str | None = typer.Option(None, "--init-student", help="Start from this student directory."),
+) -> None:
+    """Distill the teachers of CONFIG into its student (CPU, one GPU, or DDP under accelerate/torchrun)."""
+    from kvdistill.train.curriculum import run_phases
+    from kvdistill.train.trainer import train as run_train
+
+    if phases:
+        run_phases(_phase_list(phases), out, overrides or [], base_config=config, resume=resume)
+        return
+    if config is None:
+        raise KvdistillError("no config given", "kvdistill train CONFIG --out DIR, or --phases 1-5")
+    cfg = _load(config, overrides)
+    summary = run_train(cfg, out, resume=resume, init_student=init_student)
+    console.print(f"[green]done[/green] {out}: " + ", ".join(f"{k}={v:.4g}" for k, v in summary.items()
+                                                             if isinstance(v, (int, float))))
+
+
+@app.command("eval")
+def evaluate(
+    checkpoint: str = typer.Argument(..., help="A student directory (e.g. RUN/final/student) or model name."),
+    data: str = typer.Option("gsm_symbolic", "--data", help="gsm_symbolic, or a .jsonl/.csv/.parquet/.txt file."),
+    config: str | None = typer.Option(None, "--config", help="Take data settings and teachers from this config."),
+    teachers: list[str] | None = typer.Option(None, "--teacher", help="Teacher(s) for the KV alignment error."),
+    size: int = typer.Option(32, help="Held-out samples."),
+    max_length: int = typer.Option(256, help="Token limit per sample."),
+    em: bool = typer.Option(True, help="Exact match by greedy generation (needs (question, answer) data)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Held-out perplexity, exact match and per-layer KV alignment error (ridge probe) against teachers."""
+    from kvdistill.eval.run import evaluate_checkpoint, markdown_table
+
+    result = evaluate_checkpoint(checkpoint, data=data, config=_config_path(config) if config else None,
+                                 teachers=teachers or [], size=size, max_length=max_length, em=em)
+    if as_json:
+        _echo_json(result)
+    else:
+        sys.stdout.write(markdown_table(result) + "\n")
+
+
+@app.command()
+def report(
+    run_dirs: list[str] = typer.Argument(..., help="Run directories to put on one page."),
+    out: str | None = typer.Option(None, "--out", "-o", help="Output file (default: FIRST_RUN/report.md)."),
+    html: bool = typer.Option(False, "--html", help="Write HTML instead of markdown."),
+) -> None:
+    """One page: loss curves, routing weights, layer maps, token alignment, comparison table."""
+    from pathlib import Path
+
+    from kvdistill.eval.report import write_report
+
+    target = Path(out) if out else Path(run_dirs[0]) / ("report.html" if html else "report.md")
+    path = write_report(run_dirs, target, fmt="html" if html else "md")
+    console.print(f"[green]wrote[/green] {path}")
+
+
+@app.command()
+def quickstart(
+    out: str = typer.Option("quickstart-out", "--out", "-o", help="Output directory."),
+    steps: int | None = typer.Option(None, help="Override train.steps (default from the packaged config)."),
+) -> None:
+    """The default run: SmolLM2 + Gemma-3 distilled into a small GPT-2-tokenizer student vs a CE-only twin."""
+    from kvdistill.train.quickstart import run_quickstart
+
+    summary = run_quickstart(out, steps=steps)
+    sys.stdout.write(summary["table_markdown"] + "\n")
+    console.print(f"[green]wrote[/green] {out}/summary.json and {out}/report.md")
+
+
 # ---------------------------------------------------------------- extract / cache
 
 
