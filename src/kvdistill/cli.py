@@ -73,7 +73,7 @@ def inspect_models(models: list[str], text: str | None = None, strategy: str = "
             ids = enc["input_ids"][0].tolist()
             offsets = enc["offset_mapping"][0].tolist()
             entry["tokens"] = [
-                {"id": i, "token": tokenizer.convert_ids_to_tokens(i), "span": list(s)} for i, s in zip(ids, offsets)
+                {"id": i, "token": tokenizer.convert_ids_to_tokens(i), "span": list(s)} for i, s in zip(ids, offsets, strict=True)
             ]
             spans.append(enc["offset_mapping"][0])
         entries.append(entry)

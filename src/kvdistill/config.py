@@ -64,6 +64,33 @@ class LayerMapConfig(Section):
     interpolate: bool = True
 
 
+class CompressionConfig(Section):
+    """KaVa-style compression of a teacher's K/V (online, or what `kvdistill extract` stores)."""
+
+    kind: Literal["full", "right_crop", "rkv"] = "full"
+    budget: int | None = Field(None, gt=0)
+    """M: tokens kept per layer and head (right_crop, rkv)."""
+    lam: float = Field(0.1, ge=0.0, le=1.0)
+    """R-KV score λ·importance + (1-λ)·redundancy."""
+    layers: list[int] | None = None
+    """Teacher layers kept (None: all)."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    """Storage dtype in a cache."""
+
+    @model_validator(mode="after")
+    def _budget(self):
+        if self.kind == "full" and self.budget is not None:
+            raise ValueError("compression.budget is only for kind right_crop / rkv; kind 'full' keeps every token")
+        if self.kind != "full" and self.budget is None:
+            raise ValueError(f"compression.kind '{self.kind}' needs compression.budget (tokens kept, e.g. 128)")
+        return self
+
+    def build(self):
+        from kvdistill.compress import Compression
+
+        return Compression(kind=self.kind, budget=self.budget, lam=self.lam, layers=self.layers, dtype=self.dtype)
+
+
 class TeacherConfig(Section):
     name: str | None = None
     """Short label used in logs and reports (default: the model name)."""
@@ -73,6 +100,8 @@ class TeacherConfig(Section):
     weight: float = Field(1.0, ge=0.0)
     layer_map: LayerMapConfig = LayerMapConfig()
     projector: Literal["auto", "identity", "per_head", "linear"] = "auto"
+    compression: CompressionConfig = CompressionConfig()
+    """Online teachers: compress K/V on the fly. Cached teachers: must equal what the cache was built with."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """auto: float32 on CPU, bfloat16 on GPU."""
 

@@ -198,9 +198,9 @@ class Objective(nn.Module):
         metrics: dict[str, float] = {"tokens": float(mask.sum())}
         ce = ce_per_sample(s.logits, ids, mask)  # (B,)
         total = cfg.losses.ce * ce.mean()
-        metrics["loss/ce"] = float(ce.mean())
+        metrics["loss/ce"] = float(ce.detach().mean())
         if not self.teachers:
-            metrics["loss"] = float(total)
+            metrics["loss"] = float(total.detach())
             return total, metrics
 
         per_teacher = []  # (B,) KD loss of each teacher
@@ -226,11 +226,11 @@ class Objective(nn.Module):
         if self.router is not None and cfg.fusion.entropy.weight > 0:
             ent = entropy_regularizer(weights, target=cfg.fusion.entropy.target)
             total = total + cfg.fusion.entropy.weight * ent
-            metrics["loss/entropy"] = float(ent)
+            metrics["loss/entropy"] = float(ent.detach())
         for n, teacher in enumerate(self.teachers):
-            metrics[f"weight/{teacher.name}"] = float(weights[:, n].mean())
-        metrics["loss/kd"] = float(kd.mean())
-        metrics["loss"] = float(total)
+            metrics[f"weight/{teacher.name}"] = float(weights[:, n].detach().mean())
+        metrics["loss/kd"] = float(kd.detach().mean())
+        metrics["loss"] = float(total.detach())
         return total, metrics
 
     def _teacher_loss(self, teacher, tkv: TeacherKV, s, mask_s, spans_s):
@@ -275,11 +275,11 @@ class Objective(nn.Module):
         metrics = {}
         for name, value in terms.items():
             total = total + scale[name] * value / len(mapped)
-            metrics[name] = float(value.mean()) / len(mapped)
+            metrics[name] = float(value.detach().mean()) / len(mapped)
         if cfg.logit_kd.weight > 0:
             kd = self._logit_kd(s, tkv, mask_s)
             total = total + cfg.logit_kd.weight * kd
-            metrics["logit_kd"] = float(kd.mean())
+            metrics["logit_kd"] = float(kd.detach().mean())
         return total, deepest, metrics
 
     def _extra_terms(self, terms, w, i, j, s, tkv: TeacherKV, A, covered, teacher):
@@ -421,7 +421,9 @@ def build_teachers(cfg: RunConfig, device) -> list:
             continue
         dtype = tcfg.dtype if tcfg.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
         model, tok = load_model(tcfg.model, dtype=dtype)
-        teachers.append(OnlineTeacher(tcfg.name, model, tok))
+        comp = tcfg.compression
+        teachers.append(OnlineTeacher(tcfg.name, model, tok, compression=comp.build() if comp.kind != "full" else None,
+                                      layers=comp.layers))
     return teachers
 
 
