@@ -9,7 +9,7 @@ Layout of a config (every section optional except `student` and `data`)::
     teachers:  - {name, model, source: online|cache, cache_dir, weight, layer_map, projector, dtype}
     data:      {source, path, fields, template, size, seed, max_length, eval_size}
     losses:    {ce, kv: {weight, kind, normalize, keys, values}, cosine, attention_kl, relation, logit_kd, hidden}
-    fusion:    {kind: fixed|similarity|router, space: loss|target, weights, similarity, router, entropy}
+    fusion:    {kind: fixed|similarity|router, space: loss|target|latent, weights, similarity, router, entropy, latent}
     train:     {steps, batch_size, grad_accum, lr, ..., mixed_precision, seed, save_every, log_every}
 """
 
@@ -180,11 +180,21 @@ class EntropyConfig(Section):
     weight: float = Field(0.01, ge=0.0)
 
 
+class LatentConfig(Section):
+    dim: int = Field(64, gt=0)
+    """d_z: width of the shared latent space Z."""
+    fit_samples: int = Field(32, gt=1)
+    """Training records (the first ones, the same on every process) that the frozen maps into Z are fitted on."""
+
+
 class FusionConfig(Section):
     kind: Literal["fixed", "similarity", "router"] = "fixed"
-    space: Literal["loss", "target"] = "loss"
+    space: Literal["loss", "target", "latent"] = "loss"
     """loss: Σ_i w_i·KV_loss_i with maps from the student into each teacher's geometry (default, collapse-safe);
-    target: one fused target Σ_i w_i·A_i(KV_i) with frozen teacher→student maps A_i."""
+    target: one fused target Σ_i w_i·A_i(KV_i) with frozen teacher→student maps A_i;
+    latent: every teacher's K/V in one shared space Z (frozen whitened PCA + Procrustes rotation onto a reference
+    teacher), one learnable student head into Z; works for encoder teachers too."""
+    latent: LatentConfig = LatentConfig()
     weights: list[float] | None = None
     """Fixed weights, one per teacher (default: each teacher's `weight`, normalised)."""
     similarity: SimilarityConfig = SimilarityConfig()

@@ -138,7 +138,7 @@ def evaluate_objective(objective, records: list[dict], batch_size: int) -> dict:
         counted = (mask[:, 1:] * mask[:, :-1]).bool()
         nll += float(-logp[counted].sum())
         tokens += int(counted.sum())
-        if cfg.fusion.space == "target":
+        if cfg.fusion.space != "loss":  # no student -> teacher projectors to measure through
             continue
         for teacher in objective.teachers:
             tkv = teacher.kv(batch, max_length=cfg.data.max_length)

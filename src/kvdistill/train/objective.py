@@ -33,6 +33,7 @@ from kvdistill.align.tokens import batch_token_alignment
 from kvdistill.config import RunConfig
 from kvdistill.errors import KvdistillError
 from kvdistill.fuse import Router, entropy_regularizer, fixed_weights, prototype
+from kvdistill.fuse.latent import LatentSpace, kv_features
 from kvdistill.models.capture import forward_kv, tokenize
 from kvdistill.models.geometry import geometry_of
 from kvdistill.train.student import build_student, save_student, unwrap_student
@@ -114,6 +115,8 @@ class Objective(nn.Module):
         self.to_student = nn.ModuleDict()
         self.hidden_proj = nn.ModuleDict()
         target_space = cfg.fusion.space == "target"
+        latent_space = cfg.fusion.space == "latent"
+        latent_dims: dict[str, dict[int, int]] = {}
         for tcfg, teacher in zip(cfg.teachers, teachers, strict=True):
             lm = tcfg.layer_map
             matrix = layer_map(sg.num_layers, teacher.geometry.num_layers, strategy=lm.strategy,
@@ -126,11 +129,20 @@ class Objective(nn.Module):
             mapped = [i for i in range(sg.num_layers) if matrix[i].sum() > 0]
             if target_space:
                 self.to_student[teacher.name] = TeacherToStudentMap(teacher.geometry, sg)
+            elif latent_space:
+                tg = teacher.geometry
+                latent_dims[teacher.name] = dict.fromkeys(mapped, 2 * tg.num_kv_heads * tg.head_dim)
             else:
                 self.projectors[teacher.name] = nn.ModuleDict(
                     {str(i): KVProjector(sg, teacher.geometry, kind=tcfg.projector) for i in mapped})
             if cfg.losses.hidden > 0:
                 self.hidden_proj[teacher.name] = nn.Linear(sg.hidden_size, teacher.geometry.hidden_size, bias=False)
+        self.latent = None
+        self.latent_heads = nn.ModuleDict()
+        if latent_space:
+            self.latent = LatentSpace(latent_dims, cfg.fusion.latent.dim)
+            for i in sorted({i for layers in latent_dims.values() for i in layers}):
+                self.latent_heads[str(i)] = nn.Linear(2 * sg.num_kv_heads * sg.head_dim, cfg.fusion.latent.dim)
         n = len(teachers)
         weights = cfg.fusion.weights or [t.weight for t in cfg.teachers]
         self.register_buffer("fixed", fixed_weights(weights) if n else torch.zeros(0), persistent=False)
@@ -207,7 +219,7 @@ class Objective(nn.Module):
         deepest = {}
         for n, teacher in enumerate(self.teachers):
             tkv = teacher.kv(records, max_length=cfg.data.max_length, **needs)
-            if cfg.fusion.space == "target":
+            if cfg.fusion.space in ("target", "latent"):
                 per_teacher.append(None)
                 deepest[n] = tkv
                 continue
@@ -216,7 +228,15 @@ class Objective(nn.Module):
             for key, value in terms.items():
                 metrics[f"loss/{key}/{teacher.name}"] = value
         hidden_last = s.hidden_states[-1] if want_hidden else None
-        if cfg.fusion.space == "target":
+        if cfg.fusion.space == "latent":
+            per_teacher, preds = [], {}
+            for n, teacher in enumerate(self.teachers):
+                loss_n, preds[n] = self._latent_loss(teacher, deepest[n], s, mask, spans_s)
+                per_teacher.append(loss_n)
+                metrics[f"loss/latent/{teacher.name}"] = float(loss_n.detach().mean())
+            weights = self.fusion_weights(hidden_last, mask, [], preds)  # (B, N)
+            kd = (weights * torch.stack(per_teacher, -1)).sum(-1)  # (B,)
+        elif cfg.fusion.space == "target":
             kd = self._target_space_loss(s, mask, spans_s, deepest, hidden_last)
             weights = self._last_weights
         else:
@@ -361,6 +381,68 @@ class Objective(nn.Module):
             total = total + kv.values * kv_error(s.values[i], fused_v, m, kind=kv.kind, normalize=kv.normalize)
             count += 1
         return kv.weight * total / max(count, 1)
+
+    # -------------------------------------------------------------------------------------- latent space Z
+    def _teacher_features(self, teacher, tkv: TeacherKV, i: int) -> torch.Tensor:
+        """Teacher K/V features mixed over the teacher layers mapped to student layer i: (B, T_t, 2·H_t·D_t)."""
+        if not tkv.shared_spans:
+            raise KvdistillError(f"fusion.space 'latent' needs teacher '{teacher.name}' uncompressed",
+                                 "set its compression.kind: full, or use fusion.space: loss")
+        row = self.layer_maps[teacher.name][i]
+        return sum(float(row[j]) * kv_features(tkv.keys[j], tkv.values[j]) for j in row.nonzero().flatten().tolist())
+
+    def _latent_loss(self, teacher, tkv: TeacherKV, s, mask_s, spans_s):
+        """Per-sample error (B,) in Z between the student head and this teacher, over its mapped layers."""
+        kv = self.cfg.losses.kv
+        matrix = self.layer_maps[teacher.name]
+        mapped = [i for i in range(matrix.shape[0]) if matrix[i].sum() > 0]
+        any_j = int(matrix[mapped[0]].nonzero().flatten()[0])
+        A = batch_token_alignment(spans_s, mask_s, tkv.spans[any_j], tkv.mask[any_j])  # (B, T_s, T_t)
+        covered = (A.sum(-1) > 0).long() * mask_s  # (B, T_s)
+        total = torch.zeros(mask_s.shape[0], device=mask_s.device)
+        deepest = None
+        for i in mapped:
+            z_t = self.latent.encode(teacher.name, i, self._teacher_features(teacher, tkv, i))  # (B, T_t, d_z)
+            target = torch.einsum("bst,btz->bsz", A, z_t)  # (B, T_s, d_z) on the student's tokens
+            pred = self.latent_heads[str(i)](kv_features(s.keys[i], s.values[i]))  # (B, T_s, d_z)
+            total = total + kv_error(pred[:, None], target[:, None], covered, kind=kv.kind, normalize=kv.normalize)
+            deepest = (pred[:, None], target[:, None], covered[:, None])
+        return kv.weight * total / len(mapped), deepest
+
+    @torch.no_grad()
+    def prepare(self, records: list[dict]) -> None:
+        """Fit what is fitted rather than trained (the latent maps) on `records`; a no-op otherwise or once done."""
+        if self.latent is None or bool(self.latent.fitted) or not self.teachers:
+            return
+        bs = self.cfg.train.batch_size
+        samples: dict[tuple[str, int], list] = {}
+        pairs: dict[tuple[str, int], list] = {}
+        reference = self.teachers[0]
+        for lo in range(0, len(records), bs):
+            batch = records[lo : lo + bs]
+            tkvs = [t.kv(batch, max_length=self.cfg.data.max_length) for t in self.teachers]
+            first = {t.name: int(self.layer_maps[t.name].nonzero()[0, 1]) for t in self.teachers}
+            ref_kv, j0 = tkvs[0], first[reference.name]
+            for teacher, tkv in zip(self.teachers, tkvs, strict=True):
+                j = first[teacher.name]
+                m = tkv.mask[j].bool()  # (B, T_t)
+                A = None
+                if teacher is not reference:  # reference tokens, normalised over this teacher's tokens
+                    A = batch_token_alignment(ref_kv.spans[j0], ref_kv.mask[j0], tkv.spans[j], tkv.mask[j])
+                for i in self.latent.feature_layers(teacher.name):
+                    x = self._teacher_features(teacher, tkv, i)  # (B, T_t, F)
+                    samples.setdefault((teacher.name, i), []).append(x[m])
+                    if A is None or (reference.name, i) not in self.latent.keys_:
+                        continue
+                    x_ref = self._teacher_features(reference, ref_kv, i)  # (B, T_0, F_0)
+                    on_ref = torch.einsum("bst,btf->bsf", A, x)  # (B, T_0, F)
+                    ok = (A.sum(-1) > 0) & ref_kv.mask[j0].bool()
+                    pairs.setdefault((teacher.name, i), []).append((on_ref[ok], x_ref[ok]))
+        fit_samples = {k: (torch.cat(v), torch.ones(sum(len(x) for x in v))) for k, v in samples.items()}
+        fit_pairs = {k: (torch.cat([a for a, _ in v]), torch.cat([b for _, b in v]),
+                         torch.ones(sum(len(a) for a, _ in v))) for k, v in pairs.items()}
+        self.latent.fit({k: (x.cpu(), w) for k, (x, w) in fit_samples.items()},
+                        {k: (a.cpu(), b.cpu(), w) for k, (a, b, w) in fit_pairs.items()}, reference.name)
 
     # -------------------------------------------------------------------------------------- outside training
     def plan(self) -> dict:

@@ -146,6 +146,7 @@ def train(
     eval_records = load_records(cfg.data, split="eval") if cfg.data.eval_size else []
 
     objective = build_objective(cfg, device=accelerator.device, init_student=init_student)
+    objective.prepare(train_records[: cfg.fusion.latent.fit_samples])  # frozen, fitted maps (same on every rank)
     if main:
         (out_dir / "plan.json").write_text(json.dumps(objective.plan(), indent=1))
         sample = objective.alignment_sample(train_records[0])
