@@ -124,7 +124,8 @@ def inspect(
         plan = e["plan_from_student"]
         p = plan["projector"]
         out.print(f"\n[bold]{entries[0]['name']} (student) ← {e['name']} (teacher)[/bold]")
-        out.print("  layer map: " + ", ".join(plan["layer_map"]["pairs"]))
+        out.print(f"  layer map ({plan['layer_map']['strategy']}, student←teacher): "
+                  + _pairs_text(plan["layer_map"]["pairs"]))
         out.print(f"  projector: {p['kind']} (H_kv {p['from']['num_kv_heads']}×D {p['from']['head_dim']} → "
                   f"H_kv {p['to']['num_kv_heads']}×D {p['to']['head_dim']}), {p['params_total']:,} parameters "
                   f"for keys+values over {plan['layer_map']['mapped_student_layers']} layers")
@@ -132,6 +133,21 @@ def inspect(
             ta = plan["token_alignment"]
             out.print(f"  tokens: {ta['student_tokens']} student vs {ta['teacher_tokens']} teacher; "
                       f"{ta['aligned_student_tokens']} student tokens aligned, {ta['nonzeros']} non-zeros")
+
+
+def _pairs_text(pairs: list[dict]) -> str:
+    """describe_layer_map pairs as text: `0←0, 1←9(0.33)+10(0.67), 2←-` (- for an unsupervised layer)."""
+    parts = []
+    for p in pairs:
+        src = p["teacher"]
+        if not src:
+            text = "-"
+        elif len(src) == 1:
+            text = str(src[0][0])
+        else:
+            text = "+".join(f"{j}({w:.2f})" for j, w in src)
+        parts.append(f"{p['student']}←{text}")
+    return ", ".join(parts)
 
 
 def _short_theta(theta) -> str:
