@@ -199,11 +199,10 @@ def validate(
     overrides: list[str] | None = typer.Argument(None, help="Dotted overrides, e.g. train.lr=1e-4."),
 ) -> None:
     """Check a config: every problem at once (keys, types, teachers found, layer maps possible)."""
-    from kvdistill.config import semantic_problems
+    from kvdistill.config import check_config, read_raw
     from kvdistill.errors import ConfigError
 
-    cfg = _load(config, overrides)
-    problems = semantic_problems(cfg)
+    cfg, problems = check_config(read_raw(_config_path(config), overrides or []), source=str(config))
     if problems:
         raise ConfigError(problems, source=str(config))
     console.print(f"[green]ok[/green] {config}: student, {len(cfg.teachers)} teacher(s), data and losses valid")

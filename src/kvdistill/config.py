@@ -356,18 +356,26 @@ def parse_config(raw: dict, source: str = "config") -> RunConfig:
         raise ConfigError([_describe(e) for e in err.errors()], source=source) from None
 
 
+def read_raw(path: str | Path, overrides: list[str] | None = None) -> dict:
+    """The mapping in a YAML config file with dotted overrides applied (not validated)."""
+    p = Path(path)
+    if not p.is_file():
+        raise KvdistillError(f"config file '{path}' does not exist", "check the path (ready configs: configs/*.yaml)")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError([f"not valid YAML: {err}"], source=str(path)) from None
+    if not isinstance(raw, dict):
+        raise ConfigError([f"top level must be a mapping, got {type(raw).__name__}"], source=str(path))
+    return apply_overrides(raw, overrides or [])
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, raw: dict | None = None) -> RunConfig:
     """Load a YAML config (or a raw mapping), apply dotted overrides, validate."""
     if raw is None:
         if path is None:
             raise KvdistillError("no config given", "pass a YAML file, e.g. configs/phase1.yaml")
-        p = Path(path)
-        if not p.is_file():
-            raise KvdistillError(f"config file '{path}' does not exist", "check the path (ready configs: configs/*.yaml)")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError([f"not valid YAML: {err}"], source=str(path)) from None
+        return parse_config(read_raw(path, overrides), source=str(path))
     raw = apply_overrides(dict(raw), overrides or [])
     return parse_config(raw, source=str(path) if path else "config")
 
@@ -381,39 +389,110 @@ def semantic_problems(config: RunConfig) -> list[str]:
 
     Loads only `config.json` of each model, so it is fast; returns the problems (empty list when all is well).
     """
+    problems: list[str] = []
+    student_layers = _student_layers(config.student, problems)
+    for i, t in enumerate(config.teachers):
+        problems += _teacher_problems(i, t, student_layers)
+    problems += _data_problems(config.data)
+    return problems
+
+
+def check_config(raw: dict, source: str = "config") -> tuple[RunConfig | None, list[str]]:
+    """(config or None, every problem): schema problems and the semantic checks together, in one list.
+
+    When the schema check fails, each section is validated again without its failing fields, so a typo in one
+    place does not hide a missing teacher or an impossible layer map in another.
+    """
+    try:
+        cfg = parse_config(raw, source)
+    except ConfigError as err:
+        problems = list(err.problems)
+    else:
+        return cfg, semantic_problems(cfg)
+    if not isinstance(raw, dict):
+        return None, problems
+    student = _salvage(StudentConfig, raw.get("student"))
+    student_layers = _student_layers(student, problems) if student is not None else None
+    teachers = raw.get("teachers")
+    for i, t_raw in enumerate(teachers if isinstance(teachers, list) else []):
+        teacher = _salvage(TeacherConfig, t_raw)
+        if teacher is not None:
+            problems += _teacher_problems(i, teacher, student_layers)
+    data = _salvage(DataConfig, raw.get("data", {}))
+    if data is not None:
+        problems += _data_problems(data)
+    return None, list(dict.fromkeys(problems))
+
+
+def _salvage(cls: type[BaseModel], raw: Any) -> BaseModel | None:
+    """`raw` validated as `cls` after dropping the fields that fail; None when that does not make it valid."""
+    if not isinstance(raw, dict):
+        return None
+    data = dict(raw)
+    for _ in range(len(cls.model_fields) + 1):
+        try:
+            return cls.model_validate(data)
+        except ValidationError as err:
+            failing = {e["loc"][0] for e in err.errors() if e["loc"] and e["loc"][0] in data}
+            if not failing:
+                return None
+            for key in failing:
+                del data[key]
+    return None
+
+
+def _student_layers(student: StudentConfig, problems: list[str]) -> int | None:
     from kvdistill.models.load import load_config as load_hf_config
 
-    problems: list[str] = []
-    student_layers = None
     try:
-        if config.student.model:
-            student_layers = load_hf_config(config.student.model).num_hidden_layers
-        else:
-            base = load_hf_config(config.student.from_config["base"])
-            student_layers = config.student.from_config.get("num_hidden_layers", base.num_hidden_layers)
+        if student.model:
+            return _num_layers(load_hf_config(student.model))
+        base = load_hf_config(student.from_config["base"])
+        return student.from_config.get("num_hidden_layers", _num_layers(base))
     except KvdistillError as err:
         problems.append(f"student: {err.problem}")
-    for i, t in enumerate(config.teachers):
-        key = f"teachers[{i}] ({t.name})"
-        if t.source == "cache":
-            if not (Path(t.cache_dir) / "manifest.json").is_file():
-                problems.append(f"{key}.cache_dir: '{t.cache_dir}' holds no manifest.json; run `kvdistill extract` first")
-            continue
-        try:
-            hf = load_hf_config(t.model)
-        except KvdistillError as err:
-            problems.append(f"{key}.model: {err.problem}")
-            continue
-        teacher_layers = getattr(hf, "num_hidden_layers", None)
-        if t.layer_map.strategy == "explicit":
-            if not t.layer_map.explicit:
-                problems.append(f"{key}.layer_map: strategy 'explicit' needs layer_map.explicit")
-            elif teacher_layers is not None:
-                flat = [x for e in t.layer_map.explicit for x in (e if isinstance(e, list) else [e])]
-                bad = [x for x in flat if x >= max(teacher_layers, student_layers or 0) or x < -1]
-                if bad:
-                    problems.append(f"{key}.layer_map.explicit: layers {bad} out of range "
-                                    f"(teacher has {teacher_layers}, student {student_layers})")
-    if config.data.source != "gsm_symbolic" and config.data.path and not Path(config.data.path).exists():
-        problems.append(f"data.path: '{config.data.path}' does not exist")
-    return problems
+        return None
+
+
+def _num_layers(hf_config) -> int | None:
+    """Layer count from a transformers config, whatever the family calls it."""
+    for attr in ("num_hidden_layers", "n_layer", "num_layers"):
+        if isinstance(getattr(hf_config, attr, None), int):
+            return getattr(hf_config, attr)
+    return None
+
+
+def _teacher_problems(i: int, t: TeacherConfig, student_layers: int | None) -> list[str]:
+    """Teacher i found (online: its config.json; cache: a manifest) and its layer map buildable."""
+    from kvdistill.align.layers import layer_map
+    from kvdistill.models.load import load_config as load_hf_config
+
+    key = f"teachers[{i}] ({t.name})"
+    if t.source == "cache":
+        if not (Path(t.cache_dir) / "manifest.json").is_file():
+            return [f"{key}.cache_dir: '{t.cache_dir}' holds no manifest.json; run `kvdistill extract` first"]
+        return []
+    try:
+        teacher_layers = _num_layers(load_hf_config(t.model))
+    except KvdistillError as err:
+        return [f"{key}.model: {err.problem}"]
+    lm = t.layer_map
+    if teacher_layers is None:
+        return []
+    if student_layers is None:  # student unknown: only the teacher side of an explicit map can be checked
+        flat = [x for e in lm.explicit or [] for x in (e if isinstance(e, list) else [e])]
+        bad = [x for x in flat if not -1 <= x < teacher_layers]
+        return [f"{key}.layer_map.explicit: teacher layers {bad} outside 0..{teacher_layers - 1}"] if bad else []
+    try:
+        layer_map(student_layers, teacher_layers, strategy=lm.strategy, explicit=lm.explicit,
+                  interpolate=lm.interpolate)
+    except KvdistillError as err:
+        return [f"{key}.layer_map ({lm.strategy}, student {student_layers} layers, teacher {teacher_layers}): "
+                f"{err.problem}"]
+    return []
+
+
+def _data_problems(data: DataConfig) -> list[str]:
+    if data.source != "gsm_symbolic" and data.path and not Path(data.path).exists():
+        return [f"data.path: '{data.path}' does not exist"]
+    return []
