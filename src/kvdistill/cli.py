@@ -217,15 +217,30 @@ def train(
     phases: str | None = typer.Option(None, "--phases", help="Run the curriculum phases, e.g. 1-5 (packaged configs)."),
     init_student: str | None = typer.Option(None, "--init-student", help="Start from this student directory."),
 ) -> None:
-    """Distill the teachers of CONFIG into its student (CPU, one GPU, or DDP under accelerate/torchrun)."""
-    from kvdistill.train.curriculum import run_phases
+    """Distill the teachers of CONFIG into its student (CPU, one GPU, or DDP under accelerate/torchrun).
+
+    CONFIG may also be a curriculum file (a `curriculum:` list of stage configs); --phases runs the packaged
+    5-phase curriculum.
+    """
+    from kvdistill.train.curriculum import is_curriculum, read_curriculum, run_curriculum, run_phases
     from kvdistill.train.trainer import train as run_train
 
+    if config is not None and "=" in config and not os.path.exists(config):  # an override, not a config path
+        overrides, config = [config, *(overrides or [])], None
     if phases:
-        run_phases(_phase_list(phases), out, overrides or [], base_config=config, resume=resume)
+        if config is not None:
+            raise KvdistillError(f"--phases runs the packaged phase configs; CONFIG '{config}' would be ignored",
+                                 "drop CONFIG (put changes in overrides), or list your configs in a curriculum file")
+        results = run_phases(_phase_list(phases), out, overrides or [], resume=resume)
+        console.print(f"[green]done[/green] {out}: " + ", ".join(r["stage"] for r in results))
         return
     if config is None:
         raise KvdistillError("no config given", "kvdistill train CONFIG --out DIR, or --phases 1-5")
+    if is_curriculum(config):
+        stages, shared = read_curriculum(config)
+        results = run_curriculum(stages, out, shared + list(overrides or []), resume=resume, init_student=init_student)
+        console.print(f"[green]done[/green] {out}: " + ", ".join(r["stage"] for r in results))
+        return
     cfg = _load(config, overrides)
     summary = run_train(cfg, out, resume=resume, init_student=init_student)
     console.print(f"[green]done[/green] {out}: " + ", ".join(f"{k}={v:.4g}" for k, v in summary.items()

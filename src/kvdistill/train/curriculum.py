@@ -1,8 +1,18 @@
-"""The 5-phase curriculum: each phase is a packaged config, and starts from the previous phase's student.
+"""The 5-phase curriculum, or any list of configs run in order, each starting from the previous student.
 
-1. two teachers, fixed 0.5 / 0.5            4. learned router with entropy regularisation
-2. two architectures, fixed unequal weights  5. + an encoder teacher (MiniLM) through the relation space
+Packaged phases (`kvdistill train --phases 1-5 --out DIR`):
+1. two teachers, fixed 0.5 / 0.5              4. learned router with entropy regularisation
+2. unequal fixed weights, uniform layer map   5. + an encoder teacher (MiniLM), all in one shared latent space Z
 3. similarity routing over all teachers
+
+A curriculum config (`kvdistill train CURRICULUM.yaml --out DIR`) lists the stages, each a packaged name or a
+path (relative to the curriculum file), plus overrides applied to every stage::
+
+    curriculum: [phase1, phase2, my_phase.yaml]
+    overrides: [train.steps=200, data.max_length=512]
+
+Stage k runs in DIR/<stage name> and starts from stage k-1's final student; on `--resume` finished stages
+(summary.json present) are skipped and an interrupted one continues from its last checkpoint.
 """
 
 from __future__ import annotations
@@ -11,37 +21,88 @@ import json
 from importlib.resources import files
 from pathlib import Path
 
+import yaml
+
 from kvdistill.config import load_config
+from kvdistill.errors import KvdistillError
 
-PHASE_NAMES = {1: "phase1", 2: "phase2", 3: "phase3", 4: "phase4", 5: "phase5"}
-
-
-def phase_config(phase: int, overrides: list[str]):
-    return load_config(files("kvdistill") / "configs" / f"{PHASE_NAMES[phase]}.yaml", overrides)
+PHASES = (1, 2, 3, 4, 5)
 
 
-def run_phases(phases: list[int], out: str | Path, overrides: list[str], *, base_config: str | None = None,
-               resume: bool = False) -> list[dict]:
-    """Run `phases` in order under OUT/phase-N; phase k > first starts from phase k-1's final student.
+def packaged_config(name: str) -> Path:
+    path = files("kvdistill") / "configs" / f"{name.removesuffix('.yaml')}.yaml"
+    if not path.is_file():
+        names = sorted(p.name.removesuffix(".yaml") for p in (files("kvdistill") / "configs").iterdir())
+        raise KvdistillError(f"config '{name}' is neither a file nor a packaged config",
+                             f"give a YAML path or one of: {', '.join(names)}")
+    return Path(str(path))
 
-    Finished phases (summary.json present) are skipped on --resume, an interrupted one is resumed.
-    """
+
+def is_curriculum(path: str | Path) -> bool:
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError):
+        return False
+    return isinstance(raw, dict) and "curriculum" in raw
+
+
+def read_curriculum(path: str | Path) -> tuple[list[Path], list[str]]:
+    """Stages (config paths) and shared overrides of a curriculum file; every problem at once."""
+    path = Path(path)
+    raw = yaml.safe_load(path.read_text())
+    problems = [f"unknown key '{k}' (a curriculum file has 'curriculum' and 'overrides')"
+                for k in raw if k not in ("curriculum", "overrides")]
+    stages = raw.get("curriculum")
+    overrides = raw.get("overrides") or []
+    if not isinstance(stages, list) or not stages:
+        problems.append("'curriculum' must be a non-empty list of config paths or packaged names")
+        stages = []
+    if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
+        problems.append("'overrides' must be a list of 'dotted.key=value' strings")
+        overrides = []
+    paths = []
+    for stage in stages:
+        candidate = path.parent / str(stage)
+        if candidate.is_file():
+            paths.append(candidate)
+            continue
+        try:
+            paths.append(packaged_config(str(stage)))
+        except KvdistillError as err:
+            problems.append(f"stage '{stage}': {err.problem}")
+    if problems:
+        raise KvdistillError(f"curriculum {path} has problems: " + "; ".join(problems),
+                             "fix the listed entries of the curriculum file")
+    return paths, overrides
+
+
+def run_curriculum(stages: list[Path], out: str | Path, overrides: list[str], *, resume: bool = False,
+                   init_student: str | None = None) -> list[dict]:
+    """Train `stages` in order under OUT/<config name>; stage k > 0 starts from stage k-1's final student."""
     from kvdistill.train.trainer import train
 
     out = Path(out)
-    previous: Path | None = None
+    configs = [load_config(p, overrides) for p in stages]  # all validated before the first step
+    names = [c.name for c in configs]
+    if len(set(names)) != len(names):
+        raise KvdistillError(f"curriculum stages share names {names}", "give every stage config a distinct `name`")
+    previous = Path(init_student) if init_student else None
     results = []
-    for phase in phases:
-        cfg = phase_config(phase, overrides)
-        run_dir = out / f"phase-{phase}"
-        done = (run_dir / "summary.json").is_file()
-        if not done:
+    for cfg in configs:
+        run_dir = out / cfg.name
+        if (run_dir / "summary.json").is_file() and resume:
+            summary = json.loads((run_dir / "summary.json").read_text())
+        else:
             summary = train(cfg, run_dir, resume=resume and (run_dir / "checkpoints").is_dir(),
                             init_student=str(previous) if previous else None)
-        else:
-            summary = json.loads((run_dir / "summary.json").read_text())
-        results.append({"phase": phase, "dir": str(run_dir), **summary})
+        results.append({"stage": cfg.name, "dir": str(run_dir), "init_student": str(previous) if previous else None,
+                        **summary})
         previous = run_dir / "final" / "student"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "curriculum.json").write_text(json.dumps(results, indent=1))
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "curriculum.json").write_text(json.dumps(results, indent=1))
     return results
+
+
+def run_phases(phases: list[int], out: str | Path, overrides: list[str], *, resume: bool = False) -> list[dict]:
+    """The packaged phases `phases` (e.g. [1, 2, 3, 4, 5]) as one curriculum."""
+    return run_curriculum([packaged_config(f"phase{p}") for p in phases], out, overrides, resume=resume)
