@@ -5,6 +5,9 @@ Two KV alignment errors:
 - `probe_kv_error` fits a fresh ridge-regression map from the student's K/V to each teacher's (on a fit split)
   and measures 1 - R² on held-out samples. It needs no trained maps, so a CE-only student and a distilled
   student are compared on equal terms: how much of the teacher's K/V is linearly readable from the student's.
+
+Notation: B batch, T_s/T_t student/teacher tokens, H heads, D head dim, L_s/L_t layers, V vocab,
+N rows (covered teacher tokens) of a probe's design matrix, F_s/F_t flattened K or V features (H·D).
 """
 
 from __future__ import annotations
@@ -42,30 +45,40 @@ def perplexity(model, tokenizer, records: list[dict], *, max_length: int, batch_
 
 @torch.no_grad()
 def exact_match(model, tokenizer, records: list[dict], *, max_new_tokens: int = 16, batch_size: int = 8) -> dict:
-    """Greedy generation from each record's text before its answer; the extracted answer vs the gold one."""
+    """Greedy generation from each record's text before its answer; the extracted answer vs the gold one.
+
+    The prompt is `text[:answer_start]` without trailing whitespace (a training text reads "Answer: 42", which
+    BPE tokenizers split as "Answer", ":", " 42"; a prompt ending in a bare space would ask for a token the
+    model never saw there). Prompts are left-padded into batches; positions come from the attention mask, so a
+    batch generates what each prompt generates alone. The first generated line is read as "Answer: <line>".
+    Records without an answer or `answer_start` are skipped; `exact_match` is None when none are left.
+    """
     from kvdistill.eval.answers import exact_match as same
     from kvdistill.eval.answers import extract_answer
 
     device = next(model.parameters()).device
     usable = [r for r in records if r.get("answer") is not None and r.get("answer_start") is not None]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     hits, rows = 0, []
     old_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
         for batch in _chunks(usable, batch_size):
-            prompts = [r["text"][: r["answer_start"]] for r in batch]
-            enc = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id)
-            for r, seq in zip(batch, out[:, enc["input_ids"].shape[1]:], strict=True):
+            prompts = [r["text"][: r["answer_start"]].rstrip() for r in batch]
+            enc = tokenizer(prompts, return_tensors="pt", padding=True)
+            ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)  # (B, T) left-padded
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                 do_sample=False, pad_token_id=pad_id)  # (B, T + new)
+            for r, seq in zip(batch, out[:, ids.shape[1] :], strict=True):
                 text = tokenizer.decode(seq, skip_special_tokens=True)
-                pred = extract_answer("Answer: " + text.split("\n")[0])
+                pred = extract_answer("Answer: " + text.strip().split("\n")[0])
                 ok = same(pred, r["answer"])
                 hits += ok
-                rows.append({"id": r["id"], "pred": pred, "gold": r["answer"], "correct": bool(ok)})
+                rows.append({"id": r["id"], "generated": text, "pred": pred, "gold": r["answer"], "correct": bool(ok)})
     finally:
         tokenizer.padding_side = old_side
-    return {"exact_match": hits / max(len(usable), 1), "n": len(usable), "samples": rows[:8]}
+    return {"exact_match": hits / len(usable) if usable else None, "correct": hits, "n": len(usable),
+            "samples": rows[:8]}
 
 
 def _aligned_pairs(student, s_tok, teacher, t_tok, records, max_length, batch_size, layers_s, pairs):
@@ -76,15 +89,17 @@ def _aligned_pairs(student, s_tok, teacher, t_tok, records, max_length, batch_si
     ys = {i: [] for i in layers_s}
     for batch in _chunks(records, batch_size):
         texts = [r["text"] for r in batch]
-        s = capture_kv(student, s_tok, texts, max_length=max_length)
-        t = capture_kv(teacher, t_tok, texts, max_length=max_length)
-        A = teacher_alignment(t.spans, t.attention_mask, s.spans, s.attention_mask)  # (B, T_t, T_s)
+        s = capture_kv(student, s_tok, texts, max_length=max_length, padding_side="right")
+        t = capture_kv(teacher, t_tok, texts, max_length=max_length, padding_side="right")
+        A = teacher_alignment(t.spans, t.attention_mask, s.spans.to(t.spans.device),
+                              s.attention_mask.to(t.spans.device))  # (B, T_t, T_s)
         covered = (A.sum(-1) > 0) & t.attention_mask.bool()  # (B, T_t)
         for i in layers_s:
             j = pairs[i]
             for src, dst, store in ((s.keys[i], t.keys[j], "k"), (s.values[i], t.values[j], "v")):
-                x = torch.einsum("bmt,bhtd->bmhd", A, src.float()).flatten(2)[covered]  # (N, H_s·D_s)
-                y = dst.float().transpose(1, 2).flatten(2)[covered]  # (N, H_t·D_t)
+                src = src.float().to(A.device)  # (B, H_s, T_s, D_s)
+                x = torch.einsum("bmt,bhtd->bmhd", A, src).flatten(2)[covered].cpu()  # (N, H_s·D_s)
+                y = dst.float().transpose(1, 2).flatten(2)[covered].cpu()  # (N, H_t·D_t)
                 xs[i].append((store, x))
                 ys[i].append((store, y))
     return xs, ys
@@ -93,9 +108,12 @@ def _aligned_pairs(student, s_tok, teacher, t_tok, records, max_length, batch_si
 @torch.no_grad()
 def probe_kv_error(student, s_tok, teacher, t_tok, fit_records, eval_records, *, max_length: int,
                    batch_size: int = 8, ridge: float = 1e-2) -> list[float]:
-    """Per student layer: 1 - R² of a ridge map student K/V -> teacher K/V (keys and values averaged).
+    """Per student layer (L_s values): 1 - R² of a ridge map student K/V -> teacher K/V, keys and values averaged.
 
-    The teacher layer of student layer i is the nearest by depth (ratio map without interpolation).
+    The teacher layer of student layer i is the nearest by depth (ratio map without interpolation). Rows are the
+    teacher's real tokens covered by student tokens (student K/V resampled onto them). The map is fitted on
+    `fit_records` and scored on `eval_records`; the ridge term is `ridge` times the mean feature variance.
+    0 means the teacher's K/V are a linear function of the student's; 1 means no better than the mean.
     """
     gs, gt = geometry_of(student), geometry_of(teacher)
     matrix = layer_map(gs.num_layers, gt.num_layers, strategy="ratio", interpolate=False)
@@ -112,7 +130,7 @@ def probe_kv_error(student, s_tok, teacher, t_tok, fit_records, eval_records, *,
             x_mu, y_mu = X.mean(0), Y.mean(0)
             Xc, Yc = X - x_mu, Y - y_mu
             scale = Xc.square().mean().clamp(min=1e-12)
-            gram = Xc.T @ Xc + ridge * scale * len(X) * torch.eye(X.shape[1])
+            gram = Xc.T @ Xc + ridge * scale * len(X) * torch.eye(X.shape[1], dtype=X.dtype)  # (F_s, F_s)
             W = torch.linalg.solve(gram, Xc.T @ Yc)  # (F_s, F_t)
             Xe = torch.cat([x for k, x in ex[i] if k == kind])
             Ye = torch.cat([y for k, y in ey[i] if k == kind])
@@ -125,41 +143,61 @@ def probe_kv_error(student, s_tok, teacher, t_tok, fit_records, eval_records, *,
 
 @torch.no_grad()
 def evaluate_objective(objective, records: list[dict], batch_size: int) -> dict:
-    """Held-out CE/perplexity and, per teacher, the normalised KV error per student layer (trained maps)."""
+    """Held-out CE/perplexity and, per teacher, the normalised KV error per student layer (trained maps).
+
+    The error of student layer i against teacher n weighs the teacher layers as the training KV term does, per
+    sample: Σ_j W_n[i, j] · (err(K) + err(V)) / 2, err the variance-normalised MSE over covered teacher tokens
+    (`kv_error`) whatever losses.kv.kind is, averaged over samples. `eval/kv_error_layers/<teacher>` has one entry per student layer (L_s),
+    None for a layer the layer map leaves unsupervised; `eval/kv_error/<teacher>` is the mean over mapped layers.
+    Target- and latent-space fusion (no student→teacher maps) report CE and perplexity only.
+    """
     from kvdistill.train.objective import kv_error, teacher_alignment
 
     cfg = objective.cfg
     nll, tokens = 0.0, 0
-    per_layer: dict[str, dict[int, list[float]]] = {t.name: {} for t in objective.teachers}
+    per_sample: dict[str, dict[int, list[float]]] = {t.name: {} for t in objective.teachers}
     for batch in _chunks(records, batch_size):
-        ids, mask, spans_s = objective._student_batch(batch)
+        ids, mask, spans_s = objective._student_batch(batch)  # (B, T_s) each, spans (B, T_s, 2)
         s = forward_kv(objective.student, ids, mask, geometry=objective.student_geometry, logits=True)
-        logp = torch.log_softmax(s.logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+        logp = torch.log_softmax(s.logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None]).squeeze(-1)  # (B, T_s-1)
         counted = (mask[:, 1:] * mask[:, :-1]).bool()
         nll += float(-logp[counted].sum())
         tokens += int(counted.sum())
-        if cfg.fusion.space != "loss":  # no student -> teacher projectors to measure through
+        if cfg.fusion.space != "loss":
             continue
         for teacher in objective.teachers:
             tkv = teacher.kv(batch, max_length=cfg.data.max_length)
-            matrix = objective.layer_maps[teacher.name]
+            matrix = objective.layer_maps[teacher.name]  # (L_s, L_t)
+            align: dict[int, torch.Tensor] = {}
             for i in range(matrix.shape[0]):
                 if matrix[i].sum() == 0:
                     continue
-                j = int(matrix[i].argmax())
                 proj = objective.projectors[teacher.name][str(i)]
-                A = teacher_alignment(tkv.spans[j], tkv.mask[j], spans_s, mask).float()
-                eq = "bmt,bhtd->bhmd" if A.dim() == 3 else "bhmt,bhtd->bhmd"
-                covered = (A.sum(-1) > 0).long() * tkv.mask[j]
-                k = torch.einsum(eq, A, proj(s.keys[i], which="keys").float())
-                v = torch.einsum(eq, A, proj(s.values[i], which="values").float())
-                err = (kv_error(k, tkv.keys[j], covered) + kv_error(v, tkv.values[j], covered)) / 2
-                per_layer[teacher.name].setdefault(i, []).extend(err.tolist())
+                k_s = proj(s.keys[i], which="keys").float()  # (B, H_t, T_s, D_t)
+                v_s = proj(s.values[i], which="values").float()
+                err = torch.zeros(ids.shape[0], device=ids.device)  # (B,)
+                for j in matrix[i].nonzero().flatten().tolist():
+                    key = id(tkv.spans[j])
+                    if key not in align:
+                        align[key] = teacher_alignment(tkv.spans[j].to(ids.device), tkv.mask[j].to(ids.device),
+                                                       spans_s, mask).float()  # (B, M, T_s) or (B, H_t, M, T_s)
+                    A = align[key]
+                    eq = "bmt,bhtd->bhmd" if A.dim() == 3 else "bhmt,bhtd->bhmd"
+                    covered = (A.sum(-1) > 0).long() * tkv.mask[j].to(ids.device)  # (B, M) or (B, H_t, M)
+                    k_t, v_t = tkv.keys[j].to(ids.device), tkv.values[j].to(ids.device)  # (B, H_t, M, D_t)
+                    e = kv_error(torch.einsum(eq, A, k_s), k_t, covered)
+                    e = e + kv_error(torch.einsum(eq, A, v_s), v_t, covered)
+                    err = err + float(matrix[i, j]) * e / 2
+                per_sample[teacher.name].setdefault(i, []).extend(err.tolist())
     ce = nll / max(tokens, 1)
     out = {"eval/ce": ce, "eval/ppl": math.exp(min(ce, 50.0))}
-    for name, layers in per_layer.items():
-        if layers:
-            vals = [sum(v) / len(v) for _, v in sorted(layers.items())]
-            out[f"eval/kv_error/{name}"] = sum(vals) / len(vals)
-            out[f"eval/kv_error_layers/{name}"] = vals
+    for teacher in objective.teachers:
+        layers = per_sample[teacher.name]
+        if not layers:
+            continue
+        num_layers = objective.layer_maps[teacher.name].shape[0]
+        vals = [sum(layers[i]) / len(layers[i]) if i in layers else None for i in range(num_layers)]
+        mapped = [v for v in vals if v is not None]
+        out[f"eval/kv_error/{teacher.name}"] = sum(mapped) / len(mapped)
+        out[f"eval/kv_error_layers/{teacher.name}"] = vals
     return out

@@ -1,72 +1,157 @@
-"""`kvdistill eval`: evaluate a saved student on held-out data, optionally against teachers."""
+"""`kvdistill eval`: evaluate a saved student on held-out data, optionally against teachers.
+
+CHECKPOINT is one of
+- a run directory (it holds config.yaml): its final student, else the student of its latest checkpoint;
+- a checkpoint directory, RUN/final or RUN/checkpoints/step-N (it holds student/);
+- a student directory (it holds config.json), or any name `load_model` accepts (zoo name, hub id).
+For the first three, the run's config.yaml gives the held-out data (the eval split of the run's data) and the
+teachers; `--data`, `--size`, `--max-length`, `--teacher` and `--config` override them.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from kvdistill.config import DataConfig, load_config
+import torch
+
+from kvdistill.config import DataConfig, RunConfig, load_config
+from kvdistill.errors import KvdistillError
 from kvdistill.models.load import load_model
 
+DEFAULT_SIZE = 32
+DEFAULT_MAX_LENGTH = 256
+MIN_FIT = 16  # probe-fit records at least (more when the held-out split is larger)
+_SOURCES = {"jsonl": "jsonl", "json": "jsonl", "csv": "csv", "parquet": "parquet", "txt": "text"}
 
-def held_out(data: str, size: int, max_length: int, config: Path | None) -> tuple[DataConfig, list[dict], list[dict]]:
-    """(data config, probe-fit records, held-out records) — the eval split of a run's data, never its train split."""
+
+def resolve_checkpoint(checkpoint: str | Path) -> tuple[str, Path | None]:
+    """(what `load_model` gets, the run directory or None) for a run, checkpoint or student directory or name."""
+    from kvdistill.train.trainer import latest_checkpoint
+
+    path = Path(checkpoint).expanduser()
+    if not path.is_dir():
+        return str(checkpoint), None  # a zoo name or hub id; load_model explains a bad path
+    if (path / "config.yaml").is_file() and not (path / "config.json").is_file():  # a run directory
+        final = path / "final" / "student"
+        if (final / "config.json").is_file():
+            return str(final), path
+        ckpt = latest_checkpoint(path)
+        if ckpt is None or not (ckpt / "student" / "config.json").is_file():
+            raise KvdistillError(f"run directory '{path}' has neither final/student nor a complete checkpoint",
+                                 "let training save a checkpoint (train.save_every, or run to the end)")
+        return str(ckpt / "student"), path
+    if (path / "student" / "config.json").is_file():  # RUN/final or RUN/checkpoints/step-N
+        return str(path / "student"), _run_of(path)
+    if (path / "config.json").is_file():  # a student directory, maybe RUN/final/student
+        return str(path), _run_of(path.parent)
+    raise KvdistillError(f"'{checkpoint}' is not a run, checkpoint or student directory",
+                         "pass RUN, RUN/final, RUN/checkpoints/step-N, or a directory holding config.json")
+
+
+def _run_of(ckpt: Path) -> Path | None:
+    """The run directory of RUN/final or RUN/checkpoints/step-N when it holds config.yaml."""
+    if ckpt.name == "final":
+        run = ckpt.parent
+    elif ckpt.parent.name == "checkpoints":
+        run = ckpt.parent.parent
+    else:
+        return None
+    return run if (run / "config.yaml").is_file() else None
+
+
+def data_config(data: str | None, run_cfg: RunConfig | None, size: int | None,
+                max_length: int | None) -> DataConfig:
+    """The data to evaluate on: `data` (gsm_symbolic or a file), else the run's data, else gsm_symbolic."""
+    if size is not None and size < 1:
+        raise KvdistillError(f"--size {size}: no held-out samples", "pass --size 1 or more")
+    if data is None and run_cfg is not None:
+        base = run_cfg.data
+        eval_size = size if size is not None else base.eval_size
+        if eval_size == 0:
+            raise KvdistillError("the run's config has data.eval_size 0: no held-out split",
+                                 "pass --size N to hold out the first N records of its data")
+        update = {"eval_size": eval_size, "max_length": max_length or base.max_length}
+        if base.source == "gsm_symbolic":  # generation is prefix-stable: the eval split stays the same
+            update["size"] = max(base.size, eval_size + max(eval_size, MIN_FIT))
+        return DataConfig.model_validate({**base.model_dump(exclude_unset=True), **update})
+    size = size or DEFAULT_SIZE
+    max_length = max_length or DEFAULT_MAX_LENGTH
+    if data is None or data == "gsm_symbolic":
+        return DataConfig(source="gsm_symbolic", size=size + max(size, MIN_FIT), eval_size=size,
+                          max_length=max_length)
+    suffix = Path(data).suffix.lstrip(".")
+    source = _SOURCES.get(suffix)
+    if source is None:
+        raise KvdistillError(f"--data '{data}': unknown file type '.{suffix}'",
+                             "use .jsonl, .csv, .parquet or .txt, or gsm_symbolic")
+    return DataConfig(source=source, path=data, size=10**9, eval_size=size, max_length=max_length)
+
+
+def held_out(dcfg: DataConfig, *, fit: bool) -> tuple[list[dict], list[dict]]:
+    """(probe-fit records, held-out records): the eval split of `dcfg` and, if `fit`, the start of its train split."""
     from kvdistill.data import load_records
 
-    if config is not None:
-        dcfg = load_config(config).data
-    elif data == "gsm_symbolic":
-        dcfg = DataConfig(source="gsm_symbolic", size=max(size, 64), eval_size=size, max_length=max_length)
-    else:
-        suffix = Path(data).suffix.lstrip(".")
-        source = {"jsonl": "jsonl", "json": "jsonl", "csv": "csv", "parquet": "parquet", "txt": "text"}.get(suffix)
-        if source is None:
-            from kvdistill.errors import KvdistillError
-
-            raise KvdistillError(f"--data '{data}': unknown file type '.{suffix}'",
-                                 "use .jsonl, .csv, .parquet or .txt, or gsm_symbolic")
-        dcfg = DataConfig(source=source, path=data, size=10**9, eval_size=size, max_length=max_length)
     eval_records = load_records(dcfg, split="eval")
-    fit_records = load_records(dcfg, split="train")[: max(len(eval_records), 16)]
-    return dcfg, fit_records, eval_records
+    fit_records = load_records(dcfg, split="train")[: max(len(eval_records), MIN_FIT)] if fit else []
+    return fit_records, eval_records
 
 
 def evaluate_student(model, tokenizer, teachers: dict, fit_records, eval_records, *, max_length: int,
-                     em: bool = True) -> dict:
+                     em: bool = True, batch_size: int = 8) -> dict:
+    """Perplexity, exact match (if `em`) and, per teacher in `teachers` {name: (model, tokenizer)}, the probe
+    KV error per student layer and its mean."""
     from kvdistill.eval.metrics import exact_match, perplexity, probe_kv_error
 
     model.eval()
-    out = {"perplexity": perplexity(model, tokenizer, eval_records, max_length=max_length)}
+    out = {"perplexity": perplexity(model, tokenizer, eval_records, max_length=max_length, batch_size=batch_size)}
     if em:
-        out["exact_match"] = exact_match(model, tokenizer, eval_records)
+        out["exact_match"] = exact_match(model, tokenizer, eval_records, batch_size=batch_size)
     out["probe_kv_error"] = {}
     for name, (t_model, t_tok) in teachers.items():
-        layers = probe_kv_error(model, tokenizer, t_model, t_tok, fit_records, eval_records, max_length=max_length)
+        layers = probe_kv_error(model, tokenizer, t_model, t_tok, fit_records, eval_records, max_length=max_length,
+                                batch_size=batch_size)
         out["probe_kv_error"][name] = {"mean": sum(layers) / len(layers), "layers": layers}
     return out
 
 
-def evaluate_checkpoint(checkpoint: str, *, data: str = "gsm_symbolic", config: Path | None = None,
-                        teachers: list[str] = (), size: int = 32, max_length: int = 256, em: bool = True) -> dict:
-    dcfg, fit, held = held_out(data, size, max_length, config)
-    names = list(teachers)
-    if config is not None and not names:
-        names = [t.model for t in load_config(config).teachers if t.source == "online"]
-    loaded = {n: load_model(n) for n in names}
-    model, tok = load_model(checkpoint)
+def evaluate_checkpoint(checkpoint: str, *, data: str | None = None, config: Path | None = None,
+                        teachers: list[str] = (), size: int | None = None, max_length: int | None = None,
+                        em: bool = True, device: str | None = None) -> dict:
+    """Evaluate CHECKPOINT (see the module docstring); the result `kvdistill eval --json` prints."""
+    student, run_dir = resolve_checkpoint(checkpoint)
+    run_cfg = load_config(config) if config is not None else None
+    if run_cfg is None and run_dir is not None:
+        run_cfg = load_config(run_dir / "config.yaml")
+    dcfg = data_config(data, run_cfg, size, max_length)
+    if teachers:
+        specs = {Path(t).name or t: t for t in teachers}
+    elif run_cfg is not None:
+        specs = {t.name: t.model for t in run_cfg.teachers}
+    else:
+        specs = {}
+    fit, held = held_out(dcfg, fit=bool(specs))
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    loaded = {name: load_model(model, device=device) for name, model in specs.items()}
+    model, tok = load_model(student, device=device)
     result = evaluate_student(model, tok, loaded, fit, held, max_length=dcfg.max_length, em=em)
-    result["checkpoint"] = str(checkpoint)
-    result["samples"] = len(held)
+    result.update(checkpoint=str(checkpoint), student=student, run_dir=str(run_dir) if run_dir else None,
+                  teachers=specs, samples=len(held),
+                  data={"source": dcfg.source, "path": dcfg.path, "eval_size": dcfg.eval_size,
+                        "max_length": dcfg.max_length, "seed": dcfg.seed})
     return result
 
 
 def markdown_table(result: dict) -> str:
+    """The result as a two-column markdown table."""
+    ppl = result["perplexity"]
     lines = ["| metric | value |", "|---|---|",
-             f"| held-out perplexity | {result['perplexity']['ppl']:.3f} |",
-             f"| held-out CE (nats/token) | {result['perplexity']['ce']:.4f} |"]
+             f"| held-out perplexity | {ppl['ppl']:.3f} ({ppl['tokens']} tokens) |",
+             f"| held-out CE (nats/token) | {ppl['ce']:.4f} |"]
     if "exact_match" in result:
         em = result["exact_match"]
-        lines.append(f"| exact match | {em['exact_match']:.3f} ({em['n']} samples) |")
+        value = "n/a (no records with an answer)" if em["exact_match"] is None else f"{em['exact_match']:.3f}"
+        lines.append(f"| exact match | {value} ({em.get('correct', 0)}/{em['n']}) |")
     for name, err in result.get("probe_kv_error", {}).items():
         per_layer = ", ".join(f"{x:.3f}" for x in err["layers"])
-        lines.append(f"| KV probe error vs {name} (1-R², mean; per layer) | {err['mean']:.3f}; {per_layer} |")
+        lines.append(f"| KV probe error vs {name} (1-R², mean; per student layer) | {err['mean']:.3f}; {per_layer} |")
     return "\n".join(lines)
