@@ -60,7 +60,8 @@ class StudentConfig(Section):
 # ---------------------------------------------------------------------------------------------- teachers
 class LayerMapConfig(Section):
     strategy: Literal["ratio", "uniform", "skip", "explicit"] = "ratio"
-    explicit: list[int] | list[list[int]] | None = None
+    explicit: list[int | list[int]] | None = None
+    """One entry per student layer: a teacher layer, a list of them (averaged), or -1 (unsupervised)."""
     interpolate: bool = True
 
 

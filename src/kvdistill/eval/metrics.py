@@ -44,7 +44,9 @@ def perplexity(model, tokenizer, records: list[dict], *, max_length: int, batch_
 
 
 @torch.no_grad()
-def exact_match(model, tokenizer, records: list[dict], *, max_new_tokens: int = 16, batch_size: int = 8) -> dict:
+def exact_match(
+    model, tokenizer, records: list[dict], *, max_new_tokens: int = 16, batch_size: int = 8
+) -> dict:
     """Greedy generation from each record's text before its answer; the extracted answer vs the gold one.
 
     The prompt is `text[:answer_start]` without trailing whitespace (a training text reads "Answer: 42", which
@@ -67,18 +69,29 @@ def exact_match(model, tokenizer, records: list[dict], *, max_new_tokens: int = 
             prompts = [r["text"][: r["answer_start"]].rstrip() for r in batch]
             enc = tokenizer(prompts, return_tensors="pt", padding=True)
             ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)  # (B, T) left-padded
-            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                 do_sample=False, pad_token_id=pad_id)  # (B, T + new)
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=pad_id,
+            )  # (B, T + new)
             for r, seq in zip(batch, out[:, ids.shape[1] :], strict=True):
                 text = tokenizer.decode(seq, skip_special_tokens=True)
                 pred = extract_answer("Answer: " + text.strip().split("\n")[0])
                 ok = same(pred, r["answer"])
                 hits += ok
-                rows.append({"id": r["id"], "generated": text, "pred": pred, "gold": r["answer"], "correct": bool(ok)})
+                rows.append(
+                    {"id": r["id"], "generated": text, "pred": pred, "gold": r["answer"], "correct": bool(ok)}
+                )
     finally:
         tokenizer.padding_side = old_side
-    return {"exact_match": hits / len(usable) if usable else None, "correct": hits, "n": len(usable),
-            "samples": rows[:8]}
+    return {
+        "exact_match": hits / len(usable) if usable else None,
+        "correct": hits,
+        "n": len(usable),
+        "samples": rows[:8],
+    }
 
 
 def _aligned_pairs(student, s_tok, teacher, t_tok, records, max_length, batch_size, layers_s, pairs):
@@ -91,8 +104,9 @@ def _aligned_pairs(student, s_tok, teacher, t_tok, records, max_length, batch_si
         texts = [r["text"] for r in batch]
         s = capture_kv(student, s_tok, texts, max_length=max_length, padding_side="right")
         t = capture_kv(teacher, t_tok, texts, max_length=max_length, padding_side="right")
-        A = teacher_alignment(t.spans, t.attention_mask, s.spans.to(t.spans.device),
-                              s.attention_mask.to(t.spans.device))  # (B, T_t, T_s)
+        A = teacher_alignment(
+            t.spans, t.attention_mask, s.spans.to(t.spans.device), s.attention_mask.to(t.spans.device)
+        )  # (B, T_t, T_s)
         covered = (A.sum(-1) > 0) & t.attention_mask.bool()  # (B, T_t)
         for i in layers_s:
             j = pairs[i]
@@ -106,8 +120,18 @@ def _aligned_pairs(student, s_tok, teacher, t_tok, records, max_length, batch_si
 
 
 @torch.no_grad()
-def probe_kv_error(student, s_tok, teacher, t_tok, fit_records, eval_records, *, max_length: int,
-                   batch_size: int = 8, ridge: float = 1e-2) -> list[float]:
+def probe_kv_error(
+    student,
+    s_tok,
+    teacher,
+    t_tok,
+    fit_records,
+    eval_records,
+    *,
+    max_length: int,
+    batch_size: int = 8,
+    ridge: float = 1e-2,
+) -> list[float]:
     """Per student layer (L_s values): 1 - R² of a ridge map student K/V -> teacher K/V, keys and values averaged.
 
     The teacher layer of student layer i is the nearest by depth (ratio map without interpolation). Rows are the
@@ -119,8 +143,12 @@ def probe_kv_error(student, s_tok, teacher, t_tok, fit_records, eval_records, *,
     matrix = layer_map(gs.num_layers, gt.num_layers, strategy="ratio", interpolate=False)
     pairs = {i: int(matrix[i].argmax()) for i in range(gs.num_layers)}
     layers = list(range(gs.num_layers))
-    fx, fy = _aligned_pairs(student, s_tok, teacher, t_tok, fit_records, max_length, batch_size, layers, pairs)
-    ex, ey = _aligned_pairs(student, s_tok, teacher, t_tok, eval_records, max_length, batch_size, layers, pairs)
+    fx, fy = _aligned_pairs(
+        student, s_tok, teacher, t_tok, fit_records, max_length, batch_size, layers, pairs
+    )
+    ex, ey = _aligned_pairs(
+        student, s_tok, teacher, t_tok, eval_records, max_length, batch_size, layers, pairs
+    )
     out = []
     for i in layers:
         errs = []
@@ -159,7 +187,9 @@ def evaluate_objective(objective, records: list[dict], batch_size: int) -> dict:
     for batch in _chunks(records, batch_size):
         ids, mask, spans_s = objective._student_batch(batch)  # (B, T_s) each, spans (B, T_s, 2)
         s = forward_kv(objective.student, ids, mask, geometry=objective.student_geometry, logits=True)
-        logp = torch.log_softmax(s.logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None]).squeeze(-1)  # (B, T_s-1)
+        logp = (
+            torch.log_softmax(s.logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+        )  # (B, T_s-1)
         counted = (mask[:, 1:] * mask[:, :-1]).bool()
         nll += float(-logp[counted].sum())
         tokens += int(counted.sum())
@@ -179,8 +209,9 @@ def evaluate_objective(objective, records: list[dict], batch_size: int) -> dict:
                 for j in matrix[i].nonzero().flatten().tolist():
                     key = id(tkv.spans[j])
                     if key not in align:
-                        align[key] = teacher_alignment(tkv.spans[j].to(ids.device), tkv.mask[j].to(ids.device),
-                                                       spans_s, mask).float()  # (B, M, T_s) or (B, H_t, M, T_s)
+                        align[key] = teacher_alignment(
+                            tkv.spans[j].to(ids.device), tkv.mask[j].to(ids.device), spans_s, mask
+                        ).float()  # (B, M, T_s) or (B, H_t, M, T_s)
                     A = align[key]
                     eq = "bmt,bhtd->bhmd" if A.dim() == 3 else "bhmt,bhtd->bhmd"
                     covered = (A.sum(-1) > 0).long() * tkv.mask[j].to(ids.device)  # (B, M) or (B, H_t, M)

@@ -37,15 +37,19 @@ def resolve_checkpoint(checkpoint: str | Path) -> tuple[str, Path | None]:
             return str(final), path
         ckpt = latest_checkpoint(path)
         if ckpt is None or not (ckpt / "student" / "config.json").is_file():
-            raise KvdistillError(f"run directory '{path}' has neither final/student nor a complete checkpoint",
-                                 "let training save a checkpoint (train.save_every, or run to the end)")
+            raise KvdistillError(
+                f"run directory '{path}' has neither final/student nor a complete checkpoint",
+                "let training save a checkpoint (train.save_every, or run to the end)",
+            )
         return str(ckpt / "student"), path
     if (path / "student" / "config.json").is_file():  # RUN/final or RUN/checkpoints/step-N
         return str(path / "student"), _run_of(path)
     if (path / "config.json").is_file():  # a student directory, maybe RUN/final/student
         return str(path), _run_of(path.parent)
-    raise KvdistillError(f"'{checkpoint}' is not a run, checkpoint or student directory",
-                         "pass RUN, RUN/final, RUN/checkpoints/step-N, or a directory holding config.json")
+    raise KvdistillError(
+        f"'{checkpoint}' is not a run, checkpoint or student directory",
+        "pass RUN, RUN/final, RUN/checkpoints/step-N, or a directory holding config.json",
+    )
 
 
 def _run_of(ckpt: Path) -> Path | None:
@@ -59,8 +63,9 @@ def _run_of(ckpt: Path) -> Path | None:
     return run if (run / "config.yaml").is_file() else None
 
 
-def data_config(data: str | None, run_cfg: RunConfig | None, size: int | None,
-                max_length: int | None) -> DataConfig:
+def data_config(
+    data: str | None, run_cfg: RunConfig | None, size: int | None, max_length: int | None
+) -> DataConfig:
     """The data to evaluate on: `data` (gsm_symbolic or a file), else the run's data, else gsm_symbolic."""
     if size is not None and size < 1:
         raise KvdistillError(f"--size {size}: no held-out samples", "pass --size 1 or more")
@@ -68,8 +73,10 @@ def data_config(data: str | None, run_cfg: RunConfig | None, size: int | None,
         base = run_cfg.data
         eval_size = size if size is not None else base.eval_size
         if eval_size == 0:
-            raise KvdistillError("the run's config has data.eval_size 0: no held-out split",
-                                 "pass --size N to hold out the first N records of its data")
+            raise KvdistillError(
+                "the run's config has data.eval_size 0: no held-out split",
+                "pass --size N to hold out the first N records of its data",
+            )
         update = {"eval_size": eval_size, "max_length": max_length or base.max_length}
         if base.source == "gsm_symbolic":  # generation is prefix-stable: the eval split stays the same
             update["size"] = max(base.size, eval_size + max(eval_size, MIN_FIT))
@@ -77,13 +84,16 @@ def data_config(data: str | None, run_cfg: RunConfig | None, size: int | None,
     size = size or DEFAULT_SIZE
     max_length = max_length or DEFAULT_MAX_LENGTH
     if data is None or data == "gsm_symbolic":
-        return DataConfig(source="gsm_symbolic", size=size + max(size, MIN_FIT), eval_size=size,
-                          max_length=max_length)
+        return DataConfig(
+            source="gsm_symbolic", size=size + max(size, MIN_FIT), eval_size=size, max_length=max_length
+        )
     suffix = Path(data).suffix.lstrip(".")
     source = _SOURCES.get(suffix)
     if source is None:
-        raise KvdistillError(f"--data '{data}': unknown file type '.{suffix}'",
-                             "use .jsonl, .csv, .parquet or .txt, or gsm_symbolic")
+        raise KvdistillError(
+            f"--data '{data}': unknown file type '.{suffix}'",
+            "use .jsonl, .csv, .parquet or .txt, or gsm_symbolic",
+        )
     return DataConfig(source=source, path=data, size=10**9, eval_size=size, max_length=max_length)
 
 
@@ -96,27 +106,54 @@ def held_out(dcfg: DataConfig, *, fit: bool) -> tuple[list[dict], list[dict]]:
     return fit_records, eval_records
 
 
-def evaluate_student(model, tokenizer, teachers: dict, fit_records, eval_records, *, max_length: int,
-                     em: bool = True, batch_size: int = 8) -> dict:
+def evaluate_student(
+    model,
+    tokenizer,
+    teachers: dict,
+    fit_records,
+    eval_records,
+    *,
+    max_length: int,
+    em: bool = True,
+    batch_size: int = 8,
+) -> dict:
     """Perplexity, exact match (if `em`) and, per teacher in `teachers` {name: (model, tokenizer)}, the probe
     KV error per student layer and its mean."""
     from kvdistill.eval.metrics import exact_match, perplexity, probe_kv_error
 
     model.eval()
-    out = {"perplexity": perplexity(model, tokenizer, eval_records, max_length=max_length, batch_size=batch_size)}
+    out = {
+        "perplexity": perplexity(model, tokenizer, eval_records, max_length=max_length, batch_size=batch_size)
+    }
     if em:
         out["exact_match"] = exact_match(model, tokenizer, eval_records, batch_size=batch_size)
     out["probe_kv_error"] = {}
     for name, (t_model, t_tok) in teachers.items():
-        layers = probe_kv_error(model, tokenizer, t_model, t_tok, fit_records, eval_records, max_length=max_length,
-                                batch_size=batch_size)
+        layers = probe_kv_error(
+            model,
+            tokenizer,
+            t_model,
+            t_tok,
+            fit_records,
+            eval_records,
+            max_length=max_length,
+            batch_size=batch_size,
+        )
         out["probe_kv_error"][name] = {"mean": sum(layers) / len(layers), "layers": layers}
     return out
 
 
-def evaluate_checkpoint(checkpoint: str, *, data: str | None = None, config: Path | None = None,
-                        teachers: list[str] = (), size: int | None = None, max_length: int | None = None,
-                        em: bool = True, device: str | None = None) -> dict:
+def evaluate_checkpoint(
+    checkpoint: str,
+    *,
+    data: str | None = None,
+    config: Path | None = None,
+    teachers: list[str] = (),
+    size: int | None = None,
+    max_length: int | None = None,
+    em: bool = True,
+    device: str | None = None,
+) -> dict:
     """Evaluate CHECKPOINT (see the module docstring); the result `kvdistill eval --json` prints."""
     student, run_dir = resolve_checkpoint(checkpoint)
     run_cfg = load_config(config) if config is not None else None
@@ -134,24 +171,39 @@ def evaluate_checkpoint(checkpoint: str, *, data: str | None = None, config: Pat
     loaded = {name: load_model(model, device=device) for name, model in specs.items()}
     model, tok = load_model(student, device=device)
     result = evaluate_student(model, tok, loaded, fit, held, max_length=dcfg.max_length, em=em)
-    result.update(checkpoint=str(checkpoint), student=student, run_dir=str(run_dir) if run_dir else None,
-                  teachers=specs, samples=len(held),
-                  data={"source": dcfg.source, "path": dcfg.path, "eval_size": dcfg.eval_size,
-                        "max_length": dcfg.max_length, "seed": dcfg.seed})
+    result.update(
+        checkpoint=str(checkpoint),
+        student=student,
+        run_dir=str(run_dir) if run_dir else None,
+        teachers=specs,
+        samples=len(held),
+        data={
+            "source": dcfg.source,
+            "path": dcfg.path,
+            "eval_size": dcfg.eval_size,
+            "max_length": dcfg.max_length,
+            "seed": dcfg.seed,
+        },
+    )
     return result
 
 
 def markdown_table(result: dict) -> str:
     """The result as a two-column markdown table."""
     ppl = result["perplexity"]
-    lines = ["| metric | value |", "|---|---|",
-             f"| held-out perplexity | {ppl['ppl']:.3f} ({ppl['tokens']} tokens) |",
-             f"| held-out CE (nats/token) | {ppl['ce']:.4f} |"]
+    lines = [
+        "| metric | value |",
+        "|---|---|",
+        f"| held-out perplexity | {ppl['ppl']:.3f} ({ppl['tokens']} tokens) |",
+        f"| held-out CE (nats/token) | {ppl['ce']:.4f} |",
+    ]
     if "exact_match" in result:
         em = result["exact_match"]
         value = "n/a (no records with an answer)" if em["exact_match"] is None else f"{em['exact_match']:.3f}"
         lines.append(f"| exact match | {value} ({em.get('correct', 0)}/{em['n']}) |")
     for name, err in result.get("probe_kv_error", {}).items():
         per_layer = ", ".join(f"{x:.3f}" for x in err["layers"])
-        lines.append(f"| KV probe error vs {name} (1-R², mean; per student layer) | {err['mean']:.3f}; {per_layer} |")
+        lines.append(
+            f"| KV probe error vs {name} (1-R², mean; per student layer) | {err['mean']:.3f}; {per_layer} |"
+        )
     return "\n".join(lines)
