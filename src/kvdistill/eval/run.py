@@ -80,7 +80,9 @@ def data_config(
         update = {"eval_size": eval_size, "max_length": max_length or base.max_length}
         if base.source == "gsm_symbolic":  # generation is prefix-stable: the eval split stays the same
             update["size"] = max(base.size, eval_size + max(eval_size, MIN_FIT))
-        return DataConfig.model_validate({**base.model_dump(exclude_unset=True), **update})
+        # config.yaml spells out every field; only non-defaults count as set (a file's text/template mode
+        # depends on whether data.text_field was set)
+        return DataConfig.model_validate({**base.model_dump(exclude_defaults=True), **update})
     size = size or DEFAULT_SIZE
     max_length = max_length or DEFAULT_MAX_LENGTH
     if data is None or data == "gsm_symbolic":
