@@ -249,12 +249,14 @@ def train(
 
 @app.command("eval")
 def evaluate(
-    checkpoint: str = typer.Argument(..., help="A student directory (e.g. RUN/final/student) or model name."),
-    data: str = typer.Option("gsm_symbolic", "--data", help="gsm_symbolic, or a .jsonl/.csv/.parquet/.txt file."),
+    checkpoint: str = typer.Argument(..., help="A run dir, RUN/final, RUN/checkpoints/step-N, a student dir or a model."),
+    data: str | None = typer.Option(None, "--data", help="gsm_symbolic or a .jsonl/.csv/.parquet/.txt file "
+                                    "(default: the run's data, else gsm_symbolic)."),
     config: str | None = typer.Option(None, "--config", help="Take data settings and teachers from this config."),
-    teachers: list[str] | None = typer.Option(None, "--teacher", help="Teacher(s) for the KV alignment error."),
-    size: int = typer.Option(32, help="Held-out samples."),
-    max_length: int = typer.Option(256, help="Token limit per sample."),
+    teachers: list[str] | None = typer.Option(None, "--teacher", help="Teacher(s) for the KV probe error "
+                                              "(default: the run's teachers)."),
+    size: int | None = typer.Option(None, help="Held-out samples (default: the run's data.eval_size, else 32)."),
+    max_length: int | None = typer.Option(None, help="Token limit per sample (default: the run's, else 256)."),
     em: bool = typer.Option(True, help="Exact match by greedy generation (needs (question, answer) data)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
