@@ -138,6 +138,8 @@ def probe_kv_error(
     teacher's real tokens covered by student tokens (student K/V resampled onto them). The map is fitted on
     `fit_records` and scored on `eval_records`; the ridge term is `ridge` times the mean feature variance.
     0 means the teacher's K/V are a linear function of the student's; 1 means no better than the mean.
+    It can exceed 1 when the fit split has few rows next to the F_s features (the map overfits); fit on at
+    least a few thousand tokens for a stable figure.
     """
     gs, gt = geometry_of(student), geometry_of(teacher)
     matrix = layer_map(gs.num_layers, gt.num_layers, strategy="ratio", interpolate=False)
