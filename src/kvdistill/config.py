@@ -382,7 +382,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def dump_config(config: RunConfig) -> str:
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    """YAML of the keys that were given (defaults left out), so reloading it means exactly the same run:
+    choices that depend on which keys were set (e.g. text vs template mode of a data file) survive."""
+    return yaml.safe_dump(config.model_dump(mode="json", exclude_unset=True), sort_keys=False)
 
 
 def semantic_problems(config: RunConfig) -> list[str]:
