@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -120,7 +121,7 @@ def train(
     `init_student`: start from this student directory instead of `cfg.student` (curriculum phases).
     """
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import DistributedDataParallelKwargs, set_seed
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
@@ -128,24 +129,35 @@ def train(
     from kvdistill.train.objective import build_objective
 
     out_dir = Path(out_dir)
-    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision,
-                              gradient_accumulation_steps=cfg.train.grad_accum)
+    # some maps may get no gradient in a config (e.g. value maps when only the cosine term on keys is on)
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=launched > 1 and not _has_accelerator(),
+                              gradient_accumulation_steps=cfg.train.grad_accum, kwargs_handlers=[ddp])
+    if accelerator.num_processes != launched:
+        raise KvdistillError(
+            f"launched as {launched} processes (WORLD_SIZE) but Accelerate set up {accelerator.num_processes} "
+            f"({accelerator.distributed_type}): each process would train alone and overwrite the others' files",
+            "launch with `torchrun --nproc_per_node N` or `accelerate launch` configured for N processes")
     main = accelerator.is_main_process
     ckpt = latest_checkpoint(out_dir) if resume else None
     if resume and ckpt is None:
         raise KvdistillError(f"--resume: no complete checkpoint in {out_dir}/checkpoints",
                              "start without --resume, or point --out at the run to continue")
+    if not resume:  # checked on every process, so none is left waiting for the others
+        held = [name for name in ("metrics.jsonl", "checkpoints", "final") if (out_dir / name).exists()]
+        if held:
+            raise KvdistillError(f"--out {out_dir} already holds a run ({', '.join(held)})",
+                                 "pass --resume to continue it, or choose another --out")
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        if not resume and (out_dir / "metrics.jsonl").exists():
-            raise KvdistillError(f"{out_dir} already holds a run (metrics.jsonl)",
-                                 "pass --resume to continue it, or choose another --out")
         (out_dir / "config.yaml").write_text(dump_config(cfg))
     set_seed(cfg.train.seed)
     train_records = load_records(cfg.data, split="train")
     eval_records = load_records(cfg.data, split="eval") if cfg.data.eval_size else []
 
     objective = build_objective(cfg, device=accelerator.device, init_student=init_student)
+    _check_positions(objective, cfg.data.max_length)
     objective.prepare(train_records[: cfg.fusion.latent.fit_samples])  # frozen, fitted maps (same on every rank)
     if main:
         (out_dir / "plan.json").write_text(json.dumps(objective.plan(), indent=1))
@@ -177,6 +189,7 @@ def train(
             shutil.rmtree(tmp)
         accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp / "state"))
+        accelerator.wait_for_everyone()  # every process has written its RNG state before tmp is renamed
         if main:
             inner.save_student(tmp / "student")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
@@ -195,62 +208,128 @@ def train(
     t0 = time.time()
     objective.train()
     end = cfg.train.steps if stop_after is None else min(cfg.train.steps, stop_after)
-    for step in range(start, end):
-        sums: dict[str, float] = {}
-        step_t0 = time.time()
-        for micro in range(cfg.train.grad_accum):
-            records = micro_batch(train_records, cfg, step, micro, rank, world)
-            with accelerator.accumulate(objective):
-                loss, metrics = objective(records)
-                if not torch.isfinite(loss):
-                    bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
-                    where = f"{last_good}" if last_good else "none written yet"
-                    raise NonFiniteLoss(
-                        f"loss is {float(loss)} at step {step + 1}, micro-batch {micro} "
-                        f"(samples {[r['id'] for r in records]}); non-finite terms: {sorted(bad) or 'total'}",
-                        f"training stopped; last good checkpoint: {where}. Lower train.lr, enable "
-                        "train.max_grad_norm, or check those samples",
-                    )
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.train.max_grad_norm:
-                    metrics["grad_norm"] = float(accelerator.clip_grad_norm_(objective.parameters(),
-                                                                            cfg.train.max_grad_norm))
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + v
-        scheduler.step()
-        n = cfg.train.grad_accum
-        row = {k: (v if k in ("tokens", "grad_norm") else v / n) for k, v in sums.items()}
-        if world > 1:
-            stacked = accelerator.reduce(torch.tensor([row["loss"], row["tokens"]], device=accelerator.device),
-                                         reduction="sum")
-            row["loss"], row["tokens"] = float(stacked[0]) / world, float(stacked[1])
-        tokens_seen += int(row["tokens"])
-        elapsed = time.time() - t0
-        row.update(step=step + 1, lr=scheduler.get_last_lr()[0], tokens_per_s=row["tokens"] / (time.time() - step_t0),
-                   elapsed_s=elapsed)
-        if (step + 1) % cfg.train.log_every == 0 or step + 1 == end:
-            log.write(row)
-        bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
-        bar.update(1)
-        if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and eval_records:
-            log.write({"step": step + 1, "split": "eval", **inner.evaluate(eval_records)})
-        if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0 and step + 1 < end:
-            save(step + 1)
-    bar.close()
-    save(end)
-    summary = {"steps": end, "tokens": tokens_seen, "elapsed_s": time.time() - t0}
-    if end == cfg.train.steps:
-        if main:
-            inner.save_student(out_dir / "final" / "student")
-        if eval_records:
-            ev = inner.evaluate(eval_records)
-            summary.update(ev)
-            log.write({"step": end, "split": "eval", **ev})
-        if main:
-            (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-    log.close()
+    try:
+        for step in range(start, end):
+            sums: dict[str, float] = {}
+            step_ids: list[str] = []
+            step_t0 = time.time()
+            lr = scheduler.get_last_lr()[0]  # the student's lr for this step
+            for micro in range(cfg.train.grad_accum):
+                records = micro_batch(train_records, cfg, step, micro, rank, world)
+                step_ids += [r["id"] for r in records]
+                with accelerator.accumulate(objective):
+                    loss, metrics = objective(records)
+                    _stop_if_non_finite(accelerator, float(loss.detach()), metrics, step, micro, records, last_good)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        norm = accelerator.clip_grad_norm_(objective.parameters(),
+                                                           cfg.train.max_grad_norm or math.inf)
+                        metrics["grad_norm"] = float(norm)
+                        # gradients are reduced over processes by now: every process sees the same norm;
+                        # fp16's loss scaler skips such steps itself
+                        if not math.isfinite(metrics["grad_norm"]) and cfg.train.mixed_precision != "fp16":
+                            raise NonFiniteLoss(
+                                f"gradient norm is {metrics['grad_norm']} at step {step + 1} (loss "
+                                f"{metrics['loss']:.4g}; samples of this process {step_ids})",
+                                f"training stopped before the update; last good checkpoint: "
+                                f"{last_good or 'none written yet'}. Lower train.lr, or check those samples")
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0.0) + v
+            scheduler.step()
+            n = cfg.train.grad_accum
+            row = {k: (v if k in ("tokens", "grad_norm") else v / n) for k, v in sums.items()}
+            if world > 1:  # mean over processes (tokens: sum), so the row describes the whole combined batch
+                keys = list(row)  # the same keys in the same order on every process
+                total = accelerator.reduce(torch.tensor([row[k] for k in keys], device=accelerator.device),
+                                           reduction="sum")
+                row = {k: float(v) if k == "tokens" else float(v) / world for k, v in zip(keys, total, strict=True)}
+            tokens_seen += int(row["tokens"])
+            row.update(step=step + 1, lr=lr, tokens_per_s=row["tokens"] / (time.time() - step_t0),
+                       elapsed_s=time.time() - t0)
+            if (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps:
+                log.write(row)
+            bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
+            bar.update(1)
+            if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and eval_records:
+                log.write({"step": step + 1, "split": "eval", **inner.evaluate(eval_records)})
+            if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0 and step + 1 < end:
+                save(step + 1)
+        bar.close()
+        save(end)
+        summary = {"steps": end, "tokens": tokens_seen, "elapsed_s": time.time() - t0}
+        if end == cfg.train.steps:
+            if main:  # written under a temporary name, like checkpoints
+                tmp = out_dir / "final.tmp"
+                if tmp.exists():
+                    shutil.rmtree(tmp)
+                inner.save_student(tmp / "student")
+                if (out_dir / "final").exists():
+                    shutil.rmtree(out_dir / "final")
+                tmp.rename(out_dir / "final")
+            if eval_records:
+                ev = inner.evaluate(eval_records)
+                summary.update(ev)
+                log.write({"step": end, "split": "eval", **ev})
+            if main:
+                (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    finally:
+        bar.close()
+        log.close()
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary
+
+
+def _has_accelerator() -> bool:
+    """A GPU (or other accelerator) is present; without one, Accelerate must be told to run DDP on CPU (gloo)."""
+    if hasattr(torch, "accelerator"):
+        return torch.accelerator.is_available()
+    return torch.cuda.is_available()
+
+
+def _check_positions(objective, max_length: int) -> None:
+    """Refuse, before any step, a data.max_length that some model cannot take (its position table is shorter)."""
+    models = [("student", objective.student_geometry)] + [(f"teacher '{t.name}'", t.geometry)
+                                                           for t in objective.teachers]
+    short = [(who, g.max_positions) for who, g in models if g.max_positions and g.max_positions < max_length]
+    if short:
+        limit = min(m for _, m in short)
+        raise KvdistillError(
+            f"data.max_length = {max_length} is longer than the maximum positions of "
+            + ", ".join(f"{who} ({m})" for who, m in short),
+            f"set data.max_length to at most {limit} (texts are truncated to it), or use models with longer contexts")
+
+
+def _stop_if_non_finite(accelerator, loss: float, metrics: dict, step: int, micro: int, records: list[dict],
+                        last_good: Path | None) -> None:
+    """Raise NonFiniteLoss on every process when the loss of any process is NaN/inf (before any backward).
+
+    The failing process's samples are named; the others learn which process failed, so none of them is left
+    waiting in the gradient all-reduce.
+    """
+    bad = not math.isfinite(loss)
+    world = accelerator.num_processes
+    if world > 1:
+        flag = accelerator.reduce(torch.tensor([float(bad)], device=accelerator.device), reduction="sum")
+        if float(flag[0]) == 0:
+            return
+        from accelerate.utils import gather_object
+
+        where = gather_object([(accelerator.process_index, loss, [r["id"] for r in records],
+                                sorted(k for k, v in metrics.items() if not math.isfinite(v)))] if bad else [])
+    elif not bad:
+        return
+    else:
+        where = [(0, loss, [r["id"] for r in records], sorted(k for k, v in metrics.items() if not math.isfinite(v)))]
+    parts = []
+    for proc, value, ids, terms in where:
+        on = f" on process {proc}" if world > 1 else ""
+        terms = [t for t in terms if t != "loss"]
+        parts.append(f"loss is {value}{on} at step {step + 1}, micro-batch {micro} (samples {ids}); "
+                     f"non-finite terms: {terms or 'total only'}")
+    raise NonFiniteLoss(
+        "; ".join(parts),
+        f"training stopped; last good checkpoint: {last_good or 'none written yet'}. Lower train.lr, set "
+        "train.max_grad_norm, or check those samples")
