@@ -15,8 +15,9 @@ from kvdistill.cache.manifest import (
     meta_mismatches,
     read_manifest,
 )
-from kvdistill.cache.store import CacheReader, CacheWriter, merge_parts, samples_from_capture
 from kvdistill.cache.verify import cache_info, format_info, verify_cache
+
+_STORE = ("CacheReader", "CacheWriter", "merge_parts", "samples_from_capture")
 
 __all__ = [
     "META_FIELDS",
@@ -34,3 +35,12 @@ __all__ = [
     "samples_from_capture",
     "verify_cache",
 ]
+
+
+def __getattr__(name: str):
+    # the store imports torch: lazy, so that the CLI (which imports kvdistill.cache.cli) starts fast
+    if name in _STORE:
+        from kvdistill.cache import store
+
+        return getattr(store, name)
+    raise AttributeError(f"module 'kvdistill.cache' has no attribute '{name}'")

@@ -219,12 +219,30 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def _backend_definition(backend) -> str:
+    """`backend.to_str()` without the padding and truncation state, which every padded or truncated call of
+    the tokenizer rewrites (so using a tokenizer would otherwise change its fingerprint)."""
+    padding, truncation = getattr(backend, "padding", None), getattr(backend, "truncation", None)
+    if padding is None and truncation is None:
+        return backend.to_str()
+    backend.no_padding()
+    backend.no_truncation()
+    try:
+        return backend.to_str()
+    finally:
+        if padding is not None:
+            backend.enable_padding(**padding)
+        if truncation is not None:
+            backend.enable_truncation(**truncation)
+
+
 def fingerprint_tokenizer(tokenizer) -> str:
     """sha256 of the tokenizer's full definition: `backend_tokenizer.to_str()` for fast tokenizers (vocab,
-    merges, normalizer, pre-tokenizer, special tokens), else its sorted vocab plus special tokens."""
+    merges, normalizer, pre-tokenizer, special tokens; not the padding / truncation state of its last call),
+    else its sorted vocab plus special tokens."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
-        payload = backend.to_str()
+        payload = _backend_definition(backend)
     else:
         vocab = tokenizer.get_vocab()
         specials = getattr(tokenizer, "all_special_tokens", [])
