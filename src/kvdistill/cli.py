@@ -301,6 +301,10 @@ def quickstart(
 
 
 # ---------------------------------------------------------------- extract / cache
+from kvdistill.cache.cli import cache_app, extract  # noqa: E402 (kept next to where it is registered)
+
+app.add_typer(cache_app, name="cache")
+app.command()(extract)
 
 
 def main() -> None:

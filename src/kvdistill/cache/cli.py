@@ -1,0 +1,298 @@
+"""`kvdistill extract` and `kvdistill cache info|verify|merge`: thin commands over `kvdistill.cache`.
+
+    kvdistill extract --teacher smollm2-135m --data gsm_symbolic --size 4096 --out caches/smollm2 \\
+        --compression rkv --budget 128
+    kvdistill extract CONFIG --teacher NAME --out DIR      teacher (with its compression) and data from a run
+                                                           config; --out defaults to the teacher's cache_dir
+    kvdistill extract ... --shard-index $SLURM_ARRAY_TASK_ID --num-shards 8, then kvdistill cache merge DIR
+    kvdistill cache info DIR [--json] / cache verify DIR / cache merge DIR [--parts N]
+
+Flags override the config; dotted overrides (`data.seed=3`, `teachers.0.compression.lam=0.2`) override both.
+Nothing here imports torch until a command runs.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from kvdistill.errors import ConfigError, KvdistillError
+
+cache_app = typer.Typer(no_args_is_help=True, help="Inspect, verify and merge teacher-KV caches.")
+console = Console(stderr=True)
+
+# --data: a source name or a file whose suffix names its format
+_SUFFIX_SOURCES = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+# config key -> the flag that sets it, so errors name what the user typed
+_FLAGS = {
+    "teacher.model": "--teacher",
+    "teacher.compression": "--compression/--budget",
+    "teacher.compression.kind": "--compression",
+    "teacher.compression.budget": "--budget",
+    "teacher.compression.lam": "--lam",
+    "teacher.compression.layers": "--layers",
+    "teacher.compression.dtype": "--dtype",
+    "data": "--data",
+    "data.source": "--data",
+    "data.path": "--data",
+    "data.size": "--size",
+    "data.max_length": "--max-length",
+}
+
+
+# ---------------------------------------------------------------------------------------------- extract
+def extract(
+    config: str | None = typer.Argument(
+        None, help="Run config (YAML or packaged name): take the teacher and the data from it."
+    ),
+    overrides: list[str] | None = typer.Argument(
+        None,
+        help="Dotted overrides, e.g. data.size=512 data.seed=1 (teacher keys: teacher.compression.lam=0.2).",
+    ),
+    teacher: str | None = typer.Option(
+        None, "--teacher", help="Teacher model (offline name, dir, hub id); with CONFIG: one of its teachers."
+    ),
+    out: str | None = typer.Option(
+        None, "--out", "-o", help="Cache directory (with CONFIG: default the teacher's cache_dir)."
+    ),
+    data: str | None = typer.Option(
+        None, "--data", help="gsm_symbolic or a .jsonl/.csv/.parquet/.txt file (default: gsm_symbolic)."
+    ),
+    compression: str | None = typer.Option(None, "--compression", help="full, right_crop or rkv."),
+    budget: int | None = typer.Option(
+        None, "--budget", help="Tokens kept per layer and head (right_crop, rkv)."
+    ),
+    lam: float | None = typer.Option(None, "--lam", help="R-KV weight of importance vs redundancy (0.1)."),
+    layers: str | None = typer.Option(
+        None, "--layers", help="Teacher layers to keep, e.g. 0,4,8 (default all)."
+    ),
+    dtype: str | None = typer.Option(None, "--dtype", help="Storage dtype: bfloat16, float16, float32."),
+    size: int | None = typer.Option(
+        None, "--size", help="data.size: generated samples / cap on file records."
+    ),
+    max_length: int | None = typer.Option(None, "--max-length", help="data.max_length: tokens per text."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Texts per teacher forward."),
+    shard_index: int = typer.Option(
+        0, "--shard-index", help="This part of a split extraction (array index)."
+    ),
+    num_shards: int = typer.Option(1, "--num-shards", help="Parts the extraction is split into."),
+    shard_size: int = typer.Option(256, "--shard-size", help="Samples per safetensors file."),
+    device: str | None = typer.Option(
+        None, "--device", help="cuda, cuda:1, cpu (default: cuda if available)."
+    ),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+) -> None:
+    """Run one teacher over a dataset and store its (compressed) K/V in a cache; rerun to resume."""
+    from kvdistill.cache.extract import extract as run_extract
+
+    if config is not None and "=" in config and not Path(config).exists():  # an override, not a config path
+        overrides, config = [config, *(overrides or [])], None
+    teacher_cfg, data_cfg, cache_dir = extract_configs(
+        config,
+        overrides or [],
+        teacher=teacher,
+        out=out,
+        data=data,
+        compression={"kind": compression, "budget": budget, "lam": lam, "layers": layers, "dtype": dtype},
+        size=size,
+        max_length=max_length,
+    )
+    result = run_extract(
+        teacher_cfg,
+        data_cfg,
+        cache_dir,
+        batch_size=batch_size,
+        device=device,
+        shard_index=shard_index,
+        num_shards=num_shards,
+        shard_size=shard_size,
+        progress=progress,
+    )
+    what = f"part {result['part']} of {num_shards} in " if result["part"] is not None else ""
+    rate = f", {result['tokens_per_s']:,.0f} tokens/s" if result["stored"] else ""
+    console.print(
+        f"[green]wrote[/green] {what}{cache_dir}: {result['stored']} samples stored, {result['skipped']} "
+        f"already there, {result['records']} in all ({result['tokens']:,} tokens in {result['seconds']:.1f} s{rate})"
+    )
+    if result["part"] is not None:
+        console.print(f"when every part has finished: kvdistill cache merge {cache_dir} --parts {num_shards}")
+
+
+def extract_configs(
+    config: str | None,
+    overrides: list[str],
+    *,
+    teacher: str | None,
+    out: str | None,
+    data: str | None,
+    compression: dict,
+    size: int | None,
+    max_length: int | None,
+):
+    """(TeacherConfig, DataConfig, out dir) from a run config and/or flags; every problem listed together."""
+    from kvdistill.config import DataConfig, TeacherConfig, apply_overrides, read_raw
+
+    if config is not None:
+        from kvdistill.cli import _config_path
+
+        raw = read_raw(_config_path(config), overrides)
+        teacher_raw = dict(_pick_teacher(raw, teacher, config))
+        data_raw = dict(raw.get("data") or {})
+    else:
+        if teacher is None:
+            raise KvdistillError("no teacher given", "pass --teacher MODEL, or CONFIG --teacher NAME")
+        scoped = apply_overrides({"teacher": {"model": teacher}, "data": {}}, overrides)
+        unknown = sorted(set(scoped) - {"teacher", "data"})
+        if unknown:
+            raise ConfigError(
+                [f"override key(s) {unknown}: without CONFIG only data.* and teacher.* can be set"],
+                "overrides",
+            )
+        teacher_raw, data_raw = dict(scoped["teacher"] or {}), dict(scoped["data"] or {})
+    teacher_raw["compression"] = _compression_raw(teacher_raw.get("compression"), compression)
+    problems = []
+    if data is not None:
+        try:
+            data_raw.update(_data_source(data, overrides))
+        except KvdistillError as err:
+            problems.append(f"{err.problem} ({err.fix})")
+    if size is not None:
+        data_raw["size"] = size
+    if max_length is not None:
+        data_raw["max_length"] = max_length
+    teacher_raw.setdefault("source", "online")
+    teacher_cfg, teacher_problems = _validated(TeacherConfig, teacher_raw, "teacher")
+    data_cfg, data_problems = _validated(DataConfig, data_raw, "data")
+    problems += teacher_problems + data_problems
+    cache_dir = out or (teacher_raw.get("cache_dir") if config is not None else None)
+    if cache_dir is None:
+        problems.append(
+            "--out: no cache directory given" + (" (and the teacher has no cache_dir)" if config else "")
+        )
+    if problems:
+        raise ConfigError(problems, source="kvdistill extract")
+    return teacher_cfg, data_cfg, cache_dir
+
+
+def _pick_teacher(raw: dict, teacher: str | None, config: str) -> dict:
+    teachers = raw.get("teachers") or []
+    if not isinstance(teachers, list) or not all(isinstance(t, dict) for t in teachers):
+        raise ConfigError(["teachers must be a list of mappings"], source=str(config))
+    labels = [t.get("name") or str(t.get("model", "")).rstrip("/").split("/")[-1] for t in teachers]
+    if teacher is None:
+        if len(teachers) == 1:
+            return teachers[0]
+        raise KvdistillError(
+            f"{config} has {len(teachers)} teachers: say which to extract",
+            f"pass --teacher with one of {labels}" if teachers else "add a teacher to the config",
+        )
+    for t, label in zip(teachers, labels, strict=True):
+        if teacher in (label, t.get("model")):
+            return t
+    raise KvdistillError(
+        f"--teacher '{teacher}' is not a teacher of {config} (its teachers: {labels})",
+        "pass one of those names, or drop CONFIG to extract any model",
+    )
+
+
+def _compression_raw(base, flags: dict) -> dict:
+    """The config's compression mapping with the flags that were given put over it."""
+    out = dict(base or {})
+    if flags.get("kind") is not None and flags["kind"] != out.get("kind"):
+        out.pop("budget", None)  # a budget belongs to the kind it was given with
+    for key, value in flags.items():
+        if value is None:
+            continue
+        if key == "layers":
+            try:
+                value = [int(x) for x in str(value).replace(" ", "").split(",") if x]
+            except ValueError:
+                raise KvdistillError(
+                    f"--layers '{flags['layers']}' is not a comma-separated list of layer indices",
+                    "e.g. --layers 0,4,8",
+                ) from None
+        out[key] = value
+    return out
+
+
+def _data_source(data: str, overrides: list[str]) -> dict:
+    if data == "gsm_symbolic":
+        return {"source": "gsm_symbolic", "path": None}
+    source = _SUFFIX_SOURCES.get(Path(data).suffix.lower())
+    if source is None:
+        if any(o.startswith("data.source=") for o in overrides):
+            return {"path": data}
+        raise KvdistillError(
+            f"--data '{data}': cannot tell its format from the suffix '{Path(data).suffix}'",
+            "use gsm_symbolic or a .jsonl/.csv/.parquet/.txt file, or add data.source=jsonl|csv|parquet|text",
+        )
+    return {"source": source, "path": data}
+
+
+def _validated(cls, raw: dict, section: str):
+    """(instance or None, problems), each problem naming the key and, where a flag sets it, the flag."""
+    from pydantic import ValidationError
+
+    try:
+        return cls.model_validate(raw), []
+    except ValidationError as err:
+        problems = []
+        for e in err.errors():
+            loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-"))
+            where = f"{section}.{loc}" if loc else section
+            flag = _FLAGS.get(where)
+            where += f" ({flag})" if flag else ""
+            msg = e["msg"].removeprefix("Value error, ")
+            given = f" (got {e['input']!r})" if e["type"] != "value_error" and "input" in e else ""
+            problems.append(f"{where}: {msg}{given}")
+        return None, problems
+
+
+# ---------------------------------------------------------------------------------------------- cache
+@cache_app.command("info")
+def info(
+    directory: str = typer.Argument(..., help="A cache directory."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Teacher, compression, samples, tokens, bytes per token and per-layer shapes of a cache."""
+    from kvdistill.cache.verify import cache_info, format_info
+
+    result = cache_info(directory)
+    if as_json:
+        sys.stdout.write(json.dumps(result, indent=2, default=str) + "\n")
+    else:
+        sys.stdout.write(format_info(result) + "\n")
+
+
+@cache_app.command("verify")
+def verify(directory: str = typer.Argument(..., help="A cache directory.")) -> None:
+    """Check every shard's checksum, size and shapes against the manifest; exit 1 if anything is wrong."""
+    from kvdistill.cache.verify import verify_cache
+
+    problems = verify_cache(directory)
+    if problems:
+        for p in problems:
+            console.print(f"[red]problem:[/red] {p}")
+        console.print(f"[bold red]{directory}: {len(problems)} problem(s)[/bold red]")
+        raise typer.Exit(1)
+    console.print(f"[green]ok[/green] {directory}")
+
+
+@cache_app.command("merge")
+def merge(
+    directory: str = typer.Argument(..., help="Directory the parts were written into."),
+    parts: int | None = typer.Option(None, "--parts", help="Expected number of parts (--num-shards)."),
+    allow_incomplete: bool = typer.Option(False, "--allow-incomplete", help="Merge unfinished parts too."),
+) -> None:
+    """Combine the parts of a split extraction (manifest.part-*.json) into one cache; safe to rerun."""
+    from kvdistill.cache.store import merge_parts
+
+    merged = merge_parts(directory, expected_parts=parts, require_complete=not allow_incomplete)
+    console.print(
+        f"[green]merged[/green] {len(merged['merged_from'])} parts into {directory}: "
+        f"{len(merged['samples'])} samples in {len(merged['shards'])} shards"
+    )

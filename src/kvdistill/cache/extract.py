@@ -1,0 +1,291 @@
+"""Offline teacher-KV extraction (`kvdistill extract`): run one teacher over a dataset and write a cache.
+
+Which records: every record training can ask the teacher for, i.e. the eval split followed by the train split
+of the data config (its records in load order; `data.eval_size` does not change them).
+
+Order of work, fixed by the data alone:
+    1. sort the records by text length, longest first (ties by id), so a batch holds neighbours in length
+       and an out-of-memory batch size fails at once, not hours in;
+    2. cut the sorted list into batches of `batch_size`;
+    3. batch k belongs to shard k mod num_shards (round robin keeps the parts' work about equal).
+The batches never depend on what is already stored: a resumed run recomputes a batch that was only partly
+stored and keeps the missing samples, so every sample is computed in the same batch (same padding) as in one
+uninterrupted run, and parts merged with `merge_parts` hold what one run would.
+
+What is stored per sample is `samples_from_capture` of the capture the online teacher would make
+(`capture_kv` with right padding, attentions for rkv) under the teacher's `compression`, with the rkv query
+mask from `answer_query_mask`: the selection code is the one `compress_capture` runs online. K/V are computed
+in half precision on GPU (the teacher's `dtype`, auto: bfloat16) and float32 on CPU, and stored in
+`compression.dtype`.
+
+The cache's meta (see `kvdistill.cache.manifest`) is `expected_meta`: teacher id and geometry, tokenizer
+fingerprint, compression, and the dataset fingerprint (`dataset_fingerprint`: the records' ids and texts and
+`data.max_length`). Training from the cache (`open_teacher_cache`) rebuilds the same meta from the run's config,
+without loading the teacher's weights, and refuses a cache that differs, naming the field.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kvdistill.cache.manifest import fingerprint_records, fingerprint_tokenizer, make_meta
+from kvdistill.config import DataConfig, TeacherConfig
+from kvdistill.errors import CacheError, KvdistillError
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------- meta
+def dataset_records(data_cfg: DataConfig) -> list[dict]:
+    """Every record training can ask a teacher for: eval split + train split, in load order."""
+    from kvdistill.data import load_records
+
+    # with eval_size 0 the train split is every record, in the same order as eval + train
+    records = load_records(data_cfg.model_copy(update={"eval_size": 0}), split="train")
+    seen: set[str] = set()
+    dupes = sorted({str(r["id"]) for r in records if r["id"] in seen or seen.add(r["id"])})
+    if dupes:
+        raise KvdistillError(
+            f"the data holds ids {dupes[:5]} more than once, so a cache cannot tell those records apart",
+            "give every record a distinct id",
+        )
+    return records
+
+
+def dataset_fingerprint(records: list[dict], max_length: int) -> str:
+    """`max_length=<n>:<fingerprint_records>`: truncation changes the stored K/V as much as the texts do."""
+    return f"max_length={int(max_length)}:{fingerprint_records(records)}"
+
+
+def teacher_id(model: str) -> str:
+    """The id a cache records for a teacher: the zoo name for offline models (aliases folded), the resolved
+    path for local directories, the hub id otherwise."""
+    from kvdistill.models import zoo
+
+    entry = zoo.resolve_name(model)
+    if entry is not None:
+        return entry.name
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.exists() else str(model).rstrip("/")
+
+
+def expected_meta(
+    teacher_cfg: TeacherConfig,
+    data_cfg: DataConfig,
+    *,
+    records: list[dict] | None = None,
+    tokenizer=None,
+) -> dict[str, Any]:
+    """The meta of a cache of `teacher_cfg` over `data_cfg`, from the teacher's config.json and tokenizer only
+    (no weights). `records` / `tokenizer`: already loaded ones (the tokenizer must be the teacher's)."""
+    from kvdistill.models.geometry import geometry_of
+    from kvdistill.models.load import load_config, load_tokenizer
+
+    tid = teacher_id(teacher_cfg.model)
+    geometry = geometry_of(load_config(teacher_cfg.model), name=tid)
+    compression = teacher_cfg.compression.build()
+    compression.resolve_layers(geometry.num_layers)  # layers out of range: an error naming them
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(teacher_cfg.model)
+    records = records if records is not None else dataset_records(data_cfg)
+    return make_meta(
+        tid,
+        geometry.to_dict(),
+        fingerprint_tokenizer(tokenizer),
+        compression.to_dict(),
+        dataset_fingerprint(records, data_cfg.max_length),
+    )
+
+
+def open_teacher_cache(teacher_cfg: TeacherConfig, data_cfg: DataConfig):
+    """The `CacheReader` of a `source: cache` teacher, checked against the run: complete, and the same
+    teacher, tokenizer, compression and dataset (a CacheError names each field that differs)."""
+    from kvdistill.cache.store import CacheReader
+
+    reader = CacheReader(teacher_cfg.cache_dir)
+    name = teacher_cfg.name
+    if not reader.complete:
+        raise CacheError(
+            f"teacher '{name}': cache {reader.dir} is incomplete (its extraction was interrupted, or its "
+            "parts were merged before all finished)",
+            "rerun the same `kvdistill extract` command (it resumes), then `kvdistill cache merge` for parts",
+        )
+    try:
+        reader.require_compatible(expected_meta(teacher_cfg, data_cfg))
+    except CacheError as err:
+        raise CacheError(
+            f"teacher '{name}': {err.problem}",
+            f"re-extract it with `kvdistill extract CONFIG --teacher {name} --out NEW_DIR` for this run's "
+            "teacher, compression and data, or point cache_dir at a cache that matches",
+        ) from None
+    return reader
+
+
+# ---------------------------------------------------------------------------------------------- work plan
+def plan_batches(records: list[dict], batch_size: int) -> list[list[dict]]:
+    """Records sorted by text length (longest first, ties by id), cut into batches of `batch_size`."""
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise KvdistillError(f"--batch-size {batch_size!r} must be a positive integer", "e.g. --batch-size 8")
+    ordered = sorted(records, key=lambda r: (-len(r["text"]), str(r["id"])))
+    return [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
+
+
+def _check_shards(shard_index: int, num_shards: int) -> None:
+    if not isinstance(num_shards, int) or num_shards < 1:
+        raise KvdistillError(f"--num-shards {num_shards!r} must be 1 or more", "e.g. --num-shards 8")
+    if not isinstance(shard_index, int) or not 0 <= shard_index < num_shards:
+        raise KvdistillError(
+            f"--shard-index {shard_index!r} is outside 0..{num_shards - 1} (--num-shards {num_shards})",
+            "pass the SLURM array index, e.g. --shard-index $SLURM_ARRAY_TASK_ID with --array=0-N-1",
+        )
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _load_teacher(teacher_cfg: TeacherConfig, device: str):
+    """(model, tokenizer) in half precision on GPU, float32 on CPU (unless the teacher's dtype says otherwise);
+    eager attention when rkv needs the attention probabilities, sdpa otherwise where the model supports it."""
+    from kvdistill.models.load import load_model
+
+    on_gpu = torch.device(device).type == "cuda"
+    dtype = teacher_cfg.dtype if teacher_cfg.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
+    if teacher_cfg.compression.kind == "rkv":
+        return load_model(teacher_cfg.model, dtype=dtype, device=device)
+    try:
+        return load_model(teacher_cfg.model, dtype=dtype, device=device, attn_implementation="sdpa")
+    except KvdistillError:
+        return load_model(teacher_cfg.model, dtype=dtype, device=device)
+
+
+# ---------------------------------------------------------------------------------------------- extract
+def extract(
+    teacher_cfg: TeacherConfig,
+    data_cfg: DataConfig,
+    out_dir: str | Path,
+    *,
+    batch_size: int = 8,
+    device: str | None = None,
+    shard_index: int = 0,
+    num_shards: int = 1,
+    shard_size: int = 256,
+    progress: bool = True,
+    model=None,
+    tokenizer=None,
+) -> dict[str, Any]:
+    """Run one teacher over `data_cfg` and write (or resume) its cache in `out_dir`.
+
+    With num_shards > 1 this writes part `shard_index` (`manifest.part-{i}.json`); `merge_parts` combines the
+    parts once all have finished. `model` / `tokenizer`: the teacher already loaded (it must be
+    `teacher_cfg.model`; its dtype and device are then used as they are).
+
+    Returns {out_dir, part, teacher, records (this part's), stored (this call), skipped (already stored),
+    tokens (this call), seconds, tokens_per_s, complete}.
+    """
+    from tqdm.auto import tqdm
+
+    from kvdistill.cache.store import CacheWriter, samples_from_capture
+    from kvdistill.models.capture import capture_kv
+    from kvdistill.models.geometry import geometry_of
+    from kvdistill.models.load import load_config
+    from kvdistill.train.teachers import answer_query_mask
+
+    _check_shards(shard_index, num_shards)
+    plan_batches([], batch_size)  # a bad batch size fails before anything slow
+    device = device or _default_device()
+    records = dataset_records(data_cfg)
+    if (model is None) != (tokenizer is None):
+        raise KvdistillError(
+            "pass both model and tokenizer, or neither", "extract(..., model=m, tokenizer=t)"
+        )
+    if model is None:
+        geometry = geometry_of(load_config(teacher_cfg.model))
+        teacher_cfg.compression.build().resolve_layers(geometry.num_layers)  # fail before loading weights
+        model, tokenizer = _load_teacher(teacher_cfg, device)
+    meta = expected_meta(teacher_cfg, data_cfg, records=records, tokenizer=tokenizer)
+    loaded = geometry_of(model, name=meta["teacher"]["id"]).to_dict()
+    if loaded != meta["teacher"]["geometry"]:
+        raise KvdistillError(
+            f"the model passed to extract() is not teacher '{teacher_cfg.model}' (its geometry differs)",
+            "pass the model loaded from teacher_cfg.model, or leave model=None",
+        )
+    compression = teacher_cfg.compression.build()
+    rkv = compression.kind == "rkv"
+    batches = [b for k, b in enumerate(plan_batches(records, batch_size)) if k % num_shards == shard_index]
+    part = None if num_shards == 1 else shard_index
+    total = sum(len(b) for b in batches)
+
+    start = time.perf_counter()
+    stored = tokens = 0
+    with CacheWriter(out_dir, meta, shard_size=shard_size, part=part) as writer:
+        done = writer.done_ids()
+        skipped = sum(r["id"] in done for b in batches for r in b)
+        bar = tqdm(
+            total=total,
+            initial=skipped,
+            unit="sample",
+            desc=f"extract {meta['teacher']['id']}"
+            + (f" part {part}/{num_shards}" if part is not None else ""),
+            disable=not progress,
+            dynamic_ncols=True,
+        )
+        try:
+            for batch in batches:
+                todo = [r["id"] not in done for r in batch]
+                if not any(todo):
+                    continue
+                cap = _capture(capture_kv, model, tokenizer, batch, data_cfg.max_length, rkv, batch_size)
+                query = answer_query_mask(batch, cap.spans, cap.attention_mask) if rkv else None
+                samples = samples_from_capture(cap, compression, query)
+                for rec, sample, new in zip(batch, samples, todo, strict=True):
+                    if new:
+                        writer.add(str(rec["id"]), sample)
+                        stored += 1
+                        tokens += int(sample["token_ids"].shape[0])
+                del cap, samples
+                seconds = max(time.perf_counter() - start, 1e-9)
+                bar.set_postfix(tok_s=f"{tokens / seconds:,.0f}", refresh=False)
+                bar.update(sum(todo))
+        finally:
+            bar.close()
+    seconds = time.perf_counter() - start
+    result = {
+        "out_dir": str(out_dir),
+        "part": part,
+        "teacher": meta["teacher"]["id"],
+        "records": total,
+        "stored": stored,
+        "skipped": skipped,
+        "tokens": tokens,
+        "seconds": seconds,
+        "tokens_per_s": tokens / seconds if seconds > 0 else None,
+        "complete": True,
+    }
+    log.info("extract: %s", result)
+    return result
+
+
+def _capture(capture_kv, model, tokenizer, batch, max_length, rkv, batch_size):
+    """capture_kv as the online teacher calls it; a GPU out-of-memory error says which flag to lower."""
+    try:
+        return capture_kv(
+            model,
+            tokenizer,
+            [r["text"] for r in batch],
+            max_length=max_length,
+            padding_side="right",
+            attentions=rkv,
+        )
+    except torch.cuda.OutOfMemoryError:
+        longest = max(len(r["text"]) for r in batch)
+        raise KvdistillError(
+            f"out of GPU memory on a batch of {len(batch)} texts of up to {longest} characters "
+            f"(--batch-size {batch_size}, max_length {max_length})",
+            "lower --batch-size (batches are largest first, so a size that passes the first batch passes all); "
+            "rerun the same command to resume",
+        ) from None
