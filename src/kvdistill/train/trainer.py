@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from kvdistill.config import RunConfig, dump_config
-from kvdistill.errors import KvdistillError
+from kvdistill.config import RunConfig, dump_config, semantic_problems
+from kvdistill.errors import ConfigError, KvdistillError
 
 
 class NonFiniteLoss(KvdistillError):
@@ -42,7 +42,9 @@ def sample_stream(num_records: int, seed: int, start: int, count: int) -> list[i
     return out
 
 
-def micro_batch(records: list[dict], cfg: RunConfig, step: int, micro: int, rank: int, world: int) -> list[dict]:
+def micro_batch(
+    records: list[dict], cfg: RunConfig, step: int, micro: int, rank: int, world: int
+) -> list[dict]:
     b, accum = cfg.train.batch_size, cfg.train.grad_accum
     per_step = b * accum * world
     ids = sample_stream(len(records), cfg.data.seed, step * per_step, per_step)
@@ -62,9 +64,13 @@ def _param_groups(objective, cfg: RunConfig):
 
 
 def latest_checkpoint(out_dir: Path) -> Path | None:
-    ckpts = sorted((out_dir / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
-    ckpts = [c for c in ckpts if (c / "trainer_state.json").is_file() and not c.name.endswith(".tmp")]
-    return ckpts[-1] if ckpts else None
+    """The newest complete `step-N` (a crash may leave `step-N.tmp` behind, which never counts)."""
+    ckpts = [
+        c
+        for c in (out_dir / "checkpoints").glob("step-*")
+        if c.name.split("-", 1)[1].isdigit() and (c / "trainer_state.json").is_file()
+    ]
+    return max(ckpts, key=lambda c: int(c.name.split("-", 1)[1]), default=None)
 
 
 class MetricsLog:
@@ -91,7 +97,9 @@ class MetricsLog:
             prefix = "eval/" if row.get("split") == "eval" else "train/"
             for key, value in row.items():
                 if isinstance(value, (int, float)) and key != "step":
-                    self.tb.add_scalar(prefix + key if not key.startswith("eval/") else key, value, row["step"])
+                    self.tb.add_scalar(
+                        prefix + key if not key.startswith("eval/") else key, value, row["step"]
+                    )
 
     def close(self) -> None:
         if self.tb is not None:
@@ -121,6 +129,7 @@ def train(
     `init_student`: start from this student directory instead of `cfg.student` (curriculum phases).
     """
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import DistributedDataParallelKwargs, set_seed
     from tqdm.auto import tqdm
     from transformers import get_scheduler
@@ -132,40 +141,63 @@ def train(
     # some maps may get no gradient in a config (e.g. value maps when only the cosine term on keys is on)
     ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
-    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=launched > 1 and not _has_accelerator(),
-                              gradient_accumulation_steps=cfg.train.grad_accum, kwargs_handlers=[ddp])
+    # Accelerate keeps its settings per process; one process may run several trainings (curriculum phases,
+    # the quickstart's CE-only twin) with their own mixed precision and accumulation: forget the previous
+    # run's (private API, the process group itself is kept)
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+    accelerator = Accelerator(
+        mixed_precision=cfg.train.mixed_precision,
+        cpu=launched > 1 and not _has_accelerator(),
+        gradient_accumulation_steps=cfg.train.grad_accum,
+        kwargs_handlers=[ddp],
+    )
     if accelerator.num_processes != launched:
         raise KvdistillError(
             f"launched as {launched} processes (WORLD_SIZE) but Accelerate set up {accelerator.num_processes} "
             f"({accelerator.distributed_type}): each process would train alone and overwrite the others' files",
-            "launch with `torchrun --nproc_per_node N` or `accelerate launch` configured for N processes")
+            "launch with `torchrun --nproc_per_node N` or `accelerate launch` configured for N processes",
+        )
     main = accelerator.is_main_process
     ckpt = latest_checkpoint(out_dir) if resume else None
     if resume and ckpt is None:
-        raise KvdistillError(f"--resume: no complete checkpoint in {out_dir}/checkpoints",
-                             "start without --resume, or point --out at the run to continue")
+        raise KvdistillError(
+            f"--resume: no complete checkpoint in {out_dir}/checkpoints",
+            "start without --resume, or point --out at the run to continue",
+        )
     if not resume:  # checked on every process, so none is left waiting for the others
         held = [name for name in ("metrics.jsonl", "checkpoints", "final") if (out_dir / name).exists()]
         if held:
-            raise KvdistillError(f"--out {out_dir} already holds a run ({', '.join(held)})",
-                                 "pass --resume to continue it, or choose another --out")
-    if main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.yaml").write_text(dump_config(cfg))
+            raise KvdistillError(
+                f"--out {out_dir} already holds a run ({', '.join(held)})",
+                "pass --resume to continue it, or choose another --out",
+            )
+    # every input is checked before anything is written: a bad one leaves no run directory behind
+    problems = semantic_problems(cfg)  # teachers found, layer maps possible, data path present
+    if problems:
+        raise ConfigError(problems, source=f"config '{cfg.name}'")
     set_seed(cfg.train.seed)
     train_records = load_records(cfg.data, split="train")
     eval_records = load_records(cfg.data, split="eval") if cfg.data.eval_size else []
 
     objective = build_objective(cfg, device=accelerator.device, init_student=init_student)
     _check_positions(objective, cfg.data.max_length)
-    objective.prepare(train_records[: cfg.fusion.latent.fit_samples])  # frozen, fitted maps (same on every rank)
+    objective.prepare(
+        train_records[: cfg.fusion.latent.fit_samples]
+    )  # frozen, fitted maps (same on every rank)
     if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.yaml").write_text(dump_config(cfg))
         (out_dir / "plan.json").write_text(json.dumps(objective.plan(), indent=1))
         sample = objective.alignment_sample(train_records[0])
         (out_dir / "alignment_sample.json").write_text(json.dumps(sample))
     optimizer = torch.optim.AdamW(_param_groups(objective, cfg), weight_decay=cfg.train.weight_decay)
-    scheduler = get_scheduler(cfg.train.schedule, optimizer, num_warmup_steps=cfg.train.warmup_steps,
-                              num_training_steps=cfg.train.steps)
+    scheduler = get_scheduler(
+        cfg.train.schedule,
+        optimizer,
+        num_warmup_steps=cfg.train.warmup_steps,
+        num_training_steps=cfg.train.steps,
+    )
     objective, optimizer = accelerator.prepare(objective, optimizer)
     inner = accelerator.unwrap_model(objective)
 
@@ -193,8 +225,9 @@ def train(
         if main:
             inner.save_student(tmp / "student")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-            (tmp / "trainer_state.json").write_text(json.dumps(
-                {"step": step, "tokens": tokens_seen, "config_name": cfg.name}))
+            (tmp / "trainer_state.json").write_text(
+                json.dumps({"step": step, "tokens": tokens_seen, "config_name": cfg.name})
+            )
             if final.exists():
                 shutil.rmtree(final)
             tmp.rename(final)
@@ -203,8 +236,13 @@ def train(
         return final
 
     world, rank = accelerator.num_processes, accelerator.process_index
-    bar = tqdm(total=cfg.train.steps, initial=start, disable=not (main and progress), desc=cfg.name,
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=cfg.train.steps,
+        initial=start,
+        disable=not (main and progress),
+        desc=cfg.name,
+        dynamic_ncols=True,
+    )
     t0 = time.time()
     objective.train()
     end = cfg.train.steps if stop_after is None else min(cfg.train.steps, stop_after)
@@ -219,11 +257,14 @@ def train(
                 step_ids += [r["id"] for r in records]
                 with accelerator.accumulate(objective):
                     loss, metrics = objective(records)
-                    _stop_if_non_finite(accelerator, float(loss.detach()), metrics, step, micro, records, last_good)
+                    _stop_if_non_finite(
+                        accelerator, float(loss.detach()), metrics, step, micro, records, last_good
+                    )
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
-                        norm = accelerator.clip_grad_norm_(objective.parameters(),
-                                                           cfg.train.max_grad_norm or math.inf)
+                        norm = accelerator.clip_grad_norm_(
+                            objective.parameters(), cfg.train.max_grad_norm or math.inf
+                        )
                         metrics["grad_norm"] = float(norm)
                         # gradients are reduced over processes by now: every process sees the same norm;
                         # fp16's loss scaler skips such steps itself
@@ -232,7 +273,8 @@ def train(
                                 f"gradient norm is {metrics['grad_norm']} at step {step + 1} (loss "
                                 f"{metrics['loss']:.4g}; samples of this process {step_ids})",
                                 f"training stopped before the update; last good checkpoint: "
-                                f"{last_good or 'none written yet'}. Lower train.lr, or check those samples")
+                                f"{last_good or 'none written yet'}. Lower train.lr, or check those samples",
+                            )
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 for k, v in metrics.items():
@@ -242,12 +284,20 @@ def train(
             row = {k: (v if k in ("tokens", "grad_norm") else v / n) for k, v in sums.items()}
             if world > 1:  # mean over processes (tokens: sum), so the row describes the whole combined batch
                 keys = list(row)  # the same keys in the same order on every process
-                total = accelerator.reduce(torch.tensor([row[k] for k in keys], device=accelerator.device),
-                                           reduction="sum")
-                row = {k: float(v) if k == "tokens" else float(v) / world for k, v in zip(keys, total, strict=True)}
+                total = accelerator.reduce(
+                    torch.tensor([row[k] for k in keys], device=accelerator.device), reduction="sum"
+                )
+                row = {
+                    k: float(v) if k == "tokens" else float(v) / world
+                    for k, v in zip(keys, total, strict=True)
+                }
             tokens_seen += int(row["tokens"])
-            row.update(step=step + 1, lr=lr, tokens_per_s=row["tokens"] / (time.time() - step_t0),
-                       elapsed_s=time.time() - t0)
+            row.update(
+                step=step + 1,
+                lr=lr,
+                tokens_per_s=row["tokens"] / (time.time() - step_t0),
+                elapsed_s=time.time() - t0,
+            )
             if (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps:
                 log.write(row)
             bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
@@ -291,19 +341,28 @@ def _has_accelerator() -> bool:
 
 def _check_positions(objective, max_length: int) -> None:
     """Refuse, before any step, a data.max_length that some model cannot take (its position table is shorter)."""
-    models = [("student", objective.student_geometry)] + [(f"teacher '{t.name}'", t.geometry)
-                                                           for t in objective.teachers]
+    models = [("student", objective.student_geometry)] + [
+        (f"teacher '{t.name}'", t.geometry) for t in objective.teachers
+    ]
     short = [(who, g.max_positions) for who, g in models if g.max_positions and g.max_positions < max_length]
     if short:
         limit = min(m for _, m in short)
         raise KvdistillError(
             f"data.max_length = {max_length} is longer than the maximum positions of "
             + ", ".join(f"{who} ({m})" for who, m in short),
-            f"set data.max_length to at most {limit} (texts are truncated to it), or use models with longer contexts")
+            f"set data.max_length to at most {limit} (texts are truncated to it), or use models with longer contexts",
+        )
 
 
-def _stop_if_non_finite(accelerator, loss: float, metrics: dict, step: int, micro: int, records: list[dict],
-                        last_good: Path | None) -> None:
+def _stop_if_non_finite(
+    accelerator,
+    loss: float,
+    metrics: dict,
+    step: int,
+    micro: int,
+    records: list[dict],
+    last_good: Path | None,
+) -> None:
     """Raise NonFiniteLoss on every process when the loss of any process is NaN/inf (before any backward).
 
     The failing process's samples are named; the others learn which process failed, so none of them is left
@@ -317,19 +376,39 @@ def _stop_if_non_finite(accelerator, loss: float, metrics: dict, step: int, micr
             return
         from accelerate.utils import gather_object
 
-        where = gather_object([(accelerator.process_index, loss, [r["id"] for r in records],
-                                sorted(k for k, v in metrics.items() if not math.isfinite(v)))] if bad else [])
+        where = gather_object(
+            [
+                (
+                    accelerator.process_index,
+                    loss,
+                    [r["id"] for r in records],
+                    sorted(k for k, v in metrics.items() if not math.isfinite(v)),
+                )
+            ]
+            if bad
+            else []
+        )
     elif not bad:
         return
     else:
-        where = [(0, loss, [r["id"] for r in records], sorted(k for k, v in metrics.items() if not math.isfinite(v)))]
+        where = [
+            (
+                0,
+                loss,
+                [r["id"] for r in records],
+                sorted(k for k, v in metrics.items() if not math.isfinite(v)),
+            )
+        ]
     parts = []
     for proc, value, ids, terms in where:
         on = f" on process {proc}" if world > 1 else ""
         terms = [t for t in terms if t != "loss"]
-        parts.append(f"loss is {value}{on} at step {step + 1}, micro-batch {micro} (samples {ids}); "
-                     f"non-finite terms: {terms or 'total only'}")
+        parts.append(
+            f"loss is {value}{on} at step {step + 1}, micro-batch {micro} (samples {ids}); "
+            f"non-finite terms: {terms or 'total only'}"
+        )
     raise NonFiniteLoss(
         "; ".join(parts),
         f"training stopped; last good checkpoint: {last_good or 'none written yet'}. Lower train.lr, set "
-        "train.max_grad_norm, or check those samples")
+        "train.max_grad_norm, or check those samples",
+    )
