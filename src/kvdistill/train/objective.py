@@ -497,8 +497,9 @@ def build_teachers(cfg: RunConfig, device) -> list:
     on_gpu = torch.device(device).type == "cuda"
     for tcfg in cfg.teachers:
         if tcfg.source == "cache":
-            from kvdistill.cache.extract import open_teacher_cache  # checked against this run's teacher and data
+            from kvdistill.cache.extract import open_teacher_cache
 
+            # refused unless it holds this run's teacher, tokenizer, compression and data
             teachers.append(CachedTeacher(tcfg.name, open_teacher_cache(tcfg, cfg.data)))
             continue
         dtype = tcfg.dtype if tcfg.dtype != "auto" else ("bfloat16" if on_gpu else "float32")

@@ -1,0 +1,334 @@
+"""`kvdistill extract` on the real offline teachers: stored K/V equal the online compression, SIGKILL + rerun and
+array parts + merge equal one run, the cache CLI, and training from a cache equal to training online."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvdistill.cache import CacheReader, merge_parts, verify_cache
+from kvdistill.cache.extract import dataset_records, extract, plan_batches
+from kvdistill.compress import compress_capture
+from kvdistill.config import DataConfig, TeacherConfig, load_config
+from kvdistill.errors import CacheError
+from kvdistill.models.capture import capture_kv
+from kvdistill.train.objective import build_objective, build_teachers
+from kvdistill.train.teachers import answer_query_mask
+
+pytestmark = pytest.mark.slow
+
+GSM = DataConfig(size=6, eval_size=2, max_length=48)
+# lines of very different lengths, so batches hold padding and batch composition matters
+LINES = [
+    "Short.",
+    "The teacher reads every record once and keeps its keys and values on disk.",
+    "Two plus two is four.",
+    "A cache is a directory of safetensors shards with a manifest that lists each complete shard.",
+    "Resume after a kill.",
+    "Length bucketing puts texts of about the same length in one batch, which wastes less padding.",
+    "Hi there",
+    "Each array task of a SLURM job writes its own part of the cache.",
+    "Merge the parts at the end.",
+    "R-KV keeps the tokens that the answer attends to and that are not redundant with the others.",
+]
+RKV = {"kind": "rkv", "budget": 8}
+
+
+def teacher(model: str = "smollm2-135m", **compression) -> TeacherConfig:
+    return TeacherConfig(model=model, compression=compression or RKV)
+
+
+@pytest.fixture(scope="module")
+def text_data(tmp_path_factory) -> DataConfig:
+    path = tmp_path_factory.mktemp("data") / "lines.txt"
+    path.write_text("\n".join(LINES) + "\n")
+    return DataConfig(source="text", path=str(path), max_length=48)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, smollm2, text_data) -> Path:
+    """One uninterrupted in-process extraction of the text data (rkv, bfloat16)."""
+    out = tmp_path_factory.mktemp("ref") / "cache"
+    model, tok = smollm2
+    result = extract(
+        teacher(), text_data, out, batch_size=3, shard_size=2, progress=False, model=model, tokenizer=tok
+    )
+    assert result["stored"] == len(LINES) and result["skipped"] == 0
+    return out
+
+
+def assert_same_samples(a: Path, b: Path) -> None:
+    x, y = CacheReader(a), CacheReader(b)
+    assert len(x.sample_ids) == len(set(x.sample_ids)) and sorted(x.sample_ids) == sorted(y.sample_ids)
+    for sid in x.sample_ids:
+        s, t = x.get(sid), y.get(sid)
+        assert s.keys() == t.keys()
+        for name in s:
+            assert s[name].dtype == t[name].dtype and torch.equal(s[name], t[name]), (sid, name)
+
+
+# ------------------------------------------------------------------------------------ stored == online
+@pytest.mark.parametrize(
+    "model, compression",
+    [
+        ("smollm2-135m", {"kind": "rkv", "budget": 16, "dtype": "float32"}),
+        ("gemma3-270m", {"kind": "rkv", "budget": 12, "layers": [0, 5, 17], "dtype": "bfloat16"}),
+        ("smollm2-135m", {"kind": "right_crop", "budget": 20, "layers": [3, 29], "dtype": "float16"}),
+    ],
+)
+def test_extract_then_read_equals_compress_capture(request, tmp_path, model, compression):
+    loaded = request.getfixturevalue("smollm2" if model.startswith("smollm2") else "gemma3")
+    tcfg = teacher(model, **compression)
+    records = dataset_records(GSM)
+    extract(
+        tcfg, GSM, tmp_path, batch_size=len(records), progress=False, model=loaded[0], tokenizer=loaded[1]
+    )
+    batch = plan_batches(records, len(records))[0]  # the one batch, in the order it was run
+
+    comp = tcfg.compression.build()
+    cap = capture_kv(
+        *loaded,
+        [r["text"] for r in batch],
+        max_length=GSM.max_length,
+        padding_side="right",
+        attentions=comp.kind == "rkv",
+    )
+    layers = comp.resolve_layers(cap.geometry.num_layers)
+    online = compress_capture(cap, comp, layers, answer_query_mask(batch, cap.spans, cap.attention_mask))
+    cached = CacheReader(tmp_path).teacher_kv([r["id"] for r in batch])
+    assert sorted(cached.keys) == layers and comp.budget < int(cap.attention_mask.sum(1).min())
+    for layer in layers:
+        assert torch.equal(cached.mask[layer], online.mask[layer])
+        assert torch.equal(cached.spans[layer], online.spans[layer])
+        assert cached.keys[layer].dtype == comp.torch_dtype
+        assert torch.equal(cached.keys[layer], online.keys[layer].to(comp.torch_dtype))
+        assert torch.equal(cached.values[layer], online.values[layer].to(comp.torch_dtype))
+
+
+# ------------------------------------------------------------------------------------ SIGKILL + resume
+SLOW_CLI = textwrap.dedent(
+    """
+    import sys, time
+    from kvdistill.cache import store
+    add = store.CacheWriter.add
+
+    def slow_add(self, *args, **kwargs):  # slow the writer down so the kill lands mid-extraction
+        add(self, *args, **kwargs)
+        time.sleep(0.25)
+
+    store.CacheWriter.add = slow_add
+    from kvdistill.cli import main
+    sys.argv = ["kvdistill", *sys.argv[1:]]
+    main()
+    """
+)
+
+
+def run_cli(args: list[str]) -> int:
+    from kvdistill.cli import main
+
+    argv = sys.argv
+    sys.argv = ["kvdistill", *args]
+    try:
+        main()
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    finally:
+        sys.argv = argv
+    return 0
+
+
+def test_sigkill_mid_extraction_then_rerun_equals_uninterrupted(tmp_path, reference, text_data):
+    out = tmp_path / "cache"
+    args = [
+        "extract",
+        "--teacher",
+        "smollm2-135m",
+        "--data",
+        text_data.path,
+        "--max-length",
+        "48",
+        "--compression",
+        "rkv",
+        "--budget",
+        "8",
+        "--batch-size",
+        "3",
+        "--shard-size",
+        "2",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_CLI, *args], stderr=subprocess.PIPE)
+    manifest = out / "manifest.json"
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None:  # kill once a shard is committed, more in flight
+        if manifest.exists() and json.loads(manifest.read_text())["shards"]:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    partial = CacheReader(out)
+    assert not partial.complete and 2 <= len(partial) < len(LINES)
+
+    assert run_cli(args) == 0  # the same command again resumes
+    assert verify_cache(out) == []
+    assert_same_samples(out, reference)
+    assert run_cli(args) == 0  # and a third time stores nothing new
+    assert_same_samples(out, reference)
+
+
+# ------------------------------------------------------------------------------------ array parts
+def test_parts_merged_equal_one_run(tmp_path, reference, smollm2, text_data):
+    model, tok = smollm2
+    kept = []
+    for i in (1, 0):
+        r = extract(
+            teacher(),
+            text_data,
+            tmp_path,
+            batch_size=3,
+            shard_size=2,
+            shard_index=i,
+            num_shards=2,
+            progress=False,
+            model=model,
+            tokenizer=tok,
+        )
+        kept.append(r["records"])
+        assert r["part"] == i
+    assert sorted(kept) == [4, 6]  # batches of 3 (the last of 1) dealt round robin: 3+1 and 3+3
+    with pytest.raises(CacheError, match="missing parts"):
+        merge_parts(tmp_path, expected_parts=3)
+    merge_parts(tmp_path, expected_parts=2)
+    assert verify_cache(tmp_path) == []
+    assert_same_samples(tmp_path, reference)
+
+
+def test_bad_shard_flags_are_refused(tmp_path, text_data):
+    with pytest.raises(Exception, match="--shard-index 2 is outside 0..1"):
+        extract(teacher(), text_data, tmp_path, shard_index=2, num_shards=2)
+    with pytest.raises(Exception, match="--batch-size 0"):
+        extract(teacher(), text_data, tmp_path, batch_size=0)
+    assert not any(tmp_path.iterdir())
+
+
+# ------------------------------------------------------------------------------------ cache CLI
+def test_cache_info_json_and_verify_exit_codes(tmp_path, reference, capsys):
+    assert run_cli(["cache", "info", str(reference), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["num_samples"] == len(LINES) and info["teacher"]["id"] == "smollm2-135m"
+    assert info["compression"]["kind"] == "rkv" and info["complete"]
+    assert run_cli(["cache", "verify", str(reference)]) == 0
+
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    for f in reference.iterdir():
+        damaged.joinpath(f.name).write_bytes(f.read_bytes())
+    shard = sorted(damaged.glob("shard-*.safetensors"))[1]
+    data = bytearray(shard.read_bytes())
+    data[-5] ^= 0x01  # one bit of K/V payload
+    shard.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert run_cli(["cache", "verify", str(damaged)]) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"shard {shard.name} fails its checksum" in err
+
+
+# ------------------------------------------------------------------------------------ training from a cache
+RUN = {
+    "student": {
+        "from_config": {
+            "base": "smollm2-135m",
+            "num_hidden_layers": 2,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "head_dim": 32,
+        },
+        "tokenizer": "gpt2-tokenizer",
+    },
+    "teachers": [
+        {
+            "name": "smollm2",
+            "model": "smollm2-135m",
+            "compression": {"kind": "rkv", "budget": 16, "dtype": "float32"},
+        }
+    ],
+    "data": {"source": "gsm_symbolic", "size": 6, "eval_size": 2, "max_length": 48},
+    "train": {"batch_size": 4, "tensorboard": False},
+}
+
+
+@pytest.fixture(scope="module")
+def run_cache(tmp_path_factory, smollm2) -> Path:
+    out = tmp_path_factory.mktemp("run_cache") / "smollm2"
+    cfg = load_config(raw=RUN)
+    extract(
+        cfg.teachers[0], cfg.data, out, batch_size=4, progress=False, model=smollm2[0], tokenizer=smollm2[1]
+    )
+    return out
+
+
+def cached_run(cache_dir: Path, *overrides: str):
+    return load_config(
+        raw=json.loads(json.dumps(RUN)),
+        overrides=["teachers.0.source=cache", f"teachers.0.cache_dir={cache_dir}", *overrides],
+    )
+
+
+def test_first_step_loss_from_cache_equals_online(run_cache, smollm2, monkeypatch):
+    import kvdistill.models.load as load
+
+    monkeypatch.setattr(load, "load_model", lambda name, **kw: smollm2)  # the online teacher, loaded once
+    online = build_objective(load_config(raw=json.loads(json.dumps(RUN))))
+    cached = build_objective(cached_run(run_cache))
+    assert type(cached.teachers[0]).__name__ == "CachedTeacher"
+    records = dataset_records(online.cfg.data)[2:6]  # the train split: extracted in other batches
+    loss_online, m_online = online(records)
+    loss_cached, m_cached = cached(records)
+    assert m_online["loss/kd"] > 0.1
+    assert loss_cached.item() == pytest.approx(loss_online.item(), rel=1e-3)
+    assert m_cached["loss/kd"] == pytest.approx(m_online["loss/kd"], rel=1e-3)
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (["teachers.0.compression.budget=12"], "compression differs"),
+        (["teachers.0.compression.dtype=bfloat16"], "compression differs"),
+        (["data.size=7"], "dataset differs"),
+        (["data.max_length=40"], "dataset differs"),
+        (["teachers.0.model=gemma3-270m"], "teacher.id differs"),
+    ],
+)
+def test_cache_of_another_compression_teacher_or_dataset_is_refused(run_cache, overrides, field):
+    with pytest.raises(CacheError, match=field) as err:
+        build_teachers(cached_run(run_cache, *overrides), "cpu")
+    assert "teacher 'smollm2'" in str(err.value) and "kvdistill extract" in str(err.value)
+    if "gemma3" in overrides[0]:
+        assert "tokenizer differs" in str(err.value) and "teacher.geometry differs" in str(err.value)
+
+
+def test_incomplete_cache_is_refused(tmp_path, run_cache):
+    for f in run_cache.iterdir():
+        tmp_path.joinpath(f.name).write_bytes(f.read_bytes())
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    manifest["complete"] = False
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CacheError, match="incomplete"):
+        build_teachers(cached_run(tmp_path), "cpu")
