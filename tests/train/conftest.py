@@ -125,8 +125,11 @@ def run_cli(args: list[str]) -> int:
 
 
 @pytest.fixture
-def cli(capsys):
-    """cli(*args) -> (exit code, stderr with whitespace collapsed: rich wraps long lines)."""
+def cli(capsys, monkeypatch):
+    """cli(*args) -> (exit code, stderr on one line: rich's wrapping undone, paths kept whole)."""
+    from kvdistill import cli as cli_module
+
+    monkeypatch.setattr(cli_module.console, "width", 10_000)
 
     def call(*args) -> tuple[int, str]:
         code = run_cli(list(args))

@@ -409,6 +409,6 @@ def _stop_if_non_finite(
         )
     raise NonFiniteLoss(
         "; ".join(parts),
-        f"training stopped; last good checkpoint: {last_good or 'none written yet'}. Lower train.lr, set "
-        "train.max_grad_norm, or check those samples",
+        f"training stopped before the update; last good checkpoint: {last_good or 'none written yet'} "
+        "(continue from it with --resume). Lower train.lr, or check those samples",
     )
