@@ -94,3 +94,14 @@ def test_pretrained_student_directory(tmp_path):
     state = again.state_dict()
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     assert again.training
+
+
+def test_lora_adapter_holds_only_adapter_weights(tmp_path):
+    from safetensors.torch import load_file
+
+    model, tok = build_student(student_config(lora={"r": 2}))
+    save_student(model, tok, str(tmp_path / "student"))
+    adapter = load_file(str(tmp_path / "student/adapter/adapter_model.safetensors"))
+    assert adapter and all("lora_A" in k or "lora_B" in k for k in adapter)
+    # 2 layers × 7 linear modules (q, k, v, o, gate, up, down) × (A, B)
+    assert len(adapter) == 2 * 7 * 2

@@ -147,6 +147,50 @@ def test_ddp_two_processes_match_one(tiny_config, tiny_yaml, tmp_path, files):
     assert json.loads((ddp / "summary.json").read_text())["tokens"] == sum(r["tokens"] for r in b)
 
 
+NAN_ON_ONE_RANK = """
+import json, math
+from accelerate import Accelerator
+from kvdistill.train.trainer import NonFiniteLoss, _stop_if_non_finite
+
+acc = Accelerator(cpu=True)
+rank = acc.process_index
+records = [{"id": f"r{rank}a"}, {"id": f"r{rank}b"}]
+_stop_if_non_finite(acc, 1.0, {"loss": 1.0}, 3, 0, records, None)  # finite everywhere: returns
+loss = math.nan if rank == 1 else 2.0
+try:
+    _stop_if_non_finite(acc, loss, {"loss": loss, "loss/kv/t": loss}, 4, 1, records, None)
+    print(json.dumps({"rank": rank, "problem": None}))
+except NonFiniteLoss as err:
+    print(json.dumps({"rank": rank, "problem": err.problem}))
+"""
+
+
+@pytest.mark.slow
+def test_nan_on_one_process_stops_every_process(tmp_path):
+    """A NaN loss on process 1 only: both processes stop before the gradient all-reduce (none is left waiting),
+    and both name process 1's samples."""
+    script = tmp_path / "nan.py"
+    script.write_text(NAN_ON_ONE_RANK)
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    proc = subprocess.run(
+        [torchrun, "--standalone", "--nproc_per_node", "2", str(script)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = sorted(
+        (json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")),
+        key=lambda r: r["rank"],
+    )
+    expected = (
+        "loss is nan on process 1 at step 5, micro-batch 1 (samples ['r1a', 'r1b']); "
+        "non-finite terms: ['loss/kv/t']"
+    )
+    assert rows == [{"rank": 0, "problem": expected}, {"rank": 1, "problem": expected}]
+
+
 # ------------------------------------------------------------------------------------------ resume, schedule
 RESUMABLE = [
     "train.steps=4",

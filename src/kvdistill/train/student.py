@@ -23,8 +23,10 @@ def build_student(cfg: StudentConfig, *, seed: int = 0):
         config = load_config(base)
         unknown = [k for k in overrides if not hasattr(config, k)]
         if unknown:
-            raise KvdistillError(f"student.from_config: {unknown} are not fields of {type(config).__name__}",
-                                 f"use fields of the base model's config.json ({base})")
+            raise KvdistillError(
+                f"student.from_config: {unknown} are not fields of {type(config).__name__}",
+                f"use fields of the base model's config.json ({base})",
+            )
         for key, value in overrides.items():
             setattr(config, key, value)
         tokenizer = load_tokenizer(cfg.tokenizer or base)
@@ -33,15 +35,22 @@ def build_student(cfg: StudentConfig, *, seed: int = 0):
         for attr in ("bos_token_id", "eos_token_id", "pad_token_id"):
             setattr(config, attr, getattr(tokenizer, attr))
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=resolve_dtype(cfg.dtype), attn_implementation="eager")
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=resolve_dtype(cfg.dtype), attn_implementation="eager"
+        )
         model.config.name_or_path = f"{base}+from_config"
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)
     if cfg.lora is not None:
         from peft import LoraConfig, get_peft_model
 
-        lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                          target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
+        lora = LoraConfig(
+            r=cfg.lora.r,
+            lora_alpha=cfg.lora.alpha,
+            lora_dropout=cfg.lora.dropout,
+            target_modules=cfg.lora.target_modules,
+            task_type="CAUSAL_LM",
+        )
         model = get_peft_model(model, lora)
     model.train()
     return model, tokenizer
@@ -55,7 +64,9 @@ def unwrap_student(model: torch.nn.Module) -> torch.nn.Module:
 def save_student(model: torch.nn.Module, tokenizer, out_dir: str, *, merge_lora: bool = True) -> None:
     """Hugging Face format that loads with plain transformers; LoRA merged (adapter kept as well if asked)."""
     if hasattr(model, "merge_and_unload"):
-        model.save_pretrained(f"{out_dir}/adapter")
+        # LoRA leaves the embeddings frozen: the adapter holds only the adapter weights (peft's "auto" would
+        # copy the embeddings into every checkpoint when it cannot look the base model up offline)
+        model.save_pretrained(f"{out_dir}/adapter", save_embedding_layers=False)
         if merge_lora:
             import copy
 
