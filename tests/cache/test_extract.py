@@ -171,14 +171,15 @@ def test_sigkill_mid_extraction_then_rerun_equals_uninterrupted(tmp_path, refere
         "--out",
         str(out),
     ]
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_CLI, *args], stderr=subprocess.PIPE)
+    log = tmp_path / "extract.log"
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_CLI, *args], stderr=log.open("w"))
     manifest = out / "manifest.json"
     deadline = time.time() + 60
     while time.time() < deadline and proc.poll() is None:  # kill once a shard is committed, more in flight
         if manifest.exists() and json.loads(manifest.read_text())["shards"]:
             break
         time.sleep(0.02)
-    assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+    assert proc.poll() is None, log.read_text()[-2000:]
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     partial = CacheReader(out)
@@ -332,3 +333,74 @@ def test_incomplete_cache_is_refused(tmp_path, run_cache):
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(CacheError, match="incomplete"):
         build_teachers(cached_run(tmp_path), "cpu")
+
+
+# ------------------------------------------------------------------------------------ CLI configs
+def test_extract_configs_from_a_run_config_and_from_flags(tmp_path):
+    from kvdistill.cache.cli import extract_configs
+    from kvdistill.errors import ConfigError, KvdistillError
+
+    raw = json.loads(json.dumps(RUN))
+    raw["teachers"][0].update(source="cache", cache_dir=str(tmp_path / "smollm2"))
+    raw["teachers"].append(
+        {"name": "gemma", "model": "gemma3-270m", "compression": {"kind": "right_crop", "budget": 9}}
+    )
+    config = tmp_path / "run.yaml"
+    config.write_text(json.dumps(raw))  # JSON is YAML
+    none = dict(kind=None, budget=None, lam=None, layers=None, dtype=None)
+    flags = dict(out=None, data=None, size=None, max_length=None)
+
+    t, d, out = extract_configs(str(config), ["data.seed=3"], teacher="smollm2", compression=none, **flags)
+    assert (t.model, t.compression.kind, t.compression.budget, t.compression.dtype) == (
+        "smollm2-135m",
+        "rkv",
+        16,
+        "float32",
+    )
+    assert (d.size, d.max_length, d.seed) == (6, 48, 3) and out == str(
+        tmp_path / "smollm2"
+    )  # cache_dir by default
+
+    t, d, out = extract_configs(
+        str(config),
+        [],
+        teacher="gemma3-270m",
+        compression=dict(none, kind="rkv", budget=5, layers="0, 17"),
+        **dict(flags, out="x", data="more.csv", size=9),
+    )
+    assert (t.name, t.compression.kind, t.compression.budget, t.compression.layers) == (
+        "gemma",
+        "rkv",
+        5,
+        [0, 17],
+    )
+    assert (d.source, d.path, d.size, out) == ("csv", "more.csv", 9, "x")
+    t, _, _ = extract_configs(
+        str(config), [], teacher="gemma", compression=dict(none, kind="full"), **dict(flags, out="x")
+    )
+    assert (
+        t.compression.kind == "full" and t.compression.budget is None
+    )  # the config's budget went with its kind
+
+    with pytest.raises(KvdistillError, match=r"--teacher 'qwen' is not a teacher .*\['smollm2', 'gemma'\]"):
+        extract_configs(str(config), [], teacher="qwen", compression=none, **flags)
+    with pytest.raises(KvdistillError, match="has 2 teachers"):
+        extract_configs(str(config), [], teacher=None, compression=none, **flags)
+    with pytest.raises(ConfigError) as err:  # every problem at once, each naming its flag
+        extract_configs(
+            None,
+            [],
+            teacher="smollm2-135m",
+            compression=dict(none, kind="rkv", lam=2.0),
+            **dict(flags, data="x.docx", size=0),
+        )
+    assert len(err.value.problems) == 4
+    text = " ".join(err.value.problems)
+    for flag in ("--data 'x.docx'", "(--lam)", "(--size)", "--out"):
+        assert flag in text
+    with pytest.raises(
+        ConfigError, match=r"teacher.compression \(--compression/--budget\): .* needs compression.budget"
+    ):
+        extract_configs(
+            None, [], teacher="smollm2-135m", compression=dict(none, kind="rkv"), **dict(flags, out="x")
+        )

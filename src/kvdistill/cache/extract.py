@@ -48,7 +48,7 @@ def dataset_records(data_cfg: DataConfig) -> list[dict]:
     # with eval_size 0 the train split is every record, in the same order as eval + train
     records = load_records(data_cfg.model_copy(update={"eval_size": 0}), split="train")
     seen: set[str] = set()
-    dupes = sorted({str(r["id"]) for r in records if r["id"] in seen or seen.add(r["id"])})
+    dupes = sorted({str(r["id"]) for r in records if str(r["id"]) in seen or seen.add(str(r["id"]))})
     if dupes:
         raise KvdistillError(
             f"the data holds ids {dupes[:5]} more than once, so a cache cannot tell those records apart",
@@ -224,7 +224,7 @@ def extract(
     stored = tokens = 0
     with CacheWriter(out_dir, meta, shard_size=shard_size, part=part) as writer:
         done = writer.done_ids()
-        skipped = sum(r["id"] in done for b in batches for r in b)
+        skipped = sum(str(r["id"]) in done for b in batches for r in b)
         bar = tqdm(
             total=total,
             initial=skipped,
@@ -236,7 +236,7 @@ def extract(
         )
         try:
             for batch in batches:
-                todo = [r["id"] not in done for r in batch]
+                todo = [str(r["id"]) not in done for r in batch]
                 if not any(todo):
                     continue
                 cap = _capture(capture_kv, model, tokenizer, batch, data_cfg.max_length, rkv, batch_size)
