@@ -182,9 +182,8 @@ def train(
 
     objective = build_objective(cfg, device=accelerator.device, init_student=init_student)
     _check_positions(objective, cfg.data.max_length)
-    objective.prepare(
-        train_records[: cfg.fusion.latent.fit_samples]
-    )  # frozen, fitted maps (same on every rank)
+    # fitted (not trained) maps, e.g. the latent space: the same records, so the same maps, on every process
+    objective.prepare(train_records[: cfg.fusion.latent.fit_samples])
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(dump_config(cfg))
