@@ -147,6 +147,42 @@ def test_ddp_two_processes_match_one(tiny_config, tiny_yaml, tmp_path, files):
     assert json.loads((ddp / "summary.json").read_text())["tokens"] == sum(r["tokens"] for r in b)
 
 
+@pytest.mark.slow
+def test_ddp_with_parameters_that_get_no_gradient(tiny_config, tiny_yaml, tmp_path, files):
+    """Cosine loss only (keys): the value maps get no gradient; DDP must not wait for them."""
+    from kvdistill.train.objective import build_objective
+
+    out = tmp_path / "ddp"
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    changes = ["train.batch_size=1", "losses.kv.weight=0", "losses.cosine=1"]
+    proc = subprocess.run(
+        [
+            torchrun,
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "kvdistill.cli",
+            "train",
+            str(tiny_yaml),
+            "--out",
+            str(out),
+            *changes,
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trained = files.weights(out / "checkpoints/step-2/state", prefix="projectors.")
+    initial = build_objective(tiny_config(*changes)).projectors.state_dict()
+    values = [k for k in trained if ".value_map." in k]
+    keys = [k for k in trained if ".key_map." in k and k.endswith("weight")]
+    assert values and all(torch.equal(trained[k], initial[k]) for k in values)
+    assert keys and all(not torch.equal(trained[k], initial[k]) for k in keys)
+
+
 NAN_ON_ONE_RANK = """
 import json, math
 from accelerate import Accelerator
