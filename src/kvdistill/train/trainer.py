@@ -8,6 +8,12 @@ Every loss is a mean over samples of per-sample means, so those runs give the sa
 Checkpoints (`DIR/checkpoints/step-N/`): `student/` (Hugging Face format), `state/` (Accelerate: model with
 projectors and routers, optimizer, RNG), `scheduler.pt`, `trainer_state.json`. A checkpoint directory is written
 under a temporary name and renamed when complete, so a crash never leaves a half-written `step-N`.
+
+Launch: one process, or `torchrun --nproc_per_node N` / `accelerate launch` (DDP; on a machine without a GPU
+the processes use gloo on CPU). Every input is checked before the run directory is written. A NaN/inf loss on
+any process, or a non-finite gradient norm, stops every process before the update, naming the step and samples;
+the last checkpoint stays as it was (continue with `--resume`). `metrics.jsonl` rows are means over micro-batches
+and processes (`tokens`: sums), `lr` the student's learning rate used in that step.
 """
 
 from __future__ import annotations
