@@ -183,8 +183,40 @@ def test_ddp_with_parameters_that_get_no_gradient(tiny_config, tiny_yaml, tmp_pa
     assert keys and all(not torch.equal(trained[k], initial[k]) for k in keys)
 
 
+TWO_RUNS = """
+import sys
+from kvdistill.config import load_config
+from kvdistill.train.trainer import train
+
+config, out = sys.argv[1], sys.argv[2]
+train(load_config(config, ["train.batch_size=1"]), out + "/fp32", progress=False)
+train(load_config(config, ["train.batch_size=1", "train.mixed_precision=bf16"]), out + "/bf16", progress=False)
+"""
+
+
+@pytest.mark.slow
+def test_two_runs_in_one_ddp_process(tiny_yaml, tmp_path, files):
+    """Curriculum phases train one after another in the same processes: the process group survives the first
+    run, and the second may change mixed precision."""
+    script = tmp_path / "two.py"
+    script.write_text(TWO_RUNS)
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    proc = subprocess.run(
+        [torchrun, "--standalone", "--nproc_per_node", "2", str(script), str(tiny_yaml), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    fp32, bf16 = files.metrics(tmp_path / "fp32"), files.metrics(tmp_path / "bf16")
+    assert [r["step"] for r in bf16] == [1, 2] and bf16[0]["tokens"] == fp32[0]["tokens"] == 2 * 32
+    assert bf16[0]["loss"] == pytest.approx(fp32[0]["loss"], rel=1e-2) and bf16[0]["loss"] != fp32[0]["loss"]
+
+
 NAN_ON_ONE_RANK = """
-import json, math
+import json, math, sys
+import torch
 from accelerate import Accelerator
 from kvdistill.train.trainer import NonFiniteLoss, _stop_if_non_finite
 
@@ -195,9 +227,12 @@ _stop_if_non_finite(acc, 1.0, {"loss": 1.0}, 3, 0, records, None)  # finite ever
 loss = math.nan if rank == 1 else 2.0
 try:
     _stop_if_non_finite(acc, loss, {"loss": loss, "loss/kv/t": loss}, 4, 1, records, None)
-    print(json.dumps({"rank": rank, "problem": None}))
+    problem = None
 except NonFiniteLoss as err:
-    print(json.dumps({"rank": rank, "problem": err.problem}))
+    problem = err.problem
+with open(f"{sys.argv[1]}/rank{rank}.json", "w") as f:
+    json.dump({"rank": rank, "problem": problem}, f)
+torch.distributed.destroy_process_group()
 """
 
 
@@ -209,17 +244,14 @@ def test_nan_on_one_process_stops_every_process(tmp_path):
     script.write_text(NAN_ON_ONE_RANK)
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     proc = subprocess.run(
-        [torchrun, "--standalone", "--nproc_per_node", "2", str(script)],
+        [torchrun, "--standalone", "--nproc_per_node", "2", str(script), str(tmp_path)],
         capture_output=True,
         text=True,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = sorted(
-        (json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")),
-        key=lambda r: r["rank"],
-    )
+    rows = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     expected = (
         "loss is nan on process 1 at step 5, micro-batch 1 (samples ['r1a', 'r1b']); "
         "non-finite terms: ['loss/kv/t']"

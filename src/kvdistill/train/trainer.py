@@ -18,6 +18,7 @@ and processes (`tokens`: sums), `lr` the student's learning rate used in that st
 
 from __future__ import annotations
 
+import atexit
 import json
 import math
 import os
@@ -164,6 +165,8 @@ def train(
             f"({accelerator.distributed_type}): each process would train alone and overwrite the others' files",
             "launch with `torchrun --nproc_per_node N` or `accelerate launch` configured for N processes",
         )
+    if accelerator.num_processes > 1:
+        atexit.register(_destroy_process_group)  # registering twice is harmless: it checks first
     main = accelerator.is_main_process
     ckpt = latest_checkpoint(out_dir) if resume else None
     if resume and ckpt is None:
@@ -332,9 +335,15 @@ def train(
     finally:
         bar.close()
         log.close()
+    # not end_training(): it destroys the process group, which the next run in this process (a curriculum
+    # phase) still needs; the group is destroyed when the process exits
     accelerator.wait_for_everyone()
-    accelerator.end_training()
     return summary
+
+
+def _destroy_process_group() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def _has_accelerator() -> bool:
