@@ -1,0 +1,300 @@
+"""The speed target of a distillation step: overhead = (c - a - b) / a <= 0.15, where on one batch
+    a = a CE-only optimizer step of the student,
+    b = the teachers' forward passes (no grad),
+    c = a full distillation step: Objective forward (student + online teachers + losses), backward, optimizer step.
+
+    python benchmarks/bench_train_step.py --device cpu  --preset tiny --out benchmarks/results/train_step_cpu.json
+    python benchmarks/bench_train_step.py --device cuda --preset real --out benchmarks/results/train_step_h100.json \
+        [--tokenizers DIR]
+
+Presets (model configs in benchmarks/common.py, random weights):
+    real  teachers llama-1b (Llama-3.2-1B config, smollm2 tokenizer) and qwen2-1.5b (Qwen2.5-1.5B config, llama2
+          tokenizer); student qwen2-0.5b (Qwen2.5-0.5B config, gpt2 tokenizer); batch 4 of up to 1024 tokens, bf16
+    tiny  the same families at 4 layers × width 128 (student 3 × 64), batch 2 of up to 128 tokens, float32
+Every model's vocabulary is its tokenizer's. The models are saved into a temporary directory and the objective is
+built the way training builds it: `build_objective(load_config(raw=...))` (eager attention, as the library loads
+models; teachers bf16 on GPU), default losses (CE + normalised KV MSE, ratio layer map, fixed fusion).
+
+Timed (median of --repeats, interleaved; texts → loss, tokenization included everywhere):
+    ce_step        tokenize, student(ids, mask).logits, CE, backward, clip, AdamW step           (a)
+    teachers_fwd   per teacher: tokenize, model.base_model(ids, mask) under no_grad              (b)
+    teachers_kv    per teacher: OnlineTeacher.kv (capture_kv + rope undone), what the objective runs
+    kd_step        objective(records), backward, clip, AdamW step                                (c)
+    ce_forward, kd_forward   the forward halves of a and c alone
+Reported: overhead (with b) and overhead_vs_kv = (c - a - teachers_kv) / a (the student-side cost of the KD terms).
+
+Needs pydantic (kvdistill.config builds the RunConfig that the objective takes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import tempfile
+from pathlib import Path
+
+import torch
+from common import (
+    CONFIGS,
+    STUDENT_TOKENIZER,
+    TOKENIZER_OF,
+    build_model,
+    default_device,
+    environment,
+    load_tok,
+    make_records,
+    param_count,
+    print_table,
+    time_interleaved,
+    write_result,
+)
+
+from kvdistill.models.capture import tokenize
+
+PRESETS = {
+    "real": {"teachers": ["llama-1b", "qwen2-1.5b"], "student": "qwen2-0.5b", "batch": 4, "seq": 1024},
+    "tiny": {
+        "teachers": ["llama-tiny", "qwen2-tiny"],
+        "student": "qwen2-tiny-student",
+        "batch": 2,
+        "seq": 128,
+    },
+}
+TARGET = 0.15
+
+
+def save_random_model(name: str, tok, out_dir: Path, args) -> dict:
+    """Build `name` with the tokenizer's vocabulary and special ids, save it with the tokenizer into out_dir."""
+    dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+    model = build_model(name, dtype=dtype, device=args.device, attn="eager", vocab_size=len(tok))
+    for attr in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        setattr(model.config, attr, getattr(tok, attr))
+    model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    info = {
+        "params": param_count(model),
+        "vocab_size": len(tok),
+        "tokenizer": tok.name_or_path.split("/")[-1],
+    }
+    del model
+    return info
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", choices=["cpu", "cuda"], default=default_device())
+    ap.add_argument(
+        "--out", type=Path, default=None, help="default: benchmarks/results/train_step_<device>.json"
+    )
+    ap.add_argument(
+        "--preset", choices=list(PRESETS), default=None, help="default: real on cuda, tiny on cpu"
+    )
+    ap.add_argument("--teachers", default=None, help=f"comma-separated, of {', '.join(CONFIGS)}")
+    ap.add_argument("--student", default=None)
+    ap.add_argument(
+        "--tokenizers",
+        default=None,
+        help="directory written by `python benchmarks/common.py export-tokenizers` (default: the zoo)",
+    )
+    ap.add_argument("--batch", type=int, default=None)
+    ap.add_argument("--seq", type=int, default=None, help="max tokens per sample, every tokenizer")
+    ap.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default=None,
+        help="student and teacher weights (default bfloat16 on cuda, float32 on cpu)",
+    )
+    ap.add_argument(
+        "--mixed-precision",
+        action="store_true",
+        help="float32 student under bf16 autocast (train.mixed_precision: bf16) instead of bf16 weights",
+    )
+    ap.add_argument(
+        "--compression",
+        choices=["full", "right_crop", "rkv"],
+        default="full",
+        help="online teachers' compression (right_crop / rkv keep --budget tokens per head)",
+    )
+    ap.add_argument("--budget", type=int, default=128)
+    ap.add_argument(
+        "--tmp-dir", default=None, help="where the random models are saved (default: system temp)"
+    )
+    ap.add_argument("--warmup", type=int, default=None, help="default 1 on cpu, 3 on cuda")
+    ap.add_argument("--repeats", type=int, default=None, help="default 3 on cpu, 10 on cuda")
+    args = ap.parse_args()
+    try:
+        from kvdistill.config import load_config
+        from kvdistill.train.objective import build_objective, ce_per_sample
+    except ImportError as err:
+        raise SystemExit(
+            f"bench_train_step needs kvdistill.config, which failed to import ({err}): "
+            "install pydantic (and pyyaml)"
+        ) from None
+    on_gpu = args.device == "cuda"
+    if on_gpu and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible")
+    preset = PRESETS[args.preset or ("real" if on_gpu else "tiny")]
+    teachers = args.teachers.split(",") if args.teachers else preset["teachers"]
+    student = args.student or preset["student"]
+    batch, seq = args.batch or preset["batch"], args.seq or preset["seq"]
+    args.dtype = args.dtype or ("bfloat16" if on_gpu else "float32")
+    if args.mixed_precision:
+        args.dtype = "float32"
+    warmup = args.warmup if args.warmup is not None else (3 if on_gpu else 1)
+    repeats = args.repeats or (10 if on_gpu else 3)
+    out = args.out or Path(__file__).parent / "results" / f"train_step_{args.device}.json"
+    for name in [*teachers, student]:
+        if name not in CONFIGS:
+            raise SystemExit(f"unknown model config '{name}'; known: {', '.join(CONFIGS)}")
+
+    teacher_toks = [load_tok(TOKENIZER_OF[CONFIGS[t]["model_type"]], args.tokenizers) for t in teachers]
+    student_tok = load_tok(STUDENT_TOKENIZER, args.tokenizers)
+    records = make_records(batch, [student_tok, *teacher_toks], seq)
+    texts = [r["text"] for r in records]
+
+    with tempfile.TemporaryDirectory(dir=args.tmp_dir, prefix="bench-train-step-") as tmp_name:
+        tmp = Path(tmp_name)
+        models = {"student": save_random_model(student, student_tok, tmp / "student", args)}
+        for t, tok in zip(teachers, teacher_toks, strict=True):
+            models[t] = save_random_model(t, tok, tmp / t, args)
+        if on_gpu:
+            torch.cuda.empty_cache()
+        compression = {"kind": args.compression}
+        if args.compression != "full":
+            compression["budget"] = args.budget
+        raw = {
+            "name": "bench-train-step",
+            "student": {"model": str(tmp / "student"), "dtype": args.dtype},
+            "teachers": [
+                {
+                    "name": t,
+                    "model": str(tmp / t),
+                    "dtype": "bfloat16" if on_gpu else args.dtype,
+                    "compression": compression,
+                }
+                for t in teachers
+            ],
+            "data": {"max_length": seq},
+            "train": {"batch_size": batch, "seed": 0},
+        }
+        cfg = load_config(raw=raw)
+        objective = build_objective(cfg, device=args.device)  # loads every model from tmp before it goes
+    objective.train()
+    model = objective.student
+    autocast = (
+        torch.autocast(args.device, dtype=torch.bfloat16)
+        if args.mixed_precision
+        else contextlib.nullcontext()
+    )
+    opt_ce = torch.optim.AdamW(model.parameters(), lr=3e-4)
+    opt_kd = torch.optim.AdamW(objective.parameters(), lr=3e-4)
+    max_norm = cfg.train.max_grad_norm
+
+    def ce_loss():
+        enc = tokenize(student_tok, texts, max_length=seq, padding_side="right")
+        ids, mask = enc["input_ids"].to(args.device), enc["attention_mask"].to(args.device)  # (B, T_s)
+        with autocast:
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # (B, T_s, V)
+            return ce_per_sample(logits, ids, mask).mean()
+
+    def ce_step():
+        ce_loss().backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        opt_ce.step()
+        opt_ce.zero_grad(set_to_none=True)
+
+    def kd_loss():
+        with autocast:
+            return objective(records)[0]
+
+    def kd_step():
+        kd_loss().backward()
+        torch.nn.utils.clip_grad_norm_(objective.parameters(), max_norm)
+        opt_kd.step()
+        opt_kd.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def teachers_fwd():
+        for t in objective.teachers:
+            enc = tokenize(t.tokenizer, texts, max_length=seq, padding_side="right")
+            t.model.base_model(
+                input_ids=enc["input_ids"].to(args.device),
+                attention_mask=enc["attention_mask"].to(args.device),
+                use_cache=False,
+            )
+
+    def teachers_kv():
+        for t in objective.teachers:
+            t.kv(records, max_length=seq)
+
+    def forward_only(fn):
+        def run():
+            fn()  # the graph is dropped at once
+
+        return run
+
+    fns = {
+        "ce_step": ce_step,
+        "teachers_fwd": teachers_fwd,
+        "teachers_kv": teachers_kv,
+        "kd_step": kd_step,
+        "ce_forward": forward_only(ce_loss),
+        "kd_forward": forward_only(kd_loss),
+    }
+    with torch.no_grad():
+        _, metrics0 = objective(records)
+    timings = time_interleaved(fns, args.device, warmup=warmup, repeats=repeats, memory=on_gpu)
+    ms = {k: v["median_ms"] for k, v in timings.items()}
+    a, b, c = ms["ce_step"], ms["teachers_fwd"], ms["kd_step"]
+    overhead = (c - a - b) / a
+    tokens = {
+        name: int(tokenize(tok, texts, max_length=seq)["attention_mask"].sum())
+        for name, tok in [("student", student_tok), *zip(teachers, teacher_toks, strict=True)]
+    }
+    result = {
+        "benchmark": "train_step",
+        **environment(args.device),
+        "dtype": args.dtype,
+        "settings": {
+            "preset": args.preset or ("real" if on_gpu else "tiny"),
+            "teachers": teachers,
+            "student": student,
+            "batch": batch,
+            "seq": seq,
+            "mixed_precision": args.mixed_precision,
+            "compression": compression,
+            "attn": "eager",
+            "optimizer": "AdamW lr 3e-4",
+            "max_grad_norm": max_norm,
+            "warmup": warmup,
+            "repeats": repeats,
+        },
+        "models": models,
+        "real_tokens": tokens,
+        "first_loss": {k: round(v, 4) for k, v in metrics0.items() if k.startswith("loss")},
+        "timings": timings,
+        "overhead": round(overhead, 4),
+        "overhead_vs_kv": round((c - a - ms["teachers_kv"]) / a, 4),
+        "target": TARGET,
+        "meets_target": overhead <= TARGET,
+    }
+    print_table(
+        [
+            {
+                "a ce_step": a,
+                "b teachers_fwd": b,
+                "teachers_kv": ms["teachers_kv"],
+                "c kd_step": c,
+                "ce_fwd": ms["ce_forward"],
+                "kd_fwd": ms["kd_forward"],
+                "overhead": round(overhead, 4),
+            }
+        ],
+        ["a ce_step", "b teachers_fwd", "teachers_kv", "c kd_step", "ce_fwd", "kd_fwd", "overhead"],
+    )
+    print(f"overhead (c - a - b) / a = {overhead:.3f} (target <= {TARGET})")
+    write_result(out, result)
+
+
+if __name__ == "__main__":
+    main()
