@@ -45,6 +45,7 @@ from common import (
     make_records,
     param_count,
     print_table,
+    sync,
     time_interleaved,
     write_result,
 )
@@ -78,6 +79,22 @@ def save_random_model(name: str, tok, out_dir: Path, args) -> dict:
     }
     del model
     return info
+
+
+def profile(step, device: str, top: int = 30) -> list[str]:
+    """The `top` ops of one call of `step` by self time (CUDA time on GPU), as table lines."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    cuda = torch.device(device).type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with torch_profile(activities=activities) as prof:
+        step()
+        sync(device)
+    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=top, max_name_column_width=60)
+    print(table)
+    return table.splitlines()
 
 
 def main() -> None:
@@ -121,6 +138,11 @@ def main() -> None:
     )
     ap.add_argument("--warmup", type=int, default=None, help="default 1 on cpu, 3 on cuda")
     ap.add_argument("--repeats", type=int, default=None, help="default 3 on cpu, 10 on cuda")
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="after timing, profile one kd_step and store the top ops by self time in the JSON",
+    )
     args = ap.parse_args()
     try:
         from kvdistill.config import load_config
@@ -167,7 +189,7 @@ def main() -> None:
             "student": {"model": str(tmp / "student"), "dtype": args.dtype},
             "teachers": [
                 {
-                    "name": t,
+                    "name": t.replace(".", "_"),  # a teacher name becomes a module name: no dots
                     "model": str(tmp / t),
                     "dtype": "bfloat16" if on_gpu else args.dtype,
                     "compression": compression,
@@ -277,7 +299,10 @@ def main() -> None:
         "overhead_vs_kv": round((c - a - ms["teachers_kv"]) / a, 4),
         "target": TARGET,
         "meets_target": overhead <= TARGET,
+        "kd_extra_ms": round(c - a - ms["teachers_kv"], 3),
     }
+    if args.profile:
+        result["profile_kd_step"] = profile(kd_step, args.device)
     print_table(
         [
             {

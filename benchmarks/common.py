@@ -363,9 +363,10 @@ def main() -> None:
         "export-tokenizers", help="save the zoo tokenizers the benchmarks use into DIR/<name>"
     )
     exp.add_argument("dir", type=Path)
+    exp.add_argument("--names", default=",".join(BENCH_TOKENIZERS), help="comma-separated zoo names")
     args = ap.parse_args()
     if args.command == "export-tokenizers":
-        export_tokenizers(args.dir)
+        export_tokenizers(args.dir, args.names.split(","))
 
 
 if __name__ == "__main__":
