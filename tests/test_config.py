@@ -16,6 +16,15 @@ def test_defaults_and_teacher_name():
     assert cfg.train.steps == 100 and cfg.fusion.kind == "fixed"
 
 
+def test_teacher_names_never_hold_a_dot():
+    # Names key torch modules and buffers, which refuse '.'.
+    cfg = parse_config({**BASE, "teachers": [{"model": "Qwen/Qwen2.5-1.5B"}]})
+    assert cfg.teachers[0].name == "Qwen2_5-1_5B"
+    with pytest.raises(ConfigError) as info:
+        parse_config({**BASE, "teachers": [{"model": "gemma3-270m", "name": "g.3"}]})
+    assert "'g_3'" in str(info.value)
+
+
 def test_overrides_nested_and_list_index():
     raw = apply_overrides(dict(BASE), ["train.lr=0.01", "teachers.0.weight=0.25", "losses.kv.kind=smooth_l1"])
     cfg = parse_config(raw)

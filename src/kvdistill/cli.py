@@ -232,19 +232,24 @@ def train(
             raise KvdistillError(f"--phases runs the packaged phase configs; CONFIG '{config}' would be ignored",
                                  "drop CONFIG (put changes in overrides), or list your configs in a curriculum file")
         results = run_phases(_phase_list(phases), out, overrides or [], resume=resume)
-        console.print(f"[green]done[/green] {out}: " + ", ".join(r["stage"] for r in results))
+        _done(out, ", ".join(r["stage"] for r in results))
         return
     if config is None:
         raise KvdistillError("no config given", "kvdistill train CONFIG --out DIR, or --phases 1-5")
     if is_curriculum(config):
         stages, shared = read_curriculum(config)
         results = run_curriculum(stages, out, shared + list(overrides or []), resume=resume, init_student=init_student)
-        console.print(f"[green]done[/green] {out}: " + ", ".join(r["stage"] for r in results))
+        _done(out, ", ".join(r["stage"] for r in results))
         return
     cfg = _load(config, overrides)
     summary = run_train(cfg, out, resume=resume, init_student=init_student)
-    console.print(f"[green]done[/green] {out}: " + ", ".join(f"{k}={v:.4g}" for k, v in summary.items()
-                                                             if isinstance(v, (int, float))))
+    _done(out, ", ".join(f"{k}={v:.4g}" for k, v in summary.items() if isinstance(v, (int, float))))
+
+
+def _done(out: str, what: str) -> None:
+    """The closing line, printed once: by the main process under accelerate/torchrun (RANK 0)."""
+    if os.environ.get("RANK", "0") == "0":
+        console.print(f"[green]done[/green] {out}: {what}")
 
 
 @app.command("eval")

@@ -94,7 +94,7 @@ class CompressionConfig(Section):
 
 class TeacherConfig(Section):
     name: str | None = None
-    """Short label used in logs and reports (default: the model name)."""
+    """Short label used in logs and reports (default: the model name, '.' replaced by '_'); no '.' allowed."""
     model: str
     source: Literal["online", "cache"] = "online"
     cache_dir: str | None = None
@@ -111,7 +111,10 @@ class TeacherConfig(Section):
         if self.source == "cache" and not self.cache_dir:
             raise ValueError("source 'cache' needs cache_dir (a directory written by `kvdistill extract`)")
         if self.name is None:
-            self.name = self.model.rstrip("/").split("/")[-1]
+            # Names key modules and buffers, where torch forbids '.': Qwen/Qwen2.5-1.5B -> Qwen2_5-1_5B.
+            self.name = self.model.rstrip("/").split("/")[-1].replace(".", "_")
+        elif "." in self.name or not self.name:
+            raise ValueError(f"name {self.name!r} must be non-empty without '.'; e.g. {self.name.replace('.', '_')!r}")
         return self
 
 

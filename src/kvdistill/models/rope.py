@@ -59,8 +59,12 @@ def rotary_module(model: torch.nn.Module) -> torch.nn.Module | None:
 
 
 def _gptj_cos_sin(model: torch.nn.Module, positions: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # Older transformers keep the table on every attention module, newer ones on one shared `rotary_emb`.
     attn = [m for name, m in model.named_modules() if hasattr(m, "embed_positions") and name.endswith("attn")]
-    table = attn[layer].embed_positions.to(positions.device, torch.float32)  # (P, R) = [sin | cos]
+    owner = attn[layer] if attn else rotary_module(model)
+    if owner is None or not hasattr(owner, "embed_positions"):
+        raise ValueError(f"no GPT-J sinusoid table (embed_positions) found in {type(model).__name__}")
+    table = owner.embed_positions.to(positions.device, torch.float32)  # (P, R) = [sin | cos]
     sincos = table[positions]  # (B, T, R)
     sin, cos = sincos.chunk(2, dim=-1)  # (B, T, R/2)
     return cos.repeat_interleave(2, dim=-1), sin.repeat_interleave(2, dim=-1)
