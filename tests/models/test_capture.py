@@ -174,3 +174,67 @@ def test_gradient_checkpointing_capture_matches_cache_capture(family):
     loss = sum(k.square().mean() for k in cap.keys) + cap.logits.mean()
     loss.backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad and p.dim() > 1)
+
+
+# ------------------------------------------------------------------------------------------ hooks vs cache
+HOOK_FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi", "mixtral",
+                 "qwen2_moe"]
+
+
+def _hooks_equal_cache(model, ids, mask, tol=1e-5):
+    geom = geometry_of(model)
+    with torch.no_grad():
+        hooked = forward_kv(model, ids, mask, source="hooks", logits=True)
+        cached = forward_kv(model, ids, mask, source="cache", logits=True)
+    assert len(hooked.keys) == len(cached.keys) == geom.num_layers
+    for a, b in zip(hooked.keys + hooked.values, cached.keys + cached.values, strict=True):
+        assert a.shape == b.shape == (ids.shape[0], geom.num_kv_heads, ids.shape[1], geom.head_dim)
+        assert (a - b).abs().max() <= tol
+    assert torch.equal(hooked.logits, cached.logits)
+
+
+@pytest.mark.parametrize("family", HOOK_FAMILIES)
+def test_hook_source_equals_cache_inversion(tiny_models, family):
+    from kvdistill.models.capture import KEY_PROJECTION
+
+    assert family in KEY_PROJECTION
+    ids, mask = _batch(B=3)
+    mask[1, 13:] = 0  # right padding on one sample
+    _hooks_equal_cache(tiny_models(family), ids * mask, mask)
+
+
+@pytest.mark.parametrize("family, overrides", [
+    # several KV heads: the (B, H, T, D) output of gemma3's k_norm must not be read as (B, T, H, D)
+    ("gemma3_text", dict(num_key_value_heads=2)),
+    ("qwen3", dict(num_key_value_heads=4)),
+    ("phi", dict(qk_layernorm=True, partial_rotary_factor=0.5)),
+])
+def test_hook_source_layouts_with_several_kv_heads(family, overrides):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(family, **{**TINY[family], **overrides})
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    ids, mask = _batch()
+    _hooks_equal_cache(model, ids, mask)
+
+
+def test_auto_source_uses_hooks_and_builds_no_cache(tiny_models, monkeypatch):
+    import kvdistill.models.capture as capture
+
+    def no_cache(*_a, **_k):
+        raise AssertionError("the cache path ran")
+
+    monkeypatch.setattr(capture, "_cached_decoder_kv", no_cache)
+    ids, mask = _batch()
+    with torch.no_grad():
+        cap = forward_kv(tiny_models("llama"), ids, mask)
+    assert len(cap.keys) == 2
+
+
+def test_hooks_refused_for_unlisted_family(tiny_models):
+    ids, mask = _batch()
+    with pytest.raises(KvdistillError, match="no known pre-rotation key module"):
+        forward_kv(tiny_models("gpt_neox"), ids, mask, source="hooks")
+    with pytest.raises(KvdistillError, match="source 'x' is unknown"):
+        forward_kv(tiny_models("llama"), ids, mask, source="x")

@@ -71,3 +71,27 @@ def test_too_long_text_names_the_limit(minilm):
     model, tok = minilm
     with pytest.raises(KvdistillError, match="longer than the model's maximum of 512"):
         capture_kv(model, tok, ["word " * 700])
+
+
+@pytest.mark.parametrize("which", ["smollm2", "gemma3"])
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_real_hook_source_equals_cache_inversion(which, attn, request):
+    """The default (projection hooks, no cache) equals the cache with the rotation undone, fp32, both attentions."""
+    from kvdistill.models.capture import forward_kv, tokenize
+
+    model, tok = request.getfixturevalue(which)
+    geom = geometry_of(model)
+    enc = tokenize(tok, TEXTS, padding_side="right")
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(attn)
+    try:
+        with torch.no_grad():
+            hooked = forward_kv(model, enc["input_ids"], enc["attention_mask"], source="hooks")
+            cached = forward_kv(model, enc["input_ids"], enc["attention_mask"], source="cache")
+    finally:
+        model.set_attn_implementation(previous)
+    mask = enc["attention_mask"].bool()[:, None, :, None]  # (B, 1, T, 1)
+    for a, b in zip(hooked.keys + hooked.values, cached.keys + cached.values, strict=True):
+        assert a.shape == b.shape and a.shape[1:] == (geom.num_kv_heads, enc["input_ids"].shape[1], geom.head_dim)
+        scale = b.abs().max()
+        assert ((a - b) * mask).abs().max() <= 1e-5 * max(1.0, float(scale))

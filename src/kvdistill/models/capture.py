@@ -7,9 +7,15 @@ hold whatever the model produced there and must be masked with `attention_mask`.
 the model's cached key with the rotation at `positions` undone, so that two models (or a student and a
 teacher) are compared on content, not on where their tokens sit.
 
-Decoders: the K/V come from the model's own cache (a plain `DynamicCache()`, which keeps every token even
-past a sliding window). Positions are `cumsum(mask) - 1`, so left and right padding give each sample the
-positions it would get alone. Encoders (bert): hooks on the key/value projections.
+Decoders, two sources giving the same K/V (tests/models/test_capture.py checks they agree):
+  hooks  (default where the family is listed in `KEY_PROJECTION`): forward hooks on each attention's key module
+         (k_proj, or the per-head k_norm that follows it) and v_proj give the key before the rotation and the
+         value directly, for every token (also past a sliding window); the model runs with `use_cache=False`, so
+         no cache is built and no rotation is undone.
+  cache  (other families, or `source="cache"`): the model's own cache (a plain `DynamicCache()`, which keeps
+         every token even past a sliding window), keys taken back through `invert_rope`.
+Positions are `cumsum(mask) - 1`, so left and right padding give each sample the positions it would get alone.
+Encoders (bert): hooks on the key/value projections.
 """
 
 from __future__ import annotations
@@ -23,6 +29,26 @@ from transformers import DynamicCache
 from kvdistill.errors import KvdistillError
 from kvdistill.models.geometry import KVGeometry, geometry_of
 from kvdistill.models.rope import invert_rope, rope_cos_sin
+
+# model_type -> (attribute of the attention module whose output is the pre-rotation key, its output layout).
+# Read off the installed transformers' modeling_<family>.py; the value is always v_proj, flat (B, T, H_kv·D):
+#   flat  (B, T, H_kv·D)   k_proj output, viewed as heads afterwards (llama & co, phi without qk_layernorm)
+#   bthd  (B, T, H_kv, D)  qwen3: k_norm(k_proj(x).view(B, T, H, D)), transposed afterwards
+#   bhtd  (B, H_kv, T, D)  gemma3: k_norm(k_proj(x).view(B, T, H, D).transpose(1, 2)); phi: k_layernorm likewise
+KEY_PROJECTION: dict[str, tuple[str, str]] = {
+    "llama": ("k_proj", "flat"),
+    "mistral": ("k_proj", "flat"),
+    "mixtral": ("k_proj", "flat"),
+    "qwen2": ("k_proj", "flat"),
+    "qwen2_moe": ("k_proj", "flat"),
+    "gemma": ("k_proj", "flat"),
+    "gemma2": ("k_proj", "flat"),
+    "qwen3": ("k_norm", "bthd"),
+    "gemma3": ("k_norm", "bhtd"),
+    "gemma3_text": ("k_norm", "bhtd"),
+    "phi": ("k_proj", "flat"),  # ("k_layernorm", "bhtd") when config.qk_layernorm
+}
+SOURCES = ("auto", "hooks", "cache")
 
 
 @dataclass
@@ -175,46 +201,90 @@ def enable_checkpointing(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def _projection_modules(model, geometry) -> tuple[list, list]:
-    """Per layer, the module whose output is the pre-rotation key (k_norm if present, else k_proj) and v_proj."""
-    key_mods, value_mods = [], []
+def _key_projection(model, geometry) -> tuple[str, str] | None:
+    """(key attribute, layout) of `KEY_PROJECTION` for this model, None when its family is not listed."""
+    spec = KEY_PROJECTION.get(geometry.model_type)
+    if geometry.model_type == "phi" and getattr(model.config, "qk_layernorm", False):
+        spec = ("k_layernorm", "bhtd")
+    return spec
+
+
+def _projection_modules(model, geometry) -> tuple[list, list, str] | None:
+    """Per decoder layer, the module whose output is the pre-rotation key and v_proj, plus the key's layout.
+
+    None when the family is not in `KEY_PROJECTION` or the attention modules are not one per layer.
+    """
+    spec = _key_projection(model, geometry)
+    if spec is None:
+        return None
+    key_attr, layout = spec
+    found = {}
     for name, module in model.named_modules():
-        if name.endswith("self_attn"):
-            k = getattr(module, "k_norm", None) or getattr(module, "k_proj", None)
-            v = getattr(module, "v_proj", None)
-            if k is None or v is None:
-                break
-            key_mods.append(k)
-            value_mods.append(v)
-    if len(key_mods) != geometry.num_layers:
-        raise KvdistillError(
-            f"{geometry.name} ({geometry.model_type}) has no separate k_proj/v_proj per layer, so its K/V cannot "
-            "be taken from projections (needed with gradient checkpointing, which turns the cache off)",
-            "turn student.gradient_checkpointing off, or use a llama/mistral/qwen/gemma-style student",
-        )
-    return key_mods, value_mods
+        if not name.endswith("self_attn") or not isinstance(getattr(module, "layer_idx", None), int):
+            continue  # (vision towers of multimodal models have self_attn modules without a layer_idx)
+        k, v = getattr(module, key_attr, None), getattr(module, "v_proj", None)
+        if k is None or v is None:
+            return None
+        found[module.layer_idx] = (k, v)
+    if sorted(found) != list(range(geometry.num_layers)):
+        return None
+    return [found[i][0] for i in range(geometry.num_layers)], [found[i][1] for i in range(geometry.num_layers)], layout
 
 
-def _hooked_decoder_kv(model, runner, geometry, kwargs):
-    """Decoders under gradient checkpointing: K/V from the projection outputs (already pre-rotation)."""
-    key_mods, value_mods = _projection_modules(model, geometry)
+def _hooked_decoder_kv(model, runner, geometry, kwargs, modules):
+    """K/V from forward hooks on the key module and v_proj of every layer (already pre-rotation), no cache."""
+    key_mods, value_mods, layout = modules
     B, T = kwargs["input_ids"].shape
+    H, D = geometry.num_kv_heads, geometry.head_dim
     keys, values = [None] * len(key_mods), [None] * len(key_mods)
+
+    def as_bhtd(out: torch.Tensor, layout: str, what: str) -> torch.Tensor:
+        want = {"flat": (B, T, H * D), "bthd": (B, T, H, D), "bhtd": (B, H, T, D)}[layout]
+        if tuple(out.shape) != want:
+            raise KvdistillError(
+                f"the {what} module of {geometry.name} ({geometry.model_type}) gave {tuple(out.shape)}, "
+                f"expected {want} ({layout})",
+                "this transformers version lays the attention out differently; pass source='cache' to forward_kv",
+            )
+        if layout == "flat":
+            return out.view(B, T, H, D).transpose(1, 2)  # (B, H_kv, T, D)
+        if layout == "bthd":
+            return out.transpose(1, 2)  # (B, H_kv, T, D)
+        return out  # (B, H_kv, T, D)
+
     handles = []
     for i, (km, vm) in enumerate(zip(key_mods, value_mods, strict=True)):
-        def k_hook(_m, _inp, out, i=i):  # recomputation in backward overwrites with equal values
-            keys[i] = out.reshape(B, T, geometry.num_kv_heads, geometry.head_dim).transpose(1, 2)
+        def k_hook(_m, _inp, out, i=i):  # recomputation in backward (checkpointing) overwrites with equal values
+            keys[i] = as_bhtd(out, layout, "key")
 
         def v_hook(_m, _inp, out, i=i):
-            values[i] = out.reshape(B, T, geometry.num_kv_heads, geometry.head_dim).transpose(1, 2)
+            values[i] = as_bhtd(out, "flat", "value")
 
         handles += [km.register_forward_hook(k_hook), vm.register_forward_hook(v_hook)]
     try:
-        out = runner(**{**kwargs, "use_cache": False, "past_key_values": None})
+        out = runner(**{**kwargs, "use_cache": False})
     finally:
         for h in handles:
             h.remove()
     return list(keys), list(values), out
+
+
+def _cached_decoder_kv(model, runner, geometry, kwargs, positions):
+    """K/V from the model's own cache, keys taken back through the inverse rotation."""
+    out = runner(**{**kwargs, "past_key_values": DynamicCache(), "use_cache": True})
+    keys, values = [], []
+    tables: dict = {}  # cos/sin per layer type (one rotary table serves every layer of a type)
+    for layer, (k, v) in enumerate(_cache_layers(out.past_key_values)):
+        if geometry.rope is not None:
+            kind = layer if geometry.model_type == "gptj" else (
+                geometry.layer_types[layer] if geometry.layer_types else None)
+            if kind not in tables:
+                tables[kind] = rope_cos_sin(model, geometry, positions, layer)  # (B, T, R) each
+            cos, sin = tables[kind]
+            k = invert_rope(k.float(), cos, sin, geometry.rope.style).to(k.dtype)
+        keys.append(k)  # (B, H_kv, T, D)
+        values.append(v)
+    return keys, values, out
 
 
 def forward_kv(
@@ -228,12 +298,17 @@ def forward_kv(
     logits: bool = False,
     attentions: bool = False,
     router_logits: bool = False,
+    source: str = "auto",
 ) -> KVCapture:
     """One forward pass returning K/V of every layer (keys pre-rotation). Gradients flow if enabled.
 
     input_ids, attention_mask: (B, T). Use under `torch.no_grad()` for teachers; the student calls it with
     grad to get its own K/V and logits in one pass. `positions` (B, T) defaults to `cumsum(mask) - 1`.
+    `source` (decoders): "hooks" (projection hooks, no cache), "cache" (the model's cache, rotation undone) or
+    "auto": hooks where the family is in `KEY_PROJECTION`, else the cache.
     """
+    if source not in SOURCES:
+        raise KvdistillError(f"forward_kv source '{source}' is unknown", f"use one of {', '.join(SOURCES)}")
     _check_batch(input_ids, attention_mask)
     geometry = geometry or geometry_of(model)
     if positions is None:
@@ -247,23 +322,26 @@ def forward_kv(
                          attentions=list(out.attentions) if attentions else None)
     # the LM head is only run when logits are wanted (it is the largest matmul for big vocabularies)
     runner = model if logits else model.base_model
-    kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, past_key_values=DynamicCache(),
-                  use_cache=True, output_hidden_states=hidden_states, output_attentions=attentions)
+    kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=hidden_states,
+                  output_attentions=attentions)
     if _accepts(runner.forward, "position_ids"):
         kwargs["position_ids"] = positions
     if router_logits:
         kwargs["output_router_logits"] = True
-    if is_checkpointing(model) and model.training and torch.is_grad_enabled():
-        keys, values, out = _hooked_decoder_kv(model, runner, geometry, kwargs)
+    checkpointing = is_checkpointing(model) and model.training and torch.is_grad_enabled()
+    modules = _projection_modules(model, geometry) if (source != "cache" or checkpointing) else None
+    if modules is None and (source == "hooks" or checkpointing):
+        raise KvdistillError(
+            f"{geometry.name} ({geometry.model_type}) has no known pre-rotation key module per layer, so its K/V "
+            "cannot be taken from projections"
+            + (" (needed with gradient checkpointing, which turns the cache off)" if checkpointing else ""),
+            f"use a family of {', '.join(sorted(KEY_PROJECTION))}"
+            + (", or turn student.gradient_checkpointing off" if checkpointing else ", or source='cache'"),
+        )
+    if modules is not None:
+        keys, values, out = _hooked_decoder_kv(model, runner, geometry, kwargs, modules)
     else:
-        out = runner(**kwargs)
-        keys, values = [], []
-        for layer, (k, v) in enumerate(_cache_layers(out.past_key_values)):
-            if geometry.rope is not None:
-                cos, sin = rope_cos_sin(model, geometry, positions, layer)  # (B, T, R)
-                k = invert_rope(k.float(), cos, sin, geometry.rope.style).to(k.dtype)
-            keys.append(k)  # (B, H_kv, T, D)
-            values.append(v)
+        keys, values, out = _cached_decoder_kv(model, runner, geometry, kwargs, positions)
     router = getattr(out, "router_logits", None)
     return KVCapture(
         keys=keys,

@@ -12,6 +12,7 @@ Taking cos/sin from the model itself (rather than recomputing from theta) keeps 
 from __future__ import annotations
 
 import inspect
+import weakref
 
 import torch
 
@@ -52,10 +53,17 @@ def invert_rope(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: st
     return torch.cat((unrotated, k_pass), dim=-1)
 
 
+_ROTARY: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its rotary module (or None)
+
+
 def rotary_module(model: torch.nn.Module) -> torch.nn.Module | None:
-    """The model's shared rotary-embedding module (shallowest module named `rotary_emb`)."""
+    """The model's shared rotary-embedding module (shallowest module named `rotary_emb`), looked up once per model."""
+    if model in _ROTARY:
+        return _ROTARY[model]
     found = [(name.count("."), name, m) for name, m in model.named_modules() if name.split(".")[-1] == "rotary_emb"]
-    return min(found, key=lambda x: (x[0], x[1]))[2] if found else None
+    module = min(found, key=lambda x: (x[0], x[1]))[2] if found else None
+    _ROTARY[model] = module
+    return module
 
 
 def _gptj_cos_sin(model: torch.nn.Module, positions: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
