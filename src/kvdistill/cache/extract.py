@@ -13,8 +13,9 @@ stored and keeps the missing samples, so every sample is computed in the same ba
 uninterrupted run, and parts merged with `merge_parts` hold what one run would.
 
 What is stored per sample is `samples_from_capture` of the capture the online teacher would make
-(`capture_kv` with right padding, attentions for rkv) under the teacher's `compression`, with the rkv query
-mask from `answer_query_mask`: the selection code is the one `compress_capture` runs online. K/V are computed
+(`capture_teacher`: right padding; for rkv the answer-row importance from hooked queries, or eager attentions
+for families without a query projection) under the teacher's `compression`, with the rkv query mask from
+`answer_query_mask`: the selection code is the one `compress_capture` runs online. K/V are computed
 in half precision on GPU (the teacher's `dtype`, auto: bfloat16) and float32 on CPU, and stored in
 `compression.dtype`.
 
@@ -150,12 +151,17 @@ def _default_device() -> str:
 
 def _load_teacher(teacher_cfg: TeacherConfig, device: str):
     """(model, tokenizer) in half precision on GPU, float32 on CPU (unless the teacher's dtype says otherwise);
-    eager attention when rkv needs the attention probabilities, sdpa otherwise where the model supports it."""
-    from kvdistill.models.load import load_model
+    sdpa where the model supports it, eager attention when rkv needs the attention probabilities (families
+    whose queries cannot be hooked, see `kvdistill.models.queries.supports_queries`)."""
+    from kvdistill.models.geometry import geometry_of
+    from kvdistill.models.load import load_config, load_model
+    from kvdistill.models.queries import supports_queries
 
     on_gpu = torch.device(device).type == "cuda"
     dtype = teacher_cfg.dtype if teacher_cfg.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
-    if teacher_cfg.compression.kind == "rkv":
+    if teacher_cfg.compression.kind == "rkv" and not supports_queries(
+        geometry_of(load_config(teacher_cfg.model))
+    ):
         return load_model(teacher_cfg.model, dtype=dtype, device=device)
     try:
         return load_model(teacher_cfg.model, dtype=dtype, device=device, attn_implementation="sdpa")
@@ -190,10 +196,8 @@ def extract(
     from tqdm.auto import tqdm
 
     from kvdistill.cache.store import CacheWriter, samples_from_capture
-    from kvdistill.models.capture import capture_kv
     from kvdistill.models.geometry import geometry_of
     from kvdistill.models.load import load_config
-    from kvdistill.train.teachers import answer_query_mask
 
     _check_shards(shard_index, num_shards)
     plan_batches([], batch_size)  # a bad batch size fails before anything slow
@@ -215,7 +219,7 @@ def extract(
             "pass the model loaded from teacher_cfg.model, or leave model=None",
         )
     compression = teacher_cfg.compression.build()
-    rkv = compression.kind == "rkv"
+    layers = compression.resolve_layers(loaded["num_layers"])
     batches = [b for k, b in enumerate(plan_batches(records, batch_size)) if k % num_shards == shard_index]
     part = None if num_shards == 1 else shard_index
     total = sum(len(b) for b in batches)
@@ -239,8 +243,9 @@ def extract(
                 todo = [str(r["id"]) not in done for r in batch]
                 if not any(todo):
                     continue
-                cap = _capture(capture_kv, model, tokenizer, batch, data_cfg.max_length, rkv, batch_size)
-                query = answer_query_mask(batch, cap.spans, cap.attention_mask) if rkv else None
+                cap, query = _capture(
+                    model, tokenizer, batch, data_cfg.max_length, compression, layers, batch_size
+                )
                 samples = samples_from_capture(cap, compression, query)
                 for rec, sample, new in zip(batch, samples, todo, strict=True):
                     if new:
@@ -270,16 +275,19 @@ def extract(
     return result
 
 
-def _capture(capture_kv, model, tokenizer, batch, max_length, rkv, batch_size):
-    """capture_kv as the online teacher calls it; a GPU out-of-memory error says which flag to lower."""
+def _capture(model, tokenizer, batch, max_length, compression, layers, batch_size):
+    """(cap, query_mask) as the online teacher captures them; a GPU out-of-memory error says which flag to
+    lower."""
+    from kvdistill.train.teachers import capture_teacher
+
     try:
-        return capture_kv(
+        return capture_teacher(
             model,
             tokenizer,
-            [r["text"] for r in batch],
+            batch,
             max_length=max_length,
-            padding_side="right",
-            attentions=rkv,
+            compression=compression,
+            layers=layers,
         )
     except torch.cuda.OutOfMemoryError:
         longest = max(len(r["text"]) for r in batch)

@@ -15,7 +15,9 @@ from kvdistill.compress.select import (
     gather_kv,
     gather_spans,
     importance_from_attention,
+    importance_from_queries,
     key_redundancy,
+    query_rows,
     right_crop,
     rkv_scores,
     rkv_select,
@@ -32,8 +34,10 @@ __all__ = [
     "gather_kv",
     "gather_spans",
     "importance_from_attention",
+    "importance_from_queries",
     "key_redundancy",
     "layer_selection",
+    "query_rows",
     "right_crop",
     "rkv_scores",
     "rkv_select",
@@ -45,13 +49,18 @@ __all__ = [
 def layer_selection(cap, compression: Compression, layer: int, query_mask: torch.Tensor | None):
     """(idx, kept) for one layer of a capture: (B, M) shared by heads for right_crop, (B, H_kv, M) for rkv.
 
-    Returns None for kind 'full'. rkv needs `cap.attentions` and a (B, T) query mask of the answer tokens.
+    Returns None for kind 'full'. rkv takes the importance (B, H_kv, T) from `cap.extra["importance"][layer]`
+    when the capture holds it (`kvdistill.train.teachers.capture_teacher`: hooked queries, any attention
+    kernel), else from `cap.attentions` (eager) and the (B, T) query mask of the answer tokens.
     """
     mask = cap.attention_mask
     if compression.kind == "full":
         return None
     if compression.kind == "right_crop":
         return right_crop(mask, compression.budget)
+    ready = (getattr(cap, "extra", None) or {}).get("importance", {}).get(layer)
+    if ready is not None:
+        return rkv_select(cap.keys[layer], ready, mask, compression.budget, compression.lam)
     if cap.attentions is None or cap.attentions[layer] is None:
         raise KvdistillError(
             f"rkv compression needs attention probabilities of layer {layer}",

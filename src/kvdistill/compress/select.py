@@ -289,6 +289,71 @@ def importance_from_attention(
     return imp * mask.unsqueeze(1)
 
 
+def query_rows(query_mask: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The query rows of each sample: rows (B, Q) long time indices (in time order) and valid (B, Q) bool, with
+    Q = the most rows any sample has; a sample with fewer is padded with row 0, valid False."""
+    mask = _check_mask(mask)
+    want = query_mask.bool() & mask  # (B, T)
+    B, T = want.shape
+    Q = max(int(want.sum(-1).max()), 1)
+    t = torch.arange(T, device=mask.device).expand(B, T)
+    key = t + (~want).long() * T  # query rows first, in time order
+    rows = key.argsort(dim=-1)[:, :Q]  # (B, Q)
+    valid = want.gather(1, rows)
+    return rows.masked_fill(~valid, 0), valid
+
+
+def importance_from_queries(
+    q_rows: torch.Tensor,
+    rows: torch.Tensor,
+    valid: torch.Tensor,
+    keys: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    scaling: float,
+    softcap: float | None = None,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """I (B, H_kv, T), equal to `importance_from_attention` of the eager probabilities, from the query rows only.
+
+    q_rows (B, H_q, Q, D) rotated queries of the rows `rows` (B, Q) (valid (B, Q) marks real ones, see
+    `query_rows`); keys (B, H_kv, T, D) rotated keys; mask (B, T). Per row, as the model's attention:
+        p = softmax(softcap·tanh(q·kᵀ·scaling / softcap) + causal/padding/window mask)   (float32)
+    with key t visible from row q when t is real, t <= q and (sliding layers) t > q - sliding_window.
+    Memory O(B·H_q·Q·T), never T×T.
+    """
+    mask = _check_mask(mask)
+    B, H_q, Q, D = q_rows.shape
+    _, H_kv, T, _ = keys.shape
+    if tuple(mask.shape) != (B, T) or rows.shape != (B, Q) or valid.shape != (B, Q):
+        raise KvdistillError(
+            f"queries {tuple(q_rows.shape)}, rows {tuple(rows.shape)}, keys {tuple(keys.shape)} do not match "
+            f"mask {tuple(mask.shape)}",
+            "pass q_rows (B, H_q, Q, D), rows/valid (B, Q) from query_rows, keys (B, H_kv, T, D), mask (B, T)",
+        )
+    if H_q % H_kv:
+        raise KvdistillError(
+            f"num_heads ({H_q}) must be divisible by num_kv_heads ({H_kv})",
+            "pass the teacher's queries and keys",
+        )
+    work = torch.float64 if q_rows.dtype == torch.float64 else torch.float32
+    g = H_q // H_kv
+    q = q_rows.to(work).view(B, H_kv, g * Q, D)  # (B, H_kv, g·Q, D), query head h = kv head h // g
+    logits = torch.matmul(q, keys.to(work).transpose(-1, -2)) * scaling  # (B, H_kv, g·Q, T)
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    t = torch.arange(T, device=mask.device)
+    visible = mask[:, None, :] & (t[None, None, :] <= rows[:, :, None])  # (B, Q, T)
+    if sliding_window is not None:
+        visible &= t[None, None, :] > rows[:, :, None] - sliding_window
+    visible |= ~valid[:, :, None]  # filler rows: any finite row, weighted 0 below
+    logits = logits.view(B, H_kv, g, Q, T).masked_fill(~visible[:, None, None], float("-inf"))
+    probs = logits.softmax(-1)  # (B, H_kv, g, Q, T); every row sees at least one key
+    weight = valid.to(work) / valid.sum(-1, keepdim=True).clamp_min(1).to(work)  # (B, Q), rows sum to 1
+    imp = torch.einsum("bhgqt,bq->bht", probs, weight) / g  # (B, H_kv, T), mean over the group
+    return imp * mask.unsqueeze(1)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # gathering
 

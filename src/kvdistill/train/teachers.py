@@ -54,6 +54,33 @@ def answer_query_mask(records: list[dict], spans: torch.Tensor, mask: torch.Tens
     return query
 
 
+def capture_teacher(model, tokenizer, records: list[dict], *, max_length: int | None, compression=None,
+                    layers: list[int] | None = None, hidden_states=False, logits=False, attentions=False):
+    """(cap, query_mask) of one batch as a teacher sees it (right padding); query_mask is None unless rkv.
+
+    rkv: families with a separate query projection (`supports_queries`) get their answer-row importance from
+    hooked queries, stored as `cap.extra["importance"]` {layer: (B, H_kv, T)} for `layers` (default all), so
+    any attention kernel (sdpa) works; the others capture the eager (B, H, T, T) attention probabilities.
+    """
+    from kvdistill.models.queries import capture_queries, query_importance, supports_queries
+
+    texts = [r["text"] for r in records]
+    rkv = getattr(compression, "kind", "full") == "rkv"
+    geometry = geometry_of(model)
+    hooked = rkv and supports_queries(geometry)
+    kwargs = dict(max_length=max_length, padding_side="right", hidden_states=hidden_states, logits=logits)
+    if not hooked:
+        cap = capture_kv(model, tokenizer, texts, attentions=attentions or rkv, **kwargs)
+        query = answer_query_mask(records, cap.spans, cap.attention_mask) if rkv else None
+        return cap, query
+    with capture_queries(model, geometry) as qc:
+        cap = capture_kv(model, tokenizer, texts, attentions=attentions, **kwargs)
+    query = answer_query_mask(records, cap.spans, cap.attention_mask)
+    layers = layers if layers is not None else list(range(geometry.num_layers))
+    cap.extra["importance"] = query_importance(model, cap, qc.queries, query, layers)
+    return cap, query
+
+
 class OnlineTeacher:
     """A frozen model run under no_grad on every batch."""
 
@@ -74,16 +101,14 @@ class OnlineTeacher:
     @torch.no_grad()
     def kv(self, records: list[dict], *, max_length: int, hidden_states=False, logits=False,
            attentions=False) -> TeacherKV:
-        texts = [r["text"] for r in records]
-        kind = getattr(self.compression, "kind", "full")
-        cap = capture_kv(self.model, self.tokenizer, texts, max_length=max_length, padding_side="right",
-                         hidden_states=hidden_states, logits=logits, attentions=attentions or kind == "rkv")
-        if kind == "full":
+        cap, query = capture_teacher(self.model, self.tokenizer, records, max_length=max_length,
+                                     compression=self.compression, layers=self.layers,
+                                     hidden_states=hidden_states, logits=logits, attentions=attentions)
+        if getattr(self.compression, "kind", "full") == "full":
             return _from_capture(cap, self.layers)
         from kvdistill.compress import compress_capture
 
-        return compress_capture(cap, self.compression, self.layers,
-                                answer_query_mask(records, cap.spans, cap.attention_mask))
+        return compress_capture(cap, self.compression, self.layers, query)
 
 
 class CachedTeacher:
