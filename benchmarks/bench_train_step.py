@@ -12,11 +12,12 @@ Presets (model configs in benchmarks/common.py, random weights):
           tokenizer); student qwen2-0.5b (Qwen2.5-0.5B config, gpt2 tokenizer); batch 4 of up to 1024 tokens, bf16
     tiny  the same families at 4 layers × width 128 (student 3 × 64), batch 2 of up to 128 tokens, float32
 Every model's vocabulary is its tokenizer's. The models are saved into a temporary directory and the objective is
-built the way training builds it: `build_objective(load_config(raw=...))` (eager attention, as the library loads
-models; teachers bf16 on GPU), default losses (CE + normalised KV MSE, ratio layer map, fixed fusion).
+built the way training builds it: `build_objective(load_config(raw=...))` (sdpa attention where nothing reads
+attention probabilities, as the library loads models; teachers bf16 on GPU), default losses (CE + normalised KV MSE, ratio layer map, fixed fusion).
 
 Timed (median of --repeats, interleaved; texts → loss, tokenization included everywhere):
     ce_step        tokenize, student(ids, mask).logits, CE, backward, clip, AdamW step           (a)
+                   (the objective's own student: same weights, dtype and attention implementation)
     teachers_fwd   per teacher: tokenize, model.base_model(ids, mask) under no_grad              (b)
     teachers_kv    per teacher: OnlineTeacher.kv (capture_kv + rope undone), what the objective runs
     kd_step        objective(records), backward, clip, AdamW step                                (c)
@@ -285,7 +286,10 @@ def main() -> None:
             "seq": seq,
             "mixed_precision": args.mixed_precision,
             "compression": compression,
-            "attn": "eager",
+            "attn": {
+                "student": model.config._attn_implementation,
+                **{t.name: t.model.config._attn_implementation for t in objective.teachers},
+            },
             "optimizer": "AdamW lr 3e-4",
             "max_grad_norm": max_norm,
             "warmup": warmup,

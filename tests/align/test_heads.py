@@ -147,12 +147,17 @@ def test_dim_init_keeps_norms_when_widening():
     torch.testing.assert_close(proj(x).norm(dim=-1), x.norm(dim=-1))
 
 
-def test_projector_accepts_bf16_and_gets_gradients():
-    proj = KVProjector(GQA_9_3, MQA_4_1, kind="per_head")
-    y = proj(torch.randn(2, 3, 4, 64, dtype=torch.bfloat16), which="keys")
-    assert y.dtype == torch.float32
-    y.square().mean().backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in proj.key_map.parameters())
+@pytest.mark.parametrize("kind", ["per_head", "linear"])
+def test_projector_runs_bf16_in_bf16_and_gets_float32_gradients(kind):
+    """A bf16 student is projected in bf16 (mixed precision: no float32 gemms), the parameters stay float32."""
+    proj = KVProjector(GQA_9_3, MQA_4_1, kind=kind)
+    x = torch.randn(2, 3, 4, 64)
+    y = proj(x.bfloat16(), which="keys")
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), proj(x, which="keys"), atol=0.05, rtol=0.02)
+    y.float().square().mean().backward()
+    assert all(p.dtype == torch.float32 and p.grad is not None and p.grad.dtype == torch.float32
+               and p.grad.abs().sum() > 0 for p in proj.key_map.parameters())
 
 
 # ------------------------------------------------------------------------------------ teacher → student

@@ -249,3 +249,46 @@ def test_align_to_student_errors_quote_shapes():
         align_to_student(torch.zeros(2, 4, 6, 8), torch.zeros(2, 3, 5))
     with pytest.raises(KvdistillError, match=r"teacher_tensor has shape \(4, 6, 8\)"):
         align_to_student(torch.zeros(4, 6, 8), torch.zeros(2, 3, 6))
+
+
+# ------------------------------------------------------------------------------------------ sparse (gather) form
+SPARSE_TEXTS = ["Question: 3 apples and 4 pears, how many fruits?\nAnswer: 7",
+                "Ünïcode ✓ 数学 🙂 ok, naïve café — 12.5%",
+                "short"]
+
+
+@pytest.mark.parametrize("student_name, teacher_name", [("gpt2-tokenizer", "smollm2-135m"),
+                                                        ("smollm2-135m", "llama2-tokenizer"),
+                                                        ("llama2-tokenizer", "gpt2-tokenizer")])
+def test_sparse_alignment_resampling_equals_dense_einsum(student_name, teacher_name):
+    """Rows = teacher tokens as the objective uses it: the gather form equals einsum with the dense alignment."""
+    from kvdistill.align.tokens import batch_token_alignment_sparse, resample_rows
+    from kvdistill.models.capture import tokenize
+
+    s = tokenize(tokenizer(student_name), SPARSE_TEXTS)
+    t = tokenize(tokenizer(teacher_name), SPARSE_TEXTS)
+    dense = batch_token_alignment(t["offset_mapping"], t["attention_mask"], s["offset_mapping"], s["attention_mask"])
+    index, weight = batch_token_alignment_sparse(t["offset_mapping"], t["attention_mask"], s["offset_mapping"],
+                                                 s["attention_mask"])  # (B, M, K)
+    B, M, T_s = dense.shape
+    assert index.shape[:2] == weight.shape[:2] == (B, M) and 1 <= index.shape[2] <= 4
+    rebuilt = torch.zeros(B, M, T_s).scatter_add_(2, index, weight)
+    assert torch.equal(rebuilt, dense)
+    x = torch.randn(B, 3, T_s, 8, generator=torch.Generator().manual_seed(0))  # (B, H, T_s, D)
+    ref = torch.einsum("bmt,bhtd->bhmd", dense, x)
+    out = resample_rows(x, index[:, None], weight[:, None])
+    assert (out - ref).abs().max() <= 1e-6
+    # per head (compressed teachers keep different tokens per head): (B, H, M, K)
+    heads = resample_rows(x, index[:, None].expand(B, 3, M, -1), weight[:, None].expand(B, 3, M, -1))
+    assert torch.equal(heads, out)
+    # in bfloat16 the result stays close to the float32 reference
+    low = resample_rows(x.bfloat16(), index[:, None], weight[:, None])
+    assert low.dtype == torch.bfloat16 and (low.float() - ref).abs().max() <= 0.05
+
+
+def test_sparse_alignment_of_an_empty_overlap_is_one_zero_slot():
+    from kvdistill.align.tokens import batch_token_alignment_sparse
+
+    index, weight = batch_token_alignment_sparse(torch.tensor([[[0, 0]]]), torch.ones(1, 1),
+                                                 torch.tensor([[[0, 3]]]), torch.ones(1, 1))
+    assert index.shape == (1, 1, 1) and float(weight.sum()) == 0.0

@@ -69,3 +69,40 @@ def test_batch_loss_and_gradient_are_means_over_samples(tiny_config, variant):
         assert float((grad - mean).abs().max()) / scale < 1e-3, name
     # and the samples really differ from each other
     assert max(s[0] for s in singles) - min(s[0] for s in singles) > 1e-3
+
+
+@pytest.mark.parametrize("overrides", [[], ["teachers.0.compression.kind=right_crop",
+                                             "teachers.0.compression.budget=8"]])
+def test_sparse_teacher_loss_equals_dense_einsum_reference(tiny_config, overrides):
+    """The gather form of the KV loss (sparse alignment, K and V together) equals the dense formulation
+    pred = einsum(A, P(K_s)) with A (B, [H,] M, T_s) on real tokenizations of three tokenizers."""
+    import torch
+
+    from kvdistill.models.capture import forward_kv
+    from kvdistill.train.objective import kv_error, teacher_alignment
+
+    cfg = tiny_config(*overrides)
+    objective = build_objective(cfg)
+    records = load_records(cfg.data)[:4]
+    kv = cfg.losses.kv
+    (ids, mask, spans), cpu = objective._student_batch(records)
+    with torch.no_grad():
+        s = forward_kv(objective.student, ids, mask, geometry=objective.student_geometry, logits=True)
+        for teacher in objective.teachers:
+            tkv = teacher.kv(records, max_length=cfg.data.max_length)
+            got, _, _ = objective._teacher_loss(teacher, tkv, s, mask, spans, cpu)
+            ref = torch.zeros(len(records))
+            pairs = objective._pairs[teacher.name]
+            for i, row in pairs:
+                proj = objective.projectors[teacher.name][str(i)]
+                k_s, v_s = proj(s.keys[i], which="keys"), proj(s.values[i], which="values")
+                for j, w in row:
+                    A = teacher_alignment(tkv.spans[j], tkv.mask[j], spans, mask)  # (B, [H,] M, T_s)
+                    eq = "bmt,bhtd->bhmd" if A.dim() == 3 else "bhmt,bhtd->bhmd"
+                    covered = (A.sum(-1) > 0).long() * tkv.mask[j]
+                    err = kv.keys * kv_error(torch.einsum(eq, A, k_s), tkv.keys[j], covered, kind=kv.kind)
+                    err = err + kv.values * kv_error(torch.einsum(eq, A, v_s), tkv.values[j], covered, kind=kv.kind)
+                    ref = ref + w * err
+            ref = kv.weight * ref / len(pairs)
+            assert ref.min() > 0.1
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)

@@ -116,9 +116,10 @@ class PerHeadMap(nn.Module):
         self.bias = nn.Parameter(torch.zeros(H_t, D_t))  # (H_t, D_t)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.einsum("ts,bsnd->btnd", self.mix, x)  # (B, H_t, T, D_s)
-        y = torch.einsum("btnd,ted->btne", x, self.weight)  # (B, H_t, T, D_t)
-        return y + self.bias[None, :, None, :]
+        mix, weight, bias = self.mix.to(x.dtype), self.weight.to(x.dtype), self.bias.to(x.dtype)
+        x = torch.einsum("ts,bsnd->btnd", mix, x)  # (B, H_t, T, D_s)
+        y = torch.einsum("btnd,ted->btne", x, weight)  # (B, H_t, T, D_t)
+        return y + bias[None, :, None, :]
 
 
 class FlatLinearMap(nn.Module):
@@ -144,7 +145,8 @@ class FlatLinearMap(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H_s, T, D_s = x.shape
         flat = x.transpose(1, 2).reshape(B, T, H_s * D_s)  # (B, T, H_s·D_s)
-        y = self.linear(flat).view(B, T, self.H_t, self.D_t)  # (B, T, H_t, D_t)
+        weight, bias = self.linear.weight.to(x.dtype), self.linear.bias.to(x.dtype)
+        y = torch.nn.functional.linear(flat, weight, bias).view(B, T, self.H_t, self.D_t)  # (B, T, H_t, D_t)
         return y.transpose(1, 2)  # (B, H_t, T, D_t)
 
 
@@ -153,8 +155,10 @@ class KVProjector(nn.Module):
 
     kind: "per_head" (`PerHeadMap`), "linear" (`FlatLinearMap`), "identity" (no parameters; needs equal
     (H_kv, D)), or "auto" (identity when the geometries match, per_head otherwise). Keys and values get separate
-    maps (`key_map`, `value_map`): ``forward(x, which="keys" | "values")``. Inputs of any float dtype are
-    computed in the parameters' dtype (float32 by default); identity returns x unchanged.
+    maps (`key_map`, `value_map`): ``forward(x, which="keys" | "values")``. Float32 and float64 inputs are
+    computed in the parameters' dtype (float32 by default); bfloat16 / float16 inputs in their own dtype (the
+    parameters are cast, their gradients stay in the parameters' dtype), as mixed precision does; identity
+    returns x unchanged.
     """
 
     def __init__(self, student, teacher, kind: str = "auto"):
@@ -178,7 +182,9 @@ class KVProjector(nn.Module):
         if self.kind == "identity":
             return x
         proj = self.key_map if which == "keys" else self.value_map
-        return proj(x.to(next(proj.parameters()).dtype))
+        if x.dtype not in (torch.bfloat16, torch.float16):
+            x = x.to(proj.linear.weight.dtype if isinstance(proj, FlatLinearMap) else proj.weight.dtype)
+        return proj(x)
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}, ({self.H_s} x {self.D_s}) -> ({self.H_t} x {self.D_t})"

@@ -26,7 +26,8 @@ import torch
 
 from kvdistill.errors import KvdistillError
 
-__all__ = ["token_alignment", "batch_token_alignment", "align_to_student"]
+__all__ = ["token_alignment", "batch_token_alignment", "batch_token_alignment_sparse", "resample_rows",
+           "align_to_student"]
 
 SpansLike = torch.Tensor | Sequence[Sequence[int]]
 
@@ -150,12 +151,11 @@ def token_alignment(student_spans: SpansLike, teacher_spans: SpansLike) -> torch
     return torch.sparse_coo_tensor(indices, weights, (T_s, T_t), check_invariants=False).coalesce()
 
 
-def batch_token_alignment(student_spans, student_mask, teacher_spans, teacher_mask) -> torch.Tensor:
-    """Token alignment of a padded batch, as one dense tensor.
+def _batch_overlaps(student_spans, student_mask, teacher_spans, teacher_mask):
+    """Overlapping pairs of a padded batch: (rows, cols, weights (nnz,), B, T_s, T_t).
 
-    student_spans (B, T_s, 2), student_mask (B, T_s), teacher_spans (B, T_t, 2), teacher_mask (B, T_t);
-    masks are 1 (or True) for real tokens, 0 for padding. Returns dense float32 (B, T_s, T_t) where
-    [b] is `token_alignment` of sample b restricted to its real tokens, and padding rows/columns are zero.
+    rows index the flattened (B·T_s) student tokens (ascending), cols the flattened (B·T_t) teacher tokens,
+    weights are the row-normalised IoU in float32.
     """
     student = _as_spans(student_spans, "student_spans", batched=True)  # (B, T_s, 2)
     teacher = _as_spans(teacher_spans, "teacher_spans", batched=True).to(student.device)  # (B, T_t, 2)
@@ -179,9 +179,56 @@ def batch_token_alignment(student_spans, student_mask, teacher_spans, teacher_ma
     flat_t = (teacher + shift).reshape(B * T_t, 2)  # (B*T_t, 2)
     rows, cols, iou = _overlaps(flat_s, flat_t)  # (nnz,) each
     weights = _row_normalise(rows, iou, B * T_s).float()  # (nnz,)
-    out = torch.zeros(B, T_s, T_t, dtype=torch.float32, device=student.device)
+    return rows, cols, weights, B, T_s, T_t
+
+
+def batch_token_alignment(student_spans, student_mask, teacher_spans, teacher_mask) -> torch.Tensor:
+    """Token alignment of a padded batch, as one dense tensor.
+
+    student_spans (B, T_s, 2), student_mask (B, T_s), teacher_spans (B, T_t, 2), teacher_mask (B, T_t);
+    masks are 1 (or True) for real tokens, 0 for padding. Returns dense float32 (B, T_s, T_t) where
+    [b] is `token_alignment` of sample b restricted to its real tokens, and padding rows/columns are zero.
+    """
+    rows, cols, weights, B, T_s, T_t = _batch_overlaps(student_spans, student_mask, teacher_spans, teacher_mask)
+    out = torch.zeros(B, T_s, T_t, dtype=torch.float32, device=rows.device)
     out[rows // T_s, rows % T_s, cols % T_t] = weights
     return out
+
+
+def batch_token_alignment_sparse(student_spans, student_mask, teacher_spans,
+                                 teacher_mask) -> tuple[torch.Tensor, torch.Tensor]:
+    """The alignment of `batch_token_alignment` as K nonzeros per row: index, weight (B, T_s, K).
+
+    Row i of sample b is Σ_k weight[b, i, k] · e(index[b, i, k]) over teacher tokens (K = the most teacher tokens
+    any student token overlaps, at least 1); unused slots have weight 0 and index 0. A token alignment is very
+    sparse (a token overlaps 1-3 tokens of the other side), so `resample_rows` with this form costs O(T_s·K)
+    instead of the dense O(T_s·T_t).
+    """
+    rows, cols, weights, B, T_s, T_t = _batch_overlaps(student_spans, student_mask, teacher_spans, teacher_mask)
+    count = torch.bincount(rows, minlength=B * T_s)  # (B·T_s,) nonzeros per row
+    K = max(int(count.max()), 1) if count.numel() else 1
+    first = torch.cumsum(count, 0) - count  # (B·T_s,) where each row's nonzeros begin (rows are ascending)
+    slot = torch.arange(rows.numel(), device=rows.device) - first[rows]  # (nnz,) position within its row
+    index = torch.zeros(B * T_s, K, dtype=torch.long, device=rows.device)
+    weight = torch.zeros(B * T_s, K, dtype=torch.float32, device=rows.device)
+    index[rows, slot] = cols % T_t
+    weight[rows, slot] = weights
+    return index.view(B, T_s, K), weight.view(B, T_s, K)
+
+
+def resample_rows(x: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Σ_k weight · x at index: the sparse form of einsum("bhmt,bhtd->bhmd", A, x).
+
+    x (B, H, T, D); index, weight (B, H|1, M, K) from `batch_token_alignment_sparse` (rows: the tokens resampled
+    onto, M of them) -> (B, H, M, D), computed in x's dtype.
+    """
+    B, H, T, D = x.shape
+    M, K = index.shape[-2:]
+    flat = index.reshape(B, index.shape[1], M * K, 1).expand(B, H, M * K, D)  # (B, H, M·K, D)
+    picked = x.gather(2, flat).view(B, H, M, K, D)  # (B, H, M, K, D)
+    if K == 1:
+        return picked[..., 0, :] * weight.to(x.dtype)
+    return (picked * weight.to(x.dtype)[..., None]).sum(3)  # (B, H, M, D)
 
 
 def align_to_student(teacher_tensor: torch.Tensor, alignment: torch.Tensor) -> torch.Tensor:

@@ -311,6 +311,12 @@ def forward_kv(
         raise KvdistillError(f"forward_kv source '{source}' is unknown", f"use one of {', '.join(SOURCES)}")
     _check_batch(input_ids, attention_mask)
     geometry = geometry or geometry_of(model)
+    attn_impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    if attentions and attn_impl not in (None, "eager"):
+        raise KvdistillError(
+            f"attention probabilities were asked of {geometry.name}, which runs {attn_impl} attention (it returns none)",
+            "load the model with attn_implementation='eager' (kvdistill.models.load.attn_implementation_for(True))",
+        )
     if positions is None:
         positions = positions_from_mask(attention_mask)  # (B, T)
     if geometry.is_encoder:
@@ -378,6 +384,8 @@ def capture_kv(
         cap = forward_kv(model, enc["input_ids"].to(device), enc["attention_mask"].to(device), geometry=geometry,
                          hidden_states=hidden_states, logits=logits, attentions=attentions,
                          router_logits=router_logits)
-    spans = enc["offset_mapping"].to(device)
-    cap.spans = spans * enc["attention_mask"].to(device)[..., None]  # (B, T, 2), padding (0, 0)
+    spans = enc["offset_mapping"] * enc["attention_mask"][..., None]  # (B, T, 2), padding (0, 0)
+    cap.spans = spans.to(device)
+    # CPU copies, so that token alignment needs no device-to-host copy (train.objective)
+    cap.extra.update(spans_cpu=spans, attention_mask_cpu=enc["attention_mask"])
     return cap

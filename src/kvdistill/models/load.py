@@ -80,6 +80,31 @@ def is_encoder_config(config) -> bool:
     return getattr(config, "model_type", "") in ENCODER_TYPES or bool(getattr(config, "is_encoder_decoder", False))
 
 
+def attn_implementation_for(attentions: bool) -> str:
+    """The attention kernel a run should load a model with: "eager" when it reads attention probabilities
+    (sdpa returns none), else "sdpa" (`load_model` falls back to eager for models without sdpa)."""
+    return "eager" if attentions else "sdpa"
+
+
+def from_pretrained_or_config(model_cls, *, attn_implementation: str, path: str | None = None, config=None,
+                              dtype: torch.dtype):
+    """`model_cls.from_pretrained(path)` or `.from_config(config)`, with eager attention where the model has no
+    kernel of the asked `attn_implementation` (transformers raises ValueError for those)."""
+    def build(attn):
+        if path is not None:
+            return model_cls.from_pretrained(path, dtype=dtype, attn_implementation=attn)
+        return model_cls.from_config(config, dtype=dtype, attn_implementation=attn)
+
+    try:
+        return build(attn_implementation)
+    except ValueError as err:
+        if attn_implementation == "eager" or attn_implementation not in str(err):
+            raise
+        log.info("%s has no %s attention, loading it with eager attention", path or type(config).__name__,
+                 attn_implementation)
+        return build("eager")
+
+
 def load_model(
     name_or_path: str,
     *,
@@ -92,7 +117,8 @@ def load_model(
 
     `name_or_path`: an offline zoo name (smollm2-135m, gemma3-270m, minilm-l6), a local directory, or a hub id.
     `tokenizer`: load the tokenizer from elsewhere (default: same place as the model).
-    `attn_implementation`: "eager" by default so attention probabilities can be captured; "sdpa" is faster.
+    `attn_implementation`: "eager" by default so attention probabilities can be captured; "sdpa" is faster (and
+    falls back to eager for models without it). Training and evaluation pick with `attn_implementation_for`.
     """
     from transformers import AutoModel, AutoModelForCausalLM
 
@@ -100,7 +126,8 @@ def load_model(
     config = load_config(name_or_path)
     model_cls = AutoModel if is_encoder_config(config) else AutoModelForCausalLM
     try:
-        model = model_cls.from_pretrained(path, dtype=resolve_dtype(dtype), attn_implementation=attn_implementation)
+        model = from_pretrained_or_config(model_cls, path=path, dtype=resolve_dtype(dtype),
+                                          attn_implementation=attn_implementation)
     except (OSError, ValueError) as err:
         raise _load_error(name_or_path, err) from err
     model.to(device).eval()

@@ -29,7 +29,7 @@ from kvdistill import losses as L
 from kvdistill.align.heads import KVProjector, TeacherToStudentMap
 from kvdistill.align.layers import layer_map
 from kvdistill.align.plan import alignment_plan
-from kvdistill.align.tokens import batch_token_alignment
+from kvdistill.align.tokens import batch_token_alignment, batch_token_alignment_sparse, resample_rows
 from kvdistill.config import RunConfig
 from kvdistill.errors import KvdistillError
 from kvdistill.fuse import Router, entropy_regularizer, fixed_weights, prototype
@@ -60,20 +60,31 @@ def kv_error(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, *, ki
     if pred.shape != target.shape:
         raise KvdistillError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ",
                              "map the student K/V into the teacher's geometry first")
+    return kv_errors(pred[..., None, :], target[..., None, :], mask, kind=kind, normalize=normalize, eps=eps)[:, 0]
+
+
+def kv_errors(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, *, kind: str = "mse",
+              normalize: bool = True, eps: float = 1e-6) -> torch.Tensor:
+    """`kv_error` of G tensors at once (e.g. keys and values): pred, target (B, H, M, G, D), mask (B, H|1, M)
+    or (B, M) -> (B, G). Reductions in float32 whatever the inputs' dtype."""
     if mask.dim() == 2:
         mask = mask[:, None]  # (B, 1, M)
-    m = mask[..., None].to(pred.dtype)  # (B, H|1, M, 1)
+    B, H, M, G, D = target.shape
+    m = mask.float()[..., None, None]  # (B, H|1, M, 1, 1)
+    count = (m.sum((1, 2, 3, 4)) * (H // mask.shape[1]) * D).clamp(min=1.0)[:, None]  # (B, 1) counted per group
     pred, target = pred.float(), target.float()
-    if normalize:
-        mean = sample_mean(target, m)[:, None, None, None]
-        var = sample_mean((target - mean).square(), m).detach()  # (B,)
-        scale = (var + eps) if kind == "mse" else (var + eps).sqrt()
-    if kind == "mse":
-        err = (pred - target).square()
-    else:
-        err = torch.nn.functional.smooth_l1_loss(pred, target, reduction="none")
-    out = sample_mean(err, m)  # (B,)
-    return out / scale if normalize else out
+
+    def mean(x):  # (B, H, M, G, D) -> (B, G) over the counted elements
+        return (x * m).sum((1, 2, 4)) / count
+
+    err = (pred - target).square() if kind == "mse" else torch.nn.functional.smooth_l1_loss(
+        pred, target, reduction="none")
+    out = mean(err)  # (B, G)
+    if not normalize:
+        return out
+    centred = target - mean(target)[:, None, None, :, None]
+    var = mean(centred.square()).detach()  # (B, G)
+    return out / ((var + eps) if kind == "mse" else (var + eps).sqrt())
 
 
 def ce_per_sample(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -100,6 +111,32 @@ def teacher_alignment(spans_t: torch.Tensor, mask_t: torch.Tensor, spans_s: torc
     return flat.view(B, H, M, T_s)
 
 
+def teacher_alignment_sparse(spans_t: torch.Tensor, mask_t: torch.Tensor, spans_s: torch.Tensor,
+                             mask_s: torch.Tensor, *, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`teacher_alignment` as index, weight (B, H|1, M, K) for `resample_rows`.
+
+    Computed on the CPU (the spans are small and the sweep is many tiny ops with host syncs), the result moved to
+    `device` (default: mask_s's) once; pass CPU spans and masks to avoid a device-to-host copy.
+    """
+    device = device or mask_s.device
+    spans_t, mask_t, spans_s, mask_s = spans_t.cpu(), mask_t.cpu(), spans_s.cpu(), mask_s.cpu()
+    if spans_t.dim() == 3:
+        index, weight = batch_token_alignment_sparse(spans_t, mask_t, spans_s, mask_s)  # (B, M, K)
+        return index[:, None].to(device, non_blocking=True), weight[:, None].to(device, non_blocking=True)
+    B, H, M, _ = spans_t.shape
+    index, weight = batch_token_alignment_sparse(spans_t.reshape(B * H, M, 2), mask_t.reshape(B * H, M),
+                                                 spans_s.repeat_interleave(H, 0), mask_s.repeat_interleave(H, 0))
+    K = index.shape[-1]
+    return index.view(B, H, M, K).to(device, non_blocking=True), weight.view(B, H, M, K).to(device, non_blocking=True)
+
+
+def _read_metrics(metrics: dict[str, torch.Tensor], mask_cpu: torch.Tensor) -> dict[str, float]:
+    """Scalar metric tensors as floats, read from the device in one transfer; `tokens` from the CPU mask."""
+    names = list(metrics)
+    values = torch.stack([metrics[k].float().reshape(()) for k in names]).tolist() if names else []
+    return {"tokens": float(mask_cpu.sum()), **dict(zip(names, values, strict=True))}
+
+
 # ------------------------------------------------------------------------------------------ the objective
 class Objective(nn.Module):
     def __init__(self, cfg: RunConfig, student: nn.Module, tokenizer, teachers: list, device):
@@ -111,6 +148,7 @@ class Objective(nn.Module):
         self.student_geometry = geometry_of(unwrap_student(student), name=str(cfg.student.model or "student"))
         sg = self.student_geometry
         self.layer_maps: dict[str, torch.Tensor] = {}
+        self._pairs: dict[str, list[tuple[int, list[tuple[int, float]]]]] = {}
         self.projectors = nn.ModuleDict()
         self.to_student = nn.ModuleDict()
         self.hidden_proj = nn.ModuleDict()
@@ -122,6 +160,9 @@ class Objective(nn.Module):
             matrix = layer_map(sg.num_layers, teacher.geometry.num_layers, strategy=lm.strategy,
                                explicit=lm.explicit, interpolate=lm.interpolate)  # (L_s, L_t)
             self.layer_maps[teacher.name] = matrix
+            # (student layer, [(teacher layer, weight), ...]) of every mapped student layer, as Python numbers
+            self._pairs[teacher.name] = [(i, [(j, float(matrix[i, j])) for j in matrix[i].nonzero().flatten().tolist()])
+                                         for i in range(sg.num_layers) if matrix[i].sum() > 0]
             missing = sorted({int(j) for j in matrix.nonzero()[:, 1]} - set(teacher.layers))
             if missing:
                 raise KvdistillError(f"teacher '{teacher.name}' lacks layers {missing} that the layer map uses",
@@ -161,11 +202,13 @@ class Objective(nn.Module):
 
     # -------------------------------------------------------------------------------------- helpers
     def _student_batch(self, records):
+        """ids, mask, spans (B, T_s[, 2]) on the objective's device, and the spans and mask on the CPU."""
         texts = [r["text"] for r in records]
         enc = tokenize(self.tokenizer, texts, max_length=self.cfg.data.max_length, padding_side="right",
                        max_positions=self.student_geometry.max_positions)
         dev = self.fixed.device
-        return enc["input_ids"].to(dev), enc["attention_mask"].to(dev), enc["offset_mapping"].to(dev)
+        spans, mask = enc["offset_mapping"], enc["attention_mask"]
+        return (enc["input_ids"].to(dev), mask.to(dev), spans.to(dev)), (spans, mask)
 
     def _needs(self):
         c = self.cfg.losses
@@ -202,18 +245,19 @@ class Objective(nn.Module):
     # -------------------------------------------------------------------------------------- forward
     def forward(self, records: list[dict]):
         cfg = self.cfg
-        ids, mask, spans_s = self._student_batch(records)  # (B, T_s), (B, T_s), (B, T_s, 2)
+        (ids, mask, spans_s), (spans_cpu, mask_cpu) = self._student_batch(records)  # (B, T_s), (B, T_s), (B, T_s, 2)
         needs = self._needs()
         want_hidden = needs["hidden_states"] or self.router is not None
         s = forward_kv(self.student, ids, mask, geometry=self.student_geometry, logits=True,
                        hidden_states=want_hidden, attentions=needs["attentions"])
-        metrics: dict[str, float] = {"tokens": float(mask.sum())}
+        # metrics are kept as tensors and read in one transfer at the end (no host sync inside the step)
+        metrics: dict[str, torch.Tensor] = {}
         ce = ce_per_sample(s.logits, ids, mask)  # (B,)
         total = cfg.losses.ce * ce.mean()
-        metrics["loss/ce"] = float(ce.detach().mean())
+        metrics["loss/ce"] = ce.detach().mean()
         if not self.teachers:
-            metrics["loss"] = float(total.detach())
-            return total, metrics
+            metrics["loss"] = total.detach()
+            return total, _read_metrics(metrics, mask_cpu)
 
         per_teacher = []  # (B,) KD loss of each teacher
         deepest = {}
@@ -223,7 +267,8 @@ class Objective(nn.Module):
                 per_teacher.append(None)
                 deepest[n] = tkv
                 continue
-            loss_n, deepest[n], terms = self._teacher_loss(teacher, tkv, s, mask, spans_s)
+            loss_n, deepest[n], terms = self._teacher_loss(teacher, tkv, s, mask, spans_s,
+                                                             (spans_cpu, mask_cpu))
             per_teacher.append(loss_n)
             for key, value in terms.items():
                 metrics[f"loss/{key}/{teacher.name}"] = value
@@ -233,7 +278,7 @@ class Objective(nn.Module):
             for n, teacher in enumerate(self.teachers):
                 loss_n, preds[n] = self._latent_loss(teacher, deepest[n], s, mask, spans_s)
                 per_teacher.append(loss_n)
-                metrics[f"loss/latent/{teacher.name}"] = float(loss_n.detach().mean())
+                metrics[f"loss/latent/{teacher.name}"] = loss_n.detach().mean()
             weights = self.fusion_weights(hidden_last, mask, [], preds)  # (B, N)
             kd = (weights * torch.stack(per_teacher, -1)).sum(-1)  # (B,)
         elif cfg.fusion.space == "target":
@@ -246,61 +291,81 @@ class Objective(nn.Module):
         if self.router is not None and cfg.fusion.entropy.weight > 0:
             ent = entropy_regularizer(weights, target=cfg.fusion.entropy.target)
             total = total + cfg.fusion.entropy.weight * ent
-            metrics["loss/entropy"] = float(ent.detach())
+            metrics["loss/entropy"] = ent.detach()
         for n, teacher in enumerate(self.teachers):
-            metrics[f"weight/{teacher.name}"] = float(weights[:, n].detach().mean())
-        metrics["loss/kd"] = float(kd.detach().mean())
-        metrics["loss"] = float(total.detach())
-        return total, metrics
+            metrics[f"weight/{teacher.name}"] = weights[:, n].detach().mean()
+        metrics["loss/kd"] = kd.detach().mean()
+        metrics["loss"] = total.detach()
+        return total, _read_metrics(metrics, mask_cpu)
 
-    def _teacher_loss(self, teacher, tkv: TeacherKV, s, mask_s, spans_s):
-        """Per-sample loss (B,) of one teacher, the deepest layer's (pred, target, mask), term metrics."""
+    def _teacher_loss(self, teacher, tkv: TeacherKV, s, mask_s, spans_s, student_cpu):
+        """Per-sample loss (B,) of one teacher, the deepest layer's (pred, target, mask), term metrics (tensors).
+
+        The student's K and V of a layer are projected, concatenated along D and resampled onto the teacher's
+        tokens together with the sparse alignment (`resample_rows`, in the student's dtype); the errors of K and
+        V are reduced together (`kv_errors`, float32).
+        """
         cfg = self.cfg.losses
-        matrix = self.layer_maps[teacher.name]
+        kv = cfg.kv
         projectors = self.projectors[teacher.name]
         B = mask_s.shape[0]
         total = torch.zeros(B, device=mask_s.device)
         terms: dict[str, torch.Tensor] = {}
-        align_cache: dict[int, torch.Tensor] = {}
-        mapped = [i for i in range(matrix.shape[0]) if matrix[i].sum() > 0]
+        aligned: dict[int, tuple] = {}  # id(teacher spans) -> (index, weight, covered)
+        dense: dict[int, torch.Tensor] = {}  # id(teacher spans) -> dense A, only for the relation / attention terms
+        pairs = self._pairs[teacher.name]
         deepest = None
-        for i in mapped:
+        for i, row in pairs:
             proj = projectors[str(i)]
             k_s = proj(s.keys[i], which="keys")  # (B, H_t, T_s, D_t)
-            v_s = proj(s.values[i], which="values")
-            for j in matrix[i].nonzero().flatten().tolist():
-                w = float(matrix[i, j])
+            kv_s = torch.cat((k_s, proj(s.values[i], which="values")), dim=-1)  # (B, H_t, T_s, 2·D_t)
+            for j, w in row:
                 key = id(tkv.spans[j])
-                if key not in align_cache:
-                    align_cache[key] = teacher_alignment(tkv.spans[j], tkv.mask[j], spans_s, mask_s)
-                A = align_cache[key].to(k_s.dtype)  # (B, M, T_s) or (B, H_t, M, T_s)
-                eq = "bmt,bhtd->bhmd" if A.dim() == 3 else "bhmt,bhtd->bhmd"
-                k_pred, v_pred = torch.einsum(eq, A, k_s), torch.einsum(eq, A, v_s)  # (B, H_t, M, D_t)
-                covered = (A.sum(-1) > 0).long() * tkv.mask[j]  # (B, M) or (B, H_t, M)
-                k_t, v_t = tkv.keys[j].to(k_pred.device), tkv.values[j].to(v_pred.device)
-                kv = self.cfg.losses.kv
+                if key not in aligned:
+                    index, weight = teacher_alignment_sparse(*self._teacher_spans(tkv, j), *student_cpu,
+                                                             device=mask_s.device)
+                    hit = weight.sum(-1) > 0  # (B, H|1, M) teacher tokens that overlap a student token
+                    shared = tkv.mask[j].dim() == 2
+                    covered = (hit[:, 0] if shared else hit).long() * tkv.mask[j]  # (B, M) or (B, H_t, M)
+                    aligned[key] = (index, weight, covered)
+                index, weight, covered = aligned[key]
+                k_t, v_t = tkv.keys[j].to(kv_s.device), tkv.values[j].to(kv_s.device)  # (B, H_t, M, D_t)
+                D_t = k_t.shape[-1]
+                pred = resample_rows(kv_s, index, weight).unflatten(-1, (2, D_t))  # (B, H_t, M, 2, D_t)
+                k_pred = pred[..., 0, :]  # (B, H_t, M, D_t)
                 if kv.weight > 0:
-                    err = kv.keys * kv_error(k_pred, k_t, covered, kind=kv.kind, normalize=kv.normalize)
-                    err = err + kv.values * kv_error(v_pred, v_t, covered, kind=kv.kind, normalize=kv.normalize)
-                    terms["kv"] = terms.get("kv", 0) + w * err
+                    err = kv_errors(pred, torch.stack((k_t, v_t), dim=3), covered, kind=kv.kind,
+                                    normalize=kv.normalize)  # (B, 2)
+                    err = kv.keys * err[:, 0] + kv.values * err[:, 1]
+                    terms["kv"] = terms["kv"] + w * err if "kv" in terms else w * err
                 if cfg.cosine > 0:
                     cm = covered if covered.dim() == 3 else covered[:, None]
                     cos = 1 - torch.nn.functional.cosine_similarity(k_pred.float(), k_t.float(), dim=-1)
                     terms["cosine"] = terms.get("cosine", 0) + w * sample_mean(cos, cm)
                 if cfg.relation > 0 or cfg.attention_kl > 0 or cfg.hidden > 0:
-                    self._extra_terms(terms, w, i, j, s, tkv, A, covered, teacher)
+                    if key not in dense:
+                        dense[key] = teacher_alignment(tkv.spans[j], tkv.mask[j], spans_s, mask_s)
+                    self._extra_terms(terms, w, i, j, s, tkv, dense[key], covered, teacher)
                 deepest = (k_pred, k_t, covered)
-        scale = {"kv": self.cfg.losses.kv.weight, "cosine": cfg.cosine, "relation": cfg.relation,
+        scale = {"kv": kv.weight, "cosine": cfg.cosine, "relation": cfg.relation,
                  "attention_kl": cfg.attention_kl, "hidden": cfg.hidden}
         metrics = {}
         for name, value in terms.items():
-            total = total + scale[name] * value / len(mapped)
-            metrics[name] = float(value.detach().mean()) / len(mapped)
+            total = total + scale[name] * value / len(pairs)
+            metrics[name] = value.detach().mean() / len(pairs)
         if cfg.logit_kd.weight > 0:
             kd = self._logit_kd(s, tkv, mask_s)
             total = total + cfg.logit_kd.weight * kd
-            metrics["logit_kd"] = float(kd.detach().mean())
+            metrics["logit_kd"] = kd.detach().mean()
         return total, deepest, metrics
+
+    @staticmethod
+    def _teacher_spans(tkv: TeacherKV, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Spans and mask of teacher layer j, the CPU copies that capture_kv keeps when they are the shared ones."""
+        cap = tkv.capture
+        if cap is not None and tkv.spans[j] is cap.spans and "spans_cpu" in cap.extra:
+            return cap.extra["spans_cpu"], cap.extra["attention_mask_cpu"]
+        return tkv.spans[j], tkv.mask[j]
 
     def _extra_terms(self, terms, w, i, j, s, tkv: TeacherKV, A, covered, teacher):
         """Relation, attention-KL and hidden-state terms (online, uncompressed teachers: shared spans)."""
@@ -490,7 +555,7 @@ class Objective(nn.Module):
 
 
 def build_teachers(cfg: RunConfig, device) -> list:
-    from kvdistill.models.load import load_model
+    from kvdistill.models.load import attn_implementation_for, load_model
     from kvdistill.train.teachers import CachedTeacher, OnlineTeacher
 
     teachers = []
@@ -503,8 +568,10 @@ def build_teachers(cfg: RunConfig, device) -> list:
             teachers.append(CachedTeacher(tcfg.name, open_teacher_cache(tcfg, cfg.data)))
             continue
         dtype = tcfg.dtype if tcfg.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
-        model, tok = load_model(tcfg.model, dtype=dtype)
         comp = tcfg.compression
+        # attention probabilities are read for attention_kl and by rkv compression; sdpa otherwise
+        attn = attn_implementation_for(cfg.losses.attention_kl > 0 or comp.kind == "rkv")
+        model, tok = load_model(tcfg.model, dtype=dtype, attn_implementation=attn)
         teachers.append(OnlineTeacher(tcfg.name, model, tok, compression=comp.build() if comp.kind != "full" else None,
                                       layers=comp.layers))
     return teachers
@@ -515,7 +582,7 @@ def build_objective(cfg: RunConfig, device="cpu", *, init_student: str | None = 
     if init_student is not None:
         student_cfg = student_cfg.model_copy(update={"model": str(init_student), "from_config": None,
                                                      "tokenizer": None})
-    student, tokenizer = build_student(student_cfg, seed=cfg.train.seed)
+    student, tokenizer = build_student(student_cfg, seed=cfg.train.seed, attentions=cfg.losses.attention_kl > 0)
     teachers = build_teachers(cfg, device)
     torch.manual_seed(cfg.train.seed + 1)  # projector / router init independent of how the student was built
     return Objective(cfg, student, tokenizer, teachers, device)

@@ -8,13 +8,25 @@ import torch
 from kvdistill.config import StudentConfig
 from kvdistill.errors import KvdistillError
 from kvdistill.models.capture import enable_checkpointing
-from kvdistill.models.load import load_config, load_model, load_tokenizer, resolve_dtype
+from kvdistill.models.load import (
+    attn_implementation_for,
+    from_pretrained_or_config,
+    load_config,
+    load_model,
+    load_tokenizer,
+    resolve_dtype,
+)
 
 
-def build_student(cfg: StudentConfig, *, seed: int = 0):
-    """(model, tokenizer), model in train mode on CPU (the trainer moves it)."""
+def build_student(cfg: StudentConfig, *, seed: int = 0, attentions: bool = False):
+    """(model, tokenizer), model in train mode on CPU (the trainer moves it).
+
+    attentions: the run reads the student's attention probabilities (eager attention), else sdpa where the
+    family has it.
+    """
+    attn = attn_implementation_for(attentions)
     if cfg.model is not None:
-        model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, tokenizer=cfg.tokenizer)
+        model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, tokenizer=cfg.tokenizer, attn_implementation=attn)
     else:
         from transformers import AutoModelForCausalLM
 
@@ -35,9 +47,8 @@ def build_student(cfg: StudentConfig, *, seed: int = 0):
         for attr in ("bos_token_id", "eos_token_id", "pad_token_id"):
             setattr(config, attr, getattr(tokenizer, attr))
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(
-            config, dtype=resolve_dtype(cfg.dtype), attn_implementation="eager"
-        )
+        model = from_pretrained_or_config(AutoModelForCausalLM, config=config, dtype=resolve_dtype(cfg.dtype),
+                                          attn_implementation=attn)
         model.config.name_or_path = f"{base}+from_config"
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)
