@@ -55,10 +55,19 @@ def text_data(tmp_path_factory) -> DataConfig:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, smollm2, text_data) -> Path:
+def cli_teacher():
+    """smollm2 loaded as `kvdistill extract --device cpu` loads it for rkv (sdpa: its importance comes from
+    hooked queries), so in-process runs compute bit for bit what the CLI does."""
+    from kvdistill.cache.extract import _load_teacher
+
+    return _load_teacher(teacher(), "cpu")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, cli_teacher, text_data) -> Path:
     """One uninterrupted in-process extraction of the text data (rkv, bfloat16)."""
     out = tmp_path_factory.mktemp("ref") / "cache"
-    model, tok = smollm2
+    model, tok = cli_teacher
     result = extract(
         teacher(), text_data, out, batch_size=3, shard_size=2, progress=False, model=model, tokenizer=tok
     )
@@ -193,8 +202,8 @@ def test_sigkill_mid_extraction_then_rerun_equals_uninterrupted(tmp_path, refere
 
 
 # ------------------------------------------------------------------------------------ array parts
-def test_parts_merged_equal_one_run(tmp_path, reference, smollm2, text_data):
-    model, tok = smollm2
+def test_parts_merged_equal_one_run(tmp_path, reference, cli_teacher, text_data):
+    model, tok = cli_teacher
     kept = []
     for i in (1, 0):
         r = extract(

@@ -412,3 +412,49 @@ def test_sigkill_mid_extraction_then_rerun_equals_uninterrupted(tmp_path):
     subprocess.run([sys.executable, str(script), str(out), "0", here], check=True, timeout=60)
     assert verify_cache(out) == []
     assert_same_content(ref, out)
+
+
+# ----------------------------------------------------------------------------------------------- background
+
+
+def test_background_writer_equals_foreground(tmp_path):
+    write_all(tmp_path / "fg", IDS, shard_size=3)
+    with CacheWriter(tmp_path / "bg", meta_for(), shard_size=3, background=True, max_pending=1) as w:
+        for sid in IDS:
+            w.add(sid, make_sample(sid), copy=False)
+            assert sid in w.done_ids()  # queued ids count as done: never added twice
+    assert verify_cache(tmp_path / "bg") == []
+    assert_same_content(tmp_path / "fg", tmp_path / "bg")
+    a = json.loads((tmp_path / "fg" / "manifest.json").read_text())
+    b = json.loads((tmp_path / "bg" / "manifest.json").read_text())
+    assert a["shards"] == b["shards"] and a["samples"] == b["samples"] and b["complete"]
+
+
+def test_background_writer_error_surfaces_and_nothing_half_written_is_listed(tmp_path, monkeypatch):
+    import kvdistill.cache.store as store
+
+    calls = []
+
+    def failing_save(flat, metadata=None):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        return store.st_save.__wrapped__(flat, metadata=metadata)
+
+    failing_save.__wrapped__ = store.st_save
+    monkeypatch.setattr(store, "st_save", failing_save)
+    w = CacheWriter(tmp_path, meta_for(), shard_size=2, background=True)
+    with pytest.raises(CacheError, match="disk full"):
+        for sid in IDS:
+            w.add(sid, make_sample(sid))
+            time.sleep(0.05)
+        w.close()
+    assert w.closed
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert [s["file"] for s in manifest["shards"]] == ["shard-00000.safetensors"] and not manifest["complete"]
+    monkeypatch.undo()
+    with CacheWriter(tmp_path, meta_for(), shard_size=2) as w:  # the lock was released: a rerun resumes
+        for sid in IDS:
+            if sid not in w.done_ids():
+                w.add(sid, make_sample(sid))
+    assert verify_cache(tmp_path) == [] and len(CacheReader(tmp_path)) == len(IDS)

@@ -226,7 +226,7 @@ def extract(
 
     start = time.perf_counter()
     stored = tokens = 0
-    with CacheWriter(out_dir, meta, shard_size=shard_size, part=part) as writer:
+    with CacheWriter(out_dir, meta, shard_size=shard_size, part=part, background=True) as writer:
         done = writer.done_ids()
         skipped = sum(str(r["id"]) in done for b in batches for r in b)
         bar = tqdm(
@@ -249,7 +249,7 @@ def extract(
                 samples = samples_from_capture(cap, compression, query)
                 for rec, sample, new in zip(batch, samples, todo, strict=True):
                     if new:
-                        writer.add(str(rec["id"]), sample)
+                        writer.add(str(rec["id"]), sample, copy=False)
                         stored += 1
                         tokens += int(sample["token_ids"].shape[0])
                 del cap, samples

@@ -21,7 +21,8 @@ min(budget, T_b) for right_crop / rkv), l a stored teacher layer:
                                         0..M_b-1 (full and right_crop keep the first M_b tokens)
 
 Crash safety: a shard is written to `<name>.tmp`, fsynced and renamed into place; only then is the manifest,
-which lists complete shards only, rewritten the same way. A SIGKILL at any moment leaves a consistent cache.
+which lists complete shards only, rewritten the same way. With `background=True` that work (serialisation,
+sha256, fsync, rename, manifest) runs on one writer thread, a bounded queue of shards ahead, in shard order. A SIGKILL at any moment leaves a consistent cache.
 Reopening the writer removes the leftovers (temp files, a shard that never reached the manifest) and resumes:
 `done_ids()` says which samples to skip.
 """
@@ -32,7 +33,9 @@ import datetime as _dt
 import hashlib
 import json
 import os
+import queue
 import re
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -69,47 +72,88 @@ _FIX_META = (
 def samples_from_capture(
     cap, compression, query_mask: torch.Tensor | None = None
 ) -> list[dict[str, torch.Tensor]]:
-    """Per-sample tensors (layout in the module docstring) of a `KVCapture` under a `Compression`.
+    """Per-sample CPU tensors (layout in the module docstring) of a `KVCapture` under a `Compression`.
 
-    rkv needs `cap.attentions` and a (B, T) `query_mask` of the answer tokens.
+    rkv needs the importance in `cap.extra["importance"]` or `cap.attentions`, and a (B, T) `query_mask` of the
+    answer tokens. The selected K/V of every layer are gathered and cast on the capture's device, then copied
+    to the host asynchronously (pinned memory on CUDA) and waited for once per batch; each returned tensor owns
+    its storage (safe to hand to `CacheWriter.add(..., copy=False)`).
     """
     from kvdistill.compress import gather_kv, layer_selection
 
-    B, T = cap.attention_mask.shape
-    real = cap.attention_mask.bool()  # (B, T)
-    rank = real.long().cumsum(1) - 1  # (B, T) index of each real token among the sample's real tokens
-    where = [real[b].nonzero().squeeze(1) for b in range(B)]  # B × (T_b,)
-    out: list[dict[str, torch.Tensor]] = []
-    for b in range(B):
-        sample = {
-            "token_ids": cap.input_ids[b, where[b]].long(),
-            "positions": cap.positions[b, where[b]].long(),
-        }
-        if cap.spans is not None:
-            sample["spans"] = cap.spans[b, where[b]].long()
-        out.append(sample)
     dtype = compression.torch_dtype
-    for layer in compression.resolve_layers(cap.geometry.num_layers):
+    on_cuda = cap.attention_mask.device.type == "cuda"
+    copies: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def to_host(x: torch.Tensor) -> torch.Tensor:  # async device -> host copy, waited for below
+        if not on_cuda:
+            return x
+        host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+        host.copy_(x, non_blocking=True)
+        copies.append((host, x))  # keep the source alive until the copy is done
+        return host
+
+    real = cap.attention_mask.bool()  # (B, T)
+    mask_host = real.cpu()  # (B, T), one small sync
+    B, T = mask_host.shape
+    lengths = mask_host.sum(1).tolist()  # T_b
+    where = [_real_positions(mask_host[b]) for b in range(B)]  # B × slice or (T_b,) index
+    token_ids, positions = to_host(cap.input_ids.long()), to_host(cap.positions.long())  # (B, T)
+    spans = to_host(cap.spans.long()) if cap.spans is not None else None  # (B, T, 2)
+    rank = real.long().cumsum(1) - 1  # (B, T) index of each real token among the sample's real tokens
+    layers = compression.resolve_layers(cap.geometry.num_layers)
+    stored: dict[int, tuple] = {}
+    for layer in layers:
         K, V = cap.keys[layer], cap.values[layer]  # (B, H, T, D)
         sel = layer_selection(cap, compression, layer, query_mask)
         if sel is None:
-            for b in range(B):
-                out[b][f"keys_l{layer}"] = K[b][:, where[b]].to(dtype)  # (H, T_b, D)
-                out[b][f"values_l{layer}"] = V[b][:, where[b]].to(dtype)
+            stored[layer] = (to_host(K.to(dtype)), to_host(V.to(dtype)), None)  # (B, H, T, D)
             continue
         idx, kept = sel
         if idx.dim() == 2:  # right_crop: (B, M) shared by heads
             idx = idx.unsqueeze(1).expand(-1, K.shape[1], -1)  # (B, H, M)
-            kept = kept.unsqueeze(1).expand(-1, K.shape[1], -1)
-        k_sel, v_sel = gather_kv(K, idx), gather_kv(V, idx)  # (B, H, M, D)
-        n = kept.sum(-1)  # (B, H), equal over heads
-        for b in range(B):
-            n_b = int(n[b, 0])
-            out[b][f"keys_l{layer}"] = k_sel[b, :, :n_b].to(dtype)  # (H, M_b, D)
-            out[b][f"values_l{layer}"] = v_sel[b, :, :n_b].to(dtype)
-            if compression.kind == "rkv":
-                out[b][f"index_l{layer}"] = rank[b].gather(0, idx[b, :, :n_b].reshape(-1)).view(-1, n_b).int()
+        index = None
+        if compression.kind == "rkv":
+            index = to_host(rank.gather(1, idx.reshape(B, -1)).view(idx.shape).int())  # (B, H, M)
+        stored[layer] = (to_host(gather_kv(K, idx).to(dtype)), to_host(gather_kv(V, idx).to(dtype)), index)
+    if on_cuda:
+        torch.cuda.current_stream(cap.attention_mask.device).synchronize()
+        copies.clear()
+
+    out: list[dict[str, torch.Tensor]] = []
+    for b in range(B):
+        w = where[b]
+        sample = {"token_ids": _own(token_ids[b, w]), "positions": _own(positions[b, w])}
+        if spans is not None:
+            sample["spans"] = _own(spans[b, w])
+        M_b = lengths[b] if compression.budget is None else min(compression.budget, lengths[b])
+        for layer in layers:
+            k, v, index = stored[layer]
+            if compression.kind == "full":
+                sample[f"keys_l{layer}"] = _own(k[b][:, w])  # (H, T_b, D)
+                sample[f"values_l{layer}"] = _own(v[b][:, w])
+                continue
+            sample[f"keys_l{layer}"] = _own(k[b, :, :M_b])  # (H, M_b, D): kept real tokens come first
+            sample[f"values_l{layer}"] = _own(v[b, :, :M_b])
+            if index is not None:
+                sample[f"index_l{layer}"] = _own(index[b, :, :M_b])  # (H, M_b)
+        out.append(sample)
     return out
+
+
+def _real_positions(real: torch.Tensor):
+    """The real positions of one sample's (T,) mask: a slice when they are one run (left or right padding),
+    else a (T_b,) index."""
+    nz = real.nonzero().squeeze(1)
+    if len(nz) and int(nz[-1]) - int(nz[0]) + 1 == len(nz):
+        return slice(int(nz[0]), int(nz[-1]) + 1)
+    return nz
+
+
+def _own(x: torch.Tensor) -> torch.Tensor:
+    """A contiguous CPU tensor with its own storage (a view of a batch buffer would pin the whole buffer)."""
+    x = x.cpu()
+    return x.clone() if x.is_contiguous() else x.contiguous()
 
 
 # ------------------------------------------------------------------------------------------------- writer
@@ -134,6 +178,9 @@ class CacheWriter:
     meta: `make_meta(...)` (teacher, tokenizer, compression, dataset). shard_size: samples per shard.
     part: name of this writer's part of a sharded extraction (e.g. the SLURM array index), or None.
     Only one writer per (directory, part) at a time: a second one gets a CacheError.
+    background: write shards on one writer thread while the caller computes the next batch; at most
+    `max_pending` full shards wait in its queue (`add` blocks beyond that). A shard enters the manifest only once
+    it is durably on disk; an error on the writer thread is raised by the next `add`, `flush` or `close`.
     """
 
     def __init__(
@@ -142,6 +189,9 @@ class CacheWriter:
         meta: dict[str, Any],
         shard_size: int = 256,
         part: str | int | None = None,
+        *,
+        background: bool = False,
+        max_pending: int = 2,
     ):
         if not isinstance(shard_size, int) or isinstance(shard_size, bool) or shard_size < 1:
             raise CacheError(f"shard_size {shard_size!r} must be a positive integer", "e.g. shard_size=256")
@@ -169,7 +219,21 @@ class CacheWriter:
             self._lock.release()
             raise
         self._buffer: list[tuple[str, dict[str, torch.Tensor]]] = []
-        self._buffered: set[str] = set()
+        self._buffered: set[str] = set()  # ids buffered or queued, not yet in the manifest
+        self._next_shard = len(self.manifest["shards"])
+        self._manifest_lock = threading.Lock()
+        self._error: BaseException | None = None
+        self._queue: queue.Queue | None = None
+        self._thread: threading.Thread | None = None
+        if background:
+            if not isinstance(max_pending, int) or max_pending < 1:
+                self._lock.release()
+                raise CacheError(
+                    f"max_pending {max_pending!r} must be a positive integer", "e.g. max_pending=2"
+                )
+            self._queue = queue.Queue(maxsize=max_pending)
+            self._thread = threading.Thread(target=self._worker, name="kvdistill-cache-writer", daemon=True)
+            self._thread.start()
         self.closed = False
 
     def _open(self) -> dict[str, Any]:
@@ -213,17 +277,21 @@ class CacheWriter:
 
     def done_ids(self) -> set[str]:
         """Sample ids stored in complete shards or buffered by this writer: `add` refuses them."""
-        return set(self.manifest["samples"]) | self._buffered
+        with self._manifest_lock:
+            return set(self.manifest["samples"]) | self._buffered
 
     def __len__(self) -> int:
-        return len(self.manifest["samples"]) + len(self._buffer)
+        return len(self.done_ids())
 
-    def add(self, sample_id: str, tensors: dict[str, torch.Tensor]) -> None:
+    def add(self, sample_id: str, tensors: dict[str, torch.Tensor], *, copy: bool = True) -> None:
+        """Buffer one sample; a full buffer is written as a shard. copy=False: the caller hands over tensors it
+        will not modify (e.g. `samples_from_capture`'s), CPU ones are then stored without a copy."""
+        self._raise_worker_error()
         if self.closed:
             raise CacheError("add() on a closed CacheWriter", "open a new CacheWriter on the directory")
         if not isinstance(sample_id, str) or not sample_id:
             raise CacheError(f"sample id {sample_id!r} must be a non-empty string", "use the record's 'id'")
-        if sample_id in self.manifest["samples"] or sample_id in self._buffered:
+        if sample_id in self._buffered or sample_id in self.manifest["samples"]:
             raise CacheError(
                 f"sample {sample_id!r} is already in the cache {self.dir}",
                 "skip the ids in writer.done_ids() when resuming",
@@ -245,21 +313,40 @@ class CacheWriter:
                     f"sample {sample_id!r}: {name} is a {type(t).__name__}, not a dense Tensor",
                     "pass dense torch tensors",
                 )
-            c = t.detach().to("cpu").contiguous()
-            stored[name] = c.clone() if c.data_ptr() == t.data_ptr() else c  # own storage, never a view
+            c = t.detach().to("cpu")
+            if copy:
+                c = c.contiguous()
+                c = c.clone() if c.data_ptr() == t.data_ptr() else c  # own storage, never a view
+            stored[name] = c
         self._buffer.append((sample_id, stored))
         self._buffered.add(sample_id)
         if len(self._buffer) >= self.shard_size:
             self.flush()
 
     def flush(self) -> None:
-        """Write the buffered samples as one shard (even if fewer than shard_size), then the manifest."""
+        """Write the buffered samples as one shard (even if fewer than shard_size), then the manifest; in the
+        background mode, queue them for the writer thread (blocking while `max_pending` shards wait)."""
+        self._raise_worker_error()
         if not self._buffer:
             return
-        k = len(self.manifest["shards"])
+        job = (self._next_shard, self._buffer)
+        self._next_shard += 1
+        self._buffer = []
+        if self._queue is None:
+            self._write_shard(*job)
+            return
+        while True:  # wait for room, but notice a writer thread that died meanwhile
+            try:
+                self._queue.put(job, timeout=0.1)
+                return
+            except queue.Full:
+                self._raise_worker_error()
+
+    def _write_shard(self, k: int, samples: list[tuple[str, dict[str, torch.Tensor]]]) -> None:
+        """Shard k: serialise, fsync, rename into place; only then list it (and its samples) in the manifest."""
         name = shard_file_name(self.part, k)
-        ids = [sid for sid, _ in self._buffer]
-        flat = {f"{j}/{key}": t for j, (_, d) in enumerate(self._buffer) for key, t in d.items()}
+        ids = [sid for sid, _ in samples]
+        flat = {f"{j}/{key}": t.contiguous() for j, (_, d) in enumerate(samples) for key, t in d.items()}
         data = st_save(flat, metadata={"kvdistill_samples": json.dumps(ids)})
         path, tmp = self.dir / name, self.dir / (name + ".tmp")
         with open(tmp, "wb") as f:
@@ -268,31 +355,67 @@ class CacheWriter:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         fsync_dir(self.dir)
-        self.manifest["shards"].append(
-            {
-                "file": name,
-                "sha256": hashlib.sha256(data).hexdigest(),
-                "num_samples": len(ids),
-                "bytes": len(data),
-            }
-        )
-        for j, sid in enumerate(ids):
-            self.manifest["samples"][sid] = {"shard": k, "index": j}
-        write_json_atomic(self._manifest_path, self.manifest)
-        self._buffer, self._buffered = [], set()
+        entry = {
+            "file": name,
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "num_samples": len(ids),
+            "bytes": len(data),
+        }
+        with self._manifest_lock:
+            self.manifest["shards"].append(entry)
+            for j, sid in enumerate(ids):
+                self.manifest["samples"][sid] = {"shard": k, "index": j}
+            self._buffered.difference_update(ids)
+            write_json_atomic(self._manifest_path, self.manifest)
+
+    def _worker(self) -> None:
+        while True:
+            job = self._queue.get()
+            try:
+                if job is None:
+                    return
+                if self._error is None:  # after a failure, later shards are dropped (never listed)
+                    self._write_shard(*job)
+            except BaseException as err:  # surfaced in the caller's thread
+                self._error = err
+            finally:
+                self._queue.task_done()
+
+    def _raise_worker_error(self) -> None:
+        if self._error is not None:
+            err, self._error = self._error, None
+            self._stop_worker()
+            self.closed = True
+            if self._lock.is_locked:
+                self._lock.release()
+            raise CacheError(
+                f"writing a shard of {self.dir} failed: {type(err).__name__}: {err}",
+                "check the disk (space, permissions), then rerun the same command: it resumes",
+            ) from err
+
+    def _stop_worker(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        self._thread = None
 
     def close(self, complete: bool = True) -> None:
-        """Flush the last partial shard; `complete` marks the extraction finished in the manifest."""
+        """Flush the last partial shard and wait for the writer thread; `complete` marks the extraction finished
+        in the manifest."""
         if self.closed:
             return
         try:
             self.flush()
+            self._stop_worker()
+            self._raise_worker_error()
             if complete:
                 self.manifest["complete"] = True
                 write_json_atomic(self._manifest_path, self.manifest)
         finally:
-            self.closed = True
-            self._lock.release()
+            self._stop_worker()
+            if not self.closed:
+                self.closed = True
+                self._lock.release()
 
     def __enter__(self) -> CacheWriter:
         return self
