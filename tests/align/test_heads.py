@@ -342,3 +342,17 @@ def test_student_space_loss_with_a_trainable_teacher_map_collapses():
         loss.backward()
         opt.step()
     assert loss.item() > 0.9
+
+
+@pytest.mark.parametrize("kind", ["per_head", "linear", "identity"])
+def test_project_pair_equals_forward_of_keys_and_values(kind):
+    student, teacher = (GQA_9_3, MQA_4_1) if kind != "identity" else (GQA_9_3, GQA_9_3)
+    proj = KVProjector(student, teacher, kind=kind)
+    with torch.no_grad():
+        for p in proj.parameters():
+            p.add_(0.1 * torch.randn_like(p))  # key and value maps differ
+    k, v = torch.randn(2, 3, 5, 64), torch.randn(2, 3, 5, 64)
+    pair = proj.project_pair(k, v)  # (2, B, T, H_t·D_t)
+    for got, x, which in ((pair[0], k, "keys"), (pair[1], v, "values")):
+        ref = proj(x, which=which)  # (B, H_t, T, D_t)
+        torch.testing.assert_close(got, ref.transpose(1, 2).reshape(got.shape), rtol=1e-5, atol=1e-5)

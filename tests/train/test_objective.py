@@ -85,7 +85,7 @@ def test_sparse_teacher_loss_equals_dense_einsum_reference(tiny_config, override
     objective = build_objective(cfg)
     records = load_records(cfg.data)[:4]
     kv = cfg.losses.kv
-    (ids, mask, spans), cpu = objective._student_batch(records)
+    (ids, mask, spans), cpu = objective._student_inputs(records)
     with torch.no_grad():
         s = forward_kv(objective.student, ids, mask, geometry=objective.student_geometry, logits=True)
         for teacher in objective.teachers:

@@ -186,6 +186,42 @@ class KVProjector(nn.Module):
             x = x.to(proj.linear.weight.dtype if isinstance(proj, FlatLinearMap) else proj.weight.dtype)
         return proj(x)
 
+    def project_pair(self, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """Keys and values (B, H_s, T, D_s) mapped in one batched matmul -> (2, B, T, H_t·D_t), token-major.
+
+        The same function as `forward` for each (up to float rounding): the per-head map is folded into one
+        (H_t·D_t, H_s·D_s) matrix per side. Computed in the inputs' dtype for bf16 / fp16, else the parameters'.
+        """
+        B, H_s, T, D_s = keys.shape
+        if keys.shape != values.shape or H_s != self.H_s or D_s != self.D_s:
+            raise KvdistillError(
+                f"KVProjector expects student keys and values (B, {self.H_s}, T, {self.D_s}), got "
+                f"{tuple(keys.shape)} and {tuple(values.shape)}", "pass K/V laid out (B, H_kv, T, D) from the student")
+        # (B, H_s, T, D_s) -> (B·T, H_s·D_s): a view when the K/V are transposed projection outputs
+        flat = torch.stack((keys.transpose(1, 2).reshape(B * T, H_s * D_s),
+                            values.transpose(1, 2).reshape(B * T, H_s * D_s)))  # (2, B·T, H_s·D_s)
+        if self.kind == "identity":
+            return flat.view(2, B, T, H_s * D_s)
+        dtype = flat.dtype if flat.dtype in (torch.bfloat16, torch.float16) else self._param_dtype()
+        weight, bias = self._pair_matrices()  # (2, H_t·D_t, H_s·D_s), (2, H_t·D_t)
+        out = torch.baddbmm(bias.to(dtype)[:, None], flat.to(dtype), weight.to(dtype).transpose(1, 2))
+        return out.view(2, B, T, self.H_t * self.D_t)
+
+    def _param_dtype(self) -> torch.dtype:
+        return next(self.key_map.parameters()).dtype
+
+    def _pair_matrices(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(2, H_t·D_t, H_s·D_s) weights and (2, H_t·D_t) biases of the key and value maps, stacked."""
+        F_t, F_s = self.H_t * self.D_t, self.H_s * self.D_s
+        k, v = self.key_map, self.value_map
+        if self.kind == "linear":
+            return torch.stack((k.linear.weight, v.linear.weight)), torch.stack((k.linear.bias, v.linear.bias))
+        mix = torch.stack((k.mix, v.mix))  # (2, H_t, H_s)
+        dims = torch.stack((k.weight, v.weight))  # (2, H_t, D_t, D_s)
+        # weight[g, (t, e), (s, d)] = mix[g, t, s] · dims[g, t, e, d]
+        weight = (mix[:, :, None, :, None] * dims[:, :, :, None, :]).reshape(2, F_t, F_s)
+        return weight, torch.stack((k.bias, v.bias)).reshape(2, F_t)
+
     def extra_repr(self) -> str:
         return f"kind={self.kind}, ({self.H_s} x {self.D_s}) -> ({self.H_t} x {self.D_t})"
 

@@ -217,18 +217,20 @@ def batch_token_alignment_sparse(student_spans, student_mask, teacher_spans,
 
 
 def resample_rows(x: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Σ_k weight · x at index: the sparse form of einsum("bhmt,bhtd->bhmd", A, x).
+    """Σ_k weight · x at index along the token dim: the sparse form of einsum("...mt,...tf->...mf", A, x).
 
-    x (B, H, T, D); index, weight (B, H|1, M, K) from `batch_token_alignment_sparse` (rows: the tokens resampled
-    onto, M of them) -> (B, H, M, D), computed in x's dtype.
+    x (..., T, F); index, weight (..., M, K) from `batch_token_alignment_sparse` (rows: the M tokens resampled
+    onto), their leading dims broadcastable to x's (e.g. x (2, B, H, T, D) with index (B, H, M, K), or x
+    (B, H, T, D) with index (B, 1, M, K)) -> (..., M, F), computed in x's dtype.
     """
-    B, H, T, D = x.shape
+    *lead, T, F = x.shape
     M, K = index.shape[-2:]
-    flat = index.reshape(B, index.shape[1], M * K, 1).expand(B, H, M * K, D)  # (B, H, M·K, D)
-    picked = x.gather(2, flat).view(B, H, M, K, D)  # (B, H, M, K, D)
+    flat = index.reshape(*index.shape[:-2], M * K, 1).expand(*lead, M * K, F)  # (..., M·K, F)
+    picked = x.gather(-2, flat).view(*lead, M, K, F)  # (..., M, K, F)
+    w = weight.to(x.dtype)[..., None]  # (..., M, K, 1)
     if K == 1:
-        return picked[..., 0, :] * weight.to(x.dtype)
-    return (picked * weight.to(x.dtype)[..., None]).sum(3)  # (B, H, M, D)
+        return picked[..., 0, :] * w[..., 0, :]
+    return (picked * w).sum(-2)  # (..., M, F)
 
 
 def align_to_student(teacher_tensor: torch.Tensor, alignment: torch.Tensor) -> torch.Tensor:

@@ -60,30 +60,32 @@ def kv_error(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, *, ki
     if pred.shape != target.shape:
         raise KvdistillError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ",
                              "map the student K/V into the teacher's geometry first")
-    return kv_errors(pred[..., None, :], target[..., None, :], mask, kind=kind, normalize=normalize, eps=eps)[:, 0]
+    B, H, M, D = pred.shape
+    if mask.dim() == 2:  # one mask for every head: (B, M, H·D) rows
+        pred, target = pred.transpose(1, 2).reshape(B, M, H * D), target.transpose(1, 2).reshape(B, M, H * D)
+    else:  # a mask per head: (B, H·M, D) rows
+        pred, target, mask = pred.reshape(B, H * M, D), target.reshape(B, H * M, D), mask.reshape(B, H * M)
+    return kv_errors(pred[None], target[None], mask, kind=kind, normalize=normalize, eps=eps)[0]
 
 
 def kv_errors(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, *, kind: str = "mse",
               normalize: bool = True, eps: float = 1e-6) -> torch.Tensor:
-    """`kv_error` of G tensors at once (e.g. keys and values): pred, target (B, H, M, G, D), mask (B, H|1, M)
-    or (B, M) -> (B, G). Reductions in float32 whatever the inputs' dtype."""
-    if mask.dim() == 2:
-        mask = mask[:, None]  # (B, 1, M)
-    B, H, M, G, D = target.shape
-    m = mask.float()[..., None, None]  # (B, H|1, M, 1, 1)
-    count = (m.sum((1, 2, 3, 4)) * (H // mask.shape[1]) * D).clamp(min=1.0)[:, None]  # (B, 1) counted per group
+    """`kv_error` of G tensors at once (e.g. keys and values) laid out as rows: pred, target (G, B, N, F) over
+    mask (B, N) (1 = the row counts) -> (G, B): per sample, the mean over counted rows and their F features.
+    Reductions in float32 whatever the inputs' dtype."""
+    m = mask.float()[None, :, :, None]  # (1, B, N, 1)
+    count = (m.sum((2, 3)) * target.shape[-1]).clamp(min=1.0)  # (1, B)
     pred, target = pred.float(), target.float()
 
-    def mean(x):  # (B, H, M, G, D) -> (B, G) over the counted elements
-        return (x * m).sum((1, 2, 4)) / count
+    def mean(x):  # (G, B, N, F) -> (G, B) over the counted rows
+        return (x * m).sum((2, 3)) / count
 
     err = (pred - target).square() if kind == "mse" else torch.nn.functional.smooth_l1_loss(
         pred, target, reduction="none")
-    out = mean(err)  # (B, G)
+    out = mean(err)  # (G, B)
     if not normalize:
         return out
-    centred = target - mean(target)[:, None, None, :, None]
-    var = mean(centred.square()).detach()  # (B, G)
+    var = mean((target - mean(target)[..., None, None]).square()).detach()  # (G, B)
     return out / ((var + eps) if kind == "mse" else (var + eps).sqrt())
 
 
@@ -202,7 +204,11 @@ class Objective(nn.Module):
 
     # -------------------------------------------------------------------------------------- helpers
     def _student_batch(self, records):
-        """ids, mask, spans (B, T_s[, 2]) on the objective's device, and the spans and mask on the CPU."""
+        """ids, mask (B, T_s), spans (B, T_s, 2) on the objective's device."""
+        return self._student_inputs(records)[0]
+
+    def _student_inputs(self, records):
+        """(ids, mask, spans) on the objective's device, and (spans, mask) on the CPU for the token alignment."""
         texts = [r["text"] for r in records]
         enc = tokenize(self.tokenizer, texts, max_length=self.cfg.data.max_length, padding_side="right",
                        max_positions=self.student_geometry.max_positions)
@@ -245,7 +251,7 @@ class Objective(nn.Module):
     # -------------------------------------------------------------------------------------- forward
     def forward(self, records: list[dict]):
         cfg = self.cfg
-        (ids, mask, spans_s), (spans_cpu, mask_cpu) = self._student_batch(records)  # (B, T_s), (B, T_s), (B, T_s, 2)
+        (ids, mask, spans_s), (spans_cpu, mask_cpu) = self._student_inputs(records)  # (B, T_s), (B, T_s), (B, T_s, 2)
         needs = self._needs()
         want_hidden = needs["hidden_states"] or self.router is not None
         s = forward_kv(self.student, ids, mask, geometry=self.student_geometry, logits=True,
@@ -301,9 +307,9 @@ class Objective(nn.Module):
     def _teacher_loss(self, teacher, tkv: TeacherKV, s, mask_s, spans_s, student_cpu):
         """Per-sample loss (B,) of one teacher, the deepest layer's (pred, target, mask), term metrics (tensors).
 
-        The student's K and V of a layer are projected, concatenated along D and resampled onto the teacher's
-        tokens together with the sparse alignment (`resample_rows`, in the student's dtype); the errors of K and
-        V are reduced together (`kv_errors`, float32).
+        The student's K and V of a layer are projected in one batched matmul (`KVProjector.project_pair`) and
+        resampled onto the teacher's tokens together with the sparse alignment (`resample_rows`, in the student's
+        dtype); the errors of K and V are reduced together (`kv_errors`, float32).
         """
         cfg = self.cfg.losses
         kv = cfg.kv
@@ -316,27 +322,35 @@ class Objective(nn.Module):
         pairs = self._pairs[teacher.name]
         deepest = None
         for i, row in pairs:
-            proj = projectors[str(i)]
-            k_s = proj(s.keys[i], which="keys")  # (B, H_t, T_s, D_t)
-            kv_s = torch.cat((k_s, proj(s.values[i], which="values")), dim=-1)  # (B, H_t, T_s, 2·D_t)
+            # student K and V of layer i in the teacher's geometry, token-major: (2, B, T_s, H_t·D_t)
+            kv_s = projectors[str(i)].project_pair(s.keys[i], s.values[i])
             for j, w in row:
                 key = id(tkv.spans[j])
                 if key not in aligned:
                     index, weight = teacher_alignment_sparse(*self._teacher_spans(tkv, j), *student_cpu,
-                                                             device=mask_s.device)
+                                                             device=mask_s.device)  # (B, H|1, M, K)
                     hit = weight.sum(-1) > 0  # (B, H|1, M) teacher tokens that overlap a student token
                     shared = tkv.mask[j].dim() == 2
                     covered = (hit[:, 0] if shared else hit).long() * tkv.mask[j]  # (B, M) or (B, H_t, M)
-                    aligned[key] = (index, weight, covered)
+                    aligned[key] = (index[:, 0] if shared else index, weight[:, 0] if shared else weight, covered)
                 index, weight, covered = aligned[key]
                 k_t, v_t = tkv.keys[j].to(kv_s.device), tkv.values[j].to(kv_s.device)  # (B, H_t, M, D_t)
-                D_t = k_t.shape[-1]
-                pred = resample_rows(kv_s, index, weight).unflatten(-1, (2, D_t))  # (B, H_t, M, 2, D_t)
-                k_pred = pred[..., 0, :]  # (B, H_t, M, D_t)
+                B_, H_t, M, D_t = k_t.shape
+                if covered.dim() == 2:  # shared spans: rows are teacher tokens, features H_t·D_t
+                    pred = resample_rows(kv_s, index, weight)  # (2, B, M, H_t·D_t)
+                    target = torch.stack((k_t, v_t)).transpose(2, 3).reshape(2, B_, M, H_t * D_t)
+                    rows_mask = covered  # (B, M)
+                    k_pred = pred[0].view(B_, M, H_t, D_t).transpose(1, 2)  # (B, H_t, M, D_t)
+                else:  # kept tokens differ per head: rows are (head, token), features D_t
+                    x = kv_s.view(2, B_, -1, H_t, D_t).transpose(2, 3)  # (2, B, H_t, T_s, D_t)
+                    pred = resample_rows(x, index, weight)  # (2, B, H_t, M, D_t)
+                    k_pred = pred[0]
+                    pred = pred.reshape(2, B_, H_t * M, D_t)
+                    target = torch.stack((k_t, v_t)).reshape(2, B_, H_t * M, D_t)
+                    rows_mask = covered.reshape(B_, H_t * M)
                 if kv.weight > 0:
-                    err = kv_errors(pred, torch.stack((k_t, v_t), dim=3), covered, kind=kv.kind,
-                                    normalize=kv.normalize)  # (B, 2)
-                    err = kv.keys * err[:, 0] + kv.values * err[:, 1]
+                    err = kv_errors(pred, target, rows_mask, kind=kv.kind, normalize=kv.normalize)  # (2, B)
+                    err = kv.keys * err[0] + kv.values * err[1]
                     terms["kv"] = terms["kv"] + w * err if "kv" in terms else w * err
                 if cfg.cosine > 0:
                     cm = covered if covered.dim() == 3 else covered[:, None]
