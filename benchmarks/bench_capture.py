@@ -11,8 +11,10 @@ Timed, each under no_grad (median of --repeats, interleaved):
     plain          model(input_ids, attention_mask)            HF default: logits, and a cache when use_cache
     plain_nocache  model(..., use_cache=False)                 logits, no cache
     body           model.base_model(..., use_cache=False)      hidden states only (what a teacher needs)
-    forward_kv     forward_kv(model, ids, mask)                body + cache + rope undone on every key
-    forward_kv_logits  forward_kv(..., logits=True)            the same with the LM head
+    forward_kv     forward_kv(model, ids, mask)                body + K/V (projection hooks where the family has
+                                                               them, else cache + rope undone on every key)
+    forward_kv_cache   forward_kv(..., source="cache")         body + cache + rope undone (the fallback path)
+    forward_kv_logits  forward_kv(..., logits=True)            the same as forward_kv with the LM head
     capture_kv     capture_kv(model, tokenizer, texts)         tokenization with offsets + forward_kv (CPU only)
 Overheads: forward_kv / body - 1 and forward_kv_logits / plain_nocache - 1 (same work apart from the capture).
 """
@@ -64,6 +66,7 @@ def bench_model(name: str, args) -> dict:
         "plain_nocache": lambda: model(input_ids=ids, attention_mask=mask, use_cache=False),
         "body": lambda: model.base_model(input_ids=ids, attention_mask=mask, use_cache=False),
         "forward_kv": lambda: forward_kv(model, ids, mask, geometry=geometry),
+        "forward_kv_cache": lambda: forward_kv(model, ids, mask, geometry=geometry, source="cache"),
         "forward_kv_logits": lambda: forward_kv(model, ids, mask, geometry=geometry, logits=True),
     }
     if texts is not None:
@@ -73,6 +76,7 @@ def bench_model(name: str, args) -> dict:
     ms = {k: v["median_ms"] for k, v in timings.items()}
     overhead = {
         "forward_kv_vs_body": round(ms["forward_kv"] / ms["body"] - 1, 4),
+        "forward_kv_cache_vs_body": round(ms["forward_kv_cache"] / ms["body"] - 1, 4),
         "forward_kv_logits_vs_plain_nocache": round(ms["forward_kv_logits"] / ms["plain_nocache"] - 1, 4),
         "forward_kv_logits_vs_plain": round(ms["forward_kv_logits"] / ms["plain"] - 1, 4),
     }
@@ -152,6 +156,7 @@ def main() -> None:
             "model": name,
             **{k: r["timings"][k]["median_ms"] for k in r["timings"]},
             "kv_vs_body": r["overhead"]["forward_kv_vs_body"],
+            "cache_vs_body": r["overhead"]["forward_kv_cache_vs_body"],
         }
         for name, r in results.items()
     ]
@@ -163,9 +168,11 @@ def main() -> None:
             "plain_nocache",
             "body",
             "forward_kv",
+            "forward_kv_cache",
             "forward_kv_logits",
             "capture_kv",
             "kv_vs_body",
+            "cache_vs_body",
         ],
     )
     write_result(

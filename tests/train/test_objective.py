@@ -106,3 +106,22 @@ def test_sparse_teacher_loss_equals_dense_einsum_reference(tiny_config, override
             ref = kv.weight * ref / len(pairs)
             assert ref.min() > 0.1
             torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_ce_per_sample_equals_sliced_log_softmax_reference():
+    import torch
+
+    from kvdistill.train.objective import ce_per_sample, sample_mean
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 9, 50, generator=g, requires_grad=True)
+    labels = torch.randint(0, 50, (3, 9), generator=g)
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[1, 6:] = 0
+    mask[2, 2:] = 0
+    logp = torch.log_softmax(logits[:, :-1], dim=-1)  # (B, T-1, V)
+    ref = sample_mean(-logp.gather(-1, labels[:, 1:, None]).squeeze(-1), mask[:, 1:] * mask[:, :-1])
+    got = ce_per_sample(logits, labels, mask)
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+    g_ref, g_got = (torch.autograd.grad(x.sum(), logits)[0] for x in (ref, got))
+    torch.testing.assert_close(g_got, g_ref, rtol=1e-6, atol=1e-7)

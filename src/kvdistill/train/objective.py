@@ -90,10 +90,17 @@ def kv_errors(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, *, k
 
 
 def ce_per_sample(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Next-token CE per sample (B,): logits[:, t] predicts labels[:, t+1] where both tokens are real."""
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, T-1, V)
-    nll = -logp.gather(-1, labels[:, 1:, None]).squeeze(-1)  # (B, T-1)
-    counted = mask[:, 1:] * mask[:, :-1]
+    """Next-token CE per sample (B,): logits[:, t] predicts labels[:, t+1] where both tokens are real.
+
+    Every position is scored against the next label (the last one against a wrapped label, then masked out), so
+    the (B, T, V) logits are not sliced: no extra (B, T, V) copy forward and no zero-filled one in backward.
+    """
+    B, T, V = logits.shape
+    following = labels.roll(-1, dims=1)  # (B, T) the label each position predicts; [:, -1] is masked below
+    nll = torch.nn.functional.cross_entropy(logits.reshape(B * T, V).float(), following.reshape(B * T),
+                                            reduction="none").view(B, T)  # (B, T)
+    counted = mask * mask.roll(-1, dims=1)  # (B, T)
+    counted[:, -1] = 0
     return sample_mean(nll, counted)
 
 
