@@ -19,7 +19,7 @@ Timed (median of --repeats, interleaved; texts → loss, tokenization included e
     ce_step        tokenize, student(ids, mask).logits, CE, backward, clip, AdamW step           (a)
                    (the objective's own student: same weights, dtype and attention implementation)
     teachers_fwd   per teacher: tokenize, model.base_model(ids, mask) under no_grad              (b)
-    teachers_kv    per teacher: OnlineTeacher.kv (capture_kv + rope undone), what the objective runs
+    teachers_kv    per teacher: OnlineTeacher.kv (capture_kv: projection hooks, no cache), what the objective runs
     kd_step        objective(records), backward, clip, AdamW step                                (c)
     ce_forward, kd_forward   the forward halves of a and c alone
 Reported: overhead (with b) and overhead_vs_kv = (c - a - teachers_kv) / a (the student-side cost of the KD terms).
