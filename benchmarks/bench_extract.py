@@ -12,10 +12,12 @@ Every timed call starts from the texts (tokenization included), as `kvdistill ex
     plain_eager      the same with eager attention (what rkv must run)
     body             tokenize + model.base_model(...)                        no LM head (a teacher needs none)
     right_crop       capture_kv + samples_from_capture(right_crop M)         sdpa, nothing written
-    right_crop_write the same + CacheWriter.add of every sample              a shard (fsync) per batch
-    rkv              capture_kv(attentions=True) + answer_query_mask + samples_from_capture(rkv M)   eager
-    rkv_write        the same + CacheWriter.add
-    rkv_importance   importance_from_attention of every layer, on a ready capture
+    right_crop_write the same + CacheWriter.add of every sample              a shard (fsync) per batch, written
+                                                                             by the background writer thread
+    rkv              capture_teacher (hooked queries) + samples_from_capture(rkv M)                 sdpa
+    rkv_write        the same + CacheWriter.add (background writer, as `kvdistill extract`)
+    rkv_eager        the old path: capture_kv(attentions=True) + samples_from_capture(rkv M)        eager
+    rkv_importance   query_importance of every layer (answer rows only), on a ready capture
     rkv_select       rkv_select of every layer, on ready importances
 Throughput ratios are baseline / variant (1.0 = as fast as the baseline), against plain (the full forward, LM head
 included) and against body (the stricter one: extraction needs no logits); targets: 0.9 without writes, 0.8 with.
@@ -46,10 +48,11 @@ from common import (
 
 from kvdistill.cache import cache_info, fingerprint_tokenizer, make_meta
 from kvdistill.cache.store import CacheWriter, samples_from_capture
-from kvdistill.compress import Compression, importance_from_attention, rkv_select
+from kvdistill.compress import Compression, rkv_select
 from kvdistill.models.capture import capture_kv
 from kvdistill.models.geometry import geometry_of
-from kvdistill.train.teachers import answer_query_mask
+from kvdistill.models.queries import capture_queries, query_importance
+from kvdistill.train.teachers import answer_query_mask, capture_teacher
 
 CPU_MODELS = ["smollm2-135m", "gemma3-270m"]
 GPU_MODELS = ["llama-1b"]
@@ -100,6 +103,10 @@ def bench_model(name: str, args, tmp: Path) -> dict:
         return samples_from_capture(capture(sdpa, False), right_crop)
 
     def extract_rkv():
+        cap, query = capture_teacher(sdpa, tok, records, max_length=T, compression=rkv)
+        return samples_from_capture(cap, rkv, query)
+
+    def extract_rkv_eager():
         cap = capture(eager, True)
         return samples_from_capture(cap, rkv, answer_query_mask(records, cap.spans, cap.attention_mask))
 
@@ -108,6 +115,7 @@ def bench_model(name: str, args, tmp: Path) -> dict:
             tmp / f"{name}-{kind}",
             make_meta(name, geometry.to_dict(), fingerprint_tokenizer(tok), comp.to_dict(), "bench"),
             shard_size=args.batch,
+            background=True,
         )
         for kind, comp in (("right_crop", right_crop), ("rkv", rkv))
     }
@@ -116,16 +124,13 @@ def bench_model(name: str, args, tmp: Path) -> dict:
     def write(kind, samples):
         call = next(counter)
         for b, sample in enumerate(samples):
-            writers[kind].add(f"c{call}-{b}", sample)
+            writers[kind].add(f"c{call}-{b}", sample, copy=False)
 
     # a ready capture for the selection-only timings
-    with torch.no_grad():
-        ready = capture(eager, True)
+    with torch.no_grad(), capture_queries(sdpa, geometry) as qc:
+        ready = capture(sdpa, False)
     query = answer_query_mask(records, ready.spans, ready.attention_mask)  # (B, T)
-    importances = [
-        importance_from_attention(ready.attentions[i], query, ready.attention_mask, geometry.num_kv_heads)
-        for i in layers
-    ]  # L × (B, H_kv, T)
+    importances = query_importance(sdpa, ready, qc.queries, query, layers)  # layer -> (B, H_kv, T)
     tokens = int(ready.attention_mask.sum())
 
     fns = {
@@ -136,10 +141,8 @@ def bench_model(name: str, args, tmp: Path) -> dict:
         "right_crop_write": lambda: write("right_crop", extract_right_crop()),
         "rkv": extract_rkv,
         "rkv_write": lambda: write("rkv", extract_rkv()),
-        "rkv_importance": lambda: [
-            importance_from_attention(ready.attentions[i], query, ready.attention_mask, geometry.num_kv_heads)
-            for i in layers
-        ],
+        "rkv_eager": extract_rkv_eager,
+        "rkv_importance": lambda: query_importance(sdpa, ready, qc.queries, query, layers),
         "rkv_select": lambda: [
             rkv_select(ready.keys[i], importances[i], ready.attention_mask, M, rkv.lam) for i in layers
         ],
@@ -149,9 +152,18 @@ def bench_model(name: str, args, tmp: Path) -> dict:
     for w in writers.values():
         w.close()
     ms = {k: v["median_ms"] for k, v in timings.items()}
-    for k in ("plain", "plain_eager", "body", "right_crop", "right_crop_write", "rkv", "rkv_write"):
+    for k in (
+        "plain",
+        "plain_eager",
+        "body",
+        "right_crop",
+        "right_crop_write",
+        "rkv",
+        "rkv_write",
+        "rkv_eager",
+    ):
         timings[k]["tokens_per_s"] = round(tokens / ms[k] * 1e3, 1)
-    variants = ("right_crop", "right_crop_write", "rkv", "rkv_write")
+    variants = ("right_crop", "right_crop_write", "rkv", "rkv_write", "rkv_eager")
     vs = {
         base: {k: round(ms[base] / ms[k], 4) for k in variants}
         for base in ("plain", "body", "plain_eager")  # baseline time / variant time
