@@ -576,7 +576,8 @@ class Objective(nn.Module):
 
 
 def build_teachers(cfg: RunConfig, device) -> list:
-    from kvdistill.models.load import attn_implementation_for, load_model
+    from kvdistill.models.load import attn_implementation_for, load_config, load_model
+    from kvdistill.models.queries import supports_queries
     from kvdistill.train.teachers import CachedTeacher, OnlineTeacher
 
     teachers = []
@@ -590,8 +591,10 @@ def build_teachers(cfg: RunConfig, device) -> list:
             continue
         dtype = tcfg.dtype if tcfg.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
         comp = tcfg.compression
-        # attention probabilities are read for attention_kl and by rkv compression; sdpa otherwise
-        attn = attn_implementation_for(cfg.losses.attention_kl > 0 or comp.kind == "rkv")
+        # attention probabilities are read for attention_kl, and by rkv for families whose importance cannot come
+        # from hooked queries (models.queries); sdpa otherwise
+        rkv_attn = comp.kind == "rkv" and not supports_queries(geometry_of(load_config(tcfg.model)))
+        attn = attn_implementation_for(cfg.losses.attention_kl > 0 or rkv_attn)
         model, tok = load_model(tcfg.model, dtype=dtype, attn_implementation=attn)
         teachers.append(OnlineTeacher(tcfg.name, model, tok, compression=comp.build() if comp.kind != "full" else None,
                                       layers=comp.layers))
