@@ -170,8 +170,8 @@ def evaluate_checkpoint(
         specs = {}
     fit, held = held_out(dcfg, fit=bool(specs))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    loaded = {name: load_model(model, device=device) for name, model in specs.items()}
-    model, tok = load_model(student, device=device)
+    loaded = {name: load_model(model, device=device, attn_implementation="sdpa") for name, model in specs.items()}
+    model, tok = load_model(student, device=device, attn_implementation="sdpa")  # eval reads no attention maps
     result = evaluate_student(model, tok, loaded, fit, held, max_length=dcfg.max_length, em=em)
     result.update(
         checkpoint=str(checkpoint),

@@ -46,13 +46,13 @@ def run_quickstart(out: str | Path, *, steps: int | None = None, overrides: list
             resume = (runs[name] / "checkpoints").is_dir()
             train(run_cfg, runs[name], resume=resume)
 
-    teachers = {t.name: load_model(t.model) for t in cfg.teachers}
+    teachers = {t.name: load_model(t.model, attn_implementation="sdpa") for t in cfg.teachers}
     fit = load_records(cfg.data, split="train")[:32]
     held = load_records(cfg.data, split="eval")
     init_student, init_tok = build_student(cfg.student, seed=cfg.train.seed)
     results = {"init": evaluate_student(init_student, init_tok, teachers, fit, held, max_length=cfg.data.max_length)}
     for name, run_dir in runs.items():
-        model, tok = load_model(str(run_dir / "final" / "student"))
+        model, tok = load_model(str(run_dir / "final" / "student"), attn_implementation="sdpa")
         results[name] = evaluate_student(model, tok, teachers, fit, held, max_length=cfg.data.max_length)
 
     names = list(teachers)
