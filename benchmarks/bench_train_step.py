@@ -98,6 +98,21 @@ def profile(step, device: str, top: int = 30) -> list[str]:
     return table.splitlines()
 
 
+def count_ops(step, top: int = 15) -> dict:
+    """Calls of aten ops in one call of `step` (CPU profiler, no timing): the total and the `top` most called.
+
+    On a GPU every call is (at least) one kernel launch, so this count is what a launch-bound step pays for.
+    """
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    counts = {e.key: e.count for e in prof.key_averages() if e.key.startswith("aten::")}
+    ranked = sorted(counts.items(), key=lambda kv: -kv[1])
+    return {"aten_calls": sum(counts.values()), "top": dict(ranked[:top])}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", choices=["cpu", "cuda"], default=default_device())
@@ -143,6 +158,11 @@ def main() -> None:
         "--profile",
         action="store_true",
         help="after timing, profile one kd_step and store the top ops by self time in the JSON",
+    )
+    ap.add_argument(
+        "--count-ops",
+        action="store_true",
+        help="count the aten op calls of one kd_step and one ce_step (stored under op_counts)",
     )
     args = ap.parse_args()
     try:
@@ -305,6 +325,11 @@ def main() -> None:
         "meets_target": overhead <= TARGET,
         "kd_extra_ms": round(c - a - ms["teachers_kv"], 3),
     }
+    if args.count_ops:
+        result["op_counts"] = {"kd_step": count_ops(kd_step), "ce_step": count_ops(ce_step)}
+        print(f"aten calls: kd_step {result['op_counts']['kd_step']['aten_calls']}, "
+              f"ce_step {result['op_counts']['ce_step']['aten_calls']}")
+        print(result["op_counts"]["kd_step"]["top"])
     if args.profile:
         result["profile_kd_step"] = profile(kd_step, args.device)
     print_table(

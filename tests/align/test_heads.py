@@ -356,3 +356,30 @@ def test_project_pair_equals_forward_of_keys_and_values(kind):
     for got, x, which in ((pair[0], k, "keys"), (pair[1], v, "values")):
         ref = proj(x, which=which)  # (B, H_t, T, D_t)
         torch.testing.assert_close(got, ref.transpose(1, 2).reshape(got.shape), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["per_head", "linear", "identity"])
+def test_project_layers_equals_forward_of_each_layer(kind):
+    """Three layers' projectors stacked into one matmul give each layer's own maps, values and gradients."""
+    from kvdistill.align.heads import project_layers
+
+    student, teacher = (GQA_9_3, MQA_4_1) if kind != "identity" else (GQA_9_3, GQA_9_3)
+    projs = [KVProjector(student, teacher, kind=kind) for _ in range(3)]
+    with torch.no_grad():
+        for p in (p for proj in projs for p in proj.parameters()):
+            p.add_(0.1 * torch.randn_like(p))  # layers, keys and values differ
+    ks = [torch.randn(2, 5, 3, 64).transpose(1, 2).requires_grad_() for _ in range(3)]  # (B, H_s, T, D_s) views
+    vs = [torch.randn(2, 3, 5, 64, requires_grad=True) for _ in range(3)]
+    got = project_layers(projs, ks, vs)  # (L, 2, B, T, H_t·D_t)
+    assert got.shape == (3, 2, 2, 5, teacher.num_kv_heads * teacher.head_dim)
+    ref = torch.stack([torch.stack([p(k, which="keys"), p(v, which="values")])
+                       for p, k, v in zip(projs, ks, vs, strict=True)])
+    ref = ref.transpose(3, 4).reshape(got.shape)  # (L, 2, B, T, H_t·D_t)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    weights = torch.randn_like(got)
+    leaves = [*ks, *vs, *(p for proj in projs for p in proj.parameters())]
+    for g, r in zip(torch.autograd.grad((got * weights).sum(), leaves),
+                    torch.autograd.grad((ref * weights).sum(), leaves), strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
+    with pytest.raises(KvdistillError, match="one projector per layer"):
+        project_layers([*projs, KVProjector(student, GQA_9_3, kind="linear")], [*ks, ks[0]], [*vs, vs[0]])

@@ -192,38 +192,61 @@ class KVProjector(nn.Module):
         The same function as `forward` for each (up to float rounding): the per-head map is folded into one
         (H_t·D_t, H_s·D_s) matrix per side. Computed in the inputs' dtype for bf16 / fp16, else the parameters'.
         """
-        B, H_s, T, D_s = keys.shape
-        if keys.shape != values.shape or H_s != self.H_s or D_s != self.D_s:
-            raise KvdistillError(
-                f"KVProjector expects student keys and values (B, {self.H_s}, T, {self.D_s}), got "
-                f"{tuple(keys.shape)} and {tuple(values.shape)}", "pass K/V laid out (B, H_kv, T, D) from the student")
-        # (B, H_s, T, D_s) -> (B·T, H_s·D_s): a view when the K/V are transposed projection outputs
-        flat = torch.stack((keys.transpose(1, 2).reshape(B * T, H_s * D_s),
-                            values.transpose(1, 2).reshape(B * T, H_s * D_s)))  # (2, B·T, H_s·D_s)
-        if self.kind == "identity":
-            return flat.view(2, B, T, H_s * D_s)
-        dtype = flat.dtype if flat.dtype in (torch.bfloat16, torch.float16) else self._param_dtype()
-        weight, bias = self._pair_matrices()  # (2, H_t·D_t, H_s·D_s), (2, H_t·D_t)
-        out = torch.baddbmm(bias.to(dtype)[:, None], flat.to(dtype), weight.to(dtype).transpose(1, 2))
-        return out.view(2, B, T, self.H_t * self.D_t)
+        return project_layers([self], [keys], [values])[0]
 
     def _param_dtype(self) -> torch.dtype:
         return next(self.key_map.parameters()).dtype
 
-    def _pair_matrices(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(2, H_t·D_t, H_s·D_s) weights and (2, H_t·D_t) biases of the key and value maps, stacked."""
-        F_t, F_s = self.H_t * self.D_t, self.H_s * self.D_s
-        k, v = self.key_map, self.value_map
-        if self.kind == "linear":
-            return torch.stack((k.linear.weight, v.linear.weight)), torch.stack((k.linear.bias, v.linear.bias))
-        mix = torch.stack((k.mix, v.mix))  # (2, H_t, H_s)
-        dims = torch.stack((k.weight, v.weight))  # (2, H_t, D_t, D_s)
-        # weight[g, (t, e), (s, d)] = mix[g, t, s] · dims[g, t, e, d]
-        weight = (mix[:, :, None, :, None] * dims[:, :, :, None, :]).reshape(2, F_t, F_s)
-        return weight, torch.stack((k.bias, v.bias)).reshape(2, F_t)
-
     def extra_repr(self) -> str:
         return f"kind={self.kind}, ({self.H_s} x {self.D_s}) -> ({self.H_t} x {self.D_t})"
+
+
+def _stacked_matrices(projectors) -> tuple[torch.Tensor, torch.Tensor]:
+    """(2L, H_t·D_t, H_s·D_s) weights and (2L, H_t·D_t) biases of L projectors' key and value maps, in the order
+    keys of projector 0, values of projector 0, keys of projector 1, ..."""
+    maps = [m for p in projectors for m in (p.key_map, p.value_map)]
+    p0 = projectors[0]
+    F_t, F_s = p0.H_t * p0.D_t, p0.H_s * p0.D_s
+    if p0.kind == "linear":
+        return torch.stack([m.linear.weight for m in maps]), torch.stack([m.linear.bias for m in maps])
+    mix = torch.stack([m.mix for m in maps])  # (2L, H_t, H_s)
+    dims = torch.stack([m.weight for m in maps])  # (2L, H_t, D_t, D_s)
+    # weight[g, (t, e), (s, d)] = mix[g, t, s] · dims[g, t, e, d]
+    weight = (mix[:, :, None, :, None] * dims[:, :, :, None, :]).reshape(len(maps), F_t, F_s)
+    return weight, torch.stack([m.bias for m in maps]).reshape(len(maps), F_t)
+
+
+def project_layers(projectors, keys, values) -> torch.Tensor:
+    """K and V of L student layers, each mapped by its own `KVProjector`, in one batched matmul.
+
+    projectors: L projectors of one (student, teacher) geometry pair and kind; keys, values: L tensors
+    (B, H_s, T, D_s) -> (L, 2, B, T, H_t·D_t), token-major; [l] equals ``projectors[l].project_pair(keys[l],
+    values[l])``. The per-layer parameters are stacked on every call (they stay separate parameters, so
+    checkpoints keep their layout). Computed in the inputs' dtype for bf16 / fp16, else the parameters'.
+    """
+    p0 = projectors[0]
+    if not (len(projectors) == len(keys) == len(values)) or any(
+            (p.kind, p.H_s, p.D_s, p.H_t, p.D_t) != (p0.kind, p0.H_s, p0.D_s, p0.H_t, p0.D_t) for p in projectors):
+        raise KvdistillError(
+            f"project_layers needs one projector per layer, all of one kind and geometry; got {len(projectors)} "
+            f"projectors ({sorted({p.extra_repr() for p in projectors})}) for {len(keys)} keys and "
+            f"{len(values)} values", "group the layers by teacher")
+    B, H_s, T, D_s = keys[0].shape
+    for k, v in zip(keys, values, strict=True):
+        if k.shape != keys[0].shape or v.shape != keys[0].shape or H_s != p0.H_s or D_s != p0.D_s:
+            raise KvdistillError(
+                f"KVProjector expects student keys and values (B, {p0.H_s}, T, {p0.D_s}), got "
+                f"{tuple(k.shape)} and {tuple(v.shape)}", "pass K/V laid out (B, H_kv, T, D) from the student")
+    L, F_s = len(projectors), H_s * D_s
+    # (B, H_s, T, D_s) -> (B, T, H_s, D_s): views when the K/V are transposed projection outputs; one copy
+    flat = torch.stack([x.transpose(1, 2) for k, v in zip(keys, values, strict=True) for x in (k, v)])
+    flat = flat.view(2 * L, B * T, F_s)  # (2L, B·T, H_s·D_s)
+    if p0.kind == "identity":
+        return flat.view(L, 2, B, T, F_s)
+    dtype = flat.dtype if flat.dtype in (torch.bfloat16, torch.float16) else p0._param_dtype()
+    weight, bias = _stacked_matrices(projectors)  # (2L, H_t·D_t, H_s·D_s), (2L, H_t·D_t)
+    out = torch.baddbmm(bias.to(dtype)[:, None], flat.to(dtype), weight.to(dtype).transpose(1, 2))
+    return out.view(L, 2, B, T, p0.H_t * p0.D_t)  # (L, 2, B, T, H_t·D_t)
 
 
 # ---------------------------------------------------------------------------- teacher → student (frozen)

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from kvdistill import losses as L
-from kvdistill.align.heads import KVProjector, TeacherToStudentMap
+from kvdistill.align.heads import KVProjector, TeacherToStudentMap, project_layers
 from kvdistill.align.layers import layer_map
 from kvdistill.align.plan import alignment_plan
 from kvdistill.align.tokens import batch_token_alignment, batch_token_alignment_sparse, resample_rows
@@ -70,22 +70,24 @@ def kv_error(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, *, ki
 
 def kv_errors(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, *, kind: str = "mse",
               normalize: bool = True, eps: float = 1e-6) -> torch.Tensor:
-    """`kv_error` of G tensors at once (e.g. keys and values) laid out as rows: pred, target (G, B, N, F) over
-    mask (B, N) (1 = the row counts) -> (G, B): per sample, the mean over counted rows and their F features.
-    Reductions in float32 whatever the inputs' dtype."""
-    m = mask.float()[None, :, :, None]  # (1, B, N, 1)
-    count = (m.sum((2, 3)) * target.shape[-1]).clamp(min=1.0)  # (1, B)
-    pred, target = pred.float(), target.float()
+    """`kv_error` of many tensors at once (e.g. layer pairs × keys and values) laid out as rows: pred, target
+    (..., B, N, F) over mask broadcastable to (..., B, N) (1 = the row counts) -> (..., B): per sample, the mean
+    over counted rows and their F features.
 
-    def mean(x):  # (G, B, N, F) -> (G, B) over the counted rows
-        return (x * m).sum((2, 3)) / count
-
-    err = (pred - target).square() if kind == "mse" else torch.nn.functional.smooth_l1_loss(
-        pred, target, reduction="none")
-    out = mean(err)  # (G, B)
+    The difference is taken in the inputs' dtype and only it is squared and reduced in float32 (no float32 copy
+    of pred or target is kept for backward); the target's variance (no gradient) is reduced in float32.
+    """
+    m = mask.float()[..., None]  # (..., B, N, 1)
+    count = (m.sum((-2, -1)) * target.shape[-1]).clamp(min=1.0)  # (..., B)
+    diff = (pred - target).float()  # (..., B, N, F)
+    err = diff.square() if kind == "mse" else torch.nn.functional.smooth_l1_loss(
+        diff, torch.zeros_like(diff), reduction="none")
+    out = (err * m).sum((-2, -1)) / count  # (..., B)
     if not normalize:
         return out
-    var = mean((target - mean(target)[..., None, None]).square()).detach()  # (G, B)
+    with torch.no_grad():
+        mean = (target * m).sum((-2, -1)) / count  # (..., B), float32 by promotion
+        var = ((target - mean[..., None, None]).square() * m).sum((-2, -1)) / count  # (..., B)
     return out / ((var + eps) if kind == "mse" else (var + eps).sqrt())
 
 
@@ -146,6 +148,36 @@ def _read_metrics(metrics: dict[str, torch.Tensor], mask_cpu: torch.Tensor) -> d
     return {"tokens": float(mask_cpu.sum()), **dict(zip(names, values, strict=True))}
 
 
+class _LayerPairs:
+    """The (student layer i, teacher layer j, weight w) pairs of one teacher's layer map, flattened in map order
+    (an interpolated student layer gives one pair per teacher layer it reads), with what the batched loss needs.
+
+    layers: the mapped student layers (each once, ascending); at: per pair, the position of its i in `layers`
+    (None when the pairs are exactly `layers`); coef (P, 2): w·kv.keys, w·kv.values; weight (P,): w.
+    """
+
+    def __init__(self, i, j, w, layers, at, coef, weight):
+        self.i, self.j, self.w, self.layers, self.at, self.coef, self.weight = i, j, w, layers, at, coef, weight
+        self.at_list = [layers.index(x) for x in i]
+
+    def layer_positions(self, pos: list[int], device) -> torch.Tensor | None:
+        """Position in `layers` of the student layer of each pair in `pos` (ascending), None when it is 0..L-1."""
+        at = [self.at_list[p] for p in pos]
+        if at == list(range(len(self.layers))):
+            return None
+        return self.at if len(pos) == len(self.i) else torch.tensor(at, device=device)
+
+    @classmethod
+    def of(cls, pairs: list[tuple[int, list[tuple[int, float]]]], kv, device) -> _LayerPairs:
+        flat = [(i, j, w) for i, row in pairs for j, w in row]
+        i, j, w = ([p[k] for p in flat] for k in range(3))
+        layers = [i for i, _ in pairs]
+        at = [layers.index(x) for x in i]
+        coef = torch.tensor([[x * kv.keys, x * kv.values] for x in w], dtype=torch.float32, device=device)
+        at_t = None if at == list(range(len(layers))) else torch.tensor(at, device=device)
+        return cls(i, j, w, layers, at_t, coef, torch.tensor(w, dtype=torch.float32, device=device))
+
+
 # ------------------------------------------------------------------------------------------ the objective
 class Objective(nn.Module):
     def __init__(self, cfg: RunConfig, student: nn.Module, tokenizer, teachers: list, device):
@@ -158,6 +190,7 @@ class Objective(nn.Module):
         sg = self.student_geometry
         self.layer_maps: dict[str, torch.Tensor] = {}
         self._pairs: dict[str, list[tuple[int, list[tuple[int, float]]]]] = {}
+        self._layer_pairs: dict[str, _LayerPairs] = {}  # the same pairs flattened, for the batched KV loss
         self.projectors = nn.ModuleDict()
         self.to_student = nn.ModuleDict()
         self.hidden_proj = nn.ModuleDict()
@@ -172,6 +205,7 @@ class Objective(nn.Module):
             # (student layer, [(teacher layer, weight), ...]) of every mapped student layer, as Python numbers
             self._pairs[teacher.name] = [(i, [(j, float(matrix[i, j])) for j in matrix[i].nonzero().flatten().tolist()])
                                          for i in range(sg.num_layers) if matrix[i].sum() > 0]
+            self._layer_pairs[teacher.name] = _LayerPairs.of(self._pairs[teacher.name], cfg.losses.kv, device)
             missing = sorted({int(j) for j in matrix.nonzero()[:, 1]} - set(teacher.layers))
             if missing:
                 raise KvdistillError(f"teacher '{teacher.name}' lacks layers {missing} that the layer map uses",
@@ -314,60 +348,88 @@ class Objective(nn.Module):
     def _teacher_loss(self, teacher, tkv: TeacherKV, s, mask_s, spans_s, student_cpu):
         """Per-sample loss (B,) of one teacher, the deepest layer's (pred, target, mask), term metrics (tensors).
 
-        The student's K and V of a layer are projected in one batched matmul (`KVProjector.project_pair`) and
-        resampled onto the teacher's tokens together with the sparse alignment (`resample_rows`, in the student's
-        dtype); the errors of K and V are reduced together (`kv_errors`, float32).
+        Batched over the layer pairs (i, j, w) of the teacher's map: the student K and V of every mapped layer are
+        projected in one matmul (`project_layers`), resampled onto the teacher's tokens with the sparse alignment
+        in one gather (`resample_rows`, student dtype; per-head alignments of the teacher layers are stacked),
+        compared with the stacked teacher K/V in one reduction (`kv_errors`: (P, 2, B)) and weighed by w.
+        Relation / attention-KL / hidden terms are per pair.
         """
         cfg = self.cfg.losses
         kv = cfg.kv
-        projectors = self.projectors[teacher.name]
+        dev = mask_s.device
         B = mask_s.shape[0]
-        total = torch.zeros(B, device=mask_s.device)
+        total = torch.zeros(B, device=dev)
         terms: dict[str, torch.Tensor] = {}
-        aligned: dict[int, tuple] = {}  # id(teacher spans) -> (index, weight, covered)
-        dense: dict[int, torch.Tensor] = {}  # id(teacher spans) -> dense A, only for the relation / attention terms
+        lp = self._layer_pairs[teacher.name]
         pairs = self._pairs[teacher.name]
+        aligned: dict[int, tuple] = {}  # alignment key -> (index, weight (B, H|1, M, K), covered (B, [H_t,] M))
+
+        def key_of(j: int) -> int:  # uncompressed teachers share the spans of every layer
+            return -1 if tkv.shared_spans else id(tkv.spans[j])
+
+        for j in lp.j:
+            key = key_of(j)
+            if key not in aligned:
+                index, weight = teacher_alignment_sparse(*self._teacher_spans(tkv, j), *student_cpu,
+                                                         device=dev)  # (B, H|1, M, K)
+                hit = weight.sum(-1) > 0  # (B, H|1, M) teacher tokens that overlap a student token
+                shared = tkv.mask[j].dim() == 2
+                covered = (hit[:, 0] if shared else hit).long() * tkv.mask[j].to(dev)  # (B, M) or (B, H_t, M)
+                aligned[key] = (index[:, 0] if shared else index, weight[:, 0] if shared else weight, covered)
+        # student K and V of every mapped layer in the teacher's geometry: (L, 2, B, T_s, H_t·D_t)
+        projectors = self.projectors[teacher.name]
+        proj = project_layers([projectors[str(i)] for i in lp.layers], [s.keys[i] for i in lp.layers],
+                              [s.values[i] for i in lp.layers])
+        _, H_t, _, D_t = tkv.keys[lp.j[0]].shape
+        groups = self._pair_groups(tkv, lp, aligned, key_of)
         deepest = None
-        for i, row in pairs:
-            # student K and V of layer i in the teacher's geometry, token-major: (2, B, T_s, H_t·D_t)
-            kv_s = projectors[str(i)].project_pair(s.keys[i], s.values[i])
-            for j, w in row:
-                key = id(tkv.spans[j])
-                if key not in aligned:
-                    index, weight = teacher_alignment_sparse(*self._teacher_spans(tkv, j), *student_cpu,
-                                                             device=mask_s.device)  # (B, H|1, M, K)
-                    hit = weight.sum(-1) > 0  # (B, H|1, M) teacher tokens that overlap a student token
-                    shared = tkv.mask[j].dim() == 2
-                    covered = (hit[:, 0] if shared else hit).long() * tkv.mask[j]  # (B, M) or (B, H_t, M)
-                    aligned[key] = (index[:, 0] if shared else index, weight[:, 0] if shared else weight, covered)
-                index, weight, covered = aligned[key]
-                k_t, v_t = tkv.keys[j].to(kv_s.device), tkv.values[j].to(kv_s.device)  # (B, H_t, M, D_t)
-                B_, H_t, M, D_t = k_t.shape
-                if covered.dim() == 2:  # shared spans: rows are teacher tokens, features H_t·D_t
-                    pred = resample_rows(kv_s, index, weight)  # (2, B, M, H_t·D_t)
-                    target = torch.stack((k_t, v_t)).transpose(2, 3).reshape(2, B_, M, H_t * D_t)
-                    rows_mask = covered  # (B, M)
-                    k_pred = pred[0].view(B_, M, H_t, D_t).transpose(1, 2)  # (B, H_t, M, D_t)
-                else:  # kept tokens differ per head: rows are (head, token), features D_t
-                    x = kv_s.view(2, B_, -1, H_t, D_t).transpose(2, 3)  # (2, B, H_t, T_s, D_t)
-                    pred = resample_rows(x, index, weight)  # (2, B, H_t, M, D_t)
-                    k_pred = pred[0]
-                    pred = pred.reshape(2, B_, H_t * M, D_t)
-                    target = torch.stack((k_t, v_t)).reshape(2, B_, H_t * M, D_t)
-                    rows_mask = covered.reshape(B_, H_t * M)
-                if kv.weight > 0:
-                    err = kv_errors(pred, target, rows_mask, kind=kv.kind, normalize=kv.normalize)  # (2, B)
-                    err = kv.keys * err[0] + kv.values * err[1]
-                    terms["kv"] = terms["kv"] + w * err if "kv" in terms else w * err
-                if cfg.cosine > 0:
-                    cm = covered if covered.dim() == 3 else covered[:, None]
-                    cos = 1 - torch.nn.functional.cosine_similarity(k_pred.float(), k_t.float(), dim=-1)
-                    terms["cosine"] = terms.get("cosine", 0) + w * sample_mean(cos, cm)
-                if cfg.relation > 0 or cfg.attention_kl > 0 or cfg.hidden > 0:
-                    if key not in dense:
-                        dense[key] = teacher_alignment(tkv.spans[j], tkv.mask[j], spans_s, mask_s)
-                    self._extra_terms(terms, w, i, j, s, tkv, dense[key], covered, teacher)
-                deepest = (k_pred, k_t, covered)
+        for pos, (index, weight, covered) in groups:
+            # pos: positions of this group's pairs in lp; index, weight (B, M, K) shared or (P_g, B, H_t, M, K)
+            P = len(pos)
+            at = lp.layer_positions(pos, dev)  # (P,) pair -> its student layer in proj, None: the identity
+            targets = [tkv.keys[j].to(dev) if g == 0 else tkv.values[j].to(dev) for j in (lp.j[p] for p in pos)
+                       for g in (0, 1)]
+            if covered.dim() == 2:  # shared spans: rows are teacher tokens, features H_t·D_t
+                pred = resample_rows(proj, index, weight)  # (L, 2, B, M, H_t·D_t)
+                pred = pred if at is None else pred.index_select(0, at)  # (P, 2, B, M, H_t·D_t)
+                M = pred.shape[3]
+                target = torch.stack([t.transpose(1, 2) for t in targets]).view(P, 2, B, M, H_t * D_t)
+                rows_mask = covered  # (B, M)
+                k_pred = pred[:, 0].view(P, B, M, H_t, D_t)  # (P, B, M, H_t, D_t)
+                k_t = target[:, 0].view(P, B, M, H_t, D_t)
+                cos_mask = covered[:, :, None]  # (B, M, 1)
+            else:  # kept tokens differ per head: rows are (head, token), features D_t
+                x = proj if at is None else proj.index_select(0, at)  # (P, 2, B, T_s, H_t·D_t)
+                x = x.view(P, 2, B, -1, H_t, D_t).transpose(3, 4)  # (P, 2, B, H_t, T_s, D_t)
+                pred = resample_rows(x, index[:, None], weight[:, None])  # (P, 2, B, H_t, M, D_t)
+                M = pred.shape[4]
+                target = torch.stack(targets).view(P, 2, B, H_t, M, D_t)
+                k_pred, k_t, cos_mask = pred[:, 0], target[:, 0], covered  # (P, B, H_t, M, D_t), (P, B, H_t, M)
+                pred, target = pred.reshape(P, 2, B, H_t * M, D_t), target.reshape(P, 2, B, H_t * M, D_t)
+                rows_mask = covered.view(P, 1, B, H_t * M)
+            if kv.weight > 0:
+                coef = lp.coef if len(lp.j) == P else lp.coef[pos]  # (P, 2)
+                err = kv_errors(pred, target, rows_mask, kind=kv.kind, normalize=kv.normalize)  # (P, 2, B)
+                err = (coef[:, :, None] * err).sum((0, 1))  # (B,)
+                terms["kv"] = terms["kv"] + err if "kv" in terms else err
+            if cfg.cosine > 0:
+                cos = 1 - torch.nn.functional.cosine_similarity(k_pred.float(), k_t.float(), dim=-1)  # (P, B, ...)
+                m = cos_mask.to(cos.dtype).expand_as(cos)
+                cos = (cos * m).sum((-2, -1)) / m.sum((-2, -1)).clamp(min=1.0)  # (P, B)
+                w = lp.weight if len(lp.j) == P else lp.weight[pos]  # (P,)
+                cos = (w[:, None] * cos).sum(0)  # (B,)
+                terms["cosine"] = terms["cosine"] + cos if "cosine" in terms else cos
+            if pos[-1] == len(lp.j) - 1:  # the last pair: the deepest (pred, target, mask)
+                last = k_pred[-1]  # (B, M, H_t, D_t) or (B, H_t, M, D_t)
+                deepest = ((last.transpose(1, 2) if covered.dim() == 2 else last), tkv.keys[lp.j[-1]].to(dev),
+                           covered if covered.dim() == 2 else covered[-1])
+        if cfg.relation > 0 or cfg.attention_kl > 0 or cfg.hidden > 0:
+            dense: dict[int, torch.Tensor] = {}  # alignment key -> dense A
+            for i, j, w in zip(lp.i, lp.j, lp.w, strict=True):
+                key = key_of(j)
+                if key not in dense:
+                    dense[key] = teacher_alignment(tkv.spans[j], tkv.mask[j], spans_s, mask_s)
+                self._extra_terms(terms, w, i, j, s, tkv, dense[key], aligned[key][2], teacher)
         scale = {"kv": kv.weight, "cosine": cfg.cosine, "relation": cfg.relation,
                  "attention_kl": cfg.attention_kl, "hidden": cfg.hidden}
         metrics = {}
@@ -379,6 +441,34 @@ class Objective(nn.Module):
             total = total + cfg.logit_kd.weight * kd
             metrics["logit_kd"] = kd.detach().mean()
         return total, deepest, metrics
+
+    @staticmethod
+    def _pair_groups(tkv: TeacherKV, lp: _LayerPairs, aligned: dict, key_of) -> list[tuple[list[int], tuple]]:
+        """The layer pairs of `lp` grouped for one resample each: [(positions in lp, (index, weight, covered))].
+
+        Pairs whose teacher layer has one alignment for all heads (index (B, M, K)) group by that alignment (all
+        pairs of an uncompressed teacher); per-head alignments (B, H_t, M, K) of pairs with the same M are stacked
+        into (P_g, B, H_t, M, K), K padded with zero weights, covered (P_g, B, H_t, M).
+        """
+        shared: dict[int, list[int]] = {}
+        per_head: dict[int, list[int]] = {}
+        for p, j in enumerate(lp.j):
+            index = aligned[key_of(j)][0]
+            if index.dim() == 3:
+                shared.setdefault(key_of(j), []).append(p)
+            else:
+                per_head.setdefault(index.shape[2], []).append(p)
+        groups = [(pos, aligned[key]) for key, pos in shared.items()]
+        for pos in per_head.values():
+            al = [aligned[key_of(lp.j[p])] for p in pos]
+            K = max(a[0].shape[-1] for a in al)
+
+            def pad(x, K=K):  # (B, H_t, M, k) -> (B, H_t, M, K) with zeros
+                return x if x.shape[-1] == K else torch.nn.functional.pad(x, (0, K - x.shape[-1]))
+
+            groups.append((pos, (torch.stack([pad(a[0]) for a in al]), torch.stack([pad(a[1]) for a in al]),
+                                 torch.stack([a[2] for a in al]))))
+        return groups
 
     @staticmethod
     def _teacher_spans(tkv: TeacherKV, j: int) -> tuple[torch.Tensor, torch.Tensor]:
