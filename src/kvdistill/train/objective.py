@@ -156,26 +156,26 @@ class _LayerPairs:
     (None when the pairs are exactly `layers`); coef (P, 2): w·kv.keys, w·kv.values; weight (P,): w.
     """
 
-    def __init__(self, i, j, w, layers, at, coef, weight):
-        self.i, self.j, self.w, self.layers, self.at, self.coef, self.weight = i, j, w, layers, at, coef, weight
-        self.at_list = [layers.index(x) for x in i]
+    def __init__(self, i, j, w, layers, at_list, coef, weight, device):
+        self.i, self.j, self.w, self.layers, self.coef, self.weight = i, j, w, layers, coef, weight
+        self.at_list = at_list
+        self.at = None if at_list == list(range(len(layers))) else torch.tensor(at_list, device=device)
 
     def layer_positions(self, pos: list[int], device) -> torch.Tensor | None:
         """Position in `layers` of the student layer of each pair in `pos` (ascending), None when it is 0..L-1."""
         at = [self.at_list[p] for p in pos]
         if at == list(range(len(self.layers))):
             return None
-        return self.at if len(pos) == len(self.i) else torch.tensor(at, device=device)
+        return self.at.to(device) if len(pos) == len(self.i) else torch.tensor(at, device=device)
 
     @classmethod
     def of(cls, pairs: list[tuple[int, list[tuple[int, float]]]], kv, device) -> _LayerPairs:
         flat = [(i, j, w) for i, row in pairs for j, w in row]
         i, j, w = ([p[k] for p in flat] for k in range(3))
         layers = [i for i, _ in pairs]
-        at = [layers.index(x) for x in i]
         coef = torch.tensor([[x * kv.keys, x * kv.values] for x in w], dtype=torch.float32, device=device)
-        at_t = None if at == list(range(len(layers))) else torch.tensor(at, device=device)
-        return cls(i, j, w, layers, at_t, coef, torch.tensor(w, dtype=torch.float32, device=device))
+        return cls(i, j, w, layers, [layers.index(x) for x in i], coef,
+                   torch.tensor(w, dtype=torch.float32, device=device), device)
 
 
 # ------------------------------------------------------------------------------------------ the objective
@@ -408,7 +408,7 @@ class Objective(nn.Module):
                 pred, target = pred.reshape(P, 2, B, H_t * M, D_t), target.reshape(P, 2, B, H_t * M, D_t)
                 rows_mask = covered.view(P, 1, B, H_t * M)
             if kv.weight > 0:
-                coef = lp.coef if len(lp.j) == P else lp.coef[pos]  # (P, 2)
+                coef = (lp.coef if len(lp.j) == P else lp.coef[pos]).to(dev)  # (P, 2), a no-op on its device
                 err = kv_errors(pred, target, rows_mask, kind=kv.kind, normalize=kv.normalize)  # (P, 2, B)
                 err = (coef[:, :, None] * err).sum((0, 1))  # (B,)
                 terms["kv"] = terms["kv"] + err if "kv" in terms else err
@@ -416,7 +416,7 @@ class Objective(nn.Module):
                 cos = 1 - torch.nn.functional.cosine_similarity(k_pred.float(), k_t.float(), dim=-1)  # (P, B, ...)
                 m = cos_mask.to(cos.dtype).expand_as(cos)
                 cos = (cos * m).sum((-2, -1)) / m.sum((-2, -1)).clamp(min=1.0)  # (P, B)
-                w = lp.weight if len(lp.j) == P else lp.weight[pos]  # (P,)
+                w = (lp.weight if len(lp.j) == P else lp.weight[pos]).to(dev)  # (P,)
                 cos = (w[:, None] * cos).sum(0)  # (B,)
                 terms["cosine"] = terms["cosine"] + cos if "cosine" in terms else cos
             if pos[-1] == len(lp.j) - 1:  # the last pair: the deepest (pred, target, mask)
