@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -195,7 +197,7 @@ def extract(
     """
     from tqdm.auto import tqdm
 
-    from kvdistill.cache.store import CacheWriter, samples_from_capture
+    from kvdistill.cache.store import CacheWriter
     from kvdistill.models.geometry import geometry_of
     from kvdistill.models.load import load_config
 
@@ -238,24 +240,32 @@ def extract(
             disable=not progress,
             dynamic_ncols=True,
         )
+
+        def store(batch: list[dict], samples: list[dict]) -> None:  # on the host thread, in batch order
+            nonlocal stored, tokens
+            new = 0
+            for rec, sample in zip(batch, samples, strict=True):
+                if str(rec["id"]) not in done:
+                    writer.add(str(rec["id"]), sample, copy=False)
+                    new += 1
+                    tokens += int(sample["token_ids"].shape[0])
+            stored += new
+            seconds = max(time.perf_counter() - start, 1e-9)
+            bar.set_postfix(tok_s=f"{tokens / seconds:,.0f}", refresh=False)
+            bar.update(new)
+
         try:
-            for batch in batches:
-                todo = [str(r["id"]) not in done for r in batch]
-                if not any(todo):
-                    continue
-                cap, query = _capture(
-                    model, tokenizer, batch, data_cfg.max_length, compression, layers, batch_size
-                )
-                samples = samples_from_capture(cap, compression, query)
-                for rec, sample, new in zip(batch, samples, todo, strict=True):
-                    if new:
-                        writer.add(str(rec["id"]), sample, copy=False)
-                        stored += 1
-                        tokens += int(sample["token_ids"].shape[0])
-                del cap, samples
-                seconds = max(time.perf_counter() - start, 1e-9)
-                bar.set_postfix(tok_s=f"{tokens / seconds:,.0f}", refresh=False)
-                bar.update(sum(todo))
+            todo = [b for b in batches if any(str(r["id"]) not in done for r in b)]
+            run_pipeline(
+                model,
+                tokenizer,
+                todo,
+                store,
+                max_length=data_cfg.max_length,
+                compression=compression,
+                layers=layers,
+                batch_size=batch_size,
+            )
         finally:
             bar.close()
     seconds = time.perf_counter() - start
@@ -275,7 +285,93 @@ def extract(
     return result
 
 
-def _capture(model, tokenizer, batch, max_length, compression, layers, batch_size):
+def run_pipeline(
+    model,
+    tokenizer,
+    batches: list[list[dict]],
+    consume,
+    *,
+    max_length: int | None,
+    compression,
+    layers: list[int],
+    batch_size: int | None = None,
+    depth: int = 2,
+) -> None:
+    """Capture and compress `batches` in order, calling `consume(batch, samples)` (samples: `host_samples`) for
+    each, with the host work off the main thread:
+
+        tokenize thread   prepare_teacher(batch n + 1)             tokens, spans, rkv query mask; pinned
+        main thread       forward + selection + gather of batch n  then one async device -> host copy
+        host thread       host_samples(batch n - 1), consume(...)  waits for its copy, cuts it into samples
+
+    At most `depth` batches wait for the host thread (the main thread blocks beyond that). An error on either
+    thread is raised in the main thread, at the latest once the batches in flight are done.
+    """
+    from kvdistill.cache.store import capture_to_host, host_samples
+    from kvdistill.models.geometry import geometry_of
+    from kvdistill.train.teachers import prepare_teacher
+
+    if not batches:
+        return
+    geometry = geometry_of(model)
+    pin = next(model.parameters()).device.type == "cuda"
+
+    def prepare(batch):
+        return prepare_teacher(
+            tokenizer, batch, geometry=geometry, max_length=max_length, compression=compression, pin=pin
+        )
+
+    def finish(batch, host):
+        consume(batch, host_samples(host))
+
+    in_flight: deque = deque()
+    with (
+        ThreadPoolExecutor(1, thread_name_prefix="kvdistill-tokenize") as tokenize_pool,
+        ThreadPoolExecutor(1, thread_name_prefix="kvdistill-host") as host_pool,
+    ):
+        try:
+            upcoming = tokenize_pool.submit(prepare, batches[0])
+            for k, batch in enumerate(batches):
+                inputs = _result(upcoming, "tokenizing", k, batch)
+                if k + 1 < len(batches):
+                    upcoming = tokenize_pool.submit(prepare, batches[k + 1])
+                cap, query = _capture(
+                    model, tokenizer, batch, max_length, compression, layers, batch_size, inputs
+                )
+                host = capture_to_host(cap, compression, query)
+                del cap, query
+                in_flight.append((k, batch, host_pool.submit(finish, batch, host)))
+                while len(in_flight) > depth:
+                    _result(*_pop(in_flight))
+            while in_flight:
+                _result(*_pop(in_flight))
+        except BaseException:
+            tokenize_pool.shutdown(wait=True, cancel_futures=True)
+            host_pool.shutdown(wait=True, cancel_futures=True)
+            raise
+
+
+def _pop(in_flight: deque):
+    k, batch, future = in_flight.popleft()
+    return future, "storing", k, batch
+
+
+def _result(future: Future, doing: str, k: int, batch: list[dict]):
+    """A background step's result; its error, raised in the calling thread, names the batch."""
+    try:
+        return future.result()
+    except KvdistillError:
+        raise
+    except Exception as err:
+        ids = [str(r["id"]) for r in batch]
+        raise KvdistillError(
+            f"{doing} batch {k} (ids {ids[:3]}{'...' if len(ids) > 3 else ''}) failed on a background thread: "
+            f"{type(err).__name__}: {err}",
+            "fix the cause above, then rerun the same command: it resumes",
+        ) from err
+
+
+def _capture(model, tokenizer, batch, max_length, compression, layers, batch_size, inputs=None):
     """(cap, query_mask) as the online teacher captures them; a GPU out-of-memory error says which flag to
     lower."""
     from kvdistill.train.teachers import capture_teacher
@@ -288,6 +384,7 @@ def _capture(model, tokenizer, batch, max_length, compression, layers, batch_siz
             max_length=max_length,
             compression=compression,
             layers=layers,
+            inputs=inputs,
         )
     except torch.cuda.OutOfMemoryError:
         longest = max(len(r["text"]) for r in batch)

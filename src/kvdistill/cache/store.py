@@ -36,6 +36,7 @@ import os
 import queue
 import re
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -69,76 +70,131 @@ _FIX_META = (
 # ------------------------------------------------------------------------------------------------ capture
 
 
+@dataclass
+class HostBatch:
+    """The selected K/V of one batch on its way to the host, before it is cut into samples (`host_samples`).
+
+    n layers, M the kept slots (T for full): kv (n, 2, B, H_kv, M, D) keys then values in the storage dtype, or a
+    list of n (keys, values) pairs (B, H_kv, M, D) when the layers differ in shape; index (n, B, H_kv, M) int32
+    (rkv only); ids_pos (2, B, T) int64 token ids and positions; spans (B, T, 2) or None; mask (B, T) CPU.
+    `ready` (a CUDA event, or None on CPU) marks the end of the device -> host copies.
+    """
+
+    layers: list[int]
+    kind: str
+    budget: int | None
+    mask: torch.Tensor
+    ids_pos: torch.Tensor
+    spans: torch.Tensor | None
+    kv: torch.Tensor | list[tuple[torch.Tensor, torch.Tensor]]
+    index: torch.Tensor | None
+    ready: Any = None
+
+
+def capture_to_host(cap, compression, query_mask: torch.Tensor | None = None) -> HostBatch:
+    """Select and gather the stored K/V of a `KVCapture` on its device and start one asynchronous copy of them to
+    pinned host memory (plus one for ids/positions, one for the rkv index); returns without waiting for the
+    device. The (B, T) mask comes from `cap.extra["attention_mask_cpu"]` when the capture holds it (no sync)."""
+    from kvdistill.compress import gather_kv, layer_selection
+
+    dtype = compression.torch_dtype
+    device = cap.attention_mask.device
+    on_cuda = device.type == "cuda"
+    extra = getattr(cap, "extra", None) or {}
+    mask_host = extra.get("attention_mask_cpu")
+    mask_host = (mask_host if mask_host is not None else cap.attention_mask).cpu()  # (B, T)
+    spans = extra.get("spans_cpu")
+    if spans is None and cap.spans is not None:
+        spans = cap.spans
+    layers = compression.resolve_layers(cap.geometry.num_layers)
+
+    sels: list[tuple[torch.Tensor, torch.Tensor | None]] = []  # per layer: (keys, values) (B, H, M, D)
+    index_dev = []
+    shared = None  # right_crop: one (B, M) selection for every layer
+    rank = None
+    for layer in layers:
+        K, V = cap.keys[layer], cap.values[layer]  # (B, H, T, D)
+        if compression.kind == "full":
+            sels.append((K, V))
+            continue
+        if compression.kind == "right_crop":
+            shared = shared if shared is not None else layer_selection(cap, compression, layer, query_mask)
+            idx = shared[0]  # (B, M)
+        else:
+            idx = layer_selection(cap, compression, layer, query_mask)[0]  # (B, H, M)
+            if rank is None:  # (B, T) index of each real token among the sample's real tokens
+                rank = cap.attention_mask.bool().long().cumsum(1) - 1
+            B = idx.shape[0]
+            index_dev.append(rank.gather(1, idx.reshape(B, -1)).view(idx.shape).int())  # (B, H, M)
+        sels.append((gather_kv(K, idx), gather_kv(V, idx)))
+
+    def host(x: torch.Tensor) -> torch.Tensor:  # async device -> pinned host copy, waited for in host_samples
+        if not on_cuda:
+            return x
+        out = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+        return out.copy_(x, non_blocking=True)
+
+    shapes = {tuple(k.shape) for k, _ in sels}
+    if len(shapes) == 1 and on_cuda:
+        kv_dev = torch.empty(len(layers), 2, *shapes.pop(), dtype=dtype, device=device)  # (n, 2, B, H, M, D)
+        for i, (k, v) in enumerate(sels):
+            kv_dev[i, 0].copy_(k)
+            kv_dev[i, 1].copy_(v)
+        kv = host(kv_dev)
+    else:
+        kv = [(host(k.to(dtype)), host(v.to(dtype))) for k, v in sels]
+    index = host(torch.stack(index_dev)) if index_dev else None  # (n, B, H, M)
+    ids_pos = host(torch.stack([cap.input_ids.long(), cap.positions.long()]))  # (2, B, T)
+    spans = host(spans.long()) if spans is not None and spans.device.type != "cpu" else spans
+    ready = None
+    if on_cuda:
+        ready = torch.cuda.Event()
+        ready.record(torch.cuda.current_stream(device))
+    return HostBatch(
+        layers, compression.kind, compression.budget, mask_host, ids_pos, spans, kv, index, ready
+    )
+
+
+def host_samples(batch: HostBatch) -> list[dict[str, torch.Tensor]]:
+    """Wait for the copies of a `HostBatch` and cut it into per-sample tensors (layout in the module docstring),
+    each owning its storage (safe to hand to `CacheWriter.add(..., copy=False)`). Runs on any thread."""
+    if batch.ready is not None:
+        batch.ready.synchronize()
+    B = batch.mask.shape[0]
+    lengths = batch.mask.sum(1).tolist()  # T_b
+    token_ids, positions = batch.ids_pos[0], batch.ids_pos[1]  # (B, T)
+    out: list[dict[str, torch.Tensor]] = []
+    for b in range(B):
+        w = _real_positions(batch.mask[b])  # slice or (T_b,) index
+        sample = {"token_ids": _own(token_ids[b, w]), "positions": _own(positions[b, w])}
+        if batch.spans is not None:
+            sample["spans"] = _own(batch.spans[b, w])
+        M_b = lengths[b] if batch.budget is None else min(batch.budget, lengths[b])
+        for i, layer in enumerate(batch.layers):
+            k, v = batch.kv[i]  # (B, H, M, D) each
+            if batch.kind == "full":
+                sample[f"keys_l{layer}"] = _own(k[b][:, w])  # (H, T_b, D)
+                sample[f"values_l{layer}"] = _own(v[b][:, w])
+                continue
+            sample[f"keys_l{layer}"] = _own(k[b, :, :M_b])  # (H, M_b, D): kept real tokens come first
+            sample[f"values_l{layer}"] = _own(v[b, :, :M_b])
+            if batch.index is not None:
+                sample[f"index_l{layer}"] = _own(batch.index[i, b, :, :M_b])  # (H, M_b)
+        out.append(sample)
+    return out
+
+
 def samples_from_capture(
     cap, compression, query_mask: torch.Tensor | None = None
 ) -> list[dict[str, torch.Tensor]]:
     """Per-sample CPU tensors (layout in the module docstring) of a `KVCapture` under a `Compression`.
 
     rkv needs the importance in `cap.extra["importance"]` or `cap.attentions`, and a (B, T) `query_mask` of the
-    answer tokens. The selected K/V of every layer are gathered and cast on the capture's device, then copied
-    to the host asynchronously (pinned memory on CUDA) and waited for once per batch; each returned tensor owns
-    its storage (safe to hand to `CacheWriter.add(..., copy=False)`).
+    answer tokens. The selected K/V of every layer are gathered and cast on the capture's device, copied to the
+    host asynchronously (pinned memory on CUDA) and waited for once per batch: `capture_to_host`, then
+    `host_samples` (which `kvdistill extract` runs on another thread). Each returned tensor owns its storage.
     """
-    from kvdistill.compress import gather_kv, layer_selection
-
-    dtype = compression.torch_dtype
-    on_cuda = cap.attention_mask.device.type == "cuda"
-    copies: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-    def to_host(x: torch.Tensor) -> torch.Tensor:  # async device -> host copy, waited for below
-        if not on_cuda:
-            return x
-        host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
-        host.copy_(x, non_blocking=True)
-        copies.append((host, x))  # keep the source alive until the copy is done
-        return host
-
-    real = cap.attention_mask.bool()  # (B, T)
-    mask_host = real.cpu()  # (B, T), one small sync
-    B, T = mask_host.shape
-    lengths = mask_host.sum(1).tolist()  # T_b
-    where = [_real_positions(mask_host[b]) for b in range(B)]  # B × slice or (T_b,) index
-    token_ids, positions = to_host(cap.input_ids.long()), to_host(cap.positions.long())  # (B, T)
-    spans = to_host(cap.spans.long()) if cap.spans is not None else None  # (B, T, 2)
-    rank = real.long().cumsum(1) - 1  # (B, T) index of each real token among the sample's real tokens
-    layers = compression.resolve_layers(cap.geometry.num_layers)
-    stored: dict[int, tuple] = {}
-    for layer in layers:
-        K, V = cap.keys[layer], cap.values[layer]  # (B, H, T, D)
-        sel = layer_selection(cap, compression, layer, query_mask)
-        if sel is None:
-            stored[layer] = (to_host(K.to(dtype)), to_host(V.to(dtype)), None)  # (B, H, T, D)
-            continue
-        idx, kept = sel
-        if idx.dim() == 2:  # right_crop: (B, M) shared by heads
-            idx = idx.unsqueeze(1).expand(-1, K.shape[1], -1)  # (B, H, M)
-        index = None
-        if compression.kind == "rkv":
-            index = to_host(rank.gather(1, idx.reshape(B, -1)).view(idx.shape).int())  # (B, H, M)
-        stored[layer] = (to_host(gather_kv(K, idx).to(dtype)), to_host(gather_kv(V, idx).to(dtype)), index)
-    if on_cuda:
-        torch.cuda.current_stream(cap.attention_mask.device).synchronize()
-        copies.clear()
-
-    out: list[dict[str, torch.Tensor]] = []
-    for b in range(B):
-        w = where[b]
-        sample = {"token_ids": _own(token_ids[b, w]), "positions": _own(positions[b, w])}
-        if spans is not None:
-            sample["spans"] = _own(spans[b, w])
-        M_b = lengths[b] if compression.budget is None else min(compression.budget, lengths[b])
-        for layer in layers:
-            k, v, index = stored[layer]
-            if compression.kind == "full":
-                sample[f"keys_l{layer}"] = _own(k[b][:, w])  # (H, T_b, D)
-                sample[f"values_l{layer}"] = _own(v[b][:, w])
-                continue
-            sample[f"keys_l{layer}"] = _own(k[b, :, :M_b])  # (H, M_b, D): kept real tokens come first
-            sample[f"values_l{layer}"] = _own(v[b, :, :M_b])
-            if index is not None:
-                sample[f"index_l{layer}"] = _own(index[b, :, :M_b])  # (H, M_b)
-        out.append(sample)
-    return out
+    return host_samples(capture_to_host(cap, compression, query_mask))
 
 
 def _real_positions(real: torch.Tensor):

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kvdistill.errors import KvdistillError
-from kvdistill.models.capture import KVCapture, capture_kv
+from kvdistill.models.capture import KVCapture, forward_kv, tokenize
 from kvdistill.models.geometry import KVGeometry, geometry_of
 
 
@@ -54,30 +54,74 @@ def answer_query_mask(records: list[dict], spans: torch.Tensor, mask: torch.Tens
     return query
 
 
+@dataclass
+class TeacherInputs:
+    """The host half of a teacher batch, built without the model (so on another thread while the device runs the
+    previous batch): the tokenizer's input_ids, attention_mask (B, T), spans (B, T, 2) with padding (0, 0), and
+    the rkv answer-query mask (B, T) or None; all CPU (pinned when `prepare_teacher` was given pin=True)."""
+
+    records: list[dict]
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    spans: torch.Tensor
+    query: torch.Tensor | None
+
+
+def prepare_teacher(tokenizer, records: list[dict], *, geometry: KVGeometry, max_length: int | None,
+                    compression=None, pin: bool = False) -> TeacherInputs:
+    """Tokenize `records` as `capture_teacher` does (right padding, the model's position limit) and build the
+    rkv query mask on the host; pin=True pins the tensors for an asynchronous copy to the GPU."""
+    enc = tokenize(tokenizer, [r["text"] for r in records], max_length=max_length, padding_side="right",
+                   max_positions=None if geometry.is_encoder and max_length else geometry.max_positions)
+    mask = enc["attention_mask"]  # (B, T)
+    spans = enc["offset_mapping"] * mask[..., None]  # (B, T, 2), padding (0, 0)
+    rkv = getattr(compression, "kind", "full") == "rkv"
+    query = answer_query_mask(records, spans, mask) if rkv else None
+    tensors = [enc["input_ids"], mask, spans, query]
+    if pin:
+        tensors = [None if t is None else t.pin_memory() for t in tensors]
+    return TeacherInputs(records, *tensors)
+
+
+def _forward_inputs(model, geometry: KVGeometry, inputs: TeacherInputs, **flags) -> KVCapture:
+    """`capture_kv` on already tokenized inputs: the same forward, spans and CPU extras."""
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        cap = forward_kv(model, inputs.input_ids.to(device, non_blocking=True),
+                         inputs.attention_mask.to(device, non_blocking=True), geometry=geometry, **flags)
+    cap.spans = inputs.spans.to(device, non_blocking=True)
+    cap.extra.update(spans_cpu=inputs.spans, attention_mask_cpu=inputs.attention_mask)
+    return cap
+
+
 def capture_teacher(model, tokenizer, records: list[dict], *, max_length: int | None, compression=None,
-                    layers: list[int] | None = None, hidden_states=False, logits=False, attentions=False):
+                    layers: list[int] | None = None, hidden_states=False, logits=False, attentions=False,
+                    inputs: TeacherInputs | None = None):
     """(cap, query_mask) of one batch as a teacher sees it (right padding); query_mask is None unless rkv.
 
     rkv: families with a separate query projection (`supports_queries`) get their answer-row importance from
     hooked queries, stored as `cap.extra["importance"]` {layer: (B, H_kv, T)} for `layers` (default all), so
     any attention kernel (sdpa) works; the others capture the eager (B, H, T, T) attention probabilities.
+    `inputs`: `prepare_teacher(tokenizer, records, ...)` made beforehand (e.g. on another thread).
     """
     from kvdistill.models.queries import capture_queries, query_importance, supports_queries
 
-    texts = [r["text"] for r in records]
     rkv = getattr(compression, "kind", "full") == "rkv"
     geometry = geometry_of(model)
     hooked = rkv and supports_queries(geometry)
-    kwargs = dict(max_length=max_length, padding_side="right", hidden_states=hidden_states, logits=logits)
+    if inputs is None:
+        inputs = prepare_teacher(tokenizer, records, geometry=geometry, max_length=max_length,
+                                 compression=compression)
+    flags = dict(hidden_states=hidden_states, logits=logits, attentions=attentions or (rkv and not hooked))
     if not hooked:
-        cap = capture_kv(model, tokenizer, texts, attentions=attentions or rkv, **kwargs)
-        query = answer_query_mask(records, cap.spans, cap.attention_mask) if rkv else None
-        return cap, query
-    with capture_queries(model, geometry) as qc:
-        cap = capture_kv(model, tokenizer, texts, attentions=attentions, **kwargs)
-    query = answer_query_mask(records, cap.spans, cap.attention_mask)
-    layers = layers if layers is not None else list(range(geometry.num_layers))
-    cap.extra["importance"] = query_importance(model, cap, qc.queries, query, layers)
+        cap = _forward_inputs(model, geometry, inputs, **flags)
+    else:
+        with capture_queries(model, geometry) as qc:
+            cap = _forward_inputs(model, geometry, inputs, **flags)
+    query = None if inputs.query is None else inputs.query.to(cap.attention_mask.device, non_blocking=True)
+    if hooked:
+        layers = layers if layers is not None else list(range(geometry.num_layers))
+        cap.extra["importance"] = query_importance(model, cap, qc.queries, query, layers)
     return cap, query
 
 
