@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from kvdistill.cache import CacheReader, merge_parts, verify_cache
-from kvdistill.cache.extract import dataset_records, extract, plan_batches
+from kvdistill.cache.extract import dataset_records, extract, plan_batches, run_pipeline
 from kvdistill.compress import compress_capture
 from kvdistill.config import DataConfig, TeacherConfig, load_config
-from kvdistill.errors import CacheError
+from kvdistill.errors import CacheError, KvdistillError
 from kvdistill.models.capture import capture_kv
 from kvdistill.train.objective import build_objective, build_teachers
 from kvdistill.train.teachers import answer_query_mask
@@ -226,6 +226,43 @@ def test_parts_merged_equal_one_run(tmp_path, reference, cli_teacher, text_data)
     merge_parts(tmp_path, expected_parts=2)
     assert verify_cache(tmp_path) == []
     assert_same_samples(tmp_path, reference)
+
+
+# ------------------------------------------------------------------------------------ pipeline threads
+def test_pipeline_keeps_order_and_surfaces_background_errors(cli_teacher):
+    """run_pipeline hands batches to `consume` in order, each equal to the capture made on the main thread; an
+    error while tokenizing (an empty text) or storing (consume raising) is raised in the caller,
+    naming the batch."""
+    from kvdistill.cache.store import samples_from_capture
+    from kvdistill.compress import Compression
+    from kvdistill.train.teachers import capture_teacher
+
+    model, tok = cli_teacher
+    comp = Compression(kind="rkv", budget=4, dtype="float32", layers=[0, 7])
+    records = [{"id": str(i), "text": t} for i, t in enumerate(LINES)]
+    batches = plan_batches(records, 3)
+    got = []
+    kw = dict(max_length=48, compression=comp, layers=[0, 7])
+    with torch.no_grad():
+        run_pipeline(model, tok, batches, lambda b, s: got.append((b, s)), **kw)
+        assert [b for b, _ in got] == batches
+        for batch, samples in got:
+            cap, query = capture_teacher(model, tok, batch, **kw)
+            want = samples_from_capture(cap, comp, query)
+            for s, t in zip(samples, want, strict=True):
+                assert s.keys() == t.keys() and all(torch.equal(s[n], t[n]) for n in s)
+
+        bad = [*batches[:2], [{"id": "x", "text": "Hi"}, {"id": "blank", "text": ""}]]
+        with pytest.raises(KvdistillError, match="special tokens"):
+            run_pipeline(model, tok, bad, lambda b, s: None, **kw)
+
+        def consume(batch, samples):
+            if batch is batches[1]:
+                raise OSError("disk full")
+
+        with pytest.raises(KvdistillError, match=r"storing batch 1 .*OSError: disk full") as err:
+            run_pipeline(model, tok, batches, consume, **kw)
+        assert isinstance(err.value.__cause__, OSError)
 
 
 def test_bad_shard_flags_are_refused(tmp_path, text_data):
