@@ -22,6 +22,10 @@ Every timed call starts from the texts (tokenization included), as `kvdistill ex
 Throughput ratios are baseline / variant (1.0 = as fast as the baseline), against plain (the full forward, LM head
 included) and against body (the stricter one: extraction needs no logits); targets: 0.9 without writes, 0.8 with.
 The R-KV selection fraction is (rkv_importance + rkv_select) / plain.
+    plain_batches    plain, --pipeline-batches times in a row
+    pipeline_*       run_pipeline (what `kvdistill extract` runs: tokenization, forward + selection and the host
+                     side overlapped on three threads) over the same batches, with or without the writer;
+                     pipeline_vs_plain = plain_batches / pipeline_* (the end-to-end extraction figure)
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ from common import (
 )
 
 from kvdistill.cache import cache_info, fingerprint_tokenizer, make_meta
+from kvdistill.cache.extract import run_pipeline
 from kvdistill.cache.store import CacheWriter, samples_from_capture
 from kvdistill.compress import Compression, rkv_select
 from kvdistill.models.capture import capture_kv
@@ -133,7 +138,26 @@ def bench_model(name: str, args, tmp: Path) -> dict:
     importances = query_importance(sdpa, ready, qc.queries, query, layers)  # layer -> (B, H_kv, T)
     tokens = int(ready.attention_mask.sum())
 
+    # what `kvdistill extract` runs: the three-thread pipeline over several batches, per batch
+    n_pipe = args.pipeline_batches
+
+    def pipeline(kind, comp, write_out):
+        def consume(_batch, samples):
+            if write_out:
+                write(kind, samples)
+
+        run_pipeline(sdpa, tok, [records] * n_pipe, consume, max_length=T, compression=comp, layers=layers)
+
+    def plain_batches():
+        for _ in range(n_pipe):
+            forward(sdpa)
+
     fns = {
+        "plain_batches": plain_batches,
+        "pipeline_right_crop": lambda: pipeline("right_crop", right_crop, False),
+        "pipeline_right_crop_write": lambda: pipeline("right_crop", right_crop, True),
+        "pipeline_rkv": lambda: pipeline("rkv", rkv, False),
+        "pipeline_rkv_write": lambda: pipeline("rkv", rkv, True),
         "plain": lambda: forward(sdpa),
         "plain_eager": lambda: forward(eager),
         "body": lambda: forward(sdpa, body=True),
@@ -168,6 +192,8 @@ def bench_model(name: str, args, tmp: Path) -> dict:
         base: {k: round(ms[base] / ms[k], 4) for k in variants}
         for base in ("plain", "body", "plain_eager")  # baseline time / variant time
     }
+    pipe = ("pipeline_right_crop", "pipeline_right_crop_write", "pipeline_rkv", "pipeline_rkv_write")
+    vs_pipeline = {k: round(ms["plain_batches"] / ms[k], 4) for k in pipe}  # same batches, plain forward / pipeline
     selection_ms = ms["rkv_importance"] + ms["rkv_select"]
     stored = {
         kind: {
@@ -194,6 +220,8 @@ def bench_model(name: str, args, tmp: Path) -> dict:
         "tokenizer": tok.name_or_path.rstrip("/").split("/")[-1],
         "shape": {"B": args.batch, "T_max": T, "real_tokens": tokens, "M": M},
         "timings": timings,
+        "pipeline_batches": n_pipe,
+        "pipeline_vs_plain": vs_pipeline,
         "throughput_vs_plain": vs["plain"],
         "throughput_vs_body": vs["body"],
         "throughput_vs_plain_eager": vs["plain_eager"],
@@ -231,6 +259,7 @@ def main() -> None:
         "--seq", type=int, default=None, help="max tokens per sample (default 256 cpu, 1024 cuda)"
     )
     ap.add_argument("--budget", type=int, default=128, help="M, tokens kept per head (right_crop, rkv)")
+    ap.add_argument("--pipeline-batches", type=int, default=8, help="batches per timed call of the pipeline")
     ap.add_argument(
         "--dtype",
         choices=["float32", "bfloat16"],
@@ -275,6 +304,9 @@ def main() -> None:
         "throughput relative to the baseline (plain: with LM head; body: without; targets 0.9 / 0.8 with writes)"
     )
     print_table(rows, list(rows[0]))
+    print("end to end: plain forward of the same batches / run_pipeline")
+    print_table([{"model": name, **r["pipeline_vs_plain"]} for name, r in results.items()],
+                ["model", *next(iter(results.values()))["pipeline_vs_plain"]])
     write_result(
         out,
         {
