@@ -10,7 +10,13 @@ import torch
 from kvdistill.config import DataConfig, parse_config
 from kvdistill.data import load_records
 from kvdistill.data.records import make_record
-from kvdistill.eval.metrics import evaluate_objective, exact_match, perplexity, probe_kv_error
+from kvdistill.eval.metrics import (
+    TeacherRowsCache,
+    evaluate_objective,
+    exact_match,
+    perplexity,
+    probe_kv_error,
+)
 
 MAX_LENGTH = 32
 TEMPLATE = "Question: {question}\nAnswer: {answer}"
@@ -138,6 +144,106 @@ def test_probe_error_is_zero_against_itself_and_positive_against_another_model(s
     assert len(self_err) == len(other_err) == 30  # one per student layer
     assert max(self_err) < 0.01
     assert min(other_err) > 0.2
+
+
+def reference_probe(student, s_tok, teacher, t_tok, fit, held, *, max_length, batch_size=8, ridge=1e-2):
+    """The probe as it was before teacher rows were shared: both models run on every batch of every call."""
+    from kvdistill.align.layers import layer_map
+    from kvdistill.models.capture import capture_kv
+    from kvdistill.models.geometry import geometry_of
+    from kvdistill.train.objective import teacher_alignment
+
+    L_s, L_t = geometry_of(student).num_layers, geometry_of(teacher).num_layers
+    matrix = layer_map(L_s, L_t, strategy="ratio", interpolate=False)
+    rows = {}
+    for split, records in (("fit", fit), ("eval", held)):
+        xs = {(i, kind): [] for i in range(L_s) for kind in "kv"}
+        ys = {(i, kind): [] for i in range(L_s) for kind in "kv"}
+        for start in range(0, len(records), batch_size):
+            texts = [r["text"] for r in records[start : start + batch_size]]
+            s = capture_kv(student, s_tok, texts, max_length=max_length, padding_side="right")
+            t = capture_kv(teacher, t_tok, texts, max_length=max_length, padding_side="right")
+            A = teacher_alignment(t.spans, t.attention_mask, s.spans, s.attention_mask)  # (B, T_t, T_s)
+            covered = (A.sum(-1) > 0) & t.attention_mask.bool()  # (B, T_t)
+            for i in range(L_s):
+                j = int(matrix[i].argmax())
+                for kind, src, dst in (("k", s.keys[i], t.keys[j]), ("v", s.values[i], t.values[j])):
+                    xs[i, kind].append(torch.einsum("bmt,bhtd->bmhd", A, src.float()).flatten(2)[covered])
+                    ys[i, kind].append(dst.float().transpose(1, 2).flatten(2)[covered])
+        rows[split] = {key: (torch.cat(xs[key]), torch.cat(ys[key])) for key in xs}
+    out = []
+    for i in range(L_s):
+        errs = []
+        for kind in "kv":
+            (X, Y), (Xe, Ye) = rows["fit"][i, kind], rows["eval"][i, kind]
+            x_mu, y_mu = X.mean(0), Y.mean(0)
+            Xc, Yc = X - x_mu, Y - y_mu
+            scale = Xc.square().mean().clamp(min=1e-12)
+            gram = Xc.T @ Xc + ridge * scale * len(X) * torch.eye(X.shape[1], dtype=X.dtype)
+            W = torch.linalg.solve(gram, Xc.T @ Yc)
+            resid = ((Xe - x_mu) @ W + y_mu - Ye).square().sum()
+            errs.append(float(resid / (Ye - Ye.mean(0)).square().sum().clamp(min=1e-12)))
+        out.append(sum(errs) / 2)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_llamas(gpt2_tokenizer):
+    """Random llamas of 2 and 4 layers with the GPT-2 tokenizer: students of another tokenizer and depth."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tok = gpt2_tokenizer
+    out = {}
+    for layers in (2, 4):
+        config = AutoConfig.for_model(
+            "llama",
+            vocab_size=len(tok),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            pad_token_id=tok.pad_token_id,
+        )
+        torch.manual_seed(layers)
+        out[layers] = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval(), tok
+    return out
+
+
+def test_shared_teacher_rows_give_the_same_figures_and_run_the_teacher_once(gemma3, tiny_llamas, gsm):
+    fit, held = gsm
+    t_model, t_tok = gemma3  # 18 layers: the 4-layer student reads layers 0, 6, 11, 17, the 2-layer one 0, 17
+    batches = math.ceil(len(fit) / 8) + math.ceil(len(held) / 8)
+    ref = {
+        n: reference_probe(*tiny_llamas[n], t_model, t_tok, fit, held, max_length=MAX_LENGTH) for n in (2, 4)
+    }
+
+    def probe(n, cache=None):
+        return probe_kv_error(*tiny_llamas[n], t_model, t_tok, fit, held, max_length=MAX_LENGTH, cache=cache)
+
+    calls = []
+    hook = t_model.get_input_embeddings().register_forward_hook(lambda *_: calls.append(1))  # once a forward
+    try:
+        assert probe(2) == ref[2]
+        assert len(calls) == batches  # without a cache: the teacher runs on every batch of every call
+        calls.clear()
+        cache = TeacherRowsCache()
+        for n in (4, 2, 4):
+            assert probe(n, cache) == ref[n]  # bit-identical to the per-call path
+        assert len(calls) == batches  # the teacher ran once for three students
+        # a shallower student first keeps only its teacher layers; a deeper one recaptures their union once
+        calls.clear()
+        cache = TeacherRowsCache()
+        assert probe(2, cache) == ref[2]
+        rows = cache.rows(t_model, t_tok, held, max_length=MAX_LENGTH, batch_size=8, layers=[0])
+        assert rows.layers == [0, 17] and len(calls) == batches
+        assert probe(4, cache) == ref[4] and probe(2, cache) == ref[2]
+        rows = cache.rows(t_model, t_tok, held, max_length=MAX_LENGTH, batch_size=8, layers=[0])
+        assert rows.layers == [0, 6, 11, 17]
+        assert len(calls) == 2 * batches
+    finally:
+        hook.remove()
 
 
 @pytest.fixture()

@@ -118,9 +118,14 @@ def evaluate_student(
     max_length: int,
     em: bool = True,
     batch_size: int = 8,
+    teacher_cache=None,
 ) -> dict:
     """Perplexity, exact match (if `em`) and, per teacher in `teachers` {name: (model, tokenizer)}, the probe
-    KV error per student layer and its mean."""
+    KV error per student layer and its mean.
+
+    `teacher_cache` (a `kvdistill.eval.metrics.TeacherRowsCache`): pass the same one when evaluating several
+    students against the same teachers and records, and each teacher's K/V are captured once for all of them.
+    """
     from kvdistill.eval.metrics import exact_match, perplexity, probe_kv_error
 
     model.eval()
@@ -140,6 +145,7 @@ def evaluate_student(
             eval_records,
             max_length=max_length,
             batch_size=batch_size,
+            cache=teacher_cache,
         )
         out["probe_kv_error"][name] = {"mean": sum(layers) / len(layers), "layers": layers}
     return out

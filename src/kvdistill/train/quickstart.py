@@ -24,6 +24,7 @@ def _row(label: str, result: dict, teachers: list[str]) -> list:
 
 def run_quickstart(out: str | Path, *, steps: int | None = None, overrides: list[str] | None = None) -> dict:
     from kvdistill.data import load_records
+    from kvdistill.eval.metrics import TeacherRowsCache
     from kvdistill.eval.report import write_report
     from kvdistill.eval.run import evaluate_student
     from kvdistill.models import zoo
@@ -49,11 +50,15 @@ def run_quickstart(out: str | Path, *, steps: int | None = None, overrides: list
     teachers = {t.name: load_model(t.model, attn_implementation="sdpa") for t in cfg.teachers}
     fit = load_records(cfg.data, split="train")[:32]
     held = load_records(cfg.data, split="eval")
+    cache = TeacherRowsCache()  # each teacher's K/V on fit and held captured once for the three students
     init_student, init_tok = build_student(cfg.student, seed=cfg.train.seed)
-    results = {"init": evaluate_student(init_student, init_tok, teachers, fit, held, max_length=cfg.data.max_length)}
+    results = {"init": evaluate_student(init_student, init_tok, teachers, fit, held, max_length=cfg.data.max_length,
+                                        teacher_cache=cache)}
     for name, run_dir in runs.items():
         model, tok = load_model(str(run_dir / "final" / "student"), attn_implementation="sdpa")
-        results[name] = evaluate_student(model, tok, teachers, fit, held, max_length=cfg.data.max_length)
+        results[name] = evaluate_student(model, tok, teachers, fit, held, max_length=cfg.data.max_length,
+                                         teacher_cache=cache)
+    del cache
 
     names = list(teachers)
     header = ["student", "held-out ppl", "exact match"] + [f"KV probe error vs {n} (1-R²)" for n in names]
