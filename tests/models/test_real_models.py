@@ -65,6 +65,9 @@ def test_text_that_tokenizes_to_nothing(smollm2):
     model, tok = smollm2
     with pytest.raises(KvdistillError, match="tokenize to nothing"):
         capture_kv(model, tok, ["fine text", ""])
+    # a batch of only empty texts with a tokenizer that adds no BOS: (B, 0) tensors, the same message
+    with pytest.raises(KvdistillError, match="tokenize to nothing"):
+        capture_kv(model, tok, [""])
 
 
 def test_too_long_text_names_the_limit(minilm):

@@ -113,6 +113,8 @@ def tokenize(tokenizer, texts: list[str], *, max_length: int | None = None, padd
     finally:
         tokenizer.padding_side = old_side
     offsets = enc["offset_mapping"]  # (B, T, 2)
+    if offsets.dim() != 3:  # every text empty and no BOS: the tokenizer returns (B, 0)
+        offsets = offsets.reshape(len(texts), -1, 2)
     content = (offsets[..., 1] > offsets[..., 0]) & enc["attention_mask"].bool()  # (B, T)
     empty = [i for i in range(len(texts)) if not content[i].any()]
     if empty:
