@@ -259,6 +259,12 @@ def rkv_select(
     return _order_kept(top, real, M)
 
 
+def _check_groups(num_heads: int, num_kv_heads: int, fix: str) -> None:
+    """GQA: every KV head serves the same number of query heads."""
+    if num_heads % num_kv_heads:
+        raise KvdistillError(f"num_heads ({num_heads}) must be divisible by num_kv_heads ({num_kv_heads})", fix)
+
+
 def importance_from_attention(
     attn_probs: torch.Tensor, query_mask: torch.Tensor, mask: torch.Tensor, num_kv_heads: int
 ) -> torch.Tensor:
@@ -275,11 +281,7 @@ def importance_from_attention(
             f"attention {tuple(attn_probs.shape)} does not match mask {tuple(mask.shape)}",
             "pass the (B, H_q, T, T) attention probabilities of the same batch",
         )
-    if H_q % num_kv_heads:
-        raise KvdistillError(
-            f"num_heads ({H_q}) must be divisible by num_kv_heads ({num_kv_heads})",
-            "pass the teacher geometry's num_kv_heads",
-        )
+    _check_groups(H_q, num_kv_heads, "pass the teacher geometry's num_kv_heads")
     work = torch.float64 if attn_probs.dtype == torch.float64 else torch.float32
     rows = (query_mask.bool() & mask).to(work)  # (B, T)
     weight = rows / rows.sum(-1, keepdim=True).clamp_min(1.0)  # (B, T), each row's queries sum to 1
@@ -331,11 +333,7 @@ def importance_from_queries(
             f"mask {tuple(mask.shape)}",
             "pass q_rows (B, H_q, Q, D), rows/valid (B, Q) from query_rows, keys (B, H_kv, T, D), mask (B, T)",
         )
-    if H_q % H_kv:
-        raise KvdistillError(
-            f"num_heads ({H_q}) must be divisible by num_kv_heads ({H_kv})",
-            "pass the teacher's queries and keys",
-        )
+    _check_groups(H_q, H_kv, "pass the teacher's queries and keys")
     work = torch.float64 if q_rows.dtype == torch.float64 else torch.float32
     g = H_q // H_kv
     q = q_rows.to(work).view(B, H_kv, g * Q, D)  # (B, H_kv, g·Q, D), query head h = kv head h // g

@@ -365,6 +365,30 @@ def forward_kv(
     )
 
 
+def tokenize_for(geometry: KVGeometry, tokenizer, texts: list[str] | str, *, max_length: int | None,
+                 padding_side: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`tokenize` under the model's position limit: input_ids, attention_mask (B, T) and spans (B, T, 2) with
+    padding (0, 0), all on the CPU."""
+    enc = tokenize(tokenizer, texts, max_length=max_length, padding_side=padding_side,
+                   max_positions=None if geometry.is_encoder and max_length else geometry.max_positions)
+    mask = enc["attention_mask"]
+    return enc["input_ids"], mask, enc["offset_mapping"] * mask[..., None]
+
+
+def capture_tokenized(model: torch.nn.Module, geometry: KVGeometry, input_ids: torch.Tensor,
+                      attention_mask: torch.Tensor, spans: torch.Tensor, **flags) -> KVCapture:
+    """`forward_kv` (no grad) on CPU inputs from `tokenize_for` (pinned ones are copied asynchronously), with the
+    spans attached; `flags` are forward_kv's hidden_states / logits / attentions / router_logits."""
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        cap = forward_kv(model, input_ids.to(device, non_blocking=True),
+                         attention_mask.to(device, non_blocking=True), geometry=geometry, **flags)
+    cap.spans = spans.to(device, non_blocking=True)
+    # CPU copies, so that token alignment needs no device-to-host copy (train.objective)
+    cap.extra.update(spans_cpu=spans, attention_mask_cpu=attention_mask)
+    return cap
+
+
 def capture_kv(
     model: torch.nn.Module,
     tokenizer,
@@ -379,15 +403,7 @@ def capture_kv(
 ) -> KVCapture:
     """Tokenize `texts` and capture K/V (no grad), with character spans (B, T, 2) for token alignment."""
     geometry = geometry_of(model)
-    enc = tokenize(tokenizer, texts, max_length=max_length, padding_side=padding_side or tokenizer.padding_side,
-                   max_positions=None if geometry.is_encoder and max_length else geometry.max_positions)
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        cap = forward_kv(model, enc["input_ids"].to(device), enc["attention_mask"].to(device), geometry=geometry,
-                         hidden_states=hidden_states, logits=logits, attentions=attentions,
-                         router_logits=router_logits)
-    spans = enc["offset_mapping"] * enc["attention_mask"][..., None]  # (B, T, 2), padding (0, 0)
-    cap.spans = spans.to(device)
-    # CPU copies, so that token alignment needs no device-to-host copy (train.objective)
-    cap.extra.update(spans_cpu=spans, attention_mask_cpu=enc["attention_mask"])
-    return cap
+    ids, mask, spans = tokenize_for(geometry, tokenizer, texts, max_length=max_length,
+                                    padding_side=padding_side or tokenizer.padding_side)
+    return capture_tokenized(model, geometry, ids, mask, spans, hidden_states=hidden_states, logits=logits,
+                             attentions=attentions, router_logits=router_logits)

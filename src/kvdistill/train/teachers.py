@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kvdistill.errors import KvdistillError
-from kvdistill.models.capture import KVCapture, forward_kv, tokenize
+from kvdistill.models.capture import KVCapture, capture_tokenized, tokenize_for
 from kvdistill.models.geometry import KVGeometry, geometry_of
 
 
@@ -71,27 +71,14 @@ def prepare_teacher(tokenizer, records: list[dict], *, geometry: KVGeometry, max
                     compression=None, pin: bool = False) -> TeacherInputs:
     """Tokenize `records` as `capture_teacher` does (right padding, the model's position limit) and build the
     rkv query mask on the host; pin=True pins the tensors for an asynchronous copy to the GPU."""
-    enc = tokenize(tokenizer, [r["text"] for r in records], max_length=max_length, padding_side="right",
-                   max_positions=None if geometry.is_encoder and max_length else geometry.max_positions)
-    mask = enc["attention_mask"]  # (B, T)
-    spans = enc["offset_mapping"] * mask[..., None]  # (B, T, 2), padding (0, 0)
+    ids, mask, spans = tokenize_for(geometry, tokenizer, [r["text"] for r in records], max_length=max_length,
+                                    padding_side="right")  # (B, T), (B, T), (B, T, 2)
     rkv = getattr(compression, "kind", "full") == "rkv"
     query = answer_query_mask(records, spans, mask) if rkv else None
-    tensors = [enc["input_ids"], mask, spans, query]
+    tensors = [ids, mask, spans, query]
     if pin:
         tensors = [None if t is None else t.pin_memory() for t in tensors]
     return TeacherInputs(records, *tensors)
-
-
-def _forward_inputs(model, geometry: KVGeometry, inputs: TeacherInputs, **flags) -> KVCapture:
-    """`capture_kv` on already tokenized inputs: the same forward, spans and CPU extras."""
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        cap = forward_kv(model, inputs.input_ids.to(device, non_blocking=True),
-                         inputs.attention_mask.to(device, non_blocking=True), geometry=geometry, **flags)
-    cap.spans = inputs.spans.to(device, non_blocking=True)
-    cap.extra.update(spans_cpu=inputs.spans, attention_mask_cpu=inputs.attention_mask)
-    return cap
 
 
 def capture_teacher(model, tokenizer, records: list[dict], *, max_length: int | None, compression=None,
@@ -114,10 +101,10 @@ def capture_teacher(model, tokenizer, records: list[dict], *, max_length: int | 
                                  compression=compression)
     flags = dict(hidden_states=hidden_states, logits=logits, attentions=attentions or (rkv and not hooked))
     if not hooked:
-        cap = _forward_inputs(model, geometry, inputs, **flags)
+        cap = capture_tokenized(model, geometry, inputs.input_ids, inputs.attention_mask, inputs.spans, **flags)
     else:
         with capture_queries(model, geometry) as qc:
-            cap = _forward_inputs(model, geometry, inputs, **flags)
+            cap = capture_tokenized(model, geometry, inputs.input_ids, inputs.attention_mask, inputs.spans, **flags)
     query = None if inputs.query is None else inputs.query.to(cap.attention_mask.device, non_blocking=True)
     if hooked:
         layers = layers if layers is not None else list(range(geometry.num_layers))
