@@ -57,7 +57,7 @@ from kvdistill.compress import Compression, rkv_select
 from kvdistill.models.capture import capture_kv
 from kvdistill.models.geometry import geometry_of
 from kvdistill.models.queries import capture_queries, query_importance
-from kvdistill.train.teachers import answer_query_mask, capture_teacher
+from kvdistill.teachers import answer_query_mask, capture_teacher
 
 CPU_MODELS = ["smollm2-135m", "gemma3-270m"]
 GPU_MODELS = ["llama-1b"]

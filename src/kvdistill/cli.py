@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from kvdistill.config import config_path
 from kvdistill.errors import KvdistillError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -161,22 +162,7 @@ def _short_theta(theta) -> str:
 def _load(config: str, overrides: list[str] | None):
     from kvdistill.config import load_config
 
-    return load_config(_config_path(config), overrides or [])
-
-
-def _config_path(config: str):
-    """A path, or the name of a packaged config (quickstart, phase1 … phase5)."""
-    from importlib.resources import files
-    from pathlib import Path
-
-    if Path(config).exists():
-        return Path(config)
-    packaged = files("kvdistill") / "configs" / f"{config.removesuffix('.yaml')}.yaml"
-    if packaged.is_file():
-        return packaged
-    names = sorted(p.name.removesuffix(".yaml") for p in (files("kvdistill") / "configs").iterdir())
-    raise KvdistillError(f"config '{config}' is neither a file nor a packaged config",
-                         f"give a YAML path or one of: {', '.join(names)}")
+    return load_config(config_path(config), overrides or [])
 
 
 def _phase_list(spec: str) -> list[int]:
@@ -202,7 +188,7 @@ def validate(
     from kvdistill.config import check_config, read_raw
     from kvdistill.errors import ConfigError
 
-    cfg, problems = check_config(read_raw(_config_path(config), overrides or []), source=str(config))
+    cfg, problems = check_config(read_raw(config_path(config), overrides or []), source=str(config))
     if problems:
         raise ConfigError(problems, source=str(config))
     console.print(f"[green]ok[/green] {config}: student, {len(cfg.teachers)} teacher(s), data and losses valid")
@@ -268,7 +254,7 @@ def evaluate(
     """Held-out perplexity, exact match and per-layer KV alignment error (ridge probe) against teachers."""
     from kvdistill.eval.run import evaluate_checkpoint, markdown_table
 
-    result = evaluate_checkpoint(checkpoint, data=data, config=_config_path(config) if config else None,
+    result = evaluate_checkpoint(checkpoint, data=data, config=config_path(config) if config else None,
                                  teachers=teachers or [], size=size, max_length=max_length, em=em)
     if as_json:
         _echo_json(result)

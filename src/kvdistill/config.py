@@ -16,6 +16,7 @@ Layout of a config (every section optional except `student` and `data`)::
 from __future__ import annotations
 
 import difflib
+from importlib.resources import files
 from pathlib import Path
 from typing import Any, Literal
 
@@ -502,3 +503,15 @@ def _data_problems(data: DataConfig) -> list[str]:
     if data.source != "gsm_symbolic" and data.path and not Path(data.path).exists():
         return [f"data.path: '{data.path}' does not exist"]
     return []
+
+
+def config_path(config: str):
+    """A path, or the name of a packaged config (quickstart, phase1 … phase5)."""
+    if Path(config).exists():
+        return Path(config)
+    packaged = files("kvdistill") / "configs" / f"{config.removesuffix('.yaml')}.yaml"
+    if packaged.is_file():
+        return packaged
+    names = sorted(p.name.removesuffix(".yaml") for p in (files("kvdistill") / "configs").iterdir())
+    raise KvdistillError(f"config '{config}' is neither a file nor a packaged config",
+                         f"give a YAML path or one of: {', '.join(names)}")

@@ -17,12 +17,11 @@ import torch
 
 from kvdistill.cache import CacheReader, merge_parts, verify_cache
 from kvdistill.cache.extract import dataset_records, extract, plan_batches, run_pipeline
-from kvdistill.compress import compress_capture
 from kvdistill.config import DataConfig, TeacherConfig, load_config
 from kvdistill.errors import CacheError, KvdistillError
 from kvdistill.models.capture import capture_kv
+from kvdistill.teachers import answer_query_mask, compress_capture
 from kvdistill.train.objective import build_objective, build_teachers
-from kvdistill.train.teachers import answer_query_mask
 
 pytestmark = pytest.mark.slow
 
@@ -235,7 +234,7 @@ def test_pipeline_keeps_order_and_surfaces_background_errors(cli_teacher):
     naming the batch."""
     from kvdistill.cache.store import samples_from_capture
     from kvdistill.compress import Compression
-    from kvdistill.train.teachers import capture_teacher
+    from kvdistill.teachers import capture_teacher
 
     model, tok = cli_teacher
     comp = Compression(kind="rkv", budget=4, dtype="float32", layers=[0, 7])

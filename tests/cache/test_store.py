@@ -26,8 +26,9 @@ from kvdistill.cache import (
     samples_from_capture,
     verify_cache,
 )
-from kvdistill.compress import Compression, compress_capture
+from kvdistill.compress import Compression
 from kvdistill.errors import CacheError
+from kvdistill.teachers import compress_capture
 
 GEOMETRY = {"name": "tiny", "num_layers": 2, "num_kv_heads": 2, "head_dim": 4}
 
@@ -319,6 +320,9 @@ def fake_capture(left: bool, seed: int = 0):
         attention_mask=mask,
         positions=positions,
         geometry=geometry,
+        spans_cpu=None,
+        attention_mask_cpu=None,
+        importance=None,
     )
     return cap, query
 

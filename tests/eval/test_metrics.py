@@ -9,7 +9,7 @@ import torch
 
 from kvdistill.config import DataConfig, parse_config
 from kvdistill.data import load_records
-from kvdistill.data.records import make_record
+from kvdistill.data.template import make_record
 from kvdistill.eval.metrics import (
     TeacherRowsCache,
     evaluate_objective,
@@ -249,8 +249,8 @@ def test_shared_teacher_rows_give_the_same_figures_and_run_the_teacher_once(gemm
 @pytest.fixture()
 def objective(smollm2):
     """SmolLM2 as its own student and as three teachers: the same layers, shifted by one, and a 50/50 mix."""
+    from kvdistill.teachers import OnlineTeacher
     from kvdistill.train.objective import Objective
-    from kvdistill.train.teachers import OnlineTeacher
 
     model, tok = smollm2
     L = 30

@@ -134,12 +134,10 @@ def extract_configs(
     max_length: int | None,
 ):
     """(TeacherConfig, DataConfig, out dir) from a run config and/or flags; every problem listed together."""
-    from kvdistill.config import DataConfig, TeacherConfig, apply_overrides, read_raw
+    from kvdistill.config import DataConfig, TeacherConfig, apply_overrides, config_path, read_raw
 
     if config is not None:
-        from kvdistill.cli import _config_path
-
-        raw = read_raw(_config_path(config), overrides)
+        raw = read_raw(config_path(config), overrides)
         teacher_raw = dict(_pick_teacher(raw, teacher, config))
         data_raw = dict(raw.get("data") or {})
     else:

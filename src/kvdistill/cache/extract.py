@@ -309,7 +309,7 @@ def run_pipeline(
     """
     from kvdistill.cache.store import capture_to_host, host_samples
     from kvdistill.models.geometry import geometry_of
-    from kvdistill.train.teachers import prepare_teacher
+    from kvdistill.teachers import prepare_teacher
 
     if not batches:
         return
@@ -374,7 +374,7 @@ def _result(future: Future, doing: str, k: int, batch: list[dict]):
 def _capture(model, tokenizer, batch, max_length, compression, layers, batch_size, inputs=None):
     """(cap, query_mask) as the online teacher captures them; a GPU out-of-memory error says which flag to
     lower."""
-    from kvdistill.train.teachers import capture_teacher
+    from kvdistill.teachers import capture_teacher
 
     try:
         return capture_teacher(

@@ -58,6 +58,7 @@ from kvdistill.cache.manifest import (
     write_json_atomic,
 )
 from kvdistill.errors import CacheError
+from kvdistill.teachers.record import TeacherKV
 
 _PART_RE = re.compile(r"^[A-Za-z0-9_]+$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
@@ -94,18 +95,15 @@ class HostBatch:
 def capture_to_host(cap, compression, query_mask: torch.Tensor | None = None) -> HostBatch:
     """Select and gather the stored K/V of a `KVCapture` on its device and start one asynchronous copy of them to
     pinned host memory (plus one for ids/positions, one for the rkv index); returns without waiting for the
-    device. The (B, T) mask comes from `cap.extra["attention_mask_cpu"]` when the capture holds it (no sync)."""
+    device. The (B, T) mask comes from `cap.attention_mask_cpu` when the capture holds it (no sync)."""
     from kvdistill.compress import gather_kv, layer_selection
 
     dtype = compression.torch_dtype
     device = cap.attention_mask.device
     on_cuda = device.type == "cuda"
-    extra = getattr(cap, "extra", None) or {}
-    mask_host = extra.get("attention_mask_cpu")
+    mask_host = cap.attention_mask_cpu
     mask_host = (mask_host if mask_host is not None else cap.attention_mask).cpu()  # (B, T)
-    spans = extra.get("spans_cpu")
-    if spans is None and cap.spans is not None:
-        spans = cap.spans
+    spans = cap.spans_cpu if cap.spans_cpu is not None else cap.spans
     layers = compression.resolve_layers(cap.geometry.num_layers)
 
     sels: list[tuple[torch.Tensor, torch.Tensor | None]] = []  # per layer: (keys, values) (B, H, M, D)
@@ -189,7 +187,7 @@ def samples_from_capture(
 ) -> list[dict[str, torch.Tensor]]:
     """Per-sample CPU tensors (layout in the module docstring) of a `KVCapture` under a `Compression`.
 
-    rkv needs the importance in `cap.extra["importance"]` or `cap.attentions`, and a (B, T) `query_mask` of the
+    rkv needs the importance in `cap.importance` or `cap.attentions`, and a (B, T) `query_mask` of the
     answer tokens. The selected K/V of every layer are gathered and cast on the capture's device, copied to the
     host asynchronously (pinned memory on CUDA) and waited for once per batch: `capture_to_host`, then
     `host_samples` (which `kvdistill extract` runs on another thread). Each returned tensor owns its storage.
@@ -669,8 +667,6 @@ class CacheReader:
     def teacher_kv(self, sample_ids: list[str], device="cpu", dtype: torch.dtype | None = None):
         """A right-padded `TeacherKV` batch. Kind full: keys (B, H, T, D) with shared spans (B, T, 2) and mask
         (B, T); otherwise keys (B, H, M, D), spans (B, H, M, 2), mask (B, H, M) per layer."""
-        from kvdistill.train.teachers import TeacherKV
-
         samples = self.get_batch(sample_ids)
         B = len(samples)
         layers = self.layers
@@ -712,7 +708,8 @@ class CacheReader:
             spans=spans,
             mask=mask,
             shared_spans=shared,
-            extra={"sample_ids": list(sample_ids), "compression": dict(self.meta["compression"])},
+            compression=dict(self.meta["compression"]),
+            sample_ids=list(sample_ids),
         )
 
     def close(self) -> None:

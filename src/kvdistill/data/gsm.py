@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 
+from kvdistill.data.template import check_template, make_record
 from kvdistill.errors import KvdistillError
 
 DEFAULT_TEMPLATE = "Question: {question}\nReasoning: {cot}\nAnswer: {answer}"
@@ -26,8 +27,6 @@ def gsm_symbolic_records(size: int, seed: int, template: str = DEFAULT_TEMPLATE)
 
     Ids are `gsm_symbolic:<seed>:<index>`; `template` as in `data.template`.
     """
-    from kvdistill.data.records import check_template, make_record
-
     if size <= 0:
         raise KvdistillError(f"gsm_symbolic size ({size}) must be positive", "set data.size to 1 or more")
     check_template(template)

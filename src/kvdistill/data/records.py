@@ -30,17 +30,16 @@ from __future__ import annotations
 import contextlib
 import difflib
 import random
-import re
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from kvdistill.config import DataConfig
+from kvdistill.data.gsm import gsm_symbolic_records
+from kvdistill.data.template import check_template, make_record
 from kvdistill.errors import KvdistillError
 
-PLACEHOLDERS = ("question", "cot", "answer")
-_PLACEHOLDER = re.compile(r"\{(\w+)\}")
 _BUILDERS = {"jsonl": "json", "csv": "csv", "parquet": "parquet", "text": "text"}
 _EXTENSIONS = {"jsonl": (".jsonl", ".json"), "csv": (".csv",), "parquet": (".parquet",), "text": (".txt",)}
 
@@ -55,8 +54,6 @@ def load_records(data_config: DataConfig, split: str = "train") -> list[dict]:
     cfg = data_config
     check_template(cfg.template)
     if cfg.source == "gsm_symbolic":
-        from kvdistill.data.gsm import gsm_symbolic_records
-
         # Generated problems are already in seeded random order, and generation is prefix-stable: the eval
         # split (the first eval_size problems) stays the same whatever data.size is.
         records = gsm_symbolic_records(cfg.size, cfg.seed, template=cfg.template)
@@ -95,74 +92,6 @@ def collate_records(batch: Sequence[dict]) -> list[dict]:
     return list(batch)
 
 
-def check_template(template: str) -> None:
-    """Raise if `template` uses a placeholder other than {question}, {cot}, {answer}, or lacks {question}."""
-    unknown = sorted({m for m in _PLACEHOLDER.findall(template) if m not in PLACEHOLDERS})
-    if unknown:
-        hints = [
-            f"'{{{u}}}' (did you mean '{{{c[0]}}}'?)"
-            if (c := difflib.get_close_matches(u, PLACEHOLDERS, 1))
-            else f"'{{{u}}}'"
-            for u in unknown
-        ]
-        raise KvdistillError(
-            f"data.template uses unknown placeholder(s) {', '.join(hints)}",
-            "use only {question}, {cot} and {answer}",
-        )
-    if "{question}" not in template:
-        raise KvdistillError(
-            f"data.template {template!r} has no {{question}} placeholder",
-            "e.g. 'Question: {question}\\nReasoning: {cot}\\nAnswer: {answer}'",
-        )
-
-
-def render_template(
-    template: str, question: str, cot: str | None, answer: str | None
-) -> tuple[str, int | None]:
-    """Fill `template`; returns (text, answer_start) with text[answer_start:] starting with the answer.
-
-    Placeholders are replaced in one pass, so braces inside the values are kept as they are. A line holding
-    `{cot}` and no other placeholder is dropped when `cot` is None or blank; `answer_start` is where the last
-    `{answer}` lands (None when the template has none, or `answer` is None).
-    """
-    if not cot or not cot.strip():
-        cot = None
-        lines = template.split("\n")
-        kept = [ln for ln in lines if "{cot}" not in ln or set(_PLACEHOLDER.findall(ln)) - {"cot"}]
-        template = "\n".join(kept)
-    values = {"question": question, "cot": cot or "", "answer": answer if answer is not None else ""}
-    pieces: list[str] = []
-    answer_start = None
-    pos = length = 0
-    for m in _PLACEHOLDER.finditer(template):
-        if m.group(1) not in values:
-            continue
-        pieces.append(template[pos : m.start()])
-        length += m.start() - pos
-        if m.group(1) == "answer" and answer is not None:
-            answer_start = length
-        value = values[m.group(1)]
-        pieces.append(value)
-        length += len(value)
-        pos = m.end()
-    pieces.append(template[pos:])
-    return "".join(pieces), answer_start
-
-
-def make_record(id: str, question: str, cot: str | None, answer: str | None, template: str) -> dict:
-    """A template-mode record."""
-    text, answer_start = render_template(template, question, cot, answer)
-    return {
-        "id": id,
-        "text": text,
-        "answer_start": answer_start,
-        "question": question,
-        "cot": cot if cot and cot.strip() else None,
-        "answer": answer,
-    }
-
-
-# ---------------------------------------------------------------------------------------------- splitting
 def _take_split(records: list[dict], eval_size: int, split: str, where: str) -> list[dict]:
     n = len(records)
     if split == "eval":

@@ -113,9 +113,9 @@ class TeacherRows:
         self.values: dict[int, list[torch.Tensor]] = {j: [] for j in self.layers}
         for texts in _chunks(list(self.texts), batch_size):
             t = capture_kv(teacher, t_tok, texts, max_length=max_length, padding_side="right")
-            real = t.extra["attention_mask_cpu"].bool()  # (B, T_t)
-            self.spans.append(t.extra["spans_cpu"])
-            self.masks.append(t.extra["attention_mask_cpu"])
+            real = t.attention_mask_cpu.bool()  # (B, T_t)
+            self.spans.append(t.spans_cpu)
+            self.masks.append(t.attention_mask_cpu)
             for j in self.layers:
                 for src, store in ((t.keys[j], self.keys), (t.values[j], self.values)):
                     rows = src.transpose(1, 2).flatten(2).cpu()  # (B, H_t, T_t, D_t) -> (B, T_t, H_t·D_t)

@@ -21,7 +21,7 @@ Encoders (bert): hooks on the key/value projections.
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 from transformers import DynamicCache
@@ -64,7 +64,9 @@ class KVCapture:
     logits: torch.Tensor | None = None  # (B, T, V)
     attentions: list[torch.Tensor] | None = None  # L × (B, H, T, T)
     router_logits: list[torch.Tensor] | None = None  # L_moe × (B·T, E)
-    extra: dict = field(default_factory=dict)
+    spans_cpu: torch.Tensor | None = None  # (B, T, 2) CPU copy of spans: token alignment is built on the CPU
+    attention_mask_cpu: torch.Tensor | None = None  # (B, T) CPU copy of attention_mask
+    importance: dict[int, torch.Tensor] | None = None  # rkv: layer -> (B, H_kv, T) answer-row importance
 
     def select(self, index: int) -> KVCapture:
         """Sample `index` alone, with its padding removed: K/V (1, H_kv, T_i, D)."""
@@ -88,6 +90,9 @@ class KVCapture:
             logits=cut(self.logits, 1),
             attentions=None,
             router_logits=None,
+            spans_cpu=None,
+            attention_mask_cpu=None,
+            importance=None,
         )
 
 
@@ -384,8 +389,8 @@ def capture_tokenized(model: torch.nn.Module, geometry: KVGeometry, input_ids: t
         cap = forward_kv(model, input_ids.to(device, non_blocking=True),
                          attention_mask.to(device, non_blocking=True), geometry=geometry, **flags)
     cap.spans = spans.to(device, non_blocking=True)
-    # CPU copies, so that token alignment needs no device-to-host copy (train.objective)
-    cap.extra.update(spans_cpu=spans, attention_mask_cpu=attention_mask)
+    # CPU copies, so that token alignment needs no device-to-host copy
+    cap.spans_cpu, cap.attention_mask_cpu = spans, attention_mask
     return cap
 
 

@@ -36,8 +36,8 @@ from kvdistill.fuse import Router, entropy_regularizer, fixed_weights, prototype
 from kvdistill.fuse.latent import LatentSpace, kv_features
 from kvdistill.models.capture import forward_kv, tokenize
 from kvdistill.models.geometry import geometry_of
+from kvdistill.teachers import TeacherKV
 from kvdistill.train.student import build_student, save_student, unwrap_student
-from kvdistill.train.teachers import TeacherKV
 
 
 # ------------------------------------------------------------------------------------------ per-sample losses
@@ -370,7 +370,7 @@ class Objective(nn.Module):
         for j in lp.j:
             key = key_of(j)
             if key not in aligned:
-                index, weight = teacher_alignment_sparse(*self._teacher_spans(tkv, j), *student_cpu,
+                index, weight = teacher_alignment_sparse(*tkv.host_spans(j), *student_cpu,
                                                          device=dev)  # (B, H|1, M, K)
                 hit = weight.sum(-1) > 0  # (B, H|1, M) teacher tokens that overlap a student token
                 shared = tkv.mask[j].dim() == 2
@@ -469,14 +469,6 @@ class Objective(nn.Module):
             groups.append((pos, (torch.stack([pad(a[0]) for a in al]), torch.stack([pad(a[1]) for a in al]),
                                  torch.stack([a[2] for a in al]))))
         return groups
-
-    @staticmethod
-    def _teacher_spans(tkv: TeacherKV, j: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Spans and mask of teacher layer j, the CPU copies that capture_kv keeps when they are the shared ones."""
-        cap = tkv.capture
-        if cap is not None and tkv.spans[j] is cap.spans and "spans_cpu" in cap.extra:
-            return cap.extra["spans_cpu"], cap.extra["attention_mask_cpu"]
-        return tkv.spans[j], tkv.mask[j]
 
     def _extra_terms(self, terms, w, i, j, s, tkv: TeacherKV, A, covered, teacher):
         """Relation, attention-KL and hidden-state terms (online, uncompressed teachers: shared spans)."""
@@ -668,7 +660,7 @@ class Objective(nn.Module):
 def build_teachers(cfg: RunConfig, device) -> list:
     from kvdistill.models.load import attn_implementation_for, load_config, load_model
     from kvdistill.models.queries import supports_queries
-    from kvdistill.train.teachers import CachedTeacher, OnlineTeacher
+    from kvdistill.teachers import CachedTeacher, OnlineTeacher
 
     teachers = []
     on_gpu = torch.device(device).type == "cuda"

@@ -1,0 +1,123 @@
+"""Capturing a teacher batch: tokenize on the host, run the frozen model, keep the selected tokens.
+
+Notation: B batch, T teacher tokens, H KV heads, M kept tokens, D head dim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvdistill.compress import Compression, gather_kv, gather_spans, layer_selection
+from kvdistill.models.capture import capture_tokenized, tokenize_for
+from kvdistill.models.geometry import KVGeometry, geometry_of
+from kvdistill.teachers.record import TeacherKV
+
+
+def answer_query_mask(records: list[dict], spans: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) 1 on the tokens of the answer (the last observation): those starting at or after `answer_start`.
+
+    Records without `answer_start` use their last real token.
+    """
+    query = torch.zeros_like(mask)
+    for b, rec in enumerate(records):
+        start = rec.get("answer_start")
+        if start is not None:
+            query[b] = ((spans[b, :, 0] >= start) & (spans[b, :, 1] > spans[b, :, 0])).long() * mask[b]
+        if start is None or not query[b].any():
+            last = int(mask[b].nonzero().max())
+            query[b, last] = 1
+    return query
+
+
+@dataclass
+class TeacherInputs:
+    """The host half of a teacher batch, built without the model (so on another thread while the device runs the
+    previous batch): the tokenizer's input_ids, attention_mask (B, T), spans (B, T, 2) with padding (0, 0), and
+    the rkv answer-query mask (B, T) or None; all CPU (pinned when `prepare_teacher` was given pin=True)."""
+
+    records: list[dict]
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    spans: torch.Tensor
+    query: torch.Tensor | None
+
+
+def prepare_teacher(tokenizer, records: list[dict], *, geometry: KVGeometry, max_length: int | None,
+                    compression=None, pin: bool = False) -> TeacherInputs:
+    """Tokenize `records` as `capture_teacher` does (right padding, the model's position limit) and build the
+    rkv query mask on the host; pin=True pins the tensors for an asynchronous copy to the GPU."""
+    ids, mask, spans = tokenize_for(geometry, tokenizer, [r["text"] for r in records], max_length=max_length,
+                                    padding_side="right")  # (B, T), (B, T), (B, T, 2)
+    rkv = getattr(compression, "kind", "full") == "rkv"
+    query = answer_query_mask(records, spans, mask) if rkv else None
+    tensors = [ids, mask, spans, query]
+    if pin:
+        tensors = [None if t is None else t.pin_memory() for t in tensors]
+    return TeacherInputs(records, *tensors)
+
+
+def capture_teacher(model, tokenizer, records: list[dict], *, max_length: int | None, compression=None,
+                    layers: list[int] | None = None, hidden_states=False, logits=False, attentions=False,
+                    inputs: TeacherInputs | None = None):
+    """(cap, query_mask) of one batch as a teacher sees it (right padding); query_mask is None unless rkv.
+
+    rkv: families with a separate query projection (`supports_queries`) get their answer-row importance from
+    hooked queries, stored as `cap.importance` {layer: (B, H_kv, T)} for `layers` (default all), so
+    any attention kernel (sdpa) works; the others capture the eager (B, H, T, T) attention probabilities.
+    `inputs`: `prepare_teacher(tokenizer, records, ...)` made beforehand (e.g. on another thread).
+    """
+    from kvdistill.models.queries import capture_queries, query_importance, supports_queries
+
+    rkv = getattr(compression, "kind", "full") == "rkv"
+    geometry = geometry_of(model)
+    hooked = rkv and supports_queries(geometry)
+    if inputs is None:
+        inputs = prepare_teacher(tokenizer, records, geometry=geometry, max_length=max_length,
+                                 compression=compression)
+    flags = dict(hidden_states=hidden_states, logits=logits, attentions=attentions or (rkv and not hooked))
+    if not hooked:
+        cap = capture_tokenized(model, geometry, inputs.input_ids, inputs.attention_mask, inputs.spans, **flags)
+    else:
+        with capture_queries(model, geometry) as qc:
+            cap = capture_tokenized(model, geometry, inputs.input_ids, inputs.attention_mask, inputs.spans, **flags)
+    query = None if inputs.query is None else inputs.query.to(cap.attention_mask.device, non_blocking=True)
+    if hooked:
+        layers = layers if layers is not None else list(range(geometry.num_layers))
+        cap.importance = query_importance(model, cap, qc.queries, query, layers)
+    return cap, query
+
+
+
+def compress_capture(
+    cap, compression: Compression, layers: list[int], query_mask: torch.Tensor | None = None
+):
+    """A `TeacherKV` holding only the selected tokens of `layers`: keys/values (B, H, M, D), spans
+    (B, H, M, 2), mask (B, H, M) long. Kind 'full' keeps the capture's shared (B, T) layout. K/V keep the
+    capture's dtype (`compression.dtype` is the storage dtype of the cache)."""
+    keys, values, spans, masks = {}, {}, {}, {}
+    for layer in layers:
+        sel = layer_selection(cap, compression, layer, query_mask)
+        if sel is None:
+            keys[layer], values[layer] = cap.keys[layer], cap.values[layer]
+            spans[layer], masks[layer] = cap.spans, cap.attention_mask
+            continue
+        idx, kept = sel
+        H = cap.keys[layer].shape[1]
+        if idx.dim() == 2:  # shared by heads: (B, M) -> (B, H, M)
+            idx = idx.unsqueeze(1).expand(-1, H, -1)
+            kept = kept.unsqueeze(1).expand(-1, H, -1)
+        keys[layer] = gather_kv(cap.keys[layer], idx)  # (B, H, M, D)
+        values[layer] = gather_kv(cap.values[layer], idx)  # (B, H, M, D)
+        spans[layer] = gather_spans(cap.spans, idx)  # (B, H, M, 2)
+        masks[layer] = kept.long()  # (B, H, M)
+    return TeacherKV(
+        keys=keys,
+        values=values,
+        spans=spans,
+        mask=masks,
+        shared_spans=compression.kind == "full",
+        capture=cap if compression.kind == "full" else None,
+        compression=compression.to_dict(),
+    )

@@ -1,0 +1,38 @@
+"""An online teacher: a frozen model run under no_grad on every batch."""
+
+from __future__ import annotations
+
+import torch
+
+from kvdistill.models.geometry import KVGeometry, geometry_of
+from kvdistill.teachers.capture import capture_teacher, compress_capture
+from kvdistill.teachers.record import TeacherKV
+
+
+class OnlineTeacher:
+    """A frozen model run on every batch; `compression` (a `kvdistill.compress.Compression`, None = full) is
+    applied to its capture, keeping `layers` (default all)."""
+
+    kind = "online"
+
+    def __init__(self, name: str, model, tokenizer, *, compression=None, layers: list[int] | None = None):
+        self.name = name
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.geometry: KVGeometry = geometry_of(model, name=name)
+        self.compression = compression
+        self.layers = layers if layers is not None else list(range(self.geometry.num_layers))
+
+    def to(self, device) -> OnlineTeacher:
+        self.model.to(device)
+        return self
+
+    @torch.no_grad()
+    def kv(self, records: list[dict], *, max_length: int, hidden_states=False, logits=False,
+           attentions=False) -> TeacherKV:
+        cap, query = capture_teacher(self.model, self.tokenizer, records, max_length=max_length,
+                                     compression=self.compression, layers=self.layers,
+                                     hidden_states=hidden_states, logits=logits, attentions=attentions)
+        if getattr(self.compression, "kind", "full") == "full":
+            return TeacherKV.from_capture(cap, self.layers)
+        return compress_capture(cap, self.compression, self.layers, query)
