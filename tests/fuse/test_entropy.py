@@ -60,3 +60,20 @@ def test_entropy_regularizer_mask_and_errors():
         entropy_regularizer(w, "balanced")
     with pytest.raises(KvdistillError, match=r"mask \(2, 3\) does not match weights \(2, 2, 2\)"):
         entropy_regularizer(w, "diverse", mask=torch.ones(2, 3))
+
+
+@pytest.mark.parametrize("target", ["diverse", "specialized"])
+def test_per_token_weights_ignore_uncounted_tokens(target):
+    """(B, T, N) weights with a (B, T) mask: whatever uncounted tokens hold changes neither the value nor
+    gets a gradient, and the value equals the regulariser of the counted rows alone."""
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 3, generator=gen)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [0, 1, 1, 1, 1]])
+    other = torch.where(mask[..., None] == 1, logits, torch.randn(2, 5, 3, generator=gen) * 10)
+    leaf = other.clone().requires_grad_()
+    value = entropy_regularizer(torch.softmax(leaf, -1), target, mask=mask)
+    value.backward()
+    assert value.item() == pytest.approx(entropy_regularizer(torch.softmax(logits, -1), target, mask=mask).item())
+    rows = torch.softmax(logits, -1)[mask == 1]  # (7, N) counted rows
+    assert value.item() == pytest.approx(entropy_regularizer(rows, target).item(), abs=1e-6)
+    assert torch.equal(leaf.grad[mask == 0], torch.zeros(3, 3))  # 3 uncounted tokens

@@ -1,14 +1,12 @@
-"""kvdistill.fuse: weights over teachers (fixed, similarity to prototypes, learned routers) and their regulariser."""
+"""kvdistill.fuse: weights over teachers (fixed, similarity to prototypes, learned routers), their
+regulariser, and target-space fusion."""
 
 from kvdistill.fuse.entropy import entropy, entropy_regularizer
+from kvdistill.fuse.fixed import fixed_weights
+from kvdistill.fuse.prototypes import PROTOTYPE_KINDS, kmeans, prototype
 from kvdistill.fuse.router import Router
-from kvdistill.fuse.weights import (
-           fixed_weights,
-           fuse_targets,
-           kmeans_prototypes,
-           prototype,
-           similarity_weights,
-)
+from kvdistill.fuse.similarity import SIMILARITY_METRICS, best_match, similarity_weights
+from kvdistill.fuse.targets import fuse_targets
 
-__all__ = ["Router", "entropy", "entropy_regularizer", "fixed_weights", "fuse_targets", "kmeans_prototypes",
-           "prototype", "similarity_weights"]
+__all__ = ["PROTOTYPE_KINDS", "SIMILARITY_METRICS", "Router", "best_match", "entropy", "entropy_regularizer",
+           "fixed_weights", "fuse_targets", "kmeans", "prototype", "similarity_weights"]
