@@ -167,7 +167,8 @@ def main() -> None:
     args = ap.parse_args()
     try:
         from kvdistill.config import load_config
-        from kvdistill.train.objective import build_objective, ce_per_sample
+        from kvdistill.losses import ce_loss
+        from kvdistill.objectives import build_objective
     except ImportError as err:
         raise SystemExit(
             f"bench_train_step needs kvdistill.config, which failed to import ({err}): "
@@ -238,7 +239,7 @@ def main() -> None:
         ids, mask = enc["input_ids"].to(args.device), enc["attention_mask"].to(args.device)  # (B, T_s)
         with autocast:
             logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # (B, T_s, V)
-            return ce_per_sample(logits, ids, mask).mean()
+            return ce_loss(logits, ids, mask).mean()
 
     def ce_step():
         ce_loss().backward()

@@ -155,6 +155,11 @@ class KVLossConfig(Section):
 class LogitKDConfig(Section):
     weight: float = Field(0.0, ge=0.0)
     temperature: float = Field(2.0, gt=0.0)
+    """τ: both distributions are softened by τ and the divergence is multiplied by τ² (kvdistill.losses.logit_kd)."""
+    divergence: Literal["forward", "reverse", "jsd"] = "forward"
+    """forward KL(teacher || student), reverse KL(student || teacher), or the generalised JSD with `beta`."""
+    beta: float = Field(0.5, gt=0.0, lt=1.0)
+    """jsd only: m = β·p_teacher + (1-β)·p_student; 0.5 is the Jensen-Shannon divergence."""
 
 
 class LossesConfig(Section):
@@ -253,9 +258,28 @@ class RunConfig(Section):
             problems.append("teachers are given but every distillation loss weight is 0 (losses.kv.weight, ...)")
         if self.losses.ce == 0 and not self.teachers:
             problems.append("no teachers and losses.ce is 0: nothing to train on")
+        problems += self._teacher_capabilities()
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def _teacher_capabilities(self) -> list[str]:
+        """Terms and fusion spaces that need what only an online, uncompressed teacher gives."""
+        c = self.losses
+        terms = [name for name, w in (("losses.relation", c.relation), ("losses.attention_kl", c.attention_kl),
+                                      ("losses.hidden", c.hidden), ("losses.logit_kd.weight", c.logit_kd.weight))
+                 if w > 0]
+        problems = []
+        for n, t in enumerate(self.teachers):
+            if terms and (t.source == "cache" or t.compression.kind != "full"):
+                problems.append(f"{', '.join(terms)} need teacher '{t.name}' (teachers.{n}) online and uncompressed "
+                                f"(it is source {t.source}, compression {t.compression.kind}); set those weights to 0 "
+                                f"or teachers.{n}.source: online with compression.kind: full")
+            if self.fusion.space != "loss" and t.compression.kind != "full":
+                problems.append(f"fusion.space '{self.fusion.space}' needs uncompressed teachers, but teachers.{n} "
+                                f"('{t.name}') has compression.kind {t.compression.kind}; use fusion.space: loss "
+                                "or compression.kind: full")
+        return problems
 
 
 # ---------------------------------------------------------------------------------------------- loading

@@ -12,7 +12,6 @@ from kvdistill.data import load_records
 from kvdistill.data.template import make_record
 from kvdistill.eval.metrics import (
     TeacherRowsCache,
-    evaluate_objective,
     exact_match,
     perplexity,
     probe_kv_error,
@@ -151,7 +150,7 @@ def reference_probe(student, s_tok, teacher, t_tok, fit, held, *, max_length, ba
     from kvdistill.align.layers import layer_map
     from kvdistill.models.capture import capture_kv
     from kvdistill.models.geometry import geometry_of
-    from kvdistill.train.objective import teacher_alignment
+    from kvdistill.objectives.batch import teacher_alignment
 
     L_s, L_t = geometry_of(student).num_layers, geometry_of(teacher).num_layers
     matrix = layer_map(L_s, L_t, strategy="ratio", interpolate=False)
@@ -249,8 +248,8 @@ def test_shared_teacher_rows_give_the_same_figures_and_run_the_teacher_once(gemm
 @pytest.fixture()
 def objective(smollm2):
     """SmolLM2 as its own student and as three teachers: the same layers, shifted by one, and a 50/50 mix."""
+    from kvdistill.objectives import Objective
     from kvdistill.teachers import OnlineTeacher
-    from kvdistill.train.objective import Objective
 
     model, tok = smollm2
     L = 30
@@ -301,10 +300,11 @@ def test_trained_map_error_per_mapped_layer(objective, smollm2, gsm):
 
 
 def test_target_space_reports_ce_only(objective, gsm):
-    objective.cfg.fusion.space = "target"
-    try:
-        out = evaluate_objective(objective, gsm[1][:2], batch_size=2)
-    finally:
-        objective.cfg.fusion.space = "loss"
+    from kvdistill.objectives import Objective
+
+    cfg = objective.cfg.model_copy(deep=True)
+    cfg.fusion.space = "target"
+    target = Objective(cfg, objective.student, objective.tokenizer, objective.teachers, "cpu")
+    out = target.evaluate(gsm[1][:2], batch_size=2)
     assert set(out) == {"eval/ce", "eval/ppl"}
     assert out["eval/ppl"] == pytest.approx(math.exp(out["eval/ce"]))

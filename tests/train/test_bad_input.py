@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from kvdistill.data import load_records
-from kvdistill.train.objective import Objective
+from kvdistill.objectives import Objective
 from kvdistill.train.trainer import micro_batch
 
 

@@ -1,7 +1,8 @@
 """Held-out figures: perplexity, exact match by greedy generation, and KV alignment error per layer.
 
 Two KV alignment errors:
-- `kv_error` uses the run's own trained projectors (what the training loss sees, on held-out data);
+- the run's own trained projectors (what the training loss sees, on held-out data): `Objective.evaluate`, through
+  the same loss-space code and `kvdistill.losses.kv_error` that training runs;
 - `probe_kv_error` fits a fresh ridge-regression map from the student's K/V to each teacher's (on a fit split)
   and measures 1 - R² on held-out samples. It needs no trained maps, so a CE-only student and a distilled
   student are compared on equal terms: how much of the teacher's K/V is linearly readable from the student's.
@@ -17,8 +18,10 @@ import math
 import torch
 
 from kvdistill.align.layers import layer_map
-from kvdistill.models.capture import capture_kv, forward_kv, tokenize
+from kvdistill.losses import token_nll
+from kvdistill.models.capture import capture_kv, tokenize
 from kvdistill.models.geometry import geometry_of
+from kvdistill.objectives.batch import teacher_alignment
 
 
 def _chunks(items, size):
@@ -34,10 +37,9 @@ def perplexity(model, tokenizer, records: list[dict], *, max_length: int, batch_
     for batch in _chunks(records, batch_size):
         enc = tokenize(tokenizer, [r["text"] for r in batch], max_length=max_length, padding_side="right")
         ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
-        logits = model(input_ids=ids, attention_mask=mask).logits.float()  # (B, T, V)
-        logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-        counted = (mask[:, 1:] * mask[:, :-1]).bool()
-        nll_sum += float(-logp[counted].sum())
+        logits = model(input_ids=ids, attention_mask=mask).logits  # (B, T, V)
+        nll, counted = token_nll(logits, ids, mask)  # (B, T) each
+        nll_sum += float(nll[counted].sum())
         count += int(counted.sum())
     ce = nll_sum / max(count, 1)
     return {"ce": ce, "ppl": math.exp(min(ce, 50.0)), "tokens": count}
@@ -161,8 +163,6 @@ def _aligned_pairs(student, s_tok, teacher_rows: TeacherRows, records, layers_s,
 
     Per student layer i: lists of ("k" | "v", rows) in batch order, x (N, H_s·D_s) and y (N, H_t·D_t), float32.
     """
-    from kvdistill.train.objective import teacher_alignment
-
     rows = teacher_rows
     xs = {i: [] for i in layers_s}
     ys = {i: [] for i in layers_s}
@@ -245,69 +245,4 @@ def probe_kv_error(
             total = (Ye - Ye.mean(0)).square().sum().clamp(min=1e-12)
             errs.append(float(resid / total))
         out.append(sum(errs) / 2)
-    return out
-
-
-@torch.no_grad()
-def evaluate_objective(objective, records: list[dict], batch_size: int) -> dict:
-    """Held-out CE/perplexity and, per teacher, the normalised KV error per student layer (trained maps).
-
-    The error of student layer i against teacher n weighs the teacher layers as the training KV term does, per
-    sample: Σ_j W_n[i, j] · (err(K) + err(V)) / 2, err the variance-normalised MSE over covered teacher tokens
-    (`kv_error`) whatever losses.kv.kind is, averaged over samples. `eval/kv_error_layers/<teacher>` has one entry per student layer (L_s),
-    None for a layer the layer map leaves unsupervised; `eval/kv_error/<teacher>` is the mean over mapped layers.
-    Target- and latent-space fusion (no student→teacher maps) report CE and perplexity only.
-    """
-    from kvdistill.train.objective import kv_error, teacher_alignment
-
-    cfg = objective.cfg
-    nll, tokens = 0.0, 0
-    per_sample: dict[str, dict[int, list[float]]] = {t.name: {} for t in objective.teachers}
-    for batch in _chunks(records, batch_size):
-        ids, mask, spans_s = objective._student_batch(batch)  # (B, T_s) each, spans (B, T_s, 2)
-        s = forward_kv(objective.student, ids, mask, geometry=objective.student_geometry, logits=True)
-        logp = (
-            torch.log_softmax(s.logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-        )  # (B, T_s-1)
-        counted = (mask[:, 1:] * mask[:, :-1]).bool()
-        nll += float(-logp[counted].sum())
-        tokens += int(counted.sum())
-        if cfg.fusion.space != "loss":
-            continue
-        for teacher in objective.teachers:
-            tkv = teacher.kv(batch, max_length=cfg.data.max_length)
-            matrix = objective.layer_maps[teacher.name]  # (L_s, L_t)
-            align: dict[int, torch.Tensor] = {}
-            for i in range(matrix.shape[0]):
-                if matrix[i].sum() == 0:
-                    continue
-                proj = objective.projectors[teacher.name][str(i)]
-                k_s = proj(s.keys[i], which="keys").float()  # (B, H_t, T_s, D_t)
-                v_s = proj(s.values[i], which="values").float()
-                err = torch.zeros(ids.shape[0], device=ids.device)  # (B,)
-                for j in matrix[i].nonzero().flatten().tolist():
-                    key = id(tkv.spans[j])
-                    if key not in align:
-                        align[key] = teacher_alignment(
-                            tkv.spans[j].to(ids.device), tkv.mask[j].to(ids.device), spans_s, mask
-                        ).float()  # (B, M, T_s) or (B, H_t, M, T_s)
-                    A = align[key]
-                    eq = "bmt,bhtd->bhmd" if A.dim() == 3 else "bhmt,bhtd->bhmd"
-                    covered = (A.sum(-1) > 0).long() * tkv.mask[j].to(ids.device)  # (B, M) or (B, H_t, M)
-                    k_t, v_t = tkv.keys[j].to(ids.device), tkv.values[j].to(ids.device)  # (B, H_t, M, D_t)
-                    e = kv_error(torch.einsum(eq, A, k_s), k_t, covered)
-                    e = e + kv_error(torch.einsum(eq, A, v_s), v_t, covered)
-                    err = err + float(matrix[i, j]) * e / 2
-                per_sample[teacher.name].setdefault(i, []).extend(err.tolist())
-    ce = nll / max(tokens, 1)
-    out = {"eval/ce": ce, "eval/ppl": math.exp(min(ce, 50.0))}
-    for teacher in objective.teachers:
-        layers = per_sample[teacher.name]
-        if not layers:
-            continue
-        num_layers = objective.layer_maps[teacher.name].shape[0]
-        vals = [sum(layers[i]) / len(layers[i]) if i in layers else None for i in range(num_layers)]
-        mapped = [v for v in vals if v is not None]
-        out[f"eval/kv_error/{teacher.name}"] = sum(mapped) / len(mapped)
-        out[f"eval/kv_error_layers/{teacher.name}"] = vals
     return out

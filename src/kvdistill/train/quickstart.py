@@ -29,7 +29,7 @@ def run_quickstart(out: str | Path, *, steps: int | None = None, overrides: list
     from kvdistill.eval.run import evaluate_student
     from kvdistill.models import zoo
     from kvdistill.models.load import load_model
-    from kvdistill.train.student import build_student
+    from kvdistill.student import build_student
     from kvdistill.train.trainer import train
 
     t0 = time.time()

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 from kvdistill.config import StudentConfig
 from kvdistill.errors import KvdistillError
 from kvdistill.models.capture import is_checkpointing
-from kvdistill.train.student import build_student, save_student, unwrap_student
+from kvdistill.student import build_student, save_student, unwrap_student
 
 
 def student_config(**changes) -> StudentConfig:

@@ -1,0 +1,16 @@
+"""kvdistill.losses: THE loss library. Pure per-sample functions with shapes and masks in their docstrings;
+training (kvdistill.objectives), evaluation and the tests call these and nothing else.
+
+Every function returns one float32 value per sample, (B,) (or (..., B) for the row-wise K/V errors): the
+objective of a batch is the mean over its samples, which is what makes batch size, gradient accumulation and DDP
+give the same update. Inputs of any float dtype are reduced in float32. Mask semantics: kvdistill.losses.reduce.
+"""
+
+from kvdistill.losses.attention import attention_kl, relation_loss, relation_matrix
+from kvdistill.losses.hidden import hidden_error
+from kvdistill.losses.kv import KV_KINDS, as_rows, cosine_error, kv_error
+from kvdistill.losses.logits import DIVERGENCES, ce_loss, logit_kd, token_nll
+from kvdistill.losses.reduce import sample_mean
+
+__all__ = ["DIVERGENCES", "KV_KINDS", "as_rows", "attention_kl", "ce_loss", "cosine_error", "hidden_error",
+           "kv_error", "logit_kd", "relation_loss", "relation_matrix", "sample_mean", "token_nll"]

@@ -1,0 +1,77 @@
+"""K/V errors between a student's K/V mapped into a teacher's geometry and the teacher's (kept) K/V.
+
+Notation: B batch, N rows (a teacher token, or a (head, token) pair when the kept tokens differ per head),
+F features of a row (H·D or D), H heads, M kept teacher tokens, D head dim.
+
+The library's one KV error works on rows, with any leading dims (layer pairs, keys/values) before B, so a whole
+teacher's layer map is reduced in one call: pred, target (..., B, N, F), mask broadcastable to (..., B, N).
+`as_rows` lays a (B, H, M, D) tensor out as rows.
+
+Normalisation (the only one): with normalize=True the error of a sample is divided by σ² (mse) or σ (smooth-L1),
+σ² the variance of that sample's counted target values (detached, plus eps): layers and teachers of different
+scales weigh alike, and because σ is per sample the loss does not depend on how samples are grouped into batches.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kvdistill.errors import KvdistillError
+from kvdistill.losses.reduce import check_dims, check_mask, check_same, sample_mean
+
+KV_KINDS = ("mse", "smooth_l1")
+
+
+def as_rows(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, H, M, D) with a mask (B, M) shared by heads -> rows (B, M, H·D), mask (B, M);
+    with a per-head mask (B, H, M) -> rows (B, H·M, D), mask (B, H·M)."""
+    check_dims(x, 4, "x", "(B, H, M, D)")
+    B, H, M, D = x.shape
+    if mask.dim() == 2:
+        return x.transpose(1, 2).reshape(B, M, H * D), mask
+    return x.reshape(B, H * M, D), mask.reshape(B, H * M)
+
+
+def kv_error(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, *, kind: str = "mse",
+             normalize: bool = True, weight: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
+    """Per-sample error between rows of pred and target -> (..., B).
+
+    pred, target: (..., B, N, F), the same shape (map the student into the teacher's geometry first).
+    mask: broadcastable to (..., B, N), 1 = the row counts. kind: "mse" (squared error) or "smooth_l1"
+    (Huber, beta 1) per element. The error of a sample is the mean over its counted rows and their F features.
+    normalize: divide by σ² (mse) or σ (smooth_l1), σ² the variance of the sample's counted target values
+    (no gradient). weight: broadcastable to (..., B, N), multiplies each row's error (per-token fusion weights);
+    the mean still divides by the number of counted rows, so weight 1 everywhere is the unweighted error.
+    The difference is taken in the inputs' dtype; only it is squared and reduced in float32.
+    """
+    check_dims(pred, 3, "pred", "(..., B, N, F)", at_least=True)
+    check_same(pred, target, "pred", "target", "map the student K/V into the teacher's geometry first")
+    if kind not in KV_KINDS:
+        raise KvdistillError(f"KV error kind '{kind}' is unknown", "use kind 'mse' or 'smooth_l1'")
+    counted = check_mask(mask, pred.shape[:-1], "the rows of pred")[..., None].expand(pred.shape)  # (..., B, N, F)
+    diff = (pred - target).float().masked_fill(~counted, 0.0)  # (..., B, N, F); NaN in uncounted rows: no gradient
+    err = diff.square() if kind == "mse" else F.smooth_l1_loss(diff, torch.zeros_like(diff), reduction="none")
+    row_weight = None if weight is None else weight.float()[..., None]
+    out = sample_mean(err, counted, 2, row_weight)  # (..., B)
+    if not normalize:
+        return out
+    with torch.no_grad():
+        t = target.float()
+        mean = sample_mean(t, counted, 2)  # (..., B)
+        var = sample_mean((t - mean[..., None, None]).square(), counted, 2)  # (..., B)
+    return out / ((var + eps) if kind == "mse" else (var + eps).sqrt())
+
+
+def cosine_error(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, *,
+                 weight: torch.Tensor | None = None, eps: float = 1e-8) -> torch.Tensor:
+    """Per-sample 1 - cosine similarity over the last dim -> (..., B): only directions are matched.
+
+    pred, target: (..., B, N, D) (rows: one vector each, e.g. one head's key at one token); mask broadcastable to
+    (..., B, N), 1 = counted; weight as in `kv_error`. Mean over counted rows.
+    """
+    check_dims(pred, 3, "pred", "(..., B, N, D)", at_least=True)
+    check_same(pred, target, "pred", "target", "map the student K/V into the teacher's geometry first")
+    counted = check_mask(mask, pred.shape[:-1], "the rows of pred")  # (..., B, N)
+    cos = F.cosine_similarity(pred.float(), target.float(), dim=-1, eps=eps)  # (..., B, N)
+    return sample_mean(1.0 - cos, counted, 1, None if weight is None else weight.float())

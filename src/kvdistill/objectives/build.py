@@ -1,0 +1,47 @@
+"""Building an objective from a run config: the student, its teachers (online models or caches), the objective."""
+
+from __future__ import annotations
+
+import torch
+
+from kvdistill.cache.extract import open_teacher_cache
+from kvdistill.models.geometry import geometry_of
+from kvdistill.models.load import attn_implementation_for, load_config, load_model
+from kvdistill.models.queries import supports_queries
+from kvdistill.objectives.objective import Objective
+from kvdistill.student import build_student
+from kvdistill.teachers import CachedTeacher, OnlineTeacher
+
+
+def build_teachers(cfg, device) -> list:
+    """The teachers of `cfg`, in order: a `CachedTeacher` for source cache (refused unless it matches the run),
+    else an `OnlineTeacher` loaded with the attention kernel its losses need."""
+    teachers = []
+    on_gpu = torch.device(device).type == "cuda"
+    for tcfg in cfg.teachers:
+        if tcfg.source == "cache":
+            # refused unless it holds this run's teacher, tokenizer, compression and data
+            teachers.append(CachedTeacher(tcfg.name, open_teacher_cache(tcfg, cfg.data)))
+            continue
+        dtype = tcfg.dtype if tcfg.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
+        comp = tcfg.compression
+        # attention probabilities are read for attention_kl, and by rkv for families whose importance cannot come
+        # from hooked queries (models.queries); sdpa otherwise
+        rkv_attn = comp.kind == "rkv" and not supports_queries(geometry_of(load_config(tcfg.model)))
+        attn = attn_implementation_for(cfg.losses.attention_kl > 0 or rkv_attn)
+        model, tok = load_model(tcfg.model, dtype=dtype, attn_implementation=attn)
+        teachers.append(OnlineTeacher(tcfg.name, model, tok, compression=comp.build() if comp.kind != "full" else None,
+                                      layers=comp.layers))
+    return teachers
+
+
+def build_objective(cfg, device="cpu", *, init_student: str | None = None) -> Objective:
+    """The student (from its config, or `init_student`), the teachers and the objective of `cfg` on `device`."""
+    student_cfg = cfg.student
+    if init_student is not None:
+        student_cfg = student_cfg.model_copy(update={"model": str(init_student), "from_config": None,
+                                                     "tokenizer": None})
+    student, tokenizer = build_student(student_cfg, seed=cfg.train.seed, attentions=cfg.losses.attention_kl > 0)
+    teachers = build_teachers(cfg, device)
+    torch.manual_seed(cfg.train.seed + 1)  # projector / router init independent of how the student was built
+    return Objective(cfg, student, tokenizer, teachers, device)

@@ -1,0 +1,191 @@
+"""The distillation objective: the student's CE, a fusion space's K/V loss, the per-teacher terms, the router's
+regulariser. Thin: every loss comes from `kvdistill.losses`, every K/V term from the space module.
+
+Notation: B batch, N teachers, T_s student tokens, L_s student layers.
+
+    loss = mean_b [ λ_ce·CE(b) + kd_space(b) + extra(b) ] + λ_ent·entropy(w)
+
+Each bracket is per sample, so a batch's loss (and its gradient) is the mean of its samples' losses: batch size,
+accumulation and DDP give the same update.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from kvdistill import losses
+from kvdistill.align.plan import alignment_plan
+from kvdistill.align.tokens import token_alignment
+from kvdistill.errors import KvdistillError
+from kvdistill.models.capture import forward_kv, tokenize
+from kvdistill.models.geometry import geometry_of
+from kvdistill.objectives.base import FusionSpace, Step
+from kvdistill.objectives.batch import StudentBatch, student_batch
+from kvdistill.objectives.fusion import Fusion, per_sample
+from kvdistill.objectives.latent_space import LatentSpaceKD
+from kvdistill.objectives.loss_space import LossSpace
+from kvdistill.objectives.pairs import LayerPairs
+from kvdistill.objectives.target_space import TargetSpace
+from kvdistill.objectives.terms import TeacherTerms
+from kvdistill.student import save_student, unwrap_student
+
+SPACES: dict[str, type[FusionSpace]] = {"loss": LossSpace, "target": TargetSpace, "latent": LatentSpaceKD}
+
+
+def _read_metrics(metrics: dict[str, torch.Tensor], mask_cpu: torch.Tensor) -> dict[str, float]:
+    """Scalar metric tensors as floats, read from the device in one transfer; `tokens` from the CPU mask."""
+    names = list(metrics)
+    values = torch.stack([metrics[k].float().reshape(()) for k in names]).tolist() if names else []
+    return {"tokens": float(mask_cpu.sum()), **dict(zip(names, values, strict=True))}
+
+
+class Objective(nn.Module):
+    def __init__(self, cfg, student: nn.Module, tokenizer, teachers: list, device):
+        super().__init__()
+        self.cfg = cfg
+        self.student = student
+        self.tokenizer = tokenizer
+        self.teachers = teachers  # plain list: frozen, not part of the trained / checkpointed module
+        sg = self.student_geometry = geometry_of(unwrap_student(student), name=str(cfg.student.model or "student"))
+        self.pairs = {t.name: LayerPairs.of(sg.num_layers, t.geometry.num_layers, tcfg.layer_map, cfg.losses.kv,
+                                            device)
+                      for tcfg, t in zip(cfg.teachers, teachers, strict=True)}
+        self._check_teachers()
+        self.fusion = Fusion(cfg.fusion, len(teachers), sg.hidden_size, [t.weight for t in cfg.teachers])
+        self.space = SPACES[cfg.fusion.space](cfg, sg, teachers, self.pairs)
+        self.terms = TeacherTerms(cfg, sg, teachers)
+        self.to(device)
+        for teacher in teachers:
+            teacher.to(device)
+
+    def _check_teachers(self) -> None:
+        for teacher in self.teachers:
+            missing = sorted(set(self.pairs[teacher.name].teacher_layers) - set(teacher.layers))
+            if missing:
+                raise KvdistillError(f"teacher '{teacher.name}' lacks layers {missing} that the layer map uses",
+                                     "re-extract the cache with those layers, or change the teacher's layer_map")
+            if self.cfg.losses.logit_kd.weight > 0 and (
+                    teacher.geometry.vocab_size != self.student_geometry.vocab_size
+                    or teacher.tokenizer.get_vocab() != self.tokenizer.get_vocab()):
+                raise KvdistillError(
+                    f"losses.logit_kd needs the student and teacher '{teacher.name}' to share a vocabulary",
+                    "set losses.logit_kd.weight: 0 for cross-tokenizer teachers (KV losses align by characters)")
+
+    # ---------------------------------------------------------------------------------------------- one step
+    def batch(self, records: list[dict]) -> StudentBatch:
+        return student_batch(self.tokenizer, records, max_length=self.cfg.data.max_length,
+                             max_positions=self.student_geometry.max_positions, device=self.fusion.fixed.device)
+
+    def step(self, records: list[dict], *, training: bool = True) -> Step:
+        """The student's forward and every teacher's K/V of one batch; held out (training=False) only the K/V, and
+        only for a space that reports per-layer errors."""
+        needs = self.terms.needs() if training else dict(hidden_states=False, logits=False, attentions=False)
+        batch = self.batch(records)
+        s = forward_kv(self.student, batch.ids, batch.mask, geometry=self.student_geometry, logits=True,
+                       hidden_states=needs["hidden_states"] or (training and self.fusion.needs_hidden),
+                       attentions=needs["attentions"])
+        wanted = training or self.space.reports_layer_errors
+        tkvs = [t.kv(records, max_length=self.cfg.data.max_length, **needs) for t in self.teachers] if wanted else []
+        return Step(batch, s, self.teachers, tkvs, self.pairs, self.fusion)
+
+    def forward(self, records: list[dict]):
+        """(loss, metrics) of a batch: loss a 0-dim tensor, metrics floats (per-sample means; `tokens` a count)."""
+        cfg = self.cfg
+        step = self.step(records)
+        mask = step.batch.mask
+        ce = losses.ce_loss(step.student.logits, step.batch.ids, mask)  # (B,)
+        metrics: dict[str, torch.Tensor] = {"loss/ce": ce.detach().mean()}
+        per_sample_loss = cfg.losses.ce * ce
+        total_extra = None
+        if self.teachers:
+            out = self.space(step)
+            extra, term_metrics = self.terms(step, per_sample(out.weights, mask))
+            per_sample_loss = per_sample_loss + out.kd + extra
+            metrics.update(out.metrics)
+            metrics.update(term_metrics)
+            metrics["loss/kd"] = (out.kd + extra).detach().mean()
+            sample_w = per_sample(out.weights, mask)
+            for n, teacher in enumerate(self.teachers):
+                metrics[f"weight/{teacher.name}"] = sample_w[:, n].detach().mean()
+            total_extra = self.fusion.regularizer(out.weights, mask)
+        total = per_sample_loss.mean()
+        if total_extra is not None:
+            total = total + cfg.fusion.entropy.weight * total_extra
+            metrics["loss/entropy"] = total_extra.detach()
+        metrics["loss"] = total.detach()
+        return total, _read_metrics(metrics, step.batch.mask_cpu)
+
+    # ---------------------------------------------------------------------------------------------- held out
+    @torch.no_grad()
+    def evaluate(self, records: list[dict], batch_size: int | None = None) -> dict:
+        """Held-out CE / perplexity (token-level, `losses.token_nll`) and, where the space defines it, per teacher
+        the K/V error per student layer: `eval/kv_error_layers/<teacher>` (L_s entries, None where the layer map
+        leaves a layer unsupervised) and its mean over mapped layers `eval/kv_error/<teacher>`."""
+        was = self.training
+        self.eval()
+        try:
+            bs = batch_size or self.cfg.train.batch_size
+            nll, tokens = 0.0, 0
+            per_layer: dict[str, dict[int, list[float]]] = {t.name: {} for t in self.teachers}
+            for lo in range(0, len(records), bs):
+                step = self.step(records[lo : lo + bs], training=False)
+                token, counted = losses.token_nll(step.student.logits, step.batch.ids, step.batch.mask)
+                nll += float(token[counted].sum())
+                tokens += int(counted.sum())
+                errors = self.space.layer_errors(step) if step.records else None
+                for name, layers in (errors or {}).items():
+                    for i, err in layers.items():
+                        per_layer[name].setdefault(i, []).extend(err.tolist())
+            ce = nll / max(tokens, 1)
+            out = {"eval/ce": ce, "eval/ppl": math.exp(min(ce, 50.0))}
+            for name, layers in per_layer.items():
+                if layers:
+                    vals = [sum(layers[i]) / len(layers[i]) if i in layers else None
+                            for i in range(self.student_geometry.num_layers)]
+                    mapped = [v for v in vals if v is not None]
+                    out[f"eval/kv_error/{name}"] = sum(mapped) / len(mapped)
+                    out[f"eval/kv_error_layers/{name}"] = vals
+            return out
+        finally:
+            self.train(was)
+
+    @torch.no_grad()
+    def prepare(self, records: list[dict]) -> None:
+        """Fit what is fitted rather than trained (the latent maps) on `records`; a no-op for the other spaces."""
+        self.space.prepare(records, self.teachers, self.pairs, self.cfg.data.max_length, self.cfg.train.batch_size)
+
+    # ---------------------------------------------------------------------------------------------- reports
+    def plan(self) -> dict:
+        out = {"student": self.student_geometry.to_dict(), "teachers": []}
+        for tcfg, teacher in zip(self.cfg.teachers, self.teachers, strict=True):
+            p = alignment_plan(self.student_geometry, teacher.geometry, strategy=tcfg.layer_map.strategy,
+                               explicit=tcfg.layer_map.explicit, interpolate=tcfg.layer_map.interpolate,
+                               projector=tcfg.projector)
+            p["geometry"] = teacher.geometry.to_dict()
+            p["source"] = teacher.kind
+            out["teachers"].append(p)
+        return out
+
+    def alignment_sample(self, record: dict) -> dict:
+        """Tokens of the student and every teacher for one record, and their alignment (for the report)."""
+        text = record["text"][:400]
+
+        def toks(tokenizer):
+            enc = tokenize(tokenizer, [text], max_length=48)
+            return tokenizer.convert_ids_to_tokens(enc["input_ids"][0].tolist()), enc["offset_mapping"][0]
+
+        s_tok, s_spans = toks(self.tokenizer)
+        out = {"text": text, "student": {"tokens": s_tok}, "teachers": {}}
+        for teacher in self.teachers:
+            if getattr(teacher, "tokenizer", None) is None:
+                continue
+            t_tok, t_spans = toks(teacher.tokenizer)
+            A = token_alignment(s_spans, t_spans).to_dense()
+            out["teachers"][teacher.name] = {"tokens": t_tok, "alignment": [[round(float(x), 4) for x in r] for r in A]}
+        return out
+
+    def save_student(self, out_dir) -> None:
+        save_student(self.student, self.tokenizer, str(out_dir))

@@ -1,0 +1,86 @@
+"""Per-teacher terms beside the K/V of the fusion space: relation, attention KL, hidden states and logit KD.
+
+Notation: B batch, T_s student tokens, M = T_t teacher tokens (these terms need online, uncompressed teachers),
+H heads, F_s/F_t hidden widths, V vocabulary.
+
+Each term is a `kvdistill.losses` function on the teacher's tokens, averaged over the teacher's layer pairs
+(i, j, w) as the K/V term is (Σ w·term / #mapped layers); logit KD is one term per teacher. Teacher n's terms are
+weighed by its per-sample fusion weight w_n(b) (per-token weights: their mean over the sample's tokens):
+
+    extra(b) = Σ_n w_n(b) · (λ_rel·rel_n + λ_att·att_n + λ_hid·hid_n + λ_logit·kd_n)(b)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kvdistill import losses
+from kvdistill.objectives.base import Step
+from kvdistill.objectives.batch import teacher_alignment
+
+TERMS = ("relation", "attention_kl", "hidden", "logit_kd")
+
+
+class TeacherTerms(nn.Module):
+    """The per-teacher terms of `cfg.losses` with a weight > 0; hidden states get a learnable F_s -> F_t map."""
+
+    def __init__(self, cfg, student_geometry, teachers: list):
+        super().__init__()
+        c = cfg.losses
+        self.scale = {"relation": c.relation, "attention_kl": c.attention_kl, "hidden": c.hidden,
+                      "logit_kd": c.logit_kd.weight}
+        self.logit = c.logit_kd
+        self.active = [t for t in TERMS if self.scale[t] > 0]
+        self.hidden_proj = nn.ModuleDict(
+            {t.name: nn.Linear(student_geometry.hidden_size, t.geometry.hidden_size, bias=False) for t in teachers}
+            if c.hidden > 0 else {})
+
+    def needs(self) -> dict[str, bool]:
+        """What the student and the teachers must capture."""
+        return dict(hidden_states="hidden" in self.active, logits="logit_kd" in self.active,
+                    attentions="attention_kl" in self.active)
+
+    def forward(self, step: Step, weights: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """extra (B,) and metrics; weights (B, N) per-sample fusion weights."""
+        B = step.batch.mask.shape[0]
+        extra = torch.zeros(B, device=step.batch.mask.device)
+        metrics: dict[str, torch.Tensor] = {}
+        if not self.active:
+            return extra, metrics
+        for n, teacher in enumerate(step.teachers):
+            for name, value in self.teacher_terms(step, n).items():
+                extra = extra + weights[:, n] * self.scale[name] * value
+                metrics[f"loss/{name}/{teacher.name}"] = value.detach().mean()
+        return extra, metrics
+
+    def teacher_terms(self, step: Step, n: int) -> dict[str, torch.Tensor]:
+        """Each active term of teacher n, per sample (B,), before its loss weight."""
+        teacher, tkv = step.teachers[n], step.records[n]
+        lp = step.pairs[teacher.name]
+        s, b = step.student, step.batch
+        cap = tkv.capture
+        j0 = lp.j[0]
+        A = teacher_alignment(tkv.spans[j0], tkv.mask[j0], b.spans, b.mask).float()  # (B, M, T_s)
+        covered = (A.sum(-1) > 0).long() * tkv.mask[j0]  # (B, M) teacher tokens some student token overlaps
+        out: dict[str, torch.Tensor] = {}
+        L = len(lp.layers)
+        for i, j, w in zip(lp.i, lp.j, lp.w, strict=True):
+            if "relation" in self.active:  # student keys resampled onto the teacher's tokens
+                k_on_t = torch.einsum("bmt,bhtd->bhmd", A, s.keys[i].float())  # (B, H_s, M, D_s)
+                out["relation"] = out.get("relation", 0) + w * losses.relation_loss(k_on_t, tkv.keys[j], covered) / L
+            if "attention_kl" in self.active:  # teacher attention moved onto the student grid: Aᵀ P A
+                p_on_s = torch.einsum("bmt,bhmn,bnu->bhtu", A, cap.attentions[j].float(), A)  # (B, H_t, T_s, T_s)
+                p_on_s = p_on_s / p_on_s.sum(-1, keepdim=True).clamp(min=1e-9)
+                reached = (A.sum(1) > 0).long() * b.mask  # (B, T_s) student tokens covered by the teacher
+                value = losses.attention_kl(s.attentions[i].float(), p_on_s, reached)
+                out["attention_kl"] = out.get("attention_kl", 0) + w * value / L
+            if "hidden" in self.active:
+                h_s = self.hidden_proj[teacher.name](s.hidden_states[i + 1].float())  # (B, T_s, F_t)
+                h_pred = torch.einsum("bmt,btf->bmf", A, h_s)  # (B, M, F_t)
+                value = losses.hidden_error(h_pred, cap.hidden_states[j + 1].float(), covered)
+                out["hidden"] = out.get("hidden", 0) + w * value / L
+        if "logit_kd" in self.active:
+            out["logit_kd"] = losses.logit_kd(s.logits, cap.logits, b.mask, temperature=self.logit.temperature,
+                                              divergence=self.logit.divergence, beta=self.logit.beta)
+        return out
