@@ -50,9 +50,8 @@ from common import (
     write_result,
 )
 
-from kvdistill.cache import cache_info, fingerprint_tokenizer, make_meta
+from kvdistill.cache import CacheWriter, cache_info, fingerprint_tokenizer, make_meta, samples_from_capture
 from kvdistill.cache.extract import run_pipeline
-from kvdistill.cache.store import CacheWriter, samples_from_capture
 from kvdistill.compress import Compression, rkv_select
 from kvdistill.models.capture import capture_kv
 from kvdistill.models.geometry import geometry_of

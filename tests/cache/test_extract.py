@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvdistill.cache import CacheReader, merge_parts, verify_cache
+from kvdistill.cache import CacheReader, merge_parts, samples_from_capture, verify_cache
 from kvdistill.cache.extract import dataset_records, extract, plan_batches, run_pipeline
 from kvdistill.config import DataConfig, TeacherConfig, load_config
 from kvdistill.errors import CacheError, KvdistillError
@@ -57,9 +57,9 @@ def text_data(tmp_path_factory) -> DataConfig:
 def cli_teacher():
     """smollm2 loaded as `kvdistill extract --device cpu` loads it for rkv (sdpa: its importance comes from
     hooked queries), so in-process runs compute bit for bit what the CLI does."""
-    from kvdistill.cache.extract import _load_teacher
+    from kvdistill.cache.extract import load_teacher, teacher_spec
 
-    return _load_teacher(teacher(), "cpu")
+    return load_teacher(teacher(), teacher_spec(teacher()), "cpu")
 
 
 @pytest.fixture(scope="module")
@@ -122,18 +122,52 @@ def test_extract_then_read_equals_compress_capture(request, tmp_path, model, com
         assert torch.equal(cached.values[layer], online.values[layer].to(comp.torch_dtype))
 
 
+def test_extract_derives_the_teacher_once(tmp_path, smollm2, monkeypatch):
+    """Geometry, compression and layers are derived once per extraction (config.json, plus one check of the
+    passed model), not once per batch: three batches here."""
+    from collections import Counter
+
+    import kvdistill.models.capture as models_capture
+    import kvdistill.models.geometry as models_geometry
+    import kvdistill.models.queries as models_queries
+    import kvdistill.teachers.capture as teachers_capture
+    from kvdistill.compress import Compression
+    from kvdistill.config import CompressionConfig
+
+    calls: Counter[str] = Counter()
+
+    def count(owner, name):
+        fn = getattr(owner, name)
+
+        def counted(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, counted)
+
+    for owner in (models_geometry, models_capture, models_queries, teachers_capture):
+        count(owner, "geometry_of")
+    count(CompressionConfig, "build")
+    count(Compression, "resolve_layers")
+    result = extract(
+        teacher(), GSM, tmp_path, batch_size=2, progress=False, model=smollm2[0], tokenizer=smollm2[1]
+    )
+    assert result["stored"] == 6 and len(CacheReader(tmp_path).manifest["shards"]) == 1
+    assert calls == {"geometry_of": 2, "build": 1, "resolve_layers": 1}
+
+
 # ------------------------------------------------------------------------------------ SIGKILL + resume
 SLOW_CLI = textwrap.dedent(
     """
     import sys, time
-    from kvdistill.cache import store
-    add = store.CacheWriter.add
+    from kvdistill.cache import writer
+    add = writer.CacheWriter.add
 
     def slow_add(self, *args, **kwargs):  # slow the writer down so the kill lands mid-extraction
         add(self, *args, **kwargs)
         time.sleep(0.25)
 
-    store.CacheWriter.add = slow_add
+    writer.CacheWriter.add = slow_add
     from kvdistill.cli import main
     sys.argv = ["kvdistill", *sys.argv[1:]]
     main()
@@ -232,7 +266,6 @@ def test_pipeline_keeps_order_and_surfaces_background_errors(cli_teacher):
     """run_pipeline hands batches to `consume` in order, each equal to the capture made on the main thread; an
     error while tokenizing (an empty text) or storing (consume raising) is raised in the caller,
     naming the batch."""
-    from kvdistill.cache.store import samples_from_capture
     from kvdistill.compress import Compression
     from kvdistill.teachers import capture_teacher
 

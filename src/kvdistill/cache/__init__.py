@@ -1,10 +1,19 @@
-"""kvdistill.cache: the on-disk teacher-KV store (sharded safetensors + manifest.json).
+"""kvdistill.cache: the on-disk teacher-KV store (sharded safetensors + manifest.json) and its extraction.
 
-Write with `CacheWriter` (resumable; one part per SLURM array task, then `merge_parts`), read with
-`CacheReader`, check with `verify_cache` / `cache_info`. Layouts are documented in `store` and `manifest`.
+Modules, one concept each:
+    manifest   the manifest and the meta a cache is checked against (teacher, tokenizer, compression, dataset)
+    batch      the host side of one captured batch: selection, async copy, the stored sample layout
+    writer     `CacheWriter`: crash-safe sharded writer (background thread, resume); the directory layout
+    merge      `merge_parts`: one manifest.json from the parts of a SLURM array extraction
+    reader     `CacheReader`: lazy per-sample reads and right-padded `TeacherKV` batches
+    verify     `verify_cache` / `cache_info`
+    extract    `kvdistill extract` (`kvdistill.cache.extract.extract`, `run_pipeline`) and
+               `open_teacher_cache`, the checked reader a `source: cache` teacher trains from
 """
 
 from __future__ import annotations
+
+from importlib import import_module
 
 from kvdistill.cache.manifest import (
     META_FIELDS,
@@ -15,32 +24,47 @@ from kvdistill.cache.manifest import (
     meta_mismatches,
     read_manifest,
 )
+from kvdistill.cache.merge import merge_parts
 from kvdistill.cache.verify import cache_info, format_info, verify_cache
 
-_STORE = ("CacheReader", "CacheWriter", "merge_parts", "samples_from_capture")
+# these import torch (and transformers): lazy, so that the CLI (which imports kvdistill.cache.cli) starts fast
+_LAZY = {
+    "HostBatch": "batch",
+    "capture_to_host": "batch",
+    "host_samples": "batch",
+    "samples_from_capture": "batch",
+    "CacheWriter": "writer",
+    "CacheReader": "reader",
+    "expected_meta": "extract",
+    "open_teacher_cache": "extract",
+    "run_pipeline": "extract",
+}
 
 __all__ = [
     "META_FIELDS",
     "SCHEMA_VERSION",
     "CacheReader",
     "CacheWriter",
+    "HostBatch",
     "cache_info",
+    "capture_to_host",
+    "expected_meta",
     "fingerprint_records",
     "fingerprint_tokenizer",
     "format_info",
+    "host_samples",
     "make_meta",
     "merge_parts",
     "meta_mismatches",
+    "open_teacher_cache",
     "read_manifest",
+    "run_pipeline",
     "samples_from_capture",
     "verify_cache",
 ]
 
 
 def __getattr__(name: str):
-    # the store imports torch: lazy, so that the CLI (which imports kvdistill.cache.cli) starts fast
-    if name in _STORE:
-        from kvdistill.cache import store
-
-        return getattr(store, name)
+    if name in _LAZY:
+        return getattr(import_module(f"kvdistill.cache.{_LAZY[name]}"), name)
     raise AttributeError(f"module 'kvdistill.cache' has no attribute '{name}'")

@@ -287,7 +287,7 @@ def merge(
     allow_incomplete: bool = typer.Option(False, "--allow-incomplete", help="Merge unfinished parts too."),
 ) -> None:
     """Combine the parts of a split extraction (manifest.part-*.json) into one cache; safe to rerun."""
-    from kvdistill.cache.store import merge_parts
+    from kvdistill.cache.merge import merge_parts
 
     merged = merge_parts(directory, expected_parts=parts, require_complete=not allow_incomplete)
     console.print(

@@ -19,6 +19,10 @@ for families without a query projection) under the teacher's `compression`, with
 in half precision on GPU (the teacher's `dtype`, auto: bfloat16) and float32 on CPU, and stored in
 `compression.dtype`.
 
+What an extraction knows of its teacher (`TeacherSpec`: id, KV geometry, built compression, stored layers) is
+derived once, from config.json and the teacher config (`teacher_spec`), before any weights load, and handed to
+every step below: loading, the meta, the tokenize thread, the capture and the host copy of every batch.
+
 The cache's meta (see `kvdistill.cache.manifest`) is `expected_meta`: teacher id and geometry, tokenizer
 fingerprint, compression, and the dataset fingerprint (`dataset_fingerprint`: the records' ids and texts and
 `data.max_length`). Training from the cache (`open_teacher_cache`) rebuilds the same meta from the run's config,
@@ -31,14 +35,19 @@ import logging
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from kvdistill.cache.manifest import fingerprint_records, fingerprint_tokenizer, make_meta
 from kvdistill.config import DataConfig, TeacherConfig
 from kvdistill.errors import CacheError, KvdistillError
+
+if TYPE_CHECKING:
+    from kvdistill.compress import Compression
+    from kvdistill.models.geometry import KVGeometry
 
 log = logging.getLogger(__name__)
 
@@ -77,29 +86,50 @@ def teacher_id(model: str) -> str:
     return str(path.resolve()) if path.exists() else str(model).rstrip("/")
 
 
+@dataclass
+class TeacherSpec:
+    """What an extraction (or a cache check) knows of a teacher without its weights, derived once by
+    `teacher_spec`: the id a cache records, the KV geometry of its config.json, the built compression and the
+    stored layers (`compression.resolve_layers`)."""
+
+    id: str
+    geometry: KVGeometry
+    compression: Compression
+    layers: list[int]
+
+
+def teacher_spec(teacher_cfg: TeacherConfig) -> TeacherSpec:
+    """The `TeacherSpec` of `teacher_cfg`, from its config.json only; layers out of range: an error naming them."""
+    from kvdistill.models.geometry import geometry_of
+    from kvdistill.models.load import load_config
+
+    tid = teacher_id(teacher_cfg.model)
+    geometry = geometry_of(load_config(teacher_cfg.model), name=tid)
+    compression = teacher_cfg.compression.build()
+    return TeacherSpec(tid, geometry, compression, compression.resolve_layers(geometry.num_layers))
+
+
 def expected_meta(
     teacher_cfg: TeacherConfig,
     data_cfg: DataConfig,
     *,
     records: list[dict] | None = None,
     tokenizer=None,
+    spec: TeacherSpec | None = None,
 ) -> dict[str, Any]:
     """The meta of a cache of `teacher_cfg` over `data_cfg`, from the teacher's config.json and tokenizer only
-    (no weights). `records` / `tokenizer`: already loaded ones (the tokenizer must be the teacher's)."""
-    from kvdistill.models.geometry import geometry_of
-    from kvdistill.models.load import load_config, load_tokenizer
+    (no weights). `records` / `tokenizer` / `spec`: already loaded or derived ones (the tokenizer must be the
+    teacher's, the spec `teacher_spec(teacher_cfg)`)."""
+    from kvdistill.models.load import load_tokenizer
 
-    tid = teacher_id(teacher_cfg.model)
-    geometry = geometry_of(load_config(teacher_cfg.model), name=tid)
-    compression = teacher_cfg.compression.build()
-    compression.resolve_layers(geometry.num_layers)  # layers out of range: an error naming them
+    spec = spec if spec is not None else teacher_spec(teacher_cfg)
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(teacher_cfg.model)
     records = records if records is not None else dataset_records(data_cfg)
     return make_meta(
-        tid,
-        geometry.to_dict(),
+        spec.id,
+        spec.geometry.to_dict(),
         fingerprint_tokenizer(tokenizer),
-        compression.to_dict(),
+        spec.compression.to_dict(),
         dataset_fingerprint(records, data_cfg.max_length),
     )
 
@@ -107,7 +137,7 @@ def expected_meta(
 def open_teacher_cache(teacher_cfg: TeacherConfig, data_cfg: DataConfig):
     """The `CacheReader` of a `source: cache` teacher, checked against the run: complete, and the same
     teacher, tokenizer, compression and dataset (a CacheError names each field that differs)."""
-    from kvdistill.cache.store import CacheReader
+    from kvdistill.cache.reader import CacheReader
 
     reader = CacheReader(teacher_cfg.cache_dir)
     name = teacher_cfg.name
@@ -151,24 +181,32 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _load_teacher(teacher_cfg: TeacherConfig, device: str):
+def load_teacher(teacher_cfg: TeacherConfig, spec: TeacherSpec, device: str):
     """(model, tokenizer) in half precision on GPU, float32 on CPU (unless the teacher's dtype says otherwise);
     sdpa where the model supports it, eager attention when rkv needs the attention probabilities (families
     whose queries cannot be hooked, see `kvdistill.models.queries.supports_queries`)."""
-    from kvdistill.models.geometry import geometry_of
-    from kvdistill.models.load import load_config, load_model
+    from kvdistill.models.load import load_model
     from kvdistill.models.queries import supports_queries
 
     on_gpu = torch.device(device).type == "cuda"
     dtype = teacher_cfg.dtype if teacher_cfg.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
-    if teacher_cfg.compression.kind == "rkv" and not supports_queries(
-        geometry_of(load_config(teacher_cfg.model))
-    ):
+    if spec.compression.kind == "rkv" and not supports_queries(spec.geometry):
         return load_model(teacher_cfg.model, dtype=dtype, device=device)
     try:
         return load_model(teacher_cfg.model, dtype=dtype, device=device, attn_implementation="sdpa")
     except KvdistillError:
         return load_model(teacher_cfg.model, dtype=dtype, device=device)
+
+
+def _check_model(model, spec: TeacherSpec, name: str) -> None:
+    """A model handed to `extract` must be the teacher its config names (same geometry as its config.json)."""
+    from kvdistill.models.geometry import geometry_of
+
+    if geometry_of(model, name=spec.id).to_dict() != spec.geometry.to_dict():
+        raise KvdistillError(
+            f"the model passed to extract() is not teacher '{name}' (its geometry differs)",
+            "pass the model loaded from teacher_cfg.model, or leave model=None",
+        )
 
 
 # ---------------------------------------------------------------------------------------------- extract
@@ -195,94 +233,97 @@ def extract(
     Returns {out_dir, part, teacher, records (this part's), stored (this call), skipped (already stored),
     tokens (this call), seconds, tokens_per_s, complete}.
     """
-    from tqdm.auto import tqdm
-
-    from kvdistill.cache.store import CacheWriter
-    from kvdistill.models.geometry import geometry_of
-    from kvdistill.models.load import load_config
+    from kvdistill.cache.writer import CacheWriter
 
     _check_shards(shard_index, num_shards)
     plan_batches([], batch_size)  # a bad batch size fails before anything slow
-    device = device or _default_device()
-    records = dataset_records(data_cfg)
     if (model is None) != (tokenizer is None):
         raise KvdistillError(
             "pass both model and tokenizer, or neither", "extract(..., model=m, tokenizer=t)"
         )
+    records = dataset_records(data_cfg)
+    spec = teacher_spec(teacher_cfg)  # config.json only: bad layers fail before the weights load
     if model is None:
-        geometry = geometry_of(load_config(teacher_cfg.model))
-        teacher_cfg.compression.build().resolve_layers(geometry.num_layers)  # fail before loading weights
-        model, tokenizer = _load_teacher(teacher_cfg, device)
-    meta = expected_meta(teacher_cfg, data_cfg, records=records, tokenizer=tokenizer)
-    loaded = geometry_of(model, name=meta["teacher"]["id"]).to_dict()
-    if loaded != meta["teacher"]["geometry"]:
-        raise KvdistillError(
-            f"the model passed to extract() is not teacher '{teacher_cfg.model}' (its geometry differs)",
-            "pass the model loaded from teacher_cfg.model, or leave model=None",
-        )
-    compression = teacher_cfg.compression.build()
-    layers = compression.resolve_layers(loaded["num_layers"])
+        model, tokenizer = load_teacher(teacher_cfg, spec, device or _default_device())
+    else:
+        _check_model(model, spec, teacher_cfg.model)
+    meta = expected_meta(teacher_cfg, data_cfg, records=records, tokenizer=tokenizer, spec=spec)
     batches = [b for k, b in enumerate(plan_batches(records, batch_size)) if k % num_shards == shard_index]
     part = None if num_shards == 1 else shard_index
-    total = sum(len(b) for b in batches)
+    desc = f"extract {spec.id}" + (f" part {part}/{num_shards}" if part is not None else "")
 
     start = time.perf_counter()
-    stored = tokens = 0
-    with CacheWriter(out_dir, meta, shard_size=shard_size, part=part, background=True) as writer:
-        done = writer.done_ids()
-        skipped = sum(str(r["id"]) in done for b in batches for r in b)
-        bar = tqdm(
-            total=total,
-            initial=skipped,
-            unit="sample",
-            desc=f"extract {meta['teacher']['id']}"
-            + (f" part {part}/{num_shards}" if part is not None else ""),
-            disable=not progress,
-            dynamic_ncols=True,
+    with (
+        CacheWriter(out_dir, meta, shard_size=shard_size, part=part, background=True) as writer,
+        _Sink(writer, batches, start, desc=desc, progress=progress) as sink,
+    ):
+        run_pipeline(
+            model,
+            tokenizer,
+            sink.todo,
+            sink,
+            max_length=data_cfg.max_length,
+            compression=spec.compression,
+            layers=spec.layers,
+            geometry=spec.geometry,
+            batch_size=batch_size,
         )
-
-        def store(batch: list[dict], samples: list[dict]) -> None:  # on the host thread, in batch order
-            nonlocal stored, tokens
-            new = 0
-            for rec, sample in zip(batch, samples, strict=True):
-                if str(rec["id"]) not in done:
-                    writer.add(str(rec["id"]), sample, copy=False)
-                    new += 1
-                    tokens += int(sample["token_ids"].shape[0])
-            stored += new
-            seconds = max(time.perf_counter() - start, 1e-9)
-            bar.set_postfix(tok_s=f"{tokens / seconds:,.0f}", refresh=False)
-            bar.update(new)
-
-        try:
-            todo = [b for b in batches if any(str(r["id"]) not in done for r in b)]
-            run_pipeline(
-                model,
-                tokenizer,
-                todo,
-                store,
-                max_length=data_cfg.max_length,
-                compression=compression,
-                layers=layers,
-                batch_size=batch_size,
-            )
-        finally:
-            bar.close()
     seconds = time.perf_counter() - start
     result = {
         "out_dir": str(out_dir),
         "part": part,
-        "teacher": meta["teacher"]["id"],
-        "records": total,
-        "stored": stored,
-        "skipped": skipped,
-        "tokens": tokens,
+        "teacher": spec.id,
+        "records": sink.total,
+        "stored": sink.stored,
+        "skipped": sink.skipped,
+        "tokens": sink.tokens,
         "seconds": seconds,
-        "tokens_per_s": tokens / seconds if seconds > 0 else None,
+        "tokens_per_s": sink.tokens / seconds if seconds > 0 else None,
         "complete": True,
     }
     log.info("extract: %s", result)
     return result
+
+
+class _Sink:
+    """`consume` of `run_pipeline` for `extract` (on the host thread, in batch order): adds each sample the
+    writer does not hold yet, counts samples and tokens, and moves the progress bar (closed on exit).
+    `todo`: the batches with a sample still to store."""
+
+    def __init__(self, writer, batches: list[list[dict]], start: float, *, desc: str, progress: bool):
+        from tqdm.auto import tqdm
+
+        self.writer, self.start, self.done = writer, start, writer.done_ids()
+        self.total = sum(len(b) for b in batches)
+        self.skipped = sum(str(r["id"]) in self.done for b in batches for r in b)
+        self.todo = [b for b in batches if any(str(r["id"]) not in self.done for r in b)]
+        self.stored = self.tokens = 0
+        self.bar = tqdm(
+            total=self.total,
+            initial=self.skipped,
+            unit="sample",
+            desc=desc,
+            disable=not progress,
+            dynamic_ncols=True,
+        )
+
+    def __call__(self, batch: list[dict], samples: list[dict]) -> None:
+        new = 0
+        for rec, sample in zip(batch, samples, strict=True):
+            if str(rec["id"]) not in self.done:
+                self.writer.add(str(rec["id"]), sample, copy=False)
+                new += 1
+                self.tokens += int(sample["token_ids"].shape[0])
+        self.stored += new
+        seconds = max(time.perf_counter() - self.start, 1e-9)
+        self.bar.set_postfix(tok_s=f"{self.tokens / seconds:,.0f}", refresh=False)
+        self.bar.update(new)
+
+    def __enter__(self) -> _Sink:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()
 
 
 def run_pipeline(
@@ -292,8 +333,9 @@ def run_pipeline(
     consume,
     *,
     max_length: int | None,
-    compression,
+    compression: Compression,
     layers: list[int],
+    geometry: KVGeometry | None = None,
     batch_size: int | None = None,
     depth: int = 2,
 ) -> None:
@@ -304,16 +346,19 @@ def run_pipeline(
         main thread       forward + selection + gather of batch n  then one async device -> host copy
         host thread       host_samples(batch n - 1), consume(...)  waits for its copy, cuts it into samples
 
-    At most `depth` batches wait for the host thread (the main thread blocks beyond that). An error on either
-    thread is raised in the main thread, at the latest once the batches in flight are done.
+    `compression` / `layers` (`compression.resolve_layers`) / `geometry` (default `geometry_of(model)`): derived
+    once by the caller and used for every batch. At most `depth` batches wait for the host thread (the main
+    thread blocks beyond that). An error on either thread is raised in the main thread, at the latest once the
+    batches in flight are done.
     """
-    from kvdistill.cache.store import capture_to_host, host_samples
+    from kvdistill.cache.batch import capture_to_host, host_samples
     from kvdistill.models.geometry import geometry_of
     from kvdistill.teachers import prepare_teacher
 
     if not batches:
         return
-    geometry = geometry_of(model)
+    geometry = geometry if geometry is not None else geometry_of(model)
+    spec = TeacherSpec(geometry.name, geometry, compression, layers)
     pin = next(model.parameters()).device.type == "cuda"
 
     def prepare(batch):
@@ -335,10 +380,8 @@ def run_pipeline(
                 inputs = _result(upcoming, "tokenizing", k, batch)
                 if k + 1 < len(batches):
                     upcoming = tokenize_pool.submit(prepare, batches[k + 1])
-                cap, query = _capture(
-                    model, tokenizer, batch, max_length, compression, layers, batch_size, inputs
-                )
-                host = capture_to_host(cap, compression, query)
+                cap, query = _capture(model, tokenizer, inputs, spec, max_length, batch_size)
+                host = capture_to_host(cap, compression, layers, query)
                 del cap, query
                 in_flight.append((k, batch, host_pool.submit(finish, batch, host)))
                 while len(in_flight) > depth:
@@ -371,20 +414,22 @@ def _result(future: Future, doing: str, k: int, batch: list[dict]):
         ) from err
 
 
-def _capture(model, tokenizer, batch, max_length, compression, layers, batch_size, inputs=None):
-    """(cap, query_mask) as the online teacher captures them; a GPU out-of-memory error says which flag to
-    lower."""
+def _capture(model, tokenizer, inputs, spec: TeacherSpec, max_length: int | None, batch_size: int | None):
+    """(cap, query_mask) of the batch `inputs` (`prepare_teacher`) as the online teacher captures it; a GPU
+    out-of-memory error says which flag to lower."""
     from kvdistill.teachers import capture_teacher
 
+    batch = inputs.records
     try:
         return capture_teacher(
             model,
             tokenizer,
             batch,
             max_length=max_length,
-            compression=compression,
-            layers=layers,
+            compression=spec.compression,
+            layers=spec.layers,
             inputs=inputs,
+            geometry=spec.geometry,
         )
     except torch.cuda.OutOfMemoryError:
         longest = max(len(r["text"]) for r in batch)

@@ -60,18 +60,19 @@ def prepare_teacher(tokenizer, records: list[dict], *, geometry: KVGeometry, max
 
 def capture_teacher(model, tokenizer, records: list[dict], *, max_length: int | None, compression=None,
                     layers: list[int] | None = None, hidden_states=False, logits=False, attentions=False,
-                    inputs: TeacherInputs | None = None):
+                    inputs: TeacherInputs | None = None, geometry: KVGeometry | None = None):
     """(cap, query_mask) of one batch as a teacher sees it (right padding); query_mask is None unless rkv.
 
     rkv: families with a separate query projection (`supports_queries`) get their answer-row importance from
     hooked queries, stored as `cap.importance` {layer: (B, H_kv, T)} for `layers` (default all), so
     any attention kernel (sdpa) works; the others capture the eager (B, H, T, T) attention probabilities.
     `inputs`: `prepare_teacher(tokenizer, records, ...)` made beforehand (e.g. on another thread).
+    `geometry`: `geometry_of(model)` derived once by a caller that captures many batches.
     """
     from kvdistill.models.queries import capture_queries, query_importance, supports_queries
 
     rkv = getattr(compression, "kind", "full") == "rkv"
-    geometry = geometry_of(model)
+    geometry = geometry if geometry is not None else geometry_of(model)
     hooked = rkv and supports_queries(geometry)
     if inputs is None:
         inputs = prepare_teacher(tokenizer, records, geometry=geometry, max_length=max_length,

@@ -1,0 +1,189 @@
+"""Reading a teacher-KV cache (layout in `kvdistill.cache.writer`, samples in `kvdistill.cache.batch`): lazy
+per-sample loads and right-padded `kvdistill.teachers.TeacherKV` batches.
+
+Notation: B batch, H KV heads, T tokens of the longest sample, M kept slots per head, D head dim.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from kvdistill.cache.manifest import MANIFEST, META_FIELDS, meta_mismatches, read_manifest
+from kvdistill.errors import CacheError
+from kvdistill.teachers.record import TeacherKV
+
+
+class CacheReader:
+    """Read a cache directory: `.get(sample_id)` loads one sample's tensors lazily (one open handle per shard).
+
+    A map-style dataset too: `len(reader)`, `reader[i]` is the i-th stored sample (order of `sample_ids`).
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.dir = Path(path)
+        if not self.dir.is_dir():
+            raise CacheError(
+                f"cache directory {self.dir} does not exist", "run `kvdistill extract` to write it"
+            )
+        mpath = self.dir / MANIFEST
+        if not mpath.exists() and any(self.dir.glob("manifest.part-*.json")):
+            raise CacheError(
+                f"{self.dir} holds part manifests but no manifest.json",
+                "run kvdistill.cache.merge_parts on it once every part has finished",
+            )
+        self.manifest = read_manifest(mpath)
+        self.meta: dict[str, Any] = {k: self.manifest[k] for k in META_FIELDS}
+        self.index: dict[str, tuple[int, int]] = {
+            sid: (int(e["shard"]), int(e["index"])) for sid, e in self.manifest["samples"].items()
+        }
+        self.sample_ids: list[str] = list(self.index)
+        self._handles: dict[int, Any] = {}
+        self._names: dict[int, dict[int, list[str]]] = {}
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.manifest.get("complete"))
+
+    @property
+    def compression(self):
+        from kvdistill.compress import Compression
+
+        return Compression.from_dict(self.meta["compression"])
+
+    @property
+    def layers(self) -> list[int]:
+        """Stored teacher layers."""
+        layers = self.meta["compression"].get("layers")
+        if layers is not None:
+            return list(layers)
+        geometry = self.meta["teacher"].get("geometry") or {}
+        if "num_layers" in geometry:
+            return list(range(int(geometry["num_layers"])))
+        if not self.sample_ids:
+            return []
+        names = self.get(self.sample_ids[0])
+        return sorted(int(n[len("keys_l") :]) for n in names if n.startswith("keys_l"))
+
+    def __len__(self) -> int:
+        return len(self.sample_ids)
+
+    def __contains__(self, sample_id: str) -> bool:
+        return sample_id in self.index
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return self.get(self.sample_ids[i])
+
+    def _handle(self, shard: int):
+        if shard not in self._handles:
+            entry = self.manifest["shards"][shard]
+            path = self.dir / entry["file"]
+            try:
+                handle = safe_open(str(path), framework="pt")
+            except FileNotFoundError:
+                raise CacheError(f"shard {path} is missing", "restore it, or re-extract the cache") from None
+            except Exception as e:  # safetensors raises its own error types for damaged headers
+                raise CacheError(
+                    f"shard {path} cannot be read ({e})",
+                    "run kvdistill.cache.verify_cache on the directory, then re-extract",
+                ) from None
+            names: dict[int, list[str]] = {}
+            for key in handle.keys():  # noqa: SIM118 (safe_open is not iterable)
+                j, _, name = key.partition("/")
+                names.setdefault(int(j), []).append(name)
+            self._handles[shard], self._names[shard] = handle, names
+        return self._handles[shard]
+
+    def get(self, sample_id: str) -> dict[str, torch.Tensor]:
+        if sample_id not in self.index:
+            raise CacheError(
+                f"sample {sample_id!r} is not in the cache {self.dir}",
+                "extract the cache over the same records as this run",
+            )
+        shard, j = self.index[sample_id]
+        handle = self._handle(shard)
+        names = self._names[shard].get(j)
+        if not names:
+            raise CacheError(
+                f"shard {self.manifest['shards'][shard]['file']} has no sample {j} ({sample_id!r})",
+                "the cache is damaged: run verify_cache, then re-extract",
+            )
+        return {name: handle.get_tensor(f"{j}/{name}") for name in sorted(names)}
+
+    def get_batch(self, sample_ids: list[str]) -> list[dict[str, torch.Tensor]]:
+        return [self.get(sid) for sid in sample_ids]
+
+    def check_compatible(self, expected_meta: dict[str, Any]) -> list[str]:
+        """Messages for every meta field of `expected_meta` (teacher, tokenizer, compression, dataset) that differs."""
+        return meta_mismatches(self.meta, expected_meta)
+
+    def require_compatible(self, expected_meta: dict[str, Any]) -> None:
+        bad = self.check_compatible(expected_meta)
+        if bad:
+            raise CacheError(
+                f"cache {self.dir} does not match this run: " + "; ".join(bad),
+                "re-extract the cache for this teacher, tokenizer, compression and data "
+                "(`kvdistill extract`), or point cache_dir at the matching cache",
+            )
+
+    def teacher_kv(self, sample_ids: list[str], device="cpu", dtype: torch.dtype | None = None):
+        """A right-padded `TeacherKV` batch. Kind full: keys (B, H, T, D) with shared spans (B, T, 2) and mask
+        (B, T); otherwise keys (B, H, M, D), spans (B, H, M, 2), mask (B, H, M) per layer."""
+        samples = self.get_batch(sample_ids)
+        B = len(samples)
+        layers = self.layers
+        shared = self.meta["compression"].get("kind", "full") == "full"
+        T = max(s["token_ids"].shape[0] for s in samples)
+        tok_mask = torch.zeros(B, T, dtype=torch.long)
+        tok_spans = torch.zeros(B, T, 2, dtype=torch.long)
+        for b, s in enumerate(samples):
+            n = s["token_ids"].shape[0]
+            tok_mask[b, :n] = 1
+            if "spans" in s:
+                tok_spans[b, :n] = s["spans"]
+        keys, values, spans, mask = {}, {}, {}, {}
+        for layer in layers:
+            ks = [s[f"keys_l{layer}"] for s in samples]  # B × (H, M_b, D)
+            H, _, D = ks[0].shape
+            M = max(k.shape[1] for k in ks)
+            kd = dtype or ks[0].dtype
+            K = torch.zeros(B, H, M, D, dtype=kd)
+            V = torch.zeros(B, H, M, D, dtype=kd)
+            idx = torch.zeros(B, H, M, dtype=torch.long)
+            kept = torch.zeros(B, H, M, dtype=torch.long)
+            for b, s in enumerate(samples):
+                m = ks[b].shape[1]
+                K[b, :, :m] = ks[b]
+                V[b, :, :m] = s[f"values_l{layer}"]
+                ix = s.get(f"index_l{layer}")
+                idx[b, :, :m] = ix.long() if ix is not None else torch.arange(m)
+                kept[b, :, :m] = 1
+            keys[layer], values[layer] = K.to(device), V.to(device)
+            if shared:
+                spans[layer], mask[layer] = tok_spans.to(device), tok_mask.to(device)
+            else:
+                sp = tok_spans.unsqueeze(1).expand(B, H, T, 2).gather(2, idx.unsqueeze(-1).expand(B, H, M, 2))
+                spans[layer], mask[layer] = (sp * kept.unsqueeze(-1)).to(device), kept.to(device)
+        return TeacherKV(
+            keys=keys,
+            values=values,
+            spans=spans,
+            mask=mask,
+            shared_spans=shared,
+            compression=dict(self.meta["compression"]),
+            sample_ids=list(sample_ids),
+        )
+
+    def close(self) -> None:
+        self._handles.clear()
+        self._names.clear()
+
+    def __enter__(self) -> CacheReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
