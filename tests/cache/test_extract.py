@@ -20,8 +20,8 @@ from kvdistill.cache.extract import dataset_records, extract, plan_batches, run_
 from kvdistill.config import DataConfig, TeacherConfig, load_config
 from kvdistill.errors import CacheError, KvdistillError
 from kvdistill.models.capture import capture_kv
+from kvdistill.objectives import build_objective, build_teachers
 from kvdistill.teachers import answer_query_mask, compress_capture
-from kvdistill.train.objective import build_objective, build_teachers
 
 pytestmark = pytest.mark.slow
 
