@@ -61,3 +61,26 @@ def test_packaged_quickstart_config_parses():
 
     cfg = load_config(files("kvdistill") / "configs" / "quickstart.yaml")
     assert [t.name for t in cfg.teachers] == ["smollm2", "gemma3"]
+
+
+def test_options_that_would_be_ignored_are_refused_together():
+    raw = {**BASE, "teachers": [{"model": "gemma3-270m", "weight": 0.3, "compression": {"kind": "rkv", "budget": 8}}],
+           "fusion": {"kind": "router", "similarity": {"prototype": "kmeans"}, "latent": {"dim": 8},
+                      "router": {"kind": "attention", "per_token": True}},
+           "losses": {"hidden": 0.5, "logit_kd": {"beta": 0.2}}}
+    with pytest.raises(ConfigError) as info:
+        parse_config(raw)
+    text = str(info.value)
+    for expected in ("fusion.similarity is changed from its default but only fusion.kind: similarity reads it",
+                     "fusion.latent is changed", "per_token needs router kind 'mlp' or 'gate'",
+                     "losses.logit_kd.beta is set but divergence is 'forward'"):
+        assert expected in text, expected
+    fixed = {**raw, "fusion": {"kind": "router"}, "losses": {"hidden": 0.5}}
+    with pytest.raises(ConfigError) as info:
+        parse_config(fixed)
+    text = str(info.value)
+    assert "teachers.0.weight (0.3) is set but fusion.kind router" in text
+    assert "losses.hidden need teacher 'gemma3-270m' (teachers.0) online and uncompressed" in text
+    ok = parse_config({"student": {"model": "smollm2-135m"}, "teachers": [{"model": "gemma3-270m"}],
+                       "fusion": {"kind": "similarity", "similarity": {"prototype": "kmeans"}}})
+    assert parse_config(ok.model_dump()) == ok  # a fully dumped config (every default written) reloads

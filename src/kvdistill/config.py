@@ -161,6 +161,13 @@ class LogitKDConfig(Section):
     beta: float = Field(0.5, gt=0.0, lt=1.0)
     """jsd only: m = β·p_teacher + (1-β)·p_student; 0.5 is the Jensen-Shannon divergence."""
 
+    @model_validator(mode="after")
+    def _used(self):
+        if self.beta != 0.5 and self.divergence != "jsd":
+            raise ValueError(f"losses.logit_kd.beta is set but divergence is '{self.divergence}', which has no beta; "
+                             "drop beta or set divergence: jsd")
+        return self
+
 
 class LossesConfig(Section):
     ce: float = Field(1.0, ge=0.0)
@@ -211,6 +218,27 @@ class FusionConfig(Section):
     router: RouterConfig = RouterConfig()
     entropy: EntropyConfig = EntropyConfig()
 
+    @model_validator(mode="after")
+    def _used_sections(self):
+        """A section changed from its defaults that the chosen kind / space never reads is refused, not ignored
+        (compared by value, so a config dumped with every default reloads)."""
+        defaults = FusionConfig.model_construct()
+        unused = [(key, need) for key, need, used in (
+            ("similarity", "kind: similarity", self.kind == "similarity"),
+            ("router", "kind: router", self.kind == "router"),
+            ("entropy", "kind: router", self.kind == "router"),
+            ("weights", "kind: fixed", self.kind == "fixed"),
+            ("latent", "space: latent", self.space == "latent"))
+            if getattr(self, key) != getattr(defaults, key) and not used]
+        problems = [f"fusion.{key} is changed from its default but only fusion.{need} reads it (kind {self.kind}, space {self.space}); "
+                    f"drop fusion.{key} or set fusion.{need}" for key, need in unused]
+        if self.kind == "router" and self.router.kind == "attention" and self.router.per_token:
+            problems.append("fusion.router.per_token needs router kind 'mlp' or 'gate': the attention router pools "
+                            "over tokens")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
 
 # ---------------------------------------------------------------------------------------------- training
 class TrainConfig(Section):
@@ -259,6 +287,11 @@ class RunConfig(Section):
         if self.losses.ce == 0 and not self.teachers:
             problems.append("no teachers and losses.ce is 0: nothing to train on")
         problems += self._teacher_capabilities()
+        if self.fusion.kind != "fixed" or self.fusion.weights is not None:
+            problems += [f"teachers.{n}.weight ({t.weight}) is set but fusion.kind {self.fusion.kind} with "
+                         f"{'fusion.weights' if self.fusion.weights is not None else 'its own weights'} never reads "
+                         "it; drop it (or use fusion.kind: fixed without fusion.weights)"
+                         for n, t in enumerate(self.teachers) if t.weight != 1.0]
         if problems:
             raise ValueError("; ".join(problems))
         return self
