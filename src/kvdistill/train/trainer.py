@@ -5,9 +5,11 @@ world_size, where `stream` is a seeded permutation per epoch. Micro-batch m of r
 one process with batch 4 and two processes with batch 2 (or batch 1 × accumulation 4) see the same samples.
 Every loss is a mean over samples of per-sample means, so those runs give the same update.
 
-Checkpoints (`DIR/checkpoints/step-N/`): `student/` (Hugging Face format), `state/` (Accelerate: model with
-projectors and routers, optimizer, RNG), `scheduler.pt`, `trainer_state.json`. A checkpoint directory is written
-under a temporary name and renamed when complete, so a crash never leaves a half-written `step-N`.
+A run is `setup` (check every input, build accelerator, data, objective, optimizer, scheduler, resume state)
+→ `fit` (the optimizer steps) → `finish` (last checkpoint, final student, evaluation, summary); `train` calls
+the three. Checkpoints (`DIR/checkpoints/step-N/`) and `DIR/final/` are written by `kvdistill.train.checkpoint`
+(layout there): under a temporary name, fsynced, renamed when complete, so a crash never leaves a
+half-written directory.
 
 Launch: one process, or `torchrun --nproc_per_node N` / `accelerate launch` (DDP; on a machine without a GPU
 the processes use gloo on CPU). Every input is checked before the run directory is written. A NaN/inf loss on
@@ -22,18 +24,30 @@ import atexit
 import json
 import math
 import os
-import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from kvdistill.cache.manifest import write_json_atomic
 from kvdistill.config import RunConfig, dump_config, semantic_problems
 from kvdistill.errors import ConfigError, KvdistillError
+from kvdistill.train.checkpoint import (
+    checkpoint_path,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    save_final_student,
+)
+
+__all__ = ["NonFiniteLoss", "Run", "fit", "finish", "latest_checkpoint", "micro_batch", "sample_stream", "setup",
+           "train"]
 
 
 class NonFiniteLoss(KvdistillError):
-    pass
+    """A NaN/inf loss or gradient norm: the run stopped before the update."""
 
 
 def sample_stream(num_records: int, seed: int, start: int, count: int) -> list[int]:
@@ -49,9 +63,8 @@ def sample_stream(num_records: int, seed: int, start: int, count: int) -> list[i
     return out
 
 
-def micro_batch(
-    records: list[dict], cfg: RunConfig, step: int, micro: int, rank: int, world: int
-) -> list[dict]:
+def micro_batch(records: list[dict], cfg: RunConfig, step: int, micro: int, rank: int, world: int) -> list[dict]:
+    """The records of micro-batch `micro` of process `rank` (of `world`) in optimizer step `step`."""
     b, accum = cfg.train.batch_size, cfg.train.grad_accum
     per_step = b * accum * world
     ids = sample_stream(len(records), cfg.data.seed, step * per_step, per_step)
@@ -68,16 +81,6 @@ def _param_groups(objective, cfg: RunConfig):
     if other:
         groups.append({"params": other, "lr": cfg.train.projector_lr or cfg.train.lr, "name": "maps"})
     return groups
-
-
-def latest_checkpoint(out_dir: Path) -> Path | None:
-    """The newest complete `step-N` (a crash may leave `step-N.tmp` behind, which never counts)."""
-    ckpts = [
-        c
-        for c in (out_dir / "checkpoints").glob("step-*")
-        if c.name.split("-", 1)[1].isdigit() and (c / "trainer_state.json").is_file()
-    ]
-    return max(ckpts, key=lambda c: int(c.name.split("-", 1)[1]), default=None)
 
 
 class MetricsLog:
@@ -104,9 +107,7 @@ class MetricsLog:
             prefix = "eval/" if row.get("split") == "eval" else "train/"
             for key, value in row.items():
                 if isinstance(value, (int, float)) and key != "step":
-                    self.tb.add_scalar(
-                        prefix + key if not key.startswith("eval/") else key, value, row["step"]
-                    )
+                    self.tb.add_scalar(prefix + key if not key.startswith("eval/") else key, value, row["step"])
 
     def close(self) -> None:
         if self.tb is not None:
@@ -121,30 +122,119 @@ def _truncate_log(path: Path, step: int) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= step))
 
 
-def train(
-    cfg: RunConfig,
-    out_dir: str | Path,
-    *,
-    resume: bool = False,
-    stop_after: int | None = None,
-    init_student: str | None = None,
-    progress: bool = True,
-) -> dict:
+@dataclass
+class Run:
+    """What a training run holds between `setup`, `fit` and `finish`."""
+
+    cfg: RunConfig
+    out_dir: Path
+    accelerator: Any
+    objective: Any  # as prepared by Accelerate (DDP-wrapped when launched on several processes): the loss
+    inner: Any  # the unwrapped objective: evaluate, save_student
+    optimizer: Any
+    scheduler: Any
+    train_records: list[dict]
+    eval_records: list[dict]
+    log: MetricsLog
+    start: int  # the first optimizer step to run (0, or the resumed checkpoint's step)
+    end: int  # run steps start..end-1: cfg.train.steps, or fewer with stop_after
+    tokens_seen: int = 0
+    last_good: Path | None = None  # the newest checkpoint written or resumed from
+    t0: float = field(default_factory=time.time)
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+
+def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, stop_after: int | None = None,
+          init_student: str | None = None, progress: bool = True) -> dict:
     """Run (or resume) training; returns the summary also written to DIR/summary.json.
 
     `stop_after`: stop after this many optimizer steps as if interrupted (checkpoint written), for resumption.
     `init_student`: start from this student directory instead of `cfg.student` (curriculum phases).
     """
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
-    from accelerate.utils import DistributedDataParallelKwargs, set_seed
-    from tqdm.auto import tqdm
+    run = setup(cfg, out_dir, resume=resume, stop_after=stop_after, init_student=init_student)
+    try:
+        fit(run, progress=progress)
+        summary = finish(run)
+    finally:
+        run.log.close()
+    # not end_training(): it destroys the process group, which the next run in this process (a curriculum
+    # phase) still needs; the group is destroyed when the process exits
+    run.accelerator.wait_for_everyone()
+    return summary
+
+
+def setup(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, stop_after: int | None = None,
+          init_student: str | None = None) -> Run:
+    """Check every input, then build the run: accelerator, data, objective (fitted maps prepared), optimizer,
+    scheduler and, with `resume`, the state of the newest complete checkpoint.
+
+    Nothing is written before every input is checked; then the main process writes config.yaml, plan.json
+    and alignment_sample.json.
+    """
+    from accelerate.utils import set_seed
     from transformers import get_scheduler
 
     from kvdistill.data import load_records
     from kvdistill.train.objective import build_objective
 
     out_dir = Path(out_dir)
+    accelerator = _accelerator(cfg)
+    main = accelerator.is_main_process
+    ckpt = _checkpoint_to_resume(out_dir, resume)
+    problems = semantic_problems(cfg)  # teachers found, layer maps possible, data path present
+    if problems:
+        raise ConfigError(problems, source=f"config '{cfg.name}'")
+    set_seed(cfg.train.seed)
+    train_records = load_records(cfg.data, split="train")
+    eval_records = load_records(cfg.data, split="eval") if cfg.data.eval_size else []
+
+    objective = build_objective(cfg, device=accelerator.device, init_student=init_student)
+    _check_positions(objective, cfg.data.max_length)
+    # fitted (not trained) maps, e.g. the latent space: the same records, so the same maps, on every process
+    objective.prepare(train_records[: cfg.fusion.latent.fit_samples])
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.yaml").write_text(dump_config(cfg))
+        (out_dir / "plan.json").write_text(json.dumps(objective.plan(), indent=1))
+        (out_dir / "alignment_sample.json").write_text(json.dumps(objective.alignment_sample(train_records[0])))
+    optimizer = torch.optim.AdamW(_param_groups(objective, cfg), weight_decay=cfg.train.weight_decay)
+    scheduler = get_scheduler(cfg.train.schedule, optimizer, num_warmup_steps=cfg.train.warmup_steps,
+                              num_training_steps=cfg.train.steps)
+    objective, optimizer = accelerator.prepare(objective, optimizer)
+
+    start, tokens_seen = 0, 0
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, accelerator=accelerator, scheduler=scheduler)
+        start, tokens_seen = state["step"], state["tokens"]
+        if main:
+            _truncate_log(out_dir / "metrics.jsonl", start)
+    return Run(
+        cfg=cfg,
+        out_dir=out_dir,
+        accelerator=accelerator,
+        objective=objective,
+        inner=accelerator.unwrap_model(objective),
+        optimizer=optimizer,
+        scheduler=scheduler,
+        train_records=train_records,
+        eval_records=eval_records,
+        log=MetricsLog(out_dir, main, cfg.train.tensorboard),
+        start=start,
+        end=cfg.train.steps if stop_after is None else min(cfg.train.steps, stop_after),
+        tokens_seen=tokens_seen,
+        last_good=ckpt,
+    )
+
+
+def _accelerator(cfg: RunConfig):
+    """A fresh Accelerator for this run, refusing a launch that Accelerate did not see as one."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+    from accelerate.utils import DistributedDataParallelKwargs
+
     # some maps may get no gradient in a config (e.g. value maps when only the cosine term on keys is on)
     ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
@@ -167,177 +257,135 @@ def train(
         )
     if accelerator.num_processes > 1:
         atexit.register(_destroy_process_group)  # registering twice is harmless: it checks first
-    main = accelerator.is_main_process
-    ckpt = latest_checkpoint(out_dir) if resume else None
-    if resume and ckpt is None:
-        raise KvdistillError(
-            f"--resume: no complete checkpoint in {out_dir}/checkpoints",
-            "start without --resume, or point --out at the run to continue",
-        )
-    if not resume:  # checked on every process, so none is left waiting for the others
-        held = [name for name in ("metrics.jsonl", "checkpoints", "final") if (out_dir / name).exists()]
-        if held:
+    return accelerator
+
+
+def _checkpoint_to_resume(out_dir: Path, resume: bool) -> Path | None:
+    """With resume: the newest complete checkpoint (required). Without: refuse an --out holding a run."""
+    if resume:
+        ckpt = latest_checkpoint(out_dir)
+        if ckpt is None:
             raise KvdistillError(
-                f"--out {out_dir} already holds a run ({', '.join(held)})",
-                "pass --resume to continue it, or choose another --out",
+                f"--resume: no complete checkpoint in {out_dir}/checkpoints",
+                "start without --resume, or point --out at the run to continue",
             )
-    # every input is checked before anything is written: a bad one leaves no run directory behind
-    problems = semantic_problems(cfg)  # teachers found, layer maps possible, data path present
-    if problems:
-        raise ConfigError(problems, source=f"config '{cfg.name}'")
-    set_seed(cfg.train.seed)
-    train_records = load_records(cfg.data, split="train")
-    eval_records = load_records(cfg.data, split="eval") if cfg.data.eval_size else []
+        return ckpt
+    # checked on every process, so none is left waiting for the others
+    held = [name for name in ("metrics.jsonl", "checkpoints", "final") if (out_dir / name).exists()]
+    if held:
+        raise KvdistillError(
+            f"--out {out_dir} already holds a run ({', '.join(held)})",
+            "pass --resume to continue it, or choose another --out",
+        )
+    return None
 
-    objective = build_objective(cfg, device=accelerator.device, init_student=init_student)
-    _check_positions(objective, cfg.data.max_length)
-    # fitted (not trained) maps, e.g. the latent space: the same records, so the same maps, on every process
-    objective.prepare(train_records[: cfg.fusion.latent.fit_samples])
-    if main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.yaml").write_text(dump_config(cfg))
-        (out_dir / "plan.json").write_text(json.dumps(objective.plan(), indent=1))
-        sample = objective.alignment_sample(train_records[0])
-        (out_dir / "alignment_sample.json").write_text(json.dumps(sample))
-    optimizer = torch.optim.AdamW(_param_groups(objective, cfg), weight_decay=cfg.train.weight_decay)
-    scheduler = get_scheduler(
-        cfg.train.schedule,
-        optimizer,
-        num_warmup_steps=cfg.train.warmup_steps,
-        num_training_steps=cfg.train.steps,
-    )
-    objective, optimizer = accelerator.prepare(objective, optimizer)
-    inner = accelerator.unwrap_model(objective)
 
-    start = 0
-    tokens_seen = 0
-    if ckpt is not None:
-        accelerator.load_state(str(ckpt / "state"))
-        scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
-        state = json.loads((ckpt / "trainer_state.json").read_text())
-        start, tokens_seen = state["step"], state["tokens"]
-        if main:
-            _truncate_log(out_dir / "metrics.jsonl", start)
-    log = MetricsLog(out_dir, main, cfg.train.tensorboard)
-    last_good = ckpt
+def fit(run: Run, *, progress: bool = True) -> None:
+    """Optimizer steps run.start .. run.end - 1: metrics rows, evaluations every eval_every steps and a
+    checkpoint every save_every steps (the one of the last step is `finish`'s).
 
-    def save(step: int) -> Path:
-        nonlocal last_good
-        final = out_dir / "checkpoints" / f"step-{step}"
-        tmp = out_dir / "checkpoints" / f"step-{step}.tmp"
-        if main and tmp.exists():
-            shutil.rmtree(tmp)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp / "state"))
-        accelerator.wait_for_everyone()  # every process has written its RNG state before tmp is renamed
-        if main:
-            inner.save_student(tmp / "student")
-            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-            (tmp / "trainer_state.json").write_text(
-                json.dumps({"step": step, "tokens": tokens_seen, "config_name": cfg.name})
-            )
-            if final.exists():
-                shutil.rmtree(final)
-            tmp.rename(final)
-        accelerator.wait_for_everyone()
-        last_good = final
-        return final
+    Raises NonFiniteLoss on every process before an update with a NaN/inf loss or gradient norm.
+    """
+    from tqdm.auto import tqdm
 
-    world, rank = accelerator.num_processes, accelerator.process_index
-    bar = tqdm(
-        total=cfg.train.steps,
-        initial=start,
-        disable=not (main and progress),
-        desc=cfg.name,
-        dynamic_ncols=True,
-    )
-    t0 = time.time()
-    objective.train()
-    end = cfg.train.steps if stop_after is None else min(cfg.train.steps, stop_after)
+    cfg = run.cfg
+    bar = tqdm(total=cfg.train.steps, initial=run.start, disable=not (run.main and progress), desc=cfg.name,
+               dynamic_ncols=True)
+    run.t0 = time.time()
+    run.objective.train()
     try:
-        for step in range(start, end):
-            sums: dict[str, float] = {}
-            step_ids: list[str] = []
-            step_t0 = time.time()
-            lr = scheduler.get_last_lr()[0]  # the student's lr for this step
-            for micro in range(cfg.train.grad_accum):
-                records = micro_batch(train_records, cfg, step, micro, rank, world)
-                step_ids += [r["id"] for r in records]
-                with accelerator.accumulate(objective):
-                    loss, metrics = objective(records)
-                    _stop_if_non_finite(
-                        accelerator, float(loss.detach()), metrics, step, micro, records, last_good
-                    )
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients:
-                        norm = accelerator.clip_grad_norm_(
-                            objective.parameters(), cfg.train.max_grad_norm or math.inf
-                        )
-                        metrics["grad_norm"] = float(norm)
-                        # gradients are reduced over processes by now: every process sees the same norm;
-                        # fp16's loss scaler skips such steps itself
-                        if not math.isfinite(metrics["grad_norm"]) and cfg.train.mixed_precision != "fp16":
-                            raise NonFiniteLoss(
-                                f"gradient norm is {metrics['grad_norm']} at step {step + 1} (loss "
-                                f"{metrics['loss']:.4g}; samples of this process {step_ids})",
-                                f"training stopped before the update; last good checkpoint: "
-                                f"{last_good or 'none written yet'}. Lower train.lr, or check those samples",
-                            )
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                for k, v in metrics.items():
-                    sums[k] = sums.get(k, 0.0) + v
-            scheduler.step()
-            n = cfg.train.grad_accum
-            row = {k: (v if k in ("tokens", "grad_norm") else v / n) for k, v in sums.items()}
-            if world > 1:  # mean over processes (tokens: sum), so the row describes the whole combined batch
-                keys = list(row)  # the same keys in the same order on every process
-                total = accelerator.reduce(
-                    torch.tensor([row[k] for k in keys], device=accelerator.device), reduction="sum"
-                )
-                row = {
-                    k: float(v) if k == "tokens" else float(v) / world
-                    for k, v in zip(keys, total, strict=True)
-                }
-            tokens_seen += int(row["tokens"])
-            row.update(
-                step=step + 1,
-                lr=lr,
-                tokens_per_s=row["tokens"] / (time.time() - step_t0),
-                elapsed_s=time.time() - t0,
-            )
+        for step in range(run.start, run.end):
+            row = _step(run, step)
             if (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps:
-                log.write(row)
+                run.log.write(row)
             bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
             bar.update(1)
-            if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and eval_records:
-                log.write({"step": step + 1, "split": "eval", **inner.evaluate(eval_records)})
-            if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0 and step + 1 < end:
-                save(step + 1)
-        bar.close()
-        save(end)
-        summary = {"steps": end, "tokens": tokens_seen, "elapsed_s": time.time() - t0}
-        if end == cfg.train.steps:
-            if main:  # written under a temporary name, like checkpoints
-                tmp = out_dir / "final.tmp"
-                if tmp.exists():
-                    shutil.rmtree(tmp)
-                inner.save_student(tmp / "student")
-                if (out_dir / "final").exists():
-                    shutil.rmtree(out_dir / "final")
-                tmp.rename(out_dir / "final")
-            if eval_records:
-                ev = inner.evaluate(eval_records)
-                summary.update(ev)
-                log.write({"step": end, "split": "eval", **ev})
-            if main:
-                (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+            if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and run.eval_records:
+                run.log.write({"step": step + 1, "split": "eval", **run.inner.evaluate(run.eval_records)})
+            if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0 and step + 1 < run.end:
+                _save(run, step + 1)
     finally:
         bar.close()
-        log.close()
-    # not end_training(): it destroys the process group, which the next run in this process (a curriculum
-    # phase) still needs; the group is destroyed when the process exits
-    accelerator.wait_for_everyone()
+
+
+def _step(run: Run, step: int) -> dict:
+    """One optimizer step over grad_accum micro-batches -> its metrics row (means over micro-batches and
+    processes; tokens: sums), with step, lr (the student's, as used), tokens_per_s and elapsed_s."""
+    cfg, accelerator = run.cfg, run.accelerator
+    world, rank = accelerator.num_processes, accelerator.process_index
+    sums: dict[str, float] = {}
+    step_ids: list[str] = []
+    step_t0 = time.time()
+    lr = run.scheduler.get_last_lr()[0]  # the student's lr for this step
+    for micro in range(cfg.train.grad_accum):
+        records = micro_batch(run.train_records, cfg, step, micro, rank, world)
+        step_ids += [r["id"] for r in records]
+        with accelerator.accumulate(run.objective):
+            loss, metrics = run.objective(records)
+            _stop_if_non_finite(accelerator, float(loss.detach()), metrics, step, micro, records, run.last_good)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                metrics["grad_norm"] = _clip_gradients(run, step, metrics, step_ids)
+            run.optimizer.step()
+            run.optimizer.zero_grad(set_to_none=True)
+        for k, v in metrics.items():
+            sums[k] = sums.get(k, 0.0) + v
+    run.scheduler.step()
+    row = _mean_row(accelerator, sums, cfg.train.grad_accum)
+    run.tokens_seen += int(row["tokens"])
+    row.update(step=step + 1, lr=lr, tokens_per_s=row["tokens"] / (time.time() - step_t0),
+               elapsed_s=time.time() - run.t0)
+    return row
+
+
+def _clip_gradients(run: Run, step: int, metrics: dict, step_ids: list[str]) -> float:
+    """Clip to max_grad_norm; the norm before clipping. Refuses a non-finite norm (but fp16's loss scaler
+    skips such steps itself). Gradients are reduced over processes by now: every process sees one norm."""
+    cfg = run.cfg
+    norm = float(run.accelerator.clip_grad_norm_(run.objective.parameters(), cfg.train.max_grad_norm or math.inf))
+    if not math.isfinite(norm) and cfg.train.mixed_precision != "fp16":
+        raise NonFiniteLoss(
+            f"gradient norm is {norm} at step {step + 1} (loss "
+            f"{metrics['loss']:.4g}; samples of this process {step_ids})",
+            f"training stopped before the update; last good checkpoint: "
+            f"{run.last_good or 'none written yet'}. Lower train.lr, or check those samples",
+        )
+    return norm
+
+
+def _mean_row(accelerator, sums: dict[str, float], n: int) -> dict[str, float]:
+    """Per-step sums over n micro-batches -> means (tokens, grad_norm: as summed / as is), then over processes."""
+    row = {k: (v if k in ("tokens", "grad_norm") else v / n) for k, v in sums.items()}
+    world = accelerator.num_processes
+    if world > 1:  # mean over processes (tokens: sum), so the row describes the whole combined batch
+        keys = list(row)  # the same keys in the same order on every process
+        total = accelerator.reduce(torch.tensor([row[k] for k in keys], device=accelerator.device), reduction="sum")
+        row = {k: float(v) if k == "tokens" else float(v) / world for k, v in zip(keys, total, strict=True)}
+    return row
+
+
+def _save(run: Run, step: int) -> None:
+    """Checkpoint of `step` (every process takes part); it becomes the last good one."""
+    path = checkpoint_path(run.out_dir, step)
+    save_checkpoint(path, accelerator=run.accelerator, objective=run.inner, scheduler=run.scheduler,
+                    trainer_state={"step": step, "tokens": run.tokens_seen, "config_name": run.cfg.name})
+    run.last_good = path
+
+
+def finish(run: Run) -> dict:
+    """Checkpoint the last step run; when every configured step is done (not stopped by stop_after), also
+    the final student, an evaluation (with eval data) and summary.json. Returns the summary."""
+    _save(run, run.end)
+    summary = {"steps": run.end, "tokens": run.tokens_seen, "elapsed_s": time.time() - run.t0}
+    if run.end == run.cfg.train.steps:
+        if run.main:
+            save_final_student(run.out_dir, run.inner)
+        if run.eval_records:
+            ev = run.inner.evaluate(run.eval_records)
+            summary.update(ev)
+            run.log.write({"step": run.end, "split": "eval", **ev})
+        if run.main:
+            write_json_atomic(run.out_dir / "summary.json", summary)
     return summary
 
 
@@ -355,9 +403,8 @@ def _has_accelerator() -> bool:
 
 def _check_positions(objective, max_length: int) -> None:
     """Refuse, before any step, a data.max_length that some model cannot take (its position table is shorter)."""
-    models = [("student", objective.student_geometry)] + [
-        (f"teacher '{t.name}'", t.geometry) for t in objective.teachers
-    ]
+    models = [("student", objective.student_geometry)] + [(f"teacher '{t.name}'", t.geometry)
+                                                          for t in objective.teachers]
     short = [(who, g.max_positions) for who, g in models if g.max_positions and g.max_positions < max_length]
     if short:
         limit = min(m for _, m in short)
@@ -368,21 +415,16 @@ def _check_positions(objective, max_length: int) -> None:
         )
 
 
-def _stop_if_non_finite(
-    accelerator,
-    loss: float,
-    metrics: dict,
-    step: int,
-    micro: int,
-    records: list[dict],
-    last_good: Path | None,
-) -> None:
+def _stop_if_non_finite(accelerator, loss: float, metrics: dict, step: int, micro: int, records: list[dict],
+                        last_good: Path | None) -> None:
     """Raise NonFiniteLoss on every process when the loss of any process is NaN/inf (before any backward).
 
     The failing process's samples are named; the others learn which process failed, so none of them is left
     waiting in the gradient all-reduce.
     """
     bad = not math.isfinite(loss)
+    mine = (accelerator.process_index, loss, [r["id"] for r in records],
+            sorted(k for k, v in metrics.items() if not math.isfinite(v)))
     world = accelerator.num_processes
     if world > 1:
         flag = accelerator.reduce(torch.tensor([float(bad)], device=accelerator.device), reduction="sum")
@@ -390,37 +432,17 @@ def _stop_if_non_finite(
             return
         from accelerate.utils import gather_object
 
-        where = gather_object(
-            [
-                (
-                    accelerator.process_index,
-                    loss,
-                    [r["id"] for r in records],
-                    sorted(k for k, v in metrics.items() if not math.isfinite(v)),
-                )
-            ]
-            if bad
-            else []
-        )
+        where = gather_object([mine] if bad else [])
     elif not bad:
         return
     else:
-        where = [
-            (
-                0,
-                loss,
-                [r["id"] for r in records],
-                sorted(k for k, v in metrics.items() if not math.isfinite(v)),
-            )
-        ]
+        where = [mine]
     parts = []
     for proc, value, ids, terms in where:
         on = f" on process {proc}" if world > 1 else ""
         terms = [t for t in terms if t != "loss"]
-        parts.append(
-            f"loss is {value}{on} at step {step + 1}, micro-batch {micro} (samples {ids}); "
-            f"non-finite terms: {terms or 'total only'}"
-        )
+        parts.append(f"loss is {value}{on} at step {step + 1}, micro-batch {micro} (samples {ids}); "
+                     f"non-finite terms: {terms or 'total only'}")
     raise NonFiniteLoss(
         "; ".join(parts),
         f"training stopped before the update; last good checkpoint: {last_good or 'none written yet'} "
