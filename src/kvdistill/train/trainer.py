@@ -178,7 +178,7 @@ def setup(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, stop_aft
     from transformers import get_scheduler
 
     from kvdistill.data import load_records
-    from kvdistill.train.objective import build_objective
+    from kvdistill.objectives import build_objective
 
     out_dir = Path(out_dir)
     accelerator = _accelerator(cfg)
