@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from kvdistill.train.student import build_student
+from kvdistill.student import build_student
 from kvdistill.train.trainer import latest_checkpoint, micro_batch, sample_stream, train
 
 TOL = 2e-5  # float32 weights after a few Adam steps of size ~1e-3, different matmul groupings
@@ -150,7 +150,7 @@ def test_ddp_two_processes_match_one(tiny_config, tiny_yaml, tmp_path, files):
 @pytest.mark.slow
 def test_ddp_with_parameters_that_get_no_gradient(tiny_config, tiny_yaml, tmp_path, files):
     """Cosine loss only (keys): the value maps get no gradient; DDP must not wait for them."""
-    from kvdistill.train.objective import build_objective
+    from kvdistill.objectives import build_objective
 
     out = tmp_path / "ddp"
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
@@ -175,8 +175,8 @@ def test_ddp_with_parameters_that_get_no_gradient(tiny_config, tiny_yaml, tmp_pa
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    trained = files.weights(out / "checkpoints/step-2/state", prefix="projectors.")
-    initial = build_objective(tiny_config(*changes)).projectors.state_dict()
+    trained = files.weights(out / "checkpoints/step-2/state", prefix="space.projectors.")
+    initial = build_objective(tiny_config(*changes)).space.projectors.state_dict()
     values = [k for k in trained if ".value_map." in k]
     keys = [k for k in trained if ".key_map." in k and k.endswith("weight")]
     assert values and all(torch.equal(trained[k], initial[k]) for k in values)
