@@ -72,11 +72,12 @@ def inspect_models(models: list[str], text: str | None = None, strategy: str = "
             tokenizer = load_tokenizer(name)
             enc = tokenize(tokenizer, [text])
             ids = enc["input_ids"][0].tolist()
-            offsets = enc["offset_mapping"][0].tolist()
+            byte_spans = enc["offset_mapping"][0]  # (T, 2) UTF-8 byte [start, end) of the text
             entry["tokens"] = [
-                {"id": i, "token": tokenizer.convert_ids_to_tokens(i), "span": list(s)} for i, s in zip(ids, offsets, strict=True)
+                {"id": i, "token": tokenizer.convert_ids_to_tokens(i), "span": s}
+                for i, s in zip(ids, byte_spans.tolist(), strict=True)
             ]
-            spans.append(enc["offset_mapping"][0])
+            spans.append(byte_spans)
         entries.append(entry)
         geometries.append(geometry)
     for i in range(1, len(entries)):
@@ -96,7 +97,7 @@ def inspect_models(models: list[str], text: str | None = None, strategy: str = "
 @app.command()
 def inspect(
     models: list[str] = typer.Argument(..., help="Offline names, local dirs or hub ids; the first is the student."),
-    text: str | None = typer.Option(None, "--text", "-t", help="Show how this text tokenizes (tokens with spans)."),
+    text: str | None = typer.Option(None, "--text", "-t", help="Show how this text tokenizes (tokens with UTF-8 byte spans)."),
     strategy: str = typer.Option("ratio", help="Layer-map strategy for the plan: ratio, uniform, skip."),
     projector: str = typer.Option("auto", help="Projector kind for the plan: auto, identity, per_head, linear."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list, one object per model."),

@@ -38,3 +38,23 @@ def test_compress_capture_shapes_and_content():
     assert torch.equal(crop.keys[0][1], cap.keys[0][1, :, :5])
     with pytest.raises(KvdistillError, match="query mask"):
         compress_capture(cap, Compression(kind="rkv", budget=3), [0], None)
+
+
+@pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])
+def test_answer_query_mask_after_multibyte_text(name):
+    """answer_start is a character offset, the spans are bytes: 東京 (6 bytes), の, 天気, 😀 (4 bytes), ？ and é
+    put the answer at character 24 but byte 42; the mask must cover exactly the answer's tokens '4' '2'."""
+    from kvdistill.models.capture import tokenize
+    from kvdistill.models.load import load_tokenizer
+    from kvdistill.teachers import answer_query_mask
+
+    tok = load_tokenizer(name)
+    text = "東京の天気 😀 は？ café\nAnswer: 42"
+    records = [{"text": text, "answer_start": text.index("42")}, {"text": "plain\nAnswer: 7", "answer_start": 14}]
+    assert records[0]["answer_start"] == 24 and len(text[:24].encode()) == 42
+    enc = tokenize(tok, [r["text"] for r in records])
+    query = answer_query_mask(records, enc["offset_mapping"], enc["attention_mask"])  # (B, T)
+    tokens = [tok.convert_ids_to_tokens(row.tolist()) for row in enc["input_ids"]]
+    assert [t for t, q in zip(tokens[0], query[0].tolist(), strict=True) if q] == ["4", "2"]
+    assert [t for t, q in zip(tokens[1], query[1].tolist(), strict=True) if q] == ["7"]
+    assert query.sum(1).tolist() == [2, 1]

@@ -1,4 +1,4 @@
-"""Token alignment between two tokenizations of the same text, from their character offset mappings.
+"""Token alignment between two tokenizations of the same text, from their UTF-8 byte spans.
 
 Notation:
     B    batch
@@ -6,16 +6,23 @@ Notation:
     T_t  teacher tokens (columns of an alignment)
     H    heads, D head dim (of the teacher tensor being resampled)
 
-A span is a character interval [start, end) of the text, as a fast tokenizer's `offset_mapping` gives it.
-Entry (i, j) of an alignment is the IoU of student span i and teacher span j,
-|overlap| / |union| of the two intervals, and each row is then normalised to sum to 1. A row with no
-overlap at all (a special token with an empty span start == end such as BOS/EOS/CLS/pad, or a token cut
-away from the other side by truncation) is all zero. Empty spans never overlap anything.
+A span is a UTF-8 byte interval [start, end) of the text. `kvdistill.models.capture.tokenize` returns them as
+`offset_mapping`, made by `kvdistill.align.bytes.byte_spans` from the fast tokenizer's character offsets.
+Bytes, not characters: a byte-level BPE splits a character it has no token for into several tokens that all
+report that character's span (SmolLM2's '東京' is 'æĿ' '±' 'äº' '¬' at characters (0,1) (0,1) (1,2) (1,2),
+bytes (0,2) (2,3) (3,5) (5,6)), so on characters a tokenization aligned with itself mixes those tokens, on
+bytes it is the identity. On ASCII text byte spans equal character spans. The functions here take any
+integer intervals; both sides must use the same unit.
 
-Spans need not be sorted or disjoint: byte-level BPE gives several tokens the same or overlapping spans on
-emoji and CJK, and truncation or post-processing can leave them out of order. The overlaps are found by a
-sweep over the teacher spans sorted by start (searchsorted on the starts and on the running max of the
-ends), so the cost is O((T_s + T_t) log T_t + nnz) for tokenizer spans, never a dense T_s x T_t pass.
+Entry (i, j) of an alignment is the IoU of student span i and teacher span j, |overlap| / |union| of the
+two intervals, and each row is then normalised to sum to 1. A row with no overlap at all (a special token
+with an empty span start == end such as BOS/EOS/CLS/pad, or a token cut away from the other side by
+truncation) is all zero. Empty spans never overlap anything.
+
+Spans need not be sorted or disjoint: truncation or post-processing can leave them out of order, and the
+fallback of `byte_spans` can overlap. The overlaps are found by a sweep over the teacher spans sorted by
+start (searchsorted on the starts and on the running max of the ends), so the cost is
+O((T_s + T_t) log T_t + nnz) for tokenizer spans, never a dense T_s x T_t pass.
 """
 
 from __future__ import annotations
@@ -40,24 +47,25 @@ def _as_spans(spans: SpansLike, name: str, batched: bool = False) -> torch.Tenso
         tensor = torch.as_tensor(spans)
     except (TypeError, ValueError, RuntimeError) as err:
         raise KvdistillError(
-            f"{name} could not be read as a {want} tensor of character offsets: {err}",
-            "pass a tensor or a nested list of [start, end) integer pairs (a tokenizer's offset_mapping)",
+            f"{name} could not be read as a {want} tensor of byte offsets: {err}",
+            "pass a tensor or a nested list of [start, end) integer pairs (the offset_mapping of "
+            "kvdistill.models.capture.tokenize)",
         ) from None
     if tensor.numel() == 0 and not batched and tensor.dim() <= 1:
         tensor = tensor.reshape(0, 2)  # an empty list means no tokens
     if tensor.dim() != (3 if batched else 2) or tensor.shape[-1] != 2:
         raise KvdistillError(
-            f"{name} has shape {tuple(tensor.shape)}, expected {want} [start, end) character offsets",
+            f"{name} has shape {tuple(tensor.shape)}, expected {want} [start, end) byte offsets",
             f"pass {'the batch' if batched else 'one text'}'s offset_mapping {want} "
-            "from a fast tokenizer called with return_offsets_mapping=True",
+            "from kvdistill.models.capture.tokenize (UTF-8 byte spans)",
         )
     if tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
         if tensor.is_floating_point() and bool((tensor == tensor.round()).all()):
             tensor = tensor.long()
         else:
             raise KvdistillError(
-                f"{name} has dtype {tensor.dtype} with non-integer values, expected integer character offsets",
-                "pass the tokenizer's offset_mapping unchanged (integers)",
+                f"{name} has dtype {tensor.dtype} with non-integer values, expected integer byte offsets",
+                "pass tokenize's offset_mapping unchanged (integers)",
             )
     tensor = tensor.long()
     if tensor.numel() == 0:
@@ -67,7 +75,7 @@ def _as_spans(spans: SpansLike, name: str, batched: bool = False) -> torch.Tenso
         at = tuple(int(i) for i in negative.nonzero()[0])
         raise KvdistillError(
             f"{name}[{', '.join(map(str, at))}] = {tensor[at].tolist()} is negative; offsets must be >= 0",
-            "pass character offsets into the text (a tokenizer's offset_mapping), not ids or -1 padding",
+            "pass byte offsets into the text (tokenize's offset_mapping), not ids or -1 padding",
         )
     reversed_ = tensor[..., 0] > tensor[..., 1]  # (..., T)
     if bool(reversed_.any()):
@@ -137,7 +145,7 @@ def _row_normalise(rows: torch.Tensor, iou: torch.Tensor, num_rows: int) -> torc
 def token_alignment(student_spans: SpansLike, teacher_spans: SpansLike) -> torch.Tensor:
     """Row-normalised IoU alignment between the student's and the teacher's tokens of one text.
 
-    student_spans (T_s, 2), teacher_spans (T_t, 2): character [start, end) offsets (tensors or lists).
+    student_spans (T_s, 2), teacher_spans (T_t, 2): UTF-8 byte [start, end) offsets (tensors or lists).
     Returns a coalesced sparse COO float32 tensor (T_s, T_t) on the spans' device; each row sums to 1,
     or is all zero when the student token overlaps no teacher token (empty span, truncated away).
     """
@@ -169,7 +177,7 @@ def _batch_overlaps(student_spans, student_mask, teacher_spans, teacher_mask):
         )
     s_mask = _as_mask(student_mask, "student_mask", (B, T_s), "student_spans", student.device)  # (B, T_s)
     t_mask = _as_mask(teacher_mask, "teacher_mask", (B, T_t), "teacher_spans", student.device)  # (B, T_t)
-    # Padding becomes an empty span; each sample is shifted into its own character range so that one
+    # Padding becomes an empty span; each sample is shifted into its own byte range so that one
     # sweep over the flattened batch cannot pair tokens of different samples.
     student = student * s_mask[..., None]  # (B, T_s, 2)
     teacher = teacher * t_mask[..., None]  # (B, T_t, 2)

@@ -1,13 +1,14 @@
 """The manifest of a teacher-KV cache: what was stored, by which teacher, how, and where.
 
-`manifest.json` (or `manifest.part-{i}.json` for one part of a sharded extraction), schema_version 1:
+`manifest.json` (or `manifest.part-{i}.json` for one part of a sharded extraction), schema_version 2:
 
     {
-      "schema_version": 1,
+      "schema_version": 2,
       "teacher": {"id": str, "revision": str | null, "geometry": KVGeometry.to_dict()},
       "tokenizer": sha256 hex (fingerprint_tokenizer),
       "compression": Compression.to_dict(),
       "dataset": sha256 hex (fingerprint_records),
+      "span_unit": "utf8_bytes" (stored token spans are UTF-8 byte offsets into the text, align/bytes.py),
       "shards": [{"file": str, "sha256": str, "num_samples": int, "bytes": int}, ...],
       "samples": {sample_id: {"shard": int (position in "shards"), "index": int (position in the shard)}},
       "complete": bool (the writer was closed; false while extraction runs or after a kill),
@@ -15,8 +16,11 @@
     }
 
 Only complete shards are ever listed, and the file is replaced atomically, so a manifest is always
-consistent with the shards on disk. The four meta fields (teacher, tokenizer, compression, dataset) decide
-whether a cache fits a run: `meta_mismatches` names every field that differs.
+consistent with the shards on disk. The meta fields (teacher, tokenizer, compression, dataset, span_unit)
+decide whether a cache fits a run: `meta_mismatches` names every field that differs.
+
+Schema 1 caches stored character spans, which cannot tell apart the tokens a byte-level tokenizer splits one
+character into; `read_manifest` refuses them with a message to re-extract.
 """
 
 from __future__ import annotations
@@ -30,8 +34,9 @@ from typing import Any
 
 from kvdistill.errors import CacheError
 
-SCHEMA_VERSION = 1
-META_FIELDS = ("teacher", "tokenizer", "compression", "dataset")
+SCHEMA_VERSION = 2  # 2: spans in UTF-8 bytes (schema 1 stored character spans)
+SPAN_UNIT = "utf8_bytes"
+META_FIELDS = ("teacher", "tokenizer", "compression", "dataset", "span_unit")
 MANIFEST = "manifest.json"
 
 
@@ -56,12 +61,13 @@ def make_meta(
     dataset_fp: str,
     revision: str | None = None,
 ) -> dict[str, Any]:
-    """The meta dict a `CacheWriter` takes and a `CacheReader` is checked against."""
+    """The meta dict a `CacheWriter` takes and a `CacheReader` is checked against (spans in `SPAN_UNIT`)."""
     return {
         "teacher": {"id": teacher_id, "revision": revision, "geometry": dict(geometry)},
         "tokenizer": tokenizer_fp,
         "compression": dict(compression),
         "dataset": dataset_fp,
+        "span_unit": SPAN_UNIT,
     }
 
 
@@ -85,6 +91,8 @@ def check_meta(meta: dict[str, Any]) -> dict[str, Any]:
         problems.append(
             f"meta.compression must be a dict (Compression.to_dict()), got {meta['compression']!r}"
         )
+    if "span_unit" in meta and meta["span_unit"] != SPAN_UNIT:
+        problems.append(f"meta.span_unit is {meta['span_unit']!r}, this kvdistill stores {SPAN_UNIT!r} spans")
     unknown = sorted(set(meta) - set(META_FIELDS)) if isinstance(meta, dict) else []
     if unknown:
         problems.append(f"unknown meta field(s) {unknown}")
@@ -92,7 +100,7 @@ def check_meta(meta: dict[str, Any]) -> dict[str, Any]:
         raise CacheError(
             "invalid cache meta: " + "; ".join(problems),
             "build it with kvdistill.cache.make_meta(teacher_id, geometry, tokenizer_fp, "
-            "compression, dataset_fp)",
+            "compression, dataset_fp), which also sets span_unit",
         )
     out = {k: _json_normal(meta[k]) for k in META_FIELDS}
     out["teacher"].setdefault("revision", None)
@@ -174,6 +182,13 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     except json.JSONDecodeError as e:
         raise CacheError(f"manifest {path} is not valid JSON ({e})", "re-extract the cache") from None
     version = data.get("schema_version") if isinstance(data, dict) else None
+    if version == 1:
+        raise CacheError(
+            f"manifest {path} is a schema_version 1 cache: its token spans are character offsets, and this "
+            f"kvdistill aligns tokens on UTF-8 byte spans (schema_version {SCHEMA_VERSION}, span_unit {SPAN_UNIT!r})",
+            "re-extract the cache with this version of kvdistill (`kvdistill extract`); old spans cannot be "
+            "converted without the texts and the tokenizer",
+        )
     if version != SCHEMA_VERSION:
         raise CacheError(
             f"manifest {path} has schema_version {version!r}, this kvdistill reads {SCHEMA_VERSION}",
@@ -182,6 +197,11 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     missing = [k for k in (*META_FIELDS, "shards", "samples") if k not in data]
     if missing:
         raise CacheError(f"manifest {path} lacks {missing}", "re-extract the cache")
+    if data["span_unit"] != SPAN_UNIT:
+        raise CacheError(
+            f"manifest {path} stores spans in {data['span_unit']!r}, this kvdistill reads {SPAN_UNIT!r}",
+            "re-extract the cache with this version of kvdistill",
+        )
     return data
 
 

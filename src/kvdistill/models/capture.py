@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 import torch
 from transformers import DynamicCache
 
+from kvdistill.align.bytes import byte_spans
 from kvdistill.errors import KvdistillError
 from kvdistill.models.geometry import KVGeometry, geometry_of
 from kvdistill.models.rope import invert_rope, rope_cos_sin
@@ -59,7 +60,7 @@ class KVCapture:
     positions: torch.Tensor  # (B, T) long, the positions the model used
     input_ids: torch.Tensor  # (B, T)
     geometry: KVGeometry
-    spans: torch.Tensor | None = None  # (B, T, 2) char [start, end); specials and padding: start == end
+    spans: torch.Tensor | None = None  # (B, T, 2) UTF-8 byte [start, end); specials and padding: start == end
     hidden_states: list[torch.Tensor] | None = None  # (L + 1) × (B, T, H)
     logits: torch.Tensor | None = None  # (B, T, V)
     attentions: list[torch.Tensor] | None = None  # L × (B, H, T, T)
@@ -98,10 +99,13 @@ class KVCapture:
 
 def tokenize(tokenizer, texts: list[str], *, max_length: int | None = None, padding_side: str = "right",
              max_positions: int | None = None):
-    """Tokenize a batch with character offsets; every text must yield at least one non-special token.
+    """Tokenize a batch with token spans; every text must yield at least one non-special token.
 
-    Returns a BatchEncoding with input_ids, attention_mask (B, T) and offset_mapping (B, T, 2); padding
-    rows of offset_mapping are (0, 0).
+    Returns a BatchEncoding with input_ids, attention_mask (B, T) and offset_mapping (B, T, 2), where the spans are
+    UTF-8 byte offsets [start, end) into each text (`kvdistill.align.bytes.byte_spans` of the tokenizer's character
+    offsets: exact where one character is split into several tokens; equal to them on ASCII text, except that a
+    '▁' Llama-2 prepends onto the text's first character covers no byte). Special tokens have empty spans; padding
+    rows are (0, 0).
     """
     if isinstance(texts, str):
         texts = [texts]
@@ -117,9 +121,11 @@ def tokenize(tokenizer, texts: list[str], *, max_length: int | None = None, padd
                         truncation=max_length is not None, max_length=max_length)
     finally:
         tokenizer.padding_side = old_side
-    offsets = enc["offset_mapping"]  # (B, T, 2)
+    offsets = enc["offset_mapping"]  # (B, T, 2) characters
     if offsets.dim() != 3:  # every text empty and no BOS: the tokenizer returns (B, 0)
         offsets = offsets.reshape(len(texts), -1, 2)
+    offsets = byte_spans(tokenizer, texts, enc["input_ids"], offsets)  # (B, T, 2) UTF-8 bytes
+    enc["offset_mapping"] = offsets
     content = (offsets[..., 1] > offsets[..., 0]) & enc["attention_mask"].bool()  # (B, T)
     empty = [i for i in range(len(texts)) if not content[i].any()]
     if empty:
@@ -372,8 +378,8 @@ def forward_kv(
 
 def tokenize_for(geometry: KVGeometry, tokenizer, texts: list[str] | str, *, max_length: int | None,
                  padding_side: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`tokenize` under the model's position limit: input_ids, attention_mask (B, T) and spans (B, T, 2) with
-    padding (0, 0), all on the CPU."""
+    """`tokenize` under the model's position limit: input_ids, attention_mask (B, T) and spans (B, T, 2) (UTF-8 byte
+    offsets, padding (0, 0)), all on the CPU."""
     enc = tokenize(tokenizer, texts, max_length=max_length, padding_side=padding_side,
                    max_positions=None if geometry.is_encoder and max_length else geometry.max_positions)
     mask = enc["attention_mask"]
@@ -406,7 +412,7 @@ def capture_kv(
     attentions: bool = False,
     router_logits: bool = False,
 ) -> KVCapture:
-    """Tokenize `texts` and capture K/V (no grad), with character spans (B, T, 2) for token alignment."""
+    """Tokenize `texts` and capture K/V (no grad), with UTF-8 byte spans (B, T, 2) for token alignment."""
     geometry = geometry_of(model)
     ids, mask, spans = tokenize_for(geometry, tokenizer, texts, max_length=max_length,
                                     padding_side=padding_side or tokenizer.padding_side)

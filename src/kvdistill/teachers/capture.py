@@ -18,12 +18,14 @@ from kvdistill.teachers.record import TeacherKV
 def answer_query_mask(records: list[dict], spans: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(B, T) 1 on the tokens of the answer (the last observation): those starting at or after `answer_start`.
 
-    Records without `answer_start` use their last real token.
+    spans (B, T, 2) are UTF-8 byte offsets (`tokenize`), `answer_start` a character offset into record["text"]:
+    it is compared as the byte offset of that character. Records without `answer_start` use their last real token.
     """
     query = torch.zeros_like(mask)
     for b, rec in enumerate(records):
         start = rec.get("answer_start")
         if start is not None:
+            start = len(rec["text"][:start].encode("utf-8", "surrogatepass"))  # character -> byte offset
             query[b] = ((spans[b, :, 0] >= start) & (spans[b, :, 1] > spans[b, :, 0])).long() * mask[b]
         if start is None or not query[b].any():
             last = int(mask[b].nonzero().max())
@@ -34,7 +36,7 @@ def answer_query_mask(records: list[dict], spans: torch.Tensor, mask: torch.Tens
 @dataclass
 class TeacherInputs:
     """The host half of a teacher batch, built without the model (so on another thread while the device runs the
-    previous batch): the tokenizer's input_ids, attention_mask (B, T), spans (B, T, 2) with padding (0, 0), and
+    previous batch): the tokenizer's input_ids, attention_mask (B, T), byte spans (B, T, 2) with padding (0, 0), and
     the rkv answer-query mask (B, T) or None; all CPU (pinned when `prepare_teacher` was given pin=True)."""
 
     records: list[dict]
