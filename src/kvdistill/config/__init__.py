@@ -1,0 +1,36 @@
+"""kvdistill.config: the typed run configuration (`schema`) and how it is read, overridden and checked (`load`)."""
+
+from kvdistill.config.load import (
+    apply_overrides,
+    check_config,
+    config_path,
+    dump_config,
+    load_config,
+    parse_config,
+    read_raw,
+    semantic_problems,
+)
+from kvdistill.config.schema import (
+    CompressionConfig,
+    DataConfig,
+    EntropyConfig,
+    FusionConfig,
+    KVLossConfig,
+    LatentConfig,
+    LayerMapConfig,
+    LogitKDConfig,
+    LoraConfig,
+    LossesConfig,
+    RouterConfig,
+    RunConfig,
+    Section,
+    SimilarityConfig,
+    StudentConfig,
+    TeacherConfig,
+    TrainConfig,
+)
+
+__all__ = ["CompressionConfig", "DataConfig", "EntropyConfig", "FusionConfig", "KVLossConfig", "LatentConfig",
+           "LayerMapConfig", "LogitKDConfig", "LoraConfig", "LossesConfig", "RouterConfig", "RunConfig", "Section",
+           "SimilarityConfig", "StudentConfig", "TeacherConfig", "TrainConfig", "apply_overrides", "check_config",
+           "config_path", "dump_config", "load_config", "parse_config", "read_raw", "semantic_problems"]

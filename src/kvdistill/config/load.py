@@ -1,0 +1,278 @@
+"""Loading a run configuration: YAML file + dotted command-line overrides, validated when loaded.
+
+Every problem is collected and reported together (`ConfigError.problems`), each naming the key, the value that is
+wrong and, for a typo, the nearest valid key. `kvdistill validate CONFIG` prints them all; `semantic_problems` adds
+the checks that need the models' configs.
+"""
+
+from __future__ import annotations
+
+import difflib
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from kvdistill.config.schema import DataConfig, RunConfig, StudentConfig, TeacherConfig
+from kvdistill.errors import ConfigError, KvdistillError
+
+
+# ---------------------------------------------------------------------------------------------- loading
+def _all_keys(model_cls: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model_cls.model_fields.items():
+        dotted = f"{prefix}{name}"
+        keys.append(dotted)
+        ann = field.annotation
+        for candidate in getattr(ann, "__args__", ()) or (ann,):
+            if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+                keys.extend(_all_keys(candidate, dotted + "."))
+    return keys
+
+
+def _section_for(loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model class that holds the field at `loc` (list indices skipped)."""
+    cls: type[BaseModel] = RunConfig
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = cls.model_fields.get(part)
+        if field is None:
+            return None
+        ann = field.annotation
+        nested = None
+        for candidate in (*getattr(ann, "__args__", ()), ann):
+            inner = getattr(candidate, "__args__", None)
+            for c in (*(inner or ()), candidate):
+                if isinstance(c, type) and issubclass(c, BaseModel):
+                    nested = c
+        if nested is None:
+            return None
+        cls = nested
+    return cls
+
+
+def _format_loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _describe(err: dict) -> str:
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith(("function-after", "function-"))))
+    key = _format_loc(loc) or "config"
+    if err["type"] == "extra_forbidden":
+        section = _section_for(loc)
+        valid = list(section.model_fields) if section else []
+        close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+        hint = f"; did you mean '{_format_loc(loc[:-1] + (close[0],))}'?" if close else ""
+        return f"unknown key '{key}'{hint} (valid here: {', '.join(valid)})"
+    if err["type"] == "missing":
+        return f"'{key}' is required"
+    if err["type"] == "value_error":
+        msg = err["msg"].removeprefix("Value error, ")
+        return msg if key == "config" else f"{key}: {msg}"
+    given = err.get("input")
+    shown = repr(given) if not isinstance(given, dict) else "a mapping"
+    return f"'{key}' = {shown}: {err['msg']}"
+
+
+def _parse_scalar(text: str) -> Any:
+    return yaml.safe_load(text) if text.strip() else ""
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply `a.b.c=value` overrides (YAML-parsed values; `teachers.0.weight=2` indexes lists)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError([f"override '{item}' is not of the form key.path=value"], source="overrides")
+        path, value = item.split("=", 1)
+        parts = path.strip().split(".")
+        node: Any = raw
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError([f"override '{path}': index '{part}' out of range (list has {len(node)} items)"],
+                                      source="overrides")
+                if last:
+                    node[int(part)] = _parse_scalar(value)
+                else:
+                    node = node[int(part)]
+                continue
+            if last:
+                node[part] = _parse_scalar(value)
+            else:
+                node = node.setdefault(part, {})
+                if node is None:
+                    node = {}
+    return raw
+
+
+def parse_config(raw: dict, source: str = "config") -> RunConfig:
+    """Validate a raw mapping; raises ConfigError listing every problem."""
+    if not isinstance(raw, dict):
+        raise ConfigError([f"top level must be a mapping, got {type(raw).__name__}"], source=source)
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError([_describe(e) for e in err.errors()], source=source) from None
+
+
+def read_raw(path: str | Path, overrides: list[str] | None = None) -> dict:
+    """The mapping in a YAML config file with dotted overrides applied (not validated)."""
+    p = Path(path)
+    if not p.is_file():
+        raise KvdistillError(f"config file '{path}' does not exist", "check the path (ready configs: configs/*.yaml)")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError([f"not valid YAML: {err}"], source=str(path)) from None
+    if not isinstance(raw, dict):
+        raise ConfigError([f"top level must be a mapping, got {type(raw).__name__}"], source=str(path))
+    return apply_overrides(raw, overrides or [])
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, raw: dict | None = None) -> RunConfig:
+    """Load a YAML config (or a raw mapping), apply dotted overrides, validate."""
+    if raw is None:
+        if path is None:
+            raise KvdistillError("no config given", "pass a YAML file, e.g. configs/phase1.yaml")
+        return parse_config(read_raw(path, overrides), source=str(path))
+    raw = apply_overrides(dict(raw), overrides or [])
+    return parse_config(raw, source=str(path) if path else "config")
+
+
+def dump_config(config: RunConfig) -> str:
+    """YAML of the keys that were given (defaults left out), so reloading it means exactly the same run:
+    choices that depend on which keys were set (e.g. text vs template mode of a data file) survive."""
+    return yaml.safe_dump(config.model_dump(mode="json", exclude_unset=True), sort_keys=False)
+
+
+def semantic_problems(config: RunConfig) -> list[str]:
+    """Checks that need the models' configs (not weights): teacher found, layer map possible, cache present.
+
+    Loads only `config.json` of each model, so it is fast; returns the problems (empty list when all is well).
+    """
+    problems: list[str] = []
+    student_layers = _student_layers(config.student, problems)
+    for i, t in enumerate(config.teachers):
+        problems += _teacher_problems(i, t, student_layers)
+    problems += _data_problems(config.data)
+    return problems
+
+
+def check_config(raw: dict, source: str = "config") -> tuple[RunConfig | None, list[str]]:
+    """(config or None, every problem): schema problems and the semantic checks together, in one list.
+
+    When the schema check fails, each section is validated again without its failing fields, so a typo in one
+    place does not hide a missing teacher or an impossible layer map in another.
+    """
+    try:
+        cfg = parse_config(raw, source)
+    except ConfigError as err:
+        problems = list(err.problems)
+    else:
+        return cfg, semantic_problems(cfg)
+    if not isinstance(raw, dict):
+        return None, problems
+    student = _salvage(StudentConfig, raw.get("student"))
+    student_layers = _student_layers(student, problems) if student is not None else None
+    teachers = raw.get("teachers")
+    for i, t_raw in enumerate(teachers if isinstance(teachers, list) else []):
+        teacher = _salvage(TeacherConfig, t_raw)
+        if teacher is not None:
+            problems += _teacher_problems(i, teacher, student_layers)
+    data = _salvage(DataConfig, raw.get("data", {}))
+    if data is not None:
+        problems += _data_problems(data)
+    return None, list(dict.fromkeys(problems))
+
+
+def _salvage(cls: type[BaseModel], raw: Any) -> BaseModel | None:
+    """`raw` validated as `cls` after dropping the fields that fail; None when that does not make it valid."""
+    if not isinstance(raw, dict):
+        return None
+    data = dict(raw)
+    for _ in range(len(cls.model_fields) + 1):
+        try:
+            return cls.model_validate(data)
+        except ValidationError as err:
+            failing = {e["loc"][0] for e in err.errors() if e["loc"] and e["loc"][0] in data}
+            if not failing:
+                return None
+            for key in failing:
+                del data[key]
+    return None
+
+
+def _student_layers(student: StudentConfig, problems: list[str]) -> int | None:
+    from kvdistill.models.load import load_config as load_hf_config
+
+    try:
+        if student.model:
+            return _num_layers(load_hf_config(student.model))
+        base = load_hf_config(student.from_config["base"])
+        return student.from_config.get("num_hidden_layers", _num_layers(base))
+    except KvdistillError as err:
+        problems.append(f"student: {err.problem}")
+        return None
+
+
+def _num_layers(hf_config) -> int | None:
+    """Layer count from a transformers config, whatever the family calls it."""
+    for attr in ("num_hidden_layers", "n_layer", "num_layers"):
+        if isinstance(getattr(hf_config, attr, None), int):
+            return getattr(hf_config, attr)
+    return None
+
+
+def _teacher_problems(i: int, t: TeacherConfig, student_layers: int | None) -> list[str]:
+    """Teacher i found (online: its config.json; cache: a manifest) and its layer map buildable."""
+    from kvdistill.align.layers import layer_map
+    from kvdistill.models.load import load_config as load_hf_config
+
+    key = f"teachers[{i}] ({t.name})"
+    if t.source == "cache":
+        if not (Path(t.cache_dir) / "manifest.json").is_file():
+            return [f"{key}.cache_dir: '{t.cache_dir}' holds no manifest.json; run `kvdistill extract` first"]
+        return []
+    try:
+        teacher_layers = _num_layers(load_hf_config(t.model))
+    except KvdistillError as err:
+        return [f"{key}.model: {err.problem}"]
+    lm = t.layer_map
+    if teacher_layers is None:
+        return []
+    if student_layers is None:  # student unknown: only the teacher side of an explicit map can be checked
+        flat = [x for e in lm.explicit or [] for x in (e if isinstance(e, list) else [e])]
+        bad = [x for x in flat if not -1 <= x < teacher_layers]
+        return [f"{key}.layer_map.explicit: teacher layers {bad} outside 0..{teacher_layers - 1}"] if bad else []
+    try:
+        layer_map(student_layers, teacher_layers, strategy=lm.strategy, explicit=lm.explicit,
+                  interpolate=lm.interpolate)
+    except KvdistillError as err:
+        return [f"{key}.layer_map ({lm.strategy}, student {student_layers} layers, teacher {teacher_layers}): "
+                f"{err.problem}"]
+    return []
+
+
+def _data_problems(data: DataConfig) -> list[str]:
+    if data.source != "gsm_symbolic" and data.path and not Path(data.path).exists():
+        return [f"data.path: '{data.path}' does not exist"]
+    return []
+
+
+def config_path(config: str):
+    """A path, or the name of a packaged config (quickstart, phase1 … phase5)."""
+    if Path(config).exists():
+        return Path(config)
+    packaged = files("kvdistill") / "configs" / f"{config.removesuffix('.yaml')}.yaml"
+    if packaged.is_file():
+        return packaged
+    names = sorted(p.name.removesuffix(".yaml") for p in (files("kvdistill") / "configs").iterdir())
+    raise KvdistillError(f"config '{config}' is neither a file nor a packaged config",
+                         f"give a YAML path or one of: {', '.join(names)}")
