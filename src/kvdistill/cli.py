@@ -285,7 +285,7 @@ def quickstart(
     steps: int | None = typer.Option(None, help="Override train.steps (default from the packaged config)."),
 ) -> None:
     """The default run: SmolLM2 + Gemma-3 distilled into a small GPT-2-tokenizer student vs a CE-only twin."""
-    from kvdistill.train.quickstart import run_quickstart
+    from kvdistill.experiments.quickstart import run_quickstart
 
     summary = run_quickstart(out, steps=steps)
     sys.stdout.write(summary["table_markdown"] + "\n")

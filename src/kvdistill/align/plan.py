@@ -6,11 +6,22 @@ token of each side. The same dictionary lands in a run's plan.json.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 from kvdistill.align.heads import projector_param_count
 from kvdistill.align.layers import describe_layer_map, layer_map
-from kvdistill.models.geometry import KVGeometry
+
+
+class KVGeometry(Protocol):
+    """What a plan reads of a model's geometry (`kvdistill.models.geometry.KVGeometry` has it; align sits below
+    models and does not import it)."""
+
+    name: str
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+
+    def kv_bytes_per_token(self, bytes_per_element: int) -> int: ...
 
 
 def choose_projector(student: KVGeometry, teacher: KVGeometry, kind: str = "auto") -> str:

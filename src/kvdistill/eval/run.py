@@ -26,7 +26,7 @@ _SOURCES = {"jsonl": "jsonl", "json": "jsonl", "csv": "csv", "parquet": "parquet
 
 def resolve_checkpoint(checkpoint: str | Path) -> tuple[str, Path | None]:
     """(what `load_model` gets, the run directory or None) for a run, checkpoint or student directory or name."""
-    from kvdistill.train.trainer import latest_checkpoint
+    from kvdistill.train.checkpoint import latest_checkpoint
 
     path = Path(checkpoint).expanduser()
     if not path.is_dir():

@@ -1,0 +1,1 @@
+"""kvdistill.experiments: runs composed of training and evaluation (the quickstart; controlled comparisons)."""
