@@ -20,7 +20,7 @@ from kvdistill.align.heads import (
     projector_param_count,
 )
 from kvdistill.errors import KvdistillError
-from kvdistill.losses import kv_loss
+from kvdistill.losses import as_rows, kv_error
 
 
 @dataclass(frozen=True)
@@ -242,9 +242,15 @@ def structured_teacher(H_t: int, D_t: int, seed: int = 0) -> torch.Tensor:
     return flat.view(1, N_TOKENS, H_t, D_t).transpose(1, 2).contiguous()  # (1, H_t, N, D_t)
 
 
+def kv_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+    """The training KV error of one sample (B = 1) laid out (1, H, N, D): `kvdistill.losses.kv_error` on its rows."""
+    (p, m), (t, _) = as_rows(pred, mask), as_rows(target, mask)
+    return kv_error(p, t, m, normalize=normalize)[0]
+
+
 def constant_floor(teacher: torch.Tensor) -> float:
     """The lowest normalised kv_loss any token-constant prediction can reach: predict each channel's mean.
-    kv_loss divides by the target's overall std, so the floor is (mean per-channel variance) / (overall variance)."""
+    kv_loss divides by the target's overall variance, so the floor is (mean per-channel variance) / (overall variance)."""
     per_channel = teacher.var(dim=2, unbiased=False).mean()
     return float(per_channel / teacher.var(unbiased=False))
 

@@ -7,7 +7,7 @@ A geometry is anything with `num_kv_heads` and `head_dim` (e.g. `kvdistill.model
 Two directions, two roles:
 
 - `KVProjector` (student → teacher, learnable) is the default. The loss is computed in the TEACHER space against
-  the teacher's K/V as a fixed target: ``kv_loss(P(K_s), K_t)``. Collapse is impossible: a student whose K/V
+  the teacher's K/V as a fixed target: ``kvdistill.losses.kv_error(P(K_s), K_t)``. Collapse is impossible: a student whose K/V
   carry no information (constant over tokens) is mapped by any P to something constant over tokens, and no
   constant is closer to a varying target than its mean; after normalising by the target's spread the loss stays
   at the fraction of variance a constant cannot explain (≈ 1). tests/align/test_heads.py proves it by training.
