@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from kvdistill.errors import KvdistillError
-from kvdistill.eval.report import fmt_value, write_report
+from kvdistill.eval.page import fmt_value
+from kvdistill.eval.report import write_report
 
 TEACHERS = ("smollm2", "gemma3")
 STEPS = 20

@@ -160,6 +160,26 @@ def byte_spans(tokenizer, texts: Sequence[str], input_ids, offset_mapping) -> to
     offsets of the same call (padding (0, 0)). Returns int64 (B, T, 2) on the CPU; empty character spans
     (special tokens, padding) stay empty.
     """
+    offsets, ids, lengths = _checked_inputs(texts, input_ids, offset_mapping)  # (B, T, 2), (B, T), (B,)
+    to_bytes = _ByteOffsets(texts, lengths)
+    spans = to_bytes(torch.arange(len(texts))[:, None, None], offsets)  # (B, T, 2) bytes of whole characters
+    members = _shared_groups(offsets)
+    if members is None:
+        return spans
+    rules = _piece_rules(tokenizer)
+    distinct, which = ids.flatten()[members.index].unique(return_inverse=True)  # (U,), (M,)
+    candidates = [_candidates(p, rules) for p in tokenizer.convert_ids_to_tokens(distinct.tolist())]
+    ok = _fit_by_size(spans, offsets, members, candidates, which, to_bytes)  # (M,)
+    if bool(ok.all()):
+        return spans
+    _fit_one_by_one(spans, offsets, members, ~ok, candidates, which, to_bytes)
+    return spans
+
+
+def _checked_inputs(
+    texts: Sequence[str], input_ids, offset_mapping
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(offsets (B, T, 2), ids (B, T), lengths (B,)) on the CPU, or an error quoting the mismatched input."""
     offsets = torch.as_tensor(offset_mapping).long().cpu().contiguous()  # (B, T, 2) characters
     ids = torch.as_tensor(input_ids).cpu()  # (B, T)
     B = len(texts)
@@ -182,16 +202,33 @@ def byte_spans(tokenizer, texts: Sequence[str], input_ids, offset_mapping) -> to
             f"({int(lengths[b])} characters)",
             "pass the character offsets the tokenizer returned for these very texts",
         )
-    to_bytes = _ByteOffsets(texts, lengths)
-    spans = to_bytes(torch.arange(B)[:, None, None], offsets)  # (B, T, 2) bytes
+    return offsets, ids, lengths
 
-    # groups: tokens that start before the furthest end of the non-empty tokens before them
+
+@dataclass(frozen=True)
+class _Members:
+    """The M tokens of groups of two or more, over the whole batch, in ascending flat order (groups consecutive)."""
+
+    index: torch.Tensor  # (M,) flat position in (B·T)
+    row: torch.Tensor  # (M,) text of the batch
+    g: torch.Tensor  # (M,) group index in [0, G)
+    first: torch.Tensor  # (M,) bool: first member of its group
+    G: int
+
+
+def _shared_groups(offsets: torch.Tensor) -> _Members | None:
+    """Tokens that share a character, grouped (step 2 of the module docstring); None when no token does.
+
+    A token joins the group of its predecessor when it starts before the furthest end of the non-empty
+    tokens before it.
+    """
+    B, T = offsets.shape[:2]
+    start, end = offsets[..., 0], offsets[..., 1]  # (B, T) characters
     nonempty = end > start  # (B, T)
     reach = torch.where(nonempty, end, -1).cummax(dim=1).values  # (B, T) furthest end up to each token
     joins = nonempty & (start < F.pad(reach[:, :-1], (1, 0), value=-1))  # (B, T) shares an earlier character
     if not bool(joins.any()):
-        return spans
-    T = offsets.shape[1]
+        return None
     leader = nonempty & ~joins  # (B, T) first token of each group
     gid = (
         leader.long().cumsum(1) + torch.arange(B)[:, None] * (T + 1)
@@ -199,23 +236,34 @@ def byte_spans(tokenizer, texts: Sequence[str], input_ids, offset_mapping) -> to
     joined = torch.zeros(B * (T + 1) + 1, dtype=torch.bool)
     joined[gid[joins.flatten()]] = True  # groups of two or more tokens
     member = (joined[gid] & nonempty.flatten()).nonzero().flatten()  # (M,) ascending: groups are consecutive
-    row = member // T  # (M,)
-    s_c, e_c = offsets.view(-1, 2)[member].unbind(-1)  # (M,) characters
-    s_b, e_b = spans.view(-1, 2)[member].unbind(-1)  # (M,) bytes of the whole characters
     new_group = F.pad(gid[member][1:] != gid[member][:-1], (1, 0), value=True)  # (M,) first member of a group
     g = new_group.cumsum(0) - 1  # (M,) group index in [0, G)
-    G = int(g[-1]) + 1
+    return _Members(index=member, row=member // T, g=g, first=new_group, G=int(g[-1]) + 1)
 
-    rules = _piece_rules(tokenizer)
-    distinct, which = ids.flatten()[member].unique(return_inverse=True)  # (U,), (M,)
-    candidates = [_candidates(p, rules) for p in tokenizer.convert_ids_to_tokens(distinct.tolist())]
+
+def _fit_by_size(
+    spans: torch.Tensor,
+    offsets: torch.Tensor,
+    members: _Members,
+    candidates: list[list[bytes]],
+    which: torch.Tensor,
+    to_bytes: _ByteOffsets,
+) -> torch.Tensor:
+    """Give out each group's bytes in token order by the tokens' derived byte lengths, vectorised.
+
+    Writes the spans of the groups where the lengths add up and put every token inside its own characters
+    into `spans` (B, T, 2); returns (M,) bool: the member's group was resolved.
+    """
+    member, row, g, G = members.index, members.row, members.g, members.G
+    s_c, e_c = offsets.view(-1, 2)[member].unbind(-1)  # (M,) characters
+    s_b, e_b = spans.view(-1, 2)[member].unbind(-1)  # (M,) bytes of the whole characters
     size = torch.tensor([len(c[0]) if c else 0 for c in candidates], dtype=torch.long)[which]  # (M,) bytes
 
     g_start = torch.full((G,), torch.iinfo(torch.long).max).scatter_reduce(0, g, s_b, "amin")  # (G,)
     g_end = torch.zeros(G, dtype=torch.long).scatter_reduce(0, g, e_b, "amax")  # (G,)
     g_size = torch.zeros(G, dtype=torch.long).index_add(0, g, size)  # (G,) derived bytes of the group
     earlier = size.cumsum(0) - size  # (M,) derived bytes of the members before, across groups
-    a = g_start[g] + earlier - earlier[new_group][g]  # (M,) token order within the group
+    a = g_start[g] + earlier - earlier[members.first][g]  # (M,) token order within the group
     z = a + size  # (M,)
     inside = (
         (size > 0) & (a >= s_b) & (a < to_bytes(row, s_c + 1)) & (z > to_bytes(row, e_c - 1)) & (z <= e_b)
@@ -225,13 +273,24 @@ def byte_spans(tokenizer, texts: Sequence[str], input_ids, offset_mapping) -> to
     ).bool()  # (G,)
     ok = fits[g]  # (M,)
     spans.view(-1, 2)[member[ok]] = torch.stack([a[ok], z[ok]], dim=-1)
-    if bool(fits.all()):
-        return spans
+    return ok
 
-    # the rest, one group at a time
-    rest = (~ok).nonzero().flatten().tolist()  # positions in `member`, groups consecutive
-    g_rest, row_rest, which_rest = g[rest].tolist(), row[rest].tolist(), which[rest].tolist()
-    char_spans = offsets.view(-1, 2)[member[rest]].tolist()
+
+def _fit_one_by_one(
+    spans: torch.Tensor,
+    offsets: torch.Tensor,
+    members: _Members,
+    todo: torch.Tensor,
+    candidates: list[list[bytes]],
+    which: torch.Tensor,
+    to_bytes: _ByteOffsets,
+) -> None:
+    """Steps 3 and 4 for the members in `todo` (M,) bool, one group at a time: match the tokens' bytes
+    against the text's, else split shared characters evenly; writes their spans into `spans` (B, T, 2)."""
+    rest = todo.nonzero().flatten().tolist()  # positions in `members`, groups consecutive
+    g_rest, row_rest = members.g[rest].tolist(), members.row[rest].tolist()
+    which_rest = which[rest].tolist()
+    char_spans = offsets.view(-1, 2)[members.index[rest]].tolist()
     found: list[tuple[int, int]] = []
     i = 0
     while i < len(rest):
@@ -245,8 +304,7 @@ def byte_spans(tokenizer, texts: Sequence[str], input_ids, offset_mapping) -> to
         matched = _matched(to_bytes.utf8(b), local, group, [candidates[u] for u in which_rest[i:j]])
         found += matched or _even_split(local, group)
         i = j
-    spans.view(-1, 2)[member[rest]] = torch.tensor(found, dtype=torch.long)  # (M_rest, 2)
-    return spans
+    spans.view(-1, 2)[members.index[rest]] = torch.tensor(found, dtype=torch.long)  # (M_rest, 2)
 
 
 class _ByteOffsets:

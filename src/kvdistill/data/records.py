@@ -188,59 +188,76 @@ def _as_text(value: Any) -> str | None:
 
 
 def _file_records(cfg: DataConfig) -> list[dict]:
+    """Every record of the data files, in file order: line, text or template mode (see the module docstring)."""
     files = _data_files(cfg)
     rows, columns = _read_rows(cfg, files)
     name = Path(cfg.path).name
-    explicit = cfg.model_fields_set
-
     if cfg.source == "text":
-        # One record per non-blank line; ids count lines from 1 (blank lines separate, they are not records).
-        records = [
-            {
-                "id": f"{name}:{i + 1}",
-                "text": row["text"],
-                "answer_start": None,
-                "question": None,
-                "cot": None,
-                "answer": None,
-            }
-            for i, row in enumerate(rows)
-            if row["text"].strip()
-        ]
-        if not records:
-            raise _empty(cfg)
-        return records
-
+        return _line_records(cfg, rows, name)
     ids = _row_ids(cfg, rows, columns, name)
-    text_mode = "text_field" in explicit or (
+    if _is_text_mode(cfg, columns):
+        return _text_records(cfg, rows, columns, ids)
+    return _template_records(cfg, rows, columns, ids)
+
+
+def _line_records(cfg: DataConfig, rows: list[dict], name: str) -> list[dict]:
+    """`source: text`: one record per non-blank line; ids count lines from 1 (blank lines are not records)."""
+    records = [
+        {
+            "id": f"{name}:{i + 1}",
+            "text": row["text"],
+            "answer_start": None,
+            "question": None,
+            "cot": None,
+            "answer": None,
+        }
+        for i, row in enumerate(rows)
+        if row["text"].strip()
+    ]
+    if not records:
+        raise _empty(cfg)
+    return records
+
+
+def _is_text_mode(cfg: DataConfig, columns: list[str]) -> bool:
+    """Text mode if data.text_field is set, or the file has that column and no (unset) question column."""
+    explicit = cfg.model_fields_set
+    return "text_field" in explicit or (
         cfg.text_field in columns and cfg.question_field not in columns and "question_field" not in explicit
     )
-    if text_mode:
-        if cfg.text_field not in columns:
-            raise _missing_field(cfg, "text_field", cfg.text_field, columns)
-        has_answer = cfg.answer_field in columns
-        records = []
-        for i, row in enumerate(rows):
-            text = _as_text(row[cfg.text_field])
-            if text is None or not text.strip():
-                raise KvdistillError(
-                    f"'{cfg.path}' row {i} (id '{ids[i]}'): {cfg.text_field} is empty",
-                    "remove the row or give it text",
-                )
-            answer = _as_text(row[cfg.answer_field]) if has_answer else None
-            start = text.rfind(answer) if answer else -1
-            records.append(
-                {
-                    "id": ids[i],
-                    "text": text,
-                    "answer_start": start if start >= 0 else None,
-                    "question": None,
-                    "cot": None,
-                    "answer": answer,
-                }
-            )
-        return records
 
+
+def _text_records(cfg: DataConfig, rows: list[dict], columns: list[str], ids: list[str]) -> list[dict]:
+    """Text mode: the text column is the text; `answer_start` is the answer column's last occurrence in it."""
+    if cfg.text_field not in columns:
+        raise _missing_field(cfg, "text_field", cfg.text_field, columns)
+    has_answer = cfg.answer_field in columns
+    records = []
+    for i, row in enumerate(rows):
+        text = _as_text(row[cfg.text_field])
+        if text is None or not text.strip():
+            raise KvdistillError(
+                f"'{cfg.path}' row {i} (id '{ids[i]}'): {cfg.text_field} is empty",
+                "remove the row or give it text",
+            )
+        answer = _as_text(row[cfg.answer_field]) if has_answer else None
+        start = text.rfind(answer) if answer else -1
+        records.append(
+            {
+                "id": ids[i],
+                "text": text,
+                "answer_start": start if start >= 0 else None,
+                "question": None,
+                "cot": None,
+                "answer": answer,
+            }
+        )
+    return records
+
+
+def _template_columns(cfg: DataConfig, columns: list[str]) -> str | None:
+    """Check the question and answer columns exist; the cot column to read, or None if there is none."""
+    explicit = cfg.model_fields_set
     if cfg.question_field not in columns:
         if "question_field" not in explicit and cfg.text_field not in columns:
             raise KvdistillError(
@@ -257,6 +274,12 @@ def _file_records(cfg: DataConfig) -> list[dict]:
         if "cot_field" in explicit:
             raise _missing_field(cfg, "cot_field", cot_field, columns)
         cot_field = None  # the default 'cot' column is optional
+    return cot_field
+
+
+def _template_records(cfg: DataConfig, rows: list[dict], columns: list[str], ids: list[str]) -> list[dict]:
+    """Template mode: question / cot / answer columns rendered with data.template."""
+    cot_field = _template_columns(cfg, columns)
     records = []
     for i, row in enumerate(rows):
         question, answer = _as_text(row[cfg.question_field]), _as_text(row[cfg.answer_field])
