@@ -45,8 +45,8 @@ def test_phases_chain_students_and_phase5_trains_through_the_latent_space(tmp_pa
     assert abs(sum(row[f"weight/{n}"] for n in ("smollm2", "gemma3", "minilm")) - 1.0) < 1e-5
     # the fitted latent maps are part of the checkpointed state
     state = load_file(str(next((tmp_path / "phase5" / "checkpoints").glob("step-*/state/model.safetensors"))))
-    assert bool(state["latent.fitted"])
-    assert torch.count_nonzero(state["latent.minilm__0__proj"]) > 0
+    assert bool(state["space.latent.fitted"])
+    assert torch.count_nonzero(state["space.latent.minilm__0__proj"]) > 0
     # resume skips finished stages and returns the same summaries
     again = run_curriculum([r for r in (tmp_path / "phase1" / "config.yaml", tmp_path / "phase5" / "config.yaml")],
                            tmp_path, small, resume=True)

@@ -6,7 +6,8 @@ Packaged phases (`kvdistill train --phases 1-5 --out DIR`):
 3. similarity routing over all teachers
 
 A curriculum config (`kvdistill train CURRICULUM.yaml --out DIR`) lists the stages, each a packaged name or a
-path (relative to the curriculum file), plus overrides applied to every stage::
+path (relative to the curriculum file), plus overrides applied to every stage (an override of a fusion section,
+`fusion.similarity|router|entropy|latent.*`, only to the stages whose fusion reads it)::
 
     curriculum: [phase1, phase2, my_phase.yaml]
     overrides: [train.steps=200, data.max_length=512]
@@ -18,6 +19,7 @@ Stage k runs in DIR/<stage name> and starts from stage k-1's final student; on `
 from __future__ import annotations
 
 import json
+import logging
 from importlib.resources import files
 from pathlib import Path
 
@@ -25,6 +27,8 @@ import yaml
 
 from kvdistill.config import load_config
 from kvdistill.errors import KvdistillError
+
+log = logging.getLogger(__name__)
 
 PHASES = (1, 2, 3, 4, 5)
 
@@ -76,13 +80,37 @@ def read_curriculum(path: str | Path) -> tuple[list[Path], list[str]]:
     return paths, overrides
 
 
+# the fusion sections that only some fusion kinds / spaces read: {section: (key, value that reads it)}
+_READ_BY = {"similarity": ("kind", "similarity"), "router": ("kind", "router"), "entropy": ("kind", "router"),
+            "latent": ("space", "latent")}
+
+
+def stage_overrides(stage: Path, overrides: list[str]) -> list[str]:
+    """The overrides that apply to one stage: all of them, except those of a fusion section the stage's fusion
+    does not read (e.g. fusion.latent.* for a loss-space stage), which apply only where they are read."""
+    from kvdistill.config import read_raw
+
+    fusion = dict(read_raw(stage, [o for o in overrides if o.split("=", 1)[0] in ("fusion.kind", "fusion.space")])
+                  .get("fusion") or {})
+    kept = []
+    for item in overrides:
+        parts = item.split("=", 1)[0].split(".")
+        if len(parts) > 2 and parts[0] == "fusion" and parts[1] in _READ_BY:
+            key, value = _READ_BY[parts[1]]
+            if fusion.get(key, {"kind": "fixed", "space": "loss"}[key]) != value:
+                log.info("stage %s: override %s is not read by its fusion; not applied there", stage.name, item)
+                continue
+        kept.append(item)
+    return kept
+
+
 def run_curriculum(stages: list[Path], out: str | Path, overrides: list[str], *, resume: bool = False,
                    init_student: str | None = None) -> list[dict]:
     """Train `stages` in order under OUT/<config name>; stage k > 0 starts from stage k-1's final student."""
     from kvdistill.train.trainer import train
 
     out = Path(out)
-    configs = [load_config(p, overrides) for p in stages]  # all validated before the first step
+    configs = [load_config(p, stage_overrides(p, overrides)) for p in stages]  # all validated before the first step
     names = [c.name for c in configs]
     if len(set(names)) != len(names):
         raise KvdistillError(f"curriculum stages share names {names}", "give every stage config a distinct `name`")
