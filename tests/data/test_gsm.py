@@ -47,3 +47,13 @@ def test_load_records_split_disjoint_and_eval_independent_of_size():
     assert {r["question"] for r in train}.isdisjoint(r["question"] for r in evals)
     bigger = DataConfig(source="gsm_symbolic", size=40, eval_size=6, seed=2)
     assert load_records(bigger, "eval") == evals
+
+
+def test_no_eval_question_in_train():
+    # GSM-Symbolic repeats problems (10% of 400 questions drawn with one seed recur among 40,000 drawn with
+    # another); within one dataset no eval question may reach train.
+    config = DataConfig(source="gsm_symbolic", size=400, eval_size=40, seed=3)
+    train, evals = load_records(config, "train"), load_records(config, "eval")
+    held = {" ".join(r["question"].split()) for r in evals}
+    assert len(evals) == 40 and train and held.isdisjoint(" ".join(r["question"].split()) for r in train)
+    assert evals == gsm_symbolic_records(40, seed=3)

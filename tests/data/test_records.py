@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 
@@ -129,6 +130,49 @@ def test_size_caps_and_eval_split_stable(tmp_path):
     assert [r["id"] for r in other_eval] != [r["id"] for r in full_eval]
     assert {r["id"] for r in other_train}.isdisjoint(r["id"] for r in other_eval)
     assert load_records(cfg(path, eval_size=0), "eval") == []
+
+
+# ---------------------------------------------------------------------------------------------- dedupe
+def test_train_loses_exactly_the_questions_planted_from_eval(tmp_path, caplog):
+    # 20 distinct problems plus 5 planted repeats of problems 0-4 (whitespace changed), each with its own id
+    rows = [{"id": f"q{i}", **q} for i, q in enumerate(QA)]
+    rows += [{"id": f"dup{i}", **QA[i], "question": f"  What is {i}  +\t{i}? "} for i in range(5)]
+    path = write_jsonl(tmp_path / "planted.jsonl", rows)
+    config = cfg(path, eval_size=8, seed=1)
+    with caplog.at_level(logging.INFO, logger="kvdistill.data.records"):
+        train, evals = both(config)
+    eval_ids, train_ids = [r["id"] for r in evals], {r["id"] for r in train}
+    assert len(evals) == 8
+    twins = {f"q{i}": f"dup{i}" for i in range(5)} | {f"dup{i}": f"q{i}" for i in range(5)}
+    dropped = {twins[x] for x in eval_ids if x in twins and twins[x] not in eval_ids}
+    assert dropped  # seed 1 puts some twins on either side of the split (else the test would test nothing)
+    assert train_ids == {r["id"] for r in rows} - set(eval_ids) - dropped
+    assert len(train) == 25 - 8 - len(dropped)
+    assert f"dropped {len(dropped)} of 17 train records" in caplog.text
+    # eval is exactly the first 8 of the shuffled records (all 25 held out: the whole order), none dropped;
+    # train keeps the order of the rest
+    order = load_records(cfg(path, eval_size=25, seed=1), "eval")
+    assert evals == order[:8]
+    assert [r["id"] for r in train] == [r["id"] for r in order[8:] if r["id"] not in dropped]
+
+
+def test_text_records_dedupe_on_normalised_text(tmp_path):
+    rows = [{"text": f"document {i}"} for i in range(6)] + [{"text": f"document\n {i} "} for i in range(6)]
+    train, evals = both(cfg(write_jsonl(tmp_path / "t.jsonl", rows), eval_size=3))
+    held = {" ".join(r["text"].split()) for r in evals}
+    assert len(evals) == 3 and len(train) == 12 - 3 - 3  # each eval text's twin leaves train
+    assert held.isdisjoint(" ".join(r["text"].split()) for r in train)
+
+
+def test_nothing_left_after_dedupe(tmp_path):
+    rows = [{"id": f"r{i}", "question": "What is 2 + 2?", "answer": "4"} for i in range(4)]
+    config = cfg(write_jsonl(tmp_path / "same.jsonl", rows), eval_size=1)
+    with pytest.raises(
+        KvdistillError, match=r"gives 4 records: the first 1 \(data.eval_size\) are held out and all 3 others"
+    ) as info:
+        load_records(config, "train")
+    assert "none are left for training" in str(info.value) and "data.eval_size" in info.value.fix
+    assert [r["question"] for r in load_records(config, "eval")] == ["What is 2 + 2?"]
 
 
 # ---------------------------------------------------------------------------------------------- errors

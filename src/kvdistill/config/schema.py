@@ -115,7 +115,15 @@ class TeacherConfig(Section):
 
 # ---------------------------------------------------------------------------------------------- data
 class DataConfig(Section):
-    source: Literal["jsonl", "csv", "parquet", "text", "gsm_symbolic"] = "gsm_symbolic"
+    """Where the records come from and how they split (kvdistill.data.records).
+
+    `source`: a file format read from `path` (jsonl, csv, parquet, text), or a generator needing no path:
+    `gsm_symbolic` (GSM-Symbolic word problems, reasoning_gym) or `arithmetic` (2-4 step integer arithmetic
+    with a worked solution, from `seed` alone). The first `eval_size` records are held out; train records whose
+    question also occurs there are dropped, so the train split may hold fewer than `size - eval_size`.
+    """
+
+    source: Literal["jsonl", "csv", "parquet", "text", "gsm_symbolic", "arithmetic"] = "gsm_symbolic"
     path: str | None = None
     text_field: str = "text"
     question_field: str = "question"
@@ -124,14 +132,14 @@ class DataConfig(Section):
     template: str = "Question: {question}\nReasoning: {cot}\nAnswer: {answer}"
     """How (question, cot, answer) records become one training text; plain `text_field` records ignore it."""
     size: int = Field(256, gt=0)
-    """Number of generated samples (gsm_symbolic) or the cap on records read from a file."""
+    """Number of generated samples (gsm_symbolic, arithmetic) or the cap on records read from a file."""
     eval_size: int = Field(32, ge=0)
     seed: int = 0
     max_length: int = Field(256, gt=1)
 
     @model_validator(mode="after")
     def _path(self):
-        if self.source != "gsm_symbolic" and not self.path:
+        if self.source not in ("gsm_symbolic", "arithmetic") and not self.path:
             raise ValueError(f"data.source '{self.source}' needs data.path")
         return self
 

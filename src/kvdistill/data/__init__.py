@@ -1,7 +1,16 @@
-"""kvdistill.data: records from files (jsonl/csv/parquet/text) or generated GSM-Symbolic problems."""
+"""kvdistill.data: records from files (jsonl/csv/parquet/text) or generated GSM-Symbolic / arithmetic problems."""
 
+from kvdistill.data.arith import arithmetic_problem, arithmetic_records
 from kvdistill.data.gsm import gsm_symbolic_records
 from kvdistill.data.records import batches, collate_records, load_records
 from kvdistill.data.template import render_template
 
-__all__ = ["batches", "collate_records", "gsm_symbolic_records", "load_records", "render_template"]
+__all__ = [
+    "arithmetic_problem",
+    "arithmetic_records",
+    "batches",
+    "collate_records",
+    "gsm_symbolic_records",
+    "load_records",
+    "render_template",
+]
