@@ -292,6 +292,26 @@ def quickstart(
     console.print(f"[green]wrote[/green] {out}/summary.json and {out}/report.md")
 
 
+@app.command()
+def experiment(
+    spec: str = typer.Argument(..., help="Experiment spec YAML, or a packaged name (tiny, suite)."),
+    out: str = typer.Option(..., "--out", "-o", help="Experiment directory (resumable: rerun to continue)."),
+    only: list[str] | None = typer.Option(None, "--only", help="Run only this condition (repeatable); the baseline always runs."),
+    seeds: int | None = typer.Option(None, "--seeds", help="Use only the spec's first N seeds."),
+) -> None:
+    """Prepare the spec's teachers, train every (condition, seed), evaluate on one held-out set, compare."""
+    from kvdistill.experiments.results import markdown
+    from kvdistill.experiments.runner import run_experiment
+    from kvdistill.experiments.spec import load_spec
+
+    parsed = load_spec(spec)
+    if seeds is not None and seeds < 1:
+        raise KvdistillError(f"--seeds {seeds}: no seed to run", "pass --seeds 1 or more")
+    results = run_experiment(parsed, out, only=only, seeds=seeds)
+    sys.stdout.write(markdown(results, parsed) + "\n")
+    console.print(f"[green]wrote[/green] {out}/results.json, {out}/results.md and {out}/plots/")
+
+
 # ---------------------------------------------------------------- extract / cache
 from kvdistill.cache.cli import cache_app, extract  # noqa: E402 (kept next to where it is registered)
 

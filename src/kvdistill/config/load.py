@@ -215,8 +215,13 @@ def _student_layers(student: StudentConfig, problems: list[str]) -> int | None:
     try:
         if student.model:
             return _num_layers(load_hf_config(student.model))
-        base = load_hf_config(student.from_config["base"])
-        return student.from_config.get("num_hidden_layers", _num_layers(base))
+        if "num_hidden_layers" in student.from_config:
+            return student.from_config["num_hidden_layers"]
+        if "family" in student.from_config:  # a family's default config
+            from transformers import AutoConfig
+
+            return _num_layers(AutoConfig.for_model(student.from_config["family"]))
+        return _num_layers(load_hf_config(student.from_config["base"]))
     except KvdistillError as err:
         problems.append(f"student: {err.problem}")
         return None

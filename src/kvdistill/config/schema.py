@@ -36,7 +36,8 @@ class StudentConfig(Section):
     model: str | None = None
     """Offline name, local directory or hub id of a pretrained causal LM."""
     from_config: dict[str, Any] | None = None
-    """Build a randomly initialised student: {base: <model whose config to start from>, <config overrides>}."""
+    """Build a randomly initialised student: {base: <model whose config to start from>, <config overrides>}, or
+    {family: <a transformers model_type, e.g. qwen2>, <config fields>} (then `tokenizer` is required)."""
     tokenizer: str | None = None
     """Tokenizer to use (default: the model's, or the base model's for from_config)."""
     lora: LoraConfig | None = None
@@ -47,8 +48,11 @@ class StudentConfig(Section):
     def _one_source(self):
         if (self.model is None) == (self.from_config is None):
             raise ValueError("give exactly one of student.model or student.from_config")
-        if self.from_config is not None and "base" not in self.from_config:
-            raise ValueError("student.from_config needs a 'base' model whose config it starts from")
+        if self.from_config is not None and ("base" in self.from_config) == ("family" in self.from_config):
+            raise ValueError("student.from_config needs exactly one of 'base' (a model whose config it starts from) "
+                             "or 'family' (a transformers model_type)")
+        if self.from_config is not None and "family" in self.from_config and not self.tokenizer:
+            raise ValueError("student.from_config with 'family' needs student.tokenizer")
         return self
 
 

@@ -56,6 +56,7 @@ def exact_match(
     model never saw there). Prompts are left-padded into batches; positions come from the attention mask, so a
     batch generates what each prompt generates alone. The first generated line is read as "Answer: <line>".
     Records without an answer or `answer_start` are skipped; `exact_match` is None when none are left.
+    `per_item` holds 1/0 per usable record in order; `max_new_tokens` bounds the generated answer.
     """
     from kvdistill.eval.answers import exact_match as same
     from kvdistill.eval.answers import extract_answer
@@ -93,6 +94,7 @@ def exact_match(
         "correct": hits,
         "n": len(usable),
         "samples": rows[:8],
+        "per_item": [int(r["correct"]) for r in rows],  # 0/1 per usable record, in order (paired statistics)
     }
 
 

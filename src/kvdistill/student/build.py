@@ -31,13 +31,14 @@ def build_student(cfg: StudentConfig, *, seed: int = 0, attentions: bool = False
         from transformers import AutoModelForCausalLM
 
         overrides = dict(cfg.from_config)
-        base = overrides.pop("base")
-        config = load_config(base)
+        base = overrides.pop("base", None)
+        family = overrides.pop("family", None)
+        config = load_config(base) if base is not None else _family_config(family, overrides)
         unknown = [k for k in overrides if not hasattr(config, k)]
         if unknown:
             raise KvdistillError(
                 f"student.from_config: {unknown} are not fields of {type(config).__name__}",
-                f"use fields of the base model's config.json ({base})",
+                f"use fields of {'the base model' + chr(39) + 's config.json (' + base + ')' if base else family}",
             )
         for key, value in overrides.items():
             setattr(config, key, value)
@@ -49,7 +50,7 @@ def build_student(cfg: StudentConfig, *, seed: int = 0, attentions: bool = False
         torch.manual_seed(seed)
         model = from_pretrained_or_config(AutoModelForCausalLM, config=config, dtype=resolve_dtype(cfg.dtype),
                                           attn_implementation=attn)
-        model.config.name_or_path = f"{base}+from_config"
+        model.config.name_or_path = f"{base or family}+from_config"
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)
     if cfg.lora is not None:
@@ -84,3 +85,16 @@ def save_student(model: torch.nn.Module, tokenizer, out_dir: str, *, merge_lora:
             model = copy.deepcopy(model).merge_and_unload()
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
+
+
+def _family_config(family: str, fields: dict):
+    """The config of a transformers model_type (e.g. "qwen2", "gemma2") built with `fields` (so that derived fields
+    such as per-layer types follow the layer count), refused with the known types."""
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if family not in CONFIG_MAPPING:
+        close = [k for k in CONFIG_MAPPING if k.startswith(str(family)[:3])][:8]
+        raise KvdistillError(f"student.from_config.family '{family}' is not a transformers model_type",
+                             f"use one such as llama, qwen2, gemma2, mistral{' (close: ' + ', '.join(close) + ')' if close else ''}")
+    return AutoConfig.for_model(family, **fields)

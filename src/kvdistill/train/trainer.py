@@ -64,10 +64,14 @@ def sample_stream(num_records: int, seed: int, start: int, count: int) -> list[i
 
 
 def micro_batch(records: list[dict], cfg: RunConfig, step: int, micro: int, rank: int, world: int) -> list[dict]:
-    """The records of micro-batch `micro` of process `rank` (of `world`) in optimizer step `step`."""
+    """The records of micro-batch `micro` of process `rank` (of `world`) in optimizer step `step`.
+
+    The order is seeded by data.seed and train.seed together, so runs that differ only in train.seed (the seeds
+    of an experiment) see the same records in different orders, and runs with the same seeds the same order."""
     b, accum = cfg.train.batch_size, cfg.train.grad_accum
     per_step = b * accum * world
-    ids = sample_stream(len(records), cfg.data.seed, step * per_step, per_step)
+    order_seed = cfg.data.seed + 1_000_003 * cfg.train.seed  # = data.seed when train.seed is 0 (as before)
+    ids = sample_stream(len(records), order_seed, step * per_step, per_step)
     lo = (micro * world + rank) * b
     return [records[i] for i in ids[lo : lo + b]]
 

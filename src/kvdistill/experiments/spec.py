@@ -1,0 +1,150 @@
+"""An experiment spec: a base run config, teachers to prepare, conditions × seeds under one shared budget.
+
+    name: tiny
+    base: {student: ..., data: ..., train: ...}     # a run config (inline, a path, or a packaged name)
+    teachers:                                       # trained (or fine-tuned) on the task once, reused everywhere
+      - {name: t1, from_config: {base: smollm2-135m, num_hidden_layers: 2, ...}, tokenizer: ..., steps: 300,
+         min_exact_match: 0.3}
+    conditions:                                     # each an ordinary training run per seed
+      ce_only: {}
+      kd: {teachers: [t1], overrides: [losses.kv.weight=1.0]}
+      ce_flops: {match_flops_of: kd}                # CE only, given the FLOPs of `kd` (teachers' forward included)
+    baseline: ce_only
+    seeds: [0, 1, 2]
+    budget: {steps: 200, batch_size: 8}             # the same for every condition unless it says otherwise
+
+A seed sets `train.seed` (initial weights, projector init, data order); the data, the held-out split and the
+teachers are the same for every condition and seed, so comparisons are paired.
+"""
+
+from __future__ import annotations
+
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, ValidationError, model_validator
+
+from kvdistill.config.schema import Section
+from kvdistill.errors import ConfigError, KvdistillError
+
+
+class TeacherPrep(Section):
+    name: str
+    model: str | None = None
+    """A checkpoint to fine-tune on the task (hub id, local directory, offline name) ..."""
+    from_config: dict[str, Any] | None = None
+    """... or a model built from a family's config: {base: <model whose config to start from>, <overrides>}."""
+    tokenizer: str | None = None
+    steps: int = Field(500, gt=0)
+    batch_size: int = Field(16, gt=0)
+    lr: float = Field(1e-3, gt=0.0)
+    warmup_steps: int = Field(0, ge=0)
+    min_exact_match: float = Field(0.0, ge=0.0, le=1.0)
+    """Held-out exact match the teacher must reach; below it the experiment stops (no comparison means anything)."""
+    overrides: list[str] = []
+    """Dotted overrides of the teacher's own CE training run (e.g. train.schedule=linear)."""
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.model is None) == (self.from_config is None):
+            raise ValueError(f"teacher '{self.name}': give exactly one of model or from_config")
+        if "." in self.name or "/" in self.name:
+            raise ValueError(f"teacher name '{self.name}' may not contain '.' or '/'")
+        return self
+
+
+class ConditionSpec(Section):
+    teachers: list[str] = []
+    """Prepared teachers (by name) distilled from; empty: CE only."""
+    overrides: list[str] = []
+    """Dotted overrides of the base config (after the budget)."""
+    match_flops_of: str | None = None
+    """Give this condition the training FLOPs of another: steps · (6·N_s + 2·Σ N_t) / (6·N_s + 2·Σ N_t of this one),
+    N the parameter counts (forward 2N, forward + backward 6N per token)."""
+
+
+class EvalSpec(Section):
+    exact_match: bool = True
+    max_new_tokens: int = Field(24, gt=0)
+    batch_size: int = Field(32, gt=0)
+
+
+class ExperimentSpec(Section):
+    name: str
+    base: str | dict[str, Any]
+    teachers: list[TeacherPrep] = []
+    conditions: dict[str, ConditionSpec]
+    baseline: str
+    seeds: list[int] = [0, 1, 2]
+    budget: dict[str, Any] = {}
+    """Overrides every condition shares, as a mapping of dotted keys: {steps: N} is short for train.steps."""
+    metrics: list[str] = ["exact_match", "ppl"]
+    eval: EvalSpec = EvalSpec()
+    concurrent: int = Field(1, gt=0)
+    """Runs trained at once (separate processes; several small runs share one GPU)."""
+
+    @model_validator(mode="after")
+    def _cross_checks(self):
+        problems = []
+        names = [t.name for t in self.teachers]
+        if len(set(names)) != len(names):
+            problems.append(f"teachers: duplicate names {sorted({n for n in names if names.count(n) > 1})}")
+        if self.baseline not in self.conditions:
+            problems.append(f"baseline '{self.baseline}' is not a condition ({', '.join(self.conditions)})")
+        for cname, cond in self.conditions.items():
+            unknown = [t for t in cond.teachers if t not in names]
+            if unknown:
+                problems.append(f"conditions.{cname}.teachers: {unknown} are not among the teachers {names}")
+            if cond.match_flops_of is not None and cond.match_flops_of not in self.conditions:
+                problems.append(f"conditions.{cname}.match_flops_of: '{cond.match_flops_of}' is not a condition")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            problems.append(f"seeds {self.seeds} must be distinct and at least one")
+        bad = [m for m in self.metrics if m not in METRICS]
+        if bad:
+            problems.append(f"metrics {bad} are unknown; use some of {list(METRICS)}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def budget_overrides(self) -> list[str]:
+        short = {"steps": "train.steps", "batch_size": "train.batch_size", "lr": "train.lr"}
+        return [f"{short.get(k, k)}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
+                for k, v in self.budget.items()]
+
+
+METRICS = {"exact_match": "held-out exact match (greedy)", "ppl": "held-out perplexity", "ce": "held-out CE",
+           "elapsed_s": "training wall time (s)"}
+HIGHER_IS_BETTER = {"exact_match": True, "ppl": False, "ce": False, "elapsed_s": False}
+
+
+def spec_path(spec: str) -> Path:
+    """A path, or the name of a packaged spec (configs/experiments/NAME.yaml)."""
+    if Path(spec).is_file():
+        return Path(spec)
+    folder = files("kvdistill") / "configs" / "experiments"
+    packaged = folder / f"{spec.removesuffix('.yaml')}.yaml"
+    if packaged.is_file():
+        return Path(str(packaged))
+    names = sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
+    raise KvdistillError(f"experiment spec '{spec}' is neither a file nor a packaged spec",
+                         f"give a YAML path or one of: {', '.join(names)}")
+
+
+def load_spec(spec: str | Path | dict) -> ExperimentSpec:
+    """Read and validate a spec (every problem listed together)."""
+    source = "spec"
+    if not isinstance(spec, dict):
+        path = spec_path(str(spec))
+        source = str(path)
+        try:
+            spec = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError([f"not valid YAML: {err}"], source=source) from None
+    try:
+        return ExperimentSpec.model_validate(spec)
+    except ValidationError as err:
+        problems = [f"{'.'.join(str(x) for x in e['loc']) or 'spec'}: {e['msg'].removeprefix('Value error, ')}"
+                    for e in err.errors()]
+        raise ConfigError(problems, source=source) from None

@@ -1,0 +1,97 @@
+"""The experiment runner end to end on a micro spec (two tiny teachers, CE only vs KV distillation, two seeds):
+results.json holds what the interface promises, a resumed experiment trains nothing again and gives the same
+results, and --only runs the baseline too. The packaged `tiny` spec runs end to end (slow marker, CI runs it)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kvdistill.errors import ConfigError, KvdistillError
+from kvdistill.experiments.runner import run_experiment
+from kvdistill.experiments.spec import load_spec
+
+TINY_MODEL = {"num_hidden_layers": 1, "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2,
+              "num_key_value_heads": 1, "max_position_embeddings": 96}
+
+
+def micro_spec(**changes) -> dict:
+    spec = {
+        "name": "micro",
+        "base": {
+            "student": {"from_config": {"base": "smollm2-135m", **TINY_MODEL, "head_dim": 16},
+                        "tokenizer": "gpt2-tokenizer"},
+            "data": {"source": "arithmetic", "size": 80, "eval_size": 8, "max_length": 64},
+            "train": {"steps": 4, "batch_size": 4, "lr": 1e-3, "eval_every": 2, "tensorboard": False},
+        },
+        "teachers": [
+            {"name": "llama_bpe", "from_config": {"base": "smollm2-135m", **TINY_MODEL, "head_dim": 16},
+             "steps": 3, "batch_size": 4},
+            {"name": "qwen_sp", "from_config": {"family": "qwen2", **TINY_MODEL}, "tokenizer": "llama2-tokenizer",
+             "steps": 3, "batch_size": 4},
+        ],
+        "conditions": {"ce_only": {}, "kd": {"teachers": ["llama_bpe", "qwen_sp"]},
+                       "ce_flops": {"match_flops_of": "kd"}},
+        "baseline": "ce_only",
+        "seeds": [0, 1],
+        "eval": {"max_new_tokens": 4, "batch_size": 8},
+    }
+    spec.update(changes)
+    return spec
+
+
+def test_micro_experiment_results_resume_and_only(tmp_path):
+    spec = load_spec(micro_spec())
+    results = run_experiment(spec, tmp_path)
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert on_disk == json.loads(json.dumps(results))
+    assert set(results["conditions"]) == {"ce_only", "kd", "ce_flops"}
+    for per in results["conditions"].values():
+        for metric in ("exact_match", "ppl"):
+            s = per[metric]
+            assert len(s["values"]) == 2 and s["ci95"][0] <= s["mean"] <= s["ci95"][1]
+    assert {(c["condition"], c["metric"]) for c in results["comparisons"]} == {
+        (n, m) for n in ("kd", "ce_flops") for m in ("exact_match", "ppl")}
+    assert set(results["teachers"]) == {"llama_bpe", "qwen_sp"}
+    assert 0.0 <= results["teachers"]["llama_bpe"]["exact_match"] <= 1.0
+    # CE only with the FLOPs of kd: 4 · (6 N_s + 2 Σ N_t) / 6 N_s steps, more than kd's 4
+    assert results["steps"]["kd"] == 4 and results["steps"]["ce_flops"] > 4
+    # different seeds: different students (init and data order)
+    assert results["conditions"]["ce_only"]["ppl"]["values"][0] != results["conditions"]["ce_only"]["ppl"]["values"][1]
+    assert (tmp_path / "results.md").read_text().count("| kd |") >= 2
+    assert (tmp_path / "plots" / "exact_match.png").is_file() and (tmp_path / "plots" / "learning_curves.png").is_file()
+    # resume: nothing is trained again, the same results
+    stamp = {p: p.stat().st_mtime_ns for p in tmp_path.glob("runs/*/seed-*/final/student/*.safetensors")}
+    again = run_experiment(spec, tmp_path)
+    assert again == results
+    assert stamp == {p: p.stat().st_mtime_ns for p in tmp_path.glob("runs/*/seed-*/final/student/*.safetensors")}
+    # a half-finished experiment (one run's evaluation and student gone) runs only that pair
+    victim = tmp_path / "runs" / "kd" / "seed-1"
+    (victim / "eval.json").unlink()
+    for f in (victim / "final").rglob("*"):
+        if f.is_file():
+            f.unlink()
+    assert run_experiment(spec, tmp_path) == results
+    # --only narrows to a condition and the baseline; --seeds to the first seeds
+    narrow = run_experiment(spec, tmp_path, only=["kd"], seeds=1)
+    assert set(narrow["conditions"]) == {"ce_only", "kd"} and narrow["seeds"] == [0]
+
+
+def test_spec_errors_are_listed_together():
+    bad = micro_spec(baseline="nope", seeds=[], metrics=["bleu"])
+    bad["conditions"]["kd"]["teachers"] = ["missing"]
+    with pytest.raises(ConfigError) as info:
+        load_spec(bad)
+    text = str(info.value)
+    for expected in ("baseline 'nope' is not a condition", "['missing'] are not among the teachers",
+                     "seeds [] must be distinct", "metrics ['bleu'] are unknown"):
+        assert expected in text, expected
+
+
+def test_incompetent_teacher_stops_the_experiment(tmp_path):
+    spec = micro_spec()
+    spec["teachers"][0]["min_exact_match"] = 0.99
+    with pytest.raises(KvdistillError, match="teacher 'llama_bpe' reached held-out exact match .* < the required 0.99"):
+        run_experiment(load_spec(spec), tmp_path)
+    assert not (tmp_path / "runs").exists()  # no condition ran on an incompetent teacher
