@@ -105,3 +105,23 @@ def test_lora_adapter_holds_only_adapter_weights(tmp_path):
     assert adapter and all("lora_A" in k or "lora_B" in k for k in adapter)
     # 2 layers × 7 linear modules (q, k, v, o, gate, up, down) × (A, B)
     assert len(adapter) == 2 * 7 * 2
+
+
+def test_a_family_student_saved_with_another_familys_tokenizer_reloads_the_same_ids(tmp_path):
+    """A qwen2 student with the Llama-2 tokenizer: AutoTokenizer would reload a Qwen2Tokenizer (config.json's
+    model_type) with its own pre-tokenizer; load_tokenizer follows tokenizer_config.json and gets the same ids."""
+    from kvdistill.config.schema import StudentConfig
+    from kvdistill.models.load import load_model, load_tokenizer
+
+    cfg = StudentConfig(from_config={"family": "qwen2", "num_hidden_layers": 1, "hidden_size": 32,
+                                     "intermediate_size": 64, "num_attention_heads": 2, "num_key_value_heads": 1,
+                                     "max_position_embeddings": 64, "tie_word_embeddings": True},
+                        tokenizer="llama2-tokenizer")
+    model, tok = build_student(cfg)
+    save_student(model, tok, str(tmp_path))
+    text = "Question: Compute 5 * (20 + 17) - 11.\nReasoning: 20 + 17 = 37."
+    reloaded, tok2 = load_model(str(tmp_path))
+    assert tok2(text).input_ids == tok(text).input_ids == load_tokenizer("llama2-tokenizer")(text).input_ids
+    ids = torch.tensor([tok(text).input_ids])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, model.eval()(ids).logits)

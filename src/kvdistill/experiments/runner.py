@@ -95,20 +95,19 @@ def evaluate_run(student_dir: Path, held: list[dict], cfg: RunConfig, spec: Expe
 
 # ---------------------------------------------------------------------------------------------- teachers
 def prepare_teachers(spec: ExperimentSpec, out: Path, held: list[dict]) -> dict[str, dict]:
-    """Train (or reuse) every teacher of the spec; {name: {model, exact_match, params}}. Stops when one is below
-    its required exact match."""
-    from kvdistill.train.trainer import train
-
+    """Train (or reuse) every teacher of the spec, `spec.concurrent` at once; {name: {model, exact_match, ppl,
+    params}}. Stops when one is below its required exact match."""
+    dirs = {prep.name: out / "teachers" / prep.name for prep in spec.teachers}
+    configs = {prep.name: teacher_config(spec, prep) for prep in spec.teachers}
+    pending = [(dirs[n], cfg) for n, cfg in configs.items()
+               if not (dirs[n] / "teacher.json").is_file() and not (dirs[n] / "final" / "student").is_dir()]
+    train_all(pending, spec.concurrent)
     info = {}
     for prep in spec.teachers:
-        run_dir = out / "teachers" / prep.name
+        run_dir = dirs[prep.name]
         record = run_dir / "teacher.json"
         if not record.is_file():
-            cfg = teacher_config(spec, prep)
-            if not (run_dir / "final" / "student").is_dir():
-                log.info("training teacher %s (%d steps)", prep.name, prep.steps)
-                train(cfg, run_dir, resume=(run_dir / "checkpoints").is_dir())
-            ev = evaluate_run(run_dir / "final" / "student", held, cfg, spec)
+            ev = evaluate_run(run_dir / "final" / "student", held, configs[prep.name], spec)
             write_json_atomic(record, {"exact_match": ev.get("exact_match"), "ppl": ev["ppl"],
                                        "params": _param_count(run_dir / "final" / "student")})
         got = json.loads(record.read_text())
@@ -165,39 +164,37 @@ def run_dir(out: Path, name: str, seed: int) -> Path:
     return out / "runs" / name / f"seed-{seed}"
 
 
-def _train_all(pending: list[tuple[str, int, RunConfig]], out: Path, concurrent: int) -> None:
+def train_all(pending: list[tuple[Path, RunConfig]], concurrent: int) -> None:
     """Train the pending runs: in this process one after the other, or `concurrent` at once as separate
     `kvdistill train` processes (they share the GPU); a killed run resumes from its last checkpoint."""
     from kvdistill.config import dump_config
     from kvdistill.train.trainer import train
 
     if concurrent == 1:
-        for name, seed, cfg in pending:
-            d = run_dir(out, name, seed)
-            log.info("training %s seed %d (%d steps)", name, seed, cfg.train.steps)
+        for d, cfg in pending:
+            log.info("training %s (%d steps)", d, cfg.train.steps)
             train(cfg, d, resume=(d / "checkpoints").is_dir())
         return
     queue = list(pending)
-    running: list[tuple[subprocess.Popen, str, Path]] = []
+    running: list[tuple[subprocess.Popen, Path]] = []
     failed = []
     while queue or running:
         while queue and len(running) < concurrent:
-            name, seed, cfg = queue.pop(0)
-            d = run_dir(out, name, seed)
+            d, cfg = queue.pop(0)
             d.parent.mkdir(parents=True, exist_ok=True)
-            config = d.parent / f"seed-{seed}.yaml"
+            config = d.parent / f"{d.name}.yaml"
             config.write_text(dump_config(cfg))
             cmd = [sys.executable, "-m", "kvdistill.cli", "train", str(config), "--out", str(d)]
             if (d / "checkpoints").is_dir():
                 cmd.append("--resume")
-            logfile = (d.parent / f"seed-{seed}.log").open("a")
-            running.append((subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT), f"{name}/seed-{seed}", d))
-        time.sleep(1.0)
-        for proc, label, d in list(running):
+            with (d.parent / f"{d.name}.log").open("a") as logfile:
+                running.append((subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT), d))
+        time.sleep(0.5)
+        for proc, d in list(running):
             if proc.poll() is not None:
-                running.remove((proc, label, d))
+                running.remove((proc, d))
                 if proc.returncode != 0:
-                    failed.append(f"{label} (exit {proc.returncode}, log {d.parent / (d.name + '.log')})")
+                    failed.append(f"{d} (exit {proc.returncode}, log {d.parent / (d.name + '.log')})")
     if failed:
         raise KvdistillError(f"training failed for {', '.join(failed)}",
                              "read the logs; rerun the same command to resume the missing runs")
@@ -222,9 +219,9 @@ def run_experiment(spec: ExperimentSpec, out: str | Path, *, only: list[str] | N
     n_student = student_params(probe) if any(spec.conditions[n].match_flops_of for n in names) else 0
     configs = {(n, s): condition_config(spec, n, s, teachers, flops_steps(spec, n, teachers, n_student))
                for n in names for s in use_seeds}
-    pending = [(n, s, cfg) for (n, s), cfg in configs.items()
+    pending = [(run_dir(out, n, s), cfg) for (n, s), cfg in configs.items()
                if not (run_dir(out, n, s) / "final" / "student" / "config.json").is_file()]
-    _train_all(pending, out, spec.concurrent)
+    train_all(pending, spec.concurrent)
     for (n, s), cfg in configs.items():
         record = run_dir(out, n, s) / "eval.json"
         if not record.is_file():

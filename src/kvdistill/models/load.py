@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -60,12 +61,30 @@ def load_config(name_or_path: str):
         raise _load_error(name_or_path, err) from err
 
 
+def _tokenizer_class(path: str):
+    """The class a saved tokenizer names in its tokenizer_config.json, else AutoTokenizer.
+
+    AutoTokenizer prefers the class of config.json's model_type: a qwen2 student saved with the Llama-2 tokenizer
+    would come back as a Qwen2Tokenizer, which rebuilds its own pre-tokenizer and gives other ids."""
+    import transformers
+
+    config = Path(path) / "tokenizer_config.json"
+    if config.is_file():
+        try:
+            named = json.loads(config.read_text()).get("tokenizer_class")
+        except (OSError, json.JSONDecodeError):
+            named = None
+        cls = getattr(transformers, str(named), None) if named else None
+        if cls is not None and hasattr(cls, "from_pretrained"):
+            return cls
+    return transformers.AutoTokenizer
+
+
 def load_tokenizer(name_or_path: str):
-    from transformers import AutoTokenizer
 
     path = resolve_path(name_or_path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = _tokenizer_class(path).from_pretrained(path)
     except (OSError, ValueError) as err:
         raise _load_error(name_or_path, err) from err
     if not getattr(tokenizer, "is_fast", False):
