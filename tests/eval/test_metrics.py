@@ -308,3 +308,21 @@ def test_target_space_reports_ce_only(objective, gsm):
     out = target.evaluate(gsm[1][:2], batch_size=2)
     assert set(out) == {"eval/ce", "eval/ppl"}
     assert out["eval/ppl"] == pytest.approx(math.exp(out["eval/ce"]))
+
+
+@pytest.mark.parametrize("name", ["llama2-tokenizer", "smollm2-135m", "gpt2-tokenizer", "gemma3-270m"])
+def test_continuation_is_the_gold_answer_text_for_every_tokenizer(name):
+    """Split a tokenized training text at the answer: the continuation of the prompt's ids decodes to exactly the
+    text after the prompt (the answer, with its leading space), whatever the tokenizer."""
+    from kvdistill.config.schema import DataConfig
+    from kvdistill.eval.metrics import continuation
+    from kvdistill.models.load import load_tokenizer
+
+    tok = load_tokenizer(name)
+    for r in load_records(DataConfig(source="arithmetic", size=30, eval_size=10), "eval"):
+        prompt_text = r["text"][: r["answer_start"]].rstrip()
+        prompt = tok(prompt_text).input_ids
+        whole = tok(r["text"]).input_ids
+        assert whole[: len(prompt)] == prompt, "the prompt's ids are a prefix of the text's"
+        got = continuation(tok, prompt, whole[len(prompt) :])
+        assert got.strip() == r["text"][len(prompt_text) :].strip() == r["answer"]

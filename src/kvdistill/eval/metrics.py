@@ -79,8 +79,9 @@ def exact_match(
                 do_sample=False,
                 pad_token_id=pad_id,
             )  # (B, T + new)
-            for r, seq in zip(batch, out[:, ids.shape[1] :], strict=True):
-                text = tokenizer.decode(seq, skip_special_tokens=True)
+            for b, r in enumerate(batch):
+                prompt = ids[b][mask[b].bool()].tolist()  # the prompt without its left padding
+                text = continuation(tokenizer, prompt, out[b, ids.shape[1] :].tolist())
                 pred = extract_answer("Answer: " + text.strip().split("\n")[0])
                 ok = same(pred, r["answer"])
                 hits += ok
@@ -96,6 +97,20 @@ def exact_match(
         "samples": rows[:8],
         "per_item": [int(r["correct"]) for r in rows],  # 0/1 per usable record, in order (paired statistics)
     }
+
+
+def continuation(tokenizer, prompt_ids: list[int], new_ids: list[int]) -> str:
+    """The text `new_ids` add after `prompt_ids`: decode(prompt + new) minus decode(prompt).
+
+    Decoding the new ids alone loses the spacing of some SentencePiece tokenizers (a leading '▁' token, or one that
+    only joins pieces, decodes differently at the start of a sequence: "174 - 1" came back as "1744  2" for a
+    Llama-2-style tokenizer on transformers 5.17), so it is decoded in context. Falls back to the ids alone when
+    the prompt's text is not a prefix of the whole (a tokenizer whose decoding is not prefix-stable)."""
+    whole = tokenizer.decode(prompt_ids + new_ids, skip_special_tokens=True)
+    head = tokenizer.decode(prompt_ids, skip_special_tokens=True)
+    if whole.startswith(head):
+        return whole[len(head) :]
+    return tokenizer.decode(new_ids, skip_special_tokens=True)
 
 
 class TeacherRows:

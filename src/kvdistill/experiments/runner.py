@@ -109,7 +109,8 @@ def prepare_teachers(spec: ExperimentSpec, out: Path, held: list[dict]) -> dict[
         if not record.is_file():
             ev = evaluate_run(run_dir / "final" / "student", held, configs[prep.name], spec)
             write_json_atomic(record, {"exact_match": ev.get("exact_match"), "ppl": ev["ppl"],
-                                       "params": _param_count(run_dir / "final" / "student")})
+                                       "params": _param_count(run_dir / "final" / "student"),
+                                       "samples": ev.get("samples", [])})
         got = json.loads(record.read_text())
         info[prep.name] = {"model": str(run_dir / "final" / "student"), **got}
         em = got.get("exact_match")
