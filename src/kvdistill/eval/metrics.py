@@ -102,10 +102,10 @@ def exact_match(
 def continuation(tokenizer, prompt_ids: list[int], new_ids: list[int]) -> str:
     """The text `new_ids` add after `prompt_ids`: decode(prompt + new) minus decode(prompt).
 
-    Decoding the new ids alone loses the spacing of some SentencePiece tokenizers (a leading '▁' token, or one that
-    only joins pieces, decodes differently at the start of a sequence: "174 - 1" came back as "1744  2" for a
-    Llama-2-style tokenizer on transformers 5.17), so it is decoded in context. Falls back to the ids alone when
-    the prompt's text is not a prefix of the whole (a tokenizer whose decoding is not prefix-stable)."""
+    SentencePiece decoders treat the first token of a sequence specially (a leading '▁' is dropped), so the new ids
+    are decoded in the context of the prompt rather than alone. (For the four zoo tokenizers both agree on
+    arithmetic answers, also on transformers 5.17.) Falls back to the ids alone when the prompt's text is not a
+    prefix of the whole (a tokenizer whose decoding is not prefix-stable)."""
     whole = tokenizer.decode(prompt_ids + new_ids, skip_special_tokens=True)
     head = tokenizer.decode(prompt_ids, skip_special_tokens=True)
     if whole.startswith(head):
