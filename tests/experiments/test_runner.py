@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from kvdistill.errors import ConfigError, KvdistillError
 from kvdistill.experiments.runner import run_experiment
@@ -95,3 +96,40 @@ def test_incompetent_teacher_stops_the_experiment(tmp_path):
     with pytest.raises(KvdistillError, match="teacher 'llama_bpe' reached held-out exact match .* < the required 0.99"):
         run_experiment(load_spec(spec), tmp_path)
     assert not (tmp_path / "runs").exists()  # no condition ran on an incompetent teacher
+
+
+def test_concurrent_runs_in_subprocesses_equal_in_process_training(tiny_config, tmp_path):
+    """`concurrent: 2` trains each run as its own `kvdistill train` process; the students equal the ones the same
+    configs give when trained in this process, one after the other."""
+    from safetensors.torch import load_file
+
+    from kvdistill.experiments.runner import train_all
+
+    configs = [tiny_config("train.steps=2", f"train.seed={s}") for s in (0, 1)]
+    train_all([(tmp_path / "sub" / f"seed-{s}", c) for s, c in zip((0, 1), configs, strict=True)], concurrent=2)
+    train_all([(tmp_path / "inproc" / f"seed-{s}", c) for s, c in zip((0, 1), configs, strict=True)], concurrent=1)
+    for s in (0, 1):
+        a = load_file(str(tmp_path / "sub" / f"seed-{s}" / "final" / "student" / "model.safetensors"))
+        b = load_file(str(tmp_path / "inproc" / f"seed-{s}" / "final" / "student" / "model.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "sub" / "seed-0.log").is_file()
+
+
+@pytest.mark.slow
+def test_packaged_tiny_spec_end_to_end(tmp_path):
+    """`kvdistill experiment tiny` as a user runs it: two conditions x two seeds, results.json with the promised
+    structure (CI runs this; a few minutes on 2 cores)."""
+    from typer.testing import CliRunner
+
+    from kvdistill.cli import app
+
+    result = CliRunner().invoke(app, ["experiment", "tiny", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["conditions"]) == {"ce_only", "kd_both"} and results["seeds"] == [0, 1]
+    for metric in ("exact_match", "ppl"):
+        assert set(results["conditions"]["kd_both"][metric]) == {"values", "mean", "std", "ci95"}
+    (cmp,) = [c for c in results["comparisons"] if c["metric"] == "ppl"]
+    assert cmp["condition"] == "kd_both" and cmp["baseline"] == "ce_only" and 0 < cmp["p"] <= 1
+    assert set(results["teachers"]) == {"llama_bpe", "qwen_sp"}
+    assert "| kd_both |" in result.output
