@@ -33,6 +33,7 @@ def micro_spec(**changes) -> dict:
              "steps": 3, "batch_size": 4},
         ],
         "conditions": {"ce_only": {}, "kd": {"teachers": ["llama_bpe", "qwen_sp"]},
+                       "kd_cached": {"teachers": ["llama_bpe", "qwen_sp"], "cache": True},
                        "ce_flops": {"match_flops_of": "kd"}},
         "baseline": "ce_only",
         "seeds": [0, 1],
@@ -47,13 +48,17 @@ def test_micro_experiment_results_resume_and_only(tmp_path):
     results = run_experiment(spec, tmp_path)
     on_disk = json.loads((tmp_path / "results.json").read_text())
     assert on_disk == json.loads(json.dumps(results))
-    assert set(results["conditions"]) == {"ce_only", "kd", "ce_flops"}
+    assert set(results["conditions"]) == {"ce_only", "kd", "kd_cached", "ce_flops"}
     for per in results["conditions"].values():
         for metric in ("exact_match", "ppl"):
             s = per[metric]
             assert len(s["values"]) == 2 and s["ci95"][0] <= s["mean"] <= s["ci95"][1]
     assert {(c["condition"], c["metric"]) for c in results["comparisons"]} == {
-        (n, m) for n in ("kd", "ce_flops") for m in ("exact_match", "ppl")}
+        (n, m) for n in ("kd", "kd_cached", "ce_flops") for m in ("exact_match", "ppl")}
+    # the cached condition read its teachers from caches extracted once (cost reported), not online
+    assert set(results["extraction"]) == {"llama_bpe", "qwen_sp"} and results["extraction"]["qwen_sp"]["tokens"] > 0
+    run_cfg = (tmp_path / "runs" / "kd_cached" / "seed-0" / "config.yaml").read_text()
+    assert "source: cache" in run_cfg and str(tmp_path / "caches" / "qwen_sp") in run_cfg
     assert set(results["teachers"]) == {"llama_bpe", "qwen_sp"}
     assert 0.0 <= results["teachers"]["llama_bpe"]["exact_match"] <= 1.0
     # CE only with the FLOPs of kd: 4 · (6 N_s + 2 Σ N_t) / 6 N_s steps, more than kd's 4

@@ -6,7 +6,8 @@ results.json:
      "comparisons": [{"condition": NAME, "baseline": NAME, "metric": METRIC, "diff": x, "ci95": [lo, hi], "p": x,
                       "n": seeds, "method": ...}],
      "teachers": {NAME: {"exact_match": x, "ppl": x, "params": n}},
-     "steps": {NAME: steps}}
+     "steps": {NAME: steps},
+     "extraction": {TEACHER: {"seconds": x, "tokens": n, "records": n}}}   (cache: true conditions only)
 Exact match is compared with a paired bootstrap over seeds and held-out problems (every student answers the same
 problems); the other metrics over seeds (`kvdistill.experiments.stats.paired_comparison`).
 """
@@ -63,6 +64,12 @@ def markdown(results: dict, spec: ExperimentSpec) -> str:
         lines += ["## Teachers", "", "| teacher | exact match | ppl | parameters |", "|---|---|---|---|"]
         lines += [f"| {k} | {_fmt(v['exact_match'])} | {_fmt(v['ppl'])} | {v['params']:,} |"
                   for k, v in results["teachers"].items()]
+        lines.append("")
+    if results.get("extraction"):
+        lines += ["## Teacher caches (extracted once, shared by every cached condition and seed)", "",
+                  "| teacher | seconds | tokens | records |", "|---|---|---|---|"]
+        lines += [f"| {k} | {v['seconds']:.1f} | {v['tokens']:,} | {v['records']:,} |"
+                  for k, v in results["extraction"].items()]
         lines.append("")
     for m in spec.metrics:
         arrow = "higher is better" if HIGHER_IS_BETTER[m] else "lower is better"

@@ -55,10 +55,14 @@ def teacher_config(spec: ExperimentSpec, prep: TeacherPrep) -> RunConfig:
 
 def condition_config(spec: ExperimentSpec, name: str, seed: int, teachers: dict[str, dict],
                      steps: int | None = None) -> RunConfig:
-    """The run of condition `name` with `seed`: base, budget, the condition's teachers and overrides, the seed."""
+    """The run of condition `name` with `seed`: base, budget, the condition's teachers and overrides, the seed.
+    A `cache: true` condition reads each teacher from `teachers[name]["cache_dir"]`."""
     cond = spec.conditions[name]
     raw = base_raw(spec)
     raw["teachers"] = [{"name": t, "model": teachers[t]["model"]} for t in cond.teachers]
+    if cond.cache:
+        for entry in raw["teachers"]:
+            entry.update(source="cache", cache_dir=teachers[entry["name"]].get("cache_dir", "?"))
     if not cond.teachers:
         raw["fusion"] = {}
     raw["name"] = f"{name}-seed{seed}"
@@ -121,6 +125,29 @@ def prepare_teachers(spec: ExperimentSpec, out: Path, held: list[dict]) -> dict[
                 f"train it longer (teachers.{prep.name}.steps, now {prep.steps}) or larger, then rerun "
                 f"(delete {record} to re-evaluate), or lower min_exact_match")
     return info
+
+
+def prepare_caches(spec: ExperimentSpec, out: Path, names: list[str], teachers: dict[str, dict],
+                   data_cfg) -> dict[str, dict]:
+    """Extract (or reuse) the cache of every teacher a `cache: true` condition reads: DIR/caches/NAME, with its
+    cost in DIR/caches/NAME.json; sets teachers[NAME]["cache_dir"]. Returns {NAME: {seconds, tokens, records}}."""
+    from kvdistill.cache.extract import extract
+    from kvdistill.config.schema import TeacherConfig
+
+    needed = sorted({t for n in names if spec.conditions[n].cache for t in spec.conditions[n].teachers})
+    costs = {}
+    for t in needed:
+        d = out / "caches" / t
+        record = out / "caches" / f"{t}.json"
+        if not record.is_file():
+            log.info("extracting the cache of teacher %s", t)
+            res = extract(TeacherConfig(name=t, model=teachers[t]["model"]), data_cfg, d, batch_size=32,
+                          progress=False)
+            write_json_atomic(record, {"seconds": res["seconds"], "tokens": res["tokens"],
+                                       "records": res["records"]})
+        teachers[t]["cache_dir"] = str(d)
+        costs[t] = json.loads(record.read_text())
+    return costs
 
 
 def _param_count(student_dir: Path) -> int:
@@ -217,6 +244,7 @@ def run_experiment(spec: ExperimentSpec, out: str | Path, *, only: list[str] | N
         raise KvdistillError("the base config holds out no records (data.eval_size 0)",
                              "set data.eval_size in the spec's base config")
     teachers = prepare_teachers(spec, out, held)
+    extraction = prepare_caches(spec, out, names, teachers, probe.data)
     n_student = student_params(probe) if any(spec.conditions[n].match_flops_of for n in names) else 0
     configs = {(n, s): condition_config(spec, n, s, teachers, flops_steps(spec, n, teachers, n_student))
                for n in names for s in use_seeds}
@@ -231,6 +259,7 @@ def run_experiment(spec: ExperimentSpec, out: str | Path, *, only: list[str] | N
             ev.update(elapsed_s=summary.get("elapsed_s"), steps=cfg.train.steps)
             write_json_atomic(record, ev)
     results = collect(spec, out, names, use_seeds, teachers)
+    results["extraction"] = extraction
     write_results(results, spec, out)
     return results
 

@@ -60,6 +60,9 @@ class ConditionSpec(Section):
     """Prepared teachers (by name) distilled from; empty: CE only."""
     overrides: list[str] = []
     """Dotted overrides of the base config (after the budget)."""
+    cache: bool = False
+    """Read the teachers from caches the runner extracts once per teacher (`kvdistill extract`, full K/V in
+    bfloat16): their forward is paid once for every condition and seed, its cost reported separately."""
     match_flops_of: str | None = None
     """Give this condition the training FLOPs of another: steps · (6·N_s + 2·Σ N_t) / (6·N_s + 2·Σ N_t of this one),
     N the parameter counts (forward 2N, forward + backward 6N per token)."""
@@ -97,6 +100,8 @@ class ExperimentSpec(Section):
             unknown = [t for t in cond.teachers if t not in names]
             if unknown:
                 problems.append(f"conditions.{cname}.teachers: {unknown} are not among the teachers {names}")
+            if cond.cache and not cond.teachers:
+                problems.append(f"conditions.{cname}.cache: true needs teachers to read from caches")
             if cond.match_flops_of is not None and cond.match_flops_of not in self.conditions:
                 problems.append(f"conditions.{cname}.match_flops_of: '{cond.match_flops_of}' is not a condition")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
