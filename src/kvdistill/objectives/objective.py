@@ -67,12 +67,10 @@ class Objective(nn.Module):
             if missing:
                 raise KvdistillError(f"teacher '{teacher.name}' lacks layers {missing} that the layer map uses",
                                      "re-extract the cache with those layers, or change the teacher's layer_map")
-            if self.cfg.losses.logit_kd.weight > 0 and (
-                    teacher.geometry.vocab_size != self.student_geometry.vocab_size
-                    or teacher.tokenizer.get_vocab() != self.tokenizer.get_vocab()):
+            if self.cfg.losses.logit_kd.weight > 0 and teacher.tokenizer.get_vocab() != self.tokenizer.get_vocab():
                 raise KvdistillError(
-                    f"losses.logit_kd needs the student and teacher '{teacher.name}' to share a vocabulary",
-                    "set losses.logit_kd.weight: 0 for cross-tokenizer teachers (KV losses align by characters)")
+                    f"losses.logit_kd needs the student and teacher '{teacher.name}' to share a tokenizer",
+                    "set losses.logit_kd.weight: 0 for cross-tokenizer teachers (KV losses align by bytes)")
 
     # ---------------------------------------------------------------------------------------------- one step
     def batch(self, records: list[dict]) -> StudentBatch:

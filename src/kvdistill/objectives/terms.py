@@ -5,12 +5,15 @@ H heads, F_s/F_t hidden widths, V vocabulary.
 
 Each term is a `kvdistill.losses` function on the teacher's tokens, averaged over the teacher's layer pairs
 (i, j, w) as the K/V term is (Σ w·term / #mapped layers); logit KD is one term per teacher. Teacher n's terms are
-weighed by its per-sample fusion weight w_n(b) (per-token weights: their mean over the sample's tokens):
+weighed by its per-sample fusion weight w_n(b) (per-token weights: their mean over the sample's tokens). Logit KD
+needs one tokenizer; embeddings padded to different sizes compare their shared entries:
 
     extra(b) = Σ_n w_n(b) · (λ_rel·rel_n + λ_att·att_n + λ_hid·hid_n + λ_logit·kd_n)(b)
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 from torch import nn
@@ -18,6 +21,8 @@ from torch import nn
 from kvdistill import losses
 from kvdistill.objectives.base import Step
 from kvdistill.objectives.batch import teacher_alignment
+
+log = logging.getLogger(__name__)
 
 TERMS = ("relation", "attention_kl", "hidden", "logit_kd")
 
@@ -32,6 +37,13 @@ class TeacherTerms(nn.Module):
                       "logit_kd": c.logit_kd.weight}
         self.logit = c.logit_kd
         self.active = [t for t in TERMS if self.scale[t] > 0]
+        # one tokenizer, embeddings padded to different sizes (e.g. 151,936 vs 152,064 entries): logit KD compares
+        # the entries both models have, renormalised over them; the padded rows name no token
+        self.shared_vocab = {t.name: min(student_geometry.vocab_size, t.geometry.vocab_size) for t in teachers}
+        for t in teachers:
+            if "logit_kd" in self.active and t.geometry.vocab_size != student_geometry.vocab_size:
+                log.info("logit KD with teacher %s compares the %d shared vocabulary entries (student %d, teacher %d)",
+                         t.name, self.shared_vocab[t.name], student_geometry.vocab_size, t.geometry.vocab_size)
         self.hidden_proj = nn.ModuleDict(
             {t.name: nn.Linear(student_geometry.hidden_size, t.geometry.hidden_size, bias=False) for t in teachers}
             if c.hidden > 0 else {})
@@ -81,6 +93,8 @@ class TeacherTerms(nn.Module):
                 value = losses.hidden_error(h_pred, cap.hidden_states[j + 1].float(), covered)
                 out["hidden"] = out.get("hidden", 0) + w * value / L
         if "logit_kd" in self.active:
-            out["logit_kd"] = losses.logit_kd(s.logits, cap.logits, b.mask, temperature=self.logit.temperature,
-                                              divergence=self.logit.divergence, beta=self.logit.beta)
+            V = self.shared_vocab[teacher.name]
+            out["logit_kd"] = losses.logit_kd(s.logits[..., :V], cap.logits[..., :V], b.mask,
+                                              temperature=self.logit.temperature, divergence=self.logit.divergence,
+                                              beta=self.logit.beta)
         return out
