@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import textwrap
@@ -411,6 +412,46 @@ def test_incomplete_cache_is_refused(tmp_path, run_cache):
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(CacheError, match="incomplete"):
         build_teachers(cached_run(tmp_path), "cpu")
+
+
+# (the same helper as in test_hostile.py: test modules here are imported in importlib mode, not as a package)
+def flip_exponent_bit(shard: Path) -> None:
+    """Flip the lowest exponent bit of the first value of the shard's first key tensor: the value doubles or
+    halves, silently (no inf or NaN), and the file stays valid safetensors."""
+    data = bytearray(shard.read_bytes())
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    name = min(k for k in header if k.endswith("/keys_l0"))
+    byte, mask = {"BF16": (0, 0x80), "F16": (1, 0x04), "F32": (2, 0x80)}[
+        header[name]["dtype"]
+    ]  # little-endian
+    data[8 + n + header[name]["data_offsets"][0] + byte] ^= mask
+    shard.write_bytes(bytes(data))
+
+
+def test_training_refuses_a_cache_with_a_flipped_bit_in_every_shard(tmp_path, run_cache, capsys):
+    """`kvdistill train` from a cache whose shards each have one exponent bit flipped: verify fails and
+    training stops at the first batch with exit 2, naming the shard and `kvdistill cache verify`."""
+    import yaml
+
+    damaged = tmp_path / "cache"
+    damaged.mkdir()
+    for f in run_cache.iterdir():
+        damaged.joinpath(f.name).write_bytes(f.read_bytes())
+    shards = sorted(damaged.glob("shard-*.safetensors"))
+    for shard in shards:
+        flip_exponent_bit(shard)
+    assert sum("fails its checksum" in p for p in verify_cache(damaged)) == len(shards)
+    raw = json.loads(json.dumps(RUN))
+    raw["teachers"][0].update(source="cache", cache_dir=str(damaged))
+    raw["train"].update(steps=2)
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    capsys.readouterr()
+    assert run_cli(["train", str(config), "--out", str(tmp_path / "run")]) == 2
+    err = "".join(capsys.readouterr().err.split())
+    assert "failsitschecksum" in err and f"kvdistillcacheverify{damaged}" in err
+    assert any(f"shard{s.name}of" in err for s in shards)
 
 
 # ------------------------------------------------------------------------------------ CLI configs

@@ -268,10 +268,11 @@ def info(
 
 @cache_app.command("verify")
 def verify(directory: str = typer.Argument(..., help="A cache directory.")) -> None:
-    """Check every shard's checksum, size and shapes against the manifest; exit 1 if anything is wrong."""
-    from kvdistill.cache.verify import verify_cache
+    """Check every shard's checksum, size and shapes against the manifest; exit 1 if anything is wrong, 2 if
+    the manifest itself is refused (missing, malformed, naming files outside the cache)."""
+    from kvdistill.cache.verify import cache_problems, load_cache_manifest
 
-    problems = verify_cache(directory)
+    problems = cache_problems(directory, load_cache_manifest(directory))
     if problems:
         for p in problems:
             console.print(f"[red]problem:[/red] {p}")

@@ -21,6 +21,12 @@ decide whether a cache fits a run: `meta_mismatches` names every field that diff
 
 Schema 1 caches stored character spans, which cannot tell apart the tokens a byte-level tokenizer splits one
 character into; `read_manifest` refuses them with a message to re-extract.
+
+`read_manifest` is the one gate every reader of a manifest goes through (CacheReader, verify, info, merge, the
+writer's resume): it refuses a manifest of the wrong structure (`structure_problems`, every problem at once)
+and one whose shard files lead outside the cache directory (`shard_path`: `..`, absolute paths, symlinks that
+resolve elsewhere), so nothing a manifest names is opened outside its own directory. `location_problems`
+checks that the samples point at slots that exist (verify lists them, the reader refuses).
 """
 
 from __future__ import annotations
@@ -29,7 +35,8 @@ import datetime as _dt
 import hashlib
 import json
 import os
-from pathlib import Path
+import re
+from pathlib import Path, PurePath
 from typing import Any
 
 from kvdistill.errors import CacheError
@@ -38,6 +45,20 @@ SCHEMA_VERSION = 2  # 2: spans in UTF-8 bytes (schema 1 stored character spans)
 SPAN_UNIT = "utf8_bytes"
 META_FIELDS = ("teacher", "tokenizer", "compression", "dataset", "span_unit")
 MANIFEST = "manifest.json"
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_GEOMETRY_INTS = (
+    "num_layers",
+    "num_attention_heads",
+    "num_kv_heads",
+    "head_dim",
+    "hidden_size",
+    "vocab_size",
+)
+_MAX_LISTED = 8  # problems of one kind quoted before "... and N more"
+_RESTORE = (
+    "the manifest was edited or damaged: restore it from the extraction's output, or re-extract the cache "
+    "with `kvdistill extract`"
+)
 
 
 def part_manifest_name(part: str | None) -> str:
@@ -172,16 +193,20 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     """Load and check a manifest file; CacheError says what is wrong with it."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise CacheError(
             f"no manifest at {path}", "point at a directory written by `kvdistill extract`"
         ) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise CacheError(f"manifest {path} cannot be read ({type(e).__name__}: {e})", _RESTORE) from None
     try:
         data = json.loads(text, object_pairs_hook=_reject_duplicate_keys)
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, RecursionError) as e:
         raise CacheError(f"manifest {path} is not valid JSON ({e})", "re-extract the cache") from None
-    version = data.get("schema_version") if isinstance(data, dict) else None
+    if not isinstance(data, dict):
+        raise CacheError(f"manifest {path}: {structure_problems(data)[0]}", _RESTORE)
+    version = data.get("schema_version")
     if version == 1:
         raise CacheError(
             f"manifest {path} is a schema_version 1 cache: its token spans are character offsets, and this "
@@ -194,15 +219,220 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
             f"manifest {path} has schema_version {version!r}, this kvdistill reads {SCHEMA_VERSION}",
             "re-extract the cache with this version of kvdistill",
         )
-    missing = [k for k in (*META_FIELDS, "shards", "samples") if k not in data]
-    if missing:
-        raise CacheError(f"manifest {path} lacks {missing}", "re-extract the cache")
+    problems = structure_problems(data)
+    if problems:
+        raise CacheError(
+            f"manifest {path} has the wrong structure ({len(problems)} problem(s)): " + "; ".join(problems),
+            _RESTORE,
+        )
     if data["span_unit"] != SPAN_UNIT:
         raise CacheError(
             f"manifest {path} stores spans in {data['span_unit']!r}, this kvdistill reads {SPAN_UNIT!r}",
             "re-extract the cache with this version of kvdistill",
         )
+    outside = []
+    for k, entry in enumerate(data["shards"]):
+        try:
+            shard_path(path.parent, entry["file"], f"shards[{k}].file")
+        except CacheError as e:
+            outside.append(e.problem)
+    if outside:
+        raise CacheError(
+            f"manifest {path} names shard files not inside its cache directory: "
+            + "; ".join(_capped(outside, "entries")),
+            _RESTORE + "; a shard that is a symlink must point inside the cache directory",
+        )
     return data
+
+
+def _is_int(x: Any, minimum: int | None = 0) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and (minimum is None or x >= minimum)
+
+
+_JSON_TYPES = {
+    bool: "a boolean",
+    int: "a number",
+    float: "a number",
+    str: "a string",
+    list: "an array",
+    dict: "an object",
+    type(None): "null",
+}
+
+
+def _type(x: Any) -> str:
+    """`x` and its JSON type, for messages: `5 (a number)`."""
+    if x is None:
+        return "null"
+    return f"{_short(x)} ({_JSON_TYPES.get(type(x), type(x).__name__)})"
+
+
+def _capped(problems: list[str], what: str) -> list[str]:
+    if len(problems) <= _MAX_LISTED:
+        return problems
+    return [*problems[:_MAX_LISTED], f"... and {len(problems) - _MAX_LISTED} more {what}"]
+
+
+def structure_problems(data: Any) -> list[str]:
+    """Every way `data` (a loaded manifest) departs from the schema in this module's docstring, each naming
+    the key and the value (empty: well formed). Types only: whether samples point at existing slots is
+    `location_problems`, whether shard files stay inside the cache is `shard_path`."""
+    if not isinstance(data, dict):
+        return [f"the manifest is {_type(data)}, expected an object"]
+    out = []
+    missing = [k for k in (*META_FIELDS, "shards", "samples") if k not in data]
+    if missing:
+        out.append(f"missing key(s) {missing}")
+    teacher = data.get("teacher")
+    if "teacher" in data:
+        if not isinstance(teacher, dict):
+            out.append(f"teacher is {_type(teacher)}, expected an object")
+        else:
+            if not isinstance(teacher.get("id"), str):
+                out.append(f"teacher.id is {_short(teacher.get('id'))}, expected a string")
+            if teacher.get("revision") is not None and not isinstance(teacher["revision"], str):
+                out.append(f"teacher.revision is {_short(teacher['revision'])}, expected a string or null")
+            geometry = teacher.get("geometry")
+            if geometry is not None and not isinstance(geometry, dict):
+                out.append(f"teacher.geometry is {_type(geometry)}, expected an object or null")
+            elif geometry:
+                for key in _GEOMETRY_INTS:
+                    if key in geometry and not _is_int(geometry[key]):
+                        out.append(
+                            f"teacher.geometry.{key} is {_short(geometry[key])}, expected an integer >= 0"
+                        )
+    for key in ("tokenizer", "dataset"):
+        if key in data and not isinstance(data[key], str):
+            out.append(f"{key} is {_short(data[key])}, expected a fingerprint string")
+    comp = data.get("compression")
+    if "compression" in data:
+        if not isinstance(comp, dict):
+            out.append(f"compression is {_type(comp)}, expected an object")
+        else:
+            for key in ("kind", "dtype"):
+                if key in comp and not isinstance(comp[key], str):
+                    out.append(f"compression.{key} is {_short(comp[key])}, expected a string")
+            if comp.get("budget") is not None and not _is_int(comp["budget"], 1):
+                out.append(
+                    f"compression.budget is {_short(comp['budget'])}, expected a positive integer or null"
+                )
+            layers = comp.get("layers")
+            if layers is not None and not (isinstance(layers, list) and all(_is_int(x) for x in layers)):
+                out.append(
+                    f"compression.layers is {_short(layers)}, expected a list of layer indices or null"
+                )
+    if "span_unit" in data and not isinstance(data["span_unit"], str):
+        out.append(f"span_unit is {_short(data['span_unit'])}, expected {SPAN_UNIT!r}")
+    shards = data.get("shards")
+    if "shards" in data:
+        if not isinstance(shards, list):
+            out.append(f"shards is {_type(shards)}, expected a list of shard entries")
+        else:
+            bad = []
+            for k, entry in enumerate(shards):
+                if not isinstance(entry, dict):
+                    bad.append(f"shards[{k}] is {_type(entry)}, expected an object")
+                    continue
+                file = entry.get("file")
+                if not isinstance(file, str) or not file or "\x00" in file:
+                    bad.append(f"shards[{k}].file is {_short(file)}, expected a file name")
+                sha = entry.get("sha256")
+                if not isinstance(sha, str) or not _SHA256_RE.match(sha):
+                    bad.append(f"shards[{k}].sha256 is {_short(sha)}, expected 64 lowercase hex digits")
+                for key in ("num_samples", "bytes"):
+                    if not _is_int(entry.get(key)):
+                        bad.append(f"shards[{k}].{key} is {_short(entry.get(key))}, expected an integer >= 0")
+            out += _capped(bad, "shard entry problems")
+    samples = data.get("samples")
+    if "samples" in data:
+        if not isinstance(samples, dict):
+            out.append(f"samples is {_type(samples)}, expected an object of sample ids")
+        else:
+            bad = []
+            for sid, entry in samples.items():
+                if not isinstance(entry, dict):
+                    bad.append(f"samples[{sid!r}] is {_type(entry)}, expected an object")
+                    continue
+                for key in ("shard", "index"):
+                    if not _is_int(entry.get(key), minimum=None):
+                        bad.append(f"samples[{sid!r}].{key} is {_short(entry.get(key))}, expected an integer")
+            out += _capped(bad, "sample entry problems")
+    if "complete" in data and not isinstance(data["complete"], bool):
+        out.append(f"complete is {_short(data['complete'])}, expected true or false")
+    for key in ("part", "created", "kvdistill_version", "merged"):
+        if data.get(key) is not None and not isinstance(data[key], str):
+            out.append(f"{key} is {_short(data[key])}, expected a string")
+    merged_from = data.get("merged_from")
+    if merged_from is not None and not (
+        isinstance(merged_from, list) and all(isinstance(p, str) for p in merged_from)
+    ):
+        out.append(f"merged_from is {_short(merged_from)}, expected a list of part names")
+    return out
+
+
+def location_problems(manifest: dict[str, Any]) -> list[str]:
+    """Samples of a well-formed manifest that point at a shard or an index that does not exist, two ids on one
+    slot, shard sample counts that differ from the ids mapped to them, a shard file listed twice."""
+    shards = manifest["shards"]
+    out: list[str] = []
+    counts: dict[int, int] = {}
+    slots: dict[tuple[int, int], str] = {}
+    for sid, e in manifest["samples"].items():
+        k, j = e["shard"], e["index"]
+        if not 0 <= k < len(shards):
+            out.append(f"sample {sid!r} points at shard {k!r}, the manifest lists {len(shards)} shards")
+            continue
+        if not 0 <= j < shards[k]["num_samples"]:
+            out.append(
+                f"sample {sid!r} points at index {j!r} of shard {shards[k]['file']}, "
+                f"which holds {shards[k]['num_samples']} samples"
+            )
+            continue
+        if (k, j) in slots:
+            out.append(
+                f"samples {slots[(k, j)]!r} and {sid!r} point at the same slot {j} of {shards[k]['file']}"
+            )
+        slots[(k, j)] = sid
+        counts[k] = counts.get(k, 0) + 1
+    for k, entry in enumerate(shards):
+        if counts.get(k, 0) != entry["num_samples"]:
+            out.append(
+                f"shard {entry['file']} records {entry['num_samples']} samples, "
+                f"the manifest maps {counts.get(k, 0)} ids to it"
+            )
+    files = [s["file"] for s in shards]
+    if len(set(files)) != len(files):
+        out.append("the manifest lists a shard file twice")
+    return out
+
+
+def shard_path(directory: str | os.PathLike, file: str, where: str) -> Path:
+    """`directory / file` once it is certain to be inside `directory`: `file` is relative and, with `..` and
+    every symlink resolved, lands strictly inside the resolved directory. Else a CacheError naming `where`
+    (the manifest entry, e.g. "manifest DIR/manifest.json: shards[3].file"); nothing is opened."""
+    directory = Path(directory)
+    if PurePath(file).is_absolute():
+        raise CacheError(
+            f"{where} is the absolute path {file!r}: a cache lists its shards relative to its own directory "
+            f"{directory}, and this one points elsewhere (nothing was opened)",
+            _RESTORE,
+        )
+    try:
+        root = directory.resolve()
+        target = (root / file).resolve()
+    except (OSError, RuntimeError) as e:  # a symlink loop
+        raise CacheError(f"{where} {file!r} cannot be resolved ({e})", _RESTORE) from None
+    if target == root:
+        raise CacheError(f"{where} {file!r} names the cache directory itself, not a shard file", _RESTORE)
+    if root not in target.parents:
+        lexical = Path(os.path.normpath(root / file))
+        via = " through a symlink" if root in lexical.parents else ""
+        raise CacheError(
+            f"{where} {file!r} resolves{via} to {target}, outside the cache directory {root} "
+            "(nothing was opened)",
+            _RESTORE + "; a shard that is a symlink must point inside the cache directory",
+        )
+    return directory / file
 
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:

@@ -1,5 +1,8 @@
 """Combining the parts of a sharded extraction (one `CacheWriter` part per SLURM array task, see
-`kvdistill.cache.writer`) into the one `manifest.json` a `CacheReader` opens. Shards stay where they are."""
+`kvdistill.cache.writer`) into the one `manifest.json` a `CacheReader` opens. Shards stay where they are.
+
+Every part manifest goes through `read_manifest` (structure, shard files inside the directory) and
+`location_problems` before anything is written, so a hostile or broken part is refused, never merged."""
 
 from __future__ import annotations
 
@@ -9,7 +12,14 @@ import re
 from pathlib import Path
 from typing import Any
 
-from kvdistill.cache.manifest import MANIFEST, META_FIELDS, meta_mismatches, read_manifest, write_json_atomic
+from kvdistill.cache.manifest import (
+    MANIFEST,
+    META_FIELDS,
+    location_problems,
+    meta_mismatches,
+    read_manifest,
+    write_json_atomic,
+)
 from kvdistill.errors import CacheError
 
 _PART_MANIFEST_RE = re.compile(r"^manifest\.part-([A-Za-z0-9_]+)\.json$")
@@ -34,7 +44,7 @@ def merge_parts(
             f"no part manifests (manifest.part-*.json) in {directory}",
             "run the extraction with part=<index> first",
         )
-    if (directory / MANIFEST).exists() and "merged_from" not in read_manifest(directory / MANIFEST):
+    if (directory / MANIFEST).exists() and "merged_from" not in _existing(directory / MANIFEST):
         raise CacheError(
             f"{directory} also holds a single-writer manifest.json", "merge parts in their own dir"
         )
@@ -53,8 +63,8 @@ def merge_parts(
         complete=all(found[p].get("complete") for p in order),
         part=None,
         merged_from=order,
-        created=min(found[p]["created"] for p in order),
-        kvdistill_version=found[first]["kvdistill_version"],
+        created=min((found[p]["created"] for p in order if found[p].get("created")), default=None),
+        kvdistill_version=found[first].get("kvdistill_version"),
     )
     for part in order:
         offset = len(merged["shards"])
@@ -64,6 +74,18 @@ def merge_parts(
     merged["merged"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     write_json_atomic(directory / MANIFEST, merged)
     return merged
+
+
+def _existing(path: Path) -> dict[str, Any]:
+    """The manifest.json already in a parts directory (a previous merge, or a single writer's)."""
+    try:
+        return read_manifest(path)
+    except CacheError as err:
+        raise CacheError(
+            err.problem,
+            f"if it is the output of an earlier merge, delete {path} and rerun `kvdistill cache merge`; "
+            "otherwise restore it or re-extract",
+        ) from None
 
 
 def _problems(
@@ -83,6 +105,7 @@ def _problems(
             problems.append(f"part {part} differs from part {first}: " + "; ".join(bad))
         if require_complete and not m.get("complete"):
             problems.append(f"part {part} is incomplete (its writer was not closed)")
+        problems.extend(f"part {part}: {p}" for p in location_problems(m)[:5])
     owner: dict[str, str] = {}
     dups = []
     for part in order:

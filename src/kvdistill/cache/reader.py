@@ -13,7 +13,15 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from kvdistill.cache.manifest import MANIFEST, META_FIELDS, meta_mismatches, read_manifest
+from kvdistill.cache.manifest import (
+    MANIFEST,
+    META_FIELDS,
+    location_problems,
+    meta_mismatches,
+    read_manifest,
+    sha256_file,
+    shard_path,
+)
 from kvdistill.errors import CacheError
 from kvdistill.teachers.record import TeacherKV
 
@@ -22,6 +30,11 @@ class CacheReader:
     """Read a cache directory: `.get(sample_id)` loads one sample's tensors lazily (one open handle per shard).
 
     A map-style dataset too: `len(reader)`, `reader[i]` is the i-th stored sample (order of `sample_ids`).
+
+    Trust: the manifest is checked when the reader opens (`read_manifest`: structure, shard files inside the
+    directory; `location_problems`: every sample on an existing slot), and each shard's size and sha256
+    (streamed) the first time the reader opens it, once per shard per reader: damaged values are refused with
+    a CacheError, never returned.
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -36,7 +49,17 @@ class CacheReader:
                 f"{self.dir} holds part manifests but no manifest.json",
                 "run kvdistill.cache.merge_parts on it once every part has finished",
             )
+        self._manifest_path = mpath
         self.manifest = read_manifest(mpath)
+        bad = location_problems(self.manifest)
+        if bad:
+            raise CacheError(
+                f"manifest {mpath} points samples at slots its shards do not hold: "
+                + "; ".join(bad[:5])
+                + (f"; ... and {len(bad) - 5} more" if len(bad) > 5 else ""),
+                f"run `kvdistill cache verify {self.dir}` for the full list; restore the manifest from the "
+                "extraction or re-extract the cache",
+            )
         self.meta: dict[str, Any] = {k: self.manifest[k] for k in META_FIELDS}
         self.index: dict[str, tuple[int, int]] = {
             sid: (int(e["shard"]), int(e["index"])) for sid, e in self.manifest["samples"].items()
@@ -44,6 +67,7 @@ class CacheReader:
         self.sample_ids: list[str] = list(self.index)
         self._handles: dict[int, Any] = {}
         self._names: dict[int, dict[int, list[str]]] = {}
+        self._verified: set[int] = set()  # shards whose size and sha256 matched the manifest
 
     @property
     def complete(self) -> bool:
@@ -81,7 +105,9 @@ class CacheReader:
     def _handle(self, shard: int):
         if shard not in self._handles:
             entry = self.manifest["shards"][shard]
-            path = self.dir / entry["file"]
+            path = shard_path(
+                self.dir, entry["file"], f"manifest {self._manifest_path}: shards[{shard}].file"
+            )
             try:
                 handle = safe_open(str(path), framework="pt")
             except FileNotFoundError:
@@ -89,14 +115,47 @@ class CacheReader:
             except Exception as e:  # safetensors raises its own error types for damaged headers
                 raise CacheError(
                     f"shard {path} cannot be read ({e})",
-                    "run kvdistill.cache.verify_cache on the directory, then re-extract",
+                    f"run `kvdistill cache verify {self.dir}` for the full list, then re-extract",
                 ) from None
+            if shard not in self._verified:
+                self._verify(shard, path, entry)
             names: dict[int, list[str]] = {}
             for key in handle.keys():  # noqa: SIM118 (safe_open is not iterable)
                 j, _, name = key.partition("/")
+                if not j.isdigit() or not name:
+                    raise CacheError(
+                        f"shard {path} holds tensor {key!r}, not named '<index>/<name>' like a cache shard",
+                        f"run `kvdistill cache verify {self.dir}`, then re-extract the cache",
+                    )
                 names.setdefault(int(j), []).append(name)
             self._handles[shard], self._names[shard] = handle, names
         return self._handles[shard]
+
+    def _verify(self, shard: int, path: Path, entry: dict[str, Any]) -> None:
+        """Size, then the streamed sha256, of shard `shard` against its manifest entry; CacheError if either
+        differs (the shard's values would be wrong)."""
+        fix = (
+            f"run `kvdistill cache verify {self.dir}` to list every damaged shard, then re-extract the cache "
+            "(`kvdistill extract` into a new directory)"
+        )
+        try:
+            size = path.stat().st_size
+            digest = sha256_file(path) if size == entry["bytes"] else None
+        except OSError as e:
+            raise CacheError(f"shard {path} cannot be read ({type(e).__name__}: {e})", fix) from None
+        if digest is None:
+            raise CacheError(
+                f"shard {entry['file']} of {self.dir} is {size} bytes, the manifest says {entry['bytes']} "
+                f"({'truncated' if size < entry['bytes'] else 'grown'}): its stored K/V are damaged",
+                fix,
+            )
+        if digest != entry["sha256"]:
+            raise CacheError(
+                f"shard {entry['file']} of {self.dir} fails its checksum (sha256 {digest[:12]}..., manifest "
+                f"{entry['sha256'][:12]}...): its stored K/V are damaged and were not used",
+                fix,
+            )
+        self._verified.add(shard)
 
     def get(self, sample_id: str) -> dict[str, torch.Tensor]:
         if sample_id not in self.index:

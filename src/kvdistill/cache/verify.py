@@ -1,6 +1,8 @@
 """Check a teacher-KV cache end to end (`verify_cache`) and summarise it (`cache_info`).
 
-Shapes are read from the safetensors headers, so only the checksums read whole files.
+Shapes are read from the safetensors headers, so only the checksums read whole files. The manifest goes through
+`read_manifest` (structure, shard files confined to the directory) and every shard path through `shard_path`
+before anything is opened.
 """
 
 from __future__ import annotations
@@ -11,16 +13,17 @@ from typing import Any
 
 from safetensors import safe_open
 
-from kvdistill.cache.manifest import MANIFEST, sha256_file
+from kvdistill.cache.manifest import MANIFEST, location_problems, read_manifest, sha256_file, shard_path
 from kvdistill.errors import CacheError
 
 _DTYPE_NAMES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}
 _SIZES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
-def _load(directory: Path) -> dict[str, Any]:
-    from kvdistill.cache.manifest import read_manifest
-
+def load_cache_manifest(directory: str | Path) -> dict[str, Any]:
+    """The checked manifest of the cache at `directory` (CacheError: no manifest, only parts, wrong structure,
+    shard files outside the directory)."""
+    directory = Path(directory)
     if not (directory / MANIFEST).exists() and any(directory.glob("manifest.part-*.json")):
         raise CacheError(
             f"{directory} holds part manifests but no manifest.json",
@@ -94,19 +97,29 @@ def _sample_problems(
     return out
 
 
-def verify_cache(path: str) -> list[str]:
-    """Every problem found in the cache at `path` (empty list: healthy).
+def verify_cache(path: str | Path) -> list[str]:
+    """Every problem found in the cache at `path` (empty list: healthy); a manifest that cannot be used at all
+    is the one problem listed (`load_cache_manifest` raises it instead).
 
-    Checks: manifest readable; every listed shard present, of the recorded size and sha256, readable by
-    safetensors; each sample's index inside its shard and pointing at stored tensors; no two ids on the same
-    slot; shard sample counts; shapes against the teacher geometry and compression; writer closed; no
-    leftover temp files.
+    Checks: manifest readable, well formed, naming shards inside the directory only; every listed shard
+    present, of the recorded size and sha256, readable by safetensors; each sample's index inside its shard
+    and pointing at stored tensors; no two ids on the same slot; shard sample counts; shapes against the
+    teacher geometry and compression; writer closed; no leftover temp files.
     """
-    directory = Path(path)
     try:
-        manifest = _load(directory)
+        manifest = load_cache_manifest(path)
     except CacheError as e:
         return [str(e)]
+    return cache_problems(path, manifest)
+
+
+def _where(directory: Path, k: int) -> str:
+    return f"manifest {directory / MANIFEST}: shards[{k}].file"
+
+
+def cache_problems(path: str | Path, manifest: dict[str, Any]) -> list[str]:
+    """`verify_cache` on a manifest already loaded by `load_cache_manifest`."""
+    directory = Path(path)
     problems: list[str] = []
     if not manifest.get("complete"):
         problems.append(
@@ -118,17 +131,28 @@ def verify_cache(path: str) -> list[str]:
     shards = manifest["shards"]
     contents: dict[int, dict[str, tuple[str, tuple[int, ...]]]] = {}
     for k, entry in enumerate(shards):
-        f = directory / entry["file"]
+        try:
+            f = shard_path(directory, entry["file"], _where(directory, k))
+        except CacheError as e:
+            problems.append(e.problem)
+            continue
         if not f.exists():
             problems.append(f"shard {entry['file']} is missing")
             continue
-        size = f.stat().st_size
+        if not f.is_file():
+            problems.append(f"shard {entry['file']} is not a regular file")
+            continue
+        try:
+            size = f.stat().st_size
+            digest = sha256_file(f)
+        except OSError as e:
+            problems.append(f"shard {entry['file']} cannot be read ({type(e).__name__}: {e})")
+            continue
         if size != entry["bytes"]:
             problems.append(
                 f"shard {entry['file']} is {size} bytes, the manifest says {entry['bytes']} "
                 f"({'truncated' if size < entry['bytes'] else 'grown'})"
             )
-        digest = sha256_file(f)
         if digest != entry["sha256"]:
             problems.append(
                 f"shard {entry['file']} fails its checksum: sha256 {digest[:12]}..., "
@@ -138,67 +162,62 @@ def verify_cache(path: str) -> list[str]:
             contents[k] = _headers(f)
         except Exception as e:
             problems.append(f"shard {entry['file']} cannot be read by safetensors ({e})")
-    counts: dict[int, int] = {}
-    slots: dict[tuple[int, int], str] = {}
+    problems.extend(location_problems(manifest))
     for sid, e in manifest["samples"].items():
-        k, j = e.get("shard"), e.get("index")
-        if not isinstance(k, int) or not 0 <= k < len(shards):
-            problems.append(f"sample {sid!r} points at shard {k!r}, the manifest lists {len(shards)} shards")
-            continue
-        if not isinstance(j, int) or not 0 <= j < shards[k]["num_samples"]:
-            problems.append(
-                f"sample {sid!r} points at index {j!r} of shard {shards[k]['file']}, "
-                f"which holds {shards[k]['num_samples']} samples"
-            )
-            continue
-        if (k, j) in slots:
-            problems.append(
-                f"samples {slots[(k, j)]!r} and {sid!r} point at the same slot {j} of {shards[k]['file']}"
-            )
-        slots[(k, j)] = sid
-        counts[k] = counts.get(k, 0) + 1
-        if k in contents:
-            prefix = f"{j}/"
-            tensors = {n[len(prefix) :]: v for n, v in contents[k].items() if n.startswith(prefix)}
-            if not tensors:
-                problems.append(f"sample {sid!r}: shard {shards[k]['file']} holds no tensors at index {j}")
-            else:
-                problems.extend(_sample_problems(f"sample {sid!r}", tensors, manifest))
-    for k, entry in enumerate(shards):
-        if counts.get(k, 0) != entry["num_samples"]:
-            problems.append(
-                f"shard {entry['file']} records {entry['num_samples']} samples, "
-                f"the manifest maps {counts.get(k, 0)} ids to it"
-            )
-    files = [s["file"] for s in shards]
-    if len(set(files)) != len(files):
-        problems.append("the manifest lists a shard file twice")
+        k, j = e["shard"], e["index"]
+        if k not in contents or not 0 <= j < shards[k]["num_samples"]:
+            continue  # an unreadable shard, or a slot location_problems reported
+        prefix = f"{j}/"
+        tensors = {n[len(prefix) :]: v for n, v in contents[k].items() if n.startswith(prefix)}
+        if not tensors:
+            problems.append(f"sample {sid!r}: shard {shards[k]['file']} holds no tensors at index {j}")
+        else:
+            problems.extend(_sample_problems(f"sample {sid!r}", tensors, manifest))
     return problems
 
 
 def cache_info(path: str) -> dict[str, Any]:
     """Summary: teacher, geometry, compression, samples, tokens, bytes, bytes per token, per-layer shapes."""
     directory = Path(path)
-    manifest = _load(directory)
+    manifest = load_cache_manifest(directory)
     geometry = manifest["teacher"].get("geometry") or {}
     num_tokens = kept_slots = kv_bytes = 0
     layer_shapes: dict[str, dict[str, Any]] = {}
-    for entry in manifest["shards"]:
-        f = directory / entry["file"]
+    fix = f"run `kvdistill cache verify {directory}` for the full list, then re-extract the cache"
+    for k, entry in enumerate(manifest["shards"]):
+        f = shard_path(directory, entry["file"], _where(directory, k))
         if not f.exists():
-            raise CacheError(f"shard {entry['file']} is missing", "run verify_cache for the full list")
-        for name, (dt, shape) in _headers(f).items():
+            raise CacheError(f"shard {entry['file']} of {directory} is missing", fix)
+        try:
+            headers = _headers(f)
+        except Exception as e:  # safetensors' own error types, OSError, a directory in its place
+            raise CacheError(f"shard {entry['file']} of {directory} cannot be read ({e})", fix) from None
+        for name, (dt, shape) in headers.items():
             j, _, tname = name.partition("/")
+            layer = tname.removeprefix("keys_l").removeprefix("values_l")
+            kv = tname.startswith(("keys_l", "values_l")) and layer.isdigit()
+            rank = 1 if tname == "token_ids" else 3 if kv else None
+            if not j.isdigit() or (tname.startswith(("keys_l", "values_l")) and not kv):
+                raise CacheError(
+                    f"shard {entry['file']} of {directory} holds a tensor named {name!r}, not "
+                    "'<index>/token_ids' or '<index>/keys_l<layer>' like a cache shard",
+                    fix,
+                )
+            if rank is not None and len(shape) != rank:
+                raise CacheError(
+                    f"shard {entry['file']} of {directory}: tensor {name!r} has shape {tuple(shape)}, "
+                    f"expected {rank} dimensions",
+                    fix,
+                )
             if tname == "token_ids":
                 num_tokens += shape[0]
-            elif tname.startswith(("keys_l", "values_l")):
+            elif kv:
                 n = 1
                 for s in shape:
                     n *= s
                 kv_bytes += n * _SIZES.get(dt, 0)
                 if tname.startswith("keys_l"):
                     kept_slots += shape[1]
-                    layer = tname[6:]
                     info = layer_shapes.setdefault(
                         layer,
                         {
