@@ -96,7 +96,7 @@ def inspect_models(models: list[str], text: str | None = None, strategy: str = "
 
 @app.command()
 def inspect(
-    models: list[str] = typer.Argument(..., help="Offline names, local dirs or hub ids; the first is the student."),
+    models: list[str] = typer.Argument(..., help="Offline names, local dirs, .gguf files or hub ids; the first is the student."),
     text: str | None = typer.Option(None, "--text", "-t", help="Show how this text tokenizes (tokens with UTF-8 byte spans)."),
     strategy: str = typer.Option("ratio", help="Layer-map strategy for the plan: ratio, uniform, skip."),
     projector: str = typer.Option("auto", help="Projector kind for the plan: auto, identity, per_head, linear."),
