@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from kvdistill.config import apply_overrides, dump_config, load_config, parse_config
-from kvdistill.errors import ConfigError
+from kvdistill.errors import ConfigError, KvdistillError
 
 BASE = {"student": {"model": "smollm2-135m"}, "teachers": [{"model": "gemma3-270m"}]}
 
@@ -81,6 +81,34 @@ def test_options_that_would_be_ignored_are_refused_together():
     text = str(info.value)
     assert "teachers.0.weight (0.3) is set but fusion.kind router" in text
     assert "losses.hidden need teacher 'gemma3-270m' (teachers.0) online and uncompressed" in text
-    ok = parse_config({"student": {"model": "smollm2-135m"}, "teachers": [{"model": "gemma3-270m"}],
+    ok = parse_config({"student": {"model": "smollm2-135m"},
+                       "teachers": [{"model": "gemma3-270m"}, {"model": "smollm2-135m"}],
                        "fusion": {"kind": "similarity", "similarity": {"prototype": "kmeans"}}})
     assert parse_config(ok.model_dump()) == ok  # a fully dumped config (every default written) reloads
+
+
+def test_routing_a_single_teacher_is_refused():
+    with pytest.raises(ConfigError, match="there is one teacher: its weight is always 1"):
+        parse_config({"student": {"model": "smollm2-135m"}, "teachers": [{"model": "gemma3-270m"}],
+                      "fusion": {"kind": "router"}})
+
+
+def test_a_misspelt_offline_name_gets_the_nearest_one():
+    from kvdistill.models.load import load_config as load_hf_config
+
+    with pytest.raises(KvdistillError, match="could not load 'smolm2-135m'") as err:
+        load_hf_config("smolm2-135m")
+    assert "did you mean 'smollm2-135m'?" in err.value.fix
+
+
+def test_validate_runs_the_checks_training_runs():
+    """Logit KD across tokenizers is refused by validate, not first by train after writing its run directory."""
+    from kvdistill.config import check_config
+
+    raw = {"student": {"model": "smollm2-135m"}, "teachers": [{"model": "gemma3-270m"}],
+           "losses": {"logit_kd": {"weight": 1.0}}}
+    _, problems = check_config(raw)
+    assert any("share the student's tokenizer" in p for p in problems), problems
+    raw["losses"] = {"logit_kd": {"weight": 1.0}}
+    raw["teachers"] = [{"model": "smollm2-135m"}]
+    assert check_config(raw)[1] == []

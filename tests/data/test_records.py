@@ -269,3 +269,12 @@ def test_batches_deterministic_per_epoch():
     assert collate_records(tuple(epoch0[0])) == epoch0[0]
     with pytest.raises(KvdistillError, match=r"batch_size \(0\)"):
         next(batches(records, 0))
+
+
+def test_non_utf8_bytes_are_named_with_their_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(b'{"text": "fine"}\n{"text": "bad \xff\xfe bytes"}\n')
+    before = path.read_bytes()
+    with pytest.raises(KvdistillError, match=r"is not UTF-8: byte 0xff at offset 31 \(line 2\)") as err:
+        load_records(DataConfig(source="jsonl", path=str(path), eval_size=0, size=10))
+    assert "iconv" in err.value.fix and path.read_bytes() == before

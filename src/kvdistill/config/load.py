@@ -162,6 +162,44 @@ def semantic_problems(config: RunConfig) -> list[str]:
     for i, t in enumerate(config.teachers):
         problems += _teacher_problems(i, t, student_layers)
     problems += _data_problems(config.data)
+    if not problems:  # what training checks when it builds the objective, so that "ok" means the run starts
+        problems += _capture_problems(config) + _vocabulary_problems(config)
+    return problems
+
+
+def _capture_problems(config: RunConfig) -> list[str]:
+    """Every online model's K/V geometry can be derived (its family is capturable), from config.json only."""
+    from kvdistill.models.geometry import geometry_of
+    from kvdistill.models.load import load_config as load_hf_config
+
+    models = [("student.model", config.student.model)] if config.student.model else []
+    models += [(f"teachers[{i}] ({t.name}).model", t.model) for i, t in enumerate(config.teachers)
+               if t.source == "online"]
+    problems = []
+    for key, model in models:
+        try:
+            geometry_of(load_hf_config(model))
+        except KvdistillError as err:
+            problems.append(f"{key}: {err.problem}")
+    return problems
+
+
+def _vocabulary_problems(config: RunConfig) -> list[str]:
+    """Logit KD needs the student's tokenizer in every teacher (the objective refuses it otherwise)."""
+    if config.losses.logit_kd.weight == 0:
+        return []
+    from kvdistill.models.load import load_tokenizer
+
+    student = config.student
+    try:
+        vocab = load_tokenizer(student.tokenizer or student.model or student.from_config.get("base")).get_vocab()
+    except KvdistillError as err:
+        return [f"student tokenizer: {err.problem}"]
+    problems = []
+    for i, t in enumerate(config.teachers):
+        if t.source == "online" and load_tokenizer(t.model).get_vocab() != vocab:
+            problems.append(f"losses.logit_kd needs teachers[{i}] ({t.name}) to share the student's tokenizer; "
+                            "set losses.logit_kd.weight: 0 for cross-tokenizer teachers (KV losses align by bytes)")
     return problems
 
 

@@ -251,8 +251,11 @@ class TrainConfig(Section):
     steps: int = Field(100, gt=0)
     batch_size: int = Field(4, gt=0)
     grad_accum: int = Field(1, gt=0)
-    lr: float = Field(3e-4, gt=0.0)
-    projector_lr: float | None = None
+    lr: float = Field(3e-4, gt=0.0, le=10.0)
+    """AdamW moves every weight by about lr per step: above 10 no value is a learning rate (and from about
+    3e37 the update overflows float32)."""
+    projector_lr: float | None = Field(None, gt=0.0, le=10.0)
+    """The maps' (projectors, routers) lr; None: train.lr."""
     weight_decay: float = Field(0.0, ge=0.0)
     warmup_steps: int = Field(0, ge=0)
     schedule: Literal["constant", "linear", "cosine"] = "cosine"
@@ -293,6 +296,9 @@ class RunConfig(Section):
         if self.losses.ce == 0 and not self.teachers:
             problems.append("no teachers and losses.ce is 0: nothing to train on")
         problems += self._teacher_capabilities()
+        if self.fusion.kind in ("router", "similarity") and len(self.teachers) == 1:
+            problems.append(f"fusion.kind {self.fusion.kind} weighs teachers against each other, but there is one "
+                            "teacher: its weight is always 1 and nothing is learned; use fusion.kind: fixed")
         if self.fusion.kind != "fixed" or self.fusion.weights is not None:
             problems += [f"teachers.{n}.weight ({t.weight}) is set but fusion.kind {self.fusion.kind} with "
                          f"{'fusion.weights' if self.fusion.weights is not None else 'its own weights'} never reads "

@@ -184,6 +184,9 @@ def _read_rows(cfg: DataConfig, files: list[str]) -> tuple[list[dict[str, Any]],
     """(rows, column names) of the files, read by `datasets` into a throw-away cache (no network)."""
     if all(not Path(f).read_bytes().strip() for f in files):
         raise _empty(cfg)
+    if cfg.source != "parquet":
+        for f in files:
+            _check_utf8(Path(f))
     with _quiet_datasets() as datasets, tempfile.TemporaryDirectory(prefix="kvdistill-datasets-") as cache:
         try:
             ds = datasets.load_dataset(
@@ -202,6 +205,19 @@ def _read_rows(cfg: DataConfig, files: list[str]) -> tuple[list[dict[str, Any]],
     if not rows:
         raise _empty(cfg)
     return rows, columns
+
+
+def _check_utf8(path: Path) -> None:
+    """Text data files must be UTF-8; the first bad byte is named with its line."""
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise KvdistillError(
+            f"data file '{path}' is not UTF-8: byte 0x{data[err.start]:02x} at offset {err.start} (line {line})",
+            "re-encode the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8 IN > OUT`) or drop that line",
+        ) from None
 
 
 def _empty(cfg: DataConfig) -> KvdistillError:

@@ -163,9 +163,14 @@ def load_model(
 
 
 def _load_error(name: str, err: Exception) -> KvdistillError:
+    import difflib
+
     offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    names = [n for e in zoo.ZOO.values() for n in (e.name, *e.aliases)]
+    close = difflib.get_close_matches(str(name).lower(), names, n=1, cutoff=0.75)
+    hint = f"did you mean '{close[0]}'? " if close else ""
     return KvdistillError(
         f"could not load '{name}': {str(err).splitlines()[0][:300]}",
-        f"use an offline name ({', '.join(zoo.ZOO)}), a local directory with config.json, a .gguf file, or a hub id"
-        + (" (HF_HUB_OFFLINE=1 is set, so hub ids only work if already cached)" if offline else ""),
+        f"{hint}use an offline name ({', '.join(zoo.ZOO)}), a local directory with config.json, a .gguf file, or a "
+        "hub id" + (" (HF_HUB_OFFLINE=1 is set, so hub ids only work if already cached)" if offline else ""),
     )
