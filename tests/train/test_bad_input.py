@@ -1,5 +1,6 @@
 """`kvdistill train` on bad input: a message naming the problem and its fix, exit code 2, and no half-written
-run directory; a run that goes non-finite stops and keeps its last good checkpoint."""
+run directory; learning rates AdamW cannot use are refused; a run that goes non-finite stops, sets aside the
+checkpoint whose weights gave the non-finite value, and its advice (resume with a lower train.lr) works."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from kvdistill.data import load_records
+from kvdistill.errors import ConfigError
 from kvdistill.objectives import Objective
-from kvdistill.train.trainer import micro_batch
+from kvdistill.train.trainer import micro_batch, train
 
 
 def test_typo_in_an_override_suggests_the_key(tiny_yaml, tmp_path, cli):
@@ -88,8 +90,6 @@ def test_max_length_beyond_a_models_positions_is_refused(tiny_yaml, tmp_path, cl
 
 
 def test_texts_longer_than_max_length_are_truncated(tiny_config, tmp_path, files):
-    from kvdistill.train.trainer import train
-
     path = tmp_path / "long.jsonl"
     words = " ".join(f"word{i} plus {i} is {2 * i}." for i in range(400))  # ~5000 tokens in every tokenizer
     path.write_text("".join(json.dumps({"text": f"{i}: {words}"}) + "\n" for i in range(8)))
@@ -113,23 +113,54 @@ def test_out_holding_a_run_needs_resume(tiny_yaml, tmp_path, cli):
     assert "pass --resume to continue it, or choose another --out" in err
     assert all(p.read_bytes() == data for p, data in before.items())
     code, err = cli("train", tiny_yaml, "--out", tmp_path / "empty", "--resume")
-    assert code == 2 and "--resume: no complete checkpoint" in err
+    assert code == 2
+    assert f"--resume: {tmp_path / 'empty'} holds no run to resume (no config.yaml, no complete checkpoint)" in err
+    assert "start without --resume" in err and not (tmp_path / "empty").exists()
+
+
+# ------------------------------------------------------------------------------------------ learning rates
+@pytest.mark.parametrize("value", ["1e39", "11", "inf", "0"])
+def test_a_learning_rate_adamw_cannot_use_is_refused_when_loaded(tiny_yaml, tmp_path, cli, value):
+    """1e39 used to overflow inside AdamW's update with a traceback, after the run directory was written."""
+    code, err = cli("train", tiny_yaml, "--out", tmp_path / "run", f"train.lr={value}")
+    assert code == 2
+    bound = "greater than 0" if value == "0" else "less than or equal to 10"
+    assert "'train.lr' = " in err and bound in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_trainer_refuses_a_learning_rate_that_skipped_the_schema(tiny_config, tmp_path):
+    """A config built in code (model_copy skips validation) is checked again before anything is written."""
+    cfg = tiny_config()
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"lr": 1e39, "projector_lr": math.nan})})
+    with pytest.raises(ConfigError) as info:
+        train(cfg, tmp_path / "run", progress=False)
+    assert info.value.problems == [
+        "train.lr = 1e+39: not a learning rate AdamW can use (it moves every weight by about lr per step); "
+        "give a finite value above 0 and at most 10, e.g. 3e-4",
+        "train.projector_lr = nan: not a learning rate AdamW can use (it moves every weight by about lr per "
+        "step); give a finite value above 0 and at most 10, e.g. 3e-4",
+    ]
+    assert not (tmp_path / "run").exists()
 
 
 # ------------------------------------------------------------------------------------------ non-finite runs
-def _assert_last_good(out, step: int) -> None:
-    """Only checkpoints up to `step`, the last one complete and loadable with finite weights; no final/."""
+def _assert_stopped(out, kept: list[int], aside: int | None, logged: int) -> None:
+    """Complete checkpoints `kept` (loadable, finite), step-`aside`.diverged set aside (or none), no .tmp, no
+    final/ or summary.json, metrics rows 1..logged."""
     names = sorted(p.name for p in (out / "checkpoints").iterdir())
-    assert names[-1] == f"step-{step}" and not any(n.endswith(".tmp") for n in names)
-    model = AutoModelForCausalLM.from_pretrained(out / f"checkpoints/step-{step}/student")
-    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert names == sorted([f"step-{k}" for k in kept] + ([f"step-{aside}.diverged"] if aside else [])), names
+    for k in kept:
+        model = AutoModelForCausalLM.from_pretrained(out / f"checkpoints/step-{k}/student")
+        assert all(torch.isfinite(p).all() for p in model.parameters())
     assert not (out / "final").exists() and not (out / "summary.json").exists()
-    logged = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert logged == list(range(1, step + 1))
+    rows = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows == list(range(1, logged + 1))
 
 
 def test_nan_loss_stops_naming_step_and_samples(tiny_yaml, tiny_config, tmp_path, cli, monkeypatch):
-    """A NaN term at step 3: the run stops before any update, names the samples, keeps step-2; --resume works."""
+    """A NaN term at step 3: the run stops before any update and names the samples; step-2's weights gave the
+    NaN, so that checkpoint is set aside and, none being older, --resume trains the run again from step 0."""
     forward = Objective.forward
     calls = []
 
@@ -151,12 +182,17 @@ def test_nan_loss_stops_naming_step_and_samples(tiny_yaml, tiny_config, tmp_path
     assert (
         f"loss is nan at step 3, micro-batch 0 (samples {ids}); non-finite terms: ['loss/kv/gemma3']" in err
     )
-    assert f"last good checkpoint: {out / 'checkpoints' / 'step-2'}" in err
-    _assert_last_good(out, 2)
+    assert (
+        f"the weights saved at step 2 gave this and would again at any lr, so that checkpoint was set aside as "
+        f"{out / 'checkpoints' / 'step-2.diverged'}; no checkpoint was saved before the divergence: rerun the "
+        "same command with --resume train.lr=0.0001 (now 0.001) or lower to train the run again from step 0"
+    ) in err
+    _assert_stopped(out, kept=[], aside=2, logged=2)
     monkeypatch.setattr(Objective, "forward", forward)
     code, err = cli("train", tiny_yaml, "--out", out, "--resume", *args)
     assert code == 0, err
     assert json.loads((out / "summary.json").read_text())["steps"] == 4
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2", "step-2.diverged", "step-4"]
 
 
 class InfGrad(torch.autograd.Function):
@@ -178,22 +214,50 @@ def test_non_finite_gradient_stops_before_the_update(tiny_yaml, tmp_path, cli, m
     def poisoned(self, records):
         loss, metrics = forward(self, records)
         calls.append(1)
-        return (InfGrad.apply(loss) if len(calls) == 2 else loss), metrics
+        return (InfGrad.apply(loss) if len(calls) == 3 else loss), metrics
 
     monkeypatch.setattr(Objective, "forward", poisoned)
     out = tmp_path / "run"
-    code, err = cli("train", tiny_yaml, "--out", out, "train.steps=3", "train.save_every=1")
+    code, err = cli("train", tiny_yaml, "--out", out, "train.steps=4", "train.save_every=1")
     assert code == 2
-    assert re.search(r"gradient norm is (inf|nan) at step 2 \(loss \d+\.\d+; samples of this process \[", err)
-    _assert_last_good(out, 1)
+    assert re.search(r"gradient norm is (inf|nan) at step 3 \(loss \d+\.\d+; samples of this process \[", err)
+    assert f"set aside as {out / 'checkpoints' / 'step-2.diverged'}" in err
+    assert f"the last checkpoint saved before the divergence is {out / 'checkpoints' / 'step-1'}" in err
+    _assert_stopped(out, kept=[1], aside=2, logged=2)
 
 
-def test_huge_lr_blows_up_and_stops(tiny_yaml, tmp_path, cli):
+def test_the_advice_after_a_divergence_works(tiny_yaml, tmp_path, cli, monkeypatch, files):
+    """A stand-in for a learning rate too high: the loss is NaN once any student weight has moved more than
+    1.5e-2 from its initial value (AdamW moves a weight by at most about lr per step). At lr 1e-2 the weights of
+    step 2 are past it (the NaN comes at step 3); at the advised lr 1e-3, from step 1 on, they never are.
+    Before, the advice repeated the failure: --resume took step-2 (past the limit at any lr) and kept the old lr."""
+    forward = Objective.forward
+    initial: dict[str, torch.Tensor] = {}
+
+    def moved_too_far(self, records):
+        loss, metrics = forward(self, records)
+        weights = {n: p.detach() for n, p in self.named_parameters() if n.startswith("student.")}
+        if not initial:  # the first call of the first run: the initial weights
+            initial.update({n: w.clone() for n, w in weights.items()})
+        if max(float((w - initial[n]).abs().max()) for n, w in weights.items()) > 1.5e-2:
+            return loss * math.nan, metrics
+        return loss, metrics
+
+    monkeypatch.setattr(Objective, "forward", moved_too_far)
     out = tmp_path / "run"
-    code, err = cli("train", tiny_yaml, "--out", out, "train.lr=1e4", "train.steps=4", "train.save_every=1")
+    args = ["train.lr=1e-2", "train.steps=4", "train.save_every=1"]
+    code, err = cli("train", tiny_yaml, "--out", out, *args)
     assert code == 2
-    found = re.search(r"loss is (nan|inf) at step (\d+), micro-batch 0 \(samples \[", err)
-    assert found, err
-    step = int(found.group(2))
-    assert step >= 2 and "Lower train.lr" in err
-    _assert_last_good(out, step - 1)
+    assert re.search(r"loss is nan at step 3, micro-batch 0 \(samples \[", err), err
+    step1 = out / "checkpoints" / "step-1"
+    assert f"set aside as {out / 'checkpoints' / 'step-2.diverged'}" in err
+    assert (f"the last checkpoint saved before the divergence is {step1}: to continue from it with a lower "
+            "learning rate, rerun the same command with --resume train.lr=0.001 (now 0.01) or lower") in err
+    _assert_stopped(out, kept=[1], aside=2, logged=2)
+    code, err = cli("train", tiny_yaml, "--out", out, "--resume", *args, "train.lr=0.001")
+    assert code == 0, err
+    rows = files.metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert rows[0]["lr"] == 1e-2 and rows[1]["lr"] == pytest.approx(1e-3 * (1 + math.cos(math.pi / 4)) / 2)
+    assert all(math.isfinite(r["loss"]) for r in rows)
+    assert json.loads((out / "summary.json").read_text())["steps"] == 4

@@ -1,6 +1,6 @@
 """Checkpoints: the atomic directory writer (rename, replace, exception, fsync of every file, SIGKILL), the
-listing of complete checkpoints, an exact save/load round trip, and a run killed while saving its last
-checkpoint that resumes to the uninterrupted result."""
+listing of complete checkpoints, an exact save/load round trip, damaged checkpoints found by sizes and formats,
+setting one aside, and a run killed while saving its last checkpoint that resumes to the uninterrupted result."""
 
 from __future__ import annotations
 
@@ -17,10 +17,13 @@ from kvdistill.train import checkpoint
 from kvdistill.train.checkpoint import (
     atomic_dir,
     checkpoint_path,
+    checkpoint_problem,
+    intact_checkpoints,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
     save_checkpoint,
+    set_aside,
 )
 
 
@@ -143,7 +146,7 @@ def _adam_steps(model, optimizer, scheduler, n: int) -> None:
         scheduler.step()
 
 
-def test_save_then_load_restores_weights_optimizer_scheduler_and_rng(tmp_path):
+def _tiny_run():
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
 
@@ -155,10 +158,27 @@ def test_save_then_load_restores_weights_optimizer_scheduler_and_rng(tmp_path):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 / (1 + s))
     model, optimizer = accelerator.prepare(model, optimizer)
+    return accelerator, model, optimizer, scheduler
+
+
+def _saved(root, step: int = 2):
+    accelerator, model, optimizer, scheduler = _tiny_run()
+    _adam_steps(model, optimizer, scheduler, step)
+    return save_checkpoint(checkpoint_path(root, step), accelerator=accelerator, objective=model,
+                           scheduler=scheduler, trainer_state={"step": step, "tokens": 64, "config_name": "t"})
+
+
+def test_save_then_load_restores_weights_optimizer_scheduler_and_rng(tmp_path):
+    accelerator, model, optimizer, scheduler = _tiny_run()
     _adam_steps(model, optimizer, scheduler, 2)
     path = save_checkpoint(checkpoint_path(tmp_path, 2), accelerator=accelerator, objective=model,
                            scheduler=scheduler, trainer_state={"step": 2, "tokens": 64, "config_name": "t"})
-    assert sorted(p.name for p in path.iterdir()) == ["scheduler.pt", "state", "student", "trainer_state.json"]
+    assert sorted(p.name for p in path.iterdir()) == ["files.json", "scheduler.pt", "state", "student",
+                                                      "trainer_state.json"]
+    sizes = json.loads((path / "files.json").read_text())["files"]
+    assert sizes == {f.relative_to(path).as_posix(): f.stat().st_size for f in path.rglob("*")
+                     if f.is_file() and f.name != "files.json"}
+    assert "state/model.safetensors" in sizes and "state/optimizer.bin" in sizes
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     moments = optimizer.state_dict()["state"][0]["exp_avg"].clone()
     lr, draw = scheduler.get_last_lr(), torch.rand(5)
@@ -171,6 +191,83 @@ def test_save_then_load_restores_weights_optimizer_scheduler_and_rng(tmp_path):
     assert torch.equal(torch.rand(5), draw)  # the RNG continues exactly where the checkpoint left it
     saved = torch.load(path / "student" / "student.pt", weights_only=True)
     assert all(torch.equal(saved[k], weights[f"student.{k}"]) for k in saved)
+
+
+# ---------------------------------------------------------------------------------------------- damage
+def _cut(path, keep: int | None = None) -> int:
+    """Truncate a file to `keep` bytes (default: all but the last 8); its size before."""
+    size = path.stat().st_size
+    with open(path, "r+b") as f:
+        f.truncate(size - 8 if keep is None else keep)
+    return size
+
+
+def test_an_intact_checkpoint_has_no_problem(tmp_path):
+    path = _saved(tmp_path)
+    assert checkpoint_problem(path) is None
+    assert intact_checkpoints(tmp_path) == ([path], [])
+
+
+@pytest.mark.parametrize("listed", [True, False], ids=["files.json", "formats only"])
+def test_damaged_checkpoints_are_named_with_why(tmp_path, listed):
+    """Sizes against files.json when it is there; without it (checkpoints of older versions) the formats:
+    a safetensors header against its file size, a torch.save zip's end record, JSON that parses."""
+    damaged = {}
+    for step, name in enumerate(["state/model.safetensors", "state/optimizer.bin", "scheduler.pt",
+                                 "state/random_states_0.pkl", "student/student.pt"], start=1):
+        path = _saved(tmp_path / name.replace("/", "_"), step)
+        if not listed:
+            (path / "files.json").unlink()
+        size = _cut(path / name)
+        damaged[name] = (path, size)
+    for name, (path, size) in damaged.items():
+        if listed:
+            assert checkpoint_problem(path) == f"{name} is {size - 8} bytes, {size} when saved"
+        elif name.endswith(".safetensors"):
+            assert checkpoint_problem(path) == f"{name} is {size - 8} bytes, its header says {size}"
+        else:
+            assert checkpoint_problem(path) == f"{name} is truncated ({size - 8} bytes, no zip end record)"
+
+
+def test_checkpoints_with_unreadable_or_missing_parts(tmp_path):
+    path = _saved(tmp_path)
+    _cut(path / "trainer_state.json", 7)
+    assert checkpoint_problem(path).startswith("trainer_state.json is unreadable (JSONDecodeError: ")
+    path = _saved(tmp_path / "b")
+    (path / "trainer_state.json").write_text('{"step": 3, "tokens": 0}')
+    assert checkpoint_problem(path) == "trainer_state.json says step 3"
+    path = _saved(tmp_path / "c")
+    (path / "scheduler.pt").unlink()
+    assert checkpoint_problem(path) == "scheduler.pt is missing"
+    path = _saved(tmp_path / "d")
+    _cut(path / "state/model.safetensors", 5)
+    (path / "files.json").unlink()
+    assert checkpoint_problem(path) == "state/model.safetensors is truncated (5 bytes)"
+    path = _saved(tmp_path / "e")
+    (path / "student/student.pt").unlink()
+    assert checkpoint_problem(path) == "student/student.pt is missing"
+    intact, damaged = intact_checkpoints(tmp_path / "e")
+    assert intact == [] and damaged == [(path, "student/student.pt is missing")]
+
+
+def test_newest_intact_first_and_damaged_listed(tmp_path):
+    for step in (1, 2, 3):
+        _saved(tmp_path, step)
+    _cut(checkpoint_path(tmp_path, 3) / "state/model.safetensors")
+    intact, damaged = intact_checkpoints(tmp_path)
+    assert intact == [checkpoint_path(tmp_path, 2), checkpoint_path(tmp_path, 1)]
+    assert [p.name for p, _ in damaged] == ["step-3"]
+
+
+def test_set_aside_keeps_the_checkpoint_out_of_every_listing(tmp_path):
+    path = _saved(tmp_path)
+    tree = _tree(path)
+    assert set_aside(path, "diverged") == tmp_path / "checkpoints/step-2.diverged"
+    assert list_checkpoints(tmp_path) == [] and latest_checkpoint(tmp_path) is None
+    assert _tree(tmp_path / "checkpoints/step-2.diverged") == tree
+    _saved(tmp_path)
+    assert set_aside(path, "diverged") == tmp_path / "checkpoints/step-2.diverged-2"  # the first one is kept
+    assert _tree(tmp_path / "checkpoints/step-2.diverged") == tree
 
 
 # ---------------------------------------------------------------------------------------------- kill a run

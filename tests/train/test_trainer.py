@@ -145,6 +145,8 @@ def test_ddp_two_processes_match_one(tiny_config, tiny_yaml, tmp_path, files):
     state = sorted(p.name for p in (ddp / "checkpoints/step-2/state").iterdir())
     assert "random_states_0.pkl" in state and "random_states_1.pkl" in state
     assert json.loads((ddp / "summary.json").read_text())["tokens"] == sum(r["tokens"] for r in b)
+    # one lock, taken by process 0 (process 1 taking it too would have been refused), given back at the end
+    assert (ddp / ".train.lock").is_file() and not (ddp / ".train.holder.json").exists()
 
 
 @pytest.mark.slow

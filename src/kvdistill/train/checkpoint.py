@@ -4,13 +4,17 @@ Layout of a run directory DIR:
 
     DIR/checkpoints/step-N/   student/ (Hugging Face format), state/ (Accelerate: model with projectors and
                               routers, optimizer, RNG of every process), scheduler.pt, trainer_state.json
-                              ({"step": N, "tokens": int, "config_name": str})
+                              ({"step": N, "tokens": int, "config_name": str}), files.json (the size of
+                              every other file, written last)
+    DIR/checkpoints/step-N.diverged/   a checkpoint whose weights gave a non-finite loss (set aside, kept)
     DIR/final/student/        the trained student (Hugging Face format)
 
 Every such directory is written by `atomic_dir`: into the sibling `NAME.tmp`, every file and directory
 fsynced, then renamed into place. A crash (even SIGKILL) leaves the previous complete directory and at most a
 `NAME.tmp` (or, between two renames, `NAME.old`), neither of which ever counts as a checkpoint; the next
-write of NAME clears them.
+write of NAME clears them. A complete checkpoint damaged later (a truncated copy, a full disk while copying)
+is found by `checkpoint_problem`: files.json sizes, safetensors headers against their file sizes, zip
+end records (torch.save files), JSON that parses.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
+import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,8 +32,11 @@ import torch
 
 from kvdistill.cache.manifest import fsync_dir
 
-__all__ = ["atomic_dir", "checkpoint_path", "list_checkpoints", "latest_checkpoint", "load_checkpoint",
-           "save_checkpoint", "save_final_student"]
+__all__ = ["atomic_dir", "checkpoint_path", "checkpoint_problem", "intact_checkpoints", "list_checkpoints",
+           "latest_checkpoint", "load_checkpoint", "save_checkpoint", "save_final_student", "set_aside",
+           "write_text_atomic"]
+
+FILES = "files.json"  # {"files": {relative path: size in bytes}} of every other file of a checkpoint
 
 
 # ---------------------------------------------------------------------------------------------- atomic dir
@@ -61,6 +70,18 @@ def atomic_dir(path: str | os.PathLike, *, main: bool = True,
         _fsync_tree(tmp)
         _replace_dir(tmp, path)
     wait()
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write a text file under a temporary name, fsync, rename: readers see the old or the new file, never half."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
 
 
 def _fsync_tree(root: Path) -> None:
@@ -119,11 +140,104 @@ def save_checkpoint(path: str | os.PathLike, *, accelerator, objective, schedule
     main = accelerator.is_main_process
     with atomic_dir(path, main=main, barrier=accelerator.wait_for_everyone) as tmp:
         accelerator.save_state(str(tmp / "state"))
+        accelerator.wait_for_everyone()  # every process's RNG file is written before files.json lists them
         if main:
             objective.save_student(tmp / "student")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             (tmp / "trainer_state.json").write_text(json.dumps(trainer_state))
+            sizes = {f.relative_to(tmp).as_posix(): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
+            (tmp / FILES).write_text(json.dumps({"files": sizes}, indent=1))
     return path
+
+
+def checkpoint_problem(path: str | os.PathLike) -> str | None:
+    """Why the complete checkpoint `path` cannot be resumed from (a file truncated, missing or unreadable),
+    or None. Reads sizes and headers only, never the weights."""
+    path = Path(path)
+    try:
+        state = json.loads((path / "trainer_state.json").read_text())
+        step = state["step"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"trainer_state.json is unreadable ({type(err).__name__}: {err})"
+    if str(step) != path.name.split("-", 1)[1]:
+        return f"trainer_state.json says step {step!r}"
+    for needed in ("state", "student", "scheduler.pt"):
+        if not (path / needed).exists():
+            return f"{needed} is missing"
+    if (path / FILES).exists():  # written by every save since files.json exists
+        try:
+            sizes = json.loads((path / FILES).read_text())["files"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            return f"{FILES} is unreadable ({type(err).__name__}: {err})"
+        for name, size in sizes.items():
+            file = path / name
+            if not file.is_file():
+                return f"{name} is missing"
+            if file.stat().st_size != size:
+                return f"{name} is {file.stat().st_size} bytes, {size} when saved"
+    for file in sorted(path.rglob("*")):
+        problem = _file_problem(file) if file.is_file() else None
+        if problem:
+            return f"{file.relative_to(path).as_posix()} {problem}"
+    return None
+
+
+def _file_problem(file: Path) -> str | None:
+    """What is wrong with one file of a checkpoint, judged by its format (safetensors, torch.save zip, JSON)."""
+    if file.suffix == ".safetensors":
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return f"is truncated ({size} bytes)"
+            (n,) = struct.unpack("<Q", head)
+            if 8 + n > size:
+                return f"is truncated ({size} bytes, its header alone needs {8 + n})"
+            try:
+                header = json.loads(f.read(n))
+                end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+            except (ValueError, KeyError, TypeError, IndexError):
+                return "has an unreadable header"
+        if 8 + n + end != size:
+            return f"is {size} bytes, its header says {8 + n + end}"
+        return None
+    if file.suffix == ".json":
+        try:
+            json.loads(file.read_text())
+        except (OSError, ValueError) as err:
+            return f"is unreadable ({type(err).__name__}: {err})"
+        return None
+    with open(file, "rb") as f:
+        zipped = f.read(4) == b"PK\x03\x04"  # torch.save's zip format: its end record is written last
+    if zipped and not zipfile.is_zipfile(file):
+        return f"is truncated ({file.stat().st_size} bytes, no zip end record)"
+    return None
+
+
+def intact_checkpoints(out_dir: str | os.PathLike) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """(the complete checkpoints with no `checkpoint_problem`, newest first; the damaged ones with why)."""
+    intact, damaged = [], []
+    for ckpt in reversed(list_checkpoints(out_dir)):
+        problem = checkpoint_problem(ckpt)
+        if problem is None:
+            intact.append(ckpt)
+        else:
+            damaged.append((ckpt, problem))
+    return intact, damaged
+
+
+def set_aside(path: str | os.PathLike, label: str) -> Path:
+    """Rename the checkpoint `path` (step-N) to step-N.LABEL (or step-N.LABEL-2, ...), which no listing counts:
+    kept for inspection, never resumed from. Returns the new path."""
+    path = Path(path)
+    target = path.with_name(f"{path.name}.{label}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}.{label}-{n}")
+    path.rename(target)
+    fsync_dir(path.parent)
+    return target
 
 
 def load_checkpoint(path: str | os.PathLike, *, accelerator, scheduler) -> dict:

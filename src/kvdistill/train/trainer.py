@@ -12,19 +12,26 @@ the three. Checkpoints (`DIR/checkpoints/step-N/`) and `DIR/final/` are written 
 half-written directory.
 
 Launch: one process, or `torchrun --nproc_per_node N` / `accelerate launch` (DDP; on a machine without a GPU
-the processes use gloo on CPU). Every input is checked before the run directory is written. A NaN/inf loss on
-any process, or a non-finite gradient norm, stops every process before the update, naming the step and samples;
-the last checkpoint stays as it was (continue with `--resume`). `metrics.jsonl` rows are means over micro-batches
-and processes (`tokens`: sums), `lr` the student's learning rate used in that step.
+the processes use gloo on CPU). Every input is checked before the run directory is written, and one run writes
+it at a time (`kvdistill.train.resume`: the lock, what a resume checks and continues from). `--resume` may change
+train.lr and train.steps: the optimizer and the schedule use them from the resumed step on.
+
+A NaN/inf loss on any process, or a non-finite gradient norm, at step s stops every process before the update,
+naming the step and samples. The weights of step s-1 gave it, and a resume is exact, so they would give it again
+at any lr: their checkpoint, if saved, is set aside (step-N.diverged) and the message names the last checkpoint
+before the divergence, where `--resume train.lr=<lower>` continues. `metrics.jsonl` rows are means over
+micro-batches and processes (`tokens`: sums), `lr` the student's learning rate used in that step.
 """
 
 from __future__ import annotations
 
 import atexit
 import json
+import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,22 +39,40 @@ from typing import Any
 import torch
 
 from kvdistill.cache.manifest import write_json_atomic
-from kvdistill.config import RunConfig, dump_config, semantic_problems
+from kvdistill.config import RunConfig, TrainConfig, dump_config, semantic_problems
 from kvdistill.errors import ConfigError, KvdistillError
 from kvdistill.train.checkpoint import (
     checkpoint_path,
     latest_checkpoint,
-    load_checkpoint,
+    list_checkpoints,
     save_checkpoint,
     save_final_student,
+    set_aside,
+    write_text_atomic,
+)
+from kvdistill.train.resume import (
+    DATA,
+    RunLock,
+    apply_configured_lrs,
+    check_data,
+    data_fingerprint,
+    load_resumed,
+    note_changes,
+    plan_start,
 )
 
 __all__ = ["NonFiniteLoss", "Run", "fit", "finish", "latest_checkpoint", "micro_batch", "sample_stream", "setup",
            "train"]
 
+log = logging.getLogger(__name__)
+
 
 class NonFiniteLoss(KvdistillError):
-    """A NaN/inf loss or gradient norm: the run stopped before the update."""
+    """A NaN/inf loss or gradient norm at optimizer step `step` (1-based): the run stopped before the update."""
+
+    def __init__(self, problem: str, fix: str | None = None, *, step: int | None = None):
+        super().__init__(problem, fix)
+        self.step = step
 
 
 def sample_stream(num_records: int, seed: int, start: int, count: int) -> list[int]:
@@ -119,11 +144,22 @@ class MetricsLog:
 
 
 def _truncate_log(path: Path, step: int) -> None:
-    """On resume, drop lines logged after the checkpoint so the log matches an uninterrupted run."""
+    """On resume, drop lines logged after the checkpoint so the log matches an uninterrupted run (a line cut
+    short by a kill is dropped too); rewritten atomically."""
     if not path.is_file():
         return
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= step))
+    kept, unreadable = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            unreadable += int(bool(line.strip()))
+            continue
+        if row["step"] <= step:
+            kept.append(json.dumps(row) + "\n")
+    if unreadable:
+        log.warning("%s: dropped %d unreadable line(s) (cut short by a kill?)", path, unreadable)
+    write_text_atomic(path, "".join(kept))
 
 
 @dataclass
@@ -144,11 +180,20 @@ class Run:
     end: int  # run steps start..end-1: cfg.train.steps, or fewer with stop_after
     tokens_seen: int = 0
     last_good: Path | None = None  # the newest checkpoint written or resumed from
+    lock: RunLock | None = None  # held by the main process from setup until `close`
     t0: float = field(default_factory=time.time)
 
     @property
     def main(self) -> bool:
         return self.accelerator.is_main_process
+
+    def close(self) -> None:
+        """Close the metrics log and give the run directory's lock back (idempotent)."""
+        try:
+            self.log.close()
+        finally:
+            if self.lock is not None:
+                self.lock.release()
 
 
 def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, stop_after: int | None = None,
@@ -163,7 +208,7 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, stop_aft
         fit(run, progress=progress)
         summary = finish(run)
     finally:
-        run.log.close()
+        run.close()  # also on an error or KeyboardInterrupt: the lock is given back
     # not end_training(): it destroys the process group, which the next run in this process (a curriculum
     # phase) still needs; the group is destroyed when the process exits
     run.accelerator.wait_for_everyone()
@@ -173,10 +218,11 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, stop_aft
 def setup(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, stop_after: int | None = None,
           init_student: str | None = None) -> Run:
     """Check every input, then build the run: accelerator, data, objective (fitted maps prepared), optimizer,
-    scheduler and, with `resume`, the state of the newest complete checkpoint.
+    scheduler and, with `resume`, the state of the newest intact checkpoint (or step 0 when the run stopped
+    before its first checkpoint). The caller ends the run with `Run.close()` (`train` does).
 
-    Nothing is written before every input is checked; then the main process writes config.yaml, plan.json
-    and alignment_sample.json.
+    Nothing is written before every input is checked (a refused resume leaves DIR as it was); then the main
+    process takes DIR's lock and writes config.yaml, data.json, plan.json and alignment_sample.json.
     """
     from accelerate.utils import set_seed
     from transformers import get_scheduler
@@ -187,50 +233,99 @@ def setup(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, stop_aft
     out_dir = Path(out_dir)
     accelerator = _accelerator(cfg)
     main = accelerator.is_main_process
-    ckpt = _checkpoint_to_resume(out_dir, resume)
-    problems = semantic_problems(cfg)  # teachers found, layer maps possible, data path present
+    lock = RunLock(out_dir) if main else None
+    _on_main(accelerator, lambda: lock.check())  # another run writing DIR: refused before anything else
+    plan_start(out_dir, cfg, resume)  # checked on every process, so none is left waiting for the others
+    problems = semantic_problems(cfg) + _learning_rate_problems(cfg)  # teachers found, layer maps possible, ...
     if problems:
         raise ConfigError(problems, source=f"config '{cfg.name}'")
     set_seed(cfg.train.seed)
     train_records = load_records(cfg.data, split="train")
     eval_records = load_records(cfg.data, split="eval") if cfg.data.eval_size else []
+    fingerprint = data_fingerprint(train_records, eval_records)
+    if resume:
+        check_data(out_dir, fingerprint, cfg)
 
     objective = build_objective(cfg, device=accelerator.device, init_student=init_student)
     _check_positions(objective, cfg.data.max_length)
     # fitted (not trained) maps, e.g. the latent space: the same records, so the same maps, on every process
     objective.prepare(train_records[: cfg.fusion.latent.fit_samples])
-    if main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.yaml").write_text(dump_config(cfg))
-        (out_dir / "plan.json").write_text(json.dumps(objective.plan(), indent=1))
-        (out_dir / "alignment_sample.json").write_text(json.dumps(objective.alignment_sample(train_records[0])))
-    optimizer = torch.optim.AdamW(_param_groups(objective, cfg), weight_decay=cfg.train.weight_decay)
-    scheduler = get_scheduler(cfg.train.schedule, optimizer, num_warmup_steps=cfg.train.warmup_steps,
-                              num_training_steps=cfg.train.steps)
-    objective, optimizer = accelerator.prepare(objective, optimizer)
-
-    start, tokens_seen = 0, 0
-    if ckpt is not None:
-        state = load_checkpoint(ckpt, accelerator=accelerator, scheduler=scheduler)
-        start, tokens_seen = state["step"], state["tokens"]
+    _on_main(accelerator, lambda: lock.acquire())  # the first write: from here on no other run writes DIR
+    try:
+        plan = plan_start(out_dir, cfg, resume)  # again, now that DIR cannot change under us
         if main:
-            _truncate_log(out_dir / "metrics.jsonl", start)
-    return Run(
-        cfg=cfg,
-        out_dir=out_dir,
-        accelerator=accelerator,
-        objective=objective,
-        inner=accelerator.unwrap_model(objective),
-        optimizer=optimizer,
-        scheduler=scheduler,
-        train_records=train_records,
-        eval_records=eval_records,
-        log=MetricsLog(out_dir, main, cfg.train.tensorboard),
-        start=start,
-        end=cfg.train.steps if stop_after is None else min(cfg.train.steps, stop_after),
-        tokens_seen=tokens_seen,
-        last_good=ckpt,
-    )
+            write_text_atomic(out_dir / "config.yaml", dump_config(cfg))
+            write_json_atomic(out_dir / DATA, fingerprint)
+            write_text_atomic(out_dir / "plan.json", json.dumps(objective.plan(), indent=1))
+            write_text_atomic(out_dir / "alignment_sample.json",
+                              json.dumps(objective.alignment_sample(train_records[0])))
+        optimizer = torch.optim.AdamW(_param_groups(objective, cfg), weight_decay=cfg.train.weight_decay)
+        scheduler = get_scheduler(cfg.train.schedule, optimizer, num_warmup_steps=cfg.train.warmup_steps,
+                                  num_training_steps=cfg.train.steps)
+        objective, optimizer = accelerator.prepare(objective, optimizer)
+        ckpt, state = load_resumed(plan, out_dir, accelerator=accelerator, scheduler=scheduler) if resume else (
+            None, None)
+        start, tokens_seen = (state["step"], state["tokens"]) if state else (0, 0)
+        if state:
+            apply_configured_lrs(optimizer, scheduler, cfg)
+        if resume:
+            note_changes(plan, out_dir, start)
+            if main:
+                _truncate_log(out_dir / "metrics.jsonl", start)
+        return Run(
+            cfg=cfg,
+            out_dir=out_dir,
+            accelerator=accelerator,
+            objective=objective,
+            inner=accelerator.unwrap_model(objective),
+            optimizer=optimizer,
+            scheduler=scheduler,
+            train_records=train_records,
+            eval_records=eval_records,
+            log=MetricsLog(out_dir, main, cfg.train.tensorboard),
+            start=start,
+            end=cfg.train.steps if stop_after is None else min(cfg.train.steps, stop_after),
+            tokens_seen=tokens_seen,
+            last_good=ckpt,
+            lock=lock,
+        )
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def _on_main(accelerator, fn: Callable[[], Any]) -> Any:
+    """fn() on the main process only; its result, or the KvdistillError it raised, on every process (so no
+    process goes on alone or is left waiting for the others)."""
+    result, error = None, None
+    if accelerator.is_main_process:
+        try:
+            result = fn()
+        except Exception as err:  # noqa: BLE001 (re-raised below, on every process)
+            error = err
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        shared = [(result, None if error is None else (getattr(error, "problem", f"process 0: {error!r}"),
+                                                       getattr(error, "fix", None)))]
+        broadcast_object_list(shared, from_process=0)
+        result, message = shared[0]
+        if error is None and message is not None:
+            error = KvdistillError(*message)
+    if error is not None:
+        raise error
+    return result
+
+
+def _learning_rate_problems(cfg: RunConfig) -> list[str]:
+    """Learning rates AdamW cannot use (also for configs built in code, which skip the schema's bounds):
+    AdamW moves every weight by about lr per step, and above float32's range the update itself overflows."""
+    limit = next(m.le for m in TrainConfig.model_fields["lr"].metadata if getattr(m, "le", None) is not None)
+    return [f"{key} = {value:g}: not a learning rate AdamW can use (it moves every weight by about lr per step); "
+            f"give a finite value above 0 and at most {limit:g}, e.g. 3e-4"
+            for key, value in (("train.lr", cfg.train.lr), ("train.projector_lr", cfg.train.projector_lr))
+            if value is not None and not (math.isfinite(value) and 0 < value <= limit)]
 
 
 def _accelerator(cfg: RunConfig):
@@ -264,26 +359,6 @@ def _accelerator(cfg: RunConfig):
     return accelerator
 
 
-def _checkpoint_to_resume(out_dir: Path, resume: bool) -> Path | None:
-    """With resume: the newest complete checkpoint (required). Without: refuse an --out holding a run."""
-    if resume:
-        ckpt = latest_checkpoint(out_dir)
-        if ckpt is None:
-            raise KvdistillError(
-                f"--resume: no complete checkpoint in {out_dir}/checkpoints",
-                "start without --resume, or point --out at the run to continue",
-            )
-        return ckpt
-    # checked on every process, so none is left waiting for the others
-    held = [name for name in ("metrics.jsonl", "checkpoints", "final") if (out_dir / name).exists()]
-    if held:
-        raise KvdistillError(
-            f"--out {out_dir} already holds a run ({', '.join(held)})",
-            "pass --resume to continue it, or choose another --out",
-        )
-    return None
-
-
 def fit(run: Run, *, progress: bool = True) -> None:
     """Optimizer steps run.start .. run.end - 1: metrics rows, evaluations every eval_every steps and a
     checkpoint every save_every steps (the one of the last step is `finish`'s).
@@ -308,6 +383,8 @@ def fit(run: Run, *, progress: bool = True) -> None:
                 run.log.write({"step": step + 1, "split": "eval", **run.inner.evaluate(run.eval_records)})
             if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0 and step + 1 < run.end:
                 _save(run, step + 1)
+    except NonFiniteLoss as err:
+        raise _diverged(run, err) from None
     finally:
         bar.close()
 
@@ -326,7 +403,7 @@ def _step(run: Run, step: int) -> dict:
         step_ids += [r["id"] for r in records]
         with accelerator.accumulate(run.objective):
             loss, metrics = run.objective(records)
-            _stop_if_non_finite(accelerator, float(loss.detach()), metrics, step, micro, records, run.last_good)
+            _stop_if_non_finite(accelerator, float(loss.detach()), metrics, step, micro, records)
             accelerator.backward(loss)
             if accelerator.sync_gradients:
                 metrics["grad_norm"] = _clip_gradients(run, step, metrics, step_ids)
@@ -351,8 +428,7 @@ def _clip_gradients(run: Run, step: int, metrics: dict, step_ids: list[str]) -> 
         raise NonFiniteLoss(
             f"gradient norm is {norm} at step {step + 1} (loss "
             f"{metrics['loss']:.4g}; samples of this process {step_ids})",
-            f"training stopped before the update; last good checkpoint: "
-            f"{run.last_good or 'none written yet'}. Lower train.lr, or check those samples",
+            step=step + 1,
         )
     return norm
 
@@ -420,7 +496,7 @@ def _check_positions(objective, max_length: int) -> None:
 
 
 def _stop_if_non_finite(accelerator, loss: float, metrics: dict, step: int, micro: int, records: list[dict],
-                        last_good: Path | None) -> None:
+                        last_good: Path | None = None) -> None:
     """Raise NonFiniteLoss on every process when the loss of any process is NaN/inf (before any backward).
 
     The failing process's samples are named; the others learn which process failed, so none of them is left
@@ -447,8 +523,29 @@ def _stop_if_non_finite(accelerator, loss: float, metrics: dict, step: int, micr
         terms = [t for t in terms if t != "loss"]
         parts.append(f"loss is {value}{on} at step {step + 1}, micro-batch {micro} (samples {ids}); "
                      f"non-finite terms: {terms or 'total only'}")
-    raise NonFiniteLoss(
-        "; ".join(parts),
-        f"training stopped before the update; last good checkpoint: {last_good or 'none written yet'} "
-        "(continue from it with --resume). Lower train.lr, or check those samples",
-    )
+    raise NonFiniteLoss("; ".join(parts), step=step + 1)
+
+
+def _diverged(run: Run, err: NonFiniteLoss) -> NonFiniteLoss:
+    """`err` (raised at step s on every process) with advice that works: the weights of step s-1 gave the
+    non-finite value, and a resume is exact, so from them it comes back at any lr. Their checkpoint, if saved,
+    is set aside (step-N.diverged, kept); the advice names the newest checkpoint before it and the lower
+    train.lr to resume with (a resume from there at the same lr would retrace the same steps)."""
+    poisoned = checkpoint_path(run.out_dir, err.step - 1)
+    aside = _on_main(run.accelerator, lambda: set_aside(poisoned, "diverged")
+                     if poisoned in list_checkpoints(run.out_dir) else None)
+    before = latest_checkpoint(run.out_dir)
+    lr = run.cfg.train.lr
+    retry = f"rerun the same command with --resume train.lr={lr / 10:g} (now {lr:g}) or lower"
+    advice = ["training stopped before the update"]
+    if aside is not None:
+        advice.append(f"the weights saved at step {err.step - 1} gave this and would again at any lr, so that "
+                      f"checkpoint was set aside as {aside}")
+    if before is not None:
+        advice.append(f"the last checkpoint saved before the divergence is {before}: to continue from it with a "
+                      f"lower learning rate, {retry}")
+    else:
+        advice.append(f"no checkpoint was saved before the divergence: {retry} to train the run again from step 0 "
+                      "with a lower learning rate")
+    advice.append("or check those samples")
+    return NonFiniteLoss(err.problem, "; ".join(advice), step=err.step)
