@@ -44,7 +44,7 @@ def run_quickstart(out: str | Path, *, steps: int | None = None, overrides: list
     runs = {"kd": out / "kd", "ce-only": out / "ce-only"}
     for name, run_cfg in (("kd", cfg), ("ce-only", ce_cfg)):
         if not (runs[name] / "summary.json").is_file():
-            resume = (runs[name] / "checkpoints").is_dir()
+            resume = (runs[name] / "config.yaml").is_file()  # a started run (checkpoint or not) resumes
             train(run_cfg, runs[name], resume=resume)
 
     teachers = {t.name: load_model(t.model, attn_implementation="sdpa") for t in cfg.teachers}

@@ -201,7 +201,7 @@ def train_all(pending: list[tuple[Path, RunConfig]], concurrent: int) -> None:
     if concurrent == 1:
         for d, cfg in pending:
             log.info("training %s (%d steps)", d, cfg.train.steps)
-            train(cfg, d, resume=(d / "checkpoints").is_dir())
+            train(cfg, d, resume=(d / "config.yaml").is_file())  # a started run resumes (or restarts cleanly)
         return
     queue = list(pending)
     running: list[tuple[subprocess.Popen, Path]] = []
@@ -213,7 +213,7 @@ def train_all(pending: list[tuple[Path, RunConfig]], concurrent: int) -> None:
             config = d.parent / f"{d.name}.yaml"
             config.write_text(dump_config(cfg))
             cmd = [sys.executable, "-m", "kvdistill.cli", "train", str(config), "--out", str(d)]
-            if (d / "checkpoints").is_dir():
+            if (d / "config.yaml").is_file():
                 cmd.append("--resume")
             with (d.parent / f"{d.name}.log").open("a") as logfile:
                 running.append((subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT), d))

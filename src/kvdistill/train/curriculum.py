@@ -121,7 +121,7 @@ def run_curriculum(stages: list[Path], out: str | Path, overrides: list[str], *,
         if (run_dir / "summary.json").is_file() and resume:
             summary = json.loads((run_dir / "summary.json").read_text())
         else:
-            summary = train(cfg, run_dir, resume=resume and (run_dir / "checkpoints").is_dir(),
+            summary = train(cfg, run_dir, resume=resume and (run_dir / "config.yaml").is_file(),
                             init_student=str(previous) if previous else None)
         results.append({"stage": cfg.name, "dir": str(run_dir), "init_student": str(previous) if previous else None,
                         **summary})
