@@ -2,66 +2,16 @@
 
 from __future__ import annotations
 
-import hashlib
-from pathlib import Path
-
 import pytest
-import torch
 
-from kvdistill.cache import CacheReader, CacheWriter, make_meta, merge_parts, verify_cache
-from kvdistill.compress import Compression
+from kvdistill.cache import CacheReader, CacheWriter, merge_parts, verify_cache
 from kvdistill.errors import CacheError
 
-GEOMETRY = {"name": "tiny", "num_layers": 2, "num_kv_heads": 2, "head_dim": 4}
 
-
-def meta_for(compression: Compression | None = None, **change) -> dict:
-    comp = (compression or Compression(kind="right_crop", budget=6, dtype="bfloat16")).to_dict()
-    meta = make_meta("org/tiny", GEOMETRY, "tok-sha", comp, "data-sha", revision="abc123")
-    meta.update(change)
-    return meta
-
-
-def make_sample(sid: str, dtype=torch.bfloat16) -> dict[str, torch.Tensor]:
-    """Deterministic tensors in the stored layout, seeded by the id."""
-    seed = int(hashlib.sha256(sid.encode()).hexdigest()[:8], 16)
-    gen = torch.Generator().manual_seed(seed)
-    T = 3 + seed % 7
-    M = min(6, T)
-    out = {
-        "token_ids": torch.randint(0, 1000, (T,), generator=gen),
-        "positions": torch.arange(T),
-        "spans": torch.stack([torch.arange(T) * 2, torch.arange(T) * 2 + 1], -1),
-    }
-    for layer in range(2):
-        out[f"keys_l{layer}"] = torch.randn(2, M, 4, generator=gen).to(dtype)
-        out[f"values_l{layer}"] = torch.randn(2, M, 4, generator=gen).to(dtype)
-    return out
-
-
-def assert_same_content(dir_a: Path, dir_b: Path) -> None:
-    a, b = CacheReader(dir_a), CacheReader(dir_b)
-    assert sorted(a.sample_ids) == sorted(b.sample_ids)
-    for sid in a.sample_ids:
-        x, y = a.get(sid), b.get(sid)
-        assert x.keys() == y.keys()
-        for k in x:
-            assert x[k].dtype == y[k].dtype and torch.equal(x[k], y[k]), (sid, k)
-
-
-def write_all(directory: Path, ids: list[str], shard_size: int = 2, **kw) -> None:
-    with CacheWriter(directory, meta_for(), shard_size=shard_size, **kw) as w:
-        for sid in ids:
-            w.add(sid, make_sample(sid))
-
-
-IDS = [f"s{i}" for i in range(7)]
-
-
-def test_parts_and_merge(tmp_path):
-    chunks = [IDS[0:3], IDS[3:5], IDS[5:7]]
+def test_parts_and_merge(tmp_path, store):
+    chunks = [store.IDS[0:3], store.IDS[3:5], store.IDS[5:7]]
     for i, chunk in enumerate(chunks):
-        write_all(tmp_path, chunk, part=i)
+        store.write_all(tmp_path, chunk, part=i)
     assert (tmp_path / "part-1-shard-00000.safetensors").exists() and (
         tmp_path / "manifest.part-2.json"
     ).exists()
@@ -73,18 +23,18 @@ def test_parts_and_merge(tmp_path):
     assert merged["merged_from"] == ["0", "1", "2"] and merged["complete"]
     assert verify_cache(tmp_path) == []
     ref = tmp_path / "ref"
-    write_all(ref, IDS)
-    assert_same_content(ref, tmp_path)
+    store.write_all(ref, store.IDS)
+    store.assert_same_content(ref, tmp_path)
     merge_parts(tmp_path)  # idempotent
     with pytest.raises(CacheError, match="part manifests"):
-        CacheWriter(tmp_path, meta_for())  # no single writer into a sharded extraction
+        CacheWriter(tmp_path, store.meta_for())  # no single writer into a sharded extraction
 
 
-def test_merge_errors(tmp_path):
-    write_all(tmp_path, IDS[:2], part=0)
-    write_all(tmp_path, IDS[1:3], part=1)  # s1 twice
-    w = CacheWriter(tmp_path, meta_for(tokenizer="other"), part=2)
-    w.add("s9", make_sample("s9"))
+def test_merge_errors(tmp_path, store):
+    store.write_all(tmp_path, store.IDS[:2], part=0)
+    store.write_all(tmp_path, store.IDS[1:3], part=1)  # s1 twice
+    w = CacheWriter(tmp_path, store.meta_for(tokenizer="other"), part=2)
+    w.add("s9", store.make_sample("s9"))
     w.close(complete=False)
     with pytest.raises(CacheError) as err:
         merge_parts(tmp_path)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -13,45 +12,10 @@ from kvdistill.cache import CacheReader, CacheWriter, cache_info, format_info, m
 from kvdistill.compress import Compression
 from kvdistill.errors import CacheError
 
-IDS = [f"s{i}" for i in range(7)]
-
-
-def meta_for() -> dict:
-    comp = Compression(kind="right_crop", budget=6, dtype="bfloat16").to_dict()
-    return make_meta(
-        "org/tiny",
-        {"num_layers": 2, "num_kv_heads": 2, "head_dim": 4},
-        "tok",
-        comp,
-        "data",
-        revision="abc123",
-    )
-
-
-def make_sample(sid: str) -> dict[str, torch.Tensor]:
-    seed = int(hashlib.sha256(sid.encode()).hexdigest()[:8], 16)
-    gen = torch.Generator().manual_seed(seed)
-    T = 3 + seed % 7
-    out = {
-        "token_ids": torch.arange(T),
-        "positions": torch.arange(T),
-        "spans": torch.zeros(T, 2, dtype=torch.long),
-    }
-    for layer in range(2):
-        out[f"keys_l{layer}"] = torch.randn(2, min(6, T), 4, generator=gen).bfloat16()
-        out[f"values_l{layer}"] = torch.randn(2, min(6, T), 4, generator=gen).bfloat16()
-    return out
-
-
-def write_all(directory: Path, ids: list[str], shard_size: int) -> None:
-    with CacheWriter(directory, meta_for(), shard_size=shard_size) as w:
-        for sid in ids:
-            w.add(sid, make_sample(sid))
-
 
 @pytest.fixture
-def cache(tmp_path) -> Path:
-    write_all(tmp_path, IDS, shard_size=3)
+def cache(tmp_path, store) -> Path:
+    store.write_all(tmp_path, store.IDS, shard_size=3)
     assert verify_cache(tmp_path) == []
     return tmp_path
 
@@ -82,13 +46,13 @@ def test_truncated_shard(cache):
         CacheReader(cache).get("s3")
 
 
-def test_missing_shard(cache):
+def test_missing_shard(cache, store):
     shard(cache, 2).unlink()
     assert verify_cache(cache) == ["shard shard-00002.safetensors is missing"]
     with pytest.raises(CacheError, match="is missing"):
         CacheReader(cache).get("s6")
     with pytest.raises(CacheError, match="shard files that are gone"):
-        CacheWriter(cache, meta_for())
+        CacheWriter(cache, store.meta_for())
 
 
 def test_manifest_damage(cache):
@@ -108,10 +72,10 @@ def test_manifest_damage(cache):
     assert "is not valid JSON" in verify_cache(cache)[0]
 
 
-def test_interrupted_and_tmp_files(tmp_path):
-    w = CacheWriter(tmp_path, meta_for(), shard_size=2)
-    for sid in IDS[:3]:
-        w.add(sid, make_sample(sid))
+def test_interrupted_and_tmp_files(tmp_path, store):
+    w = CacheWriter(tmp_path, store.meta_for(), shard_size=2)
+    for sid in store.IDS[:3]:
+        w.add(sid, store.make_sample(sid))
     (tmp_path / "shard-00001.safetensors.tmp").write_bytes(b"x")
     problems = verify_cache(tmp_path)
     assert any("not marked complete" in p for p in problems)
@@ -151,9 +115,9 @@ def test_shapes_checked_against_geometry_and_compression(tmp_path):
         assert text in problems
 
 
-def test_cache_info(cache):
+def test_cache_info(cache, store):
     info = cache_info(cache)
-    samples = [make_sample(s) for s in IDS]
+    samples = [store.make_sample(s) for s in store.IDS]
     tokens = sum(s["token_ids"].numel() for s in samples)
     kv = sum(v.numel() * 2 for s in samples for k, v in s.items() if k.startswith(("keys", "values")))
     assert info["num_samples"] == 7 and info["num_shards"] == 3 and info["num_tokens"] == tokens

@@ -3,7 +3,6 @@ per part, the background writer thread."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -28,57 +27,11 @@ from kvdistill.cache import (
 from kvdistill.compress import Compression
 from kvdistill.errors import CacheError
 
-GEOMETRY = {"name": "tiny", "num_layers": 2, "num_kv_heads": 2, "head_dim": 4}
-
-
-def meta_for(compression: Compression | None = None, **change) -> dict:
-    comp = (compression or Compression(kind="right_crop", budget=6, dtype="bfloat16")).to_dict()
-    meta = make_meta("org/tiny", GEOMETRY, "tok-sha", comp, "data-sha", revision="abc123")
-    meta.update(change)
-    return meta
-
-
-def make_sample(sid: str, dtype=torch.bfloat16) -> dict[str, torch.Tensor]:
-    """Deterministic tensors in the stored layout, seeded by the id."""
-    seed = int(hashlib.sha256(sid.encode()).hexdigest()[:8], 16)
-    gen = torch.Generator().manual_seed(seed)
-    T = 3 + seed % 7
-    M = min(6, T)
-    out = {
-        "token_ids": torch.randint(0, 1000, (T,), generator=gen),
-        "positions": torch.arange(T),
-        "spans": torch.stack([torch.arange(T) * 2, torch.arange(T) * 2 + 1], -1),
-    }
-    for layer in range(2):
-        out[f"keys_l{layer}"] = torch.randn(2, M, 4, generator=gen).to(dtype)
-        out[f"values_l{layer}"] = torch.randn(2, M, 4, generator=gen).to(dtype)
-    return out
-
-
-def assert_same_content(dir_a: Path, dir_b: Path) -> None:
-    a, b = CacheReader(dir_a), CacheReader(dir_b)
-    assert sorted(a.sample_ids) == sorted(b.sample_ids)
-    for sid in a.sample_ids:
-        x, y = a.get(sid), b.get(sid)
-        assert x.keys() == y.keys()
-        for k in x:
-            assert x[k].dtype == y[k].dtype and torch.equal(x[k], y[k]), (sid, k)
-
-
-def write_all(directory: Path, ids: list[str], shard_size: int = 2, **kw) -> None:
-    with CacheWriter(directory, meta_for(), shard_size=shard_size, **kw) as w:
-        for sid in ids:
-            w.add(sid, make_sample(sid))
-
-
-IDS = [f"s{i}" for i in range(7)]
-
-
 # ----------------------------------------------------------------------------------------------------- input
 
 
-def test_writer_copies_input_and_refuses_bad_input(tmp_path):
-    w = CacheWriter(tmp_path, meta_for(), shard_size=10)
+def test_writer_copies_input_and_refuses_bad_input(tmp_path, store):
+    w = CacheWriter(tmp_path, store.meta_for(), shard_size=10)
     x = torch.zeros(3)
     w.add("a", {"token_ids": x})
     x += 1  # the writer holds its own copy
@@ -99,22 +52,22 @@ def test_writer_copies_input_and_refuses_bad_input(tmp_path):
     with pytest.raises(CacheError, match="sample 'zzz' is not in the cache"):
         r.get("zzz")
     with pytest.raises(CacheError, match="shard_size"):
-        CacheWriter(tmp_path / "x", meta_for(), shard_size=0)
+        CacheWriter(tmp_path / "x", store.meta_for(), shard_size=0)
     with pytest.raises(CacheError, match="max_pending 0 must be a positive integer"):
-        CacheWriter(tmp_path / "y", meta_for(), background=True, max_pending=0)
+        CacheWriter(tmp_path / "y", store.meta_for(), background=True, max_pending=0)
     assert not (tmp_path / "y").exists()  # refused before anything is written
 
 
 # ---------------------------------------------------------------------------------------------------- resume
 
 
-def test_resume_after_simulated_kill_equals_uninterrupted(tmp_path):
+def test_resume_after_simulated_kill_equals_uninterrupted(tmp_path, store):
     ref = tmp_path / "ref"
-    write_all(ref, IDS)
+    store.write_all(ref, store.IDS)
     out = tmp_path / "out"
-    w = CacheWriter(out, meta_for(), shard_size=2)
-    for sid in IDS[:5]:
-        w.add(sid, make_sample(sid))  # s0-s3 in two shards, s4 only buffered
+    w = CacheWriter(out, store.meta_for(), shard_size=2)
+    for sid in store.IDS[:5]:
+        w.add(sid, store.make_sample(sid))  # s0-s3 in two shards, s4 only buffered
     w._lock.release()  # the process "dies": no close, buffer lost, OS drops the lock
     del w
     (out / "shard-00002.safetensors.tmp").write_bytes(b"half a shard")  # killed while writing a shard
@@ -122,37 +75,42 @@ def test_resume_after_simulated_kill_equals_uninterrupted(tmp_path):
     (out / "manifest.json.tmp").write_text("{")
     assert not CacheReader(out).complete and len(CacheReader(out)) == 4
 
-    w = CacheWriter(out, meta_for(), shard_size=2)
-    assert w.done_ids() == set(IDS[:4])
+    w = CacheWriter(out, store.meta_for(), shard_size=2)
+    assert w.done_ids() == set(store.IDS[:4])
     assert not any(p.name.endswith(".tmp") for p in out.iterdir())
     assert not (out / "shard-00007.safetensors").exists()
-    for sid in IDS:
+    for sid in store.IDS:
         if sid not in w.done_ids():
-            w.add(sid, make_sample(sid))
+            w.add(sid, store.make_sample(sid))
     w.close()
     assert verify_cache(out) == []
-    assert_same_content(ref, out)
+    store.assert_same_content(ref, out)
     sha = [s["sha256"] for s in json.loads((ref / "manifest.json").read_text())["shards"]]
     assert sha == [s["sha256"] for s in json.loads((out / "manifest.json").read_text())["shards"]]
 
 
-def test_resume_refuses_different_meta_naming_the_field(tmp_path):
-    write_all(tmp_path, IDS[:2])
+def test_resume_refuses_different_meta_naming_the_field(tmp_path, store):
+    store.write_all(tmp_path, store.IDS[:2])
     cases = {
-        "tokenizer differs": meta_for(tokenizer="other-sha"),
-        "dataset differs": meta_for(dataset="other-data"),
-        "compression differs": meta_for(Compression(kind="rkv", budget=6)),
+        "tokenizer differs": store.meta_for(tokenizer="other-sha"),
+        "dataset differs": store.meta_for(dataset="other-data"),
+        "compression differs": store.meta_for(Compression(kind="rkv", budget=6)),
         "teacher.id differs": make_meta(
-            "org/other", GEOMETRY, "tok-sha", meta_for()["compression"], "data-sha", revision="abc123"
+            "org/other",
+            store.GEOMETRY,
+            "tok-sha",
+            store.meta_for()["compression"],
+            "data-sha",
+            revision="abc123",
         ),
         "teacher.revision differs": make_meta(
-            "org/tiny", GEOMETRY, "tok-sha", meta_for()["compression"], "data-sha", revision="def"
+            "org/tiny", store.GEOMETRY, "tok-sha", store.meta_for()["compression"], "data-sha", revision="def"
         ),
         r"teacher.geometry differs in \['head_dim'\]": make_meta(
             "org/tiny",
-            {**GEOMETRY, "head_dim": 8},
+            {**store.GEOMETRY, "head_dim": 8},
             "tok-sha",
-            meta_for()["compression"],
+            store.meta_for()["compression"],
             "data-sha",
             revision="abc123",
         ),
@@ -162,15 +120,15 @@ def test_resume_refuses_different_meta_naming_the_field(tmp_path):
             CacheWriter(tmp_path, meta)
         assert "fix:" in str(err.value)
     with pytest.raises(CacheError, match="missing meta field 'dataset'"):
-        CacheWriter(tmp_path / "new", {k: v for k, v in meta_for().items() if k != "dataset"})
+        CacheWriter(tmp_path / "new", {k: v for k, v in store.meta_for().items() if k != "dataset"})
 
 
-def test_second_writer_on_same_part_is_refused(tmp_path):
-    w = CacheWriter(tmp_path, meta_for())
+def test_second_writer_on_same_part_is_refused(tmp_path, store):
+    w = CacheWriter(tmp_path, store.meta_for())
     with pytest.raises(CacheError, match="another writer"):
-        CacheWriter(tmp_path, meta_for())
+        CacheWriter(tmp_path, store.meta_for())
     w.close()
-    CacheWriter(tmp_path, meta_for()).close()  # free again after close
+    CacheWriter(tmp_path, store.meta_for()).close()  # free again after close
 
 
 # ------------------------------------------------------------------------------------------------------ meta
@@ -203,7 +161,7 @@ def test_fingerprints():
 SCRIPT = textwrap.dedent(
     """
     import importlib.util, sys, time
-    spec = importlib.util.spec_from_file_location("writer_helpers", sys.argv[3])
+    spec = importlib.util.spec_from_file_location("cache_helpers", sys.argv[3])
     helpers = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(helpers)
     IDS, make_sample, meta_for = helpers.IDS, helpers.make_sample, helpers.meta_for
@@ -221,12 +179,12 @@ SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.slow
-def test_sigkill_mid_extraction_then_rerun_equals_uninterrupted(tmp_path):
+def test_sigkill_mid_extraction_then_rerun_equals_uninterrupted(tmp_path, store):
     script = tmp_path / "extract.py"
     script.write_text(SCRIPT)
-    here = str(Path(__file__))
+    here = str(Path(__file__).with_name("conftest.py"))  # the one copy of IDS, meta_for and make_sample
     out, ref = tmp_path / "out", tmp_path / "ref"
-    write_all(ref, IDS)
+    store.write_all(ref, store.IDS)
     proc = subprocess.Popen([sys.executable, str(script), str(out), "0.3", here])
     deadline = time.time() + 30
     manifest = out / "manifest.json"
@@ -237,29 +195,29 @@ def test_sigkill_mid_extraction_then_rerun_equals_uninterrupted(tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     partial = CacheReader(out)
-    assert not partial.complete and 2 <= len(partial) < len(IDS)
+    assert not partial.complete and 2 <= len(partial) < len(store.IDS)
     subprocess.run([sys.executable, str(script), str(out), "0", here], check=True, timeout=60)
     assert verify_cache(out) == []
-    assert_same_content(ref, out)
+    store.assert_same_content(ref, out)
 
 
 # ------------------------------------------------------------------------------------------------ background
 
 
-def test_background_writer_equals_foreground(tmp_path):
-    write_all(tmp_path / "fg", IDS, shard_size=3)
-    with CacheWriter(tmp_path / "bg", meta_for(), shard_size=3, background=True, max_pending=1) as w:
-        for sid in IDS:
-            w.add(sid, make_sample(sid), copy=False)
+def test_background_writer_equals_foreground(tmp_path, store):
+    store.write_all(tmp_path / "fg", store.IDS, shard_size=3)
+    with CacheWriter(tmp_path / "bg", store.meta_for(), shard_size=3, background=True, max_pending=1) as w:
+        for sid in store.IDS:
+            w.add(sid, store.make_sample(sid), copy=False)
             assert sid in w.done_ids()  # queued ids count as done: never added twice
     assert verify_cache(tmp_path / "bg") == []
-    assert_same_content(tmp_path / "fg", tmp_path / "bg")
+    store.assert_same_content(tmp_path / "fg", tmp_path / "bg")
     a = json.loads((tmp_path / "fg" / "manifest.json").read_text())
     b = json.loads((tmp_path / "bg" / "manifest.json").read_text())
     assert a["shards"] == b["shards"] and a["samples"] == b["samples"] and b["complete"]
 
 
-def test_background_writer_error_surfaces_and_nothing_half_written_is_listed(tmp_path, monkeypatch):
+def test_background_writer_error_surfaces_and_nothing_half_written_is_listed(tmp_path, monkeypatch, store):
     import kvdistill.cache.writer as writer
 
     calls = []
@@ -272,18 +230,18 @@ def test_background_writer_error_surfaces_and_nothing_half_written_is_listed(tmp
 
     failing_save.__wrapped__ = writer.st_save
     monkeypatch.setattr(writer, "st_save", failing_save)
-    w = CacheWriter(tmp_path, meta_for(), shard_size=2, background=True)
+    w = CacheWriter(tmp_path, store.meta_for(), shard_size=2, background=True)
     with pytest.raises(CacheError, match="disk full"):
-        for sid in IDS:
-            w.add(sid, make_sample(sid))
+        for sid in store.IDS:
+            w.add(sid, store.make_sample(sid))
             time.sleep(0.05)
         w.close()
     assert w.closed
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert [s["file"] for s in manifest["shards"]] == ["shard-00000.safetensors"] and not manifest["complete"]
     monkeypatch.undo()
-    with CacheWriter(tmp_path, meta_for(), shard_size=2) as w:  # the lock was released: a rerun resumes
-        for sid in IDS:
+    with CacheWriter(tmp_path, store.meta_for(), shard_size=2) as w:  # the lock was released: a rerun resumes
+        for sid in store.IDS:
             if sid not in w.done_ids():
-                w.add(sid, make_sample(sid))
-    assert verify_cache(tmp_path) == [] and len(CacheReader(tmp_path)) == len(IDS)
+                w.add(sid, store.make_sample(sid))
+    assert verify_cache(tmp_path) == [] and len(CacheReader(tmp_path)) == len(store.IDS)
