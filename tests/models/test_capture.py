@@ -7,7 +7,14 @@ import torch
 from transformers import DynamicCache
 
 from kvdistill.errors import KvdistillError
-from kvdistill.models.capture import _cache_layers, enable_checkpointing, forward_kv, positions_from_mask
+from kvdistill.models.capture import (
+    _cache_layers,
+    _cache_of,
+    enable_checkpointing,
+    forward_kv,
+    hook_plan,
+    positions_from_mask,
+)
 from kvdistill.models.geometry import geometry_of
 from kvdistill.models.rope import apply_rope, rope_cos_sin
 
@@ -22,9 +29,10 @@ def _batch(B=2, T=T, vocab=128, seed=0):
 
 
 def _raw_cache(model, ids, mask, positions):
-    out = model.base_model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                           past_key_values=DynamicCache(), use_cache=True)
-    return _cache_layers(out.past_key_values)
+    """The model's own cache, every layer a plain DynamicLayer (keeps every token, also past a window)."""
+    out = model.base_model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=DynamicCache(),
+                           use_cache=True)
+    return _cache_layers(_cache_of(out))
 
 
 @pytest.mark.parametrize("family", ROTARY)
@@ -38,11 +46,24 @@ def test_rotary_round_trip_reproduces_model_cache(tiny_models, family):
     assert len(cap.keys) == geom.num_layers
     for layer, (k_raw, v_raw) in enumerate(raw):
         assert cap.keys[layer].shape == (2, geom.num_kv_heads, T, geom.head_dim)
-        cos, sin = rope_cos_sin(model, geom, cap.positions, layer)
-        rerotated = apply_rope(cap.keys[layer], cos, sin, geom.rope.style)
+        cos, sin = cap.rotary[layer]  # the tables the model handed this layer's attention
+        rerotated = apply_rope(cap.keys[layer], cos, sin, geom.rope.style, geom.rope.offset)
         assert (rerotated - k_raw).abs().max() <= 1e-4
         assert not torch.allclose(cap.keys[layer], k_raw, atol=1e-3)  # the rotation really was undone
         assert torch.equal(cap.values[layer], v_raw)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "gptj", "phi"])
+def test_rope_cos_sin_equals_the_tables_of_a_capture(tiny_models, family):
+    model = tiny_models(family)
+    geom = geometry_of(model)
+    ids, mask = _batch()
+    positions = positions_from_mask(mask) + 5
+    with torch.no_grad():
+        cap = forward_kv(model, ids, mask, positions=positions)
+    for layer in range(geom.num_layers):
+        cos, sin = rope_cos_sin(model, geom, positions, layer)
+        assert torch.allclose(cos, cap.rotary[layer][0]) and torch.allclose(sin, cap.rotary[layer][1])
 
 
 @pytest.mark.parametrize("family", ROTARY)
@@ -177,8 +198,7 @@ def test_gradient_checkpointing_capture_matches_cache_capture(family):
 
 
 # ------------------------------------------------------------------------------------------ hooks vs cache
-HOOK_FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi", "mixtral",
-                 "qwen2_moe"]
+HOOK_FAMILIES = [f for f in TINY if f != "bert"]  # every one of them: k_proj / k_norm / a fused qkv split
 
 
 def _hooks_equal_cache(model, ids, mask, tol=1e-5):
@@ -195,12 +215,11 @@ def _hooks_equal_cache(model, ids, mask, tol=1e-5):
 
 @pytest.mark.parametrize("family", HOOK_FAMILIES)
 def test_hook_source_equals_cache_inversion(tiny_models, family):
-    from kvdistill.models.capture import KEY_PROJECTION
-
-    assert family in KEY_PROJECTION
+    model = tiny_models(family)
+    assert hook_plan(model, geometry_of(model)) is not None
     ids, mask = _batch(B=3)
     mask[1, 13:] = 0  # right padding on one sample
-    _hooks_equal_cache(tiny_models(family), ids * mask, mask)
+    _hooks_equal_cache(model, ids * mask, mask)
 
 
 @pytest.mark.parametrize("family, overrides", [
@@ -232,9 +251,26 @@ def test_auto_source_uses_hooks_and_builds_no_cache(tiny_models, monkeypatch):
     assert len(cap.keys) == 2
 
 
-def test_hooks_refused_for_unlisted_family(tiny_models):
+def test_hooks_refused_where_no_module_holds_the_key(tiny_models):
+    """Latent attention caches a latent: no module's output is the per-head pre-rotation key."""
+    from .tiny import build
+
     ids, mask = _batch()
-    with pytest.raises(KvdistillError, match="no known pre-rotation key module"):
-        forward_kv(tiny_models("gpt_neox"), ids, mask, source="hooks")
+    with pytest.raises(KvdistillError, match="no module per layer whose output is the pre-rotation key"):
+        forward_kv(build("deepseek_v3"), ids, mask, source="hooks")
     with pytest.raises(KvdistillError, match="source 'x' is unknown"):
         forward_kv(tiny_models("llama"), ids, mask, source="x")
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "gemma3_text", "gpt2"])
+@pytest.mark.parametrize("source", ["cache", "hooks"])
+def test_capture_calls_nothing_deprecated(tiny_models, family, source):
+    """transformers 5.24 deprecates `past_key_values=` (removed in 5.40): capture passes `cache=` / use_cache."""
+    import warnings
+
+    ids, mask = _batch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        warnings.simplefilter("error", DeprecationWarning)
+        with torch.no_grad():
+            forward_kv(tiny_models(family), ids, mask, source=source)

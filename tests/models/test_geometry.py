@@ -6,14 +6,25 @@ import pytest
 from transformers import AutoConfig
 
 from kvdistill.errors import KvdistillError
-from kvdistill.models.geometry import SUPPORTED_FAMILIES, KVGeometry, geometry_of
+from kvdistill.models.geometry import KVGeometry, geometry_of
 from kvdistill.models.load import load_config, load_model
 
 from .conftest import TINY
 
 
-def test_every_listed_family_has_a_tiny_config():
-    assert set(SUPPORTED_FAMILIES) - {"gemma3"} == set(TINY)
+@pytest.mark.parametrize("family", list(TINY))
+def test_geometry_of_config_equals_geometry_of_model(tiny_models, family):
+    """extract() checks a loaded teacher against its config.json by geometry: both must derive the same."""
+    model = tiny_models(family)
+    assert geometry_of(model.config).to_dict() == geometry_of(model).to_dict()
+
+
+def test_kv_heads_and_head_dim_come_from_the_modules():
+    """A config without head_dim: D from the attention module, H_kv from k_proj.out_features / D."""
+    geom = geometry_of(AutoConfig.for_model("qwen3", **{**TINY["qwen3"], "head_dim": 24}))
+    assert (geom.num_kv_heads, geom.head_dim) == (2, 24)
+    geom = geometry_of(AutoConfig.for_model("falcon", **TINY["falcon"]))  # multi-query: one KV head
+    assert (geom.num_kv_heads, geom.head_dim) == (1, 16)
 
 
 @pytest.mark.parametrize("family", list(TINY))
@@ -43,6 +54,46 @@ def test_unsupported_family_lists_supported():
     with pytest.raises(KvdistillError) as info:
         geometry_of(config)
     assert "'t5' is not supported" in str(info.value) and "llama" in str(info.value)
+
+
+def test_state_space_model_has_no_attention_layers():
+    config = AutoConfig.for_model("mamba", hidden_size=64, num_hidden_layers=2, vocab_size=128, state_size=8)
+    with pytest.raises(KvdistillError, match="no attention layers to capture"):
+        geometry_of(config)
+
+
+def test_hybrid_lists_its_attention_layers():
+    """Jamba: attention every 2nd layer from 1, mamba elsewhere; K/V layers are the attention ones."""
+    config = AutoConfig.for_model("jamba", hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=128, num_experts=2,
+                                  attn_layer_period=2, attn_layer_offset=1, mamba_d_state=8, mamba_dt_rank=8)
+    geom = geometry_of(config)
+    assert (geom.num_layers, geom.attention_layers, geom.num_hidden_layers) == (2, [1, 3], 4)
+    assert geom.rope is None and geom.position_kind == "none"
+    assert geom.kv_bytes_per_token(2) == 2 * 2 * 2 * 16 * 2
+
+
+def test_latent_attention_geometry():
+    """DeepSeek-V3 MLA: per-head keys (nope | rope) with the rotary dims at the end, narrower values."""
+    config = AutoConfig.for_model("deepseek_v3", hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, vocab_size=128,
+                                  kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8,
+                                  v_head_dim=24, n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1,
+                                  first_k_dense_replace=1)
+    geom = geometry_of(config)
+    assert (geom.num_kv_heads, geom.head_dim, geom.value_head_dim) == (4, 16, 24)
+    assert (geom.rope.rotary_dim, geom.rope.offset) == (8, 8)
+
+
+def test_family_rotation_is_read_from_its_code():
+    """No table: the family's own rotate function says how dims pair and in which direction."""
+    from kvdistill.models.geometry import rotation_of_code
+
+    assert rotation_of_code("transformers.models.llama.modeling_llama") == ("rotate_half", 1)
+    assert rotation_of_code("transformers.models.cohere.modeling_cohere") == ("interleaved", 1)
+    assert rotation_of_code("transformers.models.gptj.modeling_gptj") == ("interleaved", 1)
+    assert rotation_of_code("transformers.models.llama4.modeling_llama4") == ("interleaved", 1)  # complex freqs
+    assert rotation_of_code("transformers.models.nanochat.modeling_nanochat") == ("rotate_half", -1)
 
 
 def test_unknown_model_or_path():

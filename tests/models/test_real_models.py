@@ -9,9 +9,9 @@ from transformers import DynamicCache
 
 from kvdistill import capture_kv
 from kvdistill.errors import KvdistillError
-from kvdistill.models.capture import _cache_layers
+from kvdistill.models.capture import _cache_layers, _cache_of
 from kvdistill.models.geometry import geometry_of
-from kvdistill.models.rope import apply_rope, rope_cos_sin
+from kvdistill.models.rope import apply_rope
 
 pytestmark = pytest.mark.slow
 TEXTS = ["Question: 3 apples and 4 pears, how many fruits?\nAnswer: 7", "Ünïcode ✓ 数学 🙂 ok"]
@@ -34,10 +34,10 @@ def test_real_round_trip_with_left_padding(which, request):
     assert cap.spans.shape == (*cap.input_ids.shape, 2)
     with torch.no_grad():
         out = model.base_model(input_ids=cap.input_ids, attention_mask=cap.attention_mask,
-                               position_ids=cap.positions, past_key_values=DynamicCache(), use_cache=True)
-    for layer, (k_raw, _) in enumerate(_cache_layers(out.past_key_values)):
-        cos, sin = rope_cos_sin(model, geom, cap.positions, layer)
-        err = (apply_rope(cap.keys[layer], cos, sin, geom.rope.style) - k_raw).abs().max()
+                               position_ids=cap.positions, cache=DynamicCache(), use_cache=True)
+    for layer, (k_raw, _) in enumerate(_cache_layers(_cache_of(out))):
+        cos, sin = cap.rotary[layer]  # the tables the model handed this layer
+        err = (apply_rope(cap.keys[layer], cos, sin, geom.rope.style, geom.rope.offset) - k_raw).abs().max()
         assert err <= 1e-4, (which, layer, float(err))
 
 

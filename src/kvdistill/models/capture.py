@@ -1,73 +1,69 @@
-"""Real K and V of every layer, with keys taken back to before the rotary rotation.
+"""Real K and V of every attention layer, with keys taken back to before the rotary rotation.
 
-Notation: B batch, L layers, H_kv KV heads, T time, D head dim, V vocab, E experts.
+Notation: B batch, L K/V layers, H_kv KV heads, T time, D head dim (D_v values), V vocab, E experts.
 
-Stored layout (one per layer, L entries): keys[l], values[l] are (B, H_kv, T, D), float, padding positions
-hold whatever the model produced there and must be masked with `attention_mask`. Keys are pre-rotation:
-the model's cached key with the rotation at `positions` undone, so that two models (or a student and a
-teacher) are compared on content, not on where their tokens sit.
+Stored layout (one per K/V layer, L entries; `geometry.decoder_layers` says which decoder layers those are):
+keys[l], values[l] are (B, H_kv, T, D), float, padding positions hold whatever the model produced there and
+must be masked with `attention_mask`. Keys are pre-rotation: the model's cached key with the rotation at
+`positions` undone, so that two models (or a student and a teacher) are compared on content, not on where
+their tokens sit.
 
-Decoders, two sources giving the same K/V (tests/models/test_capture.py checks they agree):
-  hooks  (default where the family is listed in `KEY_PROJECTION`): forward hooks on each attention's key module
-         (k_proj, or the per-head k_norm that follows it) and v_proj give the key before the rotation and the
-         value directly, for every token (also past a sliding window); the model runs with `use_cache=False`, so
-         no cache is built and no rotation is undone.
-  cache  (other families, or `source="cache"`): the model's own cache (a plain `DynamicCache()`, which keeps
-         every token even past a sliding window), keys taken back through `invert_rope`.
+Decoders, two sources giving the same K/V (tests/models/test_capture.py and test_family_sweep.py check it):
+  hooks  (default where a probe finds them): forward hooks on each attention's key and value modules (k_proj,
+         or the k_norm / k_layernorm that follows it; v_proj or v_norm; a fused qkv projection split the way
+         the family lays it out) give the key before the rotation and the value directly, for every token (also
+         past a sliding window); the model runs with `use_cache=False`, so no cache is built and no rotation is
+         undone. Which module and layout holds the pre-rotation key is not looked up in a table: one probe
+         forward per model (`hook_plan`) compares every candidate with the inverse-rotated cache and keeps the
+         one that reproduces it in every layer.
+  cache  (everything else, or `source="cache"`): the model's own cache (`use_cache=True`; where layers slide,
+         a `DynamicCache(config=...)` whose sliding layers record their past, so no token is dropped), keys
+         taken back through `invert_rope` with the tables the model handed each attention. Multi-head latent
+         attention (DeepSeek-V2/V3 and kin) caches a latent and the shared rotated key: the rotation is undone
+         on the latter and the attention's own `expand_kv` gives per-head K and V.
 Positions are `cumsum(mask) - 1`, so left and right padding give each sample the positions it would get alone.
-Encoders (bert): hooks on the key/value projections.
+Encoders (BERT-style): hooks on the key/value projections.
 """
 
 from __future__ import annotations
 
 import inspect
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
-from transformers import DynamicCache
 
 from kvdistill.align.bytes import byte_spans
 from kvdistill.errors import KvdistillError
-from kvdistill.models.geometry import KVGeometry, geometry_of
-from kvdistill.models.rope import invert_rope, rope_cos_sin
+from kvdistill.models.geometry import SLIDING_LAYER_TYPES, KVGeometry, decoder_attention_modules, geometry_of
+from kvdistill.models.rope import invert_rope, layer_tables, probe_ids, probing, record_tables
 
-# model_type -> (attribute of the attention module whose output is the pre-rotation key, its output layout).
-# Read off the installed transformers' modeling_<family>.py; the value is always v_proj, flat (B, T, H_kv·D):
-#   flat  (B, T, H_kv·D)   k_proj output, viewed as heads afterwards (llama & co, phi without qk_layernorm)
-#   bthd  (B, T, H_kv, D)  qwen3: k_norm(k_proj(x).view(B, T, H, D)), transposed afterwards
-#   bhtd  (B, H_kv, T, D)  gemma3: k_norm(k_proj(x).view(B, T, H, D).transpose(1, 2)); phi: k_layernorm likewise
-KEY_PROJECTION: dict[str, tuple[str, str]] = {
-    "llama": ("k_proj", "flat"),
-    "mistral": ("k_proj", "flat"),
-    "mixtral": ("k_proj", "flat"),
-    "qwen2": ("k_proj", "flat"),
-    "qwen2_moe": ("k_proj", "flat"),
-    "gemma": ("k_proj", "flat"),
-    "gemma2": ("k_proj", "flat"),
-    "qwen3": ("k_norm", "bthd"),
-    "gemma3": ("k_norm", "bhtd"),
-    "gemma3_text": ("k_norm", "bhtd"),
-    "phi": ("k_proj", "flat"),  # ("k_layernorm", "bhtd") when config.qk_layernorm
-}
 SOURCES = ("auto", "hooks", "cache")
+# Child modules of an attention that may hold the pre-rotation key / the value, most specific first.
+KEY_CANDIDATES = ("k_norm", "k_layernorm", "key_layernorm", "key_norm", "k_proj", "key", "k", "wk")
+VALUE_CANDIDATES = ("v_norm", "v_layernorm", "value_norm", "v_proj", "value", "v", "wv")
+FUSED_CANDIDATES = ("qkv_proj", "query_key_value", "c_attn", "Wqkv", "W_pack", "qkv", "kv_proj")
 
 
 @dataclass
 class KVCapture:
     keys: list[torch.Tensor]  # L × (B, H_kv, T, D), pre-rotation
-    values: list[torch.Tensor]  # L × (B, H_kv, T, D)
+    values: list[torch.Tensor]  # L × (B, H_kv, T, D_v)
     attention_mask: torch.Tensor  # (B, T) long, 1 = real token
     positions: torch.Tensor  # (B, T) long, the positions the model used
     input_ids: torch.Tensor  # (B, T)
     geometry: KVGeometry
     spans: torch.Tensor | None = None  # (B, T, 2) UTF-8 byte [start, end); specials and padding: start == end
-    hidden_states: list[torch.Tensor] | None = None  # (L + 1) × (B, T, H)
+    hidden_states: list[torch.Tensor] | None = None  # (L_dec + 1) × (B, T, H)
     logits: torch.Tensor | None = None  # (B, T, V)
-    attentions: list[torch.Tensor] | None = None  # L × (B, H, T, T)
+    attentions: list[torch.Tensor] | None = None  # L_dec × (B, H, T, T)
     router_logits: list[torch.Tensor] | None = None  # L_moe × (B·T, E)
     spans_cpu: torch.Tensor | None = None  # (B, T, 2) CPU copy of spans: token alignment is built on the CPU
     attention_mask_cpu: torch.Tensor | None = None  # (B, T) CPU copy of attention_mask
     importance: dict[int, torch.Tensor] | None = None  # rkv: layer -> (B, H_kv, T) answer-row importance
+    rotary: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None
+    """Per K/V layer the (cos, sin) (B, T, R) the model applied (`kvdistill.models.rope` layout), None: unrotated."""
 
     def select(self, index: int) -> KVCapture:
         """Sample `index` alone, with its padding removed: K/V (1, H_kv, T_i, D)."""
@@ -94,6 +90,8 @@ class KVCapture:
             spans_cpu=None,
             attention_mask_cpu=None,
             importance=None,
+            rotary=None if self.rotary is None else [
+                None if t is None else (cut(t[0], 1), cut(t[1], 1)) for t in self.rotary],
         )
 
 
@@ -155,9 +153,28 @@ def _accepts(fn, name: str) -> bool:
     return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
-def _cache_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _names(fn, name: str) -> bool:
+    """`fn` names the parameter `name` itself (not only through **kwargs)."""
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _cache_of(out):
+    """The cache a forward returned (transformers 5: `cache`; 4.x: `past_key_values`), None if it returned none."""
+    keys = out.keys() if hasattr(out, "keys") else ()
+    for name in ("cache", "past_key_values"):
+        if name in keys and out[name] is not None:
+            return out[name]
+    return None
+
+
+def _cache_layers(cache) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:
+    """(keys, values) per decoder layer of a cache; (None, None) for layers that keep no K/V."""
+    cache = getattr(cache, "self_attention_cache", cache)  # encoder-decoder families: the decoder's own cache
     if hasattr(cache, "layers"):
-        return [(layer.keys, layer.values) for layer in cache.layers]
+        return [(getattr(layer, "keys", None), getattr(layer, "values", None)) for layer in cache.layers]
     if hasattr(cache, "key_cache"):  # older transformers
         return list(zip(cache.key_cache, cache.value_cache, strict=True))
     return [(k, v) for k, v in cache]  # legacy tuple of tuples
@@ -214,90 +231,221 @@ def enable_checkpointing(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def _key_projection(model, geometry) -> tuple[str, str] | None:
-    """(key attribute, layout) of `KEY_PROJECTION` for this model, None when its family is not listed."""
-    spec = KEY_PROJECTION.get(geometry.model_type)
-    if geometry.model_type == "phi" and getattr(model.config, "qk_layernorm", False):
-        spec = ("k_layernorm", "bhtd")
-    return spec
 
+# ------------------------------------------------------------------------------------------------- cache
+def _fresh_cache(model, geometry: KVGeometry):
+    """A cache that keeps every token, or None to let the model build its own (`use_cache=True`).
 
-def _projection_modules(model, geometry) -> tuple[list, list, str] | None:
-    """Per decoder layer, the module whose output is the pre-rotation key and v_proj, plus the key's layout.
-
-    None when the family is not in `KEY_PROJECTION` or the attention modules are not one per layer.
-    """
-    spec = _key_projection(model, geometry)
-    if spec is None:
+    Only sliding / chunked layers drop tokens (the last window is all transformers keeps); for them a
+    `DynamicCache(config=...)` is built, whose sliding layers record their past instead."""
+    if not any(t in SLIDING_LAYER_TYPES or t == "chunked_attention" for t in geometry.layer_types):
         return None
-    key_attr, layout = spec
-    found = {}
-    for name, module in model.named_modules():
-        if not name.endswith("self_attn") or not isinstance(getattr(module, "layer_idx", None), int):
-            continue  # (vision towers of multimodal models have self_attn modules without a layer_idx)
-        k, v = getattr(module, key_attr, None), getattr(module, "v_proj", None)
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    for layer in cache.layers:
+        if hasattr(layer, "activate_past_recording"):
+            layer.activate_past_recording()
+    return cache
+
+
+def _run_with_cache(model, runner, geometry, kwargs):
+    cache = _fresh_cache(model, geometry)
+    extra = {"use_cache": True}
+    if cache is not None:
+        extra["cache" if _names(runner.forward, "cache") else "past_key_values"] = cache
+    out = runner(**{**kwargs, **extra})
+    found = _cache_of(out)
+    if found is None:
+        raise KvdistillError(
+            f"{geometry.name} ({geometry.model_type}) returned no K/V cache: it has no attention layers to capture",
+            "use a family whose attention keeps a K/V cache (state-space and recurrent models have none)",
+        )
+    return out, found
+
+
+def _is_latent(attn) -> bool:
+    """Multi-head latent attention: the cache holds (latent, shared rotated key), `expand_kv` makes K and V."""
+    return attn is not None and callable(getattr(attn, "expand_kv", None))
+
+
+def _kv_from_cache(model, geometry, cache, tables):
+    """Per K/V layer (keys pre-rotation (B, H_kv, T, D), values (B, H_kv, T, D_v)) from a filled cache."""
+    layers = _cache_layers(cache)
+    attns = decoder_attention_modules(model)
+    rope = geometry.rope
+    keys, values = [], []
+    for i, layer in enumerate(geometry.decoder_layers):
+        k, v = layers[layer]
         if k is None or v is None:
-            return None
-        found[module.layer_idx] = (k, v)
-    if sorted(found) != list(range(geometry.num_layers)):
-        return None
-    return [found[i][0] for i in range(geometry.num_layers)], [found[i][1] for i in range(geometry.num_layers)], layout
-
-
-def _hooked_decoder_kv(model, runner, geometry, kwargs, modules):
-    """K/V from forward hooks on the key module and v_proj of every layer (already pre-rotation), no cache."""
-    key_mods, value_mods, layout = modules
-    B, T = kwargs["input_ids"].shape
-    H, D = geometry.num_kv_heads, geometry.head_dim
-    keys, values = [None] * len(key_mods), [None] * len(key_mods)
-
-    def as_bhtd(out: torch.Tensor, layout: str, what: str) -> torch.Tensor:
-        want = {"flat": (B, T, H * D), "bthd": (B, T, H, D), "bhtd": (B, H, T, D)}[layout]
-        if tuple(out.shape) != want:
             raise KvdistillError(
-                f"the {what} module of {geometry.name} ({geometry.model_type}) gave {tuple(out.shape)}, "
-                f"expected {want} ({layout})",
-                "this transformers version lays the attention out differently; pass source='cache' to forward_kv",
+                f"{geometry.name} ({geometry.model_type}) cache layer {layer} holds no keys",
+                "the attention layers derived for this family are wrong; file an issue with the model id",
             )
-        if layout == "flat":
-            return out.view(B, T, H, D).transpose(1, 2)  # (B, H_kv, T, D)
-        if layout == "bthd":
-            return out.transpose(1, 2)  # (B, H_kv, T, D)
-        return out  # (B, H_kv, T, D)
+        attn = attns.get(layer)
+        if _is_latent(attn):
+            latent, k_rot = k, v  # (B, 1, T, r), (B, 1, T, R) rotated
+            if tables[i] is not None:
+                k_rot = invert_rope(k_rot.float(), *tables[i], rope.style).to(k_rot.dtype)
+            k, v = attn.expand_kv(latent, k_rot)  # (B, H, T, D), (B, H, T, D_v)
+        elif tables[i] is not None:
+            k = invert_rope(k.float(), *tables[i], rope.style, rope.offset).to(k.dtype)
+        keys.append(k)
+        values.append(v)
+    return keys, values
 
+
+def _cached_decoder_kv(model, runner, geometry, kwargs):
+    """K/V from the model's own cache, keys taken back through the inverse rotation."""
+    with record_tables(model, geometry) as raw:
+        out, cache = _run_with_cache(model, runner, geometry, kwargs)
+    tables = layer_tables(model, geometry, raw, kwargs["input_ids"].shape[0])
+    keys, values = _kv_from_cache(model, geometry, cache, tables)
+    return keys, values, out, tables
+
+
+# ------------------------------------------------------------------------------------------------- hooks
+@dataclass(frozen=True)
+class HookSource:
+    """Where one layer's pre-rotation key (or its value) comes out of the model, and how to read it."""
+
+    module: torch.nn.Module
+    name: str  # the attention's child (k_proj, k_norm, qkv_proj, ...)
+    layout: str  # flat (B, T, H·D) | bthd | bhtd | split:<contiguous|per_head|grouped|kv>
+    part: str  # key | value
+
+    def read(self, out: torch.Tensor, H: int, D: int, H_q: int) -> torch.Tensor | None:
+        """(B, H_kv, T, D) from the module's output, None when the shape does not fit this layout."""
+        return _read(out, self.layout, self.part, H, D, H_q)
+
+
+def _read(out, layout: str, part: str, H: int, D: int, H_q: int) -> torch.Tensor | None:
+    if not isinstance(out, torch.Tensor) or out.dim() not in (3, 4):
+        return None
+    B, T = out.shape[0], out.shape[1] if out.dim() == 3 else None
+    if layout == "flat":
+        return out.view(B, T, H, D).transpose(1, 2) if out.dim() == 3 and out.shape[-1] == H * D else None
+    if layout == "bthd":
+        return out.transpose(1, 2) if out.dim() == 4 and tuple(out.shape[2:]) == (H, D) else None
+    if layout == "bhtd":
+        return out if out.dim() == 4 and out.shape[1] == H and out.shape[3] == D else None
+    if out.dim() != 3:
+        return None
+    width = out.shape[-1]
+    split = layout.removeprefix("split:")
+    j = 0 if part == "key" else 1
+    if split == "contiguous" and width == (H_q + 2 * H) * D:  # [q | k | v]
+        start = (H_q + j * H) * D
+        return out[..., start : start + H * D].reshape(B, T, H, D).transpose(1, 2)
+    if split == "per_head" and H_q == H and width == 3 * H * D:  # per head [q, k, v] (gpt_neox, bloom)
+        return out.view(B, T, H, 3, D)[:, :, :, 1 + j].transpose(1, 2)
+    if split == "grouped" and H_q % H == 0 and width == (H_q + 2 * H) * D:  # per KV group [q x g, k, v] (falcon)
+        g = H_q // H
+        return out.view(B, T, H, g + 2, D)[:, :, :, g + j].transpose(1, 2)
+    if split == "kv" and width == 2 * H * D:  # [k | v] (jetmoe)
+        return out[..., j * H * D : (j + 1) * H * D].reshape(B, T, H, D).transpose(1, 2)
+    return None
+
+
+_LAYOUTS = ("flat", "bthd", "bhtd")
+_SPLITS = ("split:contiguous", "split:per_head", "split:grouped", "split:kv")
+_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> list[(key, value) HookSource] | None
+
+
+def _candidates(attn, part: str) -> list[HookSource]:
+    names = KEY_CANDIDATES if part == "key" else VALUE_CANDIDATES
+    out = []
+    for name in names + FUSED_CANDIDATES:
+        module = getattr(attn, name, None)
+        if isinstance(module, torch.nn.Module):
+            layouts = _SPLITS if name in FUSED_CANDIDATES else _LAYOUTS
+            out += [HookSource(module, name, layout, part) for layout in layouts]
+    return out
+
+
+def _close(a: torch.Tensor | None, b: torch.Tensor) -> bool:
+    if a is None or a.shape != b.shape:
+        return False
+    tol = 1e-4 if b.dtype == torch.float32 else 3e-2
+    scale = max(1.0, float(b.float().abs().max()))
+    return float((a.float() - b.float()).abs().max()) <= tol * scale
+
+
+def hook_plan(model: torch.nn.Module, geometry: KVGeometry) -> list[tuple[HookSource, HookSource]] | None:
+    """Per K/V layer the modules whose outputs are its pre-rotation key and its value, or None where some layer
+    has none (latent attention, a norm applied after the rotation, ...). Found once per model by a probe forward
+    that compares every candidate with the keys and values taken from the cache."""
+    if model in _PLANS:
+        return _PLANS[model]
+    attns = decoder_attention_modules(model)
+    layers = [attns.get(layer) for layer in geometry.decoder_layers]
+    if any(a is None or _is_latent(a) for a in layers):
+        _PLANS[model] = None
+        return None
+    candidates = [(_candidates(a, "key"), _candidates(a, "value")) for a in layers]
+    seen: dict[int, torch.Tensor] = {}
     handles = []
-    for i, (km, vm) in enumerate(zip(key_mods, value_mods, strict=True)):
-        def k_hook(_m, _inp, out, i=i):  # recomputation in backward (checkpointing) overwrites with equal values
-            keys[i] = as_bhtd(out, layout, "key")
+    for module in {id(c.module): c.module for ks, vs in candidates for c in ks + vs}.values():
+        def hook(m, _inp, out):
+            seen[id(m)] = out
 
-        def v_hook(_m, _inp, out, i=i):
-            values[i] = as_bhtd(out, "flat", "value")
-
-        handles += [km.register_forward_hook(k_hook), vm.register_forward_hook(v_hook)]
+        handles.append(module.register_forward_hook(hook))
+    ids = probe_ids(model, geometry)
+    kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids))
+    if _accepts(model.forward, "position_ids"):
+        kwargs["position_ids"] = torch.arange(ids.shape[1], device=ids.device)[None]
     try:
-        out = runner(**{**kwargs, "use_cache": False})
+        with probing(model), record_tables(model, geometry) as raw:
+            _, cache = _run_with_cache(model, model, geometry, kwargs)
     finally:
         for h in handles:
             h.remove()
-    return list(keys), list(values), out
+    tables = layer_tables(model, geometry, raw, 1)
+    keys, values = _kv_from_cache(model, geometry, cache, tables)
+    H, H_q = geometry.num_kv_heads, geometry.num_attention_heads
+    plan = []
+    for i, (key_cands, value_cands) in enumerate(candidates):
+        D, D_v = geometry.head_dim_of(i), geometry.value_dim_of(i)
+        key = next((c for c in key_cands if _close(c.read(seen.get(id(c.module)), H, D, H_q), keys[i])), None)
+        value = next((c for c in value_cands if _close(c.read(seen.get(id(c.module)), H, D_v, H_q), values[i])), None)
+        if key is None or value is None:
+            _PLANS[model] = None
+            return None
+        plan.append((key, value))
+    _PLANS[model] = plan
+    return plan
 
 
-def _cached_decoder_kv(model, runner, geometry, kwargs, positions):
-    """K/V from the model's own cache, keys taken back through the inverse rotation."""
-    out = runner(**{**kwargs, "past_key_values": DynamicCache(), "use_cache": True})
-    keys, values = [], []
-    tables: dict = {}  # cos/sin per layer type (one rotary table serves every layer of a type)
-    for layer, (k, v) in enumerate(_cache_layers(out.past_key_values)):
-        if geometry.rope is not None:
-            kind = layer if geometry.model_type == "gptj" else (
-                geometry.layer_types[layer] if geometry.layer_types else None)
-            if kind not in tables:
-                tables[kind] = rope_cos_sin(model, geometry, positions, layer)  # (B, T, R) each
-            cos, sin = tables[kind]
-            k = invert_rope(k.float(), cos, sin, geometry.rope.style).to(k.dtype)
-        keys.append(k)  # (B, H_kv, T, D)
-        values.append(v)
-    return keys, values, out
+def _hooked_decoder_kv(model, runner, geometry, kwargs, plan):
+    """K/V from forward hooks on the key and value modules of every layer (already pre-rotation), no cache."""
+    H, H_q = geometry.num_kv_heads, geometry.num_attention_heads
+    keys, values = [None] * len(plan), [None] * len(plan)
+
+    def store(target: list, i: int, src: HookSource, D: int) -> Callable:
+        def hook(_m, _inp, out):  # recomputation in backward (checkpointing) overwrites with equal values
+            got = src.read(out, H, D, H_q)
+            if got is None:
+                raise KvdistillError(
+                    f"the {src.part} module {src.name} of {geometry.name} ({geometry.model_type}) gave "
+                    f"{tuple(out.shape)}, which does not read as {src.layout} with H_kv={H}, D={D}",
+                    "pass source='cache' to forward_kv",
+                )
+            target[i] = got
+
+        return hook
+
+    handles = []
+    for i, (key_src, value_src) in enumerate(plan):
+        handles.append(key_src.module.register_forward_hook(store(keys, i, key_src, geometry.head_dim_of(i))))
+        handles.append(value_src.module.register_forward_hook(store(values, i, value_src, geometry.value_dim_of(i))))
+    try:
+        with record_tables(model, geometry) as raw:
+            out = runner(**{**kwargs, "use_cache": False})
+    finally:
+        for h in handles:
+            h.remove()
+    tables = layer_tables(model, geometry, raw, kwargs["input_ids"].shape[0])
+    return list(keys), list(values), out, tables
 
 
 def forward_kv(
@@ -313,12 +461,12 @@ def forward_kv(
     router_logits: bool = False,
     source: str = "auto",
 ) -> KVCapture:
-    """One forward pass returning K/V of every layer (keys pre-rotation). Gradients flow if enabled.
+    """One forward pass returning K/V of every attention layer (keys pre-rotation). Gradients flow if enabled.
 
     input_ids, attention_mask: (B, T). Use under `torch.no_grad()` for teachers; the student calls it with
     grad to get its own K/V and logits in one pass. `positions` (B, T) defaults to `cumsum(mask) - 1`.
     `source` (decoders): "hooks" (projection hooks, no cache), "cache" (the model's cache, rotation undone) or
-    "auto": hooks where the family is in `KEY_PROJECTION`, else the cache.
+    "auto": hooks where `hook_plan` finds them, else the cache.
     """
     if source not in SOURCES:
         raise KvdistillError(f"forward_kv source '{source}' is unknown", f"use one of {', '.join(SOURCES)}")
@@ -348,19 +496,18 @@ def forward_kv(
     if router_logits:
         kwargs["output_router_logits"] = True
     checkpointing = is_checkpointing(model) and model.training and torch.is_grad_enabled()
-    modules = _projection_modules(model, geometry) if (source != "cache" or checkpointing) else None
-    if modules is None and (source == "hooks" or checkpointing):
+    plan = hook_plan(model, geometry) if (source != "cache" or checkpointing) else None
+    if plan is None and (source == "hooks" or checkpointing):
         raise KvdistillError(
-            f"{geometry.name} ({geometry.model_type}) has no known pre-rotation key module per layer, so its K/V "
-            "cannot be taken from projections"
+            f"{geometry.name} ({geometry.model_type}) has no module per layer whose output is the pre-rotation key "
+            "and the value, so its K/V cannot be taken from hooks"
             + (" (needed with gradient checkpointing, which turns the cache off)" if checkpointing else ""),
-            f"use a family of {', '.join(sorted(KEY_PROJECTION))}"
-            + (", or turn student.gradient_checkpointing off" if checkpointing else ", or source='cache'"),
+            "turn student.gradient_checkpointing off" if checkpointing else "use source='cache' (or 'auto')",
         )
-    if modules is not None:
-        keys, values, out = _hooked_decoder_kv(model, runner, geometry, kwargs, modules)
+    if plan is not None:
+        keys, values, out, tables = _hooked_decoder_kv(model, runner, geometry, kwargs, plan)
     else:
-        keys, values, out = _cached_decoder_kv(model, runner, geometry, kwargs, positions)
+        keys, values, out, tables = _cached_decoder_kv(model, runner, geometry, kwargs)
     router = getattr(out, "router_logits", None)
     return KVCapture(
         keys=keys,
@@ -373,6 +520,7 @@ def forward_kv(
         logits=out.logits if logits else None,
         attentions=list(out.attentions) if attentions else None,
         router_logits=[r for r in router if r is not None] if (router_logits and router is not None) else None,
+        rotary=tables if geometry.rope is not None else None,
     )
 
 

@@ -141,7 +141,8 @@ def query_importance(
             )
         B, H_q, _, D = q.shape
         q_rows = q.gather(2, rows[:, None, :, None].expand(B, H_q, rows.shape[1], D))  # (B, H_q, Q, D)
-        cos, sin = rope_cos_sin(model, geometry, cap.positions, layer)  # (B, T, R) float32
+        # (B, T, R) float32: the tables of the capture's own forward where it kept them
+        cos, sin = cap.rotary[layer] if cap.rotary else rope_cos_sin(model, geometry, cap.positions, layer)
         R = cos.shape[-1]
         idx = rows[..., None].expand(*rows.shape, R)
         params = layer_attention_params(attns[layer], geometry, layer)
