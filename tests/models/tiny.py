@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
-from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 KV_TYPES = {"full_attention", "sliding_attention", "chunked_attention", "indexed_attention", "hybrid",
             "hybrid_sliding"}
@@ -38,24 +37,33 @@ SIZES = {
     "num_kv_shared_layers": 0, "attn_layer_period": 2, "attn_layer_offset": 1, "expert_layer_period": 2,
     "expert_layer_offset": 1, "original_max_position_embeddings": 64, "lru_width": 64, "attention_hidden_size": 128,
     "attention_head_dim": 16, "moe_layer_start_index": 1, "moe_layer_end_index": 1, "max_window_layers": 1,
+    "num_experts_per_token": 2, "num_expert_group": 1, "linear_head_dim": 16, "linear_num_heads": 4,
+    "layer_group_size": 2, "num_dense_layers": 1, "embedding_dim": 64, "num_blocks": 2, "hidden_size_global": 64,
+    "encoder_hash_byte_group_vocab": VOCAB,
 }
+# MoE routing sizes some defaults leave None (filled, since the modules need them)
+ROUTING = {"num_experts_per_tok": 2, "n_group": 1, "topk_group": 1, "n_routed_experts": 4, "n_shared_experts": 1}
 
 # family -> extra config values, each for a reason the generic shrink cannot know
 OVERRIDES: dict[str, dict] = {
     "bamba": dict(attn_layer_indices=[1]),  # its default has no attention layer at all
-    "dbrx": dict(attn_config=dict(kv_n_heads=2, rope_theta=10000.0)),  # attention settings live in a sub-config
-    "dots1": dict(n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1),  # defaults are None
+    "cohere_compass_text": dict(  # rope parameters are keyed by layer type, and the default has no layer types
+        layer_types=["sliding_attention", "full_attention"],
+        rope_parameters={t: {"rope_type": "default", "rope_theta": 10000.0}
+                         for t in ("sliding_attention", "full_attention")}),
+    "falcon_h1": dict(mamba_d_head=16),  # mamba_n_heads * mamba_d_head must be mamba_d_ssm
+    "lfm2_moe": dict(layer_types=["conv", "full_attention"]),  # the default leaves them None
+    "rwkv": dict(attention_hidden_size=64),  # must be hidden_size
+    # its shared attention block is tied across hybrid layers: it needs two of them
+    "zamba": dict(num_hidden_layers=3, layers_block_type=["mamba", "hybrid", "hybrid"], n_mamba_heads=2),
     "gpt_neo": dict(attention_types=[[["global", "local"], 1]]),  # one (global, local) pair = 2 layers
     "mamba2": dict(num_heads=8, head_dim=16),  # num_heads * head_dim must be expand * hidden_size
     "recurrent_gemma": dict(block_types=["recurrent", "attention"], head_dim=16),
-    "zamba": dict(layers_block_type=["mamba", "hybrid"], n_mamba_heads=2),
     "zamba2": dict(layers_block_type=["mamba", "hybrid"], n_mamba_heads=2, num_mem_blocks=1),
-    "cohere_compass_text": dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
     "qwen4_exp": dict(text_config=dict(indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=16,
                                        indexer_budget=8, indexer_compress_ratio=2)),
     "qwen4_exp_text": dict(indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=16, indexer_budget=8,
                            indexer_compress_ratio=2),
-    "dory": dict(n_input_layers=1, n_recurrent_layers=0, n_output_layers=1, n_recurrent_loops=1),
 }
 
 
@@ -76,6 +84,7 @@ def _layer_types(types: list[str]) -> list[str]:
 def shrunk(d: dict) -> dict:
     """Config values that make the config `d` (a `to_dict()`) tiny."""
     out = {k: (v if k == "vocab_size" else min(d[k], v)) for k, v in SIZES.items() if _int(d.get(k))}
+    out.update({k: v for k, v in ROUTING.items() if k in d and d[k] is None})
     heads = out.get("num_attention_heads", d.get("num_attention_heads"))
     if "num_key_value_heads" in d:  # multi-head stays multi-head, GQA becomes 4 query heads over 2 KV heads
         out["num_key_value_heads"] = heads if d["num_key_value_heads"] in (None, d.get("num_attention_heads")) else 2
@@ -101,7 +110,7 @@ def tiny_config(family: str):
     for key, value in OVERRIDES.get(family, {}).items():
         kwargs[key] = {**kwargs.get(key, {}), **value} if isinstance(value, dict) and key != "rope_parameters" \
             and isinstance(kwargs.get(key), dict) else value
-    if family in MODEL_FOR_MASKED_LM_MAPPING_NAMES and "is_decoder" in defaults:
+    if "is_decoder" in defaults:
         kwargs["is_decoder"] = True  # BERT-style families are causal LMs (with a cache) only as decoders
     return AutoConfig.for_model(family, **kwargs)
 
@@ -111,6 +120,10 @@ def build(family: str, attn_implementation: str = "eager") -> torch.nn.Module:
     config = tiny_config(family)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation).eval()
+    with torch.no_grad():  # zero-initialised scales (zaya's key temperature) would make every key 0
+        for param in model.parameters():
+            if param.is_floating_point() and param.numel() and not param.any():
+                param.normal_(0.0, 0.02)
     if hasattr(model, "set_default_language"):  # xmod: adapters per language, one must be chosen
         model.set_default_language(next(iter(config.languages)))
     return model

@@ -258,7 +258,8 @@ def _run_with_cache(model, runner, geometry, kwargs):
     found = _cache_of(out)
     if found is None:
         raise KvdistillError(
-            f"{geometry.name} ({geometry.model_type}) returned no K/V cache: it has no attention layers to capture",
+            f"{geometry.name} ({geometry.model_type}) returned no K/V cache: its attention keeps none, so there are "
+            "no attention layers to capture",
             "use a family whose attention keeps a K/V cache (state-space and recurrent models have none)",
         )
     return out, found
@@ -402,10 +403,10 @@ def hook_plan(model: torch.nn.Module, geometry: KVGeometry) -> list[tuple[HookSo
             h.remove()
     tables = layer_tables(model, geometry, raw, 1)
     keys, values = _kv_from_cache(model, geometry, cache, tables)
-    H, H_q = geometry.num_kv_heads, geometry.num_attention_heads
+    H_q = geometry.num_attention_heads
     plan = []
     for i, (key_cands, value_cands) in enumerate(candidates):
-        D, D_v = geometry.head_dim_of(i), geometry.value_dim_of(i)
+        H, D, D_v = geometry.kv_heads_of(i), geometry.head_dim_of(i), geometry.value_dim_of(i)
         key = next((c for c in key_cands if _close(c.read(seen.get(id(c.module)), H, D, H_q), keys[i])), None)
         value = next((c for c in value_cands if _close(c.read(seen.get(id(c.module)), H, D_v, H_q), values[i])), None)
         if key is None or value is None:
@@ -418,10 +419,12 @@ def hook_plan(model: torch.nn.Module, geometry: KVGeometry) -> list[tuple[HookSo
 
 def _hooked_decoder_kv(model, runner, geometry, kwargs, plan):
     """K/V from forward hooks on the key and value modules of every layer (already pre-rotation), no cache."""
-    H, H_q = geometry.num_kv_heads, geometry.num_attention_heads
+    H_q = geometry.num_attention_heads
     keys, values = [None] * len(plan), [None] * len(plan)
 
     def store(target: list, i: int, src: HookSource, D: int) -> Callable:
+        H = geometry.kv_heads_of(i)
+
         def hook(_m, _inp, out):  # recomputation in backward (checkpointing) overwrites with equal values
             got = src.read(out, H, D, H_q)
             if got is None:

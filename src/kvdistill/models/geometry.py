@@ -34,13 +34,16 @@ KV_LAYER_TYPES = frozenset(
     {"full_attention", "sliding_attention", "chunked_attention", "indexed_attention", "hybrid", "hybrid_sliding"}
 )
 SLIDING_LAYER_TYPES = frozenset({"sliding_attention", "hybrid_sliding"})
-# Attention-looking modules that are not softmax attention over cached K/V.
-_NOT_KV_ATTENTION = ("linear", "lightning", "deltanet", "mamba", "cross", "vision", "audio")
+# Words in the class names of attention-looking modules that are not softmax attention over cached K/V.
+_NOT_KV_ATTENTION = ("linear", "lightning", "delta", "mamba", "cross", "vision", "audio")
 # Child names under which attention modules keep their key / value projections (one per family style).
 KEY_MODULES = ("k_proj", "key", "k", "wk", "c_attn", "qkv_proj", "query_key_value", "Wqkv", "W_pack", "qkv",
                "kv_proj", "kv_a_proj_with_mqa")
 # Families whose K/V cannot be derived from the generic rules, each with the reason.
 ALIBI_FAMILIES = frozenset({"bloom"})  # bloom: ALiBi always, and its config has no flag saying so
+# flint: only its sliding-window layers rotate (modeling_flint: `if self.sliding_window is not None`), its full
+# layers are NoPE, and neither the config nor the modules say so
+ROPE_ONLY_ON_SLIDING = frozenset({"flint"})
 
 
 @dataclass(frozen=True)
@@ -98,11 +101,17 @@ class KVGeometry:
     """D_v where values are not D wide (multi-head latent attention); None when equal to head_dim."""
     layer_head_dims: list[int] | None = None
     """D per K/V layer where layers differ (Gemma-4 global layers); None when every layer has head_dim."""
+    layer_kv_heads: list[int] | None = None
+    """H_kv per K/V layer where layers differ (MiMo-V2-Flash sliding layers); None when every layer has
+    num_kv_heads. Layer maps and head alignment assume one H_kv: such teachers capture, but do not align yet."""
 
     @property
     def decoder_layers(self) -> list[int]:
         """Decoder-layer index of each K/V layer."""
         return list(self.attention_layers) if self.attention_layers is not None else list(range(self.num_layers))
+
+    def kv_heads_of(self, layer: int) -> int:
+        return self.layer_kv_heads[layer] if self.layer_kv_heads else self.num_kv_heads
 
     def head_dim_of(self, layer: int) -> int:
         return self.layer_head_dims[layer] if self.layer_head_dims else self.head_dim
@@ -113,9 +122,9 @@ class KVGeometry:
         return self.head_dim_of(layer)
 
     def kv_bytes_per_token(self, bytes_per_element: int = 2) -> int:
-        """K and V of every layer for one token: Σ_l H_kv·(D_l + D_v,l)·bytes (2·L·H_kv·D·bytes when uniform)."""
-        dims = sum(self.head_dim_of(i) + self.value_dim_of(i) for i in range(self.num_layers))
-        return self.num_kv_heads * dims * bytes_per_element
+        """K and V of every layer for one token: Σ_l H_kv,l·(D_l + D_v,l)·bytes (2·L·H_kv·D·bytes when uniform)."""
+        per_layer = (self.kv_heads_of(i) * (self.head_dim_of(i) + self.value_dim_of(i)) for i in range(self.num_layers))
+        return sum(per_layer) * bytes_per_element
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -132,9 +141,17 @@ class KVGeometry:
 
 
 # ------------------------------------------------------------------------------------------------ config
+def _get(obj, name: str, default=None):
+    """getattr that reads a config attribute transformers refuses to give globally (per-layer configs) as default."""
+    try:
+        return getattr(obj, name, default)
+    except Exception:  # AmbiguousGlobalPerLayerAttributeError: the value varies per layer
+        return default
+
+
 def _first(config, *names, default=None):
     for n in names:
-        value = getattr(config, n, None)
+        value = _get(config, n)
         if value is not None:
             return value
     return default
@@ -157,7 +174,7 @@ def text_config(model_or_config):
 
 def _rope_params(config, layer_type: str | None) -> dict[str, Any]:
     """The rope parameters of one layer type, in one layout whatever the transformers version."""
-    params = getattr(config, "rope_parameters", None)
+    params = _get(config, "rope_parameters", None)
     if isinstance(params, dict) and params:
         if layer_type is not None and isinstance(params.get(layer_type), dict):
             return dict(params[layer_type])
@@ -168,17 +185,17 @@ def _rope_params(config, layer_type: str | None) -> dict[str, Any]:
             return dict(nested[0])
     # transformers 4.x layout
     theta = _first(config, "rope_theta", "rotary_emb_base", default=10000.0)
-    if layer_type == "sliding_attention" and getattr(config, "rope_local_base_freq", None) is not None:
+    if layer_type == "sliding_attention" and _get(config, "rope_local_base_freq", None) is not None:
         theta = config.rope_local_base_freq
     out = {"rope_theta": theta, "rope_type": "default"}
-    scaling = getattr(config, "rope_scaling", None)
+    scaling = _get(config, "rope_scaling", None)
     if isinstance(scaling, dict) and layer_type != "sliding_attention":
         out.update(scaling)
         out["rope_type"] = scaling.get("rope_type", scaling.get("type", "default"))
         out["rope_theta"] = theta
     for key in ("partial_rotary_factor", "rotary_pct"):
-        if getattr(config, key, None) is not None:
-            out["partial_rotary_factor"] = getattr(config, key)
+        if _get(config, key, None) is not None:
+            out["partial_rotary_factor"] = _get(config, key)
     return out
 
 
@@ -190,8 +207,8 @@ def _cache_layer_types(config, num_hidden_layers: int) -> tuple[list[str], list[
         types, kwargs = get_layer_types_and_kwargs(config)
         return list(types), list(kwargs)
     except Exception:  # older transformers, or a config without per-layer sub-configs
-        types = getattr(config, "layer_types", None) or ["full_attention"] * num_hidden_layers
-        window = getattr(config, "sliding_window", None)
+        types = _get(config, "layer_types", None) or ["full_attention"] * num_hidden_layers
+        window = _get(config, "sliding_window", None)
         kwargs = [{"sliding_window": window} if t in SLIDING_LAYER_TYPES else {} for t in types]
         return list(types), kwargs
 
@@ -201,45 +218,80 @@ def skeleton(config) -> torch.nn.Module:
     """The model a config describes, built on the meta device: modules and shapes, no memory, no weights."""
     from transformers import AutoModel, AutoModelForCausalLM
 
-    cls = AutoModel if _is_encoder(text_config(config)) else AutoModelForCausalLM
-    try:
+    if _is_encoder(text_config(config)):
+        classes = (AutoModel,)
+    elif _get(config, "is_encoder_decoder", False):  # t5 & co: only their decoder-only causal-LM classes
+        classes = (AutoModelForCausalLM,)
+    else:  # a text sub-config (emu3_text_model) may have a base model class only
+        classes = (AutoModelForCausalLM, AutoModel)
+    errors = []
+    for cls in classes:
+        try:
+            with torch.device("meta"):
+                return cls.from_config(config)
+        except (ValueError, KeyError) as err:
+            errors.append(str(err).splitlines()[0][:160])
+    own = _own_causal_lm_class(config)
+    if own is not None:
         with torch.device("meta"):
-            return cls.from_config(config)
-    except (ValueError, KeyError) as err:
-        model_type = getattr(config, "model_type", None)
-        raise KvdistillError(
-            f"model family '{model_type}' is not supported for KV capture: transformers builds no "
-            f"{'encoder' if cls is AutoModel else 'causal-LM'} model from its config ({str(err).splitlines()[0][:160]})",
-            "use a decoder family with a causal-LM class in transformers (llama, qwen2, gemma3, mistral, phi3, "
-            "gpt_neox, ...) or a BERT-style encoder",
-        ) from err
+            return own(config)
+    model_type = _get(config, "model_type", None)
+    raise KvdistillError(
+        f"model family '{model_type}' is not supported for KV capture: transformers builds no "
+        f"{'encoder' if len(classes) == 1 else 'causal-LM'} model from its config ({errors[0]})",
+        "use a decoder family with a causal-LM class in transformers (llama, qwen2, gemma3, mistral, phi3, "
+        "gpt_neox, ...) or a BERT-style encoder",
+    )
+
+
+def _own_causal_lm_class(config):
+    """The *ForCausalLM class of the config's own modeling module that takes this config class (emu3, mllama:
+    their causal LM takes the text sub-config, which the auto mapping does not list)."""
+    module = type(config).__module__.replace(".configuration_", ".modeling_")
+    try:
+        modeling = importlib.import_module(module)
+    except ImportError:
+        return None
+    for name, cls in vars(modeling).items():
+        if name.endswith("ForCausalLM") and getattr(cls, "config_class", None) is type(config):
+            return cls
+    return None
+
+
+def _family_prefix(model: torch.nn.Module) -> str:
+    """KimiLinear of KimiLinearForCausalLM: class names of the family's modules start with it."""
+    name = type(model).__name__
+    for suffix in ("ForCausalLM", "ForConditionalGeneration", "LMHeadModel", "Model"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
 
 
 def decoder_attention_modules(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
     """Decoder-layer index -> the self-attention module of that layer (the one that writes the layer's cache).
 
-    Attention modules are the ones transformers hands a `layer_idx`; state-space mixers, linear attention,
-    cross attention and the vision/audio towers of multimodal models are left out.
+    Attention modules are the ones transformers hands a `layer_idx` and a key projection; cross attention and the
+    vision/audio towers of multimodal models are left out. Where a layer holds several (a hybrid layer's
+    linear-attention or state-space mixer next to its softmax attention), the softmax one is kept.
     """
-    found: dict[int, list[tuple[str, torch.nn.Module]]] = {}
+    prefix = _family_prefix(model)
+    found: dict[int, list[tuple[int, str, torch.nn.Module]]] = {}
     for name, module in model.named_modules():
         idx = _int(getattr(module, "layer_idx", None))
         if idx is None:
             continue
-        cls = type(module).__name__.lower()
+        cls = type(module).__name__.removeprefix(prefix).lower()
         if not any(word in cls for word in ("attention", "attn", "mla")):
             continue
-        lowered = name.lower()
-        if any(word in cls or word in lowered for word in _NOT_KV_ATTENTION) or "encoder_attn" in lowered:
+        path = name.lower().split(".")
+        if any(word in part for part in path for word in ("vision", "visual", "audio", "encoder_attn", "cross")):
             continue
         if not any(isinstance(getattr(module, k, None), torch.nn.Module) for k in KEY_MODULES):
             continue
-        found.setdefault(idx, []).append((name, module))
-    out = {}
-    for idx, candidates in found.items():
-        # several per index: nested attentions (a wrapper holding the real one); keep the shallowest
-        out[idx] = min(candidates, key=lambda c: c[0].count("."))[1]
-    return out
+        linear = any(word in cls for word in _NOT_KV_ATTENTION)
+        found.setdefault(idx, []).append((int(linear), name, module))
+    # softmax attention before linear attention, then the shallowest (a wrapper before what it wraps)
+    return {idx: min(c, key=lambda x: (x[0], x[1].count(".")))[2] for idx, c in found.items()}
 
 
 def _has_rotary(model: torch.nn.Module) -> bool:
@@ -297,8 +349,8 @@ def _is_encoder(config) -> bool:
     """A masked-LM family (BERT & co) not built as a decoder (`is_decoder=True` gives it a causal cache)."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
-    return (getattr(config, "model_type", None) in MODEL_FOR_MASKED_LM_MAPPING_NAMES
-            and not getattr(config, "is_decoder", False) and not getattr(config, "is_encoder_decoder", False))
+    return (_get(config, "model_type", None) in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+            and not _get(config, "is_decoder", False) and not _get(config, "is_encoder_decoder", False))
 
 
 def _kv_projection(attn: torch.nn.Module) -> torch.nn.Module | None:
@@ -315,17 +367,17 @@ def _layer_shape(attn: torch.nn.Module | None, config, heads: int, hidden: int) 
         # multi-head latent attention: the cache holds a latent; expand_kv gives per-head K (nope | rope) and V
         n = _int(getattr(attn, "num_heads", None)) or heads
         return n, attn.qk_nope_head_dim + attn.qk_rope_head_dim, attn.v_head_dim
-    D = (_int(getattr(attn, "head_dim", None)) or _int(getattr(config, "head_dim", None))
-         or _int(getattr(config, "attention_head_dim", None)) or hidden // heads)
+    D = (_int(getattr(attn, "head_dim", None)) or _int(_first(config, "head_dim", "attention_head_dim", "dim_head"))
+         or hidden // heads)
     n = _int(getattr(attn, "num_heads", None)) or heads
     k_proj = _kv_projection(attn) if attn is not None else None
     if k_proj is not None and k_proj.out_features % D == 0:
         H_kv = k_proj.out_features // D
-    elif _int(getattr(attn, "num_key_value_groups", None)):
-        H_kv = n // attn.num_key_value_groups
     elif _int(getattr(attn, "num_key_value_heads", None)):
         H_kv = attn.num_key_value_heads
-    elif getattr(config, "multi_query", False) and not getattr(config, "new_decoder_architecture", False):
+    elif _int(getattr(attn, "num_key_value_groups", None)):
+        H_kv = n // attn.num_key_value_groups
+    elif _get(config, "multi_query") and not _get(config, "new_decoder_architecture"):
         H_kv = 1  # falcon / gpt_bigcode multi-query
     else:
         H_kv = int(_first(config, "num_key_value_heads", "num_kv_heads", "n_head_kv", default=n))
@@ -336,26 +388,51 @@ def _layer_shape(attn: torch.nn.Module | None, config, heads: int, hidden: int) 
     return H_kv, D, D_v
 
 
-def _rotary_dim(attn, config, params: dict, D: int) -> int:
+def _inv_freq_widths(model: torch.nn.Module) -> dict[str | None, int]:
+    """R read off the model-level rotary module's frequency buffers (2 per frequency): keyed by layer type where
+    the module keeps one buffer per type (`sliding_attention_inv_freq`), by None for a single `inv_freq`. Empty
+    when there are several rotary modules of different widths, or none."""
+    widths: dict[str | None, int] = {}
+    for name, module in model.named_modules():
+        lowered = name.lower()
+        if "rotary" not in type(module).__name__.lower() or any(w in lowered for w in _NOT_KV_ATTENTION + ("attn",)):
+            continue
+        for buffer, tensor in module.named_buffers(recurse=False):
+            if buffer.endswith("inv_freq") and tensor.dim() == 1:
+                key = buffer.removesuffix("inv_freq").removesuffix("_") or None
+                if widths.get(key, 2 * tensor.numel()) != 2 * tensor.numel():
+                    return {}
+                widths[key] = 2 * tensor.numel()
+    return widths
+
+
+def _rotary_dim(attn, config, params: dict, D: int, table_width: int | None) -> int:
     if attn is not None and _int(getattr(attn, "qk_rope_head_dim", None)) and hasattr(attn, "kv_b_proj"):
         return attn.qk_rope_head_dim
     for name in ("rotary_ndims", "rotary_dim"):
         value = _int(getattr(attn, name, None))
         if value:
             return value
+    if table_width:  # the frequencies the rotary module really holds
+        return table_width
     if params.get("rope_type") == "proportional":  # the table spans D; the unrotated share has zero frequency
         return D
     factor = _first(attn, "partial_rotary_factor") if attn is not None else None
     factor = factor or params.get("partial_rotary_factor")
-    if factor is None and _int(getattr(config, "rotary_dim", None)):
+    if factor is None and _int(_get(config, "rotary_dim", None)):
         return config.rotary_dim  # gptj / codegen
     return int(D * (factor or 1.0))
 
 
-def _uses_rope(attn, config, layer: int) -> bool:
+def _uses_rope(attn, config, layer: int, layer_type: str) -> bool:
+    if _get(config, "model_type", None) in ROPE_ONLY_ON_SLIDING and layer_type not in SLIDING_LAYER_TYPES:
+        return False
     if attn is not None and getattr(attn, "use_rope", True) in (False, 0):
         return False  # llama4 / smollm3 NoPE layers
-    thetas = getattr(config, "layer_rope_theta", None)  # granite_swa: a base per layer, 0 = NoPE
+    params = _get(config, "rope_parameters", None)
+    if isinstance(params, dict) and layer_type in params and params[layer_type] is None:
+        return False  # beam: rope parameters per layer type, None = NoPE
+    thetas = _get(config, "layer_rope_theta", None)  # granite_swa: a base per layer, 0 = NoPE
     return not (isinstance(thetas, list | tuple) and not thetas[layer])
 
 
@@ -363,7 +440,8 @@ def _rope_spec(model, config, attns: dict, decoder_layers: list[int], kv_types: 
                dims: list[int]) -> RopeSpec | None:
     if not _has_rotary(model):
         return None
-    rotated = [i for i, layer in enumerate(decoder_layers) if _uses_rope(attns.get(layer), config, layer)]
+    rotated = [i for i, layer in enumerate(decoder_layers)
+               if _uses_rope(attns.get(layer), config, layer, kv_types[i])]
     if not rotated:
         return None
     attn0 = attns.get(decoder_layers[rotated[0]])
@@ -375,12 +453,14 @@ def _rope_spec(model, config, attns: dict, decoder_layers: list[int], kv_types: 
             "capture it with a transformers version whose modeling code defines rotate_half, or file an issue",
         )
     style, sign = found
-    per_layer = [_rope_params(config, t) for t in kv_types]
+    per_layer = [_rope_params(config, t) if i in rotated else {} for i, t in enumerate(kv_types)]
     thetas = [float(p.get("rope_theta") or 10000.0) for p in per_layer]
-    layer_thetas = getattr(config, "layer_rope_theta", None)
+    layer_thetas = _get(config, "layer_rope_theta", None)
     if isinstance(layer_thetas, list | tuple):
         thetas = [float(layer_thetas[layer] or 0.0) for layer in decoder_layers]
-    rdims = [_rotary_dim(attns.get(layer), config, per_layer[i], dims[i]) for i, layer in enumerate(decoder_layers)]
+    widths = _inv_freq_widths(model)
+    rdims = [_rotary_dim(attns.get(layer), config, per_layer[i], dims[i], widths.get(kv_types[i], widths.get(None)))
+             for i, layer in enumerate(decoder_layers)]
     rotated_dims = [rdims[i] for i in rotated]
     attn_offset = _int(getattr(attn0, "qk_nope_head_dim", None)) if hasattr(attn0, "kv_b_proj") else None
     first = per_layer[rotated[0]]
@@ -400,10 +480,10 @@ def _rope_spec(model, config, attns: dict, decoder_layers: list[int], kv_types: 
 
 
 def _uses_alibi(config, model_type: str) -> bool:
-    attn_config = getattr(config, "attn_config", None)  # mpt keeps it in a sub-config
+    attn_config = _get(config, "attn_config", None)  # mpt keeps it in a sub-config
     if isinstance(attn_config, dict):
         return bool(attn_config.get("alibi"))
-    return model_type in ALIBI_FAMILIES or getattr(config, "alibi", None) is True or (
+    return model_type in ALIBI_FAMILIES or _get(config, "alibi", None) is True or (
         getattr(attn_config, "alibi", None) is True)
 
 
@@ -423,7 +503,7 @@ def geometry_of(model_or_config, name: str | None = None) -> KVGeometry:
     given_model = isinstance(model_or_config, torch.nn.Module)
     full_config = getattr(model_or_config, "config", model_or_config)
     config = text_config(full_config)
-    model_type = getattr(config, "model_type", None) or getattr(full_config, "model_type", None)
+    model_type = _get(config, "model_type", None) or getattr(full_config, "model_type", None)
     model = model_or_config if given_model else skeleton(full_config)
     heads = int(_first(config, "num_attention_heads", "n_head", "num_heads", "decoder_attention_heads",
                        "attention_heads", "n_heads", default=1))
@@ -436,7 +516,7 @@ def geometry_of(model_or_config, name: str | None = None) -> KVGeometry:
     if _is_encoder(config):
         H_kv, D, _ = _layer_shape(None, config, heads, hidden)
         return KVGeometry(
-            name=name or getattr(config, "_name_or_path", "") or model_type, model_type=model_type,
+            name=name or _get(config, "_name_or_path", "") or model_type, model_type=model_type,
             num_layers=depth, num_attention_heads=heads, num_kv_heads=H_kv, head_dim=hidden // heads,
             hidden_size=hidden, vocab_size=vocab, is_encoder=True, sliding_window=None,
             layer_types=["full_attention"] * depth, rope=None, position_kind="learned",
@@ -444,7 +524,7 @@ def geometry_of(model_or_config, name: str | None = None) -> KVGeometry:
         )
     cache_types, cache_kwargs = _cache_layer_types(config, depth)
     attns = decoder_attention_modules(model)
-    decoder_layers = [i for i, t in enumerate(cache_types) if t in KV_LAYER_TYPES and (not attns or i in attns)]
+    decoder_layers = [i for i, t in enumerate(cache_types) if t in KV_LAYER_TYPES]
     if not decoder_layers or (not attns and not _has_kv_blocks(model)):
         raise KvdistillError(
             f"{type(model).__name__} ({model_type}) has no attention layers to capture: its layers are "
@@ -452,27 +532,25 @@ def geometry_of(model_or_config, name: str | None = None) -> KVGeometry:
             "values in a cache",
             "use a family with attention layers (a pure state-space model such as mamba has no K/V to distill)",
         )
+    attn_heads = [_int(getattr(attns.get(layer), "num_heads", None)) for layer in decoder_layers]
+    if all(attn_heads):  # per-layer configs (dots3) may refuse a global num_attention_heads
+        heads = Counter(attn_heads).most_common(1)[0][0]
     shapes = [_layer_shape(attns.get(layer), config, heads, hidden) for layer in decoder_layers]
-    kv_heads = {s[0] for s in shapes}
-    if len(kv_heads) != 1:
-        raise KvdistillError(
-            f"{model_type} layers have different KV head counts ({sorted(kv_heads)})",
-            "KV distillation needs one H_kv across layers; file an issue with the model id",
-        )
+    kv_heads = [s[0] for s in shapes]
     dims = [s[1] for s in shapes]
     value_dims = [s[2] for s in shapes]
     kv_types = [cache_types[i] for i in decoder_layers]
     windows = {int(cache_kwargs[i]["sliding_window"]) for i in decoder_layers
                if cache_types[i] in SLIDING_LAYER_TYPES and _int(cache_kwargs[i].get("sliding_window"))}
-    head_dim = Counter(dims).most_common(1)[0][0] if len(set(dims)) > 1 else dims[0]
+    head_dim = Counter(dims).most_common(1)[0][0]
     # ALiBi biases replace the rotation (falcon builds its rotary module all the same, and leaves it unused)
     rope = None if _uses_alibi(config, model_type) else _rope_spec(model, config, attns, decoder_layers, kv_types, dims)
     return KVGeometry(
-        name=name or getattr(config, "_name_or_path", "") or model_type,
+        name=name or _get(config, "_name_or_path", "") or model_type,
         model_type=model_type,
         num_layers=len(decoder_layers),
         num_attention_heads=heads,
-        num_kv_heads=kv_heads.pop(),
+        num_kv_heads=Counter(kv_heads).most_common(1)[0][0],
         head_dim=head_dim,
         hidden_size=hidden,
         vocab_size=vocab,
@@ -487,6 +565,7 @@ def geometry_of(model_or_config, name: str | None = None) -> KVGeometry:
         num_hidden_layers=None if len(decoder_layers) == depth else depth,
         value_head_dim=None if value_dims == dims else (value_dims[0] if len(set(value_dims)) == 1 else None),
         layer_head_dims=None if len(set(dims)) == 1 else dims,
+        layer_kv_heads=None if len(set(kv_heads)) == 1 else kv_heads,
     )
 
 

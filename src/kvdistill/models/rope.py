@@ -15,6 +15,7 @@ width in either pairing or half width (gpt-oss), or complex `freqs_cis` (llama4,
 
 from __future__ import annotations
 
+import inspect
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -68,6 +69,15 @@ def _rotary_child(attn: torch.nn.Module) -> torch.nn.Module | None:
     return None
 
 
+def _position_slot(attn: torch.nn.Module) -> int | None:
+    """Index of `position_embeddings` among the attention forward's positional parameters, if it has one."""
+    try:
+        names = list(inspect.signature(attn.forward).parameters)
+    except (TypeError, ValueError):
+        return None
+    return names.index("position_embeddings") if "position_embeddings" in names else None
+
+
 @contextmanager
 def record_tables(model: torch.nn.Module, geometry: KVGeometry):
     """For the forwards run inside the block, record per K/V layer the raw rotary table its attention used.
@@ -90,8 +100,12 @@ def record_tables(model: torch.nn.Module, geometry: KVGeometry):
             handles.append(child.register_forward_hook(out_hook))
             continue
 
-        def pre_hook(_m, _args, kwargs, i=i):
+        slot = _position_slot(attn)
+
+        def pre_hook(_m, args, kwargs, i=i, slot=slot):
             table = kwargs.get("position_embeddings")
+            if table is None and slot is not None and len(args) > slot:  # handed positionally (qwen4_exp)
+                table = args[slot]
             if table is not None:
                 tables[i] = table
 
