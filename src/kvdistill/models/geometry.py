@@ -259,12 +259,9 @@ def _own_causal_lm_class(config):
 
 
 def _family_prefix(model: torch.nn.Module) -> str:
-    """KimiLinear of KimiLinearForCausalLM: class names of the family's modules start with it."""
-    name = type(model).__name__
-    for suffix in ("ForCausalLM", "ForConditionalGeneration", "LMHeadModel", "Model"):
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
+    """KimiLinear of KimiLinearConfig: the class names of the family's modules start with it (a wrapper such as
+    PEFT keeps the config of the model it wraps)."""
+    return type(getattr(model, "config", None)).__name__.removesuffix("Config")
 
 
 def decoder_attention_modules(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
@@ -470,7 +467,7 @@ def _rope_spec(model, config, attns: dict, decoder_layers: list[int], kv_types: 
     return RopeSpec(
         style=style,
         rotary_dim=rotated_dims[0],
-        theta=rotated_thetas[0] if len(set(thetas)) == 1 else thetas,
+        theta=rotated_thetas[0] if len(set(rotated_thetas)) == 1 else thetas,
         scaling=scaling,
         offset=attn_offset or 0,
         sign=sign,
