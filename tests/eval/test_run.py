@@ -123,7 +123,9 @@ def test_run_with_a_question_answer_file_reads_it_in_template_mode(tmp_path, tin
 
 def test_evaluate_student_dir_on_a_file_against_itself(tmp_path, tiny_student):
     path = tmp_path / "qa.jsonl"
-    path.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in QA * 4))
+    # distinct questions: a repeated one would be dropped from the probe's fit split (train/eval dedupe)
+    rows = [(f"{q} (variant {i})", a) for i in range(4) for q, a in QA]
+    path.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in rows))
     result = evaluate_checkpoint(
         str(tiny_student), data=str(path), teachers=[str(tiny_student)], size=4, max_length=32, device="cpu"
     )
