@@ -68,6 +68,11 @@ def test_text_that_tokenizes_to_nothing(smollm2):
     # a batch of only empty texts with a tokenizer that adds no BOS: (B, 0) tensors, the same message
     with pytest.raises(KvdistillError, match="tokenize to nothing"):
         capture_kv(model, tok, [""])
+    # special tokens written out in the text have spans but are no content
+    with pytest.raises(KvdistillError, match="tokenize to nothing"):
+        capture_kv(model, tok, ["fine text", "<|im_start|><|im_end|>"])
+    cap = capture_kv(model, tok, ["ok <|im_end|> ok"])  # with real text around them they are kept
+    assert cap.attention_mask.sum() >= 3
 
 
 def test_too_long_text_names_the_limit(minilm):

@@ -124,7 +124,12 @@ def tokenize(tokenizer, texts: list[str], *, max_length: int | None = None, padd
         offsets = offsets.reshape(len(texts), -1, 2)
     offsets = byte_spans(tokenizer, texts, enc["input_ids"], offsets)  # (B, T, 2) UTF-8 bytes
     enc["offset_mapping"] = offsets
+    # special tokens written out in the text ("<|endoftext|>") have a span but are no content; <unk> stands for text
+    framing = {getattr(tokenizer, f"{n}_token_id", None) for n in ("bos", "eos", "pad", "cls", "sep")}
+    special = [i for i in tokenizer.all_special_ids if i != tokenizer.unk_token_id or i in framing]
     content = (offsets[..., 1] > offsets[..., 0]) & enc["attention_mask"].bool()  # (B, T)
+    if special:
+        content &= ~torch.isin(enc["input_ids"], torch.tensor(special, dtype=enc["input_ids"].dtype))
     empty = [i for i in range(len(texts)) if not content[i].any()]
     if empty:
         shown = ", ".join(f"#{i} {texts[i][:40]!r}" for i in empty[:5])
