@@ -8,6 +8,7 @@ objective of the same shape) is a new module registered in `kvdistill.objectives
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass, field
 
 import torch
@@ -49,15 +50,16 @@ class SpaceOutput:
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-class FusionSpace(nn.Module):
+class FusionSpace(nn.Module, metaclass=abc.ABCMeta):
     """Base of the spaces. Subclasses implement `forward(step) -> SpaceOutput`; they may override `prepare`
     (fit frozen maps before training) and `layer_errors` (held-out per-layer K/V error)."""
 
     name = "space"
     reports_layer_errors = False  # whether `layer_errors` gives held-out per-layer K/V errors
 
-    def forward(self, step: Step) -> SpaceOutput:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def forward(self, step: Step) -> SpaceOutput:
+        """The space's per-sample distillation loss of one step."""
 
     @torch.no_grad()
     def prepare(self, records: list[dict], teachers: list, pairs: dict[str, LayerPairs], max_length: int,
