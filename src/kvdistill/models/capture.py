@@ -175,6 +175,16 @@ def _cache_of(out):
     return None
 
 
+def cache_argument(module: torch.nn.Module) -> str:
+    """The keyword a model's forward takes its K/V cache by (transformers 5.2x: `cache`; before: `past_key_values`)."""
+    return "cache" if _names(module.forward, "cache") else "past_key_values"
+
+
+def returned_cache(out):
+    """The cache a forward returned, None if none (public name of `_cache_of`)."""
+    return _cache_of(out)
+
+
 def _cache_layers(cache) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:
     """(keys, values) per decoder layer of a cache; (None, None) for layers that keep no K/V."""
     cache = getattr(cache, "self_attention_cache", cache)  # encoder-decoder families: the decoder's own cache
@@ -305,7 +315,7 @@ def _cached_decoder_kv(model, runner, geometry, kwargs):
     """K/V from the model's own cache, keys taken back through the inverse rotation."""
     with record_tables(model, geometry) as raw:
         out, cache = _run_with_cache(model, runner, geometry, kwargs)
-    tables = layer_tables(model, geometry, raw, kwargs["input_ids"].shape[0])
+    tables = layer_tables(model, geometry, raw, kwargs["attention_mask"].shape[0])
     keys, values = _kv_from_cache(model, geometry, cache, tables)
     return keys, values, out, tables
 
@@ -452,7 +462,7 @@ def _hooked_decoder_kv(model, runner, geometry, kwargs, plan):
     finally:
         for h in handles:
             h.remove()
-    tables = layer_tables(model, geometry, raw, kwargs["input_ids"].shape[0])
+    tables = layer_tables(model, geometry, raw, kwargs["attention_mask"].shape[0])
     return list(keys), list(values), out, tables
 
 
@@ -468,6 +478,7 @@ def forward_kv(
     attentions: bool = False,
     router_logits: bool = False,
     source: str = "auto",
+    inputs_embeds: torch.Tensor | None = None,
 ) -> KVCapture:
     """One forward pass returning K/V of every attention layer (keys pre-rotation). Gradients flow if enabled.
 
@@ -475,6 +486,8 @@ def forward_kv(
     grad to get its own K/V and logits in one pass. `positions` (B, T) defaults to `cumsum(mask) - 1`.
     `source` (decoders): "hooks" (projection hooks, no cache), "cache" (the model's cache, rotation undone) or
     "auto": hooks where `hook_plan` finds them, else the cache.
+    `inputs_embeds` (B, T, H) (decoders): fed instead of the embeddings of input_ids (a latent student's latent
+    slots have no token); input_ids is then only recorded in the capture.
     """
     if source not in SOURCES:
         raise KvdistillError(f"forward_kv source '{source}' is unknown", f"use one of {', '.join(SOURCES)}")
@@ -488,6 +501,11 @@ def forward_kv(
         )
     if positions is None:
         positions = positions_from_mask(attention_mask)  # (B, T)
+    if inputs_embeds is not None and (geometry.is_encoder or inputs_embeds.shape[:2] != input_ids.shape):
+        raise KvdistillError(
+            f"inputs_embeds {tuple(inputs_embeds.shape)} given for {geometry.name} with input_ids "
+            f"{tuple(input_ids.shape)}" + (" (an encoder)" if geometry.is_encoder else ""),
+            "pass (B, T, hidden) embeddings for the (B, T) batch of a decoder")
     if geometry.is_encoder:
         keys, values, out = _encoder_kv(model, geometry, input_ids, attention_mask, positions,
                                         hidden_states, attentions)
@@ -497,8 +515,11 @@ def forward_kv(
                          attentions=list(out.attentions) if attentions else None)
     # the LM head is only run when logits are wanted (it is the largest matmul for big vocabularies)
     runner = model if logits else model.base_model
-    kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=hidden_states,
-                  output_attentions=attentions)
+    kwargs = dict(attention_mask=attention_mask, output_hidden_states=hidden_states, output_attentions=attentions)
+    if inputs_embeds is None:
+        kwargs["input_ids"] = input_ids
+    else:
+        kwargs["inputs_embeds"] = inputs_embeds
     if _accepts(runner.forward, "position_ids"):
         kwargs["position_ids"] = positions
     if router_logits:

@@ -1,0 +1,245 @@
+"""The latent-reasoning student (KaVa, arXiv 2510.02312): one backbone that reads the question, then M continuous
+latent tokens, then the answer; the latents come from Jacobi iterations over projected hidden states (PCCoT,
+arXiv 2506.18582).
+
+Notation: B batch, P prefix (question) columns, M latent slots, S suffix (answer) columns, d hidden size,
+T the number of Jacobi iterations.
+
+Columns of a student-mode batch: [ prefix (P, left-padded) | latents (M) | suffix (S, right-padded) ], mask =
+prefix mask | ones | suffix mask, positions = cumsum(mask) - 1 (each sample's tokens are contiguous). Left padding
+puts every sample's latents in the same columns P .. P+M-1.
+
+The latents (our reading of PCCoT):
+    e_0[m] = init[m]                                     a learned (M, d) start
+    h^k    = last hidden states of backbone(prefix, e_{k-1}) at the M latent columns        (B, M, d)
+    e_k[0] = proj(h_q),  e_k[m] = proj(h^k[m-1]) for m >= 1   h_q: the last prefix token's last hidden state
+for k = 1..T, all slots at once (a Jacobi step: slot m reads the previous pass's slot m-1). The answer is read after
+e_T. The prefix's K/V are computed once and reused by every pass (the model's cache, cropped back to the prefix
+after each pass; a cache that cannot be cropped is replaced by recomputing the prefix). After k passes slots
+0..k-1 no longer change, so with T >= M the latents equal the sequential (Coconut-style) continuous thought.
+proj: 'mlp' h + W2·gelu(W1·h) (W2 starts at 0, so proj starts as the identity), 'linear' (starts as the
+identity) or 'none' (the hidden state itself).
+
+A saved latent student is a plain Hugging Face model (the backbone) plus `latent.json` and `latent.safetensors`
+(the head) in the same directory.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from kvdistill.errors import KvdistillError
+from kvdistill.models.capture import cache_argument, forward_kv, positions_from_mask, returned_cache
+from kvdistill.student.build import unwrap_student
+
+PROJECTIONS = ("mlp", "linear", "none")
+HEAD_CONFIG = "latent.json"
+HEAD_WEIGHTS = "latent.safetensors"
+
+
+class LatentHead(nn.Module):
+    """The learned start `init` (M, d) and the projection of hidden states into latent inputs."""
+
+    def __init__(self, hidden_size: int, tokens: int, projection: str = "mlp", init_std: float = 0.02):
+        super().__init__()
+        if projection not in PROJECTIONS:
+            raise KvdistillError(f"student.latent.projection '{projection}' is unknown",
+                                 f"use one of {', '.join(PROJECTIONS)}")
+        self.tokens, self.projection, self.hidden_size = tokens, projection, hidden_size
+        self.init = nn.Parameter(torch.randn(tokens, hidden_size) * init_std)  # (M, d)
+        if projection == "mlp":
+            self.fc1 = nn.Linear(hidden_size, hidden_size)
+            self.fc2 = nn.Linear(hidden_size, hidden_size)
+            nn.init.zeros_(self.fc2.weight)
+            nn.init.zeros_(self.fc2.bias)
+        elif projection == "linear":
+            self.fc = nn.Linear(hidden_size, hidden_size)
+            with torch.no_grad():
+                self.fc.weight.copy_(torch.eye(hidden_size))
+                self.fc.bias.zero_()
+
+    def project(self, h: torch.Tensor) -> torch.Tensor:
+        """(..., d) hidden states -> (..., d) latent inputs, in the head's dtype."""
+        h = h.to(self.init.dtype)
+        if self.projection == "mlp":
+            return h + self.fc2(nn.functional.gelu(self.fc1(h)))
+        if self.projection == "linear":
+            return self.fc(h)
+        return h
+
+
+def _crop_to(cache, length: int) -> bool:
+    """Crop the cache back to its first `length` tokens; False when this cache cannot be cropped."""
+    try:
+        extra = cache.get_seq_length() - length
+        if extra > 0:
+            cache.crop(-extra)  # a negative count removes that many tokens (transformers 4.4x and 5.x alike)
+        return cache.get_seq_length() == length
+    except (AttributeError, ValueError, RuntimeError, TypeError, NotImplementedError):
+        return False
+
+
+class LatentStudent(nn.Module):
+    """A backbone (any decoder the core supports, optionally LoRA-wrapped) and its `LatentHead`."""
+
+    def __init__(self, backbone: nn.Module, head: LatentHead, iterations: int):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.iterations = iterations
+
+    @property
+    def tokens(self) -> int:
+        return self.head.tokens
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.backbone.get_input_embeddings()(ids)
+
+    def _dtype(self) -> torch.dtype:
+        return self.backbone.get_input_embeddings().weight.dtype
+
+    # ------------------------------------------------------------------------------------------ latents
+    def _decoder(self) -> nn.Module:
+        """The decoder under the LM head (LoRA layers included when wrapped): the passes that only need hidden
+        states skip the vocabulary projection."""
+        return unwrap_student(self.backbone).base_model
+
+    def _last_hidden(self, out) -> torch.Tensor:
+        return out.hidden_states[-1]  # after the final norm (transformers 5), as the LM head reads it
+
+    def latents(self, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor, *, use_cache: bool = True) -> torch.Tensor:
+        """e_T (B, M, d) for a left-padded prefix (B, P) (see the module docstring); use_cache=False recomputes the
+        prefix in every pass (the reference the cached path must equal)."""
+        B, P = prefix_ids.shape
+        M, dtype = self.tokens, self._dtype()
+        e = self.head.init.to(dtype).unsqueeze(0).expand(B, M, -1)  # (B, M, d)
+        if self.iterations == 0 or M == 0:
+            return e
+        if bool((prefix_mask[:, -1] == 0).any()):
+            raise KvdistillError("the prefix must be left-padded (its last column real in every sample)",
+                                 "tokenize the questions with padding_side='left'")
+        emb = self.embed(prefix_ids)  # (B, P, d)
+        ones = prefix_mask.new_ones(B, M)
+        mask = torch.cat([prefix_mask, ones], 1)  # (B, P+M)
+        lat_pos = prefix_mask.sum(-1, keepdim=True) + torch.arange(M, device=prefix_ids.device)  # (B, M)
+        cache = None
+        if use_cache:
+            out = self._decoder()(inputs_embeds=emb, attention_mask=prefix_mask,
+                                position_ids=positions_from_mask(prefix_mask), use_cache=True,
+                                output_hidden_states=True)
+            h_q = self._last_hidden(out)[:, -1]  # (B, d)
+            cache = returned_cache(out)
+        cache_kw = cache_argument(self._decoder())
+        for _ in range(self.iterations):
+            if cache is not None:
+                out = self._decoder()(inputs_embeds=e, attention_mask=mask, position_ids=lat_pos, use_cache=True,
+                                      output_hidden_states=True, **{cache_kw: cache})
+                h = self._last_hidden(out)  # (B, M, d)
+                if not _crop_to(cache, P):
+                    cache = None  # the next passes recompute the prefix
+            else:
+                out = self._decoder()(inputs_embeds=torch.cat([emb, e], 1), attention_mask=mask,
+                                    position_ids=positions_from_mask(mask), use_cache=False,
+                                    output_hidden_states=True)
+                full = self._last_hidden(out)  # (B, P+M, d)
+                h_q, h = full[:, P - 1], full[:, P:]
+            shifted = torch.cat([h_q[:, None], h[:, :-1]], 1)  # (B, M, d): slot m reads slot m-1
+            e = self.head.project(shifted).to(dtype)
+        return e
+
+    # ------------------------------------------------------------------------------------------ forward
+    def forward(self, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor, suffix_ids: torch.Tensor,
+                suffix_mask: torch.Tensor, *, pad_id: int, geometry=None, hidden_states: bool = False,
+                logits: bool = True):
+        """The student-mode pass: a `KVCapture` of the (B, P+M+S) columns (K/V pre-rotation; the latent slots are
+        columns P .. P+M-1; their input_ids are `pad_id`, never read)."""
+        B, P = prefix_ids.shape
+        M = self.tokens
+        e = self.latents(prefix_ids, prefix_mask)  # (B, M, d)
+        embeds = torch.cat([self.embed(prefix_ids), e, self.embed(suffix_ids)], 1)  # (B, P+M+S, d)
+        ids = torch.cat([prefix_ids, prefix_ids.new_full((B, M), pad_id), suffix_ids], 1)
+        mask = torch.cat([prefix_mask, prefix_mask.new_ones(B, M), suffix_mask], 1)
+        return forward_kv(self.backbone, ids, mask, geometry=geometry, inputs_embeds=embeds, logits=logits,
+                          hidden_states=hidden_states)
+
+    # ------------------------------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate(self, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor, prompt_ids: torch.Tensor, *,
+                 max_new_tokens: int, eos_id: int | None = None, use_cache: bool = True) -> dict:
+        """Greedy answers in latent mode: prefix (B, P) left-padded, the latents, then `prompt_ids` (B, Q) (the same
+        number of tokens in every sample, e.g. 'Answer:'), then up to `max_new_tokens` tokens (B, N) (after an
+        eos, eos is repeated). Returns {tokens (B, N), seconds, latent_passes}; use_cache=False recomputes the
+        whole sequence for every token (the reference)."""
+        t0 = time.perf_counter()
+        B, P = prefix_ids.shape
+        M = self.tokens
+        e = self.latents(prefix_ids, prefix_mask, use_cache=use_cache)
+        embeds = torch.cat([self.embed(prefix_ids), e, self.embed(prompt_ids)], 1)  # (B, P+M+Q, d)
+        mask = torch.cat([prefix_mask, prefix_mask.new_ones(B, M + prompt_ids.shape[1])], 1)
+        done = torch.zeros(B, dtype=torch.bool, device=prefix_ids.device)
+        new: list[torch.Tensor] = []
+        cache = None
+        cache_kw = cache_argument(self.backbone)
+        step_in = embeds
+        for _ in range(max_new_tokens):
+            if use_cache:
+                pos = positions_from_mask(mask)[:, -step_in.shape[1]:]
+                out = self.backbone(inputs_embeds=step_in, attention_mask=mask, position_ids=pos, use_cache=True,
+                                    **({cache_kw: cache} if cache is not None else {}))
+                cache = returned_cache(out)
+            else:
+                out = self.backbone(inputs_embeds=step_in, attention_mask=mask, position_ids=positions_from_mask(mask),
+                                    use_cache=False)
+            token = out.logits[:, -1].argmax(-1)  # (B,)
+            if eos_id is not None:
+                token = torch.where(done, torch.full_like(token, eos_id), token)
+                done |= token == eos_id
+            new.append(token)
+            emb = self.embed(token[:, None])  # (B, 1, d)
+            step_in = emb if use_cache else torch.cat([step_in, emb], 1)
+            mask = torch.cat([mask, mask.new_ones(B, 1)], 1)
+            if eos_id is not None and bool(done.all()):
+                break
+        tokens = torch.stack(new, 1) if new else prefix_ids.new_zeros(B, 0)
+        if prefix_ids.is_cuda:
+            torch.cuda.synchronize()
+        return {"tokens": tokens, "seconds": time.perf_counter() - t0, "latent_passes": self.iterations + 1}
+
+    # ------------------------------------------------------------------------------------------ saving
+    def save_head(self, out_dir: str | Path) -> None:
+        """latent.json and latent.safetensors into `out_dir` (next to the saved backbone)."""
+        from safetensors.torch import save_file
+
+        out = Path(out_dir)
+        (out / HEAD_CONFIG).write_text(json.dumps({"tokens": self.tokens, "iterations": self.iterations,
+                                                   "projection": self.head.projection,
+                                                   "hidden_size": self.head.hidden_size}, indent=1))
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()},
+                  str(out / HEAD_WEIGHTS))
+
+
+def is_latent_student(student_dir: str | Path) -> bool:
+    return (Path(student_dir) / HEAD_CONFIG).is_file()
+
+
+def load_latent_student(student_dir: str | Path, *, device=None, attn_implementation: str = "sdpa"):
+    """(LatentStudent, tokenizer) from a saved latent student directory, in eval mode."""
+    from safetensors.torch import load_file
+
+    from kvdistill.models.load import load_model
+
+    student_dir = Path(student_dir)
+    if not is_latent_student(student_dir):
+        raise KvdistillError(f"'{student_dir}' holds no {HEAD_CONFIG}: it is not a latent student",
+                             "pass the student directory of a run with a student.latent section")
+    meta = json.loads((student_dir / HEAD_CONFIG).read_text())
+    backbone, tokenizer = load_model(str(student_dir), device=device, attn_implementation=attn_implementation)
+    head = LatentHead(meta["hidden_size"], meta["tokens"], meta["projection"])
+    head.load_state_dict(load_file(str(student_dir / HEAD_WEIGHTS)))
+    model = LatentStudent(backbone, head.to(next(backbone.parameters()).device), meta["iterations"])
+    return model.eval(), tokenizer
