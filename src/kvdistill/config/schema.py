@@ -267,6 +267,22 @@ class TrainConfig(Section):
     """Checkpoint every N optimizer steps (0: only at the end)."""
     eval_every: int = Field(0, ge=0)
     tensorboard: bool = True
+    num_workers: int = Field(0, ge=0)
+    """DataLoader worker processes that collate batches (tokenization, token alignment) ahead of the step; 0: in
+    the training process, just before each step."""
+    prefetch: int | None = Field(None, gt=0)
+    """Batches each worker collates ahead (the DataLoader's prefetch_factor); None: its default (2). Needs
+    num_workers > 0."""
+    compile: bool = False
+    """torch.compile the loss space's per-group K/V error (the loss part, not the models); where compilation
+    fails the eager function runs instead (logged once)."""
+
+    @model_validator(mode="after")
+    def _prefetch_needs_workers(self):
+        if self.prefetch is not None and self.num_workers == 0:
+            raise ValueError(f"train.prefetch ({self.prefetch}) collates ahead on worker processes, but "
+                             "train.num_workers is 0; set train.num_workers >= 1 or drop train.prefetch")
+        return self
 
 
 class RunConfig(Section):

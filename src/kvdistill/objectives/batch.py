@@ -2,6 +2,10 @@
 
 Notation: B batch, T_s student tokens, M kept teacher tokens of a layer (T_t uncompressed), H_t teacher KV heads,
 K nonzeros per alignment row.
+
+The host side of a batch (tokenization with byte spans for the student and every teacher, the K/V-independent
+token alignments, the rkv answer-query masks) is a `Collated`, made by a `Collator` from tokenizers and records
+alone: on DataLoader workers in training, inline when the objective is called on records.
 """
 
 from __future__ import annotations
@@ -12,12 +16,15 @@ import torch
 
 from kvdistill.align.tokens import batch_token_alignment, batch_token_alignment_sparse
 from kvdistill.models.capture import tokenize
+from kvdistill.models.geometry import KVGeometry
+from kvdistill.teachers.capture import TeacherInputs, prepare_teacher
 
 
 @dataclass
 class StudentBatch:
     """Token ids, mask (B, T_s) and spans (B, T_s, 2) on the device, and CPU copies of spans and mask (the token
-    alignment is built on the CPU)."""
+    alignment is built on the CPU); `alignments`: per teacher (in order) the collated (index, weight, covered) of
+    `Collated.alignments` on the device, or None (the space aligns that teacher itself)."""
 
     records: list[dict]
     ids: torch.Tensor
@@ -25,15 +32,14 @@ class StudentBatch:
     spans: torch.Tensor
     spans_cpu: torch.Tensor
     mask_cpu: torch.Tensor
+    alignments: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] | None = None
 
 
 def student_batch(tokenizer, records: list[dict], *, max_length: int | None, max_positions: int | None,
                   device) -> StudentBatch:
-    """Tokenize `records` for the student (right padding, the model's position limit)."""
-    enc = tokenize(tokenizer, [r["text"] for r in records], max_length=max_length, padding_side="right",
-                   max_positions=max_positions)
-    spans, mask = enc["offset_mapping"], enc["attention_mask"]
-    return StudentBatch(records, enc["input_ids"].to(device), mask.to(device), spans.to(device), spans, mask)
+    """Tokenize `records` for the student (right padding, the model's position limit): a `Collator` without
+    teachers."""
+    return Collator(tokenizer, [], max_length=max_length, max_positions=max_positions)(records).student_batch(device)
 
 
 def teacher_alignment(spans_t: torch.Tensor, mask_t: torch.Tensor, spans_s: torch.Tensor,
@@ -64,3 +70,90 @@ def teacher_alignment_sparse(spans_t: torch.Tensor, mask_t: torch.Tensor, spans_
     K = index.shape[-1]
     return (index.view(B, H, M, K).to(device, non_blocking=True),
             weight.view(B, H, M, K).to(device, non_blocking=True))
+
+
+@dataclass
+class Collated:
+    """The host side of one batch, built from tokenizers and records alone (so on a DataLoader worker), all CPU:
+    the student's ids, mask (B, T_s) and byte spans (B, T_s, 2); per teacher (in order) its `TeacherInputs`
+    (None for a cached teacher, whose tokens come with its K/V) and, where the teacher keeps every token (an
+    online teacher without compression), the sparse alignment of its tokens onto the student's: index, weight
+    (B, T_t, K) and covered (B, T_t) (1 on real teacher tokens that overlap a student token), else None.
+
+    An online teacher with right_crop or rkv picks tokens per head (rkv from its K/V), so its alignment is built
+    in the step from the kept tokens' spans; its tokenization and the rkv answer-query mask are collated here.
+    """
+
+    records: list[dict]
+    ids: torch.Tensor
+    mask: torch.Tensor
+    spans: torch.Tensor
+    teachers: list[TeacherInputs | None]
+    alignments: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]
+
+    def pin_memory(self) -> Collated:
+        """The same batch in pinned memory (the DataLoader's pin_memory thread calls this)."""
+        def pin(x):
+            return None if x is None else x.pin_memory()
+
+        teachers = [None if t is None else TeacherInputs(t.records, pin(t.input_ids), pin(t.attention_mask),
+                                                         pin(t.spans), pin(t.query)) for t in self.teachers]
+        alignments = [None if a is None else tuple(pin(x) for x in a) for a in self.alignments]
+        return Collated(self.records, pin(self.ids), pin(self.mask), pin(self.spans), teachers, alignments)
+
+    def student_batch(self, device) -> StudentBatch:
+        """The student's side on `device` (non-blocking copies), the alignments with it by teacher position."""
+        def to(x):
+            return x.to(device, non_blocking=True)
+
+        alignments = [None if a is None else tuple(to(x) for x in a) for a in self.alignments]
+        return StudentBatch(self.records, to(self.ids), to(self.mask), to(self.spans), self.spans, self.mask,
+                            alignments)
+
+
+@dataclass
+class TeacherSide:
+    """What the collate needs of a teacher: its tokenizer (None: cached, nothing to tokenize), geometry (position
+    limit), compression (rkv needs the answer-query mask) and whether its alignment is K/V-independent."""
+
+    tokenizer: object | None
+    geometry: KVGeometry
+    compression: object | None
+
+    @property
+    def keeps_all(self) -> bool:
+        return getattr(self.compression, "kind", "full") == "full"
+
+
+class Collator:
+    """records -> `Collated`: picklable (tokenizers, geometries and settings only, no model), CPU-only, so a
+    DataLoader worker process runs it while the device runs the previous batch."""
+
+    def __init__(self, tokenizer, teachers: list[TeacherSide], *, max_length: int | None,
+                 max_positions: int | None):
+        self.tokenizer = tokenizer
+        self.teachers = teachers
+        self.max_length = max_length
+        self.max_positions = max_positions
+
+    def __call__(self, records: list[dict]) -> Collated:
+        enc = tokenize(self.tokenizer, [r["text"] for r in records], max_length=self.max_length,
+                       padding_side="right", max_positions=self.max_positions)
+        ids, mask, spans = enc["input_ids"], enc["attention_mask"], enc["offset_mapping"]  # (B, T_s), (B, T_s, 2)
+        inputs, alignments = [], []
+        for t in self.teachers:
+            if t.tokenizer is None:
+                inputs.append(None)
+                alignments.append(None)
+                continue
+            ti = prepare_teacher(t.tokenizer, records, geometry=t.geometry, max_length=self.max_length,
+                                 compression=t.compression)
+            inputs.append(ti)
+            if not t.keeps_all:
+                alignments.append(None)
+                continue
+            index, weight = teacher_alignment_sparse(ti.spans, ti.attention_mask, spans, mask, device="cpu")
+            index, weight = index[:, 0], weight[:, 0]  # (B, T_t, K)
+            covered = (weight.sum(-1) > 0).long() * ti.attention_mask  # (B, T_t)
+            alignments.append((index, weight, covered))
+        return Collated(records, ids, mask, spans, inputs, alignments)

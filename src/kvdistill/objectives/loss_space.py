@@ -28,6 +28,7 @@ from kvdistill.align.heads import KVProjector, project_layers
 from kvdistill.align.tokens import resample_rows
 from kvdistill.objectives.base import FusionSpace, SpaceOutput, Step
 from kvdistill.objectives.batch import teacher_alignment_sparse
+from kvdistill.objectives.compiled import maybe_compiled
 from kvdistill.objectives.fusion import SimilarityInputs
 from kvdistill.objectives.pairs import LayerPairs
 from kvdistill.teachers.record import TeacherKV
@@ -54,8 +55,12 @@ class _Group:
     covered: torch.Tensor
 
 
-def _alignments(tkv: TeacherKV, lp: LayerPairs, step: Step) -> dict[int, tuple]:
-    """Alignment key -> (index, weight, covered) for the teacher layers of `lp` (one key for shared spans)."""
+def _alignments(tkv: TeacherKV, lp: LayerPairs, step: Step, n: int) -> dict[int, tuple]:
+    """Alignment key -> (index, weight, covered) for the teacher layers of `lp` (one key for shared spans): the
+    collated one of teacher n where the batch has it (its tokens don't depend on its K/V), else built here."""
+    collated = step.batch.alignments[n] if step.batch.alignments is not None else None
+    if collated is not None and tkv.shared_spans:
+        return {-1: collated}
     device = step.batch.mask.device
     out: dict[int, tuple] = {}
     for j in lp.j:
@@ -104,6 +109,43 @@ def _token_to_rows(token_weight: torch.Tensor, g: _Group) -> torch.Tensor:
     return resample_rows(x, g.index, g.weight).view(P, 1, B, H * M)
 
 
+def group_errors(proj: torch.Tensor, index: torch.Tensor, weight: torch.Tensor, covered: torch.Tensor,
+                 targets: list[torch.Tensor], at: torch.Tensor | None, rows_w: torch.Tensor | None, *, H: int, D: int,
+                 kind: str, normalize: bool, kv: bool, cosine: bool):
+    """The errors of one alignment group of P pairs: the projected student K/V proj (L, 2, B, T_s, H_t·D_t)
+    resampled onto the teacher's rows (index, weight, covered of a `_Group`; `at` picks the group's layers of L,
+    None: all), compared with the 2·P teacher tensors `targets` (B, H_t, M, D_t), keys and values of each pair.
+
+    -> kv errors (P, 2, B) or None, cosine errors (P, B) or None, and the keys as rows with their mask for the
+    similarity routing: k_rows, k_target (P, B, R, D_t), cos_mask (B, R) or (P, B, R). A pure tensor function:
+    the part `train.compile` compiles.
+    """
+    P, B = len(targets) // 2, covered.shape[-2] if covered.dim() == 2 else covered.shape[1]
+    if covered.dim() == 2:  # shared spans: rows are teacher tokens, features H_t·D_t
+        pred = resample_rows(proj, index, weight)  # (L, 2, B, M, H_t·D_t)
+        pred = pred if at is None else pred.index_select(0, at)  # (P, 2, B, M, H_t·D_t)
+        M = pred.shape[3]
+        target = torch.stack([t.transpose(1, 2) for t in targets]).view(P, 2, B, M, H * D)
+        mask = covered  # (B, M)
+        k_rows = pred[:, 0].reshape(P, B, M * H, D)  # (P, B, M·H_t, D_t): one row per (token, head)
+        k_target = target[:, 0].reshape(P, B, M * H, D)
+        cos_mask = covered.repeat_interleave(H, 1)  # (B, M·H_t)
+        cos_w = None if rows_w is None else rows_w.repeat_interleave(H, 1)
+    else:  # kept tokens differ per head: rows are (head, token), features D_t
+        x = proj if at is None else proj.index_select(0, at)  # (P, 2, B, T_s, H_t·D_t)
+        x = x.view(P, 2, B, -1, H, D).transpose(3, 4)  # (P, 2, B, H_t, T_s, D_t)
+        pred = resample_rows(x, index[:, None], weight[:, None])  # (P, 2, B, H_t, M, D_t)
+        M = pred.shape[4]
+        pred = pred.reshape(P, 2, B, H * M, D)
+        target = torch.stack(targets).view(P, 2, B, H * M, D)
+        mask = covered.view(P, 1, B, H * M)
+        k_rows, k_target, cos_mask = pred[:, 0], target[:, 0], mask[:, 0]  # (P, B, H_t·M, D_t)
+        cos_w = None if rows_w is None else rows_w[:, 0]
+    e = losses.kv_error(pred, target, mask, kind=kind, normalize=normalize, weight=rows_w) if kv else None
+    c = losses.cosine_error(k_rows, k_target, cos_mask, weight=cos_w) if cosine else None  # (P, B)
+    return e, c, k_rows, k_target, cos_mask
+
+
 class LossSpace(FusionSpace):
     name = "loss"
     reports_layer_errors = True
@@ -115,6 +157,7 @@ class LossSpace(FusionSpace):
             t.name: nn.ModuleDict({str(i): KVProjector(student_geometry, t.geometry, kind=tcfg.projector)
                                    for i in pairs[t.name].layers})
             for tcfg, t in zip(cfg.teachers, teachers, strict=True)})
+        self.group_errors = maybe_compiled(group_errors, cfg.train.compile, name="loss space K/V errors")
 
     def pair_errors(self, step: Step, n: int, *, kind: str, normalize: bool, kv: bool = True,
                     cosine: bool = False, token_weight: torch.Tensor | None = None) -> PairErrors:
@@ -133,37 +176,20 @@ class LossSpace(FusionSpace):
         err = torch.zeros(P_all, 2, B, device=dev) if kv else None
         cos = torch.zeros(P_all, B, device=dev) if cosine else None
         deepest = None
-        for g in _groups(tkv, lp, _alignments(tkv, lp, step)):
-            P, at = len(g.pos), lp.layer_positions(g.pos, dev)
+        for g in _groups(tkv, lp, _alignments(tkv, lp, step, n)):
+            at = lp.layer_positions(g.pos, dev)
             targets = [tkv.keys[lp.j[p]].to(dev) if side == 0 else tkv.values[lp.j[p]].to(dev)
                        for p in g.pos for side in (0, 1)]  # 2·P × (B, H_t, M, D_t)
             rows_w = None if token_weight is None else _token_to_rows(token_weight, g)
-            if g.covered.dim() == 2:  # shared spans: rows are teacher tokens, features H_t·D_t
-                pred = resample_rows(proj, g.index, g.weight)  # (L, 2, B, M, H_t·D_t)
-                pred = pred if at is None else pred.index_select(0, at)  # (P, 2, B, M, H_t·D_t)
-                M = pred.shape[3]
-                target = torch.stack([t.transpose(1, 2) for t in targets]).view(P, 2, B, M, H * D)
-                mask = g.covered  # (B, M)
-                k_rows = pred[:, 0].reshape(P, B, M * H, D)  # (P, B, M·H_t, D_t): one row per (token, head)
-                k_target = target[:, 0].reshape(P, B, M * H, D)
-                cos_mask = g.covered.repeat_interleave(H, 1)  # (B, M·H_t)
-                cos_w = None if rows_w is None else rows_w.repeat_interleave(H, 1)
-            else:  # kept tokens differ per head: rows are (head, token), features D_t
-                x = proj if at is None else proj.index_select(0, at)  # (P, 2, B, T_s, H_t·D_t)
-                x = x.view(P, 2, B, -1, H, D).transpose(3, 4)  # (P, 2, B, H_t, T_s, D_t)
-                pred = resample_rows(x, g.index[:, None], g.weight[:, None])  # (P, 2, B, H_t, M, D_t)
-                M = pred.shape[4]
-                pred = pred.reshape(P, 2, B, H * M, D)
-                target = torch.stack(targets).view(P, 2, B, H * M, D)
-                mask = g.covered.view(P, 1, B, H * M)
-                k_rows, k_target, cos_mask = pred[:, 0], target[:, 0], mask[:, 0]  # (P, B, H_t·M, D_t)
-                cos_w = None if rows_w is None else rows_w[:, 0]
+            e, c, k_rows, k_target, cos_mask = self.group_errors(
+                proj, g.index, g.weight, g.covered, targets, at, rows_w, H=H, D=D, kind=kind, normalize=normalize,
+                kv=kv, cosine=cosine)
+            M = g.index.shape[-2]
             idx = torch.tensor(g.pos, device=dev)
             if kv:
-                e = losses.kv_error(pred, target, mask, kind=kind, normalize=normalize, weight=rows_w)  # (P, 2, B)
                 err = err.index_copy(0, idx, e)
             if cosine:
-                cos = cos.index_copy(0, idx, losses.cosine_error(k_rows, k_target, cos_mask, weight=cos_w))
+                cos = cos.index_copy(0, idx, c)
             if g.pos[-1] == P_all - 1:  # the group holding the deepest pair
                 deepest = self._deepest(k_rows[-1], k_target[-1], cos_mask if cos_mask.dim() == 2 else cos_mask[-1],
                                         B, M, H, D, shared=g.covered.dim() == 2)

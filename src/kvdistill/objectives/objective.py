@@ -23,10 +23,11 @@ from kvdistill.errors import KvdistillError
 from kvdistill.models.capture import forward_kv, tokenize
 from kvdistill.models.geometry import geometry_of
 from kvdistill.objectives.base import FusionSpace, Step
-from kvdistill.objectives.batch import StudentBatch, student_batch
+from kvdistill.objectives.batch import Collated, Collator, TeacherSide
 from kvdistill.objectives.fusion import Fusion, per_sample
 from kvdistill.objectives.latent_space import LatentSpaceKD
 from kvdistill.objectives.loss_space import LossSpace
+from kvdistill.objectives.moe import MoETerms
 from kvdistill.objectives.pairs import LayerPairs
 from kvdistill.objectives.target_space import TargetSpace
 from kvdistill.objectives.terms import TeacherTerms
@@ -57,6 +58,12 @@ class Objective(nn.Module):
         self.fusion = Fusion(cfg.fusion, len(teachers), sg.hidden_size, [t.weight for t in cfg.teachers])
         self.space = SPACES[cfg.fusion.space](cfg, sg, teachers, self.pairs)
         self.terms = TeacherTerms(cfg, sg, teachers)
+        self.moe = MoETerms(cfg, student, teachers)  # routing, expert outputs, load balance (MoE students)
+        self.train_step = 0  # the optimizer step being run (set by the trainer): τ schedules read it
+        # the host side of a batch (picklable, no model): the trainer runs it on DataLoader workers
+        self.collate = Collator(tokenizer, [TeacherSide(t.tokenizer if t.kind == "online" else None, t.geometry,
+                                                        getattr(t, "compression", None)) for t in teachers],
+                                max_length=cfg.data.max_length, max_positions=sg.max_positions)
         self.to(device)
         for teacher in teachers:
             teacher.to(device)
@@ -73,30 +80,34 @@ class Objective(nn.Module):
                     "set losses.logit_kd.weight: 0 for cross-tokenizer teachers (KV losses align by bytes)")
 
     # ---------------------------------------------------------------------------------------------- one step
-    def batch(self, records: list[dict]) -> StudentBatch:
-        return student_batch(self.tokenizer, records, max_length=self.cfg.data.max_length,
-                             max_positions=self.student_geometry.max_positions, device=self.fusion.fixed.device)
-
-    def step(self, records: list[dict], *, training: bool = True) -> Step:
-        """The student's forward and every teacher's K/V of one batch; held out (training=False) only the K/V, and
-        only for a space that reports per-layer errors."""
+    def step(self, batch: Collated | list[dict], *, training: bool = True) -> Step:
+        """The student's forward and every teacher's K/V of one batch (a `Collated`, or records collated here);
+        held out (training=False) only the K/V, and only for a space that reports per-layer errors."""
+        collated = batch if isinstance(batch, Collated) else self.collate(batch)
         needs = self.terms.needs() if training else dict(hidden_states=False, logits=False, attentions=False)
-        batch = self.batch(records)
-        s = forward_kv(self.student, batch.ids, batch.mask, geometry=self.student_geometry, logits=True,
+        sb = collated.student_batch(self.fusion.fixed.device)
+        s = forward_kv(self.student, sb.ids, sb.mask, geometry=self.student_geometry, logits=True,
                        hidden_states=needs["hidden_states"] or (training and self.fusion.needs_hidden),
                        attentions=needs["attentions"])
         wanted = training or self.space.reports_layer_errors
-        tkvs = [t.kv(records, max_length=self.cfg.data.max_length, **needs) for t in self.teachers] if wanted else []
-        return Step(batch, s, self.teachers, tkvs, self.pairs, self.fusion)
+        tkvs = []
+        for t, inputs in zip(self.teachers, collated.teachers, strict=True) if wanted else ():
+            given = {} if inputs is None else {"inputs": inputs}  # a cached teacher reads its own
+            tkvs.append(t.kv(collated.records, max_length=self.cfg.data.max_length, **needs, **given))
+        return Step(sb, s, self.teachers, tkvs, self.pairs, self.fusion)
 
-    def forward(self, records: list[dict]):
-        """(loss, metrics) of a batch: loss a 0-dim tensor, metrics floats (per-sample means; `tokens` a count)."""
+    def forward(self, batch: Collated | list[dict]):
+        """(loss, metrics) of a batch (a `Collated`, or records collated here): loss a 0-dim tensor, metrics
+        floats (per-sample means; `tokens` a count)."""
         cfg = self.cfg
-        step = self.step(records)
+        step = self.step(batch)
         mask = step.batch.mask
         ce = losses.ce_loss(step.student.logits, step.batch.ids, mask)  # (B,)
         metrics: dict[str, torch.Tensor] = {"loss/ce": ce.detach().mean()}
         per_sample_loss = cfg.losses.ce * ce
+        if cfg.losses.logit_kd.weight > 0:  # τ a pure function of the step, so a resume continues the schedule
+            self.terms.temperature = cfg.losses.logit_kd.temperature_at(self.train_step, cfg.train.steps)
+            metrics["logit_kd/temperature"] = ce.new_tensor(self.terms.temperature)
         total_extra = None
         if self.teachers:
             out = self.space(step)
@@ -109,6 +120,10 @@ class Objective(nn.Module):
             for n, teacher in enumerate(self.teachers):
                 metrics[f"weight/{teacher.name}"] = sample_w[:, n].detach().mean()
             total_extra = self.fusion.regularizer(out.weights, mask)
+        if self.moe.active:
+            moe, moe_metrics = self.moe(step, per_sample(out.weights, mask) if self.teachers else None)
+            per_sample_loss = per_sample_loss + moe
+            metrics.update(moe_metrics)
         total = per_sample_loss.mean()
         if total_extra is not None:
             total = total + cfg.fusion.entropy.weight * total_extra
@@ -154,6 +169,7 @@ class Objective(nn.Module):
     def prepare(self, records: list[dict]) -> None:
         """Fit what is fitted rather than trained (the latent maps) on `records`; a no-op for the other spaces."""
         self.space.prepare(records, self.teachers, self.pairs, self.cfg.data.max_length, self.cfg.train.batch_size)
+        self.moe.prepare(records, self.teachers, self.cfg.data.max_length, self.cfg.train.batch_size)
 
     # ---------------------------------------------------------------------------------------------- reports
     def plan(self) -> dict:

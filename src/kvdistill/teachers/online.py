@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from kvdistill.models.geometry import KVGeometry, geometry_of
-from kvdistill.teachers.capture import capture_teacher, compress_capture
+from kvdistill.teachers.capture import TeacherInputs, capture_teacher, compress_capture
 from kvdistill.teachers.record import TeacherKV
 
 
@@ -29,10 +29,13 @@ class OnlineTeacher:
 
     @torch.no_grad()
     def kv(self, records: list[dict], *, max_length: int, hidden_states=False, logits=False,
-           attentions=False) -> TeacherKV:
+           attentions=False, inputs: TeacherInputs | None = None) -> TeacherKV:
+        """The K/V record of `records`; `inputs`: their `prepare_teacher` tokenization made beforehand (e.g. by a
+        DataLoader worker), else the records are tokenized here."""
         cap, query = capture_teacher(self.model, self.tokenizer, records, max_length=max_length,
                                      compression=self.compression, layers=self.layers,
-                                     hidden_states=hidden_states, logits=logits, attentions=attentions)
+                                     hidden_states=hidden_states, logits=logits, attentions=attentions,
+                                     inputs=inputs, geometry=self.geometry)
         if getattr(self.compression, "kind", "full") == "full":
             return TeacherKV.from_capture(cap, self.layers)
         return compress_capture(cap, self.compression, self.layers, query)

@@ -101,6 +101,42 @@ def micro_batch(records: list[dict], cfg: RunConfig, step: int, micro: int, rank
     return [records[i] for i in ids[lo : lo + b]]
 
 
+class MicroBatches(torch.utils.data.Dataset):
+    """Item k: micro-batch k % grad_accum of optimizer step k // grad_accum of process `rank`, as `micro_batch`
+    picks it (so the order is a pure function of the step: a resume or another world size sees the same samples),
+    run through `collate` (on a DataLoader worker when there are some)."""
+
+    def __init__(self, records: list[dict], cfg: RunConfig, rank: int, world: int, collate: Callable):
+        self.records, self.cfg, self.rank, self.world, self.collate = records, cfg, rank, world, collate
+
+    def __len__(self) -> int:
+        return self.cfg.train.steps * self.cfg.train.grad_accum
+
+    def __getitem__(self, k: int):
+        step, micro = divmod(k, self.cfg.train.grad_accum)
+        return self.collate(micro_batch(self.records, self.cfg, step, micro, self.rank, self.world))
+
+
+def _as_is(batch):
+    return batch
+
+
+def _batches(run: Run, start: int, end: int):
+    """The collated micro-batches of optimizer steps start..end-1 in order, from a DataLoader (train.num_workers
+    processes collating train.prefetch batches ahead each; pinned memory on a GPU); None for an objective without
+    `collate` (its step takes the records)."""
+    collate = getattr(run.inner, "collate", None)
+    if collate is None:
+        return None
+    t, acc = run.cfg.train, run.accelerator
+    accum = t.grad_accum
+    loader = torch.utils.data.DataLoader(
+        MicroBatches(run.train_records, run.cfg, acc.process_index, acc.num_processes, collate),
+        batch_size=None, sampler=range(start * accum, end * accum), collate_fn=_as_is, num_workers=t.num_workers,
+        prefetch_factor=t.prefetch if t.num_workers else None, pin_memory=acc.device.type == "cuda")
+    return iter(loader)
+
+
 def _param_groups(objective, cfg: RunConfig):
     student, other = [], []
     for name, p in objective.named_parameters():
@@ -372,9 +408,10 @@ def fit(run: Run, *, progress: bool = True) -> None:
                dynamic_ncols=True)
     run.t0 = time.time()
     run.objective.train()
+    batches = _batches(run, run.start, run.end)
     try:
         for step in range(run.start, run.end):
-            row = _step(run, step)
+            row = _step(run, step, batches)
             if (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps:
                 run.log.write(row)
             bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
@@ -389,20 +426,26 @@ def fit(run: Run, *, progress: bool = True) -> None:
         bar.close()
 
 
-def _step(run: Run, step: int) -> dict:
+def _step(run: Run, step: int, batches=None) -> dict:
     """One optimizer step over grad_accum micro-batches -> its metrics row (means over micro-batches and
-    processes; tokens: sums), with step, lr (the student's, as used), tokens_per_s and elapsed_s."""
+    processes; tokens: sums), with step, lr (the student's, as used), tokens_per_s and elapsed_s. `batches`:
+    the iterator of `_batches` (collated micro-batches, this step's next), or None (the records themselves)."""
     cfg, accelerator = run.cfg, run.accelerator
     world, rank = accelerator.num_processes, accelerator.process_index
     sums: dict[str, float] = {}
     step_ids: list[str] = []
     step_t0 = time.time()
     lr = run.scheduler.get_last_lr()[0]  # the student's lr for this step
+    run.inner.train_step = step  # what step-dependent terms (the logit KD τ schedule) read
     for micro in range(cfg.train.grad_accum):
-        records = micro_batch(run.train_records, cfg, step, micro, rank, world)
+        if batches is None:
+            batch = records = micro_batch(run.train_records, cfg, step, micro, rank, world)
+        else:
+            batch = next(batches)
+            records = batch.records
         step_ids += [r["id"] for r in records]
         with accelerator.accumulate(run.objective):
-            loss, metrics = run.objective(records)
+            loss, metrics = run.objective(batch)
             _stop_if_non_finite(accelerator, float(loss.detach()), metrics, step, micro, records)
             accelerator.backward(loss)
             if accelerator.sync_gradients:
