@@ -264,6 +264,28 @@ def evaluate(
 
 
 @app.command()
+def generate(
+    checkpoint: str = typer.Argument(..., help="A run dir, RUN/final, RUN/checkpoints/step-N, a student dir or a model."),
+    prompt: str = typer.Option(..., "--prompt", "-p", help="The text to continue."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Tokens to generate."),
+    temperature: float = typer.Option(0.0, "--temperature", help="0: greedy; > 0: sample at this temperature."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass (with --temperature > 0)."),
+    seed: int = typer.Option(0, "--seed", help="Sampling seed."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Continue a prompt with a saved student (a plain Hugging Face model), printing the text and tokens/s."""
+    from kvdistill.eval.generate import generate as run_generate
+
+    gen = run_generate(checkpoint, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                       seed=seed)
+    if as_json:
+        _echo_json(gen.to_dict())
+        return
+    sys.stdout.write(gen.continuation + "\n")
+    console.print(f"[dim]{gen.new_tokens} tokens in {gen.seconds:.2f} s ({gen.tokens_per_s:.1f} tokens/s)[/dim]")
+
+
+@app.command()
 def report(
     run_dirs: list[str] = typer.Argument(..., help="Run directories to put on one page."),
     out: str | None = typer.Option(None, "--out", "-o", help="Output file (default: FIRST_RUN/report.md)."),

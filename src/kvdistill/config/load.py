@@ -174,7 +174,7 @@ def _capture_problems(config: RunConfig) -> list[str]:
 
     models = [("student.model", config.student.model)] if config.student.model else []
     models += [(f"teachers[{i}] ({t.name}).model", t.model) for i, t in enumerate(config.teachers)
-               if t.source == "online"]
+               if t.source == "online" and t.model is not None]
     problems = []
     for key, model in models:
         try:
@@ -197,7 +197,8 @@ def _vocabulary_problems(config: RunConfig) -> list[str]:
         return [f"student tokenizer: {err.problem}"]
     problems = []
     for i, t in enumerate(config.teachers):
-        if t.source == "online" and load_tokenizer(t.model).get_vocab() != vocab:
+        if t.source == "online" and load_tokenizer(t.model or t.tokenizer or t.from_config.get("base")
+                                                   ).get_vocab() != vocab:
             problems.append(f"losses.logit_kd needs teachers[{i}] ({t.name}) to share the student's tokenizer; "
                             "set losses.logit_kd.weight: 0 for cross-tokenizer teachers (KV losses align by bytes)")
     return problems
@@ -273,10 +274,27 @@ def _num_layers(hf_config) -> int | None:
     return None
 
 
+def teacher_hf_config(t: TeacherConfig):
+    """A teacher's transformers config: its model's config.json, or the one its from_config builds."""
+    from kvdistill.models.load import load_config as load_hf_config
+
+    if t.model is not None:
+        return load_hf_config(t.model)
+    from transformers import AutoConfig
+
+    fields = dict(t.from_config)
+    base, family = fields.pop("base", None), fields.pop("family", None)
+    if base is not None:
+        config = load_hf_config(base)
+        for key, value in fields.items():
+            setattr(config, key, value)
+        return config
+    return AutoConfig.for_model(family, **fields)
+
+
 def _teacher_problems(i: int, t: TeacherConfig, student_layers: int | None) -> list[str]:
     """Teacher i found (online: its config.json; cache: a manifest) and its layer map buildable."""
     from kvdistill.align.layers import layer_map
-    from kvdistill.models.load import load_config as load_hf_config
 
     key = f"teachers[{i}] ({t.name})"
     if t.source == "cache":
@@ -284,7 +302,7 @@ def _teacher_problems(i: int, t: TeacherConfig, student_layers: int | None) -> l
             return [f"{key}.cache_dir: '{t.cache_dir}' holds no manifest.json; run `kvdistill extract` first"]
         return []
     try:
-        teacher_layers = _num_layers(load_hf_config(t.model))
+        teacher_layers = _num_layers(teacher_hf_config(t))
     except KvdistillError as err:
         return [f"{key}.model: {err.problem}"]
     lm = t.layer_map

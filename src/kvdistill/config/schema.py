@@ -32,6 +32,21 @@ class LoraConfig(Section):
     target_modules: list[str] | str = "all-linear"
 
 
+class UpcycleConfig(Section):
+    """Sparse upcycling: the dense student (student.model or from_config) becomes an MoE of its family's MoE
+    counterpart (llama / mistral -> mixtral, qwen3 -> qwen3_moe), every expert a copy of the dense MLP, the router
+    newly initialised (kvdistill.student.upcycle)."""
+
+    num_experts: int = Field(4, gt=1)
+    top_k: int = Field(2, gt=0)
+
+    @model_validator(mode="after")
+    def _k(self):
+        if self.top_k > self.num_experts:
+            raise ValueError(f"student.upcycle.top_k ({self.top_k}) must be <= num_experts ({self.num_experts})")
+        return self
+
+
 class StudentConfig(Section):
     model: str | None = None
     """Offline name, local directory or hub id of a pretrained causal LM."""
@@ -43,6 +58,8 @@ class StudentConfig(Section):
     lora: LoraConfig | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     gradient_checkpointing: bool = False
+    upcycle: UpcycleConfig | None = None
+    """Turn the dense model above into an MoE whose experts start from its MLP."""
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -94,7 +111,12 @@ class CompressionConfig(Section):
 class TeacherConfig(Section):
     name: str | None = None
     """Short label used in logs and reports (default: the model name, '.' replaced by '_'); no '.' allowed."""
-    model: str
+    model: str | None = None
+    from_config: dict[str, Any] | None = None
+    """Instead of `model`: a randomly initialised teacher (seed 0) built as `student.from_config` is ({family: ...,
+    <fields>} needs `tokenizer`); for CPU demonstrations of the machinery, not for evidence."""
+    tokenizer: str | None = None
+    """from_config teachers: their tokenizer (default: the base model's)."""
     source: Literal["online", "cache"] = "online"
     cache_dir: str | None = None
     weight: float = Field(1.0, ge=0.0)
@@ -109,6 +131,20 @@ class TeacherConfig(Section):
     def _cache_dir(self):
         if self.source == "cache" and not self.cache_dir:
             raise ValueError("source 'cache' needs cache_dir (a directory written by `kvdistill extract`)")
+        if (self.model is None) == (self.from_config is None):
+            raise ValueError("give exactly one of the teacher's model or from_config")
+        if self.from_config is not None:
+            if self.source != "online":
+                raise ValueError("a from_config teacher has no cache; use source: online")
+            if ("base" in self.from_config) == ("family" in self.from_config):
+                raise ValueError("teacher from_config needs exactly one of 'base' or 'family'")
+            if "family" in self.from_config and not self.tokenizer:
+                raise ValueError("teacher from_config with 'family' needs tokenizer")
+            if self.name is None:
+                raise ValueError("a from_config teacher needs a name")
+        elif self.tokenizer is not None:
+            raise ValueError("teacher tokenizer is only read for from_config teachers (a model brings its own); "
+                             "drop it")
         if self.name is None:
             # Names key modules and buffers, where torch forbids '.': Qwen/Qwen2.5-1.5B -> Qwen2_5-1_5B.
             self.name = self.model.rstrip("/").split("/")[-1].replace(".", "_")
@@ -158,10 +194,42 @@ class KVLossConfig(Section):
     values: float = Field(1.0, ge=0.0)
 
 
+class TemperatureSchedule(Section):
+    """τ as a pure function of the optimizer step s (0-based) of a run of S steps, so a resume continues it exactly:
+    constant: `losses.logit_kd.temperature`; linear: start + (end - start)·s/(S - 1); step: values[i] from step
+    milestones[i - 1] on (default milestones: S split into len(values) equal segments, e.g. 8 → 4 → 2)."""
+
+    kind: Literal["constant", "linear", "step"] = "constant"
+    start: float | None = Field(None, gt=0.0)
+    end: float | None = Field(None, gt=0.0)
+    values: list[float] | None = None
+    milestones: list[int] | None = None
+
+    @model_validator(mode="after")
+    def _fields_of_kind(self):
+        wanted = {"constant": set(), "linear": {"start", "end"}, "step": {"values"}}[self.kind]
+        allowed = wanted | ({"milestones"} if self.kind == "step" else set())
+        given = {k for k in ("start", "end", "values", "milestones") if getattr(self, k) is not None}
+        problems = [f"schedule.{k} is not read by kind {self.kind}; drop it" for k in sorted(given - allowed)]
+        problems += [f"schedule kind {self.kind} needs schedule.{k}" for k in sorted(wanted - given)]
+        if self.values is not None and (len(self.values) < 2 or any(v <= 0 for v in self.values)):
+            problems.append(f"schedule.values {self.values} must be at least 2 temperatures > 0")
+        if self.milestones is not None and self.values is not None and (
+                len(self.milestones) != len(self.values) - 1 or any(m <= 0 for m in self.milestones)
+                or sorted(set(self.milestones)) != self.milestones):
+            problems.append(f"schedule.milestones {self.milestones} must be {len(self.values) - 1} increasing steps "
+                            f"> 0, one per change of value in {self.values}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
 class LogitKDConfig(Section):
     weight: float = Field(0.0, ge=0.0)
     temperature: float = Field(2.0, gt=0.0)
     """τ: both distributions are softened by τ and the divergence is multiplied by τ² (kvdistill.losses.logit_kd)."""
+    schedule: TemperatureSchedule = TemperatureSchedule()
+    """τ over training (constant: `temperature`); the τ of each step is logged as `logit_kd/temperature`."""
     divergence: Literal["forward", "reverse", "jsd"] = "forward"
     """forward KL(teacher || student), reverse KL(student || teacher), or the generalised JSD with `beta`."""
     beta: float = Field(0.5, gt=0.0, lt=1.0)
@@ -172,11 +240,50 @@ class LogitKDConfig(Section):
         if self.beta != 0.5 and self.divergence != "jsd":
             raise ValueError(f"losses.logit_kd.beta is set but divergence is '{self.divergence}', which has no beta; "
                              "drop beta or set divergence: jsd")
+        if self.schedule.kind != "constant" and "temperature" in self.model_fields_set:
+            raise ValueError(f"losses.logit_kd.temperature is set but schedule.kind {self.schedule.kind} gives τ; "
+                             "drop temperature or use schedule.kind: constant")
         return self
+
+    def temperature_at(self, step: int, total: int) -> float:
+        """τ of optimizer step `step` (0-based) of a run of `total` steps (`TemperatureSchedule`)."""
+        s = self.schedule
+        if s.kind == "constant":
+            return self.temperature
+        if s.kind == "linear":
+            return s.start + (s.end - s.start) * min(step, total - 1) / max(total - 1, 1)
+        n = len(s.values)
+        milestones = s.milestones if s.milestones is not None else [round(total * i / n) for i in range(1, n)]
+        return s.values[sum(step >= m for m in milestones)]
+
+
+class RoutingLossConfig(Section):
+    """MoE routing distillation (kvdistill.losses.routing_kl) from the student's own router logits."""
+
+    weight: float = Field(0.0, ge=0.0)
+    kind: Literal["full", "topk"] = "full"
+    """full: KL over every expert; topk: over the teacher's top-k experts, both renormalised there."""
+    correspondence: Literal["auto", "identity", "fitted"] = "auto"
+    """Which student experts a teacher expert's probability goes to (also the expert term's pairs): identity (equal
+    expert counts, e.g. an upcycled student), fitted (from the teacher's routing on training records: experts
+    grouped by co-activation, or split by load), auto: identity when the counts are equal, else fitted."""
+
+
+class ExpertLossConfig(Section):
+    """MoE expert-output distillation (kvdistill.losses.expert_output_error), per corresponding expert."""
+
+    weight: float = Field(0.0, ge=0.0)
+    normalize: bool = True
+    """Divide by the mean squared teacher expert output (a relative error)."""
 
 
 class LossesConfig(Section):
     ce: float = Field(1.0, ge=0.0)
+    routing: RoutingLossConfig = RoutingLossConfig()
+    expert: ExpertLossConfig = ExpertLossConfig()
+    balance: float | None = Field(None, ge=0.0)
+    """MoE students: weight of the (sequence-wise) load-balancing loss; None: the student's own
+    `router_aux_loss_coef` (its config's)."""
     kv: KVLossConfig = KVLossConfig()
     cosine: float = Field(0.0, ge=0.0)
     attention_kl: float = Field(0.0, ge=0.0)
@@ -307,6 +414,7 @@ class RunConfig(Section):
             )
         kd_terms = self.losses.kv.weight + self.losses.cosine + self.losses.attention_kl + self.losses.relation
         kd_terms += self.losses.logit_kd.weight + self.losses.hidden
+        kd_terms += self.losses.routing.weight + self.losses.expert.weight
         if self.teachers and kd_terms == 0:
             problems.append("teachers are given but every distillation loss weight is 0 (losses.kv.weight, ...)")
         if self.losses.ce == 0 and not self.teachers:
@@ -328,7 +436,9 @@ class RunConfig(Section):
         """Terms and fusion spaces that need what only an online, uncompressed teacher gives."""
         c = self.losses
         terms = [name for name, w in (("losses.relation", c.relation), ("losses.attention_kl", c.attention_kl),
-                                      ("losses.hidden", c.hidden), ("losses.logit_kd.weight", c.logit_kd.weight))
+                                      ("losses.hidden", c.hidden), ("losses.logit_kd.weight", c.logit_kd.weight),
+                                      ("losses.routing.weight", c.routing.weight),
+                                      ("losses.expert.weight", c.expert.weight))
                  if w > 0]
         problems = []
         for n, t in enumerate(self.teachers):

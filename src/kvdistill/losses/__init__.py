@@ -11,7 +11,15 @@ from kvdistill.losses.codi import CODI_KINDS, codi_loss
 from kvdistill.losses.hidden import hidden_error
 from kvdistill.losses.kv import KV_KINDS, as_rows, cosine_error, kv_error
 from kvdistill.losses.logits import DIVERGENCES, ce_loss, logit_kd, token_nll
+from kvdistill.losses.moe import (
+    expert_output_error,
+    load_balance,
+    routing_agreement,
+    routing_kl,
+    routing_log_probs,
+)
 from kvdistill.losses.reduce import sample_mean
 
 __all__ = ["CODI_KINDS", "codi_loss", "DIVERGENCES", "KV_KINDS", "as_rows", "attention_kl", "ce_loss", "cosine_error", "hidden_error",
            "kv_error", "logit_kd", "relation_loss", "relation_matrix", "sample_mean", "token_nll"]
+__all__ += ["expert_output_error", "load_balance", "routing_agreement", "routing_kl", "routing_log_probs"]

@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 
 from kvdistill.cache.extract import open_teacher_cache
+from kvdistill.config import StudentConfig
 from kvdistill.models.geometry import geometry_of
-from kvdistill.models.load import attn_implementation_for, load_config, load_model
+from kvdistill.models.load import attn_implementation_for, load_config, load_model, resolve_dtype
 from kvdistill.models.queries import supports_queries
 from kvdistill.objectives.objective import Objective
 from kvdistill.student import build_student
@@ -27,6 +28,14 @@ def build_teachers(cfg, device) -> list:
         comp = tcfg.compression
         # attention probabilities are read for attention_kl, and by rkv for families whose importance cannot come
         # from hooked queries (models.queries); sdpa otherwise
+        if tcfg.from_config is not None:  # a randomly initialised teacher (seed 0), eager attention where read
+            model, tok = build_student(StudentConfig(from_config=tcfg.from_config, tokenizer=tcfg.tokenizer,
+                                                     dtype=dtype), seed=0,
+                                       attentions=cfg.losses.attention_kl > 0 or comp.kind == "rkv")
+            model.to(resolve_dtype(dtype))
+            teachers.append(OnlineTeacher(tcfg.name, model, tok, layers=comp.layers,
+                                          compression=comp.build() if comp.kind != "full" else None))
+            continue
         rkv_attn = comp.kind == "rkv" and not supports_queries(geometry_of(load_config(tcfg.model)))
         attn = attn_implementation_for(cfg.losses.attention_kl > 0 or rkv_attn)
         model, tok = load_model(tcfg.model, dtype=dtype, attn_implementation=attn)

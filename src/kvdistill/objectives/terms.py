@@ -36,6 +36,7 @@ class TeacherTerms(nn.Module):
         self.scale = {"relation": c.relation, "attention_kl": c.attention_kl, "hidden": c.hidden,
                       "logit_kd": c.logit_kd.weight}
         self.logit = c.logit_kd
+        self.temperature = c.logit_kd.temperature  # the objective sets each step's τ (losses.logit_kd.schedule)
         self.active = [t for t in TERMS if self.scale[t] > 0]
         # one tokenizer, embeddings padded to different sizes (e.g. 151,936 vs 152,064 entries): logit KD compares
         # the entries both models have, renormalised over them; the padded rows name no token
@@ -95,6 +96,6 @@ class TeacherTerms(nn.Module):
         if "logit_kd" in self.active:
             V = self.shared_vocab[teacher.name]
             out["logit_kd"] = losses.logit_kd(s.logits[..., :V], cap.logits[..., :V], b.mask,
-                                              temperature=self.logit.temperature, divergence=self.logit.divergence,
+                                              temperature=self.temperature, divergence=self.logit.divergence,
                                               beta=self.logit.beta)
         return out

@@ -51,6 +51,10 @@ def build_student(cfg: StudentConfig, *, seed: int = 0, attentions: bool = False
         model = from_pretrained_or_config(AutoModelForCausalLM, config=config, dtype=resolve_dtype(cfg.dtype),
                                           attn_implementation=attn)
         model.config.name_or_path = f"{base or family}+from_config"
+    if cfg.upcycle is not None:
+        from kvdistill.student.upcycle import upcycle
+
+        model = upcycle(model, num_experts=cfg.upcycle.num_experts, top_k=cfg.upcycle.top_k, seed=seed)
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)
     if cfg.lora is not None:

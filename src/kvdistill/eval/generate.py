@@ -1,0 +1,72 @@
+"""`kvdistill generate CHECKPOINT --prompt TEXT`: a saved student's continuation of a prompt, and its speed.
+
+The saved student is a plain Hugging Face causal LM (distillation is a training-time objective: nothing of it is
+in the checkpoint), so this is `model.generate` on a model `load_model` reads: greedy, or sampling with a
+temperature and nucleus (top-p) under a seed. Tokens/s counts the new tokens over the generation's wall time.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from kvdistill.errors import KvdistillError
+
+
+@dataclass
+class Generation:
+    prompt: str
+    continuation: str
+    new_tokens: int
+    seconds: float
+    tokens_per_s: float
+    model: str
+    sampling: dict
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def generate(checkpoint: str, prompt: str, *, max_new_tokens: int = 64, temperature: float = 0.0,
+             top_p: float = 1.0, seed: int = 0, device: str | None = None) -> Generation:
+    """The continuation of `prompt` by the student of `checkpoint` (RUN, RUN/final, RUN/checkpoints/step-N, a
+    student directory or a model name). temperature 0: greedy; > 0: sampling (with top_p < 1 nucleus) under `seed`.
+    """
+    from kvdistill.eval.run import resolve_checkpoint
+    from kvdistill.models.load import load_model
+
+    if max_new_tokens < 1:
+        raise KvdistillError(f"max_new_tokens ({max_new_tokens}) must be >= 1", "pass --max-new-tokens 1 or more")
+    if temperature < 0:
+        raise KvdistillError(f"temperature ({temperature}) must be >= 0", "use 0 for greedy, e.g. 0.8 to sample")
+    if not 0 < top_p <= 1:
+        raise KvdistillError(f"top_p ({top_p}) must lie in (0, 1]", "use e.g. --top-p 0.9, or 1 for no nucleus cut")
+    if top_p < 1 and temperature == 0:
+        raise KvdistillError("--top-p only acts when sampling, but temperature is 0 (greedy)",
+                             "add --temperature (e.g. 0.8) or drop --top-p")
+    if not prompt:
+        raise KvdistillError("the prompt is empty", "pass --prompt TEXT")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    path, _ = resolve_checkpoint(checkpoint)
+    model, tok = load_model(path, device=device, attn_implementation="sdpa")
+    model.eval()
+    enc = tok(prompt, return_tensors="pt").to(device)
+    sampling = {"do_sample": temperature > 0}
+    if temperature > 0:
+        sampling.update(temperature=temperature, top_p=top_p, top_k=0)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=pad, **sampling)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    new = out[0, enc["input_ids"].shape[1]:]
+    text = tok.decode(new, skip_special_tokens=True)
+    return Generation(prompt=prompt, continuation=text, new_tokens=int(new.numel()), seconds=seconds,
+                      tokens_per_s=new.numel() / max(seconds, 1e-9), model=path,
+                      sampling={"temperature": temperature, "top_p": top_p, "seed": seed,
+                                "max_new_tokens": max_new_tokens})
