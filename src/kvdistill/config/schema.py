@@ -47,6 +47,18 @@ class UpcycleConfig(Section):
         return self
 
 
+class LatentStudentConfig(Section):
+    """The student reasons in M continuous latent tokens between question and answer (KaVa / PCCoT;
+    kvdistill.student.latent): read by the latent objective (kvdistill.objectives.kava)."""
+
+    tokens: int = Field(24, ge=0)
+    """M latent slots; 0 answers right after the question (the no-CoT reference)."""
+    iterations: int = Field(3, ge=0)
+    """T Jacobi passes that refine the latents in parallel."""
+    projection: Literal["mlp", "linear", "none"] = "mlp"
+    """hidden state -> next latent input: mlp (residual, starts as the identity), linear, none (Coconut)."""
+
+
 class StudentConfig(Section):
     model: str | None = None
     """Offline name, local directory or hub id of a pretrained causal LM."""
@@ -58,6 +70,8 @@ class StudentConfig(Section):
     lora: LoraConfig | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     gradient_checkpointing: bool = False
+    latent: LatentStudentConfig | None = None
+    """A latent-reasoning student (kvdistill.objectives.kava) instead of a text student."""
     upcycle: UpcycleConfig | None = None
     """Turn the dense model above into an MoE whose experts start from its MLP."""
 
@@ -277,6 +291,60 @@ class ExpertLossConfig(Section):
     """Divide by the mean squared teacher expert output (a relative error)."""
 
 
+class CodiConfig(Section):
+    """CODI (kvdistill.losses.codi_loss): the latent student's hidden states at the token before the answer pulled
+    to the backbone's own in CoT mode, every layer."""
+
+    weight: float = Field(0.0, ge=0.0)
+    """α1 (KaVa: about 10-20)."""
+    kind: Literal["smooth_l1", "mse"] = "smooth_l1"
+    normalize: bool = True
+    """Divide each layer's error by the std of the teacher's vector."""
+
+
+class LatentTargetConfig(Section):
+    """How a teacher's chain-of-thought K/V becomes the M latent targets (kvdistill.compress.latent)."""
+
+    kind: Literal["full", "right_crop", "rkv"] = "rkv"
+    """full: every CoT token resampled to M; right_crop: the first M; rkv: the M best R-KV scores per head."""
+    lam: float = Field(0.1, ge=0.0, le=1.0)
+    """rkv: weight of importance (1: importance only, 0: redundancy only)."""
+    scoring: Literal["kava", "rkv", "minmax"] = "kava"
+    """rkv: kava λ·I + (1-λ)·softmax(-r) (default); rkv (the R-KV paper's code) λ·I - (1-λ)·r with I from the last
+    `window` tokens; minmax (the offline cache's) λ·minmax(I) + (1-λ)·(1 - minmax(r))."""
+    window: int = Field(8, gt=0)
+    """scoring rkv: the observation window (last tokens) importance is read from."""
+
+    @model_validator(mode="after")
+    def _used(self):
+        problems = []
+        if self.kind != "rkv" and (self.lam != 0.1 or self.scoring != "kava"):
+            problems.append(f"losses.latent_kv.target.lam / scoring are read by kind rkv only (kind is {self.kind}); "
+                            "drop them")
+        if self.window != 8 and self.scoring != "rkv":
+            problems.append(f"losses.latent_kv.target.window is read by scoring rkv only (scoring is {self.scoring}); "
+                            "drop it")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+class LatentKVConfig(Section):
+    """L_KV of the latent student: its K/V at the M latent slots matched, per layer pair and KV head, to each
+    teacher's CoT K/V compressed to M entries; the teacher side under stop-gradient."""
+
+    weight: float = Field(0.0, ge=0.0)
+    """α2 (KaVa: about 1-2)."""
+    kind: Literal["mse", "smooth_l1"] = "smooth_l1"
+    normalize: bool = True
+    """Divide by the variance (mse) or std (smooth_l1) of the sample's target (kvdistill.losses.kv_error)."""
+    keys: float = Field(1.0, ge=0.0)
+    values: float = Field(1.0, ge=0.0)
+    target: LatentTargetConfig = LatentTargetConfig()
+    self_teacher: bool = True
+    """The backbone in CoT mode is a teacher (self-distillation, as KaVa); `teachers:` add others."""
+
+
 class LossesConfig(Section):
     ce: float = Field(1.0, ge=0.0)
     routing: RoutingLossConfig = RoutingLossConfig()
@@ -290,6 +358,10 @@ class LossesConfig(Section):
     relation: float = Field(0.0, ge=0.0)
     logit_kd: LogitKDConfig = LogitKDConfig()
     hidden: float = Field(0.0, ge=0.0)
+    cot_ce: float = Field(0.0, ge=0.0)
+    """Latent student: CE of the CoT and answer given the question, the backbone in CoT (teacher) mode."""
+    codi: CodiConfig = CodiConfig()
+    latent_kv: LatentKVConfig = LatentKVConfig()
 
 
 # ---------------------------------------------------------------------------------------------- fusion
@@ -415,11 +487,17 @@ class RunConfig(Section):
         kd_terms = self.losses.kv.weight + self.losses.cosine + self.losses.attention_kl + self.losses.relation
         kd_terms += self.losses.logit_kd.weight + self.losses.hidden
         kd_terms += self.losses.routing.weight + self.losses.expert.weight
-        if self.teachers and kd_terms == 0:
+        if self.student.latent is not None:
+            problems += self._latent_problems()
+        elif self.teachers and kd_terms == 0:
             problems.append("teachers are given but every distillation loss weight is 0 (losses.kv.weight, ...)")
         if self.losses.ce == 0 and not self.teachers:
             problems.append("no teachers and losses.ce is 0: nothing to train on")
-        problems += self._teacher_capabilities()
+        if self.student.latent is None:
+            problems += self._teacher_capabilities()
+            unread = [k for k in ("cot_ce", "codi", "latent_kv") if getattr(self.losses, k) != getattr(LossesConfig(), k)]
+            problems += [f"losses.{k} is read by a latent student only; drop it or add a student.latent section"
+                         for k in unread]
         if self.fusion.kind in ("router", "similarity") and len(self.teachers) == 1:
             problems.append(f"fusion.kind {self.fusion.kind} weighs teachers against each other, but there is one "
                             "teacher: its weight is always 1 and nothing is learned; use fusion.kind: fixed")
@@ -431,6 +509,33 @@ class RunConfig(Section):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def _latent_problems(self) -> list[str]:
+        """A latent student reads losses.ce (the answer after the latents), cot_ce, codi, latent_kv and fixed
+        teacher weights; the text objective's terms, other fusions and cached / compressed teachers are refused."""
+        c, lat = self.losses, self.student.latent
+        defaults = LossesConfig()
+        text_terms = [k for k in ("kv", "cosine", "attention_kl", "relation", "logit_kd", "hidden", "routing", "expert",
+                                  "balance") if getattr(c, k) != getattr(defaults, k)]
+        problems = [f"losses.{k} is read by the text objective, not by a latent student (student.latent); drop it "
+                    "(the latent student's terms: losses.ce, cot_ce, codi, latent_kv)" for k in text_terms]
+        if self.fusion != FusionConfig():
+            problems.append("a latent student combines teachers with fixed weights (teachers.N.weight): drop the "
+                            "fusion section")
+        for n, t in enumerate(self.teachers):
+            if t.source != "online" or t.compression != CompressionConfig():
+                problems.append(f"teachers.{n} ('{t.name}'): a latent student reads online teachers and compresses "
+                                "their CoT K/V itself (losses.latent_kv.target); use source: online without compression")
+        if self.teachers and c.latent_kv.weight == 0:
+            problems.append("teachers are given but losses.latent_kv.weight is 0: the latent student reads teachers "
+                            "only through L_KV")
+        if c.latent_kv.weight > 0 and not self.teachers and not c.latent_kv.self_teacher:
+            problems.append("losses.latent_kv.weight > 0 with self_teacher false and no teachers: no K/V target")
+        if c.latent_kv.weight > 0 and lat.tokens == 0:
+            problems.append("losses.latent_kv needs latent slots: student.latent.tokens is 0")
+        if c.ce == 0 and c.cot_ce == 0 and c.codi.weight == 0 and c.latent_kv.weight == 0:
+            problems.append("every latent-student loss weight is 0 (losses.ce, cot_ce, codi.weight, latent_kv.weight)")
+        return problems
 
     def _teacher_capabilities(self) -> list[str]:
         """Terms and fusion spaces that need what only an online, uncompressed teacher gives."""

@@ -59,6 +59,9 @@ def condition_config(spec: ExperimentSpec, name: str, seed: int, teachers: dict[
     A `cache: true` condition reads each teacher from `teachers[name]["cache_dir"]`."""
     cond = spec.conditions[name]
     raw = base_raw(spec)
+    if spec.student_from is not None:
+        kept = {k: v for k, v in (raw.get("student") or {}).items() if k not in ("model", "from_config", "tokenizer")}
+        raw["student"] = {**kept, "model": teachers[spec.student_from]["model"]}
     raw["teachers"] = [{"name": t, "model": teachers[t]["model"]} for t in cond.teachers]
     if cond.cache:
         for entry in raw["teachers"]:
@@ -81,20 +84,45 @@ def evaluate_run(student_dir: Path, held: list[dict], cfg: RunConfig, spec: Expe
     """Held-out perplexity, CE and (if asked) exact match with its per-problem 0/1 list, for one saved student."""
     import torch
 
+    from kvdistill.eval.latent import cot_exact_match
     from kvdistill.eval.metrics import exact_match, perplexity
     from kvdistill.models.load import load_model
+    from kvdistill.student.latent import is_latent_student
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    bs = spec.eval.batch_size
+    if is_latent_student(student_dir):
+        return _evaluate_latent(student_dir, held, cfg, spec, device)
     model, tok = load_model(str(student_dir), device=device, attn_implementation="sdpa")
     model.eval()
-    bs = spec.eval.batch_size
     ppl = perplexity(model, tok, held, max_length=cfg.data.max_length, batch_size=bs)
     out = {"ppl": ppl["ppl"], "ce": ppl["ce"], "tokens": ppl["tokens"]}
-    if spec.eval.exact_match:
+    if spec.eval.exact_match and spec.eval.cot:
+        em = cot_exact_match(model, tok, held, cfg.data.template, max_new_tokens=spec.eval.max_cot_tokens,
+                             batch_size=bs)
+        out.update({k: em[k] for k in ("exact_match", "per_item", "samples", "gen_tokens", "latency_s")})
+    elif spec.eval.exact_match:
         em = exact_match(model, tok, held, max_new_tokens=spec.eval.max_new_tokens, batch_size=bs)
         out.update(exact_match=em["exact_match"], per_item=em["per_item"], samples=em["samples"])
     del model
     return out
+
+
+def _evaluate_latent(student_dir: Path, held: list[dict], cfg: RunConfig, spec: ExperimentSpec, device) -> dict:
+    """A latent student: exact match in latent mode (with tokens, latency and latent passes per answer); ppl / ce
+    are those of the answer after the latents (training's held-out figures, from summary.json)."""
+    from kvdistill.eval.latent import latent_exact_match
+    from kvdistill.student.latent import load_latent_student
+
+    student, tok = load_latent_student(student_dir, device=device)
+    em = latent_exact_match(student, tok, held, cfg.data.template, max_new_tokens=spec.eval.max_new_tokens,
+                            batch_size=spec.eval.batch_size)
+    summary_path = student_dir.parent.parent / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    del student
+    return {"ppl": summary.get("eval/ppl"), "ce": summary.get("eval/ce"),
+            **{k: em[k] for k in ("exact_match", "per_item", "samples", "gen_tokens", "latency_s", "latent_passes",
+                                  "latent_tokens")}}
 
 
 # ---------------------------------------------------------------------------------------------- teachers

@@ -72,6 +72,11 @@ class EvalSpec(Section):
     exact_match: bool = True
     max_new_tokens: int = Field(24, gt=0)
     batch_size: int = Field(32, gt=0)
+    cot: bool = False
+    """Text models (teachers, text conditions) answer by CoT decoding from the question alone, up to
+    `max_cot_tokens` (kvdistill.eval.latent.cot_exact_match), instead of being given the record's reasoning;
+    latent students always answer in latent mode."""
+    max_cot_tokens: int = Field(96, gt=0)
 
 
 class ExperimentSpec(Section):
@@ -87,6 +92,9 @@ class ExperimentSpec(Section):
     eval: EvalSpec = EvalSpec()
     concurrent: int = Field(1, gt=0)
     """Runs trained at once (separate processes; several small runs share one GPU)."""
+    student_from: str | None = None
+    """A prepared teacher whose trained model every condition's student starts from (student.model; the base
+    student's other keys, e.g. latent and lora, kept): e.g. a backbone fine-tuned on the task with CoT."""
 
     @model_validator(mode="after")
     def _cross_checks(self):
@@ -104,6 +112,8 @@ class ExperimentSpec(Section):
                 problems.append(f"conditions.{cname}.cache: true needs teachers to read from caches")
             if cond.match_flops_of is not None and cond.match_flops_of not in self.conditions:
                 problems.append(f"conditions.{cname}.match_flops_of: '{cond.match_flops_of}' is not a condition")
+        if self.student_from is not None and self.student_from not in names:
+            problems.append(f"student_from: '{self.student_from}' is not among the teachers {names}")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             problems.append(f"seeds {self.seeds} must be distinct and at least one")
         bad = [m for m in self.metrics if m not in METRICS]
@@ -120,8 +130,10 @@ class ExperimentSpec(Section):
 
 
 METRICS = {"exact_match": "held-out exact match (greedy)", "ppl": "held-out perplexity", "ce": "held-out CE",
-           "elapsed_s": "training wall time (s)"}
-HIGHER_IS_BETTER = {"exact_match": True, "ppl": False, "ce": False, "elapsed_s": False}
+           "elapsed_s": "training wall time (s)", "gen_tokens": "generated tokens per answer",
+           "latency_s": "decoding latency per answer (s)"}
+HIGHER_IS_BETTER = {"exact_match": True, "ppl": False, "ce": False, "elapsed_s": False, "gen_tokens": False,
+                    "latency_s": False}
 
 
 def spec_path(spec: str) -> Path:

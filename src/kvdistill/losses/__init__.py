@@ -20,6 +20,6 @@ from kvdistill.losses.moe import (
 )
 from kvdistill.losses.reduce import sample_mean
 
-__all__ = ["CODI_KINDS", "codi_loss", "DIVERGENCES", "KV_KINDS", "as_rows", "attention_kl", "ce_loss", "cosine_error", "hidden_error",
+__all__ = ["CODI_KINDS", "DIVERGENCES", "codi_loss", "KV_KINDS", "as_rows", "attention_kl", "ce_loss", "cosine_error", "hidden_error",
            "kv_error", "logit_kd", "relation_loss", "relation_matrix", "sample_mean", "token_nll"]
 __all__ += ["expert_output_error", "load_balance", "routing_agreement", "routing_kl", "routing_log_probs"]

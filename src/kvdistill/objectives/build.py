@@ -9,8 +9,10 @@ from kvdistill.config import StudentConfig
 from kvdistill.models.geometry import geometry_of
 from kvdistill.models.load import attn_implementation_for, load_config, load_model, resolve_dtype
 from kvdistill.models.queries import supports_queries
+from kvdistill.objectives.kava import KavaObjective
 from kvdistill.objectives.objective import Objective
-from kvdistill.student import build_student
+from kvdistill.student import build_student, unwrap_student
+from kvdistill.student.latent import LatentHead, LatentStudent
 from kvdistill.teachers import CachedTeacher, OnlineTeacher
 
 
@@ -26,22 +28,28 @@ def build_teachers(cfg, device) -> list:
             continue
         dtype = tcfg.dtype if tcfg.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
         comp = tcfg.compression
+        # a latent student's R-KV target reads the teachers' attention too (kvdistill.objectives.kava)
+        reads_rkv = comp.kind == "rkv" or _latent_rkv(cfg)
         # attention probabilities are read for attention_kl, and by rkv for families whose importance cannot come
         # from hooked queries (models.queries); sdpa otherwise
         if tcfg.from_config is not None:  # a randomly initialised teacher (seed 0), eager attention where read
             model, tok = build_student(StudentConfig(from_config=tcfg.from_config, tokenizer=tcfg.tokenizer,
                                                      dtype=dtype), seed=0,
-                                       attentions=cfg.losses.attention_kl > 0 or comp.kind == "rkv")
+                                       attentions=cfg.losses.attention_kl > 0 or reads_rkv)
             model.to(resolve_dtype(dtype))
             teachers.append(OnlineTeacher(tcfg.name, model, tok, layers=comp.layers,
                                           compression=comp.build() if comp.kind != "full" else None))
             continue
-        rkv_attn = comp.kind == "rkv" and not supports_queries(geometry_of(load_config(tcfg.model)))
+        rkv_attn = reads_rkv and not supports_queries(geometry_of(load_config(tcfg.model)))
         attn = attn_implementation_for(cfg.losses.attention_kl > 0 or rkv_attn)
         model, tok = load_model(tcfg.model, dtype=dtype, attn_implementation=attn)
         teachers.append(OnlineTeacher(tcfg.name, model, tok, compression=comp.build() if comp.kind != "full" else None,
                                       layers=comp.layers))
     return teachers
+
+
+def _latent_rkv(cfg) -> bool:
+    return cfg.student.latent is not None and cfg.losses.latent_kv.target.kind == "rkv"
 
 
 def build_objective(cfg, device="cpu", *, init_student: str | None = None) -> Objective:
@@ -50,7 +58,27 @@ def build_objective(cfg, device="cpu", *, init_student: str | None = None) -> Ob
     if init_student is not None:
         student_cfg = student_cfg.model_copy(update={"model": str(init_student), "from_config": None,
                                                      "tokenizer": None})
+    if cfg.student.latent is not None:
+        return _build_kava(cfg, student_cfg, device)
     student, tokenizer = build_student(student_cfg, seed=cfg.train.seed, attentions=cfg.losses.attention_kl > 0)
     teachers = build_teachers(cfg, device)
     torch.manual_seed(cfg.train.seed + 1)  # projector / router init independent of how the student was built
     return Objective(cfg, student, tokenizer, teachers, device)
+
+
+def _build_kava(cfg, student_cfg, device) -> KavaObjective:
+    """A latent student (backbone + latent head) and its teachers. The backbone runs eager attention when its own
+    R-KV target needs attention probabilities its queries cannot give (models.queries)."""
+    lat = cfg.student.latent
+    self_rkv = _latent_rkv(cfg) and cfg.losses.latent_kv.weight > 0 and cfg.losses.latent_kv.self_teacher
+    eager = False
+    if self_rkv:
+        probe, _ = build_student(student_cfg, seed=cfg.train.seed)
+        eager = not supports_queries(geometry_of(unwrap_student(probe)))
+    backbone, tokenizer = build_student(student_cfg, seed=cfg.train.seed, attentions=eager)
+    torch.manual_seed(cfg.train.seed + 2)  # the head's init independent of how the backbone was built
+    hidden = backbone.get_input_embeddings().embedding_dim
+    student = LatentStudent(backbone, LatentHead(hidden, lat.tokens, lat.projection), lat.iterations)
+    teachers = build_teachers(cfg, device)
+    torch.manual_seed(cfg.train.seed + 1)
+    return KavaObjective(cfg, student, tokenizer, teachers, device)
