@@ -140,8 +140,8 @@ def test_generation_stops_at_eos_and_pads_with_it():
 
 
 def test_save_and_load_round_trip(tmp_path):
-    from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
 
     student = tiny_student("llama", projection="linear").float()
     student.backbone.save_pretrained(tmp_path)

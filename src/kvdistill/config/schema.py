@@ -491,7 +491,7 @@ class RunConfig(Section):
             problems += self._latent_problems()
         elif self.teachers and kd_terms == 0:
             problems.append("teachers are given but every distillation loss weight is 0 (losses.kv.weight, ...)")
-        if self.losses.ce == 0 and not self.teachers:
+        if self.losses.ce == 0 and not self.teachers and self.student.latent is None:
             problems.append("no teachers and losses.ce is 0: nothing to train on")
         if self.student.latent is None:
             problems += self._teacher_capabilities()

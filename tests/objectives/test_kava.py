@@ -1,0 +1,168 @@
+"""The KaVa objective: L_KV at the latent slots, its gradients, CODI and the CoT CE, config refusals, and the CPU-sized
+E1-E5 spec end to end."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from kvdistill.config import load_config
+from kvdistill.data import load_records
+from kvdistill.errors import ConfigError
+from kvdistill.objectives import build_objective
+from kvdistill.objectives.kava import SELF, cot_view, latent_view
+
+STUDENT = {"from_config": {"base": "smollm2-135m", "num_hidden_layers": 2, "hidden_size": 64,
+                           "intermediate_size": 128, "num_attention_heads": 2, "num_key_value_heads": 1,
+                           "head_dim": 32, "max_position_embeddings": 256},
+           "tokenizer": "gpt2-tokenizer", "latent": {"tokens": 6, "iterations": 2}}
+QWEN_SP = {"name": "qwen_sp", "from_config": {"family": "qwen2", "num_hidden_layers": 3, "hidden_size": 48,
+                                              "intermediate_size": 96, "num_attention_heads": 4,
+                                              "num_key_value_heads": 2, "max_position_embeddings": 256},
+           "tokenizer": "llama2-tokenizer"}
+
+
+def config(losses: dict, teachers=(), **student):
+    raw = {"name": "kava", "student": {**copy.deepcopy(STUDENT), **student}, "teachers": list(teachers),
+           "data": {"source": "arithmetic", "size": 40, "eval_size": 4, "max_length": 96},
+           "losses": losses, "train": {"steps": 2, "batch_size": 4}}
+    return load_config(raw=raw)
+
+
+def records(cfg, n=4):
+    return load_records(cfg.data, split="train")[:n]
+
+
+def test_latent_kv_is_zero_when_the_latent_kv_equal_the_target_and_grows_otherwise():
+    cfg = config({"ce": 0.0, "latent_kv": {"weight": 1.0}})
+    obj = build_objective(cfg)
+    recs = records(cfg)
+    segs = obj._segments(recs)
+    with torch.no_grad():
+        s_cap, view = obj._student_pass(recs, segs, hidden=False)
+        t_cap, t_view, queries = obj._cot_pass(obj.student.backbone, obj.tokenizer, obj.student_geometry, recs, segs,
+                                               grad=False, logits=False, hidden=False, importance=True)
+        targets = obj._targets(recs, segs, t_cap, t_view, queries)
+    P, M = view.prefix_ids.shape[1], obj.student.tokens
+    for i in range(len(s_cap.keys)):  # the self teacher's layer map is the identity
+        s_cap.keys[i][:, :, P : P + M] = targets[SELF].keys[i]
+        s_cap.values[i][:, :, P : P + M] = targets[SELF].values[i]
+    assert float(obj.kv_terms(s_cap, P, targets)[SELF].abs().max()) < 1e-6
+    s_cap.keys[0][:, :, P] += 1.0
+    assert float(obj.kv_terms(s_cap, P, targets)[SELF].min()) > 1e-3
+
+
+def test_latent_kv_gradient_reaches_the_latents_and_the_backbone_never_the_teachers():
+    cfg = config({"ce": 0.0, "latent_kv": {"weight": 1.0}}, teachers=[QWEN_SP])
+    obj = build_objective(cfg)
+    loss, metrics = obj(records(cfg))
+    assert metrics["loss/latent_kv/self"] > 0 and metrics["loss/latent_kv/qwen_sp"] > 0
+    loss.backward()
+    head = obj.student.head
+    assert head.fc2.weight.grad.abs().sum() > 0  # the projection of the Jacobi passes
+    assert head.init.grad[: 6 - 2].abs().sum() > 0  # e_0 reaches the first M - T slots
+    backbone = obj.student.backbone.model.layers[0].self_attn
+    assert backbone.k_proj.weight.grad.abs().sum() > 0 and backbone.q_proj.weight.grad.abs().sum() > 0
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in obj.projectors.parameters())
+    teacher = obj.teachers[0].model
+    assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
+
+
+def test_targets_are_detached_even_when_the_cot_pass_trains():
+    cfg = config({"ce": 1.0, "cot_ce": 1.0, "latent_kv": {"weight": 1.0}})
+    obj = build_objective(cfg)
+    recs = records(cfg)
+    segs = obj._segments(recs)
+    t_cap, t_view, queries = obj._cot_pass(obj.student.backbone, obj.tokenizer, obj.student_geometry, recs, segs,
+                                           grad=True, logits=True, hidden=False, importance=True)
+    assert t_cap.keys[0].requires_grad
+    targets = obj._targets(recs, segs, t_cap, t_view, queries)[SELF]
+    assert not any(t.requires_grad for t in [*targets.keys.values(), *targets.values.values()])
+
+
+def test_views_mark_cot_answer_and_pre_answer_tokens():
+    cfg = config({"ce": 1.0})
+    obj = build_objective(cfg)
+    recs = records(cfg, 2)
+    segs = obj._segments(recs)
+    v = cot_view(obj.tokenizer, obj.student_geometry, recs, segs, 96)
+    tok = obj.tokenizer
+    for b, s in enumerate(segs):
+        cot_text = tok.decode(v.ids[b][v.candidates[b].bool()])
+        assert cot_text.strip() == s.text[s.cot_start : s.cot_end].strip()
+        assert tok.decode(v.ids[b][v.answer_rows[b].bool()]).strip() == recs[b]["answer"]
+        assert tok.decode(v.ids[b, v.pre_answer[b]]) == ":"
+    lv = latent_view(tok, segs, 6)
+    P = lv.prefix_ids.shape[1]
+    for b in range(2):
+        assert lv.prefix_mask[b, -1] == 1  # left-padded
+        assert lv.answer_mask[b, P + 5] == 1 and lv.answer_mask[b, :P + 5].sum() == 0
+        assert tok.decode(lv.suffix_ids[b, lv.pre_answer[b] - P - 6]) == ":"
+
+
+def test_codi_and_cot_ce_are_the_library_terms():
+    from kvdistill import losses
+
+    cfg = config({"ce": 1.0, "cot_ce": 1.0, "codi": {"weight": 10.0}})
+    obj = build_objective(cfg).eval()
+    recs = records(cfg)
+    with torch.no_grad():
+        _, m = obj(recs)
+        segs = obj._segments(recs)
+        s_cap, view = obj._student_pass(recs, segs, hidden=True)
+        t_cap, t_view, _ = obj._cot_pass(obj.student.backbone, obj.tokenizer, obj.student_geometry, recs, segs,
+                                         grad=False, logits=True, hidden=True, importance=False)
+    b = torch.arange(4)
+    s_h = torch.stack([h[b, view.pre_answer] for h in s_cap.hidden_states[1:]])
+    t_h = torch.stack([h[b, t_view.pre_answer] for h in t_cap.hidden_states[1:]])
+    assert m["loss/codi"] == pytest.approx(float(losses.codi_loss(s_h, t_h).mean()), rel=1e-5)
+    cot = losses.ce_loss(t_cap.logits, t_cap.input_ids, t_view.after_prefix)
+    assert m["loss/cot_ce"] == pytest.approx(float(cot.mean()), rel=1e-5)
+    ce = losses.ce_loss(s_cap.logits, s_cap.input_ids, view.answer_mask)
+    assert m["loss"] == pytest.approx(float((ce + cot).mean()) + 10 * m["loss/codi"], rel=1e-5)
+
+
+@pytest.mark.parametrize("bad, needle", [
+    ({"losses": {"ce": 1.0, "kv": {"weight": 2.0}}}, "losses.kv is read by the text objective"),
+    ({"losses": {"ce": 1.0, "latent_kv": {"weight": 1.0, "self_teacher": False}}}, "no K/V target"),
+    ({"losses": {"ce": 1.0, "latent_kv": {"weight": 1.0, "target": {"kind": "full", "lam": 0.5}}}},
+     "read by kind rkv only"),
+    ({"losses": {"ce": 1.0, "latent_kv": {"weight": 1.0, "target": {"window": 4}}}}, "read by scoring rkv only"),
+    ({"losses": {"ce": 1.0, "latent_kv": {"weight": 1.0}}, "latent": {"tokens": 0}}, "needs latent slots"),
+    ({"losses": {"ce": 1.0}, "teachers": [QWEN_SP]}, "losses.latent_kv.weight is 0"),
+    ({"losses": {"ce": 1.0, "codi": {"weight": 1.0}}, "latent": None}, "read by a latent student only"),
+])
+def test_config_refuses_what_the_latent_student_never_reads(bad, needle):
+    student = {"latent": bad["latent"]} if "latent" in bad else {}
+    with pytest.raises(ConfigError) as err:
+        config(bad["losses"], teachers=bad.get("teachers", ()), **student)
+    assert needle in str(err.value)
+
+
+def test_kava_tiny_spec_runs_end_to_end(tmp_path):
+    """The packaged CPU spec, shrunk to seconds: every condition trains, saves, and is scored in its mode."""
+    import yaml
+
+    from kvdistill.experiments.runner import run_experiment
+    from kvdistill.experiments.spec import load_spec, spec_path
+
+    raw = yaml.safe_load(spec_path("kava-tiny").read_text())
+    raw["base"]["data"].update(size=60, eval_size=4)
+    raw["base"]["train"].update(steps=2, eval_every=0)
+    for t in raw["teachers"]:
+        t["steps"] = 2
+    raw["eval"].update(max_cot_tokens=8, max_new_tokens=3)
+    results = run_experiment(load_spec(raw), tmp_path)
+    assert set(results["conditions"]) == {"E1", "E2", "E3", "E4", "E5", "cot_ft", "nocot_ft"}
+    for name in results["conditions"]:
+        ev = json.loads((tmp_path / "runs" / name / "seed-0" / "eval.json").read_text())
+        assert len(ev["per_item"]) == 4 and ev["gen_tokens"] > 0
+        latent = (tmp_path / "runs" / name / "seed-0" / "final" / "student" / "latent.json").is_file()
+        assert latent == (name != "cot_ft")
+        if latent:
+            assert ev["latent_tokens"] == (0 if name == "nocot_ft" else 6)
+    rows = [json.loads(x) for x in (tmp_path / "runs" / "E5" / "seed-0" / "metrics.jsonl").read_text().splitlines()]
+    assert "loss/latent_kv/qwen_sp" in rows[0] and "loss/latent_kv/self" not in rows[0]
