@@ -272,12 +272,15 @@ def generate(
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass (with --temperature > 0)."),
     seed: int = typer.Option(0, "--seed", help="Sampling seed."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    latent: bool = typer.Option(False, "--latent", help="A latent student: PROMPT is the question part, then the "
+                                "latents, then --answer-prompt (greedy)."),
+    answer_prompt: str = typer.Option("Answer:", "--answer-prompt", help="With --latent: text after the latents."),
 ) -> None:
     """Continue a prompt with a saved student (a plain Hugging Face model), printing the text and tokens/s."""
     from kvdistill.eval.generate import generate as run_generate
 
     gen = run_generate(checkpoint, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                       seed=seed)
+                       seed=seed, latent=latent, answer_prompt=answer_prompt)
     if as_json:
         _echo_json(gen.to_dict())
         return

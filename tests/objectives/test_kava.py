@@ -166,3 +166,12 @@ def test_kava_tiny_spec_runs_end_to_end(tmp_path):
             assert ev["latent_tokens"] == (0 if name == "nocot_ft" else 6)
     rows = [json.loads(x) for x in (tmp_path / "runs" / "E5" / "seed-0" / "metrics.jsonl").read_text().splitlines()]
     assert "loss/latent_kv/qwen_sp" in rows[0] and "loss/latent_kv/self" not in rows[0]
+    # `kvdistill generate --latent` decodes what the evaluation decoded for the same question
+    from kvdistill.data.segments import segments
+    from kvdistill.eval.generate import generate
+
+    ev = json.loads((tmp_path / "runs" / "E4" / "seed-0" / "eval.json").read_text())
+    held = load_records(load_config(tmp_path / "runs" / "E4" / "seed-0" / "config.yaml").data, split="eval")
+    seg = segments(held[0], raw["base"]["data"].get("template", "Question: {question}\nReasoning: {cot}\nAnswer: {answer}"))
+    gen = generate(str(tmp_path / "runs" / "E4" / "seed-0"), seg.prefix, max_new_tokens=3, latent=True)
+    assert gen.continuation == "Answer:" + ev["samples"][0]["generated"]

@@ -30,7 +30,8 @@ class Generation:
 
 
 def generate(checkpoint: str, prompt: str, *, max_new_tokens: int = 64, temperature: float = 0.0,
-             top_p: float = 1.0, seed: int = 0, device: str | None = None) -> Generation:
+             top_p: float = 1.0, seed: int = 0, device: str | None = None, latent: bool = False,
+             answer_prompt: str = "Answer:") -> Generation:
     """The continuation of `prompt` by the student of `checkpoint` (RUN, RUN/final, RUN/checkpoints/step-N, a
     student directory or a model name). temperature 0: greedy; > 0: sampling (with top_p < 1 nucleus) under `seed`.
     """
@@ -50,6 +51,10 @@ def generate(checkpoint: str, prompt: str, *, max_new_tokens: int = 64, temperat
         raise KvdistillError("the prompt is empty", "pass --prompt TEXT")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     path, _ = resolve_checkpoint(checkpoint)
+    if latent:
+        if temperature > 0:
+            raise KvdistillError("latent mode decodes greedily", "drop --temperature / --top-p with --latent")
+        return _latent(path, prompt, answer_prompt, max_new_tokens, device)
     model, tok = load_model(path, device=device, attn_implementation="sdpa")
     model.eval()
     enc = tok(prompt, return_tensors="pt").to(device)
@@ -69,4 +74,22 @@ def generate(checkpoint: str, prompt: str, *, max_new_tokens: int = 64, temperat
     return Generation(prompt=prompt, continuation=text, new_tokens=int(new.numel()), seconds=seconds,
                       tokens_per_s=new.numel() / max(seconds, 1e-9), model=path,
                       sampling={"temperature": temperature, "top_p": top_p, "seed": seed,
+                                "max_new_tokens": max_new_tokens})
+
+
+def _latent(path: str, prompt: str, answer_prompt: str, max_new_tokens: int, device: str) -> Generation:
+    """Latent mode (kvdistill.student.latent): `prompt` is the question part of the template ('Question: ...\n'),
+    then the student's latents, then `answer_prompt`, then greedy decoding."""
+    from kvdistill.student.latent import load_latent_student
+
+    student, tok = load_latent_student(path, device=device)
+    enc = tok(prompt, return_tensors="pt")
+    after = tok(answer_prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    out = student.generate(enc["input_ids"].to(device), enc["attention_mask"].to(device), after.to(device),
+                           max_new_tokens=max_new_tokens, eos_id=tok.eos_token_id)
+    new = [t for t in out["tokens"][0].tolist() if t != tok.eos_token_id]
+    text = tok.decode(new, skip_special_tokens=True)
+    return Generation(prompt=prompt, continuation=answer_prompt + text, new_tokens=len(new), seconds=out["seconds"],
+                      tokens_per_s=len(new) / max(out["seconds"], 1e-9), model=path,
+                      sampling={"latent_tokens": student.tokens, "latent_passes": out["latent_passes"],
                                 "max_new_tokens": max_new_tokens})
