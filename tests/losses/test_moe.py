@@ -7,13 +7,13 @@ import math
 
 import pytest
 import torch
+from tests.moe_tiny import moe_model
 
 from kvdistill import losses
 from kvdistill.align.tokens import batch_token_alignment, batch_token_alignment_sparse
 from kvdistill.models.capture import tokenize
 from kvdistill.models.load import load_tokenizer
 from kvdistill.models.moe import capture_moe
-from tests.moe_tiny import moe_model
 
 TEXTS = ["Question: 12 + 7 = ?\nAnswer: 19", "Hi there", "Compute 3 * (4 - 1) step by step: 4 - 1 = 3, 3 * 3 = 9."]
 

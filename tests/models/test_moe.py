@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tests.moe_tiny import FAMILIES, moe_model
 
 from kvdistill.errors import KvdistillError
 from kvdistill.models.moe import capture_moe, moe_layers, require_moe
-from tests.moe_tiny import FAMILIES, moe_model
 
 
 def _block_outputs(model, ids, mask):

@@ -125,6 +125,19 @@ def _evaluate_latent(student_dir: Path, held: list[dict], cfg: RunConfig, spec: 
                                   "latent_tokens")}}
 
 
+def routing_agreement(student_dir: Path, teacher_dir: str, held: list[dict], cfg: RunConfig) -> dict:
+    """routing_top1 / routing_topk of a saved MoE student against a prepared MoE teacher on the held-out records."""
+    import torch
+
+    from kvdistill.eval.moe import routing_agreement_of
+    from kvdistill.models.load import load_model
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    student, s_tok = load_model(str(student_dir), device=device, attn_implementation="sdpa")
+    teacher, t_tok = load_model(str(teacher_dir), device=device, attn_implementation="sdpa")
+    return routing_agreement_of(student.eval(), s_tok, teacher.eval(), t_tok, held, max_length=cfg.data.max_length)
+
+
 # ---------------------------------------------------------------------------------------------- teachers
 def prepare_teachers(spec: ExperimentSpec, out: Path, held: list[dict]) -> dict[str, dict]:
     """Train (or reuse) every teacher of the spec, `spec.concurrent` at once; {name: {model, exact_match, ppl,
@@ -285,6 +298,9 @@ def run_experiment(spec: ExperimentSpec, out: str | Path, *, only: list[str] | N
             ev = evaluate_run(run_dir(out, n, s) / "final" / "student", held, cfg, spec)
             summary = json.loads((run_dir(out, n, s) / "summary.json").read_text())
             ev.update(elapsed_s=summary.get("elapsed_s"), steps=cfg.train.steps)
+            if spec.eval.routing_teacher:
+                ev.update(routing_agreement(run_dir(out, n, s) / "final" / "student",
+                                            teachers[spec.eval.routing_teacher]["model"], held, cfg))
             write_json_atomic(record, ev)
     results = collect(spec, out, names, use_seeds, teachers)
     results["extraction"] = extraction

@@ -77,6 +77,9 @@ class EvalSpec(Section):
     `max_cot_tokens` (kvdistill.eval.latent.cot_exact_match), instead of being given the record's reasoning;
     latent students always answer in latent mode."""
     max_cot_tokens: int = Field(96, gt=0)
+    routing_teacher: str | None = None
+    """A prepared MoE teacher (by name): every run's held-out routing agreement with it, metrics routing_top1 and
+    routing_topk (kvdistill.eval.moe.routing_agreement_of); MoE students only."""
 
 
 class ExperimentSpec(Section):
@@ -116,6 +119,11 @@ class ExperimentSpec(Section):
             problems.append(f"student_from: '{self.student_from}' is not among the teachers {names}")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             problems.append(f"seeds {self.seeds} must be distinct and at least one")
+        if self.eval.routing_teacher is not None and self.eval.routing_teacher not in names:
+            problems.append(f"eval.routing_teacher '{self.eval.routing_teacher}' is not among the teachers {names}")
+        routing = [m for m in self.metrics if m.startswith("routing_")]
+        if routing and self.eval.routing_teacher is None:
+            problems.append(f"metrics {routing} need eval.routing_teacher (the MoE teacher to agree with)")
         bad = [m for m in self.metrics if m not in METRICS]
         if bad:
             problems.append(f"metrics {bad} are unknown; use some of {list(METRICS)}")
@@ -132,8 +140,11 @@ class ExperimentSpec(Section):
 METRICS = {"exact_match": "held-out exact match (greedy)", "ppl": "held-out perplexity", "ce": "held-out CE",
            "elapsed_s": "training wall time (s)", "gen_tokens": "generated tokens per answer",
            "latency_s": "decoding latency per answer (s)"}
+METRICS.update(routing_top1="held-out top-1 routing agreement with eval.routing_teacher",
+               routing_topk="held-out top-k routing overlap with eval.routing_teacher")
 HIGHER_IS_BETTER = {"exact_match": True, "ppl": False, "ce": False, "elapsed_s": False, "gen_tokens": False,
                     "latency_s": False}
+HIGHER_IS_BETTER.update(routing_top1=True, routing_topk=True)
 
 
 def spec_path(spec: str) -> Path:
