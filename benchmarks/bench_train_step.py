@@ -6,23 +6,35 @@
     python benchmarks/bench_train_step.py --device cpu  --preset tiny --out benchmarks/results/train_step_cpu.json
     python benchmarks/bench_train_step.py --device cuda --preset real --out benchmarks/results/train_step_h100.json \
         [--tokenizers DIR]
+    python benchmarks/bench_train_step.py --device cuda --preset large ...   (GPU-filling)
 
 Presets (model configs in benchmarks/common.py, random weights):
     real  teachers llama-1b (Llama-3.2-1B config, smollm2 tokenizer) and qwen2-1.5b (Qwen2.5-1.5B config, llama2
           tokenizer); student qwen2-0.5b (Qwen2.5-0.5B config, gpt2 tokenizer); batch 4 of up to 1024 tokens, bf16
+    large student llama-1b (Llama-3.2-1B config, gpt2 tokenizer), teachers qwen2-1.5b and llama-3b (Llama-3.2-3B config,
+          smollm2 tokenizer); batch 8 of up to 2048 tokens, bf16: a step that fills the GPU (--batch 16 for more)
     tiny  the same families at 4 layers × width 128 (student 3 × 64), batch 2 of up to 128 tokens, float32
 Every model's vocabulary is its tokenizer's. The models are saved into a temporary directory and the objective is
 built the way training builds it: `build_objective(load_config(raw=...))` (sdpa attention where nothing reads
 attention probabilities, as the library loads models; teachers bf16 on GPU), default losses (CE + normalised KV MSE, ratio layer map, fixed fusion).
 
-Timed (median of --repeats, interleaved; texts → loss, tokenization included everywhere):
-    ce_step        tokenize, student(ids, mask).logits, CE, backward, clip, AdamW step           (a)
+Timed (median of --repeats, interleaved). --inputs collated (default): every step starts from the batch the
+trainer's DataLoader workers hand over (`objective.collate(records)`, pinned: token ids, byte spans, alignments);
+--inputs texts: from the texts, tokenization (and the alignment) inside every timed step, as before the collate.
+    ce_step        student(ids, mask).logits, CE, backward, clip, AdamW step                     (a)
                    (the objective's own student: same weights, dtype and attention implementation)
-    teachers_fwd   per teacher: tokenize, model.base_model(ids, mask) under no_grad              (b)
-    teachers_kv    per teacher: OnlineTeacher.kv (capture_kv: projection hooks, no cache), what the objective runs
-    kd_step        objective(records), backward, clip, AdamW step                                (c)
-    ce_forward, kd_forward   the forward halves of a and c alone
-Reported: overhead (with b) and overhead_vs_kv = (c - a - teachers_kv) / a (the student-side cost of the KD terms).
+    teachers_fwd   per teacher: model.base_model(ids, mask) under no_grad                        (b)
+    teachers_kv    per teacher: OnlineTeacher.kv (projection hooks, no cache), what the objective runs
+    kd_step        objective(batch), backward, clip, AdamW step                                  (c)
+    collate        objective.collate(records) on the CPU: what a worker spends per batch (off the critical
+                   path with train.num_workers >= 1; not part of a, b or c)
+    ce_forward, kd_forward   the forward halves of a and c alone (--halves)
+AdamW is the fused one on a GPU (as the trainer builds it), clipping torch's foreach clip_grad_norm_.
+Reported: overhead (with b), overhead_vs_kv = (c - a - teachers_kv) / a (the student-side cost of the KD terms),
+tokens/s of a and c (real student tokens), the student's model-FLOPs utilisation in a and c
+(6·N + 12·L·d·T FLOPs per padded token, N the student's parameters, against --peak-tflops), and the memory check
+of issue 13: peak of c <= peak of a + the teachers' weights + 10% (peaks as allocated by one call, plus the
+student's weights and AdamW state, which both steps hold).
 
 Needs pydantic (kvdistill.config builds the RunConfig that the objective takes).
 """
@@ -55,6 +67,7 @@ from kvdistill.models.capture import tokenize
 
 PRESETS = {
     "real": {"teachers": ["llama-1b", "qwen2-1.5b"], "student": "qwen2-0.5b", "batch": 4, "seq": 1024},
+    "large": {"teachers": ["qwen2-1.5b", "llama-3b"], "student": "llama-1b", "batch": 8, "seq": 2048},
     "tiny": {
         "teachers": ["llama-tiny", "qwen2-tiny"],
         "student": "qwen2-tiny-student",
@@ -113,6 +126,50 @@ def count_ops(step, top: int = 15) -> dict:
     return {"aten_calls": sum(counts.values()), "top": dict(ranked[:top])}
 
 
+def _bytes(params) -> int:
+    return sum(p.numel() * p.element_size() for p in params)
+
+
+def speed_and_memory(student, objective, collated, real_tokens: int, timings: dict, peak_tflops: float) -> dict:
+    """tokens/s and the student's MFU of a and c; on a GPU the memory check of issue 13.
+
+    Model FLOPs of one step: (6·N + 12·L·d·T) per padded token (fwd + bwd of the matmuls, and of attention's
+    scores and weighted sum), N the student's parameters, L layers, d its attention width, T the padded length.
+    Memory: each step's footprint is what its call allocates at its peak (peak_extra_mib) plus the student's weights
+    and AdamW state (m, v), which exist before the call; c adds the maps' weights and state; the teachers' weights
+    are the allowance: peak(c) <= (peak(a) + teachers' weights) · 1.10.
+    """
+    cfg = student.config
+    B, T = collated.ids.shape
+    N = sum(p.numel() for p in student.parameters())
+    d_attn = cfg.num_attention_heads * (getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+    flops = (6 * N + 12 * cfg.num_hidden_layers * d_attn * T) * B * T
+    ms = {k: timings[k]["median_ms"] for k in ("ce_step", "kd_step")}
+    out = {
+        "student_params": N,
+        "step_tflop": round(flops / 1e12, 3),
+        "tokens_per_s": {k: round(real_tokens / (v / 1e3), 1) for k, v in ms.items()},
+        "mfu": {k: round(flops / (v / 1e3) / (peak_tflops * 1e12), 4) for k, v in ms.items()},
+        "peak_tflops": peak_tflops,
+    }
+    if "peak_extra_mib" in timings["ce_step"]:
+        mib = 2**20
+        student_state = 3 * _bytes(student.parameters()) / mib  # weights + AdamW m, v (the parameters' dtype)
+        maps_state = 3 * _bytes(p for n, p in objective.named_parameters() if not n.startswith("student.")) / mib
+        teachers = sum(_bytes(t.model.parameters()) for t in objective.teachers) / mib
+        peak_a = student_state + timings["ce_step"]["peak_extra_mib"]
+        peak_c = student_state + maps_state + timings["kd_step"]["peak_extra_mib"]
+        out["memory_mib"] = {
+            "peak_ce_step": round(peak_a, 1),
+            "peak_kd_step": round(peak_c, 1),
+            "teachers_weights": round(teachers, 1),
+            "ratio": round(peak_c / (peak_a + teachers), 4),
+            "target_ratio": 1.10,
+            "meets_target": peak_c <= 1.10 * (peak_a + teachers),
+        }
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", choices=["cpu", "cuda"], default=default_device())
@@ -159,6 +216,11 @@ def main() -> None:
         action="store_true",
         help="after timing, profile one kd_step and store the top ops by self time in the JSON",
     )
+    ap.add_argument("--inputs", choices=["collated", "texts"], default="collated",
+                    help="start each timed step from the collated batch (the trainer's DataLoader) or the texts")
+    ap.add_argument("--halves", action="store_true", help="also time the forward halves of a and c")
+    ap.add_argument("--peak-tflops", type=float, default=989.4,
+                    help="the device's dense bf16 peak for the MFU (default: H100/H200 SXM, 989.4)")
     ap.add_argument(
         "--count-ops",
         action="store_true",
@@ -167,7 +229,7 @@ def main() -> None:
     args = ap.parse_args()
     try:
         from kvdistill.config import load_config
-        from kvdistill.losses import ce_loss
+        from kvdistill.losses import ce_loss as ce_per_sample
         from kvdistill.objectives import build_objective
     except ImportError as err:
         raise SystemExit(
@@ -230,16 +292,25 @@ def main() -> None:
         if args.mixed_precision
         else contextlib.nullcontext()
     )
-    opt_ce = torch.optim.AdamW(model.parameters(), lr=3e-4)
-    opt_kd = torch.optim.AdamW(objective.parameters(), lr=3e-4)
+    fused = True if on_gpu else None  # as the trainer builds it
+    opt_ce = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=fused)
+    opt_kd = torch.optim.AdamW(objective.parameters(), lr=3e-4, fused=fused)
     max_norm = cfg.train.max_grad_norm
+    collated = objective.collate(records)
+    if on_gpu:
+        collated = collated.pin_memory()
+    from_texts = args.inputs == "texts"
 
     def ce_loss():
-        enc = tokenize(student_tok, texts, max_length=seq, padding_side="right")
-        ids, mask = enc["input_ids"].to(args.device), enc["attention_mask"].to(args.device)  # (B, T_s)
+        if from_texts:
+            enc = tokenize(student_tok, texts, max_length=seq, padding_side="right")
+            ids, mask = enc["input_ids"], enc["attention_mask"]
+        else:
+            ids, mask = collated.ids, collated.mask
+        ids, mask = ids.to(args.device, non_blocking=True), mask.to(args.device, non_blocking=True)  # (B, T_s)
         with autocast:
             logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # (B, T_s, V)
-            return ce_loss(logits, ids, mask).mean()
+            return ce_per_sample(logits, ids, mask).mean()
 
     def ce_step():
         ce_loss().backward()
@@ -249,7 +320,7 @@ def main() -> None:
 
     def kd_loss():
         with autocast:
-            return objective(records)[0]
+            return objective(records if from_texts else collated)[0]
 
     def kd_step():
         kd_loss().backward()
@@ -259,17 +330,21 @@ def main() -> None:
 
     @torch.no_grad()
     def teachers_fwd():
-        for t in objective.teachers:
-            enc = tokenize(t.tokenizer, texts, max_length=seq, padding_side="right")
-            t.model.base_model(
-                input_ids=enc["input_ids"].to(args.device),
-                attention_mask=enc["attention_mask"].to(args.device),
-                use_cache=False,
-            )
+        for t, ti in zip(objective.teachers, collated.teachers, strict=True):
+            if from_texts:
+                enc = tokenize(t.tokenizer, texts, max_length=seq, padding_side="right")
+                ids, mask = enc["input_ids"], enc["attention_mask"]
+            else:
+                ids, mask = ti.input_ids, ti.attention_mask
+            t.model.base_model(input_ids=ids.to(args.device, non_blocking=True),
+                               attention_mask=mask.to(args.device, non_blocking=True), use_cache=False)
 
     def teachers_kv():
-        for t in objective.teachers:
-            t.kv(records, max_length=seq)
+        for t, ti in zip(objective.teachers, collated.teachers, strict=True):
+            t.kv(records, max_length=seq, **({} if from_texts else {"inputs": ti}))
+
+    def collate():
+        objective.collate(records)
 
     def forward_only(fn):
         def run():
@@ -282,9 +357,10 @@ def main() -> None:
         "teachers_fwd": teachers_fwd,
         "teachers_kv": teachers_kv,
         "kd_step": kd_step,
-        "ce_forward": forward_only(ce_loss),
-        "kd_forward": forward_only(kd_loss),
+        "collate": collate,
     }
+    if args.halves:
+        fns.update(ce_forward=forward_only(ce_loss), kd_forward=forward_only(kd_loss))
     with torch.no_grad():
         _, metrics0 = objective(records)
     timings = time_interleaved(fns, args.device, warmup=warmup, repeats=repeats, memory=on_gpu)
@@ -295,6 +371,7 @@ def main() -> None:
         name: int(tokenize(tok, texts, max_length=seq)["attention_mask"].sum())
         for name, tok in [("student", student_tok), *zip(teachers, teacher_toks, strict=True)]
     }
+    throughput = speed_and_memory(model, objective, collated, tokens["student"], timings, args.peak_tflops)
     result = {
         "benchmark": "train_step",
         **environment(args.device),
@@ -311,7 +388,8 @@ def main() -> None:
                 "student": model.config._attn_implementation,
                 **{t.name: t.model.config._attn_implementation for t in objective.teachers},
             },
-            "optimizer": "AdamW lr 3e-4",
+            "inputs": args.inputs,
+            "optimizer": f"AdamW lr 3e-4{' fused' if fused else ''}",
             "max_grad_norm": max_norm,
             "warmup": warmup,
             "repeats": repeats,
@@ -325,6 +403,7 @@ def main() -> None:
         "target": TARGET,
         "meets_target": overhead <= TARGET,
         "kd_extra_ms": round(c - a - ms["teachers_kv"], 3),
+        **throughput,
     }
     if args.count_ops:
         result["op_counts"] = {name: count_ops(fn) for name, fn in fns.items()}
@@ -338,12 +417,15 @@ def main() -> None:
                 "b teachers_fwd": b,
                 "teachers_kv": ms["teachers_kv"],
                 "c kd_step": c,
-                "ce_fwd": ms["ce_forward"],
-                "kd_fwd": ms["kd_forward"],
+                "collate": ms["collate"],
                 "overhead": round(overhead, 4),
+                "tok/s c": throughput["tokens_per_s"]["kd_step"],
+                "MFU a": throughput["mfu"]["ce_step"],
+                "MFU c": throughput["mfu"]["kd_step"],
             }
         ],
-        ["a ce_step", "b teachers_fwd", "teachers_kv", "c kd_step", "ce_fwd", "kd_fwd", "overhead"],
+        ["a ce_step", "b teachers_fwd", "teachers_kv", "c kd_step", "collate", "overhead", "tok/s c", "MFU a",
+         "MFU c"],
     )
     print(f"overhead (c - a - b) / a = {overhead:.3f} (target <= {TARGET})")
     write_result(out, result)

@@ -58,6 +58,23 @@ REAL_CONFIGS: dict[str, dict] = {
         tie_word_embeddings=True,
         hidden_act="silu",
     ),
+    # meta-llama/Llama-3.2-3B: 3.21B parameters
+    "llama-3b": dict(
+        model_type="llama",
+        hidden_size=3072,
+        intermediate_size=8192,
+        num_hidden_layers=28,
+        num_attention_heads=24,
+        num_key_value_heads=8,
+        head_dim=128,
+        vocab_size=128256,
+        max_position_embeddings=131072,
+        rope_theta=500000.0,
+        rope_scaling=LLAMA3_ROPE,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        hidden_act="silu",
+    ),
     # Qwen/Qwen2.5-1.5B: 1.54B parameters (head dim 1536 / 12 = 128, q/k/v with bias)
     "qwen2-1.5b": dict(
         model_type="qwen2",
@@ -321,6 +338,8 @@ def environment(device: str) -> dict:
     return {
         "device": name,
         **extra,
+        "host": platform.node(),
+        "host_cpus": os.cpu_count(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),

@@ -87,3 +87,27 @@ def test_dataloader_workers_give_the_same_step(tiny_config, workers):
     assert [[r["id"] for r in b.records] for b in got] == [[r["id"] for r in c] for c in chunks]
     for batch, chunk in zip(got, chunks, strict=True):
         assert_same(loss_and_grads(objective, batch), loss_and_grads(objective, chunk))
+
+
+def test_dense_shared_alignment_equals_the_sparse_gather(tiny_config):
+    """`group_errors(dense=True)` (what runs off the CPU) == the sparse gather, in float64."""
+    from kvdistill.objectives import loss_space
+
+    cfg = tiny_config("losses.cosine=0.5")
+    objective = build_objective(cfg).double()
+    for t in objective.teachers:
+        t.model.double()
+    records = load_records(cfg.data)[:4]
+    calls = []
+
+    def dense(*args, **kwargs):
+        calls.append(args[3].dim())
+        return loss_space.group_errors(*args, **{**kwargs, "dense": args[3].dim() == 2})
+
+    sparse = loss_and_grads(objective, records)
+    objective.space.group_errors = dense
+    got = loss_and_grads(objective, records)
+    assert calls and all(d == 2 for d in calls)  # every group of these full teachers is a shared one
+    torch.testing.assert_close(got[0], sparse[0], rtol=1e-12, atol=1e-12)
+    for name, grad in sparse[2].items():
+        torch.testing.assert_close(got[2][name], grad, rtol=1e-10, atol=1e-12, msg=name)

@@ -111,7 +111,7 @@ def _token_to_rows(token_weight: torch.Tensor, g: _Group) -> torch.Tensor:
 
 def group_errors(proj: torch.Tensor, index: torch.Tensor, weight: torch.Tensor, covered: torch.Tensor,
                  targets: list[torch.Tensor], at: torch.Tensor | None, rows_w: torch.Tensor | None, *, H: int, D: int,
-                 kind: str, normalize: bool, kv: bool, cosine: bool):
+                 kind: str, normalize: bool, kv: bool, cosine: bool, dense: bool = False):
     """The errors of one alignment group of P pairs: the projected student K/V proj (L, 2, B, T_s, H_t·D_t)
     resampled onto the teacher's rows (index, weight, covered of a `_Group`; `at` picks the group's layers of L,
     None: all), compared with the 2·P teacher tensors `targets` (B, H_t, M, D_t), keys and values of each pair.
@@ -119,10 +119,22 @@ def group_errors(proj: torch.Tensor, index: torch.Tensor, weight: torch.Tensor, 
     -> kv errors (P, 2, B) or None, cosine errors (P, B) or None, and the keys as rows with their mask for the
     similarity routing: k_rows, k_target (P, B, R, D_t), cos_mask (B, R) or (P, B, R). A pure tensor function:
     the part `train.compile` compiles.
+
+    dense: a shared alignment is applied as one dense (B, M, T_s) matrix in a batched matmul instead of the sparse
+    gather (the same numbers up to rounding: the matmul accumulates in float32): on a GPU the matmul is a few
+    milliseconds where the gather's backward (a scatter-add) is slower, and it holds no (…, M, K, F) copy.
     """
     P, B = len(targets) // 2, covered.shape[-2] if covered.dim() == 2 else covered.shape[1]
     if covered.dim() == 2:  # shared spans: rows are teacher tokens, features H_t·D_t
-        pred = resample_rows(proj, index, weight)  # (L, 2, B, M, H_t·D_t)
+        if dense:
+            L, _, _, T, F = proj.shape
+            M = index.shape[1]
+            A = torch.zeros(B, M, T, dtype=proj.dtype, device=proj.device)
+            A = A.scatter_add(-1, index, weight.to(proj.dtype))  # (B, M, T_s)
+            x = proj.permute(2, 3, 0, 1, 4).reshape(B, T, L * 2 * F)  # (B, T_s, L·2·H_t·D_t)
+            pred = torch.bmm(A, x).view(B, M, L, 2, F).permute(2, 3, 0, 1, 4)  # (L, 2, B, M, H_t·D_t)
+        else:
+            pred = resample_rows(proj, index, weight)  # (L, 2, B, M, H_t·D_t)
         pred = pred if at is None else pred.index_select(0, at)  # (P, 2, B, M, H_t·D_t)
         M = pred.shape[3]
         target = torch.stack([t.transpose(1, 2) for t in targets]).view(P, 2, B, M, H * D)
@@ -158,6 +170,7 @@ class LossSpace(FusionSpace):
                                    for i in pairs[t.name].layers})
             for tcfg, t in zip(cfg.teachers, teachers, strict=True)})
         self.group_errors = maybe_compiled(group_errors, cfg.train.compile, name="loss space K/V errors")
+        self.dense_alignment = True  # off the CPU, shared alignments as a dense matmul (see `group_errors`)
 
     def pair_errors(self, step: Step, n: int, *, kind: str, normalize: bool, kv: bool = True,
                     cosine: bool = False, token_weight: torch.Tensor | None = None) -> PairErrors:
@@ -183,7 +196,7 @@ class LossSpace(FusionSpace):
             rows_w = None if token_weight is None else _token_to_rows(token_weight, g)
             e, c, k_rows, k_target, cos_mask = self.group_errors(
                 proj, g.index, g.weight, g.covered, targets, at, rows_w, H=H, D=D, kind=kind, normalize=normalize,
-                kv=kv, cosine=cosine)
+                kv=kv, cosine=cosine, dense=self.dense_alignment and dev.type != "cpu")
             M = g.index.shape[-2]
             idx = torch.tensor(g.pos, device=dev)
             if kv:

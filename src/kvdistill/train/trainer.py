@@ -217,6 +217,7 @@ class Run:
     tokens_seen: int = 0
     last_good: Path | None = None  # the newest checkpoint written or resumed from
     lock: RunLock | None = None  # held by the main process from setup until `close`
+    batches: Any = None  # during `fit`: the iterator of collated micro-batches (`_batches`), None: records
     t0: float = field(default_factory=time.time)
 
     @property
@@ -295,7 +296,9 @@ def setup(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, stop_aft
             write_text_atomic(out_dir / "plan.json", json.dumps(objective.plan(), indent=1))
             write_text_atomic(out_dir / "alignment_sample.json",
                               json.dumps(objective.alignment_sample(train_records[0])))
-        optimizer = torch.optim.AdamW(_param_groups(objective, cfg), weight_decay=cfg.train.weight_decay)
+        # on a GPU the fused AdamW: one kernel over all parameters (the maps are many small tensors)
+        fused = True if accelerator.device.type == "cuda" else None
+        optimizer = torch.optim.AdamW(_param_groups(objective, cfg), weight_decay=cfg.train.weight_decay, fused=fused)
         scheduler = get_scheduler(cfg.train.schedule, optimizer, num_warmup_steps=cfg.train.warmup_steps,
                                   num_training_steps=cfg.train.steps)
         objective, optimizer = accelerator.prepare(objective, optimizer)
@@ -408,10 +411,10 @@ def fit(run: Run, *, progress: bool = True) -> None:
                dynamic_ncols=True)
     run.t0 = time.time()
     run.objective.train()
-    batches = _batches(run, run.start, run.end)
+    run.batches = _batches(run, run.start, run.end)
     try:
         for step in range(run.start, run.end):
-            row = _step(run, step, batches)
+            row = _step(run, step)
             if (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps:
                 run.log.write(row)
             bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
@@ -426,10 +429,10 @@ def fit(run: Run, *, progress: bool = True) -> None:
         bar.close()
 
 
-def _step(run: Run, step: int, batches=None) -> dict:
+def _step(run: Run, step: int) -> dict:
     """One optimizer step over grad_accum micro-batches -> its metrics row (means over micro-batches and
-    processes; tokens: sums), with step, lr (the student's, as used), tokens_per_s and elapsed_s. `batches`:
-    the iterator of `_batches` (collated micro-batches, this step's next), or None (the records themselves)."""
+    processes; tokens: sums), with step, lr (the student's, as used), tokens_per_s and elapsed_s. The micro-batches
+    come from `run.batches` (collated, this step's next ones), or are the records themselves where it is None."""
     cfg, accelerator = run.cfg, run.accelerator
     world, rank = accelerator.num_processes, accelerator.process_index
     sums: dict[str, float] = {}
@@ -438,10 +441,10 @@ def _step(run: Run, step: int, batches=None) -> dict:
     lr = run.scheduler.get_last_lr()[0]  # the student's lr for this step
     run.inner.train_step = step  # what step-dependent terms (the logit KD τ schedule) read
     for micro in range(cfg.train.grad_accum):
-        if batches is None:
+        if run.batches is None:
             batch = records = micro_batch(run.train_records, cfg, step, micro, rank, world)
         else:
-            batch = next(batches)
+            batch = next(run.batches)
             records = batch.records
         step_ids += [r["id"] for r in records]
         with accelerator.accumulate(run.objective):
