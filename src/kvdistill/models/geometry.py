@@ -205,7 +205,12 @@ def _cache_layer_types(config, num_hidden_layers: int) -> tuple[list[str], list[
         from transformers.cache_utils import get_layer_types_and_kwargs
 
         types, kwargs = get_layer_types_and_kwargs(config)
-        return list(types), list(kwargs)
+        types, kwargs = list(types), list(kwargs)
+        # the helper's return changed across 5.x (5.17 gives no per-layer kwargs dicts): only this shape is read
+        if len(types) == len(kwargs) and all(isinstance(t, str) for t in types) and all(
+                isinstance(k, dict) for k in kwargs):
+            return types, kwargs
+        raise TypeError("unexpected get_layer_types_and_kwargs result")
     except Exception:  # older transformers, or a config without per-layer sub-configs
         types = _get(config, "layer_types", None) or ["full_attention"] * num_hidden_layers
         window = _get(config, "sliding_window", None)
