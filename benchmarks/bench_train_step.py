@@ -219,6 +219,8 @@ def main() -> None:
     ap.add_argument("--inputs", choices=["collated", "texts"], default="collated",
                     help="start each timed step from the collated batch (the trainer's DataLoader) or the texts")
     ap.add_argument("--halves", action="store_true", help="also time the forward halves of a and c")
+    ap.add_argument("--compile", action="store_true",
+                    help="train.compile: the loss space's K/V errors under torch.compile (the warmup compiles)")
     ap.add_argument("--peak-tflops", type=float, default=989.4,
                     help="the device's dense bf16 peak for the MFU (default: H100/H200 SXM, 989.4)")
     ap.add_argument(
@@ -281,7 +283,7 @@ def main() -> None:
                 for t in teachers
             ],
             "data": {"max_length": seq},
-            "train": {"batch_size": batch, "seed": 0},
+            "train": {"batch_size": batch, "seed": 0, "compile": args.compile},
         }
         cfg = load_config(raw=raw)
         objective = build_objective(cfg, device=args.device)  # loads every model from tmp before it goes
@@ -389,6 +391,9 @@ def main() -> None:
                 **{t.name: t.model.config._attn_implementation for t in objective.teachers},
             },
             "inputs": args.inputs,
+            "compile": args.compile,
+            # False when compilation failed and the eager fallback ran (the log says why)
+            "compiled": args.compile and getattr(objective.space.group_errors, "compiled", None) is not None,
             "optimizer": f"AdamW lr 3e-4{' fused' if fused else ''}",
             "max_grad_norm": max_norm,
             "warmup": warmup,
