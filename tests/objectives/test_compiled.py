@@ -76,3 +76,11 @@ def test_an_error_of_the_function_itself_still_surfaces():
     with pytest.raises(ValueError, match="shapes differ"):
         wrapper(torch.ones(2))
     assert wrapper.compiled is None and calls  # tried compiled, then eagerly: the eager error is raised
+
+
+@pytest.mark.parametrize("overrides", [["fusion.space=target"], ["fusion.space=latent", "fusion.latent.dim=8"]])
+def test_compile_where_nothing_reads_it_is_refused(tiny_config, overrides):
+    from kvdistill.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="train.compile compiles the K/V errors"):
+        tiny_config("train.compile=true", *overrides)

@@ -493,6 +493,11 @@ class RunConfig(Section):
             problems.append("teachers are given but every distillation loss weight is 0 (losses.kv.weight, ...)")
         if self.losses.ce == 0 and not self.teachers and self.student.latent is None:
             problems.append("no teachers and losses.ce is 0: nothing to train on")
+        if self.train.compile and (self.fusion.space != "loss" or self.student.latent is not None or not self.teachers):
+            problems.append(f"train.compile compiles the K/V errors of fusion.space loss with teachers and a text "
+                            f"student; this run (space {self.fusion.space}, {len(self.teachers)} teacher(s), "
+                            f"{'latent' if self.student.latent is not None else 'text'} student) has none to "
+                            "compile: drop train.compile")
         if self.student.latent is None:
             problems += self._teacher_capabilities()
             unread = [k for k in ("cot_ce", "codi", "latent_kv") if getattr(self.losses, k) != getattr(LossesConfig(), k)]
