@@ -491,6 +491,10 @@ class RunConfig(Section):
             problems += self._latent_problems()
         elif self.teachers and kd_terms == 0:
             problems.append("teachers are given but every distillation loss weight is 0 (losses.kv.weight, ...)")
+        moe_terms = [k for k in ("routing", "expert") if getattr(self.losses, k).weight > 0]
+        if moe_terms and not self.teachers:
+            problems.append(f"losses.{'/'.join(moe_terms)} weight is set but there are no teachers to distil from; "
+                            "add an MoE teacher or set the weight to 0")
         if self.losses.ce == 0 and not self.teachers and self.student.latent is None:
             problems.append("no teachers and losses.ce is 0: nothing to train on")
         if self.train.compile and (self.fusion.space != "loss" or self.student.latent is not None or not self.teachers):
