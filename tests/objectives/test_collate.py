@@ -111,3 +111,41 @@ def test_dense_shared_alignment_equals_the_sparse_gather(tiny_config):
     torch.testing.assert_close(got[0], sparse[0], rtol=1e-12, atol=1e-12)
     for name, grad in sparse[2].items():
         torch.testing.assert_close(got[2][name], grad, rtol=1e-10, atol=1e-12, msg=name)
+
+
+# ------------------------------------------------------------------------------------ cached teachers
+CACHED = ["teachers.0.compression.kind=rkv", "teachers.0.compression.budget=8", "teachers.0.compression.dtype=float32",
+          "teachers.1.compression.dtype=float32"]
+
+
+@pytest.fixture(scope="module")
+def cached_config(tiny_config, tmp_path_factory):
+    """Both tiny teachers extracted to caches (teacher 0 rkv: per-head kept tokens; teacher 1 full) and the
+    config that reads them."""
+    from kvdistill.cache.extract import extract
+
+    cfg = tiny_config(*CACHED)
+    root = tmp_path_factory.mktemp("caches")
+    for t in cfg.teachers:
+        extract(t, cfg.data, root / t.name, batch_size=4, progress=False)
+    return tiny_config(*CACHED, *[f"teachers.{n}.{k}" for n, t in enumerate(cfg.teachers)
+                                  for k in ("source=cache", f"cache_dir={root / t.name}")])
+
+
+def test_cached_teachers_are_read_and_aligned_in_the_collate(cached_config):
+    from kvdistill.teachers import TeacherKV
+
+    objective = build_objective(cached_config)
+    assert [t.kind for t in objective.teachers] == ["cache", "cache"]
+    records = load_records(cached_config.data)[:4]
+    collated = objective.collate(records)
+    assert all(isinstance(t, TeacherKV) for t in collated.teachers)
+    assert isinstance(collated.alignments[0], dict) and isinstance(collated.alignments[1], tuple)
+    reference = loss_and_grads(objective, inline(collated))  # read and aligned in the step, as before
+    assert_same(loss_and_grads(objective, collated), reference)
+    assert_same(loss_and_grads(objective, records), reference)
+    # a spawned worker gets the collator pickled: the readers travel as their directories and reopen
+    again = pickle.loads(pickle.dumps(objective.collate))
+    assert_same(loss_and_grads(objective, again(records)), reference)
+    loader = DataLoader([records], batch_size=None, collate_fn=objective.collate, num_workers=2)
+    assert_same(loss_and_grads(objective, next(iter(loader))), reference)

@@ -59,7 +59,9 @@ def _alignments(tkv: TeacherKV, lp: LayerPairs, step: Step, n: int) -> dict[int,
     """Alignment key -> (index, weight, covered) for the teacher layers of `lp` (one key for shared spans): the
     collated one of teacher n where the batch has it (its tokens don't depend on its K/V), else built here."""
     collated = step.batch.alignments[n] if step.batch.alignments is not None else None
-    if collated is not None and tkv.shared_spans:
+    if isinstance(collated, dict) and not tkv.shared_spans:  # per layer: a cache of per-head kept tokens
+        return {id(tkv.spans[j]): collated[j] for j in lp.j}
+    if isinstance(collated, tuple) and tkv.shared_spans:
         return {-1: collated}
     device = step.batch.mask.device
     out: dict[int, tuple] = {}

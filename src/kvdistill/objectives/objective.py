@@ -61,9 +61,11 @@ class Objective(nn.Module):
         self.moe = MoETerms(cfg, student, teachers)  # routing, expert outputs, load balance (MoE students)
         self.train_step = 0  # the optimizer step being run (set by the trainer): τ schedules read it
         # the host side of a batch (picklable, no model): the trainer runs it on DataLoader workers
-        self.collate = Collator(tokenizer, [TeacherSide(t.tokenizer if t.kind == "online" else None, t.geometry,
-                                                        getattr(t, "compression", None)) for t in teachers],
-                                max_length=cfg.data.max_length, max_positions=sg.max_positions)
+        self.collate = Collator(tokenizer, [
+            TeacherSide(t.name, t.tokenizer if t.kind == "online" else None, t.geometry,
+                        getattr(t, "compression", None), reader=t.reader if t.kind == "cache" else None,
+                        layers=sorted(set(self.pairs[t.name].teacher_layers))) for t in teachers],
+            max_length=cfg.data.max_length, max_positions=sg.max_positions)
         self.to(device)
         for teacher in teachers:
             teacher.to(device)
@@ -92,7 +94,7 @@ class Objective(nn.Module):
         wanted = training or self.space.reports_layer_errors
         tkvs = []
         for t, inputs in zip(self.teachers, collated.teachers, strict=True) if wanted else ():
-            given = {} if inputs is None else {"inputs": inputs}  # a cached teacher reads its own
+            given = {} if inputs is None else {"inputs": inputs}  # collated ahead: tokens, or K/V read from a cache
             tkvs.append(t.kv(collated.records, max_length=self.cfg.data.max_length, **needs, **given))
         return Step(sb, s, self.teachers, tkvs, self.pairs, self.fusion)
 

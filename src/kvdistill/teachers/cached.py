@@ -2,13 +2,42 @@
 
 The reader is passed in (`kvdistill.cache.open_teacher_cache` opens and checks it), so this layer does not
 depend on the cache's layout: anything with `meta`, `layers`, `index` and `teacher_kv(ids, device=)` serves.
+The read itself (`read_cached`) needs no device, so a DataLoader worker can do it ahead of the step (the
+objective's collate does) and the step only copies the batch to the device.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
+import torch
+
 from kvdistill.errors import KvdistillError
 from kvdistill.models.geometry import KVGeometry
 from kvdistill.teachers.record import TeacherKV
+
+
+def read_cached(name: str, reader, records: list[dict]) -> TeacherKV:
+    """The CPU `TeacherKV` of `records` from `reader` (the cache of teacher `name`); refuses ids it lacks."""
+    missing = [r["id"] for r in records if r["id"] not in reader.index]
+    if missing:
+        raise KvdistillError(f"cache of teacher '{name}' has no entry for samples {missing[:5]}",
+                             "extract the cache over the same data config as training")
+    return reader.teacher_kv([r["id"] for r in records], device="cpu")
+
+
+def map_tensors(tkv: TeacherKV, fn) -> TeacherKV:
+    """`tkv` with fn applied to its keys, values, spans and masks, once per distinct tensor (shared spans stay
+    shared)."""
+    done: dict[int, torch.Tensor] = {}
+
+    def once(x: torch.Tensor) -> torch.Tensor:
+        if id(x) not in done:
+            done[id(x)] = fn(x)
+        return done[id(x)]
+
+    return dataclasses.replace(tkv, **{f: {j: once(x) for j, x in getattr(tkv, f).items()}
+                                       for f in ("keys", "values", "spans", "mask")})
 
 
 class CachedTeacher:
@@ -28,12 +57,11 @@ class CachedTeacher:
         return self
 
     def kv(self, records: list[dict], *, max_length: int, hidden_states=False, logits=False,
-           attentions=False) -> TeacherKV:
+           attentions=False, inputs: TeacherKV | None = None) -> TeacherKV:
+        """The K/V record of `records` on the teacher's device; `inputs`: its `read_cached` CPU record made
+        beforehand (e.g. by a DataLoader worker, pinned), else it is read here."""
         if hidden_states or logits or attentions:
             raise KvdistillError(f"teacher '{self.name}' comes from a cache, which holds only K/V",
                                  "use only the kv / cosine losses with cached teachers, or run it online")
-        missing = [r["id"] for r in records if r["id"] not in self.reader.index]
-        if missing:
-            raise KvdistillError(f"cache of teacher '{self.name}' has no entry for samples {missing[:5]}",
-                                 "extract the cache over the same data config as training")
-        return self.reader.teacher_kv([r["id"] for r in records], device=self.device)
+        tkv = inputs if inputs is not None else read_cached(self.name, self.reader, records)
+        return map_tensors(tkv, lambda x: x.to(self.device, non_blocking=True))
