@@ -40,20 +40,20 @@ def test_golden_first_records():
         (
             "arithmetic:7:0",
             "Question: Compute 4 * (14 - 1) + 4 - 1.\n"
-            "Reasoning: 14 - 1 = 13. 4 * 13 = 52. 52 + 4 = 56. 56 - 1 = 55.\nAnswer: 55",
+            "Reasoning: 14 - 1 = 13. 4 * 13 = 52. 52 + 4 = 56. 56 - 1 = 55.\nAnswer: 55\n",
             "55",
             111,
         ),
         (
             "arithmetic:7:1",
             "Question: Compute 18 + 10 + 3 + 14 - 10.\n"
-            "Reasoning: 18 + 10 = 28. 28 + 3 = 31. 31 + 14 = 45. 45 - 10 = 35.\nAnswer: 35",
+            "Reasoning: 18 + 10 = 28. 28 + 3 = 31. 31 + 14 = 45. 45 - 10 = 35.\nAnswer: 35\n",
             "35",
             115,
         ),
         (
             "arithmetic:7:2",
-            "Question: Calculate 6 + 17 - 19.\nReasoning: 6 + 17 = 23. 23 - 19 = 4.\nAnswer: 4",
+            "Question: Calculate 6 + 17 - 19.\nReasoning: 6 + 17 = 23. 23 - 19 = 4.\nAnswer: 4\n",
             "4",
             78,
         ),
@@ -84,8 +84,8 @@ def test_answers_are_python_evaluation_and_every_step_is_right():
             assert any(1 <= x <= 20 if op != "*" else 2 <= x <= 9 for x in operands), r["cot"]
             prev = c
         assert prev == int(r["answer"])
-        assert r["text"] == f"Question: {r['question']}\nReasoning: {r['cot']}\nAnswer: {r['answer']}"
-        assert r["text"][r["answer_start"] :] == r["answer"]
+        assert r["text"] == f"Question: {r['question']}\nReasoning: {r['cot']}\nAnswer: {r['answer']}\n"
+        assert r["text"][r["answer_start"] :] == r["answer"] + "\n"  # the template ends the answer line
         assert exact_match(extract_answer(r["text"]), r["answer"])
     assert n_ops == set(range(MIN_OPS, MAX_OPS + 1))
     assert {op for r in records for _, op, _, _ in steps_of(r)} == {"+", "-", "*"}

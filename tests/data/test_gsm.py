@@ -17,8 +17,8 @@ def test_records_non_empty_with_cot_and_answer_offset():
     for r in records:
         assert r["question"] and r["answer"] and r["cot"]
         assert "####" not in r["cot"]  # GSM8K's final-answer line is dropped from the reasoning
-        assert r["text"] == f"Question: {r['question']}\nReasoning: {r['cot']}\nAnswer: {r['answer']}"
-        assert r["text"][r["answer_start"] :] == r["answer"]
+        assert r["text"] == f"Question: {r['question']}\nReasoning: {r['cot']}\nAnswer: {r['answer']}\n"
+        assert r["text"][r["answer_start"] :] == r["answer"] + "\n"  # the template ends the answer line
         assert exact_match(extract_answer(r["text"]), r["answer"])
         assert normalize_number(r["answer"]) == r["answer"]  # numeric gold, already in canonical form
 

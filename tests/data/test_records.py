@@ -55,7 +55,7 @@ def test_jsonl_template_mode(tmp_path):
     train, evals = both(cfg(path))
     assert len(train) == 16 and len(evals) == 4
     for r in train + evals:
-        assert r["text"][r["answer_start"] :] == r["answer"]
+        assert r["text"][r["answer_start"] :] == r["answer"] + "\n"  # the template ends the answer line
         assert r["text"].startswith(f"Question: {r['question']}\n")
         i = int(r["id"].split(":")[1])
         assert r["answer"] == str(2 * i) and r["cot"] == QA[i]["cot"]

@@ -183,8 +183,9 @@ class DataConfig(Section):
     question_field: str = "question"
     cot_field: str | None = "cot"
     answer_field: str = "answer"
-    template: str = "Question: {question}\nReasoning: {cot}\nAnswer: {answer}"
-    """How (question, cot, answer) records become one training text; plain `text_field` records ignore it."""
+    template: str = "Question: {question}\nReasoning: {cot}\nAnswer: {answer}\n"
+    """How (question, cot, answer) records become one training text; plain `text_field` records ignore it. The final
+    line break ends the answer, so greedy decoding learns where an answer stops (exact match reads its first line)."""
     size: int = Field(256, gt=0)
     """Number of generated samples (gsm_symbolic, arithmetic) or the cap on records read from a file."""
     eval_size: int = Field(32, ge=0)

@@ -18,7 +18,9 @@ import re
 from kvdistill.data.template import check_template, make_record
 from kvdistill.errors import KvdistillError
 
-DEFAULT_TEMPLATE = "Question: {question}\nReasoning: {cot}\nAnswer: {answer}"
+# The line break after the answer ends it: a model trained on texts that stop right after the answer never learns
+# what follows its last digit, and greedy decoding goes on ("Answer: 1080" for 108), which exact match counts wrong.
+DEFAULT_TEMPLATE = "Question: {question}\nReasoning: {cot}\nAnswer: {answer}\n"
 _FINAL_LINE = re.compile(r"\n*####[^\n]*\s*$")
 
 
