@@ -171,7 +171,45 @@ def test_kava_tiny_spec_runs_end_to_end(tmp_path):
     from kvdistill.eval.generate import generate
 
     ev = json.loads((tmp_path / "runs" / "E4" / "seed-0" / "eval.json").read_text())
-    held = load_records(load_config(tmp_path / "runs" / "E4" / "seed-0" / "config.yaml").data, split="eval")
-    seg = segments(held[0], raw["base"]["data"].get("template", "Question: {question}\nReasoning: {cot}\nAnswer: {answer}"))
+    data = load_config(tmp_path / "runs" / "E4" / "seed-0" / "config.yaml").data
+    seg = segments(load_records(data, split="eval")[0], data.template)
     gen = generate(str(tmp_path / "runs" / "E4" / "seed-0"), seg.prefix, max_new_tokens=3, latent=True)
     assert gen.continuation == "Answer:" + ev["samples"][0]["generated"]
+
+
+@pytest.mark.parametrize("target", [{"kind": "rkv"}, {"kind": "rkv", "scoring": "rkv", "window": 4, "lam": 0.5},
+                                    {"kind": "right_crop"}])
+def test_cached_latent_targets_equal_the_online_ones(tmp_path, teacher_dirs, target):
+    """`kvdistill extract` with compression.span cot stores the latent target the objective computes online."""
+    from kvdistill.cache.extract import extract
+    from kvdistill.config import TeacherConfig
+
+    losses = {"ce": 1.0, "latent_kv": {"weight": 1.0, "self_teacher": False, "target": target}}
+    online = config(losses, teachers=[{"name": "t", "model": str(teacher_dirs["qwen2"])}])
+    comp = {"budget": 6, "span": "cot", "dtype": "float32", **target}
+    if target["kind"] == "rkv":
+        comp.setdefault("scoring", "kava")  # the latent target's default (a cache's is minmax)
+    extract(TeacherConfig(name="t", model=str(teacher_dirs["qwen2"]), compression=comp), online.data,
+            tmp_path / "cache", batch_size=3, progress=False)
+    cached = config(losses, teachers=[{"name": "t", "model": str(teacher_dirs["qwen2"]), "source": "cache",
+                                       "cache_dir": str(tmp_path / "cache"), "compression": comp}])
+    recs = records(online)
+    got = {}
+    for name, cfg in (("online", online), ("cached", cached)):
+        obj = build_objective(cfg)
+        with torch.no_grad():
+            got[name] = obj._targets(recs, obj._segments(recs))["t"]
+    a, b = got["online"], got["cached"]
+    assert set(a.keys) == set(b.keys)
+    for j in a.keys:
+        assert torch.equal(a.kept[j], b.kept[j])
+        torch.testing.assert_close(b.keys[j], a.keys[j], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(b.values[j], a.values[j], rtol=1e-4, atol=1e-5)
+
+
+def test_a_cache_without_the_latent_target_is_refused(teacher_dirs, tmp_path):
+    cache = {"name": "t", "model": str(teacher_dirs["qwen2"]), "source": "cache", "cache_dir": str(tmp_path),
+             "compression": {"kind": "rkv", "budget": 64}}
+    with pytest.raises(ConfigError) as err:
+        config({"ce": 1.0, "latent_kv": {"weight": 1.0}}, teachers=[cache])
+    assert "budget: 6" in str(err.value) and "span: cot" in str(err.value)

@@ -6,13 +6,14 @@ n stored layers.
 
 Stored sample (what `samples_from_capture` / `host_samples` produce; `CacheWriter` itself accepts any dict of
 tensors). T_b is the sample's number of real tokens (padding removed), M_b the kept tokens per head (T_b for
-full, min(budget, T_b) for right_crop / rkv), l a stored teacher layer:
+full, min(budget, T_b) for right_crop / rkv; with compression.span 'cot' min(budget, the sample's CoT tokens)),
+l a stored teacher layer:
     token_ids   (T_b,)          int64   the teacher's input ids
     positions   (T_b,)          int64   the positions the teacher used
     spans       (T_b, 2)        int64   character [start, end) of each token (specials: start == end)
     keys_l{l}   (H_kv, M_b, D)  dtype   pre-rotation keys of the kept tokens, in time order
     values_l{l} (H_kv, M_b, D)  dtype
-    index_l{l}  (H_kv, M_b)     int32   rkv only: which of the T_b tokens each kept slot holds; absent means
+    index_l{l}  (H_kv, M_b)     int32   rkv and span cot: which of the T_b tokens each kept slot holds; absent means
                                         0..M_b-1 (full and right_crop keep the first M_b tokens)
 dtype is the compression's storage dtype (`compression.dtype`).
 """
@@ -46,6 +47,7 @@ class HostBatch:
     kv: torch.Tensor | KVPairs
     index: torch.Tensor | None
     ready: Any = None
+    candidates: list[int] | None = None  # span cot: per sample its number of CoT tokens
 
 
 def capture_to_host(cap, compression, layers: list[int], query_mask: torch.Tensor | None = None) -> HostBatch:
@@ -83,8 +85,11 @@ def capture_to_host(cap, compression, layers: list[int], query_mask: torch.Tenso
     if on_cuda:
         ready = torch.cuda.Event()
         ready.record(torch.cuda.current_stream(device))
+    # span cot: a sample keeps min(budget, its CoT tokens), not min(budget, its tokens)
+    candidates = getattr(cap, "candidates", None)
+    kept = None if candidates is None or compression.span != "cot" else candidates.sum(1).tolist()
     return HostBatch(
-        layers, compression.kind, compression.budget, mask_host, ids_pos, spans, kv, index, ready
+        layers, compression.kind, compression.budget, mask_host, ids_pos, spans, kv, index, ready, kept
     )
 
 
@@ -104,11 +109,13 @@ def _select(
         if compression.kind == "full":
             selected.append((K, V))
             continue
-        if compression.kind == "right_crop":
+        if compression.kind == "right_crop" and compression.span == "all":
             shared = shared if shared is not None else layer_selection(cap, compression, layer, query_mask)
             idx = shared[0]  # (B, M)
-        else:
-            idx = layer_selection(cap, compression, layer, query_mask)[0]  # (B, H, M)
+        else:  # rkv, or the first M CoT tokens (span cot): which real tokens the slots hold is stored
+            idx = layer_selection(cap, compression, layer, query_mask)[0]  # (B, H, M), right_crop: (B, M)
+            if idx.dim() == 2:
+                idx = idx.unsqueeze(1).expand(-1, K.shape[1], -1)  # (B, H, M)
             if rank is None:  # (B, T) index of each real token among the sample's real tokens
                 rank = cap.attention_mask.bool().long().cumsum(1) - 1
             B = idx.shape[0]
@@ -131,7 +138,8 @@ def host_samples(batch: HostBatch) -> list[dict[str, torch.Tensor]]:
         sample = {"token_ids": _own(token_ids[b, w]), "positions": _own(positions[b, w])}
         if batch.spans is not None:
             sample["spans"] = _own(batch.spans[b, w])
-        M_b = lengths[b] if batch.budget is None else min(batch.budget, lengths[b])
+        n_b = lengths[b] if batch.candidates is None else batch.candidates[b]  # the tokens that could be kept
+        M_b = lengths[b] if batch.budget is None else min(batch.budget, n_b)
         for i, layer in enumerate(batch.layers):
             k, v = batch.kv[i]  # (B, H, M, D) each
             if batch.kind == "full":

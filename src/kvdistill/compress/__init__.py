@@ -55,6 +55,8 @@ def layer_selection(cap, compression: Compression, layer: int, query_mask: torch
     mask = cap.attention_mask
     if compression.kind == "full":
         return None
+    if compression.span == "cot" or compression.scoring != "minmax":
+        return _latent_selection(cap, compression, layer, query_mask)
     if compression.kind == "right_crop":
         return right_crop(mask, compression.budget)
     ready = (cap.importance or {}).get(layer)
@@ -72,3 +74,29 @@ def layer_selection(cap, compression: Compression, layer: int, query_mask: torch
         )
     imp = importance_from_attention(cap.attentions[layer], query_mask, mask, cap.geometry.num_kv_heads)
     return rkv_select(cap.keys[layer], imp, mask, compression.budget, compression.lam)
+
+
+def _latent_selection(cap, compression: Compression, layer: int, query_mask: torch.Tensor | None):
+    """`layer_selection` through `kvdistill.compress.latent` (span 'cot': only `cap.candidates`; scorings kava /
+    rkv): (B, M) for right_crop, (B, H_kv, M) for rkv, kept tokens first in time order as everywhere else."""
+    from kvdistill.compress.latent import latent_target
+
+    candidates = cap.attention_mask if compression.span == "all" else getattr(cap, "candidates", None)
+    if candidates is None:
+        raise KvdistillError("compression.span 'cot' needs the capture's chain-of-thought tokens (cap.candidates)",
+                             "capture through kvdistill.teachers.capture_teacher, which marks them")
+    importance = None
+    if compression.kind == "rkv":
+        importance = (cap.importance or {}).get(layer)
+        if importance is None:
+            if cap.attentions is None or cap.attentions[layer] is None or query_mask is None:
+                raise KvdistillError(f"rkv compression needs the attention importance of layer {layer}",
+                                     "capture the teacher with its query rows (capture_teacher) or eager attention")
+            importance = importance_from_attention(cap.attentions[layer], query_mask, cap.attention_mask,
+                                                   cap.keys[layer].shape[1])
+    plan = latent_target(compression.kind, candidates, compression.budget, keys=cap.keys[layer],
+                         importance=importance, lam=compression.lam, scoring=compression.scoring)
+    idx, kept = plan.index[..., 0], plan.kept  # (B, G, M)
+    if compression.kind == "right_crop":
+        return idx[:, 0], kept[:, 0]  # (B, M) shared by heads
+    return idx, kept

@@ -31,6 +31,8 @@ import torch
 from kvdistill.errors import KvdistillError
 
 KINDS = ("full", "right_crop", "rkv")
+SPANS = ("all", "cot")  # candidate tokens: every real token, or the record's chain of thought (a latent target)
+SCORINGS = ("minmax", "kava", "rkv")  # rkv scores: kvdistill.compress.latent
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -43,6 +45,10 @@ class Compression:
     lam: weight of importance in the R-KV score (rkv only; KaVa uses 0.1).
     layers: teacher layers to keep (None = all).
     dtype: storage dtype of K and V.
+    span: "all" (every real token may be kept) or "cot" (only the record's chain-of-thought tokens: the latent
+    student's K/V target, `kvdistill.compress.latent`; `cap.candidates` marks them).
+    scoring: rkv's score, "minmax" (the module docstring), "kava" or "rkv" (`kvdistill.compress.latent`); window:
+    the observation window of scoring "rkv".
     """
 
     kind: str = "full"
@@ -50,9 +56,25 @@ class Compression:
     lam: float = 0.1
     layers: list[int] | None = None
     dtype: str = "bfloat16"
+    span: str = "all"
+    scoring: str = "minmax"
+    window: int = 8
 
     def __post_init__(self):
         problems = []
+        if self.span not in SPANS:
+            problems.append(f"compression.span: {self.span!r} is not one of {list(SPANS)}")
+        elif self.span == "cot" and self.kind not in ("right_crop", "rkv"):
+            problems.append(f"compression.span: 'cot' keeps `budget` chain-of-thought tokens; kind {self.kind!r} "
+                            "keeps every token (use right_crop or rkv)")
+        if self.scoring not in SCORINGS:
+            problems.append(f"compression.scoring: {self.scoring!r} is not one of {list(SCORINGS)}")
+        elif self.scoring != "minmax" and self.kind != "rkv":
+            problems.append(f"compression.scoring: {self.scoring!r} is read by kind 'rkv' only")
+        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
+            problems.append(f"compression.window: {self.window!r} must be a positive integer")
+        elif self.window != 8 and self.scoring != "rkv":
+            problems.append("compression.window is read by scoring 'rkv' only")
         if self.kind not in KINDS:
             problems.append(f"compression.kind: {self.kind!r} is not one of {list(KINDS)}")
         if self.kind == "full" and self.budget is not None:

@@ -107,6 +107,13 @@ class CompressionConfig(Section):
     """Teacher layers kept (None: all)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     """Storage dtype in a cache."""
+    span: Literal["all", "cot"] = "all"
+    """Candidate tokens: every real token, or only the record's chain of thought (a latent student's cached K/V
+    target: right_crop / rkv of the CoT, kvdistill.compress.latent)."""
+    scoring: Literal["minmax", "kava", "rkv"] = "minmax"
+    """rkv's score: minmax λ·minmax(I) + (1-λ)·(1 - minmax(r)); kava λ·I + (1-λ)·softmax(-r); rkv λ·I - (1-λ)·r
+    with I from the last `window` tokens."""
+    window: int = Field(8, gt=0)
 
     @model_validator(mode="after")
     def _budget(self):
@@ -114,12 +121,19 @@ class CompressionConfig(Section):
             raise ValueError("compression.budget is only for kind right_crop / rkv; kind 'full' keeps every token")
         if self.kind != "full" and self.budget is None:
             raise ValueError(f"compression.kind '{self.kind}' needs compression.budget (tokens kept, e.g. 128)")
+        if self.span == "cot" and self.kind == "full":
+            raise ValueError("compression.span 'cot' keeps `budget` CoT tokens: use kind right_crop or rkv")
+        if self.scoring != "minmax" and self.kind != "rkv":
+            raise ValueError(f"compression.scoring is read by kind rkv only (kind is {self.kind}); drop it")
+        if self.window != 8 and self.scoring != "rkv":
+            raise ValueError(f"compression.window is read by scoring rkv only (scoring is {self.scoring}); drop it")
         return self
 
     def build(self):
         from kvdistill.compress import Compression
 
-        return Compression(kind=self.kind, budget=self.budget, lam=self.lam, layers=self.layers, dtype=self.dtype)
+        return Compression(kind=self.kind, budget=self.budget, lam=self.lam, layers=self.layers, dtype=self.dtype,
+                           span=self.span, scoring=self.scoring, window=self.window)
 
 
 class TeacherConfig(Section):
@@ -532,10 +546,22 @@ class RunConfig(Section):
         if self.fusion != FusionConfig():
             problems.append("a latent student combines teachers with fixed weights (teachers.N.weight): drop the "
                             "fusion section")
+        tgt = c.latent_kv.target
         for n, t in enumerate(self.teachers):
-            if t.source != "online" or t.compression != CompressionConfig():
-                problems.append(f"teachers.{n} ('{t.name}'): a latent student reads online teachers and compresses "
-                                "their CoT K/V itself (losses.latent_kv.target); use source: online without compression")
+            if t.source == "online" and t.compression != CompressionConfig():
+                problems.append(f"teachers.{n} ('{t.name}'): a latent student compresses an online teacher's CoT K/V "
+                                "itself (losses.latent_kv.target); drop its compression")
+            if t.source == "cache":
+                comp = t.compression
+                want = dict(kind=tgt.kind, budget=lat.tokens, span="cot",
+                            **(dict(lam=tgt.lam, scoring=tgt.scoring, window=tgt.window) if tgt.kind == "rkv" else {}))
+                wrong = {k: v for k, v in want.items() if getattr(comp, k) != v}
+                if tgt.kind == "full" or wrong:
+                    problems.append(
+                        f"teachers.{n} ('{t.name}') is read from a cache, which must hold the latent target: "
+                        f"compression {', '.join(f'{k}: {v}' for k, v in wrong.items()) or 'right_crop or rkv'} "
+                        "(extract it with `kvdistill extract ... teacher.compression.span=cot`); the full "
+                        "resampled target is computed online only")
         if self.teachers and c.latent_kv.weight == 0:
             problems.append("teachers are given but losses.latent_kv.weight is 0: the latent student reads teachers "
                             "only through L_KV")

@@ -64,6 +64,7 @@ class KVCapture:
     importance: dict[int, torch.Tensor] | None = None  # rkv: layer -> (B, H_kv, T) answer-row importance
     rotary: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None
     """Per K/V layer the (cos, sin) (B, T, R) the model applied (`kvdistill.models.rope` layout), None: unrotated."""
+    candidates: torch.Tensor | None = None  # (B, T) tokens a compression may keep (span 'cot': the reasoning)
 
     def select(self, index: int) -> KVCapture:
         """Sample `index` alone, with its padding removed: K/V (1, H_kv, T_i, D)."""

@@ -150,6 +150,21 @@ def compress_cot(cap, view: CotView, layers: list[int], cfg, tokens: int, import
     return LatentTargets(keys, values, kept)
 
 
+def cached_targets(tkv, layers: list[int], tokens: int, device) -> LatentTargets:
+    """A cached teacher's stored latent target (`kvdistill extract` with compression.span cot): keys / values
+    (B, H, M_batch, D) and mask (B, H, M_batch), padded with entries that are not kept to `tokens`."""
+    keys, values, kept = {}, {}, {}
+    for j in layers:
+        k, v, m = tkv.keys[j].to(device), tkv.values[j].to(device), tkv.mask[j].to(device).bool()
+        short = tokens - k.shape[2]
+        if short > 0:
+            k = torch.nn.functional.pad(k, (0, 0, 0, short))
+            v = torch.nn.functional.pad(v, (0, 0, 0, short))
+            m = torch.nn.functional.pad(m, (0, short))
+        keys[j], values[j], kept[j] = k.float(), v.float(), m
+    return LatentTargets(keys, values, kept)
+
+
 def cot_importance(model, cap, queries, view: CotView, layers: list[int], cfg) -> dict[int, torch.Tensor]:
     """layer -> (B, H, T) attention from the answer rows (scoring kava / minmax) or the last `window` tokens
     (scoring rkv) onto every token, from hooked queries (`queries`) or the capture's eager attention."""
@@ -190,6 +205,10 @@ class KavaObjective(nn.Module):
                 raise KvdistillError("a teacher may not be named 'self' (the backbone's own CoT mode is)",
                                      "rename it (teachers.N.name)")
             lp = LayerPairs.of(sg.num_layers, t.geometry.num_layers, tcfg.layer_map, lk, device)
+            missing = sorted(set(lp.teacher_layers) - set(t.layers))
+            if missing:
+                raise KvdistillError(f"teacher '{t.name}' lacks layers {missing} that the layer map uses",
+                                     "re-extract the cache with those layers, or change the teacher's layer_map")
             self.pairs[t.name] = lp
             self.projectors[t.name] = nn.ModuleList([KVProjector(sg, t.geometry, tcfg.projector) for _ in lp.i])
             names.append(t.name)
@@ -239,6 +258,9 @@ class KavaObjective(nn.Module):
             out[SELF] = compress_cot(self_cap, self_view, layers, cfg, M, imp)
         for t in self.teachers:
             layers = self.pairs[t.name].teacher_layers
+            if t.kind == "cache":  # the cache holds the latent target itself (compression.span cot)
+                out[t.name] = cached_targets(t.kv(records, max_length=self.cfg.data.max_length), layers, M, self.device)
+                continue
             with torch.no_grad():
                 cap, view, queries = self._cot_pass(t.model, t.tokenizer, t.geometry, records, segs, grad=False,
                                                     logits=False, hidden=False, importance=rkv)

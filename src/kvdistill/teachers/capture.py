@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import torch
 
 from kvdistill.compress import Compression, gather_kv, gather_spans, layer_selection
+from kvdistill.compress.latent import window_rows
+from kvdistill.errors import KvdistillError
 from kvdistill.models.capture import capture_tokenized, tokenize_for
 from kvdistill.models.geometry import KVGeometry, geometry_of
 from kvdistill.teachers.record import TeacherKV
@@ -26,11 +28,33 @@ def answer_query_mask(records: list[dict], spans: torch.Tensor, mask: torch.Tens
         start = rec.get("answer_start")
         if start is not None:
             start = len(rec["text"][:start].encode("utf-8", "surrogatepass"))  # character -> byte offset
-            query[b] = ((spans[b, :, 0] >= start) & (spans[b, :, 1] > spans[b, :, 0])).long() * mask[b]
+            # tokens reaching into the answer (byte-level BPE: " 42" starts at the space before it)
+            query[b] = ((spans[b, :, 1] > start) & (spans[b, :, 1] > spans[b, :, 0])).long() * mask[b]
         if start is None or not query[b].any():
             last = int(mask[b].nonzero().max())
             query[b, last] = 1
     return query
+
+
+def cot_candidates(records: list[dict], spans: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) 1 on the tokens of each record's chain of thought (its `cot`, the last occurrence before the answer),
+    by byte spans; refused, naming the record, when it has none or truncation cut it off."""
+    out = torch.zeros_like(mask)
+    for b, rec in enumerate(records):
+        cot, text = rec.get("cot"), rec["text"]
+        end = rec.get("answer_start") or len(text)
+        at = text.rfind(cot, 0, end) if cot else -1
+        if at >= 0:
+            lo = len(text[:at].encode("utf-8", "surrogatepass"))
+            hi = lo + len(cot.encode("utf-8", "surrogatepass"))
+            s, e = spans[b, :, 0], spans[b, :, 1]
+            out[b] = ((s < hi) & (e > lo) & (e > s)).long() * mask[b]
+        if not out[b].any():
+            raise KvdistillError(
+                f"record '{rec.get('id')}' has no chain-of-thought tokens (after truncation) for compression.span "
+                "'cot'", "use records with a `cot` field (template mode) and a data.max_length that keeps it, or "
+                "compression.span: all")
+    return out
 
 
 @dataclass
@@ -44,6 +68,7 @@ class TeacherInputs:
     attention_mask: torch.Tensor
     spans: torch.Tensor
     query: torch.Tensor | None
+    candidates: torch.Tensor | None = None  # (B, T) span 'cot': the tokens that may be kept
 
 
 def prepare_teacher(tokenizer, records: list[dict], *, geometry: KVGeometry, max_length: int | None,
@@ -53,8 +78,12 @@ def prepare_teacher(tokenizer, records: list[dict], *, geometry: KVGeometry, max
     ids, mask, spans = tokenize_for(geometry, tokenizer, [r["text"] for r in records], max_length=max_length,
                                     padding_side="right")  # (B, T), (B, T), (B, T, 2)
     rkv = getattr(compression, "kind", "full") == "rkv"
-    query = answer_query_mask(records, spans, mask) if rkv else None
-    tensors = [ids, mask, spans, query]
+    query = None
+    if rkv:  # the rows whose attention is the importance: the answer, or the last `window` tokens (scoring rkv)
+        windowed = getattr(compression, "scoring", "minmax") == "rkv"
+        query = window_rows(mask, compression.window) if windowed else answer_query_mask(records, spans, mask)
+    cot = getattr(compression, "span", "all") == "cot"
+    tensors = [ids, mask, spans, query, cot_candidates(records, spans, mask) if cot else None]
     if pin:
         tensors = [None if t is None else t.pin_memory() for t in tensors]
     return TeacherInputs(records, *tensors)
@@ -86,6 +115,8 @@ def capture_teacher(model, tokenizer, records: list[dict], *, max_length: int | 
         with capture_queries(model, geometry) as qc:
             cap = capture_tokenized(model, geometry, inputs.input_ids, inputs.attention_mask, inputs.spans, **flags)
     query = None if inputs.query is None else inputs.query.to(cap.attention_mask.device, non_blocking=True)
+    if inputs.candidates is not None:
+        cap.candidates = inputs.candidates.to(cap.attention_mask.device, non_blocking=True)
     if hooked:
         layers = layers if layers is not None else list(range(geometry.num_layers))
         cap.importance = query_importance(model, cap, qc.queries, query, layers)
