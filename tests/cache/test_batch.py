@@ -118,3 +118,22 @@ def test_layers_resolved_by_the_caller_equal_the_default():
     only = samples_from_capture(cap, comp, query, layers=[1])[0]
     assert sorted(only) == ["index_l1", "keys_l1", "positions", "spans", "token_ids", "values_l1"]
     assert torch.equal(only["keys_l1"], default[0]["keys_l1"])
+
+
+@pytest.mark.parametrize("left", [False, True])
+def test_stacked_rkv_selection_equals_the_per_layer_one(left):
+    """The extraction scores and ranks groups of layers in one call; the selection is the per-layer one."""
+    from kvdistill.compress import importance_from_attention, layer_selection, stacked_rkv_selection
+
+    cap, query = fake_capture(left=left)
+    cap.importance = {j: importance_from_attention(cap.attentions[j], query, cap.attention_mask, 2) for j in (0, 1)}
+    comp = Compression(kind="rkv", budget=3, dtype="float32")
+    for group in (1, 2):
+        stacked = stacked_rkv_selection(cap, comp, [0, 1], group=group)
+        for j in (0, 1):
+            idx, kept = layer_selection(cap, comp, j, query)
+            assert torch.equal(stacked[j][0], idx) and torch.equal(stacked[j][1], kept)
+    # not for what it cannot batch: other scorings, a missing importance
+    assert stacked_rkv_selection(cap, Compression(kind="rkv", budget=3, scoring="kava"), [0, 1]) is None
+    cap.importance.pop(1)
+    assert stacked_rkv_selection(cap, comp, [0, 1]) is None

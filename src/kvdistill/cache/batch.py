@@ -98,12 +98,13 @@ def _select(
 ) -> tuple[KVPairs, list[torch.Tensor]]:
     """(per layer the kept (keys, values) (B, H, M, D) on the device, per layer the rkv index (B, H, M) int32
     of each kept token among its sample's real tokens; empty unless rkv). Kept real tokens come first."""
-    from kvdistill.compress import gather_kv, layer_selection
+    from kvdistill.compress import gather_kv, layer_selection, stacked_rkv_selection
 
     selected: KVPairs = []
     index_dev = []
     shared = None  # right_crop: one (B, M) selection for every layer
     rank = None
+    stacked = stacked_rkv_selection(cap, compression, layers)  # rkv: groups of layers in one call, when possible
     for layer in layers:
         K, V = cap.keys[layer], cap.values[layer]  # (B, H, T, D)
         if compression.kind == "full":
@@ -113,7 +114,8 @@ def _select(
             shared = shared if shared is not None else layer_selection(cap, compression, layer, query_mask)
             idx = shared[0]  # (B, M)
         else:  # rkv, or the first M CoT tokens (span cot): which real tokens the slots hold is stored
-            idx = layer_selection(cap, compression, layer, query_mask)[0]  # (B, H, M), right_crop: (B, M)
+            chosen = stacked[layer] if stacked is not None else layer_selection(cap, compression, layer, query_mask)
+            idx = chosen[0]  # (B, H, M), right_crop: (B, M)
             if idx.dim() == 2:
                 idx = idx.unsqueeze(1).expand(-1, K.shape[1], -1)  # (B, H, M)
             if rank is None:  # (B, T) index of each real token among the sample's real tokens

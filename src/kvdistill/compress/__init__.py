@@ -36,6 +36,7 @@ __all__ = [
     "importance_from_queries",
     "key_redundancy",
     "layer_selection",
+    "stacked_rkv_selection",
     "query_rows",
     "right_crop",
     "rkv_scores",
@@ -100,3 +101,24 @@ def _latent_selection(cap, compression: Compression, layer: int, query_mask: tor
     if compression.kind == "right_crop":
         return idx[:, 0], kept[:, 0]  # (B, M) shared by heads
     return idx, kept
+
+
+def stacked_rkv_selection(cap, compression: Compression, layers: list[int], group: int = 8) -> dict | None:
+    """`layer_selection` of every layer in `layers` for plain rkv (span all, scoring minmax) when the capture holds
+    each layer's importance and the layers share one K shape: `group` layers are scored and ranked in one call
+    (`rkv_select` over group dims (L, H)), not one call per layer. {layer: (idx, kept) (B, H, M)}, equal to the
+    per-layer selections; None when it does not apply (the caller selects per layer)."""
+    importance = cap.importance or {}
+    plain = compression.kind == "rkv" and compression.span == "all" and compression.scoring == "minmax"
+    if not plain or not layers or any(j not in importance for j in layers):
+        return None
+    if len({tuple(cap.keys[j].shape) for j in layers}) != 1:
+        return None
+    out = {}
+    for lo in range(0, len(layers), group):
+        chunk = layers[lo : lo + group]
+        keys = torch.stack([cap.keys[j] for j in chunk], 1)  # (B, L, H, T, D)
+        imp = torch.stack([importance[j] for j in chunk], 1)  # (B, L, H, T)
+        idx, kept = rkv_select(keys, imp, cap.attention_mask, compression.budget, compression.lam)  # (B, L, H, M)
+        out.update({j: (idx[:, n], kept[:, n]) for n, j in enumerate(chunk)})
+    return out

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvdistill.compress import Compression, gather_kv, gather_spans, layer_selection
+from kvdistill.compress import Compression, gather_kv, gather_spans, layer_selection, stacked_rkv_selection
 from kvdistill.compress.latent import window_rows
 from kvdistill.errors import KvdistillError
 from kvdistill.models.capture import capture_tokenized, tokenize_for
@@ -131,8 +131,9 @@ def compress_capture(
     (B, H, M, 2), mask (B, H, M) long. Kind 'full' keeps the capture's shared (B, T) layout. K/V keep the
     capture's dtype (`compression.dtype` is the storage dtype of the cache)."""
     keys, values, spans, masks = {}, {}, {}, {}
+    stacked = stacked_rkv_selection(cap, compression, layers)  # rkv: groups of layers in one call, when possible
     for layer in layers:
-        sel = layer_selection(cap, compression, layer, query_mask)
+        sel = stacked[layer] if stacked is not None else layer_selection(cap, compression, layer, query_mask)
         if sel is None:
             keys[layer], values[layer] = cap.keys[layer], cap.values[layer]
             spans[layer], masks[layer] = cap.spans, cap.attention_mask
