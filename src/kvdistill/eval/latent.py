@@ -18,20 +18,8 @@ import torch
 from kvdistill.data.segments import segments
 from kvdistill.eval.answers import exact_match as same
 from kvdistill.eval.answers import extract_answer
-
-
-def _chunks(items: list, n: int):
-    for lo in range(0, len(items), n):
-        yield items[lo : lo + n]
-
-
-def _encode(tokenizer, texts: list[str], *, side: str, special: bool):
-    old = tokenizer.padding_side
-    tokenizer.padding_side = side
-    try:
-        return tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=special)
-    finally:
-        tokenizer.padding_side = old
+from kvdistill.eval.metrics import chunks
+from kvdistill.models.capture import tokenize
 
 
 def _needed(tokenizer, ids: list[int], *, after_marker: bool) -> tuple[str, int]:
@@ -68,13 +56,13 @@ def latent_exact_match(student, tokenizer, records: list[dict], template: str, *
     eos = tokenizer.eos_token_id
     usable = [(r, segments(r, template)) for r in records if r.get("answer")]
     rows, seconds = [], 0.0
-    for batch in _chunks(usable, batch_size):
+    for batch in chunks(usable, batch_size):
         groups: dict[str, list] = {}  # records sharing an answer prompt decode together
         for r, s in batch:
             groups.setdefault(s.answer_prompt, []).append((r, s))
         for prompt, items in groups.items():
-            pre = _encode(tokenizer, [s.prefix for _, s in items], side="left", special=True)
-            p_ids = _encode(tokenizer, [prompt] * len(items), side="right", special=False)["input_ids"]
+            pre = tokenize(tokenizer, [s.prefix for _, s in items], padding_side="left")
+            p_ids = tokenize(tokenizer, [prompt] * len(items), add_special_tokens=False)["input_ids"]
             out = student.generate(pre["input_ids"].to(device), pre["attention_mask"].to(device), p_ids.to(device),
                                    max_new_tokens=max_new_tokens, eos_id=eos)
             seconds += out["seconds"]
@@ -98,8 +86,8 @@ def cot_exact_match(model, tokenizer, records: list[dict], template: str, *, max
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     usable = [(r, segments(r, template)) for r in records if r.get("answer")]
     rows, seconds = [], 0.0
-    for batch in _chunks(usable, batch_size):
-        enc = _encode(tokenizer, [s.cot_prompt for _, s in batch], side="left", special=True)
+    for batch in chunks(usable, batch_size):
+        enc = tokenize(tokenizer, [s.cot_prompt for _, s in batch], padding_side="left")
         ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
         t0 = time.perf_counter()
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,

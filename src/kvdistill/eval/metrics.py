@@ -24,7 +24,8 @@ from kvdistill.models.geometry import geometry_of
 from kvdistill.objectives.batch import teacher_alignment
 
 
-def _chunks(items, size):
+def chunks(items, size):
+    """Consecutive slices of `items` of at most `size`."""
     for i in range(0, len(items), size):
         yield items[i : i + size]
 
@@ -34,7 +35,7 @@ def perplexity(model, tokenizer, records: list[dict], *, max_length: int, batch_
     """Token-level perplexity over all held-out tokens (exp of the mean next-token NLL)."""
     device = next(model.parameters()).device
     nll_sum, count = 0.0, 0
-    for batch in _chunks(records, batch_size):
+    for batch in chunks(records, batch_size):
         enc = tokenize(tokenizer, [r["text"] for r in batch], max_length=max_length, padding_side="right")
         ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
         logits = model(input_ids=ids, attention_mask=mask).logits  # (B, T, V)
@@ -68,7 +69,7 @@ def exact_match(
     old_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
-        for batch in _chunks(usable, batch_size):
+        for batch in chunks(usable, batch_size):
             prompts = [r["text"][: r["answer_start"]].rstrip() for r in batch]
             enc = tokenizer(prompts, return_tensors="pt", padding=True)
             ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)  # (B, T) left-padded
@@ -130,7 +131,7 @@ class TeacherRows:
         self.masks: list[torch.Tensor] = []  # per batch (B, T_t)
         self.keys: dict[int, list[torch.Tensor]] = {j: [] for j in self.layers}  # per batch (N_b, H_t·D_t)
         self.values: dict[int, list[torch.Tensor]] = {j: [] for j in self.layers}
-        for texts in _chunks(list(self.texts), batch_size):
+        for texts in chunks(list(self.texts), batch_size):
             t = capture_kv(teacher, t_tok, texts, max_length=max_length, padding_side="right")
             real = t.attention_mask_cpu.bool()  # (B, T_t)
             self.spans.append(t.spans_cpu)
@@ -183,7 +184,7 @@ def _aligned_pairs(student, s_tok, teacher_rows: TeacherRows, records, layers_s,
     rows = teacher_rows
     xs = {i: [] for i in layers_s}
     ys = {i: [] for i in layers_s}
-    for b, batch in enumerate(_chunks(records, rows.batch_size)):
+    for b, batch in enumerate(chunks(records, rows.batch_size)):
         texts = [r["text"] for r in batch]
         s = capture_kv(student, s_tok, texts, max_length=rows.max_length, padding_side="right")
         device = s.spans.device

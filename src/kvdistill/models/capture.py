@@ -97,8 +97,9 @@ class KVCapture:
 
 
 def tokenize(tokenizer, texts: list[str], *, max_length: int | None = None, padding_side: str = "right",
-             max_positions: int | None = None):
+             max_positions: int | None = None, add_special_tokens: bool = True):
     """Tokenize a batch with token spans; every text must yield at least one non-special token.
+    `add_special_tokens=False`: no BOS/EOS framing (a part that continues a sequence, e.g. a latent student's answer).
 
     Returns a BatchEncoding with input_ids, attention_mask (B, T) and offset_mapping (B, T, 2), where the spans are
     UTF-8 byte offsets [start, end) into each text (`kvdistill.align.bytes.byte_spans` of the tokenizer's character
@@ -117,7 +118,8 @@ def tokenize(tokenizer, texts: list[str], *, max_length: int | None = None, padd
     tokenizer.padding_side = padding_side
     try:
         enc = tokenizer(list(texts), return_offsets_mapping=True, padding=True, return_tensors="pt",
-                        truncation=max_length is not None, max_length=max_length)
+                        truncation=max_length is not None, max_length=max_length,
+                        add_special_tokens=add_special_tokens)
     finally:
         tokenizer.padding_side = old_side
     offsets = enc["offset_mapping"]  # (B, T, 2) characters

@@ -69,3 +69,11 @@ class FusionSpace(nn.Module, metaclass=abc.ABCMeta):
     def layer_errors(self, step: Step) -> dict[str, dict[int, torch.Tensor]] | None:
         """Per teacher and mapped student layer, the per-sample (B,) held-out K/V error; None if not defined."""
         return None
+
+
+def read_metrics(metrics: dict[str, torch.Tensor], counted: torch.Tensor) -> dict[str, float]:
+    """Scalar metric tensors as floats, read from the device in one transfer; `tokens`: the sum of `counted` (a
+    mask, preferably on the CPU)."""
+    names = list(metrics)
+    values = torch.stack([metrics[k].float().reshape(()) for k in names]).tolist() if names else []
+    return {"tokens": float(counted.sum()), **dict(zip(names, values, strict=True))}

@@ -31,9 +31,10 @@ from kvdistill.compress.latent import latent_target, window_rows
 from kvdistill.compress.select import importance_from_attention
 from kvdistill.data.segments import Segments, segments
 from kvdistill.errors import KvdistillError
-from kvdistill.models.capture import forward_kv, tokenize_for
+from kvdistill.models.capture import forward_kv, tokenize, tokenize_for
 from kvdistill.models.geometry import geometry_of
 from kvdistill.models.queries import capture_queries, query_importance, supports_queries
+from kvdistill.objectives.base import read_metrics
 from kvdistill.objectives.pairs import LayerPairs
 from kvdistill.student import save_student, unwrap_student
 
@@ -95,20 +96,11 @@ class LatentView:
     pre_answer: torch.Tensor
 
 
-def _encode(tokenizer, texts: list[str], *, side: str, special: bool) -> dict:
-    old = tokenizer.padding_side
-    tokenizer.padding_side = side
-    try:
-        return tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=special,
-                         return_offsets_mapping=True)
-    finally:
-        tokenizer.padding_side = old
-
-
 def latent_view(tokenizer, segs: list[Segments], tokens: int) -> LatentView:
-    """Tokenize prefixes (with the tokenizer's BOS) and suffixes (without) for `tokens` latent slots."""
-    pre = _encode(tokenizer, [s.prefix for s in segs], side="left", special=True)
-    suf = _encode(tokenizer, [s.suffix for s in segs], side="right", special=False)
+    """Tokenize prefixes (with the tokenizer's BOS) and suffixes (without) for `tokens` latent slots (`tokenize`:
+    byte spans; a part that tokenizes to nothing is refused)."""
+    pre = tokenize(tokenizer, [s.prefix for s in segs], padding_side="left")
+    suf = tokenize(tokenizer, [s.suffix for s in segs], padding_side="right", add_special_tokens=False)
     B, P = pre["input_ids"].shape
     S = suf["input_ids"].shape[1]
     M = tokens
@@ -117,11 +109,9 @@ def latent_view(tokenizer, segs: list[Segments], tokens: int) -> LatentView:
     answer[:, P + M :] = suf["attention_mask"]
     pre_answer = []
     for b, s in enumerate(segs):
-        at = s.answer_start - s.suffix_start  # the answer's character offset in the suffix
-        ends = suf["offset_mapping"][b, :, 1]
+        at = s.byte(s.answer_start) - s.byte(s.suffix_start)  # the answer's byte offset in the suffix
+        ends = suf["offset_mapping"][b, :, 1]  # byte spans
         before = ((ends <= at) & (ends > 0) & suf["attention_mask"][b].bool()).nonzero().flatten()
-        if not suf["attention_mask"][b].any():
-            raise KvdistillError(f"the answer part {s.suffix!r} tokenizes to nothing", "check data.template")
         pre_answer.append(P + M + int(before.max()) if len(before) else P + M - 1)
     return LatentView(pre["input_ids"], pre["attention_mask"], suf["input_ids"], suf["attention_mask"], answer,
                       torch.tensor(pre_answer))
@@ -328,9 +318,7 @@ class KavaObjective(nn.Module):
             metrics["loss/kd"] = fused.detach().mean()
         total = per_sample.mean()
         metrics["loss"] = total.detach()
-        names = list(metrics)
-        values = torch.stack([metrics[k].float().reshape(()) for k in names]).tolist()
-        return total, {"tokens": float(answer_mask.sum()), **dict(zip(names, values, strict=True))}
+        return total, read_metrics(metrics, s_view.answer_mask)
 
     # ------------------------------------------------------------------------------------------ held out
     @torch.no_grad()

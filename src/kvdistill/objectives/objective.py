@@ -22,7 +22,7 @@ from kvdistill.align.tokens import token_alignment
 from kvdistill.errors import KvdistillError
 from kvdistill.models.capture import forward_kv, tokenize
 from kvdistill.models.geometry import geometry_of
-from kvdistill.objectives.base import FusionSpace, Step
+from kvdistill.objectives.base import FusionSpace, Step, read_metrics
 from kvdistill.objectives.batch import Collated, Collator, TeacherSide
 from kvdistill.objectives.fusion import Fusion, per_sample
 from kvdistill.objectives.latent_space import LatentSpaceKD
@@ -34,13 +34,6 @@ from kvdistill.objectives.terms import TeacherTerms
 from kvdistill.student import save_student, unwrap_student
 
 SPACES: dict[str, type[FusionSpace]] = {"loss": LossSpace, "target": TargetSpace, "latent": LatentSpaceKD}
-
-
-def _read_metrics(metrics: dict[str, torch.Tensor], mask_cpu: torch.Tensor) -> dict[str, float]:
-    """Scalar metric tensors as floats, read from the device in one transfer; `tokens` from the CPU mask."""
-    names = list(metrics)
-    values = torch.stack([metrics[k].float().reshape(()) for k in names]).tolist() if names else []
-    return {"tokens": float(mask_cpu.sum()), **dict(zip(names, values, strict=True))}
 
 
 class Objective(nn.Module):
@@ -131,7 +124,7 @@ class Objective(nn.Module):
             total = total + cfg.fusion.entropy.weight * total_extra
             metrics["loss/entropy"] = total_extra.detach()
         metrics["loss"] = total.detach()
-        return total, _read_metrics(metrics, step.batch.mask_cpu)
+        return total, read_metrics(metrics, step.batch.mask_cpu)
 
     # ---------------------------------------------------------------------------------------------- held out
     @torch.no_grad()
