@@ -71,11 +71,9 @@ def _build_kava(cfg, student_cfg, device) -> KavaObjective:
     R-KV target needs attention probabilities its queries cannot give (models.queries)."""
     lat = cfg.student.latent
     self_rkv = _latent_rkv(cfg) and cfg.losses.latent_kv.weight > 0 and cfg.losses.latent_kv.self_teacher
-    eager = False
-    if self_rkv:
-        probe, _ = build_student(student_cfg, seed=cfg.train.seed)
-        eager = not supports_queries(geometry_of(unwrap_student(probe)))
-    backbone, tokenizer = build_student(student_cfg, seed=cfg.train.seed, attentions=eager)
+    backbone, tokenizer = build_student(student_cfg, seed=cfg.train.seed)
+    if self_rkv and not supports_queries(geometry_of(unwrap_student(backbone))):  # rebuilt (same seed) with eager
+        backbone, tokenizer = build_student(student_cfg, seed=cfg.train.seed, attentions=True)
     torch.manual_seed(cfg.train.seed + 2)  # the head's init independent of how the backbone was built
     hidden = backbone.get_input_embeddings().embedding_dim
     student = LatentStudent(backbone, LatentHead(hidden, lat.tokens, lat.projection), lat.iterations)
