@@ -126,6 +126,28 @@ def count_ops(step, top: int = 15) -> dict:
     return {"aten_calls": sum(counts.values()), "top": dict(ranked[:top])}
 
 
+def overlapped(main, side, device: str):
+    """`main` in this thread while `side` runs in a second thread (on its own CUDA stream on a GPU); returns when
+    both are done. Timed against main and side alone it shows how far the two threads' host work overlaps."""
+    import concurrent.futures
+
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    stream = torch.cuda.Stream() if torch.device(device).type == "cuda" else None
+
+    def on_side():
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            side()
+
+    def run():
+        future = pool.submit(on_side)
+        main()
+        future.result()
+        if stream is not None:
+            torch.cuda.current_stream().wait_stream(stream)
+
+    return run
+
+
 def _bytes(params) -> int:
     return sum(p.numel() * p.element_size() for p in params)
 
@@ -223,6 +245,9 @@ def main() -> None:
                     help="train.compile: the loss space's K/V errors under torch.compile (the warmup compiles)")
     ap.add_argument("--peak-tflops", type=float, default=989.4,
                     help="the device's dense bf16 peak for the MFU (default: H100/H200 SXM, 989.4)")
+    ap.add_argument("--overlap", action="store_true",
+                    help="also time a and the teachers' K/V run together: the teachers on a side CUDA stream in a "
+                         "second thread (how much of b a second thread hides while the student steps)")
     ap.add_argument(
         "--count-ops",
         action="store_true",
@@ -363,6 +388,8 @@ def main() -> None:
     }
     if args.halves:
         fns.update(ce_forward=forward_only(ce_loss), kd_forward=forward_only(kd_loss))
+    if args.overlap:
+        fns["ce_step_with_teachers_thread"] = overlapped(ce_step, teachers_kv, args.device)
     with torch.no_grad():
         _, metrics0 = objective(records)
     timings = time_interleaved(fns, args.device, warmup=warmup, repeats=repeats, memory=on_gpu)

@@ -105,3 +105,52 @@ def test_shape_errors_name_the_shapes():
         L.kv_error(torch.zeros(1, 2, 3), torch.zeros(1, 2, 3), torch.ones(1, 5))
     with pytest.raises(KvdistillError, match="kind 'l1' is unknown"):
         L.kv_error(torch.zeros(1, 2, 3), torch.zeros(1, 2, 3), torch.ones(1, 2), kind="l1")
+
+
+def _composite_mse(pred, target, mask, weight, eps=1e-6):
+    """The mse kv_error as plain autograd ops in float64 (the reference for `_RowSquares`' backward)."""
+    counted = torch.broadcast_to(mask != 0, pred.shape[:-1])[..., None].expand(pred.shape)
+    diff = torch.where(counted, pred - target, torch.zeros((), dtype=pred.dtype))
+    n = counted.sum((-2, -1)).clamp(min=1)
+    err = (diff.square() * weight[..., None]).sum((-2, -1)) / n
+    t = target.detach()
+    mean = torch.where(counted, t, 0).sum((-2, -1)) / n
+    var = torch.where(counted, (t - mean[..., None, None]).square(), 0).sum((-2, -1)) / n
+    return err / (var + eps)
+
+
+def test_kv_error_gradients_equal_the_autograd_composite():
+    """Gradients of pred, target (a learnable target, as in target-space fusion) and the row weights equal those
+    of the same error written as elementwise autograd ops, in float64; leading dims (P, 2) and a masked row."""
+    pred = _rand(3, 2, 4, 5, 6, seed=11).double().requires_grad_()  # (P, 2, B, N, F)
+    target = (2 * _rand(3, 2, 4, 5, 6, seed=12) + 0.5).double().requires_grad_()
+    weight = torch.rand(4, 5, generator=torch.Generator().manual_seed(13)).double().requires_grad_()
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 0, 1, 1, 0], [0, 0, 0, 0, 0], [1, 1, 0, 0, 0]])
+    scale = _rand(3, 2, 4, seed=14).double()
+    got = L.kv_error(pred, target, mask, weight=weight)
+    assert got.dtype == torch.float64 and got.shape == (3, 2, 4)
+    grads = torch.autograd.grad((got * scale).sum(), (pred, target, weight))
+    ref = _composite_mse(pred, target, mask, weight)
+    ref_grads = torch.autograd.grad((ref * scale).sum(), (pred, target, weight))
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-14)
+    for g, r in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-14)
+    assert grads[0][:, :, 2].abs().sum() == 0  # a sample with nothing counted: no gradient
+
+
+def test_kv_error_bfloat16_inputs():
+    """bf16 pred / target (as on a GPU): the error in float32, within bf16 rounding of the float64 value, and the
+    gradient in bf16 within bf16 rounding of the float64 gradient."""
+    pred64, target64 = _rand(2, 16, 64, seed=15).double(), (_rand(2, 16, 64, seed=16) + 0.3).double()
+    mask = torch.ones(2, 16)
+    pred = pred64.bfloat16().requires_grad_()
+    target = target64.bfloat16()
+    got = L.kv_error(pred, target, mask)
+    assert got.dtype == torch.float32
+    p_ref = pred.detach().double().requires_grad_()
+    ref = L.kv_error(p_ref, target.double(), mask)
+    torch.testing.assert_close(got.double(), ref, rtol=2e-2, atol=0)
+    got.sum().backward()
+    ref.sum().backward()
+    assert pred.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(pred.grad.double(), p_ref.grad, rtol=2e-2, atol=1e-4)

@@ -33,6 +33,43 @@ def as_rows(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return x.reshape(B, H * M, D), mask.reshape(B, H * M)
 
 
+class _RowSquares(torch.autograd.Function):
+    """Σ_F (pred - target)² per row -> (..., B, N) in float32 (float64 for float64 inputs), the difference zeroed
+    in uncounted rows. One pass for the difference, one for the row sums; the backward is one elementwise pass
+    (2·diff·g per row), and only the difference (in the inputs' dtype) is kept for it. The composite of
+    autograd ops this replaces kept float32 copies of the whole (..., B, N, F) difference and its square."""
+
+    @staticmethod
+    def forward(ctx, pred, target, rows):  # pred, target (..., B, N, F); rows (..., B, N) bool
+        diff = pred - target  # (..., B, N, F), the inputs' (promoted) dtype
+        diff.masked_fill_(~rows[..., None], 0)  # NaN / inf in uncounted rows: no value, no gradient
+        ctx.save_for_backward(diff)
+        ctx.dtypes = pred.dtype, target.dtype
+        acc = torch.float64 if diff.dtype == torch.float64 else torch.float32
+        return torch.linalg.vector_norm(diff, dim=-1, dtype=acc).square()  # (..., B, N)
+
+    @staticmethod
+    def backward(ctx, grad):  # grad (..., B, N)
+        (diff,) = ctx.saved_tensors
+        g = diff * (2 * grad).to(diff.dtype)[..., None]  # (..., B, N, F)
+        pred_grad = g.to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
+        target_grad = (-g).to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None
+        return pred_grad, target_grad, None
+
+
+def _target_variance(target: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Variance of each sample's counted target values -> (..., B), no gradient: row sums of x and x² in one
+    pass each (float32 accumulation, float64 for float64 inputs), combined per sample in float64."""
+    with torch.no_grad():
+        acc = torch.float64 if target.dtype == torch.float64 else torch.float32
+        zero = torch.zeros((), dtype=acc, device=target.device)
+        s1 = torch.where(rows, target.sum(-1, dtype=acc), zero).sum(-1).double()  # (..., B)
+        s2 = torch.where(rows, torch.linalg.vector_norm(target, dim=-1, dtype=acc).square(), zero).sum(-1).double()
+        n = (rows.sum(-1) * target.shape[-1]).clamp(min=1).double()  # (..., B)
+        mean = s1 / n
+        return (s2 / n - mean.square()).clamp(min=0).to(acc)
+
+
 def kv_error(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, *, kind: str = "mse",
              normalize: bool = True, weight: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
     """Per-sample error between rows of pred and target -> (..., B).
@@ -43,23 +80,26 @@ def kv_error(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, *, ki
     normalize: divide by σ² (mse) or σ (smooth_l1), σ² the variance of the sample's counted target values
     (no gradient). weight: broadcastable to (..., B, N), multiplies each row's error (per-token fusion weights);
     the mean still divides by the number of counted rows, so weight 1 everywhere is the unweighted error.
-    The difference is taken in the inputs' dtype; only it is squared and reduced in float32.
+    The difference is taken in the inputs' dtype; it is squared and reduced in float32 (float64 inputs: float64).
+    mse runs as `_RowSquares` (a few passes over the rows, only the difference kept for the backward), smooth_l1
+    as elementwise autograd ops.
     """
     check_dims(pred, 3, "pred", "(..., B, N, F)", at_least=True)
     check_same(pred, target, "pred", "target", "map the student K/V into the teacher's geometry first")
     if kind not in KV_KINDS:
         raise KvdistillError(f"KV error kind '{kind}' is unknown", "use kind 'mse' or 'smooth_l1'")
-    counted = check_mask(mask, pred.shape[:-1], "the rows of pred")[..., None].expand(pred.shape)  # (..., B, N, F)
-    diff = (pred - target).float().masked_fill(~counted, 0.0)  # (..., B, N, F); NaN in uncounted rows: no gradient
-    err = diff.square() if kind == "mse" else F.smooth_l1_loss(diff, torch.zeros_like(diff), reduction="none")
-    row_weight = None if weight is None else weight.float()[..., None]
-    out = sample_mean(err, counted, 2, row_weight)  # (..., B)
+    rows = check_mask(mask, pred.shape[:-1], "the rows of pred")  # (..., B, N)
+    row_weight = None if weight is None else weight.to(torch.promote_types(weight.dtype, torch.float32))
+    if kind == "mse":
+        out = sample_mean(_RowSquares.apply(pred, target, rows), rows, 1, row_weight, scale=pred.shape[-1])
+    else:
+        counted = rows[..., None].expand(pred.shape)  # (..., B, N, F)
+        diff = (pred - target).float().masked_fill(~counted, 0.0)  # (..., B, N, F)
+        err = F.smooth_l1_loss(diff, torch.zeros_like(diff), reduction="none")
+        out = sample_mean(err, counted, 2, None if row_weight is None else row_weight[..., None])  # (..., B)
     if not normalize:
         return out
-    with torch.no_grad():
-        t = target.float()
-        mean = sample_mean(t, counted, 2)  # (..., B)
-        var = sample_mean((t - mean[..., None, None]).square(), counted, 2)  # (..., B)
+    var = _target_variance(target, rows)  # (..., B)
     return out / ((var + eps) if kind == "mse" else (var + eps).sqrt())
 
 

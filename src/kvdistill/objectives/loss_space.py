@@ -124,17 +124,21 @@ def group_errors(proj: torch.Tensor, index: torch.Tensor, weight: torch.Tensor, 
 
     dense: a shared alignment is applied as one dense (B, M, T_s) matrix in a batched matmul instead of the sparse
     gather (the same numbers up to rounding: the matmul accumulates in float32): on a GPU the matmul is a few
-    milliseconds where the gather's backward (a scatter-add) is slower, and it holds no (…, M, K, F) copy.
+    milliseconds where the gather's backward (a scatter-add) is slower, and it holds no (…, M, K, F) copy. The
+    student tokens are padded to a multiple of 8 with zero columns: an odd T_s gives rows of A whose stride is not
+    16-byte aligned, and cuBLAS then falls back to its slow pre-Hopper kernels (seen on the H200).
     """
     P, B = len(targets) // 2, covered.shape[-2] if covered.dim() == 2 else covered.shape[1]
     if covered.dim() == 2:  # shared spans: rows are teacher tokens, features H_t·D_t
         if dense:
             L, _, _, T, F = proj.shape
-            M = index.shape[1]
-            A = torch.zeros(B, M, T, dtype=proj.dtype, device=proj.device)
-            A = A.scatter_add(-1, index, weight.to(proj.dtype))  # (B, M, T_s)
-            x = proj.permute(2, 3, 0, 1, 4).reshape(B, T, L * 2 * F)  # (B, T_s, L·2·H_t·D_t)
-            pred = torch.bmm(A, x).view(B, M, L, 2, F).permute(2, 3, 0, 1, 4)  # (L, 2, B, M, H_t·D_t)
+            M, T8 = index.shape[1], -(-T // 8) * 8  # T_s padded to 8: 16-byte strides, the GPU's fast GEMMs
+            A = torch.zeros(B, M, T8, dtype=proj.dtype, device=proj.device)
+            A = A.scatter_add(-1, index, weight.to(proj.dtype))  # (B, M, T8), zero beyond T_s
+            x = proj.new_zeros(B, T8, L, 2, F)
+            x[:, :T] = proj.permute(2, 3, 0, 1, 4)  # one copy, token-major
+            pred = torch.bmm(A, x.view(B, T8, L * 2 * F)).view(B, M, L, 2, F).permute(2, 3, 0, 1, 4)
+            # pred: (L, 2, B, M, H_t·D_t)
         else:
             pred = resample_rows(proj, index, weight)  # (L, 2, B, M, H_t·D_t)
         pred = pred if at is None else pred.index_select(0, at)  # (P, 2, B, M, H_t·D_t)
@@ -188,7 +192,8 @@ class LossSpace(FusionSpace):
                               [s.values[i] for i in lp.layers])  # (L, 2, B, T_s, H_t·D_t)
         _, H, _, D = tkv.keys[lp.j[0]].shape
         P_all = len(lp.j)
-        err = torch.zeros(P_all, 2, B, device=dev) if kv else None
+        acc = torch.promote_types(proj.dtype, torch.float32)  # kv_error's float32 (float64 for float64 K/V)
+        err = torch.zeros(P_all, 2, B, device=dev, dtype=acc) if kv else None
         cos = torch.zeros(P_all, B, device=dev) if cosine else None
         deepest = None
         for g in _groups(tkv, lp, _alignments(tkv, lp, step, n)):
