@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvdistill.errors import ConfigError
+from kvdistill.errors import ConfigError, KvdistillError
 from kvdistill.train.trainer import MicroBatches, micro_batch, train
 
 RESUMABLE = ["train.steps=4", "train.batch_size=2", "train.grad_accum=2", "train.warmup_steps=2",
@@ -87,3 +87,22 @@ def test_an_objective_without_collate_trains_on_records(tiny_config, uninterrupt
 def test_prefetch_without_workers_is_refused(tiny_config):
     with pytest.raises(ConfigError, match="train.prefetch"):
         tiny_config("train.prefetch=2")
+
+
+def test_teachers_ahead_give_the_same_run(tiny_config, uninterrupted, tmp_path, files):
+    """train.teachers_ahead (the teachers one micro-batch ahead on a worker thread) trains exactly as the step
+    that runs them itself, and resumes exactly."""
+    out = tmp_path / "ahead"
+    cfg = tiny_config(*RESUMABLE, "train.teachers_ahead=true")
+    train(cfg, out, stop_after=2, progress=False)
+    train(cfg, out, resume=True, progress=False)
+    same_runs(uninterrupted, out, files)
+
+
+def test_teachers_ahead_without_a_teachers_pass_is_refused(tiny_config, tmp_path, monkeypatch):
+    import kvdistill.objectives as objectives
+
+    build = objectives.build_objective
+    monkeypatch.setattr(objectives, "build_objective", lambda *a, **k: RecordsOnly(build(*a, **k)))
+    with pytest.raises(KvdistillError, match="train.teachers_ahead"):
+        train(tiny_config(*RESUMABLE, "train.teachers_ahead=true"), tmp_path / "no", progress=False)

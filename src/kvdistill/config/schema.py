@@ -467,6 +467,10 @@ class TrainConfig(Section):
     prefetch: int | None = Field(None, gt=0)
     """Batches each worker collates ahead (the DataLoader's prefetch_factor); None: its default (2). Needs
     num_workers > 0."""
+    teachers_ahead: bool | None = None
+    """Run the teachers' K/V of the next micro-batch on a worker thread (its own CUDA stream) while the student
+    steps on this one (`kvdistill.objectives.ahead`): the same numbers, the teachers off the critical path.
+    None: on where the run has a GPU and teachers; true on a CPU works too (the two threads share the cores)."""
     compile: bool = False
     """torch.compile the loss space's per-group K/V error (the loss part, not the models); where compilation
     fails the eager function runs instead (logged once)."""

@@ -11,6 +11,7 @@ alone: on DataLoader workers in training, inline when the objective is called on
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -115,6 +116,7 @@ class Collated:
     spans: torch.Tensor
     teachers: list[TeacherInputs | TeacherKV | None]
     alignments: list[Alignment | dict[int, Alignment] | None]
+    ahead: Any = None  # in the training process: the teachers' K/V computed ahead (`objectives.ahead.Pending`)
 
     def pin_memory(self) -> Collated:
         """The same batch in pinned memory (the DataLoader's pin_memory thread calls this)."""

@@ -77,19 +77,32 @@ class Objective(nn.Module):
     # ---------------------------------------------------------------------------------------------- one step
     def step(self, batch: Collated | list[dict], *, training: bool = True) -> Step:
         """The student's forward and every teacher's K/V of one batch (a `Collated`, or records collated here);
-        held out (training=False) only the K/V, and only for a space that reports per-layer errors."""
+        held out (training=False) only the K/V, and only for a space that reports per-layer errors. The K/V come
+        from the batch's pass ahead where `TeachersAhead` made one (`train.teachers_ahead`), else run here."""
         collated = batch if isinstance(batch, Collated) else self.collate(batch)
         needs = self.terms.needs() if training else dict(hidden_states=False, logits=False, attentions=False)
         sb = collated.student_batch(self.fusion.fixed.device)
         s = forward_kv(self.student, sb.ids, sb.mask, geometry=self.student_geometry, logits=True,
                        hidden_states=needs["hidden_states"] or (training and self.fusion.needs_hidden),
                        attentions=needs["attentions"])
-        wanted = training or self.space.reports_layer_errors
+        if collated.ahead is not None and training:
+            tkvs = collated.ahead.take()
+        else:
+            tkvs = self.teacher_pass(collated, training=training)
+        return Step(sb, s, self.teachers, tkvs, self.pairs, self.fusion)
+
+    def teacher_pass(self, collated: Collated, *, training: bool = True) -> list:
+        """Every teacher's `TeacherKV` of a collated batch, with what the terms need of them (hidden states,
+        logits, attentions); none held out unless the space reports per-layer errors. A pure function of the
+        batch (teachers are frozen): `TeachersAhead` runs it a batch early on another thread."""
+        needs = self.terms.needs() if training else dict(hidden_states=False, logits=False, attentions=False)
+        if not (training or self.space.reports_layer_errors):
+            return []
         tkvs = []
-        for t, inputs in zip(self.teachers, collated.teachers, strict=True) if wanted else ():
+        for t, inputs in zip(self.teachers, collated.teachers, strict=True):
             given = {} if inputs is None else {"inputs": inputs}  # collated ahead: tokens, or K/V read from a cache
             tkvs.append(t.kv(collated.records, max_length=self.cfg.data.max_length, **needs, **given))
-        return Step(sb, s, self.teachers, tkvs, self.pairs, self.fusion)
+        return tkvs
 
     def forward(self, batch: Collated | list[dict]):
         """(loss, metrics) of a batch (a `Collated`, or records collated here): loss a 0-dim tensor, metrics

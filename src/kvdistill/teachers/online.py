@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from kvdistill.models.geometry import KVGeometry, geometry_of
@@ -22,6 +24,7 @@ class OnlineTeacher:
         self.geometry: KVGeometry = geometry_of(model, name=name)
         self.compression = compression
         self.layers = layers if layers is not None else list(range(self.geometry.num_layers))
+        self.lock = threading.Lock()  # one capture at a time: its hooks sit on the module during a call
 
     def to(self, device) -> OnlineTeacher:
         self.model.to(device)
@@ -31,7 +34,13 @@ class OnlineTeacher:
     def kv(self, records: list[dict], *, max_length: int, hidden_states=False, logits=False,
            attentions=False, inputs: TeacherInputs | None = None) -> TeacherKV:
         """The K/V record of `records`; `inputs`: their `prepare_teacher` tokenization made beforehand (e.g. by a
-        DataLoader worker), else the records are tokenized here."""
+        DataLoader worker), else the records are tokenized here. Thread-safe: calls on one teacher run one at a
+        time (`objectives.ahead` runs them on another thread)."""
+        with self.lock:
+            return self._kv(records, max_length=max_length, hidden_states=hidden_states, logits=logits,
+                            attentions=attentions, inputs=inputs)
+
+    def _kv(self, records, *, max_length, hidden_states, logits, attentions, inputs) -> TeacherKV:
         cap, query = capture_teacher(self.model, self.tokenizer, records, max_length=max_length,
                                      compression=self.compression, layers=self.layers,
                                      hidden_states=hidden_states, logits=logits, attentions=attentions,

@@ -41,6 +41,7 @@ import torch
 from kvdistill.cache.manifest import write_json_atomic
 from kvdistill.config import RunConfig, TrainConfig, dump_config, semantic_problems
 from kvdistill.errors import ConfigError, KvdistillError
+from kvdistill.objectives.ahead import TeachersAhead
 from kvdistill.train.checkpoint import (
     checkpoint_path,
     latest_checkpoint,
@@ -135,6 +136,21 @@ def _batches(run: Run, start: int, end: int):
         batch_size=None, sampler=range(start * accum, end * accum), collate_fn=_as_is, num_workers=t.num_workers,
         prefetch_factor=t.prefetch if t.num_workers else None, pin_memory=acc.device.type == "cuda")
     return iter(loader)
+
+
+def _ahead(run: Run, batches):
+    """`batches` with the teachers one micro-batch ahead (`TeachersAhead`) where train.teachers_ahead asks for it
+    (None: on a GPU, when the objective has teachers), else `batches` as they are."""
+    want = run.cfg.train.teachers_ahead
+    able = batches is not None and hasattr(run.inner, "teacher_pass") and bool(getattr(run.inner, "teachers", None))
+    if want and not able:
+        raise KvdistillError("train.teachers_ahead is true, but this objective has no teachers' pass to run ahead "
+                             "(no teachers, or a latent student, whose teachers run inside its step)",
+                             "drop train.teachers_ahead (or set it to false)")
+    if not able or not (want or (want is None and run.accelerator.device.type == "cuda")):
+        return batches
+    return TeachersAhead(run.inner, batches, device=run.accelerator.device,
+                         mixed_precision=run.cfg.train.mixed_precision)
 
 
 def _param_groups(objective, cfg: RunConfig):
@@ -411,7 +427,7 @@ def fit(run: Run, *, progress: bool = True) -> None:
                dynamic_ncols=True)
     run.t0 = time.time()
     run.objective.train()
-    run.batches = _batches(run, run.start, run.end)
+    run.batches = _ahead(run, _batches(run, run.start, run.end))
     try:
         for step in range(run.start, run.end):
             row = _step(run, step)
@@ -427,6 +443,8 @@ def fit(run: Run, *, progress: bool = True) -> None:
         raise _diverged(run, err) from None
     finally:
         bar.close()
+        if isinstance(run.batches, TeachersAhead):
+            run.batches.close()
 
 
 def _step(run: Run, step: int) -> dict:
