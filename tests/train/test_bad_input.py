@@ -15,7 +15,8 @@ from transformers import AutoModelForCausalLM
 from kvdistill.data import load_records
 from kvdistill.errors import ConfigError
 from kvdistill.objectives import Objective
-from kvdistill.train.trainer import micro_batch, train
+from kvdistill.train.loader import micro_batch
+from kvdistill.train.trainer import train
 
 
 def test_typo_in_an_override_suggests_the_key(tiny_yaml, tmp_path, cli):

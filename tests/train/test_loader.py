@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from kvdistill.errors import ConfigError, KvdistillError
-from kvdistill.train.trainer import MicroBatches, micro_batch, train
+from kvdistill.train.loader import MicroBatches, micro_batch
+from kvdistill.train.trainer import train
 
 RESUMABLE = ["train.steps=4", "train.batch_size=2", "train.grad_accum=2", "train.warmup_steps=2",
              "train.save_every=2"]

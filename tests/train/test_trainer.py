@@ -15,7 +15,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kvdistill.student import build_student
-from kvdistill.train.trainer import latest_checkpoint, micro_batch, sample_stream, train
+from kvdistill.train.loader import micro_batch, sample_stream
+from kvdistill.train.trainer import latest_checkpoint, train
 
 TOL = 2e-5  # float32 weights after a few Adam steps of size ~1e-3, different matmul groupings
 
