@@ -18,6 +18,8 @@ Every timed call starts from the texts (tokenization included), as `kvdistill ex
     rkv_write        the same + CacheWriter.add (background writer, as `kvdistill extract`)
     rkv_eager        the old path: capture_kv(attentions=True) + samples_from_capture(rkv M)        eager
     rkv_importance   query_importance of every layer (answer rows only), on a ready capture
+                     (stacked_equals_per_layer: its layers stacked vs one at a time, and the stacked rkv selection vs
+                     layer_selection, compared exactly on the device)
     rkv_select       rkv_select of every layer, on ready importances
 Throughput ratios are baseline / variant (1.0 = as fast as the baseline), against plain (the full forward, LM head
 included) and against body (the stricter one: extraction needs no logits); targets: 0.9 without writes, 0.8 with.
@@ -52,7 +54,7 @@ from common import (
 
 from kvdistill.cache import CacheWriter, cache_info, fingerprint_tokenizer, make_meta, samples_from_capture
 from kvdistill.cache.extract import run_pipeline
-from kvdistill.compress import Compression, rkv_select
+from kvdistill.compress import Compression, layer_selection, rkv_select, stacked_rkv_selection
 from kvdistill.models.capture import capture_kv
 from kvdistill.models.geometry import geometry_of
 from kvdistill.models.queries import capture_queries, query_importance
@@ -174,6 +176,15 @@ def bench_model(name: str, args, tmp: Path) -> dict:
         timings = time_interleaved(fns, args.device, warmup=args.warmup, repeats=args.repeats, memory=on_gpu)
     for w in writers.values():
         w.close()
+    with torch.no_grad():  # on this device too, stacked layers give exactly the one-layer-at-a-time results
+        alone = {j: query_importance(sdpa, ready, qc.queries, query, [j])[j] for j in layers}
+        ready.importance = importances
+        stacked = stacked_rkv_selection(ready, rkv, layers)
+        per_layer = {j: layer_selection(ready, rkv, j, query) for j in layers}
+    stacked_equal = {
+        "importance": all(torch.equal(importances[j], alone[j]) for j in layers),
+        "selection": all(torch.equal(stacked[j][0], per_layer[j][0]) for j in layers),
+    }
     ms = {k: v["median_ms"] for k, v in timings.items()}
     for k in (
         "plain",
@@ -234,6 +245,7 @@ def bench_model(name: str, args, tmp: Path) -> dict:
             for base in ("plain", "body")
         },
         "stored": stored,
+        "stacked_equals_per_layer": stacked_equal,
     }
 
 

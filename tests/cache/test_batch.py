@@ -137,3 +137,58 @@ def test_stacked_rkv_selection_equals_the_per_layer_one(left):
     assert stacked_rkv_selection(cap, Compression(kind="rkv", budget=3, scoring="kava"), [0, 1]) is None
     cap.importance.pop(1)
     assert stacked_rkv_selection(cap, comp, [0, 1]) is None
+
+
+@pytest.mark.parametrize("kind", ["full", "right_crop", "rkv"])
+@pytest.mark.parametrize("left", [False, True])
+def test_samples_equal_a_per_sample_per_layer_reference(kind, left):
+    """`capture_to_host` gathers every layer into one buffer and ranks the rkv index of all layers in one gather;
+    each stored tensor equals the one cut from that layer's own selection, sample by sample."""
+    from kvdistill.compress import importance_from_attention, layer_selection
+
+    cap, query = fake_capture(left=left)
+    cap.importance = {
+        j: importance_from_attention(cap.attentions[j], query, cap.attention_mask, 2) for j in (0, 1)
+    }
+    comp = Compression(kind=kind, budget=None if kind == "full" else 3, dtype="float32")
+    samples = samples_from_capture(cap, comp, query)
+    for b, sample in enumerate(samples):
+        real = cap.attention_mask[b].bool()
+        n = int(real.sum())
+        rank = real.long().cumsum(0) - 1  # (T,)
+        for j in (0, 1):
+            K, V = cap.keys[j][b], cap.values[j][b]  # (H, T, D)
+            if kind == "full":
+                assert torch.equal(sample[f"keys_l{j}"], K[:, real])
+                assert torch.equal(sample[f"values_l{j}"], V[:, real])
+                continue
+            idx = layer_selection(cap, comp, j, query)[0][b]  # (H, M) or (M,)
+            idx = (idx if idx.dim() == 2 else idx.expand(K.shape[0], -1))[:, : min(3, n)]  # (H, M_b)
+            at = idx[..., None].expand(*idx.shape, K.shape[-1])
+            assert torch.equal(sample[f"keys_l{j}"], K.gather(1, at))
+            assert torch.equal(sample[f"values_l{j}"], V.gather(1, at))
+            if kind == "rkv":
+                assert sample[f"index_l{j}"].dtype == torch.int32
+                assert torch.equal(sample[f"index_l{j}"], rank[idx].int())
+
+
+def test_nonfinite_importance_is_refused_once_the_batch_reaches_the_host():
+    """The extraction's selection reads nothing back from the device: the finiteness of the rkv importance travels
+    with the batch and `host_samples` refuses a NaN."""
+    from kvdistill.cache.batch import capture_to_host, host_samples
+    from kvdistill.compress import importance_from_attention
+    from kvdistill.errors import KvdistillError
+
+    cap, query = fake_capture(left=False)
+    cap.importance = {
+        j: importance_from_attention(cap.attentions[j], query, cap.attention_mask, 2) for j in (0, 1)
+    }
+    comp = Compression(kind="rkv", budget=3, dtype="float32")
+    host = capture_to_host(cap, comp, [0, 1], query)
+    assert host.finite is not None and bool(host.finite)
+    assert len(host_samples(host)) == 2
+    cap.importance[1][0, 1, 2] = float("nan")  # a real token of sample 0
+    host = capture_to_host(cap, comp, [0, 1], query)  # no error yet: nothing was read back
+    with pytest.raises(KvdistillError, match="NaN or inf"):
+        host_samples(host)
+    assert capture_to_host(cap, Compression(kind="right_crop", budget=3), [0, 1]).finite is None

@@ -222,14 +222,15 @@ def test_background_writer_error_surfaces_and_nothing_half_written_is_listed(tmp
 
     calls = []
 
-    def failing_save(flat, metadata=None):
+    real_parts = writer.safetensors_parts
+
+    def failing_parts(flat, metadata):
         calls.append(1)
         if len(calls) == 2:
             raise OSError("disk full")
-        return writer.st_save.__wrapped__(flat, metadata=metadata)
+        return real_parts(flat, metadata)
 
-    failing_save.__wrapped__ = writer.st_save
-    monkeypatch.setattr(writer, "st_save", failing_save)
+    monkeypatch.setattr(writer, "safetensors_parts", failing_parts)
     w = CacheWriter(tmp_path, store.meta_for(), shard_size=2, background=True)
     with pytest.raises(CacheError, match="disk full"):
         for sid in store.IDS:
@@ -245,3 +246,32 @@ def test_background_writer_error_surfaces_and_nothing_half_written_is_listed(tmp
             if sid not in w.done_ids():
                 w.add(sid, store.make_sample(sid))
     assert verify_cache(tmp_path) == [] and len(CacheReader(tmp_path)) == len(store.IDS)
+
+
+def test_shard_bytes_equal_safetensors_save():
+    """The writer streams a shard as header + each tensor's memory (`safetensors_parts`); the file is byte for byte
+    what `safetensors.torch.save` makes, for every stored dtype, scalars, empty tensors and non-ASCII ids."""
+    import json
+
+    from safetensors.torch import save as st_save
+
+    from kvdistill.cache.writer import safetensors_parts
+
+    gen = torch.Generator().manual_seed(0)
+    tensors = {
+        "0/keys_l3": torch.randn(2, 5, 4, generator=gen).bfloat16(),
+        "0/index_l3": torch.randint(0, 9, (2, 5), generator=gen, dtype=torch.int32),
+        "0/token_ids": torch.arange(7),
+        "1/values_l10": torch.randn(2, 3, 4, generator=gen).half(),
+        "1/f": torch.randn(3, generator=gen),
+        "1/d": torch.randn(2, generator=gen, dtype=torch.float64),
+        "1/flag": torch.tensor([True, False]),
+        "1/byte": torch.tensor([7], dtype=torch.uint8),
+        "1/scalar": torch.tensor(2.5),
+        "1/empty": torch.zeros(0, 4).bfloat16(),
+    }
+    for ids in (["a", "b"], ['quo"te', "naïve-東京", "ctl\x01"]):
+        meta = {"kvdistill_samples": json.dumps(ids)}
+        assert b"".join(bytes(p) for p in safetensors_parts(tensors, meta)) == st_save(tensors, metadata=meta)
+    odd = {"c": torch.zeros(2, dtype=torch.complex64)}  # a dtype the table lacks: safetensors' own save
+    assert safetensors_parts(odd, {}) == [st_save(odd, metadata={})]

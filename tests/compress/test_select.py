@@ -13,7 +13,10 @@ from kvdistill.compress import (
     Compression,
     gather_kv,
     gather_spans,
+    importance_finite,
     importance_from_attention,
+    importance_from_queries,
+    query_rows,
     right_crop,
     rkv_select,
     select_full,
@@ -247,3 +250,51 @@ def test_rkv_ignores_padding_content_even_nonfinite():
     junk[0, 0, 5] = float("inf")
     a, b = rkv_select(keys, imp, mask, 3), rkv_select(junk, imp, mask, 3)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_importance_finite_flags_real_tokens_only_and_defers_the_check():
+    """The extraction checks finiteness later (host_samples), so the selection itself needs no device read-back:
+    check_finite=False selects exactly as the checked call does on finite input."""
+    gen = torch.Generator().manual_seed(4)
+    keys = torch.randn(2, 3, 2, 6, 4, generator=gen)  # (B, L, H, T, D)
+    imp = torch.rand(2, 3, 2, 6, generator=gen)
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
+    assert importance_finite(imp, mask).shape == () and bool(importance_finite(imp, mask))
+    checked, unchecked = rkv_select(keys, imp, mask, 3), rkv_select(keys, imp, mask, 3, check_finite=False)
+    assert torch.equal(checked[0], unchecked[0]) and torch.equal(checked[1], unchecked[1])
+    padded = imp.clone()
+    padded[0, :, :, 4:] = float("nan")  # padding only: still finite where it counts
+    assert bool(importance_finite(padded, mask))
+    bad = imp.clone()
+    bad[1, 2, 0, 5] = float("inf")
+    assert not bool(importance_finite(bad, mask))
+    with pytest.raises(KvdistillError, match="NaN or inf"):
+        rkv_select(keys, bad, mask, 3)
+    rkv_select(keys, bad, mask, 3, check_finite=False)  # left to the caller
+
+
+@pytest.mark.parametrize("window, softcap", [(None, None), (4, 3.0)])
+def test_importance_from_queries_layer_dim_equals_each_layer(window, softcap):
+    """Stacked layers (B, L, ...) give, layer by layer, exactly the unstacked (B, H, ...) result."""
+    gen = torch.Generator().manual_seed(5)
+    B, L, H_q, H_kv, T, D = 3, 4, 4, 2, 9, 8
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[1, 6:] = 0
+    mask[2, :3] = 0
+    query = torch.zeros(B, T, dtype=torch.long)
+    query[0, [2, 8]] = 1
+    query[1, 5] = 1
+    query[2, 4:7] = 1
+    rows, valid = query_rows(query, mask)
+    keys = torch.randn(B, L, H_kv, T, D, generator=gen)
+    q_rows = torch.randn(B, L, H_q, rows.shape[1], D, generator=gen)
+    kw = dict(scaling=D**-0.5, softcap=softcap, sliding_window=window)
+    stacked = importance_from_queries(q_rows, rows, valid, keys, mask, **kw)
+    assert stacked.shape == (B, L, H_kv, T)
+    for n in range(L):
+        alone = importance_from_queries(q_rows[:, n], rows, valid, keys[:, n], mask, **kw)
+        assert torch.equal(stacked[:, n], alone)
+    with pytest.raises(KvdistillError, match="do not match"):
+        importance_from_queries(q_rows[0], rows, valid, keys[0], mask, **kw)
+    with pytest.raises(KvdistillError, match="must be"):
+        importance_from_queries(q_rows, rows, valid, keys[0], mask, **kw)

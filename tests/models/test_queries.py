@@ -107,3 +107,66 @@ def test_unsupported_families_are_refused():
     assert not supports_queries(geometry_of(model))
     with pytest.raises(KvdistillError, match="eager attention"), capture_queries(model):
         pass
+
+
+def _one_layer(model, cap, queries, query, layer):
+    """The importance of one layer without a layer dim: what query_importance computed before it stacked layers."""
+    from kvdistill.compress.select import importance_from_queries, query_rows
+    from kvdistill.models.queries import attention_modules, layer_attention_params
+    from kvdistill.models.rope import apply_rope
+
+    geometry = cap.geometry
+    rows, valid = query_rows(query, cap.attention_mask)  # (B, Q)
+    q = queries[layer]
+    B, H_q, _, D = q.shape
+    q_rows = q.gather(2, rows[:, None, :, None].expand(B, H_q, rows.shape[1], D))  # (B, H_q, Q, D)
+    cos, sin = cap.rotary[layer]  # (B, T, R)
+    idx = rows[..., None].expand(*rows.shape, cos.shape[-1])
+    params = layer_attention_params(attention_modules(model, geometry)[layer], geometry, layer)
+    style = geometry.rope.style
+    return importance_from_queries(
+        apply_rope(q_rows.float(), cos.gather(1, idx), sin.gather(1, idx), style),
+        rows,
+        valid,
+        apply_rope(cap.keys[layer].float(), cos, sin, style),
+        cap.attention_mask,
+        scaling=params["scaling"],
+        softcap=params["softcap"],
+        sliding_window=params["window"],
+    )
+
+
+@pytest.mark.parametrize(
+    "family, extra",
+    [
+        ("llama", {"num_hidden_layers": 3}),
+        ("gemma3_text", {"query_pre_attn_scalar": 20}),  # a sliding and a global layer: two tables
+        ("mistral", {}),
+    ],
+)
+def test_stacked_layers_equal_one_layer_at_a_time(family, extra):
+    """query_importance stacks the layers that share their rotary table and attention parameters over a layer
+    dim (and takes query rows made on the host); every layer equals its own unstacked computation exactly."""
+    from kvdistill.compress.select import query_rows
+
+    model = _tiny(family, **extra)
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(3, 128, (3, 21), generator=g)
+    mask = torch.ones(3, 21, dtype=torch.long)
+    mask[1, 9:] = 0
+    mask[2, 14:] = 0
+    geometry = geometry_of(model)
+    with capture_queries(model, geometry) as qc, torch.no_grad():
+        cap = forward_kv(model, ids, mask)
+    query = _query_mask(mask)
+    layers = list(range(geometry.num_layers))
+    for group in (1, 2, 8):
+        got = query_importance(model, cap, qc.queries, query, layers, group=group)
+        rows = query_rows(query, mask)
+        given = query_importance(model, cap, qc.queries, query, layers, rows=rows, group=group)
+        assert list(got) == layers
+        for layer in layers:
+            want = _one_layer(model, cap, qc.queries, query, layer)
+            assert torch.equal(got[layer], want), (group, layer)
+            assert torch.equal(given[layer], want), (group, layer)
+    assert list(query_importance(model, cap, qc.queries, query, layers[::-1])) == layers[::-1]

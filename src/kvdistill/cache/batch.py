@@ -35,7 +35,8 @@ class HostBatch:
     kv (n, 2, B, H_kv, M, D) keys then values in the storage dtype, or a list of n (keys, values) pairs
     (B, H_kv, M, D) when the layers differ in shape; index (n, B, H_kv, M) int32 (rkv only); ids_pos (2, B, T)
     int64 token ids and positions; spans (B, T, 2) or None; mask (B, T) CPU.
-    `ready` (a CUDA event, or None on CPU) marks the end of the device -> host copies.
+    `ready` (a CUDA event, or None on CPU) marks the end of the device -> host copies. `finite` () bool: the rkv
+    importance was finite on every real token, checked by `host_samples` (None: checked during the selection).
     """
 
     layers: list[int]
@@ -48,19 +49,22 @@ class HostBatch:
     index: torch.Tensor | None
     ready: Any = None
     candidates: list[int] | None = None  # span cot: per sample its number of CoT tokens
+    finite: torch.Tensor | None = None
 
 
 def capture_to_host(cap, compression, layers: list[int], query_mask: torch.Tensor | None = None) -> HostBatch:
     """Select and gather the stored K/V of `layers` (`compression.resolve_layers`, resolved once by the caller)
     of a `KVCapture` on its device and start one asynchronous copy of them to pinned host memory (plus one for
-    ids/positions, one for the rkv index); returns without waiting for the device. The (B, T) mask comes from
-    `cap.attention_mask_cpu` when the capture holds it (no sync)."""
+    ids/positions, one for the rkv index); returns without waiting for the device: nothing here reads a value
+    back (the (B, T) mask comes from `cap.attention_mask_cpu` when the capture holds it, the rkv importance's
+    finiteness is checked by `host_samples`). On CUDA the K/V of every layer are gathered straight into one
+    buffer in the storage dtype (one gather per layer and tensor when the capture's dtype is the storage dtype)."""
     device = cap.attention_mask.device
     on_cuda = device.type == "cuda"
     mask_host = cap.attention_mask_cpu
     mask_host = (mask_host if mask_host is not None else cap.attention_mask).cpu()  # (B, T)
     spans = cap.spans_cpu if cap.spans_cpu is not None else cap.spans  # (B, T, 2)
-    selected, index_dev = _select(cap, compression, layers, query_mask)
+    chosen, finite = _select(cap, compression, layers, query_mask)  # per layer (B, H, M) / (B, M) / None
 
     def host(x: torch.Tensor) -> torch.Tensor:  # async device -> pinned host copy, waited for in host_samples
         if not on_cuda:
@@ -69,18 +73,24 @@ def capture_to_host(cap, compression, layers: list[int], query_mask: torch.Tenso
         return out.copy_(x, non_blocking=True)
 
     dtype = compression.torch_dtype
-    shapes = {tuple(k.shape) for k, _ in selected}
+    shapes = {_kept_shape(cap.keys[layer], idx) for layer, idx in zip(layers, chosen, strict=True)}
+    shapes |= {_kept_shape(cap.values[layer], idx) for layer, idx in zip(layers, chosen, strict=True)}
     if len(shapes) == 1 and on_cuda:  # one buffer, one copy
         kv_dev = torch.empty(len(layers), 2, *shapes.pop(), dtype=dtype, device=device)  # (n, 2, B, H, M, D)
-        for i, (k, v) in enumerate(selected):
-            kv_dev[i, 0].copy_(k)
-            kv_dev[i, 1].copy_(v)
+        for i, (layer, idx) in enumerate(zip(layers, chosen, strict=True)):
+            for j, x in enumerate((cap.keys[layer], cap.values[layer])):
+                _gather_into(kv_dev[i, j], x, idx)
         kv = host(kv_dev)
     else:
-        kv = [(host(k.to(dtype)), host(v.to(dtype))) for k, v in selected]
-    index = host(torch.stack(index_dev)) if index_dev else None  # (n, B, H, M)
+        kv = [
+            (host(_kept(cap.keys[layer], idx).to(dtype)), host(_kept(cap.values[layer], idx).to(dtype)))
+            for layer, idx in zip(layers, chosen, strict=True)
+        ]
+    index = _rank_index(cap, compression, chosen)  # (n, B, H, M) int32 or None
+    index = None if index is None else host(index)
     ids_pos = host(torch.stack([cap.input_ids.long(), cap.positions.long()]))  # (2, B, T)
     spans = host(spans.long()) if spans is not None and spans.device.type != "cpu" else spans
+    finite = None if finite is None else host(finite)
     ready = None
     if on_cuda:
         ready = torch.cuda.Event()
@@ -88,42 +98,71 @@ def capture_to_host(cap, compression, layers: list[int], query_mask: torch.Tenso
     # span cot: a sample keeps min(budget, its CoT tokens), not min(budget, its tokens)
     candidates = getattr(cap, "candidates", None)
     kept = None if candidates is None or compression.span != "cot" else candidates.sum(1).tolist()
-    return HostBatch(
-        layers, compression.kind, compression.budget, mask_host, ids_pos, spans, kv, index, ready, kept
-    )
+    kind, budget = compression.kind, compression.budget
+    return HostBatch(layers, kind, budget, mask_host, ids_pos, spans, kv, index, ready, kept, finite)
 
 
 def _select(
     cap, compression, layers: list[int], query_mask: torch.Tensor | None
-) -> tuple[KVPairs, list[torch.Tensor]]:
-    """(per layer the kept (keys, values) (B, H, M, D) on the device, per layer the rkv index (B, H, M) int32
-    of each kept token among its sample's real tokens; empty unless rkv). Kept real tokens come first."""
-    from kvdistill.compress import gather_kv, layer_selection, stacked_rkv_selection
+) -> tuple[list[torch.Tensor | None], torch.Tensor | None]:
+    """(per layer the time indices of its kept tokens on the device: (B, H, M) for rkv and span cot, one (B, M)
+    shared by every layer for right_crop, None for full; the rkv importance's () finiteness flag when it is left to
+    `host_samples` to check, else None). Kept real tokens come first."""
+    from kvdistill.compress import layer_selection, stacked_rkv_selection
+    from kvdistill.compress.select import importance_finite
 
-    selected: KVPairs = []
-    index_dev = []
-    shared = None  # right_crop: one (B, M) selection for every layer
-    rank = None
-    stacked = stacked_rkv_selection(cap, compression, layers)  # rkv: groups of layers in one call, when possible
-    for layer in layers:
-        K, V = cap.keys[layer], cap.values[layer]  # (B, H, T, D)
-        if compression.kind == "full":
-            selected.append((K, V))
-            continue
-        if compression.kind == "right_crop" and compression.span == "all":
-            shared = shared if shared is not None else layer_selection(cap, compression, layer, query_mask)
-            idx = shared[0]  # (B, M)
-        else:  # rkv, or the first M CoT tokens (span cot): which real tokens the slots hold is stored
-            chosen = stacked[layer] if stacked is not None else layer_selection(cap, compression, layer, query_mask)
-            idx = chosen[0]  # (B, H, M), right_crop: (B, M)
-            if idx.dim() == 2:
-                idx = idx.unsqueeze(1).expand(-1, K.shape[1], -1)  # (B, H, M)
-            if rank is None:  # (B, T) index of each real token among the sample's real tokens
-                rank = cap.attention_mask.bool().long().cumsum(1) - 1
-            B = idx.shape[0]
-            index_dev.append(rank.gather(1, idx.reshape(B, -1)).view(idx.shape).int())  # (B, H, M)
-        selected.append((gather_kv(K, idx), gather_kv(V, idx)))
-    return selected, index_dev
+    if compression.kind == "full":
+        return [None] * len(layers), None
+    if compression.kind == "right_crop" and compression.span == "all":
+        shared = layer_selection(cap, compression, layers[0], query_mask)[0]  # (B, M), for every layer
+        return [shared] * len(layers), None
+    # rkv: groups of layers in one call when possible, the finiteness check deferred (reading it back would wait)
+    stacked = stacked_rkv_selection(cap, compression, layers, check_finite=False)
+    finite = None
+    if stacked is not None:
+        finite = importance_finite(torch.stack([cap.importance[j] for j in layers], 1), cap.attention_mask)
+    chosen = []
+    for layer in layers:  # rkv, or the first M CoT tokens (span cot): which real tokens the slots hold is stored
+        sel = stacked[layer] if stacked is not None else layer_selection(cap, compression, layer, query_mask)
+        idx = sel[0]  # (B, H, M), span cot right_crop: (B, M)
+        chosen.append(idx if idx.dim() == 3 else idx.unsqueeze(1).expand(-1, cap.keys[layer].shape[1], -1))
+    return chosen, finite
+
+
+def _kept_shape(x: torch.Tensor, idx: torch.Tensor | None) -> tuple[int, ...]:
+    """The shape of `_kept(x, idx)`: (B, H, M, D), M = T for full."""
+    return tuple(x.shape) if idx is None else (*x.shape[:2], idx.shape[-1], x.shape[-1])
+
+
+def _kept(x: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+    """x (B, H, T, D) at idx (B, H, M) or (B, M): (B, H, M, D); all of x for None (full)."""
+    from kvdistill.compress import gather_kv
+
+    return x if idx is None else gather_kv(x, idx)
+
+
+def _gather_into(out: torch.Tensor, x: torch.Tensor, idx: torch.Tensor | None) -> None:
+    """out (B, H, M, D) = `_kept(x, idx)` cast to out's dtype, without an intermediate where the dtypes agree."""
+    if idx is None:
+        out.copy_(x)
+    elif out.dtype != x.dtype:
+        out.copy_(_kept(x, idx))
+    else:
+        if idx.dim() == 2:  # (B, M) shared by heads
+            idx = idx[:, None].expand(x.shape[0], x.shape[1], idx.shape[1])  # (B, H, M)
+        torch.gather(x, 2, idx[..., None].expand(*idx.shape, x.shape[-1]), out=out)
+
+
+def _rank_index(cap, compression, chosen: list[torch.Tensor | None]) -> torch.Tensor | None:
+    """(n, B, H, M) int32: which of its sample's real tokens each kept slot holds, for rkv and span cot (None for
+    full and right_crop, which keep the first M), in one gather over every layer."""
+    if compression.kind == "full" or (compression.kind == "right_crop" and compression.span == "all"):
+        return None
+    rank = cap.attention_mask.bool().long().cumsum(1) - 1  # (B, T) each real token's index among the real ones
+    idx = torch.stack(chosen, 1)  # (B, n, H, M)
+    B, n, H, M = idx.shape
+    index = rank.gather(1, idx.reshape(B, -1)).view(B, n, H, M)  # (B, n, H, M)
+    return index.transpose(0, 1).int().contiguous()  # (n, B, H, M)
 
 
 def host_samples(batch: HostBatch) -> list[dict[str, torch.Tensor]]:
@@ -131,6 +170,10 @@ def host_samples(batch: HostBatch) -> list[dict[str, torch.Tensor]]:
     each owning its storage (safe to hand to `CacheWriter.add(..., copy=False)`). Runs on any thread."""
     if batch.ready is not None:
         batch.ready.synchronize()
+    if batch.finite is not None and not bool(batch.finite):
+        from kvdistill.compress.select import not_finite_error
+
+        raise not_finite_error()
     B = batch.mask.shape[0]
     lengths = batch.mask.sum(1).tolist()  # T_b
     token_ids, positions = batch.ids_pos[0], batch.ids_pos[1]  # (B, T)

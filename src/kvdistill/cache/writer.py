@@ -52,6 +52,49 @@ _FIX_META = (
 )
 
 
+# safetensors dtype names, in the order of its Dtype enum (a file lists its tensors by descending dtype, then name)
+_ST_DTYPES = {
+    torch.bool: "BOOL",
+    torch.uint8: "U8",
+    torch.int8: "I8",
+    torch.float8_e5m2: "F8_E5M2",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.int16: "I16",
+    torch.uint16: "U16",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int32: "I32",
+    torch.uint32: "U32",
+    torch.float32: "F32",
+    torch.float64: "F64",
+    torch.int64: "I64",
+    torch.uint64: "U64",
+}
+_ST_RANK = {dtype: rank for rank, dtype in enumerate(_ST_DTYPES)}
+
+
+def safetensors_parts(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> list:
+    """The bytes of `safetensors.torch.save(tensors, metadata)` as a list of buffers: the header, then each
+    tensor's memory as it is (no copy of the whole file in memory, and nothing that holds the GIL while large
+    buffers are copied: the caller writes and hashes the parts). CPU contiguous tensors; a dtype safetensors
+    names differently falls back to `save`."""
+    if any(t.dtype not in _ST_DTYPES for t in tensors.values()):
+        return [st_save(tensors, metadata=metadata)]
+    order = sorted(tensors, key=lambda n: (-_ST_RANK[tensors[n].dtype], n))
+    header: dict[str, Any] = {"__metadata__": metadata}
+    data, offset = [], 0
+    for name in order:
+        t = tensors[name]
+        raw = t.reshape(-1).view(torch.uint8).numpy()  # (bytes,), the tensor's own memory
+        end = offset + raw.size
+        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, end]}
+        offset = end
+        data.append(memoryview(raw))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)  # the data starts 8-aligned
+    return [len(text).to_bytes(8, "little") + text, *data]
+
+
 def _own_files(directory: Path, part: str | None) -> tuple[list[Path], list[Path]]:
     """(temp files, shard files) that belong to this writer's part."""
     prefix = "shard-" if part is None else f"part-{part}-shard-"
@@ -239,20 +282,19 @@ class CacheWriter:
         name = shard_file_name(self.part, k)
         ids = [sid for sid, _ in samples]
         flat = {f"{j}/{key}": t.contiguous() for j, (_, d) in enumerate(samples) for key, t in d.items()}
-        data = st_save(flat, metadata={"kvdistill_samples": json.dumps(ids)})
+        parts = safetensors_parts(flat, {"kvdistill_samples": json.dumps(ids)})
         path, tmp = self.dir / name, self.dir / (name + ".tmp")
+        digest, size = hashlib.sha256(), 0
         with open(tmp, "wb") as f:
-            f.write(data)
+            for part in parts:  # file writes and hashing of large buffers run without the GIL
+                f.write(part)
+                digest.update(part)
+                size += len(part)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
         fsync_dir(self.dir)
-        entry = {
-            "file": name,
-            "sha256": hashlib.sha256(data).hexdigest(),
-            "num_samples": len(ids),
-            "bytes": len(data),
-        }
+        entry = {"file": name, "sha256": digest.hexdigest(), "num_samples": len(ids), "bytes": size}
         with self._manifest_lock:
             self.manifest["shards"].append(entry)
             for j, sid in enumerate(ids):

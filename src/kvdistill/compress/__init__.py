@@ -14,6 +14,7 @@ from kvdistill.compress.select import (
     Compression,
     gather_kv,
     gather_spans,
+    importance_finite,
     importance_from_attention,
     importance_from_queries,
     key_redundancy,
@@ -33,6 +34,7 @@ __all__ = [
     "gather_kv",
     "gather_spans",
     "importance_from_attention",
+    "importance_finite",
     "importance_from_queries",
     "key_redundancy",
     "layer_selection",
@@ -103,11 +105,14 @@ def _latent_selection(cap, compression: Compression, layer: int, query_mask: tor
     return idx, kept
 
 
-def stacked_rkv_selection(cap, compression: Compression, layers: list[int], group: int = 8) -> dict | None:
+def stacked_rkv_selection(
+    cap, compression: Compression, layers: list[int], group: int = 8, *, check_finite: bool = True
+) -> dict | None:
     """`layer_selection` of every layer in `layers` for plain rkv (span all, scoring minmax) when the capture holds
     each layer's importance and the layers share one K shape: `group` layers are scored and ranked in one call
     (`rkv_select` over group dims (L, H)), not one call per layer. {layer: (idx, kept) (B, H, M)}, equal to the
-    per-layer selections; None when it does not apply (the caller selects per layer)."""
+    per-layer selections; None when it does not apply (the caller selects per layer). check_finite=False: the
+    caller checks `importance_finite` itself (the check reads a flag back from the device)."""
     importance = cap.importance or {}
     plain = compression.kind == "rkv" and compression.span == "all" and compression.scoring == "minmax"
     if not plain or not layers or any(j not in importance for j in layers):
@@ -119,6 +124,8 @@ def stacked_rkv_selection(cap, compression: Compression, layers: list[int], grou
         chunk = layers[lo : lo + group]
         keys = torch.stack([cap.keys[j] for j in chunk], 1)  # (B, L, H, T, D)
         imp = torch.stack([importance[j] for j in chunk], 1)  # (B, L, H, T)
-        idx, kept = rkv_select(keys, imp, cap.attention_mask, compression.budget, compression.lam)  # (B, L, H, M)
+        idx, kept = rkv_select(
+            keys, imp, cap.attention_mask, compression.budget, compression.lam, check_finite=check_finite
+        )  # (B, L, H, M)
         out.update({j: (idx[:, n], kept[:, n]) for n, j in enumerate(chunk)})
     return out

@@ -165,8 +165,7 @@ def _order_kept(top: torch.Tensor, real: torch.Tensor, budget: int) -> tuple[tor
     top (..., M') chosen time indices (M' <= T), real (..., M') whether each is a real token.
     Returns idx, kept (..., budget): real ones first in time order, then the others in time order.
     """
-    T_big = top.new_tensor(1 << 40)
-    key = top + (~real).long() * T_big  # (..., M'), distinct
+    key = top + (~real).long() * (1 << 40)  # (..., M'), distinct (a Python scalar: no host -> device copy)
     order = key.argsort(dim=-1)
     idx = top.gather(-1, order)
     kept = real.gather(-1, order)
@@ -227,8 +226,8 @@ def key_redundancy(keys: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) ->
     work = torch.float64 if keys.dtype == torch.float64 else torch.float32
     k = keys.to(work)
     real = mask.view(B, *([1] * (keys.dim() - 3)), T).to(work)  # (B, 1.., T)
-    if not mask.all():  # padding may hold anything, even non-finite values: zero it
-        k = k.masked_fill(real.unsqueeze(-1) == 0, 0.0)
+    # padding may hold anything, even non-finite values: zero it (unconditionally: asking first would sync)
+    k = k.masked_fill(real.unsqueeze(-1) == 0, 0.0)
     norm = k.norm(dim=-1)  # (B, *G, T)
     inv = real / norm.clamp_min(eps)  # (B, *G, T), 1/|k| on real tokens, 0 on padding: k̂ = k · inv
     total = torch.einsum("...td,...t->...d", k, inv)  # (B, *G, D), Σ_s k̂_s over real s
@@ -238,10 +237,33 @@ def key_redundancy(keys: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) ->
     return r * real
 
 
+def not_finite_error() -> KvdistillError:
+    """The error of an importance that is NaN or inf on a real token (raised by `rkv_scores` or a later check)."""
+    return KvdistillError(
+        "importance has NaN or inf on real tokens", "check the attention probabilities the importance came from"
+    )
+
+
+def importance_finite(importance: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """() bool on the importance's device: every entry of importance (B, *G, T) on a real token of mask (B, T) is
+    finite. Computed without waiting for the device (a caller that checks it later passes check_finite=False)."""
+    mask = _check_mask(mask)
+    B, T = mask.shape
+    real = mask.view(B, *([1] * (importance.dim() - 2)), T)  # (B, 1.., T)
+    return (torch.isfinite(importance) | ~real).all()
+
+
 def rkv_scores(
-    keys: torch.Tensor, importance: torch.Tensor, mask: torch.Tensor, lam: float = 0.1
+    keys: torch.Tensor,
+    importance: torch.Tensor,
+    mask: torch.Tensor,
+    lam: float = 0.1,
+    *,
+    check_finite: bool = True,
 ) -> torch.Tensor:
-    """score (B, *G, T) = lam·minmax(I) + (1 - lam)·(1 - minmax(r)) on real tokens, -inf on padding."""
+    """score (B, *G, T) = lam·minmax(I) + (1 - lam)·(1 - minmax(r)) on real tokens, -inf on padding.
+    check_finite: refuse non-finite importance on real tokens (reads a flag back from the device: a sync);
+    False when the caller checks `importance_finite` itself."""
     mask = _check_mask(mask)
     if importance.shape != keys.shape[:-1]:
         raise KvdistillError(
@@ -252,11 +274,8 @@ def rkv_scores(
     real = mask.view(B, *([1] * (keys.dim() - 3)), T).expand(importance.shape)  # (B, *G, T)
     work = torch.float64 if keys.dtype == torch.float64 else torch.float32
     imp = importance.to(work)
-    if not torch.isfinite(imp[real]).all():
-        raise KvdistillError(
-            "importance has NaN or inf on real tokens",
-            "check the attention probabilities the importance came from",
-        )
+    if check_finite and not bool(importance_finite(imp, mask)):
+        raise not_finite_error()
     i_norm = _minmax(imp, real)
     red = key_redundancy(keys, mask)  # cosines in [-1, 1]: spans within rounding error are ties
     r_norm = _minmax(red, real, tol=1e3 * torch.finfo(red.dtype).eps)
@@ -265,15 +284,21 @@ def rkv_scores(
 
 
 def rkv_select(
-    keys: torch.Tensor, attn_importance: torch.Tensor, mask: torch.Tensor, budget: int, lam: float = 0.1
+    keys: torch.Tensor,
+    attn_importance: torch.Tensor,
+    mask: torch.Tensor,
+    budget: int,
+    lam: float = 0.1,
+    *,
+    check_finite: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """R-KV selection of M tokens per head (score in the module docstring).
 
-    keys (B, *G, T, D) pre-rotation keys, attn_importance (B, *G, T), mask (B, T).
+    keys (B, *G, T, D) pre-rotation keys, attn_importance (B, *G, T), mask (B, T); check_finite: see `rkv_scores`.
     Returns idx, kept (B, *G, M): the kept real tokens in increasing time, then the padding slots.
     """
     M = _check_budget(budget)
-    score = rkv_scores(keys, attn_importance, mask, lam)  # (B, *G, T)
+    score = rkv_scores(keys, attn_importance, mask, lam, check_finite=check_finite)  # (B, *G, T)
     T = score.shape[-1]
     order = score.sort(dim=-1, descending=True, stable=True).indices  # ties: earlier token first
     top = order[..., : min(M, T)]  # (B, *G, M')
@@ -338,28 +363,45 @@ def importance_from_queries(
     softcap: float | None = None,
     sliding_window: int | None = None,
 ) -> torch.Tensor:
-    """I (B, H_kv, T), equal to `importance_from_attention` of the eager probabilities, from the query rows only.
+    """I (B, [L,] H_kv, T), equal to `importance_from_attention` of the eager probabilities, from the query rows only.
 
-    q_rows (B, H_q, Q, D) rotated queries of the rows `rows` (B, Q) (valid (B, Q) marks real ones, see
-    `query_rows`); keys (B, H_kv, T, D) rotated keys; mask (B, T). Per row, as the model's attention:
+    q_rows (B, [L,] H_q, Q, D) rotated queries of the rows `rows` (B, Q) (valid (B, Q) marks real ones, see
+    `query_rows`); keys (B, [L,] H_kv, T, D) rotated keys; mask (B, T). The optional L dim stacks layers that share
+    the parameters below (each layer's result equals its own call). Per row, as the model's attention:
         p = softmax(softcap·tanh(q·kᵀ·scaling / softcap) + causal/padding/window mask)   (float32)
     with key t visible from row q when t is real, t <= q and (sliding layers) t > q - sliding_window.
-    Memory O(B·H_q·Q·T), never T×T.
+    Memory O(B·L·H_q·Q·T), never T×T.
     """
     mask = _check_mask(mask)
-    B, H_q, Q, D = q_rows.shape
-    _, H_kv, T, _ = keys.shape
-    if tuple(mask.shape) != (B, T) or rows.shape != (B, Q) or valid.shape != (B, Q):
+    if q_rows.dim() not in (4, 5) or keys.dim() != q_rows.dim():
+        raise KvdistillError(
+            f"queries {tuple(q_rows.shape)} and keys {tuple(keys.shape)} must be (B, [L,] H, Q or T, D)",
+            "pass q_rows (B, [L,] H_q, Q, D) and keys (B, [L,] H_kv, T, D)",
+        )
+    B, Q, D = q_rows.shape[0], q_rows.shape[-2], q_rows.shape[-1]
+    lead = tuple(q_rows.shape[1:-3])  # () or (L,)
+    H_q, H_kv, T = q_rows.shape[-3], keys.shape[-3], keys.shape[-2]
+    if (
+        tuple(keys.shape) != (B, *lead, H_kv, T, D)
+        or tuple(mask.shape) != (B, T)
+        or rows.shape != (B, Q)
+        or valid.shape != (B, Q)
+    ):
         raise KvdistillError(
             f"queries {tuple(q_rows.shape)}, rows {tuple(rows.shape)}, keys {tuple(keys.shape)} do not match "
             f"mask {tuple(mask.shape)}",
-            "pass q_rows (B, H_q, Q, D), rows/valid (B, Q) from query_rows, keys (B, H_kv, T, D), mask (B, T)",
+            "pass q_rows (B, [L,] H_q, Q, D), rows/valid (B, Q) from query_rows, keys (B, [L,] H_kv, T, D), "
+            "mask (B, T)",
         )
     _check_groups(H_q, H_kv, "pass the teacher's queries and keys")
     work = torch.float64 if q_rows.dtype == torch.float64 else torch.float32
     g = H_q // H_kv
-    q = q_rows.to(work).view(B, H_kv, g * Q, D)  # (B, H_kv, g·Q, D), query head h = kv head h // g
-    logits = torch.matmul(q, keys.to(work).transpose(-1, -2)) * scaling  # (B, H_kv, g·Q, T)
+    q = q_rows.to(work).view(B, *lead, H_kv, g * Q, D)  # (B, [L,] H_kv, g·Q, D), query head h: kv head h // g
+    k = keys.to(work)
+    # the products and the row mean below run one layer at a time: their kernels depend on the batch shape, and a
+    # stacked layer must equal its own call bit for bit (the elementwise steps are stacked)
+    logits = _per_layer(lambda q, k: torch.matmul(q, k.transpose(-1, -2)), lead, q, k) * scaling
+    # (B, [L,] H_kv, g·Q, T)
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap
     t = torch.arange(T, device=mask.device)
@@ -367,11 +409,21 @@ def importance_from_queries(
     if sliding_window is not None:
         visible &= t[None, None, :] > rows[:, :, None] - sliding_window
     visible |= ~valid[:, :, None]  # filler rows: any finite row, weighted 0 below
-    logits = logits.view(B, H_kv, g, Q, T).masked_fill(~visible[:, None, None], float("-inf"))
-    probs = logits.softmax(-1)  # (B, H_kv, g, Q, T); every row sees at least one key
+    hidden = ~visible.view(B, *([1] * len(lead)), 1, 1, Q, T)  # (B, [1,] 1, 1, Q, T)
+    logits = logits.view(B, *lead, H_kv, g, Q, T).masked_fill(hidden, float("-inf"))
+    probs = logits.softmax(-1)  # (B, [L,] H_kv, g, Q, T); every row sees at least one key
     weight = valid.to(work) / valid.sum(-1, keepdim=True).clamp_min(1).to(work)  # (B, Q), rows sum to 1
-    imp = torch.einsum("bhgqt,bq->bht", probs, weight) / g  # (B, H_kv, T), mean over the group
-    return imp * mask.unsqueeze(1)
+    imp = _per_layer(lambda p, w: torch.einsum("bhgqt,bq->bht", p, w), lead, probs, weight)  # (B, [L,] H, T)
+    return imp / g * mask.view(B, *([1] * len(lead)), 1, T)  # mean over the group
+
+
+def _per_layer(fn, lead: tuple[int, ...], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """fn(x, y) for x (B, [L,] ...), one call per layer of the optional L dim (y too when it has one), stacked
+    back over dim 1."""
+    if not lead:
+        return fn(x, y)
+    layered = y.dim() == x.dim()
+    return torch.stack([fn(x[:, n], y[:, n] if layered else y) for n in range(lead[0])], 1)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 
 from kvdistill.align.bytes import byte_spans
@@ -117,11 +118,15 @@ def tokenize(tokenizer, texts: list[str], *, max_length: int | None = None, padd
     old_side = tokenizer.padding_side
     tokenizer.padding_side = padding_side
     try:
-        enc = tokenizer(list(texts), return_offsets_mapping=True, padding=True, return_tensors="pt",
+        enc = tokenizer(list(texts), return_offsets_mapping=True, padding=True,
                         truncation=max_length is not None, max_length=max_length,
                         add_special_tokens=add_special_tokens)
     finally:
         tokenizer.padding_side = old_side
+    # lists -> int64 tensors through numpy (torch.tensor walks nested lists several times slower, holding the GIL
+    # that a tokenize thread shares with the thread launching the teacher's kernels)
+    for key in list(enc.keys()):
+        enc[key] = torch.from_numpy(np.asarray(enc[key], dtype=np.int64))
     offsets = enc["offset_mapping"]  # (B, T, 2) characters
     if offsets.dim() != 3:  # every text empty and no BOS: the tokenizer returns (B, 0)
         offsets = offsets.reshape(len(texts), -1, 2)
@@ -153,12 +158,25 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+_ACCEPTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # function -> {name: accepted}
+
+
 def _accepts(fn, name: str) -> bool:
+    """`fn` takes a keyword `name` (by name or through **kwargs); read once per function (a signature is slow next
+    to a forward)."""
+    func = getattr(fn, "__func__", fn)
     try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return True
-    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        known = _ACCEPTS.setdefault(func, {})
+    except TypeError:  # not weak-referenceable
+        known = {}
+    if name not in known:
+        try:
+            params = inspect.signature(fn).parameters
+            var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+            known[name] = name in params or var_kw
+        except (TypeError, ValueError):
+            known[name] = True
+    return known[name]
 
 
 def _names(fn, name: str) -> bool:
@@ -527,7 +545,7 @@ def forward_kv(
         kwargs["position_ids"] = positions
     if router_logits:
         kwargs["output_router_logits"] = True
-    checkpointing = is_checkpointing(model) and model.training and torch.is_grad_enabled()
+    checkpointing = model.training and torch.is_grad_enabled() and is_checkpointing(model)  # a walk: last
     plan = hook_plan(model, geometry) if (source != "cache" or checkpointing) else None
     if plan is None and (source == "hooks" or checkpointing):
         raise KvdistillError(

@@ -19,6 +19,7 @@ import importlib
 import inspect
 import logging
 import sys
+import weakref
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -269,13 +270,20 @@ def _family_prefix(model: torch.nn.Module) -> str:
     return type(getattr(model, "config", None)).__name__.removesuffix("Config")
 
 
+_ATTENTIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {layer: attention module}
+
+
 def decoder_attention_modules(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
     """Decoder-layer index -> the self-attention module of that layer (the one that writes the layer's cache).
+    Found once per model (a walk over every module; every capture asks), like `hook_plan`.
 
     Attention modules are the ones transformers hands a `layer_idx` and a key projection; cross attention and the
     vision/audio towers of multimodal models are left out. Where a layer holds several (a hybrid layer's
     linear-attention or state-space mixer next to its softmax attention), the softmax one is kept.
     """
+    cached = _ATTENTIONS.get(model)
+    if cached is not None:
+        return dict(cached)
     prefix = _family_prefix(model)
     found: dict[int, list[tuple[int, str, torch.nn.Module]]] = {}
     for name, module in model.named_modules():
@@ -293,7 +301,9 @@ def decoder_attention_modules(model: torch.nn.Module) -> dict[int, torch.nn.Modu
         linear = any(word in cls for word in _NOT_KV_ATTENTION)
         found.setdefault(idx, []).append((int(linear), name, module))
     # softmax attention before linear attention, then the shallowest (a wrapper before what it wraps)
-    return {idx: min(c, key=lambda x: (x[0], x[1].count(".")))[2] for idx, c in found.items()}
+    out = {idx: min(c, key=lambda x: (x[0], x[1].count(".")))[2] for idx, c in found.items()}
+    _ATTENTIONS[model] = out
+    return dict(out)
 
 
 def _has_rotary(model: torch.nn.Module) -> bool:

@@ -17,6 +17,7 @@ not covered (`supports_queries` is False): they keep the eager-attention path.
 
 from __future__ import annotations
 
+import weakref
 from contextlib import contextmanager
 
 import torch
@@ -38,9 +39,15 @@ def supports_queries(geometry: KVGeometry) -> bool:
     return geometry.model_type in QUERY_FAMILIES and not geometry.is_encoder and geometry.rope is not None
 
 
+_ATTENTIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its attention modules
+
+
 def attention_modules(model: torch.nn.Module, geometry: KVGeometry) -> list[torch.nn.Module]:
-    """The L self-attention modules, in layer order."""
-    mods = [m for name, m in model.named_modules() if name.endswith("self_attn") and hasattr(m, "q_proj")]
+    """The L self-attention modules, in layer order (found once per model: every rkv batch asks twice)."""
+    mods = _ATTENTIONS.get(model)
+    if mods is None:
+        mods = [m for name, m in model.named_modules() if name.endswith("self_attn") and hasattr(m, "q_proj")]
+        _ATTENTIONS[model] = mods
     if len(mods) != geometry.num_layers:
         raise KvdistillError(
             f"found {len(mods)} attention modules with a q_proj in {geometry.name} ({geometry.model_type}), "
@@ -119,41 +126,68 @@ def query_importance(
     queries: list[torch.Tensor],
     query_mask: torch.Tensor,
     layers: list[int],
+    *,
+    rows: tuple[torch.Tensor, torch.Tensor] | None = None,
+    group: int = 8,
 ) -> dict[int, torch.Tensor]:
     """layer -> I (B, H_kv, T) float32: the mean attention the query rows pay each key, as
     `importance_from_attention` computes it from the model's eager probabilities.
 
     cap: the `KVCapture` of the same forward (pre-rotation keys, positions, mask); queries: from
-    `capture_queries`; query_mask (B, T): the answer rows (`answer_query_mask`).
+    `capture_queries`; query_mask (B, T): the answer rows (`answer_query_mask`). rows: `query_rows(query_mask,
+    mask)` made beforehand on the host (computing Q on the device waits for it). Layers that share their rotary
+    table, attention parameters and shapes are computed `group` at a time, stacked over a layer dim (equal to
+    one layer at a time: `importance_from_queries` over (B, L, ...)).
     """
     from kvdistill.compress.select import importance_from_queries, query_rows
 
     geometry = cap.geometry
     style = geometry.rope.style
-    rows, valid = query_rows(query_mask, cap.attention_mask)  # (B, Q)
+    rows, valid = rows if rows is not None else query_rows(query_mask, cap.attention_mask)  # (B, Q)
     attns = attention_modules(model, geometry)
-    out = {}
-    for layer in layers:
-        q, k = queries[layer], cap.keys[layer]
-        if q is None:
-            raise KvdistillError(
-                f"no query was captured for layer {layer}", "run the forward inside capture_queries(model)"
-            )
-        B, H_q, _, D = q.shape
-        q_rows = q.gather(2, rows[:, None, :, None].expand(B, H_q, rows.shape[1], D))  # (B, H_q, Q, D)
-        # (B, T, R) float32: the tables of the capture's own forward where it kept them
-        cos, sin = cap.rotary[layer] if cap.rotary else rope_cos_sin(model, geometry, cap.positions, layer)
-        R = cos.shape[-1]
-        idx = rows[..., None].expand(*rows.shape, R)
-        params = layer_attention_params(attns[layer], geometry, layer)
-        out[layer] = importance_from_queries(
-            apply_rope(q_rows.float(), cos.gather(1, idx), sin.gather(1, idx), style),  # (B, H_q, Q, D)
-            rows,
-            valid,
-            apply_rope(k.float(), cos, sin, style),  # (B, H_kv, T, D)
-            cap.attention_mask,
-            scaling=params["scaling"],
-            softcap=params["softcap"],
-            sliding_window=params["window"],
+    missing = [layer for layer in layers if queries[layer] is None]
+    if missing:
+        raise KvdistillError(
+            f"no query was captured for layer(s) {missing}", "run the forward inside capture_queries(model)"
         )
-    return out
+    # (B, T, R) float32 per layer: the tables of the capture's own forward where it kept them
+    tables = {
+        layer: cap.rotary[layer] if cap.rotary else rope_cos_sin(model, geometry, cap.positions, layer)
+        for layer in layers
+    }
+    params = {layer: layer_attention_params(attns[layer], geometry, layer) for layer in layers}
+    batches: dict[tuple, list[int]] = {}  # layers that can be stacked, in order
+    for layer in layers:
+        cos, sin = tables[layer]
+        kind = (
+            id(cos),
+            id(sin),
+            tuple(sorted(params[layer].items())),
+            queries[layer].shape,
+            cap.keys[layer].shape,
+        )
+        batches.setdefault(kind, []).append(layer)
+    out = {}
+    for same in batches.values():
+        cos, sin = tables[same[0]]  # (B, T, R)
+        p = params[same[0]]
+        idx = rows[..., None].expand(*rows.shape, cos.shape[-1])  # (B, Q, R)
+        cos_q, sin_q = cos.gather(1, idx), sin.gather(1, idx)  # (B, Q, R)
+        for lo in range(0, len(same), group):
+            chunk = same[lo : lo + group]
+            B, H_q, _, D = queries[chunk[0]].shape
+            at = rows[:, None, :, None].expand(B, H_q, rows.shape[1], D)
+            q_rows = torch.stack([queries[j].gather(2, at) for j in chunk], 1)  # (B, L, H_q, Q, D)
+            keys = torch.stack([cap.keys[j] for j in chunk], 1)  # (B, L, H_kv, T, D)
+            imp = importance_from_queries(
+                apply_rope(q_rows.float(), cos_q[:, None], sin_q[:, None], style),  # (B, L, H_q, Q, D)
+                rows,
+                valid,
+                apply_rope(keys.float(), cos[:, None], sin[:, None], style),  # (B, L, H_kv, T, D)
+                cap.attention_mask,
+                scaling=p["scaling"],
+                softcap=p["softcap"],
+                sliding_window=p["window"],
+            )  # (B, L, H_kv, T)
+            out.update({j: imp[:, n] for n, j in enumerate(chunk)})
+    return {layer: out[layer] for layer in layers}

@@ -78,6 +78,29 @@ def _position_slot(attn: torch.nn.Module) -> int | None:
     return names.index("position_embeddings") if "position_embeddings" in names else None
 
 
+_POINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {decoder layers: record points}
+
+
+def _record_points(
+    model: torch.nn.Module, geometry: KVGeometry
+) -> list[tuple[int, torch.nn.Module, torch.nn.Module | None, int | None]]:
+    """Per K/V layer with an attention module: (i, attention, its rotary child or None, the positional slot of
+    `position_embeddings` or None), found once per model and layer list (module walks and signatures are slow
+    next to a forward)."""
+    per_model = _POINTS.setdefault(model, {})
+    key = tuple(geometry.decoder_layers)
+    if key not in per_model:
+        attns = decoder_attention_modules(model)
+        points = []
+        for i, layer in enumerate(geometry.decoder_layers):
+            attn = attns.get(layer)
+            if attn is not None:
+                child = _rotary_child(attn)
+                points.append((i, attn, child, None if child is not None else _position_slot(attn)))
+        per_model[key] = points
+    return per_model[key]
+
+
 @contextmanager
 def record_tables(model: torch.nn.Module, geometry: KVGeometry):
     """For the forwards run inside the block, record per K/V layer the raw rotary table its attention used.
@@ -85,22 +108,15 @@ def record_tables(model: torch.nn.Module, geometry: KVGeometry):
     Yields a list (one entry per K/V layer) filled during the forward with what the model produced: a (cos, sin)
     pair as the family orders it, a complex tensor, or None where the layer was handed no table.
     """
-    attns = decoder_attention_modules(model)
     tables: list = [None] * geometry.num_layers
     handles = []
-    for i, layer in enumerate(geometry.decoder_layers):
-        attn = attns.get(layer)
-        if attn is None:
-            continue
-        child = _rotary_child(attn)
+    for i, attn, child, slot in _record_points(model, geometry):
         if child is not None:
             def out_hook(_m, _args, out, i=i):
                 tables[i] = out
 
             handles.append(child.register_forward_hook(out_hook))
             continue
-
-        slot = _position_slot(attn)
 
         def pre_hook(_m, args, kwargs, i=i, slot=slot):
             table = kwargs.get("position_embeddings")

@@ -9,7 +9,14 @@ from dataclasses import dataclass
 
 import torch
 
-from kvdistill.compress import Compression, gather_kv, gather_spans, layer_selection, stacked_rkv_selection
+from kvdistill.compress import (
+    Compression,
+    gather_kv,
+    gather_spans,
+    layer_selection,
+    query_rows,
+    stacked_rkv_selection,
+)
 from kvdistill.compress.latent import window_rows
 from kvdistill.errors import KvdistillError
 from kvdistill.models.capture import capture_tokenized, tokenize_for
@@ -69,12 +76,14 @@ class TeacherInputs:
     spans: torch.Tensor
     query: torch.Tensor | None
     candidates: torch.Tensor | None = None  # (B, T) span 'cot': the tokens that may be kept
+    rows: tuple[torch.Tensor, torch.Tensor] | None = None  # rkv: query_rows(query, attention_mask), (B, Q)
 
 
 def prepare_teacher(tokenizer, records: list[dict], *, geometry: KVGeometry, max_length: int | None,
                     compression=None, pin: bool = False) -> TeacherInputs:
     """Tokenize `records` as `capture_teacher` does (right padding, the model's position limit) and build the
-    rkv query mask on the host; pin=True pins the tensors for an asynchronous copy to the GPU."""
+    rkv query mask and its query rows on the host (Q, the most rows of a sample, is then known without asking the
+    device); pin=True pins the tensors for an asynchronous copy to the GPU."""
     ids, mask, spans = tokenize_for(geometry, tokenizer, [r["text"] for r in records], max_length=max_length,
                                     padding_side="right")  # (B, T), (B, T), (B, T, 2)
     rkv = getattr(compression, "kind", "full") == "rkv"
@@ -84,9 +93,11 @@ def prepare_teacher(tokenizer, records: list[dict], *, geometry: KVGeometry, max
         query = window_rows(mask, compression.window) if windowed else answer_query_mask(records, spans, mask)
     cot = getattr(compression, "span", "all") == "cot"
     tensors = [ids, mask, spans, query, cot_candidates(records, spans, mask) if cot else None]
+    rows = None if query is None else query_rows(query, mask)  # (B, Q) each
     if pin:
         tensors = [None if t is None else t.pin_memory() for t in tensors]
-    return TeacherInputs(records, *tensors)
+        rows = None if rows is None else tuple(t.pin_memory() for t in rows)
+    return TeacherInputs(records, *tensors, rows=rows)
 
 
 def capture_teacher(model, tokenizer, records: list[dict], *, max_length: int | None, compression=None,
@@ -119,7 +130,9 @@ def capture_teacher(model, tokenizer, records: list[dict], *, max_length: int | 
         cap.candidates = inputs.candidates.to(cap.attention_mask.device, non_blocking=True)
     if hooked:
         layers = layers if layers is not None else list(range(geometry.num_layers))
-        cap.importance = query_importance(model, cap, qc.queries, query, layers)
+        device = cap.attention_mask.device
+        rows = None if inputs.rows is None else tuple(t.to(device, non_blocking=True) for t in inputs.rows)
+        cap.importance = query_importance(model, cap, qc.queries, query, layers, rows=rows)
     return cap, query
 
 
