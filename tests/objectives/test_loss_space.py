@@ -41,7 +41,7 @@ def _reference(objective, step, n, token_weight=None):
     s, b = step.student, step.batch
     kv_term, cos_term = 0, 0
     for i, row in lp.rows.items():
-        proj = objective.space.projectors[teacher.name][str(i)]
+        proj = objective.space.projectors[teacher.name].projector(i)
         k_s, v_s = proj(s.keys[i], which="keys"), proj(s.values[i], which="values")  # (B, H_t, T_s, D_t)
         for j, w in row:
             A = teacher_alignment(tkv.spans[j], tkv.mask[j], b.spans, b.mask)  # (B, [H_t,] M, T_s)

@@ -201,19 +201,23 @@ class KVProjector(nn.Module):
         return f"kind={self.kind}, ({self.H_s} x {self.D_s}) -> ({self.H_t} x {self.D_t})"
 
 
+def fold_per_head(mix: torch.Tensor, dims: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """G per-head maps as dense matrices: mix (G, H_t, H_s), dims (G, H_t, D_t, D_s), bias (G, H_t, D_t) ->
+    weight (G, H_t·D_t, H_s·D_s) with weight[g, (t, e), (s, d)] = mix[g, t, s] · dims[g, t, e, d], bias (G, H_t·D_t)."""
+    G, H_t, H_s = mix.shape
+    D_t, D_s = dims.shape[-2:]
+    weight = (mix[:, :, None, :, None] * dims[:, :, :, None, :]).reshape(G, H_t * D_t, H_s * D_s)
+    return weight, bias.reshape(G, H_t * D_t)
+
+
 def _stacked_matrices(projectors) -> tuple[torch.Tensor, torch.Tensor]:
     """(2L, H_t·D_t, H_s·D_s) weights and (2L, H_t·D_t) biases of L projectors' key and value maps, in the order
     keys of projector 0, values of projector 0, keys of projector 1, ..."""
     maps = [m for p in projectors for m in (p.key_map, p.value_map)]
-    p0 = projectors[0]
-    F_t, F_s = p0.H_t * p0.D_t, p0.H_s * p0.D_s
-    if p0.kind == "linear":
+    if projectors[0].kind == "linear":
         return torch.stack([m.linear.weight for m in maps]), torch.stack([m.linear.bias for m in maps])
-    mix = torch.stack([m.mix for m in maps])  # (2L, H_t, H_s)
-    dims = torch.stack([m.weight for m in maps])  # (2L, H_t, D_t, D_s)
-    # weight[g, (t, e), (s, d)] = mix[g, t, s] · dims[g, t, e, d]
-    weight = (mix[:, :, None, :, None] * dims[:, :, :, None, :]).reshape(len(maps), F_t, F_s)
-    return weight, torch.stack([m.bias for m in maps]).reshape(len(maps), F_t)
+    return fold_per_head(torch.stack([m.mix for m in maps]), torch.stack([m.weight for m in maps]),
+                         torch.stack([m.bias for m in maps]))
 
 
 def project_layers(projectors, keys, values) -> torch.Tensor:

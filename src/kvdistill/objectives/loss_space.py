@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from kvdistill import losses
-from kvdistill.align.heads import KVProjector, project_layers
+from kvdistill.align.stack import KVProjectorStack
 from kvdistill.align.tokens import resample_rows
 from kvdistill.objectives.base import FusionSpace, SpaceOutput, Step
 from kvdistill.objectives.batch import teacher_alignment_sparse
@@ -171,9 +171,8 @@ class LossSpace(FusionSpace):
     def __init__(self, cfg, student_geometry, teachers: list, pairs: dict[str, LayerPairs]):
         super().__init__()
         self.kv, self.cosine = cfg.losses.kv, cfg.losses.cosine
-        self.projectors = nn.ModuleDict({
-            t.name: nn.ModuleDict({str(i): KVProjector(student_geometry, t.geometry, kind=tcfg.projector)
-                                   for i in pairs[t.name].layers})
+        self.projectors = nn.ModuleDict({  # per teacher, its mapped layers' projectors as stacked parameters
+            t.name: KVProjectorStack(student_geometry, t.geometry, tcfg.projector, pairs[t.name].layers)
             for tcfg, t in zip(cfg.teachers, teachers, strict=True)})
         self.group_errors = maybe_compiled(group_errors, cfg.train.compile, name="loss space K/V errors")
         self.dense_alignment = True  # off the CPU, shared alignments as a dense matmul (see `group_errors`)
@@ -187,9 +186,8 @@ class LossSpace(FusionSpace):
         lp = step.pairs[teacher.name]
         s, dev = step.student, step.batch.mask.device
         B = step.batch.mask.shape[0]
-        projectors = self.projectors[teacher.name]
-        proj = project_layers([projectors[str(i)] for i in lp.layers], [s.keys[i] for i in lp.layers],
-                              [s.values[i] for i in lp.layers])  # (L, 2, B, T_s, H_t·D_t)
+        proj = self.projectors[teacher.name].project([s.keys[i] for i in lp.layers],
+                                                     [s.values[i] for i in lp.layers])  # (L, 2, B, T_s, H_t·D_t)
         _, H, _, D = tkv.keys[lp.j[0]].shape
         P_all = len(lp.j)
         acc = torch.promote_types(proj.dtype, torch.float32)  # kv_error's float32 (float64 for float64 K/V)
