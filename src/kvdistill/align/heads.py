@@ -194,9 +194,6 @@ class KVProjector(nn.Module):
         """
         return project_layers([self], [keys], [values])[0]
 
-    def _param_dtype(self) -> torch.dtype:
-        return next(self.key_map.parameters()).dtype
-
     def extra_repr(self) -> str:
         return f"kind={self.kind}, ({self.H_s} x {self.D_s}) -> ({self.H_t} x {self.D_t})"
 
@@ -235,22 +232,31 @@ def project_layers(projectors, keys, values) -> torch.Tensor:
             f"project_layers needs one projector per layer, all of one kind and geometry; got {len(projectors)} "
             f"projectors ({sorted({p.extra_repr() for p in projectors})}) for {len(keys)} keys and "
             f"{len(values)} values", "group the layers by teacher")
+    weight, bias = (None, None) if p0.kind == "identity" else _stacked_matrices(projectors)
+    return project_stacked(keys, values, weight, bias, p0)
+
+
+def project_stacked(keys, values, weight: torch.Tensor | None, bias: torch.Tensor | None, geometry) -> torch.Tensor:
+    """L layers' K and V (B, H_s, T, D_s) through stacked matrices weight (2L, F_t, F_s), bias (2L, F_t) (keys of
+    layer 0, values of layer 0, ...; None: identity) in one batched matmul -> (L, 2, B, T, F_t), token-major.
+    `geometry` names H_s, D_s, H_t, D_t (a projector or a stack of them). Computed in the inputs' dtype for bf16 /
+    fp16, else the matrices'."""
+    g = geometry
     B, H_s, T, D_s = keys[0].shape
     for k, v in zip(keys, values, strict=True):
-        if k.shape != keys[0].shape or v.shape != keys[0].shape or H_s != p0.H_s or D_s != p0.D_s:
+        if k.shape != keys[0].shape or v.shape != keys[0].shape or H_s != g.H_s or D_s != g.D_s:
             raise KvdistillError(
-                f"KVProjector expects student keys and values (B, {p0.H_s}, T, {p0.D_s}), got "
+                f"KVProjector expects student keys and values (B, {g.H_s}, T, {g.D_s}), got "
                 f"{tuple(k.shape)} and {tuple(v.shape)}", "pass K/V laid out (B, H_kv, T, D) from the student")
-    L, F_s = len(projectors), H_s * D_s
+    L, F_s = len(keys), H_s * D_s
     # (B, H_s, T, D_s) -> (B, T, H_s, D_s): views when the K/V are transposed projection outputs; one copy
     flat = torch.stack([x.transpose(1, 2) for k, v in zip(keys, values, strict=True) for x in (k, v)])
     flat = flat.view(2 * L, B * T, F_s)  # (2L, B·T, H_s·D_s)
-    if p0.kind == "identity":
+    if weight is None:
         return flat.view(L, 2, B, T, F_s)
-    dtype = flat.dtype if flat.dtype in (torch.bfloat16, torch.float16) else p0._param_dtype()
-    weight, bias = _stacked_matrices(projectors)  # (2L, H_t·D_t, H_s·D_s), (2L, H_t·D_t)
+    dtype = flat.dtype if flat.dtype in (torch.bfloat16, torch.float16) else weight.dtype
     out = torch.baddbmm(bias.to(dtype)[:, None], flat.to(dtype), weight.to(dtype).transpose(1, 2))
-    return out.view(L, 2, B, T, p0.H_t * p0.D_t)  # (L, 2, B, T, H_t·D_t)
+    return out.view(L, 2, B, T, g.H_t * g.D_t)  # (L, 2, B, T, H_t·D_t)
 
 
 # ---------------------------------------------------------------------------- teacher → student (frozen)

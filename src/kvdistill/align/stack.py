@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kvdistill.align.heads import KVProjector, fold_per_head
+from kvdistill.align.heads import KVProjector, fold_per_head, project_stacked
 from kvdistill.errors import KvdistillError
 
 _PARTS = {"per_head": ("mix", "weight", "bias"), "linear": ("weight", "bias"), "identity": ()}
@@ -65,22 +65,8 @@ class KVProjectorStack(nn.Module):
         if len(keys) != len(self) or len(values) != len(self):
             raise KvdistillError(f"the projector stack maps {len(self)} layers, got {len(keys)} keys and "
                                  f"{len(values)} values", "pass one key and one value tensor per mapped layer")
-        B, H_s, T, D_s = keys[0].shape
-        for k, v in zip(keys, values, strict=True):
-            if k.shape != keys[0].shape or v.shape != keys[0].shape or H_s != self.H_s or D_s != self.D_s:
-                raise KvdistillError(
-                    f"KVProjector expects student keys and values (B, {self.H_s}, T, {self.D_s}), got "
-                    f"{tuple(k.shape)} and {tuple(v.shape)}", "pass K/V laid out (B, H_kv, T, D) from the student")
-        L, F_s = len(self), H_s * D_s
-        # (B, H_s, T, D_s) -> (B, T, H_s, D_s): views when the K/V are transposed projection outputs; one copy
-        flat = torch.stack([x.transpose(1, 2) for k, v in zip(keys, values, strict=True) for x in (k, v)])
-        flat = flat.view(2 * L, B * T, F_s)  # (2L, B·T, F_s)
-        if self.kind == "identity":
-            return flat.view(L, 2, B, T, F_s)
-        dtype = flat.dtype if flat.dtype in (torch.bfloat16, torch.float16) else self.bias.dtype
-        weight, bias = self.matrices()  # (2L, F_t, F_s), (2L, F_t)
-        out = torch.baddbmm(bias.to(dtype)[:, None], flat.to(dtype), weight.to(dtype).transpose(1, 2))
-        return out.view(L, 2, B, T, self.H_t * self.D_t)
+        weight, bias = (None, None) if self.kind == "identity" else self.matrices()  # (2L, F_t, F_s), (2L, F_t)
+        return project_stacked(keys, values, weight, bias, self)
 
     def projector(self, layer: int) -> KVProjector:
         """A standalone `KVProjector` holding a copy of student layer `layer`'s maps (for references and reports;
