@@ -358,7 +358,7 @@ def main() -> None:
 
     def kd_step(batch=None):
         with autocast:
-            loss = objective(records if from_texts else batch or collated)[0]
+            loss = objective(records if from_texts else collated if batch is None else batch)[0]
         loss.backward()
         torch.nn.utils.clip_grad_norm_(objective.parameters(), max_norm)
         opt_kd.step()

@@ -38,8 +38,8 @@ def test_ahead_equals_the_inline_step(tiny_config, variant):
     pass_of = objective.teacher_pass
 
     def spy(collated, **kw):
-        events.append(("pass", batches.index(next(b for b in batches if b.records is collated.records)),
-                       threading.current_thread().name))
+        n = next(n for n, b in enumerate(batches) if b.records is collated.records)
+        events.append(("pass", n, threading.current_thread().name))
         return pass_of(collated, **kw)
 
     objective.teacher_pass = spy

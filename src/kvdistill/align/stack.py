@@ -46,7 +46,7 @@ class KVProjectorStack(nn.Module):
         for part in _PARTS[self.kind]:
             name = _OLD_NAMES[self.kind][part]
             self.register_parameter(part, nn.Parameter(torch.stack([
-                torch.stack([_get(p.key_map, name), _get(p.value_map, name)]) for p in projectors]).detach()))
+                torch.stack([p.key_map.get_parameter(name), p.value_map.get_parameter(name)]) for p in projectors]).detach()))
         self._register_load_state_dict_pre_hook(self._from_per_layer_layout)
 
     def __len__(self) -> int:
@@ -77,7 +77,7 @@ class KVProjectorStack(nn.Module):
         with torch.no_grad():
             for side, m in enumerate((out.key_map, out.value_map)):
                 for part in _PARTS[self.kind]:
-                    _get(m, _OLD_NAMES[self.kind][part]).copy_(getattr(self, part)[p, side])
+                    m.get_parameter(_OLD_NAMES[self.kind][part]).copy_(getattr(self, part)[p, side])
         return out.to(self.bias.device) if self.kind != "identity" else out
 
     def _from_per_layer_layout(self, state_dict, prefix, *args) -> None:
@@ -87,9 +87,3 @@ class KVProjectorStack(nn.Module):
             old = [[f"{prefix}{i}.{side}.{name}" for side in ("key_map", "value_map")] for i in self.layers]
             if prefix + part not in state_dict and all(k in state_dict for row in old for k in row):
                 state_dict[prefix + part] = torch.stack([torch.stack([state_dict.pop(k) for k in row]) for row in old])
-
-
-def _get(module: nn.Module, dotted: str) -> torch.Tensor:
-    for name in dotted.split("."):
-        module = getattr(module, name)
-    return module

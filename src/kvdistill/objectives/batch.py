@@ -126,8 +126,7 @@ class Collated:
         teachers = []
         for t in self.teachers:
             if isinstance(t, TeacherInputs):
-                t = TeacherInputs(t.records, pin(t.input_ids), pin(t.attention_mask), pin(t.spans), pin(t.query),
-                                  pin(t.candidates))
+                t = t.pin_memory()
             elif isinstance(t, TeacherKV):
                 t = map_tensors(t, pin)
             teachers.append(t)

@@ -5,7 +5,7 @@ Notation: B batch, T teacher tokens, H KV heads, M kept tokens, D head dim.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -78,6 +78,15 @@ class TeacherInputs:
     candidates: torch.Tensor | None = None  # (B, T) span 'cot': the tokens that may be kept
     rows: tuple[torch.Tensor, torch.Tensor] | None = None  # rkv: query_rows(query, attention_mask), (B, Q)
 
+    def pin_memory(self) -> TeacherInputs:
+        """The same inputs in pinned memory (for asynchronous copies to the GPU)."""
+        def pin(x):
+            return None if x is None else x.pin_memory()
+
+        return replace(self, input_ids=pin(self.input_ids), attention_mask=pin(self.attention_mask),
+                       spans=pin(self.spans), query=pin(self.query), candidates=pin(self.candidates),
+                       rows=None if self.rows is None else tuple(pin(t) for t in self.rows))
+
 
 def prepare_teacher(tokenizer, records: list[dict], *, geometry: KVGeometry, max_length: int | None,
                     compression=None, pin: bool = False) -> TeacherInputs:
@@ -94,10 +103,8 @@ def prepare_teacher(tokenizer, records: list[dict], *, geometry: KVGeometry, max
     cot = getattr(compression, "span", "all") == "cot"
     tensors = [ids, mask, spans, query, cot_candidates(records, spans, mask) if cot else None]
     rows = None if query is None else query_rows(query, mask)  # (B, Q) each
-    if pin:
-        tensors = [None if t is None else t.pin_memory() for t in tensors]
-        rows = None if rows is None else tuple(t.pin_memory() for t in rows)
-    return TeacherInputs(records, *tensors, rows=rows)
+    inputs = TeacherInputs(records, *tensors, rows=rows)
+    return inputs.pin_memory() if pin else inputs
 
 
 def capture_teacher(model, tokenizer, records: list[dict], *, max_length: int | None, compression=None,
