@@ -17,11 +17,20 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+from kvdistill.config.losses import (  # noqa: F401 (re-exported: the losses section is part of the schema)
+    CodiConfig,
+    ExpertLossConfig,
+    KVLossConfig,
+    LatentKVConfig,
+    LatentTargetConfig,
+    LogitKDConfig,
+    LossesConfig,
+    RoutingLossConfig,
+    TemperatureSchedule,
+)
+from kvdistill.config.section import Section
 
 
 # ---------------------------------------------------------------------------------------------- student
@@ -211,172 +220,6 @@ class DataConfig(Section):
         if self.source not in ("gsm_symbolic", "arithmetic") and not self.path:
             raise ValueError(f"data.source '{self.source}' needs data.path")
         return self
-
-
-# ---------------------------------------------------------------------------------------------- losses
-class KVLossConfig(Section):
-    weight: float = Field(1.0, ge=0.0)
-    kind: Literal["mse", "smooth_l1"] = "mse"
-    normalize: bool = True
-    """Divide by the per-layer std of the teacher target so layers and teachers weigh alike."""
-    keys: float = Field(1.0, ge=0.0)
-    values: float = Field(1.0, ge=0.0)
-
-
-class TemperatureSchedule(Section):
-    """τ as a pure function of the optimizer step s (0-based) of a run of S steps, so a resume continues it exactly:
-    constant: `losses.logit_kd.temperature`; linear: start + (end - start)·s/(S - 1); step: values[i] from step
-    milestones[i - 1] on (default milestones: S split into len(values) equal segments, e.g. 8 → 4 → 2)."""
-
-    kind: Literal["constant", "linear", "step"] = "constant"
-    start: float | None = Field(None, gt=0.0)
-    end: float | None = Field(None, gt=0.0)
-    values: list[float] | None = None
-    milestones: list[int] | None = None
-
-    @model_validator(mode="after")
-    def _fields_of_kind(self):
-        wanted = {"constant": set(), "linear": {"start", "end"}, "step": {"values"}}[self.kind]
-        allowed = wanted | ({"milestones"} if self.kind == "step" else set())
-        given = {k for k in ("start", "end", "values", "milestones") if getattr(self, k) is not None}
-        problems = [f"schedule.{k} is not read by kind {self.kind}; drop it" for k in sorted(given - allowed)]
-        problems += [f"schedule kind {self.kind} needs schedule.{k}" for k in sorted(wanted - given)]
-        if self.values is not None and (len(self.values) < 2 or any(v <= 0 for v in self.values)):
-            problems.append(f"schedule.values {self.values} must be at least 2 temperatures > 0")
-        if self.milestones is not None and self.values is not None and (
-                len(self.milestones) != len(self.values) - 1 or any(m <= 0 for m in self.milestones)
-                or sorted(set(self.milestones)) != self.milestones):
-            problems.append(f"schedule.milestones {self.milestones} must be {len(self.values) - 1} increasing steps "
-                            f"> 0, one per change of value in {self.values}")
-        if problems:
-            raise ValueError("; ".join(problems))
-        return self
-
-
-class LogitKDConfig(Section):
-    weight: float = Field(0.0, ge=0.0)
-    temperature: float = Field(2.0, gt=0.0)
-    """τ: both distributions are softened by τ and the divergence is multiplied by τ² (kvdistill.losses.logit_kd)."""
-    schedule: TemperatureSchedule = TemperatureSchedule()
-    """τ over training (constant: `temperature`); the τ of each step is logged as `logit_kd/temperature`."""
-    divergence: Literal["forward", "reverse", "jsd"] = "forward"
-    """forward KL(teacher || student), reverse KL(student || teacher), or the generalised JSD with `beta`."""
-    beta: float = Field(0.5, gt=0.0, lt=1.0)
-    """jsd only: m = β·p_teacher + (1-β)·p_student; 0.5 is the Jensen-Shannon divergence."""
-
-    @model_validator(mode="after")
-    def _used(self):
-        if self.beta != 0.5 and self.divergence != "jsd":
-            raise ValueError(f"losses.logit_kd.beta is set but divergence is '{self.divergence}', which has no beta; "
-                             "drop beta or set divergence: jsd")
-        if self.schedule.kind != "constant" and "temperature" in self.model_fields_set:
-            raise ValueError(f"losses.logit_kd.temperature is set but schedule.kind {self.schedule.kind} gives τ; "
-                             "drop temperature or use schedule.kind: constant")
-        return self
-
-    def temperature_at(self, step: int, total: int) -> float:
-        """τ of optimizer step `step` (0-based) of a run of `total` steps (`TemperatureSchedule`)."""
-        s = self.schedule
-        if s.kind == "constant":
-            return self.temperature
-        if s.kind == "linear":
-            return s.start + (s.end - s.start) * min(step, total - 1) / max(total - 1, 1)
-        n = len(s.values)
-        milestones = s.milestones if s.milestones is not None else [round(total * i / n) for i in range(1, n)]
-        return s.values[sum(step >= m for m in milestones)]
-
-
-class RoutingLossConfig(Section):
-    """MoE routing distillation (kvdistill.losses.routing_kl) from the student's own router logits."""
-
-    weight: float = Field(0.0, ge=0.0)
-    kind: Literal["full", "topk"] = "full"
-    """full: KL over every expert; topk: over the teacher's top-k experts, both renormalised there."""
-    correspondence: Literal["auto", "identity", "fitted"] = "auto"
-    """Which student experts a teacher expert's probability goes to (also the expert term's pairs): identity (equal
-    expert counts, e.g. an upcycled student), fitted (from the teacher's routing on training records: experts
-    grouped by co-activation, or split by load), auto: identity when the counts are equal, else fitted."""
-
-
-class ExpertLossConfig(Section):
-    """MoE expert-output distillation (kvdistill.losses.expert_output_error), per corresponding expert."""
-
-    weight: float = Field(0.0, ge=0.0)
-    normalize: bool = True
-    """Divide by the mean squared teacher expert output (a relative error)."""
-
-
-class CodiConfig(Section):
-    """CODI (kvdistill.losses.codi_loss): the latent student's hidden states at the token before the answer pulled
-    to the backbone's own in CoT mode, every layer."""
-
-    weight: float = Field(0.0, ge=0.0)
-    """α1 (KaVa: about 10-20)."""
-    kind: Literal["smooth_l1", "mse"] = "smooth_l1"
-    normalize: bool = True
-    """Divide each layer's error by the std of the teacher's vector."""
-
-
-class LatentTargetConfig(Section):
-    """How a teacher's chain-of-thought K/V becomes the M latent targets (kvdistill.compress.latent)."""
-
-    kind: Literal["full", "right_crop", "rkv"] = "rkv"
-    """full: every CoT token resampled to M; right_crop: the first M; rkv: the M best R-KV scores per head."""
-    lam: float = Field(0.1, ge=0.0, le=1.0)
-    """rkv: weight of importance (1: importance only, 0: redundancy only)."""
-    scoring: Literal["kava", "rkv", "minmax"] = "kava"
-    """rkv: kava λ·I + (1-λ)·softmax(-r) (default); rkv (the R-KV paper's code) λ·I - (1-λ)·r with I from the last
-    `window` tokens; minmax (the offline cache's) λ·minmax(I) + (1-λ)·(1 - minmax(r))."""
-    window: int = Field(8, gt=0)
-    """scoring rkv: the observation window (last tokens) importance is read from."""
-
-    @model_validator(mode="after")
-    def _used(self):
-        problems = []
-        if self.kind != "rkv" and (self.lam != 0.1 or self.scoring != "kava"):
-            problems.append(f"losses.latent_kv.target.lam / scoring are read by kind rkv only (kind is {self.kind}); "
-                            "drop them")
-        if self.window != 8 and self.scoring != "rkv":
-            problems.append(f"losses.latent_kv.target.window is read by scoring rkv only (scoring is {self.scoring}); "
-                            "drop it")
-        if problems:
-            raise ValueError("; ".join(problems))
-        return self
-
-
-class LatentKVConfig(Section):
-    """L_KV of the latent student: its K/V at the M latent slots matched, per layer pair and KV head, to each
-    teacher's CoT K/V compressed to M entries; the teacher side under stop-gradient."""
-
-    weight: float = Field(0.0, ge=0.0)
-    """α2 (KaVa: about 1-2)."""
-    kind: Literal["mse", "smooth_l1"] = "smooth_l1"
-    normalize: bool = True
-    """Divide by the variance (mse) or std (smooth_l1) of the sample's target (kvdistill.losses.kv_error)."""
-    keys: float = Field(1.0, ge=0.0)
-    values: float = Field(1.0, ge=0.0)
-    target: LatentTargetConfig = LatentTargetConfig()
-    self_teacher: bool = True
-    """The backbone in CoT mode is a teacher (self-distillation, as KaVa); `teachers:` add others."""
-
-
-class LossesConfig(Section):
-    ce: float = Field(1.0, ge=0.0)
-    routing: RoutingLossConfig = RoutingLossConfig()
-    expert: ExpertLossConfig = ExpertLossConfig()
-    balance: float | None = Field(None, ge=0.0)
-    """MoE students: weight of the (sequence-wise) load-balancing loss; None: the student's own
-    `router_aux_loss_coef` (its config's)."""
-    kv: KVLossConfig = KVLossConfig()
-    cosine: float = Field(0.0, ge=0.0)
-    attention_kl: float = Field(0.0, ge=0.0)
-    relation: float = Field(0.0, ge=0.0)
-    logit_kd: LogitKDConfig = LogitKDConfig()
-    hidden: float = Field(0.0, ge=0.0)
-    cot_ce: float = Field(0.0, ge=0.0)
-    """Latent student: CE of the CoT and answer given the question, the backbone in CoT (teacher) mode."""
-    codi: CodiConfig = CodiConfig()
-    latent_kv: LatentKVConfig = LatentKVConfig()
 
 
 # ---------------------------------------------------------------------------------------------- fusion
