@@ -1,7 +1,8 @@
 """Token alignment on UTF-8 byte spans: equivalence to a brute-force IoU reference on five real tokenizers,
 the identity for a tokenization aligned with itself on 30 mixed-script texts, partial-character tokens paired
 byte for byte across tokenizers, golden values, overlapping / unsorted / truncated spans, batch == per-sample,
-and errors that quote the bad input."""
+and errors that quote the bad input. Prefix partners (`prefix_positions`) against a brute force over the texts'
+bytes on real tokenizer pairs, and the identity for one tokenization."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvdistill.align.bytes import byte_spans
-from kvdistill.align.tokens import align_to_student, batch_token_alignment, token_alignment
+from kvdistill.align.tokens import align_to_student, batch_token_alignment, prefix_positions, token_alignment
 from kvdistill.errors import KvdistillError
 from kvdistill.models.capture import tokenize
 
@@ -361,3 +362,62 @@ def test_sparse_alignment_of_an_empty_overlap_is_one_zero_slot():
     index, weight = batch_token_alignment_sparse(torch.tensor([[[0, 0]]]), torch.ones(1, 1),
                                                  torch.tensor([[[0, 3]]]), torch.ones(1, 1))
     assert index.shape == (1, 1, 1) and float(weight.sum()) == 0.0
+
+
+def _brute_partners(text: str, s_spans, s_mask, t_spans, t_mask) -> list[int]:
+    """Per student position, the last teacher position whose tokens so far spell the same bytes with as many special
+    tokens after them, by concatenating the bytes of each side's tokens one position at a time."""
+    data = text.encode("utf-8")
+
+    def states(spans, mask):
+        out, read, extra = [], b"", 0
+        for (a, e), m in zip(spans.tolist(), mask.tolist(), strict=True):
+            if not m:
+                out.append(None)
+                continue
+            if e > a:
+                read, extra = read + data[a:e], 0
+            else:
+                extra += 1
+            out.append((read, extra))
+        return out
+
+    teacher = states(t_spans, t_mask)
+    return [max((j for j, st_ in enumerate(teacher) if st_ == state), default=-1) if state is not None else -1
+            for state in states(s_spans, s_mask)]
+
+
+@pytest.mark.parametrize("student_name, teacher_name", [("gpt2-tokenizer", "smollm2-135m"),
+                                                        ("smollm2-135m", "llama2-tokenizer"),
+                                                        ("llama2-tokenizer", "gemma3-270m")])
+def test_prefix_positions_match_bruteforce(mixed_texts, student_name, teacher_name):
+    texts = mixed_texts[:12] + ["Question: Compute 3 + 4.\nAnswer: 7"]
+    s = tokenize(tokenizer(student_name), texts, max_length=40)
+    t = tokenize(tokenizer(teacher_name), texts, max_length=32)  # truncated shorter: a tail without partners
+    got = prefix_positions(s["offset_mapping"], s["attention_mask"], t["offset_mapping"], t["attention_mask"])
+    paired = 0
+    for b, text in enumerate(texts):
+        want = _brute_partners(text, s["offset_mapping"][b], s["attention_mask"][b], t["offset_mapping"][b],
+                               t["attention_mask"][b])
+        assert got[b].tolist() == want, (b, text)
+        paired += sum(j >= 0 for j in want)
+    assert paired > 0.5 * int(s["attention_mask"].sum())  # most positions have a partner
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_prefix_positions_of_one_tokenization_are_the_identity(mixed_texts, name):
+    enc = tokenize(tokenizer(name), mixed_texts, max_length=48)
+    got = prefix_positions(enc["offset_mapping"], enc["attention_mask"], enc["offset_mapping"],
+                           enc["attention_mask"])
+    T = got.shape[1]
+    want = torch.where(enc["attention_mask"].bool(), torch.arange(T), -1)
+    assert torch.equal(got, want)
+
+
+def test_prefix_positions_golden_and_errors():
+    # student: BOS "ab" "c"; teacher: "a" "bc" EOS. Partners: after "abc" (student 2 <- teacher 1).
+    got = prefix_positions(torch.tensor([[[0, 0], [0, 2], [2, 3]]]), torch.ones(1, 3),
+                           torch.tensor([[[0, 1], [1, 3], [3, 3]]]), torch.ones(1, 3))
+    assert got.tolist() == [[-1, -1, 1]]
+    with pytest.raises(KvdistillError, match="batch size mismatch"):
+        prefix_positions(torch.zeros(2, 3, 2), torch.ones(2, 3), torch.zeros(1, 3, 2), torch.ones(1, 3))

@@ -1,16 +1,22 @@
 """token_nll / ce_loss / logit_kd against independent references: a sliced log-softmax for CE, the closed forms of
 forward KL, reverse KL and the generalised JSD written with probabilities, at several temperatures, with padding
-and with vocabulary entries that both sides make impossible (-inf)."""
+and with vocabulary entries that both sides make impossible (-inf). Chunked equals unchunked (value and gradient);
+the top-k variant equals its closed form with a tail bucket; the cross-tokenizer projection with one tokenizer is
+`logit_kd`; on three real tokenizer pairs it equals a brute-force loop over the prefix partners."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
 import torch
 
 from kvdistill import losses as L
+from kvdistill.align.tokens import prefix_positions
+from kvdistill.align.vocab import shared_vocabulary
 from kvdistill.errors import KvdistillError
+from kvdistill.models.capture import tokenize
 
 
 def _rand(*shape, seed=0):
@@ -90,9 +96,187 @@ def test_logit_kd_golden_and_zero_on_equal_distributions():
 
 
 def test_logit_kd_errors():
-    with pytest.raises(KvdistillError, match="logit KD needs the same vocabulary"):
+    with pytest.raises(KvdistillError, match="(?s)logit KD needs the same vocabulary.*use cross_logit_kd"):
         L.logit_kd(torch.zeros(1, 2, 5), torch.zeros(1, 2, 6), torch.ones(1, 2))
     with pytest.raises(KvdistillError, match="divergence 'tvd' is unknown"):
         L.logit_kd(torch.zeros(1, 2, 5), torch.zeros(1, 2, 5), torch.ones(1, 2), divergence="tvd")
     with pytest.raises(KvdistillError, match=r"jsd beta \(1.0\) must lie strictly between 0 and 1"):
         L.logit_kd(torch.zeros(1, 2, 5), torch.zeros(1, 2, 5), torch.ones(1, 2), divergence="jsd", beta=1.0)
+    with pytest.raises(KvdistillError, match=r"chunk \(-1\) must be >= 0"):
+        L.logit_kd(torch.zeros(1, 2, 5), torch.zeros(1, 2, 5), torch.ones(1, 2), chunk=-1)
+    with pytest.raises(KvdistillError, match=r"top-k k \(5\) must lie in \[1, 4\]"):
+        L.topk_log_probs(torch.zeros(1, 2, 5), 5)
+    with pytest.raises(KvdistillError, match=r"teacher_ids hold ids outside \[0, 5\)"):
+        L.topk_logit_kd(torch.zeros(1, 2, 5), torch.full((1, 2, 2), 7), torch.zeros(1, 2, 2), torch.ones(1, 2))
+    ident = torch.arange(5)
+    with pytest.raises(KvdistillError, match=r"teacher_positions reach 9 but the teacher has 2 positions"):
+        L.cross_logit_kd(torch.zeros(1, 2, 5), torch.zeros(1, 2, 5), torch.tensor([[0, 9]]), torch.ones(1, 2),
+                         ident, ident, shared=5)
+    with pytest.raises(KvdistillError, match=r"student_buckets \(5,\) must hold one bucket in \[0, 3\]"):
+        L.cross_logit_kd(torch.zeros(1, 2, 5), torch.zeros(1, 2, 5), torch.tensor([[0, 1]]), torch.ones(1, 2),
+                         ident, ident.clamp(max=3), shared=3)
+
+
+def _grad(fn, x):
+    x = x.detach().clone().requires_grad_()
+    value = fn(x)
+    return value.detach(), torch.autograd.grad(value.sum(), x)[0]
+
+
+@pytest.mark.parametrize("divergence", ["forward", "reverse", "jsd"])
+@pytest.mark.parametrize("chunk", [1, 4, 7])
+def test_chunked_equals_unchunked_value_and_gradient(divergence, chunk):
+    """Every logit KD function, cut into chunks of positions (recomputed in backward), gives the one-pass value and
+    gradient; padded positions (NaN there) stay out of both."""
+    B, T, V = 3, 6, 13
+    s, t = _rand(B, T, V, seed=3) * 2, _rand(B, T, V, seed=4) * 2
+    s[1, 4:] = float("nan")
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0], [1, 1, 0, 0, 0, 0]])
+    ids, lp = L.topk_log_probs(t, 5, temperature=1.5)
+    pos = torch.tensor([[0, 2, -1, 3, 4, 5], [1, 1, 2, 3, 0, 0], [5, 4, 3, 2, 1, 0]])  # any partners, one missing
+    s_b = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 7, 8, 8, 8, 9])  # two merged buckets, bucket 9 = other
+    t_b = torch.tensor([9, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 9, 2])
+    calls = {
+        "logit_kd": lambda x, c: L.logit_kd(x, t, mask, temperature=1.5, divergence=divergence, chunk=c),
+        "topk": lambda x, c: L.topk_logit_kd(x, ids, lp, mask, temperature=1.5, divergence=divergence, chunk=c),
+        "cross": lambda x, c: L.cross_logit_kd(x, t, pos, mask, s_b, t_b, shared=9, temperature=1.5,
+                                               divergence=divergence, chunk=c),
+        "cross_topk": lambda x, c: L.cross_logit_kd(x, (ids, lp), pos, mask, s_b, t_b, shared=9, temperature=1.5,
+                                                    divergence=divergence, chunk=c),
+    }
+    for name, fn in calls.items():
+        v0, g0 = _grad(lambda x, fn=fn: fn(x, 0), s)
+        v1, g1 = _grad(lambda x, fn=fn: fn(x, chunk), s)
+        assert torch.isfinite(v0).all() and (v0 > 0).all(), name
+        torch.testing.assert_close(v1, v0, rtol=1e-6, atol=1e-7, msg=name)
+        torch.testing.assert_close(g1, g0, rtol=1e-6, atol=1e-8, msg=name)
+        assert torch.isfinite(g0).all() and g0[1, 4:].abs().sum() == 0 and g0[2, 2:].abs().sum() == 0, name
+
+
+def _kl_np(p, q):
+    return sum(a * (math.log(a) - math.log(b)) for a, b in zip(p, q, strict=True) if a > 0)
+
+
+@pytest.mark.parametrize("divergence, beta", [("forward", 0.5), ("reverse", 0.5), ("jsd", 0.3)])
+def test_topk_with_tail_equals_its_closed_form(divergence, beta):
+    """k + 1 events: the teacher's top k ids with their probabilities and the rest of the mass as one bucket, on
+    both sides; written out with Python floats from softmax probabilities."""
+    tau, k = 1.7, 3
+    s, t = _rand(2, 4, 9, seed=5) * 2, _rand(2, 4, 9, seed=6) * 2
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    ids, lp = L.topk_log_probs(t, k, temperature=tau)
+    got = L.topk_logit_kd(s, ids, lp, mask, temperature=tau, divergence=divergence, beta=beta)
+    ref = []
+    for b in range(2):
+        terms = []
+        for i in range(int(mask[b].sum())):
+            p_t = torch.softmax(t[b, i] / tau, -1).tolist()
+            p_s = torch.softmax(s[b, i] / tau, -1).tolist()
+            top = sorted(range(9), key=lambda v: -p_t[v])[:k]
+            assert sorted(top) == sorted(ids[b, i].tolist())
+            pt = [p_t[v] for v in top] + [1 - sum(p_t[v] for v in top)]
+            ps = [p_s[v] for v in top] + [1 - sum(p_s[v] for v in top)]
+            if divergence == "forward":
+                d = _kl_np(pt, ps)
+            elif divergence == "reverse":
+                d = _kl_np(ps, pt)
+            else:
+                m = [beta * a + (1 - beta) * c for a, c in zip(pt, ps, strict=True)]
+                d = beta * _kl_np(pt, m) + (1 - beta) * _kl_np(ps, m)
+            terms.append(d * tau**2)
+        ref.append(sum(terms) / len(terms))
+    torch.testing.assert_close(got, torch.tensor(ref, dtype=torch.float32), rtol=2e-5, atol=1e-6)
+    # the whole vocabulary but one entry: the tail is that entry, so it is logit_kd
+    ids, lp = L.topk_log_probs(t, 8, temperature=tau)
+    full = L.logit_kd(s, t, mask, temperature=tau, divergence=divergence, beta=beta)
+    torch.testing.assert_close(L.topk_logit_kd(s, ids, lp, mask, temperature=tau, divergence=divergence, beta=beta),
+                               full, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("divergence", ["forward", "reverse", "jsd"])
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+def test_cross_logit_kd_with_one_tokenizer_is_logit_kd(divergence, tau):
+    """Identity buckets and every position its own partner: the projection changes nothing, value and gradient,
+    also with a masked (-inf) vocabulary tail and padding."""
+    s, t = _rand(3, 6, 11, seed=1) * 3, _rand(3, 6, 11, seed=2) * 3
+    s[..., 9:] = t[..., 9:] = -math.inf
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 0, 0]])
+    ident = torch.arange(11)
+    pos = torch.arange(6).expand(3, 6)
+    v0, g0 = _grad(lambda x: L.logit_kd(x, t, mask, temperature=tau, divergence=divergence), s)
+    v1, g1 = _grad(lambda x: L.cross_logit_kd(x, t, pos, mask, ident, ident, shared=11, temperature=tau,
+                                              divergence=divergence, chunk=4), s)
+    torch.testing.assert_close(v1, v0, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(g1, g0, rtol=1e-6, atol=1e-8)
+
+
+@functools.cache
+def _tokenizer(name: str):
+    from kvdistill.models.load import load_tokenizer
+
+    return load_tokenizer(name)
+
+
+def _brute_cross(s, t, s_spans, s_mask, t_spans, t_mask, proj, tau, divergence, beta):
+    """Per sample: for each real student position, its teacher partner found by comparing the bytes read so far,
+    both softmaxes summed into the shared buckets entry by entry (index_add), the divergence written with
+    probabilities; the mean over positions with a partner."""
+    def reads(spans, mask):
+        state, extra, out_ = 0, 0, []
+        for (a, e), m in zip(spans.tolist(), mask.tolist(), strict=True):
+            if e > a:
+                state, extra = max(state, e), 0
+            else:
+                extra += 1
+            out_.append((state, extra) if m else None)
+        return out_
+
+    def kl(p, q):
+        return torch.where(p > 0, p * (p.clamp_min(1e-300).log() - q.clamp_min(1e-300).log()), 0.0).sum()
+
+    out = []
+    for b in range(s.shape[0]):
+        t_reads = reads(t_spans[b], t_mask[b])
+        terms = []
+        for i, key in enumerate(reads(s_spans[b], s_mask[b])):
+            js = [j for j, k in enumerate(t_reads) if key is not None and k == key]
+            if not js:
+                continue
+            p_s = torch.zeros(proj.shared + 1, dtype=s.dtype).index_add(0, proj.student, torch.softmax(s[b, i] / tau, -1))
+            p_t = torch.zeros(proj.shared + 1, dtype=s.dtype).index_add(0, proj.teacher,
+                                                                         torch.softmax(t[b, js[-1]] / tau, -1))
+            if divergence == "forward":
+                d = kl(p_t, p_s)
+            elif divergence == "reverse":
+                d = kl(p_s, p_t)
+            else:
+                m = beta * p_t + (1 - beta) * p_s
+                d = beta * kl(p_t, m) + (1 - beta) * kl(p_s, m)
+            terms.append(d * tau**2)
+        out.append(torch.stack(terms).mean() if terms else s.new_zeros(()))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("student_name, teacher_name, divergence", [
+    ("gpt2-tokenizer", "smollm2-135m", "forward"),
+    ("smollm2-135m", "llama2-tokenizer", "reverse"),
+    ("llama2-tokenizer", "gpt2-tokenizer", "jsd"),
+])
+def test_cross_logit_kd_equals_bruteforce_on_real_tokenizer_pairs(student_name, teacher_name, divergence):
+    texts = ["Question: Compute 3 + 4.\nAnswer: 7", "東京 has 3 🍎, naïve café"]
+    s_tok, t_tok = _tokenizer(student_name), _tokenizer(teacher_name)
+    se, te = tokenize(s_tok, texts, max_length=24), tokenize(t_tok, texts, max_length=20)
+    V_s, V_t = len(s_tok) + 3, len(t_tok)  # the student's logits padded past its tokenizer
+    proj = shared_vocabulary(s_tok, t_tok, V_s, V_t)
+    pos = prefix_positions(se["offset_mapping"], se["attention_mask"], te["offset_mapping"], te["attention_mask"])
+    B, T_s, T_t = len(texts), se["input_ids"].shape[1], te["input_ids"].shape[1]
+    s, t = _rand(B, T_s, V_s, seed=7) * 4, _rand(B, T_t, V_t, seed=8) * 4
+    tau, beta = 1.5, 0.4 if divergence == "jsd" else 0.5
+    got, g_got = _grad(lambda x: L.cross_logit_kd(x, t, pos, se["attention_mask"], proj.student, proj.teacher,
+                                                  shared=proj.shared, temperature=tau, divergence=divergence,
+                                                  beta=beta, chunk=16), s)
+    ref, g_ref = _grad(lambda x: _brute_cross(x, t, se["offset_mapping"], se["attention_mask"], te["offset_mapping"],
+                                              te["attention_mask"], proj, tau, divergence, beta), s)
+    assert (ref > 0).all()
+    torch.testing.assert_close(got, ref.float(), rtol=2e-5, atol=1e-6)
+    torch.testing.assert_close(g_got, g_ref, rtol=1e-4, atol=1e-7)

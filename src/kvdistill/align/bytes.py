@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from kvdistill.errors import KvdistillError
 
-__all__ = ["byte_spans"]
+__all__ = ["byte_spans", "token_bytes"]
 
 _BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
@@ -110,6 +110,19 @@ def _candidates(piece: str | None, rules: _PieceRules) -> list[bytes]:
     text = piece[len(rules.prefix) :] if rules.prefix and piece.startswith(rules.prefix) else piece
     spelled = text.replace("▁", " ").encode("utf-8", "surrogatepass")
     return [spelled] if spelled == raw else [spelled, raw]
+
+
+def token_bytes(tokenizer, ids: Sequence[int]) -> list[bytes | None]:
+    """The UTF-8 bytes each token id spells as a piece of text (byte-level BPE through GPT-2's byte table,
+    SentencePiece '▁' as a space and <0xNN> as that byte, a WordPiece '##' dropped), None for an id without a
+    token string. Special tokens come out as their literal text: tell them apart with the tokenizer's special ids."""
+    rules = _piece_rules(tokenizer)
+    pieces = tokenizer.convert_ids_to_tokens(list(ids))
+    out = []
+    for piece in pieces:
+        cands = _candidates(piece, rules) if isinstance(piece, str) else []
+        out.append(cands[0] if cands else None)
+    return out
 
 
 # ------------------------------------------------------------------------------------------ one group

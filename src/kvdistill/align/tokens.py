@@ -34,7 +34,7 @@ import torch
 from kvdistill.errors import KvdistillError
 
 __all__ = ["token_alignment", "batch_token_alignment", "batch_token_alignment_sparse", "resample_rows",
-           "align_to_student"]
+           "align_to_student", "prefix_positions"]
 
 SpansLike = torch.Tensor | Sequence[Sequence[int]]
 
@@ -265,3 +265,48 @@ def align_to_student(teacher_tensor: torch.Tensor, alignment: torch.Tensor) -> t
         alignment = alignment.to_dense()
     alignment = alignment.to(device=teacher_tensor.device, dtype=teacher_tensor.dtype)  # (B, T_s, T_t)
     return torch.einsum("bst,bhtd->bhsd", alignment, teacher_tensor)  # (B, H, T_s, D)
+
+
+def _prefix_keys(spans: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per position (B, T): the bytes read so far (the furthest end of the real non-empty spans up to it) and the
+    number of real empty-span tokens (special tokens) since the last non-empty one (0 on a non-empty token)."""
+    B, T = mask.shape
+    nonempty = (spans[..., 1] > spans[..., 0]) & mask  # (B, T)
+    read = torch.where(nonempty, spans[..., 1], 0).cummax(dim=1).values  # (B, T)
+    pos = torch.arange(T, device=spans.device).expand(B, T)  # (B, T)
+    last = torch.where(nonempty, pos, -1).cummax(dim=1).values  # (B, T) the last non-empty token up to each
+    return read, pos - last
+
+
+def prefix_positions(student_spans, student_mask, teacher_spans, teacher_mask) -> torch.Tensor:
+    """The teacher position that has read the same text as each student position: (B, T_s) long, -1 where none.
+
+    student_spans (B, T_s, 2), student_mask (B, T_s), teacher_spans (B, T_t, 2), teacher_mask (B, T_t) as in
+    `batch_token_alignment`. Student position i and teacher position j are partners when both have read the same
+    bytes [0, e) of the text (e: the furthest end of their non-empty spans so far) and the same number of special
+    (empty-span) tokens since their last non-empty one: their next-token distributions then predict the same
+    continuation of the same prefix. One tokenization paired with itself gives every real position itself. Where
+    several teacher positions qualify (only overlapping fallback spans do that) the last one is taken; padding
+    positions get -1.
+    """
+    student = _as_spans(student_spans, "student_spans", batched=True)  # (B, T_s, 2)
+    teacher = _as_spans(teacher_spans, "teacher_spans", batched=True).to(student.device)  # (B, T_t, 2)
+    B, T_s, _ = student.shape
+    T_t = teacher.shape[1]
+    if teacher.shape[0] != B:
+        raise KvdistillError(f"batch size mismatch: student_spans {tuple(student.shape)} has B = {B}, "
+                             f"teacher_spans {tuple(teacher.shape)} has B = {teacher.shape[0]}",
+                             "pair the student's and the teacher's tokenizations of the same batch of texts")
+    s_mask = _as_mask(student_mask, "student_mask", (B, T_s), "student_spans", student.device)  # (B, T_s)
+    t_mask = _as_mask(teacher_mask, "teacher_mask", (B, T_t), "teacher_spans", student.device)  # (B, T_t)
+    s_read, s_extra = _prefix_keys(student, s_mask)  # (B, T_s) each
+    t_read, t_extra = _prefix_keys(teacher, t_mask)  # (B, T_t) each
+    width = max(T_s, T_t) + 1  # extra < width
+    stride = (int(max(s_read.max(), t_read.max())) + 1 if s_read.numel() and t_read.numel() else 1) * width
+    batch = torch.arange(B, device=student.device)[:, None] * stride  # (B, 1): samples in disjoint key ranges
+    s_key = torch.where(s_mask, batch + s_read * width + s_extra, -1)  # (B, T_s)
+    t_key = torch.where(t_mask, batch + t_read * width + t_extra, -2).flatten()  # (B·T_t,)
+    t_sorted, order = t_key.sort(stable=True)  # equal keys keep their token order
+    at = torch.searchsorted(t_sorted, s_key.flatten(), right=True) - 1  # (B·T_s,) the last key <= the student's
+    hit = (at >= 0) & (t_sorted[at.clamp(min=0)] == s_key.flatten()) & s_mask.flatten()
+    return torch.where(hit, order[at.clamp(min=0)] % max(T_t, 1), -1).view(B, T_s)

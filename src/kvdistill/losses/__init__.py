@@ -10,7 +10,16 @@ from kvdistill.losses.attention import attention_kl, relation_loss, relation_mat
 from kvdistill.losses.codi import CODI_KINDS, codi_loss
 from kvdistill.losses.hidden import hidden_error
 from kvdistill.losses.kv import KV_KINDS, as_rows, cosine_error, kv_error
-from kvdistill.losses.logits import DIVERGENCES, ce_loss, logit_kd, token_nll
+from kvdistill.losses.logits import (
+    DIVERGENCES,
+    TAIL_FLOOR,
+    ce_loss,
+    cross_logit_kd,
+    logit_kd,
+    token_nll,
+    topk_log_probs,
+    topk_logit_kd,
+)
 from kvdistill.losses.moe import (
     expert_output_error,
     load_balance,
@@ -22,4 +31,5 @@ from kvdistill.losses.reduce import sample_mean
 
 __all__ = ["CODI_KINDS", "DIVERGENCES", "codi_loss", "KV_KINDS", "as_rows", "attention_kl", "ce_loss", "cosine_error", "hidden_error",
            "kv_error", "logit_kd", "relation_loss", "relation_matrix", "sample_mean", "token_nll"]
+__all__ += ["TAIL_FLOOR", "cross_logit_kd", "topk_log_probs", "topk_logit_kd"]
 __all__ += ["expert_output_error", "load_balance", "routing_agreement", "routing_kl", "routing_log_probs"]

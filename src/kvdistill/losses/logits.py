@@ -9,6 +9,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from kvdistill.errors import KvdistillError
 from kvdistill.losses.reduce import check_dims, check_mask, check_same, sample_mean, shape_of
@@ -50,15 +51,123 @@ def ce_loss(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> t
     return sample_mean(nll, counted, 1)
 
 
+# ------------------------------------------------------------------------------------------ logit distillation
+# Every logit KD function below compares two distributions per counted row (a student position) and reduces like
+# the rest of the library: divergence · τ², averaged over the sample's counted rows, (B,).
+#
+# Rows are computed `chunk` at a time (0: all at once). A chunk's float32 softmaxes live only while it is computed:
+# each chunk is recomputed in backward (torch.utils.checkpoint), and the student's logits are cut with one `split`
+# whose backward concatenates the chunks' gradients, so no (B, T, V) float32 copy exists beyond the gradient itself
+# (in the logits' own dtype). Chunked and unchunked runs do the same arithmetic per row: equal values and gradients.
+#
+# Buckets (cross-tokenizer projection, `kvdistill.align.vocab`): student_buckets (V_s,) and teacher_buckets (V_t,)
+# give every vocabulary entry a bucket in [0, S]: buckets 0..S-1 are the token strings both vocabularies share,
+# bucket S ("other") every entry the other side has no string for. A distribution is projected by summing the
+# probabilities of each bucket's entries (done in log space, exact); both sides then live on the same S + 1 events.
+
+TAIL_FLOOR = 1e-12
+"""The tail bucket of a top-k teacher, max(1 - Σ top-k probabilities, TAIL_FLOOR): stored log-probabilities may sum
+past 1 by rounding, and a tail of exactly 0 would make reverse KL infinite."""
+
+_NEG_INF = -math.inf
+
+
 def _kl_terms(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     """Σ_v p_v (log p_v - log q_v) over the last dim, with 0 where p_v = 0 (also where both are -inf)."""
-    has_mass = log_p > -math.inf
+    has_mass = log_p > _NEG_INF
     gap = torch.where(has_mass, log_p - log_q, torch.zeros((), device=log_p.device))  # no -inf - -inf = NaN
     return (log_p.exp() * gap).sum(-1)
 
 
+def _divergence(log_t: torch.Tensor, log_s: torch.Tensor, divergence: str, beta: float) -> torch.Tensor:
+    """The divergence between two distributions given as log-probabilities over the last dim (..., E) -> (...)."""
+    if divergence == "forward":
+        return _kl_terms(log_t, log_s)
+    if divergence == "reverse":
+        return _kl_terms(log_s, log_t)
+    # log m = log(β·p_t + (1-β)·p_s); entries impossible on both sides stay -inf without a NaN gradient
+    both = (log_t == _NEG_INF) & (log_s == _NEG_INF)  # (..., E)
+    zero = torch.zeros((), device=log_t.device)
+    a = torch.where(both, zero, log_t + math.log(beta))
+    b = torch.where(both, zero, log_s + math.log(1 - beta))
+    log_m = torch.where(both, torch.full((), _NEG_INF, device=a.device), torch.logaddexp(a, b))
+    return beta * _kl_terms(log_t, log_m) + (1 - beta) * _kl_terms(log_s, log_m)
+
+
+def _check_kd(temperature: float, divergence: str, beta: float, chunk: int) -> None:
+    if not temperature > 0:
+        raise KvdistillError(f"temperature ({temperature}) must be > 0", "use e.g. temperature=2.0")
+    if divergence not in DIVERGENCES:
+        raise KvdistillError(f"logit KD divergence '{divergence}' is unknown", f"use one of {', '.join(DIVERGENCES)}")
+    if divergence == "jsd" and not 0 < beta < 1:
+        raise KvdistillError(f"jsd beta ({beta}) must lie strictly between 0 and 1",
+                             "use e.g. beta=0.5 (forward or reverse KL are the limits)")
+    if chunk < 0:
+        raise KvdistillError(f"chunk ({chunk}) must be >= 0", "pass the rows per chunk, or 0 for one pass")
+
+
+def _by_chunks(fn, chunk: int, *rows: torch.Tensor) -> torch.Tensor:
+    """fn(*rows) (N,) computed `chunk` rows at a time; every tensor of `rows` has N rows along dim 0."""
+    N = rows[0].shape[0]
+    if chunk <= 0 or chunk >= N:
+        return fn(*rows)
+    parts = zip(*(x.split(chunk) for x in rows), strict=True)
+    if not torch.is_grad_enabled():
+        return torch.cat([fn(*p) for p in parts])
+    return torch.cat([checkpoint(fn, *p, use_reentrant=False) for p in parts])
+
+
+def _soft(logits: torch.Tensor, counted: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log_softmax(logits / τ) in float32 (n, V); rows not counted are zeroed first (NaN there reaches nothing)."""
+    return torch.log_softmax((logits.float() / temperature).masked_fill(~counted[:, None], 0.0), dim=-1)
+
+
+def _scatter_logsumexp(values: torch.Tensor, cols: torch.Tensor, size: int) -> torch.Tensor:
+    """out[r, c] = log Σ_{m: cols[r, m] = c} exp(values[r, m]); -inf where nothing (with mass) lands.
+
+    values (n, m) float, cols (n, m) or (m,) long in [0, size) -> (n, size). Exact: each bucket is shifted by its
+    largest member (the shift is detached: the result does not depend on it), so its sum is >= 1 where finite.
+    """
+    n = values.shape[0]
+    cols = cols.expand_as(values)
+    top = values.new_full((n, size), _NEG_INF).scatter_reduce(1, cols, values, "amax")  # (n, size)
+    shift = torch.where(top > _NEG_INF, top, torch.zeros((), device=top.device)).detach()  # (n, size)
+    total = values.new_zeros(n, size).scatter_add(1, cols, (values - shift.gather(1, cols)).exp())  # (n, size)
+    # log 0 = -inf for empty buckets, through a clamped log so that no inf gradient is made there
+    return torch.where(total > 0, total.clamp(min=torch.finfo(total.dtype).tiny).log() + shift, top)
+
+
+def _safe_logsumexp(x: torch.Tensor) -> torch.Tensor:
+    """logsumexp over the last dim, -inf (with a zero gradient, not NaN) where every entry is -inf."""
+    empty = (x == _NEG_INF).all(-1, keepdim=True)  # (..., 1)
+    return torch.where(empty[..., 0], _NEG_INF, x.masked_fill(empty, 0.0).logsumexp(-1))
+
+
+def _with_tail(log_s: torch.Tensor, cols: torch.Tensor, t_log_probs: torch.Tensor,
+               named: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A top-k teacher against the full student: both on the columns the teacher names plus one tail bucket.
+
+    log_s (n, E) the student's log-probabilities over E columns (vocabulary entries or buckets); cols (n, k) the
+    column of each of the teacher's k entries, t_log_probs (n, k) their log-probabilities, named (n, k) whether the
+    entry has a column of its own (an entry without one, or -inf, joins the tail). Returns (log_t, log_s) (n, E + 1):
+    the named columns as they are, every other column's mass in the last one (teacher: max(1 - Σ named, TAIL_FLOOR)).
+    """
+    E = log_s.shape[-1]
+    log_t = _scatter_logsumexp(torch.where(named, t_log_probs, _NEG_INF), cols, E)  # (n, E)
+    hit = log_t > _NEG_INF  # (n, E) columns the teacher gives mass
+    t_tail = (1 - log_t.exp().sum(-1)).clamp(min=TAIL_FLOOR).log()  # (n,)
+    s_tail = _safe_logsumexp(log_s.masked_fill(hit, _NEG_INF))  # (n,)
+    return (torch.cat([log_t, t_tail[:, None]], -1),
+            torch.cat([log_s.masked_fill(~hit, _NEG_INF), s_tail[:, None]], -1))
+
+
+def _check_logits(student_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    check_dims(student_logits, 3, "student_logits", "(B, T, V)")
+    return check_mask(mask, tuple(student_logits.shape[:2]), "the logits' (B, T)")
+
+
 def logit_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, *,
-             temperature: float = 2.0, divergence: str = "forward", beta: float = 0.5) -> torch.Tensor:
+             temperature: float = 2.0, divergence: str = "forward", beta: float = 0.5, chunk: int = 0) -> torch.Tensor:
     """Per-sample logit distillation (B,): a divergence between p_t = softmax(teacher/τ) and p_s = softmax(student/τ)
     at each counted position, times τ², averaged over the sample's counted positions.
 
@@ -69,42 +178,162 @@ def logit_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: t
       "jsd"      β·KL(p_t || m) + (1-β)·KL(p_s || m), m = β·p_t + (1-β)·p_s, 0 < β < 1 (β = 0.5: the
                  Jensen-Shannon divergence; bounded by ln 2 per position before the τ² factor)
     τ²: the gradient of a softened divergence shrinks as 1/τ²; the factor keeps its size comparable across τ.
+    chunk: positions per chunk (0: one pass; see the note above on memory).
     A vocabulary entry that both distributions give probability 0 (both logits -inf: masked vocabularies, padded
     embeddings) contributes 0, so the value and its gradient stay finite there. Gradients flow into both inputs;
     detach the teacher.
     """
-    check_dims(student_logits, 3, "student_logits", "(B, T, V)")
     check_dims(teacher_logits, 3, "teacher_logits", "(B, T, V)")
+    counted = _check_logits(student_logits, mask)
     if student_logits.shape[-1] != teacher_logits.shape[-1]:
         raise KvdistillError(
             f"logit KD needs the same vocabulary; student_logits {shape_of(student_logits)} has "
             f"{student_logits.shape[-1]} and teacher_logits {shape_of(teacher_logits)} has "
             f"{teacher_logits.shape[-1]} entries",
-            "set losses.logit_kd.weight: 0 for teachers with another tokenizer (KV losses align by characters)")
+            "use cross_logit_kd with the vocabulary projection of kvdistill.align.vocab for another tokenizer")
     check_same(student_logits, teacher_logits, "student_logits", "teacher_logits",
                "logit KD needs both models run on the same tokens")
+    _check_kd(temperature, divergence, beta, chunk)
+    B, T, V = student_logits.shape
+
+    def rows(s, t, c):  # (n, V), (n, V), (n,) -> (n,)
+        return _divergence(_soft(t, c, temperature), _soft(s, c, temperature), divergence, beta)
+
+    div = _by_chunks(rows, chunk, student_logits.reshape(B * T, V), teacher_logits.reshape(B * T, V),
+                     counted.reshape(B * T))
+    return sample_mean(div.view(B, T) * temperature**2, counted, 1)
+
+
+def topk_log_probs(teacher_logits: torch.Tensor, k: int, *, temperature: float = 1.0,
+                   chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k most probable entries of softmax(teacher/τ) at each position: ids (B, T, k) long and their
+    log-probabilities (B, T, k) float32 (exact: normalised over the whole vocabulary), most probable first; under
+    no_grad, `chunk` positions at a time. teacher_logits (B, T, V), 0 < k < V."""
+    check_dims(teacher_logits, 3, "teacher_logits", "(B, T, V)")
+    B, T, V = teacher_logits.shape
+    if not 0 < k < V:
+        raise KvdistillError(f"top-k k ({k}) must lie in [1, {V - 1}] for a vocabulary of {V} entries",
+                             "lower top_k, or use the full distribution (logit_kd) for a vocabulary this small")
     if not temperature > 0:
         raise KvdistillError(f"temperature ({temperature}) must be > 0", "use e.g. temperature=2.0")
-    if divergence not in DIVERGENCES:
-        raise KvdistillError(f"logit KD divergence '{divergence}' is unknown", f"use one of {', '.join(DIVERGENCES)}")
-    if divergence == "jsd" and not 0 < beta < 1:
-        raise KvdistillError(f"jsd beta ({beta}) must lie strictly between 0 and 1",
-                             "use e.g. beta=0.5 (forward or reverse KL are the limits)")
-    B, T, _ = student_logits.shape
-    counted = check_mask(mask, (B, T), "the logits' (B, T)")
-    rows = ~counted[..., None]  # (B, T, 1) positions whose logits are not read (NaN there reaches no gradient)
-    log_s = torch.log_softmax((student_logits.float() / temperature).masked_fill(rows, 0.0), dim=-1)  # (B, T, V)
-    log_t = torch.log_softmax((teacher_logits.float() / temperature).masked_fill(rows, 0.0), dim=-1)
-    if divergence == "forward":
-        div = _kl_terms(log_t, log_s)  # (B, T)
-    elif divergence == "reverse":
-        div = _kl_terms(log_s, log_t)
+    flat = teacher_logits.detach().reshape(B * T, V)
+    ids, lps = [], []
+    with torch.no_grad():
+        for part in flat.split(chunk if chunk > 0 else max(B * T, 1)):
+            lp, idx = torch.log_softmax(part.float() / temperature, dim=-1).topk(k, dim=-1)  # (n, k)
+            ids.append(idx)
+            lps.append(lp)
+    return torch.cat(ids).view(B, T, k), torch.cat(lps).view(B, T, k)
+
+
+def _check_topk(teacher_ids: torch.Tensor, teacher_log_probs: torch.Tensor, V: int, T: int | None, what: str):
+    check_dims(teacher_ids, 3, "teacher_ids", "(B, T, k)")
+    check_same(teacher_ids, teacher_log_probs, "teacher_ids", "teacher_log_probs",
+               "pass the ids and log-probabilities of one top-k (topk_log_probs)")
+    if T is not None and teacher_ids.shape[1] != T:
+        raise KvdistillError(f"teacher_ids {shape_of(teacher_ids)} do not match {what}",
+                             "pass the teacher's top-k at the student's positions")
+    if teacher_ids.numel() and (int(teacher_ids.min()) < 0 or int(teacher_ids.max()) >= V):
+        raise KvdistillError(f"teacher_ids hold ids outside [0, {V}) (min {int(teacher_ids.min())}, max "
+                             f"{int(teacher_ids.max())})", "pass token ids of the teacher's own vocabulary")
+
+
+def topk_logit_kd(student_logits: torch.Tensor, teacher_ids: torch.Tensor, teacher_log_probs: torch.Tensor,
+                  mask: torch.Tensor, *, temperature: float = 2.0, divergence: str = "forward", beta: float = 0.5,
+                  chunk: int = 0) -> torch.Tensor:
+    """`logit_kd` against a teacher known by its top-k entries (B,): both distributions on k + 1 events, the teacher's
+    k entries and one tail bucket holding the rest of the mass.
+
+    student_logits (B, T, V); teacher_ids (B, T, k) distinct ids of the same vocabulary, teacher_log_probs (B, T, k)
+    the teacher's log-probabilities of them at this temperature (`topk_log_probs(teacher_logits, k, temperature=τ)`);
+    mask (B, T). Per counted position, with P_t = Σ_i p_t(id_i) and P_s = Σ_i p_s(id_i):
+
+        teacher (p_t(id_1), ..., p_t(id_k), max(1 - P_t, TAIL_FLOOR)),   student (p_s(id_1), ..., p_s(id_k), 1 - P_s)
+
+    (the student's tail in log space from its own logits, not by subtraction), then divergence · τ² as `logit_kd`.
+    With the teacher's whole vocabulary but one entry it is `logit_kd` exactly. Gradients flow into the student only.
+    """
+    counted = _check_logits(student_logits, mask)
+    B, T, V = student_logits.shape
+    _check_topk(teacher_ids, teacher_log_probs, V, T, f"student_logits {shape_of(student_logits)}")
+    _check_kd(temperature, divergence, beta, chunk)
+    k = teacher_ids.shape[-1]
+
+    def rows(s, ids, lp, c):  # (n, V), (n, k), (n, k), (n,) -> (n,)
+        lp = torch.where(c[:, None], lp.float(), _NEG_INF)  # rows not counted: no teacher mass, a zero divergence
+        log_t, log_s = _with_tail(_soft(s, c, temperature), ids, lp, torch.ones_like(ids, dtype=torch.bool))
+        return _divergence(log_t, log_s, divergence, beta)
+
+    div = _by_chunks(rows, chunk, student_logits.reshape(B * T, V), teacher_ids.reshape(B * T, k),
+                     teacher_log_probs.detach().reshape(B * T, k), counted.reshape(B * T))
+    return sample_mean(div.view(B, T) * temperature**2, counted, 1)
+
+
+def cross_logit_kd(student_logits: torch.Tensor, teacher: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+                   teacher_positions: torch.Tensor, mask: torch.Tensor, student_buckets: torch.Tensor,
+                   teacher_buckets: torch.Tensor, *, shared: int, temperature: float = 2.0,
+                   divergence: str = "forward", beta: float = 0.5, chunk: int = 0) -> torch.Tensor:
+    """Logit distillation across tokenizers (B,): at each student position whose text prefix a teacher position
+    shares, both next-token distributions projected onto the token strings the two vocabularies share plus one
+    "other" bucket, then the divergence · τ² of `logit_kd`, averaged over the sample's counted positions.
+
+    student_logits (B, T_s, V_s); teacher: its logits (B, T_t, V_t), or its top-k as (ids, log_probs) (B, T_t, k)
+    at this temperature (`topk_log_probs`; then the teacher's unnamed mass and the entries without a shared string
+    form one tail bucket, and the student's buckets the teacher does not name join it, as in `topk_logit_kd`).
+    teacher_positions (B, T_s) long: the teacher position with the same prefix as each student position, -1 where
+    none (`kvdistill.align.tokens.prefix_positions`); mask (B, T_s), 1 = counted (a position also needs a partner).
+    student_buckets (V_s,), teacher_buckets (V_t,) long in [0, shared]: the bucket of every vocabulary entry, bucket
+    `shared` = other (`kvdistill.align.vocab.shared_vocabulary`). With one tokenizer (identity buckets, every
+    position its own partner) it equals `logit_kd`. Gradients flow into the student only.
+    """
+    counted = _check_logits(student_logits, mask)
+    B, T_s, V_s = student_logits.shape
+    topk = isinstance(teacher, tuple)
+    if topk:
+        t_ids, t_lp = teacher
+        V_t = teacher_buckets.shape[0]
+        _check_topk(t_ids, t_lp, V_t, None, "")
+        T_t = t_ids.shape[1]
     else:
-        # log m = log(β·p_t + (1-β)·p_s); entries impossible on both sides stay -inf without a NaN gradient
-        both = (log_t == -math.inf) & (log_s == -math.inf)  # (B, T, V)
-        zero = torch.zeros((), device=log_t.device)
-        a = torch.where(both, zero, log_t + math.log(beta))
-        b = torch.where(both, zero, log_s + math.log(1 - beta))
-        log_m = torch.where(both, torch.full((), -math.inf, device=a.device), torch.logaddexp(a, b))
-        div = beta * _kl_terms(log_t, log_m) + (1 - beta) * _kl_terms(log_s, log_m)
-    return sample_mean(div * temperature**2, counted, 1)
+        check_dims(teacher, 3, "teacher logits", "(B, T_t, V_t)")
+        T_t, V_t = teacher.shape[1:]
+    if (t_ids if topk else teacher).shape[0] != B:
+        raise KvdistillError(f"the teacher's batch ({(t_ids if topk else teacher).shape[0]}) is not the student's "
+                             f"({B})", "pass the teacher's logits of the same batch of texts")
+    if shape_of(teacher_positions) != (B, T_s):
+        raise KvdistillError(f"teacher_positions {shape_of(teacher_positions)} do not match student_logits "
+                             f"{shape_of(student_logits)}", "pass one teacher position (or -1) per student position")
+    if teacher_positions.numel() and int(teacher_positions.max()) >= T_t:
+        raise KvdistillError(f"teacher_positions reach {int(teacher_positions.max())} but the teacher has {T_t} "
+                             "positions", "pass the positions of the teacher's own tokenization of the batch")
+    for name, buckets, V in (("student_buckets", student_buckets, V_s), ("teacher_buckets", teacher_buckets, V_t)):
+        if shape_of(buckets) != (V,) or (V and (int(buckets.min()) < 0 or int(buckets.max()) > shared)):
+            raise KvdistillError(f"{name} {shape_of(buckets)} must hold one bucket in [0, {shared}] per entry of a "
+                                 f"vocabulary of {V}", "pass the projection of kvdistill.align.vocab.shared_vocabulary")
+    _check_kd(temperature, divergence, beta, chunk)
+    counted = counted & (teacher_positions >= 0)
+    flat_pos = (teacher_positions.clamp(min=0) + torch.arange(B, device=teacher_positions.device)[:, None] * T_t)
+    E = shared + 1
+    s_buckets = student_buckets.to(student_logits.device)
+    t_buckets = teacher_buckets.to(student_logits.device)
+
+    if topk:
+        ids_flat, lp_flat = t_ids.reshape(B * T_t, -1), t_lp.detach().reshape(B * T_t, -1)
+
+        def rows(s, pos, c):  # (n, V_s), (n,), (n,) -> (n,)
+            log_s = _scatter_logsumexp(_soft(s, c, temperature), s_buckets, E)  # (n, E)
+            cols = t_buckets[ids_flat.index_select(0, pos)]  # (n, k) the teacher entries' buckets
+            lp = torch.where(c[:, None], lp_flat.index_select(0, pos).float(), _NEG_INF)  # (n, k)
+            log_t, log_s = _with_tail(log_s, cols, lp, cols < shared)
+            return _divergence(log_t, log_s, divergence, beta)
+    else:
+        t_flat = teacher.detach().reshape(B * T_t, V_t)
+
+        def rows(s, pos, c):
+            log_s = _scatter_logsumexp(_soft(s, c, temperature), s_buckets, E)  # (n, E)
+            log_t = _scatter_logsumexp(_soft(t_flat.index_select(0, pos), c, temperature), t_buckets, E)
+            return _divergence(log_t, log_s, divergence, beta)
+
+    div = _by_chunks(rows, chunk, student_logits.reshape(B * T_s, V_s), flat_pos.reshape(B * T_s),
+                     counted.reshape(B * T_s))
+    return sample_mean(div.view(B, T_s) * temperature**2, counted, 1)
