@@ -2,7 +2,8 @@
 the identity for a tokenization aligned with itself on 30 mixed-script texts, partial-character tokens paired
 byte for byte across tokenizers, golden values, overlapping / unsorted / truncated spans, batch == per-sample,
 and errors that quote the bad input. Prefix partners (`prefix_positions`) against a brute force over the texts'
-bytes on real tokenizer pairs, and the identity for one tokenization."""
+bytes on real tokenizer pairs, and the identity for one tokenization; common chunks spell the same bytes on both
+sides, in order, with no common boundary inside."""
 
 from __future__ import annotations
 
@@ -15,7 +16,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvdistill.align.bytes import byte_spans
-from kvdistill.align.tokens import align_to_student, batch_token_alignment, prefix_positions, token_alignment
+from kvdistill.align.tokens import (
+    align_to_student,
+    batch_token_alignment,
+    common_chunks,
+    prefix_positions,
+    token_alignment,
+)
 from kvdistill.errors import KvdistillError
 from kvdistill.models.capture import tokenize
 
@@ -421,3 +428,49 @@ def test_prefix_positions_golden_and_errors():
     assert got.tolist() == [[-1, -1, 1]]
     with pytest.raises(KvdistillError, match="batch size mismatch"):
         prefix_positions(torch.zeros(2, 3, 2), torch.ones(2, 3), torch.zeros(1, 3, 2), torch.ones(1, 3))
+
+
+@pytest.mark.parametrize("student_name, teacher_name", [("gpt2-tokenizer", "smollm2-135m"),
+                                                        ("smollm2-135m", "llama2-tokenizer"),
+                                                        ("llama2-tokenizer", "gemma3-270m")])
+def test_common_chunks_spell_the_same_bytes_and_are_minimal(mixed_texts, student_name, teacher_name):
+    texts = mixed_texts[:12] + ["Question: Compute 3 + 4.\nAnswer: 7"]
+    s = tokenize(tokenizer(student_name), texts, max_length=40)
+    t = tokenize(tokenizer(teacher_name), texts, max_length=32)
+    s_chunk, t_chunk = common_chunks(s["offset_mapping"], s["attention_mask"], t["offset_mapping"],
+                                     t["attention_mask"])
+    total = 0
+    for b, text in enumerate(texts):
+        data = text.encode("utf-8")
+
+        def pieces(spans, chunks, b=b, data=data):  # chunk -> the bytes of its tokens, in token order
+            out: dict[int, list[bytes]] = {}
+            for (a, e), c in zip(spans[b].tolist(), chunks[b].tolist(), strict=True):
+                if c >= 0:
+                    out.setdefault(c, []).append(data[a:e])
+            return out
+
+        sp, tp = pieces(s["offset_mapping"], s_chunk), pieces(t["offset_mapping"], t_chunk)
+        assert sorted(sp) == sorted(tp) == list(range(len(sp)))  # the same chunks, numbered 0, 1, ...
+        covered = b"".join(b"".join(sp[c]) for c in range(len(sp)))
+        assert data.startswith(covered)
+        for c in range(len(sp)):
+            assert b"".join(sp[c]) == b"".join(tp[c])  # both sides spell exactly the chunk's bytes
+            ends_s = {len(b"".join(sp[c][: i + 1])) for i in range(len(sp[c]) - 1)}
+            ends_t = {len(b"".join(tp[c][: i + 1])) for i in range(len(tp[c]) - 1)}
+            assert not ends_s & ends_t  # no common boundary inside a chunk
+        # every content token before the last common boundary is in a chunk
+        n_real = sum(1 for (a, e), m in zip(s["offset_mapping"][b].tolist(), s["attention_mask"][b].tolist(),
+                                             strict=True) if m and e > a and e <= len(covered))
+        assert sum(len(v) for v in sp.values()) == n_real
+        total += len(sp)
+    assert total > 50
+
+
+def test_common_chunks_golden():
+    # student: BOS "ab" "c" "de"; teacher: "a" "bc" EOS "d": one common boundary (3), chunk 0 = "abc"
+    s_chunk, t_chunk = common_chunks(torch.tensor([[[0, 0], [0, 2], [2, 3], [3, 5]]]), torch.ones(1, 4),
+                                     torch.tensor([[[0, 1], [1, 3], [3, 3], [3, 4]]]), torch.ones(1, 4))
+    assert s_chunk.tolist() == [[-1, 0, 0, -1]] and t_chunk.tolist() == [[0, 0, -1, -1]]
+    none = common_chunks(torch.tensor([[[0, 2]]]), torch.ones(1, 1), torch.tensor([[[0, 1]]]), torch.ones(1, 1))
+    assert none[0].tolist() == [[-1]] and none[1].tolist() == [[-1]]

@@ -34,7 +34,7 @@ import torch
 from kvdistill.errors import KvdistillError
 
 __all__ = ["token_alignment", "batch_token_alignment", "batch_token_alignment_sparse", "resample_rows",
-           "align_to_student", "prefix_positions"]
+           "align_to_student", "prefix_positions", "common_chunks"]
 
 SpansLike = torch.Tensor | Sequence[Sequence[int]]
 
@@ -310,3 +310,42 @@ def prefix_positions(student_spans, student_mask, teacher_spans, teacher_mask) -
     at = torch.searchsorted(t_sorted, s_key.flatten(), right=True) - 1  # (B·T_s,) the last key <= the student's
     hit = (at >= 0) & (t_sorted[at.clamp(min=0)] == s_key.flatten()) & s_mask.flatten()
     return torch.where(hit, order[at.clamp(min=0)] % max(T_t, 1), -1).view(B, T_s)
+
+
+def common_chunks(student_spans, student_mask, teacher_spans, teacher_mask) -> tuple[torch.Tensor, torch.Tensor]:
+    """The text cut at every byte offset where both tokenizations end a token: per token the chunk it belongs to,
+    student (B, T_s) and teacher (B, T_t) long, numbered 0, 1, ... from the start of each sample, -1 for none.
+
+    Inputs as `prefix_positions`. A real non-empty token belongs to chunk c when the c-th common boundary (counting
+    from 0) is the first at or after the bytes it has read (the furthest end so far), so chunk c holds, on each
+    side, exactly the tokens that spell the bytes between common boundaries c - 1 and c: a run of student tokens
+    and a run of teacher tokens covering the same bytes. Special (empty-span) tokens, padding and the tokens past
+    the last common boundary (cut by truncation on the other side) get -1.
+    """
+    student = _as_spans(student_spans, "student_spans", batched=True)  # (B, T_s, 2)
+    teacher = _as_spans(teacher_spans, "teacher_spans", batched=True).to(student.device)  # (B, T_t, 2)
+    B, T_s, _ = student.shape
+    T_t = teacher.shape[1]
+    if teacher.shape[0] != B:
+        raise KvdistillError(f"batch size mismatch: student_spans {tuple(student.shape)} has B = {B}, "
+                             f"teacher_spans {tuple(teacher.shape)} has B = {teacher.shape[0]}",
+                             "pair the student's and the teacher's tokenizations of the same batch of texts")
+    s_mask = _as_mask(student_mask, "student_mask", (B, T_s), "student_spans", student.device)  # (B, T_s)
+    t_mask = _as_mask(teacher_mask, "teacher_mask", (B, T_t), "teacher_spans", student.device)  # (B, T_t)
+    s_real = (student[..., 1] > student[..., 0]) & s_mask  # (B, T_s) non-empty tokens
+    t_real = (teacher[..., 1] > teacher[..., 0]) & t_mask  # (B, T_t)
+    s_read, t_read = _prefix_keys(student, s_mask)[0], _prefix_keys(teacher, t_mask)[0]  # (B, T_s), (B, T_t)
+    stride = int(max(s_read.max(), t_read.max())) + 2 if s_read.numel() and t_read.numel() else 2
+    base = torch.arange(B, device=student.device)[:, None] * stride  # (B, 1): samples in disjoint key ranges
+    s_key, t_key = base + s_read, base + t_read  # (B, T_s), (B, T_t)
+    bounds = s_key[s_real & torch.isin(s_key, t_key[t_real])].unique()  # (N_c,) sorted common boundaries
+    if bounds.numel() == 0:
+        return torch.full_like(s_key, -1), torch.full_like(t_key, -1)
+    first = torch.searchsorted(bounds, base.flatten())  # (B,) each sample's first boundary
+
+    def chunk_of(key: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        at = torch.searchsorted(bounds, key)  # (B, T) the first boundary at or after the bytes read
+        same_sample = bounds[at.clamp(max=bounds.numel() - 1)] // stride == base // stride  # (B, T)
+        return torch.where(real & (at < bounds.numel()) & same_sample, at - first[:, None], -1)
+
+    return chunk_of(s_key, s_real), chunk_of(t_key, t_real)
