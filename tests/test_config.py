@@ -102,13 +102,25 @@ def test_a_misspelt_offline_name_gets_the_nearest_one():
 
 
 def test_validate_runs_the_checks_training_runs():
-    """Logit KD across tokenizers is refused by validate, not first by train after writing its run directory."""
+    """What logit KD cannot do is refused by validate, not first by train after writing its run directory: a top_k
+    past a teacher's vocabulary, cross_tokenizer without a teacher of another tokenizer. Logit KD across tokenizers
+    passes."""
     from kvdistill.config import check_config
 
     raw = {"student": {"model": "smollm2-135m"}, "teachers": [{"model": "gemma3-270m"}],
-           "losses": {"logit_kd": {"weight": 1.0}}}
-    _, problems = check_config(raw)
-    assert any("share the student's tokenizer" in p for p in problems), problems
-    raw["losses"] = {"logit_kd": {"weight": 1.0}}
+           "losses": {"logit_kd": {"weight": 1.0, "cross_tokenizer": "span"}}}
+    assert check_config(raw)[1] == []
     raw["teachers"] = [{"model": "smollm2-135m"}]
+    raw["losses"] = {"logit_kd": {"weight": 1.0, "cross_tokenizer": "span", "top_k": 60000}}
+    problems = check_config(raw)[1]
+    assert any("top_k is set with cross_tokenizer: span" in p for p in problems), problems
+    raw["losses"]["logit_kd"].pop("cross_tokenizer")
+    problems = check_config(raw)[1]
+    assert any("top_k (60000) must be below teachers[0] (smollm2-135m)'s vocabulary of 49152" in p
+               for p in problems), problems
+    raw["losses"] = {"logit_kd": {"weight": 1.0, "cross_tokenizer": "project"}}
+    problems = check_config(raw)[1]
+    assert any("cross_tokenizer is set but every online teacher shares the student's tokenizer" in p
+               for p in problems), problems
+    raw["losses"] = {"logit_kd": {"weight": 1.0}}
     assert check_config(raw)[1] == []

@@ -163,7 +163,7 @@ def semantic_problems(config: RunConfig) -> list[str]:
         problems += _teacher_problems(i, t, student_layers)
     problems += _data_problems(config.data)
     if not problems:  # what training checks when it builds the objective, so that "ok" means the run starts
-        problems += _capture_problems(config) + _vocabulary_problems(config)
+        problems += _capture_problems(config) + _logit_problems(config)
     return problems
 
 
@@ -184,23 +184,46 @@ def _capture_problems(config: RunConfig) -> list[str]:
     return problems
 
 
-def _vocabulary_problems(config: RunConfig) -> list[str]:
-    """Logit KD needs the student's tokenizer in every teacher (the objective refuses it otherwise)."""
-    if config.losses.logit_kd.weight == 0:
+def _logit_problems(config: RunConfig) -> list[str]:
+    """What logit KD cannot do with a teacher (what the objective refuses): an encoder has no next-token logits; a
+    tokenizer that shares no token string with the student's has no event to compare (`shared_vocabulary`); top_k
+    must be below each vocabulary; cross_tokenizer is read only where a teacher has another tokenizer."""
+    c = config.losses.logit_kd
+    if c.weight == 0:
         return []
+    from kvdistill.align.vocab import shared_vocabulary
+    from kvdistill.models.geometry import geometry_of
+    from kvdistill.models.load import load_config as load_hf_config
     from kvdistill.models.load import load_tokenizer
 
     student = config.student
     try:
-        vocab = load_tokenizer(student.tokenizer or student.model or student.from_config.get("base")).get_vocab()
+        s_tok = load_tokenizer(student.tokenizer or student.model or student.from_config.get("base"))
     except KvdistillError as err:
         return [f"student tokenizer: {err.problem}"]
-    problems = []
+    problems, cross = [], False
     for i, t in enumerate(config.teachers):
-        if t.source == "online" and load_tokenizer(t.model or t.tokenizer or t.from_config.get("base")
-                                                   ).get_vocab() != vocab:
-            problems.append(f"losses.logit_kd needs teachers[{i}] ({t.name}) to share the student's tokenizer; "
-                            "set losses.logit_kd.weight: 0 for cross-tokenizer teachers (KV losses align by bytes)")
+        if t.source != "online":
+            continue
+        if t.model is not None and geometry_of(load_hf_config(t.model)).is_encoder:
+            problems.append(f"losses.logit_kd needs next-token logits, but teachers[{i}] ({t.name}) is an encoder; "
+                            "set losses.logit_kd.weight: 0 or drop that teacher (its K/V still align by bytes)")
+            continue
+        t_tok = load_tokenizer(t.model or t.tokenizer or t.from_config.get("base"))
+        if c.top_k is not None and c.top_k >= len(t_tok):
+            problems.append(f"losses.logit_kd.top_k ({c.top_k}) must be below teachers[{i}] ({t.name})'s vocabulary "
+                            f"of {len(t_tok)}; lower it or drop top_k")
+        if t_tok.get_vocab() == s_tok.get_vocab():
+            continue
+        cross = True
+        if c.cross_tokenizer == "project":
+            try:
+                shared_vocabulary(s_tok, t_tok, len(s_tok), len(t_tok), t.name)
+            except KvdistillError as err:
+                problems.append(f"losses.logit_kd with teachers[{i}] ({t.name}): {err.problem}; {err.fix}")
+    if not cross and "cross_tokenizer" in c.model_fields_set:
+        problems.append("losses.logit_kd.cross_tokenizer is set but every online teacher shares the student's "
+                        "tokenizer (their exact same-vocabulary term never reads it); drop it")
     return problems
 
 

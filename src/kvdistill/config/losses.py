@@ -61,15 +61,33 @@ class LogitKDConfig(Section):
     """forward KL(teacher || student), reverse KL(student || teacher), or the generalised JSD with `beta`."""
     beta: float = Field(0.5, gt=0.0, lt=1.0)
     """jsd only: m = β·p_teacher + (1-β)·p_student; 0.5 is the Jensen-Shannon divergence."""
+    cross_tokenizer: Literal["project", "span"] = "project"
+    """A teacher with another tokenizer (one tokenizer: the exact same-vocabulary term, whatever this says):
+    project: at each student position that has read the same text as a teacher position, both next-token
+    distributions summed onto the token strings the two vocabularies share plus one "other" bucket
+    (kvdistill.losses.cross_logit_kd); span: the probability each model gives to every chunk of text that both
+    tokenizations spell exactly, by the chain rule, as a two-outcome distribution (kvdistill.losses.span_logit_kd)."""
+    top_k: int | None = Field(None, gt=0)
+    """Compare with the teacher's k most probable entries plus one tail bucket holding the rest of its mass (what an
+    offline cache of logits holds) instead of its whole distribution (kvdistill.losses.topk_logit_kd); None: whole."""
+    chunk: int = Field(1024, ge=0)
+    """Positions whose softmaxes are computed at once (0: all): the float32 (positions, vocabulary) copies exist one
+    chunk at a time and are recomputed in backward; value and gradient do not depend on it."""
 
     @model_validator(mode="after")
     def _used(self):
+        problems = []
         if self.beta != 0.5 and self.divergence != "jsd":
-            raise ValueError(f"losses.logit_kd.beta is set but divergence is '{self.divergence}', which has no beta; "
-                             "drop beta or set divergence: jsd")
+            problems.append(f"losses.logit_kd.beta is set but divergence is '{self.divergence}', which has no beta; "
+                            "drop beta or set divergence: jsd")
         if self.schedule.kind != "constant" and "temperature" in self.model_fields_set:
-            raise ValueError(f"losses.logit_kd.temperature is set but schedule.kind {self.schedule.kind} gives τ; "
-                             "drop temperature or use schedule.kind: constant")
+            problems.append(f"losses.logit_kd.temperature is set but schedule.kind {self.schedule.kind} gives τ; "
+                            "drop temperature or use schedule.kind: constant")
+        if self.top_k is not None and self.cross_tokenizer == "span":
+            problems.append("losses.logit_kd.top_k is set with cross_tokenizer: span, which needs the probability of "
+                            "each realised token, not a top-k; drop top_k or use cross_tokenizer: project")
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
     def temperature_at(self, step: int, total: int) -> float:

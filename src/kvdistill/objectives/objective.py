@@ -50,7 +50,7 @@ class Objective(nn.Module):
         self._check_teachers()
         self.fusion = Fusion(cfg.fusion, len(teachers), sg.hidden_size, [t.weight for t in cfg.teachers])
         self.space = SPACES[cfg.fusion.space](cfg, sg, teachers, self.pairs)
-        self.terms = TeacherTerms(cfg, sg, teachers)
+        self.terms = TeacherTerms(cfg, sg, teachers, tokenizer)
         self.moe = MoETerms(cfg, student, teachers)  # routing, expert outputs, load balance (MoE students)
         self.train_step = 0  # the optimizer step being run (set by the trainer): τ schedules read it
         # the host side of a batch (picklable, no model): the trainer runs it on DataLoader workers
@@ -69,10 +69,10 @@ class Objective(nn.Module):
             if missing:
                 raise KvdistillError(f"teacher '{teacher.name}' lacks layers {missing} that the layer map uses",
                                      "re-extract the cache with those layers, or change the teacher's layer_map")
-            if self.cfg.losses.logit_kd.weight > 0 and teacher.tokenizer.get_vocab() != self.tokenizer.get_vocab():
+            if self.cfg.losses.logit_kd.weight > 0 and teacher.geometry.is_encoder:
                 raise KvdistillError(
-                    f"losses.logit_kd needs the student and teacher '{teacher.name}' to share a tokenizer",
-                    "set losses.logit_kd.weight: 0 for cross-tokenizer teachers (KV losses align by bytes)")
+                    f"losses.logit_kd needs next-token logits, but teacher '{teacher.name}' is an encoder",
+                    "set losses.logit_kd.weight: 0 or drop that teacher (its K/V still align by bytes)")
 
     # ---------------------------------------------------------------------------------------------- one step
     def step(self, batch: Collated | list[dict], *, training: bool = True) -> Step:

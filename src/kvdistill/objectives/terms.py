@@ -6,7 +6,9 @@ H heads, F_s/F_t hidden widths, V vocabulary.
 Each term is a `kvdistill.losses` function on the teacher's tokens, averaged over the teacher's layer pairs
 (i, j, w) as the K/V term is (Σ w·term / #mapped layers); logit KD is one term per teacher. Teacher n's terms are
 weighed by its per-sample fusion weight w_n(b) (per-token weights: their mean over the sample's tokens). Logit KD
-needs one tokenizer; embeddings padded to different sizes compare their shared entries:
+with a teacher of the student's tokenizer is the exact same-vocabulary term (embeddings padded to different sizes
+compare their shared entries); with another tokenizer it goes through the byte alignment
+(`losses.logit_kd.cross_tokenizer`: the shared-string projection at prefix partners, or aligned-chunk likelihoods):
 
     extra(b) = Σ_n w_n(b) · (λ_rel·rel_n + λ_att·att_n + λ_hid·hid_n + λ_logit·kd_n)(b)
 """
@@ -19,6 +21,9 @@ import torch
 from torch import nn
 
 from kvdistill import losses
+from kvdistill.align.tokens import common_chunks, prefix_positions
+from kvdistill.align.vocab import VocabProjection, shared_vocabulary
+from kvdistill.errors import KvdistillError
 from kvdistill.objectives.base import Step
 from kvdistill.objectives.batch import teacher_alignment
 
@@ -30,7 +35,7 @@ TERMS = ("relation", "attention_kl", "hidden", "logit_kd")
 class TeacherTerms(nn.Module):
     """The per-teacher terms of `cfg.losses` with a weight > 0; hidden states get a learnable F_s -> F_t map."""
 
-    def __init__(self, cfg, student_geometry, teachers: list):
+    def __init__(self, cfg, student_geometry, teachers: list, tokenizer=None):
         super().__init__()
         c = cfg.losses
         self.scale = {"relation": c.relation, "attention_kl": c.attention_kl, "hidden": c.hidden,
@@ -41,8 +46,19 @@ class TeacherTerms(nn.Module):
         # one tokenizer, embeddings padded to different sizes (e.g. 151,936 vs 152,064 entries): logit KD compares
         # the entries both models have, renormalised over them; the padded rows name no token
         self.shared_vocab = {t.name: min(student_geometry.vocab_size, t.geometry.vocab_size) for t in teachers}
-        for t in teachers:
-            if "logit_kd" in self.active and t.geometry.vocab_size != student_geometry.vocab_size:
+        # another tokenizer: the teachers' names -> None (span) or the shared-string projection (project), on the CPU
+        self.cross: dict[str, VocabProjection | None] = {}
+        self._on_device: dict[tuple[str, str], VocabProjection] = {}
+        for t in teachers if "logit_kd" in self.active else []:
+            if getattr(t, "tokenizer", None) is None or tokenizer is None:
+                raise KvdistillError(f"losses.logit_kd needs teacher '{t.name}''s tokenizer to align its logits",
+                                     f"run teacher '{t.name}' online, or set losses.logit_kd.weight: 0")
+            if t.tokenizer.get_vocab() != tokenizer.get_vocab():
+                self.cross[t.name] = None if c.logit_kd.cross_tokenizer == "span" else shared_vocabulary(
+                    tokenizer, t.tokenizer, student_geometry.vocab_size, t.geometry.vocab_size, t.name)
+                log.info("logit KD with teacher %s across tokenizers (%s%s)", t.name, c.logit_kd.cross_tokenizer,
+                         "" if self.cross[t.name] is None else f", {self.cross[t.name].shared} shared strings")
+            elif t.geometry.vocab_size != student_geometry.vocab_size:
                 log.info("logit KD with teacher %s compares the %d shared vocabulary entries (student %d, teacher %d)",
                          t.name, self.shared_vocab[t.name], student_geometry.vocab_size, t.geometry.vocab_size)
         self.hidden_proj = nn.ModuleDict(
@@ -94,8 +110,34 @@ class TeacherTerms(nn.Module):
                 value = losses.hidden_error(h_pred, cap.hidden_states[j + 1].float(), covered)
                 out["hidden"] = out.get("hidden", 0) + w * value / L
         if "logit_kd" in self.active:
-            V = self.shared_vocab[teacher.name]
-            out["logit_kd"] = losses.logit_kd(s.logits[..., :V], cap.logits[..., :V], b.mask,
-                                              temperature=self.temperature, divergence=self.logit.divergence,
-                                              beta=self.logit.beta)
+            out["logit_kd"] = self.logit_term(step, n)
         return out
+
+    def logit_term(self, step: Step, n: int) -> torch.Tensor:
+        """Teacher n's logit KD per sample (B,): the same-vocabulary term for one tokenizer, else the cross-tokenizer
+        term of `losses.logit_kd.cross_tokenizer`; with `top_k` against the teacher's top-k and a tail bucket."""
+        teacher, tkv = step.teachers[n], step.records[n]
+        s, b, cap = step.student, step.batch, tkv.capture
+        c, k = self.logit, self.logit.top_k
+        kw = dict(temperature=self.temperature, divergence=c.divergence, beta=c.beta, chunk=c.chunk)
+        if teacher.name not in self.cross:
+            V = self.shared_vocab[teacher.name]
+            if k is None:
+                return losses.logit_kd(s.logits[..., :V], cap.logits[..., :V], b.mask, **kw)
+            ids, lp = losses.topk_log_probs(cap.logits[..., :V], k, temperature=self.temperature, chunk=c.chunk)
+            return losses.topk_logit_kd(s.logits[..., :V], ids, lp, b.mask, **kw)
+        spans_t, mask_t = tkv.host_spans(step.pairs[teacher.name].j[0])  # (B, T_t, 2), (B, T_t) on the CPU
+        device = b.mask.device
+        if self.cross[teacher.name] is None:  # span
+            s_chunks, t_chunks = (x.to(device) for x in common_chunks(b.spans_cpu, b.mask_cpu, spans_t, mask_t))
+            return losses.span_logit_kd(s.logits, cap.logits, b.ids, cap.input_ids, b.mask, cap.attention_mask,
+                                        s_chunks, t_chunks, **kw)
+        key = (teacher.name, str(device))
+        if key not in self._on_device:
+            self._on_device[key] = self.cross[teacher.name].to(device)
+        proj = self._on_device[key]
+        positions = prefix_positions(b.spans_cpu, b.mask_cpu, spans_t, mask_t).to(device)  # (B, T_s)
+        target = cap.logits if k is None else losses.topk_log_probs(cap.logits, k, temperature=self.temperature,
+                                                                   chunk=c.chunk)
+        return losses.cross_logit_kd(s.logits, target, positions, b.mask, proj.student, proj.teacher,
+                                     shared=proj.shared, **kw)
