@@ -6,8 +6,8 @@ that is wrong and, for a typo, the nearest valid key. `kvdistill validate CONFIG
 Layout of a config (every section optional except `student` and `data`)::
 
     student:   {model | from_config, tokenizer, lora, dtype, gradient_checkpointing}
-    teachers:  - {name, model, source: online|cache, cache_dir, weight, layer_map, projector, dtype}
-    data:      {source, path, fields, template, size, seed, max_length, eval_size}
+    teachers:  - {name, model, source: online|cache, cache_dir, weight, layer_map, projector, dtype, skill}
+    data:      {source, path, fields, template, size, seed, max_length, eval_size, skills, mix, train_skills}
     losses:    {ce, kv: {weight, kind, normalize, keys, values}, cosine, attention_kl, relation, logit_kd, hidden}
     fusion:    {kind: fixed|similarity|router, space: loss|target|latent, weights, similarity, router, entropy, latent}
     train:     {steps, batch_size, grad_accum, lr, ..., mixed_precision, seed, save_every, log_every}
@@ -163,6 +163,10 @@ class TeacherConfig(Section):
     """Online teachers: compress K/V on the fly. Cached teachers: must equal what the cache was built with."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """auto: float32 on CPU, bfloat16 on GPU."""
+    skill: str | None = None
+    """The skill of `data.skills` this teacher specialises in: with fusion.kind router or similarity, the held-out
+    evaluation reports the fusion weight on it for records of that skill (eval/routing_acc, eval/routing_acc_<skill>;
+    `kvdistill.fuse.routing_accuracy`)."""
 
     @model_validator(mode="after")
     def _cache_dir(self):
@@ -195,12 +199,14 @@ class DataConfig(Section):
     """Where the records come from and how they split (kvdistill.data.records).
 
     `source`: a file format read from `path` (jsonl, csv, parquet, text), or a generator needing no path:
-    `gsm_symbolic` (GSM-Symbolic word problems, reasoning_gym) or `arithmetic` (2-4 step integer arithmetic
-    with a worked solution, from `seed` alone). The first `eval_size` records are held out; train records whose
+    `gsm_symbolic` (GSM-Symbolic word problems, reasoning_gym), `arithmetic` (2-4 step integer arithmetic
+    with a worked solution, from `seed` alone), `sorting` (digit sorting), or `skills` (a mixture of those, each record
+    labelled with its skill). The first `eval_size` records are held out; train records whose
     question also occurs there are dropped, so the train split may hold fewer than `size - eval_size`.
     """
 
-    source: Literal["jsonl", "csv", "parquet", "text", "gsm_symbolic", "arithmetic"] = "gsm_symbolic"
+    source: Literal["jsonl", "csv", "parquet", "text", "gsm_symbolic", "arithmetic", "sorting", "skills"] = (
+        "gsm_symbolic")
     path: str | None = None
     text_field: str = "text"
     question_field: str = "question"
@@ -214,11 +220,34 @@ class DataConfig(Section):
     eval_size: int = Field(32, ge=0)
     seed: int = 0
     max_length: int = Field(256, gt=1)
+    skills: list[Literal["arithmetic", "gsm_symbolic", "sorting"]] = []
+    """`source: skills`: the generated skills mixed (each record labelled with its `skill`)."""
+    mix: list[float] | None = None
+    """`source: skills`: one positive proportion per skill (default equal)."""
+    train_skills: list[str] | None = None
+    """`source: skills`: keep only the train records of these skills (a specialist teacher); eval is the whole mix."""
 
     @model_validator(mode="after")
     def _path(self):
-        if self.source not in ("gsm_symbolic", "arithmetic") and not self.path:
-            raise ValueError(f"data.source '{self.source}' needs data.path")
+        problems = []
+        if self.source not in ("gsm_symbolic", "arithmetic", "sorting", "skills") and not self.path:
+            problems.append(f"data.source '{self.source}' needs data.path")
+        if self.source == "skills":
+            if not self.skills or len(set(self.skills)) != len(self.skills):
+                problems.append(f"data.skills {self.skills}: source 'skills' needs distinct skills "
+                                "(some of arithmetic, gsm_symbolic, sorting)")
+            if self.mix is not None and (len(self.mix) != len(self.skills) or any(not w > 0 for w in self.mix)):
+                problems.append(f"data.mix {self.mix} must give one positive proportion per skill {self.skills}")
+            unknown = [s for s in self.train_skills or [] if s not in self.skills]
+            if unknown or self.train_skills == []:
+                problems.append(f"data.train_skills {self.train_skills} must be some of data.skills {self.skills}")
+        else:
+            given = [k for k in ("skills", "mix", "train_skills") if getattr(self, k)]
+            if given:
+                problems.append(f"data.{', data.'.join(given)} apply only to data.source 'skills' "
+                                f"(source is '{self.source}'): set data.source: skills or remove them")
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
 
@@ -372,6 +401,7 @@ class RunConfig(Section):
         if self.fusion.kind in ("router", "similarity") and len(self.teachers) == 1:
             problems.append(f"fusion.kind {self.fusion.kind} weighs teachers against each other, but there is one "
                             "teacher: its weight is always 1 and nothing is learned; use fusion.kind: fixed")
+        problems += self._skill_problems()
         if self.fusion.kind != "fixed" or self.fusion.weights is not None:
             problems += [f"teachers.{n}.weight ({t.weight}) is set but fusion.kind {self.fusion.kind} with "
                          f"{'fusion.weights' if self.fusion.weights is not None else 'its own weights'} never reads "
@@ -380,6 +410,16 @@ class RunConfig(Section):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def _skill_problems(self) -> list[str]:
+        labelled = [(n, t.skill) for n, t in enumerate(self.teachers) if t.skill is not None]
+        problems = [f"teachers.{n}.skill '{skill}' is not among data.skills {self.data.skills}; name one of them "
+                    "(routing accuracy reads each held-out record's skill), or drop it"
+                    for n, skill in labelled if skill not in self.data.skills]
+        skills = [skill for _, skill in labelled]
+        problems += [f"teachers: skill '{s}' is given to several teachers; one specialist per skill"
+                     for s in sorted({s for s in skills if skills.count(s) > 1})]
+        return problems
 
     def _latent_problems(self) -> list[str]:
         """A latent student reads losses.ce (the answer after the latents), cot_ce, codi, latent_kv and fixed

@@ -2,10 +2,13 @@
 
 results.json:
     {"spec": NAME, "baseline": NAME, "seeds": [...],
+     "metrics": [METRIC, ...],      spec.metrics, then exact_match_<skill>, routing_acc, routing_acc_<skill> where
+                                    the held-out set mixes skills (a condition reports those all its seeds have)
      "conditions": {NAME: {METRIC: {"values": [...], "mean": x, "std": x, "ci95": [lo, hi]}}},
      "comparisons": [{"condition": NAME, "baseline": NAME, "metric": METRIC, "diff": x, "ci95": [lo, hi], "p": x,
                       "n": seeds, "method": ...}],
-     "teachers": {NAME: {"exact_match": x, "ppl": x, "params": n}},
+     "teachers": {NAME: {"exact_match": x, "ppl": x, "params": n, "exact_match_<skill>": x, ...}},
+     "routing_curves": {NAME: {"steps": [...], "routing_acc": [...]}}   (held out during training, mean over seeds)
      "steps": {NAME: steps},
      "extraction": {TEACHER: {"seconds": x, "tokens": n, "records": n}}}   (cache: true conditions only)
 Exact match is compared with a paired bootstrap over seeds and held-out problems (every student answers the same
@@ -20,7 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from kvdistill.cache.manifest import write_json_atomic
-from kvdistill.experiments.spec import HIGHER_IS_BETTER, METRICS, ExperimentSpec
+from kvdistill.eval.skills import skill_items
+from kvdistill.experiments.spec import PER_SKILL, ExperimentSpec, higher_is_better, metric_label
 from kvdistill.experiments.stats import paired_comparison, summary
 
 
@@ -28,26 +32,51 @@ def _eval(out: Path, name: str, seed: int) -> dict:
     return json.loads((out / "runs" / name / f"seed-{seed}" / "eval.json").read_text())
 
 
+def metrics_of(spec: ExperimentSpec, evals: dict[str, list[dict]]) -> list[str]:
+    """spec.metrics, then the per-skill metrics the evaluations hold (a held-out set mixing skills):
+    exact_match_<skill>, then routing_acc and routing_acc_<skill>."""
+    extra = {k for runs in evals.values() for e in runs for k in e if k.startswith(PER_SKILL) and k != "per_item"}
+    return list(spec.metrics) + sorted(extra, key=lambda k: (k.startswith("routing_acc"), k != "routing_acc", k))
+
+
+def _items(e: dict, metric: str) -> list:
+    """The per-problem results a metric averages: all of them, or those of one skill (exact_match_<skill>)."""
+    if metric == "exact_match":
+        return e["per_item"]
+    return skill_items(e["per_item"], e["skills"], metric.removeprefix("exact_match_"))
+
+
 def collect(spec: ExperimentSpec, out: Path, names: list[str], seeds: list[int], teachers: dict) -> dict:
     evals = {n: [_eval(out, n, s) for s in seeds] for n in names}
-    conditions = {n: {m: summary([e[m] for e in evals[n]]) for m in spec.metrics} for n in names}
+    metrics = metrics_of(spec, evals)
+    # a condition reports a metric all its seeds have (routing accuracy: router and similarity conditions only)
+    conditions = {n: {m: summary([e[m] for e in evals[n]]) for m in metrics
+                      if all(e.get(m) is not None for e in evals[n])} for n in names}
     comparisons = []
     for n in names:
         if n == spec.baseline:
             continue
-        for m in spec.metrics:
+        for m in metrics:
+            if m not in conditions[n] or m not in conditions[spec.baseline]:
+                continue
             per_item = None
-            if m == "exact_match":
-                per_item = (np.array([e["per_item"] for e in evals[n]], dtype=float),
-                            np.array([e["per_item"] for e in evals[spec.baseline]], dtype=float))
+            if m == "exact_match" or m.startswith("exact_match_"):
+                per_item = (np.array([_items(e, m) for e in evals[n]], dtype=float),
+                            np.array([_items(e, m) for e in evals[spec.baseline]], dtype=float))
             cmp = paired_comparison([e[m] for e in evals[n]], [e[m] for e in evals[spec.baseline]],
                                     per_item=per_item)
             comparisons.append({"condition": n, "baseline": spec.baseline, "metric": m, **cmp})
-    return {"spec": spec.name, "baseline": spec.baseline, "seeds": seeds, "conditions": conditions,
-            "comparisons": comparisons,
-            "teachers": {k: {x: v.get(x) for x in ("exact_match", "ppl", "params")} for k, v in teachers.items()},
-            "steps": {n: evals[n][0].get("steps") for n in names},
-            "held_out": len(evals[names[0]][0].get("per_item", [])) or None}
+    results = {"spec": spec.name, "baseline": spec.baseline, "seeds": seeds, "metrics": metrics,
+               "conditions": conditions, "comparisons": comparisons,
+               "teachers": {k: {**{x: v.get(x) for x in ("exact_match", "ppl", "params")},
+                                **{x: y for x, y in sorted(v.items()) if x.startswith("exact_match_")}}
+                            for k, v in teachers.items()},
+               "steps": {n: evals[n][0].get("steps") for n in names},
+               "held_out": len(evals[names[0]][0].get("per_item", [])) or None}
+    routing = _curves(out, names, seeds, "eval/routing_acc")
+    if routing:
+        results["routing_curves"] = {n: {"steps": st, "routing_acc": v} for n, (st, v) in routing.items()}
+    return results
 
 
 def _fmt(x) -> str:
@@ -61,9 +90,11 @@ def markdown(results: dict, spec: ExperimentSpec) -> str:
              f"Seeds {results['seeds']}; baseline `{results['baseline']}`; held-out problems: {results['held_out']}.",
              ""]
     if results["teachers"]:
-        lines += ["## Teachers", "", "| teacher | exact match | ppl | parameters |", "|---|---|---|---|"]
-        lines += [f"| {k} | {_fmt(v['exact_match'])} | {_fmt(v['ppl'])} | {v['params']:,} |"
-                  for k, v in results["teachers"].items()]
+        skills = sorted({k for v in results["teachers"].values() for k in v if k.startswith("exact_match_")})
+        lines += ["## Teachers", "", "| teacher | exact match | " + "".join(f"{k} | " for k in skills)
+                  + "ppl | parameters |", "|---|---|" + "---|" * len(skills) + "---|---|"]
+        lines += [f"| {k} | {_fmt(v['exact_match'])} | " + "".join(f"{_fmt(v.get(x))} | " for x in skills)
+                  + f"{_fmt(v['ppl'])} | {v['params']:,} |" for k, v in results["teachers"].items()]
         lines.append("")
     if results.get("extraction"):
         lines += ["## Teacher caches (extracted once, shared by every cached condition and seed)", "",
@@ -71,11 +102,13 @@ def markdown(results: dict, spec: ExperimentSpec) -> str:
         lines += [f"| {k} | {v['seconds']:.1f} | {v['tokens']:,} | {v['records']:,} |"
                   for k, v in results["extraction"].items()]
         lines.append("")
-    for m in spec.metrics:
-        arrow = "higher is better" if HIGHER_IS_BETTER[m] else "lower is better"
-        lines += [f"## {METRICS[m]} ({arrow})", "", "| condition | steps | mean ± std | 95% CI | per seed |",
+    for m in results.get("metrics", spec.metrics):
+        arrow = "higher is better" if higher_is_better(m) else "lower is better"
+        lines += [f"## {metric_label(m)} ({arrow})", "", "| condition | steps | mean ± std | 95% CI | per seed |",
                   "|---|---|---|---|---|"]
         for n, per in results["conditions"].items():
+            if m not in per:
+                continue
             s = per[m]
             lines.append(f"| {n} | {results['steps'][n]} | {_fmt(s['mean'])} ± {_fmt(s['std'])} | "
                          f"[{_fmt(s['ci95'][0])}, {_fmt(s['ci95'][1])}] | {', '.join(_fmt(v) for v in s['values'])} |")
@@ -85,6 +118,14 @@ def markdown(results: dict, spec: ExperimentSpec) -> str:
                       "| condition | diff | 95% CI | p | method |", "|---|---|---|---|---|"]
             lines += [f"| {c['condition']} | {_fmt(c['diff'])} | [{_fmt(c['ci95'][0])}, {_fmt(c['ci95'][1])}] | "
                       f"{c['p']:.3g} | {c['method']} |" for c in rows]
+        lines.append("")
+    if results.get("routing_curves"):
+        lines += ["## Routing accuracy during training (held out, mean over seeds)", "",
+                  "| condition | " + " | ".join(f"step {st}" for st in next(iter(results["routing_curves"].values()))
+                                                 ["steps"]) + " |"]
+        lines.append("|---|" + "---|" * len(next(iter(results["routing_curves"].values()))["steps"]))
+        lines += [f"| {n} | " + " | ".join(_fmt(v) for v in c["routing_acc"]) + " |"
+                  for n, c in results["routing_curves"].items()]
         lines.append("")
     return "\n".join(lines)
 
@@ -96,8 +137,8 @@ def plots(results: dict, spec: ExperimentSpec, out: Path) -> list[Path]:
     folder = out / "plots"
     folder.mkdir(exist_ok=True)
     written = []
-    names = list(results["conditions"])
-    for m in spec.metrics:
+    for m in results.get("metrics", spec.metrics):
+        names = [n for n in results["conditions"] if m in results["conditions"][n]]
         fig = Figure(figsize=(1.2 + 0.9 * len(names), 3.2))
         ax = fig.add_subplot()
         means = [results["conditions"][n][m]["mean"] for n in names]
@@ -105,42 +146,49 @@ def plots(results: dict, spec: ExperimentSpec, out: Path) -> list[Path]:
         hi = [results["conditions"][n][m]["ci95"][1] - means[i] for i, n in enumerate(names)]
         ax.bar(range(len(names)), means, yerr=[lo, hi], capsize=4, color="#8fb3d9")
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
-        ax.set_title(METRICS[m])
+        ax.set_title(metric_label(m))
         fig.tight_layout()
         path = folder / f"{m}.png"
         fig.savefig(path, dpi=110)
         written.append(path)
-    curves = _curves(out, names, results["seeds"])
-    if curves:
+    names = list(results["conditions"])
+    for key, label, log, file in (("eval/ppl", "held-out perplexity", True, "learning_curves.png"),
+                                  ("eval/routing_acc", "routing accuracy (held out)", False, "routing_curves.png")):
+        curves = _curves(out, names, results["seeds"], key)
+        if not curves:
+            continue
         fig = Figure(figsize=(6, 3.6))
         ax = fig.add_subplot()
-        for n, (steps, ppl) in curves.items():
-            ax.plot(steps, ppl, marker="o", label=n)
+        for n, (steps, values) in curves.items():
+            ax.plot(steps, values, marker="o", label=n)
         ax.set_xlabel("step")
-        ax.set_ylabel("held-out perplexity")
-        ax.set_yscale("log")
+        ax.set_ylabel(label)
+        if log:
+            ax.set_yscale("log")
         ax.legend(fontsize=7)
         fig.tight_layout()
-        path = folder / "learning_curves.png"
+        path = folder / file
         fig.savefig(path, dpi=110)
         written.append(path)
     return written
 
 
-def _curves(out: Path, names: list[str], seeds: list[int]) -> dict[str, tuple[list[int], list[float]]]:
-    """Per condition, the held-out perplexity logged during training (train.eval_every), mean over seeds."""
+def _curves(out: Path, names: list[str], seeds: list[int],
+            key: str = "eval/ppl") -> dict[str, tuple[list[int], list[float]]]:
+    """Per condition, a held-out figure logged during training (train.eval_every), mean over seeds."""
     curves = {}
     for n in names:
-        by_step: dict[int, list[float]] = {}
+        # step -> seed -> value; the last logged wins (the final evaluation repeats a step that eval_every divides)
+        by_step: dict[int, dict[int, float]] = {}
         for s in seeds:
             path = out / "runs" / n / f"seed-{s}" / "metrics.jsonl"
             for line in path.read_text().splitlines() if path.is_file() else []:
                 row = json.loads(line)
-                if row.get("split") == "eval" and "eval/ppl" in row:
-                    by_step.setdefault(int(row["step"]), []).append(float(row["eval/ppl"]))
+                if row.get("split") == "eval" and key in row:
+                    by_step.setdefault(int(row["step"]), {})[s] = float(row[key])
         full = sorted(k for k, v in by_step.items() if len(v) == len(seeds))
         if full:
-            curves[n] = (full, [float(np.mean(by_step[k])) for k in full])
+            curves[n] = (full, [float(np.mean(list(by_step[k].values()))) for k in full])
     return curves
 
 

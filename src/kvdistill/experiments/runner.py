@@ -4,7 +4,9 @@ Directory layout (everything resumable: a finished step is skipped, a killed run
     DIR/spec.yaml                        the spec as run
     DIR/teachers/NAME/                   a teacher's own CE training run; teacher.json: its held-out exact match
     DIR/runs/CONDITION/seed-S/           an ordinary training run (config.yaml, metrics.jsonl, final/student, ...)
-    DIR/runs/CONDITION/seed-S/eval.json  its held-out figures, per-problem exact match included
+    DIR/runs/CONDITION/seed-S/eval.json  its held-out figures, per-problem exact match included; on a held-out set
+                                         mixing skills also exact_match_<skill> and, for a router or similarity
+                                         fusion over teachers labelled with a skill, routing_acc(_<skill>)
     DIR/results.json, DIR/results.md     per condition and metric: values, mean, std, 95% interval; comparisons
     DIR/plots/                           bars with error bars per metric, held-out learning curves
 """
@@ -59,10 +61,14 @@ def condition_config(spec: ExperimentSpec, name: str, seed: int, teachers: dict[
     A `cache: true` condition reads each teacher from `teachers[name]["cache_dir"]`."""
     cond = spec.conditions[name]
     raw = base_raw(spec)
+    skills = {prep.name: prep.skill for prep in spec.teachers}
     if spec.student_from is not None:
         kept = {k: v for k, v in (raw.get("student") or {}).items() if k not in ("model", "from_config", "tokenizer")}
         raw["student"] = {**kept, "model": teachers[spec.student_from]["model"]}
     raw["teachers"] = [{"name": t, "model": teachers[t]["model"]} for t in cond.teachers]
+    for entry in raw["teachers"]:
+        if skills.get(entry["name"]):
+            entry["skill"] = skills[entry["name"]]
     if cond.cache:
         for entry in raw["teachers"]:
             entry.update(source="cache", cache_dir=teachers[entry["name"]].get("cache_dir", "?"))
@@ -105,7 +111,19 @@ def evaluate_run(student_dir: Path, held: list[dict], cfg: RunConfig, spec: Expe
         em = exact_match(model, tok, held, max_new_tokens=spec.eval.max_new_tokens, batch_size=bs)
         out.update(exact_match=em["exact_match"], per_item=em["per_item"], samples=em["samples"])
     del model
+    out.update(_per_skill(out, held))
     return out
+
+
+def _per_skill(ev: dict, held: list[dict]) -> dict:
+    """A held-out set that mixes skills: exact_match_<skill> and the scored records' skills (`skills`, for the
+    per-skill paired comparisons); nothing for unlabelled records."""
+    from kvdistill.eval.skills import exact_match_by_skill
+
+    skills = [r.get("skill") for r in held if r.get("answer") is not None and r.get("answer_start") is not None]
+    if "per_item" not in ev or not any(skills):
+        return {}
+    return {"skills": skills, **exact_match_by_skill(ev["per_item"], skills)}
 
 
 def _evaluate_latent(student_dir: Path, held: list[dict], cfg: RunConfig, spec: ExperimentSpec, device) -> dict:
@@ -153,15 +171,19 @@ def prepare_teachers(spec: ExperimentSpec, out: Path, held: list[dict]) -> dict[
         record = run_dir / "teacher.json"
         if not record.is_file():
             ev = evaluate_run(run_dir / "final" / "student", held, configs[prep.name], spec)
-            write_json_atomic(record, {"exact_match": ev.get("exact_match"), "ppl": ev["ppl"],
+            per_skill = {k: v for k, v in ev.items() if k.startswith("exact_match_")}
+            write_json_atomic(record, {"exact_match": ev.get("exact_match"), "ppl": ev["ppl"], **per_skill,
                                        "params": _param_count(run_dir / "final" / "student"),
                                        "samples": ev.get("samples", [])})
         got = json.loads(record.read_text())
         info[prep.name] = {"model": str(run_dir / "final" / "student"), **got}
-        em = got.get("exact_match")
+        # a specialist must be competent on its own skill (its held-out exact match there), others on everything
+        key = f"exact_match_{prep.skill}" if prep.skill else "exact_match"
+        em = got.get(key)
         if prep.min_exact_match > 0 and (em is None or em < prep.min_exact_match):
             raise KvdistillError(
-                f"teacher '{prep.name}' reached held-out exact match {em} < the required {prep.min_exact_match}: "
+                f"teacher '{prep.name}' reached held-out exact match{f' on {prep.skill}' if prep.skill else ''} {em} "
+                f"< the required {prep.min_exact_match}: "
                 "without competent teachers no comparison means anything",
                 f"train it longer (teachers.{prep.name}.steps, now {prep.steps}) or larger, then rerun "
                 f"(delete {record} to re-evaluate), or lower min_exact_match")
@@ -298,6 +320,8 @@ def run_experiment(spec: ExperimentSpec, out: str | Path, *, only: list[str] | N
             ev = evaluate_run(run_dir(out, n, s) / "final" / "student", held, cfg, spec)
             summary = json.loads((run_dir(out, n, s) / "summary.json").read_text())
             ev.update(elapsed_s=summary.get("elapsed_s"), steps=cfg.train.steps)
+            # the routing accuracy training's own held-out evaluation gave the trained fusion (Objective.evaluate)
+            ev.update({k.removeprefix("eval/"): v for k, v in summary.items() if k.startswith("eval/routing_acc")})
             if spec.eval.routing_teacher:
                 ev.update(routing_agreement(run_dir(out, n, s) / "final" / "student",
                                             teachers[spec.eval.routing_teacher]["model"], held, cfg))

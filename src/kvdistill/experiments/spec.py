@@ -42,9 +42,14 @@ class TeacherPrep(Section):
     lr: float = Field(1e-3, gt=0.0)
     warmup_steps: int = Field(0, ge=0)
     min_exact_match: float = Field(0.0, ge=0.0, le=1.0)
-    """Held-out exact match the teacher must reach; below it the experiment stops (no comparison means anything)."""
+    """Held-out exact match the teacher must reach (a specialist: on its own `skill`); below it the experiment stops
+    (no comparison means anything)."""
     overrides: list[str] = []
-    """Dotted overrides of the teacher's own CE training run (e.g. train.schedule=linear)."""
+    """Dotted overrides of the teacher's own CE training run (e.g. train.schedule=linear; a specialist:
+    data.train_skills=[sorting])."""
+    skill: str | None = None
+    """The skill it specialises in (one of the base data.skills): every condition labels it so (teachers[].skill),
+    and router / similarity conditions report their routing accuracy on it."""
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -145,6 +150,25 @@ METRICS.update(routing_top1="held-out top-1 routing agreement with eval.routing_
 HIGHER_IS_BETTER = {"exact_match": True, "ppl": False, "ce": False, "elapsed_s": False, "gen_tokens": False,
                     "latency_s": False}
 HIGHER_IS_BETTER.update(routing_top1=True, routing_topk=True)
+
+
+PER_SKILL = ("exact_match_", "routing_acc")
+"""Prefixes of the metrics a held-out set mixing skills adds by itself (`kvdistill.experiments.results`)."""
+
+
+def metric_label(metric: str) -> str:
+    """What a metric holds, in words (the per-skill ones included)."""
+    if metric in METRICS:
+        return METRICS[metric]
+    if metric.startswith("exact_match_"):
+        return f"held-out exact match on {metric.removeprefix('exact_match_')} problems"
+    if metric == "routing_acc":
+        return "routing accuracy: mean fusion weight on the matching specialist"
+    return f"routing accuracy on {metric.removeprefix('routing_acc_')} problems"
+
+
+def higher_is_better(metric: str) -> bool:
+    return HIGHER_IS_BETTER[metric] if metric in HIGHER_IS_BETTER else metric.startswith(PER_SKILL)
 
 
 def spec_path(spec: str) -> Path:

@@ -121,10 +121,13 @@ def from_pretrained_or_config(model_cls, *, attn_implementation: str, path: str 
             return model_cls.from_pretrained(path, dtype=dtype, attn_implementation=attn)
         return model_cls.from_config(config, dtype=dtype, attn_implementation=attn)
 
+    # transformers names the kernel "sdpa" or (5.25) "torch.nn.functional.scaled_dot_product_attention"
+    names = (attn_implementation, "scaled_dot_product_attention") if attn_implementation == "sdpa" else (
+        attn_implementation,)
     try:
         return build(attn_implementation)
     except ValueError as err:
-        if attn_implementation == "eager" or attn_implementation not in str(err):
+        if attn_implementation == "eager" or not any(n in str(err) for n in names):
             raise
         log.info("%s has no %s attention, loading it with eager attention", path or type(config).__name__,
                  attn_implementation)

@@ -20,6 +20,7 @@ from kvdistill import losses
 from kvdistill.align.plan import alignment_plan
 from kvdistill.align.tokens import token_alignment
 from kvdistill.errors import KvdistillError
+from kvdistill.fuse.routing_accuracy import routing_accuracy
 from kvdistill.models.capture import forward_kv, tokenize
 from kvdistill.models.geometry import geometry_of
 from kvdistill.objectives.base import FusionSpace, Step, read_metrics
@@ -144,7 +145,9 @@ class Objective(nn.Module):
     def evaluate(self, records: list[dict], batch_size: int | None = None) -> dict:
         """Held-out CE / perplexity (token-level, `losses.token_nll`) and, where the space defines it, per teacher
         the K/V error per student layer: `eval/kv_error_layers/<teacher>` (L_s entries, None where the layer map
-        leaves a layer unsupervised) and its mean over mapped layers `eval/kv_error/<teacher>`."""
+        leaves a layer unsupervised) and its mean over mapped layers `eval/kv_error/<teacher>`. With a router or
+        similarity fusion and teachers labelled with a skill, the routing accuracy of `fuse.routing_accuracy`:
+        `eval/routing_acc` and `eval/routing_acc_<skill>`."""
         was = self.training
         self.eval()
         try:
@@ -162,6 +165,11 @@ class Objective(nn.Module):
                         per_layer[name].setdefault(i, []).extend(err.tolist())
             ce = nll / max(tokens, 1)
             out = {"eval/ce": ce, "eval/ppl": math.exp(min(ce, 50.0))}
+            specialist_of = {t.skill: n for n, t in enumerate(self.cfg.teachers) if t.skill is not None}
+            if specialist_of and self.cfg.fusion.kind in ("router", "similarity"):
+                weights = self.routing_weights(records, bs)  # (N, K)
+                acc = routing_accuracy(weights, [r.get("skill") for r in records], specialist_of)
+                out.update({f"eval/{k}": v for k, v in acc.items()})
             for name, layers in per_layer.items():
                 if layers:
                     vals = [sum(layers[i]) / len(layers[i]) if i in layers else None
@@ -172,6 +180,16 @@ class Objective(nn.Module):
             return out
         finally:
             self.train(was)
+
+    @torch.no_grad()
+    def routing_weights(self, records: list[dict], batch_size: int) -> torch.Tensor:
+        """(N, K) fusion weights per record, through the training step's own path (the space's forward, with the
+        student's hidden states and every teacher's K/V); per-token weights averaged over each record's tokens."""
+        rows = []
+        for lo in range(0, len(records), batch_size):
+            step = self.step(records[lo : lo + batch_size], training=True)
+            rows.append(per_sample(self.space(step).weights, step.batch.mask).float().cpu())  # (B, K)
+        return torch.cat(rows) if rows else torch.zeros(0, len(self.teachers))
 
     @torch.no_grad()
     def prepare(self, records: list[dict]) -> None:
