@@ -6,6 +6,7 @@ import pytest
 
 from kvdistill.config import DataConfig
 from kvdistill.data import gsm_symbolic_records, load_records
+from kvdistill.errors import KvdistillError
 from kvdistill.eval.answers import exact_match, extract_answer, normalize_number
 
 pytest.importorskip("reasoning_gym")
@@ -57,3 +58,34 @@ def test_no_eval_question_in_train():
     held = {" ".join(r["question"].split()) for r in evals}
     assert len(evals) == 40 and train and held.isdisjoint(" ".join(r["question"].split()) for r in train)
     assert evals == gsm_symbolic_records(40, seed=3)
+
+
+def test_disk_file_round_trip_and_use_without_reasoning_gym(tmp_path, monkeypatch):
+    import builtins
+
+    from kvdistill.data import gsm
+
+    monkeypatch.setenv("KVDISTILL_HOME", str(tmp_path))
+    fresh = gsm.gsm_symbolic_records(40, seed=3)
+    path = gsm.cache_file(3)
+    assert path.is_file() and len(path.read_text().splitlines()) == 40 + 16
+    # a machine without reasoning_gym reads the file and gets the same records, a shorter request its prefix
+    real_import = builtins.__import__
+
+    def no_gym(name, *args, **kwargs):
+        if name == "reasoning_gym":
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_gym)
+    assert gsm.gsm_symbolic_records(40, seed=3) == fresh
+    assert gsm.gsm_symbolic_records(10, seed=3) == fresh[:10]
+    # more than the file holds, without reasoning_gym: a clear error naming the file and the fix
+    with pytest.raises(KvdistillError, match="holds 56") as err:
+        gsm.gsm_symbolic_records(400, seed=3)
+    assert "copy that file" in err.value.fix
+    monkeypatch.setattr(builtins, "__import__", real_import)
+    # a damaged file is ignored and rewritten
+    path.write_text("{not json\n")
+    assert gsm.gsm_symbolic_records(40, seed=3) == fresh
+    assert len(path.read_text().splitlines()) == 56
