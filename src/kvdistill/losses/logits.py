@@ -6,6 +6,7 @@ Notation: B batch, T time, V vocabulary.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -135,6 +136,49 @@ def _scatter_logsumexp(values: torch.Tensor, cols: torch.Tensor, size: int) -> t
     total = values.new_zeros(n, size).scatter_add(1, cols, (values - shift.gather(1, cols)).exp())  # (n, size)
     # log 0 = -inf for empty buckets, through a clamped log so that no inf gradient is made there
     return torch.where(total > 0, total.clamp(min=torch.finfo(total.dtype).tiny).log() + shift, top)
+
+
+@dataclass(frozen=True)
+class _BucketPlan:
+    """How one side's entries fill the E buckets, split so that most of the work is a gather, not a scatter: the
+    buckets with one entry (a column copy), the last bucket ("other": one logsumexp over its entries), the rest
+    (buckets with several entries: a scatter over those entries only). Scatters into a few crowded buckets are slow
+    (on a GPU, atomics on one address), and "other" may hold half of a vocabulary."""
+
+    single_src: torch.Tensor  # (n_1,) entries alone in their bucket
+    single_dst: torch.Tensor  # (n_1,) their buckets
+    multi_src: torch.Tensor  # (n_m,) entries sharing a named bucket
+    multi_local: torch.Tensor  # (n_m,) their bucket's index in multi_dst
+    multi_dst: torch.Tensor  # (M,) the named buckets with several entries
+    other_src: torch.Tensor  # (n_o,) the entries of the last bucket
+    size: int  # E
+
+
+def _bucket_plan(buckets: torch.Tensor, size: int) -> _BucketPlan:
+    """The plan of `buckets` (V,) long in [0, size)."""
+    last = size - 1
+    count = torch.bincount(buckets, minlength=size)  # (E,)
+    named = buckets < last
+    alone = named & (count[buckets] == 1)
+    crowded = named & ~alone
+    multi_dst, multi_local = buckets[crowded].unique(return_inverse=True)
+    return _BucketPlan(alone.nonzero()[:, 0], buckets[alone], crowded.nonzero()[:, 0], multi_local, multi_dst,
+                       (buckets == last).nonzero()[:, 0], size)
+
+
+def _project(log_p: torch.Tensor, plan: _BucketPlan) -> torch.Tensor:
+    """log Σ of the probabilities in each bucket: log_p (n, V) -> (n, E), -inf for a bucket without entries. Exact
+    (the same values as `_scatter_logsumexp(log_p, buckets, E)`)."""
+    n = log_p.shape[0]
+    out = log_p.new_full((n, plan.size), _NEG_INF)
+    out = out.index_copy(1, plan.single_dst, log_p.index_select(1, plan.single_src))
+    if plan.multi_dst.numel():
+        crowded = _scatter_logsumexp(log_p.index_select(1, plan.multi_src), plan.multi_local, plan.multi_dst.numel())
+        out = out.index_copy(1, plan.multi_dst, crowded)  # (n, M) into their buckets
+    if plan.other_src.numel():
+        other = _safe_logsumexp(log_p.index_select(1, plan.other_src))  # (n,)
+        out = out.index_copy(1, plan.single_dst.new_full((1,), plan.size - 1), other[:, None])
+    return out
 
 
 def _safe_logsumexp(x: torch.Tensor) -> torch.Tensor:
@@ -316,22 +360,24 @@ def cross_logit_kd(student_logits: torch.Tensor, teacher: torch.Tensor | tuple[t
     E = shared + 1
     s_buckets = student_buckets.to(student_logits.device)
     t_buckets = teacher_buckets.to(student_logits.device)
+    s_plan = _bucket_plan(s_buckets, E)
 
     if topk:
         ids_flat, lp_flat = t_ids.reshape(B * T_t, -1), t_lp.detach().reshape(B * T_t, -1)
 
         def rows(s, pos, c):  # (n, V_s), (n,), (n,) -> (n,)
-            log_s = _scatter_logsumexp(_soft(s, c, temperature), s_buckets, E)  # (n, E)
+            log_s = _project(_soft(s, c, temperature), s_plan)  # (n, E)
             cols = t_buckets[ids_flat.index_select(0, pos)]  # (n, k) the teacher entries' buckets
             lp = torch.where(c[:, None], lp_flat.index_select(0, pos).float(), _NEG_INF)  # (n, k)
             log_t, log_s = _with_tail(log_s, cols, lp, cols < shared)
             return _divergence(log_t, log_s, divergence, beta)
     else:
         t_flat = teacher.detach().reshape(B * T_t, V_t)
+        t_plan = _bucket_plan(t_buckets, E)
 
         def rows(s, pos, c):
-            log_s = _scatter_logsumexp(_soft(s, c, temperature), s_buckets, E)  # (n, E)
-            log_t = _scatter_logsumexp(_soft(t_flat.index_select(0, pos), c, temperature), t_buckets, E)
+            log_s = _project(_soft(s, c, temperature), s_plan)  # (n, E)
+            log_t = _project(_soft(t_flat.index_select(0, pos), c, temperature), t_plan)
             return _divergence(log_t, log_s, divergence, beta)
 
     div = _by_chunks(rows, chunk, student_logits.reshape(B * T_s, V_s), flat_pos.reshape(B * T_s),
