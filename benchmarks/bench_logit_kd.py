@@ -27,6 +27,7 @@ forward without, the loss, backward, AdamW step:
                         peak memory one call allocates (the chunked loss holds one chunk's float32 softmaxes)
     values: TRL's value against kvdistill's per-sample values weighted by their positions and divided by τ²
             (both in float32): the same divergence, TRL averaging over positions, kvdistill over samples.
+    TRL computes in the logits' dtype (bf16 on the GPU here), kvdistill in float32 (a chunk at a time).
 Part 2, the `cross` teacher (another tokenizer), Objective steps with losses {ce: 1, kv: 1} plus:
     kv_step             nothing else (the K/V step)
     kv_logit_step       logit_kd 0.5, cross_tokenizer project (shared-string projection at prefix partners)

@@ -342,3 +342,28 @@ def test_span_logit_kd_equals_bruteforce_on_real_tokenizer_pairs(student_name, t
     whole = L.span_logit_kd(s, t, se["input_ids"], te["input_ids"], se["attention_mask"], te["attention_mask"],
                             s_chunk, t_chunk, temperature=tau, divergence=divergence, beta=beta)
     torch.testing.assert_close(whole, got, rtol=1e-6, atol=1e-7)
+
+
+def test_cross_topk_equals_its_closed_form():
+    """A top-k teacher across vocabularies: the buckets its named entries reach, each with their summed probability,
+    and one tail with everything else (its unnamed mass, its entries in "other", the buckets it does not reach) on
+    both sides; written out with Python floats."""
+    tau, k = 1.4, 4
+    s_b = torch.tensor([0, 1, 2, 3, 4, 4, 5, 5])  # student: 8 entries, buckets 0..4 named, 5 = other
+    t_b = torch.tensor([0, 0, 1, 2, 3, 4, 5, 5, 5, 2])  # teacher: 10 entries
+    s, t = _rand(1, 3, 8, seed=11) * 2, _rand(1, 3, 10, seed=12) * 2
+    mask, pos = torch.ones(1, 3), torch.tensor([[2, 0, 1]])
+    ids, lp = L.topk_log_probs(t, k, temperature=tau)
+    got = L.cross_logit_kd(s, (ids, lp), pos, mask, s_b, t_b, shared=5, temperature=tau)
+    terms = []
+    for i in range(3):
+        p_s = torch.softmax(s[0, i] / tau, -1).tolist()
+        p_t = torch.softmax(t[0, int(pos[0, i])] / tau, -1).tolist()
+        top = ids[0, int(pos[0, i])].tolist()
+        hit = sorted({int(t_b[v]) for v in top if int(t_b[v]) < 5})
+        pt = [sum(p_t[v] for v in top if int(t_b[v]) == c) for c in hit]
+        ps = [sum(p_s[v] for v in range(8) if int(s_b[v]) == c) for c in hit]
+        pt.append(max(1 - sum(pt), L.TAIL_FLOOR))
+        ps.append(1 - sum(ps))
+        terms.append(_kl_np(pt, ps) * tau**2)
+    assert got.item() == pytest.approx(sum(terms) / 3, rel=2e-5)
