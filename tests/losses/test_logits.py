@@ -367,3 +367,32 @@ def test_cross_topk_equals_its_closed_form():
         ps.append(1 - sum(ps))
         terms.append(_kl_np(pt, ps) * tau**2)
     assert got.item() == pytest.approx(sum(terms) / 3, rel=2e-5)
+
+
+@pytest.mark.parametrize("fn", ["logit_kd", "cross_logit_kd"])
+def test_chunked_holds_no_float32_copy_of_the_logits_for_backward(fn):
+    """What a call keeps for its backward, beyond views of its own inputs: one pass keeps float32 (B·T, V) softmaxes;
+    chunked, nothing (each chunk is recomputed in backward from views of the inputs)."""
+    B, T, V = 2, 32, 500
+    s, t = torch.randn(B, T, V, dtype=torch.bfloat16, requires_grad=True), torch.randn(B, T, V, dtype=torch.bfloat16)
+    mask, ident, pos = torch.ones(B, T), torch.arange(V), torch.arange(T).expand(B, T)
+    inputs = {s.untyped_storage().data_ptr(), t.untyped_storage().data_ptr()}
+
+    def kept(chunk):
+        new = []
+
+        def pack(x):
+            if x.untyped_storage().data_ptr() not in inputs and x.is_floating_point():
+                new.append(x.numel() * x.element_size())
+            return x
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+            if fn == "logit_kd":
+                value = L.logit_kd(s, t, mask, chunk=chunk)
+            else:
+                value = L.cross_logit_kd(s, t, pos, mask, ident, ident, shared=V, chunk=chunk)
+        value.sum().backward()
+        return sum(new)
+
+    assert kept(0) >= 2 * B * T * V * 4  # at least two float32 (B·T, V) tensors
+    assert kept(8) <= B * T * 8  # no more than a few bytes per position
