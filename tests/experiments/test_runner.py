@@ -66,7 +66,7 @@ def test_micro_experiment_results_resume_and_only(tmp_path):
     # different seeds: different students (init and data order)
     assert results["conditions"]["ce_only"]["ppl"]["values"][0] != results["conditions"]["ce_only"]["ppl"]["values"][1]
     assert (tmp_path / "results.md").read_text().count("| kd |") >= 2
-    assert (tmp_path / "plots" / "exact_match.png").is_file() and (tmp_path / "plots" / "learning_curves.png").is_file()
+    assert (tmp_path / "plots" / "exact_match.png").is_file() and (tmp_path / "plots" / "curve_ce_step.png").is_file()
     # resume: nothing is trained again, the same results
     stamp = {p: p.stat().st_mtime_ns for p in tmp_path.glob("runs/*/seed-*/final/student/*.safetensors")}
     again = run_experiment(spec, tmp_path)

@@ -57,8 +57,9 @@ def dataset_records(data_cfg: DataConfig) -> list[dict]:
     """Every record training can ask a teacher for: eval split + train split, in load order."""
     from kvdistill.data import load_records
 
-    # with eval_size 0 the train split is every record, in the same order as eval + train
-    records = load_records(data_cfg.model_copy(update={"eval_size": 0}), split="train")
+    # with no held-out splits and no cap the train split is every record, in the same order as eval + val + train
+    records = load_records(data_cfg.model_copy(update={"eval_size": 0, "val_size": 0, "train_size": None}),
+                           split="train")
     seen: set[str] = set()
     dupes = sorted({str(r["id"]) for r in records if str(r["id"]) in seen or seen.add(str(r["id"]))})
     if dupes:
@@ -223,8 +224,12 @@ def extract(
     progress: bool = True,
     model=None,
     tokenizer=None,
+    only_ids: set[str] | None = None,
 ) -> dict[str, Any]:
     """Run one teacher over `data_cfg` and write (or resume) its cache in `out_dir`.
+
+    `only_ids`: store only these records (e.g. the ones an experiment's runs will read); the cache is still the
+    cache of `data_cfg` (the same meta), and a run that asks it for another record gets a CacheError naming it.
 
     With num_shards > 1 this writes part `shard_index` (`manifest.part-{i}.json`); `merge_parts` combines the
     parts once all have finished. `model` / `tokenizer`: the teacher already loaded (it must be
@@ -243,12 +248,19 @@ def extract(
         )
     records = dataset_records(data_cfg)
     spec = teacher_spec(teacher_cfg)  # config.json only: bad layers fail before the weights load
+    stored = records
+    if only_ids is not None:
+        unknown = sorted(set(only_ids) - {str(r["id"]) for r in records})
+        if unknown:
+            raise KvdistillError(f"only_ids names {len(unknown)} records the data does not hold, e.g. {unknown[:3]}",
+                                 "pass ids of the data config's records")
+        stored = [r for r in records if str(r["id"]) in only_ids]
     if model is None:
         model, tokenizer = load_teacher(teacher_cfg, spec, device or _default_device())
     else:
         _check_model(model, spec, teacher_cfg.model)
     meta = expected_meta(teacher_cfg, data_cfg, records=records, tokenizer=tokenizer, spec=spec)
-    batches = [b for k, b in enumerate(plan_batches(records, batch_size)) if k % num_shards == shard_index]
+    batches = [b for k, b in enumerate(plan_batches(stored, batch_size)) if k % num_shards == shard_index]
     part = None if num_shards == 1 else shard_index
     desc = f"extract {spec.id}" + (f" part {part}/{num_shards}" if part is not None else "")
 

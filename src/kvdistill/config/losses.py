@@ -5,11 +5,31 @@ outputs, and the latent student's CoT CE, CODI and latent K/V terms).
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from pydantic import Field, model_validator
 
 from kvdistill.config.section import Section
+
+
+class KVWeightSchedule(Section):
+    """The K/V weight over training, a pure function of the optimizer step s (0-based) of a run of S steps
+    (train.steps), so a resume continues it exactly; w = losses.kv.weight, e = `end`, x = s/(S-1):
+    constant: w; linear: w + (e - w)·x; cosine: e + (w - e)·(1 + cos(π·x))/2. From step `start` on it moves
+    (x = (s - start)/(S - 1 - start)); before it the weight is w."""
+
+    kind: Literal["constant", "linear", "cosine"] = "constant"
+    end: float | None = Field(None, ge=0.0)
+    start: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _end(self):
+        if self.kind == "constant" and (self.end is not None or self.start):
+            raise ValueError("losses.kv.schedule.end / start are read by kind linear / cosine only; drop them")
+        if self.kind != "constant" and self.end is None:
+            raise ValueError(f"losses.kv.schedule kind {self.kind} needs end (the weight at the last step, e.g. 0)")
+        return self
 
 
 class KVLossConfig(Section):
@@ -19,6 +39,18 @@ class KVLossConfig(Section):
     """Divide by the per-layer std of the teacher target so layers and teachers weigh alike."""
     keys: float = Field(1.0, ge=0.0)
     values: float = Field(1.0, ge=0.0)
+    schedule: KVWeightSchedule = KVWeightSchedule()
+    """The weight over training (`KVWeightSchedule`); each step's is logged as `kv/weight`."""
+
+    def weight_at(self, step: int, total: int) -> float:
+        """The K/V weight of optimizer step `step` (0-based) of a run of `total` steps."""
+        s = self.schedule
+        if s.kind == "constant" or step < s.start:
+            return self.weight
+        x = min(step - s.start, total - 1 - s.start) / max(total - 1 - s.start, 1)
+        if s.kind == "linear":
+            return self.weight + (s.end - self.weight) * x
+        return s.end + (self.weight - s.end) * (1.0 + math.cos(math.pi * x)) / 2.0
 
 
 class TemperatureSchedule(Section):

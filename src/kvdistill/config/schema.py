@@ -7,7 +7,8 @@ Layout of a config (every section optional except `student` and `data`)::
 
     student:   {model | from_config, tokenizer, lora, dtype, gradient_checkpointing}
     teachers:  - {name, model, source: online|cache, cache_dir, weight, layer_map, projector, dtype, skill}
-    data:      {source, path, fields, template, size, seed, max_length, eval_size, skills, mix, train_skills}
+    data:      {source, path, fields, template, size, seed, max_length, eval_size, val_size, train_size, skills, mix,
+                train_skills}
     losses:    {ce, kv: {weight, kind, normalize, keys, values}, cosine, attention_kl, relation, logit_kd, hidden}
     fusion:    {kind: fixed|similarity|router, space: loss|target|latent, weights, similarity, router, entropy, latent}
     train:     {steps, batch_size, grad_accum, lr, ..., mixed_precision, seed, save_every, log_every}
@@ -201,8 +202,10 @@ class DataConfig(Section):
     `source`: a file format read from `path` (jsonl, csv, parquet, text), or a generator needing no path:
     `gsm_symbolic` (GSM-Symbolic word problems, reasoning_gym), `arithmetic` (2-4 step integer arithmetic
     with a worked solution, from `seed` alone), `sorting` (digit sorting), or `skills` (a mixture of those, each record
-    labelled with its skill). The first `eval_size` records are held out; train records whose
-    question also occurs there are dropped, so the train split may hold fewer than `size - eval_size`.
+    labelled with its skill). The first `eval_size` records are held out (the test split), the next `val_size` are the
+    validation split (training's held-out curves, early stopping); train records whose question also occurs in either
+    are dropped, so the train split may hold fewer than `size - eval_size - val_size`; `train_size` caps it (the first
+    ones, after `train_skills`).
     """
 
     source: Literal["jsonl", "csv", "parquet", "text", "gsm_symbolic", "arithmetic", "sorting", "skills"] = (
@@ -218,6 +221,12 @@ class DataConfig(Section):
     size: int = Field(256, gt=0)
     """Number of generated samples (gsm_symbolic, arithmetic) or the cap on records read from a file."""
     eval_size: int = Field(32, ge=0)
+    val_size: int = Field(0, ge=0)
+    """Validation records after the eval (test) split: with val_size > 0, training's held-out figures (eval_every,
+    train.early_stopping, summary.json) come from them and the test split is left to the final scoring."""
+    train_size: int | None = Field(None, gt=0)
+    """Cap on the train split (its first records): a small labelled set drawn from a large pool whose held-out
+    splits stay the same whatever the cap (generated sources are prefix-stable)."""
     seed: int = 0
     max_length: int = Field(256, gt=1)
     skills: list[Literal["arithmetic", "gsm_symbolic", "sorting"]] = []
@@ -313,6 +322,18 @@ class FusionConfig(Section):
 
 
 # ---------------------------------------------------------------------------------------------- training
+class EarlyStoppingConfig(Section):
+    """Best-of-curve selection on the validation split (data.val_size > 0, never the test split): at every evaluation
+    (train.eval_every) the student is saved to DIR/best/student when `metric` improved by more than `min_delta`
+    (DIR/best.json: its step and value); after `patience` evaluations without improvement training stops (0: it
+    runs every step and only keeps the best). The learning-rate schedule stays that of train.steps."""
+
+    metric: Literal["exact_match", "ce"] = "ce"
+    """Validation exact match (needs train.eval_exact_match) or CE."""
+    patience: int = Field(0, ge=0)
+    min_delta: float = Field(0.0, ge=0.0)
+
+
 class TrainConfig(Section):
     steps: int = Field(100, gt=0)
     batch_size: int = Field(4, gt=0)
@@ -332,6 +353,17 @@ class TrainConfig(Section):
     save_every: int = Field(0, ge=0)
     """Checkpoint every N optimizer steps (0: only at the end)."""
     eval_every: int = Field(0, ge=0)
+    eval_exact_match: bool = False
+    """Every evaluation also scores greedy exact match on the held-out records (`eval/exact_match`; text students)."""
+    eval_cot: bool = False
+    """That exact match by CoT decoding from the question alone (kvdistill.eval.latent.cot_exact_match), instead of
+    giving the model the record's reasoning."""
+    eval_max_new_tokens: int = Field(16, gt=0)
+    """Generated tokens per answer of that exact match (with eval_cot: reasoning and answer)."""
+    early_stopping: EarlyStoppingConfig | None = None
+    grad_norms_every: int = Field(0, ge=0)
+    """Every N optimizer steps, the gradient norm of the CE term and of the distillation terms w.r.t. the student's
+    parameters (`grad_norm/ce`, `grad_norm/kd`; two extra backward passes of the first micro-batch; one process)."""
     tensorboard: bool = True
     num_workers: int = Field(0, ge=0)
     """DataLoader worker processes that collate batches (tokenization, token alignment) ahead of the step; 0: in
@@ -393,6 +425,7 @@ class RunConfig(Section):
                             f"student; this run (space {self.fusion.space}, {len(self.teachers)} teacher(s), "
                             f"{'latent' if self.student.latent is not None else 'text'} student) has none to "
                             "compile: drop train.compile")
+        problems += self._selection_problems()
         if self.student.latent is None:
             problems += self._teacher_capabilities()
             unread = [k for k in ("cot_ce", "codi", "latent_kv") if getattr(self.losses, k) != getattr(LossesConfig(), k)]
@@ -419,6 +452,28 @@ class RunConfig(Section):
         skills = [skill for _, skill in labelled]
         problems += [f"teachers: skill '{s}' is given to several teachers; one specialist per skill"
                      for s in sorted({s for s in skills if skills.count(s) > 1})]
+        return problems
+
+    def _selection_problems(self) -> list[str]:
+        """train.early_stopping / eval_exact_match / grad_norms_every need what they read."""
+        t, problems = self.train, []
+        if t.early_stopping is not None:
+            if not t.eval_every:
+                problems.append("train.early_stopping selects at evaluations, but train.eval_every is 0; set it "
+                                "(e.g. train.eval_every=50)")
+            if not self.data.val_size:
+                problems.append("train.early_stopping selects on the validation split, but data.val_size is 0 (the "
+                                "test split is never used for selection); set data.val_size (e.g. 256)")
+            if t.early_stopping.metric == "exact_match" and not t.eval_exact_match:
+                problems.append("train.early_stopping.metric exact_match needs train.eval_exact_match: true")
+        if t.eval_cot and not t.eval_exact_match:
+            problems.append("train.eval_cot is how train.eval_exact_match decodes, but eval_exact_match is false; "
+                            "set it or drop eval_cot")
+        if (t.eval_exact_match or t.grad_norms_every) and self.student.latent is not None:
+            problems.append("train.eval_exact_match / grad_norms_every are for text students; a latent student "
+                            "(student.latent) answers in latent mode: drop them")
+        if t.grad_norms_every and self.losses.ce == 0:
+            problems.append("train.grad_norms_every compares the CE and distillation gradients, but losses.ce is 0")
         return problems
 
     def _latent_problems(self) -> list[str]:

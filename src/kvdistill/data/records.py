@@ -24,12 +24,14 @@ Text mode is chosen when `data.text_field` is set, or when the file has a `text_
 `question_field` column. Rows with an `id` column keep it as their id, others get `<file name>:<row>`.
 
 Split: the rows are shuffled with `data.seed`, capped at `data.size` (generated sources: `data.size` problems
-in generation order); the first `data.eval_size` are the eval split, the rest the train split, less every
-record whose question (whitespace normalised; the text when there is no question) also occurs in the eval
-split, so the two splits never share a problem. The eval split is exactly the first `data.eval_size` records
-and does not depend on `data.size`; the train split may be shorter than `data.size - data.eval_size`.
-`data.train_skills` keeps only the train records of those skills (a specialist teacher trained on its own skill);
-the eval split stays the whole mixture's.
+in generation order); the first `data.eval_size` are the eval (test) split, the next `data.val_size` the
+validation split, the rest the train split, less every record whose question (whitespace normalised; the text
+when there is no question) also occurs in the eval or validation split, so no two splits share a problem; then
+the first `data.train_size` of it, when set. The eval and validation splits are exactly those records and do not
+depend on `data.size` or `data.train_size`; the train split may be shorter than
+`data.size - data.eval_size - data.val_size`.
+`data.train_skills` keeps only the train records of those skills (a specialist teacher trained on its own skill),
+before the `data.train_size` cap; the eval and validation splits stay the whole mixture's.
 """
 
 from __future__ import annotations
@@ -60,15 +62,16 @@ _EXTENSIONS = {"jsonl": (".jsonl", ".json"), "csv": (".csv",), "parquet": (".par
 
 # ---------------------------------------------------------------------------------------------- public API
 def load_records(data_config: DataConfig, split: str = "train") -> list[dict]:
-    """The records of one split ("train" or "eval") of `data_config`'s source, in a deterministic order.
+    """The records of one split ("train", "eval" or "val") of `data_config`'s source, in a deterministic order.
 
-    "eval" is exactly the first `data.eval_size` records. "train" is the rest less every record whose question
-    (whitespace normalised; the text when the record has no question) also occurs in the eval split, so it may
-    be shorter than `data.size - data.eval_size`; how many were dropped is logged.
+    "eval" is exactly the first `data.eval_size` records, "val" the next `data.val_size`. "train" is the rest
+    less every record whose question (whitespace normalised; the text when the record has no question) also
+    occurs in the eval or val split, so it may be shorter than `data.size - data.eval_size - data.val_size`
+    (how many were dropped is logged), then capped at `data.train_size`.
     """
-    if split not in ("train", "eval"):
+    if split not in ("train", "eval", "val"):
         raise KvdistillError(
-            f"split '{split}' is not one of 'train', 'eval'", "pass split='train' or split='eval'"
+            f"split '{split}' is not one of 'train', 'eval', 'val'", "pass split='train', 'eval' or 'val'"
         )
     cfg = data_config
     check_template(cfg.template)
@@ -86,13 +89,13 @@ def load_records(data_config: DataConfig, split: str = "train") -> list[dict]:
         where = f"data.path '{cfg.path}' ({len(records)} records"
         where += f", capped at data.size = {cfg.size})" if len(records) > cfg.size else ")"
         records = records[: cfg.size]
-    taken = _take_split(records, cfg.eval_size, split, where)
+    taken = _take_split(records, cfg.eval_size, cfg.val_size, split, where)
     if split == "train" and cfg.train_skills is not None:
         taken = [r for r in taken if r.get("skill") in cfg.train_skills]
         if not taken:
             raise KvdistillError(f"{where}: no train record has a skill in data.train_skills {cfg.train_skills}",
                                  "raise data.size or the skill's data.mix share")
-    return taken
+    return taken if split != "train" or cfg.train_size is None else taken[: cfg.train_size]
 
 
 def batches(
@@ -120,35 +123,37 @@ def collate_records(batch: Sequence[dict]) -> list[dict]:
     return list(batch)
 
 
-def _take_split(records: list[dict], eval_size: int, split: str, where: str) -> list[dict]:
+def _take_split(records: list[dict], eval_size: int, val_size: int, split: str, where: str) -> list[dict]:
     n = len(records)
-    if split == "eval":
-        if n < eval_size:
+    if split in ("eval", "val"):
+        if n < eval_size + val_size:
             raise KvdistillError(
-                f"data.eval_size = {eval_size} but {where} gives only {n} records",
-                f"lower data.eval_size to at most {n}, or add records",
+                f"data.eval_size = {eval_size} and data.val_size = {val_size} but {where} gives only {n} records",
+                f"lower them to at most {n} together, or add records",
             )
-        return records[:eval_size]
-    if n <= eval_size:
+        return records[:eval_size] if split == "eval" else records[eval_size : eval_size + val_size]
+    held = eval_size + val_size
+    if n <= held:
         raise KvdistillError(
-            f"data.eval_size = {eval_size} but {where} gives only {n} records: none are left for training",
-            f"lower data.eval_size below {n}, raise data.size, or add records",
+            f"data.eval_size = {eval_size} and data.val_size = {val_size} but {where} gives only {n} records: none "
+            "are left for training",
+            f"lower them below {n} together, raise data.size, or add records",
         )
-    held_out = {_problem_key(r) for r in records[:eval_size]}
-    train = [r for r in records[eval_size:] if _problem_key(r) not in held_out]
-    dropped = n - eval_size - len(train)
+    held_out = {_problem_key(r) for r in records[:held]}
+    train = [r for r in records[held:] if _problem_key(r) not in held_out]
+    dropped = n - held - len(train)
     if dropped:
         logger.info(
             "%s: dropped %d of %d train records whose question also occurs in the eval split (%d left)",
             where,
             dropped,
-            n - eval_size,
+            n - held,
             len(train),
         )
     if not train:
         raise KvdistillError(
-            f"{where} gives {n} records: the first {eval_size} (data.eval_size) are held out and all "
-            f"{n - eval_size} others repeat an eval question, so none are left for training",
+            f"{where} gives {n} records: the first {held} (data.eval_size + data.val_size) are held out and all "
+            f"{n - held} others repeat a held-out question, so none are left for training",
             "lower data.eval_size, raise data.size (where it caps the records), or add records whose "
             "questions are not in the eval split",
         )

@@ -10,7 +10,15 @@ results.json:
      "teachers": {NAME: {"exact_match": x, "ppl": x, "params": n, "exact_match_<skill>": x, ...}},
      "routing_curves": {NAME: {"steps": [...], "routing_acc": [...]}}   (held out during training, mean over seeds)
      "steps": {NAME: steps},
-     "extraction": {TEACHER: {"seconds": x, "tokens": n, "records": n}}}   (cache: true conditions only)
+     "runs": {NAME: [{"seed", "steps", "steps_trained", "selected_step", "stopped_early", "scored", "train_s",
+                      "elapsed_s", "flops", "flops_selected", "amortised_s", "amortised_flops"}]},
+     "curves": {NAME: {"per_seed": {SEED: [{"step", "flops", "train_s", "ce", "ppl", "exact_match"}]},
+                       "mean": [{"step", "flops", "ce", "ppl", "exact_match"}]}},   held-out (validation) curves
+     "extraction": {TEACHER: {"seconds", "tokens", "records", "flops", "readers", "runs", "seconds_per_reader",
+                              "flops_per_reader"}}}   (cache: true conditions only)
+FLOPs: (6·N_s + 2·Σ N_t over online teachers) per student token (`runner.flops_per_token`) times the tokens trained
+(a curve point: the run's mean tokens per step times its step), plus for a cached condition its amortised share
+of the extractions (`kvdistill.experiments.budget`: Σ_t flops_t / R_t).
 Exact match is compared with a paired bootstrap over seeds and held-out problems (every student answers the same
 problems); the other metrics over seeds (`kvdistill.experiments.stats.paired_comparison`).
 """
@@ -66,17 +74,54 @@ def collect(spec: ExperimentSpec, out: Path, names: list[str], seeds: list[int],
             cmp = paired_comparison([e[m] for e in evals[n]], [e[m] for e in evals[spec.baseline]],
                                     per_item=per_item)
             comparisons.append({"condition": n, "baseline": spec.baseline, "metric": m, **cmp})
+    run_keys = ("steps", "steps_trained", "selected_step", "stopped_early", "scored", "train_s", "elapsed_s", "flops",
+                "flops_selected", "amortised_s", "amortised_flops")
+    runs = {n: [{"seed": s, **{k: e.get(k) for k in run_keys}} for s, e in zip(seeds, evals[n], strict=True)]
+            for n in names}
     results = {"spec": spec.name, "baseline": spec.baseline, "seeds": seeds, "metrics": metrics,
                "conditions": conditions, "comparisons": comparisons,
                "teachers": {k: {**{x: v.get(x) for x in ("exact_match", "ppl", "params")},
                                 **{x: y for x, y in sorted(v.items()) if x.startswith("exact_match_")}}
                             for k, v in teachers.items()},
                "steps": {n: evals[n][0].get("steps") for n in names},
+               "runs": runs,
+               "curves": {n: curves_of(out, n, seeds, evals[n]) for n in names},
                "held_out": len(evals[names[0]][0].get("per_item", [])) or None}
     routing = _curves(out, names, seeds, "eval/routing_acc")
     if routing:
         results["routing_curves"] = {n: {"steps": st, "routing_acc": v} for n, (st, v) in routing.items()}
     return results
+
+
+def curves_of(out: Path, name: str, seeds: list[int], evals: list[dict]) -> dict:
+    """The held-out (validation) curve of each run of condition `name` from its metrics.jsonl eval rows, with
+    FLOPs (module docstring) and training seconds per point, and their mean over the seeds at the steps every
+    seed reached (runs that stopped early end sooner)."""
+    per_seed: dict[str, list[dict]] = {}
+    for s, ev in zip(seeds, evals, strict=True):
+        path = out / "runs" / name / f"seed-{s}" / "metrics.jsonl"
+        tokens, steps = ev.get("tokens"), ev.get("steps_trained")
+        per_token = ev["train_flops"] / tokens if ev.get("train_flops") is not None and tokens else None
+        rows: dict[int, dict] = {}
+        for line in path.read_text().splitlines() if path.is_file() else []:
+            row = json.loads(line)
+            if row.get("split") != "eval" or "eval/ce" not in row:
+                continue
+            step = int(row["step"])
+            flops = None if per_token is None or not steps else \
+                per_token * tokens / steps * step + (ev.get("amortised_flops") or 0.0)
+            rows[step] = {"step": step, "flops": flops, "train_s": row.get("train_s"), "ce": row["eval/ce"],
+                          "ppl": row.get("eval/ppl"), "exact_match": row.get("eval/exact_match")}
+        per_seed[str(s)] = [rows[k] for k in sorted(rows)]
+    common = sorted(set.intersection(*(set(r["step"] for r in v) for v in per_seed.values()))) if per_seed else []
+    mean = []
+    for step in common:
+        point = {"step": step}
+        for key in ("flops", "ce", "ppl", "exact_match"):
+            vals = [r[key] for v in per_seed.values() for r in v if r["step"] == step and r[key] is not None]
+            point[key] = float(np.mean(vals)) if len(vals) == len(per_seed) else None
+        mean.append(point)
+    return {"per_seed": per_seed, "mean": mean}
 
 
 def _fmt(x) -> str:
@@ -97,10 +142,27 @@ def markdown(results: dict, spec: ExperimentSpec) -> str:
                   + f"{_fmt(v['ppl'])} | {v['params']:,} |" for k, v in results["teachers"].items()]
         lines.append("")
     if results.get("extraction"):
-        lines += ["## Teacher caches (extracted once, shared by every cached condition and seed)", "",
-                  "| teacher | seconds | tokens | records |", "|---|---|---|---|"]
-        lines += [f"| {k} | {v['seconds']:.1f} | {v['tokens']:,} | {v['records']:,} |"
+        lines += ["## Teacher caches (extracted once, only the records the cached runs read)", "",
+                  "Each run reading teacher t's cache is charged seconds_t / R_t and FLOPs_t / R_t (R_t: the runs "
+                  "reading it; FLOPs_t = 2 · N_t · tokens extracted).", "",
+                  "| teacher | seconds | tokens | records | FLOPs | readers R_t | s per reader | FLOPs per reader |",
+                  "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {k} | {v['seconds']:.1f} | {v['tokens']:,} | {v['records']:,} | {v.get('flops', 0):.3g} | "
+                  f"{v.get('readers', '—')} | {v.get('seconds_per_reader', 0):.2f} | {v.get('flops_per_reader', 0):.3g} |"
                   for k, v in results["extraction"].items()]
+        lines.append("")
+    if results.get("runs"):
+        lines += ["## Runs (median over seeds)", "",
+                  "| condition | train records | steps | steps trained | selected step | train s | FLOPs |",
+                  "|---|---|---|---|---|---|---|"]
+        for n, rows in results["runs"].items():
+            def med(key, rows=rows):
+                vals = [r[key] for r in rows if r.get(key) is not None]
+                return float(np.median(vals)) if vals else None
+            records = (results.get("train_records") or {}).get(n, "—")
+            lines.append(f"| {n} | {records} | {results['steps'][n]} | {_fmt(med('steps_trained'))} | "
+                         f"{_fmt(med('selected_step'))} | {_fmt(med('train_s'))} | "
+                         f"{(med('flops') or 0):.3g} |")
         lines.append("")
     for m in results.get("metrics", spec.metrics):
         arrow = "higher is better" if higher_is_better(m) else "lower is better"
@@ -170,6 +232,11 @@ def plots(results: dict, spec: ExperimentSpec, out: Path) -> list[Path]:
         path = folder / file
         fig.savefig(path, dpi=110)
         written.append(path)
+    for metric, label in (("ce", "held-out CE"), ("exact_match", "held-out exact match")):
+        for axis in ("step", "flops"):
+            path = _curve_plot(results, names, metric, axis, label, folder)
+            if path is not None:
+                written.append(path)
     return written
 
 
@@ -190,6 +257,30 @@ def _curves(out: Path, names: list[str], seeds: list[int],
         if full:
             curves[n] = (full, [float(np.mean(list(by_step[k].values()))) for k in full])
     return curves
+
+
+def _curve_plot(results: dict, names: list[str], metric: str, axis: str, label: str, folder: Path) -> Path | None:
+    """Mean held-out `metric` against `axis` (step or FLOPs), one line per condition; None with no points."""
+    from matplotlib.figure import Figure
+
+    lines = {n: [(p[axis], p[metric]) for p in results["curves"][n]["mean"]
+                 if p.get(axis) is not None and p.get(metric) is not None] for n in names}
+    lines = {n: v for n, v in lines.items() if v}
+    if not lines:
+        return None
+    fig = Figure(figsize=(6.4, 3.8))
+    ax = fig.add_subplot()
+    for n, pts in lines.items():
+        ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", markersize=3, label=n)
+    ax.set_xlabel("step" if axis == "step" else "training FLOPs")
+    if axis == "flops":
+        ax.set_xscale("log")
+    ax.set_ylabel(label)
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    path = folder / f"curve_{metric}_{axis}.png"
+    fig.savefig(path, dpi=110)
+    return path
 
 
 def write_results(results: dict, spec: ExperimentSpec, out: Path) -> None:

@@ -4,11 +4,22 @@ Directory layout (everything resumable: a finished step is skipped, a killed run
     DIR/spec.yaml                        the spec as run
     DIR/teachers/NAME/                   a teacher's own CE training run; teacher.json: its held-out exact match
     DIR/runs/CONDITION/seed-S/           an ordinary training run (config.yaml, metrics.jsonl, final/student, ...)
-    DIR/runs/CONDITION/seed-S/eval.json  its held-out figures, per-problem exact match included; on a held-out set
-                                         mixing skills also exact_match_<skill> and, for a router or similarity
-                                         fusion over teachers labelled with a skill, routing_acc(_<skill>)
-    DIR/results.json, DIR/results.md     per condition and metric: values, mean, std, 95% interval; comparisons
+    DIR/runs/CONDITION/seed-S/eval.json  its test figures, per-problem exact match included, and its steps trained,
+                                         selected step, FLOPs and wall time; on a held-out set mixing skills also
+                                         exact_match_<skill> and, for a router or similarity fusion over teachers
+                                         labelled with a skill, routing_acc(_<skill>)
+    DIR/caches/TEACHER/, TEACHER.json    `cache: true` conditions: the records their runs read, and the cost
+    DIR/results.json, DIR/results.md     per condition and metric: values, mean, std, 95% interval; comparisons;
+                                         per run and condition the held-out (validation) curves against step, FLOPs
+                                         and wall time
     DIR/plots/                           bars with error bars per metric, held-out learning curves
+
+Order: the teachers; the caches (each teacher's extraction in a child process); every condition except those
+matched by wall time (`match_wall_of`), `concurrent` at once; their evaluations; then the wall-time-matched
+conditions, whose steps come from the measured times, and theirs.
+
+Where the base config sets train.early_stopping, a run is scored with its best validation checkpoint
+(DIR/.../best/student), else with its final student.
 """
 
 from __future__ import annotations
@@ -28,6 +39,7 @@ from kvdistill.config import config_path, load_config, read_raw
 from kvdistill.config.schema import RunConfig
 from kvdistill.data import load_records
 from kvdistill.errors import KvdistillError
+from kvdistill.experiments.score import evaluate_run, score
 from kvdistill.experiments.spec import ExperimentSpec, TeacherPrep
 
 log = logging.getLogger(__name__)
@@ -52,6 +64,11 @@ def teacher_config(spec: ExperimentSpec, prep: TeacherPrep) -> RunConfig:
                  seed=0, eval_every=0, save_every=0)
     raw.update(name=f"teacher-{prep.name}", student=student, teachers=[], losses={"ce": 1.0}, fusion={},
                train=train)
+    if prep.data:
+        raw["data"] = {**(raw.get("data") or {}), **prep.data}
+    # a teacher keeps the base's held-out evaluations but not its students' selection settings
+    train.pop("early_stopping", None)
+    train.pop("grad_norms_every", None)
     return load_config(raw=raw, overrides=prep.overrides)
 
 
@@ -78,82 +95,42 @@ def condition_config(spec: ExperimentSpec, name: str, seed: int, teachers: dict[
     overrides = spec.budget_overrides() + list(cond.overrides) + [f"train.seed={seed}"]
     if steps is not None:
         overrides.append(f"train.steps={steps}")
-    data_keys = [o for o in cond.overrides if o.startswith("data.")]
-    if data_keys:
-        raise KvdistillError(f"condition '{name}' overrides {data_keys}: every condition must see the same data "
-                             "and held-out split", "move data settings to the spec's base config")
     return load_config(raw=raw, overrides=overrides)
 
 
-# ---------------------------------------------------------------------------------------------- evaluation
-def evaluate_run(student_dir: Path, held: list[dict], cfg: RunConfig, spec: ExperimentSpec) -> dict:
-    """Held-out perplexity, CE and (if asked) exact match with its per-problem 0/1 list, for one saved student."""
-    import torch
+def check_splits(configs: dict[str, RunConfig], test: list[dict], val: list[dict]) -> dict[str, int]:
+    """Every run (named by `configs`' keys; teachers included) keeps the base's test and validation splits and
+    trains on records sharing no id and no question with them; {name: train records}. A KvdistillError names
+    each run that breaks it."""
+    from kvdistill.data.records import _problem_key
 
-    from kvdistill.eval.latent import cot_exact_match
-    from kvdistill.eval.metrics import exact_match, perplexity
-    from kvdistill.models.load import load_model
-    from kvdistill.student.latent import is_latent_student
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    bs = spec.eval.batch_size
-    if is_latent_student(student_dir):
-        return _evaluate_latent(student_dir, held, cfg, spec, device)
-    model, tok = load_model(str(student_dir), device=device, attn_implementation="sdpa")
-    model.eval()
-    ppl = perplexity(model, tok, held, max_length=cfg.data.max_length, batch_size=bs)
-    out = {"ppl": ppl["ppl"], "ce": ppl["ce"], "tokens": ppl["tokens"]}
-    if spec.eval.exact_match and spec.eval.cot:
-        em = cot_exact_match(model, tok, held, cfg.data.template, max_new_tokens=spec.eval.max_cot_tokens,
-                             batch_size=bs)
-        out.update({k: em[k] for k in ("exact_match", "per_item", "samples", "gen_tokens", "latency_s")})
-    elif spec.eval.exact_match:
-        em = exact_match(model, tok, held, max_new_tokens=spec.eval.max_new_tokens, batch_size=bs)
-        out.update(exact_match=em["exact_match"], per_item=em["per_item"], samples=em["samples"])
-    del model
-    out.update(_per_skill(out, held))
-    return out
-
-
-def _per_skill(ev: dict, held: list[dict]) -> dict:
-    """A held-out set that mixes skills: exact_match_<skill> and the scored records' skills (`skills`, for the
-    per-skill paired comparisons); nothing for unlabelled records."""
-    from kvdistill.eval.skills import exact_match_by_skill
-
-    skills = [r.get("skill") for r in held if r.get("answer") is not None and r.get("answer_start") is not None]
-    if "per_item" not in ev or not any(skills):
-        return {}
-    return {"skills": skills, **exact_match_by_skill(ev["per_item"], skills)}
-
-
-def _evaluate_latent(student_dir: Path, held: list[dict], cfg: RunConfig, spec: ExperimentSpec, device) -> dict:
-    """A latent student: exact match in latent mode (with tokens, latency and latent passes per answer); ppl / ce
-    are those of the answer after the latents (training's held-out figures, from summary.json)."""
-    from kvdistill.eval.latent import latent_exact_match
-    from kvdistill.student.latent import load_latent_student
-
-    student, tok = load_latent_student(student_dir, device=device)
-    em = latent_exact_match(student, tok, held, cfg.data.template, max_new_tokens=spec.eval.max_new_tokens,
-                            batch_size=spec.eval.batch_size)
-    summary_path = student_dir.parent.parent / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    del student
-    return {"ppl": summary.get("eval/ppl"), "ce": summary.get("eval/ce"),
-            **{k: em[k] for k in ("exact_match", "per_item", "samples", "gen_tokens", "latency_s", "latent_passes",
-                                  "latent_tokens")}}
-
-
-def routing_agreement(student_dir: Path, teacher_dir: str, held: list[dict], cfg: RunConfig) -> dict:
-    """routing_top1 / routing_topk of a saved MoE student against a prepared MoE teacher on the held-out records."""
-    import torch
-
-    from kvdistill.eval.moe import routing_agreement_of
-    from kvdistill.models.load import load_model
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    student, s_tok = load_model(str(student_dir), device=device, attn_implementation="sdpa")
-    teacher, t_tok = load_model(str(teacher_dir), device=device, attn_implementation="sdpa")
-    return routing_agreement_of(student.eval(), s_tok, teacher.eval(), t_tok, held, max_length=cfg.data.max_length)
+    test_ids, val_ids = [r["id"] for r in test], [r["id"] for r in val]
+    held_ids = set(test_ids) | set(val_ids)
+    held_keys = {_problem_key(r) for r in test + val}
+    seen: dict[str, tuple] = {}
+    sizes, problems = {}, []
+    for name, cfg in configs.items():
+        key = cfg.data.model_dump_json()
+        if key not in seen:
+            train = load_records(cfg.data, split="train")
+            same_test = [r["id"] for r in load_records(cfg.data, split="eval")] == test_ids
+            same_val = [r["id"] for r in load_records(cfg.data, split="val")] == val_ids
+            shared = [r["id"] for r in train if r["id"] in held_ids or _problem_key(r) in held_keys]
+            seen[key] = (len(train), same_test, same_val, shared)
+        n, same_test, same_val, shared = seen[key]
+        sizes[name] = n
+        if not (same_test and same_val):
+            problems.append(f"{name}: its data gives other {'test' if not same_test else 'validation'} records "
+                            "than the base's")
+        if shared:
+            problems.append(f"{name}: {len(shared)} training records share an id or a question with the held-out "
+                            f"splits (e.g. {shared[:3]})")
+    if problems:
+        raise KvdistillError("every run must be scored on the same held-out records and never train on them: "
+                             + "; ".join(problems),
+                             "change only data.size / data.train_size (or other keys that keep data.source, seed, "
+                             "eval_size and val_size) in teachers[i].data and condition overrides")
+    return sizes
 
 
 # ---------------------------------------------------------------------------------------------- teachers
@@ -164,7 +141,7 @@ def prepare_teachers(spec: ExperimentSpec, out: Path, held: list[dict]) -> dict[
     configs = {prep.name: teacher_config(spec, prep) for prep in spec.teachers}
     pending = [(dirs[n], cfg) for n, cfg in configs.items()
                if not (dirs[n] / "teacher.json").is_file() and not (dirs[n] / "final" / "student").is_dir()]
-    train_all(pending, spec.concurrent)
+    train_all(pending, resolve_concurrent(spec, [cfg for _, cfg in pending], {}) if pending else 1)
     info = {}
     for prep in spec.teachers:
         run_dir = dirs[prep.name]
@@ -190,27 +167,52 @@ def prepare_teachers(spec: ExperimentSpec, out: Path, held: list[dict]) -> dict[
     return info
 
 
-def prepare_caches(spec: ExperimentSpec, out: Path, names: list[str], teachers: dict[str, dict],
-                   data_cfg) -> dict[str, dict]:
-    """Extract (or reuse) the cache of every teacher a `cache: true` condition reads: DIR/caches/NAME, with its
-    cost in DIR/caches/NAME.json; sets teachers[NAME]["cache_dir"]. Returns {NAME: {seconds, tokens, records}}."""
-    from kvdistill.cache.extract import extract
+def prepare_caches(spec: ExperimentSpec, out: Path, configs: dict[tuple[str, int], RunConfig],
+                   teachers: dict[str, dict]) -> dict[str, dict]:
+    """Extract (or reuse) the cache of every teacher a `cache: true` run of `configs` reads, holding exactly the
+    records those runs read (`budget.records_read`), each in a child process: DIR/caches/NAME, its cost in
+    DIR/caches/NAME.json; sets teachers[NAME]["cache_dir"]. Returns {NAME: {seconds, tokens, records, flops,
+    readers, runs, seconds_per_reader, flops_per_reader}} (`budget.amortise`)."""
     from kvdistill.config.schema import TeacherConfig
+    from kvdistill.experiments.budget import amortise, extract_in_child, records_read
 
-    needed = sorted({t for n in names if spec.conditions[n].cache for t in spec.conditions[n].teachers})
+    readers: dict[str, list[str]] = {}
+    ids: dict[str, set[str]] = {}
+    data_cfg = {}
+    for (n, s), cfg in configs.items():
+        if not spec.conditions[n].cache:
+            continue
+        read = records_read(cfg)
+        for t in spec.conditions[n].teachers:
+            readers.setdefault(t, []).append(f"{n}/seed-{s}")
+            ids.setdefault(t, set()).update(read)
+            pool = cfg.data.model_copy(update={"eval_size": 0, "val_size": 0, "train_size": None})
+            if data_cfg.setdefault(t, pool) != pool:
+                raise KvdistillError(f"the cached runs of teacher '{t}' read different data pools ({n}: {pool})",
+                                     "give the cached conditions one data pool (they may differ in "
+                                     "data.train_size / eval_size / val_size only)")
     costs = {}
-    for t in needed:
+    for t in sorted(readers):
         d = out / "caches" / t
         record = out / "caches" / f"{t}.json"
+        if record.is_file() and json.loads(record.read_text()).get("ids") != _digest(ids[t]):
+            raise KvdistillError(f"the cache of teacher '{t}' in {d} holds other records than these runs read",
+                                 f"delete {d} and {record} (the runs changed), then rerun")
         if not record.is_file():
-            log.info("extracting the cache of teacher %s", t)
-            res = extract(TeacherConfig(name=t, model=teachers[t]["model"]), data_cfg, d, batch_size=32,
-                          progress=False)
-            write_json_atomic(record, {"seconds": res["seconds"], "tokens": res["tokens"],
-                                       "records": res["records"]})
+            log.info("extracting the %d records of teacher %s the cached runs read", len(ids[t]), t)
+            d.parent.mkdir(parents=True, exist_ok=True)
+            res = extract_in_child(TeacherConfig(name=t, model=teachers[t]["model"]), data_cfg[t], d, ids[t],
+                                   record.with_suffix(".part.json"))
+            write_json_atomic(record, {**res, "ids": _digest(ids[t])})
         teachers[t]["cache_dir"] = str(d)
-        costs[t] = json.loads(record.read_text())
-    return costs
+        costs[t] = {k: v for k, v in json.loads(record.read_text()).items() if k != "ids"}
+    return amortise(costs, readers, {t: teachers[t]["params"] for t in costs})
+
+
+def _digest(ids: set[str]) -> str:
+    import hashlib
+
+    return hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()[:16]
 
 
 def _param_count(student_dir: Path) -> int:
@@ -243,11 +245,28 @@ def flops_steps(spec: ExperimentSpec, name: str, teachers: dict[str, dict], n_st
     if ref is None:
         return None
     ref_steps = condition_config(spec, ref, spec.seeds[0], teachers).train.steps
+    return max(1, round(ref_steps * flops_per_token(spec, ref, teachers, n_student)
+                        / flops_per_token(spec, name, teachers, n_student)))
 
-    def per_token(cond: str) -> int:
-        return 6 * n_student + 2 * sum(teachers[t]["params"] for t in spec.conditions[cond].teachers)
 
-    return max(1, round(ref_steps * per_token(ref) / per_token(name)))
+def flops_per_token(spec: ExperimentSpec, name: str, teachers: dict[str, dict], n_student: int) -> int:
+    """Training FLOPs per student token of condition `name`: 6·N_s + 2·Σ N_t over its online teachers (a cached
+    teacher's forward is paid once, at extraction: `budget.amortise`)."""
+    cond = spec.conditions[name]
+    return 6 * n_student + (0 if cond.cache else 2 * sum(teachers[t]["params"] for t in cond.teachers))
+
+
+def wall_steps(spec: ExperimentSpec, name: str, measured: dict[str, list[dict]]) -> int:
+    """Steps of a `match_wall_of` condition: the median training seconds of the reference's runs (with their
+    amortised extraction seconds) over the median seconds per step of `wall_rate_of`'s runs; `measured`:
+    condition -> its runs' eval.json records (train_s, steps_trained, amortised_s)."""
+    import statistics
+
+    cond = spec.conditions[name]
+    ref, rate = measured[cond.match_wall_of], measured[cond.wall_rate_of or spec.baseline]
+    budget = statistics.median(r["train_s"] + r.get("amortised_s", 0.0) for r in ref)
+    per_step = statistics.median(r["train_s"] / r["steps_trained"] for r in rate)
+    return max(1, round(budget / per_step))
 
 
 # ---------------------------------------------------------------------------------------------- runs
@@ -255,39 +274,60 @@ def run_dir(out: Path, name: str, seed: int) -> Path:
     return out / "runs" / name / f"seed-{seed}"
 
 
-def train_all(pending: list[tuple[Path, RunConfig]], concurrent: int) -> None:
+def train_all(pending: list[tuple[Path, RunConfig]], concurrent: int, *, more=None) -> None:
     """Train the pending runs: in this process one after the other, or `concurrent` at once as separate
-    `kvdistill train` processes (they share the GPU); a killed run resumes from its last checkpoint."""
+    `kvdistill train` processes (they share the GPU); a killed run resumes from its last checkpoint. `more()`, asked
+    whenever a run ends (and once at the end), gives further runs to train."""
     from kvdistill.config import dump_config
     from kvdistill.train.trainer import train
 
     if concurrent == 1:
-        for d, cfg in pending:
+        queue = list(pending) + (more() if more is not None else [])
+        while queue:
+            d, cfg = queue.pop(0)
             log.info("training %s (%d steps)", d, cfg.train.steps)
             train(cfg, d, resume=(d / "config.yaml").is_file())  # a started run resumes (or restarts cleanly)
+            queue += more() if more is not None else []
         return
-    queue = list(pending)
-    running: list[tuple[subprocess.Popen, Path]] = []
+
+    def command(d: Path, cfg: RunConfig):
+        d.parent.mkdir(parents=True, exist_ok=True)
+        config = d.parent / f"{d.name}.yaml"
+        config.write_text(dump_config(cfg))
+        cmd = [sys.executable, "-m", "kvdistill.cli", "train", str(config), "--out", str(d)]
+        if (d / "config.yaml").is_file():
+            cmd.append("--resume")
+        return cmd, d.parent / f"{d.name}.log", str(d)
+
+    run_pool([command(d, cfg) for d, cfg in pending], concurrent, "training",
+             more=None if more is None else lambda: [command(d, cfg) for d, cfg in more()])
+
+
+def run_pool(jobs: list[tuple[list[str], Path, str]], concurrent: int, what: str, *, more=None) -> None:
+    """Run the commands of `jobs` ((command, log file, label)) as child processes, `concurrent` at once; `more()`,
+    asked whenever one ends and once when none is left, gives further jobs. A KvdistillError names every one that
+    failed."""
+    queue = list(jobs)
+    running: list[tuple[subprocess.Popen, Path, str]] = []
     failed = []
+    if more is not None:
+        queue += more()  # resumed experiments: what it waits for may be finished already
     while queue or running:
         while queue and len(running) < concurrent:
-            d, cfg = queue.pop(0)
-            d.parent.mkdir(parents=True, exist_ok=True)
-            config = d.parent / f"{d.name}.yaml"
-            config.write_text(dump_config(cfg))
-            cmd = [sys.executable, "-m", "kvdistill.cli", "train", str(config), "--out", str(d)]
-            if (d / "config.yaml").is_file():
-                cmd.append("--resume")
-            with (d.parent / f"{d.name}.log").open("a") as logfile:
-                running.append((subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT), d))
+            cmd, logpath, label = queue.pop(0)
+            with logpath.open("a") as logfile:
+                running.append((subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT), logpath, label))
         time.sleep(0.5)
-        for proc, d in list(running):
+        for item in list(running):
+            proc, logpath, label = item
             if proc.poll() is not None:
-                running.remove((proc, d))
+                running.remove(item)
                 if proc.returncode != 0:
-                    failed.append(f"{d} (exit {proc.returncode}, log {d.parent / (d.name + '.log')})")
+                    failed.append(f"{label} (exit {proc.returncode}, log {logpath})")
+                elif more is not None:
+                    queue += more()
     if failed:
-        raise KvdistillError(f"training failed for {', '.join(failed)}",
+        raise KvdistillError(f"{what} failed for {', '.join(failed)}",
                              "read the logs; rerun the same command to resume the missing runs")
 
 
@@ -301,35 +341,161 @@ def run_experiment(spec: ExperimentSpec, out: str | Path, *, only: list[str] | N
     (out / "spec.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
     names = list(spec.conditions) if not only else _only(spec, only)
     use_seeds = spec.seeds[:seeds] if seeds else spec.seeds
-    probe = condition_config(spec, spec.baseline, use_seeds[0], {t.name: {"model": "?"} for t in spec.teachers})
+    unknown = {t.name: {"model": "?", "params": 0} for t in spec.teachers}
+    probe = condition_config(spec, spec.baseline, use_seeds[0], unknown)
     held = load_records(probe.data, split="eval")
+    val = load_records(probe.data, split="val")
     if not held:
         raise KvdistillError("the base config holds out no records (data.eval_size 0)",
                              "set data.eval_size in the spec's base config")
+    first = [n for n in names if spec.conditions[n].match_wall_of is None]
+    later = [n for n in names if n not in first]
+    planned = {f"teacher {p.name}": teacher_config(spec, p) for p in spec.teachers}
+    planned.update({f"{n}/seed-{s}": condition_config(spec, n, s, unknown) for n in names for s in use_seeds})
+    data_sizes = check_splits(planned, held, val)  # before anything trains
     teachers = prepare_teachers(spec, out, held)
-    extraction = prepare_caches(spec, out, names, teachers, probe.data)
-    n_student = student_params(probe) if any(spec.conditions[n].match_flops_of for n in names) else 0
+    n_student = student_params(probe)
     configs = {(n, s): condition_config(spec, n, s, teachers, flops_steps(spec, n, teachers, n_student))
-               for n in names for s in use_seeds}
-    pending = [(run_dir(out, n, s), cfg) for (n, s), cfg in configs.items()
-               if not (run_dir(out, n, s) / "final" / "student" / "config.json").is_file()]
-    train_all(pending, spec.concurrent)
-    for (n, s), cfg in configs.items():
-        record = run_dir(out, n, s) / "eval.json"
-        if not record.is_file():
-            ev = evaluate_run(run_dir(out, n, s) / "final" / "student", held, cfg, spec)
-            summary = json.loads((run_dir(out, n, s) / "summary.json").read_text())
-            ev.update(elapsed_s=summary.get("elapsed_s"), steps=cfg.train.steps)
-            # the routing accuracy training's own held-out evaluation gave the trained fusion (Objective.evaluate)
-            ev.update({k.removeprefix("eval/"): v for k, v in summary.items() if k.startswith("eval/routing_acc")})
-            if spec.eval.routing_teacher:
-                ev.update(routing_agreement(run_dir(out, n, s) / "final" / "student",
-                                            teachers[spec.eval.routing_teacher]["model"], held, cfg))
-            write_json_atomic(record, ev)
+               for n in first for s in use_seeds}
+    extraction = prepare_caches(spec, out, configs, teachers)
+    configs = {k: condition_config(spec, k[0], k[1], teachers, cfg.train.steps) for k, cfg in configs.items()}
+    concurrent = resolve_concurrent(spec, list(configs.values()), teachers)
+    wall: dict[tuple[str, int], RunConfig] = {}
+
+    def wall_matched() -> dict[tuple[str, int], RunConfig]:
+        """The wall-time-matched runs, once the runs they are measured on have all finished training."""
+        needed = {c for n in later for c in (spec.conditions[n].match_wall_of,
+                                             spec.conditions[n].wall_rate_of or spec.baseline)}
+        summaries = {(n, s): run_dir(out, n, s) / "summary.json" for n in needed for s in use_seeds}
+        if wall or not later or not all(p.is_file() for p in summaries.values()):
+            return {}
+        measured = {n: [_measured(spec, n, json.loads(summaries[n, s].read_text()), extraction) for s in use_seeds]
+                    for n in needed}
+        wall.update({(n, s): condition_config(spec, n, s, teachers, wall_steps(spec, n, measured))
+                     for n in later for s in use_seeds})
+        return wall
+
+    _train_and_score(spec, out, configs, teachers, concurrent, extraction, n_student, more=wall_matched,
+                     first=sorted({c for n in later for c in (spec.conditions[n].match_wall_of,
+                                                              spec.conditions[n].wall_rate_of or spec.baseline)}))
+    if later and not wall:
+        raise KvdistillError("the runs that wall-time matching is measured on did not all finish",
+                             "read the logs under DIR/runs; rerun the same command to resume")
+    configs.update(wall)
     results = collect(spec, out, names, use_seeds, teachers)
     results["extraction"] = extraction
+    results["train_records"] = {n: data_sizes[f"{n}/seed-{use_seeds[0]}"] for n in names}
+    results["teacher_train_records"] = {p.name: data_sizes[f"teacher {p.name}"] for p in spec.teachers}
+    results["test_ids"] = [r["id"] for r in held]
+    results["val_ids"] = [r["id"] for r in val]
+    results["concurrent"] = concurrent
+    results["flops_per_token"] = {n: flops_per_token(spec, n, teachers, n_student) for n in names}
+    results["student_params"] = n_student
     write_results(results, spec, out)
     return results
+
+
+def _measured(spec: ExperimentSpec, name: str, summary: dict, extraction: dict) -> dict:
+    """What `wall_steps` reads of a finished run: its training seconds, steps trained, amortised extraction s."""
+    cond = spec.conditions[name]
+    share = sum(extraction[t]["seconds_per_reader"] for t in cond.teachers) if cond.cache else 0.0
+    return {"train_s": summary.get("train_s", summary["elapsed_s"]), "steps_trained": summary["steps"],
+            "amortised_s": share}
+
+
+def _train_and_score(spec: ExperimentSpec, out: Path, configs: dict[tuple[str, int], RunConfig],
+                     teachers: dict[str, dict], concurrent: int, extraction: dict, n_student: int, *,
+                     more=None, first: list[str] = ()) -> None:
+    """Train the runs of `configs` not finished yet, then score each on the test split (eval.json, `score`): its
+    figures, the student it was scored with (best or final), steps trained, selected step, wall time, FLOPs
+    (`flops_per_token` per student token) and, for a cached condition, its amortised extraction share. Scoring runs
+    `concurrent` at once in child processes (in this process when concurrent is 1).
+
+    Training order: the conditions in `first` (what wall-time matching is measured on), then the longest runs
+    first; `more()`, asked whenever a run ends, gives further runs (the wall-time-matched ones) that join the queue
+    and `configs`."""
+    from kvdistill.config import dump_config
+
+    def done(n, s):
+        return (run_dir(out, n, s) / "final" / "student" / "config.json").is_file()
+
+    order = sorted(configs, key=lambda k: (k[0] not in first, -configs[k].train.steps * (1 + len(configs[k].teachers))))
+    pending = [(run_dir(out, n, s), configs[n, s]) for n, s in order if not done(n, s)]
+
+    def extra_runs():
+        new = more() if more is not None else {}
+        configs.update(new)
+        return [(run_dir(out, n, s), cfg) for (n, s), cfg in new.items() if not done(n, s)]
+
+    train_all(pending, concurrent, more=extra_runs)
+    jobs = []
+    for (n, s), cfg in configs.items():
+        d = run_dir(out, n, s)
+        if (d / "eval.json").is_file():
+            continue
+        summary = json.loads((d / "summary.json").read_text())
+        best = d / "best" / "student"
+        selected = cfg.train.early_stopping is not None and best.is_dir()
+        scored = best if selected else d / "final" / "student"
+        per_token = flops_per_token(spec, n, teachers, n_student)
+        trained = int(summary["steps"])
+        sel_step = int(summary["best_step"]) if selected else trained
+        cond = spec.conditions[n]
+        share_s = sum(extraction[t]["seconds_per_reader"] for t in cond.teachers) if cond.cache else 0.0
+        share_f = sum(extraction[t]["flops_per_reader"] for t in cond.teachers) if cond.cache else 0.0
+        extra = dict(elapsed_s=summary.get("elapsed_s"), train_s=summary.get("train_s", summary.get("elapsed_s")),
+                     steps=cfg.train.steps, steps_trained=trained, selected_step=sel_step, scored=scored.parent.name,
+                     stopped_early=bool(summary.get("stopped_early", False)), tokens=summary["tokens"],
+                     flops=per_token * summary["tokens"] + share_f, train_flops=per_token * summary["tokens"],
+                     flops_selected=per_token * summary["tokens"] / max(trained, 1) * sel_step + share_f,
+                     amortised_s=share_s, amortised_flops=share_f)
+        # the routing accuracy training's own held-out evaluation gave the trained fusion (Objective.evaluate)
+        extra.update({k.removeprefix("eval/"): v for k, v in summary.items() if k.startswith("eval/routing_acc")})
+        config = d / "scored-config.yaml"
+        config.write_text(dump_config(cfg))
+        routing = teachers[spec.eval.routing_teacher]["model"] if spec.eval.routing_teacher else None
+        jobs.append({"spec": spec.model_dump(mode="json"), "config": str(config), "scored": str(scored),
+                     "extra": extra, "routing_teacher": routing, "record": str(d / "eval.json")})
+    if concurrent == 1:
+        for job in jobs:
+            score(job)
+        return
+    paths = []
+    for job in jobs:
+        path = Path(job["record"]).with_name("score-job.json")
+        write_json_atomic(path, job)
+        paths.append(str(path))
+    # `concurrent` children, each scoring its share of the runs (one start-up per child, not per run)
+    (out / "logs").mkdir(exist_ok=True)
+    commands = [([sys.executable, "-m", "kvdistill.experiments.score", *paths[k::concurrent]],
+                 out / "logs" / f"score-{k}.log", f"scoring {len(paths[k::concurrent])} runs")
+                for k in range(min(concurrent, len(paths)))]
+    run_pool(commands, concurrent, "scoring")
+
+
+def resolve_concurrent(spec: ExperimentSpec, configs: list[RunConfig], teachers: dict[str, dict]) -> int:
+    """`spec.concurrent`, or for auto the number of runs the device's free memory holds
+    (`kvdistill.experiments.memory`)."""
+    if spec.concurrent != "auto":
+        return spec.concurrent
+    from kvdistill.experiments.memory import auto_concurrent, free_device_bytes, geometry, run_bytes
+    from kvdistill.student import build_student
+
+    if not configs:
+        return 1
+    estimates, shapes = [], {}
+    for cfg in configs:
+        key = cfg.student.model_dump_json()
+        if key not in shapes:
+            model, _ = build_student(cfg.student, seed=0)
+            shapes[key] = {"params": sum(p.numel() for p in model.parameters()), **geometry(model.config)}
+            del model
+        online = [t for t in cfg.teachers if t.source == "online"]
+        tshapes = [{"params": teachers[t.name]["params"], **geometry(teachers[t.name]["model"])} for t in online]
+        ahead = cfg.train.teachers_ahead is not False and bool(online)
+        estimates.append(run_bytes(batch=cfg.train.batch_size, length=cfg.data.max_length, student=shapes[key],
+                                   teachers=tshapes, ahead=ahead, teacher_logits=cfg.losses.logit_kd.weight > 0))
+    return auto_concurrent(estimates, free_device_bytes())
 
 
 def _only(spec: ExperimentSpec, only: list[str]) -> list[str]:

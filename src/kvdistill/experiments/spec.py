@@ -9,19 +9,24 @@
       ce_only: {}
       kd: {teachers: [t1], overrides: [losses.kv.weight=1.0]}
       ce_flops: {match_flops_of: kd}                # CE only, given the FLOPs of `kd` (teachers' forward included)
+      ce_wall: {match_wall_of: kd}                  # CE only, given the measured training wall time of `kd`
+      ce_small: {overrides: [data.train_size=500]}  # another student data size (held-out splits unchanged)
     baseline: ce_only
     seeds: [0, 1, 2]
     budget: {steps: 200, batch_size: 8}             # the same for every condition unless it says otherwise
 
-A seed sets `train.seed` (initial weights, projector init, data order); the data, the held-out split and the
-teachers are the same for every condition and seed, so comparisons are paired.
+A seed sets `train.seed` (initial weights, projector init, data order); the held-out (test) split, the validation
+split and the teachers are the same for every condition and seed, so comparisons are paired. A teacher may train on
+its own data (`teachers[i].data`, e.g. a larger pool) and a condition may change the student's training data
+(`data.*` overrides, e.g. data.train_size); the runner checks that every run, teachers included, keeps the base's
+test and validation splits and that no training set shares an id or a question with them.
 """
 
 from __future__ import annotations
 
 from importlib.resources import files
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import Field, ValidationError, model_validator
@@ -50,6 +55,10 @@ class TeacherPrep(Section):
     skill: str | None = None
     """The skill it specialises in (one of the base data.skills): every condition labels it so (teachers[].skill),
     and router / similarity conditions report their routing accuracy on it."""
+    data: dict[str, Any] | None = None
+    """This teacher's own training data: keys of the base data section it changes, e.g. {train_size: null} (the
+    whole pool where the students get data.train_size of it) or {size: 40000}. It is scored on the base's test
+    split like every run, so that split (and the validation split) must stay the same."""
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -70,7 +79,14 @@ class ConditionSpec(Section):
     bfloat16): their forward is paid once for every condition and seed, its cost reported separately."""
     match_flops_of: str | None = None
     """Give this condition the training FLOPs of another: steps · (6·N_s + 2·Σ N_t) / (6·N_s + 2·Σ N_t of this one),
-    N the parameter counts (forward 2N, forward + backward 6N per token)."""
+    N the parameter counts (forward 2N, forward + backward 6N per token; a cached teacher costs nothing per step)."""
+    match_wall_of: str | None = None
+    """Give this condition the measured training wall time of another: steps = median over OTHER's runs of its
+    training seconds (evaluations excluded; a cached condition's amortised extraction seconds added) / the median
+    seconds per step of `wall_rate_of`'s runs. Trained after every other condition (it needs their times)."""
+    wall_rate_of: str | None = None
+    """The condition whose measured seconds per step convert the wall time into steps (default: the baseline); it
+    must train the same student the same way (same teachers, cache and batch), i.e. this condition at other steps."""
 
 
 class EvalSpec(Section):
@@ -98,8 +114,9 @@ class ExperimentSpec(Section):
     """Overrides every condition shares, as a mapping of dotted keys: {steps: N} is short for train.steps."""
     metrics: list[str] = ["exact_match", "ppl"]
     eval: EvalSpec = EvalSpec()
-    concurrent: int = Field(1, gt=0)
-    """Runs trained at once (separate processes; several small runs share one GPU)."""
+    concurrent: int | Literal["auto"] = 1
+    """Runs trained at once (separate processes; several small runs share one GPU); auto: as many as the GPU's free
+    memory holds by the estimate of `kvdistill.experiments.memory` (at most the CPU cores and the runs)."""
     student_from: str | None = None
     """A prepared teacher whose trained model every condition's student starts from (student.model; the base
     student's other keys, e.g. latent and lora, kept): e.g. a backbone fine-tuned on the task with CoT."""
@@ -120,6 +137,7 @@ class ExperimentSpec(Section):
                 problems.append(f"conditions.{cname}.cache: true needs teachers to read from caches")
             if cond.match_flops_of is not None and cond.match_flops_of not in self.conditions:
                 problems.append(f"conditions.{cname}.match_flops_of: '{cond.match_flops_of}' is not a condition")
+            problems += self._wall_problems(cname, cond)
         if self.student_from is not None and self.student_from not in names:
             problems.append(f"student_from: '{self.student_from}' is not among the teachers {names}")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
@@ -136,6 +154,32 @@ class ExperimentSpec(Section):
             raise ValueError("; ".join(problems))
         return self
 
+    def _wall_problems(self, cname: str, cond: ConditionSpec) -> list[str]:
+        if cond.match_wall_of is None:
+            return [f"conditions.{cname}.wall_rate_of is read with match_wall_of only; drop it"] if cond.wall_rate_of \
+                else []
+        key, problems = f"conditions.{cname}", []
+        other = self.conditions.get(cond.match_wall_of)
+        rate_name = cond.wall_rate_of or self.baseline
+        rate = self.conditions.get(rate_name)
+        if cond.match_flops_of is not None:
+            problems.append(f"{key}: give match_flops_of or match_wall_of, not both (each is its own row)")
+        if cond.cache:
+            problems.append(f"{key}: match_wall_of with cache: true is not supported (the cache is sized before the "
+                            "wall time is measured); drop cache")
+        if other is None:
+            problems.append(f"{key}.match_wall_of: '{cond.match_wall_of}' is not a condition")
+        elif other.match_wall_of is not None or cond.match_wall_of == cname:
+            problems.append(f"{key}.match_wall_of: '{cond.match_wall_of}' must be a condition trained first (not "
+                            "itself matched by wall time)")
+        if rate is None:
+            problems.append(f"{key}.wall_rate_of: '{rate_name}' is not a condition")
+        elif rate.match_wall_of is not None or (rate.teachers, rate.cache) != (cond.teachers, cond.cache):
+            problems.append(f"{key}.wall_rate_of: '{rate_name}' must train this condition's student the same way "
+                            f"(teachers {cond.teachers}, cache {cond.cache}) and not be matched by wall time itself; "
+                            "name such a condition in wall_rate_of")
+        return problems
+
     def budget_overrides(self) -> list[str]:
         short = {"steps": "train.steps", "batch_size": "train.batch_size", "lr": "train.lr"}
         return [f"{short.get(k, k)}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
@@ -143,12 +187,14 @@ class ExperimentSpec(Section):
 
 
 METRICS = {"exact_match": "held-out exact match (greedy)", "ppl": "held-out perplexity", "ce": "held-out CE",
-           "elapsed_s": "training wall time (s)", "gen_tokens": "generated tokens per answer",
+           "elapsed_s": "training wall time (s)", "train_s": "training wall time without evaluations (s)",
+           "flops": "training FLOPs (cached teachers: with the amortised extraction)",
+           "gen_tokens": "generated tokens per answer",
            "latency_s": "decoding latency per answer (s)"}
 METRICS.update(routing_top1="held-out top-1 routing agreement with eval.routing_teacher",
                routing_topk="held-out top-k routing overlap with eval.routing_teacher")
-HIGHER_IS_BETTER = {"exact_match": True, "ppl": False, "ce": False, "elapsed_s": False, "gen_tokens": False,
-                    "latency_s": False}
+HIGHER_IS_BETTER = {"exact_match": True, "ppl": False, "ce": False, "elapsed_s": False, "train_s": False,
+                    "flops": False, "gen_tokens": False, "latency_s": False}
 HIGHER_IS_BETTER.update(routing_top1=True, routing_topk=True)
 
 

@@ -38,6 +38,7 @@ class LatentSpaceKD(FusionSpace):
     def __init__(self, cfg, student_geometry, teachers: list, pairs: dict[str, LayerPairs]):
         super().__init__()
         self.kv = cfg.losses.kv
+        self.kv_weight = cfg.losses.kv.weight  # this step's (losses.kv.schedule): the objective sets it
         dims = {t.name: dict.fromkeys(pairs[t.name].layers, 2 * t.geometry.num_kv_heads * t.geometry.head_dim)
                 for t in teachers}
         self.latent = LatentSpace(dims, cfg.fusion.latent.dim)
@@ -71,7 +72,7 @@ class LatentSpaceKD(FusionSpace):
         per_teacher, sims, metrics = [], [], {}
         for n, teacher in enumerate(step.teachers):
             loss_n, deepest = self._teacher_loss(step, n, None if token_w is None else token_w[..., n])
-            per_teacher.append(self.kv.weight * loss_n)
+            per_teacher.append(self.kv_weight * loss_n)
             sims.append(deepest)
             metrics[f"loss/latent/{teacher.name}"] = loss_n.detach().mean()
         stacked = torch.stack(per_teacher, -1)  # (B, N)

@@ -171,6 +171,7 @@ class LossSpace(FusionSpace):
     def __init__(self, cfg, student_geometry, teachers: list, pairs: dict[str, LayerPairs]):
         super().__init__()
         self.kv, self.cosine = cfg.losses.kv, cfg.losses.cosine
+        self.kv_weight = cfg.losses.kv.weight  # this step's (losses.kv.schedule): the objective sets it
         self.projectors = nn.ModuleDict({  # per teacher, its mapped layers' projectors as stacked parameters
             t.name: KVProjectorStack(student_geometry, t.geometry, tcfg.projector, pairs[t.name].layers)
             for tcfg, t in zip(cfg.teachers, teachers, strict=True)})
@@ -236,7 +237,7 @@ class LossSpace(FusionSpace):
             loss_n = torch.zeros(mask.shape[0], device=mask.device)
             if res.kv is not None:
                 kv = (lp.coef.to(mask.device)[:, :, None] * res.kv).sum((0, 1)) / L  # (B,)
-                loss_n = loss_n + self.kv.weight * kv
+                loss_n = loss_n + self.kv_weight * kv
                 metrics[f"loss/kv/{teacher.name}"] = kv.detach().mean()
             if res.cos is not None:
                 cos = (lp.weight.to(mask.device)[:, None] * res.cos).sum(0) / L  # (B,)

@@ -53,7 +53,8 @@ class Objective(nn.Module):
         self.space = SPACES[cfg.fusion.space](cfg, sg, teachers, self.pairs)
         self.terms = TeacherTerms(cfg, sg, teachers, tokenizer)
         self.moe = MoETerms(cfg, student, teachers)  # routing, expert outputs, load balance (MoE students)
-        self.train_step = 0  # the optimizer step being run (set by the trainer): τ schedules read it
+        self.train_step = 0  # the optimizer step being run (set by the trainer): τ and K/V weight schedules read it
+        self.last_terms: dict[str, torch.Tensor] = {}
         # the host side of a batch (picklable, no model): the trainer runs it on DataLoader workers
         self.collate = Collator(tokenizer, [
             TeacherSide(t.name, t.tokenizer if t.kind == "online" else None, t.geometry,
@@ -118,10 +119,15 @@ class Objective(nn.Module):
             self.terms.temperature = cfg.losses.logit_kd.temperature_at(self.train_step, cfg.train.steps)
             metrics["logit_kd/temperature"] = ce.new_tensor(self.terms.temperature)
         total_extra = None
+        terms = {"ce": (cfg.losses.ce * ce).mean()}  # what train.grad_norms_every differentiates term by term
         if self.teachers:
+            if cfg.losses.kv.weight > 0:  # the K/V weight of this step (losses.kv.schedule), also a pure function
+                self.space.kv_weight = cfg.losses.kv.weight_at(self.train_step, cfg.train.steps)
+                metrics["kv/weight"] = ce.new_tensor(self.space.kv_weight)
             out = self.space(step)
             extra, term_metrics = self.terms(step, per_sample(out.weights, mask))
             per_sample_loss = per_sample_loss + out.kd + extra
+            terms["kd"] = (out.kd + extra).mean()
             metrics.update(out.metrics)
             metrics.update(term_metrics)
             metrics["loss/kd"] = (out.kd + extra).detach().mean()
@@ -138,6 +144,7 @@ class Objective(nn.Module):
             total = total + cfg.fusion.entropy.weight * total_extra
             metrics["loss/entropy"] = total_extra.detach()
         metrics["loss"] = total.detach()
+        self.last_terms = terms  # graph-attached per-term means of this batch (read by the trainer, then dropped)
         return total, read_metrics(metrics, step.batch.mask_cpu)
 
     # ---------------------------------------------------------------------------------------------- held out

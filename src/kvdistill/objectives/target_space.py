@@ -34,6 +34,7 @@ class TargetSpace(FusionSpace):
     def __init__(self, cfg, student_geometry, teachers: list, pairs: dict[str, LayerPairs]):
         super().__init__()
         self.kv = cfg.losses.kv
+        self.kv_weight = cfg.losses.kv.weight  # this step's (losses.kv.schedule): the objective sets it
         self.num_layers = student_geometry.num_layers
         self.to_student = nn.ModuleDict({t.name: TeacherToStudentMap(t.geometry, student_geometry) for t in teachers})
 
@@ -91,4 +92,4 @@ class TargetSpace(FusionSpace):
             total = total + self.kv.keys * err[0] + self.kv.values * err[1]
             count += 1
         kd = total / max(count, 1)
-        return SpaceOutput(self.kv.weight * kd, weights, {"loss/kv/fused": kd.detach().mean()})
+        return SpaceOutput(self.kv_weight * kd, weights, {"loss/kv/fused": kd.detach().mean()})

@@ -138,6 +138,37 @@ def _truncate_log(path: Path, step: int) -> None:
 
 
 @dataclass
+class Selection:
+    """train.early_stopping's state: the best validation value so far, its step, evaluations since it improved.
+    A pure function of the evaluations logged so far, so a resume rebuilds it from metrics.jsonl."""
+
+    metric: str  # "eval/ce" or "eval/exact_match"
+    higher: bool
+    min_delta: float
+    patience: int
+    best: float | None = None
+    best_step: int | None = None
+    bad: int = 0
+    stopped_at: int | None = None
+
+    def update(self, step: int, figures: dict) -> bool:
+        """Take an evaluation; True when it is the new best."""
+        value = figures.get(self.metric)
+        if value is None or not math.isfinite(value):
+            self.bad += 1
+            return False
+        if self.best is None or (value - self.best if self.higher else self.best - value) > self.min_delta:
+            self.best, self.best_step, self.bad = value, step, 0
+            return True
+        self.bad += 1
+        return False
+
+    @property
+    def exhausted(self) -> bool:
+        return self.patience > 0 and self.bad >= self.patience
+
+
+@dataclass
 class Run:
     """What a training run holds between `setup`, `fit` and `finish`."""
 
@@ -158,6 +189,9 @@ class Run:
     lock: RunLock | None = None  # held by the main process from setup until `close`
     batches: Any = None  # during `fit`: the iterator of collated micro-batches (`_batches`), None: records
     t0: float = field(default_factory=time.time)
+    eval_s: float = 0.0  # seconds spent in held-out evaluations since t0 (train_s = elapsed - eval_s)
+    selection: Selection | None = None  # train.early_stopping's state
+    last_eval: tuple[int, dict] | None = None  # (step, figures) of the newest evaluation
 
     @property
     def main(self) -> bool:
@@ -217,7 +251,10 @@ def setup(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, stop_aft
         raise ConfigError(problems, source=f"config '{cfg.name}'")
     set_seed(cfg.train.seed)
     train_records = load_records(cfg.data, split="train")
-    eval_records = load_records(cfg.data, split="eval") if cfg.data.eval_size else []
+    # training's held-out figures: the validation split where there is one (the test split is left to the final
+    # scoring), else the eval split
+    held_split = "val" if cfg.data.val_size else "eval"
+    eval_records = load_records(cfg.data, split=held_split) if (cfg.data.val_size or cfg.data.eval_size) else []
     fingerprint = data_fingerprint(train_records, eval_records)
     if resume:
         check_data(out_dir, fingerprint, cfg)
@@ -246,10 +283,15 @@ def setup(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, stop_aft
         start, tokens_seen = (state["step"], state["tokens"]) if state else (0, 0)
         if state:
             apply_configured_lrs(optimizer, scheduler, cfg)
+        if cfg.train.grad_norms_every and accelerator.num_processes > 1:
+            raise KvdistillError("train.grad_norms_every differentiates each term on its own, which DDP's gradient "
+                                 f"hooks do not allow ({accelerator.num_processes} processes)",
+                                 "drop train.grad_norms_every, or run on one process")
         if resume:
             note_changes(plan, out_dir, start)
             if main:
                 _truncate_log(out_dir / "metrics.jsonl", start)
+        selection = _selection(cfg, out_dir, start)
         return Run(
             cfg=cfg,
             out_dir=out_dir,
@@ -266,6 +308,7 @@ def setup(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, stop_aft
             tokens_seen=tokens_seen,
             last_good=ckpt,
             lock=lock,
+            selection=selection,
         )
     except BaseException:
         if lock is not None:
@@ -355,12 +398,15 @@ def fit(run: Run, *, progress: bool = True) -> None:
     try:
         for step in range(run.start, run.end):
             row = _step(run, step)
-            if (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps:
+            if (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps or "grad_norm/ce" in row:
                 run.log.write(row)
             bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
             bar.update(1)
             if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and run.eval_records:
-                run.log.write({"step": step + 1, "split": "eval", **run.inner.evaluate(run.eval_records)})
+                _evaluate(run, step + 1)
+                if run.selection is not None and run.selection.exhausted:
+                    run.selection.stopped_at = run.end = step + 1  # early stop: finish ends the run here
+                    break
             if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0 and step + 1 < run.end:
                 _save(run, step + 1)
     except NonFiniteLoss as err:
@@ -392,6 +438,10 @@ def _step(run: Run, step: int) -> dict:
         with accelerator.accumulate(run.objective):
             loss, metrics = run.objective(batch)
             _stop_if_non_finite(accelerator, float(loss.detach()), metrics, step, micro, records)
+            every = cfg.train.grad_norms_every
+            if every and micro == 0 and (step + 1) % every == 0:
+                metrics.update(_term_grad_norms(run))
+            run.inner.last_terms = {}
             accelerator.backward(loss)
             if accelerator.sync_gradients:
                 metrics["grad_norm"] = _clip_gradients(run, step, metrics, step_ids)
@@ -405,6 +455,21 @@ def _step(run: Run, step: int) -> dict:
     row.update(step=step + 1, lr=lr, tokens_per_s=row["tokens"] / (time.time() - step_t0),
                elapsed_s=time.time() - run.t0)
     return row
+
+
+def _term_grad_norms(run: Run) -> dict[str, float]:
+    """The L2 norm of each loss term's gradient w.r.t. the student's parameters (`grad_norm/ce`, `grad_norm/kd`),
+    from the objective's graph-attached per-term means of this micro-batch (`Objective.last_terms`), before
+    clipping; the graph is kept for the step's own backward."""
+    params = [p for p in run.inner.student.parameters() if p.requires_grad]
+    out = {}
+    for name, term in getattr(run.inner, "last_terms", {}).items():
+        if not term.requires_grad:
+            continue
+        grads = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
+        out[f"grad_norm/{name}"] = float(torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(g.float()) for g in grads if g is not None])))
+    return out
 
 
 def _clip_gradients(run: Run, step: int, metrics: dict, step_ids: list[str]) -> float:
@@ -423,7 +488,7 @@ def _clip_gradients(run: Run, step: int, metrics: dict, step_ids: list[str]) -> 
 
 def _mean_row(accelerator, sums: dict[str, float], n: int) -> dict[str, float]:
     """Per-step sums over n micro-batches -> means (tokens, grad_norm: as summed / as is), then over processes."""
-    row = {k: (v if k in ("tokens", "grad_norm") else v / n) for k, v in sums.items()}
+    row = {k: (v if k == "tokens" or k.startswith("grad_norm") else v / n) for k, v in sums.items()}
     world = accelerator.num_processes
     if world > 1:  # mean over processes (tokens: sum), so the row describes the whole combined batch
         keys = list(row)  # the same keys in the same order on every process
@@ -444,17 +509,91 @@ def finish(run: Run) -> dict:
     """Checkpoint the last step run; when every configured step is done (not stopped by stop_after), also
     the final student, an evaluation (with eval data) and summary.json. Returns the summary."""
     _save(run, run.end)
-    summary = {"steps": run.end, "tokens": run.tokens_seen, "elapsed_s": time.time() - run.t0}
-    if run.end == run.cfg.train.steps:
+    elapsed = time.time() - run.t0
+    summary = {"steps": run.end, "tokens": run.tokens_seen, "elapsed_s": elapsed, "train_s": elapsed - run.eval_s}
+    stopped = run.selection is not None and run.selection.stopped_at is not None
+    if run.end == run.cfg.train.steps or stopped:
         if run.main:
             save_final_student(run.out_dir, run.inner)
         if run.eval_records:
-            ev = run.inner.evaluate(run.eval_records)
-            summary.update(ev)
-            run.log.write({"step": run.end, "split": "eval", **ev})
+            ev = run.last_eval[1] if run.last_eval and run.last_eval[0] == run.end else _evaluate(run, run.end)
+            summary.update({k: v for k, v in ev.items() if k.startswith("eval/")})
+        if run.selection is not None:
+            summary.update(best_step=run.selection.best_step, best_value=run.selection.best,
+                           selected_on=run.selection.metric, stopped_early=stopped)
+        summary["eval_s"] = run.eval_s
         if run.main:
             write_json_atomic(run.out_dir / "summary.json", summary)
     return summary
+
+
+def _evaluate(run: Run, step: int) -> dict:
+    """Held-out figures of the student after `step` (CE / ppl, per-layer K/V errors, and exact match where
+    train.eval_exact_match asks), logged as an eval row with the time so far; train.early_stopping takes them and,
+    on a new best, the student is saved to DIR/best/student. Its time counts to `eval_s`, not to `train_s`."""
+    t0 = time.time()
+    cfg = run.cfg
+    ev = run.inner.evaluate(run.eval_records)
+    if cfg.train.eval_exact_match:
+        from kvdistill.eval.latent import cot_exact_match
+        from kvdistill.eval.metrics import exact_match
+
+        student, tok, bs = run.inner.student, run.inner.tokenizer, max(cfg.train.batch_size, 64)
+        was = student.training
+        student.eval()
+        try:
+            if cfg.train.eval_cot:
+                em = cot_exact_match(student, tok, run.eval_records, cfg.data.template,
+                                     max_new_tokens=cfg.train.eval_max_new_tokens, batch_size=bs)
+            else:
+                em = exact_match(student, tok, run.eval_records, max_new_tokens=cfg.train.eval_max_new_tokens,
+                                 batch_size=bs)
+        finally:
+            student.train(was)
+        ev["eval/exact_match"] = em["exact_match"]
+    if run.selection is not None and run.selection.update(step, ev) and run.main:
+        _save_best(run, step)
+    run.eval_s += time.time() - t0
+    elapsed = time.time() - run.t0
+    row = {"step": step, "split": "eval", **ev, "elapsed_s": elapsed, "train_s": elapsed - run.eval_s}
+    run.log.write(row)
+    run.last_eval = (step, ev)
+    return ev
+
+
+def _save_best(run: Run, step: int) -> None:
+    """The student of `step` as DIR/best/student (replacing the previous best: written aside, then renamed) and
+    DIR/best.json {step, metric, value}."""
+    import shutil
+
+    best, tmp = run.out_dir / "best", run.out_dir / "best.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    run.inner.save_student(tmp / "student")
+    shutil.rmtree(best, ignore_errors=True)
+    tmp.rename(best)
+    sel = run.selection
+    write_json_atomic(run.out_dir / "best.json", {"step": step, "metric": sel.metric, "value": sel.best})
+
+
+def _selection(cfg: RunConfig, out_dir: Path, start: int) -> Selection | None:
+    """train.early_stopping's state at step `start`: rebuilt from the eval rows logged up to it (a resume), and a
+    best student saved after it (by evaluations a resume replays) forgotten."""
+    es = cfg.train.early_stopping
+    if es is None:
+        return None
+    metric = "eval/exact_match" if es.metric == "exact_match" else "eval/ce"
+    sel = Selection(metric=metric, higher=es.metric == "exact_match", min_delta=es.min_delta, patience=es.patience)
+    path = out_dir / "metrics.jsonl"
+    seen: set[int] = set()
+    for line in path.read_text().splitlines() if (start and path.is_file()) else []:
+        row = json.loads(line)
+        if row.get("split") == "eval" and row["step"] <= start and row["step"] not in seen:
+            seen.add(row["step"])
+            sel.update(int(row["step"]), row)
+    best = out_dir / "best.json"
+    if best.is_file() and (sel.best_step is None or json.loads(best.read_text())["step"] != sel.best_step):
+        best.unlink()
+    return sel
 
 
 def _destroy_process_group() -> None:

@@ -1,0 +1,131 @@
+"""The packaged `distill-small` spec and its CPU twin `distill-small-tiny`, run end to end as a user runs it: the
+teachers on their own (larger) data, one test split for every run and a separate validation split, early stopping,
+the cache budget (exactly the records the runs read, its cost amortised as documented), CE only at equal FLOPs and at
+equal measured wall time, the decaying K/V weight and the held-out curves in results.json."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+import yaml
+
+from kvdistill.config import load_config
+from kvdistill.data import load_records
+from kvdistill.experiments.spec import load_spec
+
+
+def test_packaged_distill_small_spec_is_valid():
+    spec = load_spec("distill-small")
+    assert spec.seeds == [0, 1, 2, 3, 4, 5] and spec.concurrent == "auto"
+    assert spec.conditions["ce_wall"].match_wall_of == "kd_fixed"
+    assert spec.conditions["ce_flops"].match_flops_of == "kd_fixed"
+    assert spec.conditions["kd_fixed_cached"].cache
+    assert all(t.data == {"train_size": None} for t in spec.teachers)
+    sizes = {n: next((o for o in c.overrides if o.startswith("data.train_size")), None)
+             for n, c in spec.conditions.items()}
+    assert sizes["ce_only_500"] == sizes["kd_fixed_500"] == "data.train_size=500"
+    assert sizes["ce_only_8000"] == sizes["kd_fixed_8000"] == "data.train_size=8000"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    from typer.testing import CliRunner
+
+    from kvdistill.cli import app
+
+    out = tmp_path_factory.mktemp("distill-small-tiny")
+    result = CliRunner().invoke(app, ["experiment", "distill-small-tiny", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    return out, json.loads((out / "results.json").read_text())
+
+
+def run_config(out, name, seed):
+    return load_config(out / "runs" / name / f"seed-{seed}" / "scored-config.yaml")
+
+
+@pytest.mark.slow
+def test_one_test_split_disjoint_from_every_training_set(tiny_run):
+    out, results = tiny_run
+    test, val = set(results["test_ids"]), set(results["val_ids"])
+    assert len(test) == 8 and len(val) == 8 and not test & val
+    for name in results["conditions"]:
+        for seed in results["seeds"]:
+            cfg = run_config(out, name, seed)
+            assert [r["id"] for r in load_records(cfg.data, split="eval")] == results["test_ids"]
+            assert not {r["id"] for r in load_records(cfg.data, split="train")} & (test | val)
+    for teacher in results["teachers"]:
+        cfg = load_config(out / "teachers" / teacher / "config.yaml")
+        train = {r["id"] for r in load_records(cfg.data, split="train")}
+        assert not train & (test | val) and len(train) == results["teacher_train_records"][teacher]
+    assert results["teacher_train_records"]["llama_bpe"] > results["train_records"]["ce_only"] == 24
+    assert results["train_records"]["ce_only_12"] == 12
+    for name, rows in results["runs"].items():  # every run scored its best validation checkpoint
+        for row in rows:
+            best = json.loads((out / "runs" / name / f"seed-{row['seed']}" / "best.json").read_text())
+            assert row["scored"] == "best" and row["selected_step"] == best["step"] <= row["steps_trained"]
+
+
+@pytest.mark.slow
+def test_cache_budget_reads_exactly_what_the_runs_read_and_is_amortised(tiny_run):
+    from kvdistill.cache.reader import CacheReader
+    from kvdistill.experiments.budget import records_read
+
+    out, results = tiny_run
+    read = set().union(*(records_read(run_config(out, "kd_fixed_cached", s)) for s in results["seeds"]))
+    for teacher, ext in results["extraction"].items():
+        assert set(CacheReader(out / "caches" / teacher).index) == read and ext["records"] == len(read)
+        assert ext["readers"] == 2 and ext["runs"] == ["kd_fixed_cached/seed-0", "kd_fixed_cached/seed-1"]
+        assert ext["flops"] == 2 * results["teachers"][teacher]["params"] * ext["tokens"]
+        assert ext["flops_per_reader"] == pytest.approx(ext["flops"] / 2)
+        assert ext["seconds_per_reader"] == pytest.approx(ext["seconds"] / 2)
+    share = sum(e["flops_per_reader"] for e in results["extraction"].values())
+    share_s = sum(e["seconds_per_reader"] for e in results["extraction"].values())
+    for row in results["runs"]["kd_fixed_cached"]:
+        ev = json.loads((out / "runs" / "kd_fixed_cached" / f"seed-{row['seed']}" / "eval.json").read_text())
+        assert ev["amortised_flops"] == pytest.approx(share) and ev["amortised_s"] == pytest.approx(share_s)
+        # a cached teacher costs nothing per step: 6·N_s per student token, plus the share
+        assert ev["flops"] == pytest.approx(6 * results["student_params"] * ev["tokens"] + share)
+    assert "Each run reading teacher t's cache is charged" in (out / "results.md").read_text()
+
+
+@pytest.mark.slow
+def test_equal_flops_and_equal_wall_time_steps(tiny_run):
+    out, results = tiny_run
+    n_s = results["student_params"]
+    per_token = results["flops_per_token"]
+    teacher_params = sum(t["params"] for t in results["teachers"].values())
+    assert per_token["ce_only"] == 6 * n_s and per_token["kd_fixed"] == 6 * n_s + 2 * teacher_params
+    assert results["steps"]["ce_flops"] == round(6 * per_token["kd_fixed"] / per_token["ce_only"])
+
+    def summaries(name):
+        return [json.loads((out / "runs" / name / f"seed-{s}" / "summary.json").read_text()) for s in results["seeds"]]
+
+    wall = statistics.median(s["train_s"] for s in summaries("kd_fixed"))
+    rate = statistics.median(s["train_s"] / s["steps"] for s in summaries("ce_only"))
+    assert results["steps"]["ce_wall"] == max(1, round(wall / rate))
+
+
+@pytest.mark.slow
+def test_kv_schedule_grad_norms_and_curves_are_logged(tiny_run):
+    out, results = tiny_run
+    cfg = run_config(out, "kd_fixed_decay", 0)
+    rows = [json.loads(x) for x in (out / "runs" / "kd_fixed_decay" / "seed-0" / "metrics.jsonl").read_text()
+            .splitlines()]
+    train_rows = [r for r in rows if "kv/weight" in r]
+    assert [r["step"] for r in train_rows] == list(range(1, len(train_rows) + 1))
+    for r in train_rows:
+        assert r["kv/weight"] == pytest.approx(cfg.losses.kv.weight_at(r["step"] - 1, cfg.train.steps))
+    assert train_rows[0]["kv/weight"] == 1.0
+    with_norms = [r for r in rows if "grad_norm/kd" in r]
+    assert with_norms and all(r["step"] % 2 == 0 and r["grad_norm/ce"] > 0 for r in with_norms)
+    for name, curve in results["curves"].items():
+        for seed in results["seeds"]:
+            points = curve["per_seed"][str(seed)]
+            assert [p["step"] for p in points][:2] == [2, 4], name
+            assert all(p["flops"] > 0 and p["ce"] > 0 and 0 <= p["exact_match"] <= 1 for p in points)
+        assert curve["mean"] and curve["mean"][0]["step"] == 2
+    assert (out / "plots" / "curve_exact_match_flops.png").is_file()
+    spec = yaml.safe_load((out / "spec.yaml").read_text())
+    assert spec["name"] == "distill-small-tiny"
