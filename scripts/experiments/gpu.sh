@@ -16,7 +16,7 @@ LIMIT=${LIMIT:-570}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
   .carry/whl/*.whl >/dev/null 2>&1
 export PYTHONPATH=/tmp/site:$PWD/src KVDISTILL_HOME=$PWD/.carry/kvhome HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-export PYTHONUNBUFFERED=1 KVDISTILL_LOG=${KVDISTILL_LOG:-INFO}
+export PYTHONUNBUFFERED=1 KVDISTILL_LOG=${KVDISTILL_LOG:-INFO} OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
 mkdir -p "$OUT" "$RUNS"
 start=$(date +%s)

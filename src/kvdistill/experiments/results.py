@@ -160,8 +160,8 @@ def markdown(results: dict, spec: ExperimentSpec) -> str:
                 vals = [r[key] for r in rows if r.get(key) is not None]
                 return float(np.median(vals)) if vals else None
             records = (results.get("train_records") or {}).get(n, "—")
-            lines.append(f"| {n} | {records} | {results['steps'][n]} | {_fmt(med('steps_trained'))} | "
-                         f"{_fmt(med('selected_step'))} | {_fmt(med('train_s'))} | "
+            lines.append(f"| {n} | {records} | {results['steps'][n]} | {med('steps_trained'):g} | "
+                         f"{med('selected_step'):g} | {med('train_s'):.1f} | "
                          f"{(med('flops') or 0):.3g} |")
         lines.append("")
     for m in results.get("metrics", spec.metrics):

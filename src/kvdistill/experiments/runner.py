@@ -354,6 +354,7 @@ def run_experiment(spec: ExperimentSpec, out: str | Path, *, only: list[str] | N
     planned.update({f"{n}/seed-{s}": condition_config(spec, n, s, unknown) for n in names for s in use_seeds})
     data_sizes = check_splits(planned, held, val)  # before anything trains
     teachers = prepare_teachers(spec, out, held)
+    _free_device_cache()
     n_student = student_params(probe)
     configs = {(n, s): condition_config(spec, n, s, teachers, flops_steps(spec, n, teachers, n_student))
                for n in first for s in use_seeds}
@@ -393,6 +394,15 @@ def run_experiment(spec: ExperimentSpec, out: str | Path, *, only: list[str] | N
     results["student_params"] = n_student
     write_results(results, spec, out)
     return results
+
+
+def _free_device_cache() -> None:
+    """Give the blocks this process cached while scoring the teachers back to the device before the runs start
+    (the runner itself keeps only its CUDA context; extraction and scoring run in child processes)."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _measured(spec: ExperimentSpec, name: str, summary: dict, extraction: dict) -> dict:
@@ -459,6 +469,7 @@ def _train_and_score(spec: ExperimentSpec, out: Path, configs: dict[tuple[str, i
     if concurrent == 1:
         for job in jobs:
             score(job)
+        _free_device_cache()
         return
     paths = []
     for job in jobs:

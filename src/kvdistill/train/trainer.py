@@ -538,7 +538,7 @@ def _evaluate(run: Run, step: int) -> dict:
         from kvdistill.eval.latent import cot_exact_match
         from kvdistill.eval.metrics import exact_match
 
-        student, tok, bs = run.inner.student, run.inner.tokenizer, max(cfg.train.batch_size, 64)
+        student, tok, bs = run.inner.student, run.inner.tokenizer, max(cfg.train.batch_size, 256)
         was = student.training
         student.eval()
         try:
