@@ -133,19 +133,20 @@ def collate_records(batch: Sequence[dict]) -> list[dict]:
 
 def _take_split(records: list[dict], eval_size: int, val_size: int, split: str, where: str) -> list[dict]:
     n = len(records)
+    sizes = f"data.eval_size = {eval_size}" + (f" and data.val_size = {val_size}" if val_size else "")
+    keys = "data.eval_size" + (" and data.val_size together" if val_size else "")
     if split in ("eval", "val"):
         if n < eval_size + val_size:
             raise KvdistillError(
-                f"data.eval_size = {eval_size} and data.val_size = {val_size} but {where} gives only {n} records",
-                f"lower them to at most {n} together, or add records",
+                f"{sizes} but {where} gives only {n} records",
+                f"lower {keys} to at most {n}, or add records",
             )
         return records[:eval_size] if split == "eval" else records[eval_size : eval_size + val_size]
     held = eval_size + val_size
     if n <= held:
         raise KvdistillError(
-            f"data.eval_size = {eval_size} and data.val_size = {val_size} but {where} gives only {n} records: none "
-            "are left for training",
-            f"lower them below {n} together, raise data.size, or add records",
+            f"{sizes} but {where} gives only {n} records: none are left for training",
+            f"lower {keys} below {n}, raise data.size, or add records",
         )
     held_out = {_problem_key(r) for r in records[:held]}
     train = [r for r in records[held:] if _problem_key(r) not in held_out]
@@ -160,8 +161,10 @@ def _take_split(records: list[dict], eval_size: int, val_size: int, split: str, 
         )
     if not train:
         raise KvdistillError(
-            f"{where} gives {n} records: the first {held} (data.eval_size + data.val_size) are held out and all "
-            f"{n - held} others repeat a held-out question, so none are left for training",
+            f"{where} gives {n} records: the first {held} "
+            f"({'data.eval_size + data.val_size' if val_size else 'data.eval_size'}) are held out and all "
+            f"{n - held} others repeat {'a held-out' if val_size else 'an eval'} question, so none are left for "
+            "training",
             "lower data.eval_size, raise data.size (where it caps the records), or add records whose "
             "questions are not in the eval split",
         )
