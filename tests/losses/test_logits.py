@@ -396,3 +396,21 @@ def test_chunked_holds_no_float32_copy_of_the_logits_for_backward(fn):
 
     assert kept(0) >= 2 * B * T * V * 4  # at least two float32 (B·T, V) tensors
     assert kept(8) <= B * T * 8  # no more than a few bytes per position
+
+
+@pytest.mark.parametrize("name", ["gpt2-tokenizer", "smollm2-135m"])
+def test_cross_logit_kd_through_one_real_tokenizer_is_logit_kd(name):
+    """The whole cross-tokenizer path (shared_vocabulary, prefix_positions, cross_logit_kd) with the student's own
+    tokenizer on both sides gives the same-tokenizer loss, value and gradient."""
+    tok = _tokenizer(name)
+    enc = tokenize(tok, ["Question: Compute 3 + 4.\nAnswer: 7", "東京 has 3 🍎"], max_length=16)
+    V = len(tok)
+    proj = shared_vocabulary(tok, tok, V, V)
+    pos = prefix_positions(enc["offset_mapping"], enc["attention_mask"], enc["offset_mapping"], enc["attention_mask"])
+    s, t = _rand(2, enc["input_ids"].shape[1], V, seed=13) * 3, _rand(2, enc["input_ids"].shape[1], V, seed=14) * 3
+    mask = enc["attention_mask"]
+    v0, g0 = _grad(lambda x: L.logit_kd(x, t, mask, temperature=1.5, divergence="jsd"), s)
+    v1, g1 = _grad(lambda x: L.cross_logit_kd(x, t, pos, mask, proj.student, proj.teacher, shared=proj.shared,
+                                              temperature=1.5, divergence="jsd", chunk=8), s)
+    torch.testing.assert_close(v1, v0, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(g1, g0, rtol=1e-6, atol=1e-8)
