@@ -153,6 +153,11 @@ class _BucketPlan:
     other_src: torch.Tensor  # (n_o,) the entries of the last bucket
     size: int  # E
 
+    def to(self, device) -> _BucketPlan:
+        move = [x.to(device, non_blocking=True) for x in (self.single_src, self.single_dst, self.multi_src,
+                                                           self.multi_local, self.multi_dst, self.other_src)]
+        return _BucketPlan(*move, self.size)
+
 
 def _bucket_plan(buckets: torch.Tensor, size: int) -> _BucketPlan:
     """The plan of `buckets` (V,) long in [0, size)."""
@@ -327,7 +332,8 @@ def cross_logit_kd(student_logits: torch.Tensor, teacher: torch.Tensor | tuple[t
     teacher_positions (B, T_s) long: the teacher position with the same prefix as each student position, -1 where
     none (`kvdistill.align.tokens.prefix_positions`); mask (B, T_s), 1 = counted (a position also needs a partner).
     student_buckets (V_s,), teacher_buckets (V_t,) long in [0, shared]: the bucket of every vocabulary entry, bucket
-    `shared` = other (`kvdistill.align.vocab.shared_vocabulary`). With one tokenizer (identity buckets, every
+    `shared` = other (`kvdistill.align.vocab.shared_vocabulary`). Positions and buckets may stay on the CPU (they
+    are checked and planned there, then moved: no device synchronisation). With one tokenizer (identity buckets, every
     position its own partner) it equals `logit_kd`. Gradients flow into the student only.
     """
     counted = _check_logits(student_logits, mask)
@@ -355,25 +361,27 @@ def cross_logit_kd(student_logits: torch.Tensor, teacher: torch.Tensor | tuple[t
             raise KvdistillError(f"{name} {shape_of(buckets)} must hold one bucket in [0, {shared}] per entry of a "
                                  f"vocabulary of {V}", "pass the projection of kvdistill.align.vocab.shared_vocabulary")
     _check_kd(temperature, divergence, beta, chunk)
+    device = student_logits.device
+    teacher_positions = teacher_positions.to(device, non_blocking=True)
     counted = counted & (teacher_positions >= 0)
-    flat_pos = (teacher_positions.clamp(min=0) + torch.arange(B, device=teacher_positions.device)[:, None] * T_t)
+    flat_pos = teacher_positions.clamp(min=0) + torch.arange(B, device=device)[:, None] * T_t  # (B, T_s)
     E = shared + 1
-    s_buckets = student_buckets.to(student_logits.device)
-    t_buckets = teacher_buckets.to(student_logits.device)
-    s_plan = _bucket_plan(s_buckets, E)
+    s_plan = _bucket_plan(student_buckets, E).to(device)  # planned where the buckets are (CPU: no device sync)
 
     if topk:
         ids_flat, lp_flat = t_ids.reshape(B * T_t, -1), t_lp.detach().reshape(B * T_t, -1)
+        t_buckets = teacher_buckets.to(device, non_blocking=True)
 
         def rows(s, pos, c):  # (n, V_s), (n,), (n,) -> (n,)
             log_s = _project(_soft(s, c, temperature), s_plan)  # (n, E)
-            cols = t_buckets[ids_flat.index_select(0, pos)]  # (n, k) the teacher entries' buckets
+            cols = t_buckets.index_select(0, ids_flat.index_select(0, pos).flatten()).view(pos.shape[0], -1)
+            # cols (n, k): the teacher entries' buckets
             lp = torch.where(c[:, None], lp_flat.index_select(0, pos).float(), _NEG_INF)  # (n, k)
             log_t, log_s = _with_tail(log_s, cols, lp, cols < shared)
             return _divergence(log_t, log_s, divergence, beta)
     else:
         t_flat = teacher.detach().reshape(B * T_t, V_t)
-        t_plan = _bucket_plan(t_buckets, E)
+        t_plan = _bucket_plan(teacher_buckets, E).to(device)
 
         def rows(s, pos, c):
             log_s = _project(_soft(s, c, temperature), s_plan)  # (n, E)
@@ -447,6 +455,9 @@ def span_logit_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, st
                                  "pass the ids, mask and chunks of the tokenization the logits were computed on")
     _check_kd(temperature, divergence, beta, chunk)
     C = int(max(student_chunks.max(), teacher_chunks.max(), -1)) + 1 if student_chunks.numel() else 0
+    device = student_logits.device  # chunks may come from the CPU (counted there: no device synchronisation)
+    student_chunks = student_chunks.to(device, non_blocking=True)
+    teacher_chunks = teacher_chunks.to(teacher_logits.device, non_blocking=True)
     lp_s, scored_s = _realised_log_probs(student_logits, student_ids, student_mask, temperature, chunk)
     with torch.no_grad():
         lp_t, scored_t = _realised_log_probs(teacher_logits.detach(), teacher_ids, teacher_mask, temperature, chunk)

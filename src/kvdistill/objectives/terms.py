@@ -48,7 +48,6 @@ class TeacherTerms(nn.Module):
         self.shared_vocab = {t.name: min(student_geometry.vocab_size, t.geometry.vocab_size) for t in teachers}
         # another tokenizer: the teachers' names -> None (span) or the shared-string projection (project), on the CPU
         self.cross: dict[str, VocabProjection | None] = {}
-        self._on_device: dict[tuple[str, str], VocabProjection] = {}
         for t in teachers if "logit_kd" in self.active else []:
             if getattr(t, "tokenizer", None) is None or tokenizer is None:
                 raise KvdistillError(f"losses.logit_kd needs teacher '{t.name}''s tokenizer to align its logits",
@@ -127,16 +126,12 @@ class TeacherTerms(nn.Module):
             ids, lp = losses.topk_log_probs(cap.logits[..., :V], k, temperature=self.temperature, chunk=c.chunk)
             return losses.topk_logit_kd(s.logits[..., :V], ids, lp, b.mask, **kw)
         spans_t, mask_t = tkv.host_spans(step.pairs[teacher.name].j[0])  # (B, T_t, 2), (B, T_t) on the CPU
-        device = b.mask.device
-        if self.cross[teacher.name] is None:  # span
-            s_chunks, t_chunks = (x.to(device) for x in common_chunks(b.spans_cpu, b.mask_cpu, spans_t, mask_t))
+        if self.cross[teacher.name] is None:  # span; the chunks (B, T_s), (B, T_t) on the CPU
+            s_chunks, t_chunks = common_chunks(b.spans_cpu, b.mask_cpu, spans_t, mask_t)
             return losses.span_logit_kd(s.logits, cap.logits, b.ids, cap.input_ids, b.mask, cap.attention_mask,
                                         s_chunks, t_chunks, **kw)
-        key = (teacher.name, str(device))
-        if key not in self._on_device:
-            self._on_device[key] = self.cross[teacher.name].to(device)
-        proj = self._on_device[key]
-        positions = prefix_positions(b.spans_cpu, b.mask_cpu, spans_t, mask_t).to(device)  # (B, T_s)
+        proj = self.cross[teacher.name]  # on the CPU: checked and planned there, no device synchronisation
+        positions = prefix_positions(b.spans_cpu, b.mask_cpu, spans_t, mask_t)  # (B, T_s) on the CPU
         target = cap.logits if k is None else losses.topk_log_probs(cap.logits, k, temperature=self.temperature,
                                                                    chunk=c.chunk)
         return losses.cross_logit_kd(s.logits, target, positions, b.mask, proj.student, proj.teacher,
