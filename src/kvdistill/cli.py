@@ -185,14 +185,25 @@ def validate(
     config: str = typer.Argument(..., help="YAML config (or a packaged name: quickstart, phase1 … phase5)."),
     overrides: list[str] | None = typer.Argument(None, help="Dotted overrides, e.g. train.lr=1e-4."),
 ) -> None:
-    """Check a config: every problem at once (keys, types, teachers found, layer maps possible)."""
-    from kvdistill.config import check_config, read_raw
+    """Check a config: every problem at once, by the checks `train` runs before its first step (keys, types,
+    models found, from_config shapes, layer maps, data fields and splits, max_length); nothing is written."""
+    from kvdistill.config import check_config, parse_config, read_raw
     from kvdistill.errors import ConfigError
+    from kvdistill.train.preflight import preflight
 
-    cfg, problems = check_config(read_raw(config_path(config), overrides or []), source=str(config))
-    if problems:
-        raise ConfigError(problems, source=str(config))
-    console.print(f"[green]ok[/green] {config}: student, {len(cfg.teachers)} teacher(s), data and losses valid")
+    raw = read_raw(config_path(config), overrides or [])
+    try:
+        cfg = parse_config(raw, source=str(config))
+    except ConfigError:  # the schema fails: every section checked on its own (check_config)
+        cfg, problems = check_config(raw, source=str(config))
+        raise ConfigError(problems, source=str(config)) from None
+    checked = preflight(cfg)
+    if checked.problems:
+        raise ConfigError(checked.problems, source=str(config))
+    for note in checked.model_notes + checked.data_notes:
+        console.print(f"[yellow]note:[/yellow] {note}")
+    console.print(f"[green]ok[/green] {config}: student, {len(cfg.teachers)} teacher(s), data "
+                  f"({len(checked.train_records)} train / {len(checked.eval_records)} eval records) and losses valid")
 
 
 @app.command()

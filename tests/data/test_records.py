@@ -119,10 +119,10 @@ def test_text_file_one_record_per_line(tmp_path):
     }
 
 
-def test_size_caps_and_eval_split_stable(tmp_path):
+def test_limit_caps_and_eval_split_stable(tmp_path):
     path = write_jsonl(tmp_path / "qa.jsonl", QA)
     full_train, full_eval = both(cfg(path))
-    capped_train, capped_eval = both(cfg(path, size=10))
+    capped_train, capped_eval = both(cfg(path, limit=10))
     assert [r["id"] for r in capped_eval] == [r["id"] for r in full_eval]
     assert len(capped_train) == 6 and {r["id"] for r in capped_train} <= {r["id"] for r in full_train}
     assert both(cfg(path)) == (full_train, full_eval)  # deterministic
@@ -276,5 +276,99 @@ def test_non_utf8_bytes_are_named_with_their_line(tmp_path):
     path.write_bytes(b'{"text": "fine"}\n{"text": "bad \xff\xfe bytes"}\n')
     before = path.read_bytes()
     with pytest.raises(KvdistillError, match=r"is not UTF-8: byte 0xff at offset 31 \(line 2\)") as err:
-        load_records(DataConfig(source="jsonl", path=str(path), eval_size=0, size=10))
+        load_records(DataConfig(source="jsonl", path=str(path), eval_size=0, limit=10))
     assert "iconv" in err.value.fix and path.read_bytes() == before
+
+
+# ---------------------------------------------------------------------------------------------- every record, caps
+def test_a_thousand_record_file_is_read_whole_and_a_cap_is_logged(tmp_path, caplog):
+    rows = [{"question": f"What is {i} times 3?", "answer": 3 * i} for i in range(1000)]
+    path = write_jsonl(tmp_path / "big.jsonl", rows)
+    with caplog.at_level(logging.WARNING, logger="kvdistill.data.records"):
+        train, evals = both(cfg(path, eval_size=50))
+    assert len(evals) == 50 and len(train) == 950  # no silent cut (it was data.size = 256)
+    assert {r["id"] for r in train + evals} == {f"big.jsonl:{i}" for i in range(1000)}
+    assert not caplog.records
+    with caplog.at_level(logging.WARNING, logger="kvdistill.data.records"):
+        train, evals = both(cfg(path, eval_size=50, limit=300))
+    assert (len(train), len(evals)) == (250, 50)
+    assert [r.getMessage() for r in caplog.records] == [
+        "data.path '" + str(path) + "': using 300 of its 1000 records (data.limit), 700 left out"]
+
+
+def test_size_is_for_generators_and_limit_for_files(tmp_path):
+    path = write_jsonl(tmp_path / "t.jsonl", QA)
+    with pytest.raises(ValueError, match=r"data.size \(100\) is the number of generated problems.*data.limit: 100"):
+        DataConfig(source="jsonl", path=str(path), size=100)
+    with pytest.raises(ValueError, match="data.limit caps the records of a file or dataset.*data.size: 5"):
+        DataConfig(source="arithmetic", limit=5)
+    with pytest.raises(ValueError, match="data.split is read by data.source hf only"):
+        DataConfig(source="jsonl", path=str(path), split="test")
+
+
+def test_blank_lines_skipped_are_logged(tmp_path, caplog):
+    path = tmp_path / "lines.txt"
+    path.write_text("one\n\n  \ntwo\nthree\n")
+    with caplog.at_level(logging.WARNING, logger="kvdistill.data.records"):
+        records = load_records(cfg(path, "text", eval_size=0))
+    assert [r["text"] for r in sorted(records, key=lambda r: r["id"])] == ["one", "two", "three"]
+    assert any("skipped 2 blank line(s) of 5" in r.getMessage() for r in caplog.records)
+
+
+# ---------------------------------------------------------------------------------------------- Hugging Face datasets
+def test_a_saved_dataset_a_dataset_dict_split_and_a_folder_of_files(tmp_path):
+    import datasets
+
+    ds = datasets.Dataset.from_list([{"q": f"What is {i} + 1?", "a": str(i + 1)} for i in range(12)])
+    ds.save_to_disk(str(tmp_path / "saved"))
+    fields = {"question_field": "q", "answer_field": "a", "eval_size": 2}
+    train, evals = both(DataConfig(source="hf", path=str(tmp_path / "saved"), **fields))
+    assert len(train) == 10 and len(evals) == 2 and evals[0]["text"].startswith("Question: What is ")
+    assert {r["id"] for r in train + evals} == {f"saved:{i}" for i in range(12)}
+
+    datasets.DatasetDict({"train": ds, "test": ds.select(range(4))}).save_to_disk(str(tmp_path / "dict"))
+    test_split = load_records(DataConfig(source="hf", path=str(tmp_path / "dict"), split="test", **fields), "eval")
+    assert len(test_split) == 2
+    with pytest.raises(KvdistillError, match=r"data.split 'valid' is not a split of .* \(splits: train, test\)"):
+        load_records(DataConfig(source="hf", path=str(tmp_path / "dict"), split="valid", **fields))
+    with pytest.raises(KvdistillError, match="holds a single split"):
+        load_records(DataConfig(source="hf", path=str(tmp_path / "saved"), split="test", **fields))
+
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    write_jsonl(folder / "part-0.jsonl", QA[:10])
+    write_jsonl(folder / "part-1.jsonl", QA[10:])
+    train, evals = both(DataConfig(source="hf", path=str(folder), eval_size=4))
+    assert len(train) + len(evals) == 20
+
+
+def test_an_in_memory_dataset_and_a_field_that_is_not_a_column():
+    import datasets
+
+    ds = datasets.Dataset.from_list([{"question": f"Q{i}?", "answer": str(i)} for i in range(8)])
+    train = load_records(DataConfig(eval_size=2), "train", dataset=ds)
+    evals = load_records(DataConfig(eval_size=2), "eval", dataset=ds)
+    assert len(train) == 6 and len(evals) == 2 and evals[0]["id"].startswith("dataset:")
+    with pytest.raises(KvdistillError, match="data.question_field = 'prompt': no such column in the dataset passed in"):
+        load_records(DataConfig(source="hf", question_field="prompt", eval_size=2), dataset=ds)
+    with pytest.raises(KvdistillError, match="a dataset was passed in, and the data section names another source"):
+        load_records(DataConfig(source="jsonl", path="x.jsonl"), dataset=ds)
+    with pytest.raises(KvdistillError, match="data.source 'hf' needs data.path"):
+        load_records(DataConfig(source="hf"))
+
+
+def test_messages_rows_become_conversations_answered_by_the_last_assistant_turn(tmp_path):
+    from kvdistill.models.chat import ChatText
+
+    rows = [{"messages": [{"role": "user", "content": f"What is {i} + 1?"},
+                          {"role": "assistant", "content": f"{i + 1}"}]} for i in range(6)]
+    records = load_records(cfg(write_jsonl(tmp_path / "chat.jsonl", rows), eval_size=0))
+    r = next(r for r in records if r["id"] == "chat.jsonl:2")
+    assert isinstance(r["text"], ChatText) and r["text"] == "user: What is 2 + 1?\nassistant: 3\n"
+    assert r["text"][r["answer_start"]:].startswith("3") and r["answer"] == "3"
+    assert r["question"] == "user: What is 2 + 1?\nassistant: "
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"messages": [{"role": "user"}]}])
+    with pytest.raises(KvdistillError, match="is not a non-empty list of {role, content} messages"):
+        load_records(cfg(bad, eval_size=0, messages_field="messages"))
+    with pytest.raises(KvdistillError, match="data.messages_field = 'chat': no such column"):
+        load_records(cfg(tmp_path / "chat.jsonl", eval_size=0, messages_field="chat"))

@@ -69,6 +69,7 @@ def test_empty_data_is_refused_before_training(tiny_yaml, tmp_path, cli, name, c
         "--out",
         tmp_path / "run",
         f"data.source={source}",
+        "~data.size",
         f"data.path={path}",
         "data.eval_size=0",
     )
@@ -95,7 +96,7 @@ def test_texts_longer_than_max_length_are_truncated(tiny_config, tmp_path, files
     words = " ".join(f"word{i} plus {i} is {2 * i}." for i in range(400))  # ~5000 tokens in every tokenizer
     path.write_text("".join(json.dumps({"text": f"{i}: {words}"}) + "\n" for i in range(8)))
     train(
-        tiny_config("data.source=jsonl", f"data.path={path}", "train.steps=1"),
+        tiny_config("data.source=jsonl", "~data.size", f"data.path={path}", "train.steps=1"),
         tmp_path / "run",
         progress=False,
     )

@@ -104,7 +104,7 @@ def test_a_resume_on_other_records_of_the_same_config_is_refused(tiny_yaml, tmp_
     data = tmp_path / "texts.jsonl"
     data.write_text("".join(json.dumps({"text": f"{i} plus {i} is {2 * i}."}) + "\n" for i in range(10)))
     out = tmp_path / "run"
-    args = ["data.source=jsonl", f"data.path={data}", "data.eval_size=2", "train.save_every=1"]
+    args = ["data.source=jsonl", "~data.size", f"data.path={data}", "data.eval_size=2", "train.save_every=1"]
     assert cli("train", tiny_yaml, "--out", out, *args, "train.steps=1")[0] == 0
     data.write_text(data.read_text().replace("7 plus 7 is 14.", "7 plus 7 is 15."))
     before = _listing(out)

@@ -72,7 +72,7 @@ def extract(
     ),
     dtype: str | None = typer.Option(None, "--dtype", help="Storage dtype: bfloat16, float16, float32."),
     size: int | None = typer.Option(
-        None, "--size", help="data.size: generated samples / cap on file records."
+        None, "--size", help="data.size: generated samples (a file's records: all, or data.limit=N)."
     ),
     max_length: int | None = typer.Option(None, "--max-length", help="data.max_length: tokens per text."),
     batch_size: int = typer.Option(8, "--batch-size", help="Texts per teacher forward."),

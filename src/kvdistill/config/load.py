@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from kvdistill.config.schema import DataConfig, RunConfig, StudentConfig, TeacherConfig
+from kvdistill.config.schema import GENERATED, DataConfig, RunConfig, StudentConfig, TeacherConfig
 from kvdistill.errors import ConfigError, KvdistillError
 
 
@@ -85,8 +85,12 @@ def _parse_scalar(text: str) -> Any:
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """Apply `a.b.c=value` overrides (YAML-parsed values; `teachers.0.weight=2` indexes lists)."""
+    """Apply `a.b.c=value` overrides (YAML-parsed values; `teachers.0.weight=2` indexes lists); `~a.b.c` removes a
+    key (back to its default), e.g. `~data.size` when `data.source=jsonl` replaces a generator."""
     for item in overrides:
+        if item.startswith("~") and "=" not in item:
+            _remove_key(raw, item[1:].strip())
+            continue
         if "=" not in item:
             raise ConfigError([f"override '{item}' is not of the form key.path=value"], source="overrides")
         path, value = item.split("=", 1)
@@ -110,6 +114,19 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
                 if node is None:
                     node = {}
     return raw
+
+
+def _remove_key(raw: dict, path: str) -> None:
+    node: Any = raw
+    parts = path.split(".")
+    for part in parts[:-1]:
+        node = node[int(part)] if isinstance(node, list) and part.isdigit() and int(part) < len(node) else (
+            node.get(part) if isinstance(node, dict) else None)
+        if node is None:
+            raise ConfigError([f"override '~{path}': there is no '{part}' to remove a key from"], source="overrides")
+    if not isinstance(node, dict) or parts[-1] not in node:
+        raise ConfigError([f"override '~{path}': the config sets no '{path}'"], source="overrides")
+    del node[parts[-1]]
 
 
 def parse_config(raw: dict, source: str = "config") -> RunConfig:
@@ -277,15 +294,13 @@ def _student_layers(student: StudentConfig, problems: list[str]) -> int | None:
     try:
         if student.model:
             return _num_layers(load_hf_config(student.model))
-        if "num_hidden_layers" in student.from_config:
-            return student.from_config["num_hidden_layers"]
-        if "family" in student.from_config:  # a family's default config
-            from transformers import AutoConfig
+        from kvdistill.models.from_config import hf_config_from_spec
 
-            return _num_layers(AutoConfig.for_model(student.from_config["family"]))
-        return _num_layers(load_hf_config(student.from_config["base"]))
+        return _num_layers(hf_config_from_spec(student.from_config, key="student.from_config")[0])
     except KvdistillError as err:
-        problems.append(f"student: {err.problem}")
+        problems.append(err.problem if err.problem.startswith("student") else f"student: {err.problem}")
+        if err.fix:
+            problems[-1] += f"; fix: {err.fix}"
         return None
 
 
@@ -297,22 +312,16 @@ def _num_layers(hf_config) -> int | None:
     return None
 
 
-def teacher_hf_config(t: TeacherConfig):
-    """A teacher's transformers config: its model's config.json, or the one its from_config builds."""
+def teacher_hf_config(t: TeacherConfig, key: str = "teacher.from_config"):
+    """A teacher's transformers config: its model's config.json, or the one its from_config builds
+    (`kvdistill.models.from_config`, checked as a student's is)."""
     from kvdistill.models.load import load_config as load_hf_config
 
     if t.model is not None:
         return load_hf_config(t.model)
-    from transformers import AutoConfig
+    from kvdistill.models.from_config import hf_config_from_spec
 
-    fields = dict(t.from_config)
-    base, family = fields.pop("base", None), fields.pop("family", None)
-    if base is not None:
-        config = load_hf_config(base)
-        for key, value in fields.items():
-            setattr(config, key, value)
-        return config
-    return AutoConfig.for_model(family, **fields)
+    return hf_config_from_spec(t.from_config, key=key)[0]
 
 
 def _teacher_problems(i: int, t: TeacherConfig, student_layers: int | None) -> list[str]:
@@ -325,8 +334,10 @@ def _teacher_problems(i: int, t: TeacherConfig, student_layers: int | None) -> l
             return [f"{key}.cache_dir: '{t.cache_dir}' holds no manifest.json; run `kvdistill extract` first"]
         return []
     try:
-        teacher_layers = _num_layers(teacher_hf_config(t))
+        teacher_layers = _num_layers(teacher_hf_config(t, key=f"teachers[{i}].from_config"))
     except KvdistillError as err:
+        if t.model is None:
+            return [err.problem + (f"; fix: {err.fix}" if err.fix else "")]
         return [f"{key}.model: {err.problem}"]
     lm = t.layer_map
     if teacher_layers is None:
@@ -345,7 +356,7 @@ def _teacher_problems(i: int, t: TeacherConfig, student_layers: int | None) -> l
 
 
 def _data_problems(data: DataConfig) -> list[str]:
-    if data.source != "gsm_symbolic" and data.path and not Path(data.path).exists():
+    if data.source not in (*GENERATED, "hf") and data.path and not Path(data.path).exists():
         return [f"data.path: '{data.path}' does not exist"]
     return []
 

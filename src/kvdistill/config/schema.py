@@ -7,7 +7,8 @@ Layout of a config (every section optional except `student` and `data`)::
 
     student:   {model | from_config, tokenizer, lora, dtype, gradient_checkpointing}
     teachers:  - {name, model, source: online|cache, cache_dir, weight, layer_map, projector, dtype, skill}
-    data:      {source, path, fields, template, size, seed, max_length, eval_size, val_size, train_size, skills, mix,
+    data:      {source, path, split, subset, fields, template, size | limit, seed, max_length, eval_size, val_size,
+                train_size, skills, mix,
                 train_skills}
     losses:    {ce, kv: {weight, kind, normalize, keys, values}, cosine, attention_kl, relation, logit_kd, hidden}
     fusion:    {kind: fixed|similarity|router, space: loss|target|latent, weights, similarity, router, entropy, latent}
@@ -196,30 +197,45 @@ class TeacherConfig(Section):
 
 
 # ---------------------------------------------------------------------------------------------- data
+GENERATED = ("gsm_symbolic", "arithmetic", "sorting", "skills")  # data sources generated from data.size and seed
+
+
 class DataConfig(Section):
     """Where the records come from and how they split (kvdistill.data.records).
 
-    `source`: a file format read from `path` (jsonl, csv, parquet, text), or a generator needing no path:
-    `gsm_symbolic` (GSM-Symbolic word problems, reasoning_gym), `arithmetic` (2-4 step integer arithmetic
-    with a worked solution, from `seed` alone), `sorting` (digit sorting), or `skills` (a mixture of those, each record
-    labelled with its skill). The first `eval_size` records are held out (the test split), the next `val_size` are the
-    validation split (training's held-out curves, early stopping); train records whose question also occurs in either
-    are dropped, so the train split may hold fewer than `size - eval_size - val_size`; `train_size` caps it (the first
-    ones, after `train_skills`).
+    `source`: a file format read from `path` (jsonl, csv, parquet, text); `hf`, a Hugging Face dataset read through
+    the `datasets` library (`path`: a hub id, a directory written by `save_to_disk`, or a folder of data files; in
+    the Python API also an in-memory `datasets.Dataset` passed to `train(..., dataset=)`); or a generator needing no
+    path: `gsm_symbolic` (GSM-Symbolic word problems, reasoning_gym), `arithmetic` (2-4 step integer arithmetic
+    with a worked solution, from `seed` alone), `sorting` (digit sorting), or `skills` (a mixture of those, each
+    record labelled with its skill). Every record of a file or dataset is used unless `limit` caps them; `size` is
+    the number of generated problems. The first `eval_size` records are held out (the test split), the next `val_size`
+    are the validation split (training's held-out curves, early stopping); train records whose question also occurs
+    in either are dropped (logged with the count); `train_size` caps the train split (the first ones, after
+    `train_skills`).
     """
 
-    source: Literal["jsonl", "csv", "parquet", "text", "gsm_symbolic", "arithmetic", "sorting", "skills"] = (
+    source: Literal["jsonl", "csv", "parquet", "text", "hf", "gsm_symbolic", "arithmetic", "sorting", "skills"] = (
         "gsm_symbolic")
     path: str | None = None
+    split: str = "train"
+    """source hf: the dataset's split to read (a hub dataset or a saved DatasetDict)."""
+    subset: str | None = None
+    """source hf: the hub dataset's configuration name (load_dataset's `name`)."""
     text_field: str = "text"
     question_field: str = "question"
     cot_field: str | None = "cot"
     answer_field: str = "answer"
+    messages_field: str = "messages"
+    """Chat records: a list of {role, content} rendered with each model's own chat template (kvdistill.models.chat);
+    the last assistant message is the answer."""
     template: str = "Question: {question}\nReasoning: {cot}\nAnswer: {answer}\n"
     """How (question, cot, answer) records become one training text; plain `text_field` records ignore it. The final
     line break ends the answer, so greedy decoding learns where an answer stops (exact match reads its first line)."""
-    size: int = Field(256, gt=0)
-    """Number of generated samples (gsm_symbolic, arithmetic) or the cap on records read from a file."""
+    size: int | None = Field(None, gt=0)
+    """Number of generated problems (gsm_symbolic, arithmetic; None: 256). Files and datasets: not read (limit)."""
+    limit: int | None = Field(None, gt=0)
+    """Files and datasets: use only this many records (drawn after shuffling with `seed`); None: all of them."""
     eval_size: int = Field(32, ge=0)
     val_size: int = Field(0, ge=0)
     """Validation records after the eval (test) split: with val_size > 0, training's held-out figures (eval_every,
@@ -238,9 +254,24 @@ class DataConfig(Section):
 
     @model_validator(mode="after")
     def _path(self):
+        generated = self.source in GENERATED
         problems = []
-        if self.source not in ("gsm_symbolic", "arithmetic", "sorting", "skills") and not self.path:
+        if not generated and self.source != "hf" and not self.path:
             problems.append(f"data.source '{self.source}' needs data.path")
+        if generated and self.size is None:
+            self.size = 256
+        if not generated and self.size is not None:
+            problems.append(f"data.size ({self.size}) is the number of generated problems, but data.source "
+                            f"'{self.source}' reads records: every record is used; drop data.size, or cap them with "
+                            f"data.limit: {self.size}")
+        if generated and self.limit is not None:
+            problems.append(f"data.limit caps the records of a file or dataset; data.source '{self.source}' "
+                            f"generates data.size problems: set data.size: {self.limit} instead")
+        unread = [k for k in ("split", "subset") if k in self.model_fields_set and self.source != "hf"
+                  and getattr(self, k) != type(self).model_fields[k].default]
+        problems += [f"data.{k} is read by data.source hf only (source is '{self.source}'); drop it" for k in unread]
+        if generated and self.path:
+            problems.append(f"data.path is not read by the generator '{self.source}'; drop it")
         if self.source == "skills":
             if not self.skills or len(set(self.skills)) != len(self.skills):
                 problems.append(f"data.skills {self.skills}: source 'skills' needs distinct skills "

@@ -20,6 +20,7 @@ import torch
 from kvdistill.align.layers import layer_map
 from kvdistill.losses import token_nll
 from kvdistill.models.capture import capture_kv, tokenize
+from kvdistill.models.chat import ChatText, render
 from kvdistill.models.geometry import geometry_of
 from kvdistill.objectives.batch import teacher_alignment
 
@@ -52,7 +53,8 @@ def exact_match(
 ) -> dict:
     """Greedy generation from each record's text before its answer; the extracted answer vs the gold one.
 
-    The prompt is `text[:answer_start]` without trailing whitespace (a training text reads "Answer: 42", which
+    A conversation's prompt is its messages before the answer in the tokenizer's chat template with the generation
+    prompt (`kvdistill.models.chat.render`). Otherwise the prompt is `text[:answer_start]` without trailing whitespace (a training text reads "Answer: 42", which
     BPE tokenizers split as "Answer", ":", " 42"; a prompt ending in a bare space would ask for a token the
     model never saw there). Prompts are left-padded into batches; positions come from the attention mask, so a
     batch generates what each prompt generates alone. The first generated line is read as "Answer: <line>".
@@ -70,8 +72,10 @@ def exact_match(
     tokenizer.padding_side = "left"
     try:
         for batch in chunks(usable, batch_size):
-            prompts = [r["text"][: r["answer_start"]].rstrip() for r in batch]
-            enc = tokenizer(prompts, return_tensors="pt", padding=True)
+            chat = isinstance(batch[0]["text"], ChatText)  # the conversation before its answer, in this
+            prompts = [render(tokenizer, r["text"], prompt_only=True).text if chat  # model's chat template
+                       else r["text"][: r["answer_start"]].rstrip() for r in batch]
+            enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=not chat)
             ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)  # (B, T) left-padded
             out = model.generate(
                 input_ids=ids,

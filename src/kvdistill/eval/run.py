@@ -96,7 +96,7 @@ def data_config(
             f"--data '{data}': unknown file type '.{suffix}'",
             "use .jsonl, .csv, .parquet or .txt, or gsm_symbolic",
         )
-    return DataConfig(source=source, path=data, size=10**9, eval_size=size, max_length=max_length)
+    return DataConfig(source=source, path=data, eval_size=size, max_length=max_length)
 
 
 def held_out(dcfg: DataConfig, *, fit: bool) -> tuple[list[dict], list[dict]]:

@@ -37,6 +37,7 @@ import torch
 
 from kvdistill.align.bytes import byte_spans
 from kvdistill.errors import KvdistillError
+from kvdistill.models.chat import ChatText, render, shared_spans
 from kvdistill.models.geometry import SLIDING_LAYER_TYPES, KVGeometry, decoder_attention_modules, geometry_of
 from kvdistill.models.rope import invert_rope, layer_tables, probe_ids, probing, record_tables
 
@@ -106,7 +107,8 @@ def tokenize(tokenizer, texts: list[str], *, max_length: int | None = None, padd
     UTF-8 byte offsets [start, end) into each text (`kvdistill.align.bytes.byte_spans` of the tokenizer's character
     offsets: exact where one character is split into several tokens; equal to them on ASCII text, except that a
     '▁' Llama-2 prepends onto the text's first character covers no byte). Special tokens have empty spans; padding
-    rows are (0, 0).
+    rows are (0, 0). A conversation (`kvdistill.models.chat.ChatText`) is tokenized in this tokenizer's own chat
+    template, its spans mapped into the conversation's shared text (template markup: empty spans).
     """
     if isinstance(texts, str):
         texts = [texts]
@@ -115,9 +117,16 @@ def tokenize(tokenizer, texts: list[str], *, max_length: int | None = None, padd
     if not getattr(tokenizer, "is_fast", False):
         raise KvdistillError(f"tokenizer {type(tokenizer).__name__} is not a fast tokenizer",
                              "character offsets need a fast (Rust) tokenizer; load it with use_fast=True")
+    renderings = _chat_renderings(tokenizer, texts)
+    shared_texts, texts = texts, [r.text if r is not None else t for r, t in zip(renderings, texts, strict=True)]
     old_side = tokenizer.padding_side
     tokenizer.padding_side = padding_side
     try:
+        if any(r is not None for r in renderings):  # a rendered chat template carries its own special tokens
+            if not all(r is not None for r in renderings):
+                raise KvdistillError("a batch mixes chat (messages) records with plain texts",
+                                     "give every record of a dataset the same format")
+            add_special_tokens = False
         enc = tokenizer(list(texts), return_offsets_mapping=True, padding=True,
                         truncation=max_length is not None, max_length=max_length,
                         add_special_tokens=add_special_tokens)
@@ -131,6 +140,10 @@ def tokenize(tokenizer, texts: list[str], *, max_length: int | None = None, padd
     if offsets.dim() != 3:  # every text empty and no BOS: the tokenizer returns (B, 0)
         offsets = offsets.reshape(len(texts), -1, 2)
     offsets = byte_spans(tokenizer, texts, enc["input_ids"], offsets)  # (B, T, 2) UTF-8 bytes
+    if renderings[0] is not None:  # bytes of each model's rendering -> bytes of the shared text (models.chat)
+        real = enc["attention_mask"].bool()  # (B, T)
+        for b, r in enumerate(renderings):
+            offsets[b, real[b]] = shared_spans(offsets[b, real[b]], r.pieces)
     enc["offset_mapping"] = offsets
     # special tokens written out in the text ("<|endoftext|>") have a span but are no content; <unk> stands for text
     framing = {getattr(tokenizer, f"{n}_token_id", None) for n in ("bos", "eos", "pad", "cls", "sep")}
@@ -140,7 +153,7 @@ def tokenize(tokenizer, texts: list[str], *, max_length: int | None = None, padd
         content &= ~torch.isin(enc["input_ids"], torch.tensor(special, dtype=enc["input_ids"].dtype))
     empty = [i for i in range(len(texts)) if not content[i].any()]
     if empty:
-        shown = ", ".join(f"#{i} {texts[i][:40]!r}" for i in empty[:5])
+        shown = ", ".join(f"#{i} {shared_texts[i][:40]!r}" for i in empty[:5])
         raise KvdistillError(f"text(s) {shown} tokenize to nothing but special tokens",
                              "drop empty or whitespace-only samples from the data")
     lengths = enc["attention_mask"].sum(1)
@@ -151,6 +164,27 @@ def tokenize(tokenizer, texts: list[str], *, max_length: int | None = None, padd
             f"set data.max_length (or --max-length) to at most {max_positions} to truncate",
         )
     return enc
+
+
+def token_counts(tokenizer, texts: list[str], *, chunk: int = 512) -> list[int]:
+    """How many tokens each text is for this tokenizer before any truncation, as `tokenize` would make them (a
+    conversation in the tokenizer's chat template)."""
+    counts = []
+    for lo in range(0, len(texts), chunk):
+        part = texts[lo : lo + chunk]
+        renderings = _chat_renderings(tokenizer, part)
+        plain = [t for t, r in zip(part, renderings, strict=True) if r is None]
+        chats = [r.text for r in renderings if r is not None]
+        ids_plain = iter(tokenizer(plain, add_special_tokens=True)["input_ids"] if plain else [])
+        ids_chat = iter(tokenizer(chats, add_special_tokens=False)["input_ids"] if chats else [])
+        counts += [len(next(ids_plain) if r is None else next(ids_chat)) for r in renderings]
+    return counts
+
+
+def _chat_renderings(tokenizer, texts) -> list:
+    """Per text: its rendering in `tokenizer`'s chat template when it is a conversation (`models.chat.ChatText`),
+    else None."""
+    return [render(tokenizer, t) if isinstance(t, ChatText) else None for t in texts]
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ def build_teachers(cfg, device) -> list:
     else an `OnlineTeacher` loaded with the attention kernel its losses need."""
     teachers = []
     on_gpu = torch.device(device).type == "cuda"
-    for tcfg in cfg.teachers:
+    for i, tcfg in enumerate(cfg.teachers):
         if tcfg.source == "cache":
             # refused unless it holds this run's teacher, tokenizer, compression and data
             teachers.append(CachedTeacher(tcfg.name, open_teacher_cache(tcfg, cfg.data)))
@@ -35,7 +35,8 @@ def build_teachers(cfg, device) -> list:
         if tcfg.from_config is not None:  # a randomly initialised teacher (seed 0), eager attention where read
             model, tok = build_student(StudentConfig(from_config=tcfg.from_config, tokenizer=tcfg.tokenizer,
                                                      dtype=dtype), seed=0,
-                                       attentions=cfg.losses.attention_kl > 0 or reads_rkv)
+                                       attentions=cfg.losses.attention_kl > 0 or reads_rkv,
+                                       key=f"teachers[{i}].from_config")
             model.to(resolve_dtype(dtype))
             teachers.append(OnlineTeacher(tcfg.name, model, tok, layers=comp.layers,
                                           compression=comp.build() if comp.kind != "full" else None))

@@ -22,6 +22,7 @@ from kvdistill.align.tokens import token_alignment
 from kvdistill.errors import KvdistillError
 from kvdistill.fuse.routing_accuracy import routing_accuracy
 from kvdistill.models.capture import forward_kv, tokenize
+from kvdistill.models.chat import ChatText
 from kvdistill.models.geometry import geometry_of
 from kvdistill.objectives.base import FusionSpace, Step, read_metrics
 from kvdistill.objectives.batch import Collated, Collator, TeacherSide
@@ -218,7 +219,9 @@ class Objective(nn.Module):
 
     def alignment_sample(self, record: dict) -> dict:
         """Tokens of the student and every teacher for one record, and their alignment (for the report)."""
-        text = record["text"][:400]
+        text = record["text"]
+        if not isinstance(text, ChatText):  # a conversation stays whole: each model renders its own template
+            text = text[:400]
 
         def toks(tokenizer):
             enc = tokenize(tokenizer, [text], max_length=48)

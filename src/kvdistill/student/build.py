@@ -6,20 +6,21 @@ from __future__ import annotations
 import torch
 
 from kvdistill.config import StudentConfig
-from kvdistill.errors import KvdistillError
 from kvdistill.models.capture import enable_checkpointing
 from kvdistill.models.load import (
     attn_implementation_for,
     from_pretrained_or_config,
-    load_config,
     load_model,
     load_tokenizer,
     resolve_dtype,
 )
 
 
-def build_student(cfg: StudentConfig, *, seed: int = 0, attentions: bool = False):
+def build_student(cfg: StudentConfig, *, seed: int = 0, attentions: bool = False, key: str = "student.from_config"):
     """(model, tokenizer), model in train mode on CPU (the trainer moves it).
+
+    A from_config model's config is built by `kvdistill.models.from_config` (the family's config class, heads and
+    widths checked, derived sizes following hidden_size); `key` names it in errors (a teacher's from_config).
 
     attentions: the run reads the student's attention probabilities (eager attention), else sdpa where the
     family has it.
@@ -30,18 +31,10 @@ def build_student(cfg: StudentConfig, *, seed: int = 0, attentions: bool = False
     else:
         from transformers import AutoModelForCausalLM
 
-        overrides = dict(cfg.from_config)
-        base = overrides.pop("base", None)
-        family = overrides.pop("family", None)
-        config = load_config(base) if base is not None else _family_config(family, overrides)
-        unknown = [k for k in overrides if not hasattr(config, k)]
-        if unknown:
-            raise KvdistillError(
-                f"student.from_config: {unknown} are not fields of {type(config).__name__}",
-                f"use fields of {'the base model' + chr(39) + 's config.json (' + base + ')' if base else family}",
-            )
-        for key, value in overrides.items():
-            setattr(config, key, value)
+        from kvdistill.models.from_config import hf_config_from_spec
+
+        base, family = cfg.from_config.get("base"), cfg.from_config.get("family")
+        config, _ = hf_config_from_spec(cfg.from_config, key=key, log_notes=True)
         tokenizer = load_tokenizer(cfg.tokenizer or base)
         # the embedding must cover the chosen tokenizer, special ids must point into it
         config.vocab_size = len(tokenizer)
@@ -89,16 +82,3 @@ def save_student(model: torch.nn.Module, tokenizer, out_dir: str, *, merge_lora:
             model = copy.deepcopy(model).merge_and_unload()
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
-
-
-def _family_config(family: str, fields: dict):
-    """The config of a transformers model_type (e.g. "qwen2", "gemma2") built with `fields` (so that derived fields
-    such as per-layer types follow the layer count), refused with the known types."""
-    from transformers import AutoConfig
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
-    if family not in CONFIG_MAPPING:
-        close = [k for k in CONFIG_MAPPING if k.startswith(str(family)[:3])][:8]
-        raise KvdistillError(f"student.from_config.family '{family}' is not a transformers model_type",
-                             f"use one such as llama, qwen2, gemma2, mistral{' (close: ' + ', '.join(close) + ')' if close else ''}")
-    return AutoConfig.for_model(family, **fields)

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from kvdistill.cache.manifest import write_json_atomic
-from kvdistill.config import RunConfig, TrainConfig, dump_config, semantic_problems
+from kvdistill.config import RunConfig, dump_config
 from kvdistill.errors import ConfigError, KvdistillError
 from kvdistill.objectives.ahead import TeachersAhead
 from kvdistill.train.checkpoint import (
@@ -52,6 +52,7 @@ from kvdistill.train.checkpoint import (
     write_text_atomic,
 )
 from kvdistill.train.loader import collated_batches, micro_batch, teachers_ahead
+from kvdistill.train.preflight import position_problems, preflight
 from kvdistill.train.resume import (
     DATA,
     RunLock,
@@ -207,13 +208,17 @@ class Run:
 
 
 def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, stop_after: int | None = None,
-          init_student: str | None = None, progress: bool = True) -> dict:
+          init_student: str | None = None, progress: bool = True, dataset=None) -> dict:
     """Run (or resume) training; returns the summary also written to DIR/summary.json.
+
+    `dataset`: an in-memory `datasets.Dataset` (or DatasetDict, split by data.split) read with the data section's
+    field names (data.source hf, no data.path); it is saved into DIR/dataset and config.yaml points there, so the
+    run directory evaluates and resumes on its own.
 
     `stop_after`: stop after this many optimizer steps as if interrupted (checkpoint written), for resumption.
     `init_student`: start from this student directory instead of `cfg.student` (curriculum phases).
     """
-    run = setup(cfg, out_dir, resume=resume, stop_after=stop_after, init_student=init_student)
+    run = setup(cfg, out_dir, resume=resume, stop_after=stop_after, init_student=init_student, dataset=dataset)
     try:
         fit(run, progress=progress)
         summary = finish(run)
@@ -226,7 +231,7 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, stop_aft
 
 
 def setup(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, stop_after: int | None = None,
-          init_student: str | None = None) -> Run:
+          init_student: str | None = None, dataset=None) -> Run:
     """Check every input, then build the run: accelerator, data, objective (fitted maps prepared), optimizer,
     scheduler and, with `resume`, the state of the newest intact checkpoint (or step 0 when the run stopped
     before its first checkpoint). The caller ends the run with `Run.close()` (`train` does).
@@ -237,7 +242,6 @@ def setup(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, stop_aft
     from accelerate.utils import set_seed
     from transformers import get_scheduler
 
-    from kvdistill.data import load_records
     from kvdistill.objectives import build_objective
 
     out_dir = Path(out_dir)
@@ -246,15 +250,13 @@ def setup(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, stop_aft
     lock = RunLock(out_dir) if main else None
     _on_main(accelerator, lambda: lock.check())  # another run writing DIR: refused before anything else
     plan_start(out_dir, cfg, resume)  # checked on every process, so none is left waiting for the others
-    problems = semantic_problems(cfg) + _learning_rate_problems(cfg)  # teachers found, layer maps possible, ...
-    if problems:
-        raise ConfigError(problems, source=f"config '{cfg.name}'")
+    checked = preflight(cfg, dataset=dataset)  # every check `kvdistill validate` runs, data included
+    if checked.problems:
+        raise ConfigError(checked.problems, source=f"config '{cfg.name}'")
+    for note in checked.data_notes:
+        log.warning(note)
     set_seed(cfg.train.seed)
-    train_records = load_records(cfg.data, split="train")
-    # training's held-out figures: the validation split where there is one (the test split is left to the final
-    # scoring), else the eval split
-    held_split = "val" if cfg.data.val_size else "eval"
-    eval_records = load_records(cfg.data, split=held_split) if (cfg.data.val_size or cfg.data.eval_size) else []
+    train_records, eval_records = checked.train_records, checked.eval_records
     fingerprint = data_fingerprint(train_records, eval_records)
     if resume:
         check_data(out_dir, fingerprint, cfg)
@@ -266,6 +268,8 @@ def setup(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, stop_aft
     _on_main(accelerator, lambda: lock.acquire())  # the first write: from here on no other run writes DIR
     try:
         plan = plan_start(out_dir, cfg, resume)  # again, now that DIR cannot change under us
+        if dataset is not None:  # the run directory keeps its data: config.yaml names the saved copy
+            cfg = cfg.model_copy(update={"data": _save_dataset(dataset, cfg, out_dir, main)})
         if main:
             write_text_atomic(out_dir / "config.yaml", dump_config(cfg))
             write_json_atomic(out_dir / DATA, fingerprint)
@@ -316,6 +320,24 @@ def setup(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, stop_aft
         raise
 
 
+def _save_dataset(dataset, cfg: RunConfig, out_dir: Path, main: bool):
+    """Save an in-memory dataset (its data.split) to DIR/dataset (written aside, then renamed); the data section
+    that reads it back."""
+    import shutil
+
+    from kvdistill.data.records import dataset_split
+
+    target = out_dir / "dataset"
+    if main:
+        tmp = out_dir / "dataset.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        dataset_split(dataset, cfg.data).save_to_disk(str(tmp))
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.rename(target)
+    kept = {k: v for k, v in cfg.data.model_dump(exclude_unset=True).items() if k not in ("size", "split")}
+    return cfg.data.model_validate({**kept, "source": "hf", "path": str(target.resolve())})  # one split saved
+
+
 def _on_main(accelerator, fn: Callable[[], Any]) -> Any:
     """fn() on the main process only; its result, or the KvdistillError it raised, on every process (so no
     process goes on alone or is left waiting for the others)."""
@@ -337,16 +359,6 @@ def _on_main(accelerator, fn: Callable[[], Any]) -> Any:
     if error is not None:
         raise error
     return result
-
-
-def _learning_rate_problems(cfg: RunConfig) -> list[str]:
-    """Learning rates AdamW cannot use (also for configs built in code, which skip the schema's bounds):
-    AdamW moves every weight by about lr per step, and above float32's range the update itself overflows."""
-    limit = next(m.le for m in TrainConfig.model_fields["lr"].metadata if getattr(m, "le", None) is not None)
-    return [f"{key} = {value:g}: not a learning rate AdamW can use (it moves every weight by about lr per step); "
-            f"give a finite value above 0 and at most {limit:g}, e.g. 3e-4"
-            for key, value in (("train.lr", cfg.train.lr), ("train.projector_lr", cfg.train.projector_lr))
-            if value is not None and not (math.isfinite(value) and 0 < value <= limit)]
 
 
 def _accelerator(cfg: RunConfig):
@@ -609,17 +621,13 @@ def _has_accelerator() -> bool:
 
 
 def _check_positions(objective, max_length: int) -> None:
-    """Refuse, before any step, a data.max_length that some model cannot take (its position table is shorter)."""
+    """Refuse, before any step, a data.max_length that some model cannot take (the built models: also a student
+    from --init-student)."""
     models = [("student", objective.student_geometry)] + [(f"teacher '{t.name}'", t.geometry)
                                                           for t in objective.teachers]
-    short = [(who, g.max_positions) for who, g in models if g.max_positions and g.max_positions < max_length]
-    if short:
-        limit = min(m for _, m in short)
-        raise KvdistillError(
-            f"data.max_length = {max_length} is longer than the maximum positions of "
-            + ", ".join(f"{who} ({m})" for who, m in short),
-            f"set data.max_length to at most {limit} (texts are truncated to it), or use models with longer contexts",
-        )
+    problems = position_problems(models, max_length)
+    if problems:
+        raise KvdistillError(*problems[0].split("; ", 1))
 
 
 def _stop_if_non_finite(accelerator, loss: float, metrics: dict, step: int, micro: int, records: list[dict],
