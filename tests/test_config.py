@@ -124,3 +124,14 @@ def test_validate_runs_the_checks_training_runs():
                for p in problems), problems
     raw["losses"] = {"logit_kd": {"weight": 1.0}}
     assert check_config(raw)[1] == []
+
+
+def test_a_tilde_override_removes_a_key():
+    from kvdistill.config import apply_overrides
+    from kvdistill.errors import ConfigError
+
+    raw = {"data": {"source": "arithmetic", "size": 12}, "teachers": [{"name": "a", "weight": 2}]}
+    out = apply_overrides(raw, ["data.source=jsonl", "~data.size", "~teachers.0.weight"])
+    assert out == {"data": {"source": "jsonl"}, "teachers": [{"name": "a"}]}
+    with pytest.raises(ConfigError, match="the config sets no 'data.limit'"):
+        apply_overrides(out, ["~data.limit"])

@@ -81,7 +81,7 @@ def hf_config_from_spec(spec: dict[str, Any], *, key: str = "student.from_config
             f"{key}: {unknown} are not fields of {cls.__name__}",
             f"use fields of {'the base model' + chr(39) + 's config.json (' + base + ')' if base else family}",
         )
-    notes = _derive_sizes(start, fields, key, origin)
+    notes = _derive_sizes(start, fields, key, origin, from_base=base is not None)
     from huggingface_hub.errors import StrictDataclassError
 
     values = {**(start.to_dict() if base is not None else {}), **fields}
@@ -119,7 +119,7 @@ def _builds_on_meta(config, key: str) -> None:
                              f"change the fields it names in {key}") from None
 
 
-def _derive_sizes(start, fields: dict, key: str, origin: str) -> list[str]:
+def _derive_sizes(start, fields: dict, key: str, origin: str, from_base: bool) -> list[str]:
     """Check heads against widths and fill in the sizes the base derives from hidden_size (see the module
     docstring), in `fields`; returns the notes."""
     aliases = getattr(start, "attribute_map", {}) or {}  # e.g. GPT-2: hidden_size -> n_embd
@@ -159,7 +159,8 @@ def _derive_sizes(start, fields: dict, key: str, origin: str) -> list[str]:
             f"{where('num_attention_heads')}): hidden_size is not a multiple of num_attention_heads",
             fix + "; or set hidden_size to a multiple of the head count",
         )
-    if head_dim_derived and head_dim0 is not None and hidden // heads != head_dim0:
+    # a family's own class derives head_dim from the fields it is given; a base's config.json spells it out
+    if head_dim_derived and from_base and head_dim0 is not None and hidden // heads != head_dim0:
         fields["head_dim"] = hidden // heads
         notes.append(f"head_dim {head_dim0} -> {hidden // heads} (hidden_size {hidden} / num_attention_heads "
                      f"{heads}, as {origin} derives it; set head_dim to choose another)")
