@@ -485,7 +485,7 @@ def test_extract_configs_from_a_run_config_and_from_flags(tmp_path):
         [],
         teacher="gemma3-270m",
         compression=dict(none, kind="rkv", budget=5, layers="0, 17"),
-        **dict(flags, out="x", data="more.csv", size=9),
+        **dict(flags, out="x", data="more.csv", limit=9),
     )
     assert (t.name, t.compression.kind, t.compression.budget, t.compression.layers) == (
         "gemma",
@@ -493,7 +493,7 @@ def test_extract_configs_from_a_run_config_and_from_flags(tmp_path):
         5,
         [0, 17],
     )
-    assert (d.source, d.path, d.size, out) == ("csv", "more.csv", 9, "x")
+    assert (d.source, d.path, d.limit, d.size, out) == ("csv", "more.csv", 9, None, "x")
     t, _, _ = extract_configs(
         str(config), [], teacher="gemma", compression=dict(none, kind="full"), **dict(flags, out="x")
     )

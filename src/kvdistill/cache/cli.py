@@ -40,6 +40,7 @@ _FLAGS = {
     "data.source": "--data",
     "data.path": "--data",
     "data.size": "--size",
+    "data.limit": "--limit",
     "data.max_length": "--max-length",
 }
 
@@ -72,7 +73,10 @@ def extract(
     ),
     dtype: str | None = typer.Option(None, "--dtype", help="Storage dtype: bfloat16, float16, float32."),
     size: int | None = typer.Option(
-        None, "--size", help="data.size: generated samples (a file's records: all, or data.limit=N)."
+        None, "--size", help="data.size: generated samples (gsm_symbolic, arithmetic, ...)."
+    ),
+    limit: int | None = typer.Option(
+        None, "--limit", help="data.limit: use only N records of a file (default: all)."
     ),
     max_length: int | None = typer.Option(None, "--max-length", help="data.max_length: tokens per text."),
     batch_size: int = typer.Option(8, "--batch-size", help="Texts per teacher forward."),
@@ -99,6 +103,7 @@ def extract(
         data=data,
         compression={"kind": compression, "budget": budget, "lam": lam, "layers": layers, "dtype": dtype},
         size=size,
+        limit=limit,
         max_length=max_length,
     )
     result = run_extract(
@@ -132,6 +137,7 @@ def extract_configs(
     compression: dict,
     size: int | None,
     max_length: int | None,
+    limit: int | None = None,
 ):
     """(TeacherConfig, DataConfig, out dir) from a run config and/or flags; every problem listed together."""
     from kvdistill.config import DataConfig, TeacherConfig, apply_overrides, config_path, read_raw
@@ -160,6 +166,8 @@ def extract_configs(
             problems.append(f"{err.problem} ({err.fix})")
     if size is not None:
         data_raw["size"] = size
+    if limit is not None:
+        data_raw["limit"] = limit
     if max_length is not None:
         data_raw["max_length"] = max_length
     teacher_raw.setdefault("source", "online")
