@@ -141,6 +141,7 @@ def extract_configs(
 ):
     """(TeacherConfig, DataConfig, out dir) from a run config and/or flags; every problem listed together."""
     from kvdistill.config import DataConfig, TeacherConfig, apply_overrides, config_path, read_raw
+    from kvdistill.config.schema import GENERATED
 
     if config is not None:
         raw = read_raw(config_path(config), overrides)
@@ -162,6 +163,8 @@ def extract_configs(
     if data is not None:
         try:
             data_raw.update(_data_source(data, overrides))
+            if data_raw.get("source") not in GENERATED:  # --data replaces a generator: its size goes with it
+                data_raw.pop("size", None)
         except KvdistillError as err:
             problems.append(f"{err.problem} ({err.fix})")
     if size is not None:
