@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from kvdistill.compress.latent import latent_target, resample_full, window_rows
+from kvdistill.compress.select import DEFAULT_LAM, query_rows
 
 B, H, T, D, M = 3, 2, 11, 4, 4
 
@@ -39,8 +40,6 @@ def brute_scores(keys, importance, cand, lam, scoring):
             if scoring == "kava":
                 z = sum(math.exp(-r[t]) for t in ts)
                 score = {t: lam * float(importance[b, h, t]) + (1 - lam) * math.exp(-r[t]) / z for t in ts}
-            elif scoring == "rkv":
-                score = {t: lam * float(importance[b, h, t]) - (1 - lam) * r[t] for t in ts}
             else:
                 imp = [float(importance[b, h, t]) for t in ts]
                 red = [r[t] for t in ts]
@@ -68,7 +67,7 @@ def brute_select(scores):
     return idx, kept
 
 
-@pytest.mark.parametrize("scoring", ["kava", "rkv", "minmax"])
+@pytest.mark.parametrize("scoring", ["kava", "minmax"])
 @pytest.mark.parametrize("lam", [0.1, 0.0, 1.0])
 def test_rkv_latent_selection_equals_brute_force(scoring, lam):
     keys, importance, cand = batch()
@@ -88,7 +87,9 @@ def test_rkv_latent_selection_equals_brute_force(scoring, lam):
 def test_never_keeps_a_non_cot_token_and_variants_differ():
     keys, importance, cand = batch()
     plans = {s: latent_target("rkv", cand, M, keys=keys, importance=importance, scoring=s)
-             for s in ("kava", "rkv", "minmax")}
+             for s in ("kava", "minmax")}
+    logits, valid = window_logits_of(cand, 2)
+    plans["rkv"] = latent_target("rkv", cand, M, keys=keys, importance=logits, valid=valid, scoring="rkv", window=2)
     for plan in plans.values():
         chosen = plan.index[..., 0]
         assert all(cand[b, chosen[b, h, m]] for b in range(B) for h in range(H) for m in range(M)
@@ -127,3 +128,88 @@ def test_right_crop_keeps_the_first_m_cot_tokens():
 def test_window_rows_marks_the_last_real_tokens():
     mask = torch.tensor([[1, 1, 1, 1, 0, 0], [0, 1, 1, 1, 1, 1]])
     assert window_rows(mask, 2).tolist() == [[0, 0, 1, 1, 0, 0], [0, 0, 0, 0, 1, 1]]
+
+
+# ------------------------------------------------------------------------------------------ R-KV's own scoring
+def window_logits_of(cand, window, *, Hq=2, seed=1):
+    """Random window logits (B, H, Q, T) as `window_logits` shapes them (max over a group of Hq query heads
+    of random q·k), and the rows' validity."""
+    g = torch.Generator().manual_seed(seed)
+    rows, valid = query_rows(window_rows(cand, window), torch.ones_like(cand))
+    per_head = torch.randn(cand.shape[0], H, Hq, rows.shape[1], cand.shape[1], generator=g, dtype=torch.float64)
+    return per_head.amax(2), valid
+
+
+def brute_rkv(keys, logits, cand, window, lam, budget):
+    """R-KV's selection with loops, from the formula: per (b, h) over the n CoT tokens c_0 < ... < c_{n-1}: all of
+    them when n <= budget; else the window W = the last w = min(window, n), and the budget - w best of the others P
+    by λ·max_{|i-j|<=3, c_j in P} A_j - (1-λ)·S_i, A_j = mean over the window rows of softmax over P of the logits,
+    S = softmax over the CoT of the column means of the cosine matrix (diagonal 0, each row's latest entry above
+    0.5, else its first, set to 0)."""
+    chosen = {}
+    for b in range(cand.shape[0]):
+        cs = [t for t in range(cand.shape[1]) if cand[b, t]]
+        n = len(cs)
+        for h in range(keys.shape[1]):
+            if n <= budget:
+                chosen[b, h] = cs
+                continue
+            w = min(window, n)
+            past, win = cs[: n - w], cs[n - w :]
+            A = []
+            for i in range(len(past)):
+                total = 0.0
+                for q in range(w):  # window rows in time order: row q is token win[q]
+                    z = sum(math.exp(float(logits[b, h, q, t])) for t in past)
+                    total += math.exp(float(logits[b, h, q, past[i]])) / z
+                A.append(total / w)
+            pooled = [max(A[j] for j in range(len(past)) if abs(i - j) <= 3) for i in range(len(past))]
+            cos = [[0.0 if i == j else float(torch.nn.functional.cosine_similarity(keys[b, h, cs[i]], keys[b, h, cs[j]],
+                                                                                  dim=0)) for j in range(n)]
+                   for i in range(n)]
+            for i in range(n):
+                above = [j for j in range(n) if cos[i][j] > 0.5]
+                cos[i][max(above) if above else 0] = 0.0
+            col = [sum(cos[i][j] for i in range(n)) / n for j in range(n)]
+            z = sum(math.exp(c) for c in col)
+            S = [math.exp(c) / z for c in col]
+            score = {past[i]: lam * pooled[i] - (1 - lam) * S[i] for i in range(len(past))}
+            best = sorted(score, key=lambda t: (-score[t], t))[: budget - w]
+            chosen[b, h] = sorted(best + win)
+    return chosen
+
+
+@pytest.mark.parametrize("lam", [None, 0.0, 1.0, 0.5])
+@pytest.mark.parametrize("window", [2, 3])
+def test_rkv_reference_scoring_equals_brute_force(lam, window):
+    """Random keys and logits, CoT spans with padding around them, a short CoT (fewer tokens than the budget), a
+    scattered one and a long one; keys built with near-duplicates so that R-KV's 0.5 threshold matters."""
+    g = torch.Generator().manual_seed(7)
+    B2, T2, budget = 4, 24, 6
+    base = torch.randn(B2, H, 3, D, generator=g, dtype=torch.float64)
+    pick = torch.randint(0, 3, (B2, H, T2), generator=g)
+    keys = base.gather(2, pick[..., None].expand(B2, H, T2, D)) + 0.6 * torch.randn(B2, H, T2, D, generator=g,
+                                                                                     dtype=torch.float64)
+    cand = torch.zeros(B2, T2, dtype=torch.long)
+    cand[0, 3:20] = 1  # 17 CoT tokens between a question and an answer
+    cand[1, 5:9] = 1  # 4 < budget: every one kept
+    cand[2, [1, 2, 4, 6, 9, 11, 12, 15, 16, 20]] = 1  # scattered
+    cand[3, 0:24] = 1  # the whole row
+    logits, valid = window_logits_of(cand, window)
+    plan = latent_target("rkv", cand, budget, keys=keys, importance=logits, valid=valid, lam=lam, scoring="rkv",
+                         window=window)
+    want = brute_rkv(keys, logits, cand, window, DEFAULT_LAM["rkv"] if lam is None else lam, budget)
+    for (b, h), ts in want.items():
+        got = [int(t) for t, k in zip(plan.index[b, h, :, 0], plan.kept[b, h], strict=True) if k]
+        assert got == ts, (b, h)
+        assert int(plan.kept[b, h].sum()) == min(budget, int(cand[b].sum()))
+    # the window (the last `window` CoT tokens) is always kept; the default λ of this scoring is R-KV's 0.07
+    assert all(t in want[0, h] for h in range(H) for t in range(20 - window, 20))
+    assert DEFAULT_LAM["rkv"] == 0.07
+
+
+def test_rkv_reference_scoring_refuses_a_budget_within_the_window():
+    keys, _, cand = batch()
+    logits, valid = window_logits_of(cand, 4)
+    with pytest.raises(Exception, match="window"):
+        latent_target("rkv", cand, 4, keys=keys, importance=logits, valid=valid, scoring="rkv", window=4)

@@ -170,3 +170,32 @@ def test_stacked_layers_equal_one_layer_at_a_time(family, extra):
             assert torch.equal(got[layer], want), (group, layer)
             assert torch.equal(given[layer], want), (group, layer)
     assert list(query_importance(model, cap, qc.queries, query, layers[::-1])) == layers[::-1]
+
+
+@pytest.mark.parametrize("family, extra", [("llama", {"num_key_value_heads": 4}), ("qwen3", {"num_key_value_heads": 4})])
+def test_window_logits_give_the_eager_attention_rows(family, extra):
+    """R-KV's window logits: with one query head per KV head (the group max is the head itself), their softmax over
+    the keys a window row sees is the model's own eager attention row (rotation, scaling and q_norm included)."""
+    from kvdistill.compress import query_rows
+    from kvdistill.compress.latent import window_rows
+    from kvdistill.models.queries import window_logits
+
+    model = _tiny(family, **extra)
+    geometry = geometry_of(model)
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(3, 128, (2, 15), generator=g)
+    mask = torch.ones(2, 15, dtype=torch.long)
+    mask[1, 11:] = 0  # right padding
+    with capture_queries(model, geometry) as qc, torch.no_grad():
+        cap = forward_kv(model, ids, mask, attentions=True)
+    rows, valid = query_rows(window_rows(mask, 3), mask)  # (B, Q)
+    got = window_logits(model, cap, qc.queries, rows, list(range(geometry.num_layers)))
+    for layer, logits in got.items():
+        assert logits.shape == (2, geometry.num_kv_heads, 3, 15)
+        for b in range(2):
+            for q in range(3):
+                row = int(rows[b, q])
+                seen = mask[b, : row + 1].bool()
+                want = cap.attentions[layer][b, :, row, : row + 1][:, seen]
+                torch.testing.assert_close(logits[b, :, q, : row + 1][:, seen].softmax(-1), want.float(),
+                                           atol=1e-5, rtol=1e-4)

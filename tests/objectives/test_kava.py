@@ -178,6 +178,7 @@ def test_kava_tiny_spec_runs_end_to_end(tmp_path):
 
 
 @pytest.mark.parametrize("target", [{"kind": "rkv"}, {"kind": "rkv", "scoring": "rkv", "window": 4, "lam": 0.5},
+                                    {"kind": "rkv", "scoring": "rkv", "window": 3},  # λ: R-KV's 0.07 on both sides
                                     {"kind": "right_crop"}])
 def test_cached_latent_targets_equal_the_online_ones(tmp_path, teacher_dirs, target):
     """`kvdistill extract` with compression.span cot stores the latent target the objective computes online."""

@@ -15,11 +15,20 @@ Kinds (each returns a `LatentTarget` plan; `gather` applies it):
     rkv         the M best-scoring CoT tokens per head, in increasing time; scoring:
         kava    λ·I_t + (1-λ)·R_t with I_t the attention the answer tokens pay to t (mean over answer rows and
                 the head's query group) and R_t = softmax over the CoT tokens of (-r_t), r_t the mean cosine
-                similarity of key t to the other CoT keys (KaVa, arXiv 2510.02312; the default)
-        rkv     λ·I_t - (1-λ)·r_t, I_t from the last `window` tokens' attention instead (the R-KV paper's code)
-        minmax  λ·minmax(I) + (1-λ)·(1 - minmax(r)) (the offline cache's `rkv_scores`)
+                similarity of key t to the other CoT keys (KaVa, arXiv 2510.02312; the default, λ 0.1)
+        rkv     R-KV's reference scoring (arXiv 2505.24133, its `R1KV`), applied to the CoT as R-KV compresses a
+                reasoning cache at its end (`rkv_reference_scores`): the last w CoT tokens are the observation
+                window and are always kept; the other n-w CoT tokens score
+                    λ·maxpool_7(A)_t - (1-λ)·S_t,   λ 0.07
+                A_t = mean over the window rows q of softmax over the non-window CoT keys of ℓ[q, t], ℓ the
+                attention logits q·k·scaling with the max over the head's query group (GQA); maxpool_7 the max
+                over the 7 neighbouring non-window CoT tokens; S = softmax over the CoT tokens of the column mean
+                of the key cosine matrix (diagonal 0, and in each row the latest entry above 0.5, or the first
+                one when none is, set to 0: R-KV keeps the newest near-duplicate). The budget must exceed w.
+        minmax  λ·minmax(I) + (1-λ)·(1 - minmax(r)) (the offline cache's `rkv_scores`, λ 0.1)
 λ = 1 keeps by importance alone, λ = 0 by redundancy alone (the ablations). Padding and non-CoT tokens always
-score lowest; ties go to the earlier token.
+score lowest; ties go to the earlier token. Where R-KV reads rotated cache keys, the cosines here are those of the
+keys passed in (pre-rotation in this project); its logits use the rotated queries and keys.
 """
 
 from __future__ import annotations
@@ -28,11 +37,14 @@ from dataclasses import dataclass
 
 import torch
 
-from kvdistill.compress.select import key_redundancy, rkv_scores
+from kvdistill.compress.select import default_lam, key_redundancy, rkv_scores
 from kvdistill.errors import KvdistillError
 
 LATENT_KINDS = ("full", "right_crop", "rkv")
 SCORINGS = ("kava", "rkv", "minmax")
+RKV_KERNEL = 7  # R-KV's max-pool width over the importance
+RKV_THRESHOLD = 0.5  # R-KV's cosine above which a key counts as a near-duplicate
+
 
 
 @dataclass
@@ -137,36 +149,87 @@ def kava_scores(keys: torch.Tensor, importance: torch.Tensor, candidates: torch.
     return score.masked_fill(~real, float("-inf"))
 
 
-def rkv_paper_scores(keys: torch.Tensor, importance: torch.Tensor, candidates: torch.Tensor,
-                     lam: float) -> torch.Tensor:
-    """λ·I - (1-λ)·r over the candidate tokens -> (B, G, T), -inf elsewhere."""
+def _compact(candidates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(pos (B, T) candidate time indices first, in time order; n (B,); real (B, T) whether compact slot i < n)."""
+    pos, n = _ordered_candidates(candidates)
+    real = torch.arange(candidates.shape[1], device=candidates.device)[None] < n[:, None]  # (B, T)
+    return pos, n, real
+
+
+def rkv_reference_scores(keys: torch.Tensor, logits: torch.Tensor, valid: torch.Tensor, candidates: torch.Tensor,
+                         window: int, lam: float = 0.07) -> torch.Tensor:
+    """R-KV's scores (module docstring) -> (B, G, T): +inf on the window (always kept), λ·maxpool_7(A) - (1-λ)·S on
+    the other candidates, -inf elsewhere.
+
+    keys (B, G, T, D) the candidates' keys (cosines); logits (B, G, Q, T) the attention logits of the window rows
+    onto every key, max over each KV head's query group (`kvdistill.models.queries.window_logits`); the Q rows are
+    `query_rows(window_rows(candidates, window), mask)`: the window tokens in time order, valid (B, Q) marking
+    real ones."""
     cand = candidates.bool()
-    real = cand[:, None].expand(importance.shape)
-    r = key_redundancy(keys, cand)
-    score = lam * importance.to(r.dtype) - (1 - lam) * r
-    return score.masked_fill(~real, float("-inf"))
+    B, G, T, D = keys.shape
+    work = torch.float64 if keys.dtype == torch.float64 else torch.float32
+    pos, n, real = _compact(cand)  # (B, T) each
+    w = torch.clamp(n, max=window)  # (B,) window tokens of each sample
+    slot = torch.arange(T, device=cand.device)[None]  # (1, T)
+    in_window = real & (slot >= (n - w)[:, None])  # (B, T) compact slots of the window
+    past = real & ~in_window  # (B, T) the scored (non-window) candidates
+    # importance: softmax over the past keys of each window row's logits, mean over the valid rows
+    lg = logits.to(work).gather(-1, pos[:, None, None].expand(B, G, logits.shape[2], T))  # (B, G, Q, T) compact
+    lg = lg.masked_fill(~past[:, None, None], float("-inf"))
+    probs = lg.softmax(-1).nan_to_num(0.0)  # rows without past keys: 0
+    rows = valid.to(work)[:, None, :, None]  # (B, 1, Q, 1)
+    attn = (probs * rows).sum(2) / rows.sum(2).clamp_min(1.0)  # (B, G, T)
+    attn = attn.masked_fill(~past[:, None], float("-inf"))
+    pooled = torch.nn.functional.max_pool1d(attn.reshape(B * G, 1, T), RKV_KERNEL, stride=1,
+                                            padding=RKV_KERNEL // 2).view(B, G, T)
+    # redundancy over every candidate (window included)
+    k = keys.to(work).gather(2, pos[:, None, :, None].expand(B, G, T, D))  # (B, G, T, D) compact
+    k = k / (k.norm(dim=-1, keepdim=True) + 1e-8)
+    pair = real[:, None, :, None] & real[:, None, None, :]  # (B, 1, T, T)
+    sim = (k @ k.transpose(-1, -2)).masked_fill(~pair, 0.0)  # (B, G, T, T)
+    sim = sim.masked_fill(torch.eye(T, dtype=torch.bool, device=cand.device), 0.0)
+    near = torch.where(sim > RKV_THRESHOLD, slot.view(1, 1, 1, T), torch.zeros_like(slot).view(1, 1, 1, T))
+    latest = near.amax(-1, keepdim=True)  # (B, G, T, 1): the newest near-duplicate of each row (0: none)
+    sim = sim.scatter(-1, latest, 0.0)
+    col = sim.sum(2) / n.clamp_min(1).to(work)[:, None, None]  # (B, G, T) the column mean over the n rows
+    red = col.masked_fill(~real[:, None], float("-inf")).softmax(-1).nan_to_num(0.0)
+    score = lam * pooled - (1 - lam) * red
+    score = score.masked_fill(in_window[:, None], float("inf")).masked_fill(~real[:, None], float("-inf"))
+    out = torch.full_like(score, float("-inf"))
+    return out.scatter(-1, pos[:, None].expand(B, G, T), score)  # back to time order
 
 
 def latent_rkv(keys: torch.Tensor, importance: torch.Tensor, candidates: torch.Tensor, budget: int, *,
-               lam: float = 0.1, scoring: str = "kava") -> LatentTarget:
-    """The M best-scoring candidate tokens per head (see the module docstring), in increasing time.
+               lam: float | None = None, scoring: str = "kava", window: int = 8,
+               valid: torch.Tensor | None = None) -> LatentTarget:
+    """The M best-scoring candidate tokens per head (see the module docstring), in increasing time; lam None: the
+    scoring's default (DEFAULT_LAM).
 
-    keys (B, H, T, D) pre-rotation keys of one layer, importance (B, H, T) (`importance_from_attention` or
-    `query_importance` with the answer rows, or the last `window` rows for scoring 'rkv')."""
+    keys (B, H, T, D) pre-rotation keys of one layer; importance (B, H, T) for scorings kava / minmax
+    (`importance_from_attention` or `query_importance` with the answer rows); for scoring rkv the window rows'
+    logits (B, H, Q, T) with valid (B, Q) (`rkv_reference_scores`)."""
     cand = _check(candidates, budget)
     if scoring not in SCORINGS:
         raise KvdistillError(f"latent target scoring '{scoring}' is unknown", f"use one of {', '.join(SCORINGS)}")
-    if importance.shape != keys.shape[:-1]:
-        raise KvdistillError(f"importance {tuple(importance.shape)} does not match keys {tuple(keys.shape)}",
-                             "importance must be (B, H, T) for keys (B, H, T, D)")
-    if scoring == "kava":
-        score = kava_scores(keys, importance, cand, lam)
-    elif scoring == "rkv":
-        score = rkv_paper_scores(keys, importance, cand, lam)
+    lam = default_lam(scoring, lam)
+    if scoring == "rkv":
+        if budget <= window:
+            raise KvdistillError(f"R-KV keeps its {window}-token window plus scored tokens: a budget of {budget} "
+                                 "leaves none to score", "use more latent tokens than the window, or a smaller "
+                                 "losses.latent_kv.target.window")
+        if valid is None or importance.dim() != 4 or importance.shape[:2] != keys.shape[:2] \
+                or importance.shape[-1] != keys.shape[2] or tuple(valid.shape) != (keys.shape[0], importance.shape[2]):
+            raise KvdistillError(f"scoring rkv needs the window rows' logits (B, H, Q, T) and valid (B, Q) for keys "
+                                 f"{tuple(keys.shape)}, got {tuple(importance.shape)}",
+                                 "compute them with kvdistill.models.queries.window_logits")
+        score = rkv_reference_scores(keys, importance, valid, cand, window, lam)
     else:
-        score = rkv_scores(keys, importance, cand, lam)
+        if importance.shape != keys.shape[:-1]:
+            raise KvdistillError(f"importance {tuple(importance.shape)} does not match keys {tuple(keys.shape)}",
+                                 "importance must be (B, H, T) for keys (B, H, T, D)")
+        score = (kava_scores if scoring == "kava" else rkv_scores)(keys, importance, cand, lam)
     order = score.sort(dim=-1, descending=True, stable=True).indices  # (B, H, T), ties: earlier first
-    real = torch.isfinite(score.gather(-1, order))
+    real = score.gather(-1, order) > float("-inf")  # candidates (+inf: R-KV's window)
     return _first_m(order, real, budget)
 
 
@@ -178,8 +241,10 @@ def window_rows(mask: torch.Tensor, window: int) -> torch.Tensor:
 
 
 def latent_target(kind: str, candidates: torch.Tensor, budget: int, *, keys: torch.Tensor | None = None,
-                  importance: torch.Tensor | None = None, lam: float = 0.1, scoring: str = "kava") -> LatentTarget:
-    """Dispatch on `kind` (full | right_crop | rkv); rkv needs keys (B, H, T, D) and importance (B, H, T)."""
+                  importance: torch.Tensor | None = None, lam: float | None = None, scoring: str = "kava",
+                  window: int = 8, valid: torch.Tensor | None = None) -> LatentTarget:
+    """Dispatch on `kind` (full | right_crop | rkv); rkv needs keys (B, H, T, D) and importance (B, H, T) (scoring
+    rkv: the window logits (B, H, Q, T) and valid (B, Q), see `latent_rkv`)."""
     if kind == "full":
         return resample_full(candidates, budget)
     if kind == "right_crop":
@@ -189,4 +254,4 @@ def latent_target(kind: str, candidates: torch.Tensor, budget: int, *, keys: tor
     if keys is None or importance is None:
         raise KvdistillError("the rkv latent target needs the keys and the attention importance",
                              "capture the teacher with its query rows (or eager attention)")
-    return latent_rkv(keys, importance, candidates, budget, lam=lam, scoring=scoring)
+    return latent_rkv(keys, importance, candidates, budget, lam=lam, scoring=scoring, window=window, valid=valid)

@@ -33,6 +33,12 @@ from kvdistill.errors import KvdistillError
 KINDS = ("full", "right_crop", "rkv")
 SPANS = ("all", "cot")  # candidate tokens: every real token, or the record's chain of thought (a latent target)
 SCORINGS = ("minmax", "kava", "rkv")  # rkv scores: kvdistill.compress.latent
+DEFAULT_LAM = {"minmax": 0.1, "kava": 0.1, "rkv": 0.07}  # λ of each scoring when none is given (R-KV's own: 0.07)
+
+
+def default_lam(scoring: str, lam: float | None) -> float:
+    """`lam`, or the scoring's own default (DEFAULT_LAM) when it is None."""
+    return DEFAULT_LAM.get(scoring, 0.1) if lam is None else lam
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -42,7 +48,8 @@ class Compression:
 
     kind: "full" (every real token), "right_crop" (the first `budget` real tokens), "rkv" (R-KV top-`budget`).
     budget: M, tokens kept per head; required for right_crop / rkv, must be None for full.
-    lam: weight of importance in the R-KV score (rkv only; KaVa uses 0.1).
+    lam: weight of importance in the R-KV score (rkv only); None: the scoring's default (DEFAULT_LAM: 0.1, R-KV's
+    own scoring 0.07), resolved when the object is made.
     layers: teacher layers to keep (None = all).
     dtype: storage dtype of K and V.
     span: "all" (every real token may be kept) or "cot" (only the record's chain-of-thought tokens: the latent
@@ -53,7 +60,7 @@ class Compression:
 
     kind: str = "full"
     budget: int | None = None
-    lam: float = 0.1
+    lam: float | None = None
     layers: list[int] | None = None
     dtype: str = "bfloat16"
     span: str = "all"
@@ -61,6 +68,8 @@ class Compression:
     window: int = 8
 
     def __post_init__(self):
+        if self.lam is None:
+            object.__setattr__(self, "lam", default_lam(self.scoring, None))
         problems = []
         if self.span not in SPANS:
             problems.append(f"compression.span: {self.span!r} is not one of {list(SPANS)}")

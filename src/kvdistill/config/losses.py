@@ -170,18 +170,22 @@ class LatentTargetConfig(Section):
 
     kind: Literal["full", "right_crop", "rkv"] = "rkv"
     """full: every CoT token resampled to M; right_crop: the first M; rkv: the M best R-KV scores per head."""
-    lam: float = Field(0.1, ge=0.0, le=1.0)
-    """rkv: weight of importance (1: importance only, 0: redundancy only)."""
+    lam: float | None = Field(None, ge=0.0, le=1.0)
+    """rkv: weight of importance (1: importance only, 0: redundancy only); None: the scoring's default (kava and
+    minmax 0.1, rkv 0.07: `kvdistill.compress.select.DEFAULT_LAM`)."""
     scoring: Literal["kava", "rkv", "minmax"] = "kava"
-    """rkv: kava λ·I + (1-λ)·softmax(-r) (default); rkv (the R-KV paper's code) λ·I - (1-λ)·r with I from the last
-    `window` tokens; minmax (the offline cache's) λ·minmax(I) + (1-λ)·(1 - minmax(r))."""
+    """rkv: kava λ·I + (1-λ)·softmax(-r) (default); rkv R-KV's reference scoring λ·maxpool_7(A) - (1-λ)·softmax(S) with
+    A from the last `window` CoT tokens, which are always kept; minmax (the offline cache's) λ·minmax(I) +
+    (1-λ)·(1 - minmax(r)) (kvdistill.compress.latent)."""
     window: int = Field(8, gt=0)
-    """scoring rkv: the observation window (last tokens) importance is read from."""
+    """scoring rkv: R-KV's observation window (the last CoT tokens), kept and read for importance."""
 
     @model_validator(mode="after")
     def _used(self):
+        from kvdistill.compress.select import DEFAULT_LAM
+
         problems = []
-        if self.kind != "rkv" and (self.lam != 0.1 or self.scoring != "kava"):
+        if self.kind != "rkv" and (self.lam not in (None, DEFAULT_LAM[self.scoring]) or self.scoring != "kava"):
             problems.append(f"losses.latent_kv.target.lam / scoring are read by kind rkv only (kind is {self.kind}); "
                             "drop them")
         if self.window != 8 and self.scoring != "rkv":
@@ -189,6 +193,8 @@ class LatentTargetConfig(Section):
                             "drop it")
         if problems:
             raise ValueError("; ".join(problems))
+        if self.lam is None:
+            self.lam = DEFAULT_LAM[self.scoring]
         return self
 
 

@@ -112,8 +112,8 @@ class CompressionConfig(Section):
     kind: Literal["full", "right_crop", "rkv"] = "full"
     budget: int | None = Field(None, gt=0)
     """M: tokens kept per layer and head (right_crop, rkv)."""
-    lam: float = Field(0.1, ge=0.0, le=1.0)
-    """R-KV score λ·importance + (1-λ)·redundancy."""
+    lam: float | None = Field(None, ge=0.0, le=1.0)
+    """R-KV score's weight of importance; None: the scoring's default (0.1; scoring rkv 0.07)."""
     layers: list[int] | None = None
     """Teacher layers kept (None: all)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
@@ -122,8 +122,8 @@ class CompressionConfig(Section):
     """Candidate tokens: every real token, or only the record's chain of thought (a latent student's cached K/V
     target: right_crop / rkv of the CoT, kvdistill.compress.latent)."""
     scoring: Literal["minmax", "kava", "rkv"] = "minmax"
-    """rkv's score: minmax λ·minmax(I) + (1-λ)·(1 - minmax(r)); kava λ·I + (1-λ)·softmax(-r); rkv λ·I - (1-λ)·r
-    with I from the last `window` tokens."""
+    """rkv's score: minmax λ·minmax(I) + (1-λ)·(1 - minmax(r)); kava λ·I + (1-λ)·softmax(-r); rkv R-KV's reference
+    scoring, the last `window` candidates kept and their attention the importance (kvdistill.compress.latent)."""
     window: int = Field(8, gt=0)
 
     @model_validator(mode="after")
@@ -138,6 +138,13 @@ class CompressionConfig(Section):
             raise ValueError(f"compression.scoring is read by kind rkv only (kind is {self.kind}); drop it")
         if self.window != 8 and self.scoring != "rkv":
             raise ValueError(f"compression.window is read by scoring rkv only (scoring is {self.scoring}); drop it")
+        if self.scoring == "rkv" and self.budget is not None and self.budget <= self.window:
+            raise ValueError(f"compression.budget ({self.budget}) must exceed compression.window ({self.window}): R-KV "
+                             "keeps its window and scores the rest")
+        if self.lam is None:
+            from kvdistill.compress.select import default_lam
+
+            self.lam = default_lam(self.scoring, None)
         return self
 
     def build(self):
@@ -542,6 +549,10 @@ class RunConfig(Section):
             problems.append("losses.latent_kv.weight > 0 with self_teacher false and no teachers: no K/V target")
         if c.latent_kv.weight > 0 and lat.tokens == 0:
             problems.append("losses.latent_kv needs latent slots: student.latent.tokens is 0")
+        elif c.latent_kv.weight > 0 and tgt.kind == "rkv" and tgt.scoring == "rkv" and lat.tokens <= tgt.window:
+            problems.append(f"losses.latent_kv.target.scoring rkv keeps R-KV's window of {tgt.window} CoT tokens and "
+                            f"scores the rest: student.latent.tokens ({lat.tokens}) must exceed it (or lower "
+                            "losses.latent_kv.target.window)")
         if c.ce == 0 and c.cot_ce == 0 and c.codi.weight == 0 and c.latent_kv.weight == 0:
             problems.append("every latent-student loss weight is 0 (losses.ce, cot_ce, codi.weight, latent_kv.weight)")
         return problems

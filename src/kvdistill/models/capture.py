@@ -63,7 +63,9 @@ class KVCapture:
     router_logits: list[torch.Tensor] | None = None  # L_moe × (B·T, E)
     spans_cpu: torch.Tensor | None = None  # (B, T, 2) CPU copy of spans: token alignment is built on the CPU
     attention_mask_cpu: torch.Tensor | None = None  # (B, T) CPU copy of attention_mask
-    importance: dict[int, torch.Tensor] | None = None  # rkv: layer -> (B, H_kv, T) answer-row importance
+    importance: dict[int, torch.Tensor] | None = None  # rkv: layer -> (B, H_kv, T) answer-row importance, or
+    # (scoring rkv) the window rows' logits (B, H_kv, Q, T) with window_valid (B, Q) marking real rows
+    window_valid: torch.Tensor | None = None
     rotary: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None
     """Per K/V layer the (cos, sin) (B, T, R) the model applied (`kvdistill.models.rope` layout), None: unrotated."""
     candidates: torch.Tensor | None = None  # (B, T) tokens a compression may keep (span 'cot': the reasoning)
@@ -93,6 +95,7 @@ class KVCapture:
             spans_cpu=None,
             attention_mask_cpu=None,
             importance=None,
+            window_valid=None,
             rotary=None if self.rotary is None else [
                 None if t is None else (cut(t[0], 1), cut(t[1], 1)) for t in self.rotary],
         )

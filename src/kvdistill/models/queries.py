@@ -191,3 +191,36 @@ def query_importance(
             )  # (B, L, H_kv, T)
             out.update({j: imp[:, n] for n, j in enumerate(chunk)})
     return {layer: out[layer] for layer in layers}
+
+
+@torch.no_grad()
+def window_logits(model: torch.nn.Module, cap, queries: list[torch.Tensor], rows: torch.Tensor,
+                  layers: list[int]) -> dict[int, torch.Tensor]:
+    """layer -> ℓ (B, H_kv, Q, T) float32: the attention logits q·k·scaling of the query rows `rows` (B, Q) onto every
+    key, rotated as the model rotates them, with the max over each KV head's query group (R-KV's GQA pooling;
+    `kvdistill.compress.latent.rkv_reference_scores` masks and normalises them). No softcap and no mask: R-KV reads
+    the raw logits.
+
+    cap: the `KVCapture` of the same forward (pre-rotation keys, positions); queries: from `capture_queries`."""
+    geometry = cap.geometry
+    style = geometry.rope.style
+    attns = attention_modules(model, geometry)
+    missing = [layer for layer in layers if queries[layer] is None]
+    if missing:
+        raise KvdistillError(
+            f"no query was captured for layer(s) {missing}", "run the forward inside capture_queries(model)"
+        )
+    out = {}
+    for layer in layers:
+        cos, sin = cap.rotary[layer] if cap.rotary else rope_cos_sin(model, geometry, cap.positions, layer)
+        scaling = layer_attention_params(attns[layer], geometry, layer)["scaling"]
+        idx = rows[..., None].expand(*rows.shape, cos.shape[-1])  # (B, Q, R)
+        B, H_q, _, D = queries[layer].shape
+        at = rows[:, None, :, None].expand(B, H_q, rows.shape[1], D)
+        q = apply_rope(queries[layer].gather(2, at).float(), cos.gather(1, idx), sin.gather(1, idx),
+                       style)  # (B, H_q, Q, D)
+        k = apply_rope(cap.keys[layer].float(), cos, sin, style)  # (B, H_kv, T, D)
+        H = k.shape[1]
+        q = q.view(B, H, H_q // H, rows.shape[1], D)  # query head h reads KV head h // g
+        out[layer] = (q @ k[:, :, None].transpose(-1, -2) * scaling).amax(2)  # (B, H_kv, Q, T)
+    return out

@@ -28,12 +28,12 @@ from torch import nn
 from kvdistill import losses
 from kvdistill.align.heads import KVProjector
 from kvdistill.compress.latent import latent_target, window_rows
-from kvdistill.compress.select import importance_from_attention
+from kvdistill.compress.select import importance_from_attention, query_rows
 from kvdistill.data.segments import Segments, segments
 from kvdistill.errors import KvdistillError
 from kvdistill.models.capture import forward_kv, tokenize, tokenize_for
 from kvdistill.models.geometry import geometry_of
-from kvdistill.models.queries import capture_queries, query_importance, supports_queries
+from kvdistill.models.queries import capture_queries, query_importance, supports_queries, window_logits
 from kvdistill.objectives.base import read_metrics
 from kvdistill.objectives.pairs import LayerPairs
 from kvdistill.student import save_student, unwrap_student
@@ -127,15 +127,18 @@ class LatentTargets:
     kept: dict[int, torch.Tensor]
 
 
-def compress_cot(cap, view: CotView, layers: list[int], cfg, tokens: int, importance: dict | None) -> LatentTargets:
-    """The CoT K/V of `cap` (a CoT-mode capture) compressed to `tokens` entries per (layer, head), detached."""
+def compress_cot(cap, view: CotView, layers: list[int], cfg, tokens: int, importance: dict | None,
+                 valid: torch.Tensor | None = None) -> LatentTargets:
+    """The CoT K/V of `cap` (a CoT-mode capture) compressed to `tokens` entries per (layer, head), detached.
+    importance: layer -> (B, H, T) (scoring kava / minmax) or the window logits (B, H, Q, T) with valid (B, Q)
+    (scoring rkv), from `cot_importance`."""
     device = cap.attention_mask.device
     cand = view.candidates.to(device)
     keys, values, kept = {}, {}, {}
     for j in layers:
         k, v = cap.keys[j].detach(), cap.values[j].detach()  # (B, H, T, D)
         plan = latent_target(cfg.kind, cand, tokens, keys=k, importance=None if importance is None else importance[j],
-                             lam=cfg.lam, scoring=cfg.scoring).heads(k.shape[1])
+                             lam=cfg.lam, scoring=cfg.scoring, window=cfg.window, valid=valid).heads(k.shape[1])
         keys[j], values[j], kept[j] = plan.gather(k), plan.gather(v), plan.kept
     return LatentTargets(keys, values, kept)
 
@@ -155,16 +158,24 @@ def cached_targets(tkv, layers: list[int], tokens: int, device) -> LatentTargets
     return LatentTargets(keys, values, kept)
 
 
-def cot_importance(model, cap, queries, view: CotView, layers: list[int], cfg) -> dict[int, torch.Tensor]:
-    """layer -> (B, H, T) attention from the answer rows (scoring kava / minmax) or the last `window` tokens
-    (scoring rkv) onto every token, from hooked queries (`queries`) or the capture's eager attention."""
+def cot_importance(model, cap, queries, view: CotView, layers: list[int], cfg) -> tuple[dict, torch.Tensor | None]:
+    """(layer -> importance, valid): scorings kava / minmax: (B, H, T) the attention the answer rows pay every token,
+    from hooked queries (`queries`) or the capture's eager attention, valid None; scoring rkv: the logits (B, H, Q, T)
+    of R-KV's window (the last `window` CoT tokens) from hooked queries, valid (B, Q) its real rows."""
     mask = cap.attention_mask
-    rows = view.answer_rows.to(mask.device) if cfg.scoring != "rkv" else window_rows(mask, cfg.window)
     with torch.no_grad():
+        if cfg.scoring == "rkv":
+            if queries is None:
+                raise KvdistillError(f"scoring rkv reads the window's attention logits from the queries, which are not "
+                                     f"captured for family '{cap.geometry.model_type}'",
+                                     "use scoring kava or minmax for this teacher")
+            rows, valid = query_rows(window_rows(view.candidates.to(mask.device), cfg.window), mask)
+            return window_logits(model, cap, queries, rows, layers), valid
+        rows = view.answer_rows.to(mask.device)
         if queries is not None:
-            return query_importance(model, cap, queries, rows, layers)
+            return query_importance(model, cap, queries, rows, layers), None
         return {j: importance_from_attention(cap.attentions[j].detach(), rows, mask, cap.keys[j].shape[1])
-                for j in layers}
+                for j in layers}, None
 
 
 # ---------------------------------------------------------------------------------------------- objective
@@ -244,8 +255,9 @@ class KavaObjective(nn.Module):
         out = {}
         if self.uses_self:
             layers = self.pairs[SELF].teacher_layers
-            imp = cot_importance(self.student.backbone, self_cap, self_queries, self_view, layers, cfg) if rkv else None
-            out[SELF] = compress_cot(self_cap, self_view, layers, cfg, M, imp)
+            imp, valid = (cot_importance(self.student.backbone, self_cap, self_queries, self_view, layers, cfg) if rkv
+                          else (None, None))
+            out[SELF] = compress_cot(self_cap, self_view, layers, cfg, M, imp, valid)
         for t in self.teachers:
             layers = self.pairs[t.name].teacher_layers
             if t.kind == "cache":  # the cache holds the latent target itself (compression.span cot)
@@ -254,8 +266,8 @@ class KavaObjective(nn.Module):
             with torch.no_grad():
                 cap, view, queries = self._cot_pass(t.model, t.tokenizer, t.geometry, records, segs, grad=False,
                                                     logits=False, hidden=False, importance=rkv)
-                imp = cot_importance(t.model, cap, queries, view, layers, cfg) if rkv else None
-                out[t.name] = compress_cot(cap, view, layers, cfg, M, imp)
+                imp, valid = cot_importance(t.model, cap, queries, view, layers, cfg) if rkv else (None, None)
+                out[t.name] = compress_cot(cap, view, layers, cfg, M, imp, valid)
         return out
 
     def kv_terms(self, student_cap, P: int, targets: dict[str, LatentTargets]) -> dict[str, torch.Tensor]:

@@ -96,12 +96,14 @@ def prepare_teacher(tokenizer, records: list[dict], *, geometry: KVGeometry, max
     ids, mask, spans = tokenize_for(geometry, tokenizer, [r["text"] for r in records], max_length=max_length,
                                     padding_side="right")  # (B, T), (B, T), (B, T, 2)
     rkv = getattr(compression, "kind", "full") == "rkv"
-    query = None
-    if rkv:  # the rows whose attention is the importance: the answer, or the last `window` tokens (scoring rkv)
-        windowed = getattr(compression, "scoring", "minmax") == "rkv"
-        query = window_rows(mask, compression.window) if windowed else answer_query_mask(records, spans, mask)
     cot = getattr(compression, "span", "all") == "cot"
-    tensors = [ids, mask, spans, query, cot_candidates(records, spans, mask) if cot else None]
+    candidates = cot_candidates(records, spans, mask) if cot else None
+    query = None
+    if rkv:  # the rows whose attention is the importance: the answer, or R-KV's window (the last `window` candidates)
+        windowed = getattr(compression, "scoring", "minmax") == "rkv"
+        query = (window_rows(candidates if cot else mask, compression.window) if windowed
+                 else answer_query_mask(records, spans, mask))
+    tensors = [ids, mask, spans, query, candidates]
     rows = None if query is None else query_rows(query, mask)  # (B, Q) each
     inputs = TeacherInputs(records, *tensors, rows=rows)
     return inputs.pin_memory() if pin else inputs
@@ -118,11 +120,15 @@ def capture_teacher(model, tokenizer, records: list[dict], *, max_length: int | 
     `inputs`: `prepare_teacher(tokenizer, records, ...)` made beforehand (e.g. on another thread).
     `geometry`: `geometry_of(model)` derived once by a caller that captures many batches.
     """
-    from kvdistill.models.queries import capture_queries, query_importance, supports_queries
+    from kvdistill.models.queries import capture_queries, query_importance, supports_queries, window_logits
 
     rkv = getattr(compression, "kind", "full") == "rkv"
+    windowed = rkv and getattr(compression, "scoring", "minmax") == "rkv"
     geometry = geometry if geometry is not None else geometry_of(model)
     hooked = rkv and supports_queries(geometry)
+    if windowed and not hooked:
+        raise KvdistillError(f"compression.scoring rkv reads its window's attention logits from the queries, which are "
+                             f"not captured for family '{geometry.model_type}'", "use compression.scoring minmax or kava")
     if inputs is None:
         inputs = prepare_teacher(tokenizer, records, geometry=geometry, max_length=max_length,
                                  compression=compression)
@@ -139,7 +145,13 @@ def capture_teacher(model, tokenizer, records: list[dict], *, max_length: int | 
         layers = layers if layers is not None else list(range(geometry.num_layers))
         device = cap.attention_mask.device
         rows = None if inputs.rows is None else tuple(t.to(device, non_blocking=True) for t in inputs.rows)
-        cap.importance = query_importance(model, cap, qc.queries, query, layers, rows=rows)
+        if windowed:  # R-KV: the window rows' logits (B, H, Q, T) and which rows are real (B, Q)
+            if rows is None:
+                rows = query_rows(query, cap.attention_mask)
+            cap.importance = window_logits(model, cap, qc.queries, rows[0], layers)
+            cap.window_valid = rows[1]
+        else:
+            cap.importance = query_importance(model, cap, qc.queries, query, layers, rows=rows)
     return cap, query
 
 
