@@ -55,6 +55,31 @@ def test_latent_kv_is_zero_when_the_latent_kv_equal_the_target_and_grows_otherwi
     assert float(obj.kv_terms(s_cap, P, targets)[SELF].min()) > 1e-3
 
 
+def test_latent_kv_averages_the_key_and_value_errors_over_layers():
+    """kv_n = Σ_layers (err_K + err_V) / (2·L) (KaVa's L_KV), each error the library's kv_error."""
+    from kvdistill import losses as L
+
+    cfg = config({"ce": 0.0, "latent_kv": {"weight": 1.0}})
+    obj = build_objective(cfg)
+    recs = records(cfg)
+    segs = obj._segments(recs)
+    with torch.no_grad():
+        s_cap, view = obj._student_pass(recs, segs, hidden=False)
+        t_cap, t_view, queries = obj._cot_pass(obj.student.backbone, obj.tokenizer, obj.student_geometry, recs, segs,
+                                               grad=False, logits=False, hidden=False, importance=True)
+        targets = obj._targets(recs, segs, t_cap, t_view, queries)
+        got = obj.kv_terms(s_cap, view.prefix_ids.shape[1], targets)[SELF]
+    P, M, lk = view.prefix_ids.shape[1], obj.student.tokens, cfg.losses.latent_kv
+    tgt, want = targets[SELF], 0.0
+    for i in range(len(s_cap.keys)):
+        for pred, target in ((s_cap.keys[i][:, :, P : P + M], tgt.keys[i]), (s_cap.values[i][:, :, P : P + M],
+                                                                             tgt.values[i])):
+            rp, rm = L.as_rows(pred, tgt.kept[i])
+            rt, _ = L.as_rows(target.to(pred.dtype), tgt.kept[i])
+            want = want + L.kv_error(rp, rt, rm, kind=lk.kind, normalize=lk.normalize)
+    torch.testing.assert_close(got, want / (2 * len(s_cap.keys)))
+
+
 def test_latent_kv_gradient_reaches_the_latents_and_the_backbone_never_the_teachers():
     cfg = config({"ce": 0.0, "latent_kv": {"weight": 1.0}}, teachers=[QWEN_SP])
     obj = build_objective(cfg)

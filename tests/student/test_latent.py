@@ -153,3 +153,71 @@ def test_save_and_load_round_trip(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded.latents(ids, mask), student.latents(ids, mask))
     assert loaded.iterations == 3 and loaded.tokens == 4
+
+
+def _norm_ratio(student: LatentStudent, ids, mask) -> float:
+    """Mean latent norm over the mean token-embedding norm."""
+    with torch.no_grad():
+        e = student.latents(ids, mask)  # (B, M, d)
+    emb = student.backbone.get_input_embeddings().weight.detach()
+    return float(e.norm(dim=-1).mean() / emb.norm(dim=-1).mean())
+
+
+def test_embed_norm_head_starts_at_the_token_embedding_scale():
+    """At init the embed_norm head's latents have a token embedding's norm (ratio ~1); the identity head feeds the
+    post-norm hidden state, tens of times larger."""
+    from kvdistill.student.latent import embedding_rms
+
+    ids, mask = prefix_batch()
+    ratios = {}
+    for kind in ("embed_norm", "identity"):
+        torch.manual_seed(0)
+        cfg = AutoConfig.for_model("llama", **FAMILIES["llama"])
+        backbone = AutoModelForCausalLM.from_config(cfg).eval()
+        rms = embedding_rms(backbone)
+        head = LatentHead(32, 4, "mlp", head=kind, embed_rms=rms if kind == "embed_norm" else None)
+        ratios[kind] = _norm_ratio(LatentStudent(backbone, head, 3).eval(), ids, mask)
+        if kind == "embed_norm":  # the learned start too
+            assert float(head.init.norm(dim=-1).mean() / backbone.get_input_embeddings().weight.norm(dim=-1).mean()) \
+                == pytest.approx(1.0, abs=0.2)
+    assert ratios["embed_norm"] == pytest.approx(1.0, abs=0.05)
+    assert ratios["identity"] > 10
+
+
+def test_embed_norm_head_is_saved_and_loaded(tmp_path):
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    student = tiny_student("llama").float()
+    student.head = LatentHead(32, 4, "mlp", head="embed_norm", embed_rms=0.3)
+    torch.nn.init.normal_(student.head.gain, std=0.5)  # a trained gain must come back
+    student.backbone.save_pretrained(tmp_path)
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]")))
+    tok.save_pretrained(tmp_path)
+    student.save_head(tmp_path)
+    loaded, _ = load_latent_student(tmp_path, attn_implementation="sdpa")
+    assert loaded.head.head == "embed_norm"
+    ids, mask = prefix_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.latents(ids, mask), student.latents(ids, mask))
+
+
+@pytest.mark.slow
+def test_embed_norm_head_on_smollm2_starts_at_the_embedding_scale():
+    """The same on the offline SmolLM2-135M, where the identity head's latents are about 18x a token embedding."""
+    from kvdistill.models.load import load_model
+    from kvdistill.student.latent import embedding_rms
+
+    backbone, tok = load_model("smollm2-135m", attn_implementation="sdpa")
+    enc = tok(["Question: Compute 3 + 4 * 5.\n", "Question: Compute 12 - 7.\n"], return_tensors="pt",
+              padding=True, padding_side="left")
+    hidden = backbone.get_input_embeddings().embedding_dim
+    ratios = {}
+    for kind in ("embed_norm", "identity"):
+        torch.manual_seed(0)
+        head = LatentHead(hidden, 4, "mlp", head=kind,
+                          embed_rms=embedding_rms(backbone) if kind == "embed_norm" else None)
+        ratios[kind] = _norm_ratio(LatentStudent(backbone.eval(), head, 3).eval(), enc["input_ids"],
+                                   enc["attention_mask"])
+    assert ratios["embed_norm"] == pytest.approx(1.0, abs=0.1)
+    assert ratios["identity"] > 5

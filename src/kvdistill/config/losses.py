@@ -159,7 +159,7 @@ class CodiConfig(Section):
     to the backbone's own in CoT mode, every layer."""
 
     weight: float = Field(0.0, ge=0.0)
-    """α1 (KaVa: about 10-20)."""
+    """α1 (KaVa: about 10-20; CODI's and PCCoT's GPT-2 recipes: 1)."""
     kind: Literal["smooth_l1", "mse"] = "smooth_l1"
     normalize: bool = True
     """Divide each layer's error by the std of the teacher's vector."""
@@ -203,7 +203,7 @@ class LatentKVConfig(Section):
     teacher's CoT K/V compressed to M entries; the teacher side under stop-gradient."""
 
     weight: float = Field(0.0, ge=0.0)
-    """α2 (KaVa: about 1-2)."""
+    """α2 (KaVa: about 1-2), on the mean of the K and V errors (KaVa's L_KV averages them)."""
     kind: Literal["mse", "smooth_l1"] = "smooth_l1"
     normalize: bool = True
     """Divide by the variance (mse) or std (smooth_l1) of the sample's target (kvdistill.losses.kv_error)."""

@@ -68,6 +68,10 @@ class LatentStudentConfig(Section):
     """T Jacobi passes that refine the latents in parallel."""
     projection: Literal["mlp", "linear", "none"] = "mlp"
     """hidden state -> next latent input: mlp (residual, starts as the identity), linear, none (Coconut)."""
+    head: Literal["embed_norm", "identity"] = "embed_norm"
+    """After the projection: embed_norm RMS-normalises it with a learned gain that starts at the token embeddings'
+    RMS (latents at a token embedding's scale from the start, as CODI's projection ends in a LayerNorm); identity
+    feeds the projected hidden state as it is (18-50x a token embedding's norm)."""
 
 
 class StudentConfig(Section):

@@ -12,7 +12,7 @@ from kvdistill.models.queries import supports_queries
 from kvdistill.objectives.kava import KavaObjective
 from kvdistill.objectives.objective import Objective
 from kvdistill.student import build_student, unwrap_student
-from kvdistill.student.latent import LatentHead, LatentStudent
+from kvdistill.student.latent import LatentHead, LatentStudent, embedding_rms
 from kvdistill.teachers import CachedTeacher, OnlineTeacher
 
 
@@ -77,7 +77,9 @@ def _build_kava(cfg, student_cfg, device) -> KavaObjective:
         backbone, tokenizer = build_student(student_cfg, seed=cfg.train.seed, attentions=True)
     torch.manual_seed(cfg.train.seed + 2)  # the head's init independent of how the backbone was built
     hidden = backbone.get_input_embeddings().embedding_dim
-    student = LatentStudent(backbone, LatentHead(hidden, lat.tokens, lat.projection), lat.iterations)
+    rms = embedding_rms(backbone) if lat.head == "embed_norm" else None
+    student = LatentStudent(backbone, LatentHead(hidden, lat.tokens, lat.projection, head=lat.head, embed_rms=rms),
+                            lat.iterations)
     teachers = build_teachers(cfg, device)
     torch.manual_seed(cfg.train.seed + 1)
     return KavaObjective(cfg, student, tokenizer, teachers, device)

@@ -6,13 +6,15 @@ Notation: B batch, L_s student layers, H/D KV heads/head dim (teacher n: H_n/D_n
 
     loss(b) = λ_ce·CE(answer | question, latents) + λ_cot·CE(CoT + answer | question)         (kvdistill.losses)
               + α1·CODI(b) + α2·Σ_n w_n·kv_n(b)
-    kv_n(b)  = Σ_(i,j,w) w·(α_K·err(P_ni(K_s[i]), sg(K̃_n[j])) + α_V·err(P_ni(V_s[i]), sg(Ṽ_n[j]))) / L_n
+    kv_n(b)  = Σ_(i,j,w) w·(α_K·err(P_ni(K_s[i]), sg(K̃_n[j])) + α_V·err(P_ni(V_s[i]), sg(Ṽ_n[j]))) / (2·L_n)
 
 K_s[i] (B, H, M, D): the student's pre-rotation keys at its latent slots in layer i; K̃_n[j] (B, H_n, M, D_n):
 teacher n's CoT keys of layer j compressed to M entries per head (kvdistill.compress.latent), slot m against entry
 m; (i, j, w): teacher n's layer map (the identity for the self teacher); P_ni: a learnable map from the student
 into teacher n's geometry (the identity for the self teacher); err: losses.kv_error over the kept entries. CODI
 compares the hidden states at the token before the answer, every layer, with the backbone's own CoT mode (detached).
+The K and V errors are averaged (the 2 in kv_n), as KaVa's L_KV states it, so α2 here is KaVa's α2; α_K = α_V = 1
+by default (losses.latent_kv.keys / values).
 w_n: the fixed weights (self 1, others teachers.N.weight), normalised.
 """
 
@@ -291,7 +293,7 @@ class KavaObjective(nn.Module):
                     rows_t, _ = losses.as_rows(target.to(pred.dtype), kept)
                     err.append(losses.kv_error(rows_p, rows_t, rows_mask, kind=lk.kind, normalize=lk.normalize))
                 total = total + lp.coef[p, 0] * err[0] + lp.coef[p, 1] * err[1]  # (B,)
-            out[name] = total / len(lp.layers)
+            out[name] = total / (2 * len(lp.layers))  # K and V errors averaged (KaVa's L_KV)
         return out
 
     def forward(self, records: list[dict]):
@@ -376,7 +378,8 @@ class KavaObjective(nn.Module):
     def plan(self) -> dict:
         lat = self.cfg.student.latent
         return {"student": self.student_geometry.to_dict(),
-                "latent": {"tokens": lat.tokens, "iterations": lat.iterations, "projection": lat.projection},
+                "latent": {"tokens": lat.tokens, "iterations": lat.iterations, "projection": lat.projection,
+                           "head": lat.head},
                 "target": self.cfg.losses.latent_kv.target.model_dump(),
                 "teachers": [{"name": n, "weight": w, "pairs": [[i, j, x] for i, j, x in zip(
                     self.pairs[n].i, self.pairs[n].j, self.pairs[n].w, strict=True)]}

@@ -17,8 +17,10 @@ for k = 1..T, all slots at once (a Jacobi step: slot m reads the previous pass's
 e_T. The prefix's K/V are computed once and reused by every pass (the model's cache, cropped back to the prefix
 after each pass; a cache that cannot be cropped is replaced by recomputing the prefix). After k passes slots
 0..k-1 no longer change, so with T >= M the latents equal the sequential (Coconut-style) continuous thought.
-proj: 'mlp' h + W2·gelu(W1·h) (W2 starts at 0, so proj starts as the identity), 'linear' (starts as the
-identity) or 'none' (the hidden state itself).
+proj = norm ∘ f: f is 'mlp' h + W2·gelu(W1·h) (W2 starts at 0, so f starts as the identity), 'linear' (starts as
+the identity) or 'none' (the hidden state itself); norm ('head') is 'embed_norm' x / rms(x) · g with a learned gain
+g (d,) that starts at the RMS of the token embeddings, so the latents enter the backbone at the scale of a token
+embedding from the first step (the post-norm hidden state is 18-50x larger), or 'identity' (none).
 
 A saved latent student is a plain Hugging Face model (the backbone) plus `latent.json` and `latent.safetensors`
 (the head) in the same directory.
@@ -38,20 +40,33 @@ from kvdistill.models.capture import cache_argument, forward_kv, positions_from_
 from kvdistill.student.build import unwrap_student
 
 PROJECTIONS = ("mlp", "linear", "none")
+HEADS = ("embed_norm", "identity")
 HEAD_CONFIG = "latent.json"
 HEAD_WEIGHTS = "latent.safetensors"
 
 
 class LatentHead(nn.Module):
-    """The learned start `init` (M, d) and the projection of hidden states into latent inputs."""
+    """The learned start `init` (M, d) and the projection of hidden states into latent inputs (module docstring).
 
-    def __init__(self, hidden_size: int, tokens: int, projection: str = "mlp", init_std: float = 0.02):
+    head 'embed_norm' needs `embed_rms`, the RMS of the backbone's token embeddings: the gain starts there and `init`
+    is drawn at that scale; 'identity' keeps the projection's output as it is (`init` at `init_std`)."""
+
+    def __init__(self, hidden_size: int, tokens: int, projection: str = "mlp", init_std: float = 0.02, *,
+                 head: str = "identity", embed_rms: float | None = None, eps: float = 1e-6):
         super().__init__()
         if projection not in PROJECTIONS:
             raise KvdistillError(f"student.latent.projection '{projection}' is unknown",
                                  f"use one of {', '.join(PROJECTIONS)}")
-        self.tokens, self.projection, self.hidden_size = tokens, projection, hidden_size
-        self.init = nn.Parameter(torch.randn(tokens, hidden_size) * init_std)  # (M, d)
+        if head not in HEADS:
+            raise KvdistillError(f"student.latent.head '{head}' is unknown", f"use one of {', '.join(HEADS)}")
+        if head == "embed_norm" and (embed_rms is None or not embed_rms > 0):
+            raise KvdistillError(f"head embed_norm needs the token embeddings' RMS (> 0), got {embed_rms!r}",
+                                 "pass embedding_rms(backbone)")
+        self.tokens, self.projection, self.hidden_size, self.head, self.eps = tokens, projection, hidden_size, head, eps
+        std = float(embed_rms) if head == "embed_norm" else init_std
+        self.init = nn.Parameter(torch.randn(tokens, hidden_size) * std)  # (M, d)
+        if head == "embed_norm":
+            self.gain = nn.Parameter(torch.full((hidden_size,), float(embed_rms)))  # (d,)
         if projection == "mlp":
             self.fc1 = nn.Linear(hidden_size, hidden_size)
             self.fc2 = nn.Linear(hidden_size, hidden_size)
@@ -67,10 +82,20 @@ class LatentHead(nn.Module):
         """(..., d) hidden states -> (..., d) latent inputs, in the head's dtype."""
         h = h.to(self.init.dtype)
         if self.projection == "mlp":
-            return h + self.fc2(nn.functional.gelu(self.fc1(h)))
-        if self.projection == "linear":
-            return self.fc(h)
-        return h
+            x = h + self.fc2(nn.functional.gelu(self.fc1(h)))
+        elif self.projection == "linear":
+            x = self.fc(h)
+        else:
+            x = h
+        if self.head == "embed_norm":
+            x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.gain
+        return x
+
+
+def embedding_rms(backbone: nn.Module) -> float:
+    """sqrt(mean(E²)) of the backbone's input embedding matrix E (V, d): a token embedding's typical norm over √d."""
+    weight = backbone.get_input_embeddings().weight.detach()
+    return float(weight.float().pow(2).mean().sqrt())
 
 
 def _crop_to(cache, length: int) -> bool:
@@ -217,7 +242,7 @@ class LatentStudent(nn.Module):
 
         out = Path(out_dir)
         (out / HEAD_CONFIG).write_text(json.dumps({"tokens": self.tokens, "iterations": self.iterations,
-                                                   "projection": self.head.projection,
+                                                   "projection": self.head.projection, "head": self.head.head,
                                                    "hidden_size": self.head.hidden_size}, indent=1))
         save_file({k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()},
                   str(out / HEAD_WEIGHTS))
@@ -239,7 +264,9 @@ def load_latent_student(student_dir: str | Path, *, device=None, attn_implementa
                              "pass the student directory of a run with a student.latent section")
     meta = json.loads((student_dir / HEAD_CONFIG).read_text())
     backbone, tokenizer = load_model(str(student_dir), device=device, attn_implementation=attn_implementation)
-    head = LatentHead(meta["hidden_size"], meta["tokens"], meta["projection"])
+    kind = meta.get("head", "identity")  # heads saved before embed_norm existed are identity heads
+    head = LatentHead(meta["hidden_size"], meta["tokens"], meta["projection"], head=kind,
+                      embed_rms=1.0 if kind == "embed_norm" else None)  # the gain is then loaded
     head.load_state_dict(load_file(str(student_dir / HEAD_WEIGHTS)))
     model = LatentStudent(backbone, head.to(next(backbone.parameters()).device), meta["iterations"])
     return model.eval(), tokenizer
