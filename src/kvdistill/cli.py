@@ -261,13 +261,19 @@ def evaluate(
     size: int | None = typer.Option(None, help="Held-out samples (default: the run's data.eval_size, else 32)."),
     max_length: int | None = typer.Option(None, help="Token limit per sample (default: the run's, else 256)."),
     em: bool = typer.Option(True, help="Exact match by greedy generation (needs (question, answer) data)."),
+    max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", min=1,
+                                              help="Exact match: tokens generated per answer (default 16)."),
+    batch_size: int | None = typer.Option(None, "--batch-size", min=1,
+                                          help="Evaluation batch (default 8; latent students 32)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """Held-out perplexity, exact match and per-layer KV alignment error (ridge probe) against teachers."""
+    """Held-out perplexity, exact match and per-layer KV alignment error (ridge probe) against teachers; a latent
+    student: latent-mode exact match (tokens and latency per answer) and the answer CE after its latents."""
     from kvdistill.eval.run import evaluate_checkpoint, markdown_table
 
     result = evaluate_checkpoint(checkpoint, data=data, config=config_path(config) if config else None,
-                                 teachers=teachers or [], size=size, max_length=max_length, em=em)
+                                 teachers=teachers or [], size=size, max_length=max_length, em=em,
+                                 max_new_tokens=max_new_tokens, batch_size=batch_size)
     if as_json:
         _echo_json(result)
     else:

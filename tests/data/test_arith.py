@@ -9,9 +9,9 @@ import pytest
 
 from kvdistill.config import DataConfig
 from kvdistill.data import arithmetic_problem, arithmetic_records, load_records
+from kvdistill.data.answers import exact_match, extract_answer
 from kvdistill.data.arith import MAX_OPS, MAX_VALUE, MIN_OPS
 from kvdistill.errors import KvdistillError
-from kvdistill.eval.answers import exact_match, extract_answer
 
 _QUESTION = re.compile(r"^(?:Compute|What is|Evaluate|Calculate) ([\d()+\-* ]+)[.?]$")
 _STEP = re.compile(r"^(\d+) ([+\-*]) (\d+) = (\d+)\.$")

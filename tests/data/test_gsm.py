@@ -6,8 +6,8 @@ import pytest
 
 from kvdistill.config import DataConfig
 from kvdistill.data import gsm_symbolic_records, load_records
+from kvdistill.data.answers import exact_match, extract_answer, normalize_number
 from kvdistill.errors import KvdistillError
-from kvdistill.eval.answers import exact_match, extract_answer, normalize_number
 
 pytest.importorskip("reasoning_gym")
 

@@ -7,9 +7,9 @@ import re
 
 import pytest
 
+from kvdistill.data.answers import exact_match, extract_answer
 from kvdistill.data.sorting import MAX_DIGITS, MIN_DIGITS, sorting_records
 from kvdistill.errors import KvdistillError
-from kvdistill.eval.answers import exact_match, extract_answer
 
 _QUESTION = re.compile(r"^(?:Sort the digits|Put|Arrange the digits) ([1-9](?: [1-9])+) in (ascending|descending) "
                        r"order\.$")

@@ -176,12 +176,37 @@ def test_kava_tiny_spec_runs_end_to_end(tmp_path):
 
     raw = yaml.safe_load(spec_path("kava-tiny").read_text())
     raw["base"]["data"].update(size=60, eval_size=4)
-    raw["base"]["train"].update(steps=2, eval_every=0)
+    raw["base"]["train"].update(steps=2, eval_every=1)
     for t in raw["teachers"]:
         t["steps"] = 2
     raw["eval"].update(max_cot_tokens=8, max_new_tokens=3)
     results = run_experiment(load_spec(raw), tmp_path)
-    assert set(results["conditions"]) == {"E1", "E2", "E3", "E4", "E5", "cot_ft", "nocot_ft"}
+    assert set(results["conditions"]) == {"E1", "E2", "E3", "E4", "E5", "cot_ft", "nocot_ft", "E4_identity", "E4_rkv"}
+    # every condition's held-out curves: answer CE and exact match at steps 1 and 2, as training logged them; the last
+    # point is the final student's, which the runner scores the same way
+    for name, curve in results["curves"].items():
+        points = curve["per_seed"]["0"]
+        assert [p["step"] for p in points] == [1, 2] and all(p["exact_match"] is not None for p in points), name
+        ev = json.loads((tmp_path / "runs" / name / "seed-0" / "eval.json").read_text())
+        assert points[-1]["exact_match"] == ev["exact_match"], name
+        if name != "cot_ft":  # a latent student's held-out CE is the answer's, computed by the runner too
+            assert points[-1]["ce"] == pytest.approx(ev["ce"], rel=1e-4), name
+    assert "self" in results["curves"]["E4"]["per_seed"]["0"][-1]["latent_kv"]
+    assert {(c["condition"], c["baseline"]) for c in results["comparisons"]} >= {("E4", "nocot_ft"), ("E4_rkv", "E4")}
+    # `kvdistill eval` on a latent run: the runner's latent-mode figures, through the same function
+    from typer.testing import CliRunner
+
+    from kvdistill.cli import app
+
+    got = CliRunner().invoke(app, ["eval", str(tmp_path / "runs" / "E4" / "seed-0"), "--json", "--max-new-tokens",
+                                   "3", "--batch-size", "16"])
+    assert got.exit_code == 0, got.output
+    cli = json.loads(got.output[got.output.index("{"):])
+    ev = json.loads((tmp_path / "runs" / "E4" / "seed-0" / "eval.json").read_text())
+    assert cli["mode"] == "latent" and cli["samples"] == 4
+    assert cli["exact_match"]["per_item"] == ev["per_item"] and cli["exact_match"]["exact_match"] == ev["exact_match"]
+    assert cli["exact_match"]["gen_tokens"] == ev["gen_tokens"] and cli["exact_match"]["latent_tokens"] == 6
+    assert cli["perplexity"]["ce"] == pytest.approx(ev["ce"], rel=1e-6)
     for name in results["conditions"]:
         ev = json.loads((tmp_path / "runs" / name / "seed-0" / "eval.json").read_text())
         assert len(ev["per_item"]) == 4 and ev["gen_tokens"] > 0

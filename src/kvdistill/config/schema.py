@@ -396,12 +396,14 @@ class TrainConfig(Section):
     """Checkpoint every N optimizer steps (0: only at the end)."""
     eval_every: int = Field(0, ge=0)
     eval_exact_match: bool = False
-    """Every evaluation also scores greedy exact match on the held-out records (`eval/exact_match`; text students)."""
+    """Every evaluation also scores greedy exact match on the held-out records (`eval/exact_match`); a latent student
+    (student.latent) answers in latent mode (kvdistill.student.answer.latent_exact_match, also `eval/gen_tokens`)."""
     eval_cot: bool = False
-    """That exact match by CoT decoding from the question alone (kvdistill.eval.latent.cot_exact_match), instead of
-    giving the model the record's reasoning."""
+    """That exact match of a text student by CoT decoding from the question alone
+    (kvdistill.student.answer.cot_exact_match), instead of giving the model the record's reasoning."""
     eval_max_new_tokens: int = Field(16, gt=0)
-    """Generated tokens per answer of that exact match (with eval_cot: reasoning and answer)."""
+    """Generated tokens per answer of that exact match (with eval_cot: reasoning and answer; a latent student: after
+    the answer prompt)."""
     early_stopping: EarlyStoppingConfig | None = None
     grad_norms_every: int = Field(0, ge=0)
     """Every N optimizer steps, the gradient norm of the CE term and of the distillation terms w.r.t. the student's
@@ -511,9 +513,9 @@ class RunConfig(Section):
         if t.eval_cot and not t.eval_exact_match:
             problems.append("train.eval_cot is how train.eval_exact_match decodes, but eval_exact_match is false; "
                             "set it or drop eval_cot")
-        if (t.eval_exact_match or t.grad_norms_every) and self.student.latent is not None:
-            problems.append("train.eval_exact_match / grad_norms_every are for text students; a latent student "
-                            "(student.latent) answers in latent mode: drop them")
+        if (t.eval_cot or t.grad_norms_every) and self.student.latent is not None:
+            problems.append("train.eval_cot / grad_norms_every are for text students; a latent student "
+                            "(student.latent) answers in latent mode (train.eval_exact_match alone): drop them")
         if t.grad_norms_every and self.losses.ce == 0:
             problems.append("train.grad_norms_every compares the CE and distillation gradients, but losses.ce is 0")
         return problems

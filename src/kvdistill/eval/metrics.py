@@ -23,12 +23,7 @@ from kvdistill.models.capture import capture_kv, tokenize
 from kvdistill.models.chat import ChatText, render
 from kvdistill.models.geometry import geometry_of
 from kvdistill.objectives.batch import teacher_alignment
-
-
-def chunks(items, size):
-    """Consecutive slices of `items` of at most `size`."""
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
+from kvdistill.student.answer import chunks
 
 
 @torch.no_grad()
@@ -61,8 +56,8 @@ def exact_match(
     Records without an answer or `answer_start` are skipped; `exact_match` is None when none are left.
     `per_item` holds 1/0 per usable record in order; `max_new_tokens` bounds the generated answer.
     """
-    from kvdistill.eval.answers import exact_match as same
-    from kvdistill.eval.answers import extract_answer
+    from kvdistill.data.answers import exact_match as same
+    from kvdistill.data.answers import extract_answer
 
     device = next(model.parameters()).device
     usable = [r for r in records if r.get("answer") is not None and r.get("answer_start") is not None]

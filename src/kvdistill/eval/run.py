@@ -19,6 +19,8 @@ from kvdistill.errors import KvdistillError
 from kvdistill.models.load import load_model
 
 DEFAULT_SIZE = 32
+DEFAULT_NEW_TOKENS = 16  # exact match: tokens generated per answer
+DEFAULT_LATENT_BATCH = 32
 DEFAULT_MAX_LENGTH = 256
 MIN_FIT = 16  # probe-fit records at least (more when the held-out split is larger)
 _SOURCES = {"jsonl": "jsonl", "json": "jsonl", "csv": "csv", "parquet": "parquet", "txt": "text"}
@@ -119,6 +121,7 @@ def evaluate_student(
     em: bool = True,
     batch_size: int = 8,
     teacher_cache=None,
+    max_new_tokens: int = 16,
 ) -> dict:
     """Perplexity, exact match (if `em`) and, per teacher in `teachers` {name: (model, tokenizer)}, the probe
     KV error per student layer and its mean.
@@ -133,7 +136,8 @@ def evaluate_student(
         "perplexity": perplexity(model, tokenizer, eval_records, max_length=max_length, batch_size=batch_size)
     }
     if em:
-        out["exact_match"] = exact_match(model, tokenizer, eval_records, batch_size=batch_size)
+        out["exact_match"] = exact_match(model, tokenizer, eval_records, batch_size=batch_size,
+                                         max_new_tokens=max_new_tokens)
     out["probe_kv_error"] = {}
     for name, (t_model, t_tok) in teachers.items():
         layers = probe_kv_error(
@@ -161,9 +165,18 @@ def evaluate_checkpoint(
     max_length: int | None = None,
     em: bool = True,
     device: str | None = None,
+    max_new_tokens: int | None = None,
+    batch_size: int | None = None,
 ) -> dict:
-    """Evaluate CHECKPOINT (see the module docstring); the result `kvdistill eval --json` prints."""
+    """Evaluate CHECKPOINT (see the module docstring); the result `kvdistill eval --json` prints. A latent student
+    (its directory holds latent.json) is evaluated in latent mode (`evaluate_latent`)."""
+    from kvdistill.student.latent import is_latent_student
+
     student, run_dir = resolve_checkpoint(checkpoint)
+    if is_latent_student(student):
+        return _evaluate_latent_checkpoint(checkpoint, student, run_dir, data=data, config=config, teachers=teachers,
+                                           size=size, max_length=max_length, em=em, device=device,
+                                           max_new_tokens=max_new_tokens, batch_size=batch_size)
     run_cfg = load_config(config) if config is not None else None
     if run_cfg is None and run_dir is not None:
         run_cfg = load_config(run_dir / "config.yaml")
@@ -178,7 +191,8 @@ def evaluate_checkpoint(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     loaded = {name: load_model(model, device=device, attn_implementation="sdpa") for name, model in specs.items()}
     model, tok = load_model(student, device=device, attn_implementation="sdpa")  # eval reads no attention maps
-    result = evaluate_student(model, tok, loaded, fit, held, max_length=dcfg.max_length, em=em)
+    result = evaluate_student(model, tok, loaded, fit, held, max_length=dcfg.max_length, em=em,
+                              batch_size=batch_size or 8, max_new_tokens=max_new_tokens or DEFAULT_NEW_TOKENS)
     result.update(
         checkpoint=str(checkpoint),
         student=student,
@@ -196,6 +210,37 @@ def evaluate_checkpoint(
     return result
 
 
+def _evaluate_latent_checkpoint(checkpoint, student: str, run_dir: Path | None, *, data, config, teachers, size,
+                                max_length, em, device, max_new_tokens, batch_size) -> dict:
+    """A latent student: latent-mode exact match (tokens, latency, latent passes per answer) and the answer CE after
+    the latents on the held-out records, through `kvdistill.eval.latent.evaluate_latent` (the experiment runner's
+    evaluation)."""
+    from kvdistill.eval.latent import evaluate_latent
+
+    if teachers:
+        raise KvdistillError(f"--teacher {list(teachers)}: the KV probe error is measured for text students; a latent "
+                             "student's K/V error against its targets is training's eval/latent_kv",
+                             "drop --teacher for a latent student")
+    run_cfg = load_config(config) if config is not None else None
+    if run_cfg is None and run_dir is not None:
+        run_cfg = load_config(run_dir / "config.yaml")
+    dcfg = data_config(data, run_cfg, size, max_length)
+    _, held = held_out(dcfg, fit=False)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    ev = evaluate_latent(student, held, dcfg.template, max_new_tokens=max_new_tokens or DEFAULT_NEW_TOKENS,
+                         batch_size=batch_size or DEFAULT_LATENT_BATCH, device=device, em=em)
+    result = {"mode": "latent", "perplexity": {"ppl": ev["ppl"], "ce": ev["ce"], "tokens": ev["tokens"]},
+              "probe_kv_error": {}}
+    if em:
+        result["exact_match"] = {k: ev[k] for k in ("exact_match", "correct", "n", "per_item", "samples", "gen_tokens",
+                                                    "latency_s", "latent_passes", "latent_tokens")}
+    result.update(checkpoint=str(checkpoint), student=student, run_dir=str(run_dir) if run_dir else None, teachers={},
+                  samples=len(held),
+                  data={"source": dcfg.source, "path": dcfg.path, "eval_size": dcfg.eval_size,
+                        "max_length": dcfg.max_length, "seed": dcfg.seed})
+    return result
+
+
 def markdown_table(result: dict) -> str:
     """The result as a two-column markdown table."""
     ppl = result["perplexity"]
@@ -205,10 +250,18 @@ def markdown_table(result: dict) -> str:
         f"| held-out perplexity | {ppl['ppl']:.3f} ({ppl['tokens']} tokens) |",
         f"| held-out CE (nats/token) | {ppl['ce']:.4f} |",
     ]
+    if result.get("mode") == "latent":
+        lines[2] = f"| held-out perplexity of the answer after the latents | {ppl['ppl']:.3f} ({ppl['tokens']} tokens) |"
+        lines[3] = f"| held-out answer CE (nats/token) | {ppl['ce']:.4f} |"
     if "exact_match" in result:
         em = result["exact_match"]
         value = "n/a (no records with an answer)" if em["exact_match"] is None else f"{em['exact_match']:.3f}"
-        lines.append(f"| exact match | {value} ({em.get('correct', 0)}/{em['n']}) |")
+        mode = " (latent mode)" if result.get("mode") == "latent" else ""
+        lines.append(f"| exact match{mode} | {value} ({em.get('correct', 0)}/{em['n']}) |")
+        if result.get("mode") == "latent" and em["n"]:
+            lines.append(f"| generated tokens per answer | {em['gen_tokens']:.1f} |")
+            lines.append(f"| latency per answer (s) | {em['latency_s']:.4f} |")
+            lines.append(f"| latent tokens / backbone passes on latents | {em['latent_tokens']} / {em['latent_passes']} |")
     for name, err in result.get("probe_kv_error", {}).items():
         per_layer = ", ".join(f"{x:.3f}" for x in err["layers"])
         lines.append(

@@ -12,7 +12,7 @@ results.json:
      "steps": {NAME: steps},
      "runs": {NAME: [{"seed", "steps", "steps_trained", "selected_step", "stopped_early", "scored", "train_s",
                       "elapsed_s", "flops", "flops_selected", "amortised_s", "amortised_flops"}]},
-     "curves": {NAME: {"per_seed": {SEED: [{"step", "flops", "train_s", "ce", "ppl", "exact_match"}]},
+     "curves": {NAME: {"per_seed": {SEED: [{"step", "flops", "train_s", "ce", "ppl", "exact_match"[, "latent_kv"]}]},
                        "mean": [{"step", "flops", "ce", "ppl", "exact_match"}]}},   held-out (validation) curves
      "extraction": {TEACHER: {"seconds", "tokens", "records", "flops", "readers", "runs", "seconds_per_reader",
                               "flops_per_reader"}}}   (cache: true conditions only)
@@ -61,19 +61,18 @@ def collect(spec: ExperimentSpec, out: Path, names: list[str], seeds: list[int],
     conditions = {n: {m: summary([e[m] for e in evals[n]]) for m in metrics
                       if all(e.get(m) is not None for e in evals[n])} for n in names}
     comparisons = []
-    for n in names:
-        if n == spec.baseline:
-            continue
+    pairs = [(n, spec.baseline) for n in names if n != spec.baseline]
+    pairs += [(a, b) for a, b in spec.compare if a in evals and b in evals and (a, b) not in pairs]  # spec.compare
+    for n, ref in pairs:
         for m in metrics:
-            if m not in conditions[n] or m not in conditions[spec.baseline]:
+            if m not in conditions[n] or m not in conditions[ref]:
                 continue
             per_item = None
             if m == "exact_match" or m.startswith("exact_match_"):
                 per_item = (np.array([_items(e, m) for e in evals[n]], dtype=float),
-                            np.array([_items(e, m) for e in evals[spec.baseline]], dtype=float))
-            cmp = paired_comparison([e[m] for e in evals[n]], [e[m] for e in evals[spec.baseline]],
-                                    per_item=per_item)
-            comparisons.append({"condition": n, "baseline": spec.baseline, "metric": m, **cmp})
+                            np.array([_items(e, m) for e in evals[ref]], dtype=float))
+            cmp = paired_comparison([e[m] for e in evals[n]], [e[m] for e in evals[ref]], per_item=per_item)
+            comparisons.append({"condition": n, "baseline": ref, "metric": m, **cmp})
     run_keys = ("steps", "steps_trained", "selected_step", "stopped_early", "scored", "train_s", "elapsed_s", "flops",
                 "flops_selected", "amortised_s", "amortised_flops")
     runs = {n: [{"seed": s, **{k: e.get(k) for k in run_keys}} for s, e in zip(seeds, evals[n], strict=True)]
@@ -112,6 +111,9 @@ def curves_of(out: Path, name: str, seeds: list[int], evals: list[dict]) -> dict
                 per_token * tokens / steps * step + (ev.get("amortised_flops") or 0.0)
             rows[step] = {"step": step, "flops": flops, "train_s": row.get("train_s"), "ce": row["eval/ce"],
                           "ppl": row.get("eval/ppl"), "exact_match": row.get("eval/exact_match")}
+            latent_kv = {k.removeprefix("eval/latent_kv/"): v for k, v in row.items() if k.startswith("eval/latent_kv/")}
+            if latent_kv:  # a latent student's held-out K/V error per teacher (the stability of E2-E4)
+                rows[step]["latent_kv"] = latent_kv
         per_seed[str(s)] = [rows[k] for k in sorted(rows)]
     common = sorted(set.intersection(*(set(r["step"] for r in v) for v in per_seed.values()))) if per_seed else []
     mean = []
@@ -176,10 +178,10 @@ def markdown(results: dict, spec: ExperimentSpec) -> str:
                          f"[{_fmt(s['ci95'][0])}, {_fmt(s['ci95'][1])}] | {', '.join(_fmt(v) for v in s['values'])} |")
         rows = [c for c in results["comparisons"] if c["metric"] == m]
         if rows:
-            lines += ["", f"Paired difference against `{results['baseline']}` (condition − baseline):", "",
-                      "| condition | diff | 95% CI | p | method |", "|---|---|---|---|---|"]
-            lines += [f"| {c['condition']} | {_fmt(c['diff'])} | [{_fmt(c['ci95'][0])}, {_fmt(c['ci95'][1])}] | "
-                      f"{c['p']:.3g} | {c['method']} |" for c in rows]
+            lines += ["", "Paired differences (condition − reference):", "",
+                      "| condition | reference | diff | 95% CI | p | method |", "|---|---|---|---|---|---|"]
+            lines += [f"| {c['condition']} | {c['baseline']} | {_fmt(c['diff'])} | "
+                      f"[{_fmt(c['ci95'][0])}, {_fmt(c['ci95'][1])}] | {c['p']:.3g} | {c['method']} |" for c in rows]
         lines.append("")
     if results.get("routing_curves"):
         lines += ["## Routing accuracy during training (held out, mean over seeds)", "",

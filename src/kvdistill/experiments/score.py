@@ -25,9 +25,9 @@ def evaluate_run(student_dir: Path, held: list[dict], cfg: RunConfig, spec: Expe
     """Held-out perplexity, CE and (if asked) exact match with its per-problem 0/1 list, for one saved student."""
     import torch
 
-    from kvdistill.eval.latent import cot_exact_match
     from kvdistill.eval.metrics import exact_match, perplexity
     from kvdistill.models.load import load_model
+    from kvdistill.student.answer import cot_exact_match
     from kvdistill.student.latent import is_latent_student
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -62,20 +62,14 @@ def _per_skill(ev: dict, held: list[dict]) -> dict:
 
 
 def _evaluate_latent(student_dir: Path, held: list[dict], cfg: RunConfig, spec: ExperimentSpec, device) -> dict:
-    """A latent student: exact match in latent mode (with tokens, latency and latent passes per answer); ppl / ce
-    are those of the answer after the latents (training's held-out figures, from summary.json)."""
-    from kvdistill.eval.latent import latent_exact_match
-    from kvdistill.student.latent import load_latent_student
+    """A latent student (`kvdistill.eval.latent.evaluate_latent`, as `kvdistill eval` runs it): latent-mode exact match
+    with tokens, latency and latent passes per answer, and the held-out answer CE after the latents."""
+    from kvdistill.eval.latent import evaluate_latent
 
-    student, tok = load_latent_student(student_dir, device=device)
-    em = latent_exact_match(student, tok, held, cfg.data.template, max_new_tokens=spec.eval.max_new_tokens,
-                            batch_size=spec.eval.batch_size)
-    summary_path = student_dir.parent.parent / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    del student
-    return {"ppl": summary.get("eval/ppl"), "ce": summary.get("eval/ce"),
-            **{k: em[k] for k in ("exact_match", "per_item", "samples", "gen_tokens", "latency_s", "latent_passes",
-                                  "latent_tokens")}}
+    ev = evaluate_latent(student_dir, held, cfg.data.template, max_new_tokens=spec.eval.max_new_tokens,
+                         batch_size=spec.eval.batch_size, device=device)
+    return {k: ev[k] for k in ("ppl", "ce", "exact_match", "per_item", "samples", "gen_tokens", "latency_s",
+                               "latent_passes", "latent_tokens")}
 
 
 def routing_agreement(student_dir: Path, teacher_dir: str, held: list[dict], cfg: RunConfig) -> dict:

@@ -95,7 +95,7 @@ class EvalSpec(Section):
     batch_size: int = Field(32, gt=0)
     cot: bool = False
     """Text models (teachers, text conditions) answer by CoT decoding from the question alone, up to
-    `max_cot_tokens` (kvdistill.eval.latent.cot_exact_match), instead of being given the record's reasoning;
+    `max_cot_tokens` (kvdistill.student.answer.cot_exact_match), instead of being given the record's reasoning;
     latent students always answer in latent mode."""
     max_cot_tokens: int = Field(96, gt=0)
     routing_teacher: str | None = None
@@ -109,6 +109,9 @@ class ExperimentSpec(Section):
     teachers: list[TeacherPrep] = []
     conditions: dict[str, ConditionSpec]
     baseline: str
+    compare: list[tuple[str, str]] = []
+    """Extra paired comparisons [condition, reference] beside every condition against the baseline (e.g. a latent
+    student against answering directly); results.json `comparisons` lists them with `baseline` the reference."""
     seeds: list[int] = [0, 1, 2]
     budget: dict[str, Any] = {}
     """Overrides every condition shares, as a mapping of dotted keys: {steps: N} is short for train.steps."""
@@ -138,6 +141,11 @@ class ExperimentSpec(Section):
             if cond.match_flops_of is not None and cond.match_flops_of not in self.conditions:
                 problems.append(f"conditions.{cname}.match_flops_of: '{cond.match_flops_of}' is not a condition")
             problems += self._wall_problems(cname, cond)
+        for pair in self.compare:
+            unknown = [c for c in pair if c not in self.conditions]
+            if unknown or pair[0] == pair[1]:
+                problems.append(f"compare {list(pair)}: needs two different conditions of the spec"
+                                + (f" ({unknown} are not)" if unknown else ""))
         if self.student_from is not None and self.student_from not in names:
             problems.append(f"student_from: '{self.student_from}' is not among the teachers {names}")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):

@@ -180,6 +180,28 @@ def cot_importance(model, cap, queries, view: CotView, layers: list[int], cfg) -
                 for j in layers}, None
 
 
+@torch.no_grad()
+def latent_answer_ce(student, tokenizer, records: list[dict], template: str, *, batch_size: int,
+                     geometry=None) -> tuple[float, int]:
+    """(CE, tokens): the held-out answer CE (nats per answer token) of a latent student in latent mode, the answer
+    (and its line break) after the question and the M latents as training's answer CE counts it, and the number of
+    tokens counted; training's held-out evaluation and `kvdistill eval` / the experiment runner
+    (`kvdistill.eval.latent`) both call this."""
+    device = student.head.init.device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    usable = [r for r in records if r.get("answer")]
+    nll, count = 0.0, 0
+    for lo in range(0, len(usable), batch_size):
+        segs = [segments(r, template) for r in usable[lo : lo + batch_size]]
+        view = latent_view(tokenizer, segs, student.tokens)
+        cap = student(view.prefix_ids.to(device), view.prefix_mask.to(device), view.suffix_ids.to(device),
+                      view.suffix_mask.to(device), pad_id=pad, geometry=geometry)
+        token, counted = losses.token_nll(cap.logits, cap.input_ids, view.answer_mask.to(device))
+        nll += float(token[counted].sum())
+        count += int(counted.sum())
+    return nll / max(count, 1), count
+
+
 # ---------------------------------------------------------------------------------------------- objective
 class KavaObjective(nn.Module):
     """The latent student's objective (module docstring); the trainer's objective interface (forward, evaluate,
@@ -337,22 +359,22 @@ class KavaObjective(nn.Module):
     # ------------------------------------------------------------------------------------------ held out
     @torch.no_grad()
     def evaluate(self, records: list[dict], batch_size: int | None = None) -> dict:
-        """Held-out answer CE / perplexity in latent mode (token-level) and, per teacher, the latent K/V error
-        `eval/latent_kv/<teacher>` (exact match: kvdistill.eval.latent, from the saved student)."""
+        """Held-out answer CE / perplexity in latent mode (token-level, `latent_answer_ce`) and, per teacher, the latent
+        K/V error `eval/latent_kv/<teacher>` (exact match: the trainer's evaluation with train.eval_exact_match,
+        `kvdistill.student.answer.latent_exact_match`)."""
         was = self.training
         self.eval()
         try:
             bs = batch_size or self.cfg.train.batch_size
-            nll, count = 0.0, 0
-            kv_sums: dict[str, list[float]] = {}
-            for lo in range(0, len(records), bs):
-                chunk = records[lo : lo + bs]
-                segs = self._segments(chunk)
-                cap, view = self._student_pass(chunk, segs, hidden=False)
-                token, counted = losses.token_nll(cap.logits, cap.input_ids, view.answer_mask.to(self.device))
-                nll += float(token[counted].sum())
-                count += int(counted.sum())
-                if self.cfg.losses.latent_kv.weight > 0:
+            ce, _ = latent_answer_ce(self.student, self.tokenizer, records, self.cfg.data.template, batch_size=bs,
+                                     geometry=self.student_geometry)
+            out = {"eval/ce": ce, "eval/ppl": math.exp(min(ce, 50.0))}
+            if self.cfg.losses.latent_kv.weight > 0:
+                kv_sums: dict[str, list[float]] = {}
+                for lo in range(0, len(records), bs):
+                    chunk = records[lo : lo + bs]
+                    segs = self._segments(chunk)
+                    cap, view = self._student_pass(chunk, segs, hidden=False)
                     t_cap = t_view = t_q = None
                     if self.uses_self:
                         t_cap, t_view, t_q = self._cot_pass(
@@ -361,9 +383,7 @@ class KavaObjective(nn.Module):
                     kv = self.kv_terms(cap, view.prefix_ids.shape[1], self._targets(chunk, segs, t_cap, t_view, t_q))
                     for n, v in kv.items():
                         kv_sums.setdefault(n, []).extend(v.tolist())
-            ce = nll / max(count, 1)
-            out = {"eval/ce": ce, "eval/ppl": math.exp(min(ce, 50.0))}
-            out.update({f"eval/latent_kv/{n}": sum(v) / len(v) for n, v in kv_sums.items()})
+                out.update({f"eval/latent_kv/{n}": sum(v) / len(v) for n, v in kv_sums.items()})
             return out
         finally:
             self.train(was)

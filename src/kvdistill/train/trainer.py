@@ -547,14 +547,18 @@ def _evaluate(run: Run, step: int) -> dict:
     cfg = run.cfg
     ev = run.inner.evaluate(run.eval_records)
     if cfg.train.eval_exact_match:
-        from kvdistill.eval.latent import cot_exact_match
         from kvdistill.eval.metrics import exact_match
+        from kvdistill.student.answer import cot_exact_match, latent_exact_match
 
         student, tok, bs = run.inner.student, run.inner.tokenizer, max(cfg.train.batch_size, 256)
         was = student.training
         student.eval()
         try:
-            if cfg.train.eval_cot:
+            if cfg.student.latent is not None:  # a latent student answers in latent mode
+                em = latent_exact_match(student, tok, run.eval_records, cfg.data.template,
+                                        max_new_tokens=cfg.train.eval_max_new_tokens, batch_size=bs)
+                ev["eval/gen_tokens"] = em["gen_tokens"]
+            elif cfg.train.eval_cot:
                 em = cot_exact_match(student, tok, run.eval_records, cfg.data.template,
                                      max_new_tokens=cfg.train.eval_max_new_tokens, batch_size=bs)
             else:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kvdistill.eval.answers import exact_match, extract_answer, normalize_number
+from kvdistill.data.answers import exact_match, extract_answer, normalize_number
 
 
 @pytest.mark.parametrize(
