@@ -355,7 +355,8 @@ def run_experiment(spec: ExperimentSpec, out: str | Path, *, only: list[str] | N
     data_sizes = check_splits(planned, held, val)  # before anything trains
     teachers = prepare_teachers(spec, out, held)
     _free_device_cache()
-    n_student = student_params(probe)
+    # with the prepared teachers: a `student_from` spec's student is one of them
+    n_student = student_params(condition_config(spec, spec.baseline, use_seeds[0], teachers))
     configs = {(n, s): condition_config(spec, n, s, teachers, flops_steps(spec, n, teachers, n_student))
                for n in first for s in use_seeds}
     extraction = prepare_caches(spec, out, configs, teachers)
