@@ -182,3 +182,12 @@ def test_an_in_memory_dataset_through_the_python_api(tmp_path, teacher_dirs):
     expected = load_records(cfg.data, "eval", dataset=ds)
     assert load_records(saved.data, "eval") == expected
     assert json.loads((tmp_path / "run" / "data.json").read_text())["train"]["records"] == 8
+
+
+def test_kept_teacher_layers_the_layer_map_reads_are_checked_by_validate(tmp_path, cli, teacher_dirs):
+    teacher = {"name": "qwen2", "model": str(teacher_dirs["qwen2"]),
+               "compression": {"kind": "right_crop", "budget": 8, "layers": [0, 1]}}
+    config = write_config(tmp_path / "c.yaml", teachers=[teacher])
+    # a 2-layer student maps onto the first and last of the teacher's 3 layers (ratio): 0 and 2
+    refused_alike(cli, config, tmp_path / "run", "teachers[0] (qwen2).compression.layers [0, 1] leaves out layers [2]",
+                  "keep them in compression.layers (e.g. [0, 2])")

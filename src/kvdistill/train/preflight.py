@@ -9,6 +9,7 @@ What it checks, listing every problem together (each naming the key and the fix)
 - learning rates AdamW can use (also for configs built in code, which skip the schema's bounds);
 - the data: both splits read as training reads them (a field that is not a column, an empty file, too few records
   for data.eval_size, ...), returned so that training does not read them twice;
+- an online teacher's kept layers (compression.layers) holding every layer its layer map reads;
 - a latent student's records cut into question / CoT / answer (`kvdistill.data.segments`);
 - data.max_length within every model's position table;
 - and it counts the records data.max_length truncates for each model (the student and every online teacher, each
@@ -67,7 +68,7 @@ def preflight(cfg: RunConfig, *, dataset=None) -> Checked:
             problems.append(_as_problem(err))
     data_notes = []
     if not problems:
-        problems += _position_problems(cfg)
+        problems += _position_problems(cfg) + _kept_layer_problems(cfg)
         try:
             data_notes = _truncation_notes(cfg, train_records + eval_records)
         except KvdistillError as err:  # e.g. a tokenizer without a chat template for messages data
@@ -93,6 +94,33 @@ def _truncation_notes(cfg: RunConfig, records: list[dict]) -> list[str]:
             notes.append(f"data.max_length = {cfg.data.max_length} truncates {len(over)} of {len(counts)} records "
                          f"for {who} (the longest: {max(over)} tokens)")
     return notes
+
+
+def _kept_layer_problems(cfg: RunConfig) -> list[str]:
+    """An online teacher that keeps only some layers (compression.layers) must keep every layer its layer map reads
+    (what the objective checks when it is built, here from the configs)."""
+    from kvdistill.align.layers import layer_map
+    from kvdistill.config.load import _num_layers, _student_layers, teacher_hf_config
+
+    subsets = [(i, t) for i, t in enumerate(cfg.teachers) if t.source == "online" and t.compression.layers is not None]
+    if not subsets or cfg.student.latent is not None:
+        return []
+    student_layers = _student_layers(cfg.student, [])
+    problems = []
+    for i, t in subsets:
+        teacher_layers = _num_layers(teacher_hf_config(t, key=f"teachers[{i}].from_config"))
+        if student_layers is None or teacher_layers is None:
+            continue
+        lm = t.layer_map
+        matrix = layer_map(student_layers, teacher_layers, strategy=lm.strategy, explicit=lm.explicit,
+                           interpolate=lm.interpolate)  # (L_s, L_t)
+        read = sorted(int(j) for j in (matrix.sum(0) > 0).nonzero().flatten())
+        missing = sorted(set(read) - set(t.compression.layers))
+        if missing:
+            problems.append(f"teachers[{i}] ({t.name}).compression.layers {t.compression.layers} leaves out layers "
+                            f"{missing} that its layer map ({lm.strategy}) reads; fix: keep them in "
+                            f"compression.layers (e.g. {read}) or change the layer_map")
+    return problems
 
 
 def _notes(cfg: RunConfig) -> list[str]:
