@@ -15,7 +15,13 @@ l a stored teacher layer:
     values_l{l} (H_kv, M_b, D)  dtype
     index_l{l}  (H_kv, M_b)     int32   rkv and span cot: which of the T_b tokens each kept slot holds; absent means
                                         0..M_b-1 (full and right_crop keep the first M_b tokens)
-dtype is the compression's storage dtype (`compression.dtype`).
+    logit_values (T_b, k)       ldtype  with stored logits (`LogitSpec`): the top-k log-probabilities at τ = 1 of the
+                                        next token at every real token, descending
+    logit_index  (T_b, k)       uint16 | int32  their token ids (int32 for vocabularies over 65,536)
+    logit_shift  (T_b, n)       float32 logsumexp(z)/τ − logsumexp(z/τ) at each stored temperature τ
+    logit_tail   (T_b, n)       float32 log of the rest's probability mass at each stored temperature
+dtype is the compression's storage dtype (`compression.dtype`), ldtype the logits' (`LogitSpec.dtype`); the logits
+are of every real token whatever the K/V compression keeps (kvdistill.teachers.logits).
 """
 
 from __future__ import annotations
@@ -50,15 +56,20 @@ class HostBatch:
     ready: Any = None
     candidates: list[int] | None = None  # span cot: per sample its number of CoT tokens
     finite: torch.Tensor | None = None
+    logits: tuple[torch.Tensor, ...] | None = None  # values, index (B, T, k), shift, tail (B, T, n)
+    index_dtype: torch.dtype | None = None  # the stored dtype of logits' token ids
 
 
-def capture_to_host(cap, compression, layers: list[int], query_mask: torch.Tensor | None = None) -> HostBatch:
+def capture_to_host(cap, compression, layers: list[int], query_mask: torch.Tensor | None = None,
+                    logits=None) -> HostBatch:
     """Select and gather the stored K/V of `layers` (`compression.resolve_layers`, resolved once by the caller)
     of a `KVCapture` on its device and start one asynchronous copy of them to pinned host memory (plus one for
     ids/positions, one for the rkv index); returns without waiting for the device: nothing here reads a value
     back (the (B, T) mask comes from `cap.attention_mask_cpu` when the capture holds it, the rkv importance's
     finiteness is checked by `host_samples`). On CUDA the K/V of every layer are gathered straight into one
-    buffer in the storage dtype (one gather per layer and tensor when the capture's dtype is the storage dtype)."""
+    buffer in the storage dtype (one gather per layer and tensor when the capture's dtype is the storage dtype).
+    logits: a `LogitSpec` to keep the capture's (B, T, V) logits as top-k log-probabilities and tails
+    (`topk_logprobs`, on the device in chunks of rows), copied with the K/V."""
     device = cap.attention_mask.device
     on_cuda = device.type == "cuda"
     mask_host = cap.attention_mask_cpu
@@ -91,6 +102,13 @@ def capture_to_host(cap, compression, layers: list[int], query_mask: torch.Tenso
     ids_pos = host(torch.stack([cap.input_ids.long(), cap.positions.long()]))  # (2, B, T)
     spans = host(spans.long()) if spans is not None and spans.device.type != "cpu" else spans
     finite = None if finite is None else host(finite)
+    sparse = None
+    if logits is not None:
+        from kvdistill.teachers.logits import topk_logprobs
+
+        values, idx, shift, tail = topk_logprobs(cap.logits, logits.k, logits.temperatures, cap.attention_mask)
+        index_type = torch.int32 if on_cuda else logits.torch_index_dtype  # uint16 is cast on the host
+        sparse = (host(values.to(logits.torch_dtype)), host(idx.to(index_type)), host(shift), host(tail))
     ready = None
     if on_cuda:
         ready = torch.cuda.Event()
@@ -99,7 +117,8 @@ def capture_to_host(cap, compression, layers: list[int], query_mask: torch.Tenso
     candidates = getattr(cap, "candidates", None)
     kept = None if candidates is None or compression.span != "cot" else candidates.sum(1).tolist()
     kind, budget = compression.kind, compression.budget
-    return HostBatch(layers, kind, budget, mask_host, ids_pos, spans, kv, index, ready, kept, finite)
+    return HostBatch(layers, kind, budget, mask_host, ids_pos, spans, kv, index, ready, kept, finite, sparse,
+                     None if logits is None else logits.torch_index_dtype)
 
 
 def _select(
@@ -183,6 +202,12 @@ def host_samples(batch: HostBatch) -> list[dict[str, torch.Tensor]]:
         sample = {"token_ids": _own(token_ids[b, w]), "positions": _own(positions[b, w])}
         if batch.spans is not None:
             sample["spans"] = _own(batch.spans[b, w])
+        if batch.logits is not None:
+            values, index, shift, tail = batch.logits  # (B, T, k) × 2, (B, T, n) × 2
+            sample["logit_values"] = _own(values[b, w])  # (T_b, k)
+            sample["logit_index"] = _own(index[b, w].to(batch.index_dtype))
+            sample["logit_shift"] = _own(shift[b, w])  # (T_b, n)
+            sample["logit_tail"] = _own(tail[b, w])
         n_b = lengths[b] if batch.candidates is None else batch.candidates[b]  # the tokens that could be kept
         M_b = lengths[b] if batch.budget is None else min(batch.budget, n_b)
         for i, layer in enumerate(batch.layers):
@@ -200,19 +225,20 @@ def host_samples(batch: HostBatch) -> list[dict[str, torch.Tensor]]:
 
 
 def samples_from_capture(
-    cap, compression, query_mask: torch.Tensor | None = None, *, layers: list[int] | None = None
+    cap, compression, query_mask: torch.Tensor | None = None, *, layers: list[int] | None = None, logits=None
 ) -> list[dict[str, torch.Tensor]]:
     """Per-sample CPU tensors (layout in the module docstring) of a `KVCapture` under a `Compression`.
 
     rkv needs the importance in `cap.importance` or `cap.attentions`, and a (B, T) `query_mask` of the
     answer tokens. `layers`: the stored layers, default `compression.resolve_layers` of the capture's geometry.
+    `logits`: a `LogitSpec` to store the capture's logits (it must hold them) as top-k log-probabilities.
     The selected K/V of every layer are gathered and cast on the capture's device, copied to the host
     asynchronously (pinned memory on CUDA) and waited for once per batch: `capture_to_host`, then
     `host_samples` (which `kvdistill extract` runs on another thread). Each returned tensor owns its storage.
     """
     if layers is None:
         layers = compression.resolve_layers(cap.geometry.num_layers)
-    return host_samples(capture_to_host(cap, compression, layers, query_mask))
+    return host_samples(capture_to_host(cap, compression, layers, query_mask, logits))
 
 
 def _real_positions(real: torch.Tensor):

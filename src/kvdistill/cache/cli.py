@@ -4,6 +4,7 @@
         --compression rkv --budget 128
     kvdistill extract CONFIG --teacher NAME --out DIR      teacher (with its compression) and data from a run
                                                            config; --out defaults to the teacher's cache_dir
+    kvdistill extract ... --logits-top-k 64 [--logits-dtype float16] [--logits-temperatures 1,2]   K/V + top-k logits
     kvdistill extract ... --shard-index $SLURM_ARRAY_TASK_ID --num-shards 8, then kvdistill cache merge DIR
     kvdistill cache info DIR [--json] / cache verify DIR / cache merge DIR [--parts N]
 
@@ -36,6 +37,9 @@ _FLAGS = {
     "teacher.compression.lam": "--lam",
     "teacher.compression.layers": "--layers",
     "teacher.compression.dtype": "--dtype",
+    "teacher.logits.top_k": "--logits-top-k",
+    "teacher.logits.dtype": "--logits-dtype",
+    "teacher.logits.temperatures": "--logits-temperatures",
     "data": "--data",
     "data.source": "--data",
     "data.path": "--data",
@@ -79,6 +83,15 @@ def extract(
         None, "--limit", help="data.limit: use only N records of a file (default: all)."
     ),
     max_length: int | None = typer.Option(None, "--max-length", help="data.max_length: tokens per text."),
+    logits_top_k: int | None = typer.Option(
+        None, "--logits-top-k", help="Also store the teacher's top-k log-probabilities per token (k)."
+    ),
+    logits_dtype: str | None = typer.Option(
+        None, "--logits-dtype", help="Their storage dtype: float16 (default), bfloat16, float32."
+    ),
+    logits_temperatures: str | None = typer.Option(
+        None, "--logits-temperatures", help="τ of the stored tail mass, e.g. 1,2 (default: losses.logit_kd's)."
+    ),
     batch_size: int = typer.Option(8, "--batch-size", help="Texts per teacher forward."),
     shard_index: int = typer.Option(
         0, "--shard-index", help="This part of a split extraction (array index)."
@@ -105,6 +118,7 @@ def extract(
         size=size,
         limit=limit,
         max_length=max_length,
+        logits={"top_k": logits_top_k, "dtype": logits_dtype, "temperatures": logits_temperatures},
     )
     result = run_extract(
         teacher_cfg,
@@ -138,9 +152,19 @@ def extract_configs(
     size: int | None,
     max_length: int | None,
     limit: int | None = None,
+    logits: dict | None = None,
 ):
-    """(TeacherConfig, DataConfig, out dir) from a run config and/or flags; every problem listed together."""
-    from kvdistill.config import DataConfig, TeacherConfig, apply_overrides, config_path, read_raw
+    """(TeacherConfig, DataConfig, out dir) from a run config and/or flags; every problem listed together. A logits
+    section (the teacher's, or from the --logits-* flags) without temperatures gets those of the config's
+    losses.logit_kd (its defaults without a config)."""
+    from kvdistill.config import (
+        DataConfig,
+        LogitKDConfig,
+        TeacherConfig,
+        apply_overrides,
+        config_path,
+        read_raw,
+    )
     from kvdistill.config.schema import GENERATED
 
     if config is not None:
@@ -160,6 +184,19 @@ def extract_configs(
         teacher_raw, data_raw = dict(scoped["teacher"] or {}), dict(scoped["data"] or {})
     teacher_raw["compression"] = _compression_raw(teacher_raw.get("compression"), compression)
     problems = []
+    logits_raw = _logits_raw(teacher_raw.get("logits"), logits or {})
+    if logits_raw is not None:
+        teacher_raw["logits"] = logits_raw
+        if isinstance(logits_raw, dict) and logits_raw.get("temperatures") is None:
+            losses_raw = raw.get("losses") if config is not None else None
+            kd_raw = (losses_raw or {}).get("logit_kd") if isinstance(losses_raw, dict) else None
+            kd, kd_problems = _validated(LogitKDConfig, dict(kd_raw or {}), "losses.logit_kd")
+            problems += kd_problems
+            if kd is not None and kd.temperatures_used() is None:
+                problems.append("--logits-temperatures: losses.logit_kd has a linear τ schedule; give the "
+                                "temperatures to store (e.g. --logits-temperatures 1,2,4)")
+            elif kd is not None:
+                logits_raw["temperatures"] = kd.temperatures_used()
     if data is not None:
         try:
             data_raw.update(_data_source(data, overrides))
@@ -225,6 +262,25 @@ def _compression_raw(base, flags: dict) -> dict:
                     "e.g. --layers 0,4,8",
                 ) from None
         out[key] = value
+    return out
+
+
+def _logits_raw(base, flags: dict):
+    """The teacher's logits mapping with the --logits-* flags put over it (None: neither gave one)."""
+    given = {k: v for k, v in flags.items() if v is not None}
+    if base is None and not given:
+        return None
+    out = dict(base) if isinstance(base, dict) else base
+    if not isinstance(out, dict):
+        return out  # the schema names the problem
+    if "temperatures" in given:
+        try:
+            given["temperatures"] = [float(x) for x in str(given["temperatures"]).replace(" ", "").split(",") if x]
+        except ValueError:
+            raise KvdistillError(
+                f"--logits-temperatures '{flags['temperatures']}' is not a comma-separated list of numbers",
+                "e.g. --logits-temperatures 1,2") from None
+    out.update(given)
     return out
 
 

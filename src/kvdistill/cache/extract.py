@@ -17,7 +17,9 @@ What is stored per sample is `samples_from_capture` of the capture the online te
 for families without a query projection) under the teacher's `compression`, with the rkv query mask from
 `answer_query_mask`: the selection code is the one `compress_capture` runs online. K/V are computed
 in half precision on GPU (the teacher's `dtype`, auto: bfloat16) and float32 on CPU, and stored in
-`compression.dtype`.
+`compression.dtype`. A teacher with a `logits` section (`TeacherConfig.logits`) also stores its top-k
+log-probabilities and tail masses at every real token (`kvdistill.teachers.logits`, computed from the same
+forward's logits); their temperatures are the section's, or those of the run's losses.logit_kd.
 
 What an extraction knows of its teacher (`TeacherSpec`: id, KV geometry, built compression, stored layers) is
 derived once, from config.json and the teacher config (`teacher_spec`), before any weights load, and handed to
@@ -42,12 +44,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from kvdistill.cache.manifest import fingerprint_records, fingerprint_tokenizer, make_meta
-from kvdistill.config import DataConfig, TeacherConfig
+from kvdistill.config import DataConfig, LogitKDConfig, TeacherConfig
 from kvdistill.errors import CacheError, KvdistillError
 
 if TYPE_CHECKING:
     from kvdistill.compress import Compression
     from kvdistill.models.geometry import KVGeometry
+    from kvdistill.teachers.logits import LogitSpec
 
 log = logging.getLogger(__name__)
 
@@ -97,17 +100,37 @@ class TeacherSpec:
     geometry: KVGeometry
     compression: Compression
     layers: list[int]
+    logits: LogitSpec | None = None
 
 
-def teacher_spec(teacher_cfg: TeacherConfig) -> TeacherSpec:
-    """The `TeacherSpec` of `teacher_cfg`, from its config.json only; layers out of range: an error naming them."""
+def logit_spec(teacher_cfg: TeacherConfig, geometry: KVGeometry, logit_kd: LogitKDConfig | None) -> LogitSpec | None:
+    """What a cache of `teacher_cfg` holds of its logits (None: no logits section); temperatures from the section,
+    else from `logit_kd` (the run's losses.logit_kd; None: its defaults)."""
+    from kvdistill.teachers.logits import LogitSpec
+
+    section = teacher_cfg.logits
+    if section is None:
+        return None
+    temps = section.resolved(logit_kd)
+    if temps is None:
+        raise KvdistillError(
+            f"teacher '{teacher_cfg.name}': losses.logit_kd has a linear τ schedule, and a cache stores the tail mass "
+            "at given temperatures only",
+            "set teachers.N.logits.temperatures (`--logits-temperatures`), or use a step / constant schedule")
+    return LogitSpec(section.top_k, section.dtype, tuple(temps), int(geometry.vocab_size))
+
+
+def teacher_spec(teacher_cfg: TeacherConfig, logit_kd: LogitKDConfig | None = None) -> TeacherSpec:
+    """The `TeacherSpec` of `teacher_cfg`, from its config.json only; layers out of range: an error naming them.
+    logit_kd: the run's losses.logit_kd, whose temperatures a logits section without its own stores."""
     from kvdistill.models.geometry import geometry_of
     from kvdistill.models.load import load_config
 
     tid = teacher_id(teacher_cfg.model)
     geometry = geometry_of(load_config(teacher_cfg.model), name=tid)
     compression = teacher_cfg.compression.build()
-    return TeacherSpec(tid, geometry, compression, compression.resolve_layers(geometry.num_layers))
+    return TeacherSpec(tid, geometry, compression, compression.resolve_layers(geometry.num_layers),
+                       logit_spec(teacher_cfg, geometry, logit_kd))
 
 
 def expected_meta(
@@ -117,13 +140,14 @@ def expected_meta(
     records: list[dict] | None = None,
     tokenizer=None,
     spec: TeacherSpec | None = None,
+    logit_kd: LogitKDConfig | None = None,
 ) -> dict[str, Any]:
     """The meta of a cache of `teacher_cfg` over `data_cfg`, from the teacher's config.json and tokenizer only
     (no weights). `records` / `tokenizer` / `spec`: already loaded or derived ones (the tokenizer must be the
-    teacher's, the spec `teacher_spec(teacher_cfg)`)."""
+    teacher's, the spec `teacher_spec(teacher_cfg, logit_kd)`)."""
     from kvdistill.models.load import load_tokenizer
 
-    spec = spec if spec is not None else teacher_spec(teacher_cfg)
+    spec = spec if spec is not None else teacher_spec(teacher_cfg, logit_kd)
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(teacher_cfg.model)
     records = records if records is not None else dataset_records(data_cfg)
     return make_meta(
@@ -132,12 +156,14 @@ def expected_meta(
         fingerprint_tokenizer(tokenizer),
         spec.compression.to_dict(),
         dataset_fingerprint(records, data_cfg.max_length),
+        logits=None if spec.logits is None else spec.logits.to_dict(),
     )
 
 
-def open_teacher_cache(teacher_cfg: TeacherConfig, data_cfg: DataConfig):
+def open_teacher_cache(teacher_cfg: TeacherConfig, data_cfg: DataConfig, logit_kd: LogitKDConfig | None = None):
     """The `CacheReader` of a `source: cache` teacher, checked against the run: complete, and the same
-    teacher, tokenizer, compression and dataset (a CacheError names each field that differs)."""
+    teacher, tokenizer, compression and dataset, and the logits the run reads (`teacher_cfg.logits` at the
+    temperatures of `logit_kd`); a CacheError names each field that differs."""
     from kvdistill.cache.reader import CacheReader
 
     reader = CacheReader(teacher_cfg.cache_dir)
@@ -149,7 +175,7 @@ def open_teacher_cache(teacher_cfg: TeacherConfig, data_cfg: DataConfig):
             "rerun the same `kvdistill extract` command (it resumes), then `kvdistill cache merge` for parts",
         )
     try:
-        reader.require_compatible(expected_meta(teacher_cfg, data_cfg))
+        reader.require_compatible(expected_meta(teacher_cfg, data_cfg, logit_kd=logit_kd))
     except CacheError as err:
         raise CacheError(
             f"teacher '{name}': {err.problem}",
@@ -225,8 +251,10 @@ def extract(
     model=None,
     tokenizer=None,
     only_ids: set[str] | None = None,
+    logit_kd: LogitKDConfig | None = None,
 ) -> dict[str, Any]:
-    """Run one teacher over `data_cfg` and write (or resume) its cache in `out_dir`.
+    """Run one teacher over `data_cfg` and write (or resume) its cache in `out_dir`; with a `logits` section,
+    its top-k log-probabilities too (temperatures: the section's, else those of `logit_kd`).
 
     `only_ids`: store only these records (e.g. the ones an experiment's runs will read); the cache is still the
     cache of `data_cfg` (the same meta), and a run that asks it for another record gets a CacheError naming it.
@@ -247,7 +275,7 @@ def extract(
             "pass both model and tokenizer, or neither", "extract(..., model=m, tokenizer=t)"
         )
     records = dataset_records(data_cfg)
-    spec = teacher_spec(teacher_cfg)  # config.json only: bad layers fail before the weights load
+    spec = teacher_spec(teacher_cfg, logit_kd)  # config.json only: bad layers fail before the weights load
     stored = records
     if only_ids is not None:
         unknown = sorted(set(only_ids) - {str(r["id"]) for r in records})
@@ -279,6 +307,7 @@ def extract(
             layers=spec.layers,
             geometry=spec.geometry,
             batch_size=batch_size,
+            logits=spec.logits,
         )
     seconds = time.perf_counter() - start
     result = {
@@ -350,6 +379,7 @@ def run_pipeline(
     geometry: KVGeometry | None = None,
     batch_size: int | None = None,
     depth: int = 2,
+    logits: LogitSpec | None = None,
 ) -> None:
     """Capture and compress `batches` in order, calling `consume(batch, samples)` (samples: `host_samples`) for
     each, with the host work off the main thread:
@@ -359,7 +389,8 @@ def run_pipeline(
         host thread       host_samples(batch n - 1), consume(...)  waits for its copy, cuts it into samples
 
     `compression` / `layers` (`compression.resolve_layers`) / `geometry` (default `geometry_of(model)`): derived
-    once by the caller and used for every batch. At most `depth` batches wait for the host thread (the main
+    once by the caller and used for every batch; `logits`: also keep the top-k log-probabilities (`LogitSpec`).
+    At most `depth` batches wait for the host thread (the main
     thread blocks beyond that). An error on either thread is raised in the main thread, at the latest once the
     batches in flight are done.
     """
@@ -370,7 +401,7 @@ def run_pipeline(
     if not batches:
         return
     geometry = geometry if geometry is not None else geometry_of(model)
-    spec = TeacherSpec(geometry.name, geometry, compression, layers)
+    spec = TeacherSpec(geometry.name, geometry, compression, layers, logits)
     pin = next(model.parameters()).device.type == "cuda"
 
     def prepare(batch):
@@ -393,7 +424,7 @@ def run_pipeline(
                 if k + 1 < len(batches):
                     upcoming = tokenize_pool.submit(prepare, batches[k + 1])
                 cap, query = _capture(model, tokenizer, inputs, spec, max_length, batch_size)
-                host = capture_to_host(cap, compression, layers, query)
+                host = capture_to_host(cap, compression, layers, query, logits)
                 del cap, query
                 in_flight.append((k, batch, host_pool.submit(finish, batch, host)))
                 while len(in_flight) > depth:
@@ -442,6 +473,7 @@ def _capture(model, tokenizer, inputs, spec: TeacherSpec, max_length: int | None
             layers=spec.layers,
             inputs=inputs,
             geometry=spec.geometry,
+            logits=spec.logits is not None,
         )
     except torch.cuda.OutOfMemoryError:
         longest = max(len(r["text"]) for r in batch)

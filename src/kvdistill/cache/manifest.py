@@ -9,6 +9,9 @@
       "compression": Compression.to_dict(),
       "dataset": sha256 hex (fingerprint_records),
       "span_unit": "utf8_bytes" (stored token spans are UTF-8 byte offsets into the text, align/bytes.py),
+      "logits": null | {"top_k": int, "dtype": str, "index_dtype": "uint16" | "int32", "temperatures": [float],
+                        "vocab_size": int} (each sample also holds the teacher's top-k log-probabilities,
+                        kvdistill.teachers.logits; absent in caches written before: null),
       "shards": [{"file": str, "sha256": str, "num_samples": int, "bytes": int}, ...],
       "samples": {sample_id: {"shard": int (position in "shards"), "index": int (position in the shard)}},
       "complete": bool (the writer was closed; false while extraction runs or after a kill),
@@ -16,8 +19,9 @@
     }
 
 Only complete shards are ever listed, and the file is replaced atomically, so a manifest is always
-consistent with the shards on disk. The meta fields (teacher, tokenizer, compression, dataset, span_unit)
-decide whether a cache fits a run: `meta_mismatches` names every field that differs.
+consistent with the shards on disk. The meta fields (teacher, tokenizer, compression, dataset, span_unit, logits)
+decide whether a cache fits a run: `meta_mismatches` names every field that differs (a reader that needs no logits
+takes a cache with them; one that needs them takes a cache whose temperatures include its own).
 
 Schema 1 caches stored character spans, which cannot tell apart the tokens a byte-level tokenizer splits one
 character into; `read_manifest` refuses them with a message to re-extract.
@@ -43,7 +47,8 @@ from kvdistill.errors import CacheError
 
 SCHEMA_VERSION = 2  # 2: spans in UTF-8 bytes (schema 1 stored character spans)
 SPAN_UNIT = "utf8_bytes"
-META_FIELDS = ("teacher", "tokenizer", "compression", "dataset", "span_unit")
+META_FIELDS = ("teacher", "tokenizer", "compression", "dataset", "span_unit", "logits")
+OPTIONAL_META = {"logits": None}  # meta fields newer than schema 2: absent means this value
 MANIFEST = "manifest.json"
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _GEOMETRY_INTS = (
@@ -81,14 +86,17 @@ def make_meta(
     compression: dict,
     dataset_fp: str,
     revision: str | None = None,
+    logits: dict | None = None,
 ) -> dict[str, Any]:
-    """The meta dict a `CacheWriter` takes and a `CacheReader` is checked against (spans in `SPAN_UNIT`)."""
+    """The meta dict a `CacheWriter` takes and a `CacheReader` is checked against (spans in `SPAN_UNIT`); `logits`:
+    `LogitSpec.to_dict()` when the samples hold top-k log-probabilities."""
     return {
         "teacher": {"id": teacher_id, "revision": revision, "geometry": dict(geometry)},
         "tokenizer": tokenizer_fp,
         "compression": dict(compression),
         "dataset": dataset_fp,
         "span_unit": SPAN_UNIT,
+        "logits": None if logits is None else dict(logits),
     }
 
 
@@ -99,6 +107,8 @@ def check_meta(meta: dict[str, Any]) -> dict[str, Any]:
         raise CacheError(
             f"cache meta must be a dict, got {type(meta).__name__}", "build it with make_meta(...)"
         )
+    if isinstance(meta, dict):
+        meta = {**OPTIONAL_META, **meta}
     for key in META_FIELDS:
         if key not in meta:
             problems.append(f"missing meta field '{key}'")
@@ -114,6 +124,7 @@ def check_meta(meta: dict[str, Any]) -> dict[str, Any]:
         )
     if "span_unit" in meta and meta["span_unit"] != SPAN_UNIT:
         problems.append(f"meta.span_unit is {meta['span_unit']!r}, this kvdistill stores {SPAN_UNIT!r} spans")
+    problems += _logits_problems(meta.get("logits"), "meta.logits")
     unknown = sorted(set(meta) - set(META_FIELDS)) if isinstance(meta, dict) else []
     if unknown:
         problems.append(f"unknown meta field(s) {unknown}")
@@ -137,14 +148,19 @@ def _short(x: Any, n: int = 80) -> str:
 COMPRESSION_ADDED = {"span": "all", "scoring": "minmax", "window": 8}  # compression fields newer than schema 2
 
 
-def meta_mismatches(stored: dict[str, Any], expected: dict[str, Any]) -> list[str]:
+def meta_mismatches(stored: dict[str, Any], expected: dict[str, Any], *, reading: bool = False) -> list[str]:
     """One message per meta field of `expected` that differs from `stored` (teacher split into id / revision /
-    geometry). Fields absent from `expected` are not checked."""
+    geometry). Fields absent from `expected` are not checked. reading: `expected` is what a reader needs, so logits
+    None takes any cache, and needed temperatures may be a subset of the stored ones (a writer resuming, or parts
+    merged, must agree exactly)."""
     out = []
     for key in META_FIELDS:
         if key not in expected:
             continue
-        want, have = _json_normal(expected[key]), _json_normal(stored.get(key))
+        want, have = _json_normal(expected[key]), _json_normal(stored.get(key, OPTIONAL_META.get(key)))
+        if key == "logits" and reading:
+            out += _logits_mismatch(have, want)
+            continue
         if key == "compression" and isinstance(want, dict) and isinstance(have, dict):
             # fields added later (span, scoring, window) are absent from older caches: absent means the default
             want, have = {**COMPRESSION_ADDED, **want}, {**COMPRESSION_ADDED, **have}
@@ -165,6 +181,43 @@ def meta_mismatches(stored: dict[str, Any], expected: dict[str, Any]) -> list[st
                         )
         else:
             out.append(f"{key} differs: cache has {_short(have)}, expected {_short(want)}")
+    return out
+
+
+def _logits_mismatch(have: dict | None, want: dict | None) -> list[str]:
+    """What a reader needing `want` (None: nothing) finds missing in a cache's logits entry `have`."""
+    if want is None or have == want:
+        return []
+    if have is None:
+        return [f"logits differs: the cache holds no logits, expected top-k log-probabilities {_short(want)}"]
+    same = {k: v for k, v in want.items() if k != "temperatures"}
+    wrong = sorted(k for k in same if have.get(k) != same[k])
+    missing = sorted(set(want.get("temperatures", [])) - set(have.get("temperatures", [])))
+    out = [f"logits.{k} differs: cache has {_short(have.get(k))}, expected {_short(want[k])}" for k in wrong]
+    if missing:
+        out.append(f"logits.temperatures: the cache holds the tail mass at {have.get('temperatures')}, "
+                   f"not at {missing}")
+    return out
+
+
+def _logits_problems(logits: Any, where: str) -> list[str]:
+    """The structure of a `logits` meta entry (None, or `LogitSpec.to_dict()`)."""
+    if logits is None:
+        return []
+    if not isinstance(logits, dict):
+        return [f"{where} is {_type(logits)}, expected an object or null"]
+    out = []
+    for key in ("top_k", "vocab_size"):
+        if not _is_int(logits.get(key), 1):
+            out.append(f"{where}.{key} is {_short(logits.get(key))}, expected a positive integer")
+    if logits.get("dtype") not in ("float16", "bfloat16", "float32"):
+        out.append(f"{where}.dtype is {_short(logits.get('dtype'))}, expected float16, bfloat16 or float32")
+    if logits.get("index_dtype") not in ("uint16", "int32"):
+        out.append(f"{where}.index_dtype is {_short(logits.get('index_dtype'))}, expected uint16 or int32")
+    temps = logits.get("temperatures")
+    if not (isinstance(temps, list) and temps and all(isinstance(t, int | float) and not isinstance(t, bool)
+                                                      and t > 0 for t in temps)):
+        out.append(f"{where}.temperatures is {_short(temps)}, expected a list of temperatures > 0")
     return out
 
 
@@ -231,6 +284,8 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
             f"manifest {path} has the wrong structure ({len(problems)} problem(s)): " + "; ".join(problems),
             _RESTORE,
         )
+    for key, default in OPTIONAL_META.items():
+        data.setdefault(key, default)
     if data["span_unit"] != SPAN_UNIT:
         raise CacheError(
             f"manifest {path} stores spans in {data['span_unit']!r}, this kvdistill reads {SPAN_UNIT!r}",
@@ -286,7 +341,7 @@ def structure_problems(data: Any) -> list[str]:
     if not isinstance(data, dict):
         return [f"the manifest is {_type(data)}, expected an object"]
     out = []
-    missing = [k for k in (*META_FIELDS, "shards", "samples") if k not in data]
+    missing = [k for k in (*META_FIELDS, "shards", "samples") if k not in data and k not in OPTIONAL_META]
     if missing:
         out.append(f"missing key(s) {missing}")
     teacher = data.get("teacher")
@@ -329,6 +384,7 @@ def structure_problems(data: Any) -> list[str]:
                 )
     if "span_unit" in data and not isinstance(data["span_unit"], str):
         out.append(f"span_unit is {_short(data['span_unit'])}, expected {SPAN_UNIT!r}")
+    out += _logits_problems(data.get("logits"), "logits")
     shards = data.get("shards")
     if "shards" in data:
         if not isinstance(shards, list):

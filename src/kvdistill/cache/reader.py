@@ -23,6 +23,7 @@ from kvdistill.cache.manifest import (
     shard_path,
 )
 from kvdistill.errors import CacheError
+from kvdistill.teachers.logits import TeacherLogits
 from kvdistill.teachers.record import TeacherKV
 
 
@@ -178,7 +179,7 @@ class CacheReader:
 
     def check_compatible(self, expected_meta: dict[str, Any]) -> list[str]:
         """Messages for every meta field of `expected_meta` (teacher, tokenizer, compression, dataset) that differs."""
-        return meta_mismatches(self.meta, expected_meta)
+        return meta_mismatches(self.meta, expected_meta, reading=True)
 
     def require_compatible(self, expected_meta: dict[str, Any]) -> None:
         bad = self.check_compatible(expected_meta)
@@ -189,9 +190,11 @@ class CacheReader:
                 "(`kvdistill extract`), or point cache_dir at the matching cache",
             )
 
-    def teacher_kv(self, sample_ids: list[str], device="cpu", dtype: torch.dtype | None = None):
+    def teacher_kv(self, sample_ids: list[str], device="cpu", dtype: torch.dtype | None = None, *,
+                   logits: bool = False):
         """A right-padded `TeacherKV` batch. Kind full: keys (B, H, T, D) with shared spans (B, T, 2) and mask
-        (B, T); otherwise keys (B, H, M, D), spans (B, H, M, 2), mask (B, H, M) per layer."""
+        (B, T); otherwise keys (B, H, M, D), spans (B, H, M, 2), mask (B, H, M) per layer. logits: also the stored
+        top-k log-probabilities as a `TeacherLogits` (B, T, k) (refused when the cache holds none)."""
         samples = self.get_batch(sample_ids)
         B = len(samples)
         layers = self.layers
@@ -235,7 +238,31 @@ class CacheReader:
             shared_spans=shared,
             compression=dict(self.meta["compression"]),
             sample_ids=list(sample_ids),
+            logits=self._logits(samples, tok_mask).map(lambda x: x.to(device)) if logits else None,
         )
+
+    def _logits(self, samples: list[dict[str, torch.Tensor]], tok_mask: torch.Tensor) -> TeacherLogits:
+        """The stored top-k log-probabilities of `samples`, right-padded to the (B, T) token mask: values (B, T, k)
+        in their stored dtype, index (B, T, k) int64, shift and tail (B, T, n) float32."""
+        spec = self.meta["logits"]
+        if spec is None:
+            raise CacheError(f"cache {self.dir} holds no logits (K/V only)",
+                             "extract it with a logits section (`kvdistill extract ... --logits-top-k 64`)")
+        B, T = tok_mask.shape
+        k, n = int(spec["top_k"]), len(spec["temperatures"])
+        values = torch.zeros(B, T, k, dtype=getattr(torch, spec["dtype"]))
+        index = torch.zeros(B, T, k, dtype=torch.long)
+        shift = torch.zeros(B, T, n, dtype=torch.float32)
+        tail = torch.zeros(B, T, n, dtype=torch.float32)
+        for b, s in enumerate(samples):
+            t = s["token_ids"].shape[0]
+            if not {"logit_values", "logit_index", "logit_shift", "logit_tail"} <= s.keys():
+                raise CacheError(f"a sample of cache {self.dir} lacks the logits its manifest promises",
+                                 f"run `kvdistill cache verify {self.dir}`, then re-extract the cache")
+            values[b, :t], index[b, :t] = s["logit_values"], s["logit_index"].long()
+            shift[b, :t], tail[b, :t] = s["logit_shift"], s["logit_tail"]
+        temps = tuple(float(x) for x in spec["temperatures"])
+        return TeacherLogits(values, index, shift, tail, temps, tok_mask.clone())
 
     def close(self) -> None:
         self._handles.clear()

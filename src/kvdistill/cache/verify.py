@@ -16,8 +16,10 @@ from safetensors import safe_open
 from kvdistill.cache.manifest import MANIFEST, location_problems, read_manifest, sha256_file, shard_path
 from kvdistill.errors import CacheError
 
-_DTYPE_NAMES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}
-_SIZES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+_DTYPE_NAMES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32", "uint16": "U16", "int32": "I32"}
+_SIZES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+          "U16": 2, "U32": 4, "U64": 8}
+LOGIT_TENSORS = ("logit_values", "logit_index", "logit_shift", "logit_tail")
 
 
 def load_cache_manifest(directory: str | Path) -> dict[str, Any]:
@@ -64,6 +66,7 @@ def _sample_problems(
     for name in ("positions", "spans"):
         if name in tensors and T is not None and tensors[name][1][:1] != (T,):
             out.append(f"{where}: {name} has shape {tensors[name][1]}, expected {T} tokens like token_ids")
+    out += _logit_problems(where, tensors, manifest.get("logits"), T)
     layers = _expected_layers(manifest)
     stored = sorted(int(n[6:]) for n in tensors if n.startswith("keys_l") and n[6:].isdigit())
     if layers is not None and stored != sorted(layers):
@@ -94,6 +97,26 @@ def _sample_problems(
             out.append(f"{where}: rkv sample lacks {iname}")
         elif iname in tensors and tensors[iname][1] != (h, m):
             out.append(f"{where}: {iname} has shape {tensors[iname][1]}, expected {(h, m)}")
+    return out
+
+
+def _logit_problems(where: str, tensors: dict[str, tuple[str, tuple[int, ...]]], spec: dict | None,
+                    T: int | None) -> list[str]:
+    """The stored logits of one sample against the manifest's `logits` entry (None: there must be none)."""
+    present = [n for n in LOGIT_TENSORS if n in tensors]
+    if spec is None:
+        return [f"{where}: stores {present} but the manifest records no logits"] if present else []
+    k, n = spec["top_k"], len(spec["temperatures"])
+    want = {"logit_values": (_DTYPE_NAMES[spec["dtype"]], (T, k)),
+            "logit_index": (_DTYPE_NAMES[spec["index_dtype"]], (T, k)),
+            "logit_shift": ("F32", (T, n)),
+            "logit_tail": ("F32", (T, n))}
+    out = []
+    for name, (dtype, shape) in want.items():
+        if name not in tensors:
+            out.append(f"{where}: lacks {name}, which the manifest's logits promise")
+        elif tensors[name][0] != dtype or (T is not None and tensors[name][1] != shape):
+            out.append(f"{where}: {name} is {tensors[name][0]} {tensors[name][1]}, expected {dtype} {shape}")
     return out
 
 
@@ -181,7 +204,7 @@ def cache_info(path: str) -> dict[str, Any]:
     directory = Path(path)
     manifest = load_cache_manifest(directory)
     geometry = manifest["teacher"].get("geometry") or {}
-    num_tokens = kept_slots = kv_bytes = 0
+    num_tokens = kept_slots = kv_bytes = logit_bytes = 0
     layer_shapes: dict[str, dict[str, Any]] = {}
     fix = f"run `kvdistill cache verify {directory}` for the full list, then re-extract the cache"
     for k, entry in enumerate(manifest["shards"]):
@@ -209,6 +232,11 @@ def cache_info(path: str) -> dict[str, Any]:
                     f"expected {rank} dimensions",
                     fix,
                 )
+            if tname in LOGIT_TENSORS:
+                n = 1
+                for s in shape:
+                    n *= s
+                logit_bytes += n * _SIZES.get(dt, 0)
             if tname == "token_ids":
                 num_tokens += shape[0]
             elif kv:
@@ -246,6 +274,9 @@ def cache_info(path: str) -> dict[str, Any]:
         "kv_bytes": kv_bytes,
         "bytes_per_token": total / num_tokens if num_tokens else None,
         "kv_bytes_per_token": kv_bytes / num_tokens if num_tokens else None,
+        "logits": manifest.get("logits"),
+        "logit_bytes": logit_bytes,
+        "logit_bytes_per_token": logit_bytes / num_tokens if num_tokens else None,
         "layers": per_layer,
         "tokenizer": manifest["tokenizer"],
         "dataset": manifest["dataset"],
@@ -257,13 +288,15 @@ def cache_info(path: str) -> dict[str, Any]:
 def format_info(info: dict[str, Any]) -> str:
     """A few lines for the CLI."""
     comp = info["compression"]
-    bpt = info["bytes_per_token"]
+    bpt, kv, lg = info["bytes_per_token"], info["kv_bytes_per_token"], info["logit_bytes_per_token"]
+    per = f" (K/V {kv:.1f}, logits {lg:.1f})" if bpt else ""
     return "\n".join(
         [
             f"teacher      {info['teacher']['id']} ({info['geometry'].get('num_layers', '?')} layers, "
             f"{info['geometry'].get('num_kv_heads', '?')} kv heads, head dim {info['geometry'].get('head_dim', '?')})",
             f"compression  {json.dumps(comp)}",
             f"samples      {info['num_samples']} in {info['num_shards']} shards, {info['num_tokens']} tokens",
-            f"size         {info['total_bytes']} bytes" + (f", {bpt:.1f} bytes/token" if bpt else ""),
+            f"logits       {json.dumps(info['logits']) if info['logits'] else 'none (K/V only)'}",
+            f"size         {info['total_bytes']} bytes" + (f", {bpt:.1f} bytes/token{per}" if bpt else ""),
         ]
     )

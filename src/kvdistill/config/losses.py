@@ -122,6 +122,13 @@ class LogitKDConfig(Section):
             raise ValueError("; ".join(problems))
         return self
 
+    def temperatures_used(self) -> list[float] | None:
+        """Every τ the schedule takes (sorted), None for a linear schedule (a continuum)."""
+        s = self.schedule
+        if s.kind == "constant":
+            return [self.temperature]
+        return sorted(set(s.values)) if s.kind == "step" else None
+
     def temperature_at(self, step: int, total: int) -> float:
         """τ of optimizer step `step` (0-based) of a run of `total` steps (`TemperatureSchedule`)."""
         s = self.schedule

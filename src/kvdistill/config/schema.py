@@ -158,6 +158,32 @@ class CompressionConfig(Section):
                            span=self.span, scoring=self.scoring, window=self.window)
 
 
+class CachedLogitsConfig(Section):
+    """What a teacher's cache holds of its next-token distributions (kvdistill.teachers.logits): written by
+    `kvdistill extract` beside the K/V, read by logit KD from a cached teacher."""
+
+    top_k: int = Field(64, gt=0)
+    """k: log-probabilities kept per token, the most probable first (at most the vocabulary)."""
+    dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    """Storage dtype of the log-probabilities (token ids: uint16 for vocabularies up to 65,536, else int32)."""
+    temperatures: list[float] | None = None
+    """The τ at which the tail mass is stored (logit KD can read the cache at exactly these). None: those of
+    losses.logit_kd (its temperature, or a step schedule's values)."""
+
+    @model_validator(mode="after")
+    def _positive(self):
+        if self.temperatures is not None and (not self.temperatures or any(not t > 0 for t in self.temperatures)):
+            raise ValueError(f"logits.temperatures {self.temperatures} must be one or more temperatures > 0")
+        return self
+
+    def resolved(self, logit_kd: LogitKDConfig | None = None) -> list[float] | None:
+        """The stored temperatures: `temperatures`, else those losses.logit_kd uses (None for a linear schedule,
+        whose τ is continuous)."""
+        if self.temperatures is not None:
+            return sorted(set(self.temperatures))
+        return (logit_kd or LogitKDConfig()).temperatures_used()
+
+
 class TeacherConfig(Section):
     name: str | None = None
     """Short label used in logs and reports (default: the model name, '.' replaced by '_'); no '.' allowed."""
@@ -180,6 +206,9 @@ class TeacherConfig(Section):
     """The skill of `data.skills` this teacher specialises in: with fusion.kind router or similarity, the held-out
     evaluation reports the fusion weight on it for records of that skill (eval/routing_acc, eval/routing_acc_<skill>;
     `kvdistill.fuse.routing_accuracy`)."""
+    logits: CachedLogitsConfig | None = None
+    """Cached teachers: the top-k log-probabilities the cache holds (what `kvdistill extract` stores and logit KD
+    from the cache reads); None: K/V only."""
 
     @model_validator(mode="after")
     def _cache_dir(self):
@@ -534,6 +563,9 @@ class RunConfig(Section):
                             "fusion section")
         tgt = c.latent_kv.target
         for n, t in enumerate(self.teachers):
+            if t.logits is not None:
+                problems.append(f"teachers.{n}.logits (cached top-k log-probabilities) is read by losses.logit_kd of "
+                                "a text student; a latent student reads teachers through L_KV only: drop it")
             if t.source == "online" and t.compression != CompressionConfig():
                 problems.append(f"teachers.{n} ('{t.name}'): a latent student compresses an online teacher's CoT K/V "
                                 "itself (losses.latent_kv.target); drop its compression")
@@ -573,14 +605,41 @@ class RunConfig(Section):
                  if w > 0]
         problems = []
         for n, t in enumerate(self.teachers):
-            if terms and (t.source == "cache" or t.compression.kind != "full"):
-                problems.append(f"{', '.join(terms)} need teacher '{t.name}' (teachers.{n}) online and uncompressed "
-                                f"(it is source {t.source}, compression {t.compression.kind}); set those weights to 0 "
-                                f"or teachers.{n}.source: online with compression.kind: full")
+            # logit KD reads a cached teacher's stored top-k log-probabilities (teachers.N.logits)
+            online_only = [x for x in terms if not (t.source == "cache" and x == "losses.logit_kd.weight")]
+            if online_only and (t.source == "cache" or t.compression.kind != "full"):
+                problems.append(f"{', '.join(online_only)} need teacher '{t.name}' (teachers.{n}) online and "
+                                f"uncompressed (it is source {t.source}, compression {t.compression.kind}); set those "
+                                f"weights to 0 or teachers.{n}.source: online with compression.kind: full")
+            problems += self._cached_logit_problems(n, t)
             if self.fusion.space != "loss" and t.compression.kind != "full":
                 problems.append(f"fusion.space '{self.fusion.space}' needs uncompressed teachers, but teachers.{n} "
                                 f"('{t.name}') has compression.kind {t.compression.kind}; use fusion.space: loss "
                                 "or compression.kind: full")
         return problems
 
-
+    def _cached_logit_problems(self, n: int, t: TeacherConfig) -> list[str]:
+        """teachers.N.logits: read (and checked against the cache) by logit KD from a cached teacher only; the
+        cache must hold the tail mass at every τ the loss takes."""
+        kd = self.losses.logit_kd
+        if t.logits is None:
+            if t.source == "cache" and kd.weight > 0:
+                return [f"losses.logit_kd reads teacher '{t.name}' (teachers.{n}) from its cache, which then must hold "
+                        f"its top-k log-probabilities: add teachers.{n}.logits (e.g. {{top_k: 64}}) and extract the "
+                        f"cache with it (`kvdistill extract CONFIG --teacher {t.name}`), or set losses.logit_kd.weight: 0"]
+            return []
+        if t.source != "cache":
+            return [f"teachers.{n}.logits describes what a cache holds and is read for source: cache teachers only "
+                    f"('{t.name}' is online, its logits come from its forward); drop it"]
+        if kd.weight == 0:
+            return [f"teachers.{n}.logits is read by losses.logit_kd, whose weight is 0; drop it or set the weight"]
+        needed = kd.temperatures_used()
+        if needed is None:
+            return [f"losses.logit_kd.schedule kind linear takes every τ between start and end, but a cache stores the "
+                    f"tail mass at given temperatures only (teacher '{t.name}', teachers.{n}); use schedule kind step or "
+                    "constant with a cached teacher"]
+        missing = sorted(set(needed) - set(t.logits.temperatures or needed))
+        if missing:
+            return [f"teachers.{n}.logits.temperatures {t.logits.temperatures} lacks τ {missing} that losses.logit_kd "
+                    f"takes; add them (and re-extract), or drop temperatures to store exactly those of the loss"]
+        return []

@@ -155,6 +155,7 @@ class TeacherSide:
     compression: object | None
     reader: object | None = None
     layers: list[int] | None = None
+    logits: bool = False  # cached: read the stored top-k log-probabilities too (logit KD)
 
     @property
     def keeps_all(self) -> bool:
@@ -192,7 +193,7 @@ class Collator:
         inputs, alignments = [], []
         for t in self.teachers:
             if t.reader is not None:  # cached: K/V and spans from the cache
-                tkv = read_cached(t.name, t.cache_reader(), records)
+                tkv = read_cached(t.name, t.cache_reader(), records, logits=t.logits)
                 used = t.layers if t.layers is not None else list(tkv.keys)
                 if tkv.shared_spans:
                     aligned = _aligned(tkv.spans[used[0]], tkv.mask[used[0]], spans, mask)

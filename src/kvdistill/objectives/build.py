@@ -24,7 +24,7 @@ def build_teachers(cfg, device) -> list:
     for i, tcfg in enumerate(cfg.teachers):
         if tcfg.source == "cache":
             # refused unless it holds this run's teacher, tokenizer, compression and data
-            teachers.append(CachedTeacher(tcfg.name, open_teacher_cache(tcfg, cfg.data)))
+            teachers.append(CachedTeacher(tcfg.name, open_teacher_cache(tcfg, cfg.data, cfg.losses.logit_kd)))
             continue
         dtype = tcfg.dtype if tcfg.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
         comp = tcfg.compression

@@ -60,7 +60,8 @@ class Objective(nn.Module):
         self.collate = Collator(tokenizer, [
             TeacherSide(t.name, t.tokenizer if t.kind == "online" else None, t.geometry,
                         getattr(t, "compression", None), reader=t.reader if t.kind == "cache" else None,
-                        layers=sorted(set(self.pairs[t.name].teacher_layers))) for t in teachers],
+                        layers=sorted(set(self.pairs[t.name].teacher_layers)),
+                        logits=t.kind == "cache" and cfg.losses.logit_kd.weight > 0) for t in teachers],
             max_length=cfg.data.max_length, max_positions=sg.max_positions)
         self.to(device)
         for teacher in teachers:

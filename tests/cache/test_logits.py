@@ -1,0 +1,117 @@
+"""Top-k logits in the cache: `kvdistill extract` stores them beside the K/V equal to the online teacher's within
+their storage precision, `cache info` reports bytes per token for K/V and logits apart, a flipped bit is refused,
+and a reader gets them only where the temperatures it needs are stored."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvdistill.cache import CacheReader, verify_cache
+from kvdistill.cache.extract import dataset_records, expected_meta, extract
+from kvdistill.config import DataConfig, LogitKDConfig, TeacherConfig
+from kvdistill.errors import CacheError
+from kvdistill.models.capture import capture_kv
+
+DATA = DataConfig(size=6, eval_size=2, max_length=32)
+K, TEMPS = 16, [1.0, 2.0]
+
+
+def teacher(path: Path, **logits) -> TeacherConfig:
+    return TeacherConfig(model=str(path), compression={"kind": "full", "dtype": "bfloat16"},
+                         logits={"top_k": K, "dtype": "float16", "temperatures": TEMPS, **logits})
+
+
+@pytest.fixture(scope="module")
+def logit_cache(tmp_path_factory, teacher_dirs) -> Path:
+    out = tmp_path_factory.mktemp("logits") / "qwen2"
+    result = extract(teacher(teacher_dirs["qwen2"]), DATA, out, batch_size=4, shard_size=3, device="cpu",
+                     progress=False)
+    assert result["stored"] == 6
+    return out
+
+
+def test_cached_logits_equal_the_online_teachers_within_storage_precision(logit_cache, teacher_dirs):
+    from kvdistill.models.load import load_model
+
+    model, tok = load_model(str(teacher_dirs["qwen2"]))
+    records = dataset_records(DATA)
+    cap = capture_kv(model, tok, [r["text"] for r in records], max_length=DATA.max_length, padding_side="right",
+                     logits=True)
+    cached = CacheReader(logit_cache).teacher_kv([r["id"] for r in records], logits=True).logits
+    real = cap.attention_mask.bool()
+    assert torch.equal(cached.mask.bool(), real) and cached.values.dtype == torch.float16
+    logp = torch.log_softmax(cap.logits.float(), -1)  # (B, T, V) the online teacher's, batched differently
+    top = logp.topk(K, -1)
+    assert torch.equal(cached.index[real], top.indices[real])  # the same tokens, in the same order
+    eps = 2**-11 * float(top.values[real].abs().max())  # float16 (11 significant bits): half a unit, rounding
+    assert float((cached.values.float() - top.values)[real].abs().max()) <= eps
+    for n, tau in enumerate(TEMPS):
+        ref = torch.log_softmax(cap.logits.float() / tau, -1)
+        rest = torch.log1p(-ref.gather(-1, top.indices).exp().sum(-1))  # (B, T)
+        assert torch.allclose(cached.tail[..., n][real], rest[real], atol=1e-4)  # stored in float32
+        got_top, got_tail = cached.at(tau)
+        # values/τ + shift_τ (float32): each value's rounding, divided by τ
+        assert float((got_top - ref.gather(-1, top.indices))[real].abs().max()) <= eps / tau + 1e-5
+        assert torch.allclose(got_tail[real], rest[real], atol=1e-4)
+
+
+def test_cache_info_reports_bytes_per_token_for_kv_and_logits(logit_cache, teacher_dirs):
+    from kvdistill.cache import cache_info, format_info
+
+    info = cache_info(str(logit_cache))
+    # qwen2 tiny: 3 layers, 2 KV heads, head dim 16, bfloat16: 3 · 2 (K, V) · 2 · 16 · 2 bytes = 384 per token
+    assert info["kv_bytes_per_token"] == 384.0
+    # k = 16 float16 values + 16 uint16 ids (vocabulary 49,152) + 2 float32 shifts and tails = 32 + 32 + 16 bytes
+    assert info["logits"]["index_dtype"] == "uint16" and info["logit_bytes_per_token"] == 80.0
+    assert info["bytes_per_token"] > 384 + 80  # plus ids, positions, spans and headers
+    assert "(K/V 384.0, logits 80.0)" in format_info(info)
+    assert verify_cache(logit_cache) == []
+
+
+def flip_logit_bit(shard: Path) -> None:
+    """Flip one exponent bit of the first stored float16 log-probability of the shard: a silently wrong value."""
+    data = bytearray(shard.read_bytes())
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    name = min(k for k in header if k.endswith("/logit_values"))
+    data[8 + n + header[name]["data_offsets"][0] + 1] ^= 0x04
+    shard.write_bytes(bytes(data))
+
+
+def test_a_flipped_bit_in_the_logits_is_refused(tmp_path, logit_cache):
+    for f in logit_cache.iterdir():
+        tmp_path.joinpath(f.name).write_bytes(f.read_bytes())
+    shard = sorted(tmp_path.glob("shard-*.safetensors"))[0]
+    flip_logit_bit(shard)
+    assert any(f"shard {shard.name} fails its checksum" in p for p in verify_cache(tmp_path))
+    reader = CacheReader(tmp_path)
+    sid = next(s for s, (k, _) in reader.index.items() if k == 0)
+    with pytest.raises(CacheError, match=f"shard {shard.name} of .* fails its checksum"):
+        reader.teacher_kv([sid], logits=True)
+
+
+def test_a_reader_takes_the_logits_it_needs_and_no_more(logit_cache, teacher_dirs):
+    reader = CacheReader(logit_cache)
+    path = teacher_dirs["qwen2"]
+    kv_only = TeacherConfig(model=str(path), compression={"kind": "full", "dtype": "bfloat16"})
+    assert reader.check_compatible(expected_meta(kv_only, DATA)) == []  # K/V readers ignore the logits
+    needs_2 = teacher(path, temperatures=None)  # the run's losses.logit_kd: τ = 2, stored
+    assert reader.check_compatible(expected_meta(needs_2, DATA, logit_kd=LogitKDConfig(weight=1.0))) == []
+    steps = LogitKDConfig(weight=1.0, schedule={"kind": "step", "values": [4.0, 2.0]})
+    bad = reader.check_compatible(expected_meta(needs_2, DATA, logit_kd=steps))
+    assert bad == ["logits.temperatures: the cache holds the tail mass at [1.0, 2.0], not at [4.0]"]
+    bad = reader.check_compatible(expected_meta(teacher(path, top_k=8, dtype="bfloat16"), DATA))
+    assert bad == ["logits.dtype differs: cache has 'float16', expected 'bfloat16'",
+                   "logits.top_k differs: cache has 16, expected 8"]
+    kv_cache = CacheReader(logit_cache).meta | {"logits": None}
+    from kvdistill.cache.manifest import meta_mismatches
+
+    assert meta_mismatches(kv_cache, expected_meta(needs_2, DATA), reading=True)[0].startswith(
+        "logits differs: the cache holds no logits")
+    # a writer resuming must agree exactly: K/V-only samples are never added to a cache that promises logits
+    assert meta_mismatches(reader.meta, expected_meta(kv_only, DATA)) != []
