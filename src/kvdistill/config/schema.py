@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from kvdistill.config.losses import (  # noqa: F401 (re-exported: the losses section is part of the schema)
     CodiConfig,
@@ -405,6 +405,23 @@ class EarlyStoppingConfig(Section):
     min_delta: float = Field(0.0, ge=0.0)
 
 
+class OnPolicyConfig(Section):
+    """On-policy distillation as GKD defines it (kvdistill.objectives.on_policy): with probability λ an optimizer
+    step's batches are the student's own samples, continuing each record's prompt (its text up to the end of the
+    {question} line), and the K/V and logit terms score the teachers on that text; CE stays on the data text."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    lam: float = Field(0.5, ge=0.0, le=1.0, alias="lambda")
+    """λ: the probability that a step is on-policy (drawn per optimizer step, GKD's per batch); 0: never, 1: always."""
+    temperature: float = Field(1.0, gt=0.0)
+    """Sampling temperature of the student's continuations."""
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    """Nucleus sampling (1: the whole distribution)."""
+    max_new_tokens: int = Field(64, gt=0)
+    """Tokens the student may add to each prompt (it may stop earlier at its end-of-sequence token)."""
+
+
 class TrainConfig(Section):
     steps: int = Field(100, gt=0)
     batch_size: int = Field(4, gt=0)
@@ -451,6 +468,8 @@ class TrainConfig(Section):
     compile: bool = False
     """torch.compile the loss space's per-group K/V error (the loss part, not the models); where compilation
     fails the eager function runs instead (logged once)."""
+    on_policy: OnPolicyConfig | None = None
+    """On-policy distillation (GKD): {lambda, temperature, top_p, max_new_tokens}; None: the data text only."""
 
     @model_validator(mode="after")
     def _prefetch_needs_workers(self):
@@ -499,6 +518,8 @@ class RunConfig(Section):
                             f"{'latent' if self.student.latent is not None else 'text'} student) has none to "
                             "compile: drop train.compile")
         problems += self._selection_problems()
+        if self.train.on_policy is not None:
+            problems += self._on_policy_problems()
         if self.student.latent is None:
             problems += self._teacher_capabilities()
             unread = [k for k in ("cot_ce", "codi", "latent_kv") if getattr(self.losses, k) != getattr(LossesConfig(), k)]
@@ -616,6 +637,31 @@ class RunConfig(Section):
                 problems.append(f"fusion.space '{self.fusion.space}' needs uncompressed teachers, but teachers.{n} "
                                 f"('{t.name}') has compression.kind {t.compression.kind}; use fusion.space: loss "
                                 "or compression.kind: full")
+        return problems
+
+    def _on_policy_problems(self) -> list[str]:
+        """What on-policy distillation cannot work with: a student whose text it cannot sample, teachers that cannot
+        see the sampled text, data without a prompt to continue."""
+        op, problems = self.train.on_policy, []
+        if self.student.latent is not None:
+            problems.append("train.on_policy samples a text student's continuations; a latent student (student.latent) "
+                            "answers through latent tokens: drop train.on_policy")
+        if not self.teachers:
+            problems.append("train.on_policy has no teachers to score the student's samples: add teachers or drop it")
+        for n, t in enumerate(self.teachers):
+            if t.source == "cache":
+                problems.append(f"train.on_policy: teacher '{t.name}' (teachers.{n}) is read from a cache, which holds "
+                                "K/V (and logits) of the data texts extracted before training; it cannot hold those of "
+                                "text the student generates during training: use source: online for it, or drop "
+                                "train.on_policy")
+        if self.data.source == "text":
+            problems.append("train.on_policy continues each record's question (its text up to the end of the "
+                            "{question} line); data.source text has no question: use template-mode data (question, "
+                            "cot, answer fields) or a generator")
+        if op.lam == 1.0 and self.train.teachers_ahead:
+            problems.append("train.teachers_ahead runs the teachers on the data text ahead of the step, but with "
+                            "train.on_policy.lambda 1 every step scores the student's own text: drop "
+                            "train.teachers_ahead (or lower lambda)")
         return problems
 
     def _cached_logit_problems(self, n: int, t: TeacherConfig) -> list[str]:

@@ -83,3 +83,27 @@ def make_record(id: str, question: str, cot: str | None, answer: str | None, tem
 
 
 # ---------------------------------------------------------------------------------------------- splitting
+
+
+def question_prompt(record: dict, template: str) -> str:
+    """The start of a template-mode record's text up to the end of its {question} line (with the line break): what
+    an on-policy student continues. Refused, naming the record, without a question, with another field on or
+    before the question's line, or when the text is not the template's rendering."""
+    if not record.get("question"):
+        raise KvdistillError(
+            f"record '{record.get('id')}' has no question: on-policy distillation continues the record's question",
+            "use template-mode data (data.question_field, data.cot_field, data.answer_field) or a generator")
+    lines = template.split("\n")
+    at = next(n for n, line in enumerate(lines) if "{question}" in line)
+    head = "\n".join(lines[: at + 1]) + ("\n" if at + 1 < len(lines) else "")
+    others = sorted(set(_PLACEHOLDER.findall(head)) - {"question"})
+    if others:
+        raise KvdistillError(
+            f"data.template {template!r} puts {others} on or before the {{question}} line, so the prompt would hold "
+            "part of what the student is to generate", "put the question on a line of its own, first")
+    prompt, _ = render_template(head, record["question"], None, None)
+    if not record["text"].startswith(prompt):
+        raise KvdistillError(f"record '{record.get('id')}': its text does not start with its question as "
+                             f"data.template renders it ({prompt!r})",
+                             "build the records with the run's data.template (template mode)")
+    return prompt

@@ -19,7 +19,7 @@ import torch
 
 from kvdistill.align.layers import layer_map
 from kvdistill.losses import token_nll
-from kvdistill.models.capture import capture_kv, tokenize
+from kvdistill.models.capture import capture_kv, continuation, tokenize  # noqa: F401 (continuation: re-exported)
 from kvdistill.models.chat import ChatText, render
 from kvdistill.models.geometry import geometry_of
 from kvdistill.objectives.batch import teacher_alignment
@@ -97,20 +97,6 @@ def exact_match(
         "samples": rows[:8],
         "per_item": [int(r["correct"]) for r in rows],  # 0/1 per usable record, in order (paired statistics)
     }
-
-
-def continuation(tokenizer, prompt_ids: list[int], new_ids: list[int]) -> str:
-    """The text `new_ids` add after `prompt_ids`: decode(prompt + new) minus decode(prompt).
-
-    SentencePiece decoders treat the first token of a sequence specially (a leading '▁' is dropped), so the new ids
-    are decoded in the context of the prompt rather than alone. (For the four zoo tokenizers both agree on
-    arithmetic answers, also on transformers 5.17.) Falls back to the ids alone when the prompt's text is not a
-    prefix of the whole (a tokenizer whose decoding is not prefix-stable)."""
-    whole = tokenizer.decode(prompt_ids + new_ids, skip_special_tokens=True)
-    head = tokenizer.decode(prompt_ids, skip_special_tokens=True)
-    if whole.startswith(head):
-        return whole[len(head) :]
-    return tokenizer.decode(new_ids, skip_special_tokens=True)
 
 
 class TeacherRows:

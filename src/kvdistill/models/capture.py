@@ -190,6 +190,20 @@ def _chat_renderings(tokenizer, texts) -> list:
     return [render(tokenizer, t) if isinstance(t, ChatText) else None for t in texts]
 
 
+def continuation(tokenizer, prompt_ids: list[int], new_ids: list[int]) -> str:
+    """The text `new_ids` add after `prompt_ids`: decode(prompt + new) minus decode(prompt).
+
+    SentencePiece decoders treat the first token of a sequence specially (a leading '▁' is dropped), so the new ids
+    are decoded in the context of the prompt rather than alone. (For the four zoo tokenizers both agree on
+    arithmetic answers, also on transformers 5.17.) Falls back to the ids alone when the prompt's text is not a
+    prefix of the whole (a tokenizer whose decoding is not prefix-stable)."""
+    whole = tokenizer.decode(prompt_ids + new_ids, skip_special_tokens=True)
+    head = tokenizer.decode(prompt_ids, skip_special_tokens=True)
+    if whole.startswith(head):
+        return whole[len(head) :]
+    return tokenizer.decode(new_ids, skip_special_tokens=True)
+
+
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """(B, T) positions each real token has when its sample runs alone: cumsum(mask) - 1, padding at 0."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)

@@ -71,7 +71,8 @@ class Pending:
 class TeachersAhead:
     """Iterates `batches` (collated micro-batches, in the trainer's order), each handed out with `.ahead` set to
     the `Pending` teachers' pass of it, and the pass of the next batch already submitted: the objective's step
-    takes the K/V from there instead of running the teachers itself (`Objective.step`).
+    takes the K/V from there instead of running the teachers itself (`Objective.step`). A batch whose teachers
+    cannot run ahead (`Objective.runs_teachers_ahead`: an on-policy step) is handed out with `.ahead` None.
 
     objective: the unwrapped `Objective` (its `teacher_pass` runs on the worker thread); mixed_precision: the
     run's train.mixed_precision, entered as autocast on the thread. `close()` waits for a pass still running."""
@@ -99,10 +100,12 @@ class TeachersAhead:
                 event.record(self.stream)
         return records, event
 
-    def _submit(self) -> tuple[Collated, Pending] | None:
+    def _submit(self) -> tuple[Collated, Pending | None] | None:
         batch = next(self.batches, None)
         if batch is None:
             return None
+        if not self.objective.runs_teachers_ahead(batch):  # an on-policy step: its teachers run in the step
+            return batch, None
         return batch, Pending(self.pool.submit(self._pass, batch), self.stream)
 
     def __iter__(self) -> TeachersAhead:

@@ -117,6 +117,7 @@ class Collated:
     teachers: list[TeacherInputs | TeacherKV | None]
     alignments: list[Alignment | dict[int, Alignment] | None]
     ahead: Any = None  # in the training process: the teachers' K/V computed ahead (`objectives.ahead.Pending`)
+    step: int | None = None  # the optimizer step the trainer collated it for (`train.loader.MicroBatches`)
 
     def pin_memory(self) -> Collated:
         """The same batch in pinned memory (the DataLoader's pin_memory thread calls this)."""
@@ -131,7 +132,8 @@ class Collated:
                 t = map_tensors(t, pin)
             teachers.append(t)
         alignments = [_map_alignment(a, pin) for a in self.alignments]
-        return Collated(self.records, pin(self.ids), pin(self.mask), pin(self.spans), teachers, alignments)
+        return Collated(self.records, pin(self.ids), pin(self.mask), pin(self.spans), teachers, alignments,
+                        step=self.step)
 
     def student_batch(self, device) -> StudentBatch:
         """The student's side on `device` (non-blocking copies), the alignments with it by teacher position."""

@@ -6,7 +6,8 @@ Notation: B batch, N teachers, T_s student tokens, L_s student layers.
     loss = mean_b [ λ_ce·CE(b) + kd_space(b) + extra(b) ] + λ_ent·entropy(w)
 
 Each bracket is per sample, so a batch's loss (and its gradient) is the mean of its samples' losses: batch size,
-accumulation and DDP give the same update.
+accumulation and DDP give the same update. With train.on_policy, a step drawn on-policy computes kd_space and extra
+on the student's own continuations of the prompts and CE on the data text (`kvdistill.objectives.on_policy`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from kvdistill.objectives.fusion import Fusion, per_sample
 from kvdistill.objectives.latent_space import LatentSpaceKD
 from kvdistill.objectives.loss_space import LossSpace
 from kvdistill.objectives.moe import MoETerms
+from kvdistill.objectives.on_policy import METRICS as ON_POLICY_METRICS
+from kvdistill.objectives.on_policy import OnPolicy
 from kvdistill.objectives.pairs import LayerPairs
 from kvdistill.objectives.target_space import TargetSpace
 from kvdistill.objectives.terms import TeacherTerms
@@ -54,8 +57,11 @@ class Objective(nn.Module):
         self.space = SPACES[cfg.fusion.space](cfg, sg, teachers, self.pairs)
         self.terms = TeacherTerms(cfg, sg, teachers, tokenizer)
         self.moe = MoETerms(cfg, student, teachers)  # routing, expert outputs, load balance (MoE students)
-        self.train_step = 0  # the optimizer step being run (set by the trainer): τ and K/V weight schedules read it
+        self.train_step = 0  # the optimizer step being run (set by the trainer): τ, K/V weight schedules, on-policy
         self.last_terms: dict[str, torch.Tensor] = {}
+        op = cfg.train.on_policy
+        self.on_policy = None if op is None else OnPolicy(op, seed=cfg.train.seed, template=cfg.data.template,
+                                                          tokenizer=tokenizer)
         # the host side of a batch (picklable, no model): the trainer runs it on DataLoader workers
         self.collate = Collator(tokenizer, [
             TeacherSide(t.name, t.tokenizer if t.kind == "online" else None, t.geometry,
@@ -95,6 +101,12 @@ class Objective(nn.Module):
             tkvs = self.teacher_pass(collated, training=training)
         return Step(sb, s, self.teachers, tkvs, self.pairs, self.fusion)
 
+    def _data_ce(self, data: Collated) -> torch.Tensor:
+        """Per-sample CE (B,) of the student on the data text of an on-policy step."""
+        sb = data.student_batch(self.fusion.fixed.device)
+        s = forward_kv(self.student, sb.ids, sb.mask, geometry=self.student_geometry, logits=True)
+        return losses.ce_loss(s.logits, sb.ids, sb.mask)
+
     def teacher_pass(self, collated: Collated, *, training: bool = True) -> list:
         """Every teacher's `TeacherKV` of a collated batch, with what the terms need of them (hidden states,
         logits, attentions); none held out unless the space reports per-layer errors. A pure function of the
@@ -108,14 +120,33 @@ class Objective(nn.Module):
             tkvs.append(t.kv(collated.records, max_length=self.cfg.data.max_length, **needs, **given))
         return tkvs
 
+    def runs_teachers_ahead(self, batch: Collated) -> bool:
+        """Whether the teachers' pass of `batch` (of optimizer step `batch.step`) can run ahead of its step: not on
+        an on-policy step, whose teachers score text the student samples in the step itself."""
+        return self.on_policy is None or batch.step is None or not self.on_policy.chosen(batch.step)
+
     def forward(self, batch: Collated | list[dict]):
         """(loss, metrics) of a batch (a `Collated`, or records collated here): loss a 0-dim tensor, metrics
-        floats (per-sample means; `tokens` a count)."""
+        floats (per-sample means; `tokens` a count). On an on-policy step (train.on_policy) the terms other than CE
+        score the student's samples; the generation's cost is in on_policy/* (sampled 1/0, new_tokens,
+        generate_s)."""
         cfg = self.cfg
+        metrics: dict[str, torch.Tensor] = {}
+        data = None
+        if self.on_policy is not None:
+            gen = dict.fromkeys(ON_POLICY_METRICS, 0.0)
+            if self.training and self.on_policy.chosen(self.train_step):
+                data = batch if isinstance(batch, Collated) else self.collate(batch)
+                sampled, gen = self.on_policy.sample(self.student, data.records, self.train_step)
+                batch = self.collate(sampled)  # every tokenizer on the student's text; teachers run in `step`
+            metrics.update({k: torch.tensor(v) for k, v in gen.items()})
         step = self.step(batch)
         mask = step.batch.mask
-        ce = losses.ce_loss(step.student.logits, step.batch.ids, mask)  # (B,)
-        metrics: dict[str, torch.Tensor] = {"loss/ce": ce.detach().mean()}
+        if data is None:
+            ce = losses.ce_loss(step.student.logits, step.batch.ids, mask)  # (B,)
+        else:  # CE on the data text, the student's second forward
+            ce = self._data_ce(data) if cfg.losses.ce > 0 else mask.new_zeros(mask.shape[0], dtype=torch.float32)
+        metrics["loss/ce"] = ce.detach().mean()
         per_sample_loss = cfg.losses.ce * ce
         if cfg.losses.logit_kd.weight > 0:  # τ a pure function of the step, so a resume continues the schedule
             self.terms.temperature = cfg.losses.logit_kd.temperature_at(self.train_step, cfg.train.steps)

@@ -4,6 +4,7 @@ the teachers' pass run one micro-batch ahead (`objectives.ahead`)."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import torch
@@ -42,7 +43,7 @@ def micro_batch(records: list[dict], cfg: RunConfig, step: int, micro: int, rank
 class MicroBatches(torch.utils.data.Dataset):
     """Item k: micro-batch k % grad_accum of optimizer step k // grad_accum of process `rank`, as `micro_batch`
     picks it (so the order is a pure function of the step: a resume or another world size sees the same samples),
-    run through `collate` (on a DataLoader worker when there are some)."""
+    run through `collate` (on a DataLoader worker when there are some), tagged with its step."""
 
     def __init__(self, records: list[dict], cfg: RunConfig, rank: int, world: int, collate: Callable):
         self.records, self.cfg, self.rank, self.world, self.collate = records, cfg, rank, world, collate
@@ -52,7 +53,8 @@ class MicroBatches(torch.utils.data.Dataset):
 
     def __getitem__(self, k: int):
         step, micro = divmod(k, self.cfg.train.grad_accum)
-        return self.collate(micro_batch(self.records, self.cfg, step, micro, self.rank, self.world))
+        collated = self.collate(micro_batch(self.records, self.cfg, step, micro, self.rank, self.world))
+        return dataclasses.replace(collated, step=step)
 
 
 def _as_is(batch):

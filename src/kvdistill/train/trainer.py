@@ -498,14 +498,19 @@ def _clip_gradients(run: Run, step: int, metrics: dict, step_ids: list[str]) -> 
     return norm
 
 
+STEP_SUMS = ("tokens", "grad_norm", "on_policy/new_tokens", "on_policy/generate_s")  # not averaged over micro-batches
+PROCESS_SUMS = ("tokens", "on_policy/new_tokens")  # summed over processes (the others: means)
+
+
 def _mean_row(accelerator, sums: dict[str, float], n: int) -> dict[str, float]:
-    """Per-step sums over n micro-batches -> means (tokens, grad_norm: as summed / as is), then over processes."""
-    row = {k: (v if k == "tokens" or k.startswith("grad_norm") else v / n) for k, v in sums.items()}
+    """Per-step sums over n micro-batches -> means (tokens, the on-policy generation's tokens and seconds: sums;
+    grad_norm: as is), then over processes (token counts summed, the rest averaged)."""
+    row = {k: (v if k in STEP_SUMS or k.startswith("grad_norm") else v / n) for k, v in sums.items()}
     world = accelerator.num_processes
     if world > 1:  # mean over processes (tokens: sum), so the row describes the whole combined batch
         keys = list(row)  # the same keys in the same order on every process
         total = accelerator.reduce(torch.tensor([row[k] for k in keys], device=accelerator.device), reduction="sum")
-        row = {k: float(v) if k == "tokens" else float(v) / world for k, v in zip(keys, total, strict=True)}
+        row = {k: float(v) if k in PROCESS_SUMS else float(v) / world for k, v in zip(keys, total, strict=True)}
     return row
 
 
