@@ -7,6 +7,7 @@
     python benchmarks/bench_train_step.py --device cuda --preset real --out benchmarks/results/train_step_h100.json \
         [--tokenizers DIR]
     python benchmarks/bench_train_step.py --device cuda --preset large ...   (GPU-filling)
+    python benchmarks/bench_train_step.py --device cuda --preset real --on-policy 128 --out ...  (on-policy step)
 
 Presets (model configs in benchmarks/common.py, random weights):
     real  teachers llama-1b (Llama-3.2-1B config, smollm2 tokenizer) and qwen2-1.5b (Qwen2.5-1.5B config, llama2
@@ -29,8 +30,14 @@ trainer's DataLoader workers hand over (`objective.collate(records)`, pinned: to
     collate        objective.collate(records) on the CPU: what a worker spends per batch (off the critical
                    path with train.num_workers >= 1; not part of a, b or c)
     ce_forward, kd_forward   the forward halves of a and c alone (--halves)
+    kd_step_on_policy        (--on-policy N) an on-policy step of train.on_policy {lambda: 1, max_new_tokens: N}:
+                   the student samples N tokens after each record's question (batched, no grad), the batch is
+                   collated again, the teachers run on the sampled text, the KD terms on it and CE on the data
+                   text (a second student forward), backward, clip, AdamW step
+    generate       (--on-policy N) the sampling alone (`OnPolicy.sample`)
 AdamW is the fused one on a GPU (as the trainer builds it), clipping torch's foreach clip_grad_norm_.
-Reported: overhead (with b), overhead_vs_kv = (c - a - teachers_kv) / a (the student-side cost of the KD terms),
+Reported: with --on-policy, on_policy.ratio = kd_step_on_policy / kd_step (the on-policy step's cost over the
+off-policy one) and the share of it spent generating; overhead (with b), overhead_vs_kv = (c - a - teachers_kv) / a (the student-side cost of the KD terms),
 tokens/s of a and c (real student tokens), the student's model-FLOPs utilisation in a and c
 (6·N + 12·L·d·T FLOPs per padded token, N the student's parameters, against --peak-tflops), and the memory check
 of issue 13: peak of c <= peak of a + the teachers' weights + 10% (peaks as allocated by one call, plus the
@@ -253,6 +260,9 @@ def main() -> None:
                          "worker thread, as the trainer runs them), and 1 such step, against N CE steps and 1: the "
                          "per-step overhead with the pipeline's fill (T_N / N) and the marginal step's "
                          "((T_N - T_1) / (N - 1), the steady state of a long run)")
+    ap.add_argument("--on-policy", type=int, default=0, metavar="N",
+                    help="also time an on-policy step (train.on_policy, lambda 1) sampling N new tokens per record, "
+                         "and the sampling alone, against the off-policy kd_step")
     ap.add_argument(
         "--count-ops",
         action="store_true",
@@ -399,6 +409,25 @@ def main() -> None:
         fns.update(ce_forward=forward_only(ce_loss), kd_forward=forward_only(kd_loss))
     if args.overlap:
         fns["ce_step_with_teachers_thread"] = overlapped(ce_step, teachers_kv, args.device)
+    if args.on_policy:
+        from kvdistill.config.schema import OnPolicyConfig
+        from kvdistill.objectives.on_policy import OnPolicy
+
+        sampler = OnPolicy(OnPolicyConfig(lam=1.0, max_new_tokens=args.on_policy), seed=0,
+                           template=cfg.data.template, tokenizer=objective.tokenizer)
+        sampled_tokens = []
+
+        def kd_step_on_policy():
+            objective.on_policy = sampler  # the objective's own on-policy path, every step sampled
+            try:
+                kd_step()
+            finally:
+                objective.on_policy = None
+
+        def generate():
+            sampled_tokens.append(sampler.sample(model, records, 0)[1]["on_policy/new_tokens"])
+
+        fns.update(kd_step_on_policy=kd_step_on_policy, generate=generate)
     if args.ahead:
         from kvdistill.objectives.ahead import TeachersAhead
 
@@ -504,6 +533,16 @@ def main() -> None:
         print(f"ahead x{args.ahead}: per step a {a_n:.1f}, c {c_n:.1f} ms (overhead {result['ahead']['overhead']:.3f}); "
               f"marginal a {a_s:.1f}, c {c_s:.1f} ms (overhead {result['ahead']['marginal_overhead']:.3f}); "
               f"memory ratio {result['ahead'].get('memory_ratio')}")
+    if args.on_policy:
+        result["on_policy"] = {
+            "max_new_tokens": args.on_policy, "new_tokens": sampled_tokens[-1],
+            "kd_step_ms": c, "kd_step_on_policy_ms": ms["kd_step_on_policy"], "generate_ms": ms["generate"],
+            "ratio": round(ms["kd_step_on_policy"] / c, 4),
+            "generate_share": round(ms["generate"] / ms["kd_step_on_policy"], 4),
+            "new_tokens_per_s": round(sampled_tokens[-1] / (ms["generate"] / 1e3), 1)}
+        print(f"on-policy step {ms['kd_step_on_policy']:.1f} ms vs off-policy {c:.1f} ms: ratio "
+              f"{result['on_policy']['ratio']:.2f} (generating {ms['generate']:.1f} ms, {sampled_tokens[-1]:.0f} new "
+              "tokens)")
     if args.count_ops:
         result["op_counts"] = {name: count_ops(fn) for name, fn in fns.items()}
         print("aten calls: " + ", ".join(f"{k} {v['aten_calls']}" for k, v in result["op_counts"].items()))

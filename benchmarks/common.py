@@ -248,7 +248,7 @@ def export_tokenizers(out_dir: Path, names=BENCH_TOKENIZERS) -> None:
 
 # ------------------------------------------------------------------------------------------- texts
 def make_records(n: int, tokenizers: list, max_tokens: int, seed: int = 0) -> list[dict]:
-    """n GSM-style records {id, text, answer_start}: a question, reasoning steps and an answer, each text as
+    """n GSM-style records {id, text, answer_start, question}: a question, reasoning steps and an answer, each text as
     long as it can be while staying within `max_tokens` tokens under every tokenizer given (so no answer is
     truncated away; the most verbose tokenizer's batch is nearly unpadded)."""
     rng = random.Random(seed)
@@ -276,7 +276,9 @@ def make_records(n: int, tokenizers: list, max_tokens: int, seed: int = 0) -> li
             steps.append(step)
             answer = new
         body = head + "".join(steps) + "\nAnswer: "
-        records.append({"id": f"bench-{i}", "text": body + str(answer), "answer_start": len(body)})
+        question = f"{who} has {total} {what} and trades them over a long week. How many are left?"
+        records.append({"id": f"bench-{i}", "text": body + str(answer), "answer_start": len(body),
+                        "question": question})  # the text starts as the default template renders the question
     return records
 
 

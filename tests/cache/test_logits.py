@@ -22,7 +22,7 @@ K, TEMPS = 16, [1.0, 2.0]
 
 
 def teacher(path: Path, **logits) -> TeacherConfig:
-    return TeacherConfig(model=str(path), compression={"kind": "full", "dtype": "bfloat16"},
+    return TeacherConfig(model=str(path), compression={"kind": "full", "dtype": "float32"},
                          logits={"top_k": K, "dtype": "float16", "temperatures": TEMPS, **logits})
 
 
@@ -45,31 +45,30 @@ def test_cached_logits_equal_the_online_teachers_within_storage_precision(logit_
     cached = CacheReader(logit_cache).teacher_kv([r["id"] for r in records], logits=True).logits
     real = cap.attention_mask.bool()
     assert torch.equal(cached.mask.bool(), real) and cached.values.dtype == torch.float16
+    assert torch.equal(cached.spans[real], cap.spans[real])  # every token's byte span (cross-tokenizer KD)
     logp = torch.log_softmax(cap.logits.float(), -1)  # (B, T, V) the online teacher's, batched differently
     top = logp.topk(K, -1)
     assert torch.equal(cached.index[real], top.indices[real])  # the same tokens, in the same order
     eps = 2**-11 * float(top.values[real].abs().max())  # float16 (11 significant bits): half a unit, rounding
     assert float((cached.values.float() - top.values)[real].abs().max()) <= eps
-    for n, tau in enumerate(TEMPS):
-        ref = torch.log_softmax(cap.logits.float() / tau, -1)
-        rest = torch.log1p(-ref.gather(-1, top.indices).exp().sum(-1))  # (B, T)
-        assert torch.allclose(cached.tail[..., n][real], rest[real], atol=1e-4)  # stored in float32
-        got_top, got_tail = cached.at(tau)
+    for tau in TEMPS:
+        ref = torch.log_softmax(cap.logits.float() / tau, -1).gather(-1, top.indices)  # (B, T, k)
+        ids, logp = cached.at(tau)
         # values/τ + shift_τ (float32): each value's rounding, divided by τ
-        assert float((got_top - ref.gather(-1, top.indices))[real].abs().max()) <= eps / tau + 1e-5
-        assert torch.allclose(got_tail[real], rest[real], atol=1e-4)
+        assert torch.equal(ids[real], top.indices[real])
+        assert float((logp - ref)[real].abs().max()) <= eps / tau + 1e-5
 
 
 def test_cache_info_reports_bytes_per_token_for_kv_and_logits(logit_cache, teacher_dirs):
     from kvdistill.cache import cache_info, format_info
 
     info = cache_info(str(logit_cache))
-    # qwen2 tiny: 3 layers, 2 KV heads, head dim 16, bfloat16: 3 · 2 (K, V) · 2 · 16 · 2 bytes = 384 per token
-    assert info["kv_bytes_per_token"] == 384.0
-    # k = 16 float16 values + 16 uint16 ids (vocabulary 49,152) + 2 float32 shifts and tails = 32 + 32 + 16 bytes
-    assert info["logits"]["index_dtype"] == "uint16" and info["logit_bytes_per_token"] == 80.0
-    assert info["bytes_per_token"] > 384 + 80  # plus ids, positions, spans and headers
-    assert "(K/V 384.0, logits 80.0)" in format_info(info)
+    # qwen2 tiny: 3 layers, 2 KV heads, head dim 16, float32: 3 · 2 (K, V) · 2 · 16 · 4 bytes = 768 per token
+    assert info["kv_bytes_per_token"] == 768.0
+    # k = 16 float16 values + 16 uint16 ids (vocabulary 49,152) + 2 float32 shifts = 32 + 32 + 8 bytes per token
+    assert info["logits"]["index_dtype"] == "uint16" and info["logit_bytes_per_token"] == 72.0
+    assert info["bytes_per_token"] > 768 + 72  # plus ids, positions, spans and headers
+    assert "(K/V 768.0, logits 72.0)" in format_info(info)
     assert verify_cache(logit_cache) == []
 
 
@@ -98,13 +97,13 @@ def test_a_flipped_bit_in_the_logits_is_refused(tmp_path, logit_cache):
 def test_a_reader_takes_the_logits_it_needs_and_no_more(logit_cache, teacher_dirs):
     reader = CacheReader(logit_cache)
     path = teacher_dirs["qwen2"]
-    kv_only = TeacherConfig(model=str(path), compression={"kind": "full", "dtype": "bfloat16"})
+    kv_only = TeacherConfig(model=str(path), compression={"kind": "full", "dtype": "float32"})
     assert reader.check_compatible(expected_meta(kv_only, DATA)) == []  # K/V readers ignore the logits
     needs_2 = teacher(path, temperatures=None)  # the run's losses.logit_kd: τ = 2, stored
     assert reader.check_compatible(expected_meta(needs_2, DATA, logit_kd=LogitKDConfig(weight=1.0))) == []
     steps = LogitKDConfig(weight=1.0, schedule={"kind": "step", "values": [4.0, 2.0]})
     bad = reader.check_compatible(expected_meta(needs_2, DATA, logit_kd=steps))
-    assert bad == ["logits.temperatures: the cache holds the tail mass at [1.0, 2.0], not at [4.0]"]
+    assert bad == ["logits.temperatures: the cache's log-probabilities are normalised at [1.0, 2.0], not at [4.0]"]
     bad = reader.check_compatible(expected_meta(teacher(path, top_k=8, dtype="bfloat16"), DATA))
     assert bad == ["logits.dtype differs: cache has 'float16', expected 'bfloat16'",
                    "logits.top_k differs: cache has 16, expected 8"]
@@ -115,3 +114,42 @@ def test_a_reader_takes_the_logits_it_needs_and_no_more(logit_cache, teacher_dir
         "logits differs: the cache holds no logits")
     # a writer resuming must agree exactly: K/V-only samples are never added to a cache that promises logits
     assert meta_mismatches(reader.meta, expected_meta(kv_only, DATA)) != []
+
+
+def run_config(teacher_dirs, cache: Path | None = None):
+    """Same-tokenizer logit KD (top 16, τ 2) plus K/V from the tiny qwen2 teacher: online, or from `cache`."""
+    from kvdistill.config import load_config
+
+    t = {"name": "qwen2", "model": str(teacher_dirs["qwen2"]), "compression": {"kind": "full", "dtype": "float32"}}
+    if cache is not None:
+        t.update(source="cache", cache_dir=str(cache), logits={"dtype": "float16", "temperatures": TEMPS})
+    return load_config(raw={
+        "student": {"from_config": {"base": "smollm2-135m", "num_hidden_layers": 2, "hidden_size": 64,
+                                    "intermediate_size": 128, "num_attention_heads": 2, "num_key_value_heads": 1,
+                                    "head_dim": 32}},  # smollm2's tokenizer, the teacher's
+        "teachers": [t], "data": DATA.model_dump(),
+        "losses": {"logit_kd": {"weight": 1.0, "top_k": K}}, "train": {"batch_size": 4, "tensorboard": False}})
+
+
+def test_logit_kd_from_the_cache_trains_a_step_equal_to_the_online_teachers(logit_cache, teacher_dirs):
+    from kvdistill.objectives import build_objective
+
+    online, cached = build_objective(run_config(teacher_dirs)), build_objective(run_config(teacher_dirs, logit_cache))
+    assert type(cached.teachers[0]).__name__ == "CachedTeacher"
+    records = dataset_records(DATA)[2:6]  # the train split, extracted in other batches than these
+    out = []
+    for objective in (online, cached):
+        objective.zero_grad(set_to_none=True)
+        loss, metrics = objective(records)
+        loss.backward()
+        out.append((float(loss), metrics, {n: p.grad for n, p in objective.named_parameters() if p.grad is not None}))
+    (l_on, m_on, g_on), (l_ca, m_ca, g_ca) = out
+    assert m_on["loss/logit_kd/qwen2"] > 0.01
+    # float16 log-probabilities (half a unit ≈ 0.004 at |log p| ≈ 10) move the term by far less than that
+    assert m_ca["loss/logit_kd/qwen2"] == pytest.approx(m_on["loss/logit_kd/qwen2"], rel=1e-3)
+    assert m_ca["loss/kv/qwen2"] == pytest.approx(m_on["loss/kv/qwen2"], rel=1e-5)  # float32 K/V: the same
+    assert l_ca == pytest.approx(l_on, rel=1e-4)
+    assert g_on.keys() == g_ca.keys()
+    for name, g in g_on.items():
+        assert float((g_ca[name] - g).abs().max()) <= 1e-3 * float(g.abs().max()) + 1e-8, name
+

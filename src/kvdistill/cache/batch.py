@@ -19,7 +19,6 @@ l a stored teacher layer:
                                         next token at every real token, descending
     logit_index  (T_b, k)       uint16 | int32  their token ids (int32 for vocabularies over 65,536)
     logit_shift  (T_b, n)       float32 logsumexp(z)/τ − logsumexp(z/τ) at each stored temperature τ
-    logit_tail   (T_b, n)       float32 log of the rest's probability mass at each stored temperature
 dtype is the compression's storage dtype (`compression.dtype`), ldtype the logits' (`LogitSpec.dtype`); the logits
 are of every real token whatever the K/V compression keeps (kvdistill.teachers.logits).
 """
@@ -56,7 +55,7 @@ class HostBatch:
     ready: Any = None
     candidates: list[int] | None = None  # span cot: per sample its number of CoT tokens
     finite: torch.Tensor | None = None
-    logits: tuple[torch.Tensor, ...] | None = None  # values, index (B, T, k), shift, tail (B, T, n)
+    logits: tuple[torch.Tensor, ...] | None = None  # values, index (B, T, k), shift (B, T, n)
     index_dtype: torch.dtype | None = None  # the stored dtype of logits' token ids
 
 
@@ -68,7 +67,7 @@ def capture_to_host(cap, compression, layers: list[int], query_mask: torch.Tenso
     back (the (B, T) mask comes from `cap.attention_mask_cpu` when the capture holds it, the rkv importance's
     finiteness is checked by `host_samples`). On CUDA the K/V of every layer are gathered straight into one
     buffer in the storage dtype (one gather per layer and tensor when the capture's dtype is the storage dtype).
-    logits: a `LogitSpec` to keep the capture's (B, T, V) logits as top-k log-probabilities and tails
+    logits: a `LogitSpec` to keep the capture's (B, T, V) logits as top-k log-probabilities
     (`topk_logprobs`, on the device in chunks of rows), copied with the K/V."""
     device = cap.attention_mask.device
     on_cuda = device.type == "cuda"
@@ -106,9 +105,9 @@ def capture_to_host(cap, compression, layers: list[int], query_mask: torch.Tenso
     if logits is not None:
         from kvdistill.teachers.logits import topk_logprobs
 
-        values, idx, shift, tail = topk_logprobs(cap.logits, logits.k, logits.temperatures, cap.attention_mask)
+        values, idx, shift = topk_logprobs(cap.logits, logits.k, logits.temperatures, cap.attention_mask)
         index_type = torch.int32 if on_cuda else logits.torch_index_dtype  # uint16 is cast on the host
-        sparse = (host(values.to(logits.torch_dtype)), host(idx.to(index_type)), host(shift), host(tail))
+        sparse = (host(values.to(logits.torch_dtype)), host(idx.to(index_type)), host(shift))
     ready = None
     if on_cuda:
         ready = torch.cuda.Event()
@@ -203,11 +202,10 @@ def host_samples(batch: HostBatch) -> list[dict[str, torch.Tensor]]:
         if batch.spans is not None:
             sample["spans"] = _own(batch.spans[b, w])
         if batch.logits is not None:
-            values, index, shift, tail = batch.logits  # (B, T, k) × 2, (B, T, n) × 2
+            values, index, shift = batch.logits  # (B, T, k), (B, T, k), (B, T, n)
             sample["logit_values"] = _own(values[b, w])  # (T_b, k)
             sample["logit_index"] = _own(index[b, w].to(batch.index_dtype))
             sample["logit_shift"] = _own(shift[b, w])  # (T_b, n)
-            sample["logit_tail"] = _own(tail[b, w])
         n_b = lengths[b] if batch.candidates is None else batch.candidates[b]  # the tokens that could be kept
         M_b = lengths[b] if batch.budget is None else min(batch.budget, n_b)
         for i, layer in enumerate(batch.layers):

@@ -90,7 +90,7 @@ def extract(
         None, "--logits-dtype", help="Their storage dtype: float16 (default), bfloat16, float32."
     ),
     logits_temperatures: str | None = typer.Option(
-        None, "--logits-temperatures", help="τ of the stored tail mass, e.g. 1,2 (default: losses.logit_kd's)."
+        None, "--logits-temperatures", help="τ the log-probabilities are normalised at, e.g. 1,2 (default: losses.logit_kd's)."
     ),
     batch_size: int = typer.Option(8, "--batch-size", help="Texts per teacher forward."),
     shard_index: int = typer.Option(

@@ -18,7 +18,7 @@ for families without a query projection) under the teacher's `compression`, with
 `answer_query_mask`: the selection code is the one `compress_capture` runs online. K/V are computed
 in half precision on GPU (the teacher's `dtype`, auto: bfloat16) and float32 on CPU, and stored in
 `compression.dtype`. A teacher with a `logits` section (`TeacherConfig.logits`) also stores its top-k
-log-probabilities and tail masses at every real token (`kvdistill.teachers.logits`, computed from the same
+log-probabilities at every real token (`kvdistill.teachers.logits`, computed from the same
 forward's logits); their temperatures are the section's, or those of the run's losses.logit_kd.
 
 What an extraction knows of its teacher (`TeacherSpec`: id, KV geometry, built compression, stored layers) is
@@ -114,7 +114,7 @@ def logit_spec(teacher_cfg: TeacherConfig, geometry: KVGeometry, logit_kd: Logit
     temps = section.resolved(logit_kd)
     if temps is None:
         raise KvdistillError(
-            f"teacher '{teacher_cfg.name}': losses.logit_kd has a linear τ schedule, and a cache stores the tail mass "
+            f"teacher '{teacher_cfg.name}': losses.logit_kd has a linear τ schedule, and a cache stores log-probabilities "
             "at given temperatures only",
             "set teachers.N.logits.temperatures (`--logits-temperatures`), or use a step / constant schedule")
     return LogitSpec(section.top_k, section.dtype, tuple(temps), int(geometry.vocab_size))

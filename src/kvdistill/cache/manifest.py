@@ -195,7 +195,7 @@ def _logits_mismatch(have: dict | None, want: dict | None) -> list[str]:
     missing = sorted(set(want.get("temperatures", [])) - set(have.get("temperatures", [])))
     out = [f"logits.{k} differs: cache has {_short(have.get(k))}, expected {_short(want[k])}" for k in wrong]
     if missing:
-        out.append(f"logits.temperatures: the cache holds the tail mass at {have.get('temperatures')}, "
+        out.append(f"logits.temperatures: the cache's log-probabilities are normalised at {have.get('temperatures')}, "
                    f"not at {missing}")
     return out
 

@@ -238,12 +238,14 @@ class CacheReader:
             shared_spans=shared,
             compression=dict(self.meta["compression"]),
             sample_ids=list(sample_ids),
-            logits=self._logits(samples, tok_mask).map(lambda x: x.to(device)) if logits else None,
+            logits=self._logits(samples, tok_mask, tok_spans).map(lambda x: x.to(device)) if logits else None,
         )
 
-    def _logits(self, samples: list[dict[str, torch.Tensor]], tok_mask: torch.Tensor) -> TeacherLogits:
-        """The stored top-k log-probabilities of `samples`, right-padded to the (B, T) token mask: values (B, T, k)
-        in their stored dtype, index (B, T, k) int64, shift and tail (B, T, n) float32."""
+    def _logits(self, samples: list[dict[str, torch.Tensor]], tok_mask: torch.Tensor,
+                tok_spans: torch.Tensor) -> TeacherLogits:
+        """The stored top-k log-probabilities of `samples`, right-padded to the (B, T) token mask (spans (B, T, 2)
+        beside): values (B, T, k)
+        in their stored dtype, index (B, T, k) int64, shift (B, T, n) float32."""
         spec = self.meta["logits"]
         if spec is None:
             raise CacheError(f"cache {self.dir} holds no logits (K/V only)",
@@ -253,16 +255,14 @@ class CacheReader:
         values = torch.zeros(B, T, k, dtype=getattr(torch, spec["dtype"]))
         index = torch.zeros(B, T, k, dtype=torch.long)
         shift = torch.zeros(B, T, n, dtype=torch.float32)
-        tail = torch.zeros(B, T, n, dtype=torch.float32)
         for b, s in enumerate(samples):
             t = s["token_ids"].shape[0]
-            if not {"logit_values", "logit_index", "logit_shift", "logit_tail"} <= s.keys():
+            if not {"logit_values", "logit_index", "logit_shift"} <= s.keys():
                 raise CacheError(f"a sample of cache {self.dir} lacks the logits its manifest promises",
                                  f"run `kvdistill cache verify {self.dir}`, then re-extract the cache")
-            values[b, :t], index[b, :t] = s["logit_values"], s["logit_index"].long()
-            shift[b, :t], tail[b, :t] = s["logit_shift"], s["logit_tail"]
+            values[b, :t], index[b, :t], shift[b, :t] = s["logit_values"], s["logit_index"].long(), s["logit_shift"]
         temps = tuple(float(x) for x in spec["temperatures"])
-        return TeacherLogits(values, index, shift, tail, temps, tok_mask.clone())
+        return TeacherLogits(values, index, shift, temps, tok_mask.clone(), tok_spans.clone())
 
     def close(self) -> None:
         self._handles.clear()

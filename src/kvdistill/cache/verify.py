@@ -19,7 +19,7 @@ from kvdistill.errors import CacheError
 _DTYPE_NAMES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32", "uint16": "U16", "int32": "I32"}
 _SIZES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
           "U16": 2, "U32": 4, "U64": 8}
-LOGIT_TENSORS = ("logit_values", "logit_index", "logit_shift", "logit_tail")
+LOGIT_TENSORS = ("logit_values", "logit_index", "logit_shift")
 
 
 def load_cache_manifest(directory: str | Path) -> dict[str, Any]:
@@ -109,8 +109,7 @@ def _logit_problems(where: str, tensors: dict[str, tuple[str, tuple[int, ...]]],
     k, n = spec["top_k"], len(spec["temperatures"])
     want = {"logit_values": (_DTYPE_NAMES[spec["dtype"]], (T, k)),
             "logit_index": (_DTYPE_NAMES[spec["index_dtype"]], (T, k)),
-            "logit_shift": ("F32", (T, n)),
-            "logit_tail": ("F32", (T, n))}
+            "logit_shift": ("F32", (T, n))}
     out = []
     for name, (dtype, shape) in want.items():
         if name not in tensors:

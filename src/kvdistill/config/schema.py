@@ -167,7 +167,7 @@ class CachedLogitsConfig(Section):
     dtype: Literal["float16", "bfloat16", "float32"] = "float16"
     """Storage dtype of the log-probabilities (token ids: uint16 for vocabularies up to 65,536, else int32)."""
     temperatures: list[float] | None = None
-    """The τ at which the tail mass is stored (logit KD can read the cache at exactly these). None: those of
+    """The τ at which the log-probabilities are normalised (logit KD can read the cache at exactly these). None: those of
     losses.logit_kd (its temperature, or a step schedule's values)."""
 
     @model_validator(mode="after")
@@ -649,6 +649,10 @@ class RunConfig(Section):
         if not self.teachers:
             problems.append("train.on_policy has no teachers to score the student's samples: add teachers or drop it")
         for n, t in enumerate(self.teachers):
+            if t.compression.span == "cot":
+                problems.append(f"train.on_policy: teachers.{n}.compression.span cot keeps the record's chain-of-"
+                                "thought tokens, and the student's samples have no chain of thought marked in them: use "
+                                "span all, or drop train.on_policy")
             if t.source == "cache":
                 problems.append(f"train.on_policy: teacher '{t.name}' (teachers.{n}) is read from a cache, which holds "
                                 "K/V (and logits) of the data texts extracted before training; it cannot hold those of "
@@ -666,7 +670,7 @@ class RunConfig(Section):
 
     def _cached_logit_problems(self, n: int, t: TeacherConfig) -> list[str]:
         """teachers.N.logits: read (and checked against the cache) by logit KD from a cached teacher only; the
-        cache must hold the tail mass at every τ the loss takes."""
+        cache must be normalised at every τ the loss takes."""
         kd = self.losses.logit_kd
         if t.logits is None:
             if t.source == "cache" and kd.weight > 0:
@@ -682,7 +686,7 @@ class RunConfig(Section):
         needed = kd.temperatures_used()
         if needed is None:
             return [f"losses.logit_kd.schedule kind linear takes every τ between start and end, but a cache stores the "
-                    f"tail mass at given temperatures only (teacher '{t.name}', teachers.{n}); use schedule kind step or "
+                    f"log-probabilities normalised at given temperatures only (teacher '{t.name}', teachers.{n}); use schedule kind step or "
                     "constant with a cached teacher"]
         missing = sorted(set(needed) - set(t.logits.temperatures or needed))
         if missing:

@@ -7,7 +7,7 @@ import torch
 from kvdistill.cache.extract import open_teacher_cache
 from kvdistill.config import StudentConfig
 from kvdistill.models.geometry import geometry_of
-from kvdistill.models.load import attn_implementation_for, load_config, load_model, resolve_dtype
+from kvdistill.models.load import attn_implementation_for, load_config, load_model, load_tokenizer, resolve_dtype
 from kvdistill.models.queries import supports_queries
 from kvdistill.objectives.kava import KavaObjective
 from kvdistill.objectives.objective import Objective
@@ -24,7 +24,10 @@ def build_teachers(cfg, device) -> list:
     for i, tcfg in enumerate(cfg.teachers):
         if tcfg.source == "cache":
             # refused unless it holds this run's teacher, tokenizer, compression and data
-            teachers.append(CachedTeacher(tcfg.name, open_teacher_cache(tcfg, cfg.data, cfg.losses.logit_kd)))
+            reader = open_teacher_cache(tcfg, cfg.data, cfg.losses.logit_kd)
+            # its tokenizer (no weights; the cache's fingerprint was checked against it): logit KD aligns with it
+            tok = load_tokenizer(tcfg.model) if cfg.losses.logit_kd.weight > 0 else None
+            teachers.append(CachedTeacher(tcfg.name, reader, tok))
             continue
         dtype = tcfg.dtype if tcfg.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
         comp = tcfg.compression

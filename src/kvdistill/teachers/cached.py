@@ -48,9 +48,10 @@ class CachedTeacher:
 
     kind = "cache"
 
-    def __init__(self, name: str, reader):
+    def __init__(self, name: str, reader, tokenizer=None):
         self.name = name
         self.reader = reader
+        self.tokenizer = tokenizer  # the one the cache was extracted with (its fingerprint), for logit KD across tokenizers
         self.geometry = KVGeometry.from_dict(reader.meta["teacher"]["geometry"])
         self.layers = reader.layers
         self.device = "cpu"

@@ -6,7 +6,7 @@ Per stored layer l: keys[l], values[l] (B, H, M, D) pre-rotation; spans[l] (B, H
 mask[l] (B, H, M) 1 where a real token is kept. Uncompressed teachers share one (B, T_t, 2) span tensor and one
 (B, T_t) mask across layers and heads (`shared_spans`), so the token alignment is computed once per batch.
 An online teacher's logits are in its capture (B, T_t, V); a cached one's, when its cache stores them, in `logits`
-(`kvdistill.teachers.logits.TeacherLogits`: top-k log-probabilities and tail masses, (B, T_t, k)).
+(`kvdistill.teachers.logits.TeacherLogits`: top-k log-probabilities, (B, T_t, k)).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ class TeacherKV:
     capture: KVCapture | None = None  # online, uncompressed: hidden states, logits, attentions
     compression: dict | None = None  # Compression.to_dict() of the selection that produced it; None = full
     sample_ids: list[str] | None = None  # cached teachers: the ids the batch was read for
-    logits: TeacherLogits | None = None  # cached teachers with stored logits: top-k log-probabilities and tails
+    logits: TeacherLogits | None = None  # cached teachers with stored logits: top-k log-probabilities
 
     def host_spans(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Spans and mask of `layer` on the CPU, without a device-to-host copy when the capture kept CPU copies of

@@ -12,6 +12,7 @@ import torch
 from kvdistill.config import RunConfig
 from kvdistill.errors import KvdistillError
 from kvdistill.objectives.ahead import TeachersAhead
+from kvdistill.objectives.batch import Collated
 
 
 def sample_stream(num_records: int, seed: int, start: int, count: int) -> list[int]:
@@ -43,7 +44,7 @@ def micro_batch(records: list[dict], cfg: RunConfig, step: int, micro: int, rank
 class MicroBatches(torch.utils.data.Dataset):
     """Item k: micro-batch k % grad_accum of optimizer step k // grad_accum of process `rank`, as `micro_batch`
     picks it (so the order is a pure function of the step: a resume or another world size sees the same samples),
-    run through `collate` (on a DataLoader worker when there are some), tagged with its step."""
+    run through `collate` (on a DataLoader worker when there are some); a `Collated` is tagged with its step."""
 
     def __init__(self, records: list[dict], cfg: RunConfig, rank: int, world: int, collate: Callable):
         self.records, self.cfg, self.rank, self.world, self.collate = records, cfg, rank, world, collate
@@ -54,7 +55,7 @@ class MicroBatches(torch.utils.data.Dataset):
     def __getitem__(self, k: int):
         step, micro = divmod(k, self.cfg.train.grad_accum)
         collated = self.collate(micro_batch(self.records, self.cfg, step, micro, self.rank, self.world))
-        return dataclasses.replace(collated, step=step)
+        return dataclasses.replace(collated, step=step) if isinstance(collated, Collated) else collated
 
 
 def _as_is(batch):
