@@ -104,20 +104,24 @@ class TeacherSpec:
 
 
 def logit_spec(teacher_cfg: TeacherConfig, geometry: KVGeometry, logit_kd: LogitKDConfig | None) -> LogitSpec | None:
-    """What a cache of `teacher_cfg` holds of its logits (None: no logits section); temperatures from the section,
-    else from `logit_kd` (the run's losses.logit_kd; None: its defaults)."""
+    """What a cache of `teacher_cfg` holds of its logits (None: no logits section); top_k and temperatures from the
+    section, else from `logit_kd` (the run's losses.logit_kd; None: its defaults)."""
     from kvdistill.teachers.logits import LogitSpec
 
     section = teacher_cfg.logits
     if section is None:
         return None
     temps = section.resolved(logit_kd)
+    k = section.top_k if section.top_k is not None else (logit_kd.top_k if logit_kd is not None else None)
+    if k is None:
+        raise KvdistillError(f"teacher '{teacher_cfg.name}': how many log-probabilities to store is not given",
+                             "set teachers.N.logits.top_k (`--logits-top-k`) or losses.logit_kd.top_k")
     if temps is None:
         raise KvdistillError(
             f"teacher '{teacher_cfg.name}': losses.logit_kd has a linear τ schedule, and a cache stores log-probabilities "
             "at given temperatures only",
             "set teachers.N.logits.temperatures (`--logits-temperatures`), or use a step / constant schedule")
-    return LogitSpec(section.top_k, section.dtype, tuple(temps), int(geometry.vocab_size))
+    return LogitSpec(k, section.dtype, tuple(temps), int(geometry.vocab_size))
 
 
 def teacher_spec(teacher_cfg: TeacherConfig, logit_kd: LogitKDConfig | None = None) -> TeacherSpec:

@@ -151,8 +151,8 @@ COMPRESSION_ADDED = {"span": "all", "scoring": "minmax", "window": 8}  # compres
 def meta_mismatches(stored: dict[str, Any], expected: dict[str, Any], *, reading: bool = False) -> list[str]:
     """One message per meta field of `expected` that differs from `stored` (teacher split into id / revision /
     geometry). Fields absent from `expected` are not checked. reading: `expected` is what a reader needs, so logits
-    None takes any cache, and needed temperatures may be a subset of the stored ones (a writer resuming, or parts
-    merged, must agree exactly)."""
+    None takes any cache, needed temperatures may be a subset of the stored ones and a needed top_k at most the
+    stored one (a writer resuming, or parts merged, must agree exactly)."""
     out = []
     for key in META_FIELDS:
         if key not in expected:
@@ -190,10 +190,14 @@ def _logits_mismatch(have: dict | None, want: dict | None) -> list[str]:
         return []
     if have is None:
         return [f"logits differs: the cache holds no logits, expected top-k log-probabilities {_short(want)}"]
-    same = {k: v for k, v in want.items() if k != "temperatures"}
+    same = {k: v for k, v in want.items() if k not in ("temperatures", "top_k")}
     wrong = sorted(k for k in same if have.get(k) != same[k])
+    if not (isinstance(have.get("top_k"), int) and have["top_k"] >= want.get("top_k", 0)):
+        wrong.append("top_k")  # a cache of k serves any k' <= k: its first k' entries are the top-k'
+        wrong.sort()
     missing = sorted(set(want.get("temperatures", [])) - set(have.get("temperatures", [])))
-    out = [f"logits.{k} differs: cache has {_short(have.get(k))}, expected {_short(want[k])}" for k in wrong]
+    out = [f"logits.{k} differs: cache has {_short(have.get(k))}, expected {'at least ' if k == 'top_k' else ''}"
+           f"{_short(want[k])}" for k in wrong]
     if missing:
         out.append(f"logits.temperatures: the cache's log-probabilities are normalised at {have.get('temperatures')}, "
                    f"not at {missing}")

@@ -162,13 +162,14 @@ class CachedLogitsConfig(Section):
     """What a teacher's cache holds of its next-token distributions (kvdistill.teachers.logits): written by
     `kvdistill extract` beside the K/V, read by logit KD from a cached teacher."""
 
-    top_k: int = Field(64, gt=0)
-    """k: log-probabilities kept per token, the most probable first (at most the vocabulary)."""
+    top_k: int | None = Field(None, gt=0)
+    """k: log-probabilities kept per token, the most probable first (at most the vocabulary); None: losses.logit_kd's
+    top_k. A cache of k serves a loss of any top_k up to k (the first entries are the top of a smaller k)."""
     dtype: Literal["float16", "bfloat16", "float32"] = "float16"
     """Storage dtype of the log-probabilities (token ids: uint16 for vocabularies up to 65,536, else int32)."""
     temperatures: list[float] | None = None
-    """The τ at which the log-probabilities are normalised (logit KD can read the cache at exactly these). None: those of
-    losses.logit_kd (its temperature, or a step schedule's values)."""
+    """The τ at which the log-probabilities are normalised (logit KD can read the cache at exactly these). None: those
+    of losses.logit_kd (its temperature, or a step schedule's values)."""
 
     @model_validator(mode="after")
     def _positive(self):
@@ -672,24 +673,33 @@ class RunConfig(Section):
         """teachers.N.logits: read (and checked against the cache) by logit KD from a cached teacher only; the
         cache must be normalised at every τ the loss takes."""
         kd = self.losses.logit_kd
+        problems = []
+        if t.source == "cache" and kd.weight > 0 and kd.top_k is None:
+            problems.append(f"losses.logit_kd reads teacher '{t.name}' (teachers.{n}) from a cache, which holds its top-k "
+                            "log-probabilities, not its whole distribution: set losses.logit_kd.top_k (e.g. 64; the "
+                            "rest of the mass is one tail bucket)")
         if t.logits is None:
             if t.source == "cache" and kd.weight > 0:
-                return [f"losses.logit_kd reads teacher '{t.name}' (teachers.{n}) from its cache, which then must hold "
-                        f"its top-k log-probabilities: add teachers.{n}.logits (e.g. {{top_k: 64}}) and extract the "
-                        f"cache with it (`kvdistill extract CONFIG --teacher {t.name}`), or set losses.logit_kd.weight: 0"]
-            return []
+                problems.append(f"losses.logit_kd reads teacher '{t.name}' (teachers.{n}) from its cache, which then "
+                                f"must hold its top-k log-probabilities: add teachers.{n}.logits (e.g. {{dtype: "
+                                f"float16}}) and extract the cache with it (`kvdistill extract CONFIG --teacher "
+                                f"{t.name}`), or set losses.logit_kd.weight: 0")
+            return problems
         if t.source != "cache":
             return [f"teachers.{n}.logits describes what a cache holds and is read for source: cache teachers only "
                     f"('{t.name}' is online, its logits come from its forward); drop it"]
         if kd.weight == 0:
             return [f"teachers.{n}.logits is read by losses.logit_kd, whose weight is 0; drop it or set the weight"]
+        if t.logits.top_k is not None and kd.top_k is not None and t.logits.top_k < kd.top_k:
+            problems.append(f"teachers.{n}.logits.top_k ({t.logits.top_k}) is below losses.logit_kd.top_k "
+                            f"({kd.top_k}): the cache would hold fewer entries than the loss reads; raise it or drop it")
         needed = kd.temperatures_used()
         if needed is None:
-            return [f"losses.logit_kd.schedule kind linear takes every τ between start and end, but a cache stores the "
+            return problems + [f"losses.logit_kd.schedule kind linear takes every τ between start and end, but a cache stores the "
                     f"log-probabilities normalised at given temperatures only (teacher '{t.name}', teachers.{n}); use schedule kind step or "
                     "constant with a cached teacher"]
         missing = sorted(set(needed) - set(t.logits.temperatures or needed))
         if missing:
-            return [f"teachers.{n}.logits.temperatures {t.logits.temperatures} lacks τ {missing} that losses.logit_kd "
+            return problems + [f"teachers.{n}.logits.temperatures {t.logits.temperatures} lacks τ {missing} that losses.logit_kd "
                     f"takes; add them (and re-extract), or drop temperatures to store exactly those of the loss"]
-        return []
+        return problems

@@ -7,7 +7,13 @@ import torch
 from kvdistill.cache.extract import open_teacher_cache
 from kvdistill.config import StudentConfig
 from kvdistill.models.geometry import geometry_of
-from kvdistill.models.load import attn_implementation_for, load_config, load_model, load_tokenizer, resolve_dtype
+from kvdistill.models.load import (
+    attn_implementation_for,
+    load_config,
+    load_model,
+    load_tokenizer,
+    resolve_dtype,
+)
 from kvdistill.models.queries import supports_queries
 from kvdistill.objectives.kava import KavaObjective
 from kvdistill.objectives.objective import Objective

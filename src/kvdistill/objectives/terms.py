@@ -89,11 +89,13 @@ class TeacherTerms(nn.Module):
         s, b = step.student, step.batch
         cap = tkv.capture
         j0 = lp.j[0]
-        A = teacher_alignment(tkv.spans[j0], tkv.mask[j0], b.spans, b.mask).float()  # (B, M, T_s)
-        covered = (A.sum(-1) > 0).long() * tkv.mask[j0]  # (B, M) teacher tokens some student token overlaps
         out: dict[str, torch.Tensor] = {}
         L = len(lp.layers)
-        for i, j, w in zip(lp.i, lp.j, lp.w, strict=True):
+        per_layer = any(t in self.active for t in ("relation", "attention_kl", "hidden"))
+        if per_layer:
+            A = teacher_alignment(tkv.spans[j0], tkv.mask[j0], b.spans, b.mask).float()  # (B, M, T_s)
+            covered = (A.sum(-1) > 0).long() * tkv.mask[j0]  # (B, M) teacher tokens some student token overlaps
+        for i, j, w in zip(lp.i, lp.j, lp.w, strict=True) if per_layer else ():
             if "relation" in self.active:  # student keys resampled onto the teacher's tokens
                 k_on_t = torch.einsum("bmt,bhtd->bhmd", A, s.keys[i].float())  # (B, H_s, M, D_s)
                 out["relation"] = out.get("relation", 0) + w * losses.relation_loss(k_on_t, tkv.keys[j], covered) / L
@@ -114,25 +116,53 @@ class TeacherTerms(nn.Module):
 
     def logit_term(self, step: Step, n: int) -> torch.Tensor:
         """Teacher n's logit KD per sample (B,): the same-vocabulary term for one tokenizer, else the cross-tokenizer
-        term of `losses.logit_kd.cross_tokenizer`; with `top_k` against the teacher's top-k and a tail bucket."""
+        term of `losses.logit_kd.cross_tokenizer`; with `top_k` against the teacher's top-k and a tail bucket (a
+        cached teacher's top-k come from its cache, `TeacherKV.logits`, at this step's τ)."""
         teacher, tkv = step.teachers[n], step.records[n]
         s, b, cap = step.student, step.batch, tkv.capture
         c, k = self.logit, self.logit.top_k
         kw = dict(temperature=self.temperature, divergence=c.divergence, beta=c.beta, chunk=c.chunk)
+        stored = tkv.logits  # a cached teacher's top-k (validate requires top_k for it)
         if teacher.name not in self.cross:
             V = self.shared_vocab[teacher.name]
-            if k is None:
+            if stored is not None:
+                ids, lp = stored.at(self.temperature, k)  # (B, T_t, k) ids, log-probabilities at τ
+                if ids.shape[1] != s.logits.shape[1]:
+                    raise KvdistillError(
+                        f"teacher '{teacher.name}''s cached logits cover {ids.shape[1]} positions, the student's batch "
+                        f"{s.logits.shape[1]}: the same tokenizer should give the same tokens",
+                        "re-extract the cache with this run's data (data.max_length) and tokenizer")
+                ids, lp = _within(ids, lp, V)
+            elif k is None:
                 return losses.logit_kd(s.logits[..., :V], cap.logits[..., :V], b.mask, **kw)
-            ids, lp = losses.topk_log_probs(cap.logits[..., :V], k, temperature=self.temperature, chunk=c.chunk)
+            else:
+                ids, lp = losses.topk_log_probs(cap.logits[..., :V], k, temperature=self.temperature, chunk=c.chunk)
             return losses.topk_logit_kd(s.logits[..., :V], ids, lp, b.mask, **kw)
-        spans_t, mask_t = tkv.host_spans(step.pairs[teacher.name].j[0])  # (B, T_t, 2), (B, T_t) on the CPU
+        if stored is not None:  # every token's spans, whatever the cache kept of the K/V
+            spans_t, mask_t = stored.spans.cpu(), stored.mask.cpu()
+        else:
+            spans_t, mask_t = tkv.host_spans(step.pairs[teacher.name].j[0])  # (B, T_t, 2), (B, T_t) on the CPU
         if self.cross[teacher.name] is None:  # span; the chunks (B, T_s), (B, T_t) on the CPU
             s_chunks, t_chunks = common_chunks(b.spans_cpu, b.mask_cpu, spans_t, mask_t)
             return losses.span_logit_kd(s.logits, cap.logits, b.ids, cap.input_ids, b.mask, cap.attention_mask,
                                         s_chunks, t_chunks, **kw)
         proj = self.cross[teacher.name]  # on the CPU: checked and planned there, no device synchronisation
         positions = prefix_positions(b.spans_cpu, b.mask_cpu, spans_t, mask_t)  # (B, T_s) on the CPU
-        target = cap.logits if k is None else losses.topk_log_probs(cap.logits, k, temperature=self.temperature,
-                                                                   chunk=c.chunk)
+        if stored is not None:
+            target = stored.at(self.temperature, k)
+        else:
+            target = cap.logits if k is None else losses.topk_log_probs(cap.logits, k, temperature=self.temperature,
+                                                                       chunk=c.chunk)
         return losses.cross_logit_kd(s.logits, target, positions, b.mask, proj.student, proj.teacher,
                                      shared=proj.shared, **kw)
+
+
+def _within(ids: torch.Tensor, log_probs: torch.Tensor, V: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A cached top-k restricted to the first V entries (embeddings padded to different sizes): an id at or past V
+    (a padded row of the teacher's) gets log-probability -inf, so its mass joins the tail bucket, and id 0 (a
+    placeholder the loss sees as carrying no mass)."""
+    past = ids >= V  # (B, T, k)
+    if not bool(past.any()):
+        return ids, log_probs
+    return ids.masked_fill(past, 0), log_probs.masked_fill(past, float("-inf"))
+
