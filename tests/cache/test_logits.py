@@ -168,3 +168,53 @@ def test_logit_kd_from_the_cache_trains_a_step_equal_to_the_online_teachers(logi
     for name, g in g_on.items():
         assert float((g_ca[name] - g).abs().max()) <= 1e-3 * float(g.abs().max()) + 1e-8, name
 
+
+
+def test_extract_takes_the_logits_section_from_flags_or_the_run_config(tmp_path):
+    from kvdistill.cache.cli import extract_configs
+    from kvdistill.errors import ConfigError
+
+    none = dict(kind=None, budget=None, lam=None, layers=None, dtype=None)
+    flags = dict(out="x", data=None, size=None, max_length=None)
+    t, _, _ = extract_configs(None, [], teacher="smollm2-135m", compression=none,
+                              logits={"top_k": 8, "dtype": None, "temperatures": "1, 2"}, **flags)
+    assert (t.logits.top_k, t.logits.dtype, t.logits.temperatures) == (8, "float16", [1.0, 2.0])
+    t, _, _ = extract_configs(None, [], teacher="smollm2-135m", compression=none, **flags)
+    assert t.logits is None  # no flag, no section: K/V only
+    raw = {"teachers": [{"name": "s", "model": "smollm2-135m", "logits": {"top_k": 4}}],
+           "losses": {"logit_kd": {"weight": 1.0, "schedule": {"kind": "step", "values": [4.0, 2.0]}}}}
+    config = tmp_path / "run.yaml"
+    config.write_text(json.dumps(raw))
+    t, _, _ = extract_configs(str(config), [], teacher="s", compression=none, **flags)
+    assert t.logits.temperatures == [2.0, 4.0]  # every τ of the run's schedule
+    raw["losses"]["logit_kd"]["schedule"] = {"kind": "linear", "start": 4.0, "end": 1.0}
+    config.write_text(json.dumps(raw))
+    with pytest.raises(ConfigError, match="--logits-temperatures: losses.logit_kd has a linear τ schedule"):
+        extract_configs(str(config), [], teacher="s", compression=none, **flags)
+
+
+def test_validate_names_what_logit_kd_from_a_cache_needs():
+    from kvdistill.config import load_config
+    from kvdistill.errors import ConfigError
+
+    def problems(teacher: dict, logit_kd: dict) -> str:
+        raw = {"student": {"model": "smollm2-135m"}, "teachers": [{"name": "t", "model": "smollm2-135m", **teacher}],
+               "losses": {"logit_kd": logit_kd}}
+        with pytest.raises(ConfigError) as err:
+            load_config(raw=raw)
+        return " | ".join(err.value.problems)
+
+    cached = {"source": "cache", "cache_dir": "c"}
+    text = problems(cached, {"weight": 1.0})
+    assert "which holds its top-k log-probabilities, not its whole distribution: set losses.logit_kd.top_k" in text
+    assert "add teachers.0.logits" in text
+    assert "teachers.0.logits describes what a cache holds" in problems({"logits": {}}, {"weight": 1.0, "top_k": 8})
+    assert "whose weight is 0" in problems({**cached, "logits": {}}, {"weight": 0.0})
+    assert "below losses.logit_kd.top_k (8)" in problems({**cached, "logits": {"top_k": 4}}, {"weight": 1.0, "top_k": 8})
+    assert "schedule kind linear" in problems({**cached, "logits": {}}, {
+        "weight": 1.0, "top_k": 8, "schedule": {"kind": "linear", "start": 4.0, "end": 1.0}})
+    assert "lacks τ [4.0]" in problems({**cached, "logits": {"temperatures": [2.0]}}, {
+        "weight": 1.0, "top_k": 8, "schedule": {"kind": "step", "values": [4.0, 2.0]}})
+    ok = load_config(raw={"student": {"model": "smollm2-135m"}, "teachers": [{**cached, "name": "t",
+                          "model": "smollm2-135m", "logits": {}}], "losses": {"logit_kd": {"weight": 1.0, "top_k": 8}}})
+    assert ok.teachers[0].logits.resolved(ok.losses.logit_kd) == [2.0]

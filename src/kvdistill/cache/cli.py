@@ -270,7 +270,7 @@ def _logits_raw(base, flags: dict):
     given = {k: v for k, v in flags.items() if v is not None}
     if base is None and not given:
         return None
-    out = dict(base) if isinstance(base, dict) else base
+    out = {} if base is None else dict(base) if isinstance(base, dict) else base
     if not isinstance(out, dict):
         return out  # the schema names the problem
     if "temperatures" in given:
