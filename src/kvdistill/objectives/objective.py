@@ -139,7 +139,8 @@ class Objective(nn.Module):
                 data = batch if isinstance(batch, Collated) else self.collate(batch)
                 sampled, gen = self.on_policy.sample(self.student, data.records, self.train_step)
                 batch = self.collate(sampled)  # every tokenizer on the student's text; teachers run in `step`
-            metrics.update({k: torch.tensor(v) for k, v in gen.items()})
+            device = self.fusion.fixed.device  # with the other metrics: read back in one transfer
+            metrics.update({k: torch.tensor(float(v), device=device) for k, v in gen.items()})
         step = self.step(batch)
         mask = step.batch.mask
         if data is None:
