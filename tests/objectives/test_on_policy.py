@@ -85,7 +85,7 @@ def test_lambda_1_teachers_see_exactly_the_sampled_text(tiny_config, monkeypatch
 
 @pytest.mark.parametrize("overrides, problem", [
     (["teachers.0.source=cache", "teachers.0.cache_dir=x"], "cannot hold those of text the student generates"),
-    (["data.source=text", "data.path=x.txt"], "data.source text has no question"),
+    (["data.source=text", "data.path=x.txt", "data.size=null"], "data.source text has no question"),
     (["train.on_policy.lambda=1", "train.teachers_ahead=true"], "every step scores the student's own text"),
     (["train.on_policy.lambda=1.5"], "less than or equal to 1"),
 ])
