@@ -135,3 +135,15 @@ def test_a_tilde_override_removes_a_key():
     assert out == {"data": {"source": "jsonl"}, "teachers": [{"name": "a"}]}
     with pytest.raises(ConfigError, match="the config sets no 'data.limit'"):
         apply_overrides(out, ["~data.limit"])
+
+
+def test_merging_a_data_section_of_another_source_kind_drops_the_old_kinds_keys():
+    from kvdistill.config import DataConfig, merge_data
+
+    gen = {"source": "arithmetic", "size": 300, "eval_size": 20}
+    to_file = merge_data(gen, {"source": "jsonl", "path": "t.jsonl"})
+    assert to_file == {"source": "jsonl", "path": "t.jsonl", "eval_size": 20}
+    DataConfig.model_validate(to_file)  # no leftover data.size to refuse
+    back = merge_data({**to_file, "limit": 50}, {"source": "sorting", "size": 40})
+    assert back == {"source": "sorting", "size": 40, "eval_size": 20}
+    assert merge_data(gen, {"size": 10}) == {**gen, "size": 10}  # same source: a plain update

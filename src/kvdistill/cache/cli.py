@@ -163,9 +163,9 @@ def extract_configs(
         TeacherConfig,
         apply_overrides,
         config_path,
+        merge_data,
         read_raw,
     )
-    from kvdistill.config.schema import GENERATED
 
     if config is not None:
         raw = read_raw(config_path(config), overrides)
@@ -199,9 +199,7 @@ def extract_configs(
                 logits_raw["temperatures"] = kd.temperatures_used()
     if data is not None:
         try:
-            data_raw.update(_data_source(data, overrides))
-            if data_raw.get("source") not in GENERATED:  # --data replaces a generator: its size goes with it
-                data_raw.pop("size", None)
+            data_raw = merge_data(data_raw, _data_source(data, overrides))  # a generator's size goes with it
         except KvdistillError as err:
             problems.append(f"{err.problem} ({err.fix})")
     if size is not None:

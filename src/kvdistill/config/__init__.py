@@ -6,6 +6,7 @@ from kvdistill.config.load import (
     config_path,
     dump_config,
     load_config,
+    merge_data,
     parse_config,
     read_raw,
     semantic_problems,
@@ -33,4 +34,4 @@ from kvdistill.config.schema import (
 __all__ = ["CompressionConfig", "DataConfig", "EntropyConfig", "FusionConfig", "KVLossConfig", "LatentConfig",
            "LayerMapConfig", "LogitKDConfig", "LoraConfig", "LossesConfig", "RouterConfig", "RunConfig", "Section",
            "SimilarityConfig", "StudentConfig", "TeacherConfig", "TrainConfig", "apply_overrides", "check_config",
-           "config_path", "dump_config", "load_config", "parse_config", "read_raw", "semantic_problems"]
+           "config_path", "dump_config", "load_config", "merge_data", "parse_config", "read_raw", "semantic_problems"]

@@ -129,6 +129,24 @@ def _remove_key(raw: dict, path: str) -> None:
     del node[parts[-1]]
 
 
+def merge_data(base: dict | None, changes: dict) -> dict:
+    """A raw data section with `changes` applied. Changing `source` to another kind drops the keys only the old kind
+    reads and `changes` does not set (a generator's size and path; a file's or dataset's limit, split, subset; the
+    skill mixture's skills, mix, train_skills), so a run that swaps a generator for a file is not refused over the
+    generator's leftover size."""
+    base = dict(base or {})
+    merged = {**base, **changes}
+    if "source" in changes and changes["source"] != base.get("source", "gsm_symbolic"):
+        generated = merged["source"] in GENERATED
+        stale = ("limit", "split", "subset", "path") if generated else ("size",)
+        if merged["source"] != "skills":
+            stale += ("skills", "mix", "train_skills")
+        for key in stale:
+            if key not in changes:
+                merged.pop(key, None)
+    return merged
+
+
 def parse_config(raw: dict, source: str = "config") -> RunConfig:
     """Validate a raw mapping; raises ConfigError listing every problem."""
     if not isinstance(raw, dict):

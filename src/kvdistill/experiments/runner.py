@@ -35,7 +35,7 @@ from pathlib import Path
 import yaml
 
 from kvdistill.cache.manifest import write_json_atomic
-from kvdistill.config import config_path, load_config, read_raw
+from kvdistill.config import config_path, load_config, merge_data, read_raw
 from kvdistill.config.schema import RunConfig
 from kvdistill.data import load_records
 from kvdistill.errors import KvdistillError
@@ -65,7 +65,7 @@ def teacher_config(spec: ExperimentSpec, prep: TeacherPrep) -> RunConfig:
     raw.update(name=f"teacher-{prep.name}", student=student, teachers=[], losses={"ce": 1.0}, fusion={},
                train=train)
     if prep.data:
-        raw["data"] = {**(raw.get("data") or {}), **prep.data}
+        raw["data"] = merge_data(raw.get("data"), prep.data)
     # a teacher keeps the base's held-out evaluations but not its students' selection settings
     train.pop("early_stopping", None)
     train.pop("grad_norms_every", None)
