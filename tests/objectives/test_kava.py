@@ -167,6 +167,21 @@ def test_config_refuses_what_the_latent_student_never_reads(bad, needle):
     assert needle in str(err.value)
 
 
+def test_latent_student_exact_match_during_training_is_latent_mode_only():
+    """train.eval_exact_match is read for a latent student (latent mode); eval_cot (CoT decoding) is refused; scoring
+    rkv needs more latent slots than R-KV's window."""
+    from kvdistill.config import load_config as load
+
+    base = config({"ce": 1.0}).model_dump(mode="json")
+    base["train"].update(eval_every=1, eval_exact_match=True)
+    assert load(raw=base).train.eval_exact_match
+    base["train"]["eval_cot"] = True
+    with pytest.raises(ConfigError, match="eval_cot"):
+        load(raw=base)
+    with pytest.raises(ConfigError, match="must exceed it"):
+        config({"ce": 1.0, "latent_kv": {"weight": 1.0, "target": {"scoring": "rkv"}}})  # 6 latents, window 8
+
+
 def test_kava_tiny_spec_runs_end_to_end(tmp_path):
     """The packaged CPU spec, shrunk to seconds: every condition trains, saves, and is scored in its mode."""
     import yaml
