@@ -104,5 +104,9 @@ def test_no_teachers_or_a_prompt_that_holds_the_answer_is_refused(tiny_config):
         question_prompt(record, "Q: {question} A: {answer}")
     with pytest.raises(KvdistillError, match="record 'r' has no question"):
         question_prompt({"id": "r", "text": "x"}, "Question: {question}\n")
+    from kvdistill.train.preflight import preflight
+
+    checked = preflight(tiny_config(*ON, "data.template='Q: {question} A: {answer}'"))  # training's checks
+    assert any("puts ['answer'] on or before the {question} line" in p for p in checked.problems)
     assert question_prompt({"id": "r", "text": "Question: 2+2?\nAnswer: 4\n", "question": "2+2?"},
                            "Question: {question}\nAnswer: {answer}\n") == "Question: 2+2?\n"

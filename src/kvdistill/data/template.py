@@ -89,9 +89,11 @@ def question_prompt(record: dict, template: str) -> str:
     """The start of a template-mode record's text up to the end of its {question} line (with the line break): what
     an on-policy student continues. Refused, naming the record, without a question, with another field on or
     before the question's line, or when the text is not the template's rendering."""
-    if not record.get("question"):
+    if not record.get("question") or type(record["text"]) is not str:  # a conversation's text is a ChatText
         raise KvdistillError(
-            f"record '{record.get('id')}' has no question: on-policy distillation continues the record's question",
+            f"record '{record.get('id')}' has no question"
+            + (" (it is a conversation, rendered in each model's chat template)" if record.get("question") else "")
+            + ": on-policy distillation continues a template-mode record's question",
             "use template-mode data (data.question_field, data.cot_field, data.answer_field) or a generator")
     lines = template.split("\n")
     at = next(n for n, line in enumerate(lines) if "{question}" in line)

@@ -11,6 +11,8 @@ What it checks, listing every problem together (each naming the key and the fix)
   for data.eval_size, ...), returned so that training does not read them twice;
 - an online teacher's kept layers (compression.layers) holding every layer its layer map reads;
 - a latent student's records cut into question / CoT / answer (`kvdistill.data.segments`);
+- with train.on_policy, every training record's prompt (its text up to the {question} line,
+  `kvdistill.data.template.question_prompt`);
 - data.max_length within every model's position table;
 - and it counts the records data.max_length truncates for each model (the student and every online teacher, each
   in its own tokenization or chat template): a note, not a problem.
@@ -64,6 +66,14 @@ def preflight(cfg: RunConfig, *, dataset=None) -> Checked:
         try:
             for record in train_records[:1] + eval_records[:1]:
                 segments(record, cfg.data.template)
+        except KvdistillError as err:
+            problems.append(_as_problem(err))
+    if cfg.train.on_policy is not None and train_records:  # the prompt an on-policy student continues, per record
+        from kvdistill.data.template import question_prompt
+
+        try:
+            for record in train_records:
+                question_prompt(record, cfg.data.template)
         except KvdistillError as err:
             problems.append(_as_problem(err))
     data_notes = []
