@@ -131,25 +131,33 @@ def test_a_reader_takes_the_logits_it_needs_and_no_more(logit_cache, sharp):
     assert meta_mismatches(reader.meta, expected_meta(kv_only, DATA)) != []
 
 
-def run_config(teacher: Path, cache: Path | None = None):
-    """Same-tokenizer logit KD (top 16, τ 2) plus K/V from the tiny qwen2 teacher: online, or from `cache`."""
+def run_config(teacher: Path, cache: Path | None = None, student_tokenizer: str | None = None):
+    """Logit KD (top 16, τ 2) plus K/V from the tiny qwen2 teacher: online, or from `cache`; the student shares the
+    teacher's tokenizer unless `student_tokenizer` is given (then across tokenizers, cross_tokenizer project)."""
     from kvdistill.config import load_config
 
     t = {"name": "qwen2", "model": str(teacher), "compression": {"kind": "full", "dtype": "float32"}}
     if cache is not None:
         t.update(source="cache", cache_dir=str(cache), logits={"dtype": "float16", "temperatures": TEMPS})
+    student = {"from_config": {"base": "smollm2-135m", "num_hidden_layers": 2, "hidden_size": 64,
+                               "intermediate_size": 128, "num_attention_heads": 2, "num_key_value_heads": 1,
+                               "head_dim": 32}}  # smollm2's tokenizer, the teacher's
+    if student_tokenizer is not None:
+        student["tokenizer"] = student_tokenizer
     return load_config(raw={
-        "student": {"from_config": {"base": "smollm2-135m", "num_hidden_layers": 2, "hidden_size": 64,
-                                    "intermediate_size": 128, "num_attention_heads": 2, "num_key_value_heads": 1,
-                                    "head_dim": 32}},  # smollm2's tokenizer, the teacher's
-        "teachers": [t], "data": DATA.model_dump(),
+        "student": student, "teachers": [t], "data": DATA.model_dump(exclude_unset=True),
         "losses": {"logit_kd": {"weight": 1.0, "top_k": K}}, "train": {"batch_size": 4, "tensorboard": False}})
 
 
-def test_logit_kd_from_the_cache_trains_a_step_equal_to_the_online_teachers(logit_cache, sharp):
+@pytest.mark.parametrize("student_tokenizer", [None, "gpt2-tokenizer"])
+def test_logit_kd_from_the_cache_trains_a_step_equal_to_the_online_teachers(logit_cache, sharp, student_tokenizer):
+    """One tokenizer (topk_logit_kd), and a GPT-2 student (cross_logit_kd's projection at prefix partners, the
+    cache's every-token spans)."""
     from kvdistill.objectives import build_objective
 
-    online, cached = build_objective(run_config(sharp)), build_objective(run_config(sharp, logit_cache))
+    online = build_objective(run_config(sharp, student_tokenizer=student_tokenizer))
+    cached = build_objective(run_config(sharp, logit_cache, student_tokenizer))
+    assert (student_tokenizer is None) == (cached.terms.cross == {})
     assert type(cached.teachers[0]).__name__ == "CachedTeacher"
     records = dataset_records(DATA)[2:6]  # the train split, extracted in other batches than these
     out = []
