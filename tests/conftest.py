@@ -136,3 +136,50 @@ def tiny_yaml(teacher_dirs, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("config") / "tiny.yaml"
     path.write_text(yaml.safe_dump(tiny_raw(teacher_dirs), sort_keys=False))
     return path
+
+
+def tree_snapshot(root: Path) -> dict[str, tuple]:
+    """Every entry under `root`, links not followed: {relative path: ("file", sha256) | ("dir",) |
+    ("link", target)}; compare two to prove what a command wrote, changed or deleted."""
+    import hashlib
+
+    out: dict[str, tuple] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            rel = str(path.relative_to(root))
+            if path.is_symlink():
+                out[rel] = ("link", os.readlink(path))
+            elif path.is_dir():
+                out[rel] = ("dir",)
+            else:
+                out[rel] = ("file", hashlib.sha256(path.read_bytes()).hexdigest())
+    return out
+
+
+class Tree:
+    """`tree.snap(root)` and `tree.changes(before, after)`: what a command did to a directory tree."""
+
+    snap = staticmethod(tree_snapshot)
+
+    @staticmethod
+    def changes(before: dict[str, tuple], after: dict[str, tuple]) -> dict[str, list[str]]:
+        """{"added": [...], "removed": [...], "changed": [...]} between two snapshots."""
+        return {
+            "added": sorted(set(after) - set(before)),
+            "removed": sorted(set(before) - set(after)),
+            "changed": sorted(k for k in set(before) & set(after) if before[k] != after[k]),
+        }
+
+    @classmethod
+    def only_inside(cls, before: dict[str, tuple], after: dict[str, tuple], out: str) -> None:
+        """Assert nothing pre-existing was changed or removed, and nothing was added outside `out` (relative)."""
+        diff = cls.changes(before, after)
+        assert diff["removed"] == [] and diff["changed"] == [], diff
+        outside = [p for p in diff["added"] if p != out and not p.startswith(out.rstrip("/") + "/")]
+        assert outside == [], outside
+
+
+@pytest.fixture(scope="session")
+def tree() -> type[Tree]:
+    return Tree

@@ -1,6 +1,9 @@
 """kvdistill command line. Commands are thin: they parse options, call the library, and print.
 
-Every KvdistillError is printed as a clean message with its fix and exit code 2; nothing else is caught.
+Every KvdistillError is printed as a clean message with its fix and exit code 2; nothing else is caught. Text
+from the user (paths, names, values) is printed verbatim (`escape`: Rich would read `[red]` or `[/x]` as markup).
+A command that writes (train, extract, experiment, quickstart) stopped by Ctrl-C or SIGTERM says how to continue
+and exits 128 + the signal.
 """
 
 from __future__ import annotations
@@ -12,10 +15,12 @@ import sys
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from kvdistill.config import config_path
 from kvdistill.errors import KvdistillError
+from kvdistill.stopping import RERUN, resume_hint, stoppable
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Multi-teacher KV-cache distillation from heterogeneous teachers into one student.")
@@ -50,7 +55,7 @@ def zoo_fetch(names: list[str] | None = typer.Argument(None, help="Zoo names (de
     from kvdistill.models import zoo
 
     for name, path in zoo.fetch_all(names).items():
-        console.print(f"[green]ready[/green] {name}: {path}")
+        console.print(f"[green]ready[/green] {escape(name)}: {escape(str(path))}")
 
 
 # ---------------------------------------------------------------- inspect (core)
@@ -103,6 +108,10 @@ def inspect(
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list, one object per model."),
 ) -> None:
     """Show KV geometry, tokenization and the student→teacher alignment plan."""
+    if text is not None:
+        from kvdistill.eval.generate import check_text
+
+        check_text(text, "--text")
     entries = inspect_models(models, text=text, strategy=strategy, projector=projector)
     if as_json:
         _echo_json(entries)
@@ -113,7 +122,8 @@ def inspect(
     for e in entries:
         rope = e.get("rope")
         rope_text = "learned" if rope is None else f"{rope['style']} d={rope['rotary_dim']} θ={_short_theta(rope['theta'])}"
-        table.add_row(e["name"], e["model_type"], str(e["num_layers"]), str(e["num_attention_heads"]),
+        table.add_row(escape(e["name"]), escape(str(e["model_type"])), str(e["num_layers"]),
+                      str(e["num_attention_heads"]),
                       str(e["num_kv_heads"]), str(e["head_dim"]), str(e["hidden_size"]), str(e["vocab_size"]),
                       rope_text, str(e["sliding_window"] or "-"), f"{e['kv_bytes_per_token']:,}")
     out.print(table)
@@ -121,11 +131,11 @@ def inspect(
         if "tokens" in e:
             toks = " ".join(f"{t['token']!r}{tuple(t['span'])}" for t in e["tokens"][:64])
             more = f" … (+{len(e['tokens']) - 64})" if len(e["tokens"]) > 64 else ""
-            out.print(f"[bold]{e['name']}[/bold] {len(e['tokens'])} tokens: {toks}{more}")
+            out.print(f"[bold]{escape(e['name'])}[/bold] {len(e['tokens'])} tokens: {escape(toks)}{more}")
     for e in entries[1:]:
         plan = e["plan_from_student"]
         p = plan["projector"]
-        out.print(f"\n[bold]{entries[0]['name']} (student) ← {e['name']} (teacher)[/bold]")
+        out.print(f"\n[bold]{escape(entries[0]['name'])} (student) ← {escape(e['name'])} (teacher)[/bold]")
         out.print(f"  layer map ({plan['layer_map']['strategy']}, student←teacher): "
                   + _pairs_text(plan["layer_map"]["pairs"]))
         out.print(f"  projector: {p['kind']} (H_kv {p['from']['num_kv_heads']}×D {p['from']['head_dim']} → "
@@ -201,8 +211,8 @@ def validate(
     if checked.problems:
         raise ConfigError(checked.problems, source=str(config))
     for note in checked.model_notes + checked.data_notes:
-        console.print(f"[yellow]note:[/yellow] {note}")
-    console.print(f"[green]ok[/green] {config}: student, {len(cfg.teachers)} teacher(s), data "
+        console.print(f"[yellow]note:[/yellow] {escape(note)}")
+    console.print(f"[green]ok[/green] {escape(config)}: student, {len(cfg.teachers)} teacher(s), data "
                   f"({len(checked.train_records)} train / {len(checked.eval_records)} eval records) and losses valid")
 
 
@@ -229,25 +239,29 @@ def train(
         if config is not None:
             raise KvdistillError(f"--phases runs the packaged phase configs; CONFIG '{config}' would be ignored",
                                  "drop CONFIG (put changes in overrides), or list your configs in a curriculum file")
-        results = run_phases(_phase_list(phases), out, overrides or [], resume=resume)
+        with stoppable(console, resume_hint()):
+            results = run_phases(_phase_list(phases), out, overrides or [], resume=resume)
         _done(out, ", ".join(r["stage"] for r in results))
         return
     if config is None:
         raise KvdistillError("no config given", "kvdistill train CONFIG --out DIR, or --phases 1-5")
     if is_curriculum(config):
         stages, shared = read_curriculum(config)
-        results = run_curriculum(stages, out, shared + list(overrides or []), resume=resume, init_student=init_student)
+        with stoppable(console, resume_hint()):
+            results = run_curriculum(stages, out, shared + list(overrides or []), resume=resume,
+                                     init_student=init_student)
         _done(out, ", ".join(r["stage"] for r in results))
         return
     cfg = _load(config, overrides)
-    summary = run_train(cfg, out, resume=resume, init_student=init_student)
+    with stoppable(console, resume_hint()):
+        summary = run_train(cfg, out, resume=resume, init_student=init_student)
     _done(out, ", ".join(f"{k}={v:.4g}" for k, v in summary.items() if isinstance(v, (int, float))))
 
 
 def _done(out: str, what: str) -> None:
     """The closing line, printed once: by the main process under accelerate/torchrun (RANK 0)."""
     if os.environ.get("RANK", "0") == "0":
-        console.print(f"[green]done[/green] {out}: {what}")
+        console.print(f"[green]done[/green] {escape(out)}: {escape(what)}")
 
 
 @app.command("eval")
@@ -318,7 +332,7 @@ def report(
 
     target = Path(out) if out else Path(run_dirs[0]) / ("report.html" if html else "report.md")
     path = write_report(run_dirs, target, fmt="html" if html else "md")
-    console.print(f"[green]wrote[/green] {path}")
+    console.print(f"[green]wrote[/green] {escape(str(path))}")
 
 
 @app.command()
@@ -329,9 +343,10 @@ def quickstart(
     """The default run: SmolLM2 + Gemma-3 distilled into a small GPT-2-tokenizer student vs a CE-only twin."""
     from kvdistill.experiments.quickstart import run_quickstart
 
-    summary = run_quickstart(out, steps=steps)
+    with stoppable(console, RERUN):
+        summary = run_quickstart(out, steps=steps)
     sys.stdout.write(summary["table_markdown"] + "\n")
-    console.print(f"[green]wrote[/green] {out}/summary.json and {out}/report.md")
+    console.print(f"[green]wrote[/green] {escape(out)}/summary.json and {escape(out)}/report.md")
 
 
 @app.command()
@@ -349,9 +364,11 @@ def experiment(
     parsed = load_spec(spec)
     if seeds is not None and seeds < 1:
         raise KvdistillError(f"--seeds {seeds}: no seed to run", "pass --seeds 1 or more")
-    results = run_experiment(parsed, out, only=only, seeds=seeds)
+    with stoppable(console, RERUN):
+        results = run_experiment(parsed, out, only=only, seeds=seeds)
     sys.stdout.write(markdown(results, parsed) + "\n")
-    console.print(f"[green]wrote[/green] {out}/results.json, {out}/results.md and {out}/plots/")
+    console.print(f"[green]wrote[/green] {escape(out)}/results.json, {escape(out)}/results.md and "
+                  f"{escape(out)}/plots/")
 
 
 # ---------------------------------------------------------------- extract / cache
@@ -367,9 +384,9 @@ def main() -> None:
     try:
         app()
     except KvdistillError as err:
-        console.print(f"[bold red]error:[/bold red] {err.problem}")
+        console.print(f"[bold red]error:[/bold red] {escape(err.problem)}")
         if err.fix:
-            console.print(f"[yellow]fix:[/yellow] {err.fix}")
+            console.print(f"[yellow]fix:[/yellow] {escape(err.fix)}")
         raise SystemExit(2) from None
 
 

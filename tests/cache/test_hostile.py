@@ -481,3 +481,54 @@ def test_unreadable_shard_is_a_clear_error(root, case, capsys):
     with pytest.raises(CacheError, match="shard-00001.safetensors"):
         reader.get("s2")
     assert snapshot(root) == before
+
+
+# ------------------------------------------------------------------------------ second round (issue 26)
+def test_a_shard_changed_in_place_after_its_check_is_checked_again(root):
+    """A shard changed in place after its one-time hash was read through mmap."""
+    cache = root / "cache"
+    reader = CacheReader(cache)
+    assert torch.equal(reader.get("s0")["keys_l0"], sample("s0")["keys_l0"])  # hashed and opened
+    shard = cache / "shard-00000.safetensors"
+    flip_exponent_bit(shard)  # same size, written in place: a new mtime
+    st = shard.stat()
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # coarse clocks: make the change visible
+    before = snapshot(root)
+    for sid in ("s0", "s1"):
+        with pytest.raises(CacheError, match="shard shard-00000.safetensors of .* fails its checksum"):
+            reader.get(sid)
+    assert snapshot(root) == before
+
+
+def test_a_cache_holding_non_finite_kv_fails_verify(root, capsys):
+    """A cache holding inf passed `cache verify` (its hashes were written after the inf)."""
+    cache = root / "cache"
+    bad = dict(sample("s5"))
+    bad["keys_l0"] = bad["keys_l0"].clone()
+    bad["keys_l0"][0, 1, 2] = float("inf")
+    bad["values_l0"] = bad["values_l0"].clone()
+    bad["values_l0"][1, 0, 0] = float("nan")
+    with CacheWriter(root / "inf", meta(), shard_size=2) as w:
+        w.add("s4", sample("s4"))
+        w.add("s5", bad)
+    problems = verify_cache(root / "inf")
+    assert problems == ["sample 's5' in shard shard-00000.safetensors: keys_l0 (1 non-finite), values_l0 "
+                        "(1 non-finite) hold NaN/inf K/V (re-extract the cache; training on them would diverge)"]
+    before = snapshot(root)
+    code, err = run_cli(capsys, "cache", "verify", str(root / "inf"))
+    assert code == 1 and squash("keys_l0 (1 non-finite)") in err
+    assert snapshot(root) == before
+    assert verify_cache(cache) == []  # the finite cache still passes
+
+
+@pytest.mark.parametrize("kind", ["file", "dangling symlink", "under a file"])
+def test_a_cache_directory_that_is_not_a_directory_is_a_clear_error(root, kind):
+    """`extract --out` a file or a dangling symlink gave a traceback (FileExistsError, NotADirectoryError)."""
+    (root / "f").write_text("mine\n")
+    (root / "link").symlink_to(root / "nowhere")
+    out = {"file": root / "f", "dangling symlink": root / "link", "under a file": root / "f" / "c"}[kind]
+    before = snapshot(root)
+    with pytest.raises(CacheError, match="is a file, not a directory|which does not exist") as err:
+        CacheWriter(out, meta())
+    assert "a directory path" in err.value.fix
+    assert snapshot(root) == before

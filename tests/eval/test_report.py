@@ -121,7 +121,8 @@ def _table_rows(text: str) -> dict[str, list[str]]:
 
 def test_comparison_table_numbers_and_order(md_report):
     text = md_report.read_text()
-    assert text.startswith("# test report\n")
+    marker, text = text.split("\n", 1)
+    assert marker.startswith("<!-- written by kvdistill report") and text.startswith("# test report\n")
     header = text.splitlines()[[i for i, x in enumerate(text.splitlines()) if x.startswith("| run | steps")][0]]
     assert header == ("| run | steps | tokens | elapsed (s) | final train loss | eval ce | eval ppl "
                       "| eval kv error smollm2 | eval kv error gemma3 |")
@@ -149,8 +150,8 @@ def test_every_referenced_png_exists(md_report):
     assert links and all(link.startswith("report_files/") for link in links)
     for link in links:
         assert (md_report.parent / link).read_bytes().startswith(PNG), link
-    files = sorted(p.name for p in (md_report.parent / "report_files").iterdir())
-    assert files == sorted(Path(link).name for link in links)  # nothing stray
+    files = sorted(p.name for p in (md_report.parent / "report_files").iterdir() if p.name != ".kvdistill-report")
+    assert files == sorted(Path(link).name for link in links)  # nothing stray (but the folder's marker)
     # per run: loss terms, routing weights; plus the overlay; per teacher: layer map, alignment, kv error by layer
     assert len([f for f in files if f.startswith("layermap_")]) == len(TEACHERS)
     assert len([f for f in files if f.startswith("align_")]) == len(TEACHERS)
@@ -228,3 +229,62 @@ def test_missing_dir_and_metrics_errors(tmp_path, runs):
 ])
 def test_fmt_value(value, text):
     assert fmt_value(value) == text
+
+
+def _report_cli(capsys, *args) -> tuple[int, str]:
+    """(exit code, stderr on one line) of `kvdistill report ARGS` in this process."""
+    import sys
+
+    from kvdistill.cli import main
+
+    argv, sys.argv = sys.argv, ["kvdistill", "report", *map(str, args)]
+    try:
+        main()
+        code = 0
+    except SystemExit as exit_:
+        code = int(exit_.code or 0)
+    finally:
+        sys.argv = argv
+    return code, " ".join(capsys.readouterr().err.split())
+
+
+@pytest.mark.parametrize("case", ["figure folder", "page", "figure folder is a file"])
+def test_the_report_never_replaces_what_it_did_not_write(tmp_path, runs, capsys, tree, case):
+    """`report --out notes/thesis.md` deleted an existing notes/thesis_files/ with everything in it."""
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    if case == "figure folder":
+        (notes / "thesis_files").mkdir()
+        (notes / "thesis_files" / "figure1.png").write_bytes(PNG)
+        (notes / "thesis_files" / "draft.tex").write_text("\\section{mine}\n")
+        expected = f"the report's figure folder {notes / 'thesis_files'} already exists and was not written by"
+    elif case == "page":
+        (notes / "thesis.md").write_text("# my thesis\n")
+        expected = f"report --out {notes / 'thesis.md'} exists and was not written by kvdistill report"
+    else:
+        (notes / "thesis_files").write_text("a file of mine\n")
+        expected = f"the report's figure folder {notes / 'thesis_files'} already exists"
+    before = tree.snap(tmp_path)
+    code, err = _report_cli(capsys, *runs, "--out", notes / "thesis.md")
+    assert code == 2, err
+    assert expected in err and "fix: give --out a new file name" in err
+    assert tree.snap(tmp_path) == before
+
+
+def test_the_report_replaces_its_own_page_and_figures(tmp_path, runs, tree):
+    out = tmp_path / "notes" / "report.md"
+    write_report(runs, out)
+    assert out.read_text().startswith("<!-- written by kvdistill report")
+    assert (tmp_path / "notes" / "report_files" / ".kvdistill-report").is_file()
+    before = tree.snap(tmp_path)
+    write_report(runs[:1], out)  # its own page and folder: replaced, nothing else touched
+    diff = tree.changes(before, tree.snap(tmp_path))
+    assert all(p.startswith("notes/report") for p in diff["added"] + diff["removed"] + diff["changed"]), diff
+    assert "notes/report.md" in diff["changed"]
+
+
+def test_a_long_teacher_name_gets_a_short_figure_name(tmp_path):
+    from kvdistill.eval.page import _slug
+
+    long = "teacher_" + "x" * 300
+    assert len(_slug(long)) == 80 and _slug(long) != _slug(long + "y") and _slug("..") == "x"

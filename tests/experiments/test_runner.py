@@ -142,3 +142,43 @@ def test_packaged_tiny_spec_end_to_end(tmp_path):
     assert cmp["condition"] == "kd_both" and cmp["baseline"] == "ce_only" and 0 < cmp["p"] <= 1
     assert set(results["teachers"]) == {"llama_bpe", "qwen_sp"}
     assert "| kd_both |" in result.output
+
+
+@pytest.mark.parametrize("name", ["../escaped", "/tmp/abs", "..", "a/b", "c" * 101])
+def test_a_condition_or_teacher_name_that_is_not_one_path_segment_is_refused(tmp_path, name, tree):
+    """Condition names became DIR/runs/<name>: `../` or absolute names wrote whole runs outside --out."""
+    before = tree.snap(tmp_path)
+    spec = micro_spec()
+    spec["conditions"] = {"ce_only": {}, name: {"teachers": ["llama_bpe"]}}
+    with pytest.raises(ConfigError) as err:
+        load_spec(spec)
+    assert any(f"conditions.{name}" in p and ("one path segment" in p or "at most 100" in p or "directory itself" in p)
+               for p in err.value.problems), err.value.problems
+    spec = micro_spec(name=name)
+    with pytest.raises(ConfigError, match="name"):
+        load_spec(spec)
+    assert tree.snap(tmp_path) == before
+
+
+def test_an_experiment_writes_nothing_before_its_arguments_are_valid(tmp_path, tree):
+    """A refused `experiment --only NOPE` still overwrote the experiment's spec.yaml."""
+    out = tmp_path / "exp"
+    out.mkdir()
+    (out / ".kvdistill-run").write_text('{"kind": "experiment"}\n')
+    (out / "spec.yaml").write_text("# the spec as it was run, with the user's notes\n")
+    before = tree.snap(tmp_path)
+    with pytest.raises(KvdistillError, match=r"--only \['NOPE'\]: not conditions of 'micro'") as err:
+        run_experiment(load_spec(micro_spec()), out, only=["NOPE"])
+    assert "use some of ce_only, kd" in err.value.fix
+    with pytest.raises(KvdistillError, match="--seeds 0: no seed to run"):
+        run_experiment(load_spec(micro_spec()), out, seeds=0)
+    assert tree.snap(tmp_path) == before
+
+
+def test_an_experiment_into_the_users_folder_is_refused(tmp_path, tree):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "spec.yaml").write_text("# my own spec\n")
+    before = tree.snap(tmp_path)
+    with pytest.raises(KvdistillError, match="holds files that kvdistill did not write"):
+        run_experiment(load_spec(micro_spec()), tmp_path / "mine")
+    assert tree.snap(tmp_path) == before

@@ -20,8 +20,10 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from kvdistill.errors import ConfigError, KvdistillError
+from kvdistill.stopping import RERUN, stoppable
 
 cache_app = typer.Typer(no_args_is_help=True, help="Inspect, verify and merge teacher-KV caches.")
 console = Console(stderr=True)
@@ -120,25 +122,19 @@ def extract(
         max_length=max_length,
         logits={"top_k": logits_top_k, "dtype": logits_dtype, "temperatures": logits_temperatures},
     )
-    result = run_extract(
-        teacher_cfg,
-        data_cfg,
-        cache_dir,
-        batch_size=batch_size,
-        device=device,
-        shard_index=shard_index,
-        num_shards=num_shards,
-        shard_size=shard_size,
-        progress=progress,
-    )
+    with stoppable(console, RERUN):
+        result = run_extract(teacher_cfg, data_cfg, cache_dir, batch_size=batch_size, device=device,
+                             shard_index=shard_index, num_shards=num_shards, shard_size=shard_size, progress=progress)
     what = f"part {result['part']} of {num_shards} in " if result["part"] is not None else ""
     rate = f", {result['tokens_per_s']:,.0f} tokens/s" if result["stored"] else ""
     console.print(
-        f"[green]wrote[/green] {what}{cache_dir}: {result['stored']} samples stored, {result['skipped']} "
-        f"already there, {result['records']} in all ({result['tokens']:,} tokens in {result['seconds']:.1f} s{rate})"
+        f"[green]wrote[/green] {what}{escape(str(cache_dir))}: {result['stored']} samples stored, "
+        f"{result['skipped']} already there, {result['records']} in all ({result['tokens']:,} tokens in "
+        f"{result['seconds']:.1f} s{rate})"
     )
     if result["part"] is not None:
-        console.print(f"when every part has finished: kvdistill cache merge {cache_dir} --parts {num_shards}")
+        console.print(f"when every part has finished: kvdistill cache merge {escape(str(cache_dir))} "
+                      f"--parts {num_shards}")
 
 
 def extract_configs(
@@ -212,6 +208,12 @@ def extract_configs(
     teacher_cfg, teacher_problems = _validated(TeacherConfig, teacher_raw, "teacher")
     data_cfg, data_problems = _validated(DataConfig, data_raw, "data")
     problems += teacher_problems + data_problems
+    if teacher_cfg is not None and data_cfg is not None:
+        from kvdistill.config.schema import budget_problems
+
+        problems += [p.replace(".budget (", ".budget (--budget, ").replace("data.max_length (", "data.max_length "
+                               "(--max-length, ")
+                     for p in budget_problems(teacher_cfg.compression, data_cfg.max_length, "teacher.compression")]
     cache_dir = out or (teacher_raw.get("cache_dir") if config is not None else None)
     if cache_dir is None:
         problems.append(
@@ -340,10 +342,10 @@ def verify(directory: str = typer.Argument(..., help="A cache directory.")) -> N
     problems = cache_problems(directory, load_cache_manifest(directory))
     if problems:
         for p in problems:
-            console.print(f"[red]problem:[/red] {p}")
-        console.print(f"[bold red]{directory}: {len(problems)} problem(s)[/bold red]")
+            console.print(f"[red]problem:[/red] {escape(p)}")
+        console.print(f"[bold red]{escape(directory)}: {len(problems)} problem(s)[/bold red]")
         raise typer.Exit(1)
-    console.print(f"[green]ok[/green] {directory}")
+    console.print(f"[green]ok[/green] {escape(directory)}")
 
 
 @cache_app.command("merge")
@@ -357,6 +359,6 @@ def merge(
 
     merged = merge_parts(directory, expected_parts=parts, require_complete=not allow_incomplete)
     console.print(
-        f"[green]merged[/green] {len(merged['merged_from'])} parts into {directory}: "
+        f"[green]merged[/green] {len(merged['merged_from'])} parts into {escape(directory)}: "
         f"{len(merged['samples'])} samples in {len(merged['shards'])} shards"
     )

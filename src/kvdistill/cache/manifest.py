@@ -44,6 +44,7 @@ from pathlib import Path, PurePath
 from typing import Any
 
 from kvdistill.errors import CacheError
+from kvdistill.paths import open_new
 
 SCHEMA_VERSION = 2  # 2: spans in UTF-8 bytes (schema 1 stored character spans)
 SPAN_UNIT = "utf8_bytes"
@@ -505,7 +506,7 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
     """Write JSON to a temp file, fsync, then os.replace: readers see the old or the new file, never half."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
+    with open_new(tmp) as f:  # never through a symlink planted at the temporary name
         json.dump(data, f, indent=1, sort_keys=False)
         f.write("\n")
         f.flush()

@@ -34,8 +34,9 @@ class CacheReader:
 
     Trust: the manifest is checked when the reader opens (`read_manifest`: structure, shard files inside the
     directory; `location_problems`: every sample on an existing slot), and each shard's size and sha256
-    (streamed) the first time the reader opens it, once per shard per reader: damaged values are refused with
-    a CacheError, never returned.
+    (streamed) the first time the reader opens it, once per shard per reader, unless the file's size, mtime
+    or inode changes afterwards (checked by one stat per read): then it is opened and hashed again. Damaged
+    values are refused with a CacheError, never returned.
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -69,6 +70,7 @@ class CacheReader:
         self._handles: dict[int, Any] = {}
         self._names: dict[int, dict[int, list[str]]] = {}
         self._verified: set[int] = set()  # shards whose size and sha256 matched the manifest
+        self._stamps: dict[int, tuple[int, int, int]] = {}  # shard -> (inode, size, mtime_ns) when it matched
 
     @property
     def complete(self) -> bool:
@@ -104,6 +106,12 @@ class CacheReader:
         return self.get(self.sample_ids[i])
 
     def _handle(self, shard: int):
+        if shard in self._verified and self._changed(shard):
+            # the file changed since it was hashed (size, mtime or inode): its mapped values are no longer the
+            # checked ones; drop the handle and check the file again before any read
+            self._handles.pop(shard, None)
+            self._names.pop(shard, None)
+            self._verified.discard(shard)
         if shard not in self._handles:
             entry = self.manifest["shards"][shard]
             path = shard_path(
@@ -132,6 +140,15 @@ class CacheReader:
             self._handles[shard], self._names[shard] = handle, names
         return self._handles[shard]
 
+    def _changed(self, shard: int) -> bool:
+        """Whether shard `shard`'s file differs in size, mtime or inode from when it was checked."""
+        path = self.dir / self.manifest["shards"][shard]["file"]
+        try:
+            st = path.stat()
+        except OSError:
+            return True
+        return self._stamps.get(shard) != (st.st_ino, st.st_size, st.st_mtime_ns)
+
     def _verify(self, shard: int, path: Path, entry: dict[str, Any]) -> None:
         """Size, then the streamed sha256, of shard `shard` against its manifest entry; CacheError if either
         differs (the shard's values would be wrong)."""
@@ -140,8 +157,12 @@ class CacheReader:
             "(`kvdistill extract` into a new directory)"
         )
         try:
-            size = path.stat().st_size
+            st = path.stat()
+            size = st.st_size
             digest = sha256_file(path) if size == entry["bytes"] else None
+            after = path.stat()
+            if (after.st_ino, after.st_size, after.st_mtime_ns) != (st.st_ino, st.st_size, st.st_mtime_ns):
+                digest = "changed while it was hashed"
         except OSError as e:
             raise CacheError(f"shard {path} cannot be read ({type(e).__name__}: {e})", fix) from None
         if digest is None:
@@ -157,6 +178,7 @@ class CacheReader:
                 fix,
             )
         self._verified.add(shard)
+        self._stamps[shard] = (st.st_ino, st.st_size, st.st_mtime_ns)
 
     def get(self, sample_id: str) -> dict[str, torch.Tensor]:
         if sample_id not in self.index:

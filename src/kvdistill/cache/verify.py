@@ -119,6 +119,27 @@ def _logit_problems(where: str, tensors: dict[str, tuple[str, tuple[int, ...]]],
     return out
 
 
+def _nonfinite(path: Path, file: str, k: int, manifest: dict[str, Any]) -> list[str]:
+    """Stored K/V of shard `k` holding NaN or inf (an extraction that overflowed, or damage before hashing):
+    training on them diverges, so they are problems, one per sample."""
+    import torch
+
+    ids = {(e["shard"], e["index"]): sid for sid, e in manifest["samples"].items()}
+    bad: dict[str, list[str]] = {}
+    with safe_open(str(path), framework="pt") as f:
+        for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+            j, _, name = key.partition("/")
+            if not name.startswith(("keys_", "values_")):
+                continue
+            x = f.get_tensor(key)
+            if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+                sid = ids.get((k, int(j))) if j.isdigit() else None
+                bad.setdefault(repr(sid) if sid is not None else f"index {j}", []).append(
+                    f"{name} ({int((~torch.isfinite(x)).sum())} non-finite)")
+    return [f"sample {sid} in shard {file}: {', '.join(names)} hold NaN/inf K/V (re-extract the cache; training "
+            "on them would diverge)" for sid, names in bad.items()]
+
+
 def verify_cache(path: str | Path) -> list[str]:
     """Every problem found in the cache at `path` (empty list: healthy); a manifest that cannot be used at all
     is the one problem listed (`load_cache_manifest` raises it instead).
@@ -126,7 +147,7 @@ def verify_cache(path: str | Path) -> list[str]:
     Checks: manifest readable, well formed, naming shards inside the directory only; every listed shard
     present, of the recorded size and sha256, readable by safetensors; each sample's index inside its shard
     and pointing at stored tensors; no two ids on the same slot; shard sample counts; shapes against the
-    teacher geometry and compression; writer closed; no leftover temp files.
+    teacher geometry and compression; every stored K/V finite; writer closed; no leftover temp files.
     """
     try:
         manifest = load_cache_manifest(path)
@@ -184,6 +205,8 @@ def cache_problems(path: str | Path, manifest: dict[str, Any]) -> list[str]:
             contents[k] = _headers(f)
         except Exception as e:
             problems.append(f"shard {entry['file']} cannot be read by safetensors ({e})")
+            continue
+        problems.extend(_nonfinite(f, entry["file"], k, manifest))
     problems.extend(location_problems(manifest))
     for sid, e in manifest["samples"].items():
         k, j = e["shard"], e["index"]

@@ -44,6 +44,7 @@ from kvdistill.cache.manifest import (
     write_json_atomic,
 )
 from kvdistill.errors import CacheError
+from kvdistill.paths import not_a_dir_problem
 
 _PART_RE = re.compile(r"^[A-Za-z0-9_]+$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
@@ -141,6 +142,9 @@ class CacheWriter:
                 f"part {part!r} must be letters, digits or '_'", "use the array index, e.g. part=3"
             )
         self.dir = Path(out_dir)
+        problem = not_a_dir_problem(self.dir, "the cache directory")
+        if problem:
+            raise CacheError(problem.problem, problem.fix)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.part, self.shard_size = part, shard_size
         self.meta = check_meta(meta)

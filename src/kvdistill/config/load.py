@@ -81,7 +81,14 @@ def _describe(err: dict) -> str:
 
 
 def _parse_scalar(text: str) -> Any:
-    return yaml.safe_load(text) if text.strip() else ""
+    """An override's value as YAML (`3`, `1e-4`, `[0, 1]`, `true`); text that is not YAML (a path such as
+    `[red]x.jsonl`) is the string itself."""
+    if not text.strip():
+        return ""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:

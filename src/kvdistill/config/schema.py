@@ -33,6 +33,7 @@ from kvdistill.config.losses import (  # noqa: F401 (re-exported: the losses sec
     TemperatureSchedule,
 )
 from kvdistill.config.section import Section
+from kvdistill.paths import segment_problem
 
 
 # ---------------------------------------------------------------------------------------------- student
@@ -234,6 +235,9 @@ class TeacherConfig(Section):
             self.name = self.model.rstrip("/").split("/")[-1].replace(".", "_")
         elif "." in self.name or not self.name:
             raise ValueError(f"name {self.name!r} must be non-empty without '.'; e.g. {self.name.replace('.', '_')!r}")
+        problem = segment_problem(self.name, "teacher name")  # it names report figures and experiment folders
+        if problem:
+            raise ValueError(problem + ("" if self.model is None else "; set the teacher's `name`"))
         return self
 
 
@@ -437,7 +441,8 @@ class TrainConfig(Section):
     schedule: Literal["constant", "linear", "cosine"] = "cosine"
     max_grad_norm: float | None = Field(1.0, gt=0.0)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**32 - 1)
+    """Seeds torch, numpy and Python's random (numpy takes 0 .. 2**32 - 1)."""
     log_every: int = Field(1, gt=0)
     save_every: int = Field(0, ge=0)
     """Checkpoint every N optimizer steps (0: only at the end)."""
@@ -480,6 +485,16 @@ class TrainConfig(Section):
         return self
 
 
+def budget_problems(compression: CompressionConfig, max_length: int, key: str) -> list[str]:
+    """A compression budget above data.max_length keeps every token and pads every kept K/V to the budget:
+    memory grows with the budget, not with the text (budget 100000 on 48-token texts took 20 GB)."""
+    if compression.budget is None or compression.budget <= max_length:
+        return []
+    return [f"{key}.budget ({compression.budget}) is more than data.max_length ({max_length}): no text has that "
+            f"many tokens, and the kept K/V would be padded to the budget; set a budget of at most {max_length} "
+            "(or kind: full to keep every token)"]
+
+
 class RunConfig(Section):
     name: str = "run"
     student: StudentConfig
@@ -492,10 +507,13 @@ class RunConfig(Section):
     @model_validator(mode="after")
     def _cross_checks(self):
         problems = []
+        problems += [p for p in [segment_problem(self.name, "name")] if p]  # the run's folder in a curriculum
         names = [t.name for t in self.teachers]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             problems.append(f"teachers: duplicate names {dupes}; give each teacher a distinct `name`")
+        problems += [p for i, t in enumerate(self.teachers)
+                     for p in budget_problems(t.compression, self.data.max_length, f"teachers.{i}.compression")]
         if self.fusion.weights is not None and len(self.fusion.weights) != len(self.teachers):
             problems.append(
                 f"fusion.weights has {len(self.fusion.weights)} entries but there are {len(self.teachers)} teachers"

@@ -1,4 +1,5 @@
-"""The base of every config section: unknown keys refused, assignments validated."""
+"""The base of every config section: unknown keys refused, assignments validated, floats finite (an `inf` loss
+weight or weight decay is refused when the config is read, not found as a divergence mid-run)."""
 
 from __future__ import annotations
 
@@ -6,4 +7,4 @@ from pydantic import BaseModel, ConfigDict
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)

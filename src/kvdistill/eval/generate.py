@@ -49,6 +49,8 @@ def generate(checkpoint: str, prompt: str, *, max_new_tokens: int = 64, temperat
                              "add --temperature (e.g. 0.8) or drop --top-p")
     if not prompt:
         raise KvdistillError("the prompt is empty", "pass --prompt TEXT")
+    check_text(prompt, "--prompt")
+    check_text(answer_prompt, "--answer-prompt")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     path, _ = resolve_checkpoint(checkpoint)
     if latent:
@@ -58,6 +60,7 @@ def generate(checkpoint: str, prompt: str, *, max_new_tokens: int = 64, temperat
     model, tok = load_model(path, device=device, attn_implementation="sdpa")
     model.eval()
     enc = tok(prompt, return_tensors="pt").to(device)
+    _check_positions(model.config, enc["input_ids"].shape[1], max_new_tokens)
     sampling = {"do_sample": temperature > 0}
     if temperature > 0:
         sampling.update(temperature=temperature, top_p=top_p, top_k=0)
@@ -77,6 +80,28 @@ def generate(checkpoint: str, prompt: str, *, max_new_tokens: int = 64, temperat
                                 "max_new_tokens": max_new_tokens})
 
 
+def check_text(text: str, flag: str) -> None:
+    """Refuse text that is not valid UTF-8 (bytes the shell passed that Python kept as surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raw = text.encode("utf-8", "surrogateescape")[err.start:err.end] if err.reason else b""
+        raise KvdistillError(f"{flag} is not valid UTF-8 text (byte(s) {raw.hex(' ') or '?'} at character "
+                             f"{err.start})", f"pass {flag} as UTF-8 text (check the terminal's encoding)") from None
+
+
+def _check_positions(config, prompt_tokens: int, max_new_tokens: int) -> None:
+    """Refuse a generation longer than the model's position table (it would run past its positions)."""
+    positions = getattr(config, "max_position_embeddings", None)
+    if isinstance(positions, int) and prompt_tokens + max_new_tokens > positions:
+        room = positions - prompt_tokens
+        raise KvdistillError(
+            f"--max-new-tokens {max_new_tokens} after a {prompt_tokens}-token prompt runs past the model's "
+            f"{positions} positions",
+            f"pass --max-new-tokens {room} or less" if room > 0 else "shorten the prompt",
+        )
+
+
 def _latent(path: str, prompt: str, answer_prompt: str, max_new_tokens: int, device: str) -> Generation:
     """Latent mode (kvdistill.student.latent): `prompt` is the question part of the template ('Question: ...\n'),
     then the student's latents, then `answer_prompt`, then greedy decoding."""
@@ -85,6 +110,8 @@ def _latent(path: str, prompt: str, answer_prompt: str, max_new_tokens: int, dev
     student, tok = load_latent_student(path, device=device)
     enc = tok(prompt, return_tensors="pt")
     after = tok(answer_prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    _check_positions(student.backbone.config, enc["input_ids"].shape[1] + student.tokens + after.shape[1],
+                     max_new_tokens)
     out = student.generate(enc["input_ids"].to(device), enc["attention_mask"].to(device), after.to(device),
                            max_new_tokens=max_new_tokens, eos_id=tok.eos_token_id)
     new = [t for t in out["tokens"][0].tolist() if t != tok.eos_token_id]

@@ -6,6 +6,7 @@ A `Page` is a list of blocks (headings, paragraphs, tables, figures); figures ar
 
 from __future__ import annotations
 
+import hashlib
 import html
 import math
 import re
@@ -39,7 +40,11 @@ def fmt_value(v: Any) -> str:
 
 
 def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "x"
+    """A file name stem from `text`: safe characters only, at most 80 (a long name cut, with a hash of it)."""
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_.") or "x"
+    if len(slug) > 80:
+        slug = slug[:63] + "_" + hashlib.sha256(text.encode("utf-8", "replace")).hexdigest()[:16]
+    return slug
 
 
 @dataclass

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -215,6 +216,34 @@ def _kv_error_layers(page: Page, runs: list[Run], teachers: list[str]) -> None:
 
 
 # ---------------------------------------------------------------- entry point
+PAGE_MARKER = "<!-- written by kvdistill report: rerunning the report replaces this file -->"
+FILES_MARKER = ".kvdistill-report"  # in <out stem>_files/: the folder is the report's own
+
+
+def _check_own(out: Path, files_dir: Path) -> None:
+    """Refuse to replace a page or a figure folder that no kvdistill report wrote (the user's own files)."""
+    fix = "give --out a new file name (the page's figures go to <name>_files/ next to it), or move that aside"
+    if out.is_symlink() or (out.exists() and not out.is_file()):
+        raise KvdistillError(f"report --out {out} is {'a symlink' if out.is_symlink() else 'a directory'}, "
+                             "not a page the report wrote", fix)
+    if out.is_file():
+        try:
+            with open(out, "rb") as f:
+                head = f.read(200).decode("utf-8", "replace")
+        except OSError as err:
+            raise KvdistillError(f"report --out {out} cannot be read ({err.strerror})", fix) from None
+        if PAGE_MARKER not in head:
+            raise KvdistillError(f"report --out {out} exists and was not written by kvdistill report: it would be "
+                                 "overwritten", fix)
+    if os.path.lexists(files_dir):
+        if files_dir.is_symlink() or not files_dir.is_dir() or not (files_dir / FILES_MARKER).is_file():
+            raise KvdistillError(f"the report's figure folder {files_dir} already exists and was not written by "
+                                 "kvdistill report: replacing it would delete its files", fix)
+        if any(p.is_dir() and not p.is_symlink() for p in files_dir.iterdir()):
+            raise KvdistillError(f"the report's figure folder {files_dir} holds folders the report did not write",
+                                 fix)
+
+
 
 
 def write_report(
@@ -237,12 +266,12 @@ def write_report(
     teachers = teacher_names(runs)
 
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     files_dir = out.parent / f"{out.stem}_files"
-    tmp_dir = out.parent / f".{out.stem}_files.tmp"
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    tmp_dir.mkdir()
-    tmp_out = out.parent / f".{out.name}.tmp"
+    _check_own(out, files_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out.stem}_files.", dir=out.parent))  # a new name: nothing replaced
+    (tmp_dir / FILES_MARKER).write_text("figures of a kvdistill report; rerunning the report replaces them\n")
+    tmp_out = tmp_dir / f".{out.name}.tmp"
     try:
         page = Page(title=title, files_dir=tmp_dir)
         for t_title, header, rows in extra_tables or []:
@@ -255,14 +284,17 @@ def write_report(
         _kv_error_layers(page, runs, teachers)
         render = render_md if fmt == "md" else render_html
         text = render(page, files_dir.name)
+        text = (PAGE_MARKER + "\n" + text if fmt == "md"
+                else text.replace("<!DOCTYPE html>", "<!DOCTYPE html>\n" + PAGE_MARKER, 1))
         tmp_out.write_text(text)
+        _check_own(out, files_dir)  # again, just before replacing
+        os.replace(tmp_out, out)
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
-        tmp_out.unlink(missing_ok=True)
         raise
-    # swap in the new page and its figures together; nothing half-written is left behind
-    shutil.rmtree(files_dir, ignore_errors=True)
+    # swap in the new figures (a folder this report wrote, checked above); the page links them by name
+    if files_dir.is_dir():
+        shutil.rmtree(files_dir)
     tmp_dir.rename(files_dir)
-    os.replace(tmp_out, out)
     log.info("wrote %s with %d figures", out, len(page.images))
     return out

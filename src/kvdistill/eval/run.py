@@ -71,6 +71,9 @@ def data_config(
     """The data to evaluate on: `data` (gsm_symbolic or a file), else the run's data, else gsm_symbolic."""
     if size is not None and size < 1:
         raise KvdistillError(f"--size {size}: no held-out samples", "pass --size 1 or more")
+    if max_length is not None and max_length < 2:
+        raise KvdistillError(f"--max-length {max_length}: a text of fewer than 2 tokens has no next token to score",
+                             "pass --max-length 2 or more (default: the run's data.max_length, else 256)")
     if data is None and run_cfg is not None:
         base = run_cfg.data
         eval_size = size if size is not None else base.eval_size
@@ -191,6 +194,10 @@ def evaluate_checkpoint(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     loaded = {name: load_model(model, device=device, attn_implementation="sdpa") for name, model in specs.items()}
     model, tok = load_model(student, device=device, attn_implementation="sdpa")  # eval reads no attention maps
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(positions, int) and positions < dcfg.max_length:
+        raise KvdistillError(f"max_length {dcfg.max_length} is longer than the student's {positions} positions",
+                             f"pass --max-length {positions} or less")
     result = evaluate_student(model, tok, loaded, fit, held, max_length=dcfg.max_length, em=em,
                               batch_size=batch_size or 8, max_new_tokens=max_new_tokens or DEFAULT_NEW_TOKENS)
     result.update(

@@ -13,6 +13,7 @@ from importlib.resources import files
 from pathlib import Path
 
 from kvdistill.config import load_config
+from kvdistill.paths import claim, dir_problem
 
 
 def _row(label: str, result: dict, teachers: list[str]) -> list:
@@ -34,7 +35,10 @@ def run_quickstart(out: str | Path, *, steps: int | None = None, overrides: list
 
     t0 = time.time()
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    problem = dir_problem(out, "quickstart", legacy=("kd", "ce-only"))
+    if problem:
+        raise problem
+    claim(out, "quickstart")
     zoo.fetch_all(["smollm2-135m", "gemma3-270m", "gpt2-tokenizer"])  # one-time GGUF conversion
     extra = list(overrides or []) + ([f"train.steps={steps}"] if steps else [])
     cfg = load_config(files("kvdistill") / "configs" / "quickstart.yaml", extra)

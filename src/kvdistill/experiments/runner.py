@@ -41,6 +41,8 @@ from kvdistill.data import load_records
 from kvdistill.errors import KvdistillError
 from kvdistill.experiments.score import evaluate_run, score
 from kvdistill.experiments.spec import ExperimentSpec, TeacherPrep
+from kvdistill.paths import claim, dir_problem
+from kvdistill.train.checkpoint import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -337,10 +339,14 @@ def run_experiment(spec: ExperimentSpec, out: str | Path, *, only: list[str] | N
     from kvdistill.experiments.results import collect, write_results
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "spec.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
+    # every argument checked before the first write: a refused command leaves DIR as it was
     names = list(spec.conditions) if not only else _only(spec, only)
+    if seeds is not None and seeds < 1:
+        raise KvdistillError(f"--seeds {seeds}: no seed to run", "pass --seeds 1 or more")
     use_seeds = spec.seeds[:seeds] if seeds else spec.seeds
+    problem = dir_problem(out, "experiment")
+    if problem:
+        raise problem
     unknown = {t.name: {"model": "?", "params": 0} for t in spec.teachers}
     probe = condition_config(spec, spec.baseline, use_seeds[0], unknown)
     held = load_records(probe.data, split="eval")
@@ -353,6 +359,8 @@ def run_experiment(spec: ExperimentSpec, out: str | Path, *, only: list[str] | N
     planned = {f"teacher {p.name}": teacher_config(spec, p) for p in spec.teachers}
     planned.update({f"{n}/seed-{s}": condition_config(spec, n, s, unknown) for n in names for s in use_seeds})
     data_sizes = check_splits(planned, held, val)  # before anything trains
+    claim(out, "experiment")  # every argument checked: the first write
+    write_text_atomic(out / "spec.yaml", yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
     teachers = prepare_teachers(spec, out, held)
     _free_device_cache()
     # with the prepared teachers: a `student_from` spec's student is one of them

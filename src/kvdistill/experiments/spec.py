@@ -33,6 +33,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from kvdistill.config.schema import Section
 from kvdistill.errors import ConfigError, KvdistillError
+from kvdistill.paths import segment_problem
 
 
 class TeacherPrep(Section):
@@ -128,6 +129,12 @@ class ExperimentSpec(Section):
     def _cross_checks(self):
         problems = []
         names = [t.name for t in self.teachers]
+        # every one of these becomes a folder: DIR/teachers/NAME, DIR/runs/CONDITION/seed-S
+        for key, value in [("name", self.name)] + [(f"teachers.{t}.name", t) for t in names] + [
+                (f"conditions.{c}", c) for c in self.conditions]:
+            problem = segment_problem(value, key)
+            if problem:
+                problems.append(problem)
         if len(set(names)) != len(names):
             problems.append(f"teachers: duplicate names {sorted({n for n in names if names.count(n) > 1})}")
         if self.baseline not in self.conditions:

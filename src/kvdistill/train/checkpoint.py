@@ -4,8 +4,8 @@ Layout of a run directory DIR:
 
     DIR/checkpoints/step-N/   student/ (Hugging Face format), state/ (Accelerate: model with projectors and
                               routers, optimizer, RNG of every process), scheduler.pt, trainer_state.json
-                              ({"step": N, "tokens": int, "config_name": str}), files.json (the size of
-                              every other file, written last)
+                              ({"step": N, "tokens": int, "config_name": str}), files.json (the size and
+                              sha256 of every other file, written last)
     DIR/checkpoints/step-N.diverged/   a checkpoint whose weights gave a non-finite loss (set aside, kept)
     DIR/final/student/        the trained student (Hugging Face format)
 
@@ -13,7 +13,7 @@ Every such directory is written by `atomic_dir`: into the sibling `NAME.tmp`, ev
 fsynced, then renamed into place. A crash (even SIGKILL) leaves the previous complete directory and at most a
 `NAME.tmp` (or, between two renames, `NAME.old`), neither of which ever counts as a checkpoint; the next
 write of NAME clears them. A complete checkpoint damaged later (a truncated copy, a full disk while copying)
-is found by `checkpoint_problem`: files.json sizes, safetensors headers against their file sizes, zip
+is found by `checkpoint_problem`: files.json sizes and sha256 (a same-size bit flip too), safetensors headers against their file sizes, zip
 end records (torch.save files), JSON that parses.
 """
 
@@ -30,7 +30,8 @@ from pathlib import Path
 
 import torch
 
-from kvdistill.cache.manifest import fsync_dir
+from kvdistill.cache.manifest import fsync_dir, sha256_file
+from kvdistill.paths import open_new
 
 __all__ = ["atomic_dir", "checkpoint_path", "checkpoint_problem", "intact_checkpoints", "list_checkpoints",
            "latest_checkpoint", "load_checkpoint", "save_checkpoint", "save_final_student", "set_aside",
@@ -76,7 +77,7 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Write a text file under a temporary name, fsync, rename: readers see the old or the new file, never half."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
+    with open_new(tmp) as f:  # never through a symlink planted at the temporary name
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
@@ -145,8 +146,10 @@ def save_checkpoint(path: str | os.PathLike, *, accelerator, objective, schedule
             objective.save_student(tmp / "student")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             (tmp / "trainer_state.json").write_text(json.dumps(trainer_state))
-            sizes = {f.relative_to(tmp).as_posix(): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
-            (tmp / FILES).write_text(json.dumps({"files": sizes}, indent=1))
+            written = [f for f in sorted(tmp.rglob("*")) if f.is_file()]
+            sizes = {f.relative_to(tmp).as_posix(): f.stat().st_size for f in written}
+            hashes = {f.relative_to(tmp).as_posix(): sha256_file(f) for f in written}
+            (tmp / FILES).write_text(json.dumps({"files": sizes, "sha256": hashes}, indent=1))
     return path
 
 
@@ -166,8 +169,9 @@ def checkpoint_problem(path: str | os.PathLike) -> str | None:
             return f"{needed} is missing"
     if (path / FILES).exists():  # written by every save since files.json exists
         try:
-            sizes = json.loads((path / FILES).read_text())["files"]
-        except (OSError, ValueError, KeyError, TypeError) as err:
+            listed = json.loads((path / FILES).read_text())
+            sizes, hashes = listed["files"], listed.get("sha256") or {}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
             return f"{FILES} is unreadable ({type(err).__name__}: {err})"
         for name, size in sizes.items():
             file = path / name
@@ -175,11 +179,29 @@ def checkpoint_problem(path: str | os.PathLike) -> str | None:
                 return f"{name} is missing"
             if file.stat().st_size != size:
                 return f"{name} is {file.stat().st_size} bytes, {size} when saved"
+        for name, want in hashes.items():  # every save since hashes were recorded: same-size damage too
+            found = _hash(path / name)
+            if found != want:
+                return f"{name} is damaged: its sha256 is {found[:16]}..., {str(want)[:16]}... when saved"
     for file in sorted(path.rglob("*")):
         problem = _file_problem(file) if file.is_file() else None
         if problem:
             return f"{file.relative_to(path).as_posix()} {problem}"
     return None
+
+
+_HASHES: dict[tuple, str] = {}  # (path, inode, size, mtime) -> sha256: a resume checks twice, hashes once
+
+
+def _hash(file: Path) -> str:
+    try:
+        st = file.stat()
+    except OSError:
+        return "missing"
+    key = (str(file.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _HASHES:
+        _HASHES[key] = sha256_file(file)
+    return _HASHES[key]
 
 
 def _file_problem(file: Path) -> str | None:

@@ -25,12 +25,15 @@ from pathlib import Path
 
 import yaml
 
+from kvdistill.cache.manifest import write_json_atomic
 from kvdistill.config import load_config
 from kvdistill.errors import KvdistillError
+from kvdistill.paths import claim, dir_problem
 
 log = logging.getLogger(__name__)
 
 PHASES = (1, 2, 3, 4, 5)
+CURRICULUM = "curriculum.json"  # DIR/curriculum.json: the stages run, with their summaries
 
 
 def packaged_config(name: str) -> Path:
@@ -111,9 +114,20 @@ def run_curriculum(stages: list[Path], out: str | Path, overrides: list[str], *,
 
     out = Path(out)
     configs = [load_config(p, stage_overrides(p, overrides)) for p in stages]  # all validated before the first step
-    names = [c.name for c in configs]
+    names = [c.name for c in configs]  # each one path segment (RunConfig checks it): DIR/<name>
     if len(set(names)) != len(names):
         raise KvdistillError(f"curriculum stages share names {names}", "give every stage config a distinct `name`")
+    if CURRICULUM in names:
+        raise KvdistillError(f"a curriculum stage is named '{CURRICULUM}', the file that lists the stages",
+                             "rename that stage config's `name`")
+    problem = dir_problem(out, "curriculum", legacy=(CURRICULUM,))
+    if problem:
+        raise problem
+    for name in names:  # a stage folder that is not a run (the user's own files) is refused before any training
+        problem = dir_problem(out / name, "run", flag=f"stage '{name}' folder", legacy=("config.yaml", "plan.json"))
+        if problem:
+            raise problem
+    claim(out, "curriculum")
     previous = Path(init_student) if init_student else None
     results = []
     for cfg in configs:
@@ -126,8 +140,7 @@ def run_curriculum(stages: list[Path], out: str | Path, overrides: list[str], *,
         results.append({"stage": cfg.name, "dir": str(run_dir), "init_student": str(previous) if previous else None,
                         **summary})
         previous = run_dir / "final" / "student"
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "curriculum.json").write_text(json.dumps(results, indent=1))
+        write_json_atomic(out / CURRICULUM, results)
     return results
 
 

@@ -31,6 +31,7 @@ import yaml
 
 from kvdistill.config import RunConfig, parse_config
 from kvdistill.errors import KvdistillError
+from kvdistill.paths import dir_problem, escapes
 from kvdistill.train.checkpoint import intact_checkpoints, list_checkpoints, load_checkpoint
 
 __all__ = ["DATA", "RESUMABLE", "RunLock", "StartPlan", "apply_configured_lrs", "check_data", "config_differences",
@@ -41,6 +42,10 @@ log = logging.getLogger(__name__)
 RESUMABLE = ("train.steps", "train.save_every", "train.eval_every", "train.log_every", "train.lr")
 """The config fields a resume may change; every other field must equal the run's config.yaml."""
 
+RUN_FILES = ("config.yaml", "data.json", "plan.json", "alignment_sample.json", "metrics.jsonl", "summary.json",
+             "checkpoints", "final", "tb", "eval.json", "best", "best.tmp", "best.json")
+"""What a run writes at the top of its directory (none of them may be a symlink leading out)."""
+LEGACY = ("config.yaml", "plan.json")  # a run directory written before the `.kvdistill-run` marker
 DATA = "data.json"  # {"train": {"records": n, "sha256": hex}, "eval": {...}}: the records the run trains on
 LOCK = ".train.lock"
 HOLDER = ".train.holder.json"
@@ -203,7 +208,13 @@ def data_fingerprint(train_records: list[dict], eval_records: list[dict]) -> dic
         blob = json.dumps(records, sort_keys=True, ensure_ascii=False).encode()
         return {"records": len(records), "sha256": hashlib.sha256(blob).hexdigest()}
 
-    return {"train": digest(train_records), "eval": digest(eval_records)}
+    splits = {"train": digest(train_records), "eval": digest(eval_records)}
+    return {**splits, "sha256": _self_hash(splits)}
+
+
+def _self_hash(splits: dict) -> str:
+    """sha256 of data.json's own content (its splits), so a damaged file is told from changed data."""
+    return hashlib.sha256(json.dumps(splits, sort_keys=True).encode()).hexdigest()
 
 
 def check_data(out_dir: str | os.PathLike, fingerprint: dict, cfg: RunConfig) -> None:
@@ -211,10 +222,23 @@ def check_data(out_dir: str | os.PathLike, fingerprint: dict, cfg: RunConfig) ->
     path = Path(out_dir) / DATA
     if not path.is_file():
         return
+    damaged = None
     try:
         stored = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return  # a damaged fingerprint proves nothing either way; the config check still holds
+        splits = {k: stored[k] for k in ("train", "eval")}
+        for split in splits.values():
+            split["records"], split["sha256"][:12]  # noqa: B018 (the fields the comparison reads)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        damaged = f"it cannot be read ({type(err).__name__}: {err})"
+    else:
+        if "sha256" in stored and stored["sha256"] != _self_hash(splits):
+            damaged = f"its content hash is {_self_hash(splits)[:16]}..., expected {str(stored['sha256'])[:16]}..."
+    if damaged:
+        raise KvdistillError(
+            f"--resume: {path}, the record of the data the run in {out_dir} started with, is damaged: {damaged}; "
+            "without it a resume cannot tell whether the data changed",
+            f"restore {path} from a copy of the run, or start a new run with a new --out",
+        )
     bad = [f"{split}: {stored[split]['records']} records (sha256 {stored[split]['sha256'][:12]}) then, "
            f"{fingerprint[split]['records']} (sha256 {fingerprint[split]['sha256'][:12]}) now"
            for split in ("train", "eval") if split in stored and stored[split] != fingerprint[split]]
@@ -247,6 +271,18 @@ def plan_start(out_dir: str | os.PathLike, cfg: RunConfig, resume: bool) -> Star
     and a DIR whose checkpoints are all damaged.
     """
     out_dir = Path(out_dir)
+    problem = dir_problem(out_dir, "run", legacy=LEGACY)
+    if problem:
+        raise problem
+    leading_out = escapes(out_dir, [n for n in RUN_FILES if os.path.lexists(out_dir / n)])
+    leading_out += [f"checkpoints/{e}" for e in escapes(out_dir / "checkpoints")] if (
+        out_dir / "checkpoints").is_dir() and not (out_dir / "checkpoints").is_symlink() else []
+    if leading_out:
+        raise KvdistillError(
+            f"--out {out_dir} holds symlinks leading out of it ({'; '.join(leading_out)}): the run would write "
+            "through them outside --out",
+            "remove those symlinks (a run writes only inside its own directory), or choose another --out",
+        )
     if not resume:
         held = [name for name in ("metrics.jsonl", "checkpoints", "final") if (out_dir / name).exists()]
         if held:

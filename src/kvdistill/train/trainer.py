@@ -42,6 +42,7 @@ from kvdistill.cache.manifest import write_json_atomic
 from kvdistill.config import RunConfig, dump_config
 from kvdistill.errors import ConfigError, KvdistillError
 from kvdistill.objectives.ahead import TeachersAhead
+from kvdistill.paths import claim, is_disk_full, open_append
 from kvdistill.train.checkpoint import (
     checkpoint_path,
     latest_checkpoint,
@@ -72,9 +73,11 @@ log = logging.getLogger(__name__)
 class NonFiniteLoss(KvdistillError):
     """A NaN/inf loss or gradient norm at optimizer step `step` (1-based): the run stopped before the update."""
 
-    def __init__(self, problem: str, fix: str | None = None, *, step: int | None = None):
+    def __init__(self, problem: str, fix: str | None = None, *, step: int | None = None,
+                 ids: list[str] | None = None):
         super().__init__(problem, fix)
         self.step = step
+        self.ids = list(ids or [])  # the samples of the failing process's step
 
 
 def _param_groups(objective, cfg: RunConfig):
@@ -106,7 +109,7 @@ class MetricsLog:
     def write(self, row: dict) -> None:
         if not self.enabled:
             return
-        with self.path.open("a") as f:
+        with open_append(self.path) as f:  # a symlink planted at the name is refused, never followed
             f.write(json.dumps(row) + "\n")
         if self.tb is not None:
             prefix = "eval/" if row.get("split") == "eval" else "train/"
@@ -218,16 +221,37 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, stop_aft
     `stop_after`: stop after this many optimizer steps as if interrupted (checkpoint written), for resumption.
     `init_student`: start from this student directory instead of `cfg.student` (curriculum phases).
     """
-    run = setup(cfg, out_dir, resume=resume, stop_after=stop_after, init_student=init_student, dataset=dataset)
+    try:
+        run = setup(cfg, out_dir, resume=resume, stop_after=stop_after, init_student=init_student, dataset=dataset)
+    except Exception as err:
+        if is_disk_full(err, out_dir):
+            raise _disk_full(err, Path(out_dir), None) from None
+        raise
     try:
         fit(run, progress=progress)
         summary = finish(run)
+    except Exception as err:
+        if is_disk_full(err, out_dir):
+            raise _disk_full(err, run.out_dir, run.last_good) from None
+        raise
     finally:
         run.close()  # also on an error or KeyboardInterrupt: the lock is given back
     # not end_training(): it destroys the process group, which the next run in this process (a curriculum
     # phase) still needs; the group is destroyed when the process exits
     run.accelerator.wait_for_everyone()
     return summary
+
+
+def _disk_full(err: BaseException, out_dir: Path, last_good: Path | None) -> KvdistillError:
+    """A write of the run that failed for lack of space, as the user can act on it (an unfinished checkpoint
+    or file was written under a temporary name and removed: what was saved before is intact)."""
+    where = getattr(err, "filename", None) or out_dir
+    kept = f"the newest intact checkpoint is {last_good}" if last_good else "no checkpoint was saved yet"
+    return KvdistillError(
+        f"the disk holding {out_dir} is full: no space left on the device while writing {where} "
+        f"({type(err).__name__}); nothing half-written was kept, {kept}",
+        f"free space on that disk (`df -h {out_dir}`), then rerun the same command with --resume to continue",
+    )
 
 
 def setup(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, stop_after: int | None = None,
@@ -268,6 +292,8 @@ def setup(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, stop_aft
     _on_main(accelerator, lambda: lock.acquire())  # the first write: from here on no other run writes DIR
     try:
         plan = plan_start(out_dir, cfg, resume)  # again, now that DIR cannot change under us
+        if main:
+            claim(out_dir, "run")  # DIR/.kvdistill-run: this directory is a run, its files ours to replace
         if dataset is not None:  # the run directory keeps its data: config.yaml names the saved copy
             cfg = cfg.model_copy(update={"data": _save_dataset(dataset, cfg, out_dir, main)})
         if main:
@@ -493,7 +519,7 @@ def _clip_gradients(run: Run, step: int, metrics: dict, step_ids: list[str]) -> 
         raise NonFiniteLoss(
             f"gradient norm is {norm} at step {step + 1} (loss "
             f"{metrics['loss']:.4g}; samples of this process {step_ids})",
-            step=step + 1,
+            step=step + 1, ids=step_ids,
         )
     return norm
 
@@ -667,14 +693,72 @@ def _stop_if_non_finite(accelerator, loss: float, metrics: dict, step: int, micr
         terms = [t for t in terms if t != "loss"]
         parts.append(f"loss is {value}{on} at step {step + 1}, micro-batch {micro} (samples {ids}); "
                      f"non-finite terms: {terms or 'total only'}")
-    raise NonFiniteLoss("; ".join(parts), step=step + 1)
+    raise NonFiniteLoss("; ".join(parts), step=step + 1, ids=[i for _, _, ids, _ in where for i in ids])
+
+
+def _nonfinite_config(cfg: RunConfig) -> list[str]:
+    """Dotted keys of the config's non-finite numbers (refused when a config is read; a config built in code
+    with model_construct skips that)."""
+    found = []
+
+    def walk(node, key):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{key}.{k}" if key else str(k))
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, f"{key}.{i}")
+        elif isinstance(node, float) and not math.isfinite(node):
+            found.append(f"{key} = {node}")
+
+    walk(cfg.model_dump(), "")
+    return found
+
+
+def _nonfinite_inputs(run: Run, ids: list[str]) -> list[str]:
+    """The cached teacher K/V of samples `ids` that hold NaN/inf (what a damaged or badly extracted cache feeds
+    the loss), as 'teacher t, sample s: keys_l0'."""
+    found = []
+    for teacher in getattr(run.inner, "teachers", []):
+        reader = getattr(teacher, "reader", None)
+        if reader is None:
+            continue
+        for sid in ids:
+            try:
+                tensors = reader.get(sid)
+            except KvdistillError:
+                continue
+            bad = [n for n, x in tensors.items() if x.is_floating_point() and not bool(torch.isfinite(x).all())]
+            if bad:
+                found.append(f"teacher '{teacher.name}' (cache {reader.dir}), sample {sid!r}: {', '.join(bad)}")
+    return found
+
+
+def _nonfinite_weights(run: Run) -> list[str]:
+    return [name for name, p in run.inner.named_parameters() if not bool(torch.isfinite(p.detach()).all())]
 
 
 def _diverged(run: Run, err: NonFiniteLoss) -> NonFiniteLoss:
-    """`err` (raised at step s on every process) with advice that works: the weights of step s-1 gave the
-    non-finite value, and a resume is exact, so from them it comes back at any lr. Their checkpoint, if saved,
-    is set aside (step-N.diverged, kept); the advice names the newest checkpoint before it and the lower
-    train.lr to resume with (a resume from there at the same lr would retrace the same steps)."""
+    """`err` (raised at step s on every process) with advice that names the cause it finds: a non-finite number
+    in the config, non-finite teacher inputs (a damaged cache), or non-finite weights. Where the config and the
+    inputs are finite, the weights of step s-1 gave the non-finite value, and a resume is exact, so from them
+    it comes back at any lr: their checkpoint, if saved, is set aside (step-N.diverged, kept); the advice names
+    the newest checkpoint before it and the lower train.lr to resume with."""
+    in_config = _nonfinite_config(run.cfg)
+    if in_config:
+        return NonFiniteLoss(f"{err.problem}; cause: the config holds non-finite numbers ({'; '.join(in_config)})",
+                             "give those keys finite values (the checkpoints are fine; nothing was set aside), "
+                             "then rerun with --resume", step=err.step, ids=err.ids)
+    inputs = _nonfinite_inputs(run, err.ids)
+    if inputs:
+        return NonFiniteLoss(f"{err.problem}; cause: non-finite teacher K/V in the input ({'; '.join(inputs[:5])})",
+                             "the cache is damaged, not the run (nothing was set aside): run `kvdistill cache "
+                             "verify` on it and re-extract it, then rerun with --resume", step=err.step, ids=err.ids)
+    weights = _nonfinite_weights(run)
+    if weights:
+        shown = ", ".join(weights[:3]) + (f" and {len(weights) - 3} more" if len(weights) > 3 else "")
+        err = NonFiniteLoss(f"{err.problem}; cause: non-finite weights before the step ({shown})",
+                            step=err.step, ids=err.ids)
     poisoned = checkpoint_path(run.out_dir, err.step - 1)
     aside = _on_main(run.accelerator, lambda: set_aside(poisoned, "diverged")
                      if poisoned in list_checkpoints(run.out_dir) else None)
