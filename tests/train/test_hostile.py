@@ -277,9 +277,13 @@ def test_square_brackets_in_paths_and_values_are_printed_verbatim(finished, tiny
     code, err = cli("train", tiny_yaml, "--out", out, "train.steps=1")
     assert code == 0, err
     assert f"done {out}:" in err and (out / "final" / "student").is_dir()
-    code, err = cli("validate", tiny_yaml, "train.lr=[inf, 1.0]", "data.source=jsonl", "data.path=[red]x.jsonl")
+    code, err = cli("validate", tiny_yaml, "train.lr=[inf, 1.0]", "teachers.0.model=/tmp/[red]x[/x]")
     assert code == 2, err
-    assert "'train.lr' = ['inf', 1.0]" in err and "data.path: '[red]x.jsonl' does not exist" in err
+    assert "'train.lr' = ['inf', 1.0]" in err and "model path '/tmp/[red]x[/x]' does not exist" in err
+    from kvdistill.config import apply_overrides
+
+    # an override value that is not YAML (a yaml.ParserError traceback) is the text itself
+    assert apply_overrides({}, ["data.path=[red]x.jsonl"]) == {"data": {"path": "[red]x.jsonl"}}
 
 
 def test_a_compression_budget_above_the_text_length_is_refused(tiny_yaml, home, cli, tree):
