@@ -190,6 +190,26 @@ def run_cli(args: list[str]) -> int:
     return 0
 
 
+def test_only_ids_stores_exactly_those_records_of_the_same_cache(tmp_path, reference, cli_teacher, text_data):
+    """An experiment's cache budget: only the records its runs read, under the meta of the whole data (a run of that
+    data opens it), and a record it lacks named when asked for."""
+    model, tok = cli_teacher
+    every = [r["id"] for r in dataset_records(text_data)]
+    wanted = {every[1], every[4], every[8]}
+    result = extract(teacher(), text_data, tmp_path / "part", batch_size=3, progress=False, model=model, tokenizer=tok,
+                     only_ids=wanted)
+    assert result["records"] == result["stored"] == 3
+    got, ref = CacheReader(tmp_path / "part"), CacheReader(reference)
+    assert set(got.sample_ids) == wanted and got.complete
+    assert got.meta == ref.meta  # the cache of the same data, teacher and compression
+    assert got.get(every[4])["token_ids"].tolist() == ref.get(every[4])["token_ids"].tolist()
+    with pytest.raises(CacheError, match=f"sample '{every[0]}' is not in the cache"):
+        got.get(every[0])
+    with pytest.raises(KvdistillError, match="only_ids names 1 records the data does not hold"):
+        extract(teacher(), text_data, tmp_path / "bad", progress=False, model=model, tokenizer=tok,
+                only_ids={"nope"})
+
+
 def test_sigkill_mid_extraction_then_rerun_equals_uninterrupted(tmp_path, reference, text_data):
     out = tmp_path / "cache"
     args = [

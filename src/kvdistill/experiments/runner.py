@@ -15,8 +15,9 @@ Directory layout (everything resumable: a finished step is skipped, a killed run
     DIR/plots/                           bars with error bars per metric, held-out learning curves
 
 Order: the teachers; the caches (each teacher's extraction in a child process); every condition except those
-matched by wall time (`match_wall_of`), `concurrent` at once; their evaluations; then the wall-time-matched
-conditions, whose steps come from the measured times, and theirs.
+matched by wall time (`match_wall_of`), `concurrent` at once, the ones those are measured on first; the
+wall-time-matched conditions join the queue as soon as the runs they are measured on have finished (their steps
+come from the measured times); then every run's scoring on the test split, in child processes.
 
 Where the base config sets train.early_stopping, a run is scored with its best validation checkpoint
 (DIR/.../best/student), else with its final student.
@@ -523,4 +524,7 @@ def _only(spec: ExperimentSpec, only: list[str]) -> list[str]:
     if unknown:
         raise KvdistillError(f"--only {unknown}: not conditions of '{spec.name}'",
                              f"use some of {', '.join(spec.conditions)}")
-    return list(dict.fromkeys([spec.baseline, *only]))  # the baseline is always run: comparisons need it
+    # the baseline is always run (comparisons need it), and what a wall-time-matched condition is measured on
+    wall = [c for n in only if spec.conditions[n].match_wall_of
+            for c in (spec.conditions[n].match_wall_of, spec.conditions[n].wall_rate_of or spec.baseline)]
+    return list(dict.fromkeys([spec.baseline, *wall, *only]))
