@@ -33,7 +33,8 @@ for pid in "${pids[@]}"; do wait "$pid"; done
 for spec in "$@"; do
   name=$(basename "${spec%.yaml}")
   dir="$RUNS/$name"
-  grep -v "Loading weights" "$RUNS/$name.log" | tail -60 > "$OUT/$name/run.log"
+  { grep -E "kvdistill\.experiments|concurrent auto|Error|error" "$RUNS/$name.log" | grep -v "Loading weights" | tail -40
+    echo "-- tail"; grep -v "Loading weights" "$RUNS/$name.log" | tail -30; } > "$OUT/$name/run.log"
   for f in results.json results.md; do [ -f "$dir/$f" ] && cp "$dir/$f" "$OUT/$name/"; done
   if [ -f "$dir/results.json" ]; then
     python3 - "$dir/results.json" "$OUT/$name/curves.json" <<'EOF'

@@ -359,16 +359,19 @@ def run_experiment(spec: ExperimentSpec, out: str | Path, *, only: list[str] | N
     later = [n for n in names if n not in first]
     planned = {f"teacher {p.name}": teacher_config(spec, p) for p in spec.teachers}
     planned.update({f"{n}/seed-{s}": condition_config(spec, n, s, unknown) for n in names for s in use_seeds})
+    t0 = time.time()
     data_sizes = check_splits(planned, held, val)  # before anything trains
     claim(out, "experiment")  # every argument checked: the first write
     write_text_atomic(out / "spec.yaml", yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
     teachers = prepare_teachers(spec, out, held)
+    log.info("phase teachers done after %.0f s", time.time() - t0)
     _free_device_cache()
     # with the prepared teachers: a `student_from` spec's student is one of them
     n_student = student_params(condition_config(spec, spec.baseline, use_seeds[0], teachers))
     configs = {(n, s): condition_config(spec, n, s, teachers, flops_steps(spec, n, teachers, n_student))
                for n in first for s in use_seeds}
     extraction = prepare_caches(spec, out, configs, teachers)
+    log.info("phase caches done after %.0f s", time.time() - t0)
     configs = {k: condition_config(spec, k[0], k[1], teachers, cfg.train.steps) for k, cfg in configs.items()}
     concurrent = resolve_concurrent(spec, list(configs.values()), teachers)
     wall: dict[tuple[str, int], RunConfig] = {}
@@ -393,6 +396,8 @@ def run_experiment(spec: ExperimentSpec, out: str | Path, *, only: list[str] | N
         raise KvdistillError("the runs that wall-time matching is measured on did not all finish",
                              "read the logs under DIR/runs; rerun the same command to resume")
     configs.update(wall)
+    log.info("phase runs trained and scored after %.0f s (%d runs, %d at once)", time.time() - t0, len(configs),
+             concurrent)
     results = collect(spec, out, names, use_seeds, teachers)
     results["extraction"] = extraction
     results["train_records"] = {n: data_sizes[f"{n}/seed-{use_seeds[0]}"] for n in names}
@@ -448,6 +453,7 @@ def _train_and_score(spec: ExperimentSpec, out: Path, configs: dict[tuple[str, i
         return [(run_dir(out, n, s), cfg) for (n, s), cfg in new.items() if not done(n, s)]
 
     train_all(pending, concurrent, more=extra_runs)
+    log.info("all %d runs trained; scoring the unscored ones on the test split", len(configs))
     jobs = []
     for (n, s), cfg in configs.items():
         d = run_dir(out, n, s)
