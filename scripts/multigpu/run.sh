@@ -6,6 +6,9 @@
 #
 #   N=4 on a 4-GPU machine: processes 1,2,4 (NCCL), real preset   -> OUTDIR/ddp.json, work files in OUTDIR/work
 #   N=2 --cpu on any machine: processes 1,2 (gloo), tiny preset
+#   --distributed fsdp [--cpu-offload]: every launch shards the student (train.distributed fsdp, FSDP2) instead
+#   of replicating it (ddp, the default); e.g. the scaling run under FSDP on 8 GPUs:
+#       bash scripts/multigpu/run.sh 8 out/fsdp --distributed fsdp
 # From the repository root. Uses .venv/bin/python when there is one, else python3; where pydantic is missing
 # and .carry/whl exists (the lent GPU machines), installs those wheels into /tmp/site first.
 set -euo pipefail

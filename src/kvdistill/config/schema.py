@@ -427,6 +427,17 @@ class OnPolicyConfig(Section):
     """Tokens the student may add to each prompt (it may stop earlier at its end-of-sequence token)."""
 
 
+class FsdpConfig(Section):
+    """train.distributed fsdp: how the student is sharded (`kvdistill.train.distributed`)."""
+
+    cpu_offload: bool = False
+    """Keep the sharded parameters, gradients and optimizer state in host memory; each layer's parameters come to
+    the device for its forward and backward only (torch's CPUOffloadPolicy)."""
+    reshard_after_forward: bool = True
+    """Free each layer's gathered parameters after its forward (gathered again for the backward): less memory, one
+    more all-gather per layer."""
+
+
 class TrainConfig(Section):
     steps: int = Field(100, gt=0)
     batch_size: int = Field(4, gt=0)
@@ -471,6 +482,11 @@ class TrainConfig(Section):
     """Run the teachers' K/V of the next micro-batch on a worker thread (its own CUDA stream) while the student
     steps on this one (`kvdistill.objectives.ahead`): the same numbers, the teachers off the critical path.
     None: on where the run has a GPU and teachers; true on a CPU works too (the two threads share the cores)."""
+    distributed: Literal["ddp", "fsdp"] = "ddp"
+    """Several processes: ddp replicates the student, its gradients and optimizer state on every process; fsdp
+    shards the student's parameters, gradients and optimizer state over them (FSDP2, `kvdistill.train.distributed`).
+    Teachers and maps are replicated either way."""
+    fsdp: FsdpConfig = FsdpConfig()
     compile: bool = False
     """torch.compile the loss space's per-group K/V error (the loss part, not the models); where compilation
     fails the eager function runs instead (logged once)."""

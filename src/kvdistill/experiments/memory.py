@@ -1,17 +1,8 @@
 """`concurrent: auto`: how many training runs share the device, from an estimate of each run's memory.
 
-Per run (bytes), with B the batch, T = data.max_length, and for the student N_s parameters, L_s layers, width F_s,
-vocabulary V_s; for each online teacher N_t, F_t, L_t, V_t:
-
-    student   16 · N_s                          fp32 weights, gradients and AdamW's two moments
-    acts      B · T · (34 · F_s · L_s + 12 · V_s)   training activations (mixed precision) and the fp32 logits,
-                                                 their softmax and gradient
-    teachers  Σ_t [2 · N_t + 2 · B · T · (2 · F_t · L_t + 8 · F_t + V_t·[logit KD])]   bf16 weights; per batch
-                                                 the K/V of every layer (at most 2 · F_t each), the forward's
-                                                 transient activations, and the logits only where logit KD reads
-                                                 them (otherwise the LM head is skipped); twice that batch when
-                                                 the teachers run ahead
-    per run   1.3 · (student + acts + teachers) + 0.75 GiB       allocator slack and the CUDA context
+Per run: the estimate of one process, `kvdistill.train.memory.run_bytes` (its formula there): a single-process run
+holds fp32 student weights, gradients and AdamW's moments (16 · N_s), activations at the batch and length, and the
+online teachers in bf16, plus allocator slack and the CUDA context.
 
 concurrent = max(1, min(runs, CPU cores, floor(0.9 · free device memory / the largest run's estimate))).
 The estimate is deliberately generous: a run that does not fit dies of out-of-memory, one run too few only waits.
@@ -26,24 +17,12 @@ import os
 import subprocess
 import sys
 
+# the estimate itself (per process, by distributed mode)
+from kvdistill.train.memory import CONTEXT, GIB, SLACK, run_bytes
+
 log = logging.getLogger(__name__)
 
-GIB = 1024**3
-CONTEXT = 0.75 * GIB
-SLACK = 1.3
-
-
-def run_bytes(*, batch: int, length: int, student: dict, teachers: list[dict], ahead: bool,
-              teacher_logits: bool = False) -> int:
-    """The estimate of one run; `student` / each teacher: {params, hidden, layers, vocab}."""
-    s = student
-    acts = batch * length * (34 * s["hidden"] * s["layers"] + 12 * s["vocab"])
-    total = 16 * s["params"] + acts
-    for t in teachers:
-        logits = t["vocab"] if teacher_logits else 0
-        per_batch = 2 * batch * length * (2 * t["hidden"] * t["layers"] + 8 * t["hidden"] + logits)
-        total += 2 * t["params"] + per_batch * (2 if ahead else 1)
-    return int(SLACK * total + CONTEXT)
+__all__ = ["CONTEXT", "GIB", "SLACK", "auto_concurrent", "free_device_bytes", "geometry", "run_bytes"]
 
 
 def free_device_bytes() -> int:

@@ -14,6 +14,9 @@ What it checks, listing every problem together (each naming the key and the fix)
 - with train.on_policy, every training record's prompt (its text up to the {question} line,
   `kvdistill.data.template.question_prompt`);
 - data.max_length within every model's position table;
+- train.distributed fsdp's refusals (`kvdistill.train.distributed.fsdp_problems`);
+- the estimated peak memory per process (`kvdistill.train.memory.estimate_note`): a note, a warning where it will
+  not fit the device seen;
 - and it counts the records data.max_length truncates for each model (the student and every online teacher, each
   in its own tokenization or chat template): a note, not a problem.
 
@@ -47,8 +50,9 @@ def preflight(cfg: RunConfig, *, dataset=None) -> Checked:
     """Every check of `cfg` that training runs before its first step; `dataset`: an in-memory `datasets.Dataset`
     for the data section (Python API)."""
     from kvdistill.data import load_records
+    from kvdistill.train.distributed import fsdp_problems
 
-    problems = semantic_problems(cfg) + learning_rate_problems(cfg)
+    problems = semantic_problems(cfg) + learning_rate_problems(cfg) + fsdp_problems(cfg)
     train_records: list[dict] = []
     eval_records: list[dict] = []
     try:
@@ -83,7 +87,26 @@ def preflight(cfg: RunConfig, *, dataset=None) -> Checked:
             data_notes = _truncation_notes(cfg, train_records + eval_records)
         except KvdistillError as err:  # e.g. a tokenizer without a chat template for messages data
             problems.append(_as_problem(err))
-    return Checked(problems, _notes(cfg), data_notes, train_records, eval_records)
+    notes = _notes(cfg) + ([] if problems else _memory_notes(cfg))
+    return Checked(problems, notes, data_notes, train_records, eval_records)
+
+
+def _memory_notes(cfg: RunConfig) -> list[str]:
+    """The estimated peak memory per process (`kvdistill.train.memory.estimate_note`) on WORLD_SIZE processes
+    (launched), else one per visible GPU; a warning where it exceeds the device."""
+    import os
+
+    import torch
+
+    from kvdistill.train.memory import device_memory, estimate_note
+
+    world = int(os.environ.get("WORLD_SIZE") or max(1, torch.cuda.device_count()))
+    size, name = device_memory()
+    try:
+        line, over = estimate_note(cfg, world, size, name)
+    except (KvdistillError, OSError, ValueError) as err:  # a model the estimate cannot build: no estimate
+        return [f"no memory estimate ({type(err).__name__}: {err})"]
+    return [("WARNING: " if over else "") + line]
 
 
 def _truncation_notes(cfg: RunConfig, records: list[dict]) -> list[str]:

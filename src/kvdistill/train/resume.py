@@ -39,8 +39,10 @@ __all__ = ["DATA", "RESUMABLE", "RunLock", "StartPlan", "apply_configured_lrs", 
 
 log = logging.getLogger(__name__)
 
-RESUMABLE = ("train.steps", "train.save_every", "train.eval_every", "train.log_every", "train.lr")
-"""The config fields a resume may change; every other field must equal the run's config.yaml."""
+RESUMABLE = ("train.steps", "train.save_every", "train.eval_every", "train.log_every", "train.lr", "train.distributed",
+             "train.fsdp.cpu_offload", "train.fsdp.reshard_after_forward")
+"""The config fields a resume may change; every other field must equal the run's config.yaml. ddp and fsdp write the
+same full-state checkpoint (`kvdistill.train.distributed`), so a run may switch between them on resume."""
 
 RUN_FILES = ("config.yaml", "data.json", "plan.json", "alignment_sample.json", "metrics.jsonl", "summary.json",
              "checkpoints", "final", "tb", "eval.json", "best", "best.tmp", "best.json")

@@ -52,6 +52,7 @@ from kvdistill.train.checkpoint import (
     set_aside,
     write_text_atomic,
 )
+from kvdistill.train.distributed import Sharded, sharded_run, unsharded
 from kvdistill.train.loader import collated_batches, micro_batch, teachers_ahead
 from kvdistill.train.preflight import position_problems, preflight
 from kvdistill.train.resume import (
@@ -196,6 +197,8 @@ class Run:
     eval_s: float = 0.0  # seconds spent in held-out evaluations since t0 (train_s = elapsed - eval_s)
     selection: Selection | None = None  # train.early_stopping's state
     last_eval: tuple[int, dict] | None = None  # (step, figures) of the newest evaluation
+    sharded: Sharded | None = None  # train.distributed fsdp on several processes: the sharded student
+    memory: list[dict] | None = None  # the memory report of every process after the first step run
 
     @property
     def main(self) -> bool:
@@ -302,12 +305,17 @@ def setup(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, stop_aft
             write_text_atomic(out_dir / "plan.json", json.dumps(objective.plan(), indent=1))
             write_text_atomic(out_dir / "alignment_sample.json",
                               json.dumps(objective.alignment_sample(train_records[0])))
+        # fsdp (several processes, or one offloading to the host): the student sharded before the optimizer sees its parameters
+        sharded = Sharded(objective, cfg, accelerator) if sharded_run(cfg, accelerator.num_processes) else None
         # on a GPU the fused AdamW: one kernel over all parameters (the maps are many small tensors)
-        fused = True if accelerator.device.type == "cuda" else None
+        fused = True if accelerator.device.type == "cuda" and sharded is None else None
         optimizer = torch.optim.AdamW(_param_groups(objective, cfg), weight_decay=cfg.train.weight_decay, fused=fused)
         scheduler = get_scheduler(cfg.train.schedule, optimizer, num_warmup_steps=cfg.train.warmup_steps,
                                   num_training_steps=cfg.train.steps)
-        objective, optimizer = accelerator.prepare(objective, optimizer)
+        if sharded is None:
+            objective, optimizer = accelerator.prepare(objective, optimizer)
+        else:
+            optimizer = sharded.prepare(optimizer)
         ckpt, state = load_resumed(plan, out_dir, accelerator=accelerator, scheduler=scheduler) if resume else (
             None, None)
         start, tokens_seen = (state["step"], state["tokens"]) if state else (0, 0)
@@ -339,6 +347,7 @@ def setup(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, stop_aft
             last_good=ckpt,
             lock=lock,
             selection=selection,
+            sharded=sharded,
         )
     except BaseException:
         if lock is not None:
@@ -436,6 +445,8 @@ def fit(run: Run, *, progress: bool = True) -> None:
     try:
         for step in range(run.start, run.end):
             row = _step(run, step)
+            if step == run.start:
+                _report_memory(run)
             if (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps or "grad_norm/ce" in row:
                 run.log.write(row)
             bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
@@ -495,6 +506,26 @@ def _step(run: Run, step: int) -> dict:
     return row
 
 
+def _report_memory(run: Run) -> None:
+    """The memory report of every process (`kvdistill.train.memory`) after the first step run: logged by the main
+    process, kept for summary.json."""
+    from accelerate.utils import gather_object
+
+    from kvdistill.train.memory import memory_report
+
+    mine = {"process": run.accelerator.process_index,
+            **memory_report(run.inner, run.optimizer, run.accelerator.device)}
+    run.memory = gather_object([mine]) if run.accelerator.num_processes > 1 else [mine]
+    if run.main:
+        for r in run.memory:
+            peak = "" if r["peak_allocated_bytes"] is None else f", peak allocated {r['peak_allocated_bytes'] / 2**20:.1f} MiB"
+            log.info("memory of process %d after step %d: student %.1f MiB, maps %.1f MiB, teachers %.1f MiB, "
+                     "gradients %.1f MiB, optimizer state %.1f MiB%s", r["process"], run.start + 1,
+                     r["student_params_bytes"] / 2**20, r["maps_params_bytes"] / 2**20,
+                     r["teacher_params_bytes"] / 2**20, r["grad_bytes"] / 2**20,
+                     r["optimizer_state_bytes"] / 2**20, peak)
+
+
 def _term_grad_norms(run: Run) -> dict[str, float]:
     """The L2 norm of each loss term's gradient w.r.t. the student's parameters (`grad_norm/ce`, `grad_norm/kd`),
     from the objective's graph-attached per-term means of this micro-batch (`Objective.last_terms`), before
@@ -514,7 +545,9 @@ def _clip_gradients(run: Run, step: int, metrics: dict, step_ids: list[str]) -> 
     """Clip to max_grad_norm; the norm before clipping. Refuses a non-finite norm (but fp16's loss scaler
     skips such steps itself). Gradients are reduced over processes by now: every process sees one norm."""
     cfg = run.cfg
-    norm = float(run.accelerator.clip_grad_norm_(run.objective.parameters(), cfg.train.max_grad_norm or math.inf))
+    max_norm = cfg.train.max_grad_norm or math.inf
+    norm = run.sharded.clip(max_norm) if run.sharded else float(
+        run.accelerator.clip_grad_norm_(run.objective.parameters(), max_norm))
     if not math.isfinite(norm) and cfg.train.mixed_precision != "fp16":
         raise NonFiniteLoss(
             f"gradient norm is {norm} at step {step + 1} (loss "
@@ -543,8 +576,9 @@ def _mean_row(accelerator, sums: dict[str, float], n: int) -> dict[str, float]:
 def _save(run: Run, step: int) -> None:
     """Checkpoint of `step` (every process takes part); it becomes the last good one."""
     path = checkpoint_path(run.out_dir, step)
-    save_checkpoint(path, accelerator=run.accelerator, objective=run.inner, scheduler=run.scheduler,
-                    trainer_state={"step": step, "tokens": run.tokens_seen, "config_name": run.cfg.name})
+    with unsharded(run.sharded):  # fsdp: process 0 saves the gathered student
+        save_checkpoint(path, accelerator=run.accelerator, objective=run.inner, scheduler=run.scheduler,
+                        trainer_state={"step": step, "tokens": run.tokens_seen, "config_name": run.cfg.name})
     run.last_good = path
 
 
@@ -555,9 +589,12 @@ def finish(run: Run) -> dict:
     elapsed = time.time() - run.t0
     summary = {"steps": run.end, "tokens": run.tokens_seen, "elapsed_s": elapsed, "train_s": elapsed - run.eval_s}
     stopped = run.selection is not None and run.selection.stopped_at is not None
+    if run.memory is not None:
+        summary["memory"] = run.memory
     if run.end == run.cfg.train.steps or stopped:
-        if run.main:
-            save_final_student(run.out_dir, run.inner)
+        with unsharded(run.sharded):
+            if run.main:
+                save_final_student(run.out_dir, run.inner)
         if run.eval_records:
             ev = run.last_eval[1] if run.last_eval and run.last_eval[0] == run.end else _evaluate(run, run.end)
             summary.update({k: v for k, v in ev.items() if k.startswith("eval/")})
