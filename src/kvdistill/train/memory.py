@@ -94,7 +94,6 @@ def _shape(model: str | None, from_config: dict | None, key: str, lora=None, tok
 
     if from_config is not None:
         from kvdistill.models.from_config import hf_config_from_spec
-
         from kvdistill.models.load import load_tokenizer
 
         config, _ = hf_config_from_spec(from_config, key=key)
