@@ -61,6 +61,9 @@ def fsdp_problems(cfg: RunConfig) -> list[str]:
     if cfg.train.early_stopping is not None:
         out.append(f"train.distributed fsdp with train.early_stopping: the best student is saved by process 0 alone, "
                    f"which a sharded student cannot; drop train.early_stopping or {fix}")
+    if getattr(cfg.train, "on_policy", None) is not None:
+        out.append(f"train.distributed fsdp with train.on_policy: each process samples continuations of its own "
+                   f"length, and a sharded student's every forward is a collective of all processes; {fix}")
     return out
 
 
@@ -109,7 +112,8 @@ class Sharded:
         self._template = copy.deepcopy(student).to("meta") if accelerator.is_main_process else None
         fc = cfg.train.fsdp
         kwargs = dict(reshard_after_forward=fc.reshard_after_forward,
-                      offload_policy=CPUOffloadPolicy() if fc.cpu_offload else OffloadPolicy())
+                      offload_policy=CPUOffloadPolicy(pin_memory=accelerator.device.type == "cuda")  # pinned: GPU only
+                      if fc.cpu_offload else OffloadPolicy())
         blocks = student_blocks(student)
         for block in blocks:
             fully_shard(block, **kwargs)
