@@ -57,7 +57,7 @@ def run_config(path: Path, teachers: list[Path], data: Path, layers: int, mode: 
                                     "max_position_embeddings": 4096, "tie_word_embeddings": True},
                     "tokenizer": STUDENT_TOKENIZER},
         "teachers": [{"name": p.name.replace(".", "_"), "model": str(p)} for p in teachers],
-        "data": {"source": "jsonl", "path": str(data), "size": args.batch * args.steps, "eval_size": 0,
+        "data": {"source": "jsonl", "path": str(data), "eval_size": 0,
                  "max_length": args.seq},
         "train": {"steps": args.steps, "batch_size": args.batch, "lr": 1e-4, "warmup_steps": 0,
                   "mixed_precision": "no" if args.cpu else "bf16", "log_every": 1, "tensorboard": False,
