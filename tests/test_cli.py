@@ -58,7 +58,7 @@ def test_eval_json_on_a_run_dir(run_dir, capsys):
     code, out, _ = cli(capsys, "eval", str(run_dir), "--json")
     assert code == 0
     result = json.loads(out)
-    assert result["student"] == str(run_dir / "final" / "student")
+    assert result["student"] == str(run_dir / "final")
     assert result["teachers"] == {"smollm2": "smollm2-135m"}  # from the run's config.yaml
     assert result["data"] == {
         "source": "gsm_symbolic",
@@ -74,6 +74,9 @@ def test_eval_json_on_a_run_dir(run_dir, capsys):
     probe = result["probe_kv_error"]["smollm2"]
     assert len(probe["layers"]) == 2 and all(v > 0 for v in probe["layers"])
     assert probe["mean"] == pytest.approx(sum(probe["layers"]) / 2)
+    saved = json.loads((run_dir / "eval.json").read_text())  # kept in the run for `kvdistill report`
+    assert saved["perplexity"] == result["perplexity"] and saved["step"] == 2
+    assert saved["written_by"] == "kvdistill eval"
 
 
 def test_eval_markdown_on_a_checkpoint_dir(run_dir, capsys):
@@ -82,7 +85,7 @@ def test_eval_markdown_on_a_checkpoint_dir(run_dir, capsys):
     lines = out.strip().splitlines()
     assert lines[:2] == ["| metric | value |", "|---|---|"]
     assert lines[2].startswith("| held-out perplexity | ") and "exact match" not in out
-    assert re.search(r"\| KV probe error vs smollm2 .* \| [\d.]+; [\d.]+, [\d.]+ \|", out)
+    assert re.search(r"\| KV probe 1-R² vs smollm2 .* \| [\d.]+; [\d.]+, [\d.]+ \|", out)
 
 
 def test_eval_of_a_missing_checkpoint_is_a_clean_error(tmp_path, capsys):
@@ -171,3 +174,79 @@ def test_inspect_a_gguf_file(capsys, monkeypatch, tmp_path_factory):
     assert entry["kv_bytes_per_token"] == 23040
     code, _, err = cli(capsys, "inspect", path + ".missing.gguf")
     assert code == 2 and "does not exist" in err and "a .gguf file" in err
+
+
+# ------------------------------------------------------------------------------------------------ CLI habits
+def test_version(capsys):
+    from kvdistill import __version__
+
+    code, out, _ = cli(capsys, "--version")
+    assert code == 0 and out == f"kvdistill {__version__}\n"
+
+
+@pytest.mark.parametrize("name", [None, "quickstart", "phase4"])
+def test_config_show_prints_a_complete_commented_config_that_round_trips(capsys, name):
+    import yaml
+
+    from kvdistill.config import RunConfig, config_path, load_config
+    from kvdistill.config.show import default_config
+
+    code, out, _ = cli(capsys, "config", "show", *([name] if name else []))
+    assert code == 0
+    raw = yaml.safe_load(out)
+    expected = default_config() if name is None else load_config(config_path(name))
+    assert load_config(raw=raw) == expected
+    # every field of every section is written, each section's fields commented from the schema's docstrings
+    assert set(raw) == set(RunConfig.model_fields) and set(raw["train"]) == set(type(expected.train).model_fields)
+    assert "# Checkpoint every N optimizer steps (0: only at the end)." in out
+    assert "(one of: fixed | similarity | router)" in out
+    assert "# text_field:" in out  # a mode-choosing field left unset is shown commented out
+
+
+def test_every_command_help_has_an_example(capsys):
+    import click
+    import typer
+
+    from kvdistill.cli import app
+
+    def commands(group: click.Group, prefix: tuple[str, ...]):
+        for name, cmd in group.commands.items():
+            if isinstance(cmd, click.Group):
+                yield from commands(cmd, (*prefix, name))
+            else:
+                yield (*prefix, name)
+
+    names = list(commands(typer.main.get_command(app), ()))
+    assert {('train',), ('eval',), ('config', 'show'), ('cache', 'verify'), ('zoo', 'list')} <= set(names)
+    for path in names:
+        code, out, _ = cli(capsys, *path, "--help")
+        assert code == 0, path
+        assert f"kvdistill {' '.join(path)}" in out and "Example" in out, path
+
+
+def test_inspect_fits_80_columns_and_shows_tokens_as_text(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    code, out, _ = cli(capsys, "inspect", "smollm2-135m", "gemma3-270m", "minilm-l6", "--text", "Compute 3 + 4, naïve.")
+    assert code == 0
+    assert max(len(line) for line in out.splitlines()) <= 80
+    assert "Ġ" not in out and "▁" not in out
+    assert "Compute · 3 ·+ · 4 , ·na ïve ." in out  # SmolLM2's byte-level BPE, spaces as '·'
+    assert "[<bos>] Compute · 3 ·+ · 4 , ·naïve ." in out  # Gemma-3: BOS covers no text
+    for cell in ("gemma3_text", "rotate_half, d=256,", "23,040 (bf16)"):  # whole cells, wrapped not cut
+        assert cell in out
+
+
+def test_a_misspelt_zoo_name_says_the_nearest_offline_names(capsys):
+    code, out, err = cli(capsys, "inspect", "smolm2-135m")
+    assert code == 2 and out == ""
+    assert "smollm2-135m" in err and "huggingface.co" not in err and "Traceback" not in err
+
+
+def test_log_level_flag_and_a_bad_level(capsys):
+    import logging
+
+    code, _, _ = cli(capsys, "--log-level", "INFO", "config", "show")
+    assert code == 0 and logging.getLogger().level == logging.INFO
+    code, _, err = cli(capsys, "--log-level", "LOUD", "config", "show")
+    assert code == 2 and "LOUD" in err and "DEBUG, INFO, WARNING, ERROR" in err
+    logging.getLogger().setLevel(logging.WARNING)

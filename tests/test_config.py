@@ -96,9 +96,10 @@ def test_routing_a_single_teacher_is_refused():
 def test_a_misspelt_offline_name_gets_the_nearest_one():
     from kvdistill.models.load import load_config as load_hf_config
 
-    with pytest.raises(KvdistillError, match="could not load 'smolm2-135m'") as err:
+    with pytest.raises(KvdistillError, match="'smolm2-135m' is not an offline model name") as err:
         load_hf_config("smolm2-135m")
     assert "did you mean 'smollm2-135m'?" in err.value.fix
+    assert "nearest offline names: smollm2-135m" in err.value.problem  # said before any hub lookup
 
 
 def test_validate_runs_the_checks_training_runs():
@@ -147,3 +148,40 @@ def test_merging_a_data_section_of_another_source_kind_drops_the_old_kinds_keys(
     back = merge_data({**to_file, "limit": 50}, {"source": "sorting", "size": 40})
     assert back == {"source": "sorting", "size": 40, "eval_size": 20}
     assert merge_data(gen, {"size": 10}) == {**gen, "size": 10}  # same source: a plain update
+
+
+# ---------------------------------------------------------------------------------------------- resolved dump
+@pytest.mark.parametrize("extra", [
+    {},
+    {"data": {"source": "jsonl", "path": "d.jsonl", "text_field": "body"}},  # text mode by a set field
+    {"data": {"source": "jsonl", "path": "d.jsonl"}},  # mode left to the file's columns
+    {"losses": {"logit_kd": {"weight": 0.5, "schedule": {"kind": "linear", "start": 4.0, "end": 1.0}}}},
+])
+def test_dump_spells_out_every_default_and_reloads_to_the_same_run(extra):
+    import yaml
+
+    cfg = parse_config({**BASE, **extra})
+    raw = yaml.safe_load(dump_config(cfg))
+    assert raw["train"]["save_every"] == 0 and raw["fusion"]["router"]["kind"] == "mlp"  # defaults written
+    assert raw["teachers"][0]["layer_map"]["strategy"] == "ratio"
+    again = parse_config(raw)
+    assert again == cfg
+    for section in ("data", "losses"):  # fields whose being set means something keep that
+        assert getattr(again, section).model_fields_set >= {
+            f for f in type(getattr(cfg, section)).presence_fields if f in getattr(cfg, section).model_fields_set}
+    assert ("text_field" in again.data.model_fields_set) == ("text_field" in cfg.data.model_fields_set)
+    assert ("temperature" in again.losses.logit_kd.model_fields_set) is False
+
+
+def test_resolve_paths_makes_local_paths_absolute(tmp_path, monkeypatch):
+    from kvdistill.config import resolve_paths
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "d.jsonl").write_text('{"text": "a"}\n')
+    (tmp_path / "teacher").mkdir()
+    cfg = resolve_paths(parse_config({"student": {"model": "smollm2-135m"}, "teachers": [{"model": "teacher"}],
+                                      "data": {"source": "jsonl", "path": "d.jsonl"}}))
+    assert cfg.data.path == str(tmp_path / "d.jsonl")
+    assert cfg.teachers[0].model == str(tmp_path / "teacher") and cfg.teachers[0].name == "teacher"
+    assert cfg.student.model == "smollm2-135m"  # a zoo name, not a local path: kept
+    assert "text_field" not in cfg.data.model_fields_set

@@ -4,6 +4,8 @@ Every KvdistillError is printed as a clean message with its fix and exit code 2;
 from the user (paths, names, values) is printed verbatim (`escape`: Rich would read `[red]` or `[/x]` as markup).
 A command that writes (train, extract, experiment, quickstart) stopped by Ctrl-C or SIGTERM says how to continue
 and exits 128 + the signal.
+Logging: `--log-level LEVEL` (before the command) or the environment variable KVDISTILL_LOG (default WARNING;
+INFO shows what a run decides, e.g. resumes and data counts; DEBUG everything).
 """
 
 from __future__ import annotations
@@ -12,21 +14,51 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from kvdistill.config import config_path
 from kvdistill.errors import KvdistillError
 from kvdistill.stopping import RERUN, resume_hint, stoppable
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Multi-teacher KV-cache distillation from heterogeneous teachers into one student.")
+                  help="Multi-teacher KV-cache distillation from heterogeneous teachers into one student.\n\n"
+                       "Start with `kvdistill quickstart`, then `kvdistill config show > my.yaml` for your own job.")
 zoo_app = typer.Typer(no_args_is_help=True, help="The offline model zoo (real models shipped in PyPI packages).")
 app.add_typer(zoo_app, name="zoo")
+config_app = typer.Typer(no_args_is_help=True, help="Configs: print the full commented default or a packaged one.")
+app.add_typer(config_app, name="config")
 console = Console(stderr=True)
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from kvdistill import __version__
+
+        sys.stdout.write(f"kvdistill {__version__}\n")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+    log_level: str | None = typer.Option(None, "--log-level", envvar="KVDISTILL_LOG", show_envvar=True,
+                                         help=f"Logging level: {', '.join(LOG_LEVELS)} (default WARNING)."),
+) -> None:
+    """Options that come before the command, e.g. `kvdistill --log-level INFO train my.yaml --out runs/a`."""
+    if log_level is not None:
+        level = log_level.upper()
+        if level not in LOG_LEVELS:
+            raise KvdistillError(f"--log-level / KVDISTILL_LOG '{log_level}' is not a logging level",
+                                 f"use one of {', '.join(LOG_LEVELS)}")
+        logging.getLogger().setLevel(level)
 
 
 def _echo_json(obj) -> None:
@@ -36,7 +68,10 @@ def _echo_json(obj) -> None:
 # ---------------------------------------------------------------- zoo
 @zoo_app.command("list")
 def zoo_list(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
-    """List the offline model names and whether they are ready locally."""
+    """List the offline model names and whether they are ready locally.
+
+    Example: kvdistill zoo list --json
+    """
     from kvdistill.models import zoo
 
     rows = [{"name": e.name, "kind": e.kind, "package": e.package, "description": e.description} for e in zoo.ZOO.values()]
@@ -51,7 +86,10 @@ def zoo_list(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) 
 
 @zoo_app.command("fetch")
 def zoo_fetch(names: list[str] | None = typer.Argument(None, help="Zoo names (default: all).")) -> None:
-    """Convert the GGUF models once into cached safetensors and fetch the tokenizer-only assets."""
+    """Convert the GGUF models once into cached safetensors and fetch the tokenizer-only assets.
+
+    Example: kvdistill zoo fetch smollm2-135m gpt2-tokenizer
+    """
     from kvdistill.models import zoo
 
     for name, path in zoo.fetch_all(names).items():
@@ -107,7 +145,10 @@ def inspect(
     projector: str = typer.Option("auto", help="Projector kind for the plan: auto, identity, per_head, linear."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list, one object per model."),
 ) -> None:
-    """Show KV geometry, tokenization and the student→teacher alignment plan."""
+    """Show KV geometry, tokenization and the student→teacher alignment plan.
+
+    Example: kvdistill inspect smollm2-135m gemma3-270m minilm-l6 --text "2 + 3 = 5"
+    """
     if text is not None:
         from kvdistill.eval.generate import check_text
 
@@ -117,21 +158,11 @@ def inspect(
         _echo_json(entries)
         return
     out = Console()
-    table = Table("model", "type", "layers", "heads", "kv heads", "head dim", "hidden", "vocab", "rope", "window",
-                  "KV B/tok (bf16)", title="KV geometry")
-    for e in entries:
-        rope = e.get("rope")
-        rope_text = "learned" if rope is None else f"{rope['style']} d={rope['rotary_dim']} θ={_short_theta(rope['theta'])}"
-        table.add_row(escape(e["name"]), escape(str(e["model_type"])), str(e["num_layers"]),
-                      str(e["num_attention_heads"]),
-                      str(e["num_kv_heads"]), str(e["head_dim"]), str(e["hidden_size"]), str(e["vocab_size"]),
-                      rope_text, str(e["sliding_window"] or "-"), f"{e['kv_bytes_per_token']:,}")
-    out.print(table)
+    out.print(_geometry_table(entries))
     for e in entries:
         if "tokens" in e:
-            toks = " ".join(f"{t['token']!r}{tuple(t['span'])}" for t in e["tokens"][:64])
-            more = f" … (+{len(e['tokens']) - 64})" if len(e["tokens"]) > 64 else ""
-            out.print(f"[bold]{escape(e['name'])}[/bold] {len(e['tokens'])} tokens: {escape(toks)}{more}")
+            out.print(f"\n[bold]{escape(e['name'])}[/bold]: {len(e['tokens'])} tokens")
+            out.print(_token_text(e["tokens"], text))
     for e in entries[1:]:
         plan = e["plan_from_student"]
         p = plan["projector"]
@@ -145,6 +176,52 @@ def inspect(
             ta = plan["token_alignment"]
             out.print(f"  tokens: {ta['student_tokens']} student vs {ta['teacher_tokens']} teacher; "
                       f"{ta['aligned_student_tokens']} student tokens aligned, {ta['nonzeros']} non-zeros")
+
+
+def _geometry_table(entries: list[dict]) -> Table:
+    """The KV geometry with one column per model and one row per property (fits 80 columns for three models;
+    long names and values wrap rather than being cut)."""
+    table = Table("", *(escape(e["name"]) for e in entries), title="KV geometry", show_lines=False)
+    for column in table.columns:
+        column.overflow = "fold"
+    rows = [
+        ("type", lambda e: e["model_type"]),
+        ("layers", lambda e: e["num_layers"]),
+        ("heads / KV heads", lambda e: f"{e['num_attention_heads']} / {e['num_kv_heads']}"),
+        ("head dim", lambda e: e["head_dim"]),
+        ("hidden", lambda e: e["hidden_size"]),
+        ("vocab", lambda e: f"{e['vocab_size']:,}"),
+        ("positions", _rope_text),
+        ("sliding window", lambda e: e["sliding_window"] or "-"),
+        ("KV bytes/token", lambda e: f"{e['kv_bytes_per_token']:,} (bf16)"),
+    ]
+    for label, cell in rows:
+        table.add_row(label, *(escape(str(cell(e))) for e in entries))
+    return table
+
+
+def _rope_text(e: dict) -> str:
+    rope = e.get("rope")
+    if rope is None:
+        return "learned"
+    return f"{rope['style']}, d={rope['rotary_dim']}, θ={_short_theta(rope['theta'])}"
+
+
+def _token_text(tokens: list[dict], text: str) -> Text:
+    """The tokens as the text they cover (their UTF-8 byte spans of `text`), separated by spaces (in alternating
+    colours on a terminal), with spaces inside a token shown as '·' and line breaks as '⏎'; a token covering no
+    text (BOS, EOS) by its name in brackets."""
+    raw = text.encode("utf-8")
+    shown = Text()
+    for n, t in enumerate(tokens):
+        start, end = t["span"]
+        if end > start:
+            piece = raw[start:end].decode("utf-8", errors="replace").replace(" ", "·").replace("\n", "⏎")
+        else:
+            piece = f"[{t['token']}]"
+        shown.append(piece, style="cyan" if n % 2 else "")
+        shown.append(" ")  # lines wrap at token boundaries
+    return shown
 
 
 def _pairs_text(pairs: list[dict]) -> str:
@@ -196,7 +273,14 @@ def validate(
     overrides: list[str] | None = typer.Argument(None, help="Dotted overrides, e.g. train.lr=1e-4."),
 ) -> None:
     """Check a config: every problem at once, by the checks `train` runs before its first step (keys, types,
-    models found, from_config shapes, layer maps, data fields and splits, max_length); nothing is written."""
+    models found, from_config shapes, layer maps, data fields and splits, max_length); nothing is written.
+
+    Examples:
+
+        kvdistill validate my.yaml
+
+        kvdistill validate quickstart train.steps=10 data.max_length=128
+    """
     from kvdistill.config import check_config, parse_config, read_raw
     from kvdistill.errors import ConfigError
     from kvdistill.train.preflight import preflight
@@ -229,6 +313,14 @@ def train(
 
     CONFIG may also be a curriculum file (a `curriculum:` list of stage configs); --phases runs the packaged
     5-phase curriculum.
+
+    Examples:
+
+        kvdistill train my.yaml --out runs/a train.lr=1e-4 teachers.0.weight=0.3
+
+        kvdistill train my.yaml --out runs/a --resume
+
+        kvdistill train --phases 1-5 --out runs/curriculum
     """
     from kvdistill.train.curriculum import is_curriculum, read_curriculum, run_curriculum, run_phases
     from kvdistill.train.trainer import train as run_train
@@ -270,7 +362,7 @@ def evaluate(
     data: str | None = typer.Option(None, "--data", help="gsm_symbolic or a .jsonl/.csv/.parquet/.txt file "
                                     "(default: the run's data, else gsm_symbolic)."),
     config: str | None = typer.Option(None, "--config", help="Take data settings and teachers from this config."),
-    teachers: list[str] | None = typer.Option(None, "--teacher", help="Teacher(s) for the KV probe error "
+    teachers: list[str] | None = typer.Option(None, "--teacher", help="Teacher(s) for the KV probe "
                                               "(default: the run's teachers)."),
     size: int | None = typer.Option(None, help="Held-out samples (default: the run's data.eval_size, else 32)."),
     max_length: int | None = typer.Option(None, help="Token limit per sample (default: the run's, else 256)."),
@@ -279,19 +371,34 @@ def evaluate(
                                               help="Exact match: tokens generated per answer (default 16)."),
     batch_size: int | None = typer.Option(None, "--batch-size", min=1,
                                           help="Evaluation batch (default 8; latent students 32)."),
+    probe: bool = typer.Option(True, help="The KV probe against the teachers (most of the time: their forwards "
+                               "and a ridge fit per layer)."),
+    save: bool = typer.Option(True, help="Save the result as RUN/eval.json (shown by `kvdistill report`)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """Held-out perplexity, exact match and per-layer KV alignment error (ridge probe) against teachers; a latent
-    student: latent-mode exact match (tokens and latency per answer) and the answer CE after its latents."""
-    from kvdistill.eval.run import evaluate_checkpoint, markdown_table
+    """Held-out perplexity, exact match and the KV probe 1-R² per layer against teachers; saved as RUN/eval.json.
+
+    A latent student: latent-mode exact match (tokens and latency per answer) and the answer CE after its latents.
+
+    Examples:
+
+        kvdistill eval runs/a                  # its final student, its held-out split
+
+        kvdistill eval runs/a --no-probe --json
+
+        kvdistill eval runs/a/checkpoints/step-200 --data my.jsonl --size 64
+    """
+    from kvdistill.eval.run import EVAL_FILE, evaluate_checkpoint, markdown_table
 
     result = evaluate_checkpoint(checkpoint, data=data, config=config_path(config) if config else None,
-                                 teachers=teachers or [], size=size, max_length=max_length, em=em,
-                                 max_new_tokens=max_new_tokens, batch_size=batch_size)
+                                 teachers=teachers or [], size=size, max_length=max_length, em=em, probe=probe,
+                                 max_new_tokens=max_new_tokens, batch_size=batch_size, progress=True, save=save)
     if as_json:
         _echo_json(result)
     else:
         sys.stdout.write(markdown_table(result) + "\n")
+    if save and result["run_dir"]:
+        console.print(f"[green]saved[/green] {escape(str(Path(result['run_dir']) / EVAL_FILE))}")
 
 
 @app.command()
@@ -307,7 +414,14 @@ def generate(
                                 "latents, then --answer-prompt (greedy)."),
     answer_prompt: str = typer.Option("Answer:", "--answer-prompt", help="With --latent: text after the latents."),
 ) -> None:
-    """Continue a prompt with a saved student (a plain Hugging Face model), printing the text and tokens/s."""
+    """Continue a prompt with a saved student (a plain Hugging Face model), printing the text and tokens/s.
+
+    Examples:
+
+        kvdistill generate runs/a --prompt "Question: Compute 3 + 4." --max-new-tokens 32
+
+        kvdistill generate runs/a/final --prompt "Once" --temperature 0.8 --top-p 0.9 --seed 1
+    """
     from kvdistill.eval.generate import generate as run_generate
 
     gen = run_generate(checkpoint, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
@@ -325,7 +439,14 @@ def report(
     out: str | None = typer.Option(None, "--out", "-o", help="Output file (default: FIRST_RUN/report.md)."),
     html: bool = typer.Option(False, "--html", help="Write HTML instead of markdown."),
 ) -> None:
-    """One page: loss curves, routing weights, layer maps, token alignment, comparison table."""
+    """One page comparing runs: tables, eval.json, training and held-out curves, layer maps, alignment.
+
+    Examples:
+
+        kvdistill report runs/a                # writes runs/a/report.md
+
+        kvdistill report runs/kd runs/ce --html --out compare.html
+    """
     from pathlib import Path
 
     from kvdistill.eval.report import write_report
@@ -340,7 +461,10 @@ def quickstart(
     out: str = typer.Option("quickstart-out", "--out", "-o", help="Output directory."),
     steps: int | None = typer.Option(None, help="Override train.steps (default from the packaged config)."),
 ) -> None:
-    """The default run: SmolLM2 + Gemma-3 distilled into a small GPT-2-tokenizer student vs a CE-only twin."""
+    """The default run: SmolLM2 + Gemma-3 distilled into a small GPT-2-tokenizer student vs a CE-only twin.
+
+    Example: kvdistill quickstart --out quickstart-out --steps 20
+    """
     from kvdistill.experiments.quickstart import run_quickstart
 
     with stoppable(console, RERUN):
@@ -356,7 +480,14 @@ def experiment(
     only: list[str] | None = typer.Option(None, "--only", help="Run only this condition (repeatable); the baseline always runs."),
     seeds: int | None = typer.Option(None, "--seeds", help="Use only the spec's first N seeds."),
 ) -> None:
-    """Prepare the spec's teachers, train every (condition, seed), evaluate on one held-out set, compare."""
+    """Prepare the spec's teachers, train every (condition, seed), evaluate on one held-out set, compare.
+
+    Examples:
+
+        kvdistill experiment tiny --out runs/tiny
+
+        kvdistill experiment suite --out runs/suite --only kv-fixed --seeds 1
+    """
     from kvdistill.experiments.results import markdown
     from kvdistill.experiments.runner import run_experiment
     from kvdistill.experiments.spec import load_spec
@@ -371,6 +502,38 @@ def experiment(
                   f"{escape(out)}/plots/")
 
 
+# ---------------------------------------------------------------- config
+@config_app.command("show")
+def config_show(
+    name: str | None = typer.Argument(None, help="A packaged config (quickstart, phase1 … phase5, pikv) or a YAML "
+                                      "file; omitted: every default, with a minimal student and teacher."),
+    overrides: list[str] | None = typer.Argument(None, help="Dotted overrides, e.g. train.steps=10."),
+) -> None:
+    """Print a complete config as commented YAML: every field with its value, choices and meaning.
+
+    Generated from the config schema, so it is always the code's own defaults; the output is a valid config.
+
+    Examples:
+
+        kvdistill config show > my.yaml        # every default, to edit
+
+        kvdistill config show quickstart       # a packaged config in full
+
+        kvdistill config show my.yaml train.steps=10
+    """
+    from kvdistill.config import load_config
+    from kvdistill.config.show import EXAMPLE, commented_yaml
+
+    if name is None:
+        cfg = load_config(raw=json.loads(json.dumps(EXAMPLE)), overrides=overrides or [])
+        header = ("kvdistill config: every field at its default (student and teacher filled in from the offline "
+                  "zoo).\nEdit what you need; `kvdistill validate FILE` checks it.")
+    else:
+        cfg = _load(name, overrides)
+        header = f"kvdistill config: {name}, every field spelled out.\n`kvdistill validate FILE` checks it."
+    sys.stdout.write(commented_yaml(cfg, header))
+
+
 # ---------------------------------------------------------------- extract / cache
 from kvdistill.cache.cli import cache_app, extract  # noqa: E402 (kept next to where it is registered)
 
@@ -379,7 +542,8 @@ app.command()(extract)
 
 
 def main() -> None:
-    logging.basicConfig(level=os.environ.get("KVDISTILL_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
+    level = os.environ.get("KVDISTILL_LOG", "WARNING").upper()
+    logging.basicConfig(level=level if level in LOG_LEVELS else "WARNING", format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         app()

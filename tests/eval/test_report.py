@@ -124,13 +124,14 @@ def test_comparison_table_numbers_and_order(md_report):
     marker, text = text.split("\n", 1)
     assert marker.startswith("<!-- written by kvdistill report") and text.startswith("# test report\n")
     header = text.splitlines()[[i for i, x in enumerate(text.splitlines()) if x.startswith("| run | steps")][0]]
-    assert header == ("| run | steps | tokens | elapsed (s) | final train loss | eval ce | eval ppl "
-                      "| eval kv error smollm2 | eval kv error gemma3 |")
+    assert header == ("| run | steps | tokens | elapsed (s) | final train CE | eval CE | eval ppl "
+                      "| eval KV error smollm2 | eval KV error gemma3 |")
     rows = _table_rows(text)
     assert list(rows) == ["kd", "ce-only"]  # best first by eval ppl
-    assert rows["kd"] == ["kd", "20", "5120", "12.3", "1.875", f"{math.log(20.5):.4g}", "20.5", "0.8125", "0.734"]
-    assert rows["ce-only"] == ["ce-only", "20", "5120", "12.3", "2.625", f"{math.log(30.25):.4g}", "30.25",
+    assert rows["kd"] == ["kd", "20", "5120", "12.3", "1.125", f"{math.log(20.5):.4g}", "20.5", "0.8125", "0.734"]
+    assert rows["ce-only"] == ["ce-only", "20", "5120", "12.3", "1.575", f"{math.log(30.25):.4g}", "30.25",
                                "0.95", "nan"]
+    assert "**KV error**" in text and "**KV probe 1-R²**" in text and "**KV loss**" in text  # the definitions
     assert text.index("| kd |") < text.index("| ce-only |")
 
 
@@ -157,7 +158,10 @@ def test_every_referenced_png_exists(md_report):
     assert len([f for f in files if f.startswith("align_")]) == len(TEACHERS)
     assert len([f for f in files if f.startswith("kv_error_layers_")]) == len(TEACHERS)
     assert len([f for f in files if f.startswith("weights_")]) == 2
-    assert len([f for f in files if f.startswith("loss_")]) == 3
+    assert len([f for f in files if f.startswith("loss_")]) == 3  # each run's terms; the CE of all runs
+    assert "loss_ce_all_runs.png" in files and "loss_all_runs.png" not in files  # no distilled vs CE-only total
+    assert "heldout_ce.png" in files  # held-out CE against the step, every run
+    assert len([f for f in files if f.startswith("heldout_kv_error_")]) == len(TEACHERS)
     assert "projector linear_per_head, 12288 params" in text
     assert not list(md_report.parent.glob(".*tmp"))
 
@@ -165,10 +169,10 @@ def test_every_referenced_png_exists(md_report):
 def test_html_page(html_report):
     text = html_report.read_text()
     assert text.startswith("<!DOCTYPE html>") and text.rstrip().endswith("</html>")
-    assert "<td>kd</td><td>20</td><td>5120</td><td>12.3</td><td>1.875</td>" in text
+    assert "<td>kd</td><td>20</td><td>5120</td><td>12.3</td><td>1.125</td>" in text
     assert text.index("<td>kd</td>") < text.index("<td>ce-only</td>")
     srcs = re.findall(r'<img src="([^"]+)"', text)
-    assert len(srcs) == 3 + 2 + 3 * len(TEACHERS)
+    assert len(srcs) == 3 + 2 + 3 * len(TEACHERS) + 1 + len(TEACHERS)
     for src in srcs:
         assert src.startswith("page_files/")
         assert (html_report.parent / src).read_bytes().startswith(PNG)
@@ -183,7 +187,7 @@ def test_missing_optional_files(tmp_path):
     text = out.read_text()
     rows = _table_rows(text)
     assert list(rows) == ["summed", "bare-run"]  # a run without summary has the eval line's ppl (33.1)
-    assert rows["bare-run"][:7] == ["bare-run", "20", "5120", "12", "1", "3.5", "33.1"]
+    assert rows["bare-run"][:7] == ["bare-run", "20", "5120", "12", "0.6", "3.5", "33.1"]
     # a run with only train lines: no eval figures, dashes in the table, placed after runs with a ppl
     only_train = tmp_path / "only-train"
     only_train.mkdir()
@@ -288,3 +292,18 @@ def test_a_long_teacher_name_gets_a_short_figure_name(tmp_path):
 
     long = "teacher_" + "x" * 300
     assert len(_slug(long)) == 80 and _slug(long) != _slug(long + "y") and _slug("..") == "x"
+
+
+def test_eval_json_is_shown(tmp_path):
+    a = make_run(tmp_path / "a", "a", final_loss=1.0, summary=None)
+    b = make_run(tmp_path / "b", "b", final_loss=1.5, summary=None)
+    (a / "eval.json").write_text(json.dumps({
+        "written_by": "kvdistill eval", "step": 20, "samples": 8, "data": {"source": "gsm_symbolic"},
+        "perplexity": {"ce": 2.5, "ppl": 12.18, "tokens": 300}, "exact_match": {"exact_match": 0.25, "n": 8},
+        "probe_kv_error": {"smollm2": {"mean": 0.75, "layers": [0.7, 0.8]}}}))
+    (b / "eval.json").write_text(json.dumps({"ppl": 3.0, "per_item": [1, 0]}))  # an experiment's record: not ours
+    text = write_report([a, b], tmp_path / "r.md").read_text()
+    assert "## Evaluation (kvdistill eval)" in text
+    assert "| run | step | samples | held-out CE | held-out ppl | exact match | KV probe 1-R² smollm2 |" in text
+    assert "| a | 20 | 8 | 2.5 | 12.18 | 0.25 | 0.75 |" in text
+    assert "| b | 20 | 8 |" not in text

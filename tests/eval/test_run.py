@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -144,4 +145,67 @@ def test_evaluate_student_dir_on_a_file_against_itself(tmp_path, tiny_student):
     assert result["run_dir"] is None and result["samples"] == 4
     table = markdown_table(result)
     assert f"| held-out perplexity | {result['perplexity']['ppl']:.3f}" in table
-    assert f"KV probe error vs {name}" in table and f"({em['correct']}/4)" in table
+    assert f"KV probe 1-R² vs {name}" in table and f"({em['correct']}/4)" in table
+
+
+# ------------------------------------------------------------------------------------------------ a run that travels
+def _cli(*args) -> int:
+    import sys
+
+    from kvdistill.cli import main
+
+    argv, sys.argv = sys.argv, ["kvdistill", *map(str, args)]
+    try:
+        main()
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    finally:
+        sys.argv = argv
+    return 0
+
+
+def test_a_moved_run_loads_evaluates_and_reports_from_another_directory(teacher_dirs, tmp_path, monkeypatch):
+    """Relative data and teacher paths at training time; the run directory moved and evaluated from elsewhere:
+    config.yaml holds every default and absolute paths, final/ loads with from_pretrained, eval.json is saved
+    and shown by the report."""
+    import os
+    import shutil
+
+    import yaml
+
+    work, elsewhere, other = (tmp_path / d for d in ("work", "elsewhere", "other"))
+    for d in (work, elsewhere, other):
+        d.mkdir()
+    monkeypatch.chdir(work)
+    with open("data.jsonl", "w") as f:
+        for i in range(12):
+            q, a = QA[i % len(QA)]
+            f.write(json.dumps({"question": f"{q} ({i})", "cot": "Think.", "answer": a}) + "\n")
+    teacher = os.path.relpath(teacher_dirs["qwen2"], work)
+    Path("my.yaml").write_text(yaml.safe_dump({
+        "name": "mine", "student": {
+            "from_config": {"base": "smollm2-135m", "num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128,
+                            "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32},
+            "tokenizer": "gpt2-tokenizer"}, "teachers": [{"name": "qwen2", "model": teacher}],
+        "data": {"source": "jsonl", "path": "data.jsonl", "eval_size": 4, "max_length": 32},
+        "train": {"steps": 2, "batch_size": 2, "tensorboard": False}}))
+    assert _cli("train", "my.yaml", "--out", "run") == 0
+    stored = yaml.safe_load(Path("run/config.yaml").read_text())
+    assert stored["data"]["path"] == str(work / "data.jsonl")
+    assert stored["teachers"][0]["model"] == str(teacher_dirs["qwen2"].resolve())
+    assert stored["train"]["save_every"] == 0 and stored["losses"]["kv"]["kind"] == "mse"  # defaults spelled out
+    shutil.move(work / "run", elsewhere / "run")
+    moved = elsewhere / "run"
+    monkeypatch.chdir(other)
+    model = AutoModelForCausalLM.from_pretrained(moved / "final")  # the student at the top of final/
+    assert model.config.num_hidden_layers == 2 and (moved / "final/kvdistill/objective.safetensors").is_file()
+    assert _cli("eval", moved, "--no-em", "--json") == 0
+    saved = json.loads((moved / "eval.json").read_text())
+    assert saved["written_by"] == "kvdistill eval" and saved["step"] == 2 and saved["samples"] == 4
+    summary = json.loads((moved / "summary.json").read_text())
+    assert saved["perplexity"]["ce"] == pytest.approx(summary["eval/ce"], rel=1e-5)  # the run's own held-out split
+    assert set(saved["probe_kv_error"]) == {"qwen2"}
+    assert _cli("report", moved, "--out", other / "r.md") == 0
+    text = (other / "r.md").read_text()
+    assert "## Evaluation (kvdistill eval)" in text and "| mine | 2 | 4 |" in text
+    assert not list(other.glob("*.json"))  # nothing written where eval ran

@@ -68,10 +68,10 @@ def test_micro_experiment_results_resume_and_only(tmp_path):
     assert (tmp_path / "results.md").read_text().count("| kd |") >= 2
     assert (tmp_path / "plots" / "exact_match.png").is_file() and (tmp_path / "plots" / "curve_ce_step.png").is_file()
     # resume: nothing is trained again, the same results
-    stamp = {p: p.stat().st_mtime_ns for p in tmp_path.glob("runs/*/seed-*/final/student/*.safetensors")}
+    stamp = {p: p.stat().st_mtime_ns for p in tmp_path.glob("runs/*/seed-*/final/*.safetensors")}
     again = run_experiment(spec, tmp_path)
     assert again == results
-    assert stamp == {p: p.stat().st_mtime_ns for p in tmp_path.glob("runs/*/seed-*/final/student/*.safetensors")}
+    assert stamp == {p: p.stat().st_mtime_ns for p in tmp_path.glob("runs/*/seed-*/final/*.safetensors")}
     # a half-finished experiment (one run's evaluation and student gone) runs only that pair
     victim = tmp_path / "runs" / "kd" / "seed-1"
     (victim / "eval.json").unlink()
@@ -118,8 +118,8 @@ def test_concurrent_runs_in_subprocesses_equal_in_process_training(tiny_config, 
     train_all([(tmp_path / "sub" / f"seed-{s}", c) for s, c in zip((0, 1), configs, strict=True)], concurrent=2)
     train_all([(tmp_path / "inproc" / f"seed-{s}", c) for s, c in zip((0, 1), configs, strict=True)], concurrent=1)
     for s in (0, 1):
-        a = load_file(str(tmp_path / "sub" / f"seed-{s}" / "final" / "student" / "model.safetensors"))
-        b = load_file(str(tmp_path / "inproc" / f"seed-{s}" / "final" / "student" / "model.safetensors"))
+        a = load_file(str(tmp_path / "sub" / f"seed-{s}" / "final" / "model.safetensors"))
+        b = load_file(str(tmp_path / "inproc" / f"seed-{s}" / "final" / "model.safetensors"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (tmp_path / "sub" / "seed-0.log").is_file()
 

@@ -225,7 +225,7 @@ def test_kava_tiny_spec_runs_end_to_end(tmp_path):
     for name in results["conditions"]:
         ev = json.loads((tmp_path / "runs" / name / "seed-0" / "eval.json").read_text())
         assert len(ev["per_item"]) == 4 and ev["gen_tokens"] > 0
-        latent = (tmp_path / "runs" / name / "seed-0" / "final" / "student" / "latent.json").is_file()
+        latent = (tmp_path / "runs" / name / "seed-0" / "final" / "latent.json").is_file()
         assert latent == (name != "cot_ft")
         if latent:
             assert ev["latent_tokens"] == (0 if name == "nocot_ft" else 6)

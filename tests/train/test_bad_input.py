@@ -108,7 +108,7 @@ def test_texts_longer_than_max_length_are_truncated(tiny_config, tmp_path, files
 def test_out_holding_a_run_needs_resume(tiny_yaml, tmp_path, cli):
     out = tmp_path / "run"
     assert cli("train", tiny_yaml, "--out", out)[0] == 0
-    before = {p: p.read_bytes() for p in (out / "metrics.jsonl", out / "final/student/model.safetensors")}
+    before = {p: p.read_bytes() for p in (out / "metrics.jsonl", out / "final/model.safetensors")}
     code, err = cli("train", tiny_yaml, "--out", out)
     assert code == 2
     assert f"--out {out} already holds a run (metrics.jsonl, checkpoints, final)" in err

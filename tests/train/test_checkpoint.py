@@ -310,7 +310,37 @@ def test_a_run_killed_while_saving_resumes_to_the_uninterrupted_result(tiny_conf
     for ra, rb in zip(a, b, strict=True):
         assert rb["lr"] == ra["lr"] and rb["tokens"] == ra["tokens"]
         assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-6)
-    for sub in ("final/student", "checkpoints/step-4/state"):
+    for sub in ("final", "checkpoints/step-4/state"):
         assert files.max_diff(files.weights(full / sub), files.weights(out / sub)) < 1e-6, sub
     assert summary["tokens"] == json.loads((full / "summary.json").read_text())["tokens"] == sum(
         r["tokens"] for r in a)
+
+
+# ---------------------------------------------------------------------------------------------- pruning
+def _fake_checkpoints(out, eval_ce: dict[int, float | None]):
+    for step, ce in eval_ce.items():
+        path = checkpoint_path(out, step)
+        path.mkdir(parents=True)
+        state = {"step": step, "tokens": 0} | ({"eval_ce": ce} if ce is not None else {})
+        (path / "trainer_state.json").write_text(json.dumps(state))
+
+
+def test_prune_keeps_the_newest_n_and_the_best(tmp_path):
+    from kvdistill.train.checkpoint import prune_checkpoints
+
+    _fake_checkpoints(tmp_path, {1: 3.0, 2: 1.0, 3: 2.0, 4: None, 5: 2.5, 6: 2.4, 7: 0.5})
+    (tmp_path / "checkpoints" / "step-3.pruned").mkdir()  # left by a crash while pruning
+    removed = prune_checkpoints(tmp_path, 2, step=6)  # step-7: left from before a resume at 6, not counted
+    assert [p.name for p in removed] == ["step-1", "step-3", "step-4"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-2", "step-5", "step-6", "step-7"]
+    assert prune_checkpoints(tmp_path, 1, step=7) == [checkpoint_path(tmp_path, 2), checkpoint_path(tmp_path, 5),
+                                                      checkpoint_path(tmp_path, 6)]
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-7"]  # the newest is also the best
+
+
+def test_prune_without_evaluations_keeps_the_newest_n(tmp_path):
+    from kvdistill.train.checkpoint import prune_checkpoints
+
+    _fake_checkpoints(tmp_path, dict.fromkeys(range(1, 5)))
+    prune_checkpoints(tmp_path, 3, step=4)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-2", "step-3", "step-4"]

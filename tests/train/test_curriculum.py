@@ -36,7 +36,7 @@ def test_phases_chain_students_and_phase5_trains_through_the_latent_space(tmp_pa
              "fusion.latent.fit_samples=4"]
     results = run_phases([1, 5], tmp_path, small)
     assert [r["stage"] for r in results] == ["phase1", "phase5"]
-    assert results[1]["init_student"] == str(tmp_path / "phase1" / "final" / "student")
+    assert results[1]["init_student"] == str(tmp_path / "phase1" / "final")
     assert json.loads((tmp_path / "curriculum.json").read_text())[1]["stage"] == "phase5"
     row = json.loads((tmp_path / "phase5" / "metrics.jsonl").read_text().splitlines()[0])
     for name in ("smollm2", "gemma3", "minilm"):

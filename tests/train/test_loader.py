@@ -21,7 +21,7 @@ def same_runs(a, b, files):
     for x, y in zip(ra, rb, strict=True):
         for key in ("loss", "loss/ce", "loss/kv/qwen2", "loss/kv/gemma3", "grad_norm", "tokens", "lr"):
             assert x[key] == y[key], key
-    assert files.max_diff(files.weights(a / "final/student"), files.weights(b / "final/student")) == 0.0
+    assert files.max_diff(files.weights(a / "final"), files.weights(b / "final")) == 0.0
 
 
 @pytest.fixture(scope="module")

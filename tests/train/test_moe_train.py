@@ -110,7 +110,7 @@ def test_ddp_two_processes_match_one_for_an_moe_student(tmp_path):
         assert rb["tokens"] == ra["tokens"]
         for key in ("loss", "loss/routing/moe_teacher", "loss/expert/moe_teacher", "loss/balance", "grad_norm"):
             assert rb[key] == pytest.approx(ra[key], rel=1e-4), key
-    wa = load_file(str(one / "final/student/model.safetensors"))
-    wb = load_file(str(ddp / "final/student/model.safetensors"))
+    wa = load_file(str(one / "final/model.safetensors"))
+    wb = load_file(str(ddp / "final/model.safetensors"))
     assert wa.keys() == wb.keys()
     assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-5

@@ -27,5 +27,5 @@ def test_resume_samples_what_the_uninterrupted_run_sampled(tiny_config, tmp_path
     drop = ("tokens_per_s", "elapsed_s", "on_policy/generate_s")
     assert [{k: v for k, v in r.items() if k not in drop} for r in again] == [
         {k: v for k, v in r.items() if k not in drop} for r in rows]
-    a, b = files.weights(full / "final/student"), files.weights(resumed / "final/student")
+    a, b = files.weights(full / "final"), files.weights(resumed / "final")
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -12,6 +12,7 @@ import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kvdistill.student import build_student
@@ -77,7 +78,7 @@ def test_grad_accumulation_gives_the_same_update(tiny_config, baseline, tmp_path
     assert files.max_diff(state_a, state_b) < TOL
     # the runs did move the weights, by far more than they differ
     init, _ = build_student(tiny_config().student, seed=0)
-    final = files.weights(baseline / "final/student")
+    final = files.weights(baseline / "final")
     init_state = {k: v for k, v in init.state_dict().items() if k in final}
     assert files.max_diff(init_state, final) > 1e-3
 
@@ -90,7 +91,7 @@ def test_gradient_checkpointing_gives_the_same_run(tiny_config, baseline, tmp_pa
         assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-5)
         assert rb["grad_norm"] == pytest.approx(ra["grad_norm"], rel=1e-4)
     assert (
-        files.max_diff(files.weights(baseline / "final/student"), files.weights(out / "final/student")) < TOL
+        files.max_diff(files.weights(baseline / "final"), files.weights(out / "final")) < TOL
     )
 
 
@@ -102,7 +103,7 @@ def test_bf16_mixed_precision_runs_on_cpu(tiny_config, baseline, tmp_path, files
         assert math.isfinite(rb["loss"])
         assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-2)
     assert bf16[0]["loss"] != fp32[0]["loss"]  # autocast was on
-    final = files.weights(out / "final/student")
+    final = files.weights(out / "final")
     assert all(
         t.dtype == torch.float32 and torch.isfinite(t).all() for t in final.values()
     )  # fp32 master weights
@@ -142,7 +143,7 @@ def test_ddp_two_processes_match_one(tiny_config, tiny_yaml, tmp_path, files):
         assert rb["tokens"] == ra["tokens"]
         for key in ("loss", "loss/kv/qwen2", "loss/kv/gemma3", "grad_norm"):
             assert rb[key] == pytest.approx(ra[key], rel=1e-5), key
-    assert files.max_diff(files.weights(one / "final/student"), files.weights(ddp / "final/student")) < TOL
+    assert files.max_diff(files.weights(one / "final"), files.weights(ddp / "final")) < TOL
     state = sorted(p.name for p in (ddp / "checkpoints/step-2/state").iterdir())
     assert "random_states_0.pkl" in state and "random_states_1.pkl" in state
     assert json.loads((ddp / "summary.json").read_text())["tokens"] == sum(r["tokens"] for r in b)
@@ -302,13 +303,13 @@ def test_resume_matches_the_uninterrupted_run(tiny_config, tiny_yaml, full_run, 
     for ra, rb in zip(full, resumed, strict=True):
         assert rb["lr"] == ra["lr"]
         assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-6)
-    for sub in ("final/student", "checkpoints/step-4/state"):
+    for sub in ("final", "checkpoints/step-4/state"):
         assert files.max_diff(files.weights(full_run / sub), files.weights(out / sub)) < 1e-6, sub
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 4 and summary["tokens"] == sum(r["tokens"] for r in full)
 
 
-@pytest.mark.parametrize("sub", ["final/student", "checkpoints/step-2/student"])
+@pytest.mark.parametrize("sub", ["final", "checkpoints/step-2/student"])
 def test_saved_students_load_with_plain_transformers_and_generate(full_run, sub, files):
     path = full_run / sub
     model = AutoModelForCausalLM.from_pretrained(path).eval()
@@ -320,13 +321,17 @@ def test_saved_students_load_with_plain_transformers_and_generate(full_run, sub,
     )
     assert out.shape == (1, ids["input_ids"].shape[1] + 6)
     assert isinstance(tok.decode(out[0]), str)
-    # the saved student is exactly the trained one in the checkpointed state
+    # one copy of the student per checkpoint: state/ holds the rest of the objective (the projectors)
     step = "step-4" if sub.startswith("final") else "step-2"
-    state = files.weights(full_run / f"checkpoints/{step}/state", prefix="student.")
+    state = files.weights(full_run / f"checkpoints/{step}/state")
+    assert state and not any(k.startswith("student.") for k in state)
     saved = files.weights(path)
-    assert files.max_diff({k: state[k] for k in saved}, saved) == 0.0
-    if sub.startswith("final"):  # and the two checkpoints differ
+    if sub.startswith("final"):  # the final student is the last checkpoint's, the rest beside it
+        assert files.max_diff(saved, files.weights(full_run / "checkpoints/step-4/student")) == 0.0
         assert files.max_diff(saved, files.weights(full_run / "checkpoints/step-2/student")) > 1e-4
+        rest = load_file(str(path / "kvdistill/objective.safetensors"))
+        assert files.max_diff(rest, state) == 0.0
+        assert json.loads((path / "kvdistill/trainer_state.json").read_text())["step"] == 4
 
 
 # ------------------------------------------------------------------------------------------ LoRA
@@ -336,19 +341,19 @@ def test_lora_student_saves_a_merged_model_and_its_adapter(tiny_config, tmp_path
     cfg = tiny_config("student.lora.r=4", "student.lora.alpha=8", "train.lr=1e-2")
     out = tmp_path / "lora"
     train(cfg, out, progress=False)
-    merged = files.weights(out / "final/student")
+    merged = files.weights(out / "final")
     assert not any("lora" in k for k in merged)
-    adapter = out / "final/student/adapter"
+    adapter = out / "final/adapter"
     assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
     # only the adapters (and the maps) trained: the checkpointed base weights are the initial ones
     base, _ = build_student(
         cfg.model_copy(update={"student": cfg.student.model_copy(update={"lora": None})}).student,
         seed=cfg.train.seed,
     )
+    # state/ holds the adapters only: the frozen base is what the config builds (a resume rebuilds it)
     state = files.weights(out / "checkpoints/step-2/state", prefix="student.base_model.model.")
-    frozen = {k.replace(".base_layer", ""): v for k, v in state.items() if "lora_" not in k}
+    assert state and all("lora_" in k for k in state)
     base_state = {k: v.clone() for k, v in base.state_dict().items()}  # peft merges into `base` below
-    assert files.max_diff({k: base_state[k] for k in frozen}, frozen) == 0.0
     lora_b = [v for k, v in state.items() if "lora_B" in k]
     assert lora_b and all(float(v.abs().max()) > 0 for v in lora_b)  # B starts at 0: it trained
     # base + adapter, merged by peft, is the saved merged student
@@ -356,8 +361,63 @@ def test_lora_student_saves_a_merged_model_and_its_adapter(tiny_config, tmp_path
     again = {k: v for k, v in reloaded.state_dict().items() if k in merged}
     assert files.max_diff(again, merged) < 1e-6
     assert files.max_diff({k: base_state[k] for k in merged}, merged) > 1e-4
-    plain = AutoModelForCausalLM.from_pretrained(out / "final/student")
+    plain = AutoModelForCausalLM.from_pretrained(out / "final")
     assert type(plain).__name__ == "LlamaForCausalLM"
+
+
+def test_lora_student_resumes_exactly(tiny_config, tmp_path, files):
+    """state/ holds a LoRA student's adapters only; the resume rebuilds the frozen base from the config."""
+    args = ("student.lora.r=4", "student.lora.alpha=8", "train.lr=1e-2", "train.steps=4", "train.save_every=2")
+    full, out = tmp_path / "full", tmp_path / "resumed"
+    train(tiny_config(*args), full, progress=False)
+    train(tiny_config(*args), out, stop_after=2, progress=False)
+    train(tiny_config(*args), out, resume=True, progress=False)
+    assert files.max_diff(files.weights(full / "final"), files.weights(out / "final")) < 1e-6
+
+
+# ------------------------------------------------------------------------------------------ checkpoint limit
+def test_save_total_limit_keeps_the_newest_and_the_best(tiny_config, tmp_path):
+    out = tmp_path / "limited"
+    train(tiny_config("train.steps=5", "train.save_every=1", "train.eval_every=1", "data.size=16", "data.eval_size=4",
+                      "train.save_total_limit=2", "train.lr=0.05"), out, progress=False)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = {r["step"]: r["eval/ce"] for r in rows if r.get("split") == "eval"}
+    assert sorted(evals) == [1, 2, 3, 4, 5]  # one evaluation per step (the last one not repeated)
+    best = min(evals, key=lambda step: (evals[step], -step))
+    kept = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert kept == sorted({f"step-{s}" for s in (4, 5, best)})
+    for name in kept:
+        state = json.loads((out / "checkpoints" / name / "trainer_state.json").read_text())
+        assert state["eval_ce"] == evals[state["step"]]
+
+
+# ------------------------------------------------------------------------------------------ trackers
+def test_wandb_tracker_writes_its_files_offline(tiny_config, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.delenv("WANDB_MODE", raising=False)  # offline unless the user says otherwise
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "tracked"
+    train(tiny_config("train.report_to=[wandb]"), out, progress=False)
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    assert [f.stat().st_size > 0 for f in runs[0].glob("run-*.wandb")] == [True]
+    summary = json.loads((runs[0] / "files" / "wandb-summary.json").read_text())
+    last = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    assert summary["train/loss"] == pytest.approx(last["loss"])
+    assert summary["teacher/qwen2/kv"] == pytest.approx(last["loss/kv/qwen2"])  # one prefix per teacher
+    assert "train.steps" in (runs[0] / "files" / "config.yaml").read_text()
+    assert not (out / "tb").exists()
+
+
+def test_a_tracker_that_is_not_installed_is_refused_by_validate_and_train(tiny_yaml, tmp_path, cli):
+    import importlib.util
+
+    if importlib.util.find_spec("mlflow") is not None:
+        pytest.skip("mlflow is installed here")
+    for command in (["validate", tiny_yaml], ["train", tiny_yaml, "--out", tmp_path / "run"]):
+        code, err = cli(*command, "train.report_to=[mlflow]")
+        assert code == 2 and "pip install mlflow" in err and "train.report_to" in err, err
+    assert not (tmp_path / "run").exists()
 
 
 # ------------------------------------------------------------------------------------------ full CLI run
@@ -401,8 +461,8 @@ def test_cli_run_on_the_real_teachers(tmp_path, cli, files):
             p.name for p in (out / "checkpoints" / step).iterdir()
         }
     assert json.loads((out / "checkpoints/step-2/trainer_state.json").read_text())["step"] == 2
-    assert (out / "final/student/config.json").is_file() and (
-        out / "final/student/model.safetensors"
+    assert (out / "final/config.json").is_file() and (
+        out / "final/model.safetensors"
     ).is_file()
     assert list((out / "tb").glob("events.out.tfevents.*"))
     assert "name: quickstart" in (out / "config.yaml").read_text()

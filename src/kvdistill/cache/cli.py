@@ -105,7 +105,14 @@ def extract(
     ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
-    """Run one teacher over a dataset and store its (compressed) K/V in a cache; rerun to resume."""
+    """Run one teacher over a dataset and store its (compressed) K/V in a cache; rerun to resume.
+
+    Examples:
+
+        kvdistill extract --teacher smollm2-135m --data gsm_symbolic --out caches/smollm2 --compression rkv --budget 128
+
+        kvdistill extract my.yaml --teacher qwen --out caches/qwen
+    """
     from kvdistill.cache.extract import extract as run_extract
 
     if config is not None and "=" in config and not Path(config).exists():  # an override, not a config path
@@ -323,7 +330,10 @@ def info(
     directory: str = typer.Argument(..., help="A cache directory."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """Teacher, compression, samples, tokens, bytes per token and per-layer shapes of a cache."""
+    """Teacher, compression, samples, tokens, bytes per token and per-layer shapes of a cache.
+
+    Example: kvdistill cache info caches/smollm2 --json
+    """
     from kvdistill.cache.verify import cache_info, format_info
 
     result = cache_info(directory)
@@ -336,7 +346,10 @@ def info(
 @cache_app.command("verify")
 def verify(directory: str = typer.Argument(..., help="A cache directory.")) -> None:
     """Check every shard's checksum, size and shapes against the manifest; exit 1 if anything is wrong, 2 if
-    the manifest itself is refused (missing, malformed, naming files outside the cache)."""
+    the manifest itself is refused (missing, malformed, naming files outside the cache).
+
+    Example: kvdistill cache verify caches/smollm2
+    """
     from kvdistill.cache.verify import cache_problems, load_cache_manifest
 
     problems = cache_problems(directory, load_cache_manifest(directory))
@@ -354,7 +367,10 @@ def merge(
     parts: int | None = typer.Option(None, "--parts", help="Expected number of parts (--num-shards)."),
     allow_incomplete: bool = typer.Option(False, "--allow-incomplete", help="Merge unfinished parts too."),
 ) -> None:
-    """Combine the parts of a split extraction (manifest.part-*.json) into one cache; safe to rerun."""
+    """Combine the parts of a split extraction (manifest.part-*.json) into one cache; safe to rerun.
+
+    Example: kvdistill cache merge caches/smollm2
+    """
     from kvdistill.cache.merge import merge_parts
 
     merged = merge_parts(directory, expected_parts=parts, require_complete=not allow_incomplete)

@@ -9,6 +9,8 @@ from kvdistill.config.load import (
     merge_data,
     parse_config,
     read_raw,
+    resolve_paths,
+    resolved_dict,
     semantic_problems,
 )
 from kvdistill.config.schema import (
@@ -34,4 +36,5 @@ from kvdistill.config.schema import (
 __all__ = ["CompressionConfig", "DataConfig", "EntropyConfig", "FusionConfig", "KVLossConfig", "LatentConfig",
            "LayerMapConfig", "LogitKDConfig", "LoraConfig", "LossesConfig", "RouterConfig", "RunConfig", "Section",
            "SimilarityConfig", "StudentConfig", "TeacherConfig", "TrainConfig", "apply_overrides", "check_config",
-           "config_path", "dump_config", "load_config", "merge_data", "parse_config", "read_raw", "semantic_problems"]
+           "config_path", "dump_config", "load_config", "merge_data", "parse_config", "read_raw", "resolve_paths",
+           "resolved_dict", "semantic_problems"]

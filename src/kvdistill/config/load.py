@@ -8,6 +8,7 @@ the checks that need the models' configs.
 from __future__ import annotations
 
 import difflib
+import os
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -189,9 +190,54 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def dump_config(config: RunConfig) -> str:
-    """YAML of the keys that were given (defaults left out), so reloading it means exactly the same run:
-    choices that depend on which keys were set (e.g. text vs template mode of a data file) survive."""
-    return yaml.safe_dump(config.model_dump(mode="json", exclude_unset=True), sort_keys=False)
+    """YAML of the whole config, every default spelled out (what DIR/config.yaml holds), such that reloading it
+    means exactly the same run: a field whose being set decides something (`Section.presence_fields`, e.g. text
+    vs template mode of a data file) is written only where it was set."""
+    return yaml.safe_dump(resolved_dict(config), sort_keys=False, allow_unicode=True)
+
+
+def resolved_dict(section: BaseModel) -> dict:
+    """`section.model_dump(mode="json")` without the presence fields (`Section.presence_fields`) left unset."""
+    out = section.model_dump(mode="json")
+    _drop_unset_presence(section, out)
+    return out
+
+
+def _drop_unset_presence(section: BaseModel, dumped: dict) -> None:
+    for name in type(section).model_fields:
+        value = getattr(section, name)
+        if name in getattr(type(section), "presence_fields", ()) and name not in section.model_fields_set:
+            dumped.pop(name, None)
+        elif isinstance(value, BaseModel) and isinstance(dumped.get(name), dict):
+            _drop_unset_presence(value, dumped[name])
+        elif isinstance(value, list) and isinstance(dumped.get(name), list):
+            for item, raw in zip(value, dumped[name], strict=True):
+                if isinstance(item, BaseModel) and isinstance(raw, dict):
+                    _drop_unset_presence(item, raw)
+
+
+def _absolute(value: Any) -> Any:
+    """A relative path that exists here as an absolute one; anything else (a zoo name, a hub id) unchanged."""
+    if not isinstance(value, str) or not value or Path(value).is_absolute():
+        return value
+    path = Path(value).expanduser()
+    return os.path.abspath(path) if path.exists() else value
+
+
+def resolve_paths(config: RunConfig) -> RunConfig:
+    """The config with every local path made absolute (data.path, models, tokenizers, from_config bases and
+    cache directories that exist relative to the working directory), so that the run's config.yaml means the
+    same run from any directory. Names that are not local paths (offline zoo names, hub ids) are kept."""
+    raw = resolved_dict(config)
+    if raw["data"].get("path"):
+        raw["data"]["path"] = _absolute(raw["data"]["path"])
+    for entry in [raw["student"], *raw["teachers"]]:
+        for key in ("model", "tokenizer", "cache_dir"):
+            if entry.get(key):
+                entry[key] = _absolute(entry[key])
+        if isinstance(entry.get("from_config"), dict) and "base" in entry["from_config"]:
+            entry["from_config"]["base"] = _absolute(entry["from_config"]["base"])
+    return parse_config(raw, source=f"config '{config.name}'")
 
 
 def semantic_problems(config: RunConfig) -> list[str]:
@@ -203,10 +249,22 @@ def semantic_problems(config: RunConfig) -> list[str]:
     student_layers = _student_layers(config.student, problems)
     for i, t in enumerate(config.teachers):
         problems += _teacher_problems(i, t, student_layers)
-    problems += _data_problems(config.data)
+    problems += _data_problems(config.data) + tracker_problems(config)
     if not problems:  # what training checks when it builds the objective, so that "ok" means the run starts
         problems += _capture_problems(config) + _logit_problems(config)
     return problems
+
+
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"}
+
+
+def tracker_problems(config: RunConfig) -> list[str]:
+    """A tracker of train.report_to whose package is not installed here, with the pip command."""
+    import importlib.util
+
+    missing = [name for name in config.train.trackers if importlib.util.find_spec(TRACKER_PACKAGES[name]) is None]
+    return [f"train.report_to: {name} is not installed here; run `pip install {TRACKER_PACKAGES[name]}` (or "
+            f"`pip install 'kvdistill[trackers]'`), or drop '{name}' from train.report_to" for name in missing]
 
 
 def _capture_problems(config: RunConfig) -> list[str]:

@@ -84,6 +84,8 @@ class TemperatureSchedule(Section):
 
 
 class LogitKDConfig(Section):
+    presence_fields = frozenset({"temperature"})  # set or not: refused next to a schedule
+
     weight: float = Field(0.0, ge=0.0)
     temperature: float = Field(2.0, gt=0.0)
     """τ: both distributions are softened by τ and the divergence is multiplied by τ² (kvdistill.losses.logit_kd)."""

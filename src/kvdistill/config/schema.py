@@ -260,6 +260,10 @@ class DataConfig(Section):
     `train_skills`).
     """
 
+    # set or not: text / template / chat mode of a file, a split asked of a one-split dataset, a source next to an
+    # in-memory dataset (kvdistill.data.records)
+    presence_fields = frozenset({"text_field", "question_field", "messages_field", "split", "source"})
+
     source: Literal["jsonl", "csv", "parquet", "text", "hf", "gsm_symbolic", "arithmetic", "sorting", "skills"] = (
         "gsm_symbolic")
     path: str | None = None
@@ -457,7 +461,12 @@ class TrainConfig(Section):
     log_every: int = Field(1, gt=0)
     save_every: int = Field(0, ge=0)
     """Checkpoint every N optimizer steps (0: only at the end)."""
+    save_total_limit: int | None = Field(None, gt=0)
+    """Keep the newest N checkpoints and the best one by held-out CE (recorded where an evaluation, every
+    train.eval_every steps, falls on a save step); older ones are deleted once a newer one is complete.
+    None: keep every checkpoint."""
     eval_every: int = Field(0, ge=0)
+    """Evaluate on the held-out records every N optimizer steps (0: only at the end); printed and logged."""
     eval_exact_match: bool = False
     """Every evaluation also scores greedy exact match on the held-out records (`eval/exact_match`); a latent student
     (student.latent) answers in latent mode (kvdistill.student.answer.latent_exact_match, also `eval/gen_tokens`)."""
@@ -472,6 +481,11 @@ class TrainConfig(Section):
     """Every N optimizer steps, the gradient norm of the CE term and of the distillation terms w.r.t. the student's
     parameters (`grad_norm/ce`, `grad_norm/kd`; two extra backward passes of the first micro-batch; one process)."""
     tensorboard: bool = True
+    """Log to TensorBoard (DIR/tb) when train.report_to is not given; false: no tracker."""
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] | None = None
+    """Trackers, through Accelerate (None: [tensorboard], or [] with train.tensorboard false). tensorboard: DIR/tb;
+    wandb: offline under DIR/wandb unless WANDB_MODE is set (`wandb sync` uploads it); mlflow: DIR/mlruns unless
+    MLFLOW_TRACKING_URI is set; trackio: its local store. Per-teacher terms go under teacher/<name>/."""
     num_workers: int = Field(0, ge=0)
     """DataLoader worker processes that collate batches (tokenization, token alignment) ahead of the step; 0: in
     the training process, just before each step."""
@@ -492,6 +506,23 @@ class TrainConfig(Section):
     fails the eager function runs instead (logged once)."""
     on_policy: OnPolicyConfig | None = None
     """On-policy distillation (GKD): {lambda, temperature, top_p, max_new_tokens}; None: the data text only."""
+
+    presence_fields = frozenset({"tensorboard"})  # set or not: whether it contradicts train.report_to
+
+    @property
+    def trackers(self) -> list[str]:
+        """The trackers a run logs to (train.report_to, else tensorboard if train.tensorboard)."""
+        if self.report_to is not None:
+            return list(dict.fromkeys(self.report_to))
+        return ["tensorboard"] if self.tensorboard else []
+
+    @model_validator(mode="after")
+    def _trackers_agree(self):
+        if (self.report_to is not None and "tensorboard" in self.model_fields_set
+                and self.tensorboard != ("tensorboard" in self.report_to)):
+            raise ValueError(f"train.tensorboard is {str(self.tensorboard).lower()} but train.report_to is "
+                             f"{self.report_to}; drop train.tensorboard (train.report_to lists every tracker)")
+        return self
 
     @model_validator(mode="after")
     def _prefetch_needs_workers(self):

@@ -1,11 +1,14 @@
-"""Held-out figures: perplexity, exact match by greedy generation, and KV alignment error per layer.
+"""Held-out figures: perplexity, exact match by greedy generation, and the KV probe 1 - R² per layer.
 
-Two KV alignment errors:
-- the run's own trained projectors (what the training loss sees, on held-out data): `Objective.evaluate`, through
-  the same loss-space code and `kvdistill.losses.kv_error` that training runs;
-- `probe_kv_error` fits a fresh ridge-regression map from the student's K/V to each teacher's (on a fit split)
-  and measures 1 - R² on held-out samples. It needs no trained maps, so a CE-only student and a distilled
-  student are compared on equal terms: how much of the teacher's K/V is linearly readable from the student's.
+Two held-out K/V figures, with two names (docs/architecture.md, "What the K/V figures mean"):
+- **KV error** (`eval/kv_error/<teacher>`): the run's own trained maps on held-out data, `Objective.evaluate`
+  through the same loss-space code and `kvdistill.losses.kv_error` that training runs: per sample the mean
+  squared error of the student's K/V mapped into the teacher's geometry, divided by the variance of that
+  sample's teacher K/V values; averaged over keys and values, samples and mapped layers.
+- **KV probe 1 - R²** (`probe_kv_error`): a fresh ridge-regression map from the student's K/V to each teacher's,
+  fitted on a fit split and scored as 1 - R² (per feature centred) on held-out samples. It needs no trained
+  maps, so a CE-only student and a distilled student are compared on equal terms: how much of the teacher's
+  K/V is linearly readable from the student's. It is not on the KV error's scale.
 
 Notation: B batch, T_s/T_t student/teacher tokens, H heads, D head dim, L_s/L_t layers, V vocab,
 N rows (covered teacher tokens) of a probe's design matrix, F_s/F_t flattened K or V features (H·D).
@@ -16,6 +19,7 @@ from __future__ import annotations
 import math
 
 import torch
+from tqdm.auto import tqdm
 
 from kvdistill.align.layers import layer_map
 from kvdistill.losses import token_nll
@@ -26,12 +30,24 @@ from kvdistill.objectives.batch import teacher_alignment
 from kvdistill.student.answer import chunks
 
 
+def batches(items, size, desc: str | None = None):
+    """`chunks(items, size)` with a progress bar named `desc` on stderr where it is a terminal (None: no bar)."""
+    return tqdm(chunks(items, size), total=math.ceil(len(items) / size), desc=desc, disable=_shown(desc),
+                leave=False, dynamic_ncols=True)
+
+
+def _shown(desc) -> bool | None:
+    """tqdm's `disable`: True without a description, else None (shown where stderr is a terminal)."""
+    return True if not desc else None
+
+
 @torch.no_grad()
-def perplexity(model, tokenizer, records: list[dict], *, max_length: int, batch_size: int = 8) -> dict:
+def perplexity(model, tokenizer, records: list[dict], *, max_length: int, batch_size: int = 8,
+               progress: bool = False) -> dict:
     """Token-level perplexity over all held-out tokens (exp of the mean next-token NLL)."""
     device = next(model.parameters()).device
     nll_sum, count = 0.0, 0
-    for batch in chunks(records, batch_size):
+    for batch in batches(records, batch_size, "perplexity" if progress else None):
         enc = tokenize(tokenizer, [r["text"] for r in batch], max_length=max_length, padding_side="right")
         ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
         logits = model(input_ids=ids, attention_mask=mask).logits  # (B, T, V)
@@ -44,7 +60,7 @@ def perplexity(model, tokenizer, records: list[dict], *, max_length: int, batch_
 
 @torch.no_grad()
 def exact_match(
-    model, tokenizer, records: list[dict], *, max_new_tokens: int = 16, batch_size: int = 8
+    model, tokenizer, records: list[dict], *, max_new_tokens: int = 16, batch_size: int = 8, progress: bool = False
 ) -> dict:
     """Greedy generation from each record's text before its answer; the extracted answer vs the gold one.
 
@@ -66,7 +82,7 @@ def exact_match(
     old_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
-        for batch in chunks(usable, batch_size):
+        for batch in batches(usable, batch_size, "exact match" if progress else None):
             chat = isinstance(batch[0]["text"], ChatText)  # the conversation before its answer, in this
             prompts = [render(tokenizer, r["text"], prompt_only=True).text if chat  # model's chat template
                        else r["text"][: r["answer_start"]].rstrip() for r in batch]
@@ -108,7 +124,7 @@ class TeacherRows:
     the CPU; only the teacher layers asked for are kept (those a student maps to).
     """
 
-    def __init__(self, teacher, t_tok, records, *, max_length: int, batch_size: int, layers):
+    def __init__(self, teacher, t_tok, records, *, max_length: int, batch_size: int, layers, desc=None):
         self.texts = tuple(r["text"] for r in records)
         self.max_length, self.batch_size = max_length, batch_size
         self.layers = sorted(set(layers))
@@ -116,7 +132,7 @@ class TeacherRows:
         self.masks: list[torch.Tensor] = []  # per batch (B, T_t)
         self.keys: dict[int, list[torch.Tensor]] = {j: [] for j in self.layers}  # per batch (N_b, H_t·D_t)
         self.values: dict[int, list[torch.Tensor]] = {j: [] for j in self.layers}
-        for texts in chunks(list(self.texts), batch_size):
+        for texts in batches(list(self.texts), batch_size, desc):
             t = capture_kv(teacher, t_tok, texts, max_length=max_length, padding_side="right")
             real = t.attention_mask_cpu.bool()  # (B, T_t)
             self.spans.append(t.spans_cpu)
@@ -146,7 +162,7 @@ class TeacherRowsCache:
     def __init__(self):
         self._rows: dict[tuple, tuple[object, object, TeacherRows]] = {}
 
-    def rows(self, teacher, t_tok, records, *, max_length: int, batch_size: int, layers) -> TeacherRows:
+    def rows(self, teacher, t_tok, records, *, max_length: int, batch_size: int, layers, desc=None) -> TeacherRows:
         key = (id(teacher), id(t_tok), tuple(r["text"] for r in records), max_length, batch_size)
         held = self._rows.get(key)
         if held is not None and held[2].covers(
@@ -155,13 +171,13 @@ class TeacherRowsCache:
             return held[2]
         wanted = set(layers) | (set(held[2].layers) if held is not None else set())
         rows = TeacherRows(
-            teacher, t_tok, records, max_length=max_length, batch_size=batch_size, layers=wanted
+            teacher, t_tok, records, max_length=max_length, batch_size=batch_size, layers=wanted, desc=desc
         )
         self._rows[key] = (teacher, t_tok, rows)
         return rows
 
 
-def _aligned_pairs(student, s_tok, teacher_rows: TeacherRows, records, layers_s, pairs):
+def _aligned_pairs(student, s_tok, teacher_rows: TeacherRows, records, layers_s, pairs, desc=None):
     """Student K/V rows and teacher K/V rows on the same tokens (teacher tokens, student resampled).
 
     Per student layer i: lists of ("k" | "v", rows) in batch order, x (N, H_s·D_s) and y (N, H_t·D_t), float32.
@@ -169,7 +185,7 @@ def _aligned_pairs(student, s_tok, teacher_rows: TeacherRows, records, layers_s,
     rows = teacher_rows
     xs = {i: [] for i in layers_s}
     ys = {i: [] for i in layers_s}
-    for b, batch in enumerate(chunks(records, rows.batch_size)):
+    for b, batch in enumerate(batches(records, rows.batch_size, desc)):
         texts = [r["text"] for r in batch]
         s = capture_kv(student, s_tok, texts, max_length=rows.max_length, padding_side="right")
         device = s.spans.device
@@ -209,6 +225,7 @@ def probe_kv_error(
     batch_size: int = 8,
     ridge: float = 1e-2,
     cache: TeacherRowsCache | None = None,
+    progress: str | None = None,
 ) -> list[float]:
     """Per student layer (L_s values): 1 - R² of a ridge map student K/V -> teacher K/V, keys and values averaged.
 
@@ -219,20 +236,27 @@ def probe_kv_error(
     It can exceed 1 when the fit split has few rows next to the F_s features (the map overfits); fit on at
     least a few thousand tokens for a stable figure.
     With a `cache` (a TeacherRowsCache shared by several calls) the teacher's K/V on each record list are
-    captured once for all students; the figures are the same with or without it.
+    captured once for all students; the figures are the same with or without it. `progress`: the teacher's name
+    to show progress bars under (teacher and student forwards, the ridge fits), None for none.
     """
     cache = cache if cache is not None else TeacherRowsCache()
     pairs = probe_pairs(student, teacher)
     layers = list(pairs)
     needed = sorted(set(pairs.values()))
+    def desc(what: str) -> str | None:
+        return f"KV probe vs {progress}: {what}" if progress else None
+
     fit_rows, eval_rows = (
-        cache.rows(teacher, t_tok, records, max_length=max_length, batch_size=batch_size, layers=needed)
-        for records in (fit_records, eval_records)
+        cache.rows(teacher, t_tok, records, max_length=max_length, batch_size=batch_size, layers=needed,
+                   desc=desc(f"teacher forwards ({split})"))
+        for records, split in ((fit_records, "fit"), (eval_records, "held-out"))
     )
-    fx, fy = _aligned_pairs(student, s_tok, fit_rows, fit_records, layers, pairs)
-    ex, ey = _aligned_pairs(student, s_tok, eval_rows, eval_records, layers, pairs)
+    fx, fy = _aligned_pairs(student, s_tok, fit_rows, fit_records, layers, pairs, desc("student forwards (fit)"))
+    ex, ey = _aligned_pairs(student, s_tok, eval_rows, eval_records, layers, pairs,
+                            desc("student forwards (held-out)"))
     out = []
-    for i in layers:
+    for i in tqdm(layers, desc=desc("ridge fits per layer"), disable=_shown(progress), leave=False,
+                  dynamic_ncols=True):
         errs = []
         for kind in ("k", "v"):
             X = torch.cat([x for k, x in fx[i] if k == kind])

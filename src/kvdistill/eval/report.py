@@ -1,4 +1,9 @@
-"""One page for a set of runs: comparison table, loss curves, routing weights, layer maps, token alignment.
+"""One page for a set of runs: comparison table, `kvdistill eval` results, training and held-out curves, routing
+weights, layer maps, token alignment.
+
+Plots compare like with like: the training CE of every run on one axis (never a distilled total against a CE-only
+total), held-out CE against held-out CE, the KV error of one teacher against the same teacher's. `DEFINITIONS`,
+printed on the page, says what each K/V figure is.
 
 Reads the run directories written by `kvdistill train` (eval/runs.py); builds the page model of
 eval/page.py, one section after another, and writes it as markdown (or a self-contained HTML page)
@@ -28,6 +33,17 @@ log = logging.getLogger(__name__)
 
 MAX_TOKENS = 40  # tokens shown per side of the alignment heatmap
 
+DEFINITIONS = (
+    "What the K/V figures are. **KV loss** (`loss/kv/<teacher>`, training curves): the training term on training "
+    "batches, as configured (losses.kv: kind, normalisation, key/value weights). **KV error** (`eval/kv_error/"
+    "<teacher>`, held-out): per sample the mean squared error of the student's K/V mapped by the run's trained maps "
+    "into the teacher's geometry, divided by the variance of that sample's teacher K/V values, averaged over keys "
+    "and values, samples and mapped layers: 0 is a perfect match, 1 is no better than the sample's mean value. "
+    "**KV probe 1-R²** (`kvdistill eval`, held-out): a ridge map fitted afresh from the student's K/V to the "
+    "teacher's on other records, scored as 1 - R² per feature; it needs no trained maps, so it compares a "
+    "CE-only student with a distilled one. The three are on different scales and are never plotted together."
+)
+
 
 # ---------------------------------------------------------------- sections
 
@@ -40,19 +56,43 @@ def _ppl_key(item: tuple[int, Run]) -> tuple:
 
 def _comparison(page: Page, runs: list[Run], teachers: list[str]) -> None:
     page.heading("Runs")
-    header = ["run", "steps", "tokens", "elapsed (s)", "final train loss", "eval ce", "eval ppl"]
-    header += [f"eval kv error {t}" for t in teachers]
+    header = ["run", "steps", "tokens", "elapsed (s)", "final train CE", "eval CE", "eval ppl"]
+    header += [f"eval KV error {t}" for t in teachers]
     rows = []
     for r in runs:
         steps = r.summary.get("steps", r.final_train("step"))
         tokens = r.summary.get("tokens", r.final_train("tokens"))
         elapsed = r.summary.get("elapsed_s", r.final_train("elapsed_s"))
-        row = [r.name, steps, tokens, elapsed, r.final_train("loss"), r.final("eval/ce"), r.final("eval/ppl")]
+        row = [r.name, steps, tokens, elapsed, r.final_train("loss/ce"), r.final("eval/ce"), r.final("eval/ppl")]
         row += [r.final(f"eval/kv_error/{t}") for t in teachers]
         rows.append(row)
     page.table(header, rows)
     if any(finite(r.final("eval/ppl")) for r in runs):
         page.para("Best first by held-out perplexity.")
+    page.para(DEFINITIONS)
+
+
+def _evaluations(page: Page, runs: list[Run]) -> None:
+    """The newest `kvdistill eval` of each run that has one (RUN/eval.json)."""
+    have = [r for r in runs if r.eval_file]
+    if not have:
+        return
+    probes = list(dict.fromkeys(t for r in have for t in (r.eval_file.get("probe_kv_error") or {})))
+    header = ["run", "step", "samples", "held-out CE", "held-out ppl", "exact match"]
+    header += [f"KV probe 1-R² {t}" for t in probes]
+    rows = []
+    for r in have:
+        ev = r.eval_file
+        ppl = ev.get("perplexity") or {}
+        em = (ev.get("exact_match") or {}).get("exact_match")
+        probe = ev.get("probe_kv_error") or {}
+        rows.append([r.name, ev.get("step"), ev.get("samples"), ppl.get("ce"), ppl.get("ppl"), em]
+                    + [(probe.get(t) or {}).get("mean") for t in probes])
+    page.heading("Evaluation (kvdistill eval)")
+    page.table(header, rows)
+    data = {json.dumps(r.eval_file.get("data"), sort_keys=True) for r in have}
+    page.para("From each run's eval.json (the newest `kvdistill eval RUN`)"
+              + ("; the runs were evaluated on different data, so compare with care." if len(data) > 1 else "."))
 
 
 def _loss_curves(page: Page, runs: list[Run]) -> None:
@@ -77,19 +117,39 @@ def _loss_curves(page: Page, runs: list[Run]) -> None:
             f"loss_{i}_{r.name}",
             f"{r.name}: every loss term vs step" + (" (log scale)" if positive else ""),
         )
-    with_total = [r for r in runs if r.series("loss")[0].size]
-    if with_total:
+    with_ce = [r for r in runs if r.series("loss/ce")[0].size]
+    if len(with_ce) > 1:  # the CE of every run: the one training term that means the same in all of them
         fig = Figure(figsize=(8, 4.5))
-        ax = line_axes(fig, title="total loss, all runs", xlabel="step", ylabel="total loss")
-        positive = True
-        for r in with_total:
-            steps, vals = r.series("loss")
-            positive &= bool((vals > 0).all())
-            ax.plot(steps, vals, label=r.name)
-        if positive:
-            ax.set_yscale("log")
+        ax = line_axes(fig, title="training CE, all runs", xlabel="step", ylabel="CE (nats/token)")
+        for r in with_ce:
+            ax.plot(*r.series("loss/ce"), label=r.name)
         ax.legend(fontsize=8)
-        page.figure(fig, "loss_all_runs", "Total training loss of every run")
+        page.figure(fig, "loss_ce_all_runs", "Training CE (loss/ce) of every run, on training batches")
+
+
+def _heldout_curves(page: Page, runs: list[Run], teachers: list[str]) -> None:
+    """Held-out CE against the step for every run that evaluated during training; the KV error per teacher."""
+    with_ce = [r for r in runs if r.eval_series("eval/ce")[0].size]
+    if not with_ce:
+        return
+    page.heading("Held-out curves")
+    fig = Figure(figsize=(8, 4.5))
+    ax = line_axes(fig, title="held-out CE, all runs", xlabel="step", ylabel="CE (nats/token)")
+    for r in with_ce:
+        ax.plot(*r.eval_series("eval/ce"), marker="o", label=r.name)
+    ax.legend(fontsize=8)
+    page.figure(fig, "heldout_ce", "Held-out CE against the step (train.eval_every and the end of training)")
+    for t in teachers:
+        key = f"eval/kv_error/{t}"
+        have = [r for r in runs if r.eval_series(key)[0].size]
+        if not have:
+            continue
+        fig = Figure(figsize=(8, 4))
+        ax = line_axes(fig, title=f"held-out KV error: {t}", xlabel="step", ylabel="KV error")
+        for r in have:
+            ax.plot(*r.eval_series(key), marker="o", label=r.name)
+        ax.legend(fontsize=8)
+        page.figure(fig, f"heldout_kv_error_{t}", f"{t}: held-out KV error (the run's trained maps) against the step")
 
 
 def _routing(page: Page, runs: list[Run], teachers: list[str]) -> None:
@@ -277,7 +337,9 @@ def write_report(
         for t_title, header, rows in extra_tables or []:
             page.table(list(header), [list(r) for r in rows], title=t_title)
         _comparison(page, runs, teachers)
+        _evaluations(page, runs)
         _loss_curves(page, runs)
+        _heldout_curves(page, runs, teachers)
         _routing(page, runs, teachers)
         _layer_maps(page, runs)
         _alignments(page, runs)

@@ -5,11 +5,16 @@ CHECKPOINT is one of
 - a checkpoint directory, RUN/final or RUN/checkpoints/step-N (it holds student/);
 - a student directory (it holds config.json), or any name `load_model` accepts (zoo name, hub id).
 For the first three, the run's config.yaml gives the held-out data (the eval split of the run's data) and the
-teachers; `--data`, `--size`, `--max-length`, `--teacher` and `--config` override them.
+teachers; `--data`, `--size`, `--max-length`, `--teacher` and `--config` override them, and the result is also
+saved as RUN/eval.json (`EVAL_FILE`), which `kvdistill report` shows.
+
+Most of an evaluation's time is the KV probe (the teachers' and the student's forwards on a fit split and the
+held-out split, then a ridge fit per layer): progress bars show each stage, and `--no-probe` skips it.
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -18,6 +23,7 @@ from kvdistill.config import DataConfig, RunConfig, load_config
 from kvdistill.errors import KvdistillError
 from kvdistill.models.load import load_model
 
+EVAL_FILE = "eval.json"  # RUN/eval.json: the newest `kvdistill eval` of the run (written_by: "kvdistill eval")
 DEFAULT_SIZE = 32
 DEFAULT_NEW_TOKENS = 16  # exact match: tokens generated per answer
 DEFAULT_LATENT_BATCH = 32
@@ -28,26 +34,26 @@ _SOURCES = {"jsonl": "jsonl", "json": "jsonl", "csv": "csv", "parquet": "parquet
 
 def resolve_checkpoint(checkpoint: str | Path) -> tuple[str, Path | None]:
     """(what `load_model` gets, the run directory or None) for a run, checkpoint or student directory or name."""
-    from kvdistill.train.checkpoint import latest_checkpoint
+    from kvdistill.train.checkpoint import latest_checkpoint, student_dir
 
     path = Path(checkpoint).expanduser()
     if not path.is_dir():
         return str(checkpoint), None  # a zoo name or hub id; load_model explains a bad path
     if (path / "config.yaml").is_file() and not (path / "config.json").is_file():  # a run directory
-        final = path / "final" / "student"
+        final = student_dir(path / "final")
         if (final / "config.json").is_file():
             return str(final), path
         ckpt = latest_checkpoint(path)
         if ckpt is None or not (ckpt / "student" / "config.json").is_file():
             raise KvdistillError(
-                f"run directory '{path}' has neither final/student nor a complete checkpoint",
+                f"run directory '{path}' has neither final/ nor a complete checkpoint",
                 "let training save a checkpoint (train.save_every, or run to the end)",
             )
         return str(ckpt / "student"), path
-    if (path / "student" / "config.json").is_file():  # RUN/final or RUN/checkpoints/step-N
+    if (path / "student" / "config.json").is_file():  # RUN/checkpoints/step-N, or RUN/final of an older run
         return str(path / "student"), _run_of(path)
-    if (path / "config.json").is_file():  # a student directory, maybe RUN/final/student
-        return str(path), _run_of(path.parent)
+    if (path / "config.json").is_file():  # a student directory: RUN/final, RUN/final/student of an older run
+        return str(path), _run_of(path) if path.name == "final" else _run_of(path.parent)
     raise KvdistillError(
         f"'{checkpoint}' is not a run, checkpoint or student directory",
         "pass RUN, RUN/final, RUN/checkpoints/step-N, or a directory holding config.json",
@@ -125,9 +131,10 @@ def evaluate_student(
     batch_size: int = 8,
     teacher_cache=None,
     max_new_tokens: int = 16,
+    progress: bool = False,
 ) -> dict:
-    """Perplexity, exact match (if `em`) and, per teacher in `teachers` {name: (model, tokenizer)}, the probe
-    KV error per student layer and its mean.
+    """Perplexity, exact match (if `em`) and, per teacher in `teachers` {name: (model, tokenizer)}, the KV probe
+    1 - R² per student layer and its mean (`probe_kv_error`; empty without teachers). `progress`: bars on stderr.
 
     `teacher_cache` (a `kvdistill.eval.metrics.TeacherRowsCache`): pass the same one when evaluating several
     students against the same teachers and records, and each teacher's K/V are captured once for all of them.
@@ -136,11 +143,12 @@ def evaluate_student(
 
     model.eval()
     out = {
-        "perplexity": perplexity(model, tokenizer, eval_records, max_length=max_length, batch_size=batch_size)
+        "perplexity": perplexity(model, tokenizer, eval_records, max_length=max_length, batch_size=batch_size,
+                                 progress=progress)
     }
     if em:
         out["exact_match"] = exact_match(model, tokenizer, eval_records, batch_size=batch_size,
-                                         max_new_tokens=max_new_tokens)
+                                         max_new_tokens=max_new_tokens, progress=progress)
     out["probe_kv_error"] = {}
     for name, (t_model, t_tok) in teachers.items():
         layers = probe_kv_error(
@@ -153,6 +161,7 @@ def evaluate_student(
             max_length=max_length,
             batch_size=batch_size,
             cache=teacher_cache,
+            progress=name if progress else None,
         )
         out["probe_kv_error"][name] = {"mean": sum(layers) / len(layers), "layers": layers}
     return out
@@ -167,27 +176,33 @@ def evaluate_checkpoint(
     size: int | None = None,
     max_length: int | None = None,
     em: bool = True,
+    probe: bool = True,
     device: str | None = None,
     max_new_tokens: int | None = None,
     batch_size: int | None = None,
+    progress: bool = False,
+    save: bool = True,
 ) -> dict:
     """Evaluate CHECKPOINT (see the module docstring); the result `kvdistill eval --json` prints. A latent student
-    (its directory holds latent.json) is evaluated in latent mode (`evaluate_latent`)."""
+    (its directory holds latent.json) is evaluated in latent mode (`evaluate_latent`). `probe`: the KV probe
+    against the teachers; `save`: write RUN/eval.json when CHECKPOINT belongs to a run."""
     from kvdistill.student.latent import is_latent_student
 
     student, run_dir = resolve_checkpoint(checkpoint)
     if is_latent_student(student):
         return _evaluate_latent_checkpoint(checkpoint, student, run_dir, data=data, config=config, teachers=teachers,
                                            size=size, max_length=max_length, em=em, device=device,
-                                           max_new_tokens=max_new_tokens, batch_size=batch_size)
+                                           max_new_tokens=max_new_tokens, batch_size=batch_size, save=save)
     run_cfg = load_config(config) if config is not None else None
     if run_cfg is None and run_dir is not None:
         run_cfg = load_config(run_dir / "config.yaml")
     dcfg = data_config(data, run_cfg, size, max_length)
-    if teachers:
+    if not probe:
+        specs = {}
+    elif teachers:
         specs = {Path(t).name or t: t for t in teachers}
     elif run_cfg is not None:
-        specs = {t.name: t.model for t in run_cfg.teachers}
+        specs = {t.name: t.model for t in run_cfg.teachers if t.model is not None}
     else:
         specs = {}
     fit, held = held_out(dcfg, fit=bool(specs))
@@ -199,8 +214,12 @@ def evaluate_checkpoint(
         raise KvdistillError(f"max_length {dcfg.max_length} is longer than the student's {positions} positions",
                              f"pass --max-length {positions} or less")
     result = evaluate_student(model, tok, loaded, fit, held, max_length=dcfg.max_length, em=em,
-                              batch_size=batch_size or 8, max_new_tokens=max_new_tokens or DEFAULT_NEW_TOKENS)
+                              batch_size=batch_size or 8, max_new_tokens=max_new_tokens or DEFAULT_NEW_TOKENS,
+                              progress=progress)
     result.update(
+        written_by="kvdistill eval",
+        evaluated_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
+        step=_step_of(Path(student)),
         checkpoint=str(checkpoint),
         student=student,
         run_dir=str(run_dir) if run_dir else None,
@@ -214,11 +233,15 @@ def evaluate_checkpoint(
             "seed": dcfg.seed,
         },
     )
+    if save and run_dir is not None:
+        from kvdistill.cache.manifest import write_json_atomic
+
+        write_json_atomic(run_dir / EVAL_FILE, result)
     return result
 
 
 def _evaluate_latent_checkpoint(checkpoint, student: str, run_dir: Path | None, *, data, config, teachers, size,
-                                max_length, em, device, max_new_tokens, batch_size) -> dict:
+                                max_length, em, device, max_new_tokens, batch_size, save) -> dict:
     """A latent student: latent-mode exact match (tokens, latency, latent passes per answer) and the answer CE after
     the latents on the held-out records, through `kvdistill.eval.latent.evaluate_latent` (the experiment runner's
     evaluation)."""
@@ -241,11 +264,31 @@ def _evaluate_latent_checkpoint(checkpoint, student: str, run_dir: Path | None, 
     if em:
         result["exact_match"] = {k: ev[k] for k in ("exact_match", "correct", "n", "per_item", "samples", "gen_tokens",
                                                     "latency_s", "latent_passes", "latent_tokens")}
-    result.update(checkpoint=str(checkpoint), student=student, run_dir=str(run_dir) if run_dir else None, teachers={},
-                  samples=len(held),
+    result.update(written_by="kvdistill eval", evaluated_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
+                  step=_step_of(Path(student)), checkpoint=str(checkpoint), student=student,
+                  run_dir=str(run_dir) if run_dir else None, teachers={}, samples=len(held),
                   data={"source": dcfg.source, "path": dcfg.path, "eval_size": dcfg.eval_size,
                         "max_length": dcfg.max_length, "seed": dcfg.seed})
+    if save and run_dir is not None:
+        from kvdistill.cache.manifest import write_json_atomic
+
+        write_json_atomic(run_dir / EVAL_FILE, result)
     return result
+
+
+def _step_of(student: Path) -> int | None:
+    """The optimizer step of the student in RUN/final (its trainer_state) or RUN/checkpoints/step-N, else None."""
+    import json
+
+    for state in (student / "kvdistill" / "trainer_state.json", student.parent / "trainer_state.json",
+                  student.parent / "kvdistill" / "trainer_state.json"):
+        try:
+            step = json.loads(state.read_text()).get("step")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(step, int):
+            return step
+    return None
 
 
 def markdown_table(result: dict) -> str:
@@ -272,6 +315,6 @@ def markdown_table(result: dict) -> str:
     for name, err in result.get("probe_kv_error", {}).items():
         per_layer = ", ".join(f"{x:.3f}" for x in err["layers"])
         lines.append(
-            f"| KV probe error vs {name} (1-R², mean; per student layer) | {err['mean']:.3f}; {per_layer} |"
+            f"| KV probe 1-R² vs {name} (mean; per student layer) | {err['mean']:.3f}; {per_layer} |"
         )
     return "\n".join(lines)

@@ -1,8 +1,8 @@
 """The run directories a report reads: one `Run` record per directory written by `kvdistill train`.
 
 Layout (see docs/architecture.md, "Run directory"): metrics.jsonl is required; config.yaml,
-summary.json, plan.json and alignment_sample.json are optional, and an unreadable one is skipped
-with a warning.
+summary.json, eval.json (`kvdistill eval`), plan.json and alignment_sample.json are optional, and an unreadable
+one is skipped with a warning.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ class Run:
     summary: dict = field(default_factory=dict)
     plan: dict | None = None
     sample: dict | None = None
+    eval_file: dict | None = None  # RUN/eval.json written by `kvdistill eval`
 
     def final(self, key: str) -> Any:
         """`key` from summary.json, else from the last eval line that has it."""
@@ -61,6 +62,14 @@ class Run:
             return np.zeros(0), np.zeros(0)
         steps, vals = zip(*pts, strict=True)
         return np.asarray(steps, dtype=float), np.asarray(vals, dtype=float)
+
+    def eval_series(self, key: str) -> tuple[np.ndarray, np.ndarray]:
+        """(steps, values) of a held-out key over the eval rows, finite points only, one per step (the last)."""
+        pts = {r["step"]: r[key] for r in self.evals if isinstance(r.get("step"), int) and finite(r.get(key))}
+        if not pts:
+            return np.zeros(0), np.zeros(0)
+        steps = sorted(pts)
+        return np.asarray(steps, dtype=float), np.asarray([pts[s] for s in steps], dtype=float)
 
     def train_keys(self, prefix: str) -> list[str]:
         keys: dict[str, None] = {}
@@ -133,6 +142,9 @@ def load_runs(run_dirs: list[Path | str]) -> list[Run]:
         summary = _read_json(p / "summary.json")
         plan = _read_json(p / "plan.json")
         sample = _read_json(p / "alignment_sample.json")
+        evaluated = _read_json(p / "eval.json")
+        if isinstance(evaluated, dict) and evaluated.get("written_by") != "kvdistill eval":
+            evaluated = None  # an experiment runner's record: its figures are in the experiment's results
         runs.append(
             Run(
                 path=p,
@@ -142,6 +154,7 @@ def load_runs(run_dirs: list[Path | str]) -> list[Run]:
                 summary=summary if isinstance(summary, dict) else {},
                 plan=plan if isinstance(plan, dict) else None,
                 sample=sample if isinstance(sample, dict) else None,
+                eval_file=evaluated if isinstance(evaluated, dict) else None,
             )
         )
     # two runs with the same config name: tell them apart by directory

@@ -2,7 +2,7 @@
 
 Both students start from the same initial weights, see the same samples in the same order for the same
 number of steps; the only difference is the KV distillation term. Figures are held-out perplexity, exact match
-and the per-layer KV probe error against each teacher (see kvdistill.eval.metrics).
+and the per-layer KV probe 1-R² against each teacher (see kvdistill.eval.metrics).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from pathlib import Path
 
 from kvdistill.config import load_config
 from kvdistill.paths import claim, dir_problem
+from kvdistill.train.checkpoint import student_dir
 
 
 def _row(label: str, result: dict, teachers: list[str]) -> list:
@@ -59,13 +60,13 @@ def run_quickstart(out: str | Path, *, steps: int | None = None, overrides: list
     results = {"init": evaluate_student(init_student, init_tok, teachers, fit, held, max_length=cfg.data.max_length,
                                         teacher_cache=cache)}
     for name, run_dir in runs.items():
-        model, tok = load_model(str(run_dir / "final" / "student"), attn_implementation="sdpa")
+        model, tok = load_model(str(student_dir(run_dir / "final")), attn_implementation="sdpa")
         results[name] = evaluate_student(model, tok, teachers, fit, held, max_length=cfg.data.max_length,
                                          teacher_cache=cache)
     del cache
 
     names = list(teachers)
-    header = ["student", "held-out ppl", "exact match"] + [f"KV probe error vs {n} (1-R²)" for n in names]
+    header = ["student", "held-out ppl", "exact match"] + [f"KV probe 1-R² vs {n}" for n in names]
     rows = [_row("untrained init", results["init"], names), _row("CE only", results["ce-only"], names),
             _row("KV distilled", results["kd"], names)]
     layer_header = ["teacher", "student layer", "init", "CE only", "KV distilled"]
@@ -89,6 +90,6 @@ def run_quickstart(out: str | Path, *, steps: int | None = None, overrides: list
     }
     write_report([runs["kd"], runs["ce-only"]], out / "report.md", title="kvdistill quickstart",
                  extra_tables=[("Before / after (held-out)", header, rows),
-                               ("KV probe error per student layer", layer_header, layer_rows)])
+                               ("KV probe 1-R² per student layer", layer_header, layer_rows)])
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary

@@ -43,6 +43,7 @@ from kvdistill.errors import KvdistillError
 from kvdistill.experiments.score import evaluate_run, score
 from kvdistill.experiments.spec import ExperimentSpec, TeacherPrep
 from kvdistill.paths import claim, dir_problem
+from kvdistill.train.checkpoint import student_dir as student_of
 from kvdistill.train.checkpoint import write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -143,20 +144,21 @@ def prepare_teachers(spec: ExperimentSpec, out: Path, held: list[dict]) -> dict[
     dirs = {prep.name: out / "teachers" / prep.name for prep in spec.teachers}
     configs = {prep.name: teacher_config(spec, prep) for prep in spec.teachers}
     pending = [(dirs[n], cfg) for n, cfg in configs.items()
-               if not (dirs[n] / "teacher.json").is_file() and not (dirs[n] / "final" / "student").is_dir()]
+               if not (dirs[n] / "teacher.json").is_file() and not (dirs[n] / "final" / "config.json").is_file()
+               and not (dirs[n] / "final" / "student").is_dir()]
     train_all(pending, resolve_concurrent(spec, [cfg for _, cfg in pending], {}) if pending else 1)
     info = {}
     for prep in spec.teachers:
         run_dir = dirs[prep.name]
         record = run_dir / "teacher.json"
         if not record.is_file():
-            ev = evaluate_run(run_dir / "final" / "student", held, configs[prep.name], spec)
+            ev = evaluate_run(student_of(run_dir / "final"), held, configs[prep.name], spec)
             per_skill = {k: v for k, v in ev.items() if k.startswith("exact_match_")}
             write_json_atomic(record, {"exact_match": ev.get("exact_match"), "ppl": ev["ppl"], **per_skill,
-                                       "params": _param_count(run_dir / "final" / "student"),
+                                       "params": _param_count(student_of(run_dir / "final")),
                                        "samples": ev.get("samples", [])})
         got = json.loads(record.read_text())
-        info[prep.name] = {"model": str(run_dir / "final" / "student"), **got}
+        info[prep.name] = {"model": str(student_of(run_dir / "final")), **got}
         # a specialist must be competent on its own skill (its held-out exact match there), others on everything
         key = f"exact_match_{prep.skill}" if prep.skill else "exact_match"
         em = got.get(key)
@@ -442,7 +444,7 @@ def _train_and_score(spec: ExperimentSpec, out: Path, configs: dict[tuple[str, i
     from kvdistill.config import dump_config
 
     def done(n, s):
-        return (run_dir(out, n, s) / "final" / "student" / "config.json").is_file()
+        return (student_of(run_dir(out, n, s) / "final") / "config.json").is_file()
 
     order = sorted(configs, key=lambda k: (k[0] not in first, -configs[k].train.steps * (1 + len(configs[k].teachers))))
     pending = [(run_dir(out, n, s), configs[n, s]) for n, s in order if not done(n, s)]
@@ -457,12 +459,12 @@ def _train_and_score(spec: ExperimentSpec, out: Path, configs: dict[tuple[str, i
     jobs = []
     for (n, s), cfg in configs.items():
         d = run_dir(out, n, s)
-        if (d / "eval.json").is_file():
-            continue
+        if (d / "eval.json").is_file() and json.loads((d / "eval.json").read_text()).get("written_by") != "kvdistill eval":
+            continue  # scored already (a `kvdistill eval` of the run is not the experiment's record)
         summary = json.loads((d / "summary.json").read_text())
         best = d / "best" / "student"
         selected = cfg.train.early_stopping is not None and best.is_dir()
-        scored = best if selected else d / "final" / "student"
+        scored = best if selected else student_of(d / "final")
         per_token = flops_per_token(spec, n, teachers, n_student)
         trained = int(summary["steps"])
         sel_step = int(summary["best_step"]) if selected else trained
@@ -470,7 +472,7 @@ def _train_and_score(spec: ExperimentSpec, out: Path, configs: dict[tuple[str, i
         share_s = sum(extraction[t]["seconds_per_reader"] for t in cond.teachers) if cond.cache else 0.0
         share_f = sum(extraction[t]["flops_per_reader"] for t in cond.teachers) if cond.cache else 0.0
         extra = dict(elapsed_s=summary.get("elapsed_s"), train_s=summary.get("train_s", summary.get("elapsed_s")),
-                     steps=cfg.train.steps, steps_trained=trained, selected_step=sel_step, scored=scored.parent.name,
+                     steps=cfg.train.steps, steps_trained=trained, selected_step=sel_step, scored="best" if selected else "final",
                      stopped_early=bool(summary.get("stopped_early", False)), tokens=summary["tokens"],
                      flops=per_token * summary["tokens"] + share_f, train_flops=per_token * summary["tokens"],
                      flops_selected=per_token * summary["tokens"] / max(trained, 1) * sel_step + share_f,

@@ -51,6 +51,12 @@ def resolve_path(name_or_path: str | os.PathLike) -> str:
             raise KvdistillError(f"'{text}' has no config.json and no .gguf file",
                                  "pass a Hugging Face model directory or a .gguf file")
         return str(path)
+    close = zoo.nearest(text) if "/" not in text else []
+    if close:  # a name without an organisation close to an offline one: a typo, not a hub id to try
+        raise KvdistillError(
+            f"'{text}' is not an offline model name, a local path or a hub id (nearest offline names: "
+            f"{', '.join(close)})",
+            f"did you mean '{close[0]}'? `kvdistill zoo list` shows every offline name; a hub id reads ORG/NAME")
     looks_like_path = text.startswith((".", "/", "~")) or os.sep in text.strip("/").split("/", 1)[-1]
     if looks_like_path or text.count("/") > 1 or text.lower().endswith(".gguf"):
         raise KvdistillError(f"model path '{text}' does not exist",

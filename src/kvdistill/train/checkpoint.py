@@ -2,12 +2,21 @@
 
 Layout of a run directory DIR:
 
-    DIR/checkpoints/step-N/   student/ (Hugging Face format), state/ (Accelerate: model with projectors and
-                              routers, optimizer, RNG of every process), scheduler.pt, trainer_state.json
-                              ({"step": N, "tokens": int, "config_name": str}), files.json (the size and
+    DIR/checkpoints/step-N/   student/ (Hugging Face format), state/ (Accelerate: the objective's other weights
+                              (projectors, routers, latent maps), optimizer, RNG of every process),
+                              scheduler.pt, trainer_state.json ({"step": N, "tokens": int, "config_name": str,
+                              "eval_ce": float when the run evaluated at step N}), files.json (the size and
                               sha256 of every other file, written last)
     DIR/checkpoints/step-N.diverged/   a checkpoint whose weights gave a non-finite loss (set aside, kept)
-    DIR/final/student/        the trained student (Hugging Face format)
+    DIR/final/                the trained student (Hugging Face format: `from_pretrained(DIR/final)` loads it)
+    DIR/final/kvdistill/      the rest of the objective: objective.safetensors (projectors, routers, latent maps)
+                              and trainer_state.json; runs written before this layout hold final/student/
+
+One copy of the student per checkpoint: `state/` holds every weight of the objective except the student's, which
+are in `student/` (for a LoRA student, its frozen base weights are in neither: they are the base model the
+run's config builds, so a resume rebuilds them; the adapters are in `state/`). `split_student_state` registers
+the Accelerate hooks that save and load this way; checkpoints of older runs, whose state/ holds the student as
+well, still load.
 
 Every such directory is written by `atomic_dir`: into the sibling `NAME.tmp`, every file and directory
 fsynced, then renamed into place. A crash (even SIGKILL) leaves the previous complete directory and at most a
@@ -33,11 +42,12 @@ import torch
 from kvdistill.cache.manifest import fsync_dir, sha256_file
 from kvdistill.paths import open_new
 
-__all__ = ["atomic_dir", "checkpoint_path", "checkpoint_problem", "intact_checkpoints", "list_checkpoints",
-           "latest_checkpoint", "load_checkpoint", "save_checkpoint", "save_final_student", "set_aside",
-           "write_text_atomic"]
+__all__ = ["FINAL_EXTRA", "atomic_dir", "checkpoint_path", "checkpoint_problem", "intact_checkpoints",
+           "list_checkpoints", "latest_checkpoint", "load_checkpoint", "prune_checkpoints", "save_checkpoint",
+           "save_final_student", "set_aside", "split_student_state", "student_dir", "write_text_atomic"]
 
 FILES = "files.json"  # {"files": {relative path: size in bytes}} of every other file of a checkpoint
+FINAL_EXTRA = "kvdistill"  # DIR/final/kvdistill/: what of the objective is not the student
 
 
 # ---------------------------------------------------------------------------------------------- atomic dir
@@ -135,7 +145,8 @@ def save_checkpoint(path: str | os.PathLike, *, accelerator, objective, schedule
     """Write a checkpoint to `path` atomically; every process calls it (each saves its RNG state).
 
     objective: the unwrapped objective (its `save_student(dir)` writes the student); trainer_state: the JSON
-    that `load_checkpoint` returns.
+    that `load_checkpoint` returns. The accelerator should have `split_student_state` registered, so that
+    state/ does not hold the student a second time.
     """
     path = Path(path)
     main = accelerator.is_main_process
@@ -151,6 +162,86 @@ def save_checkpoint(path: str | os.PathLike, *, accelerator, objective, schedule
             hashes = {f.relative_to(tmp).as_posix(): sha256_file(f) for f in written}
             (tmp / FILES).write_text(json.dumps({"files": sizes, "sha256": hashes}, indent=1))
     return path
+
+
+# ---------------------------------------------------------------------------------------------- one student copy
+def _saved_student(objective) -> tuple[str, torch.nn.Module]:
+    """(prefix, module): the part of the objective that `save_student` writes as a Hugging Face model (the
+    student, or a latent student's backbone) and the prefix of its keys in the objective's state dict."""
+    from kvdistill.student.latent import LatentStudent
+
+    student = objective.student
+    if isinstance(student, LatentStudent):
+        return "student.backbone.", student.backbone
+    return "student.", student
+
+
+def _is_peft(module: torch.nn.Module) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(module, PeftModel)
+
+
+def _left_out(objective) -> set[str]:
+    """The keys of the objective's state dict that state/ does not hold: the saved student's (read back from
+    student/), or for a LoRA student its frozen base weights (rebuilt from the run's config)."""
+    prefix, module = _saved_student(objective)
+    if _is_peft(module):  # student/ holds the merged model, from which the adapters cannot be recovered
+        return {prefix + k for k, v in module.state_dict(keep_vars=True).items()
+                if isinstance(v, torch.nn.Parameter) and not v.requires_grad}
+    return {prefix + k for k in module.state_dict()}
+
+
+def split_student_state(accelerator, objective) -> None:
+    """Register Accelerate hooks so that `save_state` leaves the student out of state/model.safetensors and
+    `load_state` reads it back from the checkpoint's student/ (see the module docstring). `objective`: the
+    unwrapped objective, the one model prepared on `accelerator`."""
+    left_out = _left_out(objective)
+
+    def save(models, weights, output_dir):  # weights: the state dicts Accelerate is about to write
+        for i, state in enumerate(weights):
+            weights[i] = {k: v for k, v in state.items() if k.removeprefix("module.") not in left_out}
+
+    def load(models, input_dir):
+        if len(models) != 1:
+            raise RuntimeError(f"expected the objective as the one prepared model, found {len(models)}")
+        load_objective(objective, Path(input_dir).parent)
+        models.clear()  # loaded: Accelerate goes on with the optimizer, scheduler and RNG
+
+    accelerator.register_save_state_pre_hook(save)
+    accelerator.register_load_state_pre_hook(load)
+
+
+def load_objective(objective, checkpoint: str | os.PathLike) -> None:
+    """Load the objective's weights from a checkpoint: state/model.safetensors (everything but the student, or
+    everything in checkpoints of older runs) and the student from student/ (Hugging Face format, read by its
+    own class so that any conversion transformers applies when saving is undone). Raises RuntimeError naming
+    the keys when the two do not give every weight."""
+    from safetensors.torch import load_file
+
+    checkpoint = Path(checkpoint)
+    weights = {k.removeprefix("module."): v for k, v in load_file(str(checkpoint / "state" / "model.safetensors")).items()}
+    prefix, module = _saved_student(objective)
+    left_out = _left_out(objective)
+    if not _is_peft(module) and not any(k.startswith(prefix) for k in weights):
+        saved = type(module).from_pretrained(checkpoint / "student", dtype=next(module.parameters()).dtype)
+        weights.update({prefix + k: v for k, v in saved.state_dict().items()})
+        del saved
+    missing, unexpected = objective.load_state_dict(weights, strict=False)
+    missing = [k for k in missing if k not in left_out or not _is_peft(module)]
+    if missing or unexpected:
+        raise RuntimeError(f"checkpoint {checkpoint} does not match the objective: missing {missing[:5]}"
+                           f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+                           f"{' ...' if len(unexpected) > 5 else ''}")
+
+
+def student_dir(path: str | os.PathLike) -> Path:
+    """The student's Hugging Face directory in RUN/final or a checkpoint: PATH/student where it exists (every
+    checkpoint, and final/ of runs written before final/ held the student itself), else PATH."""
+    path = Path(path)
+    return path / "student" if (path / "student" / "config.json").is_file() else path
 
 
 def checkpoint_problem(path: str | os.PathLike) -> str | None:
@@ -270,9 +361,57 @@ def load_checkpoint(path: str | os.PathLike, *, accelerator, scheduler) -> dict:
     return json.loads((path / "trainer_state.json").read_text())
 
 
-def save_final_student(out_dir: str | os.PathLike, objective) -> Path:
-    """DIR/final/student, written atomically (main process only). Returns DIR/final."""
+def prune_checkpoints(out_dir: str | os.PathLike, keep_last: int, *, step: int) -> list[Path]:
+    """Delete the checkpoints of steps <= `step` other than the newest `keep_last` and the best (the lowest
+    `eval_ce` in trainer_state.json, where the run evaluated at a checkpoint's step); returns those deleted.
+
+    Called after the checkpoint of `step` is complete, so the newest is always one that is whole, and the one a
+    run resumed from goes only once newer complete ones exist. Checkpoints of later steps (left by a run that
+    was resumed from an earlier one) are left alone: the run writes them again. Each is renamed to
+    step-N.pruned first (no listing counts it), then removed; a leftover of a crash in between goes next time.
+    """
+    root = Path(out_dir) / "checkpoints"
+    for leftover in root.glob("step-*.pruned"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    ckpts = [c for c in list_checkpoints(out_dir) if int(c.name.split("-", 1)[1]) <= step]
+    kept = set(ckpts[-keep_last:])
+    scored = [(ce, c) for c in ckpts if (ce := _eval_ce(c)) is not None]
+    if scored:
+        kept.add(min(scored, key=lambda x: (x[0], -int(x[1].name.split("-", 1)[1])))[1])
+    removed = []
+    for ckpt in ckpts:
+        if ckpt in kept:
+            continue
+        doomed = ckpt.with_name(ckpt.name + ".pruned")
+        ckpt.rename(doomed)
+        fsync_dir(root)
+        shutil.rmtree(doomed, ignore_errors=True)
+        removed.append(ckpt)
+    return removed
+
+
+def _eval_ce(ckpt: Path) -> float | None:
+    """The held-out CE recorded with a checkpoint, or None."""
+    try:
+        value = json.loads((ckpt / "trainer_state.json").read_text()).get("eval_ce")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return float(value) if isinstance(value, (int, float)) and value == value else None
+
+
+def save_final_student(out_dir: str | os.PathLike, objective, trainer_state: dict | None = None) -> Path:
+    """DIR/final, written atomically (main process only): the student in Hugging Face format at its top, and
+    DIR/final/kvdistill/ with the objective's other weights (objective.safetensors) and `trainer_state`.
+    Returns DIR/final."""
+    from safetensors.torch import save_file
+
     final = Path(out_dir) / "final"
     with atomic_dir(final) as tmp:
-        objective.save_student(tmp / "student")
+        objective.save_student(tmp)
+        extra = tmp / FINAL_EXTRA
+        extra.mkdir()
+        rest = {k: v.detach().cpu().contiguous().clone() for k, v in objective.state_dict().items()
+                if not k.startswith("student.")}
+        save_file(rest, str(extra / "objective.safetensors"))
+        (extra / "trainer_state.json").write_text(json.dumps(trainer_state or {}))
     return final

@@ -29,6 +29,7 @@ from kvdistill.cache.manifest import write_json_atomic
 from kvdistill.config import load_config
 from kvdistill.errors import KvdistillError
 from kvdistill.paths import claim, dir_problem
+from kvdistill.train.checkpoint import student_dir
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +140,7 @@ def run_curriculum(stages: list[Path], out: str | Path, overrides: list[str], *,
                             init_student=str(previous) if previous else None)
         results.append({"stage": cfg.name, "dir": str(run_dir), "init_student": str(previous) if previous else None,
                         **summary})
-        previous = run_dir / "final" / "student"
+        previous = student_dir(run_dir / "final")
         write_json_atomic(out / CURRICULUM, results)
     return results
 

@@ -29,7 +29,7 @@ from typing import Any
 
 import yaml
 
-from kvdistill.config import RunConfig, parse_config
+from kvdistill.config import DataConfig, RunConfig, parse_config, resolve_paths
 from kvdistill.errors import KvdistillError
 from kvdistill.paths import dir_problem, escapes
 from kvdistill.train.checkpoint import intact_checkpoints, list_checkpoints, load_checkpoint
@@ -39,8 +39,8 @@ __all__ = ["DATA", "RESUMABLE", "RunLock", "StartPlan", "apply_configured_lrs", 
 
 log = logging.getLogger(__name__)
 
-RESUMABLE = ("train.steps", "train.save_every", "train.eval_every", "train.log_every", "train.lr", "train.distributed",
-             "train.fsdp.cpu_offload", "train.fsdp.reshard_after_forward")
+RESUMABLE = ("train.steps", "train.save_every", "train.save_total_limit", "train.eval_every", "train.log_every",
+             "train.lr", "train.distributed", "train.fsdp.cpu_offload", "train.fsdp.reshard_after_forward")
 """The config fields a resume may change; every other field must equal the run's config.yaml. ddp and fsdp write the
 same full-state checkpoint (`kvdistill.train.distributed`), so a run may switch between them on resume."""
 
@@ -52,7 +52,7 @@ DATA = "data.json"  # {"train": {"records": n, "sha256": hex}, "eval": {...}}: t
 LOCK = ".train.lock"
 HOLDER = ".train.holder.json"
 # data fields whose being set (not only their value) decides how a file is read (kvdistill.data.records)
-_MODE_FIELDS = ("text_field", "question_field")
+_MODE_FIELDS = tuple(sorted(DataConfig.presence_fields))
 
 
 # ---------------------------------------------------------------------------------------------- one writer
@@ -194,7 +194,7 @@ def _diff(a: Any, b: Any, key: str, out: list[Difference]) -> None:
 def _stored_config(path: Path) -> RunConfig:
     try:
         raw = yaml.safe_load(path.read_text())
-        return parse_config(raw, source=str(path))
+        return resolve_paths(parse_config(raw, source=str(path)))  # older runs' relative paths: from here
     except (OSError, yaml.YAMLError, KvdistillError) as err:
         raise KvdistillError(
             f"--resume: {path} (the config the run was started with) cannot be read back: {err}",

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from kvdistill.cache.manifest import write_json_atomic
-from kvdistill.config import RunConfig, dump_config
+from kvdistill.config import RunConfig, dump_config, resolve_paths
 from kvdistill.errors import ConfigError, KvdistillError
 from kvdistill.objectives.ahead import TeachersAhead
 from kvdistill.paths import claim, is_disk_full, open_append
@@ -47,9 +47,11 @@ from kvdistill.train.checkpoint import (
     checkpoint_path,
     latest_checkpoint,
     list_checkpoints,
+    prune_checkpoints,
     save_checkpoint,
     save_final_student,
     set_aside,
+    split_student_state,
     write_text_atomic,
 )
 from kvdistill.train.distributed import Sharded, sharded_run, unsharded
@@ -93,34 +95,66 @@ def _param_groups(objective, cfg: RunConfig):
 
 
 class MetricsLog:
-    """metrics.jsonl (+ TensorBoard) on the main process."""
+    """metrics.jsonl and the trackers of train.report_to (through Accelerate), on the main process.
 
-    def __init__(self, out_dir: Path, enabled: bool, tensorboard: bool):
+    Tracker names: a teacher's terms under teacher/<name>/ (loss/kv/<name> -> teacher/<name>/kv, weight/<name> ->
+    teacher/<name>/weight, eval/kv_error/<name> -> teacher/<name>/eval_kv_error), other training figures under
+    train/, held-out ones under eval/; per-layer lists go to metrics.jsonl only.
+    """
+
+    def __init__(self, out_dir: Path, enabled: bool, accelerator=None, cfg: RunConfig | None = None):
         self.enabled = enabled
         self.path = out_dir / "metrics.jsonl"
-        self.tb = None
-        if enabled and tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
+        self.accelerator = accelerator if accelerator is not None and accelerator.log_with else None
+        self.teachers = {t.name for t in cfg.teachers} if cfg is not None else set()
+        if self.accelerator is not None:
+            if "mlflow" in cfg.train.trackers and "MLFLOW_TRACKING_URI" not in os.environ:
+                import mlflow
 
-                self.tb = SummaryWriter(str(out_dir / "tb"))
-            except ImportError:  # tensorboard not installed: JSONL only
-                self.tb = None
+                mlflow.set_tracking_uri((out_dir / "mlruns").resolve().as_uri())
+            self.accelerator.init_trackers("kvdistill")
+            settings = _flat(json.loads(json.dumps(cfg.model_dump(mode="json"))))
+            for tracker in self.accelerator.trackers:
+                if tracker.name != "tensorboard":  # its hparams would add a run folder per start
+                    tracker.store_init_configuration(settings)
 
     def write(self, row: dict) -> None:
         if not self.enabled:
             return
         with open_append(self.path) as f:  # a symlink planted at the name is refused, never followed
             f.write(json.dumps(row) + "\n")
-        if self.tb is not None:
-            prefix = "eval/" if row.get("split") == "eval" else "train/"
-            for key, value in row.items():
-                if isinstance(value, (int, float)) and key != "step":
-                    self.tb.add_scalar(prefix + key if not key.startswith("eval/") else key, value, row["step"])
+        if self.accelerator is not None:
+            values = {self.tracker_key(k, row.get("split") == "eval"): v for k, v in row.items()
+                      if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
+            self.accelerator.log(values, step=row["step"])
+
+    def tracker_key(self, key: str, held_out: bool) -> str:
+        parts = key.split("/")
+        if len(parts) >= 2 and parts[-1] in self.teachers:
+            if parts[0] == "loss" and len(parts) == 3:
+                return f"teacher/{parts[-1]}/{parts[1]}"
+            if parts[0] == "weight" and len(parts) == 2:
+                return f"teacher/{parts[-1]}/weight"
+            if parts[0] == "eval":
+                return f"teacher/{parts[-1]}/{'_'.join(parts[:-1])}"
+        return key if key.startswith("eval/") else ("eval/" if held_out else "train/") + key
 
     def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
+        if self.accelerator is not None:
+            for tracker in self.accelerator.trackers:
+                tracker.finish()
+            self.accelerator.trackers = []
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    """A nested config as {dotted key: bool | int | float | str} (lists and None as text), what trackers take."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value if isinstance(value, (bool, int, float, str)) else json.dumps(value)
+    return out
 
 
 def _truncate_log(path: Path, step: int) -> None:
@@ -272,7 +306,8 @@ def setup(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, stop_aft
     from kvdistill.objectives import build_objective
 
     out_dir = Path(out_dir)
-    accelerator = _accelerator(cfg)
+    cfg = resolve_paths(cfg)  # config.yaml means the same run from any directory
+    accelerator = _accelerator(cfg, out_dir)
     main = accelerator.is_main_process
     lock = RunLock(out_dir) if main else None
     _on_main(accelerator, lambda: lock.check())  # another run writing DIR: refused before anything else
@@ -314,6 +349,7 @@ def setup(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, stop_aft
                                   num_training_steps=cfg.train.steps)
         if sharded is None:
             objective, optimizer = accelerator.prepare(objective, optimizer)
+            split_student_state(accelerator, accelerator.unwrap_model(objective))  # one copy of the student
         else:
             optimizer = sharded.prepare(optimizer)
         ckpt, state = load_resumed(plan, out_dir, accelerator=accelerator, scheduler=scheduler) if resume else (
@@ -340,7 +376,7 @@ def setup(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, stop_aft
             scheduler=scheduler,
             train_records=train_records,
             eval_records=eval_records,
-            log=MetricsLog(out_dir, main, cfg.train.tensorboard),
+            log=MetricsLog(out_dir, main, accelerator, cfg),
             start=start,
             end=cfg.train.steps if stop_after is None else min(cfg.train.steps, stop_after),
             tokens_seen=tokens_seen,
@@ -396,8 +432,9 @@ def _on_main(accelerator, fn: Callable[[], Any]) -> Any:
     return result
 
 
-def _accelerator(cfg: RunConfig):
-    """A fresh Accelerator for this run, refusing a launch that Accelerate did not see as one."""
+def _accelerator(cfg: RunConfig, out_dir: Path):
+    """A fresh Accelerator for this run with its trackers (not started yet), refusing a launch that Accelerate did
+    not see as one."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import DistributedDataParallelKwargs
@@ -415,6 +452,7 @@ def _accelerator(cfg: RunConfig):
         cpu=launched > 1 and not _has_accelerator(),
         gradient_accumulation_steps=cfg.train.grad_accum,
         kwargs_handlers=[ddp],
+        log_with=_trackers(cfg, out_dir) or None,
     )
     if accelerator.num_processes != launched:
         raise KvdistillError(
@@ -425,6 +463,24 @@ def _accelerator(cfg: RunConfig):
     if accelerator.num_processes > 1:
         atexit.register(_destroy_process_group)  # registering twice is harmless: it checks first
     return accelerator
+
+
+def _trackers(cfg: RunConfig, out_dir: Path) -> list:
+    """Accelerate's trackers for train.report_to, each told where to write (see `TrainConfig.report_to`)."""
+    from accelerate.tracking import MLflowTracker, TensorBoardTracker, TrackioTracker, WandBTracker
+
+    made = []
+    for name in cfg.train.trackers:
+        if name == "tensorboard":
+            made.append(TensorBoardTracker("tb", out_dir))
+        elif name == "wandb":
+            mode = {} if "WANDB_MODE" in os.environ else {"mode": "offline"}
+            made.append(WandBTracker("kvdistill", name=cfg.name, dir=str(out_dir), **mode))
+        elif name == "mlflow":
+            made.append(MLflowTracker("kvdistill", run_name=cfg.name))
+        elif name == "trackio":
+            made.append(TrackioTracker("kvdistill", name=cfg.name))
+    return made
 
 
 def fit(run: Run, *, progress: bool = True) -> None:
@@ -452,7 +508,7 @@ def fit(run: Run, *, progress: bool = True) -> None:
             bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
             bar.update(1)
             if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and run.eval_records:
-                _evaluate(run, step + 1)
+                _evaluate(run, step + 1, bar if progress else None)
                 if run.selection is not None and run.selection.exhausted:
                     run.selection.stopped_at = run.end = step + 1  # early stop: finish ends the run here
                     break
@@ -574,29 +630,41 @@ def _mean_row(accelerator, sums: dict[str, float], n: int) -> dict[str, float]:
 
 
 def _save(run: Run, step: int) -> None:
-    """Checkpoint of `step` (every process takes part); it becomes the last good one."""
+    """Checkpoint of `step` (every process takes part); it becomes the last good one. With the held-out CE of
+    `step` where the run evaluated there (what train.save_total_limit keeps the best by); older checkpoints
+    beyond train.save_total_limit are pruned once it is complete."""
     path = checkpoint_path(run.out_dir, step)
+    state = {"step": step, "tokens": run.tokens_seen, "config_name": run.cfg.name}
+    if run.last_eval is not None and run.last_eval[0] == step and "eval/ce" in run.last_eval[1]:
+        state["eval_ce"] = run.last_eval[1]["eval/ce"]
     with unsharded(run.sharded):  # fsdp: process 0 saves the gathered student
         save_checkpoint(path, accelerator=run.accelerator, objective=run.inner, scheduler=run.scheduler,
-                        trainer_state={"step": step, "tokens": run.tokens_seen, "config_name": run.cfg.name})
+                        trainer_state=state)
     run.last_good = path
+    if run.cfg.train.save_total_limit is not None:
+        _on_main(run.accelerator, lambda: prune_checkpoints(run.out_dir, run.cfg.train.save_total_limit, step=step))
 
 
 def finish(run: Run) -> dict:
-    """Checkpoint the last step run; when every configured step is done (not stopped by stop_after), also
-    the final student, an evaluation (with eval data) and summary.json. Returns the summary."""
+    """When every configured step is done or early stopping ended the run (not stopped by stop_after): an
+    evaluation (with eval data; the one of the last step if `fit` ran it), the last checkpoint (recording it),
+    the final student and summary.json. Otherwise the checkpoint of the last step run. Returns the summary."""
+    stopped = run.selection is not None and run.selection.stopped_at is not None
+    complete = run.end == run.cfg.train.steps or stopped
+    ev = None
+    if complete and run.eval_records:
+        ev = run.last_eval[1] if run.last_eval and run.last_eval[0] == run.end else _evaluate(run, run.end)
     _save(run, run.end)
     elapsed = time.time() - run.t0
     summary = {"steps": run.end, "tokens": run.tokens_seen, "elapsed_s": elapsed, "train_s": elapsed - run.eval_s}
-    stopped = run.selection is not None and run.selection.stopped_at is not None
     if run.memory is not None:
         summary["memory"] = run.memory
-    if run.end == run.cfg.train.steps or stopped:
+    if complete:
         with unsharded(run.sharded):
             if run.main:
-                save_final_student(run.out_dir, run.inner)
-        if run.eval_records:
-            ev = run.last_eval[1] if run.last_eval and run.last_eval[0] == run.end else _evaluate(run, run.end)
+                save_final_student(run.out_dir, run.inner, {"step": run.end, "tokens": run.tokens_seen,
+                                                            "config_name": run.cfg.name})
+        if ev is not None:
             summary.update({k: v for k, v in ev.items() if k.startswith("eval/")})
         if run.selection is not None:
             summary.update(best_step=run.selection.best_step, best_value=run.selection.best,
@@ -607,10 +675,11 @@ def finish(run: Run) -> dict:
     return summary
 
 
-def _evaluate(run: Run, step: int) -> dict:
+def _evaluate(run: Run, step: int, bar=None) -> dict:
     """Held-out figures of the student after `step` (CE / ppl, per-layer K/V errors, and exact match where
     train.eval_exact_match asks), logged as an eval row with the time so far; train.early_stopping takes them and,
-    on a new best, the student is saved to DIR/best/student. Its time counts to `eval_s`, not to `train_s`."""
+    on a new best, the student is saved to DIR/best/student. Its time counts to `eval_s`, not to `train_s`.
+    With a progress `bar` (main process), the figures are printed above it as one line."""
     t0 = time.time()
     cfg = run.cfg
     ev = run.inner.evaluate(run.eval_records)
@@ -642,6 +711,13 @@ def _evaluate(run: Run, step: int) -> dict:
     row = {"step": step, "split": "eval", **ev, "elapsed_s": elapsed, "train_s": elapsed - run.eval_s}
     run.log.write(row)
     run.last_eval = (step, ev)
+    if bar is not None and run.main:
+        shown = [f"held-out CE {ev['eval/ce']:.4f}"] if "eval/ce" in ev else []
+        if "eval/exact_match" in ev and ev["eval/exact_match"] is not None:
+            shown.append(f"exact match {ev['eval/exact_match']:.3f}")
+        kv = ", ".join(f"{k.removeprefix('eval/kv_error/')} {v:.4f}" for k, v in ev.items()
+                       if k.startswith("eval/kv_error/"))
+        bar.write(f"step {step}: " + "; ".join(shown + ([f"KV error {kv}"] if kv else [])))
     return ev
 
 
