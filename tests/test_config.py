@@ -185,3 +185,16 @@ def test_resolve_paths_makes_local_paths_absolute(tmp_path, monkeypatch):
     assert cfg.teachers[0].model == str(tmp_path / "teacher") and cfg.teachers[0].name == "teacher"
     assert cfg.student.model == "smollm2-135m"  # a zoo name, not a local path: kept
     assert "text_field" not in cfg.data.model_fields_set
+
+
+@pytest.mark.parametrize("name", ["quickstart", "pikv", "phase5"])
+def test_a_resolved_config_passes_the_same_checks(name):
+    """Fields whose being set is checked (an unread cross_tokenizer, a temperature next to a schedule) stay unset
+    through the resolved dump that config.yaml holds."""
+    import yaml
+
+    from kvdistill.config import config_path, resolve_paths, semantic_problems
+
+    cfg = load_config(config_path(name))
+    again = parse_config(yaml.safe_load(dump_config(resolve_paths(cfg))))
+    assert again == cfg and semantic_problems(again) == semantic_problems(cfg) == []

@@ -95,7 +95,7 @@ def test_a_resume_with_another_config_is_refused_and_changes_nothing(finished, t
     if changes != ["train.steps=1"]:
         assert "train.lr" not in err.split("fix:")[0]  # a field a resume may change is not named
         assert (f"fix: start a new run with a new --out (a resume of {finished} may change only train.steps, "
-                "train.save_every, train.eval_every, train.log_every, train.lr)") in err
+                "train.save_every, train.save_total_limit, train.eval_every, train.log_every, train.lr)") in err
     assert _listing(finished) == before
 
 

@@ -400,13 +400,32 @@ def test_wandb_tracker_writes_its_files_offline(tiny_config, tmp_path, monkeypat
     train(tiny_config("train.report_to=[wandb]"), out, progress=False)
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
-    assert [f.stat().st_size > 0 for f in runs[0].glob("run-*.wandb")] == [True]
-    summary = json.loads((runs[0] / "files" / "wandb-summary.json").read_text())
-    last = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
-    assert summary["train/loss"] == pytest.approx(last["loss"])
-    assert summary["teacher/qwen2/kv"] == pytest.approx(last["loss/kv/qwen2"])  # one prefix per teacher
-    assert "train.steps" in (runs[0] / "files" / "config.yaml").read_text()
+    files_ = list(runs[0].glob("run-*.wandb"))
+    assert len(files_) == 1
+    data = files_[0].read_bytes()  # wandb's record log (protobuf): keys and JSON values are stored as text
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    for row in rows:  # one prefix per teacher; the other training figures under train/
+        for key, logged in (("loss/kv/qwen2", b"teacher/qwen2/kv"), ("weight/gemma3", b"teacher/gemma3/weight"),
+                            ("loss", b"train/loss")):
+            assert logged in data and json.dumps(row[key]).encode() in data, key
+    assert b"train.steps" in data  # the run's settings, as its config
     assert not (out / "tb").exists()
+
+
+def test_tensorboard_tracker_logs_every_figure_under_its_prefix(tiny_config, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "tb-run"
+    train(tiny_config("train.tensorboard=true", "data.size=16", "data.eval_size=4"), out, progress=False)
+    events = EventAccumulator(str(out / "tb"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/loss/ce", "teacher/qwen2/kv", "teacher/gemma3/weight", "eval/ce",
+            "teacher/qwen2/eval_kv_error"} <= tags
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [e.value for e in events.Scalars("teacher/qwen2/kv")] == pytest.approx(
+        [r["loss/kv/qwen2"] for r in rows if "loss/kv/qwen2" in r])
 
 
 def test_a_tracker_that_is_not_installed_is_refused_by_validate_and_train(tiny_yaml, tmp_path, cli):

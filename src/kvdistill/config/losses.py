@@ -84,7 +84,7 @@ class TemperatureSchedule(Section):
 
 
 class LogitKDConfig(Section):
-    presence_fields = frozenset({"temperature"})  # set or not: refused next to a schedule
+    presence_fields = frozenset({"temperature", "cross_tokenizer"})  # set or not: refused where nothing reads it
 
     weight: float = Field(0.0, ge=0.0)
     temperature: float = Field(2.0, gt=0.0)
