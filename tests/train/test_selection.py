@@ -39,7 +39,7 @@ def test_early_stopping_stops_and_keeps_the_best_on_the_validation_split(tiny_co
     assert summary["steps"] == 6 and summary["stopped_early"] and summary["best_step"] == 2
     assert json.loads((tmp_path / "best.json").read_text())["step"] == 2
     assert (tmp_path / "best" / "student" / "config.json").is_file()
-    assert (tmp_path / "final" / "student" / "config.json").is_file()
+    assert (tmp_path / "final" / "config.json").is_file()
     evals = rows(tmp_path / "metrics.jsonl", "eval")
     assert [r["step"] for r in evals] == [2, 4, 6]
     assert all(0.0 <= r["eval/exact_match"] <= 1.0 and r["train_s"] <= r["elapsed_s"] for r in evals)
@@ -63,7 +63,7 @@ def test_held_out_figures_come_from_the_validation_split(tiny_config, tmp_path):
 
     cfg = tiny_config(*DATA, "train.steps=2", "teachers=[]")
     summary = train(cfg, tmp_path, progress=False)
-    model, tok = load_model(str(tmp_path / "final" / "student"), device="cpu")
+    model, tok = load_model(str(tmp_path / "final"), device="cpu")
     val = perplexity(model, tok, load_records(cfg.data, split="val"), max_length=48, batch_size=8)["ce"]
     test = perplexity(model, tok, load_records(cfg.data, split="eval"), max_length=48, batch_size=8)["ce"]
     assert summary["eval/ce"] == pytest.approx(val, rel=1e-4) and val != pytest.approx(test, rel=1e-4)

@@ -3,7 +3,7 @@
 Directory layout (everything resumable: a finished step is skipped, a killed run resumes from its checkpoint):
     DIR/spec.yaml                        the spec as run
     DIR/teachers/NAME/                   a teacher's own CE training run; teacher.json: its held-out exact match
-    DIR/runs/CONDITION/seed-S/           an ordinary training run (config.yaml, metrics.jsonl, final/student, ...)
+    DIR/runs/CONDITION/seed-S/           an ordinary training run (config.yaml, metrics.jsonl, final/, ...)
     DIR/runs/CONDITION/seed-S/eval.json  its test figures, per-problem exact match included, and its steps trained,
                                          selected step, FLOPs and wall time; on a held-out set mixing skills also
                                          exact_match_<skill> and, for a router or similarity fusion over teachers
