@@ -158,6 +158,8 @@ def test_merging_a_data_section_of_another_source_kind_drops_the_old_kinds_keys(
     {"losses": {"logit_kd": {"weight": 0.5, "schedule": {"kind": "linear", "start": 4.0, "end": 1.0}}}},
 ])
 def test_dump_spells_out_every_default_and_reloads_to_the_same_run(extra):
+    """Also a guard for new fields whose presence the data reader asks (`"X" in cfg.model_fields_set`): each must be
+    a presence field, or config.yaml would change how the run reads its data."""
     import yaml
 
     cfg = parse_config({**BASE, **extra})
@@ -198,3 +200,29 @@ def test_a_resolved_config_passes_the_same_checks(name):
     cfg = load_config(config_path(name))
     again = parse_config(yaml.safe_load(dump_config(resolve_paths(cfg))))
     assert again == cfg and semantic_problems(again) == semantic_problems(cfg) == []
+
+
+def test_every_field_the_code_asks_the_presence_of_is_a_presence_field():
+    """`"X" in <section>.model_fields_set` anywhere in src/ names a field that dump_config must not write unset."""
+    import re
+    from pathlib import Path
+
+    from kvdistill.config import RunConfig
+
+    src = Path(__file__).resolve().parents[1] / "src" / "kvdistill"
+    asked = set()
+    for file in src.rglob("*.py"):
+        text = file.read_text()
+        asked |= set(re.findall(r'"(\w+)" (?:not )?in (?:\w+\.)*(?:model_fields_set|explicit)\b', text))
+    declared = set()
+
+    def walk(cls):
+        declared.update(getattr(cls, "presence_fields", ()))
+        for field in cls.model_fields.values():
+            for arg in (field.annotation, *getattr(field.annotation, "__args__", ())):
+                for inner in (arg, *getattr(arg, "__args__", ())):
+                    if isinstance(inner, type) and hasattr(inner, "model_fields") and inner is not cls:
+                        walk(inner)
+
+    walk(RunConfig)
+    assert asked and asked <= declared, sorted(asked - declared)

@@ -262,7 +262,7 @@ class DataConfig(Section):
 
     # set or not: text / template / chat mode of a file, a split asked of a one-split dataset, a source next to an
     # in-memory dataset (kvdistill.data.records)
-    presence_fields = frozenset({"text_field", "question_field", "messages_field", "split", "source"})
+    presence_fields = frozenset({"text_field", "question_field", "cot_field", "messages_field", "split", "source"})
 
     source: Literal["jsonl", "csv", "parquet", "text", "hf", "gsm_symbolic", "arithmetic", "sorting", "skills"] = (
         "gsm_symbolic")
