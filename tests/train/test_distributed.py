@@ -67,7 +67,7 @@ def test_fsdp_and_ddp_give_the_same_weights(lora, tiny_yaml, tmp_path, files):
     for ra, rb in zip(files.metrics(ddp), files.metrics(fsdp), strict=True):
         for key in ("loss", "loss/kv/qwen2", "loss/kv/gemma3", "grad_norm"):
             assert rb[key] == pytest.approx(ra[key], rel=1e-5), key
-    a, b = files.weights(ddp / "final/student"), files.weights(fsdp / "final/student")
+    a, b = files.weights(ddp / "final"), files.weights(fsdp / "final")
     assert a.keys() == b.keys() and files.max_diff(a, b) < TOL
     state_a, state_b = files.weights(ddp / "checkpoints/step-3/state"), files.weights(fsdp / "checkpoints/step-3/state")
     assert state_a.keys() == state_b.keys() and files.max_diff(state_a, state_b) < TOL  # student and maps
@@ -78,7 +78,7 @@ def test_fsdp_and_ddp_give_the_same_weights(lora, tiny_yaml, tmp_path, files):
         assert torch.allclose(s["exp_avg"], opt_b["state"][i]["exp_avg"], atol=1e-6)
     from transformers import AutoModelForCausalLM
 
-    AutoModelForCausalLM.from_pretrained(fsdp / "final/student")
+    AutoModelForCausalLM.from_pretrained(fsdp / "final")
     memory = json.loads((fsdp / "summary.json").read_text())["memory"]
     ddp_memory = json.loads((ddp / "summary.json").read_text())["memory"]
     assert [m["process"] for m in memory] == [0, 1]
@@ -116,7 +116,7 @@ def test_fsdp_resumes_after_a_killed_process_and_in_one_process(tiny_yaml, tmp_p
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode != 0 and not (killed / "final").exists()
     torchrun(tiny_yaml, killed, *extra, resume=True)
-    assert files.max_diff(files.weights(whole / "final/student"), files.weights(killed / "final/student")) < TOL
+    assert files.max_diff(files.weights(whole / "final"), files.weights(killed / "final")) < TOL
     # 2 -> 1: the run directory of step 2, resumed by one process with batch 2 (the same samples per step)
     import shutil
 
@@ -131,7 +131,7 @@ def test_fsdp_resumes_after_a_killed_process_and_in_one_process(tiny_yaml, tmp_p
     assert cfg.train.distributed == "fsdp"
     (one / "config.yaml").write_text(dump_config(cfg))
     train(cfg, one, resume=True, progress=False)
-    assert files.max_diff(files.weights(whole / "final/student"), files.weights(one / "final/student")) < TOL
+    assert files.max_diff(files.weights(whole / "final"), files.weights(one / "final")) < TOL
 
 
 def _rank_pid(launcher: int, rank: int) -> int:
@@ -161,6 +161,6 @@ def test_one_process_with_cpu_offload_trains_as_without(tiny_config, tmp_path, f
     plain, offload = tmp_path / "plain", tmp_path / "offload"
     train(tiny_config(), plain, progress=False)
     summary = train(tiny_config("train.distributed=fsdp", "train.fsdp.cpu_offload=true"), offload, progress=False)
-    a, b = files.weights(plain / "final/student"), files.weights(offload / "final/student")
+    a, b = files.weights(plain / "final"), files.weights(offload / "final")
     assert a.keys() == b.keys() and files.max_diff(a, b) < TOL
     assert summary["memory"][0]["optimizer_state_bytes"] > 0

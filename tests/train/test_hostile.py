@@ -276,7 +276,7 @@ def test_square_brackets_in_paths_and_values_are_printed_verbatim(finished, tiny
     out = home / "work" / "runs[/x]" / "[red]run"
     code, err = cli("train", tiny_yaml, "--out", out, "train.steps=1")
     assert code == 0, err
-    assert f"done {out}:" in err and (out / "final" / "student").is_dir()
+    assert f"done {out}:" in err and (out / "final" / "config.json").is_file()
     code, err = cli("validate", tiny_yaml, "train.lr=[inf, 1.0]", "teachers.0.model=/tmp/[red]x[/x]")
     assert code == 2, err
     assert "'train.lr' = ['inf', 1.0]" in err and "model path '/tmp/[red]x[/x]' does not exist" in err

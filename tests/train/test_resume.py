@@ -21,7 +21,7 @@ from filelock import FileLock
 from transformers import get_scheduler
 
 from kvdistill.train import resume, trainer
-from kvdistill.train.resume import HOLDER, LOCK, RunLock
+from kvdistill.train.resume import HOLDER, LOCK, RESUMABLE, RunLock
 from kvdistill.train.trainer import finish, fit, setup, train
 
 SCHEDULE = ["train.batch_size=2", "train.warmup_steps=2", "train.schedule=cosine", "train.save_every=2"]
@@ -94,8 +94,8 @@ def test_a_resume_with_another_config_is_refused_and_changes_nothing(finished, t
         assert text.format(out=finished, gemma3=teacher_dirs["gemma3"]) in err, err
     if changes != ["train.steps=1"]:
         assert "train.lr" not in err.split("fix:")[0]  # a field a resume may change is not named
-        assert (f"fix: start a new run with a new --out (a resume of {finished} may change only train.steps, "
-                "train.save_every, train.save_total_limit, train.eval_every, train.log_every, train.lr)") in err
+        assert (f"fix: start a new run with a new --out (a resume of {finished} may change only "
+                + ", ".join(RESUMABLE) + ")") in err
     assert _listing(finished) == before
 
 
