@@ -56,7 +56,7 @@ from kvdistill.train.checkpoint import (
 )
 from kvdistill.train.distributed import Sharded, sharded_run, unsharded
 from kvdistill.train.loader import collated_batches, micro_batch, teachers_ahead
-from kvdistill.train.preflight import position_problems, preflight
+from kvdistill.train.preflight import learning_rate_problems, position_problems, preflight
 from kvdistill.train.resume import (
     DATA,
     RunLock,
@@ -306,6 +306,10 @@ def setup(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, stop_aft
     from kvdistill.objectives import build_objective
 
     out_dir = Path(out_dir)
+    # a config built in code (model_copy skips the schema): the learning rates' own message before the schema's
+    bad_lr = learning_rate_problems(cfg)
+    if bad_lr:
+        raise ConfigError(bad_lr, source=f"config '{cfg.name}'")
     cfg = resolve_paths(cfg)  # config.yaml means the same run from any directory
     accelerator = _accelerator(cfg, out_dir)
     main = accelerator.is_main_process
