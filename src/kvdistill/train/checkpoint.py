@@ -237,6 +237,16 @@ def load_objective(objective, checkpoint: str | os.PathLike) -> None:
                            f"{' ...' if len(unexpected) > 5 else ''}")
 
 
+def student_weights(objective, checkpoint: str | os.PathLike, held: set[str]) -> dict:
+    """The saved student's entries of the objective's state dict, read from the checkpoint's student/, when the
+    state (keys `held`) lacks them (a checkpoint written with `split_student_state`); else {}."""
+    prefix, module = _saved_student(objective)
+    if _is_peft(module) or any(k.startswith(prefix) for k in held):
+        return {}
+    saved = type(module).from_pretrained(Path(checkpoint) / "student", dtype=next(module.parameters()).dtype)
+    return {prefix + k: v for k, v in saved.state_dict().items()}
+
+
 def student_dir(path: str | os.PathLike) -> Path:
     """The student's Hugging Face directory in RUN/final or a checkpoint: PATH/student where it exists (every
     checkpoint, and final/ of runs written before final/ held the student itself), else PATH."""

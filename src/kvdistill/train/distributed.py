@@ -250,7 +250,11 @@ class Sharded:
         from safetensors.torch import load_file
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
+        from kvdistill.train.checkpoint import student_weights
+
         model_sd = load_file(str(Path(input_dir) / MODEL_FILE))
+        # a ddp checkpoint holds the student once, in student/ (kvdistill.train.checkpoint.split_student_state)
+        model_sd = {**student_weights(self.objective, Path(input_dir).parent, set(model_sd)), **model_sd}
         optim_sd = torch.load(Path(input_dir) / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
         opts = StateDictOptions(full_state_dict=True, strict=False)
         set_state_dict(self.objective, self.optimizer, model_state_dict=model_sd,
