@@ -116,7 +116,7 @@ def test_metrics_are_never_appended_through_a_symlink(tmp_path):
     """The last line of defence, below the directory check: metrics.jsonl is opened with O_NOFOLLOW."""
     from kvdistill.errors import KvdistillError
 
-    log = trainer.MetricsLog(tmp_path, enabled=True, tensorboard=False)
+    log = trainer.MetricsLog(tmp_path, enabled=True)
     (tmp_path / "metrics.jsonl").symlink_to(tmp_path / "elsewhere.jsonl")
     with pytest.raises(KvdistillError, match="is a symlink"):
         log.write({"step": 1, "loss": 1.0})

@@ -231,6 +231,13 @@ def load_objective(objective, checkpoint: str | os.PathLike) -> None:
         del saved
     missing, unexpected = objective.load_state_dict(weights, strict=False)
     missing = [k for k in missing if k not in left_out or not _is_peft(module)]
+    # a tied weight (lm_head = embed_tokens) is stored once: it is loaded when any of its names was
+    names_of: dict[int, list[str]] = {}
+    for name, param in objective.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(param), []).append(name)
+    tied_loaded = {n for names in names_of.values() if len(names) > 1 and any(x in weights for x in names)
+                   for n in names}
+    missing = [k for k in missing if k not in tied_loaded]
     if missing or unexpected:
         raise RuntimeError(f"checkpoint {checkpoint} does not match the objective: missing {missing[:5]}"
                            f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
