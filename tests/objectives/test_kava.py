@@ -213,9 +213,10 @@ def test_kava_tiny_spec_runs_end_to_end(tmp_path):
 
     from kvdistill.cli import app
 
-    # the runner's record, read before `kvdistill eval` writes its own RUN/eval.json over it (a later run of the
+    # the runner's records, read before `kvdistill eval` writes its own RUN/eval.json over E4's (a later run of the
     # experiment scores that run again: runner.py skips only records it wrote itself)
-    ev = json.loads((tmp_path / "runs" / "E4" / "seed-0" / "eval.json").read_text())
+    records = {n: json.loads((tmp_path / "runs" / n / "seed-0" / "eval.json").read_text()) for n in results["conditions"]}
+    ev = records["E4"]
     got = CliRunner().invoke(app, ["eval", str(tmp_path / "runs" / "E4" / "seed-0"), "--json", "--max-new-tokens",
                                    "3", "--batch-size", "16"])
     assert got.exit_code == 0, got.output
@@ -225,7 +226,7 @@ def test_kava_tiny_spec_runs_end_to_end(tmp_path):
     assert cli["exact_match"]["gen_tokens"] == ev["gen_tokens"] and cli["exact_match"]["latent_tokens"] == 6
     assert cli["perplexity"]["ce"] == pytest.approx(ev["ce"], rel=1e-6)
     for name in results["conditions"]:
-        ev = json.loads((tmp_path / "runs" / name / "seed-0" / "eval.json").read_text())
+        ev = records[name]
         assert len(ev["per_item"]) == 4 and ev["gen_tokens"] > 0
         latent = (tmp_path / "runs" / name / "seed-0" / "final" / "latent.json").is_file()
         assert latent == (name != "cot_ft")
@@ -237,7 +238,7 @@ def test_kava_tiny_spec_runs_end_to_end(tmp_path):
     from kvdistill.data.segments import segments
     from kvdistill.eval.generate import generate
 
-    ev = json.loads((tmp_path / "runs" / "E4" / "seed-0" / "eval.json").read_text())
+    ev = records["E4"]
     data = load_config(tmp_path / "runs" / "E4" / "seed-0" / "config.yaml").data
     seg = segments(load_records(data, split="eval")[0], data.template)
     gen = generate(str(tmp_path / "runs" / "E4" / "seed-0"), seg.prefix, max_new_tokens=3, latent=True)

@@ -171,9 +171,12 @@ def _saved_student(objective) -> tuple[str, torch.nn.Module]:
     from kvdistill.student.latent import LatentStudent
 
     student = objective.student
-    if isinstance(student, LatentStudent):
-        return "student.backbone.", student.backbone
-    return "student.", student
+    module = student.backbone if isinstance(student, LatentStudent) else student
+    # its name inside the objective (an objective may hold the student deeper, e.g. a wrapper's inner.student)
+    name = next((n for n, m in objective.named_modules() if m is module), None)
+    if name is None:
+        name = "student.backbone" if module is not student else "student"
+    return name + ".", module
 
 
 def _is_peft(module: torch.nn.Module) -> bool:
