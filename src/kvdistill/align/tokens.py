@@ -278,6 +278,22 @@ def _prefix_keys(spans: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor,
     return read, pos - last
 
 
+def _checked_pair(student_spans, student_mask, teacher_spans, teacher_mask):
+    """Two batched tokenizations of the same texts, checked: spans (B, T_s, 2), mask (B, T_s), spans (B, T_t, 2),
+    mask (B, T_t), on the student's device."""
+    student = _as_spans(student_spans, "student_spans", batched=True)  # (B, T_s, 2)
+    teacher = _as_spans(teacher_spans, "teacher_spans", batched=True).to(student.device)  # (B, T_t, 2)
+    B, T_s, _ = student.shape
+    T_t = teacher.shape[1]
+    if teacher.shape[0] != B:
+        raise KvdistillError(f"batch size mismatch: student_spans {tuple(student.shape)} has B = {B}, "
+                             f"teacher_spans {tuple(teacher.shape)} has B = {teacher.shape[0]}",
+                             "pair the student's and the teacher's tokenizations of the same batch of texts")
+    s_mask = _as_mask(student_mask, "student_mask", (B, T_s), "student_spans", student.device)  # (B, T_s)
+    t_mask = _as_mask(teacher_mask, "teacher_mask", (B, T_t), "teacher_spans", student.device)  # (B, T_t)
+    return student, s_mask, teacher, t_mask
+
+
 def prefix_positions(student_spans, student_mask, teacher_spans, teacher_mask) -> torch.Tensor:
     """The teacher position that has read the same text as each student position: (B, T_s) long, -1 where none.
 
@@ -289,16 +305,9 @@ def prefix_positions(student_spans, student_mask, teacher_spans, teacher_mask) -
     several teacher positions qualify (only overlapping fallback spans do that) the last one is taken; padding
     positions get -1.
     """
-    student = _as_spans(student_spans, "student_spans", batched=True)  # (B, T_s, 2)
-    teacher = _as_spans(teacher_spans, "teacher_spans", batched=True).to(student.device)  # (B, T_t, 2)
+    student, s_mask, teacher, t_mask = _checked_pair(student_spans, student_mask, teacher_spans, teacher_mask)
     B, T_s, _ = student.shape
     T_t = teacher.shape[1]
-    if teacher.shape[0] != B:
-        raise KvdistillError(f"batch size mismatch: student_spans {tuple(student.shape)} has B = {B}, "
-                             f"teacher_spans {tuple(teacher.shape)} has B = {teacher.shape[0]}",
-                             "pair the student's and the teacher's tokenizations of the same batch of texts")
-    s_mask = _as_mask(student_mask, "student_mask", (B, T_s), "student_spans", student.device)  # (B, T_s)
-    t_mask = _as_mask(teacher_mask, "teacher_mask", (B, T_t), "teacher_spans", student.device)  # (B, T_t)
     s_read, s_extra = _prefix_keys(student, s_mask)  # (B, T_s) each
     t_read, t_extra = _prefix_keys(teacher, t_mask)  # (B, T_t) each
     width = max(T_s, T_t) + 1  # extra < width
@@ -322,16 +331,8 @@ def common_chunks(student_spans, student_mask, teacher_spans, teacher_mask) -> t
     and a run of teacher tokens covering the same bytes. Special (empty-span) tokens, padding and the tokens past
     the last common boundary (cut by truncation on the other side) get -1.
     """
-    student = _as_spans(student_spans, "student_spans", batched=True)  # (B, T_s, 2)
-    teacher = _as_spans(teacher_spans, "teacher_spans", batched=True).to(student.device)  # (B, T_t, 2)
-    B, T_s, _ = student.shape
-    T_t = teacher.shape[1]
-    if teacher.shape[0] != B:
-        raise KvdistillError(f"batch size mismatch: student_spans {tuple(student.shape)} has B = {B}, "
-                             f"teacher_spans {tuple(teacher.shape)} has B = {teacher.shape[0]}",
-                             "pair the student's and the teacher's tokenizations of the same batch of texts")
-    s_mask = _as_mask(student_mask, "student_mask", (B, T_s), "student_spans", student.device)  # (B, T_s)
-    t_mask = _as_mask(teacher_mask, "teacher_mask", (B, T_t), "teacher_spans", student.device)  # (B, T_t)
+    student, s_mask, teacher, t_mask = _checked_pair(student_spans, student_mask, teacher_spans, teacher_mask)
+    B = student.shape[0]
     s_real = (student[..., 1] > student[..., 0]) & s_mask  # (B, T_s) non-empty tokens
     t_real = (teacher[..., 1] > teacher[..., 0]) & t_mask  # (B, T_t)
     s_read, t_read = _prefix_keys(student, s_mask)[0], _prefix_keys(teacher, t_mask)[0]  # (B, T_s), (B, T_t)
