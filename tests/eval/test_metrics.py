@@ -148,9 +148,9 @@ def test_probe_error_is_zero_against_itself_and_positive_against_another_model(s
 def reference_probe(student, s_tok, teacher, t_tok, fit, held, *, max_length, batch_size=8, ridge=1e-2):
     """The probe as it was before teacher rows were shared: both models run on every batch of every call."""
     from kvdistill.align.layers import layer_map
+    from kvdistill.align.tokens import teacher_alignment
     from kvdistill.models.capture import capture_kv
     from kvdistill.models.geometry import geometry_of
-    from kvdistill.objectives.batch import teacher_alignment
 
     L_s, L_t = geometry_of(student).num_layers, geometry_of(teacher).num_layers
     matrix = layer_map(L_s, L_t, strategy="ratio", interpolate=False)

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from kvdistill import losses
+from kvdistill.align.tokens import teacher_alignment
 from kvdistill.data import load_records
 from kvdistill.objectives import build_objective
-from kvdistill.objectives.batch import teacher_alignment
 
 
 def _brute_kv_error(pred, target, mask, kind, normalize, weight=None, eps=1e-6):

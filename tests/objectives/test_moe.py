@@ -13,7 +13,6 @@ from kvdistill.data import load_records
 from kvdistill.errors import KvdistillError
 from kvdistill.eval.moe import routing_agreement_of
 from kvdistill.models.load import load_tokenizer
-from kvdistill.objectives.moe import fit_correspondence, teacher_of
 from kvdistill.objectives.objective import Objective
 from kvdistill.teachers import OnlineTeacher
 
@@ -92,22 +91,6 @@ def test_expert_term_trains_its_width_maps_and_fits_the_correspondence(setting):
     assert obj.moe.proj["moe"][0].weight.grad.abs().sum() > 0
     assert {"loss/routing/moe", "loss/expert/moe", "routing/top1_agreement/moe", "routing/topk_overlap/moe",
             "loss/balance"} <= set(metrics)
-
-
-def test_fit_correspondence_groups_co_activated_experts_and_splits_by_load():
-    g = torch.Generator().manual_seed(0)
-    base = torch.softmax(torch.randn(200, 3, generator=g) * 3, -1)  # 3 "true" experts
-    probs = torch.cat([base, base], 1) / 2  # teacher experts 3..5 duplicate 0..2: (200, 6)
-    corr = fit_correspondence(probs, 3)
-    groups = corr.argmax(1)
-    assert torch.equal(groups[:3], groups[3:]) and len(set(groups.tolist())) == 3
-    assert torch.equal(fit_correspondence(probs, 3), corr)  # deterministic
-    # fewer teacher experts: split in proportion to load, each at least one student expert
-    load = torch.tensor([0.7, 0.2, 0.1]).expand(50, 3)
-    split = fit_correspondence(load, 6)
-    assert [int((split[e] > 0).sum()) for e in range(3)] == [3, 2, 1]
-    assert torch.allclose(split.sum(1), torch.ones(3))
-    assert teacher_of(split).tolist() == [0, 0, 0, 1, 1, 2]
 
 
 def test_routing_terms_refuse_a_dense_teacher(setting):

@@ -34,7 +34,8 @@ import torch
 from kvdistill.errors import KvdistillError
 
 __all__ = ["token_alignment", "batch_token_alignment", "batch_token_alignment_sparse", "resample_rows",
-           "align_to_student", "prefix_positions", "common_chunks"]
+           "align_to_student", "prefix_positions", "common_chunks",
+           "teacher_alignment", "teacher_alignment_sparse"]
 
 SpansLike = torch.Tensor | Sequence[Sequence[int]]
 
@@ -350,3 +351,33 @@ def common_chunks(student_spans, student_mask, teacher_spans, teacher_mask) -> t
         return torch.where(real & (at < bounds.numel()) & same_sample, at - first[:, None], -1)
 
     return chunk_of(s_key, s_real), chunk_of(t_key, t_real)
+
+
+def teacher_alignment(spans_t: torch.Tensor, mask_t: torch.Tensor, spans_s: torch.Tensor,
+                      mask_s: torch.Tensor) -> torch.Tensor:
+    """Dense alignment, rows = teacher tokens normalised over the student tokens they overlap.
+
+    spans_t (B, M, 2) / mask_t (B, M) -> (B, M, T_s); per head (B, H, M, 2) / (B, H, M) -> (B, H, M, T_s).
+    """
+    if spans_t.dim() == 3:
+        return batch_token_alignment(spans_t, mask_t, spans_s, mask_s)
+    B, H, M, _ = spans_t.shape
+    flat = batch_token_alignment(spans_t.reshape(B * H, M, 2), mask_t.reshape(B * H, M),
+                                 spans_s.repeat_interleave(H, 0), mask_s.repeat_interleave(H, 0))
+    return flat.view(B, H, M, spans_s.shape[1])
+
+
+def teacher_alignment_sparse(spans_t: torch.Tensor, mask_t: torch.Tensor, spans_s: torch.Tensor,
+                             mask_s: torch.Tensor, *, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """`teacher_alignment` as index, weight (B, H|1, M, K) for `resample_rows`, built on the CPU (the spans are
+    small and the sweep is many tiny ops) and moved to `device` once; pass CPU spans and masks."""
+    spans_t, mask_t, spans_s, mask_s = spans_t.cpu(), mask_t.cpu(), spans_s.cpu(), mask_s.cpu()
+    if spans_t.dim() == 3:
+        index, weight = batch_token_alignment_sparse(spans_t, mask_t, spans_s, mask_s)  # (B, M, K)
+        return index[:, None].to(device, non_blocking=True), weight[:, None].to(device, non_blocking=True)
+    B, H, M, _ = spans_t.shape
+    index, weight = batch_token_alignment_sparse(spans_t.reshape(B * H, M, 2), mask_t.reshape(B * H, M),
+                                                 spans_s.repeat_interleave(H, 0), mask_s.repeat_interleave(H, 0))
+    K = index.shape[-1]
+    return (index.view(B, H, M, K).to(device, non_blocking=True),
+            weight.view(B, H, M, K).to(device, non_blocking=True))

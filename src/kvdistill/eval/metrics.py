@@ -22,11 +22,11 @@ import torch
 from tqdm.auto import tqdm
 
 from kvdistill.align.layers import layer_map
+from kvdistill.align.tokens import teacher_alignment
 from kvdistill.losses import token_nll
 from kvdistill.models.capture import capture_kv, continuation, tokenize  # noqa: F401 (continuation: re-exported)
 from kvdistill.models.chat import ChatText, render
 from kvdistill.models.geometry import geometry_of
-from kvdistill.objectives.batch import teacher_alignment
 from kvdistill.student.answer import chunks
 
 

@@ -1,7 +1,7 @@
 """Routing agreement of an MoE student with an MoE teacher on held-out records: top-1 agreement and top-k overlap.
 
 Both models run on each record (their own tokenizers); the teacher's routing distribution of each MoE block pair
-(`objectives.moe.block_pairs`) is moved onto the student's experts by the expert correspondence (identity for equal
+(`align.experts.block_pairs`) is moved onto the student's experts by the expert correspondence (identity for equal
 expert counts, else fitted from the teacher's routing on these records, `fit_correspondence`) and onto the
 student's tokens' mixture by the character alignment, as in training (`losses.routing_agreement`). Figures are
 per-sample means over the teacher's real tokens, averaged over block pairs and then over samples.
@@ -12,11 +12,11 @@ from __future__ import annotations
 import torch
 
 from kvdistill import losses
+from kvdistill.align.experts import block_pairs, fit_correspondence
+from kvdistill.align.tokens import teacher_alignment_sparse
 from kvdistill.models.capture import tokenize_for
 from kvdistill.models.geometry import geometry_of
 from kvdistill.models.moe import capture_moe, require_moe
-from kvdistill.objectives.batch import teacher_alignment_sparse
-from kvdistill.objectives.moe import block_pairs, fit_correspondence
 
 
 def _routing(model, tokenizer, texts, max_length, layers):

@@ -25,9 +25,8 @@ from torch import nn
 
 from kvdistill import losses
 from kvdistill.align.stack import KVProjectorStack
-from kvdistill.align.tokens import resample_rows
+from kvdistill.align.tokens import resample_rows, teacher_alignment_sparse
 from kvdistill.objectives.base import FusionSpace, SpaceOutput, Step
-from kvdistill.objectives.batch import teacher_alignment_sparse
 from kvdistill.objectives.compiled import maybe_compiled
 from kvdistill.objectives.fusion import SimilarityInputs
 from kvdistill.objectives.pairs import LayerPairs

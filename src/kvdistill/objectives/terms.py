@@ -21,11 +21,10 @@ import torch
 from torch import nn
 
 from kvdistill import losses
-from kvdistill.align.tokens import common_chunks, prefix_positions
+from kvdistill.align.tokens import common_chunks, prefix_positions, teacher_alignment
 from kvdistill.align.vocab import VocabProjection, shared_vocabulary
 from kvdistill.errors import KvdistillError
 from kvdistill.objectives.base import Step
-from kvdistill.objectives.batch import teacher_alignment
 
 log = logging.getLogger(__name__)
 
