@@ -202,7 +202,7 @@ def test_config_show_prints_a_complete_commented_config_that_round_trips(capsys,
     assert set(raw["train"]) == train_fields - {f for f in expected.train.presence_fields
                                                 if f not in expected.train.model_fields_set}
     assert "# Checkpoint every N optimizer steps (0: only at the end)." in out
-    assert "(one of: fixed | similarity | router)" in out
+    assert "(one of: fixed | similarity | router | confidence)" in out
     assert "# text_field:" in out  # a mode-choosing field left unset is shown commented out
 
 

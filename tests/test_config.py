@@ -226,3 +226,25 @@ def test_every_field_the_code_asks_the_presence_of_is_a_presence_field():
 
     walk(RunConfig)
     assert asked and asked <= declared, sorted(asked - declared)
+
+
+def test_confidence_options_that_would_be_ignored_are_refused():
+    two = {"student": {"model": "smollm2-135m"}, "teachers": [{"model": "gemma3-270m"}, {"model": "smollm2-135m"}]}
+    with pytest.raises(ConfigError) as info:
+        parse_config({**two, "fusion": {"kind": "router", "confidence": {"temperature": 0.5},
+                                        "router": {"target_weight": 2.0}}})
+    text = str(info.value)
+    assert "fusion.confidence is changed from its default but only fusion.kind: confidence" in text
+    assert "fusion.router.target_weight (2.0)" in text and "set fusion.router.target: confidence" in text
+    ok = parse_config({**two, "fusion": {"kind": "router", "confidence": {"temperature": 0.5},
+                                         "router": {"target": "confidence", "target_weight": 2.0}}})
+    assert ok.fusion.confidence.temperature == 0.5 and parse_config(ok.model_dump()) == ok
+    cached = {**two, "teachers": [{"model": "gemma3-270m", "compression": {"kind": "rkv", "budget": 8}},
+                                  {"model": "smollm2-135m"}], "fusion": {"kind": "confidence"}}
+    with pytest.raises(ConfigError, match=r"fusion.kind confidence scores each sample with teacher 'gemma3-270m''s "
+                                          r"own logits \(teachers.0\)"):
+        parse_config(cached)
+    with pytest.raises(ConfigError, match="fusion.kind confidence weighs teachers against each other"):
+        parse_config({**BASE, "fusion": {"kind": "confidence"}})
+    with pytest.raises(ConfigError, match="confidence.temperature"):
+        parse_config({**two, "fusion": {"kind": "confidence", "confidence": {"temperature": 0}}})

@@ -1,8 +1,8 @@
 """The specialists experiment end to end on the packaged CPU twin (`specialists-tiny`, shrunk to a few steps):
 every teacher is trained on its own skill only, results.json holds exact match per skill (each figure the mean of
 that skill's held-out results) for the teachers and every condition, and routing accuracy (overall and per skill,
-with its held-out learning curve) for the router and similarity conditions only. The packaged spec as it is runs
-under the slow marker."""
+with its held-out learning curve) for the router, similarity and confidence conditions only. The packaged spec as it
+is runs under the slow marker."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def shrunk() -> dict:
 
 def test_specialists_per_skill_metrics_and_routing_accuracy(tmp_path):
     spec = load_spec(shrunk())
-    routed = ["kd_router", "kd_router_token", "kd_similarity"]
+    routed = ["kd_router", "kd_router_token", "kd_similarity", "kd_confidence", "kd_router_conf"]
     results = run_experiment(spec, tmp_path, only=routed, seeds=1)
 
     # each specialist trained on its own skill only; scored on the whole mixed held-out set, per skill

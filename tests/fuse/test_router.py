@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from kvdistill.errors import KvdistillError
-from kvdistill.fuse import Router
+from kvdistill.fuse import Router, router_target_kl
 
 CASES = [("mlp", False), ("gate", False), ("attention", False), ("mlp", True), ("gate", True)]
 
@@ -75,3 +77,36 @@ def test_router_errors():
         router(torch.zeros(2, 5, 6), torch.ones(2, 5))
     with pytest.raises(KvdistillError, match=r"mask \(2, 4\) does not match hidden \(2, 5, 8\)"):
         router(torch.zeros(2, 5, 8), torch.ones(2, 4))
+
+
+def test_router_target_kl_known_values_and_per_token_mask():
+    w = torch.tensor([[0.5, 0.5], [0.25, 0.75]])
+    t = torch.tensor([[0.8, 0.2], [0.25, 0.75]])
+    kl0 = 0.8 * math.log(0.8 / 0.5) + 0.2 * math.log(0.2 / 0.5)  # 0.1927; the second sample 0
+    assert float(router_target_kl(w, t)) == pytest.approx(kl0 / 2)
+    token_w = torch.tensor([[[0.5, 0.5], [0.8, 0.2], [0.0, 1.0]]])  # (1, 3, 2); the third token is padding
+    mask = torch.tensor([[1, 1, 0]])
+    assert float(router_target_kl(token_w, t[:1], mask)) == pytest.approx(kl0 / 2)
+    with pytest.raises(KvdistillError, match="do not fit"):
+        router_target_kl(w, torch.ones(2, 3) / 3)
+
+
+@pytest.mark.parametrize(("kind", "per_token"), [("mlp", False), ("gate", True)])
+def test_router_trained_toward_target_weights_routes_by_input(kind, per_token):
+    """A router trained by router_target_kl alone toward targets that depend on the sample's group reaches them."""
+    torch.manual_seed(0)
+    H, N = 16, 3
+    centres = torch.randn(N, H) * 2
+    group = torch.arange(24) % N  # (B,)
+    hidden = torch.randn(24, 5, H) * 0.5 + centres[group][:, None]
+    target = torch.full((24, N), 0.05)
+    target[torch.arange(24), group] = 0.9  # (B, N)
+    router = Router(H, N, kind=kind, per_token=per_token)
+    opt = torch.optim.Adam(router.parameters(), lr=3e-2)
+    for _ in range(150):
+        opt.zero_grad()
+        router_target_kl(router(hidden), target).backward()
+        opt.step()
+    w = router(hidden)
+    w = w.mean(1) if per_token else w
+    torch.testing.assert_close(w, target, atol=0.03, rtol=0)

@@ -5,7 +5,13 @@ import torch
 from safetensors.torch import load_file
 
 from kvdistill.errors import KvdistillError
-from kvdistill.train.curriculum import is_curriculum, read_curriculum, run_curriculum, run_phases
+from kvdistill.train.curriculum import (
+    is_curriculum,
+    read_curriculum,
+    run_curriculum,
+    run_phases,
+    stage_overrides,
+)
 
 
 def test_read_curriculum_lists_every_problem(tmp_path):
@@ -26,6 +32,16 @@ def test_read_curriculum_resolves_relative_paths_and_packaged_names(tmp_path):
     assert stages[0].name == "phase1.yaml" and stages[1] == tmp_path / "mine.yaml"
     assert overrides == ["train.steps=3"]
     assert not is_curriculum(stages[0])
+
+
+def test_a_fusion_section_override_applies_only_to_the_stages_that_read_it(tmp_path):
+    stages = {kind: tmp_path / f"{kind}.yaml" for kind in ("fixed", "router", "confidence")}
+    for kind, path in stages.items():
+        path.write_text(f"name: {kind}\nstudent: {{model: x}}\nfusion: {{kind: {kind}}}\n")
+    overrides = ["train.steps=3", "fusion.confidence.temperature=0.5", "fusion.entropy.weight=0"]
+    assert stage_overrides(stages["fixed"], overrides) == ["train.steps=3"]
+    assert stage_overrides(stages["router"], overrides) == overrides
+    assert stage_overrides(stages["confidence"], overrides) == overrides[:2]
 
 
 @pytest.mark.slow

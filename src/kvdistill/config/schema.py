@@ -11,7 +11,8 @@ Layout of a config (every section optional except `student` and `data`)::
                 train_size, skills, mix,
                 train_skills}
     losses:    {ce, kv: {weight, kind, normalize, keys, values}, cosine, attention_kl, relation, logit_kd, hidden}
-    fusion:    {kind: fixed|similarity|router, space: loss|target|latent, weights, similarity, router, entropy, latent}
+    fusion:    {kind: fixed|similarity|router|confidence, space: loss|target|latent, weights, similarity, router,
+                entropy, latent, confidence}
     train:     {steps, batch_size, grad_accum, lr, ..., mixed_precision, seed, save_every, log_every}
 """
 
@@ -205,9 +206,9 @@ class TeacherConfig(Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """auto: float32 on CPU, bfloat16 on GPU."""
     skill: str | None = None
-    """The skill of `data.skills` this teacher specialises in: with fusion.kind router or similarity, the held-out
-    evaluation reports the fusion weight on it for records of that skill (eval/routing_acc, eval/routing_acc_<skill>;
-    `kvdistill.fuse.routing_accuracy`)."""
+    """The skill of `data.skills` this teacher specialises in: with fusion.kind router, similarity or confidence, the
+    held-out evaluation reports the fusion weight on it for records of that skill (eval/routing_acc,
+    eval/routing_acc_<skill>; `kvdistill.fuse.routing_accuracy`)."""
     logits: CachedLogitsConfig | None = None
     """Cached teachers: the top-k log-probabilities the cache holds (what `kvdistill extract` stores and logit KD
     from the cache reads); None: K/V only."""
@@ -351,6 +352,22 @@ class SimilarityConfig(Section):
 class RouterConfig(Section):
     kind: Literal["mlp", "gate", "attention"] = "mlp"
     per_token: bool = False
+    target: Literal["kv_loss", "confidence"] = "kv_loss"
+    """What trains the router. kv_loss: the weighted loss Σ_n w_n·KV_loss_n itself (its minimum puts all weight on
+    the teacher easiest to match, whatever the sample); confidence: KL(confidence weights || router weights), the
+    confidence weights of `fusion.confidence` from the teachers' own logits, while the K/V loss uses the router's
+    weights without passing gradient into it (a router that routes where teacher logits are absent)."""
+    target_weight: float = Field(1.0, gt=0.0)
+    """target confidence: the weight of the router's KL term in the loss."""
+
+
+class ConfidenceConfig(Section):
+    temperature: float = Field(0.1, gt=0.0)
+    """τ of w_n = softmax_n(-NLL_n / τ), NLL_n teacher n's own NLL of the sample's scored text in nats per UTF-8
+    byte (`kvdistill.fuse.confidence`): a gap of τ nats per byte between two teachers is a factor e in weight."""
+    span: Literal["continuation", "text"] = "continuation"
+    """The text scored: continuation, what follows the question line of a template-mode record (the labelled
+    reasoning and answer); text, the whole text (records without a question: chat, plain text)."""
 
 
 class EntropyConfig(Section):
@@ -366,7 +383,9 @@ class LatentConfig(Section):
 
 
 class FusionConfig(Section):
-    kind: Literal["fixed", "similarity", "router"] = "fixed"
+    kind: Literal["fixed", "similarity", "router", "confidence"] = "fixed"
+    """fixed weights; similarity of the student's side to teacher prototypes; a learned router on the student's
+    hidden states; confidence: each teacher's own NLL per byte of the sample (`fusion.confidence`), no learning."""
     space: Literal["loss", "target", "latent"] = "loss"
     """loss: Σ_i w_i·KV_loss_i with maps from the student into each teacher's geometry (default, collapse-safe);
     target: one fused target Σ_i w_i·A_i(KV_i) with frozen teacher→student maps A_i;
@@ -378,6 +397,7 @@ class FusionConfig(Section):
     similarity: SimilarityConfig = SimilarityConfig()
     router: RouterConfig = RouterConfig()
     entropy: EntropyConfig = EntropyConfig()
+    confidence: ConfidenceConfig = ConfidenceConfig()
 
     @model_validator(mode="after")
     def _used_sections(self):
@@ -389,13 +409,19 @@ class FusionConfig(Section):
             ("router", "kind: router", self.kind == "router"),
             ("entropy", "kind: router", self.kind == "router"),
             ("weights", "kind: fixed", self.kind == "fixed"),
-            ("latent", "space: latent", self.space == "latent"))
+            ("latent", "space: latent", self.space == "latent"),
+            ("confidence", "kind: confidence (or kind: router with router.target: confidence)",
+             self.kind == "confidence" or (self.kind == "router" and self.router.target == "confidence")))
             if getattr(self, key) != getattr(defaults, key) and not used]
         problems = [f"fusion.{key} is changed from its default but only fusion.{need} reads it (kind {self.kind}, space {self.space}); "
                     f"drop fusion.{key} or set fusion.{need}" for key, need in unused]
         if self.kind == "router" and self.router.kind == "attention" and self.router.per_token:
             problems.append("fusion.router.per_token needs router kind 'mlp' or 'gate': the attention router pools "
                             "over tokens")
+        if self.router.target == "kv_loss" and self.router.target_weight != defaults.router.target_weight:
+            problems.append(f"fusion.router.target_weight ({self.router.target_weight}) weighs the router's KL toward "
+                            "the confidence weights, but fusion.router.target is kv_loss: drop it or set "
+                            "fusion.router.target: confidence")
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -591,7 +617,7 @@ class RunConfig(Section):
             unread = [k for k in ("cot_ce", "codi", "latent_kv") if getattr(self.losses, k) != getattr(LossesConfig(), k)]
             problems += [f"losses.{k} is read by a latent student only; drop it or add a student.latent section"
                          for k in unread]
-        if self.fusion.kind in ("router", "similarity") and len(self.teachers) == 1:
+        if self.fusion.kind in ("router", "similarity", "confidence") and len(self.teachers) == 1:
             problems.append(f"fusion.kind {self.fusion.kind} weighs teachers against each other, but there is one "
                             "teacher: its weight is always 1 and nothing is learned; use fusion.kind: fixed")
         problems += self._skill_problems()
@@ -699,6 +725,13 @@ class RunConfig(Section):
                                 f"uncompressed (it is source {t.source}, compression {t.compression.kind}); set those "
                                 f"weights to 0 or teachers.{n}.source: online with compression.kind: full")
             problems += self._cached_logit_problems(n, t)
+            reads = ("fusion.kind confidence" if self.fusion.kind == "confidence" else "fusion.router.target confidence"
+                     if self.fusion.kind == "router" and self.fusion.router.target == "confidence" else None)
+            if reads and (t.source == "cache" or t.compression.kind != "full"):
+                problems.append(f"{reads} scores each sample with teacher '{t.name}''s own logits (teachers.{n}), "
+                                f"which needs it online and uncompressed (it is source {t.source}, compression "
+                                f"{t.compression.kind}); set teachers.{n}.source: online with compression.kind: full, "
+                                "or use another fusion.kind")
             if self.fusion.space != "loss" and t.compression.kind != "full":
                 problems.append(f"fusion.space '{self.fusion.space}' needs uncompressed teachers, but teachers.{n} "
                                 f"('{t.name}') has compression.kind {t.compression.kind}; use fusion.space: loss "

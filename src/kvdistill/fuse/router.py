@@ -16,7 +16,7 @@ from torch import nn
 
 from kvdistill.errors import KvdistillError
 
-__all__ = ["Router"]
+__all__ = ["Router", "router_target_kl"]
 
 ROUTER_KINDS = ("mlp", "gate", "attention")
 
@@ -86,3 +86,33 @@ class Router(nn.Module):
             pooled = torch.where(counted[..., None], x, zero).sum(1)  # (B, H)
             pooled = pooled / counted.sum(1, keepdim=True).clamp(min=1).to(x.dtype)
         return torch.softmax(self.head(pooled), dim=-1)  # (B, N)
+
+
+def router_target_kl(weights: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None,
+                     eps: float = 1e-12) -> torch.Tensor:
+    """Mean KL(target || weights) in nats: the loss that trains a router toward target weights (0-dim float32).
+
+    weights: the router's (B, N) per sample or (B, T, N) per token; target: (B, N) per sample (a per-token router's
+    every token is pulled toward its sample's target) or (B, T, N). mask (B, T), per-token weights only: 1 = counted;
+    a sample's value is the mean over its counted tokens, the result the mean over samples. The target carries no
+    gradient.
+    """
+    if weights.dim() not in (2, 3) or target.dim() not in (2, weights.dim()) or target.shape[-1] != weights.shape[-1]:
+        raise KvdistillError(f"router weights {tuple(weights.shape)} and target {tuple(target.shape)} do not fit",
+                             "pass weights (B, N) or (B, T, N) and a target (B, N) or shaped like the weights")
+    t = target.detach().float()
+    if weights.dim() == 3 and t.dim() == 2:
+        t = t[:, None].expand_as(weights)  # (B, T, N)
+    if tuple(t.shape) != tuple(weights.shape):
+        raise KvdistillError(f"router weights {tuple(weights.shape)} and target {tuple(target.shape)} do not fit",
+                             "pass a target of the weights' batch (and tokens)")
+    kl = (t * (torch.log(t.clamp(min=eps)) - torch.log(weights.float().clamp(min=eps)))).sum(-1)  # (B,) or (B, T)
+    if kl.dim() == 1:
+        return kl.mean()
+    B, T = kl.shape
+    counted = (torch.ones(B, T, device=kl.device) if mask is None else (mask != 0).float())  # (B, T)
+    if tuple(counted.shape) != (B, T):
+        raise KvdistillError(f"mask {tuple(counted.shape)} does not match weights {tuple(weights.shape)}",
+                             f"pass the ({B}, {T}) attention mask of the same batch")
+    per_sample = (kl * counted).sum(1) / counted.sum(1).clamp(min=1.0)  # (B,)
+    return per_sample.mean()

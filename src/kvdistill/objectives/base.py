@@ -39,6 +39,14 @@ class Step:
         hs = self.student.hidden_states
         return hs[-1] if hs is not None else None
 
+    @property
+    def teacher_nll(self) -> torch.Tensor | None:
+        """(B, N) every teacher's NLL per byte of each sample's scored text (`TeacherKV.nll_per_byte`), when the
+        teachers' pass computed it (fusion.kind confidence, or a router trained toward it)."""
+        if not self.records or any(r.nll_per_byte is None for r in self.records):
+            return None
+        return torch.stack([r.nll_per_byte for r in self.records], -1)
+
 
 @dataclass
 class SpaceOutput:

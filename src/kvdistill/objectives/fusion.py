@@ -1,4 +1,5 @@
-"""Weights over the teachers of a batch: fixed, similarity to teacher prototypes, or a learned router.
+"""Weights over the teachers of a batch: fixed, similarity to teacher prototypes, the teachers' own confidence, or a
+learned router (trained on the weighted K/V loss, or toward the confidence weights).
 
 Notation: B batch, T_s student tokens, N teachers, F_n the width a teacher's similarity is computed in, K prototypes.
 
@@ -6,6 +7,9 @@ The weights are (B, N) per sample, or (B, T_s, N) per student token (`fusion.rou
 per teacher, a query pooled from the student's side with the teacher's prototypes (mean / first / max pooling, or
 the k-means centres of the sample's teacher tokens), in the space the fusion runs in: the teacher's geometry (loss
 space, through the trained projector), the student's (target space, through the frozen maps) or Z (latent space).
+Confidence weights come from every teacher's NLL per byte of the sample's scored text (`kvdistill.fuse.confidence`),
+computed in the teachers' pass (`teacher_nll_per_byte`). A router with `router.target: confidence` is trained by
+KL(confidence weights || its weights) alone: the K/V loss sees its weights detached.
 """
 
 from __future__ import annotations
@@ -15,7 +19,19 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kvdistill.fuse import Router, entropy_regularizer, fixed_weights, prototype, similarity_weights
+from kvdistill import losses
+from kvdistill.data.template import question_prompt
+from kvdistill.errors import KvdistillError
+from kvdistill.fuse import (
+    Router,
+    byte_nll,
+    confidence_weights,
+    entropy_regularizer,
+    fixed_weights,
+    prototype,
+    router_target_kl,
+    similarity_weights,
+)
 
 
 @dataclass
@@ -40,35 +56,101 @@ class Fusion(nn.Module):
                              torch.zeros(0), persistent=False)
         self.router = (Router(hidden_size, num_teachers, kind=cfg.router.kind, per_token=cfg.router.per_token)
                        if cfg.kind == "router" else None)
+        self.supervised = cfg.kind == "router" and cfg.router.target == "confidence"  # trained toward confidence
 
     @property
     def needs_hidden(self) -> bool:
         return self.router is not None
 
+    @property
+    def needs_teacher_nll(self) -> bool:
+        """Whether the teachers' pass must score each sample (`teacher_nll_per_byte`)."""
+        return self.kind == "confidence" or self.supervised
+
     def token_weights(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Per-token router weights (B, T_s, N) from the student's last hidden states (B, T_s, F_s), detached."""
-        return self.router(hidden.detach().float(), mask)
+        """Per-token router weights (B, T_s, N) from the student's last hidden states (B, T_s, F_s), detached from
+        the student; also from the router when it is trained toward the confidence weights instead."""
+        w = self.router(hidden.detach().float(), mask)
+        return w.detach() if self.supervised else w
 
     def weights(self, hidden: torch.Tensor | None, mask: torch.Tensor,
-                similarity: list[SimilarityInputs] | None = None) -> torch.Tensor:
-        """(B, N) weights per sample, or (B, T_s, N) per token (router with per_token)."""
+                similarity: list[SimilarityInputs] | None = None,
+                teacher_nll: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, N) weights per sample, or (B, T_s, N) per token (router with per_token). teacher_nll (B, N): every
+        teacher's NLL per byte of each sample (`Step.teacher_nll`), read by kind confidence."""
         B = mask.shape[0]
         if self.kind == "fixed":
             return self.fixed[None].expand(B, -1)
+        if self.kind == "confidence":
+            if teacher_nll is None:
+                raise KvdistillError("fusion.kind confidence was given no teacher NLL for this batch",
+                                     "run the teachers online (the objective's teacher pass scores each sample)")
+            return confidence_weights(teacher_nll, self.cfg.confidence.temperature).to(mask.device)
         if self.kind == "router":
-            return self.router(hidden.detach().float(), mask)
+            w = self.router(hidden.detach().float(), mask)
+            return w.detach() if self.supervised else w
         sim = self.cfg.similarity
         pool = "mean" if sim.prototype == "kmeans" else sim.prototype
         queries = [prototype(s.query.detach().float(), s.mask, kind=pool)[:, 0] for s in similarity]  # (B, F_n)
         protos = [prototype(s.key.detach().float(), s.mask, kind=sim.prototype, k=sim.kmeans_k) for s in similarity]
         return similarity_weights(queries, protos, metric=sim.metric, temperature=sim.temperature)  # (B, N)
 
-    def regularizer(self, weights: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
-        """The router's entropy term (0-dim, to add to the loss), None without a router or with weight 0."""
-        if self.router is None or self.cfg.entropy.weight == 0:
-            return None
+    def regularizer(self, weights: torch.Tensor, mask: torch.Tensor, hidden: torch.Tensor | None = None,
+                    teacher_nll: torch.Tensor | None = None) -> dict[str, tuple[float, torch.Tensor]]:
+        """The router's terms to add to the loss: name -> (weight, 0-dim value); empty without a router.
+
+        "entropy" (fusion.entropy, when its weight > 0) on the router's weights; "router_target" (router.target
+        confidence): KL(confidence weights || router weights). A router trained toward the confidence weights is run
+        again here on `hidden` (the weights the space used are detached from it)."""
+        if self.router is None:
+            return {}
+        if self.supervised:
+            if hidden is None or teacher_nll is None:
+                raise KvdistillError("the router trained toward the confidence weights got no hidden states or "
+                                     "teacher NLL", "pass the step's hidden states and teacher_nll")
+            weights = self.router(hidden.detach().float(), mask)  # (B, N) or (B, T_s, N), with gradient
         token_mask = mask if weights.dim() == 3 else None
-        return entropy_regularizer(weights, target=self.cfg.entropy.target, mask=token_mask)
+        out = {}
+        if self.cfg.entropy.weight > 0:
+            out["entropy"] = (self.cfg.entropy.weight,
+                              entropy_regularizer(weights, target=self.cfg.entropy.target, mask=token_mask))
+        if self.supervised:
+            target = confidence_weights(teacher_nll, self.cfg.confidence.temperature).to(weights.device)  # (B, N)
+            out["router_target"] = (self.cfg.router.target_weight, router_target_kl(weights, target, token_mask))
+        return out
+
+
+def teacher_nll_per_byte(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                         spans: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+    """One teacher's NLL per byte of each sample's scored text (B,) from its logits (B, T_t, V) on its own tokens
+    (input_ids, attention_mask (B, T_t), byte spans (B, T_t, 2)); start (B,) the scored text's first byte. One sample
+    at a time: the float32 log-softmax of a large vocabulary is held for one row of the batch only."""
+    rows = []
+    for b in range(logits.shape[0]):
+        nll, counted = losses.token_nll(logits[b : b + 1], input_ids[b : b + 1], attention_mask[b : b + 1])
+        rows.append(byte_nll(nll, counted, spans[b : b + 1].to(nll.device), start[b : b + 1].to(nll.device)))
+    return torch.cat(rows)
+
+
+def scored_start(records: list[dict], span: str, template: str) -> torch.Tensor:
+    """(B,) the UTF-8 byte offset where each record's scored text begins (`fusion.confidence.span`): 0 for the whole
+    text, else the end of the question line of the data template (the labelled continuation)."""
+    if span == "text":
+        return torch.zeros(len(records), dtype=torch.long)
+    starts = []
+    for r in records:
+        if not r.get("question") or type(r["text"]) is not str:  # a conversation's text is a ChatText
+            raise KvdistillError(f"record '{r.get('id')}' has no question line (a plain-text or chat record), so "
+                                 "fusion.confidence.span continuation cannot tell where its continuation starts",
+                                 "set fusion.confidence.span: text (the whole text is scored)")
+        try:
+            prompt = question_prompt(r, template)
+        except KvdistillError as err:
+            raise KvdistillError(f"fusion.confidence.span continuation scores what follows the question: {err.problem}",
+                                 "set fusion.confidence.span: text (the whole text is scored), or use template-mode "
+                                 "records") from None
+        starts.append(len(prompt.encode("utf-8", "surrogatepass")))
+    return torch.tensor(starts, dtype=torch.long)
 
 
 def per_sample(weights: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

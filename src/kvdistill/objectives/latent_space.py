@@ -78,7 +78,7 @@ class LatentSpaceKD(FusionSpace):
         stacked = torch.stack(per_teacher, -1)  # (B, N)
         if token_w is not None:
             return SpaceOutput(stacked.sum(-1), token_w, metrics)
-        weights = step.fusion.weights(step.hidden, mask, sims)  # (B, N)
+        weights = step.fusion.weights(step.hidden, mask, sims, step.teacher_nll)  # (B, N)
         return SpaceOutput((weights * stacked).sum(-1), weights, metrics)
 
     @torch.no_grad()

@@ -246,7 +246,7 @@ class LossSpace(FusionSpace):
             sims.append(res.deepest)
         if token_w is not None:  # the weights are already inside the row errors
             return SpaceOutput(torch.stack(per_teacher, -1).sum(-1), token_w, metrics)
-        weights = step.fusion.weights(step.hidden, mask, sims)  # (B, N)
+        weights = step.fusion.weights(step.hidden, mask, sims, step.teacher_nll)  # (B, N)
         return SpaceOutput((weights * torch.stack(per_teacher, -1)).sum(-1), weights, metrics)
 
     def layer_errors(self, step: Step) -> dict[str, dict[int, torch.Tensor]]:

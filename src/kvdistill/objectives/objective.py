@@ -3,7 +3,7 @@ regulariser. Thin: every loss comes from `kvdistill.losses`, every K/V term from
 
 Notation: B batch, N teachers, T_s student tokens, L_s student layers.
 
-    loss = mean_b [ λ_ce·CE(b) + kd_space(b) + extra(b) ] + λ_ent·entropy(w)
+    loss = mean_b [ λ_ce·CE(b) + kd_space(b) + extra(b) ] + λ_ent·entropy(w) (+ λ_target·KL(w_conf || w_router))
 
 Each bracket is per sample, so a batch's loss (and its gradient) is the mean of its samples' losses: batch size,
 accumulation and DDP give the same update. With train.on_policy, a step drawn on-policy computes kd_space and extra
@@ -27,7 +27,7 @@ from kvdistill.models.chat import ChatText
 from kvdistill.models.geometry import geometry_of
 from kvdistill.objectives.base import FusionSpace, Step, read_metrics
 from kvdistill.objectives.batch import Collated, Collator, TeacherSide
-from kvdistill.objectives.fusion import Fusion, per_sample
+from kvdistill.objectives.fusion import Fusion, per_sample, scored_start, teacher_nll_per_byte
 from kvdistill.objectives.latent_space import LatentSpaceKD
 from kvdistill.objectives.loss_space import LossSpace
 from kvdistill.objectives.moe import MoETerms
@@ -83,6 +83,12 @@ class Objective(nn.Module):
                 raise KvdistillError(
                     f"losses.logit_kd needs next-token logits, but teacher '{teacher.name}' is an encoder",
                     "set losses.logit_kd.weight: 0 or drop that teacher (its K/V still align by bytes)")
+            f = self.cfg.fusion
+            if (f.kind == "confidence" or (f.kind == "router" and f.router.target == "confidence")) \
+                    and teacher.geometry.is_encoder:
+                raise KvdistillError(
+                    f"the confidence weights score each sample by the teachers' next-token NLL, but teacher "
+                    f"'{teacher.name}' is an encoder", "use another fusion.kind (and router.target) or drop that teacher")
 
     # ---------------------------------------------------------------------------------------------- one step
     def step(self, batch: Collated | list[dict], *, training: bool = True) -> Step:
@@ -114,10 +120,21 @@ class Objective(nn.Module):
         needs = self.terms.needs() if training else dict(hidden_states=False, logits=False, attentions=False)
         if not (training or self.space.reports_layer_errors):
             return []
+        scoring = training and self.fusion.needs_teacher_nll  # confidence weights: each teacher scores the samples
+        start = scored_start(collated.records, self.cfg.fusion.confidence.span, self.cfg.data.template) \
+            if scoring else None  # (B,) bytes
         tkvs = []
         for t, inputs in zip(self.teachers, collated.teachers, strict=True):
             given = {} if inputs is None else {"inputs": inputs}  # collated ahead: tokens, or K/V read from a cache
-            tkvs.append(t.kv(collated.records, max_length=self.cfg.data.max_length, **needs, **given))
+            tkv = t.kv(collated.records, max_length=self.cfg.data.max_length,
+                       **{**needs, "logits": needs["logits"] or scoring}, **given)
+            if scoring:
+                cap = tkv.capture
+                tkv.nll_per_byte = teacher_nll_per_byte(cap.logits, cap.input_ids, cap.attention_mask, cap.spans,
+                                                        start)  # (B,)
+                if not needs["logits"]:
+                    cap.logits = None  # scored; nothing else reads the (B, T_t, V) logits
+            tkvs.append(tkv)
         return tkvs
 
     def runs_teachers_ahead(self, batch: Collated) -> bool:
@@ -152,7 +169,7 @@ class Objective(nn.Module):
         if cfg.losses.logit_kd.weight > 0:  # τ a pure function of the step, so a resume continues the schedule
             self.terms.temperature = cfg.losses.logit_kd.temperature_at(self.train_step, cfg.train.steps)
             metrics["logit_kd/temperature"] = ce.new_tensor(self.terms.temperature)
-        total_extra = None
+        regs: dict[str, tuple[float, torch.Tensor]] = {}
         terms = {"ce": (cfg.losses.ce * ce).mean()}  # what train.grad_norms_every differentiates term by term
         if self.teachers:
             if cfg.losses.kv.weight > 0:  # the K/V weight of this step (losses.kv.schedule), also a pure function
@@ -168,15 +185,18 @@ class Objective(nn.Module):
             sample_w = per_sample(out.weights, mask)
             for n, teacher in enumerate(self.teachers):
                 metrics[f"weight/{teacher.name}"] = sample_w[:, n].detach().mean()
-            total_extra = self.fusion.regularizer(out.weights, mask)
+            regs = self.fusion.regularizer(out.weights, mask, step.hidden, step.teacher_nll)
+            nll = step.teacher_nll  # (B, N) or None
+            for n, teacher in enumerate(self.teachers if nll is not None else ()):
+                metrics[f"nll_per_byte/{teacher.name}"] = nll[:, n].nanmean()
         if self.moe.active:
             moe, moe_metrics = self.moe(step, per_sample(out.weights, mask) if self.teachers else None)
             per_sample_loss = per_sample_loss + moe
             metrics.update(moe_metrics)
         total = per_sample_loss.mean()
-        if total_extra is not None:
-            total = total + cfg.fusion.entropy.weight * total_extra
-            metrics["loss/entropy"] = total_extra.detach()
+        for name, (weight, value) in regs.items():  # the router's entropy term, its KL toward the confidence weights
+            total = total + weight * value
+            metrics[f"loss/{name}"] = value.detach()
         metrics["loss"] = total.detach()
         self.last_terms = terms  # graph-attached per-term means of this batch (read by the trainer, then dropped)
         return total, read_metrics(metrics, step.batch.mask_cpu)
@@ -186,8 +206,8 @@ class Objective(nn.Module):
     def evaluate(self, records: list[dict], batch_size: int | None = None) -> dict:
         """Held-out CE / perplexity (token-level, `losses.token_nll`) and, where the space defines it, per teacher
         the K/V error per student layer: `eval/kv_error_layers/<teacher>` (L_s entries, None where the layer map
-        leaves a layer unsupervised) and its mean over mapped layers `eval/kv_error/<teacher>`. With a router or
-        similarity fusion and teachers labelled with a skill, the routing accuracy of `fuse.routing_accuracy`:
+        leaves a layer unsupervised) and its mean over mapped layers `eval/kv_error/<teacher>`. With a router,
+        similarity or confidence fusion and teachers labelled with a skill, the routing accuracy of `fuse.routing_accuracy`:
         `eval/routing_acc` and `eval/routing_acc_<skill>`."""
         was = self.training
         self.eval()
@@ -207,7 +227,7 @@ class Objective(nn.Module):
             ce = nll / max(tokens, 1)
             out = {"eval/ce": ce, "eval/ppl": math.exp(min(ce, 50.0))}
             specialist_of = {t.skill: n for n, t in enumerate(self.cfg.teachers) if t.skill is not None}
-            if specialist_of and self.cfg.fusion.kind in ("router", "similarity"):
+            if specialist_of and self.cfg.fusion.kind in ("router", "similarity", "confidence"):
                 weights = self.routing_weights(records, bs)  # (N, K)
                 acc = routing_accuracy(weights, [r.get("skill") for r in records], specialist_of)
                 out.update({f"eval/{k}": v for k, v in acc.items()})

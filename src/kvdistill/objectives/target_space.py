@@ -74,7 +74,7 @@ class TargetSpace(FusionSpace):
         mask = step.batch.mask
         mapped = [self._mapped(step, n) for n in range(len(step.teachers))]
         sims = self._similarity(step, mapped) if step.fusion.kind == "similarity" else None
-        weights = step.fusion.weights(step.hidden, mask, sims)  # (B, N) or (B, T_s, N)
+        weights = step.fusion.weights(step.hidden, mask, sims, step.teacher_nll)  # (B, N) or (B, T_s, N)
         total = torch.zeros(mask.shape[0], device=mask.device)
         count = 0
         for i in range(self.num_layers):

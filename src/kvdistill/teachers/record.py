@@ -30,6 +30,8 @@ class TeacherKV:
     compression: dict | None = None  # Compression.to_dict() of the selection that produced it; None = full
     sample_ids: list[str] | None = None  # cached teachers: the ids the batch was read for
     logits: TeacherLogits | None = None  # cached teachers with stored logits: top-k log-probabilities
+    nll_per_byte: torch.Tensor | None = None  # (B,) fusion.kind confidence: the teacher's NLL per byte of each
+    # sample's scored text (`kvdistill.fuse.confidence.byte_nll`), NaN where none was scored
 
     def host_spans(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Spans and mask of `layer` on the CPU, without a device-to-host copy when the capture kept CPU copies of

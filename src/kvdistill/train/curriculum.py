@@ -7,7 +7,7 @@ Packaged phases (`kvdistill train --phases 1-5 --out DIR`):
 
 A curriculum config (`kvdistill train CURRICULUM.yaml --out DIR`) lists the stages, each a packaged name or a
 path (relative to the curriculum file), plus overrides applied to every stage (an override of a fusion section,
-`fusion.similarity|router|entropy|latent.*`, only to the stages whose fusion reads it)::
+`fusion.similarity|router|entropy|latent|confidence.*`, only to the stages whose fusion reads it)::
 
     curriculum: [phase1, phase2, my_phase.yaml]
     overrides: [train.steps=200, data.max_length=512]
@@ -85,8 +85,8 @@ def read_curriculum(path: str | Path) -> tuple[list[Path], list[str]]:
 
 
 # the fusion sections that only some fusion kinds / spaces read: {section: (key, value that reads it)}
-_READ_BY = {"similarity": ("kind", "similarity"), "router": ("kind", "router"), "entropy": ("kind", "router"),
-            "latent": ("space", "latent")}
+_READ_BY = {"similarity": ("kind", ("similarity",)), "router": ("kind", ("router",)), "entropy": ("kind", ("router",)),
+            "latent": ("space", ("latent",)), "confidence": ("kind", ("confidence", "router"))}
 
 
 def stage_overrides(stage: Path, overrides: list[str]) -> list[str]:
@@ -101,7 +101,7 @@ def stage_overrides(stage: Path, overrides: list[str]) -> list[str]:
         parts = item.split("=", 1)[0].split(".")
         if len(parts) > 2 and parts[0] == "fusion" and parts[1] in _READ_BY:
             key, value = _READ_BY[parts[1]]
-            if fusion.get(key, {"kind": "fixed", "space": "loss"}[key]) != value:
+            if fusion.get(key, {"kind": "fixed", "space": "loss"}[key]) not in value:
                 log.info("stage %s: override %s is not read by its fusion; not applied there", stage.name, item)
                 continue
         kept.append(item)

@@ -16,7 +16,8 @@ layers, width F_s, vocabulary V_s; for each online teacher N_t, F_t, L_t, V_t:
     teachers    Σ_t [2 · N_t + 2 · B · T · (2 · F_t · L_t + 8 · F_t + V_t·[logit KD])]   bf16 weights, held by every
                                                  process; per batch the K/V of every layer (at most 2 · F_t each),
                                                  the forward's transient activations, and the logits only where logit
-                                                 KD reads them; twice that batch when the teachers run ahead
+                                                 KD or the confidence weights read them; twice that batch when the
+                                                 teachers run ahead
     per process 1.3 · (weights + grads + optimizer + acts + teachers) + 0.75 GiB   allocator slack, CUDA context
 
 The estimate is deliberately generous: a run that does not fit dies of out-of-memory.
@@ -140,7 +141,8 @@ def estimate_note(cfg, world: int, device_bytes: int | None, device: str) -> tup
                 for i, t in enumerate(online)]
     ahead = bool(online) and (cfg.train.teachers_ahead or (cfg.train.teachers_ahead is None and device == "cuda"))
     kwargs = dict(batch=cfg.train.batch_size, length=cfg.data.max_length, student=student, teachers=teachers,
-                  ahead=ahead, teacher_logits=cfg.losses.logit_kd.weight > 0, world=world,
+                  ahead=ahead, teacher_logits=cfg.losses.logit_kd.weight > 0 or cfg.fusion.kind == "confidence"
+                  or (cfg.fusion.kind == "router" and cfg.fusion.router.target == "confidence"), world=world,
                   distributed=cfg.train.distributed, cpu_offload=cfg.train.fsdp.cpu_offload)
     parts, total = run_parts(**kwargs), run_bytes(**kwargs)
     shown = ", ".join(f"{k} {v / GIB:.2f}" for k, v in parts.items())
