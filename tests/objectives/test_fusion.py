@@ -70,14 +70,20 @@ def _brute_force_nll_per_byte(objective, step, records) -> torch.Tensor:
 def test_confidence_weights_are_the_teachers_own_nll_per_byte_and_give_the_routing_accuracy(tiny_config):
     from kvdistill.fuse import confidence_weights
     from kvdistill.fuse.routing_accuracy import routing_accuracy
+    from kvdistill.objectives.fusion import scored_start, teacher_nll_per_byte
 
     cfg = _skills_config(tiny_config, "fusion.kind=confidence", "fusion.confidence.temperature=0.05")
     records = load_records(cfg.data)[:4]
     objective = build_objective(cfg)
     step = objective.step(records)
-    assert all(r.capture.logits is None for r in step.records)  # scored, then dropped: nothing else reads them
+    assert all(r.capture.logits is None for r in step.records)  # scored a few samples at a time, never all at once
     nll = _brute_force_nll_per_byte(objective, step, records)
     torch.testing.assert_close(step.teacher_nll, nll, rtol=1e-4, atol=1e-4)
+    start = scored_start(records, "continuation", cfg.data.template)
+    for n, teacher in enumerate(objective.teachers):  # chunks of 3 and 1 samples: the same numbers
+        for chunk in (3, 1):
+            got = teacher_nll_per_byte(teacher.model, step.records[n].capture, start, chunk=chunk)
+            torch.testing.assert_close(got, nll[:, n], rtol=1e-4, atol=1e-4)
     expected = torch.softmax(-nll / 0.05, -1)
     torch.testing.assert_close(objective.space(step).weights, expected, rtol=1e-3, atol=1e-4)
     torch.testing.assert_close(confidence_weights(nll, 0.05), expected)

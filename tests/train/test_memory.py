@@ -27,6 +27,15 @@ def test_ddp_holds_the_whole_student_and_fsdp_a_share():
     assert run_bytes(**kw) == int(SLACK * sum(ddp.values()) + CONTEXT)
 
 
+def test_confidence_scoring_holds_one_teachers_logits_of_a_few_samples():
+    small = {**TEACHER, "vocab": 32_000}
+    kw = dict(batch=16, length=320, student=STUDENT, teachers=[small, TEACHER], ahead=True)
+    plain, scored = run_parts(**kw), run_parts(**kw, teacher_scoring=True)
+    assert "scoring" not in plain and {k: v for k, v in scored.items() if k != "scoring"} == plain
+    assert scored["scoring"] == (4 * 4 + 8) * 320 * 128_000  # the largest vocabulary, 4 samples at a time
+    assert run_parts(**{**kw, "batch": 2}, teacher_scoring=True)["scoring"] == (4 * 2 + 8) * 320 * 128_000
+
+
 def test_the_note_warns_when_the_run_does_not_fit(tiny_config):
     cfg = tiny_config()
     line, over = estimate_note(cfg, 1, 64 * GIB, "GPU")

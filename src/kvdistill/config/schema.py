@@ -399,6 +399,11 @@ class FusionConfig(Section):
     entropy: EntropyConfig = EntropyConfig()
     confidence: ConfidenceConfig = ConfidenceConfig()
 
+    @property
+    def scores_teachers(self) -> bool:
+        """Whether the teachers' pass scores each sample with the teachers' own logits (the confidence weights)."""
+        return self.kind == "confidence" or (self.kind == "router" and self.router.target == "confidence")
+
     @model_validator(mode="after")
     def _used_sections(self):
         """A section changed from its defaults that the chosen kind / space never reads is refused, not ignored
@@ -410,8 +415,7 @@ class FusionConfig(Section):
             ("entropy", "kind: router", self.kind == "router"),
             ("weights", "kind: fixed", self.kind == "fixed"),
             ("latent", "space: latent", self.space == "latent"),
-            ("confidence", "kind: confidence (or kind: router with router.target: confidence)",
-             self.kind == "confidence" or (self.kind == "router" and self.router.target == "confidence")))
+            ("confidence", "kind: confidence (or kind: router with router.target: confidence)", self.scores_teachers))
             if getattr(self, key) != getattr(defaults, key) and not used]
         problems = [f"fusion.{key} is changed from its default but only fusion.{need} reads it (kind {self.kind}, space {self.space}); "
                     f"drop fusion.{key} or set fusion.{need}" for key, need in unused]
@@ -725,9 +729,8 @@ class RunConfig(Section):
                                 f"uncompressed (it is source {t.source}, compression {t.compression.kind}); set those "
                                 f"weights to 0 or teachers.{n}.source: online with compression.kind: full")
             problems += self._cached_logit_problems(n, t)
-            reads = ("fusion.kind confidence" if self.fusion.kind == "confidence" else "fusion.router.target confidence"
-                     if self.fusion.kind == "router" and self.fusion.router.target == "confidence" else None)
-            if reads and (t.source == "cache" or t.compression.kind != "full"):
+            reads = "fusion.kind confidence" if self.fusion.kind == "confidence" else "fusion.router.target confidence"
+            if self.fusion.scores_teachers and (t.source == "cache" or t.compression.kind != "full"):
                 problems.append(f"{reads} scores each sample with teacher '{t.name}''s own logits (teachers.{n}), "
                                 f"which needs it online and uncompressed (it is source {t.source}, compression "
                                 f"{t.compression.kind}); set teachers.{n}.source: online with compression.kind: full, "

@@ -65,7 +65,7 @@ class Fusion(nn.Module):
     @property
     def needs_teacher_nll(self) -> bool:
         """Whether the teachers' pass must score each sample (`teacher_nll_per_byte`)."""
-        return self.kind == "confidence" or self.supervised
+        return self.cfg.scores_teachers
 
     def token_weights(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Per-token router weights (B, T_s, N) from the student's last hidden states (B, T_s, F_s), detached from
@@ -120,15 +120,26 @@ class Fusion(nn.Module):
         return out
 
 
-def teacher_nll_per_byte(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                         spans: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
-    """One teacher's NLL per byte of each sample's scored text (B,) from its logits (B, T_t, V) on its own tokens
-    (input_ids, attention_mask (B, T_t), byte spans (B, T_t, 2)); start (B,) the scored text's first byte. One sample
-    at a time: the float32 log-softmax of a large vocabulary is held for one row of the batch only."""
+SCORE_CHUNK = 4
+"""Samples per scoring forward of a teacher: its (chunk, T_t, V) logits are all that exist at once (a 262k-entry
+vocabulary at batch 16 x 320 tokens would otherwise hold 2.7 GB of bf16 logits per teacher)."""
+
+
+@torch.no_grad()
+def teacher_nll_per_byte(model: nn.Module, capture, start: torch.Tensor, chunk: int = SCORE_CHUNK) -> torch.Tensor:
+    """One teacher's NLL per byte of each sample's scored text (B,) (`fuse.confidence.byte_nll`), from its own logits
+    on its own tokens: the K/V capture's input_ids, attention_mask, positions (B, T_t) and byte spans (B, T_t, 2) run
+    through the teacher again `chunk` samples at a time (the K/V pass skips the LM head), each sample's NLL computed
+    alone (its float32 log-softmax is the only one held). start (B,): each sample's first scored byte."""
     rows = []
-    for b in range(logits.shape[0]):
-        nll, counted = losses.token_nll(logits[b : b + 1], input_ids[b : b + 1], attention_mask[b : b + 1])
-        rows.append(byte_nll(nll, counted, spans[b : b + 1].to(nll.device), start[b : b + 1].to(nll.device)))
+    ids, mask, positions, spans = capture.input_ids, capture.attention_mask, capture.positions, capture.spans
+    for lo in range(0, ids.shape[0], chunk):
+        hi = min(lo + chunk, ids.shape[0])
+        logits = model(input_ids=ids[lo:hi], attention_mask=mask[lo:hi], position_ids=positions[lo:hi]).logits
+        for b in range(lo, hi):  # logits (hi - lo, T_t, V)
+            nll, counted = losses.token_nll(logits[b - lo : b - lo + 1], ids[b : b + 1], mask[b : b + 1])
+            rows.append(byte_nll(nll, counted, spans[b : b + 1].to(nll.device), start[b : b + 1].to(nll.device)))
+        del logits
     return torch.cat(rows)
 
 

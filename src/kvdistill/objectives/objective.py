@@ -83,9 +83,7 @@ class Objective(nn.Module):
                 raise KvdistillError(
                     f"losses.logit_kd needs next-token logits, but teacher '{teacher.name}' is an encoder",
                     "set losses.logit_kd.weight: 0 or drop that teacher (its K/V still align by bytes)")
-            f = self.cfg.fusion
-            if (f.kind == "confidence" or (f.kind == "router" and f.router.target == "confidence")) \
-                    and teacher.geometry.is_encoder:
+            if self.cfg.fusion.scores_teachers and teacher.geometry.is_encoder:
                 raise KvdistillError(
                     f"the confidence weights score each sample by the teachers' next-token NLL, but teacher "
                     f"'{teacher.name}' is an encoder", "use another fusion.kind (and router.target) or drop that teacher")
@@ -126,14 +124,10 @@ class Objective(nn.Module):
         tkvs = []
         for t, inputs in zip(self.teachers, collated.teachers, strict=True):
             given = {} if inputs is None else {"inputs": inputs}  # collated ahead: tokens, or K/V read from a cache
-            tkv = t.kv(collated.records, max_length=self.cfg.data.max_length,
-                       **{**needs, "logits": needs["logits"] or scoring}, **given)
-            if scoring:
-                cap = tkv.capture
-                tkv.nll_per_byte = teacher_nll_per_byte(cap.logits, cap.input_ids, cap.attention_mask, cap.spans,
-                                                        start)  # (B,)
-                if not needs["logits"]:
-                    cap.logits = None  # scored; nothing else reads the (B, T_t, V) logits
+            tkv = t.kv(collated.records, max_length=self.cfg.data.max_length, **needs, **given)
+            if scoring:  # the teacher's own logits, a few samples at a time (its lock: no capture hooks meanwhile)
+                with t.lock:
+                    tkv.nll_per_byte = teacher_nll_per_byte(t.model, tkv.capture, start)  # (B,)
             tkvs.append(tkv)
         return tkvs
 

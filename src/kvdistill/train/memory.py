@@ -16,9 +16,12 @@ layers, width F_s, vocabulary V_s; for each online teacher N_t, F_t, L_t, V_t:
     teachers    Σ_t [2 · N_t + 2 · B · T · (2 · F_t · L_t + 8 · F_t + V_t·[logit KD])]   bf16 weights, held by every
                                                  process; per batch the K/V of every layer (at most 2 · F_t each),
                                                  the forward's transient activations, and the logits only where logit
-                                                 KD or the confidence weights read them; twice that batch when the
-                                                 teachers run ahead
-    per process 1.3 · (weights + grads + optimizer + acts + teachers) + 0.75 GiB   allocator slack, CUDA context
+                                                 KD reads them; twice that batch when the teachers run ahead
+    scoring     (4 · min(B, 4) + 8) · T · max_t V_t   the confidence weights (fusion.confidence): one teacher's
+                                                 bf16 logits of 4 samples at a time and a copy, one sample's fp32
+                                                 log-softmax
+    per process 1.3 · (weights + grads + optimizer + acts + teachers + scoring) + 0.75 GiB   allocator slack, CUDA
+                                                 context
 
 The estimate is deliberately generous: a run that does not fit dies of out-of-memory.
 """
@@ -26,6 +29,8 @@ The estimate is deliberately generous: a run that does not fit dies of out-of-me
 from __future__ import annotations
 
 import torch
+
+from kvdistill.objectives.fusion import SCORE_CHUNK
 
 __all__ = ["CONTEXT", "GIB", "SLACK", "device_memory", "estimate_note", "memory_report", "run_bytes", "run_parts"]
 
@@ -36,8 +41,8 @@ SLACK = 1.3
 
 def run_parts(*, batch: int, length: int, student: dict, teachers: list[dict], ahead: bool,
               teacher_logits: bool = False, world: int = 1, distributed: str = "ddp",
-              cpu_offload: bool = False) -> dict[str, int]:
-    """The estimate's parts before slack (bytes per process): weights, grads, optimizer, acts, teachers.
+              cpu_offload: bool = False, teacher_scoring: bool = False) -> dict[str, int]:
+    """The estimate's parts before slack (bytes per process): weights, grads, optimizer, acts, teachers, scoring.
 
     `student`: {params, hidden, layers, vocab} and optionally trainable (default: params) and bytes (per weight,
     default 4); each teacher: {params, hidden, layers, vocab}."""
@@ -55,6 +60,9 @@ def run_parts(*, batch: int, length: int, student: dict, teachers: list[dict], a
         logits = t["vocab"] if teacher_logits else 0
         per_batch = 2 * batch * length * (2 * t["hidden"] * t["layers"] + 8 * t["hidden"] + logits)
         parts["teachers"] += 2 * t["params"] + per_batch * (2 if ahead else 1)
+    if teacher_scoring and teachers:  # one teacher's logits of SCORE_CHUNK samples (and a copy), one sample's fp32
+        vocab = max(t["vocab"] for t in teachers)
+        parts["scoring"] = (4 * min(batch, SCORE_CHUNK) + 8) * length * vocab
     return parts
 
 
@@ -141,8 +149,8 @@ def estimate_note(cfg, world: int, device_bytes: int | None, device: str) -> tup
                 for i, t in enumerate(online)]
     ahead = bool(online) and (cfg.train.teachers_ahead or (cfg.train.teachers_ahead is None and device == "cuda"))
     kwargs = dict(batch=cfg.train.batch_size, length=cfg.data.max_length, student=student, teachers=teachers,
-                  ahead=ahead, teacher_logits=cfg.losses.logit_kd.weight > 0 or cfg.fusion.kind == "confidence"
-                  or (cfg.fusion.kind == "router" and cfg.fusion.router.target == "confidence"), world=world,
+                  ahead=ahead, teacher_logits=cfg.losses.logit_kd.weight > 0, teacher_scoring=cfg.fusion.scores_teachers,
+                  world=world,
                   distributed=cfg.train.distributed, cpu_offload=cfg.train.fsdp.cpu_offload)
     parts, total = run_parts(**kwargs), run_bytes(**kwargs)
     shown = ", ".join(f"{k} {v / GIB:.2f}" for k, v in parts.items())
