@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kvdistill.errors import KvdistillError
-from kvdistill.fuse import byte_nll, confidence_weights
+from kvdistill.fuse import byte_nll, confidence_weights, covered_end
 from kvdistill.fuse.routing_accuracy import routing_accuracy
 
 
@@ -36,6 +36,11 @@ def test_two_teachers_known_nll_give_known_weights():
     torch.testing.assert_close(byte_nll(nll_a, counted_a, spans_a, torch.tensor([0])), torch.tensor([1.1]))
     # B's first token is never predicted: (2.4 + 7.0 for 'abc') / 7 bytes
     torch.testing.assert_close(byte_nll(nll_b, counted_b, spans_b, torch.tensor([0])), torch.tensor([9.4 / 7]))
+    # A truncated after byte 8 (its covered end): both are scored on bytes 5-8 only; B has no token inside, NaN
+    assert covered_end(spans_a[:, :3], torch.ones(1, 3)).tolist() == [8]
+    end = torch.tensor([8])
+    torch.testing.assert_close(byte_nll(nll_a, counted_a, spans_a, start, end), torch.tensor([0.5]))
+    assert torch.isnan(byte_nll(nll_b, counted_b, spans_b, start, end)).all()
 
 
 def test_padding_and_uncounted_positions_are_not_scored():

@@ -49,8 +49,11 @@ def _skills_config(tiny_config, *overrides):
 @torch.no_grad()
 def _brute_force_nll_per_byte(objective, step, records) -> torch.Tensor:
     """(B, N): each teacher's model run again, its full log-softmax, and a Python loop over the tokens that start at or
-    after the end of the question line: Σ -log p(token) / Σ bytes."""
+    after the end of the question line and end within the bytes every teacher's tokens reach: Σ -log p(token) /
+    Σ bytes."""
     out = torch.zeros(len(records), len(objective.teachers))
+    reach = [min(max(int(e) for (_, e), m in zip(r.capture.spans[b].tolist(), r.capture.attention_mask[b], strict=True)
+                     if m) for r in step.records) for b in range(len(records))]
     for n, teacher in enumerate(objective.teachers):
         cap = step.records[n].capture
         logp = torch.log_softmax(teacher.model(input_ids=cap.input_ids, attention_mask=cap.attention_mask)
@@ -60,7 +63,8 @@ def _brute_force_nll_per_byte(objective, step, records) -> torch.Tensor:
             total, nbytes = 0.0, 0
             for j in range(1, cap.input_ids.shape[1]):
                 lo, hi = (int(x) for x in cap.spans[b, j])
-                if cap.attention_mask[b, j] and cap.attention_mask[b, j - 1] and hi > lo and lo >= start:
+                if cap.attention_mask[b, j] and cap.attention_mask[b, j - 1] and hi > lo and lo >= start \
+                        and hi <= reach[b]:
                     total -= float(logp[b, j - 1, cap.input_ids[b, j]])
                     nbytes += hi - lo
             out[b, n] = total / nbytes
@@ -70,7 +74,7 @@ def _brute_force_nll_per_byte(objective, step, records) -> torch.Tensor:
 def test_confidence_weights_are_the_teachers_own_nll_per_byte_and_give_the_routing_accuracy(tiny_config):
     from kvdistill.fuse import confidence_weights
     from kvdistill.fuse.routing_accuracy import routing_accuracy
-    from kvdistill.objectives.fusion import scored_start, teacher_nll_per_byte
+    from kvdistill.objectives.fusion import common_end, scored_start, teacher_nll_per_byte
 
     cfg = _skills_config(tiny_config, "fusion.kind=confidence", "fusion.confidence.temperature=0.05")
     records = load_records(cfg.data)[:4]
@@ -80,9 +84,10 @@ def test_confidence_weights_are_the_teachers_own_nll_per_byte_and_give_the_routi
     nll = _brute_force_nll_per_byte(objective, step, records)
     torch.testing.assert_close(step.teacher_nll, nll, rtol=1e-4, atol=1e-4)
     start = scored_start(records, "continuation", cfg.data.template)
+    end = common_end([r.capture for r in step.records])
     for n, teacher in enumerate(objective.teachers):  # chunks of 3 and 1 samples: the same numbers
         for chunk in (3, 1):
-            got = teacher_nll_per_byte(teacher.model, step.records[n].capture, start, chunk=chunk)
+            got = teacher_nll_per_byte(teacher.model, step.records[n].capture, start, end, chunk=chunk)
             torch.testing.assert_close(got, nll[:, n], rtol=1e-4, atol=1e-4)
     expected = torch.softmax(-nll / 0.05, -1)
     torch.testing.assert_close(objective.space(step).weights, expected, rtol=1e-3, atol=1e-4)

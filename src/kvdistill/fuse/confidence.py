@@ -22,17 +22,20 @@ import torch
 
 from kvdistill.errors import KvdistillError
 
-__all__ = ["byte_nll", "confidence_weights"]
+__all__ = ["byte_nll", "confidence_weights", "covered_end"]
 
 
-def byte_nll(nll: torch.Tensor, counted: torch.Tensor, spans: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+def byte_nll(nll: torch.Tensor, counted: torch.Tensor, spans: torch.Tensor, start: torch.Tensor,
+             end: torch.Tensor | None = None) -> torch.Tensor:
     """One teacher's NLL per byte of each sample's scored text -> float32 (B,), NaN where nothing was scored.
 
     nll, counted (B, T): `kvdistill.losses.token_nll` of the teacher's logits on its own tokens (nll[:, t] is the
     NLL of token t + 1, counted where both are real). spans (B, T, 2): the tokens' UTF-8 byte spans (special tokens
-    and padding: start == end). start (B,): the byte offset where each sample's scored text begins. A token is
-    scored when it is predicted (counted at the position before it), covers at least one byte and starts at or
-    after `start`; the result is Σ scored NLL / Σ scored tokens' bytes.
+    and padding: start == end). start (B,): the byte offset where each sample's scored text begins; end (B,) or None:
+    where it ends (`covered_end` of every teacher: truncation cuts tokenizations at different bytes, and teachers
+    are compared on the same text). A token is scored when it is predicted (counted at the position before it),
+    covers at least one byte, starts at or after `start` and ends at or before `end`; the result is Σ scored NLL /
+    Σ scored tokens' bytes.
     """
     if nll.dim() != 2 or tuple(counted.shape) != tuple(nll.shape):
         raise KvdistillError(f"nll {tuple(nll.shape)} and counted {tuple(counted.shape)} must both be (B, T)",
@@ -46,9 +49,19 @@ def byte_nll(nll: torch.Tensor, counted: torch.Tensor, spans: torch.Tensor, star
     predicted[:, 0] = False
     width = (spans[..., 1] - spans[..., 0]).to(nll_next.device)  # (B, T) bytes of each token
     scored = predicted & (width > 0) & (spans[..., 0].to(start.device) >= start[:, None]).to(predicted.device)
+    if end is not None:
+        if tuple(end.shape) != (B,):
+            raise KvdistillError(f"end {tuple(end.shape)} must hold one byte offset per sample ({B},)",
+                                 "pass covered_end of the teachers' spans, or None")
+        scored = scored & (spans[..., 1].to(end.device) <= end[:, None]).to(predicted.device)
     total = torch.where(scored, nll_next, 0.0).sum(1)  # (B,)
     nbytes = torch.where(scored, width, 0).sum(1)  # (B,)
     return torch.where(nbytes > 0, total / nbytes.clamp(min=1).float(), float("nan"))
+
+
+def covered_end(spans: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The last byte offset a tokenization covers per sample: spans (B, T, 2), mask (B, T) 1 = real -> (B,) long."""
+    return torch.where(mask.bool(), spans[..., 1], 0).amax(1)
 
 
 def confidence_weights(nll_per_byte: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -26,6 +26,7 @@ from kvdistill.fuse import (
     Router,
     byte_nll,
     confidence_weights,
+    covered_end,
     entropy_regularizer,
     fixed_weights,
     prototype,
@@ -126,11 +127,13 @@ vocabulary at batch 16 x 320 tokens would otherwise hold 2.7 GB of bf16 logits p
 
 
 @torch.no_grad()
-def teacher_nll_per_byte(model: nn.Module, capture, start: torch.Tensor, chunk: int = SCORE_CHUNK) -> torch.Tensor:
+def teacher_nll_per_byte(model: nn.Module, capture, start: torch.Tensor, end: torch.Tensor | None = None,
+                         chunk: int = SCORE_CHUNK) -> torch.Tensor:
     """One teacher's NLL per byte of each sample's scored text (B,) (`fuse.confidence.byte_nll`), from its own logits
     on its own tokens: the K/V capture's input_ids, attention_mask, positions (B, T_t) and byte spans (B, T_t, 2) run
     through the teacher again `chunk` samples at a time (the K/V pass skips the LM head), each sample's NLL computed
-    alone (its float32 log-softmax is the only one held). start (B,): each sample's first scored byte."""
+    alone (its float32 log-softmax is the only one held). start, end (B,): each sample's scored bytes (end None: to
+    the end of this teacher's tokens)."""
     rows = []
     ids, mask, positions, spans = capture.input_ids, capture.attention_mask, capture.positions, capture.spans
     for lo in range(0, ids.shape[0], chunk):
@@ -138,9 +141,16 @@ def teacher_nll_per_byte(model: nn.Module, capture, start: torch.Tensor, chunk: 
         logits = model(input_ids=ids[lo:hi], attention_mask=mask[lo:hi], position_ids=positions[lo:hi]).logits
         for b in range(lo, hi):  # logits (hi - lo, T_t, V)
             nll, counted = losses.token_nll(logits[b - lo : b - lo + 1], ids[b : b + 1], mask[b : b + 1])
-            rows.append(byte_nll(nll, counted, spans[b : b + 1].to(nll.device), start[b : b + 1].to(nll.device)))
+            rows.append(byte_nll(nll, counted, spans[b : b + 1].to(nll.device), start[b : b + 1].to(nll.device),
+                                 None if end is None else end[b : b + 1].to(nll.device)))
         del logits
     return torch.cat(rows)
+
+
+def common_end(captures: list) -> torch.Tensor:
+    """(B,) the last byte every teacher's (possibly truncated) tokens cover, from their captures' spans and masks."""
+    ends = [covered_end(c.spans.to(c.attention_mask.device), c.attention_mask).cpu() for c in captures]
+    return torch.stack(ends).amin(0)
 
 
 def scored_start(records: list[dict], span: str, template: str) -> torch.Tensor:

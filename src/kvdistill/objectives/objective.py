@@ -27,7 +27,7 @@ from kvdistill.models.chat import ChatText
 from kvdistill.models.geometry import geometry_of
 from kvdistill.objectives.base import FusionSpace, Step, read_metrics
 from kvdistill.objectives.batch import Collated, Collator, TeacherSide
-from kvdistill.objectives.fusion import Fusion, per_sample, scored_start, teacher_nll_per_byte
+from kvdistill.objectives.fusion import Fusion, common_end, per_sample, scored_start, teacher_nll_per_byte
 from kvdistill.objectives.latent_space import LatentSpaceKD
 from kvdistill.objectives.loss_space import LossSpace
 from kvdistill.objectives.moe import MoETerms
@@ -124,11 +124,12 @@ class Objective(nn.Module):
         tkvs = []
         for t, inputs in zip(self.teachers, collated.teachers, strict=True):
             given = {} if inputs is None else {"inputs": inputs}  # collated ahead: tokens, or K/V read from a cache
-            tkv = t.kv(collated.records, max_length=self.cfg.data.max_length, **needs, **given)
-            if scoring:  # the teacher's own logits, a few samples at a time (its lock: no capture hooks meanwhile)
-                with t.lock:
-                    tkv.nll_per_byte = teacher_nll_per_byte(t.model, tkv.capture, start)  # (B,)
-            tkvs.append(tkv)
+            tkvs.append(t.kv(collated.records, max_length=self.cfg.data.max_length, **needs, **given))
+        if scoring:  # the bytes every teacher kept, scored by each one's own logits
+            end = common_end([tkv.capture for tkv in tkvs])  # (B,)
+            for t, tkv in zip(self.teachers, tkvs, strict=True):
+                with t.lock:  # no capture hooks on the module meanwhile
+                    tkv.nll_per_byte = teacher_nll_per_byte(t.model, tkv.capture, start, end)  # (B,)
         return tkvs
 
     def runs_teachers_ahead(self, batch: Collated) -> bool:
