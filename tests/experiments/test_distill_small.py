@@ -27,6 +27,9 @@ def test_packaged_distill_small_spec_is_valid():
              for n, c in spec.conditions.items()}
     assert sizes["ce_only_500"] == sizes["kd_fixed_500"] == "data.train_size=500"
     assert sizes["ce_only_8000"] == sizes["kd_fixed_8000"] == "data.train_size=8000"
+    three = ["llama_bpe", "qwen_sp", "gemma_sp"]
+    for name in ("kd_logits", "kd_logits_kv", "kd_fixed_onpolicy"):
+        assert spec.conditions[name].teachers == three, name
 
 
 @pytest.fixture(scope="module")
@@ -129,3 +132,26 @@ def test_kv_schedule_grad_norms_and_curves_are_logged(tiny_run):
     assert (out / "plots" / "curve_exact_match_flops.png").is_file()
     spec = yaml.safe_load((out / "spec.yaml").read_text())
     assert spec["name"] == "distill-small-tiny"
+
+
+def train_rows(out, name, seed=0):
+    rows = (out / "runs" / name / f"seed-{seed}" / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, rows) if r.get("split") != "eval" and "loss/ce" in r]
+
+
+@pytest.mark.slow
+def test_logit_and_on_policy_conditions_train_what_they_say(tiny_run):
+    out, results = tiny_run
+    teachers = ("llama_bpe", "qwen_sp")
+    logits_only = train_rows(out, "kd_logits")
+    assert logits_only and all(f"loss/logit_kd/{t}" in r and f"loss/kv/{t}" not in r
+                               for r in logits_only for t in teachers)
+    both = train_rows(out, "kd_logits_kv")
+    assert all(f"loss/logit_kd/{t}" in r and f"loss/kv/{t}" in r for r in both for t in teachers)
+    assert run_config(out, "kd_fixed_onpolicy", 0).train.on_policy.lam == 0.5
+    for row in results["runs"]["kd_fixed_onpolicy"]:  # every step says whether it was on-policy
+        sampled = [r["on_policy/sampled"] for r in train_rows(out, "kd_fixed_onpolicy", row["seed"])]
+        assert set(sampled) <= {0.0, 1.0} and len(sampled) == row["steps_trained"]
+    rows = [r for s in results["seeds"] for r in train_rows(out, "kd_fixed_onpolicy", s)]
+    assert {r["on_policy/sampled"] for r in rows} == {0.0, 1.0}
+    assert all(r["on_policy/new_tokens"] > 0 for r in rows if r["on_policy/sampled"] == 1.0)
