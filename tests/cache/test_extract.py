@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from kvdistill.cache import CacheReader, merge_parts, samples_from_capture, verify_cache
-from kvdistill.cache.extract import dataset_records, extract, plan_batches, run_pipeline
+from kvdistill.cache.extract import extract, plan_batches, run_pipeline
+from kvdistill.cache.meta import dataset_records
 from kvdistill.config import DataConfig, TeacherConfig, load_config
 from kvdistill.errors import CacheError, KvdistillError
 from kvdistill.models.capture import capture_kv
@@ -58,7 +59,8 @@ def text_data(tmp_path_factory) -> DataConfig:
 def cli_teacher():
     """smollm2 loaded as `kvdistill extract --device cpu` loads it for rkv (sdpa: its importance comes from
     hooked queries), so in-process runs compute bit for bit what the CLI does."""
-    from kvdistill.cache.extract import load_teacher, teacher_spec
+    from kvdistill.cache.extract import load_teacher
+    from kvdistill.cache.meta import teacher_spec
 
     return load_teacher(teacher(), teacher_spec(teacher()), "cpu")
 

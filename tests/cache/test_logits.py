@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from kvdistill.cache import CacheReader, verify_cache
-from kvdistill.cache.extract import dataset_records, expected_meta, extract
+from kvdistill.cache.extract import extract
+from kvdistill.cache.meta import dataset_records, expected_meta
 from kvdistill.config import DataConfig, LogitKDConfig, TeacherConfig
 from kvdistill.errors import CacheError
 from kvdistill.models.capture import capture_kv

@@ -10,12 +10,9 @@ import torch
 from kvdistill.config import DataConfig, parse_config
 from kvdistill.data import load_records
 from kvdistill.data.template import make_record
-from kvdistill.eval.metrics import (
-    TeacherRowsCache,
-    exact_match,
-    perplexity,
-    probe_kv_error,
-)
+from kvdistill.eval.decode import exact_match
+from kvdistill.eval.heldout import perplexity
+from kvdistill.eval.metrics import TeacherRowsCache, probe_kv_error
 
 MAX_LENGTH = 32
 TEMPLATE = "Question: {question}\nAnswer: {answer}"
@@ -315,7 +312,7 @@ def test_continuation_is_the_gold_answer_text_for_every_tokenizer(name):
     """Split a tokenized training text at the answer: the continuation of the prompt's ids decodes to exactly the
     text after the prompt (the answer, with its leading space), whatever the tokenizer."""
     from kvdistill.config.schema import DataConfig
-    from kvdistill.eval.metrics import continuation
+    from kvdistill.models.capture import continuation
     from kvdistill.models.load import load_tokenizer
 
     tok = load_tokenizer(name)

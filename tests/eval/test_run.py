@@ -12,8 +12,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from kvdistill.config import dump_config, parse_config
 from kvdistill.data import load_records
 from kvdistill.errors import KvdistillError
-from kvdistill.eval.metrics import perplexity
-from kvdistill.eval.run import data_config, evaluate_checkpoint, markdown_table, resolve_checkpoint
+from kvdistill.eval.heldout import perplexity
+from kvdistill.eval.run import data_config, evaluate_checkpoint, markdown_table
+from kvdistill.rundir import resolve_checkpoint
 
 QA = [
     ("What is 2 plus 3?", "5"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from kvdistill.errors import ConfigError
-from kvdistill.experiments.runner import condition_config
+from kvdistill.experiments.conditions import condition_config
 from kvdistill.experiments.spec import load_spec
 
 

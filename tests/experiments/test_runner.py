@@ -182,3 +182,56 @@ def test_an_experiment_into_the_users_folder_is_refused(tmp_path, tree):
     with pytest.raises(KvdistillError, match="holds files that kvdistill did not write"):
         run_experiment(load_spec(micro_spec()), tmp_path / "mine")
     assert tree.snap(tmp_path) == before
+
+
+@pytest.fixture(scope="module")
+def given_teacher(tmp_path_factory):
+    """A saved tiny llama with the GPT-2 tokenizer: a teacher used as given (steps 0)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from kvdistill.models.load import load_tokenizer
+
+    tok = load_tokenizer("gpt2-tokenizer")
+    config = AutoConfig.for_model("llama", vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                  max_position_embeddings=96, eos_token_id=tok.eos_token_id,
+                                  bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("given")
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def test_given_teacher_probe_and_init_are_scored_through_the_one_path(tmp_path, given_teacher):
+    """A teacher of steps 0 is used as given (nothing trained, not scored); eval.probe adds every run's KV probe
+    against it, eval.init scores the untrained student; each figure is what `kvdistill.eval.student` gives."""
+    from kvdistill.config import load_config
+    from kvdistill.data import load_records
+    from kvdistill.eval.metrics import TeacherRowsCache
+    from kvdistill.eval.student import evaluate_saved, evaluate_student
+    from kvdistill.models.load import load_model
+    from kvdistill.student import build_student
+
+    spec = micro_spec(teachers=[{"name": "given", "model": given_teacher, "steps": 0}],
+                      conditions={"ce_only": {}, "kd": {"teachers": ["given"]}}, seeds=[0],
+                      eval={"max_new_tokens": 4, "batch_size": 8, "probe": True, "init": True})
+    results = run_experiment(load_spec(spec), tmp_path)
+    assert not (tmp_path / "teachers" / "given" / "final").exists()
+    assert "exact_match" not in json.loads((tmp_path / "teachers" / "given" / "teacher.json").read_text())
+    assert results["teachers"]["given"]["params"] > 0
+    cfg = load_config(tmp_path / "runs" / "kd" / "seed-0" / "config.yaml")
+    held = load_records(cfg.data, split="eval")
+    fit = load_records(cfg.data, split="train")[:16]
+    teachers = {"given": load_model(given_teacher, attn_implementation="sdpa")}
+    kw = dict(max_length=cfg.data.max_length, batch_size=8, max_new_tokens=4, teacher_cache=TeacherRowsCache())
+    for name, got in (("kd", evaluate_saved(tmp_path / "runs" / "kd" / "seed-0" / "final", held,
+                                            template=cfg.data.template, teachers=teachers, fit_records=fit, **kw)),
+                      ("init", evaluate_student(*build_student(cfg.student, seed=0), teachers, fit, held, **kw))):
+        record = json.loads((tmp_path / ("init" if name == "init" else "runs/kd") / "seed-0" / "eval.json")
+                            .read_text())
+        assert record["ppl"] == got["perplexity"]["ppl"] and record["per_item"] == got["exact_match"]["per_item"]
+        assert record["probe_kv_error"] == got["probe_kv_error"]
+        assert len(record["probe_kv_error"]["given"]["layers"]) == 1  # one per student layer
+    with pytest.raises(ConfigError, match="steps 0 uses a model as given"):
+        load_spec(micro_spec(teachers=[{"name": "t", "from_config": {"base": "smollm2-135m"}, "steps": 0}]))

@@ -12,7 +12,8 @@ import pytest
 import yaml
 
 from kvdistill.data import load_records
-from kvdistill.experiments.runner import condition_config, run_experiment
+from kvdistill.experiments.conditions import condition_config
+from kvdistill.experiments.runner import run_experiment
 from kvdistill.experiments.spec import load_spec, spec_path
 
 SKILLS = ["arithmetic", "gsm_symbolic", "sorting"]

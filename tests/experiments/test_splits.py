@@ -8,7 +8,8 @@ import pytest
 
 from kvdistill.data import load_records
 from kvdistill.errors import ConfigError, KvdistillError
-from kvdistill.experiments.runner import check_splits, condition_config, teacher_config, wall_steps
+from kvdistill.experiments.conditions import check_splits, condition_config, teacher_config
+from kvdistill.experiments.runner import wall_steps
 from kvdistill.experiments.spec import load_spec
 
 TINY = {"num_hidden_layers": 1, "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2,

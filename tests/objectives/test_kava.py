@@ -13,7 +13,8 @@ from kvdistill.config import load_config
 from kvdistill.data import load_records
 from kvdistill.errors import ConfigError
 from kvdistill.objectives import build_objective
-from kvdistill.objectives.kava import SELF, cot_view, latent_view
+from kvdistill.objectives.kava import SELF, cot_view
+from kvdistill.student.latent import latent_view
 
 STUDENT = {"from_config": {"base": "smollm2-135m", "num_hidden_layers": 2, "hidden_size": 64,
                            "intermediate_size": 128, "num_attention_heads": 2, "num_key_value_heads": 1,

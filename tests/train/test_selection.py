@@ -47,7 +47,7 @@ def test_early_stopping_stops_and_keeps_the_best_on_the_validation_split(tiny_co
     assert summary["train_s"] == pytest.approx(summary["elapsed_s"] - summary["eval_s"])
     # the best student is the one of step 2: its held-out CE is the one logged there
     from kvdistill.data import load_records
-    from kvdistill.eval.metrics import perplexity
+    from kvdistill.eval.heldout import perplexity
     from kvdistill.models.load import load_model
 
     model, tok = load_model(str(tmp_path / "best" / "student"), device="cpu")
@@ -58,7 +58,7 @@ def test_early_stopping_stops_and_keeps_the_best_on_the_validation_split(tiny_co
 
 def test_held_out_figures_come_from_the_validation_split(tiny_config, tmp_path):
     from kvdistill.data import load_records
-    from kvdistill.eval.metrics import perplexity
+    from kvdistill.eval.heldout import perplexity
     from kvdistill.models.load import load_model
 
     cfg = tiny_config(*DATA, "train.steps=2", "teachers=[]")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from kvdistill.align.heads import projector_param_count
+from kvdistill.align.heads import projector_param_count, resolve_kind
 from kvdistill.align.layers import describe_layer_map, layer_map
 
 
@@ -24,14 +24,6 @@ class KVGeometry(Protocol):
     def kv_bytes_per_token(self, bytes_per_element: int) -> int: ...
 
 
-def choose_projector(student: KVGeometry, teacher: KVGeometry, kind: str = "auto") -> str:
-    """`auto` picks identity when the KV geometries match, per_head otherwise."""
-    if kind != "auto":
-        return kind
-    same = (student.num_kv_heads, student.head_dim) == (teacher.num_kv_heads, teacher.head_dim)
-    return "identity" if same else "per_head"
-
-
 def alignment_plan(
     student: KVGeometry,
     teacher: KVGeometry,
@@ -45,7 +37,7 @@ def alignment_plan(
     """Plan for distilling `teacher` into `student`: layer map (L_s, L_t), projector kind and size, KV bytes."""
     matrix = layer_map(student.num_layers, teacher.num_layers, strategy=strategy, explicit=explicit,
                        interpolate=interpolate)  # (L_s, L_t)
-    kind = choose_projector(student, teacher, projector)
+    kind = resolve_kind(student, teacher, projector)  # auto: identity for equal (H_kv, D), else per_head
     # keys and values each get a projector per mapped student layer
     mapped_layers = int((matrix.sum(dim=1) > 0).sum())
     per_layer = projector_param_count(student, teacher, kind)

@@ -5,10 +5,11 @@ Modules, one concept each:
     batch      the host side of one captured batch: selection, async copy, the stored sample layout
     writer     `CacheWriter`: crash-safe sharded writer (background thread, resume); the directory layout
     merge      `merge_parts`: one manifest.json from the parts of a SLURM array extraction
-    reader     `CacheReader`: lazy per-sample reads and right-padded `TeacherKV` batches
+    meta       what a cache of a teacher over a dataset holds, from their configs (`expected_meta`)
+    reader     `CacheReader`: lazy per-sample reads and right-padded `TeacherKV` batches; `open_teacher_cache`,
+               the checked reader a `source: cache` teacher trains from
     verify     `verify_cache` / `cache_info`
-    extract    `kvdistill extract` (`kvdistill.cache.extract.extract`, `run_pipeline`) and
-               `open_teacher_cache`, the checked reader a `source: cache` teacher trains from
+    extract    `kvdistill extract` (`kvdistill.cache.extract.extract`, `run_pipeline`)
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ _LAZY = {
     "samples_from_capture": "batch",
     "CacheWriter": "writer",
     "CacheReader": "reader",
-    "expected_meta": "extract",
-    "open_teacher_cache": "extract",
+    "expected_meta": "meta",
+    "open_teacher_cache": "reader",
     "run_pipeline": "extract",
 }
 

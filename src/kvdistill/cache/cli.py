@@ -28,8 +28,6 @@ from kvdistill.stopping import RERUN, stoppable
 cache_app = typer.Typer(no_args_is_help=True, help="Inspect, verify and merge teacher-KV caches.")
 console = Console(stderr=True)
 
-# --data: a source name or a file whose suffix names its format
-_SUFFIX_SOURCES = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 # config key -> the flag that sets it, so errors name what the user typed
 _FLAGS = {
     "teacher.model": "--teacher",
@@ -294,7 +292,9 @@ def _logits_raw(base, flags: dict):
 def _data_source(data: str, overrides: list[str]) -> dict:
     if data == "gsm_symbolic":
         return {"source": "gsm_symbolic", "path": None}
-    source = _SUFFIX_SOURCES.get(Path(data).suffix.lower())
+    from kvdistill.data.records import source_of_file
+
+    source = source_of_file(data)  # --data: a source name or a file whose suffix names its format
     if source is None:
         if any(o.startswith("data.source=") for o in overrides):
             return {"path": data}
@@ -309,19 +309,12 @@ def _validated(cls, raw: dict, section: str):
     """(instance or None, problems), each problem naming the key and, where a flag sets it, the flag."""
     from pydantic import ValidationError
 
+    from kvdistill.config.problems import validation_problems
+
     try:
         return cls.model_validate(raw), []
     except ValidationError as err:
-        problems = []
-        for e in err.errors():
-            loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-"))
-            where = f"{section}.{loc}" if loc else section
-            flag = _FLAGS.get(where)
-            where += f" ({flag})" if flag else ""
-            msg = e["msg"].removeprefix("Value error, ")
-            given = f" (got {e['input']!r})" if e["type"] != "value_error" and "input" in e else ""
-            problems.append(f"{where}: {msg}{given}")
-        return None, problems
+        return None, validation_problems(err, cls, prefix=section, flags=_FLAGS)
 
 
 # ---------------------------------------------------------------------------------------------- cache

@@ -27,8 +27,8 @@ Schema 1 caches stored character spans, which cannot tell apart the tokens a byt
 character into; `read_manifest` refuses them with a message to re-extract.
 
 `read_manifest` is the one gate every reader of a manifest goes through (CacheReader, verify, info, merge, the
-writer's resume): it refuses a manifest of the wrong structure (`structure_problems`, every problem at once)
-and one whose shard files lead outside the cache directory (`shard_path`: `..`, absolute paths, symlinks that
+writer's resume): it refuses a manifest of the wrong structure (`kvdistill.cache.schema`'s pydantic models,
+every problem at once) and one whose shard files lead outside the cache directory (`shard_path`: `..`, absolute paths, symlinks that
 resolve elsewhere), so nothing a manifest names is opened outside its own directory. `location_problems`
 checks that the samples point at slots that exist (verify lists them, the reader refuses).
 """
@@ -39,28 +39,17 @@ import datetime as _dt
 import hashlib
 import json
 import os
-import re
 from pathlib import Path, PurePath
 from typing import Any
 
+from kvdistill.cache.schema import MAX_LISTED, logits_problems, short, structure_problems
 from kvdistill.errors import CacheError
-from kvdistill.paths import open_new
 
 SCHEMA_VERSION = 2  # 2: spans in UTF-8 bytes (schema 1 stored character spans)
 SPAN_UNIT = "utf8_bytes"
 META_FIELDS = ("teacher", "tokenizer", "compression", "dataset", "span_unit", "logits")
 OPTIONAL_META = {"logits": None}  # meta fields newer than schema 2: absent means this value
 MANIFEST = "manifest.json"
-_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
-_GEOMETRY_INTS = (
-    "num_layers",
-    "num_attention_heads",
-    "num_kv_heads",
-    "head_dim",
-    "hidden_size",
-    "vocab_size",
-)
-_MAX_LISTED = 8  # problems of one kind quoted before "... and N more"
 _RESTORE = (
     "the manifest was edited or damaged: restore it from the extraction's output, or re-extract the cache "
     "with `kvdistill extract`"
@@ -125,7 +114,7 @@ def check_meta(meta: dict[str, Any]) -> dict[str, Any]:
         )
     if "span_unit" in meta and meta["span_unit"] != SPAN_UNIT:
         problems.append(f"meta.span_unit is {meta['span_unit']!r}, this kvdistill stores {SPAN_UNIT!r} spans")
-    problems += _logits_problems(meta.get("logits"), "meta.logits")
+    problems += logits_problems(meta.get("logits"), "meta.logits")
     unknown = sorted(set(meta) - set(META_FIELDS)) if isinstance(meta, dict) else []
     if unknown:
         problems.append(f"unknown meta field(s) {unknown}")
@@ -139,11 +128,6 @@ def check_meta(meta: dict[str, Any]) -> dict[str, Any]:
     out["teacher"].setdefault("revision", None)
     out["teacher"].setdefault("geometry", None)
     return out
-
-
-def _short(x: Any, n: int = 80) -> str:
-    s = json.dumps(x, sort_keys=True) if not isinstance(x, str) else repr(x)
-    return s if len(s) <= n else s[: n - 3] + "..."
 
 
 COMPRESSION_ADDED = {"span": "all", "scoring": "minmax", "window": 8}  # compression fields newer than schema 2
@@ -177,11 +161,11 @@ def meta_mismatches(stored: dict[str, Any], expected: dict[str, Any], *, reading
                         out.append(f"teacher.geometry differs in {diff}")
                     else:
                         out.append(
-                            f"teacher.{sub} differs: cache has {_short(have.get(sub))}, "
-                            f"expected {_short(want.get(sub))}"
+                            f"teacher.{sub} differs: cache has {short(have.get(sub))}, "
+                            f"expected {short(want.get(sub))}"
                         )
         else:
-            out.append(f"{key} differs: cache has {_short(have)}, expected {_short(want)}")
+            out.append(f"{key} differs: cache has {short(have)}, expected {short(want)}")
     return out
 
 
@@ -190,39 +174,18 @@ def _logits_mismatch(have: dict | None, want: dict | None) -> list[str]:
     if want is None or have == want:
         return []
     if have is None:
-        return [f"logits differs: the cache holds no logits, expected top-k log-probabilities {_short(want)}"]
+        return [f"logits differs: the cache holds no logits, expected top-k log-probabilities {short(want)}"]
     same = {k: v for k, v in want.items() if k not in ("temperatures", "top_k")}
     wrong = sorted(k for k in same if have.get(k) != same[k])
     if not (isinstance(have.get("top_k"), int) and have["top_k"] >= want.get("top_k", 0)):
         wrong.append("top_k")  # a cache of k serves any k' <= k: its first k' entries are the top-k'
         wrong.sort()
     missing = sorted(set(want.get("temperatures", [])) - set(have.get("temperatures", [])))
-    out = [f"logits.{k} differs: cache has {_short(have.get(k))}, expected {'at least ' if k == 'top_k' else ''}"
-           f"{_short(want[k])}" for k in wrong]
+    out = [f"logits.{k} differs: cache has {short(have.get(k))}, expected {'at least ' if k == 'top_k' else ''}"
+           f"{short(want[k])}" for k in wrong]
     if missing:
         out.append(f"logits.temperatures: the cache's log-probabilities are normalised at {have.get('temperatures')}, "
                    f"not at {missing}")
-    return out
-
-
-def _logits_problems(logits: Any, where: str) -> list[str]:
-    """The structure of a `logits` meta entry (None, or `LogitSpec.to_dict()`)."""
-    if logits is None:
-        return []
-    if not isinstance(logits, dict):
-        return [f"{where} is {_type(logits)}, expected an object or null"]
-    out = []
-    for key in ("top_k", "vocab_size"):
-        if not _is_int(logits.get(key), 1):
-            out.append(f"{where}.{key} is {_short(logits.get(key))}, expected a positive integer")
-    if logits.get("dtype") not in ("float16", "bfloat16", "float32"):
-        out.append(f"{where}.dtype is {_short(logits.get('dtype'))}, expected float16, bfloat16 or float32")
-    if logits.get("index_dtype") not in ("uint16", "int32"):
-        out.append(f"{where}.index_dtype is {_short(logits.get('index_dtype'))}, expected uint16 or int32")
-    temps = logits.get("temperatures")
-    if not (isinstance(temps, list) and temps and all(isinstance(t, int | float) and not isinstance(t, bool)
-                                                      and t > 0 for t in temps)):
-        out.append(f"{where}.temperatures is {_short(temps)}, expected a list of temperatures > 0")
     return out
 
 
@@ -311,130 +274,10 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
-def _is_int(x: Any, minimum: int | None = 0) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and (minimum is None or x >= minimum)
-
-
-_JSON_TYPES = {
-    bool: "a boolean",
-    int: "a number",
-    float: "a number",
-    str: "a string",
-    list: "an array",
-    dict: "an object",
-    type(None): "null",
-}
-
-
-def _type(x: Any) -> str:
-    """`x` and its JSON type, for messages: `5 (a number)`."""
-    if x is None:
-        return "null"
-    return f"{_short(x)} ({_JSON_TYPES.get(type(x), type(x).__name__)})"
-
-
 def _capped(problems: list[str], what: str) -> list[str]:
-    if len(problems) <= _MAX_LISTED:
+    if len(problems) <= MAX_LISTED:
         return problems
-    return [*problems[:_MAX_LISTED], f"... and {len(problems) - _MAX_LISTED} more {what}"]
-
-
-def structure_problems(data: Any) -> list[str]:
-    """Every way `data` (a loaded manifest) departs from the schema in this module's docstring, each naming
-    the key and the value (empty: well formed). Types only: whether samples point at existing slots is
-    `location_problems`, whether shard files stay inside the cache is `shard_path`."""
-    if not isinstance(data, dict):
-        return [f"the manifest is {_type(data)}, expected an object"]
-    out = []
-    missing = [k for k in (*META_FIELDS, "shards", "samples") if k not in data and k not in OPTIONAL_META]
-    if missing:
-        out.append(f"missing key(s) {missing}")
-    teacher = data.get("teacher")
-    if "teacher" in data:
-        if not isinstance(teacher, dict):
-            out.append(f"teacher is {_type(teacher)}, expected an object")
-        else:
-            if not isinstance(teacher.get("id"), str):
-                out.append(f"teacher.id is {_short(teacher.get('id'))}, expected a string")
-            if teacher.get("revision") is not None and not isinstance(teacher["revision"], str):
-                out.append(f"teacher.revision is {_short(teacher['revision'])}, expected a string or null")
-            geometry = teacher.get("geometry")
-            if geometry is not None and not isinstance(geometry, dict):
-                out.append(f"teacher.geometry is {_type(geometry)}, expected an object or null")
-            elif geometry:
-                for key in _GEOMETRY_INTS:
-                    if key in geometry and not _is_int(geometry[key]):
-                        out.append(
-                            f"teacher.geometry.{key} is {_short(geometry[key])}, expected an integer >= 0"
-                        )
-    for key in ("tokenizer", "dataset"):
-        if key in data and not isinstance(data[key], str):
-            out.append(f"{key} is {_short(data[key])}, expected a fingerprint string")
-    comp = data.get("compression")
-    if "compression" in data:
-        if not isinstance(comp, dict):
-            out.append(f"compression is {_type(comp)}, expected an object")
-        else:
-            for key in ("kind", "dtype"):
-                if key in comp and not isinstance(comp[key], str):
-                    out.append(f"compression.{key} is {_short(comp[key])}, expected a string")
-            if comp.get("budget") is not None and not _is_int(comp["budget"], 1):
-                out.append(
-                    f"compression.budget is {_short(comp['budget'])}, expected a positive integer or null"
-                )
-            layers = comp.get("layers")
-            if layers is not None and not (isinstance(layers, list) and all(_is_int(x) for x in layers)):
-                out.append(
-                    f"compression.layers is {_short(layers)}, expected a list of layer indices or null"
-                )
-    if "span_unit" in data and not isinstance(data["span_unit"], str):
-        out.append(f"span_unit is {_short(data['span_unit'])}, expected {SPAN_UNIT!r}")
-    out += _logits_problems(data.get("logits"), "logits")
-    shards = data.get("shards")
-    if "shards" in data:
-        if not isinstance(shards, list):
-            out.append(f"shards is {_type(shards)}, expected a list of shard entries")
-        else:
-            bad = []
-            for k, entry in enumerate(shards):
-                if not isinstance(entry, dict):
-                    bad.append(f"shards[{k}] is {_type(entry)}, expected an object")
-                    continue
-                file = entry.get("file")
-                if not isinstance(file, str) or not file or "\x00" in file:
-                    bad.append(f"shards[{k}].file is {_short(file)}, expected a file name")
-                sha = entry.get("sha256")
-                if not isinstance(sha, str) or not _SHA256_RE.match(sha):
-                    bad.append(f"shards[{k}].sha256 is {_short(sha)}, expected 64 lowercase hex digits")
-                for key in ("num_samples", "bytes"):
-                    if not _is_int(entry.get(key)):
-                        bad.append(f"shards[{k}].{key} is {_short(entry.get(key))}, expected an integer >= 0")
-            out += _capped(bad, "shard entry problems")
-    samples = data.get("samples")
-    if "samples" in data:
-        if not isinstance(samples, dict):
-            out.append(f"samples is {_type(samples)}, expected an object of sample ids")
-        else:
-            bad = []
-            for sid, entry in samples.items():
-                if not isinstance(entry, dict):
-                    bad.append(f"samples[{sid!r}] is {_type(entry)}, expected an object")
-                    continue
-                for key in ("shard", "index"):
-                    if not _is_int(entry.get(key), minimum=None):
-                        bad.append(f"samples[{sid!r}].{key} is {_short(entry.get(key))}, expected an integer")
-            out += _capped(bad, "sample entry problems")
-    if "complete" in data and not isinstance(data["complete"], bool):
-        out.append(f"complete is {_short(data['complete'])}, expected true or false")
-    for key in ("part", "created", "kvdistill_version", "merged"):
-        if data.get(key) is not None and not isinstance(data[key], str):
-            out.append(f"{key} is {_short(data[key])}, expected a string")
-    merged_from = data.get("merged_from")
-    if merged_from is not None and not (
-        isinstance(merged_from, list) and all(isinstance(p, str) for p in merged_from)
-    ):
-        out.append(f"merged_from is {_short(merged_from)}, expected a list of part names")
-    return out
+    return [*problems[:MAX_LISTED], f"... and {len(problems) - MAX_LISTED} more {what}"]
 
 
 def location_problems(manifest: dict[str, Any]) -> list[str]:
@@ -500,40 +343,6 @@ def shard_path(directory: str | os.PathLike, file: str, where: str) -> Path:
             _RESTORE + "; a shard that is a symlink must point inside the cache directory",
         )
     return directory / file
-
-
-def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
-    """Write JSON to a temp file, fsync, then os.replace: readers see the old or the new file, never half."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open_new(tmp) as f:  # never through a symlink planted at the temporary name
-        json.dump(data, f, indent=1, sort_keys=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def fsync_dir(path: str | os.PathLike) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _backend_definition(backend) -> str:

@@ -12,13 +12,13 @@ import re
 from pathlib import Path
 from typing import Any
 
+from kvdistill.atomic import write_json_atomic
 from kvdistill.cache.manifest import (
     MANIFEST,
     META_FIELDS,
     location_problems,
     meta_mismatches,
     read_manifest,
-    write_json_atomic,
 )
 from kvdistill.errors import CacheError
 

@@ -1,5 +1,6 @@
 """Reading a teacher-KV cache (layout in `kvdistill.cache.writer`, samples in `kvdistill.cache.batch`): lazy
-per-sample loads and right-padded `kvdistill.teachers.TeacherKV` batches.
+per-sample loads and right-padded `kvdistill.teachers.TeacherKV` batches; `open_teacher_cache`, the reader of a
+`source: cache` teacher checked against the run (training opens its cached teachers through it).
 
 Notation: B batch, H KV heads, T tokens of the longest sample, M kept slots per head, D head dim.
 """
@@ -8,23 +9,26 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import safe_open
 
+from kvdistill.atomic import sha256_file
 from kvdistill.cache.manifest import (
     MANIFEST,
     META_FIELDS,
     location_problems,
     meta_mismatches,
     read_manifest,
-    sha256_file,
     shard_path,
 )
 from kvdistill.errors import CacheError
 from kvdistill.teachers.logits import TeacherLogits
 from kvdistill.teachers.record import TeacherKV
+
+if TYPE_CHECKING:
+    from kvdistill.config import DataConfig, LogitKDConfig, TeacherConfig
 
 
 class CacheReader:
@@ -295,3 +299,28 @@ class CacheReader:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def open_teacher_cache(teacher_cfg: TeacherConfig, data_cfg: DataConfig, logit_kd: LogitKDConfig | None = None):
+    """The `CacheReader` of a `source: cache` teacher, checked against the run: complete, and the same
+    teacher, tokenizer, compression and dataset, and the logits the run reads (`teacher_cfg.logits` at the
+    temperatures of `logit_kd`); a CacheError names each field that differs."""
+    from kvdistill.cache.meta import expected_meta
+
+    reader = CacheReader(teacher_cfg.cache_dir)
+    name = teacher_cfg.name
+    if not reader.complete:
+        raise CacheError(
+            f"teacher '{name}': cache {reader.dir} is incomplete (its extraction was interrupted, or its "
+            "parts were merged before all finished)",
+            "rerun the same `kvdistill extract` command (it resumes), then `kvdistill cache merge` for parts",
+        )
+    try:
+        reader.require_compatible(expected_meta(teacher_cfg, data_cfg, logit_kd=logit_kd))
+    except CacheError as err:
+        raise CacheError(
+            f"teacher '{name}': {err.problem}",
+            f"re-extract it with `kvdistill extract CONFIG --teacher {name} --out NEW_DIR` for this run's "
+            "teacher, compression and data, or point cache_dir at a cache that matches",
+        ) from None
+    return reader

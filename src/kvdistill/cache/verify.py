@@ -13,7 +13,8 @@ from typing import Any
 
 from safetensors import safe_open
 
-from kvdistill.cache.manifest import MANIFEST, location_problems, read_manifest, sha256_file, shard_path
+from kvdistill.atomic import sha256_file
+from kvdistill.cache.manifest import MANIFEST, location_problems, read_manifest, shard_path
 from kvdistill.errors import CacheError
 
 _DTYPE_NAMES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32", "uint16": "U16", "int32": "I32"}

@@ -32,16 +32,15 @@ import torch
 from filelock import FileLock, Timeout
 from safetensors.torch import save as st_save
 
+from kvdistill.atomic import fsync_dir, write_json_atomic
 from kvdistill.cache.manifest import (
     MANIFEST,
     check_meta,
-    fsync_dir,
     meta_mismatches,
     new_manifest,
     part_manifest_name,
     read_manifest,
     shard_file_name,
-    write_json_atomic,
 )
 from kvdistill.errors import CacheError
 from kvdistill.paths import not_a_dir_problem

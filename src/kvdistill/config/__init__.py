@@ -7,6 +7,7 @@ from kvdistill.config.load import (
     dump_config,
     load_config,
     merge_data,
+    packaged_file,
     parse_config,
     read_raw,
     resolve_paths,
@@ -36,5 +37,5 @@ from kvdistill.config.schema import (
 __all__ = ["CompressionConfig", "DataConfig", "EntropyConfig", "FusionConfig", "KVLossConfig", "LatentConfig",
            "LayerMapConfig", "LogitKDConfig", "LoraConfig", "LossesConfig", "RouterConfig", "RunConfig", "Section",
            "SimilarityConfig", "StudentConfig", "TeacherConfig", "TrainConfig", "apply_overrides", "check_config",
-           "config_path", "dump_config", "load_config", "merge_data", "parse_config", "read_raw", "resolve_paths",
+           "config_path", "dump_config", "load_config", "merge_data", "packaged_file", "parse_config", "read_raw", "resolve_paths",
            "resolved_dict", "semantic_problems"]

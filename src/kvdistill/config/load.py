@@ -7,7 +7,6 @@ the checks that need the models' configs.
 
 from __future__ import annotations
 
-import difflib
 import os
 from importlib.resources import files
 from pathlib import Path
@@ -16,71 +15,12 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from kvdistill.config.problems import validation_problems
 from kvdistill.config.schema import GENERATED, DataConfig, RunConfig, StudentConfig, TeacherConfig
 from kvdistill.errors import ConfigError, KvdistillError
 
 
 # ---------------------------------------------------------------------------------------------- loading
-def _all_keys(model_cls: type[BaseModel], prefix: str = "") -> list[str]:
-    keys = []
-    for name, field in model_cls.model_fields.items():
-        dotted = f"{prefix}{name}"
-        keys.append(dotted)
-        ann = field.annotation
-        for candidate in getattr(ann, "__args__", ()) or (ann,):
-            if isinstance(candidate, type) and issubclass(candidate, BaseModel):
-                keys.extend(_all_keys(candidate, dotted + "."))
-    return keys
-
-
-def _section_for(loc: tuple) -> type[BaseModel] | None:
-    """The pydantic model class that holds the field at `loc` (list indices skipped)."""
-    cls: type[BaseModel] = RunConfig
-    for part in loc[:-1]:
-        if isinstance(part, int):
-            continue
-        field = cls.model_fields.get(part)
-        if field is None:
-            return None
-        ann = field.annotation
-        nested = None
-        for candidate in (*getattr(ann, "__args__", ()), ann):
-            inner = getattr(candidate, "__args__", None)
-            for c in (*(inner or ()), candidate):
-                if isinstance(c, type) and issubclass(c, BaseModel):
-                    nested = c
-        if nested is None:
-            return None
-        cls = nested
-    return cls
-
-
-def _format_loc(loc: tuple) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
-
-
-def _describe(err: dict) -> str:
-    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith(("function-after", "function-"))))
-    key = _format_loc(loc) or "config"
-    if err["type"] == "extra_forbidden":
-        section = _section_for(loc)
-        valid = list(section.model_fields) if section else []
-        close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
-        hint = f"; did you mean '{_format_loc(loc[:-1] + (close[0],))}'?" if close else ""
-        return f"unknown key '{key}'{hint} (valid here: {', '.join(valid)})"
-    if err["type"] == "missing":
-        return f"'{key}' is required"
-    if err["type"] == "value_error":
-        msg = err["msg"].removeprefix("Value error, ")
-        return msg if key == "config" else f"{key}: {msg}"
-    given = err.get("input")
-    shown = repr(given) if not isinstance(given, dict) else "a mapping"
-    return f"'{key}' = {shown}: {err['msg']}"
-
-
 def _parse_scalar(text: str) -> Any:
     """An override's value as YAML (`3`, `1e-4`, `[0, 1]`, `true`); text that is not YAML (a path such as
     `[red]x.jsonl`) is the string itself."""
@@ -162,7 +102,7 @@ def parse_config(raw: dict, source: str = "config") -> RunConfig:
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError([_describe(e) for e in err.errors()], source=source) from None
+        raise ConfigError(validation_problems(err, RunConfig), source=source) from None
 
 
 def read_raw(path: str | Path, overrides: list[str] | None = None) -> dict:
@@ -444,13 +384,21 @@ def _data_problems(data: DataConfig) -> list[str]:
     return []
 
 
-def config_path(config: str):
-    """A path, or the name of a packaged config (quickstart, phase1 … phase5)."""
-    if Path(config).exists():
-        return Path(config)
-    packaged = files("kvdistill") / "configs" / f"{config.removesuffix('.yaml')}.yaml"
+def packaged_file(name: str, folder: str = "", what: str = "config") -> Path:
+    """`configs/[folder/]NAME.yaml` shipped with kvdistill; a KvdistillError lists the names there."""
+    directory = files("kvdistill") / "configs"
+    directory = directory / folder if folder else directory
+    packaged = directory / f"{name.removesuffix('.yaml')}.yaml"
     if packaged.is_file():
-        return packaged
-    names = sorted(p.name.removesuffix(".yaml") for p in (files("kvdistill") / "configs").iterdir())
-    raise KvdistillError(f"config '{config}' is neither a file nor a packaged config",
+        return Path(str(packaged))
+    names = sorted(p.name.removesuffix(".yaml") for p in directory.iterdir() if p.name.endswith(".yaml"))
+    raise KvdistillError(f"{what} '{name}' is neither a file nor a packaged {what.split()[-1]}",
                          f"give a YAML path or one of: {', '.join(names)}")
+
+
+def config_path(config: str, folder: str = "", what: str = "config") -> Path:
+    """A path, or the name of a packaged config (quickstart, phase1 … phase5; with `folder` experiments, a
+    packaged experiment spec)."""
+    if Path(config).is_file():
+        return Path(config)
+    return packaged_file(config, folder, what)

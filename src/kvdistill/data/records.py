@@ -65,7 +65,15 @@ logger = logging.getLogger(__name__)
 
 _GENERATORS = {"gsm_symbolic": gsm_symbolic_records, "arithmetic": arithmetic_records, "sorting": sorting_records}
 _BUILDERS = {"jsonl": "json", "csv": "csv", "parquet": "parquet", "text": "text"}
-_EXTENSIONS = {"jsonl": (".jsonl", ".json"), "csv": (".csv",), "parquet": (".parquet",), "text": (".txt",)}
+FILE_SUFFIXES = {"jsonl": (".jsonl", ".json"), "csv": (".csv",), "parquet": (".parquet",), "text": (".txt",)}
+"""The file suffixes of each file source (any case): what a directory of that source holds, and how a command's
+`--data FILE` names its format (`source_of_file`)."""
+
+
+def source_of_file(path: str | Path) -> str | None:
+    """The data source a file's suffix names (`FILE_SUFFIXES`), None for another suffix."""
+    suffix = Path(path).suffix.lower()
+    return next((source for source, suffixes in FILE_SUFFIXES.items() if suffix in suffixes), None)
 
 
 # ---------------------------------------------------------------------------------------------- public API
@@ -205,11 +213,11 @@ def _data_files(cfg: DataConfig) -> list[str]:
     if path.is_file():
         return [str(path)]
     if path.is_dir():
-        files = sorted(str(p) for p in path.iterdir() if p.is_file() and p.suffix in _EXTENSIONS[cfg.source])
+        files = sorted(str(p) for p in path.iterdir() if p.is_file() and p.suffix.lower() in FILE_SUFFIXES[cfg.source])
         if not files:
             raise KvdistillError(
                 f"data.path '{cfg.path}' is a directory with no {cfg.source} files "
-                f"({', '.join(_EXTENSIONS[cfg.source])})",
+                f"({', '.join(FILE_SUFFIXES[cfg.source])})",
                 "point data.path at a file, or set data.source to the files' format",
             )
         return files

@@ -12,7 +12,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from kvdistill.device import default_device
 from kvdistill.errors import KvdistillError
+from kvdistill.eval.decode import pad_id
 
 
 @dataclass
@@ -35,8 +37,8 @@ def generate(checkpoint: str, prompt: str, *, max_new_tokens: int = 64, temperat
     """The continuation of `prompt` by the student of `checkpoint` (RUN, RUN/final, RUN/checkpoints/step-N, a
     student directory or a model name). temperature 0: greedy; > 0: sampling (with top_p < 1 nucleus) under `seed`.
     """
-    from kvdistill.eval.run import resolve_checkpoint
     from kvdistill.models.load import load_model
+    from kvdistill.rundir import resolve_checkpoint
 
     if max_new_tokens < 1:
         raise KvdistillError(f"max_new_tokens ({max_new_tokens}) must be >= 1", "pass --max-new-tokens 1 or more")
@@ -51,7 +53,7 @@ def generate(checkpoint: str, prompt: str, *, max_new_tokens: int = 64, temperat
         raise KvdistillError("the prompt is empty", "pass --prompt TEXT")
     check_text(prompt, "--prompt")
     check_text(answer_prompt, "--answer-prompt")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device(device)
     path, _ = resolve_checkpoint(checkpoint)
     if latent:
         if temperature > 0:
@@ -64,7 +66,7 @@ def generate(checkpoint: str, prompt: str, *, max_new_tokens: int = 64, temperat
     sampling = {"do_sample": temperature > 0}
     if temperature > 0:
         sampling.update(temperature=temperature, top_p=top_p, top_k=0)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad = pad_id(tok)
     torch.manual_seed(seed)
     t0 = time.perf_counter()
     with torch.no_grad():

@@ -1,4 +1,5 @@
-"""Held-out figures: perplexity, exact match by greedy generation, and the KV probe 1 - R² per layer.
+"""The KV probe 1 - R² per layer of a student against a teacher on held-out records (the held-out CE is
+`kvdistill.eval.heldout`, exact match `kvdistill.eval.decode`).
 
 Two held-out K/V figures, with two names (docs/architecture.md, "What the K/V figures mean"):
 - **KV error** (`eval/kv_error/<teacher>`): the run's own trained maps on held-out data, `Objective.evaluate`
@@ -16,103 +17,19 @@ N rows (covered teacher tokens) of a probe's design matrix, F_s/F_t flattened K 
 
 from __future__ import annotations
 
-import math
-
 import torch
 from tqdm.auto import tqdm
 
 from kvdistill.align.layers import layer_map
 from kvdistill.align.tokens import teacher_alignment
-from kvdistill.losses import token_nll
-from kvdistill.models.capture import capture_kv, continuation, tokenize  # noqa: F401 (continuation: re-exported)
-from kvdistill.models.chat import ChatText, render
+from kvdistill.eval.decode import batches
+from kvdistill.models.capture import capture_kv
 from kvdistill.models.geometry import geometry_of
-from kvdistill.student.answer import chunks
-
-
-def batches(items, size, desc: str | None = None):
-    """`chunks(items, size)` with a progress bar named `desc` on stderr where it is a terminal (None: no bar)."""
-    return tqdm(chunks(items, size), total=math.ceil(len(items) / size), desc=desc, disable=_shown(desc),
-                leave=False, dynamic_ncols=True)
 
 
 def _shown(desc) -> bool | None:
     """tqdm's `disable`: True without a description, else None (shown where stderr is a terminal)."""
     return True if not desc else None
-
-
-@torch.no_grad()
-def perplexity(model, tokenizer, records: list[dict], *, max_length: int, batch_size: int = 8,
-               progress: bool = False) -> dict:
-    """Token-level perplexity over all held-out tokens (exp of the mean next-token NLL)."""
-    device = next(model.parameters()).device
-    nll_sum, count = 0.0, 0
-    for batch in batches(records, batch_size, "perplexity" if progress else None):
-        enc = tokenize(tokenizer, [r["text"] for r in batch], max_length=max_length, padding_side="right")
-        ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
-        logits = model(input_ids=ids, attention_mask=mask).logits  # (B, T, V)
-        nll, counted = token_nll(logits, ids, mask)  # (B, T) each
-        nll_sum += float(nll[counted].sum())
-        count += int(counted.sum())
-    ce = nll_sum / max(count, 1)
-    return {"ce": ce, "ppl": math.exp(min(ce, 50.0)), "tokens": count}
-
-
-@torch.no_grad()
-def exact_match(
-    model, tokenizer, records: list[dict], *, max_new_tokens: int = 16, batch_size: int = 8, progress: bool = False
-) -> dict:
-    """Greedy generation from each record's text before its answer; the extracted answer vs the gold one.
-
-    A conversation's prompt is its messages before the answer in the tokenizer's chat template with the generation
-    prompt (`kvdistill.models.chat.render`). Otherwise the prompt is `text[:answer_start]` without trailing whitespace (a training text reads "Answer: 42", which
-    BPE tokenizers split as "Answer", ":", " 42"; a prompt ending in a bare space would ask for a token the
-    model never saw there). Prompts are left-padded into batches; positions come from the attention mask, so a
-    batch generates what each prompt generates alone. The first generated line is read as "Answer: <line>".
-    Records without an answer or `answer_start` are skipped; `exact_match` is None when none are left.
-    `per_item` holds 1/0 per usable record in order; `max_new_tokens` bounds the generated answer.
-    """
-    from kvdistill.data.answers import exact_match as same
-    from kvdistill.data.answers import extract_answer
-
-    device = next(model.parameters()).device
-    usable = [r for r in records if r.get("answer") is not None and r.get("answer_start") is not None]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    hits, rows = 0, []
-    old_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        for batch in batches(usable, batch_size, "exact match" if progress else None):
-            chat = isinstance(batch[0]["text"], ChatText)  # the conversation before its answer, in this
-            prompts = [render(tokenizer, r["text"], prompt_only=True).text if chat  # model's chat template
-                       else r["text"][: r["answer_start"]].rstrip() for r in batch]
-            enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=not chat)
-            ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)  # (B, T) left-padded
-            out = model.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=pad_id,
-            )  # (B, T + new)
-            for b, r in enumerate(batch):
-                prompt = ids[b][mask[b].bool()].tolist()  # the prompt without its left padding
-                text = continuation(tokenizer, prompt, out[b, ids.shape[1] :].tolist())
-                pred = extract_answer("Answer: " + text.strip().split("\n")[0])
-                ok = same(pred, r["answer"])
-                hits += ok
-                rows.append(
-                    {"id": r["id"], "generated": text, "pred": pred, "gold": r["answer"], "correct": bool(ok)}
-                )
-    finally:
-        tokenizer.padding_side = old_side
-    return {
-        "exact_match": hits / len(usable) if usable else None,
-        "correct": hits,
-        "n": len(usable),
-        "samples": rows[:8],
-        "per_item": [int(r["correct"]) for r in rows],  # 0/1 per usable record, in order (paired statistics)
-    }
 
 
 class TeacherRows:

@@ -24,7 +24,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from kvdistill.cache.manifest import write_json_atomic
+from kvdistill.atomic import write_json_atomic
 from kvdistill.config.schema import DataConfig, RunConfig, TeacherConfig
 from kvdistill.errors import KvdistillError
 

@@ -1,95 +1,78 @@
-"""`kvdistill quickstart`: two real teachers distilled into a small student, against a CE-only twin.
+"""`kvdistill quickstart`: the packaged experiment spec `quickstart` (configs/experiments/quickstart.yaml) run by
+the experiment runner, and its before/after table.
 
-Both students start from the same initial weights, see the same samples in the same order for the same
-number of steps; the only difference is the KV distillation term. Figures are held-out perplexity, exact match
-and the per-layer KV probe 1-R² against each teacher (see kvdistill.eval.metrics).
+Two real teachers used as given are distilled into a small student, against a CE-only twin: both students start
+from the same initial weights and see the same samples in the same order for the same number of steps; the only
+difference is the KV distillation term. The runner scores both and the untrained student (eval.init) through the
+one evaluation path: held-out perplexity, exact match and the per-layer KV probe 1-R² against each teacher
+(eval.probe; see kvdistill.eval.metrics). DIR holds what any experiment leaves (runs/, init/, results.json, ...)
+and the quickstart's own summary.json and report.md.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from importlib.resources import files
 from pathlib import Path
 
-from kvdistill.config import load_config
-from kvdistill.paths import claim, dir_problem
-from kvdistill.train.checkpoint import student_dir
+from kvdistill.atomic import write_json_atomic
+
+ROWS = (("untrained init", "init"), ("CE only", "ce-only"), ("KV distilled", "kd"))  # table row: its record
 
 
-def _row(label: str, result: dict, teachers: list[str]) -> list:
-    row = [label, f"{result['perplexity']['ppl']:.2f}", f"{result['exact_match']['exact_match']:.3f}"]
+def _row(label: str, record: dict, teachers: list[str]) -> list:
+    row = [label, f"{record['ppl']:.2f}", f"{record['exact_match']:.3f}"]
     for name in teachers:
-        row.append(f"{result['probe_kv_error'][name]['mean']:.3f}")
+        row.append(f"{record['probe_kv_error'][name]['mean']:.3f}")
     return row
 
 
 def run_quickstart(out: str | Path, *, steps: int | None = None, overrides: list[str] | None = None) -> dict:
-    from kvdistill.data import load_records
-    from kvdistill.eval.metrics import TeacherRowsCache
+    """Run (or resume) the quickstart spec into `out`; `steps`: the students' train.steps, `overrides`: dotted
+    overrides of both runs. Returns the summary also written to DIR/summary.json."""
     from kvdistill.eval.report import write_report
-    from kvdistill.eval.run import evaluate_student
+    from kvdistill.experiments.runner import run_dir, run_experiment
+    from kvdistill.experiments.spec import load_spec
     from kvdistill.models import zoo
-    from kvdistill.models.load import load_model
-    from kvdistill.student import build_student
-    from kvdistill.train.trainer import train
 
     t0 = time.time()
     out = Path(out)
-    problem = dir_problem(out, "quickstart", legacy=("kd", "ce-only"))
-    if problem:
-        raise problem
-    claim(out, "quickstart")
+    raw = load_spec("quickstart").model_dump(mode="json")
+    if steps:
+        raw["budget"]["steps"] = steps
+    for cond in raw["conditions"].values():
+        cond["overrides"] += list(overrides or [])
+    spec = load_spec(raw)
     zoo.fetch_all(["smollm2-135m", "gemma3-270m", "gpt2-tokenizer"])  # one-time GGUF conversion
-    extra = list(overrides or []) + ([f"train.steps={steps}"] if steps else [])
-    cfg = load_config(files("kvdistill") / "configs" / "quickstart.yaml", extra)
-    ce_cfg = cfg.model_copy(update={"name": "ce-only", "teachers": []})
-    ce_cfg = load_config(raw={**ce_cfg.model_dump(mode="json"), "losses": {"ce": cfg.losses.ce, "kv": {"weight": 0}}})
+    results = run_experiment(spec, out)
+    seed = spec.seeds[0]
+    dirs = {"init": out / "init" / f"seed-{seed}", "ce-only": run_dir(out, "ce-only", seed),
+            "kd": run_dir(out, "kd", seed)}
+    records = {name: json.loads((d / "eval.json").read_text()) for name, d in dirs.items()}
 
-    runs = {"kd": out / "kd", "ce-only": out / "ce-only"}
-    for name, run_cfg in (("kd", cfg), ("ce-only", ce_cfg)):
-        if not (runs[name] / "summary.json").is_file():
-            resume = (runs[name] / "config.yaml").is_file()  # a started run (checkpoint or not) resumes
-            train(run_cfg, runs[name], resume=resume)
-
-    teachers = {t.name: load_model(t.model, attn_implementation="sdpa") for t in cfg.teachers}
-    fit = load_records(cfg.data, split="train")[:32]
-    held = load_records(cfg.data, split="eval")
-    cache = TeacherRowsCache()  # each teacher's K/V on fit and held captured once for the three students
-    init_student, init_tok = build_student(cfg.student, seed=cfg.train.seed)
-    results = {"init": evaluate_student(init_student, init_tok, teachers, fit, held, max_length=cfg.data.max_length,
-                                        teacher_cache=cache)}
-    for name, run_dir in runs.items():
-        model, tok = load_model(str(student_dir(run_dir / "final")), attn_implementation="sdpa")
-        results[name] = evaluate_student(model, tok, teachers, fit, held, max_length=cfg.data.max_length,
-                                         teacher_cache=cache)
-    del cache
-
-    names = list(teachers)
+    names = [t.name for t in spec.teachers]
     header = ["student", "held-out ppl", "exact match"] + [f"KV probe 1-R² vs {n}" for n in names]
-    rows = [_row("untrained init", results["init"], names), _row("CE only", results["ce-only"], names),
-            _row("KV distilled", results["kd"], names)]
+    rows = [_row(label, records[key], names) for label, key in ROWS]
     layer_header = ["teacher", "student layer", "init", "CE only", "KV distilled"]
     layer_rows = []
     for n in names:
-        for i, (a, b, c) in enumerate(zip(results["init"]["probe_kv_error"][n]["layers"],
-                                          results["ce-only"]["probe_kv_error"][n]["layers"],
-                                          results["kd"]["probe_kv_error"][n]["layers"], strict=True)):
+        per_layer = [records[key]["probe_kv_error"][n]["layers"] for _, key in ROWS]
+        for i, (a, b, c) in enumerate(zip(*per_layer, strict=True)):
             layer_rows.append([n, str(i), f"{a:.3f}", f"{b:.3f}", f"{c:.3f}"])
     md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     md += ["| " + " | ".join(r) + " |" for r in rows]
     summary = {
-        "config": cfg.name,
-        "steps": cfg.train.steps,
-        "held_out_samples": len(held),
-        "results": results,
+        "config": spec.base,
+        "steps": results["steps"]["kd"],
+        "held_out_samples": len(results["test_ids"]),
+        "results": records,
         "before_after": {"header": header, "rows": rows},
         "kv_error_per_layer": {"header": layer_header, "rows": layer_rows},
         "table_markdown": "\n".join(md),
         "elapsed_s": round(time.time() - t0, 1),
     }
-    write_report([runs["kd"], runs["ce-only"]], out / "report.md", title="kvdistill quickstart",
+    write_report([dirs["kd"], dirs["ce-only"]], out / "report.md", title="kvdistill quickstart",
                  extra_tables=[("Before / after (held-out)", header, rows),
                                ("KV probe 1-R² per student layer", layer_header, layer_rows)])
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    write_json_atomic(out / "summary.json", summary)
     return summary

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kvdistill.cache.manifest import write_json_atomic
+from kvdistill.atomic import write_json_atomic
 from kvdistill.eval.skills import skill_items
 from kvdistill.experiments.spec import PER_SKILL, ExperimentSpec, higher_is_better, metric_label
 from kvdistill.experiments.stats import paired_comparison, summary

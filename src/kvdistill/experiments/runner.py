@@ -3,11 +3,14 @@
 Directory layout (everything resumable: a finished step is skipped, a killed run resumes from its checkpoint):
     DIR/spec.yaml                        the spec as run
     DIR/teachers/NAME/                   a teacher's own CE training run; teacher.json: its held-out exact match
+                                         (a teacher of steps 0 is used as given: teacher.json only)
     DIR/runs/CONDITION/seed-S/           an ordinary training run (config.yaml, metrics.jsonl, final/, ...)
     DIR/runs/CONDITION/seed-S/eval.json  its test figures, per-problem exact match included, and its steps trained,
                                          selected step, FLOPs and wall time; on a held-out set mixing skills also
                                          exact_match_<skill> and, for a router or similarity fusion over teachers
-                                         labelled with a skill, routing_acc(_<skill>)
+                                         labelled with a skill, routing_acc(_<skill>); with eval.probe its KV
+                                         probe 1-R² against every teacher (probe_kv_error)
+    DIR/init/seed-S/eval.json            eval.init: the baseline's untrained student, scored the same way
     DIR/caches/TEACHER/, TEACHER.json    `cache: true` conditions: the records their runs read, and the cost
     DIR/results.json, DIR/results.md     per condition and metric: values, mean, std, 95% interval; comparisons;
                                          per run and condition the held-out (validation) curves against step, FLOPs
@@ -25,7 +28,6 @@ Where the base config sets train.early_stopping, a run is scored with its best v
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import subprocess
@@ -35,114 +37,29 @@ from pathlib import Path
 
 import yaml
 
-from kvdistill.cache.manifest import write_json_atomic
-from kvdistill.config import config_path, load_config, merge_data, read_raw
+from kvdistill.atomic import write_json_atomic, write_text_atomic
+from kvdistill.config import load_config
 from kvdistill.config.schema import RunConfig
 from kvdistill.data import load_records
 from kvdistill.errors import KvdistillError
+from kvdistill.experiments.conditions import base_raw, check_splits, condition_config, teacher_config
 from kvdistill.experiments.score import evaluate_run, score
-from kvdistill.experiments.spec import ExperimentSpec, TeacherPrep
+from kvdistill.experiments.spec import ExperimentSpec
 from kvdistill.paths import claim, dir_problem
-from kvdistill.train.checkpoint import student_dir as student_of
-from kvdistill.train.checkpoint import write_text_atomic
+from kvdistill.rundir import student_dir as student_of
 
 log = logging.getLogger(__name__)
 
 
-# ---------------------------------------------------------------------------------------------- configs
-def base_raw(spec: ExperimentSpec) -> dict:
-    """The base run config as a mapping (a fresh copy)."""
-    if isinstance(spec.base, dict):
-        return copy.deepcopy(spec.base)
-    return read_raw(config_path(spec.base))
-
-
-def teacher_config(spec: ExperimentSpec, prep: TeacherPrep) -> RunConfig:
-    """The CE training run that makes a teacher competent on the task: the base data, the teacher as student."""
-    raw = base_raw(spec)
-    student = {"model": prep.model} if prep.model else {"from_config": prep.from_config}
-    if prep.tokenizer:
-        student["tokenizer"] = prep.tokenizer
-    train = dict(raw.get("train") or {})
-    train.update(steps=prep.steps, batch_size=prep.batch_size, lr=prep.lr, warmup_steps=prep.warmup_steps,
-                 seed=0, eval_every=0, save_every=0)
-    raw.update(name=f"teacher-{prep.name}", student=student, teachers=[], losses={"ce": 1.0}, fusion={},
-               train=train)
-    if prep.data:
-        raw["data"] = merge_data(raw.get("data"), prep.data)
-    # a teacher keeps the base's held-out evaluations but not its students' selection settings
-    train.pop("early_stopping", None)
-    train.pop("grad_norms_every", None)
-    return load_config(raw=raw, overrides=prep.overrides)
-
-
-def condition_config(spec: ExperimentSpec, name: str, seed: int, teachers: dict[str, dict],
-                     steps: int | None = None) -> RunConfig:
-    """The run of condition `name` with `seed`: base, budget, the condition's teachers and overrides, the seed.
-    A `cache: true` condition reads each teacher from `teachers[name]["cache_dir"]`."""
-    cond = spec.conditions[name]
-    raw = base_raw(spec)
-    skills = {prep.name: prep.skill for prep in spec.teachers}
-    if spec.student_from is not None:
-        kept = {k: v for k, v in (raw.get("student") or {}).items() if k not in ("model", "from_config", "tokenizer")}
-        raw["student"] = {**kept, "model": teachers[spec.student_from]["model"]}
-    raw["teachers"] = [{"name": t, "model": teachers[t]["model"]} for t in cond.teachers]
-    for entry in raw["teachers"]:
-        if skills.get(entry["name"]):
-            entry["skill"] = skills[entry["name"]]
-    if cond.cache:
-        for entry in raw["teachers"]:
-            entry.update(source="cache", cache_dir=teachers[entry["name"]].get("cache_dir", "?"))
-    if not cond.teachers:
-        raw["fusion"] = {}
-    raw["name"] = f"{name}-seed{seed}"
-    overrides = spec.budget_overrides() + list(cond.overrides) + [f"train.seed={seed}"]
-    if steps is not None:
-        overrides.append(f"train.steps={steps}")
-    return load_config(raw=raw, overrides=overrides)
-
-
-def check_splits(configs: dict[str, RunConfig], test: list[dict], val: list[dict]) -> dict[str, int]:
-    """Every run (named by `configs`' keys; teachers included) keeps the base's test and validation splits and
-    trains on records sharing no id and no question with them; {name: train records}. A KvdistillError names
-    each run that breaks it."""
-    from kvdistill.data.records import _problem_key
-
-    test_ids, val_ids = [r["id"] for r in test], [r["id"] for r in val]
-    held_ids = set(test_ids) | set(val_ids)
-    held_keys = {_problem_key(r) for r in test + val}
-    seen: dict[str, tuple] = {}
-    sizes, problems = {}, []
-    for name, cfg in configs.items():
-        key = cfg.data.model_dump_json()
-        if key not in seen:
-            train = load_records(cfg.data, split="train")
-            same_test = [r["id"] for r in load_records(cfg.data, split="eval")] == test_ids
-            same_val = [r["id"] for r in load_records(cfg.data, split="val")] == val_ids
-            shared = [r["id"] for r in train if r["id"] in held_ids or _problem_key(r) in held_keys]
-            seen[key] = (len(train), same_test, same_val, shared)
-        n, same_test, same_val, shared = seen[key]
-        sizes[name] = n
-        if not (same_test and same_val):
-            problems.append(f"{name}: its data gives other {'test' if not same_test else 'validation'} records "
-                            "than the base's")
-        if shared:
-            problems.append(f"{name}: {len(shared)} training records share an id or a question with the held-out "
-                            f"splits (e.g. {shared[:3]})")
-    if problems:
-        raise KvdistillError("every run must be scored on the same held-out records and never train on them: "
-                             + "; ".join(problems),
-                             "change only data.size / data.train_size (or other keys that keep data.source, seed, "
-                             "eval_size and val_size) in teachers[i].data and condition overrides")
-    return sizes
-
-
 # ---------------------------------------------------------------------------------------------- teachers
 def prepare_teachers(spec: ExperimentSpec, out: Path, held: list[dict]) -> dict[str, dict]:
-    """Train (or reuse) every teacher of the spec, `spec.concurrent` at once; {name: {model, exact_match, ppl,
-    params}}. Stops when one is below its required exact match."""
+    """Train (or reuse) every teacher of the spec, `spec.concurrent` at once; a teacher of `steps: 0` is used as
+    given. {name: {model, exact_match, ppl, params}}. Stops when one is below its required exact match."""
+    from kvdistill.models.load import resolve_path
+
+    given = {prep.name for prep in spec.teachers if prep.steps == 0}
     dirs = {prep.name: out / "teachers" / prep.name for prep in spec.teachers}
-    configs = {prep.name: teacher_config(spec, prep) for prep in spec.teachers}
+    configs = {prep.name: teacher_config(spec, prep) for prep in spec.teachers if prep.name not in given}
     pending = [(dirs[n], cfg) for n, cfg in configs.items()
                if not (dirs[n] / "teacher.json").is_file() and not (dirs[n] / "final" / "config.json").is_file()
                and not (dirs[n] / "final" / "student").is_dir()]
@@ -151,14 +68,19 @@ def prepare_teachers(spec: ExperimentSpec, out: Path, held: list[dict]) -> dict[
     for prep in spec.teachers:
         run_dir = dirs[prep.name]
         record = run_dir / "teacher.json"
+        model = prep.model if prep.name in given else str(student_of(run_dir / "final"))
         if not record.is_file():
-            ev = evaluate_run(student_of(run_dir / "final"), held, configs[prep.name], spec)
-            per_skill = {k: v for k, v in ev.items() if k.startswith("exact_match_")}
-            write_json_atomic(record, {"exact_match": ev.get("exact_match"), "ppl": ev["ppl"], **per_skill,
-                                       "params": _param_count(student_of(run_dir / "final")),
-                                       "samples": ev.get("samples", [])})
+            got = {"params": _param_count(Path(resolve_path(model)))}
+            if prep.name not in given or prep.min_exact_match > 0:  # a given teacher is scored where asked
+                cfg = configs.get(prep.name) or load_config(raw=base_raw(spec))
+                ev = evaluate_run(model, held, cfg, spec)
+                got.update({"exact_match": ev.get("exact_match"), "ppl": ev["ppl"],
+                            **{k: v for k, v in ev.items() if k.startswith("exact_match_")},
+                            "samples": ev.get("samples", [])})
+            run_dir.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(record, got)
         got = json.loads(record.read_text())
-        info[prep.name] = {"model": str(student_of(run_dir / "final")), **got}
+        info[prep.name] = {"model": model, **got}
         # a specialist must be competent on its own skill (its held-out exact match there), others on everything
         key = f"exact_match_{prep.skill}" if prep.skill else "exact_match"
         em = got.get(key)
@@ -359,7 +281,7 @@ def run_experiment(spec: ExperimentSpec, out: str | Path, *, only: list[str] | N
                              "set data.eval_size in the spec's base config")
     first = [n for n in names if spec.conditions[n].match_wall_of is None]
     later = [n for n in names if n not in first]
-    planned = {f"teacher {p.name}": teacher_config(spec, p) for p in spec.teachers}
+    planned = {f"teacher {p.name}": teacher_config(spec, p) for p in spec.teachers if p.steps > 0}
     planned.update({f"{n}/seed-{s}": condition_config(spec, n, s, unknown) for n in names for s in use_seeds})
     t0 = time.time()
     data_sizes = check_splits(planned, held, val)  # before anything trains
@@ -403,7 +325,7 @@ def run_experiment(spec: ExperimentSpec, out: str | Path, *, only: list[str] | N
     results = collect(spec, out, names, use_seeds, teachers)
     results["extraction"] = extraction
     results["train_records"] = {n: data_sizes[f"{n}/seed-{use_seeds[0]}"] for n in names}
-    results["teacher_train_records"] = {p.name: data_sizes[f"teacher {p.name}"] for p in spec.teachers}
+    results["teacher_train_records"] = {p.name: data_sizes.get(f"teacher {p.name}", 0) for p in spec.teachers}
     results["test_ids"] = [r["id"] for r in held]
     results["val_ids"] = [r["id"] for r in val]
     results["concurrent"] = concurrent
@@ -456,7 +378,15 @@ def _train_and_score(spec: ExperimentSpec, out: Path, configs: dict[tuple[str, i
 
     train_all(pending, concurrent, more=extra_runs)
     log.info("all %d runs trained; scoring the unscored ones on the test split", len(configs))
+    probe = {t: info["model"] for t, info in teachers.items()} if spec.eval.probe else None
     jobs = []
+    for (n, s), cfg in configs.items():  # the baseline's untrained students, a 'before' beside the runs
+        d = out / "init" / f"seed-{s}"
+        if spec.eval.init and n == spec.baseline and not (d / "eval.json").is_file():
+            d.mkdir(parents=True, exist_ok=True)
+            (d / "scored-config.yaml").write_text(dump_config(cfg))
+            jobs.append({"spec": spec.model_dump(mode="json"), "config": str(d / "scored-config.yaml"),
+                         "init": True, "probe_teachers": probe, "record": str(d / "eval.json")})
     for (n, s), cfg in configs.items():
         d = run_dir(out, n, s)
         if (d / "eval.json").is_file() and json.loads((d / "eval.json").read_text()).get("written_by") != "kvdistill eval":
@@ -483,7 +413,8 @@ def _train_and_score(spec: ExperimentSpec, out: Path, configs: dict[tuple[str, i
         config.write_text(dump_config(cfg))
         routing = teachers[spec.eval.routing_teacher]["model"] if spec.eval.routing_teacher else None
         jobs.append({"spec": spec.model_dump(mode="json"), "config": str(config), "scored": str(scored),
-                     "extra": extra, "routing_teacher": routing, "record": str(d / "eval.json")})
+                     "extra": extra, "routing_teacher": routing, "probe_teachers": probe,
+                     "record": str(d / "eval.json")})
     if concurrent == 1:
         for job in jobs:
             score(job)

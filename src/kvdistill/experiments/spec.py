@@ -24,15 +24,16 @@ test and validation splits and that no training set shares an id or a question w
 
 from __future__ import annotations
 
-from importlib.resources import files
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
+from kvdistill.config.load import config_path
+from kvdistill.config.problems import validation_problems
 from kvdistill.config.schema import Section
-from kvdistill.errors import ConfigError, KvdistillError
+from kvdistill.errors import ConfigError
 from kvdistill.paths import segment_problem
 
 
@@ -43,7 +44,9 @@ class TeacherPrep(Section):
     from_config: dict[str, Any] | None = None
     """... or a model built from a family's config: {base: <model whose config to start from>, <overrides>}."""
     tokenizer: str | None = None
-    steps: int = Field(500, gt=0)
+    steps: int = Field(500, ge=0)
+    """Steps of its CE training on the task; 0: the model is used as given (a pretrained teacher, e.g. the
+    quickstart's), scored only where `min_exact_match` asks."""
     batch_size: int = Field(16, gt=0)
     lr: float = Field(1e-3, gt=0.0)
     warmup_steps: int = Field(0, ge=0)
@@ -67,6 +70,12 @@ class TeacherPrep(Section):
             raise ValueError(f"teacher '{self.name}': give exactly one of model or from_config")
         if "." in self.name or "/" in self.name:
             raise ValueError(f"teacher name '{self.name}' may not contain '.' or '/'")
+        if self.steps == 0:
+            unread = sorted(k for k in ("from_config", "tokenizer", "batch_size", "lr", "warmup_steps", "overrides",
+                                        "data") if getattr(self, k) != type(self).model_fields[k].default)
+            if self.model is None or unread:
+                raise ValueError(f"teacher '{self.name}': steps 0 uses a model as given (no training), so it needs "
+                                 f"`model`{' and reads no ' + ', '.join(unread) if unread else ''}")
         return self
 
 
@@ -96,12 +105,19 @@ class EvalSpec(Section):
     batch_size: int = Field(32, gt=0)
     cot: bool = False
     """Text models (teachers, text conditions) answer by CoT decoding from the question alone, up to
-    `max_cot_tokens` (kvdistill.student.answer.cot_exact_match), instead of being given the record's reasoning;
+    `max_cot_tokens` (kvdistill.eval.decode.cot_exact_match), instead of being given the record's reasoning;
     latent students always answer in latent mode."""
     max_cot_tokens: int = Field(96, gt=0)
     routing_teacher: str | None = None
     """A prepared MoE teacher (by name): every run's held-out routing agreement with it, metrics routing_top1 and
     routing_topk (kvdistill.eval.moe.routing_agreement_of); MoE students only."""
+    probe: bool = False
+    """Every run's KV probe 1 - R² per student layer against every teacher of the spec (`probe_kv_error` in its
+    eval.json; kvdistill.eval.metrics.probe_kv_error), the ridge maps fitted on the first max(test records, 16)
+    train records of the base data. Text students only."""
+    init: bool = False
+    """Also score the baseline's untrained student (its initial weights under each seed) the same way:
+    DIR/init/seed-S/eval.json, a 'before' beside the trained runs."""
 
 
 class ExperimentSpec(Section):
@@ -234,15 +250,7 @@ def higher_is_better(metric: str) -> bool:
 
 def spec_path(spec: str) -> Path:
     """A path, or the name of a packaged spec (configs/experiments/NAME.yaml)."""
-    if Path(spec).is_file():
-        return Path(spec)
-    folder = files("kvdistill") / "configs" / "experiments"
-    packaged = folder / f"{spec.removesuffix('.yaml')}.yaml"
-    if packaged.is_file():
-        return Path(str(packaged))
-    names = sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
-    raise KvdistillError(f"experiment spec '{spec}' is neither a file nor a packaged spec",
-                         f"give a YAML path or one of: {', '.join(names)}")
+    return config_path(spec, "experiments", "experiment spec")
 
 
 def load_spec(spec: str | Path | dict) -> ExperimentSpec:
@@ -258,6 +266,4 @@ def load_spec(spec: str | Path | dict) -> ExperimentSpec:
     try:
         return ExperimentSpec.model_validate(spec)
     except ValidationError as err:
-        problems = [f"{'.'.join(str(x) for x in e['loc']) or 'spec'}: {e['msg'].removeprefix('Value error, ')}"
-                    for e in err.errors()]
-        raise ConfigError(problems, source=source) from None
+        raise ConfigError(validation_problems(err, ExperimentSpec, name="spec"), source=source) from None

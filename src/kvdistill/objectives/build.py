@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kvdistill.cache.extract import open_teacher_cache
+from kvdistill.cache.reader import open_teacher_cache
 from kvdistill.config import StudentConfig
 from kvdistill.models.geometry import geometry_of
 from kvdistill.models.load import (

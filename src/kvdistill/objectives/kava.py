@@ -33,12 +33,14 @@ from kvdistill.compress.latent import latent_target, window_rows
 from kvdistill.compress.select import importance_from_attention, query_rows
 from kvdistill.data.segments import Segments, segments
 from kvdistill.errors import KvdistillError
-from kvdistill.models.capture import forward_kv, tokenize, tokenize_for
+from kvdistill.eval.heldout import latent_answer_ce
+from kvdistill.models.capture import forward_kv, tokenize_for
 from kvdistill.models.geometry import geometry_of
 from kvdistill.models.queries import capture_queries, query_importance, supports_queries, window_logits
 from kvdistill.objectives.base import read_metrics
 from kvdistill.objectives.pairs import LayerPairs
 from kvdistill.student import save_student, unwrap_student
+from kvdistill.student.latent import latent_view
 
 SELF = "self"
 
@@ -82,41 +84,6 @@ def cot_view(tokenizer, geometry, records: list[dict], segs: list[Segments], max
         after.append(rest)
     return CotView(ids, mask, torch.stack(cand).long(), torch.stack(answer).long(), torch.stack(pre),
                    torch.stack(after).long())
-
-
-@dataclass
-class LatentView:
-    """The student-mode batch (CPU): prefix ids/mask (B, P) left-padded, suffix ids/mask (B, S) right-padded,
-    answer_mask (B, P+M+S) the predictions of the answer CE (the last column before the suffix and the suffix),
-    pre_answer (B,) the column of the token before the answer."""
-
-    prefix_ids: torch.Tensor
-    prefix_mask: torch.Tensor
-    suffix_ids: torch.Tensor
-    suffix_mask: torch.Tensor
-    answer_mask: torch.Tensor
-    pre_answer: torch.Tensor
-
-
-def latent_view(tokenizer, segs: list[Segments], tokens: int) -> LatentView:
-    """Tokenize prefixes (with the tokenizer's BOS) and suffixes (without) for `tokens` latent slots (`tokenize`:
-    byte spans; a part that tokenizes to nothing is refused)."""
-    pre = tokenize(tokenizer, [s.prefix for s in segs], padding_side="left")
-    suf = tokenize(tokenizer, [s.suffix for s in segs], padding_side="right", add_special_tokens=False)
-    B, P = pre["input_ids"].shape
-    S = suf["input_ids"].shape[1]
-    M = tokens
-    answer = torch.zeros(B, P + M + S, dtype=torch.long)
-    answer[:, P + M - 1] = 1  # the last latent (or prefix token) predicts the suffix's first token
-    answer[:, P + M :] = suf["attention_mask"]
-    pre_answer = []
-    for b, s in enumerate(segs):
-        at = s.byte(s.answer_start) - s.byte(s.suffix_start)  # the answer's byte offset in the suffix
-        ends = suf["offset_mapping"][b, :, 1]  # byte spans
-        before = ((ends <= at) & (ends > 0) & suf["attention_mask"][b].bool()).nonzero().flatten()
-        pre_answer.append(P + M + int(before.max()) if len(before) else P + M - 1)
-    return LatentView(pre["input_ids"], pre["attention_mask"], suf["input_ids"], suf["attention_mask"], answer,
-                      torch.tensor(pre_answer))
 
 
 # ---------------------------------------------------------------------------------------------- targets
@@ -178,28 +145,6 @@ def cot_importance(model, cap, queries, view: CotView, layers: list[int], cfg) -
             return query_importance(model, cap, queries, rows, layers), None
         return {j: importance_from_attention(cap.attentions[j].detach(), rows, mask, cap.keys[j].shape[1])
                 for j in layers}, None
-
-
-@torch.no_grad()
-def latent_answer_ce(student, tokenizer, records: list[dict], template: str, *, batch_size: int,
-                     geometry=None) -> tuple[float, int]:
-    """(CE, tokens): the held-out answer CE (nats per answer token) of a latent student in latent mode, the answer
-    (and its line break) after the question and the M latents as training's answer CE counts it, and the number of
-    tokens counted; training's held-out evaluation and `kvdistill eval` / the experiment runner
-    (`kvdistill.eval.latent`) both call this."""
-    device = student.head.init.device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    usable = [r for r in records if r.get("answer")]
-    nll, count = 0.0, 0
-    for lo in range(0, len(usable), batch_size):
-        segs = [segments(r, template) for r in usable[lo : lo + batch_size]]
-        view = latent_view(tokenizer, segs, student.tokens)
-        cap = student(view.prefix_ids.to(device), view.prefix_mask.to(device), view.suffix_ids.to(device),
-                      view.suffix_mask.to(device), pad_id=pad, geometry=geometry)
-        token, counted = losses.token_nll(cap.logits, cap.input_ids, view.answer_mask.to(device))
-        nll += float(token[counted].sum())
-        count += int(counted.sum())
-    return nll / max(count, 1), count
 
 
 # ---------------------------------------------------------------------------------------------- objective
@@ -361,13 +306,13 @@ class KavaObjective(nn.Module):
     def evaluate(self, records: list[dict], batch_size: int | None = None) -> dict:
         """Held-out answer CE / perplexity in latent mode (token-level, `latent_answer_ce`) and, per teacher, the latent
         K/V error `eval/latent_kv/<teacher>` (exact match: the trainer's evaluation with train.eval_exact_match,
-        `kvdistill.student.answer.latent_exact_match`)."""
+        `kvdistill.eval.decode.latent_exact_match`)."""
         was = self.training
         self.eval()
         try:
             bs = batch_size or self.cfg.train.batch_size
-            ce, _ = latent_answer_ce(self.student, self.tokenizer, records, self.cfg.data.template, batch_size=bs,
-                                     geometry=self.student_geometry)
+            ce = latent_answer_ce(self.student, self.tokenizer, records, self.cfg.data.template, batch_size=bs,
+                                  geometry=self.student_geometry)["ce"]
             out = {"eval/ce": ce, "eval/ppl": math.exp(min(ce, 50.0))}
             if self.cfg.losses.latent_kv.weight > 0:
                 kv_sums: dict[str, list[float]] = {}

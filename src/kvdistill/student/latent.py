@@ -23,20 +23,23 @@ g (d,) that starts at the RMS of the token embeddings, so the latents enter the 
 embedding from the first step (the post-norm hidden state is 18-50x larger), or 'identity' (none).
 
 A saved latent student is a plain Hugging Face model (the backbone) plus `latent.json` and `latent.safetensors`
-(the head) in the same directory.
+(the head) in the same directory. `latent_view` tokenizes template records into a student-mode batch (training's
+answer CE and the held-out one, `kvdistill.eval.heldout.latent_answer_ce`, read it).
 """
 
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from kvdistill.data.segments import Segments
 from kvdistill.errors import KvdistillError
-from kvdistill.models.capture import cache_argument, forward_kv, positions_from_mask, returned_cache
+from kvdistill.models.capture import cache_argument, forward_kv, positions_from_mask, returned_cache, tokenize
 from kvdistill.student.build import unwrap_student
 
 PROJECTIONS = ("mlp", "linear", "none")
@@ -270,3 +273,39 @@ def load_latent_student(student_dir: str | Path, *, device=None, attn_implementa
     head.load_state_dict(load_file(str(student_dir / HEAD_WEIGHTS)))
     model = LatentStudent(backbone, head.to(next(backbone.parameters()).device), meta["iterations"])
     return model.eval(), tokenizer
+
+
+# ---------------------------------------------------------------------------------------------- student-mode batch
+@dataclass
+class LatentView:
+    """The student-mode batch (CPU): prefix ids/mask (B, P) left-padded, suffix ids/mask (B, S) right-padded,
+    answer_mask (B, P+M+S) the predictions of the answer CE (the last column before the suffix and the suffix),
+    pre_answer (B,) the column of the token before the answer."""
+
+    prefix_ids: torch.Tensor
+    prefix_mask: torch.Tensor
+    suffix_ids: torch.Tensor
+    suffix_mask: torch.Tensor
+    answer_mask: torch.Tensor
+    pre_answer: torch.Tensor
+
+
+def latent_view(tokenizer, segs: list[Segments], tokens: int) -> LatentView:
+    """Tokenize prefixes (with the tokenizer's BOS) and suffixes (without) for `tokens` latent slots (`tokenize`:
+    byte spans; a part that tokenizes to nothing is refused)."""
+    pre = tokenize(tokenizer, [s.prefix for s in segs], padding_side="left")
+    suf = tokenize(tokenizer, [s.suffix for s in segs], padding_side="right", add_special_tokens=False)
+    B, P = pre["input_ids"].shape
+    S = suf["input_ids"].shape[1]
+    M = tokens
+    answer = torch.zeros(B, P + M + S, dtype=torch.long)
+    answer[:, P + M - 1] = 1  # the last latent (or prefix token) predicts the suffix's first token
+    answer[:, P + M :] = suf["attention_mask"]
+    pre_answer = []
+    for b, s in enumerate(segs):
+        at = s.byte(s.answer_start) - s.byte(s.suffix_start)  # the answer's byte offset in the suffix
+        ends = suf["offset_mapping"][b, :, 1]  # byte spans
+        before = ((ends <= at) & (ends > 0) & suf["attention_mask"][b].bool()).nonzero().flatten()
+        pre_answer.append(P + M + int(before.max()) if len(before) else P + M - 1)
+    return LatentView(pre["input_ids"], pre["attention_mask"], suf["input_ids"], suf["attention_mask"], answer,
+                      torch.tensor(pre_answer))

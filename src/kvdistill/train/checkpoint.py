@@ -39,8 +39,8 @@ from pathlib import Path
 
 import torch
 
-from kvdistill.cache.manifest import fsync_dir, sha256_file
-from kvdistill.paths import open_new
+from kvdistill.atomic import fsync_dir, sha256_file, write_text_atomic
+from kvdistill.rundir import checkpoint_path, latest_checkpoint, list_checkpoints, student_dir
 
 __all__ = ["FINAL_EXTRA", "atomic_dir", "checkpoint_path", "checkpoint_problem", "intact_checkpoints",
            "list_checkpoints", "latest_checkpoint", "load_checkpoint", "prune_checkpoints", "save_checkpoint",
@@ -83,18 +83,6 @@ def atomic_dir(path: str | os.PathLike, *, main: bool = True,
     wait()
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write a text file under a temporary name, fsync, rename: readers see the old or the new file, never half."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open_new(tmp) as f:  # never through a symlink planted at the temporary name
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
 def _fsync_tree(root: Path) -> None:
     """fsync every file, then every directory bottom-up, under root (root included)."""
     for dirpath, _dirnames, filenames in os.walk(root, topdown=False):
@@ -121,26 +109,6 @@ def _replace_dir(tmp: Path, path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
-def checkpoint_path(out_dir: str | os.PathLike, step: int) -> Path:
-    """DIR/checkpoints/step-N."""
-    return Path(out_dir) / "checkpoints" / f"step-{step}"
-
-
-def list_checkpoints(out_dir: str | os.PathLike) -> list[Path]:
-    """The complete `step-N` directories of a run, oldest first (`step-N.tmp` / `step-N.old` never count)."""
-    ckpts = [
-        c for c in (Path(out_dir) / "checkpoints").glob("step-*")
-        if c.name.split("-", 1)[1].isdigit() and (c / "trainer_state.json").is_file()
-    ]
-    return sorted(ckpts, key=lambda c: int(c.name.split("-", 1)[1]))
-
-
-def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
-    """The newest complete `step-N` of a run, or None."""
-    ckpts = list_checkpoints(out_dir)
-    return ckpts[-1] if ckpts else None
-
-
 def save_checkpoint(path: str | os.PathLike, *, accelerator, objective, scheduler, trainer_state: dict) -> Path:
     """Write a checkpoint to `path` atomically; every process calls it (each saves its RNG state).
 
@@ -255,13 +223,6 @@ def student_weights(objective, checkpoint: str | os.PathLike, held: set[str]) ->
         return {}
     saved = type(module).from_pretrained(Path(checkpoint) / "student", dtype=next(module.parameters()).dtype)
     return {prefix + k: v for k, v in saved.state_dict().items()}
-
-
-def student_dir(path: str | os.PathLike) -> Path:
-    """The student's Hugging Face directory in RUN/final or a checkpoint: PATH/student where it exists (every
-    checkpoint, and final/ of runs written before final/ held the student itself), else PATH."""
-    path = Path(path)
-    return path / "student" if (path / "student" / "config.json").is_file() else path
 
 
 def checkpoint_problem(path: str | os.PathLike) -> str | None:

@@ -20,16 +20,15 @@ from __future__ import annotations
 
 import json
 import logging
-from importlib.resources import files
 from pathlib import Path
 
 import yaml
 
-from kvdistill.cache.manifest import write_json_atomic
-from kvdistill.config import load_config
+from kvdistill.atomic import write_json_atomic
+from kvdistill.config import load_config, packaged_file
 from kvdistill.errors import KvdistillError
 from kvdistill.paths import claim, dir_problem
-from kvdistill.train.checkpoint import student_dir
+from kvdistill.rundir import student_dir
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +37,7 @@ CURRICULUM = "curriculum.json"  # DIR/curriculum.json: the stages run, with thei
 
 
 def packaged_config(name: str) -> Path:
-    path = files("kvdistill") / "configs" / f"{name.removesuffix('.yaml')}.yaml"
-    if not path.is_file():
-        names = sorted(p.name.removesuffix(".yaml") for p in (files("kvdistill") / "configs").iterdir())
-        raise KvdistillError(f"config '{name}' is neither a file nor a packaged config",
-                             f"give a YAML path or one of: {', '.join(names)}")
-    return Path(str(path))
+    return packaged_file(name)
 
 
 def is_curriculum(path: str | Path) -> bool:

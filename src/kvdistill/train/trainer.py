@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from kvdistill.cache.manifest import write_json_atomic
+from kvdistill.atomic import write_json_atomic
 from kvdistill.config import RunConfig, dump_config, resolve_paths
 from kvdistill.errors import ConfigError, KvdistillError
 from kvdistill.objectives.ahead import TeachersAhead
@@ -688,8 +688,7 @@ def _evaluate(run: Run, step: int, bar=None) -> dict:
     cfg = run.cfg
     ev = run.inner.evaluate(run.eval_records)
     if cfg.train.eval_exact_match:
-        from kvdistill.eval.metrics import exact_match
-        from kvdistill.student.answer import cot_exact_match, latent_exact_match
+        from kvdistill.eval.decode import cot_exact_match, exact_match, latent_exact_match
 
         student, tok, bs = run.inner.student, run.inner.tokenizer, max(cfg.train.batch_size, 256)
         was = student.training
