@@ -235,3 +235,15 @@ def test_given_teacher_probe_and_init_are_scored_through_the_one_path(tmp_path, 
         assert len(record["probe_kv_error"]["given"]["layers"]) == 1  # one per student layer
     with pytest.raises(ConfigError, match="steps 0 uses a model as given"):
         load_spec(micro_spec(teachers=[{"name": "t", "from_config": {"base": "smollm2-135m"}, "steps": 0}]))
+
+
+def test_only_the_teachers_the_chosen_conditions_read_are_prepared():
+    from kvdistill.experiments.runner import teachers_needed
+
+    kava = load_spec("kava")  # E1 and E4 distil the backbone itself (student_from); E5 reads the two others
+    assert teachers_needed(kava, ["E1", "E4", "nocot_ft", "cot_ft"]) == ["backbone"]
+    assert teachers_needed(kava, ["E1", "E5"]) == ["backbone", "qwen_sp", "gemma_sp"]
+    small = load_spec("distill-small")
+    assert teachers_needed(small, ["ce_only"]) == []
+    assert teachers_needed(small, ["ce_only", "kd_gemma"]) == ["gemma_sp"]
+    assert teachers_needed(small, list(small.conditions)) == ["llama_bpe", "qwen_sp", "gemma_sp"]

@@ -52,20 +52,30 @@ log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------- teachers
-def prepare_teachers(spec: ExperimentSpec, out: Path, held: list[dict]) -> dict[str, dict]:
-    """Train (or reuse) every teacher of the spec, `spec.concurrent` at once; a teacher of `steps: 0` is used as
-    given. {name: {model, exact_match, ppl, params}}. Stops when one is below its required exact match."""
+def teachers_needed(spec: ExperimentSpec, names: list[str]) -> list[str]:
+    """The teachers the conditions `names` read, and the one the student starts from, in the spec's order."""
+    used = {spec.student_from, *(t for n in names for t in spec.conditions[n].teachers)}
+    return [prep.name for prep in spec.teachers if prep.name in used]
+
+
+def prepare_teachers(spec: ExperimentSpec, out: Path, held: list[dict], names: list[str] | None = None
+                     ) -> dict[str, dict]:
+    """Train (or reuse) the teachers the conditions `names` need (None: every teacher of the spec),
+    `spec.concurrent` at once; a teacher of `steps: 0` is used as given. {name: {model, exact_match, ppl, params}}.
+    Stops when one is below its required exact match."""
     from kvdistill.models.load import resolve_path
 
-    given = {prep.name for prep in spec.teachers if prep.steps == 0}
-    dirs = {prep.name: out / "teachers" / prep.name for prep in spec.teachers}
-    configs = {prep.name: teacher_config(spec, prep) for prep in spec.teachers if prep.name not in given}
+    wanted = set(teachers_needed(spec, names) if names is not None else (p.name for p in spec.teachers))
+    preps = [prep for prep in spec.teachers if prep.name in wanted]
+    given = {prep.name for prep in preps if prep.steps == 0}
+    dirs = {prep.name: out / "teachers" / prep.name for prep in preps}
+    configs = {prep.name: teacher_config(spec, prep) for prep in preps if prep.name not in given}
     pending = [(dirs[n], cfg) for n, cfg in configs.items()
                if not (dirs[n] / "teacher.json").is_file() and not (dirs[n] / "final" / "config.json").is_file()
                and not (dirs[n] / "final" / "student").is_dir()]
     train_all(pending, resolve_concurrent(spec, [cfg for _, cfg in pending], {}) if pending else 1)
     info = {}
-    for prep in spec.teachers:
+    for prep in preps:
         run_dir = dirs[prep.name]
         record = run_dir / "teacher.json"
         model = prep.model if prep.name in given else str(student_of(run_dir / "final"))
@@ -287,7 +297,7 @@ def run_experiment(spec: ExperimentSpec, out: str | Path, *, only: list[str] | N
     data_sizes = check_splits(planned, held, val)  # before anything trains
     claim(out, "experiment")  # every argument checked: the first write
     write_text_atomic(out / "spec.yaml", yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
-    teachers = prepare_teachers(spec, out, held)
+    teachers = prepare_teachers(spec, out, held, names)  # only those the chosen conditions read
     log.info("phase teachers done after %.0f s", time.time() - t0)
     _free_device_cache()
     # with the prepared teachers: a `student_from` spec's student is one of them
