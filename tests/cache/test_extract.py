@@ -379,7 +379,7 @@ RUN = {
 @pytest.fixture(scope="module")
 def run_cache(tmp_path_factory, smollm2) -> Path:
     out = tmp_path_factory.mktemp("run_cache") / "smollm2"
-    cfg = load_config(raw=RUN)
+    cfg = cached_run(out)  # a cached teacher's section is what `kvdistill extract` writes its cache from
     extract(
         cfg.teachers[0], cfg.data, out, batch_size=4, progress=False, model=smollm2[0], tokenizer=smollm2[1]
     )
@@ -397,7 +397,9 @@ def test_first_step_loss_from_cache_equals_online(run_cache, smollm2, monkeypatc
     import kvdistill.models.load as load
 
     monkeypatch.setattr(load, "load_model", lambda name, **kw: smollm2)  # the online teacher, loaded once
-    online = build_objective(load_config(raw=json.loads(json.dumps(RUN))))
+    online_raw = json.loads(json.dumps(RUN))
+    del online_raw["teachers"][0]["compression"]["dtype"]  # a cache's storage dtype: not read online (refused)
+    online = build_objective(load_config(raw=online_raw))
     cached = build_objective(cached_run(run_cache))
     assert type(cached.teachers[0]).__name__ == "CachedTeacher"
     records = dataset_records(online.cfg.data)[2:6]  # the train split: extracted in other batches

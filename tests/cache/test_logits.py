@@ -137,9 +137,10 @@ def run_config(teacher: Path, cache: Path | None = None, student_tokenizer: str 
     teacher's tokenizer unless `student_tokenizer` is given (then across tokenizers, cross_tokenizer project)."""
     from kvdistill.config import load_config
 
-    t = {"name": "qwen2", "model": str(teacher), "compression": {"kind": "full", "dtype": "float32"}}
-    if cache is not None:
-        t.update(source="cache", cache_dir=str(cache), logits={"dtype": "float16", "temperatures": TEMPS})
+    t = {"name": "qwen2", "model": str(teacher), "compression": {"kind": "full"}}
+    if cache is not None:  # the cache's storage dtype (not read online)
+        t.update(source="cache", cache_dir=str(cache), compression={"kind": "full", "dtype": "float32"},
+                 logits={"dtype": "float16", "temperatures": TEMPS})
     student = {"from_config": {"base": "smollm2-135m", "num_hidden_layers": 2, "hidden_size": 64,
                                "intermediate_size": 128, "num_attention_heads": 2, "num_key_value_heads": 1,
                                "head_dim": 32}}  # smollm2's tokenizer, the teacher's

@@ -245,7 +245,7 @@ def test_shared_teacher_rows_give_the_same_figures_and_run_the_teacher_once(gemm
 @pytest.fixture()
 def objective(smollm2):
     """SmolLM2 as its own student and as three teachers: the same layers, shifted by one, and a 50/50 mix."""
-    from kvdistill.objectives import Objective
+    from kvdistill.objectives import TextObjective
     from kvdistill.teachers import OnlineTeacher
 
     model, tok = smollm2
@@ -272,7 +272,7 @@ def objective(smollm2):
     )
     grad = [p.requires_grad for p in model.parameters()]
     teachers = [OnlineTeacher(n, model, tok) for n in maps]
-    yield Objective(cfg, model, tok, teachers, "cpu")
+    yield TextObjective(cfg, model, tok, teachers, "cpu")
     model.eval()
     for p, g in zip(model.parameters(), grad, strict=True):
         p.requires_grad_(g)
@@ -297,11 +297,11 @@ def test_trained_map_error_per_mapped_layer(objective, smollm2, gsm):
 
 
 def test_target_space_reports_ce_only(objective, gsm):
-    from kvdistill.objectives import Objective
+    from kvdistill.objectives import TextObjective
 
     cfg = objective.cfg.model_copy(deep=True)
     cfg.fusion.space = "target"
-    target = Objective(cfg, objective.student, objective.tokenizer, objective.teachers, "cpu")
+    target = TextObjective(cfg, objective.student, objective.tokenizer, objective.teachers, "cpu")
     out = target.evaluate(gsm[1][:2], batch_size=2)
     assert set(out) == {"eval/ce", "eval/ppl"}
     assert out["eval/ppl"] == pytest.approx(math.exp(out["eval/ce"]))

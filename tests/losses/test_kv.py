@@ -154,3 +154,16 @@ def test_kv_error_bfloat16_inputs():
     ref.sum().backward()
     assert pred.grad.dtype == torch.bfloat16
     torch.testing.assert_close(pred.grad.double(), p_ref.grad, rtol=2e-2, atol=1e-4)
+
+
+def test_pairs_kv_loss_weighs_each_pairs_key_and_value_error_over_the_layers():
+    """Σ_p (w_p·α_K·err_K + w_p·α_V·err_V) / L, worked by hand: 2 pairs on L = 1 student layer (interpolated)."""
+    errors = torch.tensor([[[1.0, 2.0], [3.0, 4.0]],
+                           [[5.0, 6.0], [7.0, 8.0]]])  # (P=2, 2, B=2)
+    coef = torch.tensor([[0.25, 0.5], [0.75, 1.0]])  # (P, 2): w·α_K, w·α_V
+    got = L.pairs_kv_loss(errors, coef, 1)
+    want = torch.tensor([0.25 * 1 + 0.5 * 3 + 0.75 * 5 + 1.0 * 7, 0.25 * 2 + 0.5 * 4 + 0.75 * 6 + 1.0 * 8])
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(L.pairs_kv_loss(errors, coef, 4), want / 4)
+    with pytest.raises(KvdistillError, match=r"coef \(3, 2\) must be \(P, 2\)"):
+        L.pairs_kv_loss(errors, torch.ones(3, 2), 1)

@@ -1,4 +1,4 @@
-"""The collated path (`Objective.collate` on DataLoader workers, then `forward(batch)`) gives the losses and
+"""The collated path (`TextObjective.collator` on DataLoader workers, then `forward(batch)`) gives the losses and
 gradients of the inline path, where every teacher tokenizes its records itself and the space aligns them in the
 step (what the objective did before the collate existed), bit for bit: the same ops on the same tensors."""
 
@@ -81,8 +81,8 @@ def test_dataloader_workers_give_the_same_step(tiny_config, workers):
     records = load_records(cfg.data)
     objective = build_objective(cfg)
     chunks = [records[0:4], records[4:8], records[8:12]]
-    pickle.dumps(objective.collate)  # what a spawned worker receives: tokenizers and settings, no model
-    loader = DataLoader(chunks, batch_size=None, collate_fn=objective.collate, num_workers=workers)
+    pickle.dumps(objective.collator)  # what a spawned worker receives: tokenizers and settings, no model
+    loader = DataLoader(chunks, batch_size=None, collate_fn=objective.collator, num_workers=workers)
     got = list(loader)
     assert [[r["id"] for r in b.records] for b in got] == [[r["id"] for r in c] for c in chunks]
     for batch, chunk in zip(got, chunks, strict=True):
@@ -124,12 +124,12 @@ def cached_config(tiny_config, tmp_path_factory):
     config that reads them."""
     from kvdistill.cache.extract import extract
 
-    cfg = tiny_config(*CACHED)
     root = tmp_path_factory.mktemp("caches")
-    for t in cfg.teachers:
-        extract(t, cfg.data, root / t.name, batch_size=4, progress=False)
-    return tiny_config(*CACHED, *[f"teachers.{n}.{k}" for n, t in enumerate(cfg.teachers)
-                                  for k in ("source=cache", f"cache_dir={root / t.name}")])
+    cfg = tiny_config(*CACHED, *[f"teachers.{n}.{k}" for n, name in enumerate(("qwen2", "gemma3"))
+                                 for k in ("source=cache", f"cache_dir={root / name}")])
+    for t in cfg.teachers:  # a cached teacher's section is what `kvdistill extract` writes its cache from
+        extract(t, cfg.data, t.cache_dir, batch_size=4, progress=False)
+    return cfg
 
 
 def test_cached_teachers_are_read_and_aligned_in_the_collate(cached_config):
@@ -145,7 +145,7 @@ def test_cached_teachers_are_read_and_aligned_in_the_collate(cached_config):
     assert_same(loss_and_grads(objective, collated), reference)
     assert_same(loss_and_grads(objective, records), reference)
     # a spawned worker gets the collator pickled: the readers travel as their directories and reopen
-    again = pickle.loads(pickle.dumps(objective.collate))
+    again = pickle.loads(pickle.dumps(objective.collator))
     assert_same(loss_and_grads(objective, again(records)), reference)
-    loader = DataLoader([records], batch_size=None, collate_fn=objective.collate, num_workers=2)
+    loader = DataLoader([records], batch_size=None, collate_fn=objective.collator, num_workers=2)
     assert_same(loss_and_grads(objective, next(iter(loader))), reference)

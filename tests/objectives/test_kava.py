@@ -11,9 +11,10 @@ import torch
 
 from kvdistill.config import load_config
 from kvdistill.data import load_records
-from kvdistill.errors import ConfigError
+from kvdistill.errors import ConfigError, KvdistillError
 from kvdistill.objectives import build_objective
-from kvdistill.objectives.kava import SELF, cot_view
+from kvdistill.objectives.kava import SELF
+from kvdistill.objectives.latent_batch import cot_view
 from kvdistill.student.latent import latent_view
 
 STUDENT = {"from_config": {"base": "smollm2-135m", "num_hidden_layers": 2, "hidden_size": 64,
@@ -37,16 +38,22 @@ def records(cfg, n=4):
     return load_records(cfg.data, split="train")[:n]
 
 
+def cot_pass(obj, batch, *, grad=False, logits=False, hidden=False, importance=True):
+    """The backbone's CoT-mode capture of a collated batch, its view and hooked queries."""
+    cap, queries = obj._cot_pass(obj.backbone, obj.student_geometry, batch.own_cot, grad=grad, logits=logits,
+                                 hidden=hidden, importance=importance)
+    return cap, batch.own_cot, queries
+
+
 def test_latent_kv_is_zero_when_the_latent_kv_equal_the_target_and_grows_otherwise():
     cfg = config({"ce": 0.0, "latent_kv": {"weight": 1.0}})
     obj = build_objective(cfg)
     recs = records(cfg)
-    segs = obj._segments(recs)
+    batch = obj.collate(recs)
     with torch.no_grad():
-        s_cap, view = obj._student_pass(recs, segs, hidden=False)
-        t_cap, t_view, queries = obj._cot_pass(obj.student.backbone, obj.tokenizer, obj.student_geometry, recs, segs,
-                                               grad=False, logits=False, hidden=False, importance=True)
-        targets = obj._targets(recs, segs, t_cap, t_view, queries)
+        s_cap, view = obj._student_pass(batch.student, hidden=False), batch.student
+        t_cap, t_view, queries = cot_pass(obj, batch)
+        targets = {SELF: obj._own_target(t_cap, t_view, queries)}
     P, M = view.prefix_ids.shape[1], obj.student.tokens
     for i in range(len(s_cap.keys)):  # the self teacher's layer map is the identity
         s_cap.keys[i][:, :, P : P + M] = targets[SELF].keys[i]
@@ -63,12 +70,11 @@ def test_latent_kv_averages_the_key_and_value_errors_over_layers():
     cfg = config({"ce": 0.0, "latent_kv": {"weight": 1.0}})
     obj = build_objective(cfg)
     recs = records(cfg)
-    segs = obj._segments(recs)
+    batch = obj.collate(recs)
     with torch.no_grad():
-        s_cap, view = obj._student_pass(recs, segs, hidden=False)
-        t_cap, t_view, queries = obj._cot_pass(obj.student.backbone, obj.tokenizer, obj.student_geometry, recs, segs,
-                                               grad=False, logits=False, hidden=False, importance=True)
-        targets = obj._targets(recs, segs, t_cap, t_view, queries)
+        s_cap, view = obj._student_pass(batch.student, hidden=False), batch.student
+        t_cap, t_view, queries = cot_pass(obj, batch)
+        targets = {SELF: obj._own_target(t_cap, t_view, queries)}
         got = obj.kv_terms(s_cap, view.prefix_ids.shape[1], targets)[SELF]
     P, M, lk = view.prefix_ids.shape[1], obj.student.tokens, cfg.losses.latent_kv
     tgt, want = targets[SELF], 0.0
@@ -97,15 +103,42 @@ def test_latent_kv_gradient_reaches_the_latents_and_the_backbone_never_the_teach
     assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
 
 
+def _per_pair_layout(obj, name: str) -> dict:
+    """The objective's state dict with teacher `name`'s maps as checkpoints before the stack held them: one
+    KVProjector per layer pair, ``projectors.<name>.<pair>.key_map.<part>``, each value made distinct."""
+    state = {k: v.clone() for k, v in obj.state_dict().items() if not k.startswith(f"projectors.{name}.")}
+    stack, lp = obj.projectors[name], obj.pairs[name]
+    for p, a in enumerate(lp.at):
+        for side, m in enumerate(("key_map", "value_map")):
+            for part in ("mix", "weight", "bias"):
+                state[f"projectors.{name}.{p}.{m}.{part}"] = getattr(stack, part)[a, side].detach() + 0.01 * (p + 1)
+    return state
+
+
+def test_a_checkpoint_of_per_pair_maps_loads_into_the_stack_or_is_refused_when_pairs_share_a_layer():
+    plain = {**QWEN_SP, "layer_map": {"interpolate": False}}  # one pair per student layer
+    obj = build_objective(config({"ce": 0.0, "latent_kv": {"weight": 1.0}}, teachers=[plain]))
+    state = _per_pair_layout(obj, "qwen_sp")
+    obj.load_state_dict(state)  # strict: every old key taken, every stacked one given
+    stack, lp = obj.projectors["qwen_sp"], obj.pairs["qwen_sp"]
+    for p, a in enumerate(lp.at):
+        torch.testing.assert_close(stack.weight[a, 1], state[f"projectors.qwen_sp.{p}.value_map.weight"], rtol=0,
+                                   atol=0)
+    averaged = {**QWEN_SP, "layer_map": {"strategy": "explicit", "explicit": [[0, 1], 2]}}  # layer 0 <- 0 and 1
+    shared = build_objective(config({"ce": 0.0, "latent_kv": {"weight": 1.0}}, teachers=[averaged]))
+    assert shared.pairs["qwen_sp"].i == [0, 0, 1]
+    with pytest.raises(KvdistillError, match="one K/V map per layer pair") as err:
+        shared.load_state_dict(_per_pair_layout(shared, "qwen_sp"))
+    assert "train the run again" in err.value.fix
+
+
 def test_targets_are_detached_even_when_the_cot_pass_trains():
     cfg = config({"ce": 1.0, "cot_ce": 1.0, "latent_kv": {"weight": 1.0}})
     obj = build_objective(cfg)
     recs = records(cfg)
-    segs = obj._segments(recs)
-    t_cap, t_view, queries = obj._cot_pass(obj.student.backbone, obj.tokenizer, obj.student_geometry, recs, segs,
-                                           grad=True, logits=True, hidden=False, importance=True)
+    t_cap, t_view, queries = cot_pass(obj, obj.collate(recs), grad=True, logits=True)
     assert t_cap.keys[0].requires_grad
-    targets = obj._targets(recs, segs, t_cap, t_view, queries)[SELF]
+    targets = obj._own_target(t_cap, t_view, queries)
     assert not any(t.requires_grad for t in [*targets.keys.values(), *targets.values.values()])
 
 
@@ -113,7 +146,7 @@ def test_views_mark_cot_answer_and_pre_answer_tokens():
     cfg = config({"ce": 1.0})
     obj = build_objective(cfg)
     recs = records(cfg, 2)
-    segs = obj._segments(recs)
+    segs = obj.collate(recs).segments
     v = cot_view(obj.tokenizer, obj.student_geometry, recs, segs, 96)
     tok = obj.tokenizer
     for b, s in enumerate(segs):
@@ -137,10 +170,9 @@ def test_codi_and_cot_ce_are_the_library_terms():
     recs = records(cfg)
     with torch.no_grad():
         _, m = obj(recs)
-        segs = obj._segments(recs)
-        s_cap, view = obj._student_pass(recs, segs, hidden=True)
-        t_cap, t_view, _ = obj._cot_pass(obj.student.backbone, obj.tokenizer, obj.student_geometry, recs, segs,
-                                         grad=False, logits=True, hidden=True, importance=False)
+        batch = obj.collate(recs)
+        s_cap, view = obj._student_pass(batch.student, hidden=True), batch.student
+        t_cap, t_view, _ = cot_pass(obj, batch, logits=True, hidden=True, importance=False)
     b = torch.arange(4)
     s_h = torch.stack([h[b, view.pre_answer] for h in s_cap.hidden_states[1:]])
     t_h = torch.stack([h[b, t_view.pre_answer] for h in t_cap.hidden_states[1:]])
@@ -152,14 +184,14 @@ def test_codi_and_cot_ce_are_the_library_terms():
 
 
 @pytest.mark.parametrize("bad, needle", [
-    ({"losses": {"ce": 1.0, "kv": {"weight": 2.0}}}, "losses.kv is read by the text objective"),
+    ({"losses": {"ce": 1.0, "kv": {"weight": 2.0}}}, "losses.kv is a term of the text objective"),
     ({"losses": {"ce": 1.0, "latent_kv": {"weight": 1.0, "self_teacher": False}}}, "no K/V target"),
     ({"losses": {"ce": 1.0, "latent_kv": {"weight": 1.0, "target": {"kind": "full", "lam": 0.5}}}},
      "read by kind rkv only"),
     ({"losses": {"ce": 1.0, "latent_kv": {"weight": 1.0, "target": {"window": 4}}}}, "read by scoring rkv only"),
     ({"losses": {"ce": 1.0, "latent_kv": {"weight": 1.0}}, "latent": {"tokens": 0}}, "needs latent slots"),
     ({"losses": {"ce": 1.0}, "teachers": [QWEN_SP]}, "losses.latent_kv.weight is 0"),
-    ({"losses": {"ce": 1.0, "codi": {"weight": 1.0}}, "latent": None}, "read by a latent student only"),
+    ({"losses": {"ce": 1.0, "codi": {"weight": 1.0}}, "latent": None}, "losses.codi is a term of the latent objective"),
 ])
 def test_config_refuses_what_the_latent_student_never_reads(bad, needle):
     student = {"latent": bad["latent"]} if "latent" in bad else {}
@@ -268,7 +300,7 @@ def test_cached_latent_targets_equal_the_online_ones(tmp_path, teacher_dirs, tar
     for name, cfg in (("online", online), ("cached", cached)):
         obj = build_objective(cfg)
         with torch.no_grad():
-            got[name] = obj._targets(recs, obj._segments(recs))["t"]
+            got[name] = obj.teacher_pass(obj.collate(recs))["t"]
     a, b = got["online"], got["cached"]
     assert set(a.keys) == set(b.keys)
     for j in a.keys:

@@ -13,7 +13,7 @@ from kvdistill.data import load_records
 from kvdistill.errors import KvdistillError
 from kvdistill.eval.moe import routing_agreement_of
 from kvdistill.models.load import load_tokenizer
-from kvdistill.objectives.objective import Objective
+from kvdistill.objectives.text import TextObjective
 from kvdistill.teachers import OnlineTeacher
 
 TEACHER = {"family": "mixtral", "num_hidden_layers": 2, "hidden_size": 32}
@@ -41,7 +41,7 @@ def setting():
 def _train(cfg, tok, records, teacher, steps):
     student = moe_model("mixtral", vocab_size=len(tok), seed=0, std=0.02, experts=4).train()
     teachers = [OnlineTeacher("moe", teacher, tok)] if cfg.teachers else []
-    obj = Objective(cfg, student, tok, teachers, "cpu")
+    obj = TextObjective(cfg, student, tok, teachers, "cpu")
     obj.prepare(records[:16])
     opt = torch.optim.AdamW([p for p in obj.parameters() if p.requires_grad], lr=cfg.train.lr)
     rows = []
@@ -76,7 +76,7 @@ def test_expert_term_trains_its_width_maps_and_fits_the_correspondence(setting):
     wide = moe_model("mixtral", vocab_size=len(tok), seed=3, std=0.2, experts=8, hidden_size=48)
     cfg = _cfg(True, routing={"weight": 0.2}, expert={"weight": 0.4})
     student = moe_model("mixtral", vocab_size=len(tok), seed=0, experts=4).train()
-    obj = Objective(cfg, student, tok, [OnlineTeacher("moe", wide, tok)], "cpu")
+    obj = TextObjective(cfg, student, tok, [OnlineTeacher("moe", wide, tok)], "cpu")
     with pytest.raises(KvdistillError, match="prepare"):
         obj(train[:4])  # 8 teacher experts onto 4: fitted, refused until fitted
     obj.prepare(train[:16])
@@ -102,4 +102,4 @@ def test_routing_terms_refuse_a_dense_teacher(setting):
         num_attention_heads=4, num_key_value_heads=2))
     student = moe_model("mixtral", vocab_size=len(tok), experts=4)
     with pytest.raises(KvdistillError, match="teacher 'moe'.*no sparse MoE block"):
-        Objective(_cfg(True, routing={"weight": 1.0}), student, tok, [OnlineTeacher("moe", dense, tok)], "cpu")
+        TextObjective(_cfg(True, routing={"weight": 1.0}), student, tok, [OnlineTeacher("moe", dense, tok)], "cpu")

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from kvdistill.data import load_records
 from kvdistill.errors import ConfigError
-from kvdistill.objectives import Objective
+from kvdistill.objectives import TextObjective
 from kvdistill.train.loader import micro_batch
 from kvdistill.train.trainer import train
 
@@ -163,7 +163,7 @@ def _assert_stopped(out, kept: list[int], aside: int | None, logged: int) -> Non
 def test_nan_loss_stops_naming_step_and_samples(tiny_yaml, tiny_config, tmp_path, cli, monkeypatch):
     """A NaN term at step 3: the run stops before any update and names the samples; step-2's weights gave the
     NaN, so that checkpoint is set aside and, none being older, --resume trains the run again from step 0."""
-    forward = Objective.forward
+    forward = TextObjective.forward
     calls = []
 
     def poisoned(self, records):
@@ -174,7 +174,7 @@ def test_nan_loss_stops_naming_step_and_samples(tiny_yaml, tiny_config, tmp_path
             return loss * math.nan, metrics
         return loss, metrics
 
-    monkeypatch.setattr(Objective, "forward", poisoned)
+    monkeypatch.setattr(TextObjective, "forward", poisoned)
     out = tmp_path / "run"
     args = ["train.steps=4", "train.save_every=2"]
     code, err = cli("train", tiny_yaml, "--out", out, *args)
@@ -190,7 +190,7 @@ def test_nan_loss_stops_naming_step_and_samples(tiny_yaml, tiny_config, tmp_path
         "same command with --resume train.lr=0.0001 (now 0.001) or lower to train the run again from step 0"
     ) in err
     _assert_stopped(out, kept=[], aside=2, logged=2)
-    monkeypatch.setattr(Objective, "forward", forward)
+    monkeypatch.setattr(TextObjective, "forward", forward)
     code, err = cli("train", tiny_yaml, "--out", out, "--resume", *args)
     assert code == 0, err
     assert json.loads((out / "summary.json").read_text())["steps"] == 4
@@ -210,7 +210,7 @@ class InfGrad(torch.autograd.Function):
 
 
 def test_non_finite_gradient_stops_before_the_update(tiny_yaml, tmp_path, cli, monkeypatch):
-    forward = Objective.forward
+    forward = TextObjective.forward
     calls = []
 
     def poisoned(self, records):
@@ -218,7 +218,7 @@ def test_non_finite_gradient_stops_before_the_update(tiny_yaml, tmp_path, cli, m
         calls.append(1)
         return (InfGrad.apply(loss) if len(calls) == 3 else loss), metrics
 
-    monkeypatch.setattr(Objective, "forward", poisoned)
+    monkeypatch.setattr(TextObjective, "forward", poisoned)
     out = tmp_path / "run"
     code, err = cli("train", tiny_yaml, "--out", out, "train.steps=4", "train.save_every=1")
     assert code == 2
@@ -233,7 +233,7 @@ def test_the_advice_after_a_divergence_works(tiny_yaml, tmp_path, cli, monkeypat
     1.5e-2 from its initial value (AdamW moves a weight by at most about lr per step). At lr 1e-2 the weights of
     step 2 are past it (the NaN comes at step 3); at the advised lr 1e-3, from step 1 on, they never are.
     Before, the advice repeated the failure: --resume took step-2 (past the limit at any lr) and kept the old lr."""
-    forward = Objective.forward
+    forward = TextObjective.forward
     initial: dict[str, torch.Tensor] = {}
 
     def moved_too_far(self, records):
@@ -245,7 +245,7 @@ def test_the_advice_after_a_divergence_works(tiny_yaml, tmp_path, cli, monkeypat
             return loss * math.nan, metrics
         return loss, metrics
 
-    monkeypatch.setattr(Objective, "forward", moved_too_far)
+    monkeypatch.setattr(TextObjective, "forward", moved_too_far)
     out = tmp_path / "run"
     args = ["train.lr=1e-2", "train.steps=4", "train.save_every=1"]
     code, err = cli("train", tiny_yaml, "--out", out, *args)

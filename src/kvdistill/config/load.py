@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from kvdistill.config.objective import foreign_key_problem
 from kvdistill.config.problems import validation_problems
 from kvdistill.config.schema import GENERATED, DataConfig, RunConfig, StudentConfig, TeacherConfig
 from kvdistill.errors import ConfigError, KvdistillError
@@ -102,7 +103,7 @@ def parse_config(raw: dict, source: str = "config") -> RunConfig:
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(validation_problems(err, RunConfig), source=source) from None
+        raise ConfigError(validation_problems(err, RunConfig, unknown=foreign_key_problem), source=source) from None
 
 
 def read_raw(path: str | Path, overrides: list[str] | None = None) -> dict:
@@ -228,9 +229,9 @@ def _logit_problems(config: RunConfig) -> list[str]:
     """What logit KD cannot do with a teacher (what the objective refuses): an encoder has no next-token logits; a
     tokenizer that shares no token string with the student's has no event to compare (`shared_vocabulary`); top_k
     must be below each vocabulary; cross_tokenizer is read only where a teacher has another tokenizer."""
-    c = config.losses.logit_kd
-    if c.weight == 0:
+    if not config.losses.teacher_logits:
         return []
+    c = config.losses.logit_kd
     from kvdistill.align.vocab import shared_vocabulary
     from kvdistill.models.geometry import geometry_of
     from kvdistill.models.load import load_config as load_hf_config

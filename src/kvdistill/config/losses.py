@@ -1,6 +1,7 @@
 """The `losses` section of a run configuration: the weight of each term and its settings (CE, the K/V error,
 cosine, attention KL, relation, logit KD with its temperature schedule, hidden states, MoE routing and expert
-outputs, and the latent student's CoT CE, CODI and latent K/V terms).
+outputs, and the latent student's CODI and latent K/V terms). Which terms a run has is its objective's
+(`kvdistill.config.objective`).
 """
 
 from __future__ import annotations
@@ -221,22 +222,3 @@ class LatentKVConfig(Section):
     target: LatentTargetConfig = LatentTargetConfig()
     self_teacher: bool = True
     """The backbone in CoT mode is a teacher (self-distillation, as KaVa); `teachers:` add others."""
-
-
-class LossesConfig(Section):
-    ce: float = Field(1.0, ge=0.0)
-    routing: RoutingLossConfig = RoutingLossConfig()
-    expert: ExpertLossConfig = ExpertLossConfig()
-    balance: float | None = Field(None, ge=0.0)
-    """MoE students: weight of the (sequence-wise) load-balancing loss; None: the student's own
-    `router_aux_loss_coef` (its config's)."""
-    kv: KVLossConfig = KVLossConfig()
-    cosine: float = Field(0.0, ge=0.0)
-    attention_kl: float = Field(0.0, ge=0.0)
-    relation: float = Field(0.0, ge=0.0)
-    logit_kd: LogitKDConfig = LogitKDConfig()
-    hidden: float = Field(0.0, ge=0.0)
-    cot_ce: float = Field(0.0, ge=0.0)
-    """Latent student: CE of the CoT and answer given the question, the backbone in CoT (teacher) mode."""
-    codi: CodiConfig = CodiConfig()
-    latent_kv: LatentKVConfig = LatentKVConfig()

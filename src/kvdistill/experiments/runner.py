@@ -464,7 +464,7 @@ def resolve_concurrent(spec: ExperimentSpec, configs: list[RunConfig], teachers:
         tshapes = [{"params": teachers[t.name]["params"], **geometry(teachers[t.name]["model"])} for t in online]
         ahead = cfg.train.teachers_ahead is not False and bool(online)
         estimates.append(run_bytes(batch=cfg.train.batch_size, length=cfg.data.max_length, student=shapes[key],
-                                   teachers=tshapes, ahead=ahead, teacher_logits=cfg.losses.logit_kd.weight > 0,
+                                   teachers=tshapes, ahead=ahead, teacher_logits=cfg.losses.teacher_logits,
                                    teacher_scoring=cfg.fusion.scores_teachers))
     return auto_concurrent(estimates, free_device_bytes())
 

@@ -9,7 +9,7 @@ give the same update. Inputs of any float dtype are reduced in float32. Mask sem
 from kvdistill.losses.attention import attention_kl, relation_loss, relation_matrix
 from kvdistill.losses.codi import CODI_KINDS, codi_loss
 from kvdistill.losses.hidden import hidden_error
-from kvdistill.losses.kv import KV_KINDS, as_rows, cosine_error, kv_error
+from kvdistill.losses.kv import KV_KINDS, as_rows, cosine_error, kv_error, pairs_kv_loss
 from kvdistill.losses.logits import (
     DIVERGENCES,
     TAIL_FLOOR,
@@ -31,6 +31,6 @@ from kvdistill.losses.moe import (
 from kvdistill.losses.reduce import sample_mean
 
 __all__ = ["CODI_KINDS", "DIVERGENCES", "codi_loss", "KV_KINDS", "as_rows", "attention_kl", "ce_loss", "cosine_error", "hidden_error",
-           "kv_error", "logit_kd", "relation_loss", "relation_matrix", "sample_mean", "token_nll"]
+           "kv_error", "logit_kd", "pairs_kv_loss", "relation_loss", "relation_matrix", "sample_mean", "token_nll"]
 __all__ += ["TAIL_FLOOR", "cross_logit_kd", "span_logit_kd", "topk_log_probs", "topk_logit_kd"]
 __all__ += ["expert_output_error", "load_balance", "routing_agreement", "routing_kl", "routing_log_probs"]

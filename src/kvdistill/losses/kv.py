@@ -5,7 +5,8 @@ F features of a row (H·D or D), H heads, M kept teacher tokens, D head dim.
 
 The library's one KV error works on rows, with any leading dims (layer pairs, keys/values) before B, so a whole
 teacher's layer map is reduced in one call: pred, target (..., B, N, F), mask broadcastable to (..., B, N).
-`as_rows` lays a (B, H, M, D) tensor out as rows.
+`as_rows` lays a (B, H, M, D) tensor out as rows. `pairs_kv_loss` weighs a teacher's per-pair key and value errors
+into its K/V loss, the one formula every objective uses.
 
 Normalisation (the only one): with normalize=True the error of a sample is divided by σ² (mse) or σ (smooth-L1),
 σ² the variance of that sample's counted target values (detached, plus eps): layers and teachers of different
@@ -101,6 +102,21 @@ def kv_error(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, *, ki
         return out
     var = _target_variance(target, rows)  # (..., B)
     return out / ((var + eps) if kind == "mse" else (var + eps).sqrt())
+
+
+def pairs_kv_loss(errors: torch.Tensor, coef: torch.Tensor, layers: int) -> torch.Tensor:
+    """One teacher's K/V loss over the (student layer i, teacher layer j, weight w) pairs of its layer map -> (B,):
+
+        Σ_p (w_p·α_K·err_K[p] + w_p·α_V·err_V[p]) / L
+
+    errors (P, 2, B): each pair's key and value error (`kv_error`); coef (P, 2): w_p·α_K, w_p·α_V (a layer map's
+    `LayerPairs.coef`; a fused target per layer: α_K, α_V with w = 1); layers: L, the student layers supervised.
+    """
+    check_dims(errors, 3, "errors", "(P, 2, B)")
+    if coef.shape != errors.shape[:2]:
+        raise KvdistillError(f"coef {tuple(coef.shape)} must be (P, 2) for errors {tuple(errors.shape)}",
+                             "pass one (keys, values) weight pair per layer pair")
+    return (coef.to(errors.device)[:, :, None] * errors).sum((0, 1)) / layers
 
 
 def cosine_error(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, *,

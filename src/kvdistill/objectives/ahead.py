@@ -26,7 +26,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from kvdistill.objectives.batch import Collated
+from kvdistill.objectives.base import Batch
 
 AUTOCAST = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -71,13 +71,14 @@ class Pending:
 class TeachersAhead:
     """Iterates `batches` (collated micro-batches, in the trainer's order), each handed out with `.ahead` set to
     the `Pending` teachers' pass of it, and the pass of the next batch already submitted: the objective's step
-    takes the K/V from there instead of running the teachers itself (`Objective.step`). A batch whose teachers
-    cannot run ahead (`Objective.runs_teachers_ahead`: an on-policy step) is handed out with `.ahead` None.
+    takes the teachers' part from there instead of running the teachers itself (`TrainingObjective.teachers_of`).
+    A batch whose teachers cannot run ahead (`TrainingObjective.runs_teachers_ahead`: an on-policy step) is handed
+    out with `.ahead` None.
 
-    objective: the unwrapped `Objective` (its `teacher_pass` runs on the worker thread); mixed_precision: the
-    run's train.mixed_precision, entered as autocast on the thread. `close()` waits for a pass still running."""
+    objective: the unwrapped `TrainingObjective` (its `teacher_pass` runs on the worker thread); mixed_precision:
+    the run's train.mixed_precision, entered as autocast on the thread. `close()` waits for a pass still running."""
 
-    def __init__(self, objective, batches: Iterator[Collated], *, device, mixed_precision: str = "no"):
+    def __init__(self, objective, batches: Iterator[Batch], *, device, mixed_precision: str = "no"):
         self.objective, self.batches = objective, batches
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
@@ -86,9 +87,9 @@ class TeachersAhead:
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None
         if self.stream is not None:
             self.stream.wait_stream(torch.cuda.current_stream(self.device))
-        self.next: tuple[Collated, Pending] | None = self._submit()
+        self.next: tuple[Batch, Pending] | None = self._submit()
 
-    def _pass(self, batch: Collated):
+    def _pass(self, batch: Batch):
         stream = torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
         cast = (torch.autocast(self.device.type, dtype=self.autocast) if self.autocast is not None
                 else contextlib.nullcontext())
@@ -100,7 +101,7 @@ class TeachersAhead:
                 event.record(self.stream)
         return records, event
 
-    def _submit(self) -> tuple[Collated, Pending | None] | None:
+    def _submit(self) -> tuple[Batch, Pending | None] | None:
         batch = next(self.batches, None)
         if batch is None:
             return None
@@ -111,7 +112,7 @@ class TeachersAhead:
     def __iter__(self) -> TeachersAhead:
         return self
 
-    def __next__(self) -> Collated:
+    def __next__(self) -> Batch:
         if self.next is None:
             raise StopIteration
         batch, pending = self.next

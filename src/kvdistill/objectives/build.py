@@ -15,8 +15,9 @@ from kvdistill.models.load import (
     resolve_dtype,
 )
 from kvdistill.models.queries import supports_queries
+from kvdistill.objectives.base import TrainingObjective
 from kvdistill.objectives.kava import KavaObjective
-from kvdistill.objectives.objective import Objective
+from kvdistill.objectives.text import TextObjective
 from kvdistill.student import build_student, unwrap_student
 from kvdistill.student.latent import LatentHead, LatentStudent, embedding_rms
 from kvdistill.teachers import CachedTeacher, OnlineTeacher
@@ -29,10 +30,10 @@ def build_teachers(cfg, device) -> list:
     on_gpu = torch.device(device).type == "cuda"
     for i, tcfg in enumerate(cfg.teachers):
         if tcfg.source == "cache":
-            # refused unless it holds this run's teacher, tokenizer, compression and data
-            reader = open_teacher_cache(tcfg, cfg.data, cfg.losses.logit_kd)
+            # refused unless it holds this run's teacher, tokenizer, compression and data (and the logits it reads)
+            reader = open_teacher_cache(tcfg, cfg.data, cfg.losses.logit_kd if cfg.losses.objective == "text" else None)
             # its tokenizer (no weights; the cache's fingerprint was checked against it): logit KD aligns with it
-            tok = load_tokenizer(tcfg.model) if cfg.losses.logit_kd.weight > 0 else None
+            tok = load_tokenizer(tcfg.model) if cfg.losses.teacher_logits else None
             teachers.append(CachedTeacher(tcfg.name, reader, tok))
             continue
         dtype = tcfg.dtype if tcfg.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
@@ -44,14 +45,14 @@ def build_teachers(cfg, device) -> list:
         if tcfg.from_config is not None:  # a randomly initialised teacher (seed 0), eager attention where read
             model, tok = build_student(StudentConfig(from_config=tcfg.from_config, tokenizer=tcfg.tokenizer,
                                                      dtype=dtype), seed=0,
-                                       attentions=cfg.losses.attention_kl > 0 or reads_rkv,
+                                       attentions=cfg.losses.teacher_attentions or reads_rkv,
                                        key=f"teachers[{i}].from_config")
             model.to(resolve_dtype(dtype))
             teachers.append(OnlineTeacher(tcfg.name, model, tok, layers=comp.layers,
                                           compression=comp.build() if comp.kind != "full" else None))
             continue
         rkv_attn = reads_rkv and not supports_queries(geometry_of(load_config(tcfg.model)))
-        attn = attn_implementation_for(cfg.losses.attention_kl > 0 or rkv_attn)
+        attn = attn_implementation_for(cfg.losses.teacher_attentions or rkv_attn)
         model, tok = load_model(tcfg.model, dtype=dtype, attn_implementation=attn)
         teachers.append(OnlineTeacher(tcfg.name, model, tok, compression=comp.build() if comp.kind != "full" else None,
                                       layers=comp.layers))
@@ -59,21 +60,24 @@ def build_teachers(cfg, device) -> list:
 
 
 def _latent_rkv(cfg) -> bool:
-    return cfg.student.latent is not None and cfg.losses.latent_kv.target.kind == "rkv"
+    return cfg.losses.objective == "latent" and cfg.losses.latent_kv.target.kind == "rkv"
 
 
-def build_objective(cfg, device="cpu", *, init_student: str | None = None) -> Objective:
+def build_objective(cfg, device="cpu", *, init_student: str | None = None) -> TrainingObjective:
     """The student (from its config, or `init_student`), the teachers and the objective of `cfg` on `device`."""
     student_cfg = cfg.student
     if init_student is not None:
         student_cfg = student_cfg.model_copy(update={"model": str(init_student), "from_config": None,
                                                      "tokenizer": None})
-    if cfg.student.latent is not None:
-        return _build_kava(cfg, student_cfg, device)
+    return OBJECTIVES[cfg.losses.objective](cfg, student_cfg, device)
+
+
+def _build_text(cfg, student_cfg, device) -> TextObjective:
+    """A text student and its teachers."""
     student, tokenizer = build_student(student_cfg, seed=cfg.train.seed, attentions=cfg.losses.attention_kl > 0)
     teachers = build_teachers(cfg, device)
     torch.manual_seed(cfg.train.seed + 1)  # projector / router init independent of how the student was built
-    return Objective(cfg, student, tokenizer, teachers, device)
+    return TextObjective(cfg, student, tokenizer, teachers, device)
 
 
 def _build_kava(cfg, student_cfg, device) -> KavaObjective:
@@ -92,3 +96,6 @@ def _build_kava(cfg, student_cfg, device) -> KavaObjective:
     teachers = build_teachers(cfg, device)
     torch.manual_seed(cfg.train.seed + 1)
     return KavaObjective(cfg, student, tokenizer, teachers, device)
+
+
+OBJECTIVES = {"text": _build_text, "latent": _build_kava}  # objective kind -> builder (cfg, student_cfg, device)

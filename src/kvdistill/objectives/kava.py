@@ -22,148 +22,41 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from kvdistill import losses
-from kvdistill.align.heads import KVProjector
-from kvdistill.compress.latent import latent_target, window_rows
-from kvdistill.compress.select import importance_from_attention, query_rows
-from kvdistill.data.segments import Segments, segments
+from kvdistill.align.stack import KVProjectorStack
+from kvdistill.data.segments import segments
 from kvdistill.errors import KvdistillError
 from kvdistill.eval.heldout import latent_answer_ce
-from kvdistill.models.capture import forward_kv, tokenize_for
-from kvdistill.models.geometry import geometry_of
-from kvdistill.models.queries import capture_queries, query_importance, supports_queries, window_logits
-from kvdistill.objectives.base import read_metrics
+from kvdistill.models.capture import forward_kv
+from kvdistill.models.queries import capture_queries, supports_queries
+from kvdistill.objectives.base import TrainingObjective, read_metrics
+from kvdistill.objectives.latent_batch import CotView, LatentBatch, LatentCollator
+from kvdistill.objectives.latent_targets import LatentTargets, cached_targets, compress_cot, cot_importance
 from kvdistill.objectives.pairs import LayerPairs
-from kvdistill.student import save_student, unwrap_student
-from kvdistill.student.latent import latent_view
+from kvdistill.student.latent import LatentView
 
 SELF = "self"
 
 
-# ---------------------------------------------------------------------------------------------- host batches
-@dataclass
-class CotView:
-    """One model's CoT-mode batch (right-padded, CPU): ids, mask (B, T), candidates (B, T) the CoT tokens,
-    answer_rows (B, T) the answer tokens, pre_answer (B,) the token before the answer, after_prefix (B, T) the
-    tokens predicted in CoT CE (the last prefix token on)."""
-
-    ids: torch.Tensor
-    mask: torch.Tensor
-    candidates: torch.Tensor
-    answer_rows: torch.Tensor
-    pre_answer: torch.Tensor
-    after_prefix: torch.Tensor
-
-
-def cot_view(tokenizer, geometry, records: list[dict], segs: list[Segments], max_length: int) -> CotView:
-    """Tokenize the full texts (question, CoT, answer) and mark CoT, answer and the token before the answer."""
-    ids, mask, spans = tokenize_for(geometry, tokenizer, [s.text for s in segs], max_length=max_length,
-                                    padding_side="right")  # (B, T), (B, T), (B, T, 2) bytes
-    start, end = spans[..., 0], spans[..., 1]
-    content = (end > start) & mask.bool()
-    cand, answer, pre, after = [], [], [], []
-    for b, s in enumerate(segs):
-        lo, hi, ans, pfx = s.byte(s.cot_start), s.byte(s.cot_end), s.byte(s.answer_start), s.byte(s.cot_line)
-        c = content[b] & (start[b] < hi) & (end[b] > lo)
-        a = content[b] & (end[b] > ans)  # tokens reaching into the answer (BPE: " 42" starts at the space)
-        before = (content[b] & (end[b] <= ans)).nonzero().flatten()
-        if not c.any() or not a.any() or not len(before):
-            raise KvdistillError(
-                f"record '{records[b].get('id')}': after truncation to data.max_length = {max_length} tokens its "
-                "chain of thought or answer is missing", "raise data.max_length or drop the longest records")
-        rest = content[b] & (start[b] >= pfx)
-        rest = rest | torch.cat([rest[1:], rest.new_zeros(1)])  # the last prefix token predicts the first CoT token
-        cand.append(c)
-        answer.append(a)
-        pre.append(before.max())
-        after.append(rest)
-    return CotView(ids, mask, torch.stack(cand).long(), torch.stack(answer).long(), torch.stack(pre),
-                   torch.stack(after).long())
-
-
-# ---------------------------------------------------------------------------------------------- targets
-@dataclass
-class LatentTargets:
-    """One teacher's targets: per teacher layer j keys / values (B, H_n, M, D_n) and kept (B, H_n, M) bool."""
-
-    keys: dict[int, torch.Tensor]
-    values: dict[int, torch.Tensor]
-    kept: dict[int, torch.Tensor]
-
-
-def compress_cot(cap, view: CotView, layers: list[int], cfg, tokens: int, importance: dict | None,
-                 valid: torch.Tensor | None = None) -> LatentTargets:
-    """The CoT K/V of `cap` (a CoT-mode capture) compressed to `tokens` entries per (layer, head), detached.
-    importance: layer -> (B, H, T) (scoring kava / minmax) or the window logits (B, H, Q, T) with valid (B, Q)
-    (scoring rkv), from `cot_importance`."""
-    device = cap.attention_mask.device
-    cand = view.candidates.to(device)
-    keys, values, kept = {}, {}, {}
-    for j in layers:
-        k, v = cap.keys[j].detach(), cap.values[j].detach()  # (B, H, T, D)
-        plan = latent_target(cfg.kind, cand, tokens, keys=k, importance=None if importance is None else importance[j],
-                             lam=cfg.lam, scoring=cfg.scoring, window=cfg.window, valid=valid).heads(k.shape[1])
-        keys[j], values[j], kept[j] = plan.gather(k), plan.gather(v), plan.kept
-    return LatentTargets(keys, values, kept)
-
-
-def cached_targets(tkv, layers: list[int], tokens: int, device) -> LatentTargets:
-    """A cached teacher's stored latent target (`kvdistill extract` with compression.span cot): keys / values
-    (B, H, M_batch, D) and mask (B, H, M_batch), padded with entries that are not kept to `tokens`."""
-    keys, values, kept = {}, {}, {}
-    for j in layers:
-        k, v, m = tkv.keys[j].to(device), tkv.values[j].to(device), tkv.mask[j].to(device).bool()
-        short = tokens - k.shape[2]
-        if short > 0:
-            k = torch.nn.functional.pad(k, (0, 0, 0, short))
-            v = torch.nn.functional.pad(v, (0, 0, 0, short))
-            m = torch.nn.functional.pad(m, (0, short))
-        keys[j], values[j], kept[j] = k.float(), v.float(), m
-    return LatentTargets(keys, values, kept)
-
-
-def cot_importance(model, cap, queries, view: CotView, layers: list[int], cfg) -> tuple[dict, torch.Tensor | None]:
-    """(layer -> importance, valid): scorings kava / minmax: (B, H, T) the attention the answer rows pay every token,
-    from hooked queries (`queries`) or the capture's eager attention, valid None; scoring rkv: the logits (B, H, Q, T)
-    of R-KV's window (the last `window` CoT tokens) from hooked queries, valid (B, Q) its real rows."""
-    mask = cap.attention_mask
-    with torch.no_grad():
-        if cfg.scoring == "rkv":
-            if queries is None:
-                raise KvdistillError(f"scoring rkv reads the window's attention logits from the queries, which are not "
-                                     f"captured for family '{cap.geometry.model_type}'",
-                                     "use scoring kava or minmax for this teacher")
-            rows, valid = query_rows(window_rows(view.candidates.to(mask.device), cfg.window), mask)
-            return window_logits(model, cap, queries, rows, layers), valid
-        rows = view.answer_rows.to(mask.device)
-        if queries is not None:
-            return query_importance(model, cap, queries, rows, layers), None
-        return {j: importance_from_attention(cap.attentions[j].detach(), rows, mask, cap.keys[j].shape[1])
-                for j in layers}, None
-
-
 # ---------------------------------------------------------------------------------------------- objective
-class KavaObjective(nn.Module):
-    """The latent student's objective (module docstring); the trainer's objective interface (forward, evaluate,
-    prepare, plan, alignment_sample, save_student)."""
+class KavaObjective(TrainingObjective):
+    """The latent student's objective (module docstring): the trainer's objective interface
+    (`kvdistill.objectives.base.TrainingObjective`); batches are `LatentBatch`es, the teachers' pass gives every
+    other teacher's `LatentTargets` (the self teacher's come from the backbone's CoT pass in the step)."""
+
+    kind = "latent"
 
     def __init__(self, cfg, student, tokenizer, teachers: list, device):
-        super().__init__()
-        self.cfg = cfg
-        self.student = student  # LatentStudent
-        self.tokenizer = tokenizer
-        self.teachers = teachers  # frozen OnlineTeachers, not part of the trained module
-        sg = self.student_geometry = geometry_of(unwrap_student(student.backbone),
-                                                 name=str(cfg.student.model or "student"))
+        super().__init__(cfg, student, tokenizer, teachers, backbone=student.backbone)  # student: LatentStudent
+        sg = self.student_geometry
         lk = cfg.losses.latent_kv
         self.uses_self = lk.weight > 0 and lk.self_teacher
         self.pairs: dict[str, LayerPairs] = {}
-        self.projectors = nn.ModuleDict()
+        self.projectors = nn.ModuleDict()  # per teacher, its mapped layers' maps into its geometry, stacked
         names, weights = [], []
         if self.uses_self:
             identity = LayerPairs(torch.eye(sg.num_layers), keys_weight=lk.keys, values_weight=lk.values, device=device)
@@ -174,125 +67,146 @@ class KavaObjective(nn.Module):
             if t.name == SELF:
                 raise KvdistillError("a teacher may not be named 'self' (the backbone's own CoT mode is)",
                                      "rename it (teachers.N.name)")
-            lp = LayerPairs.of(sg.num_layers, t.geometry.num_layers, tcfg.layer_map, lk, device)
-            missing = sorted(set(lp.teacher_layers) - set(t.layers))
-            if missing:
-                raise KvdistillError(f"teacher '{t.name}' lacks layers {missing} that the layer map uses",
-                                     "re-extract the cache with those layers, or change the teacher's layer_map")
-            self.pairs[t.name] = lp
-            self.projectors[t.name] = nn.ModuleList([KVProjector(sg, t.geometry, tcfg.projector) for _ in lp.i])
+            lp = self.pairs[t.name] = self.layer_pairs(tcfg, t, lk, device)
+            self.projectors[t.name] = KVProjectorStack(sg, t.geometry, tcfg.projector, lp.layers)
             names.append(t.name)
             weights.append(tcfg.weight)
         total = sum(weights)
         self.source_weights = {n: w / total for n, w in zip(names, weights, strict=True)} if total else {}
-        self.to(device)
-        for teacher in teachers:
-            teacher.to(device)
+        c = cfg.losses
+        self._collator = LatentCollator(
+            tokenizer, sg, template=cfg.data.template, tokens=student.tokens, max_length=cfg.data.max_length,
+            own_cot=c.cot_ce > 0 or c.codi.weight > 0 or self.uses_self,
+            teachers=[(t.tokenizer, t.geometry) if t.kind == "online" else None for t in teachers])
+        self._register_load_state_dict_pre_hook(self._from_per_pair_layout)
+        self.to_device(device)
+
+    @property
+    def backbone(self) -> nn.Module:
+        return self.student.backbone
 
     @property
     def device(self) -> torch.device:
         return self.student.head.init.device
 
-    # ------------------------------------------------------------------------------------------ one step
-    def _segments(self, records: list[dict]) -> list[Segments]:
-        return [segments(r, self.cfg.data.template) for r in records]
+    @property
+    def collator(self) -> LatentCollator:
+        return self._collator
 
-    def _student_pass(self, records, segs, *, hidden: bool):
-        view = latent_view(self.tokenizer, segs, self.student.tokens)
+    # ------------------------------------------------------------------------------------------ one step
+    def _student_pass(self, view: LatentView, *, hidden: bool):
+        """The student in latent mode (question, M latents, answer)."""
         d = self.device
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        cap = self.student(view.prefix_ids.to(d), view.prefix_mask.to(d), view.suffix_ids.to(d),
-                           view.suffix_mask.to(d), pad_id=pad, geometry=self.student_geometry, hidden_states=hidden)
-        return cap, view
+        return self.student(view.prefix_ids.to(d), view.prefix_mask.to(d), view.suffix_ids.to(d),
+                            view.suffix_mask.to(d), pad_id=pad, geometry=self.student_geometry, hidden_states=hidden)
 
-    def _cot_pass(self, model, tokenizer, geometry, records, segs, *, grad: bool, logits: bool, hidden: bool,
-                  importance: bool):
-        """A CoT-mode capture of `model` (the backbone with `grad`, or a frozen teacher) and its importance."""
-        view = cot_view(tokenizer, geometry, records, segs, self.cfg.data.max_length)
+    def _cot_pass(self, model, geometry, view: CotView, *, grad: bool, logits: bool, hidden: bool, importance: bool):
+        """A CoT-mode capture of `model` (the backbone with `grad`, or a frozen teacher) and its hooked queries where
+        `importance` reads them (None otherwise)."""
         hooked = importance and supports_queries(geometry)
         d = self.device
         with (torch.set_grad_enabled(grad and torch.is_grad_enabled()),
               capture_queries(model, geometry) if hooked else nullcontext() as qc):
             cap = forward_kv(model, view.ids.to(d), view.mask.to(d), geometry=geometry, logits=logits,
                              hidden_states=hidden, attentions=importance and not hooked)
-        return cap, view, (qc.queries if hooked else None)
+        return cap, (qc.queries if hooked else None)
 
-    def _targets(self, records, segs, self_cap=None, self_view=None, self_queries=None) -> dict[str, LatentTargets]:
+    def _own_target(self, cap, view: CotView, queries) -> LatentTargets:
+        """The self teacher's targets from the backbone's CoT-mode capture."""
+        cfg = self.cfg.losses.latent_kv.target
+        layers = self.pairs[SELF].teacher_layers
+        imp, valid = (cot_importance(self.backbone, cap, queries, view, layers, cfg) if cfg.kind == "rkv"
+                      else (None, None))
+        return compress_cot(cap, view, layers, cfg, self.student.tokens, imp, valid)
+
+    def teacher_pass(self, batch: LatentBatch, *, training: bool = True) -> dict[str, LatentTargets]:
+        """Every (other) teacher's `LatentTargets` of a batch: an online teacher's CoT K/V compressed here (under its
+        lock: one thread at a time uses its hooks), a cached one's read from its cache. A pure function of the batch
+        (teachers are frozen): `TeachersAhead` runs it a batch early on another thread."""
         cfg = self.cfg.losses.latent_kv.target
         M = self.student.tokens
-        rkv = cfg.kind == "rkv"
         out = {}
-        if self.uses_self:
-            layers = self.pairs[SELF].teacher_layers
-            imp, valid = (cot_importance(self.student.backbone, self_cap, self_queries, self_view, layers, cfg) if rkv
-                          else (None, None))
-            out[SELF] = compress_cot(self_cap, self_view, layers, cfg, M, imp, valid)
-        for t in self.teachers:
+        for t, view in zip(self.teachers, batch.teachers, strict=True):
             layers = self.pairs[t.name].teacher_layers
             if t.kind == "cache":  # the cache holds the latent target itself (compression.span cot)
-                out[t.name] = cached_targets(t.kv(records, max_length=self.cfg.data.max_length), layers, M, self.device)
+                tkv = t.kv(batch.records, max_length=self.cfg.data.max_length)
+                out[t.name] = cached_targets(tkv, layers, M, self.device)
                 continue
-            with torch.no_grad():
-                cap, view, queries = self._cot_pass(t.model, t.tokenizer, t.geometry, records, segs, grad=False,
-                                                    logits=False, hidden=False, importance=rkv)
-                imp, valid = cot_importance(t.model, cap, queries, view, layers, cfg) if rkv else (None, None)
+            with torch.no_grad(), t.lock:
+                cap, queries = self._cot_pass(t.model, t.geometry, view, grad=False, logits=False, hidden=False,
+                                              importance=cfg.kind == "rkv")
+                imp, valid = cot_importance(t.model, cap, queries, view, layers, cfg) if cfg.kind == "rkv" else (
+                    None, None)
                 out[t.name] = compress_cot(cap, view, layers, cfg, M, imp, valid)
         return out
 
     def kv_terms(self, student_cap, P: int, targets: dict[str, LatentTargets]) -> dict[str, torch.Tensor]:
-        """Per teacher kv_n (B,) (module docstring) from the student's latent columns P .. P+M-1."""
+        """Per teacher kv_n (B,) (module docstring) from the student's latent columns P .. P+M-1: every mapped layer
+        projected in one batched matmul (`KVProjectorStack`; the self teacher: none), the errors of all pairs in one
+        `losses.kv_error` call, reduced by `losses.pairs_kv_loss`."""
         lk = self.cfg.losses.latent_kv
         M = self.student.tokens
         out = {}
         for name, tgt in targets.items():
             lp = self.pairs[name]
-            total = 0.0
-            for p, (i, j) in enumerate(zip(lp.i, lp.j, strict=True)):
-                ks = student_cap.keys[i][:, :, P : P + M]  # (B, H, M, D)
-                vs = student_cap.values[i][:, :, P : P + M]
-                if name != SELF:
-                    proj = self.projectors[name][p]
-                    ks, vs = proj(ks, "keys"), proj(vs, "values")  # (B, H_n, M, D_n)
-                kept = tgt.kept[j]  # (B, H_n, M)
-                err = []
-                for pred, target in ((ks, tgt.keys[j]), (vs, tgt.values[j])):
-                    rows_p, rows_mask = losses.as_rows(pred, kept)
-                    rows_t, _ = losses.as_rows(target.to(pred.dtype), kept)
-                    err.append(losses.kv_error(rows_p, rows_t, rows_mask, kind=lk.kind, normalize=lk.normalize))
-                total = total + lp.coef[p, 0] * err[0] + lp.coef[p, 1] * err[1]  # (B,)
-            out[name] = total / (2 * len(lp.layers))  # K and V errors averaged (KaVa's L_KV)
+            keys = [student_cap.keys[i][:, :, P : P + M] for i in lp.layers]  # L × (B, H, M, D)
+            values = [student_cap.values[i][:, :, P : P + M] for i in lp.layers]
+            if name == SELF:
+                mapped = [(keys[a], values[a]) for a in lp.at]  # per pair (B, H, M, D)
+            else:
+                stack = self.projectors[name]
+                proj = stack.project(keys, values)  # (L, 2, B, M, H_n·D_n)
+                L, _, B = proj.shape[:3]
+                proj = proj.view(L, 2, B, M, stack.H_t, stack.D_t).transpose(3, 4)  # (L, 2, B, H_n, M, D_n)
+                mapped = [(proj[a, 0], proj[a, 1]) for a in lp.at]
+            pred, target, kept = [], [], []
+            for (ks, vs), j in zip(mapped, lp.j, strict=True):
+                for x, t in ((ks, tgt.keys[j]), (vs, tgt.values[j])):
+                    pred.append(losses.as_rows(x, tgt.kept[j])[0])  # (B, H_n·M, D_n)
+                    target.append(losses.as_rows(t.to(x.dtype), tgt.kept[j])[0])
+                kept.append(tgt.kept[j].flatten(1))  # (B, H_n·M)
+            B, R, D = pred[0].shape
+            err = losses.kv_error(torch.stack(pred).view(-1, 2, B, R, D), torch.stack(target).view(-1, 2, B, R, D),
+                                  torch.stack(kept)[:, None], kind=lk.kind, normalize=lk.normalize)  # (P, 2, B)
+            out[name] = losses.pairs_kv_loss(err, lp.coef, len(lp.layers)) / 2  # K and V averaged (KaVa's L_KV)
         return out
 
-    def forward(self, records: list[dict]):
-        """(loss, metrics) of a batch (module docstring): loss 0-dim, metrics floats (per-sample means)."""
+    def forward(self, batch: LatentBatch | list[dict]):
+        """(loss, metrics) of a batch (or records, collated here; module docstring): loss 0-dim, metrics floats
+        (per-sample means)."""
+        batch = self.as_batch(batch)
         c = self.cfg.losses
-        segs = self._segments(records)
         codi = c.codi.weight > 0
-        s_cap, s_view = self._student_pass(records, segs, hidden=codi)
+        s_view = batch.student
+        s_cap = self._student_pass(s_view, hidden=codi)
         P = s_view.prefix_ids.shape[1]
         d = self.device
         ids, answer_mask = s_cap.input_ids, s_view.answer_mask.to(d)
         ce = losses.ce_loss(s_cap.logits, ids, answer_mask)  # (B,) the answer after the latents
         per_sample = c.ce * ce
         metrics = {"loss/ce": ce.detach().mean()}
-        t_cap = t_view = t_queries = None
+        t_cap = t_queries = None
+        t_view = batch.own_cot
         if c.cot_ce > 0 or codi or self.uses_self:
-            t_cap, t_view, t_queries = self._cot_pass(
-                self.student.backbone, self.tokenizer, self.student_geometry, records, segs, grad=c.cot_ce > 0,
-                logits=c.cot_ce > 0, hidden=codi, importance=self.uses_self and c.latent_kv.target.kind == "rkv")
+            t_cap, t_queries = self._cot_pass(
+                self.backbone, self.student_geometry, t_view, grad=c.cot_ce > 0, logits=c.cot_ce > 0, hidden=codi,
+                importance=self.uses_self and c.latent_kv.target.kind == "rkv")
         if c.cot_ce > 0:
             cot_ce = losses.ce_loss(t_cap.logits, t_cap.input_ids, t_view.after_prefix.to(d))
             per_sample = per_sample + c.cot_ce * cot_ce
             metrics["loss/cot_ce"] = cot_ce.detach().mean()
         if codi:
-            b = torch.arange(len(records), device=d)
+            b = torch.arange(len(batch.records), device=d)
             s_h = torch.stack([h[b, s_view.pre_answer.to(d)] for h in s_cap.hidden_states[1:]])  # (L, B, F)
             t_h = torch.stack([h[b, t_view.pre_answer.to(d)] for h in t_cap.hidden_states[1:]])
             codi_loss = losses.codi_loss(s_h, t_h, kind=c.codi.kind, normalize=c.codi.normalize)
             per_sample = per_sample + c.codi.weight * codi_loss
             metrics["loss/codi"] = codi_loss.detach().mean()
         if c.latent_kv.weight > 0:
-            kv = self.kv_terms(s_cap, P, self._targets(records, segs, t_cap, t_view, t_queries))
+            targets = {SELF: self._own_target(t_cap, t_view, t_queries)} if self.uses_self else {}
+            targets.update(self.teachers_of(batch))
+            kv = self.kv_terms(s_cap, P, targets)
             fused = sum(self.source_weights[n] * v for n, v in kv.items())
             per_sample = per_sample + c.latent_kv.weight * fused
             metrics.update({f"loss/latent_kv/{n}": v.detach().mean() for n, v in kv.items()})
@@ -307,9 +221,7 @@ class KavaObjective(nn.Module):
         """Held-out answer CE / perplexity in latent mode (token-level, `latent_answer_ce`) and, per teacher, the latent
         K/V error `eval/latent_kv/<teacher>` (exact match: the trainer's evaluation with train.eval_exact_match,
         `kvdistill.eval.decode.latent_exact_match`)."""
-        was = self.training
-        self.eval()
-        try:
+        with self.evaluating():
             bs = batch_size or self.cfg.train.batch_size
             ce = latent_answer_ce(self.student, self.tokenizer, records, self.cfg.data.template, batch_size=bs,
                                   geometry=self.student_geometry)["ce"]
@@ -317,27 +229,27 @@ class KavaObjective(nn.Module):
             if self.cfg.losses.latent_kv.weight > 0:
                 kv_sums: dict[str, list[float]] = {}
                 for lo in range(0, len(records), bs):
-                    chunk = records[lo : lo + bs]
-                    segs = self._segments(chunk)
-                    cap, view = self._student_pass(chunk, segs, hidden=False)
-                    t_cap = t_view = t_q = None
+                    batch = self.collator(records[lo : lo + bs], own_cot=self.uses_self)
+                    cap = self._student_pass(batch.student, hidden=False)
+                    targets = {}
                     if self.uses_self:
-                        t_cap, t_view, t_q = self._cot_pass(
-                            self.student.backbone, self.tokenizer, self.student_geometry, chunk, segs, grad=False,
-                            logits=False, hidden=False, importance=self.cfg.losses.latent_kv.target.kind == "rkv")
-                    kv = self.kv_terms(cap, view.prefix_ids.shape[1], self._targets(chunk, segs, t_cap, t_view, t_q))
+                        t_cap, t_q = self._cot_pass(
+                            self.backbone, self.student_geometry, batch.own_cot, grad=False, logits=False,
+                            hidden=False, importance=self.cfg.losses.latent_kv.target.kind == "rkv")
+                        targets[SELF] = self._own_target(t_cap, batch.own_cot, t_q)
+                    targets.update(self.teacher_pass(batch, training=False))
+                    kv = self.kv_terms(cap, batch.student.prefix_ids.shape[1], targets)
                     for n, v in kv.items():
                         kv_sums.setdefault(n, []).extend(v.tolist())
                 out.update({f"eval/latent_kv/{n}": sum(v) / len(v) for n, v in kv_sums.items()})
             return out
-        finally:
-            self.train(was)
 
     @torch.no_grad()
     def prepare(self, records: list[dict]) -> None:
         """Nothing is fitted; every record is checked to hold a question, a chain of thought and an answer in the
         template's layout (refused before the run directory is written)."""
-        self._segments(records)
+        for r in records:
+            segments(r, self.cfg.data.template)
 
     # ------------------------------------------------------------------------------------------ reports
     def plan(self) -> dict:
@@ -356,5 +268,26 @@ class KavaObjective(nn.Module):
                                             "suffix": s.suffix}, "teachers": {}}
 
     def save_student(self, out_dir) -> None:
-        save_student(self.student.backbone, self.tokenizer, str(out_dir))
+        super().save_student(out_dir)
         self.student.save_head(out_dir)
+
+    def _from_per_pair_layout(self, state_dict, prefix, *args) -> None:
+        """Checkpoints written before the stack hold one map per layer pair, ``projectors.<teacher>.<pair>.key_map.
+        <name>``: renamed to the pair's student layer, which `KVProjectorStack` stacks; refused where several pairs
+        share a student layer (an interpolated layer map), whose maps cannot become one."""
+        for name, lp in self.pairs.items():
+            head = f"{prefix}projectors.{name}."
+            old = [k for k in state_dict if k.startswith(head) and k[len(head):].split(".")[0].isdigit()]
+            if not old:
+                continue
+            if len(set(lp.i)) != len(lp.i):
+                raise KvdistillError(
+                    f"this checkpoint holds one K/V map per layer pair for teacher '{name}' ({len(lp.i)} pairs over "
+                    f"student layers {lp.layers}: an interpolated layer map); the latent objective now keeps one map "
+                    "per student layer", "train the run again from step 0 (or resume it with the kvdistill version "
+                    "that wrote it)")
+            moved = {}
+            for k in old:
+                p, _, rest = k[len(head):].partition(".")
+                moved[f"{head}{lp.i[int(p)]}.{rest}"] = state_dict.pop(k)
+            state_dict.update(moved)

@@ -21,9 +21,9 @@ from torch import nn
 from kvdistill import losses
 from kvdistill.align.tokens import batch_token_alignment
 from kvdistill.fuse.latent import LatentSpace, kv_features
-from kvdistill.objectives.base import FusionSpace, SpaceOutput, Step
 from kvdistill.objectives.fusion import SimilarityInputs
 from kvdistill.objectives.pairs import LayerPairs
+from kvdistill.objectives.space import FusionSpace, SpaceOutput, Step
 from kvdistill.teachers.record import TeacherKV
 
 

@@ -26,10 +26,10 @@ from torch import nn
 from kvdistill import losses
 from kvdistill.align.stack import KVProjectorStack
 from kvdistill.align.tokens import resample_rows, teacher_alignment_sparse
-from kvdistill.objectives.base import FusionSpace, SpaceOutput, Step
 from kvdistill.objectives.compiled import maybe_compiled
 from kvdistill.objectives.fusion import SimilarityInputs
 from kvdistill.objectives.pairs import LayerPairs
+from kvdistill.objectives.space import FusionSpace, SpaceOutput, Step
 from kvdistill.teachers.record import TeacherKV
 
 
@@ -235,7 +235,7 @@ class LossSpace(FusionSpace):
             L = len(lp.layers)
             loss_n = torch.zeros(mask.shape[0], device=mask.device)
             if res.kv is not None:
-                kv = (lp.coef.to(mask.device)[:, :, None] * res.kv).sum((0, 1)) / L  # (B,)
+                kv = losses.pairs_kv_loss(res.kv, lp.coef, L)  # (B,)
                 loss_n = loss_n + self.kv_weight * kv
                 metrics[f"loss/kv/{teacher.name}"] = kv.detach().mean()
             if res.cos is not None:

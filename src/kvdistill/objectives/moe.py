@@ -28,7 +28,7 @@ from kvdistill.align.experts import block_pairs, fit_correspondence, teacher_of
 from kvdistill.align.tokens import teacher_alignment_sparse
 from kvdistill.errors import KvdistillError
 from kvdistill.models.moe import attach_capture, moe_layers, require_moe
-from kvdistill.objectives.base import Step
+from kvdistill.objectives.space import Step
 from kvdistill.student import unwrap_student
 
 

@@ -44,7 +44,7 @@ def _seed(*parts) -> int:
 
 
 class OnPolicy:
-    """The on-policy side of `Objective`: which steps sample (`chosen`) and the samples (`sample`).
+    """The on-policy side of `TextObjective`: which steps sample (`chosen`) and the samples (`sample`).
 
     cfg: `train.on_policy`; seed: train.seed; template: data.template (the prompt); tokenizer: the student's."""
 

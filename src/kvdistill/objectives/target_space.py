@@ -8,7 +8,7 @@ into the student's geometry by a frozen `TeacherToStudentMap` A_n, which no loss
 teacher side could meet the student at zero). Per student layer i:
 
     target_i = Σ_n w_n · A_n(Σ_j W_n[i, j] · KV_n[j])        (B, H_s, T_s, D_s)   (fuse.fuse_targets)
-    kd(b) = λ_kv · Σ_i (α_K·err(K_s[i], target_K) + α_V·err(V_s[i], target_V)) / #layers
+    kd(b) = λ_kv · Σ_i (α_K·err(K_s[i], target_K) + α_V·err(V_s[i], target_V)) / #layers   (losses.pairs_kv_loss)
 
 on the student tokens that some teacher covers. Weights are fixed, routed (per sample or per token), or by
 similarity of the student's pooled keys to each teacher's mapped keys on the deepest fused layer.
@@ -23,9 +23,9 @@ from kvdistill import losses
 from kvdistill.align.heads import TeacherToStudentMap
 from kvdistill.align.tokens import batch_token_alignment
 from kvdistill.fuse import fuse_targets
-from kvdistill.objectives.base import FusionSpace, SpaceOutput, Step
 from kvdistill.objectives.fusion import SimilarityInputs
 from kvdistill.objectives.pairs import LayerPairs
+from kvdistill.objectives.space import FusionSpace, SpaceOutput, Step
 
 
 class TargetSpace(FusionSpace):
@@ -75,8 +75,7 @@ class TargetSpace(FusionSpace):
         mapped = [self._mapped(step, n) for n in range(len(step.teachers))]
         sims = self._similarity(step, mapped) if step.fusion.kind == "similarity" else None
         weights = step.fusion.weights(step.hidden, mask, sims, step.teacher_nll)  # (B, N) or (B, T_s, N)
-        total = torch.zeros(mask.shape[0], device=mask.device)
-        count = 0
+        errors = []  # per fused layer (2, B): keys, values
         for i in range(self.num_layers):
             have = [n for n, per_layer in enumerate(mapped) if i in per_layer]
             if not have:
@@ -86,10 +85,13 @@ class TargetSpace(FusionSpace):
             fused_k = fuse_targets([mapped[n][i][0] for n in have], w)  # (B, H_s, T_s, D_s)
             fused_v = fuse_targets([mapped[n][i][1] for n in have], w)
             cover = torch.stack([mapped[n][i][2] for n in have]).amax(0)  # (B, T_s)
-            err = [losses.kv_error(*(losses.as_rows(x, cover)[0] for x in (s_x, t_x)), cover, kind=self.kv.kind,
-                                   normalize=self.kv.normalize)
-                   for s_x, t_x in ((step.student.keys[i], fused_k), (step.student.values[i], fused_v))]
-            total = total + self.kv.keys * err[0] + self.kv.values * err[1]
-            count += 1
-        kd = total / max(count, 1)
+            errors.append(torch.stack([
+                losses.kv_error(*(losses.as_rows(x, cover)[0] for x in (s_x, t_x)), cover, kind=self.kv.kind,
+                                normalize=self.kv.normalize)
+                for s_x, t_x in ((step.student.keys[i], fused_k), (step.student.values[i], fused_v))]))  # (2, B)
+        if errors:
+            coef = mask.new_tensor([[self.kv.keys, self.kv.values]] * len(errors), dtype=torch.float32)  # (P, 2)
+            kd = losses.pairs_kv_loss(torch.stack(errors), coef, len(errors))  # (B,)
+        else:
+            kd = torch.zeros(mask.shape[0], device=mask.device)
         return SpaceOutput(self.kv_weight * kd, weights, {"loss/kv/fused": kd.detach().mean()})

@@ -24,7 +24,7 @@ from kvdistill import losses
 from kvdistill.align.tokens import common_chunks, prefix_positions, teacher_alignment
 from kvdistill.align.vocab import VocabProjection, shared_vocabulary
 from kvdistill.errors import KvdistillError
-from kvdistill.objectives.base import Step
+from kvdistill.objectives.space import Step
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ What each process holds, with W processes and N_s student parameters (N_tr of th
                 its AdamW moments; a unit's full parameters exist only while it runs (its forward, its backward;
                 train.fsdp.reshard_after_forward frees them in between). train.fsdp.cpu_offload keeps the shards,
                 gradients and optimizer state in host memory (torch's CPUOffloadPolicy).
-    maps        projectors, routers, latent maps (`Objective` parameters outside the student): replicated, as under
+    maps        projectors, routers, latent maps (objective parameters outside the student): replicated, as under
                 DDP (they are small: a few MB); their gradients are averaged over the processes before clipping.
     teachers    frozen, forward-only, replicated: every process holds every online teacher in its own dtype (the
                 choice and its cost: docs/architecture.md "Several processes"). The teachers' pass ahead

@@ -12,7 +12,7 @@ import torch
 from kvdistill.config import RunConfig
 from kvdistill.errors import KvdistillError
 from kvdistill.objectives.ahead import TeachersAhead
-from kvdistill.objectives.batch import Collated
+from kvdistill.objectives.base import Batch, TrainingObjective
 
 
 def sample_stream(num_records: int, seed: int, start: int, count: int) -> list[int]:
@@ -44,48 +44,47 @@ def micro_batch(records: list[dict], cfg: RunConfig, step: int, micro: int, rank
 class MicroBatches(torch.utils.data.Dataset):
     """Item k: micro-batch k % grad_accum of optimizer step k // grad_accum of process `rank`, as `micro_batch`
     picks it (so the order is a pure function of the step: a resume or another world size sees the same samples),
-    run through `collate` (on a DataLoader worker when there are some); a `Collated` is tagged with its step."""
+    run through `collate` (on a DataLoader worker when there are some), tagged with its step."""
 
-    def __init__(self, records: list[dict], cfg: RunConfig, rank: int, world: int, collate: Callable):
+    def __init__(self, records: list[dict], cfg: RunConfig, rank: int, world: int,
+                 collate: Callable[[list[dict]], Batch]):
         self.records, self.cfg, self.rank, self.world, self.collate = records, cfg, rank, world, collate
 
     def __len__(self) -> int:
         return self.cfg.train.steps * self.cfg.train.grad_accum
 
-    def __getitem__(self, k: int):
+    def __getitem__(self, k: int) -> Batch:
         step, micro = divmod(k, self.cfg.train.grad_accum)
         collated = self.collate(micro_batch(self.records, self.cfg, step, micro, self.rank, self.world))
-        return dataclasses.replace(collated, step=step) if isinstance(collated, Collated) else collated
+        return dataclasses.replace(collated, step=step)
 
 
 def _as_is(batch):
     return batch
 
 
-def collated_batches(objective, records: list[dict], cfg: RunConfig, start: int, end: int, accelerator):
+def collated_batches(objective: TrainingObjective, records: list[dict], cfg: RunConfig, start: int, end: int,
+                     accelerator):
     """The collated micro-batches of optimizer steps start..end-1 in order, from a DataLoader (train.num_workers
-    processes collating train.prefetch batches ahead each; pinned memory on a GPU); None for an objective without
-    `collate` (its step takes the records). objective: the unwrapped one."""
-    collate = getattr(objective, "collate", None)
-    if collate is None:
-        return None
+    processes collating train.prefetch batches ahead each, with the objective's `collator`; pinned memory on a
+    GPU). objective: the unwrapped one."""
     t, acc = cfg.train, accelerator
     accum = t.grad_accum
     loader = torch.utils.data.DataLoader(
-        MicroBatches(records, cfg, acc.process_index, acc.num_processes, collate),
+        MicroBatches(records, cfg, acc.process_index, acc.num_processes, objective.collator),
         batch_size=None, sampler=range(start * accum, end * accum), collate_fn=_as_is, num_workers=t.num_workers,
         prefetch_factor=t.prefetch if t.num_workers else None, pin_memory=acc.device.type == "cuda")
     return iter(loader)
 
 
-def teachers_ahead(objective, batches, cfg: RunConfig, device: torch.device):
+def teachers_ahead(objective: TrainingObjective, batches, cfg: RunConfig, device: torch.device):
     """`batches` with the teachers one micro-batch ahead (`TeachersAhead`) where train.teachers_ahead asks for it
     (None: on a GPU, when the objective has teachers), else `batches` as they are. objective: the unwrapped one."""
     want = cfg.train.teachers_ahead
-    able = batches is not None and hasattr(objective, "teacher_pass") and bool(getattr(objective, "teachers", None))
+    able = bool(objective.teachers)
     if want and not able:
-        raise KvdistillError("train.teachers_ahead is true, but this objective has no teachers' pass to run ahead "
-                             "(no teachers, or a latent student, whose teachers run inside its step)",
+        raise KvdistillError("train.teachers_ahead is true, but this run has no teachers whose pass could run ahead "
+                             "(a latent student's self teacher is its own backbone, run in its step)",
                              "drop train.teachers_ahead (or set it to false)")
     if not able or not (want or (want is None and device.type == "cuda")):
         return batches

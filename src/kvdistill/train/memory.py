@@ -149,7 +149,7 @@ def estimate_note(cfg, world: int, device_bytes: int | None, device: str) -> tup
                 for i, t in enumerate(online)]
     ahead = bool(online) and (cfg.train.teachers_ahead or (cfg.train.teachers_ahead is None and device == "cuda"))
     kwargs = dict(batch=cfg.train.batch_size, length=cfg.data.max_length, student=student, teachers=teachers,
-                  ahead=ahead, teacher_logits=cfg.losses.logit_kd.weight > 0, teacher_scoring=cfg.fusion.scores_teachers,
+                  ahead=ahead, teacher_logits=cfg.losses.teacher_logits, teacher_scoring=cfg.fusion.scores_teachers,
                   world=world,
                   distributed=cfg.train.distributed, cpu_offload=cfg.train.fsdp.cpu_offload)
     parts, total = run_parts(**kwargs), run_bytes(**kwargs)

@@ -42,6 +42,7 @@ from kvdistill.atomic import write_json_atomic
 from kvdistill.config import RunConfig, dump_config, resolve_paths
 from kvdistill.errors import ConfigError, KvdistillError
 from kvdistill.objectives.ahead import TeachersAhead
+from kvdistill.objectives.base import TrainingObjective
 from kvdistill.paths import claim, is_disk_full, open_append
 from kvdistill.train.checkpoint import (
     checkpoint_path,
@@ -55,7 +56,7 @@ from kvdistill.train.checkpoint import (
     write_text_atomic,
 )
 from kvdistill.train.distributed import Sharded, sharded_run, unsharded
-from kvdistill.train.loader import collated_batches, micro_batch, teachers_ahead
+from kvdistill.train.loader import collated_batches, teachers_ahead
 from kvdistill.train.preflight import learning_rate_problems, position_problems, preflight
 from kvdistill.train.resume import (
     DATA,
@@ -215,7 +216,7 @@ class Run:
     out_dir: Path
     accelerator: Any
     objective: Any  # as prepared by Accelerate (DDP-wrapped when launched on several processes): the loss
-    inner: Any  # the unwrapped objective: evaluate, save_student
+    inner: TrainingObjective  # the unwrapped objective: evaluate, save_student
     optimizer: Any
     scheduler: Any
     train_records: list[dict]
@@ -226,7 +227,7 @@ class Run:
     tokens_seen: int = 0
     last_good: Path | None = None  # the newest checkpoint written or resumed from
     lock: RunLock | None = None  # held by the main process from setup until `close`
-    batches: Any = None  # during `fit`: the iterator of collated micro-batches (`_batches`), None: records
+    batches: Any = None  # during `fit`: the iterator of collated micro-batches (`train.loader`)
     t0: float = field(default_factory=time.time)
     eval_s: float = 0.0  # seconds spent in held-out evaluations since t0 (train_s = elapsed - eval_s)
     selection: Selection | None = None  # train.early_stopping's state
@@ -529,20 +530,16 @@ def fit(run: Run, *, progress: bool = True) -> None:
 def _step(run: Run, step: int) -> dict:
     """One optimizer step over grad_accum micro-batches -> its metrics row (means over micro-batches and
     processes; tokens: sums), with step, lr (the student's, as used), tokens_per_s and elapsed_s. The micro-batches
-    come from `run.batches` (collated, this step's next ones), or are the records themselves where it is None."""
+    come from `run.batches` (collated, this step's next ones)."""
     cfg, accelerator = run.cfg, run.accelerator
-    world, rank = accelerator.num_processes, accelerator.process_index
     sums: dict[str, float] = {}
     step_ids: list[str] = []
     step_t0 = time.time()
     lr = run.scheduler.get_last_lr()[0]  # the student's lr for this step
     run.inner.train_step = step  # what step-dependent terms (the logit KD τ schedule) read
     for micro in range(cfg.train.grad_accum):
-        if run.batches is None:
-            batch = records = micro_batch(run.train_records, cfg, step, micro, rank, world)
-        else:
-            batch = next(run.batches)
-            records = batch.records
+        batch = next(run.batches)
+        records = batch.records
         step_ids += [r["id"] for r in records]
         with accelerator.accumulate(run.objective):
             loss, metrics = run.objective(batch)
@@ -592,7 +589,7 @@ def _term_grad_norms(run: Run) -> dict[str, float]:
     clipping; the graph is kept for the step's own backward."""
     params = [p for p in run.inner.student.parameters() if p.requires_grad]
     out = {}
-    for name, term in getattr(run.inner, "last_terms", {}).items():
+    for name, term in run.inner.last_terms.items():
         if not term.requires_grad:
             continue
         grads = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
@@ -835,10 +832,10 @@ def _nonfinite_inputs(run: Run, ids: list[str]) -> list[str]:
     """The cached teacher K/V of samples `ids` that hold NaN/inf (what a damaged or badly extracted cache feeds
     the loss), as 'teacher t, sample s: keys_l0'."""
     found = []
-    for teacher in getattr(run.inner, "teachers", []):
-        reader = getattr(teacher, "reader", None)
-        if reader is None:
+    for teacher in run.inner.teachers:
+        if teacher.kind != "cache":
             continue
+        reader = teacher.reader
         for sid in ids:
             try:
                 tensors = reader.get(sid)

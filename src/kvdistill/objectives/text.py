@@ -24,8 +24,7 @@ from kvdistill.errors import KvdistillError
 from kvdistill.fuse.routing_accuracy import routing_accuracy
 from kvdistill.models.capture import forward_kv, tokenize
 from kvdistill.models.chat import ChatText
-from kvdistill.models.geometry import geometry_of
-from kvdistill.objectives.base import FusionSpace, Step, read_metrics
+from kvdistill.objectives.base import TrainingObjective, read_metrics
 from kvdistill.objectives.batch import Collated, Collator, TeacherSide
 from kvdistill.objectives.fusion import Fusion, common_end, per_sample, scored_start, teacher_nll_per_byte
 from kvdistill.objectives.latent_space import LatentSpaceKD
@@ -33,76 +32,65 @@ from kvdistill.objectives.loss_space import LossSpace
 from kvdistill.objectives.moe import MoETerms
 from kvdistill.objectives.on_policy import METRICS as ON_POLICY_METRICS
 from kvdistill.objectives.on_policy import OnPolicy
-from kvdistill.objectives.pairs import LayerPairs
+from kvdistill.objectives.space import FusionSpace, Step
 from kvdistill.objectives.target_space import TargetSpace
 from kvdistill.objectives.terms import TeacherTerms
-from kvdistill.student import save_student, unwrap_student
 
 SPACES: dict[str, type[FusionSpace]] = {"loss": LossSpace, "target": TargetSpace, "latent": LatentSpaceKD}
 
 
-class Objective(nn.Module):
+class TextObjective(TrainingObjective):
+    """A text student distilled from its teachers' K/V (module docstring): the trainer's objective interface
+    (`kvdistill.objectives.base.TrainingObjective`); batches are `Collated`."""
+
+    kind = "text"
+
     def __init__(self, cfg, student: nn.Module, tokenizer, teachers: list, device):
-        super().__init__()
-        self.cfg = cfg
-        self.student = student
-        self.tokenizer = tokenizer
-        self.teachers = teachers  # plain list: frozen, not part of the trained / checkpointed module
-        sg = self.student_geometry = geometry_of(unwrap_student(student), name=str(cfg.student.model or "student"))
-        self.pairs = {t.name: LayerPairs.of(sg.num_layers, t.geometry.num_layers, tcfg.layer_map, cfg.losses.kv,
-                                            device)
+        super().__init__(cfg, student, tokenizer, teachers)
+        sg = self.student_geometry
+        self.pairs = {t.name: self.layer_pairs(tcfg, t, cfg.losses.kv, device)
                       for tcfg, t in zip(cfg.teachers, teachers, strict=True)}
-        self._check_teachers()
+        for teacher in teachers:
+            if cfg.losses.logit_kd.weight > 0 and teacher.geometry.is_encoder:
+                raise KvdistillError(
+                    f"losses.logit_kd needs next-token logits, but teacher '{teacher.name}' is an encoder",
+                    "set losses.logit_kd.weight: 0 or drop that teacher (its K/V still align by bytes)")
+            if cfg.fusion.scores_teachers and teacher.geometry.is_encoder:
+                raise KvdistillError(
+                    f"the confidence weights score each sample by the teachers' next-token NLL, but teacher "
+                    f"'{teacher.name}' is an encoder", "use another fusion.kind (and router.target) or drop that teacher")
         self.fusion = Fusion(cfg.fusion, len(teachers), sg.hidden_size, [t.weight for t in cfg.teachers])
         self.space = SPACES[cfg.fusion.space](cfg, sg, teachers, self.pairs)
         self.terms = TeacherTerms(cfg, sg, teachers, tokenizer)
         self.moe = MoETerms(cfg, student, teachers)  # routing, expert outputs, load balance (MoE students)
-        self.train_step = 0  # the optimizer step being run (set by the trainer): τ, K/V weight schedules, on-policy
-        self.last_terms: dict[str, torch.Tensor] = {}
         op = cfg.train.on_policy
         self.on_policy = None if op is None else OnPolicy(op, seed=cfg.train.seed, template=cfg.data.template,
                                                           tokenizer=tokenizer)
         # the host side of a batch (picklable, no model): the trainer runs it on DataLoader workers
-        self.collate = Collator(tokenizer, [
+        self._collator = Collator(tokenizer, [
             TeacherSide(t.name, t.tokenizer if t.kind == "online" else None, t.geometry,
                         getattr(t, "compression", None), reader=t.reader if t.kind == "cache" else None,
                         layers=sorted(set(self.pairs[t.name].teacher_layers)),
                         logits=t.kind == "cache" and cfg.losses.logit_kd.weight > 0) for t in teachers],
             max_length=cfg.data.max_length, max_positions=sg.max_positions)
-        self.to(device)
-        for teacher in teachers:
-            teacher.to(device)
+        self.to_device(device)
 
-    def _check_teachers(self) -> None:
-        for teacher in self.teachers:
-            missing = sorted(set(self.pairs[teacher.name].teacher_layers) - set(teacher.layers))
-            if missing:
-                raise KvdistillError(f"teacher '{teacher.name}' lacks layers {missing} that the layer map uses",
-                                     "re-extract the cache with those layers, or change the teacher's layer_map")
-            if self.cfg.losses.logit_kd.weight > 0 and teacher.geometry.is_encoder:
-                raise KvdistillError(
-                    f"losses.logit_kd needs next-token logits, but teacher '{teacher.name}' is an encoder",
-                    "set losses.logit_kd.weight: 0 or drop that teacher (its K/V still align by bytes)")
-            if self.cfg.fusion.scores_teachers and teacher.geometry.is_encoder:
-                raise KvdistillError(
-                    f"the confidence weights score each sample by the teachers' next-token NLL, but teacher "
-                    f"'{teacher.name}' is an encoder", "use another fusion.kind (and router.target) or drop that teacher")
+    @property
+    def collator(self) -> Collator:
+        return self._collator
 
     # ---------------------------------------------------------------------------------------------- one step
     def step(self, batch: Collated | list[dict], *, training: bool = True) -> Step:
         """The student's forward and every teacher's K/V of one batch (a `Collated`, or records collated here);
         held out (training=False) only the K/V, and only for a space that reports per-layer errors. The K/V come
         from the batch's pass ahead where `TeachersAhead` made one (`train.teachers_ahead`), else run here."""
-        collated = batch if isinstance(batch, Collated) else self.collate(batch)
+        collated = self.as_batch(batch)
         needs = self.terms.needs() if training else dict(hidden_states=False, logits=False, attentions=False)
         sb = collated.student_batch(self.fusion.fixed.device)
         s = forward_kv(self.student, sb.ids, sb.mask, geometry=self.student_geometry, logits=True,
                        hidden_states=needs["hidden_states"] or (training and self.fusion.needs_hidden),
                        attentions=needs["attentions"])
-        if collated.ahead is not None and training:
-            tkvs = collated.ahead.take()
-        else:
-            tkvs = self.teacher_pass(collated, training=training)
+        tkvs = self.teachers_of(collated, training=training)
         return Step(sb, s, self.teachers, tkvs, self.pairs, self.fusion)
 
     def _data_ce(self, data: Collated) -> torch.Tensor:
@@ -148,7 +136,7 @@ class Objective(nn.Module):
         if self.on_policy is not None:
             gen = dict.fromkeys(ON_POLICY_METRICS, 0.0)
             if self.training and self.on_policy.chosen(self.train_step):
-                data = batch if isinstance(batch, Collated) else self.collate(batch)
+                data = self.as_batch(batch)
                 sampled, gen = self.on_policy.sample(self.student, data.records, self.train_step)
                 batch = self.collate(sampled)  # every tokenizer on the student's text; teachers run in `step`
             device = self.fusion.fixed.device  # with the other metrics: read back in one transfer
@@ -204,9 +192,7 @@ class Objective(nn.Module):
         leaves a layer unsupervised) and its mean over mapped layers `eval/kv_error/<teacher>`. With a router,
         similarity or confidence fusion and teachers labelled with a skill, the routing accuracy of `fuse.routing_accuracy`:
         `eval/routing_acc` and `eval/routing_acc_<skill>`."""
-        was = self.training
-        self.eval()
-        try:
+        with self.evaluating():
             bs = batch_size or self.cfg.train.batch_size
             nll, tokens = 0.0, 0
             per_layer: dict[str, dict[int, list[float]]] = {t.name: {} for t in self.teachers}
@@ -234,8 +220,6 @@ class Objective(nn.Module):
                     out[f"eval/kv_error/{name}"] = sum(mapped) / len(mapped)
                     out[f"eval/kv_error_layers/{name}"] = vals
             return out
-        finally:
-            self.train(was)
 
     @torch.no_grad()
     def routing_weights(self, records: list[dict], batch_size: int) -> torch.Tensor:
@@ -285,5 +269,3 @@ class Objective(nn.Module):
             out["teachers"][teacher.name] = {"tokens": t_tok, "alignment": [[round(float(x), 4) for x in r] for r in A]}
         return out
 
-    def save_student(self, out_dir) -> None:
-        save_student(self.student, self.tokenizer, str(out_dir))
