@@ -35,7 +35,7 @@ train(load_config(sys.argv[1], sys.argv[6:]), sys.argv[2], resume=os.path.isfile
 
 # (module, function, which call kills): inside a step, inside a checkpoint's fsync (written, not renamed), at the
 # start of a checkpoint, inside the atomic directory helper
-POINTS = [("kvdistill.train.trainer", "_step", 1), ("kvdistill.train.trainer", "_step", 3),
+POINTS = [("kvdistill.train.trainer", "optimizer_step", 1), ("kvdistill.train.trainer", "optimizer_step", 3),
           ("kvdistill.train.checkpoint", "_fsync_tree", 1), ("kvdistill.train.checkpoint", "_fsync_tree", 2),
           ("kvdistill.train.trainer", "save_checkpoint", 2), ("kvdistill.train.checkpoint", "atomic_dir", 2)]
 

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from kvdistill.train import checkpoint as checkpoint_mod
-from kvdistill.train import trainer
+from kvdistill.train import divergence, trainer
 from kvdistill.train.trainer import train
 
 
@@ -235,7 +235,7 @@ def test_divergence_advice_names_non_finite_weights(tiny_yaml, home, cli, monkey
     """Weights made non-finite before step 2: the message says so instead of only 'lower the lr'."""
     import torch
 
-    step = trainer._step
+    step = trainer.optimizer_step
 
     def poisoned(run, i):
         if i == 1:
@@ -243,7 +243,7 @@ def test_divergence_advice_names_non_finite_weights(tiny_yaml, home, cli, monkey
                 next(run.inner.parameters()).fill_(float("nan"))
         return step(run, i)
 
-    monkeypatch.setattr(trainer, "_step", poisoned)
+    monkeypatch.setattr(trainer, "optimizer_step", poisoned)
     code, err = cli("train", tiny_yaml, "--out", home / "work" / "run")
     assert code == 2, err
     assert "cause: non-finite weights before the step (student." in err
@@ -266,8 +266,8 @@ def test_divergence_advice_names_non_finite_cached_inputs(tmp_path):
                             "spans": torch.tensor([[0, 1], [1, 2]]), "keys_l0": torch.full((1, 2, 2), value),
                             "values_l0": torch.ones(1, 2, 2)})
     run = SimpleNamespace(inner=SimpleNamespace(teachers=[SimpleNamespace(name="t", reader=CacheReader(tmp_path / "c"))]))
-    assert trainer._nonfinite_inputs(run, ["s0"]) == []
-    assert trainer._nonfinite_inputs(run, ["s0", "s1"]) == [f"teacher 't' (cache {tmp_path / 'c'}), sample 's1': keys_l0"]
+    assert divergence.nonfinite_inputs(run, ["s0"]) == []
+    assert divergence.nonfinite_inputs(run, ["s0", "s1"]) == [f"teacher 't' (cache {tmp_path / 'c'}), sample 's1': keys_l0"]
 
 
 # ------------------------------------------------------------------------------------------ markup, limits, stops
@@ -324,14 +324,14 @@ def test_a_full_disk_during_training_is_named_with_the_fix(tiny_yaml, home, cli,
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_stopped_run_says_how_to_resume(tiny_yaml, home, cli, tree, monkeypatch, signum):
-    step = trainer._step
+    step = trainer.optimizer_step
 
     def stopped(run, i):
         if i == 1:
             os.kill(os.getpid(), signum)
         return step(run, i)
 
-    monkeypatch.setattr(trainer, "_step", stopped)
+    monkeypatch.setattr(trainer, "optimizer_step", stopped)
     run = home / "work" / "run"
     before = tree.snap(home)
     code, err = cli("train", tiny_yaml, "--out", run)

@@ -162,18 +162,18 @@ def test_a_run_stopped_before_its_first_checkpoint_trains_again_under_resume(fin
     """Interrupted (Ctrl-C) in step 2 with no checkpoint yet, and a half-written step-1.tmp: a plain start is
     refused (the directory holds a run); --resume used to be refused too ("start without --resume"). Now it
     trains the run from step 0, to exactly the uninterrupted result."""
-    step = trainer._step
+    step = trainer.optimizer_step
 
     def interrupted(run, i):
         if i == 1:
             raise KeyboardInterrupt
         return step(run, i)
 
-    monkeypatch.setattr(trainer, "_step", interrupted)
+    monkeypatch.setattr(trainer, "optimizer_step", interrupted)
     out = tmp_path / "run"
     code, err = cli("train", tiny_yaml, "--out", out)
     assert code == 130  # Ctrl-C: 128 + SIGINT
-    monkeypatch.setattr(trainer, "_step", step)
+    monkeypatch.setattr(trainer, "optimizer_step", step)
     assert _lock_is_free(out)
     assert [r["step"] for r in files.metrics(out)] == [1] and not (out / "checkpoints").exists()
     (out / "checkpoints/step-1.tmp/state").mkdir(parents=True)
@@ -270,14 +270,14 @@ from kvdistill.config import load_config
 from kvdistill.train import resume, trainer
 
 config, out, started, release = sys.argv[1:5]
-step = trainer._step
+step = trainer.optimizer_step
 def waiting(run, i):
     if i == 1:  # in the middle of the run: step 1 is logged
         pathlib.Path(started).write_text("step 2")
         while not pathlib.Path(release).exists():
             time.sleep(0.05)
     return step(run, i)
-trainer._step = waiting
+trainer.optimizer_step = waiting
 trainer.train(load_config(config), out, progress=False)
 """
 
@@ -315,18 +315,18 @@ def test_a_second_train_into_a_directory_being_written_is_refused(tiny_yaml, tmp
 
 @pytest.mark.parametrize("error", [RuntimeError("out of memory"), KeyboardInterrupt()])
 def test_the_lock_is_given_back_when_a_run_fails(tiny_config, tmp_path, monkeypatch, error):
-    step = trainer._step
+    step = trainer.optimizer_step
 
     def failing(run, i):
         assert not _lock_is_free(run.out_dir)  # held while the run runs
         raise error
 
-    monkeypatch.setattr(trainer, "_step", failing)
+    monkeypatch.setattr(trainer, "optimizer_step", failing)
     out = tmp_path / "run"
     with pytest.raises(type(error)):
         train(tiny_config(), out, progress=False)
     assert _lock_is_free(out)
-    monkeypatch.setattr(trainer, "_step", step)
+    monkeypatch.setattr(trainer, "optimizer_step", step)
     train(tiny_config(), out, resume=True, progress=False)  # the directory is free to continue
     assert _lock_is_free(out)
 

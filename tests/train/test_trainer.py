@@ -222,15 +222,15 @@ NAN_ON_ONE_RANK = """
 import json, math, sys
 import torch
 from accelerate import Accelerator
-from kvdistill.train.trainer import NonFiniteLoss, _stop_if_non_finite
+from kvdistill.train.divergence import NonFiniteLoss, stop_if_non_finite
 
 acc = Accelerator(cpu=True)
 rank = acc.process_index
 records = [{"id": f"r{rank}a"}, {"id": f"r{rank}b"}]
-_stop_if_non_finite(acc, 1.0, {"loss": 1.0}, 3, 0, records, None)  # finite everywhere: returns
+stop_if_non_finite(acc, 1.0, {"loss": 1.0}, 3, 0, records, None)  # finite everywhere: returns
 loss = math.nan if rank == 1 else 2.0
 try:
-    _stop_if_non_finite(acc, loss, {"loss": loss, "loss/kv/t": loss}, 4, 1, records, None)
+    stop_if_non_finite(acc, loss, {"loss": loss, "loss/kv/t": loss}, 4, 1, records, None)
     problem = None
 except NonFiniteLoss as err:
     problem = err.problem
