@@ -9,7 +9,7 @@ from kvdistill.errors import KvdistillError
 from kvdistill.models.geometry import KVGeometry, geometry_of
 from kvdistill.models.load import load_config, load_model
 
-from .conftest import TINY
+from .conftest import TINY, build_tiny
 
 
 @pytest.mark.parametrize("family", list(TINY))
@@ -85,20 +85,67 @@ def test_latent_attention_geometry():
     assert (geom.rope.rotary_dim, geom.rope.offset) == (8, 8)
 
 
-def test_family_rotation_is_read_from_its_code():
-    """No table: the family's own rotate function says how dims pair and in which direction."""
-    from kvdistill.models.geometry import rotation_of_code
-
-    assert rotation_of_code("transformers.models.llama.modeling_llama") == ("rotate_half", 1)
-    assert rotation_of_code("transformers.models.cohere.modeling_cohere") == ("interleaved", 1)
-    assert rotation_of_code("transformers.models.gptj.modeling_gptj") == ("interleaved", 1)
-    assert rotation_of_code("transformers.models.llama4.modeling_llama4") == ("interleaved", 1)  # complex freqs
-    assert rotation_of_code("transformers.models.nanochat.modeling_nanochat") == ("rotate_half", -1)
-
-
 def test_unknown_model_or_path():
     with pytest.raises(KvdistillError) as info:
         load_model("/no/such/dir-or-model")
     assert "/no/such/dir-or-model" in str(info.value)
     with pytest.raises(KvdistillError):
         load_config("smollm2-135mm")
+
+
+# ------------------------------------------------------------------------------------------- derived once
+@pytest.fixture
+def derivations(monkeypatch):
+    """The models and configs whose geometry is derived (not answered from memory) from here on."""
+    import kvdistill.models.geometry as geometry
+
+    derived: list = []
+    derive = geometry._derive
+
+    def counted(model_or_config):
+        derived.append(model_or_config)
+        return derive(model_or_config)
+
+    monkeypatch.setattr(geometry, "_derive", counted)
+    return derived
+
+
+def test_a_config_is_derived_once_per_content(derivations):
+    """An equal config (another object, same JSON) is answered from memory; a changed one is derived again."""
+    make = lambda **kw: AutoConfig.for_model("llama", **{**TINY["llama"], "vocab_size": 131, **kw})  # noqa: E731
+    first = geometry_of(make())
+    assert geometry_of(make()) is first and len(derivations) == 1
+    named = geometry_of(make(), name="teacher")
+    assert named.name == "teacher" and named.to_dict() | {"name": first.name} == first.to_dict()
+    assert len(derivations) == 1
+    deeper = geometry_of(make(num_hidden_layers=3))
+    assert (deeper.num_layers, first.num_layers, len(derivations)) == (3, 2, 2)
+
+
+def test_a_model_is_derived_once_and_again_after_its_config_changes(derivations):
+    model = build_tiny("qwen2")
+    first = geometry_of(model)
+    assert geometry_of(model) is first and geometry_of(model, name="s").name == "s"
+    assert derivations == [model]
+    geometry_of(build_tiny("qwen2"))  # another object of the same config: its own modules are read
+    assert len(derivations) == 2
+    model.config.max_position_embeddings = 512
+    assert geometry_of(model).max_positions == 512 and first.max_positions == 256 and len(derivations) == 3
+
+
+def test_validation_preflight_and_the_objective_derive_each_geometry_once(tiny_config, derivations):
+    """A run asks for the geometry of one model many times (validation and preflight read config.json, an R-KV
+    teacher's attention kernel is chosen from it, the objective and each teacher read their loaded model): each
+    config content and each model object is derived at most once, and the student and both teachers once each."""
+    import torch
+
+    from kvdistill.objectives import build_objective
+    from kvdistill.train.preflight import preflight
+
+    cfg = tiny_config("teachers.1.compression.kind=rkv", "teachers.1.compression.budget=8")
+    preflight(cfg)
+    objective = build_objective(cfg)
+    keys = [id(m) if isinstance(m, torch.nn.Module) else m.to_json_string(use_diff=False) for m in derivations]
+    assert len(keys) == len(set(keys))
+    models = [m for m in derivations if isinstance(m, torch.nn.Module)]
+    assert len(models) == 3 and {id(t.model) for t in objective.teachers} < {id(m) for m in models}

@@ -23,7 +23,8 @@ from contextlib import contextmanager
 import torch
 
 from kvdistill.errors import KvdistillError
-from kvdistill.models.geometry import KVGeometry, geometry_of
+from kvdistill.models.geometry import geometry_of
+from kvdistill.models.kv_geometry import KVGeometry
 from kvdistill.models.rope import apply_rope, rope_cos_sin
 
 # families whose attention is q_proj (+ optional q_norm) -> rotate_half rope -> scaled softmax(q k^T) with GQA

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 import torch
 
 from kvdistill.errors import KvdistillError
-from kvdistill.models.geometry import KVGeometry, decoder_attention_modules
+from kvdistill.models.kv_geometry import KVGeometry
+from kvdistill.models.modules import decoder_attention_modules
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

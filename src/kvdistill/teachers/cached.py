@@ -13,7 +13,7 @@ import dataclasses
 import torch
 
 from kvdistill.errors import KvdistillError
-from kvdistill.models.geometry import KVGeometry
+from kvdistill.models.kv_geometry import KVGeometry
 from kvdistill.teachers.record import TeacherKV
 
 

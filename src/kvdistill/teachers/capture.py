@@ -20,7 +20,8 @@ from kvdistill.compress import (
 from kvdistill.compress.latent import window_rows
 from kvdistill.errors import KvdistillError
 from kvdistill.models.capture import capture_tokenized, tokenize_for
-from kvdistill.models.geometry import KVGeometry, geometry_of
+from kvdistill.models.geometry import geometry_of
+from kvdistill.models.kv_geometry import KVGeometry
 from kvdistill.teachers.record import TeacherKV
 
 

@@ -6,7 +6,8 @@ import threading
 
 import torch
 
-from kvdistill.models.geometry import KVGeometry, geometry_of
+from kvdistill.models.geometry import geometry_of
+from kvdistill.models.kv_geometry import KVGeometry
 from kvdistill.teachers.capture import TeacherInputs, capture_teacher, compress_capture
 from kvdistill.teachers.record import TeacherKV
 
