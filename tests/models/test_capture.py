@@ -244,7 +244,7 @@ def test_auto_source_uses_hooks_and_builds_no_cache(tiny_models, monkeypatch):
     def no_cache(*_a, **_k):
         raise AssertionError("the cache path ran")
 
-    monkeypatch.setattr(capture, "_cached_decoder_kv", no_cache)
+    monkeypatch.setattr(capture, "cached_decoder_kv", no_cache)
     ids, mask = _batch()
     with torch.no_grad():
         cap = forward_kv(tiny_models("llama"), ids, mask)

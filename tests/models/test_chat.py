@@ -8,9 +8,9 @@ import pytest
 
 from kvdistill.align.tokens import token_alignment
 from kvdistill.errors import KvdistillError
-from kvdistill.models.capture import token_counts, tokenize
 from kvdistill.models.chat import ChatText, render
 from kvdistill.models.load import load_tokenizer
+from kvdistill.models.tokenization import token_counts, tokenize
 
 MESSAGES = [{"role": "user", "content": "What is 3 + 4? Über-easy."},
             {"role": "assistant", "content": "3 + 4 = 7. The answer is 7."}]

@@ -9,8 +9,8 @@ from transformers import DynamicCache
 
 from kvdistill import capture_kv
 from kvdistill.errors import KvdistillError
-from kvdistill.models.capture import _cache_layers, _cache_of
 from kvdistill.models.geometry import geometry_of
+from kvdistill.models.hf_forward import cache_layers, returned_cache
 from kvdistill.models.rope import apply_rope
 
 pytestmark = pytest.mark.slow
@@ -35,7 +35,7 @@ def test_real_round_trip_with_left_padding(which, request):
     with torch.no_grad():
         out = model.base_model(input_ids=cap.input_ids, attention_mask=cap.attention_mask,
                                position_ids=cap.positions, cache=DynamicCache(), use_cache=True)
-    for layer, (k_raw, _) in enumerate(_cache_layers(_cache_of(out))):
+    for layer, (k_raw, _) in enumerate(cache_layers(returned_cache(out))):
         cos, sin = cap.rotary[layer]  # the tables the model handed this layer
         err = (apply_rope(cap.keys[layer], cos, sin, geom.rope.style, geom.rope.offset) - k_raw).abs().max()
         assert err <= 1e-4, (which, layer, float(err))

@@ -9,7 +9,7 @@ import torch
 
 from kvdistill.data import load_records
 from kvdistill.errors import ConfigError, KvdistillError
-from kvdistill.models.capture import continuation
+from kvdistill.models.tokenization import continuation
 from kvdistill.objectives import build_objective
 from kvdistill.objectives.on_policy import OnPolicy
 from kvdistill.teachers import OnlineTeacher

@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 
 from kvdistill.config import StudentConfig
 from kvdistill.errors import KvdistillError
-from kvdistill.models.capture import is_checkpointing
+from kvdistill.models.hf_forward import is_checkpointing
 from kvdistill.student import build_student, save_student, unwrap_student
 
 

@@ -31,7 +31,7 @@ import time
 import torch
 
 from kvdistill.data.template import question_prompt
-from kvdistill.models.capture import continuation
+from kvdistill.models.tokenization import continuation
 from kvdistill.student import unwrap_student
 
 METRICS = ("on_policy/sampled", "on_policy/new_tokens", "on_policy/generate_s")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from kvdistill.config import StudentConfig
-from kvdistill.models.capture import enable_checkpointing
+from kvdistill.models.hf_forward import enable_checkpointing
 from kvdistill.models.load import (
     attn_implementation_for,
     from_pretrained_or_config,

@@ -39,7 +39,8 @@ from torch import nn
 
 from kvdistill.data.segments import Segments
 from kvdistill.errors import KvdistillError
-from kvdistill.models.capture import cache_argument, forward_kv, positions_from_mask, returned_cache, tokenize
+from kvdistill.models.capture import forward_kv, positions_from_mask, tokenize
+from kvdistill.models.hf_forward import cache_argument, returned_cache
 from kvdistill.student.build import unwrap_student
 
 PROJECTIONS = ("mlp", "linear", "none")

@@ -111,8 +111,8 @@ def _memory_notes(cfg: RunConfig) -> list[str]:
 
 def _truncation_notes(cfg: RunConfig, records: list[dict]) -> list[str]:
     """'data.max_length = L truncates n of N records for the student (the longest: M tokens)', per model."""
-    from kvdistill.models.capture import token_counts
     from kvdistill.models.load import load_tokenizer
+    from kvdistill.models.tokenization import token_counts
 
     s = cfg.student
     models = [("the student", s.tokenizer or s.model or s.from_config.get("base"))]
