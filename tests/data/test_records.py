@@ -309,7 +309,7 @@ def test_size_is_for_generators_and_limit_for_files(tmp_path):
 def test_blank_lines_skipped_are_logged(tmp_path, caplog):
     path = tmp_path / "lines.txt"
     path.write_text("one\n\n  \ntwo\nthree\n")
-    with caplog.at_level(logging.WARNING, logger="kvdistill.data.records"):
+    with caplog.at_level(logging.WARNING, logger="kvdistill.data.modes"):
         records = load_records(cfg(path, "text", eval_size=0))
     assert [r["text"] for r in sorted(records, key=lambda r: r["id"])] == ["one", "two", "three"]
     assert any("skipped 2 blank line(s) of 5" in r.getMessage() for r in caplog.records)

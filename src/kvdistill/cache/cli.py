@@ -292,7 +292,7 @@ def _logits_raw(base, flags: dict):
 def _data_source(data: str, overrides: list[str]) -> dict:
     if data == "gsm_symbolic":
         return {"source": "gsm_symbolic", "path": None}
-    from kvdistill.data.records import source_of_file
+    from kvdistill.data.rows import source_of_file
 
     source = source_of_file(data)  # --data: a source name or a file whose suffix names its format
     if source is None:

@@ -3,7 +3,7 @@
 A record is a plain dict::
 
     {"id": str,                 # stable across runs; the key of cached teacher K/V
-     "text": str,               # the whole training text (a chat record: a `ChatText`, see below)
+     "text": str,               # the whole training text (a chat record: a `ChatText`, `kvdistill.data.modes`)
      "answer_start": int|None,  # char offset where the answer begins: text[answer_start:] starts with it
      "question": str|None, "cot": str|None, "answer": str|None}
 
@@ -14,21 +14,8 @@ in-memory `datasets.Dataset` given to `load_records(..., dataset=)`), its `data.
 from the seed alone (see `kvdistill.data.arith`), `sorting` problems (`kvdistill.data.sorting`), or `skills`: a
 mixture of those generators, each record labelled with its `skill` (`kvdistill.data.skills`).
 
-A row becomes a record in one of three ways:
-
-- chat mode: the row's `data.messages_field` is a conversation, a list of {"role", "content"}; the record's text
-  is a `kvdistill.models.chat.ChatText` (the contents as "role: content" lines, carrying the messages), which every
-  model reads in its own chat template, aligned on the contents; the last message, when the assistant's, is the
-  answer (`answer_start` its content's offset, `question` the shared text before it);
-- text mode: the row's `data.text_field` is the text (always for `source: text`: one record per non-blank
-  line); with an `data.answer_field` column too, `answer_start` is its last occurrence in the text;
-- template mode: `data.question_field` / `data.cot_field` / `data.answer_field` rendered with `data.template`
-  (placeholders `{question}`, `{cot}`, `{answer}`); a template line holding only `{cot}` is dropped when a
-  record has no chain of thought. The default `cot` column is optional; a `cot_field` that is set is not.
-
-Chat mode is chosen when `data.messages_field` is set, or when the rows have that column and neither a text nor a
-question column; text mode when `data.text_field` is set, or when the rows have a `text_field` column and no
-`question_field` column. Rows with an `id` column keep it as their id, others get `<name>:<row>`.
+A file or dataset row becomes a record in chat, text or template mode (`kvdistill.data.modes`); the rows are read
+by `kvdistill.data.rows`.
 
 Split: the rows are shuffled with `data.seed`; every record is used unless `data.limit` caps them (generated
 sources: `data.size` problems in generation order); the first `data.eval_size` are the eval (test) split, the next
@@ -43,37 +30,23 @@ before the `data.train_size` cap; the eval and validation splits stay the whole 
 
 from __future__ import annotations
 
-import contextlib
-import difflib
 import functools
 import logging
 import random
-import tempfile
 from collections.abc import Iterator, Sequence
-from pathlib import Path
-from typing import Any
 
 from kvdistill.config import DataConfig
 from kvdistill.data.arith import arithmetic_records
 from kvdistill.data.gsm import gsm_symbolic_records
+from kvdistill.data.modes import file_records
 from kvdistill.data.skills import skill_records
 from kvdistill.data.sorting import sorting_records
-from kvdistill.data.template import check_template, make_record
+from kvdistill.data.template import check_template
 from kvdistill.errors import KvdistillError
 
 logger = logging.getLogger(__name__)
 
 _GENERATORS = {"gsm_symbolic": gsm_symbolic_records, "arithmetic": arithmetic_records, "sorting": sorting_records}
-_BUILDERS = {"jsonl": "json", "csv": "csv", "parquet": "parquet", "text": "text"}
-FILE_SUFFIXES = {"jsonl": (".jsonl", ".json"), "csv": (".csv",), "parquet": (".parquet",), "text": (".txt",)}
-"""The file suffixes of each file source (any case): what a directory of that source holds, and how a command's
-`--data FILE` names its format (`source_of_file`)."""
-
-
-def source_of_file(path: str | Path) -> str | None:
-    """The data source a file's suffix names (`FILE_SUFFIXES`), None for another suffix."""
-    suffix = Path(path).suffix.lower()
-    return next((source for source, suffixes in FILE_SUFFIXES.items() if suffix in suffixes), None)
 
 
 # ---------------------------------------------------------------------------------------------- public API
@@ -105,7 +78,7 @@ def load_records(data_config: DataConfig, split: str = "train", *, dataset=None)
         records = [dict(r) for r in _generated(cfg.source, cfg.size, cfg.seed, cfg.template)]
         where = f"{cfg.source} (data.size = {cfg.size})"
     else:
-        records, name = _file_records(cfg, dataset)
+        records, name = file_records(cfg, dataset)
         random.Random(cfg.seed).shuffle(records)
         where = f"{name} ({len(records)} records"
         if cfg.limit is not None and len(records) > cfg.limit:
@@ -205,351 +178,3 @@ def _problem_key(record: dict) -> str:
     """What makes two records the same problem: the question, else the text, whitespace normalised."""
     question = record.get("question")
     return " ".join((question if question is not None else record["text"]).split())
-
-
-# ---------------------------------------------------------------------------------------------- files
-def _data_files(cfg: DataConfig) -> list[str]:
-    path = Path(cfg.path)
-    if path.is_file():
-        return [str(path)]
-    if path.is_dir():
-        files = sorted(str(p) for p in path.iterdir() if p.is_file() and p.suffix.lower() in FILE_SUFFIXES[cfg.source])
-        if not files:
-            raise KvdistillError(
-                f"data.path '{cfg.path}' is a directory with no {cfg.source} files "
-                f"({', '.join(FILE_SUFFIXES[cfg.source])})",
-                "point data.path at a file, or set data.source to the files' format",
-            )
-        return files
-    raise KvdistillError(
-        f"data.path '{cfg.path}' does not exist",
-        f"check the path (relative paths start from the current directory, {Path.cwd()})",
-    )
-
-
-@contextlib.contextmanager
-def _quiet_datasets():
-    import datasets
-
-    was_on = datasets.utils.logging.is_progress_bar_enabled()
-    datasets.utils.logging.disable_progress_bar()
-    try:
-        yield datasets
-    finally:
-        if was_on:
-            datasets.utils.logging.enable_progress_bar()
-
-
-def _read_rows(cfg: DataConfig, files: list[str]) -> tuple[list[dict[str, Any]], list[str]]:
-    """(rows, column names) of the files, read by `datasets` into a throw-away cache (no network)."""
-    if all(not Path(f).read_bytes().strip() for f in files):
-        raise _empty(cfg)
-    if cfg.source != "parquet":
-        for f in files:
-            _check_utf8(Path(f))
-    with _quiet_datasets() as datasets, tempfile.TemporaryDirectory(prefix="kvdistill-datasets-") as cache:
-        try:
-            ds = datasets.load_dataset(
-                _BUILDERS[cfg.source], data_files=files, cache_dir=cache, split="train"
-            )
-        except Exception as err:  # any reader failure becomes one clear message
-            if "corresponds to no data" in str(err):
-                raise _empty(cfg) from None
-            cause = err.__cause__ or err.__context__ or err
-            raise KvdistillError(
-                f"could not read data.path '{cfg.path}' as {cfg.source}: {type(cause).__name__}: {cause}",
-                "check data.source matches the file format (jsonl: one JSON object per line)",
-            ) from err
-        rows, columns = ds.to_list(), list(ds.column_names)
-        del ds
-    if not rows:
-        raise _empty(cfg)
-    return rows, columns
-
-
-def _check_utf8(path: Path) -> None:
-    """Text data files must be UTF-8; the first bad byte is named with its line."""
-    data = path.read_bytes()
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = data.count(b"\n", 0, err.start) + 1
-        raise KvdistillError(
-            f"data file '{path}' is not UTF-8: byte 0x{data[err.start]:02x} at offset {err.start} (line {line})",
-            "re-encode the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8 IN > OUT`) or drop that line",
-        ) from None
-
-
-def _empty(cfg: DataConfig) -> KvdistillError:
-    return KvdistillError(f"{_label(cfg)} holds no records", "point data.path at a non-empty file or dataset")
-
-
-def _missing_field(cfg: DataConfig, key: str, value: str, columns: list[str]) -> KvdistillError:
-    close = difflib.get_close_matches(value, columns, n=1, cutoff=0.5)
-    hint = f"; did you mean '{close[0]}'?" if close else ""
-    return KvdistillError(
-        f"data.{key} = '{value}': no such column in {_label(cfg)}{hint} (columns: {', '.join(columns)})",
-        f"set data.{key} to one of the columns" + (f", e.g. data.{key}={close[0]}" if close else ""),
-    )
-
-
-def _as_text(value: Any) -> str | None:
-    if value is None:
-        return None
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value)
-
-
-def _file_records(cfg: DataConfig, dataset=None) -> tuple[list[dict], str]:
-    """(every record of the files or dataset in their order: line, chat, text or template mode (see the module
-    docstring), a name for messages)."""
-    if dataset is not None or cfg.source == "hf":
-        rows, columns, name = _dataset_rows(cfg, dataset)
-    else:
-        rows, columns = _read_rows(cfg, _data_files(cfg))
-        name = Path(cfg.path).name
-    label = f"data.path '{cfg.path}'" if cfg.path else "the dataset passed in"
-    if cfg.source == "text":
-        return _line_records(cfg, rows, name), label
-    ids = _row_ids(cfg, rows, columns, name)
-    if _is_chat_mode(cfg, columns):
-        return _chat_records(cfg, rows, columns, ids), label
-    if _is_text_mode(cfg, columns):
-        return _text_records(cfg, rows, columns, ids), label
-    return _template_records(cfg, rows, columns, ids), label
-
-
-def dataset_split(dataset, cfg: DataConfig):
-    """The `datasets.Dataset` to read: `dataset` itself, or its `data.split` when it is a DatasetDict (refused,
-    listing the splits, when it has no such split); a split set for a plain Dataset is refused, not ignored."""
-    import datasets
-
-    if isinstance(dataset, datasets.DatasetDict | datasets.IterableDatasetDict):
-        if cfg.split not in dataset:
-            raise KvdistillError(f"data.split '{cfg.split}' is not a split of {_label(cfg)} (splits: "
-                                 f"{', '.join(dataset)})", f"set data.split to one of {', '.join(dataset)}")
-        dataset = dataset[cfg.split]
-    elif "split" in cfg.model_fields_set:
-        raise KvdistillError(f"data.split '{cfg.split}' is set, but {_label(cfg)} holds a single split",
-                             "drop data.split")
-    if isinstance(dataset, datasets.IterableDataset):
-        raise KvdistillError(f"{_label(cfg)} is a streaming (iterable) dataset; training shuffles and splits every "
-                             "record", "load it without streaming=True (or pass ds.take(N) as a Dataset)")
-    if not isinstance(dataset, datasets.Dataset):
-        raise KvdistillError(f"the dataset passed in is a {type(dataset).__name__}, not a datasets.Dataset",
-                             "pass a datasets.Dataset or DatasetDict (e.g. datasets.Dataset.from_list(rows))")
-    return dataset
-
-
-def _dataset_rows(cfg: DataConfig, dataset) -> tuple[list[dict[str, Any]], list[str], str]:
-    """(rows, column names, name) of a Hugging Face dataset: in memory, a save_to_disk directory, a folder of data
-    files, or a hub id (downloaded into the user's datasets cache)."""
-    with _quiet_datasets() as datasets, tempfile.TemporaryDirectory(prefix="kvdistill-datasets-") as cache:
-        if dataset is None:
-            if not cfg.path:
-                raise KvdistillError("data.source 'hf' needs data.path (a hub id, a save_to_disk directory or a "
-                                     "folder of data files), or a dataset passed to train(..., dataset=)",
-                                     "set data.path")
-            dataset = _open_dataset(datasets, cfg, cache)
-            name = Path(cfg.path).name if Path(cfg.path).exists() else cfg.path.replace("/", "_")
-        else:
-            name = "dataset"
-        ds = dataset_split(dataset, cfg)
-        rows, columns = ds.to_list(), list(ds.column_names)
-    if not rows:
-        raise _empty(cfg)
-    return rows, columns, name
-
-
-def _open_dataset(datasets, cfg: DataConfig, cache: str):
-    """`data.path` as a dataset: `load_from_disk` for a save_to_disk directory, else `load_dataset` (a folder of
-    data files, read into the throw-away `cache`, or a hub id with data.subset / data.split, into the user's
-    datasets cache)."""
-    path = Path(cfg.path).expanduser()
-    saved = path.is_dir() and any((path / f).is_file() for f in ("dataset_info.json", "dataset_dict.json",
-                                                                   "state.json"))
-    try:
-        if saved:
-            if cfg.subset is not None:
-                raise KvdistillError(f"data.subset is set, but '{cfg.path}' is a saved dataset (no configurations)",
-                                     "drop data.subset")
-            return datasets.load_from_disk(str(path))
-        if path.is_file():
-            raise KvdistillError(f"data.path '{cfg.path}' is a file, and data.source is hf",
-                                 "set data.source to the file's format (jsonl, csv, parquet, text)")
-        if path.is_dir():
-            return datasets.load_dataset(str(path), cfg.subset, split=cfg.split, cache_dir=cache)
-        return datasets.load_dataset(cfg.path, cfg.subset, split=cfg.split)
-    except KvdistillError:
-        raise
-    except Exception as err:  # the hub, the network or a reader: one clear message
-        cause = " ".join(str(err).split())[:300]
-        where = "directory" if path.is_dir() else "hub dataset"
-        raise KvdistillError(
-            f"could not read the {where} '{cfg.path}' (data.split '{cfg.split}'"
-            f"{f', data.subset {cfg.subset!r}' if cfg.subset else ''}): {type(err).__name__}: {cause}",
-            "check data.path (a hub id such as 'openai/gsm8k', a directory written by save_to_disk, or a folder "
-            "of data files), data.subset and data.split; offline, a hub dataset must already be in the datasets "
-            "cache") from None
-
-
-def _label(cfg: DataConfig) -> str:
-    return f"'{cfg.path}'" if cfg.path else "the dataset passed in"
-
-
-def _line_records(cfg: DataConfig, rows: list[dict], name: str) -> list[dict]:
-    """`source: text`: one record per non-blank line; ids count lines from 1 (blank lines are not records)."""
-    records = [
-        {
-            "id": f"{name}:{i + 1}",
-            "text": row["text"],
-            "answer_start": None,
-            "question": None,
-            "cot": None,
-            "answer": None,
-        }
-        for i, row in enumerate(rows)
-        if row["text"].strip()
-    ]
-    if not records:
-        raise _empty(cfg)
-    if len(records) < len(rows):
-        logger.warning("%s: skipped %d blank line(s) of %d", name, len(rows) - len(records), len(rows))
-    return records
-
-
-def _is_chat_mode(cfg: DataConfig, columns: list[str]) -> bool:
-    """Chat mode if data.messages_field is set, or the rows have that column and no text / question column (and
-    neither field is set)."""
-    explicit = cfg.model_fields_set
-    if "messages_field" in explicit:
-        return True
-    return (cfg.messages_field in columns and not {"text_field", "question_field"} & explicit
-            and cfg.text_field not in columns and cfg.question_field not in columns)
-
-
-def _chat_records(cfg: DataConfig, rows: list[dict], columns: list[str], ids: list[str]) -> list[dict]:
-    """Chat mode: each row's conversation as a `ChatText`; the last message, when the assistant's, is the answer."""
-    from kvdistill.models.chat import ChatText
-
-    if cfg.messages_field not in columns:
-        raise _missing_field(cfg, "messages_field", cfg.messages_field, columns)
-    records = []
-    for i, row in enumerate(rows):
-        messages = row[cfg.messages_field]
-        bad = not isinstance(messages, list) or not messages or not all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in messages)
-        if bad:
-            raise KvdistillError(
-                f"{_label(cfg)} row {i} (id '{ids[i]}'): {cfg.messages_field} (data.messages_field) is not a "
-                f"non-empty list of {{role, content}} messages with text contents: {str(messages)[:120]}",
-                "give every row a list such as [{role: user, content: ...}, {role: assistant, content: ...}]")
-        chat = ChatText(messages)
-        last = chat.messages[-1]
-        answered = last["role"] == "assistant" and last["content"].strip()
-        records.append({
-            "id": ids[i],
-            "text": chat,
-            "answer_start": chat.starts[-1] if answered else None,
-            "question": chat[: chat.starts[-1]] if answered else None,
-            "cot": None,
-            "answer": last["content"] if answered else None,
-        })
-    return records
-
-
-def _is_text_mode(cfg: DataConfig, columns: list[str]) -> bool:
-    """Text mode if data.text_field is set, or the file has that column and no (unset) question column."""
-    explicit = cfg.model_fields_set
-    return "text_field" in explicit or (
-        cfg.text_field in columns and cfg.question_field not in columns and "question_field" not in explicit
-    )
-
-
-def _text_records(cfg: DataConfig, rows: list[dict], columns: list[str], ids: list[str]) -> list[dict]:
-    """Text mode: the text column is the text; `answer_start` is the answer column's last occurrence in it."""
-    if cfg.text_field not in columns:
-        raise _missing_field(cfg, "text_field", cfg.text_field, columns)
-    has_answer = cfg.answer_field in columns
-    records = []
-    for i, row in enumerate(rows):
-        text = _as_text(row[cfg.text_field])
-        if text is None or not text.strip():
-            raise KvdistillError(
-                f"{_label(cfg)} row {i} (id '{ids[i]}'): {cfg.text_field} is empty",
-                "remove the row or give it text",
-            )
-        answer = _as_text(row[cfg.answer_field]) if has_answer else None
-        start = text.rfind(answer) if answer else -1
-        records.append(
-            {
-                "id": ids[i],
-                "text": text,
-                "answer_start": start if start >= 0 else None,
-                "question": None,
-                "cot": None,
-                "answer": answer,
-            }
-        )
-    return records
-
-
-def _template_columns(cfg: DataConfig, columns: list[str]) -> str | None:
-    """Check the question and answer columns exist; the cot column to read, or None if there is none."""
-    explicit = cfg.model_fields_set
-    if cfg.question_field not in columns:
-        if "question_field" not in explicit and cfg.text_field not in columns:
-            raise KvdistillError(
-                f"{_label(cfg)} has neither a '{cfg.text_field}' column (data.text_field) nor a "
-                f"'{cfg.question_field}' column (data.question_field) (columns: {', '.join(columns)})",
-                "set data.text_field to the column holding whole texts, or data.question_field / "
-                "data.answer_field to the question and answer columns",
-            )
-        raise _missing_field(cfg, "question_field", cfg.question_field, columns)
-    if cfg.answer_field not in columns:
-        raise _missing_field(cfg, "answer_field", cfg.answer_field, columns)
-    cot_field = cfg.cot_field
-    if cot_field is not None and cot_field not in columns:
-        if "cot_field" in explicit:
-            raise _missing_field(cfg, "cot_field", cot_field, columns)
-        cot_field = None  # the default 'cot' column is optional
-    return cot_field
-
-
-def _template_records(cfg: DataConfig, rows: list[dict], columns: list[str], ids: list[str]) -> list[dict]:
-    """Template mode: question / cot / answer columns rendered with data.template."""
-    cot_field = _template_columns(cfg, columns)
-    records = []
-    for i, row in enumerate(rows):
-        question, answer = _as_text(row[cfg.question_field]), _as_text(row[cfg.answer_field])
-        for key, value in (("question_field", question), ("answer_field", answer)):
-            if value is None or not value.strip():
-                raise KvdistillError(
-                    f"{_label(cfg)} row {i} (id '{ids[i]}'): {getattr(cfg, key)} (data.{key}) is empty",
-                    "remove the row or fill it in",
-                )
-        cot = _as_text(row[cot_field]) if cot_field else None
-        records.append(make_record(ids[i], question, cot, answer, cfg.template))
-    return records
-
-
-def _row_ids(cfg: DataConfig, rows: list[dict], columns: list[str], name: str) -> list[str]:
-    if "id" not in columns:
-        return [f"{name}:{i}" for i in range(len(rows))]
-    ids = [_as_text(row["id"]) for row in rows]
-    blank = [i for i, x in enumerate(ids) if x is None or not x.strip()]
-    if blank:
-        raise KvdistillError(
-            f"{_label(cfg)}: the 'id' column is empty in rows {blank[:5]}",
-            "give every row an id, or drop the 'id' column to use row numbers",
-        )
-    seen: set[str] = set()
-    dupes = sorted({x for x in ids if x in seen or seen.add(x)})
-    if dupes:
-        raise KvdistillError(
-            f"{_label(cfg)}: ids {dupes[:5]} occur more than once in the 'id' column",
-            "make the ids unique, or drop the 'id' column to use row numbers",
-        )
-    return ids

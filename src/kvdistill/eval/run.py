@@ -62,7 +62,7 @@ def data_config(
         return DataConfig(
             source="gsm_symbolic", size=size + max(size, MIN_FIT), eval_size=size, max_length=max_length
         )
-    from kvdistill.data.records import source_of_file
+    from kvdistill.data.rows import source_of_file
 
     source = source_of_file(data)
     if source is None:

@@ -224,7 +224,7 @@ def _save_dataset(dataset, cfg: RunConfig, out_dir: Path, main: bool):
     that reads it back."""
     import shutil
 
-    from kvdistill.data.records import dataset_split
+    from kvdistill.data.rows import dataset_split
 
     target = out_dir / "dataset"
     if main:
