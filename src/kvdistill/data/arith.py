@@ -23,8 +23,7 @@ from __future__ import annotations
 import random
 
 from kvdistill.data.gsm import DEFAULT_TEMPLATE
-from kvdistill.data.template import check_template, make_record
-from kvdistill.errors import KvdistillError
+from kvdistill.data.problems import Problem, distinct_records
 
 MIN_OPS, MAX_OPS = 2, 4
 MAX_VALUE = 200
@@ -72,19 +71,10 @@ def arithmetic_records(size: int, seed: int, template: str = DEFAULT_TEMPLATE) -
     Ids are `arithmetic:<seed>:<index>` (index: the problem's generator, see the module docstring);
     `template` as in `data.template`.
     """
-    if size <= 0:
-        raise KvdistillError(f"arithmetic size ({size}) must be positive", "set data.size to 1 or more")
-    check_template(template)
-    records: list[dict] = []
-    seen: set[str] = set()
-    index = 0
-    while len(records) < size:
+
+    def draw(index: int) -> Problem:  # repeats are told by the expression (phrasings differ)
         rng = random.Random(f"kvdistill-arithmetic:{seed}:{index}")
         expression, cot, value = arithmetic_problem(rng)
-        question = rng.choice(_PHRASES).format(expression)
-        index += 1
-        if expression in seen:
-            continue
-        seen.add(expression)
-        records.append(make_record(f"arithmetic:{seed}:{index - 1}", question, cot, str(value), template))
-    return records
+        return expression, rng.choice(_PHRASES).format(expression), cot, str(value)
+
+    return distinct_records("arithmetic", size, seed, template, draw)

@@ -25,7 +25,7 @@ import os
 import re
 from pathlib import Path
 
-from kvdistill.data.template import check_template, make_record
+from kvdistill.data.problems import Problem, distinct_records
 from kvdistill.errors import KvdistillError
 
 # The line break after the answer ends it: a model trained on texts that stop right after the answer never learns
@@ -91,29 +91,15 @@ def gsm_symbolic_records(size: int, seed: int, template: str = DEFAULT_TEMPLATE)
 
     Ids are `gsm_symbolic:<seed>:<index>`; `template` as in `data.template`.
     """
-    if size <= 0:
-        raise KvdistillError(f"gsm_symbolic size ({size}) must be positive", "set data.size to 1 or more")
-    check_template(template)
     # Spare items cover dropped repeats; generation is prefix-stable, so spares never change the first ones.
-    pool = size + max(16, size // 8)
-    items = generated_items(seed, pool)
-    records: list[dict] = []
-    seen: set[str] = set()
-    index = 0
-    while len(records) < size:
-        if index == pool:
-            pool *= 2
-            items = generated_items(seed, pool)
+    items: list[dict] = []
+
+    def draw(index: int) -> Problem:
+        nonlocal items
+        if index == len(items):  # read (or generate) the items on the first draw, twice as many when used up
+            items = generated_items(seed, 2 * index if items else size + max(16, size // 8))
         item = items[index]
-        index += 1
         question = item["question"].strip()
-        if question in seen:
-            continue
-        seen.add(question)
-        cot = _FINAL_LINE.sub("", item["cot"]).strip() or None
-        records.append(
-            make_record(
-                f"gsm_symbolic:{seed}:{index - 1}", question, cot, str(item["answer"]).strip(), template
-            )
-        )
-    return records
+        return question, question, _FINAL_LINE.sub("", item["cot"]).strip() or None, str(item["answer"]).strip()
+
+    return distinct_records("gsm_symbolic", size, seed, template, draw)

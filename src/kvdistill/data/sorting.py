@@ -21,8 +21,7 @@ from __future__ import annotations
 import random
 
 from kvdistill.data.gsm import DEFAULT_TEMPLATE
-from kvdistill.data.template import check_template, make_record
-from kvdistill.errors import KvdistillError
+from kvdistill.data.problems import Problem, distinct_records
 
 MIN_DIGITS, MAX_DIGITS = 4, 7
 _ORDERS = {"ascending": ("min", min), "descending": ("max", max)}
@@ -48,17 +47,9 @@ def sorting_problem(rng: random.Random) -> tuple[str, str, str]:
 
 def sorting_records(size: int, seed: int, template: str = DEFAULT_TEMPLATE) -> list[dict]:
     """`size` distinct digit-sorting problems as records, in generation order; ids `sorting:<seed>:<index>`."""
-    if size <= 0:
-        raise KvdistillError(f"sorting size ({size}) must be positive", "set data.size to 1 or more")
-    check_template(template)
-    records: list[dict] = []
-    seen: set[str] = set()
-    index = 0
-    while len(records) < size:
+
+    def draw(index: int) -> Problem:
         question, cot, answer = sorting_problem(random.Random(f"kvdistill-sorting:{seed}:{index}"))
-        index += 1
-        if question in seen:
-            continue
-        seen.add(question)
-        records.append(make_record(f"sorting:{seed}:{index - 1}", question, cot, answer, template))
-    return records
+        return question, question, cot, answer
+
+    return distinct_records("sorting", size, seed, template, draw)
