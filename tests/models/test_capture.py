@@ -7,15 +7,9 @@ import torch
 from transformers import DynamicCache
 
 from kvdistill.errors import KvdistillError
-from kvdistill.models.capture import (
-    _cache_layers,
-    _cache_of,
-    enable_checkpointing,
-    forward_kv,
-    hook_plan,
-    positions_from_mask,
-)
+from kvdistill.models.capture import forward_kv, hook_plan, positions_from_mask
 from kvdistill.models.geometry import geometry_of
+from kvdistill.models.hf_forward import cache_layers, enable_checkpointing, returned_cache
 from kvdistill.models.rope import apply_rope, rope_cos_sin
 
 from .conftest import ROTARY, TINY
@@ -32,7 +26,7 @@ def _raw_cache(model, ids, mask, positions):
     """The model's own cache, every layer a plain DynamicLayer (keeps every token, also past a window)."""
     out = model.base_model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=DynamicCache(),
                            use_cache=True)
-    return _cache_layers(_cache_of(out))
+    return cache_layers(returned_cache(out))
 
 
 @pytest.mark.parametrize("family", ROTARY)
