@@ -312,8 +312,8 @@ def test_continuation_is_the_gold_answer_text_for_every_tokenizer(name):
     """Split a tokenized training text at the answer: the continuation of the prompt's ids decodes to exactly the
     text after the prompt (the answer, with its leading space), whatever the tokenizer."""
     from kvdistill.config.schema import DataConfig
-    from kvdistill.models.capture import continuation
     from kvdistill.models.load import load_tokenizer
+    from kvdistill.models.tokenization import continuation
 
     tok = load_tokenizer(name)
     for r in load_records(DataConfig(source="arithmetic", size=30, eval_size=10), "eval"):

@@ -36,8 +36,8 @@ from kvdistill.data.answers import exact_match as same
 from kvdistill.data.answers import extract_answer
 from kvdistill.data.segments import segments
 from kvdistill.models.capture import tokenize
-from kvdistill.models.tokenization import continuation
 from kvdistill.models.chat import ChatText, render
+from kvdistill.models.tokenization import continuation
 
 __all__ = ["batches", "chunks", "cot_exact_match", "exact_match", "latent_exact_match", "pad_id", "read_answer"]
 
