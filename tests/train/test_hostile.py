@@ -265,7 +265,8 @@ def test_divergence_advice_names_non_finite_cached_inputs(tmp_path):
             w.add(f"s{i}", {"token_ids": torch.arange(2), "positions": torch.arange(2),
                             "spans": torch.tensor([[0, 1], [1, 2]]), "keys_l0": torch.full((1, 2, 2), value),
                             "values_l0": torch.ones(1, 2, 2)})
-    run = SimpleNamespace(inner=SimpleNamespace(teachers=[SimpleNamespace(name="t", reader=CacheReader(tmp_path / "c"))]))
+    run = SimpleNamespace(inner=SimpleNamespace(teachers=[SimpleNamespace(name="t", kind="cache",
+                                                                     reader=CacheReader(tmp_path / "c"))]))
     assert divergence.nonfinite_inputs(run, ["s0"]) == []
     assert divergence.nonfinite_inputs(run, ["s0", "s1"]) == [f"teacher 't' (cache {tmp_path / 'c'}), sample 's1': keys_l0"]
 
