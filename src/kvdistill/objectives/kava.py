@@ -30,6 +30,7 @@ from kvdistill import losses
 from kvdistill.align.stack import KVProjectorStack
 from kvdistill.data.segments import segments
 from kvdistill.errors import KvdistillError
+from kvdistill.eval.decode import pad_id
 from kvdistill.eval.heldout import latent_answer_ce
 from kvdistill.models.capture import forward_kv
 from kvdistill.models.queries import capture_queries, supports_queries
@@ -97,9 +98,9 @@ class KavaObjective(TrainingObjective):
     def _student_pass(self, view: LatentView, *, hidden: bool):
         """The student in latent mode (question, M latents, answer)."""
         d = self.device
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         return self.student(view.prefix_ids.to(d), view.prefix_mask.to(d), view.suffix_ids.to(d),
-                            view.suffix_mask.to(d), pad_id=pad, geometry=self.student_geometry, hidden_states=hidden)
+                            view.suffix_mask.to(d), pad_id=pad_id(self.tokenizer), geometry=self.student_geometry,
+                            hidden_states=hidden)
 
     def _cot_pass(self, model, geometry, view: CotView, *, grad: bool, logits: bool, hidden: bool, importance: bool):
         """A CoT-mode capture of `model` (the backbone with `grad`, or a frozen teacher) and its hooked queries where

@@ -31,6 +31,7 @@ import time
 import torch
 
 from kvdistill.data.template import question_prompt
+from kvdistill.eval.decode import pad_id
 from kvdistill.models.tokenization import continuation
 from kvdistill.student import unwrap_student
 
@@ -64,7 +65,7 @@ class OnPolicy:
         device = next(model.parameters()).device
         tok = self.tokenizer
         prompts = [question_prompt(r, self.template) for r in records]
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        pad = pad_id(tok)
         side, tok.padding_side = tok.padding_side, "left"
         try:
             enc = tok(prompts, return_tensors="pt", padding=True)
