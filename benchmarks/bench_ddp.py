@@ -645,9 +645,15 @@ def main() -> None:
     ap.add_argument("--launchers", default="torchrun,accelerate", help="torchrun and/or accelerate")
     ap.add_argument("--preset", choices=list(PRESETS), default=None, help="default: real on GPU, tiny on CPU")
     ap.add_argument("--cpu", action="store_true", help="gloo on CPU even where GPUs are visible")
-    ap.add_argument("--distributed", choices=["ddp", "fsdp"], default="ddp",
-                    help="train.distributed of every launch: ddp replicates the student, fsdp shards it (FSDP2)")
-    ap.add_argument("--cpu-offload", action="store_true", help="with --distributed fsdp: train.fsdp.cpu_offload")
+    ap.add_argument(
+        "--distributed",
+        choices=["ddp", "fsdp"],
+        default="ddp",
+        help="train.distributed of every launch: ddp replicates the student, fsdp shards it (FSDP2)",
+    )
+    ap.add_argument(
+        "--cpu-offload", action="store_true", help="with --distributed fsdp: train.fsdp.cpu_offload"
+    )
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the preset's)")
     ap.add_argument(
         "--save-every", type=int, default=3, help="checkpoint interval (the kill lands after 2 of them)"

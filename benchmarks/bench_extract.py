@@ -203,7 +203,9 @@ def bench_model(name: str, args, tmp: Path) -> dict:
         for base in ("plain", "body", "plain_eager")  # baseline time / variant time
     }
     pipe = ("pipeline_right_crop", "pipeline_right_crop_write", "pipeline_rkv", "pipeline_rkv_write")
-    vs_pipeline = {k: round(ms["plain_batches"] / ms[k], 4) for k in pipe}  # same batches, plain forward / pipeline
+    vs_pipeline = {
+        k: round(ms["plain_batches"] / ms[k], 4) for k in pipe
+    }  # same batches, plain forward / pipeline
     selection_ms = ms["rkv_importance"] + ms["rkv_select"]
     stored = {
         kind: {
@@ -316,8 +318,10 @@ def main() -> None:
     )
     print_table(rows, list(rows[0]))
     print("end to end: plain forward of the same batches / run_pipeline")
-    print_table([{"model": name, **r["pipeline_vs_plain"]} for name, r in results.items()],
-                ["model", *next(iter(results.values()))["pipeline_vs_plain"]])
+    print_table(
+        [{"model": name, **r["pipeline_vs_plain"]} for name, r in results.items()],
+        ["model", *next(iter(results.values()))["pipeline_vs_plain"]],
+    )
     write_result(
         out,
         {

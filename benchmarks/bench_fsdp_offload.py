@@ -30,8 +30,12 @@ from common import CONFIGS, STUDENT_TOKENIZER, TOKENIZER_OF, build_model, enviro
 
 TEACHERS = ["qwen2-1.5b", "llama-3b"]
 TINY_TEACHERS = ["qwen2-tiny", "llama-tiny"]
-BLOCK = dict(hidden_size=3072, intermediate_size=8192, num_attention_heads=24, num_key_value_heads=8, head_dim=128)
-TINY_BLOCK = dict(hidden_size=64, intermediate_size=128, num_attention_heads=2, num_key_value_heads=1, head_dim=32)
+BLOCK = dict(
+    hidden_size=3072, intermediate_size=8192, num_attention_heads=24, num_key_value_heads=8, head_dim=128
+)
+TINY_BLOCK = dict(
+    hidden_size=64, intermediate_size=128, num_attention_heads=2, num_key_value_heads=1, head_dim=32
+)
 
 
 def save_teacher(name: str, out: Path, device: str) -> Path:
@@ -53,16 +57,29 @@ def run_config(path: Path, teachers: list[Path], data: Path, layers: int, mode: 
     block = TINY_BLOCK if args.tiny else BLOCK
     raw = {
         "name": f"{mode}-{layers}",
-        "student": {"from_config": {"family": "llama", "num_hidden_layers": layers, **block,
-                                    "max_position_embeddings": 4096, "tie_word_embeddings": True},
-                    "tokenizer": STUDENT_TOKENIZER},
+        "student": {
+            "from_config": {
+                "family": "llama",
+                "num_hidden_layers": layers,
+                **block,
+                "max_position_embeddings": 4096,
+                "tie_word_embeddings": True,
+            },
+            "tokenizer": STUDENT_TOKENIZER,
+        },
         "teachers": [{"name": p.name.replace(".", "_"), "model": str(p)} for p in teachers],
-        "data": {"source": "jsonl", "path": str(data), "eval_size": 0,
-                 "max_length": args.seq},
-        "train": {"steps": args.steps, "batch_size": args.batch, "lr": 1e-4, "warmup_steps": 0,
-                  "mixed_precision": "no" if args.cpu else "bf16", "log_every": 1, "tensorboard": False,
-                  "distributed": "fsdp" if mode == "fsdp_offload" else "ddp",
-                  "fsdp": {"cpu_offload": mode == "fsdp_offload"}},
+        "data": {"source": "jsonl", "path": str(data), "eval_size": 0, "max_length": args.seq},
+        "train": {
+            "steps": args.steps,
+            "batch_size": args.batch,
+            "lr": 1e-4,
+            "warmup_steps": 0,
+            "mixed_precision": "no" if args.cpu else "bf16",
+            "log_every": 1,
+            "tensorboard": False,
+            "distributed": "fsdp" if mode == "fsdp_offload" else "ddp",
+            "fsdp": {"cpu_offload": mode == "fsdp_offload"},
+        },
     }
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
@@ -84,10 +101,16 @@ def one_run(config: Path, out: Path, timeout: float) -> dict:
     memory = json.loads(summary.read_text())["memory"][0]
     steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     times = [b["elapsed_s"] - a["elapsed_s"] for a, b in zip(steps, steps[1:], strict=False)]
-    return {**row, "ok": True, "student_params": memory["student_params_bytes"] // 4,
-            "peak_allocated_gib": None if memory["peak_allocated_bytes"] is None
-            else memory["peak_allocated_bytes"] / 2**30,
-            "step_s": statistics.median(times) if times else None, "memory": memory}
+    return {
+        **row,
+        "ok": True,
+        "student_params": memory["student_params_bytes"] // 4,
+        "peak_allocated_gib": None
+        if memory["peak_allocated_bytes"] is None
+        else memory["peak_allocated_bytes"] / 2**30,
+        "step_s": statistics.median(times) if times else None,
+        "memory": memory,
+    }
 
 
 def main() -> None:
@@ -105,7 +128,9 @@ def main() -> None:
     args = ap.parse_args()
     device = "cpu" if args.cpu or not torch.cuda.is_available() else "cuda"
     args.out.mkdir(parents=True, exist_ok=True)
-    teachers = [save_teacher(n, args.out / "models" / n, device) for n in (TINY_TEACHERS if args.tiny else TEACHERS)]
+    teachers = [
+        save_teacher(n, args.out / "models" / n, device) for n in (TINY_TEACHERS if args.tiny else TEACHERS)
+    ]
     if device == "cuda":
         torch.cuda.empty_cache()
     data = args.out / "data.jsonl"
@@ -113,8 +138,15 @@ def main() -> None:
         toks = [load_tok(STUDENT_TOKENIZER)] + [load_tok(str(t)) for t in teachers]
         rows = make_records(args.batch * args.steps, toks, args.seq)
         data.write_text("".join(json.dumps({"id": r["id"], "text": r["text"]}) + "\n" for r in rows))
-    result = {"benchmark": "fsdp_offload", **environment(device), "teachers": [t.name for t in teachers],
-              "batch": args.batch, "seq": args.seq, "steps": args.steps, "runs": {}}
+    result = {
+        "benchmark": "fsdp_offload",
+        **environment(device),
+        "teachers": [t.name for t in teachers],
+        "batch": args.batch,
+        "seq": args.seq,
+        "steps": args.steps,
+        "runs": {},
+    }
     for mode, depths in (("ddp", args.ddp_layers), ("fsdp_offload", args.fsdp_layers)):
         rows = result["runs"][mode] = []
         for layers in [int(x) for x in depths.split(",")]:
@@ -126,7 +158,9 @@ def main() -> None:
             if not row["ok"]:
                 break
         fits = [r for r in rows if r["ok"]]
-        result[f"largest_{mode}"] = max(fits, key=lambda r: r["student_params"])["student_params"] if fits else None
+        result[f"largest_{mode}"] = (
+            max(fits, key=lambda r: r["student_params"])["student_params"] if fits else None
+        )
     path = args.json or args.out / "fsdp_offload.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1))

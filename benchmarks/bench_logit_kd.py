@@ -60,7 +60,13 @@ from common import (
 
 PRESETS = {
     "real": {"student": "qwen2-0.5b", "same": "llama-1b", "cross": "qwen2-1.5b", "batch": 4, "seq": 1024},
-    "tiny": {"student": "qwen2-tiny-student", "same": "llama-tiny", "cross": "qwen2-tiny", "batch": 2, "seq": 64},
+    "tiny": {
+        "student": "qwen2-tiny-student",
+        "same": "llama-tiny",
+        "cross": "qwen2-tiny",
+        "batch": 2,
+        "seq": 64,
+    },
 }
 BETA, TAU = 0.5, 2.0
 
@@ -73,7 +79,10 @@ def trl_loss_fn():
             module = __import__(where, fromlist=["GKDTrainer"])
             import trl
 
-            return module.GKDTrainer.generalized_jsd_loss, f"{where}.GKDTrainer.generalized_jsd_loss (trl {trl.__version__})"
+            return (
+                module.GKDTrainer.generalized_jsd_loss,
+                f"{where}.GKDTrainer.generalized_jsd_loss (trl {trl.__version__})",
+            )
         except Exception as err:  # ImportError, or a dependency failing inside trl
             errors.append(f"{where}: {type(err).__name__}: {err}")
     return None, "; ".join(errors)
@@ -82,19 +91,34 @@ def trl_loss_fn():
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", choices=["cpu", "cuda"], default=default_device())
-    ap.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/logit_kd_<device>.json")
-    ap.add_argument("--preset", choices=list(PRESETS), default=None, help="default: real on cuda, tiny on cpu")
+    ap.add_argument(
+        "--out", type=Path, default=None, help="default: benchmarks/results/logit_kd_<device>.json"
+    )
+    ap.add_argument(
+        "--preset", choices=list(PRESETS), default=None, help="default: real on cuda, tiny on cpu"
+    )
     ap.add_argument("--tokenizer", default=STUDENT_TOKENIZER, help="the student's and `same`'s zoo tokenizer")
-    ap.add_argument("--tokenizers", default=None,
-                    help="directory written by `python benchmarks/common.py export-tokenizers` (default: the zoo)")
+    ap.add_argument(
+        "--tokenizers",
+        default=None,
+        help="directory written by `python benchmarks/common.py export-tokenizers` (default: the zoo)",
+    )
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--seq", type=int, default=None, help="max tokens per sample, every tokenizer")
-    ap.add_argument("--chunk", type=int, default=1024, help="losses.logit_kd.chunk (positions per softmax chunk)")
-    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
-                    help="weights (default bfloat16 on cuda, float32 on cpu)")
+    ap.add_argument(
+        "--chunk", type=int, default=1024, help="losses.logit_kd.chunk (positions per softmax chunk)"
+    )
+    ap.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default=None,
+        help="weights (default bfloat16 on cuda, float32 on cpu)",
+    )
     ap.add_argument("--warmup", type=int, default=None, help="default 1 on cpu, 3 on cuda")
     ap.add_argument("--repeats", type=int, default=None, help="default 3 on cpu, 10 on cuda")
-    ap.add_argument("--tmp-dir", default=None, help="where the random models are saved (default: system temp)")
+    ap.add_argument(
+        "--tmp-dir", default=None, help="where the random models are saved (default: system temp)"
+    )
     args = ap.parse_args()
     from kvdistill import losses
     from kvdistill.config import load_config
@@ -117,27 +141,34 @@ def main() -> None:
     records = make_records(batch, [student_tok, cross_tok], seq)
 
     def objective_of(tmp: Path, teacher: str, logit_kd: dict | None, kv: float, ce: float):
-        raw = {"name": "bench-logit-kd", "student": {"model": str(tmp / "student"), "dtype": args.dtype},
-               "teachers": [{"name": teacher, "model": str(tmp / teacher), "dtype": args.dtype}],
-               "data": {"max_length": seq},
-               "losses": {"ce": ce, "kv": {"weight": kv}, **({"logit_kd": logit_kd} if logit_kd else {})},
-               "train": {"batch_size": batch, "seed": 0}}
+        raw = {
+            "name": "bench-logit-kd",
+            "student": {"model": str(tmp / "student"), "dtype": args.dtype},
+            "teachers": [{"name": teacher, "model": str(tmp / teacher), "dtype": args.dtype}],
+            "data": {"max_length": seq},
+            "losses": {"ce": ce, "kv": {"weight": kv}, **({"logit_kd": logit_kd} if logit_kd else {})},
+            "train": {"batch_size": batch, "seed": 0},
+        }
         return build_objective(load_config(raw=raw), device=args.device)
 
     jsd = {"weight": 1.0, "divergence": "jsd", "beta": BETA, "temperature": TAU, "chunk": args.chunk}
     with tempfile.TemporaryDirectory(dir=args.tmp_dir, prefix="bench-logit-kd-") as tmp_name:
         tmp = Path(tmp_name)
-        models = {"student": save_random_model(preset["student"], student_tok, tmp / "student", args),
-                  "same": save_random_model(preset["same"], student_tok, tmp / "same", args),
-                  "cross": save_random_model(preset["cross"], cross_tok, tmp / "cross", args)}
+        models = {
+            "student": save_random_model(preset["student"], student_tok, tmp / "student", args),
+            "same": save_random_model(preset["same"], student_tok, tmp / "same", args),
+            "cross": save_random_model(preset["cross"], cross_tok, tmp / "cross", args),
+        }
         one = objective_of(tmp, "same", jsd, kv=0.0, ce=0.0)
         cross = {
             "kv_step": objective_of(tmp, "cross", None, kv=1.0, ce=1.0),
             "kv_logit_step": objective_of(tmp, "cross", {"weight": 0.5, "chunk": args.chunk}, kv=1.0, ce=1.0),
-            "kv_logit_topk_step": objective_of(tmp, "cross", {"weight": 0.5, "top_k": 64, "chunk": args.chunk},
-                                               kv=1.0, ce=1.0),
-            "kv_span_step": objective_of(tmp, "cross", {"weight": 0.5, "cross_tokenizer": "span",
-                                                        "chunk": args.chunk}, kv=1.0, ce=1.0),
+            "kv_logit_topk_step": objective_of(
+                tmp, "cross", {"weight": 0.5, "top_k": 64, "chunk": args.chunk}, kv=1.0, ce=1.0
+            ),
+            "kv_span_step": objective_of(
+                tmp, "cross", {"weight": 0.5, "cross_tokenizer": "span", "chunk": args.chunk}, kv=1.0, ce=1.0
+            ),
         }
     fused = True if on_gpu else None  # as the trainer builds it
 
@@ -146,7 +177,10 @@ def main() -> None:
     collated = one.collate(records)
     if on_gpu:
         collated = collated.pin_memory()
-    ids, mask = collated.ids.to(args.device), collated.mask.to(args.device)  # (B, T): one tokenizer, one batch
+    ids, mask = (
+        collated.ids.to(args.device),
+        collated.mask.to(args.device),
+    )  # (B, T): one tokenizer, one batch
     labels = torch.where(mask.bool(), ids, -100)  # TRL's mask: labels != -100, at the same positions
     opt = torch.optim.AdamW(one.parameters(), lr=1e-5, fused=fused)
 
@@ -183,19 +217,29 @@ def main() -> None:
 
         return run
 
-    fns = {"kvd_step": manual_step(kvd), "kvd_objective_step": objective_step, "kvd_loss": loss_only(kvd),
-           "kvd_loss_one_pass": loss_only(lambda s, t: kvd(s, t, chunk=0))}
+    fns = {
+        "kvd_step": manual_step(kvd),
+        "kvd_objective_step": objective_step,
+        "kvd_loss": loss_only(kvd),
+        "kvd_loss_one_pass": loss_only(lambda s, t: kvd(s, t, chunk=0)),
+    }
     values = {}
     if trl_loss is not None:
         fns.update(trl_step=manual_step(trl), trl_loss=loss_only(trl))
         with torch.no_grad():
-            per_sample = losses.logit_kd(s_fixed.float(), t_fixed.float(), mask, temperature=TAU,
-                                         divergence="jsd", beta=BETA)  # (B,)
+            per_sample = losses.logit_kd(
+                s_fixed.float(), t_fixed.float(), mask, temperature=TAU, divergence="jsd", beta=BETA
+            )  # (B,)
             n = mask.sum(1).float()  # (B,) positions per sample
             ours = float((per_sample * n).sum() / n.sum()) / TAU**2
-            theirs = float(trl_loss(s_fixed.float(), t_fixed.float(), labels=labels, beta=BETA, temperature=TAU))
-        values = {"trl_batchmean": theirs, "kvdistill_position_weighted_over_tau2": ours,
-                  "relative_difference": abs(ours - theirs) / max(abs(theirs), 1e-12)}
+            theirs = float(
+                trl_loss(s_fixed.float(), t_fixed.float(), labels=labels, beta=BETA, temperature=TAU)
+            )
+        values = {
+            "trl_batchmean": theirs,
+            "kvdistill_position_weighted_over_tau2": ours,
+            "relative_difference": abs(ours - theirs) / max(abs(theirs), 1e-12),
+        }
         print(f"values: TRL {theirs:.6f}, kvdistill {ours:.6f}")
     part1 = time_interleaved(fns, args.device, warmup=warmup, repeats=repeats, memory=True)
 
@@ -223,27 +267,48 @@ def main() -> None:
     result = {
         "benchmark": "logit_kd",
         "env": environment(args.device),
-        "settings": {"preset": args.preset or ("real" if on_gpu else "tiny"), "batch": batch, "seq": seq,
-                     "padded_tokens": int(collated.ids.numel()), "real_tokens": real_tokens,
-                     "dtype": args.dtype, "chunk": args.chunk, "jsd_beta": BETA, "temperature": TAU,
-                     "warmup": warmup, "repeats": repeats, "models": models,
-                     "shared_strings_student_cross": proj.shared},
+        "settings": {
+            "preset": args.preset or ("real" if on_gpu else "tiny"),
+            "batch": batch,
+            "seq": seq,
+            "padded_tokens": int(collated.ids.numel()),
+            "real_tokens": real_tokens,
+            "dtype": args.dtype,
+            "chunk": args.chunk,
+            "jsd_beta": BETA,
+            "temperature": TAU,
+            "warmup": warmup,
+            "repeats": repeats,
+            "models": models,
+            "shared_strings_student_cross": proj.shared,
+        },
         "trl": trl_source,
         "one_tokenizer": part1,
         "one_tokenizer_ratios": {
-            "kvd_step_over_trl_step": (round(part1["kvd_step"]["median_ms"] / part1["trl_step"]["median_ms"], 4)
-                                       if "trl_step" in part1 else None),
-            "kvd_loss_over_trl_loss": (round(part1["kvd_loss"]["median_ms"] / part1["trl_loss"]["median_ms"], 4)
-                                       if "trl_loss" in part1 else None),
+            "kvd_step_over_trl_step": (
+                round(part1["kvd_step"]["median_ms"] / part1["trl_step"]["median_ms"], 4)
+                if "trl_step" in part1
+                else None
+            ),
+            "kvd_loss_over_trl_loss": (
+                round(part1["kvd_loss"]["median_ms"] / part1["trl_loss"]["median_ms"], 4)
+                if "trl_loss" in part1
+                else None
+            ),
             "kvd_objective_step_over_trl_step": (
                 round(part1["kvd_objective_step"]["median_ms"] / part1["trl_step"]["median_ms"], 4)
-                if "trl_step" in part1 else None)},
+                if "trl_step" in part1
+                else None
+            ),
+        },
         "values": values,
         "cross_tokenizer": part2,
         "cross_tokenizer_overhead_over_kv_step": overhead,
     }
-    rows = [{"step": k, "median_ms": v["median_ms"], "peak_extra_mib": v.get("peak_extra_mib")}
-            for k, v in {**part1, **part2}.items()]
+    rows = [
+        {"step": k, "median_ms": v["median_ms"], "peak_extra_mib": v.get("peak_extra_mib")}
+        for k, v in {**part1, **part2}.items()
+    ]
     print_table(rows, ["step", "median_ms", "peak_extra_mib"])
     print("ratios", result["one_tokenizer_ratios"], "cross overhead", overhead)
     write_result(out, result)

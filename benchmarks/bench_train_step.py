@@ -159,7 +159,9 @@ def _bytes(params) -> int:
     return sum(p.numel() * p.element_size() for p in params)
 
 
-def speed_and_memory(student, objective, collated, real_tokens: int, timings: dict, peak_tflops: float) -> dict:
+def speed_and_memory(
+    student, objective, collated, real_tokens: int, timings: dict, peak_tflops: float
+) -> dict:
     """tokens/s and the student's MFU of a and c; on a GPU the memory check of issue 13.
 
     Model FLOPs of one step: (6·N + 12·L·d·T) per padded token (fwd + bwd of the matmuls, and of attention's
@@ -171,7 +173,9 @@ def speed_and_memory(student, objective, collated, real_tokens: int, timings: di
     cfg = student.config
     B, T = collated.ids.shape
     N = sum(p.numel() for p in student.parameters())
-    d_attn = cfg.num_attention_heads * (getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+    d_attn = cfg.num_attention_heads * (
+        getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    )
     flops = (6 * N + 12 * cfg.num_hidden_layers * d_attn * T) * B * T
     ms = {k: timings[k]["median_ms"] for k in ("ce_step", "kd_step")}
     out = {
@@ -184,7 +188,9 @@ def speed_and_memory(student, objective, collated, real_tokens: int, timings: di
     if "peak_extra_mib" in timings["ce_step"]:
         mib = 2**20
         student_state = 3 * _bytes(student.parameters()) / mib  # weights + AdamW m, v (the parameters' dtype)
-        maps_state = 3 * _bytes(p for n, p in objective.named_parameters() if not n.startswith("student.")) / mib
+        maps_state = (
+            3 * _bytes(p for n, p in objective.named_parameters() if not n.startswith("student.")) / mib
+        )
         teachers = sum(_bytes(t.model.parameters()) for t in objective.teachers) / mib
         peak_a = student_state + timings["ce_step"]["peak_extra_mib"]
         peak_c = student_state + maps_state + timings["kd_step"]["peak_extra_mib"]
@@ -245,24 +251,48 @@ def main() -> None:
         action="store_true",
         help="after timing, profile one kd_step and store the top ops by self time in the JSON",
     )
-    ap.add_argument("--inputs", choices=["collated", "texts"], default="collated",
-                    help="start each timed step from the collated batch (the trainer's DataLoader) or the texts")
+    ap.add_argument(
+        "--inputs",
+        choices=["collated", "texts"],
+        default="collated",
+        help="start each timed step from the collated batch (the trainer's DataLoader) or the texts",
+    )
     ap.add_argument("--halves", action="store_true", help="also time the forward halves of a and c")
-    ap.add_argument("--compile", action="store_true",
-                    help="train.compile: the loss space's K/V errors under torch.compile (the warmup compiles)")
-    ap.add_argument("--peak-tflops", type=float, default=989.4,
-                    help="the device's dense bf16 peak for the MFU (default: H100/H200 SXM, 989.4)")
-    ap.add_argument("--overlap", action="store_true",
-                    help="also time a and the teachers' K/V run together: the teachers on a side CUDA stream in a "
-                         "second thread (how much of b a second thread hides while the student steps)")
-    ap.add_argument("--ahead", type=int, default=0, metavar="N",  # N >= 2
-                    help="also time N steps in a row with train.teachers_ahead (the teachers one batch ahead on a "
-                         "worker thread, as the trainer runs them), and 1 such step, against N CE steps and 1: the "
-                         "per-step overhead with the pipeline's fill (T_N / N) and the marginal step's "
-                         "((T_N - T_1) / (N - 1), the steady state of a long run)")
-    ap.add_argument("--on-policy", type=int, default=0, metavar="N",
-                    help="also time an on-policy step (train.on_policy, lambda 1) sampling N new tokens per record, "
-                         "and the sampling alone, against the off-policy kd_step")
+    ap.add_argument(
+        "--compile",
+        action="store_true",
+        help="train.compile: the loss space's K/V errors under torch.compile (the warmup compiles)",
+    )
+    ap.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=989.4,
+        help="the device's dense bf16 peak for the MFU (default: H100/H200 SXM, 989.4)",
+    )
+    ap.add_argument(
+        "--overlap",
+        action="store_true",
+        help="also time a and the teachers' K/V run together: the teachers on a side CUDA stream in a "
+        "second thread (how much of b a second thread hides while the student steps)",
+    )
+    ap.add_argument(
+        "--ahead",
+        type=int,
+        default=0,
+        metavar="N",  # N >= 2
+        help="also time N steps in a row with train.teachers_ahead (the teachers one batch ahead on a "
+        "worker thread, as the trainer runs them), and 1 such step, against N CE steps and 1: the "
+        "per-step overhead with the pipeline's fill (T_N / N) and the marginal step's "
+        "((T_N - T_1) / (N - 1), the steady state of a long run)",
+    )
+    ap.add_argument(
+        "--on-policy",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also time an on-policy step (train.on_policy, lambda 1) sampling N new tokens per record, "
+        "and the sampling alone, against the off-policy kd_step",
+    )
     ap.add_argument(
         "--count-ops",
         action="store_true",
@@ -351,7 +381,10 @@ def main() -> None:
             ids, mask = enc["input_ids"], enc["attention_mask"]
         else:
             ids, mask = collated.ids, collated.mask
-        ids, mask = ids.to(args.device, non_blocking=True), mask.to(args.device, non_blocking=True)  # (B, T_s)
+        ids, mask = (
+            ids.to(args.device, non_blocking=True),
+            mask.to(args.device, non_blocking=True),
+        )  # (B, T_s)
         with autocast:
             logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # (B, T_s, V)
             return ce_per_sample(logits, ids, mask).mean()
@@ -382,8 +415,11 @@ def main() -> None:
                 ids, mask = enc["input_ids"], enc["attention_mask"]
             else:
                 ids, mask = ti.input_ids, ti.attention_mask
-            t.model.base_model(input_ids=ids.to(args.device, non_blocking=True),
-                               attention_mask=mask.to(args.device, non_blocking=True), use_cache=False)
+            t.model.base_model(
+                input_ids=ids.to(args.device, non_blocking=True),
+                attention_mask=mask.to(args.device, non_blocking=True),
+                use_cache=False,
+            )
 
     def teachers_kv():
         for t, ti in zip(objective.teachers, collated.teachers, strict=True):
@@ -413,8 +449,12 @@ def main() -> None:
         from kvdistill.config.schema import OnPolicyConfig
         from kvdistill.objectives.on_policy import OnPolicy
 
-        sampler = OnPolicy(OnPolicyConfig(lam=1.0, max_new_tokens=args.on_policy), seed=0,
-                           template=cfg.data.template, tokenizer=objective.tokenizer)
+        sampler = OnPolicy(
+            OnPolicyConfig(lam=1.0, max_new_tokens=args.on_policy),
+            seed=0,
+            template=cfg.data.template,
+            tokenizer=objective.tokenizer,
+        )
         sampled_tokens = []
 
         def kd_step_on_policy():
@@ -433,8 +473,12 @@ def main() -> None:
 
         def pipeline(n):
             def run():
-                ahead = TeachersAhead(objective, iter([collated] * n), device=args.device,
-                                      mixed_precision="bf16" if args.mixed_precision else "no")
+                ahead = TeachersAhead(
+                    objective,
+                    iter([collated] * n),
+                    device=args.device,
+                    mixed_precision="bf16" if args.mixed_precision else "no",
+                )
                 for batch in ahead:
                     kd_step(batch)
                 ahead.close()
@@ -452,7 +496,9 @@ def main() -> None:
             with autocast:
                 loss = objective(batch)[0]
             loss.backward()
-            out = [loss.detach().clone()] + [p.grad.clone() for p in objective.parameters() if p.grad is not None]
+            out = [loss.detach().clone()] + [
+                p.grad.clone() for p in objective.parameters() if p.grad is not None
+            ]
             objective.zero_grad(set_to_none=True)
             return out
 
@@ -460,13 +506,17 @@ def main() -> None:
         ahead_lg = loss_and_grads(next(TeachersAhead(objective, iter([collated]), device=args.device)))
 
         def max_rel(xs, ys):  # the largest |x - y| / max |x| over the loss and every gradient
-            return max(float((x.float() - y.float()).abs().max() / x.float().abs().max().clamp(min=1e-30))
-                       for x, y in zip(xs, ys, strict=True))
+            return max(
+                float((x.float() - y.float()).abs().max() / x.float().abs().max().clamp(min=1e-30))
+                for x, y in zip(xs, ys, strict=True)
+            )
 
-        ahead_check = {"gradients": len(inline_lg) - 1, "bit_for_bit": all(
-            torch.equal(x, y) for x, y in zip(inline_lg, ahead_lg, strict=True)),
+        ahead_check = {
+            "gradients": len(inline_lg) - 1,
+            "bit_for_bit": all(torch.equal(x, y) for x, y in zip(inline_lg, ahead_lg, strict=True)),
             "max_rel_diff_ahead_vs_inline": max_rel(inline_lg, ahead_lg),
-            "max_rel_diff_inline_vs_inline": max_rel(inline_lg, again_lg)}  # the step's own run-to-run spread
+            "max_rel_diff_inline_vs_inline": max_rel(inline_lg, again_lg),
+        }  # the step's own run-to-run spread
         print(f"teachers ahead vs inline: {ahead_check}")
     with torch.no_grad():
         _, metrics0 = objective(records)
@@ -516,33 +566,54 @@ def main() -> None:
         **throughput,
     }
     if args.ahead:
-        a_n, c_n = ms["ce_steps"] / args.ahead, ms["kd_steps_ahead"] / args.ahead  # per step, the fill included
+        a_n, c_n = (
+            ms["ce_steps"] / args.ahead,
+            ms["kd_steps_ahead"] / args.ahead,
+        )  # per step, the fill included
         # the marginal step: N steps minus 1 step (each run holds as many teachers' passes as student steps, the
         # first pass, with nothing to overlap, in both), over N - 1
         a_s = (ms["ce_steps"] - a) / (args.ahead - 1)
         c_s = (ms["kd_steps_ahead"] - ms["kd_ahead_one"]) / (args.ahead - 1)
         result["ahead"] = {
-            "steps": args.ahead, "check": ahead_check,
-            "ce_step_ms": round(a_n, 3), "kd_step_ms": round(c_n, 3), "overhead": round((c_n - a_n - b) / a_n, 4),
-            "marginal_ce_step_ms": round(a_s, 3), "marginal_kd_step_ms": round(c_s, 3),
-            "marginal_overhead": round((c_s - a_s - b) / a_s, 4), "meets_target": (c_s - a_s - b) / a_s <= TARGET}
+            "steps": args.ahead,
+            "check": ahead_check,
+            "ce_step_ms": round(a_n, 3),
+            "kd_step_ms": round(c_n, 3),
+            "overhead": round((c_n - a_n - b) / a_n, 4),
+            "marginal_ce_step_ms": round(a_s, 3),
+            "marginal_kd_step_ms": round(c_s, 3),
+            "marginal_overhead": round((c_s - a_s - b) / a_s, 4),
+            "meets_target": (c_s - a_s - b) / a_s <= TARGET,
+        }
         if "memory_mib" in throughput:  # the pass ahead holds a second batch's teacher K/V
             mem = throughput["memory_mib"]
-            peak = mem["peak_kd_step"] - timings["kd_step"]["peak_extra_mib"] + timings["kd_steps_ahead"]["peak_extra_mib"]
+            peak = (
+                mem["peak_kd_step"]
+                - timings["kd_step"]["peak_extra_mib"]
+                + timings["kd_steps_ahead"]["peak_extra_mib"]
+            )
             result["ahead"]["memory_ratio"] = round(peak / (mem["peak_ce_step"] + mem["teachers_weights"]), 4)
-        print(f"ahead x{args.ahead}: per step a {a_n:.1f}, c {c_n:.1f} ms (overhead {result['ahead']['overhead']:.3f}); "
-              f"marginal a {a_s:.1f}, c {c_s:.1f} ms (overhead {result['ahead']['marginal_overhead']:.3f}); "
-              f"memory ratio {result['ahead'].get('memory_ratio')}")
+        print(
+            f"ahead x{args.ahead}: per step a {a_n:.1f}, c {c_n:.1f} ms (overhead {result['ahead']['overhead']:.3f}); "
+            f"marginal a {a_s:.1f}, c {c_s:.1f} ms (overhead {result['ahead']['marginal_overhead']:.3f}); "
+            f"memory ratio {result['ahead'].get('memory_ratio')}"
+        )
     if args.on_policy:
         result["on_policy"] = {
-            "max_new_tokens": args.on_policy, "new_tokens": sampled_tokens[-1],
-            "kd_step_ms": c, "kd_step_on_policy_ms": ms["kd_step_on_policy"], "generate_ms": ms["generate"],
+            "max_new_tokens": args.on_policy,
+            "new_tokens": sampled_tokens[-1],
+            "kd_step_ms": c,
+            "kd_step_on_policy_ms": ms["kd_step_on_policy"],
+            "generate_ms": ms["generate"],
             "ratio": round(ms["kd_step_on_policy"] / c, 4),
             "generate_share": round(ms["generate"] / ms["kd_step_on_policy"], 4),
-            "new_tokens_per_s": round(sampled_tokens[-1] / (ms["generate"] / 1e3), 1)}
-        print(f"on-policy step {ms['kd_step_on_policy']:.1f} ms vs off-policy {c:.1f} ms: ratio "
-              f"{result['on_policy']['ratio']:.2f} (generating {ms['generate']:.1f} ms, {sampled_tokens[-1]:.0f} new "
-              "tokens)")
+            "new_tokens_per_s": round(sampled_tokens[-1] / (ms["generate"] / 1e3), 1),
+        }
+        print(
+            f"on-policy step {ms['kd_step_on_policy']:.1f} ms vs off-policy {c:.1f} ms: ratio "
+            f"{result['on_policy']['ratio']:.2f} (generating {ms['generate']:.1f} ms, {sampled_tokens[-1]:.0f} new "
+            "tokens)"
+        )
     if args.count_ops:
         result["op_counts"] = {name: count_ops(fn) for name, fn in fns.items()}
         print("aten calls: " + ", ".join(f"{k} {v['aten_calls']}" for k, v in result["op_counts"].items()))
@@ -562,8 +633,17 @@ def main() -> None:
                 "MFU c": throughput["mfu"]["kd_step"],
             }
         ],
-        ["a ce_step", "b teachers_fwd", "teachers_kv", "c kd_step", "collate", "overhead", "tok/s c", "MFU a",
-         "MFU c"],
+        [
+            "a ce_step",
+            "b teachers_fwd",
+            "teachers_kv",
+            "c kd_step",
+            "collate",
+            "overhead",
+            "tok/s c",
+            "MFU a",
+            "MFU c",
+        ],
     )
     print(f"overhead (c - a - b) / a = {overhead:.3f} (target <= {TARGET})")
     write_result(out, result)

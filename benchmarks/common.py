@@ -277,8 +277,9 @@ def make_records(n: int, tokenizers: list, max_tokens: int, seed: int = 0) -> li
             answer = new
         body = head + "".join(steps) + "\nAnswer: "
         question = f"{who} has {total} {what} and trades them over a long week. How many are left?"
-        records.append({"id": f"bench-{i}", "text": body + str(answer), "answer_start": len(body),
-                        "question": question})  # the text starts as the default template renders the question
+        records.append(
+            {"id": f"bench-{i}", "text": body + str(answer), "answer_start": len(body), "question": question}
+        )  # the text starts as the default template renders the question
     return records
 
 

@@ -170,7 +170,12 @@ def test_inspect_a_gguf_file(capsys, monkeypatch, tmp_path_factory):
     assert code == 0, err
     (entry,) = json.loads(out)
     assert entry["name"] == path and entry["model_type"] == "llama"
-    assert (entry["num_layers"], entry["num_attention_heads"], entry["num_kv_heads"], entry["head_dim"]) == (30, 9, 3, 64)
+    assert (entry["num_layers"], entry["num_attention_heads"], entry["num_kv_heads"], entry["head_dim"]) == (
+        30,
+        9,
+        3,
+        64,
+    )
     assert entry["kv_bytes_per_token"] == 23040
     code, _, err = cli(capsys, "inspect", path + ".missing.gguf")
     assert code == 2 and "does not exist" in err and "a .gguf file" in err
@@ -199,8 +204,9 @@ def test_config_show_prints_a_complete_commented_config_that_round_trips(capsys,
     # every field of every section is written, each section's fields commented from the schema's docstrings
     assert set(raw) == set(RunConfig.model_fields)
     train_fields = set(type(expected.train).model_fields)
-    assert set(raw["train"]) == train_fields - {f for f in expected.train.presence_fields
-                                                if f not in expected.train.model_fields_set}
+    assert set(raw["train"]) == train_fields - {
+        f for f in expected.train.presence_fields if f not in expected.train.model_fields_set
+    }
     assert "# Checkpoint every N optimizer steps (0: only at the end)." in out
     assert "(one of: fixed | similarity | router | confidence)" in out
     assert "# text_field:" in out  # a mode-choosing field left unset is shown commented out
@@ -219,7 +225,7 @@ def test_every_command_help_has_an_example(capsys):
                 yield (*prefix, name)
 
     names = list(commands(typer.main.get_command(app), ()))
-    assert {('train',), ('eval',), ('config', 'show'), ('cache', 'verify'), ('zoo', 'list')} <= set(names)
+    assert {("train",), ("eval",), ("config", "show"), ("cache", "verify"), ("zoo", "list")} <= set(names)
     for path in names:
         code, out, _ = cli(capsys, *path, "--help")
         assert code == 0, path
@@ -228,7 +234,9 @@ def test_every_command_help_has_an_example(capsys):
 
 def test_inspect_fits_80_columns_and_shows_tokens_as_text(capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "80")
-    code, out, _ = cli(capsys, "inspect", "smollm2-135m", "gemma3-270m", "minilm-l6", "--text", "Compute 3 + 4, naïve.")
+    code, out, _ = cli(
+        capsys, "inspect", "smollm2-135m", "gemma3-270m", "minilm-l6", "--text", "Compute 3 + 4, naïve."
+    )
     assert code == 0
     assert max(len(line) for line in out.splitlines()) <= 80
     assert "Ġ" not in out and "▁" not in out

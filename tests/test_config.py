@@ -64,16 +64,26 @@ def test_packaged_quickstart_config_parses():
 
 
 def test_options_that_would_be_ignored_are_refused_together():
-    raw = {**BASE, "teachers": [{"model": "gemma3-270m", "weight": 0.3, "compression": {"kind": "rkv", "budget": 8}}],
-           "fusion": {"kind": "router", "similarity": {"prototype": "kmeans"}, "latent": {"dim": 8},
-                      "router": {"kind": "attention", "per_token": True}},
-           "losses": {"hidden": 0.5, "logit_kd": {"beta": 0.2}}}
+    raw = {
+        **BASE,
+        "teachers": [{"model": "gemma3-270m", "weight": 0.3, "compression": {"kind": "rkv", "budget": 8}}],
+        "fusion": {
+            "kind": "router",
+            "similarity": {"prototype": "kmeans"},
+            "latent": {"dim": 8},
+            "router": {"kind": "attention", "per_token": True},
+        },
+        "losses": {"hidden": 0.5, "logit_kd": {"beta": 0.2}},
+    }
     with pytest.raises(ConfigError) as info:
         parse_config(raw)
     text = str(info.value)
-    for expected in ("fusion.similarity is changed from its default but only fusion.kind: similarity reads it",
-                     "fusion.latent is changed", "per_token needs router kind 'mlp' or 'gate'",
-                     "losses.logit_kd.beta is set but divergence is 'forward'"):
+    for expected in (
+        "fusion.similarity is changed from its default but only fusion.kind: similarity reads it",
+        "fusion.latent is changed",
+        "per_token needs router kind 'mlp' or 'gate'",
+        "losses.logit_kd.beta is set but divergence is 'forward'",
+    ):
         assert expected in text, expected
     fixed = {**raw, "fusion": {"kind": "router"}, "losses": {"hidden": 0.5}}
     with pytest.raises(ConfigError) as info:
@@ -81,16 +91,25 @@ def test_options_that_would_be_ignored_are_refused_together():
     text = str(info.value)
     assert "teachers.0.weight (0.3) is set but fusion.kind router" in text
     assert "losses.hidden need teacher 'gemma3-270m' (teachers.0) online and uncompressed" in text
-    ok = parse_config({"student": {"model": "smollm2-135m"},
-                       "teachers": [{"model": "gemma3-270m"}, {"model": "smollm2-135m"}],
-                       "fusion": {"kind": "similarity", "similarity": {"prototype": "kmeans"}}})
+    ok = parse_config(
+        {
+            "student": {"model": "smollm2-135m"},
+            "teachers": [{"model": "gemma3-270m"}, {"model": "smollm2-135m"}],
+            "fusion": {"kind": "similarity", "similarity": {"prototype": "kmeans"}},
+        }
+    )
     assert parse_config(ok.model_dump()) == ok  # a fully dumped config (every default written) reloads
 
 
 def test_routing_a_single_teacher_is_refused():
     with pytest.raises(ConfigError, match="there is one teacher: its weight is always 1"):
-        parse_config({"student": {"model": "smollm2-135m"}, "teachers": [{"model": "gemma3-270m"}],
-                      "fusion": {"kind": "router"}})
+        parse_config(
+            {
+                "student": {"model": "smollm2-135m"},
+                "teachers": [{"model": "gemma3-270m"}],
+                "fusion": {"kind": "router"},
+            }
+        )
 
 
 def test_a_misspelt_offline_name_gets_the_nearest_one():
@@ -108,8 +127,11 @@ def test_validate_runs_the_checks_training_runs():
     passes."""
     from kvdistill.config import check_config
 
-    raw = {"student": {"model": "smollm2-135m"}, "teachers": [{"model": "gemma3-270m"}],
-           "losses": {"logit_kd": {"weight": 1.0, "cross_tokenizer": "span"}}}
+    raw = {
+        "student": {"model": "smollm2-135m"},
+        "teachers": [{"model": "gemma3-270m"}],
+        "losses": {"logit_kd": {"weight": 1.0, "cross_tokenizer": "span"}},
+    }
     assert check_config(raw)[1] == []
     raw["teachers"] = [{"model": "smollm2-135m"}]
     raw["losses"] = {"logit_kd": {"weight": 1.0, "cross_tokenizer": "span", "top_k": 60000}}
@@ -117,12 +139,15 @@ def test_validate_runs_the_checks_training_runs():
     assert any("top_k is set with cross_tokenizer: span" in p for p in problems), problems
     raw["losses"]["logit_kd"].pop("cross_tokenizer")
     problems = check_config(raw)[1]
-    assert any("top_k (60000) must be below teachers[0] (smollm2-135m)'s vocabulary of 49152" in p
-               for p in problems), problems
+    assert any(
+        "top_k (60000) must be below teachers[0] (smollm2-135m)'s vocabulary of 49152" in p for p in problems
+    ), problems
     raw["losses"] = {"logit_kd": {"weight": 1.0, "cross_tokenizer": "project"}}
     problems = check_config(raw)[1]
-    assert any("cross_tokenizer is set but every online teacher shares the student's tokenizer" in p
-               for p in problems), problems
+    assert any(
+        "cross_tokenizer is set but every online teacher shares the student's tokenizer" in p
+        for p in problems
+    ), problems
     raw["losses"] = {"logit_kd": {"weight": 1.0}}
     assert check_config(raw)[1] == []
 
@@ -151,12 +176,15 @@ def test_merging_a_data_section_of_another_source_kind_drops_the_old_kinds_keys(
 
 
 # ---------------------------------------------------------------------------------------------- resolved dump
-@pytest.mark.parametrize("extra", [
-    {},
-    {"data": {"source": "jsonl", "path": "d.jsonl", "text_field": "body"}},  # text mode by a set field
-    {"data": {"source": "jsonl", "path": "d.jsonl"}},  # mode left to the file's columns
-    {"losses": {"logit_kd": {"weight": 0.5, "schedule": {"kind": "linear", "start": 4.0, "end": 1.0}}}},
-])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {},
+        {"data": {"source": "jsonl", "path": "d.jsonl", "text_field": "body"}},  # text mode by a set field
+        {"data": {"source": "jsonl", "path": "d.jsonl"}},  # mode left to the file's columns
+        {"losses": {"logit_kd": {"weight": 0.5, "schedule": {"kind": "linear", "start": 4.0, "end": 1.0}}}},
+    ],
+)
 def test_dump_spells_out_every_default_and_reloads_to_the_same_run(extra):
     """Also a guard for new fields whose presence the data reader asks (`"X" in cfg.model_fields_set`): each must be
     a presence field, or config.yaml would change how the run reads its data."""
@@ -170,7 +198,10 @@ def test_dump_spells_out_every_default_and_reloads_to_the_same_run(extra):
     assert again == cfg
     for section in ("data", "losses"):  # fields whose being set means something keep that
         assert getattr(again, section).model_fields_set >= {
-            f for f in type(getattr(cfg, section)).presence_fields if f in getattr(cfg, section).model_fields_set}
+            f
+            for f in type(getattr(cfg, section)).presence_fields
+            if f in getattr(cfg, section).model_fields_set
+        }
     assert ("text_field" in again.data.model_fields_set) == ("text_field" in cfg.data.model_fields_set)
     assert ("temperature" in again.losses.logit_kd.model_fields_set) is False
 
@@ -181,8 +212,15 @@ def test_resolve_paths_makes_local_paths_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "d.jsonl").write_text('{"text": "a"}\n')
     (tmp_path / "teacher").mkdir()
-    cfg = resolve_paths(parse_config({"student": {"model": "smollm2-135m"}, "teachers": [{"model": "teacher"}],
-                                      "data": {"source": "jsonl", "path": "d.jsonl"}}))
+    cfg = resolve_paths(
+        parse_config(
+            {
+                "student": {"model": "smollm2-135m"},
+                "teachers": [{"model": "teacher"}],
+                "data": {"source": "jsonl", "path": "d.jsonl"},
+            }
+        )
+    )
     assert cfg.data.path == str(tmp_path / "d.jsonl")
     assert cfg.teachers[0].model == str(tmp_path / "teacher") and cfg.teachers[0].name == "teacher"
     assert cfg.student.model == "smollm2-135m"  # a zoo name, not a local path: kept
@@ -229,20 +267,48 @@ def test_every_field_the_code_asks_the_presence_of_is_a_presence_field():
 
 
 def test_confidence_options_that_would_be_ignored_are_refused():
-    two = {"student": {"model": "smollm2-135m"}, "teachers": [{"model": "gemma3-270m"}, {"model": "smollm2-135m"}]}
+    two = {
+        "student": {"model": "smollm2-135m"},
+        "teachers": [{"model": "gemma3-270m"}, {"model": "smollm2-135m"}],
+    }
     with pytest.raises(ConfigError) as info:
-        parse_config({**two, "fusion": {"kind": "router", "confidence": {"temperature": 0.5},
-                                        "router": {"target_weight": 2.0}}})
+        parse_config(
+            {
+                **two,
+                "fusion": {
+                    "kind": "router",
+                    "confidence": {"temperature": 0.5},
+                    "router": {"target_weight": 2.0},
+                },
+            }
+        )
     text = str(info.value)
     assert "fusion.confidence is changed from its default but only fusion.kind: confidence" in text
     assert "fusion.router.target_weight (2.0)" in text and "set fusion.router.target: confidence" in text
-    ok = parse_config({**two, "fusion": {"kind": "router", "confidence": {"temperature": 0.5},
-                                         "router": {"target": "confidence", "target_weight": 2.0}}})
+    ok = parse_config(
+        {
+            **two,
+            "fusion": {
+                "kind": "router",
+                "confidence": {"temperature": 0.5},
+                "router": {"target": "confidence", "target_weight": 2.0},
+            },
+        }
+    )
     assert ok.fusion.confidence.temperature == 0.5 and parse_config(ok.model_dump()) == ok
-    cached = {**two, "teachers": [{"model": "gemma3-270m", "compression": {"kind": "rkv", "budget": 8}},
-                                  {"model": "smollm2-135m"}], "fusion": {"kind": "confidence"}}
-    with pytest.raises(ConfigError, match=r"fusion.kind confidence scores each sample with teacher 'gemma3-270m''s "
-                                          r"own logits \(teachers.0\)"):
+    cached = {
+        **two,
+        "teachers": [
+            {"model": "gemma3-270m", "compression": {"kind": "rkv", "budget": 8}},
+            {"model": "smollm2-135m"},
+        ],
+        "fusion": {"kind": "confidence"},
+    }
+    with pytest.raises(
+        ConfigError,
+        match=r"fusion.kind confidence scores each sample with teacher 'gemma3-270m''s "
+        r"own logits \(teachers.0\)",
+    ):
         parse_config(cached)
     with pytest.raises(ConfigError, match="fusion.kind confidence weighs teachers against each other"):
         parse_config({**BASE, "fusion": {"kind": "confidence"}})

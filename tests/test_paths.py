@@ -27,11 +27,21 @@ def test_plain_names_are_segments(name):
     assert segment_problem(name, "name") is None and check_segment(name, "name") == name
 
 
-@pytest.mark.parametrize(("name", "why"), [
-    ("", "non-empty"), (".", "directory itself"), ("..", "directory itself"), ("../x", "one path segment"),
-    ("/etc", "one path segment"), ("a\\b", "one path segment"), ("a\nb", "one path segment"),
-    ("a\x00b", "one path segment"), ("é" * 51, "102 bytes long"), (None, "non-empty"),
-])
+@pytest.mark.parametrize(
+    ("name", "why"),
+    [
+        ("", "non-empty"),
+        (".", "directory itself"),
+        ("..", "directory itself"),
+        ("../x", "one path segment"),
+        ("/etc", "one path segment"),
+        ("a\\b", "one path segment"),
+        ("a\nb", "one path segment"),
+        ("a\x00b", "one path segment"),
+        ("é" * 51, "102 bytes long"),
+        (None, "non-empty"),
+    ],
+)
 def test_names_that_are_not_one_segment_are_refused(name, why):
     assert why in segment_problem(name, "conditions.x")
     with pytest.raises(KvdistillError, match="rename it"):
@@ -46,10 +56,16 @@ def test_a_directory_is_writable_when_new_empty_or_marked_as_its_kind(tmp_path):
     assert json.loads((tmp_path / "empty" / MARKER).read_text())["kind"] == "run"
     (tmp_path / "empty" / "config.yaml").write_text("x")
     assert dir_problem(tmp_path / "empty", "run") is None
-    assert "is a kvdistill run directory, not a experiment" in dir_problem(tmp_path / "empty", "experiment").problem
+    assert (
+        "is a kvdistill run directory, not a experiment"
+        in dir_problem(tmp_path / "empty", "experiment").problem
+    )
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("mine")
-    assert "holds files that kvdistill did not write (notes.txt)" in dir_problem(tmp_path / "mine", "run").problem
+    assert (
+        "holds files that kvdistill did not write (notes.txt)"
+        in dir_problem(tmp_path / "mine", "run").problem
+    )
     (tmp_path / "mine" / "plan.json").write_text("{}")
     assert dir_problem(tmp_path / "mine", "run", legacy=("notes.txt", "plan.json")) is None  # before markers
     (tmp_path / "file").write_text("x")

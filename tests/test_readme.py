@@ -16,8 +16,16 @@ from pathlib import Path
 import pytest
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-TINY = ["train.steps=2", "train.eval_every=1", "train.save_every=1", "train.batch_size=2", "data.max_length=48"]
-BLOCK = re.compile(r"(?:<!-- file: (?P<file>[^ ]+) -->\s*\n)?```(?P<lang>\w+)[^\n]*\n(?P<body>.*?)\n```", re.S)
+TINY = [
+    "train.steps=2",
+    "train.eval_every=1",
+    "train.save_every=1",
+    "train.batch_size=2",
+    "data.max_length=48",
+]
+BLOCK = re.compile(
+    r"(?:<!-- file: (?P<file>[^ ]+) -->\s*\n)?```(?P<lang>\w+)[^\n]*\n(?P<body>.*?)\n```", re.S
+)
 
 
 def walkthrough() -> list[tuple[str, str | None, str]]:
@@ -73,7 +81,9 @@ def test_the_readme_walkthrough_runs_as_written(tmp_path, monkeypatch, capsys):
         elif lang == "python":
             source = body
             for key in ("train.steps", "train.eval_every", "train.save_every"):
-                source = re.sub(rf"{re.escape(key)}=\d+", f"{key}=1" if key != "train.steps" else f"{key}=2", source)
+                source = re.sub(
+                    rf"{re.escape(key)}=\d+", f"{key}=1" if key != "train.steps" else f"{key}=2", source
+                )
             exec(compile(source, "README walkthrough", "exec"), {"__name__": "walkthrough"})
             ran.append("python")
     assert {"validate", "train", "eval", "generate", "report", "python"} <= set(ran)

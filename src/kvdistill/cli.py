@@ -25,12 +25,20 @@ from kvdistill.config import config_path
 from kvdistill.errors import KvdistillError
 from kvdistill.stopping import RERUN, resume_hint, stoppable
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Multi-teacher KV-cache distillation from heterogeneous teachers into one student.\n\n"
-                       "Start with `kvdistill quickstart`, then `kvdistill config show > my.yaml` for your own job.")
-zoo_app = typer.Typer(no_args_is_help=True, help="The offline model zoo (real models shipped in PyPI packages).")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Multi-teacher KV-cache distillation from heterogeneous teachers into one student.\n\n"
+    "Start with `kvdistill quickstart`, then `kvdistill config show > my.yaml` for your own job.",
+)
+zoo_app = typer.Typer(
+    no_args_is_help=True, help="The offline model zoo (real models shipped in PyPI packages)."
+)
 app.add_typer(zoo_app, name="zoo")
-config_app = typer.Typer(no_args_is_help=True, help="Configs: print the full commented default or a packaged one.")
+config_app = typer.Typer(
+    no_args_is_help=True, help="Configs: print the full commented default or a packaged one."
+)
 app.add_typer(config_app, name="config")
 console = Console(stderr=True)
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -46,17 +54,25 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _options(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                 help="Print the version and exit."),
-    log_level: str | None = typer.Option(None, "--log-level", envvar="KVDISTILL_LOG", show_envvar=True,
-                                         help=f"Logging level: {', '.join(LOG_LEVELS)} (default WARNING)."),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+    log_level: str | None = typer.Option(
+        None,
+        "--log-level",
+        envvar="KVDISTILL_LOG",
+        show_envvar=True,
+        help=f"Logging level: {', '.join(LOG_LEVELS)} (default WARNING).",
+    ),
 ) -> None:
     """Options that come before the command, e.g. `kvdistill --log-level INFO train my.yaml --out runs/a`."""
     if log_level is not None:
         level = log_level.upper()
         if level not in LOG_LEVELS:
-            raise KvdistillError(f"--log-level / KVDISTILL_LOG '{log_level}' is not a logging level",
-                                 f"use one of {', '.join(LOG_LEVELS)}")
+            raise KvdistillError(
+                f"--log-level / KVDISTILL_LOG '{log_level}' is not a logging level",
+                f"use one of {', '.join(LOG_LEVELS)}",
+            )
         logging.getLogger().setLevel(level)
 
 
@@ -73,7 +89,10 @@ def zoo_list(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) 
     """
     from kvdistill.models import zoo
 
-    rows = [{"name": e.name, "kind": e.kind, "package": e.package, "description": e.description} for e in zoo.ZOO.values()]
+    rows = [
+        {"name": e.name, "kind": e.kind, "package": e.package, "description": e.description}
+        for e in zoo.ZOO.values()
+    ]
     if as_json:
         _echo_json(rows)
         return
@@ -98,10 +117,16 @@ def zoo_fetch(names: list[str] | None = typer.Argument(None, help="Zoo names (de
 # ---------------------------------------------------------------- inspect
 @app.command()
 def inspect(
-    models: list[str] = typer.Argument(..., help="Offline names, local dirs, .gguf files or hub ids; the first is the student."),
-    text: str | None = typer.Option(None, "--text", "-t", help="Show how this text tokenizes (tokens with UTF-8 byte spans)."),
+    models: list[str] = typer.Argument(
+        ..., help="Offline names, local dirs, .gguf files or hub ids; the first is the student."
+    ),
+    text: str | None = typer.Option(
+        None, "--text", "-t", help="Show how this text tokenizes (tokens with UTF-8 byte spans)."
+    ),
     strategy: str = typer.Option("ratio", help="Layer-map strategy for the plan: ratio, uniform, skip."),
-    projector: str = typer.Option("auto", help="Projector kind for the plan: auto, identity, per_head, linear."),
+    projector: str = typer.Option(
+        "auto", help="Projector kind for the plan: auto, identity, per_head, linear."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list, one object per model."),
 ) -> None:
     """Show KV geometry, tokenization and the student→teacher alignment plan.
@@ -138,7 +163,9 @@ def _phase_list(spec: str) -> list[int]:
     except ValueError:
         phases = []
     if not phases or any(p < 1 or p > 5 for p in phases):
-        raise KvdistillError(f"--phases '{spec}' is not a range or list within 1-5", "e.g. --phases 1-5 or 2,3")
+        raise KvdistillError(
+            f"--phases '{spec}' is not a range or list within 1-5", "e.g. --phases 1-5 or 2,3"
+        )
     return phases
 
 
@@ -171,18 +198,26 @@ def validate(
         raise ConfigError(checked.problems, source=str(config))
     for note in checked.model_notes + checked.data_notes:
         console.print(f"[yellow]note:[/yellow] {escape(note)}")
-    console.print(f"[green]ok[/green] {escape(config)}: student, {len(cfg.teachers)} teacher(s), data "
-                  f"({len(checked.train_records)} train / {len(checked.eval_records)} eval records) and losses valid")
+    console.print(
+        f"[green]ok[/green] {escape(config)}: student, {len(cfg.teachers)} teacher(s), data "
+        f"({len(checked.train_records)} train / {len(checked.eval_records)} eval records) and losses valid"
+    )
 
 
 @app.command()
 def train(
     config: str | None = typer.Argument(None, help="YAML config or packaged name; omit with --phases."),
-    overrides: list[str] | None = typer.Argument(None, help="Dotted overrides, e.g. train.steps=10 teachers.0.weight=0.3"),
+    overrides: list[str] | None = typer.Argument(
+        None, help="Dotted overrides, e.g. train.steps=10 teachers.0.weight=0.3"
+    ),
     out: str = typer.Option(..., "--out", "-o", help="Run directory."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in --out."),
-    phases: str | None = typer.Option(None, "--phases", help="Run the curriculum phases, e.g. 1-5 (packaged configs)."),
-    init_student: str | None = typer.Option(None, "--init-student", help="Start from this student directory."),
+    phases: str | None = typer.Option(
+        None, "--phases", help="Run the curriculum phases, e.g. 1-5 (packaged configs)."
+    ),
+    init_student: str | None = typer.Option(
+        None, "--init-student", help="Start from this student directory."
+    ),
 ) -> None:
     """Distill the teachers of CONFIG into its student (CPU, one GPU, or DDP under accelerate/torchrun).
 
@@ -204,8 +239,10 @@ def train(
         overrides, config = [config, *(overrides or [])], None
     if phases:
         if config is not None:
-            raise KvdistillError(f"--phases runs the packaged phase configs; CONFIG '{config}' would be ignored",
-                                 "drop CONFIG (put changes in overrides), or list your configs in a curriculum file")
+            raise KvdistillError(
+                f"--phases runs the packaged phase configs; CONFIG '{config}' would be ignored",
+                "drop CONFIG (put changes in overrides), or list your configs in a curriculum file",
+            )
         with stoppable(console, resume_hint()):
             results = run_phases(_phase_list(phases), out, overrides or [], resume=resume)
         _done(out, ", ".join(r["stage"] for r in results))
@@ -215,8 +252,9 @@ def train(
     if is_curriculum(config):
         stages, shared = read_curriculum(config)
         with stoppable(console, resume_hint()):
-            results = run_curriculum(stages, out, shared + list(overrides or []), resume=resume,
-                                     init_student=init_student)
+            results = run_curriculum(
+                stages, out, shared + list(overrides or []), resume=resume, init_student=init_student
+            )
         _done(out, ", ".join(r["stage"] for r in results))
         return
     cfg = _load(config, overrides)
@@ -233,21 +271,38 @@ def _done(out: str, what: str) -> None:
 
 @app.command("eval")
 def evaluate(
-    checkpoint: str = typer.Argument(..., help="A run dir, RUN/final, RUN/checkpoints/step-N, a student dir or a model."),
-    data: str | None = typer.Option(None, "--data", help="gsm_symbolic or a .jsonl/.csv/.parquet/.txt file "
-                                    "(default: the run's data, else gsm_symbolic)."),
-    config: str | None = typer.Option(None, "--config", help="Take data settings and teachers from this config."),
-    teachers: list[str] | None = typer.Option(None, "--teacher", help="Teacher(s) for the KV probe "
-                                              "(default: the run's teachers)."),
-    size: int | None = typer.Option(None, help="Held-out samples (default: the run's data.eval_size, else 32)."),
-    max_length: int | None = typer.Option(None, help="Token limit per sample (default: the run's, else 256)."),
+    checkpoint: str = typer.Argument(
+        ..., help="A run dir, RUN/final, RUN/checkpoints/step-N, a student dir or a model."
+    ),
+    data: str | None = typer.Option(
+        None,
+        "--data",
+        help="gsm_symbolic or a .jsonl/.csv/.parquet/.txt file (default: the run's data, else gsm_symbolic).",
+    ),
+    config: str | None = typer.Option(
+        None, "--config", help="Take data settings and teachers from this config."
+    ),
+    teachers: list[str] | None = typer.Option(
+        None, "--teacher", help="Teacher(s) for the KV probe (default: the run's teachers)."
+    ),
+    size: int | None = typer.Option(
+        None, help="Held-out samples (default: the run's data.eval_size, else 32)."
+    ),
+    max_length: int | None = typer.Option(
+        None, help="Token limit per sample (default: the run's, else 256)."
+    ),
     em: bool = typer.Option(True, help="Exact match by greedy generation (needs (question, answer) data)."),
-    max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", min=1,
-                                              help="Exact match: tokens generated per answer (default 16)."),
-    batch_size: int | None = typer.Option(None, "--batch-size", min=1,
-                                          help="Evaluation batch (default 8; latent students 32)."),
-    probe: bool = typer.Option(True, help="The KV probe against the teachers (most of the time: their forwards "
-                               "and a ridge fit per layer)."),
+    max_new_tokens: int | None = typer.Option(
+        None, "--max-new-tokens", min=1, help="Exact match: tokens generated per answer (default 16)."
+    ),
+    batch_size: int | None = typer.Option(
+        None, "--batch-size", min=1, help="Evaluation batch (default 8; latent students 32)."
+    ),
+    probe: bool = typer.Option(
+        True,
+        help="The KV probe against the teachers (most of the time: their forwards "
+        "and a ridge fit per layer).",
+    ),
     save: bool = typer.Option(True, help="Save the result as RUN/eval.json (shown by `kvdistill report`)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
@@ -265,9 +320,20 @@ def evaluate(
     """
     from kvdistill.eval.run import EVAL_FILE, evaluate_checkpoint, markdown_table
 
-    result = evaluate_checkpoint(checkpoint, data=data, config=config_path(config) if config else None,
-                                 teachers=teachers or [], size=size, max_length=max_length, em=em, probe=probe,
-                                 max_new_tokens=max_new_tokens, batch_size=batch_size, progress=True, save=save)
+    result = evaluate_checkpoint(
+        checkpoint,
+        data=data,
+        config=config_path(config) if config else None,
+        teachers=teachers or [],
+        size=size,
+        max_length=max_length,
+        em=em,
+        probe=probe,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        progress=True,
+        save=save,
+    )
     if as_json:
         _echo_json(result)
     else:
@@ -278,16 +344,26 @@ def evaluate(
 
 @app.command()
 def generate(
-    checkpoint: str = typer.Argument(..., help="A run dir, RUN/final, RUN/checkpoints/step-N, a student dir or a model."),
+    checkpoint: str = typer.Argument(
+        ..., help="A run dir, RUN/final, RUN/checkpoints/step-N, a student dir or a model."
+    ),
     prompt: str = typer.Option(..., "--prompt", "-p", help="The text to continue."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Tokens to generate."),
-    temperature: float = typer.Option(0.0, "--temperature", help="0: greedy; > 0: sample at this temperature."),
+    temperature: float = typer.Option(
+        0.0, "--temperature", help="0: greedy; > 0: sample at this temperature."
+    ),
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass (with --temperature > 0)."),
     seed: int = typer.Option(0, "--seed", help="Sampling seed."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
-    latent: bool = typer.Option(False, "--latent", help="A latent student: PROMPT is the question part, then the "
-                                "latents, then --answer-prompt (greedy)."),
-    answer_prompt: str = typer.Option("Answer:", "--answer-prompt", help="With --latent: text after the latents."),
+    latent: bool = typer.Option(
+        False,
+        "--latent",
+        help="A latent student: PROMPT is the question part, then the "
+        "latents, then --answer-prompt (greedy).",
+    ),
+    answer_prompt: str = typer.Option(
+        "Answer:", "--answer-prompt", help="With --latent: text after the latents."
+    ),
 ) -> None:
     """Continue a prompt with a saved student (a plain Hugging Face model), printing the text and tokens/s.
 
@@ -299,13 +375,23 @@ def generate(
     """
     from kvdistill.eval.generate import generate as run_generate
 
-    gen = run_generate(checkpoint, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                       seed=seed, latent=latent, answer_prompt=answer_prompt)
+    gen = run_generate(
+        checkpoint,
+        prompt,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        latent=latent,
+        answer_prompt=answer_prompt,
+    )
     if as_json:
         _echo_json(gen.to_dict())
         return
     sys.stdout.write(gen.continuation + "\n")
-    console.print(f"[dim]{gen.new_tokens} tokens in {gen.seconds:.2f} s ({gen.tokens_per_s:.1f} tokens/s)[/dim]")
+    console.print(
+        f"[dim]{gen.new_tokens} tokens in {gen.seconds:.2f} s ({gen.tokens_per_s:.1f} tokens/s)[/dim]"
+    )
 
 
 @app.command()
@@ -352,7 +438,9 @@ def quickstart(
 def experiment(
     spec: str = typer.Argument(..., help="Experiment spec YAML, or a packaged name (tiny, suite)."),
     out: str = typer.Option(..., "--out", "-o", help="Experiment directory (resumable: rerun to continue)."),
-    only: list[str] | None = typer.Option(None, "--only", help="Run only this condition (repeatable); the baseline always runs."),
+    only: list[str] | None = typer.Option(
+        None, "--only", help="Run only this condition (repeatable); the baseline always runs."
+    ),
     seeds: int | None = typer.Option(None, "--seeds", help="Use only the spec's first N seeds."),
 ) -> None:
     """Prepare the spec's teachers, train every (condition, seed), evaluate on one held-out set, compare.
@@ -373,15 +461,19 @@ def experiment(
     with stoppable(console, RERUN):
         results = run_experiment(parsed, out, only=only, seeds=seeds)
     sys.stdout.write(markdown(results, parsed) + "\n")
-    console.print(f"[green]wrote[/green] {escape(out)}/results.json, {escape(out)}/results.md and "
-                  f"{escape(out)}/plots/")
+    console.print(
+        f"[green]wrote[/green] {escape(out)}/results.json, {escape(out)}/results.md and {escape(out)}/plots/"
+    )
 
 
 # ---------------------------------------------------------------- config
 @config_app.command("show")
 def config_show(
-    name: str | None = typer.Argument(None, help="A packaged config (quickstart, phase1 … phase5, pikv) or a YAML "
-                                      "file; omitted: every default, with a minimal student and teacher."),
+    name: str | None = typer.Argument(
+        None,
+        help="A packaged config (quickstart, phase1 … phase5, pikv) or a YAML "
+        "file; omitted: every default, with a minimal student and teacher.",
+    ),
     overrides: list[str] | None = typer.Argument(None, help="Dotted overrides, e.g. train.steps=10."),
 ) -> None:
     """Print a complete config as commented YAML: every field with its value, choices and meaning.
@@ -401,8 +493,10 @@ def config_show(
 
     if name is None:
         cfg = load_config(raw=json.loads(json.dumps(EXAMPLE)), overrides=overrides or [])
-        header = ("kvdistill config: every field at its default (student and teacher filled in from the offline "
-                  "zoo).\nEdit what you need; `kvdistill validate FILE` checks it.")
+        header = (
+            "kvdistill config: every field at its default (student and teacher filled in from the offline "
+            "zoo).\nEdit what you need; `kvdistill validate FILE` checks it."
+        )
     else:
         cfg = _load(name, overrides)
         header = f"kvdistill config: {name}, every field spelled out.\n`kvdistill validate FILE` checks it."
@@ -418,7 +512,9 @@ app.command()(extract)
 
 def main() -> None:
     level = os.environ.get("KVDISTILL_LOG", "WARNING").upper()
-    logging.basicConfig(level=level if level in LOG_LEVELS else "WARNING", format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=level if level in LOG_LEVELS else "WARNING", format="%(levelname)s %(name)s: %(message)s"
+    )
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         app()

@@ -11,8 +11,9 @@ from rich.table import Table
 from rich.text import Text
 
 
-def inspect_models(models: list[str], text: str | None = None, strategy: str = "ratio",
-                   projector: str = "auto") -> list[dict]:
+def inspect_models(
+    models: list[str], text: str | None = None, strategy: str = "ratio", projector: str = "auto"
+) -> list[dict]:
     """Geometry of each model, the tokenization of `text`, and the plan from the first (student) to the others."""
     from kvdistill.align.plan import alignment_plan
     from kvdistill.align.tokens import token_alignment
@@ -63,15 +64,21 @@ def show_inspection(entries: list[dict], text: str | None, out: Console) -> None
         plan = e["plan_from_student"]
         p = plan["projector"]
         out.print(f"\n[bold]{escape(entries[0]['name'])} (student) ← {escape(e['name'])} (teacher)[/bold]")
-        out.print(f"  layer map ({plan['layer_map']['strategy']}, student←teacher): "
-                  + pairs_text(plan["layer_map"]["pairs"]))
-        out.print(f"  projector: {p['kind']} (H_kv {p['from']['num_kv_heads']}×D {p['from']['head_dim']} → "
-                  f"H_kv {p['to']['num_kv_heads']}×D {p['to']['head_dim']}), {p['params_total']:,} parameters "
-                  f"for keys+values over {plan['layer_map']['mapped_student_layers']} layers")
+        out.print(
+            f"  layer map ({plan['layer_map']['strategy']}, student←teacher): "
+            + pairs_text(plan["layer_map"]["pairs"])
+        )
+        out.print(
+            f"  projector: {p['kind']} (H_kv {p['from']['num_kv_heads']}×D {p['from']['head_dim']} → "
+            f"H_kv {p['to']['num_kv_heads']}×D {p['to']['head_dim']}), {p['params_total']:,} parameters "
+            f"for keys+values over {plan['layer_map']['mapped_student_layers']} layers"
+        )
         if "token_alignment" in plan:
             ta = plan["token_alignment"]
-            out.print(f"  tokens: {ta['student_tokens']} student vs {ta['teacher_tokens']} teacher; "
-                      f"{ta['aligned_student_tokens']} student tokens aligned, {ta['nonzeros']} non-zeros")
+            out.print(
+                f"  tokens: {ta['student_tokens']} student vs {ta['teacher_tokens']} teacher; "
+                f"{ta['aligned_student_tokens']} student tokens aligned, {ta['nonzeros']} non-zeros"
+            )
 
 
 def geometry_table(entries: list[dict]) -> Table:

@@ -20,11 +20,27 @@ from pathlib import Path
 
 from kvdistill.errors import KvdistillError
 
-__all__ = ["MARKER", "MAX_SEGMENT", "check_segment", "claim", "dir_problem", "escapes", "is_disk_full",
-           "marker_kind", "not_a_dir_problem", "open_append", "open_new", "segment_problem"]
+__all__ = [
+    "MARKER",
+    "MAX_SEGMENT",
+    "check_segment",
+    "claim",
+    "dir_problem",
+    "escapes",
+    "is_disk_full",
+    "marker_kind",
+    "not_a_dir_problem",
+    "open_append",
+    "open_new",
+    "segment_problem",
+]
 
-MAX_SEGMENT = 100  # bytes of UTF-8; file systems allow 255, and names get prefixes and suffixes (.tmp, _files)
-MARKER = ".kvdistill-run"  # {"kind": "run" | "curriculum" | "experiment" | ...}: written by the command itself
+MAX_SEGMENT = (
+    100  # bytes of UTF-8; file systems allow 255, and names get prefixes and suffixes (.tmp, _files)
+)
+MARKER = (
+    ".kvdistill-run"  # {"kind": "run" | "curriculum" | "experiment" | ...}: written by the command itself
+)
 OWN = (MARKER, ".train.lock", ".train.holder.json")  # files an unfinished start may leave, all of them ours
 
 
@@ -38,8 +54,10 @@ def segment_problem(name: object, key: str) -> str | None:
         return f"{key} {shown} names a directory itself, not a new one inside --out; give a plain name, e.g. 'run1'"
     bad = sorted({c for c in name if c in "/\\" or ord(c) < 32 or ord(c) == 127})
     if bad:
-        return (f"{key} {shown} contains {', '.join(repr(c) for c in bad)}: it becomes a folder name inside "
-                f"--out, so it must be one path segment; e.g. {_suggest(name)!r}")
+        return (
+            f"{key} {shown} contains {', '.join(repr(c) for c in bad)}: it becomes a folder name inside "
+            f"--out, so it must be one path segment; e.g. {_suggest(name)!r}"
+        )
     try:
         size = len(name.encode("utf-8"))
     except UnicodeEncodeError:
@@ -74,8 +92,9 @@ def marker_kind(directory: str | os.PathLike) -> str | None:
         return "unknown"
 
 
-def dir_problem(directory: str | os.PathLike, kind: str, *, flag: str = "--out",
-                legacy: tuple[str, ...] = ()) -> KvdistillError | None:
+def dir_problem(
+    directory: str | os.PathLike, kind: str, *, flag: str = "--out", legacy: tuple[str, ...] = ()
+) -> KvdistillError | None:
     """Why a command making a `kind` directory may not write `directory`, or None; only reads.
 
     Allowed: a path that does not exist (its parent may be created), an empty directory, or one with the
@@ -99,11 +118,13 @@ def dir_problem(directory: str | os.PathLike, kind: str, *, flag: str = "--out",
         return None
     shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
     return KvdistillError(
-        f"{flag} {d} holds files that kvdistill did not write ({shown}); they would be overwritten", fix)
+        f"{flag} {d} holds files that kvdistill did not write ({shown}); they would be overwritten", fix
+    )
 
 
-def not_a_dir_problem(directory: str | os.PathLike, flag: str = "--out",
-                      fix: str | None = None) -> KvdistillError | None:
+def not_a_dir_problem(
+    directory: str | os.PathLike, flag: str = "--out", fix: str | None = None
+) -> KvdistillError | None:
     """Why `directory` can never be a directory to write into (a file, a dangling symlink, a path under a file),
     or None (it is a directory, or does not exist yet)."""
     d = Path(directory)
@@ -156,8 +177,11 @@ def escapes(directory: str | os.PathLike, names: list[str] | None = None) -> lis
 # ---------------------------------------------------------------------------------------------- writes
 def _nofollow_error(path: Path, err: OSError) -> OSError:
     if err.errno == errno.ELOOP:
-        return KvdistillError(f"{path} is a symlink (to {os.readlink(path)}): kvdistill does not write through "
-                              "symlinks in its directories", f"remove the symlink {path}, then rerun")
+        return KvdistillError(
+            f"{path} is a symlink (to {os.readlink(path)}): kvdistill does not write through "
+            "symlinks in its directories",
+            f"remove the symlink {path}, then rerun",
+        )
     return err
 
 
@@ -193,7 +217,10 @@ def is_disk_full(err: BaseException, where: str | os.PathLike | None = None) -> 
         if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
         text = str(err)
-        if any(s in text for s in ("No space left on device", "StorageFull", "os error 28", "Disk quota exceeded")):
+        if any(
+            s in text
+            for s in ("No space left on device", "StorageFull", "os error 28", "Disk quota exceeded")
+        ):
             return True
         if "write failed" in text and where is not None:
             try:

@@ -15,8 +15,15 @@ from pathlib import Path
 
 from kvdistill.errors import KvdistillError
 
-__all__ = ["checkpoint_path", "latest_checkpoint", "list_checkpoints", "resolve_checkpoint", "run_of", "step_of",
-           "student_dir"]
+__all__ = [
+    "checkpoint_path",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "resolve_checkpoint",
+    "run_of",
+    "step_of",
+    "student_dir",
+]
 
 
 def checkpoint_path(out_dir: str | os.PathLike, step: int) -> Path:
@@ -27,7 +34,8 @@ def checkpoint_path(out_dir: str | os.PathLike, step: int) -> Path:
 def list_checkpoints(out_dir: str | os.PathLike) -> list[Path]:
     """The complete `step-N` directories of a run, oldest first (`step-N.tmp` / `step-N.old` never count)."""
     ckpts = [
-        c for c in (Path(out_dir) / "checkpoints").glob("step-*")
+        c
+        for c in (Path(out_dir) / "checkpoints").glob("step-*")
         if c.name.split("-", 1)[1].isdigit() and (c / "trainer_state.json").is_file()
     ]
     return sorted(ckpts, key=lambda c: int(c.name.split("-", 1)[1]))
@@ -88,8 +96,11 @@ def run_of(ckpt: Path) -> Path | None:
 
 def step_of(student: Path) -> int | None:
     """The optimizer step of the student in RUN/final (its trainer_state) or RUN/checkpoints/step-N, else None."""
-    for state in (student / "kvdistill" / "trainer_state.json", student.parent / "trainer_state.json",
-                  student.parent / "kvdistill" / "trainer_state.json"):
+    for state in (
+        student / "kvdistill" / "trainer_state.json",
+        student.parent / "trainer_state.json",
+        student.parent / "kvdistill" / "trainer_state.json",
+    ):
         try:
             step = json.loads(state.read_text()).get("step")
         except (OSError, ValueError, AttributeError):

@@ -41,7 +41,9 @@ def stoppable(console: Console, how_to_continue: str) -> Iterator[None]:
     except KeyboardInterrupt as stop:
         signum = getattr(stop, "signum", signal.SIGINT)
         if os.environ.get("RANK", "0") == "0":
-            console.print(f"[yellow]stopped[/yellow] by {signal.Signals(signum).name}; {escape(how_to_continue)}")
+            console.print(
+                f"[yellow]stopped[/yellow] by {signal.Signals(signum).name}; {escape(how_to_continue)}"
+            )
         raise typer.Exit(128 + signum) from None
     finally:
         if main_thread:

@@ -44,25 +44,46 @@ def spelled(name: str, token: str) -> bytes:
 # ------------------------------------------------------------------------------------------ goldens
 GOLDEN = [
     # SmolLM2 splits each of 東 京 into two tokens that share its character span
-    ("smollm2-135m", "東京", ["æĿ", "±", "äº", "¬"], [(0, 1), (0, 1), (1, 2), (1, 2)],
-     [(0, 2), (2, 3), (3, 5), (5, 6)]),
+    (
+        "smollm2-135m",
+        "東京",
+        ["æĿ", "±", "äº", "¬"],
+        [(0, 1), (0, 1), (1, 2), (1, 2)],
+        [(0, 2), (2, 3), (3, 5), (5, 6)],
+    ),
     # a token that holds a whole character (the space) and the first byte of the next one
     ("smollm2-135m", " 東", ["Ġæ", "Ŀ", "±"], [(0, 2), (1, 2), (1, 2)], [(0, 2), (2, 3), (3, 4)]),
     ("gpt2-tokenizer", "😀 x", ["ðŁĺ", "Ģ", "Ġx"], [(0, 1), (0, 1), (1, 3)], [(0, 3), (3, 4), (4, 6)]),
     # SentencePiece byte fallback: one byte per token
-    ("llama2-tokenizer", "a 👨", ["<s>", "▁a", "▁", "<0xF0>", "<0x9F>", "<0x91>", "<0xA8>"],
-     [(0, 0), (0, 1), (1, 2), (2, 3), (2, 3), (2, 3), (2, 3)],
-     [(0, 0), (0, 1), (1, 2), (2, 3), (3, 4), (4, 5), (5, 6)]),
+    (
+        "llama2-tokenizer",
+        "a 👨",
+        ["<s>", "▁a", "▁", "<0xF0>", "<0x9F>", "<0x91>", "<0xA8>"],
+        [(0, 0), (0, 1), (1, 2), (2, 3), (2, 3), (2, 3), (2, 3)],
+        [(0, 0), (0, 1), (1, 2), (2, 3), (3, 4), (4, 5), (5, 6)],
+    ),
     # the '▁' Llama-2 prepends to the text stands for no byte of it
-    ("llama2-tokenizer", "東京", ["<s>", "▁", "東", "京"], [(0, 0), (0, 1), (0, 1), (1, 2)],
-     [(0, 0), (0, 0), (0, 3), (3, 6)]),
+    (
+        "llama2-tokenizer",
+        "東京",
+        ["<s>", "▁", "東", "京"],
+        [(0, 0), (0, 1), (0, 1), (1, 2)],
+        [(0, 0), (0, 0), (0, 3), (3, 6)],
+    ),
     # a combining mark is a character of its own (2 bytes)
-    ("gemma3-270m", "x\u0301 東京", ["<bos>", "x", "\u0301", "▁東京"], [(0, 0), (0, 1), (1, 2), (2, 5)],
-     [(0, 0), (0, 1), (1, 3), (3, 10)]),
+    (
+        "gemma3-270m",
+        "x\u0301 東京",
+        ["<bos>", "x", "\u0301", "▁東京"],
+        [(0, 0), (0, 1), (1, 2), (2, 5)],
+        [(0, 0), (0, 1), (1, 3), (3, 10)],
+    ),
 ]
 
 
-@pytest.mark.parametrize("name, text, tokens, chars, expected", GOLDEN, ids=[f"{g[0]}:{g[1]}" for g in GOLDEN])
+@pytest.mark.parametrize(
+    "name, text, tokens, chars, expected", GOLDEN, ids=[f"{g[0]}:{g[1]}" for g in GOLDEN]
+)
 def test_golden_byte_spans(load, name, text, tokens, chars, expected):
     got_tokens, got_chars, got_bytes = encode(load(name), text)
     assert got_tokens == tokens and got_chars == chars
@@ -86,7 +107,9 @@ def test_spans_tile_the_text_and_hold_each_tokens_own_bytes(load, mixed_texts, n
         for k, (a, z) in enumerate(spans):
             if z == a:  # a special token, or Llama-2's prepended '▁' (stands for no byte of the text)
                 phantoms += ids[k] not in specials
-                assert ids[k] in specials or (name == "llama2-tokenizer" and tokens[k] == "▁" and k == 1), text
+                assert ids[k] in specials or (name == "llama2-tokenizer" and tokens[k] == "▁" and k == 1), (
+                    text
+                )
                 continue
             want = spelled(name, tokens[k])
             if name == "llama2-tokenizer" and k == real[0][0] and not text.startswith(" "):
@@ -109,8 +132,12 @@ def test_groups_are_resolved_vectorised(load, mixed_texts, name, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------ ASCII and batches
-ASCII = ["The quick brown fox jumps over 13 lazy dogs.", "Question: 3 apples and 4 pears?\nAnswer: 7",
-         "tabs\tand  double spaces, {json: [1, 2]} & <html>", "x"]
+ASCII = [
+    "The quick brown fox jumps over 13 lazy dogs.",
+    "Question: 3 apples and 4 pears?\nAnswer: 7",
+    "tabs\tand  double spaces, {json: [1, 2]} & <html>",
+    "x",
+]
 
 
 @pytest.mark.parametrize("name", [*ZOO, "minilm-l6"])
@@ -175,7 +202,11 @@ def test_fallback_on_hand_made_tokenizations(load):
 
 def test_empty_batch_and_specials(load):
     tok = load("gemma3-270m")
-    assert byte_spans(tok, ["", ""], torch.zeros(2, 0, dtype=torch.long), torch.zeros(2, 0, 2)).shape == (2, 0, 2)
+    assert byte_spans(tok, ["", ""], torch.zeros(2, 0, dtype=torch.long), torch.zeros(2, 0, 2)).shape == (
+        2,
+        0,
+        2,
+    )
     # a special token in the middle keeps an empty span, at the byte offset of its character
     out = byte_spans(tok, ["東京"], [[2, 2, 2]], [[[0, 1], [1, 1], [1, 2]]])
     assert out.tolist() == [[[0, 3], [3, 3], [3, 6]]]
@@ -190,11 +221,17 @@ def test_gpt2_byte_table_is_transformers():
 # ------------------------------------------------------------------------------------------ errors
 def test_errors_quote_the_bad_input(load):
     tok = load("gpt2-tokenizer")
-    with pytest.raises(KvdistillError, match=r"byte_spans got 2 texts, input_ids \(1, 2\) and offset_mapping "
-                                             r"\(1, 2, 2\)") as err:
+    with pytest.raises(
+        KvdistillError,
+        match=r"byte_spans got 2 texts, input_ids \(1, 2\) and offset_mapping "
+        r"\(1, 2, 2\)",
+    ) as err:
         byte_spans(tok, ["ab", "cd"], [[1, 2]], [[[0, 1], [1, 2]]])
     assert err.value.fix
-    with pytest.raises(KvdistillError, match=r"offset_mapping\[0, 1\] = \[1, 5\] is not a span of text #0 "
-                                             r"\(2 characters\)") as err:
+    with pytest.raises(
+        KvdistillError,
+        match=r"offset_mapping\[0, 1\] = \[1, 5\] is not a span of text #0 "
+        r"\(2 characters\)",
+    ) as err:
         byte_spans(tok, ["東京"], [[1, 2]], [[[0, 1], [1, 5]]])
     assert "these very texts" in err.value.fix

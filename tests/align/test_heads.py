@@ -156,8 +156,13 @@ def test_projector_runs_bf16_in_bf16_and_gets_float32_gradients(kind):
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y.float(), proj(x, which="keys"), atol=0.05, rtol=0.02)
     y.float().square().mean().backward()
-    assert all(p.dtype == torch.float32 and p.grad is not None and p.grad.dtype == torch.float32
-               and p.grad.abs().sum() > 0 for p in proj.key_map.parameters())
+    assert all(
+        p.dtype == torch.float32
+        and p.grad is not None
+        and p.grad.dtype == torch.float32
+        and p.grad.abs().sum() > 0
+        for p in proj.key_map.parameters()
+    )
 
 
 # ------------------------------------------------------------------------------------ teacher → student
@@ -242,7 +247,9 @@ def structured_teacher(H_t: int, D_t: int, seed: int = 0) -> torch.Tensor:
     return flat.view(1, N_TOKENS, H_t, D_t).transpose(1, 2).contiguous()  # (1, H_t, N, D_t)
 
 
-def kv_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+def kv_loss(
+    pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, normalize: bool = True
+) -> torch.Tensor:
     """The training KV error of one sample (B = 1) laid out (1, H, N, D): `kvdistill.losses.kv_error` on its rows."""
     (p, m), (t, _) = as_rows(pred, mask), as_rows(target, mask)
     return kv_error(p, t, m, normalize=normalize)[0]
@@ -374,18 +381,27 @@ def test_project_layers_equals_forward_of_each_layer(kind):
     with torch.no_grad():
         for p in (p for proj in projs for p in proj.parameters()):
             p.add_(0.1 * torch.randn_like(p))  # layers, keys and values differ
-    ks = [torch.randn(2, 5, 3, 64).transpose(1, 2).requires_grad_() for _ in range(3)]  # (B, H_s, T, D_s) views
+    ks = [
+        torch.randn(2, 5, 3, 64).transpose(1, 2).requires_grad_() for _ in range(3)
+    ]  # (B, H_s, T, D_s) views
     vs = [torch.randn(2, 3, 5, 64, requires_grad=True) for _ in range(3)]
     got = project_layers(projs, ks, vs)  # (L, 2, B, T, H_t·D_t)
     assert got.shape == (3, 2, 2, 5, teacher.num_kv_heads * teacher.head_dim)
-    ref = torch.stack([torch.stack([p(k, which="keys"), p(v, which="values")])
-                       for p, k, v in zip(projs, ks, vs, strict=True)])
+    ref = torch.stack(
+        [
+            torch.stack([p(k, which="keys"), p(v, which="values")])
+            for p, k, v in zip(projs, ks, vs, strict=True)
+        ]
+    )
     ref = ref.transpose(3, 4).reshape(got.shape)  # (L, 2, B, T, H_t·D_t)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     weights = torch.randn_like(got)
     leaves = [*ks, *vs, *(p for proj in projs for p in proj.parameters())]
-    for g, r in zip(torch.autograd.grad((got * weights).sum(), leaves),
-                    torch.autograd.grad((ref * weights).sum(), leaves), strict=True):
+    for g, r in zip(
+        torch.autograd.grad((got * weights).sum(), leaves),
+        torch.autograd.grad((ref * weights).sum(), leaves),
+        strict=True,
+    ):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
     with pytest.raises(KvdistillError, match="one projector per layer"):
         project_layers([*projs, KVProjector(student, GQA_9_3, kind="linear")], [*ks, ks[0]], [*vs, vs[0]])

@@ -39,9 +39,21 @@ def test_same_start_function_and_gradients_as_per_layer_projectors(kind):
     torch.manual_seed(3)
     per_layer = [KVProjector(student, teacher, kind=kind) for _ in LAYERS]
     for name, param in fresh.named_parameters():  # the same draws, in order
-        ref = torch.stack([torch.stack([dict(m.named_parameters())[
-            {"mix": "mix", "weight": "weight", "bias": "bias"}[name] if kind == "per_head" else f"linear.{name}"]
-            for m in (p.key_map, p.value_map)]) for p in per_layer])
+        ref = torch.stack(
+            [
+                torch.stack(
+                    [
+                        dict(m.named_parameters())[
+                            {"mix": "mix", "weight": "weight", "bias": "bias"}[name]
+                            if kind == "per_head"
+                            else f"linear.{name}"
+                        ]
+                        for m in (p.key_map, p.value_map)
+                    ]
+                )
+                for p in per_layer
+            ]
+        )
         assert torch.equal(param, ref), name
     stack, layers, _ = pair(kind)
     with torch.no_grad():  # layers, keys and values differ
@@ -62,11 +74,14 @@ def test_same_start_function_and_gradients_as_per_layer_projectors(kind):
     for a, b in zip(g_stack[: 2 * len(LAYERS)], g_ref[: 2 * len(LAYERS)], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     # the stacked parameters' gradients, unstacked, are the per-layer ones
-    loaded = dict(zip([n for n, _ in layers.named_parameters()], g_ref[2 * len(LAYERS):], strict=True))
+    loaded = dict(zip([n for n, _ in layers.named_parameters()], g_ref[2 * len(LAYERS) :], strict=True))
     probe = KVProjectorStack(student, teacher, kind, LAYERS)
     probe.load_state_dict(loaded)
-    for (name, g), ref_g in zip(zip([n for n, _ in stack.named_parameters()], g_stack[2 * len(LAYERS):],
-                                    strict=True), probe.parameters(), strict=True):
+    for (name, g), ref_g in zip(
+        zip([n for n, _ in stack.named_parameters()], g_stack[2 * len(LAYERS) :], strict=True),
+        probe.parameters(),
+        strict=True,
+    ):
         torch.testing.assert_close(g, ref_g, rtol=1e-5, atol=1e-5, msg=name)
 
 

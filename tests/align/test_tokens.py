@@ -40,7 +40,9 @@ def tokenizer(name: str):
 
 def chars_of(name: str, text: str, **kwargs) -> list[tuple[int, int]]:
     """The tokenizer's own character offsets."""
-    return tokenizer(name)(text, return_offsets_mapping=True, add_special_tokens=True, **kwargs)["offset_mapping"]
+    return tokenizer(name)(text, return_offsets_mapping=True, add_special_tokens=True, **kwargs)[
+        "offset_mapping"
+    ]
 
 
 def spans_of(name: str, text: str, **kwargs) -> list[tuple[int, int]]:
@@ -48,8 +50,12 @@ def spans_of(name: str, text: str, **kwargs) -> list[tuple[int, int]]:
     tok = tokenizer(name)
     encoding = tok(text, return_offsets_mapping=True, add_special_tokens=True, **kwargs)
     ids, offsets = encoding["input_ids"], encoding["offset_mapping"]
-    spans = byte_spans(tok, [text], torch.tensor([ids], dtype=torch.long).view(1, -1),
-                       torch.tensor([offsets], dtype=torch.long).view(1, -1, 2))  # (1, T, 2)
+    spans = byte_spans(
+        tok,
+        [text],
+        torch.tensor([ids], dtype=torch.long).view(1, -1),
+        torch.tensor([offsets], dtype=torch.long).view(1, -1, 2),
+    )  # (1, T, 2)
     return [tuple(s) for s in spans[0].tolist()]
 
 
@@ -135,11 +141,14 @@ def test_identity_on_mixed_script_texts(mixed_texts, name):
         covered = (spans[:, 1] > spans[:, 0]).float()  # (T,)
         assert torch.equal(token_alignment(spans, spans).to_dense(), torch.diag(covered)), text
         chars = torch.tensor(chars_of(name, text))  # (T, 2)
-        broken_by_chars += not torch.equal(token_alignment(chars, chars).to_dense(),
-                                           torch.diag((chars[:, 1] > chars[:, 0]).float()))
+        broken_by_chars += not torch.equal(
+            token_alignment(chars, chars).to_dense(), torch.diag((chars[:, 1] > chars[:, 0]).float())
+        )
     # byte-level BPE and byte fallback split characters on most of these 30 texts; Gemma-3 only rare ones
-    assert broken_by_chars == {"smollm2-135m": 28, "gemma3-270m": 3, "gpt2-tokenizer": 29,
-                               "llama2-tokenizer": 21}[name]
+    assert (
+        broken_by_chars
+        == {"smollm2-135m": 28, "gemma3-270m": 3, "gpt2-tokenizer": 29, "llama2-tokenizer": 21}[name]
+    )
 
 
 @pytest.mark.parametrize("student_name,teacher_name", PAIRS, ids=[f"{s}->{t}" for s, t in PAIRS])
@@ -156,15 +165,19 @@ def test_partial_character_tokens_pair_with_the_same_bytes_across_tokenizers():
     smol, llama = spans_of("smollm2-135m", text), spans_of("llama2-tokenizer", text)
     assert smol == [(0, 1), (1, 3), (3, 4), (4, 5)]  # a, 'Ġé', '±', '»'
     assert llama == [(0, 0), (0, 1), (1, 2), (2, 3), (3, 4), (4, 5)]  # <s>, '▁a', '▁', <0xE9>, <0xB1>, <0xBB>
-    expected = torch.tensor([
-        [0, 1, 0, 0, 0, 0],  # a -> '▁a'
-        [0, 0, 0.5, 0.5, 0, 0],  # 'Ġé' [1, 3) -> '▁' [1, 2) and <0xE9> [2, 3), IoU 1/2 each
-        [0, 0, 0, 0, 1, 0],  # '±' -> <0xB1>
-        [0, 0, 0, 0, 0, 1],  # '»' -> <0xBB>
-    ])
+    expected = torch.tensor(
+        [
+            [0, 1, 0, 0, 0, 0],  # a -> '▁a'
+            [0, 0, 0.5, 0.5, 0, 0],  # 'Ġé' [1, 3) -> '▁' [1, 2) and <0xE9> [2, 3), IoU 1/2 each
+            [0, 0, 0, 0, 1, 0],  # '±' -> <0xB1>
+            [0, 0, 0, 0, 0, 1],  # '»' -> <0xBB>
+        ]
+    )
     torch.testing.assert_close(check(smol, llama), expected, atol=1e-7, rtol=0)
     back = torch.zeros(6, 4)
-    back[1, 0] = back[2, 1] = back[3, 1] = back[4, 2] = back[5, 3] = 1  # each byte lies inside one SmolLM2 token
+    back[1, 0] = back[2, 1] = back[3, 1] = back[4, 2] = back[5, 3] = (
+        1  # each byte lies inside one SmolLM2 token
+    )
     torch.testing.assert_close(check(llama, smol), back, atol=1e-7, rtol=0)
     # the same pair on character spans: 'Ġé' (1, 3) overlaps '▁' (1, 2) and the three (2, 3) byte tokens
     on_chars = check(chars_of("smollm2-135m", text), chars_of("llama2-tokenizer", text))
@@ -329,14 +342,21 @@ def test_align_to_student_errors_quote_shapes():
 
 
 # ------------------------------------------------------------------------------------------ sparse (gather) form
-SPARSE_TEXTS = ["Question: 3 apples and 4 pears, how many fruits?\nAnswer: 7",
-                "Ünïcode ✓ 数学 🙂 ok, naïve café — 12.5%",
-                "short"]
+SPARSE_TEXTS = [
+    "Question: 3 apples and 4 pears, how many fruits?\nAnswer: 7",
+    "Ünïcode ✓ 数学 🙂 ok, naïve café — 12.5%",
+    "short",
+]
 
 
-@pytest.mark.parametrize("student_name, teacher_name", [("gpt2-tokenizer", "smollm2-135m"),
-                                                        ("smollm2-135m", "llama2-tokenizer"),
-                                                        ("llama2-tokenizer", "gpt2-tokenizer")])
+@pytest.mark.parametrize(
+    "student_name, teacher_name",
+    [
+        ("gpt2-tokenizer", "smollm2-135m"),
+        ("smollm2-135m", "llama2-tokenizer"),
+        ("llama2-tokenizer", "gpt2-tokenizer"),
+    ],
+)
 def test_sparse_alignment_resampling_equals_dense_einsum(student_name, teacher_name):
     """Rows = teacher tokens as the objective uses it: the gather form equals einsum with the dense alignment."""
     from kvdistill.align.tokens import batch_token_alignment_sparse, resample_rows
@@ -344,9 +364,12 @@ def test_sparse_alignment_resampling_equals_dense_einsum(student_name, teacher_n
 
     s = tokenize(tokenizer(student_name), SPARSE_TEXTS)
     t = tokenize(tokenizer(teacher_name), SPARSE_TEXTS)
-    dense = batch_token_alignment(t["offset_mapping"], t["attention_mask"], s["offset_mapping"], s["attention_mask"])
-    index, weight = batch_token_alignment_sparse(t["offset_mapping"], t["attention_mask"], s["offset_mapping"],
-                                                 s["attention_mask"])  # (B, M, K)
+    dense = batch_token_alignment(
+        t["offset_mapping"], t["attention_mask"], s["offset_mapping"], s["attention_mask"]
+    )
+    index, weight = batch_token_alignment_sparse(
+        t["offset_mapping"], t["attention_mask"], s["offset_mapping"], s["attention_mask"]
+    )  # (B, M, K)
     B, M, T_s = dense.shape
     assert index.shape[:2] == weight.shape[:2] == (B, M) and 1 <= index.shape[2] <= 4
     rebuilt = torch.zeros(B, M, T_s).scatter_add_(2, index, weight)
@@ -366,8 +389,9 @@ def test_sparse_alignment_resampling_equals_dense_einsum(student_name, teacher_n
 def test_sparse_alignment_of_an_empty_overlap_is_one_zero_slot():
     from kvdistill.align.tokens import batch_token_alignment_sparse
 
-    index, weight = batch_token_alignment_sparse(torch.tensor([[[0, 0]]]), torch.ones(1, 1),
-                                                 torch.tensor([[[0, 3]]]), torch.ones(1, 1))
+    index, weight = batch_token_alignment_sparse(
+        torch.tensor([[[0, 0]]]), torch.ones(1, 1), torch.tensor([[[0, 3]]]), torch.ones(1, 1)
+    )
     assert index.shape == (1, 1, 1) and float(weight.sum()) == 0.0
 
 
@@ -390,13 +414,20 @@ def _brute_partners(text: str, s_spans, s_mask, t_spans, t_mask) -> list[int]:
         return out
 
     teacher = states(t_spans, t_mask)
-    return [max((j for j, st_ in enumerate(teacher) if st_ == state), default=-1) if state is not None else -1
-            for state in states(s_spans, s_mask)]
+    return [
+        max((j for j, st_ in enumerate(teacher) if st_ == state), default=-1) if state is not None else -1
+        for state in states(s_spans, s_mask)
+    ]
 
 
-@pytest.mark.parametrize("student_name, teacher_name", [("gpt2-tokenizer", "smollm2-135m"),
-                                                        ("smollm2-135m", "llama2-tokenizer"),
-                                                        ("llama2-tokenizer", "gemma3-270m")])
+@pytest.mark.parametrize(
+    "student_name, teacher_name",
+    [
+        ("gpt2-tokenizer", "smollm2-135m"),
+        ("smollm2-135m", "llama2-tokenizer"),
+        ("llama2-tokenizer", "gemma3-270m"),
+    ],
+)
 def test_prefix_positions_match_bruteforce(mixed_texts, student_name, teacher_name):
     texts = mixed_texts[:12] + ["Question: Compute 3 + 4.\nAnswer: 7"]
     s = tokenize(tokenizer(student_name), texts, max_length=40)
@@ -404,8 +435,13 @@ def test_prefix_positions_match_bruteforce(mixed_texts, student_name, teacher_na
     got = prefix_positions(s["offset_mapping"], s["attention_mask"], t["offset_mapping"], t["attention_mask"])
     paired = 0
     for b, text in enumerate(texts):
-        want = _brute_partners(text, s["offset_mapping"][b], s["attention_mask"][b], t["offset_mapping"][b],
-                               t["attention_mask"][b])
+        want = _brute_partners(
+            text,
+            s["offset_mapping"][b],
+            s["attention_mask"][b],
+            t["offset_mapping"][b],
+            t["attention_mask"][b],
+        )
         assert got[b].tolist() == want, (b, text)
         paired += sum(j >= 0 for j in want)
     assert paired > 0.5 * int(s["attention_mask"].sum())  # most positions have a partner
@@ -414,8 +450,9 @@ def test_prefix_positions_match_bruteforce(mixed_texts, student_name, teacher_na
 @pytest.mark.parametrize("name", ZOO)
 def test_prefix_positions_of_one_tokenization_are_the_identity(mixed_texts, name):
     enc = tokenize(tokenizer(name), mixed_texts, max_length=48)
-    got = prefix_positions(enc["offset_mapping"], enc["attention_mask"], enc["offset_mapping"],
-                           enc["attention_mask"])
+    got = prefix_positions(
+        enc["offset_mapping"], enc["attention_mask"], enc["offset_mapping"], enc["attention_mask"]
+    )
     T = got.shape[1]
     want = torch.where(enc["attention_mask"].bool(), torch.arange(T), -1)
     assert torch.equal(got, want)
@@ -423,22 +460,32 @@ def test_prefix_positions_of_one_tokenization_are_the_identity(mixed_texts, name
 
 def test_prefix_positions_golden_and_errors():
     # student: BOS "ab" "c"; teacher: "a" "bc" EOS. Partners: after "abc" (student 2 <- teacher 1).
-    got = prefix_positions(torch.tensor([[[0, 0], [0, 2], [2, 3]]]), torch.ones(1, 3),
-                           torch.tensor([[[0, 1], [1, 3], [3, 3]]]), torch.ones(1, 3))
+    got = prefix_positions(
+        torch.tensor([[[0, 0], [0, 2], [2, 3]]]),
+        torch.ones(1, 3),
+        torch.tensor([[[0, 1], [1, 3], [3, 3]]]),
+        torch.ones(1, 3),
+    )
     assert got.tolist() == [[-1, -1, 1]]
     with pytest.raises(KvdistillError, match="batch size mismatch"):
         prefix_positions(torch.zeros(2, 3, 2), torch.ones(2, 3), torch.zeros(1, 3, 2), torch.ones(1, 3))
 
 
-@pytest.mark.parametrize("student_name, teacher_name", [("gpt2-tokenizer", "smollm2-135m"),
-                                                        ("smollm2-135m", "llama2-tokenizer"),
-                                                        ("llama2-tokenizer", "gemma3-270m")])
+@pytest.mark.parametrize(
+    "student_name, teacher_name",
+    [
+        ("gpt2-tokenizer", "smollm2-135m"),
+        ("smollm2-135m", "llama2-tokenizer"),
+        ("llama2-tokenizer", "gemma3-270m"),
+    ],
+)
 def test_common_chunks_spell_the_same_bytes_and_are_minimal(mixed_texts, student_name, teacher_name):
     texts = mixed_texts[:12] + ["Question: Compute 3 + 4.\nAnswer: 7"]
     s = tokenize(tokenizer(student_name), texts, max_length=40)
     t = tokenize(tokenizer(teacher_name), texts, max_length=32)
-    s_chunk, t_chunk = common_chunks(s["offset_mapping"], s["attention_mask"], t["offset_mapping"],
-                                     t["attention_mask"])
+    s_chunk, t_chunk = common_chunks(
+        s["offset_mapping"], s["attention_mask"], t["offset_mapping"], t["attention_mask"]
+    )
     total = 0
     for b, text in enumerate(texts):
         data = text.encode("utf-8")
@@ -460,8 +507,13 @@ def test_common_chunks_spell_the_same_bytes_and_are_minimal(mixed_texts, student
             ends_t = {len(b"".join(tp[c][: i + 1])) for i in range(len(tp[c]) - 1)}
             assert not ends_s & ends_t  # no common boundary inside a chunk
         # every content token before the last common boundary is in a chunk
-        n_real = sum(1 for (a, e), m in zip(s["offset_mapping"][b].tolist(), s["attention_mask"][b].tolist(),
-                                             strict=True) if m and e > a and e <= len(covered))
+        n_real = sum(
+            1
+            for (a, e), m in zip(
+                s["offset_mapping"][b].tolist(), s["attention_mask"][b].tolist(), strict=True
+            )
+            if m and e > a and e <= len(covered)
+        )
         assert sum(len(v) for v in sp.values()) == n_real
         total += len(sp)
     assert total > 50
@@ -469,8 +521,14 @@ def test_common_chunks_spell_the_same_bytes_and_are_minimal(mixed_texts, student
 
 def test_common_chunks_golden():
     # student: BOS "ab" "c" "de"; teacher: "a" "bc" EOS "d": one common boundary (3), chunk 0 = "abc"
-    s_chunk, t_chunk = common_chunks(torch.tensor([[[0, 0], [0, 2], [2, 3], [3, 5]]]), torch.ones(1, 4),
-                                     torch.tensor([[[0, 1], [1, 3], [3, 3], [3, 4]]]), torch.ones(1, 4))
+    s_chunk, t_chunk = common_chunks(
+        torch.tensor([[[0, 0], [0, 2], [2, 3], [3, 5]]]),
+        torch.ones(1, 4),
+        torch.tensor([[[0, 1], [1, 3], [3, 3], [3, 4]]]),
+        torch.ones(1, 4),
+    )
     assert s_chunk.tolist() == [[-1, 0, 0, -1]] and t_chunk.tolist() == [[0, 0, -1, -1]]
-    none = common_chunks(torch.tensor([[[0, 2]]]), torch.ones(1, 1), torch.tensor([[[0, 1]]]), torch.ones(1, 1))
+    none = common_chunks(
+        torch.tensor([[[0, 2]]]), torch.ones(1, 1), torch.tensor([[[0, 1]]]), torch.ones(1, 1)
+    )
     assert none[0].tolist() == [[-1]] and none[1].tolist() == [[-1]]

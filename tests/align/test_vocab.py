@@ -33,7 +33,7 @@ def test_strings_spelled_alike_share_a_bucket():
         assert bucket < proj.shared and bucket == proj.teacher[_id("llama2-tokenizer", sp)], (g, sp)
     assert proj.student[gpt2.eos_token_id] == proj.teacher[llama.eos_token_id] < proj.shared  # one role
     assert proj.teacher[llama.unk_token_id] == proj.shared  # <unk> stands for no string
-    assert (proj.student[len(gpt2):] == proj.shared).all()  # padded rows name no token
+    assert (proj.student[len(gpt2) :] == proj.shared).all()  # padded rows name no token
     # every shared bucket holds entries of both sides, and the other bucket is the last
     assert set(proj.student.unique().tolist()) - {proj.shared} == set(range(proj.shared))
     assert set(proj.teacher.unique().tolist()) - {proj.shared} == set(range(proj.shared))

@@ -126,7 +126,9 @@ def test_stacked_rkv_selection_equals_the_per_layer_one(left):
     from kvdistill.compress import importance_from_attention, layer_selection, stacked_rkv_selection
 
     cap, query = fake_capture(left=left)
-    cap.importance = {j: importance_from_attention(cap.attentions[j], query, cap.attention_mask, 2) for j in (0, 1)}
+    cap.importance = {
+        j: importance_from_attention(cap.attentions[j], query, cap.attention_mask, 2) for j in (0, 1)
+    }
     comp = Compression(kind="rkv", budget=3, dtype="float32")
     for group in (1, 2):
         stacked = stacked_rkv_selection(cap, comp, [0, 1], group=group)

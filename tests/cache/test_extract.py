@@ -198,8 +198,16 @@ def test_only_ids_stores_exactly_those_records_of_the_same_cache(tmp_path, refer
     model, tok = cli_teacher
     every = [r["id"] for r in dataset_records(text_data)]
     wanted = {every[1], every[4], every[8]}
-    result = extract(teacher(), text_data, tmp_path / "part", batch_size=3, progress=False, model=model, tokenizer=tok,
-                     only_ids=wanted)
+    result = extract(
+        teacher(),
+        text_data,
+        tmp_path / "part",
+        batch_size=3,
+        progress=False,
+        model=model,
+        tokenizer=tok,
+        only_ids=wanted,
+    )
     assert result["records"] == result["stored"] == 3
     got, ref = CacheReader(tmp_path / "part"), CacheReader(reference)
     assert set(got.sample_ids) == wanted and got.complete
@@ -208,8 +216,15 @@ def test_only_ids_stores_exactly_those_records_of_the_same_cache(tmp_path, refer
     with pytest.raises(CacheError, match=f"sample '{every[0]}' is not in the cache"):
         got.get(every[0])
     with pytest.raises(KvdistillError, match="only_ids names 1 records the data does not hold"):
-        extract(teacher(), text_data, tmp_path / "bad", progress=False, model=model, tokenizer=tok,
-                only_ids={"nope"})
+        extract(
+            teacher(),
+            text_data,
+            tmp_path / "bad",
+            progress=False,
+            model=model,
+            tokenizer=tok,
+            only_ids={"nope"},
+        )
 
 
 def test_sigkill_mid_extraction_then_rerun_equals_uninterrupted(tmp_path, reference, text_data):
@@ -398,7 +413,9 @@ def test_first_step_loss_from_cache_equals_online(run_cache, smollm2, monkeypatc
 
     monkeypatch.setattr(load, "load_model", lambda name, **kw: smollm2)  # the online teacher, loaded once
     online_raw = json.loads(json.dumps(RUN))
-    del online_raw["teachers"][0]["compression"]["dtype"]  # a cache's storage dtype: not read online (refused)
+    del online_raw["teachers"][0]["compression"][
+        "dtype"
+    ]  # a cache's storage dtype: not read online (refused)
     online = build_objective(load_config(raw=online_raw))
     cached = build_objective(cached_run(run_cache))
     assert type(cached.teachers[0]).__name__ == "CachedTeacher"

@@ -512,8 +512,10 @@ def test_a_cache_holding_non_finite_kv_fails_verify(root, capsys):
         w.add("s4", sample("s4"))
         w.add("s5", bad)
     problems = verify_cache(root / "inf")
-    assert problems == ["sample 's5' in shard shard-00000.safetensors: keys_l0 (1 non-finite), values_l0 "
-                        "(1 non-finite) hold NaN/inf K/V (re-extract the cache; training on them would diverge)"]
+    assert problems == [
+        "sample 's5' in shard shard-00000.safetensors: keys_l0 (1 non-finite), values_l0 "
+        "(1 non-finite) hold NaN/inf K/V (re-extract the cache; training on them would diverge)"
+    ]
     before = snapshot(root)
     code, err = run_cli(capsys, "cache", "verify", str(root / "inf"))
     assert code == 1 and squash("keys_l0 (1 non-finite)") in err

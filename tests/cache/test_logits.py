@@ -23,8 +23,11 @@ K, TEMPS = 16, [1.0, 2.0]
 
 
 def teacher(path: Path, **logits) -> TeacherConfig:
-    return TeacherConfig(model=str(path), compression={"kind": "full", "dtype": "float32"},
-                         logits={"top_k": K, "dtype": "float16", "temperatures": TEMPS, **logits})
+    return TeacherConfig(
+        model=str(path),
+        compression={"kind": "full", "dtype": "float32"},
+        logits={"top_k": K, "dtype": "float16", "temperatures": TEMPS, **logits},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +58,14 @@ def test_cached_logits_equal_the_online_teachers_within_storage_precision(logit_
 
     model, tok = load_model(str(sharp))
     records = dataset_records(DATA)
-    cap = capture_kv(model, tok, [r["text"] for r in records], max_length=DATA.max_length, padding_side="right",
-                     logits=True)
+    cap = capture_kv(
+        model,
+        tok,
+        [r["text"] for r in records],
+        max_length=DATA.max_length,
+        padding_side="right",
+        logits=True,
+    )
     cached = CacheReader(logit_cache).teacher_kv([r["id"] for r in records], logits=True).logits
     real = cap.attention_mask.bool()
     assert torch.equal(cached.mask.bool(), real) and cached.values.dtype == torch.float16
@@ -118,16 +127,23 @@ def test_a_reader_takes_the_logits_it_needs_and_no_more(logit_cache, sharp):
     assert reader.check_compatible(expected_meta(needs_2, DATA, logit_kd=LogitKDConfig(weight=1.0))) == []
     steps = LogitKDConfig(weight=1.0, schedule={"kind": "step", "values": [4.0, 2.0]})
     bad = reader.check_compatible(expected_meta(needs_2, DATA, logit_kd=steps))
-    assert bad == ["logits.temperatures: the cache's log-probabilities are normalised at [1.0, 2.0], not at [4.0]"]
-    assert reader.check_compatible(expected_meta(teacher(path, top_k=8), DATA)) == []  # its first 8: the top 8
+    assert bad == [
+        "logits.temperatures: the cache's log-probabilities are normalised at [1.0, 2.0], not at [4.0]"
+    ]
+    assert (
+        reader.check_compatible(expected_meta(teacher(path, top_k=8), DATA)) == []
+    )  # its first 8: the top 8
     bad = reader.check_compatible(expected_meta(teacher(path, top_k=32, dtype="bfloat16"), DATA))
-    assert bad == ["logits.dtype differs: cache has 'float16', expected 'bfloat16'",
-                   "logits.top_k differs: cache has 16, expected at least 32"]
+    assert bad == [
+        "logits.dtype differs: cache has 'float16', expected 'bfloat16'",
+        "logits.top_k differs: cache has 16, expected at least 32",
+    ]
     kv_cache = CacheReader(logit_cache).meta | {"logits": None}
     from kvdistill.cache.manifest import meta_mismatches
 
     assert meta_mismatches(kv_cache, expected_meta(needs_2, DATA), reading=True)[0].startswith(
-        "logits differs: the cache holds no logits")
+        "logits differs: the cache holds no logits"
+    )
     # a writer resuming must agree exactly: K/V-only samples are never added to a cache that promises logits
     assert meta_mismatches(reader.meta, expected_meta(kv_only, DATA)) != []
 
@@ -139,20 +155,40 @@ def run_config(teacher: Path, cache: Path | None = None, student_tokenizer: str 
 
     t = {"name": "qwen2", "model": str(teacher), "compression": {"kind": "full"}}
     if cache is not None:  # the cache's storage dtype (not read online)
-        t.update(source="cache", cache_dir=str(cache), compression={"kind": "full", "dtype": "float32"},
-                 logits={"dtype": "float16", "temperatures": TEMPS})
-    student = {"from_config": {"base": "smollm2-135m", "num_hidden_layers": 2, "hidden_size": 64,
-                               "intermediate_size": 128, "num_attention_heads": 2, "num_key_value_heads": 1,
-                               "head_dim": 32}}  # smollm2's tokenizer, the teacher's
+        t.update(
+            source="cache",
+            cache_dir=str(cache),
+            compression={"kind": "full", "dtype": "float32"},
+            logits={"dtype": "float16", "temperatures": TEMPS},
+        )
+    student = {
+        "from_config": {
+            "base": "smollm2-135m",
+            "num_hidden_layers": 2,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "head_dim": 32,
+        }
+    }  # smollm2's tokenizer, the teacher's
     if student_tokenizer is not None:
         student["tokenizer"] = student_tokenizer
-    return load_config(raw={
-        "student": student, "teachers": [t], "data": DATA.model_dump(exclude_unset=True),
-        "losses": {"logit_kd": {"weight": 1.0, "top_k": K}}, "train": {"batch_size": 4, "tensorboard": False}})
+    return load_config(
+        raw={
+            "student": student,
+            "teachers": [t],
+            "data": DATA.model_dump(exclude_unset=True),
+            "losses": {"logit_kd": {"weight": 1.0, "top_k": K}},
+            "train": {"batch_size": 4, "tensorboard": False},
+        }
+    )
 
 
 @pytest.mark.parametrize("student_tokenizer", [None, "gpt2-tokenizer"])
-def test_logit_kd_from_the_cache_trains_a_step_equal_to_the_online_teachers(logit_cache, sharp, student_tokenizer):
+def test_logit_kd_from_the_cache_trains_a_step_equal_to_the_online_teachers(
+    logit_cache, sharp, student_tokenizer
+):
     """One tokenizer (topk_logit_kd), and a GPT-2 student (cross_logit_kd's projection at prefix partners, the
     cache's every-token spans)."""
     from kvdistill.objectives import build_objective
@@ -167,7 +203,9 @@ def test_logit_kd_from_the_cache_trains_a_step_equal_to_the_online_teachers(logi
         objective.zero_grad(set_to_none=True)
         loss, metrics = objective(records)
         loss.backward()
-        out.append((float(loss), metrics, {n: p.grad for n, p in objective.named_parameters() if p.grad is not None}))
+        out.append(
+            (float(loss), metrics, {n: p.grad for n, p in objective.named_parameters() if p.grad is not None})
+        )
     (l_on, m_on, g_on), (l_ca, m_ca, g_ca) = out
     assert m_on["loss/logit_kd/qwen2"] > 0.5
     # float16 log-probabilities (half a unit ≈ 0.004 at |log p| ≈ 10) move the term by far less than that
@@ -179,20 +217,27 @@ def test_logit_kd_from_the_cache_trains_a_step_equal_to_the_online_teachers(logi
         assert float((g_ca[name] - g).abs().max()) <= 1e-3 * float(g.abs().max()) + 1e-8, name
 
 
-
 def test_extract_takes_the_logits_section_from_flags_or_the_run_config(tmp_path):
     from kvdistill.cache.cli import extract_configs
     from kvdistill.errors import ConfigError
 
     none = dict(kind=None, budget=None, lam=None, layers=None, dtype=None)
     flags = dict(out="x", data=None, size=None, max_length=None)
-    t, _, _ = extract_configs(None, [], teacher="smollm2-135m", compression=none,
-                              logits={"top_k": 8, "dtype": None, "temperatures": "1, 2"}, **flags)
+    t, _, _ = extract_configs(
+        None,
+        [],
+        teacher="smollm2-135m",
+        compression=none,
+        logits={"top_k": 8, "dtype": None, "temperatures": "1, 2"},
+        **flags,
+    )
     assert (t.logits.top_k, t.logits.dtype, t.logits.temperatures) == (8, "float16", [1.0, 2.0])
     t, _, _ = extract_configs(None, [], teacher="smollm2-135m", compression=none, **flags)
     assert t.logits is None  # no flag, no section: K/V only
-    raw = {"teachers": [{"name": "s", "model": "smollm2-135m", "logits": {"top_k": 4}}],
-           "losses": {"logit_kd": {"weight": 1.0, "schedule": {"kind": "step", "values": [4.0, 2.0]}}}}
+    raw = {
+        "teachers": [{"name": "s", "model": "smollm2-135m", "logits": {"top_k": 4}}],
+        "losses": {"logit_kd": {"weight": 1.0, "schedule": {"kind": "step", "values": [4.0, 2.0]}}},
+    }
     config = tmp_path / "run.yaml"
     config.write_text(json.dumps(raw))
     t, _, _ = extract_configs(str(config), [], teacher="s", compression=none, **flags)
@@ -208,23 +253,42 @@ def test_validate_names_what_logit_kd_from_a_cache_needs():
     from kvdistill.errors import ConfigError
 
     def problems(teacher: dict, logit_kd: dict) -> str:
-        raw = {"student": {"model": "smollm2-135m"}, "teachers": [{"name": "t", "model": "smollm2-135m", **teacher}],
-               "losses": {"logit_kd": logit_kd}}
+        raw = {
+            "student": {"model": "smollm2-135m"},
+            "teachers": [{"name": "t", "model": "smollm2-135m", **teacher}],
+            "losses": {"logit_kd": logit_kd},
+        }
         with pytest.raises(ConfigError) as err:
             load_config(raw=raw)
         return " | ".join(err.value.problems)
 
     cached = {"source": "cache", "cache_dir": "c"}
     text = problems(cached, {"weight": 1.0})
-    assert "which holds its top-k log-probabilities, not its whole distribution: set losses.logit_kd.top_k" in text
+    assert (
+        "which holds its top-k log-probabilities, not its whole distribution: set losses.logit_kd.top_k"
+        in text
+    )
     assert "add teachers.0.logits" in text
-    assert "teachers.0.logits describes what a cache holds" in problems({"logits": {}}, {"weight": 1.0, "top_k": 8})
+    assert "teachers.0.logits describes what a cache holds" in problems(
+        {"logits": {}}, {"weight": 1.0, "top_k": 8}
+    )
     assert "whose weight is 0" in problems({**cached, "logits": {}}, {"weight": 0.0})
-    assert "below losses.logit_kd.top_k (8)" in problems({**cached, "logits": {"top_k": 4}}, {"weight": 1.0, "top_k": 8})
-    assert "schedule kind linear" in problems({**cached, "logits": {}}, {
-        "weight": 1.0, "top_k": 8, "schedule": {"kind": "linear", "start": 4.0, "end": 1.0}})
-    assert "lacks τ [4.0]" in problems({**cached, "logits": {"temperatures": [2.0]}}, {
-        "weight": 1.0, "top_k": 8, "schedule": {"kind": "step", "values": [4.0, 2.0]}})
-    ok = load_config(raw={"student": {"model": "smollm2-135m"}, "teachers": [{**cached, "name": "t",
-                          "model": "smollm2-135m", "logits": {}}], "losses": {"logit_kd": {"weight": 1.0, "top_k": 8}}})
+    assert "below losses.logit_kd.top_k (8)" in problems(
+        {**cached, "logits": {"top_k": 4}}, {"weight": 1.0, "top_k": 8}
+    )
+    assert "schedule kind linear" in problems(
+        {**cached, "logits": {}},
+        {"weight": 1.0, "top_k": 8, "schedule": {"kind": "linear", "start": 4.0, "end": 1.0}},
+    )
+    assert "lacks τ [4.0]" in problems(
+        {**cached, "logits": {"temperatures": [2.0]}},
+        {"weight": 1.0, "top_k": 8, "schedule": {"kind": "step", "values": [4.0, 2.0]}},
+    )
+    ok = load_config(
+        raw={
+            "student": {"model": "smollm2-135m"},
+            "teachers": [{**cached, "name": "t", "model": "smollm2-135m", "logits": {}}],
+            "losses": {"logit_kd": {"weight": 1.0, "top_k": 8}},
+        }
+    )
     assert ok.teachers[0].logits.resolved(ok.losses.logit_kd) == [2.0]

@@ -23,9 +23,16 @@ def cache(tmp_path):
     import torch
 
     with CacheWriter(tmp_path, meta()) as w:
-        w.add("s0", {"token_ids": torch.arange(3), "positions": torch.arange(3),
-                     "spans": torch.tensor([[0, 3], [3, 4], [4, 6]]),
-                     "keys_l0": torch.zeros(1, 3, 2), "values_l0": torch.zeros(1, 3, 2)})
+        w.add(
+            "s0",
+            {
+                "token_ids": torch.arange(3),
+                "positions": torch.arange(3),
+                "spans": torch.tensor([[0, 3], [3, 4], [4, 6]]),
+                "keys_l0": torch.zeros(1, 3, 2),
+                "values_l0": torch.zeros(1, 3, 2),
+            },
+        )
     return tmp_path
 
 
@@ -46,7 +53,9 @@ def test_schema_1_cache_is_refused_with_a_reextract_message(cache):
     del old["span_unit"]  # schema 1 had no span_unit: its spans were character offsets
     path.write_text(json.dumps(old))
     for open_it in (read_manifest, CacheReader):
-        with pytest.raises(CacheError, match="schema_version 1 cache: its token spans are character offsets") as err:
+        with pytest.raises(
+            CacheError, match="schema_version 1 cache: its token spans are character offsets"
+        ) as err:
             open_it(path if open_it is read_manifest else cache)
         assert "re-extract the cache" in err.value.fix
 
@@ -58,7 +67,9 @@ def test_other_span_units_are_refused(cache):
     path.write_text(json.dumps(data))
     with pytest.raises(CacheError, match="stores spans in 'chars', this kvdistill reads 'utf8_bytes'"):
         read_manifest(path)
-    with pytest.raises(CacheError, match="meta.span_unit is 'chars', this kvdistill stores 'utf8_bytes' spans"):
+    with pytest.raises(
+        CacheError, match="meta.span_unit is 'chars', this kvdistill stores 'utf8_bytes' spans"
+    ):
         check_meta({**meta(), "span_unit": "chars"})
     with pytest.raises(CacheError, match="missing meta field 'span_unit'"):
         check_meta({k: v for k, v in meta().items() if k != "span_unit"})

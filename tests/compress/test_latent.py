@@ -34,8 +34,10 @@ def brute_scores(keys, importance, cand, lam, scoring):
             r = {}
             for t in ts:
                 others = [s for s in ts if s != t]
-                sims = [float(torch.nn.functional.cosine_similarity(keys[b, h, t], keys[b, h, s], dim=0))
-                        for s in others]
+                sims = [
+                    float(torch.nn.functional.cosine_similarity(keys[b, h, t], keys[b, h, s], dim=0))
+                    for s in others
+                ]
                 r[t] = sum(sims) / len(sims) if sims else 0.0
             if scoring == "kava":
                 z = sum(math.exp(-r[t]) for t in ts)
@@ -48,8 +50,11 @@ def brute_scores(keys, importance, cand, lam, scoring):
                     lo, hi = min(xs), max(xs)
                     return (x - lo) / (hi - lo) if hi - lo > tol else 0.0
 
-                score = {t: lam * mm(imp, float(importance[b, h, t]))
-                         + (1 - lam) * (1 - mm(red, r[t], 1e3 * 2.2e-16)) for t in ts}
+                score = {
+                    t: lam * mm(imp, float(importance[b, h, t]))
+                    + (1 - lam) * (1 - mm(red, r[t], 1e3 * 2.2e-16))
+                    for t in ts
+                }
             rows.append(score)
         out.append(rows)
     return out
@@ -86,16 +91,26 @@ def test_rkv_latent_selection_equals_brute_force(scoring, lam):
 
 def test_never_keeps_a_non_cot_token_and_variants_differ():
     keys, importance, cand = batch()
-    plans = {s: latent_target("rkv", cand, M, keys=keys, importance=importance, scoring=s)
-             for s in ("kava", "minmax")}
+    plans = {
+        s: latent_target("rkv", cand, M, keys=keys, importance=importance, scoring=s)
+        for s in ("kava", "minmax")
+    }
     logits, valid = window_logits_of(cand, 2)
-    plans["rkv"] = latent_target("rkv", cand, M, keys=keys, importance=logits, valid=valid, scoring="rkv", window=2)
+    plans["rkv"] = latent_target(
+        "rkv", cand, M, keys=keys, importance=logits, valid=valid, scoring="rkv", window=2
+    )
     for plan in plans.values():
         chosen = plan.index[..., 0]
-        assert all(cand[b, chosen[b, h, m]] for b in range(B) for h in range(H) for m in range(M)
-                   if plan.kept[b, h, m])
+        assert all(
+            cand[b, chosen[b, h, m]]
+            for b in range(B)
+            for h in range(H)
+            for m in range(M)
+            if plan.kept[b, h, m]
+        )
     assert not torch.equal(plans["kava"].index, plans["rkv"].index) or not torch.equal(
-        plans["kava"].index, plans["minmax"].index)
+        plans["kava"].index, plans["minmax"].index
+    )
 
 
 def test_full_resampling_interpolates_along_the_cot():
@@ -136,7 +151,9 @@ def window_logits_of(cand, window, *, Hq=2, seed=1):
     of random q·k), and the rows' validity."""
     g = torch.Generator().manual_seed(seed)
     rows, valid = query_rows(window_rows(cand, window), torch.ones_like(cand))
-    per_head = torch.randn(cand.shape[0], H, Hq, rows.shape[1], cand.shape[1], generator=g, dtype=torch.float64)
+    per_head = torch.randn(
+        cand.shape[0], H, Hq, rows.shape[1], cand.shape[1], generator=g, dtype=torch.float64
+    )
     return per_head.amax(2), valid
 
 
@@ -164,9 +181,17 @@ def brute_rkv(keys, logits, cand, window, lam, budget):
                     total += math.exp(float(logits[b, h, q, past[i]])) / z
                 A.append(total / w)
             pooled = [max(A[j] for j in range(len(past)) if abs(i - j) <= 3) for i in range(len(past))]
-            cos = [[0.0 if i == j else float(torch.nn.functional.cosine_similarity(keys[b, h, cs[i]], keys[b, h, cs[j]],
-                                                                                  dim=0)) for j in range(n)]
-                   for i in range(n)]
+            cos = [
+                [
+                    0.0
+                    if i == j
+                    else float(
+                        torch.nn.functional.cosine_similarity(keys[b, h, cs[i]], keys[b, h, cs[j]], dim=0)
+                    )
+                    for j in range(n)
+                ]
+                for i in range(n)
+            ]
             for i in range(n):
                 above = [j for j in range(n) if cos[i][j] > 0.5]
                 cos[i][max(above) if above else 0] = 0.0
@@ -188,16 +213,18 @@ def test_rkv_reference_scoring_equals_brute_force(lam, window):
     B2, T2, budget = 4, 24, 6
     base = torch.randn(B2, H, 3, D, generator=g, dtype=torch.float64)
     pick = torch.randint(0, 3, (B2, H, T2), generator=g)
-    keys = base.gather(2, pick[..., None].expand(B2, H, T2, D)) + 0.6 * torch.randn(B2, H, T2, D, generator=g,
-                                                                                     dtype=torch.float64)
+    keys = base.gather(2, pick[..., None].expand(B2, H, T2, D)) + 0.6 * torch.randn(
+        B2, H, T2, D, generator=g, dtype=torch.float64
+    )
     cand = torch.zeros(B2, T2, dtype=torch.long)
     cand[0, 3:20] = 1  # 17 CoT tokens between a question and an answer
     cand[1, 5:9] = 1  # 4 < budget: every one kept
     cand[2, [1, 2, 4, 6, 9, 11, 12, 15, 16, 20]] = 1  # scattered
     cand[3, 0:24] = 1  # the whole row
     logits, valid = window_logits_of(cand, window)
-    plan = latent_target("rkv", cand, budget, keys=keys, importance=logits, valid=valid, lam=lam, scoring="rkv",
-                         window=window)
+    plan = latent_target(
+        "rkv", cand, budget, keys=keys, importance=logits, valid=valid, lam=lam, scoring="rkv", window=window
+    )
     want = brute_rkv(keys, logits, cand, window, DEFAULT_LAM["rkv"] if lam is None else lam, budget)
     for (b, h), ts in want.items():
         got = [int(t) for t, k in zip(plan.index[b, h, :, 0], plan.kept[b, h], strict=True) if k]

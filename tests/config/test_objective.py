@@ -23,7 +23,10 @@ def test_the_objective_comes_from_the_student_where_it_is_left_out():
     assert isinstance(load_config(raw=TEXT).losses, TextLosses)
     latent = load_config(raw={**LATENT, "losses": {"cot_ce": 1.0}})
     assert isinstance(latent.losses, LatentLosses) and latent.losses.cot_ce == 1.0
-    assert load_config(raw={**TEXT, "losses": {"objective": "text", "kv": {"weight": 2.0}}}).losses.kv.weight == 2.0
+    assert (
+        load_config(raw={**TEXT, "losses": {"objective": "text", "kv": {"weight": 2.0}}}).losses.kv.weight
+        == 2.0
+    )
 
 
 def test_a_term_of_the_other_objective_is_refused_with_its_key_and_the_fix_every_one_listed():
@@ -32,7 +35,9 @@ def test_a_term_of_the_other_objective_is_refused_with_its_key_and_the_fix_every
     assert found[0].startswith("losses.cot_ce is a term of the latent objective, but this run's is text")
     assert "drop losses.cot_ce, or add a student.latent section" in found[0]
     assert found[1].startswith("losses.codi is a term of the latent objective")
-    assert "did you mean 'losses.cosine'?" in found[2]  # a typo is still a typo within the objective's own terms
+    assert (
+        "did you mean 'losses.cosine'?" in found[2]
+    )  # a typo is still a typo within the objective's own terms
     (latent,) = problems({**LATENT, "losses": {"kv": {"weight": 3.0}, "latent_kv": {"weight": 1.0}}})
     assert latent.startswith("losses.kv is a term of the text objective, but this run's is latent")
     assert "drop losses.kv, or drop the student.latent section" in latent
@@ -50,10 +55,24 @@ def test_an_objective_that_contradicts_the_student_or_is_unknown_is_refused():
 
 def test_a_config_written_before_the_split_loads_and_a_dump_reloads_to_the_same_run():
     """A run's config.yaml spelled out every term of both objectives: the other's at their defaults are dropped."""
-    both = {"ce": 1.0, "kv": {"weight": 1.0, "kind": "mse", "normalize": True, "keys": 1.0, "values": 1.0,
-                              "schedule": {"kind": "constant", "end": None, "start": 0}},
-            "cosine": 0.0, "attention_kl": 0.0, "relation": 0.0, "hidden": 0.0, "balance": None,
-            "cot_ce": 0.0, "codi": {"weight": 0.0, "kind": "smooth_l1", "normalize": True}}
+    both = {
+        "ce": 1.0,
+        "kv": {
+            "weight": 1.0,
+            "kind": "mse",
+            "normalize": True,
+            "keys": 1.0,
+            "values": 1.0,
+            "schedule": {"kind": "constant", "end": None, "start": 0},
+        },
+        "cosine": 0.0,
+        "attention_kl": 0.0,
+        "relation": 0.0,
+        "hidden": 0.0,
+        "balance": None,
+        "cot_ce": 0.0,
+        "codi": {"weight": 0.0, "kind": "smooth_l1", "normalize": True},
+    }
     latent = load_config(raw={**LATENT, "losses": {**both, "cot_ce": 1.0, "latent_kv": {"weight": 1.0}}})
     assert isinstance(latent.losses, LatentLosses) and latent.losses.cot_ce == 1.0
     text = load_config(raw={**TEXT, "losses": {**both, "kv": {**both["kv"], "weight": 0.5}}})

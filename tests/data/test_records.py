@@ -293,12 +293,15 @@ def test_a_thousand_record_file_is_read_whole_and_a_cap_is_logged(tmp_path, capl
         train, evals = both(cfg(path, eval_size=50, limit=300))
     assert (len(train), len(evals)) == (250, 50)
     assert [r.getMessage() for r in caplog.records] == [
-        "data.path '" + str(path) + "': using 300 of its 1000 records (data.limit), 700 left out"]
+        "data.path '" + str(path) + "': using 300 of its 1000 records (data.limit), 700 left out"
+    ]
 
 
 def test_size_is_for_generators_and_limit_for_files(tmp_path):
     path = write_jsonl(tmp_path / "t.jsonl", QA)
-    with pytest.raises(ValueError, match=r"data.size \(100\) is the number of generated problems.*data.limit: 100"):
+    with pytest.raises(
+        ValueError, match=r"data.size \(100\) is the number of generated problems.*data.limit: 100"
+    ):
         DataConfig(source="jsonl", path=str(path), size=100)
     with pytest.raises(ValueError, match="data.limit caps the records of a file or dataset.*data.size: 5"):
         DataConfig(source="arithmetic", limit=5)
@@ -327,9 +330,13 @@ def test_a_saved_dataset_a_dataset_dict_split_and_a_folder_of_files(tmp_path):
     assert {r["id"] for r in train + evals} == {f"saved:{i}" for i in range(12)}
 
     datasets.DatasetDict({"train": ds, "test": ds.select(range(4))}).save_to_disk(str(tmp_path / "dict"))
-    test_split = load_records(DataConfig(source="hf", path=str(tmp_path / "dict"), split="test", **fields), "eval")
+    test_split = load_records(
+        DataConfig(source="hf", path=str(tmp_path / "dict"), split="test", **fields), "eval"
+    )
     assert len(test_split) == 2
-    with pytest.raises(KvdistillError, match=r"data.split 'valid' is not a split of .* \(splits: train, test\)"):
+    with pytest.raises(
+        KvdistillError, match=r"data.split 'valid' is not a split of .* \(splits: train, test\)"
+    ):
         load_records(DataConfig(source="hf", path=str(tmp_path / "dict"), split="valid", **fields))
     with pytest.raises(KvdistillError, match="holds a single split"):
         load_records(DataConfig(source="hf", path=str(tmp_path / "saved"), split="test", **fields))
@@ -349,9 +356,13 @@ def test_an_in_memory_dataset_and_a_field_that_is_not_a_column():
     train = load_records(DataConfig(eval_size=2), "train", dataset=ds)
     evals = load_records(DataConfig(eval_size=2), "eval", dataset=ds)
     assert len(train) == 6 and len(evals) == 2 and evals[0]["id"].startswith("dataset:")
-    with pytest.raises(KvdistillError, match="data.question_field = 'prompt': no such column in the dataset passed in"):
+    with pytest.raises(
+        KvdistillError, match="data.question_field = 'prompt': no such column in the dataset passed in"
+    ):
         load_records(DataConfig(source="hf", question_field="prompt", eval_size=2), dataset=ds)
-    with pytest.raises(KvdistillError, match="a dataset was passed in, and the data section names another source"):
+    with pytest.raises(
+        KvdistillError, match="a dataset was passed in, and the data section names another source"
+    ):
         load_records(DataConfig(source="jsonl", path="x.jsonl"), dataset=ds)
     with pytest.raises(KvdistillError, match="data.source 'hf' needs data.path"):
         load_records(DataConfig(source="hf"))
@@ -360,12 +371,19 @@ def test_an_in_memory_dataset_and_a_field_that_is_not_a_column():
 def test_messages_rows_become_conversations_answered_by_the_last_assistant_turn(tmp_path):
     from kvdistill.models.chat import ChatText
 
-    rows = [{"messages": [{"role": "user", "content": f"What is {i} + 1?"},
-                          {"role": "assistant", "content": f"{i + 1}"}]} for i in range(6)]
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"What is {i} + 1?"},
+                {"role": "assistant", "content": f"{i + 1}"},
+            ]
+        }
+        for i in range(6)
+    ]
     records = load_records(cfg(write_jsonl(tmp_path / "chat.jsonl", rows), eval_size=0))
     r = next(r for r in records if r["id"] == "chat.jsonl:2")
     assert isinstance(r["text"], ChatText) and r["text"] == "user: What is 2 + 1?\nassistant: 3\n"
-    assert r["text"][r["answer_start"]:].startswith("3") and r["answer"] == "3"
+    assert r["text"][r["answer_start"] :].startswith("3") and r["answer"] == "3"
     assert r["question"] == "user: What is 2 + 1?\nassistant: "
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"messages": [{"role": "user"}]}])
     with pytest.raises(KvdistillError, match="is not a non-empty list of {role, content} messages"):

@@ -17,7 +17,11 @@ from kvdistill.data.skills import skill_records
 from kvdistill.data.sorting import sorting_records
 from kvdistill.errors import KvdistillError
 
-GENERATORS = {"arithmetic": arithmetic_records, "gsm_symbolic": gsm_symbolic_records, "sorting": sorting_records}
+GENERATORS = {
+    "arithmetic": arithmetic_records,
+    "gsm_symbolic": gsm_symbolic_records,
+    "sorting": sorting_records,
+}
 
 
 def test_proportions_and_labels():
@@ -36,7 +40,9 @@ def test_each_record_is_its_generators_problem_in_order():
     assert set(counts) == set(skills)
     for skill in skills:
         mine = [{k: v for k, v in r.items() if k != "skill"} for r in records if r["skill"] == skill]
-        assert mine == GENERATORS[skill](counts[skill], 5)  # the generators' answers are exact (their own tests)
+        assert mine == GENERATORS[skill](
+            counts[skill], 5
+        )  # the generators' answers are exact (their own tests)
 
 
 def test_prefix_stable_so_the_held_out_split_does_not_depend_on_size():
@@ -56,15 +62,21 @@ def test_specialist_train_split_holds_only_its_skill():
     assert not {r["question"] for r in train} & {r["question"] for r in held}
 
 
-@pytest.mark.parametrize(("data", "problem"), [
-    ({"source": "skills"}, "needs distinct skills"),
-    ({"source": "skills", "skills": ["sorting", "sorting"]}, "needs distinct skills"),
-    ({"source": "skills", "skills": ["sorting"], "mix": [1, 2]}, "one positive proportion per skill"),
-    ({"source": "skills", "skills": ["sorting"], "mix": [0]}, "one positive proportion per skill"),
-    ({"source": "skills", "skills": ["sorting"], "train_skills": ["arithmetic"]}, "must be some of data.skills"),
-    ({"source": "arithmetic", "skills": ["sorting"]}, "apply only to data.source 'skills'"),
-    ({"source": "skills", "skills": ["chess"]}, "skills"),
-])
+@pytest.mark.parametrize(
+    ("data", "problem"),
+    [
+        ({"source": "skills"}, "needs distinct skills"),
+        ({"source": "skills", "skills": ["sorting", "sorting"]}, "needs distinct skills"),
+        ({"source": "skills", "skills": ["sorting"], "mix": [1, 2]}, "one positive proportion per skill"),
+        ({"source": "skills", "skills": ["sorting"], "mix": [0]}, "one positive proportion per skill"),
+        (
+            {"source": "skills", "skills": ["sorting"], "train_skills": ["arithmetic"]},
+            "must be some of data.skills",
+        ),
+        ({"source": "arithmetic", "skills": ["sorting"]}, "apply only to data.source 'skills'"),
+        ({"source": "skills", "skills": ["chess"]}, "skills"),
+    ],
+)
 def test_bad_config_is_refused_with_the_key(data, problem):
     with pytest.raises(ValidationError, match=problem):
         DataConfig(**data)

@@ -11,8 +11,10 @@ from kvdistill.data.answers import exact_match, extract_answer
 from kvdistill.data.sorting import MAX_DIGITS, MIN_DIGITS, sorting_records
 from kvdistill.errors import KvdistillError
 
-_QUESTION = re.compile(r"^(?:Sort the digits|Put|Arrange the digits) ([1-9](?: [1-9])+) in (ascending|descending) "
-                       r"order\.$")
+_QUESTION = re.compile(
+    r"^(?:Sort the digits|Put|Arrange the digits) ([1-9](?: [1-9])+) in (ascending|descending) "
+    r"order\.$"
+)
 _STEP = re.compile(r"^(min|max) of ([1-9](?: [1-9])+) is ([1-9])\.$")
 
 
@@ -20,7 +22,7 @@ def test_golden_record():
     r = sorting_records(1, seed=0)[0]
     assert r["id"] == "sorting:0:0"
     assert r["text"] == f"Question: {r['question']}\nReasoning: {r['cot']}\nAnswer: {r['answer']}\n"
-    assert r["text"][r["answer_start"]:].startswith(r["answer"])
+    assert r["text"][r["answer_start"] :].startswith(r["answer"])
 
 
 def test_answers_are_the_sorted_digits_and_every_step_picks_right():
@@ -52,7 +54,9 @@ def test_answers_are_the_sorted_digits_and_every_step_picks_right():
 def test_deterministic_prefix_stable_and_seeded():
     assert sorting_records(40, seed=1) == sorting_records(40, seed=1)
     assert sorting_records(80, seed=1)[:40] == sorting_records(40, seed=1)
-    assert {r["question"] for r in sorting_records(40, seed=1)} != {r["question"] for r in sorting_records(40, seed=2)}
+    assert {r["question"] for r in sorting_records(40, seed=1)} != {
+        r["question"] for r in sorting_records(40, seed=2)
+    }
 
 
 def test_bad_size():

@@ -29,7 +29,9 @@ def test_answer_is_read_in_the_prompts_context(tokenizers, name, needed):
     prompt, new = split(tok, "Question: 3 + 4?\nAnswer:", " 7 apples\nQuestion: more")
     assert read_answer(tok, prompt, new, after_marker=False) == (" 7 apples\n", needed)  # cut after the line
     alone = tok.decode(new[:needed], skip_special_tokens=True)  # what decoding the new ids alone gave
-    assert alone == ("7 apples\n" if name == "llama2-tokenizer" else " 7 apples\n")  # SentencePiece drops the '▁'
+    assert alone == (
+        "7 apples\n" if name == "llama2-tokenizer" else " 7 apples\n"
+    )  # SentencePiece drops the '▁'
 
 
 @pytest.mark.parametrize(("name", "needed"), [("llama2-tokenizer", 16), ("gpt2-tokenizer", 11)])
@@ -39,7 +41,11 @@ def test_cot_answer_is_read_after_the_marker(tokenizers, name, needed):
     assert read_answer(tok, prompt, new, after_marker=True) == (" 3 + 4 = 7.\nAnswer: 7\n", needed)
     # no answer line ends: every token, the whole continuation
     assert read_answer(tok, prompt, new[:3], after_marker=True) == (
-        tok.decode(prompt + new[:3], skip_special_tokens=True)[len(tok.decode(prompt, skip_special_tokens=True)):], 3)
+        tok.decode(prompt + new[:3], skip_special_tokens=True)[
+            len(tok.decode(prompt, skip_special_tokens=True)) :
+        ],
+        3,
+    )
 
 
 def test_pad_id_is_the_pad_token_else_eos(tokenizers):

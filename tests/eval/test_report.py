@@ -25,34 +25,65 @@ def _plan() -> dict:
         matrix = [[0.0] * L_t for _ in range(4)]  # (L_s, L_t)
         for s in range(4):
             matrix[s][round((s + 1) * L_t / 4) - 1] = 1.0
-        teachers.append({
-            "teacher": name,
-            "geometry": {"name": name, "model_type": "llama", "num_layers": L_t, "num_kv_heads": 3, "head_dim": 64},
-            "layer_map": {"strategy": "ratio", "matrix": matrix, "mapped_student_layers": 4},
-            "projector": {"kind": "linear_per_head", "params_total": 12288 if name == "smollm2" else 8192},
-            "source": "online" if name == "smollm2" else "cache",
-        })
+        teachers.append(
+            {
+                "teacher": name,
+                "geometry": {
+                    "name": name,
+                    "model_type": "llama",
+                    "num_layers": L_t,
+                    "num_kv_heads": 3,
+                    "head_dim": 64,
+                },
+                "layer_map": {"strategy": "ratio", "matrix": matrix, "mapped_student_layers": 4},
+                "projector": {
+                    "kind": "linear_per_head",
+                    "params_total": 12288 if name == "smollm2" else 8192,
+                },
+                "source": "online" if name == "smollm2" else "cache",
+            }
+        )
     return {"student": student, "teachers": teachers}
 
 
 def _sample() -> dict:
-    s_tok = ["Q", ":", "Ġ$", "5", "Ġapples", "Ċ"] * 8  # 48 tokens: truncated to 40, `$` must not break mathtext
+    s_tok = [
+        "Q",
+        ":",
+        "Ġ$",
+        "5",
+        "Ġapples",
+        "Ċ",
+    ] * 8  # 48 tokens: truncated to 40, `$` must not break mathtext
     out = {"text": "Q: $5 apples\n" * 8, "student": {"tokens": s_tok}, "teachers": {}}
     for name, n in zip(TEACHERS, (50, 44), strict=True):
-        alignment = [[1.0 if abs(i * n / 48 - j) < 1 else 0.0 for j in range(n)] for i in range(48)]  # (T_s, T_t)
+        alignment = [
+            [1.0 if abs(i * n / 48 - j) < 1 else 0.0 for j in range(n)] for i in range(48)
+        ]  # (T_s, T_t)
         out["teachers"][name] = {"tokens": [f"▁t{j}" for j in range(n)], "alignment": alignment}
     return out
 
 
-def make_run(path: Path, name: str, *, final_loss: float, summary: dict | None, optional: bool = True) -> Path:
+def make_run(
+    path: Path, name: str, *, final_loss: float, summary: dict | None, optional: bool = True
+) -> Path:
     """A run directory as the trainer writes it: 20 steps, 2 teachers, an eval line every 10 steps."""
     path.mkdir(parents=True)
     lines = []
     for step in range(1, STEPS + 1):
         loss = final_loss + 0.1 * (STEPS - step)
-        row = {"step": step, "lr": 1e-3, "loss": loss, "loss/ce": 0.6 * loss, "loss/kd": 0.1 * loss,
-               "loss/entropy": 0.01, "tokens": 256.0 * step, "tokens_per_s": 900.0, "elapsed_s": 0.6 * step,
-               "grad_norm": 1.5}
+        row = {
+            "step": step,
+            "lr": 1e-3,
+            "loss": loss,
+            "loss/ce": 0.6 * loss,
+            "loss/kd": 0.1 * loss,
+            "loss/entropy": 0.01,
+            "tokens": 256.0 * step,
+            "tokens_per_s": 900.0,
+            "elapsed_s": 0.6 * step,
+            "grad_norm": 1.5,
+        }
         for k, t in enumerate(TEACHERS):
             row[f"loss/kv/{t}"] = 0.2 * loss / (k + 1)
             row[f"loss/cosine/{t}"] = 0.05 * loss
@@ -61,8 +92,15 @@ def make_run(path: Path, name: str, *, final_loss: float, summary: dict | None, 
             row["loss/kd"] = float("nan")  # skipped in plots
         lines.append(row)
         if step % 10 == 0:
-            lines.append({"step": step, "split": "eval", "eval/ce": 3.5, "eval/ppl": 33.1,
-                          **{f"eval/kv_error/{t}": 0.9 for t in TEACHERS}})
+            lines.append(
+                {
+                    "step": step,
+                    "split": "eval",
+                    "eval/ce": 3.5,
+                    "eval/ppl": 33.1,
+                    **{f"eval/kv_error/{t}": 0.9 for t in TEACHERS},
+                }
+            )
     (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     if optional:
         (path / "config.yaml").write_text(f"name: {name}\nstudent:\n  model: tiny\n")
@@ -111,7 +149,7 @@ def _table_rows(text: str) -> dict[str, list[str]]:
     lines = text.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("| run | steps"))
     rows = {}
-    for line in lines[start + 2:]:
+    for line in lines[start + 2 :]:
         if not line.startswith("|"):
             break
         cells = [c.strip() for c in line.strip("|").split("|")]
@@ -123,14 +161,37 @@ def test_comparison_table_numbers_and_order(md_report):
     text = md_report.read_text()
     marker, text = text.split("\n", 1)
     assert marker.startswith("<!-- written by kvdistill report") and text.startswith("# test report\n")
-    header = text.splitlines()[[i for i, x in enumerate(text.splitlines()) if x.startswith("| run | steps")][0]]
-    assert header == ("| run | steps | tokens | elapsed (s) | final train CE | eval CE | eval ppl "
-                      "| eval KV error smollm2 | eval KV error gemma3 |")
+    header = text.splitlines()[
+        [i for i, x in enumerate(text.splitlines()) if x.startswith("| run | steps")][0]
+    ]
+    assert header == (
+        "| run | steps | tokens | elapsed (s) | final train CE | eval CE | eval ppl "
+        "| eval KV error smollm2 | eval KV error gemma3 |"
+    )
     rows = _table_rows(text)
     assert list(rows) == ["kd", "ce-only"]  # best first by eval ppl
-    assert rows["kd"] == ["kd", "20", "5120", "12.3", "1.125", f"{math.log(20.5):.4g}", "20.5", "0.8125", "0.734"]
-    assert rows["ce-only"] == ["ce-only", "20", "5120", "12.3", "1.575", f"{math.log(30.25):.4g}", "30.25",
-                               "0.95", "nan"]
+    assert rows["kd"] == [
+        "kd",
+        "20",
+        "5120",
+        "12.3",
+        "1.125",
+        f"{math.log(20.5):.4g}",
+        "20.5",
+        "0.8125",
+        "0.734",
+    ]
+    assert rows["ce-only"] == [
+        "ce-only",
+        "20",
+        "5120",
+        "12.3",
+        "1.575",
+        f"{math.log(30.25):.4g}",
+        "30.25",
+        "0.95",
+        "nan",
+    ]
     assert "**KV error**" in text and "**KV probe 1-R²**" in text and "**KV loss**" in text  # the definitions
     assert text.index("| kd |") < text.index("| ce-only |")
 
@@ -151,7 +212,9 @@ def test_every_referenced_png_exists(md_report):
     assert links and all(link.startswith("report_files/") for link in links)
     for link in links:
         assert (md_report.parent / link).read_bytes().startswith(PNG), link
-    files = sorted(p.name for p in (md_report.parent / "report_files").iterdir() if p.name != ".kvdistill-report")
+    files = sorted(
+        p.name for p in (md_report.parent / "report_files").iterdir() if p.name != ".kvdistill-report"
+    )
     assert files == sorted(Path(link).name for link in links)  # nothing stray (but the folder's marker)
     # per run: loss terms, routing weights; plus the overlay; per teacher: layer map, alignment, kv error by layer
     assert len([f for f in files if f.startswith("layermap_")]) == len(TEACHERS)
@@ -159,7 +222,9 @@ def test_every_referenced_png_exists(md_report):
     assert len([f for f in files if f.startswith("kv_error_layers_")]) == len(TEACHERS)
     assert len([f for f in files if f.startswith("weights_")]) == 2
     assert len([f for f in files if f.startswith("loss_")]) == 3  # each run's terms; the CE of all runs
-    assert "loss_ce_all_runs.png" in files and "loss_all_runs.png" not in files  # no distilled vs CE-only total
+    assert (
+        "loss_ce_all_runs.png" in files and "loss_all_runs.png" not in files
+    )  # no distilled vs CE-only total
     assert "heldout_ce.png" in files  # held-out CE against the step, every run
     assert len([f for f in files if f.startswith("heldout_kv_error_")]) == len(TEACHERS)
     assert "projector linear_per_head, 12288 params" in text
@@ -181,8 +246,13 @@ def test_html_page(html_report):
 
 def test_missing_optional_files(tmp_path):
     bare = make_run(tmp_path / "bare-run", "unused", final_loss=1.0, summary=None, optional=False)
-    summed = make_run(tmp_path / "summed", "unused", final_loss=1.0, summary=_summary(30.25, (0.9, 0.8), False),
-                      optional=False)
+    summed = make_run(
+        tmp_path / "summed",
+        "unused",
+        final_loss=1.0,
+        summary=_summary(30.25, (0.9, 0.8), False),
+        optional=False,
+    )
     out = write_report([bare, summed], tmp_path / "r.md")
     text = out.read_text()
     rows = _table_rows(text)
@@ -227,10 +297,21 @@ def test_missing_dir_and_metrics_errors(tmp_path, runs):
         write_report([], tmp_path / "r.md")
 
 
-@pytest.mark.parametrize("value,text", [
-    (None, "—"), (20, "20"), (3.0, "3"), (1.875, "1.875"), (0.123456, "0.1235"), (12345.6, "12346"),
-    (float("nan"), "nan"), (float("inf"), "inf"), (float("-inf"), "-inf"), ("ratio", "ratio"),
-])
+@pytest.mark.parametrize(
+    "value,text",
+    [
+        (None, "—"),
+        (20, "20"),
+        (3.0, "3"),
+        (1.875, "1.875"),
+        (0.123456, "0.1235"),
+        (12345.6, "12346"),
+        (float("nan"), "nan"),
+        (float("inf"), "inf"),
+        (float("-inf"), "-inf"),
+        ("ratio", "ratio"),
+    ],
+)
 def test_fmt_value(value, text):
     assert fmt_value(value) == text
 
@@ -261,7 +342,9 @@ def test_the_report_never_replaces_what_it_did_not_write(tmp_path, runs, capsys,
         (notes / "thesis_files").mkdir()
         (notes / "thesis_files" / "figure1.png").write_bytes(PNG)
         (notes / "thesis_files" / "draft.tex").write_text("\\section{mine}\n")
-        expected = f"the report's figure folder {notes / 'thesis_files'} already exists and was not written by"
+        expected = (
+            f"the report's figure folder {notes / 'thesis_files'} already exists and was not written by"
+        )
     elif case == "page":
         (notes / "thesis.md").write_text("# my thesis\n")
         expected = f"report --out {notes / 'thesis.md'} exists and was not written by kvdistill report"
@@ -297,13 +380,26 @@ def test_a_long_teacher_name_gets_a_short_figure_name(tmp_path):
 def test_eval_json_is_shown(tmp_path):
     a = make_run(tmp_path / "a", "a", final_loss=1.0, summary=None)
     b = make_run(tmp_path / "b", "b", final_loss=1.5, summary=None)
-    (a / "eval.json").write_text(json.dumps({
-        "written_by": "kvdistill eval", "step": 20, "samples": 8, "data": {"source": "gsm_symbolic"},
-        "perplexity": {"ce": 2.5, "ppl": 12.18, "tokens": 300}, "exact_match": {"exact_match": 0.25, "n": 8},
-        "probe_kv_error": {"smollm2": {"mean": 0.75, "layers": [0.7, 0.8]}}}))
-    (b / "eval.json").write_text(json.dumps({"ppl": 3.0, "per_item": [1, 0]}))  # an experiment's record: not ours
+    (a / "eval.json").write_text(
+        json.dumps(
+            {
+                "written_by": "kvdistill eval",
+                "step": 20,
+                "samples": 8,
+                "data": {"source": "gsm_symbolic"},
+                "perplexity": {"ce": 2.5, "ppl": 12.18, "tokens": 300},
+                "exact_match": {"exact_match": 0.25, "n": 8},
+                "probe_kv_error": {"smollm2": {"mean": 0.75, "layers": [0.7, 0.8]}},
+            }
+        )
+    )
+    (b / "eval.json").write_text(
+        json.dumps({"ppl": 3.0, "per_item": [1, 0]})
+    )  # an experiment's record: not ours
     text = write_report([a, b], tmp_path / "r.md").read_text()
     assert "## Evaluation (kvdistill eval)" in text
-    assert "| run | step | samples | held-out CE | held-out ppl | exact match | KV probe 1-R² smollm2 |" in text
+    assert (
+        "| run | step | samples | held-out CE | held-out ppl | exact match | KV probe 1-R² smollm2 |" in text
+    )
     assert "| a | 20 | 8 | 2.5 | 12.18 | 0.25 | 0.75 |" in text
     assert "| b | 20 | 8 |" not in text

@@ -183,18 +183,35 @@ def test_a_moved_run_loads_evaluates_and_reports_from_another_directory(teacher_
             q, a = QA[i % len(QA)]
             f.write(json.dumps({"question": f"{q} ({i})", "cot": "Think.", "answer": a}) + "\n")
     teacher = os.path.relpath(teacher_dirs["qwen2"], work)
-    Path("my.yaml").write_text(yaml.safe_dump({
-        "name": "mine", "student": {
-            "from_config": {"base": "smollm2-135m", "num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128,
-                            "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32},
-            "tokenizer": "gpt2-tokenizer"}, "teachers": [{"name": "qwen2", "model": teacher}],
-        "data": {"source": "jsonl", "path": "data.jsonl", "eval_size": 4, "max_length": 32},
-        "train": {"steps": 2, "batch_size": 2, "tensorboard": False}}))
+    Path("my.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "name": "mine",
+                "student": {
+                    "from_config": {
+                        "base": "smollm2-135m",
+                        "num_hidden_layers": 2,
+                        "hidden_size": 64,
+                        "intermediate_size": 128,
+                        "num_attention_heads": 2,
+                        "num_key_value_heads": 1,
+                        "head_dim": 32,
+                    },
+                    "tokenizer": "gpt2-tokenizer",
+                },
+                "teachers": [{"name": "qwen2", "model": teacher}],
+                "data": {"source": "jsonl", "path": "data.jsonl", "eval_size": 4, "max_length": 32},
+                "train": {"steps": 2, "batch_size": 2, "tensorboard": False},
+            }
+        )
+    )
     assert _cli("train", "my.yaml", "--out", "run") == 0
     stored = yaml.safe_load(Path("run/config.yaml").read_text())
     assert stored["data"]["path"] == str(work / "data.jsonl")
     assert stored["teachers"][0]["model"] == str(teacher_dirs["qwen2"].resolve())
-    assert stored["train"]["save_every"] == 0 and stored["losses"]["kv"]["kind"] == "mse"  # defaults spelled out
+    assert (
+        stored["train"]["save_every"] == 0 and stored["losses"]["kv"]["kind"] == "mse"
+    )  # defaults spelled out
     shutil.move(work / "run", elsewhere / "run")
     moved = elsewhere / "run"
     monkeypatch.chdir(other)
@@ -204,7 +221,9 @@ def test_a_moved_run_loads_evaluates_and_reports_from_another_directory(teacher_
     saved = json.loads((moved / "eval.json").read_text())
     assert saved["written_by"] == "kvdistill eval" and saved["step"] == 2 and saved["samples"] == 4
     summary = json.loads((moved / "summary.json").read_text())
-    assert saved["perplexity"]["ce"] == pytest.approx(summary["eval/ce"], rel=1e-5)  # the run's own held-out split
+    assert saved["perplexity"]["ce"] == pytest.approx(
+        summary["eval/ce"], rel=1e-5
+    )  # the run's own held-out split
     assert set(saved["probe_kv_error"]) == {"qwen2"}
     assert _cli("report", moved, "--out", other / "r.md") == 0
     text = (other / "r.md").read_text()

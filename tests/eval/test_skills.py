@@ -12,7 +12,8 @@ def test_hand_made_example():
     per_item = [1, 0, 1, 1, 0, 1, 0]  # the last record has no skill label: in no skill
     skills = ["arithmetic", "arithmetic", "sorting", "gsm_symbolic", "sorting", "arithmetic", None]
     assert exact_match_by_skill(per_item, skills) == pytest.approx(
-        {"exact_match_arithmetic": 2 / 3, "exact_match_gsm_symbolic": 1.0, "exact_match_sorting": 0.5})
+        {"exact_match_arithmetic": 2 / 3, "exact_match_gsm_symbolic": 1.0, "exact_match_sorting": 0.5}
+    )
     assert skill_items(per_item, skills, "sorting") == [1.0, 0.0]
 
 

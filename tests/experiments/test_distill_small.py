@@ -23,8 +23,10 @@ def test_packaged_distill_small_spec_is_valid():
     assert spec.conditions["ce_flops"].match_flops_of == "kd_fixed"
     assert spec.conditions["kd_fixed_cached"].cache
     assert all(t.data == {"train_size": None} for t in spec.teachers)
-    sizes = {n: next((o for o in c.overrides if o.startswith("data.train_size")), None)
-             for n, c in spec.conditions.items()}
+    sizes = {
+        n: next((o for o in c.overrides if o.startswith("data.train_size")), None)
+        for n, c in spec.conditions.items()
+    }
     assert sizes["ce_only_500"] == sizes["kd_fixed_500"] == "data.train_size=500"
     assert sizes["ce_only_8000"] == sizes["kd_fixed_8000"] == "data.train_size=8000"
     three = ["llama_bpe", "qwen_sp", "gemma_sp"]
@@ -103,7 +105,10 @@ def test_equal_flops_and_equal_wall_time_steps(tiny_run):
     assert results["steps"]["ce_flops"] == round(6 * per_token["kd_fixed"] / per_token["ce_only"])
 
     def summaries(name):
-        return [json.loads((out / "runs" / name / f"seed-{s}" / "summary.json").read_text()) for s in results["seeds"]]
+        return [
+            json.loads((out / "runs" / name / f"seed-{s}" / "summary.json").read_text())
+            for s in results["seeds"]
+        ]
 
     wall = statistics.median(s["train_s"] for s in summaries("kd_fixed"))
     rate = statistics.median(s["train_s"] / s["steps"] for s in summaries("ce_only"))
@@ -114,8 +119,10 @@ def test_equal_flops_and_equal_wall_time_steps(tiny_run):
 def test_kv_schedule_grad_norms_and_curves_are_logged(tiny_run):
     out, results = tiny_run
     cfg = run_config(out, "kd_fixed_decay", 0)
-    rows = [json.loads(x) for x in (out / "runs" / "kd_fixed_decay" / "seed-0" / "metrics.jsonl").read_text()
-            .splitlines()]
+    rows = [
+        json.loads(x)
+        for x in (out / "runs" / "kd_fixed_decay" / "seed-0" / "metrics.jsonl").read_text().splitlines()
+    ]
     train_rows = [r for r in rows if "kv/weight" in r]
     assert [r["step"] for r in train_rows] == list(range(1, len(train_rows) + 1))
     for r in train_rows:
@@ -144,8 +151,9 @@ def test_logit_and_on_policy_conditions_train_what_they_say(tiny_run):
     out, results = tiny_run
     teachers = ("llama_bpe", "qwen_sp")
     logits_only = train_rows(out, "kd_logits")
-    assert logits_only and all(f"loss/logit_kd/{t}" in r and f"loss/kv/{t}" not in r
-                               for r in logits_only for t in teachers)
+    assert logits_only and all(
+        f"loss/logit_kd/{t}" in r and f"loss/kv/{t}" not in r for r in logits_only for t in teachers
+    )
     both = train_rows(out, "kd_logits_kv")
     assert all(f"loss/logit_kd/{t}" in r and f"loss/kv/{t}" in r for r in both for t in teachers)
     assert run_config(out, "kd_fixed_onpolicy", 0).train.on_policy.lam == 0.5

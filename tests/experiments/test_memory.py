@@ -16,7 +16,10 @@ def test_run_bytes_by_hand():
     teacher = 2 * 73_000_000 + 2 * (2 * 32 * 96 * (2 * 256 * 6 + 8 * 256))
     assert kd - ce == int(SLACK * (16 * 16_000_000 + acts + teacher) + CONTEXT) - ce
     # logits only where logit KD reads them: the Gemma vocabulary dominates then
-    assert run_bytes(batch=32, length=96, student=STUDENT, teachers=[GEMMA], ahead=True, teacher_logits=True) > kd + GIB
+    assert (
+        run_bytes(batch=32, length=96, student=STUDENT, teachers=[GEMMA], ahead=True, teacher_logits=True)
+        > kd + GIB
+    )
 
 
 def test_auto_concurrent_is_bounded_by_memory_cores_and_runs():

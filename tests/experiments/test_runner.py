@@ -13,28 +13,48 @@ from kvdistill.errors import ConfigError, KvdistillError
 from kvdistill.experiments.runner import run_experiment
 from kvdistill.experiments.spec import load_spec
 
-TINY_MODEL = {"num_hidden_layers": 1, "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2,
-              "num_key_value_heads": 1, "max_position_embeddings": 96}
+TINY_MODEL = {
+    "num_hidden_layers": 1,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "max_position_embeddings": 96,
+}
 
 
 def micro_spec(**changes) -> dict:
     spec = {
         "name": "micro",
         "base": {
-            "student": {"from_config": {"base": "smollm2-135m", **TINY_MODEL, "head_dim": 16},
-                        "tokenizer": "gpt2-tokenizer"},
+            "student": {
+                "from_config": {"base": "smollm2-135m", **TINY_MODEL, "head_dim": 16},
+                "tokenizer": "gpt2-tokenizer",
+            },
             "data": {"source": "arithmetic", "size": 80, "eval_size": 8, "max_length": 64},
             "train": {"steps": 4, "batch_size": 4, "lr": 1e-3, "eval_every": 2, "tensorboard": False},
         },
         "teachers": [
-            {"name": "llama_bpe", "from_config": {"base": "smollm2-135m", **TINY_MODEL, "head_dim": 16},
-             "steps": 3, "batch_size": 4},
-            {"name": "qwen_sp", "from_config": {"family": "qwen2", **TINY_MODEL}, "tokenizer": "llama2-tokenizer",
-             "steps": 3, "batch_size": 4},
+            {
+                "name": "llama_bpe",
+                "from_config": {"base": "smollm2-135m", **TINY_MODEL, "head_dim": 16},
+                "steps": 3,
+                "batch_size": 4,
+            },
+            {
+                "name": "qwen_sp",
+                "from_config": {"family": "qwen2", **TINY_MODEL},
+                "tokenizer": "llama2-tokenizer",
+                "steps": 3,
+                "batch_size": 4,
+            },
         ],
-        "conditions": {"ce_only": {}, "kd": {"teachers": ["llama_bpe", "qwen_sp"]},
-                       "kd_cached": {"teachers": ["llama_bpe", "qwen_sp"], "cache": True},
-                       "ce_flops": {"match_flops_of": "kd"}},
+        "conditions": {
+            "ce_only": {},
+            "kd": {"teachers": ["llama_bpe", "qwen_sp"]},
+            "kd_cached": {"teachers": ["llama_bpe", "qwen_sp"], "cache": True},
+            "ce_flops": {"match_flops_of": "kd"},
+        },
         "baseline": "ce_only",
         "seeds": [0, 1],
         "eval": {"max_new_tokens": 4, "batch_size": 8},
@@ -54,9 +74,13 @@ def test_micro_experiment_results_resume_and_only(tmp_path):
             s = per[metric]
             assert len(s["values"]) == 2 and s["ci95"][0] <= s["mean"] <= s["ci95"][1]
     assert {(c["condition"], c["metric"]) for c in results["comparisons"]} == {
-        (n, m) for n in ("kd", "kd_cached", "ce_flops") for m in ("exact_match", "ppl")}
+        (n, m) for n in ("kd", "kd_cached", "ce_flops") for m in ("exact_match", "ppl")
+    }
     # the cached condition read its teachers from caches extracted once (cost reported), not online
-    assert set(results["extraction"]) == {"llama_bpe", "qwen_sp"} and results["extraction"]["qwen_sp"]["tokens"] > 0
+    assert (
+        set(results["extraction"]) == {"llama_bpe", "qwen_sp"}
+        and results["extraction"]["qwen_sp"]["tokens"] > 0
+    )
     run_cfg = (tmp_path / "runs" / "kd_cached" / "seed-0" / "config.yaml").read_text()
     assert "source: cache" in run_cfg and str(tmp_path / "caches" / "qwen_sp") in run_cfg
     assert set(results["teachers"]) == {"llama_bpe", "qwen_sp"}
@@ -64,9 +88,14 @@ def test_micro_experiment_results_resume_and_only(tmp_path):
     # CE only with the FLOPs of kd: 4 · (6 N_s + 2 Σ N_t) / 6 N_s steps, more than kd's 4
     assert results["steps"]["kd"] == 4 and results["steps"]["ce_flops"] > 4
     # different seeds: different students (init and data order)
-    assert results["conditions"]["ce_only"]["ppl"]["values"][0] != results["conditions"]["ce_only"]["ppl"]["values"][1]
+    assert (
+        results["conditions"]["ce_only"]["ppl"]["values"][0]
+        != results["conditions"]["ce_only"]["ppl"]["values"][1]
+    )
     assert (tmp_path / "results.md").read_text().count("| kd |") >= 2
-    assert (tmp_path / "plots" / "exact_match.png").is_file() and (tmp_path / "plots" / "curve_ce_step.png").is_file()
+    assert (tmp_path / "plots" / "exact_match.png").is_file() and (
+        tmp_path / "plots" / "curve_ce_step.png"
+    ).is_file()
     # resume: nothing is trained again, the same results
     stamp = {p: p.stat().st_mtime_ns for p in tmp_path.glob("runs/*/seed-*/final/*.safetensors")}
     again = run_experiment(spec, tmp_path)
@@ -81,8 +110,9 @@ def test_micro_experiment_results_resume_and_only(tmp_path):
     redone = run_experiment(spec, tmp_path)  # the same figures; its measured times are new
     for key in ("conditions", "comparisons", "steps", "extraction", "teachers"):
         assert redone[key] == results[key], key
-    assert [r["step"] for r in redone["curves"]["kd"]["per_seed"]["1"]] == \
-        [r["step"] for r in results["curves"]["kd"]["per_seed"]["1"]]
+    assert [r["step"] for r in redone["curves"]["kd"]["per_seed"]["1"]] == [
+        r["step"] for r in results["curves"]["kd"]["per_seed"]["1"]
+    ]
     # --only narrows to a condition and the baseline; --seeds to the first seeds
     narrow = run_experiment(spec, tmp_path, only=["kd"], seeds=1)
     assert set(narrow["conditions"]) == {"ce_only", "kd"} and narrow["seeds"] == [0]
@@ -94,15 +124,21 @@ def test_spec_errors_are_listed_together():
     with pytest.raises(ConfigError) as info:
         load_spec(bad)
     text = str(info.value)
-    for expected in ("baseline 'nope' is not a condition", "['missing'] are not among the teachers",
-                     "seeds [] must be distinct", "metrics ['bleu'] are unknown"):
+    for expected in (
+        "baseline 'nope' is not a condition",
+        "['missing'] are not among the teachers",
+        "seeds [] must be distinct",
+        "metrics ['bleu'] are unknown",
+    ):
         assert expected in text, expected
 
 
 def test_incompetent_teacher_stops_the_experiment(tmp_path):
     spec = micro_spec()
     spec["teachers"][0]["min_exact_match"] = 0.99
-    with pytest.raises(KvdistillError, match="teacher 'llama_bpe' reached held-out exact match .* < the required 0.99"):
+    with pytest.raises(
+        KvdistillError, match="teacher 'llama_bpe' reached held-out exact match .* < the required 0.99"
+    ):
         run_experiment(load_spec(spec), tmp_path)
     assert not (tmp_path / "runs").exists()  # no condition ran on an incompetent teacher
 
@@ -115,8 +151,12 @@ def test_concurrent_runs_in_subprocesses_equal_in_process_training(tiny_config, 
     from kvdistill.experiments.runner import train_all
 
     configs = [tiny_config("train.steps=2", f"train.seed={s}") for s in (0, 1)]
-    train_all([(tmp_path / "sub" / f"seed-{s}", c) for s, c in zip((0, 1), configs, strict=True)], concurrent=2)
-    train_all([(tmp_path / "inproc" / f"seed-{s}", c) for s, c in zip((0, 1), configs, strict=True)], concurrent=1)
+    train_all(
+        [(tmp_path / "sub" / f"seed-{s}", c) for s, c in zip((0, 1), configs, strict=True)], concurrent=2
+    )
+    train_all(
+        [(tmp_path / "inproc" / f"seed-{s}", c) for s, c in zip((0, 1), configs, strict=True)], concurrent=1
+    )
     for s in (0, 1):
         a = load_file(str(tmp_path / "sub" / f"seed-{s}" / "final" / "model.safetensors"))
         b = load_file(str(tmp_path / "inproc" / f"seed-{s}" / "final" / "model.safetensors"))
@@ -152,8 +192,11 @@ def test_a_condition_or_teacher_name_that_is_not_one_path_segment_is_refused(tmp
     spec["conditions"] = {"ce_only": {}, name: {"teachers": ["llama_bpe"]}}
     with pytest.raises(ConfigError) as err:
         load_spec(spec)
-    assert any(f"conditions.{name}" in p and ("one path segment" in p or "at most 100" in p or "directory itself" in p)
-               for p in err.value.problems), err.value.problems
+    assert any(
+        f"conditions.{name}" in p
+        and ("one path segment" in p or "at most 100" in p or "directory itself" in p)
+        for p in err.value.problems
+    ), err.value.problems
     spec = micro_spec(name=name)
     with pytest.raises(ConfigError, match="name"):
         load_spec(spec)
@@ -192,10 +235,19 @@ def given_teacher(tmp_path_factory):
     from kvdistill.models.load import load_tokenizer
 
     tok = load_tokenizer("gpt2-tokenizer")
-    config = AutoConfig.for_model("llama", vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                                  num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                                  max_position_embeddings=96, eos_token_id=tok.eos_token_id,
-                                  bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id)
+    config = AutoConfig.for_model(
+        "llama",
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=96,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("given")
     AutoModelForCausalLM.from_config(config).save_pretrained(path)
@@ -213,9 +265,12 @@ def test_given_teacher_probe_and_init_are_scored_through_the_one_path(tmp_path, 
     from kvdistill.models.load import load_model
     from kvdistill.student import build_student
 
-    spec = micro_spec(teachers=[{"name": "given", "model": given_teacher, "steps": 0}],
-                      conditions={"ce_only": {}, "kd": {"teachers": ["given"]}}, seeds=[0],
-                      eval={"max_new_tokens": 4, "batch_size": 8, "probe": True, "init": True})
+    spec = micro_spec(
+        teachers=[{"name": "given", "model": given_teacher, "steps": 0}],
+        conditions={"ce_only": {}, "kd": {"teachers": ["given"]}},
+        seeds=[0],
+        eval={"max_new_tokens": 4, "batch_size": 8, "probe": True, "init": True},
+    )
     results = run_experiment(load_spec(spec), tmp_path)
     assert not (tmp_path / "teachers" / "given" / "final").exists()
     assert "exact_match" not in json.loads((tmp_path / "teachers" / "given" / "teacher.json").read_text())
@@ -224,13 +279,29 @@ def test_given_teacher_probe_and_init_are_scored_through_the_one_path(tmp_path, 
     held = load_records(cfg.data, split="eval")
     fit = load_records(cfg.data, split="train")[:16]
     teachers = {"given": load_model(given_teacher, attn_implementation="sdpa")}
-    kw = dict(max_length=cfg.data.max_length, batch_size=8, max_new_tokens=4, teacher_cache=TeacherRowsCache())
-    for name, got in (("kd", evaluate_saved(tmp_path / "runs" / "kd" / "seed-0" / "final", held,
-                                            template=cfg.data.template, teachers=teachers, fit_records=fit, **kw)),
-                      ("init", evaluate_student(*build_student(cfg.student, seed=0), teachers, fit, held, **kw))):
-        record = json.loads((tmp_path / ("init" if name == "init" else "runs/kd") / "seed-0" / "eval.json")
-                            .read_text())
-        assert record["ppl"] == got["perplexity"]["ppl"] and record["per_item"] == got["exact_match"]["per_item"]
+    kw = dict(
+        max_length=cfg.data.max_length, batch_size=8, max_new_tokens=4, teacher_cache=TeacherRowsCache()
+    )
+    for name, got in (
+        (
+            "kd",
+            evaluate_saved(
+                tmp_path / "runs" / "kd" / "seed-0" / "final",
+                held,
+                template=cfg.data.template,
+                teachers=teachers,
+                fit_records=fit,
+                **kw,
+            ),
+        ),
+        ("init", evaluate_student(*build_student(cfg.student, seed=0), teachers, fit, held, **kw)),
+    ):
+        record = json.loads(
+            (tmp_path / ("init" if name == "init" else "runs/kd") / "seed-0" / "eval.json").read_text()
+        )
+        assert (
+            record["ppl"] == got["perplexity"]["ppl"] and record["per_item"] == got["exact_match"]["per_item"]
+        )
         assert record["probe_kv_error"] == got["probe_kv_error"]
         assert len(record["probe_kv_error"]["given"]["layers"]) == 1  # one per student layer
     with pytest.raises(ConfigError, match="steps 0 uses a model as given"):

@@ -17,8 +17,13 @@ from kvdistill.experiments.runner import run_experiment
 from kvdistill.experiments.spec import load_spec, spec_path
 
 SKILLS = ["arithmetic", "gsm_symbolic", "sorting"]
-MICRO = {"num_hidden_layers": 1, "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2,
-         "num_key_value_heads": 1}
+MICRO = {
+    "num_hidden_layers": 1,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+}
 
 
 def shrunk() -> dict:
@@ -28,7 +33,9 @@ def shrunk() -> dict:
     spec["base"]["student"]["from_config"].update(MICRO, head_dim=16)
     spec["base"]["train"].update(steps=2, batch_size=4, eval_every=1)
     for teacher in spec["teachers"]:
-        teacher["from_config"].update(MICRO, **({"head_dim": 16} if "head_dim" in teacher["from_config"] else {}))
+        teacher["from_config"].update(
+            MICRO, **({"head_dim": 16} if "head_dim" in teacher["from_config"] else {})
+        )
         teacher.update(steps=2, batch_size=4)
     spec["eval"].update(max_new_tokens=3)
     return spec
@@ -45,8 +52,9 @@ def test_specialists_per_skill_metrics_and_routing_accuracy(tmp_path):
         assert cfg["data"]["train_skills"] == [prep.skill]
         assert set(results["teachers"][prep.name]) >= {f"exact_match_{s}" for s in SKILLS}
 
-    held = load_records(condition_config(spec, "ce_only", 0, {t.name: {"model": "?"} for t in spec.teachers}).data,
-                        "eval")
+    held = load_records(
+        condition_config(spec, "ce_only", 0, {t.name: {"model": "?"} for t in spec.teachers}).data, "eval"
+    )
     skills = [r["skill"] for r in held]
     assert set(skills) == set(SKILLS)
     for name in ["ce_only", *routed]:

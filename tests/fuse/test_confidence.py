@@ -35,7 +35,9 @@ def test_two_teachers_known_nll_give_known_weights():
     # the whole text from byte 0: A scores 'Q: ab', 'cde', 'fg' (BOS has no bytes): (9 + 1.5 + 0.5) / 10
     torch.testing.assert_close(byte_nll(nll_a, counted_a, spans_a, torch.tensor([0])), torch.tensor([1.1]))
     # B's first token is never predicted: (2.4 + 7.0 for 'abc') / 7 bytes
-    torch.testing.assert_close(byte_nll(nll_b, counted_b, spans_b, torch.tensor([0])), torch.tensor([9.4 / 7]))
+    torch.testing.assert_close(
+        byte_nll(nll_b, counted_b, spans_b, torch.tensor([0])), torch.tensor([9.4 / 7])
+    )
     # A truncated after byte 8 (its covered end): both are scored on bytes 5-8 only; B has no token inside, NaN
     assert covered_end(spans_a[:, :3], torch.ones(1, 3)).tolist() == [8]
     end = torch.tensor([8])
@@ -56,8 +58,14 @@ def test_a_teacher_that_scored_nothing_gets_weight_zero_and_none_scored_is_unifo
     e = math.exp(-1.0)
     torch.testing.assert_close(w[0], torch.tensor([1 / (1 + e), 0.0, e / (1 + e)]))
     torch.testing.assert_close(w[1], torch.full((3,), 1 / 3))
-    assert torch.isnan(byte_nll(torch.ones(1, 3), torch.ones(1, 3, dtype=torch.bool),
-                                torch.tensor([[[0, 1], [1, 2], [2, 3]]]), torch.tensor([3])))[0]
+    assert torch.isnan(
+        byte_nll(
+            torch.ones(1, 3),
+            torch.ones(1, 3, dtype=torch.bool),
+            torch.tensor([[[0, 1], [1, 2], [2, 3]]]),
+            torch.tensor([3]),
+        )
+    )[0]
 
 
 def test_temperature_sharpens_and_weights_route_by_skill():
@@ -66,7 +74,10 @@ def test_temperature_sharpens_and_weights_route_by_skill():
     nll = torch.tensor([[0.2, 1.0, 1.2], [1.1, 0.3, 0.9], [1.4, 1.2, 0.25], [0.4, 0.7, 0.8]])  # (B, N)
     skills = ["a", "b", "c", "a"]
     of = {"a": 0, "b": 1, "c": 2}
-    accs = [routing_accuracy(confidence_weights(nll, t), skills, of)["routing_acc"] for t in (100.0, 1.0, 0.1, 0.01)]
+    accs = [
+        routing_accuracy(confidence_weights(nll, t), skills, of)["routing_acc"]
+        for t in (100.0, 1.0, 0.1, 0.01)
+    ]
     assert accs == sorted(accs) and accs[0] == pytest.approx(1 / 3, abs=0.01) and accs[-1] > 0.99
     # hand-computed for τ = 0.1, the first sample: softmax(-2, -10, -12)
     z = math.exp(-2) + math.exp(-10) + math.exp(-12)

@@ -73,7 +73,9 @@ def test_per_token_weights_ignore_uncounted_tokens(target):
     leaf = other.clone().requires_grad_()
     value = entropy_regularizer(torch.softmax(leaf, -1), target, mask=mask)
     value.backward()
-    assert value.item() == pytest.approx(entropy_regularizer(torch.softmax(logits, -1), target, mask=mask).item())
+    assert value.item() == pytest.approx(
+        entropy_regularizer(torch.softmax(logits, -1), target, mask=mask).item()
+    )
     rows = torch.softmax(logits, -1)[mask == 1]  # (7, N) counted rows
     assert value.item() == pytest.approx(entropy_regularizer(rows, target).item(), abs=1e-6)
     assert torch.equal(leaf.grad[mask == 0], torch.zeros(3, 3))  # 3 uncounted tokens

@@ -15,8 +15,10 @@ def test_fixed_weights_normalised():
     assert torch.allclose(fixed_weights([0.0, 2.0, 0.0]), torch.tensor([0.0, 1.0, 0.0]))
 
 
-@pytest.mark.parametrize(("weights", "message"), [([1.0, -0.5], "negative"), ([0, 0], "all 0"), ([], "empty"),
-                                                  ([1.0, float("nan")], "non-finite")])
+@pytest.mark.parametrize(
+    ("weights", "message"),
+    [([1.0, -0.5], "negative"), ([0, 0], "all 0"), ([], "empty"), ([1.0, float("nan")], "non-finite")],
+)
 def test_fixed_weights_errors(weights, message):
     with pytest.raises(KvdistillError, match=message):
         fixed_weights(weights)

@@ -13,8 +13,12 @@ from kvdistill.fuse import kmeans, prototype
 
 # ---------------------------------------------------------------------------------------------- pooled kinds
 def test_prototype_kinds_golden_with_padding():
-    x = torch.tensor([[[9.0, 9.0], [1.0, 4.0], [3.0, 2.0]],  # left padding at t=0
-                      [[2.0, -1.0], [6.0, 0.0], [-5.0, -5.0]]])  # right padding at t=2
+    x = torch.tensor(
+        [
+            [[9.0, 9.0], [1.0, 4.0], [3.0, 2.0]],  # left padding at t=0
+            [[2.0, -1.0], [6.0, 0.0], [-5.0, -5.0]],
+        ]
+    )  # right padding at t=2
     mask = torch.tensor([[0, 1, 1], [1, 1, 0]])
     assert torch.equal(prototype(x, mask, "mean"), torch.tensor([[[2.0, 3.0]], [[4.0, -0.5]]]))
     assert torch.equal(prototype(x, mask, "first"), torch.tensor([[[1.0, 4.0]], [[2.0, -1.0]]]))

@@ -50,7 +50,9 @@ def test_router_learns_to_route_by_input(kind, per_token):
     direction = torch.randn(H)
     group = torch.tensor([0, 1] * 8)  # (B,)
     hidden = torch.randn(16, 6, H) * 0.5 + torch.where(group[:, None, None] == 0, direction, -direction)
-    cost = torch.tensor([[0.0, 1.0, 1.0], [1.0, 1.0, 0.0]])[group]  # group 0 -> teacher 0, group 1 -> teacher 2
+    cost = torch.tensor([[0.0, 1.0, 1.0], [1.0, 1.0, 0.0]])[
+        group
+    ]  # group 0 -> teacher 0, group 1 -> teacher 2
     mask = torch.ones(16, 6)
     router = Router(H, N, kind=kind, per_token=per_token)
     opt = torch.optim.Adam(router.parameters(), lr=0.05)

@@ -12,15 +12,25 @@ from kvdistill.objectives.fusion import per_sample
 
 
 def test_hand_made_example():
-    weights = torch.tensor([[0.7, 0.2, 0.1],   # arithmetic -> teacher 0: 0.7
-                            [0.1, 0.8, 0.1],   # gsm -> teacher 1: 0.8
-                            [0.2, 0.2, 0.6],   # sorting -> teacher 2: 0.6
-                            [0.5, 0.25, 0.25],  # arithmetic: 0.5
-                            [0.3, 0.3, 0.4]])  # unlabelled: not counted
+    weights = torch.tensor(
+        [
+            [0.7, 0.2, 0.1],  # arithmetic -> teacher 0: 0.7
+            [0.1, 0.8, 0.1],  # gsm -> teacher 1: 0.8
+            [0.2, 0.2, 0.6],  # sorting -> teacher 2: 0.6
+            [0.5, 0.25, 0.25],  # arithmetic: 0.5
+            [0.3, 0.3, 0.4],
+        ]
+    )  # unlabelled: not counted
     skills = ["arithmetic", "gsm", "sorting", "arithmetic", None]
     got = routing_accuracy(weights, skills, {"arithmetic": 0, "gsm": 1, "sorting": 2})
-    assert got == pytest.approx({"routing_acc": (0.7 + 0.8 + 0.6 + 0.5) / 4, "routing_acc_arithmetic": 0.6,
-                                 "routing_acc_gsm": 0.8, "routing_acc_sorting": 0.6})
+    assert got == pytest.approx(
+        {
+            "routing_acc": (0.7 + 0.8 + 0.6 + 0.5) / 4,
+            "routing_acc_arithmetic": 0.6,
+            "routing_acc_gsm": 0.8,
+            "routing_acc_sorting": 0.6,
+        }
+    )
 
 
 def test_uniform_weights_give_one_over_k_and_a_skill_without_specialist_is_skipped():
@@ -31,8 +41,12 @@ def test_uniform_weights_give_one_over_k_and_a_skill_without_specialist_is_skipp
 
 
 def test_per_token_weights_are_the_mean_over_counted_tokens():
-    token_w = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [1.0, 0.0]],   # 2 counted tokens: (0.5, 0.5)
-                            [[0.0, 1.0], [0.2, 0.8], [0.4, 0.6], [0.5, 0.5]]])  # 3 counted: (0.2, 0.8)
+    token_w = torch.tensor(
+        [
+            [[1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [1.0, 0.0]],  # 2 counted tokens: (0.5, 0.5)
+            [[0.0, 1.0], [0.2, 0.8], [0.4, 0.6], [0.5, 0.5]],
+        ]
+    )  # 3 counted: (0.2, 0.8)
     mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0]])
     got = routing_accuracy(per_sample(token_w, mask), ["x", "y"], {"x": 0, "y": 1})
     assert got == pytest.approx({"routing_acc": 0.65, "routing_acc_x": 0.5, "routing_acc_y": 0.8})

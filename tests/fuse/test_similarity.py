@@ -15,7 +15,9 @@ from kvdistill.fuse import best_match, prototype, similarity_weights
 @pytest.mark.parametrize("metric", ["cosine", "dot", "l2"])
 def test_similarity_picks_the_matching_teacher(metric):
     gen = torch.Generator().manual_seed(0)
-    protos = torch.nn.functional.normalize(torch.randn(4, 16, generator=gen), dim=-1) * 4  # one norm: fair dot
+    protos = (
+        torch.nn.functional.normalize(torch.randn(4, 16, generator=gen), dim=-1) * 4
+    )  # one norm: fair dot
     query = protos[[2, 0, 3]]  # sample b equals teacher [2, 0, 3][b]
     per_teacher = [protos[n].expand(3, 1, 16) for n in range(4)]  # (B, K=1, F) each
     w = similarity_weights([query] * 4, per_teacher, metric=metric, temperature=0.1)
@@ -53,9 +55,11 @@ def test_each_teacher_is_compared_in_its_own_width():
     gen = torch.Generator().manual_seed(1)
     q0, q1 = torch.randn(2, 3, generator=gen), torch.randn(2, 5, generator=gen)
     p0, p1 = torch.randn(2, 2, 3, generator=gen), torch.randn(2, 1, 5, generator=gen)
-    for metric, sim in [("cosine", lambda q, p: torch.cosine_similarity(q, p, dim=-1)),
-                        ("dot", lambda q, p: (q * p).sum(-1) / math.sqrt(q.shape[-1])),
-                        ("l2", lambda q, p: -(q - p).square().sum(-1) / q.shape[-1])]:
+    for metric, sim in [
+        ("cosine", lambda q, p: torch.cosine_similarity(q, p, dim=-1)),
+        ("dot", lambda q, p: (q * p).sum(-1) / math.sqrt(q.shape[-1])),
+        ("l2", lambda q, p: -(q - p).square().sum(-1) / q.shape[-1]),
+    ]:
         s0 = torch.maximum(sim(q0, p0[:, 0]), sim(q0, p0[:, 1]))  # (B,)
         s1 = sim(q1, p1[:, 0])
         ref = torch.softmax(torch.stack([s0, s1], -1) / 0.7, -1)
@@ -86,7 +90,10 @@ def test_kmeans_prototypes_route_differently_from_the_mean():
     for kind in ("mean", "kmeans"):
         protos = [prototype(xa, mask, kind, k=2), prototype(xb, mask, kind, k=2)]
         assert all(torch.isfinite(p).all() for p in protos)
-        clean = [prototype(a[None], torch.ones(1, 6), kind, k=2), prototype(b[None], torch.ones(1, 6), kind, k=2)]
+        clean = [
+            prototype(a[None], torch.ones(1, 6), kind, k=2),
+            prototype(b[None], torch.ones(1, 6), kind, k=2),
+        ]
         assert all(torch.allclose(p, c) for p, c in zip(protos, clean, strict=True))
         weights[kind] = similarity_weights([q, q], protos, "cosine", temperature=0.1)
     # mean: cos(q, (0, 1)) = 0 vs cos(q, (1, 1)) ≈ 0.707; k-means: cos(q, (10, 1)) ≈ 0.995 vs 0.707
@@ -102,7 +109,9 @@ def test_similarity_errors():
     q, p = torch.zeros(2, 4), torch.zeros(2, 3, 4)
     with pytest.raises(KvdistillError, match="one tensor per teacher, got a tensor"):
         similarity_weights(q, p)
-    with pytest.raises(KvdistillError, match=r"teacher 1: prototypes \(2, 3, 5\) do not match query \(2, 4\)"):
+    with pytest.raises(
+        KvdistillError, match=r"teacher 1: prototypes \(2, 3, 5\) do not match query \(2, 4\)"
+    ):
         similarity_weights([q, q], [p, torch.zeros(2, 3, 5)])
     with pytest.raises(KvdistillError, match="2 queries and 1 prototype sets"):
         similarity_weights([q, q], [p])

@@ -31,7 +31,9 @@ def test_fuse_targets_golden():
 
 def test_fuse_targets_errors():
     a = torch.zeros(2, 3, 4, 5)
-    with pytest.raises(KvdistillError, match=r"targets\[1\] \(2, 3, 4, 6\) and targets\[0\] \(2, 3, 4, 5\) differ"):
+    with pytest.raises(
+        KvdistillError, match=r"targets\[1\] \(2, 3, 4, 6\) and targets\[0\] \(2, 3, 4, 5\) differ"
+    ):
         fuse_targets([a, torch.zeros(2, 3, 4, 6)], torch.ones(2, 2) / 2)
     with pytest.raises(KvdistillError, match=r"weights \(2, 3\) do not fit 2 targets"):
         fuse_targets([a, a], torch.ones(2, 3) / 3)

@@ -22,7 +22,9 @@ def test_attention_kl_golden_with_key_padding():
     teacher = torch.tensor([0.2, 0.6, 0.2]).expand(1, 1, 3, 3).clone()
     student[0, 0, 2] = torch.tensor([0.0, 0.0, 1.0])  # query 2 is padding too: not counted
     expected = 0.25 * math.log(0.25 / 0.5) + 0.75 * math.log(0.75 / 0.5)
-    assert L.attention_kl(student, teacher, torch.tensor([[1, 1, 0]])).item() == pytest.approx(expected, rel=1e-5)
+    assert L.attention_kl(student, teacher, torch.tensor([[1, 1, 0]])).item() == pytest.approx(
+        expected, rel=1e-5
+    )
 
 
 def test_attention_kl_per_sample_head_averaging_and_brute_force():
@@ -36,7 +38,9 @@ def test_attention_kl_per_sample_head_averaging_and_brute_force():
     ref4 = F.kl_div(s.log(), t4, reduction="none").sum(-1).mean((1, 2))  # same head count: per head
     torch.testing.assert_close(L.attention_kl(s, t4, mask, eps=0.0), ref4, rtol=1e-5, atol=1e-7)
     assert L.attention_kl(t4, t4, mask).abs().max().item() < 1e-6
-    with pytest.raises(KvdistillError, match=r"student_probs \(1, 2, 4, 4\) and teacher_probs \(1, 2, 3, 3\)"):
+    with pytest.raises(
+        KvdistillError, match=r"student_probs \(1, 2, 4, 4\) and teacher_probs \(1, 2, 3, 3\)"
+    ):
         L.attention_kl(torch.zeros(1, 2, 4, 4), torch.zeros(1, 2, 3, 3), torch.ones(1, 4))
 
 
@@ -66,7 +70,10 @@ def test_relation_loss_per_sample_equals_each_sample_alone():
 def _calls(mask):
     B, T = mask.shape
     kv = (_rand(B, T, 8).requires_grad_(), _rand(B, T, 8, seed=1))
-    probs = (torch.softmax(_rand(B, 2, T, T), -1).requires_grad_(), torch.softmax(_rand(B, 3, T, T, seed=2), -1))
+    probs = (
+        torch.softmax(_rand(B, 2, T, T), -1).requires_grad_(),
+        torch.softmax(_rand(B, 3, T, T, seed=2), -1),
+    )
     logits = (_rand(B, T, 9).requires_grad_(), _rand(B, T, 9, seed=3))
     heads = _rand(B, 2, T, 4).requires_grad_()
     return {
@@ -81,7 +88,9 @@ def _calls(mask):
     }
 
 
-@pytest.mark.parametrize("name", ["kv", "kv_huber", "cosine", "attention_kl", "relation", "ce", "logit_kd", "hidden"])
+@pytest.mark.parametrize(
+    "name", ["kv", "kv_huber", "cosine", "attention_kl", "relation", "ce", "logit_kd", "hidden"]
+)
 @pytest.mark.parametrize("empty", [False, True])
 def test_every_loss_is_per_sample_float32_finite_and_zero_on_an_empty_mask(name, empty):
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])

@@ -70,7 +70,9 @@ def test_kv_error_leading_dims_and_scale_invariance():
     torch.testing.assert_close(batched[1, 0], one)
     for kind in ("mse", "smooth_l1"):  # scale-free only for mse; smooth_l1 / σ is scale-free for small errors
         base = L.kv_error(pred, target, mask, kind="mse")
-        torch.testing.assert_close(L.kv_error(40 * pred, 40 * target, mask, kind="mse"), base, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(
+            L.kv_error(40 * pred, 40 * target, mask, kind="mse"), base, rtol=1e-4, atol=1e-6
+        )
         assert kind
 
 
@@ -158,8 +160,7 @@ def test_kv_error_bfloat16_inputs():
 
 def test_pairs_kv_loss_weighs_each_pairs_key_and_value_error_over_the_layers():
     """Σ_p (w_p·α_K·err_K + w_p·α_V·err_V) / L, worked by hand: 2 pairs on L = 1 student layer (interpolated)."""
-    errors = torch.tensor([[[1.0, 2.0], [3.0, 4.0]],
-                           [[5.0, 6.0], [7.0, 8.0]]])  # (P=2, 2, B=2)
+    errors = torch.tensor([[[1.0, 2.0], [3.0, 4.0]], [[5.0, 6.0], [7.0, 8.0]]])  # (P=2, 2, B=2)
     coef = torch.tensor([[0.25, 0.5], [0.75, 1.0]])  # (P, 2): w·α_K, w·α_V
     got = L.pairs_kv_loss(errors, coef, 1)
     want = torch.tensor([0.25 * 1 + 0.5 * 3 + 0.75 * 5 + 1.0 * 7, 0.25 * 2 + 0.5 * 4 + 0.75 * 6 + 1.0 * 8])

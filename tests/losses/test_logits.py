@@ -49,7 +49,9 @@ def _reference(s, t, mask, tau, divergence, beta):
     p_s, p_t = torch.softmax(s / tau, -1), torch.softmax(t / tau, -1)
 
     def kl(p, q):
-        terms = torch.where(p > 0, p * (p.clamp_min(1e-300).log() - q.clamp_min(1e-300).log()), torch.zeros(()))
+        terms = torch.where(
+            p > 0, p * (p.clamp_min(1e-300).log() - q.clamp_min(1e-300).log()), torch.zeros(())
+        )
         return terms.sum(-1)
 
     if divergence == "forward":
@@ -93,7 +95,8 @@ def test_logit_kd_golden_and_zero_on_equal_distributions():
     # JSD is bounded by ln 2 per position before τ²
     far = torch.tensor([[[50.0, -50.0]]]), torch.tensor([[[-50.0, 50.0]]])
     assert L.logit_kd(*far, torch.ones(1, 1), temperature=1.0, divergence="jsd").item() == pytest.approx(
-        math.log(2), rel=1e-4)
+        math.log(2), rel=1e-4
+    )
 
 
 def test_logit_kd_errors():
@@ -108,14 +111,30 @@ def test_logit_kd_errors():
     with pytest.raises(KvdistillError, match=r"top-k k \(5\) must lie in \[1, 4\]"):
         L.topk_log_probs(torch.zeros(1, 2, 5), 5)
     with pytest.raises(KvdistillError, match=r"teacher_ids hold ids outside \[0, 5\)"):
-        L.topk_logit_kd(torch.zeros(1, 2, 5), torch.full((1, 2, 2), 7), torch.zeros(1, 2, 2), torch.ones(1, 2))
+        L.topk_logit_kd(
+            torch.zeros(1, 2, 5), torch.full((1, 2, 2), 7), torch.zeros(1, 2, 2), torch.ones(1, 2)
+        )
     ident = torch.arange(5)
     with pytest.raises(KvdistillError, match=r"teacher_positions reach 9 but the teacher has 2 positions"):
-        L.cross_logit_kd(torch.zeros(1, 2, 5), torch.zeros(1, 2, 5), torch.tensor([[0, 9]]), torch.ones(1, 2),
-                         ident, ident, shared=5)
+        L.cross_logit_kd(
+            torch.zeros(1, 2, 5),
+            torch.zeros(1, 2, 5),
+            torch.tensor([[0, 9]]),
+            torch.ones(1, 2),
+            ident,
+            ident,
+            shared=5,
+        )
     with pytest.raises(KvdistillError, match=r"student_buckets \(5,\) must hold one bucket in \[0, 3\]"):
-        L.cross_logit_kd(torch.zeros(1, 2, 5), torch.zeros(1, 2, 5), torch.tensor([[0, 1]]), torch.ones(1, 2),
-                         ident, ident.clamp(max=3), shared=3)
+        L.cross_logit_kd(
+            torch.zeros(1, 2, 5),
+            torch.zeros(1, 2, 5),
+            torch.tensor([[0, 1]]),
+            torch.ones(1, 2),
+            ident,
+            ident.clamp(max=3),
+            shared=3,
+        )
 
 
 def _grad(fn, x):
@@ -134,16 +153,22 @@ def test_chunked_equals_unchunked_value_and_gradient(divergence, chunk):
     s[1, 4:] = float("nan")
     mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0], [1, 1, 0, 0, 0, 0]])
     ids, lp = L.topk_log_probs(t, 5, temperature=1.5)
-    pos = torch.tensor([[0, 2, -1, 3, 4, 5], [1, 1, 2, 3, 0, 0], [5, 4, 3, 2, 1, 0]])  # any partners, one missing
+    pos = torch.tensor(
+        [[0, 2, -1, 3, 4, 5], [1, 1, 2, 3, 0, 0], [5, 4, 3, 2, 1, 0]]
+    )  # any partners, one missing
     s_b = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 7, 8, 8, 8, 9])  # two merged buckets, bucket 9 = other
     t_b = torch.tensor([9, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 9, 2])
     calls = {
         "logit_kd": lambda x, c: L.logit_kd(x, t, mask, temperature=1.5, divergence=divergence, chunk=c),
-        "topk": lambda x, c: L.topk_logit_kd(x, ids, lp, mask, temperature=1.5, divergence=divergence, chunk=c),
-        "cross": lambda x, c: L.cross_logit_kd(x, t, pos, mask, s_b, t_b, shared=9, temperature=1.5,
-                                               divergence=divergence, chunk=c),
-        "cross_topk": lambda x, c: L.cross_logit_kd(x, (ids, lp), pos, mask, s_b, t_b, shared=9, temperature=1.5,
-                                                    divergence=divergence, chunk=c),
+        "topk": lambda x, c: L.topk_logit_kd(
+            x, ids, lp, mask, temperature=1.5, divergence=divergence, chunk=c
+        ),
+        "cross": lambda x, c: L.cross_logit_kd(
+            x, t, pos, mask, s_b, t_b, shared=9, temperature=1.5, divergence=divergence, chunk=c
+        ),
+        "cross_topk": lambda x, c: L.cross_logit_kd(
+            x, (ids, lp), pos, mask, s_b, t_b, shared=9, temperature=1.5, divergence=divergence, chunk=c
+        ),
     }
     for name, fn in calls.items():
         v0, g0 = _grad(lambda x, fn=fn: fn(x, 0), s)
@@ -190,8 +215,12 @@ def test_topk_with_tail_equals_its_closed_form(divergence, beta):
     # the whole vocabulary but one entry: the tail is that entry, so it is logit_kd
     ids, lp = L.topk_log_probs(t, 8, temperature=tau)
     full = L.logit_kd(s, t, mask, temperature=tau, divergence=divergence, beta=beta)
-    torch.testing.assert_close(L.topk_logit_kd(s, ids, lp, mask, temperature=tau, divergence=divergence, beta=beta),
-                               full, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        L.topk_logit_kd(s, ids, lp, mask, temperature=tau, divergence=divergence, beta=beta),
+        full,
+        rtol=1e-5,
+        atol=1e-6,
+    )
 
 
 @pytest.mark.parametrize("divergence", ["forward", "reverse", "jsd"])
@@ -205,8 +234,12 @@ def test_cross_logit_kd_with_one_tokenizer_is_logit_kd(divergence, tau):
     ident = torch.arange(11)
     pos = torch.arange(6).expand(3, 6)
     v0, g0 = _grad(lambda x: L.logit_kd(x, t, mask, temperature=tau, divergence=divergence), s)
-    v1, g1 = _grad(lambda x: L.cross_logit_kd(x, t, pos, mask, ident, ident, shared=11, temperature=tau,
-                                              divergence=divergence, chunk=4), s)
+    v1, g1 = _grad(
+        lambda x: L.cross_logit_kd(
+            x, t, pos, mask, ident, ident, shared=11, temperature=tau, divergence=divergence, chunk=4
+        ),
+        s,
+    )
     torch.testing.assert_close(v1, v0, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(g1, g0, rtol=1e-6, atol=1e-8)
 
@@ -222,6 +255,7 @@ def _brute_cross(s, t, s_spans, s_mask, t_spans, t_mask, proj, tau, divergence, 
     """Per sample: for each real student position, its teacher partner found by comparing the bytes read so far,
     both softmaxes summed into the shared buckets entry by entry (index_add), the divergence written with
     probabilities; the mean over positions with a partner."""
+
     def reads(spans, mask):
         state, extra, out_ = 0, 0, []
         for (a, e), m in zip(spans.tolist(), mask.tolist(), strict=True):
@@ -243,9 +277,12 @@ def _brute_cross(s, t, s_spans, s_mask, t_spans, t_mask, proj, tau, divergence, 
             js = [j for j, k in enumerate(t_reads) if key is not None and k == key]
             if not js:
                 continue
-            p_s = torch.zeros(proj.shared + 1, dtype=s.dtype).index_add(0, proj.student, torch.softmax(s[b, i] / tau, -1))
-            p_t = torch.zeros(proj.shared + 1, dtype=s.dtype).index_add(0, proj.teacher,
-                                                                         torch.softmax(t[b, js[-1]] / tau, -1))
+            p_s = torch.zeros(proj.shared + 1, dtype=s.dtype).index_add(
+                0, proj.student, torch.softmax(s[b, i] / tau, -1)
+            )
+            p_t = torch.zeros(proj.shared + 1, dtype=s.dtype).index_add(
+                0, proj.teacher, torch.softmax(t[b, js[-1]] / tau, -1)
+            )
             if divergence == "forward":
                 d = kl(p_t, p_s)
             elif divergence == "reverse":
@@ -258,26 +295,57 @@ def _brute_cross(s, t, s_spans, s_mask, t_spans, t_mask, proj, tau, divergence, 
     return torch.stack(out)
 
 
-@pytest.mark.parametrize("student_name, teacher_name, divergence", [
-    ("gpt2-tokenizer", "smollm2-135m", "forward"),
-    ("smollm2-135m", "llama2-tokenizer", "reverse"),
-    ("llama2-tokenizer", "gpt2-tokenizer", "jsd"),
-])
+@pytest.mark.parametrize(
+    "student_name, teacher_name, divergence",
+    [
+        ("gpt2-tokenizer", "smollm2-135m", "forward"),
+        ("smollm2-135m", "llama2-tokenizer", "reverse"),
+        ("llama2-tokenizer", "gpt2-tokenizer", "jsd"),
+    ],
+)
 def test_cross_logit_kd_equals_bruteforce_on_real_tokenizer_pairs(student_name, teacher_name, divergence):
     texts = ["Question: Compute 3 + 4.\nAnswer: 7", "東京 has 3 🍎, naïve café"]
     s_tok, t_tok = _tokenizer(student_name), _tokenizer(teacher_name)
     se, te = tokenize(s_tok, texts, max_length=24), tokenize(t_tok, texts, max_length=20)
     V_s, V_t = len(s_tok) + 3, len(t_tok)  # the student's logits padded past its tokenizer
     proj = shared_vocabulary(s_tok, t_tok, V_s, V_t)
-    pos = prefix_positions(se["offset_mapping"], se["attention_mask"], te["offset_mapping"], te["attention_mask"])
+    pos = prefix_positions(
+        se["offset_mapping"], se["attention_mask"], te["offset_mapping"], te["attention_mask"]
+    )
     B, T_s, T_t = len(texts), se["input_ids"].shape[1], te["input_ids"].shape[1]
     s, t = _rand(B, T_s, V_s, seed=7) * 4, _rand(B, T_t, V_t, seed=8) * 4
     tau, beta = 1.5, 0.4 if divergence == "jsd" else 0.5
-    got, g_got = _grad(lambda x: L.cross_logit_kd(x, t, pos, se["attention_mask"], proj.student, proj.teacher,
-                                                  shared=proj.shared, temperature=tau, divergence=divergence,
-                                                  beta=beta, chunk=16), s)
-    ref, g_ref = _grad(lambda x: _brute_cross(x, t, se["offset_mapping"], se["attention_mask"], te["offset_mapping"],
-                                              te["attention_mask"], proj, tau, divergence, beta), s)
+    got, g_got = _grad(
+        lambda x: L.cross_logit_kd(
+            x,
+            t,
+            pos,
+            se["attention_mask"],
+            proj.student,
+            proj.teacher,
+            shared=proj.shared,
+            temperature=tau,
+            divergence=divergence,
+            beta=beta,
+            chunk=16,
+        ),
+        s,
+    )
+    ref, g_ref = _grad(
+        lambda x: _brute_cross(
+            x,
+            t,
+            se["offset_mapping"],
+            se["attention_mask"],
+            te["offset_mapping"],
+            te["attention_mask"],
+            proj,
+            tau,
+            divergence,
+            beta,
+        ),
+        s,
+    )
     assert (ref > 0).all()
     torch.testing.assert_close(got, ref.float(), rtol=2e-5, atol=1e-6)
     torch.testing.assert_close(g_got, g_ref, rtol=1e-4, atol=1e-7)
@@ -286,6 +354,7 @@ def test_cross_logit_kd_equals_bruteforce_on_real_tokenizer_pairs(student_name, 
 def _brute_span(s, t, se, te, s_chunk, t_chunk, tau, divergence, beta):
     """Per sample, per chunk: the chain-rule log-probability of each side's tokens of the chunk, token by token
     from log_softmax(logits[i - 1] / τ), then the divergence of the two-outcome distributions (P, 1 - P)."""
+
     def kl(p, q):
         return sum(torch.where(a > 0, a * (a.log() - c.log()), 0.0) for a, c in zip(p, q, strict=True))
 
@@ -299,7 +368,9 @@ def _brute_span(s, t, se, te, s_chunk, t_chunk, tau, divergence, beta):
                 idx = [i for i in range(ch.shape[1]) if ch[b, i] == c]
                 if any(i == 0 or not enc["attention_mask"][b, i - 1] for i in idx):
                     break
-                logp.append(sum(torch.log_softmax(x[b, i - 1] / tau, -1)[enc["input_ids"][b, i]] for i in idx))
+                logp.append(
+                    sum(torch.log_softmax(x[b, i - 1] / tau, -1)[enc["input_ids"][b, i]] for i in idx)
+                )
             if len(logp) < 2:
                 continue
             p_s, p_t = (torch.stack([lp.exp(), 1 - lp.exp()]) for lp in logp)
@@ -315,32 +386,61 @@ def _brute_span(s, t, se, te, s_chunk, t_chunk, tau, divergence, beta):
     return torch.stack(out)
 
 
-@pytest.mark.parametrize("student_name, teacher_name, divergence", [
-    ("gpt2-tokenizer", "smollm2-135m", "reverse"),
-    ("smollm2-135m", "llama2-tokenizer", "jsd"),
-    ("llama2-tokenizer", "gpt2-tokenizer", "forward"),
-])
+@pytest.mark.parametrize(
+    "student_name, teacher_name, divergence",
+    [
+        ("gpt2-tokenizer", "smollm2-135m", "reverse"),
+        ("smollm2-135m", "llama2-tokenizer", "jsd"),
+        ("llama2-tokenizer", "gpt2-tokenizer", "forward"),
+    ],
+)
 def test_span_logit_kd_equals_bruteforce_on_real_tokenizer_pairs(student_name, teacher_name, divergence):
     texts = ["Question: Compute 3 + 4.\nAnswer: 7", "東京 has 3 🍎, naïve café"]
     s_tok, t_tok = _tokenizer(student_name), _tokenizer(teacher_name)
     se, te = tokenize(s_tok, texts, max_length=24), tokenize(t_tok, texts, max_length=20)
-    s_chunk, t_chunk = common_chunks(se["offset_mapping"], se["attention_mask"], te["offset_mapping"],
-                                     te["attention_mask"])
+    s_chunk, t_chunk = common_chunks(
+        se["offset_mapping"], se["attention_mask"], te["offset_mapping"], te["attention_mask"]
+    )
     B, T_s, T_t = len(texts), se["input_ids"].shape[1], te["input_ids"].shape[1]
     s, t = _rand(B, T_s, 301, seed=9), _rand(B, T_t, 257, seed=10)  # small random vocabularies: ids mod V
     se = {k: v % 301 if k == "input_ids" else v for k, v in se.items()}
     te = {k: v % 257 if k == "input_ids" else v for k, v in te.items()}
     tau, beta = 1.3, 0.3 if divergence == "jsd" else 0.5
-    got, g_got = _grad(lambda x: L.span_logit_kd(
-        x, t, se["input_ids"], te["input_ids"], se["attention_mask"], te["attention_mask"], s_chunk, t_chunk,
-        temperature=tau, divergence=divergence, beta=beta, chunk=5), s)
+    got, g_got = _grad(
+        lambda x: L.span_logit_kd(
+            x,
+            t,
+            se["input_ids"],
+            te["input_ids"],
+            se["attention_mask"],
+            te["attention_mask"],
+            s_chunk,
+            t_chunk,
+            temperature=tau,
+            divergence=divergence,
+            beta=beta,
+            chunk=5,
+        ),
+        s,
+    )
     ref, g_ref = _grad(lambda x: _brute_span(x, t, se, te, s_chunk, t_chunk, tau, divergence, beta), s)
     assert (ref > 0).all()
     torch.testing.assert_close(got, ref.float(), rtol=2e-5, atol=1e-6)
     torch.testing.assert_close(g_got, g_ref, rtol=1e-4, atol=1e-7)
     # unchunked: the same value
-    whole = L.span_logit_kd(s, t, se["input_ids"], te["input_ids"], se["attention_mask"], te["attention_mask"],
-                            s_chunk, t_chunk, temperature=tau, divergence=divergence, beta=beta)
+    whole = L.span_logit_kd(
+        s,
+        t,
+        se["input_ids"],
+        te["input_ids"],
+        se["attention_mask"],
+        te["attention_mask"],
+        s_chunk,
+        t_chunk,
+        temperature=tau,
+        divergence=divergence,
+        beta=beta,
+    )
     torch.testing.assert_close(whole, got, rtol=1e-6, atol=1e-7)
 
 
@@ -374,7 +474,10 @@ def test_chunked_holds_no_float32_copy_of_the_logits_for_backward(fn):
     """What a call keeps for its backward, beyond views of its own inputs: one pass keeps float32 (B·T, V) softmaxes;
     chunked, nothing (each chunk is recomputed in backward from views of the inputs)."""
     B, T, V = 2, 32, 500
-    s, t = torch.randn(B, T, V, dtype=torch.bfloat16, requires_grad=True), torch.randn(B, T, V, dtype=torch.bfloat16)
+    s, t = (
+        torch.randn(B, T, V, dtype=torch.bfloat16, requires_grad=True),
+        torch.randn(B, T, V, dtype=torch.bfloat16),
+    )
     mask, ident, pos = torch.ones(B, T), torch.arange(V), torch.arange(T).expand(B, T)
     inputs = {s.untyped_storage().data_ptr(), t.untyped_storage().data_ptr()}
 
@@ -406,11 +509,29 @@ def test_cross_logit_kd_through_one_real_tokenizer_is_logit_kd(name):
     enc = tokenize(tok, ["Question: Compute 3 + 4.\nAnswer: 7", "東京 has 3 🍎"], max_length=16)
     V = len(tok)
     proj = shared_vocabulary(tok, tok, V, V)
-    pos = prefix_positions(enc["offset_mapping"], enc["attention_mask"], enc["offset_mapping"], enc["attention_mask"])
-    s, t = _rand(2, enc["input_ids"].shape[1], V, seed=13) * 3, _rand(2, enc["input_ids"].shape[1], V, seed=14) * 3
+    pos = prefix_positions(
+        enc["offset_mapping"], enc["attention_mask"], enc["offset_mapping"], enc["attention_mask"]
+    )
+    s, t = (
+        _rand(2, enc["input_ids"].shape[1], V, seed=13) * 3,
+        _rand(2, enc["input_ids"].shape[1], V, seed=14) * 3,
+    )
     mask = enc["attention_mask"]
     v0, g0 = _grad(lambda x: L.logit_kd(x, t, mask, temperature=1.5, divergence="jsd"), s)
-    v1, g1 = _grad(lambda x: L.cross_logit_kd(x, t, pos, mask, proj.student, proj.teacher, shared=proj.shared,
-                                              temperature=1.5, divergence="jsd", chunk=8), s)
+    v1, g1 = _grad(
+        lambda x: L.cross_logit_kd(
+            x,
+            t,
+            pos,
+            mask,
+            proj.student,
+            proj.teacher,
+            shared=proj.shared,
+            temperature=1.5,
+            divergence="jsd",
+            chunk=8,
+        ),
+        s,
+    )
     torch.testing.assert_close(v1, v0, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(g1, g0, rtol=1e-6, atol=1e-8)

@@ -15,7 +15,11 @@ from kvdistill.models.capture import tokenize
 from kvdistill.models.load import load_tokenizer
 from kvdistill.models.moe import capture_moe
 
-TEXTS = ["Question: 12 + 7 = ?\nAnswer: 19", "Hi there", "Compute 3 * (4 - 1) step by step: 4 - 1 = 3, 3 * 3 = 9."]
+TEXTS = [
+    "Question: 12 + 7 = ?\nAnswer: 19",
+    "Hi there",
+    "Compute 3 * (4 - 1) step by step: 4 - 1 = 3, 3 * 3 = 9.",
+]
 
 
 def _captured(family: str, tokenizer, *, experts: int, seed: int, hidden: int = 32):
@@ -26,7 +30,11 @@ def _captured(family: str, tokenizer, *, experts: int, seed: int, hidden: int = 
     with torch.no_grad(), capture_moe(model, experts=True) as cap:
         model(input_ids=ids, attention_mask=mask)
     B, T = ids.shape
-    return mask, enc["offset_mapping"] * mask[..., None], [cap.by_token(i, B, T) for i in range(len(cap.layers))]
+    return (
+        mask,
+        enc["offset_mapping"] * mask[..., None],
+        [cap.by_token(i, B, T) for i in range(len(cap.layers))],
+    )
 
 
 def _identity_alignment(mask):
@@ -67,7 +75,9 @@ def _brute_routing(p_s, p_t, t_mask, A, corr, kind, top_k):
         for m in range(M):
             if not t_mask[b, m] or A[b, m].sum() == 0:
                 continue
-            ps = [sum(float(A[b, m, t]) * float(p_s[b, t, s]) for t in range(p_s.shape[1])) for s in range(E_s)]
+            ps = [
+                sum(float(A[b, m, t]) * float(p_s[b, t, s]) for t in range(p_s.shape[1])) for s in range(E_s)
+            ]
             pt = [float(x) for x in p_t[b, m]]
             support = set(range(E_s))
             if kind == "topk":
@@ -107,8 +117,9 @@ def test_routing_kl_equals_brute_force(pair_one_tokenizer, pair_two_tokenizers, 
         s_logp = losses.routing_log_probs(s_b["router_logits"])
         t_logp = losses.routing_log_probs(t_b["router_logits"])
         got = losses.routing_kl(s_logp, t_logp, t_mask, index, weight, corr, kind=kind, top_k=2)
-        want = _brute_routing(s_logp.double().exp(), t_logp.double().exp(), t_mask, A.double(), corr.double(),
-                              kind, 2)
+        want = _brute_routing(
+            s_logp.double().exp(), t_logp.double().exp(), t_mask, A.double(), corr.double(), kind, 2
+        )
         assert got.shape == (3,)
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6)
         assert (got > 0).all()
@@ -182,17 +193,29 @@ def _brute_expert(y_s, i_s, y_t, i_t, t_mask, A, teacher_of, normalize):
 
 @pytest.mark.parametrize("two_tokenizers", [False, True])
 @pytest.mark.parametrize("normalize", [True, False])
-def test_expert_output_error_equals_brute_force(pair_one_tokenizer, pair_two_tokenizers, two_tokenizers, normalize):
+def test_expert_output_error_equals_brute_force(
+    pair_one_tokenizer, pair_two_tokenizers, two_tokenizers, normalize
+):
     pair = pair_two_tokenizers if two_tokenizers else pair_one_tokenizer
     s_mask, s_blocks, t_mask, t_blocks, index, weight, A = _inputs(pair, two_tokenizers)
     proj = torch.nn.Linear(32, 48, bias=False)
     teacher_of = torch.tensor([0, 5, 2, 3])
     for s_b, t_b in zip(s_blocks, t_blocks, strict=True):
         y_s = proj(s_b["outputs"])  # (B, T_s, 2, 48)
-        got = losses.expert_output_error(y_s, s_b["index"], t_b["outputs"], t_b["index"], t_mask, index, weight,
-                                         teacher_of, normalize=normalize)
-        want = _brute_expert(y_s.detach(), s_b["index"], t_b["outputs"], t_b["index"], t_mask, A, teacher_of,
-                             normalize)
+        got = losses.expert_output_error(
+            y_s,
+            s_b["index"],
+            t_b["outputs"],
+            t_b["index"],
+            t_mask,
+            index,
+            weight,
+            teacher_of,
+            normalize=normalize,
+        )
+        want = _brute_expert(
+            y_s.detach(), s_b["index"], t_b["outputs"], t_b["index"], t_mask, A, teacher_of, normalize
+        )
         assert (want > 0).sum() >= 2  # tokens routed to corresponding experts in the longer samples
         torch.testing.assert_close(got.detach().double(), want, rtol=1e-4, atol=1e-7)
         got.sum().backward()
@@ -203,8 +226,9 @@ def test_expert_output_error_is_zero_for_the_same_outputs(pair_one_tokenizer):
     s_mask, s_blocks, *_ = _inputs(pair_one_tokenizer, False)
     b = s_blocks[0]
     index, weight = _identity_alignment(s_mask)
-    got = losses.expert_output_error(b["outputs"], b["index"], b["outputs"], b["index"], s_mask, index, weight,
-                                     torch.arange(4))
+    got = losses.expert_output_error(
+        b["outputs"], b["index"], b["outputs"], b["index"], s_mask, index, weight, torch.arange(4)
+    )
     torch.testing.assert_close(got, torch.zeros(3), atol=1e-5, rtol=0)
 
 

@@ -24,8 +24,9 @@ def _batch(B=2, T=T, vocab=128, seed=0):
 
 def _raw_cache(model, ids, mask, positions):
     """The model's own cache, every layer a plain DynamicLayer (keeps every token, also past a window)."""
-    out = model.base_model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=DynamicCache(),
-                           use_cache=True)
+    out = model.base_model(
+        input_ids=ids, attention_mask=mask, position_ids=positions, cache=DynamicCache(), use_cache=True
+    )
     return cache_layers(returned_cache(out))
 
 
@@ -107,7 +108,7 @@ def test_padded_batch_equals_each_sample_alone(tiny_models, family, side):
         if side == "right":
             mask[i, :n] = 1
         else:
-            mask[i, T - n:] = 1
+            mask[i, T - n :] = 1
     ids = ids * mask  # pad id 0
     with torch.no_grad():
         batch = forward_kv(model, ids, mask)
@@ -149,7 +150,9 @@ def test_optional_outputs_and_router_logits(tiny_models):
     model = tiny_models("mixtral")
     ids, mask = _batch()
     with torch.no_grad():
-        cap = forward_kv(model, ids, mask, hidden_states=True, logits=True, attentions=True, router_logits=True)
+        cap = forward_kv(
+            model, ids, mask, hidden_states=True, logits=True, attentions=True, router_logits=True
+        )
     assert len(cap.hidden_states) == 3 and cap.hidden_states[0].shape == (2, T, 64)
     assert cap.logits.shape == (2, T, 128)
     assert len(cap.attentions) == 2 and cap.attentions[0].shape == (2, 4, T, T)
@@ -216,12 +219,15 @@ def test_hook_source_equals_cache_inversion(tiny_models, family):
     _hooks_equal_cache(model, ids * mask, mask)
 
 
-@pytest.mark.parametrize("family, overrides", [
-    # several KV heads: the (B, H, T, D) output of gemma3's k_norm must not be read as (B, T, H, D)
-    ("gemma3_text", dict(num_key_value_heads=2)),
-    ("qwen3", dict(num_key_value_heads=4)),
-    ("phi", dict(qk_layernorm=True, partial_rotary_factor=0.5)),
-])
+@pytest.mark.parametrize(
+    "family, overrides",
+    [
+        # several KV heads: the (B, H, T, D) output of gemma3's k_norm must not be read as (B, T, H, D)
+        ("gemma3_text", dict(num_key_value_heads=2)),
+        ("qwen3", dict(num_key_value_heads=4)),
+        ("phi", dict(qk_layernorm=True, partial_rotary_factor=0.5)),
+    ],
+)
 def test_hook_source_layouts_with_several_kv_heads(family, overrides):
     from transformers import AutoConfig, AutoModelForCausalLM
 

@@ -12,11 +12,15 @@ from kvdistill.models.chat import ChatText, render
 from kvdistill.models.load import load_tokenizer
 from kvdistill.models.tokenization import token_counts, tokenize
 
-MESSAGES = [{"role": "user", "content": "What is 3 + 4? Über-easy."},
-            {"role": "assistant", "content": "3 + 4 = 7. The answer is 7."}]
+MESSAGES = [
+    {"role": "user", "content": "What is 3 + 4? Über-easy."},
+    {"role": "assistant", "content": "3 + 4 = 7. The answer is 7."},
+]
 # a second format, unlike SmolLM2's ChatML: no special tokens, contents followed by the template's own text
-PLAIN = ("{% for m in messages %}### {{ m['role'] }}:\n{{ m['content'] }}\n\n{% endfor %}"
-         "{% if add_generation_prompt %}### assistant:\n{% endif %}")
+PLAIN = (
+    "{% for m in messages %}### {{ m['role'] }}:\n{{ m['content'] }}\n\n{% endfor %}"
+    "{% if add_generation_prompt %}### assistant:\n{% endif %}"
+)
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +101,9 @@ def test_a_template_that_rewrites_contents_or_no_template_is_refused(plain):
 def test_a_trimming_template_is_located_by_the_stripped_contents(plain):
     trim = load_tokenizer("gpt2-tokenizer")
     trim.chat_template = "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] | trim }}\n{% endfor %}"
-    chat = ChatText([{"role": "user", "content": "  padded question  "}, {"role": "assistant", "content": "ok"}])
+    chat = ChatText(
+        [{"role": "user", "content": "  padded question  "}, {"role": "assistant", "content": "ok"}]
+    )
     enc = tokenize(trim, [chat])
     shared = chat.encode()
     got = b"".join(shared[a:b] for a, b in enc["offset_mapping"][0].tolist() if b > a)

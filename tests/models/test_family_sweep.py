@@ -35,10 +35,40 @@ FAMILIES = sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
 COVERAGE_FLOOR = 0.95  # of the buildable families with a K/V cache (172/175 = 0.98 with transformers 5.24)
 # must pass whatever else happens: the families supported before the sweep, and the ones the issue names
 REQUIRED = {
-    "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gemma3_text", "phi", "phi3", "gpt_neox",
-    "gptj", "gpt2", "opt", "falcon", "mixtral", "qwen2_moe",
-    "qwen3_moe", "smollm3", "olmo2", "olmoe", "granite", "cohere2", "starcoder2", "stablelm", "deepseek_v3",
-    "gpt_oss", "llama4_text", "glm4", "exaone4", "bloom", "gpt_bigcode", "mpt", "codegen",
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma",
+    "gemma2",
+    "gemma3",
+    "gemma3_text",
+    "phi",
+    "phi3",
+    "gpt_neox",
+    "gptj",
+    "gpt2",
+    "opt",
+    "falcon",
+    "mixtral",
+    "qwen2_moe",
+    "qwen3_moe",
+    "smollm3",
+    "olmo2",
+    "olmoe",
+    "granite",
+    "cohere2",
+    "starcoder2",
+    "stablelm",
+    "deepseek_v3",
+    "gpt_oss",
+    "llama4_text",
+    "glm4",
+    "exaone4",
+    "bloom",
+    "gpt_bigcode",
+    "mpt",
+    "codegen",
 }
 T = 20  # longer than the tiny windows (8)
 SHIFT = 11
@@ -119,13 +149,16 @@ def _check(family: str, model) -> str:
                 k_ref, v_ref = attns[layer].expand_kv(k_ref, v_ref)
         assert k_ref.shape[1] == geom.kv_heads_of(i) and k_ref.shape[-1] == geom.head_dim_of(i), (
             f"layer {layer}: cache K {tuple(k_ref.shape)} vs geometry H_kv={geom.kv_heads_of(i)}, "
-            f"D={geom.head_dim_of(i)}")
+            f"D={geom.head_dim_of(i)}"
+        )
         keys = cap.keys[i]
         if rope is not None and rope.rotates(i):
             cos, sin = cap.rotary[i]
             keys = apply_rope(keys.float(), cos, sin, rope.style, rope.offset)
             assert _err(cap.keys[i], k_ref) > 1e-3, f"layer {layer}: the rotation was not undone"
-        assert _err(keys, k_ref) <= 1e-4, f"layer {layer}: re-rotated keys differ from the cache by {_err(keys, k_ref):.1e}"
+        assert _err(keys, k_ref) <= 1e-4, (
+            f"layer {layer}: re-rotated keys differ from the cache by {_err(keys, k_ref):.1e}"
+        )
         assert _err(cap.values[i], v_ref) <= 1e-4, f"layer {layer}: values differ from the cache"
     # right padding: each sample alone gives the same K/V
     lengths = [T, 13, 6]
@@ -140,7 +173,9 @@ def _check(family: str, model) -> str:
             alone = forward_kv(model, padded[j : j + 1, :n], mask[j : j + 1, :n])
             sample = batch.select(j)
             for a, b in zip(alone.keys + alone.values, sample.keys + sample.values, strict=True):
-                assert _err(b, a) <= 1e-4, f"sample {j} (length {n}): padded batch differs from alone by {_err(b, a):.1e}"
+                assert _err(b, a) <= 1e-4, (
+                    f"sample {j} (length {n}): padded batch differs from alone by {_err(b, a):.1e}"
+                )
     # shift invariance of the first rotated layer
     if rope is not None and accepts_positions and any(rope.rotates(i) for i in range(geom.num_layers)):
         first = next(i for i in range(geom.num_layers) if rope.rotates(i))
@@ -148,7 +183,8 @@ def _check(family: str, model) -> str:
             shifted = forward_kv(model, ids, torch.ones_like(ids), positions=positions + SHIFT)
         assert _err(shifted.keys[first], cap.keys[first]) <= 1e-4, (
             f"first rotated layer: pre-rotation keys move by {_err(shifted.keys[first], cap.keys[first]):.1e} "
-            f"when positions shift by {SHIFT}")
+            f"when positions shift by {SHIFT}"
+        )
     plan = hook_plan(model, geom)
     if plan is not None:
         with torch.no_grad():
@@ -166,7 +202,9 @@ def _refusal(model) -> str | None:
     try:
         geom = geometry_of(model)
         with torch.no_grad():
-            forward_kv(model, torch.randint(3, VOCAB, (1, 8)), torch.ones(1, 8, dtype=torch.long), geometry=geom)
+            forward_kv(
+                model, torch.randint(3, VOCAB, (1, 8)), torch.ones(1, 8, dtype=torch.long), geometry=geom
+            )
     except KvdistillError as err:
         return str(err).splitlines()[0]
     return None
@@ -178,13 +216,19 @@ def sweep_family(family: str) -> Result:
         model = build(family)
         keeps_kv = _keeps_kv(model)
     except Exception as err:
-        return Result(family, "unbuilt", f"{type(err).__name__}: {str(err).splitlines()[0][:120]}",
-                      time.perf_counter() - start)
+        return Result(
+            family,
+            "unbuilt",
+            f"{type(err).__name__}: {str(err).splitlines()[0][:120]}",
+            time.perf_counter() - start,
+        )
     try:
         if not keeps_kv:
             refusal = _refusal(model)
             if refusal is None:
-                return Result(family, "fail", "no K/V cache, yet K/V were returned", time.perf_counter() - start)
+                return Result(
+                    family, "fail", "no K/V cache, yet K/V were returned", time.perf_counter() - start
+                )
             return Result(family, "no_cache", refusal[:140], time.perf_counter() - start)
         source = _check(family, model)
         return Result(family, "pass", "", time.perf_counter() - start, source)
@@ -192,17 +236,27 @@ def sweep_family(family: str) -> Result:
         return Result(family, "fail", str(err).splitlines()[0][:160], time.perf_counter() - start)
     except Exception as err:
         where = traceback.extract_tb(err.__traceback__)[-1]
-        return Result(family, "fail", f"{type(err).__name__}: {str(err).splitlines()[0][:120]} "
-                      f"({where.filename.split('/')[-1]}:{where.lineno})", time.perf_counter() - start)
+        return Result(
+            family,
+            "fail",
+            f"{type(err).__name__}: {str(err).splitlines()[0][:120]} "
+            f"({where.filename.split('/')[-1]}:{where.lineno})",
+            time.perf_counter() - start,
+        )
 
 
 def report(results: list[Result]) -> str:
     kv = [r for r in results if r.status in ("pass", "fail")]
     passed = [r for r in kv if r.status == "pass"]
-    lines = [f"KV capture coverage {len(passed)}/{len(kv)} families "
-             f"(buildable families with a K/V cache; {sum(r.source == 'hooks' for r in passed)} through hooks)"]
-    for status, title in (("fail", "failing"), ("no_cache", "no K/V cache, refused as such"),
-                          ("unbuilt", "not buildable tiny")):
+    lines = [
+        f"KV capture coverage {len(passed)}/{len(kv)} families "
+        f"(buildable families with a K/V cache; {sum(r.source == 'hooks' for r in passed)} through hooks)"
+    ]
+    for status, title in (
+        ("fail", "failing"),
+        ("no_cache", "no K/V cache, refused as such"),
+        ("unbuilt", "not buildable tiny"),
+    ):
         group = [r for r in results if r.status == status]
         lines.append(f"{title} ({len(group)}):")
         lines += [f"  {r.family}: {r.reason}" if r.reason else f"  {r.family}" for r in group]

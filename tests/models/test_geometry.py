@@ -31,8 +31,19 @@ def test_kv_heads_and_head_dim_come_from_the_modules():
 def test_geometry_dict_round_trip(family):
     geom = geometry_of(AutoConfig.for_model(family, **TINY[family]))
     data = geom.to_dict()
-    for key in ("name", "model_type", "num_layers", "num_attention_heads", "num_kv_heads", "head_dim",
-                "hidden_size", "vocab_size", "is_encoder", "sliding_window", "rope"):
+    for key in (
+        "name",
+        "model_type",
+        "num_layers",
+        "num_attention_heads",
+        "num_kv_heads",
+        "head_dim",
+        "hidden_size",
+        "vocab_size",
+        "is_encoder",
+        "sliding_window",
+        "rope",
+    ):
         assert key in data
     assert KVGeometry.from_dict(data) == geom
 
@@ -64,9 +75,20 @@ def test_state_space_model_has_no_attention_layers():
 
 def test_hybrid_lists_its_attention_layers():
     """Jamba: attention every 2nd layer from 1, mamba elsewhere; K/V layers are the attention ones."""
-    config = AutoConfig.for_model("jamba", hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=128, num_experts=2,
-                                  attn_layer_period=2, attn_layer_offset=1, mamba_d_state=8, mamba_dt_rank=8)
+    config = AutoConfig.for_model(
+        "jamba",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        num_experts=2,
+        attn_layer_period=2,
+        attn_layer_offset=1,
+        mamba_d_state=8,
+        mamba_dt_rank=8,
+    )
     geom = geometry_of(config)
     assert (geom.num_layers, geom.attention_layers, geom.num_hidden_layers) == (2, [1, 3], 4)
     assert geom.rope is None and geom.position_kind == "none"
@@ -75,11 +97,26 @@ def test_hybrid_lists_its_attention_layers():
 
 def test_latent_attention_geometry():
     """DeepSeek-V3 MLA: per-head keys (nope | rope) with the rotary dims at the end, narrower values."""
-    config = AutoConfig.for_model("deepseek_v3", hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
-                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, vocab_size=128,
-                                  kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8,
-                                  v_head_dim=24, n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1,
-                                  first_k_dense_replace=1)
+    config = AutoConfig.for_model(
+        "deepseek_v3",
+        hidden_size=64,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=128,
+        kv_lora_rank=16,
+        q_lora_rank=32,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=8,
+        v_head_dim=24,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        n_group=1,
+        topk_group=1,
+        first_k_dense_replace=1,
+    )
     geom = geometry_of(config)
     assert (geom.num_kv_heads, geom.head_dim, geom.value_head_dim) == (4, 16, 24)
     assert (geom.rope.rotary_dim, geom.rope.offset) == (8, 8)
@@ -145,7 +182,9 @@ def test_validation_preflight_and_the_objective_derive_each_geometry_once(tiny_c
     cfg = tiny_config("teachers.1.compression.kind=rkv", "teachers.1.compression.budget=8")
     preflight(cfg)
     objective = build_objective(cfg)
-    keys = [id(m) if isinstance(m, torch.nn.Module) else m.to_json_string(use_diff=False) for m in derivations]
+    keys = [
+        id(m) if isinstance(m, torch.nn.Module) else m.to_json_string(use_diff=False) for m in derivations
+    ]
     assert len(keys) == len(set(keys))
     models = [m for m in derivations if isinstance(m, torch.nn.Module)]
     assert len(models) == 3 and {id(t.model) for t in objective.teachers} < {id(m) for m in models}

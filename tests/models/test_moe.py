@@ -14,8 +14,10 @@ from kvdistill.models.moe import capture_moe, moe_layers, require_moe
 def _block_outputs(model, ids, mask):
     """The routed experts' output (N, F) of every MoE block, from the untouched model (hooks that only read)."""
     got = {}
-    handles = [layer.experts.register_forward_hook(lambda m, a, out, i=i: got.__setitem__(i, out.detach()))
-               for i, layer in enumerate(moe_layers(model))]
+    handles = [
+        layer.experts.register_forward_hook(lambda m, a, out, i=i: got.__setitem__(i, out.detach()))
+        for i, layer in enumerate(moe_layers(model))
+    ]
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=mask).logits
     for h in handles:
@@ -85,9 +87,17 @@ def test_capture_keeps_the_graph_and_detaches_cleanly():
 def test_dense_models_have_no_moe_blocks():
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    dense = AutoModelForCausalLM.from_config(AutoConfig.for_model(
-        "llama", vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2))
+    dense = AutoModelForCausalLM.from_config(
+        AutoConfig.for_model(
+            "llama",
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
     assert moe_layers(dense) == []
     with pytest.raises(KvdistillError, match="no sparse MoE block"):
         require_moe(dense, "the student")

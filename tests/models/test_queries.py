@@ -172,7 +172,9 @@ def test_stacked_layers_equal_one_layer_at_a_time(family, extra):
     assert list(query_importance(model, cap, qc.queries, query, layers[::-1])) == layers[::-1]
 
 
-@pytest.mark.parametrize("family, extra", [("llama", {"num_key_value_heads": 4}), ("qwen3", {"num_key_value_heads": 4})])
+@pytest.mark.parametrize(
+    "family, extra", [("llama", {"num_key_value_heads": 4}), ("qwen3", {"num_key_value_heads": 4})]
+)
 def test_window_logits_give_the_eager_attention_rows(family, extra):
     """R-KV's window logits: with one query head per KV head (the group max is the head itself), their softmax over
     the keys a window row sees is the model's own eager attention row (rotation, scaling and q_norm included)."""
@@ -197,5 +199,6 @@ def test_window_logits_give_the_eager_attention_rows(family, extra):
                 row = int(rows[b, q])
                 seen = mask[b, : row + 1].bool()
                 want = cap.attentions[layer][b, :, row, : row + 1][:, seen]
-                torch.testing.assert_close(logits[b, :, q, : row + 1][:, seen].softmax(-1), want.float(),
-                                           atol=1e-5, rtol=1e-4)
+                torch.testing.assert_close(
+                    logits[b, :, q, : row + 1][:, seen].softmax(-1), want.float(), atol=1e-5, rtol=1e-4
+                )

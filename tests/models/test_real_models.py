@@ -33,8 +33,13 @@ def test_real_round_trip_with_left_padding(which, request):
     cap = capture_kv(model, tok, TEXTS, padding_side="left")
     assert cap.spans.shape == (*cap.input_ids.shape, 2)
     with torch.no_grad():
-        out = model.base_model(input_ids=cap.input_ids, attention_mask=cap.attention_mask,
-                               position_ids=cap.positions, cache=DynamicCache(), use_cache=True)
+        out = model.base_model(
+            input_ids=cap.input_ids,
+            attention_mask=cap.attention_mask,
+            position_ids=cap.positions,
+            cache=DynamicCache(),
+            use_cache=True,
+        )
     for layer, (k_raw, _) in enumerate(cache_layers(returned_cache(out))):
         cos, sin = cap.rotary[layer]  # the tables the model handed this layer
         err = (apply_rope(cap.keys[layer], cos, sin, geom.rope.style, geom.rope.offset) - k_raw).abs().max()
@@ -100,6 +105,10 @@ def test_real_hook_source_equals_cache_inversion(which, attn, request):
         model.set_attn_implementation(previous)
     mask = enc["attention_mask"].bool()[:, None, :, None]  # (B, 1, T, 1)
     for a, b in zip(hooked.keys + hooked.values, cached.keys + cached.values, strict=True):
-        assert a.shape == b.shape and a.shape[1:] == (geom.num_kv_heads, enc["input_ids"].shape[1], geom.head_dim)
+        assert a.shape == b.shape and a.shape[1:] == (
+            geom.num_kv_heads,
+            enc["input_ids"].shape[1],
+            geom.head_dim,
+        )
         scale = b.abs().max()
         assert ((a - b) * mask).abs().max() <= 1e-5 * max(1.0, float(scale))

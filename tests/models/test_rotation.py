@@ -10,5 +10,8 @@ def test_family_rotation_is_read_from_its_code():
     assert rotation_of_code("transformers.models.llama.modeling_llama") == ("rotate_half", 1)
     assert rotation_of_code("transformers.models.cohere.modeling_cohere") == ("interleaved", 1)
     assert rotation_of_code("transformers.models.gptj.modeling_gptj") == ("interleaved", 1)
-    assert rotation_of_code("transformers.models.llama4.modeling_llama4") == ("interleaved", 1)  # complex freqs
+    assert rotation_of_code("transformers.models.llama4.modeling_llama4") == (
+        "interleaved",
+        1,
+    )  # complex freqs
     assert rotation_of_code("transformers.models.nanochat.modeling_nanochat") == ("rotate_half", -1)

@@ -19,11 +19,25 @@ def loss_and_grads(objective, batch):
     objective.zero_grad(set_to_none=True)
     loss, metrics = objective(batch)
     loss.backward()
-    return loss.detach(), metrics, {n: p.grad.clone() for n, p in objective.named_parameters() if p.grad is not None}
+    return (
+        loss.detach(),
+        metrics,
+        {n: p.grad.clone() for n, p in objective.named_parameters() if p.grad is not None},
+    )
 
 
-@pytest.mark.parametrize("variant", [[], ["teachers.1.compression.kind=rkv", "teachers.1.compression.budget=8",
-                                          "fusion.kind=router", "losses.cosine=0.5"]])
+@pytest.mark.parametrize(
+    "variant",
+    [
+        [],
+        [
+            "teachers.1.compression.kind=rkv",
+            "teachers.1.compression.budget=8",
+            "fusion.kind=router",
+            "losses.cosine=0.5",
+        ],
+    ],
+)
 def test_ahead_equals_the_inline_step(tiny_config, variant):
     """Three batches through `TeachersAhead` == the same batches with the teachers run inside the step: loss,
     metrics and every gradient bit for bit; the passes ran on the worker thread, batch n+1's submitted before

@@ -18,8 +18,12 @@ VARIANTS = {
     "fixed": [],
     "router_per_token": ["fusion.kind=router", "fusion.router.per_token=true", "fusion.entropy.weight=0"],
     "extra_terms": ["losses.cosine=0.5", "losses.hidden=0.5", "losses.kv.kind=smooth_l1"],
-    "compressed": ["teachers.0.compression.kind=right_crop", "teachers.0.compression.budget=8",
-                   "teachers.1.compression.kind=rkv", "teachers.1.compression.budget=8"],
+    "compressed": [
+        "teachers.0.compression.kind=right_crop",
+        "teachers.0.compression.budget=8",
+        "teachers.1.compression.kind=rkv",
+        "teachers.1.compression.budget=8",
+    ],
     "target_space": ["fusion.space=target"],
 }
 
@@ -34,7 +38,11 @@ def loss_and_grads(objective, batch):
     objective.zero_grad(set_to_none=True)
     loss, metrics = objective(batch)
     loss.backward()
-    return loss.detach(), metrics, {n: p.grad.clone() for n, p in objective.named_parameters() if p.grad is not None}
+    return (
+        loss.detach(),
+        metrics,
+        {n: p.grad.clone() for n, p in objective.named_parameters() if p.grad is not None},
+    )
 
 
 def assert_same(a, b):
@@ -53,8 +61,9 @@ def test_collated_equals_inline(tiny_config, variant):
     if objective.fusion.router is not None:  # away from the uniform start, so token weights matter
         torch.nn.init.normal_(objective.fusion.router.head[-1].weight, std=0.5)
     collated = objective.collate(records)
-    online_full = [t.kind == "online" and getattr(t.compression, "kind", "full") == "full"
-                   for t in objective.teachers]
+    online_full = [
+        t.kind == "online" and getattr(t.compression, "kind", "full") == "full" for t in objective.teachers
+    ]
     assert [a is not None for a in collated.alignments] == online_full
     reference = loss_and_grads(objective, inline(collated))
     assert_same(loss_and_grads(objective, records), reference)  # records: collated inline
@@ -114,8 +123,12 @@ def test_dense_shared_alignment_equals_the_sparse_gather(tiny_config):
 
 
 # ------------------------------------------------------------------------------------ cached teachers
-CACHED = ["teachers.0.compression.kind=rkv", "teachers.0.compression.budget=8", "teachers.0.compression.dtype=float32",
-          "teachers.1.compression.dtype=float32"]
+CACHED = [
+    "teachers.0.compression.kind=rkv",
+    "teachers.0.compression.budget=8",
+    "teachers.0.compression.dtype=float32",
+    "teachers.1.compression.dtype=float32",
+]
 
 
 @pytest.fixture(scope="module")
@@ -125,8 +138,14 @@ def cached_config(tiny_config, tmp_path_factory):
     from kvdistill.cache.extract import extract
 
     root = tmp_path_factory.mktemp("caches")
-    cfg = tiny_config(*CACHED, *[f"teachers.{n}.{k}" for n, name in enumerate(("qwen2", "gemma3"))
-                                 for k in ("source=cache", f"cache_dir={root / name}")])
+    cfg = tiny_config(
+        *CACHED,
+        *[
+            f"teachers.{n}.{k}"
+            for n, name in enumerate(("qwen2", "gemma3"))
+            for k in ("source=cache", f"cache_dir={root / name}")
+        ],
+    )
     for t in cfg.teachers:  # a cached teacher's section is what `kvdistill extract` writes its cache from
         extract(t, cfg.data, t.cache_dir, batch_size=4, progress=False)
     return cfg

@@ -19,15 +19,25 @@ def loss_and_grads(objective, records):
     objective.zero_grad(set_to_none=True)
     loss, metrics = objective(records)
     loss.backward()
-    return loss.detach(), metrics, {n: p.grad.clone() for n, p in objective.named_parameters() if p.grad is not None}
+    return (
+        loss.detach(),
+        metrics,
+        {n: p.grad.clone() for n, p in objective.named_parameters() if p.grad is not None},
+    )
 
 
 @pytest.mark.slow  # inductor compiles a few graphs (forward, backward, both group layouts): minutes on 2 cores
 def test_compiled_equals_eager(tiny_config):
     """Teacher 0 keeps every token (shared alignment), teacher 1 keeps rkv tokens per head: both group layouts,
     with the K/V and cosine errors."""
-    objective = build_objective(tiny_config("train.compile=true", "losses.cosine=0.5",
-                                            "teachers.1.compression.kind=rkv", "teachers.1.compression.budget=8"))
+    objective = build_objective(
+        tiny_config(
+            "train.compile=true",
+            "losses.cosine=0.5",
+            "teachers.1.compression.kind=rkv",
+            "teachers.1.compression.budget=8",
+        )
+    )
     records = load_records(objective.cfg.data)[:4]
     wrapper = objective.space.group_errors
     assert isinstance(wrapper, CompiledOrEager)
@@ -78,7 +88,9 @@ def test_an_error_of_the_function_itself_still_surfaces():
     assert wrapper.compiled is None and calls  # tried compiled, then eagerly: the eager error is raised
 
 
-@pytest.mark.parametrize("overrides", [["fusion.space=target"], ["fusion.space=latent", "fusion.latent.dim=8"]])
+@pytest.mark.parametrize(
+    "overrides", [["fusion.space=target"], ["fusion.space=latent", "fusion.latent.dim=8"]]
+)
 def test_compile_where_nothing_reads_it_is_refused(tiny_config, overrides):
     from kvdistill.errors import ConfigError
 

@@ -16,8 +16,12 @@ def test_kmeans_prototypes_are_used_and_route_differently_from_the_mean(tiny_con
     records = load_records(tiny_config().data)[:4]
     weights = {}
     for kind in ("mean", "kmeans"):
-        cfg = tiny_config("fusion.kind=similarity", f"fusion.similarity.prototype={kind}",
-                          "fusion.similarity.kmeans_k=3", "fusion.similarity.temperature=0.05")
+        cfg = tiny_config(
+            "fusion.kind=similarity",
+            f"fusion.similarity.prototype={kind}",
+            "fusion.similarity.kmeans_k=3",
+            "fusion.similarity.temperature=0.05",
+        )
         objective = build_objective(cfg)
         step = objective.step(records)
         out = objective.space(step)
@@ -32,8 +36,9 @@ def test_kmeans_prototypes_are_used_and_route_differently_from_the_mean(tiny_con
 
 def test_similarity_in_target_space_is_not_the_fixed_weights(tiny_config):
     records = load_records(tiny_config().data)[:4]
-    objective = build_objective(tiny_config("fusion.space=target", "fusion.kind=similarity",
-                                            "fusion.similarity.temperature=0.05"))
+    objective = build_objective(
+        tiny_config("fusion.space=target", "fusion.kind=similarity", "fusion.similarity.temperature=0.05")
+    )
     out = objective.space(objective.step(records))
     assert out.weights.shape == (4, 2)
     torch.testing.assert_close(out.weights.sum(-1), torch.ones(4))
@@ -42,8 +47,14 @@ def test_similarity_in_target_space_is_not_the_fixed_weights(tiny_config):
 
 
 def _skills_config(tiny_config, *overrides):
-    return tiny_config("data.source=skills", "data.skills=[arithmetic,sorting]", "data.max_length=64",
-                       "teachers.0.skill=arithmetic", "teachers.1.skill=sorting", *overrides)
+    return tiny_config(
+        "data.source=skills",
+        "data.skills=[arithmetic,sorting]",
+        "data.max_length=64",
+        "teachers.0.skill=arithmetic",
+        "teachers.1.skill=sorting",
+        *overrides,
+    )
 
 
 @torch.no_grad()
@@ -52,19 +63,34 @@ def _brute_force_nll_per_byte(objective, step, records) -> torch.Tensor:
     after the end of the question line and end within the bytes every teacher's tokens reach: Σ -log p(token) /
     Σ bytes."""
     out = torch.zeros(len(records), len(objective.teachers))
-    reach = [min(max(int(e) for (_, e), m in zip(r.capture.spans[b].tolist(), r.capture.attention_mask[b], strict=True)
-                     if m) for r in step.records) for b in range(len(records))]
+    reach = [
+        min(
+            max(
+                int(e)
+                for (_, e), m in zip(r.capture.spans[b].tolist(), r.capture.attention_mask[b], strict=True)
+                if m
+            )
+            for r in step.records
+        )
+        for b in range(len(records))
+    ]
     for n, teacher in enumerate(objective.teachers):
         cap = step.records[n].capture
-        logp = torch.log_softmax(teacher.model(input_ids=cap.input_ids, attention_mask=cap.attention_mask)
-                                 .logits.float(), -1)  # (B, T_t, V)
+        logp = torch.log_softmax(
+            teacher.model(input_ids=cap.input_ids, attention_mask=cap.attention_mask).logits.float(), -1
+        )  # (B, T_t, V)
         for b, r in enumerate(records):
             start = len(r["text"][: r["text"].index("\n") + 1].encode())
             total, nbytes = 0.0, 0
             for j in range(1, cap.input_ids.shape[1]):
                 lo, hi = (int(x) for x in cap.spans[b, j])
-                if cap.attention_mask[b, j] and cap.attention_mask[b, j - 1] and hi > lo and lo >= start \
-                        and hi <= reach[b]:
+                if (
+                    cap.attention_mask[b, j]
+                    and cap.attention_mask[b, j - 1]
+                    and hi > lo
+                    and lo >= start
+                    and hi <= reach[b]
+                ):
                     total -= float(logp[b, j - 1, cap.input_ids[b, j]])
                     nbytes += hi - lo
             out[b, n] = total / nbytes
@@ -80,7 +106,9 @@ def test_confidence_weights_are_the_teachers_own_nll_per_byte_and_give_the_routi
     records = load_records(cfg.data)[:4]
     objective = build_objective(cfg)
     step = objective.step(records)
-    assert all(r.capture.logits is None for r in step.records)  # scored a few samples at a time, never all at once
+    assert all(
+        r.capture.logits is None for r in step.records
+    )  # scored a few samples at a time, never all at once
     nll = _brute_force_nll_per_byte(objective, step, records)
     torch.testing.assert_close(step.teacher_nll, nll, rtol=1e-4, atol=1e-4)
     start = scored_start(records, "continuation", cfg.data.template)
@@ -100,9 +128,14 @@ def test_confidence_weights_are_the_teachers_own_nll_per_byte_and_give_the_routi
 def test_a_router_trained_toward_the_confidence_weights_gets_no_gradient_from_the_kv_loss(tiny_config):
     from kvdistill.fuse import confidence_weights, router_target_kl
 
-    cfg = _skills_config(tiny_config, "fusion.kind=router", "fusion.router.target=confidence",
-                         "fusion.router.target_weight=2.0", "fusion.entropy.weight=0",
-                         "fusion.confidence.temperature=0.2")
+    cfg = _skills_config(
+        tiny_config,
+        "fusion.kind=router",
+        "fusion.router.target=confidence",
+        "fusion.router.target_weight=2.0",
+        "fusion.entropy.weight=0",
+        "fusion.confidence.temperature=0.2",
+    )
     records = load_records(cfg.data)[:4]
     objective = build_objective(cfg)
     for p in objective.fusion.router.parameters():  # off the uniform start

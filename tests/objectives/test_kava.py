@@ -17,20 +17,44 @@ from kvdistill.objectives.kava import SELF
 from kvdistill.objectives.latent_batch import cot_view
 from kvdistill.student.latent import latent_view
 
-STUDENT = {"from_config": {"base": "smollm2-135m", "num_hidden_layers": 2, "hidden_size": 64,
-                           "intermediate_size": 128, "num_attention_heads": 2, "num_key_value_heads": 1,
-                           "head_dim": 32, "max_position_embeddings": 256},
-           "tokenizer": "gpt2-tokenizer", "latent": {"tokens": 6, "iterations": 2}}
-QWEN_SP = {"name": "qwen_sp", "from_config": {"family": "qwen2", "num_hidden_layers": 3, "hidden_size": 48,
-                                              "intermediate_size": 96, "num_attention_heads": 4,
-                                              "num_key_value_heads": 2, "max_position_embeddings": 256},
-           "tokenizer": "llama2-tokenizer"}
+STUDENT = {
+    "from_config": {
+        "base": "smollm2-135m",
+        "num_hidden_layers": 2,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "head_dim": 32,
+        "max_position_embeddings": 256,
+    },
+    "tokenizer": "gpt2-tokenizer",
+    "latent": {"tokens": 6, "iterations": 2},
+}
+QWEN_SP = {
+    "name": "qwen_sp",
+    "from_config": {
+        "family": "qwen2",
+        "num_hidden_layers": 3,
+        "hidden_size": 48,
+        "intermediate_size": 96,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 256,
+    },
+    "tokenizer": "llama2-tokenizer",
+}
 
 
 def config(losses: dict, teachers=(), **student):
-    raw = {"name": "kava", "student": {**copy.deepcopy(STUDENT), **student}, "teachers": list(teachers),
-           "data": {"source": "arithmetic", "size": 40, "eval_size": 4, "max_length": 96},
-           "losses": losses, "train": {"steps": 2, "batch_size": 4}}
+    raw = {
+        "name": "kava",
+        "student": {**copy.deepcopy(STUDENT), **student},
+        "teachers": list(teachers),
+        "data": {"source": "arithmetic", "size": 40, "eval_size": 4, "max_length": 96},
+        "losses": losses,
+        "train": {"steps": 2, "batch_size": 4},
+    }
     return load_config(raw=raw)
 
 
@@ -40,8 +64,15 @@ def records(cfg, n=4):
 
 def cot_pass(obj, batch, *, grad=False, logits=False, hidden=False, importance=True):
     """The backbone's CoT-mode capture of a collated batch, its view and hooked queries."""
-    cap, queries = obj._cot_pass(obj.backbone, obj.student_geometry, batch.own_cot, grad=grad, logits=logits,
-                                 hidden=hidden, importance=importance)
+    cap, queries = obj._cot_pass(
+        obj.backbone,
+        obj.student_geometry,
+        batch.own_cot,
+        grad=grad,
+        logits=logits,
+        hidden=hidden,
+        importance=importance,
+    )
     return cap, batch.own_cot, queries
 
 
@@ -79,8 +110,10 @@ def test_latent_kv_averages_the_key_and_value_errors_over_layers():
     P, M, lk = view.prefix_ids.shape[1], obj.student.tokens, cfg.losses.latent_kv
     tgt, want = targets[SELF], 0.0
     for i in range(len(s_cap.keys)):
-        for pred, target in ((s_cap.keys[i][:, :, P : P + M], tgt.keys[i]), (s_cap.values[i][:, :, P : P + M],
-                                                                             tgt.values[i])):
+        for pred, target in (
+            (s_cap.keys[i][:, :, P : P + M], tgt.keys[i]),
+            (s_cap.values[i][:, :, P : P + M], tgt.values[i]),
+        ):
             rp, rm = L.as_rows(pred, tgt.kept[i])
             rt, _ = L.as_rows(target.to(pred.dtype), tgt.kept[i])
             want = want + L.kv_error(rp, rt, rm, kind=lk.kind, normalize=lk.normalize)
@@ -111,7 +144,9 @@ def _per_pair_layout(obj, name: str) -> dict:
     for p, a in enumerate(lp.at):
         for side, m in enumerate(("key_map", "value_map")):
             for part in ("mix", "weight", "bias"):
-                state[f"projectors.{name}.{p}.{m}.{part}"] = getattr(stack, part)[a, side].detach() + 0.01 * (p + 1)
+                state[f"projectors.{name}.{p}.{m}.{part}"] = getattr(stack, part)[a, side].detach() + 0.01 * (
+                    p + 1
+                )
     return state
 
 
@@ -122,9 +157,13 @@ def test_a_checkpoint_of_per_pair_maps_loads_into_the_stack_or_is_refused_when_p
     obj.load_state_dict(state)  # strict: every old key taken, every stacked one given
     stack, lp = obj.projectors["qwen_sp"], obj.pairs["qwen_sp"]
     for p, a in enumerate(lp.at):
-        torch.testing.assert_close(stack.weight[a, 1], state[f"projectors.qwen_sp.{p}.value_map.weight"], rtol=0,
-                                   atol=0)
-    averaged = {**QWEN_SP, "layer_map": {"strategy": "explicit", "explicit": [[0, 1], 2]}}  # layer 0 <- 0 and 1
+        torch.testing.assert_close(
+            stack.weight[a, 1], state[f"projectors.qwen_sp.{p}.value_map.weight"], rtol=0, atol=0
+        )
+    averaged = {
+        **QWEN_SP,
+        "layer_map": {"strategy": "explicit", "explicit": [[0, 1], 2]},
+    }  # layer 0 <- 0 and 1
     shared = build_objective(config({"ce": 0.0, "latent_kv": {"weight": 1.0}}, teachers=[averaged]))
     assert shared.pairs["qwen_sp"].i == [0, 0, 1]
     with pytest.raises(KvdistillError, match="one K/V map per layer pair") as err:
@@ -158,7 +197,7 @@ def test_views_mark_cot_answer_and_pre_answer_tokens():
     P = lv.prefix_ids.shape[1]
     for b in range(2):
         assert lv.prefix_mask[b, -1] == 1  # left-padded
-        assert lv.answer_mask[b, P + 5] == 1 and lv.answer_mask[b, :P + 5].sum() == 0
+        assert lv.answer_mask[b, P + 5] == 1 and lv.answer_mask[b, : P + 5].sum() == 0
         assert tok.decode(lv.suffix_ids[b, lv.pre_answer[b] - P - 6]) == ":"
 
 
@@ -183,16 +222,30 @@ def test_codi_and_cot_ce_are_the_library_terms():
     assert m["loss"] == pytest.approx(float((ce + cot).mean()) + 10 * m["loss/codi"], rel=1e-5)
 
 
-@pytest.mark.parametrize("bad, needle", [
-    ({"losses": {"ce": 1.0, "kv": {"weight": 2.0}}}, "losses.kv is a term of the text objective"),
-    ({"losses": {"ce": 1.0, "latent_kv": {"weight": 1.0, "self_teacher": False}}}, "no K/V target"),
-    ({"losses": {"ce": 1.0, "latent_kv": {"weight": 1.0, "target": {"kind": "full", "lam": 0.5}}}},
-     "read by kind rkv only"),
-    ({"losses": {"ce": 1.0, "latent_kv": {"weight": 1.0, "target": {"window": 4}}}}, "read by scoring rkv only"),
-    ({"losses": {"ce": 1.0, "latent_kv": {"weight": 1.0}}, "latent": {"tokens": 0}}, "needs latent slots"),
-    ({"losses": {"ce": 1.0}, "teachers": [QWEN_SP]}, "losses.latent_kv.weight is 0"),
-    ({"losses": {"ce": 1.0, "codi": {"weight": 1.0}}, "latent": None}, "losses.codi is a term of the latent objective"),
-])
+@pytest.mark.parametrize(
+    "bad, needle",
+    [
+        ({"losses": {"ce": 1.0, "kv": {"weight": 2.0}}}, "losses.kv is a term of the text objective"),
+        ({"losses": {"ce": 1.0, "latent_kv": {"weight": 1.0, "self_teacher": False}}}, "no K/V target"),
+        (
+            {"losses": {"ce": 1.0, "latent_kv": {"weight": 1.0, "target": {"kind": "full", "lam": 0.5}}}},
+            "read by kind rkv only",
+        ),
+        (
+            {"losses": {"ce": 1.0, "latent_kv": {"weight": 1.0, "target": {"window": 4}}}},
+            "read by scoring rkv only",
+        ),
+        (
+            {"losses": {"ce": 1.0, "latent_kv": {"weight": 1.0}}, "latent": {"tokens": 0}},
+            "needs latent slots",
+        ),
+        ({"losses": {"ce": 1.0}, "teachers": [QWEN_SP]}, "losses.latent_kv.weight is 0"),
+        (
+            {"losses": {"ce": 1.0, "codi": {"weight": 1.0}}, "latent": None},
+            "losses.codi is a term of the latent objective",
+        ),
+    ],
+)
 def test_config_refuses_what_the_latent_student_never_reads(bad, needle):
     student = {"latent": bad["latent"]} if "latent" in bad else {}
     with pytest.raises(ConfigError) as err:
@@ -229,18 +282,33 @@ def test_kava_tiny_spec_runs_end_to_end(tmp_path):
         t["steps"] = 2
     raw["eval"].update(max_cot_tokens=8, max_new_tokens=3)
     results = run_experiment(load_spec(raw), tmp_path)
-    assert set(results["conditions"]) == {"E1", "E2", "E3", "E4", "E5", "cot_ft", "nocot_ft", "E4_identity", "E4_rkv"}
+    assert set(results["conditions"]) == {
+        "E1",
+        "E2",
+        "E3",
+        "E4",
+        "E5",
+        "cot_ft",
+        "nocot_ft",
+        "E4_identity",
+        "E4_rkv",
+    }
     # every condition's held-out curves: answer CE and exact match at steps 1 and 2, as training logged them; the last
     # point is the final student's, which the runner scores the same way
     for name, curve in results["curves"].items():
         points = curve["per_seed"]["0"]
-        assert [p["step"] for p in points] == [1, 2] and all(p["exact_match"] is not None for p in points), name
+        assert [p["step"] for p in points] == [1, 2] and all(p["exact_match"] is not None for p in points), (
+            name
+        )
         ev = json.loads((tmp_path / "runs" / name / "seed-0" / "eval.json").read_text())
         assert points[-1]["exact_match"] == ev["exact_match"], name
         if name != "cot_ft":  # a latent student's held-out CE is the answer's, computed by the runner too
             assert points[-1]["ce"] == pytest.approx(ev["ce"], rel=1e-4), name
     assert "self" in results["curves"]["E4"]["per_seed"]["0"][-1]["latent_kv"]
-    assert {(c["condition"], c["baseline"]) for c in results["comparisons"]} >= {("E4", "nocot_ft"), ("E4_rkv", "E4")}
+    assert {(c["condition"], c["baseline"]) for c in results["comparisons"]} >= {
+        ("E4", "nocot_ft"),
+        ("E4_rkv", "E4"),
+    }
     # `kvdistill eval` on a latent run: the runner's latent-mode figures, through the same function
     from typer.testing import CliRunner
 
@@ -248,14 +316,30 @@ def test_kava_tiny_spec_runs_end_to_end(tmp_path):
 
     # the runner's records, read before `kvdistill eval` writes its own RUN/eval.json over E4's (a later run of the
     # experiment scores that run again: runner.py skips only records it wrote itself)
-    records = {n: json.loads((tmp_path / "runs" / n / "seed-0" / "eval.json").read_text()) for n in results["conditions"]}
+    records = {
+        n: json.loads((tmp_path / "runs" / n / "seed-0" / "eval.json").read_text())
+        for n in results["conditions"]
+    }
     ev = records["E4"]
-    got = CliRunner().invoke(app, ["eval", str(tmp_path / "runs" / "E4" / "seed-0"), "--json", "--max-new-tokens",
-                                   "3", "--batch-size", "16"])
+    got = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            str(tmp_path / "runs" / "E4" / "seed-0"),
+            "--json",
+            "--max-new-tokens",
+            "3",
+            "--batch-size",
+            "16",
+        ],
+    )
     assert got.exit_code == 0, got.output
-    cli = json.loads(got.output[got.output.index("{"):])
+    cli = json.loads(got.output[got.output.index("{") :])
     assert cli["mode"] == "latent" and cli["samples"] == 4
-    assert cli["exact_match"]["per_item"] == ev["per_item"] and cli["exact_match"]["exact_match"] == ev["exact_match"]
+    assert (
+        cli["exact_match"]["per_item"] == ev["per_item"]
+        and cli["exact_match"]["exact_match"] == ev["exact_match"]
+    )
     assert cli["exact_match"]["gen_tokens"] == ev["gen_tokens"] and cli["exact_match"]["latent_tokens"] == 6
     assert cli["perplexity"]["ce"] == pytest.approx(ev["ce"], rel=1e-6)
     for name in results["conditions"]:
@@ -265,7 +349,10 @@ def test_kava_tiny_spec_runs_end_to_end(tmp_path):
         assert latent == (name != "cot_ft")
         if latent:
             assert ev["latent_tokens"] == (0 if name == "nocot_ft" else 6)
-    rows = [json.loads(x) for x in (tmp_path / "runs" / "E5" / "seed-0" / "metrics.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(x)
+        for x in (tmp_path / "runs" / "E5" / "seed-0" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert "loss/latent_kv/qwen_sp" in rows[0] and "loss/latent_kv/self" not in rows[0]
     # `kvdistill generate --latent` decodes what the evaluation decoded for the same question
     from kvdistill.data.segments import segments
@@ -278,9 +365,15 @@ def test_kava_tiny_spec_runs_end_to_end(tmp_path):
     assert gen.continuation == "Answer:" + ev["samples"][0]["generated"]
 
 
-@pytest.mark.parametrize("target", [{"kind": "rkv"}, {"kind": "rkv", "scoring": "rkv", "window": 4, "lam": 0.5},
-                                    {"kind": "rkv", "scoring": "rkv", "window": 3},  # λ: R-KV's 0.07 on both sides
-                                    {"kind": "right_crop"}])
+@pytest.mark.parametrize(
+    "target",
+    [
+        {"kind": "rkv"},
+        {"kind": "rkv", "scoring": "rkv", "window": 4, "lam": 0.5},
+        {"kind": "rkv", "scoring": "rkv", "window": 3},  # λ: R-KV's 0.07 on both sides
+        {"kind": "right_crop"},
+    ],
+)
 def test_cached_latent_targets_equal_the_online_ones(tmp_path, teacher_dirs, target):
     """`kvdistill extract` with compression.span cot stores the latent target the objective computes online."""
     from kvdistill.cache.extract import extract
@@ -291,10 +384,25 @@ def test_cached_latent_targets_equal_the_online_ones(tmp_path, teacher_dirs, tar
     comp = {"budget": 6, "span": "cot", "dtype": "float32", **target}
     if target["kind"] == "rkv":
         comp.setdefault("scoring", "kava")  # the latent target's default (a cache's is minmax)
-    extract(TeacherConfig(name="t", model=str(teacher_dirs["qwen2"]), compression=comp), online.data,
-            tmp_path / "cache", batch_size=3, progress=False)
-    cached = config(losses, teachers=[{"name": "t", "model": str(teacher_dirs["qwen2"]), "source": "cache",
-                                       "cache_dir": str(tmp_path / "cache"), "compression": comp}])
+    extract(
+        TeacherConfig(name="t", model=str(teacher_dirs["qwen2"]), compression=comp),
+        online.data,
+        tmp_path / "cache",
+        batch_size=3,
+        progress=False,
+    )
+    cached = config(
+        losses,
+        teachers=[
+            {
+                "name": "t",
+                "model": str(teacher_dirs["qwen2"]),
+                "source": "cache",
+                "cache_dir": str(tmp_path / "cache"),
+                "compression": comp,
+            }
+        ],
+    )
     recs = records(online)
     got = {}
     for name, cfg in (("online", online), ("cached", cached)):
@@ -310,8 +418,13 @@ def test_cached_latent_targets_equal_the_online_ones(tmp_path, teacher_dirs, tar
 
 
 def test_a_cache_without_the_latent_target_is_refused(teacher_dirs, tmp_path):
-    cache = {"name": "t", "model": str(teacher_dirs["qwen2"]), "source": "cache", "cache_dir": str(tmp_path),
-             "compression": {"kind": "rkv", "budget": 64}}
+    cache = {
+        "name": "t",
+        "model": str(teacher_dirs["qwen2"]),
+        "source": "cache",
+        "cache_dir": str(tmp_path),
+        "compression": {"kind": "rkv", "budget": 64},
+    }
     with pytest.raises(ConfigError) as err:
         config({"ce": 1.0, "latent_kv": {"weight": 1.0}}, teachers=[cache])
     assert "budget: 6" in str(err.value) and "span: cot" in str(err.value)

@@ -43,8 +43,9 @@ def test_objective_applies_the_weight_of_the_step(tiny_config):
 
     from kvdistill.objectives import build_objective
 
-    cfg = tiny_config("losses.kv.schedule.kind=linear", "losses.kv.schedule.end=0.0", "train.steps=5",
-                      "data.size=8")
+    cfg = tiny_config(
+        "losses.kv.schedule.kind=linear", "losses.kv.schedule.end=0.0", "train.steps=5", "data.size=8"
+    )
     objective = build_objective(cfg, device="cpu")
     from kvdistill.data import load_records
 

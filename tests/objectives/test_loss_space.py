@@ -23,7 +23,9 @@ def _brute_kv_error(pred, target, mask, kind, normalize, weight=None, eps=1e-6):
         if p.numel() == 0:
             out.append(pred.new_zeros(()))
             continue
-        err = (p - t).square() if kind == "mse" else torch.nn.functional.smooth_l1_loss(p, t, reduction="none")
+        err = (
+            (p - t).square() if kind == "mse" else torch.nn.functional.smooth_l1_loss(p, t, reduction="none")
+        )
         if weight is not None:
             err = err * weight[b].expand(pred.shape[1], -1)[rows][:, None]
         var = t.var(unbiased=False).detach() + eps
@@ -60,14 +62,27 @@ def _reference(objective, step, n, token_weight=None):
     return kv_term / L, cos_term / L
 
 
-@pytest.mark.parametrize("overrides", [
-    ["losses.cosine=0.5"],  # online, uncompressed: one alignment shared by all layers
-    ["teachers.0.compression.kind=right_crop", "teachers.0.compression.budget=8", "teachers.1.compression.kind=rkv",
-     "teachers.1.compression.budget=8", "losses.cosine=0.5"],  # per-head spans, one tensor per layer
-    ["teachers.0.layer_map.strategy=uniform", "teachers.1.layer_map.explicit=[-1, [0, 2]]",
-     "teachers.1.layer_map.strategy=explicit", "losses.kv.kind=smooth_l1", "losses.kv.normalize=false",
-     "losses.kv.values=0.3"],  # interpolated maps, a shared teacher layer, an unsupervised student layer
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["losses.cosine=0.5"],  # online, uncompressed: one alignment shared by all layers
+        [
+            "teachers.0.compression.kind=right_crop",
+            "teachers.0.compression.budget=8",
+            "teachers.1.compression.kind=rkv",
+            "teachers.1.compression.budget=8",
+            "losses.cosine=0.5",
+        ],  # per-head spans, one tensor per layer
+        [
+            "teachers.0.layer_map.strategy=uniform",
+            "teachers.1.layer_map.explicit=[-1, [0, 2]]",
+            "teachers.1.layer_map.strategy=explicit",
+            "losses.kv.kind=smooth_l1",
+            "losses.kv.normalize=false",
+            "losses.kv.values=0.3",
+        ],  # interpolated maps, a shared teacher layer, an unsupervised student layer
+    ],
+)
 def test_loss_space_equals_per_pair_reference_values_and_gradients(tiny_config, overrides):
     cfg = tiny_config(*overrides)
     objective = build_objective(cfg)
@@ -77,10 +92,13 @@ def test_loss_space_equals_per_pair_reference_values_and_gradients(tiny_config, 
     for n, teacher in enumerate(step.teachers):
         kv_ref, cos_ref = _reference(objective, step, n)
         assert kv_ref.min() > 0.01  # not trivially zero
-        torch.testing.assert_close(out.metrics[f"loss/kv/{teacher.name}"], kv_ref.mean(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            out.metrics[f"loss/kv/{teacher.name}"], kv_ref.mean(), rtol=1e-5, atol=1e-6
+        )
         if cfg.losses.cosine > 0:
-            torch.testing.assert_close(out.metrics[f"loss/cosine/{teacher.name}"], cos_ref.mean(), rtol=1e-5,
-                                       atol=1e-6)
+            torch.testing.assert_close(
+                out.metrics[f"loss/cosine/{teacher.name}"], cos_ref.mean(), rtol=1e-5, atol=1e-6
+            )
         ref = ref + out.weights[:, n] * (cfg.losses.kv.weight * kv_ref + cfg.losses.cosine * cos_ref)
     torch.testing.assert_close(out.kd, ref, rtol=1e-5, atol=1e-6)
     params = [p for p in objective.parameters() if p.requires_grad]
@@ -122,15 +140,22 @@ def test_terms_and_ce_are_the_library_functions_on_the_same_tensors(tiny_config)
         covered = (A.sum(-1) > 0).long() * tkv.mask[0]
         rel = att = hid = 0
         for i, j, w in zip(lp.i, lp.j, lp.w, strict=True):
-            rel = rel + w * losses.relation_loss(torch.einsum("bmt,bhtd->bhmd", A, s.keys[i]), tkv.keys[j], covered)
+            rel = rel + w * losses.relation_loss(
+                torch.einsum("bmt,bhtd->bhmd", A, s.keys[i]), tkv.keys[j], covered
+            )
             p = torch.einsum("bmt,bhmn,bnu->bhtu", A, cap.attentions[j], A)
-            att = att + w * losses.attention_kl(s.attentions[i], p / p.sum(-1, keepdim=True).clamp(min=1e-9),
-                                                (A.sum(1) > 0).long())
-            h = torch.einsum("bmt,btf->bmf", A, objective.terms.hidden_proj[teacher.name](s.hidden_states[i + 1]))
+            att = att + w * losses.attention_kl(
+                s.attentions[i], p / p.sum(-1, keepdim=True).clamp(min=1e-9), (A.sum(1) > 0).long()
+            )
+            h = torch.einsum(
+                "bmt,btf->bmf", A, objective.terms.hidden_proj[teacher.name](s.hidden_states[i + 1])
+            )
             hid = hid + w * losses.hidden_error(h, cap.hidden_states[j + 1], covered)
         L = len(lp.layers)
         for name, value in (("relation", rel), ("attention_kl", att), ("hidden", hid)):
-            assert metrics[f"loss/{name}/{teacher.name}"] == pytest.approx(float((value / L).mean()), rel=1e-5)
+            assert metrics[f"loss/{name}/{teacher.name}"] == pytest.approx(
+                float((value / L).mean()), rel=1e-5
+            )
 
 
 def test_eval_kv_error_is_the_training_error(tiny_config):
@@ -145,6 +170,7 @@ def test_eval_kv_error_is_the_training_error(tiny_config):
         per_layer = [v for v in ev[f"eval/kv_error_layers/{teacher.name}"] if v is not None]
         assert len(per_layer) == len(lp.layers)
         assert ev[f"eval/kv_error/{teacher.name}"] == pytest.approx(
-            float(out.metrics[f"loss/kv/{teacher.name}"]) / 2, rel=1e-5)
+            float(out.metrics[f"loss/kv/{teacher.name}"]) / 2, rel=1e-5
+        )
     nll, counted = losses.token_nll(step.student.logits, step.batch.ids, step.batch.mask)
     assert ev["eval/ce"] == pytest.approx(float(nll[counted].mean()), rel=1e-6)

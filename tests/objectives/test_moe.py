@@ -20,10 +20,12 @@ TEACHER = {"family": "mixtral", "num_hidden_layers": 2, "hidden_size": 32}
 
 
 def _cfg(teachers: bool, **losses):
-    raw = {"student": {"from_config": {"family": "mixtral"}, "tokenizer": "gpt2-tokenizer"},
-           "data": {"source": "arithmetic", "size": 96, "eval_size": 16, "max_length": 48},
-           "losses": {"ce": 1.0, "kv": {"weight": 0.0}, **losses},
-           "train": {"steps": 40, "batch_size": 8, "lr": 3e-3, "seed": 0}}
+    raw = {
+        "student": {"from_config": {"family": "mixtral"}, "tokenizer": "gpt2-tokenizer"},
+        "data": {"source": "arithmetic", "size": 96, "eval_size": 16, "max_length": 48},
+        "losses": {"ce": 1.0, "kv": {"weight": 0.0}, **losses},
+        "train": {"steps": 40, "batch_size": 8, "lr": 3e-3, "seed": 0},
+    }
     if teachers:
         raw["teachers"] = [{"name": "moe", "from_config": TEACHER, "tokenizer": "gpt2-tokenizer"}]
     return load_config(raw=raw)
@@ -89,17 +91,32 @@ def test_expert_term_trains_its_width_maps_and_fits_the_correspondence(setting):
     loss, metrics = obj(train[:4])
     loss.backward()
     assert obj.moe.proj["moe"][0].weight.grad.abs().sum() > 0
-    assert {"loss/routing/moe", "loss/expert/moe", "routing/top1_agreement/moe", "routing/topk_overlap/moe",
-            "loss/balance"} <= set(metrics)
+    assert {
+        "loss/routing/moe",
+        "loss/expert/moe",
+        "routing/top1_agreement/moe",
+        "routing/topk_overlap/moe",
+        "loss/balance",
+    } <= set(metrics)
 
 
 def test_routing_terms_refuse_a_dense_teacher(setting):
     tok, train, _, _ = setting
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    dense = AutoModelForCausalLM.from_config(AutoConfig.for_model(
-        "llama", vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2))
+    dense = AutoModelForCausalLM.from_config(
+        AutoConfig.for_model(
+            "llama",
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
     student = moe_model("mixtral", vocab_size=len(tok), experts=4)
     with pytest.raises(KvdistillError, match="teacher 'moe'.*no sparse MoE block"):
-        TextObjective(_cfg(True, routing={"weight": 1.0}), student, tok, [OnlineTeacher("moe", dense, tok)], "cpu")
+        TextObjective(
+            _cfg(True, routing={"weight": 1.0}), student, tok, [OnlineTeacher("moe", dense, tok)], "cpu"
+        )

@@ -21,7 +21,11 @@ def loss_and_grads(objective, records):
     objective.zero_grad(set_to_none=True)
     loss, metrics = objective(records)
     loss.backward()
-    return loss.detach(), metrics, {n: p.grad.clone() for n, p in objective.named_parameters() if p.grad is not None}
+    return (
+        loss.detach(),
+        metrics,
+        {n: p.grad.clone() for n, p in objective.named_parameters() if p.grad is not None},
+    )
 
 
 def test_lambda_0_is_the_off_policy_step_bit_for_bit(tiny_config):
@@ -61,16 +65,19 @@ def test_lambda_1_teachers_see_exactly_the_sampled_text(tiny_config, monkeypatch
     monkeypatch.setattr(model, "generate", spy_generate)
     objective.train_step = 5
     _, metrics = objective(records)
-    (ids, mask, out), = generated
+    ((ids, mask, out),) = generated
     tok = objective.tokenizer
     sampled = []
     for b, r in enumerate(records):
-        new = out[b, ids.shape[1]:].tolist()
+        new = out[b, ids.shape[1] :].tolist()
         new = new[: new.index(tok.eos_token_id) + 1] if tok.eos_token_id in new else new
         prompt = r["text"][: r["text"].index("\n") + 1]  # 'Question: ...\n'
         sampled.append(prompt + continuation(tok, ids[b][mask[b].bool()].tolist(), new))
         assert sampled[-1] != r["text"]
-    assert seen == [("qwen2", sampled), ("gemma3", sampled)]  # each teacher once, on exactly the student's text
+    assert seen == [
+        ("qwen2", sampled),
+        ("gemma3", sampled),
+    ]  # each teacher once, on exactly the student's text
     assert metrics["on_policy/sampled"] == 1.0 and 0 < metrics["on_policy/new_tokens"] <= 3 * 6
     assert metrics["on_policy/generate_s"] > 0
     # CE is the data text's: the same as an off-policy objective's with the same weights
@@ -83,12 +90,21 @@ def test_lambda_1_teachers_see_exactly_the_sampled_text(tiny_config, monkeypatch
     assert torch.equal(torch.get_rng_state(), state)
 
 
-@pytest.mark.parametrize("overrides, problem", [
-    (["teachers.0.source=cache", "teachers.0.cache_dir=x"], "cannot hold those of text the student generates"),
-    (["data.source=text", "data.path=x.txt", "data.size=null"], "data.source text has no question"),
-    (["train.on_policy.lambda=1", "train.teachers_ahead=true"], "every step scores the student's own text"),
-    (["train.on_policy.lambda=1.5"], "less than or equal to 1"),
-])
+@pytest.mark.parametrize(
+    "overrides, problem",
+    [
+        (
+            ["teachers.0.source=cache", "teachers.0.cache_dir=x"],
+            "cannot hold those of text the student generates",
+        ),
+        (["data.source=text", "data.path=x.txt", "data.size=null"], "data.source text has no question"),
+        (
+            ["train.on_policy.lambda=1", "train.teachers_ahead=true"],
+            "every step scores the student's own text",
+        ),
+        (["train.on_policy.lambda=1.5"], "less than or equal to 1"),
+    ],
+)
 def test_what_cannot_work_is_refused(tiny_config, overrides, problem):
     with pytest.raises(ConfigError, match=problem):
         tiny_config(*ON, *overrides)
@@ -108,5 +124,10 @@ def test_no_teachers_or_a_prompt_that_holds_the_answer_is_refused(tiny_config):
 
     checked = preflight(tiny_config(*ON, "data.template='Q: {question} A: {answer}'"))  # training's checks
     assert any("puts ['answer'] on or before the {question} line" in p for p in checked.problems)
-    assert question_prompt({"id": "r", "text": "Question: 2+2?\nAnswer: 4\n", "question": "2+2?"},
-                           "Question: {question}\nAnswer: {answer}\n") == "Question: 2+2?\n"
+    assert (
+        question_prompt(
+            {"id": "r", "text": "Question: 2+2?\nAnswer: 4\n", "question": "2+2?"},
+            "Question: {question}\nAnswer: {answer}\n",
+        )
+        == "Question: 2+2?\n"
+    )

@@ -16,16 +16,26 @@ from kvdistill.data import load_records
 from kvdistill.objectives import build_objective
 from kvdistill.student import build_student, save_student
 
-TINY = {"base": "smollm2-135m", "num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128,
-        "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32, "max_position_embeddings": 128}
+TINY = {
+    "base": "smollm2-135m",
+    "num_hidden_layers": 2,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "head_dim": 32,
+    "max_position_embeddings": 128,
+}
 
 
 def _raw(teacher_dir, tokenizer="gpt2-tokenizer", **logit_kd) -> dict:
-    return {"student": {"from_config": TINY, "tokenizer": tokenizer},
-            "teachers": [{"name": "padded", "model": str(teacher_dir)}],
-            "data": {"source": "arithmetic", "size": 16, "eval_size": 0, "max_length": 48},
-            "losses": {"kv": {"weight": 0.0}, "logit_kd": {"weight": 1.0, "temperature": 2.0, **logit_kd}},
-            "train": {"steps": 1, "batch_size": 4, "tensorboard": False}}
+    return {
+        "student": {"from_config": TINY, "tokenizer": tokenizer},
+        "teachers": [{"name": "padded", "model": str(teacher_dir)}],
+        "data": {"source": "arithmetic", "size": 16, "eval_size": 0, "max_length": 48},
+        "losses": {"kv": {"weight": 0.0}, "logit_kd": {"weight": 1.0, "temperature": 2.0, **logit_kd}},
+        "train": {"steps": 1, "batch_size": 4, "tensorboard": False},
+    }
 
 
 @pytest.fixture(scope="module")
@@ -67,22 +77,45 @@ def test_logit_kd_top_k_is_topk_logit_kd_on_the_shared_entries(padded_teacher):
 def test_logit_kd_across_tokenizers_is_the_cross_tokenizer_loss(padded_teacher, method):
     """A llama2-tokenizer student and a GPT-2-tokenizer teacher: the objective's term is the loss library's function
     on the batch's own alignment; training reaches a finite loss and a gradient into the student."""
-    objective = build_objective(load_config(raw=_raw(padded_teacher, tokenizer="llama2-tokenizer",
-                                                     cross_tokenizer=method, divergence="jsd")))
+    objective = build_objective(
+        load_config(
+            raw=_raw(padded_teacher, tokenizer="llama2-tokenizer", cross_tokenizer=method, divergence="jsd")
+        )
+    )
     records = load_records(objective.cfg.data)[:4]
     step = objective.step(records)
     s, b, cap = step.student.logits, step.batch, step.records[0].capture
     if method == "project":
-        proj = shared_vocabulary(objective.tokenizer, objective.teachers[0].tokenizer, s.shape[-1],
-                                 cap.logits.shape[-1])
+        proj = shared_vocabulary(
+            objective.tokenizer, objective.teachers[0].tokenizer, s.shape[-1], cap.logits.shape[-1]
+        )
         pos = prefix_positions(b.spans_cpu, b.mask_cpu, cap.spans_cpu, cap.attention_mask_cpu)
         assert (pos >= 0).sum() > 0.5 * b.mask.sum()
-        ref = losses.cross_logit_kd(s, cap.logits, pos, b.mask, proj.student, proj.teacher, shared=proj.shared,
-                                    temperature=2.0, divergence="jsd")
+        ref = losses.cross_logit_kd(
+            s,
+            cap.logits,
+            pos,
+            b.mask,
+            proj.student,
+            proj.teacher,
+            shared=proj.shared,
+            temperature=2.0,
+            divergence="jsd",
+        )
     else:
         s_chunks, t_chunks = common_chunks(b.spans_cpu, b.mask_cpu, cap.spans_cpu, cap.attention_mask_cpu)
-        ref = losses.span_logit_kd(s, cap.logits, b.ids, cap.input_ids, b.mask, cap.attention_mask, s_chunks,
-                                   t_chunks, temperature=2.0, divergence="jsd")
+        ref = losses.span_logit_kd(
+            s,
+            cap.logits,
+            b.ids,
+            cap.input_ids,
+            b.mask,
+            cap.attention_mask,
+            s_chunks,
+            t_chunks,
+            temperature=2.0,
+            divergence="jsd",
+        )
     got = objective.terms.logit_term(step, 0)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
     assert (got > 0).all()
@@ -95,7 +128,10 @@ def test_logit_kd_across_tokenizers_is_the_cross_tokenizer_loss(padded_teacher, 
 def test_logit_kd_with_an_encoder_teacher_is_refused():
     from kvdistill.config import check_config
 
-    raw = {"student": {"model": "smollm2-135m"}, "teachers": [{"model": "minilm-l6"}],
-           "losses": {"logit_kd": {"weight": 1.0}}}
+    raw = {
+        "student": {"model": "smollm2-135m"},
+        "teachers": [{"model": "minilm-l6"}],
+        "losses": {"logit_kd": {"weight": 1.0}},
+    }
     _, problems = check_config(raw)
     assert any("teachers[0] (minilm-l6) is an encoder" in p for p in problems), problems

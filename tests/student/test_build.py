@@ -113,10 +113,19 @@ def test_a_family_student_saved_with_another_familys_tokenizer_reloads_the_same_
     from kvdistill.config.schema import StudentConfig
     from kvdistill.models.load import load_model, load_tokenizer
 
-    cfg = StudentConfig(from_config={"family": "qwen2", "num_hidden_layers": 1, "hidden_size": 32,
-                                     "intermediate_size": 64, "num_attention_heads": 2, "num_key_value_heads": 1,
-                                     "max_position_embeddings": 64, "tie_word_embeddings": True},
-                        tokenizer="llama2-tokenizer")
+    cfg = StudentConfig(
+        from_config={
+            "family": "qwen2",
+            "num_hidden_layers": 1,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "max_position_embeddings": 64,
+            "tie_word_embeddings": True,
+        },
+        tokenizer="llama2-tokenizer",
+    )
     model, tok = build_student(cfg)
     save_student(model, tok, str(tmp_path))
     text = "Question: Compute 5 * (20 + 17) - 11.\nReasoning: 20 + 17 = 37."

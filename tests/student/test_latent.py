@@ -11,10 +11,22 @@ from kvdistill.models.capture import positions_from_mask
 from kvdistill.student.latent import LatentHead, LatentStudent, load_latent_student
 
 FAMILIES = {
-    "llama": dict(vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2),
-    "qwen2": dict(vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=1),
+    "llama": dict(
+        vocab_size=61,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    ),
+    "qwen2": dict(
+        vocab_size=61,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+    ),
     "gpt2": dict(vocab_size=61, n_embd=32, n_layer=2, n_head=4, n_positions=64),
 }
 
@@ -37,8 +49,13 @@ def prefix_batch():
 
 
 def decoder_hidden(student, embeds, mask):
-    out = student._decoder()(inputs_embeds=embeds, attention_mask=mask, position_ids=positions_from_mask(mask),
-                             output_hidden_states=True, use_cache=False)
+    out = student._decoder()(
+        inputs_embeds=embeds,
+        attention_mask=mask,
+        position_ids=positions_from_mask(mask),
+        output_hidden_states=True,
+        use_cache=False,
+    )
     return out.hidden_states[-1]
 
 
@@ -89,8 +106,9 @@ def test_jacobi_with_as_many_passes_as_slots_is_the_sequential_thought():
     student = tiny_student("llama", tokens=3, iterations=3)
     ids, mask = prefix_batch()
     with torch.no_grad():
-        torch.testing.assert_close(student.latents(ids, mask), sequential_thought(student, ids, mask),
-                                   rtol=1e-9, atol=1e-10)
+        torch.testing.assert_close(
+            student.latents(ids, mask), sequential_thought(student, ids, mask), rtol=1e-9, atol=1e-10
+        )
         student.iterations = 2  # one pass short: the last slot still differs
         assert (student.latents(ids, mask) - sequential_thought(student, ids, mask)).abs().max() > 1e-6
 
@@ -120,7 +138,9 @@ def test_latent_generation_equals_step_by_step_greedy(family):
         m = torch.cat([mask, mask.new_ones(2, e.shape[1] + prompt.shape[1])], 1)
         out = []
         for _ in range(6):
-            logits = student.backbone(inputs_embeds=seq, attention_mask=m, position_ids=positions_from_mask(m)).logits
+            logits = student.backbone(
+                inputs_embeds=seq, attention_mask=m, position_ids=positions_from_mask(m)
+            ).logits
             tok = logits[:, -1].argmax(-1)
             out.append(tok)
             seq = torch.cat([seq, student.embed(tok[:, None])], 1)
@@ -145,7 +165,9 @@ def test_save_and_load_round_trip(tmp_path):
 
     student = tiny_student("llama", projection="linear").float()
     student.backbone.save_pretrained(tmp_path)
-    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]")))
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
+    )
     tok.save_pretrained(tmp_path)
     student.save_head(tmp_path)
     loaded, _ = load_latent_student(tmp_path, attn_implementation="sdpa")
@@ -178,8 +200,9 @@ def test_embed_norm_head_starts_at_the_token_embedding_scale():
         head = LatentHead(32, 4, "mlp", head=kind, embed_rms=rms if kind == "embed_norm" else None)
         ratios[kind] = _norm_ratio(LatentStudent(backbone, head, 3).eval(), ids, mask)
         if kind == "embed_norm":  # the learned start too
-            assert float(head.init.norm(dim=-1).mean() / backbone.get_input_embeddings().weight.norm(dim=-1).mean()) \
-                == pytest.approx(1.0, abs=0.2)
+            assert float(
+                head.init.norm(dim=-1).mean() / backbone.get_input_embeddings().weight.norm(dim=-1).mean()
+            ) == pytest.approx(1.0, abs=0.2)
     assert ratios["embed_norm"] == pytest.approx(1.0, abs=0.05)
     assert ratios["identity"] > 10
 
@@ -192,7 +215,9 @@ def test_embed_norm_head_is_saved_and_loaded(tmp_path):
     student.head = LatentHead(32, 4, "mlp", head="embed_norm", embed_rms=0.3)
     torch.nn.init.normal_(student.head.gain, std=0.5)  # a trained gain must come back
     student.backbone.save_pretrained(tmp_path)
-    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]")))
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
+    )
     tok.save_pretrained(tmp_path)
     student.save_head(tmp_path)
     loaded, _ = load_latent_student(tmp_path, attn_implementation="sdpa")
@@ -209,15 +234,21 @@ def test_embed_norm_head_on_smollm2_starts_at_the_embedding_scale():
     from kvdistill.student.latent import embedding_rms
 
     backbone, tok = load_model("smollm2-135m", attn_implementation="sdpa")
-    enc = tok(["Question: Compute 3 + 4 * 5.\n", "Question: Compute 12 - 7.\n"], return_tensors="pt",
-              padding=True, padding_side="left")
+    enc = tok(
+        ["Question: Compute 3 + 4 * 5.\n", "Question: Compute 12 - 7.\n"],
+        return_tensors="pt",
+        padding=True,
+        padding_side="left",
+    )
     hidden = backbone.get_input_embeddings().embedding_dim
     ratios = {}
     for kind in ("embed_norm", "identity"):
         torch.manual_seed(0)
-        head = LatentHead(hidden, 4, "mlp", head=kind,
-                          embed_rms=embedding_rms(backbone) if kind == "embed_norm" else None)
-        ratios[kind] = _norm_ratio(LatentStudent(backbone.eval(), head, 3).eval(), enc["input_ids"],
-                                   enc["attention_mask"])
+        head = LatentHead(
+            hidden, 4, "mlp", head=kind, embed_rms=embedding_rms(backbone) if kind == "embed_norm" else None
+        )
+        ratios[kind] = _norm_ratio(
+            LatentStudent(backbone.eval(), head, 3).eval(), enc["input_ids"], enc["attention_mask"]
+        )
     assert ratios["embed_norm"] == pytest.approx(1.0, abs=0.1)
     assert ratios["identity"] > 5

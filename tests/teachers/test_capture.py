@@ -50,7 +50,10 @@ def test_answer_query_mask_after_multibyte_text(name):
 
     tok = load_tokenizer(name)
     text = "東京の天気 😀 は？ café\nAnswer: 42"
-    records = [{"text": text, "answer_start": text.index("42")}, {"text": "plain\nAnswer: 7", "answer_start": 14}]
+    records = [
+        {"text": text, "answer_start": text.index("42")},
+        {"text": "plain\nAnswer: 7", "answer_start": 14},
+    ]
     assert records[0]["answer_start"] == 24 and len(text[:24].encode()) == 42
     enc = tokenize(tok, [r["text"] for r in records])
     query = answer_query_mask(records, enc["offset_mapping"], enc["attention_mask"])  # (B, T)

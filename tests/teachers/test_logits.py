@@ -40,7 +40,9 @@ def test_a_flat_teacher_keeps_its_small_top_k_mass_exactly():
     log-probability to float32 rounding at every stored τ (renormalising the top-k would give it mass 1)."""
     z = torch.randn(1, 8, 49152, generator=torch.Generator().manual_seed(2)) * 0.1
     values, index, shift = topk_logprobs(z, 16, [1.0, 2.0])
-    record = TeacherLogits(values, index, shift, (1.0, 2.0), torch.ones(1, 8), torch.zeros(1, 8, 2, dtype=torch.long))
+    record = TeacherLogits(
+        values, index, shift, (1.0, 2.0), torch.ones(1, 8), torch.zeros(1, 8, 2, dtype=torch.long)
+    )
     for tau in (1.0, 2.0):
         ref = torch.log_softmax(z.double() / tau, -1).gather(-1, index)
         _, logp = record.at(tau)

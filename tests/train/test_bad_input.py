@@ -116,7 +116,10 @@ def test_out_holding_a_run_needs_resume(tiny_yaml, tmp_path, cli):
     assert all(p.read_bytes() == data for p, data in before.items())
     code, err = cli("train", tiny_yaml, "--out", tmp_path / "empty", "--resume")
     assert code == 2
-    assert f"--resume: {tmp_path / 'empty'} holds no run to resume (no config.yaml, no complete checkpoint)" in err
+    assert (
+        f"--resume: {tmp_path / 'empty'} holds no run to resume (no config.yaml, no complete checkpoint)"
+        in err
+    )
     assert "start without --resume" in err and not (tmp_path / "empty").exists()
 
 
@@ -134,7 +137,9 @@ def test_a_learning_rate_adamw_cannot_use_is_refused_when_loaded(tiny_yaml, tmp_
 def test_the_trainer_refuses_a_learning_rate_that_skipped_the_schema(tiny_config, tmp_path):
     """A config built in code (model_copy skips validation) is checked again before anything is written."""
     cfg = tiny_config()
-    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"lr": 1e39, "projector_lr": math.nan})})
+    cfg = cfg.model_copy(
+        update={"train": cfg.train.model_copy(update={"lr": 1e39, "projector_lr": math.nan})}
+    )
     with pytest.raises(ConfigError) as info:
         train(cfg, tmp_path / "run", progress=False)
     assert info.value.problems == [
@@ -253,8 +258,10 @@ def test_the_advice_after_a_divergence_works(tiny_yaml, tmp_path, cli, monkeypat
     assert re.search(r"loss is nan at step 3, micro-batch 0 \(samples \[", err), err
     step1 = out / "checkpoints" / "step-1"
     assert f"set aside as {out / 'checkpoints' / 'step-2.diverged'}" in err
-    assert (f"the last checkpoint saved before the divergence is {step1}: to continue from it with a lower "
-            "learning rate, rerun the same command with --resume train.lr=0.001 (now 0.01) or lower") in err
+    assert (
+        f"the last checkpoint saved before the divergence is {step1}: to continue from it with a lower "
+        "learning rate, rerun the same command with --resume train.lr=0.001 (now 0.01) or lower"
+    ) in err
     _assert_stopped(out, kept=[1], aside=2, logged=2)
     code, err = cli("train", tiny_yaml, "--out", out, "--resume", *args, "train.lr=0.001")
     assert code == 0, err

@@ -84,8 +84,10 @@ def test_every_file_and_directory_is_fsynced_before_the_rename(tmp_path, monkeyp
         for name in ("state/model.safetensors", "state/random_states_0.pkl", "trainer_state.json"):
             (tmp / name).write_text(name)
     tmp = str(tmp_path / "step-1.tmp")
-    assert sorted(synced_files) == [(f"{tmp}/{n}", False) for n in
-                                    ("state/model.safetensors", "state/random_states_0.pkl", "trainer_state.json")]
+    assert sorted(synced_files) == [
+        (f"{tmp}/{n}", False)
+        for n in ("state/model.safetensors", "state/random_states_0.pkl", "trainer_state.json")
+    ]
     # bottom-up: the subdirectory, the directory itself, then (after the rename) the parent
     assert synced_dirs == [(f"{tmp}/state", False), (tmp, False), (str(tmp_path), True)]
 
@@ -104,8 +106,9 @@ def test_a_kill_while_writing_leaves_the_previous_checkpoint(tmp_path):
     target = checkpoint_path(tmp_path, 2)
     with atomic_dir(target) as tmp:
         (tmp / "trainer_state.json").write_text('{"step": 2}')
-    proc = subprocess.run([sys.executable, "-c", KILLED_WHILE_WRITING, str(target)], capture_output=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", KILLED_WHILE_WRITING, str(target)], capture_output=True, timeout=120
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
     assert _tree(target) == {"trainer_state.json": b'{"step": 2}'}
     assert _tree(target.with_name("step-2.tmp")) == {"student/model.safetensors": b"half of a model"}
@@ -114,8 +117,14 @@ def test_a_kill_while_writing_leaves_the_previous_checkpoint(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- listing
 def test_only_complete_checkpoints_count_newest_by_number(tmp_path):
-    for name, complete in [("step-2", True), ("step-10", True), ("step-9", False), ("step-11.tmp", True),
-                           ("step-12.old", True), ("step-x", True)]:
+    for name, complete in [
+        ("step-2", True),
+        ("step-10", True),
+        ("step-9", False),
+        ("step-11.tmp", True),
+        ("step-12.old", True),
+        ("step-x", True),
+    ]:
         (tmp_path / "checkpoints" / name).mkdir(parents=True)
         if complete:
             (tmp_path / "checkpoints" / name / "trainer_state.json").write_text("{}")
@@ -164,27 +173,48 @@ def _tiny_run():
 def _saved(root, step: int = 2):
     accelerator, model, optimizer, scheduler = _tiny_run()
     _adam_steps(model, optimizer, scheduler, step)
-    return save_checkpoint(checkpoint_path(root, step), accelerator=accelerator, objective=model,
-                           scheduler=scheduler, trainer_state={"step": step, "tokens": 64, "config_name": "t"})
+    return save_checkpoint(
+        checkpoint_path(root, step),
+        accelerator=accelerator,
+        objective=model,
+        scheduler=scheduler,
+        trainer_state={"step": step, "tokens": 64, "config_name": "t"},
+    )
 
 
 def test_save_then_load_restores_weights_optimizer_scheduler_and_rng(tmp_path):
     accelerator, model, optimizer, scheduler = _tiny_run()
     _adam_steps(model, optimizer, scheduler, 2)
-    path = save_checkpoint(checkpoint_path(tmp_path, 2), accelerator=accelerator, objective=model,
-                           scheduler=scheduler, trainer_state={"step": 2, "tokens": 64, "config_name": "t"})
-    assert sorted(p.name for p in path.iterdir()) == ["files.json", "scheduler.pt", "state", "student",
-                                                      "trainer_state.json"]
+    path = save_checkpoint(
+        checkpoint_path(tmp_path, 2),
+        accelerator=accelerator,
+        objective=model,
+        scheduler=scheduler,
+        trainer_state={"step": 2, "tokens": 64, "config_name": "t"},
+    )
+    assert sorted(p.name for p in path.iterdir()) == [
+        "files.json",
+        "scheduler.pt",
+        "state",
+        "student",
+        "trainer_state.json",
+    ]
     sizes = json.loads((path / "files.json").read_text())["files"]
-    assert sizes == {f.relative_to(path).as_posix(): f.stat().st_size for f in path.rglob("*")
-                     if f.is_file() and f.name != "files.json"}
+    assert sizes == {
+        f.relative_to(path).as_posix(): f.stat().st_size
+        for f in path.rglob("*")
+        if f.is_file() and f.name != "files.json"
+    }
     assert "state/model.safetensors" in sizes and "state/optimizer.bin" in sizes
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     moments = optimizer.state_dict()["state"][0]["exp_avg"].clone()
     lr, draw = scheduler.get_last_lr(), torch.rand(5)
     _adam_steps(model, optimizer, scheduler, 3)  # move everything on
     assert load_checkpoint(path, accelerator=accelerator, scheduler=scheduler) == {
-        "step": 2, "tokens": 64, "config_name": "t"}
+        "step": 2,
+        "tokens": 64,
+        "config_name": "t",
+    }
     assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
     assert torch.equal(optimizer.state_dict()["state"][0]["exp_avg"], moments)
     assert scheduler.get_last_lr() == lr == pytest.approx([1e-2 / 3], rel=1e-15)
@@ -213,8 +243,16 @@ def test_damaged_checkpoints_are_named_with_why(tmp_path, listed):
     """Sizes against files.json when it is there; without it (checkpoints of older versions) the formats:
     a safetensors header against its file size, a torch.save zip's end record, JSON that parses."""
     damaged = {}
-    for step, name in enumerate(["state/model.safetensors", "state/optimizer.bin", "scheduler.pt",
-                                 "state/random_states_0.pkl", "student/student.pt"], start=1):
+    for step, name in enumerate(
+        [
+            "state/model.safetensors",
+            "state/optimizer.bin",
+            "scheduler.pt",
+            "state/random_states_0.pkl",
+            "student/student.pt",
+        ],
+        start=1,
+    ):
         path = _saved(tmp_path / name.replace("/", "_"), step)
         if not listed:
             (path / "files.json").unlink()
@@ -290,15 +328,22 @@ train(load_config(sys.argv[1], sys.argv[3:]), sys.argv[2], progress=False)
 
 
 @pytest.mark.slow
-def test_a_run_killed_while_saving_resumes_to_the_uninterrupted_result(tiny_config, tiny_yaml, tmp_path, files):
+def test_a_run_killed_while_saving_resumes_to_the_uninterrupted_result(
+    tiny_config, tiny_yaml, tmp_path, files
+):
     from kvdistill.train.trainer import train
 
     full = tmp_path / "full"
     train(tiny_config(*RESUMABLE), full, progress=False)
     out = tmp_path / "killed"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-c", KILLED_WHILE_SAVING, str(tiny_yaml), str(out), *RESUMABLE],
-                          capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", KILLED_WHILE_SAVING, str(tiny_yaml), str(out), *RESUMABLE],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     assert latest_checkpoint(out) == checkpoint_path(out, 2)
     assert (out / "checkpoints/step-4.tmp/trainer_state.json").is_file()  # complete but never renamed
@@ -312,8 +357,11 @@ def test_a_run_killed_while_saving_resumes_to_the_uninterrupted_result(tiny_conf
         assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-6)
     for sub in ("final", "checkpoints/step-4/state"):
         assert files.max_diff(files.weights(full / sub), files.weights(out / sub)) < 1e-6, sub
-    assert summary["tokens"] == json.loads((full / "summary.json").read_text())["tokens"] == sum(
-        r["tokens"] for r in a)
+    assert (
+        summary["tokens"]
+        == json.loads((full / "summary.json").read_text())["tokens"]
+        == sum(r["tokens"] for r in a)
+    )
 
 
 # ---------------------------------------------------------------------------------------------- pruning
@@ -332,9 +380,17 @@ def test_prune_keeps_the_newest_n_and_the_best(tmp_path):
     (tmp_path / "checkpoints" / "step-3.pruned").mkdir()  # left by a crash while pruning
     removed = prune_checkpoints(tmp_path, 2, step=6)  # step-7: left from before a resume at 6, not counted
     assert [p.name for p in removed] == ["step-1", "step-3", "step-4"]
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-2", "step-5", "step-6", "step-7"]
-    assert prune_checkpoints(tmp_path, 1, step=7) == [checkpoint_path(tmp_path, 2), checkpoint_path(tmp_path, 5),
-                                                      checkpoint_path(tmp_path, 6)]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        "step-2",
+        "step-5",
+        "step-6",
+        "step-7",
+    ]
+    assert prune_checkpoints(tmp_path, 1, step=7) == [
+        checkpoint_path(tmp_path, 2),
+        checkpoint_path(tmp_path, 5),
+        checkpoint_path(tmp_path, 6),
+    ]
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-7"]  # the newest is also the best
 
 

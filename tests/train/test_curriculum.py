@@ -48,8 +48,14 @@ def test_a_fusion_section_override_applies_only_to_the_stages_that_read_it(tmp_p
 def test_phases_chain_students_and_phase5_trains_through_the_latent_space(tmp_path):
     """Phases 1 and 5 on the real offline teachers (1 step each): phase 5 starts from phase 1's student and
     distills SmolLM2, Gemma-3 and the MiniLM encoder through the shared space Z."""
-    small = ["train.steps=1", "train.batch_size=2", "data.size=8", "data.eval_size=2", "data.max_length=40",
-             "fusion.latent.fit_samples=4"]
+    small = [
+        "train.steps=1",
+        "train.batch_size=2",
+        "data.size=8",
+        "data.eval_size=2",
+        "data.max_length=40",
+        "fusion.latent.fit_samples=4",
+    ]
     results = run_phases([1, 5], tmp_path, small)
     assert [r["stage"] for r in results] == ["phase1", "phase5"]
     assert results[1]["init_student"] == str(tmp_path / "phase1" / "final")
@@ -64,6 +70,10 @@ def test_phases_chain_students_and_phase5_trains_through_the_latent_space(tmp_pa
     assert bool(state["space.latent.fitted"])
     assert torch.count_nonzero(state["space.latent.minilm__0__proj"]) > 0
     # resume skips finished stages and returns the same summaries
-    again = run_curriculum([r for r in (tmp_path / "phase1" / "config.yaml", tmp_path / "phase5" / "config.yaml")],
-                           tmp_path, small, resume=True)
+    again = run_curriculum(
+        [r for r in (tmp_path / "phase1" / "config.yaml", tmp_path / "phase5" / "config.yaml")],
+        tmp_path,
+        small,
+        resume=True,
+    )
     assert [r["eval/ce"] for r in again] == [r["eval/ce"] for r in results]

@@ -21,14 +21,26 @@ TOL = 1e-5  # float32: sharded and replicated AdamW differ only in summation ord
 
 def torchrun(yaml, out, *overrides, resume=False, nproc=2, wait=True):
     """`kvdistill train` under torchrun (2 gloo processes on CPU); the finished process, or the running one."""
-    cmd = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--standalone", "--nproc_per_node",
-           str(nproc), "-m", "kvdistill.cli", "train", str(yaml), "--out", str(out), *overrides]
+    cmd = [
+        os.path.join(os.path.dirname(sys.executable), "torchrun"),
+        "--standalone",
+        "--nproc_per_node",
+        str(nproc),
+        "-m",
+        "kvdistill.cli",
+        "train",
+        str(yaml),
+        "--out",
+        str(out),
+        *overrides,
+    ]
     if resume:
         cmd.append("--resume")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     if not wait:
-        return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)
+        return subprocess.Popen(
+            cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
+        )
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -36,9 +48,15 @@ def torchrun(yaml, out, *overrides, resume=False, nproc=2, wait=True):
 
 def test_fsdp_refuses_what_it_does_not_shard(tiny_config):
     assert fsdp_problems(tiny_config("train.distributed=fsdp")) == []
-    problems = fsdp_problems(tiny_config("train.distributed=fsdp", "train.mixed_precision=fp16",
-                                         "train.early_stopping.patience=2", "train.eval_every=1",
-                                         "data.val_size=2"))
+    problems = fsdp_problems(
+        tiny_config(
+            "train.distributed=fsdp",
+            "train.mixed_precision=fp16",
+            "train.early_stopping.patience=2",
+            "train.eval_every=1",
+            "data.val_size=2",
+        )
+    )
     assert len(problems) == 2 and "fp16" in problems[0] and "train.early_stopping" in problems[1]
     assert all("train.distributed=ddp" in p for p in problems)
     assert fsdp_problems(tiny_config("train.mixed_precision=fp16")) == []  # ddp: nothing refused here
@@ -60,7 +78,9 @@ def test_fsdp_and_ddp_give_the_same_weights(lora, tiny_yaml, tmp_path, files):
     """2 processes, 3 steps of batch 1 × accumulation 2, the tiny student and both tiny online teachers: the
     student's weights, the maps' and every logged loss and gradient norm agree between ddp and fsdp; the final
     student of fsdp (gathered on process 0) loads with from_pretrained; summary.json has each process's memory."""
-    extra = ["train.batch_size=1", "train.grad_accum=2", "train.steps=3"] + (["student.lora.r=4"] if lora else [])
+    extra = ["train.batch_size=1", "train.grad_accum=2", "train.steps=3"] + (
+        ["student.lora.r=4"] if lora else []
+    )
     ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
     torchrun(tiny_yaml, ddp, *extra)
     torchrun(tiny_yaml, fsdp, *extra, "train.distributed=fsdp")
@@ -70,7 +90,10 @@ def test_fsdp_and_ddp_give_the_same_weights(lora, tiny_yaml, tmp_path, files):
     a, b = files.weights(ddp / "final"), files.weights(fsdp / "final")
     assert a.keys() == b.keys() and files.max_diff(a, b) < TOL
     # a ddp checkpoint keeps the student once, in student/ (state/ holds the maps); fsdp's state/ holds both
-    state_a, state_b = files.weights(ddp / "checkpoints/step-3/state"), files.weights(fsdp / "checkpoints/step-3/state")
+    state_a, state_b = (
+        files.weights(ddp / "checkpoints/step-3/state"),
+        files.weights(fsdp / "checkpoints/step-3/state"),
+    )
     assert state_a.keys() <= state_b.keys()
     assert files.max_diff(state_a, {k: state_b[k] for k in state_a}) < TOL  # the maps
     student_a = files.weights(ddp / "checkpoints/step-3/student")
@@ -91,7 +114,8 @@ def test_fsdp_and_ddp_give_the_same_weights(lora, tiny_yaml, tmp_path, files):
     # state is split between the processes, the maps' (two fp32 moments of the replicated maps) held by both
     whole = ddp_memory[0]
     assert sum(m["optimizer_state_bytes"] for m in memory) == pytest.approx(
-        whole["optimizer_state_bytes"] + 2 * whole["maps_params_bytes"], rel=0.02)
+        whole["optimizer_state_bytes"] + 2 * whole["maps_params_bytes"], rel=0.02
+    )
     for m in memory:
         assert 0.4 < m["student_params_bytes"] / whole["student_params_bytes"] < 0.6
         assert m["optimizer_state_bytes"] < whole["optimizer_state_bytes"]
@@ -111,7 +135,9 @@ def test_fsdp_resumes_after_a_killed_process_and_in_one_process(tiny_yaml, tmp_p
     try:  # kill process 1 once the checkpoint of step 2 exists (before the run ends)
         deadline = time.time() + 240
         while not (killed / "checkpoints/step-2/trainer_state.json").exists():
-            assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:] if proc.stderr else ""
+            assert proc.poll() is None and time.time() < deadline, (
+                proc.stderr.read()[-3000:] if proc.stderr else ""
+            )
             time.sleep(0.2)
         worker = _rank_pid(proc.pid, 1)
         os.kill(worker, signal.SIGKILL)
@@ -165,7 +191,9 @@ def test_one_process_with_cpu_offload_trains_as_without(tiny_config, tmp_path, f
 
     plain, offload = tmp_path / "plain", tmp_path / "offload"
     train(tiny_config(), plain, progress=False)
-    summary = train(tiny_config("train.distributed=fsdp", "train.fsdp.cpu_offload=true"), offload, progress=False)
+    summary = train(
+        tiny_config("train.distributed=fsdp", "train.fsdp.cpu_offload=true"), offload, progress=False
+    )
     a, b = files.weights(plain / "final"), files.weights(offload / "final")
     assert a.keys() == b.keys() and files.max_diff(a, b) < TOL
     assert summary["memory"][0]["optimizer_state_bytes"] > 0

@@ -35,13 +35,20 @@ train(load_config(sys.argv[1], sys.argv[6:]), sys.argv[2], resume=os.path.isfile
 
 # (module, function, which call kills): inside a step, inside a checkpoint's fsync (written, not renamed), at the
 # start of a checkpoint, inside the atomic directory helper
-POINTS = [("kvdistill.train.trainer", "optimizer_step", 1), ("kvdistill.train.trainer", "optimizer_step", 3),
-          ("kvdistill.train.checkpoint", "_fsync_tree", 1), ("kvdistill.train.checkpoint", "_fsync_tree", 2),
-          ("kvdistill.train.trainer", "save_checkpoint", 2), ("kvdistill.train.checkpoint", "atomic_dir", 2)]
+POINTS = [
+    ("kvdistill.train.trainer", "optimizer_step", 1),
+    ("kvdistill.train.trainer", "optimizer_step", 3),
+    ("kvdistill.train.checkpoint", "_fsync_tree", 1),
+    ("kvdistill.train.checkpoint", "_fsync_tree", 2),
+    ("kvdistill.train.trainer", "save_checkpoint", 2),
+    ("kvdistill.train.checkpoint", "atomic_dir", 2),
+]
 
 
 @pytest.mark.slow
-def test_killed_at_random_points_then_resumed_equals_an_uninterrupted_run(tiny_config, tiny_yaml, tmp_path, files):
+def test_killed_at_random_points_then_resumed_equals_an_uninterrupted_run(
+    tiny_config, tiny_yaml, tmp_path, files
+):
     from kvdistill.train.trainer import train
 
     full = tmp_path / "full"
@@ -51,8 +58,13 @@ def test_killed_at_random_points_then_resumed_equals_an_uninterrupted_run(tiny_c
     plan = random.Random(0).sample(POINTS, 4)
     killed = 0
     for module, name, nth in plan:
-        proc = subprocess.run([sys.executable, "-c", KILL_AT, str(tiny_yaml), str(out), module, name, str(nth), *RUN],
-                              capture_output=True, text=True, env=env, timeout=300)
+        proc = subprocess.run(
+            [sys.executable, "-c", KILL_AT, str(tiny_yaml), str(out), module, name, str(nth), *RUN],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+        )
         assert proc.returncode in (0, -signal.SIGKILL), proc.stderr[-3000:]
         killed += proc.returncode == -signal.SIGKILL
     assert killed >= 3, plan  # the points were really reached

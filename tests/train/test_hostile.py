@@ -62,10 +62,14 @@ def test_a_run_name_that_is_not_one_path_segment_is_refused(tiny_yaml, home, cli
     """The run `name` becomes DIR/<name> in a curriculum: `../` or an absolute name wrote whole runs outside."""
     before = tree.snap(home)
     for command in ("validate", "train"):
-        args = [command, tiny_yaml, f"name={name}"] + (["--out", home / "work" / "run"] if command == "train" else [])
+        args = [command, tiny_yaml, f"name={name}"] + (
+            ["--out", home / "work" / "run"] if command == "train" else []
+        )
         code, err = cli(*args)
         assert code == 2, err
-        assert "name" in err and ("one path segment" in err or "at most 100" in err or "directory itself" in err)
+        assert "name" in err and (
+            "one path segment" in err or "at most 100" in err or "directory itself" in err
+        )
         assert ("e.g." in err or "at most 100" in err) and "Traceback" not in err  # the fix, with the problem
     assert tree.snap(home) == before
 
@@ -107,7 +111,10 @@ def test_a_planted_symlink_in_a_run_directory_is_refused(finished, home, cli, tr
     before = tree.snap(home)
     code, err = cli("train", tiny_yaml, "--out", run, "--resume", "train.steps=3")
     assert code == 2, err
-    assert f"holds symlinks leading out of it ({entry} -> {target if entry == 'metrics.jsonl' else home / 'outside'})" in err
+    assert (
+        f"holds symlinks leading out of it ({entry} -> {target if entry == 'metrics.jsonl' else home / 'outside'})"
+        in err
+    )
     assert "remove those symlinks" in err
     assert tree.snap(home) == before and not target.exists()
 
@@ -140,15 +147,21 @@ def test_out_pointing_at_the_users_folder_is_refused(tiny_yaml, home, cli, tree,
 @pytest.mark.parametrize("kind", ["file", "dangling symlink", "under a file"])
 def test_out_that_is_not_a_directory_is_refused(tiny_yaml, home, cli, tree, kind):
     work = home / "work"
-    out = {"file": work / "my.yaml", "dangling symlink": work / "link",
-           "under a file": work / "my.yaml" / "run"}[kind]
+    out = {
+        "file": work / "my.yaml",
+        "dangling symlink": work / "link",
+        "under a file": work / "my.yaml" / "run",
+    }[kind]
     if kind == "dangling symlink":
         out.symlink_to(home / "outside" / "nothing")
     before = tree.snap(home)
     code, err = cli("train", tiny_yaml, "--out", out)
     assert code == 2, err
-    expected = {"file": "is a file, not a directory", "dangling symlink": "which does not exist",
-                "under a file": "which is a file, not a directory"}[kind]
+    expected = {
+        "file": "is a file, not a directory",
+        "dangling symlink": "which does not exist",
+        "under a file": "which is a file, not a directory",
+    }[kind]
     assert expected in err and "fix:" in err
     assert tree.snap(home) == before
 
@@ -165,13 +178,14 @@ def _nan_fill(path) -> None:
     """Overwrite the data of every tensor of a safetensors file with 0xFF bytes (NaN): same size."""
     data = bytearray(path.read_bytes())
     (n,) = struct.unpack("<Q", data[:8])
-    data[8 + n:] = b"\xff" * (len(data) - 8 - n)
+    data[8 + n :] = b"\xff" * (len(data) - 8 - n)
     path.write_bytes(bytes(data))
 
 
 @pytest.mark.parametrize("damage", ["model bit", "optimizer bit", "model NaN"])
-def test_a_damaged_checkpoint_is_named_as_damage_and_the_intact_one_resumes(finished, home, cli, tree, tiny_yaml,
-                                                                          damage, caplog):
+def test_a_damaged_checkpoint_is_named_as_damage_and_the_intact_one_resumes(
+    finished, home, cli, tree, tiny_yaml, damage, caplog
+):
     """A same-size bit flip resumed with exit 0 to a different model; a larger one was reported as divergence,
     the good checkpoint renamed .diverged, and the user told to lower the lr."""
     run = copy_run(finished, home / "work")
@@ -189,7 +203,9 @@ def test_a_damaged_checkpoint_is_named_as_damage_and_the_intact_one_resumes(fini
     code, err = cli("train", tiny_yaml, "--out", run, "--resume", "train.steps=3")
     assert code == 0, err
     warned = caplog.text
-    assert f"checkpoint {run / 'checkpoints' / 'step-2'} is damaged ({name} is damaged: its sha256 is" in warned
+    assert (
+        f"checkpoint {run / 'checkpoints' / 'step-2'} is damaged ({name} is damaged: its sha256 is" in warned
+    )
     assert "when saved): not resumed from" in warned
     assert f"resuming {run} from {run / 'checkpoints' / 'step-1'}, the newest intact checkpoint" in warned
     assert "diverge" not in err + warned and "lower" not in err
@@ -203,8 +219,7 @@ def test_a_damaged_data_record_refuses_the_resume(finished, home, cli, tree, tin
     """A damaged data.json let --resume train on changed data."""
     run = copy_run(finished, home / "work")
     intact = (run / "data.json").read_text()
-    for content, found in (("{not json", "cannot be read"),
-                           (None, "its content hash is")):
+    for content, found in (("{not json", "cannot be read"), (None, "its content hash is")):
         if content is None:
             data = json.loads(intact)
             data["train"]["records"] += 1
@@ -218,10 +233,17 @@ def test_a_damaged_data_record_refuses_the_resume(finished, home, cli, tree, tin
         assert tree.snap(home) == before
 
 
-@pytest.mark.parametrize(("override", "key"), [("losses.kv.weight=.inf", "losses.kv.weight"),
-                                              ("train.weight_decay=.inf", "train.weight_decay"),
-                                              ("teachers.0.weight=.nan", "teachers[0].weight")])
-def test_a_non_finite_weight_or_decay_is_refused_not_blamed_on_the_lr(tiny_yaml, home, cli, tree, override, key):
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("losses.kv.weight=.inf", "losses.kv.weight"),
+        ("train.weight_decay=.inf", "train.weight_decay"),
+        ("teachers.0.weight=.nan", "teachers[0].weight"),
+    ],
+)
+def test_a_non_finite_weight_or_decay_is_refused_not_blamed_on_the_lr(
+    tiny_yaml, home, cli, tree, override, key
+):
     before = tree.snap(home)
     for command in ("validate", "train"):
         extra = ["--out", home / "work" / "run"] if command == "train" else []
@@ -258,17 +280,34 @@ def test_divergence_advice_names_non_finite_cached_inputs(tmp_path):
     from kvdistill.cache import CacheReader, CacheWriter, make_meta
     from kvdistill.compress import Compression
 
-    meta = make_meta("org/t", {"num_layers": 1, "num_kv_heads": 1, "head_dim": 2}, "tok",
-                     Compression(kind="full", dtype="float32").to_dict(), "data")
+    meta = make_meta(
+        "org/t",
+        {"num_layers": 1, "num_kv_heads": 1, "head_dim": 2},
+        "tok",
+        Compression(kind="full", dtype="float32").to_dict(),
+        "data",
+    )
     with CacheWriter(tmp_path / "c", meta, shard_size=2) as w:
         for i, value in enumerate((1.0, float("inf"))):
-            w.add(f"s{i}", {"token_ids": torch.arange(2), "positions": torch.arange(2),
-                            "spans": torch.tensor([[0, 1], [1, 2]]), "keys_l0": torch.full((1, 2, 2), value),
-                            "values_l0": torch.ones(1, 2, 2)})
-    run = SimpleNamespace(inner=SimpleNamespace(teachers=[SimpleNamespace(name="t", kind="cache",
-                                                                     reader=CacheReader(tmp_path / "c"))]))
+            w.add(
+                f"s{i}",
+                {
+                    "token_ids": torch.arange(2),
+                    "positions": torch.arange(2),
+                    "spans": torch.tensor([[0, 1], [1, 2]]),
+                    "keys_l0": torch.full((1, 2, 2), value),
+                    "values_l0": torch.ones(1, 2, 2),
+                },
+            )
+    run = SimpleNamespace(
+        inner=SimpleNamespace(
+            teachers=[SimpleNamespace(name="t", kind="cache", reader=CacheReader(tmp_path / "c"))]
+        )
+    )
     assert divergence.nonfinite_inputs(run, ["s0"]) == []
-    assert divergence.nonfinite_inputs(run, ["s0", "s1"]) == [f"teacher 't' (cache {tmp_path / 'c'}), sample 's1': keys_l0"]
+    assert divergence.nonfinite_inputs(run, ["s0", "s1"]) == [
+        f"teacher 't' (cache {tmp_path / 'c'}), sample 's1': keys_l0"
+    ]
 
 
 # ------------------------------------------------------------------------------------------ markup, limits, stops
@@ -292,7 +331,9 @@ def test_a_compression_budget_above_the_text_length_is_refused(tiny_yaml, home, 
     before = tree.snap(home)
     args = ("teachers.0.compression.kind=rkv", "teachers.0.compression.budget=100000", "data.max_length=48")
     for command in ("validate", "train"):
-        code, err = cli(command, tiny_yaml, *args, *(["--out", home / "work" / "run"] if command == "train" else []))
+        code, err = cli(
+            command, tiny_yaml, *args, *(["--out", home / "work" / "run"] if command == "train" else [])
+        )
         assert code == 2, err
         assert "teachers.0.compression.budget (100000) is more than data.max_length (48)" in err
         assert "set a budget of at most 48" in err
@@ -337,23 +378,34 @@ def test_a_stopped_run_says_how_to_resume(tiny_yaml, home, cli, tree, monkeypatc
     before = tree.snap(home)
     code, err = cli("train", tiny_yaml, "--out", run)
     assert code == 128 + signum, err
-    assert f"stopped by {signal.Signals(signum).name}; to continue from the last checkpoint, run: kvdistill train" in err
+    assert (
+        f"stopped by {signal.Signals(signum).name}; to continue from the last checkpoint, run: kvdistill train"
+        in err
+    )
     assert f"--out {run} --resume" in err
     assert not (run / ".train.holder.json").exists()  # the lock was given back
     tree.only_inside(before, tree.snap(home), "work/run")
 
 
 # ------------------------------------------------------------------------------------------ validate == train
-@pytest.mark.parametrize(("override", "expected"), [
-    ("train.seed=-1", "'train.seed' = -1: Input should be greater than or equal to 0"),
-    ("data.max_length=300", "data.max_length = 300 is longer than the maximum positions of teacher 'qwen2' "
-                            "(256), teacher 'gemma3' (256); set data.max_length to at most 256"),
-    ("teachers.0.name=" + "t" * 120, "teacher name is 120 bytes long"),
-])
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("train.seed=-1", "'train.seed' = -1: Input should be greater than or equal to 0"),
+        (
+            "data.max_length=300",
+            "data.max_length = 300 is longer than the maximum positions of teacher 'qwen2' "
+            "(256), teacher 'gemma3' (256); set data.max_length to at most 256",
+        ),
+        ("teachers.0.name=" + "t" * 120, "teacher name is 120 bytes long"),
+    ],
+)
 def test_validate_refuses_what_train_refuses(tiny_yaml, home, cli, tree, override, expected):
     before = tree.snap(home)
     for command in ("validate", "train"):
-        code, err = cli(command, tiny_yaml, override, *(["--out", home / "work" / "run"] if command == "train" else []))
+        code, err = cli(
+            command, tiny_yaml, override, *(["--out", home / "work" / "run"] if command == "train" else [])
+        )
         assert code == 2, (command, err)
         assert expected in err and "Traceback" not in err
     assert tree.snap(home) == before
@@ -369,7 +421,11 @@ def test_invalid_utf8_prompt_and_text_are_clear_errors(finished, cli):
 
 def test_eval_max_length_and_generate_length_are_bounded(finished, cli):
     code, err = cli("eval", finished, "--max-length", "1")
-    assert code == 2 and "--max-length 1: a text of fewer than 2 tokens" in err and "--max-length 2 or more" in err
+    assert (
+        code == 2
+        and "--max-length 1: a text of fewer than 2 tokens" in err
+        and "--max-length 2 or more" in err
+    )
     code, err = cli("generate", finished, "--prompt", "Question: 1+1?", "--max-new-tokens", "100000000")
     assert code == 2, err
     assert "--max-new-tokens 100000000 after a" in err and "runs past the model's" in err

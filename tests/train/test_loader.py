@@ -12,8 +12,13 @@ from kvdistill.errors import ConfigError, KvdistillError
 from kvdistill.train.loader import MicroBatches, micro_batch
 from kvdistill.train.trainer import train
 
-RESUMABLE = ["train.steps=4", "train.batch_size=2", "train.grad_accum=2", "train.warmup_steps=2",
-             "train.save_every=2"]
+RESUMABLE = [
+    "train.steps=4",
+    "train.batch_size=2",
+    "train.grad_accum=2",
+    "train.warmup_steps=2",
+    "train.save_every=2",
+]
 
 
 def same_runs(a, b, files):
@@ -66,17 +71,41 @@ def test_a_resume_with_workers_matches_the_uninterrupted_run(tiny_config, uninte
     same_runs(uninterrupted, out, files)
 
 
-LATENT = {"name": "latent", "data": {"source": "arithmetic", "size": 24, "eval_size": 4, "max_length": 96},
-          "student": {"from_config": {"base": "smollm2-135m", "num_hidden_layers": 2, "hidden_size": 64,
-                                      "intermediate_size": 128, "num_attention_heads": 2, "num_key_value_heads": 1,
-                                      "head_dim": 32, "max_position_embeddings": 256},
-                      "tokenizer": "gpt2-tokenizer", "latent": {"tokens": 4, "iterations": 1}},
-          "teachers": [{"name": "qwen_sp", "tokenizer": "llama2-tokenizer",
-                        "from_config": {"family": "qwen2", "num_hidden_layers": 2, "hidden_size": 48,
-                                        "intermediate_size": 96, "num_attention_heads": 4, "num_key_value_heads": 2,
-                                        "max_position_embeddings": 256}}],
-          "losses": {"ce": 1.0, "cot_ce": 1.0, "latent_kv": {"weight": 1.0}},
-          "train": {"steps": 2, "batch_size": 2, "grad_accum": 2, "tensorboard": False}}
+LATENT = {
+    "name": "latent",
+    "data": {"source": "arithmetic", "size": 24, "eval_size": 4, "max_length": 96},
+    "student": {
+        "from_config": {
+            "base": "smollm2-135m",
+            "num_hidden_layers": 2,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "head_dim": 32,
+            "max_position_embeddings": 256,
+        },
+        "tokenizer": "gpt2-tokenizer",
+        "latent": {"tokens": 4, "iterations": 1},
+    },
+    "teachers": [
+        {
+            "name": "qwen_sp",
+            "tokenizer": "llama2-tokenizer",
+            "from_config": {
+                "family": "qwen2",
+                "num_hidden_layers": 2,
+                "hidden_size": 48,
+                "intermediate_size": 96,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+                "max_position_embeddings": 256,
+            },
+        }
+    ],
+    "losses": {"ce": 1.0, "cot_ce": 1.0, "latent_kv": {"weight": 1.0}},
+    "train": {"steps": 2, "batch_size": 2, "grad_accum": 2, "tensorboard": False},
+}
 
 
 def test_a_latent_student_takes_the_same_step_path(tmp_path, files):
@@ -86,12 +115,22 @@ def test_a_latent_student_takes_the_same_step_path(tmp_path, files):
 
     inline, piped = tmp_path / "inline", tmp_path / "piped"
     train(load_config(raw=LATENT), inline, progress=False)
-    train(load_config(raw=LATENT, overrides=["train.num_workers=1", "train.teachers_ahead=true"]), piped,
-          progress=False)
+    train(
+        load_config(raw=LATENT, overrides=["train.num_workers=1", "train.teachers_ahead=true"]),
+        piped,
+        progress=False,
+    )
     ra, rb = files.metrics(inline), files.metrics(piped)
     assert [r["step"] for r in ra] == [1, 2]
     for x, y in zip(ra, rb, strict=True):
-        for key in ("loss", "loss/ce", "loss/cot_ce", "loss/latent_kv/self", "loss/latent_kv/qwen_sp", "grad_norm"):
+        for key in (
+            "loss",
+            "loss/ce",
+            "loss/cot_ce",
+            "loss/latent_kv/self",
+            "loss/latent_kv/qwen_sp",
+            "grad_norm",
+        ):
             assert x[key] == y[key], key
 
 
@@ -112,4 +151,8 @@ def test_teachers_ahead_give_the_same_run(tiny_config, uninterrupted, tmp_path, 
 
 def test_teachers_ahead_without_teachers_is_refused(tiny_config, tmp_path):
     with pytest.raises(KvdistillError, match="train.teachers_ahead is true, but this run has no teachers"):
-        train(tiny_config(*RESUMABLE, "teachers=[]", "train.teachers_ahead=true"), tmp_path / "no", progress=False)
+        train(
+            tiny_config(*RESUMABLE, "teachers=[]", "train.teachers_ahead=true"),
+            tmp_path / "no",
+            progress=False,
+        )

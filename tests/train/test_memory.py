@@ -18,8 +18,9 @@ def test_ddp_holds_the_whole_student_and_fsdp_a_share():
     fsdp = run_parts(**kw, world=4, distributed="fsdp")
     in_flight = 2 * 4 * 10**9 // 16  # two blocks gathered
     assert fsdp["weights"] == 10**9 + in_flight and fsdp["grads"] == 10**9 and fsdp["optimizer"] == 2 * 10**9
-    assert fsdp["acts"] == ddp["acts"] and fsdp["teachers"] == ddp["teachers"] == 2 * 3 * 10**9 + 2 * 2 * 512 * (
-        2 * 3072 * 28 + 8 * 3072)  # teachers replicated
+    assert fsdp["acts"] == ddp["acts"] and fsdp["teachers"] == ddp[
+        "teachers"
+    ] == 2 * 3 * 10**9 + 2 * 2 * 512 * (2 * 3072 * 28 + 8 * 3072)  # teachers replicated
     offload = run_parts(**kw, world=1, distributed="fsdp", cpu_offload=True)
     assert (offload["weights"], offload["grads"], offload["optimizer"]) == (in_flight, 0, 0)
     lora = run_parts(**{**kw, "student": {**STUDENT, "trainable": 10**7}})
@@ -53,6 +54,8 @@ def test_the_counts_are_those_of_the_built_student(tiny_config, lora):
 
     cfg = tiny_config(*(["student.lora.r=4"] if lora else []))
     model, _ = build_student(cfg.student)
-    shape = _shape(None, cfg.student.from_config, "student.from_config", cfg.student.lora, cfg.student.tokenizer)
+    shape = _shape(
+        None, cfg.student.from_config, "student.from_config", cfg.student.lora, cfg.student.tokenizer
+    )
     assert shape["params"] == sum(p.numel() for p in model.parameters())
     assert shape["trainable"] == sum(p.numel() for p in model.parameters() if p.requires_grad)

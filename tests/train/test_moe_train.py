@@ -32,21 +32,45 @@ def test_train_pikv_then_generate(tmp_path):
     rows = _rows(out)
     assert len(rows) == 2
     keys = set(rows[0])
-    assert {"loss/routing/moe_teacher", "loss/expert/moe_teacher", "routing/top1_agreement/moe_teacher",
-            "loss/balance", "logit_kd/temperature"} <= keys
+    assert {
+        "loss/routing/moe_teacher",
+        "loss/expert/moe_teacher",
+        "routing/top1_agreement/moe_teacher",
+        "loss/balance",
+        "logit_kd/temperature",
+    } <= keys
     assert rows[0]["logit_kd/temperature"] == 4.0
     cfg = yaml.safe_load((out / "config.yaml").read_text())
     assert cfg["losses"]["routing"]["weight"] == 0.2 and cfg["losses"]["expert"]["weight"] == 0.4
-    gen = runner.invoke(app, ["generate", str(out / "final"), "--prompt", "Question: 2 + 3 =",
-                              "--max-new-tokens", "5", "--json"])
+    gen = runner.invoke(
+        app,
+        ["generate", str(out / "final"), "--prompt", "Question: 2 + 3 =", "--max-new-tokens", "5", "--json"],
+    )
     assert gen.exit_code == 0, gen.output
-    result = json.loads(gen.stdout[gen.stdout.index("{"):])
+    result = json.loads(gen.stdout[gen.stdout.index("{") :])
     assert result["new_tokens"] == 5 and result["continuation"] and result["tokens_per_s"] > 0
-    plain = runner.invoke(app, ["generate", str(out / "final"), "--prompt", "Question: 2 + 3 =",
-                                "--max-new-tokens", "5"])
+    plain = runner.invoke(
+        app, ["generate", str(out / "final"), "--prompt", "Question: 2 + 3 =", "--max-new-tokens", "5"]
+    )
     assert plain.exit_code == 0 and result["continuation"] in plain.stdout  # greedy: the same text again
-    sampled = runner.invoke(app, ["generate", str(out), "--prompt", "Hi", "--max-new-tokens", "4",
-                                  "--temperature", "0.9", "--top-p", "0.8", "--seed", "3", "--json"])
+    sampled = runner.invoke(
+        app,
+        [
+            "generate",
+            str(out),
+            "--prompt",
+            "Hi",
+            "--max-new-tokens",
+            "4",
+            "--temperature",
+            "0.9",
+            "--top-p",
+            "0.8",
+            "--seed",
+            "3",
+            "--json",
+        ],
+    )
     assert sampled.exit_code == 0, sampled.output
 
 
@@ -69,23 +93,44 @@ def test_temperature_schedule_is_logged_and_resumed_exactly(tmp_path):
     assert [r["logit_kd/temperature"] for r in a] == [8.0, 4.0, 4.0, 2.0]
     assert [r["logit_kd/temperature"] for r in b] == [8.0, 4.0, 4.0, 2.0]
     for ra, rb in zip(a, b, strict=True):
-        for key in ("loss", "loss/logit_kd/moe_teacher", "loss/routing/moe_teacher", "loss/expert/moe_teacher"):
+        for key in (
+            "loss",
+            "loss/logit_kd/moe_teacher",
+            "loss/routing/moe_teacher",
+            "loss/expert/moe_teacher",
+        ):
             assert rb[key] == pytest.approx(ra[key], rel=1e-6), key
 
 
 def test_temperature_schedules_and_their_refusals():
-    linear = load_config(raw={**read_raw(config_path("pikv")), "losses": {
-        "logit_kd": {"weight": 1.0, "schedule": {"kind": "linear", "start": 8.0, "end": 2.0}}}}).losses.logit_kd
+    linear = load_config(
+        raw={
+            **read_raw(config_path("pikv")),
+            "losses": {"logit_kd": {"weight": 1.0, "schedule": {"kind": "linear", "start": 8.0, "end": 2.0}}},
+        }
+    ).losses.logit_kd
     assert [linear.temperature_at(s, 5) for s in range(5)] == [8.0, 6.5, 5.0, 3.5, 2.0]
-    step = load_config(raw={**read_raw(config_path("pikv")), "losses": {"logit_kd": {
-        "weight": 1.0, "schedule": {"kind": "step", "values": [8.0, 4.0, 2.0], "milestones": [10, 50]}}}})
+    step = load_config(
+        raw={
+            **read_raw(config_path("pikv")),
+            "losses": {
+                "logit_kd": {
+                    "weight": 1.0,
+                    "schedule": {"kind": "step", "values": [8.0, 4.0, 2.0], "milestones": [10, 50]},
+                }
+            },
+        }
+    )
     assert [step.losses.logit_kd.temperature_at(s, 100) for s in (0, 9, 10, 49, 50, 99)] == [8, 8, 4, 4, 2, 2]
-    for bad, words in (({"temperature": 3.0, "schedule": {"kind": "linear", "start": 8.0, "end": 2.0}},
-                        "temperature is set"),
-                       ({"schedule": {"kind": "linear", "start": 8.0}}, "needs schedule.end"),
-                       ({"schedule": {"kind": "constant", "values": [1.0, 2.0]}}, "schedule.values is not read"),
-                       ({"schedule": {"kind": "step", "values": [8.0, 4.0], "milestones": [3, 5]}},
-                        "milestones")):
+    for bad, words in (
+        (
+            {"temperature": 3.0, "schedule": {"kind": "linear", "start": 8.0, "end": 2.0}},
+            "temperature is set",
+        ),
+        ({"schedule": {"kind": "linear", "start": 8.0}}, "needs schedule.end"),
+        ({"schedule": {"kind": "constant", "values": [1.0, 2.0]}}, "schedule.values is not read"),
+        ({"schedule": {"kind": "step", "values": [8.0, 4.0], "milestones": [3, 5]}}, "milestones"),
+    ):
         with pytest.raises(ConfigError, match=words):
             load_config(raw={**read_raw(config_path("pikv")), "losses": {"logit_kd": {"weight": 1.0, **bad}}})
 
@@ -96,19 +141,48 @@ def test_ddp_two_processes_match_one_for_an_moe_student(tmp_path):
     from safetensors.torch import load_file
 
     one = tmp_path / "one"
-    train(load_config(config_path("pikv"), overrides=["train.steps=2", "train.batch_size=2", "train.grad_accum=2"]),
-          one, progress=False)
+    train(
+        load_config(
+            config_path("pikv"), overrides=["train.steps=2", "train.batch_size=2", "train.grad_accum=2"]
+        ),
+        one,
+        progress=False,
+    )
     ddp = tmp_path / "ddp"
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "kvdistill.cli", "train", "pikv",
-                           "--out", str(ddp), "train.steps=2", "train.batch_size=1", "train.grad_accum=2"],
-                          capture_output=True, text=True, env=env, timeout=400)
+    proc = subprocess.run(
+        [
+            torchrun,
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "kvdistill.cli",
+            "train",
+            "pikv",
+            "--out",
+            str(ddp),
+            "train.steps=2",
+            "train.batch_size=1",
+            "train.grad_accum=2",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=400,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = _rows(one), _rows(ddp)
     for ra, rb in zip(a, b, strict=True):
         assert rb["tokens"] == ra["tokens"]
-        for key in ("loss", "loss/routing/moe_teacher", "loss/expert/moe_teacher", "loss/balance", "grad_norm"):
+        for key in (
+            "loss",
+            "loss/routing/moe_teacher",
+            "loss/expert/moe_teacher",
+            "loss/balance",
+            "grad_norm",
+        ):
             assert rb[key] == pytest.approx(ra[key], rel=1e-4), key
     wa = load_file(str(one / "final/model.safetensors"))
     wb = load_file(str(ddp / "final/model.safetensors"))

@@ -17,14 +17,24 @@ from kvdistill.train.trainer import train
 
 BASE = {
     "name": "own",
-    "student": {"from_config": {"base": "smollm2-135m", "num_hidden_layers": 2, "hidden_size": 64,
-                                "num_attention_heads": 2, "num_key_value_heads": 1, "intermediate_size": 128},
-                "tokenizer": "gpt2-tokenizer"},
+    "student": {
+        "from_config": {
+            "base": "smollm2-135m",
+            "num_hidden_layers": 2,
+            "hidden_size": 64,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "intermediate_size": 128,
+        },
+        "tokenizer": "gpt2-tokenizer",
+    },
     "data": {"source": "arithmetic", "size": 16, "eval_size": 4, "max_length": 48},
     "train": {"steps": 2, "batch_size": 2, "lr": 1.0e-3, "tensorboard": False},
 }
-PLAIN_CHAT = ("{% for m in messages %}### {{ m['role'] }}:\n{{ m['content'] }}\n\n{% endfor %}"
-              "{% if add_generation_prompt %}### assistant:\n{% endif %}")
+PLAIN_CHAT = (
+    "{% for m in messages %}### {{ m['role'] }}:\n{{ m['content'] }}\n\n{% endfor %}"
+    "{% if add_generation_prompt %}### assistant:\n{% endif %}"
+)
 
 
 def write_config(path, **sections):
@@ -45,54 +55,96 @@ def refused_alike(cli, config, out, *must):
         assert not out.exists()
 
 
-@pytest.mark.parametrize(("spec", "must"), [
-    # the issue's student: it crashed at its first checkpoint
-    ({"base": "smollm2-135m", "num_hidden_layers": 2, "hidden_size": 64},
-     ["hidden_size 64 with 9 heads (num_attention_heads, from the base smollm2-135m)",
-      "set num_attention_heads to 1, 2, 4 or 8 (head_dim 64, 32, 16 or 8)"]),
-    # the README's former example
-    ({"base": "smollm2-135m", "num_hidden_layers": 4, "hidden_size": 256},
-     ["hidden_size 256 with 9 heads", "e.g. num_attention_heads: 8, num_key_value_heads: 2"]),
-    ({"base": "smollm2-135m", "num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 8},
-     ["num_key_value_heads 3 (from the base smollm2-135m) does not divide num_attention_heads 8",
-      "set num_key_value_heads to 1, 2, 4 or 8"]),
-    ({"family": "llama", "hidden_size": 100, "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 16,
-      "intermediate_size": 64, "num_hidden_layers": 2},
-     ["student.from_config: LlamaConfig refuses these fields", "hidden size (100) is not a multiple"]),
-])
+@pytest.mark.parametrize(
+    ("spec", "must"),
+    [
+        # the issue's student: it crashed at its first checkpoint
+        (
+            {"base": "smollm2-135m", "num_hidden_layers": 2, "hidden_size": 64},
+            [
+                "hidden_size 64 with 9 heads (num_attention_heads, from the base smollm2-135m)",
+                "set num_attention_heads to 1, 2, 4 or 8 (head_dim 64, 32, 16 or 8)",
+            ],
+        ),
+        # the README's former example
+        (
+            {"base": "smollm2-135m", "num_hidden_layers": 4, "hidden_size": 256},
+            ["hidden_size 256 with 9 heads", "e.g. num_attention_heads: 8, num_key_value_heads: 2"],
+        ),
+        (
+            {"base": "smollm2-135m", "num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 8},
+            [
+                "num_key_value_heads 3 (from the base smollm2-135m) does not divide num_attention_heads 8",
+                "set num_key_value_heads to 1, 2, 4 or 8",
+            ],
+        ),
+        (
+            {
+                "family": "llama",
+                "hidden_size": 100,
+                "num_attention_heads": 8,
+                "num_key_value_heads": 2,
+                "head_dim": 16,
+                "intermediate_size": 64,
+                "num_hidden_layers": 2,
+            },
+            ["student.from_config: LlamaConfig refuses these fields", "hidden size (100) is not a multiple"],
+        ),
+    ],
+)
 def test_an_inconsistent_from_config_student_is_refused_by_validate_and_train(tmp_path, cli, spec, must):
     config = write_config(tmp_path / "c.yaml", student={"from_config": spec})
     refused_alike(cli, config, tmp_path / "run", "student.from_config", *must)
 
 
 def test_an_inconsistent_from_config_teacher_is_refused_alike(tmp_path, cli):
-    teacher = {"name": "t", "from_config": {"base": "smollm2-135m", "num_hidden_layers": 2, "hidden_size": 96},
-               "tokenizer": "gpt2-tokenizer"}
+    teacher = {
+        "name": "t",
+        "from_config": {"base": "smollm2-135m", "num_hidden_layers": 2, "hidden_size": 96},
+        "tokenizer": "gpt2-tokenizer",
+    }
     config = write_config(tmp_path / "c.yaml", teachers=[teacher])
-    refused_alike(cli, config, tmp_path / "run", "teachers[0].from_config: hidden_size 96 with 9 heads",
-                  "set num_attention_heads to")
+    refused_alike(
+        cli,
+        config,
+        tmp_path / "run",
+        "teachers[0].from_config: hidden_size 96 with 9 heads",
+        "set num_attention_heads to",
+    )
 
 
 def test_a_data_field_that_is_not_a_column_is_refused_by_validate_and_train(tmp_path, cli):
     data = tmp_path / "qa.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"{i} + 1?", "answer": i + 1}) + "\n" for i in range(10)))
-    config = write_config(tmp_path / "c.yaml", data={"source": "jsonl", "path": str(data), "size": None,
-                                                     "question_field": "promt"})
+    config = write_config(
+        tmp_path / "c.yaml",
+        data={"source": "jsonl", "path": str(data), "size": None, "question_field": "promt"},
+    )
     raw = yaml.safe_load(config.read_text())
     del raw["data"]["size"]
     config.write_text(yaml.safe_dump(raw))
-    refused_alike(cli, config, tmp_path / "run", "data.question_field = 'promt': no such column in",
-                  "did you mean 'prompt'?", "set data.question_field to one of the columns, e.g. "
-                  "data.question_field=prompt")
+    refused_alike(
+        cli,
+        config,
+        tmp_path / "run",
+        "data.question_field = 'promt': no such column in",
+        "did you mean 'prompt'?",
+        "set data.question_field to one of the columns, e.g. data.question_field=prompt",
+    )
 
 
 def test_a_thousand_record_file_trains_on_all_of_it_and_a_cap_is_logged(tmp_path, cli, caplog):
     data = tmp_path / "big.jsonl"
-    data.write_text("".join(json.dumps({"question": f"What is {i} times 2?", "answer": 2 * i}) + "\n"
-                            for i in range(1000)))
-    config = write_config(tmp_path / "c.yaml", train={"steps": 1}, data={"source": "jsonl", "path": str(data),
-                                                                         "eval_size": 20,
-                                                     "max_length": 10})
+    data.write_text(
+        "".join(
+            json.dumps({"question": f"What is {i} times 2?", "answer": 2 * i}) + "\n" for i in range(1000)
+        )
+    )
+    config = write_config(
+        tmp_path / "c.yaml",
+        train={"steps": 1},
+        data={"source": "jsonl", "path": str(data), "eval_size": 20, "max_length": 10},
+    )
     raw = yaml.safe_load(config.read_text())
     del raw["data"]["size"]
     config.write_text(yaml.safe_dump(raw))
@@ -113,9 +165,18 @@ def test_a_saved_hugging_face_dataset_trains(tmp_path, cli, teacher_dirs):
 
     rows = [{"q": f"What is {i} + 2?", "steps": f"{i} + 2 = {i + 2}", "a": str(i + 2)} for i in range(12)]
     datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "ds"))
-    config = write_config(tmp_path / "c.yaml", data={"source": "hf", "path": str(tmp_path / "ds"), "split": "train",
-                                                     "question_field": "q", "cot_field": "steps", "answer_field": "a"},
-                          teachers=[{"name": "qwen2", "model": str(teacher_dirs["qwen2"])}])
+    config = write_config(
+        tmp_path / "c.yaml",
+        data={
+            "source": "hf",
+            "path": str(tmp_path / "ds"),
+            "split": "train",
+            "question_field": "q",
+            "cot_field": "steps",
+            "answer_field": "a",
+        },
+        teachers=[{"name": "qwen2", "model": str(teacher_dirs["qwen2"])}],
+    )
     raw = yaml.safe_load(config.read_text())
     del raw["data"]["size"]
     config.write_text(yaml.safe_dump(raw))
@@ -137,16 +198,30 @@ def chat_tokenizer(tmp_path_factory):
     return path
 
 
-def test_a_messages_dataset_trains_with_each_model_in_its_own_chat_template(tmp_path, cli, chat_tokenizer,
-                                                                            teacher_dirs):
+def test_a_messages_dataset_trains_with_each_model_in_its_own_chat_template(
+    tmp_path, cli, chat_tokenizer, teacher_dirs
+):
     data = tmp_path / "chat.jsonl"
-    data.write_text("".join(json.dumps({"messages": [
-        {"role": "user", "content": f"What is {i} + 5?"},
-        {"role": "assistant", "content": f"{i} + 5 = {i + 5}. The answer is {i + 5}."}]}) + "\n" for i in range(10)))
-    config = write_config(tmp_path / "c.yaml", data={"source": "jsonl", "path": str(data), "eval_size": 2,
-                                                     "max_length": 96},
-                          student={"tokenizer": str(chat_tokenizer)},
-                          teachers=[{"name": "smollm2", "model": str(teacher_dirs["qwen2"])}])  # SmolLM2's tokenizer
+    data.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "user", "content": f"What is {i} + 5?"},
+                        {"role": "assistant", "content": f"{i} + 5 = {i + 5}. The answer is {i + 5}."},
+                    ]
+                }
+            )
+            + "\n"
+            for i in range(10)
+        )
+    )
+    config = write_config(
+        tmp_path / "c.yaml",
+        data={"source": "jsonl", "path": str(data), "eval_size": 2, "max_length": 96},
+        student={"tokenizer": str(chat_tokenizer)},
+        teachers=[{"name": "smollm2", "model": str(teacher_dirs["qwen2"])}],
+    )  # SmolLM2's tokenizer
     raw = yaml.safe_load(config.read_text())
     del raw["data"]["size"]
     config.write_text(yaml.safe_dump(raw))
@@ -157,9 +232,15 @@ def test_a_messages_dataset_trains_with_each_model_in_its_own_chat_template(tmp_
     teacher = sample["teachers"]["smollm2"]
     assert teacher["tokens"][0] == "<|im_start|>"  # ... the teacher its ChatML
     s_tokens, t_tokens, A = sample["student"]["tokens"], teacher["tokens"], teacher["alignment"]
-    pairs = {(s_tokens[i], t_tokens[max(range(len(row)), key=row.__getitem__)]) for i, row in enumerate(A) if sum(row)}
+    pairs = {
+        (s_tokens[i], t_tokens[max(range(len(row)), key=row.__getitem__)])
+        for i, row in enumerate(A)
+        if sum(row)
+    }
     assert ("What", "What") in pairs and ("Ġanswer", "Ġanswer") in pairs
-    assert not any(s.startswith("#") or t.startswith("<|") for s, t in pairs)  # template markup aligns to nothing
+    assert not any(
+        s.startswith("#") or t.startswith("<|") for s, t in pairs
+    )  # template markup aligns to nothing
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all(r["loss/kv/smollm2"] > 0 for r in rows if "loss/kv/smollm2" in r)
     # a student tokenizer without a chat template is refused by validate, naming the fix
@@ -170,7 +251,9 @@ def test_a_messages_dataset_trains_with_each_model_in_its_own_chat_template(tmp_
 def test_an_in_memory_dataset_through_the_python_api(tmp_path, teacher_dirs):
     import datasets
 
-    ds = datasets.Dataset.from_list([{"question": f"What is {i} - 1?", "answer": str(i - 1)} for i in range(10)])
+    ds = datasets.Dataset.from_list(
+        [{"question": f"What is {i} - 1?", "answer": str(i - 1)} for i in range(10)]
+    )
     raw = json.loads(json.dumps(BASE))
     raw["data"] = {"eval_size": 2, "max_length": 48}
     raw["teachers"] = [{"name": "qwen2", "model": str(teacher_dirs["qwen2"])}]
@@ -185,9 +268,17 @@ def test_an_in_memory_dataset_through_the_python_api(tmp_path, teacher_dirs):
 
 
 def test_kept_teacher_layers_the_layer_map_reads_are_checked_by_validate(tmp_path, cli, teacher_dirs):
-    teacher = {"name": "qwen2", "model": str(teacher_dirs["qwen2"]),
-               "compression": {"kind": "right_crop", "budget": 8, "layers": [0, 1]}}
+    teacher = {
+        "name": "qwen2",
+        "model": str(teacher_dirs["qwen2"]),
+        "compression": {"kind": "right_crop", "budget": 8, "layers": [0, 1]},
+    }
     config = write_config(tmp_path / "c.yaml", teachers=[teacher])
     # a 2-layer student maps onto the first and last of the teacher's 3 layers (ratio): 0 and 2
-    refused_alike(cli, config, tmp_path / "run", "teachers[0] (qwen2).compression.layers [0, 1] leaves out layers [2]",
-                  "keep them in compression.layers (e.g. [0, 2])")
+    refused_alike(
+        cli,
+        config,
+        tmp_path / "run",
+        "teachers[0] (qwen2).compression.layers [0, 1] leaves out layers [2]",
+        "keep them in compression.layers (e.g. [0, 2])",
+    )

@@ -73,18 +73,29 @@ def finished(tiny_config, tmp_path_factory):
     ("changes", "expected"),
     [
         (["data.seed=1"], ["in 1 field(s)", "data.seed: 0 in config.yaml, 1 now"]),
-        (["student.from_config.hidden_size=96"],
-         ["in 1 field(s)", "student.from_config.hidden_size: 64 in config.yaml, 96 now"]),
-        (["data.size=16", "teachers.1.model=elsewhere", "train.warmup_steps=1", "train.lr=5e-4"],
-         ["in 3 field(s)", "teachers.1.model: \"{gemma3}\" in config.yaml, \"elsewhere\" now",
-          "data.size: 12 in config.yaml, 16 now", "train.warmup_steps: 0 in config.yaml, 1 now"]),
-        (["train.steps=1"], ["train.steps = 1 but the run in {out} is already at step 2",
-                             "set train.steps to 2 or more"]),
+        (
+            ["student.from_config.hidden_size=96"],
+            ["in 1 field(s)", "student.from_config.hidden_size: 64 in config.yaml, 96 now"],
+        ),
+        (
+            ["data.size=16", "teachers.1.model=elsewhere", "train.warmup_steps=1", "train.lr=5e-4"],
+            [
+                "in 3 field(s)",
+                'teachers.1.model: "{gemma3}" in config.yaml, "elsewhere" now',
+                "data.size: 12 in config.yaml, 16 now",
+                "train.warmup_steps: 0 in config.yaml, 1 now",
+            ],
+        ),
+        (
+            ["train.steps=1"],
+            ["train.steps = 1 but the run in {out} is already at step 2", "set train.steps to 2 or more"],
+        ),
     ],
     ids=["data seed", "student width", "three fields and an lr", "fewer steps than done"],
 )
-def test_a_resume_with_another_config_is_refused_and_changes_nothing(finished, tiny_yaml, teacher_dirs, cli,
-                                                                     changes, expected):
+def test_a_resume_with_another_config_is_refused_and_changes_nothing(
+    finished, tiny_yaml, teacher_dirs, cli, changes, expected
+):
     """Other data or another student width used to exit 0 (or fail with a traceback) after config.yaml had
     been rewritten. Now: exit 2 naming every differing field with both values, the run directory untouched."""
     before = _listing(finished)
@@ -94,8 +105,11 @@ def test_a_resume_with_another_config_is_refused_and_changes_nothing(finished, t
         assert text.format(out=finished, gemma3=teacher_dirs["gemma3"]) in err, err
     if changes != ["train.steps=1"]:
         assert "train.lr" not in err.split("fix:")[0]  # a field a resume may change is not named
-        assert (f"fix: start a new run with a new --out (a resume of {finished} may change only "
-                + ", ".join(RESUMABLE) + ")") in err
+        assert (
+            f"fix: start a new run with a new --out (a resume of {finished} may change only "
+            + ", ".join(RESUMABLE)
+            + ")"
+        ) in err
     assert _listing(finished) == before
 
 
@@ -111,7 +125,9 @@ def test_a_resume_on_other_records_of_the_same_config_is_refused(tiny_yaml, tmp_
     code, err = cli("train", tiny_yaml, "--out", out, "--resume", *args, "train.steps=2")
     assert code == 2
     assert f"--resume: the records of data.path {data} differ from those the run in {out} started with" in err
-    assert re.search(r"(train|eval): (\d+) records \(sha256 \w{12}\) then, \2 \(sha256 \w{12}\) now fix:", err), err
+    assert re.search(
+        r"(train|eval): (\d+) records \(sha256 \w{12}\) then, \2 \(sha256 \w{12}\) now fix:", err
+    ), err
     assert "restore the data the run was trained on, or start a new run with a new --out" in err
     assert _listing(out) == before
 
@@ -121,7 +137,10 @@ def test_a_checkpoint_without_the_runs_config_is_not_resumed(finished, tiny_yaml
     shutil.copytree(finished, out)
     (out / "config.yaml").unlink()
     code, err = cli("train", tiny_yaml, "--out", out, "--resume", "train.save_every=1")
-    assert code == 2 and f"--resume: {out} has checkpoints but no config.yaml to check this config against" in err
+    assert (
+        code == 2
+        and f"--resume: {out} has checkpoints but no config.yaml to check this config against" in err
+    )
 
 
 # ------------------------------------------------------------------------------------------ changes that take effect
@@ -138,14 +157,18 @@ def test_a_resume_with_a_new_lr_and_more_steps_uses_them(tiny_config, tmp_path, 
         expected = _schedule(5e-4, 6)
         groups = run.optimizer.param_groups
         assert [g["name"] for g in groups] == ["student", "maps"]
-        assert [g["lr"] for g in groups] == [expected[2]] * 2 and [g["initial_lr"] for g in groups] == [5e-4] * 2
+        assert [g["lr"] for g in groups] == [expected[2]] * 2 and [g["initial_lr"] for g in groups] == [
+            5e-4
+        ] * 2
         assert run.scheduler.get_last_lr() == [expected[2]] * 2
         fit(run, progress=False)
         finish(run)
     finally:
         run.close()
-    assert (f"resuming {out} at step 2 with train.lr 0.0005 (0.001 in its config.yaml): the optimizer and the "
-            "schedule use the new lr from this step on") in caplog.text
+    assert (
+        f"resuming {out} at step 2 with train.lr 0.0005 (0.001 in its config.yaml): the optimizer and the "
+        "schedule use the new lr from this step on"
+    ) in caplog.text
     assert f"resuming {out} with train.steps: 4 in config.yaml, 6 now" in caplog.text
     rows = files.metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
@@ -157,8 +180,9 @@ def test_a_resume_with_a_new_lr_and_more_steps_uses_them(tiny_config, tmp_path, 
 
 
 # ------------------------------------------------------------------------------------------ restarts and damage
-def test_a_run_stopped_before_its_first_checkpoint_trains_again_under_resume(finished, tiny_yaml, tmp_path,
-                                                                             cli, files, monkeypatch, caplog):
+def test_a_run_stopped_before_its_first_checkpoint_trains_again_under_resume(
+    finished, tiny_yaml, tmp_path, cli, files, monkeypatch, caplog
+):
     """Interrupted (Ctrl-C) in step 2 with no checkpoint yet, and a half-written step-1.tmp: a plain start is
     refused (the directory holds a run); --resume used to be refused too ("start without --resume"). Now it
     trains the run from step 0, to exactly the uninterrupted result."""
@@ -182,7 +206,8 @@ def test_a_run_stopped_before_its_first_checkpoint_trains_again_under_resume(fin
     code, err = cli("train", tiny_yaml, "--out", out, "--resume")
     assert code == 0, err
     assert f"{out} has no checkpoint yet (the run stopped before its first one): training it from step 0" in (
-        caplog.text)
+        caplog.text
+    )
     a, b = files.metrics(finished), files.metrics(out)
     assert [r["step"] for r in b] == [1, 2]
     assert [(r["loss"], r["lr"]) for r in b] == [(r["loss"], r["lr"]) for r in a]
@@ -211,9 +236,9 @@ def six_steps(tiny_config, tmp_path_factory):
     ],
     ids=["model.safetensors truncated", "trainer_state.json truncated", "loader fails"],
 )
-def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(six_steps, tiny_config, tiny_yaml,
-                                                                         tmp_path, cli, files, monkeypatch,
-                                                                         caplog, damage, why):
+def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(
+    six_steps, tiny_config, tiny_yaml, tmp_path, cli, files, monkeypatch, caplog, damage, why
+):
     """Checkpoints 2 and 4 of 6 steps (stopped after 4); step-4 damaged: the resume logs which checkpoint it
     skips and why, continues from step-2 and ends where the uninterrupted run ends."""
     args = [*SCHEDULE, "train.steps=6"]
@@ -237,7 +262,9 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(six_ste
     code, err = cli("train", tiny_yaml, "--out", out, "--resume", *args)
     assert code == 0, err
     assert f"checkpoint {step4} " in caplog.text and why in caplog.text, caplog.text
-    assert f"resuming {out} from {out / 'checkpoints' / 'step-2'}, the newest intact checkpoint" in caplog.text
+    assert (
+        f"resuming {out} from {out / 'checkpoints' / 'step-2'}, the newest intact checkpoint" in caplog.text
+    )
     a, b = files.metrics(full), files.metrics(out)
     assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
     for ra, rb in zip(a, b, strict=True):
@@ -259,7 +286,10 @@ def test_no_intact_checkpoint_is_a_clear_error(finished, tiny_yaml, tmp_path, cl
     assert code == 2
     assert f"--resume: no intact checkpoint in {out / 'checkpoints'}: step-2: state/optimizer.bin is " in err
     assert f"; step-1: student/model.safetensors is {size // 2} bytes, its header says {size} fix:" in err
-    assert f"or move {out / 'checkpoints'} aside and rerun with --resume to train this run again from step 0" in err
+    assert (
+        f"or move {out / 'checkpoints'} aside and rerun with --resume to train this run again from step 0"
+        in err
+    )
     assert _listing(out) == before
 
 
@@ -289,8 +319,11 @@ def test_a_second_train_into_a_directory_being_written_is_refused(tiny_yaml, tmp
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     log = tmp_path / "first.log"
     with log.open("w") as stderr:
-        proc = subprocess.Popen([sys.executable, "-c", HOLDS_THE_LOCK, str(tiny_yaml), str(out), str(started),
-                                 str(release)], env=env, stderr=stderr)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", HOLDS_THE_LOCK, str(tiny_yaml), str(out), str(started), str(release)],
+            env=env,
+            stderr=stderr,
+        )
     try:
         deadline = time.time() + 300
         while not started.exists():
@@ -341,12 +374,29 @@ def test_under_ddp_a_busy_directory_stops_every_process(tiny_yaml, tmp_path):
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "COLUMNS": "10000"}
     try:
-        proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "kvdistill.cli", "train",
-                               str(tiny_yaml), "--out", str(out)], capture_output=True, text=True, env=env,
-                              timeout=300)
+        proc = subprocess.run(
+            [
+                torchrun,
+                "--standalone",
+                "--nproc_per_node",
+                "2",
+                "-m",
+                "kvdistill.cli",
+                "train",
+                str(tiny_yaml),
+                "--out",
+                str(out),
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+        )
     finally:
         busy.release()
     assert proc.returncode != 0
     stderr = " ".join(proc.stderr.split())
-    assert stderr.count(f"error: another `kvdistill train` is writing {out} (pid {os.getpid()} on ") == 2, stderr
+    assert stderr.count(f"error: another `kvdistill train` is writing {out} (pid {os.getpid()} on ") == 2, (
+        stderr
+    )
     assert sorted(p.name for p in out.iterdir()) == [LOCK]

@@ -32,9 +32,15 @@ def test_selection_keeps_the_best_and_counts_patience():
 
 def test_early_stopping_stops_and_keeps_the_best_on_the_validation_split(tiny_config, tmp_path):
     # min_delta so large that only the first evaluation is ever a best: stop after `patience` more
-    cfg = tiny_config(*DATA, "train.steps=20", "train.eval_every=2", "train.early_stopping.patience=2",
-                      "train.early_stopping.min_delta=100", "train.eval_exact_match=true",
-                      "train.eval_max_new_tokens=4")
+    cfg = tiny_config(
+        *DATA,
+        "train.steps=20",
+        "train.eval_every=2",
+        "train.early_stopping.patience=2",
+        "train.early_stopping.min_delta=100",
+        "train.eval_exact_match=true",
+        "train.eval_max_new_tokens=4",
+    )
     summary = train(cfg, tmp_path, progress=False)
     assert summary["steps"] == 6 and summary["stopped_early"] and summary["best_step"] == 2
     assert json.loads((tmp_path / "best.json").read_text())["step"] == 2
@@ -52,8 +58,9 @@ def test_early_stopping_stops_and_keeps_the_best_on_the_validation_split(tiny_co
 
     model, tok = load_model(str(tmp_path / "best" / "student"), device="cpu")
     val = load_records(cfg.data, split="val")
-    assert perplexity(model, tok, val, max_length=48, batch_size=8)["ce"] == pytest.approx(evals[0]["eval/ce"],
-                                                                                          rel=1e-3)
+    assert perplexity(model, tok, val, max_length=48, batch_size=8)["ce"] == pytest.approx(
+        evals[0]["eval/ce"], rel=1e-3
+    )
 
 
 def test_held_out_figures_come_from_the_validation_split(tiny_config, tmp_path):
@@ -90,6 +97,10 @@ def test_selection_settings_are_checked(tiny_config):
     with pytest.raises(ConfigError) as info:
         tiny_config("train.early_stopping.metric=exact_match", "train.eval_cot=true")
     text = str(info.value)
-    for expected in ("train.eval_every is 0", "data.val_size is 0", "metric exact_match needs train.eval_exact_match",
-                     "train.eval_cot is how train.eval_exact_match decodes"):
+    for expected in (
+        "train.eval_every is 0",
+        "data.val_size is 0",
+        "metric exact_match needs train.eval_exact_match",
+        "train.eval_cot is how train.eval_exact_match decodes",
+    ):
         assert expected in text, expected

@@ -90,9 +90,7 @@ def test_gradient_checkpointing_gives_the_same_run(tiny_config, baseline, tmp_pa
     for ra, rb in zip(files.metrics(baseline), files.metrics(out), strict=True):
         assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-5)
         assert rb["grad_norm"] == pytest.approx(ra["grad_norm"], rel=1e-4)
-    assert (
-        files.max_diff(files.weights(baseline / "final"), files.weights(out / "final")) < TOL
-    )
+    assert files.max_diff(files.weights(baseline / "final"), files.weights(out / "final")) < TOL
 
 
 def test_bf16_mixed_precision_runs_on_cpu(tiny_config, baseline, tmp_path, files):
@@ -367,7 +365,13 @@ def test_lora_student_saves_a_merged_model_and_its_adapter(tiny_config, tmp_path
 
 def test_lora_student_resumes_exactly(tiny_config, tmp_path, files):
     """state/ holds a LoRA student's adapters only; the resume rebuilds the frozen base from the config."""
-    args = ("student.lora.r=4", "student.lora.alpha=8", "train.lr=1e-2", "train.steps=4", "train.save_every=2")
+    args = (
+        "student.lora.r=4",
+        "student.lora.alpha=8",
+        "train.lr=1e-2",
+        "train.steps=4",
+        "train.save_every=2",
+    )
     full, out = tmp_path / "full", tmp_path / "resumed"
     train(tiny_config(*args), full, progress=False)
     train(tiny_config(*args), out, stop_after=2, progress=False)
@@ -378,8 +382,19 @@ def test_lora_student_resumes_exactly(tiny_config, tmp_path, files):
 # ------------------------------------------------------------------------------------------ checkpoint limit
 def test_save_total_limit_keeps_the_newest_and_the_best(tiny_config, tmp_path):
     out = tmp_path / "limited"
-    train(tiny_config("train.steps=5", "train.save_every=1", "train.eval_every=1", "data.size=16", "data.eval_size=4",
-                      "train.save_total_limit=2", "train.lr=0.05"), out, progress=False)
+    train(
+        tiny_config(
+            "train.steps=5",
+            "train.save_every=1",
+            "train.eval_every=1",
+            "data.size=16",
+            "data.eval_size=4",
+            "train.save_total_limit=2",
+            "train.lr=0.05",
+        ),
+        out,
+        progress=False,
+    )
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     evals = {r["step"]: r["eval/ce"] for r in rows if r.get("split") == "eval"}
     assert sorted(evals) == [1, 2, 3, 4, 5]  # one evaluation per step (the last one not repeated)
@@ -406,8 +421,11 @@ def test_wandb_tracker_writes_its_files_offline(tiny_config, tmp_path, monkeypat
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
     for row in rows:  # one prefix per teacher; the other training figures under train/
-        for key, logged in (("loss/kv/qwen2", b"teacher/qwen2/kv"), ("weight/gemma3", b"teacher/gemma3/weight"),
-                            ("loss", b"train/loss")):
+        for key, logged in (
+            ("loss/kv/qwen2", b"teacher/qwen2/kv"),
+            ("weight/gemma3", b"teacher/gemma3/weight"),
+            ("loss", b"train/loss"),
+        ):
             assert logged in data and json.dumps(row[key]).encode() in data, key
     assert b"train.steps" in data  # the run's settings, as its config
     assert not (out / "tb").exists()
@@ -421,11 +439,18 @@ def test_tensorboard_tracker_logs_every_figure_under_its_prefix(tiny_config, tmp
     events = EventAccumulator(str(out / "tb"))
     events.Reload()
     tags = set(events.Tags()["scalars"])
-    assert {"train/loss", "train/loss/ce", "teacher/qwen2/kv", "teacher/gemma3/weight", "eval/ce",
-            "teacher/qwen2/eval_kv_error"} <= tags
+    assert {
+        "train/loss",
+        "train/loss/ce",
+        "teacher/qwen2/kv",
+        "teacher/gemma3/weight",
+        "eval/ce",
+        "teacher/qwen2/eval_kv_error",
+    } <= tags
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [e.value for e in events.Scalars("teacher/qwen2/kv")] == pytest.approx(
-        [r["loss/kv/qwen2"] for r in rows if "loss/kv/qwen2" in r])
+        [r["loss/kv/qwen2"] for r in rows if "loss/kv/qwen2" in r]
+    )
 
 
 def test_a_tracker_that_is_not_installed_is_refused_by_validate_and_train(tiny_yaml, tmp_path, cli):
@@ -480,9 +505,7 @@ def test_cli_run_on_the_real_teachers(tmp_path, cli, files):
             p.name for p in (out / "checkpoints" / step).iterdir()
         }
     assert json.loads((out / "checkpoints/step-2/trainer_state.json").read_text())["step"] == 2
-    assert (out / "final/config.json").is_file() and (
-        out / "final/model.safetensors"
-    ).is_file()
+    assert (out / "final/config.json").is_file() and (out / "final/model.safetensors").is_file()
     assert list((out / "tb").glob("events.out.tfevents.*"))
     assert "name: quickstart" in (out / "config.yaml").read_text()
     eval_rows = [

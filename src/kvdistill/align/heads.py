@@ -198,7 +198,9 @@ class KVProjector(nn.Module):
         return f"kind={self.kind}, ({self.H_s} x {self.D_s}) -> ({self.H_t} x {self.D_t})"
 
 
-def fold_per_head(mix: torch.Tensor, dims: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def fold_per_head(
+    mix: torch.Tensor, dims: torch.Tensor, bias: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """G per-head maps as dense matrices: mix (G, H_t, H_s), dims (G, H_t, D_t, D_s), bias (G, H_t, D_t) ->
     weight (G, H_t·D_t, H_s·D_s) with weight[g, (t, e), (s, d)] = mix[g, t, s] · dims[g, t, e, d], bias (G, H_t·D_t)."""
     G, H_t, H_s = mix.shape
@@ -213,8 +215,11 @@ def _stacked_matrices(projectors) -> tuple[torch.Tensor, torch.Tensor]:
     maps = [m for p in projectors for m in (p.key_map, p.value_map)]
     if projectors[0].kind == "linear":
         return torch.stack([m.linear.weight for m in maps]), torch.stack([m.linear.bias for m in maps])
-    return fold_per_head(torch.stack([m.mix for m in maps]), torch.stack([m.weight for m in maps]),
-                         torch.stack([m.bias for m in maps]))
+    return fold_per_head(
+        torch.stack([m.mix for m in maps]),
+        torch.stack([m.weight for m in maps]),
+        torch.stack([m.bias for m in maps]),
+    )
 
 
 def project_layers(projectors, keys, values) -> torch.Tensor:
@@ -227,16 +232,21 @@ def project_layers(projectors, keys, values) -> torch.Tensor:
     """
     p0 = projectors[0]
     if not (len(projectors) == len(keys) == len(values)) or any(
-            (p.kind, p.H_s, p.D_s, p.H_t, p.D_t) != (p0.kind, p0.H_s, p0.D_s, p0.H_t, p0.D_t) for p in projectors):
+        (p.kind, p.H_s, p.D_s, p.H_t, p.D_t) != (p0.kind, p0.H_s, p0.D_s, p0.H_t, p0.D_t) for p in projectors
+    ):
         raise KvdistillError(
             f"project_layers needs one projector per layer, all of one kind and geometry; got {len(projectors)} "
             f"projectors ({sorted({p.extra_repr() for p in projectors})}) for {len(keys)} keys and "
-            f"{len(values)} values", "group the layers by teacher")
+            f"{len(values)} values",
+            "group the layers by teacher",
+        )
     weight, bias = (None, None) if p0.kind == "identity" else _stacked_matrices(projectors)
     return project_stacked(keys, values, weight, bias, p0)
 
 
-def project_stacked(keys, values, weight: torch.Tensor | None, bias: torch.Tensor | None, geometry) -> torch.Tensor:
+def project_stacked(
+    keys, values, weight: torch.Tensor | None, bias: torch.Tensor | None, geometry
+) -> torch.Tensor:
     """L layers' K and V (B, H_s, T, D_s) through stacked matrices weight (2L, F_t, F_s), bias (2L, F_t) (keys of
     layer 0, values of layer 0, ...; None: identity) in one batched matmul -> (L, 2, B, T, F_t), token-major.
     `geometry` names H_s, D_s, H_t, D_t (a projector or a stack of them). Computed in the inputs' dtype for bf16 /
@@ -247,7 +257,9 @@ def project_stacked(keys, values, weight: torch.Tensor | None, bias: torch.Tenso
         if k.shape != keys[0].shape or v.shape != keys[0].shape or H_s != g.H_s or D_s != g.D_s:
             raise KvdistillError(
                 f"KVProjector expects student keys and values (B, {g.H_s}, T, {g.D_s}), got "
-                f"{tuple(k.shape)} and {tuple(v.shape)}", "pass K/V laid out (B, H_kv, T, D) from the student")
+                f"{tuple(k.shape)} and {tuple(v.shape)}",
+                "pass K/V laid out (B, H_kv, T, D) from the student",
+            )
     L, F_s = len(keys), H_s * D_s
     # (B, H_s, T, D_s) -> (B, T, H_s, D_s): views when the K/V are transposed projection outputs; one copy
     flat = torch.stack([x.transpose(1, 2) for k, v in zip(keys, values, strict=True) for x in (k, v)])

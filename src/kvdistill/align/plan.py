@@ -35,8 +35,9 @@ def alignment_plan(
     bytes_per_element: int = 2,
 ) -> dict[str, Any]:
     """Plan for distilling `teacher` into `student`: layer map (L_s, L_t), projector kind and size, KV bytes."""
-    matrix = layer_map(student.num_layers, teacher.num_layers, strategy=strategy, explicit=explicit,
-                       interpolate=interpolate)  # (L_s, L_t)
+    matrix = layer_map(
+        student.num_layers, teacher.num_layers, strategy=strategy, explicit=explicit, interpolate=interpolate
+    )  # (L_s, L_t)
     kind = resolve_kind(student, teacher, projector)  # auto: identity for equal (H_kv, D), else per_head
     # keys and values each get a projector per mapped student layer
     mapped_layers = int((matrix.sum(dim=1) > 0).sum())

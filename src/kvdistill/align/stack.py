@@ -24,8 +24,10 @@ from kvdistill.align.heads import KVProjector, fold_per_head, project_stacked
 from kvdistill.errors import KvdistillError
 
 _PARTS = {"per_head": ("mix", "weight", "bias"), "linear": ("weight", "bias"), "identity": ()}
-_OLD_NAMES = {"per_head": {"mix": "mix", "weight": "weight", "bias": "bias"},
-              "linear": {"weight": "linear.weight", "bias": "linear.bias"}}
+_OLD_NAMES = {
+    "per_head": {"mix": "mix", "weight": "weight", "bias": "bias"},
+    "linear": {"weight": "linear.weight", "bias": "linear.bias"},
+}
 
 
 class KVProjectorStack(nn.Module):
@@ -37,7 +39,9 @@ class KVProjectorStack(nn.Module):
 
     def __init__(self, student, teacher, kind: str, layers: list[int]):
         super().__init__()
-        projectors = [KVProjector(student, teacher, kind=kind) for _ in layers]  # the per-layer draws, in order
+        projectors = [
+            KVProjector(student, teacher, kind=kind) for _ in layers
+        ]  # the per-layer draws, in order
         p0 = projectors[0]
         self.kind, self.H_s, self.D_s, self.H_t, self.D_t = p0.kind, p0.H_s, p0.D_s, p0.H_t, p0.D_t
         self.geometries = (student, teacher)
@@ -45,8 +49,17 @@ class KVProjectorStack(nn.Module):
         self.position = {i: p for p, i in enumerate(self.layers)}
         for part in _PARTS[self.kind]:
             name = _OLD_NAMES[self.kind][part]
-            self.register_parameter(part, nn.Parameter(torch.stack([
-                torch.stack([p.key_map.get_parameter(name), p.value_map.get_parameter(name)]) for p in projectors]).detach()))
+            self.register_parameter(
+                part,
+                nn.Parameter(
+                    torch.stack(
+                        [
+                            torch.stack([p.key_map.get_parameter(name), p.value_map.get_parameter(name)])
+                            for p in projectors
+                        ]
+                    ).detach()
+                ),
+            )
         self._register_load_state_dict_pre_hook(self._from_per_layer_layout)
 
     def __len__(self) -> int:
@@ -63,9 +76,13 @@ class KVProjectorStack(nn.Module):
         """K and V of the L layers, (B, H_s, T, D_s) each, in one batched matmul -> (L, 2, B, T, F_t), token-major.
         Computed in the inputs' dtype for bf16 / fp16, else the parameters'."""
         if len(keys) != len(self) or len(values) != len(self):
-            raise KvdistillError(f"the projector stack maps {len(self)} layers, got {len(keys)} keys and "
-                                 f"{len(values)} values", "pass one key and one value tensor per mapped layer")
-        weight, bias = (None, None) if self.kind == "identity" else self.matrices()  # (2L, F_t, F_s), (2L, F_t)
+            raise KvdistillError(
+                f"the projector stack maps {len(self)} layers, got {len(keys)} keys and {len(values)} values",
+                "pass one key and one value tensor per mapped layer",
+            )
+        weight, bias = (
+            (None, None) if self.kind == "identity" else self.matrices()
+        )  # (2L, F_t, F_s), (2L, F_t)
         return project_stacked(keys, values, weight, bias, self)
 
     def projector(self, layer: int) -> KVProjector:
@@ -86,4 +103,6 @@ class KVProjectorStack(nn.Module):
             name = _OLD_NAMES[self.kind][part]
             old = [[f"{prefix}{i}.{side}.{name}" for side in ("key_map", "value_map")] for i in self.layers]
             if prefix + part not in state_dict and all(k in state_dict for row in old for k in row):
-                state_dict[prefix + part] = torch.stack([torch.stack([state_dict.pop(k) for k in row]) for row in old])
+                state_dict[prefix + part] = torch.stack(
+                    [torch.stack([state_dict.pop(k) for k in row]) for row in old]
+                )

@@ -33,9 +33,17 @@ import torch
 
 from kvdistill.errors import KvdistillError
 
-__all__ = ["token_alignment", "batch_token_alignment", "batch_token_alignment_sparse", "resample_rows",
-           "align_to_student", "prefix_positions", "common_chunks",
-           "teacher_alignment", "teacher_alignment_sparse"]
+__all__ = [
+    "token_alignment",
+    "batch_token_alignment",
+    "batch_token_alignment_sparse",
+    "resample_rows",
+    "align_to_student",
+    "prefix_positions",
+    "common_chunks",
+    "teacher_alignment",
+    "teacher_alignment_sparse",
+]
 
 SpansLike = torch.Tensor | Sequence[Sequence[int]]
 
@@ -198,14 +206,17 @@ def batch_token_alignment(student_spans, student_mask, teacher_spans, teacher_ma
     masks are 1 (or True) for real tokens, 0 for padding. Returns dense float32 (B, T_s, T_t) where
     [b] is `token_alignment` of sample b restricted to its real tokens, and padding rows/columns are zero.
     """
-    rows, cols, weights, B, T_s, T_t = _batch_overlaps(student_spans, student_mask, teacher_spans, teacher_mask)
+    rows, cols, weights, B, T_s, T_t = _batch_overlaps(
+        student_spans, student_mask, teacher_spans, teacher_mask
+    )
     out = torch.zeros(B, T_s, T_t, dtype=torch.float32, device=rows.device)
     out[rows // T_s, rows % T_s, cols % T_t] = weights
     return out
 
 
-def batch_token_alignment_sparse(student_spans, student_mask, teacher_spans,
-                                 teacher_mask) -> tuple[torch.Tensor, torch.Tensor]:
+def batch_token_alignment_sparse(
+    student_spans, student_mask, teacher_spans, teacher_mask
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The alignment of `batch_token_alignment` as K nonzeros per row: index, weight (B, T_s, K).
 
     Row i of sample b is Σ_k weight[b, i, k] · e(index[b, i, k]) over teacher tokens (K = the most teacher tokens
@@ -213,7 +224,9 @@ def batch_token_alignment_sparse(student_spans, student_mask, teacher_spans,
     sparse (a token overlaps 1-3 tokens of the other side), so `resample_rows` with this form costs O(T_s·K)
     instead of the dense O(T_s·T_t).
     """
-    rows, cols, weights, B, T_s, T_t = _batch_overlaps(student_spans, student_mask, teacher_spans, teacher_mask)
+    rows, cols, weights, B, T_s, T_t = _batch_overlaps(
+        student_spans, student_mask, teacher_spans, teacher_mask
+    )
     count = torch.bincount(rows, minlength=B * T_s)  # (B·T_s,) nonzeros per row
     K = max(int(count.max()), 1) if count.numel() else 1
     first = torch.cumsum(count, 0) - count  # (B·T_s,) where each row's nonzeros begin (rows are ascending)
@@ -287,9 +300,11 @@ def _checked_pair(student_spans, student_mask, teacher_spans, teacher_mask):
     B, T_s, _ = student.shape
     T_t = teacher.shape[1]
     if teacher.shape[0] != B:
-        raise KvdistillError(f"batch size mismatch: student_spans {tuple(student.shape)} has B = {B}, "
-                             f"teacher_spans {tuple(teacher.shape)} has B = {teacher.shape[0]}",
-                             "pair the student's and the teacher's tokenizations of the same batch of texts")
+        raise KvdistillError(
+            f"batch size mismatch: student_spans {tuple(student.shape)} has B = {B}, "
+            f"teacher_spans {tuple(teacher.shape)} has B = {teacher.shape[0]}",
+            "pair the student's and the teacher's tokenizations of the same batch of texts",
+        )
     s_mask = _as_mask(student_mask, "student_mask", (B, T_s), "student_spans", student.device)  # (B, T_s)
     t_mask = _as_mask(teacher_mask, "teacher_mask", (B, T_t), "teacher_spans", student.device)  # (B, T_t)
     return student, s_mask, teacher, t_mask
@@ -317,12 +332,16 @@ def prefix_positions(student_spans, student_mask, teacher_spans, teacher_mask) -
     s_key = torch.where(s_mask, batch + s_read * width + s_extra, -1)  # (B, T_s)
     t_key = torch.where(t_mask, batch + t_read * width + t_extra, -2).flatten()  # (B·T_t,)
     t_sorted, order = t_key.sort(stable=True)  # equal keys keep their token order
-    at = torch.searchsorted(t_sorted, s_key.flatten(), right=True) - 1  # (B·T_s,) the last key <= the student's
+    at = (
+        torch.searchsorted(t_sorted, s_key.flatten(), right=True) - 1
+    )  # (B·T_s,) the last key <= the student's
     hit = (at >= 0) & (t_sorted[at.clamp(min=0)] == s_key.flatten()) & s_mask.flatten()
     return torch.where(hit, order[at.clamp(min=0)] % max(T_t, 1), -1).view(B, T_s)
 
 
-def common_chunks(student_spans, student_mask, teacher_spans, teacher_mask) -> tuple[torch.Tensor, torch.Tensor]:
+def common_chunks(
+    student_spans, student_mask, teacher_spans, teacher_mask
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The text cut at every byte offset where both tokenizations end a token: per token the chunk it belongs to,
     student (B, T_s) and teacher (B, T_t) long, numbered 0, 1, ... from the start of each sample, -1 for none.
 
@@ -353,8 +372,9 @@ def common_chunks(student_spans, student_mask, teacher_spans, teacher_mask) -> t
     return chunk_of(s_key, s_real), chunk_of(t_key, t_real)
 
 
-def teacher_alignment(spans_t: torch.Tensor, mask_t: torch.Tensor, spans_s: torch.Tensor,
-                      mask_s: torch.Tensor) -> torch.Tensor:
+def teacher_alignment(
+    spans_t: torch.Tensor, mask_t: torch.Tensor, spans_s: torch.Tensor, mask_s: torch.Tensor
+) -> torch.Tensor:
     """Dense alignment, rows = teacher tokens normalised over the student tokens they overlap.
 
     spans_t (B, M, 2) / mask_t (B, M) -> (B, M, T_s); per head (B, H, M, 2) / (B, H, M) -> (B, H, M, T_s).
@@ -362,13 +382,18 @@ def teacher_alignment(spans_t: torch.Tensor, mask_t: torch.Tensor, spans_s: torc
     if spans_t.dim() == 3:
         return batch_token_alignment(spans_t, mask_t, spans_s, mask_s)
     B, H, M, _ = spans_t.shape
-    flat = batch_token_alignment(spans_t.reshape(B * H, M, 2), mask_t.reshape(B * H, M),
-                                 spans_s.repeat_interleave(H, 0), mask_s.repeat_interleave(H, 0))
+    flat = batch_token_alignment(
+        spans_t.reshape(B * H, M, 2),
+        mask_t.reshape(B * H, M),
+        spans_s.repeat_interleave(H, 0),
+        mask_s.repeat_interleave(H, 0),
+    )
     return flat.view(B, H, M, spans_s.shape[1])
 
 
-def teacher_alignment_sparse(spans_t: torch.Tensor, mask_t: torch.Tensor, spans_s: torch.Tensor,
-                             mask_s: torch.Tensor, *, device) -> tuple[torch.Tensor, torch.Tensor]:
+def teacher_alignment_sparse(
+    spans_t: torch.Tensor, mask_t: torch.Tensor, spans_s: torch.Tensor, mask_s: torch.Tensor, *, device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """`teacher_alignment` as index, weight (B, H|1, M, K) for `resample_rows`, built on the CPU (the spans are
     small and the sweep is many tiny ops) and moved to `device` once; pass CPU spans and masks."""
     spans_t, mask_t, spans_s, mask_s = spans_t.cpu(), mask_t.cpu(), spans_s.cpu(), mask_s.cpu()
@@ -376,8 +401,14 @@ def teacher_alignment_sparse(spans_t: torch.Tensor, mask_t: torch.Tensor, spans_
         index, weight = batch_token_alignment_sparse(spans_t, mask_t, spans_s, mask_s)  # (B, M, K)
         return index[:, None].to(device, non_blocking=True), weight[:, None].to(device, non_blocking=True)
     B, H, M, _ = spans_t.shape
-    index, weight = batch_token_alignment_sparse(spans_t.reshape(B * H, M, 2), mask_t.reshape(B * H, M),
-                                                 spans_s.repeat_interleave(H, 0), mask_s.repeat_interleave(H, 0))
+    index, weight = batch_token_alignment_sparse(
+        spans_t.reshape(B * H, M, 2),
+        mask_t.reshape(B * H, M),
+        spans_s.repeat_interleave(H, 0),
+        mask_s.repeat_interleave(H, 0),
+    )
     K = index.shape[-1]
-    return (index.view(B, H, M, K).to(device, non_blocking=True),
-            weight.view(B, H, M, K).to(device, non_blocking=True))
+    return (
+        index.view(B, H, M, K).to(device, non_blocking=True),
+        weight.view(B, H, M, K).to(device, non_blocking=True),
+    )

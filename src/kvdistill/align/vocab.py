@@ -57,8 +57,9 @@ def token_keys(tokenizer, size: int) -> list[bytes | tuple[str, str] | None]:
     return keys
 
 
-def shared_vocabulary(student_tokenizer, teacher_tokenizer, student_size: int, teacher_size: int,
-                      teacher_name: str = "teacher") -> VocabProjection:
+def shared_vocabulary(
+    student_tokenizer, teacher_tokenizer, student_size: int, teacher_size: int, teacher_name: str = "teacher"
+) -> VocabProjection:
     """The bucket of every student entry (student_size, the student's logit width) and teacher entry (teacher_size)
     by shared key; raises when the two vocabularies share no string (nothing to compare)."""
     s_keys = token_keys(student_tokenizer, student_size)
@@ -69,7 +70,8 @@ def shared_vocabulary(student_tokenizer, teacher_tokenizer, student_size: int, t
         raise KvdistillError(
             f"the student's and teacher {teacher_name!r}'s vocabularies share no token string, so their next-token "
             "distributions have no event in common",
-            f"set losses.logit_kd.weight: 0 (or drop teacher '{teacher_name}'); its K/V are still aligned by bytes")
+            f"set losses.logit_kd.weight: 0 (or drop teacher '{teacher_name}'); its K/V are still aligned by bytes",
+        )
     bucket: dict = {}
     for key in s_keys:  # buckets in the student's id order
         if key in common and key not in bucket:

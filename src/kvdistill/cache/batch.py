@@ -59,8 +59,9 @@ class HostBatch:
     index_dtype: torch.dtype | None = None  # the stored dtype of logits' token ids
 
 
-def capture_to_host(cap, compression, layers: list[int], query_mask: torch.Tensor | None = None,
-                    logits=None) -> HostBatch:
+def capture_to_host(
+    cap, compression, layers: list[int], query_mask: torch.Tensor | None = None, logits=None
+) -> HostBatch:
     """Select and gather the stored K/V of `layers` (`compression.resolve_layers`, resolved once by the caller)
     of a `KVCapture` on its device and start one asynchronous copy of them to pinned host memory (plus one for
     ids/positions, one for the rkv index); returns without waiting for the device: nothing here reads a value
@@ -116,8 +117,21 @@ def capture_to_host(cap, compression, layers: list[int], query_mask: torch.Tenso
     candidates = getattr(cap, "candidates", None)
     kept = None if candidates is None or compression.span != "cot" else candidates.sum(1).tolist()
     kind, budget = compression.kind, compression.budget
-    return HostBatch(layers, kind, budget, mask_host, ids_pos, spans, kv, index, ready, kept, finite, sparse,
-                     None if logits is None else logits.torch_index_dtype)
+    return HostBatch(
+        layers,
+        kind,
+        budget,
+        mask_host,
+        ids_pos,
+        spans,
+        kv,
+        index,
+        ready,
+        kept,
+        finite,
+        sparse,
+        None if logits is None else logits.torch_index_dtype,
+    )
 
 
 def _select(
@@ -140,7 +154,9 @@ def _select(
     if stacked is not None:
         finite = importance_finite(torch.stack([cap.importance[j] for j in layers], 1), cap.attention_mask)
     chosen = []
-    for layer in layers:  # rkv, or the first M CoT tokens (span cot): which real tokens the slots hold is stored
+    for (
+        layer
+    ) in layers:  # rkv, or the first M CoT tokens (span cot): which real tokens the slots hold is stored
         sel = stacked[layer] if stacked is not None else layer_selection(cap, compression, layer, query_mask)
         idx = sel[0]  # (B, H, M), span cot right_crop: (B, M)
         chosen.append(idx if idx.dim() == 3 else idx.unsqueeze(1).expand(-1, cap.keys[layer].shape[1], -1))
@@ -176,7 +192,9 @@ def _rank_index(cap, compression, chosen: list[torch.Tensor | None]) -> torch.Te
     full and right_crop, which keep the first M), in one gather over every layer."""
     if compression.kind == "full" or (compression.kind == "right_crop" and compression.span == "all"):
         return None
-    rank = cap.attention_mask.bool().long().cumsum(1) - 1  # (B, T) each real token's index among the real ones
+    rank = (
+        cap.attention_mask.bool().long().cumsum(1) - 1
+    )  # (B, T) each real token's index among the real ones
     idx = torch.stack(chosen, 1)  # (B, n, H, M)
     B, n, H, M = idx.shape
     index = rank.gather(1, idx.reshape(B, -1)).view(B, n, H, M)  # (B, n, H, M)

@@ -90,7 +90,9 @@ def extract(
         None, "--logits-dtype", help="Their storage dtype: float16 (default), bfloat16, float32."
     ),
     logits_temperatures: str | None = typer.Option(
-        None, "--logits-temperatures", help="τ the log-probabilities are normalised at, e.g. 1,2 (default: losses.logit_kd's)."
+        None,
+        "--logits-temperatures",
+        help="τ the log-probabilities are normalised at, e.g. 1,2 (default: losses.logit_kd's).",
     ),
     batch_size: int = typer.Option(8, "--batch-size", help="Texts per teacher forward."),
     shard_index: int = typer.Option(
@@ -128,8 +130,17 @@ def extract(
         logits={"top_k": logits_top_k, "dtype": logits_dtype, "temperatures": logits_temperatures},
     )
     with stoppable(console, RERUN):
-        result = run_extract(teacher_cfg, data_cfg, cache_dir, batch_size=batch_size, device=device,
-                             shard_index=shard_index, num_shards=num_shards, shard_size=shard_size, progress=progress)
+        result = run_extract(
+            teacher_cfg,
+            data_cfg,
+            cache_dir,
+            batch_size=batch_size,
+            device=device,
+            shard_index=shard_index,
+            num_shards=num_shards,
+            shard_size=shard_size,
+            progress=progress,
+        )
     what = f"part {result['part']} of {num_shards} in " if result["part"] is not None else ""
     rate = f", {result['tokens_per_s']:,.0f} tokens/s" if result["stored"] else ""
     console.print(
@@ -138,8 +149,10 @@ def extract(
         f"{result['seconds']:.1f} s{rate})"
     )
     if result["part"] is not None:
-        console.print(f"when every part has finished: kvdistill cache merge {escape(str(cache_dir))} "
-                      f"--parts {num_shards}")
+        console.print(
+            f"when every part has finished: kvdistill cache merge {escape(str(cache_dir))} "
+            f"--parts {num_shards}"
+        )
 
 
 def extract_configs(
@@ -194,8 +207,10 @@ def extract_configs(
             kd, kd_problems = _validated(LogitKDConfig, dict(kd_raw or {}), "losses.logit_kd")
             problems += kd_problems
             if kd is not None and kd.temperatures_used() is None:
-                problems.append("--logits-temperatures: losses.logit_kd has a linear τ schedule; give the "
-                                "temperatures to store (e.g. --logits-temperatures 1,2,4)")
+                problems.append(
+                    "--logits-temperatures: losses.logit_kd has a linear τ schedule; give the "
+                    "temperatures to store (e.g. --logits-temperatures 1,2,4)"
+                )
             elif kd is not None:
                 logits_raw["temperatures"] = kd.temperatures_used()
     if data is not None:
@@ -216,9 +231,12 @@ def extract_configs(
     if teacher_cfg is not None and data_cfg is not None:
         from kvdistill.config.schema import budget_problems
 
-        problems += [p.replace(".budget (", ".budget (--budget, ").replace("data.max_length (", "data.max_length "
-                               "(--max-length, ")
-                     for p in budget_problems(teacher_cfg.compression, data_cfg.max_length, "teacher.compression")]
+        problems += [
+            p.replace(".budget (", ".budget (--budget, ").replace(
+                "data.max_length (", "data.max_length (--max-length, "
+            )
+            for p in budget_problems(teacher_cfg.compression, data_cfg.max_length, "teacher.compression")
+        ]
     cache_dir = out or (teacher_raw.get("cache_dir") if config is not None else None)
     if cache_dir is None:
         problems.append(
@@ -280,11 +298,14 @@ def _logits_raw(base, flags: dict):
         return out  # the schema names the problem
     if "temperatures" in given:
         try:
-            given["temperatures"] = [float(x) for x in str(given["temperatures"]).replace(" ", "").split(",") if x]
+            given["temperatures"] = [
+                float(x) for x in str(given["temperatures"]).replace(" ", "").split(",") if x
+            ]
         except ValueError:
             raise KvdistillError(
                 f"--logits-temperatures '{flags['temperatures']}' is not a comma-separated list of numbers",
-                "e.g. --logits-temperatures 1,2") from None
+                "e.g. --logits-temperatures 1,2",
+            ) from None
     out.update(given)
     return out
 

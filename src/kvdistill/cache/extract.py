@@ -146,8 +146,10 @@ def extract(
     if only_ids is not None:
         unknown = sorted(set(only_ids) - {str(r["id"]) for r in records})
         if unknown:
-            raise KvdistillError(f"only_ids names {len(unknown)} records the data does not hold, e.g. {unknown[:3]}",
-                                 "pass ids of the data config's records")
+            raise KvdistillError(
+                f"only_ids names {len(unknown)} records the data does not hold, e.g. {unknown[:3]}",
+                "pass ids of the data config's records",
+            )
         stored = [r for r in records if str(r["id"]) in only_ids]
     if model is None:
         model, tokenizer = load_teacher(teacher_cfg, spec, default_device(device))

@@ -130,7 +130,11 @@ def check_meta(meta: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-COMPRESSION_ADDED = {"span": "all", "scoring": "minmax", "window": 8}  # compression fields newer than schema 2
+COMPRESSION_ADDED = {
+    "span": "all",
+    "scoring": "minmax",
+    "window": 8,
+}  # compression fields newer than schema 2
 
 
 def meta_mismatches(stored: dict[str, Any], expected: dict[str, Any], *, reading: bool = False) -> list[str]:
@@ -181,11 +185,16 @@ def _logits_mismatch(have: dict | None, want: dict | None) -> list[str]:
         wrong.append("top_k")  # a cache of k serves any k' <= k: its first k' entries are the top-k'
         wrong.sort()
     missing = sorted(set(want.get("temperatures", [])) - set(have.get("temperatures", [])))
-    out = [f"logits.{k} differs: cache has {short(have.get(k))}, expected {'at least ' if k == 'top_k' else ''}"
-           f"{short(want[k])}" for k in wrong]
+    out = [
+        f"logits.{k} differs: cache has {short(have.get(k))}, expected {'at least ' if k == 'top_k' else ''}"
+        f"{short(want[k])}"
+        for k in wrong
+    ]
     if missing:
-        out.append(f"logits.temperatures: the cache's log-probabilities are normalised at {have.get('temperatures')}, "
-                   f"not at {missing}")
+        out.append(
+            f"logits.temperatures: the cache's log-probabilities are normalised at {have.get('temperatures')}, "
+            f"not at {missing}"
+        )
     return out
 
 

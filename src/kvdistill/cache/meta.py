@@ -27,8 +27,9 @@ def dataset_records(data_cfg: DataConfig) -> list[dict]:
     from kvdistill.data import load_records
 
     # with no held-out splits and no cap the train split is every record, in the same order as eval + val + train
-    records = load_records(data_cfg.model_copy(update={"eval_size": 0, "val_size": 0, "train_size": None}),
-                           split="train")
+    records = load_records(
+        data_cfg.model_copy(update={"eval_size": 0, "val_size": 0, "train_size": None}), split="train"
+    )
     seen: set[str] = set()
     dupes = sorted({str(r["id"]) for r in records if str(r["id"]) in seen or seen.add(str(r["id"]))})
     if dupes:
@@ -69,7 +70,9 @@ class TeacherSpec:
     logits: LogitSpec | None = None
 
 
-def logit_spec(teacher_cfg: TeacherConfig, geometry: KVGeometry, logit_kd: LogitKDConfig | None) -> LogitSpec | None:
+def logit_spec(
+    teacher_cfg: TeacherConfig, geometry: KVGeometry, logit_kd: LogitKDConfig | None
+) -> LogitSpec | None:
     """What a cache of `teacher_cfg` holds of its logits (None: no logits section); top_k and temperatures from the
     section, else from `logit_kd` (the run's losses.logit_kd; None: its defaults)."""
     from kvdistill.teachers.logits import LogitSpec
@@ -80,13 +83,16 @@ def logit_spec(teacher_cfg: TeacherConfig, geometry: KVGeometry, logit_kd: Logit
     temps = section.resolved(logit_kd)
     k = section.top_k if section.top_k is not None else (logit_kd.top_k if logit_kd is not None else None)
     if k is None:
-        raise KvdistillError(f"teacher '{teacher_cfg.name}': how many log-probabilities to store is not given",
-                             "set teachers.N.logits.top_k (`--logits-top-k`) or losses.logit_kd.top_k")
+        raise KvdistillError(
+            f"teacher '{teacher_cfg.name}': how many log-probabilities to store is not given",
+            "set teachers.N.logits.top_k (`--logits-top-k`) or losses.logit_kd.top_k",
+        )
     if temps is None:
         raise KvdistillError(
             f"teacher '{teacher_cfg.name}': losses.logit_kd has a linear τ schedule, and a cache stores log-probabilities "
             "at given temperatures only",
-            "set teachers.N.logits.temperatures (`--logits-temperatures`), or use a step / constant schedule")
+            "set teachers.N.logits.temperatures (`--logits-temperatures`), or use a step / constant schedule",
+        )
     return LogitSpec(k, section.dtype, tuple(temps), int(geometry.vocab_size))
 
 
@@ -99,8 +105,13 @@ def teacher_spec(teacher_cfg: TeacherConfig, logit_kd: LogitKDConfig | None = No
     tid = teacher_id(teacher_cfg.model)
     geometry = geometry_of(load_config(teacher_cfg.model), name=tid)
     compression = teacher_cfg.compression.build()
-    return TeacherSpec(tid, geometry, compression, compression.resolve_layers(geometry.num_layers),
-                       logit_spec(teacher_cfg, geometry, logit_kd))
+    return TeacherSpec(
+        tid,
+        geometry,
+        compression,
+        compression.resolve_layers(geometry.num_layers),
+        logit_spec(teacher_cfg, geometry, logit_kd),
+    )
 
 
 def expected_meta(

@@ -216,8 +216,9 @@ class CacheReader:
                 "(`kvdistill extract`), or point cache_dir at the matching cache",
             )
 
-    def teacher_kv(self, sample_ids: list[str], device="cpu", dtype: torch.dtype | None = None, *,
-                   logits: bool = False):
+    def teacher_kv(
+        self, sample_ids: list[str], device="cpu", dtype: torch.dtype | None = None, *, logits: bool = False
+    ):
         """A right-padded `TeacherKV` batch. Kind full: keys (B, H, T, D) with shared spans (B, T, 2) and mask
         (B, T); otherwise keys (B, H, M, D), spans (B, H, M, 2), mask (B, H, M) per layer. logits: also the stored
         top-k log-probabilities as a `TeacherLogits` (B, T, k) (refused when the cache holds none)."""
@@ -267,15 +268,18 @@ class CacheReader:
             logits=self._logits(samples, tok_mask, tok_spans).map(lambda x: x.to(device)) if logits else None,
         )
 
-    def _logits(self, samples: list[dict[str, torch.Tensor]], tok_mask: torch.Tensor,
-                tok_spans: torch.Tensor) -> TeacherLogits:
+    def _logits(
+        self, samples: list[dict[str, torch.Tensor]], tok_mask: torch.Tensor, tok_spans: torch.Tensor
+    ) -> TeacherLogits:
         """The stored top-k log-probabilities of `samples`, right-padded to the (B, T) token mask (spans (B, T, 2)
         beside): values (B, T, k)
         in their stored dtype, index (B, T, k) int64, shift (B, T, n) float32."""
         spec = self.meta["logits"]
         if spec is None:
-            raise CacheError(f"cache {self.dir} holds no logits (K/V only)",
-                             "extract it with a logits section (`kvdistill extract ... --logits-top-k 64`)")
+            raise CacheError(
+                f"cache {self.dir} holds no logits (K/V only)",
+                "extract it with a logits section (`kvdistill extract ... --logits-top-k 64`)",
+            )
         B, T = tok_mask.shape
         k, n = int(spec["top_k"]), len(spec["temperatures"])
         values = torch.zeros(B, T, k, dtype=getattr(torch, spec["dtype"]))
@@ -284,9 +288,15 @@ class CacheReader:
         for b, s in enumerate(samples):
             t = s["token_ids"].shape[0]
             if not {"logit_values", "logit_index", "logit_shift"} <= s.keys():
-                raise CacheError(f"a sample of cache {self.dir} lacks the logits its manifest promises",
-                                 f"run `kvdistill cache verify {self.dir}`, then re-extract the cache")
-            values[b, :t], index[b, :t], shift[b, :t] = s["logit_values"], s["logit_index"].long(), s["logit_shift"]
+                raise CacheError(
+                    f"a sample of cache {self.dir} lacks the logits its manifest promises",
+                    f"run `kvdistill cache verify {self.dir}`, then re-extract the cache",
+                )
+            values[b, :t], index[b, :t], shift[b, :t] = (
+                s["logit_values"],
+                s["logit_index"].long(),
+                s["logit_shift"],
+            )
         temps = tuple(float(x) for x in spec["temperatures"])
         return TeacherLogits(values, index, shift, temps, tok_mask.clone(), tok_spans.clone())
 
@@ -301,7 +311,9 @@ class CacheReader:
         self.close()
 
 
-def open_teacher_cache(teacher_cfg: TeacherConfig, data_cfg: DataConfig, logit_kd: LogitKDConfig | None = None):
+def open_teacher_cache(
+    teacher_cfg: TeacherConfig, data_cfg: DataConfig, logit_kd: LogitKDConfig | None = None
+):
     """The `CacheReader` of a `source: cache` teacher, checked against the run: complete, and the same
     teacher, tokenizer, compression and dataset, and the logits the run reads (`teacher_cfg.logits` at the
     temperatures of `logit_kd`); a CacheError names each field that differs."""

@@ -102,8 +102,14 @@ class Manifest(_Strict):
     merged_from: _e(list[str] | None, "a list of part names") = None
 
 
-_JSON_TYPES = {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "an array",
-               dict: "an object"}
+_JSON_TYPES = {
+    bool: "a boolean",
+    int: "a number",
+    float: "a number",
+    str: "a string",
+    list: "an array",
+    dict: "an object",
+}
 
 
 def short(x: Any, n: int = 80) -> str:
@@ -149,14 +155,20 @@ def _walk(model: type[BaseModel], loc: tuple, data: Any) -> tuple[str, Any, str,
             path += f"[{step!r}]" if isinstance(step, str) else f"[{step}]"
         else:
             break
-        node = node.get(step) if isinstance(node, dict) else (
-            node[step] if isinstance(node, list) and isinstance(step, int) and step < len(node) else None)
+        node = (
+            node.get(step)
+            if isinstance(node, dict)
+            else (
+                node[step] if isinstance(node, list) and isinstance(step, int) and step < len(node) else None
+            )
+        )
     container = (isinstance(tp, type) and issubclass(tp, BaseModel)) or typing.get_origin(tp) in (list, dict)
     return path, node, words or "another value", container
 
 
-def _problems(model: type[BaseModel], data: Any, capped: tuple[str, ...] = (), *, list_missing: bool = True
-              ) -> list[str]:
+def _problems(
+    model: type[BaseModel], data: Any, capped: tuple[str, ...] = (), *, list_missing: bool = True
+) -> list[str]:
     """The problems of `data` against `model`: a missing top-level key listed together ("missing key(s)"), or with
     `list_missing` False reported as null like any other value; those under the keys in `capped` (entries of a
     list or mapping) quoted up to `MAX_LISTED` each."""
@@ -180,8 +192,14 @@ def _problems(model: type[BaseModel], data: Any, capped: tuple[str, ...] = (), *
     if missing:
         out.insert(0, f"missing key(s) {missing}")
     for key, problems in grouped.items():
-        out += problems if len(problems) <= MAX_LISTED else [
-            *problems[:MAX_LISTED], f"... and {len(problems) - MAX_LISTED} more {key[:-1]} entry problems"]
+        out += (
+            problems
+            if len(problems) <= MAX_LISTED
+            else [
+                *problems[:MAX_LISTED],
+                f"... and {len(problems) - MAX_LISTED} more {key[:-1]} entry problems",
+            ]
+        )
     return out
 
 
@@ -200,4 +218,3 @@ def logits_problems(logits: Any, where: str) -> list[str]:
     if not isinstance(logits, dict):
         return [f"{where} is {_typed(logits)}, expected an object or null"]
     return [f"{where}.{p}" for p in _problems(LogitsEntry, logits, list_missing=False)]
-

@@ -18,8 +18,21 @@ from kvdistill.cache.manifest import MANIFEST, location_problems, read_manifest,
 from kvdistill.errors import CacheError
 
 _DTYPE_NAMES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32", "uint16": "U16", "int32": "I32"}
-_SIZES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-          "U16": 2, "U32": 4, "U64": 8}
+_SIZES = {
+    "F16": 2,
+    "BF16": 2,
+    "F32": 4,
+    "F64": 8,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "U16": 2,
+    "U32": 4,
+    "U64": 8,
+}
 LOGIT_TENSORS = ("logit_values", "logit_index", "logit_shift")
 
 
@@ -101,16 +114,19 @@ def _sample_problems(
     return out
 
 
-def _logit_problems(where: str, tensors: dict[str, tuple[str, tuple[int, ...]]], spec: dict | None,
-                    T: int | None) -> list[str]:
+def _logit_problems(
+    where: str, tensors: dict[str, tuple[str, tuple[int, ...]]], spec: dict | None, T: int | None
+) -> list[str]:
     """The stored logits of one sample against the manifest's `logits` entry (None: there must be none)."""
     present = [n for n in LOGIT_TENSORS if n in tensors]
     if spec is None:
         return [f"{where}: stores {present} but the manifest records no logits"] if present else []
     k, n = spec["top_k"], len(spec["temperatures"])
-    want = {"logit_values": (_DTYPE_NAMES[spec["dtype"]], (T, k)),
-            "logit_index": (_DTYPE_NAMES[spec["index_dtype"]], (T, k)),
-            "logit_shift": ("F32", (T, n))}
+    want = {
+        "logit_values": (_DTYPE_NAMES[spec["dtype"]], (T, k)),
+        "logit_index": (_DTYPE_NAMES[spec["index_dtype"]], (T, k)),
+        "logit_shift": ("F32", (T, n)),
+    }
     out = []
     for name, (dtype, shape) in want.items():
         if name not in tensors:
@@ -136,9 +152,13 @@ def _nonfinite(path: Path, file: str, k: int, manifest: dict[str, Any]) -> list[
             if x.is_floating_point() and not bool(torch.isfinite(x).all()):
                 sid = ids.get((k, int(j))) if j.isdigit() else None
                 bad.setdefault(repr(sid) if sid is not None else f"index {j}", []).append(
-                    f"{name} ({int((~torch.isfinite(x)).sum())} non-finite)")
-    return [f"sample {sid} in shard {file}: {', '.join(names)} hold NaN/inf K/V (re-extract the cache; training "
-            "on them would diverge)" for sid, names in bad.items()]
+                    f"{name} ({int((~torch.isfinite(x)).sum())} non-finite)"
+                )
+    return [
+        f"sample {sid} in shard {file}: {', '.join(names)} hold NaN/inf K/V (re-extract the cache; training "
+        "on them would diverge)"
+        for sid, names in bad.items()
+    ]
 
 
 def verify_cache(path: str | Path) -> list[str]:

@@ -86,25 +86,42 @@ def _latent_selection(cap, compression: Compression, layer: int, query_mask: tor
 
     candidates = cap.attention_mask if compression.span == "all" else getattr(cap, "candidates", None)
     if candidates is None:
-        raise KvdistillError("compression.span 'cot' needs the capture's chain-of-thought tokens (cap.candidates)",
-                             "capture through kvdistill.teachers.capture_teacher, which marks them")
+        raise KvdistillError(
+            "compression.span 'cot' needs the capture's chain-of-thought tokens (cap.candidates)",
+            "capture through kvdistill.teachers.capture_teacher, which marks them",
+        )
     importance = valid = None
-    if compression.kind == "rkv" and compression.scoring == "rkv":  # the window logits (B, H, Q, T), rows (B, Q)
+    if (
+        compression.kind == "rkv" and compression.scoring == "rkv"
+    ):  # the window logits (B, H, Q, T), rows (B, Q)
         importance, valid = (cap.importance or {}).get(layer), getattr(cap, "window_valid", None)
         if importance is None or valid is None:
-            raise KvdistillError(f"scoring rkv needs the window logits of layer {layer}",
-                                 "capture through kvdistill.teachers.capture_teacher (hooked queries)")
+            raise KvdistillError(
+                f"scoring rkv needs the window logits of layer {layer}",
+                "capture through kvdistill.teachers.capture_teacher (hooked queries)",
+            )
     elif compression.kind == "rkv":
         importance = (cap.importance or {}).get(layer)
         if importance is None:
             if cap.attentions is None or cap.attentions[layer] is None or query_mask is None:
-                raise KvdistillError(f"rkv compression needs the attention importance of layer {layer}",
-                                     "capture the teacher with its query rows (capture_teacher) or eager attention")
-            importance = importance_from_attention(cap.attentions[layer], query_mask, cap.attention_mask,
-                                                   cap.keys[layer].shape[1])
-    plan = latent_target(compression.kind, candidates, compression.budget, keys=cap.keys[layer],
-                         importance=importance, lam=compression.lam, scoring=compression.scoring,
-                         window=compression.window, valid=valid)
+                raise KvdistillError(
+                    f"rkv compression needs the attention importance of layer {layer}",
+                    "capture the teacher with its query rows (capture_teacher) or eager attention",
+                )
+            importance = importance_from_attention(
+                cap.attentions[layer], query_mask, cap.attention_mask, cap.keys[layer].shape[1]
+            )
+    plan = latent_target(
+        compression.kind,
+        candidates,
+        compression.budget,
+        keys=cap.keys[layer],
+        importance=importance,
+        lam=compression.lam,
+        scoring=compression.scoring,
+        window=compression.window,
+        valid=valid,
+    )
     idx, kept = plan.index[..., 0], plan.kept  # (B, G, M)
     if compression.kind == "right_crop":
         return idx[:, 0], kept[:, 0]  # (B, M) shared by heads

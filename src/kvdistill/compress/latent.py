@@ -46,7 +46,6 @@ RKV_KERNEL = 7  # R-KV's max-pool width over the importance
 RKV_THRESHOLD = 0.5  # R-KV's cosine above which a key counts as a near-duplicate
 
 
-
 @dataclass
 class LatentTarget:
     """Which teacher tokens make each of the M target entries: index, weight (B, G, M, J) (J tokens mixed with
@@ -62,10 +61,14 @@ class LatentTarget:
         if G == H:
             return self
         if G != 1:
-            raise KvdistillError(f"a latent target chosen for {G} heads cannot select from {H} heads",
-                                 "select from the keys of the same layer")
+            raise KvdistillError(
+                f"a latent target chosen for {G} heads cannot select from {H} heads",
+                "select from the keys of the same layer",
+            )
         B, _, M, J = self.index.shape
-        return LatentTarget(self.index.expand(B, H, M, J), self.weight.expand(B, H, M, J), self.kept.expand(B, H, M))
+        return LatentTarget(
+            self.index.expand(B, H, M, J), self.weight.expand(B, H, M, J), self.kept.expand(B, H, M)
+        )
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, H, T, D) -> (B, H, M, D): Σ_j weight·x[index] (entries that are not kept are 0)."""
@@ -80,11 +83,15 @@ class LatentTarget:
 
 def _check(candidates: torch.Tensor, budget: int) -> torch.Tensor:
     if candidates.dim() != 2:
-        raise KvdistillError(f"candidates must be (B, T), got {tuple(candidates.shape)}",
-                             "pass the (B, T) mask of the teacher's chain-of-thought tokens")
+        raise KvdistillError(
+            f"candidates must be (B, T), got {tuple(candidates.shape)}",
+            "pass the (B, T) mask of the teacher's chain-of-thought tokens",
+        )
     if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
-        raise KvdistillError(f"latent target size {budget!r} must be a positive integer",
-                             "set student.latent.tokens to 1 or more")
+        raise KvdistillError(
+            f"latent target size {budget!r} must be a positive integer",
+            "set student.latent.tokens to 1 or more",
+        )
     return candidates.bool()
 
 
@@ -138,7 +145,9 @@ def latent_right_crop(candidates: torch.Tensor, budget: int) -> LatentTarget:
     return _first_m(pos[:, None], real[:, None], budget)
 
 
-def kava_scores(keys: torch.Tensor, importance: torch.Tensor, candidates: torch.Tensor, lam: float) -> torch.Tensor:
+def kava_scores(
+    keys: torch.Tensor, importance: torch.Tensor, candidates: torch.Tensor, lam: float
+) -> torch.Tensor:
     """λ·I + (1-λ)·softmax_t(-r) over the candidate tokens -> (B, G, T), -inf elsewhere. keys (B, G, T, D),
     importance (B, G, T)."""
     cand = candidates.bool()
@@ -156,8 +165,14 @@ def _compact(candidates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
     return pos, n, real
 
 
-def rkv_reference_scores(keys: torch.Tensor, logits: torch.Tensor, valid: torch.Tensor, candidates: torch.Tensor,
-                         window: int, lam: float = 0.07) -> torch.Tensor:
+def rkv_reference_scores(
+    keys: torch.Tensor,
+    logits: torch.Tensor,
+    valid: torch.Tensor,
+    candidates: torch.Tensor,
+    window: int,
+    lam: float = 0.07,
+) -> torch.Tensor:
     """R-KV's scores (module docstring) -> (B, G, T): +inf on the window (always kept), λ·maxpool_7(A) - (1-λ)·S on
     the other candidates, -inf elsewhere.
 
@@ -174,14 +189,17 @@ def rkv_reference_scores(keys: torch.Tensor, logits: torch.Tensor, valid: torch.
     in_window = real & (slot >= (n - w)[:, None])  # (B, T) compact slots of the window
     past = real & ~in_window  # (B, T) the scored (non-window) candidates
     # importance: softmax over the past keys of each window row's logits, mean over the valid rows
-    lg = logits.to(work).gather(-1, pos[:, None, None].expand(B, G, logits.shape[2], T))  # (B, G, Q, T) compact
+    lg = logits.to(work).gather(
+        -1, pos[:, None, None].expand(B, G, logits.shape[2], T)
+    )  # (B, G, Q, T) compact
     lg = lg.masked_fill(~past[:, None, None], float("-inf"))
     probs = lg.softmax(-1).nan_to_num(0.0)  # rows without past keys: 0
     rows = valid.to(work)[:, None, :, None]  # (B, 1, Q, 1)
     attn = (probs * rows).sum(2) / rows.sum(2).clamp_min(1.0)  # (B, G, T)
     attn = attn.masked_fill(~past[:, None], float("-inf"))
-    pooled = torch.nn.functional.max_pool1d(attn.reshape(B * G, 1, T), RKV_KERNEL, stride=1,
-                                            padding=RKV_KERNEL // 2).view(B, G, T)
+    pooled = torch.nn.functional.max_pool1d(
+        attn.reshape(B * G, 1, T), RKV_KERNEL, stride=1, padding=RKV_KERNEL // 2
+    ).view(B, G, T)
     # redundancy over every candidate (window included)
     k = keys.to(work).gather(2, pos[:, None, :, None].expand(B, G, T, D))  # (B, G, T, D) compact
     k = k / (k.norm(dim=-1, keepdim=True) + 1e-8)
@@ -199,9 +217,17 @@ def rkv_reference_scores(keys: torch.Tensor, logits: torch.Tensor, valid: torch.
     return out.scatter(-1, pos[:, None].expand(B, G, T), score)  # back to time order
 
 
-def latent_rkv(keys: torch.Tensor, importance: torch.Tensor, candidates: torch.Tensor, budget: int, *,
-               lam: float | None = None, scoring: str = "kava", window: int = 8,
-               valid: torch.Tensor | None = None) -> LatentTarget:
+def latent_rkv(
+    keys: torch.Tensor,
+    importance: torch.Tensor,
+    candidates: torch.Tensor,
+    budget: int,
+    *,
+    lam: float | None = None,
+    scoring: str = "kava",
+    window: int = 8,
+    valid: torch.Tensor | None = None,
+) -> LatentTarget:
     """The M best-scoring candidate tokens per head (see the module docstring), in increasing time; lam None: the
     scoring's default (DEFAULT_LAM).
 
@@ -210,23 +236,36 @@ def latent_rkv(keys: torch.Tensor, importance: torch.Tensor, candidates: torch.T
     logits (B, H, Q, T) with valid (B, Q) (`rkv_reference_scores`)."""
     cand = _check(candidates, budget)
     if scoring not in SCORINGS:
-        raise KvdistillError(f"latent target scoring '{scoring}' is unknown", f"use one of {', '.join(SCORINGS)}")
+        raise KvdistillError(
+            f"latent target scoring '{scoring}' is unknown", f"use one of {', '.join(SCORINGS)}"
+        )
     lam = default_lam(scoring, lam)
     if scoring == "rkv":
         if budget <= window:
-            raise KvdistillError(f"R-KV keeps its {window}-token window plus scored tokens: a budget of {budget} "
-                                 "leaves none to score", "use more latent tokens than the window, or a smaller "
-                                 "losses.latent_kv.target.window")
-        if valid is None or importance.dim() != 4 or importance.shape[:2] != keys.shape[:2] \
-                or importance.shape[-1] != keys.shape[2] or tuple(valid.shape) != (keys.shape[0], importance.shape[2]):
-            raise KvdistillError(f"scoring rkv needs the window rows' logits (B, H, Q, T) and valid (B, Q) for keys "
-                                 f"{tuple(keys.shape)}, got {tuple(importance.shape)}",
-                                 "compute them with kvdistill.models.queries.window_logits")
+            raise KvdistillError(
+                f"R-KV keeps its {window}-token window plus scored tokens: a budget of {budget} "
+                "leaves none to score",
+                "use more latent tokens than the window, or a smaller losses.latent_kv.target.window",
+            )
+        if (
+            valid is None
+            or importance.dim() != 4
+            or importance.shape[:2] != keys.shape[:2]
+            or importance.shape[-1] != keys.shape[2]
+            or tuple(valid.shape) != (keys.shape[0], importance.shape[2])
+        ):
+            raise KvdistillError(
+                f"scoring rkv needs the window rows' logits (B, H, Q, T) and valid (B, Q) for keys "
+                f"{tuple(keys.shape)}, got {tuple(importance.shape)}",
+                "compute them with kvdistill.models.queries.window_logits",
+            )
         score = rkv_reference_scores(keys, importance, valid, cand, window, lam)
     else:
         if importance.shape != keys.shape[:-1]:
-            raise KvdistillError(f"importance {tuple(importance.shape)} does not match keys {tuple(keys.shape)}",
-                                 "importance must be (B, H, T) for keys (B, H, T, D)")
+            raise KvdistillError(
+                f"importance {tuple(importance.shape)} does not match keys {tuple(keys.shape)}",
+                "importance must be (B, H, T) for keys (B, H, T, D)",
+            )
         score = (kava_scores if scoring == "kava" else rkv_scores)(keys, importance, cand, lam)
     order = score.sort(dim=-1, descending=True, stable=True).indices  # (B, H, T), ties: earlier first
     real = score.gather(-1, order) > float("-inf")  # candidates (+inf: R-KV's window)
@@ -240,9 +279,18 @@ def window_rows(mask: torch.Tensor, window: int) -> torch.Tensor:
     return (real & (from_end <= window)).long()
 
 
-def latent_target(kind: str, candidates: torch.Tensor, budget: int, *, keys: torch.Tensor | None = None,
-                  importance: torch.Tensor | None = None, lam: float | None = None, scoring: str = "kava",
-                  window: int = 8, valid: torch.Tensor | None = None) -> LatentTarget:
+def latent_target(
+    kind: str,
+    candidates: torch.Tensor,
+    budget: int,
+    *,
+    keys: torch.Tensor | None = None,
+    importance: torch.Tensor | None = None,
+    lam: float | None = None,
+    scoring: str = "kava",
+    window: int = 8,
+    valid: torch.Tensor | None = None,
+) -> LatentTarget:
     """Dispatch on `kind` (full | right_crop | rkv); rkv needs keys (B, H, T, D) and importance (B, H, T) (scoring
     rkv: the window logits (B, H, Q, T) and valid (B, Q), see `latent_rkv`)."""
     if kind == "full":
@@ -250,8 +298,14 @@ def latent_target(kind: str, candidates: torch.Tensor, budget: int, *, keys: tor
     if kind == "right_crop":
         return latent_right_crop(candidates, budget)
     if kind != "rkv":
-        raise KvdistillError(f"latent target kind '{kind}' is unknown", f"use one of {', '.join(LATENT_KINDS)}")
+        raise KvdistillError(
+            f"latent target kind '{kind}' is unknown", f"use one of {', '.join(LATENT_KINDS)}"
+        )
     if keys is None or importance is None:
-        raise KvdistillError("the rkv latent target needs the keys and the attention importance",
-                             "capture the teacher with its query rows (or eager attention)")
-    return latent_rkv(keys, importance, candidates, budget, lam=lam, scoring=scoring, window=window, valid=valid)
+        raise KvdistillError(
+            "the rkv latent target needs the keys and the attention importance",
+            "capture the teacher with its query rows (or eager attention)",
+        )
+    return latent_rkv(
+        keys, importance, candidates, budget, lam=lam, scoring=scoring, window=window, valid=valid
+    )

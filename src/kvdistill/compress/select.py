@@ -31,14 +31,23 @@ import torch
 from kvdistill.errors import KvdistillError
 
 KINDS = ("full", "right_crop", "rkv")
-SPANS = ("all", "cot")  # candidate tokens: every real token, or the record's chain of thought (a latent target)
+SPANS = (
+    "all",
+    "cot",
+)  # candidate tokens: every real token, or the record's chain of thought (a latent target)
 SCORINGS = ("minmax", "kava", "rkv")  # rkv scores: kvdistill.compress.latent
-DEFAULT_LAM = {"minmax": 0.1, "kava": 0.1, "rkv": 0.07}  # λ of each scoring when none is given (R-KV's own: 0.07)
+DEFAULT_LAM = {
+    "minmax": 0.1,
+    "kava": 0.1,
+    "rkv": 0.07,
+}  # λ of each scoring when none is given (R-KV's own: 0.07)
 
 
 def default_lam(scoring: str, lam: float | None) -> float:
     """`lam`, or the scoring's own default (DEFAULT_LAM) when it is None."""
     return DEFAULT_LAM.get(scoring, 0.1) if lam is None else lam
+
+
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -74,8 +83,10 @@ class Compression:
         if self.span not in SPANS:
             problems.append(f"compression.span: {self.span!r} is not one of {list(SPANS)}")
         elif self.span == "cot" and self.kind not in ("right_crop", "rkv"):
-            problems.append(f"compression.span: 'cot' keeps `budget` chain-of-thought tokens; kind {self.kind!r} "
-                            "keeps every token (use right_crop or rkv)")
+            problems.append(
+                f"compression.span: 'cot' keeps `budget` chain-of-thought tokens; kind {self.kind!r} "
+                "keeps every token (use right_crop or rkv)"
+            )
         if self.scoring not in SCORINGS:
             problems.append(f"compression.scoring: {self.scoring!r} is not one of {list(SCORINGS)}")
         elif self.scoring != "minmax" and self.kind != "rkv":
@@ -249,7 +260,8 @@ def key_redundancy(keys: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) ->
 def not_finite_error() -> KvdistillError:
     """The error of an importance that is NaN or inf on a real token (raised by `rkv_scores` or a later check)."""
     return KvdistillError(
-        "importance has NaN or inf on real tokens", "check the attention probabilities the importance came from"
+        "importance has NaN or inf on real tokens",
+        "check the attention probabilities the importance came from",
     )
 
 
@@ -318,7 +330,9 @@ def rkv_select(
 def _check_groups(num_heads: int, num_kv_heads: int, fix: str) -> None:
     """GQA: every KV head serves the same number of query heads."""
     if num_heads % num_kv_heads:
-        raise KvdistillError(f"num_heads ({num_heads}) must be divisible by num_kv_heads ({num_kv_heads})", fix)
+        raise KvdistillError(
+            f"num_heads ({num_heads}) must be divisible by num_kv_heads ({num_kv_heads})", fix
+        )
 
 
 def importance_from_attention(

@@ -8,7 +8,12 @@ from pydantic import Field, model_validator
 
 from kvdistill.config.section import Section
 
-GENERATED = ("gsm_symbolic", "arithmetic", "sorting", "skills")  # data sources generated from data.size and seed
+GENERATED = (
+    "gsm_symbolic",
+    "arithmetic",
+    "sorting",
+    "skills",
+)  # data sources generated from data.size and seed
 
 
 class DataConfig(Section):
@@ -28,10 +33,13 @@ class DataConfig(Section):
 
     # set or not: text / template / chat mode of a file, a split asked of a one-split dataset, a source next to an
     # in-memory dataset (kvdistill.data.records)
-    presence_fields = frozenset({"text_field", "question_field", "cot_field", "messages_field", "split", "source"})
+    presence_fields = frozenset(
+        {"text_field", "question_field", "cot_field", "messages_field", "split", "source"}
+    )
 
-    source: Literal["jsonl", "csv", "parquet", "text", "hf", "gsm_symbolic", "arithmetic", "sorting", "skills"] = (
-        "gsm_symbolic")
+    source: Literal[
+        "jsonl", "csv", "parquet", "text", "hf", "gsm_symbolic", "arithmetic", "sorting", "skills"
+    ] = "gsm_symbolic"
     path: str | None = None
     split: str = "train"
     """source hf: the dataset's split to read (a hub dataset or a saved DatasetDict)."""
@@ -76,31 +84,52 @@ class DataConfig(Section):
         if generated and self.size is None:
             self.size = 256
         if not generated and self.size is not None:
-            problems.append(f"data.size ({self.size}) is the number of generated problems, but data.source "
-                            f"'{self.source}' reads records: every record is used; drop data.size, or cap them with "
-                            f"data.limit: {self.size}")
+            problems.append(
+                f"data.size ({self.size}) is the number of generated problems, but data.source "
+                f"'{self.source}' reads records: every record is used; drop data.size, or cap them with "
+                f"data.limit: {self.size}"
+            )
         if generated and self.limit is not None:
-            problems.append(f"data.limit caps the records of a file or dataset; data.source '{self.source}' "
-                            f"generates data.size problems: set data.size: {self.limit} instead")
-        unread = [k for k in ("split", "subset") if k in self.model_fields_set and self.source != "hf"
-                  and getattr(self, k) != type(self).model_fields[k].default]
-        problems += [f"data.{k} is read by data.source hf only (source is '{self.source}'); drop it" for k in unread]
+            problems.append(
+                f"data.limit caps the records of a file or dataset; data.source '{self.source}' "
+                f"generates data.size problems: set data.size: {self.limit} instead"
+            )
+        unread = [
+            k
+            for k in ("split", "subset")
+            if k in self.model_fields_set
+            and self.source != "hf"
+            and getattr(self, k) != type(self).model_fields[k].default
+        ]
+        problems += [
+            f"data.{k} is read by data.source hf only (source is '{self.source}'); drop it" for k in unread
+        ]
         if generated and self.path:
             problems.append(f"data.path is not read by the generator '{self.source}'; drop it")
         if self.source == "skills":
             if not self.skills or len(set(self.skills)) != len(self.skills):
-                problems.append(f"data.skills {self.skills}: source 'skills' needs distinct skills "
-                                "(some of arithmetic, gsm_symbolic, sorting)")
-            if self.mix is not None and (len(self.mix) != len(self.skills) or any(not w > 0 for w in self.mix)):
-                problems.append(f"data.mix {self.mix} must give one positive proportion per skill {self.skills}")
+                problems.append(
+                    f"data.skills {self.skills}: source 'skills' needs distinct skills "
+                    "(some of arithmetic, gsm_symbolic, sorting)"
+                )
+            if self.mix is not None and (
+                len(self.mix) != len(self.skills) or any(not w > 0 for w in self.mix)
+            ):
+                problems.append(
+                    f"data.mix {self.mix} must give one positive proportion per skill {self.skills}"
+                )
             unknown = [s for s in self.train_skills or [] if s not in self.skills]
             if unknown or self.train_skills == []:
-                problems.append(f"data.train_skills {self.train_skills} must be some of data.skills {self.skills}")
+                problems.append(
+                    f"data.train_skills {self.train_skills} must be some of data.skills {self.skills}"
+                )
         else:
             given = [k for k in ("skills", "mix", "train_skills") if getattr(self, k)]
             if given:
-                problems.append(f"data.{', data.'.join(given)} apply only to data.source 'skills' "
-                                f"(source is '{self.source}'): set data.source: skills or remove them")
+                problems.append(
+                    f"data.{', data.'.join(given)} apply only to data.source 'skills' "
+                    f"(source is '{self.source}'): set data.source: skills or remove them"
+                )
         if problems:
             raise ValueError("; ".join(problems))
         return self

@@ -76,23 +76,38 @@ class FusionConfig(Section):
         """A section changed from its defaults that the chosen kind / space never reads is refused, not ignored
         (compared by value, so a config dumped with every default reloads)."""
         defaults = FusionConfig.model_construct()
-        unused = [(key, need) for key, need, used in (
-            ("similarity", "kind: similarity", self.kind == "similarity"),
-            ("router", "kind: router", self.kind == "router"),
-            ("entropy", "kind: router", self.kind == "router"),
-            ("weights", "kind: fixed", self.kind == "fixed"),
-            ("latent", "space: latent", self.space == "latent"),
-            ("confidence", "kind: confidence (or kind: router with router.target: confidence)", self.scores_teachers))
-            if getattr(self, key) != getattr(defaults, key) and not used]
-        problems = [f"fusion.{key} is changed from its default but only fusion.{need} reads it (kind {self.kind}, space {self.space}); "
-                    f"drop fusion.{key} or set fusion.{need}" for key, need in unused]
+        unused = [
+            (key, need)
+            for key, need, used in (
+                ("similarity", "kind: similarity", self.kind == "similarity"),
+                ("router", "kind: router", self.kind == "router"),
+                ("entropy", "kind: router", self.kind == "router"),
+                ("weights", "kind: fixed", self.kind == "fixed"),
+                ("latent", "space: latent", self.space == "latent"),
+                (
+                    "confidence",
+                    "kind: confidence (or kind: router with router.target: confidence)",
+                    self.scores_teachers,
+                ),
+            )
+            if getattr(self, key) != getattr(defaults, key) and not used
+        ]
+        problems = [
+            f"fusion.{key} is changed from its default but only fusion.{need} reads it (kind {self.kind}, space {self.space}); "
+            f"drop fusion.{key} or set fusion.{need}"
+            for key, need in unused
+        ]
         if self.kind == "router" and self.router.kind == "attention" and self.router.per_token:
-            problems.append("fusion.router.per_token needs router kind 'mlp' or 'gate': the attention router pools "
-                            "over tokens")
+            problems.append(
+                "fusion.router.per_token needs router kind 'mlp' or 'gate': the attention router pools "
+                "over tokens"
+            )
         if self.router.target == "kv_loss" and self.router.target_weight != defaults.router.target_weight:
-            problems.append(f"fusion.router.target_weight ({self.router.target_weight}) weighs the router's KL toward "
-                            "the confidence weights, but fusion.router.target is kv_loss: drop it or set "
-                            "fusion.router.target: confidence")
+            problems.append(
+                f"fusion.router.target_weight ({self.router.target_weight}) weighs the router's KL toward "
+                "the confidence weights, but fusion.router.target is kv_loss: drop it or set "
+                "fusion.router.target: confidence"
+            )
         if problems:
             raise ValueError("; ".join(problems))
         return self

@@ -49,8 +49,10 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             last = i == len(parts) - 1
             if isinstance(node, list):
                 if not part.isdigit() or int(part) >= len(node):
-                    raise ConfigError([f"override '{path}': index '{part}' out of range (list has {len(node)} items)"],
-                                      source="overrides")
+                    raise ConfigError(
+                        [f"override '{path}': index '{part}' out of range (list has {len(node)} items)"],
+                        source="overrides",
+                    )
                 if last:
                     node[int(part)] = _parse_scalar(value)
                 else:
@@ -69,10 +71,15 @@ def _remove_key(raw: dict, path: str) -> None:
     node: Any = raw
     parts = path.split(".")
     for part in parts[:-1]:
-        node = node[int(part)] if isinstance(node, list) and part.isdigit() and int(part) < len(node) else (
-            node.get(part) if isinstance(node, dict) else None)
+        node = (
+            node[int(part)]
+            if isinstance(node, list) and part.isdigit() and int(part) < len(node)
+            else (node.get(part) if isinstance(node, dict) else None)
+        )
         if node is None:
-            raise ConfigError([f"override '~{path}': there is no '{part}' to remove a key from"], source="overrides")
+            raise ConfigError(
+                [f"override '~{path}': there is no '{part}' to remove a key from"], source="overrides"
+            )
     if not isinstance(node, dict) or parts[-1] not in node:
         raise ConfigError([f"override '~{path}': the config sets no '{path}'"], source="overrides")
     del node[parts[-1]]
@@ -103,14 +110,18 @@ def parse_config(raw: dict, source: str = "config") -> RunConfig:
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(validation_problems(err, RunConfig, unknown=foreign_key_problem), source=source) from None
+        raise ConfigError(
+            validation_problems(err, RunConfig, unknown=foreign_key_problem), source=source
+        ) from None
 
 
 def read_raw(path: str | Path, overrides: list[str] | None = None) -> dict:
     """The mapping in a YAML config file with dotted overrides applied (not validated)."""
     p = Path(path)
     if not p.is_file():
-        raise KvdistillError(f"config file '{path}' does not exist", "check the path (ready configs: configs/*.yaml)")
+        raise KvdistillError(
+            f"config file '{path}' does not exist", "check the path (ready configs: configs/*.yaml)"
+        )
     try:
         raw = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as err:
@@ -120,7 +131,9 @@ def read_raw(path: str | Path, overrides: list[str] | None = None) -> dict:
     return apply_overrides(raw, overrides or [])
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None, raw: dict | None = None) -> RunConfig:
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, raw: dict | None = None
+) -> RunConfig:
     """Load a YAML config (or a raw mapping), apply dotted overrides, validate."""
     if raw is None:
         if path is None:
@@ -203,9 +216,14 @@ def tracker_problems(config: RunConfig) -> list[str]:
     """A tracker of train.report_to whose package is not installed here, with the pip command."""
     import importlib.util
 
-    missing = [name for name in config.train.trackers if importlib.util.find_spec(TRACKER_PACKAGES[name]) is None]
-    return [f"train.report_to: {name} is not installed here; run `pip install {TRACKER_PACKAGES[name]}` (or "
-            f"`pip install 'kvdistill[trackers]'`), or drop '{name}' from train.report_to" for name in missing]
+    missing = [
+        name for name in config.train.trackers if importlib.util.find_spec(TRACKER_PACKAGES[name]) is None
+    ]
+    return [
+        f"train.report_to: {name} is not installed here; run `pip install {TRACKER_PACKAGES[name]}` (or "
+        f"`pip install 'kvdistill[trackers]'`), or drop '{name}' from train.report_to"
+        for name in missing
+    ]
 
 
 def _capture_problems(config: RunConfig) -> list[str]:
@@ -214,8 +232,11 @@ def _capture_problems(config: RunConfig) -> list[str]:
     from kvdistill.models.load import load_config as load_hf_config
 
     models = [("student.model", config.student.model)] if config.student.model else []
-    models += [(f"teachers[{i}] ({t.name}).model", t.model) for i, t in enumerate(config.teachers)
-               if t.source == "online" and t.model is not None]
+    models += [
+        (f"teachers[{i}] ({t.name}).model", t.model)
+        for i, t in enumerate(config.teachers)
+        if t.source == "online" and t.model is not None
+    ]
     problems = []
     for key, model in models:
         try:
@@ -247,13 +268,17 @@ def _logit_problems(config: RunConfig) -> list[str]:
         if t.source != "online":
             continue
         if t.model is not None and geometry_of(load_hf_config(t.model)).is_encoder:
-            problems.append(f"losses.logit_kd needs next-token logits, but teachers[{i}] ({t.name}) is an encoder; "
-                            "set losses.logit_kd.weight: 0 or drop that teacher (its K/V still align by bytes)")
+            problems.append(
+                f"losses.logit_kd needs next-token logits, but teachers[{i}] ({t.name}) is an encoder; "
+                "set losses.logit_kd.weight: 0 or drop that teacher (its K/V still align by bytes)"
+            )
             continue
         t_tok = load_tokenizer(t.model or t.tokenizer or t.from_config.get("base"))
         if c.top_k is not None and c.top_k >= len(t_tok):
-            problems.append(f"losses.logit_kd.top_k ({c.top_k}) must be below teachers[{i}] ({t.name})'s vocabulary "
-                            f"of {len(t_tok)}; lower it or drop top_k")
+            problems.append(
+                f"losses.logit_kd.top_k ({c.top_k}) must be below teachers[{i}] ({t.name})'s vocabulary "
+                f"of {len(t_tok)}; lower it or drop top_k"
+            )
         if t_tok.get_vocab() == s_tok.get_vocab():
             continue
         cross = True
@@ -263,8 +288,10 @@ def _logit_problems(config: RunConfig) -> list[str]:
             except KvdistillError as err:
                 problems.append(f"losses.logit_kd with teachers[{i}] ({t.name}): {err.problem}; {err.fix}")
     if not cross and "cross_tokenizer" in c.model_fields_set:
-        problems.append("losses.logit_kd.cross_tokenizer is set but every online teacher shares the student's "
-                        "tokenizer (their exact same-vocabulary term never reads it); drop it")
+        problems.append(
+            "losses.logit_kd.cross_tokenizer is set but every online teacher shares the student's "
+            "tokenizer (their exact same-vocabulary term never reads it); drop it"
+        )
     return problems
 
 
@@ -369,13 +396,22 @@ def _teacher_problems(i: int, t: TeacherConfig, student_layers: int | None) -> l
     if student_layers is None:  # student unknown: only the teacher side of an explicit map can be checked
         flat = [x for e in lm.explicit or [] for x in (e if isinstance(e, list) else [e])]
         bad = [x for x in flat if not -1 <= x < teacher_layers]
-        return [f"{key}.layer_map.explicit: teacher layers {bad} outside 0..{teacher_layers - 1}"] if bad else []
+        return (
+            [f"{key}.layer_map.explicit: teacher layers {bad} outside 0..{teacher_layers - 1}"] if bad else []
+        )
     try:
-        layer_map(student_layers, teacher_layers, strategy=lm.strategy, explicit=lm.explicit,
-                  interpolate=lm.interpolate)
+        layer_map(
+            student_layers,
+            teacher_layers,
+            strategy=lm.strategy,
+            explicit=lm.explicit,
+            interpolate=lm.interpolate,
+        )
     except KvdistillError as err:
-        return [f"{key}.layer_map ({lm.strategy}, student {student_layers} layers, teacher {teacher_layers}): "
-                f"{err.problem}"]
+        return [
+            f"{key}.layer_map ({lm.strategy}, student {student_layers} layers, teacher {teacher_layers}): "
+            f"{err.problem}"
+        ]
     return []
 
 
@@ -393,8 +429,10 @@ def packaged_file(name: str, folder: str = "", what: str = "config") -> Path:
     if packaged.is_file():
         return Path(str(packaged))
     names = sorted(p.name.removesuffix(".yaml") for p in directory.iterdir() if p.name.endswith(".yaml"))
-    raise KvdistillError(f"{what} '{name}' is neither a file nor a packaged {what.split()[-1]}",
-                         f"give a YAML path or one of: {', '.join(names)}")
+    raise KvdistillError(
+        f"{what} '{name}' is neither a file nor a packaged {what.split()[-1]}",
+        f"give a YAML path or one of: {', '.join(names)}",
+    )
 
 
 def config_path(config: str, folder: str = "", what: str = "config") -> Path:

@@ -27,9 +27,13 @@ class KVWeightSchedule(Section):
     @model_validator(mode="after")
     def _end(self):
         if self.kind == "constant" and (self.end is not None or self.start):
-            raise ValueError("losses.kv.schedule.end / start are read by kind linear / cosine only; drop them")
+            raise ValueError(
+                "losses.kv.schedule.end / start are read by kind linear / cosine only; drop them"
+            )
         if self.kind != "constant" and self.end is None:
-            raise ValueError(f"losses.kv.schedule kind {self.kind} needs end (the weight at the last step, e.g. 0)")
+            raise ValueError(
+                f"losses.kv.schedule kind {self.kind} needs end (the weight at the last step, e.g. 0)"
+            )
         return self
 
 
@@ -74,18 +78,28 @@ class TemperatureSchedule(Section):
         problems += [f"schedule kind {self.kind} needs schedule.{k}" for k in sorted(wanted - given)]
         if self.values is not None and (len(self.values) < 2 or any(v <= 0 for v in self.values)):
             problems.append(f"schedule.values {self.values} must be at least 2 temperatures > 0")
-        if self.milestones is not None and self.values is not None and (
-                len(self.milestones) != len(self.values) - 1 or any(m <= 0 for m in self.milestones)
-                or sorted(set(self.milestones)) != self.milestones):
-            problems.append(f"schedule.milestones {self.milestones} must be {len(self.values) - 1} increasing steps "
-                            f"> 0, one per change of value in {self.values}")
+        if (
+            self.milestones is not None
+            and self.values is not None
+            and (
+                len(self.milestones) != len(self.values) - 1
+                or any(m <= 0 for m in self.milestones)
+                or sorted(set(self.milestones)) != self.milestones
+            )
+        ):
+            problems.append(
+                f"schedule.milestones {self.milestones} must be {len(self.values) - 1} increasing steps "
+                f"> 0, one per change of value in {self.values}"
+            )
         if problems:
             raise ValueError("; ".join(problems))
         return self
 
 
 class LogitKDConfig(Section):
-    presence_fields = frozenset({"temperature", "cross_tokenizer"})  # set or not: refused where nothing reads it
+    presence_fields = frozenset(
+        {"temperature", "cross_tokenizer"}
+    )  # set or not: refused where nothing reads it
 
     weight: float = Field(0.0, ge=0.0)
     temperature: float = Field(2.0, gt=0.0)
@@ -113,14 +127,20 @@ class LogitKDConfig(Section):
     def _used(self):
         problems = []
         if self.beta != 0.5 and self.divergence != "jsd":
-            problems.append(f"losses.logit_kd.beta is set but divergence is '{self.divergence}', which has no beta; "
-                            "drop beta or set divergence: jsd")
+            problems.append(
+                f"losses.logit_kd.beta is set but divergence is '{self.divergence}', which has no beta; "
+                "drop beta or set divergence: jsd"
+            )
         if self.schedule.kind != "constant" and "temperature" in self.model_fields_set:
-            problems.append(f"losses.logit_kd.temperature is set but schedule.kind {self.schedule.kind} gives τ; "
-                            "drop temperature or use schedule.kind: constant")
+            problems.append(
+                f"losses.logit_kd.temperature is set but schedule.kind {self.schedule.kind} gives τ; "
+                "drop temperature or use schedule.kind: constant"
+            )
         if self.top_k is not None and self.cross_tokenizer == "span":
-            problems.append("losses.logit_kd.top_k is set with cross_tokenizer: span, which needs the probability of "
-                            "each realised token, not a top-k; drop top_k or use cross_tokenizer: project")
+            problems.append(
+                "losses.logit_kd.top_k is set with cross_tokenizer: span, which needs the probability of "
+                "each realised token, not a top-k; drop top_k or use cross_tokenizer: project"
+            )
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -195,12 +215,18 @@ class LatentTargetConfig(Section):
         from kvdistill.compress.select import DEFAULT_LAM
 
         problems = []
-        if self.kind != "rkv" and (self.lam not in (None, DEFAULT_LAM[self.scoring]) or self.scoring != "kava"):
-            problems.append(f"losses.latent_kv.target.lam / scoring are read by kind rkv only (kind is {self.kind}); "
-                            "drop them")
+        if self.kind != "rkv" and (
+            self.lam not in (None, DEFAULT_LAM[self.scoring]) or self.scoring != "kava"
+        ):
+            problems.append(
+                f"losses.latent_kv.target.lam / scoring are read by kind rkv only (kind is {self.kind}); "
+                "drop them"
+            )
         if self.window != 8 and self.scoring != "rkv":
-            problems.append(f"losses.latent_kv.target.window is read by scoring rkv only (scoring is {self.scoring}); "
-                            "drop it")
+            problems.append(
+                f"losses.latent_kv.target.window is read by scoring rkv only (scoring is {self.scoring}); "
+                "drop it"
+            )
         if problems:
             raise ValueError("; ".join(problems))
         if self.lam is None:

@@ -132,10 +132,15 @@ def foreign_key_problem(kind: str, key: str) -> str | None:
     for other, cls in OBJECTIVE_LOSSES.items():
         if other != kind and key in cls.model_fields:
             own = ", ".join(k for k in OBJECTIVE_LOSSES[kind].model_fields if k != "objective")
-            switch = ("add a student.latent section (a latent-reasoning student)" if other == "latent"
-                      else "drop the student.latent section (a text student)")
-            return (f"losses.{key} is a term of the {other} objective, but this run's is {kind} "
-                    f"(losses.objective; the {kind} objective's terms: {own}): drop losses.{key}, or {switch}")
+            switch = (
+                "add a student.latent section (a latent-reasoning student)"
+                if other == "latent"
+                else "drop the student.latent section (a text student)"
+            )
+            return (
+                f"losses.{key} is a term of the {other} objective, but this run's is {kind} "
+                f"(losses.objective; the {kind} objective's terms: {own}): drop losses.{key}, or {switch}"
+            )
     return None
 
 

@@ -36,11 +36,16 @@ def untagged(root: type[BaseModel], loc: tuple) -> tuple[tuple, type[BaseModel] 
 
 def _tags(cls: type[BaseModel]) -> set:
     """The values of `cls`'s one-value Literal fields (a tagged union's discriminator)."""
-    return {typing.get_args(f.annotation)[0] for f in cls.model_fields.values()
-            if typing.get_origin(f.annotation) is typing.Literal and len(typing.get_args(f.annotation)) == 1}
+    return {
+        typing.get_args(f.annotation)[0]
+        for f in cls.model_fields.values()
+        if typing.get_origin(f.annotation) is typing.Literal and len(typing.get_args(f.annotation)) == 1
+    }
 
 
-def section_for(root: type[BaseModel], loc: tuple, member: type[BaseModel] | None = None) -> type[BaseModel] | None:
+def section_for(
+    root: type[BaseModel], loc: tuple, member: type[BaseModel] | None = None
+) -> type[BaseModel] | None:
     """The pydantic model class under `root` that holds the field at `loc` (list indices and mapping keys
     skipped), None where `loc` leaves the models; `member`: the class a tag chose for the first field (`untagged`)."""
     cls: type[BaseModel] = root
@@ -69,9 +74,15 @@ def section_for(root: type[BaseModel], loc: tuple, member: type[BaseModel] | Non
     return cls
 
 
-def validation_problems(err: ValidationError, root: type[BaseModel], *, prefix: str = "",
-                        flags: dict[str, str] | None = None, name: str = "config",
-                        unknown: Callable[[str, str], str | None] | None = None) -> list[str]:
+def validation_problems(
+    err: ValidationError,
+    root: type[BaseModel],
+    *,
+    prefix: str = "",
+    flags: dict[str, str] | None = None,
+    name: str = "config",
+    unknown: Callable[[str, str], str | None] | None = None,
+) -> list[str]:
     """One problem per error of `err` (raised validating `root`): an unknown key with the nearest valid one and
     the valid keys there, a missing one, a check's own message, or the key, the value given and what is wrong.
     `prefix`: the dotted key `root` sits under (a section of a bigger whole); `flags`: key -> the command-line
@@ -86,14 +97,19 @@ def validation_problems(err: ValidationError, root: type[BaseModel], *, prefix: 
         key = ".".join(x for x in (prefix, format_loc(loc)) if x)
         flag = (flags or {}).get(key)
         shown = f"{key} ({flag})" if flag else key
-        own = unknown(tag, str(loc[-1])) if (unknown and member is not None and len(loc) == 2
-                                             and e["type"] == "extra_forbidden") else None
+        own = (
+            unknown(tag, str(loc[-1]))
+            if (unknown and member is not None and len(loc) == 2 and e["type"] == "extra_forbidden")
+            else None
+        )
         if own is not None:
             out.append(own)
         elif e["type"] == "union_tag_invalid":
             ctx = e.get("ctx", {})
-            out.append(f"{key}.{str(ctx.get('discriminator', '')).strip(chr(39))} {ctx.get('tag')!r} is not one of "
-                       f"{ctx.get('expected_tags')}: use one of them")
+            out.append(
+                f"{key}.{str(ctx.get('discriminator', '')).strip(chr(39))} {ctx.get('tag')!r} is not one of "
+                f"{ctx.get('expected_tags')}: use one of them"
+            )
         elif e["type"] == "extra_forbidden":
             section = section_for(root, loc, member)
             valid = list(section.model_fields) if section else []
@@ -108,6 +124,8 @@ def validation_problems(err: ValidationError, root: type[BaseModel], *, prefix: 
             out.append(f"{shown}: {msg}" if key else msg)
         else:
             given = e.get("input")
-            out.append(f"'{shown or name}' = {repr(given) if not isinstance(given, dict) else 'a mapping'}: "
-                       f"{e['msg']}")
+            out.append(
+                f"'{shown or name}' = {repr(given) if not isinstance(given, dict) else 'a mapping'}: "
+                f"{e['msg']}"
+            )
     return out

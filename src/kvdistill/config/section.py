@@ -10,8 +10,9 @@ from pydantic import BaseModel, ConfigDict
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False,
-                              use_attribute_docstrings=True)
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, allow_inf_nan=False, use_attribute_docstrings=True
+    )
 
     presence_fields: ClassVar[frozenset[str]] = frozenset()
     """Fields whose being set, not only their value, means something (e.g. data.text_field chooses text mode):

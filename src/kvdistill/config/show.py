@@ -42,8 +42,9 @@ def _section(section: BaseModel, indent: int, lines: list[str], *, first_prefix:
         unset = name in type(section).presence_fields and name not in section.model_fields_set
         if unset:
             text, value_text = f"{key_pad}# {name}: ", f"{_scalar(value)}   (set it only to choose this mode)"
-        elif isinstance(value, BaseModel) or (isinstance(value, list) and value
-                                              and all(isinstance(v, BaseModel) for v in value)):
+        elif isinstance(value, BaseModel) or (
+            isinstance(value, list) and value and all(isinstance(v, BaseModel) for v in value)
+        ):
             text, value_text = f"{key_pad}{name}:", ""
         else:
             text, value_text = f"{key_pad}{name}: ", _scalar(value)

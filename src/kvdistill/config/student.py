@@ -28,7 +28,9 @@ class UpcycleConfig(Section):
     @model_validator(mode="after")
     def _k(self):
         if self.top_k > self.num_experts:
-            raise ValueError(f"student.upcycle.top_k ({self.top_k}) must be <= num_experts ({self.num_experts})")
+            raise ValueError(
+                f"student.upcycle.top_k ({self.top_k}) must be <= num_experts ({self.num_experts})"
+            )
         return self
 
 
@@ -69,8 +71,10 @@ class StudentConfig(Section):
         if (self.model is None) == (self.from_config is None):
             raise ValueError("give exactly one of student.model or student.from_config")
         if self.from_config is not None and ("base" in self.from_config) == ("family" in self.from_config):
-            raise ValueError("student.from_config needs exactly one of 'base' (a model whose config it starts from) "
-                             "or 'family' (a transformers model_type)")
+            raise ValueError(
+                "student.from_config needs exactly one of 'base' (a model whose config it starts from) "
+                "or 'family' (a transformers model_type)"
+            )
         if self.from_config is not None and "family" in self.from_config and not self.tokenizer:
             raise ValueError("student.from_config with 'family' needs student.tokenizer")
         return self

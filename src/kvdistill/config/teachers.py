@@ -42,18 +42,26 @@ class CompressionConfig(Section):
     @model_validator(mode="after")
     def _budget(self):
         if self.kind == "full" and self.budget is not None:
-            raise ValueError("compression.budget is only for kind right_crop / rkv; kind 'full' keeps every token")
+            raise ValueError(
+                "compression.budget is only for kind right_crop / rkv; kind 'full' keeps every token"
+            )
         if self.kind != "full" and self.budget is None:
-            raise ValueError(f"compression.kind '{self.kind}' needs compression.budget (tokens kept, e.g. 128)")
+            raise ValueError(
+                f"compression.kind '{self.kind}' needs compression.budget (tokens kept, e.g. 128)"
+            )
         if self.span == "cot" and self.kind == "full":
             raise ValueError("compression.span 'cot' keeps `budget` CoT tokens: use kind right_crop or rkv")
         if self.scoring != "minmax" and self.kind != "rkv":
             raise ValueError(f"compression.scoring is read by kind rkv only (kind is {self.kind}); drop it")
         if self.window != 8 and self.scoring != "rkv":
-            raise ValueError(f"compression.window is read by scoring rkv only (scoring is {self.scoring}); drop it")
+            raise ValueError(
+                f"compression.window is read by scoring rkv only (scoring is {self.scoring}); drop it"
+            )
         if self.scoring == "rkv" and self.budget is not None and self.budget <= self.window:
-            raise ValueError(f"compression.budget ({self.budget}) must exceed compression.window ({self.window}): R-KV "
-                             "keeps its window and scores the rest")
+            raise ValueError(
+                f"compression.budget ({self.budget}) must exceed compression.window ({self.window}): R-KV "
+                "keeps its window and scores the rest"
+            )
         if self.lam is None:
             from kvdistill.compress.select import default_lam
 
@@ -63,8 +71,16 @@ class CompressionConfig(Section):
     def build(self):
         from kvdistill.compress import Compression
 
-        return Compression(kind=self.kind, budget=self.budget, lam=self.lam, layers=self.layers, dtype=self.dtype,
-                           span=self.span, scoring=self.scoring, window=self.window)
+        return Compression(
+            kind=self.kind,
+            budget=self.budget,
+            lam=self.lam,
+            layers=self.layers,
+            dtype=self.dtype,
+            span=self.span,
+            scoring=self.scoring,
+            window=self.window,
+        )
 
 
 class CachedLogitsConfig(Section):
@@ -82,7 +98,9 @@ class CachedLogitsConfig(Section):
 
     @model_validator(mode="after")
     def _positive(self):
-        if self.temperatures is not None and (not self.temperatures or any(not t > 0 for t in self.temperatures)):
+        if self.temperatures is not None and (
+            not self.temperatures or any(not t > 0 for t in self.temperatures)
+        ):
             raise ValueError(f"logits.temperatures {self.temperatures} must be one or more temperatures > 0")
         return self
 
@@ -136,13 +154,16 @@ class TeacherConfig(Section):
             if self.name is None:
                 raise ValueError("a from_config teacher needs a name")
         elif self.tokenizer is not None:
-            raise ValueError("teacher tokenizer is only read for from_config teachers (a model brings its own); "
-                             "drop it")
+            raise ValueError(
+                "teacher tokenizer is only read for from_config teachers (a model brings its own); drop it"
+            )
         if self.name is None:
             # Names key modules and buffers, where torch forbids '.': Qwen/Qwen2.5-1.5B -> Qwen2_5-1_5B.
             self.name = self.model.rstrip("/").split("/")[-1].replace(".", "_")
         elif "." in self.name or not self.name:
-            raise ValueError(f"name {self.name!r} must be non-empty without '.'; e.g. {self.name.replace('.', '_')!r}")
+            raise ValueError(
+                f"name {self.name!r} must be non-empty without '.'; e.g. {self.name.replace('.', '_')!r}"
+            )
         problem = segment_problem(self.name, "teacher name")  # it names report figures and experiment folders
         if problem:
             raise ValueError(problem + ("" if self.model is None else "; set the teacher's `name`"))
@@ -154,6 +175,8 @@ def budget_problems(compression: CompressionConfig, max_length: int, key: str) -
     memory grows with the budget, not with the text (budget 100000 on 48-token texts took 20 GB)."""
     if compression.budget is None or compression.budget <= max_length:
         return []
-    return [f"{key}.budget ({compression.budget}) is more than data.max_length ({max_length}): no text has that "
-            f"many tokens, and the kept K/V would be padded to the budget; set a budget of at most {max_length} "
-            "(or kind: full to keep every token)"]
+    return [
+        f"{key}.budget ({compression.budget}) is more than data.max_length ({max_length}): no text has that "
+        f"many tokens, and the kept K/V would be padded to the budget; set a budget of at most {max_length} "
+        "(or kind: full to keep every token)"
+    ]

@@ -125,15 +125,22 @@ class TrainConfig(Section):
 
     @model_validator(mode="after")
     def _trackers_agree(self):
-        if (self.report_to is not None and "tensorboard" in self.model_fields_set
-                and self.tensorboard != ("tensorboard" in self.report_to)):
-            raise ValueError(f"train.tensorboard is {str(self.tensorboard).lower()} but train.report_to is "
-                             f"{self.report_to}; drop train.tensorboard (train.report_to lists every tracker)")
+        if (
+            self.report_to is not None
+            and "tensorboard" in self.model_fields_set
+            and self.tensorboard != ("tensorboard" in self.report_to)
+        ):
+            raise ValueError(
+                f"train.tensorboard is {str(self.tensorboard).lower()} but train.report_to is "
+                f"{self.report_to}; drop train.tensorboard (train.report_to lists every tracker)"
+            )
         return self
 
     @model_validator(mode="after")
     def _prefetch_needs_workers(self):
         if self.prefetch is not None and self.num_workers == 0:
-            raise ValueError(f"train.prefetch ({self.prefetch}) collates ahead on worker processes, but "
-                             "train.num_workers is 0; set train.num_workers >= 1 or drop train.prefetch")
+            raise ValueError(
+                f"train.prefetch ({self.prefetch}) collates ahead on worker processes, but "
+                "train.num_workers is 0; set train.num_workers >= 1 or drop train.prefetch"
+            )
         return self

@@ -74,8 +74,14 @@ def generated_items(seed: int, count: int) -> list[dict]:
             "data.source/data.path to a file",
         ) from None
     dataset = reasoning_gym.create_dataset("gsm_symbolic", size=count, seed=seed)
-    items = [{"question": item["question"], "answer": str(item["answer"]),
-              "cot": item["metadata"].get("answer_cot") or ""} for item in (dataset[i] for i in range(count))]
+    items = [
+        {
+            "question": item["question"],
+            "answer": str(item["answer"]),
+            "cot": item["metadata"].get("answer_cot") or "",
+        }
+        for item in (dataset[i] for i in range(count))
+    ]
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -100,6 +106,11 @@ def gsm_symbolic_records(size: int, seed: int, template: str = DEFAULT_TEMPLATE)
             items = generated_items(seed, 2 * index if items else size + max(16, size // 8))
         item = items[index]
         question = item["question"].strip()
-        return question, question, _FINAL_LINE.sub("", item["cot"]).strip() or None, str(item["answer"]).strip()
+        return (
+            question,
+            question,
+            _FINAL_LINE.sub("", item["cot"]).strip() or None,
+            str(item["answer"]).strip(),
+        )
 
     return distinct_records("gsm_symbolic", size, seed, template, draw)

@@ -95,8 +95,12 @@ def _is_chat_mode(cfg: DataConfig, columns: list[str]) -> bool:
     explicit = cfg.model_fields_set
     if "messages_field" in explicit:
         return True
-    return (cfg.messages_field in columns and not {"text_field", "question_field"} & explicit
-            and cfg.text_field not in columns and cfg.question_field not in columns)
+    return (
+        cfg.messages_field in columns
+        and not {"text_field", "question_field"} & explicit
+        and cfg.text_field not in columns
+        and cfg.question_field not in columns
+    )
 
 
 def _chat_records(cfg: DataConfig, rows: list[dict], columns: list[str], ids: list[str]) -> list[dict]:
@@ -108,25 +112,33 @@ def _chat_records(cfg: DataConfig, rows: list[dict], columns: list[str], ids: li
     records = []
     for i, row in enumerate(rows):
         messages = row[cfg.messages_field]
-        bad = not isinstance(messages, list) or not messages or not all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in messages)
+        bad = (
+            not isinstance(messages, list)
+            or not messages
+            or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in messages
+            )
+        )
         if bad:
             raise KvdistillError(
                 f"{source_label(cfg)} row {i} (id '{ids[i]}'): {cfg.messages_field} (data.messages_field) is not a "
                 f"non-empty list of {{role, content}} messages with text contents: {str(messages)[:120]}",
-                "give every row a list such as [{role: user, content: ...}, {role: assistant, content: ...}]")
+                "give every row a list such as [{role: user, content: ...}, {role: assistant, content: ...}]",
+            )
         chat = ChatText(messages)
         last = chat.messages[-1]
         answered = last["role"] == "assistant" and last["content"].strip()
-        records.append({
-            "id": ids[i],
-            "text": chat,
-            "answer_start": chat.starts[-1] if answered else None,
-            "question": chat[: chat.starts[-1]] if answered else None,
-            "cot": None,
-            "answer": last["content"] if answered else None,
-        })
+        records.append(
+            {
+                "id": ids[i],
+                "text": chat,
+                "answer_start": chat.starts[-1] if answered else None,
+                "question": chat[: chat.starts[-1]] if answered else None,
+                "cot": None,
+                "answer": last["content"] if answered else None,
+            }
+        )
     return records
 
 

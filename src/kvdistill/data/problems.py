@@ -15,7 +15,9 @@ from kvdistill.errors import KvdistillError
 Problem = tuple[str, str, str | None, str]  # (key two problems are the same by, question, cot, answer)
 
 
-def distinct_records(source: str, size: int, seed: int, template: str, draw: Callable[[int], Problem]) -> list[dict]:
+def distinct_records(
+    source: str, size: int, seed: int, template: str, draw: Callable[[int], Problem]
+) -> list[dict]:
     """`size` records of the problems `draw(0)`, `draw(1)`, ... less repeats (module docstring), rendered with
     `template` as in `data.template`."""
     if size <= 0:

@@ -46,7 +46,11 @@ from kvdistill.errors import KvdistillError
 
 logger = logging.getLogger(__name__)
 
-_GENERATORS = {"gsm_symbolic": gsm_symbolic_records, "arithmetic": arithmetic_records, "sorting": sorting_records}
+_GENERATORS = {
+    "gsm_symbolic": gsm_symbolic_records,
+    "arithmetic": arithmetic_records,
+    "sorting": sorting_records,
+}
 
 
 # ---------------------------------------------------------------------------------------------- public API
@@ -68,7 +72,9 @@ def load_records(data_config: DataConfig, split: str = "train", *, dataset=None)
     if dataset is not None and (cfg.source != "hf" and "source" in cfg.model_fields_set or cfg.path):
         raise KvdistillError(
             f"a dataset was passed in, and the data section names another source (source '{cfg.source}', path "
-            f"{cfg.path!r})", "drop data.source and data.path (or set data.source: hf without data.path)")
+            f"{cfg.path!r})",
+            "drop data.source and data.path (or set data.source: hf without data.path)",
+        )
     if cfg.source == "skills" and dataset is None:
         records = skill_records(cfg.skills, cfg.size, cfg.seed, mix=cfg.mix, template=cfg.template)
         where = f"skills {cfg.skills} (data.size = {cfg.size})"
@@ -84,8 +90,13 @@ def load_records(data_config: DataConfig, split: str = "train", *, dataset=None)
         if cfg.limit is not None and len(records) > cfg.limit:
             where += f", capped at data.limit = {cfg.limit})"
             if split == "train":
-                logger.warning("%s: using %d of its %d records (data.limit), %d left out", name, cfg.limit,
-                               len(records), len(records) - cfg.limit)
+                logger.warning(
+                    "%s: using %d of its %d records (data.limit), %d left out",
+                    name,
+                    cfg.limit,
+                    len(records),
+                    len(records) - cfg.limit,
+                )
             records = records[: cfg.limit]
         else:
             where += ")"
@@ -93,11 +104,17 @@ def load_records(data_config: DataConfig, split: str = "train", *, dataset=None)
     if split == "train" and cfg.train_skills is not None:
         taken = [r for r in taken if r.get("skill") in cfg.train_skills]
         if not taken:
-            raise KvdistillError(f"{where}: no train record has a skill in data.train_skills {cfg.train_skills}",
-                                 "raise data.size or the skill's data.mix share")
+            raise KvdistillError(
+                f"{where}: no train record has a skill in data.train_skills {cfg.train_skills}",
+                "raise data.size or the skill's data.mix share",
+            )
     if split == "train" and cfg.train_size is not None and len(taken) > cfg.train_size:
-        logger.warning("%s: the train split capped at data.train_size = %d (of %d records)", where, cfg.train_size,
-                       len(taken))
+        logger.warning(
+            "%s: the train split capped at data.train_size = %d (of %d records)",
+            where,
+            cfg.train_size,
+            len(taken),
+        )
         taken = taken[: cfg.train_size]
     return taken
 

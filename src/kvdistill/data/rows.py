@@ -31,7 +31,9 @@ def data_files(cfg: DataConfig) -> list[str]:
     if path.is_file():
         return [str(path)]
     if path.is_dir():
-        files = sorted(str(p) for p in path.iterdir() if p.is_file() and p.suffix.lower() in FILE_SUFFIXES[cfg.source])
+        files = sorted(
+            str(p) for p in path.iterdir() if p.is_file() and p.suffix.lower() in FILE_SUFFIXES[cfg.source]
+        )
         if not files:
             raise KvdistillError(
                 f"data.path '{cfg.path}' is a directory with no {cfg.source} files "
@@ -99,7 +101,9 @@ def _check_utf8(path: Path) -> None:
 
 
 def empty_source(cfg: DataConfig) -> KvdistillError:
-    return KvdistillError(f"{source_label(cfg)} holds no records", "point data.path at a non-empty file or dataset")
+    return KvdistillError(
+        f"{source_label(cfg)} holds no records", "point data.path at a non-empty file or dataset"
+    )
 
 
 def dataset_split(dataset, cfg: DataConfig):
@@ -109,18 +113,28 @@ def dataset_split(dataset, cfg: DataConfig):
 
     if isinstance(dataset, datasets.DatasetDict | datasets.IterableDatasetDict):
         if cfg.split not in dataset:
-            raise KvdistillError(f"data.split '{cfg.split}' is not a split of {source_label(cfg)} (splits: "
-                                 f"{', '.join(dataset)})", f"set data.split to one of {', '.join(dataset)}")
+            raise KvdistillError(
+                f"data.split '{cfg.split}' is not a split of {source_label(cfg)} (splits: "
+                f"{', '.join(dataset)})",
+                f"set data.split to one of {', '.join(dataset)}",
+            )
         dataset = dataset[cfg.split]
     elif "split" in cfg.model_fields_set:
-        raise KvdistillError(f"data.split '{cfg.split}' is set, but {source_label(cfg)} holds a single split",
-                             "drop data.split")
+        raise KvdistillError(
+            f"data.split '{cfg.split}' is set, but {source_label(cfg)} holds a single split",
+            "drop data.split",
+        )
     if isinstance(dataset, datasets.IterableDataset):
-        raise KvdistillError(f"{source_label(cfg)} is a streaming (iterable) dataset; training shuffles and splits every "
-                             "record", "load it without streaming=True (or pass ds.take(N) as a Dataset)")
+        raise KvdistillError(
+            f"{source_label(cfg)} is a streaming (iterable) dataset; training shuffles and splits every "
+            "record",
+            "load it without streaming=True (or pass ds.take(N) as a Dataset)",
+        )
     if not isinstance(dataset, datasets.Dataset):
-        raise KvdistillError(f"the dataset passed in is a {type(dataset).__name__}, not a datasets.Dataset",
-                             "pass a datasets.Dataset or DatasetDict (e.g. datasets.Dataset.from_list(rows))")
+        raise KvdistillError(
+            f"the dataset passed in is a {type(dataset).__name__}, not a datasets.Dataset",
+            "pass a datasets.Dataset or DatasetDict (e.g. datasets.Dataset.from_list(rows))",
+        )
     return dataset
 
 
@@ -130,9 +144,11 @@ def dataset_rows(cfg: DataConfig, dataset) -> tuple[list[dict[str, Any]], list[s
     with _quiet_datasets() as datasets, tempfile.TemporaryDirectory(prefix="kvdistill-datasets-") as cache:
         if dataset is None:
             if not cfg.path:
-                raise KvdistillError("data.source 'hf' needs data.path (a hub id, a save_to_disk directory or a "
-                                     "folder of data files), or a dataset passed to train(..., dataset=)",
-                                     "set data.path")
+                raise KvdistillError(
+                    "data.source 'hf' needs data.path (a hub id, a save_to_disk directory or a "
+                    "folder of data files), or a dataset passed to train(..., dataset=)",
+                    "set data.path",
+                )
             dataset = _open_dataset(datasets, cfg, cache)
             name = Path(cfg.path).name if Path(cfg.path).exists() else cfg.path.replace("/", "_")
         else:
@@ -149,17 +165,22 @@ def _open_dataset(datasets, cfg: DataConfig, cache: str):
     data files, read into the throw-away `cache`, or a hub id with data.subset / data.split, into the user's
     datasets cache)."""
     path = Path(cfg.path).expanduser()
-    saved = path.is_dir() and any((path / f).is_file() for f in ("dataset_info.json", "dataset_dict.json",
-                                                                   "state.json"))
+    saved = path.is_dir() and any(
+        (path / f).is_file() for f in ("dataset_info.json", "dataset_dict.json", "state.json")
+    )
     try:
         if saved:
             if cfg.subset is not None:
-                raise KvdistillError(f"data.subset is set, but '{cfg.path}' is a saved dataset (no configurations)",
-                                     "drop data.subset")
+                raise KvdistillError(
+                    f"data.subset is set, but '{cfg.path}' is a saved dataset (no configurations)",
+                    "drop data.subset",
+                )
             return datasets.load_from_disk(str(path))
         if path.is_file():
-            raise KvdistillError(f"data.path '{cfg.path}' is a file, and data.source is hf",
-                                 "set data.source to the file's format (jsonl, csv, parquet, text)")
+            raise KvdistillError(
+                f"data.path '{cfg.path}' is a file, and data.source is hf",
+                "set data.source to the file's format (jsonl, csv, parquet, text)",
+            )
         if path.is_dir():
             return datasets.load_dataset(str(path), cfg.subset, split=cfg.split, cache_dir=cache)
         return datasets.load_dataset(cfg.path, cfg.subset, split=cfg.split)
@@ -173,7 +194,8 @@ def _open_dataset(datasets, cfg: DataConfig, cache: str):
             f"{f', data.subset {cfg.subset!r}' if cfg.subset else ''}): {type(err).__name__}: {cause}",
             "check data.path (a hub id such as 'openai/gsm8k', a directory written by save_to_disk, or a folder "
             "of data files), data.subset and data.split; offline, a hub dataset must already be in the datasets "
-            "cache") from None
+            "cache",
+        ) from None
 
 
 def source_label(cfg: DataConfig) -> str:

@@ -69,8 +69,10 @@ def _template_lines(template: str) -> tuple[str, str, str]:
         if lines[at[0]].count("{") != 1:
             problems.append("the {cot} line may hold no other placeholder")
     if problems:
-        raise KvdistillError(f"data.template {template!r} cannot host latent tokens: {'; '.join(problems)}",
-                             "use a template like 'Question: {question}\\nReasoning: {cot}\\nAnswer: {answer}'")
+        raise KvdistillError(
+            f"data.template {template!r} cannot host latent tokens: {'; '.join(problems)}",
+            "use a template like 'Question: {question}\\nReasoning: {cot}\\nAnswer: {answer}'",
+        )
     return before, lines[at[0]], after
 
 
@@ -83,7 +85,8 @@ def segments(record: dict, template: str) -> Segments:
             f"record '{record.get('id')}' has no {', '.join(missing)}: the latent student reads a question, "
             "learns from its chain of thought and is scored on its answer",
             "use template-mode data with question, cot and answer fields (data.question_field, data.cot_field, "
-            "data.answer_field) or a generator (data.source: arithmetic or gsm_symbolic)")
+            "data.answer_field) or a generator (data.source: arithmetic or gsm_symbolic)",
+        )
     before, cot_line, after = _template_lines(template)
     prefix, _ = render_template(before + "\n", record["question"], None, None)
     label, _ = render_template(cot_line.split("{cot}")[0], record["question"], None, None)
@@ -91,9 +94,17 @@ def segments(record: dict, template: str) -> Segments:
     suffix, answer_at = render_template(after, record["question"], None, record["answer"])
     text = prefix + line + "\n" + suffix
     if text != record["text"]:
-        raise KvdistillError(f"record '{record.get('id')}': its text is not data.template rendered with its fields",
-                             "build the records with the run's data.template (template mode)")
+        raise KvdistillError(
+            f"record '{record.get('id')}': its text is not data.template rendered with its fields",
+            "build the records with the run's data.template (template mode)",
+        )
     cot_start = len(prefix) + len(label)
     suffix_start = len(prefix) + len(line) + 1
-    return Segments(text=text, cot_line=len(prefix), cot_start=cot_start, cot_end=cot_start + len(record["cot"]),
-                    suffix_start=suffix_start, answer_start=suffix_start + answer_at)
+    return Segments(
+        text=text,
+        cot_line=len(prefix),
+        cot_start=cot_start,
+        cot_end=cot_start + len(record["cot"]),
+        suffix_start=suffix_start,
+        answer_start=suffix_start + answer_at,
+    )

@@ -20,7 +20,10 @@ from kvdistill.data.sorting import sorting_records
 from kvdistill.errors import KvdistillError
 
 SKILLS: dict[str, Callable[..., list[dict]]] = {
-    "arithmetic": arithmetic_records, "gsm_symbolic": gsm_symbolic_records, "sorting": sorting_records}
+    "arithmetic": arithmetic_records,
+    "gsm_symbolic": gsm_symbolic_records,
+    "sorting": sorting_records,
+}
 
 
 def skill_of(records: Sequence[dict]) -> list[str | None]:
@@ -28,21 +31,32 @@ def skill_of(records: Sequence[dict]) -> list[str | None]:
     return [r.get("skill") for r in records]
 
 
-def skill_records(skills: Sequence[str], size: int, seed: int, mix: Sequence[float] | None = None,
-                  template: str = DEFAULT_TEMPLATE) -> list[dict]:
+def skill_records(
+    skills: Sequence[str],
+    size: int,
+    seed: int,
+    mix: Sequence[float] | None = None,
+    template: str = DEFAULT_TEMPLATE,
+) -> list[dict]:
     """`size` records mixing `skills` in proportions `mix` (default equal), in mixture order (module docstring)."""
     unknown = [s for s in skills if s not in SKILLS]
     if not skills or unknown or len(set(skills)) != len(skills):
-        raise KvdistillError(f"data.skills {list(skills)} must be distinct names among {list(SKILLS)}",
-                             f"set data.skills to some of {', '.join(SKILLS)}")
+        raise KvdistillError(
+            f"data.skills {list(skills)} must be distinct names among {list(SKILLS)}",
+            f"set data.skills to some of {', '.join(SKILLS)}",
+        )
     weights = [1.0] * len(skills) if mix is None else [float(w) for w in mix]
     if len(weights) != len(skills) or any(not w > 0 for w in weights):
-        raise KvdistillError(f"data.mix {list(weights)} must give one positive proportion per skill {list(skills)}",
-                             "set data.mix to as many positive numbers as data.skills, or leave it out (equal)")
+        raise KvdistillError(
+            f"data.mix {list(weights)} must give one positive proportion per skill {list(skills)}",
+            "set data.mix to as many positive numbers as data.skills, or leave it out (equal)",
+        )
     if size <= 0:
         raise KvdistillError(f"skills size ({size}) must be positive", "set data.size to 1 or more")
-    picks = [random.Random(f"kvdistill-skills:{seed}:{i}").choices(range(len(skills)), weights)[0]
-             for i in range(size)]
+    picks = [
+        random.Random(f"kvdistill-skills:{seed}:{i}").choices(range(len(skills)), weights)[0]
+        for i in range(size)
+    ]
     pools = {}
     for k, name in enumerate(skills):
         n = picks.count(k)

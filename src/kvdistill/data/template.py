@@ -92,9 +92,14 @@ def question_prompt(record: dict, template: str) -> str:
     if not record.get("question") or type(record["text"]) is not str:  # a conversation's text is a ChatText
         raise KvdistillError(
             f"record '{record.get('id')}' has no question"
-            + (" (it is a conversation, rendered in each model's chat template)" if record.get("question") else "")
+            + (
+                " (it is a conversation, rendered in each model's chat template)"
+                if record.get("question")
+                else ""
+            )
             + ": on-policy distillation continues a template-mode record's question",
-            "use template-mode data (data.question_field, data.cot_field, data.answer_field) or a generator")
+            "use template-mode data (data.question_field, data.cot_field, data.answer_field) or a generator",
+        )
     lines = template.split("\n")
     at = next(n for n, line in enumerate(lines) if "{question}" in line)
     head = "\n".join(lines[: at + 1]) + ("\n" if at + 1 < len(lines) else "")
@@ -102,10 +107,14 @@ def question_prompt(record: dict, template: str) -> str:
     if others:
         raise KvdistillError(
             f"data.template {template!r} puts {others} on or before the {{question}} line, so the prompt would hold "
-            "part of what the student is to generate", "put the question on a line of its own, first")
+            "part of what the student is to generate",
+            "put the question on a line of its own, first",
+        )
     prompt, _ = render_template(head, record["question"], None, None)
     if not record["text"].startswith(prompt):
-        raise KvdistillError(f"record '{record.get('id')}': its text does not start with its question as "
-                             f"data.template renders it ({prompt!r})",
-                             "build the records with the run's data.template (template mode)")
+        raise KvdistillError(
+            f"record '{record.get('id')}': its text does not start with its question as "
+            f"data.template renders it ({prompt!r})",
+            "build the records with the run's data.template (template mode)",
+        )
     return prompt

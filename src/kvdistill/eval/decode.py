@@ -39,7 +39,15 @@ from kvdistill.models.capture import tokenize
 from kvdistill.models.chat import ChatText, render
 from kvdistill.models.tokenization import continuation
 
-__all__ = ["batches", "chunks", "cot_exact_match", "exact_match", "latent_exact_match", "pad_id", "read_answer"]
+__all__ = [
+    "batches",
+    "chunks",
+    "cot_exact_match",
+    "exact_match",
+    "latent_exact_match",
+    "pad_id",
+    "read_answer",
+]
 
 
 def pad_id(tokenizer) -> int:
@@ -56,11 +64,19 @@ def chunks(items: list, size: int):
 
 def batches(items, size, desc: str | None = None):
     """`chunks(items, size)` with a progress bar named `desc` on stderr where it is a terminal (None: no bar)."""
-    return tqdm(chunks(items, size), total=math.ceil(len(items) / size), desc=desc, disable=True if not desc else None,
-                leave=False, dynamic_ncols=True)
+    return tqdm(
+        chunks(items, size),
+        total=math.ceil(len(items) / size),
+        desc=desc,
+        disable=True if not desc else None,
+        leave=False,
+        dynamic_ncols=True,
+    )
 
 
-def read_answer(tokenizer, prompt_ids: list[int], new_ids: list[int], *, after_marker: bool) -> tuple[str, int]:
+def read_answer(
+    tokenizer, prompt_ids: list[int], new_ids: list[int], *, after_marker: bool
+) -> tuple[str, int]:
     """(text, tokens needed): the text `new_ids` add after `prompt_ids`, and how many of them reach the end of the
     answer line (the first line with text; `after_marker`: the first line with text after the last 'answer:')."""
     text = ""
@@ -77,18 +93,22 @@ def read_answer(tokenizer, prompt_ids: list[int], new_ids: list[int], *, after_m
     return continuation(tokenizer, prompt_ids, new_ids), len(new_ids)
 
 
-def _greedy(model, ids: torch.Tensor, mask: torch.Tensor, *, max_new_tokens: int, pad: int) -> tuple[torch.Tensor, float]:
+def _greedy(
+    model, ids: torch.Tensor, mask: torch.Tensor, *, max_new_tokens: int, pad: int
+) -> tuple[torch.Tensor, float]:
     """(new ids (B, N), seconds): `model.generate` without sampling from left-padded prompts ids / mask (B, P)."""
     t0 = time.perf_counter()
-    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                         pad_token_id=pad)  # (B, P + N)
+    out = model.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad
+    )  # (B, P + N)
     if ids.is_cuda:
         torch.cuda.synchronize()
     return out[:, ids.shape[1] :], time.perf_counter() - t0
 
 
-def _row(tokenizer, record: dict, prompt_ids: list[int], new_ids: list[int], *, after_marker: bool,
-         drop: tuple) -> dict:
+def _row(
+    tokenizer, record: dict, prompt_ids: list[int], new_ids: list[int], *, after_marker: bool, drop: tuple
+) -> dict:
     """One scored answer: what was generated (in the prompt's context), the answer read from it, the gold one."""
     new = [t for t in new_ids if t not in drop]
     text, n = read_answer(tokenizer, prompt_ids, new, after_marker=after_marker)
@@ -96,22 +116,40 @@ def _row(tokenizer, record: dict, prompt_ids: list[int], new_ids: list[int], *, 
         pred = extract_answer(text) if "answer" in text.lower() else None
     else:
         pred = extract_answer("Answer: " + text.strip().split("\n")[0])
-    return {"id": record["id"], "generated": text, "pred": pred, "gold": record["answer"],
-            "correct": bool(same(pred, record["answer"])), "tokens": n}
+    return {
+        "id": record["id"],
+        "generated": text,
+        "pred": pred,
+        "gold": record["answer"],
+        "correct": bool(same(pred, record["answer"])),
+        "tokens": n,
+    }
 
 
 def _result(rows: list[dict], seconds: float) -> dict:
     n = len(rows)
     hits = sum(r["correct"] for r in rows)
-    return {"exact_match": hits / n if n else None, "correct": hits, "n": n, "samples": rows[:8],
-            "per_item": [int(r["correct"]) for r in rows],  # 0/1 per scored record, in order (paired statistics)
-            "gen_tokens": sum(r["tokens"] for r in rows) / n if n else None,
-            "latency_s": seconds / n if n else None}
+    return {
+        "exact_match": hits / n if n else None,
+        "correct": hits,
+        "n": n,
+        "samples": rows[:8],
+        "per_item": [int(r["correct"]) for r in rows],  # 0/1 per scored record, in order (paired statistics)
+        "gen_tokens": sum(r["tokens"] for r in rows) / n if n else None,
+        "latency_s": seconds / n if n else None,
+    }
 
 
 @torch.no_grad()
-def exact_match(model, tokenizer, records: list[dict], *, max_new_tokens: int = 16, batch_size: int = 8,
-                progress: bool = False) -> dict:
+def exact_match(
+    model,
+    tokenizer,
+    records: list[dict],
+    *,
+    max_new_tokens: int = 16,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> dict:
     """Text mode (module docstring): {exact_match, correct, n, samples, per_item, gen_tokens, latency_s}."""
     device = next(model.parameters()).device
     usable = [r for r in records if r.get("answer") is not None and r.get("answer_start") is not None]
@@ -122,8 +160,12 @@ def exact_match(model, tokenizer, records: list[dict], *, max_new_tokens: int = 
     try:
         for batch in batches(usable, batch_size, "exact match" if progress else None):
             chat = isinstance(batch[0]["text"], ChatText)  # the conversation before its answer, in this
-            prompts = [render(tokenizer, r["text"], prompt_only=True).text if chat  # model's chat template
-                       else r["text"][: r["answer_start"]].rstrip() for r in batch]
+            prompts = [
+                render(tokenizer, r["text"], prompt_only=True).text
+                if chat  # model's chat template
+                else r["text"][: r["answer_start"]].rstrip()
+                for r in batch
+            ]
             enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=not chat)
             ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)  # (B, P) left-padded
             new, took = _greedy(model, ids, mask, max_new_tokens=max_new_tokens, pad=pad)
@@ -137,8 +179,9 @@ def exact_match(model, tokenizer, records: list[dict], *, max_new_tokens: int = 
 
 
 @torch.no_grad()
-def cot_exact_match(model, tokenizer, records: list[dict], template: str, *, max_new_tokens: int = 96,
-                    batch_size: int = 32) -> dict:
+def cot_exact_match(
+    model, tokenizer, records: list[dict], template: str, *, max_new_tokens: int = 96, batch_size: int = 32
+) -> dict:
     """CoT mode (module docstring) of a text model on template-mode records."""
     device = next(model.parameters()).device
     pad = pad_id(tokenizer)
@@ -151,14 +194,23 @@ def cot_exact_match(model, tokenizer, records: list[dict], template: str, *, max
         seconds += took
         for b, (r, _) in enumerate(batch):
             prompt = ids[b][mask[b].bool()].tolist()
-            rows.append(_row(tokenizer, r, prompt, new[b].tolist(), after_marker=True,
-                             drop=(pad, tokenizer.eos_token_id)))
+            rows.append(
+                _row(
+                    tokenizer,
+                    r,
+                    prompt,
+                    new[b].tolist(),
+                    after_marker=True,
+                    drop=(pad, tokenizer.eos_token_id),
+                )
+            )
     return _result(rows, seconds)
 
 
 @torch.no_grad()
-def latent_exact_match(student, tokenizer, records: list[dict], template: str, *, max_new_tokens: int = 16,
-                       batch_size: int = 32) -> dict:
+def latent_exact_match(
+    student, tokenizer, records: list[dict], template: str, *, max_new_tokens: int = 16, batch_size: int = 32
+) -> dict:
     """Latent mode (module docstring) of a `LatentStudent` on template-mode records; also `latent_passes` and
     `latent_tokens` (M) per answer."""
     device = student.head.init.device
@@ -171,15 +223,24 @@ def latent_exact_match(student, tokenizer, records: list[dict], template: str, *
             groups.setdefault(s.answer_prompt, []).append((r, s))
         for prompt, items in groups.items():
             pre = tokenize(tokenizer, [s.prefix for _, s in items], padding_side="left")  # (B, P)
-            p_ids = tokenize(tokenizer, [prompt] * len(items), add_special_tokens=False)["input_ids"]  # (B, Q)
-            out = student.generate(pre["input_ids"].to(device), pre["attention_mask"].to(device), p_ids.to(device),
-                                   max_new_tokens=max_new_tokens, eos_id=eos)
+            p_ids = tokenize(tokenizer, [prompt] * len(items), add_special_tokens=False)[
+                "input_ids"
+            ]  # (B, Q)
+            out = student.generate(
+                pre["input_ids"].to(device),
+                pre["attention_mask"].to(device),
+                p_ids.to(device),
+                max_new_tokens=max_new_tokens,
+                eos_id=eos,
+            )
             seconds += out["seconds"]
             for b, (r, _) in enumerate(items):
                 # the context the answer is decoded in: the question's tokens and the answer prompt's (the
                 # latents between them are no tokens)
                 context = pre["input_ids"][b][pre["attention_mask"][b].bool()].tolist() + p_ids[b].tolist()
-                rows.append(_row(tokenizer, r, context, out["tokens"][b].tolist(), after_marker=False, drop=(eos,)))
+                rows.append(
+                    _row(tokenizer, r, context, out["tokens"][b].tolist(), after_marker=False, drop=(eos,))
+                )
     out = _result(rows, seconds)
     out["latent_passes"] = student.iterations + 1 if student.tokens else 0
     out["latent_tokens"] = student.tokens

@@ -31,9 +31,18 @@ class Generation:
         return asdict(self)
 
 
-def generate(checkpoint: str, prompt: str, *, max_new_tokens: int = 64, temperature: float = 0.0,
-             top_p: float = 1.0, seed: int = 0, device: str | None = None, latent: bool = False,
-             answer_prompt: str = "Answer:") -> Generation:
+def generate(
+    checkpoint: str,
+    prompt: str,
+    *,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    device: str | None = None,
+    latent: bool = False,
+    answer_prompt: str = "Answer:",
+) -> Generation:
     """The continuation of `prompt` by the student of `checkpoint` (RUN, RUN/final, RUN/checkpoints/step-N, a
     student directory or a model name). temperature 0: greedy; > 0: sampling (with top_p < 1 nucleus) under `seed`.
     """
@@ -41,14 +50,22 @@ def generate(checkpoint: str, prompt: str, *, max_new_tokens: int = 64, temperat
     from kvdistill.rundir import resolve_checkpoint
 
     if max_new_tokens < 1:
-        raise KvdistillError(f"max_new_tokens ({max_new_tokens}) must be >= 1", "pass --max-new-tokens 1 or more")
+        raise KvdistillError(
+            f"max_new_tokens ({max_new_tokens}) must be >= 1", "pass --max-new-tokens 1 or more"
+        )
     if temperature < 0:
-        raise KvdistillError(f"temperature ({temperature}) must be >= 0", "use 0 for greedy, e.g. 0.8 to sample")
+        raise KvdistillError(
+            f"temperature ({temperature}) must be >= 0", "use 0 for greedy, e.g. 0.8 to sample"
+        )
     if not 0 < top_p <= 1:
-        raise KvdistillError(f"top_p ({top_p}) must lie in (0, 1]", "use e.g. --top-p 0.9, or 1 for no nucleus cut")
+        raise KvdistillError(
+            f"top_p ({top_p}) must lie in (0, 1]", "use e.g. --top-p 0.9, or 1 for no nucleus cut"
+        )
     if top_p < 1 and temperature == 0:
-        raise KvdistillError("--top-p only acts when sampling, but temperature is 0 (greedy)",
-                             "add --temperature (e.g. 0.8) or drop --top-p")
+        raise KvdistillError(
+            "--top-p only acts when sampling, but temperature is 0 (greedy)",
+            "add --temperature (e.g. 0.8) or drop --top-p",
+        )
     if not prompt:
         raise KvdistillError("the prompt is empty", "pass --prompt TEXT")
     check_text(prompt, "--prompt")
@@ -74,12 +91,17 @@ def generate(checkpoint: str, prompt: str, *, max_new_tokens: int = 64, temperat
     if device == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
-    new = out[0, enc["input_ids"].shape[1]:]
+    new = out[0, enc["input_ids"].shape[1] :]
     text = tok.decode(new, skip_special_tokens=True)
-    return Generation(prompt=prompt, continuation=text, new_tokens=int(new.numel()), seconds=seconds,
-                      tokens_per_s=new.numel() / max(seconds, 1e-9), model=path,
-                      sampling={"temperature": temperature, "top_p": top_p, "seed": seed,
-                                "max_new_tokens": max_new_tokens})
+    return Generation(
+        prompt=prompt,
+        continuation=text,
+        new_tokens=int(new.numel()),
+        seconds=seconds,
+        tokens_per_s=new.numel() / max(seconds, 1e-9),
+        model=path,
+        sampling={"temperature": temperature, "top_p": top_p, "seed": seed, "max_new_tokens": max_new_tokens},
+    )
 
 
 def check_text(text: str, flag: str) -> None:
@@ -87,9 +109,11 @@ def check_text(text: str, flag: str) -> None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as err:
-        raw = text.encode("utf-8", "surrogateescape")[err.start:err.end] if err.reason else b""
-        raise KvdistillError(f"{flag} is not valid UTF-8 text (byte(s) {raw.hex(' ') or '?'} at character "
-                             f"{err.start})", f"pass {flag} as UTF-8 text (check the terminal's encoding)") from None
+        raw = text.encode("utf-8", "surrogateescape")[err.start : err.end] if err.reason else b""
+        raise KvdistillError(
+            f"{flag} is not valid UTF-8 text (byte(s) {raw.hex(' ') or '?'} at character {err.start})",
+            f"pass {flag} as UTF-8 text (check the terminal's encoding)",
+        ) from None
 
 
 def _check_positions(config, prompt_tokens: int, max_new_tokens: int) -> None:
@@ -112,13 +136,28 @@ def _latent(path: str, prompt: str, answer_prompt: str, max_new_tokens: int, dev
     student, tok = load_latent_student(path, device=device)
     enc = tok(prompt, return_tensors="pt")
     after = tok(answer_prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
-    _check_positions(student.backbone.config, enc["input_ids"].shape[1] + student.tokens + after.shape[1],
-                     max_new_tokens)
-    out = student.generate(enc["input_ids"].to(device), enc["attention_mask"].to(device), after.to(device),
-                           max_new_tokens=max_new_tokens, eos_id=tok.eos_token_id)
+    _check_positions(
+        student.backbone.config, enc["input_ids"].shape[1] + student.tokens + after.shape[1], max_new_tokens
+    )
+    out = student.generate(
+        enc["input_ids"].to(device),
+        enc["attention_mask"].to(device),
+        after.to(device),
+        max_new_tokens=max_new_tokens,
+        eos_id=tok.eos_token_id,
+    )
     new = [t for t in out["tokens"][0].tolist() if t != tok.eos_token_id]
     text = tok.decode(new, skip_special_tokens=True)
-    return Generation(prompt=prompt, continuation=answer_prompt + text, new_tokens=len(new), seconds=out["seconds"],
-                      tokens_per_s=len(new) / max(out["seconds"], 1e-9), model=path,
-                      sampling={"latent_tokens": student.tokens, "latent_passes": out["latent_passes"],
-                                "max_new_tokens": max_new_tokens})
+    return Generation(
+        prompt=prompt,
+        continuation=answer_prompt + text,
+        new_tokens=len(new),
+        seconds=out["seconds"],
+        tokens_per_s=len(new) / max(out["seconds"], 1e-9),
+        model=path,
+        sampling={
+            "latent_tokens": student.tokens,
+            "latent_passes": out["latent_passes"],
+            "max_new_tokens": max_new_tokens,
+        },
+    )

@@ -37,8 +37,9 @@ def mean_nll(scored: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) 
 
 
 @torch.no_grad()
-def perplexity(model, tokenizer, records: list[dict], *, max_length: int, batch_size: int = 8,
-               progress: bool = False) -> dict:
+def perplexity(
+    model, tokenizer, records: list[dict], *, max_length: int, batch_size: int = 8, progress: bool = False
+) -> dict:
     """{ce, ppl, tokens} of a text model over every next token of the records' texts (right-padded batches)."""
     device = next(model.parameters()).device
 
@@ -52,8 +53,9 @@ def perplexity(model, tokenizer, records: list[dict], *, max_length: int, batch_
 
 
 @torch.no_grad()
-def latent_answer_ce(student, tokenizer, records: list[dict], template: str, *, batch_size: int,
-                     geometry=None) -> dict:
+def latent_answer_ce(
+    student, tokenizer, records: list[dict], template: str, *, batch_size: int, geometry=None
+) -> dict:
     """{ce, ppl, tokens} of a latent student in latent mode over the answer (and its line break) after the question
     and the M latents, on the records with an answer (template mode)."""
     device = student.head.init.device
@@ -61,10 +63,17 @@ def latent_answer_ce(student, tokenizer, records: list[dict], template: str, *, 
 
     def scored():
         for lo in range(0, len(usable), batch_size):
-            view = latent_view(tokenizer, [segments(r, template) for r in usable[lo : lo + batch_size]],
-                               student.tokens)  # prefix (B, P), suffix (B, S), answer_mask (B, P+M+S)
-            cap = student(view.prefix_ids.to(device), view.prefix_mask.to(device), view.suffix_ids.to(device),
-                          view.suffix_mask.to(device), pad_id=pad_id(tokenizer), geometry=geometry)
+            view = latent_view(
+                tokenizer, [segments(r, template) for r in usable[lo : lo + batch_size]], student.tokens
+            )  # prefix (B, P), suffix (B, S), answer_mask (B, P+M+S)
+            cap = student(
+                view.prefix_ids.to(device),
+                view.prefix_mask.to(device),
+                view.suffix_ids.to(device),
+                view.suffix_mask.to(device),
+                pad_id=pad_id(tokenizer),
+                geometry=geometry,
+            )
             yield cap.logits, cap.input_ids, view.answer_mask.to(device)
 
     return mean_nll(scored())

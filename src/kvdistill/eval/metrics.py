@@ -79,7 +79,9 @@ class TeacherRowsCache:
     def __init__(self):
         self._rows: dict[tuple, tuple[object, object, TeacherRows]] = {}
 
-    def rows(self, teacher, t_tok, records, *, max_length: int, batch_size: int, layers, desc=None) -> TeacherRows:
+    def rows(
+        self, teacher, t_tok, records, *, max_length: int, batch_size: int, layers, desc=None
+    ) -> TeacherRows:
         key = (id(teacher), id(t_tok), tuple(r["text"] for r in records), max_length, batch_size)
         held = self._rows.get(key)
         if held is not None and held[2].covers(
@@ -160,20 +162,32 @@ def probe_kv_error(
     pairs = probe_pairs(student, teacher)
     layers = list(pairs)
     needed = sorted(set(pairs.values()))
+
     def desc(what: str) -> str | None:
         return f"KV probe vs {progress}: {what}" if progress else None
 
     fit_rows, eval_rows = (
-        cache.rows(teacher, t_tok, records, max_length=max_length, batch_size=batch_size, layers=needed,
-                   desc=desc(f"teacher forwards ({split})"))
+        cache.rows(
+            teacher,
+            t_tok,
+            records,
+            max_length=max_length,
+            batch_size=batch_size,
+            layers=needed,
+            desc=desc(f"teacher forwards ({split})"),
+        )
         for records, split in ((fit_records, "fit"), (eval_records, "held-out"))
     )
-    fx, fy = _aligned_pairs(student, s_tok, fit_rows, fit_records, layers, pairs, desc("student forwards (fit)"))
-    ex, ey = _aligned_pairs(student, s_tok, eval_rows, eval_records, layers, pairs,
-                            desc("student forwards (held-out)"))
+    fx, fy = _aligned_pairs(
+        student, s_tok, fit_rows, fit_records, layers, pairs, desc("student forwards (fit)")
+    )
+    ex, ey = _aligned_pairs(
+        student, s_tok, eval_rows, eval_records, layers, pairs, desc("student forwards (held-out)")
+    )
     out = []
-    for i in tqdm(layers, desc=desc("ridge fits per layer"), disable=_shown(progress), leave=False,
-                  dynamic_ncols=True):
+    for i in tqdm(
+        layers, desc=desc("ridge fits per layer"), disable=_shown(progress), leave=False, dynamic_ncols=True
+    ):
         errs = []
         for kind in ("k", "v"):
             X = torch.cat([x for k, x in fx[i] if k == kind])

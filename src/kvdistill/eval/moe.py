@@ -21,27 +21,43 @@ from kvdistill.models.moe import capture_moe, require_moe
 
 def _routing(model, tokenizer, texts, max_length, layers):
     """(per block logp (B, T, E), mask (B, T), spans (B, T, 2)) of one batch."""
-    ids, mask, spans = tokenize_for(geometry_of(model), tokenizer, texts, max_length=max_length, padding_side="right")
+    ids, mask, spans = tokenize_for(
+        geometry_of(model), tokenizer, texts, max_length=max_length, padding_side="right"
+    )
     device = next(model.parameters()).device
     with torch.no_grad(), capture_moe(model, layers=layers) as cap:
         model(input_ids=ids.to(device), attention_mask=mask.to(device))
     B, T = ids.shape
-    logp = [losses.routing_log_probs(cap.router_logits[i].reshape(B, T, -1).float().cpu(), layer.scoring)
-            for i, layer in enumerate(layers)]
+    logp = [
+        losses.routing_log_probs(cap.router_logits[i].reshape(B, T, -1).float().cpu(), layer.scoring)
+        for i, layer in enumerate(layers)
+    ]
     return logp, mask, spans
 
 
 @torch.no_grad()
-def routing_agreement_of(student, student_tokenizer, teacher, teacher_tokenizer, records: list[dict], *,
-                         max_length: int, batch_size: int = 16) -> dict[str, float]:
+def routing_agreement_of(
+    student,
+    student_tokenizer,
+    teacher,
+    teacher_tokenizer,
+    records: list[dict],
+    *,
+    max_length: int,
+    batch_size: int = 16,
+) -> dict[str, float]:
     """{"routing_top1": mean top-1 agreement, "routing_topk": mean top-k overlap (k = the student's top-k)}."""
     s_layers, t_layers = require_moe(student, "the student"), require_moe(teacher, "the teacher")
     pairs = block_pairs(len(s_layers), len(t_layers))
     batches = []
     for lo in range(0, len(records), batch_size):
         texts = [r["text"] for r in records[lo : lo + batch_size]]
-        batches.append((_routing(student, student_tokenizer, texts, max_length, s_layers),
-                        _routing(teacher, teacher_tokenizer, texts, max_length, t_layers)))
+        batches.append(
+            (
+                _routing(student, student_tokenizer, texts, max_length, s_layers),
+                _routing(teacher, teacher_tokenizer, texts, max_length, t_layers),
+            )
+        )
     corrs = []
     for i, j in pairs:
         e_s, e_t = s_layers[i].num_experts, t_layers[j].num_experts
@@ -57,7 +73,9 @@ def routing_agreement_of(student, student_tokenizer, teacher, teacher_tokenizer,
         a1 = torch.zeros(t_mask.shape[0])
         ak = torch.zeros(t_mask.shape[0])
         for (i, j), corr in zip(pairs, corrs, strict=True):
-            x1, xk = losses.routing_agreement(s_logp[i], t_logp[j], t_mask, index, weight, corr, s_layers[i].top_k)
+            x1, xk = losses.routing_agreement(
+                s_logp[i], t_logp[j], t_mask, index, weight, corr, s_layers[i].top_k
+            )
             a1, ak = a1 + x1 / len(pairs), ak + xk / len(pairs)
         top1.append(a1)
         topk.append(ak)

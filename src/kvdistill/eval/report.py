@@ -63,7 +63,15 @@ def _comparison(page: Page, runs: list[Run], teachers: list[str]) -> None:
         steps = r.summary.get("steps", r.final_train("step"))
         tokens = r.summary.get("tokens", r.final_train("tokens"))
         elapsed = r.summary.get("elapsed_s", r.final_train("elapsed_s"))
-        row = [r.name, steps, tokens, elapsed, r.final_train("loss/ce"), r.final("eval/ce"), r.final("eval/ppl")]
+        row = [
+            r.name,
+            steps,
+            tokens,
+            elapsed,
+            r.final_train("loss/ce"),
+            r.final("eval/ce"),
+            r.final("eval/ppl"),
+        ]
         row += [r.final(f"eval/kv_error/{t}") for t in teachers]
         rows.append(row)
     page.table(header, rows)
@@ -86,13 +94,17 @@ def _evaluations(page: Page, runs: list[Run]) -> None:
         ppl = ev.get("perplexity") or {}
         em = (ev.get("exact_match") or {}).get("exact_match")
         probe = ev.get("probe_kv_error") or {}
-        rows.append([r.name, ev.get("step"), ev.get("samples"), ppl.get("ce"), ppl.get("ppl"), em]
-                    + [(probe.get(t) or {}).get("mean") for t in probes])
+        rows.append(
+            [r.name, ev.get("step"), ev.get("samples"), ppl.get("ce"), ppl.get("ppl"), em]
+            + [(probe.get(t) or {}).get("mean") for t in probes]
+        )
     page.heading("Evaluation (kvdistill eval)")
     page.table(header, rows)
     data = {json.dumps(r.eval_file.get("data"), sort_keys=True) for r in have}
-    page.para("From each run's eval.json (the newest `kvdistill eval RUN`)"
-              + ("; the runs were evaluated on different data, so compare with care." if len(data) > 1 else "."))
+    page.para(
+        "From each run's eval.json (the newest `kvdistill eval RUN`)"
+        + ("; the runs were evaluated on different data, so compare with care." if len(data) > 1 else ".")
+    )
 
 
 def _loss_curves(page: Page, runs: list[Run]) -> None:
@@ -149,7 +161,9 @@ def _heldout_curves(page: Page, runs: list[Run], teachers: list[str]) -> None:
         for r in have:
             ax.plot(*r.eval_series(key), marker="o", label=r.name)
         ax.legend(fontsize=8)
-        page.figure(fig, f"heldout_kv_error_{t}", f"{t}: held-out KV error (the run's trained maps) against the step")
+        page.figure(
+            fig, f"heldout_kv_error_{t}", f"{t}: held-out KV error (the run's trained maps) against the step"
+        )
 
 
 def _routing(page: Page, runs: list[Run], teachers: list[str]) -> None:
@@ -284,8 +298,11 @@ def _check_own(out: Path, files_dir: Path) -> None:
     """Refuse to replace a page or a figure folder that no kvdistill report wrote (the user's own files)."""
     fix = "give --out a new file name (the page's figures go to <name>_files/ next to it), or move that aside"
     if out.is_symlink() or (out.exists() and not out.is_file()):
-        raise KvdistillError(f"report --out {out} is {'a symlink' if out.is_symlink() else 'a directory'}, "
-                             "not a page the report wrote", fix)
+        raise KvdistillError(
+            f"report --out {out} is {'a symlink' if out.is_symlink() else 'a directory'}, "
+            "not a page the report wrote",
+            fix,
+        )
     if out.is_file():
         try:
             with open(out, "rb") as f:
@@ -293,17 +310,21 @@ def _check_own(out: Path, files_dir: Path) -> None:
         except OSError as err:
             raise KvdistillError(f"report --out {out} cannot be read ({err.strerror})", fix) from None
         if PAGE_MARKER not in head:
-            raise KvdistillError(f"report --out {out} exists and was not written by kvdistill report: it would be "
-                                 "overwritten", fix)
+            raise KvdistillError(
+                f"report --out {out} exists and was not written by kvdistill report: it would be overwritten",
+                fix,
+            )
     if os.path.lexists(files_dir):
         if files_dir.is_symlink() or not files_dir.is_dir() or not (files_dir / FILES_MARKER).is_file():
-            raise KvdistillError(f"the report's figure folder {files_dir} already exists and was not written by "
-                                 "kvdistill report: replacing it would delete its files", fix)
+            raise KvdistillError(
+                f"the report's figure folder {files_dir} already exists and was not written by "
+                "kvdistill report: replacing it would delete its files",
+                fix,
+            )
         if any(p.is_dir() and not p.is_symlink() for p in files_dir.iterdir()):
-            raise KvdistillError(f"the report's figure folder {files_dir} holds folders the report did not write",
-                                 fix)
-
-
+            raise KvdistillError(
+                f"the report's figure folder {files_dir} holds folders the report did not write", fix
+            )
 
 
 def write_report(
@@ -329,7 +350,9 @@ def write_report(
     files_dir = out.parent / f"{out.stem}_files"
     _check_own(out, files_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out.stem}_files.", dir=out.parent))  # a new name: nothing replaced
+    tmp_dir = Path(
+        tempfile.mkdtemp(prefix=f".{out.stem}_files.", dir=out.parent)
+    )  # a new name: nothing replaced
     (tmp_dir / FILES_MARKER).write_text("figures of a kvdistill report; rerunning the report replaces them\n")
     tmp_out = tmp_dir / f".{out.name}.tmp"
     try:
@@ -346,8 +369,11 @@ def write_report(
         _kv_error_layers(page, runs, teachers)
         render = render_md if fmt == "md" else render_html
         text = render(page, files_dir.name)
-        text = (PAGE_MARKER + "\n" + text if fmt == "md"
-                else text.replace("<!DOCTYPE html>", "<!DOCTYPE html>\n" + PAGE_MARKER, 1))
+        text = (
+            PAGE_MARKER + "\n" + text
+            if fmt == "md"
+            else text.replace("<!DOCTYPE html>", "<!DOCTYPE html>\n" + PAGE_MARKER, 1)
+        )
         tmp_out.write_text(text)
         _check_own(out, files_dir)  # again, just before replacing
         os.replace(tmp_out, out)

@@ -25,7 +25,9 @@ from kvdistill.errors import KvdistillError
 from kvdistill.models.load import load_model
 from kvdistill.rundir import resolve_checkpoint, step_of
 
-EVAL_FILE = "eval.json"  # RUN/eval.json: the newest `kvdistill eval` of the run (written_by: "kvdistill eval")
+EVAL_FILE = (
+    "eval.json"  # RUN/eval.json: the newest `kvdistill eval` of the run (written_by: "kvdistill eval")
+)
 DEFAULT_SIZE = 32
 DEFAULT_NEW_TOKENS = 16  # exact match: tokens generated per answer
 DEFAULT_LATENT_BATCH = 32
@@ -40,8 +42,10 @@ def data_config(
     if size is not None and size < 1:
         raise KvdistillError(f"--size {size}: no held-out samples", "pass --size 1 or more")
     if max_length is not None and max_length < 2:
-        raise KvdistillError(f"--max-length {max_length}: a text of fewer than 2 tokens has no next token to score",
-                             "pass --max-length 2 or more (default: the run's data.max_length, else 256)")
+        raise KvdistillError(
+            f"--max-length {max_length}: a text of fewer than 2 tokens has no next token to score",
+            "pass --max-length 2 or more (default: the run's data.max_length, else 256)",
+        )
     if data is None and run_cfg is not None:
         base = run_cfg.data
         eval_size = size if size is not None else base.eval_size
@@ -108,9 +112,11 @@ def evaluate_checkpoint(
     student, run_dir = resolve_checkpoint(checkpoint)
     latent = is_latent_student(student)
     if latent and teachers:
-        raise KvdistillError(f"--teacher {list(teachers)}: the KV probe error is measured for text students; a latent "
-                             "student's K/V error against its targets is training's eval/latent_kv",
-                             "drop --teacher for a latent student")
+        raise KvdistillError(
+            f"--teacher {list(teachers)}: the KV probe error is measured for text students; a latent "
+            "student's K/V error against its targets is training's eval/latent_kv",
+            "drop --teacher for a latent student",
+        )
     run_cfg = load_config(config) if config is not None else None
     if run_cfg is None and run_dir is not None:
         run_cfg = load_config(run_dir / "config.yaml")
@@ -125,11 +131,22 @@ def evaluate_checkpoint(
         specs = {}
     fit, held = held_out(dcfg, fit=bool(specs))
     device = default_device(device)
-    loaded = {name: load_model(model, device=device, attn_implementation="sdpa") for name, model in specs.items()}
-    result = evaluate_saved(student, held, template=dcfg.template, max_length=dcfg.max_length, em=em,
-                            max_new_tokens=max_new_tokens or DEFAULT_NEW_TOKENS,
-                            batch_size=batch_size or (DEFAULT_LATENT_BATCH if latent else 8), device=device,
-                            teachers=loaded, fit_records=fit, progress=progress)
+    loaded = {
+        name: load_model(model, device=device, attn_implementation="sdpa") for name, model in specs.items()
+    }
+    result = evaluate_saved(
+        student,
+        held,
+        template=dcfg.template,
+        max_length=dcfg.max_length,
+        em=em,
+        max_new_tokens=max_new_tokens or DEFAULT_NEW_TOKENS,
+        batch_size=batch_size or (DEFAULT_LATENT_BATCH if latent else 8),
+        device=device,
+        teachers=loaded,
+        fit_records=fit,
+        progress=progress,
+    )
     result.update(
         written_by="kvdistill eval",
         evaluated_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -162,7 +179,9 @@ def markdown_table(result: dict) -> str:
         f"| held-out CE (nats/token) | {ppl['ce']:.4f} |",
     ]
     if result.get("mode") == "latent":
-        lines[2] = f"| held-out perplexity of the answer after the latents | {ppl['ppl']:.3f} ({ppl['tokens']} tokens) |"
+        lines[2] = (
+            f"| held-out perplexity of the answer after the latents | {ppl['ppl']:.3f} ({ppl['tokens']} tokens) |"
+        )
         lines[3] = f"| held-out answer CE (nats/token) | {ppl['ce']:.4f} |"
     if "exact_match" in result:
         em = result["exact_match"]
@@ -172,7 +191,9 @@ def markdown_table(result: dict) -> str:
         if result.get("mode") == "latent" and em["n"]:
             lines.append(f"| generated tokens per answer | {em['gen_tokens']:.1f} |")
             lines.append(f"| latency per answer (s) | {em['latency_s']:.4f} |")
-            lines.append(f"| latent tokens / backbone passes on latents | {em['latent_tokens']} / {em['latent_passes']} |")
+            lines.append(
+                f"| latent tokens / backbone passes on latents | {em['latent_tokens']} / {em['latent_passes']} |"
+            )
     for name, err in result.get("probe_kv_error", {}).items():
         per_layer = ", ".join(f"{x:.3f}" for x in err["layers"])
         lines.append(

@@ -15,8 +15,10 @@ __all__ = ["exact_match_by_skill", "skill_items"]
 def skill_items(per_item: Sequence[float], skills: Sequence[str | None], skill: str) -> list[float]:
     """The results (N,) of the records labelled `skill`, in order."""
     if len(per_item) != len(skills):
-        raise KvdistillError(f"{len(per_item)} results but {len(skills)} skill labels",
-                             "pass one skill per scored record (records without an answer are not scored)")
+        raise KvdistillError(
+            f"{len(per_item)} results but {len(skills)} skill labels",
+            "pass one skill per scored record (records without an answer are not scored)",
+        )
     return [float(x) for x, s in zip(per_item, skills, strict=True) if s == skill]
 
 

@@ -26,9 +26,22 @@ from kvdistill.eval.heldout import latent_answer_ce, perplexity
 __all__ = ["evaluate_saved", "evaluate_student"]
 
 
-def evaluate_student(model, tokenizer, teachers: dict, fit_records, eval_records, *, max_length: int, em: bool = True,
-                     cot: bool = False, template: str | None = None, batch_size: int = 8, teacher_cache=None,
-                     max_new_tokens: int = 16, progress: bool = False) -> dict:
+def evaluate_student(
+    model,
+    tokenizer,
+    teachers: dict,
+    fit_records,
+    eval_records,
+    *,
+    max_length: int,
+    em: bool = True,
+    cot: bool = False,
+    template: str | None = None,
+    batch_size: int = 8,
+    teacher_cache=None,
+    max_new_tokens: int = 16,
+    progress: bool = False,
+) -> dict:
     """A text student in memory (module docstring); `teachers` {name: (model, tokenizer)} for the KV probe (fitted
     on `fit_records`), `cot`: exact match by CoT decoding (needs the data's `template`). `teacher_cache` (a
     `kvdistill.eval.metrics.TeacherRowsCache`): pass the same one when evaluating several students against the
@@ -36,26 +49,60 @@ def evaluate_student(model, tokenizer, teachers: dict, fit_records, eval_records
     from kvdistill.eval.metrics import probe_kv_error
 
     model.eval()
-    out = {"mode": "text", "perplexity": perplexity(model, tokenizer, eval_records, max_length=max_length,
-                                                    batch_size=batch_size, progress=progress)}
+    out = {
+        "mode": "text",
+        "perplexity": perplexity(
+            model, tokenizer, eval_records, max_length=max_length, batch_size=batch_size, progress=progress
+        ),
+    }
     if em and cot:
-        out["exact_match"] = cot_exact_match(model, tokenizer, eval_records, template, max_new_tokens=max_new_tokens,
-                                             batch_size=batch_size)
+        out["exact_match"] = cot_exact_match(
+            model, tokenizer, eval_records, template, max_new_tokens=max_new_tokens, batch_size=batch_size
+        )
     elif em:
-        out["exact_match"] = exact_match(model, tokenizer, eval_records, batch_size=batch_size,
-                                         max_new_tokens=max_new_tokens, progress=progress)
+        out["exact_match"] = exact_match(
+            model,
+            tokenizer,
+            eval_records,
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            progress=progress,
+        )
     out["probe_kv_error"] = {}
     for name, (t_model, t_tok) in teachers.items():
-        layers = probe_kv_error(model, tokenizer, t_model, t_tok, fit_records, eval_records, max_length=max_length,
-                                batch_size=batch_size, cache=teacher_cache, progress=name if progress else None)
+        layers = probe_kv_error(
+            model,
+            tokenizer,
+            t_model,
+            t_tok,
+            fit_records,
+            eval_records,
+            max_length=max_length,
+            batch_size=batch_size,
+            cache=teacher_cache,
+            progress=name if progress else None,
+        )
         out["probe_kv_error"][name] = {"mean": sum(layers) / len(layers), "layers": layers}
     return out
 
 
-def evaluate_saved(student: str | Path, eval_records: list[dict], *, template: str, max_length: int, em: bool = True,
-                   cot: bool = False, max_new_tokens: int = 16, max_cot_tokens: int = 96, batch_size: int = 8,
-                   device: str | None = None, teachers: dict | None = None, fit_records=(), teacher_cache=None,
-                   progress: bool = False) -> dict:
+def evaluate_saved(
+    student: str | Path,
+    eval_records: list[dict],
+    *,
+    template: str,
+    max_length: int,
+    em: bool = True,
+    cot: bool = False,
+    max_new_tokens: int = 16,
+    max_cot_tokens: int = 96,
+    batch_size: int = 8,
+    device: str | None = None,
+    teachers: dict | None = None,
+    fit_records=(),
+    teacher_cache=None,
+    progress: bool = False,
+) -> dict:
     """The saved student `student` (a directory `load_model` reads, or a latent student's) on `eval_records`
     (module docstring) on `device` (default: `kvdistill.device.default_device`). A latent student answers in
     latent mode with `max_new_tokens` and has no KV probe (`teachers` refused); a text student answers directly
@@ -66,23 +113,42 @@ def evaluate_saved(student: str | Path, eval_records: list[dict], *, template: s
     device = default_device(device)
     if is_latent_student(student):
         if teachers:
-            raise KvdistillError(f"teachers {list(teachers)}: the KV probe error is measured for text students; a "
-                                 "latent student's K/V error against its targets is training's eval/latent_kv",
-                                 "drop --teacher for a latent student")
+            raise KvdistillError(
+                f"teachers {list(teachers)}: the KV probe error is measured for text students; a "
+                "latent student's K/V error against its targets is training's eval/latent_kv",
+                "drop --teacher for a latent student",
+            )
         model, tok = load_latent_student(student, device=device)
         model.eval()
         out = {"mode": "latent"}
         if em:
-            out["exact_match"] = latent_exact_match(model, tok, eval_records, template,
-                                                    max_new_tokens=max_new_tokens, batch_size=batch_size)
+            out["exact_match"] = latent_exact_match(
+                model, tok, eval_records, template, max_new_tokens=max_new_tokens, batch_size=batch_size
+            )
         out["perplexity"] = latent_answer_ce(model, tok, eval_records, template, batch_size=batch_size)
         out["probe_kv_error"] = {}
         return out
-    model, tok = load_model(str(student), device=device, attn_implementation="sdpa")  # eval reads no attention maps
+    model, tok = load_model(
+        str(student), device=device, attn_implementation="sdpa"
+    )  # eval reads no attention maps
     positions = getattr(model.config, "max_position_embeddings", None)
     if isinstance(positions, int) and positions < max_length:
-        raise KvdistillError(f"max_length {max_length} is longer than the student's {positions} positions",
-                             f"pass --max-length {positions} or less")
-    return evaluate_student(model, tok, teachers or {}, fit_records, eval_records, max_length=max_length, em=em,
-                            cot=cot, template=template, batch_size=batch_size, teacher_cache=teacher_cache,
-                            max_new_tokens=max_cot_tokens if cot else max_new_tokens, progress=progress)
+        raise KvdistillError(
+            f"max_length {max_length} is longer than the student's {positions} positions",
+            f"pass --max-length {positions} or less",
+        )
+    return evaluate_student(
+        model,
+        tok,
+        teachers or {},
+        fit_records,
+        eval_records,
+        max_length=max_length,
+        em=em,
+        cot=cot,
+        template=template,
+        batch_size=batch_size,
+        teacher_cache=teacher_cache,
+        max_new_tokens=max_cot_tokens if cot else max_new_tokens,
+        progress=progress,
+    )

@@ -49,22 +49,43 @@ def records_read(cfg: RunConfig) -> set[str]:
     return ids
 
 
-def extract_in_child(teacher: TeacherConfig, data: DataConfig, out_dir: Path, ids: set[str], record: Path, *,
-                     batch_size: int = 32) -> dict:
+def extract_in_child(
+    teacher: TeacherConfig,
+    data: DataConfig,
+    out_dir: Path,
+    ids: set[str],
+    record: Path,
+    *,
+    batch_size: int = 32,
+) -> dict:
     """Extract `ids` of teacher `teacher` into `out_dir` in a child process (`python -m
     kvdistill.experiments.budget JOB`), which gives its GPU memory back when it exits; its result is written to
     `record` and returned: {seconds, tokens, records}."""
     job = record.with_suffix(".job.json")
-    write_json_atomic(job, {"teacher": teacher.model_dump(mode="json"), "data": data.model_dump(mode="json"),
-                            "out_dir": str(out_dir), "ids": sorted(ids), "batch_size": batch_size,
-                            "record": str(record)})
+    write_json_atomic(
+        job,
+        {
+            "teacher": teacher.model_dump(mode="json"),
+            "data": data.model_dump(mode="json"),
+            "out_dir": str(out_dir),
+            "ids": sorted(ids),
+            "batch_size": batch_size,
+            "record": str(record),
+        },
+    )
     logfile = record.with_suffix(".log")
     with logfile.open("a") as f:
-        proc = subprocess.run([sys.executable, "-m", "kvdistill.experiments.budget", str(job)], stdout=f,
-                              stderr=subprocess.STDOUT, check=False)
+        proc = subprocess.run(
+            [sys.executable, "-m", "kvdistill.experiments.budget", str(job)],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            check=False,
+        )
     if proc.returncode != 0 or not record.is_file():
-        raise KvdistillError(f"extracting the cache of teacher '{teacher.name}' failed (exit {proc.returncode})",
-                             f"read {logfile}; rerun the same command to resume it")
+        raise KvdistillError(
+            f"extracting the cache of teacher '{teacher.name}' failed (exit {proc.returncode})",
+            f"read {logfile}; rerun the same command to resume it",
+        )
     return json.loads(record.read_text())
 
 
@@ -72,10 +93,17 @@ def _main(job_path: str) -> None:
     from kvdistill.cache.extract import extract
 
     job = json.loads(Path(job_path).read_text())
-    res = extract(TeacherConfig.model_validate(job["teacher"]), DataConfig.model_validate(job["data"]),
-                  job["out_dir"], batch_size=job["batch_size"], progress=False, only_ids=set(job["ids"]))
-    write_json_atomic(Path(job["record"]), {"seconds": res["seconds"], "tokens": res["tokens"],
-                                            "records": res["records"]})
+    res = extract(
+        TeacherConfig.model_validate(job["teacher"]),
+        DataConfig.model_validate(job["data"]),
+        job["out_dir"],
+        batch_size=job["batch_size"],
+        progress=False,
+        only_ids=set(job["ids"]),
+    )
+    write_json_atomic(
+        Path(job["record"]), {"seconds": res["seconds"], "tokens": res["tokens"], "records": res["records"]}
+    )
 
 
 def amortise(extraction: dict[str, dict], readers: dict[str, list[str]], params: dict[str, int]) -> dict:
@@ -85,8 +113,14 @@ def amortise(extraction: dict[str, dict], readers: dict[str, list[str]], params:
     for t, rec in extraction.items():
         n = len(readers[t])
         flops = 2 * params[t] * rec["tokens"]
-        out[t] = {**rec, "flops": flops, "readers": n, "runs": sorted(readers[t]),
-                  "seconds_per_reader": rec["seconds"] / n, "flops_per_reader": flops / n}
+        out[t] = {
+            **rec,
+            "flops": flops,
+            "readers": n,
+            "runs": sorted(readers[t]),
+            "seconds_per_reader": rec["seconds"] / n,
+            "flops_per_reader": flops / n,
+        }
     return out
 
 

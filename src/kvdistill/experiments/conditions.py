@@ -30,10 +30,18 @@ def teacher_config(spec: ExperimentSpec, prep: TeacherPrep) -> RunConfig:
     if prep.tokenizer:
         student["tokenizer"] = prep.tokenizer
     train = dict(raw.get("train") or {})
-    train.update(steps=prep.steps, batch_size=prep.batch_size, lr=prep.lr, warmup_steps=prep.warmup_steps,
-                 seed=0, eval_every=0, save_every=0)
-    raw.update(name=f"teacher-{prep.name}", student=student, teachers=[], losses={"ce": 1.0}, fusion={},
-               train=train)
+    train.update(
+        steps=prep.steps,
+        batch_size=prep.batch_size,
+        lr=prep.lr,
+        warmup_steps=prep.warmup_steps,
+        seed=0,
+        eval_every=0,
+        save_every=0,
+    )
+    raw.update(
+        name=f"teacher-{prep.name}", student=student, teachers=[], losses={"ce": 1.0}, fusion={}, train=train
+    )
     if prep.data:
         raw["data"] = merge_data(raw.get("data"), prep.data)
     # a teacher keeps the base's held-out evaluations but not its students' selection settings
@@ -42,15 +50,20 @@ def teacher_config(spec: ExperimentSpec, prep: TeacherPrep) -> RunConfig:
     return load_config(raw=raw, overrides=prep.overrides)
 
 
-def condition_config(spec: ExperimentSpec, name: str, seed: int, teachers: dict[str, dict],
-                     steps: int | None = None) -> RunConfig:
+def condition_config(
+    spec: ExperimentSpec, name: str, seed: int, teachers: dict[str, dict], steps: int | None = None
+) -> RunConfig:
     """The run of condition `name` with `seed`: base, budget, the condition's teachers and overrides, the seed.
     A `cache: true` condition reads each teacher from `teachers[name]["cache_dir"]`."""
     cond = spec.conditions[name]
     raw = base_raw(spec)
     skills = {prep.name: prep.skill for prep in spec.teachers}
     if spec.student_from is not None:
-        kept = {k: v for k, v in (raw.get("student") or {}).items() if k not in ("model", "from_config", "tokenizer")}
+        kept = {
+            k: v
+            for k, v in (raw.get("student") or {}).items()
+            if k not in ("model", "from_config", "tokenizer")
+        }
         raw["student"] = {**kept, "model": teachers[spec.student_from]["model"]}
     raw["teachers"] = [{"name": t, "model": teachers[t]["model"]} for t in cond.teachers]
     for entry in raw["teachers"]:
@@ -90,14 +103,20 @@ def check_splits(configs: dict[str, RunConfig], test: list[dict], val: list[dict
         n, same_test, same_val, shared = seen[key]
         sizes[name] = n
         if not (same_test and same_val):
-            problems.append(f"{name}: its data gives other {'test' if not same_test else 'validation'} records "
-                            "than the base's")
+            problems.append(
+                f"{name}: its data gives other {'test' if not same_test else 'validation'} records "
+                "than the base's"
+            )
         if shared:
-            problems.append(f"{name}: {len(shared)} training records share an id or a question with the held-out "
-                            f"splits (e.g. {shared[:3]})")
+            problems.append(
+                f"{name}: {len(shared)} training records share an id or a question with the held-out "
+                f"splits (e.g. {shared[:3]})"
+            )
     if problems:
-        raise KvdistillError("every run must be scored on the same held-out records and never train on them: "
-                             + "; ".join(problems),
-                             "change only data.size / data.train_size (or other keys that keep data.source, seed, "
-                             "eval_size and val_size) in teachers[i].data and condition overrides")
+        raise KvdistillError(
+            "every run must be scored on the same held-out records and never train on them: "
+            + "; ".join(problems),
+            "change only data.size / data.train_size (or other keys that keep data.source, seed, "
+            "eval_size and val_size) in teachers[i].data and condition overrides",
+        )
     return sizes

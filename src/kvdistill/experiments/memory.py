@@ -28,10 +28,14 @@ __all__ = ["CONTEXT", "GIB", "SLACK", "auto_concurrent", "free_device_bytes", "g
 def free_device_bytes() -> int:
     """Free memory of GPU 0, asked of a child process so that this one never holds a CUDA context; without a GPU
     the host's available memory."""
-    code = ("import json, torch\n"
-            "print(json.dumps(torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else None))")
+    code = (
+        "import json, torch\n"
+        "print(json.dumps(torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else None))"
+    )
     try:
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+        )
         free = json.loads(out.stdout.strip().splitlines()[-1])
     except (subprocess.SubprocessError, ValueError, IndexError):
         free = None
@@ -47,8 +51,14 @@ def auto_concurrent(estimates: list[int], free: int, cores: int | None = None) -
     cores = cores or os.cpu_count() or 1
     fit = int(0.9 * free // max(estimates))
     n = max(1, min(len(estimates), cores, fit))
-    log.info("concurrent auto: %d runs at once (largest run %.1f GiB, %.1f GiB free, %d cores, %d runs)", n,
-             max(estimates) / GIB, free / GIB, cores, len(estimates))
+    log.info(
+        "concurrent auto: %d runs at once (largest run %.1f GiB, %.1f GiB free, %d cores, %d runs)",
+        n,
+        max(estimates) / GIB,
+        free / GIB,
+        cores,
+        len(estimates),
+    )
     return n
 
 
@@ -60,4 +70,8 @@ def geometry(model_dir_or_config) -> dict:
     if not isinstance(cfg, PretrainedConfig):
         cfg = AutoConfig.from_pretrained(str(cfg))
     text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    return {"hidden": int(text.hidden_size), "layers": int(text.num_hidden_layers), "vocab": int(text.vocab_size)}
+    return {
+        "hidden": int(text.hidden_size),
+        "layers": int(text.num_hidden_layers),
+        "vocab": int(text.vocab_size),
+    }

@@ -46,8 +46,11 @@ def run_quickstart(out: str | Path, *, steps: int | None = None, overrides: list
     zoo.fetch_all(["smollm2-135m", "gemma3-270m", "gpt2-tokenizer"])  # one-time GGUF conversion
     results = run_experiment(spec, out)
     seed = spec.seeds[0]
-    dirs = {"init": out / "init" / f"seed-{seed}", "ce-only": run_dir(out, "ce-only", seed),
-            "kd": run_dir(out, "kd", seed)}
+    dirs = {
+        "init": out / "init" / f"seed-{seed}",
+        "ce-only": run_dir(out, "ce-only", seed),
+        "kd": run_dir(out, "kd", seed),
+    }
     records = {name: json.loads((d / "eval.json").read_text()) for name, d in dirs.items()}
 
     names = [t.name for t in spec.teachers]
@@ -71,8 +74,14 @@ def run_quickstart(out: str | Path, *, steps: int | None = None, overrides: list
         "table_markdown": "\n".join(md),
         "elapsed_s": round(time.time() - t0, 1),
     }
-    write_report([dirs["kd"], dirs["ce-only"]], out / "report.md", title="kvdistill quickstart",
-                 extra_tables=[("Before / after (held-out)", header, rows),
-                               ("KV probe 1-R² per student layer", layer_header, layer_rows)])
+    write_report(
+        [dirs["kd"], dirs["ce-only"]],
+        out / "report.md",
+        title="kvdistill quickstart",
+        extra_tables=[
+            ("Before / after (held-out)", header, rows),
+            ("KV probe 1-R² per student layer", layer_header, layer_rows),
+        ],
+    )
     write_json_atomic(out / "summary.json", summary)
     return summary

@@ -43,8 +43,12 @@ def _eval(out: Path, name: str, seed: int) -> dict:
 def metrics_of(spec: ExperimentSpec, evals: dict[str, list[dict]]) -> list[str]:
     """spec.metrics, then the per-skill metrics the evaluations hold (a held-out set mixing skills):
     exact_match_<skill>, then routing_acc and routing_acc_<skill>."""
-    extra = {k for runs in evals.values() for e in runs for k in e if k.startswith(PER_SKILL) and k != "per_item"}
-    return list(spec.metrics) + sorted(extra, key=lambda k: (k.startswith("routing_acc"), k != "routing_acc", k))
+    extra = {
+        k for runs in evals.values() for e in runs for k in e if k.startswith(PER_SKILL) and k != "per_item"
+    }
+    return list(spec.metrics) + sorted(
+        extra, key=lambda k: (k.startswith("routing_acc"), k != "routing_acc", k)
+    )
 
 
 def _items(e: dict, metric: str) -> list:
@@ -58,34 +62,67 @@ def collect(spec: ExperimentSpec, out: Path, names: list[str], seeds: list[int],
     evals = {n: [_eval(out, n, s) for s in seeds] for n in names}
     metrics = metrics_of(spec, evals)
     # a condition reports a metric all its seeds have (routing accuracy: router and similarity conditions only)
-    conditions = {n: {m: summary([e[m] for e in evals[n]]) for m in metrics
-                      if all(e.get(m) is not None for e in evals[n])} for n in names}
+    conditions = {
+        n: {
+            m: summary([e[m] for e in evals[n]])
+            for m in metrics
+            if all(e.get(m) is not None for e in evals[n])
+        }
+        for n in names
+    }
     comparisons = []
     pairs = [(n, spec.baseline) for n in names if n != spec.baseline]
-    pairs += [(a, b) for a, b in spec.compare if a in evals and b in evals and (a, b) not in pairs]  # spec.compare
+    pairs += [
+        (a, b) for a, b in spec.compare if a in evals and b in evals and (a, b) not in pairs
+    ]  # spec.compare
     for n, ref in pairs:
         for m in metrics:
             if m not in conditions[n] or m not in conditions[ref]:
                 continue
             per_item = None
             if m == "exact_match" or m.startswith("exact_match_"):
-                per_item = (np.array([_items(e, m) for e in evals[n]], dtype=float),
-                            np.array([_items(e, m) for e in evals[ref]], dtype=float))
+                per_item = (
+                    np.array([_items(e, m) for e in evals[n]], dtype=float),
+                    np.array([_items(e, m) for e in evals[ref]], dtype=float),
+                )
             cmp = paired_comparison([e[m] for e in evals[n]], [e[m] for e in evals[ref]], per_item=per_item)
             comparisons.append({"condition": n, "baseline": ref, "metric": m, **cmp})
-    run_keys = ("steps", "steps_trained", "selected_step", "stopped_early", "scored", "train_s", "elapsed_s", "flops",
-                "flops_selected", "amortised_s", "amortised_flops")
-    runs = {n: [{"seed": s, **{k: e.get(k) for k in run_keys}} for s, e in zip(seeds, evals[n], strict=True)]
-            for n in names}
-    results = {"spec": spec.name, "baseline": spec.baseline, "seeds": seeds, "metrics": metrics,
-               "conditions": conditions, "comparisons": comparisons,
-               "teachers": {k: {**{x: v.get(x) for x in ("exact_match", "ppl", "params")},
-                                **{x: y for x, y in sorted(v.items()) if x.startswith("exact_match_")}}
-                            for k, v in teachers.items()},
-               "steps": {n: evals[n][0].get("steps") for n in names},
-               "runs": runs,
-               "curves": {n: curves_of(out, n, seeds, evals[n]) for n in names},
-               "held_out": len(evals[names[0]][0].get("per_item", [])) or None}
+    run_keys = (
+        "steps",
+        "steps_trained",
+        "selected_step",
+        "stopped_early",
+        "scored",
+        "train_s",
+        "elapsed_s",
+        "flops",
+        "flops_selected",
+        "amortised_s",
+        "amortised_flops",
+    )
+    runs = {
+        n: [{"seed": s, **{k: e.get(k) for k in run_keys}} for s, e in zip(seeds, evals[n], strict=True)]
+        for n in names
+    }
+    results = {
+        "spec": spec.name,
+        "baseline": spec.baseline,
+        "seeds": seeds,
+        "metrics": metrics,
+        "conditions": conditions,
+        "comparisons": comparisons,
+        "teachers": {
+            k: {
+                **{x: v.get(x) for x in ("exact_match", "ppl", "params")},
+                **{x: y for x, y in sorted(v.items()) if x.startswith("exact_match_")},
+            }
+            for k, v in teachers.items()
+        },
+        "steps": {n: evals[n][0].get("steps") for n in names},
+        "runs": runs,
+        "curves": {n: curves_of(out, n, seeds, evals[n]) for n in names},
+        "held_out": len(evals[names[0]][0].get("per_item", [])) or None,
+    }
     routing = _curves(out, names, seeds, "eval/routing_acc")
     if routing:
         results["routing_curves"] = {n: {"steps": st, "routing_acc": v} for n, (st, v) in routing.items()}
@@ -107,15 +144,30 @@ def curves_of(out: Path, name: str, seeds: list[int], evals: list[dict]) -> dict
             if row.get("split") != "eval" or "eval/ce" not in row:
                 continue
             step = int(row["step"])
-            flops = None if per_token is None or not steps else \
-                per_token * tokens / steps * step + (ev.get("amortised_flops") or 0.0)
-            rows[step] = {"step": step, "flops": flops, "train_s": row.get("train_s"), "ce": row["eval/ce"],
-                          "ppl": row.get("eval/ppl"), "exact_match": row.get("eval/exact_match")}
-            latent_kv = {k.removeprefix("eval/latent_kv/"): v for k, v in row.items() if k.startswith("eval/latent_kv/")}
+            flops = (
+                None
+                if per_token is None or not steps
+                else per_token * tokens / steps * step + (ev.get("amortised_flops") or 0.0)
+            )
+            rows[step] = {
+                "step": step,
+                "flops": flops,
+                "train_s": row.get("train_s"),
+                "ce": row["eval/ce"],
+                "ppl": row.get("eval/ppl"),
+                "exact_match": row.get("eval/exact_match"),
+            }
+            latent_kv = {
+                k.removeprefix("eval/latent_kv/"): v
+                for k, v in row.items()
+                if k.startswith("eval/latent_kv/")
+            }
             if latent_kv:  # a latent student's held-out K/V error per teacher (the stability of E2-E4)
                 rows[step]["latent_kv"] = latent_kv
         per_seed[str(s)] = [rows[k] for k in sorted(rows)]
-    common = sorted(set.intersection(*(set(r["step"] for r in v) for v in per_seed.values()))) if per_seed else []
+    common = (
+        sorted(set.intersection(*(set(r["step"] for r in v) for v in per_seed.values()))) if per_seed else []
+    )
     mean = []
     for step in common:
         point = {"step": step}
@@ -133,63 +185,107 @@ def _fmt(x) -> str:
 
 
 def markdown(results: dict, spec: ExperimentSpec) -> str:
-    lines = [f"# Experiment `{results['spec']}`", "",
-             f"Seeds {results['seeds']}; baseline `{results['baseline']}`; held-out problems: {results['held_out']}.",
-             ""]
+    lines = [
+        f"# Experiment `{results['spec']}`",
+        "",
+        f"Seeds {results['seeds']}; baseline `{results['baseline']}`; held-out problems: {results['held_out']}.",
+        "",
+    ]
     if results["teachers"]:
         skills = sorted({k for v in results["teachers"].values() for k in v if k.startswith("exact_match_")})
-        lines += ["## Teachers", "", "| teacher | exact match | " + "".join(f"{k} | " for k in skills)
-                  + "ppl | parameters |", "|---|---|" + "---|" * len(skills) + "---|---|"]
-        lines += [f"| {k} | {_fmt(v['exact_match'])} | " + "".join(f"{_fmt(v.get(x))} | " for x in skills)
-                  + f"{_fmt(v['ppl'])} | {v['params']:,} |" for k, v in results["teachers"].items()]
+        lines += [
+            "## Teachers",
+            "",
+            "| teacher | exact match | " + "".join(f"{k} | " for k in skills) + "ppl | parameters |",
+            "|---|---|" + "---|" * len(skills) + "---|---|",
+        ]
+        lines += [
+            f"| {k} | {_fmt(v['exact_match'])} | "
+            + "".join(f"{_fmt(v.get(x))} | " for x in skills)
+            + f"{_fmt(v['ppl'])} | {v['params']:,} |"
+            for k, v in results["teachers"].items()
+        ]
         lines.append("")
     if results.get("extraction"):
-        lines += ["## Teacher caches (extracted once, only the records the cached runs read)", "",
-                  "Each run reading teacher t's cache is charged seconds_t / R_t and FLOPs_t / R_t (R_t: the runs "
-                  "reading it; FLOPs_t = 2 · N_t · tokens extracted).", "",
-                  "| teacher | seconds | tokens | records | FLOPs | readers R_t | s per reader | FLOPs per reader |",
-                  "|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {k} | {v['seconds']:.1f} | {v['tokens']:,} | {v['records']:,} | {v.get('flops', 0):.3g} | "
-                  f"{v.get('readers', '—')} | {v.get('seconds_per_reader', 0):.2f} | {v.get('flops_per_reader', 0):.3g} |"
-                  for k, v in results["extraction"].items()]
+        lines += [
+            "## Teacher caches (extracted once, only the records the cached runs read)",
+            "",
+            "Each run reading teacher t's cache is charged seconds_t / R_t and FLOPs_t / R_t (R_t: the runs "
+            "reading it; FLOPs_t = 2 · N_t · tokens extracted).",
+            "",
+            "| teacher | seconds | tokens | records | FLOPs | readers R_t | s per reader | FLOPs per reader |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {k} | {v['seconds']:.1f} | {v['tokens']:,} | {v['records']:,} | {v.get('flops', 0):.3g} | "
+            f"{v.get('readers', '—')} | {v.get('seconds_per_reader', 0):.2f} | {v.get('flops_per_reader', 0):.3g} |"
+            for k, v in results["extraction"].items()
+        ]
         lines.append("")
     if results.get("runs"):
-        lines += ["## Runs (median over seeds)", "",
-                  "| condition | train records | steps | steps trained | selected step | train s | FLOPs |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [
+            "## Runs (median over seeds)",
+            "",
+            "| condition | train records | steps | steps trained | selected step | train s | FLOPs |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for n, rows in results["runs"].items():
+
             def med(key, rows=rows):
                 vals = [r[key] for r in rows if r.get(key) is not None]
                 return float(np.median(vals)) if vals else None
+
             records = (results.get("train_records") or {}).get(n, "—")
-            lines.append(f"| {n} | {records} | {results['steps'][n]} | {med('steps_trained'):g} | "
-                         f"{med('selected_step'):g} | {med('train_s'):.1f} | "
-                         f"{(med('flops') or 0):.3g} |")
+            lines.append(
+                f"| {n} | {records} | {results['steps'][n]} | {med('steps_trained'):g} | "
+                f"{med('selected_step'):g} | {med('train_s'):.1f} | "
+                f"{(med('flops') or 0):.3g} |"
+            )
         lines.append("")
     for m in results.get("metrics", spec.metrics):
         arrow = "higher is better" if higher_is_better(m) else "lower is better"
-        lines += [f"## {metric_label(m)} ({arrow})", "", "| condition | steps | mean ± std | 95% CI | per seed |",
-                  "|---|---|---|---|---|"]
+        lines += [
+            f"## {metric_label(m)} ({arrow})",
+            "",
+            "| condition | steps | mean ± std | 95% CI | per seed |",
+            "|---|---|---|---|---|",
+        ]
         for n, per in results["conditions"].items():
             if m not in per:
                 continue
             s = per[m]
-            lines.append(f"| {n} | {results['steps'][n]} | {_fmt(s['mean'])} ± {_fmt(s['std'])} | "
-                         f"[{_fmt(s['ci95'][0])}, {_fmt(s['ci95'][1])}] | {', '.join(_fmt(v) for v in s['values'])} |")
+            lines.append(
+                f"| {n} | {results['steps'][n]} | {_fmt(s['mean'])} ± {_fmt(s['std'])} | "
+                f"[{_fmt(s['ci95'][0])}, {_fmt(s['ci95'][1])}] | {', '.join(_fmt(v) for v in s['values'])} |"
+            )
         rows = [c for c in results["comparisons"] if c["metric"] == m]
         if rows:
-            lines += ["", "Paired differences (condition − reference):", "",
-                      "| condition | reference | diff | 95% CI | p | method |", "|---|---|---|---|---|---|"]
-            lines += [f"| {c['condition']} | {c['baseline']} | {_fmt(c['diff'])} | "
-                      f"[{_fmt(c['ci95'][0])}, {_fmt(c['ci95'][1])}] | {c['p']:.3g} | {c['method']} |" for c in rows]
+            lines += [
+                "",
+                "Paired differences (condition − reference):",
+                "",
+                "| condition | reference | diff | 95% CI | p | method |",
+                "|---|---|---|---|---|---|",
+            ]
+            lines += [
+                f"| {c['condition']} | {c['baseline']} | {_fmt(c['diff'])} | "
+                f"[{_fmt(c['ci95'][0])}, {_fmt(c['ci95'][1])}] | {c['p']:.3g} | {c['method']} |"
+                for c in rows
+            ]
         lines.append("")
     if results.get("routing_curves"):
-        lines += ["## Routing accuracy during training (held out, mean over seeds)", "",
-                  "| condition | " + " | ".join(f"step {st}" for st in next(iter(results["routing_curves"].values()))
-                                                 ["steps"]) + " |"]
+        lines += [
+            "## Routing accuracy during training (held out, mean over seeds)",
+            "",
+            "| condition | "
+            + " | ".join(f"step {st}" for st in next(iter(results["routing_curves"].values()))["steps"])
+            + " |",
+        ]
         lines.append("|---|" + "---|" * len(next(iter(results["routing_curves"].values()))["steps"]))
-        lines += [f"| {n} | " + " | ".join(_fmt(v) for v in c["routing_acc"]) + " |"
-                  for n, c in results["routing_curves"].items()]
+        lines += [
+            f"| {n} | " + " | ".join(_fmt(v) for v in c["routing_acc"]) + " |"
+            for n, c in results["routing_curves"].items()
+        ]
         lines.append("")
     return "\n".join(lines)
 
@@ -216,8 +312,10 @@ def plots(results: dict, spec: ExperimentSpec, out: Path) -> list[Path]:
         fig.savefig(path, dpi=110)
         written.append(path)
     names = list(results["conditions"])
-    for key, label, log, file in (("eval/ppl", "held-out perplexity", True, "learning_curves.png"),
-                                  ("eval/routing_acc", "routing accuracy (held out)", False, "routing_curves.png")):
+    for key, label, log, file in (
+        ("eval/ppl", "held-out perplexity", True, "learning_curves.png"),
+        ("eval/routing_acc", "routing accuracy (held out)", False, "routing_curves.png"),
+    ):
         curves = _curves(out, names, results["seeds"], key)
         if not curves:
             continue
@@ -242,8 +340,9 @@ def plots(results: dict, spec: ExperimentSpec, out: Path) -> list[Path]:
     return written
 
 
-def _curves(out: Path, names: list[str], seeds: list[int],
-            key: str = "eval/ppl") -> dict[str, tuple[list[int], list[float]]]:
+def _curves(
+    out: Path, names: list[str], seeds: list[int], key: str = "eval/ppl"
+) -> dict[str, tuple[list[int], list[float]]]:
     """Per condition, a held-out figure logged during training (train.eval_every), mean over seeds."""
     curves = {}
     for n in names:
@@ -261,12 +360,20 @@ def _curves(out: Path, names: list[str], seeds: list[int],
     return curves
 
 
-def _curve_plot(results: dict, names: list[str], metric: str, axis: str, label: str, folder: Path) -> Path | None:
+def _curve_plot(
+    results: dict, names: list[str], metric: str, axis: str, label: str, folder: Path
+) -> Path | None:
     """Mean held-out `metric` against `axis` (step or FLOPs), one line per condition; None with no points."""
     from matplotlib.figure import Figure
 
-    lines = {n: [(p[axis], p[metric]) for p in results["curves"][n]["mean"]
-                 if p.get(axis) is not None and p.get(metric) is not None] for n in names}
+    lines = {
+        n: [
+            (p[axis], p[metric])
+            for p in results["curves"][n]["mean"]
+            if p.get(axis) is not None and p.get(metric) is not None
+        ]
+        for n in names
+    }
     lines = {n: v for n, v in lines.items() if v}
     if not lines:
         return None

@@ -58,8 +58,9 @@ def teachers_needed(spec: ExperimentSpec, names: list[str]) -> list[str]:
     return [prep.name for prep in spec.teachers if prep.name in used]
 
 
-def prepare_teachers(spec: ExperimentSpec, out: Path, held: list[dict], names: list[str] | None = None
-                     ) -> dict[str, dict]:
+def prepare_teachers(
+    spec: ExperimentSpec, out: Path, held: list[dict], names: list[str] | None = None
+) -> dict[str, dict]:
     """Train (or reuse) the teachers the conditions `names` need (None: every teacher of the spec),
     `spec.concurrent` at once; a teacher of `steps: 0` is used as given. {name: {model, exact_match, ppl, params}}.
     Stops when one is below its required exact match."""
@@ -70,9 +71,13 @@ def prepare_teachers(spec: ExperimentSpec, out: Path, held: list[dict], names: l
     given = {prep.name for prep in preps if prep.steps == 0}
     dirs = {prep.name: out / "teachers" / prep.name for prep in preps}
     configs = {prep.name: teacher_config(spec, prep) for prep in preps if prep.name not in given}
-    pending = [(dirs[n], cfg) for n, cfg in configs.items()
-               if not (dirs[n] / "teacher.json").is_file() and not (dirs[n] / "final" / "config.json").is_file()
-               and not (dirs[n] / "final" / "student").is_dir()]
+    pending = [
+        (dirs[n], cfg)
+        for n, cfg in configs.items()
+        if not (dirs[n] / "teacher.json").is_file()
+        and not (dirs[n] / "final" / "config.json").is_file()
+        and not (dirs[n] / "final" / "student").is_dir()
+    ]
     train_all(pending, resolve_concurrent(spec, [cfg for _, cfg in pending], {}) if pending else 1)
     info = {}
     for prep in preps:
@@ -84,9 +89,14 @@ def prepare_teachers(spec: ExperimentSpec, out: Path, held: list[dict], names: l
             if prep.name not in given or prep.min_exact_match > 0:  # a given teacher is scored where asked
                 cfg = configs.get(prep.name) or load_config(raw=base_raw(spec))
                 ev = evaluate_run(model, held, cfg, spec)
-                got.update({"exact_match": ev.get("exact_match"), "ppl": ev["ppl"],
-                            **{k: v for k, v in ev.items() if k.startswith("exact_match_")},
-                            "samples": ev.get("samples", [])})
+                got.update(
+                    {
+                        "exact_match": ev.get("exact_match"),
+                        "ppl": ev["ppl"],
+                        **{k: v for k, v in ev.items() if k.startswith("exact_match_")},
+                        "samples": ev.get("samples", []),
+                    }
+                )
             run_dir.mkdir(parents=True, exist_ok=True)
             write_json_atomic(record, got)
         got = json.loads(record.read_text())
@@ -100,12 +110,14 @@ def prepare_teachers(spec: ExperimentSpec, out: Path, held: list[dict], names: l
                 f"< the required {prep.min_exact_match}: "
                 "without competent teachers no comparison means anything",
                 f"train it longer (teachers.{prep.name}.steps, now {prep.steps}) or larger, then rerun "
-                f"(delete {record} to re-evaluate), or lower min_exact_match")
+                f"(delete {record} to re-evaluate), or lower min_exact_match",
+            )
     return info
 
 
-def prepare_caches(spec: ExperimentSpec, out: Path, configs: dict[tuple[str, int], RunConfig],
-                   teachers: dict[str, dict]) -> dict[str, dict]:
+def prepare_caches(
+    spec: ExperimentSpec, out: Path, configs: dict[tuple[str, int], RunConfig], teachers: dict[str, dict]
+) -> dict[str, dict]:
     """Extract (or reuse) the cache of every teacher a `cache: true` run of `configs` reads, holding exactly the
     records those runs read (`budget.records_read`), each in a child process: DIR/caches/NAME, its cost in
     DIR/caches/NAME.json; sets teachers[NAME]["cache_dir"]. Returns {NAME: {seconds, tokens, records, flops,
@@ -125,21 +137,30 @@ def prepare_caches(spec: ExperimentSpec, out: Path, configs: dict[tuple[str, int
             ids.setdefault(t, set()).update(read)
             pool = cfg.data.model_copy(update={"eval_size": 0, "val_size": 0, "train_size": None})
             if data_cfg.setdefault(t, pool) != pool:
-                raise KvdistillError(f"the cached runs of teacher '{t}' read different data pools ({n}: {pool})",
-                                     "give the cached conditions one data pool (they may differ in "
-                                     "data.train_size / eval_size / val_size only)")
+                raise KvdistillError(
+                    f"the cached runs of teacher '{t}' read different data pools ({n}: {pool})",
+                    "give the cached conditions one data pool (they may differ in "
+                    "data.train_size / eval_size / val_size only)",
+                )
     costs = {}
     for t in sorted(readers):
         d = out / "caches" / t
         record = out / "caches" / f"{t}.json"
         if record.is_file() and json.loads(record.read_text()).get("ids") != _digest(ids[t]):
-            raise KvdistillError(f"the cache of teacher '{t}' in {d} holds other records than these runs read",
-                                 f"delete {d} and {record} (the runs changed), then rerun")
+            raise KvdistillError(
+                f"the cache of teacher '{t}' in {d} holds other records than these runs read",
+                f"delete {d} and {record} (the runs changed), then rerun",
+            )
         if not record.is_file():
             log.info("extracting the %d records of teacher %s the cached runs read", len(ids[t]), t)
             d.parent.mkdir(parents=True, exist_ok=True)
-            res = extract_in_child(TeacherConfig(name=t, model=teachers[t]["model"]), data_cfg[t], d, ids[t],
-                                   record.with_suffix(".part.json"))
+            res = extract_in_child(
+                TeacherConfig(name=t, model=teachers[t]["model"]),
+                data_cfg[t],
+                d,
+                ids[t],
+                record.with_suffix(".part.json"),
+            )
             write_json_atomic(record, {**res, "ids": _digest(ids[t])})
         teachers[t]["cache_dir"] = str(d)
         costs[t] = {k: v for k, v in json.loads(record.read_text()).items() if k != "ids"}
@@ -182,8 +203,14 @@ def flops_steps(spec: ExperimentSpec, name: str, teachers: dict[str, dict], n_st
     if ref is None:
         return None
     ref_steps = condition_config(spec, ref, spec.seeds[0], teachers).train.steps
-    return max(1, round(ref_steps * flops_per_token(spec, ref, teachers, n_student)
-                        / flops_per_token(spec, name, teachers, n_student)))
+    return max(
+        1,
+        round(
+            ref_steps
+            * flops_per_token(spec, ref, teachers, n_student)
+            / flops_per_token(spec, name, teachers, n_student)
+        ),
+    )
 
 
 def flops_per_token(spec: ExperimentSpec, name: str, teachers: dict[str, dict], n_student: int) -> int:
@@ -236,8 +263,12 @@ def train_all(pending: list[tuple[Path, RunConfig]], concurrent: int, *, more=No
             cmd.append("--resume")
         return cmd, d.parent / f"{d.name}.log", str(d)
 
-    run_pool([command(d, cfg) for d, cfg in pending], concurrent, "training",
-             more=None if more is None else lambda: [command(d, cfg) for d, cfg in more()])
+    run_pool(
+        [command(d, cfg) for d, cfg in pending],
+        concurrent,
+        "training",
+        more=None if more is None else lambda: [command(d, cfg) for d, cfg in more()],
+    )
 
 
 def run_pool(jobs: list[tuple[list[str], Path, str]], concurrent: int, what: str, *, more=None) -> None:
@@ -253,7 +284,9 @@ def run_pool(jobs: list[tuple[list[str], Path, str]], concurrent: int, what: str
         while queue and len(running) < concurrent:
             cmd, logpath, label = queue.pop(0)
             with logpath.open("a") as logfile:
-                running.append((subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT), logpath, label))
+                running.append(
+                    (subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT), logpath, label)
+                )
         time.sleep(0.5)
         for item in list(running):
             proc, logpath, label = item
@@ -264,12 +297,15 @@ def run_pool(jobs: list[tuple[list[str], Path, str]], concurrent: int, what: str
                 elif more is not None:
                     queue += more()
     if failed:
-        raise KvdistillError(f"{what} failed for {', '.join(failed)}",
-                             "read the logs; rerun the same command to resume the missing runs")
+        raise KvdistillError(
+            f"{what} failed for {', '.join(failed)}",
+            "read the logs; rerun the same command to resume the missing runs",
+        )
 
 
-def run_experiment(spec: ExperimentSpec, out: str | Path, *, only: list[str] | None = None,
-                   seeds: int | None = None) -> dict:
+def run_experiment(
+    spec: ExperimentSpec, out: str | Path, *, only: list[str] | None = None, seeds: int | None = None
+) -> dict:
     """Run (or resume) the experiment; returns the results also written to DIR/results.json."""
     from kvdistill.experiments.results import collect, write_results
 
@@ -287,8 +323,10 @@ def run_experiment(spec: ExperimentSpec, out: str | Path, *, only: list[str] | N
     held = load_records(probe.data, split="eval")
     val = load_records(probe.data, split="val")
     if not held:
-        raise KvdistillError("the base config holds out no records (data.eval_size 0)",
-                             "set data.eval_size in the spec's base config")
+        raise KvdistillError(
+            "the base config holds out no records (data.eval_size 0)",
+            "set data.eval_size in the spec's base config",
+        )
     first = [n for n in names if spec.conditions[n].match_wall_of is None]
     later = [n for n in names if n not in first]
     planned = {f"teacher {p.name}": teacher_config(spec, p) for p in spec.teachers if p.steps > 0}
@@ -302,8 +340,11 @@ def run_experiment(spec: ExperimentSpec, out: str | Path, *, only: list[str] | N
     _free_device_cache()
     # with the prepared teachers: a `student_from` spec's student is one of them
     n_student = student_params(condition_config(spec, spec.baseline, use_seeds[0], teachers))
-    configs = {(n, s): condition_config(spec, n, s, teachers, flops_steps(spec, n, teachers, n_student))
-               for n in first for s in use_seeds}
+    configs = {
+        (n, s): condition_config(spec, n, s, teachers, flops_steps(spec, n, teachers, n_student))
+        for n in first
+        for s in use_seeds
+    }
     extraction = prepare_caches(spec, out, configs, teachers)
     log.info("phase caches done after %.0f s", time.time() - t0)
     configs = {k: condition_config(spec, k[0], k[1], teachers, cfg.train.steps) for k, cfg in configs.items()}
@@ -312,26 +353,56 @@ def run_experiment(spec: ExperimentSpec, out: str | Path, *, only: list[str] | N
 
     def wall_matched() -> dict[tuple[str, int], RunConfig]:
         """The wall-time-matched runs, once the runs they are measured on have all finished training."""
-        needed = {c for n in later for c in (spec.conditions[n].match_wall_of,
-                                             spec.conditions[n].wall_rate_of or spec.baseline)}
+        needed = {
+            c
+            for n in later
+            for c in (spec.conditions[n].match_wall_of, spec.conditions[n].wall_rate_of or spec.baseline)
+        }
         summaries = {(n, s): run_dir(out, n, s) / "summary.json" for n in needed for s in use_seeds}
         if wall or not later or not all(p.is_file() for p in summaries.values()):
             return {}
-        measured = {n: [_measured(spec, n, json.loads(summaries[n, s].read_text()), extraction) for s in use_seeds]
-                    for n in needed}
-        wall.update({(n, s): condition_config(spec, n, s, teachers, wall_steps(spec, n, measured))
-                     for n in later for s in use_seeds})
+        measured = {
+            n: [_measured(spec, n, json.loads(summaries[n, s].read_text()), extraction) for s in use_seeds]
+            for n in needed
+        }
+        wall.update(
+            {
+                (n, s): condition_config(spec, n, s, teachers, wall_steps(spec, n, measured))
+                for n in later
+                for s in use_seeds
+            }
+        )
         return wall
 
-    _train_and_score(spec, out, configs, teachers, concurrent, extraction, n_student, more=wall_matched,
-                     first=sorted({c for n in later for c in (spec.conditions[n].match_wall_of,
-                                                              spec.conditions[n].wall_rate_of or spec.baseline)}))
+    _train_and_score(
+        spec,
+        out,
+        configs,
+        teachers,
+        concurrent,
+        extraction,
+        n_student,
+        more=wall_matched,
+        first=sorted(
+            {
+                c
+                for n in later
+                for c in (spec.conditions[n].match_wall_of, spec.conditions[n].wall_rate_of or spec.baseline)
+            }
+        ),
+    )
     if later and not wall:
-        raise KvdistillError("the runs that wall-time matching is measured on did not all finish",
-                             "read the logs under DIR/runs; rerun the same command to resume")
+        raise KvdistillError(
+            "the runs that wall-time matching is measured on did not all finish",
+            "read the logs under DIR/runs; rerun the same command to resume",
+        )
     configs.update(wall)
-    log.info("phase runs trained and scored after %.0f s (%d runs, %d at once)", time.time() - t0, len(configs),
-             concurrent)
+    log.info(
+        "phase runs trained and scored after %.0f s (%d runs, %d at once)",
+        time.time() - t0,
+        len(configs),
+        concurrent,
+    )
     results = collect(spec, out, names, use_seeds, teachers)
     results["extraction"] = extraction
     results["train_records"] = {n: data_sizes[f"{n}/seed-{use_seeds[0]}"] for n in names}
@@ -358,13 +429,25 @@ def _measured(spec: ExperimentSpec, name: str, summary: dict, extraction: dict) 
     """What `wall_steps` reads of a finished run: its training seconds, steps trained, amortised extraction s."""
     cond = spec.conditions[name]
     share = sum(extraction[t]["seconds_per_reader"] for t in cond.teachers) if cond.cache else 0.0
-    return {"train_s": summary.get("train_s", summary["elapsed_s"]), "steps_trained": summary["steps"],
-            "amortised_s": share}
+    return {
+        "train_s": summary.get("train_s", summary["elapsed_s"]),
+        "steps_trained": summary["steps"],
+        "amortised_s": share,
+    }
 
 
-def _train_and_score(spec: ExperimentSpec, out: Path, configs: dict[tuple[str, int], RunConfig],
-                     teachers: dict[str, dict], concurrent: int, extraction: dict, n_student: int, *,
-                     more=None, first: list[str] = ()) -> None:
+def _train_and_score(
+    spec: ExperimentSpec,
+    out: Path,
+    configs: dict[tuple[str, int], RunConfig],
+    teachers: dict[str, dict],
+    concurrent: int,
+    extraction: dict,
+    n_student: int,
+    *,
+    more=None,
+    first: list[str] = (),
+) -> None:
     """Train the runs of `configs` not finished yet, then score each on the test split (eval.json, `score`): its
     figures, the student it was scored with (best or final), steps trained, selected step, wall time, FLOPs
     (`flops_per_token` per student token) and, for a cached condition, its amortised extraction share. Scoring runs
@@ -378,7 +461,9 @@ def _train_and_score(spec: ExperimentSpec, out: Path, configs: dict[tuple[str, i
     def done(n, s):
         return (student_of(run_dir(out, n, s) / "final") / "config.json").is_file()
 
-    order = sorted(configs, key=lambda k: (k[0] not in first, -configs[k].train.steps * (1 + len(configs[k].teachers))))
+    order = sorted(
+        configs, key=lambda k: (k[0] not in first, -configs[k].train.steps * (1 + len(configs[k].teachers)))
+    )
     pending = [(run_dir(out, n, s), configs[n, s]) for n, s in order if not done(n, s)]
 
     def extra_runs():
@@ -395,11 +480,20 @@ def _train_and_score(spec: ExperimentSpec, out: Path, configs: dict[tuple[str, i
         if spec.eval.init and n == spec.baseline and not (d / "eval.json").is_file():
             d.mkdir(parents=True, exist_ok=True)
             (d / "scored-config.yaml").write_text(dump_config(cfg))
-            jobs.append({"spec": spec.model_dump(mode="json"), "config": str(d / "scored-config.yaml"),
-                         "init": True, "probe_teachers": probe, "record": str(d / "eval.json")})
+            jobs.append(
+                {
+                    "spec": spec.model_dump(mode="json"),
+                    "config": str(d / "scored-config.yaml"),
+                    "init": True,
+                    "probe_teachers": probe,
+                    "record": str(d / "eval.json"),
+                }
+            )
     for (n, s), cfg in configs.items():
         d = run_dir(out, n, s)
-        if (d / "eval.json").is_file() and json.loads((d / "eval.json").read_text()).get("written_by") != "kvdistill eval":
+        if (d / "eval.json").is_file() and json.loads((d / "eval.json").read_text()).get(
+            "written_by"
+        ) != "kvdistill eval":
             continue  # scored already (a `kvdistill eval` of the run is not the experiment's record)
         summary = json.loads((d / "summary.json").read_text())
         best = d / "best" / "student"
@@ -411,20 +505,39 @@ def _train_and_score(spec: ExperimentSpec, out: Path, configs: dict[tuple[str, i
         cond = spec.conditions[n]
         share_s = sum(extraction[t]["seconds_per_reader"] for t in cond.teachers) if cond.cache else 0.0
         share_f = sum(extraction[t]["flops_per_reader"] for t in cond.teachers) if cond.cache else 0.0
-        extra = dict(elapsed_s=summary.get("elapsed_s"), train_s=summary.get("train_s", summary.get("elapsed_s")),
-                     steps=cfg.train.steps, steps_trained=trained, selected_step=sel_step, scored="best" if selected else "final",
-                     stopped_early=bool(summary.get("stopped_early", False)), tokens=summary["tokens"],
-                     flops=per_token * summary["tokens"] + share_f, train_flops=per_token * summary["tokens"],
-                     flops_selected=per_token * summary["tokens"] / max(trained, 1) * sel_step + share_f,
-                     amortised_s=share_s, amortised_flops=share_f)
+        extra = dict(
+            elapsed_s=summary.get("elapsed_s"),
+            train_s=summary.get("train_s", summary.get("elapsed_s")),
+            steps=cfg.train.steps,
+            steps_trained=trained,
+            selected_step=sel_step,
+            scored="best" if selected else "final",
+            stopped_early=bool(summary.get("stopped_early", False)),
+            tokens=summary["tokens"],
+            flops=per_token * summary["tokens"] + share_f,
+            train_flops=per_token * summary["tokens"],
+            flops_selected=per_token * summary["tokens"] / max(trained, 1) * sel_step + share_f,
+            amortised_s=share_s,
+            amortised_flops=share_f,
+        )
         # the routing accuracy training's own held-out evaluation gave the trained fusion (Objective.evaluate)
-        extra.update({k.removeprefix("eval/"): v for k, v in summary.items() if k.startswith("eval/routing_acc")})
+        extra.update(
+            {k.removeprefix("eval/"): v for k, v in summary.items() if k.startswith("eval/routing_acc")}
+        )
         config = d / "scored-config.yaml"
         config.write_text(dump_config(cfg))
         routing = teachers[spec.eval.routing_teacher]["model"] if spec.eval.routing_teacher else None
-        jobs.append({"spec": spec.model_dump(mode="json"), "config": str(config), "scored": str(scored),
-                     "extra": extra, "routing_teacher": routing, "probe_teachers": probe,
-                     "record": str(d / "eval.json")})
+        jobs.append(
+            {
+                "spec": spec.model_dump(mode="json"),
+                "config": str(config),
+                "scored": str(scored),
+                "extra": extra,
+                "routing_teacher": routing,
+                "probe_teachers": probe,
+                "record": str(d / "eval.json"),
+            }
+        )
     if concurrent == 1:
         for job in jobs:
             score(job)
@@ -437,9 +550,14 @@ def _train_and_score(spec: ExperimentSpec, out: Path, configs: dict[tuple[str, i
         paths.append(str(path))
     # `concurrent` children, each scoring its share of the runs (one start-up per child, not per run)
     (out / "logs").mkdir(exist_ok=True)
-    commands = [([sys.executable, "-m", "kvdistill.experiments.score", *paths[k::concurrent]],
-                 out / "logs" / f"score-{k}.log", f"scoring {len(paths[k::concurrent])} runs")
-                for k in range(min(concurrent, len(paths)))]
+    commands = [
+        (
+            [sys.executable, "-m", "kvdistill.experiments.score", *paths[k::concurrent]],
+            out / "logs" / f"score-{k}.log",
+            f"scoring {len(paths[k::concurrent])} runs",
+        )
+        for k in range(min(concurrent, len(paths)))
+    ]
     run_pool(commands, concurrent, "scoring")
 
 
@@ -461,20 +579,35 @@ def resolve_concurrent(spec: ExperimentSpec, configs: list[RunConfig], teachers:
             shapes[key] = {"params": sum(p.numel() for p in model.parameters()), **geometry(model.config)}
             del model
         online = [t for t in cfg.teachers if t.source == "online"]
-        tshapes = [{"params": teachers[t.name]["params"], **geometry(teachers[t.name]["model"])} for t in online]
+        tshapes = [
+            {"params": teachers[t.name]["params"], **geometry(teachers[t.name]["model"])} for t in online
+        ]
         ahead = cfg.train.teachers_ahead is not False and bool(online)
-        estimates.append(run_bytes(batch=cfg.train.batch_size, length=cfg.data.max_length, student=shapes[key],
-                                   teachers=tshapes, ahead=ahead, teacher_logits=cfg.losses.teacher_logits,
-                                   teacher_scoring=cfg.fusion.scores_teachers))
+        estimates.append(
+            run_bytes(
+                batch=cfg.train.batch_size,
+                length=cfg.data.max_length,
+                student=shapes[key],
+                teachers=tshapes,
+                ahead=ahead,
+                teacher_logits=cfg.losses.teacher_logits,
+                teacher_scoring=cfg.fusion.scores_teachers,
+            )
+        )
     return auto_concurrent(estimates, free_device_bytes())
 
 
 def _only(spec: ExperimentSpec, only: list[str]) -> list[str]:
     unknown = [n for n in only if n not in spec.conditions]
     if unknown:
-        raise KvdistillError(f"--only {unknown}: not conditions of '{spec.name}'",
-                             f"use some of {', '.join(spec.conditions)}")
+        raise KvdistillError(
+            f"--only {unknown}: not conditions of '{spec.name}'", f"use some of {', '.join(spec.conditions)}"
+        )
     # the baseline is always run (comparisons need it), and what a wall-time-matched condition is measured on
-    wall = [c for n in only if spec.conditions[n].match_wall_of
-            for c in (spec.conditions[n].match_wall_of, spec.conditions[n].wall_rate_of or spec.baseline)]
+    wall = [
+        c
+        for n in only
+        if spec.conditions[n].match_wall_of
+        for c in (spec.conditions[n].match_wall_of, spec.conditions[n].wall_rate_of or spec.baseline)
+    ]
     return list(dict.fromkeys([spec.baseline, *wall, *only]))

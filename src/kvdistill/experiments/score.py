@@ -22,8 +22,16 @@ from kvdistill.errors import KvdistillError
 from kvdistill.experiments.spec import ExperimentSpec
 
 
-def evaluate_run(student_dir: Path | str, held: list[dict], cfg: RunConfig, spec: ExperimentSpec, *,
-                 teachers: dict | None = None, fit: list[dict] = (), cache=None) -> dict:
+def evaluate_run(
+    student_dir: Path | str,
+    held: list[dict],
+    cfg: RunConfig,
+    spec: ExperimentSpec,
+    *,
+    teachers: dict | None = None,
+    fit: list[dict] = (),
+    cache=None,
+) -> dict:
     """One saved student's record on the test split, through the one evaluation path
     (`kvdistill.eval.student.evaluate_saved`): held-out ppl, CE and tokens counted and, if the spec asks, exact
     match with its per-problem 0/1 list (text students directly or by CoT decoding, latent students in latent mode,
@@ -31,10 +39,20 @@ def evaluate_run(student_dir: Path | str, held: list[dict], cfg: RunConfig, spec
     {name: (model, tokenizer)} the KV probe (fitted on `fit`, `cache` a shared `TeacherRowsCache`)."""
     from kvdistill.eval.student import evaluate_saved
 
-    ev = evaluate_saved(student_dir, held, template=cfg.data.template, max_length=cfg.data.max_length,
-                        em=spec.eval.exact_match, cot=spec.eval.cot, max_new_tokens=spec.eval.max_new_tokens,
-                        max_cot_tokens=spec.eval.max_cot_tokens, batch_size=spec.eval.batch_size, teachers=teachers,
-                        fit_records=fit, teacher_cache=cache)
+    ev = evaluate_saved(
+        student_dir,
+        held,
+        template=cfg.data.template,
+        max_length=cfg.data.max_length,
+        em=spec.eval.exact_match,
+        cot=spec.eval.cot,
+        max_new_tokens=spec.eval.max_new_tokens,
+        max_cot_tokens=spec.eval.max_cot_tokens,
+        batch_size=spec.eval.batch_size,
+        teachers=teachers,
+        fit_records=fit,
+        teacher_cache=cache,
+    )
     return record_of(ev, spec, held)
 
 
@@ -51,10 +69,19 @@ def record_of(ev: dict, spec: ExperimentSpec, held: list[dict]) -> dict:
     return out
 
 
-RECORD_EM = {"text": ("exact_match", "per_item", "samples"),
-             "cot": ("exact_match", "per_item", "samples", "gen_tokens", "latency_s"),
-             "latent": ("exact_match", "per_item", "samples", "gen_tokens", "latency_s", "latent_passes",
-                        "latent_tokens")}
+RECORD_EM = {
+    "text": ("exact_match", "per_item", "samples"),
+    "cot": ("exact_match", "per_item", "samples", "gen_tokens", "latency_s"),
+    "latent": (
+        "exact_match",
+        "per_item",
+        "samples",
+        "gen_tokens",
+        "latency_s",
+        "latent_passes",
+        "latent_tokens",
+    ),
+}
 """What of an exact-match result a run's eval.json keeps, by the way the student answered (a direct answer costs
 no decoding worth a metric; CoT and latent answers report theirs)."""
 
@@ -64,7 +91,9 @@ def _per_skill(ev: dict, held: list[dict]) -> dict:
     per-skill paired comparisons); nothing for unlabelled records."""
     from kvdistill.eval.skills import exact_match_by_skill
 
-    skills = [r.get("skill") for r in held if r.get("answer") is not None and r.get("answer_start") is not None]
+    skills = [
+        r.get("skill") for r in held if r.get("answer") is not None and r.get("answer_start") is not None
+    ]
     if "per_item" not in ev or not any(skills):
         return {}
     return {"skills": skills, **exact_match_by_skill(ev["per_item"], skills)}
@@ -79,7 +108,9 @@ def routing_agreement(student_dir: Path, teacher_dir: str, held: list[dict], cfg
     device = default_device()
     student, s_tok = load_model(str(student_dir), device=device, attn_implementation="sdpa")
     teacher, t_tok = load_model(str(teacher_dir), device=device, attn_implementation="sdpa")
-    return routing_agreement_of(student.eval(), s_tok, teacher.eval(), t_tok, held, max_length=cfg.data.max_length)
+    return routing_agreement_of(
+        student.eval(), s_tok, teacher.eval(), t_tok, held, max_length=cfg.data.max_length
+    )
 
 
 _LOADED: dict[str, tuple] = {}  # teacher models this process loaded for the KV probe, by name
@@ -115,15 +146,33 @@ def score(job: dict) -> dict:
         from kvdistill.student import build_student
 
         if cfg.student.latent is not None:
-            raise KvdistillError("eval.init scores the untrained student as a text model; this base student is "
-                                 "a latent one", "drop eval.init from the spec (or score the latent student's "
-                                 "backbone in a condition of its own)")
+            raise KvdistillError(
+                "eval.init scores the untrained student as a text model; this base student is a latent one",
+                "drop eval.init from the spec (or score the latent student's "
+                "backbone in a condition of its own)",
+            )
         model, tok = build_student(cfg.student, seed=cfg.train.seed)
-        way = {"cot": spec.eval.cot, "template": cfg.data.template,
-               "max_new_tokens": spec.eval.max_cot_tokens if spec.eval.cot else spec.eval.max_new_tokens}
-        ev = record_of(evaluate_student(model.to(default_device()), tok, teachers, fit, held,
-                                        max_length=cfg.data.max_length, em=spec.eval.exact_match,
-                                        batch_size=spec.eval.batch_size, teacher_cache=cache, **way), spec, held)
+        way = {
+            "cot": spec.eval.cot,
+            "template": cfg.data.template,
+            "max_new_tokens": spec.eval.max_cot_tokens if spec.eval.cot else spec.eval.max_new_tokens,
+        }
+        ev = record_of(
+            evaluate_student(
+                model.to(default_device()),
+                tok,
+                teachers,
+                fit,
+                held,
+                max_length=cfg.data.max_length,
+                em=spec.eval.exact_match,
+                batch_size=spec.eval.batch_size,
+                teacher_cache=cache,
+                **way,
+            ),
+            spec,
+            held,
+        )
     else:
         scored = Path(job["scored"])
         ev = evaluate_run(scored, held, cfg, spec, teachers=teachers, fit=fit, cache=cache)

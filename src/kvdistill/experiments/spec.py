@@ -71,11 +71,16 @@ class TeacherPrep(Section):
         if "." in self.name or "/" in self.name:
             raise ValueError(f"teacher name '{self.name}' may not contain '.' or '/'")
         if self.steps == 0:
-            unread = sorted(k for k in ("from_config", "tokenizer", "batch_size", "lr", "warmup_steps", "overrides",
-                                        "data") if getattr(self, k) != type(self).model_fields[k].default)
+            unread = sorted(
+                k
+                for k in ("from_config", "tokenizer", "batch_size", "lr", "warmup_steps", "overrides", "data")
+                if getattr(self, k) != type(self).model_fields[k].default
+            )
             if self.model is None or unread:
-                raise ValueError(f"teacher '{self.name}': steps 0 uses a model as given (no training), so it needs "
-                                 f"`model`{' and reads no ' + ', '.join(unread) if unread else ''}")
+                raise ValueError(
+                    f"teacher '{self.name}': steps 0 uses a model as given (no training), so it needs "
+                    f"`model`{' and reads no ' + ', '.join(unread) if unread else ''}"
+                )
         return self
 
 
@@ -146,8 +151,11 @@ class ExperimentSpec(Section):
         problems = []
         names = [t.name for t in self.teachers]
         # every one of these becomes a folder: DIR/teachers/NAME, DIR/runs/CONDITION/seed-S
-        for key, value in [("name", self.name)] + [(f"teachers.{t}.name", t) for t in names] + [
-                (f"conditions.{c}", c) for c in self.conditions]:
+        for key, value in (
+            [("name", self.name)]
+            + [(f"teachers.{t}.name", t) for t in names]
+            + [(f"conditions.{c}", c) for c in self.conditions]
+        ):
             problem = segment_problem(value, key)
             if problem:
                 problems.append(problem)
@@ -162,19 +170,25 @@ class ExperimentSpec(Section):
             if cond.cache and not cond.teachers:
                 problems.append(f"conditions.{cname}.cache: true needs teachers to read from caches")
             if cond.match_flops_of is not None and cond.match_flops_of not in self.conditions:
-                problems.append(f"conditions.{cname}.match_flops_of: '{cond.match_flops_of}' is not a condition")
+                problems.append(
+                    f"conditions.{cname}.match_flops_of: '{cond.match_flops_of}' is not a condition"
+                )
             problems += self._wall_problems(cname, cond)
         for pair in self.compare:
             unknown = [c for c in pair if c not in self.conditions]
             if unknown or pair[0] == pair[1]:
-                problems.append(f"compare {list(pair)}: needs two different conditions of the spec"
-                                + (f" ({unknown} are not)" if unknown else ""))
+                problems.append(
+                    f"compare {list(pair)}: needs two different conditions of the spec"
+                    + (f" ({unknown} are not)" if unknown else "")
+                )
         if self.student_from is not None and self.student_from not in names:
             problems.append(f"student_from: '{self.student_from}' is not among the teachers {names}")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             problems.append(f"seeds {self.seeds} must be distinct and at least one")
         if self.eval.routing_teacher is not None and self.eval.routing_teacher not in names:
-            problems.append(f"eval.routing_teacher '{self.eval.routing_teacher}' is not among the teachers {names}")
+            problems.append(
+                f"eval.routing_teacher '{self.eval.routing_teacher}' is not among the teachers {names}"
+            )
         routing = [m for m in self.metrics if m.startswith("routing_")]
         if routing and self.eval.routing_teacher is None:
             problems.append(f"metrics {routing} need eval.routing_teacher (the MoE teacher to agree with)")
@@ -187,8 +201,11 @@ class ExperimentSpec(Section):
 
     def _wall_problems(self, cname: str, cond: ConditionSpec) -> list[str]:
         if cond.match_wall_of is None:
-            return [f"conditions.{cname}.wall_rate_of is read with match_wall_of only; drop it"] if cond.wall_rate_of \
+            return (
+                [f"conditions.{cname}.wall_rate_of is read with match_wall_of only; drop it"]
+                if cond.wall_rate_of
                 else []
+            )
         key, problems = f"conditions.{cname}", []
         other = self.conditions.get(cond.match_wall_of)
         rate_name = cond.wall_rate_of or self.baseline
@@ -196,36 +213,59 @@ class ExperimentSpec(Section):
         if cond.match_flops_of is not None:
             problems.append(f"{key}: give match_flops_of or match_wall_of, not both (each is its own row)")
         if cond.cache:
-            problems.append(f"{key}: match_wall_of with cache: true is not supported (the cache is sized before the "
-                            "wall time is measured); drop cache")
+            problems.append(
+                f"{key}: match_wall_of with cache: true is not supported (the cache is sized before the "
+                "wall time is measured); drop cache"
+            )
         if other is None:
             problems.append(f"{key}.match_wall_of: '{cond.match_wall_of}' is not a condition")
         elif other.match_wall_of is not None or cond.match_wall_of == cname:
-            problems.append(f"{key}.match_wall_of: '{cond.match_wall_of}' must be a condition trained first (not "
-                            "itself matched by wall time)")
+            problems.append(
+                f"{key}.match_wall_of: '{cond.match_wall_of}' must be a condition trained first (not "
+                "itself matched by wall time)"
+            )
         if rate is None:
             problems.append(f"{key}.wall_rate_of: '{rate_name}' is not a condition")
         elif rate.match_wall_of is not None or (rate.teachers, rate.cache) != (cond.teachers, cond.cache):
-            problems.append(f"{key}.wall_rate_of: '{rate_name}' must train this condition's student the same way "
-                            f"(teachers {cond.teachers}, cache {cond.cache}) and not be matched by wall time itself; "
-                            "name such a condition in wall_rate_of")
+            problems.append(
+                f"{key}.wall_rate_of: '{rate_name}' must train this condition's student the same way "
+                f"(teachers {cond.teachers}, cache {cond.cache}) and not be matched by wall time itself; "
+                "name such a condition in wall_rate_of"
+            )
         return problems
 
     def budget_overrides(self) -> list[str]:
         short = {"steps": "train.steps", "batch_size": "train.batch_size", "lr": "train.lr"}
-        return [f"{short.get(k, k)}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
-                for k, v in self.budget.items()]
+        return [
+            f"{short.get(k, k)}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
+            for k, v in self.budget.items()
+        ]
 
 
-METRICS = {"exact_match": "held-out exact match (greedy)", "ppl": "held-out perplexity", "ce": "held-out CE",
-           "elapsed_s": "training wall time (s)", "train_s": "training wall time without evaluations (s)",
-           "flops": "training FLOPs (cached teachers: with the amortised extraction)",
-           "gen_tokens": "generated tokens per answer",
-           "latency_s": "decoding latency per answer (s)"}
-METRICS.update(routing_top1="held-out top-1 routing agreement with eval.routing_teacher",
-               routing_topk="held-out top-k routing overlap with eval.routing_teacher")
-HIGHER_IS_BETTER = {"exact_match": True, "ppl": False, "ce": False, "elapsed_s": False, "train_s": False,
-                    "flops": False, "gen_tokens": False, "latency_s": False}
+METRICS = {
+    "exact_match": "held-out exact match (greedy)",
+    "ppl": "held-out perplexity",
+    "ce": "held-out CE",
+    "elapsed_s": "training wall time (s)",
+    "train_s": "training wall time without evaluations (s)",
+    "flops": "training FLOPs (cached teachers: with the amortised extraction)",
+    "gen_tokens": "generated tokens per answer",
+    "latency_s": "decoding latency per answer (s)",
+}
+METRICS.update(
+    routing_top1="held-out top-1 routing agreement with eval.routing_teacher",
+    routing_topk="held-out top-k routing overlap with eval.routing_teacher",
+)
+HIGHER_IS_BETTER = {
+    "exact_match": True,
+    "ppl": False,
+    "ce": False,
+    "elapsed_s": False,
+    "train_s": False,
+    "flops": False,
+    "gen_tokens": False,
+    "latency_s": False,
+}
 HIGHER_IS_BETTER.update(routing_top1=True, routing_topk=True)
 
 

@@ -9,6 +9,20 @@ from kvdistill.fuse.router import Router, router_target_kl
 from kvdistill.fuse.similarity import SIMILARITY_METRICS, best_match, similarity_weights
 from kvdistill.fuse.targets import fuse_targets
 
-__all__ = ["PROTOTYPE_KINDS", "SIMILARITY_METRICS", "Router", "best_match", "byte_nll", "confidence_weights", "covered_end",
-           "entropy", "entropy_regularizer", "fixed_weights", "fuse_targets", "kmeans", "prototype", "router_target_kl",
-           "similarity_weights"]
+__all__ = [
+    "PROTOTYPE_KINDS",
+    "SIMILARITY_METRICS",
+    "Router",
+    "best_match",
+    "byte_nll",
+    "confidence_weights",
+    "covered_end",
+    "entropy",
+    "entropy_regularizer",
+    "fixed_weights",
+    "fuse_targets",
+    "kmeans",
+    "prototype",
+    "router_target_kl",
+    "similarity_weights",
+]

@@ -25,8 +25,13 @@ from kvdistill.errors import KvdistillError
 __all__ = ["byte_nll", "confidence_weights", "covered_end"]
 
 
-def byte_nll(nll: torch.Tensor, counted: torch.Tensor, spans: torch.Tensor, start: torch.Tensor,
-             end: torch.Tensor | None = None) -> torch.Tensor:
+def byte_nll(
+    nll: torch.Tensor,
+    counted: torch.Tensor,
+    spans: torch.Tensor,
+    start: torch.Tensor,
+    end: torch.Tensor | None = None,
+) -> torch.Tensor:
     """One teacher's NLL per byte of each sample's scored text -> float32 (B,), NaN where nothing was scored.
 
     nll, counted (B, T): `kvdistill.losses.token_nll` of the teacher's logits on its own tokens (nll[:, t] is the
@@ -38,12 +43,16 @@ def byte_nll(nll: torch.Tensor, counted: torch.Tensor, spans: torch.Tensor, star
     Σ scored tokens' bytes.
     """
     if nll.dim() != 2 or tuple(counted.shape) != tuple(nll.shape):
-        raise KvdistillError(f"nll {tuple(nll.shape)} and counted {tuple(counted.shape)} must both be (B, T)",
-                             "pass the two outputs of kvdistill.losses.token_nll")
+        raise KvdistillError(
+            f"nll {tuple(nll.shape)} and counted {tuple(counted.shape)} must both be (B, T)",
+            "pass the two outputs of kvdistill.losses.token_nll",
+        )
     B, T = nll.shape
     if tuple(spans.shape) != (B, T, 2) or tuple(start.shape) != (B,):
-        raise KvdistillError(f"spans {tuple(spans.shape)} and start {tuple(start.shape)} do not fit nll {(B, T)}",
-                             f"pass the teacher's ({B}, {T}, 2) byte spans and one byte offset per sample ({B},)")
+        raise KvdistillError(
+            f"spans {tuple(spans.shape)} and start {tuple(start.shape)} do not fit nll {(B, T)}",
+            f"pass the teacher's ({B}, {T}, 2) byte spans and one byte offset per sample ({B},)",
+        )
     nll_next = nll.float().roll(1, dims=1)  # (B, T): [:, j] the NLL of token j (j >= 1)
     predicted = counted.roll(1, dims=1)  # (B, T): token j predicted from the real token before it
     predicted[:, 0] = False
@@ -51,8 +60,10 @@ def byte_nll(nll: torch.Tensor, counted: torch.Tensor, spans: torch.Tensor, star
     scored = predicted & (width > 0) & (spans[..., 0].to(start.device) >= start[:, None]).to(predicted.device)
     if end is not None:
         if tuple(end.shape) != (B,):
-            raise KvdistillError(f"end {tuple(end.shape)} must hold one byte offset per sample ({B},)",
-                                 "pass covered_end of the teachers' spans, or None")
+            raise KvdistillError(
+                f"end {tuple(end.shape)} must hold one byte offset per sample ({B},)",
+                "pass covered_end of the teachers' spans, or None",
+            )
         scored = scored & (spans[..., 1].to(end.device) <= end[:, None]).to(predicted.device)
     total = torch.where(scored, nll_next, 0.0).sum(1)  # (B,)
     nbytes = torch.where(scored, width, 0).sum(1)  # (B,)
@@ -71,11 +82,15 @@ def confidence_weights(nll_per_byte: torch.Tensor, temperature: float) -> torch.
     with no teacher scored gets uniform weights.
     """
     if nll_per_byte.dim() != 2 or nll_per_byte.shape[1] < 1:
-        raise KvdistillError(f"nll_per_byte {tuple(nll_per_byte.shape)} must be (B, N) with N >= 1 teachers",
-                             "stack each teacher's byte_nll along the last axis")
+        raise KvdistillError(
+            f"nll_per_byte {tuple(nll_per_byte.shape)} must be (B, N) with N >= 1 teachers",
+            "stack each teacher's byte_nll along the last axis",
+        )
     if not (math.isfinite(temperature) and temperature > 0):
-        raise KvdistillError(f"confidence temperature ({temperature}) must be finite and > 0",
-                             "set fusion.confidence.temperature, e.g. 0.1 (nats per byte)")
+        raise KvdistillError(
+            f"confidence temperature ({temperature}) must be finite and > 0",
+            "set fusion.confidence.temperature, e.g. 0.1 (nats per byte)",
+        )
     x = nll_per_byte.float()
     known = ~torch.isnan(x)  # (B, N)
     scores = torch.where(known, -x / temperature, float("-inf"))

@@ -24,8 +24,9 @@ def entropy(weights: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     return -(w * torch.log(w.clamp(min=eps))).sum(-1)
 
 
-def entropy_regularizer(weights: torch.Tensor, target: str = "diverse", mask: torch.Tensor | None = None,
-                        eps: float = 1e-12) -> torch.Tensor:
+def entropy_regularizer(
+    weights: torch.Tensor, target: str = "diverse", mask: torch.Tensor | None = None, eps: float = 1e-12
+) -> torch.Tensor:
     """Entropy term on routing weights (..., N) (rows sum to 1) -> 0-dim tensor to add to the loss.
 
     target: "diverse" returns -H(mean w), "specialized" returns mean H(w) (see the module docstring).
@@ -33,16 +34,20 @@ def entropy_regularizer(weights: torch.Tensor, target: str = "diverse", mask: to
     counted rows enter the mean. With nothing counted the result is 0.
     """
     if weights.dim() < 1 or weights.shape[-1] < 1:
-        raise KvdistillError(f"weights {tuple(weights.shape)} must end in a teacher axis (..., N)",
-                             "pass the router's output, e.g. (B, N) or (B, T, N)")
+        raise KvdistillError(
+            f"weights {tuple(weights.shape)} must end in a teacher axis (..., N)",
+            "pass the router's output, e.g. (B, N) or (B, T, N)",
+        )
     if target not in ("diverse", "specialized"):
         raise KvdistillError(f"entropy target '{target}' is unknown", "use 'diverse' or 'specialized'")
     rows = weights.reshape(-1, weights.shape[-1]).float()  # (R, N)
     if mask is None:
         counted = torch.ones(rows.shape[0], dtype=torch.bool, device=rows.device)
     elif tuple(mask.shape) != tuple(weights.shape[:-1]):
-        raise KvdistillError(f"mask {tuple(mask.shape)} does not match weights {tuple(weights.shape)}",
-                             f"pass a mask of shape {tuple(weights.shape[:-1])}")
+        raise KvdistillError(
+            f"mask {tuple(mask.shape)} does not match weights {tuple(weights.shape)}",
+            f"pass a mask of shape {tuple(weights.shape[:-1])}",
+        )
     else:
         counted = (mask != 0).reshape(-1)
     n = counted.sum().clamp(min=1).float()

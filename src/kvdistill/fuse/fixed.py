@@ -25,8 +25,10 @@ def fixed_weights(weights: Sequence[float]) -> torch.Tensor:
         raise KvdistillError("fixed weights are empty", "give one weight per teacher")
     bad = [w for w in values if not math.isfinite(w) or w < 0]
     if bad:
-        raise KvdistillError(f"fixed weights {values} contain negative or non-finite values {bad}",
-                             "use weights >= 0, one per teacher")
+        raise KvdistillError(
+            f"fixed weights {values} contain negative or non-finite values {bad}",
+            "use weights >= 0, one per teacher",
+        )
     total = sum(values)
     if total == 0:
         raise KvdistillError(f"fixed weights {values} are all 0", "give at least one teacher a weight > 0")

@@ -36,8 +36,10 @@ def pca_whitener(x: torch.Tensor, weight: torch.Tensor, dim: int, eps: float = 1
     top-`dim` principal directions. Directions with (near) zero variance are left at zero.
     """
     if x.shape[0] < 2 or float(weight.sum()) <= 0:
-        raise KvdistillError("the latent space needs at least two real tokens to fit on",
-                             "raise fusion.latent.fit_samples or use longer texts")
+        raise KvdistillError(
+            "the latent space needs at least two real tokens to fit on",
+            "raise fusion.latent.fit_samples or use longer texts",
+        )
     w = weight.double() / weight.double().sum()
     xd = x.double()
     mean = (w[:, None] * xd).sum(0)  # (F,)
@@ -46,7 +48,9 @@ def pca_whitener(x: torch.Tensor, weight: torch.Tensor, dim: int, eps: float = 1
     _, s, vh = torch.linalg.svd(xc, full_matrices=False)  # s (K,), vh (K, F)
     k = min(dim, vh.shape[0])
     var = s[:k].square()  # weighted variances (sum of w = 1)
-    scale = torch.where(var > eps * var.max().clamp(min=eps), var.clamp(min=1e-30).rsqrt(), torch.zeros_like(var))
+    scale = torch.where(
+        var > eps * var.max().clamp(min=eps), var.clamp(min=1e-30).rsqrt(), torch.zeros_like(var)
+    )
     proj = torch.zeros(x.shape[1], dim, dtype=torch.float64)
     proj[:, :k] = vh[:k].T * scale  # (F, k)
     return mean.float(), proj.float()
@@ -86,15 +90,21 @@ class LatentSpace(nn.Module):
     def encode(self, teacher: str, layer: int, features: torch.Tensor) -> torch.Tensor:
         """features (B, T, F_n) of teacher at student layer `layer` -> Z (B, T, d_z)."""
         if not bool(self.fitted):
-            raise KvdistillError("the latent space is used before it was fitted",
-                                 "call Objective.prepare(records) before training (the trainer does)")
+            raise KvdistillError(
+                "the latent space is used before it was fitted",
+                "call Objective.prepare(records) before training (the trainer does)",
+            )
         key = self.keys_[(teacher, layer)]
         mean, proj = getattr(self, f"{key}__mean"), getattr(self, f"{key}__proj")
         return (features.float() - mean) @ proj
 
     @torch.no_grad()
-    def fit(self, samples: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]],
-            pairs: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]], reference: str) -> None:
+    def fit(
+        self,
+        samples: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]],
+        pairs: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+        reference: str,
+    ) -> None:
         """Fit every map.
 
         samples[(teacher, layer)] = (features (N, F_n), weight (N,)): real tokens of the fit batch.

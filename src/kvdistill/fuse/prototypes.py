@@ -41,8 +41,9 @@ def prototype(x: torch.Tensor, mask: torch.Tensor, kind: str = "mean", k: int = 
         lowest = torch.full((), torch.finfo(x.dtype).min, dtype=x.dtype, device=x.device)
         pooled = torch.where(any_counted, torch.where(counted[..., None], x, lowest).amax(1), zero)
     else:
-        raise KvdistillError(f"prototype kind '{kind}' is unknown",
-                             f"use one of {', '.join(PROTOTYPE_KINDS)}")
+        raise KvdistillError(
+            f"prototype kind '{kind}' is unknown", f"use one of {', '.join(PROTOTYPE_KINDS)}"
+        )
     return pooled[:, None]  # (B, 1, F)
 
 
@@ -58,8 +59,9 @@ def kmeans(x: torch.Tensor, mask: torch.Tensor, k: int, iters: int = 10) -> torc
     """
     _check_features(x, mask)
     if not (isinstance(k, int) and k >= 1):
-        raise KvdistillError(f"k-means k ({k!r}) must be an integer >= 1",
-                             "set fusion.similarity.kmeans_k >= 1")
+        raise KvdistillError(
+            f"k-means k ({k!r}) must be an integer >= 1", "set fusion.similarity.kmeans_k >= 1"
+        )
     if not (isinstance(iters, int) and iters >= 1):
         raise KvdistillError(f"k-means iters ({iters!r}) must be an integer >= 1", "use e.g. iters=10")
     counted = mask != 0  # (B, T)
@@ -74,12 +76,16 @@ def kmeans(x: torch.Tensor, mask: torch.Tensor, k: int, iters: int = 10) -> torc
 
 def _check_features(x: torch.Tensor, mask: torch.Tensor) -> None:
     if x.dim() != 3:
-        raise KvdistillError(f"x {tuple(x.shape)} must have 3 dims (B, T, F)",
-                             "flatten heads into features first, e.g. kv.transpose(1, 2).flatten(2)")
+        raise KvdistillError(
+            f"x {tuple(x.shape)} must have 3 dims (B, T, F)",
+            "flatten heads into features first, e.g. kv.transpose(1, 2).flatten(2)",
+        )
     B, T, _ = x.shape
     if tuple(mask.shape) != (B, T):
-        raise KvdistillError(f"mask {tuple(mask.shape)} does not match x {tuple(x.shape)}",
-                             f"pass the ({B}, {T}) mask of the same batch")
+        raise KvdistillError(
+            f"mask {tuple(mask.shape)} does not match x {tuple(x.shape)}",
+            f"pass the ({B}, {T}) mask of the same batch",
+        )
 
 
 def _sq_dist(points: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:

@@ -20,18 +20,23 @@ from kvdistill.errors import KvdistillError
 __all__ = ["routing_accuracy"]
 
 
-def routing_accuracy(weights: torch.Tensor, skills: Sequence[str | None],
-                     specialist_of: Mapping[str, int]) -> dict[str, float]:
+def routing_accuracy(
+    weights: torch.Tensor, skills: Sequence[str | None], specialist_of: Mapping[str, int]
+) -> dict[str, float]:
     """weights (N, K) (rows sum to 1), skills (N,), specialist_of {skill: teacher index} ->
     {"routing_acc": x, "routing_acc_<skill>": x, ...} for the skills that occur and have a specialist."""
     if weights.dim() != 2 or weights.shape[0] != len(skills):
-        raise KvdistillError(f"weights {tuple(weights.shape)} must be (N, K) with N = {len(skills)} skills",
-                             "pool per-token weights per sample first (objectives.fusion.per_sample)")
+        raise KvdistillError(
+            f"weights {tuple(weights.shape)} must be (N, K) with N = {len(skills)} skills",
+            "pool per-token weights per sample first (objectives.fusion.per_sample)",
+        )
     K = weights.shape[1]
     bad = {s: k for s, k in specialist_of.items() if not 0 <= k < K}
     if bad:
-        raise KvdistillError(f"specialist_of {bad}: teacher indices must lie in [0, {K})",
-                             "map each skill to the position of its specialist among the run's teachers")
+        raise KvdistillError(
+            f"specialist_of {bad}: teacher indices must lie in [0, {K})",
+            "map each skill to the position of its specialist among the run's teachers",
+        )
     w = weights.detach().float().cpu()
     per_skill: dict[str, list[float]] = {}
     for n, skill in enumerate(skills):

@@ -22,8 +22,12 @@ __all__ = ["SIMILARITY_METRICS", "best_match", "similarity_weights"]
 SIMILARITY_METRICS = ("cosine", "dot", "l2")
 
 
-def similarity_weights(queries: Sequence[torch.Tensor], prototypes: Sequence[torch.Tensor],
-                       metric: str = "cosine", temperature: float = 1.0) -> torch.Tensor:
+def similarity_weights(
+    queries: Sequence[torch.Tensor],
+    prototypes: Sequence[torch.Tensor],
+    metric: str = "cosine",
+    temperature: float = 1.0,
+) -> torch.Tensor:
     """softmax over teachers of best_match(queries[n], prototypes[n]) / temperature.
 
     queries: N tensors (B, F_n) per sample, or (B, T, F_n) per token (all N alike). prototypes: N tensors
@@ -32,18 +36,26 @@ def similarity_weights(queries: Sequence[torch.Tensor], prototypes: Sequence[tor
     if isinstance(queries, torch.Tensor) or isinstance(prototypes, torch.Tensor):
         raise KvdistillError(
             "queries and prototypes must be sequences with one tensor per teacher, got a tensor",
-            "pass [q_1, ..., q_N] with q_n (B, F_n) and [p_1, ..., p_N] with p_n (B, K_n, F_n)")
+            "pass [q_1, ..., q_N] with q_n (B, F_n) and [p_1, ..., p_N] with p_n (B, K_n, F_n)",
+        )
     if not queries or len(queries) != len(prototypes):
-        raise KvdistillError(f"{len(queries)} queries and {len(prototypes)} prototype sets: want one of "
-                             "each per teacher (at least one teacher)", "pass lists of equal length N >= 1")
+        raise KvdistillError(
+            f"{len(queries)} queries and {len(prototypes)} prototype sets: want one of "
+            "each per teacher (at least one teacher)",
+            "pass lists of equal length N >= 1",
+        )
     lead = tuple(queries[0].shape[:-1])
     for n, q in enumerate(queries):
         if q.dim() not in (2, 3) or tuple(q.shape[:-1]) != lead:
             raise KvdistillError(
                 f"queries[{n}] {tuple(q.shape)} and queries[0] {tuple(queries[0].shape)} must all be "
-                "(B, F_n) or all (B, T, F_n)", "pool every teacher's query alike (same B, and same T per token)")
+                "(B, F_n) or all (B, T, F_n)",
+                "pool every teacher's query alike (same B, and same T per token)",
+            )
     if not (math.isfinite(temperature) and temperature > 0):
-        raise KvdistillError(f"temperature ({temperature}) must be finite and > 0", "use e.g. temperature=1.0")
+        raise KvdistillError(
+            f"temperature ({temperature}) must be finite and > 0", "use e.g. temperature=1.0"
+        )
     scores = []  # N tensors (B,) or (B, T)
     for n, (q, p) in enumerate(zip(queries, prototypes, strict=True)):
         try:
@@ -57,15 +69,25 @@ def best_match(query: torch.Tensor, prototypes: torch.Tensor, metric: str = "cos
     """Best similarity over the K prototypes (module docstring): query (B, F) or (B, T, F), prototypes
     (B, K, F) -> float32 (B,) or (B, T)."""
     if metric not in SIMILARITY_METRICS:
-        raise KvdistillError(f"similarity metric '{metric}' is unknown",
-                             f"use one of {', '.join(SIMILARITY_METRICS)}")
+        raise KvdistillError(
+            f"similarity metric '{metric}' is unknown", f"use one of {', '.join(SIMILARITY_METRICS)}"
+        )
     if query.dim() not in (2, 3):
-        raise KvdistillError(f"query {tuple(query.shape)} must be (B, F) or (B, T, F)",
-                             "pool the sequence, or keep its time axis for per-token weights")
+        raise KvdistillError(
+            f"query {tuple(query.shape)} must be (B, F) or (B, T, F)",
+            "pool the sequence, or keep its time axis for per-token weights",
+        )
     B, F = query.shape[0], query.shape[-1]
-    if prototypes.dim() != 3 or prototypes.shape[0] != B or prototypes.shape[2] != F or prototypes.shape[1] < 1:
-        raise KvdistillError(f"prototypes {tuple(prototypes.shape)} do not match query {tuple(query.shape)}",
-                             f"pass this teacher's prototypes as ({B}, K, {F}) with K >= 1, in the query's width")
+    if (
+        prototypes.dim() != 3
+        or prototypes.shape[0] != B
+        or prototypes.shape[2] != F
+        or prototypes.shape[1] < 1
+    ):
+        raise KvdistillError(
+            f"prototypes {tuple(prototypes.shape)} do not match query {tuple(query.shape)}",
+            f"pass this teacher's prototypes as ({B}, K, {F}) with K >= 1, in the query's width",
+        )
     q = query.float() if query.dim() == 3 else query.float()[:, None]  # (B, T|1, F)
     p = prototypes.float()  # (B, K, F)
     if metric == "cosine":  # a zero vector (a sample with no counted token) has cosine 0 with everything

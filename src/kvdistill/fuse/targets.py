@@ -25,14 +25,20 @@ def fuse_targets(targets: Sequence[torch.Tensor], weights: torch.Tensor) -> torc
     shape = tuple(targets[0].shape)
     for n, t in enumerate(targets):
         if tuple(t.shape) != shape or t.dim() != 4:
-            raise KvdistillError(f"targets[{n}] {tuple(t.shape)} and targets[0] {shape} differ (want (B, H, T, D))",
-                                 "map every teacher into the student's geometry before fusing")
+            raise KvdistillError(
+                f"targets[{n}] {tuple(t.shape)} and targets[0] {shape} differ (want (B, H, T, D))",
+                "map every teacher into the student's geometry before fusing",
+            )
     B, _, T, _ = shape
     N = len(targets)
     if tuple(weights.shape) not in ((B, N), (B, T, N)):
-        raise KvdistillError(f"weights {tuple(weights.shape)} do not fit {N} targets of shape {shape}",
-                             f"pass weights as ({B}, {N}) or ({B}, {T}, {N})")
-    w = weights[:, None, None, None, :] if weights.dim() == 2 else weights[:, None, :, None, :]  # (B, 1, T|1, 1, N)
+        raise KvdistillError(
+            f"weights {tuple(weights.shape)} do not fit {N} targets of shape {shape}",
+            f"pass weights as ({B}, {N}) or ({B}, {T}, {N})",
+        )
+    w = (
+        weights[:, None, None, None, :] if weights.dim() == 2 else weights[:, None, :, None, :]
+    )  # (B, 1, T|1, 1, N)
     fused = targets[0] * w[..., 0].to(targets[0].dtype)
     for n in range(1, N):  # accumulate: no (B, H, T, D, N) stack
         fused = fused + targets[n] * w[..., n].to(targets[n].dtype)

@@ -30,7 +30,23 @@ from kvdistill.losses.moe import (
 )
 from kvdistill.losses.reduce import sample_mean
 
-__all__ = ["CODI_KINDS", "DIVERGENCES", "codi_loss", "KV_KINDS", "as_rows", "attention_kl", "ce_loss", "cosine_error", "hidden_error",
-           "kv_error", "logit_kd", "pairs_kv_loss", "relation_loss", "relation_matrix", "sample_mean", "token_nll"]
+__all__ = [
+    "CODI_KINDS",
+    "DIVERGENCES",
+    "codi_loss",
+    "KV_KINDS",
+    "as_rows",
+    "attention_kl",
+    "ce_loss",
+    "cosine_error",
+    "hidden_error",
+    "kv_error",
+    "logit_kd",
+    "pairs_kv_loss",
+    "relation_loss",
+    "relation_matrix",
+    "sample_mean",
+    "token_nll",
+]
 __all__ += ["TAIL_FLOOR", "cross_logit_kd", "span_logit_kd", "topk_log_probs", "topk_logit_kd"]
 __all__ += ["expert_output_error", "load_balance", "routing_agreement", "routing_kl", "routing_log_probs"]

@@ -11,8 +11,9 @@ from kvdistill.errors import KvdistillError
 from kvdistill.losses.reduce import check_dims, check_mask, sample_mean, shape_of
 
 
-def attention_kl(student_probs: torch.Tensor, teacher_probs: torch.Tensor, mask: torch.Tensor,
-                 eps: float = 1e-8) -> torch.Tensor:
+def attention_kl(
+    student_probs: torch.Tensor, teacher_probs: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8
+) -> torch.Tensor:
     """Per-sample KL(teacher || student) between attention maps over the key axis -> (B,).
 
     student_probs: (B, H_s, T, T), teacher_probs: (B, H_t, T, T): rows (queries) are distributions over keys (the
@@ -25,8 +26,11 @@ def attention_kl(student_probs: torch.Tensor, teacher_probs: torch.Tensor, mask:
     check_dims(teacher_probs, 4, "teacher_probs", "(B, H_t, T, T)")
     B, H_s, T, T_k = student_probs.shape
     if T_k != T or teacher_probs.shape[0] != B or teacher_probs.shape[2:] != (T, T):
-        raise KvdistillError(f"student_probs {shape_of(student_probs)} and teacher_probs {shape_of(teacher_probs)} "
-                             "do not match", "pass (B, H, T, T) attention maps over the same T tokens")
+        raise KvdistillError(
+            f"student_probs {shape_of(student_probs)} and teacher_probs {shape_of(teacher_probs)} "
+            "do not match",
+            "pass (B, H, T, T) attention maps over the same T tokens",
+        )
     counted = check_mask(mask, (B, T), "the maps' (B, T)")
     p_s, p_t = student_probs.float(), teacher_probs.float()
     if H_s != teacher_probs.shape[1]:
@@ -47,8 +51,9 @@ def relation_matrix(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     return (unit @ unit.transpose(-1, -2)).mean(1)  # (B, T, T)
 
 
-def relation_loss(student_kv: torch.Tensor, teacher_kv: torch.Tensor, mask: torch.Tensor,
-                  eps: float = 1e-8) -> torch.Tensor:
+def relation_loss(
+    student_kv: torch.Tensor, teacher_kv: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8
+) -> torch.Tensor:
     """Per-sample token-relation loss (MiniLMv2-style, cosine variant) -> (B,); needs no map between geometries.
 
     student_kv: (B, H_s, T, D_s), teacher_kv: (B, H_t, T, D_t) (keys or values) on the same T tokens; H and D may
@@ -60,8 +65,11 @@ def relation_loss(student_kv: torch.Tensor, teacher_kv: torch.Tensor, mask: torc
     check_dims(teacher_kv, 4, "teacher_kv", "(B, H_t, T, D_t)")
     B, _, T, _ = student_kv.shape
     if teacher_kv.shape[0] != B or teacher_kv.shape[2] != T:
-        raise KvdistillError(f"student_kv {shape_of(student_kv)} and teacher_kv {shape_of(teacher_kv)} differ "
-                             "in batch or time", "align the teacher's tokens to the student's first")
+        raise KvdistillError(
+            f"student_kv {shape_of(student_kv)} and teacher_kv {shape_of(teacher_kv)} differ "
+            "in batch or time",
+            "align the teacher's tokens to the student's first",
+        )
     counted = check_mask(mask, (B, T), "the K/V's (B, T)")
     pairs = counted[:, :, None] & counted[:, None, :]  # (B, T, T)
     diff = relation_matrix(student_kv, eps) - relation_matrix(teacher_kv, eps)

@@ -21,17 +21,29 @@ from kvdistill.losses.reduce import check_dims, check_same
 CODI_KINDS = ("smooth_l1", "mse")
 
 
-def codi_loss(student: torch.Tensor, teacher: torch.Tensor, *, kind: str = "smooth_l1", normalize: bool = True,
-              eps: float = 1e-6) -> torch.Tensor:
+def codi_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    *,
+    kind: str = "smooth_l1",
+    normalize: bool = True,
+    eps: float = 1e-6,
+) -> torch.Tensor:
     """Per-sample CODI loss (B,). student, teacher: (L, B, F) hidden states at each sample's pre-answer token;
     the teacher side never gets a gradient."""
     check_dims(student, 3, "student", "(L, B, F)")
-    check_same(student, teacher, "student", "teacher", "take both at the token before the answer, every layer")
+    check_same(
+        student, teacher, "student", "teacher", "take both at the token before the answer, every layer"
+    )
     if kind not in CODI_KINDS:
         raise KvdistillError(f"CODI loss kind '{kind}' is unknown", f"use one of {', '.join(CODI_KINDS)}")
     target = teacher.detach().float()
     diff = student.float() - target  # (L, B, F)
-    err = F.smooth_l1_loss(diff, torch.zeros_like(diff), reduction="none") if kind == "smooth_l1" else diff.square()
+    err = (
+        F.smooth_l1_loss(diff, torch.zeros_like(diff), reduction="none")
+        if kind == "smooth_l1"
+        else diff.square()
+    )
     per_layer = err.mean(-1)  # (L, B)
     if normalize:
         per_layer = per_layer / (target.std(-1, unbiased=False) + eps)

@@ -65,14 +65,26 @@ def _target_variance(target: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         acc = torch.float64 if target.dtype == torch.float64 else torch.float32
         zero = torch.zeros((), dtype=acc, device=target.device)
         s1 = torch.where(rows, target.sum(-1, dtype=acc), zero).sum(-1).double()  # (..., B)
-        s2 = torch.where(rows, torch.linalg.vector_norm(target, dim=-1, dtype=acc).square(), zero).sum(-1).double()
+        s2 = (
+            torch.where(rows, torch.linalg.vector_norm(target, dim=-1, dtype=acc).square(), zero)
+            .sum(-1)
+            .double()
+        )
         n = (rows.sum(-1) * target.shape[-1]).clamp(min=1).double()  # (..., B)
         mean = s1 / n
         return (s2 / n - mean.square()).clamp(min=0).to(acc)
 
 
-def kv_error(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, *, kind: str = "mse",
-             normalize: bool = True, weight: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
+def kv_error(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    kind: str = "mse",
+    normalize: bool = True,
+    weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
+) -> torch.Tensor:
     """Per-sample error between rows of pred and target -> (..., B).
 
     pred, target: (..., B, N, F), the same shape (map the student into the teacher's geometry first).
@@ -114,13 +126,21 @@ def pairs_kv_loss(errors: torch.Tensor, coef: torch.Tensor, layers: int) -> torc
     """
     check_dims(errors, 3, "errors", "(P, 2, B)")
     if coef.shape != errors.shape[:2]:
-        raise KvdistillError(f"coef {tuple(coef.shape)} must be (P, 2) for errors {tuple(errors.shape)}",
-                             "pass one (keys, values) weight pair per layer pair")
+        raise KvdistillError(
+            f"coef {tuple(coef.shape)} must be (P, 2) for errors {tuple(errors.shape)}",
+            "pass one (keys, values) weight pair per layer pair",
+        )
     return (coef.to(errors.device)[:, :, None] * errors).sum((0, 1)) / layers
 
 
-def cosine_error(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, *,
-                 weight: torch.Tensor | None = None, eps: float = 1e-8) -> torch.Tensor:
+def cosine_error(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    weight: torch.Tensor | None = None,
+    eps: float = 1e-8,
+) -> torch.Tensor:
     """Per-sample 1 - cosine similarity over the last dim -> (..., B): only directions are matched.
 
     pred, target: (..., B, N, D) (rows: one vector each, e.g. one head's key at one token); mask broadcastable to

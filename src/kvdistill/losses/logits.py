@@ -18,7 +18,9 @@ from kvdistill.losses.reduce import check_dims, check_mask, check_same, sample_m
 DIVERGENCES = ("forward", "reverse", "jsd")
 
 
-def token_nll(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def token_nll(
+    logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Next-token negative log-likelihood at every position: (nll (B, T), counted (B, T) bool).
 
     logits: (B, T, V) at positions 0..T-1; labels: (B, T) token ids (usually input_ids); mask: (B, T), 1 = real.
@@ -29,16 +31,20 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) ->
     check_dims(logits, 3, "logits", "(B, T, V)")
     B, T, V = logits.shape
     if shape_of(labels) != (B, T):
-        raise KvdistillError(f"labels {shape_of(labels)} do not match logits {shape_of(logits)}",
-                             f"pass labels as ({B}, {T}) token ids of the same batch")
+        raise KvdistillError(
+            f"labels {shape_of(labels)} do not match logits {shape_of(logits)}",
+            f"pass labels as ({B}, {T}) token ids of the same batch",
+        )
     real = check_mask(mask, (B, T), "logits' (B, T)")
     counted = real & real.roll(-1, dims=1)  # (B, T) a real token predicting a real token
     counted[:, -1] = False
     following = torch.where(counted, labels.roll(-1, dims=1), torch.zeros_like(labels))  # (B, T)
     bad = (following < 0) | (following >= V)
     if bool(bad.any()):
-        raise KvdistillError(f"label id {int(following[bad][0])} is outside the vocabulary of {V} logits",
-                             "labels must be token ids of the model's own tokenizer")
+        raise KvdistillError(
+            f"label id {int(following[bad][0])} is outside the vocabulary of {V} logits",
+            "labels must be token ids of the model's own tokenizer",
+        )
     nll = F.cross_entropy(logits.reshape(B * T, V).float(), following.reshape(B * T), reduction="none")
     return nll.view(B, T), counted
 
@@ -99,10 +105,14 @@ def _check_kd(temperature: float, divergence: str, beta: float, chunk: int) -> N
     if not temperature > 0:
         raise KvdistillError(f"temperature ({temperature}) must be > 0", "use e.g. temperature=2.0")
     if divergence not in DIVERGENCES:
-        raise KvdistillError(f"logit KD divergence '{divergence}' is unknown", f"use one of {', '.join(DIVERGENCES)}")
+        raise KvdistillError(
+            f"logit KD divergence '{divergence}' is unknown", f"use one of {', '.join(DIVERGENCES)}"
+        )
     if divergence == "jsd" and not 0 < beta < 1:
-        raise KvdistillError(f"jsd beta ({beta}) must lie strictly between 0 and 1",
-                             "use e.g. beta=0.5 (forward or reverse KL are the limits)")
+        raise KvdistillError(
+            f"jsd beta ({beta}) must lie strictly between 0 and 1",
+            "use e.g. beta=0.5 (forward or reverse KL are the limits)",
+        )
     if chunk < 0:
         raise KvdistillError(f"chunk ({chunk}) must be >= 0", "pass the rows per chunk, or 0 for one pass")
 
@@ -133,7 +143,9 @@ def _scatter_logsumexp(values: torch.Tensor, cols: torch.Tensor, size: int) -> t
     cols = cols.expand_as(values)
     top = values.new_full((n, size), _NEG_INF).scatter_reduce(1, cols, values, "amax")  # (n, size)
     shift = torch.where(top > _NEG_INF, top, torch.zeros((), device=top.device)).detach()  # (n, size)
-    total = values.new_zeros(n, size).scatter_add(1, cols, (values - shift.gather(1, cols)).exp())  # (n, size)
+    total = values.new_zeros(n, size).scatter_add(
+        1, cols, (values - shift.gather(1, cols)).exp()
+    )  # (n, size)
     # log 0 = -inf for empty buckets, through a clamped log so that no inf gradient is made there
     return torch.where(total > 0, total.clamp(min=torch.finfo(total.dtype).tiny).log() + shift, top)
 
@@ -154,8 +166,17 @@ class _BucketPlan:
     size: int  # E
 
     def to(self, device) -> _BucketPlan:
-        move = [x.to(device, non_blocking=True) for x in (self.single_src, self.single_dst, self.multi_src,
-                                                           self.multi_local, self.multi_dst, self.other_src)]
+        move = [
+            x.to(device, non_blocking=True)
+            for x in (
+                self.single_src,
+                self.single_dst,
+                self.multi_src,
+                self.multi_local,
+                self.multi_dst,
+                self.other_src,
+            )
+        ]
         return _BucketPlan(*move, self.size)
 
 
@@ -167,8 +188,15 @@ def _bucket_plan(buckets: torch.Tensor, size: int) -> _BucketPlan:
     alone = named & (count[buckets] == 1)
     crowded = named & ~alone
     multi_dst, multi_local = buckets[crowded].unique(return_inverse=True)
-    return _BucketPlan(alone.nonzero()[:, 0], buckets[alone], crowded.nonzero()[:, 0], multi_local, multi_dst,
-                       (buckets == last).nonzero()[:, 0], size)
+    return _BucketPlan(
+        alone.nonzero()[:, 0],
+        buckets[alone],
+        crowded.nonzero()[:, 0],
+        multi_local,
+        multi_dst,
+        (buckets == last).nonzero()[:, 0],
+        size,
+    )
 
 
 def _project(log_p: torch.Tensor, plan: _BucketPlan) -> torch.Tensor:
@@ -178,7 +206,9 @@ def _project(log_p: torch.Tensor, plan: _BucketPlan) -> torch.Tensor:
     out = log_p.new_full((n, plan.size), _NEG_INF)
     out = out.index_copy(1, plan.single_dst, log_p.index_select(1, plan.single_src))
     if plan.multi_dst.numel():
-        crowded = _scatter_logsumexp(log_p.index_select(1, plan.multi_src), plan.multi_local, plan.multi_dst.numel())
+        crowded = _scatter_logsumexp(
+            log_p.index_select(1, plan.multi_src), plan.multi_local, plan.multi_dst.numel()
+        )
         out = out.index_copy(1, plan.multi_dst, crowded)  # (n, M) into their buckets
     if plan.other_src.numel():
         other = _safe_logsumexp(log_p.index_select(1, plan.other_src))  # (n,)
@@ -192,8 +222,9 @@ def _safe_logsumexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(empty[..., 0], _NEG_INF, x.masked_fill(empty, 0.0).logsumexp(-1))
 
 
-def _with_tail(log_s: torch.Tensor, cols: torch.Tensor, t_log_probs: torch.Tensor,
-               named: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _with_tail(
+    log_s: torch.Tensor, cols: torch.Tensor, t_log_probs: torch.Tensor, named: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A top-k teacher against the full student: both on the columns the teacher names plus one tail bucket.
 
     log_s (n, E) the student's log-probabilities over E columns (vocabulary entries or buckets); cols (n, k) the
@@ -206,8 +237,10 @@ def _with_tail(log_s: torch.Tensor, cols: torch.Tensor, t_log_probs: torch.Tenso
     hit = log_t > _NEG_INF  # (n, E) columns the teacher gives mass
     t_tail = (1 - log_t.exp().sum(-1)).clamp(min=TAIL_FLOOR).log()  # (n,)
     s_tail = _safe_logsumexp(log_s.masked_fill(hit, _NEG_INF))  # (n,)
-    return (torch.cat([log_t, t_tail[:, None]], -1),
-            torch.cat([log_s.masked_fill(~hit, _NEG_INF), s_tail[:, None]], -1))
+    return (
+        torch.cat([log_t, t_tail[:, None]], -1),
+        torch.cat([log_s.masked_fill(~hit, _NEG_INF), s_tail[:, None]], -1),
+    )
 
 
 def _check_logits(student_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -215,8 +248,16 @@ def _check_logits(student_logits: torch.Tensor, mask: torch.Tensor) -> torch.Ten
     return check_mask(mask, tuple(student_logits.shape[:2]), "the logits' (B, T)")
 
 
-def logit_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, *,
-             temperature: float = 2.0, divergence: str = "forward", beta: float = 0.5, chunk: int = 0) -> torch.Tensor:
+def logit_kd(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    temperature: float = 2.0,
+    divergence: str = "forward",
+    beta: float = 0.5,
+    chunk: int = 0,
+) -> torch.Tensor:
     """Per-sample logit distillation (B,): a divergence between p_t = softmax(teacher/τ) and p_s = softmax(student/τ)
     at each counted position, times τ², averaged over the sample's counted positions.
 
@@ -239,30 +280,44 @@ def logit_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: t
             f"logit KD needs the same vocabulary; student_logits {shape_of(student_logits)} has "
             f"{student_logits.shape[-1]} and teacher_logits {shape_of(teacher_logits)} has "
             f"{teacher_logits.shape[-1]} entries",
-            "use cross_logit_kd with the vocabulary projection of kvdistill.align.vocab for another tokenizer")
-    check_same(student_logits, teacher_logits, "student_logits", "teacher_logits",
-               "logit KD needs both models run on the same tokens")
+            "use cross_logit_kd with the vocabulary projection of kvdistill.align.vocab for another tokenizer",
+        )
+    check_same(
+        student_logits,
+        teacher_logits,
+        "student_logits",
+        "teacher_logits",
+        "logit KD needs both models run on the same tokens",
+    )
     _check_kd(temperature, divergence, beta, chunk)
     B, T, V = student_logits.shape
 
     def rows(s, t, c):  # (n, V), (n, V), (n,) -> (n,)
         return _divergence(_soft(t, c, temperature), _soft(s, c, temperature), divergence, beta)
 
-    div = _by_chunks(rows, chunk, student_logits.reshape(B * T, V), teacher_logits.reshape(B * T, V),
-                     counted.reshape(B * T))
+    div = _by_chunks(
+        rows,
+        chunk,
+        student_logits.reshape(B * T, V),
+        teacher_logits.reshape(B * T, V),
+        counted.reshape(B * T),
+    )
     return sample_mean(div.view(B, T) * temperature**2, counted, 1)
 
 
-def topk_log_probs(teacher_logits: torch.Tensor, k: int, *, temperature: float = 1.0,
-                   chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def topk_log_probs(
+    teacher_logits: torch.Tensor, k: int, *, temperature: float = 1.0, chunk: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The k most probable entries of softmax(teacher/τ) at each position: ids (B, T, k) long and their
     log-probabilities (B, T, k) float32 (exact: normalised over the whole vocabulary), most probable first; under
     no_grad, `chunk` positions at a time. teacher_logits (B, T, V), 0 < k < V."""
     check_dims(teacher_logits, 3, "teacher_logits", "(B, T, V)")
     B, T, V = teacher_logits.shape
     if not 0 < k < V:
-        raise KvdistillError(f"top-k k ({k}) must lie in [1, {V - 1}] for a vocabulary of {V} entries",
-                             "lower top_k, or use the full distribution (logit_kd) for a vocabulary this small")
+        raise KvdistillError(
+            f"top-k k ({k}) must lie in [1, {V - 1}] for a vocabulary of {V} entries",
+            "lower top_k, or use the full distribution (logit_kd) for a vocabulary this small",
+        )
     if not temperature > 0:
         raise KvdistillError(f"temperature ({temperature}) must be > 0", "use e.g. temperature=2.0")
     flat = teacher_logits.detach().reshape(B * T, V)
@@ -277,19 +332,37 @@ def topk_log_probs(teacher_logits: torch.Tensor, k: int, *, temperature: float =
 
 def _check_topk(teacher_ids: torch.Tensor, teacher_log_probs: torch.Tensor, V: int, T: int | None, what: str):
     check_dims(teacher_ids, 3, "teacher_ids", "(B, T, k)")
-    check_same(teacher_ids, teacher_log_probs, "teacher_ids", "teacher_log_probs",
-               "pass the ids and log-probabilities of one top-k (topk_log_probs)")
+    check_same(
+        teacher_ids,
+        teacher_log_probs,
+        "teacher_ids",
+        "teacher_log_probs",
+        "pass the ids and log-probabilities of one top-k (topk_log_probs)",
+    )
     if T is not None and teacher_ids.shape[1] != T:
-        raise KvdistillError(f"teacher_ids {shape_of(teacher_ids)} do not match {what}",
-                             "pass the teacher's top-k at the student's positions")
+        raise KvdistillError(
+            f"teacher_ids {shape_of(teacher_ids)} do not match {what}",
+            "pass the teacher's top-k at the student's positions",
+        )
     if teacher_ids.numel() and (int(teacher_ids.min()) < 0 or int(teacher_ids.max()) >= V):
-        raise KvdistillError(f"teacher_ids hold ids outside [0, {V}) (min {int(teacher_ids.min())}, max "
-                             f"{int(teacher_ids.max())})", "pass token ids of the teacher's own vocabulary")
+        raise KvdistillError(
+            f"teacher_ids hold ids outside [0, {V}) (min {int(teacher_ids.min())}, max "
+            f"{int(teacher_ids.max())})",
+            "pass token ids of the teacher's own vocabulary",
+        )
 
 
-def topk_logit_kd(student_logits: torch.Tensor, teacher_ids: torch.Tensor, teacher_log_probs: torch.Tensor,
-                  mask: torch.Tensor, *, temperature: float = 2.0, divergence: str = "forward", beta: float = 0.5,
-                  chunk: int = 0) -> torch.Tensor:
+def topk_logit_kd(
+    student_logits: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_log_probs: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    temperature: float = 2.0,
+    divergence: str = "forward",
+    beta: float = 0.5,
+    chunk: int = 0,
+) -> torch.Tensor:
     """`logit_kd` against a teacher known by its top-k entries (B,): both distributions on k + 1 events, the teacher's
     k entries and one tail bucket holding the rest of the mass.
 
@@ -309,19 +382,37 @@ def topk_logit_kd(student_logits: torch.Tensor, teacher_ids: torch.Tensor, teach
     k = teacher_ids.shape[-1]
 
     def rows(s, ids, lp, c):  # (n, V), (n, k), (n, k), (n,) -> (n,)
-        lp = torch.where(c[:, None], lp.float(), _NEG_INF)  # rows not counted: no teacher mass, a zero divergence
+        lp = torch.where(
+            c[:, None], lp.float(), _NEG_INF
+        )  # rows not counted: no teacher mass, a zero divergence
         log_t, log_s = _with_tail(_soft(s, c, temperature), ids, lp, torch.ones_like(ids, dtype=torch.bool))
         return _divergence(log_t, log_s, divergence, beta)
 
-    div = _by_chunks(rows, chunk, student_logits.reshape(B * T, V), teacher_ids.reshape(B * T, k),
-                     teacher_log_probs.detach().reshape(B * T, k), counted.reshape(B * T))
+    div = _by_chunks(
+        rows,
+        chunk,
+        student_logits.reshape(B * T, V),
+        teacher_ids.reshape(B * T, k),
+        teacher_log_probs.detach().reshape(B * T, k),
+        counted.reshape(B * T),
+    )
     return sample_mean(div.view(B, T) * temperature**2, counted, 1)
 
 
-def cross_logit_kd(student_logits: torch.Tensor, teacher: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
-                   teacher_positions: torch.Tensor, mask: torch.Tensor, student_buckets: torch.Tensor,
-                   teacher_buckets: torch.Tensor, *, shared: int, temperature: float = 2.0,
-                   divergence: str = "forward", beta: float = 0.5, chunk: int = 0) -> torch.Tensor:
+def cross_logit_kd(
+    student_logits: torch.Tensor,
+    teacher: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+    teacher_positions: torch.Tensor,
+    mask: torch.Tensor,
+    student_buckets: torch.Tensor,
+    teacher_buckets: torch.Tensor,
+    *,
+    shared: int,
+    temperature: float = 2.0,
+    divergence: str = "forward",
+    beta: float = 0.5,
+    chunk: int = 0,
+) -> torch.Tensor:
     """Logit distillation across tokenizers (B,): at each student position whose text prefix a teacher position
     shares, both next-token distributions projected onto the token strings the two vocabularies share plus one
     "other" bucket, then the divergence · τ² of `logit_kd`, averaged over the sample's counted positions.
@@ -348,25 +439,40 @@ def cross_logit_kd(student_logits: torch.Tensor, teacher: torch.Tensor | tuple[t
         check_dims(teacher, 3, "teacher logits", "(B, T_t, V_t)")
         T_t, V_t = teacher.shape[1:]
     if (t_ids if topk else teacher).shape[0] != B:
-        raise KvdistillError(f"the teacher's batch ({(t_ids if topk else teacher).shape[0]}) is not the student's "
-                             f"({B})", "pass the teacher's logits of the same batch of texts")
+        raise KvdistillError(
+            f"the teacher's batch ({(t_ids if topk else teacher).shape[0]}) is not the student's ({B})",
+            "pass the teacher's logits of the same batch of texts",
+        )
     if shape_of(teacher_positions) != (B, T_s):
-        raise KvdistillError(f"teacher_positions {shape_of(teacher_positions)} do not match student_logits "
-                             f"{shape_of(student_logits)}", "pass one teacher position (or -1) per student position")
+        raise KvdistillError(
+            f"teacher_positions {shape_of(teacher_positions)} do not match student_logits "
+            f"{shape_of(student_logits)}",
+            "pass one teacher position (or -1) per student position",
+        )
     if teacher_positions.numel() and int(teacher_positions.max()) >= T_t:
-        raise KvdistillError(f"teacher_positions reach {int(teacher_positions.max())} but the teacher has {T_t} "
-                             "positions", "pass the positions of the teacher's own tokenization of the batch")
-    for name, buckets, V in (("student_buckets", student_buckets, V_s), ("teacher_buckets", teacher_buckets, V_t)):
+        raise KvdistillError(
+            f"teacher_positions reach {int(teacher_positions.max())} but the teacher has {T_t} positions",
+            "pass the positions of the teacher's own tokenization of the batch",
+        )
+    for name, buckets, V in (
+        ("student_buckets", student_buckets, V_s),
+        ("teacher_buckets", teacher_buckets, V_t),
+    ):
         if shape_of(buckets) != (V,) or (V and (int(buckets.min()) < 0 or int(buckets.max()) > shared)):
-            raise KvdistillError(f"{name} {shape_of(buckets)} must hold one bucket in [0, {shared}] per entry of a "
-                                 f"vocabulary of {V}", "pass the projection of kvdistill.align.vocab.shared_vocabulary")
+            raise KvdistillError(
+                f"{name} {shape_of(buckets)} must hold one bucket in [0, {shared}] per entry of a "
+                f"vocabulary of {V}",
+                "pass the projection of kvdistill.align.vocab.shared_vocabulary",
+            )
     _check_kd(temperature, divergence, beta, chunk)
     device = student_logits.device
     teacher_positions = teacher_positions.to(device, non_blocking=True)
     counted = counted & (teacher_positions >= 0)
     flat_pos = teacher_positions.clamp(min=0) + torch.arange(B, device=device)[:, None] * T_t  # (B, T_s)
     E = shared + 1
-    s_plan = _bucket_plan(student_buckets, E).to(device)  # planned where the buckets are (CPU: no device sync)
+    s_plan = _bucket_plan(student_buckets, E).to(
+        device
+    )  # planned where the buckets are (CPU: no device sync)
 
     if topk:
         ids_flat, lp_flat = t_ids.reshape(B * T_t, -1), t_lp.detach().reshape(B * T_t, -1)
@@ -388,13 +494,15 @@ def cross_logit_kd(student_logits: torch.Tensor, teacher: torch.Tensor | tuple[t
             log_t = _project(_soft(t_flat.index_select(0, pos), c, temperature), t_plan)
             return _divergence(log_t, log_s, divergence, beta)
 
-    div = _by_chunks(rows, chunk, student_logits.reshape(B * T_s, V_s), flat_pos.reshape(B * T_s),
-                     counted.reshape(B * T_s))
+    div = _by_chunks(
+        rows, chunk, student_logits.reshape(B * T_s, V_s), flat_pos.reshape(B * T_s), counted.reshape(B * T_s)
+    )
     return sample_mean(div.view(B, T_s) * temperature**2, counted, 1)
 
 
-def _realised_log_probs(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, temperature: float,
-                        chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _realised_log_probs(
+    logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, temperature: float, chunk: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """log softmax(logits[:, i-1] / τ)[ids[:, i]] of every token i: (lp (B, T), scored (B, T) bool where token i
     and its predecessor are real). The last position's logits are not read."""
     B, T, V = logits.shape
@@ -411,21 +519,35 @@ def _realised_log_probs(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Ten
     return lp.view(B, T).roll(1, dims=1), scored  # (B, T): token i's log-prob at column i
 
 
-def _chunk_sums(lp: torch.Tensor, scored: torch.Tensor, chunks: torch.Tensor,
-                C: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _chunk_sums(
+    lp: torch.Tensor, scored: torch.Tensor, chunks: torch.Tensor, C: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Σ of the token log-probs per chunk (B, C) and whether every token of the chunk was scored (B, C) bool."""
     B = lp.shape[0]
     slot = torch.where(chunks >= 0, chunks, C)  # (B, T): chunk, or the discarded slot C
     total = lp.new_zeros(B, C + 1).scatter_add(1, slot, torch.where(scored, lp, 0.0))[:, :C]  # (B, C)
-    members = torch.zeros(B, C + 1, dtype=torch.long, device=lp.device).scatter_add(1, slot, torch.ones_like(slot))
+    members = torch.zeros(B, C + 1, dtype=torch.long, device=lp.device).scatter_add(
+        1, slot, torch.ones_like(slot)
+    )
     missing = torch.zeros_like(members).scatter_add(1, slot, (~scored).long())  # (B, C + 1)
     return total, ((members > 0) & (missing == 0))[:, :C]
 
 
-def span_logit_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, student_ids: torch.Tensor,
-                  teacher_ids: torch.Tensor, student_mask: torch.Tensor, teacher_mask: torch.Tensor,
-                  student_chunks: torch.Tensor, teacher_chunks: torch.Tensor, *, temperature: float = 2.0,
-                  divergence: str = "forward", beta: float = 0.5, chunk: int = 0) -> torch.Tensor:
+def span_logit_kd(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    student_ids: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    student_mask: torch.Tensor,
+    teacher_mask: torch.Tensor,
+    student_chunks: torch.Tensor,
+    teacher_chunks: torch.Tensor,
+    *,
+    temperature: float = 2.0,
+    divergence: str = "forward",
+    beta: float = 0.5,
+    chunk: int = 0,
+) -> torch.Tensor:
     """Logit distillation across tokenizers by the likelihood of exactly aligned text (B,): for every chunk of text
     that a run of student tokens and a run of teacher tokens both spell exactly, the probability each model gives
     to that text after the same prefix, by the chain rule
@@ -447,12 +569,18 @@ def span_logit_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, st
     check_dims(teacher_logits, 3, "teacher_logits", "(B, T_t, V_t)")
     B, T_s, _ = student_logits.shape
     T_t = teacher_logits.shape[1]
-    for name, x, shape in (("student_ids", student_ids, (B, T_s)), ("student_chunks", student_chunks, (B, T_s)),
-                           ("teacher_ids", teacher_ids, (B, T_t)), ("teacher_mask", teacher_mask, (B, T_t)),
-                           ("teacher_chunks", teacher_chunks, (B, T_t))):
+    for name, x, shape in (
+        ("student_ids", student_ids, (B, T_s)),
+        ("student_chunks", student_chunks, (B, T_s)),
+        ("teacher_ids", teacher_ids, (B, T_t)),
+        ("teacher_mask", teacher_mask, (B, T_t)),
+        ("teacher_chunks", teacher_chunks, (B, T_t)),
+    ):
         if shape_of(x) != shape:
-            raise KvdistillError(f"{name} {shape_of(x)} does not match the logits' (B, T) {shape}",
-                                 "pass the ids, mask and chunks of the tokenization the logits were computed on")
+            raise KvdistillError(
+                f"{name} {shape_of(x)} does not match the logits' (B, T) {shape}",
+                "pass the ids, mask and chunks of the tokenization the logits were computed on",
+            )
     _check_kd(temperature, divergence, beta, chunk)
     C = int(max(student_chunks.max(), teacher_chunks.max(), -1)) + 1 if student_chunks.numel() else 0
     device = student_logits.device  # chunks may come from the CPU (counted there: no device synchronisation)
@@ -460,7 +588,9 @@ def span_logit_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, st
     teacher_chunks = teacher_chunks.to(teacher_logits.device, non_blocking=True)
     lp_s, scored_s = _realised_log_probs(student_logits, student_ids, student_mask, temperature, chunk)
     with torch.no_grad():
-        lp_t, scored_t = _realised_log_probs(teacher_logits.detach(), teacher_ids, teacher_mask, temperature, chunk)
+        lp_t, scored_t = _realised_log_probs(
+            teacher_logits.detach(), teacher_ids, teacher_mask, temperature, chunk
+        )
     S_s, ok_s = _chunk_sums(lp_s, scored_s, student_chunks, C)  # (B, C)
     S_t, ok_t = _chunk_sums(lp_t, scored_t, teacher_chunks, C)
     counted = ok_s & ok_t  # (B, C)

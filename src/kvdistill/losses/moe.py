@@ -47,9 +47,11 @@ def routing_log_probs(router_logits: torch.Tensor, scoring: str = "softmax") -> 
 def _check_alignment(index: torch.Tensor, weight: torch.Tensor, B: int, M: int) -> None:
     check_dims(index, 3, "index", "(B, M, K)")
     if shape_of(index) != shape_of(weight) or index.shape[:2] != (B, M):
-        raise KvdistillError(f"alignment index {shape_of(index)} / weight {shape_of(weight)} do not match the "
-                             f"teacher's (B, M) = ({B}, {M})",
-                             "pass the teacher-rows alignment of the same batch (batch_token_alignment_sparse)")
+        raise KvdistillError(
+            f"alignment index {shape_of(index)} / weight {shape_of(weight)} do not match the "
+            f"teacher's (B, M) = ({B}, {M})",
+            "pass the teacher-rows alignment of the same batch (batch_token_alignment_sparse)",
+        )
 
 
 def _gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -63,15 +65,18 @@ def _gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 def student_on_teacher(student_logp: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """log of the student's routing distribution on the teacher's tokens (B, M, E_s): log Σ_k weight_k·p_s(index_k),
     from student_logp (B, T_s, E_s); rows without an overlapping student token hold about `NEG`."""
-    logw = torch.where(weight > 0, weight.float().clamp(min=1e-30).log(),
-                       torch.full((), NEG, device=weight.device))  # (B, M, K)
+    logw = torch.where(
+        weight > 0, weight.float().clamp(min=1e-30).log(), torch.full((), NEG, device=weight.device)
+    )  # (B, M, K)
     gathered = _gather_tokens(student_logp, index)  # (B, M, K, E_s)
     return torch.logsumexp(gathered + logw[..., None], dim=2)  # (B, M, E_s)
 
 
 def teacher_on_student_experts(teacher_logp: torch.Tensor, corr: torch.Tensor) -> torch.Tensor:
     """log of the teacher's distribution moved onto the student's experts (B, M, E_s): log Σ_e p_t(e)·corr[e, s]."""
-    logc = torch.where(corr > 0, corr.float().clamp(min=1e-30).log(), torch.full((), -math.inf, device=corr.device))
+    logc = torch.where(
+        corr > 0, corr.float().clamp(min=1e-30).log(), torch.full((), -math.inf, device=corr.device)
+    )
     return torch.logsumexp(teacher_logp[..., :, None] + logc, dim=-2)  # (B, M, E_t, E_s) -> (B, M, E_s)
 
 
@@ -95,18 +100,31 @@ def _check_routing(student_logp, teacher_logp, teacher_mask, index, weight, corr
     B, M, E_t = teacher_logp.shape
     E_s = student_logp.shape[-1]
     if student_logp.shape[0] != B:
-        raise KvdistillError(f"student_logp {shape_of(student_logp)} and teacher_logp {shape_of(teacher_logp)} "
-                             "hold different batches", "pass both models' routing of the same records")
+        raise KvdistillError(
+            f"student_logp {shape_of(student_logp)} and teacher_logp {shape_of(teacher_logp)} "
+            "hold different batches",
+            "pass both models' routing of the same records",
+        )
     if shape_of(corr) != (E_t, E_s):
-        raise KvdistillError(f"expert correspondence {shape_of(corr)} must be (E_t, E_s) = ({E_t}, {E_s})",
-                             "build it from the teacher's and the student's expert counts")
+        raise KvdistillError(
+            f"expert correspondence {shape_of(corr)} must be (E_t, E_s) = ({E_t}, {E_s})",
+            "build it from the teacher's and the student's expert counts",
+        )
     _check_alignment(index, weight, B, M)
     return check_mask(teacher_mask, (B, M), "the teacher's (B, M)") & (weight.sum(-1) > 0)
 
 
-def routing_kl(student_logp: torch.Tensor, teacher_logp: torch.Tensor, teacher_mask: torch.Tensor,
-               index: torch.Tensor, weight: torch.Tensor, corr: torch.Tensor, *, kind: str = "full",
-               top_k: int | None = None) -> torch.Tensor:
+def routing_kl(
+    student_logp: torch.Tensor,
+    teacher_logp: torch.Tensor,
+    teacher_mask: torch.Tensor,
+    index: torch.Tensor,
+    weight: torch.Tensor,
+    corr: torch.Tensor,
+    *,
+    kind: str = "full",
+    top_k: int | None = None,
+) -> torch.Tensor:
     """Per-sample routing distillation (B,): KL(q_t || p_s) per teacher token, averaged over the sample's teacher
     tokens that are real and overlap a student token.
 
@@ -123,22 +141,34 @@ def routing_kl(student_logp: torch.Tensor, teacher_logp: torch.Tensor, teacher_m
     t_logp = teacher_logp.float()
     if kind == "topk":
         if top_k is None or not 0 < top_k <= t_logp.shape[-1]:
-            raise KvdistillError(f"routing KL kind 'topk' needs 0 < top_k <= {t_logp.shape[-1]} (got {top_k})",
-                                 "pass the teacher's experts per token (num_experts_per_tok)")
-        chosen = torch.zeros_like(t_logp, dtype=torch.bool).scatter_(-1, t_logp.topk(top_k, dim=-1).indices, True)
+            raise KvdistillError(
+                f"routing KL kind 'topk' needs 0 < top_k <= {t_logp.shape[-1]} (got {top_k})",
+                "pass the teacher's experts per token (num_experts_per_tok)",
+            )
+        chosen = torch.zeros_like(t_logp, dtype=torch.bool).scatter_(
+            -1, t_logp.topk(top_k, dim=-1).indices, True
+        )
         t_logp = _restrict(t_logp, chosen)  # (B, M, E_t) renormalised over the teacher's top-k
         support = (chosen.float() @ (corr > 0).float()) > 0  # (B, M, E_s) student experts those map to
         log_s = _restrict(log_s, support)
     log_q = teacher_on_student_experts(t_logp, corr)  # (B, M, E_s)
     rows = ~counted[..., None]
-    kl = _kl(log_q.masked_fill(rows, 0.0), log_s.masked_fill(rows, 0.0))  # (B, M); uncounted rows read nothing
+    kl = _kl(
+        log_q.masked_fill(rows, 0.0), log_s.masked_fill(rows, 0.0)
+    )  # (B, M); uncounted rows read nothing
     return sample_mean(kl, counted, 1)
 
 
 @torch.no_grad()
-def routing_agreement(student_logp: torch.Tensor, teacher_logp: torch.Tensor, teacher_mask: torch.Tensor,
-                      index: torch.Tensor, weight: torch.Tensor, corr: torch.Tensor,
-                      k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def routing_agreement(
+    student_logp: torch.Tensor,
+    teacher_logp: torch.Tensor,
+    teacher_mask: torch.Tensor,
+    index: torch.Tensor,
+    weight: torch.Tensor,
+    corr: torch.Tensor,
+    k: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(top-1 agreement (B,), top-k overlap (B,)) per sample over the counted teacher tokens: whether the student's
     most likely expert is the one most likely under q_t, and |top-k(p_s) ∩ top-k(q_t)| / k (inputs as `routing_kl`;
     both on the student's experts, k <= E_s)."""
@@ -153,9 +183,18 @@ def routing_agreement(student_logp: torch.Tensor, teacher_logp: torch.Tensor, te
     return sample_mean(top1, counted, 1), sample_mean(overlap, counted, 1)
 
 
-def expert_output_error(student_out: torch.Tensor, student_idx: torch.Tensor, teacher_out: torch.Tensor,
-                        teacher_idx: torch.Tensor, teacher_mask: torch.Tensor, index: torch.Tensor,
-                        weight: torch.Tensor, teacher_of: torch.Tensor, *, normalize: bool = True) -> torch.Tensor:
+def expert_output_error(
+    student_out: torch.Tensor,
+    student_idx: torch.Tensor,
+    teacher_out: torch.Tensor,
+    teacher_idx: torch.Tensor,
+    teacher_mask: torch.Tensor,
+    index: torch.Tensor,
+    weight: torch.Tensor,
+    teacher_of: torch.Tensor,
+    *,
+    normalize: bool = True,
+) -> torch.Tensor:
     """Per-sample expert-output distillation (B,): MSE between corresponding experts' outputs on the tokens routed
     to both.
 
@@ -174,12 +213,17 @@ def expert_output_error(student_out: torch.Tensor, student_idx: torch.Tensor, te
     check_dims(teacher_out, 4, "teacher_out", "(B, M, k_t, F)")
     B, M, k_t, Fw = teacher_out.shape
     if student_out.shape[0] != B or student_out.shape[-1] != Fw:
-        raise KvdistillError(f"student_out {shape_of(student_out)} and teacher_out {shape_of(teacher_out)} differ "
-                             "in batch or width", f"project the student's expert outputs to the teacher's width {Fw}")
+        raise KvdistillError(
+            f"student_out {shape_of(student_out)} and teacher_out {shape_of(teacher_out)} differ "
+            "in batch or width",
+            f"project the student's expert outputs to the teacher's width {Fw}",
+        )
     if shape_of(student_idx) != shape_of(student_out)[:3] or shape_of(teacher_idx) != (B, M, k_t):
-        raise KvdistillError(f"expert indices {shape_of(student_idx)} / {shape_of(teacher_idx)} do not match the "
-                             f"outputs {shape_of(student_out)} / {shape_of(teacher_out)}",
-                             "pass the top-k indices captured with the outputs")
+        raise KvdistillError(
+            f"expert indices {shape_of(student_idx)} / {shape_of(teacher_idx)} do not match the "
+            f"outputs {shape_of(student_out)} / {shape_of(teacher_out)}",
+            "pass the top-k indices captured with the outputs",
+        )
     _check_alignment(index, weight, B, M)
     real = check_mask(teacher_mask, (B, M), "the teacher's (B, M)")
     ys = _gather_tokens(student_out.float(), index)  # (B, M, K, k_s, F)
@@ -192,7 +236,9 @@ def expert_output_error(student_out: torch.Tensor, student_idx: torch.Tensor, te
     sq_t = (yt * yt).sum(-1)[:, :, None, None, :]  # (B, M, 1, 1, k_t)
     dot = torch.einsum("bmkjf,bmif->bmkji", ys, yt)  # (B, M, K, k_s, k_t)
     err = (sq_s + sq_t - 2 * dot).clamp(min=0.0) / Fw  # ||y_s - y_t||² / F without a (.., k_s, k_t, F) tensor
-    w = torch.where(match, weight[..., None, None].float().expand_as(match), torch.zeros((), device=weight.device))
+    w = torch.where(
+        match, weight[..., None, None].float().expand_as(match), torch.zeros((), device=weight.device)
+    )
     num = torch.where(match, err, torch.zeros((), device=err.device)).mul(w).flatten(1).sum(1)  # (B,)
     den = w.flatten(1).sum(1)
     if normalize:
@@ -213,7 +259,8 @@ def load_balance(router_logp: torch.Tensor, chosen: torch.Tensor, mask: torch.Te
     B, T, E = router_logp.shape
     real = check_mask(mask, (B, T), "the router's (B, T)")
     counts = torch.zeros(B, T, E, device=router_logp.device).scatter_add_(
-        -1, chosen, torch.ones_like(chosen, dtype=torch.float32))  # (B, T, E) slots per expert
+        -1, chosen, torch.ones_like(chosen, dtype=torch.float32)
+    )  # (B, T, E) slots per expert
     n = real.sum(1).clamp(min=1).float()  # (B,)
     f = torch.where(real[..., None], counts, 0.0).sum(1) / n[:, None]  # (B, E)
     P = torch.where(real[..., None], router_logp.float().exp(), 0.0).sum(1) / n[:, None]  # (B, E)

@@ -20,8 +20,10 @@ def shape_of(x: torch.Tensor) -> tuple[int, ...]:
 
 def check_dims(x: torch.Tensor, ndim: int, name: str, layout: str, *, at_least: bool = False) -> None:
     if x.dim() < ndim if at_least else x.dim() != ndim:
-        raise KvdistillError(f"{name} {shape_of(x)} must have {'at least ' if at_least else ''}{ndim} dims {layout}",
-                             f"pass {name} laid out as {layout}")
+        raise KvdistillError(
+            f"{name} {shape_of(x)} must have {'at least ' if at_least else ''}{ndim} dims {layout}",
+            f"pass {name} laid out as {layout}",
+        )
 
 
 def check_same(a: torch.Tensor, b: torch.Tensor, a_name: str, b_name: str, fix: str) -> None:
@@ -34,12 +36,15 @@ def check_mask(mask: torch.Tensor, shape: tuple[int, ...], what: str) -> torch.T
     try:
         return torch.broadcast_to(mask != 0, shape)
     except RuntimeError:
-        raise KvdistillError(f"mask {shape_of(mask)} does not match {what} {shape}",
-                             f"pass a mask broadcastable to {shape}, 1 = counted") from None
+        raise KvdistillError(
+            f"mask {shape_of(mask)} does not match {what} {shape}",
+            f"pass a mask broadcastable to {shape}, 1 = counted",
+        ) from None
 
 
-def sample_mean(err: torch.Tensor, counted: torch.Tensor, dims: int, weight: torch.Tensor | None = None,
-                scale: int = 1) -> torch.Tensor:
+def sample_mean(
+    err: torch.Tensor, counted: torch.Tensor, dims: int, weight: torch.Tensor | None = None, scale: int = 1
+) -> torch.Tensor:
     """Mean of err over its last `dims` dims, counting only where `counted` (bool, err's shape) is True.
 
     err (..., B, *R) with len(R) == dims -> (..., B). `weight` (broadcastable to err) multiplies the counted

@@ -84,8 +84,9 @@ class KVCapture:
             attention_mask_cpu=None,
             importance=None,
             window_valid=None,
-            rotary=None if self.rotary is None else [
-                None if t is None else (cut(t[0], 1), cut(t[1], 1)) for t in self.rotary],
+            rotary=None
+            if self.rotary is None
+            else [None if t is None else (cut(t[0], 1), cut(t[1], 1)) for t in self.rotary],
         )
 
 
@@ -110,20 +111,28 @@ def _encoder_kv(model, geometry, input_ids, attention_mask, positions, want_hidd
         if len(tail) >= 2 and tail[-2] == "self" and tail[-1] in targets:
             targets[tail[-1]].append(module)
     if len(targets["key"]) != geometry.num_layers:
-        raise KvdistillError(f"found {len(targets['key'])} key projections in {geometry.name}, "
-                             f"expected {geometry.num_layers}", "this encoder layout is not supported")
+        raise KvdistillError(
+            f"found {len(targets['key'])} key projections in {geometry.name}, expected {geometry.num_layers}",
+            "this encoder layout is not supported",
+        )
     store: dict[str, list] = {"key": [None] * geometry.num_layers, "value": [None] * geometry.num_layers}
     handles = []
     B, T = input_ids.shape
     for kind, modules in targets.items():
         for i, m in enumerate(modules):
+
             def hook(_m, _inp, out, kind=kind, i=i):
                 store[kind][i] = out.view(B, T, geometry.num_kv_heads, geometry.head_dim).transpose(1, 2)
 
             handles.append(m.register_forward_hook(hook))
     try:
-        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                    output_hidden_states=want_hidden, output_attentions=want_attn)
+        out = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=positions,
+            output_hidden_states=want_hidden,
+            output_attentions=want_attn,
+        )
     finally:
         for h in handles:
             h.remove()
@@ -169,17 +178,27 @@ def forward_kv(
         raise KvdistillError(
             f"inputs_embeds {tuple(inputs_embeds.shape)} given for {geometry.name} with input_ids "
             f"{tuple(input_ids.shape)}" + (" (an encoder)" if geometry.is_encoder else ""),
-            "pass (B, T, hidden) embeddings for the (B, T) batch of a decoder")
+            "pass (B, T, hidden) embeddings for the (B, T) batch of a decoder",
+        )
     if geometry.is_encoder:
-        keys, values, out = _encoder_kv(model, geometry, input_ids, attention_mask, positions,
-                                        hidden_states, attentions)
-        return KVCapture(keys=keys, values=values, attention_mask=attention_mask, positions=positions,
-                         input_ids=input_ids, geometry=geometry,
-                         hidden_states=list(out.hidden_states) if hidden_states else None,
-                         attentions=list(out.attentions) if attentions else None)
+        keys, values, out = _encoder_kv(
+            model, geometry, input_ids, attention_mask, positions, hidden_states, attentions
+        )
+        return KVCapture(
+            keys=keys,
+            values=values,
+            attention_mask=attention_mask,
+            positions=positions,
+            input_ids=input_ids,
+            geometry=geometry,
+            hidden_states=list(out.hidden_states) if hidden_states else None,
+            attentions=list(out.attentions) if attentions else None,
+        )
     # the LM head is only run when logits are wanted (it is the largest matmul for big vocabularies)
     runner = model if logits else model.base_model
-    kwargs = dict(attention_mask=attention_mask, output_hidden_states=hidden_states, output_attentions=attentions)
+    kwargs = dict(
+        attention_mask=attention_mask, output_hidden_states=hidden_states, output_attentions=attentions
+    )
     if inputs_embeds is None:
         kwargs["input_ids"] = input_ids
     else:
@@ -212,29 +231,48 @@ def forward_kv(
         hidden_states=list(out.hidden_states) if hidden_states else None,
         logits=out.logits if logits else None,
         attentions=list(out.attentions) if attentions else None,
-        router_logits=[r for r in router if r is not None] if (router_logits and router is not None) else None,
+        router_logits=[r for r in router if r is not None]
+        if (router_logits and router is not None)
+        else None,
         rotary=tables if geometry.rope is not None else None,
     )
 
 
-def tokenize_for(geometry: KVGeometry, tokenizer, texts: list[str] | str, *, max_length: int | None,
-                 padding_side: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def tokenize_for(
+    geometry: KVGeometry, tokenizer, texts: list[str] | str, *, max_length: int | None, padding_side: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`tokenize` under the model's position limit: input_ids, attention_mask (B, T) and spans (B, T, 2) (UTF-8 byte
     offsets, padding (0, 0)), all on the CPU."""
-    enc = tokenize(tokenizer, texts, max_length=max_length, padding_side=padding_side,
-                   max_positions=None if geometry.is_encoder and max_length else geometry.max_positions)
+    enc = tokenize(
+        tokenizer,
+        texts,
+        max_length=max_length,
+        padding_side=padding_side,
+        max_positions=None if geometry.is_encoder and max_length else geometry.max_positions,
+    )
     mask = enc["attention_mask"]
     return enc["input_ids"], mask, enc["offset_mapping"] * mask[..., None]
 
 
-def capture_tokenized(model: torch.nn.Module, geometry: KVGeometry, input_ids: torch.Tensor,
-                      attention_mask: torch.Tensor, spans: torch.Tensor, **flags) -> KVCapture:
+def capture_tokenized(
+    model: torch.nn.Module,
+    geometry: KVGeometry,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    spans: torch.Tensor,
+    **flags,
+) -> KVCapture:
     """`forward_kv` (no grad) on CPU inputs from `tokenize_for` (pinned ones are copied asynchronously), with the
     spans attached; `flags` are forward_kv's hidden_states / logits / attentions / router_logits."""
     device = next(model.parameters()).device
     with torch.no_grad():
-        cap = forward_kv(model, input_ids.to(device, non_blocking=True),
-                         attention_mask.to(device, non_blocking=True), geometry=geometry, **flags)
+        cap = forward_kv(
+            model,
+            input_ids.to(device, non_blocking=True),
+            attention_mask.to(device, non_blocking=True),
+            geometry=geometry,
+            **flags,
+        )
     cap.spans = spans.to(device, non_blocking=True)
     # CPU copies, so that token alignment needs no device-to-host copy
     cap.spans_cpu, cap.attention_mask_cpu = spans, attention_mask
@@ -255,7 +293,17 @@ def capture_kv(
 ) -> KVCapture:
     """Tokenize `texts` and capture K/V (no grad), with UTF-8 byte spans (B, T, 2) for token alignment."""
     geometry = geometry_of(model)
-    ids, mask, spans = tokenize_for(geometry, tokenizer, texts, max_length=max_length,
-                                    padding_side=padding_side or tokenizer.padding_side)
-    return capture_tokenized(model, geometry, ids, mask, spans, hidden_states=hidden_states, logits=logits,
-                             attentions=attentions, router_logits=router_logits)
+    ids, mask, spans = tokenize_for(
+        geometry, tokenizer, texts, max_length=max_length, padding_side=padding_side or tokenizer.padding_side
+    )
+    return capture_tokenized(
+        model,
+        geometry,
+        ids,
+        mask,
+        spans,
+        hidden_states=hidden_states,
+        logits=logits,
+        attentions=attentions,
+        router_logits=router_logits,
+    )

@@ -71,15 +71,18 @@ def _apply(tokenizer, messages, *, add_generation_prompt: bool) -> str:
             f"the tokenizer '{getattr(tokenizer, 'name_or_path', '?')}' has no chat template, so it cannot read "
             "data in the messages format",
             "give every model a tokenizer with a chat template (an instruct model), or use text or "
-            "question/answer data (data.text_field / data.template)")
+            "question/answer data (data.text_field / data.template)",
+        )
     try:
-        return tokenizer.apply_chat_template(list(messages), tokenize=False,
-                                             add_generation_prompt=add_generation_prompt)
+        return tokenizer.apply_chat_template(
+            list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+        )
     except Exception as err:  # jinja raises its own errors (e.g. "roles must alternate")
         raise KvdistillError(
             f"the chat template of '{getattr(tokenizer, 'name_or_path', '?')}' refuses a conversation: "
             f"{type(err).__name__}: {err}",
-            "check the messages' roles and order (many templates need user/assistant turns alternating)") from None
+            "check the messages' roles and order (many templates need user/assistant turns alternating)",
+        ) from None
 
 
 def render(tokenizer, chat: ChatText, *, prompt_only: bool = False) -> Rendering:
@@ -114,7 +117,8 @@ def render(tokenizer, chat: ChatText, *, prompt_only: bool = False) -> Rendering
         f"the chat template of '{getattr(tokenizer, 'name_or_path', '?')}' changes or drops message contents (the "
         "rendering is not the template's frame around the contents as given), so its tokens cannot be aligned on "
         "the shared contents",
-        "use another model for this data, or give the data as text or question/answer fields instead of messages")
+        "use another model for this data, or give the data as text or question/answer fields instead of messages",
+    )
 
 
 def shared_spans(spans, pieces: tuple[tuple[int, int, int], ...]):
@@ -136,7 +140,9 @@ def shared_spans(spans, pieces: tuple[tuple[int, int, int], ...]):
     hit = (hi > lo) & (e > s)  # (T, P)
     inside = hit.any(1)  # (T,)
     first = hit.float().argmax(1)  # (T,) the first content a token overlaps
-    last = hit.shape[1] - 1 - hit.flip(1).float().argmax(1)  # (T,) the last one (a token over two: their hull)
+    last = (
+        hit.shape[1] - 1 - hit.flip(1).float().argmax(1)
+    )  # (T,) the last one (a token over two: their hull)
     t = torch.arange(spans.shape[0])
     out[:, 0] = shared[first] + lo[t, first] - rendered[first]
     out[:, 1] = shared[last] + hi[t, last] - rendered[last]

@@ -50,14 +50,19 @@ def _family_class(family: str, key: str):
 
     if family not in CONFIG_MAPPING:
         close = [k for k in CONFIG_MAPPING if k.startswith(str(family)[:3])][:8]
-        raise KvdistillError(f"{key}.family '{family}' is not a transformers model_type",
-                             "use one such as llama, qwen2, gemma2, mistral"
-                             + (f" (close: {', '.join(close)})" if close else ""))
+        raise KvdistillError(
+            f"{key}.family '{family}' is not a transformers model_type",
+            "use one such as llama, qwen2, gemma2, mistral"
+            + (f" (close: {', '.join(close)})" if close else ""),
+        )
     return CONFIG_MAPPING[family]
 
 
 def _uses_rope(config) -> bool:
-    return getattr(config, "rope_parameters", None) is not None or getattr(config, "rope_theta", None) is not None
+    return (
+        getattr(config, "rope_parameters", None) is not None
+        or getattr(config, "rope_theta", None) is not None
+    )
 
 
 def hf_config_from_spec(spec: dict[str, Any], *, key: str = "student.from_config", log_notes: bool = False):
@@ -94,8 +99,10 @@ def hf_config_from_spec(spec: dict[str, Any], *, key: str = "student.from_config
             config.validate()  # what save_pretrained runs: refused now, not at the first checkpoint
     except (ValueError, TypeError, StrictDataclassError) as err:
         detail = " ".join(str(err).split())
-        raise KvdistillError(f"{key}: {cls.__name__} refuses these fields: {detail[:400]}",
-                             f"change the fields it names in {key} (the family's own config check)") from None
+        raise KvdistillError(
+            f"{key}: {cls.__name__} refuses these fields: {detail[:400]}",
+            f"change the fields it names in {key} (the family's own config check)",
+        ) from None
     _builds_on_meta(config, key)
     for note in notes if log_notes else []:
         log.warning("%s: %s", key, note)
@@ -115,8 +122,10 @@ def _builds_on_meta(config, key: str) -> None:
             model_cls.from_config(config)
     except (ValueError, TypeError, RuntimeError, AssertionError) as err:
         detail = " ".join(str(err).split())
-        raise KvdistillError(f"{key}: {type(config).__name__} does not build a model: {detail[:400]}",
-                             f"change the fields it names in {key}") from None
+        raise KvdistillError(
+            f"{key}: {type(config).__name__} does not build a model: {detail[:400]}",
+            f"change the fields it names in {key}",
+        ) from None
 
 
 def _derive_sizes(start, fields: dict, key: str, origin: str, from_base: bool) -> list[str]:
@@ -151,9 +160,11 @@ def _derive_sizes(start, fields: dict, key: str, origin: str, from_base: bool) -
         fix = f"set num_attention_heads to {_or_list(choices)} (head_dim {_or_list([hidden // c for c in choices])})"
         if isinstance(kv, int) and not set_by_user("num_key_value_heads") and any(c % kv for c in choices):
             pick = max(choices, key=lambda c: (c <= heads, c))
-            fix += (f" and num_key_value_heads dividing it ({kv}, from {origin}, does not divide "
-                    f"{_or_list([c for c in choices if c % kv])}), e.g. num_attention_heads: {pick}, "
-                    f"num_key_value_heads: {max(d for d in _divisors(pick) if d <= kv)}")
+            fix += (
+                f" and num_key_value_heads dividing it ({kv}, from {origin}, does not divide "
+                f"{_or_list([c for c in choices if c % kv])}), e.g. num_attention_heads: {pick}, "
+                f"num_key_value_heads: {max(d for d in _divisors(pick) if d <= kv)}"
+            )
         raise KvdistillError(
             f"{key}: hidden_size {hidden}{where('hidden_size')} with {heads} heads (num_attention_heads"
             f"{where('num_attention_heads')}): hidden_size is not a multiple of num_attention_heads",
@@ -162,8 +173,10 @@ def _derive_sizes(start, fields: dict, key: str, origin: str, from_base: bool) -
     # a family's own class derives head_dim from the fields it is given; a base's config.json spells it out
     if head_dim_derived and from_base and head_dim0 is not None and hidden // heads != head_dim0:
         fields["head_dim"] = hidden // heads
-        notes.append(f"head_dim {head_dim0} -> {hidden // heads} (hidden_size {hidden} / num_attention_heads "
-                     f"{heads}, as {origin} derives it; set head_dim to choose another)")
+        notes.append(
+            f"head_dim {head_dim0} -> {hidden // heads} (hidden_size {hidden} / num_attention_heads "
+            f"{heads}, as {origin} derives it; set head_dim to choose another)"
+        )
     kv = given("num_key_value_heads")
     if isinstance(kv, int) and kv > 0 and heads % kv:
         raise KvdistillError(
@@ -173,8 +186,11 @@ def _derive_sizes(start, fields: dict, key: str, origin: str, from_base: bool) -
         )
     head_dim = given("head_dim")
     if isinstance(head_dim, int) and head_dim % 2 and _uses_rope(start):
-        raise KvdistillError(f"{key}: head_dim {head_dim}{where('head_dim', True)} is odd, but rotary embeddings turn "
-                             "pairs of dimensions", f"set head_dim to an even number, e.g. {head_dim + 1}")
+        raise KvdistillError(
+            f"{key}: head_dim {head_dim}{where('head_dim', True)} is odd, but rotary embeddings turn "
+            "pairs of dimensions",
+            f"set head_dim to an even number, e.g. {head_dim + 1}",
+        )
     if hidden != hidden0:
         for name in INTERMEDIATE_KEYS:
             size0 = getattr(start, name, None)
@@ -182,6 +198,8 @@ def _derive_sizes(start, fields: dict, key: str, origin: str, from_base: bool) -
                 continue
             size = max(8, round(size0 * hidden / hidden0 / 8) * 8)
             fields[name] = size
-            notes.append(f"{name} {size0} -> {size} (the {size0 / hidden0:.3g} x hidden_size of {origin}, "
-                         f"hidden_size {hidden0} -> {hidden}; set {name} to choose another)")
+            notes.append(
+                f"{name} {size0} -> {size} (the {size0 / hidden0:.3g} x hidden_size of {origin}, "
+                f"hidden_size {hidden0} -> {hidden}; set {name} to choose another)"
+            )
     return notes

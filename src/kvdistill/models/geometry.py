@@ -66,8 +66,11 @@ def _layer_shape(attn: torch.nn.Module | None, config, heads: int, hidden: int) 
         # multi-head latent attention: the cache holds a latent; expand_kv gives per-head K (nope | rope) and V
         n = as_int(getattr(attn, "num_heads", None)) or heads
         return n, attn.qk_nope_head_dim + attn.qk_rope_head_dim, attn.v_head_dim
-    D = (as_int(getattr(attn, "head_dim", None))
-         or as_int(first_attr(config, "head_dim", "attention_head_dim", "dim_head")) or hidden // heads)
+    D = (
+        as_int(getattr(attn, "head_dim", None))
+        or as_int(first_attr(config, "head_dim", "attention_head_dim", "dim_head"))
+        or hidden // heads
+    )
     n = as_int(getattr(attn, "num_heads", None)) or heads
     k_proj = _kv_projection(attn) if attn is not None else None
     if k_proj is not None and k_proj.out_features % D == 0:
@@ -94,7 +97,9 @@ def _inv_freq_widths(model: torch.nn.Module) -> dict[str | None, int]:
     widths: dict[str | None, int] = {}
     for name, module in model.named_modules():
         lowered = name.lower()
-        if "rotary" not in type(module).__name__.lower() or any(w in lowered for w in NOT_KV_ATTENTION + ("attn",)):
+        if "rotary" not in type(module).__name__.lower() or any(
+            w in lowered for w in NOT_KV_ATTENTION + ("attn",)
+        ):
             continue
         for buffer, tensor in module.named_buffers(recurse=False):
             if buffer.endswith("inv_freq") and tensor.dim() == 1:
@@ -124,7 +129,10 @@ def _rotary_dim(attn, config, params: dict, D: int, table_width: int | None) -> 
 
 
 def _uses_rope(attn, config, layer: int, layer_type: str) -> bool:
-    if config_attr(config, "model_type", None) in ROPE_ONLY_ON_SLIDING and layer_type not in SLIDING_LAYER_TYPES:
+    if (
+        config_attr(config, "model_type", None) in ROPE_ONLY_ON_SLIDING
+        and layer_type not in SLIDING_LAYER_TYPES
+    ):
         return False
     if attn is not None and getattr(attn, "use_rope", True) in (False, 0):
         return False  # llama4 / smollm3 NoPE layers
@@ -135,12 +143,16 @@ def _uses_rope(attn, config, layer: int, layer_type: str) -> bool:
     return not (isinstance(thetas, list | tuple) and not thetas[layer])
 
 
-def _rope_spec(model, config, attns: dict, decoder_layers: list[int], kv_types: list[str],
-               dims: list[int]) -> RopeSpec | None:
+def _rope_spec(
+    model, config, attns: dict, decoder_layers: list[int], kv_types: list[str], dims: list[int]
+) -> RopeSpec | None:
     if not has_rotary(model):
         return None
-    rotated = [i for i, layer in enumerate(decoder_layers)
-               if _uses_rope(attns.get(layer), config, layer, kv_types[i])]
+    rotated = [
+        i
+        for i, layer in enumerate(decoder_layers)
+        if _uses_rope(attns.get(layer), config, layer, kv_types[i])
+    ]
     if not rotated:
         return None
     attn0 = attns.get(decoder_layers[rotated[0]])
@@ -158,8 +170,12 @@ def _rope_spec(model, config, attns: dict, decoder_layers: list[int], kv_types: 
     if isinstance(layer_thetas, list | tuple):
         thetas = [float(layer_thetas[layer] or 0.0) for layer in decoder_layers]
     widths = _inv_freq_widths(model)
-    rdims = [_rotary_dim(attns.get(layer), config, per_layer[i], dims[i], widths.get(kv_types[i], widths.get(None)))
-             for i, layer in enumerate(decoder_layers)]
+    rdims = [
+        _rotary_dim(
+            attns.get(layer), config, per_layer[i], dims[i], widths.get(kv_types[i], widths.get(None))
+        )
+        for i, layer in enumerate(decoder_layers)
+    ]
     rotated_dims = [rdims[i] for i in rotated]
     attn_offset = as_int(getattr(attn0, "qk_nope_head_dim", None)) if hasattr(attn0, "kv_b_proj") else None
     first = per_layer[rotated[0]]
@@ -182,8 +198,11 @@ def _uses_alibi(config, model_type: str) -> bool:
     attn_config = config_attr(config, "attn_config", None)  # mpt keeps it in a sub-config
     if isinstance(attn_config, dict):
         return bool(attn_config.get("alibi"))
-    return model_type in ALIBI_FAMILIES or config_attr(config, "alibi", None) is True or (
-        getattr(attn_config, "alibi", None) is True)
+    return (
+        model_type in ALIBI_FAMILIES
+        or config_attr(config, "alibi", None) is True
+        or (getattr(attn_config, "alibi", None) is True)
+    )
 
 
 def _position_kind(model, config, model_type: str, rope: RopeSpec | None) -> str:
@@ -198,7 +217,9 @@ def _position_kind(model, config, model_type: str, rope: RopeSpec | None) -> str
 
 
 _BY_MODEL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (config key, KVGeometry)
-_BY_CONFIG: dict[str, KVGeometry] = {}  # config key -> KVGeometry (at most _CONFIGS_KEPT, oldest dropped first)
+_BY_CONFIG: dict[
+    str, KVGeometry
+] = {}  # config key -> KVGeometry (at most _CONFIGS_KEPT, oldest dropped first)
 _CONFIGS_KEPT = 64
 _LOCK = threading.Lock()  # teachers captured ahead on threads may ask at once
 
@@ -207,7 +228,9 @@ def _config_key(config) -> str | None:
     """What a geometry of `config` depends on: its class and full JSON (with `_name_or_path`, the default name);
     None for a config that does not serialise (derived every time)."""
     try:
-        return f"{type(config).__module__}.{type(config).__qualname__}\n{config.to_json_string(use_diff=False)}"
+        return (
+            f"{type(config).__module__}.{type(config).__qualname__}\n{config.to_json_string(use_diff=False)}"
+        )
     except Exception:  # not a transformers config, or a value JSON cannot hold
         return None
 
@@ -245,22 +268,46 @@ def _derive(model_or_config) -> KVGeometry:
     config = text_config(full_config)
     model_type = config_attr(config, "model_type", None) or getattr(full_config, "model_type", None)
     model = model_or_config if given_model else skeleton(full_config)
-    heads = int(first_attr(config, "num_attention_heads", "n_head", "num_heads", "decoder_attention_heads",
-                       "attention_heads", "n_heads", default=1))
+    heads = int(
+        first_attr(
+            config,
+            "num_attention_heads",
+            "n_head",
+            "num_heads",
+            "decoder_attention_heads",
+            "attention_heads",
+            "n_heads",
+            default=1,
+        )
+    )
     hidden = int(first_attr(config, "hidden_size", "n_embd", "d_model", "dim", "embed_dim"))
-    depth = int(first_attr(config, "num_hidden_layers", "n_layer", "num_layers", "decoder_layers", "n_layers"))
+    depth = int(
+        first_attr(config, "num_hidden_layers", "n_layer", "num_layers", "decoder_layers", "n_layers")
+    )
     vocab = int(first_attr(config, "vocab_size", default=0))
-    max_positions = first_attr(config, "max_position_embeddings", "n_positions", "max_seq_len", "max_sequence_length")
+    max_positions = first_attr(
+        config, "max_position_embeddings", "n_positions", "max_seq_len", "max_sequence_length"
+    )
     experts = first_attr(config, "num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
     experts = experts if as_int(experts) else None
     if is_encoder_config(config):
         H_kv, D, _ = _layer_shape(None, config, heads, hidden)
         return KVGeometry(
-            name=config_attr(config, "_name_or_path", "") or model_type, model_type=model_type,
-            num_layers=depth, num_attention_heads=heads, num_kv_heads=H_kv, head_dim=hidden // heads,
-            hidden_size=hidden, vocab_size=vocab, is_encoder=True, sliding_window=None,
-            layer_types=["full_attention"] * depth, rope=None, position_kind="learned",
-            max_positions=max_positions, num_experts=experts,
+            name=config_attr(config, "_name_or_path", "") or model_type,
+            model_type=model_type,
+            num_layers=depth,
+            num_attention_heads=heads,
+            num_kv_heads=H_kv,
+            head_dim=hidden // heads,
+            hidden_size=hidden,
+            vocab_size=vocab,
+            is_encoder=True,
+            sliding_window=None,
+            layer_types=["full_attention"] * depth,
+            rope=None,
+            position_kind="learned",
+            max_positions=max_positions,
+            num_experts=experts,
         )
     cache_types, cache_kwargs = cache_layer_types(config, depth)
     attns = decoder_attention_modules(model)
@@ -280,11 +327,18 @@ def _derive(model_or_config) -> KVGeometry:
     dims = [s[1] for s in shapes]
     value_dims = [s[2] for s in shapes]
     kv_types = [cache_types[i] for i in decoder_layers]
-    windows = {int(cache_kwargs[i]["sliding_window"]) for i in decoder_layers
-               if cache_types[i] in SLIDING_LAYER_TYPES and as_int(cache_kwargs[i].get("sliding_window"))}
+    windows = {
+        int(cache_kwargs[i]["sliding_window"])
+        for i in decoder_layers
+        if cache_types[i] in SLIDING_LAYER_TYPES and as_int(cache_kwargs[i].get("sliding_window"))
+    }
     head_dim = Counter(dims).most_common(1)[0][0]
     # ALiBi biases replace the rotation (falcon builds its rotary module all the same, and leaves it unused)
-    rope = None if _uses_alibi(config, model_type) else _rope_spec(model, config, attns, decoder_layers, kv_types, dims)
+    rope = (
+        None
+        if _uses_alibi(config, model_type)
+        else _rope_spec(model, config, attns, decoder_layers, kv_types, dims)
+    )
     return KVGeometry(
         name=config_attr(config, "_name_or_path", "") or model_type,
         model_type=model_type,

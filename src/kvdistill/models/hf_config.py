@@ -76,8 +76,11 @@ def cache_layer_types(config, num_hidden_layers: int) -> tuple[list[str], list[d
         types, kwargs = get_layer_types_and_kwargs(config)
         types, kwargs = list(types), list(kwargs)
         # the helper's return changed across 5.x (5.17 gives no per-layer kwargs dicts): only this shape is read
-        if len(types) == len(kwargs) and all(isinstance(t, str) for t in types) and all(
-                isinstance(k, dict) for k in kwargs):
+        if (
+            len(types) == len(kwargs)
+            and all(isinstance(t, str) for t in types)
+            and all(isinstance(k, dict) for k in kwargs)
+        ):
             return types, kwargs
         raise TypeError("unexpected get_layer_types_and_kwargs result")
     except Exception:  # older transformers, or a config without per-layer sub-configs
@@ -91,5 +94,8 @@ def is_encoder_config(config) -> bool:
     """A masked-LM family (BERT & co) not built as a decoder (`is_decoder=True` gives it a causal cache)."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
-    return (config_attr(config, "model_type", None) in MODEL_FOR_MASKED_LM_MAPPING_NAMES
-            and not config_attr(config, "is_decoder", False) and not config_attr(config, "is_encoder_decoder", False))
+    return (
+        config_attr(config, "model_type", None) in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+        and not config_attr(config, "is_decoder", False)
+        and not config_attr(config, "is_encoder_decoder", False)
+    )

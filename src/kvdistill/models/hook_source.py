@@ -62,7 +62,9 @@ def _read(out, layout: str, part: str, H: int, D: int, H_q: int) -> torch.Tensor
         return out[..., start : start + H * D].reshape(B, T, H, D).transpose(1, 2)
     if split == "per_head" and H_q == H and width == 3 * H * D:  # per head [q, k, v] (gpt_neox, bloom)
         return out.view(B, T, H, 3, D)[:, :, :, 1 + j].transpose(1, 2)
-    if split == "grouped" and H_q % H == 0 and width == (H_q + 2 * H) * D:  # per KV group [q x g, k, v] (falcon)
+    if (
+        split == "grouped" and H_q % H == 0 and width == (H_q + 2 * H) * D
+    ):  # per KV group [q x g, k, v] (falcon)
         g = H_q // H
         return out.view(B, T, H, g + 2, D)[:, :, :, g + j].transpose(1, 2)
     if split == "kv" and width == 2 * H * D:  # [k | v] (jetmoe)
@@ -72,7 +74,9 @@ def _read(out, layout: str, part: str, H: int, D: int, H_q: int) -> torch.Tensor
 
 _LAYOUTS = ("flat", "bthd", "bhtd")
 _SPLITS = ("split:contiguous", "split:per_head", "split:grouped", "split:kv")
-_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> list[(key, value) HookSource] | None
+_PLANS: weakref.WeakKeyDictionary = (
+    weakref.WeakKeyDictionary()
+)  # model -> list[(key, value) HookSource] | None
 
 
 def _candidates(attn, part: str) -> list[HookSource]:
@@ -109,6 +113,7 @@ def hook_plan(model: torch.nn.Module, geometry: KVGeometry) -> list[tuple[HookSo
     seen: dict[int, torch.Tensor] = {}
     handles = []
     for module in {id(c.module): c.module for ks, vs in candidates for c in ks + vs}.values():
+
         def hook(m, _inp, out):
             seen[id(m)] = out
 
@@ -130,7 +135,9 @@ def hook_plan(model: torch.nn.Module, geometry: KVGeometry) -> list[tuple[HookSo
     for i, (key_cands, value_cands) in enumerate(candidates):
         H, D, D_v = geometry.kv_heads_of(i), geometry.head_dim_of(i), geometry.value_dim_of(i)
         key = next((c for c in key_cands if _close(c.read(seen.get(id(c.module)), H, D, H_q), keys[i])), None)
-        value = next((c for c in value_cands if _close(c.read(seen.get(id(c.module)), H, D_v, H_q), values[i])), None)
+        value = next(
+            (c for c in value_cands if _close(c.read(seen.get(id(c.module)), H, D_v, H_q), values[i])), None
+        )
         if key is None or value is None:
             _PLANS[model] = None
             return None
@@ -162,7 +169,9 @@ def hooked_decoder_kv(model, runner, geometry, kwargs, plan):
     handles = []
     for i, (key_src, value_src) in enumerate(plan):
         handles.append(key_src.module.register_forward_hook(store(keys, i, key_src, geometry.head_dim_of(i))))
-        handles.append(value_src.module.register_forward_hook(store(values, i, value_src, geometry.value_dim_of(i))))
+        handles.append(
+            value_src.module.register_forward_hook(store(values, i, value_src, geometry.value_dim_of(i)))
+        )
     try:
         with record_tables(model, geometry) as raw:
             out = runner(**{**kwargs, "use_cache": False})

@@ -12,7 +12,14 @@ from typing import Any, Literal
 
 # Cache layer types (transformers.cache_utils) that hold per-token keys and values.
 KV_LAYER_TYPES = frozenset(
-    {"full_attention", "sliding_attention", "chunked_attention", "indexed_attention", "hybrid", "hybrid_sliding"}
+    {
+        "full_attention",
+        "sliding_attention",
+        "chunked_attention",
+        "indexed_attention",
+        "hybrid",
+        "hybrid_sliding",
+    }
 )
 SLIDING_LAYER_TYPES = frozenset({"sliding_attention", "hybrid_sliding"})
 
@@ -79,7 +86,9 @@ class KVGeometry:
     @property
     def decoder_layers(self) -> list[int]:
         """Decoder-layer index of each K/V layer."""
-        return list(self.attention_layers) if self.attention_layers is not None else list(range(self.num_layers))
+        return (
+            list(self.attention_layers) if self.attention_layers is not None else list(range(self.num_layers))
+        )
 
     def kv_heads_of(self, layer: int) -> int:
         return self.layer_kv_heads[layer] if self.layer_kv_heads else self.num_kv_heads
@@ -94,7 +103,9 @@ class KVGeometry:
 
     def kv_bytes_per_token(self, bytes_per_element: int = 2) -> int:
         """K and V of every layer for one token: Σ_l H_kv,l·(D_l + D_v,l)·bytes (2·L·H_kv·D·bytes when uniform)."""
-        per_layer = (self.kv_heads_of(i) * (self.head_dim_of(i) + self.value_dim_of(i)) for i in range(self.num_layers))
+        per_layer = (
+            self.kv_heads_of(i) * (self.head_dim_of(i) + self.value_dim_of(i)) for i in range(self.num_layers)
+        )
         return sum(per_layer) * bytes_per_element
 
     def to_dict(self) -> dict[str, Any]:

@@ -17,8 +17,14 @@ log = logging.getLogger(__name__)
 # model_type values loaded with AutoModel (no LM head, no KV cache: K/V come from projection hooks)
 ENCODER_TYPES = {"bert", "roberta", "xlm-roberta", "distilbert", "electra", "deberta", "deberta-v2", "mpnet"}
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
@@ -45,22 +51,29 @@ def resolve_path(name_or_path: str | os.PathLike) -> str:
         if source is not None:
             return str(gguf.converted_dir(source, zoo.home() / "gguf-converted"))
         if path.is_file():
-            raise KvdistillError(f"'{text}' is a file, not a model directory or a GGUF file",
-                                 "pass the directory that holds config.json, or a .gguf file")
+            raise KvdistillError(
+                f"'{text}' is a file, not a model directory or a GGUF file",
+                "pass the directory that holds config.json, or a .gguf file",
+            )
         if not (path / "config.json").is_file() and not (path / "tokenizer_config.json").is_file():
-            raise KvdistillError(f"'{text}' has no config.json and no .gguf file",
-                                 "pass a Hugging Face model directory or a .gguf file")
+            raise KvdistillError(
+                f"'{text}' has no config.json and no .gguf file",
+                "pass a Hugging Face model directory or a .gguf file",
+            )
         return str(path)
     close = zoo.nearest(text) if "/" not in text else []
     if close:  # a name without an organisation close to an offline one: a typo, not a hub id to try
         raise KvdistillError(
             f"'{text}' is not an offline model name, a local path or a hub id (nearest offline names: "
             f"{', '.join(close)})",
-            f"did you mean '{close[0]}'? `kvdistill zoo list` shows every offline name; a hub id reads ORG/NAME")
+            f"did you mean '{close[0]}'? `kvdistill zoo list` shows every offline name; a hub id reads ORG/NAME",
+        )
     looks_like_path = text.startswith((".", "/", "~")) or os.sep in text.strip("/").split("/", 1)[-1]
     if looks_like_path or text.count("/") > 1 or text.lower().endswith(".gguf"):
-        raise KvdistillError(f"model path '{text}' does not exist",
-                             f"check the path, or use an offline name ({', '.join(zoo.ZOO)}), a .gguf file or a hub id")
+        raise KvdistillError(
+            f"model path '{text}' does not exist",
+            f"check the path, or use an offline name ({', '.join(zoo.ZOO)}), a .gguf file or a hub id",
+        )
     return text  # a hub id such as 'Qwen/Qwen2.5-0.5B'
 
 
@@ -101,15 +114,19 @@ def load_tokenizer(name_or_path: str):
     except (OSError, ValueError) as err:
         raise _load_error(name_or_path, err) from err
     if not getattr(tokenizer, "is_fast", False):
-        raise KvdistillError(f"the tokenizer of '{name_or_path}' is a slow tokenizer without offset mappings",
-                             "use a model that ships tokenizer.json (a fast tokenizer)")
+        raise KvdistillError(
+            f"the tokenizer of '{name_or_path}' is a slow tokenizer without offset mappings",
+            "use a model that ships tokenizer.json (a fast tokenizer)",
+        )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     return tokenizer
 
 
 def is_encoder_config(config) -> bool:
-    return getattr(config, "model_type", "") in ENCODER_TYPES or bool(getattr(config, "is_encoder_decoder", False))
+    return getattr(config, "model_type", "") in ENCODER_TYPES or bool(
+        getattr(config, "is_encoder_decoder", False)
+    )
 
 
 def attn_implementation_for(attentions: bool) -> str:
@@ -118,25 +135,33 @@ def attn_implementation_for(attentions: bool) -> str:
     return "eager" if attentions else "sdpa"
 
 
-def from_pretrained_or_config(model_cls, *, attn_implementation: str, path: str | None = None, config=None,
-                              dtype: torch.dtype):
+def from_pretrained_or_config(
+    model_cls, *, attn_implementation: str, path: str | None = None, config=None, dtype: torch.dtype
+):
     """`model_cls.from_pretrained(path)` or `.from_config(config)`, with eager attention where the model has no
     kernel of the asked `attn_implementation` (transformers raises ValueError for those)."""
+
     def build(attn):
         if path is not None:
             return model_cls.from_pretrained(path, dtype=dtype, attn_implementation=attn)
         return model_cls.from_config(config, dtype=dtype, attn_implementation=attn)
 
     # transformers names the kernel "sdpa" or (5.25) "torch.nn.functional.scaled_dot_product_attention"
-    names = (attn_implementation, "scaled_dot_product_attention") if attn_implementation == "sdpa" else (
-        attn_implementation,)
+    names = (
+        (attn_implementation, "scaled_dot_product_attention")
+        if attn_implementation == "sdpa"
+        else (attn_implementation,)
+    )
     try:
         return build(attn_implementation)
     except ValueError as err:
         if attn_implementation == "eager" or not any(n in str(err) for n in names):
             raise
-        log.info("%s has no %s attention, loading it with eager attention", path or type(config).__name__,
-                 attn_implementation)
+        log.info(
+            "%s has no %s attention, loading it with eager attention",
+            path or type(config).__name__,
+            attn_implementation,
+        )
         return build("eager")
 
 
@@ -162,8 +187,9 @@ def load_model(
     config = load_config(name_or_path)
     model_cls = AutoModel if is_encoder_config(config) else AutoModelForCausalLM
     try:
-        model = from_pretrained_or_config(model_cls, path=path, dtype=resolve_dtype(dtype),
-                                          attn_implementation=attn_implementation)
+        model = from_pretrained_or_config(
+            model_cls, path=path, dtype=resolve_dtype(dtype), attn_implementation=attn_implementation
+        )
     except (OSError, ValueError) as err:
         raise _load_error(name_or_path, err) from err
     model.to(device).eval()

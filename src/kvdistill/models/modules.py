@@ -15,8 +15,20 @@ from kvdistill.models.hf_config import as_int, config_attr, is_encoder_config, t
 # Words in the class names of attention-looking modules that are not softmax attention over cached K/V.
 NOT_KV_ATTENTION = ("linear", "lightning", "delta", "mamba", "cross", "vision", "audio")
 # Child names under which attention modules keep their key / value projections (one per family style).
-KEY_MODULES = ("k_proj", "key", "k", "wk", "c_attn", "qkv_proj", "query_key_value", "Wqkv", "W_pack", "qkv",
-               "kv_proj", "kv_a_proj_with_mqa")
+KEY_MODULES = (
+    "k_proj",
+    "key",
+    "k",
+    "wk",
+    "c_attn",
+    "qkv_proj",
+    "query_key_value",
+    "Wqkv",
+    "W_pack",
+    "qkv",
+    "kv_proj",
+    "kv_a_proj_with_mqa",
+)
 
 
 def skeleton(config) -> torch.nn.Module:
@@ -25,7 +37,9 @@ def skeleton(config) -> torch.nn.Module:
 
     if is_encoder_config(text_config(config)):
         classes = (AutoModel,)
-    elif config_attr(config, "is_encoder_decoder", False):  # t5 & co: only their decoder-only causal-LM classes
+    elif config_attr(
+        config, "is_encoder_decoder", False
+    ):  # t5 & co: only their decoder-only causal-LM classes
         classes = (AutoModelForCausalLM,)
     else:  # a text sub-config (emu3_text_model) may have a base model class only
         classes = (AutoModelForCausalLM, AutoModel)
@@ -93,7 +107,9 @@ def decoder_attention_modules(model: torch.nn.Module) -> dict[int, torch.nn.Modu
         if not any(word in cls for word in ("attention", "attn", "mla")):
             continue
         path = name.lower().split(".")
-        if any(word in part for part in path for word in ("vision", "visual", "audio", "encoder_attn", "cross")):
+        if any(
+            word in part for part in path for word in ("vision", "visual", "audio", "encoder_attn", "cross")
+        ):
             continue
         if not any(isinstance(getattr(module, k, None), torch.nn.Module) for k in KEY_MODULES):
             continue
@@ -115,5 +131,7 @@ def has_rotary(model: torch.nn.Module) -> bool:
 
 def has_kv_blocks(model: torch.nn.Module) -> bool:
     """Older modeling code without `layer_idx` on its attention (ctrl, cpmant): any attention-named module."""
-    return any("attention" in type(m).__name__.lower() and "linear" not in type(m).__name__.lower()
-               for m in model.modules())
+    return any(
+        "attention" in type(m).__name__.lower() and "linear" not in type(m).__name__.lower()
+        for m in model.modules()
+    )

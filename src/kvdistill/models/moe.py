@@ -68,9 +68,11 @@ def require_moe(model: nn.Module, what: str) -> list[MoELayer]:
     layers = moe_layers(model)
     if not layers:
         name = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
-        raise KvdistillError(f"{what} ({name}) has no sparse MoE block (a router `gate` and fused `experts`)",
-                             "use an MoE family (mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3) or upcycle a "
-                             "dense student (student.upcycle), or set losses.routing.weight / losses.expert.weight 0")
+        raise KvdistillError(
+            f"{what} ({name}) has no sparse MoE block (a router `gate` and fused `experts`)",
+            "use an MoE family (mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3) or upcycle a "
+            "dense student (student.upcycle), or set losses.routing.weight / losses.expert.weight 0",
+        )
     return layers
 
 
@@ -89,9 +91,12 @@ class MoECapture:
     def by_token(self, i: int, B: int, T: int) -> dict[str, torch.Tensor | None]:
         """Block i's capture as (B, T, ...) tensors."""
         out = self.outputs[i]
-        return {"router_logits": self.router_logits[i].reshape(B, T, -1), "weights": self.weights[i].reshape(B, T, -1),
-                "index": self.index[i].reshape(B, T, -1),
-                "outputs": None if out is None else out.reshape(B, T, out.shape[-2], out.shape[-1])}
+        return {
+            "router_logits": self.router_logits[i].reshape(B, T, -1),
+            "weights": self.weights[i].reshape(B, T, -1),
+            "index": self.index[i].reshape(B, T, -1),
+            "outputs": None if out is None else out.reshape(B, T, out.shape[-2], out.shape[-1]),
+        }
 
 
 def attach_capture(layers: list[MoELayer], *, experts: bool = False) -> tuple[MoECapture, list]:
@@ -103,7 +108,9 @@ def attach_capture(layers: list[MoELayer], *, experts: bool = False) -> tuple[Mo
     module's output. Hooks, not a patched forward: they hold no reference to the module, so a deep copy of the
     model (a LoRA merge) computes with its own weights.
     """
-    cap = MoECapture(layers, [None] * len(layers), [None] * len(layers), [None] * len(layers), [None] * len(layers))
+    cap = MoECapture(
+        layers, [None] * len(layers), [None] * len(layers), [None] * len(layers), [None] * len(layers)
+    )
     pending: dict[int, tuple[torch.Tensor, torch.dtype]] = {}
     handles = []
 
@@ -116,7 +123,7 @@ def attach_capture(layers: list[MoELayer], *, experts: bool = False) -> tuple[Mo
     def before_experts(slot):
         def rows(module, args, kwargs):
             names = ("hidden_states", "top_k_index", "top_k_weights")
-            given = list(args) + [kwargs.pop(n) for n in names[len(args):]]
+            given = list(args) + [kwargs.pop(n) for n in names[len(args) :]]
             hidden, index, weights = given[:3]
             N, k = index.shape
             pending[slot] = (weights, hidden.dtype)
@@ -145,8 +152,9 @@ def attach_capture(layers: list[MoELayer], *, experts: bool = False) -> tuple[Mo
 
 
 @contextmanager
-def capture_moe(model: nn.Module, *, experts: bool = False, layers: list[MoELayer] | None = None
-                ) -> Iterator[MoECapture]:
+def capture_moe(
+    model: nn.Module, *, experts: bool = False, layers: list[MoELayer] | None = None
+) -> Iterator[MoECapture]:
     """Within the block, every forward of `model` records its MoE blocks' routing (and, with experts, per-expert
     outputs) into the yielded `MoECapture` (`attach_capture`)."""
     cap, handles = attach_capture(layers if layers is not None else moe_layers(model), experts=experts)

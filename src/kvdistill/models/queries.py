@@ -195,8 +195,9 @@ def query_importance(
 
 
 @torch.no_grad()
-def window_logits(model: torch.nn.Module, cap, queries: list[torch.Tensor], rows: torch.Tensor,
-                  layers: list[int]) -> dict[int, torch.Tensor]:
+def window_logits(
+    model: torch.nn.Module, cap, queries: list[torch.Tensor], rows: torch.Tensor, layers: list[int]
+) -> dict[int, torch.Tensor]:
     """layer -> ℓ (B, H_kv, Q, T) float32: the attention logits q·k·scaling of the query rows `rows` (B, Q) onto every
     key, rotated as the model rotates them, with the max over each KV head's query group (R-KV's GQA pooling;
     `kvdistill.compress.latent.rkv_reference_scores` masks and normalises them). No softcap and no mask: R-KV reads
@@ -218,8 +219,9 @@ def window_logits(model: torch.nn.Module, cap, queries: list[torch.Tensor], rows
         idx = rows[..., None].expand(*rows.shape, cos.shape[-1])  # (B, Q, R)
         B, H_q, _, D = queries[layer].shape
         at = rows[:, None, :, None].expand(B, H_q, rows.shape[1], D)
-        q = apply_rope(queries[layer].gather(2, at).float(), cos.gather(1, idx), sin.gather(1, idx),
-                       style)  # (B, H_q, Q, D)
+        q = apply_rope(
+            queries[layer].gather(2, at).float(), cos.gather(1, idx), sin.gather(1, idx), style
+        )  # (B, H_q, Q, D)
         k = apply_rope(cap.keys[layer].float(), cos, sin, style)  # (B, H_kv, T, D)
         H = k.shape[1]
         q = q.view(B, H, H_q // H, rows.shape[1], D)  # query head h reads KV head h // g

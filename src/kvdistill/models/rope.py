@@ -41,7 +41,9 @@ def _rotate(x: torch.Tensor, style: str) -> torch.Tensor:
     return rotate_half(x) if style == "rotate_half" else rotate_interleaved(x)
 
 
-def apply_rope(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str, offset: int = 0) -> torch.Tensor:
+def apply_rope(
+    k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str, offset: int = 0
+) -> torch.Tensor:
     """Rotate dims [offset, offset + R) of k (B, H, T, D) by cos/sin (B, T, R); the other dims pass through."""
     R = cos.shape[-1]
     cos, sin = cos[:, None].to(k.dtype), sin[:, None].to(k.dtype)  # (B, 1, T, R)
@@ -49,7 +51,9 @@ def apply_rope(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str
     return torch.cat((head, k_rot * cos + _rotate(k_rot, style) * sin, tail), dim=-1)
 
 
-def invert_rope(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str, offset: int = 0) -> torch.Tensor:
+def invert_rope(
+    k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str, offset: int = 0
+) -> torch.Tensor:
     """Exact inverse of `apply_rope`: rotation by -angle, divided by the scale cos² + sin².
 
     The division makes it exact for scaled rope too (yarn / longrope multiply cos and sin by a factor).
@@ -113,6 +117,7 @@ def record_tables(model: torch.nn.Module, geometry: KVGeometry):
     handles = []
     for i, attn, child, slot in _record_points(model, geometry):
         if child is not None:
+
             def out_hook(_m, _args, out, i=i):
                 tables[i] = out
 
@@ -158,8 +163,10 @@ def _format_of(raw, R: int, where: str) -> TableFormat:
     if isinstance(raw, torch.Tensor) and raw.is_complex():
         return TableFormat(complex=True, layout="base")
     if not isinstance(raw, tuple | list) or len(raw) != 2:
-        raise KvdistillError(f"{where}: the rotary table is a {type(raw).__name__}, not a (cos, sin) pair",
-                             "this family hands its attention a table kvdistill cannot read; file an issue")
+        raise KvdistillError(
+            f"{where}: the rotary table is a {type(raw).__name__}, not a (cos, sin) pair",
+            "this family hands its attention a table kvdistill cannot read; file an issue",
+        )
     a, b = (_as_btw(t).float() for t in raw)
     at_zero = a[0, 0], b[0, 0]  # (W,) each, position 0
     cos_first = bool(at_zero[1].abs().max() < 1e-6 and at_zero[0].abs().min() > 1e-6)
@@ -168,17 +175,23 @@ def _format_of(raw, R: int, where: str) -> TableFormat:
     if W * 2 == R:
         return TableFormat(complex=False, cos_first=cos_first, layout="base")
     if W != R:
-        raise KvdistillError(f"{where}: the rotary table is {W} wide, the geometry says R = {R}",
-                             "the rotary dims derived for this family are wrong; file an issue with the model id")
+        raise KvdistillError(
+            f"{where}: the rotary table is {W} wide, the geometry says R = {R}",
+            "the rotary dims derived for this family are wrong; file an issue with the model id",
+        )
     if torch.allclose(cos[..., : W // 2], cos[..., W // 2 :]):
         return TableFormat(complex=False, cos_first=cos_first, layout="half")
     if torch.allclose(cos[..., ::2], cos[..., 1::2]):
         return TableFormat(complex=False, cos_first=cos_first, layout="pairs")
-    raise KvdistillError(f"{where}: the rotary table pairs its dims neither as halves nor as neighbours",
-                         "this family's rotation is not one kvdistill inverts; file an issue with the model id")
+    raise KvdistillError(
+        f"{where}: the rotary table pairs its dims neither as halves nor as neighbours",
+        "this family's rotation is not one kvdistill inverts; file an issue with the model id",
+    )
 
 
-def normalize_table(raw, fmt: TableFormat, style: str, sign: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+def normalize_table(
+    raw, fmt: TableFormat, style: str, sign: int, batch: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(cos, sin) (B, T, R) float32 in the pairing of `style`, sign folded into sin, from a recorded table."""
     if fmt.complex:
         c, s = _as_btw(raw.real).float(), _as_btw(raw.imag).float()  # (B, T, R/2)
@@ -226,8 +239,9 @@ def probing(model: torch.nn.Module):
 
 
 def _probe_forward(model, input_ids, position_ids, **extra):
-    return model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), position_ids=position_ids,
-                 **extra)
+    return model(
+        input_ids=input_ids, attention_mask=torch.ones_like(input_ids), position_ids=position_ids, **extra
+    )
 
 
 def table_formats(model: torch.nn.Module, geometry: KVGeometry) -> list[TableFormat | None]:
@@ -251,8 +265,13 @@ def table_formats(model: torch.nn.Module, geometry: KVGeometry) -> list[TableFor
                     "but its attention was handed no rotary table",
                     "this family computes its rotation where kvdistill cannot see it; file an issue",
                 )
-            formats.append(_format_of(raw[i], geometry.rope.rotary_dim_of(i),
-                                      f"{geometry.model_type} layer {geometry.decoder_layers[i]}"))
+            formats.append(
+                _format_of(
+                    raw[i],
+                    geometry.rope.rotary_dim_of(i),
+                    f"{geometry.model_type} layer {geometry.decoder_layers[i]}",
+                )
+            )
     _FORMATS[model] = formats
     return formats
 

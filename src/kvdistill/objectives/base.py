@@ -49,16 +49,24 @@ class TrainingObjective(nn.Module, metaclass=abc.ABCMeta):
 
     kind = "objective"
 
-    def __init__(self, cfg, student: nn.Module, tokenizer, teachers: list, *, backbone: nn.Module | None = None):
+    def __init__(
+        self, cfg, student: nn.Module, tokenizer, teachers: list, *, backbone: nn.Module | None = None
+    ):
         super().__init__()
         self.cfg = cfg
         self.student = student
         self.tokenizer = tokenizer
         self.teachers = teachers  # plain list: frozen, not part of the trained / checkpointed module
-        self.student_geometry = geometry_of(unwrap_student(student if backbone is None else backbone),
-                                            name=str(cfg.student.model or "student"))
-        self.train_step = 0  # the optimizer step being run (set by the trainer): schedules, on-policy sampling
-        self.last_terms: dict[str, torch.Tensor] = {}  # graph-attached per-term means (train.grad_norms_every)
+        self.student_geometry = geometry_of(
+            unwrap_student(student if backbone is None else backbone),
+            name=str(cfg.student.model or "student"),
+        )
+        self.train_step = (
+            0  # the optimizer step being run (set by the trainer): schedules, on-policy sampling
+        )
+        self.last_terms: dict[
+            str, torch.Tensor
+        ] = {}  # graph-attached per-term means (train.grad_norms_every)
 
     @property
     def backbone(self) -> nn.Module:
@@ -68,12 +76,15 @@ class TrainingObjective(nn.Module, metaclass=abc.ABCMeta):
     def layer_pairs(self, tcfg, teacher, weights_cfg, device) -> LayerPairs:
         """Teacher `teacher`'s layer pairs (its config `tcfg`'s layer map; key / value weights of `weights_cfg`),
         refused when the map uses layers the teacher does not hold (a cache extracted with a layer subset)."""
-        pairs = LayerPairs.of(self.student_geometry.num_layers, teacher.geometry.num_layers, tcfg.layer_map,
-                              weights_cfg, device)
+        pairs = LayerPairs.of(
+            self.student_geometry.num_layers, teacher.geometry.num_layers, tcfg.layer_map, weights_cfg, device
+        )
         missing = sorted(set(pairs.teacher_layers) - set(teacher.layers))
         if missing:
-            raise KvdistillError(f"teacher '{teacher.name}' lacks layers {missing} that the layer map uses",
-                                 "re-extract the cache with those layers, or change the teacher's layer_map")
+            raise KvdistillError(
+                f"teacher '{teacher.name}' lacks layers {missing} that the layer map uses",
+                "re-extract the cache with those layers, or change the teacher's layer_map",
+            )
         return pairs
 
     def to_device(self, device) -> None:

@@ -39,17 +39,22 @@ class StudentBatch:
     alignments: list | None = None
 
 
-def student_batch(tokenizer, records: list[dict], *, max_length: int | None, max_positions: int | None,
-                  device) -> StudentBatch:
+def student_batch(
+    tokenizer, records: list[dict], *, max_length: int | None, max_positions: int | None, device
+) -> StudentBatch:
     """Tokenize `records` for the student (right padding, the model's position limit): a `Collator` without
     teachers."""
-    return Collator(tokenizer, [], max_length=max_length, max_positions=max_positions)(records).student_batch(device)
+    return Collator(tokenizer, [], max_length=max_length, max_positions=max_positions)(records).student_batch(
+        device
+    )
 
 
 Alignment = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # index, weight (..., M, K), covered (..., M)
 
 
-def _aligned(spans_t: torch.Tensor, mask_t: torch.Tensor, spans_s: torch.Tensor, mask_s: torch.Tensor) -> Alignment:
+def _aligned(
+    spans_t: torch.Tensor, mask_t: torch.Tensor, spans_s: torch.Tensor, mask_s: torch.Tensor
+) -> Alignment:
     """The sparse alignment of teacher tokens onto the student's, on the CPU: shared spans (B, M, 2) / mask (B, M)
     -> index, weight (B, M, K), covered (B, M); per head (B, H, M, 2) / (B, H, M) -> (B, H, M, K), (B, H, M).
     covered: 1 on real teacher tokens that overlap a student token."""
@@ -86,11 +91,14 @@ class Collated:
     spans: torch.Tensor
     teachers: list[TeacherInputs | TeacherKV | None]
     alignments: list[Alignment | dict[int, Alignment] | None]
-    ahead: Any = None  # in the training process: the teachers' K/V computed ahead (`objectives.ahead.Pending`)
+    ahead: Any = (
+        None  # in the training process: the teachers' K/V computed ahead (`objectives.ahead.Pending`)
+    )
     step: int | None = None  # the optimizer step the trainer collated it for (`train.loader.MicroBatches`)
 
     def pin_memory(self) -> Collated:
         """The same batch in pinned memory (the DataLoader's pin_memory thread calls this)."""
+
         def pin(x):
             return None if x is None else x.pin_memory()
 
@@ -102,17 +110,20 @@ class Collated:
                 t = map_tensors(t, pin)
             teachers.append(t)
         alignments = [_map_alignment(a, pin) for a in self.alignments]
-        return Collated(self.records, pin(self.ids), pin(self.mask), pin(self.spans), teachers, alignments,
-                        step=self.step)
+        return Collated(
+            self.records, pin(self.ids), pin(self.mask), pin(self.spans), teachers, alignments, step=self.step
+        )
 
     def student_batch(self, device) -> StudentBatch:
         """The student's side on `device` (non-blocking copies), the alignments with it by teacher position."""
+
         def to(x):
             return x.to(device, non_blocking=True)
 
         alignments = [_map_alignment(a, to) for a in self.alignments]
-        return StudentBatch(self.records, to(self.ids), to(self.mask), to(self.spans), self.spans, self.mask,
-                            alignments)
+        return StudentBatch(
+            self.records, to(self.ids), to(self.mask), to(self.spans), self.spans, self.mask, alignments
+        )
 
 
 @dataclass
@@ -151,17 +162,27 @@ class Collator:
     """records -> `Collated`: picklable (tokenizers, geometries, cache directories and settings, no model),
     CPU-only, so a DataLoader worker process runs it while the device runs the previous batch."""
 
-    def __init__(self, tokenizer, teachers: list[TeacherSide], *, max_length: int | None,
-                 max_positions: int | None):
+    def __init__(
+        self, tokenizer, teachers: list[TeacherSide], *, max_length: int | None, max_positions: int | None
+    ):
         self.tokenizer = tokenizer
         self.teachers = teachers
         self.max_length = max_length
         self.max_positions = max_positions
 
     def __call__(self, records: list[dict]) -> Collated:
-        enc = tokenize(self.tokenizer, [r["text"] for r in records], max_length=self.max_length,
-                       padding_side="right", max_positions=self.max_positions)
-        ids, mask, spans = enc["input_ids"], enc["attention_mask"], enc["offset_mapping"]  # (B, T_s), (B, T_s, 2)
+        enc = tokenize(
+            self.tokenizer,
+            [r["text"] for r in records],
+            max_length=self.max_length,
+            padding_side="right",
+            max_positions=self.max_positions,
+        )
+        ids, mask, spans = (
+            enc["input_ids"],
+            enc["attention_mask"],
+            enc["offset_mapping"],
+        )  # (B, T_s), (B, T_s, 2)
         inputs, alignments = [], []
         for t in self.teachers:
             if t.reader is not None:  # cached: K/V and spans from the cache
@@ -174,8 +195,13 @@ class Collator:
                 inputs.append(tkv)
                 alignments.append(aligned)
             elif t.tokenizer is not None:  # online
-                ti = prepare_teacher(t.tokenizer, records, geometry=t.geometry, max_length=self.max_length,
-                                     compression=t.compression)
+                ti = prepare_teacher(
+                    t.tokenizer,
+                    records,
+                    geometry=t.geometry,
+                    max_length=self.max_length,
+                    compression=t.compression,
+                )
                 inputs.append(ti)
                 alignments.append(_aligned(ti.spans, ti.attention_mask, spans, mask) if t.keeps_all else None)
             else:

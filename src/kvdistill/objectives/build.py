@@ -31,7 +31,9 @@ def build_teachers(cfg, device) -> list:
     for i, tcfg in enumerate(cfg.teachers):
         if tcfg.source == "cache":
             # refused unless it holds this run's teacher, tokenizer, compression and data (and the logits it reads)
-            reader = open_teacher_cache(tcfg, cfg.data, cfg.losses.logit_kd if cfg.losses.objective == "text" else None)
+            reader = open_teacher_cache(
+                tcfg, cfg.data, cfg.losses.logit_kd if cfg.losses.objective == "text" else None
+            )
             # its tokenizer (no weights; the cache's fingerprint was checked against it): logit KD aligns with it
             tok = load_tokenizer(tcfg.model) if cfg.losses.teacher_logits else None
             teachers.append(CachedTeacher(tcfg.name, reader, tok))
@@ -42,20 +44,38 @@ def build_teachers(cfg, device) -> list:
         reads_rkv = comp.kind == "rkv" or _latent_rkv(cfg)
         # attention probabilities are read for attention_kl, and by rkv for families whose importance cannot come
         # from hooked queries (models.queries); sdpa otherwise
-        if tcfg.from_config is not None:  # a randomly initialised teacher (seed 0), eager attention where read
-            model, tok = build_student(StudentConfig(from_config=tcfg.from_config, tokenizer=tcfg.tokenizer,
-                                                     dtype=dtype), seed=0,
-                                       attentions=cfg.losses.teacher_attentions or reads_rkv,
-                                       key=f"teachers[{i}].from_config")
+        if (
+            tcfg.from_config is not None
+        ):  # a randomly initialised teacher (seed 0), eager attention where read
+            model, tok = build_student(
+                StudentConfig(from_config=tcfg.from_config, tokenizer=tcfg.tokenizer, dtype=dtype),
+                seed=0,
+                attentions=cfg.losses.teacher_attentions or reads_rkv,
+                key=f"teachers[{i}].from_config",
+            )
             model.to(resolve_dtype(dtype))
-            teachers.append(OnlineTeacher(tcfg.name, model, tok, layers=comp.layers,
-                                          compression=comp.build() if comp.kind != "full" else None))
+            teachers.append(
+                OnlineTeacher(
+                    tcfg.name,
+                    model,
+                    tok,
+                    layers=comp.layers,
+                    compression=comp.build() if comp.kind != "full" else None,
+                )
+            )
             continue
         rkv_attn = reads_rkv and not supports_queries(geometry_of(load_config(tcfg.model)))
         attn = attn_implementation_for(cfg.losses.teacher_attentions or rkv_attn)
         model, tok = load_model(tcfg.model, dtype=dtype, attn_implementation=attn)
-        teachers.append(OnlineTeacher(tcfg.name, model, tok, compression=comp.build() if comp.kind != "full" else None,
-                                      layers=comp.layers))
+        teachers.append(
+            OnlineTeacher(
+                tcfg.name,
+                model,
+                tok,
+                compression=comp.build() if comp.kind != "full" else None,
+                layers=comp.layers,
+            )
+        )
     return teachers
 
 
@@ -67,14 +87,17 @@ def build_objective(cfg, device="cpu", *, init_student: str | None = None) -> Tr
     """The student (from its config, or `init_student`), the teachers and the objective of `cfg` on `device`."""
     student_cfg = cfg.student
     if init_student is not None:
-        student_cfg = student_cfg.model_copy(update={"model": str(init_student), "from_config": None,
-                                                     "tokenizer": None})
+        student_cfg = student_cfg.model_copy(
+            update={"model": str(init_student), "from_config": None, "tokenizer": None}
+        )
     return OBJECTIVES[cfg.losses.objective](cfg, student_cfg, device)
 
 
 def _build_text(cfg, student_cfg, device) -> TextObjective:
     """A text student and its teachers."""
-    student, tokenizer = build_student(student_cfg, seed=cfg.train.seed, attentions=cfg.losses.attention_kl > 0)
+    student, tokenizer = build_student(
+        student_cfg, seed=cfg.train.seed, attentions=cfg.losses.attention_kl > 0
+    )
     teachers = build_teachers(cfg, device)
     torch.manual_seed(cfg.train.seed + 1)  # projector / router init independent of how the student was built
     return TextObjective(cfg, student, tokenizer, teachers, device)
@@ -86,16 +109,22 @@ def _build_kava(cfg, student_cfg, device) -> KavaObjective:
     lat = cfg.student.latent
     self_rkv = _latent_rkv(cfg) and cfg.losses.latent_kv.weight > 0 and cfg.losses.latent_kv.self_teacher
     backbone, tokenizer = build_student(student_cfg, seed=cfg.train.seed)
-    if self_rkv and not supports_queries(geometry_of(unwrap_student(backbone))):  # rebuilt (same seed) with eager
+    if self_rkv and not supports_queries(
+        geometry_of(unwrap_student(backbone))
+    ):  # rebuilt (same seed) with eager
         backbone, tokenizer = build_student(student_cfg, seed=cfg.train.seed, attentions=True)
     torch.manual_seed(cfg.train.seed + 2)  # the head's init independent of how the backbone was built
     hidden = backbone.get_input_embeddings().embedding_dim
     rms = embedding_rms(backbone) if lat.head == "embed_norm" else None
-    student = LatentStudent(backbone, LatentHead(hidden, lat.tokens, lat.projection, head=lat.head, embed_rms=rms),
-                            lat.iterations)
+    student = LatentStudent(
+        backbone, LatentHead(hidden, lat.tokens, lat.projection, head=lat.head, embed_rms=rms), lat.iterations
+    )
     teachers = build_teachers(cfg, device)
     torch.manual_seed(cfg.train.seed + 1)
     return KavaObjective(cfg, student, tokenizer, teachers, device)
 
 
-OBJECTIVES = {"text": _build_text, "latent": _build_kava}  # objective kind -> builder (cfg, student_cfg, device)
+OBJECTIVES = {
+    "text": _build_text,
+    "latent": _build_kava,
+}  # objective kind -> builder (cfg, student_cfg, device)

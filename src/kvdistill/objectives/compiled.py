@@ -26,8 +26,12 @@ class CompiledOrEager:
             try:
                 return self.compiled(*args, **kwargs)
             except Exception as err:  # noqa: BLE001 (any failure of the compiler; fn runs instead)
-                log.warning("train.compile: compiling %s failed (%s: %s); it runs eagerly from now on",
-                            self.name, type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+                log.warning(
+                    "train.compile: compiling %s failed (%s: %s); it runs eagerly from now on",
+                    self.name,
+                    type(err).__name__,
+                    str(err).splitlines()[0] if str(err) else "",
+                )
                 self.compiled = None
         return self.fn(*args, **kwargs)
 

@@ -53,11 +53,19 @@ class Fusion(nn.Module):
         self.cfg = cfg
         self.kind = cfg.kind
         self.per_token = cfg.kind == "router" and cfg.router.per_token
-        self.register_buffer("fixed", fixed_weights(cfg.weights or teacher_weights) if num_teachers else
-                             torch.zeros(0), persistent=False)
-        self.router = (Router(hidden_size, num_teachers, kind=cfg.router.kind, per_token=cfg.router.per_token)
-                       if cfg.kind == "router" else None)
-        self.supervised = cfg.kind == "router" and cfg.router.target == "confidence"  # trained toward confidence
+        self.register_buffer(
+            "fixed",
+            fixed_weights(cfg.weights or teacher_weights) if num_teachers else torch.zeros(0),
+            persistent=False,
+        )
+        self.router = (
+            Router(hidden_size, num_teachers, kind=cfg.router.kind, per_token=cfg.router.per_token)
+            if cfg.kind == "router"
+            else None
+        )
+        self.supervised = (
+            cfg.kind == "router" and cfg.router.target == "confidence"
+        )  # trained toward confidence
 
     @property
     def needs_hidden(self) -> bool:
@@ -74,9 +82,13 @@ class Fusion(nn.Module):
         w = self.router(hidden.detach().float(), mask)
         return w.detach() if self.supervised else w
 
-    def weights(self, hidden: torch.Tensor | None, mask: torch.Tensor,
-                similarity: list[SimilarityInputs] | None = None,
-                teacher_nll: torch.Tensor | None = None) -> torch.Tensor:
+    def weights(
+        self,
+        hidden: torch.Tensor | None,
+        mask: torch.Tensor,
+        similarity: list[SimilarityInputs] | None = None,
+        teacher_nll: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """(B, N) weights per sample, or (B, T_s, N) per token (router with per_token). teacher_nll (B, N): every
         teacher's NLL per byte of each sample (`Step.teacher_nll`), read by kind confidence."""
         B = mask.shape[0]
@@ -84,20 +96,31 @@ class Fusion(nn.Module):
             return self.fixed[None].expand(B, -1)
         if self.kind == "confidence":
             if teacher_nll is None:
-                raise KvdistillError("fusion.kind confidence was given no teacher NLL for this batch",
-                                     "run the teachers online (the objective's teacher pass scores each sample)")
+                raise KvdistillError(
+                    "fusion.kind confidence was given no teacher NLL for this batch",
+                    "run the teachers online (the objective's teacher pass scores each sample)",
+                )
             return confidence_weights(teacher_nll, self.cfg.confidence.temperature).to(mask.device)
         if self.kind == "router":
             w = self.router(hidden.detach().float(), mask)
             return w.detach() if self.supervised else w
         sim = self.cfg.similarity
         pool = "mean" if sim.prototype == "kmeans" else sim.prototype
-        queries = [prototype(s.query.detach().float(), s.mask, kind=pool)[:, 0] for s in similarity]  # (B, F_n)
-        protos = [prototype(s.key.detach().float(), s.mask, kind=sim.prototype, k=sim.kmeans_k) for s in similarity]
+        queries = [
+            prototype(s.query.detach().float(), s.mask, kind=pool)[:, 0] for s in similarity
+        ]  # (B, F_n)
+        protos = [
+            prototype(s.key.detach().float(), s.mask, kind=sim.prototype, k=sim.kmeans_k) for s in similarity
+        ]
         return similarity_weights(queries, protos, metric=sim.metric, temperature=sim.temperature)  # (B, N)
 
-    def regularizer(self, weights: torch.Tensor, mask: torch.Tensor, hidden: torch.Tensor | None = None,
-                    teacher_nll: torch.Tensor | None = None) -> dict[str, tuple[float, torch.Tensor]]:
+    def regularizer(
+        self,
+        weights: torch.Tensor,
+        mask: torch.Tensor,
+        hidden: torch.Tensor | None = None,
+        teacher_nll: torch.Tensor | None = None,
+    ) -> dict[str, tuple[float, torch.Tensor]]:
         """The router's terms to add to the loss: name -> (weight, 0-dim value); empty without a router.
 
         "entropy" (fusion.entropy, when its weight > 0) on the router's weights; "router_target" (router.target
@@ -107,17 +130,26 @@ class Fusion(nn.Module):
             return {}
         if self.supervised:
             if hidden is None or teacher_nll is None:
-                raise KvdistillError("the router trained toward the confidence weights got no hidden states or "
-                                     "teacher NLL", "pass the step's hidden states and teacher_nll")
+                raise KvdistillError(
+                    "the router trained toward the confidence weights got no hidden states or teacher NLL",
+                    "pass the step's hidden states and teacher_nll",
+                )
             weights = self.router(hidden.detach().float(), mask)  # (B, N) or (B, T_s, N), with gradient
         token_mask = mask if weights.dim() == 3 else None
         out = {}
         if self.cfg.entropy.weight > 0:
-            out["entropy"] = (self.cfg.entropy.weight,
-                              entropy_regularizer(weights, target=self.cfg.entropy.target, mask=token_mask))
+            out["entropy"] = (
+                self.cfg.entropy.weight,
+                entropy_regularizer(weights, target=self.cfg.entropy.target, mask=token_mask),
+            )
         if self.supervised:
-            target = confidence_weights(teacher_nll, self.cfg.confidence.temperature).to(weights.device)  # (B, N)
-            out["router_target"] = (self.cfg.router.target_weight, router_target_kl(weights, target, token_mask))
+            target = confidence_weights(teacher_nll, self.cfg.confidence.temperature).to(
+                weights.device
+            )  # (B, N)
+            out["router_target"] = (
+                self.cfg.router.target_weight,
+                router_target_kl(weights, target, token_mask),
+            )
         return out
 
 
@@ -127,8 +159,9 @@ vocabulary at batch 16 x 320 tokens would otherwise hold 2.7 GB of bf16 logits p
 
 
 @torch.no_grad()
-def teacher_nll_per_byte(model: nn.Module, capture, start: torch.Tensor, end: torch.Tensor | None = None,
-                         chunk: int = SCORE_CHUNK) -> torch.Tensor:
+def teacher_nll_per_byte(
+    model: nn.Module, capture, start: torch.Tensor, end: torch.Tensor | None = None, chunk: int = SCORE_CHUNK
+) -> torch.Tensor:
     """One teacher's NLL per byte of each sample's scored text (B,) (`fuse.confidence.byte_nll`), from its own logits
     on its own tokens: the K/V capture's input_ids, attention_mask, positions (B, T_t) and byte spans (B, T_t, 2) run
     through the teacher again `chunk` samples at a time (the K/V pass skips the LM head), each sample's NLL computed
@@ -141,8 +174,15 @@ def teacher_nll_per_byte(model: nn.Module, capture, start: torch.Tensor, end: to
         logits = model(input_ids=ids[lo:hi], attention_mask=mask[lo:hi], position_ids=positions[lo:hi]).logits
         for b in range(lo, hi):  # logits (hi - lo, T_t, V)
             nll, counted = losses.token_nll(logits[b - lo : b - lo + 1], ids[b : b + 1], mask[b : b + 1])
-            rows.append(byte_nll(nll, counted, spans[b : b + 1].to(nll.device), start[b : b + 1].to(nll.device),
-                                 None if end is None else end[b : b + 1].to(nll.device)))
+            rows.append(
+                byte_nll(
+                    nll,
+                    counted,
+                    spans[b : b + 1].to(nll.device),
+                    start[b : b + 1].to(nll.device),
+                    None if end is None else end[b : b + 1].to(nll.device),
+                )
+            )
         del logits
     return torch.cat(rows)
 
@@ -161,15 +201,18 @@ def scored_start(records: list[dict], span: str, template: str) -> torch.Tensor:
     starts = []
     for r in records:
         if not r.get("question") or type(r["text"]) is not str:  # a conversation's text is a ChatText
-            raise KvdistillError(f"record '{r.get('id')}' has no question line (a plain-text or chat record), so "
-                                 "fusion.confidence.span continuation cannot tell where its continuation starts",
-                                 "set fusion.confidence.span: text (the whole text is scored)")
+            raise KvdistillError(
+                f"record '{r.get('id')}' has no question line (a plain-text or chat record), so "
+                "fusion.confidence.span continuation cannot tell where its continuation starts",
+                "set fusion.confidence.span: text (the whole text is scored)",
+            )
         try:
             prompt = question_prompt(r, template)
         except KvdistillError as err:
-            raise KvdistillError(f"fusion.confidence.span continuation scores what follows the question: {err.problem}",
-                                 "set fusion.confidence.span: text (the whole text is scored), or use template-mode "
-                                 "records") from None
+            raise KvdistillError(
+                f"fusion.confidence.span continuation scores what follows the question: {err.problem}",
+                "set fusion.confidence.span: text (the whole text is scored), or use template-mode records",
+            ) from None
         starts.append(len(prompt.encode("utf-8", "surrogatepass")))
     return torch.tensor(starts, dtype=torch.long)
 

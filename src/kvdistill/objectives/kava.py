@@ -52,7 +52,9 @@ class KavaObjective(TrainingObjective):
     kind = "latent"
 
     def __init__(self, cfg, student, tokenizer, teachers: list, device):
-        super().__init__(cfg, student, tokenizer, teachers, backbone=student.backbone)  # student: LatentStudent
+        super().__init__(
+            cfg, student, tokenizer, teachers, backbone=student.backbone
+        )  # student: LatentStudent
         sg = self.student_geometry
         lk = cfg.losses.latent_kv
         self.uses_self = lk.weight > 0 and lk.self_teacher
@@ -60,14 +62,18 @@ class KavaObjective(TrainingObjective):
         self.projectors = nn.ModuleDict()  # per teacher, its mapped layers' maps into its geometry, stacked
         names, weights = [], []
         if self.uses_self:
-            identity = LayerPairs(torch.eye(sg.num_layers), keys_weight=lk.keys, values_weight=lk.values, device=device)
+            identity = LayerPairs(
+                torch.eye(sg.num_layers), keys_weight=lk.keys, values_weight=lk.values, device=device
+            )
             self.pairs[SELF] = identity
             names.append(SELF)
             weights.append(1.0)
         for tcfg, t in zip(cfg.teachers, teachers, strict=True):
             if t.name == SELF:
-                raise KvdistillError("a teacher may not be named 'self' (the backbone's own CoT mode is)",
-                                     "rename it (teachers.N.name)")
+                raise KvdistillError(
+                    "a teacher may not be named 'self' (the backbone's own CoT mode is)",
+                    "rename it (teachers.N.name)",
+                )
             lp = self.pairs[t.name] = self.layer_pairs(tcfg, t, lk, device)
             self.projectors[t.name] = KVProjectorStack(sg, t.geometry, tcfg.projector, lp.layers)
             names.append(t.name)
@@ -76,9 +82,14 @@ class KavaObjective(TrainingObjective):
         self.source_weights = {n: w / total for n, w in zip(names, weights, strict=True)} if total else {}
         c = cfg.losses
         self._collator = LatentCollator(
-            tokenizer, sg, template=cfg.data.template, tokens=student.tokens, max_length=cfg.data.max_length,
+            tokenizer,
+            sg,
+            template=cfg.data.template,
+            tokens=student.tokens,
+            max_length=cfg.data.max_length,
             own_cot=c.cot_ce > 0 or c.codi.weight > 0 or self.uses_self,
-            teachers=[(t.tokenizer, t.geometry) if t.kind == "online" else None for t in teachers])
+            teachers=[(t.tokenizer, t.geometry) if t.kind == "online" else None for t in teachers],
+        )
         self._register_load_state_dict_pre_hook(self._from_per_pair_layout)
         self.to_device(device)
 
@@ -98,27 +109,47 @@ class KavaObjective(TrainingObjective):
     def _student_pass(self, view: LatentView, *, hidden: bool):
         """The student in latent mode (question, M latents, answer)."""
         d = self.device
-        return self.student(view.prefix_ids.to(d), view.prefix_mask.to(d), view.suffix_ids.to(d),
-                            view.suffix_mask.to(d), pad_id=pad_id(self.tokenizer), geometry=self.student_geometry,
-                            hidden_states=hidden)
+        return self.student(
+            view.prefix_ids.to(d),
+            view.prefix_mask.to(d),
+            view.suffix_ids.to(d),
+            view.suffix_mask.to(d),
+            pad_id=pad_id(self.tokenizer),
+            geometry=self.student_geometry,
+            hidden_states=hidden,
+        )
 
-    def _cot_pass(self, model, geometry, view: CotView, *, grad: bool, logits: bool, hidden: bool, importance: bool):
+    def _cot_pass(
+        self, model, geometry, view: CotView, *, grad: bool, logits: bool, hidden: bool, importance: bool
+    ):
         """A CoT-mode capture of `model` (the backbone with `grad`, or a frozen teacher) and its hooked queries where
         `importance` reads them (None otherwise)."""
         hooked = importance and supports_queries(geometry)
         d = self.device
-        with (torch.set_grad_enabled(grad and torch.is_grad_enabled()),
-              capture_queries(model, geometry) if hooked else nullcontext() as qc):
-            cap = forward_kv(model, view.ids.to(d), view.mask.to(d), geometry=geometry, logits=logits,
-                             hidden_states=hidden, attentions=importance and not hooked)
+        with (
+            torch.set_grad_enabled(grad and torch.is_grad_enabled()),
+            capture_queries(model, geometry) if hooked else nullcontext() as qc,
+        ):
+            cap = forward_kv(
+                model,
+                view.ids.to(d),
+                view.mask.to(d),
+                geometry=geometry,
+                logits=logits,
+                hidden_states=hidden,
+                attentions=importance and not hooked,
+            )
         return cap, (qc.queries if hooked else None)
 
     def _own_target(self, cap, view: CotView, queries) -> LatentTargets:
         """The self teacher's targets from the backbone's CoT-mode capture."""
         cfg = self.cfg.losses.latent_kv.target
         layers = self.pairs[SELF].teacher_layers
-        imp, valid = (cot_importance(self.backbone, cap, queries, view, layers, cfg) if cfg.kind == "rkv"
-                      else (None, None))
+        imp, valid = (
+            cot_importance(self.backbone, cap, queries, view, layers, cfg)
+            if cfg.kind == "rkv"
+            else (None, None)
+        )
         return compress_cot(cap, view, layers, cfg, self.student.tokens, imp, valid)
 
     def teacher_pass(self, batch: LatentBatch, *, training: bool = True) -> dict[str, LatentTargets]:
@@ -135,10 +166,20 @@ class KavaObjective(TrainingObjective):
                 out[t.name] = cached_targets(tkv, layers, M, self.device)
                 continue
             with torch.no_grad(), t.lock:
-                cap, queries = self._cot_pass(t.model, t.geometry, view, grad=False, logits=False, hidden=False,
-                                              importance=cfg.kind == "rkv")
-                imp, valid = cot_importance(t.model, cap, queries, view, layers, cfg) if cfg.kind == "rkv" else (
-                    None, None)
+                cap, queries = self._cot_pass(
+                    t.model,
+                    t.geometry,
+                    view,
+                    grad=False,
+                    logits=False,
+                    hidden=False,
+                    importance=cfg.kind == "rkv",
+                )
+                imp, valid = (
+                    cot_importance(t.model, cap, queries, view, layers, cfg)
+                    if cfg.kind == "rkv"
+                    else (None, None)
+                )
                 out[t.name] = compress_cot(cap, view, layers, cfg, M, imp, valid)
         return out
 
@@ -168,9 +209,16 @@ class KavaObjective(TrainingObjective):
                     target.append(losses.as_rows(t.to(x.dtype), tgt.kept[j])[0])
                 kept.append(tgt.kept[j].flatten(1))  # (B, H_n·M)
             B, R, D = pred[0].shape
-            err = losses.kv_error(torch.stack(pred).view(-1, 2, B, R, D), torch.stack(target).view(-1, 2, B, R, D),
-                                  torch.stack(kept)[:, None], kind=lk.kind, normalize=lk.normalize)  # (P, 2, B)
-            out[name] = losses.pairs_kv_loss(err, lp.coef, len(lp.layers)) / 2  # K and V averaged (KaVa's L_KV)
+            err = losses.kv_error(
+                torch.stack(pred).view(-1, 2, B, R, D),
+                torch.stack(target).view(-1, 2, B, R, D),
+                torch.stack(kept)[:, None],
+                kind=lk.kind,
+                normalize=lk.normalize,
+            )  # (P, 2, B)
+            out[name] = (
+                losses.pairs_kv_loss(err, lp.coef, len(lp.layers)) / 2
+            )  # K and V averaged (KaVa's L_KV)
         return out
 
     def forward(self, batch: LatentBatch | list[dict]):
@@ -191,8 +239,14 @@ class KavaObjective(TrainingObjective):
         t_view = batch.own_cot
         if c.cot_ce > 0 or codi or self.uses_self:
             t_cap, t_queries = self._cot_pass(
-                self.backbone, self.student_geometry, t_view, grad=c.cot_ce > 0, logits=c.cot_ce > 0, hidden=codi,
-                importance=self.uses_self and c.latent_kv.target.kind == "rkv")
+                self.backbone,
+                self.student_geometry,
+                t_view,
+                grad=c.cot_ce > 0,
+                logits=c.cot_ce > 0,
+                hidden=codi,
+                importance=self.uses_self and c.latent_kv.target.kind == "rkv",
+            )
         if c.cot_ce > 0:
             cot_ce = losses.ce_loss(t_cap.logits, t_cap.input_ids, t_view.after_prefix.to(d))
             per_sample = per_sample + c.cot_ce * cot_ce
@@ -224,8 +278,14 @@ class KavaObjective(TrainingObjective):
         `kvdistill.eval.decode.latent_exact_match`)."""
         with self.evaluating():
             bs = batch_size or self.cfg.train.batch_size
-            ce = latent_answer_ce(self.student, self.tokenizer, records, self.cfg.data.template, batch_size=bs,
-                                  geometry=self.student_geometry)["ce"]
+            ce = latent_answer_ce(
+                self.student,
+                self.tokenizer,
+                records,
+                self.cfg.data.template,
+                batch_size=bs,
+                geometry=self.student_geometry,
+            )["ce"]
             out = {"eval/ce": ce, "eval/ppl": math.exp(min(ce, 50.0))}
             if self.cfg.losses.latent_kv.weight > 0:
                 kv_sums: dict[str, list[float]] = {}
@@ -235,8 +295,14 @@ class KavaObjective(TrainingObjective):
                     targets = {}
                     if self.uses_self:
                         t_cap, t_q = self._cot_pass(
-                            self.backbone, self.student_geometry, batch.own_cot, grad=False, logits=False,
-                            hidden=False, importance=self.cfg.losses.latent_kv.target.kind == "rkv")
+                            self.backbone,
+                            self.student_geometry,
+                            batch.own_cot,
+                            grad=False,
+                            logits=False,
+                            hidden=False,
+                            importance=self.cfg.losses.latent_kv.target.kind == "rkv",
+                        )
                         targets[SELF] = self._own_target(t_cap, batch.own_cot, t_q)
                     targets.update(self.teacher_pass(batch, training=False))
                     kv = self.kv_terms(cap, batch.student.prefix_ids.shape[1], targets)
@@ -255,18 +321,35 @@ class KavaObjective(TrainingObjective):
     # ------------------------------------------------------------------------------------------ reports
     def plan(self) -> dict:
         lat = self.cfg.student.latent
-        return {"student": self.student_geometry.to_dict(),
-                "latent": {"tokens": lat.tokens, "iterations": lat.iterations, "projection": lat.projection,
-                           "head": lat.head},
-                "target": self.cfg.losses.latent_kv.target.model_dump(),
-                "teachers": [{"name": n, "weight": w, "pairs": [[i, j, x] for i, j, x in zip(
-                    self.pairs[n].i, self.pairs[n].j, self.pairs[n].w, strict=True)]}
-                    for n, w in self.source_weights.items()]}
+        return {
+            "student": self.student_geometry.to_dict(),
+            "latent": {
+                "tokens": lat.tokens,
+                "iterations": lat.iterations,
+                "projection": lat.projection,
+                "head": lat.head,
+            },
+            "target": self.cfg.losses.latent_kv.target.model_dump(),
+            "teachers": [
+                {
+                    "name": n,
+                    "weight": w,
+                    "pairs": [
+                        [i, j, x]
+                        for i, j, x in zip(self.pairs[n].i, self.pairs[n].j, self.pairs[n].w, strict=True)
+                    ],
+                }
+                for n, w in self.source_weights.items()
+            ],
+        }
 
     def alignment_sample(self, record: dict) -> dict:
         s = segments(record, self.cfg.data.template)
-        return {"text": s.text, "student": {"prefix": s.prefix, "latent_tokens": self.student.tokens,
-                                            "suffix": s.suffix}, "teachers": {}}
+        return {
+            "text": s.text,
+            "student": {"prefix": s.prefix, "latent_tokens": self.student.tokens, "suffix": s.suffix},
+            "teachers": {},
+        }
 
     def save_student(self, out_dir) -> None:
         super().save_student(out_dir)
@@ -278,17 +361,18 @@ class KavaObjective(TrainingObjective):
         share a student layer (an interpolated layer map), whose maps cannot become one."""
         for name, lp in self.pairs.items():
             head = f"{prefix}projectors.{name}."
-            old = [k for k in state_dict if k.startswith(head) and k[len(head):].split(".")[0].isdigit()]
+            old = [k for k in state_dict if k.startswith(head) and k[len(head) :].split(".")[0].isdigit()]
             if not old:
                 continue
             if len(set(lp.i)) != len(lp.i):
                 raise KvdistillError(
                     f"this checkpoint holds one K/V map per layer pair for teacher '{name}' ({len(lp.i)} pairs over "
                     f"student layers {lp.layers}: an interpolated layer map); the latent objective now keeps one map "
-                    "per student layer", "train the run again from step 0 (or resume it with the kvdistill version "
-                    "that wrote it)")
+                    "per student layer",
+                    "train the run again from step 0 (or resume it with the kvdistill version that wrote it)",
+                )
             moved = {}
             for k in old:
-                p, _, rest = k[len(head):].partition(".")
+                p, _, rest = k[len(head) :].partition(".")
                 moved[f"{head}{lp.i[int(p)]}.{rest}"] = state_dict.pop(k)
             state_dict.update(moved)

@@ -35,8 +35,9 @@ class CotView:
 
 def cot_view(tokenizer, geometry, records: list[dict], segs: list[Segments], max_length: int) -> CotView:
     """Tokenize the full texts (question, CoT, answer) and mark CoT, answer and the token before the answer."""
-    ids, mask, spans = tokenize_for(geometry, tokenizer, [s.text for s in segs], max_length=max_length,
-                                    padding_side="right")  # (B, T), (B, T), (B, T, 2) bytes
+    ids, mask, spans = tokenize_for(
+        geometry, tokenizer, [s.text for s in segs], max_length=max_length, padding_side="right"
+    )  # (B, T), (B, T), (B, T, 2) bytes
     start, end = spans[..., 0], spans[..., 1]
     content = (end > start) & mask.bool()
     cand, answer, pre, after = [], [], [], []
@@ -48,23 +49,34 @@ def cot_view(tokenizer, geometry, records: list[dict], segs: list[Segments], max
         if not c.any() or not a.any() or not len(before):
             raise KvdistillError(
                 f"record '{records[b].get('id')}': after truncation to data.max_length = {max_length} tokens its "
-                "chain of thought or answer is missing", "raise data.max_length or drop the longest records")
+                "chain of thought or answer is missing",
+                "raise data.max_length or drop the longest records",
+            )
         rest = content[b] & (start[b] >= pfx)
-        rest = rest | torch.cat([rest[1:], rest.new_zeros(1)])  # the last prefix token predicts the first CoT token
+        rest = rest | torch.cat(
+            [rest[1:], rest.new_zeros(1)]
+        )  # the last prefix token predicts the first CoT token
         cand.append(c)
         answer.append(a)
         pre.append(before.max())
         after.append(rest)
-    return CotView(ids, mask, torch.stack(cand).long(), torch.stack(answer).long(), torch.stack(pre),
-                   torch.stack(after).long())
-
+    return CotView(
+        ids,
+        mask,
+        torch.stack(cand).long(),
+        torch.stack(answer).long(),
+        torch.stack(pre),
+        torch.stack(after).long(),
+    )
 
 
 def _pinned(view):
     """A view (a dataclass of CPU tensors) in pinned memory; None as it is."""
     if view is None:
         return None
-    return dataclasses.replace(view, **{f.name: getattr(view, f.name).pin_memory() for f in dataclasses.fields(view)})
+    return dataclasses.replace(
+        view, **{f.name: getattr(view, f.name).pin_memory() for f in dataclasses.fields(view)}
+    )
 
 
 @dataclass
@@ -78,13 +90,19 @@ class LatentBatch:
     student: LatentView
     own_cot: CotView | None
     teachers: list[CotView | None]
-    ahead: Any = None  # in the training process: the teachers' targets computed ahead (`objectives.ahead.Pending`)
+    ahead: Any = (
+        None  # in the training process: the teachers' targets computed ahead (`objectives.ahead.Pending`)
+    )
     step: int | None = None  # the optimizer step the trainer collated it for (`train.loader.MicroBatches`)
 
     def pin_memory(self) -> LatentBatch:
         """The same batch in pinned memory (the DataLoader's pin_memory thread calls this)."""
-        return dataclasses.replace(self, student=_pinned(self.student), own_cot=_pinned(self.own_cot),
-                                   teachers=[_pinned(v) for v in self.teachers])
+        return dataclasses.replace(
+            self,
+            student=_pinned(self.student),
+            own_cot=_pinned(self.own_cot),
+            teachers=[_pinned(v) for v in self.teachers],
+        )
 
 
 class LatentCollator:
@@ -94,8 +112,17 @@ class LatentCollator:
     view is made (CoT CE, CODI, the self teacher); teachers: per teacher (tokenizer, geometry) of an online one whose
     CoT view is made, None for one that needs none."""
 
-    def __init__(self, tokenizer, geometry, *, template: str, tokens: int, max_length: int, own_cot: bool,
-                 teachers: list[tuple[Any, Any] | None]):
+    def __init__(
+        self,
+        tokenizer,
+        geometry,
+        *,
+        template: str,
+        tokens: int,
+        max_length: int,
+        own_cot: bool,
+        teachers: list[tuple[Any, Any] | None],
+    ):
         self.tokenizer, self.geometry = tokenizer, geometry
         self.template, self.tokens, self.max_length = template, tokens, max_length
         self.own_cot, self.teachers = own_cot, teachers
@@ -107,6 +134,7 @@ class LatentCollator:
         view = latent_view(self.tokenizer, segs, self.tokens)
         own = self.own_cot if own_cot is None else own_cot
         own_view = cot_view(self.tokenizer, self.geometry, records, segs, self.max_length) if own else None
-        teachers = [None if t is None else cot_view(t[0], t[1], records, segs, self.max_length)
-                    for t in self.teachers]
+        teachers = [
+            None if t is None else cot_view(t[0], t[1], records, segs, self.max_length) for t in self.teachers
+        ]
         return LatentBatch(records, segs, view, own_view, teachers)

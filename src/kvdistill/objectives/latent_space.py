@@ -39,12 +39,18 @@ class LatentSpaceKD(FusionSpace):
         super().__init__()
         self.kv = cfg.losses.kv
         self.kv_weight = cfg.losses.kv.weight  # this step's (losses.kv.schedule): the objective sets it
-        dims = {t.name: dict.fromkeys(pairs[t.name].layers, 2 * t.geometry.num_kv_heads * t.geometry.head_dim)
-                for t in teachers}
+        dims = {
+            t.name: dict.fromkeys(pairs[t.name].layers, 2 * t.geometry.num_kv_heads * t.geometry.head_dim)
+            for t in teachers
+        }
         self.latent = LatentSpace(dims, cfg.fusion.latent.dim)
         sg = student_geometry
-        self.heads = nn.ModuleDict({str(i): nn.Linear(2 * sg.num_kv_heads * sg.head_dim, cfg.fusion.latent.dim)
-                                    for i in sorted({i for layers in dims.values() for i in layers})})
+        self.heads = nn.ModuleDict(
+            {
+                str(i): nn.Linear(2 * sg.num_kv_heads * sg.head_dim, cfg.fusion.latent.dim)
+                for i in sorted({i for layers in dims.values() for i in layers})
+            }
+        )
 
     def _teacher_loss(self, step: Step, n: int, token_weight: torch.Tensor | None):
         """Per-sample error (B,) in Z against teacher n over its mapped layers, and its deepest layer's rows."""
@@ -52,23 +58,29 @@ class LatentSpaceKD(FusionSpace):
         lp = step.pairs[teacher.name]
         b, s = step.batch, step.student
         j0 = lp.j[0]
-        A = batch_token_alignment(b.spans, b.mask, tkv.spans[j0].to(b.mask.device),
-                                  tkv.mask[j0].to(b.mask.device)).float()  # (B, T_s, T_t)
+        A = batch_token_alignment(
+            b.spans, b.mask, tkv.spans[j0].to(b.mask.device), tkv.mask[j0].to(b.mask.device)
+        ).float()  # (B, T_s, T_t)
         covered = (A.sum(-1) > 0).long() * b.mask  # (B, T_s)
         total = torch.zeros(b.mask.shape[0], device=b.mask.device)
         deepest = None
         for i, row in lp.rows.items():
-            z_t = self.latent.encode(teacher.name, i, teacher_features(tkv, row).to(A.device))  # (B, T_t, d_z)
+            z_t = self.latent.encode(
+                teacher.name, i, teacher_features(tkv, row).to(A.device)
+            )  # (B, T_t, d_z)
             target = torch.einsum("bst,btz->bsz", A, z_t)  # (B, T_s, d_z) on the student's tokens
             pred = self.heads[str(i)](kv_features(s.keys[i], s.values[i]))  # (B, T_s, d_z)
-            total = total + losses.kv_error(pred, target, covered, kind=self.kv.kind, normalize=self.kv.normalize,
-                                            weight=token_weight)
+            total = total + losses.kv_error(
+                pred, target, covered, kind=self.kv.kind, normalize=self.kv.normalize, weight=token_weight
+            )
             deepest = SimilarityInputs(pred, target, covered)
         return total / len(lp.layers), deepest
 
     def forward(self, step: Step) -> SpaceOutput:
         mask = step.batch.mask
-        token_w = step.fusion.token_weights(step.hidden, mask) if step.fusion.per_token else None  # (B, T_s, N)
+        token_w = (
+            step.fusion.token_weights(step.hidden, mask) if step.fusion.per_token else None
+        )  # (B, T_s, N)
         per_teacher, sims, metrics = [], [], {}
         for n, teacher in enumerate(step.teachers):
             loss_n, deepest = self._teacher_loss(step, n, None if token_w is None else token_w[..., n])
@@ -82,8 +94,14 @@ class LatentSpaceKD(FusionSpace):
         return SpaceOutput((weights * stacked).sum(-1), weights, metrics)
 
     @torch.no_grad()
-    def prepare(self, records: list[dict], teachers: list, pairs: dict[str, LayerPairs], max_length: int,
-                batch_size: int) -> None:
+    def prepare(
+        self,
+        records: list[dict],
+        teachers: list,
+        pairs: dict[str, LayerPairs],
+        max_length: int,
+        batch_size: int,
+    ) -> None:
         """Fit the maps into Z on `records` (once: a resumed run keeps the fitted buffers)."""
         if bool(self.latent.fitted) or not teachers:
             return
@@ -100,7 +118,9 @@ class LatentSpaceKD(FusionSpace):
                 real = tkv.mask[j].bool()  # (B, T_t)
                 A = None  # reference tokens, normalised over this teacher's tokens
                 if teacher is not reference:
-                    A = batch_token_alignment(ref_kv.spans[j_ref], ref_kv.mask[j_ref], tkv.spans[j], tkv.mask[j])
+                    A = batch_token_alignment(
+                        ref_kv.spans[j_ref], ref_kv.mask[j_ref], tkv.spans[j], tkv.mask[j]
+                    )
                 for i, row in lp.rows.items():
                     x = teacher_features(tkv, row)  # (B, T_t, F)
                     samples.setdefault((teacher.name, i), []).append(x[real])
@@ -110,7 +130,15 @@ class LatentSpaceKD(FusionSpace):
                     on_ref = torch.einsum("bst,btf->bsf", A, x)  # (B, T_0, F)
                     ok = (A.sum(-1) > 0) & ref_kv.mask[j_ref].bool()
                     matched.setdefault((teacher.name, i), []).append((on_ref[ok], x_ref[ok]))
-        fit_samples = {k: (torch.cat(v).cpu(), torch.ones(sum(len(x) for x in v))) for k, v in samples.items()}
-        fit_pairs = {k: (torch.cat([a for a, _ in v]).cpu(), torch.cat([b for _, b in v]).cpu(),
-                         torch.ones(sum(len(a) for a, _ in v))) for k, v in matched.items()}
+        fit_samples = {
+            k: (torch.cat(v).cpu(), torch.ones(sum(len(x) for x in v))) for k, v in samples.items()
+        }
+        fit_pairs = {
+            k: (
+                torch.cat([a for a, _ in v]).cpu(),
+                torch.cat([b for _, b in v]).cpu(),
+                torch.ones(sum(len(a) for a, _ in v)),
+            )
+            for k, v in matched.items()
+        }
         self.latent.fit(fit_samples, fit_pairs, reference.name)

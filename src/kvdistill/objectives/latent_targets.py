@@ -26,8 +26,15 @@ class LatentTargets:
     kept: dict[int, torch.Tensor]
 
 
-def compress_cot(cap, view: CotView, layers: list[int], cfg, tokens: int, importance: dict | None,
-                 valid: torch.Tensor | None = None) -> LatentTargets:
+def compress_cot(
+    cap,
+    view: CotView,
+    layers: list[int],
+    cfg,
+    tokens: int,
+    importance: dict | None,
+    valid: torch.Tensor | None = None,
+) -> LatentTargets:
     """The CoT K/V of `cap` (a CoT-mode capture) compressed to `tokens` entries per (layer, head), detached.
     importance: layer -> (B, H, T) (scoring kava / minmax) or the window logits (B, H, Q, T) with valid (B, Q)
     (scoring rkv), from `cot_importance`."""
@@ -36,8 +43,17 @@ def compress_cot(cap, view: CotView, layers: list[int], cfg, tokens: int, import
     keys, values, kept = {}, {}, {}
     for j in layers:
         k, v = cap.keys[j].detach(), cap.values[j].detach()  # (B, H, T, D)
-        plan = latent_target(cfg.kind, cand, tokens, keys=k, importance=None if importance is None else importance[j],
-                             lam=cfg.lam, scoring=cfg.scoring, window=cfg.window, valid=valid).heads(k.shape[1])
+        plan = latent_target(
+            cfg.kind,
+            cand,
+            tokens,
+            keys=k,
+            importance=None if importance is None else importance[j],
+            lam=cfg.lam,
+            scoring=cfg.scoring,
+            window=cfg.window,
+            valid=valid,
+        ).heads(k.shape[1])
         keys[j], values[j], kept[j] = plan.gather(k), plan.gather(v), plan.kept
     return LatentTargets(keys, values, kept)
 
@@ -57,7 +73,9 @@ def cached_targets(tkv, layers: list[int], tokens: int, device) -> LatentTargets
     return LatentTargets(keys, values, kept)
 
 
-def cot_importance(model, cap, queries, view: CotView, layers: list[int], cfg) -> tuple[dict, torch.Tensor | None]:
+def cot_importance(
+    model, cap, queries, view: CotView, layers: list[int], cfg
+) -> tuple[dict, torch.Tensor | None]:
     """(layer -> importance, valid): scorings kava / minmax: (B, H, T) the attention the answer rows pay every token,
     from hooked queries (`queries`) or the capture's eager attention, valid None; scoring rkv: the logits (B, H, Q, T)
     of R-KV's window (the last `window` CoT tokens) from hooked queries, valid (B, Q) its real rows."""
@@ -65,13 +83,17 @@ def cot_importance(model, cap, queries, view: CotView, layers: list[int], cfg) -
     with torch.no_grad():
         if cfg.scoring == "rkv":
             if queries is None:
-                raise KvdistillError(f"scoring rkv reads the window's attention logits from the queries, which are not "
-                                     f"captured for family '{cap.geometry.model_type}'",
-                                     "use scoring kava or minmax for this teacher")
+                raise KvdistillError(
+                    f"scoring rkv reads the window's attention logits from the queries, which are not "
+                    f"captured for family '{cap.geometry.model_type}'",
+                    "use scoring kava or minmax for this teacher",
+                )
             rows, valid = query_rows(window_rows(view.candidates.to(mask.device), cfg.window), mask)
             return window_logits(model, cap, queries, rows, layers), valid
         rows = view.answer_rows.to(mask.device)
         if queries is not None:
             return query_importance(model, cap, queries, rows, layers), None
-        return {j: importance_from_attention(cap.attentions[j].detach(), rows, mask, cap.keys[j].shape[1])
-                for j in layers}, None
+        return {
+            j: importance_from_attention(cap.attentions[j].detach(), rows, mask, cap.keys[j].shape[1])
+            for j in layers
+        }, None

@@ -68,8 +68,9 @@ def _alignments(tkv: TeacherKV, lp: LayerPairs, step: Step, n: int) -> dict[int,
         key = -1 if tkv.shared_spans else id(tkv.spans[j])
         if key in out:
             continue
-        index, weight = teacher_alignment_sparse(*tkv.host_spans(j), step.batch.spans_cpu, step.batch.mask_cpu,
-                                                 device=device)  # (B, H|1, M, K)
+        index, weight = teacher_alignment_sparse(
+            *tkv.host_spans(j), step.batch.spans_cpu, step.batch.mask_cpu, device=device
+        )  # (B, H|1, M, K)
         hit = weight.sum(-1) > 0  # (B, H|1, M) teacher tokens that overlap a student token
         shared = tkv.mask[j].dim() == 2
         covered = (hit[:, 0] if shared else hit).long() * tkv.mask[j].to(device)  # (B, M) or (B, H_t, M)
@@ -96,8 +97,14 @@ def _groups(tkv: TeacherKV, lp: LayerPairs, aligned: dict[int, tuple]) -> list[_
         def pad(x, K=K):  # (B, H_t, M, k) -> (B, H_t, M, K)
             return x if x.shape[-1] == K else torch.nn.functional.pad(x, (0, K - x.shape[-1]))
 
-        groups.append(_Group(pos, torch.stack([pad(a[0]) for a in al]), torch.stack([pad(a[1]) for a in al]),
-                             torch.stack([a[2] for a in al])))
+        groups.append(
+            _Group(
+                pos,
+                torch.stack([pad(a[0]) for a in al]),
+                torch.stack([pad(a[1]) for a in al]),
+                torch.stack([a[2] for a in al]),
+            )
+        )
     return groups
 
 
@@ -110,9 +117,23 @@ def _token_to_rows(token_weight: torch.Tensor, g: _Group) -> torch.Tensor:
     return resample_rows(x, g.index, g.weight).view(P, 1, B, H * M)
 
 
-def group_errors(proj: torch.Tensor, index: torch.Tensor, weight: torch.Tensor, covered: torch.Tensor,
-                 targets: list[torch.Tensor], at: torch.Tensor | None, rows_w: torch.Tensor | None, *, H: int, D: int,
-                 kind: str, normalize: bool, kv: bool, cosine: bool, dense: bool = False):
+def group_errors(
+    proj: torch.Tensor,
+    index: torch.Tensor,
+    weight: torch.Tensor,
+    covered: torch.Tensor,
+    targets: list[torch.Tensor],
+    at: torch.Tensor | None,
+    rows_w: torch.Tensor | None,
+    *,
+    H: int,
+    D: int,
+    kind: str,
+    normalize: bool,
+    kv: bool,
+    cosine: bool,
+    dense: bool = False,
+):
     """The errors of one alignment group of P pairs: the projected student K/V proj (L, 2, B, T_s, H_t·D_t)
     resampled onto the teacher's rows (index, weight, covered of a `_Group`; `at` picks the group's layers of L,
     None: all), compared with the 2·P teacher tensors `targets` (B, H_t, M, D_t), keys and values of each pair.
@@ -171,14 +192,26 @@ class LossSpace(FusionSpace):
         super().__init__()
         self.kv, self.cosine = cfg.losses.kv, cfg.losses.cosine
         self.kv_weight = cfg.losses.kv.weight  # this step's (losses.kv.schedule): the objective sets it
-        self.projectors = nn.ModuleDict({  # per teacher, its mapped layers' projectors as stacked parameters
-            t.name: KVProjectorStack(student_geometry, t.geometry, tcfg.projector, pairs[t.name].layers)
-            for tcfg, t in zip(cfg.teachers, teachers, strict=True)})
+        self.projectors = nn.ModuleDict(
+            {  # per teacher, its mapped layers' projectors as stacked parameters
+                t.name: KVProjectorStack(student_geometry, t.geometry, tcfg.projector, pairs[t.name].layers)
+                for tcfg, t in zip(cfg.teachers, teachers, strict=True)
+            }
+        )
         self.group_errors = maybe_compiled(group_errors, cfg.train.compile, name="loss space K/V errors")
         self.dense_alignment = True  # off the CPU, shared alignments as a dense matmul (see `group_errors`)
 
-    def pair_errors(self, step: Step, n: int, *, kind: str, normalize: bool, kv: bool = True,
-                    cosine: bool = False, token_weight: torch.Tensor | None = None) -> PairErrors:
+    def pair_errors(
+        self,
+        step: Step,
+        n: int,
+        *,
+        kind: str,
+        normalize: bool,
+        kv: bool = True,
+        cosine: bool = False,
+        token_weight: torch.Tensor | None = None,
+    ) -> PairErrors:
         """Errors of teacher n over its layer pairs, batched: every mapped student layer's K and V projected in
         one matmul, resampled onto the teacher's tokens in one gather per alignment group, compared with the
         stacked teacher K/V in one `losses.kv_error` call per group. token_weight: (B, T_s) row weights."""
@@ -186,8 +219,9 @@ class LossSpace(FusionSpace):
         lp = step.pairs[teacher.name]
         s, dev = step.student, step.batch.mask.device
         B = step.batch.mask.shape[0]
-        proj = self.projectors[teacher.name].project([s.keys[i] for i in lp.layers],
-                                                     [s.values[i] for i in lp.layers])  # (L, 2, B, T_s, H_t·D_t)
+        proj = self.projectors[teacher.name].project(
+            [s.keys[i] for i in lp.layers], [s.values[i] for i in lp.layers]
+        )  # (L, 2, B, T_s, H_t·D_t)
         _, H, _, D = tkv.keys[lp.j[0]].shape
         P_all = len(lp.j)
         acc = torch.promote_types(proj.dtype, torch.float32)  # kv_error's float32 (float64 for float64 K/V)
@@ -196,12 +230,28 @@ class LossSpace(FusionSpace):
         deepest = None
         for g in _groups(tkv, lp, _alignments(tkv, lp, step, n)):
             at = lp.layer_positions(g.pos, dev)
-            targets = [tkv.keys[lp.j[p]].to(dev) if side == 0 else tkv.values[lp.j[p]].to(dev)
-                       for p in g.pos for side in (0, 1)]  # 2·P × (B, H_t, M, D_t)
+            targets = [
+                tkv.keys[lp.j[p]].to(dev) if side == 0 else tkv.values[lp.j[p]].to(dev)
+                for p in g.pos
+                for side in (0, 1)
+            ]  # 2·P × (B, H_t, M, D_t)
             rows_w = None if token_weight is None else _token_to_rows(token_weight, g)
             e, c, k_rows, k_target, cos_mask = self.group_errors(
-                proj, g.index, g.weight, g.covered, targets, at, rows_w, H=H, D=D, kind=kind, normalize=normalize,
-                kv=kv, cosine=cosine, dense=self.dense_alignment and dev.type != "cpu")
+                proj,
+                g.index,
+                g.weight,
+                g.covered,
+                targets,
+                at,
+                rows_w,
+                H=H,
+                D=D,
+                kind=kind,
+                normalize=normalize,
+                kv=kv,
+                cosine=cosine,
+                dense=self.dense_alignment and dev.type != "cpu",
+            )
             M = g.index.shape[-2]
             idx = torch.tensor(g.pos, device=dev)
             if kv:
@@ -209,8 +259,16 @@ class LossSpace(FusionSpace):
             if cosine:
                 cos = cos.index_copy(0, idx, c)
             if g.pos[-1] == P_all - 1:  # the group holding the deepest pair
-                deepest = self._deepest(k_rows[-1], k_target[-1], cos_mask if cos_mask.dim() == 2 else cos_mask[-1],
-                                        B, M, H, D, shared=g.covered.dim() == 2)
+                deepest = self._deepest(
+                    k_rows[-1],
+                    k_target[-1],
+                    cos_mask if cos_mask.dim() == 2 else cos_mask[-1],
+                    B,
+                    M,
+                    H,
+                    D,
+                    shared=g.covered.dim() == 2,
+                )
         return PairErrors(err, cos, deepest)
 
     @staticmethod
@@ -218,20 +276,30 @@ class LossSpace(FusionSpace):
         """The deepest pair's keys as token rows (B, M, H_t·D_t) for similarity; per-head kept tokens are laid
         side by side by slot, a token counting where any head keeps one."""
         if shared:
-            return SimilarityInputs(k_rows.reshape(B, M, H * D), k_target.reshape(B, M, H * D),
-                                    mask.view(B, M, H)[..., 0])
+            return SimilarityInputs(
+                k_rows.reshape(B, M, H * D), k_target.reshape(B, M, H * D), mask.view(B, M, H)[..., 0]
+            )
         q = k_rows.view(B, H, M, D).transpose(1, 2).reshape(B, M, H * D)
         k = k_target.view(B, H, M, D).transpose(1, 2).reshape(B, M, H * D)
         return SimilarityInputs(q, k, mask.view(B, H, M).amax(1))
 
     def forward(self, step: Step) -> SpaceOutput:
         mask = step.batch.mask
-        token_w = step.fusion.token_weights(step.hidden, mask) if step.fusion.per_token else None  # (B, T_s, N)
+        token_w = (
+            step.fusion.token_weights(step.hidden, mask) if step.fusion.per_token else None
+        )  # (B, T_s, N)
         per_teacher, sims, metrics = [], [], {}
         for n, teacher in enumerate(step.teachers):
             lp = step.pairs[teacher.name]
-            res = self.pair_errors(step, n, kind=self.kv.kind, normalize=self.kv.normalize, kv=self.kv.weight > 0,
-                                   cosine=self.cosine > 0, token_weight=None if token_w is None else token_w[..., n])
+            res = self.pair_errors(
+                step,
+                n,
+                kind=self.kv.kind,
+                normalize=self.kv.normalize,
+                kv=self.kv.weight > 0,
+                cosine=self.cosine > 0,
+                token_weight=None if token_w is None else token_w[..., n],
+            )
             L = len(lp.layers)
             loss_n = torch.zeros(mask.shape[0], device=mask.device)
             if res.kv is not None:

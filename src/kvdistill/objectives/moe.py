@@ -47,21 +47,34 @@ class MoETerms(nn.Module):
         if self.teaching:
             s_layers = require_moe(base, "the student")
         if c.balance is not None and c.balance > 0 and not s_layers:
-            raise KvdistillError(f"losses.balance ({c.balance}) needs an MoE student, but the student is dense",
-                                 "drop losses.balance, or use an MoE student (or student.upcycle)")
-        self.balance = (c.balance if c.balance is not None else float(getattr(base.config, "router_aux_loss_coef",
-                                                                            0.0) or 0.0)) if s_layers else 0.0
+            raise KvdistillError(
+                f"losses.balance ({c.balance}) needs an MoE student, but the student is dense",
+                "drop losses.balance, or use an MoE student (or student.upcycle)",
+            )
+        self.balance = (
+            (
+                c.balance
+                if c.balance is not None
+                else float(getattr(base.config, "router_aux_loss_coef", 0.0) or 0.0)
+            )
+            if s_layers
+            else 0.0
+        )
         self.s_layers = s_layers
         want_s = bool(s_layers) and (self.balance > 0 or bool(self.teaching))
-        self.s_cap, self._handles = attach_capture(s_layers, experts="expert" in self.teaching) if want_s else (
-            None, [])
+        self.s_cap, self._handles = (
+            attach_capture(s_layers, experts="expert" in self.teaching) if want_s else (None, [])
+        )
         self.t_caps, self.t_layers, self.pairs = [], [], []
         self.proj = nn.ModuleDict()
         self.fitted_needed: list[str] = []
         for t in teachers if self.teaching else []:
             if getattr(t, "kind", None) != "online":
-                raise KvdistillError(f"losses.routing / losses.expert need teacher '{t.name}' online (it is "
-                                     f"{getattr(t, 'kind', '?')})", "use source: online for MoE teachers")
+                raise KvdistillError(
+                    f"losses.routing / losses.expert need teacher '{t.name}' online (it is "
+                    f"{getattr(t, 'kind', '?')})",
+                    "use source: online for MoE teachers",
+                )
             layers = require_moe(t.model, f"teacher '{t.name}'")
             cap, handles = attach_capture(layers, experts="expert" in self.teaching)
             self._handles += handles
@@ -77,7 +90,8 @@ class MoETerms(nn.Module):
                     raise KvdistillError(
                         f"losses.routing.correspondence identity needs equal expert counts, but student block {i} "
                         f"has {e_s} and teacher '{t.name}' block {j} has {e_t}",
-                        "use correspondence: fitted (or auto)")
+                        "use correspondence: fitted (or auto)",
+                    )
                 fitted = mode == "fitted" or (mode == "auto" and e_s != e_t)
                 corr = torch.eye(e_s) if not fitted else torch.full((e_t, e_s), 1.0 / e_s)
                 self.register_buffer(self._corr(t.name, p), corr)
@@ -85,8 +99,11 @@ class MoETerms(nn.Module):
                 if fitted:
                     self.fitted_needed.append(self._corr(t.name, p))
                 f_s, f_t = s_layers[i].width, layers[j].width
-                maps.append(nn.Linear(f_s, f_t, bias=False) if "expert" in self.teaching and f_s != f_t
-                            else nn.Identity())
+                maps.append(
+                    nn.Linear(f_s, f_t, bias=False)
+                    if "expert" in self.teaching and f_s != f_t
+                    else nn.Identity()
+                )
             self.proj[t.name] = maps
         self.register_buffer("_fitted", torch.tensor(not self.fitted_needed))
 
@@ -117,7 +134,9 @@ class MoETerms(nn.Module):
                 tkv = t.kv(records[lo : lo + batch_size], max_length=max_length)
                 real = tkv.capture.attention_mask.reshape(-1).bool()  # (B·T_t,)
                 for j, layer in enumerate(self.t_layers[n]):
-                    logp = losses.routing_log_probs(self.t_caps[n].router_logits[j], layer.scoring)  # (B·T_t, E_t)
+                    logp = losses.routing_log_probs(
+                        self.t_caps[n].router_logits[j], layer.scoring
+                    )  # (B·T_t, E_t)
                     probs.setdefault(j, []).append(logp.exp()[real].cpu())
             for p, (i, j) in enumerate(self.pairs[n]):
                 if names[p] not in self.fitted_needed:
@@ -138,8 +157,10 @@ class MoETerms(nn.Module):
         if self.s_cap is None:
             return extra, metrics
         s_by = [self.s_cap.by_token(i, B, T_s) for i in range(len(self.s_layers))]
-        s_logp = [losses.routing_log_probs(x["router_logits"], layer.scoring) for x, layer in zip(s_by, self.s_layers,
-                                                                                                   strict=True)]
+        s_logp = [
+            losses.routing_log_probs(x["router_logits"], layer.scoring)
+            for x, layer in zip(s_by, self.s_layers, strict=True)
+        ]
         if self.balance > 0:
             bal = sum(losses.load_balance(lp, x["index"], mask) for lp, x in zip(s_logp, s_by, strict=True))
             bal = bal / len(s_by)
@@ -148,8 +169,10 @@ class MoETerms(nn.Module):
         if not self.teaching:
             return extra, metrics
         if not bool(self._fitted):
-            raise KvdistillError("the MoE expert correspondences are fitted from the teachers but were not",
-                                 "call Objective.prepare(train_records) before training (the trainer does)")
+            raise KvdistillError(
+                "the MoE expert correspondences are fitted from the teachers but were not",
+                "call Objective.prepare(train_records) before training (the trainer does)",
+            )
         for n, teacher in enumerate(step.teachers):
             terms = self.teacher_terms(step, n, s_by, s_logp)
             for name, (value, agree) in terms.items():
@@ -166,8 +189,9 @@ class MoETerms(nn.Module):
         B, T_s = mask.shape
         T_t = tkv.capture.attention_mask.shape[1]
         spans_t, mask_t = tkv.host_spans(next(iter(tkv.spans)))
-        index, weight = teacher_alignment_sparse(spans_t, mask_t, step.batch.spans_cpu, step.batch.mask_cpu,
-                                                 device=mask.device)
+        index, weight = teacher_alignment_sparse(
+            spans_t, mask_t, step.batch.spans_cpu, step.batch.mask_cpu, device=mask.device
+        )
         index, weight = index[:, 0], weight[:, 0]  # (B, M, K) teacher tokens onto student tokens
         t_mask = tkv.capture.attention_mask
         out: dict[str, tuple[torch.Tensor, dict]] = {}
@@ -182,16 +206,34 @@ class MoETerms(nn.Module):
             t_layer = self.t_layers[n][j]
             t_logp = losses.routing_log_probs(t_by["router_logits"], t_layer.scoring)  # (B, M, E_t)
             if "routing" in self.teaching:
-                route = route + losses.routing_kl(s_logp[i], t_logp, t_mask, index, weight, corr, kind=self.kind,
-                                                  top_k=t_layer.top_k) / P
-            a1, ak = losses.routing_agreement(s_logp[i].detach(), t_logp, t_mask, index, weight, corr,
-                                              self.s_layers[i].top_k)
+                route = (
+                    route
+                    + losses.routing_kl(
+                        s_logp[i], t_logp, t_mask, index, weight, corr, kind=self.kind, top_k=t_layer.top_k
+                    )
+                    / P
+                )
+            a1, ak = losses.routing_agreement(
+                s_logp[i].detach(), t_logp, t_mask, index, weight, corr, self.s_layers[i].top_k
+            )
             top1, topk = top1 + a1 / P, topk + ak / P
             if "expert" in self.teaching:
                 y_s = self.proj[teacher.name][p](s_by[i]["outputs"].float())  # (B, T_s, k_s, F_t)
-                expert = expert + losses.expert_output_error(
-                    y_s, s_by[i]["index"], t_by["outputs"], t_by["index"], t_mask, index, weight,
-                    getattr(self, self._of(teacher.name, p)), normalize=self.normalize) / P
+                expert = (
+                    expert
+                    + losses.expert_output_error(
+                        y_s,
+                        s_by[i]["index"],
+                        t_by["outputs"],
+                        t_by["index"],
+                        t_mask,
+                        index,
+                        weight,
+                        getattr(self, self._of(teacher.name, p)),
+                        normalize=self.normalize,
+                    )
+                    / P
+                )
         agreement = {"routing/top1_agreement": top1, "routing/topk_overlap": topk}
         if "routing" in self.teaching:
             out["routing"] = (route, agreement)

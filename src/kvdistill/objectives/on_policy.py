@@ -58,7 +58,9 @@ class OnPolicy:
         return bool(u < self.cfg.lam)
 
     @torch.no_grad()
-    def sample(self, student: torch.nn.Module, records: list[dict], step: int) -> tuple[list[dict], dict[str, float]]:
+    def sample(
+        self, student: torch.nn.Module, records: list[dict], step: int
+    ) -> tuple[list[dict], dict[str, float]]:
         """(records whose text is prompt + the student's sampled continuation, generation metrics). The new records
         keep id and question; answer fields are dropped (the student's text has none of the data's)."""
         model = unwrap_student(student)
@@ -74,9 +76,15 @@ class OnPolicy:
         ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)  # (B, T_p) left-padded
         from transformers import GenerationConfig
 
-        gen = GenerationConfig(do_sample=True, temperature=self.cfg.temperature, top_p=self.cfg.top_p, top_k=0,
-                               max_new_tokens=self.cfg.max_new_tokens, pad_token_id=pad,
-                               eos_token_id=tok.eos_token_id)
+        gen = GenerationConfig(
+            do_sample=True,
+            temperature=self.cfg.temperature,
+            top_p=self.cfg.top_p,
+            top_k=0,
+            max_new_tokens=self.cfg.max_new_tokens,
+            pad_token_id=pad,
+            eos_token_id=tok.eos_token_id,
+        )
         was = model.training
         model.eval()
         t0 = time.perf_counter()
@@ -84,8 +92,10 @@ class OnPolicy:
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 seed = _seed(self.seed, "on-policy sample", step, *(r["id"] for r in records))
                 torch.manual_seed(seed)
-                out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen)  # (B, T_p + new)
-            new = out[:, ids.shape[1]:].tolist()
+                out = model.generate(
+                    input_ids=ids, attention_mask=mask, generation_config=gen
+                )  # (B, T_p + new)
+            new = out[:, ids.shape[1] :].tolist()
         finally:
             model.train(was)
         sampled, count = [], 0
@@ -95,8 +105,19 @@ class OnPolicy:
                 row = row[: row.index(tok.eos_token_id) + 1]
             count += len(row)
             text = prompt + continuation(tok, ids[b][mask[b].bool()].tolist(), row)
-            sampled.append({"id": r["id"], "text": text, "question": r["question"], "cot": None, "answer": None,
-                            "answer_start": None})
-        metrics = {"on_policy/sampled": 1.0, "on_policy/new_tokens": float(count),
-                   "on_policy/generate_s": time.perf_counter() - t0}
+            sampled.append(
+                {
+                    "id": r["id"],
+                    "text": text,
+                    "question": r["question"],
+                    "cot": None,
+                    "answer": None,
+                    "answer_start": None,
+                }
+            )
+        metrics = {
+            "on_policy/sampled": 1.0,
+            "on_policy/new_tokens": float(count),
+            "on_policy/generate_s": time.perf_counter() - t0,
+        }
         return sampled, metrics

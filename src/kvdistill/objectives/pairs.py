@@ -21,20 +21,29 @@ class LayerPairs:
 
     def __init__(self, matrix: torch.Tensor, *, keys_weight: float, values_weight: float, device):
         self.matrix = matrix
-        self.rows = {i: [(j, float(matrix[i, j])) for j in matrix[i].nonzero().flatten().tolist()]
-                     for i in range(matrix.shape[0]) if matrix[i].sum() > 0}
+        self.rows = {
+            i: [(j, float(matrix[i, j])) for j in matrix[i].nonzero().flatten().tolist()]
+            for i in range(matrix.shape[0])
+            if matrix[i].sum() > 0
+        }
         flat = [(i, j, w) for i, row in self.rows.items() for j, w in row]
         self.i, self.j, self.w = ([p[k] for p in flat] for k in range(3))
         self.layers = list(self.rows)
         self.at = [self.layers.index(x) for x in self.i]
-        self.coef = torch.tensor([[x * keys_weight, x * values_weight] for x in self.w], dtype=torch.float32,
-                                 device=device)  # (P, 2)
+        self.coef = torch.tensor(
+            [[x * keys_weight, x * values_weight] for x in self.w], dtype=torch.float32, device=device
+        )  # (P, 2)
         self.weight = torch.tensor(self.w, dtype=torch.float32, device=device)  # (P,)
 
     @classmethod
     def of(cls, student_layers: int, teacher_layers: int, layer_map_cfg, kv_cfg, device) -> LayerPairs:
-        matrix = layer_map(student_layers, teacher_layers, strategy=layer_map_cfg.strategy,
-                           explicit=layer_map_cfg.explicit, interpolate=layer_map_cfg.interpolate)  # (L_s, L_t)
+        matrix = layer_map(
+            student_layers,
+            teacher_layers,
+            strategy=layer_map_cfg.strategy,
+            explicit=layer_map_cfg.explicit,
+            interpolate=layer_map_cfg.interpolate,
+        )  # (L_s, L_t)
         return cls(matrix, keys_weight=kv_cfg.keys, values_weight=kv_cfg.values, device=device)
 
     @property

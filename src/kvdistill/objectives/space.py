@@ -70,8 +70,14 @@ class FusionSpace(nn.Module, metaclass=abc.ABCMeta):
         """The space's per-sample distillation loss of one step."""
 
     @torch.no_grad()
-    def prepare(self, records: list[dict], teachers: list, pairs: dict[str, LayerPairs], max_length: int,
-                batch_size: int) -> None:
+    def prepare(
+        self,
+        records: list[dict],
+        teachers: list,
+        pairs: dict[str, LayerPairs],
+        max_length: int,
+        batch_size: int,
+    ) -> None:
         """Fit what is fitted rather than trained, on training records; nothing by default."""
 
     def layer_errors(self, step: Step) -> dict[str, dict[int, torch.Tensor]] | None:

@@ -36,7 +36,9 @@ class TargetSpace(FusionSpace):
         self.kv = cfg.losses.kv
         self.kv_weight = cfg.losses.kv.weight  # this step's (losses.kv.schedule): the objective sets it
         self.num_layers = student_geometry.num_layers
-        self.to_student = nn.ModuleDict({t.name: TeacherToStudentMap(t.geometry, student_geometry) for t in teachers})
+        self.to_student = nn.ModuleDict(
+            {t.name: TeacherToStudentMap(t.geometry, student_geometry) for t in teachers}
+        )
 
     def _mapped(self, step: Step, n: int) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Teacher n on the student's grid: student layer i -> (keys, values (B, H_s, T_s, D_s), covered (B, T_s))."""
@@ -44,15 +46,18 @@ class TargetSpace(FusionSpace):
         lp = step.pairs[teacher.name]
         b = step.batch
         j0 = lp.j[0]
-        A = batch_token_alignment(b.spans, b.mask, tkv.spans[j0].to(b.mask.device),
-                                  tkv.mask[j0].to(b.mask.device)).float()  # (B, T_s, M)
+        A = batch_token_alignment(
+            b.spans, b.mask, tkv.spans[j0].to(b.mask.device), tkv.mask[j0].to(b.mask.device)
+        ).float()  # (B, T_s, M)
         covered = (A.sum(-1) > 0).long() * b.mask  # (B, T_s)
         mapper = self.to_student[teacher.name]
         out = {}
         for i, row in lp.rows.items():
             k = sum(w * tkv.keys[j].float() for j, w in row)  # (B, H_t, M, D_t)
             v = sum(w * tkv.values[j].float() for j, w in row)
-            k_on_s = mapper(torch.einsum("btm,bhmd->bhtd", A, k.to(A.device)), which="keys")  # (B, H_s, T_s, D_s)
+            k_on_s = mapper(
+                torch.einsum("btm,bhmd->bhtd", A, k.to(A.device)), which="keys"
+            )  # (B, H_s, T_s, D_s)
             v_on_s = mapper(torch.einsum("btm,bhmd->bhtd", A, v.to(A.device)), which="values")
             out[i] = (k_on_s, v_on_s, covered)
         return out
@@ -66,8 +71,13 @@ class TargetSpace(FusionSpace):
             k_t, _, covered = per_layer[i]
             k_s = step.student.keys[i]
             B, H, T, D = k_s.shape
-            sims.append(SimilarityInputs(k_s.transpose(1, 2).reshape(B, T, H * D),
-                                         k_t.transpose(1, 2).reshape(B, T, H * D), covered))
+            sims.append(
+                SimilarityInputs(
+                    k_s.transpose(1, 2).reshape(B, T, H * D),
+                    k_t.transpose(1, 2).reshape(B, T, H * D),
+                    covered,
+                )
+            )
         return sims
 
     def forward(self, step: Step) -> SpaceOutput:
@@ -85,12 +95,23 @@ class TargetSpace(FusionSpace):
             fused_k = fuse_targets([mapped[n][i][0] for n in have], w)  # (B, H_s, T_s, D_s)
             fused_v = fuse_targets([mapped[n][i][1] for n in have], w)
             cover = torch.stack([mapped[n][i][2] for n in have]).amax(0)  # (B, T_s)
-            errors.append(torch.stack([
-                losses.kv_error(*(losses.as_rows(x, cover)[0] for x in (s_x, t_x)), cover, kind=self.kv.kind,
-                                normalize=self.kv.normalize)
-                for s_x, t_x in ((step.student.keys[i], fused_k), (step.student.values[i], fused_v))]))  # (2, B)
+            errors.append(
+                torch.stack(
+                    [
+                        losses.kv_error(
+                            *(losses.as_rows(x, cover)[0] for x in (s_x, t_x)),
+                            cover,
+                            kind=self.kv.kind,
+                            normalize=self.kv.normalize,
+                        )
+                        for s_x, t_x in ((step.student.keys[i], fused_k), (step.student.values[i], fused_v))
+                    ]
+                )
+            )  # (2, B)
         if errors:
-            coef = mask.new_tensor([[self.kv.keys, self.kv.values]] * len(errors), dtype=torch.float32)  # (P, 2)
+            coef = mask.new_tensor(
+                [[self.kv.keys, self.kv.values]] * len(errors), dtype=torch.float32
+            )  # (P, 2)
             kd = losses.pairs_kv_loss(torch.stack(errors), coef, len(errors))  # (B,)
         else:
             kd = torch.zeros(mask.shape[0], device=mask.device)

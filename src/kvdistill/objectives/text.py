@@ -48,31 +48,50 @@ class TextObjective(TrainingObjective):
     def __init__(self, cfg, student: nn.Module, tokenizer, teachers: list, device):
         super().__init__(cfg, student, tokenizer, teachers)
         sg = self.student_geometry
-        self.pairs = {t.name: self.layer_pairs(tcfg, t, cfg.losses.kv, device)
-                      for tcfg, t in zip(cfg.teachers, teachers, strict=True)}
+        self.pairs = {
+            t.name: self.layer_pairs(tcfg, t, cfg.losses.kv, device)
+            for tcfg, t in zip(cfg.teachers, teachers, strict=True)
+        }
         for teacher in teachers:
             if cfg.losses.logit_kd.weight > 0 and teacher.geometry.is_encoder:
                 raise KvdistillError(
                     f"losses.logit_kd needs next-token logits, but teacher '{teacher.name}' is an encoder",
-                    "set losses.logit_kd.weight: 0 or drop that teacher (its K/V still align by bytes)")
+                    "set losses.logit_kd.weight: 0 or drop that teacher (its K/V still align by bytes)",
+                )
             if cfg.fusion.scores_teachers and teacher.geometry.is_encoder:
                 raise KvdistillError(
                     f"the confidence weights score each sample by the teachers' next-token NLL, but teacher "
-                    f"'{teacher.name}' is an encoder", "use another fusion.kind (and router.target) or drop that teacher")
+                    f"'{teacher.name}' is an encoder",
+                    "use another fusion.kind (and router.target) or drop that teacher",
+                )
         self.fusion = Fusion(cfg.fusion, len(teachers), sg.hidden_size, [t.weight for t in cfg.teachers])
         self.space = SPACES[cfg.fusion.space](cfg, sg, teachers, self.pairs)
         self.terms = TeacherTerms(cfg, sg, teachers, tokenizer)
         self.moe = MoETerms(cfg, student, teachers)  # routing, expert outputs, load balance (MoE students)
         op = cfg.train.on_policy
-        self.on_policy = None if op is None else OnPolicy(op, seed=cfg.train.seed, template=cfg.data.template,
-                                                          tokenizer=tokenizer)
+        self.on_policy = (
+            None
+            if op is None
+            else OnPolicy(op, seed=cfg.train.seed, template=cfg.data.template, tokenizer=tokenizer)
+        )
         # the host side of a batch (picklable, no model): the trainer runs it on DataLoader workers
-        self._collator = Collator(tokenizer, [
-            TeacherSide(t.name, t.tokenizer if t.kind == "online" else None, t.geometry,
-                        getattr(t, "compression", None), reader=t.reader if t.kind == "cache" else None,
-                        layers=sorted(set(self.pairs[t.name].teacher_layers)),
-                        logits=t.kind == "cache" and cfg.losses.logit_kd.weight > 0) for t in teachers],
-            max_length=cfg.data.max_length, max_positions=sg.max_positions)
+        self._collator = Collator(
+            tokenizer,
+            [
+                TeacherSide(
+                    t.name,
+                    t.tokenizer if t.kind == "online" else None,
+                    t.geometry,
+                    getattr(t, "compression", None),
+                    reader=t.reader if t.kind == "cache" else None,
+                    layers=sorted(set(self.pairs[t.name].teacher_layers)),
+                    logits=t.kind == "cache" and cfg.losses.logit_kd.weight > 0,
+                )
+                for t in teachers
+            ],
+            max_length=cfg.data.max_length,
+            max_positions=sg.max_positions,
+        )
         self.to_device(device)
 
     @property
@@ -87,9 +106,15 @@ class TextObjective(TrainingObjective):
         collated = self.as_batch(batch)
         needs = self.terms.needs() if training else dict(hidden_states=False, logits=False, attentions=False)
         sb = collated.student_batch(self.fusion.fixed.device)
-        s = forward_kv(self.student, sb.ids, sb.mask, geometry=self.student_geometry, logits=True,
-                       hidden_states=needs["hidden_states"] or (training and self.fusion.needs_hidden),
-                       attentions=needs["attentions"])
+        s = forward_kv(
+            self.student,
+            sb.ids,
+            sb.mask,
+            geometry=self.student_geometry,
+            logits=True,
+            hidden_states=needs["hidden_states"] or (training and self.fusion.needs_hidden),
+            attentions=needs["attentions"],
+        )
         tkvs = self.teachers_of(collated, training=training)
         return Step(sb, s, self.teachers, tkvs, self.pairs, self.fusion)
 
@@ -106,12 +131,19 @@ class TextObjective(TrainingObjective):
         needs = self.terms.needs() if training else dict(hidden_states=False, logits=False, attentions=False)
         if not (training or self.space.reports_layer_errors):
             return []
-        scoring = training and self.fusion.needs_teacher_nll  # confidence weights: each teacher scores the samples
-        start = scored_start(collated.records, self.cfg.fusion.confidence.span, self.cfg.data.template) \
-            if scoring else None  # (B,) bytes
+        scoring = (
+            training and self.fusion.needs_teacher_nll
+        )  # confidence weights: each teacher scores the samples
+        start = (
+            scored_start(collated.records, self.cfg.fusion.confidence.span, self.cfg.data.template)
+            if scoring
+            else None
+        )  # (B,) bytes
         tkvs = []
         for t, inputs in zip(self.teachers, collated.teachers, strict=True):
-            given = {} if inputs is None else {"inputs": inputs}  # collated ahead: tokens, or K/V read from a cache
+            given = (
+                {} if inputs is None else {"inputs": inputs}
+            )  # collated ahead: tokens, or K/V read from a cache
             tkvs.append(t.kv(collated.records, max_length=self.cfg.data.max_length, **needs, **given))
         if scoring:  # the bytes every teacher kept, scored by each one's own logits
             end = common_end([tkv.capture for tkv in tkvs])  # (B,)
@@ -146,16 +178,24 @@ class TextObjective(TrainingObjective):
         if data is None:
             ce = losses.ce_loss(step.student.logits, step.batch.ids, mask)  # (B,)
         else:  # CE on the data text, the student's second forward
-            ce = self._data_ce(data) if cfg.losses.ce > 0 else mask.new_zeros(mask.shape[0], dtype=torch.float32)
+            ce = (
+                self._data_ce(data)
+                if cfg.losses.ce > 0
+                else mask.new_zeros(mask.shape[0], dtype=torch.float32)
+            )
         metrics["loss/ce"] = ce.detach().mean()
         per_sample_loss = cfg.losses.ce * ce
-        if cfg.losses.logit_kd.weight > 0:  # τ a pure function of the step, so a resume continues the schedule
+        if (
+            cfg.losses.logit_kd.weight > 0
+        ):  # τ a pure function of the step, so a resume continues the schedule
             self.terms.temperature = cfg.losses.logit_kd.temperature_at(self.train_step, cfg.train.steps)
             metrics["logit_kd/temperature"] = ce.new_tensor(self.terms.temperature)
         regs: dict[str, tuple[float, torch.Tensor]] = {}
         terms = {"ce": (cfg.losses.ce * ce).mean()}  # what train.grad_norms_every differentiates term by term
         if self.teachers:
-            if cfg.losses.kv.weight > 0:  # the K/V weight of this step (losses.kv.schedule), also a pure function
+            if (
+                cfg.losses.kv.weight > 0
+            ):  # the K/V weight of this step (losses.kv.schedule), also a pure function
                 self.space.kv_weight = cfg.losses.kv.weight_at(self.train_step, cfg.train.steps)
                 metrics["kv/weight"] = ce.new_tensor(self.space.kv_weight)
             out = self.space(step)
@@ -177,11 +217,16 @@ class TextObjective(TrainingObjective):
             per_sample_loss = per_sample_loss + moe
             metrics.update(moe_metrics)
         total = per_sample_loss.mean()
-        for name, (weight, value) in regs.items():  # the router's entropy term, its KL toward the confidence weights
+        for name, (
+            weight,
+            value,
+        ) in regs.items():  # the router's entropy term, its KL toward the confidence weights
             total = total + weight * value
             metrics[f"loss/{name}"] = value.detach()
         metrics["loss"] = total.detach()
-        self.last_terms = terms  # graph-attached per-term means of this batch (read by the trainer, then dropped)
+        self.last_terms = (
+            terms  # graph-attached per-term means of this batch (read by the trainer, then dropped)
+        )
         return total, read_metrics(metrics, step.batch.mask_cpu)
 
     # ---------------------------------------------------------------------------------------------- held out
@@ -214,8 +259,10 @@ class TextObjective(TrainingObjective):
                 out.update({f"eval/{k}": v for k, v in acc.items()})
             for name, layers in per_layer.items():
                 if layers:
-                    vals = [sum(layers[i]) / len(layers[i]) if i in layers else None
-                            for i in range(self.student_geometry.num_layers)]
+                    vals = [
+                        sum(layers[i]) / len(layers[i]) if i in layers else None
+                        for i in range(self.student_geometry.num_layers)
+                    ]
                     mapped = [v for v in vals if v is not None]
                     out[f"eval/kv_error/{name}"] = sum(mapped) / len(mapped)
                     out[f"eval/kv_error_layers/{name}"] = vals
@@ -234,16 +281,23 @@ class TextObjective(TrainingObjective):
     @torch.no_grad()
     def prepare(self, records: list[dict]) -> None:
         """Fit what is fitted rather than trained (the latent maps) on `records`; a no-op for the other spaces."""
-        self.space.prepare(records, self.teachers, self.pairs, self.cfg.data.max_length, self.cfg.train.batch_size)
+        self.space.prepare(
+            records, self.teachers, self.pairs, self.cfg.data.max_length, self.cfg.train.batch_size
+        )
         self.moe.prepare(records, self.teachers, self.cfg.data.max_length, self.cfg.train.batch_size)
 
     # ---------------------------------------------------------------------------------------------- reports
     def plan(self) -> dict:
         out = {"student": self.student_geometry.to_dict(), "teachers": []}
         for tcfg, teacher in zip(self.cfg.teachers, self.teachers, strict=True):
-            p = alignment_plan(self.student_geometry, teacher.geometry, strategy=tcfg.layer_map.strategy,
-                               explicit=tcfg.layer_map.explicit, interpolate=tcfg.layer_map.interpolate,
-                               projector=tcfg.projector)
+            p = alignment_plan(
+                self.student_geometry,
+                teacher.geometry,
+                strategy=tcfg.layer_map.strategy,
+                explicit=tcfg.layer_map.explicit,
+                interpolate=tcfg.layer_map.interpolate,
+                projector=tcfg.projector,
+            )
             p["geometry"] = teacher.geometry.to_dict()
             p["source"] = teacher.kind
             out["teachers"].append(p)
@@ -266,6 +320,8 @@ class TextObjective(TrainingObjective):
                 continue
             t_tok, t_spans = toks(teacher.tokenizer)
             A = token_alignment(s_spans, t_spans).to_dense()
-            out["teachers"][teacher.name] = {"tokens": t_tok, "alignment": [[round(float(x), 4) for x in r] for r in A]}
+            out["teachers"][teacher.name] = {
+                "tokens": t_tok,
+                "alignment": [[round(float(x), 4) for x in r] for r in A],
+            }
         return out
-

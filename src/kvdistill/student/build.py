@@ -16,7 +16,9 @@ from kvdistill.models.load import (
 )
 
 
-def build_student(cfg: StudentConfig, *, seed: int = 0, attentions: bool = False, key: str = "student.from_config"):
+def build_student(
+    cfg: StudentConfig, *, seed: int = 0, attentions: bool = False, key: str = "student.from_config"
+):
     """(model, tokenizer), model in train mode on CPU (the trainer moves it).
 
     A from_config model's config is built by `kvdistill.models.from_config` (the family's config class, heads and
@@ -27,7 +29,9 @@ def build_student(cfg: StudentConfig, *, seed: int = 0, attentions: bool = False
     """
     attn = attn_implementation_for(attentions)
     if cfg.model is not None:
-        model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, tokenizer=cfg.tokenizer, attn_implementation=attn)
+        model, tokenizer = load_model(
+            cfg.model, dtype=cfg.dtype, tokenizer=cfg.tokenizer, attn_implementation=attn
+        )
     else:
         from transformers import AutoModelForCausalLM
 
@@ -41,8 +45,9 @@ def build_student(cfg: StudentConfig, *, seed: int = 0, attentions: bool = False
         for attr in ("bos_token_id", "eos_token_id", "pad_token_id"):
             setattr(config, attr, getattr(tokenizer, attr))
         torch.manual_seed(seed)
-        model = from_pretrained_or_config(AutoModelForCausalLM, config=config, dtype=resolve_dtype(cfg.dtype),
-                                          attn_implementation=attn)
+        model = from_pretrained_or_config(
+            AutoModelForCausalLM, config=config, dtype=resolve_dtype(cfg.dtype), attn_implementation=attn
+        )
         model.config.name_or_path = f"{base or family}+from_config"
     if cfg.upcycle is not None:
         from kvdistill.student.upcycle import upcycle

@@ -55,18 +55,36 @@ class LatentHead(nn.Module):
     head 'embed_norm' needs `embed_rms`, the RMS of the backbone's token embeddings: the gain starts there and `init`
     is drawn at that scale; 'identity' keeps the projection's output as it is (`init` at `init_std`)."""
 
-    def __init__(self, hidden_size: int, tokens: int, projection: str = "mlp", init_std: float = 0.02, *,
-                 head: str = "identity", embed_rms: float | None = None, eps: float = 1e-6):
+    def __init__(
+        self,
+        hidden_size: int,
+        tokens: int,
+        projection: str = "mlp",
+        init_std: float = 0.02,
+        *,
+        head: str = "identity",
+        embed_rms: float | None = None,
+        eps: float = 1e-6,
+    ):
         super().__init__()
         if projection not in PROJECTIONS:
-            raise KvdistillError(f"student.latent.projection '{projection}' is unknown",
-                                 f"use one of {', '.join(PROJECTIONS)}")
+            raise KvdistillError(
+                f"student.latent.projection '{projection}' is unknown", f"use one of {', '.join(PROJECTIONS)}"
+            )
         if head not in HEADS:
             raise KvdistillError(f"student.latent.head '{head}' is unknown", f"use one of {', '.join(HEADS)}")
         if head == "embed_norm" and (embed_rms is None or not embed_rms > 0):
-            raise KvdistillError(f"head embed_norm needs the token embeddings' RMS (> 0), got {embed_rms!r}",
-                                 "pass embedding_rms(backbone)")
-        self.tokens, self.projection, self.hidden_size, self.head, self.eps = tokens, projection, hidden_size, head, eps
+            raise KvdistillError(
+                f"head embed_norm needs the token embeddings' RMS (> 0), got {embed_rms!r}",
+                "pass embedding_rms(backbone)",
+            )
+        self.tokens, self.projection, self.hidden_size, self.head, self.eps = (
+            tokens,
+            projection,
+            hidden_size,
+            head,
+            eps,
+        )
         std = float(embed_rms) if head == "embed_norm" else init_std
         self.init = nn.Parameter(torch.randn(tokens, hidden_size) * std)  # (M, d)
         if head == "embed_norm":
@@ -141,7 +159,9 @@ class LatentStudent(nn.Module):
     def _last_hidden(self, out) -> torch.Tensor:
         return out.hidden_states[-1]  # after the final norm (transformers 5), as the LM head reads it
 
-    def latents(self, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor, *, use_cache: bool = True) -> torch.Tensor:
+    def latents(
+        self, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor, *, use_cache: bool = True
+    ) -> torch.Tensor:
         """e_T (B, M, d) for a left-padded prefix (B, P) (see the module docstring); use_cache=False recomputes the
         prefix in every pass (the reference the cached path must equal)."""
         B, P = prefix_ids.shape
@@ -150,31 +170,47 @@ class LatentStudent(nn.Module):
         if self.iterations == 0 or M == 0:
             return e
         if bool((prefix_mask[:, -1] == 0).any()):
-            raise KvdistillError("the prefix must be left-padded (its last column real in every sample)",
-                                 "tokenize the questions with padding_side='left'")
+            raise KvdistillError(
+                "the prefix must be left-padded (its last column real in every sample)",
+                "tokenize the questions with padding_side='left'",
+            )
         emb = self.embed(prefix_ids)  # (B, P, d)
         ones = prefix_mask.new_ones(B, M)
         mask = torch.cat([prefix_mask, ones], 1)  # (B, P+M)
         lat_pos = prefix_mask.sum(-1, keepdim=True) + torch.arange(M, device=prefix_ids.device)  # (B, M)
         cache = None
         if use_cache:
-            out = self._decoder()(inputs_embeds=emb, attention_mask=prefix_mask,
-                                position_ids=positions_from_mask(prefix_mask), use_cache=True,
-                                output_hidden_states=True)
+            out = self._decoder()(
+                inputs_embeds=emb,
+                attention_mask=prefix_mask,
+                position_ids=positions_from_mask(prefix_mask),
+                use_cache=True,
+                output_hidden_states=True,
+            )
             h_q = self._last_hidden(out)[:, -1]  # (B, d)
             cache = returned_cache(out)
         cache_kw = cache_argument(self._decoder())
         for _ in range(self.iterations):
             if cache is not None:
-                out = self._decoder()(inputs_embeds=e, attention_mask=mask, position_ids=lat_pos, use_cache=True,
-                                      output_hidden_states=True, **{cache_kw: cache})
+                out = self._decoder()(
+                    inputs_embeds=e,
+                    attention_mask=mask,
+                    position_ids=lat_pos,
+                    use_cache=True,
+                    output_hidden_states=True,
+                    **{cache_kw: cache},
+                )
                 h = self._last_hidden(out)  # (B, M, d)
                 if not _crop_to(cache, P):
                     cache = None  # the next passes recompute the prefix
             else:
-                out = self._decoder()(inputs_embeds=torch.cat([emb, e], 1), attention_mask=mask,
-                                    position_ids=positions_from_mask(mask), use_cache=False,
-                                    output_hidden_states=True)
+                out = self._decoder()(
+                    inputs_embeds=torch.cat([emb, e], 1),
+                    attention_mask=mask,
+                    position_ids=positions_from_mask(mask),
+                    use_cache=False,
+                    output_hidden_states=True,
+                )
                 full = self._last_hidden(out)  # (B, P+M, d)
                 h_q, h = full[:, P - 1], full[:, P:]
             shifted = torch.cat([h_q[:, None], h[:, :-1]], 1)  # (B, M, d): slot m reads slot m-1
@@ -182,9 +218,18 @@ class LatentStudent(nn.Module):
         return e
 
     # ------------------------------------------------------------------------------------------ forward
-    def forward(self, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor, suffix_ids: torch.Tensor,
-                suffix_mask: torch.Tensor, *, pad_id: int, geometry=None, hidden_states: bool = False,
-                logits: bool = True):
+    def forward(
+        self,
+        prefix_ids: torch.Tensor,
+        prefix_mask: torch.Tensor,
+        suffix_ids: torch.Tensor,
+        suffix_mask: torch.Tensor,
+        *,
+        pad_id: int,
+        geometry=None,
+        hidden_states: bool = False,
+        logits: bool = True,
+    ):
         """The student-mode pass: a `KVCapture` of the (B, P+M+S) columns (K/V pre-rotation; the latent slots are
         columns P .. P+M-1; their input_ids are `pad_id`, never read)."""
         B, P = prefix_ids.shape
@@ -193,13 +238,28 @@ class LatentStudent(nn.Module):
         embeds = torch.cat([self.embed(prefix_ids), e, self.embed(suffix_ids)], 1)  # (B, P+M+S, d)
         ids = torch.cat([prefix_ids, prefix_ids.new_full((B, M), pad_id), suffix_ids], 1)
         mask = torch.cat([prefix_mask, prefix_mask.new_ones(B, M), suffix_mask], 1)
-        return forward_kv(self.backbone, ids, mask, geometry=geometry, inputs_embeds=embeds, logits=logits,
-                          hidden_states=hidden_states)
+        return forward_kv(
+            self.backbone,
+            ids,
+            mask,
+            geometry=geometry,
+            inputs_embeds=embeds,
+            logits=logits,
+            hidden_states=hidden_states,
+        )
 
     # ------------------------------------------------------------------------------------------ generation
     @torch.no_grad()
-    def generate(self, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor, prompt_ids: torch.Tensor, *,
-                 max_new_tokens: int, eos_id: int | None = None, use_cache: bool = True) -> dict:
+    def generate(
+        self,
+        prefix_ids: torch.Tensor,
+        prefix_mask: torch.Tensor,
+        prompt_ids: torch.Tensor,
+        *,
+        max_new_tokens: int,
+        eos_id: int | None = None,
+        use_cache: bool = True,
+    ) -> dict:
         """Greedy answers in latent mode: prefix (B, P) left-padded, the latents, then `prompt_ids` (B, Q) (the same
         number of tokens in every sample, e.g. 'Answer:'), then up to `max_new_tokens` tokens (B, N) (after an
         eos, eos is repeated). Returns {tokens (B, N), seconds, latent_passes}; use_cache=False recomputes the
@@ -217,13 +277,22 @@ class LatentStudent(nn.Module):
         step_in = embeds
         for _ in range(max_new_tokens):
             if use_cache:
-                pos = positions_from_mask(mask)[:, -step_in.shape[1]:]
-                out = self.backbone(inputs_embeds=step_in, attention_mask=mask, position_ids=pos, use_cache=True,
-                                    **({cache_kw: cache} if cache is not None else {}))
+                pos = positions_from_mask(mask)[:, -step_in.shape[1] :]
+                out = self.backbone(
+                    inputs_embeds=step_in,
+                    attention_mask=mask,
+                    position_ids=pos,
+                    use_cache=True,
+                    **({cache_kw: cache} if cache is not None else {}),
+                )
                 cache = returned_cache(out)
             else:
-                out = self.backbone(inputs_embeds=step_in, attention_mask=mask, position_ids=positions_from_mask(mask),
-                                    use_cache=False)
+                out = self.backbone(
+                    inputs_embeds=step_in,
+                    attention_mask=mask,
+                    position_ids=positions_from_mask(mask),
+                    use_cache=False,
+                )
             token = out.logits[:, -1].argmax(-1)  # (B,)
             if eos_id is not None:
                 token = torch.where(done, torch.full_like(token, eos_id), token)
@@ -245,11 +314,22 @@ class LatentStudent(nn.Module):
         from safetensors.torch import save_file
 
         out = Path(out_dir)
-        (out / HEAD_CONFIG).write_text(json.dumps({"tokens": self.tokens, "iterations": self.iterations,
-                                                   "projection": self.head.projection, "head": self.head.head,
-                                                   "hidden_size": self.head.hidden_size}, indent=1))
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()},
-                  str(out / HEAD_WEIGHTS))
+        (out / HEAD_CONFIG).write_text(
+            json.dumps(
+                {
+                    "tokens": self.tokens,
+                    "iterations": self.iterations,
+                    "projection": self.head.projection,
+                    "head": self.head.head,
+                    "hidden_size": self.head.hidden_size,
+                },
+                indent=1,
+            )
+        )
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()},
+            str(out / HEAD_WEIGHTS),
+        )
 
 
 def is_latent_student(student_dir: str | Path) -> bool:
@@ -264,13 +344,20 @@ def load_latent_student(student_dir: str | Path, *, device=None, attn_implementa
 
     student_dir = Path(student_dir)
     if not is_latent_student(student_dir):
-        raise KvdistillError(f"'{student_dir}' holds no {HEAD_CONFIG}: it is not a latent student",
-                             "pass the student directory of a run with a student.latent section")
+        raise KvdistillError(
+            f"'{student_dir}' holds no {HEAD_CONFIG}: it is not a latent student",
+            "pass the student directory of a run with a student.latent section",
+        )
     meta = json.loads((student_dir / HEAD_CONFIG).read_text())
     backbone, tokenizer = load_model(str(student_dir), device=device, attn_implementation=attn_implementation)
     kind = meta.get("head", "identity")  # heads saved before embed_norm existed are identity heads
-    head = LatentHead(meta["hidden_size"], meta["tokens"], meta["projection"], head=kind,
-                      embed_rms=1.0 if kind == "embed_norm" else None)  # the gain is then loaded
+    head = LatentHead(
+        meta["hidden_size"],
+        meta["tokens"],
+        meta["projection"],
+        head=kind,
+        embed_rms=1.0 if kind == "embed_norm" else None,
+    )  # the gain is then loaded
     head.load_state_dict(load_file(str(student_dir / HEAD_WEIGHTS)))
     model = LatentStudent(backbone, head.to(next(backbone.parameters()).device), meta["iterations"])
     return model.eval(), tokenizer
@@ -308,5 +395,11 @@ def latent_view(tokenizer, segs: list[Segments], tokens: int) -> LatentView:
         ends = suf["offset_mapping"][b, :, 1]  # byte spans
         before = ((ends <= at) & (ends > 0) & suf["attention_mask"][b].bool()).nonzero().flatten()
         pre_answer.append(P + M + int(before.max()) if len(before) else P + M - 1)
-    return LatentView(pre["input_ids"], pre["attention_mask"], suf["input_ids"], suf["attention_mask"], answer,
-                      torch.tensor(pre_answer))
+    return LatentView(
+        pre["input_ids"],
+        pre["attention_mask"],
+        suf["input_ids"],
+        suf["attention_mask"],
+        answer,
+        torch.tensor(pre_answer),
+    )

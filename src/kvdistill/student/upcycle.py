@@ -21,7 +21,11 @@ from kvdistill.errors import KvdistillError
 COUNTERPARTS: dict[str, tuple[str, str, dict]] = {
     "llama": ("mixtral", "num_local_experts", {}),
     "mistral": ("mixtral", "num_local_experts", {}),
-    "qwen3": ("qwen3_moe", "num_experts", {"decoder_sparse_step": 1, "mlp_only_layers": [], "norm_topk_prob": True}),
+    "qwen3": (
+        "qwen3_moe",
+        "num_experts",
+        {"decoder_sparse_step": 1, "mlp_only_layers": [], "norm_topk_prob": True},
+    ),
 }
 
 
@@ -31,14 +35,21 @@ def upcycled_config(dense_config, num_experts: int, top_k: int):
 
     dense_type = dense_config.model_type
     if dense_type not in COUNTERPARTS:
-        raise KvdistillError(f"student.upcycle: no MoE counterpart is known for the dense family '{dense_type}'",
-                             f"upcycle a student of {', '.join(COUNTERPARTS)}, or build an MoE from_config")
+        raise KvdistillError(
+            f"student.upcycle: no MoE counterpart is known for the dense family '{dense_type}'",
+            f"upcycle a student of {', '.join(COUNTERPARTS)}, or build an MoE from_config",
+        )
     moe_type, experts_field, extra = COUNTERPARTS[dense_type]
     if getattr(dense_config, "mlp_bias", False):
-        raise KvdistillError(f"student.upcycle: the dense {dense_type} MLP has biases, the {moe_type} experts none",
-                             "upcycle a checkpoint whose MLP has no bias")
-    fields = {k: v for k, v in dense_config.to_dict().items()
-              if k not in ("model_type", "architectures", "transformers_version", "_name_or_path")}
+        raise KvdistillError(
+            f"student.upcycle: the dense {dense_type} MLP has biases, the {moe_type} experts none",
+            "upcycle a checkpoint whose MLP has no bias",
+        )
+    fields = {
+        k: v
+        for k, v in dense_config.to_dict().items()
+        if k not in ("model_type", "architectures", "transformers_version", "_name_or_path")
+    }
     fields.update({experts_field: num_experts, "num_experts_per_tok": top_k, **extra})
     if moe_type == "qwen3_moe":
         fields["moe_intermediate_size"] = dense_config.intermediate_size
@@ -53,8 +64,9 @@ def upcycle(dense: nn.Module, *, num_experts: int, top_k: int, seed: int = 0) ->
     config = upcycled_config(dense.config, num_experts, top_k)
     config._attn_implementation = dense.config._attn_implementation
     torch.manual_seed(seed)
-    moe = AutoModelForCausalLM.from_config(config, dtype=next(dense.parameters()).dtype,
-                                           attn_implementation=dense.config._attn_implementation)
+    moe = AutoModelForCausalLM.from_config(
+        config, dtype=next(dense.parameters()).dtype, attn_implementation=dense.config._attn_implementation
+    )
     src = dense.state_dict()
     dst = moe.state_dict()
     loaded = {}
@@ -62,23 +74,37 @@ def upcycle(dense: nn.Module, *, num_experts: int, top_k: int, seed: int = 0) ->
         if ".mlp." in name:
             continue
         if name not in dst or dst[name].shape != tensor.shape:
-            raise KvdistillError(f"student.upcycle: dense weight {name} {tuple(tensor.shape)} has no counterpart in "
-                                 f"{config.model_type}", "upcycle a checkpoint of a supported family unchanged")
+            raise KvdistillError(
+                f"student.upcycle: dense weight {name} {tuple(tensor.shape)} has no counterpart in "
+                f"{config.model_type}",
+                "upcycle a checkpoint of a supported family unchanged",
+            )
         loaded[name] = tensor
     for i in range(config.num_hidden_layers):
         mlp = f"model.layers.{i}.mlp"
-        gate, up, down = (src[f"{mlp}.{p}.weight"] for p in ("gate_proj", "up_proj", "down_proj"))  # (I, F) (I, F) (F, I)
-        loaded[f"{mlp}.experts.gate_up_proj"] = torch.cat([gate, up], 0)[None].expand(num_experts, -1, -1).clone()
+        gate, up, down = (
+            src[f"{mlp}.{p}.weight"] for p in ("gate_proj", "up_proj", "down_proj")
+        )  # (I, F) (I, F) (F, I)
+        loaded[f"{mlp}.experts.gate_up_proj"] = (
+            torch.cat([gate, up], 0)[None].expand(num_experts, -1, -1).clone()
+        )
         loaded[f"{mlp}.experts.down_proj"] = down[None].expand(num_experts, -1, -1).clone()  # (E, F, I)
-    missing = sorted(set(dst) - set(loaded) - {f"model.layers.{i}.mlp.gate.weight"
-                                               for i in range(config.num_hidden_layers)})
+    missing = sorted(
+        set(dst)
+        - set(loaded)
+        - {f"model.layers.{i}.mlp.gate.weight" for i in range(config.num_hidden_layers)}
+    )
     if config.tie_word_embeddings:
         missing = [m for m in missing if m != "lm_head.weight"]
     if missing:
-        raise KvdistillError(f"student.upcycle: {config.model_type} weights {missing[:4]} have no dense source",
-                             "upcycle a checkpoint of a supported family unchanged")
+        raise KvdistillError(
+            f"student.upcycle: {config.model_type} weights {missing[:4]} have no dense source",
+            "upcycle a checkpoint of a supported family unchanged",
+        )
     moe.load_state_dict(loaded, strict=False)
     if config.tie_word_embeddings:
         moe.tie_weights()
-    moe.config.name_or_path = f"{getattr(dense.config, 'name_or_path', '') or dense.config.model_type}+upcycled"
+    moe.config.name_or_path = (
+        f"{getattr(dense.config, 'name_or_path', '') or dense.config.model_type}+upcycled"
+    )
     return moe

@@ -14,5 +14,13 @@ from kvdistill.teachers.capture import (
 from kvdistill.teachers.online import OnlineTeacher
 from kvdistill.teachers.record import TeacherKV
 
-__all__ = ["CachedTeacher", "OnlineTeacher", "TeacherInputs", "TeacherKV", "answer_query_mask", "capture_teacher",
-           "compress_capture", "prepare_teacher"]
+__all__ = [
+    "CachedTeacher",
+    "OnlineTeacher",
+    "TeacherInputs",
+    "TeacherKV",
+    "answer_query_mask",
+    "capture_teacher",
+    "compress_capture",
+    "prepare_teacher",
+]

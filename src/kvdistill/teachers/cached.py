@@ -22,8 +22,10 @@ def read_cached(name: str, reader, records: list[dict], *, logits: bool = False)
     logits: with its stored top-k log-probabilities (`TeacherKV.logits`)."""
     missing = [r["id"] for r in records if r["id"] not in reader.index]
     if missing:
-        raise KvdistillError(f"cache of teacher '{name}' has no entry for samples {missing[:5]}",
-                             "extract the cache over the same data config as training")
+        raise KvdistillError(
+            f"cache of teacher '{name}' has no entry for samples {missing[:5]}",
+            "extract the cache over the same data config as training",
+        )
     return reader.teacher_kv([r["id"] for r in records], device="cpu", logits=logits)
 
 
@@ -37,9 +39,11 @@ def map_tensors(tkv: TeacherKV, fn) -> TeacherKV:
             done[id(x)] = fn(x)
         return done[id(x)]
 
-    return dataclasses.replace(tkv, **{f: {j: once(x) for j, x in getattr(tkv, f).items()}
-                                       for f in ("keys", "values", "spans", "mask")},
-                               logits=None if tkv.logits is None else tkv.logits.map(once))
+    return dataclasses.replace(
+        tkv,
+        **{f: {j: once(x) for j, x in getattr(tkv, f).items()} for f in ("keys", "values", "spans", "mask")},
+        logits=None if tkv.logits is None else tkv.logits.map(once),
+    )
 
 
 class CachedTeacher:
@@ -60,16 +64,28 @@ class CachedTeacher:
         self.device = device
         return self
 
-    def kv(self, records: list[dict], *, max_length: int, hidden_states=False, logits=False,
-           attentions=False, inputs: TeacherKV | None = None) -> TeacherKV:
+    def kv(
+        self,
+        records: list[dict],
+        *,
+        max_length: int,
+        hidden_states=False,
+        logits=False,
+        attentions=False,
+        inputs: TeacherKV | None = None,
+    ) -> TeacherKV:
         """The K/V record of `records` on the teacher's device; `inputs`: its `read_cached` CPU record made
         beforehand (e.g. by a DataLoader worker, pinned), else it is read here."""
         if hidden_states or attentions:
-            raise KvdistillError(f"teacher '{self.name}' comes from a cache, which holds K/V (and top-k logits)",
-                                 "use the kv / cosine / logit_kd losses with cached teachers, or run it online")
+            raise KvdistillError(
+                f"teacher '{self.name}' comes from a cache, which holds K/V (and top-k logits)",
+                "use the kv / cosine / logit_kd losses with cached teachers, or run it online",
+            )
         if logits and self.reader.meta.get("logits") is None:
-            raise KvdistillError(f"teacher '{self.name}' comes from a cache without logits (K/V only)",
-                                 "extract the cache with a logits section (teachers.N.logits), or set "
-                                 "losses.logit_kd.weight: 0")
+            raise KvdistillError(
+                f"teacher '{self.name}' comes from a cache without logits (K/V only)",
+                "extract the cache with a logits section (teachers.N.logits), or set "
+                "losses.logit_kd.weight: 0",
+            )
         tkv = inputs if inputs is not None else read_cached(self.name, self.reader, records, logits=logits)
         return map_tensors(tkv, lambda x: x.to(self.device, non_blocking=True))

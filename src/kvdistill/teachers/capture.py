@@ -60,8 +60,10 @@ def cot_candidates(records: list[dict], spans: torch.Tensor, mask: torch.Tensor)
         if not out[b].any():
             raise KvdistillError(
                 f"record '{rec.get('id')}' has no chain-of-thought tokens (after truncation) for compression.span "
-                "'cot'", "use records with a `cot` field (template mode) and a data.max_length that keeps it, or "
-                "compression.span: all")
+                "'cot'",
+                "use records with a `cot` field (template mode) and a data.max_length that keeps it, or "
+                "compression.span: all",
+            )
     return out
 
 
@@ -81,38 +83,67 @@ class TeacherInputs:
 
     def pin_memory(self) -> TeacherInputs:
         """The same inputs in pinned memory (for asynchronous copies to the GPU)."""
+
         def pin(x):
             return None if x is None else x.pin_memory()
 
-        return replace(self, input_ids=pin(self.input_ids), attention_mask=pin(self.attention_mask),
-                       spans=pin(self.spans), query=pin(self.query), candidates=pin(self.candidates),
-                       rows=None if self.rows is None else tuple(pin(t) for t in self.rows))
+        return replace(
+            self,
+            input_ids=pin(self.input_ids),
+            attention_mask=pin(self.attention_mask),
+            spans=pin(self.spans),
+            query=pin(self.query),
+            candidates=pin(self.candidates),
+            rows=None if self.rows is None else tuple(pin(t) for t in self.rows),
+        )
 
 
-def prepare_teacher(tokenizer, records: list[dict], *, geometry: KVGeometry, max_length: int | None,
-                    compression=None, pin: bool = False) -> TeacherInputs:
+def prepare_teacher(
+    tokenizer,
+    records: list[dict],
+    *,
+    geometry: KVGeometry,
+    max_length: int | None,
+    compression=None,
+    pin: bool = False,
+) -> TeacherInputs:
     """Tokenize `records` as `capture_teacher` does (right padding, the model's position limit) and build the
     rkv query mask and its query rows on the host (Q, the most rows of a sample, is then known without asking the
     device); pin=True pins the tensors for an asynchronous copy to the GPU."""
-    ids, mask, spans = tokenize_for(geometry, tokenizer, [r["text"] for r in records], max_length=max_length,
-                                    padding_side="right")  # (B, T), (B, T), (B, T, 2)
+    ids, mask, spans = tokenize_for(
+        geometry, tokenizer, [r["text"] for r in records], max_length=max_length, padding_side="right"
+    )  # (B, T), (B, T), (B, T, 2)
     rkv = getattr(compression, "kind", "full") == "rkv"
     cot = getattr(compression, "span", "all") == "cot"
     candidates = cot_candidates(records, spans, mask) if cot else None
     query = None
     if rkv:  # the rows whose attention is the importance: the answer, or R-KV's window (the last `window` candidates)
         windowed = getattr(compression, "scoring", "minmax") == "rkv"
-        query = (window_rows(candidates if cot else mask, compression.window) if windowed
-                 else answer_query_mask(records, spans, mask))
+        query = (
+            window_rows(candidates if cot else mask, compression.window)
+            if windowed
+            else answer_query_mask(records, spans, mask)
+        )
     tensors = [ids, mask, spans, query, candidates]
     rows = None if query is None else query_rows(query, mask)  # (B, Q) each
     inputs = TeacherInputs(records, *tensors, rows=rows)
     return inputs.pin_memory() if pin else inputs
 
 
-def capture_teacher(model, tokenizer, records: list[dict], *, max_length: int | None, compression=None,
-                    layers: list[int] | None = None, hidden_states=False, logits=False, attentions=False,
-                    inputs: TeacherInputs | None = None, geometry: KVGeometry | None = None):
+def capture_teacher(
+    model,
+    tokenizer,
+    records: list[dict],
+    *,
+    max_length: int | None,
+    compression=None,
+    layers: list[int] | None = None,
+    hidden_states=False,
+    logits=False,
+    attentions=False,
+    inputs: TeacherInputs | None = None,
+    geometry: KVGeometry | None = None,
+):
     """(cap, query_mask) of one batch as a teacher sees it (right padding); query_mask is None unless rkv.
 
     rkv: families with a separate query projection (`supports_queries`) get their answer-row importance from
@@ -128,17 +159,25 @@ def capture_teacher(model, tokenizer, records: list[dict], *, max_length: int | 
     geometry = geometry if geometry is not None else geometry_of(model)
     hooked = rkv and supports_queries(geometry)
     if windowed and not hooked:
-        raise KvdistillError(f"compression.scoring rkv reads its window's attention logits from the queries, which are "
-                             f"not captured for family '{geometry.model_type}'", "use compression.scoring minmax or kava")
+        raise KvdistillError(
+            f"compression.scoring rkv reads its window's attention logits from the queries, which are "
+            f"not captured for family '{geometry.model_type}'",
+            "use compression.scoring minmax or kava",
+        )
     if inputs is None:
-        inputs = prepare_teacher(tokenizer, records, geometry=geometry, max_length=max_length,
-                                 compression=compression)
+        inputs = prepare_teacher(
+            tokenizer, records, geometry=geometry, max_length=max_length, compression=compression
+        )
     flags = dict(hidden_states=hidden_states, logits=logits, attentions=attentions or (rkv and not hooked))
     if not hooked:
-        cap = capture_tokenized(model, geometry, inputs.input_ids, inputs.attention_mask, inputs.spans, **flags)
+        cap = capture_tokenized(
+            model, geometry, inputs.input_ids, inputs.attention_mask, inputs.spans, **flags
+        )
     else:
         with capture_queries(model, geometry) as qc:
-            cap = capture_tokenized(model, geometry, inputs.input_ids, inputs.attention_mask, inputs.spans, **flags)
+            cap = capture_tokenized(
+                model, geometry, inputs.input_ids, inputs.attention_mask, inputs.spans, **flags
+            )
     query = None if inputs.query is None else inputs.query.to(cap.attention_mask.device, non_blocking=True)
     if inputs.candidates is not None:
         cap.candidates = inputs.candidates.to(cap.attention_mask.device, non_blocking=True)
@@ -156,7 +195,6 @@ def capture_teacher(model, tokenizer, records: list[dict], *, max_length: int | 
     return cap, query
 
 
-
 def compress_capture(
     cap, compression: Compression, layers: list[int], query_mask: torch.Tensor | None = None
 ):
@@ -164,7 +202,9 @@ def compress_capture(
     (B, H, M, 2), mask (B, H, M) long. Kind 'full' keeps the capture's shared (B, T) layout. K/V keep the
     capture's dtype (`compression.dtype` is the storage dtype of the cache)."""
     keys, values, spans, masks = {}, {}, {}, {}
-    stacked = stacked_rkv_selection(cap, compression, layers)  # rkv: groups of layers in one call, when possible
+    stacked = stacked_rkv_selection(
+        cap, compression, layers
+    )  # rkv: groups of layers in one call, when possible
     for layer in layers:
         sel = stacked[layer] if stacked is not None else layer_selection(cap, compression, layer, query_mask)
         if sel is None:

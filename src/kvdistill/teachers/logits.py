@@ -56,17 +56,28 @@ class LogitSpec:
 
     def to_dict(self) -> dict:
         """The manifest's `logits` entry."""
-        return {"top_k": self.k, "dtype": self.dtype, "index_dtype": self.index_dtype,
-                "temperatures": [float(t) for t in self.temperatures], "vocab_size": self.vocab_size}
+        return {
+            "top_k": self.k,
+            "dtype": self.dtype,
+            "index_dtype": self.index_dtype,
+            "temperatures": [float(t) for t in self.temperatures],
+            "vocab_size": self.vocab_size,
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> LogitSpec:
-        return cls(int(d["top_k"]), str(d["dtype"]), tuple(float(t) for t in d["temperatures"]), int(d["vocab_size"]))
+        return cls(
+            int(d["top_k"]), str(d["dtype"]), tuple(float(t) for t in d["temperatures"]), int(d["vocab_size"])
+        )
 
 
 @torch.no_grad()
-def topk_logprobs(logits: torch.Tensor, k: int, temperatures: tuple[float, ...] | list[float],
-                  mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def topk_logprobs(
+    logits: torch.Tensor,
+    k: int,
+    temperatures: tuple[float, ...] | list[float],
+    mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The sparse form of logits (B, T, V): values (B, T, k) float32 log-probabilities at τ = 1 (descending), index
     (B, T, k) int64, shift (B, T, n) float32 at each of the n temperatures (module docstring).
 
@@ -83,7 +94,11 @@ def topk_logprobs(logits: torch.Tensor, k: int, temperatures: tuple[float, ...] 
     n_rows = B * T if live is None else live.numel()
     step = max(1, _ROW_BYTES // (4 * V))
     for lo in range(0, n_rows, step):
-        at = torch.arange(lo, min(lo + step, n_rows), device=logits.device) if live is None else live[lo:lo + step]
+        at = (
+            torch.arange(lo, min(lo + step, n_rows), device=logits.device)
+            if live is None
+            else live[lo : lo + step]
+        )
         z = rows.index_select(0, at).float()  # (r, V)
         top, idx = z.topk(k, dim=-1)  # (r, k), descending
         lse = torch.logsumexp(z, -1)  # (r,)
@@ -113,7 +128,9 @@ class TeacherLogits:
         a smaller k), None: all stored. The form `losses.topk_logit_kd` takes."""
         n = self._slot(temperature)
         k = self.values.shape[-1] if k is None else k
-        return self.index[..., :k], self.values[..., :k].float() / temperature + self.shift[..., n, None].float()
+        return self.index[..., :k], self.values[..., :k].float() / temperature + self.shift[
+            ..., n, None
+        ].float()
 
     def _slot(self, temperature: float) -> int:
         for n, t in enumerate(self.temperatures):
@@ -123,9 +140,16 @@ class TeacherLogits:
             f"the cached top-k log-probabilities are normalised at temperatures {list(self.temperatures)}, not at "
             f"{temperature}: the normaliser at another temperature needs the whole vocabulary, not the top-k",
             "re-extract the cache with that temperature in teachers.N.logits.temperatures "
-            "(`kvdistill extract ... --logits-temperatures`), or train at a stored temperature")
+            "(`kvdistill extract ... --logits-temperatures`), or train at a stored temperature",
+        )
 
     def map(self, fn) -> TeacherLogits:
         """The same record with fn applied to each tensor (e.g. a device copy)."""
-        return replace(self, values=fn(self.values), index=fn(self.index), shift=fn(self.shift), mask=fn(self.mask),
-                       spans=fn(self.spans))
+        return replace(
+            self,
+            values=fn(self.values),
+            index=fn(self.index),
+            shift=fn(self.shift),
+            mask=fn(self.mask),
+            spans=fn(self.spans),
+        )

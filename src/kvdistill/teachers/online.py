@@ -32,20 +32,43 @@ class OnlineTeacher:
         return self
 
     @torch.no_grad()
-    def kv(self, records: list[dict], *, max_length: int, hidden_states=False, logits=False,
-           attentions=False, inputs: TeacherInputs | None = None) -> TeacherKV:
+    def kv(
+        self,
+        records: list[dict],
+        *,
+        max_length: int,
+        hidden_states=False,
+        logits=False,
+        attentions=False,
+        inputs: TeacherInputs | None = None,
+    ) -> TeacherKV:
         """The K/V record of `records`; `inputs`: their `prepare_teacher` tokenization made beforehand (e.g. by a
         DataLoader worker), else the records are tokenized here. Thread-safe: calls on one teacher run one at a
         time (`objectives.ahead` runs them on another thread)."""
         with self.lock:
-            return self._kv(records, max_length=max_length, hidden_states=hidden_states, logits=logits,
-                            attentions=attentions, inputs=inputs)
+            return self._kv(
+                records,
+                max_length=max_length,
+                hidden_states=hidden_states,
+                logits=logits,
+                attentions=attentions,
+                inputs=inputs,
+            )
 
     def _kv(self, records, *, max_length, hidden_states, logits, attentions, inputs) -> TeacherKV:
-        cap, query = capture_teacher(self.model, self.tokenizer, records, max_length=max_length,
-                                     compression=self.compression, layers=self.layers,
-                                     hidden_states=hidden_states, logits=logits, attentions=attentions,
-                                     inputs=inputs, geometry=self.geometry)
+        cap, query = capture_teacher(
+            self.model,
+            self.tokenizer,
+            records,
+            max_length=max_length,
+            compression=self.compression,
+            layers=self.layers,
+            hidden_states=hidden_states,
+            logits=logits,
+            attentions=attentions,
+            inputs=inputs,
+            geometry=self.geometry,
+        )
         if getattr(self.compression, "kind", "full") == "full":
             return TeacherKV.from_capture(cap, self.layers)
         return compress_capture(cap, self.compression, self.layers, query)

@@ -30,7 +30,9 @@ class TeacherKV:
     compression: dict | None = None  # Compression.to_dict() of the selection that produced it; None = full
     sample_ids: list[str] | None = None  # cached teachers: the ids the batch was read for
     logits: TeacherLogits | None = None  # cached teachers with stored logits: top-k log-probabilities
-    nll_per_byte: torch.Tensor | None = None  # (B,) fusion.kind confidence: the teacher's NLL per byte of each
+    nll_per_byte: torch.Tensor | None = (
+        None  # (B,) fusion.kind confidence: the teacher's NLL per byte of each
+    )
     # sample's scored text (`kvdistill.fuse.confidence.byte_nll`), NaN where none was scored
 
     def host_spans(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,6 +46,11 @@ class TeacherKV:
     @classmethod
     def from_capture(cls, cap: KVCapture, layers: list[int]) -> TeacherKV:
         """The uncompressed record of `layers` of a capture: its K/V as they are, shared spans (B, T, 2)."""
-        return cls(keys={i: cap.keys[i] for i in layers}, values={i: cap.values[i] for i in layers},
-                   spans=dict.fromkeys(layers, cap.spans), mask=dict.fromkeys(layers, cap.attention_mask),
-                   shared_spans=True, capture=cap)
+        return cls(
+            keys={i: cap.keys[i] for i in layers},
+            values={i: cap.values[i] for i in layers},
+            spans=dict.fromkeys(layers, cap.spans),
+            mask=dict.fromkeys(layers, cap.attention_mask),
+            shared_spans=True,
+            capture=cap,
+        )

@@ -26,8 +26,14 @@ def on_main(accelerator, fn: Callable[[], Any]) -> Any:
     if accelerator.num_processes > 1:
         from accelerate.utils import broadcast_object_list
 
-        shared = [(result, None if error is None else (getattr(error, "problem", f"process 0: {error!r}"),
-                                                       getattr(error, "fix", None)))]
+        shared = [
+            (
+                result,
+                None
+                if error is None
+                else (getattr(error, "problem", f"process 0: {error!r}"), getattr(error, "fix", None)),
+            )
+        ]
         broadcast_object_list(shared, from_process=0)
         result, message = shared[0]
         if error is None and message is not None:

@@ -42,9 +42,23 @@ import torch
 from kvdistill.atomic import fsync_dir, sha256_file, write_text_atomic
 from kvdistill.rundir import checkpoint_path, latest_checkpoint, list_checkpoints, student_dir
 
-__all__ = ["FINAL_EXTRA", "atomic_dir", "checkpoint_path", "checkpoint_problem", "intact_checkpoints",
-           "list_checkpoints", "latest_checkpoint", "load_checkpoint", "prune_checkpoints", "save_checkpoint",
-           "save_final_student", "set_aside", "split_student_state", "student_dir", "write_text_atomic"]
+__all__ = [
+    "FINAL_EXTRA",
+    "atomic_dir",
+    "checkpoint_path",
+    "checkpoint_problem",
+    "intact_checkpoints",
+    "list_checkpoints",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "prune_checkpoints",
+    "save_checkpoint",
+    "save_final_student",
+    "set_aside",
+    "split_student_state",
+    "student_dir",
+    "write_text_atomic",
+]
 
 FILES = "files.json"  # {"files": {relative path: size in bytes}} of every other file of a checkpoint
 FINAL_EXTRA = "kvdistill"  # DIR/final/kvdistill/: what of the objective is not the student
@@ -52,8 +66,9 @@ FINAL_EXTRA = "kvdistill"  # DIR/final/kvdistill/: what of the objective is not 
 
 # ---------------------------------------------------------------------------------------------- atomic dir
 @contextmanager
-def atomic_dir(path: str | os.PathLike, *, main: bool = True,
-               barrier: Callable[[], None] | None = None) -> Iterator[Path]:
+def atomic_dir(
+    path: str | os.PathLike, *, main: bool = True, barrier: Callable[[], None] | None = None
+) -> Iterator[Path]:
     """Write the directory `path` atomically: yields the empty temporary sibling `path.tmp` to write into.
 
     On a clean exit every file and directory under it is fsynced and it is renamed to `path` (a `path` that
@@ -109,7 +124,9 @@ def _replace_dir(tmp: Path, path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
-def save_checkpoint(path: str | os.PathLike, *, accelerator, objective, scheduler, trainer_state: dict) -> Path:
+def save_checkpoint(
+    path: str | os.PathLike, *, accelerator, objective, scheduler, trainer_state: dict
+) -> Path:
     """Write a checkpoint to `path` atomically; every process calls it (each saves its RNG state).
 
     objective: the unwrapped objective (its `save_student(dir)` writes the student); trainer_state: the JSON
@@ -160,8 +177,11 @@ def _left_out(objective) -> set[str]:
     student/), or for a LoRA student its frozen base weights (rebuilt from the run's config)."""
     prefix, module = _saved_student(objective)
     if _is_peft(module):  # student/ holds the merged model, from which the adapters cannot be recovered
-        return {prefix + k for k, v in module.state_dict(keep_vars=True).items()
-                if isinstance(v, torch.nn.Parameter) and not v.requires_grad}
+        return {
+            prefix + k
+            for k, v in module.state_dict(keep_vars=True).items()
+            if isinstance(v, torch.nn.Parameter) and not v.requires_grad
+        }
     return {prefix + k for k in module.state_dict()}
 
 
@@ -193,7 +213,10 @@ def load_objective(objective, checkpoint: str | os.PathLike) -> None:
     from safetensors.torch import load_file
 
     checkpoint = Path(checkpoint)
-    weights = {k.removeprefix("module."): v for k, v in load_file(str(checkpoint / "state" / "model.safetensors")).items()}
+    weights = {
+        k.removeprefix("module."): v
+        for k, v in load_file(str(checkpoint / "state" / "model.safetensors")).items()
+    }
     prefix, module = _saved_student(objective)
     left_out = _left_out(objective)
     if not _is_peft(module) and not any(k.startswith(prefix) for k in weights):
@@ -206,13 +229,16 @@ def load_objective(objective, checkpoint: str | os.PathLike) -> None:
     names_of: dict[int, list[str]] = {}
     for name, param in objective.named_parameters(remove_duplicate=False):
         names_of.setdefault(id(param), []).append(name)
-    tied_loaded = {n for names in names_of.values() if len(names) > 1 and any(x in weights for x in names)
-                   for n in names}
+    tied_loaded = {
+        n for names in names_of.values() if len(names) > 1 and any(x in weights for x in names) for n in names
+    }
     missing = [k for k in missing if k not in tied_loaded]
     if missing or unexpected:
-        raise RuntimeError(f"checkpoint {checkpoint} does not match the objective: missing {missing[:5]}"
-                           f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
-                           f"{' ...' if len(unexpected) > 5 else ''}")
+        raise RuntimeError(
+            f"checkpoint {checkpoint} does not match the objective: missing {missing[:5]}"
+            f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+            f"{' ...' if len(unexpected) > 5 else ''}"
+        )
 
 
 def student_weights(objective, checkpoint: str | os.PathLike, held: set[str]) -> dict:
@@ -391,8 +417,11 @@ def save_final_student(out_dir: str | os.PathLike, objective, trainer_state: dic
         objective.save_student(tmp)
         extra = tmp / FINAL_EXTRA
         extra.mkdir()
-        rest = {k: v.detach().cpu().contiguous().clone() for k, v in objective.state_dict().items()
-                if not k.startswith("student.")}
+        rest = {
+            k: v.detach().cpu().contiguous().clone()
+            for k, v in objective.state_dict().items()
+            if not k.startswith("student.")
+        }
         save_file(rest, str(extra / "objective.safetensors"))
         (extra / "trainer_state.json").write_text(json.dumps(trainer_state or {}))
     return final

@@ -52,8 +52,11 @@ def read_curriculum(path: str | Path) -> tuple[list[Path], list[str]]:
     """Stages (config paths) and shared overrides of a curriculum file; every problem at once."""
     path = Path(path)
     raw = yaml.safe_load(path.read_text())
-    problems = [f"unknown key '{k}' (a curriculum file has 'curriculum' and 'overrides')"
-                for k in raw if k not in ("curriculum", "overrides")]
+    problems = [
+        f"unknown key '{k}' (a curriculum file has 'curriculum' and 'overrides')"
+        for k in raw
+        if k not in ("curriculum", "overrides")
+    ]
     stages = raw.get("curriculum")
     overrides = raw.get("overrides") or []
     if not isinstance(stages, list) or not stages:
@@ -73,14 +76,21 @@ def read_curriculum(path: str | Path) -> tuple[list[Path], list[str]]:
         except KvdistillError as err:
             problems.append(f"stage '{stage}': {err.problem}")
     if problems:
-        raise KvdistillError(f"curriculum {path} has problems: " + "; ".join(problems),
-                             "fix the listed entries of the curriculum file")
+        raise KvdistillError(
+            f"curriculum {path} has problems: " + "; ".join(problems),
+            "fix the listed entries of the curriculum file",
+        )
     return paths, overrides
 
 
 # the fusion sections that only some fusion kinds / spaces read: {section: (key, value that reads it)}
-_READ_BY = {"similarity": ("kind", ("similarity",)), "router": ("kind", ("router",)), "entropy": ("kind", ("router",)),
-            "latent": ("space", ("latent",)), "confidence": ("kind", ("confidence", "router"))}
+_READ_BY = {
+    "similarity": ("kind", ("similarity",)),
+    "router": ("kind", ("router",)),
+    "entropy": ("kind", ("router",)),
+    "latent": ("space", ("latent",)),
+    "confidence": ("kind", ("confidence", "router")),
+}
 
 
 def stage_overrides(stage: Path, overrides: list[str]) -> list[str]:
@@ -88,38 +98,60 @@ def stage_overrides(stage: Path, overrides: list[str]) -> list[str]:
     does not read (e.g. fusion.latent.* for a loss-space stage), which apply only where they are read."""
     from kvdistill.config import read_raw
 
-    fusion = dict(read_raw(stage, [o for o in overrides if o.split("=", 1)[0] in ("fusion.kind", "fusion.space")])
-                  .get("fusion") or {})
+    fusion = dict(
+        read_raw(stage, [o for o in overrides if o.split("=", 1)[0] in ("fusion.kind", "fusion.space")]).get(
+            "fusion"
+        )
+        or {}
+    )
     kept = []
     for item in overrides:
         parts = item.split("=", 1)[0].split(".")
         if len(parts) > 2 and parts[0] == "fusion" and parts[1] in _READ_BY:
             key, value = _READ_BY[parts[1]]
             if fusion.get(key, {"kind": "fixed", "space": "loss"}[key]) not in value:
-                log.info("stage %s: override %s is not read by its fusion; not applied there", stage.name, item)
+                log.info(
+                    "stage %s: override %s is not read by its fusion; not applied there", stage.name, item
+                )
                 continue
         kept.append(item)
     return kept
 
 
-def run_curriculum(stages: list[Path], out: str | Path, overrides: list[str], *, resume: bool = False,
-                   init_student: str | None = None) -> list[dict]:
+def run_curriculum(
+    stages: list[Path],
+    out: str | Path,
+    overrides: list[str],
+    *,
+    resume: bool = False,
+    init_student: str | None = None,
+) -> list[dict]:
     """Train `stages` in order under OUT/<config name>; stage k > 0 starts from stage k-1's final student."""
     from kvdistill.train.trainer import train
 
     out = Path(out)
-    configs = [load_config(p, stage_overrides(p, overrides)) for p in stages]  # all validated before the first step
+    configs = [
+        load_config(p, stage_overrides(p, overrides)) for p in stages
+    ]  # all validated before the first step
     names = [c.name for c in configs]  # each one path segment (RunConfig checks it): DIR/<name>
     if len(set(names)) != len(names):
-        raise KvdistillError(f"curriculum stages share names {names}", "give every stage config a distinct `name`")
+        raise KvdistillError(
+            f"curriculum stages share names {names}", "give every stage config a distinct `name`"
+        )
     if CURRICULUM in names:
-        raise KvdistillError(f"a curriculum stage is named '{CURRICULUM}', the file that lists the stages",
-                             "rename that stage config's `name`")
+        raise KvdistillError(
+            f"a curriculum stage is named '{CURRICULUM}', the file that lists the stages",
+            "rename that stage config's `name`",
+        )
     problem = dir_problem(out, "curriculum", legacy=(CURRICULUM,))
     if problem:
         raise problem
-    for name in names:  # a stage folder that is not a run (the user's own files) is refused before any training
-        problem = dir_problem(out / name, "run", flag=f"stage '{name}' folder", legacy=("config.yaml", "plan.json"))
+    for (
+        name
+    ) in names:  # a stage folder that is not a run (the user's own files) is refused before any training
+        problem = dir_problem(
+            out / name, "run", flag=f"stage '{name}' folder", legacy=("config.yaml", "plan.json")
+        )
         if problem:
             raise problem
     claim(out, "curriculum")
@@ -130,15 +162,27 @@ def run_curriculum(stages: list[Path], out: str | Path, overrides: list[str], *,
         if (run_dir / "summary.json").is_file() and resume:
             summary = json.loads((run_dir / "summary.json").read_text())
         else:
-            summary = train(cfg, run_dir, resume=resume and (run_dir / "config.yaml").is_file(),
-                            init_student=str(previous) if previous else None)
-        results.append({"stage": cfg.name, "dir": str(run_dir), "init_student": str(previous) if previous else None,
-                        **summary})
+            summary = train(
+                cfg,
+                run_dir,
+                resume=resume and (run_dir / "config.yaml").is_file(),
+                init_student=str(previous) if previous else None,
+            )
+        results.append(
+            {
+                "stage": cfg.name,
+                "dir": str(run_dir),
+                "init_student": str(previous) if previous else None,
+                **summary,
+            }
+        )
         previous = student_dir(run_dir / "final")
         write_json_atomic(out / CURRICULUM, results)
     return results
 
 
-def run_phases(phases: list[int], out: str | Path, overrides: list[str], *, resume: bool = False) -> list[dict]:
+def run_phases(
+    phases: list[int], out: str | Path, overrides: list[str], *, resume: bool = False
+) -> list[dict]:
     """The packaged phases `phases` (e.g. [1, 2, 3, 4, 5]) as one curriculum."""
     return run_curriculum([packaged_config(f"phase{p}") for p in phases], out, overrides, resume=resume)

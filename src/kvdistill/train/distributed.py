@@ -50,20 +50,30 @@ def fsdp_problems(cfg: RunConfig) -> list[str]:
     out = []
     fix = "set train.distributed=ddp"
     if cfg.train.mixed_precision == "fp16":
-        out.append(f"train.distributed fsdp with train.mixed_precision fp16: a loss scaler over sharded gradients is "
-                   f"not wired; use train.mixed_precision=bf16 (or no), or {fix}")
+        out.append(
+            f"train.distributed fsdp with train.mixed_precision fp16: a loss scaler over sharded gradients is "
+            f"not wired; use train.mixed_precision=bf16 (or no), or {fix}"
+        )
     if cfg.student.latent is not None:
-        out.append(f"train.distributed fsdp with student.latent: the latent student (its backbone and head) is not "
-                   f"sharded; {fix}")
+        out.append(
+            f"train.distributed fsdp with student.latent: the latent student (its backbone and head) is not "
+            f"sharded; {fix}"
+        )
     if cfg.student.upcycle is not None:
-        out.append(f"train.distributed fsdp with student.upcycle (an MoE student): its expert blocks are not sharded "
-                   f"here; {fix}")
+        out.append(
+            f"train.distributed fsdp with student.upcycle (an MoE student): its expert blocks are not sharded "
+            f"here; {fix}"
+        )
     if cfg.train.early_stopping is not None:
-        out.append(f"train.distributed fsdp with train.early_stopping: the best student is saved by process 0 alone, "
-                   f"which a sharded student cannot; drop train.early_stopping or {fix}")
+        out.append(
+            f"train.distributed fsdp with train.early_stopping: the best student is saved by process 0 alone, "
+            f"which a sharded student cannot; drop train.early_stopping or {fix}"
+        )
     if getattr(cfg.train, "on_policy", None) is not None:
-        out.append(f"train.distributed fsdp with train.on_policy: each process samples continuations of its own "
-                   f"length, and a sharded student's every forward is a collective of all processes; {fix}")
+        out.append(
+            f"train.distributed fsdp with train.on_policy: each process samples continuations of its own "
+            f"length, and a sharded student's every forward is a collective of all processes; {fix}"
+        )
     return out
 
 
@@ -106,25 +116,38 @@ class Sharded:
         # names of tied parameters after the first (an LM head tied to the embedding): a checkpoint stores one, as an
         # unsharded run's does (the gathered state holds them as separate copies)
         first: dict[int, str] = {}
-        self._tied = {n for n, p in objective.named_parameters(remove_duplicate=False)
-                      if first.setdefault(id(p), n) != n}
+        self._tied = {
+            n
+            for n, p in objective.named_parameters(remove_duplicate=False)
+            if first.setdefault(id(p), n) != n
+        }
         # a meta-device twin of the unsharded student (no memory): process 0 fills it from the gathered state to save
         self._template = copy.deepcopy(student).to("meta") if accelerator.is_main_process else None
         fc = cfg.train.fsdp
-        kwargs = dict(reshard_after_forward=fc.reshard_after_forward,
-                      offload_policy=CPUOffloadPolicy(pin_memory=accelerator.device.type == "cuda")  # pinned: GPU only
-                      if fc.cpu_offload else OffloadPolicy())
+        kwargs = dict(
+            reshard_after_forward=fc.reshard_after_forward,
+            offload_policy=CPUOffloadPolicy(pin_memory=accelerator.device.type == "cuda")  # pinned: GPU only
+            if fc.cpu_offload
+            else OffloadPolicy(),
+        )
         blocks = student_blocks(student)
         for block in blocks:
             fully_shard(block, **kwargs)
         fully_shard(student, **kwargs)  # embeddings, final norm, LM head (+ the blocks' schedule)
         n = sum(p.numel() for p in student.parameters())
-        log.info("fsdp: student sharded over %d processes (%d blocks + the rest; %.1fM parameters)", self.world,
-                 len(blocks), n / 1e6)
-        self.replicated = [p for n_, p in objective.named_parameters()
-                           if p.requires_grad and not n_.startswith("student.")]
+        log.info(
+            "fsdp: student sharded over %d processes (%d blocks + the rest; %.1fM parameters)",
+            self.world,
+            len(blocks),
+            n / 1e6,
+        )
+        self.replicated = [
+            p for n_, p in objective.named_parameters() if p.requires_grad and not n_.startswith("student.")
+        ]
         self.optimizer = None
-        self._pending: tuple[dict, dict] | None = None  # the state gathered by `gathered`, for a save within it
+        self._pending: tuple[dict, dict] | None = (
+            None  # the state gathered by `gathered`, for a save within it
+        )
         accelerator.register_save_state_pre_hook(self._save_hook)
         accelerator.register_load_state_pre_hook(self._load_hook)
 
@@ -140,7 +163,9 @@ class Sharded:
         acc = self.accelerator
         if acc.native_amp:
             obj = self.objective
-            forward = get_mixed_precision_context_manager(acc.native_amp, acc.autocast_handler)(obj.forward.__func__)
+            forward = get_mixed_precision_context_manager(acc.native_amp, acc.autocast_handler)(
+                obj.forward.__func__
+            )
             obj.forward = MethodType(convert_outputs_to_fp32(forward), obj)
         return AcceleratedOptimizer(optimizer, device_placement=False, scaler=None)
 
@@ -161,7 +186,7 @@ class Sharded:
             offset = 0
             for p, g, h in zip(self.replicated, grads, had.tolist(), strict=True):
                 n = g.numel()
-                p.grad = flat[offset:offset + n].view_as(p).to(p.dtype) if h > 0 else None
+                p.grad = flat[offset : offset + n].view_as(p).to(p.dtype) if h > 0 else None
                 offset += n
         sharded, replicated = torch.zeros((), device=dev), torch.zeros((), device=dev)
         grads = [p.grad for p in self.objective.parameters() if p.grad is not None]
@@ -217,7 +242,7 @@ class Sharded:
                 yield
                 return
             prefix = "student."
-            student_sd = {k[len(prefix):]: v for k, v in self._pending[0].items() if k.startswith(prefix)}
+            student_sd = {k[len(prefix) :]: v for k, v in self._pending[0].items() if k.startswith(prefix)}
             sharded = self.objective.student
             plain = copy.deepcopy(self._template).to_empty(device="cpu")
             base = plain.get_base_model() if hasattr(plain, "get_base_model") else plain
@@ -257,9 +282,13 @@ class Sharded:
         model_sd = {**student_weights(self.objective, Path(input_dir).parent, set(model_sd)), **model_sd}
         optim_sd = torch.load(Path(input_dir) / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
         opts = StateDictOptions(full_state_dict=True, strict=False)
-        set_state_dict(self.objective, self.optimizer, model_state_dict=model_sd,
-                       optim_state_dict=self._by_name(optim_sd), options=opts)
-
+        set_state_dict(
+            self.objective,
+            self.optimizer,
+            model_state_dict=model_sd,
+            optim_state_dict=self._by_name(optim_sd),
+            options=opts,
+        )
 
 
 def unsharded(sharded: Sharded | None):

@@ -24,15 +24,32 @@ def evaluate(run: Run, step: int, bar=None) -> dict:
         student.eval()
         try:
             if cfg.student.latent is not None:  # a latent student answers in latent mode
-                em = latent_exact_match(student, tok, run.eval_records, cfg.data.template,
-                                        max_new_tokens=cfg.train.eval_max_new_tokens, batch_size=bs)
+                em = latent_exact_match(
+                    student,
+                    tok,
+                    run.eval_records,
+                    cfg.data.template,
+                    max_new_tokens=cfg.train.eval_max_new_tokens,
+                    batch_size=bs,
+                )
                 ev["eval/gen_tokens"] = em["gen_tokens"]
             elif cfg.train.eval_cot:
-                em = cot_exact_match(student, tok, run.eval_records, cfg.data.template,
-                                     max_new_tokens=cfg.train.eval_max_new_tokens, batch_size=bs)
+                em = cot_exact_match(
+                    student,
+                    tok,
+                    run.eval_records,
+                    cfg.data.template,
+                    max_new_tokens=cfg.train.eval_max_new_tokens,
+                    batch_size=bs,
+                )
             else:
-                em = exact_match(student, tok, run.eval_records, max_new_tokens=cfg.train.eval_max_new_tokens,
-                                 batch_size=bs)
+                em = exact_match(
+                    student,
+                    tok,
+                    run.eval_records,
+                    max_new_tokens=cfg.train.eval_max_new_tokens,
+                    batch_size=bs,
+                )
         finally:
             student.train(was)
         ev["eval/exact_match"] = em["exact_match"]
@@ -47,8 +64,11 @@ def evaluate(run: Run, step: int, bar=None) -> dict:
         shown = [f"held-out CE {ev['eval/ce']:.4f}"] if "eval/ce" in ev else []
         if "eval/exact_match" in ev and ev["eval/exact_match"] is not None:
             shown.append(f"exact match {ev['eval/exact_match']:.3f}")
-        kv = ", ".join(f"{k.removeprefix('eval/kv_error/')} {v:.4f}" for k, v in ev.items()
-                       if k.startswith("eval/kv_error/"))
+        kv = ", ".join(
+            f"{k.removeprefix('eval/kv_error/')} {v:.4f}"
+            for k, v in ev.items()
+            if k.startswith("eval/kv_error/")
+        )
         bar.write(f"step {step}: " + "; ".join(shown + ([f"KV error {kv}"] if kv else [])))
     return ev
 

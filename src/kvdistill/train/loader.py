@@ -28,7 +28,9 @@ def sample_stream(num_records: int, seed: int, start: int, count: int) -> list[i
     return out
 
 
-def micro_batch(records: list[dict], cfg: RunConfig, step: int, micro: int, rank: int, world: int) -> list[dict]:
+def micro_batch(
+    records: list[dict], cfg: RunConfig, step: int, micro: int, rank: int, world: int
+) -> list[dict]:
     """The records of micro-batch `micro` of process `rank` (of `world`) in optimizer step `step`.
 
     The order is seeded by data.seed and train.seed together, so runs that differ only in train.seed (the seeds
@@ -46,8 +48,14 @@ class MicroBatches(torch.utils.data.Dataset):
     picks it (so the order is a pure function of the step: a resume or another world size sees the same samples),
     run through `collate` (on a DataLoader worker when there are some), tagged with its step."""
 
-    def __init__(self, records: list[dict], cfg: RunConfig, rank: int, world: int,
-                 collate: Callable[[list[dict]], Batch]):
+    def __init__(
+        self,
+        records: list[dict],
+        cfg: RunConfig,
+        rank: int,
+        world: int,
+        collate: Callable[[list[dict]], Batch],
+    ):
         self.records, self.cfg, self.rank, self.world, self.collate = records, cfg, rank, world, collate
 
     def __len__(self) -> int:
@@ -63,8 +71,9 @@ def _as_is(batch):
     return batch
 
 
-def collated_batches(objective: TrainingObjective, records: list[dict], cfg: RunConfig, start: int, end: int,
-                     accelerator):
+def collated_batches(
+    objective: TrainingObjective, records: list[dict], cfg: RunConfig, start: int, end: int, accelerator
+):
     """The collated micro-batches of optimizer steps start..end-1 in order, from a DataLoader (train.num_workers
     processes collating train.prefetch batches ahead each, with the objective's `collator`; pinned memory on a
     GPU). objective: the unwrapped one."""
@@ -72,8 +81,13 @@ def collated_batches(objective: TrainingObjective, records: list[dict], cfg: Run
     accum = t.grad_accum
     loader = torch.utils.data.DataLoader(
         MicroBatches(records, cfg, acc.process_index, acc.num_processes, objective.collator),
-        batch_size=None, sampler=range(start * accum, end * accum), collate_fn=_as_is, num_workers=t.num_workers,
-        prefetch_factor=t.prefetch if t.num_workers else None, pin_memory=acc.device.type == "cuda")
+        batch_size=None,
+        sampler=range(start * accum, end * accum),
+        collate_fn=_as_is,
+        num_workers=t.num_workers,
+        prefetch_factor=t.prefetch if t.num_workers else None,
+        pin_memory=acc.device.type == "cuda",
+    )
     return iter(loader)
 
 
@@ -83,9 +97,11 @@ def teachers_ahead(objective: TrainingObjective, batches, cfg: RunConfig, device
     want = cfg.train.teachers_ahead
     able = bool(objective.teachers)
     if want and not able:
-        raise KvdistillError("train.teachers_ahead is true, but this run has no teachers whose pass could run ahead "
-                             "(a latent student's self teacher is its own backbone, run in its step)",
-                             "drop train.teachers_ahead (or set it to false)")
+        raise KvdistillError(
+            "train.teachers_ahead is true, but this run has no teachers whose pass could run ahead "
+            "(a latent student's self teacher is its own backbone, run in its step)",
+            "drop train.teachers_ahead (or set it to false)",
+        )
     if not able or not (want or (want is None and device.type == "cuda")):
         return batches
     return TeachersAhead(objective, batches, device=device, mixed_precision=cfg.train.mixed_precision)

@@ -32,16 +32,35 @@ import torch
 
 from kvdistill.objectives.fusion import SCORE_CHUNK
 
-__all__ = ["CONTEXT", "GIB", "SLACK", "device_memory", "estimate_note", "memory_report", "run_bytes", "run_parts"]
+__all__ = [
+    "CONTEXT",
+    "GIB",
+    "SLACK",
+    "device_memory",
+    "estimate_note",
+    "memory_report",
+    "run_bytes",
+    "run_parts",
+]
 
 GIB = 1024**3
 CONTEXT = 0.75 * GIB
 SLACK = 1.3
 
 
-def run_parts(*, batch: int, length: int, student: dict, teachers: list[dict], ahead: bool,
-              teacher_logits: bool = False, world: int = 1, distributed: str = "ddp",
-              cpu_offload: bool = False, teacher_scoring: bool = False) -> dict[str, int]:
+def run_parts(
+    *,
+    batch: int,
+    length: int,
+    student: dict,
+    teachers: list[dict],
+    ahead: bool,
+    teacher_logits: bool = False,
+    world: int = 1,
+    distributed: str = "ddp",
+    cpu_offload: bool = False,
+    teacher_scoring: bool = False,
+) -> dict[str, int]:
     """The estimate's parts before slack (bytes per process): weights, grads, optimizer, acts, teachers, scoring.
 
     `student`: {params, hidden, layers, vocab} and optionally trainable (default: params) and bytes (per weight,
@@ -54,13 +73,20 @@ def run_parts(*, batch: int, length: int, student: dict, teachers: list[dict], a
         share = 0 if cpu_offload else 1 / world
     else:
         weights, share = b * n, 1.0
-    parts = {"weights": int(weights), "grads": int(4 * n_tr * share), "optimizer": int(8 * n_tr * share),
-             "acts": batch * length * (34 * s["hidden"] * s["layers"] + 12 * s["vocab"]), "teachers": 0}
+    parts = {
+        "weights": int(weights),
+        "grads": int(4 * n_tr * share),
+        "optimizer": int(8 * n_tr * share),
+        "acts": batch * length * (34 * s["hidden"] * s["layers"] + 12 * s["vocab"]),
+        "teachers": 0,
+    }
     for t in teachers:
         logits = t["vocab"] if teacher_logits else 0
         per_batch = 2 * batch * length * (2 * t["hidden"] * t["layers"] + 8 * t["hidden"] + logits)
         parts["teachers"] += 2 * t["params"] + per_batch * (2 if ahead else 1)
-    if teacher_scoring and teachers:  # one teacher's logits of SCORE_CHUNK samples (and a copy), one sample's fp32
+    if (
+        teacher_scoring and teachers
+    ):  # one teacher's logits of SCORE_CHUNK samples (and a copy), one sample's fp32
         vocab = max(t["vocab"] for t in teachers)
         parts["scoring"] = (4 * min(batch, SCORE_CHUNK) + 8) * length * vocab
     return parts
@@ -86,17 +112,31 @@ def memory_report(objective, optimizer, device: torch.device) -> dict:
     (None on a CPU, where torch does not count allocations)."""
     student = sum(_local_bytes(p) for p in objective.student.parameters())
     maps = sum(_local_bytes(p) for n, p in objective.named_parameters() if not n.startswith("student."))
-    grads = sum(_local_bytes(p) for p in objective.parameters() if p.requires_grad)  # as the trainable weights
-    teachers = sum(_local_bytes(p) for t in getattr(objective, "teachers", []) if hasattr(t, "model")
-                   for p in t.model.parameters())
+    grads = sum(
+        _local_bytes(p) for p in objective.parameters() if p.requires_grad
+    )  # as the trainable weights
+    teachers = sum(
+        _local_bytes(p)
+        for t in getattr(objective, "teachers", [])
+        if hasattr(t, "model")
+        for p in t.model.parameters()
+    )
     optimizer = getattr(optimizer, "optimizer", optimizer)  # under Accelerate's wrapper
     state = sum(_local_bytes(v) for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v))
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    return {"student_params_bytes": student, "maps_params_bytes": maps, "teacher_params_bytes": teachers,
-            "grad_bytes": grads, "optimizer_state_bytes": state, "peak_allocated_bytes": peak}
+    return {
+        "student_params_bytes": student,
+        "maps_params_bytes": maps,
+        "teacher_params_bytes": teachers,
+        "grad_bytes": grads,
+        "optimizer_state_bytes": state,
+        "peak_allocated_bytes": peak,
+    }
 
 
-def _shape(model: str | None, from_config: dict | None, key: str, lora=None, tokenizer: str | None = None) -> dict:
+def _shape(
+    model: str | None, from_config: dict | None, key: str, lora=None, tokenizer: str | None = None
+) -> dict:
     """{params, trainable, hidden, layers, vocab} of a model built on the meta device (no weights read); a
     from_config model's vocabulary is its tokenizer's, as `build_student` sizes it."""
     from transformers import AutoModelForCausalLM
@@ -120,13 +160,22 @@ def _shape(model: str | None, from_config: dict | None, key: str, lora=None, tok
     if lora is not None:
         from peft import LoraConfig, get_peft_model
 
-        net = get_peft_model(net, LoraConfig(r=lora.r, lora_alpha=lora.alpha, target_modules=lora.target_modules,
-                                             task_type="CAUSAL_LM"))
+        net = get_peft_model(
+            net,
+            LoraConfig(
+                r=lora.r, lora_alpha=lora.alpha, target_modules=lora.target_modules, task_type="CAUSAL_LM"
+            ),
+        )
         trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
         params = sum(p.numel() for p in net.parameters())
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return {"params": params, "trainable": trainable, "hidden": int(text.hidden_size),
-            "layers": int(text.num_hidden_layers), "vocab": int(text.vocab_size)}
+    return {
+        "params": params,
+        "trainable": trainable,
+        "hidden": int(text.hidden_size),
+        "layers": int(text.num_hidden_layers),
+        "vocab": int(text.vocab_size),
+    }
 
 
 def device_memory() -> tuple[int, str]:
@@ -142,25 +191,49 @@ def estimate_note(cfg, world: int, device_bytes: int | None, device: str) -> tup
     """(a line on the estimated peak memory per process of the run `cfg` on `world` processes, whether it does not
     fit `device_bytes`, the memory of the device it will run on). Builds the models on the meta device only."""
     dtype_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}[cfg.student.dtype]
-    student = {**_shape(cfg.student.model, cfg.student.from_config, "student.from_config", cfg.student.lora,
-                        cfg.student.tokenizer), "bytes": dtype_bytes}
+    student = {
+        **_shape(
+            cfg.student.model,
+            cfg.student.from_config,
+            "student.from_config",
+            cfg.student.lora,
+            cfg.student.tokenizer,
+        ),
+        "bytes": dtype_bytes,
+    }
     online = [t for t in cfg.teachers if t.source == "online"]
-    teachers = [_shape(t.model, t.from_config, f"teachers[{i}].from_config", tokenizer=t.tokenizer)
-                for i, t in enumerate(online)]
-    ahead = bool(online) and (cfg.train.teachers_ahead or (cfg.train.teachers_ahead is None and device == "cuda"))
-    kwargs = dict(batch=cfg.train.batch_size, length=cfg.data.max_length, student=student, teachers=teachers,
-                  ahead=ahead, teacher_logits=cfg.losses.teacher_logits, teacher_scoring=cfg.fusion.scores_teachers,
-                  world=world,
-                  distributed=cfg.train.distributed, cpu_offload=cfg.train.fsdp.cpu_offload)
+    teachers = [
+        _shape(t.model, t.from_config, f"teachers[{i}].from_config", tokenizer=t.tokenizer)
+        for i, t in enumerate(online)
+    ]
+    ahead = bool(online) and (
+        cfg.train.teachers_ahead or (cfg.train.teachers_ahead is None and device == "cuda")
+    )
+    kwargs = dict(
+        batch=cfg.train.batch_size,
+        length=cfg.data.max_length,
+        student=student,
+        teachers=teachers,
+        ahead=ahead,
+        teacher_logits=cfg.losses.teacher_logits,
+        teacher_scoring=cfg.fusion.scores_teachers,
+        world=world,
+        distributed=cfg.train.distributed,
+        cpu_offload=cfg.train.fsdp.cpu_offload,
+    )
     parts, total = run_parts(**kwargs), run_bytes(**kwargs)
     shown = ", ".join(f"{k} {v / GIB:.2f}" for k, v in parts.items())
     mode = cfg.train.distributed + (" with cpu_offload" if cfg.train.fsdp.cpu_offload else "")
-    line = (f"estimated peak memory per process: {total / GIB:.2f} GiB on {world} process(es), {mode} (GiB: {shown}; "
-            f"student {student['params'] / 1e6:.1f}M parameters, {student['trainable'] / 1e6:.1f}M trained)")
+    line = (
+        f"estimated peak memory per process: {total / GIB:.2f} GiB on {world} process(es), {mode} (GiB: {shown}; "
+        f"student {student['params'] / 1e6:.1f}M parameters, {student['trainable'] / 1e6:.1f}M trained)"
+    )
     over = device_bytes is not None and total > device_bytes
     if device_bytes is not None:
         line += f"; the {device} has {device_bytes / GIB:.1f} GiB"
     if over:
-        line += (" - it will not fit: lower train.batch_size or data.max_length, use LoRA, or run more processes "
-                 "with train.distributed=fsdp (train.fsdp.cpu_offload=true on one GPU)")
+        line += (
+            " - it will not fit: lower train.batch_size or data.max_length, use LoRA, or run more processes "
+            "with train.distributed=fsdp (train.fsdp.cpu_offload=true on one GPU)"
+        )
     return line, over

@@ -13,6 +13,7 @@ from kvdistill.paths import open_append
 
 log = logging.getLogger(__name__)
 
+
 class MetricsLog:
     """metrics.jsonl and the trackers of train.report_to (through Accelerate), on the main process.
 
@@ -43,8 +44,11 @@ class MetricsLog:
         with open_append(self.path) as f:  # a symlink planted at the name is refused, never followed
             f.write(json.dumps(row) + "\n")
         if self.accelerator is not None:
-            values = {self.tracker_key(k, row.get("split") == "eval"): v for k, v in row.items()
-                      if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
+            values = {
+                self.tracker_key(k, row.get("split") == "eval"): v
+                for k, v in row.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"
+            }
             self.accelerator.log(values, step=row["step"])
 
     def tracker_key(self, key: str, held_out: bool) -> str:

@@ -72,7 +72,9 @@ def preflight(cfg: RunConfig, *, dataset=None) -> Checked:
                 segments(record, cfg.data.template)
         except KvdistillError as err:
             problems.append(_as_problem(err))
-    if cfg.train.on_policy is not None and train_records:  # the prompt an on-policy student continues, per record
+    if (
+        cfg.train.on_policy is not None and train_records
+    ):  # the prompt an on-policy student continues, per record
         from kvdistill.data.template import question_prompt
 
         try:
@@ -116,16 +118,21 @@ def _truncation_notes(cfg: RunConfig, records: list[dict]) -> list[str]:
 
     s = cfg.student
     models = [("the student", s.tokenizer or s.model or s.from_config.get("base"))]
-    models += [(f"teacher '{t.name}'", t.model or t.tokenizer or t.from_config.get("base"))
-               for t in cfg.teachers if t.source == "online"]
+    models += [
+        (f"teacher '{t.name}'", t.model or t.tokenizer or t.from_config.get("base"))
+        for t in cfg.teachers
+        if t.source == "online"
+    ]
     texts = [r["text"] for r in records]
     notes = []
     for who, name in models:
         counts = token_counts(load_tokenizer(name), texts)
         over = [c for c in counts if c > cfg.data.max_length]
         if over:
-            notes.append(f"data.max_length = {cfg.data.max_length} truncates {len(over)} of {len(counts)} records "
-                         f"for {who} (the longest: {max(over)} tokens)")
+            notes.append(
+                f"data.max_length = {cfg.data.max_length} truncates {len(over)} of {len(counts)} records "
+                f"for {who} (the longest: {max(over)} tokens)"
+            )
     return notes
 
 
@@ -135,7 +142,11 @@ def _kept_layer_problems(cfg: RunConfig) -> list[str]:
     from kvdistill.align.layers import layer_map
     from kvdistill.config.load import _num_layers, _student_layers, teacher_hf_config
 
-    subsets = [(i, t) for i, t in enumerate(cfg.teachers) if t.source == "online" and t.compression.layers is not None]
+    subsets = [
+        (i, t)
+        for i, t in enumerate(cfg.teachers)
+        if t.source == "online" and t.compression.layers is not None
+    ]
     if not subsets or cfg.student.latent is not None:
         return []
     student_layers = _student_layers(cfg.student, [])
@@ -145,14 +156,21 @@ def _kept_layer_problems(cfg: RunConfig) -> list[str]:
         if student_layers is None or teacher_layers is None:
             continue
         lm = t.layer_map
-        matrix = layer_map(student_layers, teacher_layers, strategy=lm.strategy, explicit=lm.explicit,
-                           interpolate=lm.interpolate)  # (L_s, L_t)
+        matrix = layer_map(
+            student_layers,
+            teacher_layers,
+            strategy=lm.strategy,
+            explicit=lm.explicit,
+            interpolate=lm.interpolate,
+        )  # (L_s, L_t)
         read = sorted(int(j) for j in (matrix.sum(0) > 0).nonzero().flatten())
         missing = sorted(set(read) - set(t.compression.layers))
         if missing:
-            problems.append(f"teachers[{i}] ({t.name}).compression.layers {t.compression.layers} leaves out layers "
-                            f"{missing} that its layer map ({lm.strategy}) reads; fix: keep them in "
-                            f"compression.layers (e.g. {read}) or change the layer_map")
+            problems.append(
+                f"teachers[{i}] ({t.name}).compression.layers {t.compression.layers} leaves out layers "
+                f"{missing} that its layer map ({lm.strategy}) reads; fix: keep them in "
+                f"compression.layers (e.g. {read}) or change the layer_map"
+            )
     return problems
 
 
@@ -177,10 +195,12 @@ def learning_rate_problems(cfg: RunConfig) -> list[str]:
     """Learning rates AdamW cannot use: AdamW moves every weight by about lr per step, and above float32's range the
     update itself overflows."""
     limit = next(m.le for m in TrainConfig.model_fields["lr"].metadata if getattr(m, "le", None) is not None)
-    return [f"{key} = {value:g}: not a learning rate AdamW can use (it moves every weight by about lr per step); "
-            f"give a finite value above 0 and at most {limit:g}, e.g. 3e-4"
-            for key, value in (("train.lr", cfg.train.lr), ("train.projector_lr", cfg.train.projector_lr))
-            if value is not None and not (math.isfinite(value) and 0 < value <= limit)]
+    return [
+        f"{key} = {value:g}: not a learning rate AdamW can use (it moves every weight by about lr per step); "
+        f"give a finite value above 0 and at most {limit:g}, e.g. 3e-4"
+        for key, value in (("train.lr", cfg.train.lr), ("train.projector_lr", cfg.train.projector_lr))
+        if value is not None and not (math.isfinite(value) and 0 < value <= limit)
+    ]
 
 
 def position_problems(models: list[tuple[str, object]], max_length: int) -> list[str]:
@@ -189,10 +209,12 @@ def position_problems(models: list[tuple[str, object]], max_length: int) -> list
     if not short:
         return []
     limit = min(m for _, m in short)
-    return [f"data.max_length = {max_length} is longer than the maximum positions of "
-            + ", ".join(f"{who} ({m})" for who, m in short)
-            + f"; set data.max_length to at most {limit} (texts are truncated to it), or use models with longer "
-            "contexts"]
+    return [
+        f"data.max_length = {max_length} is longer than the maximum positions of "
+        + ", ".join(f"{who} ({m})" for who, m in short)
+        + f"; set data.max_length to at most {limit} (texts are truncated to it), or use models with longer "
+        "contexts"
+    ]
 
 
 def _position_problems(cfg: RunConfig) -> list[str]:
@@ -204,9 +226,17 @@ def _position_problems(cfg: RunConfig) -> list[str]:
 
     s = cfg.student
     try:
-        models = [("student", geometry_of(load_config(s.model) if s.model else hf_config_from_spec(s.from_config)[0]))]
-        models += [(f"teacher '{t.name}'", geometry_of(teacher_hf_config(t, key=f"teachers[{i}].from_config")))
-                   for i, t in enumerate(cfg.teachers) if t.source == "online"]
+        models = [
+            (
+                "student",
+                geometry_of(load_config(s.model) if s.model else hf_config_from_spec(s.from_config)[0]),
+            )
+        ]
+        models += [
+            (f"teacher '{t.name}'", geometry_of(teacher_hf_config(t, key=f"teachers[{i}].from_config")))
+            for i, t in enumerate(cfg.teachers)
+            if t.source == "online"
+        ]
     except KvdistillError:  # reported by semantic_problems already
         return []
     return position_problems(models, cfg.data.max_length)

@@ -34,18 +34,51 @@ from kvdistill.errors import KvdistillError
 from kvdistill.paths import dir_problem, escapes
 from kvdistill.train.checkpoint import intact_checkpoints, list_checkpoints, load_checkpoint
 
-__all__ = ["DATA", "RESUMABLE", "RunLock", "StartPlan", "apply_configured_lrs", "check_data", "config_differences",
-           "data_fingerprint", "load_resumed", "note_changes", "plan_start"]
+__all__ = [
+    "DATA",
+    "RESUMABLE",
+    "RunLock",
+    "StartPlan",
+    "apply_configured_lrs",
+    "check_data",
+    "config_differences",
+    "data_fingerprint",
+    "load_resumed",
+    "note_changes",
+    "plan_start",
+]
 
 log = logging.getLogger(__name__)
 
-RESUMABLE = ("train.steps", "train.save_every", "train.save_total_limit", "train.eval_every", "train.log_every",
-             "train.lr", "train.distributed", "train.fsdp.cpu_offload", "train.fsdp.reshard_after_forward")
+RESUMABLE = (
+    "train.steps",
+    "train.save_every",
+    "train.save_total_limit",
+    "train.eval_every",
+    "train.log_every",
+    "train.lr",
+    "train.distributed",
+    "train.fsdp.cpu_offload",
+    "train.fsdp.reshard_after_forward",
+)
 """The config fields a resume may change; every other field must equal the run's config.yaml. ddp and fsdp write the
 same full-state checkpoint (`kvdistill.train.distributed`), so a run may switch between them on resume."""
 
-RUN_FILES = ("config.yaml", "data.json", "plan.json", "alignment_sample.json", "metrics.jsonl", "summary.json",
-             "checkpoints", "final", "tb", "eval.json", "best", "best.tmp", "best.json")
+RUN_FILES = (
+    "config.yaml",
+    "data.json",
+    "plan.json",
+    "alignment_sample.json",
+    "metrics.jsonl",
+    "summary.json",
+    "checkpoints",
+    "final",
+    "tb",
+    "eval.json",
+    "best",
+    "best.tmp",
+    "best.json",
+)
 """What a run writes at the top of its directory (none of them may be a symlink leading out)."""
 LEGACY = ("config.yaml", "plan.json")  # a run directory written before the `.kvdistill-run` marker
 DATA = "data.json"  # {"train": {"records": n, "sha256": hex}, "eval": {...}}: the records the run trains on
@@ -81,7 +114,11 @@ class RunLock:
             raise self._busy() from None
         self._lock = lock
         try:
-            holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+            holder = {
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+            }
             tmp = self.dir / (HOLDER + ".tmp")
             tmp.write_text(json.dumps(holder))
             os.replace(tmp, self.dir / HOLDER)
@@ -234,16 +271,21 @@ def check_data(out_dir: str | os.PathLike, fingerprint: dict, cfg: RunConfig) ->
         damaged = f"it cannot be read ({type(err).__name__}: {err})"
     else:
         if "sha256" in stored and stored["sha256"] != _self_hash(splits):
-            damaged = f"its content hash is {_self_hash(splits)[:16]}..., expected {str(stored['sha256'])[:16]}..."
+            damaged = (
+                f"its content hash is {_self_hash(splits)[:16]}..., expected {str(stored['sha256'])[:16]}..."
+            )
     if damaged:
         raise KvdistillError(
             f"--resume: {path}, the record of the data the run in {out_dir} started with, is damaged: {damaged}; "
             "without it a resume cannot tell whether the data changed",
             f"restore {path} from a copy of the run, or start a new run with a new --out",
         )
-    bad = [f"{split}: {stored[split]['records']} records (sha256 {stored[split]['sha256'][:12]}) then, "
-           f"{fingerprint[split]['records']} (sha256 {fingerprint[split]['sha256'][:12]}) now"
-           for split in ("train", "eval") if split in stored and stored[split] != fingerprint[split]]
+    bad = [
+        f"{split}: {stored[split]['records']} records (sha256 {stored[split]['sha256'][:12]}) then, "
+        f"{fingerprint[split]['records']} (sha256 {fingerprint[split]['sha256'][:12]}) now"
+        for split in ("train", "eval")
+        if split in stored and stored[split] != fingerprint[split]
+    ]
     if bad:
         source = f"data.path {cfg.data.path}" if cfg.data.path else f"data.source {cfg.data.source}"
         raise KvdistillError(
@@ -277,8 +319,11 @@ def plan_start(out_dir: str | os.PathLike, cfg: RunConfig, resume: bool) -> Star
     if problem:
         raise problem
     leading_out = escapes(out_dir, [n for n in RUN_FILES if os.path.lexists(out_dir / n)])
-    leading_out += [f"checkpoints/{e}" for e in escapes(out_dir / "checkpoints")] if (
-        out_dir / "checkpoints").is_dir() and not (out_dir / "checkpoints").is_symlink() else []
+    leading_out += (
+        [f"checkpoints/{e}" for e in escapes(out_dir / "checkpoints")]
+        if (out_dir / "checkpoints").is_dir() and not (out_dir / "checkpoints").is_symlink()
+        else []
+    )
     if leading_out:
         raise KvdistillError(
             f"--out {out_dir} holds symlinks leading out of it ({'; '.join(leading_out)}): the run would write "
@@ -344,7 +389,9 @@ def _first_problem(accelerator, problem: str | None) -> str | None:
     return found[0] if found else None
 
 
-def load_resumed(plan: StartPlan, out_dir: Path, *, accelerator, scheduler) -> tuple[Path | None, dict | None]:
+def load_resumed(
+    plan: StartPlan, out_dir: Path, *, accelerator, scheduler
+) -> tuple[Path | None, dict | None]:
     """Load the newest of plan.checkpoints that loads on every process (damaged ones skipped, logged);
     (None, None) when the run stopped before its first checkpoint."""
     for ckpt, why in plan.damaged:
@@ -369,8 +416,9 @@ def load_resumed(plan: StartPlan, out_dir: Path, *, accelerator, scheduler) -> t
             f"start a new run with a new --out; or move {out_dir / 'checkpoints'} aside and rerun with --resume "
             "to train this run again from step 0",
         )
-    log.warning("%s has no checkpoint yet (the run stopped before its first one): training it from step 0",
-                out_dir)
+    log.warning(
+        "%s has no checkpoint yet (the run stopped before its first one): training it from step 0", out_dir
+    )
     return None, None
 
 
@@ -378,8 +426,10 @@ def apply_configured_lrs(optimizer, scheduler, cfg: RunConfig) -> None:
     """After a resume: every group's base lr as configured now, and its lr the schedule's value at the resumed
     step (for an unchanged config exactly the restored value; a changed train.lr or train.steps takes effect
     here, where the restored optimizer and scheduler state would keep the old ones)."""
-    bases = [cfg.train.lr if g.get("name") == "student" else (cfg.train.projector_lr or cfg.train.lr)
-             for g in optimizer.param_groups]
+    bases = [
+        cfg.train.lr if g.get("name") == "student" else (cfg.train.projector_lr or cfg.train.lr)
+        for g in optimizer.param_groups
+    ]
     for group, base in zip(optimizer.param_groups, bases, strict=True):
         group["initial_lr"] = base
     scheduler.base_lrs = bases
@@ -391,7 +441,13 @@ def note_changes(plan: StartPlan, out_dir: Path, start: int) -> None:
     """Log the RESUMABLE fields a resume changed (train.lr as a warning: the run goes on differently)."""
     for change in plan.changes:
         if change.key == "train.lr":
-            log.warning("resuming %s at step %d with train.lr %g (%g in its config.yaml): the optimizer and the "
-                        "schedule use the new lr from this step on", out_dir, start, change.given, change.stored)
+            log.warning(
+                "resuming %s at step %d with train.lr %g (%g in its config.yaml): the optimizer and the "
+                "schedule use the new lr from this step on",
+                out_dir,
+                start,
+                change.given,
+                change.stored,
+            )
         else:
             log.info("resuming %s with %s", out_dir, change)

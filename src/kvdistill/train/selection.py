@@ -48,7 +48,9 @@ def selection_at(cfg: RunConfig, out_dir: Path, start: int) -> Selection | None:
     if es is None:
         return None
     metric = "eval/exact_match" if es.metric == "exact_match" else "eval/ce"
-    sel = Selection(metric=metric, higher=es.metric == "exact_match", min_delta=es.min_delta, patience=es.patience)
+    sel = Selection(
+        metric=metric, higher=es.metric == "exact_match", min_delta=es.min_delta, patience=es.patience
+    )
     path = out_dir / "metrics.jsonl"
     seen: set[int] = set()
     for line in path.read_text().splitlines() if (start and path.is_file()) else []:

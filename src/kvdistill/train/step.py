@@ -15,6 +15,7 @@ from kvdistill.train.run import Run
 
 log = logging.getLogger(__name__)
 
+
 def param_groups(objective, cfg: RunConfig):
     student, other = [], []
     for name, p in objective.named_parameters():
@@ -57,8 +58,12 @@ def optimizer_step(run: Run, step: int) -> dict:
     run.scheduler.step()
     row = _mean_row(accelerator, sums, cfg.train.grad_accum)
     run.tokens_seen += int(row["tokens"])
-    row.update(step=step + 1, lr=lr, tokens_per_s=row["tokens"] / (time.time() - step_t0),
-               elapsed_s=time.time() - run.t0)
+    row.update(
+        step=step + 1,
+        lr=lr,
+        tokens_per_s=row["tokens"] / (time.time() - step_t0),
+        elapsed_s=time.time() - run.t0,
+    )
     return row
 
 
@@ -69,17 +74,30 @@ def report_memory(run: Run) -> None:
 
     from kvdistill.train.memory import memory_report
 
-    mine = {"process": run.accelerator.process_index,
-            **memory_report(run.inner, run.optimizer, run.accelerator.device)}
+    mine = {
+        "process": run.accelerator.process_index,
+        **memory_report(run.inner, run.optimizer, run.accelerator.device),
+    }
     run.memory = gather_object([mine]) if run.accelerator.num_processes > 1 else [mine]
     if run.main:
         for r in run.memory:
-            peak = "" if r["peak_allocated_bytes"] is None else f", peak allocated {r['peak_allocated_bytes'] / 2**20:.1f} MiB"
-            log.info("memory of process %d after step %d: student %.1f MiB, maps %.1f MiB, teachers %.1f MiB, "
-                     "gradients %.1f MiB, optimizer state %.1f MiB%s", r["process"], run.start + 1,
-                     r["student_params_bytes"] / 2**20, r["maps_params_bytes"] / 2**20,
-                     r["teacher_params_bytes"] / 2**20, r["grad_bytes"] / 2**20,
-                     r["optimizer_state_bytes"] / 2**20, peak)
+            peak = (
+                ""
+                if r["peak_allocated_bytes"] is None
+                else f", peak allocated {r['peak_allocated_bytes'] / 2**20:.1f} MiB"
+            )
+            log.info(
+                "memory of process %d after step %d: student %.1f MiB, maps %.1f MiB, teachers %.1f MiB, "
+                "gradients %.1f MiB, optimizer state %.1f MiB%s",
+                r["process"],
+                run.start + 1,
+                r["student_params_bytes"] / 2**20,
+                r["maps_params_bytes"] / 2**20,
+                r["teacher_params_bytes"] / 2**20,
+                r["grad_bytes"] / 2**20,
+                r["optimizer_state_bytes"] / 2**20,
+                peak,
+            )
 
 
 def _term_grad_norms(run: Run) -> dict[str, float]:
@@ -92,8 +110,11 @@ def _term_grad_norms(run: Run) -> dict[str, float]:
         if not term.requires_grad:
             continue
         grads = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
-        out[f"grad_norm/{name}"] = float(torch.linalg.vector_norm(
-            torch.stack([torch.linalg.vector_norm(g.float()) for g in grads if g is not None])))
+        out[f"grad_norm/{name}"] = float(
+            torch.linalg.vector_norm(
+                torch.stack([torch.linalg.vector_norm(g.float()) for g in grads if g is not None])
+            )
+        )
     return out
 
 
@@ -102,18 +123,27 @@ def _clip_gradients(run: Run, step: int, metrics: dict, step_ids: list[str]) -> 
     skips such steps itself). Gradients are reduced over processes by now: every process sees one norm."""
     cfg = run.cfg
     max_norm = cfg.train.max_grad_norm or math.inf
-    norm = run.sharded.clip(max_norm) if run.sharded else float(
-        run.accelerator.clip_grad_norm_(run.objective.parameters(), max_norm))
+    norm = (
+        run.sharded.clip(max_norm)
+        if run.sharded
+        else float(run.accelerator.clip_grad_norm_(run.objective.parameters(), max_norm))
+    )
     if not math.isfinite(norm) and cfg.train.mixed_precision != "fp16":
         raise NonFiniteLoss(
             f"gradient norm is {norm} at step {step + 1} (loss "
             f"{metrics['loss']:.4g}; samples of this process {step_ids})",
-            step=step + 1, ids=step_ids,
+            step=step + 1,
+            ids=step_ids,
         )
     return norm
 
 
-STEP_SUMS = ("tokens", "grad_norm", "on_policy/new_tokens", "on_policy/generate_s")  # not averaged over micro-batches
+STEP_SUMS = (
+    "tokens",
+    "grad_norm",
+    "on_policy/new_tokens",
+    "on_policy/generate_s",
+)  # not averaged over micro-batches
 PROCESS_SUMS = ("tokens", "on_policy/new_tokens")  # summed over processes (the others: means)
 
 
@@ -124,6 +154,10 @@ def _mean_row(accelerator, sums: dict[str, float], n: int) -> dict[str, float]:
     world = accelerator.num_processes
     if world > 1:  # mean over processes (tokens: sum), so the row describes the whole combined batch
         keys = list(row)  # the same keys in the same order on every process
-        total = accelerator.reduce(torch.tensor([row[k] for k in keys], device=accelerator.device), reduction="sum")
-        row = {k: float(v) if k in PROCESS_SUMS else float(v) / world for k, v in zip(keys, total, strict=True)}
+        total = accelerator.reduce(
+            torch.tensor([row[k] for k in keys], device=accelerator.device), reduction="sum"
+        )
+        row = {
+            k: float(v) if k in PROCESS_SUMS else float(v) / world for k, v in zip(keys, total, strict=True)
+        }
     return row

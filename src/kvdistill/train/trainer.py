@@ -71,8 +71,16 @@ __all__ = ["NonFiniteLoss", "Run", "Selection", "fit", "finish", "latest_checkpo
 log = logging.getLogger(__name__)
 
 
-def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, stop_after: int | None = None,
-          init_student: str | None = None, progress: bool = True, dataset=None) -> dict:
+def train(
+    cfg: RunConfig,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    stop_after: int | None = None,
+    init_student: str | None = None,
+    progress: bool = True,
+    dataset=None,
+) -> dict:
     """Run (or resume) training; returns the summary also written to DIR/summary.json.
 
     `dataset`: an in-memory `datasets.Dataset` (or DatasetDict, split by data.split) read with the data section's
@@ -83,7 +91,9 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, stop_aft
     `init_student`: start from this student directory instead of `cfg.student` (curriculum phases).
     """
     try:
-        run = setup(cfg, out_dir, resume=resume, stop_after=stop_after, init_student=init_student, dataset=dataset)
+        run = setup(
+            cfg, out_dir, resume=resume, stop_after=stop_after, init_student=init_student, dataset=dataset
+        )
     except Exception as err:
         if is_disk_full(err, out_dir):
             raise _disk_full(err, Path(out_dir), None) from None
@@ -115,8 +125,15 @@ def _disk_full(err: BaseException, out_dir: Path, last_good: Path | None) -> Kvd
     )
 
 
-def setup(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, stop_after: int | None = None,
-          init_student: str | None = None, dataset=None) -> Run:
+def setup(
+    cfg: RunConfig,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    stop_after: int | None = None,
+    init_student: str | None = None,
+    dataset=None,
+) -> Run:
     """Check every input, then build the run: accelerator, data, objective (fitted maps prepared), optimizer,
     scheduler and, with `resume`, the state of the newest intact checkpoint (or step 0 when the run stopped
     before its first checkpoint). The caller ends the run with `Run.close()` (`train` does).
@@ -166,29 +183,43 @@ def setup(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, stop_aft
             write_text_atomic(out_dir / "config.yaml", dump_config(cfg))
             write_json_atomic(out_dir / DATA, fingerprint)
             write_text_atomic(out_dir / "plan.json", json.dumps(objective.plan(), indent=1))
-            write_text_atomic(out_dir / "alignment_sample.json",
-                              json.dumps(objective.alignment_sample(train_records[0])))
+            write_text_atomic(
+                out_dir / "alignment_sample.json", json.dumps(objective.alignment_sample(train_records[0]))
+            )
         # fsdp (several processes, or one offloading to the host): the student sharded before the optimizer sees its parameters
-        sharded = Sharded(objective, cfg, accelerator) if sharded_run(cfg, accelerator.num_processes) else None
+        sharded = (
+            Sharded(objective, cfg, accelerator) if sharded_run(cfg, accelerator.num_processes) else None
+        )
         # on a GPU the fused AdamW: one kernel over all parameters (the maps are many small tensors)
         fused = True if accelerator.device.type == "cuda" and sharded is None else None
-        optimizer = torch.optim.AdamW(param_groups(objective, cfg), weight_decay=cfg.train.weight_decay, fused=fused)
-        scheduler = get_scheduler(cfg.train.schedule, optimizer, num_warmup_steps=cfg.train.warmup_steps,
-                                  num_training_steps=cfg.train.steps)
+        optimizer = torch.optim.AdamW(
+            param_groups(objective, cfg), weight_decay=cfg.train.weight_decay, fused=fused
+        )
+        scheduler = get_scheduler(
+            cfg.train.schedule,
+            optimizer,
+            num_warmup_steps=cfg.train.warmup_steps,
+            num_training_steps=cfg.train.steps,
+        )
         if sharded is None:
             objective, optimizer = accelerator.prepare(objective, optimizer)
             split_student_state(accelerator, accelerator.unwrap_model(objective))  # one copy of the student
         else:
             optimizer = sharded.prepare(optimizer)
-        ckpt, state = load_resumed(plan, out_dir, accelerator=accelerator, scheduler=scheduler) if resume else (
-            None, None)
+        ckpt, state = (
+            load_resumed(plan, out_dir, accelerator=accelerator, scheduler=scheduler)
+            if resume
+            else (None, None)
+        )
         start, tokens_seen = (state["step"], state["tokens"]) if state else (0, 0)
         if state:
             apply_configured_lrs(optimizer, scheduler, cfg)
         if cfg.train.grad_norms_every and accelerator.num_processes > 1:
-            raise KvdistillError("train.grad_norms_every differentiates each term on its own, which DDP's gradient "
-                                 f"hooks do not allow ({accelerator.num_processes} processes)",
-                                 "drop train.grad_norms_every, or run on one process")
+            raise KvdistillError(
+                "train.grad_norms_every differentiates each term on its own, which DDP's gradient "
+                f"hooks do not allow ({accelerator.num_processes} processes)",
+                "drop train.grad_norms_every, or run on one process",
+            )
         if resume:
             note_changes(plan, out_dir, start)
             if main:
@@ -246,8 +277,13 @@ def fit(run: Run, *, progress: bool = True) -> None:
     from tqdm.auto import tqdm
 
     cfg = run.cfg
-    bar = tqdm(total=cfg.train.steps, initial=run.start, disable=not (run.main and progress), desc=cfg.name,
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=cfg.train.steps,
+        initial=run.start,
+        disable=not (run.main and progress),
+        desc=cfg.name,
+        dynamic_ncols=True,
+    )
     run.t0 = time.time()
     run.objective.train()
     batches = collated_batches(run.inner, run.train_records, cfg, run.start, run.end, run.accelerator)
@@ -285,11 +321,18 @@ def _save(run: Run, step: int) -> None:
     if run.last_eval is not None and run.last_eval[0] == step and "eval/ce" in run.last_eval[1]:
         state["eval_ce"] = run.last_eval[1]["eval/ce"]
     with unsharded(run.sharded):  # fsdp: process 0 saves the gathered student
-        save_checkpoint(path, accelerator=run.accelerator, objective=run.inner, scheduler=run.scheduler,
-                        trainer_state=state)
+        save_checkpoint(
+            path,
+            accelerator=run.accelerator,
+            objective=run.inner,
+            scheduler=run.scheduler,
+            trainer_state=state,
+        )
     run.last_good = path
     if run.cfg.train.save_total_limit is not None:
-        on_main(run.accelerator, lambda: prune_checkpoints(run.out_dir, run.cfg.train.save_total_limit, step=step))
+        on_main(
+            run.accelerator, lambda: prune_checkpoints(run.out_dir, run.cfg.train.save_total_limit, step=step)
+        )
 
 
 def finish(run: Run) -> dict:
@@ -303,19 +346,31 @@ def finish(run: Run) -> dict:
         ev = run.last_eval[1] if run.last_eval and run.last_eval[0] == run.end else evaluate(run, run.end)
     _save(run, run.end)
     elapsed = time.time() - run.t0
-    summary = {"steps": run.end, "tokens": run.tokens_seen, "elapsed_s": elapsed, "train_s": elapsed - run.eval_s}
+    summary = {
+        "steps": run.end,
+        "tokens": run.tokens_seen,
+        "elapsed_s": elapsed,
+        "train_s": elapsed - run.eval_s,
+    }
     if run.memory is not None:
         summary["memory"] = run.memory
     if complete:
         with unsharded(run.sharded):
             if run.main:
-                save_final_student(run.out_dir, run.inner, {"step": run.end, "tokens": run.tokens_seen,
-                                                            "config_name": run.cfg.name})
+                save_final_student(
+                    run.out_dir,
+                    run.inner,
+                    {"step": run.end, "tokens": run.tokens_seen, "config_name": run.cfg.name},
+                )
         if ev is not None:
             summary.update({k: v for k, v in ev.items() if k.startswith("eval/")})
         if run.selection is not None:
-            summary.update(best_step=run.selection.best_step, best_value=run.selection.best,
-                           selected_on=run.selection.metric, stopped_early=stopped)
+            summary.update(
+                best_step=run.selection.best_step,
+                best_value=run.selection.best,
+                selected_on=run.selection.metric,
+                stopped_early=stopped,
+            )
         summary["eval_s"] = run.eval_s
         if run.main:
             write_json_atomic(run.out_dir / "summary.json", summary)
@@ -325,8 +380,9 @@ def finish(run: Run) -> dict:
 def _check_positions(objective, max_length: int) -> None:
     """Refuse, before any step, a data.max_length that some model cannot take (the built models: also a student
     from --init-student)."""
-    models = [("student", objective.student_geometry)] + [(f"teacher '{t.name}'", t.geometry)
-                                                          for t in objective.teachers]
+    models = [("student", objective.student_geometry)] + [
+        (f"teacher '{t.name}'", t.geometry) for t in objective.teachers
+    ]
     problems = position_problems(models, max_length)
     if problems:
         raise KvdistillError(*problems[0].split("; ", 1))
