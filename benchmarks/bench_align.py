@@ -29,7 +29,8 @@ PARAGRAPHS = [
     "In 2023 the team measured 1,234 samples at 56.7 degrees; the median error was 0.89% (n=42).",
     "Knowledge distillation moves what a large teacher knows into a small student, one token at a time.",
     "東京の天気は晴れです。明日は雨が降るでしょう。 北京、上海、서울 그리고 부산.",
-    "Emoji stress the byte-level tokenizers: 😀👍🏽🎉 ❤️ 👨\u200d👩\u200d👧 🇫🇷🇯🇵 — and then plain text resumes.",
+    "Emoji stress the byte-level tokenizers: 😀👍🏽🎉 ❤️ 👨\u200d👩\u200d👧 🇫🇷🇯🇵 — and then plain text "
+    "resumes.",
     "def f(x):\n    return [i ** 2 for i in range(x) if i % 3 == 0]  # 3.14159, 2.71828\n",
     "Café, naïve, façade, jalapeño, Ångström: accented Latin should align one-to-one almost everywhere.",
 ]
@@ -50,7 +51,8 @@ def build_text(tokenizer, target_tokens: int) -> str:
 
 
 def dense_alignment(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """Naive O(T_s * T_t): IoU of every pair by broadcasting, rows normalised. (T_s, 2), (T_t, 2) -> (T_s, T_t)."""
+    """Naive O(T_s * T_t): IoU of every pair by broadcasting, rows normalised. (T_s, 2), (T_t, 2) -> (T_s,
+    T_t)."""
     a0, a1 = student[:, 0, None], student[:, 1, None]  # (T_s, 1)
     b0, b1 = teacher[None, :, 0], teacher[None, :, 1]  # (1, T_t)
     inter = (torch.minimum(a1, b1) - torch.maximum(a0, b0)).clamp(min=0)  # (T_s, T_t)
@@ -90,7 +92,8 @@ def main() -> None:
         raise SystemExit(f"sweep and dense alignments differ by {max_diff:.3g}")
 
     result = {
-        "device": f"cpu ({platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()})",
+        "device": f"cpu ({platform.processor() or platform.machine()}, torch threads "
+        f"{torch.get_num_threads()})",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__,
         "student": "smollm2-135m",

@@ -3,19 +3,21 @@
     python benchmarks/bench_capture.py --device cpu  --out benchmarks/results/capture_cpu.json
     python benchmarks/bench_capture.py --device cuda --out benchmarks/results/capture_h100.json
 
-CPU: the offline real models (smollm2-135m, gemma3-270m), float32, batch 4 of 256 real tokens of GSM-style text.
-CUDA: models built from real configs with random weights (llama-1b, qwen2-1.5b, gemma2-2b; see
+CPU: the offline real models (smollm2-135m, gemma3-270m), float32, batch 4 of 256 real tokens of GSM-style
+text. CUDA: models built from real configs with random weights (llama-1b, qwen2-1.5b, gemma2-2b; see
 benchmarks/common.py), bfloat16, batch 4 of 1024 random token ids.
 
 Timed, each under no_grad (median of --repeats, interleaved):
     plain          model(input_ids, attention_mask)            HF default: logits, and a cache when use_cache
     plain_nocache  model(..., use_cache=False)                 logits, no cache
     body           model.base_model(..., use_cache=False)      hidden states only (what a teacher needs)
-    forward_kv     forward_kv(model, ids, mask)                body + K/V (projection hooks where the family has
-                                                               them, else cache + rope undone on every key)
+    forward_kv     forward_kv(model, ids, mask)                body + K/V (projection hooks where the
+                                                               family has them, else cache + rope undone
+                                                               on every key)
     forward_kv_cache   forward_kv(..., source="cache")         body + cache + rope undone (the fallback path)
     forward_kv_logits  forward_kv(..., logits=True)            the same as forward_kv with the LM head
-    capture_kv     capture_kv(model, tokenizer, texts)         tokenization with offsets + forward_kv (CPU only)
+    capture_kv     capture_kv(model, tokenizer, texts)         tokenization with offsets + forward_kv
+                                                               (CPU only)
 Overheads: forward_kv / body - 1 and forward_kv_logits / plain_nocache - 1 (same work apart from the capture).
 """
 

@@ -8,14 +8,15 @@ Every phase runs the real commands in subprocesses and reads what they leave on 
 
 train    `torchrun --standalone --nproc_per_node N -m kvdistill.cli train CFG` and the same under
          `accelerate launch [--multi_gpu] --num_processes N`, for every N of --nprocs, at one global batch
-         G = batch_size · N (grad_accum 1; the trainer's docstring: step s takes stream[s·G:(s+1)·G] on any N).
-         tokens/s = tokens / step time summed over the steps after --warmup-steps (metrics.jsonl: tokens is
-         the sum over processes, tokens_per_s that sum over process 0's step time); speed-up = tokens/s over
-         the 1-process torchrun run's. Weights: final/student of every run against the 1-process torchrun run,
-         max |Δ| and torch.testing's default tolerance of the training precision (float32: rtol 1.3e-6,
+         G = batch_size · N (grad_accum 1; the trainer's docstring: step s takes stream[s·G:(s+1)·G] on any
+         N). tokens/s = tokens / step time summed over the steps after --warmup-steps (metrics.jsonl: tokens
+         is the sum over processes, tokens_per_s that sum over process 0's step time); speed-up = tokens/s
+         over the 1-process torchrun run's. Weights: final/student of every run against the 1-process torchrun
+         run, max |Δ| and torch.testing's default tolerance of the training precision (float32: rtol 1.3e-6,
          atol 1e-5; bf16 autocast: rtol 1.6e-2, atol 1e-5).
-extract  `kvdistill extract --teacher DIR --shard-index i --num-shards n` as n concurrent processes (process i on
-         GPU i mod #GPUs via CUDA_VISIBLE_DEVICES; --device cpu without GPUs), then `kvdistill cache merge`;
+extract  `kvdistill extract --teacher DIR --shard-index i --num-shards n` as n concurrent processes
+         (process i on GPU i mod #GPUs via CUDA_VISIBLE_DEVICES; --device cpu without GPUs), then
+         `kvdistill cache merge`;
          tokens/s per process (the command's own figure) against the 1-process extraction, and every tensor
          of every sample of the merged cache against the 1-process cache (CacheReader, exact).
 kill     a torchrun run on the largest N (≥ 2) with a checkpoint every --save-every steps: once step-K exists
@@ -28,7 +29,8 @@ Presets (random weights from configs; the GPU machine has no checkpoints):
     tiny  (CPU) student llama 2 × 64 (gpt2 tokenizer), teacher llama-tiny of benchmarks/common.py (smollm2
           tokenizer); GSM-style JSONL texts of up to 48 tokens, global batch 8, 12 steps, float32
     real  (GPU) student with Qwen2.5-0.5B's config (gpt2 tokenizer), teacher llama-1b (Llama-3.2-1B's config,
-          smollm2 tokenizer, bf16); GSM-style JSONL texts of up to 256 tokens, global batch 64, 12 steps, bf16 autocast
+          smollm2 tokenizer, bf16); GSM-style JSONL texts of up to 256 tokens, global batch 64, 12 steps, bf16
+          autocast
 Launch environment of every subprocess: NCCL_NVLS_ENABLE=0 (NVLink multicast off on the shared machines),
 TORCH_SYMM_MEM_DISABLE_MULTICAST=1, NVSHMEM_DISABLE_NVLS=1, HF_HUB_OFFLINE=1, OMP_NUM_THREADS=1 on CPU.
 The result is one JSON (--out/ddp.json, or --json PATH).
@@ -135,7 +137,8 @@ def child_env(gpus: int, extra: dict | None = None) -> dict:
 
 
 def save_teacher(name: str, out_dir: Path, preset: dict, device: str, tokenizers: str | None) -> Path:
-    """A random `name` model (benchmarks/common.py) sized for its family's stand-in tokenizer, saved with it."""
+    """A random `name` model (benchmarks/common.py) sized for its family's stand-in tokenizer, saved with
+    it."""
     if (out_dir / "config.json").is_file():
         return out_dir
     tok = load_tok(TOKENIZER_OF[CONFIGS[name]["model_type"]], tokenizers)
@@ -149,8 +152,9 @@ def save_teacher(name: str, out_dir: Path, preset: dict, device: str, tokenizers
 
 
 def write_data(path: Path, preset: dict, teacher: Path, tokenizers: str | None) -> Path:
-    """GSM-style texts (benchmarks/common.py make_records) as long as `seq` tokens allow under the student's and
-    the teacher's tokenizers, as JSONL {id, text, answer}: every batch is nearly full, as in real training."""
+    """GSM-style texts (benchmarks/common.py make_records) as long as `seq` tokens allow under the student's
+    and the teacher's tokenizers, as JSONL {id, text, answer}: every batch is nearly full, as in real
+    training."""
     if path.is_file():
         return path
     from kvdistill.models.load import load_tokenizer
@@ -349,7 +353,8 @@ def phase_train(args, root: Path, config: Path, preset: dict, gpus: int, launche
             if code != 0:
                 runs[f"{kind}-{n}"]["log_tail"] = tail(root / "train" / f"{kind}-{n}.log")
             print(
-                f"train {kind} x{n}: exit {code}, {runs[f'{kind}-{n}'].get('tokens_per_s')} tokens/s, {wall:.0f} s",
+                f"train {kind} x{n}: exit {code}, {runs[f'{kind}-{n}'].get('tokens_per_s')} tokens/s, "
+                f"{wall:.0f} s",
                 flush=True,
             )
     ref_name = f"torchrun-{args.nprocs[0]}"

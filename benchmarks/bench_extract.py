@@ -1,7 +1,9 @@
-"""Teacher-KV extraction throughput: plain teacher forward vs capture + compression, without and with disk writes.
+"""Teacher-KV extraction throughput: plain teacher forward vs capture + compression, without and with \
+disk writes.
 
     python benchmarks/bench_extract.py --device cpu  --out benchmarks/results/extract_cpu.json
-    python benchmarks/bench_extract.py --device cuda --out benchmarks/results/extract_h100.json [--tokenizers DIR]
+    python benchmarks/bench_extract.py --device cuda --out benchmarks/results/extract_h100.json \
+        [--tokenizers DIR]
 
 CPU: the offline real models (smollm2-135m, gemma3-270m) with their own tokenizers, float32, batch 4 of up to
 256 tokens. CUDA: llama-1b built from the Llama-3.2-1B config with random weights (benchmarks/common.py), the
@@ -12,21 +14,22 @@ Every timed call starts from the texts (tokenization included), as `kvdistill ex
     plain_eager      the same with eager attention (what rkv must run)
     body             tokenize + model.base_model(...)                        no LM head (a teacher needs none)
     right_crop       capture_kv + samples_from_capture(right_crop M)         sdpa, nothing written
-    right_crop_write the same + CacheWriter.add of every sample              a shard (fsync) per batch, written
-                                                                             by the background writer thread
+    right_crop_write the same + CacheWriter.add of every sample              a shard (fsync) per batch,
+                                                                             written by the background writer
+                                                                             thread
     rkv              capture_teacher (hooked queries) + samples_from_capture(rkv M)                 sdpa
     rkv_write        the same + CacheWriter.add (background writer, as `kvdistill extract`)
     rkv_eager        the old path: capture_kv(attentions=True) + samples_from_capture(rkv M)        eager
     rkv_importance   query_importance of every layer (answer rows only), on a ready capture
-                     (stacked_equals_per_layer: its layers stacked vs one at a time, and the stacked rkv selection vs
-                     layer_selection, compared exactly on the device)
+                     (stacked_equals_per_layer: its layers stacked vs one at a time, and the stacked rkv
+                     selection vs layer_selection, compared exactly on the device)
     rkv_select       rkv_select of every layer, on ready importances
-Throughput ratios are baseline / variant (1.0 = as fast as the baseline), against plain (the full forward, LM head
-included) and against body (the stricter one: extraction needs no logits); targets: 0.9 without writes, 0.8 with.
-The R-KV selection fraction is (rkv_importance + rkv_select) / plain.
+Throughput ratios are baseline / variant (1.0 = as fast as the baseline), against plain (the full forward, LM
+head included) and against body (the stricter one: extraction needs no logits); targets: 0.9 without writes,
+0.8 with. The R-KV selection fraction is (rkv_importance + rkv_select) / plain.
     plain_batches    plain, --pipeline-batches times in a row
-    pipeline_*       run_pipeline (what `kvdistill extract` runs: tokenization, forward + selection and the host
-                     side overlapped on three threads) over the same batches, with or without the writer;
+    pipeline_*       run_pipeline (what `kvdistill extract` runs: tokenization, forward + selection and the
+                     host side overlapped on three threads) over the same batches, with or without the writer;
                      pipeline_vs_plain = plain_batches / pipeline_* (the end-to-end extraction figure)
 """
 
@@ -314,7 +317,8 @@ def main() -> None:
                 }
             )
     print(
-        "throughput relative to the baseline (plain: with LM head; body: without; targets 0.9 / 0.8 with writes)"
+        "throughput relative to the baseline (plain: with LM head; body: without; targets 0.9 / 0.8 with "
+        "writes)"
     )
     print_table(rows, list(rows[0]))
     print("end to end: plain forward of the same batches / run_pipeline")

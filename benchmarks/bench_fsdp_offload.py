@@ -5,13 +5,13 @@ train.fsdp.cpu_offload: shards, gradients and AdamW state in host memory, one bl
     python benchmarks/bench_fsdp_offload.py --out /tmp/fsdp --json benchmarks/results/fsdp_offload_h100.json
     python benchmarks/bench_fsdp_offload.py --out /tmp/fsdp --cpu --tiny      (the script itself, on a CPU)
 
-Teachers: qwen2-1.5b and llama-3b (benchmarks/common.py, random weights, bf16 on the GPU), online. Students: the
-Llama-3.2-3B block geometry (width 3072, MLP 8192, 24 heads, 8 KV heads) with the gpt2 tokenizer's vocabulary at
---ddp-layers / --fsdp-layers depths (about 0.15B + 0.1B per layer), trained --steps optimizer steps of --batch
-records of --seq tokens under `kvdistill train`, in a child process each (a run that does not fit dies alone).
-Per run: the student's parameters, the peak GPU memory allocated (summary.json `memory`), the median step time
-(metrics.jsonl, the first step left out), or the error that stopped it (out of memory). A mode stops growing at
-its first failure.
+Teachers: qwen2-1.5b and llama-3b (benchmarks/common.py, random weights, bf16 on the GPU), online. Students:
+the Llama-3.2-3B block geometry (width 3072, MLP 8192, 24 heads, 8 KV heads) with the gpt2 tokenizer's
+vocabulary at --ddp-layers / --fsdp-layers depths (about 0.15B + 0.1B per layer), trained --steps optimizer
+steps of --batch records of --seq tokens under `kvdistill train`, in a child process each (a run that does not
+fit dies alone). Per run: the student's parameters, the peak GPU memory allocated (summary.json `memory`), the
+median step time (metrics.jsonl, the first step left out), or the error that stopped it (out of memory). A
+mode stops growing at its first failure.
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ TINY_BLOCK = dict(
 
 
 def save_teacher(name: str, out: Path, device: str) -> Path:
-    """A random `name` model in bf16 (float32 on a CPU) sized for its family's stand-in tokenizer, saved with it."""
+    """A random `name` model in bf16 (float32 on a CPU) sized for its family's stand-in tokenizer, saved with
+    it."""
     if (out / "config.json").is_file():
         return out
     tok = load_tok(TOKENIZER_OF[CONFIGS[name]["model_type"]])

@@ -1,30 +1,35 @@
-"""Logit distillation steps: kvdistill against TRL's GKD loss on one student/teacher pair and batch, and the cost of
+"""Logit distillation steps: kvdistill against TRL's GKD loss on one student/teacher pair and batch, and \
+the cost of
 the cross-tokenizer logit term over the K/V distillation step.
 
     python benchmarks/bench_logit_kd.py --device cpu --preset tiny --out benchmarks/results/logit_kd_cpu.json
-    python benchmarks/bench_logit_kd.py --device cuda --preset real --out $OUT/logit_kd_h100.json [--tokenizers DIR]
+    python benchmarks/bench_logit_kd.py --device cuda --preset real --out $OUT/logit_kd_h100.json \
+        [--tokenizers DIR]
 
 TRL: `trl.experimental.gkd.gkd_trainer.GKDTrainer.generalized_jsd_loss` (TRL >= 1.x; older releases:
-`trl.trainer.gkd_trainer`), imported if trl is installed; without it the TRL rows are skipped and the JSON says why.
-trl 1.16 is one pure-Python wheel (`pip download --no-deps trl`); importing its GKD trainer needs accelerate,
-datasets (pandas, pyarrow), transformers, jinja2, psutil, numpy, pyyaml, packaging, huggingface_hub, which a
-kvdistill environment already has.
+`trl.trainer.gkd_trainer`), imported if trl is installed; without it the TRL rows are skipped and the JSON
+says why. trl 1.16 is one pure-Python wheel (`pip download --no-deps trl`); importing its GKD trainer needs
+accelerate, datasets (pandas, pyarrow), transformers, jinja2, psutil, numpy, pyyaml, packaging,
+huggingface_hub, which a kvdistill environment already has.
 
-Models: random weights from real checkpoints' configs (benchmarks/common.py), saved with their tokenizer and built
-into the objective the way training builds it.
-    real  student qwen2-0.5b; teacher `same` llama-1b with the student's tokenizer (gpt2, 50,257); teacher `cross`
-          qwen2-1.5b with the llama2 tokenizer (32,000); batch 4 of up to 1024 tokens; bf16 weights
-    tiny  the same families at toy size (benchmarks/common.py TINY_CONFIGS), batch 2 of up to 64 tokens; float32
---tokenizer NAME gives the student and `same` another zoo tokenizer (gemma3-270m: 262,144 entries, the memory case).
+Models: random weights from real checkpoints' configs (benchmarks/common.py), saved with their tokenizer and
+built into the objective the way training builds it.
+    real  student qwen2-0.5b; teacher `same` llama-1b with the student's tokenizer (gpt2, 50,257); teacher
+          `cross` qwen2-1.5b with the llama2 tokenizer (32,000); batch 4 of up to 1024 tokens; bf16 weights
+    tiny  the same families at toy size (benchmarks/common.py TINY_CONFIGS), batch 2 of up to 64 tokens;
+          float32
+--tokenizer NAME gives the student and `same` another zoo tokenizer (gemma3-270m: 262,144 entries, the memory
+case).
 
 Part 1, one tokenizer (student + `same`), JSD β = 0.5, τ = 2, every step: student forward with grad, teacher
 forward without, the loss, backward, AdamW step:
     trl_step            the loss is TRL's generalized_jsd_loss (batchmean over the real positions)
     kvd_step            the loss is kvdistill.losses.logit_kd (per sample, × τ², chunked over positions)
-    kvd_objective_step  kvdistill's Objective with losses {ce: 0, kv: 0, logit_kd: jsd} on the collated batch: the
-                        step `kvdistill train` runs (K/V capture hooks and fusion included)
-    trl_loss, kvd_loss, kvd_loss_one_pass   the loss alone (forward + backward) on fixed logits; on a GPU with the
-                        peak memory one call allocates (the chunked loss holds one chunk's float32 softmaxes)
+    kvd_objective_step  kvdistill's Objective with losses {ce: 0, kv: 0, logit_kd: jsd} on the collated batch:
+                        the step `kvdistill train` runs (K/V capture hooks and fusion included)
+    trl_loss, kvd_loss, kvd_loss_one_pass   the loss alone (forward + backward) on fixed logits; on a GPU
+                        with the peak memory one call allocates (the chunked loss holds one chunk's float32
+                        softmaxes)
     values: TRL's value against kvdistill's per-sample values weighted by their positions and divided by τ²
             (both in float32): the same divergence, TRL averaging over positions, kvdistill over samples.
     TRL computes in the logits' dtype (bf16 on the GPU here), kvdistill in float32 (a chunk at a time).
@@ -243,7 +248,7 @@ def main() -> None:
         print(f"values: TRL {theirs:.6f}, kvdistill {ours:.6f}")
     part1 = time_interleaved(fns, args.device, warmup=warmup, repeats=repeats, memory=True)
 
-    # ---------------------------------------------------------------- part 2: another tokenizer, over the K/V step
+    # ----------------------------------------------------------- part 2: another tokenizer, over the K/V step
     steps = {}
     for name, objective in cross.items():
         objective.train()

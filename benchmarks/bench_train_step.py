@@ -1,27 +1,34 @@
 """The speed target of a distillation step: overhead = (c - a - b) / a <= 0.15, where on one batch
     a = a CE-only optimizer step of the student,
     b = the teachers' forward passes (no grad),
-    c = a full distillation step: Objective forward (student + online teachers + losses), backward, optimizer step.
+    c = a full distillation step: Objective forward (student + online teachers + losses), backward, optimizer
+        step.
 
-    python benchmarks/bench_train_step.py --device cpu  --preset tiny --out benchmarks/results/train_step_cpu.json
-    python benchmarks/bench_train_step.py --device cuda --preset real --out benchmarks/results/train_step_h100.json \
-        [--tokenizers DIR]
+    python benchmarks/bench_train_step.py --device cpu  --preset tiny \
+        --out benchmarks/results/train_step_cpu.json
+    python benchmarks/bench_train_step.py --device cuda --preset real \
+        --out benchmarks/results/train_step_h100.json [--tokenizers DIR]
     python benchmarks/bench_train_step.py --device cuda --preset large ...   (GPU-filling)
-    python benchmarks/bench_train_step.py --device cuda --preset real --on-policy 128 --out ...  (on-policy step)
+    python benchmarks/bench_train_step.py --device cuda --preset real --on-policy 128 --out ...
+        (on-policy step)
 
 Presets (model configs in benchmarks/common.py, random weights):
-    real  teachers llama-1b (Llama-3.2-1B config, smollm2 tokenizer) and qwen2-1.5b (Qwen2.5-1.5B config, llama2
-          tokenizer); student qwen2-0.5b (Qwen2.5-0.5B config, gpt2 tokenizer); batch 4 of up to 1024 tokens, bf16
-    large student llama-1b (Llama-3.2-1B config, gpt2 tokenizer), teachers qwen2-1.5b and llama-3b (Llama-3.2-3B config,
-          smollm2 tokenizer); batch 8 of up to 2048 tokens, bf16: a step that fills the GPU (--batch 16 for more)
+    real  teachers llama-1b (Llama-3.2-1B config, smollm2 tokenizer) and qwen2-1.5b (Qwen2.5-1.5B config,
+          llama2 tokenizer); student qwen2-0.5b (Qwen2.5-0.5B config, gpt2 tokenizer); batch 4 of up to 1024
+          tokens, bf16
+    large student llama-1b (Llama-3.2-1B config, gpt2 tokenizer), teachers qwen2-1.5b and llama-3b
+          (Llama-3.2-3B config, smollm2 tokenizer); batch 8 of up to 2048 tokens, bf16: a step that fills the
+          GPU (--batch 16 for more)
     tiny  the same families at 4 layers × width 128 (student 3 × 64), batch 2 of up to 128 tokens, float32
-Every model's vocabulary is its tokenizer's. The models are saved into a temporary directory and the objective is
-built the way training builds it: `build_objective(load_config(raw=...))` (sdpa attention where nothing reads
-attention probabilities, as the library loads models; teachers bf16 on GPU), default losses (CE + normalised KV MSE, ratio layer map, fixed fusion).
+Every model's vocabulary is its tokenizer's. The models are saved into a temporary directory and the objective
+is built the way training builds it: `build_objective(load_config(raw=...))` (sdpa attention where nothing
+reads attention probabilities, as the library loads models; teachers bf16 on GPU), default losses (CE +
+normalised KV MSE, ratio layer map, fixed fusion).
 
 Timed (median of --repeats, interleaved). --inputs collated (default): every step starts from the batch the
-trainer's DataLoader workers hand over (`objective.collate(records)`, pinned: token ids, byte spans, alignments);
---inputs texts: from the texts, tokenization (and the alignment) inside every timed step, as before the collate.
+trainer's DataLoader workers hand over (`objective.collate(records)`, pinned: token ids, byte spans,
+alignments); --inputs texts: from the texts, tokenization (and the alignment) inside every timed step, as
+before the collate.
     ce_step        student(ids, mask).logits, CE, backward, clip, AdamW step                     (a)
                    (the objective's own student: same weights, dtype and attention implementation)
     teachers_fwd   per teacher: model.base_model(ids, mask) under no_grad                        (b)
@@ -30,18 +37,20 @@ trainer's DataLoader workers hand over (`objective.collate(records)`, pinned: to
     collate        objective.collate(records) on the CPU: what a worker spends per batch (off the critical
                    path with train.num_workers >= 1; not part of a, b or c)
     ce_forward, kd_forward   the forward halves of a and c alone (--halves)
-    kd_step_on_policy        (--on-policy N) an on-policy step of train.on_policy {lambda: 1, max_new_tokens: N}:
-                   the student samples N tokens after each record's question (batched, no grad), the batch is
-                   collated again, the teachers run on the sampled text, the KD terms on it and CE on the data
-                   text (a second student forward), backward, clip, AdamW step
+    kd_step_on_policy        (--on-policy N) an on-policy step of train.on_policy
+                   {lambda: 1, max_new_tokens: N}: the student samples N tokens after each record's question
+                   (batched, no grad), the batch is collated again, the teachers run on the sampled text, the
+                   KD terms on it and CE on the data text (a second student forward), backward, clip, AdamW
+                   step
     generate       (--on-policy N) the sampling alone (`OnPolicy.sample`)
 AdamW is the fused one on a GPU (as the trainer builds it), clipping torch's foreach clip_grad_norm_.
 Reported: with --on-policy, on_policy.ratio = kd_step_on_policy / kd_step (the on-policy step's cost over the
-off-policy one) and the share of it spent generating; overhead (with b), overhead_vs_kv = (c - a - teachers_kv) / a (the student-side cost of the KD terms),
-tokens/s of a and c (real student tokens), the student's model-FLOPs utilisation in a and c
-(6·N + 12·L·d·T FLOPs per padded token, N the student's parameters, against --peak-tflops), and the memory check
-of issue 13: peak of c <= peak of a + the teachers' weights + 10% (peaks as allocated by one call, plus the
-student's weights and AdamW state, which both steps hold).
+off-policy one) and the share of it spent generating; overhead (with b), overhead_vs_kv = (c - a -
+teachers_kv) / a (the student-side cost of the KD terms), tokens/s of a and c (real student tokens), the
+student's model-FLOPs utilisation in a and c (6·N + 12·L·d·T FLOPs per padded token, N the student's
+parameters, against --peak-tflops), and the memory check of issue 13: peak of c <= peak of a + the teachers'
+weights + 10% (peaks as allocated by one call, plus the student's weights and AdamW state, which both steps
+hold).
 
 Needs pydantic (kvdistill.config builds the RunConfig that the objective takes).
 """
@@ -86,7 +95,8 @@ TARGET = 0.15
 
 
 def save_random_model(name: str, tok, out_dir: Path, args) -> dict:
-    """Build `name` with the tokenizer's vocabulary and special ids, save it with the tokenizer into out_dir."""
+    """Build `name` with the tokenizer's vocabulary and special ids, save it with the tokenizer into
+    out_dir."""
     dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
     model = build_model(name, dtype=dtype, device=args.device, attn="eager", vocab_size=len(tok))
     for attr in ("bos_token_id", "eos_token_id", "pad_token_id"):
@@ -134,8 +144,9 @@ def count_ops(step, top: int = 15) -> dict:
 
 
 def overlapped(main, side, device: str):
-    """`main` in this thread while `side` runs in a second thread (on its own CUDA stream on a GPU); returns when
-    both are done. Timed against main and side alone it shows how far the two threads' host work overlaps."""
+    """`main` in this thread while `side` runs in a second thread (on its own CUDA stream on a GPU); returns
+    when both are done. Timed against main and side alone it shows how far the two threads' host work
+    overlaps."""
     import concurrent.futures
 
     pool = concurrent.futures.ThreadPoolExecutor(1)
@@ -165,10 +176,10 @@ def speed_and_memory(
     """tokens/s and the student's MFU of a and c; on a GPU the memory check of issue 13.
 
     Model FLOPs of one step: (6·N + 12·L·d·T) per padded token (fwd + bwd of the matmuls, and of attention's
-    scores and weighted sum), N the student's parameters, L layers, d its attention width, T the padded length.
-    Memory: each step's footprint is what its call allocates at its peak (peak_extra_mib) plus the student's weights
-    and AdamW state (m, v), which exist before the call; c adds the maps' weights and state; the teachers' weights
-    are the allowance: peak(c) <= (peak(a) + teachers' weights) · 1.10.
+    scores and weighted sum), N the student's parameters, L layers, d its attention width, T the padded
+    length. Memory: each step's footprint is what its call allocates at its peak (peak_extra_mib) plus the
+    student's weights and AdamW state (m, v), which exist before the call; c adds the maps' weights and state;
+    the teachers' weights are the allowance: peak(c) <= (peak(a) + teachers' weights) · 1.10.
     """
     cfg = student.config
     B, T = collated.ids.shape
@@ -570,8 +581,8 @@ def main() -> None:
             ms["ce_steps"] / args.ahead,
             ms["kd_steps_ahead"] / args.ahead,
         )  # per step, the fill included
-        # the marginal step: N steps minus 1 step (each run holds as many teachers' passes as student steps, the
-        # first pass, with nothing to overlap, in both), over N - 1
+        # the marginal step: N steps minus 1 step (each run holds as many teachers' passes as student steps,
+        # the first pass, with nothing to overlap, in both), over N - 1
         a_s = (ms["ce_steps"] - a) / (args.ahead - 1)
         c_s = (ms["kd_steps_ahead"] - ms["kd_ahead_one"]) / (args.ahead - 1)
         result["ahead"] = {
@@ -594,7 +605,8 @@ def main() -> None:
             )
             result["ahead"]["memory_ratio"] = round(peak / (mem["peak_ce_step"] + mem["teachers_weights"]), 4)
         print(
-            f"ahead x{args.ahead}: per step a {a_n:.1f}, c {c_n:.1f} ms (overhead {result['ahead']['overhead']:.3f}); "
+            f"ahead x{args.ahead}: per step a {a_n:.1f}, c {c_n:.1f} ms (overhead "
+            f"{result['ahead']['overhead']:.3f}); "
             f"marginal a {a_s:.1f}, c {c_s:.1f} ms (overhead {result['ahead']['marginal_overhead']:.3f}); "
             f"memory ratio {result['ahead'].get('memory_ratio')}"
         )
@@ -611,7 +623,8 @@ def main() -> None:
         }
         print(
             f"on-policy step {ms['kd_step_on_policy']:.1f} ms vs off-policy {c:.1f} ms: ratio "
-            f"{result['on_policy']['ratio']:.2f} (generating {ms['generate']:.1f} ms, {sampled_tokens[-1]:.0f} new "
+            f"{result['on_policy']['ratio']:.2f} (generating {ms['generate']:.1f} ms, "
+            f"{sampled_tokens[-1]:.0f} new "
             "tokens)"
         )
     if args.count_ops:

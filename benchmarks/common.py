@@ -2,10 +2,10 @@
 
     python benchmarks/common.py export-tokenizers DIR    # copy the zoo tokenizers the benchmarks use into DIR
 
-The GPU benchmarks build models from the configs of real checkpoints (random weights, no download); the numbers
-in `REAL_CONFIGS` are the fields of each checkpoint's config.json that set its compute and its KV geometry.
-Tokenizers come from the offline zoo (`kvdistill.models.zoo`) or, on a machine without it, from a directory
-written by `export-tokenizers` (pass it as `--tokenizers DIR`).
+The GPU benchmarks build models from the configs of real checkpoints (random weights, no download); the
+numbers in `REAL_CONFIGS` are the fields of each checkpoint's config.json that set its compute and its KV
+geometry. Tokenizers come from the offline zoo (`kvdistill.models.zoo`) or, on a machine without it, from a
+directory written by `export-tokenizers` (pass it as `--tokenizers DIR`).
 
 Imports torch, transformers and kvdistill.models only (no pydantic, no datasets).
 """
@@ -201,8 +201,8 @@ def build_model(
 ):
     """A randomly initialised causal LM of config `name` on `device` in `dtype`, eval mode.
 
-    Families without an sdpa kernel (gemma2's soft-capping) fall back to eager; `model.config._attn_implementation`
-    says which one runs.
+    Families without an sdpa kernel (gemma2's soft-capping) fall back to eager;
+    `model.config._attn_implementation` says which one runs.
     """
     config = build_config(name, vocab_size)
     torch.manual_seed(0)
@@ -239,7 +239,8 @@ def load_tok(name: str, tokenizers_dir: str | Path | None = None):
 
 
 def export_tokenizers(out_dir: Path, names=BENCH_TOKENIZERS) -> None:
-    """Save the zoo tokenizers the benchmarks use into out_dir/<name> (carry that directory to a GPU machine)."""
+    """Save the zoo tokenizers the benchmarks use into out_dir/<name> (carry that directory to a GPU
+    machine)."""
     for name in names:
         tok = load_tok(name)
         tok.save_pretrained(out_dir / name)
@@ -248,9 +249,9 @@ def export_tokenizers(out_dir: Path, names=BENCH_TOKENIZERS) -> None:
 
 # ------------------------------------------------------------------------------------------- texts
 def make_records(n: int, tokenizers: list, max_tokens: int, seed: int = 0) -> list[dict]:
-    """n GSM-style records {id, text, answer_start, question}: a question, reasoning steps and an answer, each text as
-    long as it can be while staying within `max_tokens` tokens under every tokenizer given (so no answer is
-    truncated away; the most verbose tokenizer's batch is nearly unpadded)."""
+    """n GSM-style records {id, text, answer_start, question}: a question, reasoning steps and an answer, each
+    text as long as it can be while staying within `max_tokens` tokens under every tokenizer given (so no
+    answer is truncated away; the most verbose tokenizer's batch is nearly unpadded)."""
     rng = random.Random(seed)
     names = ["Ava", "Ben", "Chen", "Dara", "Eli", "Fatima", "Goro", "Hana", "Ivan", "Jun"]
     items = ["apples", "marbles", "stamps", "coins", "pencils", "tickets", "shells", "books"]
@@ -262,14 +263,20 @@ def make_records(n: int, tokenizers: list, max_tokens: int, seed: int = 0) -> li
     for i in range(n):
         who, what = rng.choice(names), rng.choice(items)
         total = rng.randint(10, 90)
-        head = f"Question: {who} has {total} {what} and trades them over a long week. How many are left?\nReasoning:"
+        head = (
+            f"Question: {who} has {total} {what} and trades them over a long week. How many are "
+            "left?\nReasoning:"
+        )
         steps: list[str] = []
         answer = total
         while True:
             k = rng.randint(1, 25)
             op = rng.choice(["gives away", "buys", "finds", "loses"])
             new = answer - k if op in ("gives away", "loses") else answer + k
-            step = f" Day {len(steps) + 1}: {who} {op} {k} {what}, so {answer} {'-' if new < answer else '+'} {k} = {new}."
+            step = (
+                f" Day {len(steps) + 1}: {who} {op} {k} {what}, so {answer} "
+                f"{'-' if new < answer else '+'} {k} = {new}."
+            )
             text = head + "".join(steps) + step + f"\nAnswer: {new}"
             if n_tokens(text) > max_tokens:
                 break

@@ -1,8 +1,9 @@
 """Shared fixtures: the real offline models (loaded once per session) and tiny random configs.
 
-Tiny run: two saved teachers (3 layers, width 64, random): `qwen2` with SmolLM2's byte-level BPE (GQA 4/2, head
-dim 16) and `gemma3` (gemma3_text, MQA 4/1, head dim 32, sliding window 8) with the Llama-2 SentencePiece
-tokenizer. The student is a 2-layer llama built from SmolLM2's config with the GPT-2 tokenizer: three tokenizers.
+Tiny run: two saved teachers (3 layers, width 64, random): `qwen2` with SmolLM2's byte-level BPE (GQA 4/2,
+head dim 16) and `gemma3` (gemma3_text, MQA 4/1, head dim 32, sliding window 8) with the Llama-2 SentencePiece
+tokenizer. The student is a 2-layer llama built from SmolLM2's config with the GPT-2 tokenizer: three
+tokenizers.
 """
 
 from __future__ import annotations
@@ -173,7 +174,8 @@ class Tree:
 
     @classmethod
     def only_inside(cls, before: dict[str, tuple], after: dict[str, tuple], out: str) -> None:
-        """Assert nothing pre-existing was changed or removed, and nothing was added outside `out` (relative)."""
+        """Assert nothing pre-existing was changed or removed, and nothing was added outside `out`
+        (relative)."""
         diff = cls.changes(before, after)
         assert diff["removed"] == [] and diff["changed"] == [], diff
         outside = [p for p in diff["added"] if p != out and not p.startswith(out.rstrip("/") + "/")]

@@ -1,7 +1,7 @@
 """Tiny random MoE models of the families transformers ships, for the MoE tests (no weights downloaded).
 
-`moe_model(family, ...)` builds one with its weights drawn at std 0.2 (the families' 0.02 init gives near-uniform
-routing, where every comparison would be trivially close), in eval mode, float32.
+`moe_model(family, ...)` builds one with its weights drawn at std 0.2 (the families' 0.02 init gives
+near-uniform routing, where every comparison would be trivially close), in eval mode, float32.
 """
 
 from __future__ import annotations

@@ -159,7 +159,8 @@ def test_inspect_prints_geometry_and_layer_map(capsys, monkeypatch):
 
 @pytest.mark.slow
 def test_inspect_a_gguf_file(capsys, monkeypatch, tmp_path_factory):
-    """A local .gguf file (SmolLM2's, from its offline package) is converted once and inspected like a zoo name.
+    """A local .gguf file (SmolLM2's, from its offline package) is converted once and inspected like a zoo
+    name.
 
     KVDISTILL_HOME is the session directory tests/models/test_gguf.py uses too, so the file converts once."""
     from kvdistill.models import zoo

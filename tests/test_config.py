@@ -122,9 +122,9 @@ def test_a_misspelt_offline_name_gets_the_nearest_one():
 
 
 def test_validate_runs_the_checks_training_runs():
-    """What logit KD cannot do is refused by validate, not first by train after writing its run directory: a top_k
-    past a teacher's vocabulary, cross_tokenizer without a teacher of another tokenizer. Logit KD across tokenizers
-    passes."""
+    """What logit KD cannot do is refused by validate, not first by train after writing its run directory: a
+    top_k past a teacher's vocabulary, cross_tokenizer without a teacher of another tokenizer. Logit KD across
+    tokenizers passes."""
     from kvdistill.config import check_config
 
     raw = {
@@ -186,8 +186,8 @@ def test_merging_a_data_section_of_another_source_kind_drops_the_old_kinds_keys(
     ],
 )
 def test_dump_spells_out_every_default_and_reloads_to_the_same_run(extra):
-    """Also a guard for new fields whose presence the data reader asks (`"X" in cfg.model_fields_set`): each must be
-    a presence field, or config.yaml would change how the run reads its data."""
+    """Also a guard for new fields whose presence the data reader asks (`"X" in cfg.model_fields_set`): each
+    must be a presence field, or config.yaml would change how the run reads its data."""
     import yaml
 
     cfg = parse_config({**BASE, **extra})
@@ -229,8 +229,8 @@ def test_resolve_paths_makes_local_paths_absolute(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("name", ["quickstart", "pikv", "phase5"])
 def test_a_resolved_config_passes_the_same_checks(name):
-    """Fields whose being set is checked (an unread cross_tokenizer, a temperature next to a schedule) stay unset
-    through the resolved dump that config.yaml holds."""
+    """Fields whose being set is checked (an unread cross_tokenizer, a temperature next to a schedule) stay
+    unset through the resolved dump that config.yaml holds."""
     import yaml
 
     from kvdistill.config import config_path, resolve_paths, semantic_problems
@@ -241,7 +241,8 @@ def test_a_resolved_config_passes_the_same_checks(name):
 
 
 def test_every_field_the_code_asks_the_presence_of_is_a_presence_field():
-    """`"X" in <section>.model_fields_set` anywhere in src/ names a field that dump_config must not write unset."""
+    """`"X" in <section>.model_fields_set` anywhere in src/ names a field that dump_config must not write
+    unset."""
     import re
     from pathlib import Path
 

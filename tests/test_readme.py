@@ -1,4 +1,5 @@
-"""The README's newcomer walkthrough, run as written: its files written, its commands and its Python run in order.
+"""The README's newcomer walkthrough, run as written: its files written, its commands and its Python run in
+order.
 
 The walkthrough is the part of README.md between `<!-- walkthrough:start -->` and `<!-- walkthrough:end -->`.
 A code block after `<!-- file: NAME -->` is written to NAME; every `kvdistill ...` line of a bash block is run

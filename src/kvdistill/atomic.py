@@ -2,8 +2,8 @@
 manifests, training's run files and checkpoints, an experiment's records, `kvdistill eval`'s eval.json).
 
 A file is written under the temporary sibling `NAME.tmp` (opened without following a symlink planted there,
-`kvdistill.paths.open_new`), flushed and fsynced, renamed over `NAME` and its directory fsynced: a reader sees the
-old file or the new one, never half of one, also after a crash.
+`kvdistill.paths.open_new`), flushed and fsynced, renamed over `NAME` and its directory fsynced: a reader sees
+the old file or the new one, never half of one, also after a crash.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """kvdistill command line. Commands are thin: they parse options, call the library, and print.
 
 Every KvdistillError is printed as a clean message with its fix and exit code 2; nothing else is caught. Text
-from the user (paths, names, values) is printed verbatim (`escape`: Rich would read `[red]` or `[/x]` as markup).
-A command that writes (train, extract, experiment, quickstart) stopped by Ctrl-C or SIGTERM says how to continue
-and exits 128 + the signal.
+from the user (paths, names, values) is printed verbatim (`escape`: Rich would read `[red]` or `[/x]` as
+markup). A command that writes (train, extract, experiment, quickstart) stopped by Ctrl-C or SIGTERM says how
+to continue and exits 128 + the signal.
 Logging: `--log-level LEVEL` (before the command) or the environment variable KVDISTILL_LOG (default WARNING;
 INFO shows what a run decides, e.g. resumes and data counts; DEBUG everything).
 """
@@ -146,7 +146,7 @@ def inspect(
     show_inspection(entries, text, Console())
 
 
-# ---------------------------------------------------------------- train / eval / report / quickstart / validate
+# -------------------------------------------------------------- train / eval / report / quickstart / validate
 def _load(config: str, overrides: list[str] | None):
     from kvdistill.config import load_config
 
@@ -306,9 +306,11 @@ def evaluate(
     save: bool = typer.Option(True, help="Save the result as RUN/eval.json (shown by `kvdistill report`)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """Held-out perplexity, exact match and the KV probe 1-R² per layer against teachers; saved as RUN/eval.json.
+    """Held-out perplexity, exact match and the KV probe 1-R² per layer against teachers; saved as
+    RUN/eval.json.
 
-    A latent student: latent-mode exact match (tokens and latency per answer) and the answer CE after its latents.
+    A latent student: latent-mode exact match (tokens and latency per answer) and the answer CE after its
+    latents.
 
     Examples:
 

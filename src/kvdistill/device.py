@@ -1,4 +1,5 @@
-"""Where a command computes when it is not told: the one device choice of evaluation, generation and extraction."""
+"""Where a command computes when it is not told: the one device choice of evaluation, generation and
+extraction."""
 
 from __future__ import annotations
 

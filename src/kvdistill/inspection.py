@@ -1,6 +1,7 @@
 """What `kvdistill inspect` shows of a student and its teachers before any training, from their configs and
-tokenizers alone (no weights): each model's KV geometry, how a text tokenizes (tokens with UTF-8 byte spans), and
-the alignment plan from the student to each teacher (`kvdistill.align.plan`) with the token alignment of the text.
+tokenizers alone (no weights): each model's KV geometry, how a text tokenizes (tokens with UTF-8 byte spans),
+and the alignment plan from the student to each teacher (`kvdistill.align.plan`) with the token alignment of
+the text.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from rich.text import Text
 def inspect_models(
     models: list[str], text: str | None = None, strategy: str = "ratio", projector: str = "auto"
 ) -> list[dict]:
-    """Geometry of each model, the tokenization of `text`, and the plan from the first (student) to the others."""
+    """Geometry of each model, the tokenization of `text`, and the plan from the first (student) to the
+    others."""
     from kvdistill.align.plan import alignment_plan
     from kvdistill.align.tokens import token_alignment
     from kvdistill.models.capture import tokenize
@@ -53,8 +55,8 @@ def inspect_models(
 
 
 def show_inspection(entries: list[dict], text: str | None, out: Console) -> None:
-    """Print `inspect_models`' entries for a person: the geometry table, each model's tokens of `text`, and the plan
-    from the student to each teacher."""
+    """Print `inspect_models`' entries for a person: the geometry table, each model's tokens of `text`, and
+    the plan from the student to each teacher."""
     out.print(geometry_table(entries))
     for e in entries:
         if "tokens" in e:
@@ -111,9 +113,9 @@ def _rope_text(e: dict) -> str:
 
 
 def token_text(tokens: list[dict], text: str) -> Text:
-    """The tokens as the text they cover (their UTF-8 byte spans of `text`), separated by spaces (in alternating
-    colours on a terminal), with spaces inside a token shown as '·' and line breaks as '⏎'; a token covering no
-    text (BOS, EOS) by its name in brackets."""
+    """The tokens as the text they cover (their UTF-8 byte spans of `text`), separated by spaces (in
+    alternating colours on a terminal), with spaces inside a token shown as '·' and line breaks as '⏎'; a
+    token covering no text (BOS, EOS) by its name in brackets."""
     raw = text.encode("utf-8")
     shown = Text()
     for n, t in enumerate(tokens):

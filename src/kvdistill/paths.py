@@ -3,8 +3,8 @@
 - `segment_problem`: a name that becomes one path component (a run, curriculum stage, experiment condition,
   teacher) is one safe segment: no separator, not `.`/`..`, no control character, at most `MAX_SEGMENT` bytes.
 - `dir_problem` / `claim`: a directory a command writes (`train --out`, a curriculum's, an experiment's) holds
-  the marker file `.kvdistill-run` naming its kind. A command writes only into a directory that does not exist,
-  is empty, or carries the marker of its own kind: never into a folder of the user's own files.
+  the marker file `.kvdistill-run` naming its kind. A command writes only into a directory that does not
+  exist, is empty, or carries the marker of its own kind: never into a folder of the user's own files.
 - `open_new` / `open_append`: files opened without following a symlink planted at their name, so no write of a
   run lands outside its directory; `escapes` finds an entry of a directory that leads out of it.
 - `is_disk_full`: an error (of the OS, torch or safetensors) that means no space was left on the device.
@@ -51,7 +51,10 @@ def segment_problem(name: object, key: str) -> str | None:
         return f"{key} {name!r} must be a non-empty name"
     shown = repr(name) if len(name) <= 60 else repr(name[:60] + "...")
     if name in (".", ".."):
-        return f"{key} {shown} names a directory itself, not a new one inside --out; give a plain name, e.g. 'run1'"
+        return (
+            f"{key} {shown} names a directory itself, not a new one inside --out; give a plain name, "
+            "e.g. 'run1'"
+        )
     bad = sorted({c for c in name if c in "/\\" or ord(c) < 32 or ord(c) == 127})
     if bad:
         return (
@@ -63,7 +66,10 @@ def segment_problem(name: object, key: str) -> str | None:
     except UnicodeEncodeError:
         return f"{key} {shown} is not valid UTF-8 text"
     if size > MAX_SEGMENT:
-        return f"{key} is {size} bytes long; a name that becomes a folder or file name may have at most {MAX_SEGMENT}"
+        return (
+            f"{key} is {size} bytes long; a name that becomes a folder or file name may have at most "
+            f"{MAX_SEGMENT}"
+        )
     return None
 
 
@@ -125,8 +131,8 @@ def dir_problem(
 def not_a_dir_problem(
     directory: str | os.PathLike, flag: str = "--out", fix: str | None = None
 ) -> KvdistillError | None:
-    """Why `directory` can never be a directory to write into (a file, a dangling symlink, a path under a file),
-    or None (it is a directory, or does not exist yet)."""
+    """Why `directory` can never be a directory to write into (a file, a dangling symlink, a path under a
+    file), or None (it is a directory, or does not exist yet)."""
     d = Path(directory)
     fix = fix or f"give {flag} a directory path (a new one is created)"
     if d.is_symlink() and not d.exists():
@@ -142,7 +148,8 @@ def not_a_dir_problem(
 
 
 def claim(directory: str | os.PathLike, kind: str) -> Path:
-    """Create `directory` (and parents) and mark it as a `kind` directory; call after `dir_problem` is None."""
+    """Create `directory` (and parents) and mark it as a `kind` directory; call after `dir_problem` is
+    None."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     if marker_kind(d) != kind:
@@ -210,7 +217,8 @@ def open_append(path: str | os.PathLike):
 
 def is_disk_full(err: BaseException, where: str | os.PathLike | None = None) -> bool:
     """Whether `err` (or an error it was raised from) means the device ran out of space: ENOSPC/EDQUOT, the
-    text safetensors and torch give it, or torch's bare "write failed" while `where`'s disk is (nearly) full."""
+    text safetensors and torch give it, or torch's bare "write failed" while `where`'s disk is (nearly)
+    full."""
     seen = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))

@@ -1,6 +1,7 @@
-"""What a training run directory holds, as its readers find it (`kvdistill.train.checkpoint` writes it and states
-the layout): the newest complete checkpoint, the student's directory in RUN/final or a checkpoint, and which
-student a path given on the command line means (`resolve_checkpoint`, for `kvdistill eval` and `generate`).
+"""What a training run directory holds, as its readers find it (`kvdistill.train.checkpoint` writes it and
+states the layout): the newest complete checkpoint, the student's directory in RUN/final or a checkpoint, and
+which student a path given on the command line means (`resolve_checkpoint`, for `kvdistill eval` and
+`generate`).
 
     RUN/config.yaml                   the run's config, every default spelled out
     RUN/final/                        the trained student (config.json; runs written before: final/student/)
@@ -95,7 +96,8 @@ def run_of(ckpt: Path) -> Path | None:
 
 
 def step_of(student: Path) -> int | None:
-    """The optimizer step of the student in RUN/final (its trainer_state) or RUN/checkpoints/step-N, else None."""
+    """The optimizer step of the student in RUN/final (its trainer_state) or RUN/checkpoints/step-N, else
+    None."""
     for state in (
         student / "kvdistill" / "trainer_state.json",
         student.parent / "trainer_state.json",

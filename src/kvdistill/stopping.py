@@ -1,5 +1,5 @@
-"""A writing command (train, extract, experiment, quickstart) stopped by Ctrl-C or SIGTERM: it unwinds as after
-Ctrl-C (locks released, temporary files removed), says how to continue, and exits 128 + the signal."""
+"""A writing command (train, extract, experiment, quickstart) stopped by Ctrl-C or SIGTERM: it unwinds as
+after Ctrl-C (locks released, temporary files removed), says how to continue, and exits 128 + the signal."""
 
 from __future__ import annotations
 
@@ -28,8 +28,8 @@ class Stopped(KeyboardInterrupt):
 
 @contextmanager
 def stoppable(console: Console, how_to_continue: str) -> Iterator[None]:
-    """Run the body so that Ctrl-C or SIGTERM ends it with `how_to_continue` (printed once, by rank 0) and exit
-    code 128 + signal."""
+    """Run the body so that Ctrl-C or SIGTERM ends it with `how_to_continue` (printed once, by rank 0) and
+    exit code 128 + signal."""
 
     def on_term(signum, _frame):
         raise Stopped(signum)

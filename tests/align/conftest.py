@@ -57,5 +57,6 @@ def mixed_texts() -> list[str]:
 
 @pytest.fixture(scope="session")
 def load():
-    """name -> the offline tokenizer, loaded once per session (offline zoo names: smollm2-135m, gpt2-tokenizer...)."""
+    """name -> the offline tokenizer, loaded once per session (offline zoo names: smollm2-135m,
+    gpt2-tokenizer...)."""
     return _load

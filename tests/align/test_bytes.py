@@ -148,7 +148,8 @@ def test_ascii_byte_spans_equal_character_offsets(load, name):
 
 
 def test_ascii_text_starting_with_a_digit_on_llama2(load):
-    """The one change on ASCII: Llama-2's prepended '▁' before a digit shared the digit's span, now it is empty."""
+    """The one change on ASCII: Llama-2's prepended '▁' before a digit shared the digit's span, now it is
+    empty."""
     tokens, chars, spans = encode(load("llama2-tokenizer"), "42 apples")
     assert tokens[:3] == ["<s>", "▁", "4"] and chars[:3] == [(0, 0), (0, 1), (0, 1)]
     assert spans[:3] == [(0, 0), (0, 0), (0, 1)] and spans[3:] == chars[3:]

@@ -1,5 +1,6 @@
-"""Head/dim maps: shapes across GQA/MQA geometries, exact parameter counts, the frozen teacher→student map, and
-THE COLLAPSE TEST (a constant student cannot make the teacher-space KV loss small; an informative one can)."""
+"""Head/dim maps: shapes across GQA/MQA geometries, exact parameter counts, the frozen teacher→student map,
+and THE COLLAPSE TEST (a constant student cannot make the teacher-space KV loss small; an informative one
+can)."""
 
 from __future__ import annotations
 
@@ -149,7 +150,8 @@ def test_dim_init_keeps_norms_when_widening():
 
 @pytest.mark.parametrize("kind", ["per_head", "linear"])
 def test_projector_runs_bf16_in_bf16_and_gets_float32_gradients(kind):
-    """A bf16 student is projected in bf16 (mixed precision: no float32 gemms), the parameters stay float32."""
+    """A bf16 student is projected in bf16 (mixed precision: no float32 gemms), the parameters stay
+    float32."""
     proj = KVProjector(GQA_9_3, MQA_4_1, kind=kind)
     x = torch.randn(2, 3, 4, 64)
     y = proj(x.bfloat16(), which="keys")
@@ -236,8 +238,8 @@ N_TOKENS = 512
 
 
 def structured_teacher(H_t: int, D_t: int, seed: int = 0) -> torch.Tensor:
-    """Teacher K/V (1, H_t, N, D_t) with structure: a low-rank signal over tokens, per-channel scales and small
-    per-channel offsets, plus noise — varied over tokens, as real keys are."""
+    """Teacher K/V (1, H_t, N, D_t) with structure: a low-rank signal over tokens, per-channel scales and
+    small per-channel offsets, plus noise — varied over tokens, as real keys are."""
     g = torch.Generator().manual_seed(seed)
     latent = torch.randn(N_TOKENS, 6, generator=g)  # (N, r)
     mixing = torch.randn(6, H_t * D_t, generator=g) / 6**0.5
@@ -250,14 +252,16 @@ def structured_teacher(H_t: int, D_t: int, seed: int = 0) -> torch.Tensor:
 def kv_loss(
     pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, normalize: bool = True
 ) -> torch.Tensor:
-    """The training KV error of one sample (B = 1) laid out (1, H, N, D): `kvdistill.losses.kv_error` on its rows."""
+    """The training KV error of one sample (B = 1) laid out (1, H, N, D): `kvdistill.losses.kv_error` on its
+    rows."""
     (p, m), (t, _) = as_rows(pred, mask), as_rows(target, mask)
     return kv_error(p, t, m, normalize=normalize)[0]
 
 
 def constant_floor(teacher: torch.Tensor) -> float:
     """The lowest normalised kv_loss any token-constant prediction can reach: predict each channel's mean.
-    kv_loss divides by the target's overall variance, so the floor is (mean per-channel variance) / (overall variance)."""
+    kv_loss divides by the target's overall variance, so the floor is (mean per-channel variance) / (overall
+    variance)."""
     per_channel = teacher.var(dim=2, unbiased=False).mean()
     return float(per_channel / teacher.var(unbiased=False))
 
@@ -293,7 +297,8 @@ def test_constant_student_cannot_collapse_the_teacher_space_loss(kind, student_k
     teacher = structured_teacher(2, 16)
     floor = constant_floor(teacher)
     assert floor > 0.9  # the targets vary over tokens: a constant explains < 10% of their variance
-    # the same K vector (zero) at every token; or a constant the student may choose, still the same at every token
+    # the same K vector (zero) at every token; or a constant the student may choose, still the same at every
+    # token
     zeros = student_kind == "zeros"
     student = torch.zeros(1, 4, 1, 8) if zeros else nn.Parameter(torch.randn(1, 4, 1, 8))
     final = train_projector(student, teacher, KVProjector(student_geom, teacher_geom, kind=kind))
@@ -304,7 +309,8 @@ def test_constant_student_cannot_collapse_the_teacher_space_loss(kind, student_k
 @pytest.mark.parametrize("kind", ["per_head", "linear"])
 def test_informative_student_drives_the_teacher_space_loss_near_zero(kind):
     """The same training reaches ~0 when the student carries the teacher's information (an invertible linear
-    function of it): the projector is able to fit, so the constant student's high loss is not a failure to train."""
+    function of it): the projector is able to fit, so the constant student's high loss is not a failure to
+    train."""
     torch.manual_seed(0)
     H_t, D_t = 2, 16
     teacher = structured_teacher(H_t, D_t)  # (1, H_t, N, D_t)
@@ -327,9 +333,10 @@ def test_informative_student_drives_the_teacher_space_loss_near_zero(kind):
 
 
 def test_student_space_loss_with_a_trainable_teacher_map_collapses():
-    """Why TeacherToStudentMap is frozen: compare in the STUDENT space with a learnable teacher → student map A
-    and the loss ||K_s - A(K_t)||² reaches ~0 with a constant student — A learns to output that constant
-    (weights → 0), erasing the teacher. With A frozen, the same constant student is stuck near the variance."""
+    """Why TeacherToStudentMap is frozen: compare in the STUDENT space with a learnable teacher → student map
+    A and the loss ||K_s - A(K_t)||² reaches ~0 with a constant student — A learns to output that constant
+    (weights → 0), erasing the teacher. With A frozen, the same constant student is stuck near the
+    variance."""
     torch.manual_seed(0)
     teacher = structured_teacher(2, 16)[0].transpose(0, 1).reshape(N_TOKENS, 32)  # (N, H_t·D_t)
     constant = nn.Parameter(torch.randn(32))  # a student that says the same thing at every token

@@ -1,9 +1,9 @@
 """Token alignment on UTF-8 byte spans: equivalence to a brute-force IoU reference on five real tokenizers,
 the identity for a tokenization aligned with itself on 30 mixed-script texts, partial-character tokens paired
 byte for byte across tokenizers, golden values, overlapping / unsorted / truncated spans, batch == per-sample,
-and errors that quote the bad input. Prefix partners (`prefix_positions`) against a brute force over the texts'
-bytes on real tokenizer pairs, and the identity for one tokenization; common chunks spell the same bytes on both
-sides, in order, with no common boundary inside."""
+and errors that quote the bad input. Prefix partners (`prefix_positions`) against a brute force over the
+texts' bytes on real tokenizer pairs, and the identity for one tokenization; common chunks spell the same
+bytes on both sides, in order, with no common boundary inside."""
 
 from __future__ import annotations
 
@@ -113,7 +113,7 @@ def test_matches_bruteforce_on_arbitrary_intervals(student, teacher):
     check(student, teacher)
 
 
-# ------------------------------------------------------------------------------------------ hand-written cases
+# ----------------------------------------------------------------------------------------- hand-written cases
 def test_special_tokens_with_empty_spans_get_zero_rows():
     student = [(0, 0), (0, 5), (5, 11), (0, 0)]  # [CLS] hello world [SEP]
     teacher = [(0, 0), (0, 5), (5, 11)]  # <bos> hello world
@@ -159,8 +159,8 @@ def test_matches_bruteforce_on_mixed_script_texts(mixed_texts, student_name, tea
 
 def test_partial_character_tokens_pair_with_the_same_bytes_across_tokenizers():
     """'鱻' is 3 bytes E9 B1 BB. SmolLM2: 'Ġé' (space + E9), '±' (B1), '»' (BB); Llama-2: '▁' (space) and one
-    byte-fallback token per byte. On bytes each partial-character token pairs with the other side's same bytes;
-    on characters every token of 鱻 mixed with all of the other side's."""
+    byte-fallback token per byte. On bytes each partial-character token pairs with the other side's same
+    bytes; on characters every token of 鱻 mixed with all of the other side's."""
     text = "a 鱻"
     smol, llama = spans_of("smollm2-135m", text), spans_of("llama2-tokenizer", text)
     assert smol == [(0, 1), (1, 3), (3, 4), (4, 5)]  # a, 'Ġé', '±', '»'
@@ -341,7 +341,7 @@ def test_align_to_student_errors_quote_shapes():
         align_to_student(torch.zeros(4, 6, 8), torch.zeros(2, 3, 6))
 
 
-# ------------------------------------------------------------------------------------------ sparse (gather) form
+# --------------------------------------------------------------------------------------- sparse (gather) form
 SPARSE_TEXTS = [
     "Question: 3 apples and 4 pears, how many fruits?\nAnswer: 7",
     "Ünïcode ✓ 数学 🙂 ok, naïve café — 12.5%",
@@ -358,7 +358,8 @@ SPARSE_TEXTS = [
     ],
 )
 def test_sparse_alignment_resampling_equals_dense_einsum(student_name, teacher_name):
-    """Rows = teacher tokens as the objective uses it: the gather form equals einsum with the dense alignment."""
+    """Rows = teacher tokens as the objective uses it: the gather form equals einsum with the dense
+    alignment."""
     from kvdistill.align.tokens import batch_token_alignment_sparse, resample_rows
     from kvdistill.models.capture import tokenize
 
@@ -396,8 +397,8 @@ def test_sparse_alignment_of_an_empty_overlap_is_one_zero_slot():
 
 
 def _brute_partners(text: str, s_spans, s_mask, t_spans, t_mask) -> list[int]:
-    """Per student position, the last teacher position whose tokens so far spell the same bytes with as many special
-    tokens after them, by concatenating the bytes of each side's tokens one position at a time."""
+    """Per student position, the last teacher position whose tokens so far spell the same bytes with as many
+    special tokens after them, by concatenating the bytes of each side's tokens one position at a time."""
     data = text.encode("utf-8")
 
     def states(spans, mask):

@@ -1,6 +1,7 @@
-"""The shared-string projection of two vocabularies: strings spelled alike across byte-level BPE and SentencePiece
-share a bucket, end-of-text tokens meet by role, unknown / padding tokens and padded rows go to "other", one
-tokenizer gives one bucket per keyed entry, and vocabularies with nothing in common are refused."""
+"""The shared-string projection of two vocabularies: strings spelled alike across byte-level BPE and
+SentencePiece share a bucket, end-of-text tokens meet by role, unknown / padding tokens and padded rows go to
+"other", one tokenizer gives one bucket per keyed entry, and vocabularies with nothing in common are
+refused."""
 
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
 """One copy of the cache test helpers, shared through the `store` fixture.
 
-Pytest runs with --import-mode=importlib, so test modules cannot import each other; tests take `store` and call
-`store.meta_for(...)`, `store.make_sample(...)`, `store.write_all(...)`, `store.assert_same_content(...)`.
-test_writer.py's SIGKILL test also loads this file by path in a child process (for IDS, meta_for and
-make_sample), so it imports nothing from the test tree.
+Pytest runs with --import-mode=importlib, so test modules cannot import each other; tests take `store` and
+call `store.meta_for(...)`, `store.make_sample(...)`, `store.write_all(...)`,
+`store.assert_same_content(...)`. test_writer.py's SIGKILL test also loads this file by path in a child
+process (for IDS, meta_for and make_sample), so it imports nothing from the test tree.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ IDS = [f"s{i}" for i in range(7)]
 
 
 def meta_for(compression: Compression | None = None, **change) -> dict:
-    """The tiny teacher's meta (right_crop budget 6, bfloat16 unless `compression`), top-level fields replaced by
-    `change`."""
+    """The tiny teacher's meta (right_crop budget 6, bfloat16 unless `compression`), top-level fields replaced
+    by `change`."""
     comp = (compression or Compression(kind="right_crop", budget=6, dtype="bfloat16")).to_dict()
     meta = make_meta("org/tiny", GEOMETRY, "tok-sha", comp, "data-sha", revision="abc123")
     meta.update(change)

@@ -108,7 +108,8 @@ def test_samples_from_capture_padding_independent_and_reader_batch(tmp_path, com
 
 
 def test_layers_resolved_by_the_caller_equal_the_default():
-    """`kvdistill extract` resolves the stored layers once and hands them down; the result is the default's."""
+    """`kvdistill extract` resolves the stored layers once and hands them down; the result is the
+    default's."""
     cap, query = fake_capture(left=False)
     comp = Compression(kind="rkv", budget=3, dtype="float32")
     default = samples_from_capture(cap, comp, query)
@@ -144,8 +145,8 @@ def test_stacked_rkv_selection_equals_the_per_layer_one(left):
 @pytest.mark.parametrize("kind", ["full", "right_crop", "rkv"])
 @pytest.mark.parametrize("left", [False, True])
 def test_samples_equal_a_per_sample_per_layer_reference(kind, left):
-    """`capture_to_host` gathers every layer into one buffer and ranks the rkv index of all layers in one gather;
-    each stored tensor equals the one cut from that layer's own selection, sample by sample."""
+    """`capture_to_host` gathers every layer into one buffer and ranks the rkv index of all layers in one
+    gather; each stored tensor equals the one cut from that layer's own selection, sample by sample."""
     from kvdistill.compress import importance_from_attention, layer_selection
 
     cap, query = fake_capture(left=left)
@@ -175,8 +176,8 @@ def test_samples_equal_a_per_sample_per_layer_reference(kind, left):
 
 
 def test_nonfinite_importance_is_refused_once_the_batch_reaches_the_host():
-    """The extraction's selection reads nothing back from the device: the finiteness of the rkv importance travels
-    with the batch and `host_samples` refuses a NaN."""
+    """The extraction's selection reads nothing back from the device: the finiteness of the rkv importance
+    travels with the batch and `host_samples` refuses a NaN."""
     from kvdistill.cache.batch import capture_to_host, host_samples
     from kvdistill.compress import importance_from_attention
     from kvdistill.errors import KvdistillError

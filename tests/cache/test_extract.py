@@ -1,5 +1,5 @@
-"""`kvdistill extract` on the real offline teachers: stored K/V equal the online compression, SIGKILL + rerun and
-array parts + merge equal one run, the cache CLI, and training from a cache equal to training online."""
+"""`kvdistill extract` on the real offline teachers: stored K/V equal the online compression, SIGKILL + rerun
+and array parts + merge equal one run, the cache CLI, and training from a cache equal to training online."""
 
 from __future__ import annotations
 
@@ -193,8 +193,8 @@ def run_cli(args: list[str]) -> int:
 
 
 def test_only_ids_stores_exactly_those_records_of_the_same_cache(tmp_path, reference, cli_teacher, text_data):
-    """An experiment's cache budget: only the records its runs read, under the meta of the whole data (a run of that
-    data opens it), and a record it lacks named when asked for."""
+    """An experiment's cache budget: only the records its runs read, under the meta of the whole data (a run
+    of that data opens it), and a record it lacks named when asked for."""
     model, tok = cli_teacher
     every = [r["id"] for r in dataset_records(text_data)]
     wanted = {every[1], every[4], every[8]}

@@ -44,7 +44,8 @@ def sample(sid: str) -> dict[str, torch.Tensor]:
 
 @pytest.fixture
 def root(tmp_path) -> Path:
-    """tmp/cache: a healthy 2-shard cache; tmp/outside/x.safetensors: a valid shard that is not the cache's."""
+    """tmp/cache: a healthy 2-shard cache; tmp/outside/x.safetensors: a valid shard that is not the
+    cache's."""
     cache = tmp_path / "cache"
     with CacheWriter(cache, meta(), shard_size=2) as w:
         for sid in IDS:
@@ -291,7 +292,7 @@ def test_clean_cache_hashes_each_shard_once_per_reader(root, monkeypatch):
     assert hashed.count("shard-00000.safetensors") == 2
 
 
-# ------------------------------------------------------------------------------ manifests of the wrong structure
+# --------------------------------------------------------------------------- manifests of the wrong structure
 def _set(path: str, value):
     """A change to the manifest: set (or with value DROP, delete) the key at dotted `path`."""
 

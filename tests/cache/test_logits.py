@@ -1,6 +1,6 @@
-"""Top-k logits in the cache: `kvdistill extract` stores them beside the K/V equal to the online teacher's within
-their storage precision, `cache info` reports bytes per token for K/V and logits apart, a flipped bit is refused,
-and a reader gets them only where the temperatures it needs are stored."""
+"""Top-k logits in the cache: `kvdistill extract` stores them beside the K/V equal to the online teacher's
+within their storage precision, `cache info` reports bytes per token for K/V and logits apart, a flipped bit
+is refused, and a reader gets them only where the temperatures it needs are stored."""
 
 from __future__ import annotations
 
@@ -89,7 +89,8 @@ def test_cache_info_reports_bytes_per_token_for_kv_and_logits(logit_cache):
     info = cache_info(str(logit_cache))
     # qwen2 tiny: 3 layers, 2 KV heads, head dim 16, float32: 3 · 2 (K, V) · 2 · 16 · 4 bytes = 768 per token
     assert info["kv_bytes_per_token"] == 768.0
-    # k = 16 float16 values + 16 uint16 ids (vocabulary 49,152) + 2 float32 shifts = 32 + 32 + 8 bytes per token
+    # k = 16 float16 values + 16 uint16 ids (vocabulary 49,152) + 2 float32 shifts = 32 + 32 + 8 bytes per
+    # token
     assert info["logits"]["index_dtype"] == "uint16" and info["logit_bytes_per_token"] == 72.0
     assert info["bytes_per_token"] > 768 + 72  # plus ids, positions, spans and headers
     assert "(K/V 768.0, logits 72.0)" in format_info(info)
@@ -97,7 +98,8 @@ def test_cache_info_reports_bytes_per_token_for_kv_and_logits(logit_cache):
 
 
 def flip_logit_bit(shard: Path) -> None:
-    """Flip one exponent bit of the first stored float16 log-probability of the shard: a silently wrong value."""
+    """Flip one exponent bit of the first stored float16 log-probability of the shard: a silently wrong
+    value."""
     data = bytearray(shard.read_bytes())
     (n,) = struct.unpack("<Q", data[:8])
     header = json.loads(data[8 : 8 + n])
@@ -149,8 +151,9 @@ def test_a_reader_takes_the_logits_it_needs_and_no_more(logit_cache, sharp):
 
 
 def run_config(teacher: Path, cache: Path | None = None, student_tokenizer: str | None = None):
-    """Logit KD (top 16, τ 2) plus K/V from the tiny qwen2 teacher: online, or from `cache`; the student shares the
-    teacher's tokenizer unless `student_tokenizer` is given (then across tokenizers, cross_tokenizer project)."""
+    """Logit KD (top 16, τ 2) plus K/V from the tiny qwen2 teacher: online, or from `cache`; the student
+    shares the teacher's tokenizer unless `student_tokenizer` is given (then across tokenizers,
+    cross_tokenizer project)."""
     from kvdistill.config import load_config
 
     t = {"name": "qwen2", "model": str(teacher), "compression": {"kind": "full"}}

@@ -1,5 +1,5 @@
-"""The manifest records the span unit: schema 2 caches hold UTF-8 byte spans, schema 1 caches (character spans)
-and any other unit are refused with a message to re-extract."""
+"""The manifest records the span unit: schema 2 caches hold UTF-8 byte spans, schema 1 caches (character
+spans) and any other unit are refused with a message to re-extract."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""merge_parts: the parts of an array extraction merged equal one writer's cache; every problem named at once."""
+"""merge_parts: the parts of an array extraction merged equal one writer's cache; every problem named at
+once."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""CacheWriter: input checks, resume after a kill (simulated and real SIGKILL), meta checks on resume, one writer
-per part, the background writer thread."""
+"""CacheWriter: input checks, resume after a kill (simulated and real SIGKILL), meta checks on resume, one
+writer per part, the background writer thread."""
 
 from __future__ import annotations
 
@@ -249,8 +249,9 @@ def test_background_writer_error_surfaces_and_nothing_half_written_is_listed(tmp
 
 
 def test_shard_bytes_equal_safetensors_save():
-    """The writer streams a shard as header + each tensor's memory (`safetensors_parts`); the file is byte for byte
-    what `safetensors.torch.save` makes, for every stored dtype, scalars, empty tensors and non-ASCII ids."""
+    """The writer streams a shard as header + each tensor's memory (`safetensors_parts`); the file is byte for
+    byte what `safetensors.torch.save` makes, for every stored dtype, scalars, empty tensors and non-ASCII
+    ids."""
     import json
 
     from safetensors.torch import save as st_save

@@ -145,7 +145,7 @@ def test_window_rows_marks_the_last_real_tokens():
     assert window_rows(mask, 2).tolist() == [[0, 0, 1, 1, 0, 0], [0, 0, 0, 0, 1, 1]]
 
 
-# ------------------------------------------------------------------------------------------ R-KV's own scoring
+# ----------------------------------------------------------------------------------------- R-KV's own scoring
 def window_logits_of(cand, window, *, Hq=2, seed=1):
     """Random window logits (B, H, Q, T) as `window_logits` shapes them (max over a group of Hq query heads
     of random q·k), and the rows' validity."""
@@ -158,11 +158,11 @@ def window_logits_of(cand, window, *, Hq=2, seed=1):
 
 
 def brute_rkv(keys, logits, cand, window, lam, budget):
-    """R-KV's selection with loops, from the formula: per (b, h) over the n CoT tokens c_0 < ... < c_{n-1}: all of
-    them when n <= budget; else the window W = the last w = min(window, n), and the budget - w best of the others P
-    by λ·max_{|i-j|<=3, c_j in P} A_j - (1-λ)·S_i, A_j = mean over the window rows of softmax over P of the logits,
-    S = softmax over the CoT of the column means of the cosine matrix (diagonal 0, each row's latest entry above
-    0.5, else its first, set to 0)."""
+    """R-KV's selection with loops, from the formula: per (b, h) over the n CoT tokens c_0 < ... < c_{n-1}:
+    all of them when n <= budget; else the window W = the last w = min(window, n), and the budget - w best of
+    the others P by λ·max_{|i-j|<=3, c_j in P} A_j - (1-λ)·S_i, A_j = mean over the window rows of softmax
+    over P of the logits, S = softmax over the CoT of the column means of the cosine matrix (diagonal 0, each
+    row's latest entry above 0.5, else its first, set to 0)."""
     chosen = {}
     for b in range(cand.shape[0]):
         cs = [t for t in range(cand.shape[1]) if cand[b, t]]
@@ -207,8 +207,8 @@ def brute_rkv(keys, logits, cand, window, lam, budget):
 @pytest.mark.parametrize("lam", [None, 0.0, 1.0, 0.5])
 @pytest.mark.parametrize("window", [2, 3])
 def test_rkv_reference_scoring_equals_brute_force(lam, window):
-    """Random keys and logits, CoT spans with padding around them, a short CoT (fewer tokens than the budget), a
-    scattered one and a long one; keys built with near-duplicates so that R-KV's 0.5 threshold matters."""
+    """Random keys and logits, CoT spans with padding around them, a short CoT (fewer tokens than the budget),
+    a scattered one and a long one; keys built with near-duplicates so that R-KV's 0.5 threshold matters."""
     g = torch.Generator().manual_seed(7)
     B2, T2, budget = 4, 24, 6
     base = torch.randn(B2, H, 3, D, generator=g, dtype=torch.float64)

@@ -253,8 +253,8 @@ def test_rkv_ignores_padding_content_even_nonfinite():
 
 
 def test_importance_finite_flags_real_tokens_only_and_defers_the_check():
-    """The extraction checks finiteness later (host_samples), so the selection itself needs no device read-back:
-    check_finite=False selects exactly as the checked call does on finite input."""
+    """The extraction checks finiteness later (host_samples), so the selection itself needs no device
+    read-back: check_finite=False selects exactly as the checked call does on finite input."""
     gen = torch.Generator().manual_seed(4)
     keys = torch.randn(2, 3, 2, 6, 4, generator=gen)  # (B, L, H, T, D)
     imp = torch.rand(2, 3, 2, 6, generator=gen)

@@ -1,5 +1,6 @@
-"""The losses section as a tagged union on losses.objective: each objective's own terms, the other's refused with the
-key and the fix, the tag taken from the student where it is left out, configs written before the split still read."""
+"""The losses section as a tagged union on losses.objective: each objective's own terms, the other's refused
+with the key and the fix, the tag taken from the student where it is left out, configs written before the
+split still read."""
 
 from __future__ import annotations
 
@@ -54,7 +55,8 @@ def test_an_objective_that_contradicts_the_student_or_is_unknown_is_refused():
 
 
 def test_a_config_written_before_the_split_loads_and_a_dump_reloads_to_the_same_run():
-    """A run's config.yaml spelled out every term of both objectives: the other's at their defaults are dropped."""
+    """A run's config.yaml spelled out every term of both objectives: the other's at their defaults are
+    dropped."""
     both = {
         "ce": 1.0,
         "kv": {

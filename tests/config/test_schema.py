@@ -1,4 +1,5 @@
-"""Run-level checks of the schema: options that a run would accept and never read are refused with key and fix."""
+"""Run-level checks of the schema: options that a run would accept and never read are refused with key and
+fix."""
 
 from __future__ import annotations
 

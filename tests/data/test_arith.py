@@ -1,4 +1,5 @@
-"""Arithmetic problems: golden records, answers Python agrees with, each reasoning step right, prefix-stable."""
+"""Arithmetic problems: golden records, answers Python agrees with, each reasoning step right,
+prefix-stable."""
 
 from __future__ import annotations
 

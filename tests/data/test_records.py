@@ -280,7 +280,7 @@ def test_non_utf8_bytes_are_named_with_their_line(tmp_path):
     assert "iconv" in err.value.fix and path.read_bytes() == before
 
 
-# ---------------------------------------------------------------------------------------------- every record, caps
+# ----------------------------------------------------------------------------------------- every record, caps
 def test_a_thousand_record_file_is_read_whole_and_a_cap_is_logged(tmp_path, caplog):
     rows = [{"question": f"What is {i} times 3?", "answer": 3 * i} for i in range(1000)]
     path = write_jsonl(tmp_path / "big.jsonl", rows)
@@ -318,7 +318,7 @@ def test_blank_lines_skipped_are_logged(tmp_path, caplog):
     assert any("skipped 2 blank line(s) of 5" in r.getMessage() for r in caplog.records)
 
 
-# ---------------------------------------------------------------------------------------------- Hugging Face datasets
+# -------------------------------------------------------------------------------------- Hugging Face datasets
 def test_a_saved_dataset_a_dataset_dict_split_and_a_folder_of_files(tmp_path):
     import datasets
 

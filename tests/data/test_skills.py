@@ -1,6 +1,6 @@
-"""The skill mixture (`data.source: skills`): proportions, labels, each record the generator's own problem (so its
-answer is exact), prefix-stable, and a specialist's train split (`data.train_skills`) holds only its skill while the
-held-out split stays the whole mixture's."""
+"""The skill mixture (`data.source: skills`): proportions, labels, each record the generator's own problem (so
+its answer is exact), prefix-stable, and a specialist's train split (`data.train_skills`) holds only its skill
+while the held-out split stays the whole mixture's."""
 
 from __future__ import annotations
 

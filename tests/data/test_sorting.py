@@ -1,5 +1,5 @@
-"""Digit-sorting problems: a golden record, answers that are the sorted digits, each selection step right, exact
-match reads the whole answer, deterministic and prefix-stable."""
+"""Digit-sorting problems: a golden record, answers that are the sorted digits, each selection step right,
+exact match reads the whole answer, deterministic and prefix-stable."""
 
 from __future__ import annotations
 

@@ -17,7 +17,8 @@ def tokenizers():
 
 
 def split(tok, prompt: str, rest: str) -> tuple[list[int], list[int]]:
-    """(prompt ids, the ids the whole text adds after them): a prompt and the tokens a model would generate."""
+    """(prompt ids, the ids the whole text adds after them): a prompt and the tokens a model would
+    generate."""
     prompt_ids, whole = tok(prompt).input_ids, tok(prompt + rest).input_ids
     assert whole[: len(prompt_ids)] == prompt_ids
     return prompt_ids, whole[len(prompt_ids) :]

@@ -1,4 +1,5 @@
-"""Held-out metrics: perplexity vs a per-sample loop, exact match by greedy generation, KV errors per layer."""
+"""Held-out metrics: perplexity vs a per-sample loop, exact match by greedy generation, KV errors per
+layer."""
 
 from __future__ import annotations
 
@@ -309,8 +310,8 @@ def test_target_space_reports_ce_only(objective, gsm):
 
 @pytest.mark.parametrize("name", ["llama2-tokenizer", "smollm2-135m", "gpt2-tokenizer", "gemma3-270m"])
 def test_continuation_is_the_gold_answer_text_for_every_tokenizer(name):
-    """Split a tokenized training text at the answer: the continuation of the prompt's ids decodes to exactly the
-    text after the prompt (the answer, with its leading space), whatever the tokenizer."""
+    """Split a tokenized training text at the answer: the continuation of the prompt's ids decodes to exactly
+    the text after the prompt (the answer, with its leading space), whatever the tokenizer."""
     from kvdistill.config.schema import DataConfig
     from kvdistill.models.load import load_tokenizer
     from kvdistill.models.tokenization import continuation

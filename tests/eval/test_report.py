@@ -216,7 +216,8 @@ def test_every_referenced_png_exists(md_report):
         p.name for p in (md_report.parent / "report_files").iterdir() if p.name != ".kvdistill-report"
     )
     assert files == sorted(Path(link).name for link in links)  # nothing stray (but the folder's marker)
-    # per run: loss terms, routing weights; plus the overlay; per teacher: layer map, alignment, kv error by layer
+    # per run: loss terms, routing weights; plus the overlay; per teacher: layer map, alignment, kv error by
+    # layer
     assert len([f for f in files if f.startswith("layermap_")]) == len(TEACHERS)
     assert len([f for f in files if f.startswith("align_")]) == len(TEACHERS)
     assert len([f for f in files if f.startswith("kv_error_layers_")]) == len(TEACHERS)

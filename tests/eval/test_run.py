@@ -1,4 +1,5 @@
-"""`kvdistill eval` plumbing: which student and run a CHECKPOINT names, which data, and an end-to-end result."""
+"""`kvdistill eval` plumbing: which student and run a CHECKPOINT names, which data, and an end-to-end
+result."""
 
 from __future__ import annotations
 
@@ -149,7 +150,7 @@ def test_evaluate_student_dir_on_a_file_against_itself(tmp_path, tiny_student):
     assert f"KV probe 1-R² vs {name}" in table and f"({em['correct']}/4)" in table
 
 
-# ------------------------------------------------------------------------------------------------ a run that travels
+# ----------------------------------------------------------------------------------------- a run that travels
 def _cli(*args) -> int:
     import sys
 

@@ -1,5 +1,5 @@
-"""The cache budget: the records a run reads are exactly the ones its steps draw plus its held-out evaluations, and
-the extraction's cost is split over its readers as the module states."""
+"""The cache budget: the records a run reads are exactly the ones its steps draw plus its held-out
+evaluations, and the extraction's cost is split over its readers as the module states."""
 
 from __future__ import annotations
 

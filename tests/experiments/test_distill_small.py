@@ -1,7 +1,8 @@
-"""The packaged `distill-small` spec and its CPU twin `distill-small-tiny`, run end to end as a user runs it: the
-teachers on their own (larger) data, one test split for every run and a separate validation split, early stopping,
-the cache budget (exactly the records the runs read, its cost amortised as documented), CE only at equal FLOPs and at
-equal measured wall time, the decaying K/V weight and the held-out curves in results.json."""
+"""The packaged `distill-small` spec and its CPU twin `distill-small-tiny`, run end to end as a user runs it:
+the teachers on their own (larger) data, one test split for every run and a separate validation split, early
+stopping, the cache budget (exactly the records the runs read, its cost amortised as documented), CE only at
+equal FLOPs and at equal measured wall time, the decaying K/V weight and the held-out curves in
+results.json."""
 
 from __future__ import annotations
 

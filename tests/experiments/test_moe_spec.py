@@ -1,4 +1,5 @@
-"""The packaged MoE specs load; routing metrics need the teacher they agree with; conditions add term by term."""
+"""The packaged MoE specs load; routing metrics need the teacher they agree with; conditions add term by
+term."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
-"""The experiment runner end to end on a micro spec (two tiny teachers, CE only vs KV distillation, two seeds):
-results.json holds what the interface promises, a resumed experiment trains nothing again and gives the same
-results, and --only runs the baseline too. The packaged `tiny` spec runs end to end (slow marker, CI runs it)."""
+"""The experiment runner end to end on a micro spec (two tiny teachers, CE only vs KV distillation, two
+seeds): results.json holds what the interface promises, a resumed experiment trains nothing again and gives
+the same results, and --only runs the baseline too. The packaged `tiny` spec runs end to end (slow marker, CI
+runs it)."""
 
 from __future__ import annotations
 
@@ -144,8 +145,8 @@ def test_incompetent_teacher_stops_the_experiment(tmp_path):
 
 
 def test_concurrent_runs_in_subprocesses_equal_in_process_training(tiny_config, tmp_path):
-    """`concurrent: 2` trains each run as its own `kvdistill train` process; the students equal the ones the same
-    configs give when trained in this process, one after the other."""
+    """`concurrent: 2` trains each run as its own `kvdistill train` process; the students equal the ones the
+    same configs give when trained in this process, one after the other."""
     from safetensors.torch import load_file
 
     from kvdistill.experiments.runner import train_all
@@ -166,8 +167,8 @@ def test_concurrent_runs_in_subprocesses_equal_in_process_training(tiny_config, 
 
 @pytest.mark.slow
 def test_packaged_tiny_spec_end_to_end(tmp_path):
-    """`kvdistill experiment tiny` as a user runs it: two conditions x two seeds, results.json with the promised
-    structure (CI runs this; a few minutes on 2 cores)."""
+    """`kvdistill experiment tiny` as a user runs it: two conditions x two seeds, results.json with the
+    promised structure (CI runs this; a few minutes on 2 cores)."""
     from typer.testing import CliRunner
 
     from kvdistill.cli import app
@@ -256,8 +257,9 @@ def given_teacher(tmp_path_factory):
 
 
 def test_given_teacher_probe_and_init_are_scored_through_the_one_path(tmp_path, given_teacher):
-    """A teacher of steps 0 is used as given (nothing trained, not scored); eval.probe adds every run's KV probe
-    against it, eval.init scores the untrained student; each figure is what `kvdistill.eval.student` gives."""
+    """A teacher of steps 0 is used as given (nothing trained, not scored); eval.probe adds every run's KV
+    probe against it, eval.init scores the untrained student; each figure is what `kvdistill.eval.student`
+    gives."""
     from kvdistill.config import load_config
     from kvdistill.data import load_records
     from kvdistill.eval.metrics import TeacherRowsCache

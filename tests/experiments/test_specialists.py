@@ -1,8 +1,8 @@
 """The specialists experiment end to end on the packaged CPU twin (`specialists-tiny`, shrunk to a few steps):
-every teacher is trained on its own skill only, results.json holds exact match per skill (each figure the mean of
-that skill's held-out results) for the teachers and every condition, and routing accuracy (overall and per skill,
-with its held-out learning curve) for the router, similarity and confidence conditions only. The packaged spec as it
-is runs under the slow marker."""
+every teacher is trained on its own skill only, results.json holds exact match per skill (each figure the mean
+of that skill's held-out results) for the teachers and every condition, and routing accuracy (overall and per
+skill, with its held-out learning curve) for the router, similarity and confidence conditions only. The
+packaged spec as it is runs under the slow marker."""
 
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ MICRO = {
 
 
 def shrunk() -> dict:
-    """specialists-tiny with one-layer models, a few steps and a small data pool (same teachers, skills, conditions)."""
+    """specialists-tiny with one-layer models, a few steps and a small data pool (same teachers, skills,
+    conditions)."""
     spec = yaml.safe_load(spec_path("specialists-tiny").read_text())
     spec["base"]["data"].update(size=120, eval_size=12, max_length=48)
     spec["base"]["student"]["from_config"].update(MICRO, head_dim=16)
@@ -74,7 +75,8 @@ def test_specialists_per_skill_metrics_and_routing_accuracy(tmp_path):
         by_skill = [per[f"routing_acc_{s}"]["values"][0] for s in SKILLS]
         counts = [skills.count(s) for s in SKILLS]
         assert acc == pytest.approx(sum(a * n for a, n in zip(by_skill, counts, strict=True)) / len(skills))
-        # the learning curve: routing accuracy at every eval_every step (1 and 2), the last one the reported figure
+        # the learning curve: routing accuracy at every eval_every step (1 and 2), the last one the reported
+        # figure
         assert results["routing_curves"][name]["steps"] == [1, 2]
         assert results["routing_curves"][name]["routing_acc"][-1] == pytest.approx(acc)
     compared = {(c["condition"], c["metric"]) for c in results["comparisons"]}

@@ -1,6 +1,6 @@
-"""Teachers on their own (larger) data and conditions with other student data sizes keep one test split and one
-validation split; no training set shares a record with them; wall-time matching converts measured seconds into
-steps as documented."""
+"""Teachers on their own (larger) data and conditions with other student data sizes keep one test split and
+one validation split; no training set shares a record with them; wall-time matching converts measured seconds
+into steps as documented."""
 
 from __future__ import annotations
 

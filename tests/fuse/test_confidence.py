@@ -1,5 +1,5 @@
-"""Confidence weights: a teacher's NLL per byte of the scored text and the softmax over teachers, against a hand-made
-example with known numbers; truncated teachers, the temperature and bad shapes."""
+"""Confidence weights: a teacher's NLL per byte of the scored text and the softmax over teachers, against a
+hand-made example with known numbers; truncated teachers, the temperature and bad shapes."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from kvdistill.fuse.routing_accuracy import routing_accuracy
 
 
 def test_two_teachers_known_nll_give_known_weights():
-    """Text 'Q: ab|cdefg' (10 bytes), the continuation from byte 5. Teacher A: BOS, 'Q: ab' (0-5), 'cde' (5-8), 'fg'
-    (8-10); its scored tokens are 'cde' (NLL 1.5) and 'fg' (0.5): 2.0 / 5 bytes. Teacher B: 'Q: ' (0-3), 'abc' (3-6)
-    straddles the start and is not scored, 'defg' (6-10) NLL 2.4 over 4 bytes."""
+    """Text 'Q: ab|cdefg' (10 bytes), the continuation from byte 5. Teacher A: BOS, 'Q: ab' (0-5), 'cde'
+    (5-8), 'fg' (8-10); its scored tokens are 'cde' (NLL 1.5) and 'fg' (0.5): 2.0 / 5 bytes. Teacher B: 'Q: '
+    (0-3), 'abc' (3-6) straddles the start and is not scored, 'defg' (6-10) NLL 2.4 over 4 bytes."""
     nll_a = torch.tensor([[9.0, 1.5, 0.5, 0.0]])  # nll[:, t] is token t + 1's
     counted_a = torch.tensor([[True, True, True, False]])
     spans_a = torch.tensor([[[0, 0], [0, 5], [5, 8], [8, 10]]])
@@ -38,7 +38,8 @@ def test_two_teachers_known_nll_give_known_weights():
     torch.testing.assert_close(
         byte_nll(nll_b, counted_b, spans_b, torch.tensor([0])), torch.tensor([9.4 / 7])
     )
-    # A truncated after byte 8 (its covered end): both are scored on bytes 5-8 only; B has no token inside, NaN
+    # A truncated after byte 8 (its covered end): both are scored on bytes 5-8 only; B has no token inside,
+    # NaN
     assert covered_end(spans_a[:, :3], torch.ones(1, 3)).tolist() == [8]
     end = torch.tensor([8])
     torch.testing.assert_close(byte_nll(nll_a, counted_a, spans_a, start, end), torch.tensor([0.5]))
@@ -69,8 +70,8 @@ def test_a_teacher_that_scored_nothing_gets_weight_zero_and_none_scored_is_unifo
 
 
 def test_temperature_sharpens_and_weights_route_by_skill():
-    """Three specialists, each with the lowest NLL per byte on its own skill: the routing accuracy rises toward 1 as τ
-    falls, and is 1/3 at a very high τ."""
+    """Three specialists, each with the lowest NLL per byte on its own skill: the routing accuracy rises
+    toward 1 as τ falls, and is 1/3 at a very high τ."""
     nll = torch.tensor([[0.2, 1.0, 1.2], [1.1, 0.3, 0.9], [1.4, 1.2, 0.25], [0.4, 0.7, 0.8]])  # (B, N)
     skills = ["a", "b", "c", "a"]
     of = {"a": 0, "b": 1, "c": 2}

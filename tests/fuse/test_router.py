@@ -95,7 +95,8 @@ def test_router_target_kl_known_values_and_per_token_mask():
 
 @pytest.mark.parametrize(("kind", "per_token"), [("mlp", False), ("gate", True)])
 def test_router_trained_toward_target_weights_routes_by_input(kind, per_token):
-    """A router trained by router_target_kl alone toward targets that depend on the sample's group reaches them."""
+    """A router trained by router_target_kl alone toward targets that depend on the sample's group reaches
+    them."""
     torch.manual_seed(0)
     H, N = 16, 3
     centres = torch.randn(N, H) * 2

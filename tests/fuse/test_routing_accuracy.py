@@ -1,5 +1,5 @@
-"""Routing accuracy against a hand-made example with known numbers, per-token weights pooled per sample first, and
-bad input refused."""
+"""Routing accuracy against a hand-made example with known numbers, per-token weights pooled per sample first,
+and bad input refused."""
 
 from __future__ import annotations
 

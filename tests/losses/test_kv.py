@@ -122,8 +122,9 @@ def _composite_mse(pred, target, mask, weight, eps=1e-6):
 
 
 def test_kv_error_gradients_equal_the_autograd_composite():
-    """Gradients of pred, target (a learnable target, as in target-space fusion) and the row weights equal those
-    of the same error written as elementwise autograd ops, in float64; leading dims (P, 2) and a masked row."""
+    """Gradients of pred, target (a learnable target, as in target-space fusion) and the row weights equal
+    those of the same error written as elementwise autograd ops, in float64; leading dims (P, 2) and a masked
+    row."""
     pred = _rand(3, 2, 4, 5, 6, seed=11).double().requires_grad_()  # (P, 2, B, N, F)
     target = (2 * _rand(3, 2, 4, 5, 6, seed=12) + 0.5).double().requires_grad_()
     weight = torch.rand(4, 5, generator=torch.Generator().manual_seed(13)).double().requires_grad_()
@@ -141,8 +142,8 @@ def test_kv_error_gradients_equal_the_autograd_composite():
 
 
 def test_kv_error_bfloat16_inputs():
-    """bf16 pred / target (as on a GPU): the error in float32, within bf16 rounding of the float64 value, and the
-    gradient in bf16 within bf16 rounding of the float64 gradient."""
+    """bf16 pred / target (as on a GPU): the error in float32, within bf16 rounding of the float64 value, and
+    the gradient in bf16 within bf16 rounding of the float64 gradient."""
     pred64, target64 = _rand(2, 16, 64, seed=15).double(), (_rand(2, 16, 64, seed=16) + 0.3).double()
     mask = torch.ones(2, 16)
     pred = pred64.bfloat16().requires_grad_()
@@ -159,7 +160,8 @@ def test_kv_error_bfloat16_inputs():
 
 
 def test_pairs_kv_loss_weighs_each_pairs_key_and_value_error_over_the_layers():
-    """Σ_p (w_p·α_K·err_K + w_p·α_V·err_V) / L, worked by hand: 2 pairs on L = 1 student layer (interpolated)."""
+    """Σ_p (w_p·α_K·err_K + w_p·α_V·err_V) / L, worked by hand: 2 pairs on L = 1 student layer
+    (interpolated)."""
     errors = torch.tensor([[[1.0, 2.0], [3.0, 4.0]], [[5.0, 6.0], [7.0, 8.0]]])  # (P=2, 2, B=2)
     coef = torch.tensor([[0.25, 0.5], [0.75, 1.0]])  # (P, 2): w·α_K, w·α_V
     got = L.pairs_kv_loss(errors, coef, 1)

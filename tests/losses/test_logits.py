@@ -1,9 +1,10 @@
-"""token_nll / ce_loss / logit_kd against independent references: a sliced log-softmax for CE, the closed forms of
-forward KL, reverse KL and the generalised JSD written with probabilities, at several temperatures, with padding
-and with vocabulary entries that both sides make impossible (-inf). Chunked equals unchunked (value and gradient);
-the top-k variant equals its closed form with a tail bucket; the cross-tokenizer projection with one tokenizer is
-`logit_kd`; on three real tokenizer pairs it equals a brute-force loop over the prefix partners, and the span
-(chunk likelihood) variant a loop over the chunks both tokenizations spell."""
+"""token_nll / ce_loss / logit_kd against independent references: a sliced log-softmax for CE, the closed
+forms of forward KL, reverse KL and the generalised JSD written with probabilities, at several temperatures,
+with padding and with vocabulary entries that both sides make impossible (-inf). Chunked equals unchunked
+(value and gradient); the top-k variant equals its closed form with a tail bucket; the cross-tokenizer
+projection with one tokenizer is `logit_kd`; on three real tokenizer pairs it equals a brute-force loop over
+the prefix partners, and the span (chunk likelihood) variant a loop over the chunks both tokenizations
+spell."""
 
 from __future__ import annotations
 
@@ -146,8 +147,8 @@ def _grad(fn, x):
 @pytest.mark.parametrize("divergence", ["forward", "reverse", "jsd"])
 @pytest.mark.parametrize("chunk", [1, 4, 7])
 def test_chunked_equals_unchunked_value_and_gradient(divergence, chunk):
-    """Every logit KD function, cut into chunks of positions (recomputed in backward), gives the one-pass value and
-    gradient; padded positions (NaN there) stay out of both."""
+    """Every logit KD function, cut into chunks of positions (recomputed in backward), gives the one-pass
+    value and gradient; padded positions (NaN there) stay out of both."""
     B, T, V = 3, 6, 13
     s, t = _rand(B, T, V, seed=3) * 2, _rand(B, T, V, seed=4) * 2
     s[1, 4:] = float("nan")
@@ -185,8 +186,8 @@ def _kl_np(p, q):
 
 @pytest.mark.parametrize("divergence, beta", [("forward", 0.5), ("reverse", 0.5), ("jsd", 0.3)])
 def test_topk_with_tail_equals_its_closed_form(divergence, beta):
-    """k + 1 events: the teacher's top k ids with their probabilities and the rest of the mass as one bucket, on
-    both sides; written out with Python floats from softmax probabilities."""
+    """k + 1 events: the teacher's top k ids with their probabilities and the rest of the mass as one bucket,
+    on both sides; written out with Python floats from softmax probabilities."""
     tau, k = 1.7, 3
     s, t = _rand(2, 4, 9, seed=5) * 2, _rand(2, 4, 9, seed=6) * 2
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
@@ -226,8 +227,8 @@ def test_topk_with_tail_equals_its_closed_form(divergence, beta):
 @pytest.mark.parametrize("divergence", ["forward", "reverse", "jsd"])
 @pytest.mark.parametrize("tau", [1.0, 2.0])
 def test_cross_logit_kd_with_one_tokenizer_is_logit_kd(divergence, tau):
-    """Identity buckets and every position its own partner: the projection changes nothing, value and gradient,
-    also with a masked (-inf) vocabulary tail and padding."""
+    """Identity buckets and every position its own partner: the projection changes nothing, value and
+    gradient, also with a masked (-inf) vocabulary tail and padding."""
     s, t = _rand(3, 6, 11, seed=1) * 3, _rand(3, 6, 11, seed=2) * 3
     s[..., 9:] = t[..., 9:] = -math.inf
     mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 0, 0]])
@@ -252,8 +253,8 @@ def _tokenizer(name: str):
 
 
 def _brute_cross(s, t, s_spans, s_mask, t_spans, t_mask, proj, tau, divergence, beta):
-    """Per sample: for each real student position, its teacher partner found by comparing the bytes read so far,
-    both softmaxes summed into the shared buckets entry by entry (index_add), the divergence written with
+    """Per sample: for each real student position, its teacher partner found by comparing the bytes read so
+    far, both softmaxes summed into the shared buckets entry by entry (index_add), the divergence written with
     probabilities; the mean over positions with a partner."""
 
     def reads(spans, mask):
@@ -352,8 +353,9 @@ def test_cross_logit_kd_equals_bruteforce_on_real_tokenizer_pairs(student_name, 
 
 
 def _brute_span(s, t, se, te, s_chunk, t_chunk, tau, divergence, beta):
-    """Per sample, per chunk: the chain-rule log-probability of each side's tokens of the chunk, token by token
-    from log_softmax(logits[i - 1] / τ), then the divergence of the two-outcome distributions (P, 1 - P)."""
+    """Per sample, per chunk: the chain-rule log-probability of each side's tokens of the chunk, token by
+    token from log_softmax(logits[i - 1] / τ), then the divergence of the two-outcome distributions (P, 1 -
+    P)."""
 
     def kl(p, q):
         return sum(torch.where(a > 0, a * (a.log() - c.log()), 0.0) for a, c in zip(p, q, strict=True))
@@ -445,9 +447,9 @@ def test_span_logit_kd_equals_bruteforce_on_real_tokenizer_pairs(student_name, t
 
 
 def test_cross_topk_equals_its_closed_form():
-    """A top-k teacher across vocabularies: the buckets its named entries reach, each with their summed probability,
-    and one tail with everything else (its unnamed mass, its entries in "other", the buckets it does not reach) on
-    both sides; written out with Python floats."""
+    """A top-k teacher across vocabularies: the buckets its named entries reach, each with their summed
+    probability, and one tail with everything else (its unnamed mass, its entries in "other", the buckets it
+    does not reach) on both sides; written out with Python floats."""
     tau, k = 1.4, 4
     s_b = torch.tensor([0, 1, 2, 3, 4, 4, 5, 5])  # student: 8 entries, buckets 0..4 named, 5 = other
     t_b = torch.tensor([0, 0, 1, 2, 3, 4, 5, 5, 5, 2])  # teacher: 10 entries
@@ -471,8 +473,8 @@ def test_cross_topk_equals_its_closed_form():
 
 @pytest.mark.parametrize("fn", ["logit_kd", "cross_logit_kd"])
 def test_chunked_holds_no_float32_copy_of_the_logits_for_backward(fn):
-    """What a call keeps for its backward, beyond views of its own inputs: one pass keeps float32 (B·T, V) softmaxes;
-    chunked, nothing (each chunk is recomputed in backward from views of the inputs)."""
+    """What a call keeps for its backward, beyond views of its own inputs: one pass keeps float32 (B·T, V)
+    softmaxes; chunked, nothing (each chunk is recomputed in backward from views of the inputs)."""
     B, T, V = 2, 32, 500
     s, t = (
         torch.randn(B, T, V, dtype=torch.bfloat16, requires_grad=True),
@@ -503,8 +505,8 @@ def test_chunked_holds_no_float32_copy_of_the_logits_for_backward(fn):
 
 @pytest.mark.parametrize("name", ["gpt2-tokenizer", "smollm2-135m"])
 def test_cross_logit_kd_through_one_real_tokenizer_is_logit_kd(name):
-    """The whole cross-tokenizer path (shared_vocabulary, prefix_positions, cross_logit_kd) with the student's own
-    tokenizer on both sides gives the same-tokenizer loss, value and gradient."""
+    """The whole cross-tokenizer path (shared_vocabulary, prefix_positions, cross_logit_kd) with the student's
+    own tokenizer on both sides gives the same-tokenizer loss, value and gradient."""
     tok = _tokenizer(name)
     enc = tokenize(tok, ["Question: Compute 3 + 4.\nAnswer: 7", "東京 has 3 🍎"], max_length=16)
     V = len(tok)

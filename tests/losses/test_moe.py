@@ -1,5 +1,6 @@
-"""Routing KL, routing agreement, expert-output MSE and load balance == brute-force loops, on the router logits and
-expert outputs of tiny Mixtral / Qwen2-MoE models, with padding, with one tokenizer and with two (the alignment)."""
+"""Routing KL, routing agreement, expert-output MSE and load balance == brute-force loops, on the router
+logits and expert outputs of tiny Mixtral / Qwen2-MoE models, with padding, with one tokenizer and with two
+(the alignment)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ TEXTS = [
 
 
 def _captured(family: str, tokenizer, *, experts: int, seed: int, hidden: int = 32):
-    """A tiny model's capture on TEXTS (right padding): mask (B, T), spans (B, T, 2), per block (B, T, ...)."""
+    """A tiny model's capture on TEXTS (right padding): mask (B, T), spans (B, T, 2), per block (B, T,
+    ...)."""
     model = moe_model(family, vocab_size=len(tokenizer), experts=experts, seed=seed, hidden_size=hidden)
     enc = tokenize(tokenizer, TEXTS, max_length=64, padding_side="right")
     ids, mask = enc["input_ids"], enc["attention_mask"]
@@ -66,7 +68,8 @@ def _corr(e_t: int, e_s: int, seed: int = 0) -> torch.Tensor:
 
 
 def _brute_routing(p_s, p_t, t_mask, A, corr, kind, top_k):
-    """KL per sample by loops in float64: p_s (B, T_s, E_s), p_t (B, M, E_t) probabilities, A (B, M, T_s) dense."""
+    """KL per sample by loops in float64: p_s (B, T_s, E_s), p_t (B, M, E_t) probabilities, A (B, M, T_s)
+    dense."""
     B, M, E_t = p_t.shape
     E_s = p_s.shape[-1]
     out = []

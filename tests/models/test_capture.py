@@ -265,7 +265,8 @@ def test_hooks_refused_where_no_module_holds_the_key(tiny_models):
 @pytest.mark.parametrize("family", ["llama", "mistral", "gemma3_text", "gpt2"])
 @pytest.mark.parametrize("source", ["cache", "hooks"])
 def test_capture_calls_nothing_deprecated(tiny_models, family, source):
-    """transformers 5.24 deprecates `past_key_values=` (removed in 5.40): capture passes `cache=` / use_cache."""
+    """transformers 5.24 deprecates `past_key_values=` (removed in 5.40): capture passes `cache=` /
+    use_cache."""
     import warnings
 
     ids, mask = _batch()

@@ -1,4 +1,5 @@
-"""Conversations in each model's own chat template, aligned on their shared contents (kvdistill.models.chat)."""
+"""Conversations in each model's own chat template, aligned on their shared contents
+(kvdistill.models.chat)."""
 
 from __future__ import annotations
 

@@ -11,7 +11,8 @@ independent of kvdistill)? If it does, kvdistill must
     that the rotation undone is the one the model applied: the layer's input holds no position),
   - give the same K/V from projection hooks as from the cache, where hooks are found.
 A family without a K/V cache (state-space, recurrent) must be refused with "no attention layers to capture".
-Coverage is P/B over the buildable families that keep a K/V cache; families that cannot be built tiny are listed.
+Coverage is P/B over the buildable families that keep a K/V cache; families that cannot be built tiny are
+listed.
 """
 
 from __future__ import annotations
@@ -92,7 +93,8 @@ def _cache_of(out):
 
 
 def _reference_cache(model, ids, positions, keep_all: bool):
-    """(keys, values) per decoder layer from the model's own forward; sliding layers asked to keep their past."""
+    """(keys, values) per decoder layer from the model's own forward; sliding layers asked to keep their
+    past."""
     from transformers import DynamicCache
 
     kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
@@ -127,7 +129,8 @@ def _keeps_kv(model) -> bool:
 
 
 def _check(family: str, model) -> str:
-    """The source kvdistill used (hooks | cache) when the family passes; raises AssertionError naming what failed."""
+    """The source kvdistill used (hooks | cache) when the family passes; raises AssertionError naming what
+    failed."""
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, VOCAB, (2, T), generator=g)
     geom = geometry_of(model)
@@ -182,7 +185,8 @@ def _check(family: str, model) -> str:
         with torch.no_grad():
             shifted = forward_kv(model, ids, torch.ones_like(ids), positions=positions + SHIFT)
         assert _err(shifted.keys[first], cap.keys[first]) <= 1e-4, (
-            f"first rotated layer: pre-rotation keys move by {_err(shifted.keys[first], cap.keys[first]):.1e} "
+            "first rotated layer: pre-rotation keys move by "
+            f"{_err(shifted.keys[first], cap.keys[first]):.1e} "
             f"when positions shift by {SHIFT}"
         )
     plan = hook_plan(model, geom)
@@ -198,7 +202,8 @@ def _check(family: str, model) -> str:
 
 
 def _refusal(model) -> str | None:
-    """The first line of the KvdistillError kvdistill refuses a model without a K/V cache with, None if it does not."""
+    """The first line of the KvdistillError kvdistill refuses a model without a K/V cache with, None if it
+    does not."""
     try:
         geom = geometry_of(model)
         with torch.no_grad():

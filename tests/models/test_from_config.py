@@ -49,7 +49,8 @@ def test_the_suggested_choice_builds_and_derived_sizes_follow_hidden_size(caplog
             },
             log_notes=True,
         )
-    # head_dim 64 = 576 / 9 in SmolLM2, so it follows: 64 / 8; intermediate 1536 = 8/3 x 576 -> 8/3 x 64 = 170.7 -> 168
+    # head_dim 64 = 576 / 9 in SmolLM2, so it follows: 64 / 8; intermediate 1536 = 8/3 x 576 -> 8/3 x 64 =
+    # 170.7 -> 168
     assert (config.hidden_size, config.num_attention_heads, config.num_key_value_heads) == (64, 8, 2)
     assert (config.head_dim, config.intermediate_size) == (8, 168)
     assert [n.split(" (")[0] for n in notes] == ["head_dim 64 -> 8", "intermediate_size 1536 -> 168"]
@@ -101,7 +102,8 @@ def test_an_odd_rotary_head_dim_and_aliased_fields_are_refused():
 
 
 def test_the_family_config_class_check_is_reported_with_the_key():
-    # llama requires hidden_size % heads == 0 even with an explicit head_dim (LlamaConfig.validate_architecture)
+    # llama requires hidden_size % heads == 0 even with an explicit head_dim
+    # (LlamaConfig.validate_architecture)
     err = refused(
         {
             "family": "llama",

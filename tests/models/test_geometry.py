@@ -172,8 +172,9 @@ def test_a_model_is_derived_once_and_again_after_its_config_changes(derivations)
 
 def test_validation_preflight_and_the_objective_derive_each_geometry_once(tiny_config, derivations):
     """A run asks for the geometry of one model many times (validation and preflight read config.json, an R-KV
-    teacher's attention kernel is chosen from it, the objective and each teacher read their loaded model): each
-    config content and each model object is derived at most once, and the student and both teachers once each."""
+    teacher's attention kernel is chosen from it, the objective and each teacher read their loaded model):
+    each config content and each model object is derived at most once, and the student and both teachers once
+    each."""
     import torch
 
     from kvdistill.objectives import build_objective

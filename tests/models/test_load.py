@@ -1,5 +1,6 @@
 """`from_pretrained_or_config` falls back to eager attention for a model without an SDPA kernel, whichever way
-transformers words that (Gemma 2 under transformers 5.25 names `torch.nn.functional.scaled_dot_product_attention`)."""
+transformers words that (Gemma 2 under transformers 5.25 names
+`torch.nn.functional.scaled_dot_product_attention`)."""
 
 from __future__ import annotations
 

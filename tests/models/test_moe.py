@@ -12,7 +12,8 @@ from kvdistill.models.moe import capture_moe, moe_layers, require_moe
 
 
 def _block_outputs(model, ids, mask):
-    """The routed experts' output (N, F) of every MoE block, from the untouched model (hooks that only read)."""
+    """The routed experts' output (N, F) of every MoE block, from the untouched model (hooks that only
+    read)."""
     got = {}
     handles = [
         layer.experts.register_forward_hook(lambda m, a, out, i=i: got.__setitem__(i, out.detach()))

@@ -110,7 +110,8 @@ def test_unsupported_families_are_refused():
 
 
 def _one_layer(model, cap, queries, query, layer):
-    """The importance of one layer without a layer dim: what query_importance computed before it stacked layers."""
+    """The importance of one layer without a layer dim: what query_importance computed before it stacked
+    layers."""
     from kvdistill.compress.select import importance_from_queries, query_rows
     from kvdistill.models.queries import attention_modules, layer_attention_params
     from kvdistill.models.rope import apply_rope
@@ -176,8 +177,9 @@ def test_stacked_layers_equal_one_layer_at_a_time(family, extra):
     "family, extra", [("llama", {"num_key_value_heads": 4}), ("qwen3", {"num_key_value_heads": 4})]
 )
 def test_window_logits_give_the_eager_attention_rows(family, extra):
-    """R-KV's window logits: with one query head per KV head (the group max is the head itself), their softmax over
-    the keys a window row sees is the model's own eager attention row (rotation, scaling and q_norm included)."""
+    """R-KV's window logits: with one query head per KV head (the group max is the head itself), their softmax
+    over the keys a window row sees is the model's own eager attention row (rotation, scaling and q_norm
+    included)."""
     from kvdistill.compress import query_rows
     from kvdistill.compress.latent import window_rows
     from kvdistill.models.queries import window_logits

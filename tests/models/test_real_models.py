@@ -89,7 +89,8 @@ def test_too_long_text_names_the_limit(minilm):
 @pytest.mark.parametrize("which", ["smollm2", "gemma3"])
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_real_hook_source_equals_cache_inversion(which, attn, request):
-    """The default (projection hooks, no cache) equals the cache with the rotation undone, fp32, both attentions."""
+    """The default (projection hooks, no cache) equals the cache with the rotation undone, fp32, both
+    attentions."""
     from kvdistill.models.capture import forward_kv, tokenize
 
     model, tok = request.getfixturevalue(which)

@@ -134,7 +134,8 @@ ROUTING = {
 # family -> extra config values, each for a reason the generic shrink cannot know
 OVERRIDES: dict[str, dict] = {
     "bamba": dict(attn_layer_indices=[1]),  # its default has no attention layer at all
-    "cohere_compass_text": dict(  # rope parameters are keyed by layer type, and the default has no layer types
+    # rope parameters are keyed by layer type, and the default has no layer types
+    "cohere_compass_text": dict(
         layer_types=["sliding_attention", "full_attention"],
         rope_parameters={
             t: {"rope_type": "default", "rope_theta": 10000.0}
@@ -170,7 +171,8 @@ def _int(value) -> bool:
 
 
 def _layer_types(types: list[str]) -> list[str]:
-    """Two layers of the kinds the default stacks: a non-attention kind first where there is one, then attention."""
+    """Two layers of the kinds the default stacks: a non-attention kind first where there is one, then
+    attention."""
     kinds = list(dict.fromkeys(types))
     attention = [k for k in kinds if k in KV_TYPES]
     other = [k for k in kinds if k not in KV_TYPES]

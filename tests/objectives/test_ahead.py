@@ -1,6 +1,6 @@
 """objectives.ahead: the teachers' pass run one batch ahead on a worker thread gives the very losses and
-gradients of the step that runs its teachers itself, keeps the batch order, starts the next batch's pass before
-this one's step, and surfaces a failed pass at its own batch."""
+gradients of the step that runs its teachers itself, keeps the batch order, starts the next batch's pass
+before this one's step, and surfaces a failed pass at its own batch."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
-"""The collated path (`TextObjective.collator` on DataLoader workers, then `forward(batch)`) gives the losses and
-gradients of the inline path, where every teacher tokenizes its records itself and the space aligns them in the
-step (what the objective did before the collate existed), bit for bit: the same ops on the same tensors."""
+"""The collated path (`TextObjective.collator` on DataLoader workers, then `forward(batch)`) gives the losses
+and gradients of the inline path, where every teacher tokenizes its records itself and the space aligns them
+in the step (what the objective did before the collate existed), bit for bit: the same ops on the same
+tensors."""
 
 from __future__ import annotations
 
@@ -71,7 +72,8 @@ def test_collated_equals_inline(tiny_config, variant):
 
 
 def test_collated_alignment_is_the_dense_one(tiny_config):
-    """The collated sparse alignment of a full teacher, densified, equals `batch_token_alignment` of its spans."""
+    """The collated sparse alignment of a full teacher, densified, equals `batch_token_alignment` of its
+    spans."""
     from kvdistill.align.tokens import batch_token_alignment
 
     cfg = tiny_config()

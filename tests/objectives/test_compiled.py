@@ -26,10 +26,11 @@ def loss_and_grads(objective, records):
     )
 
 
-@pytest.mark.slow  # inductor compiles a few graphs (forward, backward, both group layouts): minutes on 2 cores
+# inductor compiles a few graphs (forward, backward, both group layouts): minutes on 2 cores
+@pytest.mark.slow
 def test_compiled_equals_eager(tiny_config):
-    """Teacher 0 keeps every token (shared alignment), teacher 1 keeps rkv tokens per head: both group layouts,
-    with the K/V and cosine errors."""
+    """Teacher 0 keeps every token (shared alignment), teacher 1 keeps rkv tokens per head: both group
+    layouts, with the K/V and cosine errors."""
     objective = build_objective(
         tiny_config(
             "train.compile=true",

@@ -1,6 +1,6 @@
-"""Every fusion option does what the config says: k-means prototypes route differently from the mean, similarity
-weights are `fuse.similarity_weights` of `fuse.prototype` on the space's rows, and target-space similarity is not
-the fixed weights."""
+"""Every fusion option does what the config says: k-means prototypes route differently from the mean,
+similarity weights are `fuse.similarity_weights` of `fuse.prototype` on the space's rows, and target-space
+similarity is not the fixed weights."""
 
 from __future__ import annotations
 
@@ -59,9 +59,9 @@ def _skills_config(tiny_config, *overrides):
 
 @torch.no_grad()
 def _brute_force_nll_per_byte(objective, step, records) -> torch.Tensor:
-    """(B, N): each teacher's model run again, its full log-softmax, and a Python loop over the tokens that start at or
-    after the end of the question line and end within the bytes every teacher's tokens reach: Σ -log p(token) /
-    Σ bytes."""
+    """(B, N): each teacher's model run again, its full log-softmax, and a Python loop over the tokens that
+    start at or after the end of the question line and end within the bytes every teacher's tokens reach: Σ
+    -log p(token) / Σ bytes."""
     out = torch.zeros(len(records), len(objective.teachers))
     reach = [
         min(

@@ -1,5 +1,5 @@
-"""The KaVa objective: L_KV at the latent slots, its gradients, CODI and the CoT CE, config refusals, and the CPU-sized
-E1-E5 spec end to end."""
+"""The KaVa objective: L_KV at the latent slots, its gradients, CODI and the CoT CE, config refusals, and the
+CPU-sized E1-E5 spec end to end."""
 
 from __future__ import annotations
 
@@ -254,8 +254,8 @@ def test_config_refuses_what_the_latent_student_never_reads(bad, needle):
 
 
 def test_latent_student_exact_match_during_training_is_latent_mode_only():
-    """train.eval_exact_match is read for a latent student (latent mode); eval_cot (CoT decoding) is refused; scoring
-    rkv needs more latent slots than R-KV's window."""
+    """train.eval_exact_match is read for a latent student (latent mode); eval_cot (CoT decoding) is refused;
+    scoring rkv needs more latent slots than R-KV's window."""
     from kvdistill.config import load_config as load
 
     base = config({"ce": 1.0}).model_dump(mode="json")
@@ -293,8 +293,8 @@ def test_kava_tiny_spec_runs_end_to_end(tmp_path):
         "E4_identity",
         "E4_rkv",
     }
-    # every condition's held-out curves: answer CE and exact match at steps 1 and 2, as training logged them; the last
-    # point is the final student's, which the runner scores the same way
+    # every condition's held-out curves: answer CE and exact match at steps 1 and 2, as training logged them;
+    # the last point is the final student's, which the runner scores the same way
     for name, curve in results["curves"].items():
         points = curve["per_seed"]["0"]
         assert [p["step"] for p in points] == [1, 2] and all(p["exact_match"] is not None for p in points), (
@@ -314,8 +314,8 @@ def test_kava_tiny_spec_runs_end_to_end(tmp_path):
 
     from kvdistill.cli import app
 
-    # the runner's records, read before `kvdistill eval` writes its own RUN/eval.json over E4's (a later run of the
-    # experiment scores that run again: runner.py skips only records it wrote itself)
+    # the runner's records, read before `kvdistill eval` writes its own RUN/eval.json over E4's (a later run
+    # of the experiment scores that run again: runner.py skips only records it wrote itself)
     records = {
         n: json.loads((tmp_path / "runs" / n / "seed-0" / "eval.json").read_text())
         for n in results["conditions"]
@@ -375,7 +375,8 @@ def test_kava_tiny_spec_runs_end_to_end(tmp_path):
     ],
 )
 def test_cached_latent_targets_equal_the_online_ones(tmp_path, teacher_dirs, target):
-    """`kvdistill extract` with compression.span cot stores the latent target the objective computes online."""
+    """`kvdistill extract` with compression.span cot stores the latent target the objective computes
+    online."""
     from kvdistill.cache.extract import extract
     from kvdistill.config import TeacherConfig
 

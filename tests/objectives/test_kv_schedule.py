@@ -1,5 +1,5 @@
-"""losses.kv.schedule: the K/V weight at given steps, and the objective applying it (logged as kv/weight, the loss
-equal to CE + w(step)·KV)."""
+"""losses.kv.schedule: the K/V weight at given steps, and the objective applying it (logged as kv/weight, the
+loss equal to CE + w(step)·KV)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
-"""What training runs equals the library and independent references: the batched loss-space K/V and cosine terms
-against a pair-by-pair dense brute force (values and gradients), per-token fusion weights against a dense
-reference, the per-teacher terms and CE against direct calls of `kvdistill.losses`, eval against training."""
+"""What training runs equals the library and independent references: the batched loss-space K/V and cosine
+terms against a pair-by-pair dense brute force (values and gradients), per-token fusion weights against a
+dense reference, the per-teacher terms and CE against direct calls of `kvdistill.losses`, eval against
+training."""
 
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ from kvdistill.objectives import build_objective
 
 
 def _brute_kv_error(pred, target, mask, kind, normalize, weight=None, eps=1e-6):
-    """Per-sample error (B,) of pred, target (B, H, M, D) over (head, token) rows where mask (B, H|1, M) is 1, one
-    sample at a time by boolean selection; weight (B, M): per-token row weights."""
+    """Per-sample error (B,) of pred, target (B, H, M, D) over (head, token) rows where mask (B, H|1, M) is 1,
+    one sample at a time by boolean selection; weight (B, M): per-token row weights."""
     out = []
     for b in range(pred.shape[0]):
         rows = mask[b].expand(pred.shape[1], -1).bool()  # (H, M)
@@ -34,8 +35,8 @@ def _brute_kv_error(pred, target, mask, kind, normalize, weight=None, eps=1e-6):
 
 
 def _reference(objective, step, n, token_weight=None):
-    """Teacher n's K/V (+ cosine) loss, one (student layer, teacher layer) pair at a time: each projector applied
-    to K and V separately, the dense alignment A, brute-force errors."""
+    """Teacher n's K/V (+ cosine) loss, one (student layer, teacher layer) pair at a time: each projector
+    applied to K and V separately, the dense alignment A, brute-force errors."""
     cfg = objective.cfg.losses
     kv = cfg.kv
     teacher, tkv = step.teachers[n], step.records[n]

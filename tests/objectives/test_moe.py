@@ -1,5 +1,6 @@
-"""The MoE terms in the objective: routing distillation raises the student's routing agreement with its teacher
-above its CE-only twin's on the same steps; fitted correspondences; the maps the optimizer must see; refusals."""
+"""The MoE terms in the objective: routing distillation raises the student's routing agreement with its
+teacher above its CE-only twin's on the same steps; fitted correspondences; the maps the optimizer must see;
+refusals."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
-"""On-policy distillation (train.on_policy): λ = 0 is the off-policy step bit for bit, with λ = 1 every teacher is
-given exactly the text the student sampled (and CE stays on the data text), a resumed run samples what the
-uninterrupted one sampled (tests/train/test_on_policy.py), and what cannot work is refused by validate."""
+"""On-policy distillation (train.on_policy): λ = 0 is the off-policy step bit for bit, with λ = 1 every
+teacher is given exactly the text the student sampled (and CE stays on the data text), a resumed run samples
+what the uninterrupted one sampled (tests/train/test_on_policy.py), and what cannot work is refused by
+validate."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
-"""Logit KD between a student and a teacher of one tokenizer whose embeddings are padded to different sizes: the
-term compares the shared entries (and equals `losses.logit_kd` on them, or `topk_logit_kd` with top_k); with another
-tokenizer the objective's term is `losses.cross_logit_kd` / `span_logit_kd` on the byte alignment of the batch."""
+"""Logit KD between a student and a teacher of one tokenizer whose embeddings are padded to different sizes:
+the term compares the shared entries (and equals `losses.logit_kd` on them, or `topk_logit_kd` with top_k);
+with another tokenizer the objective's term is `losses.cross_logit_kd` / `span_logit_kd` on the byte alignment
+of the batch."""
 
 from __future__ import annotations
 
@@ -75,8 +76,8 @@ def test_logit_kd_top_k_is_topk_logit_kd_on_the_shared_entries(padded_teacher):
 
 @pytest.mark.parametrize("method", ["project", "span"])
 def test_logit_kd_across_tokenizers_is_the_cross_tokenizer_loss(padded_teacher, method):
-    """A llama2-tokenizer student and a GPT-2-tokenizer teacher: the objective's term is the loss library's function
-    on the batch's own alignment; training reaches a finite loss and a gradient into the student."""
+    """A llama2-tokenizer student and a GPT-2-tokenizer teacher: the objective's term is the loss library's
+    function on the batch's own alignment; training reaches a finite loss and a gradient into the student."""
     objective = build_objective(
         load_config(
             raw=_raw(padded_teacher, tokenizer="llama2-tokenizer", cross_tokenizer=method, divergence="jsd")

@@ -109,7 +109,8 @@ def test_lora_adapter_holds_only_adapter_weights(tmp_path):
 
 def test_a_family_student_saved_with_another_familys_tokenizer_reloads_the_same_ids(tmp_path):
     """A qwen2 student with the Llama-2 tokenizer: AutoTokenizer would reload a Qwen2Tokenizer (config.json's
-    model_type) with its own pre-tokenizer; load_tokenizer follows tokenizer_config.json and gets the same ids."""
+    model_type) with its own pre-tokenizer; load_tokenizer follows tokenizer_config.json and gets the same
+    ids."""
     from kvdistill.config.schema import StudentConfig
     from kvdistill.models.load import load_model, load_tokenizer
 

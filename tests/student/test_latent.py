@@ -1,5 +1,5 @@
-"""The latent student: the parallel Jacobi update against step-by-step references of the same definition, latent
-generation against a step-by-step greedy reference, and the save / load round trip."""
+"""The latent student: the parallel Jacobi update against step-by-step references of the same definition,
+latent generation against a step-by-step greedy reference, and the save / load round trip."""
 
 from __future__ import annotations
 
@@ -117,7 +117,8 @@ def test_jacobi_gradient_reaches_head_and_backbone_through_every_pass():
     student = tiny_student("llama").train()
     ids, mask = prefix_batch()
     student.latents(ids, mask).square().sum().backward()
-    # e_k[m] reads e_{k-1}[0..m-1] only, so after T passes e_T reads e_0[0..M-1-T]: here (M 4, T 3) slot 0 alone
+    # e_k[m] reads e_{k-1}[0..m-1] only, so after T passes e_T reads e_0[0..M-1-T]: here (M 4, T 3) slot 0
+    # alone
     grad = student.head.init.grad.abs().sum(-1)  # (M,)
     assert grad[0] > 0 and (grad[1:] == 0).all()
     assert student.head.fc1.weight.grad.abs().sum() > 0
@@ -186,8 +187,8 @@ def _norm_ratio(student: LatentStudent, ids, mask) -> float:
 
 
 def test_embed_norm_head_starts_at_the_token_embedding_scale():
-    """At init the embed_norm head's latents have a token embedding's norm (ratio ~1); the identity head feeds the
-    post-norm hidden state, tens of times larger."""
+    """At init the embed_norm head's latents have a token embedding's norm (ratio ~1); the identity head feeds
+    the post-norm hidden state, tens of times larger."""
     from kvdistill.student.latent import embedding_rms
 
     ids, mask = prefix_batch()
@@ -229,7 +230,8 @@ def test_embed_norm_head_is_saved_and_loaded(tmp_path):
 
 @pytest.mark.slow
 def test_embed_norm_head_on_smollm2_starts_at_the_embedding_scale():
-    """The same on the offline SmolLM2-135M, where the identity head's latents are about 18x a token embedding."""
+    """The same on the offline SmolLM2-135M, where the identity head's latents are about 18x a token
+    embedding."""
     from kvdistill.models.load import load_model
     from kvdistill.student.latent import embedding_rms
 

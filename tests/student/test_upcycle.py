@@ -1,4 +1,5 @@
-"""Sparse upcycling: the MoE computes the dense model's function at initialisation, its experts are the MLP."""
+"""Sparse upcycling: the MoE computes the dense model's function at initialisation, its experts are the
+MLP."""
 
 from __future__ import annotations
 

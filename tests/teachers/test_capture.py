@@ -42,8 +42,8 @@ def test_compress_capture_shapes_and_content():
 
 @pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])
 def test_answer_query_mask_after_multibyte_text(name):
-    """answer_start is a character offset, the spans are bytes: 東京 (6 bytes), の, 天気, 😀 (4 bytes), ？ and é
-    put the answer at character 24 but byte 42; the mask must cover exactly the answer's tokens '4' '2'."""
+    """answer_start is a character offset, the spans are bytes: 東京 (6 bytes), の, 天気, 😀 (4 bytes), ？ and
+    é put the answer at character 24 but byte 42; the mask must cover exactly the answer's tokens '4' '2'."""
     from kvdistill.models.capture import tokenize
     from kvdistill.models.load import load_tokenizer
     from kvdistill.teachers import answer_query_mask

@@ -1,5 +1,5 @@
-"""The sparse teacher distribution: top-k log-probabilities equal the dense softmax they come from at every stored
-temperature (also for a flat teacher, whose top-k mass is tiny), computed in chunks or at once."""
+"""The sparse teacher distribution: top-k log-probabilities equal the dense softmax they come from at every
+stored temperature (also for a flat teacher, whose top-k mass is tiny), computed in chunks or at once."""
 
 from __future__ import annotations
 

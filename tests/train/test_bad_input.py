@@ -190,8 +190,10 @@ def test_nan_loss_stops_naming_step_and_samples(tiny_yaml, tiny_config, tmp_path
         f"loss is nan at step 3, micro-batch 0 (samples {ids}); non-finite terms: ['loss/kv/gemma3']" in err
     )
     assert (
-        f"the weights saved at step 2 gave this and would again at any lr, so that checkpoint was set aside as "
-        f"{out / 'checkpoints' / 'step-2.diverged'}; no checkpoint was saved before the divergence: rerun the "
+        "the weights saved at step 2 gave this and would again at any lr, so that checkpoint was set aside "
+        "as "
+        f"{out / 'checkpoints' / 'step-2.diverged'}; no checkpoint was saved before the divergence: rerun "
+        "the "
         "same command with --resume train.lr=0.0001 (now 0.001) or lower to train the run again from step 0"
     ) in err
     _assert_stopped(out, kept=[], aside=2, logged=2)
@@ -235,9 +237,10 @@ def test_non_finite_gradient_stops_before_the_update(tiny_yaml, tmp_path, cli, m
 
 def test_the_advice_after_a_divergence_works(tiny_yaml, tmp_path, cli, monkeypatch, files):
     """A stand-in for a learning rate too high: the loss is NaN once any student weight has moved more than
-    1.5e-2 from its initial value (AdamW moves a weight by at most about lr per step). At lr 1e-2 the weights of
-    step 2 are past it (the NaN comes at step 3); at the advised lr 1e-3, from step 1 on, they never are.
-    Before, the advice repeated the failure: --resume took step-2 (past the limit at any lr) and kept the old lr."""
+    1.5e-2 from its initial value (AdamW moves a weight by at most about lr per step). At lr 1e-2 the weights
+    of step 2 are past it (the NaN comes at step 3); at the advised lr 1e-3, from step 1 on, they never are.
+    Before, the advice repeated the failure: --resume took step-2 (past the limit at any lr) and kept the old
+    lr."""
     forward = TextObjective.forward
     initial: dict[str, torch.Tensor] = {}
 

@@ -1,6 +1,7 @@
 """Checkpoints: the atomic directory writer (rename, replace, exception, fsync of every file, SIGKILL), the
-listing of complete checkpoints, an exact save/load round trip, damaged checkpoints found by sizes and formats,
-setting one aside, and a run killed while saving its last checkpoint that resumes to the uninterrupted result."""
+listing of complete checkpoints, an exact save/load round trip, damaged checkpoints found by sizes and
+formats, setting one aside, and a run killed while saving its last checkpoint that resumes to the
+uninterrupted result."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""train.distributed fsdp (FSDP2) on 2 CPU processes (gloo): the same weights as DDP, exact resume after a killed
-process, a checkpoint of 2 processes resumed by 1."""
+"""train.distributed fsdp (FSDP2) on 2 CPU processes (gloo): the same weights as DDP, exact resume after a
+killed process, a checkpoint of 2 processes resumed by 1."""
 
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ TOL = 1e-5  # float32: sharded and replicated AdamW differ only in summation ord
 
 
 def torchrun(yaml, out, *overrides, resume=False, nproc=2, wait=True):
-    """`kvdistill train` under torchrun (2 gloo processes on CPU); the finished process, or the running one."""
+    """`kvdistill train` under torchrun (2 gloo processes on CPU); the finished process, or the running
+    one."""
     cmd = [
         os.path.join(os.path.dirname(sys.executable), "torchrun"),
         "--standalone",
@@ -77,7 +78,8 @@ def test_student_blocks_are_the_decoder_layers_also_under_lora(tiny_config):
 def test_fsdp_and_ddp_give_the_same_weights(lora, tiny_yaml, tmp_path, files):
     """2 processes, 3 steps of batch 1 × accumulation 2, the tiny student and both tiny online teachers: the
     student's weights, the maps' and every logged loss and gradient norm agree between ddp and fsdp; the final
-    student of fsdp (gathered on process 0) loads with from_pretrained; summary.json has each process's memory."""
+    student of fsdp (gathered on process 0) loads with from_pretrained; summary.json has each process's
+    memory."""
     extra = ["train.batch_size=1", "train.grad_accum=2", "train.steps=3"] + (
         ["student.lora.r=4"] if lora else []
     )
@@ -125,9 +127,9 @@ def test_fsdp_and_ddp_give_the_same_weights(lora, tiny_yaml, tmp_path, files):
 
 @pytest.mark.slow
 def test_fsdp_resumes_after_a_killed_process_and_in_one_process(tiny_yaml, tmp_path, files):
-    """fsdp, 2 processes, 4 steps, a checkpoint every step: process 1 is killed mid-run; `--resume` on 2 processes
-    ends with the weights of an uninterrupted run, and the checkpoint of step 2 resumed by 1 process (the full state
-    it holds) ends there too."""
+    """fsdp, 2 processes, 4 steps, a checkpoint every step: process 1 is killed mid-run; `--resume` on 2
+    processes ends with the weights of an uninterrupted run, and the checkpoint of step 2 resumed by 1 process
+    (the full state it holds) ends there too."""
     extra = ["train.batch_size=1", "train.steps=4", "train.save_every=1", "train.distributed=fsdp"]
     whole, killed, one = tmp_path / "whole", tmp_path / "killed", tmp_path / "one"
     torchrun(tiny_yaml, whole, *extra)
@@ -185,8 +187,8 @@ def _rank_pid(launcher: int, rank: int) -> int:
 
 
 def test_one_process_with_cpu_offload_trains_as_without(tiny_config, tmp_path, files):
-    """fsdp with cpu_offload on one process (a group of one; on a GPU: the shards, gradients and AdamW state in
-    host memory) gives the weights of a plain run, and its final student loads with from_pretrained."""
+    """fsdp with cpu_offload on one process (a group of one; on a GPU: the shards, gradients and AdamW state
+    in host memory) gives the weights of a plain run, and its final student loads with from_pretrained."""
     from kvdistill.train.trainer import train
 
     plain, offload = tmp_path / "plain", tmp_path / "offload"

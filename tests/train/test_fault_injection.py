@@ -1,6 +1,6 @@
-"""Fault injection: `kvdistill train` is SIGKILLed at several points (inside an optimizer step, while a checkpoint
-is being written, before it is renamed, around the metrics), resumed after each kill, and ends with the weights,
-metrics and token count of an uninterrupted run."""
+"""Fault injection: `kvdistill train` is SIGKILLed at several points (inside an optimizer step, while a
+checkpoint is being written, before it is renamed, around the metrics), resumed after each kill, and ends with
+the weights, metrics and token count of an uninterrupted run."""
 
 from __future__ import annotations
 
@@ -29,12 +29,12 @@ def wrapped(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGKILL)
     return real(*args, **kwargs)
 setattr(mod, name, wrapped)
-train(load_config(sys.argv[1], sys.argv[6:]), sys.argv[2], resume=os.path.isfile(os.path.join(sys.argv[2], "config.yaml")),
-      progress=False)
+train(load_config(sys.argv[1], sys.argv[6:]), sys.argv[2],
+      resume=os.path.isfile(os.path.join(sys.argv[2], "config.yaml")), progress=False)
 """
 
-# (module, function, which call kills): inside a step, inside a checkpoint's fsync (written, not renamed), at the
-# start of a checkpoint, inside the atomic directory helper
+# (module, function, which call kills): inside a step, inside a checkpoint's fsync (written, not renamed), at
+# the start of a checkpoint, inside the atomic directory helper
 POINTS = [
     ("kvdistill.train.trainer", "optimizer_step", 1),
     ("kvdistill.train.trainer", "optimizer_step", 3),

@@ -1,9 +1,9 @@
 """The second hostile-input round (issue 26), as a careless user and as an attacker: names that become paths,
-`--out` pointing at the user's own files, planted symlinks, damaged checkpoints and data records, Rich markup in
-paths, resource limits, a full disk, a stopped run, and what `validate` must refuse like `train`.
+`--out` pointing at the user's own files, planted symlinks, damaged checkpoints and data records, Rich markup
+in paths, resource limits, a full disk, a stopped run, and what `validate` must refuse like `train`.
 
-Every case asserts the exit code, that the message names the problem and the fix, and (`tree.only_inside`) that
-nothing outside --out was written and nothing that existed before was changed or removed.
+Every case asserts the exit code, that the message names the problem and the fix, and (`tree.only_inside`)
+that nothing outside --out was written and nothing that existed before was changed or removed.
 """
 
 from __future__ import annotations
@@ -56,10 +56,11 @@ def yaml_with(tiny_yaml, path, change) -> str:
     return str(path)
 
 
-# ------------------------------------------------------------------------------------------ names become paths
+# ----------------------------------------------------------------------------------------- names become paths
 @pytest.mark.parametrize("name", ["../escaped", "/tmp/abs-run", "..", "a/b", "x" * 101, "tab\there"])
 def test_a_run_name_that_is_not_one_path_segment_is_refused(tiny_yaml, home, cli, tree, name):
-    """The run `name` becomes DIR/<name> in a curriculum: `../` or an absolute name wrote whole runs outside."""
+    """The run `name` becomes DIR/<name> in a curriculum: `../` or an absolute name wrote whole runs
+    outside."""
     before = tree.snap(home)
     for command in ("validate", "train"):
         args = [command, tiny_yaml, f"name={name}"] + (
@@ -112,8 +113,8 @@ def test_a_planted_symlink_in_a_run_directory_is_refused(finished, home, cli, tr
     code, err = cli("train", tiny_yaml, "--out", run, "--resume", "train.steps=3")
     assert code == 2, err
     assert (
-        f"holds symlinks leading out of it ({entry} -> {target if entry == 'metrics.jsonl' else home / 'outside'})"
-        in err
+        f"holds symlinks leading out of it ({entry} -> "
+        f"{target if entry == 'metrics.jsonl' else home / 'outside'})" in err
     )
     assert "remove those symlinks" in err
     assert tree.snap(home) == before and not target.exists()
@@ -130,7 +131,7 @@ def test_metrics_are_never_appended_through_a_symlink(tmp_path):
     assert not (tmp_path / "elsewhere.jsonl").exists()
 
 
-# ------------------------------------------------------------------------------------------ the user's own files
+# --------------------------------------------------------------------------------------- the user's own files
 def test_out_pointing_at_the_users_folder_is_refused(tiny_yaml, home, cli, tree, monkeypatch):
     """`train my.yaml --out .` replaced the user's commented config with the resolved dump."""
     work = home / "work"
@@ -310,9 +311,10 @@ def test_divergence_advice_names_non_finite_cached_inputs(tmp_path):
     ]
 
 
-# ------------------------------------------------------------------------------------------ markup, limits, stops
+# -------------------------------------------------------------------------------------- markup, limits, stops
 def test_square_brackets_in_paths_and_values_are_printed_verbatim(finished, tiny_yaml, home, cli):
-    """A path containing `[/x]` crashed the CLI after a run had completed; `[red]` or `[inf, 1.0]` vanished."""
+    """A path containing `[/x]` crashed the CLI after a run had completed; `[red]` or `[inf, 1.0]`
+    vanished."""
     out = home / "work" / "runs[/x]" / "[red]run"
     code, err = cli("train", tiny_yaml, "--out", out, "train.steps=1")
     assert code == 0, err
@@ -327,7 +329,8 @@ def test_square_brackets_in_paths_and_values_are_printed_verbatim(finished, tiny
 
 
 def test_a_compression_budget_above_the_text_length_is_refused(tiny_yaml, home, cli, tree):
-    """budget 100000 on 48-token texts padded every kept K/V to the budget (20 GB of RAM); validate said ok."""
+    """budget 100000 on 48-token texts padded every kept K/V to the budget (20 GB of RAM); validate said
+    ok."""
     before = tree.snap(home)
     args = ("teachers.0.compression.kind=rkv", "teachers.0.compression.budget=100000", "data.max_length=48")
     for command in ("validate", "train"):
@@ -379,8 +382,8 @@ def test_a_stopped_run_says_how_to_resume(tiny_yaml, home, cli, tree, monkeypatc
     code, err = cli("train", tiny_yaml, "--out", run)
     assert code == 128 + signum, err
     assert (
-        f"stopped by {signal.Signals(signum).name}; to continue from the last checkpoint, run: kvdistill train"
-        in err
+        f"stopped by {signal.Signals(signum).name}; to continue from the last checkpoint, run: kvdistill "
+        "train" in err
     )
     assert f"--out {run} --resume" in err
     assert not (run / ".train.holder.json").exists()  # the lock was given back

@@ -1,6 +1,6 @@
-"""The trainer's data pipeline: collated micro-batches from a DataLoader (worker processes or none) train exactly
-as the records did, resume exactly (the sample order is a function of the checkpointed step), for the text and
-the latent objective alike (one step path)."""
+"""The trainer's data pipeline: collated micro-batches from a DataLoader (worker processes or none) train
+exactly as the records did, resume exactly (the sample order is a function of the checkpointed step), for the
+text and the latent objective alike (one step path)."""
 
 from __future__ import annotations
 
@@ -39,7 +39,8 @@ def uninterrupted(tiny_config, tmp_path_factory):
 
 @dataclasses.dataclass
 class Ids:
-    """A batch as a collator makes one: its records, the step it was collated for, the teachers' pass ahead."""
+    """A batch as a collator makes one: its records, the step it was collated for, the teachers' pass
+    ahead."""
 
     records: list[str]
     step: int | None = None

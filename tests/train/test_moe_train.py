@@ -1,6 +1,6 @@
-"""MoE runs end to end: `kvdistill train pikv` logs the routing and expert terms and `kvdistill generate` continues
-a prompt with the saved student; a τ schedule gives the logged τ at each step and a resume continues it exactly;
-DDP (2 gloo processes) equals one process for an MoE student."""
+"""MoE runs end to end: `kvdistill train pikv` logs the routing and expert terms and `kvdistill generate`
+continues a prompt with the saved student; a τ schedule gives the logged τ at each step and a resume continues
+it exactly; DDP (2 gloo processes) equals one process for an MoE student."""
 
 from __future__ import annotations
 
@@ -137,7 +137,8 @@ def test_temperature_schedules_and_their_refusals():
 
 @pytest.mark.slow
 def test_ddp_two_processes_match_one_for_an_moe_student(tmp_path):
-    """torchrun, 2 CPU processes (gloo), batch 1 × accumulation 2 each == 1 process, batch 2 × accumulation 2."""
+    """torchrun, 2 CPU processes (gloo), batch 1 × accumulation 2 each == 1 process, batch 2 × accumulation
+    2."""
     from safetensors.torch import load_file
 
     one = tmp_path / "one"

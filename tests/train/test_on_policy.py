@@ -1,6 +1,6 @@
-"""On-policy training (train.on_policy) resumes exactly: the sampling draws are a pure function of the seed, the step
-and the sample ids, so a run stopped at a checkpoint and resumed samples, logs and ends where the uninterrupted run
-does."""
+"""On-policy training (train.on_policy) resumes exactly: the sampling draws are a pure function of the seed,
+the step and the sample ids, so a run stopped at a checkpoint and resumed samples, logs and ends where the
+uninterrupted run does."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """`kvdistill validate` and `train` run the same checks before a first step (kvdistill.train.preflight): an
-inconsistent from_config student or a data field that is not a column is refused by both with exit code 2, naming
-the keys and the fix, with nothing written; every record of a file is used; Hugging Face datasets (saved, in
-memory) and chat (messages) data train end to end."""
+inconsistent from_config student or a data field that is not a column is refused by both with exit code 2,
+naming the keys and the fix, with nothing written; every record of a file is used; Hugging Face datasets
+(saved, in memory) and chat (messages) data train end to end."""
 
 from __future__ import annotations
 
@@ -188,7 +188,8 @@ def test_a_saved_hugging_face_dataset_trains(tmp_path, cli, teacher_dirs):
 
 @pytest.fixture(scope="module")
 def chat_tokenizer(tmp_path_factory):
-    """The GPT-2 tokenizer with a plain '### role:' chat template: a second format next to SmolLM2's ChatML."""
+    """The GPT-2 tokenizer with a plain '### role:' chat template: a second format next to SmolLM2's
+    ChatML."""
     from kvdistill.models.load import load_tokenizer
 
     tok = load_tokenizer("gpt2-tokenizer")

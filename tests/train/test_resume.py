@@ -1,7 +1,8 @@
 """What `--resume` continues and who writes a run directory: a changed config or other records are refused
-before a byte is written; train.lr and train.steps may change and take effect in the optimizer and the schedule;
-a run stopped before its first checkpoint trains again from step 0; a damaged latest checkpoint falls back to
-the newest intact one; one `train` writes a directory at a time, and the lock is given back on every exit."""
+before a byte is written; train.lr and train.steps may change and take effect in the optimizer and the
+schedule; a run stopped before its first checkpoint trains again from step 0; a damaged latest checkpoint
+falls back to the newest intact one; one `train` writes a directory at a time, and the lock is given back on
+every exit."""
 
 from __future__ import annotations
 
@@ -114,7 +115,8 @@ def test_a_resume_with_another_config_is_refused_and_changes_nothing(
 
 
 def test_a_resume_on_other_records_of_the_same_config_is_refused(tiny_yaml, tmp_path, cli):
-    """The data file was edited under the run: same config, other records (DIR/data.json holds their sha256)."""
+    """The data file was edited under the run: same config, other records (DIR/data.json holds their
+    sha256)."""
     data = tmp_path / "texts.jsonl"
     data.write_text("".join(json.dumps({"text": f"{i} plus {i} is {2 * i}."}) + "\n" for i in range(10)))
     out = tmp_path / "run"
@@ -143,7 +145,7 @@ def test_a_checkpoint_without_the_runs_config_is_not_resumed(finished, tiny_yaml
     )
 
 
-# ------------------------------------------------------------------------------------------ changes that take effect
+# ----------------------------------------------------------------------------------- changes that take effect
 def test_a_resume_with_a_new_lr_and_more_steps_uses_them(tiny_config, tmp_path, files, caplog):
     """lr 1e-3 for 4 steps, stopped after 2; resumed with lr 5e-4 for 6 steps: from step 3 on the optimizer's
     lr (every group's) is the new schedule's. Before, the optimizer state restored the old lr and schedule."""
@@ -179,7 +181,7 @@ def test_a_resume_with_a_new_lr_and_more_steps_uses_them(tiny_config, tmp_path, 
     assert json.loads((out / "summary.json").read_text())["steps"] == 6
 
 
-# ------------------------------------------------------------------------------------------ restarts and damage
+# ---------------------------------------------------------------------------------------- restarts and damage
 def test_a_run_stopped_before_its_first_checkpoint_trains_again_under_resume(
     finished, tiny_yaml, tmp_path, cli, files, monkeypatch, caplog
 ):

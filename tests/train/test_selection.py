@@ -77,8 +77,8 @@ def test_held_out_figures_come_from_the_validation_split(tiny_config, tmp_path):
 
 
 def test_term_grad_norms(tiny_config, tmp_path):
-    """CE only: the CE term's gradient norm is the step's whole (pre-clipping) gradient norm; with teachers both
-    terms are logged every N steps and differ."""
+    """CE only: the CE term's gradient norm is the step's whole (pre-clipping) gradient norm; with teachers
+    both terms are logged every N steps and differ."""
     ce = tiny_config(*DATA, "train.steps=4", "train.grad_norms_every=2", "teachers=[]", "train.log_every=1")
     train(ce, tmp_path / "ce", progress=False)
     logged = rows(tmp_path / "ce" / "metrics.jsonl", None)

@@ -109,7 +109,8 @@ def test_bf16_mixed_precision_runs_on_cpu(tiny_config, baseline, tmp_path, files
 
 @pytest.mark.slow
 def test_ddp_two_processes_match_one(tiny_config, tiny_yaml, tmp_path, files):
-    """torchrun, 2 CPU processes (gloo), batch 1 × accumulation 2 each == 1 process, batch 2 × accumulation 2."""
+    """torchrun, 2 CPU processes (gloo), batch 1 × accumulation 2 each == 1 process, batch 2 × accumulation
+    2."""
     one = tmp_path / "one"
     train(tiny_config("train.batch_size=2", "train.grad_accum=2"), one, progress=False)
     ddp = tmp_path / "ddp"
@@ -151,8 +152,8 @@ def test_ddp_two_processes_match_one(tiny_config, tiny_yaml, tmp_path, files):
 
 @pytest.mark.slow
 def test_ddp_with_parameters_that_get_no_gradient(tiny_config, tiny_yaml, tmp_path, files):
-    """Cosine loss only (keys): the value maps get no gradient (a zero one in their slots of the stacked maps);
-    DDP must not wait for them, and with weight_decay 0 AdamW leaves them as they were."""
+    """Cosine loss only (keys): the value maps get no gradient (a zero one in their slots of the stacked
+    maps); DDP must not wait for them, and with weight_decay 0 AdamW leaves them as they were."""
     from kvdistill.objectives import build_objective
 
     out = tmp_path / "ddp"
@@ -192,7 +193,8 @@ from kvdistill.train.trainer import train
 
 config, out = sys.argv[1], sys.argv[2]
 train(load_config(config, ["train.batch_size=1"]), out + "/fp32", progress=False)
-train(load_config(config, ["train.batch_size=1", "train.mixed_precision=bf16"]), out + "/bf16", progress=False)
+train(load_config(config, ["train.batch_size=1", "train.mixed_precision=bf16"]), out + "/bf16",
+      progress=False)
 """
 
 
@@ -240,8 +242,8 @@ torch.distributed.destroy_process_group()
 
 @pytest.mark.slow
 def test_nan_on_one_process_stops_every_process(tmp_path):
-    """A NaN loss on process 1 only: both processes stop before the gradient all-reduce (none is left waiting),
-    and both name process 1's samples."""
+    """A NaN loss on process 1 only: both processes stop before the gradient all-reduce (none is left
+    waiting), and both name process 1's samples."""
     script = tmp_path / "nan.py"
     script.write_text(NAN_ON_ONE_RANK)
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")

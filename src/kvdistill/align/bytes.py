@@ -2,17 +2,20 @@
 
 Notation: B batch, T tokens, N characters (code points) of all texts, M tokens in groups, G groups.
 
-A fast tokenizer reports each token as a [start, end) interval of characters. A byte-level BPE (GPT-2, SmolLM2)
-or a SentencePiece model with byte fallback (Llama-2) splits a character it has no token for into several tokens,
-and every one of them then reports that character's span: SmolLM2 tokenizes '東京' as 'æĿ' '±' 'äº' '¬' with offsets
-(0,1) (0,1) (1,2) (1,2), so token alignment could only mix them. `byte_spans` gives each token the [start, end)
-of the UTF-8 bytes of the text it stands for instead ('東京' -> (0,2) (2,3) (3,5) (5,6)):
+A fast tokenizer reports each token as a [start, end) interval of characters. A byte-level BPE (GPT-2,
+SmolLM2) or a SentencePiece model with byte fallback (Llama-2) splits a character it has no token for into
+several tokens, and every one of them then reports that character's span: SmolLM2 tokenizes '東京' as 'æĿ' '±'
+'äº' '¬' with offsets (0,1) (0,1) (1,2) (1,2), so token alignment could only mix them. `byte_spans` gives each
+token the [start, end) of the UTF-8 bytes of the text it stands for instead ('東京' -> (0,2) (2,3) (3,5)
+(5,6)):
 
-1. Character offsets become byte offsets through the texts' cumulative UTF-8 lengths, vectorised over the batch.
+1. Character offsets become byte offsets through the texts' cumulative UTF-8 lengths, vectorised over the
+batch.
    ASCII text has byte spans == character spans (but for step 3's prepended '▁').
 2. A group is a run of tokens that share a character: a token whose character span starts before the furthest
-   end of the tokens before it joins the group of its predecessor. A group's bytes are given out in token order
-   by each token's own byte length, derived from its string (`convert_ids_to_tokens`, once per distinct id):
+   end of the tokens before it joins the group of its predecessor. A group's bytes are given out in token
+   order by each token's own byte length, derived from its string (`convert_ids_to_tokens`, once per distinct
+   id):
      ByteLevel decoder (GPT-2 style): each character is one byte through the GPT-2 byte-to-unicode table;
      '<0xE6>' (SentencePiece byte fallback): that one byte;
      any other piece: its UTF-8, '▁' read as a space and a WordPiece continuation prefix ('##') dropped.
@@ -22,11 +25,12 @@ of the UTF-8 bytes of the text it stands for instead ('東京' -> (0,2) (2,3) (3
    bytes one token at a time. A token of spaces the text does not have there (the '▁' that a Metaspace
    pre-tokenizer prepends, which Llama-2 reports on the text's first character when it cannot merge with it)
    gets an empty span: it stands for no byte of the text.
-4. Where the derived bytes still cannot be reconciled with the text (a normaliser changed it: BERT's NFD spells
-   서 as the jamo 'ᄉ' '##ᅥ', NFKC 'ﬁ' as 'f' 'i'), each character that n of the group's tokens share is split evenly in token order: the k-th of
-   them gets the bytes [k·L // n, (k+1)·L // n) of the character's L bytes (at least one byte, so pieces overlap
-   only when n > L). That is deterministic, so a tokenization aligned with itself stays the identity; across
-   tokenizers it is approximate.
+4. Where the derived bytes still cannot be reconciled with the text (a normaliser changed it: BERT's NFD
+   spells 서 as the jamo 'ᄉ' '##ᅥ', NFKC 'ﬁ' as 'f' 'i'), each character that n of the group's tokens share
+   is split evenly in token order: the k-th of them gets the bytes [k·L // n, (k+1)·L // n) of the
+   character's L bytes (at least one byte, so pieces
+   overlap only when n > L). That is deterministic, so a tokenization aligned with itself stays the identity;
+   across tokenizers it is approximate.
 
 Tokens with an empty character span (special tokens, padding) keep an empty span, at the byte offset of their
 character offset: padding (0, 0) stays (0, 0).
@@ -50,8 +54,8 @@ _BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
 def _gpt2_unicode_to_byte() -> dict[str, int]:
-    """The inverse of GPT-2's bytes_to_unicode: printable Latin-1 bytes stand for themselves, the other 68 bytes
-    are shifted to U+0100 onwards (' ' -> 'Ġ', '\\n' -> 'Ċ')."""
+    """The inverse of GPT-2's bytes_to_unicode: printable Latin-1 bytes stand for themselves, the other 68
+    bytes are shifted to U+0100 onwards (' ' -> 'Ġ', '\\n' -> 'Ċ')."""
     printable = [
         *range(ord("!"), ord("~") + 1),
         *range(ord("¡"), ord("¬") + 1),
@@ -115,7 +119,8 @@ def _candidates(piece: str | None, rules: _PieceRules) -> list[bytes]:
 def token_bytes(tokenizer, ids: Sequence[int]) -> list[bytes | None]:
     """The UTF-8 bytes each token id spells as a piece of text (byte-level BPE through GPT-2's byte table,
     SentencePiece '▁' as a space and <0xNN> as that byte, a WordPiece '##' dropped), None for an id without a
-    token string. Special tokens come out as their literal text: tell them apart with the tokenizer's special ids."""
+    token string. Special tokens come out as their literal text: tell them apart with the tokenizer's special
+    ids."""
     rules = _piece_rules(tokenizer)
     pieces = tokenizer.convert_ids_to_tokens(list(ids))
     out = []
@@ -169,9 +174,9 @@ def _even_split(cum: list[int], spans: list[tuple[int, int]]) -> list[tuple[int,
 def byte_spans(tokenizer, texts: Sequence[str], input_ids, offset_mapping) -> torch.Tensor:
     """UTF-8 byte [start, end) of every token of a batch, exact below the character.
 
-    texts: the B texts as tokenized; input_ids (B, T); offset_mapping (B, T, 2): the fast tokenizer's character
-    offsets of the same call (padding (0, 0)). Returns int64 (B, T, 2) on the CPU; empty character spans
-    (special tokens, padding) stay empty.
+    texts: the B texts as tokenized; input_ids (B, T); offset_mapping (B, T, 2): the fast tokenizer's
+    character offsets of the same call (padding (0, 0)). Returns int64 (B, T, 2) on the CPU; empty character
+    spans (special tokens, padding) stay empty.
     """
     offsets, ids, lengths = _checked_inputs(texts, input_ids, offset_mapping)  # (B, T, 2), (B, T), (B,)
     to_bytes = _ByteOffsets(texts, lengths)
@@ -200,7 +205,8 @@ def _checked_inputs(
         offsets = offsets.reshape(B, -1, 2)  # every text empty and no BOS: (B, 0)
     if offsets.dim() != 3 or offsets.shape[::2] != (B, 2) or tuple(ids.shape) != offsets.shape[:2]:
         raise KvdistillError(
-            f"byte_spans got {B} texts, input_ids {tuple(ids.shape)} and offset_mapping {tuple(offsets.shape)}; "
+            f"byte_spans got {B} texts, input_ids {tuple(ids.shape)} and offset_mapping "
+            f"{tuple(offsets.shape)}; "
             "expected B texts, (B, T) and (B, T, 2)",
             "pass the texts with the input_ids and offset_mapping of one tokenizer call "
             "(return_offsets_mapping=True)",
@@ -220,7 +226,8 @@ def _checked_inputs(
 
 @dataclass(frozen=True)
 class _Members:
-    """The M tokens of groups of two or more, over the whole batch, in ascending flat order (groups consecutive)."""
+    """The M tokens of groups of two or more, over the whole batch, in ascending flat order (groups
+    consecutive)."""
 
     index: torch.Tensor  # (M,) flat position in (B·T)
     row: torch.Tensor  # (M,) text of the batch

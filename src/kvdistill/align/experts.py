@@ -1,6 +1,6 @@
-"""Expert matching between an MoE student and an MoE teacher: which teacher block each student block learns from,
-and which teacher experts each student expert stands for. Training's MoE terms (`kvdistill.objectives.moe`) and the
-held-out routing agreement (`kvdistill.eval.moe`) both call these.
+"""Expert matching between an MoE student and an MoE teacher: which teacher block each student block learns
+from, and which teacher experts each student expert stands for. Training's MoE terms
+(`kvdistill.objectives.moe`) and the held-out routing agreement (`kvdistill.eval.moe`) both call these.
 
 Notation: P_s/P_t MoE blocks, E_s/E_t experts, N tokens.
 """
@@ -18,13 +18,14 @@ def block_pairs(p_s: int, p_t: int) -> list[tuple[int, int]]:
 
 
 def fit_correspondence(probs: torch.Tensor, e_s: int, *, iters: int = 25) -> torch.Tensor:
-    """corr (E_t, E_s), rows summing to 1, from the teacher's routing probabilities `probs` (N, E_t) on N tokens.
+    """corr (E_t, E_s), rows summing to 1, from the teacher's routing probabilities `probs` (N, E_t) on N
+    tokens.
 
     E_t >= E_s: the teacher's experts are grouped into E_s groups by co-activation (k-means of their unit-norm
-    probability profiles over the tokens, farthest-point start from the busiest expert, no group left empty); a
-    teacher expert's probability goes to its group's student expert. E_t < E_s: every teacher expert gets a share
-    of the student experts in proportion to its load (at least one; largest remainders), its probability split
-    evenly over them. Deterministic.
+    probability profiles over the tokens, farthest-point start from the busiest expert, no group left empty);
+    a teacher expert's probability goes to its group's student expert. E_t < E_s: every teacher expert gets a
+    share of the student experts in proportion to its load (at least one; largest remainders), its probability
+    split evenly over them. Deterministic.
     """
     N, e_t = probs.shape
     corr = torch.zeros(e_t, e_s)

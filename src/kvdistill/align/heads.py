@@ -6,19 +6,22 @@ A geometry is anything with `num_kv_heads` and `head_dim` (e.g. `kvdistill.model
 
 Two directions, two roles:
 
-- `KVProjector` (student → teacher, learnable) is the default. The loss is computed in the TEACHER space against
-  the teacher's K/V as a fixed target: ``kvdistill.losses.kv_error(P(K_s), K_t)``. Collapse is impossible: a student whose K/V
-  carry no information (constant over tokens) is mapped by any P to something constant over tokens, and no
-  constant is closer to a varying target than its mean; after normalising by the target's spread the loss stays
-  at the fraction of variance a constant cannot explain (≈ 1). tests/align/test_heads.py proves it by training.
+- `KVProjector` (student → teacher, learnable) is the default. The loss is computed in the TEACHER space
+against
+  the teacher's K/V as a fixed target: ``kvdistill.losses.kv_error(P(K_s), K_t)``. Collapse is impossible: a
+  student whose K/V carry no information (constant over tokens) is mapped by any P to something constant over
+  tokens, and no constant is closer to a varying target than its mean; after normalising by the target's
+  spread the loss stays at the fraction of variance a constant cannot explain (≈ 1). tests/align/test_heads.py
+  proves it by training.
 
-- `TeacherToStudentMap` (teacher → student, FROZEN) serves target-space fusion, where the teachers' K/V are fused
-  into the student's geometry, KV_fused = Σ_n w_n A_n(KV_n), and compared with the student there. A_n must not be
-  trainable by that loss: with a learnable A_n the loss ||K_s - A_n(K_t)||² is zero at A_n = 0 and K_s = 0 (or
-  any constant A_n maps to), so student and map meet at a point that carries no teacher information — the
-  collapse. The map is therefore held in buffers (no parameters at all, requires_grad False) and set once: fixed
-  from the geometries (head group pseudo-inverse, dims by PCA of teacher samples or truncation), or fitted by
-  ridge regression from aligned samples (`fit_teacher_to_student`), never by the distillation loss.
+- `TeacherToStudentMap` (teacher → student, FROZEN) serves target-space fusion, where the teachers' K/V are
+fused
+  into the student's geometry, KV_fused = Σ_n w_n A_n(KV_n), and compared with the student there. A_n must not
+  be trainable by that loss: with a learnable A_n the loss ||K_s - A_n(K_t)||² is zero at A_n = 0 and K_s = 0
+  (or any constant A_n maps to), so student and map meet at a point that carries no teacher information — the
+  collapse. The map is therefore held in buffers (no parameters at all, requires_grad False) and set once:
+  fixed from the geometries (head group pseudo-inverse, dims by PCA of teacher samples or truncation), or
+  fitted by ridge regression from aligned samples (`fit_teacher_to_student`), never by the distillation loss.
 """
 
 from __future__ import annotations
@@ -105,8 +108,9 @@ def projector_param_count(student, teacher, kind: str = "auto") -> int:
 class PerHeadMap(nn.Module):
     """GQA/MQA-aware map (B, H_s, T, D_s) → (B, H_t, T, D_t): mix heads, then a dim map per teacher head.
 
-    y[:, t] = W_t · (Σ_s mix[t, s] · x[:, s]) + b_t. mix starts as `group_average_matrix` (works for H_s > H_t,
-    H_s < H_t and non-divisible counts); W_t starts as the identity when D_s == D_t, else semi-orthogonal.
+    y[:, t] = W_t · (Σ_s mix[t, s] · x[:, s]) + b_t. mix starts as `group_average_matrix` (works for H_s >
+    H_t, H_s < H_t and non-divisible counts); W_t starts as the identity when D_s == D_t, else
+    semi-orthogonal.
     """
 
     def __init__(self, H_s: int, D_s: int, H_t: int, D_t: int):
@@ -123,9 +127,11 @@ class PerHeadMap(nn.Module):
 
 
 class FlatLinearMap(nn.Module):
-    """One Linear over all heads: (B, H_s, T, D_s) → flatten (B, T, H_s·D_s) → (B, T, H_t·D_t) → (B, H_t, T, D_t).
+    """One Linear over all heads: (B, H_s, T, D_s) → flatten (B, T, H_s·D_s) → (B, T, H_t·D_t) → (B, H_t, T,
+    D_t).
 
-    Initialised to the same function as `PerHeadMap` (kron(group average, dim init)), then free to mix anything.
+    Initialised to the same function as `PerHeadMap` (kron(group average, dim init)), then free to mix
+    anything.
     """
 
     def __init__(self, H_s: int, D_s: int, H_t: int, D_t: int):
@@ -154,11 +160,11 @@ class KVProjector(nn.Module):
     """Learnable map of student K or V (B, H_s, T, D_s) into the teacher's geometry (B, H_t, T, D_t).
 
     kind: "per_head" (`PerHeadMap`), "linear" (`FlatLinearMap`), "identity" (no parameters; needs equal
-    (H_kv, D)), or "auto" (identity when the geometries match, per_head otherwise). Keys and values get separate
-    maps (`key_map`, `value_map`): ``forward(x, which="keys" | "values")``. Float32 and float64 inputs are
-    computed in the parameters' dtype (float32 by default); bfloat16 / float16 inputs in their own dtype (the
-    parameters are cast, their gradients stay in the parameters' dtype), as mixed precision does; identity
-    returns x unchanged.
+    (H_kv, D)), or "auto" (identity when the geometries match, per_head otherwise). Keys and values get
+    separate maps (`key_map`, `value_map`): ``forward(x, which="keys" | "values")``. Float32 and float64
+    inputs are computed in the parameters' dtype (float32 by default); bfloat16 / float16 inputs in their own
+    dtype (the parameters are cast, their gradients stay in the parameters' dtype), as mixed precision does;
+    identity returns x unchanged.
     """
 
     def __init__(self, student, teacher, kind: str = "auto"):
@@ -190,7 +196,8 @@ class KVProjector(nn.Module):
         """Keys and values (B, H_s, T, D_s) mapped in one batched matmul -> (2, B, T, H_t·D_t), token-major.
 
         The same function as `forward` for each (up to float rounding): the per-head map is folded into one
-        (H_t·D_t, H_s·D_s) matrix per side. Computed in the inputs' dtype for bf16 / fp16, else the parameters'.
+        (H_t·D_t, H_s·D_s) matrix per side. Computed in the inputs' dtype for bf16 / fp16, else the
+        parameters'.
         """
         return project_layers([self], [keys], [values])[0]
 
@@ -202,7 +209,8 @@ def fold_per_head(
     mix: torch.Tensor, dims: torch.Tensor, bias: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """G per-head maps as dense matrices: mix (G, H_t, H_s), dims (G, H_t, D_t, D_s), bias (G, H_t, D_t) ->
-    weight (G, H_t·D_t, H_s·D_s) with weight[g, (t, e), (s, d)] = mix[g, t, s] · dims[g, t, e, d], bias (G, H_t·D_t)."""
+    weight (G, H_t·D_t, H_s·D_s) with weight[g, (t, e), (s, d)] = mix[g, t, s] · dims[g, t, e, d], bias (G,
+    H_t·D_t)."""
     G, H_t, H_s = mix.shape
     D_t, D_s = dims.shape[-2:]
     weight = (mix[:, :, None, :, None] * dims[:, :, :, None, :]).reshape(G, H_t * D_t, H_s * D_s)
@@ -210,8 +218,8 @@ def fold_per_head(
 
 
 def _stacked_matrices(projectors) -> tuple[torch.Tensor, torch.Tensor]:
-    """(2L, H_t·D_t, H_s·D_s) weights and (2L, H_t·D_t) biases of L projectors' key and value maps, in the order
-    keys of projector 0, values of projector 0, keys of projector 1, ..."""
+    """(2L, H_t·D_t, H_s·D_s) weights and (2L, H_t·D_t) biases of L projectors' key and value maps, in the
+    order keys of projector 0, values of projector 0, keys of projector 1, ..."""
     maps = [m for p in projectors for m in (p.key_map, p.value_map)]
     if projectors[0].kind == "linear":
         return torch.stack([m.linear.weight for m in maps]), torch.stack([m.linear.bias for m in maps])
@@ -235,7 +243,8 @@ def project_layers(projectors, keys, values) -> torch.Tensor:
         (p.kind, p.H_s, p.D_s, p.H_t, p.D_t) != (p0.kind, p0.H_s, p0.D_s, p0.H_t, p0.D_t) for p in projectors
     ):
         raise KvdistillError(
-            f"project_layers needs one projector per layer, all of one kind and geometry; got {len(projectors)} "
+            "project_layers needs one projector per layer, all of one kind and geometry; got "
+            f"{len(projectors)} "
             f"projectors ({sorted({p.extra_repr() for p in projectors})}) for {len(keys)} keys and "
             f"{len(values)} values",
             "group the layers by teacher",
@@ -247,10 +256,10 @@ def project_layers(projectors, keys, values) -> torch.Tensor:
 def project_stacked(
     keys, values, weight: torch.Tensor | None, bias: torch.Tensor | None, geometry
 ) -> torch.Tensor:
-    """L layers' K and V (B, H_s, T, D_s) through stacked matrices weight (2L, F_t, F_s), bias (2L, F_t) (keys of
-    layer 0, values of layer 0, ...; None: identity) in one batched matmul -> (L, 2, B, T, F_t), token-major.
-    `geometry` names H_s, D_s, H_t, D_t (a projector or a stack of them). Computed in the inputs' dtype for bf16 /
-    fp16, else the matrices'."""
+    """L layers' K and V (B, H_s, T, D_s) through stacked matrices weight (2L, F_t, F_s), bias (2L, F_t) (keys
+    of layer 0, values of layer 0, ...; None: identity) in one batched matmul -> (L, 2, B, T, F_t),
+    token-major. `geometry` names H_s, D_s, H_t, D_t (a projector or a stack of them). Computed in the inputs'
+    dtype for bf16 / fp16, else the matrices'."""
     g = geometry
     B, H_s, T, D_s = keys[0].shape
     for k, v in zip(keys, values, strict=True):
@@ -277,11 +286,11 @@ def fixed_teacher_to_student(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A map from teacher to student geometry chosen without student data: (weight (H_s·D_s, H_t·D_t), bias).
 
-    Heads: the pseudo-inverse of `group_average_matrix(H_t, H_s)`, so student head s ← the teacher head(s) that
-    its group averages into (H_s > H_t: each teacher head copied to its group; H_s < H_t: teacher heads averaged).
-    Dims: D_s == D_t → identity; D_s > D_t → the teacher's D_t dims then zeros; D_s < D_t → the top-D_s principal
-    directions of `teacher_kv` samples (N, H_t, D_t) pooled over heads (SVD of the centred samples), or the
-    first D_s dims when no samples are given. Bias is zero.
+    Heads: the pseudo-inverse of `group_average_matrix(H_t, H_s)`, so student head s ← the teacher head(s)
+    that its group averages into (H_s > H_t: each teacher head copied to its group; H_s < H_t: teacher heads
+    averaged). Dims: D_s == D_t → identity; D_s > D_t → the teacher's D_t dims then zeros; D_s < D_t → the
+    top-D_s principal directions of `teacher_kv` samples (N, H_t, D_t) pooled over heads (SVD of the centred
+    samples), or the first D_s dims when no samples are given. Bias is zero.
     """
     heads = torch.linalg.pinv(group_average_matrix(H_t, H_s).double())  # (H_s, H_t)
     if D_s < D_t and teacher_kv is not None:
@@ -300,10 +309,12 @@ def fit_teacher_to_student(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Closed-form ridge regression of student K or V on teacher K or V at aligned tokens.
 
-    teacher_kv: (N, H_t, D_t), student_kv: (N, H_s, D_s): N paired samples (the same tokens, e.g. pooled through
+    teacher_kv: (N, H_t, D_t), student_kv: (N, H_s, D_s): N paired samples (the same tokens, e.g. pooled
+    through
         the token alignment). Returns (weight (H_s·D_s, H_t·D_t), bias (H_s·D_s)) minimising
-        Σ ||y - W x - b||² + λ ||W||² over flattened x = teacher, y = student, with an unpenalised intercept and
-        λ = ridge · mean feature variance · N (so `ridge` is scale-free). Solved in float64 with torch.linalg.
+        Σ ||y - W x - b||² + λ ||W||² over flattened x = teacher, y = student, with an unpenalised intercept
+        and λ = ridge · mean feature variance · N (so `ridge` is scale-free). Solved in float64 with
+        torch.linalg.
     """
     if teacher_kv.dim() != 3 or student_kv.dim() != 3 or teacher_kv.shape[0] != student_kv.shape[0]:
         raise KvdistillError(
@@ -335,10 +346,10 @@ def _check_samples(x: torch.Tensor, H: int, D: int, name: str) -> None:
 class TeacherToStudentMap(nn.Module):
     """Frozen map of teacher K or V (B, H_t, T, D_t) into the student's geometry (B, H_s, T, D_s).
 
-    Weights live in buffers (`key_weight`, `key_bias`, `value_weight`, `value_bias`; weight (H_s·D_s, H_t·D_t)):
-    the module has no parameters, so no optimizer or loss can move it (see the module docstring for why).
-    Starts as `fixed_teacher_to_student`; `fit(which, teacher_kv, student_kv=None)` resets one side from samples:
-    ridge regression with student samples, else the fixed map with PCA of the teacher samples.
+    Weights live in buffers (`key_weight`, `key_bias`, `value_weight`, `value_bias`; weight (H_s·D_s,
+    H_t·D_t)): the module has no parameters, so no optimizer or loss can move it (see the module docstring for
+    why). Starts as `fixed_teacher_to_student`; `fit(which, teacher_kv, student_kv=None)` resets one side from
+    samples: ridge regression with student samples, else the fixed map with PCA of the teacher samples.
     """
 
     def __init__(self, teacher, student):

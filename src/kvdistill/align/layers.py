@@ -2,10 +2,11 @@
 
 Notation: L_s student layers, L_t teacher layers, B batch, H KV heads, T time, D head dim.
 
-A layer map is a dense float32 matrix W of shape (L_s, L_t). Row i holds the weights of the teacher layers whose
-K/V supervise student layer i: the row sums to 1, or to 0 when student layer i is not supervised at all. The
-target of student layer i is the weighted mix Σ_j W[i, j] · KV_t[j] (`mix_layers`), or equivalently the weighted
-sum of per-layer losses. Weights are computed with exact fractions, so golden values in tests are exact.
+A layer map is a dense float32 matrix W of shape (L_s, L_t). Row i holds the weights of the teacher layers
+whose K/V supervise student layer i: the row sums to 1, or to 0 when student layer i is not supervised at all.
+The target of student layer i is the weighted mix Σ_j W[i, j] · KV_t[j] (`mix_layers`), or equivalently the
+weighted sum of per-layer losses. Weights are computed with exact fractions, so golden values in tests are
+exact.
 
 Strategies (worked examples in `layer_map`):
     ratio     student layer i sits at relative depth i / (L_s - 1); it takes the teacher position at the same
@@ -35,7 +36,8 @@ def layer_map(
 
     Rows sum to 1, or to 0 for a student layer that is not supervised (only `explicit` can leave one out).
 
-    ratio: student layer i ↦ teacher position p = i · (L_t - 1) / (L_s - 1) (L_s == 1: the last teacher layer),
+    ratio: student layer i ↦ teacher position p = i · (L_t - 1) / (L_s - 1) (L_s == 1: the last teacher
+    layer),
         so first maps to first and last to last. interpolate=True splits the weight linearly between floor(p)
         and ceil(p); interpolate=False puts it all on the nearest layer (halves round up).
         Example L_s=4, L_t=30: p = 0, 9.667, 19.333, 29 →
@@ -44,11 +46,11 @@ def layer_map(
     uniform: teacher layer j occupies the unit interval [j, j + 1); student layer i owns the block
         [i · L_t / L_s, (i + 1) · L_t / L_s) and takes the mean of the teacher layers in it.
         interpolate=True weighs each teacher layer by its overlap with the block (a layer cut by a block edge
-        counts fractionally); interpolate=False gives each teacher layer wholly to the block holding its centre
-        j + 1/2 (a student block that holds no centre, when L_s > L_t, takes the layer holding its own centre).
-        Example L_s=4, L_t=30 (blocks of 7.5 layers): row 0 = layers 0..6 with weight 1/7.5 and layer 7 with
-        0.5/7.5; row 1 = layer 7 (0.5/7.5) and 8..14 (1/7.5). Without interpolation: 0..6, 7..14, 15..21, 22..29,
-        each a plain mean. L_s=6, L_t=2: rows 0-2 → {0: 1}, rows 3-5 → {1: 1}.
+        counts fractionally); interpolate=False gives each teacher layer wholly to the block holding its
+        centre j + 1/2 (a student block that holds no centre, when L_s > L_t, takes the layer holding its own
+        centre). Example L_s=4, L_t=30 (blocks of 7.5 layers): row 0 = layers 0..6 with weight 1/7.5 and layer
+        7 with 0.5/7.5; row 1 = layer 7 (0.5/7.5) and 8..14 (1/7.5). Without interpolation: 0..6, 7..14,
+        15..21, 22..29, each a plain mean. L_s=6, L_t=2: rows 0-2 → {0: 1}, rows 3-5 → {1: 1}.
     skip: student layer i ↦ the last teacher layer of block i, i.e. ceil((i + 1) · L_t / L_s) - 1. When L_s
         divides L_t this is (i + 1) · L_t // L_s - 1, every k-th teacher layer with k = L_t / L_s.
         Example L_s=4, L_t=12: 2, 5, 8, 11. L_s=4, L_t=30: 7, 14, 22, 29. L_s=6, L_t=2: 0, 0, 0, 1, 1, 1.
@@ -171,7 +173,8 @@ def mix_layers(layers: list[torch.Tensor], weights: torch.Tensor) -> torch.Tenso
 
     layers: L_t tensors of one shape, e.g. teacher K or V (B, H, T, D); entries with zero weight may be None
         (e.g. layers a cache did not keep). weights: (L_t,), one row of a layer map.
-    Returns a tensor of that shape (float32 or wider), or None when every weight is zero (an unsupervised row).
+    Returns a tensor of that shape (float32 or wider), or None when every weight is zero (an unsupervised
+    row).
     """
     if weights.dim() != 1 or weights.shape[0] != len(layers):
         raise KvdistillError(
@@ -191,5 +194,6 @@ def mix_layers(layers: list[torch.Tensor], weights: torch.Tensor) -> torch.Tenso
 
 
 def apply_layer_map(teacher_layers: list[torch.Tensor], row: torch.Tensor) -> torch.Tensor | None:
-    """The target of one student layer: teacher K or V (B, H_t, T, D_t) per layer, mixed by a layer-map row."""
+    """The target of one student layer: teacher K or V (B, H_t, T, D_t) per layer, mixed by a layer-map
+    row."""
     return mix_layers(teacher_layers, row)

@@ -13,8 +13,8 @@ from kvdistill.align.layers import describe_layer_map, layer_map
 
 
 class KVGeometry(Protocol):
-    """What a plan reads of a model's geometry (`kvdistill.models.geometry.KVGeometry` has it; align sits below
-    models and does not import it)."""
+    """What a plan reads of a model's geometry (`kvdistill.models.geometry.KVGeometry` has it; align sits
+    below models and does not import it)."""
 
     name: str
     num_layers: int
@@ -34,7 +34,8 @@ def alignment_plan(
     projector: str = "auto",
     bytes_per_element: int = 2,
 ) -> dict[str, Any]:
-    """Plan for distilling `teacher` into `student`: layer map (L_s, L_t), projector kind and size, KV bytes."""
+    """Plan for distilling `teacher` into `student`: layer map (L_s, L_t), projector kind and size, KV
+    bytes."""
     matrix = layer_map(
         student.num_layers, teacher.num_layers, strategy=strategy, explicit=explicit, interpolate=interpolate
     )  # (L_s, L_t)

@@ -3,16 +3,16 @@
 Notation: L mapped student layers, B batch, T tokens, H_s/H_t student/teacher KV heads, D_s/D_t head dims,
 F_s = H_s·D_s, F_t = H_t·D_t. Index [l, 0] is layer l's key map, [l, 1] its value map.
 
-`KVProjectorStack` is the same function as L separate `KVProjector`s (`heads.project_layers` of them), with one
-tensor per kind of parameter per teacher instead of 2·L maps of up to 3 tensors each: the optimizer, gradient
-clipping and gradient accumulation then touch a handful of tensors per teacher (each tensor is at least one
-kernel launch per step on a GPU), and nothing is stacked per step. It is initialised from L `KVProjector`s built
-in order, so its start equals theirs draw for draw, and a state dict of the per-layer layout
-(``<layer>.key_map.mix``, ...) loads into it.
+`KVProjectorStack` is the same function as L separate `KVProjector`s (`heads.project_layers` of them), with
+one tensor per kind of parameter per teacher instead of 2·L maps of up to 3 tensors each: the optimizer,
+gradient clipping and gradient accumulation then touch a handful of tensors per teacher (each tensor is at
+least one kernel launch per step on a GPU), and nothing is stacked per step. It is initialised from L
+`KVProjector`s built in order, so its start equals theirs draw for draw, and a state dict of the per-layer
+layout (``<layer>.key_map.mix``, ...) loads into it.
 
-One difference from separate tensors: a map that gets no gradient (the value maps under a keys-only loss) now has
-a zero gradient in its slots rather than none. AdamW leaves it unchanged (a zero gradient moves nothing) unless
-train.weight_decay > 0, which then decays it as it decays every map.
+One difference from separate tensors: a map that gets no gradient (the value maps under a keys-only loss) now
+has a zero gradient in its slots rather than none. AdamW leaves it unchanged (a zero gradient moves nothing)
+unless train.weight_decay > 0, which then decays it as it decays every map.
 """
 
 from __future__ import annotations
@@ -66,15 +66,16 @@ class KVProjectorStack(nn.Module):
         return len(self.layers)
 
     def matrices(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(2L, F_t, F_s) weights and (2L, F_t) biases, keys of layer 0, values of layer 0, keys of layer 1, ..."""
+        """(2L, F_t, F_s) weights and (2L, F_t) biases, keys of layer 0, values of layer 0, keys of layer 1,
+        ..."""
         L, F_t, F_s = len(self), self.H_t * self.D_t, self.H_s * self.D_s
         if self.kind == "linear":
             return self.weight.reshape(2 * L, F_t, F_s), self.bias.reshape(2 * L, F_t)
         return fold_per_head(self.mix.flatten(0, 1), self.weight.flatten(0, 1), self.bias.flatten(0, 1))
 
     def project(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> torch.Tensor:
-        """K and V of the L layers, (B, H_s, T, D_s) each, in one batched matmul -> (L, 2, B, T, F_t), token-major.
-        Computed in the inputs' dtype for bf16 / fp16, else the parameters'."""
+        """K and V of the L layers, (B, H_s, T, D_s) each, in one batched matmul -> (L, 2, B, T, F_t),
+        token-major. Computed in the inputs' dtype for bf16 / fp16, else the parameters'."""
         if len(keys) != len(self) or len(values) != len(self):
             raise KvdistillError(
                 f"the projector stack maps {len(self)} layers, got {len(keys)} keys and {len(values)} values",
@@ -86,8 +87,8 @@ class KVProjectorStack(nn.Module):
         return project_stacked(keys, values, weight, bias, self)
 
     def projector(self, layer: int) -> KVProjector:
-        """A standalone `KVProjector` holding a copy of student layer `layer`'s maps (for references and reports;
-        training the copy does not train the stack). The global RNG is left as it was."""
+        """A standalone `KVProjector` holding a copy of student layer `layer`'s maps (for references and
+        reports; training the copy does not train the stack). The global RNG is left as it was."""
         p = self.position[layer]
         with torch.random.fork_rng(devices=[]):
             out = KVProjector(*self.geometries, kind=self.kind)

@@ -219,10 +219,10 @@ def batch_token_alignment_sparse(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The alignment of `batch_token_alignment` as K nonzeros per row: index, weight (B, T_s, K).
 
-    Row i of sample b is Σ_k weight[b, i, k] · e(index[b, i, k]) over teacher tokens (K = the most teacher tokens
-    any student token overlaps, at least 1); unused slots have weight 0 and index 0. A token alignment is very
-    sparse (a token overlaps 1-3 tokens of the other side), so `resample_rows` with this form costs O(T_s·K)
-    instead of the dense O(T_s·T_t).
+    Row i of sample b is Σ_k weight[b, i, k] · e(index[b, i, k]) over teacher tokens (K = the most teacher
+    tokens any student token overlaps, at least 1); unused slots have weight 0 and index 0. A token alignment
+    is very sparse (a token overlaps 1-3 tokens of the other side), so `resample_rows` with this form costs
+    O(T_s·K) instead of the dense O(T_s·T_t).
     """
     rows, cols, weights, B, T_s, T_t = _batch_overlaps(
         student_spans, student_mask, teacher_spans, teacher_mask
@@ -271,7 +271,8 @@ def align_to_student(teacher_tensor: torch.Tensor, alignment: torch.Tensor) -> t
     B, H, T_t, D = teacher_tensor.shape
     if alignment.shape[0] != B or alignment.shape[2] != T_t:
         raise KvdistillError(
-            f"alignment {tuple(alignment.shape)} does not match teacher_tensor {tuple(teacher_tensor.shape)}: "
+            f"alignment {tuple(alignment.shape)} does not match teacher_tensor "
+            f"{tuple(teacher_tensor.shape)}: "
             f"need alignment (B={B}, T_s, T_t={T_t})",
             "build the alignment from the same batch and teacher tokenization as the teacher tensor",
         )
@@ -282,8 +283,9 @@ def align_to_student(teacher_tensor: torch.Tensor, alignment: torch.Tensor) -> t
 
 
 def _prefix_keys(spans: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per position (B, T): the bytes read so far (the furthest end of the real non-empty spans up to it) and the
-    number of real empty-span tokens (special tokens) since the last non-empty one (0 on a non-empty token)."""
+    """Per position (B, T): the bytes read so far (the furthest end of the real non-empty spans up to it) and
+    the number of real empty-span tokens (special tokens) since the last non-empty one (0 on a non-empty
+    token)."""
     B, T = mask.shape
     nonempty = (spans[..., 1] > spans[..., 0]) & mask  # (B, T)
     read = torch.where(nonempty, spans[..., 1], 0).cummax(dim=1).values  # (B, T)
@@ -293,8 +295,8 @@ def _prefix_keys(spans: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor,
 
 
 def _checked_pair(student_spans, student_mask, teacher_spans, teacher_mask):
-    """Two batched tokenizations of the same texts, checked: spans (B, T_s, 2), mask (B, T_s), spans (B, T_t, 2),
-    mask (B, T_t), on the student's device."""
+    """Two batched tokenizations of the same texts, checked: spans (B, T_s, 2), mask (B, T_s), spans (B, T_t,
+    2), mask (B, T_t), on the student's device."""
     student = _as_spans(student_spans, "student_spans", batched=True)  # (B, T_s, 2)
     teacher = _as_spans(teacher_spans, "teacher_spans", batched=True).to(student.device)  # (B, T_t, 2)
     B, T_s, _ = student.shape
@@ -311,15 +313,16 @@ def _checked_pair(student_spans, student_mask, teacher_spans, teacher_mask):
 
 
 def prefix_positions(student_spans, student_mask, teacher_spans, teacher_mask) -> torch.Tensor:
-    """The teacher position that has read the same text as each student position: (B, T_s) long, -1 where none.
+    """The teacher position that has read the same text as each student position: (B, T_s) long, -1 where
+    none.
 
     student_spans (B, T_s, 2), student_mask (B, T_s), teacher_spans (B, T_t, 2), teacher_mask (B, T_t) as in
-    `batch_token_alignment`. Student position i and teacher position j are partners when both have read the same
-    bytes [0, e) of the text (e: the furthest end of their non-empty spans so far) and the same number of special
-    (empty-span) tokens since their last non-empty one: their next-token distributions then predict the same
-    continuation of the same prefix. One tokenization paired with itself gives every real position itself. Where
-    several teacher positions qualify (only overlapping fallback spans do that) the last one is taken; padding
-    positions get -1.
+    `batch_token_alignment`. Student position i and teacher position j are partners when both have read the
+    same bytes [0, e) of the text (e: the furthest end of their non-empty spans so far) and the same number of
+    special (empty-span) tokens since their last non-empty one: their next-token distributions then predict
+    the same continuation of the same prefix. One tokenization paired with itself gives every real position
+    itself. Where several teacher positions qualify (only overlapping fallback spans do that) the last one is
+    taken; padding positions get -1.
     """
     student, s_mask, teacher, t_mask = _checked_pair(student_spans, student_mask, teacher_spans, teacher_mask)
     B, T_s, _ = student.shape
@@ -342,14 +345,15 @@ def prefix_positions(student_spans, student_mask, teacher_spans, teacher_mask) -
 def common_chunks(
     student_spans, student_mask, teacher_spans, teacher_mask
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The text cut at every byte offset where both tokenizations end a token: per token the chunk it belongs to,
-    student (B, T_s) and teacher (B, T_t) long, numbered 0, 1, ... from the start of each sample, -1 for none.
+    """The text cut at every byte offset where both tokenizations end a token: per token the chunk it belongs
+    to, student (B, T_s) and teacher (B, T_t) long, numbered 0, 1, ... from the start of each sample, -1 for
+    none.
 
-    Inputs as `prefix_positions`. A real non-empty token belongs to chunk c when the c-th common boundary (counting
-    from 0) is the first at or after the bytes it has read (the furthest end so far), so chunk c holds, on each
-    side, exactly the tokens that spell the bytes between common boundaries c - 1 and c: a run of student tokens
-    and a run of teacher tokens covering the same bytes. Special (empty-span) tokens, padding and the tokens past
-    the last common boundary (cut by truncation on the other side) get -1.
+    Inputs as `prefix_positions`. A real non-empty token belongs to chunk c when the c-th common boundary
+    (counting from 0) is the first at or after the bytes it has read (the furthest end so far), so chunk c
+    holds, on each side, exactly the tokens that spell the bytes between common boundaries c - 1 and c: a run
+    of student tokens and a run of teacher tokens covering the same bytes. Special (empty-span) tokens,
+    padding and the tokens past the last common boundary (cut by truncation on the other side) get -1.
     """
     student, s_mask, teacher, t_mask = _checked_pair(student_spans, student_mask, teacher_spans, teacher_mask)
     B = student.shape[0]
@@ -394,8 +398,8 @@ def teacher_alignment(
 def teacher_alignment_sparse(
     spans_t: torch.Tensor, mask_t: torch.Tensor, spans_s: torch.Tensor, mask_s: torch.Tensor, *, device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`teacher_alignment` as index, weight (B, H|1, M, K) for `resample_rows`, built on the CPU (the spans are
-    small and the sweep is many tiny ops) and moved to `device` once; pass CPU spans and masks."""
+    """`teacher_alignment` as index, weight (B, H|1, M, K) for `resample_rows`, built on the CPU (the spans
+    are small and the sweep is many tiny ops) and moved to `device` once; pass CPU spans and masks."""
     spans_t, mask_t, spans_s, mask_s = spans_t.cpu(), mask_t.cpu(), spans_s.cpu(), mask_s.cpu()
     if spans_t.dim() == 3:
         index, weight = batch_token_alignment_sparse(spans_t, mask_t, spans_s, mask_s)  # (B, M, K)

@@ -6,8 +6,8 @@ Modules, one concept each:
     writer     `CacheWriter`: crash-safe sharded writer (background thread, resume); the directory layout
     merge      `merge_parts`: one manifest.json from the parts of a SLURM array extraction
     meta       what a cache of a teacher over a dataset holds, from their configs (`expected_meta`)
-    reader     `CacheReader`: lazy per-sample reads and right-padded `TeacherKV` batches; `open_teacher_cache`,
-               the checked reader a `source: cache` teacher trains from
+    reader     `CacheReader`: lazy per-sample reads and right-padded `TeacherKV` batches;
+               `open_teacher_cache`, the checked reader a `source: cache` teacher trains from
     verify     `verify_cache` / `cache_info`
     extract    `kvdistill extract` (`kvdistill.cache.extract.extract`, `run_pipeline`)
 """

@@ -6,21 +6,21 @@ n stored layers.
 
 Stored sample (what `samples_from_capture` / `host_samples` produce; `CacheWriter` itself accepts any dict of
 tensors). T_b is the sample's number of real tokens (padding removed), M_b the kept tokens per head (T_b for
-full, min(budget, T_b) for right_crop / rkv; with compression.span 'cot' min(budget, the sample's CoT tokens)),
-l a stored teacher layer:
+full, min(budget, T_b) for right_crop / rkv; with compression.span 'cot' min(budget, the sample's CoT
+tokens)), l a stored teacher layer:
     token_ids   (T_b,)          int64   the teacher's input ids
     positions   (T_b,)          int64   the positions the teacher used
     spans       (T_b, 2)        int64   character [start, end) of each token (specials: start == end)
     keys_l{l}   (H_kv, M_b, D)  dtype   pre-rotation keys of the kept tokens, in time order
     values_l{l} (H_kv, M_b, D)  dtype
-    index_l{l}  (H_kv, M_b)     int32   rkv and span cot: which of the T_b tokens each kept slot holds; absent means
-                                        0..M_b-1 (full and right_crop keep the first M_b tokens)
-    logit_values (T_b, k)       ldtype  with stored logits (`LogitSpec`): the top-k log-probabilities at τ = 1 of the
-                                        next token at every real token, descending
+    index_l{l}  (H_kv, M_b)     int32   rkv and span cot: which of the T_b tokens each kept slot holds; absent
+                                        means 0..M_b-1 (full and right_crop keep the first M_b tokens)
+    logit_values (T_b, k)       ldtype  with stored logits (`LogitSpec`): the top-k log-probabilities at τ = 1
+                                        of the next token at every real token, descending
     logit_index  (T_b, k)       uint16 | int32  their token ids (int32 for vocabularies over 65,536)
     logit_shift  (T_b, n)       float32 logsumexp(z)/τ − logsumexp(z/τ) at each stored temperature τ
-dtype is the compression's storage dtype (`compression.dtype`), ldtype the logits' (`LogitSpec.dtype`); the logits
-are of every real token whatever the K/V compression keeps (kvdistill.teachers.logits).
+dtype is the compression's storage dtype (`compression.dtype`), ldtype the logits' (`LogitSpec.dtype`); the
+logits are of every real token whatever the K/V compression keeps (kvdistill.teachers.logits).
 """
 
 from __future__ import annotations
@@ -40,8 +40,9 @@ class HostBatch:
     kv (n, 2, B, H_kv, M, D) keys then values in the storage dtype, or a list of n (keys, values) pairs
     (B, H_kv, M, D) when the layers differ in shape; index (n, B, H_kv, M) int32 (rkv only); ids_pos (2, B, T)
     int64 token ids and positions; spans (B, T, 2) or None; mask (B, T) CPU.
-    `ready` (a CUDA event, or None on CPU) marks the end of the device -> host copies. `finite` () bool: the rkv
-    importance was finite on every real token, checked by `host_samples` (None: checked during the selection).
+    `ready` (a CUDA event, or None on CPU) marks the end of the device -> host copies. `finite` () bool: the
+    rkv importance was finite on every real token, checked by `host_samples` (None: checked during the
+    selection).
     """
 
     layers: list[int]
@@ -62,14 +63,14 @@ class HostBatch:
 def capture_to_host(
     cap, compression, layers: list[int], query_mask: torch.Tensor | None = None, logits=None
 ) -> HostBatch:
-    """Select and gather the stored K/V of `layers` (`compression.resolve_layers`, resolved once by the caller)
-    of a `KVCapture` on its device and start one asynchronous copy of them to pinned host memory (plus one for
-    ids/positions, one for the rkv index); returns without waiting for the device: nothing here reads a value
-    back (the (B, T) mask comes from `cap.attention_mask_cpu` when the capture holds it, the rkv importance's
-    finiteness is checked by `host_samples`). On CUDA the K/V of every layer are gathered straight into one
-    buffer in the storage dtype (one gather per layer and tensor when the capture's dtype is the storage dtype).
-    logits: a `LogitSpec` to keep the capture's (B, T, V) logits as top-k log-probabilities
-    (`topk_logprobs`, on the device in chunks of rows), copied with the K/V."""
+    """Select and gather the stored K/V of `layers` (`compression.resolve_layers`, resolved once by the
+    caller) of a `KVCapture` on its device and start one asynchronous copy of them to pinned host memory (plus
+    one for ids/positions, one for the rkv index); returns without waiting for the device: nothing here reads
+    a value back (the (B, T) mask comes from `cap.attention_mask_cpu` when the capture holds it, the rkv
+    importance's finiteness is checked by `host_samples`). On CUDA the K/V of every layer are gathered
+    straight into one buffer in the storage dtype (one gather per layer and tensor when the capture's dtype is
+    the storage dtype). logits: a `LogitSpec` to keep the capture's (B, T, V) logits as top-k
+    log-probabilities (`topk_logprobs`, on the device in chunks of rows), copied with the K/V."""
     device = cap.attention_mask.device
     on_cuda = device.type == "cuda"
     mask_host = cap.attention_mask_cpu
@@ -137,9 +138,9 @@ def capture_to_host(
 def _select(
     cap, compression, layers: list[int], query_mask: torch.Tensor | None
 ) -> tuple[list[torch.Tensor | None], torch.Tensor | None]:
-    """(per layer the time indices of its kept tokens on the device: (B, H, M) for rkv and span cot, one (B, M)
-    shared by every layer for right_crop, None for full; the rkv importance's () finiteness flag when it is left to
-    `host_samples` to check, else None). Kept real tokens come first."""
+    """(per layer the time indices of its kept tokens on the device: (B, H, M) for rkv and span cot, one (B,
+    M) shared by every layer for right_crop, None for full; the rkv importance's () finiteness flag when it is
+    left to `host_samples` to check, else None). Kept real tokens come first."""
     from kvdistill.compress import layer_selection, stacked_rkv_selection
     from kvdistill.compress.select import importance_finite
 
@@ -148,7 +149,8 @@ def _select(
     if compression.kind == "right_crop" and compression.span == "all":
         shared = layer_selection(cap, compression, layers[0], query_mask)[0]  # (B, M), for every layer
         return [shared] * len(layers), None
-    # rkv: groups of layers in one call when possible, the finiteness check deferred (reading it back would wait)
+    # rkv: groups of layers in one call when possible, the finiteness check deferred (reading it back would
+    # wait)
     stacked = stacked_rkv_selection(cap, compression, layers, check_finite=False)
     finite = None
     if stacked is not None:
@@ -176,7 +178,8 @@ def _kept(x: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
 
 
 def _gather_into(out: torch.Tensor, x: torch.Tensor, idx: torch.Tensor | None) -> None:
-    """out (B, H, M, D) = `_kept(x, idx)` cast to out's dtype, without an intermediate where the dtypes agree."""
+    """out (B, H, M, D) = `_kept(x, idx)` cast to out's dtype, without an intermediate where the dtypes
+    agree."""
     if idx is None:
         out.copy_(x)
     elif out.dtype != x.dtype:
@@ -188,8 +191,8 @@ def _gather_into(out: torch.Tensor, x: torch.Tensor, idx: torch.Tensor | None) -
 
 
 def _rank_index(cap, compression, chosen: list[torch.Tensor | None]) -> torch.Tensor | None:
-    """(n, B, H, M) int32: which of its sample's real tokens each kept slot holds, for rkv and span cot (None for
-    full and right_crop, which keep the first M), in one gather over every layer."""
+    """(n, B, H, M) int32: which of its sample's real tokens each kept slot holds, for rkv and span cot (None
+    for full and right_crop, which keep the first M), in one gather over every layer."""
     if compression.kind == "full" or (compression.kind == "right_crop" and compression.span == "all"):
         return None
     rank = (
@@ -202,8 +205,9 @@ def _rank_index(cap, compression, chosen: list[torch.Tensor | None]) -> torch.Te
 
 
 def host_samples(batch: HostBatch) -> list[dict[str, torch.Tensor]]:
-    """Wait for the copies of a `HostBatch` and cut it into per-sample tensors (layout in the module docstring),
-    each owning its storage (safe to hand to `CacheWriter.add(..., copy=False)`). Runs on any thread."""
+    """Wait for the copies of a `HostBatch` and cut it into per-sample tensors (layout in the module
+    docstring), each owning its storage (safe to hand to `CacheWriter.add(..., copy=False)`). Runs on any
+    thread."""
     if batch.ready is not None:
         batch.ready.synchronize()
     if batch.finite is not None and not bool(batch.finite):
@@ -246,10 +250,10 @@ def samples_from_capture(
     """Per-sample CPU tensors (layout in the module docstring) of a `KVCapture` under a `Compression`.
 
     rkv needs the importance in `cap.importance` or `cap.attentions`, and a (B, T) `query_mask` of the
-    answer tokens. `layers`: the stored layers, default `compression.resolve_layers` of the capture's geometry.
-    `logits`: a `LogitSpec` to store the capture's logits (it must hold them) as top-k log-probabilities.
-    The selected K/V of every layer are gathered and cast on the capture's device, copied to the host
-    asynchronously (pinned memory on CUDA) and waited for once per batch: `capture_to_host`, then
+    answer tokens. `layers`: the stored layers, default `compression.resolve_layers` of the capture's
+    geometry. `logits`: a `LogitSpec` to store the capture's logits (it must hold them) as top-k
+    log-probabilities. The selected K/V of every layer are gathered and cast on the capture's device, copied
+    to the host asynchronously (pinned memory on CUDA) and waited for once per batch: `capture_to_host`, then
     `host_samples` (which `kvdistill extract` runs on another thread). Each returned tensor owns its storage.
     """
     if layers is None:

@@ -4,7 +4,8 @@
         --compression rkv --budget 128
     kvdistill extract CONFIG --teacher NAME --out DIR      teacher (with its compression) and data from a run
                                                            config; --out defaults to the teacher's cache_dir
-    kvdistill extract ... --logits-top-k 64 [--logits-dtype float16] [--logits-temperatures 1,2]   K/V + top-k logits
+    kvdistill extract ... --logits-top-k 64 [--logits-dtype float16] [--logits-temperatures 1,2]
+                                                           K/V + top-k logits
     kvdistill extract ... --shard-index $SLURM_ARRAY_TASK_ID --num-shards 8, then kvdistill cache merge DIR
     kvdistill cache info DIR [--json] / cache verify DIR / cache merge DIR [--parts N]
 
@@ -109,7 +110,8 @@ def extract(
 
     Examples:
 
-        kvdistill extract --teacher smollm2-135m --data gsm_symbolic --out caches/smollm2 --compression rkv --budget 128
+        kvdistill extract --teacher smollm2-135m --data gsm_symbolic --out caches/smollm2 \\
+            --compression rkv --budget 128
 
         kvdistill extract my.yaml --teacher qwen --out caches/qwen
     """
@@ -168,9 +170,9 @@ def extract_configs(
     limit: int | None = None,
     logits: dict | None = None,
 ):
-    """(TeacherConfig, DataConfig, out dir) from a run config and/or flags; every problem listed together. A logits
-    section (the teacher's, or from the --logits-* flags) without temperatures gets those of the config's
-    losses.logit_kd (its defaults without a config)."""
+    """(TeacherConfig, DataConfig, out dir) from a run config and/or flags; every problem listed together. A
+    logits section (the teacher's, or from the --logits-* flags) without temperatures gets those of the
+    config's losses.logit_kd (its defaults without a config)."""
     from kvdistill.config import (
         DataConfig,
         LogitKDConfig,

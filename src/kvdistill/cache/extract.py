@@ -26,9 +26,9 @@ derived once, from config.json and the teacher config (`teacher_spec`), before a
 every step below: loading, the meta, the tokenize thread, the capture and the host copy of every batch.
 
 The cache's meta is `kvdistill.cache.meta.expected_meta`: teacher id and geometry, tokenizer fingerprint,
-compression, and the dataset fingerprint. Training from the cache (`kvdistill.cache.reader.open_teacher_cache`)
-rebuilds the same meta from the run's config, without loading the teacher's weights, and refuses a cache that
-differs, naming the field.
+compression, and the dataset fingerprint. Training from the cache
+(`kvdistill.cache.reader.open_teacher_cache`) rebuilds the same meta from the run's config, without loading
+the teacher's weights, and refuses a cache that differs, naming the field.
 """
 
 from __future__ import annotations
@@ -75,9 +75,9 @@ def _check_shards(shard_index: int, num_shards: int) -> None:
 
 
 def load_teacher(teacher_cfg: TeacherConfig, spec: TeacherSpec, device: str):
-    """(model, tokenizer) in half precision on GPU, float32 on CPU (unless the teacher's dtype says otherwise);
-    sdpa where the model supports it, eager attention when rkv needs the attention probabilities (families
-    whose queries cannot be hooked, see `kvdistill.models.queries.supports_queries`)."""
+    """(model, tokenizer) in half precision on GPU, float32 on CPU (unless the teacher's dtype says
+    otherwise); sdpa where the model supports it, eager attention when rkv needs the attention probabilities
+    (families whose queries cannot be hooked, see `kvdistill.models.queries.supports_queries`)."""
     from kvdistill.models.load import load_model
     from kvdistill.models.queries import supports_queries
 
@@ -122,8 +122,9 @@ def extract(
     """Run one teacher over `data_cfg` and write (or resume) its cache in `out_dir`; with a `logits` section,
     its top-k log-probabilities too (temperatures: the section's, else those of `logit_kd`).
 
-    `only_ids`: store only these records (e.g. the ones an experiment's runs will read); the cache is still the
-    cache of `data_cfg` (the same meta), and a run that asks it for another record gets a CacheError naming it.
+    `only_ids`: store only these records (e.g. the ones an experiment's runs will read); the cache is still
+    the cache of `data_cfg` (the same meta), and a run that asks it for another record gets a CacheError
+    naming it.
 
     With num_shards > 1 this writes part `shard_index` (`manifest.part-{i}.json`); `merge_parts` combines the
     parts once all have finished. `model` / `tokenizer`: the teacher already loaded (it must be
@@ -249,16 +250,16 @@ def run_pipeline(
     depth: int = 2,
     logits: LogitSpec | None = None,
 ) -> None:
-    """Capture and compress `batches` in order, calling `consume(batch, samples)` (samples: `host_samples`) for
-    each, with the host work off the main thread:
+    """Capture and compress `batches` in order, calling `consume(batch, samples)` (samples: `host_samples`)
+    for each, with the host work off the main thread:
 
         tokenize thread   prepare_teacher(batch n + 1)             tokens, spans, rkv query mask; pinned
         main thread       forward + selection + gather of batch n  then one async device -> host copy
         host thread       host_samples(batch n - 1), consume(...)  waits for its copy, cuts it into samples
 
-    `compression` / `layers` (`compression.resolve_layers`) / `geometry` (default `geometry_of(model)`): derived
-    once by the caller and used for every batch; `logits`: also keep the top-k log-probabilities (`LogitSpec`).
-    At most `depth` batches wait for the host thread (the main
+    `compression` / `layers` (`compression.resolve_layers`) / `geometry` (default `geometry_of(model)`):
+    derived once by the caller and used for every batch; `logits`: also keep the top-k log-probabilities
+    (`LogitSpec`). At most `depth` batches wait for the host thread (the main
     thread blocks beyond that). An error on either thread is raised in the main thread, at the latest once the
     batches in flight are done.
     """
@@ -319,7 +320,8 @@ def _result(future: Future, doing: str, k: int, batch: list[dict]):
     except Exception as err:
         ids = [str(r["id"]) for r in batch]
         raise KvdistillError(
-            f"{doing} batch {k} (ids {ids[:3]}{'...' if len(ids) > 3 else ''}) failed on a background thread: "
+            f"{doing} batch {k} (ids {ids[:3]}{'...' if len(ids) > 3 else ''}) failed on a background "
+            "thread: "
             f"{type(err).__name__}: {err}",
             "fix the cause above, then rerun the same command: it resumes",
         ) from err
@@ -348,6 +350,7 @@ def _capture(model, tokenizer, inputs, spec: TeacherSpec, max_length: int | None
         raise KvdistillError(
             f"out of GPU memory on a batch of {len(batch)} texts of up to {longest} characters "
             f"(--batch-size {batch_size}, max_length {max_length})",
-            "lower --batch-size (batches are largest first, so a size that passes the first batch passes all); "
+            "lower --batch-size (batches are largest first, so a size that passes the first batch passes "
+            "all); "
             "rerun the same command to resume",
         ) from None

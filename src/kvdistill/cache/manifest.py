@@ -9,9 +9,10 @@
       "compression": Compression.to_dict(),
       "dataset": sha256 hex (fingerprint_records),
       "span_unit": "utf8_bytes" (stored token spans are UTF-8 byte offsets into the text, align/bytes.py),
-      "logits": null | {"top_k": int, "dtype": str, "index_dtype": "uint16" | "int32", "temperatures": [float],
-                        "vocab_size": int} (each sample also holds the teacher's top-k log-probabilities,
-                        kvdistill.teachers.logits; absent in caches written before: null),
+      "logits": null | {"top_k": int, "dtype": str, "index_dtype": "uint16" | "int32",
+                        "temperatures": [float], "vocab_size": int} (each sample also holds the
+                        teacher's top-k log-probabilities, kvdistill.teachers.logits; absent in caches
+                        written before: null),
       "shards": [{"file": str, "sha256": str, "num_samples": int, "bytes": int}, ...],
       "samples": {sample_id: {"shard": int (position in "shards"), "index": int (position in the shard)}},
       "complete": bool (the writer was closed; false while extraction runs or after a kill),
@@ -19,18 +20,20 @@
     }
 
 Only complete shards are ever listed, and the file is replaced atomically, so a manifest is always
-consistent with the shards on disk. The meta fields (teacher, tokenizer, compression, dataset, span_unit, logits)
-decide whether a cache fits a run: `meta_mismatches` names every field that differs (a reader that needs no logits
-takes a cache with them; one that needs them takes a cache whose temperatures include its own).
+consistent with the shards on disk. The meta fields (teacher, tokenizer, compression, dataset, span_unit,
+logits) decide whether a cache fits a run: `meta_mismatches` names every field that differs (a reader that
+needs no logits takes a cache with them; one that needs them takes a cache whose temperatures include its
+own).
 
 Schema 1 caches stored character spans, which cannot tell apart the tokens a byte-level tokenizer splits one
 character into; `read_manifest` refuses them with a message to re-extract.
 
 `read_manifest` is the one gate every reader of a manifest goes through (CacheReader, verify, info, merge, the
 writer's resume): it refuses a manifest of the wrong structure (`kvdistill.cache.schema`'s pydantic models,
-every problem at once) and one whose shard files lead outside the cache directory (`shard_path`: `..`, absolute paths, symlinks that
-resolve elsewhere), so nothing a manifest names is opened outside its own directory. `location_problems`
-checks that the samples point at slots that exist (verify lists them, the reader refuses).
+every problem at once) and one whose shard files lead outside the cache directory (`shard_path`: `..`,
+absolute paths, symlinks that resolve elsewhere), so nothing a manifest names is opened outside its own
+directory. `location_problems` checks that the samples point at slots that exist (verify lists them, the
+reader refuses).
 """
 
 from __future__ import annotations
@@ -78,8 +81,8 @@ def make_meta(
     revision: str | None = None,
     logits: dict | None = None,
 ) -> dict[str, Any]:
-    """The meta dict a `CacheWriter` takes and a `CacheReader` is checked against (spans in `SPAN_UNIT`); `logits`:
-    `LogitSpec.to_dict()` when the samples hold top-k log-probabilities."""
+    """The meta dict a `CacheWriter` takes and a `CacheReader` is checked against (spans in `SPAN_UNIT`);
+    `logits`: `LogitSpec.to_dict()` when the samples hold top-k log-probabilities."""
     return {
         "teacher": {"id": teacher_id, "revision": revision, "geometry": dict(geometry)},
         "tokenizer": tokenizer_fp,
@@ -139,9 +142,9 @@ COMPRESSION_ADDED = {
 
 def meta_mismatches(stored: dict[str, Any], expected: dict[str, Any], *, reading: bool = False) -> list[str]:
     """One message per meta field of `expected` that differs from `stored` (teacher split into id / revision /
-    geometry). Fields absent from `expected` are not checked. reading: `expected` is what a reader needs, so logits
-    None takes any cache, needed temperatures may be a subset of the stored ones and a needed top_k at most the
-    stored one (a writer resuming, or parts merged, must agree exactly)."""
+    geometry). Fields absent from `expected` are not checked. reading: `expected` is what a reader needs, so
+    logits None takes any cache, needed temperatures may be a subset of the stored ones and a needed top_k at
+    most the stored one (a writer resuming, or parts merged, must agree exactly)."""
     out = []
     for key in META_FIELDS:
         if key not in expected:
@@ -151,7 +154,8 @@ def meta_mismatches(stored: dict[str, Any], expected: dict[str, Any], *, reading
             out += _logits_mismatch(have, want)
             continue
         if key == "compression" and isinstance(want, dict) and isinstance(have, dict):
-            # fields added later (span, scoring, window) are absent from older caches: absent means the default
+            # fields added later (span, scoring, window) are absent from older caches: absent means the
+            # default
             want, have = {**COMPRESSION_ADDED, **want}, {**COMPRESSION_ADDED, **have}
         if want == have:
             continue
@@ -192,7 +196,8 @@ def _logits_mismatch(have: dict | None, want: dict | None) -> list[str]:
     ]
     if missing:
         out.append(
-            f"logits.temperatures: the cache's log-probabilities are normalised at {have.get('temperatures')}, "
+            "logits.temperatures: the cache's log-probabilities are normalised at "
+            f"{have.get('temperatures')}, "
             f"not at {missing}"
         )
     return out
@@ -246,7 +251,8 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     if version == 1:
         raise CacheError(
             f"manifest {path} is a schema_version 1 cache: its token spans are character offsets, and this "
-            f"kvdistill aligns tokens on UTF-8 byte spans (schema_version {SCHEMA_VERSION}, span_unit {SPAN_UNIT!r})",
+            f"kvdistill aligns tokens on UTF-8 byte spans (schema_version {SCHEMA_VERSION}, span_unit "
+            f"{SPAN_UNIT!r})",
             "re-extract the cache with this version of kvdistill (`kvdistill extract`); old spans cannot be "
             "converted without the texts and the tokenizer",
         )

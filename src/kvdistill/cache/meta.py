@@ -1,9 +1,9 @@
-"""What a cache of a teacher over a dataset holds, derived from their configs alone (no weights): the teacher's
-`TeacherSpec` (id, KV geometry, built compression, stored layers, logits) and the cache's meta (`expected_meta`:
-teacher id and geometry, tokenizer fingerprint, compression, the dataset fingerprint of the records' ids and texts
-and `data.max_length`). Extraction writes this meta (`kvdistill.cache.extract`); training's open of a cached
-teacher (`kvdistill.cache.reader.open_teacher_cache`) rebuilds it from the run's config and refuses a cache that
-differs, naming the field.
+"""What a cache of a teacher over a dataset holds, derived from their configs alone (no weights): the
+teacher's `TeacherSpec` (id, KV geometry, built compression, stored layers, logits) and the cache's meta
+(`expected_meta`: teacher id and geometry, tokenizer fingerprint, compression, the dataset fingerprint of the
+records' ids and texts and `data.max_length`). Extraction writes this meta (`kvdistill.cache.extract`);
+training's open of a cached teacher (`kvdistill.cache.reader.open_teacher_cache`) rebuilds it from the run's
+config and refuses a cache that differs, naming the field.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ def dataset_records(data_cfg: DataConfig) -> list[dict]:
     """Every record training can ask a teacher for: eval split + train split, in load order."""
     from kvdistill.data import load_records
 
-    # with no held-out splits and no cap the train split is every record, in the same order as eval + val + train
+    # with no held-out splits and no cap the train split is every record, in the same order as eval + val +
+    # train
     records = load_records(
         data_cfg.model_copy(update={"eval_size": 0, "val_size": 0, "train_size": None}), split="train"
     )
@@ -73,8 +74,8 @@ class TeacherSpec:
 def logit_spec(
     teacher_cfg: TeacherConfig, geometry: KVGeometry, logit_kd: LogitKDConfig | None
 ) -> LogitSpec | None:
-    """What a cache of `teacher_cfg` holds of its logits (None: no logits section); top_k and temperatures from the
-    section, else from `logit_kd` (the run's losses.logit_kd; None: its defaults)."""
+    """What a cache of `teacher_cfg` holds of its logits (None: no logits section); top_k and temperatures
+    from the section, else from `logit_kd` (the run's losses.logit_kd; None: its defaults)."""
     from kvdistill.teachers.logits import LogitSpec
 
     section = teacher_cfg.logits
@@ -89,7 +90,8 @@ def logit_spec(
         )
     if temps is None:
         raise KvdistillError(
-            f"teacher '{teacher_cfg.name}': losses.logit_kd has a linear τ schedule, and a cache stores log-probabilities "
+            f"teacher '{teacher_cfg.name}': losses.logit_kd has a linear τ schedule, and a cache stores "
+            "log-probabilities "
             "at given temperatures only",
             "set teachers.N.logits.temperatures (`--logits-temperatures`), or use a step / constant schedule",
         )
@@ -97,8 +99,8 @@ def logit_spec(
 
 
 def teacher_spec(teacher_cfg: TeacherConfig, logit_kd: LogitKDConfig | None = None) -> TeacherSpec:
-    """The `TeacherSpec` of `teacher_cfg`, from its config.json only; layers out of range: an error naming them.
-    logit_kd: the run's losses.logit_kd, whose temperatures a logits section without its own stores."""
+    """The `TeacherSpec` of `teacher_cfg`, from its config.json only; layers out of range: an error naming
+    them. logit_kd: the run's losses.logit_kd, whose temperatures a logits section without its own stores."""
     from kvdistill.models.geometry import geometry_of
     from kvdistill.models.load import load_config
 

@@ -1,6 +1,6 @@
 """Reading a teacher-KV cache (layout in `kvdistill.cache.writer`, samples in `kvdistill.cache.batch`): lazy
-per-sample loads and right-padded `kvdistill.teachers.TeacherKV` batches; `open_teacher_cache`, the reader of a
-`source: cache` teacher checked against the run (training opens its cached teachers through it).
+per-sample loads and right-padded `kvdistill.teachers.TeacherKV` batches; `open_teacher_cache`, the reader of
+a `source: cache` teacher checked against the run (training opens its cached teachers through it).
 
 Notation: B batch, H KV heads, T tokens of the longest sample, M kept slots per head, D head dim.
 """
@@ -32,7 +32,8 @@ if TYPE_CHECKING:
 
 
 class CacheReader:
-    """Read a cache directory: `.get(sample_id)` loads one sample's tensors lazily (one open handle per shard).
+    """Read a cache directory: `.get(sample_id)` loads one sample's tensors lazily (one open handle per
+    shard).
 
     A map-style dataset too: `len(reader)`, `reader[i]` is the i-th stored sample (order of `sample_ids`).
 
@@ -204,7 +205,8 @@ class CacheReader:
         return [self.get(sid) for sid in sample_ids]
 
     def check_compatible(self, expected_meta: dict[str, Any]) -> list[str]:
-        """Messages for every meta field of `expected_meta` (teacher, tokenizer, compression, dataset) that differs."""
+        """Messages for every meta field of `expected_meta` (teacher, tokenizer, compression, dataset) that
+        differs."""
         return meta_mismatches(self.meta, expected_meta, reading=True)
 
     def require_compatible(self, expected_meta: dict[str, Any]) -> None:
@@ -220,8 +222,8 @@ class CacheReader:
         self, sample_ids: list[str], device="cpu", dtype: torch.dtype | None = None, *, logits: bool = False
     ):
         """A right-padded `TeacherKV` batch. Kind full: keys (B, H, T, D) with shared spans (B, T, 2) and mask
-        (B, T); otherwise keys (B, H, M, D), spans (B, H, M, 2), mask (B, H, M) per layer. logits: also the stored
-        top-k log-probabilities as a `TeacherLogits` (B, T, k) (refused when the cache holds none)."""
+        (B, T); otherwise keys (B, H, M, D), spans (B, H, M, 2), mask (B, H, M) per layer. logits: also the
+        stored top-k log-probabilities as a `TeacherLogits` (B, T, k) (refused when the cache holds none)."""
         samples = self.get_batch(sample_ids)
         B = len(samples)
         layers = self.layers
@@ -271,8 +273,8 @@ class CacheReader:
     def _logits(
         self, samples: list[dict[str, torch.Tensor]], tok_mask: torch.Tensor, tok_spans: torch.Tensor
     ) -> TeacherLogits:
-        """The stored top-k log-probabilities of `samples`, right-padded to the (B, T) token mask (spans (B, T, 2)
-        beside): values (B, T, k)
+        """The stored top-k log-probabilities of `samples`, right-padded to the (B, T) token mask (spans (B,
+        T, 2) beside): values (B, T, k)
         in their stored dtype, index (B, T, k) int64, shift (B, T, n) float32."""
         spec = self.meta["logits"]
         if spec is None:

@@ -3,8 +3,8 @@
 
 Types only: whether samples point at existing slots is `manifest.location_problems`, whether shard files stay
 inside the cache is `manifest.shard_path`. Strict types (a number is not a string, `true` is not an integer);
-unknown keys are kept (a newer writer may add some). Each field says what it expects in words (`_Expect`), which
-is what a problem quotes: `shards[0].sha256 is null, expected 64 lowercase hex digits`.
+unknown keys are kept (a newer writer may add some). Each field says what it expects in words (`_Expect`),
+which is what a problem quotes: `shards[0].sha256 is null, expected 64 lowercase hex digits`.
 """
 
 from __future__ import annotations
@@ -169,9 +169,9 @@ def _walk(model: type[BaseModel], loc: tuple, data: Any) -> tuple[str, Any, str,
 def _problems(
     model: type[BaseModel], data: Any, capped: tuple[str, ...] = (), *, list_missing: bool = True
 ) -> list[str]:
-    """The problems of `data` against `model`: a missing top-level key listed together ("missing key(s)"), or with
-    `list_missing` False reported as null like any other value; those under the keys in `capped` (entries of a
-    list or mapping) quoted up to `MAX_LISTED` each."""
+    """The problems of `data` against `model`: a missing top-level key listed together ("missing key(s)"), or
+    with `list_missing` False reported as null like any other value; those under the keys in `capped` (entries
+    of a list or mapping) quoted up to `MAX_LISTED` each."""
     try:
         model.model_validate(data)
         return []

@@ -1,8 +1,8 @@
 """Check a teacher-KV cache end to end (`verify_cache`) and summarise it (`cache_info`).
 
-Shapes are read from the safetensors headers, so only the checksums read whole files. The manifest goes through
-`read_manifest` (structure, shard files confined to the directory) and every shard path through `shard_path`
-before anything is opened.
+Shapes are read from the safetensors headers, so only the checksums read whole files. The manifest goes
+through `read_manifest` (structure, shard files confined to the directory) and every shard path through
+`shard_path` before anything is opened.
 """
 
 from __future__ import annotations
@@ -336,7 +336,8 @@ def format_info(info: dict[str, Any]) -> str:
     return "\n".join(
         [
             f"teacher      {info['teacher']['id']} ({info['geometry'].get('num_layers', '?')} layers, "
-            f"{info['geometry'].get('num_kv_heads', '?')} kv heads, head dim {info['geometry'].get('head_dim', '?')})",
+            f"{info['geometry'].get('num_kv_heads', '?')} kv heads, head dim "
+            f"{info['geometry'].get('head_dim', '?')})",
             f"compression  {json.dumps(comp)}",
             f"samples      {info['num_samples']} in {info['num_shards']} shards, {info['num_tokens']} tokens",
             f"logits       {json.dumps(info['logits']) if info['logits'] else 'none (K/V only)'}",

@@ -52,7 +52,8 @@ _FIX_META = (
 )
 
 
-# safetensors dtype names, in the order of its Dtype enum (a file lists its tensors by descending dtype, then name)
+# safetensors dtype names, in the order of its Dtype enum (a file lists its tensors by descending dtype, then
+# name)
 _ST_DTYPES = {
     torch.bool: "BOOL",
     torch.uint8: "U8",
@@ -115,8 +116,8 @@ class CacheWriter:
     part: name of this writer's part of a sharded extraction (e.g. the SLURM array index), or None.
     Only one writer per (directory, part) at a time: a second one gets a CacheError.
     background: write shards on one writer thread while the caller computes the next batch; at most
-    `max_pending` full shards wait in its queue (`add` blocks beyond that). A shard enters the manifest only once
-    it is durably on disk; an error on the writer thread is raised by the next `add`, `flush` or `close`.
+    `max_pending` full shards wait in its queue (`add` blocks beyond that). A shard enters the manifest only
+    once it is durably on disk; an error on the writer thread is raised by the next `add`, `flush` or `close`.
     """
 
     def __init__(
@@ -222,8 +223,8 @@ class CacheWriter:
         return len(self.done_ids())
 
     def add(self, sample_id: str, tensors: dict[str, torch.Tensor], *, copy: bool = True) -> None:
-        """Buffer one sample; a full buffer is written as a shard. copy=False: the caller hands over tensors it
-        will not modify (e.g. `samples_from_capture`'s), CPU ones are then stored without a copy."""
+        """Buffer one sample; a full buffer is written as a shard. copy=False: the caller hands over tensors
+        it will not modify (e.g. `samples_from_capture`'s), CPU ones are then stored without a copy."""
         self._raise_worker_error()
         if self.closed:
             raise CacheError("add() on a closed CacheWriter", "open a new CacheWriter on the directory")
@@ -281,7 +282,8 @@ class CacheWriter:
                 self._raise_worker_error()
 
     def _write_shard(self, k: int, samples: list[tuple[str, dict[str, torch.Tensor]]]) -> None:
-        """Shard k: serialise, fsync, rename into place; only then list it (and its samples) in the manifest."""
+        """Shard k: serialise, fsync, rename into place; only then list it (and its samples) in the
+        manifest."""
         name = shard_file_name(self.part, k)
         ids = [sid for sid, _ in samples]
         flat = {f"{j}/{key}": t.contiguous() for j, (_, d) in enumerate(samples) for key, t in d.items()}
@@ -337,8 +339,8 @@ class CacheWriter:
         self._thread = None
 
     def close(self, complete: bool = True) -> None:
-        """Flush the last partial shard and wait for the writer thread; `complete` marks the extraction finished
-        in the manifest."""
+        """Flush the last partial shard and wait for the writer thread; `complete` marks the extraction
+        finished in the manifest."""
         if self.closed:
             return
         try:

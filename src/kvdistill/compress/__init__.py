@@ -1,4 +1,5 @@
-"""kvdistill.compress: which teacher tokens to keep (full | right_crop | rkv), batched and vectorised in torch.
+"""kvdistill.compress: which teacher tokens to keep (full | right_crop | rkv), batched and vectorised in
+torch.
 
 `layer_selection` is the one selection of a layer that both the online teacher
 (`kvdistill.teachers.compress_capture`) and the on-disk cache (`kvdistill.cache`) apply.
@@ -80,8 +81,9 @@ def layer_selection(cap, compression: Compression, layer: int, query_mask: torch
 
 
 def _latent_selection(cap, compression: Compression, layer: int, query_mask: torch.Tensor | None):
-    """`layer_selection` through `kvdistill.compress.latent` (span 'cot': only `cap.candidates`; scorings kava /
-    rkv): (B, M) for right_crop, (B, H_kv, M) for rkv, kept tokens first in time order as everywhere else."""
+    """`layer_selection` through `kvdistill.compress.latent` (span 'cot': only `cap.candidates`; scorings kava
+    / rkv): (B, M) for right_crop, (B, H_kv, M) for rkv, kept tokens first in time order as everywhere
+    else."""
     from kvdistill.compress.latent import latent_target
 
     candidates = cap.attention_mask if compression.span == "all" else getattr(cap, "candidates", None)
@@ -131,11 +133,12 @@ def _latent_selection(cap, compression: Compression, layer: int, query_mask: tor
 def stacked_rkv_selection(
     cap, compression: Compression, layers: list[int], group: int = 8, *, check_finite: bool = True
 ) -> dict | None:
-    """`layer_selection` of every layer in `layers` for plain rkv (span all, scoring minmax) when the capture holds
-    each layer's importance and the layers share one K shape: `group` layers are scored and ranked in one call
-    (`rkv_select` over group dims (L, H)), not one call per layer. {layer: (idx, kept) (B, H, M)}, equal to the
-    per-layer selections; None when it does not apply (the caller selects per layer). check_finite=False: the
-    caller checks `importance_finite` itself (the check reads a flag back from the device)."""
+    """`layer_selection` of every layer in `layers` for plain rkv (span all, scoring minmax) when the capture
+    holds each layer's importance and the layers share one K shape: `group` layers are scored and ranked in
+    one call (`rkv_select` over group dims (L, H)), not one call per layer. {layer: (idx, kept) (B, H, M)},
+    equal to the per-layer selections; None when it does not apply (the caller selects per layer).
+    check_finite=False: the caller checks `importance_finite` itself (the check reads a flag back from the
+    device)."""
     importance = cap.importance or {}
     plain = compression.kind == "rkv" and compression.span == "all" and compression.scoring == "minmax"
     if not plain or not layers or any(j not in importance for j in layers):

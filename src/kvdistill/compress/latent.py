@@ -1,12 +1,13 @@
-"""The latent student's K/V target: a teacher's chain-of-thought K/V compressed to exactly M entries per (layer, head).
+"""The latent student's K/V target: a teacher's chain-of-thought K/V compressed to exactly M entries per
+(layer, head).
 
-KaVa supervises the M latent slots of a latent-reasoning student with the K/V of the teacher's CoT tokens, squeezed
-to M entries. Slot m of the student is matched with entry m of the target (entries in increasing time), so no
-text alignment is needed: the latents have no text.
+KaVa supervises the M latent slots of a latent-reasoning student with the K/V of the teacher's CoT tokens,
+squeezed to M entries. Slot m of the student is matched with entry m of the target (entries in increasing
+time), so no text alignment is needed: the latents have no text.
 
-Notation: B batch, G leading group dims of one layer (H KV heads), T teacher tokens, D head dim, M latent slots,
-J source tokens mixed into one entry (2 for `full`, 1 otherwise). `candidates` (B, T) marks the CoT tokens that
-may be kept (1) — never the question, the answer or padding.
+Notation: B batch, G leading group dims of one layer (H KV heads), T teacher tokens, D head dim, M latent
+slots, J source tokens mixed into one entry (2 for `full`, 1 otherwise). `candidates` (B, T) marks the CoT
+tokens that may be kept (1) — never the question, the answer or padding.
 
 Kinds (each returns a `LatentTarget` plan; `gather` applies it):
     full        every CoT token, resampled to M entries by linear interpolation along time: entry m sits at
@@ -16,19 +17,20 @@ Kinds (each returns a `LatentTarget` plan; `gather` applies it):
         kava    λ·I_t + (1-λ)·R_t with I_t the attention the answer tokens pay to t (mean over answer rows and
                 the head's query group) and R_t = softmax over the CoT tokens of (-r_t), r_t the mean cosine
                 similarity of key t to the other CoT keys (KaVa, arXiv 2510.02312; the default, λ 0.1)
-        rkv     R-KV's reference scoring (arXiv 2505.24133, its `R1KV`), applied to the CoT as R-KV compresses a
-                reasoning cache at its end (`rkv_reference_scores`): the last w CoT tokens are the observation
-                window and are always kept; the other n-w CoT tokens score
+        rkv     R-KV's reference scoring (arXiv 2505.24133, its `R1KV`), applied to the CoT as R-KV compresses
+                a reasoning cache at its end (`rkv_reference_scores`): the last w CoT tokens are the
+                observation window and are always kept; the other n-w CoT tokens score
                     λ·maxpool_7(A)_t - (1-λ)·S_t,   λ 0.07
                 A_t = mean over the window rows q of softmax over the non-window CoT keys of ℓ[q, t], ℓ the
                 attention logits q·k·scaling with the max over the head's query group (GQA); maxpool_7 the max
-                over the 7 neighbouring non-window CoT tokens; S = softmax over the CoT tokens of the column mean
-                of the key cosine matrix (diagonal 0, and in each row the latest entry above 0.5, or the first
-                one when none is, set to 0: R-KV keeps the newest near-duplicate). The budget must exceed w.
+                over the 7 neighbouring non-window CoT tokens; S = softmax over the CoT tokens of the column
+                mean of the key cosine matrix (diagonal 0, and in each row the latest entry above 0.5, or the
+                first one when none is, set to 0: R-KV keeps the newest near-duplicate). The budget must
+                exceed w.
         minmax  λ·minmax(I) + (1-λ)·(1 - minmax(r)) (the offline cache's `rkv_scores`, λ 0.1)
 λ = 1 keeps by importance alone, λ = 0 by redundancy alone (the ablations). Padding and non-CoT tokens always
-score lowest; ties go to the earlier token. Where R-KV reads rotated cache keys, the cosines here are those of the
-keys passed in (pre-rotation in this project); its logits use the rotated queries and keys.
+score lowest; ties go to the earlier token. Where R-KV reads rotated cache keys, the cosines here are those of
+the keys passed in (pre-rotation in this project); its logits use the rotated queries and keys.
 """
 
 from __future__ import annotations
@@ -96,7 +98,8 @@ def _check(candidates: torch.Tensor, budget: int) -> torch.Tensor:
 
 
 def _ordered_candidates(candidates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(pos (B, T) the candidate time indices first, in increasing time, then the others; n (B,) candidates)."""
+    """(pos (B, T) the candidate time indices first, in increasing time, then the others; n (B,)
+    candidates)."""
     B, T = candidates.shape
     t = torch.arange(T, device=candidates.device).expand(B, T)
     pos = (t + (~candidates).long() * T).argsort(dim=-1)  # (B, T)
@@ -122,8 +125,9 @@ def resample_full(candidates: torch.Tensor, budget: int) -> LatentTarget:
 
 
 def _first_m(order: torch.Tensor, real: torch.Tensor, M: int) -> LatentTarget:
-    """Entries from time indices `order` (B, G, T) whose first entries are the chosen ones; real (B, G, T) whether
-    each chosen one is a candidate. Kept tokens are put in increasing time; missing entries point at 0."""
+    """Entries from time indices `order` (B, G, T) whose first entries are the chosen ones; real (B, G, T)
+    whether each chosen one is a candidate. Kept tokens are put in increasing time; missing entries point at
+    0."""
     T = order.shape[-1]
     top, ok = order[..., : min(M, T)], real[..., : min(M, T)]  # (B, G, M')
     key = top + (~ok).long() * (T + 1)  # kept first, each group in time order
@@ -159,7 +163,8 @@ def kava_scores(
 
 
 def _compact(candidates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(pos (B, T) candidate time indices first, in time order; n (B,); real (B, T) whether compact slot i < n)."""
+    """(pos (B, T) candidate time indices first, in time order; n (B,); real (B, T) whether compact slot i <
+    n)."""
     pos, n = _ordered_candidates(candidates)
     real = torch.arange(candidates.shape[1], device=candidates.device)[None] < n[:, None]  # (B, T)
     return pos, n, real
@@ -173,13 +178,13 @@ def rkv_reference_scores(
     window: int,
     lam: float = 0.07,
 ) -> torch.Tensor:
-    """R-KV's scores (module docstring) -> (B, G, T): +inf on the window (always kept), λ·maxpool_7(A) - (1-λ)·S on
-    the other candidates, -inf elsewhere.
+    """R-KV's scores (module docstring) -> (B, G, T): +inf on the window (always kept), λ·maxpool_7(A) -
+    (1-λ)·S on the other candidates, -inf elsewhere.
 
-    keys (B, G, T, D) the candidates' keys (cosines); logits (B, G, Q, T) the attention logits of the window rows
-    onto every key, max over each KV head's query group (`kvdistill.models.queries.window_logits`); the Q rows are
-    `query_rows(window_rows(candidates, window), mask)`: the window tokens in time order, valid (B, Q) marking
-    real ones."""
+    keys (B, G, T, D) the candidates' keys (cosines); logits (B, G, Q, T) the attention logits of the window
+    rows onto every key, max over each KV head's query group (`kvdistill.models.queries.window_logits`); the Q
+    rows are `query_rows(window_rows(candidates, window), mask)`: the window tokens in time order, valid (B,
+    Q) marking real ones."""
     cand = candidates.bool()
     B, G, T, D = keys.shape
     work = torch.float64 if keys.dtype == torch.float64 else torch.float32
@@ -228,8 +233,8 @@ def latent_rkv(
     window: int = 8,
     valid: torch.Tensor | None = None,
 ) -> LatentTarget:
-    """The M best-scoring candidate tokens per head (see the module docstring), in increasing time; lam None: the
-    scoring's default (DEFAULT_LAM).
+    """The M best-scoring candidate tokens per head (see the module docstring), in increasing time; lam None:
+    the scoring's default (DEFAULT_LAM).
 
     keys (B, H, T, D) pre-rotation keys of one layer; importance (B, H, T) for scorings kava / minmax
     (`importance_from_attention` or `query_importance` with the answer rows); for scoring rkv the window rows'
@@ -291,8 +296,8 @@ def latent_target(
     window: int = 8,
     valid: torch.Tensor | None = None,
 ) -> LatentTarget:
-    """Dispatch on `kind` (full | right_crop | rkv); rkv needs keys (B, H, T, D) and importance (B, H, T) (scoring
-    rkv: the window logits (B, H, Q, T) and valid (B, Q), see `latent_rkv`)."""
+    """Dispatch on `kind` (full | right_crop | rkv); rkv needs keys (B, H, T, D) and importance (B, H, T)
+    (scoring rkv: the window logits (B, H, Q, T) and valid (B, Q), see `latent_rkv`)."""
     if kind == "full":
         return resample_full(candidates, budget)
     if kind == "right_crop":

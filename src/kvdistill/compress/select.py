@@ -57,14 +57,14 @@ class Compression:
 
     kind: "full" (every real token), "right_crop" (the first `budget` real tokens), "rkv" (R-KV top-`budget`).
     budget: M, tokens kept per head; required for right_crop / rkv, must be None for full.
-    lam: weight of importance in the R-KV score (rkv only); None: the scoring's default (DEFAULT_LAM: 0.1, R-KV's
-    own scoring 0.07), resolved when the object is made.
+    lam: weight of importance in the R-KV score (rkv only); None: the scoring's default (DEFAULT_LAM: 0.1,
+    R-KV's own scoring 0.07), resolved when the object is made.
     layers: teacher layers to keep (None = all).
     dtype: storage dtype of K and V.
     span: "all" (every real token may be kept) or "cot" (only the record's chain-of-thought tokens: the latent
     student's K/V target, `kvdistill.compress.latent`; `cap.candidates` marks them).
-    scoring: rkv's score, "minmax" (the module docstring), "kava" or "rkv" (`kvdistill.compress.latent`); window:
-    the observation window of scoring "rkv".
+    scoring: rkv's score, "minmax" (the module docstring), "kava" or "rkv" (`kvdistill.compress.latent`);
+    window: the observation window of scoring "rkv".
     """
 
     kind: str = "full"
@@ -258,7 +258,8 @@ def key_redundancy(keys: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) ->
 
 
 def not_finite_error() -> KvdistillError:
-    """The error of an importance that is NaN or inf on a real token (raised by `rkv_scores` or a later check)."""
+    """The error of an importance that is NaN or inf on a real token (raised by `rkv_scores` or a later
+    check)."""
     return KvdistillError(
         "importance has NaN or inf on real tokens",
         "check the attention probabilities the importance came from",
@@ -266,8 +267,9 @@ def not_finite_error() -> KvdistillError:
 
 
 def importance_finite(importance: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """() bool on the importance's device: every entry of importance (B, *G, T) on a real token of mask (B, T) is
-    finite. Computed without waiting for the device (a caller that checks it later passes check_finite=False)."""
+    """() bool on the importance's device: every entry of importance (B, *G, T) on a real token of mask (B, T)
+    is finite. Computed without waiting for the device (a caller that checks it later passes
+    check_finite=False)."""
     mask = _check_mask(mask)
     B, T = mask.shape
     real = mask.view(B, *([1] * (importance.dim() - 2)), T)  # (B, 1.., T)
@@ -315,8 +317,9 @@ def rkv_select(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """R-KV selection of M tokens per head (score in the module docstring).
 
-    keys (B, *G, T, D) pre-rotation keys, attn_importance (B, *G, T), mask (B, T); check_finite: see `rkv_scores`.
-    Returns idx, kept (B, *G, M): the kept real tokens in increasing time, then the padding slots.
+    keys (B, *G, T, D) pre-rotation keys, attn_importance (B, *G, T), mask (B, T); check_finite: see
+    `rkv_scores`. Returns idx, kept (B, *G, M): the kept real tokens in increasing time, then the padding
+    slots.
     """
     M = _check_budget(budget)
     score = rkv_scores(keys, attn_importance, mask, lam, check_finite=check_finite)  # (B, *G, T)
@@ -362,8 +365,8 @@ def importance_from_attention(
 
 
 def query_rows(query_mask: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The query rows of each sample: rows (B, Q) long time indices (in time order) and valid (B, Q) bool, with
-    Q = the most rows any sample has; a sample with fewer is padded with row 0, valid False."""
+    """The query rows of each sample: rows (B, Q) long time indices (in time order) and valid (B, Q) bool,
+    with Q = the most rows any sample has; a sample with fewer is padded with row 0, valid False."""
     mask = _check_mask(mask)
     want = query_mask.bool() & mask  # (B, T)
     B, T = want.shape
@@ -386,11 +389,12 @@ def importance_from_queries(
     softcap: float | None = None,
     sliding_window: int | None = None,
 ) -> torch.Tensor:
-    """I (B, [L,] H_kv, T), equal to `importance_from_attention` of the eager probabilities, from the query rows only.
+    """I (B, [L,] H_kv, T), equal to `importance_from_attention` of the eager probabilities, from the query
+    rows only.
 
     q_rows (B, [L,] H_q, Q, D) rotated queries of the rows `rows` (B, Q) (valid (B, Q) marks real ones, see
-    `query_rows`); keys (B, [L,] H_kv, T, D) rotated keys; mask (B, T). The optional L dim stacks layers that share
-    the parameters below (each layer's result equals its own call). Per row, as the model's attention:
+    `query_rows`); keys (B, [L,] H_kv, T, D) rotated keys; mask (B, T). The optional L dim stacks layers that
+    share the parameters below (each layer's result equals its own call). Per row, as the model's attention:
         p = softmax(softcap·tanh(q·kᵀ·scaling / softcap) + causal/padding/window mask)   (float32)
     with key t visible from row q when t is real, t <= q and (sliding layers) t > q - sliding_window.
     Memory O(B·L·H_q·Q·T), never T×T.
@@ -421,8 +425,8 @@ def importance_from_queries(
     g = H_q // H_kv
     q = q_rows.to(work).view(B, *lead, H_kv, g * Q, D)  # (B, [L,] H_kv, g·Q, D), query head h: kv head h // g
     k = keys.to(work)
-    # the products and the row mean below run one layer at a time: their kernels depend on the batch shape, and a
-    # stacked layer must equal its own call bit for bit (the elementwise steps are stacked)
+    # the products and the row mean below run one layer at a time: their kernels depend on the batch shape,
+    # and a stacked layer must equal its own call bit for bit (the elementwise steps are stacked)
     logits = _per_layer(lambda q, k: torch.matmul(q, k.transpose(-1, -2)), lead, q, k) * scaling
     # (B, [L,] H_kv, g·Q, T)
     if softcap is not None:

@@ -1,4 +1,5 @@
-"""kvdistill.config: the typed run configuration (`schema`) and how it is read, overridden and checked (`load`)."""
+"""kvdistill.config: the typed run configuration (`schema`) and how it is read, overridden and checked
+(`load`)."""
 
 from kvdistill.config.load import (
     apply_overrides,

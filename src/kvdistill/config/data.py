@@ -19,20 +19,20 @@ GENERATED = (
 class DataConfig(Section):
     """Where the records come from and how they split (kvdistill.data.records).
 
-    `source`: a file format read from `path` (jsonl, csv, parquet, text); `hf`, a Hugging Face dataset read through
-    the `datasets` library (`path`: a hub id, a directory written by `save_to_disk`, or a folder of data files; in
-    the Python API also an in-memory `datasets.Dataset` passed to `train(..., dataset=)`); or a generator needing no
-    path: `gsm_symbolic` (GSM-Symbolic word problems, reasoning_gym), `arithmetic` (2-4 step integer arithmetic
-    with a worked solution, from `seed` alone), `sorting` (digit sorting), or `skills` (a mixture of those, each
-    record labelled with its skill). Every record of a file or dataset is used unless `limit` caps them; `size` is
-    the number of generated problems. The first `eval_size` records are held out (the test split), the next `val_size`
-    are the validation split (training's held-out curves, early stopping); train records whose question also occurs
-    in either are dropped (logged with the count); `train_size` caps the train split (the first ones, after
-    `train_skills`).
+    `source`: a file format read from `path` (jsonl, csv, parquet, text); `hf`, a Hugging Face dataset read
+    through the `datasets` library (`path`: a hub id, a directory written by `save_to_disk`, or a folder of
+    data files; in the Python API also an in-memory `datasets.Dataset` passed to `train(..., dataset=)`); or a
+    generator needing no path: `gsm_symbolic` (GSM-Symbolic word problems, reasoning_gym), `arithmetic` (2-4
+    step integer arithmetic with a worked solution, from `seed` alone), `sorting` (digit sorting), or `skills`
+    (a mixture of those, each record labelled with its skill). Every record of a file or dataset is used
+    unless `limit` caps them; `size` is the number of generated problems. The first `eval_size` records are
+    held out (the test split), the next `val_size` are the validation split (training's held-out curves, early
+    stopping); train records whose question also occurs in either are dropped (logged with the count);
+    `train_size` caps the train split (the first ones, after `train_skills`).
     """
 
-    # set or not: text / template / chat mode of a file, a split asked of a one-split dataset, a source next to an
-    # in-memory dataset (kvdistill.data.records)
+    # set or not: text / template / chat mode of a file, a split asked of a one-split dataset, a source next
+    # to an in-memory dataset (kvdistill.data.records)
     presence_fields = frozenset(
         {"text_field", "question_field", "cot_field", "messages_field", "split", "source"}
     )
@@ -50,19 +50,23 @@ class DataConfig(Section):
     cot_field: str | None = "cot"
     answer_field: str = "answer"
     messages_field: str = "messages"
-    """Chat records: a list of {role, content} rendered with each model's own chat template (kvdistill.models.chat);
-    the last assistant message is the answer."""
+    """Chat records: a list of {role, content} rendered with each model's own chat template
+    (kvdistill.models.chat); the last assistant message is the answer."""
     template: str = "Question: {question}\nReasoning: {cot}\nAnswer: {answer}\n"
-    """How (question, cot, answer) records become one training text; plain `text_field` records ignore it. The final
-    line break ends the answer, so greedy decoding learns where an answer stops (exact match reads its first line)."""
+    """How (question, cot, answer) records become one training text; plain `text_field` records ignore it. The
+    final line break ends the answer, so greedy decoding learns where an answer stops (exact match reads its
+    first line)."""
     size: int | None = Field(None, gt=0)
-    """Number of generated problems (gsm_symbolic, arithmetic; None: 256). Files and datasets: not read (limit)."""
+    """Number of generated problems (gsm_symbolic, arithmetic; None: 256). Files and datasets: not read
+    (limit)."""
     limit: int | None = Field(None, gt=0)
-    """Files and datasets: use only this many records (drawn after shuffling with `seed`); None: all of them."""
+    """Files and datasets: use only this many records (drawn after shuffling with `seed`); None: all of
+    them."""
     eval_size: int = Field(32, ge=0)
     val_size: int = Field(0, ge=0)
-    """Validation records after the eval (test) split: with val_size > 0, training's held-out figures (eval_every,
-    train.early_stopping, summary.json) come from them and the test split is left to the final scoring."""
+    """Validation records after the eval (test) split: with val_size > 0, training's held-out figures
+    (eval_every, train.early_stopping, summary.json) come from them and the test split is left to the final
+    scoring."""
     train_size: int | None = Field(None, gt=0)
     """Cap on the train split (its first records): a small labelled set drawn from a large pool whose held-out
     splits stay the same whatever the cap (generated sources are prefix-stable)."""
@@ -73,7 +77,8 @@ class DataConfig(Section):
     mix: list[float] | None = None
     """`source: skills`: one positive proportion per skill (default equal)."""
     train_skills: list[str] | None = None
-    """`source: skills`: keep only the train records of these skills (a specialist teacher); eval is the whole mix."""
+    """`source: skills`: keep only the train records of these skills (a specialist teacher); eval is the whole
+    mix."""
 
     @model_validator(mode="after")
     def _path(self):

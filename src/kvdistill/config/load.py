@@ -1,8 +1,8 @@
 """Loading a run configuration: YAML file + dotted command-line overrides, validated when loaded.
 
-Every problem is collected and reported together (`ConfigError.problems`), each naming the key, the value that is
-wrong and, for a typo, the nearest valid key. `kvdistill validate CONFIG` prints them all; `semantic_problems` adds
-the checks that need the models' configs.
+Every problem is collected and reported together (`ConfigError.problems`), each naming the key, the value that
+is wrong and, for a typo, the nearest valid key. `kvdistill validate CONFIG` prints them all;
+`semantic_problems` adds the checks that need the models' configs.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ def _parse_scalar(text: str) -> Any:
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """Apply `a.b.c=value` overrides (YAML-parsed values; `teachers.0.weight=2` indexes lists); `~a.b.c` removes a
-    key (back to its default), e.g. `~data.size` when `data.source=jsonl` replaces a generator."""
+    """Apply `a.b.c=value` overrides (YAML-parsed values; `teachers.0.weight=2` indexes lists); `~a.b.c`
+    removes a key (back to its default), e.g. `~data.size` when `data.source=jsonl` replaces a generator."""
     for item in overrides:
         if item.startswith("~") and "=" not in item:
             _remove_key(raw, item[1:].strip())
@@ -86,10 +86,10 @@ def _remove_key(raw: dict, path: str) -> None:
 
 
 def merge_data(base: dict | None, changes: dict) -> dict:
-    """A raw data section with `changes` applied. Changing `source` to another kind drops the keys only the old kind
-    reads and `changes` does not set (a generator's size and path; a file's or dataset's limit, split, subset; the
-    skill mixture's skills, mix, train_skills), so a run that swaps a generator for a file is not refused over the
-    generator's leftover size."""
+    """A raw data section with `changes` applied. Changing `source` to another kind drops the keys only the
+    old kind reads and `changes` does not set (a generator's size and path; a file's or dataset's limit,
+    split, subset; the skill mixture's skills, mix, train_skills), so a run that swaps a generator for a file
+    is not refused over the generator's leftover size."""
     base = dict(base or {})
     merged = {**base, **changes}
     if "source" in changes and changes["source"] != base.get("source", "gsm_symbolic"):
@@ -144,14 +144,15 @@ def load_config(
 
 
 def dump_config(config: RunConfig) -> str:
-    """YAML of the whole config, every default spelled out (what DIR/config.yaml holds), such that reloading it
-    means exactly the same run: a field whose being set decides something (`Section.presence_fields`, e.g. text
-    vs template mode of a data file) is written only where it was set."""
+    """YAML of the whole config, every default spelled out (what DIR/config.yaml holds), such that reloading
+    it means exactly the same run: a field whose being set decides something (`Section.presence_fields`, e.g.
+    text vs template mode of a data file) is written only where it was set."""
     return yaml.safe_dump(resolved_dict(config), sort_keys=False, allow_unicode=True)
 
 
 def resolved_dict(section: BaseModel) -> dict:
-    """`section.model_dump(mode="json")` without the presence fields (`Section.presence_fields`) left unset."""
+    """`section.model_dump(mode="json")` without the presence fields (`Section.presence_fields`) left
+    unset."""
     out = section.model_dump(mode="json")
     _drop_unset_presence(section, out)
     return out
@@ -247,9 +248,10 @@ def _capture_problems(config: RunConfig) -> list[str]:
 
 
 def _logit_problems(config: RunConfig) -> list[str]:
-    """What logit KD cannot do with a teacher (what the objective refuses): an encoder has no next-token logits; a
-    tokenizer that shares no token string with the student's has no event to compare (`shared_vocabulary`); top_k
-    must be below each vocabulary; cross_tokenizer is read only where a teacher has another tokenizer."""
+    """What logit KD cannot do with a teacher (what the objective refuses): an encoder has no next-token
+    logits; a tokenizer that shares no token string with the student's has no event to compare
+    (`shared_vocabulary`); top_k must be below each vocabulary; cross_tokenizer is read only where a teacher
+    has another tokenizer."""
     if not config.losses.teacher_logits:
         return []
     c = config.losses.logit_kd

@@ -59,9 +59,10 @@ class KVLossConfig(Section):
 
 
 class TemperatureSchedule(Section):
-    """τ as a pure function of the optimizer step s (0-based) of a run of S steps, so a resume continues it exactly:
-    constant: `losses.logit_kd.temperature`; linear: start + (end - start)·s/(S - 1); step: values[i] from step
-    milestones[i - 1] on (default milestones: S split into len(values) equal segments, e.g. 8 → 4 → 2)."""
+    """τ as a pure function of the optimizer step s (0-based) of a run of S steps, so a resume continues it
+    exactly: constant: `losses.logit_kd.temperature`; linear: start + (end - start)·s/(S - 1); step: values[i]
+    from step milestones[i - 1] on (default milestones: S split into len(values) equal segments, e.g. 8 → 4 →
+    2)."""
 
     kind: Literal["constant", "linear", "step"] = "constant"
     start: float | None = Field(None, gt=0.0)
@@ -103,7 +104,8 @@ class LogitKDConfig(Section):
 
     weight: float = Field(0.0, ge=0.0)
     temperature: float = Field(2.0, gt=0.0)
-    """τ: both distributions are softened by τ and the divergence is multiplied by τ² (kvdistill.losses.logit_kd)."""
+    """τ: both distributions are softened by τ and the divergence is multiplied by τ²
+    (kvdistill.losses.logit_kd)."""
     schedule: TemperatureSchedule = TemperatureSchedule()
     """τ over training (constant: `temperature`); the τ of each step is logged as `logit_kd/temperature`."""
     divergence: Literal["forward", "reverse", "jsd"] = "forward"
@@ -115,13 +117,15 @@ class LogitKDConfig(Section):
     project: at each student position that has read the same text as a teacher position, both next-token
     distributions summed onto the token strings the two vocabularies share plus one "other" bucket
     (kvdistill.losses.cross_logit_kd); span: the probability each model gives to every chunk of text that both
-    tokenizations spell exactly, by the chain rule, as a two-outcome distribution (kvdistill.losses.span_logit_kd)."""
+    tokenizations spell exactly, by the chain rule, as a two-outcome distribution
+    (kvdistill.losses.span_logit_kd)."""
     top_k: int | None = Field(None, gt=0)
-    """Compare with the teacher's k most probable entries plus one tail bucket holding the rest of its mass (what an
-    offline cache of logits holds) instead of its whole distribution (kvdistill.losses.topk_logit_kd); None: whole."""
+    """Compare with the teacher's k most probable entries plus one tail bucket holding the rest of its mass
+    (what an offline cache of logits holds) instead of its whole distribution
+    (kvdistill.losses.topk_logit_kd); None: whole."""
     chunk: int = Field(1024, ge=0)
-    """Positions whose softmaxes are computed at once (0: all): the float32 (positions, vocabulary) copies exist one
-    chunk at a time and are recomputed in backward; value and gradient do not depend on it."""
+    """Positions whose softmaxes are computed at once (0: all): the float32 (positions, vocabulary) copies
+    exist one chunk at a time and are recomputed in backward; value and gradient do not depend on it."""
 
     @model_validator(mode="after")
     def _used(self):
@@ -171,9 +175,10 @@ class RoutingLossConfig(Section):
     kind: Literal["full", "topk"] = "full"
     """full: KL over every expert; topk: over the teacher's top-k experts, both renormalised there."""
     correspondence: Literal["auto", "identity", "fitted"] = "auto"
-    """Which student experts a teacher expert's probability goes to (also the expert term's pairs): identity (equal
-    expert counts, e.g. an upcycled student), fitted (from the teacher's routing on training records: experts
-    grouped by co-activation, or split by load), auto: identity when the counts are equal, else fitted."""
+    """Which student experts a teacher expert's probability goes to (also the expert term's pairs): identity
+    (equal expert counts, e.g. an upcycled student), fitted (from the teacher's routing on training records:
+    experts grouped by co-activation, or split by load), auto: identity when the counts are equal, else
+    fitted."""
 
 
 class ExpertLossConfig(Section):
@@ -185,8 +190,8 @@ class ExpertLossConfig(Section):
 
 
 class CodiConfig(Section):
-    """CODI (kvdistill.losses.codi_loss): the latent student's hidden states at the token before the answer pulled
-    to the backbone's own in CoT mode, every layer."""
+    """CODI (kvdistill.losses.codi_loss): the latent student's hidden states at the token before the answer
+    pulled to the backbone's own in CoT mode, every layer."""
 
     weight: float = Field(0.0, ge=0.0)
     """α1 (KaVa: about 10-20; CODI's and PCCoT's GPT-2 recipes: 1)."""
@@ -201,12 +206,12 @@ class LatentTargetConfig(Section):
     kind: Literal["full", "right_crop", "rkv"] = "rkv"
     """full: every CoT token resampled to M; right_crop: the first M; rkv: the M best R-KV scores per head."""
     lam: float | None = Field(None, ge=0.0, le=1.0)
-    """rkv: weight of importance (1: importance only, 0: redundancy only); None: the scoring's default (kava and
-    minmax 0.1, rkv 0.07: `kvdistill.compress.select.DEFAULT_LAM`)."""
+    """rkv: weight of importance (1: importance only, 0: redundancy only); None: the scoring's default (kava
+    and minmax 0.1, rkv 0.07: `kvdistill.compress.select.DEFAULT_LAM`)."""
     scoring: Literal["kava", "rkv", "minmax"] = "kava"
-    """rkv: kava λ·I + (1-λ)·softmax(-r) (default); rkv R-KV's reference scoring λ·maxpool_7(A) - (1-λ)·softmax(S) with
-    A from the last `window` CoT tokens, which are always kept; minmax (the offline cache's) λ·minmax(I) +
-    (1-λ)·(1 - minmax(r)) (kvdistill.compress.latent)."""
+    """rkv: kava λ·I + (1-λ)·softmax(-r) (default); rkv R-KV's reference scoring λ·maxpool_7(A) -
+    (1-λ)·softmax(S) with A from the last `window` CoT tokens, which are always kept; minmax (the offline
+    cache's) λ·minmax(I) + (1-λ)·(1 - minmax(r)) (kvdistill.compress.latent)."""
     window: int = Field(8, gt=0)
     """scoring rkv: R-KV's observation window (the last CoT tokens), kept and read for importance."""
 

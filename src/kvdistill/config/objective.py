@@ -1,15 +1,15 @@
 """Which objective a run trains, and its losses: the `losses` section is a tagged union on `losses.objective`.
 
-    text:    a text student distilled through K/V (+ cosine, attention KL, relation, logit KD, hidden, MoE terms)
-             (kvdistill.objectives.text)
+    text:    a text student distilled through K/V (+ cosine, attention KL, relation, logit KD, hidden, MoE
+             terms) (kvdistill.objectives.text)
     latent:  a latent-reasoning student (student.latent) under answer CE, CoT CE, CODI and L_KV
              (kvdistill.objectives.kava)
 
-Each objective's section holds only its own terms, so a term of the other is an unknown key, reported with the key
-and the fix (`foreign_key_problem`). `losses.objective` may be left out: it is latent when the student has a
-`student.latent` section, else text (`with_objective`). Configs written before the split hold every term of both
-(a run's config.yaml spells out every default): the other objective's terms at their defaults are dropped when
-read, any other value is refused.
+Each objective's section holds only its own terms, so a term of the other is an unknown key, reported with the
+key and the fix (`foreign_key_problem`). `losses.objective` may be left out: it is latent when the student has
+a `student.latent` section, else text (`with_objective`). Configs written before the split hold every term of
+both (a run's config.yaml spells out every default): the other objective's terms at their defaults are dropped
+when read, any other value is refused.
 """
 
 from __future__ import annotations
@@ -38,12 +38,14 @@ class ObjectiveLosses(Section):
 
     @property
     def teacher_logits(self) -> bool:
-        """Whether the teachers' next-token logits are read (what a cache then holds, and memory estimates count)."""
+        """Whether the teachers' next-token logits are read (what a cache then holds, and memory estimates
+        count)."""
         return False
 
     @property
     def teacher_attentions(self) -> bool:
-        """Whether the teachers' attention probabilities are read (online teachers then run eager attention)."""
+        """Whether the teachers' attention probabilities are read (online teachers then run eager
+        attention)."""
         return False
 
 
@@ -51,8 +53,8 @@ class TextLosses(ObjectiveLosses):
     """The text objective's terms (kvdistill.objectives.text)."""
 
     objective: Literal["text"] = "text"
-    """The objective: text (a text student; these terms) or latent (a student.latent section; its terms ce, cot_ce,
-    codi, latent_kv). Left out: latent exactly when the student has a student.latent section."""
+    """The objective: text (a text student; these terms) or latent (a student.latent section; its terms ce,
+    cot_ce, codi, latent_kv). Left out: latent exactly when the student has a student.latent section."""
     routing: RoutingLossConfig = RoutingLossConfig()
     expert: ExpertLossConfig = ExpertLossConfig()
     balance: float | None = Field(None, ge=0.0)
@@ -78,8 +80,9 @@ class LatentLosses(ObjectiveLosses):
     """The latent-reasoning objective's terms (kvdistill.objectives.kava): needs a student.latent section."""
 
     objective: Literal["latent"] = "latent"
-    """The objective: latent (a student.latent section; these terms) or text (a text student; its terms ce, kv,
-    cosine, attention_kl, relation, logit_kd, hidden, routing, expert, balance). Left out: from the student."""
+    """The objective: latent (a student.latent section; these terms) or text (a text student; its terms ce,
+    kv, cosine, attention_kl, relation, logit_kd, hidden, routing, expert, balance). Left out: from the
+    student."""
     cot_ce: float = Field(0.0, ge=0.0)
     """CE of the CoT and answer given the question, the backbone in CoT (teacher) mode."""
     codi: CodiConfig = CodiConfig()
@@ -97,8 +100,9 @@ def objective_of_student(student: Any) -> str:
 
 
 def with_objective(raw: dict) -> dict:
-    """A raw run config with `losses.objective` filled in where it is left out (`objective_of_student`), and the
-    other objective's terms at their defaults dropped (a config written before the split); the rest as it is."""
+    """A raw run config with `losses.objective` filled in where it is left out (`objective_of_student`), and
+    the other objective's terms at their defaults dropped (a config written before the split); the rest as it
+    is."""
     losses = raw.get("losses", {})
     if not isinstance(losses, dict):
         return raw
@@ -127,8 +131,8 @@ def _at_other_default(kind: str, key: str, value: Any) -> bool:
 
 
 def foreign_key_problem(kind: str, key: str) -> str | None:
-    """The problem of losses.`key` in a section of objective `kind` when it is a term of another objective (its
-    key and the fix), else None."""
+    """The problem of losses.`key` in a section of objective `kind` when it is a term of another objective
+    (its key and the fix), else None."""
     for other, cls in OBJECTIVE_LOSSES.items():
         if other != kind and key in cls.model_fields:
             own = ", ".join(k for k in OBJECTIVE_LOSSES[kind].model_fields if k != "objective")
@@ -145,5 +149,6 @@ def foreign_key_problem(kind: str, key: str) -> str | None:
 
 
 def section_of(tag: str) -> type[BaseModel] | None:
-    """The losses section class of objective `tag` (a discriminator value in a validation error's location)."""
+    """The losses section class of objective `tag` (a discriminator value in a validation error's
+    location)."""
     return OBJECTIVE_LOSSES.get(tag)

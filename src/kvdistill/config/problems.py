@@ -1,7 +1,7 @@
-"""Pydantic validation errors as problems a person can act on, one line each, naming the key (and the flag that
-sets it, where a command line does) and the value that is wrong; a typo of a key gets the nearest valid one.
-The run config (`kvdistill.config.load`), experiment specs (`kvdistill.experiments.spec`) and the extract command's
-flags (`kvdistill.cache.cli`) all report through `validation_problems`.
+"""Pydantic validation errors as problems a person can act on, one line each, naming the key (and the flag
+that sets it, where a command line does) and the value that is wrong; a typo of a key gets the nearest valid
+one. The run config (`kvdistill.config.load`), experiment specs (`kvdistill.experiments.spec`) and the extract
+command's flags (`kvdistill.cache.cli`) all report through `validation_problems`.
 """
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ def section_for(
     root: type[BaseModel], loc: tuple, member: type[BaseModel] | None = None
 ) -> type[BaseModel] | None:
     """The pydantic model class under `root` that holds the field at `loc` (list indices and mapping keys
-    skipped), None where `loc` leaves the models; `member`: the class a tag chose for the first field (`untagged`)."""
+    skipped), None where `loc` leaves the models; `member`: the class a tag chose for the first field
+    (`untagged`)."""
     cls: type[BaseModel] = root
     keyed = False  # the previous field is a mapping: this part is one of its keys
     for n, part in enumerate(loc[:-1]):
@@ -83,12 +84,13 @@ def validation_problems(
     name: str = "config",
     unknown: Callable[[str, str], str | None] | None = None,
 ) -> list[str]:
-    """One problem per error of `err` (raised validating `root`): an unknown key with the nearest valid one and
-    the valid keys there, a missing one, a check's own message, or the key, the value given and what is wrong.
-    `prefix`: the dotted key `root` sits under (a section of a bigger whole); `flags`: key -> the command-line
-    flag that sets it, named beside the key; `name`: what the whole is called where the error is on it;
-    `unknown(tag, key)`: the caller's own problem for an unknown key of a tagged union's member (e.g. a term of
-    another objective), None to report it as unknown. A tagged union's tag is left out of the keys shown."""
+    """One problem per error of `err` (raised validating `root`): an unknown key with the nearest valid one
+    and the valid keys there, a missing one, a check's own message, or the key, the value given and what is
+    wrong. `prefix`: the dotted key `root` sits under (a section of a bigger whole); `flags`: key -> the
+    command-line flag that sets it, named beside the key; `name`: what the whole is called where the error is
+    on it; `unknown(tag, key)`: the caller's own problem for an unknown key of a tagged union's member (e.g. a
+    term of another objective), None to report it as unknown. A tagged union's tag is left out of the keys
+    shown."""
     out = []
     for e in err.errors():
         loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))

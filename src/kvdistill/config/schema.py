@@ -1,22 +1,25 @@
-"""The run configuration: its sections, each validated when built (pydantic, unknown keys refused), and the checks
-across them (`RunConfig`).
+"""The run configuration: its sections, each validated when built (pydantic, unknown keys refused), and the
+checks across them (`RunConfig`).
 
 Every problem is collected and reported together (`ConfigError.problems`), each naming the key, the value
 that is wrong and, for a typo, the nearest valid key. `kvdistill validate CONFIG` prints them all.
 
 Layout of a config (every section optional except `student` and `data`), one module per section::
 
-    student:   {model | from_config, tokenizer, lora, dtype, gradient_checkpointing, latent, upcycle}   (student)
-    teachers:  - {name, model, source: online|cache, cache_dir, weight, layer_map, projector, dtype, skill} (teachers)
-    data:      {source, path, split, subset, fields, template, size | limit, seed, max_length, eval_size, val_size,
-                train_size, skills, mix, train_skills}                                                   (data)
-    losses:    {objective: text|latent, ce, ... the objective's own terms}                                (objective)
-                 text:   kv: {weight, kind, normalize, keys, values, schedule}, cosine, attention_kl, relation,
-                         logit_kd, hidden, routing, expert, balance
+    student:   {model | from_config, tokenizer, lora, dtype, gradient_checkpointing, latent,   (student)
+                upcycle}
+    teachers:  - {name, model, source: online|cache, cache_dir, weight, layer_map, projector,      (teachers)
+                dtype, skill}
+    data:      {source, path, split, subset, fields, template, size | limit, seed, max_length,    (data)
+                eval_size, val_size, train_size, skills, mix, train_skills}
+    losses:    {objective: text|latent, ce, ... the objective's own terms}                         (objective)
+                 text:   kv: {weight, kind, normalize, keys, values, schedule}, cosine,
+                         attention_kl, relation, logit_kd, hidden, routing, expert, balance
                  latent: cot_ce, codi, latent_kv
-    fusion:    {kind: fixed|similarity|router|confidence, space: loss|target|latent, weights, similarity, router,
-                entropy, latent, confidence}                                                            (fusion)
-    train:     {steps, batch_size, grad_accum, lr, ..., mixed_precision, seed, save_every, log_every}      (train)
+    fusion:    {kind: fixed|similarity|router|confidence, space: loss|target|latent, weights,      (fusion)
+                similarity, router, entropy, latent, confidence}
+    train:     {steps, batch_size, grad_accum, lr, ..., mixed_precision, seed, save_every,         (train)
+                log_every}
 """
 
 from __future__ import annotations
@@ -62,15 +65,16 @@ class RunConfig(Section):
     teachers: list[TeacherConfig] = []
     data: DataConfig = DataConfig()
     losses: Losses = TextLosses()
-    """Which objective the run trains (`objective`: text, or latent for a student with a student.latent section;
-    left out: from the student) and that objective's terms (`kvdistill.config.objective`)."""
+    """Which objective the run trains (`objective`: text, or latent for a student with a student.latent
+    section; left out: from the student) and that objective's terms (`kvdistill.config.objective`)."""
     fusion: FusionConfig = FusionConfig()
     train: TrainConfig = TrainConfig()
 
     @model_validator(mode="before")
     @classmethod
     def _objective(cls, data):
-        """losses.objective from the student where it is left out (`kvdistill.config.objective.with_objective`)."""
+        """losses.objective from the student where it is left out
+        (`kvdistill.config.objective.with_objective`)."""
         return with_objective(data) if isinstance(data, dict) else data
 
     @model_validator(mode="after")
@@ -89,7 +93,8 @@ class RunConfig(Section):
         problems += self._unread_dtypes()
         if self.fusion.weights is not None and len(self.fusion.weights) != len(self.teachers):
             problems.append(
-                f"fusion.weights has {len(self.fusion.weights)} entries but there are {len(self.teachers)} teachers"
+                f"fusion.weights has {len(self.fusion.weights)} entries but there are {len(self.teachers)} "
+                "teachers"
             )
         latent = self.student.latent is not None
         if latent != isinstance(self.losses, LatentLosses):
@@ -132,8 +137,9 @@ class RunConfig(Section):
         return self
 
     def _unread_dtypes(self) -> list[str]:
-        """An online teacher's compression.dtype (a cache's storage dtype) and a cached teacher's dtype (the dtype
-        it runs in online, or while `kvdistill extract` writes its cache): neither is read by training."""
+        """An online teacher's compression.dtype (a cache's storage dtype) and a cached teacher's dtype (the
+        dtype it runs in online, or while `kvdistill extract` writes its cache): neither is read by
+        training."""
         problems = []
         for n, t in enumerate(self.teachers):
             if t.source == "online" and t.compression.dtype != CompressionConfig().dtype:
@@ -219,8 +225,8 @@ class RunConfig(Section):
         return problems
 
     def _latent_problems(self) -> list[str]:
-        """A latent student reads fixed teacher weights and its targets' teachers online, or from caches of the
-        latent target; other fusions, compressed online teachers and cached logits are refused (the text
+        """A latent student reads fixed teacher weights and its targets' teachers online, or from caches of
+        the latent target; other fusions, compressed online teachers and cached logits are refused (the text
         objective's terms are not in its losses section: `kvdistill.config.objective`)."""
         c, lat = self.losses, self.student.latent
         problems = []
@@ -255,7 +261,8 @@ class RunConfig(Section):
                 if tgt.kind == "full" or wrong:
                     problems.append(
                         f"teachers.{n} ('{t.name}') is read from a cache, which must hold the latent target: "
-                        f"compression {', '.join(f'{k}: {v}' for k, v in wrong.items()) or 'right_crop or rkv'} "
+                        "compression "
+                        f"{', '.join(f'{k}: {v}' for k, v in wrong.items()) or 'right_crop or rkv'} "
                         "(extract it with `kvdistill extract ... teacher.compression.span=cot`); the full "
                         "resampled target is computed online only"
                     )
@@ -331,8 +338,8 @@ class RunConfig(Section):
         return problems
 
     def _on_policy_problems(self) -> list[str]:
-        """What on-policy distillation cannot work with: a student whose text it cannot sample, teachers that cannot
-        see the sampled text, data without a prompt to continue."""
+        """What on-policy distillation cannot work with: a student whose text it cannot sample, teachers that
+        cannot see the sampled text, data without a prompt to continue."""
         op, problems = self.train.on_policy, []
         if self.student.latent is not None:
             problems.append(
@@ -378,7 +385,8 @@ class RunConfig(Section):
         problems = []
         if t.source == "cache" and kd.weight > 0 and kd.top_k is None:
             problems.append(
-                f"losses.logit_kd reads teacher '{t.name}' (teachers.{n}) from a cache, which holds its top-k "
+                f"losses.logit_kd reads teacher '{t.name}' (teachers.{n}) from a cache, which holds its "
+                "top-k "
                 "log-probabilities, not its whole distribution: set losses.logit_kd.top_k (e.g. 64; the "
                 "rest of the mass is one tail bucket)"
             )
@@ -393,12 +401,14 @@ class RunConfig(Section):
             return problems
         if t.source != "cache":
             return [
-                f"teachers.{n}.logits describes what a cache holds and is read for source: cache teachers only "
+                f"teachers.{n}.logits describes what a cache holds and is read for source: cache teachers "
+                "only "
                 f"('{t.name}' is online, its logits come from its forward); drop it"
             ]
         if kd.weight == 0:
             return [
-                f"teachers.{n}.logits is read by losses.logit_kd, whose weight is 0; drop it or set the weight"
+                f"teachers.{n}.logits is read by losses.logit_kd, whose weight is 0; drop it or set the "
+                "weight"
             ]
         if t.logits.top_k is not None and kd.top_k is not None and t.logits.top_k < kd.top_k:
             problems.append(
@@ -408,14 +418,17 @@ class RunConfig(Section):
         needed = kd.temperatures_used()
         if needed is None:
             return problems + [
-                f"losses.logit_kd.schedule kind linear takes every τ between start and end, but a cache stores the "
-                f"log-probabilities normalised at given temperatures only (teacher '{t.name}', teachers.{n}); use schedule kind step or "
+                "losses.logit_kd.schedule kind linear takes every τ between start and end, but a cache "
+                "stores the "
+                f"log-probabilities normalised at given temperatures only (teacher '{t.name}', "
+                f"teachers.{n}); use schedule kind step or "
                 "constant with a cached teacher"
             ]
         missing = sorted(set(needed) - set(t.logits.temperatures or needed))
         if missing:
             return problems + [
-                f"teachers.{n}.logits.temperatures {t.logits.temperatures} lacks τ {missing} that losses.logit_kd "
+                f"teachers.{n}.logits.temperatures {t.logits.temperatures} lacks τ {missing} that "
+                "losses.logit_kd "
                 f"takes; add them (and re-extract), or drop temperatures to store exactly those of the loss"
             ]
         return problems

@@ -1,6 +1,6 @@
 """The base of every config section: unknown keys refused, assignments validated, floats finite (an `inf` loss
-weight or weight decay is refused when the config is read, not found as a divergence mid-run), attribute docstrings
-kept as field descriptions (`kvdistill config show` prints them)."""
+weight or weight decay is refused when the config is read, not found as a divergence mid-run), attribute
+docstrings kept as field descriptions (`kvdistill config show` prints them)."""
 
 from __future__ import annotations
 
@@ -16,4 +16,5 @@ class Section(BaseModel):
 
     presence_fields: ClassVar[frozenset[str]] = frozenset()
     """Fields whose being set, not only their value, means something (e.g. data.text_field chooses text mode):
-    a resolved dump writes every other field and these only where they were set (`kvdistill.config.dump_config`)."""
+    a resolved dump writes every other field and these only where they were set
+    (`kvdistill.config.dump_config`)."""

@@ -1,5 +1,5 @@
-"""A config as commented YAML, generated from the schema (`kvdistill config show`): every field with its value,
-its choices and the docstring the schema gives it, so the printed defaults cannot drift from the code.
+"""A config as commented YAML, generated from the schema (`kvdistill config show`): every field with its
+value, its choices and the docstring the schema gives it, so the printed defaults cannot drift from the code.
 
 The output parses back to the same config (`load_config`): fields whose being set means something
 (`Section.presence_fields`) are printed commented out where they were not set.
@@ -100,7 +100,8 @@ def _choices(annotation) -> list | None:
 
 
 def _scalar(value: Any) -> str:
-    """A value as YAML flow text: JSON (a subset of YAML), with floats that YAML 1.1 readers read as floats."""
+    """A value as YAML flow text: JSON (a subset of YAML), with floats that YAML 1.1 readers read as
+    floats."""
     if isinstance(value, BaseModel):
         value = value.model_dump(mode="json")
     if isinstance(value, float):

@@ -1,5 +1,5 @@
-"""The `student` section of a run configuration: the model trained, LoRA, sparse upcycling, the latent-reasoning
-student's slots."""
+"""The `student` section of a run configuration: the model trained, LoRA, sparse upcycling, the
+latent-reasoning student's slots."""
 
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ class LoraConfig(Section):
 
 class UpcycleConfig(Section):
     """Sparse upcycling: the dense student (student.model or from_config) becomes an MoE of its family's MoE
-    counterpart (llama / mistral -> mixtral, qwen3 -> qwen3_moe), every expert a copy of the dense MLP, the router
-    newly initialised (kvdistill.student.upcycle)."""
+    counterpart (llama / mistral -> mixtral, qwen3 -> qwen3_moe), every expert a copy of the dense MLP, the
+    router newly initialised (kvdistill.student.upcycle)."""
 
     num_experts: int = Field(4, gt=1)
     top_k: int = Field(2, gt=0)
@@ -45,17 +45,17 @@ class LatentStudentConfig(Section):
     projection: Literal["mlp", "linear", "none"] = "mlp"
     """hidden state -> next latent input: mlp (residual, starts as the identity), linear, none (Coconut)."""
     head: Literal["embed_norm", "identity"] = "embed_norm"
-    """After the projection: embed_norm RMS-normalises it with a learned gain that starts at the token embeddings'
-    RMS (latents at a token embedding's scale from the start, as CODI's projection ends in a LayerNorm); identity
-    feeds the projected hidden state as it is (18-50x a token embedding's norm)."""
+    """After the projection: embed_norm RMS-normalises it with a learned gain that starts at the token
+    embeddings' RMS (latents at a token embedding's scale from the start, as CODI's projection ends in a
+    LayerNorm); identity feeds the projected hidden state as it is (18-50x a token embedding's norm)."""
 
 
 class StudentConfig(Section):
     model: str | None = None
     """Offline name, local directory or hub id of a pretrained causal LM."""
     from_config: dict[str, Any] | None = None
-    """Build a randomly initialised student: {base: <model whose config to start from>, <config overrides>}, or
-    {family: <a transformers model_type, e.g. qwen2>, <config fields>} (then `tokenizer` is required)."""
+    """Build a randomly initialised student: {base: <model whose config to start from>, <config overrides>},
+    or {family: <a transformers model_type, e.g. qwen2>, <config fields>} (then `tokenizer` is required)."""
     tokenizer: str | None = None
     """Tokenizer to use (default: the model's, or the base model's for from_config)."""
     lora: LoraConfig | None = None

@@ -1,5 +1,5 @@
-"""The `teachers` section of a run configuration: each teacher's model or cache, layer map, projector, compression
-and cached logits."""
+"""The `teachers` section of a run configuration: each teacher's model or cache, layer map, projector,
+compression and cached logits."""
 
 from __future__ import annotations
 
@@ -32,11 +32,12 @@ class CompressionConfig(Section):
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     """Storage dtype in a cache."""
     span: Literal["all", "cot"] = "all"
-    """Candidate tokens: every real token, or only the record's chain of thought (a latent student's cached K/V
-    target: right_crop / rkv of the CoT, kvdistill.compress.latent)."""
+    """Candidate tokens: every real token, or only the record's chain of thought (a latent student's cached
+    K/V target: right_crop / rkv of the CoT, kvdistill.compress.latent)."""
     scoring: Literal["minmax", "kava", "rkv"] = "minmax"
-    """rkv's score: minmax λ·minmax(I) + (1-λ)·(1 - minmax(r)); kava λ·I + (1-λ)·softmax(-r); rkv R-KV's reference
-    scoring, the last `window` candidates kept and their attention the importance (kvdistill.compress.latent)."""
+    """rkv's score: minmax λ·minmax(I) + (1-λ)·(1 - minmax(r)); kava λ·I + (1-λ)·softmax(-r); rkv R-KV's
+    reference scoring, the last `window` candidates kept and their attention the importance
+    (kvdistill.compress.latent)."""
     window: int = Field(8, gt=0)
 
     @model_validator(mode="after")
@@ -88,13 +89,15 @@ class CachedLogitsConfig(Section):
     `kvdistill extract` beside the K/V, read by logit KD from a cached teacher."""
 
     top_k: int | None = Field(None, gt=0)
-    """k: log-probabilities kept per token, the most probable first (at most the vocabulary); None: losses.logit_kd's
-    top_k. A cache of k serves a loss of any top_k up to k (the first entries are the top of a smaller k)."""
+    """k: log-probabilities kept per token, the most probable first (at most the vocabulary); None:
+    losses.logit_kd's top_k. A cache of k serves a loss of any top_k up to k (the first entries are the top of
+    a smaller k)."""
     dtype: Literal["float16", "bfloat16", "float32"] = "float16"
-    """Storage dtype of the log-probabilities (token ids: uint16 for vocabularies up to 65,536, else int32)."""
+    """Storage dtype of the log-probabilities (token ids: uint16 for vocabularies up to 65,536, else
+    int32)."""
     temperatures: list[float] | None = None
-    """The τ at which the log-probabilities are normalised (logit KD can read the cache at exactly these). None: those
-    of losses.logit_kd (its temperature, or a step schedule's values)."""
+    """The τ at which the log-probabilities are normalised (logit KD can read the cache at exactly these).
+    None: those of losses.logit_kd (its temperature, or a step schedule's values)."""
 
     @model_validator(mode="after")
     def _positive(self):
@@ -105,8 +108,8 @@ class CachedLogitsConfig(Section):
         return self
 
     def resolved(self, logit_kd: LogitKDConfig | None = None) -> list[float] | None:
-        """The stored temperatures: `temperatures`, else those losses.logit_kd uses (None for a linear schedule,
-        whose τ is continuous)."""
+        """The stored temperatures: `temperatures`, else those losses.logit_kd uses (None for a linear
+        schedule, whose τ is continuous)."""
         if self.temperatures is not None:
             return sorted(set(self.temperatures))
         return (logit_kd or LogitKDConfig()).temperatures_used()
@@ -117,8 +120,8 @@ class TeacherConfig(Section):
     """Short label used in logs and reports (default: the model name, '.' replaced by '_'); no '.' allowed."""
     model: str | None = None
     from_config: dict[str, Any] | None = None
-    """Instead of `model`: a randomly initialised teacher (seed 0) built as `student.from_config` is ({family: ...,
-    <fields>} needs `tokenizer`); for CPU demonstrations of the machinery, not for evidence."""
+    """Instead of `model`: a randomly initialised teacher (seed 0) built as `student.from_config` is ({family:
+    ..., <fields>} needs `tokenizer`); for CPU demonstrations of the machinery, not for evidence."""
     tokenizer: str | None = None
     """from_config teachers: their tokenizer (default: the base model's)."""
     source: Literal["online", "cache"] = "online"
@@ -131,12 +134,12 @@ class TeacherConfig(Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """auto: float32 on CPU, bfloat16 on GPU."""
     skill: str | None = None
-    """The skill of `data.skills` this teacher specialises in: with fusion.kind router, similarity or confidence, the
-    held-out evaluation reports the fusion weight on it for records of that skill (eval/routing_acc,
-    eval/routing_acc_<skill>; `kvdistill.fuse.routing_accuracy`)."""
+    """The skill of `data.skills` this teacher specialises in: with fusion.kind router, similarity or
+    confidence, the held-out evaluation reports the fusion weight on it for records of that skill
+    (eval/routing_acc, eval/routing_acc_<skill>; `kvdistill.fuse.routing_accuracy`)."""
     logits: CachedLogitsConfig | None = None
-    """Cached teachers: the top-k log-probabilities the cache holds (what `kvdistill extract` stores and logit KD
-    from the cache reads); None: K/V only."""
+    """Cached teachers: the top-k log-probabilities the cache holds (what `kvdistill extract` stores and logit
+    KD from the cache reads); None: K/V only."""
 
     @model_validator(mode="after")
     def _cache_dir(self):

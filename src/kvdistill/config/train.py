@@ -1,4 +1,5 @@
-"""The `train` section of a run configuration: steps, optimizer, evaluation, early stopping, data loading, devices."""
+"""The `train` section of a run configuration: steps, optimizer, evaluation, early stopping, data loading,
+devices."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ from kvdistill.config.section import Section
 
 
 class EarlyStoppingConfig(Section):
-    """Best-of-curve selection on the validation split (data.val_size > 0, never the test split): at every evaluation
-    (train.eval_every) the student is saved to DIR/best/student when `metric` improved by more than `min_delta`
-    (DIR/best.json: its step and value); after `patience` evaluations without improvement training stops (0: it
-    runs every step and only keeps the best). The learning-rate schedule stays that of train.steps."""
+    """Best-of-curve selection on the validation split (data.val_size > 0, never the test split): at every
+    evaluation (train.eval_every) the student is saved to DIR/best/student when `metric` improved by more than
+    `min_delta` (DIR/best.json: its step and value); after `patience` evaluations without improvement training
+    stops (0: it runs every step and only keeps the best). The learning-rate schedule stays that of
+    train.steps."""
 
     metric: Literal["exact_match", "ce"] = "ce"
     """Validation exact match (needs train.eval_exact_match) or CE."""
@@ -22,14 +24,16 @@ class EarlyStoppingConfig(Section):
 
 
 class OnPolicyConfig(Section):
-    """On-policy distillation as GKD defines it (kvdistill.objectives.on_policy): with probability λ an optimizer
-    step's batches are the student's own samples, continuing each record's prompt (its text up to the end of the
-    {question} line), and the K/V and logit terms score the teachers on that text; CE stays on the data text."""
+    """On-policy distillation as GKD defines it (kvdistill.objectives.on_policy): with probability λ an
+    optimizer step's batches are the student's own samples, continuing each record's prompt (its text up to
+    the end of the {question} line), and the K/V and logit terms score the teachers on that text; CE stays on
+    the data text."""
 
     model_config = ConfigDict(populate_by_name=True)
 
     lam: float = Field(0.5, ge=0.0, le=1.0, alias="lambda")
-    """λ: the probability that a step is on-policy (drawn per optimizer step, GKD's per batch); 0: never, 1: always."""
+    """λ: the probability that a step is on-policy (drawn per optimizer step, GKD's per batch); 0: never, 1:
+    always."""
     temperature: float = Field(1.0, gt=0.0)
     """Sampling temperature of the student's continuations."""
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -42,11 +46,11 @@ class FsdpConfig(Section):
     """train.distributed fsdp: how the student is sharded (`kvdistill.train.distributed`)."""
 
     cpu_offload: bool = False
-    """Keep the sharded parameters, gradients and optimizer state in host memory; each layer's parameters come to
-    the device for its forward and backward only (torch's CPUOffloadPolicy)."""
+    """Keep the sharded parameters, gradients and optimizer state in host memory; each layer's parameters come
+    to the device for its forward and backward only (torch's CPUOffloadPolicy)."""
     reshard_after_forward: bool = True
-    """Free each layer's gathered parameters after its forward (gathered again for the backward): less memory, one
-    more all-gather per layer."""
+    """Free each layer's gathered parameters after its forward (gathered again for the backward): less memory,
+    one more all-gather per layer."""
 
 
 class TrainConfig(Section):
@@ -75,44 +79,49 @@ class TrainConfig(Section):
     eval_every: int = Field(0, ge=0)
     """Evaluate on the held-out records every N optimizer steps (0: only at the end); printed and logged."""
     eval_exact_match: bool = False
-    """Every evaluation also scores greedy exact match on the held-out records (`eval/exact_match`); a latent student
-    (student.latent) answers in latent mode (kvdistill.student.answer.latent_exact_match, also `eval/gen_tokens`)."""
+    """Every evaluation also scores greedy exact match on the held-out records (`eval/exact_match`); a latent
+    student (student.latent) answers in latent mode (kvdistill.student.answer.latent_exact_match, also
+    `eval/gen_tokens`)."""
     eval_cot: bool = False
     """That exact match of a text student by CoT decoding from the question alone
     (kvdistill.student.answer.cot_exact_match), instead of giving the model the record's reasoning."""
     eval_max_new_tokens: int = Field(16, gt=0)
-    """Generated tokens per answer of that exact match (with eval_cot: reasoning and answer; a latent student: after
-    the answer prompt)."""
+    """Generated tokens per answer of that exact match (with eval_cot: reasoning and answer; a latent student:
+    after the answer prompt)."""
     early_stopping: EarlyStoppingConfig | None = None
     grad_norms_every: int = Field(0, ge=0)
-    """Every N optimizer steps, the gradient norm of the CE term and of the distillation terms w.r.t. the student's
-    parameters (`grad_norm/ce`, `grad_norm/kd`; two extra backward passes of the first micro-batch; one process)."""
+    """Every N optimizer steps, the gradient norm of the CE term and of the distillation terms w.r.t. the
+    student's parameters (`grad_norm/ce`, `grad_norm/kd`; two extra backward passes of the first micro-batch;
+    one process)."""
     tensorboard: bool = True
     """Log to TensorBoard (DIR/tb) when train.report_to is not given; false: no tracker."""
     report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] | None = None
-    """Trackers, through Accelerate (None: [tensorboard], or [] with train.tensorboard false). tensorboard: DIR/tb;
-    wandb: offline under DIR/wandb unless WANDB_MODE is set (`wandb sync` uploads it); mlflow: DIR/mlruns unless
-    MLFLOW_TRACKING_URI is set; trackio: its local store. Per-teacher terms go under teacher/<name>/."""
+    """Trackers, through Accelerate (None: [tensorboard], or [] with train.tensorboard false). tensorboard:
+    DIR/tb; wandb: offline under DIR/wandb unless WANDB_MODE is set (`wandb sync` uploads it); mlflow:
+    DIR/mlruns unless MLFLOW_TRACKING_URI is set; trackio: its local store. Per-teacher terms go under
+    teacher/<name>/."""
     num_workers: int = Field(0, ge=0)
-    """DataLoader worker processes that collate batches (tokenization, token alignment) ahead of the step; 0: in
-    the training process, just before each step."""
+    """DataLoader worker processes that collate batches (tokenization, token alignment) ahead of the step; 0:
+    in the training process, just before each step."""
     prefetch: int | None = Field(None, gt=0)
     """Batches each worker collates ahead (the DataLoader's prefetch_factor); None: its default (2). Needs
     num_workers > 0."""
     teachers_ahead: bool | None = None
-    """Run the teachers' K/V of the next micro-batch on a worker thread (its own CUDA stream) while the student
-    steps on this one (`kvdistill.objectives.ahead`): the same numbers, the teachers off the critical path.
-    None: on where the run has a GPU and teachers; true on a CPU works too (the two threads share the cores)."""
+    """Run the teachers' K/V of the next micro-batch on a worker thread (its own CUDA stream) while the
+    student steps on this one (`kvdistill.objectives.ahead`): the same numbers, the teachers off the critical
+    path. None: on where the run has a GPU and teachers; true on a CPU works too (the two threads share the
+    cores)."""
     distributed: Literal["ddp", "fsdp"] = "ddp"
     """Several processes: ddp replicates the student, its gradients and optimizer state on every process; fsdp
-    shards the student's parameters, gradients and optimizer state over them (FSDP2, `kvdistill.train.distributed`).
-    Teachers and maps are replicated either way."""
+    shards the student's parameters, gradients and optimizer state over them (FSDP2,
+    `kvdistill.train.distributed`). Teachers and maps are replicated either way."""
     fsdp: FsdpConfig = FsdpConfig()
     compile: bool = False
     """torch.compile the loss space's per-group K/V error (the loss part, not the models); where compilation
     fails the eager function runs instead (logged once)."""
     on_policy: OnPolicyConfig | None = None
-    """On-policy distillation (GKD): {lambda, temperature, top_p, max_new_tokens}; None: the data text only."""
+    """On-policy distillation (GKD): {lambda, temperature, top_p, max_new_tokens}; None: the data text
+    only."""
 
     presence_fields = frozenset({"tensorboard"})  # set or not: whether it contradicts train.report_to
 

@@ -1,5 +1,5 @@
-"""kvdistill.data: records from files (jsonl/csv/parquet/text) or generated GSM-Symbolic / arithmetic / sorting problems
-and mixtures of them labelled by skill."""
+"""kvdistill.data: records from files (jsonl/csv/parquet/text) or generated GSM-Symbolic / arithmetic /
+sorting problems and mixtures of them labelled by skill."""
 
 from kvdistill.data.arith import arithmetic_problem, arithmetic_records
 from kvdistill.data.gsm import gsm_symbolic_records

@@ -11,10 +11,10 @@ the first k problems are the same whatever `size` is. 256 problems take about 0.
 ~1.3 s to import reasoning_gym once.
 
 Generated items are kept on disk, one JSON line per item in generation order, under
-``$KVDISTILL_HOME/data/gsm_symbolic-rg<reasoning_gym version>-<seed>.jsonl`` (default home ``~/.cache/kvdistill``):
-40,000 items take about 40 s to generate on a laptop core and a second to read back, and a machine without
-reasoning_gym (a GPU node) can use a file copied from one that has it. A file is only ever extended, written under a
-temporary name and renamed; a damaged one is ignored and rewritten.
+``$KVDISTILL_HOME/data/gsm_symbolic-rg<reasoning_gym version>-<seed>.jsonl`` (default home
+``~/.cache/kvdistill``): 40,000 items take about 40 s to generate on a laptop core and a second to read back,
+and a machine without reasoning_gym (a GPU node) can use a file copied from one that has it. A file is only
+ever extended, written under a temporary name and renamed; a damaged one is ignored and rewritten.
 """
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ from pathlib import Path
 from kvdistill.data.problems import Problem, distinct_records
 from kvdistill.errors import KvdistillError
 
-# The line break after the answer ends it: a model trained on texts that stop right after the answer never learns
-# what follows its last digit, and greedy decoding goes on ("Answer: 1080" for 108), which exact match counts wrong.
+# The line break after the answer ends it: a model trained on texts that stop right after the answer never
+# learns what follows its last digit, and greedy decoding goes on ("Answer: 1080" for 108), which exact match
+# counts wrong.
 DEFAULT_TEMPLATE = "Question: {question}\nReasoning: {cot}\nAnswer: {answer}\n"
 _FINAL_LINE = re.compile(r"\n*####[^\n]*\s*$")
 # the version pinned by the `offline` extra: the file a machine without reasoning_gym reads
@@ -58,8 +59,8 @@ def _read_items(path: Path) -> list[dict]:
 
 
 def generated_items(seed: int, count: int) -> list[dict]:
-    """The first `count` reasoning_gym GSM-Symbolic items of `seed` as {question, answer, cot}, from the disk file
-    when it holds enough, else generated (and the file extended)."""
+    """The first `count` reasoning_gym GSM-Symbolic items of `seed` as {question, answer, cot}, from the disk
+    file when it holds enough, else generated (and the file extended)."""
     path = cache_file(seed)
     items = _read_items(path)
     if len(items) >= count:

@@ -2,19 +2,20 @@
 
 A row becomes a record in one of three ways:
 
-- chat mode: the row's `data.messages_field` is a conversation, a list of {"role", "content"}; the record's text
-  is a `kvdistill.models.chat.ChatText` (the contents as "role: content" lines, carrying the messages), which every
-  model reads in its own chat template, aligned on the contents; the last message, when the assistant's, is the
-  answer (`answer_start` its content's offset, `question` the shared text before it);
+- chat mode: the row's `data.messages_field` is a conversation, a list of {"role", "content"}; the record's
+text
+  is a `kvdistill.models.chat.ChatText` (the contents as "role: content" lines, carrying the messages), which
+  every model reads in its own chat template, aligned on the contents; the last message, when the assistant's,
+  is the answer (`answer_start` its content's offset, `question` the shared text before it);
 - text mode: the row's `data.text_field` is the text (always for `source: text`: one record per non-blank
   line); with an `data.answer_field` column too, `answer_start` is its last occurrence in the text;
 - template mode: `data.question_field` / `data.cot_field` / `data.answer_field` rendered with `data.template`
   (placeholders `{question}`, `{cot}`, `{answer}`); a template line holding only `{cot}` is dropped when a
   record has no chain of thought. The default `cot` column is optional; a `cot_field` that is set is not.
 
-Chat mode is chosen when `data.messages_field` is set, or when the rows have that column and neither a text nor a
-question column; text mode when `data.text_field` is set, or when the rows have a `text_field` column and no
-`question_field` column. Rows with an `id` column keep it as their id, others get `<name>:<row>`.
+Chat mode is chosen when `data.messages_field` is set, or when the rows have that column and neither a text
+nor a question column; text mode when `data.text_field` is set, or when the rows have a `text_field` column
+and no `question_field` column. Rows with an `id` column keep it as their id, others get `<name>:<row>`.
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ def _missing_field(cfg: DataConfig, key: str, value: str, columns: list[str]) ->
     close = difflib.get_close_matches(value, columns, n=1, cutoff=0.5)
     hint = f"; did you mean '{close[0]}'?" if close else ""
     return KvdistillError(
-        f"data.{key} = '{value}': no such column in {source_label(cfg)}{hint} (columns: {', '.join(columns)})",
+        f"data.{key} = '{value}': no such column in {source_label(cfg)}{hint} (columns: "
+        f"{', '.join(columns)})",
         f"set data.{key} to one of the columns" + (f", e.g. data.{key}={close[0]}" if close else ""),
     )
 
@@ -90,8 +92,8 @@ def _line_records(cfg: DataConfig, rows: list[dict], name: str) -> list[dict]:
 
 
 def _is_chat_mode(cfg: DataConfig, columns: list[str]) -> bool:
-    """Chat mode if data.messages_field is set, or the rows have that column and no text / question column (and
-    neither field is set)."""
+    """Chat mode if data.messages_field is set, or the rows have that column and no text / question column
+    (and neither field is set)."""
     explicit = cfg.model_fields_set
     if "messages_field" in explicit:
         return True
@@ -104,7 +106,8 @@ def _is_chat_mode(cfg: DataConfig, columns: list[str]) -> bool:
 
 
 def _chat_records(cfg: DataConfig, rows: list[dict], columns: list[str], ids: list[str]) -> list[dict]:
-    """Chat mode: each row's conversation as a `ChatText`; the last message, when the assistant's, is the answer."""
+    """Chat mode: each row's conversation as a `ChatText`; the last message, when the assistant's, is the
+    answer."""
     from kvdistill.models.chat import ChatText
 
     if cfg.messages_field not in columns:
@@ -122,7 +125,8 @@ def _chat_records(cfg: DataConfig, rows: list[dict], columns: list[str], ids: li
         )
         if bad:
             raise KvdistillError(
-                f"{source_label(cfg)} row {i} (id '{ids[i]}'): {cfg.messages_field} (data.messages_field) is not a "
+                f"{source_label(cfg)} row {i} (id '{ids[i]}'): {cfg.messages_field} (data.messages_field) is "
+                "not a "
                 f"non-empty list of {{role, content}} messages with text contents: {str(messages)[:120]}",
                 "give every row a list such as [{role: user, content: ...}, {role: assistant, content: ...}]",
             )

@@ -1,8 +1,8 @@
 """The loop every seeded problem generator shares (`kvdistill.data.arith`, `.sorting`, `.gsm`).
 
-Problem i is drawn by its index alone (so generation is deterministic and prefix-stable); a problem whose key (the
-expression, or the question) was drawn before is skipped and its index left unused, so the records of one call are
-distinct, in generation order, with ids `<source>:<seed>:<index>`.
+Problem i is drawn by its index alone (so generation is deterministic and prefix-stable); a problem whose key
+(the expression, or the question) was drawn before is skipped and its index left unused, so the records of one
+call are distinct, in generation order, with ids `<source>:<seed>:<index>`.
 """
 
 from __future__ import annotations

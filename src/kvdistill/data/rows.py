@@ -1,7 +1,7 @@
-"""Reading the rows of a file or dataset source (`data.source` jsonl / csv / parquet / text / hf) through `datasets`:
-data files into a throw-away cache (no network), a Hugging Face dataset in memory, saved with `save_to_disk`, as a
-folder of data files or as a hub id (into the user's datasets cache). Bad input (no such path, not UTF-8, empty, no
-such split) is refused with the key and the fix.
+"""Reading the rows of a file or dataset source (`data.source` jsonl / csv / parquet / text / hf) through
+`datasets`: data files into a throw-away cache (no network), a Hugging Face dataset in memory, saved with
+`save_to_disk`, as a folder of data files or as a hub id (into the user's datasets cache). Bad input (no such
+path, not UTF-8, empty, no such split) is refused with the key and the fix.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from kvdistill.errors import KvdistillError
 
 _BUILDERS = {"jsonl": "json", "csv": "csv", "parquet": "parquet", "text": "text"}
 FILE_SUFFIXES = {"jsonl": (".jsonl", ".json"), "csv": (".csv",), "parquet": (".parquet",), "text": (".txt",)}
-"""The file suffixes of each file source (any case): what a directory of that source holds, and how a command's
-`--data FILE` names its format (`source_of_file`)."""
+"""The file suffixes of each file source (any case): what a directory of that source holds, and how a
+command's `--data FILE` names its format (`source_of_file`)."""
 
 
 def source_of_file(path: str | Path) -> str | None:
@@ -95,7 +95,8 @@ def _check_utf8(path: Path) -> None:
     except UnicodeDecodeError as err:
         line = data.count(b"\n", 0, err.start) + 1
         raise KvdistillError(
-            f"data file '{path}' is not UTF-8: byte 0x{data[err.start]:02x} at offset {err.start} (line {line})",
+            f"data file '{path}' is not UTF-8: byte 0x{data[err.start]:02x} at offset {err.start} (line "
+            f"{line})",
             "re-encode the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8 IN > OUT`) or drop that line",
         ) from None
 
@@ -107,8 +108,9 @@ def empty_source(cfg: DataConfig) -> KvdistillError:
 
 
 def dataset_split(dataset, cfg: DataConfig):
-    """The `datasets.Dataset` to read: `dataset` itself, or its `data.split` when it is a DatasetDict (refused,
-    listing the splits, when it has no such split); a split set for a plain Dataset is refused, not ignored."""
+    """The `datasets.Dataset` to read: `dataset` itself, or its `data.split` when it is a DatasetDict
+    (refused, listing the splits, when it has no such split); a split set for a plain Dataset is refused, not
+    ignored."""
     import datasets
 
     if isinstance(dataset, datasets.DatasetDict | datasets.IterableDatasetDict):
@@ -139,8 +141,8 @@ def dataset_split(dataset, cfg: DataConfig):
 
 
 def dataset_rows(cfg: DataConfig, dataset) -> tuple[list[dict[str, Any]], list[str], str]:
-    """(rows, column names, name) of a Hugging Face dataset: in memory, a save_to_disk directory, a folder of data
-    files, or a hub id (downloaded into the user's datasets cache)."""
+    """(rows, column names, name) of a Hugging Face dataset: in memory, a save_to_disk directory, a folder of
+    data files, or a hub id (downloaded into the user's datasets cache)."""
     with _quiet_datasets() as datasets, tempfile.TemporaryDirectory(prefix="kvdistill-datasets-") as cache:
         if dataset is None:
             if not cfg.path:
@@ -161,9 +163,9 @@ def dataset_rows(cfg: DataConfig, dataset) -> tuple[list[dict[str, Any]], list[s
 
 
 def _open_dataset(datasets, cfg: DataConfig, cache: str):
-    """`data.path` as a dataset: `load_from_disk` for a save_to_disk directory, else `load_dataset` (a folder of
-    data files, read into the throw-away `cache`, or a hub id with data.subset / data.split, into the user's
-    datasets cache)."""
+    """`data.path` as a dataset: `load_from_disk` for a save_to_disk directory, else `load_dataset` (a folder
+    of data files, read into the throw-away `cache`, or a hub id with data.subset / data.split, into the
+    user's datasets cache)."""
     path = Path(cfg.path).expanduser()
     saved = path.is_dir() and any(
         (path / f).is_file() for f in ("dataset_info.json", "dataset_dict.json", "state.json")
@@ -192,8 +194,10 @@ def _open_dataset(datasets, cfg: DataConfig, cache: str):
         raise KvdistillError(
             f"could not read the {where} '{cfg.path}' (data.split '{cfg.split}'"
             f"{f', data.subset {cfg.subset!r}' if cfg.subset else ''}): {type(err).__name__}: {cause}",
-            "check data.path (a hub id such as 'openai/gsm8k', a directory written by save_to_disk, or a folder "
-            "of data files), data.subset and data.split; offline, a hub dataset must already be in the datasets "
+            "check data.path (a hub id such as 'openai/gsm8k', a directory written by save_to_disk, or a "
+            "folder "
+            "of data files), data.subset and data.split; offline, a hub dataset must already be in the "
+            "datasets "
             "cache",
         ) from None
 

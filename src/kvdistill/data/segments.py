@@ -6,9 +6,10 @@ With the default template 'Question: {question}\\nReasoning: {cot}\\nAnswer: {an
     cot line          'Reasoning: 3 + 4 = 7.\\n'                 teacher (CoT) mode only
     suffix            'Answer: 7'                                after the latents in student mode
 
-so the teacher reads `text` = prefix + cot line + suffix and the student reads prefix, M latent tokens, suffix.
-`answer_prompt` is the suffix up to the answer ('Answer:'), what latent-mode generation is given after the latents;
-`cot_prompt` is the prefix plus the cot line's label ('Question: ...\\nReasoning:'), what CoT generation is given.
+so the teacher reads `text` = prefix + cot line + suffix and the student reads prefix, M latent tokens,
+suffix. `answer_prompt` is the suffix up to the answer ('Answer:'), what latent-mode generation is given after
+the latents; `cot_prompt` is the prefix plus the cot line's label ('Question: ...\\nReasoning:'), what CoT
+generation is given.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from kvdistill.errors import KvdistillError
 
 @dataclass(frozen=True)
 class Segments:
-    """Character offsets into `text`: prefix = text[:cot_line], the cot value text[cot_start:cot_end], suffix =
-    text[suffix_start:] whose answer starts at text[answer_start:]."""
+    """Character offsets into `text`: prefix = text[:cot_line], the cot value text[cot_start:cot_end], suffix
+    = text[suffix_start:] whose answer starts at text[answer_start:]."""
 
     text: str
     cot_line: int
@@ -84,7 +85,8 @@ def segments(record: dict, template: str) -> Segments:
         raise KvdistillError(
             f"record '{record.get('id')}' has no {', '.join(missing)}: the latent student reads a question, "
             "learns from its chain of thought and is scored on its answer",
-            "use template-mode data with question, cot and answer fields (data.question_field, data.cot_field, "
+            "use template-mode data with question, cot and answer fields (data.question_field, "
+            "data.cot_field, "
             "data.answer_field) or a generator (data.source: arithmetic or gsm_symbolic)",
         )
     before, cot_line, after = _template_lines(template)

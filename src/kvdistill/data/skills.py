@@ -1,12 +1,13 @@
-"""A task mixing several skills with exact answers, each record labelled with its skill (`data.source: skills`).
+"""A task mixing several skills with exact answers, each record labelled with its skill (`data.source:
+skills`).
 
     data: {source: skills, skills: [arithmetic, gsm_symbolic, sorting], mix: [1, 1, 1], size: 30000}
 
 Record i of the mixture draws its skill from its own `random.Random("kvdistill-skills:<seed>:<i>")` with
 probabilities proportional to `mix`; the j-th record of skill s is problem j of that skill's generator
-(`kvdistill.data.arith`, `.gsm`, `.sorting`) with the same seed. Each generator is prefix-stable, so the mixture
-is too: the first k records (hence the held-out split) are the same whatever `size` is. Ids are the generators'
-(`arithmetic:<seed>:<index>`, ...), distinct across skills; every record carries `skill`.
+(`kvdistill.data.arith`, `.gsm`, `.sorting`) with the same seed. Each generator is prefix-stable, so the
+mixture is too: the first k records (hence the held-out split) are the same whatever `size` is. Ids are the
+generators' (`arithmetic:<seed>:<index>`, ...), distinct across skills; every record carries `skill`.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ def skill_records(
     mix: Sequence[float] | None = None,
     template: str = DEFAULT_TEMPLATE,
 ) -> list[dict]:
-    """`size` records mixing `skills` in proportions `mix` (default equal), in mixture order (module docstring)."""
+    """`size` records mixing `skills` in proportions `mix` (default equal), in mixture order (module
+    docstring)."""
     unknown = [s for s in skills if s not in SKILLS]
     if not skills or unknown or len(set(skills)) != len(skills):
         raise KvdistillError(

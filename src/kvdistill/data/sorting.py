@@ -1,7 +1,7 @@
 """Digit-sorting problems with a worked selection-sort solution, generated offline from a seed.
 
-A problem is a list of 4-7 digits (1-9, repeats allowed) to sort in ascending or descending order; its chain of
-thought picks the smallest (largest) remaining digit once per position, and its answer is the sorted digits
+A problem is a list of 4-7 digits (1-9, repeats allowed) to sort in ascending or descending order; its chain
+of thought picks the smallest (largest) remaining digit once per position, and its answer is the sorted digits
 written as one number (the exact-match reader takes the first number after "Answer:", so the digits are not
 separated)::
 
@@ -12,8 +12,8 @@ separated)::
 The reasoning is a selection (compare, pick, carry the rest), not a calculation, and the answer is gathered
 from the whole chain rather than read off its last step: a skill that arithmetic does not teach.
 
-Problem i is drawn from its own `random.Random("kvdistill-sorting:<seed>:<i>")`: generation is deterministic and
-prefix-stable, and a repeated question is skipped, so the problems of one call are distinct.
+Problem i is drawn from its own `random.Random("kvdistill-sorting:<seed>:<i>")`: generation is deterministic
+and prefix-stable, and a repeated question is skipped, so the problems of one call are distinct.
 """
 
 from __future__ import annotations
@@ -46,7 +46,8 @@ def sorting_problem(rng: random.Random) -> tuple[str, str, str]:
 
 
 def sorting_records(size: int, seed: int, template: str = DEFAULT_TEMPLATE) -> list[dict]:
-    """`size` distinct digit-sorting problems as records, in generation order; ids `sorting:<seed>:<index>`."""
+    """`size` distinct digit-sorting problems as records, in generation order; ids
+    `sorting:<seed>:<index>`."""
 
     def draw(index: int) -> Problem:
         question, cot, answer = sorting_problem(random.Random(f"kvdistill-sorting:{seed}:{index}"))

@@ -1,4 +1,5 @@
-"""The prompt template that turns a (question, cot, answer) triple into a training text, and the record it makes.
+"""The prompt template that turns a (question, cot, answer) triple into a training text, and the record it
+makes.
 
 A record: {"id": str, "text": str, "question", "cot", "answer": str|None, "answer_start": int|None}, where
 text[answer_start:] starts with the answer.
@@ -86,9 +87,9 @@ def make_record(id: str, question: str, cot: str | None, answer: str | None, tem
 
 
 def question_prompt(record: dict, template: str) -> str:
-    """The start of a template-mode record's text up to the end of its {question} line (with the line break): what
-    an on-policy student continues. Refused, naming the record, without a question, with another field on or
-    before the question's line, or when the text is not the template's rendering."""
+    """The start of a template-mode record's text up to the end of its {question} line (with the line break):
+    what an on-policy student continues. Refused, naming the record, without a question, with another field on
+    or before the question's line, or when the text is not the template's rendering."""
     if not record.get("question") or type(record["text"]) is not str:  # a conversation's text is a ChatText
         raise KvdistillError(
             f"record '{record.get('id')}' has no question"
@@ -106,7 +107,8 @@ def question_prompt(record: dict, template: str) -> str:
     others = sorted(set(_PLACEHOLDER.findall(head)) - {"question"})
     if others:
         raise KvdistillError(
-            f"data.template {template!r} puts {others} on or before the {{question}} line, so the prompt would hold "
+            f"data.template {template!r} puts {others} on or before the {{question}} line, so the prompt "
+            "would hold "
             "part of what the student is to generate",
             "put the question on a line of its own, first",
         )

@@ -1,27 +1,30 @@
-"""The one greedy decoder of held-out answers, and how an answer is read from what it generated; exact match by
-greedy decoding in each of the three ways a student answers. `kvdistill eval`, the experiment runner, the
+"""The one greedy decoder of held-out answers, and how an answer is read from what it generated; exact match
+by greedy decoding in each of the three ways a student answers. `kvdistill eval`, the experiment runner, the
 quickstart and training's held-out evaluations (`train.eval_exact_match`) all call these.
 
 Notation: B batch, P prompt columns (left-padded), N new tokens, M latent slots, Q answer-prompt tokens.
 
 The three ways (`exact_match`, `cot_exact_match`, `latent_exact_match`):
 - **text**: the record's text before its answer (a conversation: its messages before the answer in the model's
-  chat template with the generation prompt), then greedy decoding; the answer is the first generated line, read
-  as "Answer: <line>". The prompt is `text[:answer_start]` without trailing whitespace: a training text reads
-  "Answer: 42", which BPE tokenizers split as "Answer", ":", " 42", and a prompt ending in a bare space would ask
-  for a token the model never saw there.
-- **CoT**: the question and the template's cot label ('Reasoning:'), then greedy decoding of the reasoning and the
+  chat template with the generation prompt), then greedy decoding; the answer is the first generated line,
+  read as "Answer: <line>". The prompt is `text[:answer_start]` without trailing whitespace: a training text
+  reads "Answer: 42", which BPE tokenizers split as "Answer", ":", " 42", and a prompt ending in a bare space
+  would ask for a token the model never saw there.
+- **CoT**: the question and the template's cot label ('Reasoning:'), then greedy decoding of the reasoning and
+the
   answer; the answer is read after the last answer marker ('Answer:').
-- **latent** (`kvdistill.student.latent`): the question, the M latents, the template's answer prompt ('Answer:'),
+- **latent** (`kvdistill.student.latent`): the question, the M latents, the template's answer prompt
+('Answer:'),
   then greedy decoding; the answer is the first generated line.
 
 Every way decodes the new tokens in the context of the prompt (`kvdistill.models.capture.continuation`: a
-SentencePiece decoder drops the leading '▁' of a sequence's first token, so new ids decoded alone can lose a space
-or join words). Prompts are left-padded into batches; positions come from the attention mask, so a batch
-generates what each prompt generates alone. `gen_tokens` counts the tokens a sample needs: up to the end of its
-answer line (for CoT its first newline after the answer marker), or all it generated when no line ends;
-`latency_s` is a batch's wall time over its size, `latent_passes` the backbone passes spent on latents. Records
-without an answer (text mode: or without `answer_start`) are not scored; `exact_match` is None when none are left.
+SentencePiece decoder drops the leading '▁' of a sequence's first token, so new ids decoded alone can lose a
+space or join words). Prompts are left-padded into batches; positions come from the attention mask, so a batch
+generates what each prompt generates alone. `gen_tokens` counts the tokens a sample needs: up to the end of
+its answer line (for CoT its first newline after the answer marker), or all it generated when no line ends;
+`latency_s` is a batch's wall time over its size, `latent_passes` the backbone passes spent on latents.
+Records without an answer (text mode: or without `answer_start`) are not scored; `exact_match` is None when
+none are left.
 """
 
 from __future__ import annotations
@@ -51,8 +54,8 @@ __all__ = [
 
 
 def pad_id(tokenizer) -> int:
-    """The id that pads a batch: the tokenizer's pad token, else its eos (`load_tokenizer` sets a pad token, so
-    the eos is for tokenizers built elsewhere)."""
+    """The id that pads a batch: the tokenizer's pad token, else its eos (`load_tokenizer` sets a pad token,
+    so the eos is for tokenizers built elsewhere)."""
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
@@ -63,7 +66,8 @@ def chunks(items: list, size: int):
 
 
 def batches(items, size, desc: str | None = None):
-    """`chunks(items, size)` with a progress bar named `desc` on stderr where it is a terminal (None: no bar)."""
+    """`chunks(items, size)` with a progress bar named `desc` on stderr where it is a terminal (None: no
+    bar)."""
     return tqdm(
         chunks(items, size),
         total=math.ceil(len(items) / size),
@@ -77,8 +81,9 @@ def batches(items, size, desc: str | None = None):
 def read_answer(
     tokenizer, prompt_ids: list[int], new_ids: list[int], *, after_marker: bool
 ) -> tuple[str, int]:
-    """(text, tokens needed): the text `new_ids` add after `prompt_ids`, and how many of them reach the end of the
-    answer line (the first line with text; `after_marker`: the first line with text after the last 'answer:')."""
+    """(text, tokens needed): the text `new_ids` add after `prompt_ids`, and how many of them reach the end of
+    the answer line (the first line with text; `after_marker`: the first line with text after the last
+    'answer:')."""
     text = ""
     for n in range(1, len(new_ids) + 1):
         text = continuation(tokenizer, prompt_ids, new_ids[:n])
@@ -96,7 +101,8 @@ def read_answer(
 def _greedy(
     model, ids: torch.Tensor, mask: torch.Tensor, *, max_new_tokens: int, pad: int
 ) -> tuple[torch.Tensor, float]:
-    """(new ids (B, N), seconds): `model.generate` without sampling from left-padded prompts ids / mask (B, P)."""
+    """(new ids (B, N), seconds): `model.generate` without sampling from left-padded prompts ids / mask (B,
+    P)."""
     t0 = time.perf_counter()
     out = model.generate(
         input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad
@@ -109,7 +115,8 @@ def _greedy(
 def _row(
     tokenizer, record: dict, prompt_ids: list[int], new_ids: list[int], *, after_marker: bool, drop: tuple
 ) -> dict:
-    """One scored answer: what was generated (in the prompt's context), the answer read from it, the gold one."""
+    """One scored answer: what was generated (in the prompt's context), the answer read from it, the gold
+    one."""
     new = [t for t in new_ids if t not in drop]
     text, n = read_answer(tokenizer, prompt_ids, new, after_marker=after_marker)
     if after_marker:

@@ -1,7 +1,7 @@
 """`kvdistill generate CHECKPOINT --prompt TEXT`: a saved student's continuation of a prompt, and its speed.
 
-The saved student is a plain Hugging Face causal LM (distillation is a training-time objective: nothing of it is
-in the checkpoint), so this is `model.generate` on a model `load_model` reads: greedy, or sampling with a
+The saved student is a plain Hugging Face causal LM (distillation is a training-time objective: nothing of it
+is in the checkpoint), so this is `model.generate` on a model `load_model` reads: greedy, or sampling with a
 temperature and nucleus (top-p) under a seed. Tokens/s counts the new tokens over the generation's wall time.
 """
 
@@ -44,7 +44,8 @@ def generate(
     answer_prompt: str = "Answer:",
 ) -> Generation:
     """The continuation of `prompt` by the student of `checkpoint` (RUN, RUN/final, RUN/checkpoints/step-N, a
-    student directory or a model name). temperature 0: greedy; > 0: sampling (with top_p < 1 nucleus) under `seed`.
+    student directory or a model name). temperature 0: greedy; > 0: sampling (with top_p < 1 nucleus) under
+    `seed`.
     """
     from kvdistill.models.load import load_model
     from kvdistill.rundir import resolve_checkpoint
@@ -129,8 +130,8 @@ def _check_positions(config, prompt_tokens: int, max_new_tokens: int) -> None:
 
 
 def _latent(path: str, prompt: str, answer_prompt: str, max_new_tokens: int, device: str) -> Generation:
-    """Latent mode (kvdistill.student.latent): `prompt` is the question part of the template ('Question: ...\n'),
-    then the student's latents, then `answer_prompt`, then greedy decoding."""
+    """Latent mode (kvdistill.student.latent): `prompt` is the question part of the template ('Question:
+    ...\n'), then the student's latents, then `answer_prompt`, then greedy decoding."""
     from kvdistill.student.latent import load_latent_student
 
     student, tok = load_latent_student(path, device=device)

@@ -1,12 +1,12 @@
-"""The one held-out CE loop: token-level CE and perplexity of a student on held-out records, for a text student
-(every next token of each record's text) and a latent student (the answer after the question and the latents, as
-training's answer CE counts it). `kvdistill eval`, the experiment runner, the quickstart and training's held-out
-evaluations all call these.
+"""The one held-out CE loop: token-level CE and perplexity of a student on held-out records, for a text
+student (every next token of each record's text) and a latent student (the answer after the question and the
+latents, as training's answer CE counts it). `kvdistill eval`, the experiment runner, the quickstart and
+training's held-out evaluations all call these.
 
 Notation: B batch, T tokens (text mode), P prefix columns, M latent slots, S suffix columns, V vocab.
 
-CE is the mean next-token NLL (`kvdistill.losses.token_nll`) over every counted token of the records, not a mean
-of per-record means: ce = Σ nll / Σ tokens, ppl = exp(min(ce, 50)).
+CE is the mean next-token NLL (`kvdistill.losses.token_nll`) over every counted token of the records, not a
+mean of per-record means: ce = Σ nll / Σ tokens, ppl = exp(min(ce, 50)).
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ __all__ = ["latent_answer_ce", "mean_nll", "perplexity"]
 
 
 def mean_nll(scored: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> dict:
-    """{ce, ppl, tokens} over batches of (logits (B, T, V), labels (B, T), mask (B, T): 1 = a label counted)."""
+    """{ce, ppl, tokens} over batches of (logits (B, T, V), labels (B, T), mask (B, T): 1 = a label
+    counted)."""
     nll_sum, count = 0.0, 0
     for logits, labels, mask in scored:
         nll, counted = losses.token_nll(logits, labels, mask)  # (B, T) each
@@ -40,7 +41,8 @@ def mean_nll(scored: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) 
 def perplexity(
     model, tokenizer, records: list[dict], *, max_length: int, batch_size: int = 8, progress: bool = False
 ) -> dict:
-    """{ce, ppl, tokens} of a text model over every next token of the records' texts (right-padded batches)."""
+    """{ce, ppl, tokens} of a text model over every next token of the records' texts (right-padded
+    batches)."""
     device = next(model.parameters()).device
 
     def scored():
@@ -56,8 +58,8 @@ def perplexity(
 def latent_answer_ce(
     student, tokenizer, records: list[dict], template: str, *, batch_size: int, geometry=None
 ) -> dict:
-    """{ce, ppl, tokens} of a latent student in latent mode over the answer (and its line break) after the question
-    and the M latents, on the records with an answer (template mode)."""
+    """{ce, ppl, tokens} of a latent student in latent mode over the answer (and its line break) after the
+    question and the M latents, on the records with an answer (template mode)."""
     device = student.head.init.device
     usable = [r for r in records if r.get("answer")]
 

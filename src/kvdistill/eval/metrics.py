@@ -6,7 +6,8 @@ Two held-out K/V figures, with two names (docs/architecture.md, "What the K/V fi
   through the same loss-space code and `kvdistill.losses.kv_error` that training runs: per sample the mean
   squared error of the student's K/V mapped into the teacher's geometry, divided by the variance of that
   sample's teacher K/V values; averaged over keys and values, samples and mapped layers.
-- **KV probe 1 - R²** (`probe_kv_error`): a fresh ridge-regression map from the student's K/V to each teacher's,
+- **KV probe 1 - R²** (`probe_kv_error`): a fresh ridge-regression map from the student's K/V to each
+teacher's,
   fitted on a fit split and scored as 1 - R² (per feature centred) on held-out samples. It needs no trained
   maps, so a CE-only student and a distilled student are compared on equal terms: how much of the teacher's
   K/V is linearly readable from the student's. It is not on the KV error's scale.
@@ -36,9 +37,9 @@ class TeacherRows:
     """One teacher's side of the KV probe on a list of records, captured once and reused for every student.
 
     The records are cut into batches of `batch_size` as the student's side cuts them. Per batch: the teacher's
-    character spans (B, T_t, 2) and attention mask (B, T_t), and for each kept teacher layer j its K and V rows
-    at real tokens, (N_b, H_t·D_t) in the model's dtype with N_b = mask.sum(), in (b, t) order. Everything is on
-    the CPU; only the teacher layers asked for are kept (those a student maps to).
+    character spans (B, T_t, 2) and attention mask (B, T_t), and for each kept teacher layer j its K and V
+    rows at real tokens, (N_b, H_t·D_t) in the model's dtype with N_b = mask.sum(), in (b, t) order.
+    Everything is on the CPU; only the teacher layers asked for are kept (those a student maps to).
     """
 
     def __init__(self, teacher, t_tok, records, *, max_length: int, batch_size: int, layers, desc=None):
@@ -99,7 +100,8 @@ class TeacherRowsCache:
 def _aligned_pairs(student, s_tok, teacher_rows: TeacherRows, records, layers_s, pairs, desc=None):
     """Student K/V rows and teacher K/V rows on the same tokens (teacher tokens, student resampled).
 
-    Per student layer i: lists of ("k" | "v", rows) in batch order, x (N, H_s·D_s) and y (N, H_t·D_t), float32.
+    Per student layer i: lists of ("k" | "v", rows) in batch order, x (N, H_s·D_s) and y (N, H_t·D_t),
+    float32.
     """
     rows = teacher_rows
     xs = {i: [] for i in layers_s}
@@ -146,17 +148,18 @@ def probe_kv_error(
     cache: TeacherRowsCache | None = None,
     progress: str | None = None,
 ) -> list[float]:
-    """Per student layer (L_s values): 1 - R² of a ridge map student K/V -> teacher K/V, keys and values averaged.
+    """Per student layer (L_s values): 1 - R² of a ridge map student K/V -> teacher K/V, keys and values
+    averaged.
 
-    The teacher layer of student layer i is the nearest by depth (ratio map without interpolation). Rows are the
-    teacher's real tokens covered by student tokens (student K/V resampled onto them). The map is fitted on
-    `fit_records` and scored on `eval_records`; the ridge term is `ridge` times the mean feature variance.
+    The teacher layer of student layer i is the nearest by depth (ratio map without interpolation). Rows are
+    the teacher's real tokens covered by student tokens (student K/V resampled onto them). The map is fitted
+    on `fit_records` and scored on `eval_records`; the ridge term is `ridge` times the mean feature variance.
     0 means the teacher's K/V are a linear function of the student's; 1 means no better than the mean.
     It can exceed 1 when the fit split has few rows next to the F_s features (the map overfits); fit on at
     least a few thousand tokens for a stable figure.
     With a `cache` (a TeacherRowsCache shared by several calls) the teacher's K/V on each record list are
-    captured once for all students; the figures are the same with or without it. `progress`: the teacher's name
-    to show progress bars under (teacher and student forwards, the ridge fits), None for none.
+    captured once for all students; the figures are the same with or without it. `progress`: the teacher's
+    name to show progress bars under (teacher and student forwards, the ridge fits), None for none.
     """
     cache = cache if cache is not None else TeacherRowsCache()
     pairs = probe_pairs(student, teacher)

@@ -1,10 +1,11 @@
-"""Routing agreement of an MoE student with an MoE teacher on held-out records: top-1 agreement and top-k overlap.
+"""Routing agreement of an MoE student with an MoE teacher on held-out records: top-1 agreement and top-k
+overlap.
 
-Both models run on each record (their own tokenizers); the teacher's routing distribution of each MoE block pair
-(`align.experts.block_pairs`) is moved onto the student's experts by the expert correspondence (identity for equal
-expert counts, else fitted from the teacher's routing on these records, `fit_correspondence`) and onto the
-student's tokens' mixture by the character alignment, as in training (`losses.routing_agreement`). Figures are
-per-sample means over the teacher's real tokens, averaged over block pairs and then over samples.
+Both models run on each record (their own tokenizers); the teacher's routing distribution of each MoE block
+pair (`align.experts.block_pairs`) is moved onto the student's experts by the expert correspondence (identity
+for equal expert counts, else fitted from the teacher's routing on these records, `fit_correspondence`) and
+onto the student's tokens' mixture by the character alignment, as in training (`losses.routing_agreement`).
+Figures are per-sample means over the teacher's real tokens, averaged over block pairs and then over samples.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ def routing_agreement_of(
     max_length: int,
     batch_size: int = 16,
 ) -> dict[str, float]:
-    """{"routing_top1": mean top-1 agreement, "routing_topk": mean top-k overlap (k = the student's top-k)}."""
+    """{"routing_top1": mean top-1 agreement, "routing_topk": mean top-k overlap (k = the student's
+    top-k)}."""
     s_layers, t_layers = require_moe(student, "the student"), require_moe(teacher, "the teacher")
     pairs = block_pairs(len(s_layers), len(t_layers))
     batches = []

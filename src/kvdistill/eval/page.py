@@ -49,7 +49,8 @@ def _slug(text: str) -> str:
 
 @dataclass
 class Page:
-    """Blocks in order: ("h", level, text), ("p", text), ("table", title, header, rows), ("img", file, caption)."""
+    """Blocks in order: ("h", level, text), ("p", text), ("table", title, header, rows), ("img", file,
+    caption)."""
 
     title: str
     files_dir: Path

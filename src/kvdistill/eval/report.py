@@ -1,9 +1,9 @@
-"""One page for a set of runs: comparison table, `kvdistill eval` results, training and held-out curves, routing
-weights, layer maps, token alignment.
+"""One page for a set of runs: comparison table, `kvdistill eval` results, training and held-out curves,
+routing weights, layer maps, token alignment.
 
-Plots compare like with like: the training CE of every run on one axis (never a distilled total against a CE-only
-total), held-out CE against held-out CE, the KV error of one teacher against the same teacher's. `DEFINITIONS`,
-printed on the page, says what each K/V figure is.
+Plots compare like with like: the training CE of every run on one axis (never a distilled total against a
+CE-only total), held-out CE against held-out CE, the KV error of one teacher against the same teacher's.
+`DEFINITIONS`, printed on the page, says what each K/V figure is.
 
 Reads the run directories written by `kvdistill train` (eval/runs.py); builds the page model of
 eval/page.py, one section after another, and writes it as markdown (or a self-contained HTML page)
@@ -34,11 +34,16 @@ log = logging.getLogger(__name__)
 MAX_TOKENS = 40  # tokens shown per side of the alignment heatmap
 
 DEFINITIONS = (
-    "What the K/V figures are. **KV loss** (`loss/kv/<teacher>`, training curves): the training term on training "
-    "batches, as configured (losses.kv: kind, normalisation, key/value weights). **KV error** (`eval/kv_error/"
-    "<teacher>`, held-out): per sample the mean squared error of the student's K/V mapped by the run's trained maps "
-    "into the teacher's geometry, divided by the variance of that sample's teacher K/V values, averaged over keys "
-    "and values, samples and mapped layers: 0 is a perfect match, 1 is no better than the sample's mean value. "
+    "What the K/V figures are. **KV loss** (`loss/kv/<teacher>`, training curves): the training term on "
+    "training "
+    "batches, as configured (losses.kv: kind, normalisation, key/value weights). **KV error** "
+    "(`eval/kv_error/"
+    "<teacher>`, held-out): per sample the mean squared error of the student's K/V mapped by the run's "
+    "trained maps "
+    "into the teacher's geometry, divided by the variance of that sample's teacher K/V values, averaged over "
+    "keys "
+    "and values, samples and mapped layers: 0 is a perfect match, 1 is no better than the sample's mean "
+    "value. "
     "**KV probe 1-R²** (`kvdistill eval`, held-out): a ridge map fitted afresh from the student's K/V to the "
     "teacher's on other records, scored as 1 - R² per feature; it needs no trained maps, so it compares a "
     "CE-only student with a distilled one. The three are on different scales and are never plotted together."

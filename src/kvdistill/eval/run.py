@@ -78,7 +78,8 @@ def data_config(
 
 
 def held_out(dcfg: DataConfig, *, fit: bool) -> tuple[list[dict], list[dict]]:
-    """(probe-fit records, held-out records): the eval split of `dcfg` and, if `fit`, the start of its train split."""
+    """(probe-fit records, held-out records): the eval split of `dcfg` and, if `fit`, the start of its train
+    split."""
     from kvdistill.data import load_records
 
     eval_records = load_records(dcfg, split="eval")
@@ -102,10 +103,10 @@ def evaluate_checkpoint(
     progress: bool = False,
     save: bool = True,
 ) -> dict:
-    """Evaluate CHECKPOINT (see the module docstring) through `kvdistill.eval.student.evaluate_saved`; the result
-    `kvdistill eval --json` prints. A latent student (its directory holds latent.json) is evaluated in latent mode
-    (batches of 32 unless `batch_size`). `probe`: the KV probe against the teachers (text students); `save`: write
-    RUN/eval.json when CHECKPOINT belongs to a run."""
+    """Evaluate CHECKPOINT (see the module docstring) through `kvdistill.eval.student.evaluate_saved`; the
+    result `kvdistill eval --json` prints. A latent student (its directory holds latent.json) is evaluated in
+    latent mode (batches of 32 unless `batch_size`). `probe`: the KV probe against the teachers (text
+    students); `save`: write RUN/eval.json when CHECKPOINT belongs to a run."""
     from kvdistill.eval.student import evaluate_saved
     from kvdistill.student.latent import is_latent_student
 
@@ -180,7 +181,8 @@ def markdown_table(result: dict) -> str:
     ]
     if result.get("mode") == "latent":
         lines[2] = (
-            f"| held-out perplexity of the answer after the latents | {ppl['ppl']:.3f} ({ppl['tokens']} tokens) |"
+            f"| held-out perplexity of the answer after the latents | {ppl['ppl']:.3f} ({ppl['tokens']} "
+            "tokens) |"
         )
         lines[3] = f"| held-out answer CE (nats/token) | {ppl['ce']:.4f} |"
     if "exact_match" in result:
@@ -192,7 +194,8 @@ def markdown_table(result: dict) -> str:
             lines.append(f"| generated tokens per answer | {em['gen_tokens']:.1f} |")
             lines.append(f"| latency per answer (s) | {em['latency_s']:.4f} |")
             lines.append(
-                f"| latent tokens / backbone passes on latents | {em['latent_tokens']} / {em['latent_passes']} |"
+                f"| latent tokens / backbone passes on latents | {em['latent_tokens']} / "
+                f"{em['latent_passes']} |"
             )
     for name, err in result.get("probe_kv_error", {}).items():
         per_layer = ", ".join(f"{x:.3f}" for x in err["layers"])

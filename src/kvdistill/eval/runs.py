@@ -1,8 +1,8 @@
 """The run directories a report reads: one `Run` record per directory written by `kvdistill train`.
 
 Layout (see docs/architecture.md, "Run directory"): metrics.jsonl is required; config.yaml,
-summary.json, eval.json (`kvdistill eval`), plan.json and alignment_sample.json are optional, and an unreadable
-one is skipped with a warning.
+summary.json, eval.json (`kvdistill eval`), plan.json and alignment_sample.json are optional, and an
+unreadable one is skipped with a warning.
 """
 
 from __future__ import annotations
@@ -64,7 +64,8 @@ class Run:
         return np.asarray(steps, dtype=float), np.asarray(vals, dtype=float)
 
     def eval_series(self, key: str) -> tuple[np.ndarray, np.ndarray]:
-        """(steps, values) of a held-out key over the eval rows, finite points only, one per step (the last)."""
+        """(steps, values) of a held-out key over the eval rows, finite points only, one per step (the
+        last)."""
         pts = {r["step"]: r[key] for r in self.evals if isinstance(r.get("step"), int) and finite(r.get(key))}
         if not pts:
             return np.zeros(0), np.zeros(0)

@@ -23,8 +23,8 @@ def skill_items(per_item: Sequence[float], skills: Sequence[str | None], skill: 
 
 
 def exact_match_by_skill(per_item: Sequence[float], skills: Sequence[str | None]) -> dict[str, float]:
-    """{"exact_match_<skill>": mean of that skill's results} for every skill label that occurs (None: unlabelled,
-    skipped), in sorted order."""
+    """{"exact_match_<skill>": mean of that skill's results} for every skill label that occurs (None:
+    unlabelled, skipped), in sorted order."""
     out = {}
     for skill in sorted({s for s in skills if s is not None}):
         values = skill_items(per_item, skills, skill)

@@ -1,17 +1,19 @@
-"""Evaluate a student on held-out records: the one evaluation path of `kvdistill eval`, the experiment runner and
-the quickstart.
+"""Evaluate a student on held-out records: the one evaluation path of `kvdistill eval`, the experiment runner
+and the quickstart.
 
-`evaluate_saved` loads any saved student (a text student, or a latent student: its directory holds latent.json)
-and gives the same figures for every caller; `evaluate_student` is its text-student part for a model in memory
-(the quickstart's untrained initial student). A result:
+`evaluate_saved` loads any saved student (a text student, or a latent student: its directory holds
+latent.json) and gives the same figures for every caller; `evaluate_student` is its text-student part for a
+model in memory (the quickstart's untrained initial student). A result:
 
     {"mode": "text" | "latent",
-     "perplexity": {"ce", "ppl", "tokens"},     the held-out CE (`kvdistill.eval.heldout`): text students over every
-                                                next token, latent students over the answer after the latents
-     "exact_match": {...},                      with `em`: greedy decoding (`kvdistill.eval.decode`), text / CoT /
-                                                latent mode; exact_match, correct, n, per_item, samples, gen_tokens,
-                                                latency_s (latent: latent_passes, latent_tokens)
-     "probe_kv_error": {TEACHER: {"mean", "layers"}}}   text students against teachers given: the KV probe 1 - R²
+     "perplexity": {"ce", "ppl", "tokens"},     the held-out CE (`kvdistill.eval.heldout`): text students over
+                                                every next token, latent students over the answer after the
+                                                latents
+     "exact_match": {...},                      with `em`: greedy decoding (`kvdistill.eval.decode`), text /
+                                                CoT / latent mode; exact_match, correct, n, per_item, samples,
+                                                gen_tokens, latency_s (latent: latent_passes, latent_tokens)
+     "probe_kv_error": {TEACHER: {"mean", "layers"}}}   text students against teachers given: the KV probe
+                                                        1 - R²
 """
 
 from __future__ import annotations
@@ -42,10 +44,11 @@ def evaluate_student(
     max_new_tokens: int = 16,
     progress: bool = False,
 ) -> dict:
-    """A text student in memory (module docstring); `teachers` {name: (model, tokenizer)} for the KV probe (fitted
-    on `fit_records`), `cot`: exact match by CoT decoding (needs the data's `template`). `teacher_cache` (a
-    `kvdistill.eval.metrics.TeacherRowsCache`): pass the same one when evaluating several students against the
-    same teachers and records, and each teacher's K/V are captured once for all of them. `progress`: bars."""
+    """A text student in memory (module docstring); `teachers` {name: (model, tokenizer)} for the KV probe
+    (fitted on `fit_records`), `cot`: exact match by CoT decoding (needs the data's `template`).
+    `teacher_cache` (a `kvdistill.eval.metrics.TeacherRowsCache`): pass the same one when evaluating several
+    students against the same teachers and records, and each teacher's K/V are captured once for all of them.
+    `progress`: bars."""
     from kvdistill.eval.metrics import probe_kv_error
 
     model.eval()
@@ -105,8 +108,8 @@ def evaluate_saved(
 ) -> dict:
     """The saved student `student` (a directory `load_model` reads, or a latent student's) on `eval_records`
     (module docstring) on `device` (default: `kvdistill.device.default_device`). A latent student answers in
-    latent mode with `max_new_tokens` and has no KV probe (`teachers` refused); a text student answers directly
-    with `max_new_tokens` or, with `cot`, by CoT decoding with `max_cot_tokens`."""
+    latent mode with `max_new_tokens` and has no KV probe (`teachers` refused); a text student answers
+    directly with `max_new_tokens` or, with `cot`, by CoT decoding with `max_cot_tokens`."""
     from kvdistill.models.load import load_model
     from kvdistill.student.latent import is_latent_student, load_latent_student
 

@@ -1,1 +1,2 @@
-"""kvdistill.experiments: runs composed of training and evaluation (the quickstart; controlled comparisons)."""
+"""kvdistill.experiments: runs composed of training and evaluation (the quickstart; controlled
+comparisons)."""

@@ -1,14 +1,14 @@
-"""The cache budget of an experiment: which records the `cache: true` runs read, their teachers' extraction (in a
-child process, so the runner holds no GPU memory), and its cost amortised over the runs that read it.
+"""The cache budget of an experiment: which records the `cache: true` runs read, their teachers' extraction
+(in a child process, so the runner holds no GPU memory), and its cost amortised over the runs that read it.
 
 Records a run reads (`records_read`): the train records its optimizer steps draw (`kvdistill.train.loader`'s
 sample stream: steps · batch · grad_accum records of its seed's order, one process), the held-out records its
-evaluations run the teachers on (the validation split, else the eval split; the loss space reports per-layer K/V
-errors there) and, for fusion.space latent, the first `fusion.latent.fit_samples` train records its maps are fitted
-on. A teacher's cache holds the union over every (condition, seed) that reads it, nothing else.
+evaluations run the teachers on (the validation split, else the eval split; the loss space reports per-layer
+K/V errors there) and, for fusion.space latent, the first `fusion.latent.fit_samples` train records its maps
+are fitted on. A teacher's cache holds the union over every (condition, seed) that reads it, nothing else.
 
-Cost of teacher t's extraction: its measured wall seconds and FLOPs = 2 · N_t · (teacher tokens extracted). Its
-readers R_t = the (condition, seed) runs whose condition reads t's cache. Each such run is charged
+Cost of teacher t's extraction: its measured wall seconds and FLOPs = 2 · N_t · (teacher tokens extracted).
+Its readers R_t = the (condition, seed) runs whose condition reads t's cache. Each such run is charged
 
     amortised_s(run)     = Σ_{t in its teachers} seconds_t / R_t
     amortised_flops(run) = Σ_{t in its teachers} flops_t / R_t
@@ -59,8 +59,8 @@ def extract_in_child(
     batch_size: int = 32,
 ) -> dict:
     """Extract `ids` of teacher `teacher` into `out_dir` in a child process (`python -m
-    kvdistill.experiments.budget JOB`), which gives its GPU memory back when it exits; its result is written to
-    `record` and returned: {seconds, tokens, records}."""
+    kvdistill.experiments.budget JOB`), which gives its GPU memory back when it exits; its result is written
+    to `record` and returned: {seconds, tokens, records}."""
     job = record.with_suffix(".job.json")
     write_json_atomic(
         job,
@@ -107,8 +107,9 @@ def _main(job_path: str) -> None:
 
 
 def amortise(extraction: dict[str, dict], readers: dict[str, list[str]], params: dict[str, int]) -> dict:
-    """Fill each teacher's extraction record with flops (2 · N_t · tokens), readers (R_t) and the per-run shares
-    seconds_per_reader / flops_per_reader; `readers`: teacher -> the runs ("CONDITION/seed-S") reading its cache."""
+    """Fill each teacher's extraction record with flops (2 · N_t · tokens), readers (R_t) and the per-run
+    shares seconds_per_reader / flops_per_reader; `readers`: teacher -> the runs ("CONDITION/seed-S") reading
+    its cache."""
     out = {}
     for t, rec in extraction.items():
         n = len(readers[t])

@@ -1,6 +1,6 @@
-"""The run configs of an experiment: each teacher's own CE training run, each (condition, seed)'s run from the base
-config, the budget and the condition's teachers and overrides, and the check that every run keeps the base's
-held-out splits and never trains on them (`kvdistill.experiments.spec` says what a spec holds).
+"""The run configs of an experiment: each teacher's own CE training run, each (condition, seed)'s run from the
+base config, the budget and the condition's teachers and overrides, and the check that every run keeps the
+base's held-out splits and never trains on them (`kvdistill.experiments.spec` says what a spec holds).
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ def base_raw(spec: ExperimentSpec) -> dict:
 
 
 def teacher_config(spec: ExperimentSpec, prep: TeacherPrep) -> RunConfig:
-    """The CE training run that makes a teacher competent on the task: the base data, the teacher as student."""
+    """The CE training run that makes a teacher competent on the task: the base data, the teacher as
+    student."""
     raw = base_raw(spec)
     student = {"model": prep.model} if prep.model else {"from_config": prep.from_config}
     if prep.tokenizer:
@@ -53,8 +54,8 @@ def teacher_config(spec: ExperimentSpec, prep: TeacherPrep) -> RunConfig:
 def condition_config(
     spec: ExperimentSpec, name: str, seed: int, teachers: dict[str, dict], steps: int | None = None
 ) -> RunConfig:
-    """The run of condition `name` with `seed`: base, budget, the condition's teachers and overrides, the seed.
-    A `cache: true` condition reads each teacher from `teachers[name]["cache_dir"]`."""
+    """The run of condition `name` with `seed`: base, budget, the condition's teachers and overrides, the
+    seed. A `cache: true` condition reads each teacher from `teachers[name]["cache_dir"]`."""
     cond = spec.conditions[name]
     raw = base_raw(spec)
     skills = {prep.name: prep.skill for prep in spec.teachers}

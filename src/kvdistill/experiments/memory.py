@@ -1,12 +1,12 @@
 """`concurrent: auto`: how many training runs share the device, from an estimate of each run's memory.
 
-Per run: the estimate of one process, `kvdistill.train.memory.run_bytes` (its formula there): a single-process run
-holds fp32 student weights, gradients and AdamW's moments (16 · N_s), activations at the batch and length, and the
-online teachers in bf16, plus allocator slack and the CUDA context.
+Per run: the estimate of one process, `kvdistill.train.memory.run_bytes` (its formula there): a single-process
+run holds fp32 student weights, gradients and AdamW's moments (16 · N_s), activations at the batch and length,
+and the online teachers in bf16, plus allocator slack and the CUDA context.
 
 concurrent = max(1, min(runs, CPU cores, floor(0.9 · free device memory / the largest run's estimate))).
-The estimate is deliberately generous: a run that does not fit dies of out-of-memory, one run too few only waits.
-On a machine without a GPU the device memory is the host's available memory.
+The estimate is deliberately generous: a run that does not fit dies of out-of-memory, one run too few only
+waits. On a machine without a GPU the device memory is the host's available memory.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ __all__ = ["CONTEXT", "GIB", "SLACK", "auto_concurrent", "free_device_bytes", "g
 
 
 def free_device_bytes() -> int:
-    """Free memory of GPU 0, asked of a child process so that this one never holds a CUDA context; without a GPU
-    the host's available memory."""
+    """Free memory of GPU 0, asked of a child process so that this one never holds a CUDA context; without a
+    GPU the host's available memory."""
     code = (
         "import json, torch\n"
         "print(json.dumps(torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else None))"

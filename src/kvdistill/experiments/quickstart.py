@@ -1,12 +1,12 @@
-"""`kvdistill quickstart`: the packaged experiment spec `quickstart` (configs/experiments/quickstart.yaml) run by
-the experiment runner, and its before/after table.
+"""`kvdistill quickstart`: the packaged experiment spec `quickstart` (configs/experiments/quickstart.yaml) run
+by the experiment runner, and its before/after table.
 
-Two real teachers used as given are distilled into a small student, against a CE-only twin: both students start
-from the same initial weights and see the same samples in the same order for the same number of steps; the only
-difference is the KV distillation term. The runner scores both and the untrained student (eval.init) through the
-one evaluation path: held-out perplexity, exact match and the per-layer KV probe 1-R² against each teacher
-(eval.probe; see kvdistill.eval.metrics). DIR holds what any experiment leaves (runs/, init/, results.json, ...)
-and the quickstart's own summary.json and report.md.
+Two real teachers used as given are distilled into a small student, against a CE-only twin: both students
+start from the same initial weights and see the same samples in the same order for the same number of steps;
+the only difference is the KV distillation term. The runner scores both and the untrained student (eval.init)
+through the one evaluation path: held-out perplexity, exact match and the per-layer KV probe 1-R² against each
+teacher (eval.probe; see kvdistill.eval.metrics). DIR holds what any experiment leaves (runs/, init/,
+results.json, ...) and the quickstart's own summary.json and report.md.
 """
 
 from __future__ import annotations

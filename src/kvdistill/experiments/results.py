@@ -2,25 +2,29 @@
 
 results.json:
     {"spec": NAME, "baseline": NAME, "seeds": [...],
-     "metrics": [METRIC, ...],      spec.metrics, then exact_match_<skill>, routing_acc, routing_acc_<skill> where
-                                    the held-out set mixes skills (a condition reports those all its seeds have)
+     "metrics": [METRIC, ...],      spec.metrics, then exact_match_<skill>, routing_acc, routing_acc_<skill>
+                                    where the held-out set mixes skills (a condition reports those all its
+                                    seeds have)
      "conditions": {NAME: {METRIC: {"values": [...], "mean": x, "std": x, "ci95": [lo, hi]}}},
-     "comparisons": [{"condition": NAME, "baseline": NAME, "metric": METRIC, "diff": x, "ci95": [lo, hi], "p": x,
-                      "n": seeds, "method": ...}],
+     "comparisons": [{"condition": NAME, "baseline": NAME, "metric": METRIC, "diff": x, "ci95": [lo, hi],
+                      "p": x, "n": seeds, "method": ...}],
      "teachers": {NAME: {"exact_match": x, "ppl": x, "params": n, "exact_match_<skill>": x, ...}},
-     "routing_curves": {NAME: {"steps": [...], "routing_acc": [...]}}   (held out during training, mean over seeds)
+     "routing_curves": {NAME: {"steps": [...], "routing_acc": [...]}}   (held out during training, mean over
+                                                                        seeds)
      "steps": {NAME: steps},
      "runs": {NAME: [{"seed", "steps", "steps_trained", "selected_step", "stopped_early", "scored", "train_s",
                       "elapsed_s", "flops", "flops_selected", "amortised_s", "amortised_flops"}]},
-     "curves": {NAME: {"per_seed": {SEED: [{"step", "flops", "train_s", "ce", "ppl", "exact_match"[, "latent_kv"]}]},
-                       "mean": [{"step", "flops", "ce", "ppl", "exact_match"}]}},   held-out (validation) curves
-     "extraction": {TEACHER: {"seconds", "tokens", "records", "flops", "readers", "runs", "seconds_per_reader",
-                              "flops_per_reader"}}}   (cache: true conditions only)
-FLOPs: (6·N_s + 2·Σ N_t over online teachers) per student token (`runner.flops_per_token`) times the tokens trained
-(a curve point: the run's mean tokens per step times its step), plus for a cached condition its amortised share
-of the extractions (`kvdistill.experiments.budget`: Σ_t flops_t / R_t).
-Exact match is compared with a paired bootstrap over seeds and held-out problems (every student answers the same
-problems); the other metrics over seeds (`kvdistill.experiments.stats.paired_comparison`).
+     "curves": {NAME: {"per_seed": {SEED: [{"step", "flops", "train_s", "ce", "ppl", "exact_match"
+                                            [, "latent_kv"]}]},
+                       "mean": [{"step", "flops", "ce", "ppl", "exact_match"}]}},   held-out (validation)
+                                                                                    curves
+     "extraction": {TEACHER: {"seconds", "tokens", "records", "flops", "readers", "runs",
+                              "seconds_per_reader", "flops_per_reader"}}}   (cache: true conditions only)
+FLOPs: (6·N_s + 2·Σ N_t over online teachers) per student token (`runner.flops_per_token`) times the tokens
+trained (a curve point: the run's mean tokens per step times its step), plus for a cached condition its
+amortised share of the extractions (`kvdistill.experiments.budget`: Σ_t flops_t / R_t).
+Exact match is compared with a paired bootstrap over seeds and held-out problems (every student answers the
+same problems); the other metrics over seeds (`kvdistill.experiments.stats.paired_comparison`).
 """
 
 from __future__ import annotations
@@ -61,7 +65,8 @@ def _items(e: dict, metric: str) -> list:
 def collect(spec: ExperimentSpec, out: Path, names: list[str], seeds: list[int], teachers: dict) -> dict:
     evals = {n: [_eval(out, n, s) for s in seeds] for n in names}
     metrics = metrics_of(spec, evals)
-    # a condition reports a metric all its seeds have (routing accuracy: router and similarity conditions only)
+    # a condition reports a metric all its seeds have (routing accuracy: router and similarity conditions
+    # only)
     conditions = {
         n: {
             m: summary([e[m] for e in evals[n]])
@@ -188,7 +193,8 @@ def markdown(results: dict, spec: ExperimentSpec) -> str:
     lines = [
         f"# Experiment `{results['spec']}`",
         "",
-        f"Seeds {results['seeds']}; baseline `{results['baseline']}`; held-out problems: {results['held_out']}.",
+        f"Seeds {results['seeds']}; baseline `{results['baseline']}`; held-out problems: "
+        f"{results['held_out']}.",
         "",
     ]
     if results["teachers"]:
@@ -213,12 +219,14 @@ def markdown(results: dict, spec: ExperimentSpec) -> str:
             "Each run reading teacher t's cache is charged seconds_t / R_t and FLOPs_t / R_t (R_t: the runs "
             "reading it; FLOPs_t = 2 · N_t · tokens extracted).",
             "",
-            "| teacher | seconds | tokens | records | FLOPs | readers R_t | s per reader | FLOPs per reader |",
+            "| teacher | seconds | tokens | records | FLOPs | readers R_t | s per reader | FLOPs per reader "
+            "|",
             "|---|---|---|---|---|---|---|---|",
         ]
         lines += [
             f"| {k} | {v['seconds']:.1f} | {v['tokens']:,} | {v['records']:,} | {v.get('flops', 0):.3g} | "
-            f"{v.get('readers', '—')} | {v.get('seconds_per_reader', 0):.2f} | {v.get('flops_per_reader', 0):.3g} |"
+            f"{v.get('readers', '—')} | {v.get('seconds_per_reader', 0):.2f} | "
+            f"{v.get('flops_per_reader', 0):.3g} |"
             for k, v in results["extraction"].items()
         ]
         lines.append("")
@@ -291,7 +299,8 @@ def markdown(results: dict, spec: ExperimentSpec) -> str:
 
 
 def plots(results: dict, spec: ExperimentSpec, out: Path) -> list[Path]:
-    """Bars with 95% error bars per metric, and held-out perplexity against step per condition (mean over seeds)."""
+    """Bars with 95% error bars per metric, and held-out perplexity against step per condition (mean over
+    seeds)."""
     from matplotlib.figure import Figure
 
     folder = out / "plots"
@@ -346,7 +355,8 @@ def _curves(
     """Per condition, a held-out figure logged during training (train.eval_every), mean over seeds."""
     curves = {}
     for n in names:
-        # step -> seed -> value; the last logged wins (the final evaluation repeats a step that eval_every divides)
+        # step -> seed -> value; the last logged wins (the final evaluation repeats a step that eval_every
+        # divides)
         by_step: dict[int, dict[int, float]] = {}
         for s in seeds:
             path = out / "runs" / n / f"seed-{s}" / "metrics.jsonl"

@@ -1,26 +1,28 @@
-"""`kvdistill experiment SPEC --out DIR`: prepare the teachers, train every (condition, seed), evaluate, compare.
+"""`kvdistill experiment SPEC --out DIR`: prepare the teachers, train every (condition, seed), evaluate,
+compare.
 
 Directory layout (everything resumable: a finished step is skipped, a killed run resumes from its checkpoint):
     DIR/spec.yaml                        the spec as run
-    DIR/teachers/NAME/                   a teacher's own CE training run; teacher.json: its held-out exact match
-                                         (a teacher of steps 0 is used as given: teacher.json only)
+    DIR/teachers/NAME/                   a teacher's own CE training run; teacher.json: its held-out exact
+                                         match (a teacher of steps 0 is used as given: teacher.json only)
     DIR/runs/CONDITION/seed-S/           an ordinary training run (config.yaml, metrics.jsonl, final/, ...)
-    DIR/runs/CONDITION/seed-S/eval.json  its test figures, per-problem exact match included, and its steps trained,
-                                         selected step, FLOPs and wall time; on a held-out set mixing skills also
-                                         exact_match_<skill> and, for a router or similarity fusion over teachers
-                                         labelled with a skill, routing_acc(_<skill>); with eval.probe its KV
-                                         probe 1-R² against every teacher (probe_kv_error)
+    DIR/runs/CONDITION/seed-S/eval.json  its test figures, per-problem exact match included, and its steps
+                                         trained, selected step, FLOPs and wall time; on a held-out set mixing
+                                         skills also exact_match_<skill> and, for a router or similarity
+                                         fusion over teachers labelled with a skill, routing_acc(_<skill>);
+                                         with eval.probe its KV probe 1-R² against every teacher
+                                         (probe_kv_error)
     DIR/init/seed-S/eval.json            eval.init: the baseline's untrained student, scored the same way
     DIR/caches/TEACHER/, TEACHER.json    `cache: true` conditions: the records their runs read, and the cost
-    DIR/results.json, DIR/results.md     per condition and metric: values, mean, std, 95% interval; comparisons;
-                                         per run and condition the held-out (validation) curves against step, FLOPs
-                                         and wall time
+    DIR/results.json, DIR/results.md     per condition and metric: values, mean, std, 95% interval;
+                                         comparisons; per run and condition the held-out (validation) curves
+                                         against step, FLOPs and wall time
     DIR/plots/                           bars with error bars per metric, held-out learning curves
 
 Order: the teachers; the caches (each teacher's extraction in a child process); every condition except those
 matched by wall time (`match_wall_of`), `concurrent` at once, the ones those are measured on first; the
-wall-time-matched conditions join the queue as soon as the runs they are measured on have finished (their steps
-come from the measured times); then every run's scoring on the test split, in child processes.
+wall-time-matched conditions join the queue as soon as the runs they are measured on have finished (their
+steps come from the measured times); then every run's scoring on the test split, in child processes.
 
 Where the base config sets train.early_stopping, a run is scored with its best validation checkpoint
 (DIR/.../best/student), else with its final student.
@@ -62,8 +64,8 @@ def prepare_teachers(
     spec: ExperimentSpec, out: Path, held: list[dict], names: list[str] | None = None
 ) -> dict[str, dict]:
     """Train (or reuse) the teachers the conditions `names` need (None: every teacher of the spec),
-    `spec.concurrent` at once; a teacher of `steps: 0` is used as given. {name: {model, exact_match, ppl, params}}.
-    Stops when one is below its required exact match."""
+    `spec.concurrent` at once; a teacher of `steps: 0` is used as given. {name: {model, exact_match, ppl,
+    params}}. Stops when one is below its required exact match."""
     from kvdistill.models.load import resolve_path
 
     wanted = set(teachers_needed(spec, names) if names is not None else (p.name for p in spec.teachers))
@@ -101,12 +103,14 @@ def prepare_teachers(
             write_json_atomic(record, got)
         got = json.loads(record.read_text())
         info[prep.name] = {"model": model, **got}
-        # a specialist must be competent on its own skill (its held-out exact match there), others on everything
+        # a specialist must be competent on its own skill (its held-out exact match there), others on
+        # everything
         key = f"exact_match_{prep.skill}" if prep.skill else "exact_match"
         em = got.get(key)
         if prep.min_exact_match > 0 and (em is None or em < prep.min_exact_match):
             raise KvdistillError(
-                f"teacher '{prep.name}' reached held-out exact match{f' on {prep.skill}' if prep.skill else ''} {em} "
+                f"teacher '{prep.name}' reached held-out exact "
+                f"match{f' on {prep.skill}' if prep.skill else ''} {em} "
                 f"< the required {prep.min_exact_match}: "
                 "without competent teachers no comparison means anything",
                 f"train it longer (teachers.{prep.name}.steps, now {prep.steps}) or larger, then rerun "
@@ -118,8 +122,8 @@ def prepare_teachers(
 def prepare_caches(
     spec: ExperimentSpec, out: Path, configs: dict[tuple[str, int], RunConfig], teachers: dict[str, dict]
 ) -> dict[str, dict]:
-    """Extract (or reuse) the cache of every teacher a `cache: true` run of `configs` reads, holding exactly the
-    records those runs read (`budget.records_read`), each in a child process: DIR/caches/NAME, its cost in
+    """Extract (or reuse) the cache of every teacher a `cache: true` run of `configs` reads, holding exactly
+    the records those runs read (`budget.records_read`), each in a child process: DIR/caches/NAME, its cost in
     DIR/caches/NAME.json; sets teachers[NAME]["cache_dir"]. Returns {NAME: {seconds, tokens, records, flops,
     readers, runs, seconds_per_reader, flops_per_reader}} (`budget.amortise`)."""
     from kvdistill.config.schema import TeacherConfig
@@ -214,8 +218,8 @@ def flops_steps(spec: ExperimentSpec, name: str, teachers: dict[str, dict], n_st
 
 
 def flops_per_token(spec: ExperimentSpec, name: str, teachers: dict[str, dict], n_student: int) -> int:
-    """Training FLOPs per student token of condition `name`: 6·N_s + 2·Σ N_t over its online teachers (a cached
-    teacher's forward is paid once, at extraction: `budget.amortise`)."""
+    """Training FLOPs per student token of condition `name`: 6·N_s + 2·Σ N_t over its online teachers (a
+    cached teacher's forward is paid once, at extraction: `budget.amortise`)."""
     cond = spec.conditions[name]
     return 6 * n_student + (0 if cond.cache else 2 * sum(teachers[t]["params"] for t in cond.teachers))
 
@@ -240,8 +244,8 @@ def run_dir(out: Path, name: str, seed: int) -> Path:
 
 def train_all(pending: list[tuple[Path, RunConfig]], concurrent: int, *, more=None) -> None:
     """Train the pending runs: in this process one after the other, or `concurrent` at once as separate
-    `kvdistill train` processes (they share the GPU); a killed run resumes from its last checkpoint. `more()`, asked
-    whenever a run ends (and once at the end), gives further runs to train."""
+    `kvdistill train` processes (they share the GPU); a killed run resumes from its last checkpoint. `more()`,
+    asked whenever a run ends (and once at the end), gives further runs to train."""
     from kvdistill.config import dump_config
     from kvdistill.train.trainer import train
 
@@ -272,9 +276,9 @@ def train_all(pending: list[tuple[Path, RunConfig]], concurrent: int, *, more=No
 
 
 def run_pool(jobs: list[tuple[list[str], Path, str]], concurrent: int, what: str, *, more=None) -> None:
-    """Run the commands of `jobs` ((command, log file, label)) as child processes, `concurrent` at once; `more()`,
-    asked whenever one ends and once when none is left, gives further jobs. A KvdistillError names every one that
-    failed."""
+    """Run the commands of `jobs` ((command, log file, label)) as child processes, `concurrent` at once;
+    `more()`, asked whenever one ends and once when none is left, gives further jobs. A KvdistillError names
+    every one that failed."""
     queue = list(jobs)
     running: list[tuple[subprocess.Popen, Path, str]] = []
     failed = []
@@ -426,7 +430,8 @@ def _free_device_cache() -> None:
 
 
 def _measured(spec: ExperimentSpec, name: str, summary: dict, extraction: dict) -> dict:
-    """What `wall_steps` reads of a finished run: its training seconds, steps trained, amortised extraction s."""
+    """What `wall_steps` reads of a finished run: its training seconds, steps trained, amortised extraction
+    s."""
     cond = spec.conditions[name]
     share = sum(extraction[t]["seconds_per_reader"] for t in cond.teachers) if cond.cache else 0.0
     return {
@@ -448,14 +453,14 @@ def _train_and_score(
     more=None,
     first: list[str] = (),
 ) -> None:
-    """Train the runs of `configs` not finished yet, then score each on the test split (eval.json, `score`): its
-    figures, the student it was scored with (best or final), steps trained, selected step, wall time, FLOPs
-    (`flops_per_token` per student token) and, for a cached condition, its amortised extraction share. Scoring runs
-    `concurrent` at once in child processes (in this process when concurrent is 1).
+    """Train the runs of `configs` not finished yet, then score each on the test split (eval.json, `score`):
+    its figures, the student it was scored with (best or final), steps trained, selected step, wall time,
+    FLOPs (`flops_per_token` per student token) and, for a cached condition, its amortised extraction share.
+    Scoring runs `concurrent` at once in child processes (in this process when concurrent is 1).
 
     Training order: the conditions in `first` (what wall-time matching is measured on), then the longest runs
-    first; `more()`, asked whenever a run ends, gives further runs (the wall-time-matched ones) that join the queue
-    and `configs`."""
+    first; `more()`, asked whenever a run ends, gives further runs (the wall-time-matched ones) that join the
+    queue and `configs`."""
     from kvdistill.config import dump_config
 
     def done(n, s):

@@ -1,11 +1,11 @@
-"""Scoring a trained run of an experiment on the shared test split: perplexity, CE, exact match (per problem), MoE
-routing agreement; in the runner's process or, several at once, as child processes
-(`python -m kvdistill.experiments.score JOB.json...`, each scoring its jobs one after the other, writing every run's
-eval.json, and giving its GPU memory back when it exits).
+"""Scoring a trained run of an experiment on the shared test split: perplexity, CE, exact match (per problem),
+MoE routing agreement; in the runner's process or, several at once, as child processes
+(`python -m kvdistill.experiments.score JOB.json...`, each scoring its jobs one after the other, writing every
+run's eval.json, and giving its GPU memory back when it exits).
 
-A job: {"spec": the spec as a mapping, "config": the run's config file, "scored": the student directory to score,
-"extra": figures to add (steps, FLOPs, times), "routing_teacher": a teacher directory or null, "record": the
-eval.json to write}.
+A job: {"spec": the spec as a mapping, "config": the run's config file, "scored": the student directory to
+score, "extra": figures to add (steps, FLOPs, times), "routing_teacher": a teacher directory or null,
+"record": the eval.json to write}.
 """
 
 from __future__ import annotations
@@ -33,10 +33,11 @@ def evaluate_run(
     cache=None,
 ) -> dict:
     """One saved student's record on the test split, through the one evaluation path
-    (`kvdistill.eval.student.evaluate_saved`): held-out ppl, CE and tokens counted and, if the spec asks, exact
-    match with its per-problem 0/1 list (text students directly or by CoT decoding, latent students in latent mode,
-    each with its decoding cost); on a held-out set mixing skills the per-skill figures; against `teachers`
-    {name: (model, tokenizer)} the KV probe (fitted on `fit`, `cache` a shared `TeacherRowsCache`)."""
+    (`kvdistill.eval.student.evaluate_saved`): held-out ppl, CE and tokens counted and, if the spec asks,
+    exact match with its per-problem 0/1 list (text students directly or by CoT decoding, latent students in
+    latent mode, each with its decoding cost); on a held-out set mixing skills the per-skill figures; against
+    `teachers` {name: (model, tokenizer)} the KV probe (fitted on `fit`, `cache` a shared
+    `TeacherRowsCache`)."""
     from kvdistill.eval.student import evaluate_saved
 
     ev = evaluate_saved(
@@ -57,8 +58,9 @@ def evaluate_run(
 
 
 def record_of(ev: dict, spec: ExperimentSpec, held: list[dict]) -> dict:
-    """An evaluation (`kvdistill.eval.student`) as a run's eval.json holds it: ppl, ce, tokens, the exact-match
-    figures the way of answering has (`RECORD_EM`), per-skill figures, the KV probe where measured."""
+    """An evaluation (`kvdistill.eval.student`) as a run's eval.json holds it: ppl, ce, tokens, the
+    exact-match figures the way of answering has (`RECORD_EM`), per-skill figures, the KV probe where
+    measured."""
     out = {k: ev["perplexity"][k] for k in ("ppl", "ce", "tokens")}
     if "exact_match" in ev:
         way = "latent" if ev["mode"] == "latent" else "cot" if spec.eval.cot else "text"
@@ -82,8 +84,8 @@ RECORD_EM = {
         "latent_tokens",
     ),
 }
-"""What of an exact-match result a run's eval.json keeps, by the way the student answered (a direct answer costs
-no decoding worth a metric; CoT and latent answers report theirs)."""
+"""What of an exact-match result a run's eval.json keeps, by the way the student answered (a direct answer
+costs no decoding worth a metric; CoT and latent answers report theirs)."""
 
 
 def _per_skill(ev: dict, held: list[dict]) -> dict:
@@ -100,7 +102,8 @@ def _per_skill(ev: dict, held: list[dict]) -> dict:
 
 
 def routing_agreement(student_dir: Path, teacher_dir: str, held: list[dict], cfg: RunConfig) -> dict:
-    """routing_top1 / routing_topk of a saved MoE student against a prepared MoE teacher on the held-out records."""
+    """routing_top1 / routing_topk of a saved MoE student against a prepared MoE teacher on the held-out
+    records."""
     from kvdistill.device import default_device
     from kvdistill.eval.moe import routing_agreement_of
     from kvdistill.models.load import load_model
@@ -129,8 +132,8 @@ def _probe_teachers(names: dict[str, str] | None) -> dict:
 
 
 def score(job: dict) -> dict:
-    """Score one job (module docstring): its eval.json, also returned. An `init` job scores the untrained student
-    its config builds; `probe_teachers` {name: model} adds the KV probe against them."""
+    """Score one job (module docstring): its eval.json, also returned. An `init` job scores the untrained
+    student its config builds; `probe_teachers` {name: model} adds the KV probe against them."""
     from kvdistill.eval.metrics import TeacherRowsCache
     from kvdistill.eval.run import MIN_FIT
 

@@ -2,24 +2,27 @@
 
     name: tiny
     base: {student: ..., data: ..., train: ...}     # a run config (inline, a path, or a packaged name)
-    teachers:                                       # trained (or fine-tuned) on the task once, reused everywhere
+    teachers:                                       # trained (or fine-tuned) on the task once, reused
+                                                    # everywhere
       - {name: t1, from_config: {base: smollm2-135m, num_hidden_layers: 2, ...}, tokenizer: ..., steps: 300,
          min_exact_match: 0.3}
     conditions:                                     # each an ordinary training run per seed
       ce_only: {}
       kd: {teachers: [t1], overrides: [losses.kv.weight=1.0]}
-      ce_flops: {match_flops_of: kd}                # CE only, given the FLOPs of `kd` (teachers' forward included)
+      ce_flops: {match_flops_of: kd}                # CE only, given the FLOPs of `kd` (teachers' forward
+                                                    # included)
       ce_wall: {match_wall_of: kd}                  # CE only, given the measured training wall time of `kd`
       ce_small: {overrides: [data.train_size=500]}  # another student data size (held-out splits unchanged)
     baseline: ce_only
     seeds: [0, 1, 2]
     budget: {steps: 200, batch_size: 8}             # the same for every condition unless it says otherwise
 
-A seed sets `train.seed` (initial weights, projector init, data order); the held-out (test) split, the validation
-split and the teachers are the same for every condition and seed, so comparisons are paired. A teacher may train on
-its own data (`teachers[i].data`, e.g. a larger pool) and a condition may change the student's training data
-(`data.*` overrides, e.g. data.train_size); the runner checks that every run, teachers included, keeps the base's
-test and validation splits and that no training set shares an id or a question with them.
+A seed sets `train.seed` (initial weights, projector init, data order); the held-out (test) split, the
+validation split and the teachers are the same for every condition and seed, so comparisons are paired. A
+teacher may train on its own data (`teachers[i].data`, e.g. a larger pool) and a condition may change the
+student's training data (`data.*` overrides, e.g. data.train_size); the runner checks that every run, teachers
+included, keeps the base's test and validation splits and that no training set shares an id or a question with
+them.
 """
 
 from __future__ import annotations
@@ -42,7 +45,8 @@ class TeacherPrep(Section):
     model: str | None = None
     """A checkpoint to fine-tune on the task (hub id, local directory, offline name) ..."""
     from_config: dict[str, Any] | None = None
-    """... or a model built from a family's config: {base: <model whose config to start from>, <overrides>}."""
+    """... or a model built from a family's config: {base: <model whose config to start from>,
+    <overrides>}."""
     tokenizer: str | None = None
     steps: int = Field(500, ge=0)
     """Steps of its CE training on the task; 0: the model is used as given (a pretrained teacher, e.g. the
@@ -51,18 +55,18 @@ class TeacherPrep(Section):
     lr: float = Field(1e-3, gt=0.0)
     warmup_steps: int = Field(0, ge=0)
     min_exact_match: float = Field(0.0, ge=0.0, le=1.0)
-    """Held-out exact match the teacher must reach (a specialist: on its own `skill`); below it the experiment stops
-    (no comparison means anything)."""
+    """Held-out exact match the teacher must reach (a specialist: on its own `skill`); below it the experiment
+    stops (no comparison means anything)."""
     overrides: list[str] = []
     """Dotted overrides of the teacher's own CE training run (e.g. train.schedule=linear; a specialist:
     data.train_skills=[sorting])."""
     skill: str | None = None
-    """The skill it specialises in (one of the base data.skills): every condition labels it so (teachers[].skill),
-    and router / similarity conditions report their routing accuracy on it."""
+    """The skill it specialises in (one of the base data.skills): every condition labels it so
+    (teachers[].skill), and router / similarity conditions report their routing accuracy on it."""
     data: dict[str, Any] | None = None
-    """This teacher's own training data: keys of the base data section it changes, e.g. {train_size: null} (the
-    whole pool where the students get data.train_size of it) or {size: 40000}. It is scored on the base's test
-    split like every run, so that split (and the validation split) must stay the same."""
+    """This teacher's own training data: keys of the base data section it changes, e.g. {train_size: null}
+    (the whole pool where the students get data.train_size of it) or {size: 40000}. It is scored on the base's
+    test split like every run, so that split (and the validation split) must stay the same."""
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -93,15 +97,18 @@ class ConditionSpec(Section):
     """Read the teachers from caches the runner extracts once per teacher (`kvdistill extract`, full K/V in
     bfloat16): their forward is paid once for every condition and seed, its cost reported separately."""
     match_flops_of: str | None = None
-    """Give this condition the training FLOPs of another: steps · (6·N_s + 2·Σ N_t) / (6·N_s + 2·Σ N_t of this one),
-    N the parameter counts (forward 2N, forward + backward 6N per token; a cached teacher costs nothing per step)."""
+    """Give this condition the training FLOPs of another: steps · (6·N_s + 2·Σ N_t) / (6·N_s + 2·Σ N_t of this
+    one), N the parameter counts (forward 2N, forward + backward 6N per token; a cached teacher costs nothing
+    per step)."""
     match_wall_of: str | None = None
     """Give this condition the measured training wall time of another: steps = median over OTHER's runs of its
-    training seconds (evaluations excluded; a cached condition's amortised extraction seconds added) / the median
-    seconds per step of `wall_rate_of`'s runs. Trained after every other condition (it needs their times)."""
+    training seconds (evaluations excluded; a cached condition's amortised extraction seconds added) / the
+    median seconds per step of `wall_rate_of`'s runs. Trained after every other condition (it needs their
+    times)."""
     wall_rate_of: str | None = None
-    """The condition whose measured seconds per step convert the wall time into steps (default: the baseline); it
-    must train the same student the same way (same teachers, cache and batch), i.e. this condition at other steps."""
+    """The condition whose measured seconds per step convert the wall time into steps (default: the baseline);
+    it must train the same student the same way (same teachers, cache and batch), i.e. this condition at other
+    steps."""
 
 
 class EvalSpec(Section):
@@ -114,12 +121,12 @@ class EvalSpec(Section):
     latent students always answer in latent mode."""
     max_cot_tokens: int = Field(96, gt=0)
     routing_teacher: str | None = None
-    """A prepared MoE teacher (by name): every run's held-out routing agreement with it, metrics routing_top1 and
-    routing_topk (kvdistill.eval.moe.routing_agreement_of); MoE students only."""
+    """A prepared MoE teacher (by name): every run's held-out routing agreement with it, metrics routing_top1
+    and routing_topk (kvdistill.eval.moe.routing_agreement_of); MoE students only."""
     probe: bool = False
-    """Every run's KV probe 1 - R² per student layer against every teacher of the spec (`probe_kv_error` in its
-    eval.json; kvdistill.eval.metrics.probe_kv_error), the ridge maps fitted on the first max(test records, 16)
-    train records of the base data. Text students only."""
+    """Every run's KV probe 1 - R² per student layer against every teacher of the spec (`probe_kv_error` in
+    its eval.json; kvdistill.eval.metrics.probe_kv_error), the ridge maps fitted on the first max(test
+    records, 16) train records of the base data. Text students only."""
     init: bool = False
     """Also score the baseline's untrained student (its initial weights under each seed) the same way:
     DIR/init/seed-S/eval.json, a 'before' beside the trained runs."""
@@ -132,16 +139,18 @@ class ExperimentSpec(Section):
     conditions: dict[str, ConditionSpec]
     baseline: str
     compare: list[tuple[str, str]] = []
-    """Extra paired comparisons [condition, reference] beside every condition against the baseline (e.g. a latent
-    student against answering directly); results.json `comparisons` lists them with `baseline` the reference."""
+    """Extra paired comparisons [condition, reference] beside every condition against the baseline (e.g. a
+    latent student against answering directly); results.json `comparisons` lists them with `baseline` the
+    reference."""
     seeds: list[int] = [0, 1, 2]
     budget: dict[str, Any] = {}
     """Overrides every condition shares, as a mapping of dotted keys: {steps: N} is short for train.steps."""
     metrics: list[str] = ["exact_match", "ppl"]
     eval: EvalSpec = EvalSpec()
     concurrent: int | Literal["auto"] = 1
-    """Runs trained at once (separate processes; several small runs share one GPU); auto: as many as the GPU's free
-    memory holds by the estimate of `kvdistill.experiments.memory` (at most the CPU cores and the runs)."""
+    """Runs trained at once (separate processes; several small runs share one GPU); auto: as many as the GPU's
+    free memory holds by the estimate of `kvdistill.experiments.memory` (at most the CPU cores and the
+    runs)."""
     student_from: str | None = None
     """A prepared teacher whose trained model every condition's student starts from (student.model; the base
     student's other keys, e.g. latent and lora, kept): e.g. a backbone fine-tuned on the task with CoT."""
@@ -237,7 +246,8 @@ class ExperimentSpec(Section):
     def budget_overrides(self) -> list[str]:
         short = {"steps": "train.steps", "batch_size": "train.batch_size", "lr": "train.lr"}
         return [
-            f"{short.get(k, k)}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
+            f"{short.get(k, k)}="
+            f"{yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
             for k, v in self.budget.items()
         ]
 

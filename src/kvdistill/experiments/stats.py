@@ -9,8 +9,8 @@ Notation:
     d: per-seed differences condition - baseline, shape (S,)
     D: per-(seed, problem) differences, shape (S, J)
 
-All functions are pure: the same inputs (and `seed`) give the same numbers; outputs are plain Python floats and
-lists, ready for JSON.
+All functions are pure: the same inputs (and `seed`) give the same numbers; outputs are plain Python floats
+and lists, ready for JSON.
 """
 
 from __future__ import annotations
@@ -46,7 +46,8 @@ def _as_scores(values: Sequence[float], what: str) -> np.ndarray:
         shown = ", ".join(f"[{i}]={values[i]!r}" for i in bad)
         raise KvdistillError(
             f"{what} has {len(bad)} missing, non-numeric or non-finite value(s): {shown}",
-            "a run that failed or produced no score must be re-run or left out of every condition for that seed",
+            "a run that failed or produced no score must be re-run or left out of every condition for that "
+            "seed",
         )
     return np.asarray(values, dtype=np.float64)
 
@@ -68,7 +69,8 @@ def summary(values: Sequence[float]) -> dict:
 
     Returns:
         {"values": [...], "mean": float, "std": float (ddof=1; 0.0 for one value),
-         "ci95": [lo, hi]} with the Student-t interval mean ± t_{0.975, S-1} · std / √S ([mean, mean] for S=1).
+         "ci95": [lo, hi]} with the Student-t interval mean ± t_{0.975, S-1} · std / √S ([mean, mean] for
+        S=1).
     """
     x = _as_scores(values, "values")
     return {
@@ -186,7 +188,8 @@ def paired_comparison(
         method: the permutation test: "exact" enumerates all 2^S sign flips (S <= 20), "monte_carlo" draws
             `n_resamples` of them, "auto" is "exact" for S <= 16 and "monte_carlo" above.
         n_resamples: random sign flips (Monte Carlo) and bootstrap resamples (with per_item).
-        seed: seeds the Monte Carlo flips and the bootstrap; the result is a function of the inputs and `seed`.
+        seed: seeds the Monte Carlo flips and the bootstrap; the result is a function of the inputs and
+            `seed`.
 
     Returns:
         {"diff": mean(condition - baseline), "ci95": [lo, hi], "p": two-sided p, "n": S,
@@ -211,8 +214,8 @@ def paired_comparison(
     each resample draws S seeds with replacement and J problems with replacement, the same problem indices
     for both conditions (the per-problem differences are resampled as pairs) and for every drawn seed (the
     problems are crossed with the seeds: every seed was scored on the same problems, so a problem's
-    effect on the difference is shared, and redrawing problems independently per seed would average it away and
-    understate the problem-sampling variance by up to a factor S). The interval then narrows as J grows
+    effect on the difference is shared, and redrawing problems independently per seed would average it away
+    and understate the problem-sampling variance by up to a factor S). The interval then narrows as J grows
     and reflects a finite held-out set, which the t interval over S per-seed means cannot see.
     """
     cond = _as_scores(condition, "condition")
@@ -220,7 +223,8 @@ def paired_comparison(
     if cond.size != base.size:
         raise KvdistillError(
             f"condition has {cond.size} scores but baseline has {base.size}",
-            "pass one score per seed for the same seeds in the same order (every seed trained in both conditions)",
+            "pass one score per seed for the same seeds in the same order (every seed trained in both "
+            "conditions)",
         )
     if method not in METHODS:
         raise KvdistillError(f"method {method!r} is not one of {', '.join(METHODS)}")

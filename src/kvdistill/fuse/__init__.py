@@ -1,5 +1,5 @@
-"""kvdistill.fuse: weights over teachers (fixed, similarity to prototypes, the teachers' own confidence, learned
-routers), the routers' regulariser and supervision, and target-space fusion."""
+"""kvdistill.fuse: weights over teachers (fixed, similarity to prototypes, the teachers' own confidence,
+learned routers), the routers' regulariser and supervision, and target-space fusion."""
 
 from kvdistill.fuse.confidence import byte_nll, confidence_weights, covered_end
 from kvdistill.fuse.entropy import entropy, entropy_regularizer

@@ -3,15 +3,16 @@
 Notation: B batch, T tokens of one teacher, N teachers.
 
 A teacher's competence on a sample is its negative log-likelihood of the sample's scored text (the labelled
-continuation after the question, or the whole text) per UTF-8 byte, in nats: the summed NLL of the tokens that lie
-in the scored text, over the bytes those tokens cover. Per byte, not per token, so teachers of different tokenizers
-are compared on the same text (a tokenizer with longer tokens has fewer, harder predictions). The weights are
+continuation after the question, or the whole text) per UTF-8 byte, in nats: the summed NLL of the tokens that
+lie in the scored text, over the bytes those tokens cover. Per byte, not per token, so teachers of different
+tokenizers are compared on the same text (a tokenizer with longer tokens has fewer, harder predictions). The
+weights are
 
     w_n(b) = softmax_n( -nll_per_byte_n(b) / τ )
 
-computed in the teachers' pass from their own logits, without gradient. Unlike a router trained on Σ w·KV_loss, whose
-minimum puts all weight on the teacher whose K/V is easiest to match, nothing here depends on the student: a sample
-of a skill goes to the teacher that predicts that skill's text best.
+computed in the teachers' pass from their own logits, without gradient. Unlike a router trained on Σ
+w·KV_loss, whose minimum puts all weight on the teacher whose K/V is easiest to match, nothing here depends on
+the student: a sample of a skill goes to the teacher that predicts that skill's text best.
 """
 
 from __future__ import annotations
@@ -34,13 +35,13 @@ def byte_nll(
 ) -> torch.Tensor:
     """One teacher's NLL per byte of each sample's scored text -> float32 (B,), NaN where nothing was scored.
 
-    nll, counted (B, T): `kvdistill.losses.token_nll` of the teacher's logits on its own tokens (nll[:, t] is the
-    NLL of token t + 1, counted where both are real). spans (B, T, 2): the tokens' UTF-8 byte spans (special tokens
-    and padding: start == end). start (B,): the byte offset where each sample's scored text begins; end (B,) or None:
-    where it ends (`covered_end` of every teacher: truncation cuts tokenizations at different bytes, and teachers
-    are compared on the same text). A token is scored when it is predicted (counted at the position before it),
-    covers at least one byte, starts at or after `start` and ends at or before `end`; the result is Σ scored NLL /
-    Σ scored tokens' bytes.
+    nll, counted (B, T): `kvdistill.losses.token_nll` of the teacher's logits on its own tokens (nll[:, t] is
+    the NLL of token t + 1, counted where both are real). spans (B, T, 2): the tokens' UTF-8 byte spans
+    (special tokens and padding: start == end). start (B,): the byte offset where each sample's scored text
+    begins; end (B,) or None: where it ends (`covered_end` of every teacher: truncation cuts tokenizations at
+    different bytes, and teachers are compared on the same text). A token is scored when it is predicted
+    (counted at the position before it), covers at least one byte, starts at or after `start` and ends at or
+    before `end`; the result is Σ scored NLL / Σ scored tokens' bytes.
     """
     if nll.dim() != 2 or tuple(counted.shape) != tuple(nll.shape):
         raise KvdistillError(
@@ -71,15 +72,16 @@ def byte_nll(
 
 
 def covered_end(spans: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The last byte offset a tokenization covers per sample: spans (B, T, 2), mask (B, T) 1 = real -> (B,) long."""
+    """The last byte offset a tokenization covers per sample: spans (B, T, 2), mask (B, T) 1 = real -> (B,)
+    long."""
     return torch.where(mask.bool(), spans[..., 1], 0).amax(1)
 
 
 def confidence_weights(nll_per_byte: torch.Tensor, temperature: float) -> torch.Tensor:
     """softmax over teachers of -nll_per_byte / τ: (B, N) -> float32 (B, N), rows sum to 1.
 
-    A teacher with NaN (nothing of the sample scored, e.g. truncated before its continuation) gets weight 0; a row
-    with no teacher scored gets uniform weights.
+    A teacher with NaN (nothing of the sample scored, e.g. truncated before its continuation) gets weight 0; a
+    row with no teacher scored gets uniform weights.
     """
     if nll_per_byte.dim() != 2 or nll_per_byte.shape[1] < 1:
         raise KvdistillError(

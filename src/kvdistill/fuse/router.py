@@ -76,7 +76,8 @@ class Router(nn.Module):
         nn.init.zeros_(self.head[-1].bias)
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """hidden (B, T, H), mask (B, T) with 1 = counted (None: all) -> weights (B, N) or (B, T, N), sum 1."""
+        """hidden (B, T, H), mask (B, T) with 1 = counted (None: all) -> weights (B, N) or (B, T, N), sum
+        1."""
         if hidden.dim() != 3 or hidden.shape[-1] != self.hidden_size:
             raise KvdistillError(
                 f"hidden {tuple(hidden.shape)} must be (B, T, {self.hidden_size})",
@@ -112,12 +113,13 @@ class Router(nn.Module):
 def router_target_kl(
     weights: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None, eps: float = 1e-12
 ) -> torch.Tensor:
-    """Mean KL(target || weights) in nats: the loss that trains a router toward target weights (0-dim float32).
+    """Mean KL(target || weights) in nats: the loss that trains a router toward target weights (0-dim
+    float32).
 
-    weights: the router's (B, N) per sample or (B, T, N) per token; target: (B, N) per sample (a per-token router's
-    every token is pulled toward its sample's target) or (B, T, N). mask (B, T), per-token weights only: 1 = counted;
-    a sample's value is the mean over its counted tokens, the result the mean over samples. The target carries no
-    gradient.
+    weights: the router's (B, N) per sample or (B, T, N) per token; target: (B, N) per sample (a per-token
+    router's every token is pulled toward its sample's target) or (B, T, N). mask (B, T), per-token weights
+    only: 1 = counted; a sample's value is the mean over its counted tokens, the result the mean over samples.
+    The target carries no gradient.
     """
     if (
         weights.dim() not in (2, 3)

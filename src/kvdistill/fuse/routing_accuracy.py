@@ -2,11 +2,11 @@
 
 Notation: N samples, K teachers.
 
-For sample n of skill s with specialist teacher k = specialist_of[s], its accuracy is weights[n, k] (1 when all its
-weight is on the specialist, 1/K for uniform weights). `routing_acc_<s>` is the mean over the samples of skill s;
-`routing_acc` the mean over every sample whose skill has a specialist. Per-token weights are first averaged over
-each sample's counted tokens (`kvdistill.objectives.fusion.per_sample`), so a sample's row is what the weights gave
-its tokens on average.
+For sample n of skill s with specialist teacher k = specialist_of[s], its accuracy is weights[n, k] (1 when
+all its weight is on the specialist, 1/K for uniform weights). `routing_acc_<s>` is the mean over the samples
+of skill s; `routing_acc` the mean over every sample whose skill has a specialist. Per-token weights are first
+averaged over each sample's counted tokens (`kvdistill.objectives.fusion.per_sample`), so a sample's row is
+what the weights gave its tokens on average.
 """
 
 from __future__ import annotations

@@ -2,8 +2,9 @@
 training (kvdistill.objectives), evaluation and the tests call these and nothing else.
 
 Every function returns one float32 value per sample, (B,) (or (..., B) for the row-wise K/V errors): the
-objective of a batch is the mean over its samples, which is what makes batch size, gradient accumulation and DDP
-give the same update. Inputs of any float dtype are reduced in float32. Mask semantics: kvdistill.losses.reduce.
+objective of a batch is the mean over its samples, which is what makes batch size, gradient accumulation and
+DDP give the same update. Inputs of any float dtype are reduced in float32. Mask semantics:
+kvdistill.losses.reduce.
 """
 
 from kvdistill.losses.attention import attention_kl, relation_loss, relation_matrix

@@ -16,10 +16,10 @@ def attention_kl(
 ) -> torch.Tensor:
     """Per-sample KL(teacher || student) between attention maps over the key axis -> (B,).
 
-    student_probs: (B, H_s, T, T), teacher_probs: (B, H_t, T, T): rows (queries) are distributions over keys (the
-    last axis). If H_s == H_t heads are compared one to one; otherwise each side is averaged over its heads first.
-    mask: (B, T), 1 = counted. Masked query rows are not counted; masked key columns are dropped and both rows
-    renormalised over the remaining keys. eps: floor inside the logarithms.
+    student_probs: (B, H_s, T, T), teacher_probs: (B, H_t, T, T): rows (queries) are distributions over keys
+    (the last axis). If H_s == H_t heads are compared one to one; otherwise each side is averaged over its
+    heads first. mask: (B, T), 1 = counted. Masked query rows are not counted; masked key columns are dropped
+    and both rows renormalised over the remaining keys. eps: floor inside the logarithms.
     Returns, per sample, the mean KL over its counted (head, query) rows.
     """
     check_dims(student_probs, 4, "student_probs", "(B, H_s, T, T)")
@@ -54,12 +54,14 @@ def relation_matrix(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
 def relation_loss(
     student_kv: torch.Tensor, teacher_kv: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8
 ) -> torch.Tensor:
-    """Per-sample token-relation loss (MiniLMv2-style, cosine variant) -> (B,); needs no map between geometries.
+    """Per-sample token-relation loss (MiniLMv2-style, cosine variant) -> (B,); needs no map between
+    geometries.
 
-    student_kv: (B, H_s, T, D_s), teacher_kv: (B, H_t, T, D_t) (keys or values) on the same T tokens; H and D may
-    differ. Each side becomes `relation_matrix` (B, T, T); the loss is the MSE between the two over pairs (i, j)
-    of counted tokens (mask (B, T)). Cosine (not softmax(X Xᵀ/√D)) makes it exactly invariant to head dim, to
-    orthogonal rotations of D, to per-token scale and to duplicated heads; it does not match norms (kv_error does).
+    student_kv: (B, H_s, T, D_s), teacher_kv: (B, H_t, T, D_t) (keys or values) on the same T tokens; H and D
+    may differ. Each side becomes `relation_matrix` (B, T, T); the loss is the MSE between the two over pairs
+    (i, j) of counted tokens (mask (B, T)). Cosine (not softmax(X Xᵀ/√D)) makes it exactly invariant to head
+    dim, to orthogonal rotations of D, to per-token scale and to duplicated heads; it does not match norms
+    (kv_error does).
     """
     check_dims(student_kv, 4, "student_kv", "(B, H_s, T, D_s)")
     check_dims(teacher_kv, 4, "teacher_kv", "(B, H_t, T, D_t)")

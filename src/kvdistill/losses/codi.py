@@ -1,13 +1,13 @@
-"""CODI's hidden-state distillation (arXiv 2502.21074): the student's hidden states at the token before the answer
-pulled towards the teacher's at the same token, at every layer.
+"""CODI's hidden-state distillation (arXiv 2502.21074): the student's hidden states at the token before the
+answer pulled towards the teacher's at the same token, at every layer.
 
 Notation: L layers compared, B batch, F hidden width.
 
     codi(b) = mean_l  err(h_s[l, b], sg(h_t[l, b])) / σ_t[l, b]
 
-err is smooth-L1 (CODI's choice) or MSE averaged over the F features; σ_t[l, b] is the standard deviation of the
-teacher's vector at layer l of sample b (no gradient, plus eps), so layers of different scales weigh alike and a
-sample's loss does not depend on the rest of its batch. With normalize=False the division is skipped.
+err is smooth-L1 (CODI's choice) or MSE averaged over the F features; σ_t[l, b] is the standard deviation of
+the teacher's vector at layer l of sample b (no gradient, plus eps), so layers of different scales weigh alike
+and a sample's loss does not depend on the rest of its batch. With normalize=False the division is skipped.
 """
 
 from __future__ import annotations

@@ -17,11 +17,11 @@ def hidden_error(
     normalize: bool = True,
     weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-sample MSE between hidden states -> (B,): the student's (projected) pred (B, N, F_t) and the teacher's
-    target (B, N, F_t) on the same N tokens; mask (B, N), 1 = counted.
+    """Per-sample MSE between hidden states -> (B,): the student's (projected) pred (B, N, F_t) and the
+    teacher's target (B, N, F_t) on the same N tokens; mask (B, N), 1 = counted.
 
-    The student's width is mapped to the teacher's by the caller (a learned nn.Linear F_s -> F_t in the objective).
-    normalize: divide by the variance of the sample's counted target values, as `kv_error` does.
+    The student's width is mapped to the teacher's by the caller (a learned nn.Linear F_s -> F_t in the
+    objective). normalize: divide by the variance of the sample's counted target values, as `kv_error` does.
     """
     check_dims(pred, 3, "pred", "(B, N, F_t)")
     check_dims(target, 3, "target", "(B, N, F_t)")

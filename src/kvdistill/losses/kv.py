@@ -3,14 +3,15 @@
 Notation: B batch, N rows (a teacher token, or a (head, token) pair when the kept tokens differ per head),
 F features of a row (H·D or D), H heads, M kept teacher tokens, D head dim.
 
-The library's one KV error works on rows, with any leading dims (layer pairs, keys/values) before B, so a whole
-teacher's layer map is reduced in one call: pred, target (..., B, N, F), mask broadcastable to (..., B, N).
-`as_rows` lays a (B, H, M, D) tensor out as rows. `pairs_kv_loss` weighs a teacher's per-pair key and value errors
-into its K/V loss, the one formula every objective uses.
+The library's one KV error works on rows, with any leading dims (layer pairs, keys/values) before B, so a
+whole teacher's layer map is reduced in one call: pred, target (..., B, N, F), mask broadcastable to (..., B,
+N). `as_rows` lays a (B, H, M, D) tensor out as rows. `pairs_kv_loss` weighs a teacher's per-pair key and
+value errors into its K/V loss, the one formula every objective uses.
 
-Normalisation (the only one): with normalize=True the error of a sample is divided by σ² (mse) or σ (smooth-L1),
-σ² the variance of that sample's counted target values (detached, plus eps): layers and teachers of different
-scales weigh alike, and because σ is per sample the loss does not depend on how samples are grouped into batches.
+Normalisation (the only one): with normalize=True the error of a sample is divided by σ² (mse) or σ
+(smooth-L1), σ² the variance of that sample's counted target values (detached, plus eps): layers and teachers
+of different scales weigh alike, and because σ is per sample the loss does not depend on how samples are
+grouped into batches.
 """
 
 from __future__ import annotations
@@ -35,10 +36,11 @@ def as_rows(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Te
 
 
 class _RowSquares(torch.autograd.Function):
-    """Σ_F (pred - target)² per row -> (..., B, N) in float32 (float64 for float64 inputs), the difference zeroed
-    in uncounted rows. One pass for the difference, one for the row sums; the backward is one elementwise pass
-    (2·diff·g per row), and only the difference (in the inputs' dtype) is kept for it. The composite of
-    autograd ops this replaces kept float32 copies of the whole (..., B, N, F) difference and its square."""
+    """Σ_F (pred - target)² per row -> (..., B, N) in float32 (float64 for float64 inputs), the difference
+    zeroed in uncounted rows. One pass for the difference, one for the row sums; the backward is one
+    elementwise pass (2·diff·g per row), and only the difference (in the inputs' dtype) is kept for it. The
+    composite of autograd ops this replaces kept float32 copies of the whole (..., B, N, F) difference and its
+    square."""
 
     @staticmethod
     def forward(ctx, pred, target, rows):  # pred, target (..., B, N, F); rows (..., B, N) bool
@@ -91,11 +93,11 @@ def kv_error(
     mask: broadcastable to (..., B, N), 1 = the row counts. kind: "mse" (squared error) or "smooth_l1"
     (Huber, beta 1) per element. The error of a sample is the mean over its counted rows and their F features.
     normalize: divide by σ² (mse) or σ (smooth_l1), σ² the variance of the sample's counted target values
-    (no gradient). weight: broadcastable to (..., B, N), multiplies each row's error (per-token fusion weights);
-    the mean still divides by the number of counted rows, so weight 1 everywhere is the unweighted error.
-    The difference is taken in the inputs' dtype; it is squared and reduced in float32 (float64 inputs: float64).
-    mse runs as `_RowSquares` (a few passes over the rows, only the difference kept for the backward), smooth_l1
-    as elementwise autograd ops.
+    (no gradient). weight: broadcastable to (..., B, N), multiplies each row's error (per-token fusion
+    weights); the mean still divides by the number of counted rows, so weight 1 everywhere is the unweighted
+    error. The difference is taken in the inputs' dtype; it is squared and reduced in float32 (float64 inputs:
+    float64). mse runs as `_RowSquares` (a few passes over the rows, only the difference kept for the
+    backward), smooth_l1 as elementwise autograd ops.
     """
     check_dims(pred, 3, "pred", "(..., B, N, F)", at_least=True)
     check_same(pred, target, "pred", "target", "map the student K/V into the teacher's geometry first")
@@ -117,12 +119,14 @@ def kv_error(
 
 
 def pairs_kv_loss(errors: torch.Tensor, coef: torch.Tensor, layers: int) -> torch.Tensor:
-    """One teacher's K/V loss over the (student layer i, teacher layer j, weight w) pairs of its layer map -> (B,):
+    """One teacher's K/V loss over the (student layer i, teacher layer j, weight w) pairs of its layer map ->
+    (B,):
 
         Σ_p (w_p·α_K·err_K[p] + w_p·α_V·err_V[p]) / L
 
-    errors (P, 2, B): each pair's key and value error (`kv_error`); coef (P, 2): w_p·α_K, w_p·α_V (a layer map's
-    `LayerPairs.coef`; a fused target per layer: α_K, α_V with w = 1); layers: L, the student layers supervised.
+    errors (P, 2, B): each pair's key and value error (`kv_error`); coef (P, 2): w_p·α_K, w_p·α_V (a layer
+    map's `LayerPairs.coef`; a fused target per layer: α_K, α_V with w = 1); layers: L, the student layers
+    supervised.
     """
     check_dims(errors, 3, "errors", "(P, 2, B)")
     if coef.shape != errors.shape[:2]:
@@ -143,8 +147,8 @@ def cosine_error(
 ) -> torch.Tensor:
     """Per-sample 1 - cosine similarity over the last dim -> (..., B): only directions are matched.
 
-    pred, target: (..., B, N, D) (rows: one vector each, e.g. one head's key at one token); mask broadcastable to
-    (..., B, N), 1 = counted; weight as in `kv_error`. Mean over counted rows.
+    pred, target: (..., B, N, D) (rows: one vector each, e.g. one head's key at one token); mask broadcastable
+    to (..., B, N), 1 = counted; weight as in `kv_error`. Mean over counted rows.
     """
     check_dims(pred, 3, "pred", "(..., B, N, D)", at_least=True)
     check_same(pred, target, "pred", "target", "map the student K/V into the teacher's geometry first")

@@ -23,10 +23,11 @@ def token_nll(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Next-token negative log-likelihood at every position: (nll (B, T), counted (B, T) bool).
 
-    logits: (B, T, V) at positions 0..T-1; labels: (B, T) token ids (usually input_ids); mask: (B, T), 1 = real.
-    logits[:, t] predicts labels[:, t + 1], counted where mask[:, t] and mask[:, t + 1] are both 1; the last
-    position is never counted. The shift rolls the labels, so the (B, T, V) logits are not sliced (no (B, T, V)
-    copy forward, none zero-filled in backward). Labels at uncounted positions are ignored (may be -100).
+    logits: (B, T, V) at positions 0..T-1; labels: (B, T) token ids (usually input_ids); mask: (B, T), 1 =
+    real. logits[:, t] predicts labels[:, t + 1], counted where mask[:, t] and mask[:, t + 1] are both 1; the
+    last position is never counted. The shift rolls the labels, so the (B, T, V) logits are not sliced (no (B,
+    T, V) copy forward, none zero-filled in backward). Labels at uncounted positions are ignored (may be
+    -100).
     """
     check_dims(logits, 3, "logits", "(B, T, V)")
     B, T, V = logits.shape
@@ -50,7 +51,8 @@ def token_nll(
 
 
 def ce_loss(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Per-sample next-token cross-entropy (B,): the mean of `token_nll` over the sample's counted predictions.
+    """Per-sample next-token cross-entropy (B,): the mean of `token_nll` over the sample's counted
+    predictions.
 
     Perplexity over a corpus is exp of the token-level mean of `token_nll` instead (long samples weigh more).
     """
@@ -58,23 +60,25 @@ def ce_loss(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> t
     return sample_mean(nll, counted, 1)
 
 
-# ------------------------------------------------------------------------------------------ logit distillation
-# Every logit KD function below compares two distributions per counted row (a student position) and reduces like
-# the rest of the library: divergence · τ², averaged over the sample's counted rows, (B,).
+# ----------------------------------------------------------------------------------------- logit distillation
+# Every logit KD function below compares two distributions per counted row (a student position) and reduces
+# like the rest of the library: divergence · τ², averaged over the sample's counted rows, (B,).
 #
-# Rows are computed `chunk` at a time (0: all at once). A chunk's float32 softmaxes live only while it is computed:
-# each chunk is recomputed in backward (torch.utils.checkpoint), and the student's logits are cut with one `split`
-# whose backward concatenates the chunks' gradients, so no (B, T, V) float32 copy exists beyond the gradient itself
-# (in the logits' own dtype). Chunked and unchunked runs do the same arithmetic per row: equal values and gradients.
+# Rows are computed `chunk` at a time (0: all at once). A chunk's float32 softmaxes live only while it is
+# computed: each chunk is recomputed in backward (torch.utils.checkpoint), and the student's logits are cut
+# with one `split` whose backward concatenates the chunks' gradients, so no (B, T, V) float32 copy exists
+# beyond the gradient itself (in the logits' own dtype). Chunked and unchunked runs do the same arithmetic per
+# row: equal values and gradients.
 #
-# Buckets (cross-tokenizer projection, `kvdistill.align.vocab`): student_buckets (V_s,) and teacher_buckets (V_t,)
-# give every vocabulary entry a bucket in [0, S]: buckets 0..S-1 are the token strings both vocabularies share,
-# bucket S ("other") every entry the other side has no string for. A distribution is projected by summing the
-# probabilities of each bucket's entries (done in log space, exact); both sides then live on the same S + 1 events.
+# Buckets (cross-tokenizer projection, `kvdistill.align.vocab`): student_buckets (V_s,) and teacher_buckets
+# (V_t,) give every vocabulary entry a bucket in [0, S]: buckets 0..S-1 are the token strings both
+# vocabularies share, bucket S ("other") every entry the other side has no string for. A distribution is
+# projected by summing the probabilities of each bucket's entries (done in log space, exact); both sides then
+# live on the same S + 1 events.
 
 TAIL_FLOOR = 1e-12
-"""The tail bucket of a top-k teacher, max(1 - Σ top-k probabilities, TAIL_FLOOR): stored log-probabilities may sum
-past 1 by rounding, and a tail of exactly 0 would make reverse KL infinite."""
+"""The tail bucket of a top-k teacher, max(1 - Σ top-k probabilities, TAIL_FLOOR): stored log-probabilities
+may sum past 1 by rounding, and a tail of exactly 0 would make reverse KL infinite."""
 
 _NEG_INF = -math.inf
 
@@ -87,7 +91,8 @@ def _kl_terms(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
 
 
 def _divergence(log_t: torch.Tensor, log_s: torch.Tensor, divergence: str, beta: float) -> torch.Tensor:
-    """The divergence between two distributions given as log-probabilities over the last dim (..., E) -> (...)."""
+    """The divergence between two distributions given as log-probabilities over the last dim (..., E) ->
+    (...)."""
     if divergence == "forward":
         return _kl_terms(log_t, log_s)
     if divergence == "reverse":
@@ -129,15 +134,17 @@ def _by_chunks(fn, chunk: int, *rows: torch.Tensor) -> torch.Tensor:
 
 
 def _soft(logits: torch.Tensor, counted: torch.Tensor, temperature: float) -> torch.Tensor:
-    """log_softmax(logits / τ) in float32 (n, V); rows not counted are zeroed first (NaN there reaches nothing)."""
+    """log_softmax(logits / τ) in float32 (n, V); rows not counted are zeroed first (NaN there reaches
+    nothing)."""
     return torch.log_softmax((logits.float() / temperature).masked_fill(~counted[:, None], 0.0), dim=-1)
 
 
 def _scatter_logsumexp(values: torch.Tensor, cols: torch.Tensor, size: int) -> torch.Tensor:
     """out[r, c] = log Σ_{m: cols[r, m] = c} exp(values[r, m]); -inf where nothing (with mass) lands.
 
-    values (n, m) float, cols (n, m) or (m,) long in [0, size) -> (n, size). Exact: each bucket is shifted by its
-    largest member (the shift is detached: the result does not depend on it), so its sum is >= 1 where finite.
+    values (n, m) float, cols (n, m) or (m,) long in [0, size) -> (n, size). Exact: each bucket is shifted by
+    its largest member (the shift is detached: the result does not depend on it), so its sum is >= 1 where
+    finite.
     """
     n = values.shape[0]
     cols = cols.expand_as(values)
@@ -152,10 +159,10 @@ def _scatter_logsumexp(values: torch.Tensor, cols: torch.Tensor, size: int) -> t
 
 @dataclass(frozen=True)
 class _BucketPlan:
-    """How one side's entries fill the E buckets, split so that most of the work is a gather, not a scatter: the
-    buckets with one entry (a column copy), the last bucket ("other": one logsumexp over its entries), the rest
-    (buckets with several entries: a scatter over those entries only). Scatters into a few crowded buckets are slow
-    (on a GPU, atomics on one address), and "other" may hold half of a vocabulary."""
+    """How one side's entries fill the E buckets, split so that most of the work is a gather, not a scatter:
+    the buckets with one entry (a column copy), the last bucket ("other": one logsumexp over its entries), the
+    rest (buckets with several entries: a scatter over those entries only). Scatters into a few crowded
+    buckets are slow (on a GPU, atomics on one address), and "other" may hold half of a vocabulary."""
 
     single_src: torch.Tensor  # (n_1,) entries alone in their bucket
     single_dst: torch.Tensor  # (n_1,) their buckets
@@ -200,8 +207,8 @@ def _bucket_plan(buckets: torch.Tensor, size: int) -> _BucketPlan:
 
 
 def _project(log_p: torch.Tensor, plan: _BucketPlan) -> torch.Tensor:
-    """log Σ of the probabilities in each bucket: log_p (n, V) -> (n, E), -inf for a bucket without entries. Exact
-    (the same values as `_scatter_logsumexp(log_p, buckets, E)`)."""
+    """log Σ of the probabilities in each bucket: log_p (n, V) -> (n, E), -inf for a bucket without entries.
+    Exact (the same values as `_scatter_logsumexp(log_p, buckets, E)`)."""
     n = log_p.shape[0]
     out = log_p.new_full((n, plan.size), _NEG_INF)
     out = out.index_copy(1, plan.single_dst, log_p.index_select(1, plan.single_src))
@@ -227,10 +234,11 @@ def _with_tail(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A top-k teacher against the full student: both on the columns the teacher names plus one tail bucket.
 
-    log_s (n, E) the student's log-probabilities over E columns (vocabulary entries or buckets); cols (n, k) the
-    column of each of the teacher's k entries, t_log_probs (n, k) their log-probabilities, named (n, k) whether the
-    entry has a column of its own (an entry without one, or -inf, joins the tail). Returns (log_t, log_s) (n, E + 1):
-    the named columns as they are, every other column's mass in the last one (teacher: max(1 - Σ named, TAIL_FLOOR)).
+    log_s (n, E) the student's log-probabilities over E columns (vocabulary entries or buckets); cols (n, k)
+    the column of each of the teacher's k entries, t_log_probs (n, k) their log-probabilities, named (n, k)
+    whether the entry has a column of its own (an entry without one, or -inf, joins the tail). Returns (log_t,
+    log_s) (n, E + 1): the named columns as they are, every other column's mass in the last one (teacher:
+    max(1 - Σ named, TAIL_FLOOR)).
     """
     E = log_s.shape[-1]
     log_t = _scatter_logsumexp(torch.where(named, t_log_probs, _NEG_INF), cols, E)  # (n, E)
@@ -258,8 +266,8 @@ def logit_kd(
     beta: float = 0.5,
     chunk: int = 0,
 ) -> torch.Tensor:
-    """Per-sample logit distillation (B,): a divergence between p_t = softmax(teacher/τ) and p_s = softmax(student/τ)
-    at each counted position, times τ², averaged over the sample's counted positions.
+    """Per-sample logit distillation (B,): a divergence between p_t = softmax(teacher/τ) and p_s =
+    softmax(student/τ) at each counted position, times τ², averaged over the sample's counted positions.
 
     student_logits, teacher_logits: (B, T, V) at the same positions (no shift), the same vocabulary.
     mask: (B, T), 1 = counted. divergence:
@@ -269,9 +277,9 @@ def logit_kd(
                  Jensen-Shannon divergence; bounded by ln 2 per position before the τ² factor)
     τ²: the gradient of a softened divergence shrinks as 1/τ²; the factor keeps its size comparable across τ.
     chunk: positions per chunk (0: one pass; see the note above on memory).
-    A vocabulary entry that both distributions give probability 0 (both logits -inf: masked vocabularies, padded
-    embeddings) contributes 0, so the value and its gradient stay finite there. Gradients flow into both inputs;
-    detach the teacher.
+    A vocabulary entry that both distributions give probability 0 (both logits -inf: masked vocabularies,
+    padded embeddings) contributes 0, so the value and its gradient stay finite there. Gradients flow into
+    both inputs; detach the teacher.
     """
     check_dims(teacher_logits, 3, "teacher_logits", "(B, T, V)")
     counted = _check_logits(student_logits, mask)
@@ -280,7 +288,8 @@ def logit_kd(
             f"logit KD needs the same vocabulary; student_logits {shape_of(student_logits)} has "
             f"{student_logits.shape[-1]} and teacher_logits {shape_of(teacher_logits)} has "
             f"{teacher_logits.shape[-1]} entries",
-            "use cross_logit_kd with the vocabulary projection of kvdistill.align.vocab for another tokenizer",
+            "use cross_logit_kd with the vocabulary projection of kvdistill.align.vocab for another "
+            "tokenizer",
         )
     check_same(
         student_logits,
@@ -309,8 +318,8 @@ def topk_log_probs(
     teacher_logits: torch.Tensor, k: int, *, temperature: float = 1.0, chunk: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The k most probable entries of softmax(teacher/τ) at each position: ids (B, T, k) long and their
-    log-probabilities (B, T, k) float32 (exact: normalised over the whole vocabulary), most probable first; under
-    no_grad, `chunk` positions at a time. teacher_logits (B, T, V), 0 < k < V."""
+    log-probabilities (B, T, k) float32 (exact: normalised over the whole vocabulary), most probable first;
+    under no_grad, `chunk` positions at a time. teacher_logits (B, T, V), 0 < k < V."""
     check_dims(teacher_logits, 3, "teacher_logits", "(B, T, V)")
     B, T, V = teacher_logits.shape
     if not 0 < k < V:
@@ -363,17 +372,19 @@ def topk_logit_kd(
     beta: float = 0.5,
     chunk: int = 0,
 ) -> torch.Tensor:
-    """`logit_kd` against a teacher known by its top-k entries (B,): both distributions on k + 1 events, the teacher's
-    k entries and one tail bucket holding the rest of the mass.
+    """`logit_kd` against a teacher known by its top-k entries (B,): both distributions on k + 1 events, the
+    teacher's k entries and one tail bucket holding the rest of the mass.
 
-    student_logits (B, T, V); teacher_ids (B, T, k) distinct ids of the same vocabulary, teacher_log_probs (B, T, k)
-    the teacher's log-probabilities of them at this temperature (`topk_log_probs(teacher_logits, k, temperature=τ)`);
-    mask (B, T). Per counted position, with P_t = Σ_i p_t(id_i) and P_s = Σ_i p_s(id_i):
+    student_logits (B, T, V); teacher_ids (B, T, k) distinct ids of the same vocabulary, teacher_log_probs (B,
+    T, k) the teacher's log-probabilities of them at this temperature (`topk_log_probs(teacher_logits, k,
+    temperature=τ)`); mask (B, T). Per counted position, with P_t = Σ_i p_t(id_i) and P_s = Σ_i p_s(id_i):
 
-        teacher (p_t(id_1), ..., p_t(id_k), max(1 - P_t, TAIL_FLOOR)),   student (p_s(id_1), ..., p_s(id_k), 1 - P_s)
+        teacher (p_t(id_1), ..., p_t(id_k), max(1 - P_t, TAIL_FLOOR)),
+        student (p_s(id_1), ..., p_s(id_k), 1 - P_s)
 
-    (the student's tail in log space from its own logits, not by subtraction), then divergence · τ² as `logit_kd`.
-    With the teacher's whole vocabulary but one entry it is `logit_kd` exactly. Gradients flow into the student only.
+    (the student's tail in log space from its own logits, not by subtraction), then divergence · τ² as
+    `logit_kd`. With the teacher's whole vocabulary but one entry it is `logit_kd` exactly. Gradients flow
+    into the student only.
     """
     counted = _check_logits(student_logits, mask)
     B, T, V = student_logits.shape
@@ -413,19 +424,21 @@ def cross_logit_kd(
     beta: float = 0.5,
     chunk: int = 0,
 ) -> torch.Tensor:
-    """Logit distillation across tokenizers (B,): at each student position whose text prefix a teacher position
-    shares, both next-token distributions projected onto the token strings the two vocabularies share plus one
-    "other" bucket, then the divergence · τ² of `logit_kd`, averaged over the sample's counted positions.
+    """Logit distillation across tokenizers (B,): at each student position whose text prefix a teacher
+    position shares, both next-token distributions projected onto the token strings the two vocabularies share
+    plus one "other" bucket, then the divergence · τ² of `logit_kd`, averaged over the sample's counted
+    positions.
 
-    student_logits (B, T_s, V_s); teacher: its logits (B, T_t, V_t), or its top-k as (ids, log_probs) (B, T_t, k)
-    at this temperature (`topk_log_probs`; then the teacher's unnamed mass and the entries without a shared string
-    form one tail bucket, and the student's buckets the teacher does not name join it, as in `topk_logit_kd`).
-    teacher_positions (B, T_s) long: the teacher position with the same prefix as each student position, -1 where
-    none (`kvdistill.align.tokens.prefix_positions`); mask (B, T_s), 1 = counted (a position also needs a partner).
-    student_buckets (V_s,), teacher_buckets (V_t,) long in [0, shared]: the bucket of every vocabulary entry, bucket
-    `shared` = other (`kvdistill.align.vocab.shared_vocabulary`). Positions and buckets may stay on the CPU (they
-    are checked and planned there, then moved: no device synchronisation). With one tokenizer (identity buckets, every
-    position its own partner) it equals `logit_kd`. Gradients flow into the student only.
+    student_logits (B, T_s, V_s); teacher: its logits (B, T_t, V_t), or its top-k as (ids, log_probs) (B, T_t,
+    k) at this temperature (`topk_log_probs`; then the teacher's unnamed mass and the entries without a shared
+    string form one tail bucket, and the student's buckets the teacher does not name join it, as in
+    `topk_logit_kd`). teacher_positions (B, T_s) long: the teacher position with the same prefix as each
+    student position, -1 where none (`kvdistill.align.tokens.prefix_positions`); mask (B, T_s), 1 = counted (a
+    position also needs a partner). student_buckets (V_s,), teacher_buckets (V_t,) long in [0, shared]: the
+    bucket of every vocabulary entry, bucket `shared` = other (`kvdistill.align.vocab.shared_vocabulary`).
+    Positions and buckets may stay on the CPU (they are checked and planned there, then moved: no device
+    synchronisation). With one tokenizer (identity buckets, every position its own partner) it equals
+    `logit_kd`. Gradients flow into the student only.
     """
     counted = _check_logits(student_logits, mask)
     B, T_s, V_s = student_logits.shape
@@ -503,8 +516,8 @@ def cross_logit_kd(
 def _realised_log_probs(
     logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, temperature: float, chunk: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """log softmax(logits[:, i-1] / τ)[ids[:, i]] of every token i: (lp (B, T), scored (B, T) bool where token i
-    and its predecessor are real). The last position's logits are not read."""
+    """log softmax(logits[:, i-1] / τ)[ids[:, i]] of every token i: (lp (B, T), scored (B, T) bool where token
+    i and its predecessor are real). The last position's logits are not read."""
     B, T, V = logits.shape
     real = mask != 0  # (B, T)
     prev = F.pad(real[:, :-1], (1, 0), value=False)  # (B, T) token i-1 is real
@@ -522,7 +535,8 @@ def _realised_log_probs(
 def _chunk_sums(
     lp: torch.Tensor, scored: torch.Tensor, chunks: torch.Tensor, C: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Σ of the token log-probs per chunk (B, C) and whether every token of the chunk was scored (B, C) bool."""
+    """Σ of the token log-probs per chunk (B, C) and whether every token of the chunk was scored (B, C)
+    bool."""
     B = lp.shape[0]
     slot = torch.where(chunks >= 0, chunks, C)  # (B, T): chunk, or the discarded slot C
     total = lp.new_zeros(B, C + 1).scatter_add(1, slot, torch.where(scored, lp, 0.0))[:, :C]  # (B, C)
@@ -548,22 +562,22 @@ def span_logit_kd(
     beta: float = 0.5,
     chunk: int = 0,
 ) -> torch.Tensor:
-    """Logit distillation across tokenizers by the likelihood of exactly aligned text (B,): for every chunk of text
-    that a run of student tokens and a run of teacher tokens both spell exactly, the probability each model gives
-    to that text after the same prefix, by the chain rule
+    """Logit distillation across tokenizers by the likelihood of exactly aligned text (B,): for every chunk of
+    text that a run of student tokens and a run of teacher tokens both spell exactly, the probability each
+    model gives to that text after the same prefix, by the chain rule
 
         log P(chunk) = Σ_{tokens i of the chunk} log softmax(logits[i - 1] / τ)[id_i],
 
     compared as two-outcome distributions (P, 1 - P) (the text continues with this chunk, or not) with the
-    divergence of `logit_kd`, times τ², averaged over the sample's chunks. Both sides are probabilities of the same
-    event whatever the tokenizers; what is lost is the rest of the distribution (how the mass that misses the chunk
-    is spread).
+    divergence of `logit_kd`, times τ², averaged over the sample's chunks. Both sides are probabilities of the
+    same event whatever the tokenizers; what is lost is the rest of the distribution (how the mass that misses
+    the chunk is spread).
 
     student_logits (B, T_s, V_s), teacher_logits (B, T_t, V_t); student_ids, student_mask (B, T_s) and
-    teacher_ids, teacher_mask (B, T_t) the two tokenizations; student_chunks (B, T_s), teacher_chunks (B, T_t) the
-    chunk of every token or -1 (`kvdistill.align.tokens.common_chunks`). A chunk counts where each of its tokens on
-    both sides has a real predecessor (a sample's first token has no logits predicting it). chunk: positions per
-    chunk of the log-softmax (memory, as `logit_kd`). Gradients flow into the student only.
+    teacher_ids, teacher_mask (B, T_t) the two tokenizations; student_chunks (B, T_s), teacher_chunks (B, T_t)
+    the chunk of every token or -1 (`kvdistill.align.tokens.common_chunks`). A chunk counts where each of its
+    tokens on both sides has a real predecessor (a sample's first token has no logits predicting it). chunk:
+    positions per chunk of the log-softmax (memory, as `logit_kd`). Gradients flow into the student only.
     """
     _check_logits(student_logits, student_mask)
     check_dims(teacher_logits, 3, "teacher_logits", "(B, T_t, V_t)")

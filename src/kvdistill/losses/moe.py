@@ -1,21 +1,22 @@
 """Mixture-of-experts distillation, per sample: routing distributions, expert outputs, load balance.
 
 Notation: B batch, T_s student tokens, M teacher tokens, E_s/E_t experts, k_s/k_t experts chosen per token,
-F expert output width (the student's already projected to the teacher's), K alignment nonzeros per teacher token.
+F expert output width (the student's already projected to the teacher's), K alignment nonzeros per teacher
+token.
 
 Token alignment (every teacher-side function): teacher token m of sample b overlaps the student tokens
-index[b, m, :] with weight[b, m, :] (B, M, K), each row summing to 1 over the student tokens it overlaps and 0 in
-unused slots (`kvdistill.align.tokens.batch_token_alignment_sparse` with the teacher's tokens as rows). One
+index[b, m, :] with weight[b, m, :] (B, M, K), each row summing to 1 over the student tokens it overlaps and 0
+in unused slots (`kvdistill.align.tokens.batch_token_alignment_sparse` with the teacher's tokens as rows). One
 tokenizer: M = T_s, K = 1, index[b, m, 0] = m, weight 1.
 
-Expert correspondence: `corr` (E_t, E_s), rows summing to 1: teacher expert e's routing probability is spread over
-the student experts corr[e] (the identity when the experts correspond one to one). It is fixed, never learned, so
-the loss cannot shrink it to nothing. The student's distribution is compared on the teacher's tokens as the
-mixture Σ_k weight·p_s over the student tokens each teacher token overlaps.
+Expert correspondence: `corr` (E_t, E_s), rows summing to 1: teacher expert e's routing probability is spread
+over the student experts corr[e] (the identity when the experts correspond one to one). It is fixed, never
+learned, so the loss cannot shrink it to nothing. The student's distribution is compared on the teacher's
+tokens as the mixture Σ_k weight·p_s over the student tokens each teacher token overlaps.
 
 Routing distributions come from the router logits: softmax for Mixtral / Qwen-MoE / OLMoE, sigmoid scores
-normalised to sum 1 for DeepSeek-V3-style routers (`routing_log_probs`); a softmax is never applied to values that
-are already probabilities.
+normalised to sum 1 for DeepSeek-V3-style routers (`routing_log_probs`); a softmax is never applied to values
+that are already probabilities.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ ROUTING_KINDS = ("full", "topk")
 
 
 def routing_log_probs(router_logits: torch.Tensor, scoring: str = "softmax") -> torch.Tensor:
-    """log p (..., E) of a router's logits (..., E): log_softmax, or log(σ(l) / Σ σ(l)) for sigmoid routers."""
+    """log p (..., E) of a router's logits (..., E): log_softmax, or log(σ(l) / Σ σ(l)) for sigmoid
+    routers."""
     if scoring not in SCORINGS:
         raise KvdistillError(f"router scoring '{scoring}' is unknown", f"use one of {', '.join(SCORINGS)}")
     logits = router_logits.float()
@@ -63,8 +65,9 @@ def _gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 def student_on_teacher(student_logp: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """log of the student's routing distribution on the teacher's tokens (B, M, E_s): log Σ_k weight_k·p_s(index_k),
-    from student_logp (B, T_s, E_s); rows without an overlapping student token hold about `NEG`."""
+    """log of the student's routing distribution on the teacher's tokens (B, M, E_s): log Σ_k
+    weight_k·p_s(index_k), from student_logp (B, T_s, E_s); rows without an overlapping student token hold
+    about `NEG`."""
     logw = torch.where(
         weight > 0, weight.float().clamp(min=1e-30).log(), torch.full((), NEG, device=weight.device)
     )  # (B, M, K)
@@ -73,7 +76,8 @@ def student_on_teacher(student_logp: torch.Tensor, index: torch.Tensor, weight: 
 
 
 def teacher_on_student_experts(teacher_logp: torch.Tensor, corr: torch.Tensor) -> torch.Tensor:
-    """log of the teacher's distribution moved onto the student's experts (B, M, E_s): log Σ_e p_t(e)·corr[e, s]."""
+    """log of the teacher's distribution moved onto the student's experts (B, M, E_s): log Σ_e p_t(e)·corr[e,
+    s]."""
     logc = torch.where(
         corr > 0, corr.float().clamp(min=1e-30).log(), torch.full((), -math.inf, device=corr.device)
     )
@@ -125,14 +129,15 @@ def routing_kl(
     kind: str = "full",
     top_k: int | None = None,
 ) -> torch.Tensor:
-    """Per-sample routing distillation (B,): KL(q_t || p_s) per teacher token, averaged over the sample's teacher
-    tokens that are real and overlap a student token.
+    """Per-sample routing distillation (B,): KL(q_t || p_s) per teacher token, averaged over the sample's
+    teacher tokens that are real and overlap a student token.
 
     student_logp (B, T_s, E_s), teacher_logp (B, M, E_t): `routing_log_probs` of one MoE layer of each model;
     teacher_mask (B, M), 1 = real; index, weight (B, M, K) the alignment; corr (E_t, E_s) the correspondence.
-    q_t = p_t·corr on the student's experts, p_s the student's mixture on the teacher's token (module docstring).
-    kind "full": over every expert. kind "topk": over the student experts that the teacher's top_k experts map to,
-    both distributions renormalised there (the teacher's choice, not its tail). Gradients reach student_logp.
+    q_t = p_t·corr on the student's experts, p_s the student's mixture on the teacher's token (module
+    docstring). kind "full": over every expert. kind "topk": over the student experts that the teacher's top_k
+    experts map to, both distributions renormalised there (the teacher's choice, not its tail). Gradients
+    reach student_logp.
     """
     if kind not in ROUTING_KINDS:
         raise KvdistillError(f"routing KL kind '{kind}' is unknown", f"use one of {', '.join(ROUTING_KINDS)}")
@@ -169,9 +174,9 @@ def routing_agreement(
     corr: torch.Tensor,
     k: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(top-1 agreement (B,), top-k overlap (B,)) per sample over the counted teacher tokens: whether the student's
-    most likely expert is the one most likely under q_t, and |top-k(p_s) ∩ top-k(q_t)| / k (inputs as `routing_kl`;
-    both on the student's experts, k <= E_s)."""
+    """(top-1 agreement (B,), top-k overlap (B,)) per sample over the counted teacher tokens: whether the
+    student's most likely expert is the one most likely under q_t, and |top-k(p_s) ∩ top-k(q_t)| / k (inputs
+    as `routing_kl`; both on the student's experts, k <= E_s)."""
     counted = _check_routing(student_logp, teacher_logp, teacher_mask, index, weight, corr)
     log_s = student_on_teacher(student_logp.float(), index, weight).nan_to_num(neginf=-1e30)  # (B, M, E_s)
     log_q = teacher_on_student_experts(teacher_logp.float(), corr).nan_to_num(neginf=-1e30)
@@ -195,19 +200,20 @@ def expert_output_error(
     *,
     normalize: bool = True,
 ) -> torch.Tensor:
-    """Per-sample expert-output distillation (B,): MSE between corresponding experts' outputs on the tokens routed
-    to both.
+    """Per-sample expert-output distillation (B,): MSE between corresponding experts' outputs on the tokens
+    routed to both.
 
-    student_out (B, T_s, k_s, F): the (projected) output of each expert the student chose at each token, before the
-    router weight; student_idx (B, T_s, k_s) which experts those are. teacher_out (B, M, k_t, F), teacher_idx
-    (B, M, k_t) the same for the teacher; teacher_mask (B, M) 1 = real. index, weight (B, M, K): the alignment.
-    teacher_of (E_s,) long: the teacher expert that corresponds to each student expert.
+    student_out (B, T_s, k_s, F): the (projected) output of each expert the student chose at each token,
+    before the router weight; student_idx (B, T_s, k_s) which experts those are. teacher_out (B, M, k_t, F),
+    teacher_idx (B, M, k_t) the same for the teacher; teacher_mask (B, M) 1 = real. index, weight (B, M, K):
+    the alignment. teacher_of (E_s,) long: the teacher expert that corresponds to each student expert.
 
-    A pair (teacher token m, student token t = index[m, k], student slot j, teacher slot i) counts when the student
-    routed t to expert s = student_idx[t, j], the teacher routed m to teacher_of[s] = teacher_idx[m, i] and the
-    tokens overlap (weight > 0); its error ||y_s - y_t||² / F is weighed by the alignment weight. The value is the
-    weighted mean over the sample's counted pairs, divided (normalize) by the weighted mean of ||y_t||² / F over
-    the same pairs (a relative error, comparable across layers and models). Nothing counted: 0.
+    A pair (teacher token m, student token t = index[m, k], student slot j, teacher slot i) counts when the
+    student routed t to expert s = student_idx[t, j], the teacher routed m to teacher_of[s] = teacher_idx[m,
+    i] and the tokens overlap (weight > 0); its error ||y_s - y_t||² / F is weighed by the alignment weight.
+    The value is the weighted mean over the sample's counted pairs, divided (normalize) by the weighted mean
+    of ||y_t||² / F over the same pairs (a relative error, comparable across layers and models). Nothing
+    counted: 0.
     """
     check_dims(student_out, 4, "student_out", "(B, T_s, k_s, F)")
     check_dims(teacher_out, 4, "teacher_out", "(B, M, k_t, F)")
@@ -247,13 +253,14 @@ def expert_output_error(
 
 
 def load_balance(router_logp: torch.Tensor, chosen: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Per-sample (sequence-wise) load-balancing loss (B,): E · Σ_e f_e · P_e over the sample's real tokens, with
-    f_e the fraction of tokens routed to expert e (Σ_e f_e = k) and P_e the mean routing probability of e; 1·k when
-    perfectly balanced. The Switch / Mixtral auxiliary loss computed per sequence (as DeepSeek-V3's sequence-wise
-    balance loss is), so a batch's loss is the mean of its samples' and DDP equals one process.
+    """Per-sample (sequence-wise) load-balancing loss (B,): E · Σ_e f_e · P_e over the sample's real tokens,
+    with f_e the fraction of tokens routed to expert e (Σ_e f_e = k) and P_e the mean routing probability of
+    e; 1·k when perfectly balanced. The Switch / Mixtral auxiliary loss computed per sequence (as
+    DeepSeek-V3's sequence-wise balance loss is), so a batch's loss is the mean of its samples' and DDP equals
+    one process.
 
-    router_logp (B, T, E) `routing_log_probs`; chosen (B, T, k) the experts each token was routed to; mask (B, T).
-    Gradients reach router_logp through P (f counts are not differentiable).
+    router_logp (B, T, E) `routing_log_probs`; chosen (B, T, k) the experts each token was routed to; mask (B,
+    T). Gradients reach router_logp through P (f counts are not differentiable).
     """
     check_dims(router_logp, 3, "router_logp", "(B, T, E)")
     B, T, E = router_logp.shape

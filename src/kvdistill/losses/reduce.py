@@ -1,8 +1,10 @@
 """Mask checks and the per-sample masked mean that every loss of the library reduces with.
 
 Mask semantics, shared by every loss:
-- a mask is 1 (or True, or a non-zero number) where an element is counted and 0 where it is padding / not covered;
-- masked elements contribute nothing to the value, whatever they hold (selected with ``torch.where``), and get a zero
+- a mask is 1 (or True, or a non-zero number) where an element is counted and 0 where it is padding / not
+covered;
+- masked elements contribute nothing to the value, whatever they hold (selected with ``torch.where``), and get
+a zero
   gradient; kv_error's inputs and logit_kd's logits may even hold NaN or inf there;
 - a sample with nothing counted gets 0 (no NaN) and a zero gradient.
 """
@@ -48,7 +50,8 @@ def sample_mean(
     """Mean of err over its last `dims` dims, counting only where `counted` (bool, err's shape) is True.
 
     err (..., B, *R) with len(R) == dims -> (..., B). `weight` (broadcastable to err) multiplies the counted
-    values in the numerator only (fusion weights per row); `scale` multiplies the count (features reduced before).
+    values in the numerator only (fusion weights per row); `scale` multiplies the count (features reduced
+    before).
     """
     zero = torch.zeros((), dtype=err.dtype, device=err.device)
     kept = torch.where(counted, err, zero)  # before the weight: NaN at uncounted places reaches no gradient

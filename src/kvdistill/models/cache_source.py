@@ -1,8 +1,8 @@
-"""K/V from the model's own cache: the model runs with `use_cache=True` (where layers slide, a `DynamicCache(config=...)`
-whose sliding layers record their past, so no token is dropped), and the keys are taken back through `invert_rope`
-with the tables the model handed each attention. Multi-head latent attention (DeepSeek-V2/V3 and kin) caches a latent
-and the shared rotated key: the rotation is undone on the latter and the attention's own `expand_kv` gives per-head K
-and V.
+"""K/V from the model's own cache: the model runs with `use_cache=True` (where layers slide, a
+`DynamicCache(config=...)` whose sliding layers record their past, so no token is dropped), and the keys are
+taken back through `invert_rope` with the tables the model handed each attention. Multi-head latent attention
+(DeepSeek-V2/V3 and kin) caches a latent and the shared rotated key: the rotation is undone on the latter and
+the attention's own `expand_kv` gives per-head K and V.
 
 Notation: B batch, H_kv KV heads, T time, D head dim (D_v values), r latent width, R rotary dim.
 """
@@ -42,7 +42,8 @@ def run_with_cache(model, runner, geometry, kwargs):
     found = returned_cache(out)
     if found is None:
         raise KvdistillError(
-            f"{geometry.name} ({geometry.model_type}) returned no K/V cache: its attention keeps none, so there are "
+            f"{geometry.name} ({geometry.model_type}) returned no K/V cache: its attention keeps none, so "
+            "there are "
             "no attention layers to capture",
             "use a family whose attention keeps a K/V cache (state-space and recurrent models have none)",
         )
@@ -50,7 +51,8 @@ def run_with_cache(model, runner, geometry, kwargs):
 
 
 def is_latent(attn) -> bool:
-    """Multi-head latent attention: the cache holds (latent, shared rotated key), `expand_kv` makes K and V."""
+    """Multi-head latent attention: the cache holds (latent, shared rotated key), `expand_kv` makes K and
+    V."""
     return attn is not None and callable(getattr(attn, "expand_kv", None))
 
 

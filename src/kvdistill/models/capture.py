@@ -55,7 +55,8 @@ class KVCapture:
     # (scoring rkv) the window rows' logits (B, H_kv, Q, T) with window_valid (B, Q) marking real rows
     window_valid: torch.Tensor | None = None
     rotary: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None
-    """Per K/V layer the (cos, sin) (B, T, R) the model applied (`kvdistill.models.rope` layout), None: unrotated."""
+    """Per K/V layer the (cos, sin) (B, T, R) the model applied (`kvdistill.models.rope` layout), None:
+    unrotated."""
     candidates: torch.Tensor | None = None  # (B, T) tokens a compression may keep (span 'cot': the reasoning)
 
     def select(self, index: int) -> KVCapture:
@@ -98,7 +99,8 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 def _check_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
     if input_ids.dim() != 2 or input_ids.shape != attention_mask.shape:
         raise KvdistillError(
-            f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} must both be (B, T)",
+            f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} must both "
+            "be (B, T)",
             "pass the tensors a tokenizer returns for one padded batch",
         )
 
@@ -159,8 +161,8 @@ def forward_kv(
     grad to get its own K/V and logits in one pass. `positions` (B, T) defaults to `cumsum(mask) - 1`.
     `source` (decoders): "hooks" (projection hooks, no cache), "cache" (the model's cache, rotation undone) or
     "auto": hooks where `hook_plan` finds them, else the cache.
-    `inputs_embeds` (B, T, H) (decoders): fed instead of the embeddings of input_ids (a latent student's latent
-    slots have no token); input_ids is then only recorded in the capture.
+    `inputs_embeds` (B, T, H) (decoders): fed instead of the embeddings of input_ids (a latent student's
+    latent slots have no token); input_ids is then only recorded in the capture.
     """
     if source not in SOURCES:
         raise KvdistillError(f"forward_kv source '{source}' is unknown", f"use one of {', '.join(SOURCES)}")
@@ -169,8 +171,10 @@ def forward_kv(
     attn_impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
     if attentions and attn_impl not in (None, "eager"):
         raise KvdistillError(
-            f"attention probabilities were asked of {geometry.name}, which runs {attn_impl} attention (it returns none)",
-            "load the model with attn_implementation='eager' (kvdistill.models.load.attn_implementation_for(True))",
+            f"attention probabilities were asked of {geometry.name}, which runs {attn_impl} attention (it "
+            "returns none)",
+            "load the model with attn_implementation='eager' "
+            "(kvdistill.models.load.attn_implementation_for(True))",
         )
     if positions is None:
         positions = positions_from_mask(attention_mask)  # (B, T)
@@ -211,7 +215,8 @@ def forward_kv(
     plan = hook_plan(model, geometry) if (source != "cache" or checkpointing) else None
     if plan is None and (source == "hooks" or checkpointing):
         raise KvdistillError(
-            f"{geometry.name} ({geometry.model_type}) has no module per layer whose output is the pre-rotation key "
+            f"{geometry.name} ({geometry.model_type}) has no module per layer whose output is the "
+            "pre-rotation key "
             "and the value, so its K/V cannot be taken from hooks"
             + (" (needed with gradient checkpointing, which turns the cache off)" if checkpointing else ""),
             "turn student.gradient_checkpointing off" if checkpointing else "use source='cache' (or 'auto')",
@@ -241,8 +246,8 @@ def forward_kv(
 def tokenize_for(
     geometry: KVGeometry, tokenizer, texts: list[str] | str, *, max_length: int | None, padding_side: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`tokenize` under the model's position limit: input_ids, attention_mask (B, T) and spans (B, T, 2) (UTF-8 byte
-    offsets, padding (0, 0)), all on the CPU."""
+    """`tokenize` under the model's position limit: input_ids, attention_mask (B, T) and spans (B, T, 2)
+    (UTF-8 byte offsets, padding (0, 0)), all on the CPU."""
     enc = tokenize(
         tokenizer,
         texts,
@@ -262,8 +267,8 @@ def capture_tokenized(
     spans: torch.Tensor,
     **flags,
 ) -> KVCapture:
-    """`forward_kv` (no grad) on CPU inputs from `tokenize_for` (pinned ones are copied asynchronously), with the
-    spans attached; `flags` are forward_kv's hidden_states / logits / attentions / router_logits."""
+    """`forward_kv` (no grad) on CPU inputs from `tokenize_for` (pinned ones are copied asynchronously), with
+    the spans attached; `flags` are forward_kv's hidden_states / logits / attentions / router_logits."""
     device = next(model.parameters()).device
     with torch.no_grad():
         cap = forward_kv(

@@ -1,20 +1,24 @@
-"""Conversations (`messages`) that every model reads in its own chat template, aligned on their shared contents.
+"""Conversations (`messages`) that every model reads in its own chat template, aligned on their shared
+contents.
 
 A chat record's text is a `ChatText`: a str whose value is the *shared text* of the conversation,
 
     "user: What is 3 + 4?\\nassistant: 3 + 4 = 7.\\n"        one "role: content" line per message
 
-and which carries the messages. No model reads the shared text itself: `kvdistill.models.capture.tokenize` renders
-the messages with each tokenizer's own chat template (`apply_chat_template`; the student in its format, every
-teacher in its own), tokenizes that rendering, and maps each token's UTF-8 byte span back into the shared text:
+and which carries the messages. No model reads the shared text itself: `kvdistill.models.capture.tokenize`
+renders the messages with each tokenizer's own chat template (`apply_chat_template`; the student in its
+format, every teacher in its own), tokenizes that rendering, and maps each token's UTF-8 byte span back into
+the shared text:
 
 - the contents are located in the rendering exactly: the template is rendered once with a marker in place of
   each content, and the rendering with the real contents must equal that skeleton with the contents put back
-  (verbatim, or stripped of surrounding whitespace for templates that trim); a template that changes a content in
-  any other way is refused, naming the model;
-- a token inside a content gets the same bytes of that content in the shared text (clipped to the content where
+  (verbatim, or stripped of surrounding whitespace for templates that trim); a template that changes a content
+  in any other way is refused, naming the model;
+- a token inside a content gets the same bytes of that content in the shared text (clipped to the content
+where
   it also covers template markup, e.g. a BPE token merging '?' and the template's line break);
-- a token of template markup ('<|im_start|>user\\n', '<start_of_turn>model\\n') gets an empty span, like BOS: it
+- a token of template markup ('<|im_start|>user\\n', '<start_of_turn>model\\n') gets an empty span, like BOS:
+it
   aligns with nothing and carries no K/V target, while the student still learns it through CE.
 
 So two models that frame the same conversation differently are aligned on exactly the bytes they share, the
@@ -32,7 +36,8 @@ _MARK = "\ue000{}\ue001"  # private-use characters: no template adds or changes 
 
 class ChatText(str):
     """The shared text of a conversation (a str: spans, answer offsets and cache ids refer to it) with its
-    `messages` ([{"role": ..., "content": ...}, ...]) and `starts`: the character offset of each content in it."""
+    `messages` ([{"role": ..., "content": ...}, ...]) and `starts`: the character offset of each content in
+    it."""
 
     messages: tuple
     starts: tuple
@@ -54,8 +59,8 @@ class ChatText(str):
 
 @dataclass(frozen=True)
 class Rendering:
-    """One model's rendering of a conversation: `text` and, per content, (byte offset in `text`, byte offset in the
-    shared text, length in bytes)."""
+    """One model's rendering of a conversation: `text` and, per content, (byte offset in `text`, byte offset
+    in the shared text, length in bytes)."""
 
     text: str
     pieces: tuple[tuple[int, int, int], ...]
@@ -68,7 +73,8 @@ def _nbytes(text: str) -> int:
 def _apply(tokenizer, messages, *, add_generation_prompt: bool) -> str:
     if not getattr(tokenizer, "chat_template", None):
         raise KvdistillError(
-            f"the tokenizer '{getattr(tokenizer, 'name_or_path', '?')}' has no chat template, so it cannot read "
+            f"the tokenizer '{getattr(tokenizer, 'name_or_path', '?')}' has no chat template, so it cannot "
+            "read "
             "data in the messages format",
             "give every model a tokenizer with a chat template (an instruct model), or use text or "
             "question/answer data (data.text_field / data.template)",
@@ -88,8 +94,8 @@ def _apply(tokenizer, messages, *, add_generation_prompt: bool) -> str:
 def render(tokenizer, chat: ChatText, *, prompt_only: bool = False) -> Rendering:
     """`chat` in `tokenizer`'s chat template, each content located (see the module docstring).
 
-    prompt_only: the messages before the last one, with the template's generation prompt (what a model is given to
-    produce the last, assistant, message)."""
+    prompt_only: the messages before the last one, with the template's generation prompt (what a model is
+    given to produce the last, assistant, message)."""
     messages = chat.messages[:-1] if prompt_only else chat.messages
     marked = [{**m, "content": _MARK.format(i)} for i, m in enumerate(messages)]
     skeleton = _apply(tokenizer, marked, add_generation_prompt=prompt_only)
@@ -114,17 +120,20 @@ def render(tokenizer, chat: ChatText, *, prompt_only: bool = False) -> Rendering
             if rebuilt == text and len(pieces) == len(messages):
                 return Rendering(text, tuple(pieces))
     raise KvdistillError(
-        f"the chat template of '{getattr(tokenizer, 'name_or_path', '?')}' changes or drops message contents (the "
-        "rendering is not the template's frame around the contents as given), so its tokens cannot be aligned on "
+        f"the chat template of '{getattr(tokenizer, 'name_or_path', '?')}' changes or drops message contents "
+        "(the "
+        "rendering is not the template's frame around the contents as given), so its tokens cannot be "
+        "aligned on "
         "the shared contents",
-        "use another model for this data, or give the data as text or question/answer fields instead of messages",
+        "use another model for this data, or give the data as text or question/answer fields instead of "
+        "messages",
     )
 
 
 def shared_spans(spans, pieces: tuple[tuple[int, int, int], ...]):
-    """Byte spans (T, 2) of tokens in a rendering -> byte spans in the shared text (int64 tensor (T, 2)): a token
-    overlapping a content gets that overlap's bytes in the shared text; any other token an empty span at the
-    shared offset reached so far (spans stay in order)."""
+    """Byte spans (T, 2) of tokens in a rendering -> byte spans in the shared text (int64 tensor (T, 2)): a
+    token overlapping a content gets that overlap's bytes in the shared text; any other token an empty span at
+    the shared offset reached so far (spans stay in order)."""
     import torch
 
     spans = torch.as_tensor(spans, dtype=torch.long)

@@ -1,18 +1,21 @@
-"""A model config built from a base model's config (or a family's defaults) with overrides, through the family's
-own config class, refused with the keys and a consistent choice when the shapes do not fit together.
+"""A model config built from a base model's config (or a family's defaults) with overrides, through the
+family's own config class, refused with the keys and a consistent choice when the shapes do not fit together.
 
-`{base: smollm2-135m, num_hidden_layers: 2, hidden_size: 64}` starts from SmolLM2's config.json; the overrides go
-through `LlamaConfig` (transformers' validation of the family) and these checks, done before any weight exists:
+`{base: smollm2-135m, num_hidden_layers: 2, hidden_size: 64}` starts from SmolLM2's config.json; the overrides
+go through `LlamaConfig` (transformers' validation of the family) and these checks, done before any weight
+exists:
 
-- heads and widths: a head_dim the family derives (hidden_size / num_attention_heads) needs hidden_size to be a
+- heads and widths: a head_dim the family derives (hidden_size / num_attention_heads) needs hidden_size to be
+a
   multiple of num_attention_heads; num_key_value_heads divides num_attention_heads; a rotary head_dim is even;
 - the model is built on the meta device (no weights), so the modules' own shape checks run before training;
-- derived sizes follow hidden_size: when the overrides change hidden_size (or the head count) and leave out a size
-  the base derives from it, that size is re-derived in the base's own proportion instead of silently keeping the
-  base's value: head_dim = hidden_size / num_attention_heads where the base's head_dim is hidden / heads (a family
-  whose head_dim is independent, Gemma's 256, keeps it), and every `*intermediate_size` keeps the base's ratio to
-  hidden_size (rounded to a multiple of 8). Each re-derived size is logged (warning) and returned as a note; a size
-  the user sets is never changed.
+- derived sizes follow hidden_size: when the overrides change hidden_size (or the head count) and leave out a
+size
+  the base derives from it, that size is re-derived in the base's own proportion instead of silently keeping
+  the base's value: head_dim = hidden_size / num_attention_heads where the base's head_dim is hidden / heads
+  (a family whose head_dim is independent, Gemma's 256, keeps it), and every `*intermediate_size` keeps the
+  base's ratio to hidden_size (rounded to a multiple of 8). Each re-derived size is logged (warning) and
+  returned as a note; a size the user sets is never changed.
 
 Shared by students and from_config teachers (`kvdistill.student.build`, `kvdistill.config.load`).
 """
@@ -66,10 +69,10 @@ def _uses_rope(config) -> bool:
 
 
 def hf_config_from_spec(spec: dict[str, Any], *, key: str = "student.from_config", log_notes: bool = False):
-    """(config, notes): the transformers config of a from_config spec ({base: ..., fields} or {family: ..., fields}),
-    built through the family's config class, consistent, with `notes` naming every size re-derived from the
-    overrides (logged as warnings with `log_notes`: where the model is built). Raises KvdistillError naming the keys
-    and a consistent choice."""
+    """(config, notes): the transformers config of a from_config spec ({base: ..., fields} or {family: ...,
+    fields}), built through the family's config class, consistent, with `notes` naming every size re-derived
+    from the overrides (logged as warnings with `log_notes`: where the model is built). Raises KvdistillError
+    naming the keys and a consistent choice."""
     from kvdistill.models.load import load_config
 
     fields = dict(spec)
@@ -84,7 +87,8 @@ def hf_config_from_spec(spec: dict[str, Any], *, key: str = "student.from_config
     if unknown:
         raise KvdistillError(
             f"{key}: {unknown} are not fields of {cls.__name__}",
-            f"use fields of {'the base model' + chr(39) + 's config.json (' + base + ')' if base else family}",
+            "use fields of "
+            f"{'the base model' + chr(39) + 's config.json (' + base + ')' if base else family}",
         )
     notes = _derive_sizes(start, fields, key, origin, from_base=base is not None)
     from huggingface_hub.errors import StrictDataclassError
@@ -157,7 +161,10 @@ def _derive_sizes(start, fields: dict, key: str, origin: str, from_base: bool) -
     head_dim_derived = not set_by_user("head_dim") and (head_dim0 is None or head_dim0 * heads0 == hidden0)
     if head_dim_derived and hidden % heads:
         choices = _head_choices(hidden, heads)
-        fix = f"set num_attention_heads to {_or_list(choices)} (head_dim {_or_list([hidden // c for c in choices])})"
+        fix = (
+            f"set num_attention_heads to {_or_list(choices)} (head_dim "
+            f"{_or_list([hidden // c for c in choices])})"
+        )
         if isinstance(kv, int) and not set_by_user("num_key_value_heads") and any(c % kv for c in choices):
             pick = max(choices, key=lambda c: (c <= heads, c))
             fix += (
@@ -181,7 +188,8 @@ def _derive_sizes(start, fields: dict, key: str, origin: str, from_base: bool) -
     if isinstance(kv, int) and kv > 0 and heads % kv:
         raise KvdistillError(
             f"{key}: num_key_value_heads {kv}{where('num_key_value_heads', True)} does not divide "
-            f"num_attention_heads {heads}{where('num_attention_heads', True)} (each KV head serves a whole group of query heads)",
+            f"num_attention_heads {heads}{where('num_attention_heads', True)} (each KV head serves a whole "
+            "group of query heads)",
             f"set num_key_value_heads to {_or_list(_divisors(heads))}",
         )
     head_dim = given("head_dim")

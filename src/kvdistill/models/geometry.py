@@ -47,8 +47,8 @@ from kvdistill.models.rotation import rotation_of_code
 
 # Families whose K/V cannot be derived from the generic rules, each with the reason.
 ALIBI_FAMILIES = frozenset({"bloom"})  # bloom: ALiBi always, and its config has no flag saying so
-# flint: only its sliding-window layers rotate (modeling_flint: `if self.sliding_window is not None`), its full
-# layers are NoPE, and neither the config nor the modules say so
+# flint: only its sliding-window layers rotate (modeling_flint: `if self.sliding_window is not None`), its
+# full layers are NoPE, and neither the config nor the modules say so
 ROPE_ONLY_ON_SLIDING = frozenset({"flint"})
 
 
@@ -63,7 +63,8 @@ def _kv_projection(attn: torch.nn.Module) -> torch.nn.Module | None:
 def _layer_shape(attn: torch.nn.Module | None, config, heads: int, hidden: int) -> tuple[int, int, int]:
     """(H_kv, D, D_v) of one attention layer: the module's own attributes and projection shapes first."""
     if attn is not None and hasattr(attn, "kv_b_proj") and as_int(getattr(attn, "qk_nope_head_dim", None)):
-        # multi-head latent attention: the cache holds a latent; expand_kv gives per-head K (nope | rope) and V
+        # multi-head latent attention: the cache holds a latent; expand_kv gives per-head K (nope | rope) and
+        # V
         n = as_int(getattr(attn, "num_heads", None)) or heads
         return n, attn.qk_nope_head_dim + attn.qk_rope_head_dim, attn.v_head_dim
     D = (
@@ -91,9 +92,9 @@ def _layer_shape(attn: torch.nn.Module | None, config, heads: int, hidden: int) 
 
 
 def _inv_freq_widths(model: torch.nn.Module) -> dict[str | None, int]:
-    """R read off the model-level rotary module's frequency buffers (2 per frequency): keyed by layer type where
-    the module keeps one buffer per type (`sliding_attention_inv_freq`), by None for a single `inv_freq`. Empty
-    when there are several rotary modules of different widths, or none."""
+    """R read off the model-level rotary module's frequency buffers (2 per frequency): keyed by layer type
+    where the module keeps one buffer per type (`sliding_attention_inv_freq`), by None for a single
+    `inv_freq`. Empty when there are several rotary modules of different widths, or none."""
     widths: dict[str | None, int] = {}
     for name, module in model.named_modules():
         lowered = name.lower()
@@ -160,8 +161,10 @@ def _rope_spec(
     found = rotation_of_code(module_name) or rotation_of_code(type(model).__module__)
     if found is None:
         raise KvdistillError(
-            f"{type(model).__name__} rotates its keys, but {module_name} defines no rotate function we can read",
-            "capture it with a transformers version whose modeling code defines rotate_half, or file an issue",
+            f"{type(model).__name__} rotates its keys, but {module_name} defines no rotate function we can "
+            "read",
+            "capture it with a transformers version whose modeling code defines rotate_half, or file an "
+            "issue",
         )
     style, sign = found
     per_layer = [rope_params(config, t) if i in rotated else {} for i, t in enumerate(kv_types)]
@@ -225,8 +228,8 @@ _LOCK = threading.Lock()  # teachers captured ahead on threads may ask at once
 
 
 def _config_key(config) -> str | None:
-    """What a geometry of `config` depends on: its class and full JSON (with `_name_or_path`, the default name);
-    None for a config that does not serialise (derived every time)."""
+    """What a geometry of `config` depends on: its class and full JSON (with `_name_or_path`, the default
+    name); None for a config that does not serialise (derived every time)."""
     try:
         return (
             f"{type(config).__module__}.{type(config).__qualname__}\n{config.to_json_string(use_diff=False)}"
@@ -236,12 +239,12 @@ def _config_key(config) -> str | None:
 
 
 def geometry_of(model_or_config, name: str | None = None) -> KVGeometry:
-    """The KV geometry of a model or config (`name`: the geometry's name, default the config's `_name_or_path`);
-    raises for a model with no attention layers to capture.
+    """The KV geometry of a model or config (`name`: the geometry's name, default the config's
+    `_name_or_path`); raises for a model with no attention layers to capture.
 
     Derived once per model object (from its own modules) and once per config content (from a meta-device
-    skeleton, which takes about a second for a 30-layer model): later calls are answered from memory, so callers
-    that hold no geometry may ask again. A model whose config changed since is derived again."""
+    skeleton, which takes about a second for a 30-layer model): later calls are answered from memory, so
+    callers that hold no geometry may ask again. A model whose config changed since is derived again."""
     given_model = isinstance(model_or_config, torch.nn.Module)
     key = _config_key(getattr(model_or_config, "config", model_or_config))
     if given_model:
@@ -315,9 +318,11 @@ def _derive(model_or_config) -> KVGeometry:
     if not decoder_layers or (not attns and not has_kv_blocks(model)):
         raise KvdistillError(
             f"{type(model).__name__} ({model_type}) has no attention layers to capture: its layers are "
-            f"{', '.join(f'{n}x {t}' for t, n in Counter(cache_types).items())} and none of them keeps keys and "
+            f"{', '.join(f'{n}x {t}' for t, n in Counter(cache_types).items())} and none of them keeps keys "
+            "and "
             "values in a cache",
-            "use a family with attention layers (a pure state-space model such as mamba has no K/V to distill)",
+            "use a family with attention layers (a pure state-space model such as mamba has no K/V to "
+            "distill)",
         )
     attn_heads = [as_int(getattr(attns.get(layer), "num_heads", None)) for layer in decoder_layers]
     if all(attn_heads):  # per-layer configs (dots3) may refuse a global num_attention_heads

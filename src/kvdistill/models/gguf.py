@@ -1,10 +1,10 @@
 """GGUF files as Hugging Face model directories: dequantized once into float16 safetensors, then cached.
 
 `convert` is the one conversion, used by the offline zoo (``$KVDISTILL_HOME/zoo/<name>``) and by local files.
-A local ``.gguf`` file (or a directory holding exactly one) converts into ``<root>/<sha256[:16]>``, keyed by the
-file's content; its stamp (``kvdistill_zoo.json``) records the source path, size, sha256 and conversion version.
-The sha256 of a path is remembered with its size and mtime (``<root>/by-path/``), so an unchanged file is not
-hashed again and loads in about a second; a changed file gets a new hash and converts again.
+A local ``.gguf`` file (or a directory holding exactly one) converts into ``<root>/<sha256[:16]>``, keyed by
+the file's content; its stamp (``kvdistill_zoo.json``) records the source path, size, sha256 and conversion
+version. The sha256 of a path is remembered with its size and mtime (``<root>/by-path/``), so an unchanged
+file is not hashed again and loads in about a second; a changed file gets a new hash and converts again.
 """
 
 from __future__ import annotations
@@ -44,10 +44,11 @@ def is_gguf_file(path: Path) -> bool:
 
 
 def find_gguf(path: Path) -> Path | None:
-    """The GGUF file that `path` names: the file itself, or the only *.gguf of a directory without config.json.
+    """The GGUF file that `path` names: the file itself, or the only *.gguf of a directory without
+    config.json.
 
-    None when `path` is neither (a Hugging Face directory, another file, a missing path). A directory with several
-    *.gguf files raises, listing them."""
+    None when `path` is neither (a Hugging Face directory, another file, a missing path). A directory with
+    several *.gguf files raises, listing them."""
     if path.is_file():
         return path if is_gguf_file(path) else None
     if not path.is_dir() or (path / "config.json").is_file():
@@ -66,7 +67,8 @@ def _bad_file(source: Path, what: str) -> KvdistillError:
     size = source.stat().st_size if source.exists() else 0
     return KvdistillError(
         f"'{source}' ({size:,} bytes) is not a readable GGUF file: {what}",
-        "the file is truncated or corrupt: download it again (compare its size and sha256 with the original), "
+        "the file is truncated or corrupt: download it again (compare its size and sha256 with the "
+        "original), "
         "or pass a Hugging Face model directory",
     )
 
@@ -93,8 +95,8 @@ def check_gguf(source: Path) -> None:
 def convert(source: Path, target: Path, stamp: dict) -> None:
     """Dequantize the GGUF file `source` and save config, float16 safetensors and tokenizer into `target`.
 
-    Atomic: the directory is built next to `target` and renamed into place, so a reader sees the whole of it or
-    none. `stamp` (plus the conversion version) is written into it as ``kvdistill_zoo.json``."""
+    Atomic: the directory is built next to `target` and renamed into place, so a reader sees the whole of it
+    or none. `stamp` (plus the conversion version) is written into it as ``kvdistill_zoo.json``."""
     import torch
     import transformers
     from safetensors.torch import save_file

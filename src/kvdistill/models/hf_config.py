@@ -1,6 +1,6 @@
-"""Reading a transformers config whatever its version and family: attributes that per-layer configs refuse to give
-globally, the first of several names a value goes by, the text (decoder) sub-config, the rope parameters of a layer
-type in one layout, and the cache layer types transformers builds per decoder layer.
+"""Reading a transformers config whatever its version and family: attributes that per-layer configs refuse to
+give globally, the first of several names a value goes by, the text (decoder) sub-config, the rope parameters
+of a layer type in one layout, and the cache layer types transformers builds per decoder layer.
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ from kvdistill.models.kv_geometry import SLIDING_LAYER_TYPES
 
 
 def config_attr(obj, name: str, default=None):
-    """getattr that reads a config attribute transformers refuses to give globally (per-layer configs) as default."""
+    """getattr that reads a config attribute transformers refuses to give globally (per-layer configs) as
+    default."""
     try:
         return getattr(obj, name, default)
     except Exception:  # AmbiguousGlobalPerLayerAttributeError: the value varies per layer
@@ -75,7 +76,8 @@ def cache_layer_types(config, num_hidden_layers: int) -> tuple[list[str], list[d
 
         types, kwargs = get_layer_types_and_kwargs(config)
         types, kwargs = list(types), list(kwargs)
-        # the helper's return changed across 5.x (5.17 gives no per-layer kwargs dicts): only this shape is read
+        # the helper's return changed across 5.x (5.17 gives no per-layer kwargs dicts): only this shape is
+        # read
         if (
             len(types) == len(kwargs)
             and all(isinstance(t, str) for t in types)

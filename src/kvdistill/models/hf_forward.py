@@ -1,6 +1,6 @@
-"""Calling a transformers forward across versions: which keywords it takes (`position_ids`, its cache as `cache` or
-`past_key_values`), the cache it returned and the keys and values each layer of that cache holds, and activation
-checkpointing (renamed in transformers 5).
+"""Calling a transformers forward across versions: which keywords it takes (`position_ids`, its cache as
+`cache` or `past_key_values`), the cache it returned and the keys and values each layer of that cache holds,
+and activation checkpointing (renamed in transformers 5).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ _ACCEPTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # function ->
 
 
 def accepts(fn, name: str) -> bool:
-    """`fn` takes a keyword `name` (by name or through **kwargs); read once per function (a signature is slow next
-    to a forward)."""
+    """`fn` takes a keyword `name` (by name or through **kwargs); read once per function (a signature is slow
+    next to a forward)."""
     func = getattr(fn, "__func__", fn)
     try:
         known = _ACCEPTS.setdefault(func, {})
@@ -40,7 +40,8 @@ def names_parameter(fn, name: str) -> bool:
 
 
 def returned_cache(out):
-    """The cache a forward returned (transformers 5: `cache`; 4.x: `past_key_values`), None if it returned none."""
+    """The cache a forward returned (transformers 5: `cache`; 4.x: `past_key_values`), None if it returned
+    none."""
     keys = out.keys() if hasattr(out, "keys") else ()
     for name in ("cache", "past_key_values"):
         if name in keys and out[name] is not None:
@@ -49,7 +50,8 @@ def returned_cache(out):
 
 
 def cache_argument(module: torch.nn.Module) -> str:
-    """The keyword a model's forward takes its K/V cache by (transformers 5.2x: `cache`; before: `past_key_values`)."""
+    """The keyword a model's forward takes its K/V cache by (transformers 5.2x: `cache`; before:
+    `past_key_values`)."""
     return "cache" if names_parameter(module.forward, "cache") else "past_key_values"
 
 

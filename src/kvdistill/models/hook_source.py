@@ -1,8 +1,9 @@
-"""K/V from forward hooks on each attention's key and value modules (k_proj, or the k_norm / k_layernorm that follows
-it; v_proj or v_norm; a fused qkv projection split the way the family lays it out): the key before the rotation and
-the value, for every token (also past a sliding window), with no cache built and no rotation undone. Which module and
-layout holds the pre-rotation key is not looked up in a table: one probe forward per model (`hook_plan`) compares
-every candidate with the inverse-rotated cache and keeps the one that reproduces it in every layer.
+"""K/V from forward hooks on each attention's key and value modules (k_proj, or the k_norm / k_layernorm that
+follows it; v_proj or v_norm; a fused qkv projection split the way the family lays it out): the key before the
+rotation and the value, for every token (also past a sliding window), with no cache built and no rotation
+undone. Which module and layout holds the pre-rotation key is not looked up in a table: one probe forward per
+model (`hook_plan`) compares every candidate with the inverse-rotated cache and keeps the one that reproduces
+it in every layer.
 
 Notation: B batch, H_q query heads, H_kv KV heads, T time, D head dim (D_v values).
 """
@@ -99,9 +100,9 @@ def _close(a: torch.Tensor | None, b: torch.Tensor) -> bool:
 
 
 def hook_plan(model: torch.nn.Module, geometry: KVGeometry) -> list[tuple[HookSource, HookSource]] | None:
-    """Per K/V layer the modules whose outputs are its pre-rotation key and its value, or None where some layer
-    has none (latent attention, a norm applied after the rotation, ...). Found once per model by a probe forward
-    that compares every candidate with the keys and values taken from the cache."""
+    """Per K/V layer the modules whose outputs are its pre-rotation key and its value, or None where some
+    layer has none (latent attention, a norm applied after the rotation, ...). Found once per model by a probe
+    forward that compares every candidate with the keys and values taken from the cache."""
     if model in _PLANS:
         return _PLANS[model]
     attns = decoder_attention_modules(model)

@@ -1,6 +1,6 @@
-"""What a model's K/V cache looks like: `KVGeometry` (layers, heads, head dims, layer types, how positions enter
-the keys) and its rotary `RopeSpec`. A cache manifest stores one as `to_dict()`; `kvdistill.models.geometry`
-derives it from a model or config.
+"""What a model's K/V cache looks like: `KVGeometry` (layers, heads, head dims, layer types, how positions
+enter the keys) and its rotary `RopeSpec`. A cache manifest stores one as `to_dict()`;
+`kvdistill.models.geometry` derives it from a model or config.
 
 Notation: L K/V layers, H query heads, H_kv KV heads, D head dim (keys), D_v value head dim, R rotary dim.
 """
@@ -27,7 +27,8 @@ SLIDING_LAYER_TYPES = frozenset({"sliding_attention", "hybrid_sliding"})
 @dataclass(frozen=True)
 class RopeSpec:
     style: Literal["rotate_half", "interleaved"]
-    """rotate_half pairs dims (i, i + R/2) (llama & co); interleaved pairs (2i, 2i + 1) (gptj, cohere, glm)."""
+    """rotate_half pairs dims (i, i + R/2) (llama & co); interleaved pairs (2i, 2i + 1) (gptj, cohere,
+    glm)."""
     rotary_dim: int
     """R: dims [offset, offset + R) of each key head are rotated (R < D for partial rotary)."""
     theta: float | list[float]
@@ -81,7 +82,8 @@ class KVGeometry:
     """D per K/V layer where layers differ (Gemma-4 global layers); None when every layer has head_dim."""
     layer_kv_heads: list[int] | None = None
     """H_kv per K/V layer where layers differ (MiMo-V2-Flash sliding layers); None when every layer has
-    num_kv_heads. Layer maps and head alignment assume one H_kv: such teachers capture, but do not align yet."""
+    num_kv_heads. Layer maps and head alignment assume one H_kv: such teachers capture, but do not align
+    yet."""
 
     @property
     def decoder_layers(self) -> list[int]:
@@ -102,7 +104,8 @@ class KVGeometry:
         return self.head_dim_of(layer)
 
     def kv_bytes_per_token(self, bytes_per_element: int = 2) -> int:
-        """K and V of every layer for one token: Σ_l H_kv,l·(D_l + D_v,l)·bytes (2·L·H_kv·D·bytes when uniform)."""
+        """K and V of every layer for one token: Σ_l H_kv,l·(D_l + D_v,l)·bytes (2·L·H_kv·D·bytes when
+        uniform)."""
         per_layer = (
             self.kv_heads_of(i) * (self.head_dim_of(i) + self.value_dim_of(i)) for i in range(self.num_layers)
         )

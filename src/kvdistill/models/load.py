@@ -66,7 +66,8 @@ def resolve_path(name_or_path: str | os.PathLike) -> str:
         raise KvdistillError(
             f"'{text}' is not an offline model name, a local path or a hub id (nearest offline names: "
             f"{', '.join(close)})",
-            f"did you mean '{close[0]}'? `kvdistill zoo list` shows every offline name; a hub id reads ORG/NAME",
+            f"did you mean '{close[0]}'? `kvdistill zoo list` shows every offline name; a hub id reads "
+            "ORG/NAME",
         )
     looks_like_path = text.startswith((".", "/", "~")) or os.sep in text.strip("/").split("/", 1)[-1]
     if looks_like_path or text.count("/") > 1 or text.lower().endswith(".gguf"):
@@ -90,8 +91,9 @@ def load_config(name_or_path: str):
 def _tokenizer_class(path: str):
     """The class a saved tokenizer names in its tokenizer_config.json, else AutoTokenizer.
 
-    AutoTokenizer prefers the class of config.json's model_type: a qwen2 student saved with the Llama-2 tokenizer
-    would come back as a Qwen2Tokenizer, which rebuilds its own pre-tokenizer and gives other ids."""
+    AutoTokenizer prefers the class of config.json's model_type: a qwen2 student saved with the Llama-2
+    tokenizer would come back as a Qwen2Tokenizer, which rebuilds its own pre-tokenizer and gives other
+    ids."""
     import transformers
 
     config = Path(path) / "tokenizer_config.json"
@@ -138,8 +140,8 @@ def attn_implementation_for(attentions: bool) -> str:
 def from_pretrained_or_config(
     model_cls, *, attn_implementation: str, path: str | None = None, config=None, dtype: torch.dtype
 ):
-    """`model_cls.from_pretrained(path)` or `.from_config(config)`, with eager attention where the model has no
-    kernel of the asked `attn_implementation` (transformers raises ValueError for those)."""
+    """`model_cls.from_pretrained(path)` or `.from_config(config)`, with eager attention where the model has
+    no kernel of the asked `attn_implementation` (transformers raises ValueError for those)."""
 
     def build(attn):
         if path is not None:
@@ -175,11 +177,12 @@ def load_model(
 ):
     """Load (model, tokenizer). The model is in eval mode on `device`.
 
-    `name_or_path`: an offline zoo name (smollm2-135m, gemma3-270m, minilm-l6), a local directory, a local .gguf
-    file (converted once into a cached float16 directory), or a hub id.
+    `name_or_path`: an offline zoo name (smollm2-135m, gemma3-270m, minilm-l6), a local directory, a local
+    .gguf file (converted once into a cached float16 directory), or a hub id.
     `tokenizer`: load the tokenizer from elsewhere (default: same place as the model).
-    `attn_implementation`: "eager" by default so attention probabilities can be captured; "sdpa" is faster (and
-    falls back to eager for models without it). Training and evaluation pick with `attn_implementation_for`.
+    `attn_implementation`: "eager" by default so attention probabilities can be captured; "sdpa" is faster
+    (and falls back to eager for models without it). Training and evaluation pick with
+    `attn_implementation_for`.
     """
     from transformers import AutoModel, AutoModelForCausalLM
 
@@ -206,6 +209,7 @@ def _load_error(name: str, err: Exception) -> KvdistillError:
     hint = f"did you mean '{close[0]}'? " if close else ""
     return KvdistillError(
         f"could not load '{name}': {str(err).splitlines()[0][:300]}",
-        f"{hint}use an offline name ({', '.join(zoo.ZOO)}), a local directory with config.json, a .gguf file, or a "
+        f"{hint}use an offline name ({', '.join(zoo.ZOO)}), a local directory with config.json, a .gguf "
+        "file, or a "
         "hub id" + (" (HF_HUB_OFFLINE=1 is set, so hub ids only work if already cached)" if offline else ""),
     )

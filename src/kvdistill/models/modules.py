@@ -78,8 +78,8 @@ def _own_causal_lm_class(config):
 
 
 def _family_prefix(model: torch.nn.Module) -> str:
-    """KimiLinear of KimiLinearConfig: the class names of the family's modules start with it (a wrapper such as
-    PEFT keeps the config of the model it wraps)."""
+    """KimiLinear of KimiLinearConfig: the class names of the family's modules start with it (a wrapper such
+    as PEFT keeps the config of the model it wraps)."""
     return type(getattr(model, "config", None)).__name__.removesuffix("Config")
 
 
@@ -90,8 +90,8 @@ def decoder_attention_modules(model: torch.nn.Module) -> dict[int, torch.nn.Modu
     """Decoder-layer index -> the self-attention module of that layer (the one that writes the layer's cache).
     Found once per model (a walk over every module; every capture asks), like `hook_plan`.
 
-    Attention modules are the ones transformers hands a `layer_idx` and a key projection; cross attention and the
-    vision/audio towers of multimodal models are left out. Where a layer holds several (a hybrid layer's
+    Attention modules are the ones transformers hands a `layer_idx` and a key projection; cross attention and
+    the vision/audio towers of multimodal models are left out. Where a layer holds several (a hybrid layer's
     linear-attention or state-space mixer next to its softmax attention), the softmax one is kept.
     """
     cached = _ATTENTIONS.get(model)

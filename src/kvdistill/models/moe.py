@@ -1,6 +1,7 @@
 """The sparse MoE blocks of a transformers model, and a capture of their routing and per-expert outputs.
 
-Notation: N = B·T tokens (the blocks flatten the batch), E experts, k experts chosen per token, F hidden width.
+Notation: N = B·T tokens (the blocks flatten the batch), E experts, k experts chosen per token, F hidden
+width.
 
 Families (transformers 5): Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V2/V3 (shared + routed experts) and
 their kin lay a sparse block out the same way: a router `gate` returning (router_logits (N, E), top_k_weights
@@ -9,11 +10,12 @@ holding every expert's weights as batched tensors (dispatched to an eager loop, 
 `use_experts_implementation`). Shared experts (Qwen2-MoE `shared_expert`, DeepSeek `shared_experts`) see every
 token and are not part of the routed capture.
 
-Capture (`capture_moe`): a forward hook on each router keeps its logits, weights and choices; with experts=True
-the experts module is run, for the capture's duration, on every (token, slot) pair as its own row with weight 1
-(through the module's own forward, whatever kernel it dispatches to), so each chosen expert's output for each of
-its tokens is kept before the router weight, and the block's output is their router-weighted sum, the function the
-block computes (tests/models/test_moe.py checks both against the untouched model).
+Capture (`capture_moe`): a forward hook on each router keeps its logits, weights and choices; with
+experts=True the experts module is run, for the capture's duration, on every (token, slot) pair as its own row
+with weight 1 (through the module's own forward, whatever kernel it dispatches to), so each chosen expert's
+output for each of its tokens is kept before the router weight, and the block's output is their
+router-weighted sum, the function the block computes (tests/models/test_moe.py checks both against the
+untouched model).
 """
 
 from __future__ import annotations
@@ -46,7 +48,8 @@ class MoELayer:
 
 
 def moe_layers(model: nn.Module) -> list[MoELayer]:
-    """The sparse MoE blocks of `model` (a causal LM or its base model), in layer order; [] for a dense model."""
+    """The sparse MoE blocks of `model` (a causal LM or its base model), in layer order; [] for a dense
+    model."""
     out = []
     for name, module in model.named_modules():
         gate, experts = getattr(module, "gate", None), getattr(module, "experts", None)
@@ -78,9 +81,9 @@ def require_moe(model: nn.Module, what: str) -> list[MoELayer]:
 
 @dataclass
 class MoECapture:
-    """Per MoE block i (the order of `layers`): router_logits[i] (N, E), weights[i] (N, k), index[i] (N, k) and,
-    with experts, outputs[i] (N, k, F) the chosen experts' outputs before the router weight. Tensors keep their
-    graph (a student's capture is differentiated)."""
+    """Per MoE block i (the order of `layers`): router_logits[i] (N, E), weights[i] (N, k), index[i] (N, k)
+    and, with experts, outputs[i] (N, k, F) the chosen experts' outputs before the router weight. Tensors keep
+    their graph (a student's capture is differentiated)."""
 
     layers: list[MoELayer]
     router_logits: list[torch.Tensor | None] = field(default_factory=list)
@@ -101,12 +104,13 @@ class MoECapture:
 
 def attach_capture(layers: list[MoELayer], *, experts: bool = False) -> tuple[MoECapture, list]:
     """Hooks that record every forward's routing (and, with experts, per-expert outputs) of `layers` into the
-    returned `MoECapture` (a later forward overwrites an earlier one), and their handles (`h.remove()` detaches).
+    returned `MoECapture` (a later forward overwrites an earlier one), and their handles (`h.remove()`
+    detaches).
 
-    Experts: a pre-hook hands the experts module every (token, slot) pair as its own row, routed to that one expert
-    with weight 1; the hook keeps those (N, k, F) outputs and returns their router-weighted sum (N, F) as the
-    module's output. Hooks, not a patched forward: they hold no reference to the module, so a deep copy of the
-    model (a LoRA merge) computes with its own weights.
+    Experts: a pre-hook hands the experts module every (token, slot) pair as its own row, routed to that one
+    expert with weight 1; the hook keeps those (N, k, F) outputs and returns their router-weighted sum (N, F)
+    as the module's output. Hooks, not a patched forward: they hold no reference to the module, so a deep copy
+    of the model (a LoRA merge) computes with its own weights.
     """
     cap = MoECapture(
         layers, [None] * len(layers), [None] * len(layers), [None] * len(layers), [None] * len(layers)
@@ -155,8 +159,8 @@ def attach_capture(layers: list[MoELayer], *, experts: bool = False) -> tuple[Mo
 def capture_moe(
     model: nn.Module, *, experts: bool = False, layers: list[MoELayer] | None = None
 ) -> Iterator[MoECapture]:
-    """Within the block, every forward of `model` records its MoE blocks' routing (and, with experts, per-expert
-    outputs) into the yielded `MoECapture` (`attach_capture`)."""
+    """Within the block, every forward of `model` records its MoE blocks' routing (and, with experts,
+    per-expert outputs) into the yielded `MoECapture` (`attach_capture`)."""
     cap, handles = attach_capture(layers if layers is not None else moe_layers(model), experts=experts)
     try:
         yield cap

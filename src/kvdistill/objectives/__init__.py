@@ -1,7 +1,7 @@
-"""kvdistill.objectives: what training minimises. One interface (`base.TrainingObjective`) that the text objective
-(`text.TextObjective`: one module per fusion space behind `space.FusionSpace`, per-teacher terms, the fusion weights)
-and the latent-reasoning objective (`kava.KavaObjective`) implement; `build.build_objective` makes the one a config
-asks for."""
+"""kvdistill.objectives: what training minimises. One interface (`base.TrainingObjective`) that the text
+objective (`text.TextObjective`: one module per fusion space behind `space.FusionSpace`, per-teacher terms,
+the fusion weights) and the latent-reasoning objective (`kava.KavaObjective`) implement;
+`build.build_objective` makes the one a config asks for."""
 
 from kvdistill.objectives.base import TrainingObjective
 from kvdistill.objectives.build import OBJECTIVES, build_objective, build_teachers

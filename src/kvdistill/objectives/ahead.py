@@ -1,19 +1,23 @@
-"""Teachers one batch ahead: the teachers' K/V of the next batch computed on a worker thread (its own CUDA stream)
-while the training process runs the student's step on this one (`train.teachers_ahead`).
+"""Teachers one batch ahead: the teachers' K/V of the next batch computed on a worker thread (its own CUDA
+stream) while the training process runs the student's step on this one (`train.teachers_ahead`).
 
 A teacher is frozen, so its K/V of a batch depend on the batch alone: computing them a step early changes no
-number (the same kernels on the same inputs), only when the work is launched. On a GPU the step is largely bound
-by the host (Python and kernel launches), and a second thread launching the teachers' kernels on a second stream
-overlaps much of that with the student's forward, backward and optimizer step (the GIL is released inside every
-op); where the GPU is full, the two streams still fill each other's gaps.
+number (the same kernels on the same inputs), only when the work is launched. On a GPU the step is largely
+bound by the host (Python and kernel launches), and a second thread launching the teachers' kernels on a
+second stream overlaps much of that with the student's forward, backward and optimizer step (the GIL is
+released inside every op); where the GPU is full, the two streams still fill each other's gaps.
 
 Safety:
-- a teacher is used by one thread at a time (`OnlineTeacher.kv` holds the teacher's lock: its capture hooks are
-  installed on the module for the duration of a call), so an evaluation between steps waits for the pass ahead;
-- the stream the step runs on waits for the pass's event before it reads a tensor, and every tensor of the pass
+- a teacher is used by one thread at a time (`OnlineTeacher.kv` holds the teacher's lock: its capture hooks
+are
+  installed on the module for the duration of a call), so an evaluation between steps waits for the pass
+  ahead;
+- the stream the step runs on waits for the pass's event before it reads a tensor, and every tensor of the
+pass
   is recorded on that stream, so the caching allocator does not hand its memory back to the side stream while
   the step's kernels still read it;
-- the side stream first waits for everything queued when it is made (the teachers' weights moved to the device);
+- the side stream first waits for everything queued when it is made (the teachers' weights moved to the
+device);
 - mixed precision: the thread enters the same autocast as the training step (autocast state is per thread).
 """
 
@@ -51,8 +55,8 @@ def tensors_of(obj) -> Iterator[torch.Tensor]:
 
 @dataclasses.dataclass
 class Pending:
-    """The teachers' K/V of one batch being computed ahead: `take()` waits for them and hands them to the stream
-    the caller runs on."""
+    """The teachers' K/V of one batch being computed ahead: `take()` waits for them and hands them to the
+    stream the caller runs on."""
 
     future: Future
     stream: torch.cuda.Stream | None
@@ -69,14 +73,15 @@ class Pending:
 
 
 class TeachersAhead:
-    """Iterates `batches` (collated micro-batches, in the trainer's order), each handed out with `.ahead` set to
-    the `Pending` teachers' pass of it, and the pass of the next batch already submitted: the objective's step
-    takes the teachers' part from there instead of running the teachers itself (`TrainingObjective.teachers_of`).
-    A batch whose teachers cannot run ahead (`TrainingObjective.runs_teachers_ahead`: an on-policy step) is handed
-    out with `.ahead` None.
+    """Iterates `batches` (collated micro-batches, in the trainer's order), each handed out with `.ahead` set
+    to the `Pending` teachers' pass of it, and the pass of the next batch already submitted: the objective's
+    step takes the teachers' part from there instead of running the teachers itself
+    (`TrainingObjective.teachers_of`). A batch whose teachers cannot run ahead
+    (`TrainingObjective.runs_teachers_ahead`: an on-policy step) is handed out with `.ahead` None.
 
-    objective: the unwrapped `TrainingObjective` (its `teacher_pass` runs on the worker thread); mixed_precision:
-    the run's train.mixed_precision, entered as autocast on the thread. `close()` waits for a pass still running."""
+    objective: the unwrapped `TrainingObjective` (its `teacher_pass` runs on the worker thread);
+    mixed_precision: the run's train.mixed_precision, entered as autocast on the thread. `close()` waits for a
+    pass still running."""
 
     def __init__(self, objective, batches: Iterator[Batch], *, device, mixed_precision: str = "no"):
         self.objective, self.batches = objective, batches

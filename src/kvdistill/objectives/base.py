@@ -1,21 +1,23 @@
 """The training objective: the one interface the trainer types, and the skeleton its objectives share.
 
-An objective owns the student, its tokenizer and its frozen teachers, and turns one micro-batch into a loss. The
-trainer calls, in this order:
+An objective owns the student, its tokenizer and its frozen teachers, and turns one micro-batch into a loss.
+The trainer calls, in this order:
 
     batch = objective.collator(records)        host side, picklable: on DataLoader workers (`train.loader`)
-    records = objective.teacher_pass(batch)    the teachers' part, a pure function of the batch (frozen teachers):
-                                               run one batch ahead on a thread where `train.teachers_ahead` asks
-    loss, metrics = objective(batch)           forward: the student, the teachers (or their pass ahead), the loss
+    records = objective.teacher_pass(batch)    the teachers' part, a pure function of the batch (frozen
+                                               teachers): run one batch ahead on a thread where
+                                               `train.teachers_ahead` asks
+    loss, metrics = objective(batch)           forward: the student, the teachers (or their pass ahead),
+                                               the loss
     objective.evaluate(records)                held-out figures
     objective.plan(), alignment_sample(r)      what the run directory records of it
     objective.save_student(dir)                the student as a model directory
 
-A batch is a dataclass with `records` (the micro-batch's records), `step` (the optimizer step the trainer collated
-it for, or None) and `ahead` (the teachers' pass run ahead of the step, `objectives.ahead.Pending`, or None).
-`kvdistill.objectives.text.TextObjective` (a text student) and `kvdistill.objectives.kava.KavaObjective` (a
-latent-reasoning student) implement it; a new objective is a new module registered in
-`kvdistill.objectives.build.OBJECTIVES`, not a new branch in the trainer.
+A batch is a dataclass with `records` (the micro-batch's records), `step` (the optimizer step the trainer
+collated it for, or None) and `ahead` (the teachers' pass run ahead of the step, `objectives.ahead.Pending`,
+or None). `kvdistill.objectives.text.TextObjective` (a text student) and
+`kvdistill.objectives.kava.KavaObjective` (a latent-reasoning student) implement it; a new objective is a new
+module registered in `kvdistill.objectives.build.OBJECTIVES`, not a new branch in the trainer.
 """
 
 from __future__ import annotations
@@ -43,9 +45,9 @@ class Batch(Protocol):
 
 
 class TrainingObjective(nn.Module, metaclass=abc.ABCMeta):
-    """Base of the objectives (module docstring). The shared skeleton: the student's geometry (of `backbone`, the
-    causal LM inside the student), the teachers' layer pairs with the refusal of layers a teacher lacks, the move to
-    the device, the evaluation mode switch, and saving the student."""
+    """Base of the objectives (module docstring). The shared skeleton: the student's geometry (of `backbone`,
+    the causal LM inside the student), the teachers' layer pairs with the refusal of layers a teacher lacks,
+    the move to the device, the evaluation mode switch, and saving the student."""
 
     kind = "objective"
 
@@ -70,12 +72,14 @@ class TrainingObjective(nn.Module, metaclass=abc.ABCMeta):
 
     @property
     def backbone(self) -> nn.Module:
-        """The causal LM inside the student (the student itself for a text student): what `save_student` saves."""
+        """The causal LM inside the student (the student itself for a text student): what `save_student`
+        saves."""
         return self.student
 
     def layer_pairs(self, tcfg, teacher, weights_cfg, device) -> LayerPairs:
-        """Teacher `teacher`'s layer pairs (its config `tcfg`'s layer map; key / value weights of `weights_cfg`),
-        refused when the map uses layers the teacher does not hold (a cache extracted with a layer subset)."""
+        """Teacher `teacher`'s layer pairs (its config `tcfg`'s layer map; key / value weights of
+        `weights_cfg`), refused when the map uses layers the teacher does not hold (a cache extracted with a
+        layer subset)."""
         pairs = LayerPairs.of(
             self.student_geometry.num_layers, teacher.geometry.num_layers, tcfg.layer_map, weights_cfg, device
         )
@@ -108,10 +112,12 @@ class TrainingObjective(nn.Module, metaclass=abc.ABCMeta):
 
     @abc.abstractmethod
     def teacher_pass(self, batch: Batch, *, training: bool = True) -> Any:
-        """The teachers' part of a batch (their K/V, or what is made of them), a pure function of the batch."""
+        """The teachers' part of a batch (their K/V, or what is made of them), a pure function of the
+        batch."""
 
     def runs_teachers_ahead(self, batch: Batch) -> bool:
-        """Whether the teachers' pass of `batch` can run ahead of its step (`objectives.ahead.TeachersAhead`)."""
+        """Whether the teachers' pass of `batch` can run ahead of its step
+        (`objectives.ahead.TeachersAhead`)."""
         return True
 
     def teachers_of(self, batch: Batch, *, training: bool = True) -> Any:
@@ -122,8 +128,8 @@ class TrainingObjective(nn.Module, metaclass=abc.ABCMeta):
 
     @abc.abstractmethod
     def forward(self, batch: Batch | list[dict]) -> tuple[torch.Tensor, dict[str, float]]:
-        """(loss, metrics) of a batch (or records, collated here): loss 0-dim, metrics floats (per-sample means;
-        `tokens` a count)."""
+        """(loss, metrics) of a batch (or records, collated here): loss 0-dim, metrics floats (per-sample
+        means; `tokens` a count)."""
 
     # ---------------------------------------------------------------------------------------------- held out
     @contextlib.contextmanager
@@ -158,8 +164,8 @@ class TrainingObjective(nn.Module, metaclass=abc.ABCMeta):
 
 
 def read_metrics(metrics: dict[str, torch.Tensor], counted: torch.Tensor) -> dict[str, float]:
-    """Scalar metric tensors as floats, read from the device in one transfer; `tokens`: the sum of `counted` (a
-    mask, preferably on the CPU)."""
+    """Scalar metric tensors as floats, read from the device in one transfer; `tokens`: the sum of `counted`
+    (a mask, preferably on the CPU)."""
     names = list(metrics)
     values = torch.stack([metrics[k].float().reshape(()) for k in names]).tolist() if names else []
     return {"tokens": float(counted.sum()), **dict(zip(names, values, strict=True))}

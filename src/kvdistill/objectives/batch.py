@@ -1,11 +1,11 @@
 """The student side of one batch, and the token alignment of a teacher's (kept) tokens onto it.
 
-Notation: B batch, T_s student tokens, M kept teacher tokens of a layer (T_t uncompressed), H_t teacher KV heads,
-K nonzeros per alignment row.
+Notation: B batch, T_s student tokens, M kept teacher tokens of a layer (T_t uncompressed), H_t teacher KV
+heads, K nonzeros per alignment row.
 
 The host side of a batch (tokenization with byte spans for the student and every teacher, the K/V-independent
-token alignments, the rkv answer-query masks) is a `Collated`, made by a `Collator` from tokenizers and records
-alone: on DataLoader workers in training, inline when the objective is called on records.
+token alignments, the rkv answer-query masks) is a `Collated`, made by a `Collator` from tokenizers and
+records alone: on DataLoader workers in training, inline when the objective is called on records.
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ from kvdistill.teachers.record import TeacherKV
 
 @dataclass
 class StudentBatch:
-    """Token ids, mask (B, T_s) and spans (B, T_s, 2) on the device, and CPU copies of spans and mask (the token
-    alignment is built on the CPU); `alignments`: per teacher (in order) the collated (index, weight, covered) of
-    `Collated.alignments` on the device (one, or one per teacher layer), or None (the space aligns that teacher
-    itself)."""
+    """Token ids, mask (B, T_s) and spans (B, T_s, 2) on the device, and CPU copies of spans and mask (the
+    token alignment is built on the CPU); `alignments`: per teacher (in order) the collated (index, weight,
+    covered) of `Collated.alignments` on the device (one, or one per teacher layer), or None (the space aligns
+    that teacher itself)."""
 
     records: list[dict]
     ids: torch.Tensor
@@ -55,9 +55,9 @@ Alignment = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # index, weight (..
 def _aligned(
     spans_t: torch.Tensor, mask_t: torch.Tensor, spans_s: torch.Tensor, mask_s: torch.Tensor
 ) -> Alignment:
-    """The sparse alignment of teacher tokens onto the student's, on the CPU: shared spans (B, M, 2) / mask (B, M)
-    -> index, weight (B, M, K), covered (B, M); per head (B, H, M, 2) / (B, H, M) -> (B, H, M, K), (B, H, M).
-    covered: 1 on real teacher tokens that overlap a student token."""
+    """The sparse alignment of teacher tokens onto the student's, on the CPU: shared spans (B, M, 2) / mask
+    (B, M) -> index, weight (B, M, K), covered (B, M); per head (B, H, M, 2) / (B, H, M) -> (B, H, M, K), (B,
+    H, M). covered: 1 on real teacher tokens that overlap a student token."""
     index, weight = teacher_alignment_sparse(spans_t, mask_t, spans_s, mask_s, device="cpu")  # (B, H|1, M, K)
     if spans_t.dim() == 3:
         index, weight = index[:, 0], weight[:, 0]  # (B, M, K)
@@ -75,14 +75,16 @@ def _map_alignment(a: Alignment | dict[int, Alignment] | None, fn):
 @dataclass
 class Collated:
     """The host side of one batch, built from tokenizers, cache readers and records alone (so on a DataLoader
-    worker), all CPU: the student's ids, mask (B, T_s) and byte spans (B, T_s, 2); per teacher (in order) what it
-    needs before its forward: an online teacher's `TeacherInputs`, a cached teacher's `TeacherKV` as read from
-    its cache (`read_cached`), None for another kind; and the alignment of its tokens onto the student's where it
-    does not depend on the teacher's K/V (`_aligned`): one for a teacher that keeps every token (online without
-    compression, or a full cache), one per used layer {j: ...} for a cache of per-head kept tokens, else None.
+    worker), all CPU: the student's ids, mask (B, T_s) and byte spans (B, T_s, 2); per teacher (in order) what
+    it needs before its forward: an online teacher's `TeacherInputs`, a cached teacher's `TeacherKV` as read
+    from its cache (`read_cached`), None for another kind; and the alignment of its tokens onto the student's
+    where it does not depend on the teacher's K/V (`_aligned`): one for a teacher that keeps every token
+    (online without compression, or a full cache), one per used layer {j: ...} for a cache of per-head kept
+    tokens, else None.
 
-    An online teacher with right_crop or rkv picks tokens per head (rkv from its K/V), so its alignment is built
-    in the step from the kept tokens' spans; its tokenization and the rkv answer-query mask are collated here.
+    An online teacher with right_crop or rkv picks tokens per head (rkv from its K/V), so its alignment is
+    built in the step from the kept tokens' spans; its tokenization and the rkv answer-query mask are collated
+    here.
     """
 
     records: list[dict]
@@ -115,7 +117,8 @@ class Collated:
         )
 
     def student_batch(self, device) -> StudentBatch:
-        """The student's side on `device` (non-blocking copies), the alignments with it by teacher position."""
+        """The student's side on `device` (non-blocking copies), the alignments with it by teacher
+        position."""
 
         def to(x):
             return x.to(device, non_blocking=True)
@@ -129,8 +132,9 @@ class Collated:
 @dataclass
 class TeacherSide:
     """What the collate needs of a teacher: its name, tokenizer (online teachers), geometry (position limit),
-    compression (rkv needs the answer-query mask), the cache reader (cached teachers) and the teacher layers the
-    layer map uses. Pickled (a spawned worker) without the reader's open files: the worker reopens the directory."""
+    compression (rkv needs the answer-query mask), the cache reader (cached teachers) and the teacher layers
+    the layer map uses. Pickled (a spawned worker) without the reader's open files: the worker reopens the
+    directory."""
 
     name: str
     tokenizer: object | None

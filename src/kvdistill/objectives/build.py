@@ -1,4 +1,5 @@
-"""Building an objective from a run config: the student, its teachers (online models or caches), the objective."""
+"""Building an objective from a run config: the student, its teachers (online models or caches), the
+objective."""
 
 from __future__ import annotations
 
@@ -24,17 +25,19 @@ from kvdistill.teachers import CachedTeacher, OnlineTeacher
 
 
 def build_teachers(cfg, device) -> list:
-    """The teachers of `cfg`, in order: a `CachedTeacher` for source cache (refused unless it matches the run),
-    else an `OnlineTeacher` loaded with the attention kernel its losses need."""
+    """The teachers of `cfg`, in order: a `CachedTeacher` for source cache (refused unless it matches the
+    run), else an `OnlineTeacher` loaded with the attention kernel its losses need."""
     teachers = []
     on_gpu = torch.device(device).type == "cuda"
     for i, tcfg in enumerate(cfg.teachers):
         if tcfg.source == "cache":
-            # refused unless it holds this run's teacher, tokenizer, compression and data (and the logits it reads)
+            # refused unless it holds this run's teacher, tokenizer, compression and data (and the logits it
+            # reads)
             reader = open_teacher_cache(
                 tcfg, cfg.data, cfg.losses.logit_kd if cfg.losses.objective == "text" else None
             )
-            # its tokenizer (no weights; the cache's fingerprint was checked against it): logit KD aligns with it
+            # its tokenizer (no weights; the cache's fingerprint was checked against it): logit KD aligns with
+            # it
             tok = load_tokenizer(tcfg.model) if cfg.losses.teacher_logits else None
             teachers.append(CachedTeacher(tcfg.name, reader, tok))
             continue
@@ -42,8 +45,8 @@ def build_teachers(cfg, device) -> list:
         comp = tcfg.compression
         # a latent student's R-KV target reads the teachers' attention too (kvdistill.objectives.kava)
         reads_rkv = comp.kind == "rkv" or _latent_rkv(cfg)
-        # attention probabilities are read for attention_kl, and by rkv for families whose importance cannot come
-        # from hooked queries (models.queries); sdpa otherwise
+        # attention probabilities are read for attention_kl, and by rkv for families whose importance cannot
+        # come from hooked queries (models.queries); sdpa otherwise
         if (
             tcfg.from_config is not None
         ):  # a randomly initialised teacher (seed 0), eager attention where read
@@ -84,7 +87,8 @@ def _latent_rkv(cfg) -> bool:
 
 
 def build_objective(cfg, device="cpu", *, init_student: str | None = None) -> TrainingObjective:
-    """The student (from its config, or `init_student`), the teachers and the objective of `cfg` on `device`."""
+    """The student (from its config, or `init_student`), the teachers and the objective of `cfg` on
+    `device`."""
     student_cfg = cfg.student
     if init_student is not None:
         student_cfg = student_cfg.model_copy(
@@ -104,8 +108,8 @@ def _build_text(cfg, student_cfg, device) -> TextObjective:
 
 
 def _build_kava(cfg, student_cfg, device) -> KavaObjective:
-    """A latent student (backbone + latent head) and its teachers. The backbone runs eager attention when its own
-    R-KV target needs attention probabilities its queries cannot give (models.queries)."""
+    """A latent student (backbone + latent head) and its teachers. The backbone runs eager attention when its
+    own R-KV target needs attention probabilities its queries cannot give (models.queries)."""
     lat = cfg.student.latent
     self_rkv = _latent_rkv(cfg) and cfg.losses.latent_kv.weight > 0 and cfg.losses.latent_kv.self_teacher
     backbone, tokenizer = build_student(student_cfg, seed=cfg.train.seed)

@@ -1,5 +1,5 @@
-"""`train.compile`: a pure tensor function of the objective under `torch.compile`, with the eager function as the
-fallback where compilation fails (no compiler on the host, an op the backend cannot lower, ...)."""
+"""`train.compile`: a pure tensor function of the objective under `torch.compile`, with the eager function as
+the fallback where compilation fails (no compiler on the host, an op the backend cannot lower, ...)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ log = logging.getLogger(__name__)
 
 class CompiledOrEager:
     """Calls `torch.compile(fn, dynamic=True)` (batch and kept-token counts vary, so one graph serves every
-    shape); the first call that raises logs the reason once and switches to `fn` for good, calling it on the same
-    arguments (so an error that `fn` raises as well still surfaces). `fn` must be pure (no side effects): a
-    failed compiled call is simply repeated eagerly."""
+    shape); the first call that raises logs the reason once and switches to `fn` for good, calling it on the
+    same arguments (so an error that `fn` raises as well still surfaces). `fn` must be pure (no side effects):
+    a failed compiled call is simply repeated eagerly."""
 
     def __init__(self, fn: Callable, name: str):
         self.fn, self.name = fn, name

@@ -1,15 +1,17 @@
-"""Weights over the teachers of a batch: fixed, similarity to teacher prototypes, the teachers' own confidence, or a
-learned router (trained on the weighted K/V loss, or toward the confidence weights).
+"""Weights over the teachers of a batch: fixed, similarity to teacher prototypes, the teachers' own
+confidence, or a learned router (trained on the weighted K/V loss, or toward the confidence weights).
 
-Notation: B batch, T_s student tokens, N teachers, F_n the width a teacher's similarity is computed in, K prototypes.
+Notation: B batch, T_s student tokens, N teachers, F_n the width a teacher's similarity is computed in, K
+prototypes.
 
-The weights are (B, N) per sample, or (B, T_s, N) per student token (`fusion.router.per_token`). Similarity compares,
-per teacher, a query pooled from the student's side with the teacher's prototypes (mean / first / max pooling, or
-the k-means centres of the sample's teacher tokens), in the space the fusion runs in: the teacher's geometry (loss
-space, through the trained projector), the student's (target space, through the frozen maps) or Z (latent space).
-Confidence weights come from every teacher's NLL per byte of the sample's scored text (`kvdistill.fuse.confidence`),
-computed in the teachers' pass (`teacher_nll_per_byte`). A router with `router.target: confidence` is trained by
-KL(confidence weights || its weights) alone: the K/V loss sees its weights detached.
+The weights are (B, N) per sample, or (B, T_s, N) per student token (`fusion.router.per_token`). Similarity
+compares, per teacher, a query pooled from the student's side with the teacher's prototypes (mean / first /
+max pooling, or the k-means centres of the sample's teacher tokens), in the space the fusion runs in: the
+teacher's geometry (loss space, through the trained projector), the student's (target space, through the
+frozen maps) or Z (latent space). Confidence weights come from every teacher's NLL per byte of the sample's
+scored text (`kvdistill.fuse.confidence`), computed in the teachers' pass (`teacher_nll_per_byte`). A router
+with `router.target: confidence` is trained by KL(confidence weights || its weights) alone: the K/V loss sees
+its weights detached.
 """
 
 from __future__ import annotations
@@ -77,8 +79,8 @@ class Fusion(nn.Module):
         return self.cfg.scores_teachers
 
     def token_weights(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Per-token router weights (B, T_s, N) from the student's last hidden states (B, T_s, F_s), detached from
-        the student; also from the router when it is trained toward the confidence weights instead."""
+        """Per-token router weights (B, T_s, N) from the student's last hidden states (B, T_s, F_s), detached
+        from the student; also from the router when it is trained toward the confidence weights instead."""
         w = self.router(hidden.detach().float(), mask)
         return w.detach() if self.supervised else w
 
@@ -89,8 +91,8 @@ class Fusion(nn.Module):
         similarity: list[SimilarityInputs] | None = None,
         teacher_nll: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """(B, N) weights per sample, or (B, T_s, N) per token (router with per_token). teacher_nll (B, N): every
-        teacher's NLL per byte of each sample (`Step.teacher_nll`), read by kind confidence."""
+        """(B, N) weights per sample, or (B, T_s, N) per token (router with per_token). teacher_nll (B, N):
+        every teacher's NLL per byte of each sample (`Step.teacher_nll`), read by kind confidence."""
         B = mask.shape[0]
         if self.kind == "fixed":
             return self.fixed[None].expand(B, -1)
@@ -123,9 +125,9 @@ class Fusion(nn.Module):
     ) -> dict[str, tuple[float, torch.Tensor]]:
         """The router's terms to add to the loss: name -> (weight, 0-dim value); empty without a router.
 
-        "entropy" (fusion.entropy, when its weight > 0) on the router's weights; "router_target" (router.target
-        confidence): KL(confidence weights || router weights). A router trained toward the confidence weights is run
-        again here on `hidden` (the weights the space used are detached from it)."""
+        "entropy" (fusion.entropy, when its weight > 0) on the router's weights; "router_target"
+        (router.target confidence): KL(confidence weights || router weights). A router trained toward the
+        confidence weights is run again here on `hidden` (the weights the space used are detached from it)."""
         if self.router is None:
             return {}
         if self.supervised:
@@ -154,19 +156,19 @@ class Fusion(nn.Module):
 
 
 SCORE_CHUNK = 4
-"""Samples per scoring forward of a teacher: its (chunk, T_t, V) logits are all that exist at once (a 262k-entry
-vocabulary at batch 16 x 320 tokens would otherwise hold 2.7 GB of bf16 logits per teacher)."""
+"""Samples per scoring forward of a teacher: its (chunk, T_t, V) logits are all that exist at once (a
+262k-entry vocabulary at batch 16 x 320 tokens would otherwise hold 2.7 GB of bf16 logits per teacher)."""
 
 
 @torch.no_grad()
 def teacher_nll_per_byte(
     model: nn.Module, capture, start: torch.Tensor, end: torch.Tensor | None = None, chunk: int = SCORE_CHUNK
 ) -> torch.Tensor:
-    """One teacher's NLL per byte of each sample's scored text (B,) (`fuse.confidence.byte_nll`), from its own logits
-    on its own tokens: the K/V capture's input_ids, attention_mask, positions (B, T_t) and byte spans (B, T_t, 2) run
-    through the teacher again `chunk` samples at a time (the K/V pass skips the LM head), each sample's NLL computed
-    alone (its float32 log-softmax is the only one held). start, end (B,): each sample's scored bytes (end None: to
-    the end of this teacher's tokens)."""
+    """One teacher's NLL per byte of each sample's scored text (B,) (`fuse.confidence.byte_nll`), from its own
+    logits on its own tokens: the K/V capture's input_ids, attention_mask, positions (B, T_t) and byte spans
+    (B, T_t, 2) run through the teacher again `chunk` samples at a time (the K/V pass skips the LM head), each
+    sample's NLL computed alone (its float32 log-softmax is the only one held). start, end (B,): each sample's
+    scored bytes (end None: to the end of this teacher's tokens)."""
     rows = []
     ids, mask, positions, spans = capture.input_ids, capture.attention_mask, capture.positions, capture.spans
     for lo in range(0, ids.shape[0], chunk):
@@ -188,14 +190,15 @@ def teacher_nll_per_byte(
 
 
 def common_end(captures: list) -> torch.Tensor:
-    """(B,) the last byte every teacher's (possibly truncated) tokens cover, from their captures' spans and masks."""
+    """(B,) the last byte every teacher's (possibly truncated) tokens cover, from their captures' spans and
+    masks."""
     ends = [covered_end(c.spans.to(c.attention_mask.device), c.attention_mask).cpu() for c in captures]
     return torch.stack(ends).amin(0)
 
 
 def scored_start(records: list[dict], span: str, template: str) -> torch.Tensor:
-    """(B,) the UTF-8 byte offset where each record's scored text begins (`fusion.confidence.span`): 0 for the whole
-    text, else the end of the question line of the data template (the labelled continuation)."""
+    """(B,) the UTF-8 byte offset where each record's scored text begins (`fusion.confidence.span`): 0 for the
+    whole text, else the end of the question line of the data template (the labelled continuation)."""
     if span == "text":
         return torch.zeros(len(records), dtype=torch.long)
     starts = []

@@ -1,20 +1,21 @@
-"""The KaVa objective: a latent-reasoning student (kvdistill.student.latent) supervised by teachers' compressed
-chain-of-thought K/V, one teacher being the backbone itself in CoT mode (self-distillation, as KaVa) and any number
-of others of other families and tokenizers (this project's extension).
+"""The KaVa objective: a latent-reasoning student (kvdistill.student.latent) supervised by teachers'
+compressed chain-of-thought K/V, one teacher being the backbone itself in CoT mode (self-distillation, as
+KaVa) and any number of others of other families and tokenizers (this project's extension).
 
-Notation: B batch, L_s student layers, H/D KV heads/head dim (teacher n: H_n/D_n), M latent slots, P prefix columns.
+Notation: B batch, L_s student layers, H/D KV heads/head dim (teacher n: H_n/D_n), M latent slots, P prefix
+columns.
 
-    loss(b) = λ_ce·CE(answer | question, latents) + λ_cot·CE(CoT + answer | question)         (kvdistill.losses)
+    loss(b) = λ_ce·CE(answer | question, latents) + λ_cot·CE(CoT + answer | question)    (kvdistill.losses)
               + α1·CODI(b) + α2·Σ_n w_n·kv_n(b)
     kv_n(b)  = Σ_(i,j,w) w·(α_K·err(P_ni(K_s[i]), sg(K̃_n[j])) + α_V·err(P_ni(V_s[i]), sg(Ṽ_n[j]))) / (2·L_n)
 
 K_s[i] (B, H, M, D): the student's pre-rotation keys at its latent slots in layer i; K̃_n[j] (B, H_n, M, D_n):
-teacher n's CoT keys of layer j compressed to M entries per head (kvdistill.compress.latent), slot m against entry
-m; (i, j, w): teacher n's layer map (the identity for the self teacher); P_ni: a learnable map from the student
-into teacher n's geometry (the identity for the self teacher); err: losses.kv_error over the kept entries. CODI
-compares the hidden states at the token before the answer, every layer, with the backbone's own CoT mode (detached).
-The K and V errors are averaged (the 2 in kv_n), as KaVa's L_KV states it, so α2 here is KaVa's α2; α_K = α_V = 1
-by default (losses.latent_kv.keys / values).
+teacher n's CoT keys of layer j compressed to M entries per head (kvdistill.compress.latent), slot m against
+entry m; (i, j, w): teacher n's layer map (the identity for the self teacher); P_ni: a learnable map from the
+student into teacher n's geometry (the identity for the self teacher); err: losses.kv_error over the kept
+entries. CODI compares the hidden states at the token before the answer, every layer, with the backbone's own
+CoT mode (detached). The K and V errors are averaged (the 2 in kv_n), as KaVa's L_KV states it, so α2 here is
+KaVa's α2; α_K = α_V = 1 by default (losses.latent_kv.keys / values).
 w_n: the fixed weights (self 1, others teachers.N.weight), normalised.
 """
 
@@ -46,8 +47,9 @@ SELF = "self"
 # ---------------------------------------------------------------------------------------------- objective
 class KavaObjective(TrainingObjective):
     """The latent student's objective (module docstring): the trainer's objective interface
-    (`kvdistill.objectives.base.TrainingObjective`); batches are `LatentBatch`es, the teachers' pass gives every
-    other teacher's `LatentTargets` (the self teacher's come from the backbone's CoT pass in the step)."""
+    (`kvdistill.objectives.base.TrainingObjective`); batches are `LatentBatch`es, the teachers' pass gives
+    every other teacher's `LatentTargets` (the self teacher's come from the backbone's CoT pass in the
+    step)."""
 
     kind = "latent"
 
@@ -122,8 +124,8 @@ class KavaObjective(TrainingObjective):
     def _cot_pass(
         self, model, geometry, view: CotView, *, grad: bool, logits: bool, hidden: bool, importance: bool
     ):
-        """A CoT-mode capture of `model` (the backbone with `grad`, or a frozen teacher) and its hooked queries where
-        `importance` reads them (None otherwise)."""
+        """A CoT-mode capture of `model` (the backbone with `grad`, or a frozen teacher) and its hooked
+        queries where `importance` reads them (None otherwise)."""
         hooked = importance and supports_queries(geometry)
         d = self.device
         with (
@@ -153,9 +155,10 @@ class KavaObjective(TrainingObjective):
         return compress_cot(cap, view, layers, cfg, self.student.tokens, imp, valid)
 
     def teacher_pass(self, batch: LatentBatch, *, training: bool = True) -> dict[str, LatentTargets]:
-        """Every (other) teacher's `LatentTargets` of a batch: an online teacher's CoT K/V compressed here (under its
-        lock: one thread at a time uses its hooks), a cached one's read from its cache. A pure function of the batch
-        (teachers are frozen): `TeachersAhead` runs it a batch early on another thread."""
+        """Every (other) teacher's `LatentTargets` of a batch: an online teacher's CoT K/V compressed here
+        (under its lock: one thread at a time uses its hooks), a cached one's read from its cache. A pure
+        function of the batch (teachers are frozen): `TeachersAhead` runs it a batch early on another
+        thread."""
         cfg = self.cfg.losses.latent_kv.target
         M = self.student.tokens
         out = {}
@@ -184,9 +187,9 @@ class KavaObjective(TrainingObjective):
         return out
 
     def kv_terms(self, student_cap, P: int, targets: dict[str, LatentTargets]) -> dict[str, torch.Tensor]:
-        """Per teacher kv_n (B,) (module docstring) from the student's latent columns P .. P+M-1: every mapped layer
-        projected in one batched matmul (`KVProjectorStack`; the self teacher: none), the errors of all pairs in one
-        `losses.kv_error` call, reduced by `losses.pairs_kv_loss`."""
+        """Per teacher kv_n (B,) (module docstring) from the student's latent columns P .. P+M-1: every mapped
+        layer projected in one batched matmul (`KVProjectorStack`; the self teacher: none), the errors of all
+        pairs in one `losses.kv_error` call, reduced by `losses.pairs_kv_loss`."""
         lk = self.cfg.losses.latent_kv
         M = self.student.tokens
         out = {}
@@ -222,8 +225,8 @@ class KavaObjective(TrainingObjective):
         return out
 
     def forward(self, batch: LatentBatch | list[dict]):
-        """(loss, metrics) of a batch (or records, collated here; module docstring): loss 0-dim, metrics floats
-        (per-sample means)."""
+        """(loss, metrics) of a batch (or records, collated here; module docstring): loss 0-dim, metrics
+        floats (per-sample means)."""
         batch = self.as_batch(batch)
         c = self.cfg.losses
         codi = c.codi.weight > 0
@@ -273,9 +276,9 @@ class KavaObjective(TrainingObjective):
     # ------------------------------------------------------------------------------------------ held out
     @torch.no_grad()
     def evaluate(self, records: list[dict], batch_size: int | None = None) -> dict:
-        """Held-out answer CE / perplexity in latent mode (token-level, `latent_answer_ce`) and, per teacher, the latent
-        K/V error `eval/latent_kv/<teacher>` (exact match: the trainer's evaluation with train.eval_exact_match,
-        `kvdistill.eval.decode.latent_exact_match`)."""
+        """Held-out answer CE / perplexity in latent mode (token-level, `latent_answer_ce`) and, per teacher,
+        the latent K/V error `eval/latent_kv/<teacher>` (exact match: the trainer's evaluation with
+        train.eval_exact_match, `kvdistill.eval.decode.latent_exact_match`)."""
         with self.evaluating():
             bs = batch_size or self.cfg.train.batch_size
             ce = latent_answer_ce(
@@ -313,8 +316,8 @@ class KavaObjective(TrainingObjective):
 
     @torch.no_grad()
     def prepare(self, records: list[dict]) -> None:
-        """Nothing is fitted; every record is checked to hold a question, a chain of thought and an answer in the
-        template's layout (refused before the run directory is written)."""
+        """Nothing is fitted; every record is checked to hold a question, a chain of thought and an answer in
+        the template's layout (refused before the run directory is written)."""
         for r in records:
             segments(r, self.cfg.data.template)
 
@@ -356,9 +359,10 @@ class KavaObjective(TrainingObjective):
         self.student.save_head(out_dir)
 
     def _from_per_pair_layout(self, state_dict, prefix, *args) -> None:
-        """Checkpoints written before the stack hold one map per layer pair, ``projectors.<teacher>.<pair>.key_map.
-        <name>``: renamed to the pair's student layer, which `KVProjectorStack` stacks; refused where several pairs
-        share a student layer (an interpolated layer map), whose maps cannot become one."""
+        """Checkpoints written before the stack hold one map per layer pair,
+        ``projectors.<teacher>.<pair>.key_map. <name>``: renamed to the pair's student layer, which
+        `KVProjectorStack` stacks; refused where several pairs share a student layer (an interpolated layer
+        map), whose maps cannot become one."""
         for name, lp in self.pairs.items():
             head = f"{prefix}projectors.{name}."
             old = [k for k in state_dict if k.startswith(head) and k[len(head) :].split(".")[0].isdigit()]
@@ -366,8 +370,10 @@ class KavaObjective(TrainingObjective):
                 continue
             if len(set(lp.i)) != len(lp.i):
                 raise KvdistillError(
-                    f"this checkpoint holds one K/V map per layer pair for teacher '{name}' ({len(lp.i)} pairs over "
-                    f"student layers {lp.layers}: an interpolated layer map); the latent objective now keeps one map "
+                    f"this checkpoint holds one K/V map per layer pair for teacher '{name}' ({len(lp.i)} "
+                    "pairs over "
+                    f"student layers {lp.layers}: an interpolated layer map); the latent objective now keeps "
+                    "one map "
                     "per student layer",
                     "train the run again from step 0 (or resume it with the kvdistill version that wrote it)",
                 )

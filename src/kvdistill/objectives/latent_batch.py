@@ -1,6 +1,6 @@
 """The host side of a latent student's batch (`kvdistill.objectives.kava`): the student-mode view (question,
-M latent slots, answer: `kvdistill.student.latent.latent_view`) and each model's CoT-mode view (question, chain of
-thought, answer), built from tokenizers and records alone, so on DataLoader workers in training.
+M latent slots, answer: `kvdistill.student.latent.latent_view`) and each model's CoT-mode view (question,
+chain of thought, answer), built from tokenizers and records alone, so on DataLoader workers in training.
 
 Notation: B batch, T tokens of a CoT-mode text, P prefix columns, M latent slots, S suffix tokens.
 """
@@ -34,7 +34,8 @@ class CotView:
 
 
 def cot_view(tokenizer, geometry, records: list[dict], segs: list[Segments], max_length: int) -> CotView:
-    """Tokenize the full texts (question, CoT, answer) and mark CoT, answer and the token before the answer."""
+    """Tokenize the full texts (question, CoT, answer) and mark CoT, answer and the token before the
+    answer."""
     ids, mask, spans = tokenize_for(
         geometry, tokenizer, [s.text for s in segs], max_length=max_length, padding_side="right"
     )  # (B, T), (B, T), (B, T, 2) bytes
@@ -48,7 +49,8 @@ def cot_view(tokenizer, geometry, records: list[dict], segs: list[Segments], max
         before = (content[b] & (end[b] <= ans)).nonzero().flatten()
         if not c.any() or not a.any() or not len(before):
             raise KvdistillError(
-                f"record '{records[b].get('id')}': after truncation to data.max_length = {max_length} tokens its "
+                f"record '{records[b].get('id')}': after truncation to data.max_length = {max_length} tokens "
+                "its "
                 "chain of thought or answer is missing",
                 "raise data.max_length or drop the longest records",
             )
@@ -108,9 +110,9 @@ class LatentBatch:
 class LatentCollator:
     """records -> `LatentBatch`: picklable (tokenizers, geometries and settings, no model), CPU only.
 
-    tokenizer, geometry: the backbone's; template: data.template; tokens: M; own_cot: whether the backbone's CoT
-    view is made (CoT CE, CODI, the self teacher); teachers: per teacher (tokenizer, geometry) of an online one whose
-    CoT view is made, None for one that needs none."""
+    tokenizer, geometry: the backbone's; template: data.template; tokens: M; own_cot: whether the backbone's
+    CoT view is made (CoT CE, CODI, the self teacher); teachers: per teacher (tokenizer, geometry) of an
+    online one whose CoT view is made, None for one that needs none."""
 
     def __init__(
         self,

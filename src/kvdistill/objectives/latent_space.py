@@ -3,14 +3,15 @@
 Notation: B batch, N teachers, T_s/T_t student/teacher tokens, F_n = 2·H_t·D_t teacher features per token,
 d_z the width of Z.
 
-The frozen maps into Z (`fuse.latent.LatentSpace`: whitened PCA per teacher, Procrustes onto the reference teacher)
-are fitted once by `prepare` on training records; a linear head per mapped student layer reads the student's K/V
-features. Per teacher n, on the student tokens it covers (alignment rows: student tokens):
+The frozen maps into Z (`fuse.latent.LatentSpace`: whitened PCA per teacher, Procrustes onto the reference
+teacher) are fitted once by `prepare` on training records; a linear head per mapped student layer reads the
+student's K/V features. Per teacher n, on the student tokens it covers (alignment rows: student tokens):
 
     z_n = A · Z_n(Σ_j W_n[i, j] · [K_n[j], V_n[j]])        (B, T_s, d_z)
     l_n(b) = λ_kv · Σ_i err(head_i([K_s[i], V_s[i]]), z_n) / #layers        kd(b) = Σ_n w_n(b) · l_n(b)
 
-Works for encoder teachers too; needs uncompressed teachers (their tokens are the ones the maps were fitted on).
+Works for encoder teachers too; needs uncompressed teachers (their tokens are the ones the maps were fitted
+on).
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ class LatentSpaceKD(FusionSpace):
         )
 
     def _teacher_loss(self, step: Step, n: int, token_weight: torch.Tensor | None):
-        """Per-sample error (B,) in Z against teacher n over its mapped layers, and its deepest layer's rows."""
+        """Per-sample error (B,) in Z against teacher n over its mapped layers, and its deepest layer's
+        rows."""
         teacher, tkv = step.teachers[n], step.records[n]
         lp = step.pairs[teacher.name]
         b, s = step.batch, step.student

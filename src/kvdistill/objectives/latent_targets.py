@@ -1,7 +1,9 @@
-"""A latent student's K/V targets (`kvdistill.objectives.kava`): a teacher's chain-of-thought K/V compressed to M
-entries per (layer, head) (`kvdistill.compress.latent`), from an online capture or as a cache stores them.
+"""A latent student's K/V targets (`kvdistill.objectives.kava`): a teacher's chain-of-thought K/V compressed
+to M entries per (layer, head) (`kvdistill.compress.latent`), from an online capture or as a cache stores
+them.
 
-Notation: B batch, H/D a teacher's KV heads/head dim, T its CoT-mode tokens, M latent slots, Q R-KV's window rows.
+Notation: B batch, H/D a teacher's KV heads/head dim, T its CoT-mode tokens, M latent slots, Q R-KV's window
+rows.
 """
 
 from __future__ import annotations
@@ -76,9 +78,10 @@ def cached_targets(tkv, layers: list[int], tokens: int, device) -> LatentTargets
 def cot_importance(
     model, cap, queries, view: CotView, layers: list[int], cfg
 ) -> tuple[dict, torch.Tensor | None]:
-    """(layer -> importance, valid): scorings kava / minmax: (B, H, T) the attention the answer rows pay every token,
-    from hooked queries (`queries`) or the capture's eager attention, valid None; scoring rkv: the logits (B, H, Q, T)
-    of R-KV's window (the last `window` CoT tokens) from hooked queries, valid (B, Q) its real rows."""
+    """(layer -> importance, valid): scorings kava / minmax: (B, H, T) the attention the answer rows pay every
+    token, from hooked queries (`queries`) or the capture's eager attention, valid None; scoring rkv: the
+    logits (B, H, Q, T) of R-KV's window (the last `window` CoT tokens) from hooked queries, valid (B, Q) its
+    real rows."""
     mask = cap.attention_mask
     with torch.no_grad():
         if cfg.scoring == "rkv":

@@ -1,4 +1,5 @@
-"""Loss-space fusion (the default, collapse-safe): Σ_n w_n · KV_loss_n, with learnable maps student -> teacher.
+"""Loss-space fusion (the default, collapse-safe): Σ_n w_n · KV_loss_n, with learnable maps student ->
+teacher.
 
 Notation: B batch, N teachers, P layer pairs of a teacher, L its mapped student layers, H_t/D_t teacher KV
 heads/head dim, T_s student tokens, M kept teacher tokens, K nonzeros per alignment row.
@@ -8,7 +9,8 @@ onto the teacher's (kept) tokens through the token alignment A (rows: teacher to
 student tokens they overlap):
 
     pred = A · P_ni(K_s[i])                                          (B, H_t, M, D_t)
-    kv_n(b) = Σ_(i,j,w) w · (α_K·err(pred_K, K_t[j]) + α_V·err(pred_V, V_t[j])) / L      (err: losses.kv_error)
+    kv_n(b) = Σ_(i,j,w) w · (α_K·err(pred_K, K_t[j]) + α_V·err(pred_V, V_t[j])) / L
+                                                                     (err: losses.kv_error)
     kd(b) = Σ_n w_n(b) · (λ_kv·kv_n(b) + λ_cos·cos_n(b))
 
 A constant student cannot reach a low loss whatever P learns (P maps a constant to a constant): the maps run
@@ -45,8 +47,9 @@ class PairErrors:
 
 @dataclass
 class _Group:
-    """Pairs resampled together: their positions in the pair list and one alignment. Shared spans: index, weight
-    (B, M, K), covered (B, M); kept tokens per head: index, weight (P_g, B, H_t, M, K), covered (P_g, B, H_t, M)."""
+    """Pairs resampled together: their positions in the pair list and one alignment. Shared spans: index,
+    weight (B, M, K), covered (B, M); kept tokens per head: index, weight (P_g, B, H_t, M, K), covered (P_g,
+    B, H_t, M)."""
 
     pos: list[int]
     index: torch.Tensor
@@ -55,8 +58,9 @@ class _Group:
 
 
 def _alignments(tkv: TeacherKV, lp: LayerPairs, step: Step, n: int) -> dict[int, tuple]:
-    """Alignment key -> (index, weight, covered) for the teacher layers of `lp` (one key for shared spans): the
-    collated one of teacher n where the batch has it (its tokens don't depend on its K/V), else built here."""
+    """Alignment key -> (index, weight, covered) for the teacher layers of `lp` (one key for shared spans):
+    the collated one of teacher n where the batch has it (its tokens don't depend on its K/V), else built
+    here."""
     collated = step.batch.alignments[n] if step.batch.alignments is not None else None
     if isinstance(collated, dict) and not tkv.shared_spans:  # per layer: a cache of per-head kept tokens
         return {id(tkv.spans[j]): collated[j] for j in lp.j}
@@ -109,7 +113,8 @@ def _groups(tkv: TeacherKV, lp: LayerPairs, aligned: dict[int, tuple]) -> list[_
 
 
 def _token_to_rows(token_weight: torch.Tensor, g: _Group) -> torch.Tensor:
-    """Per-token weights (B, T_s) resampled onto a group's rows: (B, M) shared, (P_g, 1, B, H_t·M) per head."""
+    """Per-token weights (B, T_s) resampled onto a group's rows: (B, M) shared, (P_g, 1, B, H_t·M) per
+    head."""
     if g.covered.dim() == 2:
         return resample_rows(token_weight[..., None], g.index, g.weight)[..., 0]  # (B, M)
     P, B, H, M, _ = g.index.shape
@@ -135,18 +140,20 @@ def group_errors(
     dense: bool = False,
 ):
     """The errors of one alignment group of P pairs: the projected student K/V proj (L, 2, B, T_s, H_t·D_t)
-    resampled onto the teacher's rows (index, weight, covered of a `_Group`; `at` picks the group's layers of L,
-    None: all), compared with the 2·P teacher tensors `targets` (B, H_t, M, D_t), keys and values of each pair.
+    resampled onto the teacher's rows (index, weight, covered of a `_Group`; `at` picks the group's layers of
+    L, None: all), compared with the 2·P teacher tensors `targets` (B, H_t, M, D_t), keys and values of each
+    pair.
 
     -> kv errors (P, 2, B) or None, cosine errors (P, B) or None, and the keys as rows with their mask for the
     similarity routing: k_rows, k_target (P, B, R, D_t), cos_mask (B, R) or (P, B, R). A pure tensor function:
     the part `train.compile` compiles.
 
-    dense: a shared alignment is applied as one dense (B, M, T_s) matrix in a batched matmul instead of the sparse
-    gather (the same numbers up to rounding: the matmul accumulates in float32): on a GPU the matmul is a few
-    milliseconds where the gather's backward (a scatter-add) is slower, and it holds no (…, M, K, F) copy. The
-    student tokens are padded to a multiple of 8 with zero columns: an odd T_s gives rows of A whose stride is not
-    16-byte aligned, and cuBLAS then falls back to its slow pre-Hopper kernels (seen on the H200).
+    dense: a shared alignment is applied as one dense (B, M, T_s) matrix in a batched matmul instead of the
+    sparse gather (the same numbers up to rounding: the matmul accumulates in float32): on a GPU the matmul is
+    a few milliseconds where the gather's backward (a scatter-add) is slower, and it holds no (…, M, K, F)
+    copy. The student tokens are padded to a multiple of 8 with zero columns: an odd T_s gives rows of A whose
+    stride is not 16-byte aligned, and cuBLAS then falls back to its slow pre-Hopper kernels (seen on the
+    H200).
     """
     P, B = len(targets) // 2, covered.shape[-2] if covered.dim() == 2 else covered.shape[1]
     if covered.dim() == 2:  # shared spans: rows are teacher tokens, features H_t·D_t
@@ -212,9 +219,10 @@ class LossSpace(FusionSpace):
         cosine: bool = False,
         token_weight: torch.Tensor | None = None,
     ) -> PairErrors:
-        """Errors of teacher n over its layer pairs, batched: every mapped student layer's K and V projected in
-        one matmul, resampled onto the teacher's tokens in one gather per alignment group, compared with the
-        stacked teacher K/V in one `losses.kv_error` call per group. token_weight: (B, T_s) row weights."""
+        """Errors of teacher n over its layer pairs, batched: every mapped student layer's K and V projected
+        in one matmul, resampled onto the teacher's tokens in one gather per alignment group, compared with
+        the stacked teacher K/V in one `losses.kv_error` call per group. token_weight: (B, T_s) row
+        weights."""
         teacher, tkv = step.teachers[n], step.records[n]
         lp = step.pairs[teacher.name]
         s, dev = step.student, step.batch.mask.device

@@ -1,4 +1,5 @@
-"""The MoE terms of the objective: routing distillation, expert-output distillation and the student's load balance.
+"""The MoE terms of the objective: routing distillation, expert-output distillation and the student's load
+balance.
 
 Notation: B batch, T_s student tokens, M = T_t teacher tokens, P_s/P_t MoE blocks, E_s/E_t experts, k_s/k_t
 experts per token, F_s/F_t widths.
@@ -6,14 +7,14 @@ experts per token, F_s/F_t widths.
     moe(b) = λ_bal·balance(b) + Σ_n w_n(b) · (λ_route·route_n(b) + λ_expert·expert_n(b))
 
 balance: the student's sequence-wise load-balancing loss (`losses.load_balance`), mean over its MoE blocks, on
-whenever the student is an MoE (weight `losses.balance`, default the student config's router_aux_loss_coef), so a
-CE-only twin keeps it too. route_n / expert_n: `losses.routing_kl` / `losses.expert_output_error` between student
-MoE block i and teacher block j of the block pairs (ratio map: i -> round(i·(P_t - 1)/(P_s - 1))), averaged over
-the pairs, on the teacher's tokens through the character alignment. Routing comes from each model's own router
-logits (hooks on the routers, `kvdistill.models.moe`), never from a separate network.
+whenever the student is an MoE (weight `losses.balance`, default the student config's router_aux_loss_coef),
+so a CE-only twin keeps it too. route_n / expert_n: `losses.routing_kl` / `losses.expert_output_error` between
+student MoE block i and teacher block j of the block pairs (ratio map: i -> round(i·(P_t - 1)/(P_s - 1))),
+averaged over the pairs, on the teacher's tokens through the character alignment. Routing comes from each
+model's own router logits (hooks on the routers, `kvdistill.models.moe`), never from a separate network.
 
-Per pair, the expert correspondence corr (E_t, E_s) is a buffer (fixed, so no loss can shrink it): the identity
-for equal expert counts (correspondence auto/identity), else fitted on training records by `prepare`
+Per pair, the expert correspondence corr (E_t, E_s) is a buffer (fixed, so no loss can shrink it): the
+identity for equal expert counts (correspondence auto/identity), else fitted on training records by `prepare`
 (`fit_correspondence`). Expert outputs of a student narrower or wider than the teacher go through a learned
 F_s -> F_t map per pair (a registered nn.Linear: the optimizer sees it).
 """
@@ -88,7 +89,8 @@ class MoETerms(nn.Module):
                 mode = c.routing.correspondence
                 if mode == "identity" and e_s != e_t:
                     raise KvdistillError(
-                        f"losses.routing.correspondence identity needs equal expert counts, but student block {i} "
+                        "losses.routing.correspondence identity needs equal expert counts, but student "
+                        f"block {i} "
                         f"has {e_s} and teacher '{t.name}' block {j} has {e_t}",
                         "use correspondence: fitted (or auto)",
                     )
@@ -122,7 +124,8 @@ class MoETerms(nn.Module):
     # ------------------------------------------------------------------------------------------------ fitting
     @torch.no_grad()
     def prepare(self, records: list[dict], teachers: list, max_length: int, batch_size: int) -> None:
-        """Fit the correspondences that are fitted from the teachers' routing on `records` (no-op otherwise)."""
+        """Fit the correspondences that are fitted from the teachers' routing on `records` (no-op
+        otherwise)."""
         if not self.fitted_needed:
             return
         for n, t in enumerate(teachers):
@@ -147,7 +150,7 @@ class MoETerms(nn.Module):
                 getattr(self, self._of(t.name, p)).copy_(teacher_of(corr, P.mean(0)))
         self._fitted.fill_(True)
 
-    # ------------------------------------------------------------------------------------------------ the terms
+    # ---------------------------------------------------------------------------------------------- the terms
     def forward(self, step: Step, weights: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """moe (B,) and metrics; weights (B, N) per-sample fusion weights (unused without teaching terms)."""
         mask = step.batch.mask
@@ -183,7 +186,8 @@ class MoETerms(nn.Module):
         return extra, metrics
 
     def teacher_terms(self, step: Step, n: int, s_by: list[dict], s_logp: list[torch.Tensor]) -> dict:
-        """{routing | expert: (per-sample value (B,), agreement metrics)} of teacher n, averaged over block pairs."""
+        """{routing | expert: (per-sample value (B,), agreement metrics)} of teacher n, averaged over block
+        pairs."""
         teacher, tkv, tcap = step.teachers[n], step.records[n], self.t_caps[n]
         mask = step.batch.mask
         B, T_s = mask.shape

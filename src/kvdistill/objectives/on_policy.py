@@ -1,26 +1,29 @@
-"""On-policy distillation (GKD, Agarwal et al. 2024): with probability λ a step's batches are the student's own
-samples, and the teachers score that text.
+"""On-policy distillation (GKD, Agarwal et al. 2024): with probability λ a step's batches are the student's
+own samples, and the teachers score that text.
 
-Per optimizer step s (GKD draws per batch; here the batch is the optimizer step's, so every micro-batch and process
-of one step agree, and accumulation or DDP layouts make the same choice):
+Per optimizer step s (GKD draws per batch; here the batch is the optimizer step's, so every micro-batch and
+process of one step agree, and accumulation or DDP layouts make the same choice):
 
     on(s)   = u(s) < λ,  u(s) ~ U[0, 1) from a generator seeded by (train.seed, s)
     prompt  = the record's text up to the end of its {question} line (`data.template.question_prompt`)
-    text'   = prompt + the student's continuation: sampled at `temperature` / `top_p`, at most `max_new_tokens`,
-              batched (left-padded prompts) under torch.no_grad in eval mode, seeded by (train.seed, s, sample ids)
+    text'   = prompt + the student's continuation: sampled at `temperature` / `top_p`, at most
+            `max_new_tokens`,
+              batched (left-padded prompts) under torch.no_grad in eval mode, seeded by (train.seed, s, sample
+              ids)
 
-On an on-policy step the student's K/V and logits and every teacher's (each retokenised by its own tokenizer, and
-aligned on UTF-8 bytes as always) come from text', so the K/V, logit and other teacher terms apply to the student's
-own text: the whole of it, prompt included, as off-policy they apply to the whole data text (the prompt is common to
-both; what on-policy changes is the continuation). CE stays on the data text (a second forward of the student on
-it): a student's CE on its own samples would teach it its own mistakes, while the data text is the supervised
-signal GKD mixes in.
+On an on-policy step the student's K/V and logits and every teacher's (each retokenised by its own tokenizer,
+and aligned on UTF-8 bytes as always) come from text', so the K/V, logit and other teacher terms apply to the
+student's own text: the whole of it, prompt included, as off-policy they apply to the whole data text (the
+prompt is common to both; what on-policy changes is the continuation). CE stays on the data text (a second
+forward of the student on it): a student's CE on its own samples would teach it its own mistakes, while the
+data text is the supervised signal GKD mixes in.
 
-The random numbers are a pure function of (train.seed, step, sample ids): `torch.random.fork_rng` keeps the global
-generators untouched, so an off-policy step runs exactly as without on-policy (λ = 0 is the off-policy run bit for
-bit), and a resumed run draws what the uninterrupted one drew (the checkpoint's step restores the sampling state).
-The sampled text depends on the micro-batch (generation is batched), so, unlike the off-policy step, an on-policy
-step's update depends on how its samples are split into micro-batches and processes.
+The random numbers are a pure function of (train.seed, step, sample ids): `torch.random.fork_rng` keeps the
+global generators untouched, so an off-policy step runs exactly as without on-policy (λ = 0 is the off-policy
+run bit for bit), and a resumed run draws what the uninterrupted one drew (the checkpoint's step restores the
+sampling state). The sampled text depends on the micro-batch (generation is batched), so, unlike the
+off-policy step, an on-policy step's update depends on how its samples are split into micro-batches and
+processes.
 """
 
 from __future__ import annotations
@@ -47,7 +50,8 @@ def _seed(*parts) -> int:
 class OnPolicy:
     """The on-policy side of `TextObjective`: which steps sample (`chosen`) and the samples (`sample`).
 
-    cfg: `train.on_policy`; seed: train.seed; template: data.template (the prompt); tokenizer: the student's."""
+    cfg: `train.on_policy`; seed: train.seed; template: data.template (the prompt); tokenizer: the
+    student's."""
 
     def __init__(self, cfg, *, seed: int, template: str, tokenizer):
         self.cfg, self.seed, self.template, self.tokenizer = cfg, seed, template, tokenizer
@@ -61,8 +65,9 @@ class OnPolicy:
     def sample(
         self, student: torch.nn.Module, records: list[dict], step: int
     ) -> tuple[list[dict], dict[str, float]]:
-        """(records whose text is prompt + the student's sampled continuation, generation metrics). The new records
-        keep id and question; answer fields are dropped (the student's text has none of the data's)."""
+        """(records whose text is prompt + the student's sampled continuation, generation metrics). The new
+        records keep id and question; answer fields are dropped (the student's text has none of the
+        data's)."""
         model = unwrap_student(student)
         device = next(model.parameters()).device
         tok = self.tokenizer

@@ -1,7 +1,8 @@
-"""The (student layer i, teacher layer j, weight w) pairs of one teacher's layer map, as the batched losses use them.
+"""The (student layer i, teacher layer j, weight w) pairs of one teacher's layer map, as the batched losses
+use them.
 
-Notation: L_s student layers, L_t teacher layers, P pairs (an interpolated student layer gives one pair per teacher
-layer it reads), L mapped student layers.
+Notation: L_s student layers, L_t teacher layers, P pairs (an interpolated student layer gives one pair per
+teacher layer it reads), L mapped student layers.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from kvdistill.align.layers import layer_map
 class LayerPairs:
     """One teacher's layer map flattened in map order.
 
-    matrix (L_s, L_t): the layer map (rows sum to 1 or 0). i, j, w: per pair. layers: the mapped student layers
-    (each once, ascending); at: per pair, the position of its i in `layers`. rows: {i: [(j, w), ...]}.
+    matrix (L_s, L_t): the layer map (rows sum to 1 or 0). i, j, w: per pair. layers: the mapped student
+    layers (each once, ascending); at: per pair, the position of its i in `layers`. rows: {i: [(j, w), ...]}.
     coef (P, 2): w·keys_weight, w·values_weight; weight (P,): w; both on `device`.
     """
 
@@ -51,6 +52,7 @@ class LayerPairs:
         return sorted(set(self.j))
 
     def layer_positions(self, pos: list[int], device) -> torch.Tensor | None:
-        """Position in `layers` of the student layer of each pair in `pos`, None when that is 0..L-1 (identity)."""
+        """Position in `layers` of the student layer of each pair in `pos`, None when that is 0..L-1
+        (identity)."""
         at = [self.at[p] for p in pos]
         return None if at == list(range(len(self.layers))) else torch.tensor(at, device=device)

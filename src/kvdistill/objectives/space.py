@@ -1,9 +1,9 @@
 """The interface every fusion space implements, and what one step hands it.
 
-A space turns the student's K/V and every teacher's K/V into one per-sample distillation loss (B,), together with
-the fusion weights it used and its metrics. `kvdistill.objectives.text.TextObjective` composes a space with the
-student's CE, the per-teacher terms (`terms.TeacherTerms`) and the router's regulariser. A new space is a new module
-registered in `kvdistill.objectives.text.SPACES`, not a new branch.
+A space turns the student's K/V and every teacher's K/V into one per-sample distillation loss (B,), together
+with the fusion weights it used and its metrics. `kvdistill.objectives.text.TextObjective` composes a space
+with the student's CE, the per-teacher terms (`terms.TeacherTerms`) and the router's regulariser. A new space
+is a new module registered in `kvdistill.objectives.text.SPACES`, not a new branch.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from kvdistill.teachers.record import TeacherKV
 
 @dataclass
 class Step:
-    """What a space sees of one step: the student's batch and capture (K/V, hidden states, logits), the teachers,
-    their K/V records (one per teacher, in order), their layer pairs by name, and the fusion."""
+    """What a space sees of one step: the student's batch and capture (K/V, hidden states, logits), the
+    teachers, their K/V records (one per teacher, in order), their layer pairs by name, and the fusion."""
 
     batch: StudentBatch
     student: KVCapture
@@ -41,8 +41,8 @@ class Step:
 
     @property
     def teacher_nll(self) -> torch.Tensor | None:
-        """(B, N) every teacher's NLL per byte of each sample's scored text (`TeacherKV.nll_per_byte`), when the
-        teachers' pass computed it (fusion.kind confidence, or a router trained toward it)."""
+        """(B, N) every teacher's NLL per byte of each sample's scored text (`TeacherKV.nll_per_byte`), when
+        the teachers' pass computed it (fusion.kind confidence, or a router trained toward it)."""
         if not self.records or any(r.nll_per_byte is None for r in self.records):
             return None
         return torch.stack([r.nll_per_byte for r in self.records], -1)
@@ -50,8 +50,9 @@ class Step:
 
 @dataclass
 class SpaceOutput:
-    """kd (B,): the space's distillation loss per sample (already weighted by the fusion and the loss weights);
-    weights: (B, N) or (B, T_s, N) as used; metrics: name -> 0-dim detached tensors (per-sample means)."""
+    """kd (B,): the space's distillation loss per sample (already weighted by the fusion and the loss
+    weights); weights: (B, N) or (B, T_s, N) as used; metrics: name -> 0-dim detached tensors (per-sample
+    means)."""
 
     kd: torch.Tensor
     weights: torch.Tensor
@@ -81,5 +82,6 @@ class FusionSpace(nn.Module, metaclass=abc.ABCMeta):
         """Fit what is fitted rather than trained, on training records; nothing by default."""
 
     def layer_errors(self, step: Step) -> dict[str, dict[int, torch.Tensor]] | None:
-        """Per teacher and mapped student layer, the per-sample (B,) held-out K/V error; None if not defined."""
+        """Per teacher and mapped student layer, the per-sample (B,) held-out K/V error; None if not
+        defined."""
         return None

@@ -1,14 +1,16 @@
-"""Target-space fusion: one fused target per student layer, Σ_n w_n · A_n(KV_n), compared with the student's K/V.
+"""Target-space fusion: one fused target per student layer, Σ_n w_n · A_n(KV_n), compared with the student's
+K/V.
 
 Notation: B batch, N teachers, T_s student tokens, M teacher tokens, H_s/D_s student KV heads/head dim.
 
-Teacher n's K/V of the teacher layers mapped to student layer i (mixed by the layer map's row) are resampled onto
-the student's tokens (alignment rows: student tokens, normalised over the teacher tokens they overlap) and mapped
-into the student's geometry by a frozen `TeacherToStudentMap` A_n, which no loss can move (a learnable map on the
-teacher side could meet the student at zero). Per student layer i:
+Teacher n's K/V of the teacher layers mapped to student layer i (mixed by the layer map's row) are resampled
+onto the student's tokens (alignment rows: student tokens, normalised over the teacher tokens they overlap)
+and mapped into the student's geometry by a frozen `TeacherToStudentMap` A_n, which no loss can move (a
+learnable map on the teacher side could meet the student at zero). Per student layer i:
 
     target_i = Σ_n w_n · A_n(Σ_j W_n[i, j] · KV_n[j])        (B, H_s, T_s, D_s)   (fuse.fuse_targets)
-    kd(b) = λ_kv · Σ_i (α_K·err(K_s[i], target_K) + α_V·err(V_s[i], target_V)) / #layers   (losses.pairs_kv_loss)
+    kd(b) = λ_kv · Σ_i (α_K·err(K_s[i], target_K) + α_V·err(V_s[i], target_V)) / #layers
+                                                                     (losses.pairs_kv_loss)
 
 on the student tokens that some teacher covers. Weights are fixed, routed (per sample or per token), or by
 similarity of the student's pooled keys to each teacher's mapped keys on the deepest fused layer.
@@ -41,7 +43,8 @@ class TargetSpace(FusionSpace):
         )
 
     def _mapped(self, step: Step, n: int) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Teacher n on the student's grid: student layer i -> (keys, values (B, H_s, T_s, D_s), covered (B, T_s))."""
+        """Teacher n on the student's grid: student layer i -> (keys, values (B, H_s, T_s, D_s), covered (B,
+        T_s))."""
         teacher, tkv = step.teachers[n], step.records[n]
         lp = step.pairs[teacher.name]
         b = step.batch
@@ -63,8 +66,8 @@ class TargetSpace(FusionSpace):
         return out
 
     def _similarity(self, step: Step, mapped: list[dict]) -> list[SimilarityInputs]:
-        """Per teacher, the student's own keys and the teacher's mapped keys of its deepest mapped layer, as token
-        rows (B, T_s, H_s·D_s), on the student tokens the teacher covers."""
+        """Per teacher, the student's own keys and the teacher's mapped keys of its deepest mapped layer, as
+        token rows (B, T_s, H_s·D_s), on the student tokens the teacher covers."""
         sims = []
         for per_layer in mapped:
             i = max(per_layer)

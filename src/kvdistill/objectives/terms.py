@@ -1,14 +1,15 @@
 """Per-teacher terms beside the K/V of the fusion space: relation, attention KL, hidden states and logit KD.
 
-Notation: B batch, T_s student tokens, M = T_t teacher tokens (these terms need online, uncompressed teachers),
-H heads, F_s/F_t hidden widths, V vocabulary.
+Notation: B batch, T_s student tokens, M = T_t teacher tokens (these terms need online, uncompressed
+teachers), H heads, F_s/F_t hidden widths, V vocabulary.
 
 Each term is a `kvdistill.losses` function on the teacher's tokens, averaged over the teacher's layer pairs
-(i, j, w) as the K/V term is (Σ w·term / #mapped layers); logit KD is one term per teacher. Teacher n's terms are
-weighed by its per-sample fusion weight w_n(b) (per-token weights: their mean over the sample's tokens). Logit KD
-with a teacher of the student's tokenizer is the exact same-vocabulary term (embeddings padded to different sizes
-compare their shared entries); with another tokenizer it goes through the byte alignment
-(`losses.logit_kd.cross_tokenizer`: the shared-string projection at prefix partners, or aligned-chunk likelihoods):
+(i, j, w) as the K/V term is (Σ w·term / #mapped layers); logit KD is one term per teacher. Teacher n's terms
+are weighed by its per-sample fusion weight w_n(b) (per-token weights: their mean over the sample's tokens).
+Logit KD with a teacher of the student's tokenizer is the exact same-vocabulary term (embeddings padded to
+different sizes compare their shared entries); with another tokenizer it goes through the byte alignment
+(`losses.logit_kd.cross_tokenizer`: the shared-string projection at prefix partners, or aligned-chunk
+likelihoods):
 
     extra(b) = Σ_n w_n(b) · (λ_rel·rel_n + λ_att·att_n + λ_hid·hid_n + λ_logit·kd_n)(b)
 """
@@ -32,7 +33,8 @@ TERMS = ("relation", "attention_kl", "hidden", "logit_kd")
 
 
 class TeacherTerms(nn.Module):
-    """The per-teacher terms of `cfg.losses` with a weight > 0; hidden states get a learnable F_s -> F_t map."""
+    """The per-teacher terms of `cfg.losses` with a weight > 0; hidden states get a learnable F_s -> F_t
+    map."""
 
     def __init__(self, cfg, student_geometry, teachers: list, tokenizer=None):
         super().__init__()
@@ -48,12 +50,13 @@ class TeacherTerms(nn.Module):
             c.logit_kd.temperature
         )  # the objective sets each step's τ (losses.logit_kd.schedule)
         self.active = [t for t in TERMS if self.scale[t] > 0]
-        # one tokenizer, embeddings padded to different sizes (e.g. 151,936 vs 152,064 entries): logit KD compares
-        # the entries both models have, renormalised over them; the padded rows name no token
+        # one tokenizer, embeddings padded to different sizes (e.g. 151,936 vs 152,064 entries): logit KD
+        # compares the entries both models have, renormalised over them; the padded rows name no token
         self.shared_vocab = {
             t.name: min(student_geometry.vocab_size, t.geometry.vocab_size) for t in teachers
         }
-        # another tokenizer: the teachers' names -> None (span) or the shared-string projection (project), on the CPU
+        # another tokenizer: the teachers' names -> None (span) or the shared-string projection (project), on
+        # the CPU
         self.cross: dict[str, VocabProjection | None] = {}
         for t in teachers if "logit_kd" in self.active else []:
             if getattr(t, "tokenizer", None) is None or tokenizer is None:
@@ -77,7 +80,8 @@ class TeacherTerms(nn.Module):
                 )
             elif t.geometry.vocab_size != student_geometry.vocab_size:
                 log.info(
-                    "logit KD with teacher %s compares the %d shared vocabulary entries (student %d, teacher %d)",
+                    "logit KD with teacher %s compares the %d shared vocabulary entries (student %d, "
+                    "teacher %d)",
                     t.name,
                     self.shared_vocab[t.name],
                     student_geometry.vocab_size,
@@ -152,9 +156,10 @@ class TeacherTerms(nn.Module):
         return out
 
     def logit_term(self, step: Step, n: int) -> torch.Tensor:
-        """Teacher n's logit KD per sample (B,): the same-vocabulary term for one tokenizer, else the cross-tokenizer
-        term of `losses.logit_kd.cross_tokenizer`; with `top_k` against the teacher's top-k and a tail bucket (a
-        cached teacher's top-k come from its cache, `TeacherKV.logits`, at this step's τ)."""
+        """Teacher n's logit KD per sample (B,): the same-vocabulary term for one tokenizer, else the
+        cross-tokenizer term of `losses.logit_kd.cross_tokenizer`; with `top_k` against the teacher's top-k
+        and a tail bucket (a cached teacher's top-k come from its cache, `TeacherKV.logits`, at this step's
+        τ)."""
         teacher, tkv = step.teachers[n], step.records[n]
         s, b, cap = step.student, step.batch, tkv.capture
         c, k = self.logit, self.logit.top_k
@@ -166,7 +171,8 @@ class TeacherTerms(nn.Module):
                 ids, lp = stored.at(self.temperature, k)  # (B, T_t, k) ids, log-probabilities at τ
                 if ids.shape[1] != s.logits.shape[1]:
                     raise KvdistillError(
-                        f"teacher '{teacher.name}''s cached logits cover {ids.shape[1]} positions, the student's batch "
+                        f"teacher '{teacher.name}''s cached logits cover {ids.shape[1]} positions, the "
+                        "student's batch "
                         f"{s.logits.shape[1]}: the same tokenizer should give the same tokens",
                         "re-extract the cache with this run's data (data.max_length) and tokenizer",
                     )
@@ -213,9 +219,9 @@ class TeacherTerms(nn.Module):
 
 
 def _within(ids: torch.Tensor, log_probs: torch.Tensor, V: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A cached top-k restricted to the first V entries (embeddings padded to different sizes): an id at or past V
-    (a padded row of the teacher's) gets log-probability -inf, so its mass joins the tail bucket, and id 0 (a
-    placeholder the loss sees as carrying no mass)."""
+    """A cached top-k restricted to the first V entries (embeddings padded to different sizes): an id at or
+    past V (a padded row of the teacher's) gets log-probability -inf, so its mass joins the tail bucket, and
+    id 0 (a placeholder the loss sees as carrying no mass)."""
     past = ids >= V  # (B, T, k)
     if not bool(past.any()):
         return ids, log_probs

@@ -1,13 +1,15 @@
-"""The distillation objective: the student's CE, a fusion space's K/V loss, the per-teacher terms, the router's
-regulariser. Thin: every loss comes from `kvdistill.losses`, every K/V term from the space module.
+"""The distillation objective: the student's CE, a fusion space's K/V loss, the per-teacher terms, the
+router's regulariser. Thin: every loss comes from `kvdistill.losses`, every K/V term from the space module.
 
 Notation: B batch, N teachers, T_s student tokens, L_s student layers.
 
-    loss = mean_b [ λ_ce·CE(b) + kd_space(b) + extra(b) ] + λ_ent·entropy(w) (+ λ_target·KL(w_conf || w_router))
+    loss = mean_b [ λ_ce·CE(b) + kd_space(b) + extra(b) ] + λ_ent·entropy(w)
+           (+ λ_target·KL(w_conf || w_router))
 
-Each bracket is per sample, so a batch's loss (and its gradient) is the mean of its samples' losses: batch size,
-accumulation and DDP give the same update. With train.on_policy, a step drawn on-policy computes kd_space and extra
-on the student's own continuations of the prompts and CE on the data text (`kvdistill.objectives.on_policy`).
+Each bracket is per sample, so a batch's loss (and its gradient) is the mean of its samples' losses: batch
+size, accumulation and DDP give the same update. With train.on_policy, a step drawn on-policy computes
+kd_space and extra on the student's own continuations of the prompts and CE on the data text
+(`kvdistill.objectives.on_policy`).
 """
 
 from __future__ import annotations
@@ -100,9 +102,10 @@ class TextObjective(TrainingObjective):
 
     # ---------------------------------------------------------------------------------------------- one step
     def step(self, batch: Collated | list[dict], *, training: bool = True) -> Step:
-        """The student's forward and every teacher's K/V of one batch (a `Collated`, or records collated here);
-        held out (training=False) only the K/V, and only for a space that reports per-layer errors. The K/V come
-        from the batch's pass ahead where `TeachersAhead` made one (`train.teachers_ahead`), else run here."""
+        """The student's forward and every teacher's K/V of one batch (a `Collated`, or records collated
+        here); held out (training=False) only the K/V, and only for a space that reports per-layer errors. The
+        K/V come from the batch's pass ahead where `TeachersAhead` made one (`train.teachers_ahead`), else run
+        here."""
         collated = self.as_batch(batch)
         needs = self.terms.needs() if training else dict(hidden_states=False, logits=False, attentions=False)
         sb = collated.student_batch(self.fusion.fixed.device)
@@ -153,14 +156,14 @@ class TextObjective(TrainingObjective):
         return tkvs
 
     def runs_teachers_ahead(self, batch: Collated) -> bool:
-        """Whether the teachers' pass of `batch` (of optimizer step `batch.step`) can run ahead of its step: not on
-        an on-policy step, whose teachers score text the student samples in the step itself."""
+        """Whether the teachers' pass of `batch` (of optimizer step `batch.step`) can run ahead of its step:
+        not on an on-policy step, whose teachers score text the student samples in the step itself."""
         return self.on_policy is None or batch.step is None or not self.on_policy.chosen(batch.step)
 
     def forward(self, batch: Collated | list[dict]):
         """(loss, metrics) of a batch (a `Collated`, or records collated here): loss a 0-dim tensor, metrics
-        floats (per-sample means; `tokens` a count). On an on-policy step (train.on_policy) the terms other than CE
-        score the student's samples; the generation's cost is in on_policy/* (sampled 1/0, new_tokens,
+        floats (per-sample means; `tokens` a count). On an on-policy step (train.on_policy) the terms other
+        than CE score the student's samples; the generation's cost is in on_policy/* (sampled 1/0, new_tokens,
         generate_s)."""
         cfg = self.cfg
         metrics: dict[str, torch.Tensor] = {}
@@ -232,11 +235,11 @@ class TextObjective(TrainingObjective):
     # ---------------------------------------------------------------------------------------------- held out
     @torch.no_grad()
     def evaluate(self, records: list[dict], batch_size: int | None = None) -> dict:
-        """Held-out CE / perplexity (token-level, `losses.token_nll`) and, where the space defines it, per teacher
-        the K/V error per student layer: `eval/kv_error_layers/<teacher>` (L_s entries, None where the layer map
-        leaves a layer unsupervised) and its mean over mapped layers `eval/kv_error/<teacher>`. With a router,
-        similarity or confidence fusion and teachers labelled with a skill, the routing accuracy of `fuse.routing_accuracy`:
-        `eval/routing_acc` and `eval/routing_acc_<skill>`."""
+        """Held-out CE / perplexity (token-level, `losses.token_nll`) and, where the space defines it, per
+        teacher the K/V error per student layer: `eval/kv_error_layers/<teacher>` (L_s entries, None where the
+        layer map leaves a layer unsupervised) and its mean over mapped layers `eval/kv_error/<teacher>`. With
+        a router, similarity or confidence fusion and teachers labelled with a skill, the routing accuracy of
+        `fuse.routing_accuracy`: `eval/routing_acc` and `eval/routing_acc_<skill>`."""
         with self.evaluating():
             bs = batch_size or self.cfg.train.batch_size
             nll, tokens = 0.0, 0
@@ -270,8 +273,9 @@ class TextObjective(TrainingObjective):
 
     @torch.no_grad()
     def routing_weights(self, records: list[dict], batch_size: int) -> torch.Tensor:
-        """(N, K) fusion weights per record, through the training step's own path (the space's forward, with the
-        student's hidden states and every teacher's K/V); per-token weights averaged over each record's tokens."""
+        """(N, K) fusion weights per record, through the training step's own path (the space's forward, with
+        the student's hidden states and every teacher's K/V); per-token weights averaged over each record's
+        tokens."""
         rows = []
         for lo in range(0, len(records), batch_size):
             step = self.step(records[lo : lo + batch_size], training=True)
@@ -280,7 +284,8 @@ class TextObjective(TrainingObjective):
 
     @torch.no_grad()
     def prepare(self, records: list[dict]) -> None:
-        """Fit what is fitted rather than trained (the latent maps) on `records`; a no-op for the other spaces."""
+        """Fit what is fitted rather than trained (the latent maps) on `records`; a no-op for the other
+        spaces."""
         self.space.prepare(
             records, self.teachers, self.pairs, self.cfg.data.max_length, self.cfg.train.batch_size
         )

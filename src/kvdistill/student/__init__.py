@@ -1,4 +1,5 @@
-"""kvdistill.student: the model being trained, built from a checkpoint or a config, optionally wrapped in LoRA.
+"""kvdistill.student: the model being trained, built from a checkpoint or a config, optionally wrapped in
+LoRA.
 
 Below `objectives/` (which trains it) and `train/` (which runs the loop)."""
 

@@ -21,8 +21,9 @@ def build_student(
 ):
     """(model, tokenizer), model in train mode on CPU (the trainer moves it).
 
-    A from_config model's config is built by `kvdistill.models.from_config` (the family's config class, heads and
-    widths checked, derived sizes following hidden_size); `key` names it in errors (a teacher's from_config).
+    A from_config model's config is built by `kvdistill.models.from_config` (the family's config class, heads
+    and widths checked, derived sizes following hidden_size); `key` names it in errors (a teacher's
+    from_config).
 
     attentions: the run reads the student's attention probabilities (eager attention), else sdpa where the
     family has it.

@@ -1,30 +1,32 @@
-"""The latent-reasoning student (KaVa, arXiv 2510.02312): one backbone that reads the question, then M continuous
-latent tokens, then the answer; the latents come from Jacobi iterations over projected hidden states (PCCoT,
-arXiv 2506.18582).
+"""The latent-reasoning student (KaVa, arXiv 2510.02312): one backbone that reads the question, then M
+continuous latent tokens, then the answer; the latents come from Jacobi iterations over projected hidden
+states (PCCoT, arXiv 2506.18582).
 
 Notation: B batch, P prefix (question) columns, M latent slots, S suffix (answer) columns, d hidden size,
 T the number of Jacobi iterations.
 
 Columns of a student-mode batch: [ prefix (P, left-padded) | latents (M) | suffix (S, right-padded) ], mask =
-prefix mask | ones | suffix mask, positions = cumsum(mask) - 1 (each sample's tokens are contiguous). Left padding
-puts every sample's latents in the same columns P .. P+M-1.
+prefix mask | ones | suffix mask, positions = cumsum(mask) - 1 (each sample's tokens are contiguous). Left
+padding puts every sample's latents in the same columns P .. P+M-1.
 
 The latents (our reading of PCCoT):
     e_0[m] = init[m]                                     a learned (M, d) start
     h^k    = last hidden states of backbone(prefix, e_{k-1}) at the M latent columns        (B, M, d)
     e_k[0] = proj(h_q),  e_k[m] = proj(h^k[m-1]) for m >= 1   h_q: the last prefix token's last hidden state
-for k = 1..T, all slots at once (a Jacobi step: slot m reads the previous pass's slot m-1). The answer is read after
-e_T. The prefix's K/V are computed once and reused by every pass (the model's cache, cropped back to the prefix
-after each pass; a cache that cannot be cropped is replaced by recomputing the prefix). After k passes slots
-0..k-1 no longer change, so with T >= M the latents equal the sequential (Coconut-style) continuous thought.
-proj = norm ∘ f: f is 'mlp' h + W2·gelu(W1·h) (W2 starts at 0, so f starts as the identity), 'linear' (starts as
-the identity) or 'none' (the hidden state itself); norm ('head') is 'embed_norm' x / rms(x) · g with a learned gain
-g (d,) that starts at the RMS of the token embeddings, so the latents enter the backbone at the scale of a token
-embedding from the first step (the post-norm hidden state is 18-50x larger), or 'identity' (none).
+for k = 1..T, all slots at once (a Jacobi step: slot m reads the previous pass's slot m-1). The answer is read
+after e_T. The prefix's K/V are computed once and reused by every pass (the model's cache, cropped back to the
+prefix after each pass; a cache that cannot be cropped is replaced by recomputing the prefix). After k passes
+slots 0..k-1 no longer change, so with T >= M the latents equal the sequential (Coconut-style) continuous
+thought. proj = norm ∘ f: f is 'mlp' h + W2·gelu(W1·h) (W2 starts at 0, so f starts as the identity), 'linear'
+(starts as the identity) or 'none' (the hidden state itself); norm ('head') is 'embed_norm' x / rms(x) · g
+with a learned gain g (d,) that starts at the RMS of the token embeddings, so the latents enter the backbone
+at the scale of a token embedding from the first step (the post-norm hidden state is 18-50x larger), or
+'identity' (none).
 
-A saved latent student is a plain Hugging Face model (the backbone) plus `latent.json` and `latent.safetensors`
-(the head) in the same directory. `latent_view` tokenizes template records into a student-mode batch (training's
-answer CE and the held-out one, `kvdistill.eval.heldout.latent_answer_ce`, read it).
+A saved latent student is a plain Hugging Face model (the backbone) plus `latent.json` and
+`latent.safetensors` (the head) in the same directory. `latent_view` tokenizes template records into a
+student-mode batch (training's answer CE and the held-out one, `kvdistill.eval.heldout.latent_answer_ce`, read
+it).
 """
 
 from __future__ import annotations
@@ -50,10 +52,12 @@ HEAD_WEIGHTS = "latent.safetensors"
 
 
 class LatentHead(nn.Module):
-    """The learned start `init` (M, d) and the projection of hidden states into latent inputs (module docstring).
+    """The learned start `init` (M, d) and the projection of hidden states into latent inputs (module
+    docstring).
 
-    head 'embed_norm' needs `embed_rms`, the RMS of the backbone's token embeddings: the gain starts there and `init`
-    is drawn at that scale; 'identity' keeps the projection's output as it is (`init` at `init_std`)."""
+    head 'embed_norm' needs `embed_rms`, the RMS of the backbone's token embeddings: the gain starts there and
+    `init` is drawn at that scale; 'identity' keeps the projection's output as it is (`init` at
+    `init_std`)."""
 
     def __init__(
         self,
@@ -115,7 +119,8 @@ class LatentHead(nn.Module):
 
 
 def embedding_rms(backbone: nn.Module) -> float:
-    """sqrt(mean(E²)) of the backbone's input embedding matrix E (V, d): a token embedding's typical norm over √d."""
+    """sqrt(mean(E²)) of the backbone's input embedding matrix E (V, d): a token embedding's typical norm over
+    √d."""
     weight = backbone.get_input_embeddings().weight.detach()
     return float(weight.float().pow(2).mean().sqrt())
 
@@ -162,8 +167,8 @@ class LatentStudent(nn.Module):
     def latents(
         self, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor, *, use_cache: bool = True
     ) -> torch.Tensor:
-        """e_T (B, M, d) for a left-padded prefix (B, P) (see the module docstring); use_cache=False recomputes the
-        prefix in every pass (the reference the cached path must equal)."""
+        """e_T (B, M, d) for a left-padded prefix (B, P) (see the module docstring); use_cache=False
+        recomputes the prefix in every pass (the reference the cached path must equal)."""
         B, P = prefix_ids.shape
         M, dtype = self.tokens, self._dtype()
         e = self.head.init.to(dtype).unsqueeze(0).expand(B, M, -1)  # (B, M, d)
@@ -230,8 +235,8 @@ class LatentStudent(nn.Module):
         hidden_states: bool = False,
         logits: bool = True,
     ):
-        """The student-mode pass: a `KVCapture` of the (B, P+M+S) columns (K/V pre-rotation; the latent slots are
-        columns P .. P+M-1; their input_ids are `pad_id`, never read)."""
+        """The student-mode pass: a `KVCapture` of the (B, P+M+S) columns (K/V pre-rotation; the latent slots
+        are columns P .. P+M-1; their input_ids are `pad_id`, never read)."""
         B, P = prefix_ids.shape
         M = self.tokens
         e = self.latents(prefix_ids, prefix_mask)  # (B, M, d)
@@ -260,10 +265,10 @@ class LatentStudent(nn.Module):
         eos_id: int | None = None,
         use_cache: bool = True,
     ) -> dict:
-        """Greedy answers in latent mode: prefix (B, P) left-padded, the latents, then `prompt_ids` (B, Q) (the same
-        number of tokens in every sample, e.g. 'Answer:'), then up to `max_new_tokens` tokens (B, N) (after an
-        eos, eos is repeated). Returns {tokens (B, N), seconds, latent_passes}; use_cache=False recomputes the
-        whole sequence for every token (the reference)."""
+        """Greedy answers in latent mode: prefix (B, P) left-padded, the latents, then `prompt_ids` (B, Q)
+        (the same number of tokens in every sample, e.g. 'Answer:'), then up to `max_new_tokens` tokens (B, N)
+        (after an eos, eos is repeated). Returns {tokens (B, N), seconds, latent_passes}; use_cache=False
+        recomputes the whole sequence for every token (the reference)."""
         t0 = time.perf_counter()
         B, P = prefix_ids.shape
         M = self.tokens
@@ -363,12 +368,12 @@ def load_latent_student(student_dir: str | Path, *, device=None, attn_implementa
     return model.eval(), tokenizer
 
 
-# ---------------------------------------------------------------------------------------------- student-mode batch
+# ----------------------------------------------------------------------------------------- student-mode batch
 @dataclass
 class LatentView:
     """The student-mode batch (CPU): prefix ids/mask (B, P) left-padded, suffix ids/mask (B, S) right-padded,
-    answer_mask (B, P+M+S) the predictions of the answer CE (the last column before the suffix and the suffix),
-    pre_answer (B,) the column of the token before the answer."""
+    answer_mask (B, P+M+S) the predictions of the answer CE (the last column before the suffix and the
+    suffix), pre_answer (B,) the column of the token before the answer."""
 
     prefix_ids: torch.Tensor
     prefix_mask: torch.Tensor
@@ -379,8 +384,8 @@ class LatentView:
 
 
 def latent_view(tokenizer, segs: list[Segments], tokens: int) -> LatentView:
-    """Tokenize prefixes (with the tokenizer's BOS) and suffixes (without) for `tokens` latent slots (`tokenize`:
-    byte spans; a part that tokenizes to nothing is refused)."""
+    """Tokenize prefixes (with the tokenizer's BOS) and suffixes (without) for `tokens` latent slots
+    (`tokenize`: byte spans; a part that tokenizes to nothing is refused)."""
     pre = tokenize(tokenizer, [s.prefix for s in segs], padding_side="left")
     suf = tokenize(tokenizer, [s.suffix for s in segs], padding_side="right", add_special_tokens=False)
     B, P = pre["input_ids"].shape

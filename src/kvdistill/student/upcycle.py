@@ -3,11 +3,11 @@ the dense MLP, the router newly initialised.
 
 Notation: E experts, k chosen per token, F hidden width, I the MLP's intermediate width.
 
-Dense llama / mistral -> mixtral, qwen3 -> qwen3_moe (same attention, norms and embeddings, so every other weight
-is copied as it is). The MoE block's top-k weights sum to 1 (Mixtral always, Qwen3-MoE with norm_topk_prob), so at
-initialisation the upcycled model computes exactly the dense model's function, whatever the router picks
-(tests/student/test_upcycle.py checks the logits); training then lets the experts diverge. The expert
-correspondence of an upcycled student to a teacher with as many experts is the identity.
+Dense llama / mistral -> mixtral, qwen3 -> qwen3_moe (same attention, norms and embeddings, so every other
+weight is copied as it is). The MoE block's top-k weights sum to 1 (Mixtral always, Qwen3-MoE with
+norm_topk_prob), so at initialisation the upcycled model computes exactly the dense model's function, whatever
+the router picks (tests/student/test_upcycle.py checks the logits); training then lets the experts diverge.
+The expert correspondence of an upcycled student to a teacher with as many experts is the identity.
 """
 
 from __future__ import annotations
@@ -57,8 +57,8 @@ def upcycled_config(dense_config, num_experts: int, top_k: int):
 
 
 def upcycle(dense: nn.Module, *, num_experts: int, top_k: int, seed: int = 0) -> nn.Module:
-    """The MoE model whose every expert is `dense`'s MLP of the same layer; other weights copied, routers drawn
-    with the MoE family's init under `seed`. Refused when a dense weight has no place in the MoE."""
+    """The MoE model whose every expert is `dense`'s MLP of the same layer; other weights copied, routers
+    drawn with the MoE family's init under `seed`. Refused when a dense weight has no place in the MoE."""
     from transformers import AutoModelForCausalLM
 
     config = upcycled_config(dense.config, num_experts, top_k)

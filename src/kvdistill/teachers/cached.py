@@ -30,8 +30,8 @@ def read_cached(name: str, reader, records: list[dict], *, logits: bool = False)
 
 
 def map_tensors(tkv: TeacherKV, fn) -> TeacherKV:
-    """`tkv` with fn applied to its keys, values, spans and masks (and stored logits), once per distinct tensor
-    (shared spans stay shared)."""
+    """`tkv` with fn applied to its keys, values, spans and masks (and stored logits), once per distinct
+    tensor (shared spans stay shared)."""
     done: dict[int, torch.Tensor] = {}
 
     def once(x: torch.Tensor) -> torch.Tensor:
@@ -47,15 +47,16 @@ def map_tensors(tkv: TeacherKV, fn) -> TeacherKV:
 
 
 class CachedTeacher:
-    """K/V read from a cache, and its top-k log-probabilities where the cache stores them (`reader.meta["logits"]`);
-    hidden states and attentions are refused."""
+    """K/V read from a cache, and its top-k log-probabilities where the cache stores them
+    (`reader.meta["logits"]`); hidden states and attentions are refused."""
 
     kind = "cache"
 
     def __init__(self, name: str, reader, tokenizer=None):
         self.name = name
         self.reader = reader
-        self.tokenizer = tokenizer  # the one the cache was extracted with (its fingerprint), for logit KD across tokenizers
+        # the one the cache was extracted with (its fingerprint), for logit KD across tokenizers
+        self.tokenizer = tokenizer
         self.geometry = KVGeometry.from_dict(reader.meta["teacher"]["geometry"])
         self.layers = reader.layers
         self.device = "cpu"

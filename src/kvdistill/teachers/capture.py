@@ -28,8 +28,9 @@ from kvdistill.teachers.record import TeacherKV
 def answer_query_mask(records: list[dict], spans: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(B, T) 1 on the tokens of the answer (the last observation): those starting at or after `answer_start`.
 
-    spans (B, T, 2) are UTF-8 byte offsets (`tokenize`), `answer_start` a character offset into record["text"]:
-    it is compared as the byte offset of that character. Records without `answer_start` use their last real token.
+    spans (B, T, 2) are UTF-8 byte offsets (`tokenize`), `answer_start` a character offset into
+    record["text"]: it is compared as the byte offset of that character. Records without `answer_start` use
+    their last real token.
     """
     query = torch.zeros_like(mask)
     for b, rec in enumerate(records):
@@ -45,8 +46,8 @@ def answer_query_mask(records: list[dict], spans: torch.Tensor, mask: torch.Tens
 
 
 def cot_candidates(records: list[dict], spans: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(B, T) 1 on the tokens of each record's chain of thought (its `cot`, the last occurrence before the answer),
-    by byte spans; refused, naming the record, when it has none or truncation cut it off."""
+    """(B, T) 1 on the tokens of each record's chain of thought (its `cot`, the last occurrence before the
+    answer), by byte spans; refused, naming the record, when it has none or truncation cut it off."""
     out = torch.zeros_like(mask)
     for b, rec in enumerate(records):
         cot, text = rec.get("cot"), rec["text"]
@@ -59,7 +60,8 @@ def cot_candidates(records: list[dict], spans: torch.Tensor, mask: torch.Tensor)
             out[b] = ((s < hi) & (e > lo) & (e > s)).long() * mask[b]
         if not out[b].any():
             raise KvdistillError(
-                f"record '{rec.get('id')}' has no chain-of-thought tokens (after truncation) for compression.span "
+                f"record '{rec.get('id')}' has no chain-of-thought tokens (after truncation) for "
+                "compression.span "
                 "'cot'",
                 "use records with a `cot` field (template mode) and a data.max_length that keeps it, or "
                 "compression.span: all",
@@ -69,9 +71,10 @@ def cot_candidates(records: list[dict], spans: torch.Tensor, mask: torch.Tensor)
 
 @dataclass
 class TeacherInputs:
-    """The host half of a teacher batch, built without the model (so on another thread while the device runs the
-    previous batch): the tokenizer's input_ids, attention_mask (B, T), byte spans (B, T, 2) with padding (0, 0), and
-    the rkv answer-query mask (B, T) or None; all CPU (pinned when `prepare_teacher` was given pin=True)."""
+    """The host half of a teacher batch, built without the model (so on another thread while the device runs
+    the previous batch): the tokenizer's input_ids, attention_mask (B, T), byte spans (B, T, 2) with padding
+    (0, 0), and the rkv answer-query mask (B, T) or None; all CPU (pinned when `prepare_teacher` was given
+    pin=True)."""
 
     records: list[dict]
     input_ids: torch.Tensor
@@ -108,8 +111,8 @@ def prepare_teacher(
     pin: bool = False,
 ) -> TeacherInputs:
     """Tokenize `records` as `capture_teacher` does (right padding, the model's position limit) and build the
-    rkv query mask and its query rows on the host (Q, the most rows of a sample, is then known without asking the
-    device); pin=True pins the tensors for an asynchronous copy to the GPU."""
+    rkv query mask and its query rows on the host (Q, the most rows of a sample, is then known without asking
+    the device); pin=True pins the tensors for an asynchronous copy to the GPU."""
     ids, mask, spans = tokenize_for(
         geometry, tokenizer, [r["text"] for r in records], max_length=max_length, padding_side="right"
     )  # (B, T), (B, T), (B, T, 2)
@@ -117,7 +120,8 @@ def prepare_teacher(
     cot = getattr(compression, "span", "all") == "cot"
     candidates = cot_candidates(records, spans, mask) if cot else None
     query = None
-    if rkv:  # the rows whose attention is the importance: the answer, or R-KV's window (the last `window` candidates)
+    # the rows whose attention is the importance: the answer, or R-KV's window (the last `window` candidates)
+    if rkv:
         windowed = getattr(compression, "scoring", "minmax") == "rkv"
         query = (
             window_rows(candidates if cot else mask, compression.window)

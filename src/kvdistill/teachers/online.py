@@ -42,9 +42,9 @@ class OnlineTeacher:
         attentions=False,
         inputs: TeacherInputs | None = None,
     ) -> TeacherKV:
-        """The K/V record of `records`; `inputs`: their `prepare_teacher` tokenization made beforehand (e.g. by a
-        DataLoader worker), else the records are tokenized here. Thread-safe: calls on one teacher run one at a
-        time (`objectives.ahead` runs them on another thread)."""
+        """The K/V record of `records`; `inputs`: their `prepare_teacher` tokenization made beforehand (e.g.
+        by a DataLoader worker), else the records are tokenized here. Thread-safe: calls on one teacher run
+        one at a time (`objectives.ahead` runs them on another thread)."""
         with self.lock:
             return self._kv(
                 records,

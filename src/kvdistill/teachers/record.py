@@ -1,12 +1,13 @@
-"""The teacher-side K/V record of one batch, what every teacher source (online model or on-disk cache) returns.
+"""The teacher-side K/V record of one batch, what every teacher source (online model or on-disk cache)
+returns.
 
 Notation: B batch, H teacher KV heads, M kept tokens per layer (M = T_t when uncompressed), D head dim.
 
-Per stored layer l: keys[l], values[l] (B, H, M, D) pre-rotation; spans[l] (B, H, M, 2) spans of the kept tokens;
-mask[l] (B, H, M) 1 where a real token is kept. Uncompressed teachers share one (B, T_t, 2) span tensor and one
-(B, T_t) mask across layers and heads (`shared_spans`), so the token alignment is computed once per batch.
-An online teacher's logits are in its capture (B, T_t, V); a cached one's, when its cache stores them, in `logits`
-(`kvdistill.teachers.logits.TeacherLogits`: top-k log-probabilities, (B, T_t, k)).
+Per stored layer l: keys[l], values[l] (B, H, M, D) pre-rotation; spans[l] (B, H, M, 2) spans of the kept
+tokens; mask[l] (B, H, M) 1 where a real token is kept. Uncompressed teachers share one (B, T_t, 2) span
+tensor and one (B, T_t) mask across layers and heads (`shared_spans`), so the token alignment is computed once
+per batch. An online teacher's logits are in its capture (B, T_t, V); a cached one's, when its cache stores
+them, in `logits` (`kvdistill.teachers.logits.TeacherLogits`: top-k log-probabilities, (B, T_t, k)).
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ class TeacherKV:
     # sample's scored text (`kvdistill.fuse.confidence.byte_nll`), NaN where none was scored
 
     def host_spans(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Spans and mask of `layer` on the CPU, without a device-to-host copy when the capture kept CPU copies of
-        the shared ones (token alignment is built on the CPU)."""
+        """Spans and mask of `layer` on the CPU, without a device-to-host copy when the capture kept CPU
+        copies of the shared ones (token alignment is built on the CPU)."""
         cap = self.capture
         if cap is not None and self.spans[layer] is cap.spans and cap.spans_cpu is not None:
             return cap.spans_cpu, cap.attention_mask_cpu

@@ -1,4 +1,5 @@
-"""The Accelerator of a run (devices, DDP, mixed precision, trackers) and running a step on the main process only."""
+"""The Accelerator of a run (devices, DDP, mixed precision, trackers) and running a step on the main process
+only."""
 
 from __future__ import annotations
 
@@ -44,8 +45,8 @@ def on_main(accelerator, fn: Callable[[], Any]) -> Any:
 
 
 def make_accelerator(cfg: RunConfig, out_dir: Path):
-    """A fresh Accelerator for this run with its trackers (not started yet), refusing a launch that Accelerate did
-    not see as one."""
+    """A fresh Accelerator for this run with its trackers (not started yet), refusing a launch that Accelerate
+    did not see as one."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import DistributedDataParallelKwargs
@@ -67,8 +68,10 @@ def make_accelerator(cfg: RunConfig, out_dir: Path):
     )
     if accelerator.num_processes != launched:
         raise KvdistillError(
-            f"launched as {launched} processes (WORLD_SIZE) but Accelerate set up {accelerator.num_processes} "
-            f"({accelerator.distributed_type}): each process would train alone and overwrite the others' files",
+            f"launched as {launched} processes (WORLD_SIZE) but Accelerate set up "
+            f"{accelerator.num_processes} "
+            f"({accelerator.distributed_type}): each process would train alone and overwrite the others' "
+            "files",
             "launch with `torchrun --nproc_per_node N` or `accelerate launch` configured for N processes",
         )
     if accelerator.num_processes > 1:
@@ -100,7 +103,8 @@ def destroy_process_group() -> None:
 
 
 def _hasmake_accelerator() -> bool:
-    """A GPU (or other accelerator) is present; without one, Accelerate must be told to run DDP on CPU (gloo)."""
+    """A GPU (or other accelerator) is present; without one, Accelerate must be told to run DDP on CPU
+    (gloo)."""
     if hasattr(torch, "accelerator"):
         return torch.accelerator.is_available()
     return torch.cuda.is_available()

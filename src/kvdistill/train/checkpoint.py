@@ -2,28 +2,29 @@
 
 Layout of a run directory DIR:
 
-    DIR/checkpoints/step-N/   student/ (Hugging Face format), state/ (Accelerate: the objective's other weights
-                              (projectors, routers, latent maps), optimizer, RNG of every process),
+    DIR/checkpoints/step-N/   student/ (Hugging Face format), state/ (Accelerate: the objective's other
+                              weights (projectors, routers, latent maps), optimizer, RNG of every process),
                               scheduler.pt, trainer_state.json ({"step": N, "tokens": int, "config_name": str,
                               "eval_ce": float when the run evaluated at step N}), files.json (the size and
                               sha256 of every other file, written last)
     DIR/checkpoints/step-N.diverged/   a checkpoint whose weights gave a non-finite loss (set aside, kept)
     DIR/final/                the trained student (Hugging Face format: `from_pretrained(DIR/final)` loads it)
-    DIR/final/kvdistill/      the rest of the objective: objective.safetensors (projectors, routers, latent maps)
-                              and trainer_state.json; runs written before this layout hold final/student/
+    DIR/final/kvdistill/      the rest of the objective: objective.safetensors (projectors, routers, latent
+                              maps) and trainer_state.json; runs written before this layout hold
+                              final/student/
 
-One copy of the student per checkpoint: `state/` holds every weight of the objective except the student's, which
-are in `student/` (for a LoRA student, its frozen base weights are in neither: they are the base model the
-run's config builds, so a resume rebuilds them; the adapters are in `state/`). `split_student_state` registers
-the Accelerate hooks that save and load this way; checkpoints of older runs, whose state/ holds the student as
-well, still load.
+One copy of the student per checkpoint: `state/` holds every weight of the objective except the student's,
+which are in `student/` (for a LoRA student, its frozen base weights are in neither: they are the base model
+the run's config builds, so a resume rebuilds them; the adapters are in `state/`). `split_student_state`
+registers the Accelerate hooks that save and load this way; checkpoints of older runs, whose state/ holds the
+student as well, still load.
 
 Every such directory is written by `atomic_dir`: into the sibling `NAME.tmp`, every file and directory
 fsynced, then renamed into place. A crash (even SIGKILL) leaves the previous complete directory and at most a
 `NAME.tmp` (or, between two renames, `NAME.old`), neither of which ever counts as a checkpoint; the next
 write of NAME clears them. A complete checkpoint damaged later (a truncated copy, a full disk while copying)
-is found by `checkpoint_problem`: files.json sizes and sha256 (a same-size bit flip too), safetensors headers against their file sizes, zip
-end records (torch.save files), JSON that parses.
+is found by `checkpoint_problem`: files.json sizes and sha256 (a same-size bit flip too), safetensors headers
+against their file sizes, zip end records (torch.save files), JSON that parses.
 """
 
 from __future__ import annotations
@@ -149,7 +150,7 @@ def save_checkpoint(
     return path
 
 
-# ---------------------------------------------------------------------------------------------- one student copy
+# ------------------------------------------------------------------------------------------- one student copy
 def _saved_student(objective) -> tuple[str, torch.nn.Module]:
     """(prefix, module): the part of the objective that `save_student` writes as a Hugging Face model (the
     student, or a latent student's backbone) and the prefix of its keys in the objective's state dict."""
@@ -242,8 +243,8 @@ def load_objective(objective, checkpoint: str | os.PathLike) -> None:
 
 
 def student_weights(objective, checkpoint: str | os.PathLike, held: set[str]) -> dict:
-    """The saved student's entries of the objective's state dict, read from the checkpoint's student/, when the
-    state (keys `held`) lacks them (a checkpoint written with `split_student_state`); else {}."""
+    """The saved student's entries of the objective's state dict, read from the checkpoint's student/, when
+    the state (keys `held`) lacks them (a checkpoint written with `split_student_state`); else {}."""
     prefix, module = _saved_student(objective)
     if _is_peft(module) or any(k.startswith(prefix) for k in held):
         return {}
@@ -303,7 +304,8 @@ def _hash(file: Path) -> str:
 
 
 def _file_problem(file: Path) -> str | None:
-    """What is wrong with one file of a checkpoint, judged by its format (safetensors, torch.save zip, JSON)."""
+    """What is wrong with one file of a checkpoint, judged by its format (safetensors, torch.save zip,
+    JSON)."""
     if file.suffix == ".safetensors":
         size = file.stat().st_size
         with open(file, "rb") as f:
@@ -347,8 +349,8 @@ def intact_checkpoints(out_dir: str | os.PathLike) -> tuple[list[Path], list[tup
 
 
 def set_aside(path: str | os.PathLike, label: str) -> Path:
-    """Rename the checkpoint `path` (step-N) to step-N.LABEL (or step-N.LABEL-2, ...), which no listing counts:
-    kept for inspection, never resumed from. Returns the new path."""
+    """Rename the checkpoint `path` (step-N) to step-N.LABEL (or step-N.LABEL-2, ...), which no listing
+    counts: kept for inspection, never resumed from. Returns the new path."""
     path = Path(path)
     target = path.with_name(f"{path.name}.{label}")
     n = 1
@@ -372,9 +374,9 @@ def prune_checkpoints(out_dir: str | os.PathLike, keep_last: int, *, step: int) 
     """Delete the checkpoints of steps <= `step` other than the newest `keep_last` and the best (the lowest
     `eval_ce` in trainer_state.json, where the run evaluated at a checkpoint's step); returns those deleted.
 
-    Called after the checkpoint of `step` is complete, so the newest is always one that is whole, and the one a
-    run resumed from goes only once newer complete ones exist. Checkpoints of later steps (left by a run that
-    was resumed from an earlier one) are left alone: the run writes them again. Each is renamed to
+    Called after the checkpoint of `step` is complete, so the newest is always one that is whole, and the one
+    a run resumed from goes only once newer complete ones exist. Checkpoints of later steps (left by a run
+    that was resumed from an earlier one) are left alone: the run writes them again. Each is renamed to
     step-N.pruned first (no listing counts it), then removed; a leftover of a crash in between goes next time.
     """
     root = Path(out_dir) / "checkpoints"

@@ -2,12 +2,13 @@
 
 Packaged phases (`kvdistill train --phases 1-5 --out DIR`):
 1. two teachers, fixed 0.5 / 0.5              4. learned router with entropy regularisation
-2. unequal fixed weights, uniform layer map   5. + an encoder teacher (MiniLM), all in one shared latent space Z
+2. unequal fixed weights, uniform layer map   5. + an encoder teacher (MiniLM), all in one shared latent
+                                                 space Z
 3. similarity routing over all teachers
 
 A curriculum config (`kvdistill train CURRICULUM.yaml --out DIR`) lists the stages, each a packaged name or a
-path (relative to the curriculum file), plus overrides applied to every stage (an override of a fusion section,
-`fusion.similarity|router|entropy|latent|confidence.*`, only to the stages whose fusion reads it)::
+path (relative to the curriculum file), plus overrides applied to every stage (an override of a fusion
+section, `fusion.similarity|router|entropy|latent|confidence.*`, only to the stages whose fusion reads it)::
 
     curriculum: [phase1, phase2, my_phase.yaml]
     overrides: [train.steps=200, data.max_length=512]

@@ -1,5 +1,5 @@
-"""A NaN/inf loss or gradient norm: every process stops before the update, and the advice names the cause it finds
-(non-finite config numbers, a damaged cache, non-finite weights) and where to resume from."""
+"""A NaN/inf loss or gradient norm: every process stops before the update, and the advice names the cause it
+finds (non-finite config numbers, a damaged cache, non-finite weights) and where to resume from."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from kvdistill.train.run import Run
 
 
 class NonFiniteLoss(KvdistillError):
-    """A NaN/inf loss or gradient norm at optimizer step `step` (1-based): the run stopped before the update."""
+    """A NaN/inf loss or gradient norm at optimizer step `step` (1-based): the run stopped before the
+    update."""
 
     def __init__(
         self, problem: str, fix: str | None = None, *, step: int | None = None, ids: list[str] | None = None
@@ -90,8 +91,8 @@ def nonfinite_config(cfg: RunConfig) -> list[str]:
 
 
 def nonfinite_inputs(run: Run, ids: list[str]) -> list[str]:
-    """The cached teacher K/V of samples `ids` that hold NaN/inf (what a damaged or badly extracted cache feeds
-    the loss), as 'teacher t, sample s: keys_l0'."""
+    """The cached teacher K/V of samples `ids` that hold NaN/inf (what a damaged or badly extracted cache
+    feeds the loss), as 'teacher t, sample s: keys_l0'."""
     found = []
     for teacher in run.inner.teachers:
         if teacher.kind != "cache":
@@ -117,11 +118,11 @@ def nonfinite_weights(run: Run) -> list[str]:
 
 
 def diverged(run: Run, err: NonFiniteLoss) -> NonFiniteLoss:
-    """`err` (raised at step s on every process) with advice that names the cause it finds: a non-finite number
-    in the config, non-finite teacher inputs (a damaged cache), or non-finite weights. Where the config and the
-    inputs are finite, the weights of step s-1 gave the non-finite value, and a resume is exact, so from them
-    it comes back at any lr: their checkpoint, if saved, is set aside (step-N.diverged, kept); the advice names
-    the newest checkpoint before it and the lower train.lr to resume with."""
+    """`err` (raised at step s on every process) with advice that names the cause it finds: a non-finite
+    number in the config, non-finite teacher inputs (a damaged cache), or non-finite weights. Where the config
+    and the inputs are finite, the weights of step s-1 gave the non-finite value, and a resume is exact, so
+    from them it comes back at any lr: their checkpoint, if saved, is set aside (step-N.diverged, kept); the
+    advice names the newest checkpoint before it and the lower train.lr to resume with."""
     in_config = nonfinite_config(run.cfg)
     if in_config:
         return NonFiniteLoss(

@@ -1,4 +1,5 @@
-"""Held-out evaluations during training: the objective's figures, exact match where asked, the best student kept."""
+"""Held-out evaluations during training: the objective's figures, exact match where asked, the best student
+kept."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ from kvdistill.train.run import Run
 
 def evaluate(run: Run, step: int, bar=None) -> dict:
     """Held-out figures of the student after `step` (CE / ppl, per-layer K/V errors, and exact match where
-    train.eval_exact_match asks), logged as an eval row with the time so far; train.early_stopping takes them and,
-    on a new best, the student is saved to DIR/best/student. Its time counts to `eval_s`, not to `train_s`.
-    With a progress `bar` (main process), the figures are printed above it as one line."""
+    train.eval_exact_match asks), logged as an eval row with the time so far; train.early_stopping takes them
+    and, on a new best, the student is saved to DIR/best/student. Its time counts to `eval_s`, not to
+    `train_s`. With a progress `bar` (main process), the figures are printed above it as one line."""
     t0 = time.time()
     cfg = run.cfg
     ev = run.inner.evaluate(run.eval_records)
@@ -74,8 +75,8 @@ def evaluate(run: Run, step: int, bar=None) -> dict:
 
 
 def save_best(run: Run, step: int) -> None:
-    """The student of `step` as DIR/best/student (replacing the previous best: written aside, then renamed) and
-    DIR/best.json {step, metric, value}."""
+    """The student of `step` as DIR/best/student (replacing the previous best: written aside, then renamed)
+    and DIR/best.json {step, metric, value}."""
     import shutil
 
     best, tmp = run.out_dir / "best", run.out_dir / "best.tmp"

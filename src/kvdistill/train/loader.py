@@ -1,6 +1,6 @@
-"""The trainer's data pipeline: which records each micro-batch holds (a pure function of the step, the rank and
-the seeds, so a resume or another world size sees the same samples), their collation on DataLoader workers, and
-the teachers' pass run one micro-batch ahead (`objectives.ahead`)."""
+"""The trainer's data pipeline: which records each micro-batch holds (a pure function of the step, the rank
+and the seeds, so a resume or another world size sees the same samples), their collation on DataLoader
+workers, and the teachers' pass run one micro-batch ahead (`objectives.ahead`)."""
 
 from __future__ import annotations
 
@@ -33,8 +33,9 @@ def micro_batch(
 ) -> list[dict]:
     """The records of micro-batch `micro` of process `rank` (of `world`) in optimizer step `step`.
 
-    The order is seeded by data.seed and train.seed together, so runs that differ only in train.seed (the seeds
-    of an experiment) see the same records in different orders, and runs with the same seeds the same order."""
+    The order is seeded by data.seed and train.seed together, so runs that differ only in train.seed (the
+    seeds of an experiment) see the same records in different orders, and runs with the same seeds the same
+    order."""
     b, accum = cfg.train.batch_size, cfg.train.grad_accum
     per_step = b * accum * world
     order_seed = cfg.data.seed + 1_000_003 * cfg.train.seed  # = data.seed when train.seed is 0 (as before)
@@ -44,9 +45,10 @@ def micro_batch(
 
 
 class MicroBatches(torch.utils.data.Dataset):
-    """Item k: micro-batch k % grad_accum of optimizer step k // grad_accum of process `rank`, as `micro_batch`
-    picks it (so the order is a pure function of the step: a resume or another world size sees the same samples),
-    run through `collate` (on a DataLoader worker when there are some), tagged with its step."""
+    """Item k: micro-batch k % grad_accum of optimizer step k // grad_accum of process `rank`, as
+    `micro_batch` picks it (so the order is a pure function of the step: a resume or another world size sees
+    the same samples), run through `collate` (on a DataLoader worker when there are some), tagged with its
+    step."""
 
     def __init__(
         self,
@@ -74,9 +76,9 @@ def _as_is(batch):
 def collated_batches(
     objective: TrainingObjective, records: list[dict], cfg: RunConfig, start: int, end: int, accelerator
 ):
-    """The collated micro-batches of optimizer steps start..end-1 in order, from a DataLoader (train.num_workers
-    processes collating train.prefetch batches ahead each, with the objective's `collator`; pinned memory on a
-    GPU). objective: the unwrapped one."""
+    """The collated micro-batches of optimizer steps start..end-1 in order, from a DataLoader
+    (train.num_workers processes collating train.prefetch batches ahead each, with the objective's `collator`;
+    pinned memory on a GPU). objective: the unwrapped one."""
     t, acc = cfg.train, accelerator
     accum = t.grad_accum
     loader = torch.utils.data.DataLoader(
@@ -92,8 +94,9 @@ def collated_batches(
 
 
 def teachers_ahead(objective: TrainingObjective, batches, cfg: RunConfig, device: torch.device):
-    """`batches` with the teachers one micro-batch ahead (`TeachersAhead`) where train.teachers_ahead asks for it
-    (None: on a GPU, when the objective has teachers), else `batches` as they are. objective: the unwrapped one."""
+    """`batches` with the teachers one micro-batch ahead (`TeachersAhead`) where train.teachers_ahead asks for
+    it (None: on a GPU, when the objective has teachers), else `batches` as they are. objective: the unwrapped
+    one."""
     want = cfg.train.teachers_ahead
     able = bool(objective.teachers)
     if want and not able:

@@ -1,5 +1,6 @@
-"""Memory of a training run per process: the estimate made before it starts (`run_parts`, `run_bytes`: validate,
-the experiments runner's `concurrent: auto`) and the report measured at its first step (`memory_report`).
+"""Memory of a training run per process: the estimate made before it starts (`run_parts`, `run_bytes`:
+validate, the experiments runner's `concurrent: auto`) and the report measured at its first step
+(`memory_report`).
 
 The estimate, in bytes per process, with B the batch, T = data.max_length, W processes; for the student N_s
 parameters (N_tr trainable, N_fr = N_s - N_tr frozen, e.g. LoRA's base), b_s bytes per weight (4 in fp32), L_s
@@ -11,17 +12,18 @@ layers, width F_s, vocabulary V_s; for each online teacher N_t, F_t, L_t, V_t:
                 2 · b_s · N_s / L_s         fsdp with cpu_offload: the shards live in host memory
     grads       4 · N_tr  (fsdp: / W; with cpu_offload: 0)
     optimizer   8 · N_tr  (fsdp: / W; with cpu_offload: 0)   AdamW's two fp32 moments
-    acts        B · T · (34 · F_s · L_s + 12 · V_s)   training activations (mixed precision) and the fp32 logits,
-                                                 their softmax and gradient
-    teachers    Σ_t [2 · N_t + 2 · B · T · (2 · F_t · L_t + 8 · F_t + V_t·[logit KD])]   bf16 weights, held by every
-                                                 process; per batch the K/V of every layer (at most 2 · F_t each),
-                                                 the forward's transient activations, and the logits only where logit
-                                                 KD reads them; twice that batch when the teachers run ahead
-    scoring     (4 · min(B, 4) + 8) · T · max_t V_t   the confidence weights (fusion.confidence): one teacher's
-                                                 bf16 logits of 4 samples at a time and a copy, one sample's fp32
-                                                 log-softmax
-    per process 1.3 · (weights + grads + optimizer + acts + teachers + scoring) + 0.75 GiB   allocator slack, CUDA
-                                                 context
+    acts        B · T · (34 · F_s · L_s + 12 · V_s)   training activations (mixed precision) and the fp32
+                                                 logits, their softmax and gradient
+    teachers    Σ_t [2 · N_t + 2 · B · T · (2 · F_t · L_t + 8 · F_t + V_t·[logit KD])]   bf16 weights, held by
+                                                 every process; per batch the K/V of every layer (at most 2 ·
+                                                 F_t each), the forward's transient activations, and the
+                                                 logits only where logit KD reads them; twice that batch when
+                                                 the teachers run ahead
+    scoring     (4 · min(B, 4) + 8) · T · max_t V_t   the confidence weights (fusion.confidence): one
+                                                 teacher's bf16 logits of 4 samples at a time and a copy, one
+                                                 sample's fp32 log-softmax
+    per process 1.3 · (weights + grads + optimizer + acts + teachers + scoring) + 0.75 GiB   allocator slack,
+                                                 CUDA context
 
 The estimate is deliberately generous: a run that does not fit dies of out-of-memory.
 """
@@ -61,10 +63,11 @@ def run_parts(
     cpu_offload: bool = False,
     teacher_scoring: bool = False,
 ) -> dict[str, int]:
-    """The estimate's parts before slack (bytes per process): weights, grads, optimizer, acts, teachers, scoring.
+    """The estimate's parts before slack (bytes per process): weights, grads, optimizer, acts, teachers,
+    scoring.
 
-    `student`: {params, hidden, layers, vocab} and optionally trainable (default: params) and bytes (per weight,
-    default 4); each teacher: {params, hidden, layers, vocab}."""
+    `student`: {params, hidden, layers, vocab} and optionally trainable (default: params) and bytes (per
+    weight, default 4); each teacher: {params, hidden, layers, vocab}."""
     s = student
     n, n_tr, b = s["params"], s.get("trainable", s["params"]), s.get("bytes", 4)
     if distributed == "fsdp" and (world > 1 or cpu_offload):  # sharded, as `distributed.sharded_run` decides
@@ -108,8 +111,9 @@ def _local_bytes(t: torch.Tensor) -> int:
 
 def memory_report(objective, optimizer, device: torch.device) -> dict:
     """What this process holds now (bytes): the student's parameters and gradients (its shard under fsdp), the
-    maps', the online teachers', the gradients (as large as the trainable weights), the optimizer state, and on a GPU the peak allocated since the run started
-    (None on a CPU, where torch does not count allocations)."""
+    maps', the online teachers', the gradients (as large as the trainable weights), the optimizer state, and
+    on a GPU the peak allocated since the run started (None on a CPU, where torch does not count
+    allocations)."""
     student = sum(_local_bytes(p) for p in objective.student.parameters())
     maps = sum(_local_bytes(p) for n, p in objective.named_parameters() if not n.startswith("student."))
     grads = sum(
@@ -179,7 +183,8 @@ def _shape(
 
 
 def device_memory() -> tuple[int, str]:
-    """(bytes, name) of the device a run here would use: GPU 0's total memory, else the host's physical memory."""
+    """(bytes, name) of the device a run here would use: GPU 0's total memory, else the host's physical
+    memory."""
     import os
 
     if torch.cuda.is_available():
@@ -188,8 +193,9 @@ def device_memory() -> tuple[int, str]:
 
 
 def estimate_note(cfg, world: int, device_bytes: int | None, device: str) -> tuple[str, bool]:
-    """(a line on the estimated peak memory per process of the run `cfg` on `world` processes, whether it does not
-    fit `device_bytes`, the memory of the device it will run on). Builds the models on the meta device only."""
+    """(a line on the estimated peak memory per process of the run `cfg` on `world` processes, whether it does
+    not fit `device_bytes`, the memory of the device it will run on). Builds the models on the meta device
+    only."""
     dtype_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}[cfg.student.dtype]
     student = {
         **_shape(
@@ -225,7 +231,8 @@ def estimate_note(cfg, world: int, device_bytes: int | None, device: str) -> tup
     shown = ", ".join(f"{k} {v / GIB:.2f}" for k, v in parts.items())
     mode = cfg.train.distributed + (" with cpu_offload" if cfg.train.fsdp.cpu_offload else "")
     line = (
-        f"estimated peak memory per process: {total / GIB:.2f} GiB on {world} process(es), {mode} (GiB: {shown}; "
+        f"estimated peak memory per process: {total / GIB:.2f} GiB on {world} process(es), {mode} (GiB: "
+        f"{shown}; "
         f"student {student['params'] / 1e6:.1f}M parameters, {student['trainable'] / 1e6:.1f}M trained)"
     )
     over = device_bytes is not None and total > device_bytes

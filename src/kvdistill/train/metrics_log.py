@@ -17,9 +17,9 @@ log = logging.getLogger(__name__)
 class MetricsLog:
     """metrics.jsonl and the trackers of train.report_to (through Accelerate), on the main process.
 
-    Tracker names: a teacher's terms under teacher/<name>/ (loss/kv/<name> -> teacher/<name>/kv, weight/<name> ->
-    teacher/<name>/weight, eval/kv_error/<name> -> teacher/<name>/eval_kv_error), other training figures under
-    train/, held-out ones under eval/; per-layer lists go to metrics.jsonl only.
+    Tracker names: a teacher's terms under teacher/<name>/ (loss/kv/<name> -> teacher/<name>/kv, weight/<name>
+    -> teacher/<name>/weight, eval/kv_error/<name> -> teacher/<name>/eval_kv_error), other training figures
+    under train/, held-out ones under eval/; per-layer lists go to metrics.jsonl only.
     """
 
     def __init__(self, out_dir: Path, enabled: bool, accelerator=None, cfg: RunConfig | None = None):
@@ -70,7 +70,8 @@ class MetricsLog:
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
-    """A nested config as {dotted key: bool | int | float | str} (lists and None as text), what trackers take."""
+    """A nested config as {dotted key: bool | int | float | str} (lists and None as text), what trackers
+    take."""
     out = {}
     for key, value in tree.items():
         if isinstance(value, dict):

@@ -4,10 +4,11 @@
 What it checks, listing every problem together (each naming the key and the fix):
 
 - the config's semantic checks (`kvdistill.config.semantic_problems`): models found, from_config students and
-  teachers built through their family's config class (heads, widths, KV heads; the model built on the meta device,
-  no weights), layer maps possible, caches present, K/V capturable, logit KD tokenizers;
+  teachers built through their family's config class (heads, widths, KV heads; the model built on the meta
+  device, no weights), layer maps possible, caches present, K/V capturable, logit KD tokenizers;
 - learning rates AdamW can use (also for configs built in code, which skip the schema's bounds);
-- the data: both splits read as training reads them (a field that is not a column, an empty file, too few records
+- the data: both splits read as training reads them (a field that is not a column, an empty file, too few
+records
   for data.eval_size, ...), returned so that training does not read them twice;
 - an online teacher's kept layers (compression.layers) holding every layer its layer map reads;
 - a latent student's records cut into question / CoT / answer (`kvdistill.data.segments`);
@@ -15,9 +16,11 @@ What it checks, listing every problem together (each naming the key and the fix)
   `kvdistill.data.template.question_prompt`);
 - data.max_length within every model's position table;
 - train.distributed fsdp's refusals (`kvdistill.train.distributed.fsdp_problems`);
-- the estimated peak memory per process (`kvdistill.train.memory.estimate_note`): a note, a warning where it will
+- the estimated peak memory per process (`kvdistill.train.memory.estimate_note`): a note, a warning where it
+will
   not fit the device seen;
-- and it counts the records data.max_length truncates for each model (the student and every online teacher, each
+- and it counts the records data.max_length truncates for each model (the student and every online teacher,
+each
   in its own tokenization or chat template): a note, not a problem.
 
 Nothing here writes anything or loads weights.
@@ -35,9 +38,9 @@ from kvdistill.errors import KvdistillError
 
 @dataclass
 class Checked:
-    """The problems found (empty: the run can start), the records of both splits (empty where unreadable), notes on
-    the models (sizes a from_config spec re-derived, `kvdistill.models.from_config`; logged where the model is
-    built) and on the data (records data.max_length truncates)."""
+    """The problems found (empty: the run can start), the records of both splits (empty where unreadable),
+    notes on the models (sizes a from_config spec re-derived, `kvdistill.models.from_config`; logged where the
+    model is built) and on the data (records data.max_length truncates)."""
 
     problems: list[str]
     model_notes: list[str] = field(default_factory=list)
@@ -47,8 +50,8 @@ class Checked:
 
 
 def preflight(cfg: RunConfig, *, dataset=None) -> Checked:
-    """Every check of `cfg` that training runs before its first step; `dataset`: an in-memory `datasets.Dataset`
-    for the data section (Python API)."""
+    """Every check of `cfg` that training runs before its first step; `dataset`: an in-memory
+    `datasets.Dataset` for the data section (Python API)."""
     from kvdistill.data import load_records
     from kvdistill.train.distributed import fsdp_problems
 
@@ -57,8 +60,8 @@ def preflight(cfg: RunConfig, *, dataset=None) -> Checked:
     eval_records: list[dict] = []
     try:
         train_records = load_records(cfg.data, split="train", dataset=dataset)
-        # training's held-out figures: the validation split where there is one (the test split is left to the final
-        # scoring), else the eval split
+        # training's held-out figures: the validation split where there is one (the test split is left to the
+        # final scoring), else the eval split
         held_split = "val" if cfg.data.val_size else "eval"
         if cfg.data.val_size or cfg.data.eval_size:
             eval_records = load_records(cfg.data, split=held_split, dataset=dataset)
@@ -137,8 +140,8 @@ def _truncation_notes(cfg: RunConfig, records: list[dict]) -> list[str]:
 
 
 def _kept_layer_problems(cfg: RunConfig) -> list[str]:
-    """An online teacher that keeps only some layers (compression.layers) must keep every layer its layer map reads
-    (what the objective checks when it is built, here from the configs)."""
+    """An online teacher that keeps only some layers (compression.layers) must keep every layer its layer map
+    reads (what the objective checks when it is built, here from the configs)."""
     from kvdistill.align.layers import layer_map
     from kvdistill.config.load import _num_layers, _student_layers, teacher_hf_config
 
@@ -192,8 +195,8 @@ def _as_problem(err: KvdistillError) -> str:
 
 
 def learning_rate_problems(cfg: RunConfig) -> list[str]:
-    """Learning rates AdamW cannot use: AdamW moves every weight by about lr per step, and above float32's range the
-    update itself overflows."""
+    """Learning rates AdamW cannot use: AdamW moves every weight by about lr per step, and above float32's
+    range the update itself overflows."""
     limit = next(m.le for m in TrainConfig.model_fields["lr"].metadata if getattr(m, "le", None) is not None)
     return [
         f"{key} = {value:g}: not a learning rate AdamW can use (it moves every weight by about lr per step); "

@@ -1,8 +1,10 @@
-"""Starting a run in its directory DIR: one writer at a time, and a `--resume` that continues only the run it finds.
+"""Starting a run in its directory DIR: one writer at a time, and a `--resume` that continues only the run it
+finds.
 
 One writer: `RunLock`, the lock file DIR/.train.lock (filelock) that the main process takes before the run's
 first write and holds to its end (released on every exit path; the kernel drops it when the process dies), the
-holder (pid, host, start) in DIR/.train.holder.json. A second `kvdistill train` into DIR is refused, naming it.
+holder (pid, host, start) in DIR/.train.holder.json. A second `kvdistill train` into DIR is refused, naming
+it.
 
 What `--resume` continues (`plan_start`):
 - the config: the resolved config equals DIR/config.yaml field by field, except `RESUMABLE` (train.steps, the
@@ -61,8 +63,9 @@ RESUMABLE = (
     "train.fsdp.cpu_offload",
     "train.fsdp.reshard_after_forward",
 )
-"""The config fields a resume may change; every other field must equal the run's config.yaml. ddp and fsdp write the
-same full-state checkpoint (`kvdistill.train.distributed`), so a run may switch between them on resume."""
+"""The config fields a resume may change; every other field must equal the run's config.yaml. ddp and fsdp
+write the same full-state checkpoint (`kvdistill.train.distributed`), so a run may switch between them on
+resume."""
 
 RUN_FILES = (
     "config.yaml",
@@ -257,7 +260,8 @@ def _self_hash(splits: dict) -> str:
 
 
 def check_data(out_dir: str | os.PathLike, fingerprint: dict, cfg: RunConfig) -> None:
-    """On resume: refuse records other than those the run started with (DIR/data.json; absent: not checked)."""
+    """On resume: refuse records other than those the run started with (DIR/data.json; absent: not
+    checked)."""
     path = Path(out_dir) / DATA
     if not path.is_file():
         return
@@ -276,7 +280,8 @@ def check_data(out_dir: str | os.PathLike, fingerprint: dict, cfg: RunConfig) ->
             )
     if damaged:
         raise KvdistillError(
-            f"--resume: {path}, the record of the data the run in {out_dir} started with, is damaged: {damaged}; "
+            f"--resume: {path}, the record of the data the run in {out_dir} started with, is damaged: "
+            f"{damaged}; "
             "without it a resume cannot tell whether the data changed",
             f"restore {path} from a copy of the run, or start a new run with a new --out",
         )
@@ -311,8 +316,8 @@ def plan_start(out_dir: str | os.PathLike, cfg: RunConfig, resume: bool) -> Star
     """Check that `cfg` may start (resume=False) or continue (resume=True) the run in `out_dir`; only reads.
 
     Without resume: refuse a DIR holding a run. With resume: refuse a DIR without a run, a config that differs
-    from DIR/config.yaml in a field not in RESUMABLE (naming every one), train.steps below the checkpoint's step
-    and a DIR whose checkpoints are all damaged.
+    from DIR/config.yaml in a field not in RESUMABLE (naming every one), train.steps below the checkpoint's
+    step and a DIR whose checkpoints are all damaged.
     """
     out_dir = Path(out_dir)
     problem = dir_problem(out_dir, "run", legacy=LEGACY)
@@ -326,7 +331,8 @@ def plan_start(out_dir: str | os.PathLike, cfg: RunConfig, resume: bool) -> Star
     )
     if leading_out:
         raise KvdistillError(
-            f"--out {out_dir} holds symlinks leading out of it ({'; '.join(leading_out)}): the run would write "
+            f"--out {out_dir} holds symlinks leading out of it ({'; '.join(leading_out)}): the run would "
+            "write "
             "through them outside --out",
             "remove those symlinks (a run writes only inside its own directory), or choose another --out",
         )
@@ -344,7 +350,8 @@ def plan_start(out_dir: str | os.PathLike, cfg: RunConfig, resume: bool) -> Star
         if complete:
             raise KvdistillError(
                 f"--resume: {out_dir} has checkpoints but no config.yaml to check this config against",
-                f"restore {config_file} (the config the run was started with), or start a new run with a new --out",
+                f"restore {config_file} (the config the run was started with), or start a new run with a new "
+                "--out",
             )
         raise KvdistillError(
             f"--resume: {out_dir} holds no run to resume (no config.yaml, no complete checkpoint)",
@@ -355,23 +362,27 @@ def plan_start(out_dir: str | os.PathLike, cfg: RunConfig, resume: bool) -> Star
     fixed = [d for d in changes if d.key not in RESUMABLE]
     if fixed:
         raise KvdistillError(
-            f"--resume: this config differs from the run in {out_dir} ({config_file}) in {len(fixed)} field(s) "
+            f"--resume: this config differs from the run in {out_dir} ({config_file}) in {len(fixed)} "
+            "field(s) "
             "that a resume cannot change: " + "; ".join(map(str, fixed)),
-            f"start a new run with a new --out (a resume of {out_dir} may change only {', '.join(RESUMABLE)})",
+            f"start a new run with a new --out (a resume of {out_dir} may change only "
+            f"{', '.join(RESUMABLE)})",
         )
     intact, damaged = intact_checkpoints(out_dir)
     if damaged and not intact:
         raise KvdistillError(
             f"--resume: no intact checkpoint in {out_dir / 'checkpoints'}: "
             + "; ".join(f"{p.name}: {why}" for p, why in damaged),
-            f"start a new run with a new --out; or move {out_dir / 'checkpoints'} aside and rerun with --resume "
+            f"start a new run with a new --out; or move {out_dir / 'checkpoints'} aside and rerun with "
+            "--resume "
             "to train this run again from step 0",
         )
     if intact:
         step = int(intact[0].name.split("-", 1)[1])
         if cfg.train.steps < step:
             raise KvdistillError(
-                f"--resume: train.steps = {cfg.train.steps} but the run in {out_dir} is already at step {step} "
+                f"--resume: train.steps = {cfg.train.steps} but the run in {out_dir} is already at step "
+                f"{step} "
                 f"({intact[0]})",
                 f"set train.steps to {step} or more, or start a new run with a new --out",
             )
@@ -413,7 +424,8 @@ def load_resumed(
         raise KvdistillError(
             f"--resume: no intact checkpoint in {out_dir / 'checkpoints'}: "
             + "; ".join(f"{p.name}: {why}" for p, why in plan.damaged),
-            f"start a new run with a new --out; or move {out_dir / 'checkpoints'} aside and rerun with --resume "
+            f"start a new run with a new --out; or move {out_dir / 'checkpoints'} aside and rerun with "
+            "--resume "
             "to train this run again from step 0",
         )
     log.warning(
@@ -434,7 +446,8 @@ def apply_configured_lrs(optimizer, scheduler, cfg: RunConfig) -> None:
         group["initial_lr"] = base
     scheduler.base_lrs = bases
     scheduler.last_epoch -= 1
-    scheduler.step()  # recomputes every group's lr at last_epoch from the new base lrs (and the new total steps)
+    # recomputes every group's lr at last_epoch from the new base lrs (and the new total steps)
+    scheduler.step()
 
 
 def note_changes(plan: StartPlan, out_dir: Path, start: int) -> None:

@@ -12,8 +12,8 @@ from kvdistill.config import RunConfig
 
 @dataclass
 class Selection:
-    """train.early_stopping's state: the best validation value so far, its step, evaluations since it improved.
-    A pure function of the evaluations logged so far, so a resume rebuilds it from metrics.jsonl."""
+    """train.early_stopping's state: the best validation value so far, its step, evaluations since it
+    improved. A pure function of the evaluations logged so far, so a resume rebuilds it from metrics.jsonl."""
 
     metric: str  # "eval/ce" or "eval/exact_match"
     higher: bool
@@ -42,8 +42,8 @@ class Selection:
 
 
 def selection_at(cfg: RunConfig, out_dir: Path, start: int) -> Selection | None:
-    """train.early_stopping's state at step `start`: rebuilt from the eval rows logged up to it (a resume), and a
-    best student saved after it (by evaluations a resume replays) forgotten."""
+    """train.early_stopping's state at step `start`: rebuilt from the eval rows logged up to it (a resume),
+    and a best student saved after it (by evaluations a resume replays) forgotten."""
     es = cfg.train.early_stopping
     if es is None:
         return None

@@ -1,5 +1,6 @@
-"""One optimizer step: grad_accum micro-batches through the objective, the backward, gradient clipping, the update, and
-the step's metrics row (means over micro-batches and processes); the optimizer's parameter groups."""
+"""One optimizer step: grad_accum micro-batches through the objective, the backward, gradient clipping, the
+update, and the step's metrics row (means over micro-batches and processes); the optimizer's parameter
+groups."""
 
 from __future__ import annotations
 
@@ -29,8 +30,8 @@ def param_groups(objective, cfg: RunConfig):
 
 def optimizer_step(run: Run, step: int) -> dict:
     """One optimizer step over grad_accum micro-batches -> its metrics row (means over micro-batches and
-    processes; tokens: sums), with step, lr (the student's, as used), tokens_per_s and elapsed_s. The micro-batches
-    come from `run.batches` (collated, this step's next ones)."""
+    processes; tokens: sums), with step, lr (the student's, as used), tokens_per_s and elapsed_s. The
+    micro-batches come from `run.batches` (collated, this step's next ones)."""
     cfg, accelerator = run.cfg, run.accelerator
     sums: dict[str, float] = {}
     step_ids: list[str] = []
@@ -68,8 +69,8 @@ def optimizer_step(run: Run, step: int) -> dict:
 
 
 def report_memory(run: Run) -> None:
-    """The memory report of every process (`kvdistill.train.memory`) after the first step run: logged by the main
-    process, kept for summary.json."""
+    """The memory report of every process (`kvdistill.train.memory`) after the first step run: logged by the
+    main process, kept for summary.json."""
     from accelerate.utils import gather_object
 
     from kvdistill.train.memory import memory_report
@@ -101,9 +102,9 @@ def report_memory(run: Run) -> None:
 
 
 def _term_grad_norms(run: Run) -> dict[str, float]:
-    """The L2 norm of each loss term's gradient w.r.t. the student's parameters (`grad_norm/ce`, `grad_norm/kd`),
-    from the objective's graph-attached per-term means of this micro-batch (`Objective.last_terms`), before
-    clipping; the graph is kept for the step's own backward."""
+    """The L2 norm of each loss term's gradient w.r.t. the student's parameters (`grad_norm/ce`,
+    `grad_norm/kd`), from the objective's graph-attached per-term means of this micro-batch
+    (`Objective.last_terms`), before clipping; the graph is kept for the step's own backward."""
     params = [p for p in run.inner.student.parameters() if p.requires_grad]
     out = {}
     for name, term in run.inner.last_terms.items():
@@ -148,8 +149,8 @@ PROCESS_SUMS = ("tokens", "on_policy/new_tokens")  # summed over processes (the 
 
 
 def _mean_row(accelerator, sums: dict[str, float], n: int) -> dict[str, float]:
-    """Per-step sums over n micro-batches -> means (tokens, the on-policy generation's tokens and seconds: sums;
-    grad_norm: as is), then over processes (token counts summed, the rest averaged)."""
+    """Per-step sums over n micro-batches -> means (tokens, the on-policy generation's tokens and seconds:
+    sums; grad_norm: as is), then over processes (token counts summed, the rest averaged)."""
     row = {k: (v if k in STEP_SUMS or k.startswith("grad_norm") else v / n) for k, v in sums.items()}
     world = accelerator.num_processes
     if world > 1:  # mean over processes (tokens: sum), so the row describes the whole combined batch

@@ -7,20 +7,20 @@ Every loss is a mean over samples of per-sample means, so those runs give the sa
 
 A run is `setup` (check every input, build accelerator, data, objective, optimizer, scheduler, resume state)
 → `fit` (the optimizer steps) → `finish` (last checkpoint, final student, evaluation, summary); `train` calls
-the three. Checkpoints (`DIR/checkpoints/step-N/`) and `DIR/final/` are written by `kvdistill.train.checkpoint`
-(layout there): under a temporary name, fsynced, renamed when complete, so a crash never leaves a
-half-written directory.
+the three. Checkpoints (`DIR/checkpoints/step-N/`) and `DIR/final/` are written by
+`kvdistill.train.checkpoint` (layout there): under a temporary name, fsynced, renamed when complete, so a
+crash never leaves a half-written directory.
 
 Launch: one process, or `torchrun --nproc_per_node N` / `accelerate launch` (DDP; on a machine without a GPU
 the processes use gloo on CPU). Every input is checked before the run directory is written, and one run writes
-it at a time (`kvdistill.train.resume`: the lock, what a resume checks and continues from). `--resume` may change
-train.lr and train.steps: the optimizer and the schedule use them from the resumed step on.
+it at a time (`kvdistill.train.resume`: the lock, what a resume checks and continues from). `--resume` may
+change train.lr and train.steps: the optimizer and the schedule use them from the resumed step on.
 
 A NaN/inf loss on any process, or a non-finite gradient norm, at step s stops every process before the update,
-naming the step and samples. The weights of step s-1 gave it, and a resume is exact, so they would give it again
-at any lr: their checkpoint, if saved, is set aside (step-N.diverged) and the message names the last checkpoint
-before the divergence, where `--resume train.lr=<lower>` continues. `metrics.jsonl` rows are means over
-micro-batches and processes (`tokens`: sums), `lr` the student's learning rate used in that step.
+naming the step and samples. The weights of step s-1 gave it, and a resume is exact, so they would give it
+again at any lr: their checkpoint, if saved, is set aside (step-N.diverged) and the message names the last
+checkpoint before the divergence, where `--resume train.lr=<lower>` continues. `metrics.jsonl` rows are means
+over micro-batches and processes (`tokens`: sums), `lr` the student's learning rate used in that step.
 """
 
 from __future__ import annotations
@@ -83,9 +83,9 @@ def train(
 ) -> dict:
     """Run (or resume) training; returns the summary also written to DIR/summary.json.
 
-    `dataset`: an in-memory `datasets.Dataset` (or DatasetDict, split by data.split) read with the data section's
-    field names (data.source hf, no data.path); it is saved into DIR/dataset and config.yaml points there, so the
-    run directory evaluates and resumes on its own.
+    `dataset`: an in-memory `datasets.Dataset` (or DatasetDict, split by data.split) read with the data
+    section's field names (data.source hf, no data.path); it is saved into DIR/dataset and config.yaml points
+    there, so the run directory evaluates and resumes on its own.
 
     `stop_after`: stop after this many optimizer steps as if interrupted (checkpoint written), for resumption.
     `init_student`: start from this student directory instead of `cfg.student` (curriculum phases).
@@ -147,7 +147,8 @@ def setup(
     from kvdistill.objectives import build_objective
 
     out_dir = Path(out_dir)
-    # a config built in code (model_copy skips the schema): the learning rates' own message before the schema's
+    # a config built in code (model_copy skips the schema): the learning rates' own message before the
+    # schema's
     bad_lr = learning_rate_problems(cfg)
     if bad_lr:
         raise ConfigError(bad_lr, source=f"config '{cfg.name}'")
@@ -186,7 +187,8 @@ def setup(
             write_text_atomic(
                 out_dir / "alignment_sample.json", json.dumps(objective.alignment_sample(train_records[0]))
             )
-        # fsdp (several processes, or one offloading to the host): the student sharded before the optimizer sees its parameters
+        # fsdp (several processes, or one offloading to the host): the student sharded before the optimizer
+        # sees its parameters
         sharded = (
             Sharded(objective, cfg, accelerator) if sharded_run(cfg, accelerator.num_processes) else None
         )
@@ -251,8 +253,8 @@ def setup(
 
 
 def _save_dataset(dataset, cfg: RunConfig, out_dir: Path, main: bool):
-    """Save an in-memory dataset (its data.split) to DIR/dataset (written aside, then renamed); the data section
-    that reads it back."""
+    """Save an in-memory dataset (its data.split) to DIR/dataset (written aside, then renamed); the data
+    section that reads it back."""
     import shutil
 
     from kvdistill.data.rows import dataset_split
@@ -378,8 +380,8 @@ def finish(run: Run) -> dict:
 
 
 def _check_positions(objective, max_length: int) -> None:
-    """Refuse, before any step, a data.max_length that some model cannot take (the built models: also a student
-    from --init-student)."""
+    """Refuse, before any step, a data.max_length that some model cannot take (the built models: also a
+    student from --init-student)."""
     models = [("student", objective.student_geometry)] + [
         (f"teacher '{t.name}'", t.geometry) for t in objective.teachers
     ]
