@@ -164,3 +164,29 @@ def test_logit_and_on_policy_conditions_train_what_they_say(tiny_run):
     rows = [r for s in results["seeds"] for r in train_rows(out, "kd_fixed_onpolicy", s)]
     assert {r["on_policy/sampled"] for r in rows} == {0.0, 1.0}
     assert all(r["on_policy/new_tokens"] > 0 for r in rows if r["on_policy/sampled"] == 1.0)
+
+
+def test_packaged_plateau_conditions_stop_on_validation_exact_match():
+    spec = load_spec("distill-small")
+    for name in ("ce_plateau", "kd_gemma_plateau", "kd_fixed_plateau"):
+        overrides = spec.conditions[name].overrides
+        assert "train.early_stopping.metric=exact_match" in overrides and "train.steps=2000" in overrides
+    assert ("kd_fixed_plateau", "ce_plateau") in spec.compare
+
+
+@pytest.mark.slow
+def test_plateau_conditions_score_their_best_validation_exact_match(tiny_run):
+    out, results = tiny_run
+    for name in ("ce_plateau", "kd_fixed_plateau"):
+        assert run_config(out, name, 0).train.early_stopping.metric == "exact_match"
+        for row in results["runs"][name]:
+            rows = (out / "runs" / name / f"seed-{row['seed']}" / "metrics.jsonl").read_text().splitlines()
+            evals = [r for r in map(json.loads, rows) if "eval/exact_match" in r]
+            # the checkpoint scored is the first evaluation of the highest validation exact match, and
+            # training stops after `patience` (2) evaluations without a strict improvement, or at step 10
+            best = max(r["eval/exact_match"] for r in evals)
+            assert row["selected_step"] == next(r["step"] for r in evals if r["eval/exact_match"] == best)
+            after = [r for r in evals if r["step"] > row["selected_step"]]
+            assert row["steps_trained"] == 10 or (row["stopped_early"] and len(after) == 2)
+    pairs = {(c["condition"], c["baseline"]) for c in results["comparisons"]}
+    assert ("kd_fixed_plateau", "ce_plateau") in pairs
