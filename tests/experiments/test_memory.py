@@ -1,8 +1,20 @@
-"""`concurrent: auto`: the per-run memory estimate and how many runs fit."""
+"""`concurrent: auto`: the per-run memory estimate and how many runs fit; the gate before a start."""
 
 from __future__ import annotations
 
-from kvdistill.experiments.memory import CONTEXT, GIB, SLACK, auto_concurrent, run_bytes
+from kvdistill.experiments.memory import (
+    CONTEXT,
+    GIB,
+    SLACK,
+    Started,
+    admits,
+    auto_concurrent,
+    cuda_free_bytes,
+    free_device_bytes,
+    run_bytes,
+    unallocated,
+    wait_note,
+)
 
 STUDENT = {"params": 16_000_000, "hidden": 256, "layers": 4, "vocab": 50_257}
 GEMMA = {"params": 73_000_000, "hidden": 256, "layers": 6, "vocab": 262_144}
@@ -28,3 +40,50 @@ def test_auto_concurrent_is_bounded_by_memory_cores_and_runs():
     assert auto_concurrent(est, free=20 * GIB, cores=16) == 4  # 0.9 · 20 / 4
     assert auto_concurrent(est[:3], free=80 * GIB, cores=16) == 3  # runs
     assert auto_concurrent([100 * GIB], free=80 * GIB, cores=16) == 1  # never 0
+
+
+# ---------------------------------------------------------------------------------------------- the gate
+def test_the_gate_admits_while_the_free_memory_covers_the_estimate():
+    old = [Started(need=4 * GIB, at=0.0)]  # started 100 s ago: allocated by now
+    assert admits(4 * GIB, free=10 * GIB, running=old, now=100.0, ramp_s=60.0)
+    assert admits(10 * GIB, free=10 * GIB, running=old, now=100.0, ramp_s=60.0)
+    assert not admits(10 * GIB + 1, free=10 * GIB, running=old, now=100.0, ramp_s=60.0)
+
+
+def test_a_recently_started_child_still_needs_its_whole_estimate():
+    running = [Started(need=4 * GIB, at=0.0), Started(need=3 * GIB, at=90.0), Started(need=None, at=95.0)]
+    # at 100 s only the child of 90 s is inside the ramp; one without an estimate counts nothing
+    assert unallocated(running, now=100.0, ramp_s=60.0) == 3 * GIB
+    assert unallocated(running, now=100.0, ramp_s=120.0) == 7 * GIB
+    assert unallocated(running, now=150.0, ramp_s=60.0) == 0
+    assert not admits(4 * GIB, free=6 * GIB, running=running, now=100.0, ramp_s=60.0)  # 6 - 3 < 4
+    assert admits(3 * GIB, free=6 * GIB, running=running, now=100.0, ramp_s=60.0)  # 6 - 3 = 3
+    assert admits(4 * GIB, free=6 * GIB, running=running, now=150.0, ramp_s=60.0)  # ramp over
+    note = wait_note(4 * GIB, 6 * GIB, running, now=100.0, ramp_s=60.0)
+    assert note == (
+        "waiting for 4.0 GiB of GPU memory: 6.0 GiB free, 3.0 GiB of it not yet allocated by the 2 "
+        "children started in the last 60 s (3 running)"
+    )
+
+
+def test_the_gate_always_admits_where_nothing_runs_or_without_cuda():
+    assert admits(100 * GIB, free=1 * GIB, running=[], now=0.0, ramp_s=60.0)
+    assert admits(None, free=0, running=[], now=0.0, ramp_s=60.0)
+    busy = [Started(need=50 * GIB, at=0.0)]
+    assert admits(100 * GIB, free=None, running=busy, now=1.0, ramp_s=60.0)  # no CUDA: no gate
+
+
+def test_a_job_without_an_estimate_needs_only_some_free_memory():
+    running = [Started(need=None, at=0.0)]
+    assert admits(None, free=1, running=running, now=1.0, ramp_s=60.0)
+    assert not admits(None, free=0, running=running, now=1.0, ramp_s=60.0)
+    recent = [Started(need=8 * GIB, at=0.0)]  # free, but all of it the recent child's
+    assert not admits(None, free=8 * GIB, running=recent, now=1.0, ramp_s=60.0)
+
+
+def test_without_cuda_the_gate_reads_nothing_and_auto_reads_the_host(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cuda_free_bytes() is None
+    assert free_device_bytes() > 0  # the host's available memory

@@ -1,4 +1,5 @@
-"""`concurrent: auto`: how many training runs share the device, from an estimate of each run's memory.
+"""How many runs share the device, from an estimate of each run's memory: `concurrent: auto` when they start,
+and the gate before each further child starts.
 
 Per run: the estimate of one process, `kvdistill.train.memory.run_bytes` (its formula there): a single-process
 run holds fp32 student weights, gradients and AdamW's moments (16 · N_s), activations at the batch and length,
@@ -7,6 +8,21 @@ and the online teachers in bf16, plus allocator slack and the CUDA context.
 concurrent = max(1, min(runs, CPU cores, floor(0.9 · free device memory / the largest run's estimate))).
 The estimate is deliberately generous: a run that does not fit dies of out-of-memory, one run too few only
 waits. On a machine without a GPU the device memory is the host's available memory.
+
+The gate (`admits`): that count is made once, when the runs start; another experiment or process taking
+memory later would over-commit the card. So `run_pool` asks before it starts each further child on a CUDA
+device whether
+
+    need <= free - unallocated,   unallocated = Σ need_c over the running children c started < ramp_s ago
+
+with `free` the device's free memory now (`cuda_free_bytes`, a reading at most `POLL_S` old, less than the
+ramp) and `need` the next job's estimate: a child is assumed to allocate nothing of its estimate in its first
+`ramp_s` seconds (the default `RAMP_S` 60 s, a spec's `memory_ramp_s`; model load and the first steps) and
+all of it after; a child whose estimate is not known counts 0. A job without an estimate (`need` None) is
+admitted while free - unallocated > 0. A job is always admitted where no child runs (the pool never
+deadlocks; a warning says where its estimate exceeds the free memory), and always without CUDA (free None).
+What each pool gates on: training (teachers and the (condition, seed) runs) the `run_bytes` estimate of each
+run (`run_estimator`); scoring no estimate (the at-least-one rule and free memory > 0 only).
 """
 
 from __future__ import annotations
@@ -16,31 +32,60 @@ import logging
 import os
 import subprocess
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 
 # the estimate itself (per process, by distributed mode)
 from kvdistill.train.memory import CONTEXT, GIB, SLACK, run_bytes
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CONTEXT", "GIB", "SLACK", "auto_concurrent", "free_device_bytes", "geometry", "run_bytes"]
+__all__ = [
+    "CONTEXT",
+    "GIB",
+    "POLL_S",
+    "RAMP_S",
+    "SLACK",
+    "Started",
+    "admits",
+    "auto_concurrent",
+    "cuda_free_bytes",
+    "free_device_bytes",
+    "geometry",
+    "run_bytes",
+    "run_estimator",
+    "unallocated",
+    "wait_note",
+]
+
+RAMP_S = 60.0  # seconds a started child is assumed to allocate nothing of its estimate (spec.memory_ramp_s)
+POLL_S = 5.0  # seconds between two free-memory readings while a job waits (less than the ramp)
 
 
-def free_device_bytes() -> int:
-    """Free memory of GPU 0, asked of a child process so that this one never holds a CUDA context; without a
-    GPU the host's available memory."""
-    code = (
-        "import json, torch\n"
-        "print(json.dumps(torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else None))"
-    )
+def cuda_free_bytes() -> int | None:
+    """Free memory of GPU 0 in bytes (torch.cuda.mem_get_info), None without CUDA. Read in this process where
+    it holds a CUDA context already, else asked of a child process so that this one never creates one."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    if torch.cuda.is_initialized():
+        return int(torch.cuda.mem_get_info()[0])
+    code = "import json, torch\nprint(json.dumps(torch.cuda.mem_get_info()[0]))"
     try:
         out = subprocess.run(
             [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
         )
-        free = json.loads(out.stdout.strip().splitlines()[-1])
-    except (subprocess.SubprocessError, ValueError, IndexError):
-        free = None
+        return int(json.loads(out.stdout.strip().splitlines()[-1]))
+    except (subprocess.SubprocessError, ValueError, IndexError, TypeError):
+        return None
+
+
+def free_device_bytes() -> int:
+    """Free memory of GPU 0 (`cuda_free_bytes`); without a GPU the host's available memory."""
+    free = cuda_free_bytes()
     if free is not None:
-        return int(free)
+        return free
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
@@ -75,3 +120,71 @@ def geometry(model_dir_or_config) -> dict:
         "layers": int(text.num_hidden_layers),
         "vocab": int(text.vocab_size),
     }
+
+
+def run_estimator(teachers: dict[str, dict]) -> Callable[..., int]:
+    """estimate(cfg: RunConfig) -> bytes: `run_bytes` of one training process of that run, its online teachers
+    read from `teachers` ({name: {model, params}}, the runner's prepared teachers). Each distinct student is
+    built once (on the CPU) for its parameter count and geometry."""
+    from kvdistill.student import build_student
+
+    shapes: dict[str, dict] = {}
+
+    def estimate(cfg) -> int:
+        key = cfg.student.model_dump_json()
+        if key not in shapes:
+            model, _ = build_student(cfg.student, seed=0)
+            shapes[key] = {"params": sum(p.numel() for p in model.parameters()), **geometry(model.config)}
+            del model
+        online = [t for t in cfg.teachers if t.source == "online"]
+        tshapes = [
+            {"params": teachers[t.name]["params"], **geometry(teachers[t.name]["model"])} for t in online
+        ]
+        return run_bytes(
+            batch=cfg.train.batch_size,
+            length=cfg.data.max_length,
+            student=shapes[key],
+            teachers=tshapes,
+            ahead=cfg.train.teachers_ahead is not False and bool(online),
+            teacher_logits=cfg.losses.teacher_logits,
+            teacher_scoring=cfg.fusion.scores_teachers,
+        )
+
+    return estimate
+
+
+# ---------------------------------------------------------------------------------------------- the gate
+@dataclass(frozen=True)
+class Started:
+    """A running child as the gate sees it: its estimate (bytes; None: not known) and when it started
+    (time.monotonic() seconds)."""
+
+    need: int | None
+    at: float
+
+
+def unallocated(running: list[Started], now: float, ramp_s: float) -> int:
+    """Bytes the running children are assumed still to allocate: the whole estimate of each started less than
+    `ramp_s` seconds before `now`, nothing of the others (nor of a child without an estimate)."""
+    return sum(c.need or 0 for c in running if now - c.at < ramp_s)
+
+
+def admits(need: int | None, free: int | None, running: list[Started], now: float, ramp_s: float) -> bool:
+    """Whether the next job (estimate `need` bytes, None: not known) may start now, with `free` bytes free on
+    the device (None: no CUDA) and `running` the children running: need <= free - unallocated (> 0 where
+    need is None); always where nothing runs or without CUDA."""
+    if free is None or not running:
+        return True
+    room = free - unallocated(running, now, ramp_s)
+    return room > 0 if need is None else need <= room
+
+
+def wait_note(need: int | None, free: int, running: list[Started], now: float, ramp_s: float) -> str:
+    """Why the gate keeps a job waiting, in GiB."""
+    recent = [c for c in running if now - c.at < ramp_s]
+    wanted = f"{need / GIB:.1f} GiB of" if need is not None else "free"
+    return (
+        f"waiting for {wanted} GPU memory: {free / GIB:.1f} GiB free, "
+        f"{unallocated(running, now, ramp_s) / GIB:.1f} GiB of it not yet allocated by the {len(recent)} "
+        f"children started in the last {ramp_s:.0f} s ({len(running)} running)"
+    )

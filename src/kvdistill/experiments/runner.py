@@ -23,6 +23,8 @@ Order: the teachers; the caches (each teacher's extraction in a child process); 
 matched by wall time (`match_wall_of`), `concurrent` at once, the ones those are measured on first; the
 wall-time-matched conditions join the queue as soon as the runs they are measured on have finished (their
 steps come from the measured times); then every run's scoring on the test split, in child processes.
+On a CUDA device every pool of child processes starts the next one only where the free memory holds its
+estimate (`run_pool`, the gate of `kvdistill.experiments.memory`), whatever `concurrent` says.
 
 Where the base config sets train.early_stopping, a run is scored with its best validation checkpoint
 (DIR/.../best/student), else with its final student.
@@ -35,7 +37,9 @@ import logging
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import yaml
 
@@ -44,6 +48,7 @@ from kvdistill.config import load_config
 from kvdistill.config.schema import RunConfig
 from kvdistill.data import load_records
 from kvdistill.errors import KvdistillError
+from kvdistill.experiments import memory
 from kvdistill.experiments.conditions import base_raw, check_splits, condition_config, teacher_config
 from kvdistill.experiments.score import evaluate_run, score
 from kvdistill.experiments.spec import ExperimentSpec
@@ -80,7 +85,13 @@ def prepare_teachers(
         and not (dirs[n] / "final" / "config.json").is_file()
         and not (dirs[n] / "final" / "student").is_dir()
     ]
-    train_all(pending, resolve_concurrent(spec, [cfg for _, cfg in pending], {}) if pending else 1)
+    estimate = memory.run_estimator({})  # a teacher's own run reads no teachers
+    train_all(
+        pending,
+        resolve_concurrent(spec, [cfg for _, cfg in pending], {}, estimate) if pending else 1,
+        estimate=estimate,
+        ramp_s=spec.memory_ramp_s,
+    )
     info = {}
     for prep in preps:
         run_dir = dirs[prep.name]
@@ -242,10 +253,31 @@ def run_dir(out: Path, name: str, seed: int) -> Path:
     return out / "runs" / name / f"seed-{seed}"
 
 
-def train_all(pending: list[tuple[Path, RunConfig]], concurrent: int, *, more=None) -> None:
+class Job(NamedTuple):
+    """A child process of `run_pool`: its command, log file, label, and estimated device memory (bytes; None:
+    not known)."""
+
+    command: list[str]
+    log: Path
+    label: str
+    need: int | None = None
+
+
+def train_all(
+    pending: list[tuple[Path, RunConfig]],
+    concurrent: int,
+    *,
+    more=None,
+    estimate: Callable[[RunConfig], int] | None = None,
+    ramp_s: float = memory.RAMP_S,
+) -> None:
     """Train the pending runs: in this process one after the other, or `concurrent` at once as separate
     `kvdistill train` processes (they share the GPU); a killed run resumes from its last checkpoint. `more()`,
-    asked whenever a run ends (and once at the end), gives further runs to train."""
+    asked whenever a run ends (and once at the end), gives further runs to train. `estimate(cfg)`: a run's
+    bytes (`memory.run_estimator`), what `run_pool`'s memory gate admits it on (asked only on a CUDA device);
+    None: the gate knows no estimate."""
+    import torch
+
     from kvdistill.config import dump_config
     from kvdistill.train.trainer import train
 
@@ -257,45 +289,85 @@ def train_all(pending: list[tuple[Path, RunConfig]], concurrent: int, *, more=No
             train(cfg, d, resume=(d / "config.yaml").is_file())  # a started run resumes (or restarts cleanly)
             queue += more() if more is not None else []
         return
+    gated = estimate is not None and torch.cuda.is_available()  # the gate does nothing without CUDA
 
-    def command(d: Path, cfg: RunConfig):
+    def command(d: Path, cfg: RunConfig) -> Job:
         d.parent.mkdir(parents=True, exist_ok=True)
         config = d.parent / f"{d.name}.yaml"
         config.write_text(dump_config(cfg))
         cmd = [sys.executable, "-m", "kvdistill.cli", "train", str(config), "--out", str(d)]
         if (d / "config.yaml").is_file():
             cmd.append("--resume")
-        return cmd, d.parent / f"{d.name}.log", str(d)
+        return Job(cmd, d.parent / f"{d.name}.log", str(d), estimate(cfg) if gated else None)
 
     run_pool(
         [command(d, cfg) for d, cfg in pending],
         concurrent,
         "training",
         more=None if more is None else lambda: [command(d, cfg) for d, cfg in more()],
+        ramp_s=ramp_s,
     )
 
 
-def run_pool(jobs: list[tuple[list[str], Path, str]], concurrent: int, what: str, *, more=None) -> None:
-    """Run the commands of `jobs` ((command, log file, label)) as child processes, `concurrent` at once;
-    `more()`, asked whenever one ends and once when none is left, gives further jobs. A KvdistillError names
-    every one that failed."""
+def run_pool(
+    jobs: list[Job],
+    concurrent: int,
+    what: str,
+    *,
+    more=None,
+    ramp_s: float = memory.RAMP_S,
+    poll_s: float = memory.POLL_S,
+) -> None:
+    """Run the commands of `jobs` as child processes, in order, at most `concurrent` at once; `more()`, asked
+    whenever one ends and once when none is left, gives further jobs. A KvdistillError names every one that
+    failed.
+
+    On a CUDA device the next job also waits until the memory gate admits it (`memory.admits`): the free
+    device memory (read at most every `poll_s` seconds, and again whenever a child ends) less the estimates
+    of the children started in the last `ramp_s` seconds must cover its `need` (be > 0 where need is None);
+    with no child running it starts regardless. Without CUDA the gate does nothing."""
     queue = list(jobs)
-    running: list[tuple[subprocess.Popen, Path, str]] = []
+    running: list[tuple[subprocess.Popen, Path, str, memory.Started]] = []
     failed = []
+    reading: tuple[int | None, float] | None = None  # (free bytes, when read): None once stale
+    waits_for = None  # the job whose wait was logged
     if more is not None:
         queue += more()  # resumed experiments: what it waits for may be finished already
     while queue or running:
         while queue and len(running) < concurrent:
-            cmd, logpath, label = queue.pop(0)
-            with logpath.open("a") as logfile:
-                running.append(
-                    (subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT), logpath, label)
+            now = time.monotonic()
+            if reading is None or now - reading[1] >= poll_s:
+                reading = (memory.cuda_free_bytes(), now)
+            free = reading[0]
+            started = [r[3] for r in running]
+            job = queue[0]
+            if not memory.admits(job.need, free, started, now, ramp_s):
+                if waits_for is not job:
+                    log.info(
+                        "%s %s: %s", what, job.label, memory.wait_note(job.need, free, started, now, ramp_s)
+                    )
+                    waits_for = job
+                break
+            if not running and free is not None and (free <= 0 if job.need is None else job.need > free):
+                log.warning(
+                    "%s %s: its estimate (%s) exceeds the %.1f GiB of free GPU memory; starting it anyway, "
+                    "nothing else runs",
+                    what,
+                    job.label,
+                    "not known" if job.need is None else f"{job.need / memory.GIB:.1f} GiB",
+                    free / memory.GIB,
                 )
+            queue.pop(0)
+            waits_for = None
+            with job.log.open("a") as logfile:
+                proc = subprocess.Popen(job.command, stdout=logfile, stderr=subprocess.STDOUT)
+            running.append((proc, job.log, job.label, memory.Started(job.need, time.monotonic())))
         time.sleep(0.5)
         for item in list(running):
-            proc, logpath, label = item
+            proc, logpath, label, _ = item
             if proc.poll() is not None:
                 running.remove(item)
+                reading = None  # memory came free: read it again
                 if proc.returncode != 0:
                     failed.append(f"{label} (exit {proc.returncode}, log {logpath})")
                 elif more is not None:
@@ -352,7 +424,8 @@ def run_experiment(
     extraction = prepare_caches(spec, out, configs, teachers)
     log.info("phase caches done after %.0f s", time.time() - t0)
     configs = {k: condition_config(spec, k[0], k[1], teachers, cfg.train.steps) for k, cfg in configs.items()}
-    concurrent = resolve_concurrent(spec, list(configs.values()), teachers)
+    estimate = memory.run_estimator(teachers)
+    concurrent = resolve_concurrent(spec, list(configs.values()), teachers, estimate)
     wall: dict[tuple[str, int], RunConfig] = {}
 
     def wall_matched() -> dict[tuple[str, int], RunConfig]:
@@ -387,6 +460,7 @@ def run_experiment(
         extraction,
         n_student,
         more=wall_matched,
+        estimate=estimate,
         first=sorted(
             {
                 c
@@ -452,6 +526,7 @@ def _train_and_score(
     *,
     more=None,
     first: list[str] = (),
+    estimate: Callable[[RunConfig], int] | None = None,
 ) -> None:
     """Train the runs of `configs` not finished yet, then score each on the test split (eval.json, `score`):
     its figures, the student it was scored with (best or final), steps trained, selected step, wall time,
@@ -460,7 +535,7 @@ def _train_and_score(
 
     Training order: the conditions in `first` (what wall-time matching is measured on), then the longest runs
     first; `more()`, asked whenever a run ends, gives further runs (the wall-time-matched ones) that join the
-    queue and `configs`."""
+    queue and `configs`. `estimate`: each run's bytes for the memory gate (`train_all`)."""
     from kvdistill.config import dump_config
 
     def done(n, s):
@@ -476,7 +551,7 @@ def _train_and_score(
         configs.update(new)
         return [(run_dir(out, n, s), cfg) for (n, s), cfg in new.items() if not done(n, s)]
 
-    train_all(pending, concurrent, more=extra_runs)
+    train_all(pending, concurrent, more=extra_runs, estimate=estimate, ramp_s=spec.memory_ramp_s)
     log.info("all %d runs trained; scoring the unscored ones on the test split", len(configs))
     probe = {t: info["model"] for t, info in teachers.items()} if spec.eval.probe else None
     jobs = []
@@ -553,53 +628,34 @@ def _train_and_score(
         path = Path(job["record"]).with_name("score-job.json")
         write_json_atomic(path, job)
         paths.append(str(path))
-    # `concurrent` children, each scoring its share of the runs (one start-up per child, not per run)
+    # `concurrent` children, each scoring its share of the runs (one start-up per child, not per run); no
+    # estimate of a scoring child's memory: the gate admits one while any is free
     (out / "logs").mkdir(exist_ok=True)
     commands = [
-        (
+        Job(
             [sys.executable, "-m", "kvdistill.experiments.score", *paths[k::concurrent]],
             out / "logs" / f"score-{k}.log",
             f"scoring {len(paths[k::concurrent])} runs",
         )
         for k in range(min(concurrent, len(paths)))
     ]
-    run_pool(commands, concurrent, "scoring")
+    run_pool(commands, concurrent, "scoring", ramp_s=spec.memory_ramp_s)
 
 
-def resolve_concurrent(spec: ExperimentSpec, configs: list[RunConfig], teachers: dict[str, dict]) -> int:
+def resolve_concurrent(
+    spec: ExperimentSpec,
+    configs: list[RunConfig],
+    teachers: dict[str, dict],
+    estimate: Callable[[RunConfig], int] | None = None,
+) -> int:
     """`spec.concurrent`, or for auto the number of runs the device's free memory holds
-    (`kvdistill.experiments.memory`)."""
+    (`kvdistill.experiments.memory`), each run's bytes by `estimate` (default: `memory.run_estimator`)."""
     if spec.concurrent != "auto":
         return spec.concurrent
-    from kvdistill.experiments.memory import auto_concurrent, free_device_bytes, geometry, run_bytes
-    from kvdistill.student import build_student
-
     if not configs:
         return 1
-    estimates, shapes = [], {}
-    for cfg in configs:
-        key = cfg.student.model_dump_json()
-        if key not in shapes:
-            model, _ = build_student(cfg.student, seed=0)
-            shapes[key] = {"params": sum(p.numel() for p in model.parameters()), **geometry(model.config)}
-            del model
-        online = [t for t in cfg.teachers if t.source == "online"]
-        tshapes = [
-            {"params": teachers[t.name]["params"], **geometry(teachers[t.name]["model"])} for t in online
-        ]
-        ahead = cfg.train.teachers_ahead is not False and bool(online)
-        estimates.append(
-            run_bytes(
-                batch=cfg.train.batch_size,
-                length=cfg.data.max_length,
-                student=shapes[key],
-                teachers=tshapes,
-                ahead=ahead,
-                teacher_logits=cfg.losses.teacher_logits,
-                teacher_scoring=cfg.fusion.scores_teachers,
-            )
-        )
-    return auto_concurrent(estimates, free_device_bytes())
+    estimate = estimate or memory.run_estimator(teachers)
+    return memory.auto_concurrent([estimate(cfg) for cfg in configs], memory.free_device_bytes())
 
 
 def _only(spec: ExperimentSpec, only: list[str]) -> list[str]:

@@ -150,7 +150,10 @@ class ExperimentSpec(Section):
     concurrent: int | Literal["auto"] = 1
     """Runs trained at once (separate processes; several small runs share one GPU); auto: as many as the GPU's
     free memory holds by the estimate of `kvdistill.experiments.memory` (at most the CPU cores and the
-    runs)."""
+    runs). Either way, on a CUDA device a run starts only where the free memory then holds its estimate."""
+    memory_ramp_s: float = Field(60.0, ge=0.0)
+    """The memory gate's ramp (seconds): a child started less than this long ago is assumed to have allocated
+    nothing of its estimate yet (`kvdistill.experiments.memory.admits`)."""
     student_from: str | None = None
     """A prepared teacher whose trained model every condition's student starts from (student.model; the base
     student's other keys, e.g. latent and lora, kept): e.g. a backbone fine-tuned on the task with CoT."""
