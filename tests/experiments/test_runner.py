@@ -6,15 +6,11 @@ runs it)."""
 from __future__ import annotations
 
 import json
-import logging
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from kvdistill.errors import ConfigError, KvdistillError
-from kvdistill.experiments.memory import GIB
 from kvdistill.experiments.runner import run_experiment
 from kvdistill.experiments.spec import load_spec
 
@@ -150,27 +146,6 @@ def test_incompetent_teacher_stops_the_experiment(tmp_path):
     ):
         run_experiment(load_spec(spec), tmp_path)
     assert not (tmp_path / "runs").exists()  # no condition ran on an incompetent teacher
-
-
-def test_concurrent_runs_in_subprocesses_equal_in_process_training(tiny_config, tmp_path):
-    """`concurrent: 2` trains each run as its own `kvdistill train` process; the students equal the ones the
-    same configs give when trained in this process, one after the other."""
-    from safetensors.torch import load_file
-
-    from kvdistill.experiments.runner import train_all
-
-    configs = [tiny_config("train.steps=2", f"train.seed={s}") for s in (0, 1)]
-    train_all(
-        [(tmp_path / "sub" / f"seed-{s}", c) for s, c in zip((0, 1), configs, strict=True)], concurrent=2
-    )
-    train_all(
-        [(tmp_path / "inproc" / f"seed-{s}", c) for s, c in zip((0, 1), configs, strict=True)], concurrent=1
-    )
-    for s in (0, 1):
-        a = load_file(str(tmp_path / "sub" / f"seed-{s}" / "final" / "model.safetensors"))
-        b = load_file(str(tmp_path / "inproc" / f"seed-{s}" / "final" / "model.safetensors"))
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert (tmp_path / "sub" / "seed-0.log").is_file()
 
 
 @pytest.mark.slow
@@ -316,100 +291,3 @@ def test_given_teacher_probe_and_init_are_scored_through_the_one_path(tmp_path, 
         assert len(record["probe_kv_error"]["given"]["layers"]) == 1  # one per student layer
     with pytest.raises(ConfigError, match="steps 0 uses a model as given"):
         load_spec(micro_spec(teachers=[{"name": "t", "from_config": {"base": "smollm2-135m"}, "steps": 0}]))
-
-
-def test_only_the_teachers_the_chosen_conditions_read_are_prepared():
-    from kvdistill.experiments.runner import teachers_needed
-
-    kava = load_spec("kava")  # E1 and E4 distil the backbone itself (student_from); E5 reads the two others
-    assert teachers_needed(kava, ["E1", "E4", "nocot_ft", "cot_ft"]) == ["backbone"]
-    assert teachers_needed(kava, ["E1", "E5"]) == ["backbone", "qwen_sp", "gemma_sp"]
-    assert teachers_needed(kava, ["E4_long", "E4_codi1_long", "nocot_long"]) == ["backbone"]
-    assert ("E4_long", "nocot_long") in kava.compare
-    small = load_spec("distill-small")
-    assert teachers_needed(small, ["ce_only"]) == []
-    assert teachers_needed(small, ["ce_only", "kd_gemma"]) == ["gemma_sp"]
-    assert teachers_needed(small, list(small.conditions)) == ["llama_bpe", "qwen_sp", "gemma_sp"]
-
-
-# -------------------------------------------------------------------------------------- the pool's gate
-SLEEPER = (
-    "import sys, time; t0 = time.time(); time.sleep(float(sys.argv[2])); "
-    "open(sys.argv[1], 'w').write(f'{t0} {time.time()}')"
-)
-
-
-def pool_jobs(tmp_path, n: int, need: int | None, sleep_s: float):
-    """n children that each sleep `sleep_s` and write their (start, end) time to tmp_path/job-i."""
-    from kvdistill.experiments.runner import Job
-
-    return [
-        Job(
-            [sys.executable, "-c", SLEEPER, str(tmp_path / f"job-{i}"), str(sleep_s)],
-            tmp_path / f"job-{i}.log",
-            f"job-{i}",
-            need,
-        )
-        for i in range(n)
-    ]
-
-
-def spans(tmp_path, n: int) -> list[tuple[float, float]]:
-    return [tuple(map(float, (tmp_path / f"job-{i}").read_text().split())) for i in range(n)]
-
-
-def most_at_once(intervals: list[tuple[float, float]]) -> int:
-    return max(sum(1 for s, e in intervals if s <= t < e) for t, _ in intervals)
-
-
-def test_the_pool_waits_for_memory_and_runs_every_job_in_order(tmp_path, monkeypatch, caplog):
-    """10 GiB free, 4 GiB per job, children inside the ramp: two at once although concurrent allows five;
-    every job runs, in order, and each waiting job says once why it waits."""
-    import subprocess
-
-    from kvdistill.experiments import memory
-    from kvdistill.experiments.runner import run_pool
-
-    popen, started = subprocess.Popen, []  # (label, children of the pool still alive when it started)
-
-    def recording_popen(cmd, **kw):
-        alive = sum(1 for _, p in started if p.poll() is None)
-        proc = popen(cmd, **kw)
-        started.append((Path(cmd[-2]).name, proc))
-        alive_at_start.append(alive)
-        return proc
-
-    alive_at_start: list[int] = []
-    monkeypatch.setattr(subprocess, "Popen", recording_popen)
-    monkeypatch.setattr(memory, "cuda_free_bytes", lambda: 10 * GIB)
-    caplog.set_level(logging.INFO, logger="kvdistill.experiments.runner")
-    run_pool(pool_jobs(tmp_path, 6, 4 * GIB, 0.5), 5, "training", ramp_s=600.0, poll_s=0.1)
-    assert [label for label, _ in started] == [f"job-{i}" for i in range(6)]  # every job, in order
-    assert max(alive_at_start) <= 1  # never a third beside two
-    assert most_at_once(spans(tmp_path, 6)) <= 2
-    waits = [r.getMessage() for r in caplog.records if "waiting for" in r.getMessage()]
-    assert waits and all("waiting for 4.0 GiB of GPU memory: 10.0 GiB free, 8.0 GiB" in m for m in waits)
-    assert len(waits) == len({m.split(":")[0] for m in waits}) <= 4  # once per waiting job (jobs 2-5)
-
-
-def test_a_job_larger_than_the_free_memory_runs_alone_never_deadlocks(tmp_path, monkeypatch, caplog):
-    from kvdistill.experiments import memory
-    from kvdistill.experiments.runner import run_pool
-
-    monkeypatch.setattr(memory, "cuda_free_bytes", lambda: 10 * GIB)
-    caplog.set_level(logging.INFO, logger="kvdistill.experiments.runner")
-    run_pool(pool_jobs(tmp_path, 2, 20 * GIB, 0.2), 2, "training", ramp_s=600.0, poll_s=0.1)
-    (s0, e0), (s1, _) = spans(tmp_path, 2)
-    assert e0 <= s1  # one after the other
-    warned = [r for r in caplog.records if r.levelno == logging.WARNING and "exceeds" in r.getMessage()]
-    assert len(warned) == 2
-
-
-def test_without_cuda_the_pool_is_bounded_by_concurrent_only(tmp_path, monkeypatch):
-    from kvdistill.experiments import memory
-    from kvdistill.experiments.runner import run_pool
-
-    monkeypatch.setattr(memory, "cuda_free_bytes", lambda: None)
-    run_pool(pool_jobs(tmp_path, 3, 100 * GIB, 1.5), 3, "training", ramp_s=600.0, poll_s=0.1)
-    times = spans(tmp_path, 3)
-    assert max(s for s, _ in times) < min(e for _, e in times)  # all three at once

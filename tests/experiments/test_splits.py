@@ -9,7 +9,7 @@ import pytest
 from kvdistill.data import load_records
 from kvdistill.errors import ConfigError, KvdistillError
 from kvdistill.experiments.conditions import check_splits, condition_config, teacher_config
-from kvdistill.experiments.runner import wall_steps
+from kvdistill.experiments.matching import wall_steps
 from kvdistill.experiments.spec import load_spec
 
 TINY = {

@@ -20,7 +20,7 @@ results.json:
                                                                                     curves
      "extraction": {TEACHER: {"seconds", "tokens", "records", "flops", "readers", "runs",
                               "seconds_per_reader", "flops_per_reader"}}}   (cache: true conditions only)
-FLOPs: (6·N_s + 2·Σ N_t over online teachers) per student token (`runner.flops_per_token`) times the tokens
+FLOPs: (6·N_s + 2·Σ N_t over online teachers) per student token (`matching.flops_per_token`) times the tokens
 trained (a curve point: the run's mean tokens per step times its step), plus for a cached condition its
 amortised share of the extractions (`kvdistill.experiments.budget`: Σ_t flops_t / R_t).
 Exact match is compared with a paired bootstrap over seeds and held-out problems (every student answers the

@@ -24,7 +24,7 @@ matched by wall time (`match_wall_of`), `concurrent` at once, the ones those are
 wall-time-matched conditions join the queue as soon as the runs they are measured on have finished (their
 steps come from the measured times); then every run's scoring on the test split, in child processes.
 On a CUDA device every pool of child processes starts the next one only where the free memory holds its
-estimate (`run_pool`, the gate of `kvdistill.experiments.memory`), whatever `concurrent` says.
+estimate (`pool.run_pool`, the gate of `kvdistill.experiments.memory`), whatever `concurrent` says.
 
 Where the base config sets train.early_stopping, a run is scored with its best validation checkpoint
 (DIR/.../best/student), else with its final student.
@@ -34,349 +34,33 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
 
 import yaml
 
 from kvdistill.atomic import write_json_atomic, write_text_atomic
-from kvdistill.config import load_config
 from kvdistill.config.schema import RunConfig
 from kvdistill.data import load_records
 from kvdistill.errors import KvdistillError
 from kvdistill.experiments import memory
-from kvdistill.experiments.conditions import base_raw, check_splits, condition_config, teacher_config
-from kvdistill.experiments.score import evaluate_run, score
+from kvdistill.experiments.caches import prepare_caches
+from kvdistill.experiments.conditions import check_splits, condition_config, teacher_config
+from kvdistill.experiments.matching import flops_per_token, flops_steps, student_params, wall_steps
+from kvdistill.experiments.pool import Job, resolve_concurrent, run_pool, train_all
+from kvdistill.experiments.score import score
 from kvdistill.experiments.spec import ExperimentSpec
+from kvdistill.experiments.teachers import prepare_teachers
 from kvdistill.paths import claim, dir_problem
 from kvdistill.rundir import student_dir as student_of
 
 log = logging.getLogger(__name__)
 
 
-# ---------------------------------------------------------------------------------------------- teachers
-def teachers_needed(spec: ExperimentSpec, names: list[str]) -> list[str]:
-    """The teachers the conditions `names` read, and the one the student starts from, in the spec's order."""
-    used = {spec.student_from, *(t for n in names for t in spec.conditions[n].teachers)}
-    return [prep.name for prep in spec.teachers if prep.name in used]
-
-
-def prepare_teachers(
-    spec: ExperimentSpec, out: Path, held: list[dict], names: list[str] | None = None
-) -> dict[str, dict]:
-    """Train (or reuse) the teachers the conditions `names` need (None: every teacher of the spec),
-    `spec.concurrent` at once; a teacher of `steps: 0` is used as given. {name: {model, exact_match, ppl,
-    params}}. Stops when one is below its required exact match."""
-    from kvdistill.models.load import resolve_path
-
-    wanted = set(teachers_needed(spec, names) if names is not None else (p.name for p in spec.teachers))
-    preps = [prep for prep in spec.teachers if prep.name in wanted]
-    given = {prep.name for prep in preps if prep.steps == 0}
-    dirs = {prep.name: out / "teachers" / prep.name for prep in preps}
-    configs = {prep.name: teacher_config(spec, prep) for prep in preps if prep.name not in given}
-    pending = [
-        (dirs[n], cfg)
-        for n, cfg in configs.items()
-        if not (dirs[n] / "teacher.json").is_file()
-        and not (dirs[n] / "final" / "config.json").is_file()
-        and not (dirs[n] / "final" / "student").is_dir()
-    ]
-    estimate = memory.run_estimator({})  # a teacher's own run reads no teachers
-    train_all(
-        pending,
-        resolve_concurrent(spec, [cfg for _, cfg in pending], {}, estimate) if pending else 1,
-        estimate=estimate,
-        ramp_s=spec.memory_ramp_s,
-    )
-    info = {}
-    for prep in preps:
-        run_dir = dirs[prep.name]
-        record = run_dir / "teacher.json"
-        model = prep.model if prep.name in given else str(student_of(run_dir / "final"))
-        if not record.is_file():
-            got = {"params": _param_count(Path(resolve_path(model)))}
-            if prep.name not in given or prep.min_exact_match > 0:  # a given teacher is scored where asked
-                cfg = configs.get(prep.name) or load_config(raw=base_raw(spec))
-                ev = evaluate_run(model, held, cfg, spec)
-                got.update(
-                    {
-                        "exact_match": ev.get("exact_match"),
-                        "ppl": ev["ppl"],
-                        **{k: v for k, v in ev.items() if k.startswith("exact_match_")},
-                        "samples": ev.get("samples", []),
-                    }
-                )
-            run_dir.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(record, got)
-        got = json.loads(record.read_text())
-        info[prep.name] = {"model": model, **got}
-        # a specialist must be competent on its own skill (its held-out exact match there), others on
-        # everything
-        key = f"exact_match_{prep.skill}" if prep.skill else "exact_match"
-        em = got.get(key)
-        if prep.min_exact_match > 0 and (em is None or em < prep.min_exact_match):
-            raise KvdistillError(
-                f"teacher '{prep.name}' reached held-out exact "
-                f"match{f' on {prep.skill}' if prep.skill else ''} {em} "
-                f"< the required {prep.min_exact_match}: "
-                "without competent teachers no comparison means anything",
-                f"train it longer (teachers.{prep.name}.steps, now {prep.steps}) or larger, then rerun "
-                f"(delete {record} to re-evaluate), or lower min_exact_match",
-            )
-    return info
-
-
-def prepare_caches(
-    spec: ExperimentSpec, out: Path, configs: dict[tuple[str, int], RunConfig], teachers: dict[str, dict]
-) -> dict[str, dict]:
-    """Extract (or reuse) the cache of every teacher a `cache: true` run of `configs` reads, holding exactly
-    the records those runs read (`budget.records_read`), each in a child process: DIR/caches/NAME, its cost in
-    DIR/caches/NAME.json; sets teachers[NAME]["cache_dir"]. Returns {NAME: {seconds, tokens, records, flops,
-    readers, runs, seconds_per_reader, flops_per_reader}} (`budget.amortise`)."""
-    from kvdistill.config.schema import TeacherConfig
-    from kvdistill.experiments.budget import amortise, extract_in_child, records_read
-
-    readers: dict[str, list[str]] = {}
-    ids: dict[str, set[str]] = {}
-    data_cfg = {}
-    for (n, s), cfg in configs.items():
-        if not spec.conditions[n].cache:
-            continue
-        read = records_read(cfg)
-        for t in spec.conditions[n].teachers:
-            readers.setdefault(t, []).append(f"{n}/seed-{s}")
-            ids.setdefault(t, set()).update(read)
-            pool = cfg.data.model_copy(update={"eval_size": 0, "val_size": 0, "train_size": None})
-            if data_cfg.setdefault(t, pool) != pool:
-                raise KvdistillError(
-                    f"the cached runs of teacher '{t}' read different data pools ({n}: {pool})",
-                    "give the cached conditions one data pool (they may differ in "
-                    "data.train_size / eval_size / val_size only)",
-                )
-    costs = {}
-    for t in sorted(readers):
-        d = out / "caches" / t
-        record = out / "caches" / f"{t}.json"
-        if record.is_file() and json.loads(record.read_text()).get("ids") != _digest(ids[t]):
-            raise KvdistillError(
-                f"the cache of teacher '{t}' in {d} holds other records than these runs read",
-                f"delete {d} and {record} (the runs changed), then rerun",
-            )
-        if not record.is_file():
-            log.info("extracting the %d records of teacher %s the cached runs read", len(ids[t]), t)
-            d.parent.mkdir(parents=True, exist_ok=True)
-            res = extract_in_child(
-                TeacherConfig(name=t, model=teachers[t]["model"]),
-                data_cfg[t],
-                d,
-                ids[t],
-                record.with_suffix(".part.json"),
-            )
-            write_json_atomic(record, {**res, "ids": _digest(ids[t])})
-        teachers[t]["cache_dir"] = str(d)
-        costs[t] = {k: v for k, v in json.loads(record.read_text()).items() if k != "ids"}
-    return amortise(costs, readers, {t: teachers[t]["params"] for t in costs})
-
-
-def _digest(ids: set[str]) -> str:
-    import hashlib
-
-    return hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()[:16]
-
-
-def _param_count(student_dir: Path) -> int:
-    """Parameters of a saved model, from its safetensors headers (no weights loaded)."""
-    from safetensors import safe_open
-
-    total = 0
-    for f in sorted(Path(student_dir).glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as st:
-            for key in st.keys():  # noqa: SIM118 (safe_open is not iterable)
-                n = 1
-                for d in st.get_slice(key).get_shape():
-                    n *= int(d)
-                total += n
-    return total
-
-
-def student_params(cfg: RunConfig) -> int:
-    """Parameters of the run's student as built (from its checkpoint or config)."""
-    from kvdistill.student import build_student
-
-    model, _ = build_student(cfg.student, seed=cfg.train.seed)
-    return sum(p.numel() for p in model.parameters())
-
-
-def flops_steps(spec: ExperimentSpec, name: str, teachers: dict[str, dict], n_student: int) -> int | None:
-    """Steps of a `match_flops_of` condition: the reference's steps times its per-token training FLOPs
-    (6·N_s + 2·Σ N_t) over this condition's; None for a condition without it."""
-    ref = spec.conditions[name].match_flops_of
-    if ref is None:
-        return None
-    ref_steps = condition_config(spec, ref, spec.seeds[0], teachers).train.steps
-    return max(
-        1,
-        round(
-            ref_steps
-            * flops_per_token(spec, ref, teachers, n_student)
-            / flops_per_token(spec, name, teachers, n_student)
-        ),
-    )
-
-
-def flops_per_token(spec: ExperimentSpec, name: str, teachers: dict[str, dict], n_student: int) -> int:
-    """Training FLOPs per student token of condition `name`: 6·N_s + 2·Σ N_t over its online teachers (a
-    cached teacher's forward is paid once, at extraction: `budget.amortise`)."""
-    cond = spec.conditions[name]
-    return 6 * n_student + (0 if cond.cache else 2 * sum(teachers[t]["params"] for t in cond.teachers))
-
-
-def wall_steps(spec: ExperimentSpec, name: str, measured: dict[str, list[dict]]) -> int:
-    """Steps of a `match_wall_of` condition: the median training seconds of the reference's runs (with their
-    amortised extraction seconds) over the median seconds per step of `wall_rate_of`'s runs; `measured`:
-    condition -> its runs' eval.json records (train_s, steps_trained, amortised_s)."""
-    import statistics
-
-    cond = spec.conditions[name]
-    ref, rate = measured[cond.match_wall_of], measured[cond.wall_rate_of or spec.baseline]
-    budget = statistics.median(r["train_s"] + r.get("amortised_s", 0.0) for r in ref)
-    per_step = statistics.median(r["train_s"] / r["steps_trained"] for r in rate)
-    return max(1, round(budget / per_step))
-
-
-# ---------------------------------------------------------------------------------------------- runs
 def run_dir(out: Path, name: str, seed: int) -> Path:
     return out / "runs" / name / f"seed-{seed}"
-
-
-class Job(NamedTuple):
-    """A child process of `run_pool`: its command, log file, label, and estimated device memory (bytes; None:
-    not known)."""
-
-    command: list[str]
-    log: Path
-    label: str
-    need: int | None = None
-
-
-def train_all(
-    pending: list[tuple[Path, RunConfig]],
-    concurrent: int,
-    *,
-    more=None,
-    estimate: Callable[[RunConfig], int] | None = None,
-    ramp_s: float = memory.RAMP_S,
-) -> None:
-    """Train the pending runs: in this process one after the other, or `concurrent` at once as separate
-    `kvdistill train` processes (they share the GPU); a killed run resumes from its last checkpoint. `more()`,
-    asked whenever a run ends (and once at the end), gives further runs to train. `estimate(cfg)`: a run's
-    bytes (`memory.run_estimator`), what `run_pool`'s memory gate admits it on (asked only on a CUDA device);
-    None: the gate knows no estimate."""
-    import torch
-
-    from kvdistill.config import dump_config
-    from kvdistill.train.trainer import train
-
-    if concurrent == 1:
-        queue = list(pending) + (more() if more is not None else [])
-        while queue:
-            d, cfg = queue.pop(0)
-            log.info("training %s (%d steps)", d, cfg.train.steps)
-            train(cfg, d, resume=(d / "config.yaml").is_file())  # a started run resumes (or restarts cleanly)
-            queue += more() if more is not None else []
-        return
-    gated = estimate is not None and torch.cuda.is_available()  # the gate does nothing without CUDA
-
-    def command(d: Path, cfg: RunConfig) -> Job:
-        d.parent.mkdir(parents=True, exist_ok=True)
-        config = d.parent / f"{d.name}.yaml"
-        config.write_text(dump_config(cfg))
-        cmd = [sys.executable, "-m", "kvdistill.cli", "train", str(config), "--out", str(d)]
-        if (d / "config.yaml").is_file():
-            cmd.append("--resume")
-        return Job(cmd, d.parent / f"{d.name}.log", str(d), estimate(cfg) if gated else None)
-
-    run_pool(
-        [command(d, cfg) for d, cfg in pending],
-        concurrent,
-        "training",
-        more=None if more is None else lambda: [command(d, cfg) for d, cfg in more()],
-        ramp_s=ramp_s,
-    )
-
-
-def run_pool(
-    jobs: list[Job],
-    concurrent: int,
-    what: str,
-    *,
-    more=None,
-    ramp_s: float = memory.RAMP_S,
-    poll_s: float = memory.POLL_S,
-) -> None:
-    """Run the commands of `jobs` as child processes, in order, at most `concurrent` at once; `more()`, asked
-    whenever one ends and once when none is left, gives further jobs. A KvdistillError names every one that
-    failed.
-
-    On a CUDA device the next job also waits until the memory gate admits it (`memory.admits`): the free
-    device memory (read at most every `poll_s` seconds, and again whenever a child ends) less the estimates
-    of the children started in the last `ramp_s` seconds must cover its `need` (be > 0 where need is None);
-    with no child running it starts regardless. Without CUDA the gate does nothing."""
-    queue = list(jobs)
-    running: list[tuple[subprocess.Popen, Path, str, memory.Started]] = []
-    failed = []
-    reading: tuple[int | None, float] | None = None  # (free bytes, when read): None once stale
-    waits_for = None  # the job whose wait was logged
-    if more is not None:
-        queue += more()  # resumed experiments: what it waits for may be finished already
-    while queue or running:
-        while queue and len(running) < concurrent:
-            now = time.monotonic()
-            if reading is None or now - reading[1] >= poll_s:
-                reading = (memory.cuda_free_bytes(), now)
-            free = reading[0]
-            started = [r[3] for r in running]
-            job = queue[0]
-            if not memory.admits(job.need, free, started, now, ramp_s):
-                if waits_for is not job:
-                    log.info(
-                        "%s %s: %s", what, job.label, memory.wait_note(job.need, free, started, now, ramp_s)
-                    )
-                    waits_for = job
-                break
-            if not running and free is not None and (free <= 0 if job.need is None else job.need > free):
-                log.warning(
-                    "%s %s: its estimate (%s) exceeds the %.1f GiB of free GPU memory; starting it anyway, "
-                    "nothing else runs",
-                    what,
-                    job.label,
-                    "not known" if job.need is None else f"{job.need / memory.GIB:.1f} GiB",
-                    free / memory.GIB,
-                )
-            queue.pop(0)
-            waits_for = None
-            with job.log.open("a") as logfile:
-                proc = subprocess.Popen(job.command, stdout=logfile, stderr=subprocess.STDOUT)
-            running.append((proc, job.log, job.label, memory.Started(job.need, time.monotonic())))
-        time.sleep(0.5)
-        for item in list(running):
-            proc, logpath, label, _ = item
-            if proc.poll() is not None:
-                running.remove(item)
-                reading = None  # memory came free: read it again
-                if proc.returncode != 0:
-                    failed.append(f"{label} (exit {proc.returncode}, log {logpath})")
-                elif more is not None:
-                    queue += more()
-    if failed:
-        raise KvdistillError(
-            f"{what} failed for {', '.join(failed)}",
-            "read the logs; rerun the same command to resume the missing runs",
-        )
 
 
 def run_experiment(
@@ -640,22 +324,6 @@ def _train_and_score(
         for k in range(min(concurrent, len(paths)))
     ]
     run_pool(commands, concurrent, "scoring", ramp_s=spec.memory_ramp_s)
-
-
-def resolve_concurrent(
-    spec: ExperimentSpec,
-    configs: list[RunConfig],
-    teachers: dict[str, dict],
-    estimate: Callable[[RunConfig], int] | None = None,
-) -> int:
-    """`spec.concurrent`, or for auto the number of runs the device's free memory holds
-    (`kvdistill.experiments.memory`), each run's bytes by `estimate` (default: `memory.run_estimator`)."""
-    if spec.concurrent != "auto":
-        return spec.concurrent
-    if not configs:
-        return 1
-    estimate = estimate or memory.run_estimator(teachers)
-    return memory.auto_concurrent([estimate(cfg) for cfg in configs], memory.free_device_bytes())
 
 
 def _only(spec: ExperimentSpec, only: list[str]) -> list[str]:
