@@ -8,20 +8,13 @@ kvdistill.losses.reduce.
 """
 
 from kvdistill.losses.attention import attention_kl, relation_loss, relation_matrix
+from kvdistill.losses.ce import ce_loss, token_nll
 from kvdistill.losses.codi import CODI_KINDS, codi_loss
+from kvdistill.losses.cross_logits import cross_logit_kd
+from kvdistill.losses.divergence import DIVERGENCES, TAIL_FLOOR
 from kvdistill.losses.hidden import hidden_error
 from kvdistill.losses.kv import KV_KINDS, as_rows, cosine_error, kv_error, pairs_kv_loss
-from kvdistill.losses.logits import (
-    DIVERGENCES,
-    TAIL_FLOOR,
-    ce_loss,
-    cross_logit_kd,
-    logit_kd,
-    span_logit_kd,
-    token_nll,
-    topk_log_probs,
-    topk_logit_kd,
-)
+from kvdistill.losses.logits import logit_kd, topk_log_probs, topk_logit_kd
 from kvdistill.losses.moe import (
     expert_output_error,
     load_balance,
@@ -30,6 +23,7 @@ from kvdistill.losses.moe import (
     routing_log_probs,
 )
 from kvdistill.losses.reduce import sample_mean
+from kvdistill.losses.span_logits import span_logit_kd
 
 __all__ = [
     "CODI_KINDS",
