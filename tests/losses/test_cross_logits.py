@@ -5,31 +5,18 @@ input is refused."""
 
 from __future__ import annotations
 
-import functools
 import math
 
 import pytest
 import torch
+from tests.losses.reference import divergence as divergence_of
+from tests.losses.reference import kl_np, rand64, tokenizer, value_and_grad
 
 from kvdistill import losses as L
 from kvdistill.align.tokens import prefix_positions
 from kvdistill.align.vocab import shared_vocabulary
 from kvdistill.errors import KvdistillError
 from kvdistill.models.capture import tokenize
-
-
-def _rand(*shape, seed=0):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-
-
-def _grad(fn, x):
-    x = x.detach().clone().requires_grad_()
-    value = fn(x)
-    return value.detach(), torch.autograd.grad(value.sum(), x)[0]
-
-
-def _kl_np(p, q):
-    return sum(a * (math.log(a) - math.log(b)) for a, b in zip(p, q, strict=True) if a > 0)
 
 
 def test_cross_logit_kd_errors():
@@ -61,13 +48,13 @@ def test_cross_logit_kd_errors():
 def test_cross_logit_kd_with_one_tokenizer_is_logit_kd(divergence, tau):
     """Identity buckets and every position its own partner: the projection changes nothing, value and
     gradient, also with a masked (-inf) vocabulary tail and padding."""
-    s, t = _rand(3, 6, 11, seed=1) * 3, _rand(3, 6, 11, seed=2) * 3
+    s, t = rand64(3, 6, 11, seed=1) * 3, rand64(3, 6, 11, seed=2) * 3
     s[..., 9:] = t[..., 9:] = -math.inf
     mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 0, 0]])
     ident = torch.arange(11)
     pos = torch.arange(6).expand(3, 6)
-    v0, g0 = _grad(lambda x: L.logit_kd(x, t, mask, temperature=tau, divergence=divergence), s)
-    v1, g1 = _grad(
+    v0, g0 = value_and_grad(lambda x: L.logit_kd(x, t, mask, temperature=tau, divergence=divergence), s)
+    v1, g1 = value_and_grad(
         lambda x: L.cross_logit_kd(
             x, t, pos, mask, ident, ident, shared=11, temperature=tau, divergence=divergence, chunk=4
         ),
@@ -75,13 +62,6 @@ def test_cross_logit_kd_with_one_tokenizer_is_logit_kd(divergence, tau):
     )
     torch.testing.assert_close(v1, v0, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(g1, g0, rtol=1e-6, atol=1e-8)
-
-
-@functools.cache
-def _tokenizer(name: str):
-    from kvdistill.models.load import load_tokenizer
-
-    return load_tokenizer(name)
 
 
 def _brute_cross(s, t, s_spans, s_mask, t_spans, t_mask, proj, tau, divergence, beta):
@@ -99,9 +79,6 @@ def _brute_cross(s, t, s_spans, s_mask, t_spans, t_mask, proj, tau, divergence, 
             out_.append((state, extra) if m else None)
         return out_
 
-    def kl(p, q):
-        return torch.where(p > 0, p * (p.clamp_min(1e-300).log() - q.clamp_min(1e-300).log()), 0.0).sum()
-
     out = []
     for b in range(s.shape[0]):
         t_reads = reads(t_spans[b], t_mask[b])
@@ -116,13 +93,7 @@ def _brute_cross(s, t, s_spans, s_mask, t_spans, t_mask, proj, tau, divergence, 
             p_t = torch.zeros(proj.shared + 1, dtype=s.dtype).index_add(
                 0, proj.teacher, torch.softmax(t[b, js[-1]] / tau, -1)
             )
-            if divergence == "forward":
-                d = kl(p_t, p_s)
-            elif divergence == "reverse":
-                d = kl(p_s, p_t)
-            else:
-                m = beta * p_t + (1 - beta) * p_s
-                d = beta * kl(p_t, m) + (1 - beta) * kl(p_s, m)
+            d = divergence_of(p_t, p_s, divergence, beta)
             terms.append(d * tau**2)
         out.append(torch.stack(terms).mean() if terms else s.new_zeros(()))
     return torch.stack(out)
@@ -138,7 +109,7 @@ def _brute_cross(s, t, s_spans, s_mask, t_spans, t_mask, proj, tau, divergence, 
 )
 def test_cross_logit_kd_equals_bruteforce_on_real_tokenizer_pairs(student_name, teacher_name, divergence):
     texts = ["Question: Compute 3 + 4.\nAnswer: 7", "東京 has 3 🍎, naïve café"]
-    s_tok, t_tok = _tokenizer(student_name), _tokenizer(teacher_name)
+    s_tok, t_tok = tokenizer(student_name), tokenizer(teacher_name)
     se, te = tokenize(s_tok, texts, max_length=24), tokenize(t_tok, texts, max_length=20)
     V_s, V_t = len(s_tok) + 3, len(t_tok)  # the student's logits padded past its tokenizer
     proj = shared_vocabulary(s_tok, t_tok, V_s, V_t)
@@ -146,9 +117,9 @@ def test_cross_logit_kd_equals_bruteforce_on_real_tokenizer_pairs(student_name, 
         se["offset_mapping"], se["attention_mask"], te["offset_mapping"], te["attention_mask"]
     )
     B, T_s, T_t = len(texts), se["input_ids"].shape[1], te["input_ids"].shape[1]
-    s, t = _rand(B, T_s, V_s, seed=7) * 4, _rand(B, T_t, V_t, seed=8) * 4
+    s, t = rand64(B, T_s, V_s, seed=7) * 4, rand64(B, T_t, V_t, seed=8) * 4
     tau, beta = 1.5, 0.4 if divergence == "jsd" else 0.5
-    got, g_got = _grad(
+    got, g_got = value_and_grad(
         lambda x: L.cross_logit_kd(
             x,
             t,
@@ -164,7 +135,7 @@ def test_cross_logit_kd_equals_bruteforce_on_real_tokenizer_pairs(student_name, 
         ),
         s,
     )
-    ref, g_ref = _grad(
+    ref, g_ref = value_and_grad(
         lambda x: _brute_cross(
             x,
             t,
@@ -191,7 +162,7 @@ def test_cross_topk_equals_its_closed_form():
     tau, k = 1.4, 4
     s_b = torch.tensor([0, 1, 2, 3, 4, 4, 5, 5])  # student: 8 entries, buckets 0..4 named, 5 = other
     t_b = torch.tensor([0, 0, 1, 2, 3, 4, 5, 5, 5, 2])  # teacher: 10 entries
-    s, t = _rand(1, 3, 8, seed=11) * 2, _rand(1, 3, 10, seed=12) * 2
+    s, t = rand64(1, 3, 8, seed=11) * 2, rand64(1, 3, 10, seed=12) * 2
     mask, pos = torch.ones(1, 3), torch.tensor([[2, 0, 1]])
     ids, lp = L.topk_log_probs(t, k, temperature=tau)
     got = L.cross_logit_kd(s, (ids, lp), pos, mask, s_b, t_b, shared=5, temperature=tau)
@@ -205,7 +176,7 @@ def test_cross_topk_equals_its_closed_form():
         ps = [sum(p_s[v] for v in range(8) if int(s_b[v]) == c) for c in hit]
         pt.append(max(1 - sum(pt), L.TAIL_FLOOR))
         ps.append(1 - sum(ps))
-        terms.append(_kl_np(pt, ps) * tau**2)
+        terms.append(kl_np(pt, ps) * tau**2)
     assert got.item() == pytest.approx(sum(terms) / 3, rel=2e-5)
 
 
@@ -213,7 +184,7 @@ def test_cross_topk_equals_its_closed_form():
 def test_cross_logit_kd_through_one_real_tokenizer_is_logit_kd(name):
     """The whole cross-tokenizer path (shared_vocabulary, prefix_positions, cross_logit_kd) with the student's
     own tokenizer on both sides gives the same-tokenizer loss, value and gradient."""
-    tok = _tokenizer(name)
+    tok = tokenizer(name)
     enc = tokenize(tok, ["Question: Compute 3 + 4.\nAnswer: 7", "東京 has 3 🍎"], max_length=16)
     V = len(tok)
     proj = shared_vocabulary(tok, tok, V, V)
@@ -221,12 +192,12 @@ def test_cross_logit_kd_through_one_real_tokenizer_is_logit_kd(name):
         enc["offset_mapping"], enc["attention_mask"], enc["offset_mapping"], enc["attention_mask"]
     )
     s, t = (
-        _rand(2, enc["input_ids"].shape[1], V, seed=13) * 3,
-        _rand(2, enc["input_ids"].shape[1], V, seed=14) * 3,
+        rand64(2, enc["input_ids"].shape[1], V, seed=13) * 3,
+        rand64(2, enc["input_ids"].shape[1], V, seed=14) * 3,
     )
     mask = enc["attention_mask"]
-    v0, g0 = _grad(lambda x: L.logit_kd(x, t, mask, temperature=1.5, divergence="jsd"), s)
-    v1, g1 = _grad(
+    v0, g0 = value_and_grad(lambda x: L.logit_kd(x, t, mask, temperature=1.5, divergence="jsd"), s)
+    v1, g1 = value_and_grad(
         lambda x: L.cross_logit_kd(
             x,
             t,

@@ -10,32 +10,18 @@ import math
 
 import pytest
 import torch
+from tests.losses.reference import divergence as divergence_of
+from tests.losses.reference import kl_np, rand64, value_and_grad
 
 from kvdistill import losses as L
 from kvdistill.errors import KvdistillError
-
-
-def _rand(*shape, seed=0):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
 def _reference(s, t, mask, tau, divergence, beta):
     """Per-sample divergence · τ², averaged over counted positions, from probabilities (0·log 0 = 0)."""
     p_s, p_t = torch.softmax(s / tau, -1), torch.softmax(t / tau, -1)
 
-    def kl(p, q):
-        terms = torch.where(
-            p > 0, p * (p.clamp_min(1e-300).log() - q.clamp_min(1e-300).log()), torch.zeros(())
-        )
-        return terms.sum(-1)
-
-    if divergence == "forward":
-        div = kl(p_t, p_s)
-    elif divergence == "reverse":
-        div = kl(p_s, p_t)
-    else:
-        m = beta * p_t + (1 - beta) * p_s
-        div = beta * kl(p_t, m) + (1 - beta) * kl(p_s, m)
+    div = divergence_of(p_t, p_s, divergence, beta)
     m = mask.double()
     return (div * tau**2 * m).sum(1) / m.sum(1).clamp(min=1)
 
@@ -43,7 +29,7 @@ def _reference(s, t, mask, tau, divergence, beta):
 @pytest.mark.parametrize("divergence, beta", [("forward", 0.5), ("reverse", 0.5), ("jsd", 0.5), ("jsd", 0.1)])
 @pytest.mark.parametrize("tau", [0.5, 1.0, 2.0, 4.0])
 def test_logit_kd_equals_closed_form(divergence, beta, tau):
-    s, t = _rand(3, 6, 11, seed=1) * 3, _rand(3, 6, 11, seed=2) * 3
+    s, t = rand64(3, 6, 11, seed=1) * 3, rand64(3, 6, 11, seed=2) * 3
     s[..., 7:] = t[..., 7:] = -math.inf  # an impossible tail on both sides
     s[2, 4:] = float("nan")  # garbage at padded positions changes nothing
     mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 0, 0]])
@@ -91,19 +77,13 @@ def test_logit_kd_errors():
         )
 
 
-def _grad(fn, x):
-    x = x.detach().clone().requires_grad_()
-    value = fn(x)
-    return value.detach(), torch.autograd.grad(value.sum(), x)[0]
-
-
 @pytest.mark.parametrize("divergence", ["forward", "reverse", "jsd"])
 @pytest.mark.parametrize("chunk", [1, 4, 7])
 def test_chunked_equals_unchunked_value_and_gradient(divergence, chunk):
     """Every logit KD function, cut into chunks of positions (recomputed in backward), gives the one-pass
     value and gradient; padded positions (NaN there) stay out of both."""
     B, T, V = 3, 6, 13
-    s, t = _rand(B, T, V, seed=3) * 2, _rand(B, T, V, seed=4) * 2
+    s, t = rand64(B, T, V, seed=3) * 2, rand64(B, T, V, seed=4) * 2
     s[1, 4:] = float("nan")
     mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0], [1, 1, 0, 0, 0, 0]])
     ids, lp = L.topk_log_probs(t, 5, temperature=1.5)
@@ -125,16 +105,12 @@ def test_chunked_equals_unchunked_value_and_gradient(divergence, chunk):
         ),
     }
     for name, fn in calls.items():
-        v0, g0 = _grad(lambda x, fn=fn: fn(x, 0), s)
-        v1, g1 = _grad(lambda x, fn=fn: fn(x, chunk), s)
+        v0, g0 = value_and_grad(lambda x, fn=fn: fn(x, 0), s)
+        v1, g1 = value_and_grad(lambda x, fn=fn: fn(x, chunk), s)
         assert torch.isfinite(v0).all() and (v0 > 0).all(), name
         torch.testing.assert_close(v1, v0, rtol=1e-6, atol=1e-7, msg=name)
         torch.testing.assert_close(g1, g0, rtol=1e-6, atol=1e-8, msg=name)
         assert torch.isfinite(g0).all() and g0[1, 4:].abs().sum() == 0 and g0[2, 2:].abs().sum() == 0, name
-
-
-def _kl_np(p, q):
-    return sum(a * (math.log(a) - math.log(b)) for a, b in zip(p, q, strict=True) if a > 0)
 
 
 @pytest.mark.parametrize("divergence, beta", [("forward", 0.5), ("reverse", 0.5), ("jsd", 0.3)])
@@ -142,7 +118,7 @@ def test_topk_with_tail_equals_its_closed_form(divergence, beta):
     """k + 1 events: the teacher's top k ids with their probabilities and the rest of the mass as one bucket,
     on both sides; written out with Python floats from softmax probabilities."""
     tau, k = 1.7, 3
-    s, t = _rand(2, 4, 9, seed=5) * 2, _rand(2, 4, 9, seed=6) * 2
+    s, t = rand64(2, 4, 9, seed=5) * 2, rand64(2, 4, 9, seed=6) * 2
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
     ids, lp = L.topk_log_probs(t, k, temperature=tau)
     got = L.topk_logit_kd(s, ids, lp, mask, temperature=tau, divergence=divergence, beta=beta)
@@ -157,12 +133,12 @@ def test_topk_with_tail_equals_its_closed_form(divergence, beta):
             pt = [p_t[v] for v in top] + [1 - sum(p_t[v] for v in top)]
             ps = [p_s[v] for v in top] + [1 - sum(p_s[v] for v in top)]
             if divergence == "forward":
-                d = _kl_np(pt, ps)
+                d = kl_np(pt, ps)
             elif divergence == "reverse":
-                d = _kl_np(ps, pt)
+                d = kl_np(ps, pt)
             else:
                 m = [beta * a + (1 - beta) * c for a, c in zip(pt, ps, strict=True)]
-                d = beta * _kl_np(pt, m) + (1 - beta) * _kl_np(ps, m)
+                d = beta * kl_np(pt, m) + (1 - beta) * kl_np(ps, m)
             terms.append(d * tau**2)
         ref.append(sum(terms) / len(terms))
     torch.testing.assert_close(got, torch.tensor(ref, dtype=torch.float32), rtol=2e-5, atol=1e-6)

@@ -3,40 +3,20 @@ equals a brute-force loop over the chunks, chunked and unchunked."""
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
+from tests.losses.reference import divergence as divergence_of
+from tests.losses.reference import rand64, tokenizer, value_and_grad
 
 from kvdistill import losses as L
 from kvdistill.align.tokens import common_chunks
 from kvdistill.models.capture import tokenize
 
 
-def _rand(*shape, seed=0):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-
-
-def _grad(fn, x):
-    x = x.detach().clone().requires_grad_()
-    value = fn(x)
-    return value.detach(), torch.autograd.grad(value.sum(), x)[0]
-
-
-@functools.cache
-def _tokenizer(name: str):
-    from kvdistill.models.load import load_tokenizer
-
-    return load_tokenizer(name)
-
-
 def _brute_span(s, t, se, te, s_chunk, t_chunk, tau, divergence, beta):
     """Per sample, per chunk: the chain-rule log-probability of each side's tokens of the chunk, token by
     token from log_softmax(logits[i - 1] / τ), then the divergence of the two-outcome distributions (P, 1 -
     P)."""
-
-    def kl(p, q):
-        return sum(torch.where(a > 0, a * (a.log() - c.log()), 0.0) for a, c in zip(p, q, strict=True))
 
     out = []
     for b in range(s.shape[0]):
@@ -54,13 +34,7 @@ def _brute_span(s, t, se, te, s_chunk, t_chunk, tau, divergence, beta):
             if len(logp) < 2:
                 continue
             p_s, p_t = (torch.stack([lp.exp(), 1 - lp.exp()]) for lp in logp)
-            if divergence == "forward":
-                d = kl(p_t, p_s)
-            elif divergence == "reverse":
-                d = kl(p_s, p_t)
-            else:
-                m = beta * p_t + (1 - beta) * p_s
-                d = beta * kl(p_t, m) + (1 - beta) * kl(p_s, m)
+            d = divergence_of(p_t, p_s, divergence, beta)
             terms.append(d * tau**2)
         out.append(torch.stack(terms).mean() if terms else s.new_zeros(()))
     return torch.stack(out)
@@ -76,17 +50,17 @@ def _brute_span(s, t, se, te, s_chunk, t_chunk, tau, divergence, beta):
 )
 def test_span_logit_kd_equals_bruteforce_on_real_tokenizer_pairs(student_name, teacher_name, divergence):
     texts = ["Question: Compute 3 + 4.\nAnswer: 7", "東京 has 3 🍎, naïve café"]
-    s_tok, t_tok = _tokenizer(student_name), _tokenizer(teacher_name)
+    s_tok, t_tok = tokenizer(student_name), tokenizer(teacher_name)
     se, te = tokenize(s_tok, texts, max_length=24), tokenize(t_tok, texts, max_length=20)
     s_chunk, t_chunk = common_chunks(
         se["offset_mapping"], se["attention_mask"], te["offset_mapping"], te["attention_mask"]
     )
     B, T_s, T_t = len(texts), se["input_ids"].shape[1], te["input_ids"].shape[1]
-    s, t = _rand(B, T_s, 301, seed=9), _rand(B, T_t, 257, seed=10)  # small random vocabularies: ids mod V
+    s, t = rand64(B, T_s, 301, seed=9), rand64(B, T_t, 257, seed=10)  # small random vocabularies: ids mod V
     se = {k: v % 301 if k == "input_ids" else v for k, v in se.items()}
     te = {k: v % 257 if k == "input_ids" else v for k, v in te.items()}
     tau, beta = 1.3, 0.3 if divergence == "jsd" else 0.5
-    got, g_got = _grad(
+    got, g_got = value_and_grad(
         lambda x: L.span_logit_kd(
             x,
             t,
@@ -103,7 +77,9 @@ def test_span_logit_kd_equals_bruteforce_on_real_tokenizer_pairs(student_name, t
         ),
         s,
     )
-    ref, g_ref = _grad(lambda x: _brute_span(x, t, se, te, s_chunk, t_chunk, tau, divergence, beta), s)
+    ref, g_ref = value_and_grad(
+        lambda x: _brute_span(x, t, se, te, s_chunk, t_chunk, tau, divergence, beta), s
+    )
     assert (ref > 0).all()
     torch.testing.assert_close(got, ref.float(), rtol=2e-5, atol=1e-6)
     torch.testing.assert_close(g_got, g_ref, rtol=1e-4, atol=1e-7)
