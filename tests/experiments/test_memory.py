@@ -87,3 +87,23 @@ def test_without_cuda_the_gate_reads_nothing_and_auto_reads_the_host(monkeypatch
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert cuda_free_bytes() is None
     assert free_device_bytes() > 0  # the host's available memory
+
+
+def test_the_ledger_shows_each_pool_the_others_recent_starts_and_cleans_up(tmp_path):
+    from kvdistill.experiments.memory import Ledger
+
+    path = tmp_path / "starts.jsonl"
+    a, b = Ledger(path, pid=10), Ledger(path, pid=20)
+    a.record(4 * GIB, ramp_s=60.0)
+    b.record(6 * GIB, ramp_s=60.0)
+    assert [s.need for s in a.others(100.0, ramp_s=60.0)] == [6 * GIB]  # not its own
+    assert [s.need for s in b.others(100.0, ramp_s=60.0)] == [4 * GIB]
+    (seen,) = a.others(100.0, ramp_s=60.0)
+    assert 99.0 < seen.at <= 100.0  # just now, on the caller's monotonic clock
+    assert a.others(100.0, ramp_s=0.0) == []  # out of the ramp
+    path.write_text(path.read_text() + '{"pid": 30, "ne')  # a line torn by a killed writer
+    assert [s.need for s in a.others(100.0, ramp_s=60.0)] == [6 * GIB]
+    a.close()
+    assert [s.need for s in Ledger(path, pid=99).others(0.0, ramp_s=60.0)] == [6 * GIB]
+    b.close()
+    assert not path.exists()  # nothing stays behind

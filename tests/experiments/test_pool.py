@@ -109,3 +109,31 @@ def test_without_cuda_the_pool_is_bounded_by_concurrent_only(tmp_path, monkeypat
     run_pool(pool_jobs(tmp_path, 3, 100 * GIB, 1.5), 3, "training", ramp_s=600.0, poll_s=0.1)
     times = spans(tmp_path, 3)
     assert max(s for s, _ in times) < min(e for _, e in times)  # all three at once
+
+
+def test_the_pool_counts_another_experiments_recent_starts(tmp_path, monkeypatch):
+    """Another pool on the machine (another pid in the ledger) started a 8 GiB child a moment ago: with 10 GiB
+    free this pool's first 4 GiB job waits until that start leaves the ramp, then runs; nothing stays behind."""
+    import time
+
+    from kvdistill.experiments import memory
+
+    monkeypatch.setattr(memory, "cuda_free_bytes", lambda: 10 * GIB)
+    other = memory.Ledger(pid=1)  # the ledger path comes from KVDISTILL_GPU_LEDGER (conftest): tmp
+    other.record(8 * GIB, ramp_s=1.5)
+    t0 = time.time()
+    run_pool(pool_jobs(tmp_path, 1, 4 * GIB, 0.1), 2, "training", ramp_s=1.5, poll_s=0.1)
+    ((start, _),) = spans(tmp_path, 1)
+    assert start - t0 >= 1.2  # waited for the other pool's child to leave its ramp
+    # this pool's start was recorded, then removed at its end with the other's expired one: no file is left
+    assert not other.path.exists()
+
+
+def test_without_cuda_the_pool_writes_no_ledger(tmp_path, monkeypatch):
+    import os
+
+    from kvdistill.experiments import memory
+
+    monkeypatch.setattr(memory, "cuda_free_bytes", lambda: None)
+    run_pool(pool_jobs(tmp_path, 2, 4 * GIB, 0.1), 2, "training", ramp_s=600.0, poll_s=0.1)
+    assert not Path(os.environ["KVDISTILL_GPU_LEDGER"]).exists()

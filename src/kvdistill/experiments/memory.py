@@ -21,19 +21,29 @@ ramp) and `need` the next job's estimate: a child is assumed to allocate nothing
 all of it after; a child whose estimate is not known counts 0. A job without an estimate (`need` None) is
 admitted while free - unallocated > 0. A job is always admitted where no child runs (the pool never
 deadlocks; a warning says where its estimate exceeds the free memory), and always without CUDA (free None).
+Other experiments on the same machine (`kvdistill experiment` twice, say, sharing the one GPU) are seen
+through a ledger of starts (`Ledger`): each pool on a CUDA device appends every child it starts (pid of
+the pool, estimate, wall-clock time) to one file per user in the temp directory (`KVDISTILL_GPU_LEDGER`
+overrides the path), under a file lock, and counts the other pools' starts of the last `ramp_s` seconds as
+unallocated too (and as running, for the at-least-one rule). A pool removes its own entries when it ends,
+and the file when it is left empty: nothing stays behind. Without CUDA no ledger is read or written.
 What each pool gates on: training (teachers and the (condition, seed) runs) the `run_bytes` estimate of each
 run (`run_estimator`); scoring no estimate (the at-least-one rule and free memory > 0 only).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 import subprocess
 import sys
+import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 # the estimate itself (per process, by distributed mode)
 from kvdistill.train.memory import CONTEXT, GIB, SLACK, run_bytes
@@ -43,6 +53,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "CONTEXT",
     "GIB",
+    "Ledger",
     "POLL_S",
     "RAMP_S",
     "SLACK",
@@ -188,3 +199,67 @@ def wait_note(need: int | None, free: int, running: list[Started], now: float, r
         f"{unallocated(running, now, ramp_s) / GIB:.1f} GiB of it not yet allocated by the {len(recent)} "
         f"children started in the last {ramp_s:.0f} s ({len(running)} running)"
     )
+
+
+class Ledger:
+    """The starts of every pool on this machine (the module docstring): one JSON line per child started,
+    {"pid": the pool's pid, "need": bytes or null, "at": time.time()}, read and rewritten under an
+    exclusive `fcntl` lock."""
+
+    def __init__(self, path: Path | None = None, pid: int | None = None):
+        default = Path(tempfile.gettempdir()) / f"kvdistill-gpu-starts-{os.getuid()}.jsonl"
+        self.path = Path(path or os.environ.get("KVDISTILL_GPU_LEDGER") or default)
+        self.pid = os.getpid() if pid is None else pid
+
+    def _update(self, change: Callable[[list[dict]], list[dict]]) -> list[dict]:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            with open(self.path, "a+") as f:
+                fcntl.flock(f, fcntl.LOCK_EX)
+                if os.fstat(f.fileno()).st_nlink:
+                    return self._change_locked(f, change)
+            # another pool removed the file while this one waited for the lock: open the new one
+
+    def _change_locked(self, f, change: Callable[[list[dict]], list[dict]]) -> list[dict]:
+        f.seek(0)
+        entries = []
+        for line in f.read().splitlines():
+            try:
+                entries.append(json.loads(line))
+            except ValueError:
+                continue  # a line torn by a killed writer: dropped
+        kept = change(entries)
+        if kept is not entries:
+            f.seek(0)
+            f.truncate()
+            f.write("".join(json.dumps(e) + "\n" for e in kept))
+            f.flush()
+            if not kept:
+                self.path.unlink(missing_ok=True)  # under the lock; a waiting pool sees st_nlink 0
+        return kept
+
+    def record(self, need: int | None, ramp_s: float) -> None:
+        """Append a start of this pool now; entries older than `ramp_s` seconds are dropped."""
+        now = time.time()
+        self._update(
+            lambda es: (
+                [e for e in es if now - e["at"] < ramp_s] + [{"pid": self.pid, "need": need, "at": now}]
+            )
+        )
+
+    def others(self, now_monotonic: float, ramp_s: float) -> list[Started]:
+        """The other pools' starts of the last `ramp_s` seconds, on this pool's time.monotonic() clock."""
+        if not self.path.exists():
+            return []
+        now = time.time()
+        entries = self._update(lambda es: es if es else [])  # [] rewrites: an empty file goes
+        return [
+            Started(e["need"], now_monotonic - (now - e["at"]))
+            for e in entries
+            if e["pid"] != self.pid and now - e["at"] < ramp_s
+        ]
+
+    def close(self) -> None:
+        """Remove this pool's entries (its children have ended); the file goes where none is left."""
+        if self.path.exists():
+            self._update(lambda es: [e for e in es if e["pid"] != self.pid])

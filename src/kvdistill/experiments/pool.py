@@ -93,15 +93,30 @@ def run_pool(
 
     On a CUDA device the next job also waits until the memory gate admits it (`memory.admits`): the free
     device memory (read at most every `poll_s` seconds, and again whenever a child ends) less the estimates
-    of the children started in the last `ramp_s` seconds must cover its `need` (be > 0 where need is None);
-    with no child running it starts regardless. Without CUDA the gate does nothing."""
+    of the children started in the last `ramp_s` seconds (this pool's, and other experiments' on this machine
+    through `memory.Ledger`) must cover its `need` (be > 0 where need is None); with no child running (none
+    of its own, none of the others' in their ramp) it starts regardless. Without CUDA the gate does nothing."""
     queue = list(jobs)
     running: list[tuple[subprocess.Popen, Path, str, memory.Started]] = []
-    failed = []
-    reading: tuple[int | None, float] | None = None  # (free bytes, when read): None once stale
-    waits_for = None  # the job whose wait was logged
+    failed: list[str] = []
+    ledger = memory.Ledger()
     if more is not None:
         queue += more()  # resumed experiments: what it waits for may be finished already
+    try:
+        _drain(queue, running, failed, concurrent, what, more, ledger, ramp_s, poll_s)
+    finally:
+        ledger.close()
+    if failed:
+        raise KvdistillError(
+            f"{what} failed for {', '.join(failed)}",
+            "read the logs; rerun the same command to resume the missing runs",
+        )
+
+
+def _drain(queue, running, failed, concurrent, what, more, ledger, ramp_s, poll_s) -> None:
+    """`run_pool`'s loop: start what the count and the gate admit, reap what ended, until nothing is left."""
+    reading: tuple[int | None, float] | None = None  # (free bytes, when read): None once stale
+    waits_for = None  # the job whose wait was logged
     while queue or running:
         while queue and len(running) < concurrent:
             now = time.monotonic()
@@ -109,6 +124,8 @@ def run_pool(
                 reading = (memory.cuda_free_bytes(), now)
             free = reading[0]
             started = [r[3] for r in running]
+            if free is not None:  # the other experiments' children in their ramp (memory.Ledger)
+                started += ledger.others(now, ramp_s)
             job = queue[0]
             if not memory.admits(job.need, free, started, now, ramp_s):
                 if waits_for is not job:
@@ -131,6 +148,8 @@ def run_pool(
             with job.log.open("a") as logfile:
                 proc = subprocess.Popen(job.command, stdout=logfile, stderr=subprocess.STDOUT)
             running.append((proc, job.log, job.label, memory.Started(job.need, time.monotonic())))
+            if free is not None:
+                ledger.record(job.need, ramp_s)
         time.sleep(0.5)
         for item in list(running):
             proc, logpath, label, _ = item
@@ -141,11 +160,6 @@ def run_pool(
                     failed.append(f"{label} (exit {proc.returncode}, log {logpath})")
                 elif more is not None:
                     queue += more()
-    if failed:
-        raise KvdistillError(
-            f"{what} failed for {', '.join(failed)}",
-            "read the logs; rerun the same command to resume the missing runs",
-        )
 
 
 def resolve_concurrent(
