@@ -113,7 +113,8 @@ def test_without_cuda_the_pool_is_bounded_by_concurrent_only(tmp_path, monkeypat
 
 def test_the_pool_counts_another_experiments_recent_starts(tmp_path, monkeypatch):
     """Another pool on the machine (another pid in the ledger) started a 8 GiB child a moment ago: with 10 GiB
-    free this pool's first 4 GiB job waits until that start leaves the ramp, then runs; nothing stays behind."""
+    free this pool's first 4 GiB job waits until that start leaves the ramp, then runs; nothing stays
+    behind."""
     import time
 
     from kvdistill.experiments import memory

@@ -95,7 +95,8 @@ def run_pool(
     device memory (read at most every `poll_s` seconds, and again whenever a child ends) less the estimates
     of the children started in the last `ramp_s` seconds (this pool's, and other experiments' on this machine
     through `memory.Ledger`) must cover its `need` (be > 0 where need is None); with no child running (none
-    of its own, none of the others' in their ramp) it starts regardless. Without CUDA the gate does nothing."""
+    of its own, none of the others' in their ramp) it starts regardless. Without CUDA the gate does
+    nothing."""
     queue = list(jobs)
     running: list[tuple[subprocess.Popen, Path, str, memory.Started]] = []
     failed: list[str] = []
