@@ -92,15 +92,18 @@ def one_run(config: Path, out: Path, timeout: float) -> dict:
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
         code, err = proc.returncode, proc.stderr
-    except subprocess.TimeoutExpired:
-        code, err = None, f"timed out after {timeout:.0f} s"
-    row = {"wall_s": round(time.time() - t0, 1)}
+    except subprocess.TimeoutExpired as exc:  # its output so far (bytes whatever `text` says) tells how far
+        partial = (exc.stderr or b"").decode(errors="replace")
+        code, err = None, f"timed out after {timeout:.0f} s; its log so far:\n{partial}"
+    metrics = out / "metrics.jsonl"
+    logged = len(metrics.read_text().splitlines()) if metrics.is_file() else 0
+    row = {"wall_s": round(time.time() - t0, 1), "steps_logged": logged}
     summary = out / "summary.json"
     if code != 0 or not summary.is_file():
         oom = "out of memory" in err.lower() or "outofmemory" in err.lower()
         return {**row, "ok": False, "oom": oom, "error": err[-1500:]}
     memory = json.loads(summary.read_text())["memory"][0]
-    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [json.loads(line) for line in metrics.read_text().splitlines()]
     times = [b["elapsed_s"] - a["elapsed_s"] for a, b in zip(steps, steps[1:], strict=False)]
     return {
         **row,
