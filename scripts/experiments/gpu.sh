@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Packaged experiments on the GPU machine (repository + .carry: wheels in .carry/whl, tokenizers in .carry/kvhome or
-# .carry/kvhome.tar.xz; no hub):
+# Packaged experiments on the GPU machine (repository + .carry, built by scripts/carry.sh: wheels in .carry/whl,
+# tokenizers in .carry/kvhome.tar.xz; no hub):
 #   bash scripts/experiments/gpu.sh SPEC[:ARGS] [SPEC[:ARGS]...]
 # runs `kvdistill experiment SPEC --out $RUNS/SPEC ARGS` for every SPEC at once (they share the GPU; the memory gate
 # keeps their runs from taking the same free memory), each under a timeout of $LIMIT seconds (default 570), e.g.

@@ -38,6 +38,7 @@ if ! "$PY" -c "import pydantic" 2>/dev/null; then
     fi
 fi
 "$PY" -c "import kvdistill" 2>/dev/null || export PYTHONPATH=$ROOT/src${PYTHONPATH:+:$PYTHONPATH}
+[ ! -d .carry/kvhome ] && [ -f .carry/kvhome.tar.xz ] && tar xJf .carry/kvhome.tar.xz -C .carry  # scripts/carry.sh
 [ -z "${KVDISTILL_HOME:-}" ] && [ -d .carry/kvhome ] && export KVDISTILL_HOME=$ROOT/.carry/kvhome
 
 CPU=0
