@@ -76,8 +76,10 @@ class ScriptedLM(torch.nn.Module):
         self.prompts: list[str] = []
         self.masks: list[torch.Tensor] = []
 
-    def generate(self, input_ids, attention_mask, max_new_tokens, do_sample, pad_token_id):
-        assert not do_sample
+    def generate(
+        self, input_ids, attention_mask, max_new_tokens, do_sample, pad_token_id, stopping_criteria=None
+    ):
+        assert not do_sample  # the whole script whatever the criteria say: stopping early only saves tokens
         self.masks.append(attention_mask)
         new = []
         for ids, mask in zip(input_ids, attention_mask, strict=True):

@@ -132,3 +132,48 @@ def test_no_teachers_or_a_prompt_that_holds_the_answer_is_refused(tiny_config):
         )
         == "Question: 2+2?\n"
     )
+
+
+def test_a_sample_ends_at_its_answer_line(tiny_config, monkeypatch):
+    """The student's text ends where its answer line does (what greedy decoding reads as the answer): generate
+    is given the stop that ends a row there, and whatever came after is cut; a row without an answer line
+    keeps every token it sampled."""
+    cfg = tiny_config(*ON, "train.on_policy.lambda=1", "train.on_policy.max_new_tokens=24")
+    objective = build_objective(cfg)
+    tok = objective.tokenizer
+    records = load_records(cfg.data)[:2]
+    tails = [  # the second the longest: no padding after it
+        " 3 + 4 = 7.\nAnswer: 7\nQuestion: and more",
+        " no answer here at all, only words and more words, and then words again",
+    ]
+    calls = []
+
+    def scripted(input_ids, attention_mask, generation_config, stopping_criteria):
+        calls.append(stopping_criteria)
+        news = [tok(t, add_special_tokens=False)["input_ids"] for t in tails]
+        width = max(map(len, news))
+        tail = torch.tensor([n + [generation_config.pad_token_id] * (width - len(n)) for n in news])
+        return torch.cat([input_ids, tail], dim=1)  # as if nothing stopped: every scripted token
+
+    model = objective.student
+    monkeypatch.setattr(model, "generate", scripted)
+    sampler = OnPolicy(cfg.train.on_policy, seed=0, template=cfg.data.template, tokenizer=tok)
+    sampled, metrics = sampler.sample(model, records, 0)
+    prompts = [r["text"][: r["text"].index("\n") + 1] for r in records]
+    assert sampled[0]["text"] == prompts[0] + " 3 + 4 = 7.\nAnswer: 7\n"
+    assert sampled[1]["text"] == prompts[1] + tails[1]
+    answered = len(tok(" 3 + 4 = 7.\nAnswer: 7\n", add_special_tokens=False)["input_ids"])
+    assert metrics["on_policy/new_tokens"] == answered + len(
+        tok(tails[1], add_special_tokens=False)["input_ids"]
+    )
+    # the stop generate was given ends the first row after the same tokens, never the second
+    ((stop,),) = calls
+    ids = tok(prompts, return_tensors="pt", padding=True, padding_side="left")["input_ids"]
+    news = [tok(t, add_special_tokens=False)["input_ids"] for t in tails]
+    done_at = [None, None]
+    for n in range(1, len(news[1]) + 1):
+        col = torch.tensor([[new[n - 1] if n <= len(new) else tok.pad_token_id] for new in news])
+        ids = torch.cat([ids, col], dim=1)
+        done = stop(ids, None)
+        done_at = [d if d is not None else (n if done[b] else None) for b, d in enumerate(done_at)]
+    assert done_at == [answered, None]

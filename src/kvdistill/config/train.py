@@ -39,7 +39,8 @@ class OnPolicyConfig(Section):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     """Nucleus sampling (1: the whole distribution)."""
     max_new_tokens: int = Field(64, gt=0)
-    """Tokens the student may add to each prompt (it may stop earlier at its end-of-sequence token)."""
+    """Tokens the student may add to each prompt (it stops earlier at the end of its answer line, or at its
+    end-of-sequence token)."""
 
 
 class FsdpConfig(Section):

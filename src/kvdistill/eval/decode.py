@@ -22,7 +22,9 @@ SentencePiece decoder drops the leading '▁' of a sequence's first token, so ne
 space or join words). Prompts are left-padded into batches; positions come from the attention mask, so a batch
 generates what each prompt generates alone. `gen_tokens` counts the tokens a sample needs: up to the end of
 its answer line (for CoT its first newline after the answer marker), or all it generated when no line ends;
-`latency_s` is a batch's wall time over its size, `latent_passes` the backbone passes spent on latents.
+`latency_s` is a batch's wall time over its size, `latent_passes` the backbone passes spent on latents. Text
+and CoT batches stop once every row's answer line has ended (`AnswerEnd`), not at max_new_tokens: what is read
+is the same, the time is what answering took.
 Records without an answer (text mode: or without `answer_start`) are not scored; `exact_match` is None when
 none are left.
 """
@@ -43,6 +45,7 @@ from kvdistill.models.chat import ChatText, render
 from kvdistill.models.tokenization import continuation
 
 __all__ = [
+    "AnswerEnd",
     "batches",
     "chunks",
     "cot_exact_match",
@@ -78,34 +81,84 @@ def batches(items, size, desc: str | None = None):
     )
 
 
+def _answered(text: str, *, after_marker: bool) -> bool:
+    """Whether `text` (new text after a prompt) holds its answer line: a line break after some text (with
+    `after_marker`: in what follows the last 'answer:')."""
+    tail = text
+    if after_marker:
+        marker = text.lower().rfind("answer:")
+        if marker < 0:
+            return False
+        tail = text[marker + len("answer:") :]
+    return "\n" in tail.lstrip(" ") and bool(tail.strip())
+
+
 def read_answer(
     tokenizer, prompt_ids: list[int], new_ids: list[int], *, after_marker: bool
 ) -> tuple[str, int]:
     """(text, tokens needed): the text `new_ids` add after `prompt_ids`, and how many of them reach the end of
     the answer line (the first line with text; `after_marker`: the first line with text after the last
     'answer:')."""
-    text = ""
     for n in range(1, len(new_ids) + 1):
         text = continuation(tokenizer, prompt_ids, new_ids[:n])
-        tail = text
-        if after_marker:
-            marker = text.lower().rfind("answer:")
-            if marker < 0:
-                continue
-            tail = text[marker + len("answer:") :]
-        if "\n" in tail.lstrip(" ") and tail.strip():
+        if _answered(text, after_marker=after_marker):
             return text, n
     return continuation(tokenizer, prompt_ids, new_ids), len(new_ids)
 
 
+class AnswerEnd:
+    """A stopping criterion of `generate` (called as transformers' StoppingCriteria are): it ends each row of
+    a batched `generate` once its new tokens hold the answer line (`read_answer`'s rule), so a batch stops
+    when every row has answered instead of at max_new_tokens. What `read_answer` reads from a row is
+    unchanged: it stops at the first point the rule holds, and this stops a row only where the rule
+    holds, at or after that point (rows are independent: a finished row is fed padding, the others go on).
+
+    prompts: each row's prompt ids without padding; width: P, the padded prompt columns; drop: ids that are
+    not text (padding, end of sequence). The rule is checked only where the newest token's own text holds a
+    line break (memoised per id), the only tokens that end a line."""
+
+    def __init__(self, tokenizer, prompts: list[list[int]], width: int, *, after_marker: bool, drop=()):
+        self.tokenizer, self.prompts, self.width = tokenizer, prompts, width
+        self.after_marker, self.drop = after_marker, set(drop)
+        self._breaks: dict[int, bool] = {}
+
+    def _breaks_line(self, token: int) -> bool:
+        if token not in self._breaks:
+            self._breaks[token] = token not in self.drop and "\n" in self.tokenizer.decode([token])
+        return self._breaks[token]
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        new = input_ids[:, self.width :]  # (B, n)
+        done = [False] * new.shape[0]
+        for b, token in enumerate(new[:, -1].tolist()):
+            if self._breaks_line(token):
+                row = [t for t in new[b].tolist() if t not in self.drop]
+                text = continuation(self.tokenizer, self.prompts[b], row)
+                done[b] = _answered(text, after_marker=self.after_marker)
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)  # (B,)
+
+
 def _greedy(
-    model, ids: torch.Tensor, mask: torch.Tensor, *, max_new_tokens: int, pad: int
+    model,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    pad: int,
+    stop: AnswerEnd | None = None,
 ) -> tuple[torch.Tensor, float]:
     """(new ids (B, N), seconds): `model.generate` without sampling from left-padded prompts ids / mask (B,
-    P)."""
+    P); with `stop`, N ends when every row has answered (rows that answered earlier are padded)."""
+    from transformers import StoppingCriteriaList
+
     t0 = time.perf_counter()
     out = model.generate(
-        input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=pad,
+        stopping_criteria=StoppingCriteriaList([stop]) if stop is not None else None,
     )  # (B, P + N)
     if ids.is_cuda:
         torch.cuda.synchronize()
@@ -175,11 +228,12 @@ def exact_match(
             ]
             enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=not chat)
             ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)  # (B, P) left-padded
-            new, took = _greedy(model, ids, mask, max_new_tokens=max_new_tokens, pad=pad)
+            prompts_ids = [ids[b][mask[b].bool()].tolist() for b in range(len(batch))]  # without padding
+            stop = AnswerEnd(tokenizer, prompts_ids, ids.shape[1], after_marker=False)
+            new, took = _greedy(model, ids, mask, max_new_tokens=max_new_tokens, pad=pad, stop=stop)
             seconds += took
             for b, r in enumerate(batch):
-                prompt = ids[b][mask[b].bool()].tolist()  # the prompt without its left padding
-                rows.append(_row(tokenizer, r, prompt, new[b].tolist(), after_marker=False, drop=()))
+                rows.append(_row(tokenizer, r, prompts_ids[b], new[b].tolist(), after_marker=False, drop=()))
     finally:
         tokenizer.padding_side = old_side
     return _result(rows, seconds)
@@ -197,18 +251,20 @@ def cot_exact_match(
     for batch in chunks(usable, batch_size):
         enc = tokenize(tokenizer, [s.cot_prompt for _, s in batch], padding_side="left")
         ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)  # (B, P) left-padded
-        new, took = _greedy(model, ids, mask, max_new_tokens=max_new_tokens, pad=pad)
+        prompts_ids = [ids[b][mask[b].bool()].tolist() for b in range(len(batch))]  # without padding
+        drop = (pad, tokenizer.eos_token_id)
+        stop = AnswerEnd(tokenizer, prompts_ids, ids.shape[1], after_marker=True, drop=drop)
+        new, took = _greedy(model, ids, mask, max_new_tokens=max_new_tokens, pad=pad, stop=stop)
         seconds += took
         for b, (r, _) in enumerate(batch):
-            prompt = ids[b][mask[b].bool()].tolist()
             rows.append(
                 _row(
                     tokenizer,
                     r,
-                    prompt,
+                    prompts_ids[b],
                     new[b].tolist(),
                     after_marker=True,
-                    drop=(pad, tokenizer.eos_token_id),
+                    drop=drop,
                 )
             )
     return _result(rows, seconds)

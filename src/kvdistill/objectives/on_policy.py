@@ -7,9 +7,10 @@ process of one step agree, and accumulation or DDP layouts make the same choice)
     on(s)   = u(s) < λ,  u(s) ~ U[0, 1) from a generator seeded by (train.seed, s)
     prompt  = the record's text up to the end of its {question} line (`data.template.question_prompt`)
     text'   = prompt + the student's continuation: sampled at `temperature` / `top_p`, at most
-            `max_new_tokens`,
-              batched (left-padded prompts) under torch.no_grad in eval mode, seeded by (train.seed, s, sample
-              ids)
+            `max_new_tokens`, up to the end of its answer line (what follows the last 'Answer:' up to a line
+            break, as greedy decoding reads an answer: `eval.decode.AnswerEnd` stops a row there, so a batch
+            ends when every row has answered) or its end-of-sequence token, batched (left-padded prompts)
+            under torch.no_grad in eval mode, seeded by (train.seed, s, sample ids)
 
 On an on-policy step the student's K/V and logits and every teacher's (each retokenised by its own tokenizer,
 and aligned on UTF-8 bytes as always) come from text', so the K/V, logit and other teacher terms apply to the
@@ -34,7 +35,7 @@ import time
 import torch
 
 from kvdistill.data.template import question_prompt
-from kvdistill.eval.decode import pad_id
+from kvdistill.eval.decode import AnswerEnd, pad_id, read_answer
 from kvdistill.models.tokenization import continuation
 from kvdistill.student import unwrap_student
 
@@ -79,7 +80,9 @@ class OnPolicy:
         finally:
             tok.padding_side = side
         ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)  # (B, T_p) left-padded
-        from transformers import GenerationConfig
+        prompt_ids = [ids[b][mask[b].bool()].tolist() for b in range(len(records))]  # without padding
+        stop = AnswerEnd(tok, prompt_ids, ids.shape[1], after_marker=True, drop=(pad, tok.eos_token_id))
+        from transformers import GenerationConfig, StoppingCriteriaList
 
         gen = GenerationConfig(
             do_sample=True,
@@ -98,7 +101,10 @@ class OnPolicy:
                 seed = _seed(self.seed, "on-policy sample", step, *(r["id"] for r in records))
                 torch.manual_seed(seed)
                 out = model.generate(
-                    input_ids=ids, attention_mask=mask, generation_config=gen
+                    input_ids=ids,
+                    attention_mask=mask,
+                    generation_config=gen,
+                    stopping_criteria=StoppingCriteriaList([stop]),
                 )  # (B, T_p + new)
             new = out[:, ids.shape[1] :].tolist()
         finally:
@@ -108,8 +114,10 @@ class OnPolicy:
             row = new[b]
             if tok.eos_token_id in row:  # the end-of-sequence token is generated, then padding
                 row = row[: row.index(tok.eos_token_id) + 1]
+            # and to the end of its answer line, where `stop` ended it (padding follows)
+            row = row[: read_answer(tok, prompt_ids[b], row, after_marker=True)[1]]
             count += len(row)
-            text = prompt + continuation(tok, ids[b][mask[b].bool()].tolist(), row)
+            text = prompt + continuation(tok, prompt_ids[b], row)
             sampled.append(
                 {
                     "id": r["id"],
