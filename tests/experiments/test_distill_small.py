@@ -134,7 +134,14 @@ def test_kv_schedule_grad_norms_and_curves_are_logged(tiny_run):
     for name, curve in results["curves"].items():
         for seed in results["seeds"]:
             points = curve["per_seed"][str(seed)]
-            assert [p["step"] for p in points][:2] == [2, 4], name
+            steps = [p["step"] for p in points]
+            (run,) = [r for r in results["runs"][name] if r["seed"] == seed]
+            # every 2 steps, and the last trained step; ce_wall's steps come from measured times, so the
+            # machine's load sets how many there are (on a loaded CPU as few as 3)
+            assert steps[0] == 2 and steps == sorted(set(steps)), name
+            assert all(s % 2 == 0 or s == run["steps_trained"] for s in steps), name
+            if name != "ce_wall":
+                assert steps[:2] == [2, 4], name
             assert all(p["flops"] > 0 and p["ce"] > 0 and 0 <= p["exact_match"] <= 1 for p in points)
         assert curve["mean"] and curve["mean"][0]["step"] == 2
     assert (out / "plots" / "curve_exact_match_flops.png").is_file()
