@@ -149,11 +149,19 @@ def test_a_sample_ends_at_its_answer_line(tiny_config, monkeypatch):
     calls = []
 
     def scripted(input_ids, attention_mask, generation_config, stopping_criteria):
+        """generate of the scripted tokens: the criteria asked after every token, a row they end then
+        padded, the batch ended when all have ended or the script has run out."""
         calls.append(stopping_criteria)
         news = [tok(t, add_special_tokens=False)["input_ids"] for t in tails]
-        width = max(map(len, news))
-        tail = torch.tensor([n + [generation_config.pad_token_id] * (width - len(n)) for n in news])
-        return torch.cat([input_ids, tail], dim=1)  # as if nothing stopped: every scripted token
+        pad = generation_config.pad_token_id
+        ids, finished = input_ids, torch.zeros(len(news), dtype=torch.bool)
+        for n in range(max(map(len, news))):
+            col = [new[n] if n < len(new) and not finished[b] else pad for b, new in enumerate(news)]
+            ids = torch.cat([ids, torch.tensor(col)[:, None]], dim=1)
+            finished |= stopping_criteria(ids, None)
+            if finished.all():
+                break
+        return ids
 
     model = objective.student
     monkeypatch.setattr(model, "generate", scripted)

@@ -115,12 +115,14 @@ class AnswerEnd:
 
     prompts: each row's prompt ids without padding; width: P, the padded prompt columns; drop: ids that are
     not text (padding, end of sequence). The rule is checked only where the newest token's own text holds a
-    line break (memoised per id), the only tokens that end a line."""
+    line break (memoised per id), the only tokens that end a line. `ended` maps each row that stopped to the
+    new tokens it had then (what follows is padding)."""
 
     def __init__(self, tokenizer, prompts: list[list[int]], width: int, *, after_marker: bool, drop=()):
         self.tokenizer, self.prompts, self.width = tokenizer, prompts, width
         self.after_marker, self.drop = after_marker, set(drop)
         self._breaks: dict[int, bool] = {}
+        self.ended: dict[int, int] = {}
 
     def _breaks_line(self, token: int) -> bool:
         if token not in self._breaks:
@@ -135,6 +137,8 @@ class AnswerEnd:
                 row = [t for t in new[b].tolist() if t not in self.drop]
                 text = continuation(self.tokenizer, self.prompts[b], row)
                 done[b] = _answered(text, after_marker=self.after_marker)
+                if done[b]:
+                    self.ended.setdefault(b, new.shape[1])
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)  # (B,)
 
 

@@ -35,7 +35,7 @@ import time
 import torch
 
 from kvdistill.data.template import question_prompt
-from kvdistill.eval.decode import AnswerEnd, pad_id, read_answer
+from kvdistill.eval.decode import AnswerEnd, pad_id
 from kvdistill.models.tokenization import continuation
 from kvdistill.student import unwrap_student
 
@@ -112,10 +112,10 @@ class OnPolicy:
         sampled, count = [], 0
         for b, (r, prompt) in enumerate(zip(records, prompts, strict=True)):
             row = new[b]
-            if tok.eos_token_id in row:  # the end-of-sequence token is generated, then padding
+            if b in stop.ended:  # to the end of its answer line, where `stop` ended it (padding follows)
+                row = row[: stop.ended[b]]
+            elif tok.eos_token_id in row:  # the end-of-sequence token is generated, then padding
                 row = row[: row.index(tok.eos_token_id) + 1]
-            # and to the end of its answer line, where `stop` ended it (padding follows)
-            row = row[: read_answer(tok, prompt_ids[b], row, after_marker=True)[1]]
             count += len(row)
             text = prompt + continuation(tok, prompt_ids[b], row)
             sampled.append(
