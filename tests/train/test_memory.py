@@ -59,3 +59,26 @@ def test_the_counts_are_those_of_the_built_student(tiny_config, lora):
     )
     assert shape["params"] == sum(p.numel() for p in model.parameters())
     assert shape["trainable"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def test_a_latent_student_adds_its_answer_and_jacobi_passes():
+    tiny = {"params": 1000, "hidden": 8, "layers": 2, "vocab": 10}
+    kw = dict(batch=2, length=5, student=tiny, teachers=[], ahead=False)
+    text = run_parts(**kw)
+    parts = run_parts(**kw, latent={"tokens": 3, "iterations": 2})
+    # F_s · L_s = 16; answer pass (5 + 3) · (34 · 16 + 12 · 10) = 8 · 664 = 5312; Jacobi passes
+    # (5 + 2 · 3) · 34 · 16 = 5984; their K/V 2 · (5 + 3) · 4 · 16 = 1024; times B = 2
+    assert parts["latent"] == 2 * (5312 + 5984 + 1024) == 24_640
+    assert {k: v for k, v in parts.items() if k != "latent"} == text  # the CoT pass is `acts`
+    assert run_bytes(**kw, latent={"tokens": 3, "iterations": 2}) == int(
+        SLACK * (sum(text.values()) + 24_640) + CONTEXT
+    )
+    # no iterations: the latents are the learned start, no Jacobi pass runs
+    assert run_parts(**kw, latent={"tokens": 3, "iterations": 0})["latent"] == 2 * 5312
+
+
+@pytest.mark.parametrize("latent", [None, {"tokens": 0, "iterations": 3}])
+def test_a_text_student_or_zero_latents_is_estimated_as_before(latent):
+    kw = dict(batch=64, length=96, student=STUDENT, teachers=[TEACHER], ahead=True)
+    assert run_parts(**kw, latent=latent) == run_parts(**kw)
+    assert run_bytes(**kw, latent=latent) == run_bytes(**kw)

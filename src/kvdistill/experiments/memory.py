@@ -135,9 +135,11 @@ def geometry(model_dir_or_config) -> dict:
 
 def run_estimator(teachers: dict[str, dict]) -> Callable[..., int]:
     """estimate(cfg: RunConfig) -> bytes: `run_bytes` of one training process of that run, its online teachers
-    read from `teachers` ({name: {model, params}}, the runner's prepared teachers). Each distinct student is
-    built once (on the CPU) for its parameter count and geometry."""
+    read from `teachers` ({name: {model, params}}, the runner's prepared teachers), a latent student's passes
+    from cfg.student.latent (`latent_geometry`). Each distinct student is built once (on the CPU) for its
+    parameter count and geometry."""
     from kvdistill.student import build_student
+    from kvdistill.train.memory import latent_geometry
 
     shapes: dict[str, dict] = {}
 
@@ -159,6 +161,7 @@ def run_estimator(teachers: dict[str, dict]) -> Callable[..., int]:
             ahead=cfg.train.teachers_ahead is not False and bool(online),
             teacher_logits=cfg.losses.teacher_logits,
             teacher_scoring=cfg.fusion.scores_teachers,
+            latent=latent_geometry(cfg.student),
         )
 
     return estimate

@@ -22,8 +22,27 @@ layers, width F_s, vocabulary V_s; for each online teacher N_t, F_t, L_t, V_t:
     scoring     (4 · min(B, 4) + 8) · T · max_t V_t   the confidence weights (fusion.confidence): one
                                                  teacher's bf16 logits of 4 samples at a time and a copy, one
                                                  sample's fp32 log-softmax
-    per process 1.3 · (weights + grads + optimizer + acts + teachers + scoring) + 0.75 GiB   allocator slack,
-                                                 CUDA context
+    latent      B · [(T + M) · (34 · F_s · L_s + 12 · V_s) + (T + I · M) · 34 · F_s · L_s
+                     + I · (T + M) · 4 · F_s · L_s]
+                                                 a latent-reasoning student (student.latent, M tokens > 0,
+                                                 I iterations; below)
+    per process 1.3 · (weights + grads + optimizer + acts + teachers + scoring + latent) + 0.75 GiB
+                                                 allocator slack, CUDA context
+
+The latent term is derived from the passes one training step of a latent student (`objectives.kava`,
+`student.latent.LatentStudent`) runs and holds for its backward. `acts` is then its teacher-forced CoT-mode
+pass (question, CoT and answer text, at most T tokens: the vocabulary logits of CoT CE, the hidden states CODI
+reads, the self teacher's K/V), and `latent` adds the others, at 34 · F_s bytes a column per layer as `acts`:
+the student-mode pass over question, M latent slots and answer (at most T + M columns) with its logits for
+the answer CE (12 · V_s a column; its hidden states for CODI and latent K/V for L_KV are among its
+activations); the passes that make the latents, without logits (the decoder under the LM head): the question
+once (at most T columns) and I Jacobi passes over the M slots (none where I = 0); besides, the K and V over
+question and slots that each Jacobi pass's attention keeps, bf16 and repeated to every query head (2 · 2 ·
+F_s bytes a column per layer). The compressed K/V targets (M entries per head) are small beside these and not
+counted. Checked on an H100 (2026-12-07) with the kava spec's E4 (llama 6 × 384, vocabulary 49,152, B 64, T
+96, M 12, I 3): nvidia-smi showed its latent runs' processes at 8.4-17.4 GiB (reserved memory included); the
+estimate without the latent term was 6.3 GiB (one run died of out-of-memory beside 10 others), with it 12.9
+GiB (latent 5.1 GiB before slack).
 
 The estimate is deliberately generous: a run that does not fit dies of out-of-memory.
 """
@@ -40,6 +59,7 @@ __all__ = [
     "SLACK",
     "device_memory",
     "estimate_note",
+    "latent_geometry",
     "memory_report",
     "run_bytes",
     "run_parts",
@@ -62,12 +82,14 @@ def run_parts(
     distributed: str = "ddp",
     cpu_offload: bool = False,
     teacher_scoring: bool = False,
+    latent: dict | None = None,
 ) -> dict[str, int]:
     """The estimate's parts before slack (bytes per process): weights, grads, optimizer, acts, teachers,
-    scoring.
+    scoring (with teacher_scoring), latent (with a latent student).
 
     `student`: {params, hidden, layers, vocab} and optionally trainable (default: params) and bytes (per
-    weight, default 4); each teacher: {params, hidden, layers, vocab}."""
+    weight, default 4); each teacher: {params, hidden, layers, vocab}; `latent`: a latent student's {tokens,
+    iterations} (`latent_geometry`; None or 0 tokens: a text student, no latent part)."""
     s = student
     n, n_tr, b = s["params"], s.get("trainable", s["params"]), s.get("bytes", 4)
     if distributed == "fsdp" and (world > 1 or cpu_offload):  # sharded, as `distributed.sharded_run` decides
@@ -92,7 +114,23 @@ def run_parts(
     ):  # one teacher's logits of SCORE_CHUNK samples (and a copy), one sample's fp32
         vocab = max(t["vocab"] for t in teachers)
         parts["scoring"] = (4 * min(batch, SCORE_CHUNK) + 8) * length * vocab
+    if latent and latent["tokens"] > 0:  # the passes of a latent step beside `acts`' CoT pass (docstring)
+        m, its = latent["tokens"], latent["iterations"]
+        block = s["hidden"] * s["layers"]  # F_s · L_s
+        answer = (length + m) * (34 * block + 12 * s["vocab"])  # question, latents, answer; logits
+        jacobi = (length + its * m) * 34 * block if its > 0 else 0  # question once, I passes over M
+        kv = its * (length + m) * 4 * block  # each Jacobi pass's repeated bf16 K and V
+        parts["latent"] = batch * (answer + jacobi + kv)
     return parts
+
+
+def latent_geometry(student_cfg) -> dict | None:
+    """{tokens, iterations} of a config's latent student (`run_parts`' `latent`); None for a text student
+    or one of 0 latent tokens (the no-CoT reference, estimated as a text student)."""
+    lat = student_cfg.latent
+    if lat is None or lat.tokens == 0:
+        return None
+    return {"tokens": lat.tokens, "iterations": lat.iterations}
 
 
 def run_bytes(**kwargs) -> int:
@@ -226,6 +264,7 @@ def estimate_note(cfg, world: int, device_bytes: int | None, device: str) -> tup
         world=world,
         distributed=cfg.train.distributed,
         cpu_offload=cfg.train.fsdp.cpu_offload,
+        latent=latent_geometry(cfg.student),
     )
     parts, total = run_parts(**kwargs), run_bytes(**kwargs)
     shown = ", ".join(f"{k} {v / GIB:.2f}" for k, v in parts.items())
