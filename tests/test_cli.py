@@ -261,3 +261,13 @@ def test_log_level_flag_and_a_bad_level(capsys):
     code, _, err = cli(capsys, "--log-level", "LOUD", "config", "show")
     assert code == 2 and "LOUD" in err and "DEBUG, INFO, WARNING, ERROR" in err
     logging.getLogger().setLevel(logging.WARNING)
+
+
+def test_experiment_plan_lists_the_runs_and_creates_no_directory(capsys, tmp_path):
+    code, out, err = cli(
+        capsys, "experiment", "tiny", "--out", str(tmp_path / "exp"), "--plan", "--seeds", "1"
+    )
+    assert code == 0, err
+    assert re.search(r"ce_only/seed-0: \d+ training records", out)
+    assert re.search(r"planned \d+ runs of tiny; nothing trained", err)
+    assert not (tmp_path / "exp").exists()

@@ -6,7 +6,8 @@
 # keeps their runs from taking the same free memory), each under a timeout of $LIMIT seconds (default 570), e.g.
 #   bash scripts/experiments/gpu.sh "kava:--seeds 3 --only E4_long --only nocot_long" distill-small
 # and packs what comes back into $OUT/SPEC.tgz (one file a spec): results.json and results.md, run.log (the runner's
-# phases, errors and the log's tail) and per run config.yaml, summary.json, eval.json and metrics.jsonl (the held-out
+# phases, errors, the log's tail and the end of every failed run's log; for a spec refused before it wrote
+# anything, that alone) and per run config.yaml, summary.json, eval.json and metrics.jsonl (the held-out
 # curves of runs that have not finished too). A spec that ran out of time resumes where it stopped when the same
 # command runs again on the same machine ($RUNS kept; default /tmp/kvdistill-runs).
 # Environment: OUT (default out/experiments), RUNS, LIMIT, EXTRA (added to every command, e.g. "--seeds 3").
@@ -39,13 +40,23 @@ for arg in "$@"; do
   spec=${arg%%:*}
   name=$(basename "${spec%.yaml}")
   dir="$RUNS/$name"
+  sum="$RUNS/$name.summary.log"
   { grep -E "kvdistill\.experiments|concurrent auto|Error|error" "$RUNS/$name.log" | grep -v "Loading weights" | tail -40
     echo "-- tail"; grep -v "Loading weights" "$RUNS/$name.log" | tail -30
-    echo "runs scored: $(ls "$dir"/runs/*/seed-*/eval.json 2>/dev/null | wc -l)"; } > "$dir/run.log"
-  ( cd "$dir" && find . -maxdepth 1 \( -name results.json -o -name results.md -o -name run.log \) -print > /tmp/pack.lst
-    find runs teachers -maxdepth 3 \( -name config.yaml -o -name summary.json -o -name eval.json \
-      -o -name metrics.jsonl \) -print 2>/dev/null >> /tmp/pack.lst
-    tar czf "$OUTABS/$name.tgz" -T /tmp/pack.lst )
+    echo "runs scored: $(ls "$dir"/runs/*/seed-*/eval.json 2>/dev/null | wc -l)"
+    for runlog in "$dir"/runs/*/seed-*.log "$dir"/teachers/*.log; do  # the end of every run that failed
+      [ -f "$runlog" ] && grep -qE "Traceback|Error" "$runlog" || continue
+      echo "-- ${runlog#"$dir"/}"; grep -v "Loading weights" "$runlog" | tail -15
+    done; } > "$sum"
+  if [ -d "$dir" ]; then
+    cp "$sum" "$dir/run.log"
+    ( cd "$dir" && find . -maxdepth 1 \( -name results.json -o -name results.md -o -name run.log \) -print > /tmp/pack.lst
+      find runs teachers -maxdepth 3 \( -name config.yaml -o -name summary.json -o -name eval.json \
+        -o -name metrics.jsonl \) -print 2>/dev/null >> /tmp/pack.lst
+      tar czf "$OUTABS/$name.tgz" -T /tmp/pack.lst )
+  else  # refused before it wrote anything (a spec or data error): its log alone, as run.log
+    tar czf "$OUTABS/$name.tgz" -C "$RUNS" --transform "s|.*|run.log|" "$name.summary.log"
+  fi
   echo "== $name: $(tail -1 "$RUNS/$name.log")"
-  tail -25 "$dir/run.log"
+  tail -25 "$sum"
 done

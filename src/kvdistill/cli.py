@@ -300,6 +300,12 @@ def experiment(
         None, "--only", help="Run only this condition (repeatable); the baseline always runs."
     ),
     seeds: int | None = typer.Option(None, "--seeds", help="Use only the spec's first N seeds."),
+    plan: bool = typer.Option(
+        False,
+        "--plan",
+        help="Check the spec and every run's data (generated data kept under $KVDISTILL_HOME/data), list "
+        "the runs; train nothing, write nothing under --out.",
+    ),
 ) -> None:
     """Prepare the spec's teachers, train every (condition, seed), evaluate on one held-out set, compare.
 
@@ -308,6 +314,8 @@ def experiment(
         kvdistill experiment tiny --out runs/tiny
 
         kvdistill experiment suite --out runs/suite --only kv-fixed --seeds 1
+
+        kvdistill experiment specialists --out runs/specialists --plan
     """
     from kvdistill.experiments.results import markdown
     from kvdistill.experiments.runner import run_experiment
@@ -316,6 +324,13 @@ def experiment(
     parsed = load_spec(spec)
     if seeds is not None and seeds < 1:
         raise KvdistillError(f"--seeds {seeds}: no seed to run", "pass --seeds 1 or more")
+    if plan:
+        planned = run_experiment(parsed, out, only=only, seeds=seeds, plan=True)["plan"]
+        sys.stdout.write(
+            "".join(f"{name}: {records} training records\n" for name, records in planned.items())
+        )
+        console.print(f"[green]planned[/green] {len(planned)} runs of {escape(parsed.name)}; nothing trained")
+        return
     with stoppable(console, RERUN):
         results = run_experiment(parsed, out, only=only, seeds=seeds)
     sys.stdout.write(markdown(results, parsed) + "\n")

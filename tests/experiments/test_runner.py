@@ -291,3 +291,33 @@ def test_given_teacher_probe_and_init_are_scored_through_the_one_path(tmp_path, 
         assert len(record["probe_kv_error"]["given"]["layers"]) == 1  # one per student layer
     with pytest.raises(ConfigError, match="steps 0 uses a model as given"):
         load_spec(micro_spec(teachers=[{"name": "t", "from_config": {"base": "smollm2-135m"}, "steps": 0}]))
+
+
+def test_a_plan_checks_every_runs_data_and_writes_nothing_but_the_generated_data(tmp_path, tree, monkeypatch):
+    """`experiment --plan`: every planned run with its training records, teachers included; under --out
+    nothing at all, and a generated source's problems kept in $KVDISTILL_HOME/data (what carry.sh packs for a
+    GPU machine without reasoning_gym)."""
+    from kvdistill.data.gsm import cache_file
+
+    pytest.importorskip("reasoning_gym")
+    monkeypatch.setenv("KVDISTILL_HOME", str(tmp_path / "home"))
+    work = tmp_path / "work"
+    work.mkdir()
+    raw = micro_spec()
+    raw["base"]["data"] = {"source": "gsm_symbolic", "size": 60, "eval_size": 8, "max_length": 64}
+    raw["conditions"] = {"ce_only": {}, "ce_small": {"overrides": ["data.train_size=20"]}}
+    spec = load_spec(raw)
+    before = tree.snap(work)
+    planned = run_experiment(spec, work / "exp", seeds=2, plan=True)["plan"]
+    assert tree.snap(work) == before  # no experiment directory, no lock, no spec.yaml
+    assert set(planned) == {
+        "teacher llama_bpe",
+        "teacher qwen_sp",
+        "ce_only/seed-0",
+        "ce_only/seed-1",
+        "ce_small/seed-0",
+        "ce_small/seed-1",
+    }
+    assert planned["ce_small/seed-0"] == planned["ce_small/seed-1"] == 20
+    assert planned["ce_only/seed-0"] > 20 and planned["teacher llama_bpe"] == planned["ce_only/seed-0"]
+    assert cache_file(0).is_file() and len(cache_file(0).read_text().splitlines()) >= 60

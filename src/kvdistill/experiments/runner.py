@@ -64,9 +64,19 @@ def run_dir(out: Path, name: str, seed: int) -> Path:
 
 
 def run_experiment(
-    spec: ExperimentSpec, out: str | Path, *, only: list[str] | None = None, seeds: int | None = None
+    spec: ExperimentSpec,
+    out: str | Path,
+    *,
+    only: list[str] | None = None,
+    seeds: int | None = None,
+    plan: bool = False,
 ) -> dict:
-    """Run (or resume) the experiment; returns the results also written to DIR/results.json."""
+    """Run (or resume) the experiment; returns the results also written to DIR/results.json.
+
+    `plan`: check the arguments and every planned run's data (a generated source's files are generated and
+    kept, e.g. GSM-Symbolic problems under $KVDISTILL_HOME/data, what a machine without the generator reads)
+    and return {"plan": {run: train records}} (teachers as "teacher NAME", runs as "CONDITION/seed-S"), with
+    nothing trained and nothing written under `out`."""
     from kvdistill.experiments.results import collect, write_results
 
     out = Path(out)
@@ -93,6 +103,8 @@ def run_experiment(
     planned.update({f"{n}/seed-{s}": condition_config(spec, n, s, unknown) for n in names for s in use_seeds})
     t0 = time.time()
     data_sizes = check_splits(planned, held, val)  # before anything trains
+    if plan:
+        return {"plan": data_sizes}
     claim(out, "experiment")  # every argument checked: the first write
     write_text_atomic(out / "spec.yaml", yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
     teachers = prepare_teachers(spec, out, held, names)  # only those the chosen conditions read
