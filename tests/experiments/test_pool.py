@@ -1,6 +1,7 @@
 """The pool of child processes: `train_all` with `concurrent: 2` gives the students in-process training gives;
 `run_pool` waits for the memory gate, runs every job in order, never deadlocks on a job larger than the free
-memory, and without CUDA is bounded by `concurrent` only."""
+memory, and without CUDA is bounded by `concurrent` only; a child that dies of CUDA out of memory beside
+another is requeued (need doubled, then alone) at most twice, resuming, and any other failure is not."""
 
 from __future__ import annotations
 
@@ -8,10 +9,21 @@ import logging
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
-from kvdistill.experiments.memory import GIB
-from kvdistill.experiments.pool import Job, run_pool, train_all
+from kvdistill.errors import KvdistillError
+from kvdistill.experiments.memory import GIB, Started
+from kvdistill.experiments.pool import (
+    Job,
+    admits_job,
+    out_of_memory,
+    requeued,
+    run_pool,
+    train_all,
+    train_job,
+    with_resume,
+)
 
 
 def test_concurrent_runs_in_subprocesses_equal_in_process_training(tiny_config, tmp_path):
@@ -138,3 +150,186 @@ def test_without_cuda_the_pool_writes_no_ledger(tmp_path, monkeypatch):
     monkeypatch.setattr(memory, "cuda_free_bytes", lambda: None)
     run_pool(pool_jobs(tmp_path, 2, 4 * GIB, 0.1), 2, "training", ramp_s=600.0, poll_s=0.1)
     assert not Path(os.environ["KVDISTILL_GPU_LEDGER"]).exists()
+
+
+# ------------------------------------------------------------------------ out-of-memory deaths: requeued
+# A child that counts its attempts in argv[1] (one line each: its start time and argv[3:]), then exits by
+# its attempt's entry of argv[2] ("oom": prints torch's out-of-memory error, exits 1; "bad": another error,
+# exits 1; "ok": exits 0); it writes argv[3] (a run's config.yaml, when given) as a started run does.
+FLAKY = """
+import sys, time
+from pathlib import Path
+count, plan = Path(sys.argv[1]), sys.argv[2].split(",")
+attempt = len(count.read_text().splitlines()) if count.exists() else 0
+with count.open("a") as f:
+    f.write(f"{time.time()} {' '.join(sys.argv[3:])}\\n")
+if len(sys.argv) > 3 and sys.argv[3] != "--resume":
+    Path(sys.argv[3]).write_text("started")
+time.sleep(0.2)
+outcome = plan[min(attempt, len(plan) - 1)]
+if outcome == "oom":
+    print("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB")
+    sys.exit(1)
+if outcome == "bad":
+    print("ValueError: not a memory problem")
+    sys.exit(1)
+"""
+
+
+def flaky_job(tmp_path, name: str, plan: str, need: int | None = None, *extra: str, **fields) -> Job:
+    return Job(
+        [sys.executable, "-c", FLAKY, str(tmp_path / f"{name}.attempts"), plan, *extra],
+        tmp_path / f"{name}.log",
+        name,
+        need,
+        **fields,
+    )
+
+
+def attempts(tmp_path, name: str) -> list[list[str]]:
+    """Each attempt's line: [start time, its extra arguments...]."""
+    return [line.split() for line in (tmp_path / f"{name}.attempts").read_text().splitlines()]
+
+
+def companion(tmp_path, sleep_s: float) -> Job:
+    """A child that runs `sleep_s` seconds beside the others (job-0 of `pool_jobs`)."""
+    return pool_jobs(tmp_path, 1, None, sleep_s)[0]
+
+
+@pytest.fixture
+def no_cuda(monkeypatch):
+    from kvdistill.experiments import memory
+
+    monkeypatch.setattr(memory, "cuda_free_bytes", lambda: None)
+
+
+def test_an_oom_beside_another_child_is_requeued_and_the_pool_succeeds(tmp_path, no_cuda, caplog):
+    """The first attempt dies of out of memory while job-0 runs: requeued at the head, alone (no estimate),
+    so its second attempt waits for job-0 to end and succeeds; run_pool succeeds and says why."""
+    caplog.set_level(logging.INFO, logger="kvdistill.experiments.pool")
+    run_pool(
+        [companion(tmp_path, 1.2), flaky_job(tmp_path, "flaky", "oom,ok")],
+        2,
+        "training",
+        ramp_s=600.0,
+        poll_s=0.1,
+    )
+    tries = attempts(tmp_path, "flaky")
+    assert len(tries) == 2  # run twice
+    ((_, companion_end),) = spans(tmp_path, 1)
+    assert float(tries[0][0]) < companion_end <= float(tries[1][0])  # the retry ran alone, after job-0
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warned == [
+        "training flaky: CUDA out of memory beside other children on attempt 1; requeued at the head of the "
+        "queue as attempt 2, to run alone"
+    ]
+    log = (tmp_path / "flaky.log").read_text()
+    assert log.count("OutOfMemoryError") == 1  # both attempts appended to the one log
+
+
+def test_an_oom_every_time_is_retried_twice_then_fails(tmp_path, no_cuda, caplog):
+    """4 GiB estimate: attempt 1 (beside job-0) OOMs, attempt 2 with 8 GiB (still beside job-0, no CUDA
+    here) OOMs, attempt 3 alone OOMs: three attempts, then the job is named in the error."""
+    caplog.set_level(logging.WARNING, logger="kvdistill.experiments.pool")
+    flaky = flaky_job(tmp_path, "flaky", "oom", 4 * GIB)
+    with pytest.raises(KvdistillError) as err:
+        run_pool([companion(tmp_path, 2.0), flaky], 2, "training", ramp_s=600.0, poll_s=0.1)
+    assert len(attempts(tmp_path, "flaky")) == 3  # retried exactly twice
+    assert "training failed for flaky (exit 1, CUDA out of memory on attempt 3, log " in str(err.value)
+    assert "job-0" not in str(err.value)
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 2
+    assert (
+        "attempt 1; requeued at the head of the queue as attempt 2, its need doubled to 8.0 GiB" in warned[0]
+    )
+    assert "attempt 2; requeued at the head of the queue as attempt 3, to run alone" in warned[1]
+    ((_, companion_end),) = spans(tmp_path, 1)
+    assert float(attempts(tmp_path, "flaky")[2][0]) >= companion_end  # the third ran alone
+
+
+def test_a_failure_that_is_not_out_of_memory_is_not_retried(tmp_path, no_cuda):
+    with pytest.raises(KvdistillError, match=r"training failed for flaky \(exit 1, log "):
+        run_pool(
+            [companion(tmp_path, 1.0), flaky_job(tmp_path, "flaky", "bad,ok")], 2, "training", poll_s=0.1
+        )
+    assert len(attempts(tmp_path, "flaky")) == 1
+
+
+def test_an_oom_with_nothing_else_running_is_not_retried(tmp_path, no_cuda):
+    with pytest.raises(KvdistillError, match="flaky .exit 1, CUDA out of memory on attempt 1"):
+        run_pool([flaky_job(tmp_path, "flaky", "oom,ok")], 2, "training", poll_s=0.1)
+    assert len(attempts(tmp_path, "flaky")) == 1
+
+
+def test_a_requeued_job_resumes_where_its_run_started(tmp_path, no_cuda):
+    """The first attempt writes the run's config.yaml (as `kvdistill train` does) and dies of out of memory
+    beside job-0; the second carries --resume, the first did not."""
+    run = tmp_path / "run"
+    run.mkdir()
+    flaky = flaky_job(
+        tmp_path, "flaky", "oom,ok", None, str(run / "config.yaml"), resume_if=run / "config.yaml"
+    )
+    run_pool([companion(tmp_path, 0.8), flaky], 2, "training", poll_s=0.1)
+    assert [a[1:] for a in attempts(tmp_path, "flaky")] == [
+        [str(run / "config.yaml")],
+        [str(run / "config.yaml"), "--resume"],
+    ]
+
+
+def test_a_requeued_train_command_carries_resume_once_config_yaml_exists(tiny_config, tmp_path):
+    """`train_job`'s `kvdistill.cli train` command of a run not yet started lacks --resume; once the run's
+    config.yaml exists its requeued command ends in it, exactly once however often it is requeued."""
+    d = tmp_path / "runs" / "seed-0"
+    job = train_job(d, tiny_config("train.steps=2"), 3 * GIB)
+    assert job.command[2:] == ["kvdistill.cli", "train", str(d.parent / "seed-0.yaml"), "--out", str(d)]
+    assert requeued(job).command == job.command  # nothing started yet: a fresh start
+    d.mkdir()
+    (d / "config.yaml").write_text("started")
+    first = requeued(job)
+    assert first.command == [*job.command, "--resume"]
+    assert requeued(first).command == first.command  # never twice
+    assert train_job(d, tiny_config("train.steps=2")).command[-1] == "--resume"  # a resumed experiment
+
+
+def test_requeued_doubles_the_need_then_runs_alone_then_gives_up(tmp_path):
+    job = Job(["x"], tmp_path / "log", "run", 5 * GIB)
+    first = requeued(job)
+    assert (first.need, first.alone, first.retries) == (10 * GIB, False, 1)
+    second = requeued(first)
+    assert (second.need, second.alone, second.retries) == (10 * GIB, True, 2)
+    assert requeued(second) is None
+    unknown = requeued(Job(["x"], tmp_path / "log", "run"))  # no estimate: alone at once
+    assert (unknown.need, unknown.alone, unknown.retries) == (None, True, 1)
+    assert requeued(requeued(unknown)) is None
+    assert with_resume(job) is job  # no resume_if: the command as it is
+
+
+def test_admits_job_with_a_doubled_need_and_alone():
+    """16 GiB free, one child of 4 GiB in its ramp: 12 GiB of room. A 6.3 GiB job fits, its doubled 12.6 GiB
+    does not; alone fits only where nothing runs (even without CUDA); nothing starts beside one alone."""
+    now, ramp = 100.0, 60.0
+    beside = [Started(4 * GIB, now - 1.0)]
+    job = Job(["x"], Path("log"), "run", int(6.3 * GIB))
+    doubled = job._replace(need=int(12.6 * GIB))
+    assert admits_job(job, 16 * GIB, beside, now, ramp)
+    assert not admits_job(doubled, 16 * GIB, beside, now, ramp)
+    assert admits_job(doubled, 16 * GIB, [], now, ramp)  # nothing runs: starts regardless
+    alone = job._replace(alone=True)
+    assert not admits_job(alone, 80 * GIB, beside, now, ramp)
+    assert not admits_job(alone, 80 * GIB, [Started(4 * GIB, now - 120.0)], now, ramp)  # past its ramp too
+    assert not admits_job(alone, None, beside, now, ramp)  # without CUDA too
+    assert admits_job(alone, 80 * GIB, [], now, ramp) and admits_job(alone, None, [], now, ramp)
+    assert not admits_job(job, 80 * GIB, [], now, ramp, alone_running=True)
+    assert not admits_job(job, None, [], now, ramp, alone_running=True)
+
+
+def test_out_of_memory_reads_only_this_attempts_tail(tmp_path):
+    log = tmp_path / "job.log"
+    log.write_text("torch.OutOfMemoryError: CUDA out of memory (an earlier attempt)\n")
+    offset = log.stat().st_size
+    assert out_of_memory(log, 0) and not out_of_memory(log, offset)
+    with log.open("a") as f:
+        f.write("RuntimeError: CUDA error: out of memory\n" + "x" * 100)
+    assert out_of_memory(log, offset)
+    assert not out_of_memory(log, offset, tail=50)  # the mark lies before the last 50 bytes
+    assert not out_of_memory(tmp_path / "missing.log", 0)
