@@ -429,3 +429,47 @@ def test_a_cache_without_the_latent_target_is_refused(teacher_dirs, tmp_path):
     with pytest.raises(ConfigError) as err:
         config({"ce": 1.0, "latent_kv": {"weight": 1.0}}, teachers=[cache])
     assert "budget: 6" in str(err.value) and "span: cot" in str(err.value)
+
+
+def test_the_weighted_terms_add_up_to_the_loss_and_their_gradients_to_its_gradient():
+    """`last_terms` (what train.grad_norms_every differentiates one by one) covers the whole latent loss: the
+    weighted terms sum to it, and so do their gradients w.r.t. the student's parameters."""
+    cfg = config({"ce": 1.0, "cot_ce": 0.5, "codi": {"weight": 10.0}, "latent_kv": {"weight": 2.0}})
+    obj = build_objective(cfg)
+    torch.manual_seed(0)
+    loss, m = obj(records(cfg))
+    terms = obj.last_terms
+    assert set(terms) == {"ce", "cot_ce", "codi", "latent_kv"}
+    assert float(sum(terms.values()).detach()) == pytest.approx(float(loss.detach()), rel=1e-5)
+    assert float(terms["codi"].detach()) == pytest.approx(10.0 * m["loss/codi"], rel=1e-5)
+    params = [p for p in obj.student.parameters() if p.requires_grad]
+    whole = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+    parts = [torch.autograd.grad(t, params, retain_graph=True, allow_unused=True) for t in terms.values()]
+    for n, g in enumerate(whole):
+        summed = [p[n] for p in parts if p[n] is not None]
+        if g is None:
+            assert not summed
+            continue
+        torch.testing.assert_close(sum(summed), g, rtol=1e-4, atol=1e-6)
+
+
+def test_a_latent_run_logs_each_terms_gradient_norm(tmp_path):
+    """train.grad_norms_every on a latent student: every term's norm, before clipping; with the answer CE
+    alone its norm is the step's whole gradient norm."""
+    from kvdistill.train.trainer import train
+
+    def logged(losses: dict, out):
+        raw = config(losses).model_dump(mode="json")
+        raw["train"].update(steps=2, grad_norms_every=1, log_every=1, tensorboard=False)
+        train(load_config(raw=raw), out, progress=False)
+        return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+    rows = [r for r in logged({"ce": 1.0}, tmp_path / "ce") if "grad_norm/ce" in r]
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["grad_norm/ce"] == pytest.approx(r["grad_norm"], rel=1e-4)
+    full = {"ce": 1.0, "cot_ce": 1.0, "codi": {"weight": 10.0}, "latent_kv": {"weight": 1.0}}
+    names = ("ce", "cot_ce", "codi", "latent_kv")
+    for r in [r for r in logged(full, tmp_path / "e4") if "grad_norm/ce" in r]:
+        assert all(r[f"grad_norm/{k}"] > 0 for k in names)
+        assert r["grad_norm"] <= sum(r[f"grad_norm/{k}"] for k in names) * 1.0001  # the triangle inequality

@@ -213,14 +213,14 @@ class RunConfig(Section):
                 "train.eval_cot is how train.eval_exact_match decodes, but eval_exact_match is false; "
                 "set it or drop eval_cot"
             )
-        if (t.eval_cot or t.grad_norms_every) and self.student.latent is not None:
+        if t.eval_cot and self.student.latent is not None:
             problems.append(
-                "train.eval_cot / grad_norms_every are for text students; a latent student "
-                "(student.latent) answers in latent mode (train.eval_exact_match alone): drop them"
+                "train.eval_cot is for text students; a latent student (student.latent) answers in latent "
+                "mode (train.eval_exact_match alone): drop it"
             )
         if t.grad_norms_every and self.losses.ce == 0:
             problems.append(
-                "train.grad_norms_every compares the CE and distillation gradients, but losses.ce is 0"
+                "train.grad_norms_every compares the CE gradient with the other terms', but losses.ce is 0"
             )
         return problems
 

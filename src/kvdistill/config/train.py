@@ -91,9 +91,10 @@ class TrainConfig(Section):
     after the answer prompt)."""
     early_stopping: EarlyStoppingConfig | None = None
     grad_norms_every: int = Field(0, ge=0)
-    """Every N optimizer steps, the gradient norm of the CE term and of the distillation terms w.r.t. the
-    student's parameters (`grad_norm/ce`, `grad_norm/kd`; two extra backward passes of the first micro-batch;
-    one process)."""
+    """Every N optimizer steps, the gradient norm of each weighted loss term w.r.t. the student's parameters,
+    before clipping: a text student's CE and distillation terms (`grad_norm/ce`, `grad_norm/kd`), a latent
+    student's answer CE, CoT CE, CODI and L_KV (`grad_norm/ce`, `grad_norm/cot_ce`, `grad_norm/codi`,
+    `grad_norm/latent_kv`); one extra backward pass a term of the first micro-batch; one process."""
     tensorboard: bool = True
     """Log to TensorBoard (DIR/tb) when train.report_to is not given; false: no tracker."""
     report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] | None = None

@@ -238,6 +238,7 @@ class KavaObjective(TrainingObjective):
         ce = losses.ce_loss(s_cap.logits, ids, answer_mask)  # (B,) the answer after the latents
         per_sample = c.ce * ce
         metrics = {"loss/ce": ce.detach().mean()}
+        terms = {"ce": (c.ce * ce).mean()}  # each weighted term, what train.grad_norms_every differentiates
         t_cap = t_queries = None
         t_view = batch.own_cot
         if c.cot_ce > 0 or codi or self.uses_self:
@@ -253,6 +254,7 @@ class KavaObjective(TrainingObjective):
         if c.cot_ce > 0:
             cot_ce = losses.ce_loss(t_cap.logits, t_cap.input_ids, t_view.after_prefix.to(d))
             per_sample = per_sample + c.cot_ce * cot_ce
+            terms["cot_ce"] = (c.cot_ce * cot_ce).mean()
             metrics["loss/cot_ce"] = cot_ce.detach().mean()
         if codi:
             b = torch.arange(len(batch.records), device=d)
@@ -260,6 +262,7 @@ class KavaObjective(TrainingObjective):
             t_h = torch.stack([h[b, t_view.pre_answer.to(d)] for h in t_cap.hidden_states[1:]])
             codi_loss = losses.codi_loss(s_h, t_h, kind=c.codi.kind, normalize=c.codi.normalize)
             per_sample = per_sample + c.codi.weight * codi_loss
+            terms["codi"] = (c.codi.weight * codi_loss).mean()
             metrics["loss/codi"] = codi_loss.detach().mean()
         if c.latent_kv.weight > 0:
             targets = {SELF: self._own_target(t_cap, t_view, t_queries)} if self.uses_self else {}
@@ -267,10 +270,12 @@ class KavaObjective(TrainingObjective):
             kv = self.kv_terms(s_cap, P, targets)
             fused = sum(self.source_weights[n] * v for n, v in kv.items())
             per_sample = per_sample + c.latent_kv.weight * fused
+            terms["latent_kv"] = (c.latent_kv.weight * fused).mean()
             metrics.update({f"loss/latent_kv/{n}": v.detach().mean() for n, v in kv.items()})
             metrics["loss/kd"] = fused.detach().mean()
         total = per_sample.mean()
         metrics["loss"] = total.detach()
+        self.last_terms = terms  # graph-attached, read by the trainer, then dropped
         return total, read_metrics(metrics, s_view.answer_mask)
 
     # ------------------------------------------------------------------------------------------ held out
