@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kvdistill.atomic import write_json_atomic
+from kvdistill.atomic import write_json_atomic, write_text_atomic
 from kvdistill.eval.skills import skill_items
 from kvdistill.experiments.spec import PER_SKILL, ExperimentSpec, higher_is_better, metric_label
 from kvdistill.experiments.stats import paired_comparison, summary
@@ -403,7 +403,13 @@ def _curve_plot(
 
 
 def write_results(results: dict, spec: ExperimentSpec, out: Path) -> None:
+    """results.json, results.md, then the plots and results.md again with them: the tables are on disk before
+    the plots start (matplotlib's first import on a fresh machine builds its font cache; a time limit there
+    once cut a GPU call's results.md off)."""
     write_json_atomic(out / "results.json", results)
+    tables = markdown(results, spec) + "\n"
+    write_text_atomic(out / "results.md", tables)
     figures = plots(results, spec, out)
-    md = markdown(results, spec) + "\n" + "\n".join(f"![{p.stem}](plots/{p.name})" for p in figures) + "\n"
-    (out / "results.md").write_text(md)
+    write_text_atomic(
+        out / "results.md", tables + "\n".join(f"![{p.stem}](plots/{p.name})" for p in figures) + "\n"
+    )
