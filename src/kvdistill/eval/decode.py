@@ -124,6 +124,13 @@ class AnswerEnd:
         self._breaks: dict[int, bool] = {}
         self.ended: dict[int, int] = {}
 
+    @classmethod
+    def of_batch(cls, tokenizer, ids: torch.Tensor, mask: torch.Tensor, *, after_marker: bool, drop=()):
+        """The criterion of a left-padded batch `ids` / `mask` (B, P): each row's prompt is its ids where the
+        mask is set (`prompts`, what the callers decode continuations against too)."""
+        prompts = [ids[b][mask[b].bool()].tolist() for b in range(ids.shape[0])]  # without padding
+        return cls(tokenizer, prompts, ids.shape[1], after_marker=after_marker, drop=drop)
+
     def _breaks_line(self, token: int) -> bool:
         if token not in self._breaks:
             self._breaks[token] = token not in self.drop and "\n" in self.tokenizer.decode([token])
@@ -232,12 +239,11 @@ def exact_match(
             ]
             enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=not chat)
             ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)  # (B, P) left-padded
-            prompts_ids = [ids[b][mask[b].bool()].tolist() for b in range(len(batch))]  # without padding
-            stop = AnswerEnd(tokenizer, prompts_ids, ids.shape[1], after_marker=False)
+            stop = AnswerEnd.of_batch(tokenizer, ids, mask, after_marker=False)
             new, took = _greedy(model, ids, mask, max_new_tokens=max_new_tokens, pad=pad, stop=stop)
             seconds += took
             for b, r in enumerate(batch):
-                rows.append(_row(tokenizer, r, prompts_ids[b], new[b].tolist(), after_marker=False, drop=()))
+                rows.append(_row(tokenizer, r, stop.prompts[b], new[b].tolist(), after_marker=False, drop=()))
     finally:
         tokenizer.padding_side = old_side
     return _result(rows, seconds)
@@ -255,9 +261,8 @@ def cot_exact_match(
     for batch in chunks(usable, batch_size):
         enc = tokenize(tokenizer, [s.cot_prompt for _, s in batch], padding_side="left")
         ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)  # (B, P) left-padded
-        prompts_ids = [ids[b][mask[b].bool()].tolist() for b in range(len(batch))]  # without padding
         drop = (pad, tokenizer.eos_token_id)
-        stop = AnswerEnd(tokenizer, prompts_ids, ids.shape[1], after_marker=True, drop=drop)
+        stop = AnswerEnd.of_batch(tokenizer, ids, mask, after_marker=True, drop=drop)
         new, took = _greedy(model, ids, mask, max_new_tokens=max_new_tokens, pad=pad, stop=stop)
         seconds += took
         for b, (r, _) in enumerate(batch):
@@ -265,7 +270,7 @@ def cot_exact_match(
                 _row(
                     tokenizer,
                     r,
-                    prompts_ids[b],
+                    stop.prompts[b],
                     new[b].tolist(),
                     after_marker=True,
                     drop=drop,

@@ -289,8 +289,10 @@ def _drain(queue, running, failed, concurrent, what, more, ledger, ramp_s, poll_
                     queue += more()
                 continue
             oom = out_of_memory(job.log, child.offset)
-            shared = child.shared or bool(running) or (cuda and bool(ledger.others(time.monotonic(), ramp_s)))
-            retry = requeued(job) if oom and shared else None
+            shared = oom and (
+                child.shared or bool(running) or (cuda and bool(ledger.others(time.monotonic(), ramp_s)))
+            )  # the ledger is read only for a child that died of out of memory
+            retry = requeued(job) if shared else None
             if retry is None:
                 note = f", CUDA out of memory on attempt {job.retries + 1}" if oom else ""
                 failed.append(f"{job.label} (exit {proc.returncode}{note}, log {job.log})")

@@ -80,8 +80,7 @@ class OnPolicy:
         finally:
             tok.padding_side = side
         ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)  # (B, T_p) left-padded
-        prompt_ids = [ids[b][mask[b].bool()].tolist() for b in range(len(records))]  # without padding
-        stop = AnswerEnd(tok, prompt_ids, ids.shape[1], after_marker=True, drop=(pad, tok.eos_token_id))
+        stop = AnswerEnd.of_batch(tok, ids, mask, after_marker=True, drop=(pad, tok.eos_token_id))
         from transformers import GenerationConfig, StoppingCriteriaList
 
         gen = GenerationConfig(
@@ -117,7 +116,7 @@ class OnPolicy:
             elif tok.eos_token_id in row:  # the end-of-sequence token is generated, then padding
                 row = row[: row.index(tok.eos_token_id) + 1]
             count += len(row)
-            text = prompt + continuation(tok, prompt_ids[b], row)
+            text = prompt + continuation(tok, stop.prompts[b], row)
             sampled.append(
                 {
                     "id": r["id"],
