@@ -271,3 +271,12 @@ def test_experiment_plan_lists_the_runs_and_creates_no_directory(capsys, tmp_pat
     assert re.search(r"ce_only/seed-0: \d+ training records", out)
     assert re.search(r"planned \d+ runs of tiny; nothing trained", err)
     assert not (tmp_path / "exp").exists()
+
+
+def test_experiment_report_of_a_folder_no_experiment_wrote_is_refused(capsys, tmp_path):
+    (tmp_path / "exp").mkdir()
+    code, _, err = cli(capsys, "experiment", "tiny", "--out", str(tmp_path / "exp"), "--report")
+    assert code != 0 and "is not an experiment directory" in err
+    code, _, err = cli(capsys, "experiment", "tiny", "--out", str(tmp_path / "exp"), "--report", "--plan")
+    assert code != 0 and "--plan and --report together" in err
+    assert list((tmp_path / "exp").iterdir()) == []

@@ -7,11 +7,13 @@
 #   bash scripts/experiments/gpu.sh "kava:--seeds 3 --only E4_long --only nocot_long" distill-small
 # and packs what comes back into $OUT/SPEC.tgz (one file a spec): results.json and results.md, run.log (the runner's
 # phases, errors, the log's tail and the end of every failed run's log; for a spec refused before it wrote
-# anything, that alone) and per run config.yaml, summary.json, eval.json and metrics.jsonl (the held-out
-# curves of runs that have not finished too). The packs are also refreshed every $PACK_EVERY seconds (default 60)
-# while the specs run, each replaced whole, so a call cut off before the end (its device time spent, its own
-# limit) still brings back what was scored and the curves so far. A spec that ran out of time resumes where it
-# stopped when the same command runs again on the same machine ($RUNS kept; default /tmp/kvdistill-runs).
+# anything, that alone), spec.yaml, per run config.yaml, summary.json, eval.json and metrics.jsonl (the held-out
+# curves of runs that have not finished too), teacher.json and the caches' cost records: what
+# `kvdistill experiment SPEC --out DIR --report` reads to write the results of the runs scored so far. The packs
+# are also refreshed every $PACK_EVERY seconds (default 60) while the specs run, each replaced whole, so a call
+# cut off before the end (its device time spent, its own limit) still brings back what was scored and the curves
+# so far. A spec that ran out of time resumes where it stopped when the same command runs again on the same
+# machine ($RUNS kept; default /tmp/kvdistill-runs).
 # Environment: OUT (default out/experiments), RUNS, LIMIT, PACK_EVERY, EXTRA (added to every command, e.g.
 # "--seeds 3").
 set -u
@@ -43,9 +45,11 @@ pack() {  # pack NAME: $RUNS/NAME.summary.log and $OUTABS/NAME.tgz, each written
   if [ -d "$dir" ]; then
     cp "$sum" "$dir/run.log"
     list=$(mktemp)
-    ( cd "$dir" && find . -maxdepth 1 \( -name results.json -o -name results.md -o -name run.log \) -print > "$list"
-      find runs teachers -maxdepth 3 \( -name config.yaml -o -name summary.json -o -name eval.json \
-        -o -name metrics.jsonl \) -print 2>/dev/null >> "$list"
+    ( cd "$dir" && find . -maxdepth 1 \( -name results.json -o -name results.md -o -name run.log \
+        -o -name spec.yaml -o -name .kvdistill-run \) -print > "$list"
+      find runs teachers caches -maxdepth 3 \( -name config.yaml -o -name summary.json -o -name eval.json \
+        -o -name metrics.jsonl -o -name teacher.json -o -name "*.json" -path "caches/*" \) -print 2>/dev/null \
+        >> "$list"
       tar czf "$OUTABS/.$name.tgz.tmp" -T "$list" 2>/dev/null )
     rm -f "$list"
   else  # refused before it wrote anything (a spec or data error): its log alone, as run.log

@@ -306,6 +306,12 @@ def experiment(
         help="Check the spec and every run's data (generated data kept under $KVDISTILL_HOME/data), list "
         "the runs; train nothing, write nothing under --out.",
     ),
+    report: bool = typer.Option(
+        False,
+        "--report",
+        help="Train and score nothing: write results.json, results.md and the plots from the runs already "
+        "scored in --out (the rest listed as not scored).",
+    ),
 ) -> None:
     """Prepare the spec's teachers, train every (condition, seed), evaluate on one held-out set, compare.
 
@@ -316,6 +322,8 @@ def experiment(
         kvdistill experiment suite --out runs/suite --only kv-fixed --seeds 1
 
         kvdistill experiment specialists --out runs/specialists --plan
+
+        kvdistill experiment specialists --out runs/specialists --report
     """
     from kvdistill.experiments.results import markdown
     from kvdistill.experiments.runner import run_experiment
@@ -324,6 +332,8 @@ def experiment(
     parsed = load_spec(spec)
     if seeds is not None and seeds < 1:
         raise KvdistillError(f"--seeds {seeds}: no seed to run", "pass --seeds 1 or more")
+    if plan and report:
+        raise KvdistillError("--plan and --report together", "pass one of them")
     if plan:
         planned = run_experiment(parsed, out, only=only, seeds=seeds, plan=True)["plan"]
         sys.stdout.write(
@@ -332,7 +342,7 @@ def experiment(
         console.print(f"[green]planned[/green] {len(planned)} runs of {escape(parsed.name)}; nothing trained")
         return
     with stoppable(console, RERUN):
-        results = run_experiment(parsed, out, only=only, seeds=seeds)
+        results = run_experiment(parsed, out, only=only, seeds=seeds, report=report)
     sys.stdout.write(markdown(results, parsed) + "\n")
     console.print(
         f"[green]wrote[/green] {escape(out)}/results.json, {escape(out)}/results.md and {escape(out)}/plots/"

@@ -321,3 +321,41 @@ def test_a_plan_checks_every_runs_data_and_writes_nothing_but_the_generated_data
     assert planned["ce_small/seed-0"] == planned["ce_small/seed-1"] == 20
     assert planned["ce_only/seed-0"] > 20 and planned["teacher llama_bpe"] == planned["ce_only/seed-0"]
     assert cache_file(0).is_file() and len(cache_file(0).read_text().splitlines()) >= 60
+
+
+def test_a_report_writes_the_results_of_the_scored_runs_only(tmp_path, tree):
+    """`experiment --report` on an unfinished experiment (as a GPU call cut off by its time brings it back,
+    without the students' weights): the conditions whose every seed is scored, with the same figures the
+    finished experiment gave; the rest listed as not scored; nothing trained, nothing but the results
+    written. Refused without the baseline's runs, and for a directory no experiment wrote."""
+    import shutil
+
+    raw = micro_spec()
+    raw["conditions"] = {"ce_only": {}, "kd": {"teachers": ["llama_bpe"]}, "kd2": {"teachers": ["qwen_sp"]}}
+    spec = load_spec(raw)
+    full = run_experiment(spec, tmp_path / "exp")
+    # what gpu.sh packs: no weights, no results
+    cut = tmp_path / "cut"
+    shutil.copytree(tmp_path / "exp", cut, ignore=shutil.ignore_patterns("final", "checkpoints", "best"))
+    for name in ("results.json", "results.md"):
+        (cut / name).unlink()
+    shutil.rmtree(cut / "plots")
+    (cut / "runs" / "kd2" / "seed-1" / "eval.json").unlink()
+    before = tree.snap(cut / "runs")
+    got = run_experiment(spec, cut, report=True)
+    assert tree.snap(cut / "runs") == before  # nothing trained or scored again
+    assert got["unscored"] == ["kd2/seed-1"] and set(got["conditions"]) == {"ce_only", "kd"}
+    assert got["conditions"] == {n: full["conditions"][n] for n in ("ce_only", "kd")}
+    assert got["comparisons"] == [c for c in full["comparisons"] if c["condition"] == "kd"]
+    assert got["teachers"] == {"llama_bpe": full["teachers"]["llama_bpe"]}
+    assert got["flops_per_token"]["kd"] == full["flops_per_token"]["kd"]
+    assert json.loads((cut / "results.json").read_text())["unscored"] == ["kd2/seed-1"]
+    assert "not scored (their conditions left out): kd2/seed-1" in (cut / "results.md").read_text()
+    # --seeds 1: every condition's first seed is scored
+    assert set(run_experiment(spec, cut, seeds=1, report=True)["conditions"]) == {"ce_only", "kd", "kd2"}
+    (cut / "runs" / "ce_only" / "seed-0" / "eval.json").unlink()
+    with pytest.raises(KvdistillError, match=r"the baseline's runs \['ce_only/seed-0'\] are not scored"):
+        run_experiment(spec, cut, report=True)
+    (tmp_path / "other").mkdir()
+    with pytest.raises(KvdistillError, match="not an experiment directory"):
+        run_experiment(spec, tmp_path / "other", report=True)

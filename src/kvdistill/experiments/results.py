@@ -197,6 +197,12 @@ def markdown(results: dict, spec: ExperimentSpec) -> str:
         f"{results['held_out']}.",
         "",
     ]
+    if results.get("unscored"):  # `kvdistill experiment --report` of an unfinished experiment
+        lines += [
+            f"Report of the scored runs only; not scored (their conditions left out): "
+            f"{', '.join(results['unscored'])}.",
+            "",
+        ]
     if results["teachers"]:
         skills = sorted({k for v in results["teachers"].values() for k in v if k.startswith("exact_match_")})
         lines += [

@@ -70,14 +70,20 @@ def run_experiment(
     only: list[str] | None = None,
     seeds: int | None = None,
     plan: bool = False,
+    report: bool = False,
 ) -> dict:
     """Run (or resume) the experiment; returns the results also written to DIR/results.json.
 
     `plan`: check the arguments and every planned run's data (a generated source's files are generated and
     kept, e.g. GSM-Symbolic problems under $KVDISTILL_HOME/data, what a machine without the generator reads)
     and return {"plan": {run: train records}} (teachers as "teacher NAME", runs as "CONDITION/seed-S"), with
-    nothing trained and nothing written under `out`."""
-    from kvdistill.experiments.results import collect, write_results
+    nothing trained and nothing written under `out`.
+
+    `report`: train and score nothing; write results.json / results.md / plots from the runs already scored
+    in `out` (an experiment directory, e.g. one a time limit stopped, or one unpacked from another machine
+    without the students' weights): the conditions every chosen seed of which is scored, with the rest listed
+    under "unscored". Refused when the baseline has an unscored run (no comparison without it)."""
+    from kvdistill.experiments.results import collect
 
     out = Path(out)
     # every argument checked before the first write: a refused command leaves DIR as it was
@@ -105,6 +111,8 @@ def run_experiment(
     data_sizes = check_splits(planned, held, val)  # before anything trains
     if plan:
         return {"plan": data_sizes}
+    if report:
+        return _report(spec, out, names, use_seeds, data_sizes, held, val)
     claim(out, "experiment")  # every argument checked: the first write
     write_text_atomic(out / "spec.yaml", yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
     teachers = prepare_teachers(spec, out, held, names)  # only those the chosen conditions read
@@ -179,15 +187,82 @@ def run_experiment(
     )
     results = collect(spec, out, names, use_seeds, teachers)
     results["extraction"] = extraction
-    results["train_records"] = {n: data_sizes[f"{n}/seed-{use_seeds[0]}"] for n in names}
-    results["teacher_train_records"] = {p.name: data_sizes.get(f"teacher {p.name}", 0) for p in spec.teachers}
-    results["test_ids"] = [r["id"] for r in held]
-    results["val_ids"] = [r["id"] for r in val]
     results["concurrent"] = concurrent
     results["flops_per_token"] = {n: flops_per_token(spec, n, teachers, n_student) for n in names}
     results["student_params"] = n_student
+    return _write(results, spec, out, names, use_seeds, data_sizes, held, val)
+
+
+def _write(
+    results: dict,
+    spec: ExperimentSpec,
+    out: Path,
+    names: list[str],
+    seeds: list[int],
+    data_sizes: dict[str, int],
+    held: list[dict],
+    val: list[dict],
+) -> dict:
+    """Add the data each condition trained on and the held-out ids to `results`, write them; returns them."""
+    from kvdistill.experiments.results import write_results
+
+    results["train_records"] = {n: data_sizes[f"{n}/seed-{seeds[0]}"] for n in names}
+    results["teacher_train_records"] = {p.name: data_sizes.get(f"teacher {p.name}", 0) for p in spec.teachers}
+    results["test_ids"] = [r["id"] for r in held]
+    results["val_ids"] = [r["id"] for r in val]
     write_results(results, spec, out)
     return results
+
+
+def _scored(out: Path, name: str, seed: int) -> bool:
+    """Whether the run has the experiment's own test record (a `kvdistill eval` of it is not one)."""
+    path = run_dir(out, name, seed) / "eval.json"
+    return path.is_file() and json.loads(path.read_text()).get("written_by") != "kvdistill eval"
+
+
+def _report(
+    spec: ExperimentSpec,
+    out: Path,
+    names: list[str],
+    seeds: list[int],
+    data_sizes: dict[str, int],
+    held: list[dict],
+    val: list[dict],
+) -> dict:
+    """`run_experiment(report=True)`: the results of the runs already scored (its docstring)."""
+    from kvdistill.experiments.results import collect
+    from kvdistill.experiments.teachers import teachers_needed
+    from kvdistill.paths import marker_kind
+
+    if marker_kind(out) != "experiment":
+        raise KvdistillError(
+            f"--report: {out} is not an experiment directory (no marker of `kvdistill experiment`)",
+            "pass the --out of an experiment that has run, or run it without --report",
+        )
+    unscored = [f"{n}/seed-{s}" for n in names for s in seeds if not _scored(out, n, s)]
+    missing_base = [r for r in unscored if r.startswith(f"{spec.baseline}/")]
+    if missing_base:
+        raise KvdistillError(
+            f"--report: the baseline's runs {missing_base} are not scored, so nothing can be compared",
+            "rerun without --report to train and score them, or pass --seeds N for the seeds it has",
+        )
+    complete = [n for n in names if all(_scored(out, n, s) for s in seeds)]
+    teachers = {}
+    for t in teachers_needed(spec, complete):
+        record = out / "teachers" / t / "teacher.json"
+        if record.is_file():
+            model = str(student_of(out / "teachers" / t / "final"))
+            teachers[t] = {"model": model, **json.loads(record.read_text())}
+    results = collect(spec, out, complete, seeds, teachers)
+    results["unscored"] = unscored
+    # what each run was charged, as its record holds it (the students' weights need not be here)
+    first = {n: json.loads((run_dir(out, n, seeds[0]) / "eval.json").read_text()) for n in complete}
+    results["flops_per_token"] = {
+        n: round(e["train_flops"] / e["tokens"]) if e.get("train_flops") and e.get("tokens") else None
+        for n, e in first.items()
+    }
+    log.info("report of %d conditions; %d runs not scored: %s", len(complete), len(unscored), unscored)
+    return _write(results, spec, out, complete, seeds, data_sizes, held, val)
 
 
 def _free_device_cache() -> None:
@@ -267,10 +342,8 @@ def _train_and_score(
             )
     for (n, s), cfg in configs.items():
         d = run_dir(out, n, s)
-        if (d / "eval.json").is_file() and json.loads((d / "eval.json").read_text()).get(
-            "written_by"
-        ) != "kvdistill eval":
-            continue  # scored already (a `kvdistill eval` of the run is not the experiment's record)
+        if _scored(out, n, s):
+            continue
         summary = json.loads((d / "summary.json").read_text())
         best = d / "best" / "student"
         selected = cfg.train.early_stopping is not None and best.is_dir()
