@@ -112,7 +112,8 @@ def run_experiment(
     if plan:
         return {"plan": data_sizes}
     if report:
-        return _report(spec, out, names, use_seeds, data_sizes, held, val)
+        results, scored = _reported(spec, out, names, use_seeds)
+        return _write(results, spec, out, scored, use_seeds, data_sizes, held, val)
     claim(out, "experiment")  # every argument checked: the first write
     write_text_atomic(out / "spec.yaml", yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
     teachers = prepare_teachers(spec, out, held, names)  # only those the chosen conditions read
@@ -220,16 +221,9 @@ def _scored(out: Path, name: str, seed: int) -> bool:
     return path.is_file() and json.loads(path.read_text()).get("written_by") != "kvdistill eval"
 
 
-def _report(
-    spec: ExperimentSpec,
-    out: Path,
-    names: list[str],
-    seeds: list[int],
-    data_sizes: dict[str, int],
-    held: list[dict],
-    val: list[dict],
-) -> dict:
-    """`run_experiment(report=True)`: the results of the runs already scored (its docstring)."""
+def _reported(spec: ExperimentSpec, out: Path, names: list[str], seeds: list[int]) -> tuple[dict, list[str]]:
+    """`run_experiment(report=True)`: the results of the runs already scored (its docstring), and the
+    conditions they hold."""
     from kvdistill.experiments.results import collect
     from kvdistill.experiments.teachers import teachers_needed
     from kvdistill.paths import marker_kind
@@ -262,7 +256,7 @@ def _report(
         for n, e in first.items()
     }
     log.info("report of %d conditions; %d runs not scored: %s", len(complete), len(unscored), unscored)
-    return _write(results, spec, out, complete, seeds, data_sizes, held, val)
+    return results, complete
 
 
 def _free_device_cache() -> None:
