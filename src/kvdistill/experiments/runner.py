@@ -233,14 +233,15 @@ def _reported(spec: ExperimentSpec, out: Path, names: list[str], seeds: list[int
             f"--report: {out} is not an experiment directory (no marker of `kvdistill experiment`)",
             "pass the --out of an experiment that has run, or run it without --report",
         )
-    unscored = [f"{n}/seed-{s}" for n in names for s in seeds if not _scored(out, n, s)]
+    scored = {(n, s) for n in names for s in seeds if _scored(out, n, s)}  # each eval.json read once here
+    unscored = [f"{n}/seed-{s}" for n in names for s in seeds if (n, s) not in scored]
     missing_base = [r for r in unscored if r.startswith(f"{spec.baseline}/")]
     if missing_base:
         raise KvdistillError(
             f"--report: the baseline's runs {missing_base} are not scored, so nothing can be compared",
             "rerun without --report to train and score them, or pass --seeds N for the seeds it has",
         )
-    complete = [n for n in names if all(_scored(out, n, s) for s in seeds)]
+    complete = [n for n in names if all((n, s) in scored for s in seeds)]
     teachers = {}
     for t in teachers_needed(spec, complete):
         record = out / "teachers" / t / "teacher.json"
