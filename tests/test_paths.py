@@ -57,7 +57,7 @@ def test_a_directory_is_writable_when_new_empty_or_marked_as_its_kind(tmp_path):
     (tmp_path / "empty" / "config.yaml").write_text("x")
     assert dir_problem(tmp_path / "empty", "run") is None
     assert (
-        "is a kvdistill run directory, not a experiment"
+        "is a kvdistill run directory, not an experiment"
         in dir_problem(tmp_path / "empty", "experiment").problem
     )
     (tmp_path / "mine").mkdir()

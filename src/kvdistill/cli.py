@@ -312,6 +312,13 @@ def experiment(
         help="Train and score nothing: write results.json, results.md and the plots from the runs already "
         "scored in --out (the rest listed as not scored).",
     ),
+    smoke: bool = typer.Option(
+        False,
+        "--smoke",
+        help="Run every chosen run of the spec for 2 steps on 8 held-out problems, teachers for 2 steps: the "
+        "spec's own models, tokenizers, data and conditions end to end in minutes on a CPU, before GPU time "
+        "is spent (its figures mean nothing; --out must not be the real experiment's).",
+    ),
 ) -> None:
     """Prepare the spec's teachers, train every (condition, seed), evaluate on one held-out set, compare.
 
@@ -324,6 +331,8 @@ def experiment(
         kvdistill experiment specialists --out runs/specialists --plan
 
         kvdistill experiment specialists --out runs/specialists --report
+
+        kvdistill experiment specialists --out runs/specialists-smoke --smoke --seeds 1
     """
     from kvdistill.experiments.results import markdown
     from kvdistill.experiments.runner import run_experiment
@@ -335,14 +344,14 @@ def experiment(
     if plan and report:
         raise KvdistillError("--plan and --report together", "pass one of them")
     if plan:
-        planned = run_experiment(parsed, out, only=only, seeds=seeds, plan=True)["plan"]
+        planned = run_experiment(parsed, out, only=only, seeds=seeds, plan=True, smoke=smoke)["plan"]
         sys.stdout.write(
             "".join(f"{name}: {records} training records\n" for name, records in planned.items())
         )
         console.print(f"[green]planned[/green] {len(planned)} runs of {escape(parsed.name)}; nothing trained")
         return
     with stoppable(console, RERUN):
-        results = run_experiment(parsed, out, only=only, seeds=seeds, report=report)
+        results = run_experiment(parsed, out, only=only, seeds=seeds, report=report, smoke=smoke)
     sys.stdout.write(markdown(results, parsed) + "\n")
     console.print(
         f"[green]wrote[/green] {escape(out)}/results.json, {escape(out)}/results.md and {escape(out)}/plots/"

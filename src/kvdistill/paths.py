@@ -115,7 +115,7 @@ def dir_problem(
     if found == kind:
         return None
     if found is not None:
-        return KvdistillError(f"{flag} {d} is a kvdistill {found} directory, not a {kind} directory", fix)
+        return KvdistillError(f"{flag} {d} is a kvdistill {found} directory, not {_a(kind)} directory", fix)
     try:
         entries = sorted(e for e in os.listdir(d) if e not in OWN)
     except OSError as err:
@@ -126,6 +126,10 @@ def dir_problem(
     return KvdistillError(
         f"{flag} {d} holds files that kvdistill did not write ({shown}); they would be overwritten", fix
     )
+
+
+def _a(noun: str) -> str:
+    return f"{'an' if noun[:1] in 'aeiou' else 'a'} {noun}"
 
 
 def not_a_dir_problem(

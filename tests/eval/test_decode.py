@@ -106,3 +106,112 @@ def test_answer_end_stops_each_row_where_read_answer_ends_it(tokenizers, name, a
         assert tok.decode(news[0][: stopped[0]]).rstrip().endswith("Answer: 7")
     else:
         assert tok.decode(news[0][: stopped[0]]).strip() == "3 + 4 = 7."
+
+
+# ------------------------------------------------------------------------------------------ the swap probe
+def latent_student(vocab: int, iterations: int):
+    """A tiny float64 llama latent student over a real tokenizer's vocabulary, its head changing what it
+    feeds back (the identity start would hide a wrong latent)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from kvdistill.student.latent import LatentHead, LatentStudent
+
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model(
+        "llama",
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    cfg._attn_implementation = "sdpa"
+    backbone = AutoModelForCausalLM.from_config(cfg).double().eval()
+    head = LatentHead(32, 3, "mlp").double()
+    torch.nn.init.normal_(head.fc2.weight, std=0.5)
+    return LatentStudent(backbone, head, iterations).eval()
+
+
+@pytest.fixture(scope="module")
+def swap_setup(tokenizers):
+    from kvdistill.data.arith import arithmetic_records
+    from kvdistill.data.gsm import DEFAULT_TEMPLATE
+
+    tok = tokenizers["gpt2-tokenizer"]
+    records = arithmetic_records(7, 3, template=DEFAULT_TEMPLATE)
+    return tok, records, DEFAULT_TEMPLATE
+
+
+def test_swap_donors_take_the_next_question_with_another_answer():
+    from kvdistill.data.segments import segments
+    from kvdistill.eval.decode import swap_donors
+
+    def item(answer, prompt="Answer:"):
+        template = "Question: {question}\nReasoning: {cot}\n" + prompt + " {answer}\n"
+        r = {"id": answer, "question": "q", "cot": "c", "answer": answer}
+        r["text"] = template.format(**r)
+        return r, segments(r, template)
+
+    usable = [item("1"), item("1"), item("2"), item("3", "Result:"), item("4", "Result:"), item("1")]
+    # 0 and 1 skip the next record of the same answer; 3 and 4 pair within their own answer prompt; 5 wraps
+    assert swap_donors(usable) == [2, 2, 5, 4, 3, 2]
+    assert swap_donors([item("1"), item("1.0"), item("5", "Result:")]) is None  # 1 = 1.0; "Result:" alone
+
+
+def test_swap_probe_answers_from_the_donors_latents(swap_setup):
+    """Every swapped answer equals a one-by-one greedy loop over the question, the donor question's latents
+    (computed alone) and the answer prompt; answers from the own latents differ for some rows, so using them
+    would fail this."""
+    from kvdistill.data.segments import segments
+    from kvdistill.eval.decode import latent_exact_match, latent_swap_exact_match, swap_donors
+
+    tok, records, template = swap_setup
+    student = latent_student(len(tok), iterations=2)
+    own = latent_exact_match(student, tok, records, template, max_new_tokens=4, batch_size=3)
+    swap = latent_swap_exact_match(student, tok, records, template, max_new_tokens=4, batch_size=3)
+    usable = [(r, segments(r, template)) for r in records]
+    donors = swap_donors(usable)
+    assert swap["n"] == own["n"] == 7 and len(swap["per_item"]) == 7
+    rows = {s["id"]: s for s in swap["samples"]}  # the first 8 rows: all 7 here
+    assert len(rows) == 7
+    differ = 0
+    with torch.no_grad():
+        for (r, seg), j in zip(usable, donors, strict=True):
+            d_ids = tok(usable[j][1].prefix, return_tensors="pt").input_ids
+            e = student.latents(d_ids, torch.ones_like(d_ids))  # (1, M, d)
+            q = tok(seg.prefix, return_tensors="pt").input_ids
+            p = tok(seg.answer_prompt, add_special_tokens=False, return_tensors="pt").input_ids
+            seq = torch.cat([student.embed(q), e, student.embed(p)], 1)
+            new = []
+            for _ in range(4):
+                logits = student.backbone(inputs_embeds=seq).logits
+                t = int(logits[0, -1].argmax())
+                if t == tok.eos_token_id:
+                    break
+                new.append(t)
+                seq = torch.cat([seq, student.embed(torch.tensor([[t]]))], 1)
+            context = q[0].tolist() + p[0].tolist()
+            assert rows[r["id"]]["generated"] == read_answer(tok, context, new, after_marker=False)[0]
+            assert rows[r["id"]]["donor"] == usable[j][0]["id"]
+            differ += (
+                rows[r["id"]]["generated"]
+                != next(s for s in own["samples"] if s["id"] == r["id"])["generated"]
+            )
+    assert differ > 0
+    assert all(len(s["latent_reads"]) == 3 for s in swap["samples"] + own["samples"])  # M = 3 slots
+    follows = [s["follows"] for s in swap["samples"]]
+    assert swap["follows"] == sum(follows) / 7
+
+
+def test_swap_probe_changes_nothing_when_the_latents_ignore_the_question(swap_setup):
+    """With no Jacobi pass the latents are the head's learned start, the same for every question: swapping
+    them must leave every answer as it was."""
+    from kvdistill.eval.decode import latent_exact_match, latent_swap_exact_match
+
+    tok, records, template = swap_setup
+    student = latent_student(len(tok), iterations=0)
+    own = latent_exact_match(student, tok, records, template, max_new_tokens=4, batch_size=4)
+    swap = latent_swap_exact_match(student, tok, records, template, max_new_tokens=4, batch_size=4)
+    assert swap["per_item"] == own["per_item"] and swap["exact_match"] == own["exact_match"]
+    assert [s["generated"] for s in swap["samples"]] == [s["generated"] for s in own["samples"]]

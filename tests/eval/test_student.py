@@ -71,6 +71,11 @@ def test_kvdistill_eval_of_a_latent_run_equals_the_runners_record(latent_run):
         assert em[key] == record[key], key
     assert [s["generated"] for s in em["samples"]] == [s["generated"] for s in record["samples"]]
     assert (em["latent_tokens"], em["latent_passes"]) == (3, 2)
+    swap = cli["latent_swap"]  # the swap probe: each question answered from another one's latents
+    assert (swap["per_item"], swap["follows"]) == (record["swap_per_item"], record["swap_follows"])
+    assert swap["n"] == 5 and all(s["donor"] != s["id"] for s in swap["samples"])
+    table = CliRunner().invoke(app, ["eval", str(run), "--max-new-tokens", "3", "--batch-size", "2"])
+    assert "swap probe" in table.output
     # the answer CE after the latents, computed (not read from training's summary) and equal to the last digit
     assert cli["perplexity"]["ce"] == record["ce"] and cli["perplexity"]["ppl"] == record["ppl"]
     assert cli["perplexity"]["tokens"] == record["tokens"] > 0

@@ -342,6 +342,16 @@ def test_kava_tiny_spec_runs_end_to_end(tmp_path):
     )
     assert cli["exact_match"]["gen_tokens"] == ev["gen_tokens"] and cli["exact_match"]["latent_tokens"] == 6
     assert cli["perplexity"]["ce"] == pytest.approx(ev["ce"], rel=1e-6)
+    # the swap probe (answers from another question's latents): the same figures from both, and a section of
+    # the results for every condition with latents (not cot_ft, a text student; not nocot_ft, 0 latents)
+    assert cli["latent_swap"]["per_item"] == ev["swap_per_item"] and len(ev["swap_per_item"]) == 4
+    assert cli["latent_swap"]["follows"] == ev["swap_follows"]
+    assert set(results["latent_swap"]) == set(results["conditions"]) - {"cot_ft", "nocot_ft"}
+    swap = results["latent_swap"]["E4"]
+    assert swap["swap_exact_match"]["mean"] == ev["swap_exact_match"] == sum(ev["swap_per_item"]) / 4
+    assert swap["drop"]["diff"] == pytest.approx(ev["swap_exact_match"] - ev["exact_match"])
+    assert "swap probe" in (tmp_path / "results.md").read_text()
+    assert "nocot_ft" not in results["latent_swap"] and "swap_per_item" not in records["nocot_ft"]
     for name in results["conditions"]:
         ev = records[name]
         assert len(ev["per_item"]) == 4 and ev["gen_tokens"] > 0

@@ -151,6 +151,54 @@ def test_latent_generation_equals_step_by_step_greedy(family):
     assert fast["latent_passes"] == student.iterations + 1
 
 
+def test_generation_from_given_latents_equals_a_batch_whose_latents_are_those():
+    """`latents=` (the swap probe's): sample 0 answered from sample 1's latents decodes what a greedy loop
+    over sample 0's question, sample 1's reference latents and the prompt decodes; a wrong shape is
+    refused."""
+    from kvdistill.errors import KvdistillError
+
+    student = tiny_student("llama")
+    ids, mask = prefix_batch()
+    prompt = torch.tensor([[13, 14], [13, 14]])
+    with torch.no_grad():
+        e = jacobi_reference(student, ids, mask)  # (2, M, d)
+        swapped = e.flip(0)
+        got = student.generate(ids, mask, prompt, max_new_tokens=5, latents=swapped)["tokens"]
+        own = student.generate(ids, mask, prompt, max_new_tokens=5)["tokens"]
+        seq = torch.cat([student.embed(ids), swapped, student.embed(prompt)], 1)
+        m = torch.cat([mask, mask.new_ones(2, e.shape[1] + 2)], 1)
+        ref = []
+        for _ in range(5):
+            tok = student.backbone(inputs_embeds=seq, attention_mask=m, position_ids=positions_from_mask(m))
+            tok = tok.logits[:, -1].argmax(-1)
+            ref.append(tok)
+            seq = torch.cat([seq, student.embed(tok[:, None])], 1)
+            m = torch.cat([m, m.new_ones(2, 1)], 1)
+    assert torch.equal(got, torch.stack(ref, 1)) and not torch.equal(got, own)
+    with pytest.raises(KvdistillError, match="latents of shape"):
+        student.generate(ids, mask, prompt, max_new_tokens=1, latents=e[:, :2])
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_latents_read_as_tokens_are_the_lm_heads_top_tokens_where_the_slots_are_projected_from(family):
+    """read_latents against the full causal LM's logits (its own LM head path): slot 0 at the question's last
+    position, slot m at latent m-1; generate returns the latents its answer read."""
+    student = tiny_student(family)
+    ids, mask = prefix_batch()
+    with torch.no_grad():
+        e = student.generate(ids, mask, torch.tensor([[13], [13]]), max_new_tokens=1)["latents"]
+        torch.testing.assert_close(e, jacobi_reference(student, ids, mask))  # cached vs recomputed prefix
+        m = torch.cat([mask, mask.new_ones(2, e.shape[1])], 1)
+        logits = student.backbone(
+            inputs_embeds=torch.cat([student.embed(ids), e], 1),
+            attention_mask=m,
+            position_ids=positions_from_mask(m),
+        ).logits  # (B, P+M, V)
+    P, M = ids.shape[1], e.shape[1]
+    want = logits[:, P - 1 : P + M - 1].argmax(-1)
+    assert torch.equal(student.read_latents(ids, mask, e), want) and want.shape == (2, M)
+
+
 def test_generation_stops_at_eos_and_pads_with_it():
     student = tiny_student("llama")
     ids, mask = prefix_batch()

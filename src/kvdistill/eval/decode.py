@@ -27,6 +27,10 @@ and CoT batches stop once every row's answer line has ended (`AnswerEnd`), not a
 is the same, the time is what answering took.
 Records without an answer (text mode: or without `answer_start`) are not scored; `exact_match` is None when
 none are left.
+
+The swap probe (`latent_swap_exact_match`) answers each question in latent mode from another question's
+latents: whether a latent student's answers read its latents at all, or come from the question as a direct
+answer would.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ __all__ = [
     "cot_exact_match",
     "exact_match",
     "latent_exact_match",
+    "latent_swap_exact_match",
     "pad_id",
     "read_answer",
 ]
@@ -279,41 +284,114 @@ def cot_exact_match(
     return _result(rows, seconds)
 
 
-@torch.no_grad()
-def latent_exact_match(
-    student, tokenizer, records: list[dict], template: str, *, max_new_tokens: int = 16, batch_size: int = 32
-) -> dict:
-    """Latent mode (module docstring) of a `LatentStudent` on template-mode records; also `latent_passes` and
-    `latent_tokens` (M) per answer."""
+def _latent_rows(
+    student, tokenizer, items: list[tuple], *, max_new_tokens: int, batch_size: int
+) -> tuple[list[dict], float]:
+    """(rows, seconds) of latent-mode answers to `items` [(record, segments, donor)]: donor None answers from
+    the record's own latents, a donor (record, segments) from the latents of the donor's question (its row
+    gets `donor`, the donor's id, and `follows`, whether it answered the donor's answer); every row also gets
+    `latent_reads`, the latents it answered from read as tokens (`LatentStudent.read_latents`). Records
+    sharing an answer prompt decode together; rows come in that order (the same for the same items)."""
     device = student.head.init.device
     eos = tokenizer.eos_token_id
-    usable = [(r, segments(r, template)) for r in records if r.get("answer")]
     rows, seconds = [], 0.0
-    for batch in chunks(usable, batch_size):
-        groups: dict[str, list] = {}  # records sharing an answer prompt decode together
-        for r, s in batch:
-            groups.setdefault(s.answer_prompt, []).append((r, s))
-        for prompt, items in groups.items():
-            pre = tokenize(tokenizer, [s.prefix for _, s in items], padding_side="left")  # (B, P)
-            p_ids = tokenize(tokenizer, [prompt] * len(items), add_special_tokens=False)[
+    for batch in chunks(items, batch_size):
+        groups: dict[str, list] = {}
+        for item in batch:
+            groups.setdefault(item[1].answer_prompt, []).append(item)
+        for prompt, group in groups.items():
+            pre = tokenize(tokenizer, [s.prefix for _, s, _ in group], padding_side="left")  # (B, P)
+            p_ids = tokenize(tokenizer, [prompt] * len(group), add_special_tokens=False)[
                 "input_ids"
             ]  # (B, Q)
+            given = None
+            if group[0][2] is not None:  # the donors' questions' latents (B, M, d)
+                donors = tokenize(tokenizer, [d[1].prefix for _, _, d in group], padding_side="left")
+                given = student.latents(donors["input_ids"].to(device), donors["attention_mask"].to(device))
             out = student.generate(
                 pre["input_ids"].to(device),
                 pre["attention_mask"].to(device),
                 p_ids.to(device),
                 max_new_tokens=max_new_tokens,
                 eos_id=eos,
+                latents=given,
             )
             seconds += out["seconds"]
-            for b, (r, _) in enumerate(items):
+            reads = student.read_latents(
+                pre["input_ids"].to(device), pre["attention_mask"].to(device), out["latents"]
+            ).tolist()  # (B, M), outside the timed answer
+            for b, (r, _, donor) in enumerate(group):
                 # the context the answer is decoded in: the question's tokens and the answer prompt's (the
                 # latents between them are no tokens)
                 context = pre["input_ids"][b][pre["attention_mask"][b].bool()].tolist() + p_ids[b].tolist()
-                rows.append(
-                    _row(tokenizer, r, context, out["tokens"][b].tolist(), after_marker=False, drop=(eos,))
-                )
+                row = _row(tokenizer, r, context, out["tokens"][b].tolist(), after_marker=False, drop=(eos,))
+                row["latent_reads"] = [tokenizer.decode([t]) for t in reads[b]]
+                if donor is not None:
+                    row["donor"] = donor[0]["id"]
+                    row["follows"] = bool(same(row["pred"], donor[0]["answer"]))
+                rows.append(row)
+    return rows, seconds
+
+
+def _usable(records: list[dict], template: str) -> list[tuple]:
+    return [(r, segments(r, template)) for r in records if r.get("answer")]
+
+
+@torch.no_grad()
+def latent_exact_match(
+    student, tokenizer, records: list[dict], template: str, *, max_new_tokens: int = 16, batch_size: int = 32
+) -> dict:
+    """Latent mode (module docstring) of a `LatentStudent` on template-mode records; also `latent_passes` and
+    `latent_tokens` (M) per answer, and in each sample its latents read as tokens (`latent_reads`)."""
+    items = [(r, s, None) for r, s in _usable(records, template)]
+    rows, seconds = _latent_rows(
+        student, tokenizer, items, max_new_tokens=max_new_tokens, batch_size=batch_size
+    )
     out = _result(rows, seconds)
     out["latent_passes"] = student.iterations + 1 if student.tokens else 0
     out["latent_tokens"] = student.tokens
+    return out
+
+
+def swap_donors(usable: list[tuple]) -> list[int] | None:
+    """For each (record, segments) of `usable` the index of its donor in the swap probe: the next record after
+    it (cyclically) with the same answer prompt and another answer. None when some record has none (every
+    record of its answer prompt has the same answer)."""
+    donors = []
+    for i, (r, s) in enumerate(usable):
+        n = len(usable)
+        j = next(
+            (
+                (i + k) % n
+                for k in range(1, n)
+                if usable[(i + k) % n][1].answer_prompt == s.answer_prompt
+                and not same(usable[(i + k) % n][0]["answer"], r["answer"])
+            ),
+            None,
+        )
+        if j is None:
+            return None
+        donors.append(j)
+    return donors
+
+
+@torch.no_grad()
+def latent_swap_exact_match(
+    student, tokenizer, records: list[dict], template: str, *, max_new_tokens: int = 16, batch_size: int = 32
+) -> dict | None:
+    """The swap probe: do a latent student's answers read its latents? Each record is answered, as in
+    `latent_exact_match`, from its own question and answer prompt but with the latents of another record's
+    question (its donor, `swap_donors`: one with another answer). An answer that ignores the latents is
+    unchanged (exact_match as without the swap); one read from them follows the donor (`follows`: the
+    fraction answering the donor's answer). {exact_match, correct, n, per_item (in `latent_exact_match`'s
+    order, so the two pair), follows, samples (with each row's donor id)}; None when the student has no
+    latents or no donors exist."""
+    usable = _usable(records, template)
+    donors = swap_donors(usable) if student.tokens else None
+    if not donors:
+        return None
+    items = [(r, s, usable[j]) for (r, s), j in zip(usable, donors, strict=True)]
+    rows, _ = _latent_rows(student, tokenizer, items, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    out = {k: v for k, v in _result(rows, 0.0).items() if k not in ("gen_tokens", "latency_s")}
+    out["follows"] = sum(r["follows"] for r in rows) / len(rows)
     return out

@@ -197,6 +197,12 @@ def markdown_table(result: dict) -> str:
                 f"| latent tokens / backbone passes on latents | {em['latent_tokens']} / "
                 f"{em['latent_passes']} |"
             )
+    if "latent_swap" in result:
+        swap = result["latent_swap"]
+        lines.append(
+            f"| exact match with another question's latents (swap probe) | {swap['exact_match']:.3f} "
+            f"({swap['correct']}/{swap['n']}); the other question's answer: {swap['follows']:.3f} |"
+        )
     for name, err in result.get("probe_kv_error", {}).items():
         per_layer = ", ".join(f"{x:.3f}" for x in err["layers"])
         lines.append(

@@ -12,6 +12,10 @@ model in memory (the quickstart's untrained initial student). A result:
      "exact_match": {...},                      with `em`: greedy decoding (`kvdistill.eval.decode`), text /
                                                 CoT / latent mode; exact_match, correct, n, per_item, samples,
                                                 gen_tokens, latency_s (latent: latent_passes, latent_tokens)
+     "latent_swap": {...},                      latent students with latents, with `em`: the swap probe
+                                                (`latent_swap_exact_match`: each question answered from
+                                                another one's latents): exact_match, per_item, follows,
+                                                samples
      "probe_kv_error": {TEACHER: {"mean", "layers"}}}   text students against teachers given: the KV probe
                                                         1 - R²
 """
@@ -22,7 +26,12 @@ from pathlib import Path
 
 from kvdistill.device import default_device
 from kvdistill.errors import KvdistillError
-from kvdistill.eval.decode import cot_exact_match, exact_match, latent_exact_match
+from kvdistill.eval.decode import (
+    cot_exact_match,
+    exact_match,
+    latent_exact_match,
+    latent_swap_exact_match,
+)
 from kvdistill.eval.heldout import latent_answer_ce, perplexity
 
 __all__ = ["evaluate_saved", "evaluate_student"]
@@ -128,6 +137,11 @@ def evaluate_saved(
             out["exact_match"] = latent_exact_match(
                 model, tok, eval_records, template, max_new_tokens=max_new_tokens, batch_size=batch_size
             )
+            swap = latent_swap_exact_match(
+                model, tok, eval_records, template, max_new_tokens=max_new_tokens, batch_size=batch_size
+            )
+            if swap is not None:
+                out["latent_swap"] = swap
         out["perplexity"] = latent_answer_ce(model, tok, eval_records, template, batch_size=batch_size)
         out["probe_kv_error"] = {}
         return out

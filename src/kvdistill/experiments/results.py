@@ -128,10 +128,36 @@ def collect(spec: ExperimentSpec, out: Path, names: list[str], seeds: list[int],
         "curves": {n: curves_of(out, n, seeds, evals[n]) for n in names},
         "held_out": len(evals[names[0]][0].get("per_item", [])) or None,
     }
+    swap = latent_swap(evals)
+    if swap:
+        results["latent_swap"] = swap
     routing = _curves(out, names, seeds, "eval/routing_acc")
     if routing:
         results["routing_curves"] = {n: {"steps": st, "routing_acc": v} for n, (st, v) in routing.items()}
     return results
+
+
+def latent_swap(evals: dict[str, list[dict]]) -> dict:
+    """The swap probe of the latent conditions (every seed's eval.json holds swap_per_item): {condition:
+    {exact_match, swap_exact_match, swap_follows: summaries over seeds, drop: the paired difference
+    swapped − own latents (bootstrap over seeds and problems)}}."""
+    out = {}
+    for n, runs in evals.items():
+        if not runs or not all(e.get("swap_per_item") is not None for e in runs):
+            continue
+        own = np.array([e["per_item"] for e in runs], dtype=float)  # (S, J)
+        swapped = np.array([e["swap_per_item"] for e in runs], dtype=float)  # (S, J), the same J problems
+        out[n] = {
+            "exact_match": summary([e["exact_match"] for e in runs]),
+            "swap_exact_match": summary([e["swap_exact_match"] for e in runs]),
+            "swap_follows": summary([e["swap_follows"] for e in runs]),
+            "drop": paired_comparison(
+                [e["swap_exact_match"] for e in runs],
+                [e["exact_match"] for e in runs],
+                per_item=(swapped, own),
+            ),
+        }
+    return out
 
 
 def curves_of(out: Path, name: str, seeds: list[int], evals: list[dict]) -> dict:
@@ -286,6 +312,26 @@ def markdown(results: dict, spec: ExperimentSpec) -> str:
                 f"[{_fmt(c['ci95'][0])}, {_fmt(c['ci95'][1])}] | {c['p']:.3g} | {c['method']} |"
                 for c in rows
             ]
+        lines.append("")
+    if results.get("latent_swap"):
+        lines += [
+            "## Do the latent students' answers read their latents? (swap probe)",
+            "",
+            "Each test question answered from another question's latents (one with another answer): an "
+            "answer that ignores the latents is unchanged; one read from them follows the other question's "
+            "answer.",
+            "",
+            "| condition | exact match | with swapped latents | swapped − own (95% CI) | p | answers the "
+            "other question's |",
+            "|---|---|---|---|---|---|",
+        ]
+        for n, v in results["latent_swap"].items():
+            d = v["drop"]
+            lines.append(
+                f"| {n} | {_fmt(v['exact_match']['mean'])} | {_fmt(v['swap_exact_match']['mean'])} | "
+                f"{_fmt(d['diff'])} [{_fmt(d['ci95'][0])}, {_fmt(d['ci95'][1])}] | {d['p']:.3g} | "
+                f"{_fmt(v['swap_follows']['mean'])} |"
+            )
         lines.append("")
     if results.get("routing_curves"):
         lines += [

@@ -71,6 +71,7 @@ def run_experiment(
     seeds: int | None = None,
     plan: bool = False,
     report: bool = False,
+    smoke: bool = False,
 ) -> dict:
     """Run (or resume) the experiment; returns the results also written to DIR/results.json.
 
@@ -82,16 +83,30 @@ def run_experiment(
     `report`: train and score nothing; write results.json / results.md / plots from the runs already scored
     in `out` (an experiment directory, e.g. one a time limit stopped, or one unpacked from another machine
     without the students' weights): the conditions every chosen seed of which is scored, with the rest listed
-    under "unscored". Refused when the baseline has an unscored run (no comparison without it)."""
+    under "unscored". Refused when the baseline has an unscored run (no comparison without it).
+
+    `smoke`: run the spec's smoke version instead (`kvdistill.experiments.smoke`: every chosen run for 2
+    steps, on 8 held-out problems), into a directory marked as a smoke experiment."""
     from kvdistill.experiments.results import collect
+    from kvdistill.experiments.smoke import SMOKE_KIND, smoke_spec
 
     out = Path(out)
+    if smoke and (plan or report):
+        raise KvdistillError(
+            f"--smoke with {'--plan' if plan else '--report'}",
+            "pass --smoke alone (it plans, trains and reports the smoke runs)",
+        )
+    if smoke:
+        from kvdistill.device import default_device
+
+        spec = smoke_spec(spec, cpu=default_device() == "cpu")
+    kind = SMOKE_KIND if smoke else "experiment"
     # every argument checked before the first write: a refused command leaves DIR as it was
     names = list(spec.conditions) if not only else _only(spec, only)
     if seeds is not None and seeds < 1:
         raise KvdistillError(f"--seeds {seeds}: no seed to run", "pass --seeds 1 or more")
     use_seeds = spec.seeds[:seeds] if seeds else spec.seeds
-    problem = dir_problem(out, "experiment")
+    problem = dir_problem(out, kind)
     if problem:
         raise problem
     unknown = {t.name: {"model": "?", "params": 0} for t in spec.teachers}
@@ -114,7 +129,7 @@ def run_experiment(
     if report:
         results, scored = _reported(spec, out, names, use_seeds)
         return _write(results, spec, out, scored, use_seeds, data_sizes, held, val)
-    claim(out, "experiment")  # every argument checked: the first write
+    claim(out, kind)  # every argument checked: the first write
     write_text_atomic(out / "spec.yaml", yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
     teachers = prepare_teachers(spec, out, held, names)  # only those the chosen conditions read
     log.info("phase teachers done after %.0f s", time.time() - t0)

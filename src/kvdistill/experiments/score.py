@@ -60,11 +60,16 @@ def evaluate_run(
 def record_of(ev: dict, spec: ExperimentSpec, held: list[dict]) -> dict:
     """An evaluation (`kvdistill.eval.student`) as a run's eval.json holds it: ppl, ce, tokens, the
     exact-match figures the way of answering has (`RECORD_EM`), per-skill figures, the KV probe where
-    measured."""
+    measured, and a latent student's swap probe (swap_exact_match, swap_per_item, swap_follows)."""
     out = {k: ev["perplexity"][k] for k in ("ppl", "ce", "tokens")}
     if "exact_match" in ev:
         way = "latent" if ev["mode"] == "latent" else "cot" if spec.eval.cot else "text"
         out.update({k: ev["exact_match"][k] for k in RECORD_EM[way]})
+    if "latent_swap" in ev:  # the swap probe: answers from another question's latents
+        swap = ev["latent_swap"]
+        out.update(
+            swap_exact_match=swap["exact_match"], swap_per_item=swap["per_item"], swap_follows=swap["follows"]
+        )
     out.update(_per_skill(out, held))
     if ev.get("probe_kv_error"):
         out["probe_kv_error"] = ev["probe_kv_error"]

@@ -264,15 +264,26 @@ class LatentStudent(nn.Module):
         max_new_tokens: int,
         eos_id: int | None = None,
         use_cache: bool = True,
+        latents: torch.Tensor | None = None,
     ) -> dict:
         """Greedy answers in latent mode: prefix (B, P) left-padded, the latents, then `prompt_ids` (B, Q)
         (the same number of tokens in every sample, e.g. 'Answer:'), then up to `max_new_tokens` tokens (B, N)
-        (after an eos, eos is repeated). Returns {tokens (B, N), seconds, latent_passes}; use_cache=False
-        recomputes the whole sequence for every token (the reference)."""
+        (after an eos, eos is repeated). Returns {tokens (B, N), seconds, latent_passes, latents (B, M, d):
+        those the answer read}; use_cache=False
+        recomputes the whole sequence for every token (the reference). `latents` (B, M, d): answer from these
+        instead of the prefix's own (the swap probe, `kvdistill.eval.decode.latent_swap_exact_match`)."""
         t0 = time.perf_counter()
         B, P = prefix_ids.shape
         M = self.tokens
-        e = self.latents(prefix_ids, prefix_mask, use_cache=use_cache)
+        if latents is None:
+            e = self.latents(prefix_ids, prefix_mask, use_cache=use_cache)
+        elif latents.shape != (B, M, self.head.init.shape[-1]):
+            raise KvdistillError(
+                f"latents of shape {tuple(latents.shape)} for a batch of {B} with {M} latent slots",
+                f"pass latents of shape ({B}, {M}, {self.head.init.shape[-1]})",
+            )
+        else:
+            e = latents.to(self._dtype())
         embeds = torch.cat([self.embed(prefix_ids), e, self.embed(prompt_ids)], 1)  # (B, P+M+Q, d)
         mask = torch.cat([prefix_mask, prefix_mask.new_ones(B, M + prompt_ids.shape[1])], 1)
         done = torch.zeros(B, dtype=torch.bool, device=prefix_ids.device)
@@ -311,7 +322,36 @@ class LatentStudent(nn.Module):
         tokens = torch.stack(new, 1) if new else prefix_ids.new_zeros(B, 0)
         if prefix_ids.is_cuda:
             torch.cuda.synchronize()
-        return {"tokens": tokens, "seconds": time.perf_counter() - t0, "latent_passes": self.iterations + 1}
+        return {
+            "tokens": tokens,
+            "seconds": time.perf_counter() - t0,
+            "latent_passes": self.iterations + 1,
+            "latents": e,
+        }
+
+    @torch.no_grad()
+    def read_latents(
+        self, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor, latents: torch.Tensor
+    ) -> torch.Tensor:
+        """(B, M) token ids: the LM head's top token at each hidden state a latent slot is projected from in
+        the next Jacobi pass (slot 0: the question's last position, slot m: latent m-1), with `latents` (B,
+        M, d) after the left-padded prefix (B, P): the latents read as words (CODI reads its continuous
+        thoughts through the LM head too)."""
+        B, P = prefix_ids.shape
+        M = self.tokens
+        if M == 0:
+            return prefix_ids.new_zeros(B, 0)
+        embeds = torch.cat([self.embed(prefix_ids), latents.to(self._dtype())], 1)  # (B, P+M, d)
+        mask = torch.cat([prefix_mask, prefix_mask.new_ones(B, M)], 1)
+        out = self._decoder()(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            position_ids=positions_from_mask(mask),
+            use_cache=False,
+            output_hidden_states=True,
+        )
+        h = self._last_hidden(out)[:, P - 1 : P + M - 1]  # (B, M, d)
+        return self.backbone.get_output_embeddings()(h).argmax(-1)
 
     # ------------------------------------------------------------------------------------------ saving
     def save_head(self, out_dir: str | Path) -> None:
