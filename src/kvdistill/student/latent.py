@@ -164,6 +164,18 @@ class LatentStudent(nn.Module):
     def _last_hidden(self, out) -> torch.Tensor:
         return out.hidden_states[-1]  # after the final norm (transformers 5), as the LM head reads it
 
+    def _hidden(self, emb: torch.Tensor, e: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Last hidden states (B, P+M, d) of prefix embeddings `emb` (B, P, d) then latents `e` (B, M, d),
+        `mask` (B, P+M), the prefix recomputed (no cache)."""
+        out = self._decoder()(
+            inputs_embeds=torch.cat([emb, e], 1),
+            attention_mask=mask,
+            position_ids=positions_from_mask(mask),
+            use_cache=False,
+            output_hidden_states=True,
+        )
+        return self._last_hidden(out)
+
     def latents(
         self, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor, *, use_cache: bool = True
     ) -> torch.Tensor:
@@ -209,14 +221,7 @@ class LatentStudent(nn.Module):
                 if not _crop_to(cache, P):
                     cache = None  # the next passes recompute the prefix
             else:
-                out = self._decoder()(
-                    inputs_embeds=torch.cat([emb, e], 1),
-                    attention_mask=mask,
-                    position_ids=positions_from_mask(mask),
-                    use_cache=False,
-                    output_hidden_states=True,
-                )
-                full = self._last_hidden(out)  # (B, P+M, d)
+                full = self._hidden(emb, e, mask)  # (B, P+M, d)
                 h_q, h = full[:, P - 1], full[:, P:]
             shifted = torch.cat([h_q[:, None], h[:, :-1]], 1)  # (B, M, d): slot m reads slot m-1
             e = self.head.project(shifted).to(dtype)
@@ -341,17 +346,9 @@ class LatentStudent(nn.Module):
         M = self.tokens
         if M == 0:
             return prefix_ids.new_zeros(B, 0)
-        embeds = torch.cat([self.embed(prefix_ids), latents.to(self._dtype())], 1)  # (B, P+M, d)
         mask = torch.cat([prefix_mask, prefix_mask.new_ones(B, M)], 1)
-        out = self._decoder()(
-            inputs_embeds=embeds,
-            attention_mask=mask,
-            position_ids=positions_from_mask(mask),
-            use_cache=False,
-            output_hidden_states=True,
-        )
-        h = self._last_hidden(out)[:, P - 1 : P + M - 1]  # (B, M, d)
-        return self.backbone.get_output_embeddings()(h).argmax(-1)
+        h = self._hidden(self.embed(prefix_ids), latents.to(self._dtype()), mask)[:, P - 1 : P + M - 1]
+        return self.backbone.get_output_embeddings()(h).argmax(-1)  # (B, M)
 
     # ------------------------------------------------------------------------------------------ saving
     def save_head(self, out_dir: str | Path) -> None:
