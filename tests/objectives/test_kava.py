@@ -373,6 +373,7 @@ def test_kava_tiny_spec_runs_end_to_end(tmp_path):
     seg = segments(load_records(data, split="eval")[0], data.template)
     gen = generate(str(tmp_path / "runs" / "E4" / "seed-0"), seg.prefix, max_new_tokens=3, latent=True)
     assert gen.continuation == "Answer:" + ev["samples"][0]["generated"]
+    assert gen.latent_reads == ev["samples"][0]["latent_reads"] and len(gen.latent_reads) == 6
 
 
 @pytest.mark.parametrize(

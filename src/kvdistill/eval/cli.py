@@ -144,6 +144,8 @@ def generate(
     console.print(
         f"[dim]{gen.new_tokens} tokens in {gen.seconds:.2f} s ({gen.tokens_per_s:.1f} tokens/s)[/dim]"
     )
+    if gen.latent_reads is not None:
+        console.print(f"[dim]latents read as tokens: {escape(repr(gen.latent_reads))}[/dim]")
 
 
 def report(

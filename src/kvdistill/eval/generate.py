@@ -26,6 +26,7 @@ class Generation:
     tokens_per_s: float
     model: str
     sampling: dict
+    latent_reads: list[str] | None = None  # latent mode: each latent read as a token (`read_latents`)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -149,6 +150,9 @@ def _latent(path: str, prompt: str, answer_prompt: str, max_new_tokens: int, dev
     )
     new = [t for t in out["tokens"][0].tolist() if t != tok.eos_token_id]
     text = tok.decode(new, skip_special_tokens=True)
+    reads = student.read_latents(
+        enc["input_ids"].to(device), enc["attention_mask"].to(device), out["latents"]
+    )[0].tolist()
     return Generation(
         prompt=prompt,
         continuation=answer_prompt + text,
@@ -161,4 +165,5 @@ def _latent(path: str, prompt: str, answer_prompt: str, max_new_tokens: int, dev
             "latent_passes": out["latent_passes"],
             "max_new_tokens": max_new_tokens,
         },
+        latent_reads=[tok.decode([t]) for t in reads],
     )
