@@ -171,6 +171,21 @@ def test_logit_and_on_policy_conditions_train_what_they_say(tiny_run):
     rows = [r for s in results["seeds"] for r in train_rows(out, "kd_fixed_onpolicy", s)]
     assert {r["on_policy/sampled"] for r in rows} == {0.0, 1.0}
     assert all(r["on_policy/new_tokens"] > 0 for r in rows if r["on_policy/sampled"] == 1.0)
+    # the sampling is charged: 2·N_s per generated token, beside (6·N_s + 2·Σ N_t) per trained token
+    n_s, per_token = results["student_params"], results["flops_per_token"]["kd_fixed_onpolicy"]
+    assert per_token == 6 * n_s + 2 * sum(results["teachers"][t]["params"] for t in ("llama_bpe", "qwen_sp"))
+    for s in results["seeds"]:
+        ev = json.loads((out / "runs" / "kd_fixed_onpolicy" / f"seed-{s}" / "eval.json").read_text())
+        generated = sum(int(r["on_policy/new_tokens"]) for r in train_rows(out, "kd_fixed_onpolicy", s))
+        assert ev["generated_tokens"] == generated and ev["generation_flops"] == 2 * n_s * generated
+        assert ev["flops"] == per_token * ev["tokens"] + 2 * n_s * generated
+    assert (
+        sum(
+            json.loads((out / "runs" / "kd_fixed" / "seed-0" / "eval.json").read_text())[k]
+            for k in ("generated_tokens", "generation_flops")
+        )
+        == 0
+    )  # off-policy: nothing sampled
 
 
 def test_packaged_plateau_conditions_stop_on_validation_exact_match():

@@ -48,7 +48,13 @@ from kvdistill.errors import KvdistillError
 from kvdistill.experiments import memory
 from kvdistill.experiments.caches import prepare_caches
 from kvdistill.experiments.conditions import check_splits, condition_config, teacher_config
-from kvdistill.experiments.matching import flops_per_token, flops_steps, student_params, wall_steps
+from kvdistill.experiments.matching import (
+    flops_per_token,
+    flops_steps,
+    generation,
+    student_params,
+    wall_steps,
+)
 from kvdistill.experiments.pool import Job, resolve_concurrent, run_pool, train_all
 from kvdistill.experiments.score import score
 from kvdistill.experiments.spec import ExperimentSpec
@@ -267,8 +273,10 @@ def _reported(spec: ExperimentSpec, out: Path, names: list[str], seeds: list[int
     results["unscored"] = unscored
     # what each run was charged, as its record holds it (the students' weights need not be here)
     first = {n: json.loads((run_dir(out, n, seeds[0]) / "eval.json").read_text()) for n in complete}
-    results["flops_per_token"] = {
-        n: round(e["train_flops"] / e["tokens"]) if e.get("train_flops") and e.get("tokens") else None
+    results["flops_per_token"] = {  # the per-token formula's: without an on-policy run's sampling
+        n: round((e["train_flops"] - e.get("generation_flops", 0)) / e["tokens"])
+        if e.get("train_flops") and e.get("tokens")
+        else None
         for n, e in first.items()
     }
     log.info("report of %d conditions; %d runs not scored: %s", len(complete), len(unscored), unscored)
@@ -364,6 +372,8 @@ def _train_and_score(
         cond = spec.conditions[n]
         share_s = sum(extraction[t]["seconds_per_reader"] for t in cond.teachers) if cond.cache else 0.0
         share_f = sum(extraction[t]["flops_per_reader"] for t in cond.teachers) if cond.cache else 0.0
+        generated, gen_flops = generation(d / "metrics.jsonl", n_student)  # on-policy sampling
+        train_flops = per_token * summary["tokens"] + gen_flops
         extra = dict(
             elapsed_s=summary.get("elapsed_s"),
             train_s=summary.get("train_s", summary.get("elapsed_s")),
@@ -373,9 +383,11 @@ def _train_and_score(
             scored="best" if selected else "final",
             stopped_early=bool(summary.get("stopped_early", False)),
             tokens=summary["tokens"],
-            flops=per_token * summary["tokens"] + share_f,
-            train_flops=per_token * summary["tokens"],
-            flops_selected=per_token * summary["tokens"] / max(trained, 1) * sel_step + share_f,
+            flops=train_flops + share_f,
+            train_flops=train_flops,
+            flops_selected=train_flops / max(trained, 1) * sel_step + share_f,
+            generated_tokens=generated,
+            generation_flops=gen_flops,
             amortised_s=share_s,
             amortised_flops=share_f,
         )
