@@ -16,13 +16,18 @@ results.json:
                       "elapsed_s", "flops", "flops_selected", "amortised_s", "amortised_flops"}]},
      "curves": {NAME: {"per_seed": {SEED: [{"step", "flops", "train_s", "ce", "ppl", "exact_match"
                                             [, "latent_kv"]}]},
-                       "mean": [{"step", "flops", "ce", "ppl", "exact_match"}]}},   held-out (validation)
-                                                                                    curves
+                       "mean": [{"step", "flops", "ce", "ppl", "exact_match"[, "latent_kv": summed over
+                                 its targets]}]}},   held-out (validation) curves
      "extraction": {TEACHER: {"seconds", "tokens", "records", "flops", "readers", "runs",
-                              "seconds_per_reader", "flops_per_reader"}}}   (cache: true conditions only)
+                              "seconds_per_reader", "flops_per_reader"}},   (cache: true conditions only)
+     "latent_swap": {NAME: {"exact_match", "swap_exact_match", "swap_follows", "drop"}},   latent students:
+                                                        the swap probe (`latent_swap`)
+     "latent_kv_stability": {NAME: {"final", "largest_rise"}}}   latent students with L_KV targets
+                                                                 (`latent_kv_stability`)
 FLOPs: (6·N_s + 2·Σ N_t over online teachers) per student token (`matching.flops_per_token`) times the tokens
-trained (a curve point: the run's mean tokens per step times its step), plus for a cached condition its
-amortised share of the extractions (`kvdistill.experiments.budget`: Σ_t flops_t / R_t).
+trained (a curve point: the run's mean tokens per step times its step), plus an on-policy run's sampling
+(`matching.generation`) and for a cached condition its amortised share of the extractions
+(`kvdistill.experiments.budget`: Σ_t flops_t / R_t).
 Exact match is compared with a paired bootstrap over seeds and held-out problems (every student answers the
 same problems); the other metrics over seeds (`kvdistill.experiments.stats.paired_comparison`).
 """
@@ -131,6 +136,9 @@ def collect(spec: ExperimentSpec, out: Path, names: list[str], seeds: list[int],
     swap = latent_swap(evals)
     if swap:
         results["latent_swap"] = swap
+    stability = latent_kv_stability(results["curves"])
+    if stability:
+        results["latent_kv_stability"] = stability
     routing = _curves(out, names, seeds, "eval/routing_acc")
     if routing:
         results["routing_curves"] = {n: {"steps": st, "routing_acc": v} for n, (st, v) in routing.items()}
@@ -205,8 +213,34 @@ def curves_of(out: Path, name: str, seeds: list[int], evals: list[dict]) -> dict
         for key in ("flops", "ce", "ppl", "exact_match"):
             vals = [r[key] for v in per_seed.values() for r in v if r["step"] == step and r[key] is not None]
             point[key] = float(np.mean(vals)) if len(vals) == len(per_seed) else None
+        kv = [
+            sum(r["latent_kv"].values())
+            for v in per_seed.values()
+            for r in v
+            if r["step"] == step and "latent_kv" in r
+        ]
+        if kv and len(kv) == len(per_seed):
+            point["latent_kv"] = float(np.mean(kv))  # summed over the targets
         mean.append(point)
     return {"per_seed": per_seed, "mean": mean}
+
+
+def latent_kv_stability(curves: dict[str, dict]) -> dict:
+    """KaVa's stability question from the held-out curves of the latent conditions (every seed logged the
+    latent K/V error, summed over its targets): {condition: {"final": the last evaluation's L_KV over
+    seeds, "largest_rise": per seed the largest rise of L_KV from one evaluation to the next (0 for a curve
+    that never rose), over seeds}}, each a `summary`."""
+    out = {}
+    for n, curve in curves.items():
+        per_seed = [
+            [sum(p["latent_kv"].values()) for p in points if "latent_kv" in p]
+            for points in curve["per_seed"].values()
+        ]
+        if not per_seed or not all(per_seed):
+            continue
+        rises = [max([0.0] + [b - a for a, b in zip(v[:-1], v[1:], strict=True)]) for v in per_seed]
+        out[n] = {"final": summary([v[-1] for v in per_seed]), "largest_rise": summary(rises)}
+    return out
 
 
 def _fmt(x) -> str:
@@ -333,6 +367,21 @@ def markdown(results: dict, spec: ExperimentSpec) -> str:
                 f"{_fmt(v['swap_follows']['mean'])} |"
             )
         lines.append("")
+    if results.get("latent_kv_stability"):
+        lines += [
+            "## Held-out latent K/V error (L_KV summed over its targets): how stable each target is",
+            "",
+            "| condition | last evaluation, mean ± std | per seed | largest rise between two evaluations, "
+            "mean (max over seeds) |",
+            "|---|---|---|---|",
+        ]
+        for n, v in results["latent_kv_stability"].items():
+            f, r = v["final"], v["largest_rise"]
+            lines.append(
+                f"| {n} | {_fmt(f['mean'])} ± {_fmt(f['std'])} | {', '.join(_fmt(x) for x in f['values'])} | "
+                f"{_fmt(r['mean'])} ({_fmt(max(r['values']))}) |"
+            )
+        lines.append("")
     if results.get("routing_curves"):
         lines += [
             "## Routing accuracy during training (held out, mean over seeds)",
@@ -393,7 +442,11 @@ def plots(results: dict, spec: ExperimentSpec, out: Path) -> list[Path]:
         path = folder / file
         fig.savefig(path, dpi=110)
         written.append(path)
-    for metric, label in (("ce", "held-out CE"), ("exact_match", "held-out exact match")):
+    for metric, label in (
+        ("ce", "held-out CE"),
+        ("exact_match", "held-out exact match"),
+        ("latent_kv", "held-out latent K/V error"),
+    ):
         for axis in ("step", "flops"):
             path = _curve_plot(results, names, metric, axis, label, folder)
             if path is not None:
