@@ -37,8 +37,8 @@ def test_the_swap_probe_is_summarised_per_condition_with_its_paired_drop():
 
 def _points(*values, targets=("self",)) -> list[dict]:
     """A seed's held-out curve: evaluations every 10 steps, each target's L_KV an equal share of `values`."""
-    share = len(targets)
-    return [{"step": 10 * (i + 1), "latent_kv": {t: v / share for t in targets}} for i, v in enumerate(values)]
+    n = len(targets)
+    return [{"step": 10 * (i + 1), "latent_kv": {t: v / n for t in targets}} for i, v in enumerate(values)]
 
 
 def test_latent_kv_stability_reads_the_last_value_and_the_largest_rise_of_each_seed():
