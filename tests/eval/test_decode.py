@@ -215,3 +215,27 @@ def test_swap_probe_changes_nothing_when_the_latents_ignore_the_question(swap_se
     swap = latent_swap_exact_match(student, tok, records, template, max_new_tokens=4, batch_size=4)
     assert swap["per_item"] == own["per_item"] and swap["exact_match"] == own["exact_match"]
     assert [s["generated"] for s in swap["samples"]] == [s["generated"] for s in own["samples"]]
+
+
+def test_latents_are_read_only_for_the_rows_kept_as_samples(tokenizers):
+    """The reads cost a pass: taken for the batches that hold the first 8 rows (the samples), not for the
+    rest."""
+    from kvdistill.data.arith import arithmetic_records
+    from kvdistill.data.gsm import DEFAULT_TEMPLATE
+    from kvdistill.eval.decode import SAMPLES, latent_exact_match
+
+    tok = tokenizers["gpt2-tokenizer"]
+    student = latent_student(len(tok), iterations=1)
+    calls = []
+    read = student.read_latents
+    student.read_latents = lambda ids, mask, e: calls.append(ids.shape[0]) or read(ids, mask, e)
+    out = latent_exact_match(
+        student,
+        tok,
+        arithmetic_records(11, 3, template=DEFAULT_TEMPLATE),
+        DEFAULT_TEMPLATE,
+        max_new_tokens=2,
+        batch_size=4,
+    )
+    assert calls == [4, 4] and SAMPLES == 8 and out["n"] == 11  # rows 0-3 and 4-7; not 8-10
+    assert len(out["samples"]) == 8 and all(len(s["latent_reads"]) == 3 for s in out["samples"])

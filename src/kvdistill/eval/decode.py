@@ -61,6 +61,10 @@ __all__ = [
 ]
 
 
+SAMPLES = 8
+"""Scored rows a result keeps whole (`samples`: what was generated, the answer read, the gold one)."""
+
+
 def pad_id(tokenizer) -> int:
     """The id that pads a batch: the tokenizer's pad token, else its eos (`load_tokenizer` sets a pad token,
     so the eos is for tokenizers built elsewhere)."""
@@ -209,7 +213,7 @@ def _result(rows: list[dict], seconds: float) -> dict:
         "exact_match": hits / n if n else None,
         "correct": hits,
         "n": n,
-        "samples": rows[:8],
+        "samples": rows[:SAMPLES],
         "per_item": [int(r["correct"]) for r in rows],  # 0/1 per scored record, in order (paired statistics)
         "gen_tokens": sum(r["tokens"] for r in rows) / n if n else None,
         "latency_s": seconds / n if n else None,
@@ -289,9 +293,10 @@ def _latent_rows(
 ) -> tuple[list[dict], float]:
     """(rows, seconds) of latent-mode answers to `items` [(record, segments, donor)]: donor None answers from
     the record's own latents, a donor (record, segments) from the latents of the donor's question (its row
-    gets `donor`, the donor's id, and `follows`, whether it answered the donor's answer); every row also gets
-    `latent_reads`, the latents it answered from read as tokens (`LatentStudent.read_latents`). Records
-    sharing an answer prompt decode together; rows come in that order (the same for the same items)."""
+    gets `donor`, the donor's id, and `follows`, whether it answered the donor's answer); the rows that become
+    samples (the groups that hold the first `SAMPLES` rows) also get `latent_reads`, the latents they answered
+    from read as tokens (`LatentStudent.read_latents`). Records sharing an answer prompt decode together; rows
+    come in that order (the same for the same items)."""
     device = student.head.init.device
     eos = tokenizer.eos_token_id
     rows, seconds = [], 0.0
@@ -317,15 +322,18 @@ def _latent_rows(
                 latents=given,
             )
             seconds += out["seconds"]
-            reads = student.read_latents(
-                pre["input_ids"].to(device), pre["attention_mask"].to(device), out["latents"]
-            ).tolist()  # (B, M), outside the timed answer
+            reads = None
+            if len(rows) < SAMPLES:  # only the rows that become samples: one more pass, outside the timing
+                reads = student.read_latents(
+                    pre["input_ids"].to(device), pre["attention_mask"].to(device), out["latents"]
+                ).tolist()  # (B, M)
             for b, (r, _, donor) in enumerate(group):
                 # the context the answer is decoded in: the question's tokens and the answer prompt's (the
                 # latents between them are no tokens)
                 context = pre["input_ids"][b][pre["attention_mask"][b].bool()].tolist() + p_ids[b].tolist()
                 row = _row(tokenizer, r, context, out["tokens"][b].tolist(), after_marker=False, drop=(eos,))
-                row["latent_reads"] = [tokenizer.decode([t]) for t in reads[b]]
+                if reads is not None:
+                    row["latent_reads"] = [tokenizer.decode([t]) for t in reads[b]]
                 if donor is not None:
                     row["donor"] = donor[0]["id"]
                     row["follows"] = bool(same(row["pred"], donor[0]["answer"]))
