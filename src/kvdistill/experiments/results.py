@@ -347,41 +347,7 @@ def markdown(results: dict, spec: ExperimentSpec) -> str:
                 for c in rows
             ]
         lines.append("")
-    if results.get("latent_swap"):
-        lines += [
-            "## Do the latent students' answers read their latents? (swap probe)",
-            "",
-            "Each test question answered from another question's latents (one with another answer): an "
-            "answer that ignores the latents is unchanged; one read from them follows the other question's "
-            "answer.",
-            "",
-            "| condition | exact match | with swapped latents | swapped − own (95% CI) | p | answers the "
-            "other question's |",
-            "|---|---|---|---|---|---|",
-        ]
-        for n, v in results["latent_swap"].items():
-            d = v["drop"]
-            lines.append(
-                f"| {n} | {_fmt(v['exact_match']['mean'])} | {_fmt(v['swap_exact_match']['mean'])} | "
-                f"{_fmt(d['diff'])} [{_fmt(d['ci95'][0])}, {_fmt(d['ci95'][1])}] | {d['p']:.3g} | "
-                f"{_fmt(v['swap_follows']['mean'])} |"
-            )
-        lines.append("")
-    if results.get("latent_kv_stability"):
-        lines += [
-            "## Held-out latent K/V error (L_KV summed over its targets): how stable each target is",
-            "",
-            "| condition | last evaluation, mean ± std | per seed | largest rise between two evaluations, "
-            "mean (max over seeds) |",
-            "|---|---|---|---|",
-        ]
-        for n, v in results["latent_kv_stability"].items():
-            f, r = v["final"], v["largest_rise"]
-            lines.append(
-                f"| {n} | {_fmt(f['mean'])} ± {_fmt(f['std'])} | {', '.join(_fmt(x) for x in f['values'])} | "
-                f"{_fmt(r['mean'])} ({_fmt(max(r['values']))}) |"
-            )
-        lines.append("")
+    lines += _swap_table(results.get("latent_swap")) + _stability_table(results.get("latent_kv_stability"))
     if results.get("routing_curves"):
         lines += [
             "## Routing accuracy during training (held out, mean over seeds)",
@@ -397,6 +363,51 @@ def markdown(results: dict, spec: ExperimentSpec) -> str:
         ]
         lines.append("")
     return "\n".join(lines)
+
+
+def _swap_table(swap: dict | None) -> list[str]:
+    """results.md's swap-probe section (results["latent_swap"]); none without latent conditions."""
+    if not swap:
+        return []
+    lines = [
+        "## Do the latent students' answers read their latents? (swap probe)",
+        "",
+        "Each test question answered from another question's latents (one with another answer): an "
+        "answer that ignores the latents is unchanged; one read from them follows the other question's "
+        "answer.",
+        "",
+        "| condition | exact match | with swapped latents | swapped − own (95% CI) | p | answers the "
+        "other question's |",
+        "|---|---|---|---|---|---|",
+    ]
+    for n, v in swap.items():
+        d = v["drop"]
+        lines.append(
+            f"| {n} | {_fmt(v['exact_match']['mean'])} | {_fmt(v['swap_exact_match']['mean'])} | "
+            f"{_fmt(d['diff'])} [{_fmt(d['ci95'][0])}, {_fmt(d['ci95'][1])}] | {d['p']:.3g} | "
+            f"{_fmt(v['swap_follows']['mean'])} |"
+        )
+    return lines + [""]
+
+
+def _stability_table(stability: dict | None) -> list[str]:
+    """results.md's section on the latent K/V error's stability (results["latent_kv_stability"])."""
+    if not stability:
+        return []
+    lines = [
+        "## Held-out latent K/V error (L_KV summed over its targets): how stable each target is",
+        "",
+        "| condition | last evaluation, mean ± std | per seed | largest rise between two evaluations, "
+        "mean (max over seeds) |",
+        "|---|---|---|---|",
+    ]
+    for n, v in stability.items():
+        f, r = v["final"], v["largest_rise"]
+        lines.append(
+            f"| {n} | {_fmt(f['mean'])} ± {_fmt(f['std'])} | {', '.join(_fmt(x) for x in f['values'])} | "
+            f"{_fmt(r['mean'])} ({_fmt(max(r['values']))}) |"
+        )
+    return lines + [""]
 
 
 def plots(results: dict, spec: ExperimentSpec, out: Path) -> list[Path]:
