@@ -365,15 +365,15 @@ def swap_donors(usable: list[tuple]) -> list[int] | None:
     """For each (record, segments) of `usable` the index of its donor in the swap probe: the next record after
     it (cyclically) with the same answer prompt and another answer. None when some record has none (every
     record of its answer prompt has the same answer)."""
-    donors = []
+    n, donors = len(usable), []
     for i, (r, s) in enumerate(usable):
-        n = len(usable)
+        after = ((i + k) % n for k in range(1, n))  # the records after i, cyclically
         j = next(
             (
-                (i + k) % n
-                for k in range(1, n)
-                if usable[(i + k) % n][1].answer_prompt == s.answer_prompt
-                and not same(usable[(i + k) % n][0]["answer"], r["answer"])
+                j
+                for j in after
+                if usable[j][1].answer_prompt == s.answer_prompt
+                and not same(usable[j][0]["answer"], r["answer"])
             ),
             None,
         )

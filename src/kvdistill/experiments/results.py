@@ -21,9 +21,9 @@ results.json:
      "extraction": {TEACHER: {"seconds", "tokens", "records", "flops", "readers", "runs",
                               "seconds_per_reader", "flops_per_reader"}},   (cache: true conditions only)
      "latent_swap": {NAME: {"exact_match", "swap_exact_match", "swap_follows", "drop"}},   latent students:
-                                                        the swap probe (`latent_swap`)
+                                                        the swap probe (`experiments.latent_results`)
      "latent_kv_stability": {NAME: {"final", "largest_rise"}}}   latent students with L_KV targets
-                                                                 (`latent_kv_stability`)
+                                                                 (`experiments.latent_results`)
 FLOPs: (6·N_s + 2·Σ N_t over online teachers) per student token (`matching.flops_per_token`) times the tokens
 trained (a curve point: the run's mean tokens per step times its step), plus an on-policy run's sampling
 (`matching.generation`) and for a cached condition its amortised share of the extractions
@@ -41,8 +41,9 @@ import numpy as np
 
 from kvdistill.atomic import write_json_atomic, write_text_atomic
 from kvdistill.eval.skills import skill_items
+from kvdistill.experiments.latent_results import latent_kv_stability, latent_swap, latent_tables
 from kvdistill.experiments.spec import PER_SKILL, ExperimentSpec, higher_is_better, metric_label
-from kvdistill.experiments.stats import paired_comparison, summary
+from kvdistill.experiments.stats import fmt, paired_comparison, summary
 
 
 def _eval(out: Path, name: str, seed: int) -> dict:
@@ -145,29 +146,6 @@ def collect(spec: ExperimentSpec, out: Path, names: list[str], seeds: list[int],
     return results
 
 
-def latent_swap(evals: dict[str, list[dict]]) -> dict:
-    """The swap probe of the latent conditions (every seed's eval.json holds swap_per_item): {condition:
-    {exact_match, swap_exact_match, swap_follows: summaries over seeds, drop: the paired difference
-    swapped − own latents (bootstrap over seeds and problems)}}."""
-    out = {}
-    for n, runs in evals.items():
-        if not runs or not all(e.get("swap_per_item") is not None for e in runs):
-            continue
-        own = np.array([e["per_item"] for e in runs], dtype=float)  # (S, J)
-        swapped = np.array([e["swap_per_item"] for e in runs], dtype=float)  # (S, J), the same J problems
-        out[n] = {
-            "exact_match": summary([e["exact_match"] for e in runs]),
-            "swap_exact_match": summary([e["swap_exact_match"] for e in runs]),
-            "swap_follows": summary([e["swap_follows"] for e in runs]),
-            "drop": paired_comparison(
-                [e["swap_exact_match"] for e in runs],
-                [e["exact_match"] for e in runs],
-                per_item=(swapped, own),
-            ),
-        }
-    return out
-
-
 def curves_of(out: Path, name: str, seeds: list[int], evals: list[dict]) -> dict:
     """The held-out (validation) curve of each run of condition `name` from its metrics.jsonl eval rows, with
     FLOPs (module docstring) and training seconds per point, and their mean over the seeds at the steps every
@@ -225,30 +203,6 @@ def curves_of(out: Path, name: str, seeds: list[int], evals: list[dict]) -> dict
     return {"per_seed": per_seed, "mean": mean}
 
 
-def latent_kv_stability(curves: dict[str, dict]) -> dict:
-    """KaVa's stability question from the held-out curves of the latent conditions (every seed logged the
-    latent K/V error, summed over its targets): {condition: {"final": the last evaluation's L_KV over
-    seeds, "largest_rise": per seed the largest rise of L_KV from one evaluation to the next (0 for a curve
-    that never rose), over seeds}}, each a `summary`."""
-    out = {}
-    for n, curve in curves.items():
-        per_seed = [
-            [sum(p["latent_kv"].values()) for p in points if "latent_kv" in p]
-            for points in curve["per_seed"].values()
-        ]
-        if not per_seed or not all(per_seed):
-            continue
-        rises = [max([0.0] + [b - a for a, b in zip(v[:-1], v[1:], strict=True)]) for v in per_seed]
-        out[n] = {"final": summary([v[-1] for v in per_seed]), "largest_rise": summary(rises)}
-    return out
-
-
-def _fmt(x) -> str:
-    if x is None:
-        return "—"
-    return f"{x:.3f}" if abs(x) < 100 else f"{x:.1f}"
-
-
 def markdown(results: dict, spec: ExperimentSpec) -> str:
     lines = [
         f"# Experiment `{results['spec']}`",
@@ -272,9 +226,9 @@ def markdown(results: dict, spec: ExperimentSpec) -> str:
             "|---|---|" + "---|" * len(skills) + "---|---|",
         ]
         lines += [
-            f"| {k} | {_fmt(v['exact_match'])} | "
-            + "".join(f"{_fmt(v.get(x))} | " for x in skills)
-            + f"{_fmt(v['ppl'])} | {v['params']:,} |"
+            f"| {k} | {fmt(v['exact_match'])} | "
+            + "".join(f"{fmt(v.get(x))} | " for x in skills)
+            + f"{fmt(v['ppl'])} | {v['params']:,} |"
             for k, v in results["teachers"].items()
         ]
         lines.append("")
@@ -329,8 +283,8 @@ def markdown(results: dict, spec: ExperimentSpec) -> str:
                 continue
             s = per[m]
             lines.append(
-                f"| {n} | {results['steps'][n]} | {_fmt(s['mean'])} ± {_fmt(s['std'])} | "
-                f"[{_fmt(s['ci95'][0])}, {_fmt(s['ci95'][1])}] | {', '.join(_fmt(v) for v in s['values'])} |"
+                f"| {n} | {results['steps'][n]} | {fmt(s['mean'])} ± {fmt(s['std'])} | "
+                f"[{fmt(s['ci95'][0])}, {fmt(s['ci95'][1])}] | {', '.join(fmt(v) for v in s['values'])} |"
             )
         rows = [c for c in results["comparisons"] if c["metric"] == m]
         if rows:
@@ -342,12 +296,12 @@ def markdown(results: dict, spec: ExperimentSpec) -> str:
                 "|---|---|---|---|---|---|",
             ]
             lines += [
-                f"| {c['condition']} | {c['baseline']} | {_fmt(c['diff'])} | "
-                f"[{_fmt(c['ci95'][0])}, {_fmt(c['ci95'][1])}] | {c['p']:.3g} | {c['method']} |"
+                f"| {c['condition']} | {c['baseline']} | {fmt(c['diff'])} | "
+                f"[{fmt(c['ci95'][0])}, {fmt(c['ci95'][1])}] | {c['p']:.3g} | {c['method']} |"
                 for c in rows
             ]
         lines.append("")
-    lines += _swap_table(results.get("latent_swap")) + _stability_table(results.get("latent_kv_stability"))
+    lines += latent_tables(results)
     if results.get("routing_curves"):
         lines += [
             "## Routing accuracy during training (held out, mean over seeds)",
@@ -358,56 +312,11 @@ def markdown(results: dict, spec: ExperimentSpec) -> str:
         ]
         lines.append("|---|" + "---|" * len(next(iter(results["routing_curves"].values()))["steps"]))
         lines += [
-            f"| {n} | " + " | ".join(_fmt(v) for v in c["routing_acc"]) + " |"
+            f"| {n} | " + " | ".join(fmt(v) for v in c["routing_acc"]) + " |"
             for n, c in results["routing_curves"].items()
         ]
         lines.append("")
     return "\n".join(lines)
-
-
-def _swap_table(swap: dict | None) -> list[str]:
-    """results.md's swap-probe section (results["latent_swap"]); none without latent conditions."""
-    if not swap:
-        return []
-    lines = [
-        "## Do the latent students' answers read their latents? (swap probe)",
-        "",
-        "Each test question answered from another question's latents (one with another answer): an "
-        "answer that ignores the latents is unchanged; one read from them follows the other question's "
-        "answer.",
-        "",
-        "| condition | exact match | with swapped latents | swapped − own (95% CI) | p | answers the "
-        "other question's |",
-        "|---|---|---|---|---|---|",
-    ]
-    for n, v in swap.items():
-        d = v["drop"]
-        lines.append(
-            f"| {n} | {_fmt(v['exact_match']['mean'])} | {_fmt(v['swap_exact_match']['mean'])} | "
-            f"{_fmt(d['diff'])} [{_fmt(d['ci95'][0])}, {_fmt(d['ci95'][1])}] | {d['p']:.3g} | "
-            f"{_fmt(v['swap_follows']['mean'])} |"
-        )
-    return lines + [""]
-
-
-def _stability_table(stability: dict | None) -> list[str]:
-    """results.md's section on the latent K/V error's stability (results["latent_kv_stability"])."""
-    if not stability:
-        return []
-    lines = [
-        "## Held-out latent K/V error (L_KV summed over its targets): how stable each target is",
-        "",
-        "| condition | last evaluation, mean ± std | per seed | largest rise between two evaluations, "
-        "mean (max over seeds) |",
-        "|---|---|---|---|",
-    ]
-    for n, v in stability.items():
-        f, r = v["final"], v["largest_rise"]
-        lines.append(
-            f"| {n} | {_fmt(f['mean'])} ± {_fmt(f['std'])} | {', '.join(_fmt(x) for x in f['values'])} | "
-            f"{_fmt(r['mean'])} ({_fmt(max(r['values']))}) |"
-        )
-    return lines + [""]
 
 
 def plots(results: dict, spec: ExperimentSpec, out: Path) -> list[Path]:

@@ -257,3 +257,10 @@ def paired_comparison(
     if diffs_items is not None:
         out["n_items"] = int(diffs_items.shape[1])
     return out
+
+
+def fmt(x: float | None) -> str:
+    """A figure as the results' tables write it: 3 decimals (1 from 100 on), '—' for none."""
+    if x is None:
+        return "—"
+    return f"{x:.3f}" if abs(x) < 100 else f"{x:.1f}"

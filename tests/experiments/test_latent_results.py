@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from kvdistill.experiments.results import latent_kv_stability, latent_swap, markdown
+from kvdistill.experiments.latent_results import latent_kv_stability, latent_swap
+from kvdistill.experiments.results import markdown
 from kvdistill.experiments.spec import ExperimentSpec
 
 
