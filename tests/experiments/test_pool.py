@@ -45,6 +45,22 @@ def test_concurrent_runs_in_subprocesses_equal_in_process_training(tiny_config, 
     assert (tmp_path / "sub" / "seed-0.log").is_file()
 
 
+def test_one_at_a_time_on_cuda_trains_children_through_the_gate(tiny_config, tmp_path, monkeypatch):
+    """On a CUDA device `concurrent: 1` still trains each run as a `kvdistill train` child through
+    `run_pool` (gated, its memory freed when it ends); without CUDA it trains in this process."""
+    from kvdistill.experiments import pool
+
+    calls = []
+    monkeypatch.setattr(pool, "run_pool", lambda jobs, concurrent, *a, **kw: calls.append((jobs, concurrent)))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    pending = [(tmp_path / f"seed-{s}", tiny_config("train.steps=2", f"train.seed={s}")) for s in (0, 1)]
+    train_all(pending, concurrent=1, estimate=lambda cfg: 3 * GIB)
+    [(jobs, concurrent)] = calls
+    assert concurrent == 1 and [j.need for j in jobs] == [3 * GIB, 3 * GIB]
+    assert [j.command[2:4] for j in jobs] == [["kvdistill.cli", "train"]] * 2
+    assert not (tmp_path / "seed-0" / "final").exists()  # nothing trained in this process
+
+
 # -------------------------------------------------------------------------------------- the pool's gate
 SLEEPER = (
     "import sys, time; t0 = time.time(); time.sleep(float(sys.argv[2])); "

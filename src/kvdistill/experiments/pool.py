@@ -145,8 +145,11 @@ def train_all(
     estimate: Callable[[RunConfig], int] | None = None,
     ramp_s: float = memory.RAMP_S,
 ) -> None:
-    """Train the pending runs: in this process one after the other, or `concurrent` at once as separate
-    `kvdistill train` processes (they share the GPU; `train_job`); a killed run resumes from its last
+    """Train the pending runs: `concurrent` at once as separate `kvdistill train` processes (they share the
+    GPU; `train_job`), or, with `concurrent` 1 and no CUDA device, in this process one after the other. On a
+    CUDA device one at a time also runs as children, so the memory gate applies to them as to any run and
+    this process keeps none of a run's memory after it (on 2026-12-08 a teacher trained in the runner's
+    process, ungated, died of out of memory beside another spec's runs). A killed run resumes from its last
     checkpoint, and so does one that `run_pool` requeues after dying of CUDA out of memory. `more()`, asked
     whenever a run ends (and once at the end), gives further runs to train. `estimate(cfg)`: a run's bytes
     (`memory.run_estimator`), what `run_pool`'s memory gate admits it on (asked only on a CUDA device);
@@ -155,7 +158,7 @@ def train_all(
 
     from kvdistill.train.trainer import train
 
-    if concurrent == 1:
+    if concurrent == 1 and not torch.cuda.is_available():
         queue = list(pending) + (more() if more is not None else [])
         while queue:
             d, cfg = queue.pop(0)
