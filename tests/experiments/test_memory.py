@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 from kvdistill.experiments.memory import (
     CONTEXT,
     GIB,
@@ -40,6 +42,23 @@ def test_auto_concurrent_is_bounded_by_memory_cores_and_runs():
     assert auto_concurrent(est, free=20 * GIB, cores=16) == 4  # 0.9 · 20 / 4
     assert auto_concurrent(est[:3], free=80 * GIB, cores=16) == 3  # runs
     assert auto_concurrent([100 * GIB], free=80 * GIB, cores=16) == 1  # never 0
+    # unequal runs: the k largest must fit together (the specialists' teachers on an 80 GB card: all three;
+    # counted as copies of the largest, one)
+    teachers = [int(4.5 * GIB), int(17.9 * GIB), int(35.6 * GIB)]
+    assert auto_concurrent(teachers, free=78 * GIB, cores=16) == 3  # 58.0 <= 70.2
+    assert auto_concurrent(teachers, free=60 * GIB, cores=16) == 2  # 53.5 <= 54 < 58.0
+    assert auto_concurrent(teachers, free=50 * GIB, cores=16) == 1  # 35.6 <= 45 < 53.5
+    for free in range(1, 200, 7):  # brute force: the most runs of which any subset of that size fits
+        est = [int(g * GIB) for g in (3, 9, 1, 12, 5, 5, 30)]
+        k = max(
+            [1]
+            + [
+                n
+                for n in range(1, len(est) + 1)
+                if all(sum(c) <= 0.9 * free * GIB for c in itertools.combinations(est, n))
+            ]
+        )
+        assert auto_concurrent(est, free=free * GIB, cores=64) == k
 
 
 # ---------------------------------------------------------------------------------------------- the gate
@@ -128,7 +147,58 @@ def test_the_kava_latent_run_is_estimated_in_its_measured_range():
     e4, nocot = config("E4"), config("nocot_ft")
     estimate = run_estimator({})
     latent, text = estimate(e4), estimate(nocot)
-    assert round(text / GIB, 2) == 6.27  # the estimate before the latent term, for E4 too
-    assert 8.4 * GIB < latent < 17.4 * GIB and round(latent / GIB, 2) == 12.89
-    line = estimate_note(e4, 1, None, "GPU")[0]  # validate's estimate passes the latent geometry too
+    # the runner's estimate at the longest training text (90 SmolLM2 tokens, below max_length 96)
+    assert round(text / GIB, 2) == 5.96  # the estimate before the latent term, for E4 too
+    assert 8.4 * GIB < latent < 17.4 * GIB and round(latent / GIB, 2) == 12.22
+    line = estimate_note(e4, 1, None, "GPU")[
+        0
+    ]  # validate's bound (at max_length) has the latent geometry too
     assert line.startswith("estimated peak memory per process: 12.89 GiB") and "latent 5.10" in line
+
+
+def test_the_estimate_is_at_the_longest_training_text(tiny_config, teacher_dirs):
+    """A batch pads to its longest row: the runner's estimate uses the longest training text under the
+    student's and the online teachers' tokenizers (brute force here), at most data.max_length; on-policy runs
+    and chat records keep max_length."""
+    from transformers import AutoModelForCausalLM
+
+    from kvdistill.data import load_records
+    from kvdistill.experiments.memory import geometry, longest_text, run_estimator
+    from kvdistill.models.load import load_tokenizer
+    from kvdistill.student import build_student
+    from kvdistill.train.memory import latent_geometry
+
+    cfg = tiny_config("data.max_length=1024")
+    model, tok = build_student(cfg.student, seed=0)
+    toks = [tok, *(load_tokenizer(str(d)) for d in teacher_dirs.values())]
+    records = load_records(cfg.data, split="train")
+    brute = max(len(t(r["text"])["input_ids"]) for t in toks for r in records)
+    assert 32 < brute < 1024
+    assert brute > max(len(tok(r["text"])["input_ids"]) for r in records)  # a teacher's tokenizer is longer
+    assert longest_text(records, toks, 1024) == brute
+    assert longest_text(records, toks, brute - 1) == brute - 1  # capped at max_length
+    assert longest_text([{"messages": []}, *records], toks, 1024) == 1024  # a chat record: not measured
+
+    prepared = {
+        n: {"model": str(d), "params": AutoModelForCausalLM.from_pretrained(d).num_parameters()}
+        for n, d in teacher_dirs.items()
+    }
+    student = {"params": sum(p.numel() for p in model.parameters()), **geometry(model.config)}
+    teachers = [{"params": prepared[n]["params"], **geometry(prepared[n]["model"])} for n in teacher_dirs]
+
+    def at(c, length):
+        return run_bytes(
+            batch=c.train.batch_size,
+            length=length,
+            student=student,
+            teachers=teachers,
+            ahead=True,
+            latent=latent_geometry(c.student),
+        )
+
+    estimate = run_estimator(prepared)
+    assert estimate(cfg) == at(cfg, brute) < at(cfg, 1024)
+    short = tiny_config("data.max_length=32")
+    assert estimate(short) == at(short, 32)
+    on_policy = tiny_config("data.max_length=1024", "train.on_policy.lambda=0.5")
+    assert estimate(on_policy) == at(on_policy, 1024)  # samples replace the data's continuations

@@ -5,7 +5,9 @@ Per run: the estimate of one process, `kvdistill.train.memory.run_bytes` (its fo
 run holds fp32 student weights, gradients and AdamW's moments (16 · N_s), activations at the batch and length,
 and the online teachers in bf16, plus allocator slack and the CUDA context.
 
-concurrent = max(1, min(runs, CPU cores, floor(0.9 · free device memory / the largest run's estimate))).
+concurrent = max(1, min(runs, CPU cores, k)), k the most runs whose k largest estimates sum to at most
+0.9 · the free device memory: any k of them fit at once, and runs of unequal size (a spec's three teachers at
+4.5, 17.9 and 35.6 GiB) are not counted as k copies of the largest.
 The estimate is deliberately generous: a run that does not fit dies of out-of-memory, one run too few only
 waits. On a machine without a GPU the device memory is the host's available memory.
 
@@ -29,6 +31,13 @@ unallocated too (and as running, for the at-least-one rule). A pool removes its 
 and the file when it is left empty: nothing stays behind. Without CUDA no ledger is read or written.
 What each pool gates on: training (teachers and the (condition, seed) runs) the `run_bytes` estimate of each
 run (`run_estimator`); scoring no estimate (the at-least-one rule and free memory > 0 only).
+
+The length T of that estimate is the longest training text of the run under any of its tokenizers (the
+student's and its online teachers'), at most data.max_length: a training batch is padded to its longest row,
+not to max_length. On 2026-12-08 (H100) the specialists spec's sorting teacher, whose texts are at most 135
+Gemma tokens, was estimated at max_length 320 (81.5 GiB, so the teachers trained one at a time) and peaked at
+33.3 GB; at 135 the same formula gives 34 GiB. An on-policy run keeps max_length (its samples replace the
+data's continuations).
 """
 
 from __future__ import annotations
@@ -46,6 +55,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # the estimate itself (per process, by distributed mode)
+from kvdistill.data import load_records
 from kvdistill.train.memory import CONTEXT, GIB, SLACK, run_bytes
 
 log = logging.getLogger(__name__)
@@ -64,6 +74,7 @@ __all__ = [
     "free_device_bytes",
     "geometry",
     "run_bytes",
+    "longest_text",
     "run_estimator",
     "unallocated",
     "wait_note",
@@ -105,7 +116,12 @@ def auto_concurrent(estimates: list[int], free: int, cores: int | None = None) -
     if not estimates:
         return 1
     cores = cores or os.cpu_count() or 1
-    fit = int(0.9 * free // max(estimates))
+    fit, total = 0, 0
+    for need in sorted(estimates, reverse=True):  # the k largest: the worst k runs to hold at once
+        total += need
+        if total > 0.9 * free:
+            break
+        fit += 1
     n = max(1, min(len(estimates), cores, fit))
     log.info(
         "concurrent auto: %d runs at once (largest run %.1f GiB, %.1f GiB free, %d cores, %d runs)",
@@ -136,26 +152,43 @@ def geometry(model_dir_or_config) -> dict:
 def run_estimator(teachers: dict[str, dict]) -> Callable[..., int]:
     """estimate(cfg: RunConfig) -> bytes: `run_bytes` of one training process of that run, its online teachers
     read from `teachers` ({name: {model, params}}, the runner's prepared teachers), a latent student's passes
-    from cfg.student.latent (`latent_geometry`). Each distinct student is built once (on the CPU) for its
-    parameter count and geometry."""
+    from cfg.student.latent (`latent_geometry`), at the length `longest_text` gives. Each distinct student is
+    built once (on the CPU) for its parameter count, geometry and tokenizer; each (data, tokenizer) pair is
+    measured once."""
+    from kvdistill.models.load import load_tokenizer
     from kvdistill.student import build_student
     from kvdistill.train.memory import latent_geometry
 
     shapes: dict[str, dict] = {}
+    tokenizers: dict[str, object] = {}  # by student key or teacher model
+    records: dict[str, list[dict]] = {}  # by data config
+    lengths: dict[tuple[str, str], int] = {}  # by (data config, tokenizer)
 
     def estimate(cfg) -> int:
         key = cfg.student.model_dump_json()
         if key not in shapes:
-            model, _ = build_student(cfg.student, seed=0)
+            model, tokenizers[key] = build_student(cfg.student, seed=0)
             shapes[key] = {"params": sum(p.numel() for p in model.parameters()), **geometry(model.config)}
             del model
         online = [t for t in cfg.teachers if t.source == "online"]
         tshapes = [
             {"params": teachers[t.name]["params"], **geometry(teachers[t.name]["model"])} for t in online
         ]
+        length = cfg.data.max_length
+        if cfg.train.on_policy is None:  # the longest text under each tokenizer, each measured once per data
+            data = cfg.data.model_dump_json()
+            names = [key, *(str(teachers[t.name]["model"]) for t in online)]
+            for name in names:
+                if (data, name) not in lengths:
+                    if name not in tokenizers:
+                        tokenizers[name] = load_tokenizer(name)
+                    if data not in records:
+                        records[data] = load_records(cfg.data, split="train")
+                    lengths[data, name] = longest_text(records[data], [tokenizers[name]], cfg.data.max_length)
+            length = max(lengths[data, n] for n in names)
         return run_bytes(
             batch=cfg.train.batch_size,
-            length=cfg.data.max_length,
+            length=length,
             student=shapes[key],
             teachers=tshapes,
             ahead=cfg.train.teachers_ahead is not False and bool(online),
@@ -165,6 +198,23 @@ def run_estimator(teachers: dict[str, dict]) -> Callable[..., int]:
         )
 
     return estimate
+
+
+def longest_text(records: list[dict], tokenizers: list, max_length: int) -> int:
+    """The most tokens any record's text takes under any of the tokenizers (special tokens included, as
+    training tokenizes it), at most max_length; max_length where there are no records or some are chat
+    records (rendered by each model's chat template, not measured here)."""
+    if not records or any("text" not in r for r in records):
+        return max_length
+    texts = [r["text"] for r in records]
+    longest = 0
+    for tok in tokenizers:
+        for lo in range(0, len(texts), 4096):
+            ids = tok(texts[lo : lo + 4096], add_special_tokens=True)["input_ids"]
+            longest = max(longest, max(map(len, ids), default=0))
+            if longest >= max_length:
+                return max_length
+    return longest
 
 
 # ---------------------------------------------------------------------------------------------- the gate
