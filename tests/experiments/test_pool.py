@@ -277,6 +277,36 @@ def test_an_oom_with_nothing_else_running_is_not_retried(tmp_path, no_cuda):
     assert len(attempts(tmp_path, "flaky")) == 1
 
 
+@pytest.mark.parametrize("others", [True, False])
+def test_an_oom_beside_another_processs_memory_is_requeued(tmp_path, monkeypatch, others):
+    """On CUDA, nothing else of this pool running and no other pool's start in its ramp: a child that died of
+    out of memory is requeued where other processes hold memory on the card (another experiment's runs past
+    their ramp), and fails as before where they do not."""
+    from kvdistill.experiments import memory
+
+    monkeypatch.setattr(memory, "cuda_free_bytes", lambda: 10 * GIB)
+    monkeypatch.setattr(memory, "others_hold_memory", lambda: others)
+    jobs = [flaky_job(tmp_path, "flaky", "oom,ok")]
+    if others:
+        run_pool(jobs, 2, "training", poll_s=0.1)
+        assert len(attempts(tmp_path, "flaky")) == 2
+    else:
+        with pytest.raises(KvdistillError, match="flaky .exit 1, CUDA out of memory on attempt 1"):
+            run_pool(jobs, 2, "training", poll_s=0.1)
+        assert len(attempts(tmp_path, "flaky")) == 1
+
+
+def test_others_hold_memory_reads_the_card_less_this_process(monkeypatch):
+    from kvdistill.experiments import memory
+
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    for free, total, expected in [(60, 80, True), (79, 80, False), (77.9, 80, True), (78.1, 80, False)]:
+        monkeypatch.setattr(memory, "cuda_memory", lambda f=free, t=total: (int(f * GIB), int(t * GIB)))
+        assert memory.others_hold_memory() is expected
+    monkeypatch.setattr(memory, "cuda_memory", lambda: None)
+    assert memory.others_hold_memory() is False  # no CUDA
+
+
 def test_a_requeued_job_resumes_where_its_run_started(tmp_path, no_cuda):
     """The first attempt writes the run's config.yaml (as `kvdistill train` does) and dies of out of memory
     beside job-0; the second carries --resume, the first did not."""

@@ -71,6 +71,9 @@ __all__ = [
     "admits",
     "auto_concurrent",
     "cuda_free_bytes",
+    "cuda_memory",
+    "others_hold_memory",
+    "OTHERS_MIN",
     "free_device_bytes",
     "geometry",
     "run_bytes",
@@ -84,23 +87,50 @@ RAMP_S = 60.0  # seconds a started child is assumed to allocate nothing of its e
 POLL_S = 5.0  # seconds between two free-memory readings while a job waits (less than the ramp)
 
 
-def cuda_free_bytes() -> int | None:
-    """Free memory of GPU 0 in bytes (torch.cuda.mem_get_info), None without CUDA. Read in this process where
-    it holds a CUDA context already, else asked of a child process so that this one never creates one."""
+def cuda_memory() -> tuple[int, int] | None:
+    """(free, total) memory of GPU 0 in bytes (torch.cuda.mem_get_info), None without CUDA. Read in this
+    process where it holds a CUDA context already, else asked of a child process so that this one never
+    creates one."""
     import torch
 
     if not torch.cuda.is_available():
         return None
     if torch.cuda.is_initialized():
-        return int(torch.cuda.mem_get_info()[0])
-    code = "import json, torch\nprint(json.dumps(torch.cuda.mem_get_info()[0]))"
+        free, total = torch.cuda.mem_get_info()
+        return int(free), int(total)
+    code = "import json, torch\nprint(json.dumps(list(torch.cuda.mem_get_info())))"
     try:
         out = subprocess.run(
             [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
         )
-        return int(json.loads(out.stdout.strip().splitlines()[-1]))
+        free, total = json.loads(out.stdout.strip().splitlines()[-1])
+        return int(free), int(total)
     except (subprocess.SubprocessError, ValueError, IndexError, TypeError):
         return None
+
+
+def cuda_free_bytes() -> int | None:
+    """Free memory of GPU 0 in bytes (`cuda_memory`), None without CUDA."""
+    got = cuda_memory()
+    return None if got is None else got[0]
+
+
+OTHERS_MIN = 2 * GIB  # memory in use on the card beyond this process's own that says another process holds it
+
+
+def others_hold_memory() -> bool:
+    """Whether processes other than this one (and its ended children) hold memory on GPU 0: more than
+    OTHERS_MIN in use beyond what this process has reserved and its CUDA context. Read by `run_pool` when a
+    child died of out of memory with none of its own pool running: another experiment's runs past their ramp
+    (which the ledger no longer counts) are seen here. False without CUDA."""
+    import torch
+
+    got = cuda_memory()
+    if got is None:
+        return False
+    free, total = got
+    own = torch.cuda.memory_reserved() + CONTEXT if torch.cuda.is_initialized() else 0
+    return total - free - own > OTHERS_MIN
 
 
 def free_device_bytes() -> int:

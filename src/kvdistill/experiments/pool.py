@@ -11,7 +11,8 @@ the run, only of the sharing, so `run_pool` puts the job back at the head of its
     the child exited non-zero, the tail of its log written by this attempt (`out_of_memory`: at most the last
     `OOM_TAIL` bytes from the log's size when it started) names CUDA out of memory (`OOM_MARKS`), and
     another child ran at some time during its life (shared: one of this pool's, or another pool's start
-    that the `memory.Ledger` showed in its ramp when this child started or ended; the ledger only on CUDA),
+    that the `memory.Ledger` showed in its ramp when this child started or ended, or, when it ended, other
+    processes holding memory on the card, `memory.others_hold_memory`; the ledger and the card only on CUDA),
 
 at most `MAX_OOM_RETRIES` (2) times per job: the first retry with its `need` doubled (a job without an
 estimate instead runs alone), the second alone. Alone (`Job.alone`, `admits_job`): admitted only where no
@@ -293,8 +294,10 @@ def _drain(queue, running, failed, concurrent, what, more, ledger, ramp_s, poll_
                 continue
             oom = out_of_memory(job.log, child.offset)
             shared = oom and (
-                child.shared or bool(running) or (cuda and bool(ledger.others(time.monotonic(), ramp_s)))
-            )  # the ledger is read only for a child that died of out of memory
+                child.shared
+                or bool(running)
+                or (cuda and (bool(ledger.others(time.monotonic(), ramp_s)) or memory.others_hold_memory()))
+            )  # the ledger and the card are read only for a child that died of out of memory
             retry = requeued(job) if shared else None
             if retry is None:
                 note = f", CUDA out of memory on attempt {job.retries + 1}" if oom else ""
