@@ -159,7 +159,7 @@ def test_the_kava_latent_run_is_estimated_in_its_measured_range():
 def test_the_estimate_is_at_the_longest_training_text(tiny_config, teacher_dirs):
     """A batch pads to its longest row: the runner's estimate uses the longest training text under the
     student's and the online teachers' tokenizers (brute force here), at most data.max_length; on-policy runs
-    and chat records keep max_length."""
+    and records without a text keep max_length."""
     from transformers import AutoModelForCausalLM
 
     from kvdistill.data import load_records
@@ -177,7 +177,7 @@ def test_the_estimate_is_at_the_longest_training_text(tiny_config, teacher_dirs)
     assert brute > max(len(tok(r["text"])["input_ids"]) for r in records)  # a teacher's tokenizer is longer
     assert longest_text(records, toks, 1024) == brute
     assert longest_text(records, toks, brute - 1) == brute - 1  # capped at max_length
-    assert longest_text([{"messages": []}, *records], toks, 1024) == 1024  # a chat record: not measured
+    assert longest_text([{"messages": []}, *records], toks, 1024) == 1024  # no text: not measured
 
     prepared = {
         n: {"model": str(d), "params": AutoModelForCausalLM.from_pretrained(d).num_parameters()}

@@ -231,17 +231,18 @@ def run_estimator(teachers: dict[str, dict]) -> Callable[..., int]:
 
 
 def longest_text(records: list[dict], tokenizers: list, max_length: int) -> int:
-    """The most tokens any record's text takes under any of the tokenizers (special tokens included, as
-    training tokenizes it), at most max_length; max_length where there are no records or some are chat
-    records (rendered by each model's chat template, not measured here)."""
+    """The most tokens any record's text takes under any of the tokenizers (`token_counts`: special tokens
+    included, a conversation in the tokenizer's chat template, as training tokenizes it), at most max_length;
+    max_length where there are no records or a record has no text."""
+    from kvdistill.models.tokenization import token_counts
+
     if not records or any("text" not in r for r in records):
         return max_length
     texts = [r["text"] for r in records]
     longest = 0
     for tok in tokenizers:
-        for lo in range(0, len(texts), 4096):
-            ids = tok(texts[lo : lo + 4096], add_special_tokens=True)["input_ids"]
-            longest = max(longest, max(map(len, ids), default=0))
+        for lo in range(0, len(texts), 4096):  # stops at the first chunk that reaches max_length
+            longest = max(longest, *token_counts(tok, texts[lo : lo + 4096]))
             if longest >= max_length:
                 return max_length
     return longest
